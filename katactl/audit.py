@@ -1,0 +1,58 @@
+"""Audit log of changes: one JSON line per mutating action.
+
+Lives at $XDG_STATE_HOME/katactl/audit.log (or the ``audit_log`` setting).
+Written with O_APPEND so concurrent katactl processes never interleave a line.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+
+from katactl.config import state_dir
+
+
+def audit_path(override: str | None = None) -> str:
+    return override or os.environ.get("KATACTL_AUDIT_LOG") or os.path.join(state_dir(), "audit.log")
+
+
+def record(action: str, target: str, *, node: str = "localhost", params: dict | None = None,
+           result: str = "ok", changed: bool | None = None, path: str | None = None, **extra) -> dict:
+    """Append one entry; returns it. Never raises for a log problem: a change
+    that happened must not be reported as failed because the log is full;
+    instead a warning goes to stderr."""
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "user": _user(),
+        "host": socket.gethostname(),
+        "command": sys.argv[:],
+        "node": node,
+        "action": action,
+        "target": target,
+        "params": params or {},
+        "result": result,
+    }
+    if changed is not None:
+        entry["changed"] = changed
+    entry.update(extra)
+    p = audit_path(path)
+    try:
+        os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(entry, default=str) + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        print(f"warning: cannot write audit log {p}: {e.strerror}", file=sys.stderr)
+    return entry
+
+
+def _user() -> str:
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except Exception:  # no passwd entry in a container
+        return str(os.getuid())

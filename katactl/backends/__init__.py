@@ -1,0 +1,1 @@
+"""How katactl reaches things: node transports and protocol clients."""

@@ -1,0 +1,129 @@
+"""The NodeTransport interface: how every domain module reaches a node.
+
+A transport speaks in *node paths* ("/run/vc/sbs"): paths as the node itself
+sees them. The transport maps them onto where they really are (a --host-root
+prefix locally, the same prefix on a remote node over SSH). Domain code never
+joins host_root itself, so --host-root is honoured everywhere for free.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Iterator, Protocol, Sequence
+
+
+class SocketLike(Protocol):
+    """The subset of socket.socket that protocol clients use."""
+
+    def sendall(self, data: bytes) -> None: ...
+    def recv(self, n: int) -> bytes: ...
+    def settimeout(self, t: float | None) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime: float
+    mode: int
+    is_dir: bool
+    is_link: bool
+    uid: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class NodeTransport(abc.ABC):
+    """Reach one node's files, processes and unix sockets.
+
+    Every method takes node paths. Errors are raised as katactl.errors types:
+    FileNotFoundError/PermissionError/NotADirectoryError are passed through
+    (callers decide what a missing file means); connection problems raise
+    katactl.errors.UnreachableError; timeouts katactl.errors.TimeoutExpired.
+    """
+
+    #: node name as the user knows it ("localhost" for the local node)
+    node: str
+    #: prefix under which the node's root lives ("" = real root)
+    host_root: str
+
+    # -- files -------------------------------------------------------------
+    @abc.abstractmethod
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """Whole small file (raise ValueError-free; limit truncates)."""
+
+    def read_text(self, path: str, limit: int | None = None) -> str:
+        return self.read_bytes(path, limit).decode("utf-8", errors="replace")
+
+    @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileStat: ...
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+            return True
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return False
+
+    def is_dir(self, path: str) -> bool:
+        try:
+            return self.stat(path).is_dir
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return False
+
+    @abc.abstractmethod
+    def readlink(self, path: str) -> str: ...
+
+    @abc.abstractmethod
+    def open_stream(self, path: str, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Stream a (large) file from offset in chunks: bounded memory."""
+
+    @abc.abstractmethod
+    def statvfs_free(self, path: str) -> int:
+        """Bytes available to an unprivileged writer on path's filesystem."""
+
+    # -- mutations (used by upgrade, vmcore, lab) ---------------------------
+    @abc.abstractmethod
+    def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write to a temp file in the same dir, fsync, rename over path."""
+
+    @abc.abstractmethod
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None: ...
+
+    @abc.abstractmethod
+    def remove(self, path: str, recursive: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Atomic rename(2) (replaces dst)."""
+
+    @abc.abstractmethod
+    def symlink(self, target: str, link: str) -> None: ...
+
+    # -- processes and sockets --------------------------------------------
+    @abc.abstractmethod
+    def run(self, argv: Sequence[str], timeout: float | None = None,
+            input: bytes | None = None) -> RunResult:
+        """Run an argv (never a shell string) on the node."""
+
+    @abc.abstractmethod
+    def connect_unix(self, path: str, timeout: float) -> SocketLike:
+        """Connect to a unix socket on the node (path is a node path)."""
+
+    def close(self) -> None:
+        """Release connections (no-op locally)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

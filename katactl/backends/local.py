@@ -1,0 +1,145 @@
+"""The local NodeTransport: this host, optionally with its root under --host-root."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from typing import Iterator, Sequence
+
+from katactl.backends.base import FileStat, NodeTransport, RunResult
+from katactl.errors import TimeoutExpired, UnreachableError, UsageError
+
+
+def check_node_path(path: str) -> str:
+    """Node paths are absolute and free of NUL; '..' is resolved lexically so a
+    path can never climb above the host root."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise UsageError(f"internal: node path must be absolute: {path!r}")
+    if "\0" in path:
+        raise UsageError("path contains a NUL byte")
+    return os.path.normpath(path)
+
+
+class LocalTransport(NodeTransport):
+    def __init__(self, host_root: str = "", node: str = "localhost"):
+        self.host_root = os.path.abspath(host_root) if host_root else ""
+        self.node = node
+
+    def real(self, path: str) -> str:
+        """The local filesystem path of a node path."""
+        p = check_node_path(path)
+        return self.host_root + p if self.host_root else p
+
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        with open(self.real(path), "rb") as f:
+            return f.read() if limit is None else f.read(limit)
+
+    def listdir(self, path: str) -> list[str]:
+        return sorted(os.listdir(self.real(path)))
+
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
+        import stat as st
+
+        s = os.stat(self.real(path), follow_symlinks=follow_symlinks)
+        return FileStat(size=s.st_size, mtime=s.st_mtime, mode=s.st_mode,
+                        is_dir=st.S_ISDIR(s.st_mode), is_link=st.S_ISLNK(s.st_mode), uid=s.st_uid)
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(self.real(path))
+
+    def open_stream(self, path: str, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        f = open(self.real(path), "rb")  # opened eagerly so a missing file fails at the call
+
+        def chunks():
+            with f:
+                if offset:
+                    f.seek(offset)
+                while True:
+                    b = f.read(chunk_size)
+                    if not b:
+                        return
+                    yield b
+
+        return chunks()
+
+    def statvfs_free(self, path: str) -> int:
+        s = os.statvfs(self.real(path))
+        return s.f_bavail * s.f_frsize
+
+    def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        real = self.real(path)
+        d = os.path.dirname(real)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            os.rename(tmp, real)
+            _fsync_dir(d)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None:
+        if parents:
+            os.makedirs(self.real(path), mode=mode, exist_ok=True)
+        else:
+            os.mkdir(self.real(path), mode)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        real = self.real(path)
+        if recursive and os.path.isdir(real) and not os.path.islink(real):
+            shutil.rmtree(real)
+        else:
+            os.unlink(real)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(self.real(src), self.real(dst))
+        _fsync_dir(os.path.dirname(self.real(dst)))
+
+    def symlink(self, target: str, link: str) -> None:
+        os.symlink(target, self.real(link))
+
+    def run(self, argv: Sequence[str], timeout: float | None = None,
+            input: bytes | None = None) -> RunResult:
+        argv = tuple(str(a) for a in argv)
+        try:
+            p = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise TimeoutExpired(f"{argv[0]} did not finish within {timeout:g}s") from None
+        return RunResult(argv, p.returncode, p.stdout, p.stderr)
+
+    def connect_unix(self, path: str, timeout: float):
+        real = self.real(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(real)
+        except FileNotFoundError:
+            s.close()
+            raise UnreachableError(f"{path}: socket does not exist") from None
+        except ConnectionRefusedError:
+            s.close()
+            raise UnreachableError(f"{path}: nobody is listening on the socket") from None
+        except socket.timeout:
+            s.close()
+            raise TimeoutExpired(f"{path}: connect timed out after {timeout:g}s") from None
+        except OSError as e:
+            s.close()
+            raise UnreachableError(f"{path}: {e.strerror or e}") from None
+        return s
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

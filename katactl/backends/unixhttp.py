@@ -1,0 +1,83 @@
+"""HTTP/1.1 over a node's unix socket, through any NodeTransport.
+
+httpx is given a httpcore NetworkBackend whose "unix socket" is whatever
+NodeTransport.connect_unix returns: a local socket, or an SSH-relayed stream
+on a remote node. The shim, Cloud Hypervisor and Firecracker clients all
+build on this one function, so they work remotely without knowing it.
+
+Imported lazily: httpx must not load for --help or completion.
+"""
+from __future__ import annotations
+
+import socket
+
+from katactl.errors import ProtocolError, TimeoutExpired, UnreachableError
+
+
+def unix_http_client(transport, socket_path: str, timeout: float):
+    """An httpx.Client talking to ``socket_path`` on the node, base URL http://localhost.
+
+    Every request has ``timeout``; a peer that accepts and never answers
+    raises katactl.errors.TimeoutExpired via ``request()`` below.
+    """
+    import httpcore
+    import httpx
+
+    class _Stream(httpcore.NetworkStream):
+        def __init__(self, sock):
+            self._sock = sock
+
+        def read(self, max_bytes, timeout=None):
+            self._sock.settimeout(timeout)
+            try:
+                return self._sock.recv(max_bytes)
+            except (socket.timeout, TimeoutError) as e:
+                raise httpcore.ReadTimeout(str(e) or "read timed out") from e
+
+        def write(self, buffer, timeout=None):
+            self._sock.settimeout(timeout)
+            try:
+                self._sock.sendall(buffer)
+            except (socket.timeout, TimeoutError) as e:
+                raise httpcore.WriteTimeout(str(e) or "write timed out") from e
+
+        def close(self):
+            self._sock.close()
+
+        def get_extra_info(self, info):
+            return None
+
+    class _Backend(httpcore.NetworkBackend):
+        def connect_unix_socket(self, path, timeout=None, socket_options=None):
+            return _Stream(transport.connect_unix(socket_path, timeout or 5.0))
+
+        def connect_tcp(self, *a, **kw):  # pragma: no cover - never used
+            raise httpcore.ConnectError("only unix sockets are supported")
+
+    class _Transport(httpx.HTTPTransport):
+        def __init__(self):
+            super().__init__(verify=False, trust_env=False)
+            # httpx does not take a network backend; give its pool ours.
+            self._pool = httpcore.ConnectionPool(uds=socket_path, network_backend=_Backend(),
+                                                 max_connections=4)
+
+    return httpx.Client(transport=_Transport(), base_url="http://localhost",
+                        timeout=timeout, trust_env=False)
+
+
+def request(client, method: str, url: str, *, what: str, **kw):
+    """client.request with katactl's error mapping (timeouts -> exit 6, refused -> 7)."""
+    import httpx
+
+    try:
+        return client.request(method, url, **kw)
+    except httpx.TimeoutException:
+        raise TimeoutExpired(f"{what}: no answer within {client.timeout.read:g}s") from None
+    except (UnreachableError, TimeoutExpired):
+        raise
+    except httpx.ConnectError as e:
+        raise UnreachableError(f"{what}: {e}") from None
+    except httpx.RemoteProtocolError as e:
+        raise ProtocolError(f"{what}: the peer broke the HTTP exchange: {e}") from None
+    except httpx.TransportError as e:
+        raise UnreachableError(f"{what}: {e}") from None

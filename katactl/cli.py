@@ -1,0 +1,255 @@
+"""katactl's root command: global options, the lazy command registry, and the
+single place where exceptions become messages and exit codes.
+
+Command modules are imported only when their group runs (pip's habit): --help
+and TAB completion read names and one-line help from REGISTRY below and never
+import a command module, so they never load kubernetes, paramiko or httpx.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from katactl import __version__
+from katactl.errors import ExitCode, KatactlError, UsageError, exit_code_for
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    module: str
+    help: str
+
+
+# name -> command module (which defines ``app``). Register a group once it works.
+REGISTRY: dict[str, Entry] = {
+    "version": Entry("katactl.commands.version", "Show client (and, with a node, Kata) versions."),
+    "config": Entry("katactl.commands.config", "Show effective settings and where each came from."),
+}
+
+
+class LazyGroup(TyperGroup):
+    """A Typer group whose subcommands live in REGISTRY and load on first use."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(REGISTRY)
+
+    def get_command(self, ctx, name: str):
+        entry = REGISTRY.get(name)
+        if entry is None:
+            return None
+        module = importlib.import_module(entry.module)
+        cmd = typer.main.get_command(module.app)
+        cmd.name = name
+        return cmd
+
+    def format_commands(self, ctx, formatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, e.help) for n, e in REGISTRY.items()])
+
+    def format_epilog(self, ctx, formatter) -> None:
+        formatter.write_paragraph()
+        formatter.write_text(
+            "Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 partial failure, 5 refused by a "
+            "safety check, 6 timeout, 7 unreachable/auth, 8 check found problems, 130 interrupted.")
+        formatter.write_paragraph()
+        formatter.write_text("Run 'katactl COMMAND --help' for a command's options and examples.")
+
+
+app = typer.Typer(
+    cls=LazyGroup,
+    name="katactl",
+    help=("Operate Kata Containers nodes: sandboxes, memory balloons, vmcores, host isolation, "
+          "A/B upgrades of runtime and agent, on one node or a fleet over SSH."),
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: fast, and identical on TTYs and pipes
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+OUTPUT_HELP = "Output format: table, wide, json, yaml, name, jsonl."
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    output: Optional[str] = typer.Option(None, "-o", "--output", help=OUTPUT_HELP, metavar="FORMAT"),
+    node: Optional[List[str]] = typer.Option(None, "-N", "--node", metavar="NODE",
+                                             help="Act on NODE over SSH (repeatable; a,b,c; @group)."),
+    nodes_from: Optional[str] = typer.Option(None, "--nodes-from", metavar="FILE",
+                                             help="Read node names from FILE ('-' = stdin)."),
+    selector: Optional[str] = typer.Option(None, "-l", "--selector", help="Kubernetes node label selector."),
+    host_root: Optional[str] = typer.Option(None, "--host-root", metavar="DIR",
+                                            help="The node's root filesystem is mounted at DIR."),
+    context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context."),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", metavar="FILE", help="kubeconfig file."),
+    namespace: Optional[str] = typer.Option(None, "-n", "--namespace", help="Kubernetes namespace."),
+    ssh_user: Optional[str] = typer.Option(None, "--ssh-user", metavar="USER", help="SSH user."),
+    ssh_config: Optional[str] = typer.Option(None, "--ssh-config", metavar="FILE", help="OpenSSH config file."),
+    identity: Optional[str] = typer.Option(None, "-i", "--identity", metavar="FILE", help="SSH private key."),
+    ssh_accept_new: bool = typer.Option(False, "--ssh-accept-new",
+                                        help="Trust unknown SSH host keys on first use (changed keys are still refused)."),
+    timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
+                                          help="Per-node connect/call timeout (e.g. 30s)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", metavar="N", help="Nodes worked on at once."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Config profile to use."),
+    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="More detail; tracebacks on errors."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only data and errors."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colour (also NO_COLOR=1)."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Assume yes; needed for destructive actions without a TTY."),
+):
+    from katactl import config
+    from katactl.context import AppContext
+    from katactl.output import FORMATS
+
+    flags = {k: v for k, v in dict(
+        output=output, nodes=tuple(node or ()), nodes_from=nodes_from, selector=selector,
+        host_root=host_root, context=context, kubeconfig=kubeconfig, namespace=namespace,
+        ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, ssh_accept_new=ssh_accept_new,
+        timeout=timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
+    ).items() if v not in (None, (), False, 0)}
+    settings = config.resolve(flags, profile=profile)
+    if settings.output is not None and settings.output not in FORMATS:
+        raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
+    ctx.obj = AppContext.create(settings)
+
+
+# -- global options may follow the subcommand (kubectl habit) ------------------
+# name -> takes a value. Hoisted in front of the subcommand unless the leaf
+# command defines an option of the same name itself (e.g. balloon set --timeout).
+_GLOBAL_OPTS = {
+    "-o": True, "--output": True, "-N": True, "--node": True, "--nodes-from": True, "-l": True,
+    "--selector": True, "--host-root": True, "--context": True, "--kubeconfig": True, "-n": True,
+    "--namespace": True, "--ssh-user": True, "--ssh-config": True, "-i": True, "--identity": True,
+    "--ssh-accept-new": False, "--timeout": True, "--parallel": True, "--profile": True,
+    "-v": False, "--verbose": False, "-q": False, "--quiet": False, "--no-color": False,
+    "-y": False, "--yes": False,
+}
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Move global options written after the subcommand to the front."""
+    head: list[str] = []
+    i = 0
+    while i < len(args) and args[i].startswith("-"):  # options already in front
+        opt = args[i].split("=", 1)[0]
+        takes = _GLOBAL_OPTS.get(opt)
+        head.append(args[i])
+        if takes and "=" not in args[i] and i + 1 < len(args):
+            head.append(args[i + 1])
+            i += 1
+        i += 1
+    rest = args[i:]
+    if not rest or "--" in rest:
+        return args
+    local = _leaf_option_names(rest)
+    hoisted, kept = [], []
+    j = 0
+    while j < len(rest):
+        tok = rest[j]
+        opt = tok.split("=", 1)[0]
+        short_cluster = opt.startswith("-") and not opt.startswith("--") and len(opt) > 2
+        if opt in _GLOBAL_OPTS and opt not in local and not short_cluster:
+            hoisted.append(tok)
+            if _GLOBAL_OPTS[opt] and "=" not in tok and j + 1 < len(rest):
+                hoisted.append(rest[j + 1])
+                j += 1
+        else:
+            kept.append(tok)
+        j += 1
+    return head + hoisted + kept
+
+
+def _leaf_option_names(rest: list[str]) -> set[str]:
+    entry = REGISTRY.get(rest[0])
+    if entry is None:
+        return set()
+    try:
+        cmd = LazyGroup().get_command(None, rest[0])
+    except Exception:
+        return set()
+    for tok in rest[1:]:
+        sub = getattr(cmd, "commands", None)
+        if not sub or tok.startswith("-") or tok not in sub:
+            break
+        cmd = sub[tok]
+    names: set[str] = set()
+    for p in getattr(cmd, "params", []):
+        names.update(getattr(p, "opts", []))
+        names.update(getattr(p, "secondary_opts", []))
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, map every failure to one line + exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    completing = any(k.startswith("_KATACTL_COMPLETE") for k in os.environ)
+    command = typer.main.get_command(app)
+    if completing:
+        command.main(args=args, prog_name="katactl")
+        return
+    json_errors = _wants_json(args)
+    verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
+    try:
+        args = hoist_global_options(args)
+        rc = command.main(args=args, prog_name="katactl", standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
+    except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exits
+        sys.exit(_report(exc, json_errors, verbose))
+
+
+def _report(exc: BaseException, json_errors: bool, verbose: bool) -> int:
+    from typer import exceptions as typer_exc
+    from typer._click import exceptions as click_exc
+
+    if isinstance(exc, typer_exc.Abort):
+        print("aborted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    if isinstance(exc, typer_exc.Exit):
+        return exc.exit_code
+    if isinstance(exc, click_exc.NoArgsIsHelpError):
+        # bare "katactl" or "katactl GROUP": help is the answer, not an error
+        print(exc.format_message())
+        return ExitCode.OK
+    if isinstance(exc, click_exc.ClickException):
+        msg = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        exc = UsageError(msg.rstrip(".") + where) if isinstance(exc, click_exc.UsageError) else UsageError(msg)
+    if isinstance(exc, KatactlError):
+        err = exc
+    else:
+        if verbose:
+            import traceback
+
+            traceback.print_exception(exc)
+        err = KatactlError(f"unexpected {type(exc).__name__}: {exc}"
+                           + ("" if verbose else " (re-run with -v for the traceback)"))
+    if json_errors:
+        from katactl.output import error_object, to_json
+
+        print(to_json(error_object(err.to_dict())))
+    print(f"katactl: error: {err.message}", file=sys.stderr)
+    if err.hint:
+        print(f"hint: {err.hint}", file=sys.stderr)
+    return exit_code_for(err)
+
+
+def _wants_json(args: list[str]) -> bool:
+    for i, a in enumerate(args):
+        if a in ("-o", "--output") and i + 1 < len(args):
+            return args[i + 1] in ("json", "jsonl")
+        if a.startswith("--output=") or (a.startswith("-o") and len(a) > 2):
+            return a.split("=", 1)[-1].removeprefix("-o") in ("json", "jsonl")
+    return os.environ.get("KATACTL_OUTPUT") in ("json", "jsonl")

@@ -1,0 +1,89 @@
+"""Helpers shared by command modules (thin: no I/O logic here)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import typer
+
+from katactl.context import AppContext
+from katactl.output import Column, Result
+
+
+def new_app(help: str, *, single: bool = False) -> typer.Typer:
+    """A command-group Typer with katactl's conventions (plain help, -h)."""
+    app = typer.Typer(
+        help=help,
+        no_args_is_help=not single,
+        rich_markup_mode=None,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
+    if not single:
+        # A callback keeps a group a group even while it has one subcommand.
+        app.callback()(lambda: None)
+    return app
+
+
+def state(ctx: typer.Context) -> AppContext:
+    root = ctx.find_root()
+    return root.obj
+
+
+def finish(app_ctx: AppContext, result: Result, exit_code: int = 0) -> None:
+    """Render and leave with the given exit code."""
+    app_ctx.out.render(result)
+    if exit_code:
+        raise typer.Exit(int(exit_code))
+
+
+def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: str,
+                 columns: list[Column], name_key: str = "name", summary: str | None = None) -> None:
+    """Run fn(transport) on every selected node; render the merged list.
+
+    One node: its failure is the command's failure (its own exit code).
+    Many nodes: per-node errors are reported, the rest rendered; exit 4 or 7.
+    """
+    from katactl.fleet import run_on_nodes
+
+    fo = run_on_nodes(app_ctx.settings, fn, progress=_progress_cb(app_ctx))
+    fo.raise_if_single_failure()
+    result = Result(kind=kind, items=fo.items(), columns=columns, errors=fo.error_items(),
+                    multi_node=fo.multi, name_key=name_key, summary=summary)
+    finish(app_ctx, result, fo.exit_code())
+
+
+def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
+                columns: list[Column] | None = None, mutating: bool = False) -> None:
+    """Like fan_out_list for commands producing one object per node.
+
+    On a single node the object is rendered as itself; on many, as a list with
+    a NODE column. Mutating results carry changed/dryRun at top level.
+    """
+    from katactl.fleet import run_on_nodes
+
+    fo = run_on_nodes(app_ctx.settings, fn, progress=_progress_cb(app_ctx))
+    fo.raise_if_single_failure()
+    if not fo.multi:
+        item = dict(fo.values[fo.nodes[0]])
+        changed, dry = (item.pop("changed", None), item.pop("dryRun", None)) if mutating else (None, None)
+        finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry))
+        return
+    items = fo.items()
+    changed = any(i.get("changed") for i in items) if mutating else None
+    dry = any(i.get("dryRun") for i in items) if mutating else None
+    result = Result(kind=kind + "List", items=items, columns=columns or [], errors=fo.error_items(),
+                    multi_node=True, changed=changed, dry_run=dry)
+    finish(app_ctx, result, fo.exit_code())
+
+
+def _progress_cb(app_ctx: AppContext):
+    out = app_ctx.out
+    if not out.stderr_tty or out.quiet:
+        return None
+
+    def cb(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r{done}/{total} nodes", end=end, file=out.stderr, flush=True)
+
+    return cb

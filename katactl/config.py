@@ -1,0 +1,183 @@
+"""Settings: flags > KATACTL_* environment > config file > built-in defaults.
+
+The config file is TOML at $XDG_CONFIG_HOME/katactl/config.toml (or
+$KATACTL_CONFIG). Top-level keys are defaults; ``[profiles.NAME]`` tables
+override them when that profile is active (``--profile``/KATACTL_PROFILE or
+``profile = "NAME"`` at the top of the file). Node groups live in
+``[node_groups]`` or ``[profiles.NAME.node_groups]`` and are selected with
+``-N @group``. Every effective value remembers where it came from, which is
+what ``katactl config view`` shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from katactl.errors import UsageError
+from katactl.values import parse_duration
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    kind: type
+    help: str
+
+
+# name -> (default, type, help). The CLI flag is --name with '_' -> '-'.
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    Setting("output", None, str, "output format (table|wide|json|yaml|name|jsonl)"),
+    Setting("nodes", (), tuple, "nodes to act on (names, or @group from the config)"),
+    Setting("nodes_from", None, str, "file with one node name per line"),
+    Setting("selector", None, str, "Kubernetes label selector choosing nodes"),
+    Setting("host_root", "", str, "directory where the node's root filesystem is mounted"),
+    Setting("context", None, str, "kubeconfig context"),
+    Setting("kubeconfig", None, str, "kubeconfig file"),
+    Setting("namespace", None, str, "Kubernetes namespace"),
+    Setting("ssh_user", None, str, "SSH user for remote nodes"),
+    Setting("ssh_config", "~/.ssh/config", str, "OpenSSH client config file"),
+    Setting("identity", None, str, "SSH private key file"),
+    Setting("jump_host", None, str, "SSH jump host (ProxyJump syntax)"),
+    Setting("ssh_accept_new", False, bool, "accept unknown SSH host keys (never changed ones)"),
+    Setting("known_hosts", None, str, "extra known_hosts file"),
+    Setting("timeout", 30.0, float, "per-node timeout for connects and calls, seconds"),
+    Setting("parallel", 32, int, "how many nodes to work on at once"),
+    Setting("verbose", 0, int, "verbosity"),
+    Setting("quiet", False, bool, "suppress informational messages"),
+    Setting("no_color", False, bool, "disable colour"),
+    Setting("yes", False, bool, "assume yes for confirmations"),
+    Setting("audit_log", None, str, "audit log file (JSON lines)"),
+]}
+
+
+def config_path() -> str:
+    if os.environ.get("KATACTL_CONFIG"):
+        return os.environ["KATACTL_CONFIG"]
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(base, "katactl", "config.toml")
+
+
+def state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "katactl")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = SETTINGS[name].kind
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            v = int(value)
+            if v < (0 if name == "verbose" else 1):
+                raise ValueError
+            return v
+        if kind is float:  # durations
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value <= 0:
+                    raise ValueError
+                return float(value)
+            return parse_duration(str(value), what=name)
+        if kind is tuple:
+            if isinstance(value, str):
+                return tuple(x.strip() for x in value.split(",") if x.strip())
+            if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+                return tuple(value)
+            raise ValueError
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (ValueError, TypeError):
+        raise UsageError(f"invalid value {value!r} for {name} (from {source})") from None
+
+
+@dataclasses.dataclass
+class Settings:
+    values: dict[str, Any]
+    sources: dict[str, str]
+    profile: str | None
+    node_groups: dict[str, tuple[str, ...]]
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def view(self) -> list[dict]:
+        return [{"name": n, "value": self.values[n], "source": self.sources[n]} for n in SETTINGS]
+
+
+def load_file(path: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read config: {e.strerror}") from None
+
+
+def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
+            profile: str | None = None) -> Settings:
+    """Merge the four layers. ``flags`` holds only options the user gave."""
+    environ = os.environ if environ is None else environ
+    path = config_path()
+    data = load_file(path)
+    unknown = set(data) - set(SETTINGS) - {"profile", "profiles", "node_groups"}
+    if unknown:
+        raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    profile = profile or environ.get("KATACTL_PROFILE") or data.get("profile")
+    profiles = data.get("profiles", {})
+    if not isinstance(profiles, dict):
+        raise UsageError(f"{path}: [profiles] must be a table")
+    pdata: dict = {}
+    if profile:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none defined"
+            raise UsageError(f"unknown profile {profile!r} ({known})")
+        pdata = profiles[profile]
+        bad = set(pdata) - set(SETTINGS) - {"node_groups"}
+        if bad:
+            raise UsageError(f"{path}: profile {profile!r}: unknown setting(s): {', '.join(sorted(bad))}")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, s in SETTINGS.items():
+        env = "KATACTL_" + name.upper()
+        if name in flags and flags[name] not in (None, (), False) or (name in flags and name == "verbose" and flags[name]):
+            values[name], sources[name] = _coerce(name, flags[name], "flag"), "flag"
+        elif env in environ:
+            values[name], sources[name] = _coerce(name, environ[env], env), f"env {env}"
+        elif name in pdata:
+            values[name], sources[name] = _coerce(name, pdata[name], path), f"{path} [profiles.{profile}]"
+        elif name in data:
+            values[name], sources[name] = _coerce(name, data[name], path), path
+        else:
+            values[name], sources[name] = s.default, "default"
+    groups: dict[str, tuple[str, ...]] = {}
+    for src in (data.get("node_groups", {}), pdata.get("node_groups", {})):
+        if not isinstance(src, dict):
+            raise UsageError(f"{path}: node_groups must be a table of name = [nodes]")
+        for g, members in src.items():
+            if not (isinstance(members, list) and all(isinstance(m, str) for m in members)):
+                raise UsageError(f"{path}: node group {g!r} must be a list of node names")
+            groups[g] = tuple(members)
+    return Settings(values, sources, profile, groups)

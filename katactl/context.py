@@ -1,0 +1,30 @@
+"""AppContext: what a command needs for one invocation (settings + output)."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from katactl.config import Settings
+from katactl.output import Output
+
+
+@dataclasses.dataclass
+class AppContext:
+    settings: Settings
+    out: Output
+
+    @classmethod
+    def create(cls, settings: Settings) -> "AppContext":
+        out = Output(settings.output, color=False if settings.no_color else None,
+                     quiet=settings.quiet, verbose=settings.verbose)
+        return cls(settings, out)
+
+    def confirm(self, question: str) -> bool:
+        """Ask on a TTY; without one, only --yes may proceed (never prompt in scripts)."""
+        if self.settings.yes:
+            return True
+        if not sys.stdin.isatty():
+            return False
+        import typer
+
+        return typer.confirm(question, default=False, err=True)

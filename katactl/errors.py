@@ -1,0 +1,123 @@
+"""One error hierarchy, one exit-code map (design.md, "Contracts").
+
+Library code raises these; only katactl.cli turns them into exit codes and
+messages. Exit codes are stable across releases: add, never renumber.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    PARTIAL = 4
+    REFUSED = 5
+    TIMEOUT = 6
+    UNREACHABLE = 7
+    CHECK_FAILED = 8
+    INTERRUPTED = 130
+
+
+class KatactlError(Exception):
+    """Base of every expected failure. ``str(e)`` is the one-line message."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+    #: short machine name used in JSON error objects
+    code: str = "Failed"
+
+    def __init__(self, message: str, *, hint: str | None = None, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = details or {}
+
+    def to_dict(self) -> dict:
+        d = {"code": self.code, "message": self.message, "exitCode": int(self.exit_code)}
+        if self.hint:
+            d["hint"] = self.hint
+        if self.details:
+            d["details"] = self.details
+        return d
+
+
+class OperationFailed(KatactlError):
+    exit_code, code = ExitCode.FAILED, "Failed"
+
+
+class UsageError(KatactlError):
+    exit_code, code = ExitCode.USAGE, "UsageError"
+
+
+class NotFound(KatactlError):
+    exit_code, code = ExitCode.NOT_FOUND, "NotFound"
+
+
+class Ambiguous(NotFound):
+    code = "Ambiguous"
+
+
+class PartialFailure(KatactlError):
+    exit_code, code = ExitCode.PARTIAL, "PartialFailure"
+
+
+class Refused(KatactlError):
+    exit_code, code = ExitCode.REFUSED, "Refused"
+
+
+class TimeoutExpired(KatactlError):
+    exit_code, code = ExitCode.TIMEOUT, "Timeout"
+
+
+class UnreachableError(KatactlError):
+    exit_code, code = ExitCode.UNREACHABLE, "Unreachable"
+
+
+class AuthError(UnreachableError):
+    code = "AuthFailed"
+
+
+class HostKeyError(UnreachableError):
+    code = "HostKeyRejected"
+
+
+class CheckFailed(KatactlError):
+    exit_code, code = ExitCode.CHECK_FAILED, "CheckFailed"
+
+
+class ProtocolError(OperationFailed):
+    """A peer (shim, hypervisor, API server) answered something we cannot use."""
+
+    code = "ProtocolError"
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The single map from an exception to a process exit code."""
+    if isinstance(exc, KatactlError):
+        return int(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        return int(ExitCode.INTERRUPTED)
+    if isinstance(exc, (FileNotFoundError,)):
+        return int(ExitCode.NOT_FOUND)
+    if isinstance(exc, PermissionError):
+        return int(ExitCode.FAILED)
+    return int(ExitCode.FAILED)
+
+
+def as_katactl_error(exc: BaseException) -> KatactlError:
+    """Wrap an OS-level error raised by a transport in our hierarchy."""
+    if isinstance(exc, KatactlError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"{exc.filename or exc}: no such file or directory")
+    if isinstance(exc, PermissionError):
+        return OperationFailed(f"{exc.filename or exc}: permission denied")
+    if isinstance(exc, (ConnectionRefusedError, ConnectionResetError, BrokenPipeError)):
+        return UnreachableError(str(exc) or type(exc).__name__)
+    if isinstance(exc, TimeoutError):
+        return TimeoutExpired(str(exc) or "timed out")
+    if isinstance(exc, OSError):
+        return OperationFailed(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+    return OperationFailed(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,173 @@
+"""Node selection and fan-out: run one function per node, concurrently.
+
+``run_on_nodes`` is the only fan-out mechanism: every node-local command goes
+through it, so --parallel, per-node errors, exit 4 (partial) and 7 (all nodes
+unreachable) behave the same everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from katactl.errors import (ExitCode, KatactlError, PartialFailure, UnreachableError, UsageError,
+                            as_katactl_error)
+
+LOCAL = "localhost"
+# [user@]host[:port], host a DNS name, IPv4 or [IPv6]. Anything else (spaces,
+# quotes, $, ;, backticks, newlines) is refused before it reaches any backend.
+_NODE_RE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?(?:[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
+
+
+def validate_node_name(name: str) -> str:
+    if not _NODE_RE.match(name or "") or len(name) > 255:
+        raise UsageError(f"invalid node name {name!r}: expected [user@]host[:port]")
+    return name
+
+
+def select_nodes(settings) -> list[str]:
+    """Node names from -N (comma lists, @group), --nodes-from and -l; [] = this host."""
+    names: list[str] = []
+    for entry in settings.nodes:
+        for n in str(entry).split(","):
+            n = n.strip()
+            if not n:
+                continue
+            if n.startswith("@"):
+                group = settings.node_groups.get(n[1:])
+                if group is None:
+                    known = ", ".join(sorted(settings.node_groups)) or "none configured"
+                    raise UsageError(f"unknown node group {n!r} (groups: {known})")
+                names.extend(group)
+            else:
+                names.append(n)
+    if settings.nodes_from:
+        names.extend(_read_nodes_file(settings.nodes_from))
+    if settings.selector:
+        from katactl.backends import kube
+
+        names.extend(kube.node_names(settings))
+    seen: dict[str, None] = {}
+    for n in names:
+        seen.setdefault(validate_node_name(n), None)
+    return list(seen)
+
+
+def _read_nodes_file(path: str) -> list[str]:
+    try:
+        if path == "-":
+            import sys
+
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise UsageError(f"--nodes-from {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--nodes-from {path}: not UTF-8 text") from None
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def open_transport(node: str, settings):
+    """The transport for one node name ('localhost' or [] -> local)."""
+    if node == LOCAL:
+        from katactl.backends.local import LocalTransport
+
+        return LocalTransport(settings.host_root, node=LOCAL)
+    from katactl.backends.ssh import SSHTransport  # lazy: paramiko
+
+    return SSHTransport.from_settings(node, settings)
+
+
+@dataclasses.dataclass
+class FanOut:
+    """Outcome of run_on_nodes: per-node values and errors, in node order."""
+
+    nodes: list[str]
+    values: dict[str, Any]
+    errors: dict[str, KatactlError]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.nodes) > 1 or self.nodes != [LOCAL]
+
+    def error_items(self) -> list[dict]:
+        return [{"node": n, "error": self.errors[n].to_dict()} for n in self.nodes if n in self.errors]
+
+    def exit_code(self) -> int:
+        if not self.errors:
+            return ExitCode.OK
+        if len(self.errors) == len(self.nodes):
+            if all(isinstance(e, UnreachableError) for e in self.errors.values()):
+                return ExitCode.UNREACHABLE
+            if len(self.nodes) == 1:
+                return int(next(iter(self.errors.values())).exit_code)
+            codes = {int(e.exit_code) for e in self.errors.values()}
+            return codes.pop() if len(codes) == 1 else ExitCode.PARTIAL
+        return ExitCode.PARTIAL
+
+    def raise_if_single_failure(self) -> None:
+        """With one node, its error *is* the command's error."""
+        if len(self.nodes) == 1 and self.errors:
+            raise next(iter(self.errors.values()))
+
+    def items(self, key: str = "items") -> list[dict]:
+        """Flatten list results, tagging each item with its node."""
+        out = []
+        for n in self.nodes:
+            if n not in self.values:
+                continue
+            v = self.values[n]
+            for it in (v if isinstance(v, list) else [v]):
+                if isinstance(it, dict):
+                    it = {"node": n, **it}
+                out.append(it)
+        return out
+
+
+def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None = None,
+                 progress=None) -> FanOut:
+    """Call fn(transport) on every selected node, at most settings.parallel at once.
+
+    Each failure is kept per node; nothing is raised, so one bad node never
+    stops the others. ``progress(done, total)`` is called as nodes finish.
+    """
+    nodes = nodes if nodes is not None else (select_nodes(settings) or [LOCAL])
+    values: dict[str, Any] = {}
+    errors: dict[str, KatactlError] = {}
+
+    def one(node: str):
+        try:
+            with open_transport(node, settings) as t:
+                return node, fn(t), None
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # each node's failure is data, not an abort
+            return node, None, as_katactl_error(e)
+
+    if len(nodes) == 1:
+        results = [one(nodes[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, min(settings.parallel, len(nodes)))) as ex:
+            results = []
+            for i, r in enumerate(ex.map(one, nodes), 1):
+                results.append(r)
+                if progress:
+                    progress(i, len(nodes))
+    for node, value, err in results:
+        if err is None:
+            values[node] = value
+        else:
+            errors[node] = err
+    return FanOut(nodes, values, errors)
+
+
+__all__ = ["run_on_nodes", "select_nodes", "open_transport", "FanOut", "validate_node_name",
+           "PartialFailure", "LOCAL"]

@@ -1,0 +1,303 @@
+"""The one place that renders results and talks to the terminal.
+
+Data goes to stdout, everything else (messages, warnings, progress) to stderr.
+Formats: table (Rich, TTY only), plain (what "table" becomes when stdout is not
+a TTY: no colour, no wrapping, one record per line), wide, json, yaml, name,
+jsonl (events for automation). Rich is imported only when a TTY table or a
+progress bar is actually drawn: pipes and --help never pay for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable, Iterable
+
+API_VERSION = "katactl/v1"
+FORMATS = ("table", "wide", "plain", "json", "yaml", "name", "jsonl")
+
+
+@dataclasses.dataclass
+class Column:
+    header: str
+    key: str | Callable[[dict], Any]
+    wide: bool = False  # only with -o wide
+    fmt: Callable[[Any], str] | None = None
+
+    def value(self, item: dict) -> str:
+        v = self.key(item) if callable(self.key) else _dig(item, self.key)
+        if self.fmt is not None and v is not None:
+            v = self.fmt(v)
+        return _cell(v)
+
+
+@dataclasses.dataclass
+class Result:
+    """What every command returns for rendering.
+
+    kind:    JSON ``kind`` (SandboxList, BalloonStatus, ...).
+    items:   for lists; ``item`` for a single object.
+    changed/dry_run: set by mutating commands (always reported in JSON).
+    errors:  per-node / per-target failures [{"node": ..., "error": {...}}].
+    """
+
+    kind: str
+    items: list[dict] | None = None
+    item: dict | None = None
+    columns: list[Column] = dataclasses.field(default_factory=list)
+    changed: bool | None = None
+    dry_run: bool | None = None
+    errors: list[dict] = dataclasses.field(default_factory=list)
+    name_key: str = "name"
+    multi_node: bool = False
+    #: a one-line human summary printed to stderr in table/plain modes
+    summary: str | None = None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"apiVersion": API_VERSION, "kind": self.kind}
+        if self.items is not None:
+            d["items"] = self.items
+        if self.item is not None:
+            d.update(self.item)
+        if self.changed is not None:
+            d["changed"] = self.changed
+        if self.dry_run is not None:
+            d["dryRun"] = self.dry_run
+        if self.errors:
+            d["errors"] = self.errors
+        return d
+
+
+def _dig(item: dict, key: str):
+    cur: Any = item
+    for part in key.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_cell(x) for x in v) or "-"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    s = str(v)
+    # one record per line, whatever the data holds
+    return s.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ") or "-"
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(o):
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if isinstance(o, bytes):
+        return o.decode("utf-8", "replace")
+    return str(o)
+
+
+class Output:
+    """Terminal I/O for one invocation (like httpie's Environment + hatch's Application)."""
+
+    def __init__(self, fmt: str | None = None, *, color: bool | None = None, quiet: bool = False,
+                 verbose: int = 0, stdout=None, stderr=None):
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.stdout_tty = _isatty(self.stdout)
+        self.stderr_tty = _isatty(self.stderr)
+        if color is None:
+            color = self.stdout_tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        self.color = color
+        self.quiet = quiet
+        self.verbose = verbose
+        self.fmt = self.effective_format(fmt)
+
+    def effective_format(self, fmt: str | None) -> str:
+        fmt = fmt or "table"
+        if fmt == "table" and not self.stdout_tty:
+            return "plain"
+        return fmt
+
+    @property
+    def machine(self) -> bool:
+        return self.fmt in ("json", "yaml", "jsonl", "name")
+
+    # -- messages (stderr) --------------------------------------------------
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=self.stderr)
+
+    def warn(self, msg: str) -> None:
+        print(f"warning: {msg}", file=self.stderr)
+
+    def error(self, msg: str) -> None:
+        print(f"error: {msg}", file=self.stderr)
+
+    def debug(self, msg: str) -> None:
+        if self.verbose:
+            print(f"debug: {msg}", file=self.stderr)
+
+    def event(self, kind: str, **data) -> None:
+        """One JSON-lines event on stdout (only with -o jsonl)."""
+        if self.fmt == "jsonl":
+            print(json.dumps({"apiVersion": API_VERSION, "kind": kind, **data}, default=_json_default),
+                  file=self.stdout, flush=True)
+
+    def progress(self, description: str, total: float | None = None, unit: str = ""):
+        """A progress context: a Rich bar on a TTY stderr, silent otherwise."""
+        if self.stderr_tty and not self.quiet and self.fmt != "jsonl":
+            return _RichProgress(self.stderr, description, total, unit)
+        return _NullProgress()
+
+    # -- results (stdout) ---------------------------------------------------
+    def render(self, result: Result) -> None:
+        fmt = self.fmt
+        if fmt in ("json", "jsonl"):
+            self._write(to_json(result.to_dict()) + "\n")
+        elif fmt == "yaml":
+            import yaml  # lazy: only for -o yaml
+
+            self._write(yaml.safe_dump(json.loads(to_json(result.to_dict())), sort_keys=False,
+                                       allow_unicode=True))
+        elif fmt == "name":
+            rows = result.items if result.items is not None else ([result.item] if result.item else [])
+            for it in rows:
+                self._write(_cell(_dig(it, result.name_key)) + "\n")
+        else:
+            if result.items is not None:
+                self._table(result, wide=(fmt == "wide"))
+            elif result.item is not None:
+                self._write(describe(result.item))
+            if result.summary:
+                self.info(result.summary)
+        if fmt not in ("json", "yaml", "jsonl"):
+            for e in result.errors:
+                where = e.get("node") or e.get("target") or ""
+                self.error(f"{where + ': ' if where else ''}{e['error']['message']}")
+
+    def _columns(self, result: Result, wide: bool) -> list[Column]:
+        cols = [c for c in result.columns if wide or not c.wide]
+        if result.multi_node:
+            cols = [Column("NODE", "node")] + cols
+        return cols
+
+    def _table(self, result: Result, wide: bool) -> None:
+        cols = self._columns(result, wide)
+        rows = [[c.value(it) for c in cols] for it in result.items or []]
+        if not rows:
+            if result.summary is None:
+                self.info(f"No {result.kind.removesuffix('List').lower() or 'item'}s found.")
+            return
+        if self.stdout_tty:
+            from rich.console import Console
+            from rich.table import Table
+            from rich import box
+
+            t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+            for c in cols:
+                t.add_column(c.header, overflow="fold")
+            for r in rows:
+                t.add_row(*r)
+            Console(file=self.stdout, no_color=not self.color, highlight=False).print(t)
+            return
+        widths = [max(len(c.header), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.header.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+        for r in rows:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        self._write("\n".join(lines) + "\n")
+
+    def _write(self, s: str) -> None:
+        self.stdout.write(s)
+        self.stdout.flush()
+
+
+def describe(d: dict, indent: int = 0) -> str:
+    """kubectl-describe-like text for one object: 'Key: value' lines, nested indented."""
+    out: list[str] = []
+    pad = "  " * indent
+    for k, v in d.items():
+        if isinstance(v, dict):
+            if v:
+                out.append(f"{pad}{k}:\n{describe(v, indent + 1)}".rstrip("\n"))
+            else:
+                out.append(f"{pad}{k}: -")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.append(f"{pad}{k}:")
+            for x in v:
+                body = describe(x, indent + 2).rstrip("\n")
+                first, _, rest = body.lstrip().partition("\n")
+                out.append(f"{pad}  - {first}" + (f"\n{rest}" if rest else ""))
+        else:
+            out.append(f"{pad}{k}: {_cell(v)}")
+    return "\n".join(out) + "\n"
+
+
+def _isatty(f) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, completed: float | None = None, total: float | None = None,
+               description: str | None = None) -> None:
+        pass
+
+
+class _RichProgress:
+    def __init__(self, stream, description, total, unit):
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TransferSpeedColumn)
+
+        cols = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
+        if unit == "bytes":
+            cols += [DownloadColumn(), TransferSpeedColumn()]
+        else:
+            cols += [TextColumn("{task.completed:.0f}/{task.total:.0f}" if total else "")]
+        self._p = Progress(*cols, console=Console(file=stream), transient=True)
+        self._desc, self._total = description, total
+
+    def __enter__(self):
+        self._p.__enter__()
+        self._task = self._p.add_task(self._desc, total=self._total)
+        return self
+
+    def __exit__(self, *exc):
+        return self._p.__exit__(*exc)
+
+    def update(self, completed=None, total=None, description=None):
+        kw = {}
+        if completed is not None:
+            kw["completed"] = completed
+        if total is not None:
+            kw["total"] = total
+        if description is not None:
+            kw["description"] = description
+        self._p.update(self._task, **kw)
+
+
+def error_object(exc_dict: dict) -> dict:
+    return {"apiVersion": API_VERSION, "kind": "Error", **exc_dict}
+
+
+def print_json_lines(items: Iterable[dict], stream=None) -> None:
+    for it in items:
+        print(json.dumps(it, default=_json_default), file=stream or sys.stdout)
