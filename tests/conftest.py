@@ -1,0 +1,84 @@
+"""Shared test fixtures.
+
+``cli`` runs katactl in-process through katactl.cli.main (the real entry
+point: argv hoisting, error mapping and exit codes included) and returns
+exit code, stdout, stderr and parsed JSON. ``katactl_bin`` runs it as a real
+subprocess for start-up and exit-code contracts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+pytest_plugins: list[str] = []
+for _plugin in ("tests.conftest_lab", "tests.conftest_sshd"):
+    if os.path.exists(os.path.join(os.path.dirname(__file__), _plugin.split(".")[1] + ".py")):
+        pytest_plugins.append(_plugin)
+
+
+@dataclasses.dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """No test reads the developer's config or writes their audit log."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("KATACTL_TEST_CACHE", str(home / "cache")))
+    monkeypatch.delenv("KATACTL_CONFIG", raising=False)
+    for k in list(os.environ):
+        if k.startswith("KATACTL_") and k not in ("KATACTL_TEST_CACHE",):
+            monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    yield home
+
+
+def run_cli(args: list[str], stdin: str | None = None) -> CliResult:
+    from katactl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin or "")
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdin = old_stdin
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def run_katactl_subprocess(args, env=None, timeout=120, input=None) -> CliResult:
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "katactl", *map(str, args)], capture_output=True,
+                       text=True, env=e, timeout=timeout, input=input)
+    return CliResult(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture
+def katactl_bin():
+    return run_katactl_subprocess
