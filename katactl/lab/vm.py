@@ -267,7 +267,7 @@ def qemu_argv(assets: GuestAssets, vm_dir: str, *, name: str, memory_mib: int = 
     qemu = qemu or qemu_binary() or "qemu-system-x86_64"
     argv = [
         qemu, "-name", f"sandbox-{name}", "-uuid", _uuid_for(name),
-        "-machine", "pc,accel=tcg", "-accel", "tcg", "-cpu", "qemu64",
+        "-machine", "pc", "-accel", "tcg", "-cpu", "qemu64",
         "-m", f"{memory_mib}M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-vga", "none", "-net", "none",
         "-kernel", assets.kernel, "-initrd", assets.initrd,
