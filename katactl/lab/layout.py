@@ -1,0 +1,469 @@
+"""Lay out a Kata node's sandbox state on disk, with the real field names.
+
+Used by the lab (``katactl lab up``), by tests and by benches to build node
+trees under a root directory that katactl then reads with ``--host-root``.
+
+- Go runtime: ``<root>/run/vc/sbs/<id>/persist.json`` (persistapi
+  ``SandboxState``: ``PersistVersion``, ``State``, ``HypervisorState``,
+  ``Config.HypervisorConfig`` ...), ``<root>/run/vc/vm/<id>/`` (QEMU ``pid``
+  file; ``qmp.sock``/``clh-api.sock`` live here) or, for Firecracker (jailed),
+  ``<root>/run/vc/firecracker/<id>/root/run/firecracker.socket``.
+- runtime-rs: ``<root>/run/kata/<id>/state.json`` (``sandbox_type``,
+  ``resource``, ``hypervisor{hypervisor_type, pid, api_socket, config ...}``).
+- the sandbox's OCI bundle with CRI annotations: containerd
+  (``/run/containerd/io.containerd.runtime.v2.task/k8s.io/<id>/config.json``)
+  or CRI-O (``/run/containers/storage/overlay-containers/<id>/userdata/config.json``).
+
+Every writer returns a :class:`SandboxPaths` with both *node paths* (what
+katactl sees through ``--host-root``) and *real paths* (where to bind a test
+server's socket). Sockets themselves are not created here: bind a
+:class:`katactl.lab.shimserver.ShimServer` (or a QEMU) on ``real(...)`` paths.
+
+Differences from a real node (on purpose): no ``<container-id>/persist.json``
+unless ``container_ids`` is given; PIDs are whatever the caller passes (the
+lab passes its own processes' PIDs); no network/devices state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid as _uuid
+
+CONTAINERD_TASK_DIR = "/run/containerd/io.containerd.runtime.v2.task"
+CRIO_DIR = "/run/containers/storage/overlay-containers"
+GO_SBS = "/run/vc/sbs"
+GO_VM = "/run/vc/vm"
+RS_DIR = "/run/kata"
+SHIM_SOCKET_NAME = "shim-monitor.sock"
+
+#: Go HypervisorState.Type / Config.HypervisorType values
+GO_HYPERVISOR_TYPES = {"qemu": "qemu", "clh": "clh", "fc": "firecracker", "firecracker": "firecracker",
+                       "dragonball": "dragonball"}
+#: runtime-rs hypervisor_type values
+RS_HYPERVISOR_TYPES = {"qemu": "qemu", "clh": "cloud_hypervisor", "fc": "firecracker",
+                       "firecracker": "firecracker", "dragonball": "dragonball"}
+
+DEFAULT_KERNEL = "/opt/kata/share/kata-containers/vmlinux.container"
+DEFAULT_IMAGE = "/opt/kata/share/kata-containers/kata-containers.img"
+DEFAULT_HYPERVISOR_PATHS = {"qemu": "/opt/kata/bin/qemu-system-x86_64",
+                            "clh": "/opt/kata/bin/cloud-hypervisor",
+                            "fc": "/opt/kata/bin/firecracker",
+                            "dragonball": ""}
+
+
+@dataclasses.dataclass
+class SandboxPaths:
+    """Where one laid-out sandbox lives. ``*_node`` are node paths; the others real paths."""
+
+    root: str
+    sandbox_id: str
+    runtime: str
+    state_dir_node: str
+    state_file_node: str
+    shim_socket_node: str
+    api_socket_node: str | None
+    bundle_node: str | None
+    vm_dir_node: str | None = None
+    pid_file_node: str | None = None
+    extra_monitor_socket_node: str | None = None
+
+    def real(self, node_path: str) -> str:
+        return os.path.join(self.root, node_path.lstrip("/"))
+
+    @property
+    def shim_socket(self) -> str:
+        return self.real(self.shim_socket_node)
+
+    @property
+    def api_socket(self) -> str | None:
+        return self.real(self.api_socket_node) if self.api_socket_node else None
+
+    @property
+    def extra_monitor_socket(self) -> str | None:
+        return self.real(self.extra_monitor_socket_node) if self.extra_monitor_socket_node else None
+
+    @property
+    def state_file(self) -> str:
+        return self.real(self.state_file_node)
+
+    @property
+    def state_dir(self) -> str:
+        return self.real(self.state_dir_node)
+
+    @property
+    def bundle(self) -> str | None:
+        return self.real(self.bundle_node) if self.bundle_node else None
+
+
+def _hv_key(hypervisor: str) -> str:
+    h = {"firecracker": "fc", "cloud-hypervisor": "clh", "cloud_hypervisor": "clh"}.get(hypervisor, hypervisor)
+    if h not in ("qemu", "clh", "fc", "dragonball"):
+        raise ValueError(f"unknown hypervisor {hypervisor!r} (qemu, clh, fc, dragonball)")
+    return h
+
+
+def _write_json(real_path: str, obj) -> None:
+    os.makedirs(os.path.dirname(real_path), exist_ok=True)
+    tmp = real_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, real_path)
+
+
+def _join(root: str, node_path: str) -> str:
+    return os.path.join(root, node_path.lstrip("/"))
+
+
+def _set_mtime(real_path: str, created: float | None) -> None:
+    if created is not None:
+        os.utime(real_path, (created, created))
+
+
+def cri_annotations(sandbox_id: str, *, pod_name: str, pod_namespace: str, pod_uid: str,
+                    vcpus: float = 1, memory_mib: int = 2048, cri: str = "containerd") -> dict:
+    """The annotations containerd (or CRI-O) puts on a pod sandbox's OCI spec."""
+    if cri == "crio":
+        return {
+            "io.kubernetes.cri-o.ContainerType": "sandbox",
+            "io.kubernetes.cri-o.SandboxID": sandbox_id,
+            "io.kubernetes.cri-o.KubeName": pod_name,
+            "io.kubernetes.cri-o.Namespace": pod_namespace,
+            "io.kubernetes.pod.name": pod_name,
+            "io.kubernetes.pod.namespace": pod_namespace,
+            "io.kubernetes.pod.uid": pod_uid,
+        }
+    return {
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": sandbox_id,
+        "io.kubernetes.cri.sandbox-name": pod_name,
+        "io.kubernetes.cri.sandbox-namespace": pod_namespace,
+        "io.kubernetes.cri.sandbox-uid": pod_uid,
+        "io.kubernetes.cri.sandbox-log-directory": f"/var/log/pods/{pod_namespace}_{pod_name}_{pod_uid}",
+        "io.kubernetes.cri.sandbox-cpu-period": "100000",
+        "io.kubernetes.cri.sandbox-cpu-quota": str(int(vcpus * 100000)),
+        "io.kubernetes.cri.sandbox-cpu-shares": str(int(vcpus * 1024)),
+        "io.kubernetes.cri.sandbox-memory": str(memory_mib << 20),
+    }
+
+
+def write_bundle(root: str, sandbox_id: str, annotations: dict, *, cri: str = "containerd",
+                 namespace: str = "k8s.io", created: float | None = None,
+                 raw_config: bytes | None = None) -> str:
+    """Write the sandbox's OCI bundle config.json; return the bundle's node path.
+
+    ``raw_config`` writes those bytes verbatim (for malformed-input tests).
+    """
+    if cri == "crio":
+        bundle = f"{CRIO_DIR}/{sandbox_id}/userdata"
+    else:
+        bundle = f"{CONTAINERD_TASK_DIR}/{namespace}/{sandbox_id}"
+    real = _join(root, bundle)
+    os.makedirs(real, exist_ok=True)
+    spec = {
+        "ociVersion": "1.1.0",
+        "process": {"user": {"uid": 65535, "gid": 65535}, "args": ["/pause"], "cwd": "/"},
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": annotations.get("io.kubernetes.cri.sandbox-name")
+        or annotations.get("io.kubernetes.cri-o.KubeName", ""),
+        "annotations": annotations,
+        "linux": {"cgroupsPath": f"kubepods-besteffort-pod{sandbox_id[:12]}.slice:cri-containerd:{sandbox_id}"},
+    }
+    cfg = os.path.join(real, "config.json")
+    if raw_config is not None:
+        with open(cfg, "wb") as f:
+            f.write(raw_config)
+    else:
+        _write_json(cfg, spec)
+    _set_mtime(cfg, created)
+    return bundle
+
+
+def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pid: int | None = None,
+                     pod_name: str | None = None, pod_namespace: str = "default",
+                     pod_uid: str | None = None, memory_mib: int = 2048, vcpus: float = 1,
+                     max_vcpus: int = 0, hotplugged_memory_mib: int = 0,
+                     kernel: str = DEFAULT_KERNEL, initrd: str = "", image: str = DEFAULT_IMAGE,
+                     hypervisor_path: str | None = None, sandbox_cgroup_only: bool = False,
+                     cgroup_path: str | None = None, overhead_cgroup_path: str | None = None,
+                     api_socket: str | None = None, extra_monitor_socket: bool = False,
+                     enable_pprof: bool = False, virtio_mem: bool = False,
+                     reclaim_guest_freed_memory: bool = False, guest_memory_dump_path: str = "",
+                     state: str = "running", container_ids: tuple[str, ...] = (),
+                     cri: str = "containerd", containerd_namespace: str = "k8s.io",
+                     bundle: bool = True, created: float | None = None,
+                     extra_annotations: dict | None = None,
+                     raw_persist: bytes | None = None) -> SandboxPaths:
+    """Lay out one Go-runtime sandbox (containerd-shim-kata-v2) under ``root``.
+
+    ``api_socket`` overrides the node path of the hypervisor's control socket
+    (default: ``/run/vc/vm/<id>/qmp.sock`` for QEMU, ``clh-api.sock`` for Cloud
+    Hypervisor, the jailed ``firecracker.socket`` for Firecracker). As upstream,
+    ``HypervisorState.APISocket`` is only filled in for Cloud Hypervisor (or
+    when ``api_socket`` is given). ``raw_persist`` writes those bytes as
+    persist.json instead (for corrupt-state tests).
+    """
+    hv = _hv_key(hypervisor)
+    pod_name = pod_name or f"pod-{sandbox_id[:8]}"
+    pod_uid = pod_uid or str(_uuid.uuid5(_uuid.NAMESPACE_URL, "pod/" + sandbox_id))
+    hv_type = GO_HYPERVISOR_TYPES[hv]
+    sbs = f"{GO_SBS}/{sandbox_id}"
+    vm_dir = f"{GO_VM}/{sandbox_id}"
+    pid_file = None
+    extra_mon = None
+    if hv == "fc":
+        vm_dir = f"/run/vc/firecracker/{sandbox_id}"
+        default_api = f"{vm_dir}/root/run/firecracker.socket"
+        pid_file = f"{vm_dir}/root/firecracker.pid"
+    elif hv == "clh":
+        default_api = f"{vm_dir}/clh-api.sock"
+    elif hv == "qemu":
+        default_api = f"{vm_dir}/qmp.sock"
+        pid_file = f"{vm_dir}/pid"
+        if extra_monitor_socket:
+            extra_mon = f"{vm_dir}/extra-monitor.sock"
+    else:  # dragonball is runtime-rs only, but keep the Go writer total
+        default_api = None
+    api = api_socket or default_api
+    cg = cgroup_path or (f"/kubepods/besteffort/pod{pod_uid}/kata_{sandbox_id}" if not sandbox_cgroup_only
+                         else f"/kubepods/besteffort/pod{pod_uid}/{sandbox_id}")
+    overhead = "" if sandbox_cgroup_only else (overhead_cgroup_path or f"/kata_overhead/{sandbox_id}")
+    uid = str(_uuid.uuid5(_uuid.NAMESPACE_URL, "vm/" + sandbox_id))
+    persist = {
+        "PersistVersion": 2,
+        "State": state,
+        "GuestMemoryBlockSizeMB": 128,
+        "GuestMemoryHotplugProbe": False,
+        "SandboxContainer": sandbox_id,
+        "CgroupPaths": None,
+        "SandboxCgroupPath": cg,
+        "OverheadCgroupPath": overhead,
+        "HypervisorState": {
+            "BlockIndexMap": {},
+            "Type": hv_type,
+            "UUID": uid,
+            "APISocket": api if (api_socket or hv == "clh") else "",
+            "Bridges": [],
+            "HotpluggedVCPUs": [],
+            "HotpluggedMemory": int(hotplugged_memory_mib),
+            "VirtiofsDaemonPid": 0,
+            "Pid": int(pid or 0),
+            "PCIeRootPort": 0,
+            "PCIeSwitchPort": 0,
+            "HotPlugVFIO": "no-port",
+            "ColdPlugVFIO": "no-port",
+            "HotplugVFIOOnRootBus": False,
+        },
+        "AgentState": {"URL": f"vsock://{int(_uuid.UUID(uid)) % 2**31 + 3}:1024"
+                       if hv != "fc" else f"hvsock://{vm_dir}/root/kata.hvsock:1024"},
+        "Network": {"NetworkID": f"/var/run/netns/cni-{uid}", "Endpoints": [], "NetworkCreated": False},
+        "Devices": [],
+        "Config": {
+            "HypervisorType": hv_type,
+            "KataAgentConfig": {"KernelModules": None, "ContainerPipeSize": 0, "DialTimeout": 45,
+                                "LongLiveConn": True, "Debug": False, "Trace": False,
+                                "EnableDebugConsole": False},
+            "KataShimConfig": None,
+            "HypervisorConfig": {
+                "NumVCPUsF": float(vcpus),
+                "DefaultMaxVCPUs": int(max_vcpus or os.cpu_count() or 1),
+                "MemorySize": int(memory_mib),
+                "DefaultBridges": 1,
+                "Msize9p": 8192,
+                "MemSlots": 10,
+                "MemOffset": 0,
+                "VirtioMem": bool(virtio_mem),
+                "ReclaimGuestFreedMemory": bool(reclaim_guest_freed_memory),
+                "KernelPath": kernel,
+                "ImagePath": image,
+                "InitrdPath": initrd,
+                "FirmwarePath": "",
+                "MachineAccelerators": "",
+                "CPUFeatures": "",
+                "HypervisorPath": hypervisor_path if hypervisor_path is not None
+                else DEFAULT_HYPERVISOR_PATHS[hv],
+                "HypervisorCtlPath": "",
+                "JailerPath": "/opt/kata/bin/jailer" if hv == "fc" else "",
+                "BlockDeviceDriver": "virtio-scsi",
+                "HypervisorMachineType": "q35" if hv == "qemu" else "",
+                "MemoryPath": "",
+                "DevicesStatePath": "",
+                "EntropySource": "/dev/urandom",
+                "SharedFS": "virtio-fs",
+                "VirtioFSDaemon": "/opt/kata/libexec/virtiofsd",
+                "VirtioFSCache": "auto",
+                "FileBackedMemRootDir": "",
+                "GuestMemoryDumpPath": guest_memory_dump_path,
+                "GuestMemoryDumpPaging": False,
+                "ExtraMonitorSocket": "hmp" if extra_monitor_socket else "",
+                "EnableDebug": False,
+                "HugePages": False,
+                "Realtime": False,
+                "Mlock": False,
+                "DisableNestingChecks": False,
+                "DisableImageNvdimm": False,
+                "HotplugVFIOOnRootBus": False,
+                "BootToBeTemplate": False,
+                "BootFromTemplate": False,
+                "DisableVhostNet": False,
+                "EnableVhostUserStore": False,
+                "GuestSwap": False,
+            },
+            "SandboxBindMounts": [],
+            "Experimental": [],
+            "ContainerConfigs": [],
+            "Cgroups": None,
+            "ShmSize": 67108864,
+            "SharePidNs": False,
+            "SystemdCgroup": False,
+            "SandboxCgroupOnly": bool(sandbox_cgroup_only),
+            "DisableGuestSeccomp": True,
+            "EnablePprof": bool(enable_pprof),
+        },
+    }
+    os.makedirs(_join(root, sbs), exist_ok=True)
+    os.makedirs(_join(root, vm_dir), exist_ok=True)
+    if hv == "fc":
+        os.makedirs(_join(root, f"{vm_dir}/root/run"), exist_ok=True)
+        _write_json(_join(root, f"{vm_dir}/fcConfig.json"),
+                    {"boot-source": {"kernel_image_path": kernel},
+                     "machine-config": {"vcpu_count": int(vcpus), "mem_size_mib": memory_mib}})
+    state_file = f"{sbs}/persist.json"
+    if raw_persist is not None:
+        with open(_join(root, state_file), "wb") as f:
+            f.write(raw_persist)
+    else:
+        _write_json(_join(root, state_file), persist)
+    _set_mtime(_join(root, state_file), created)
+    if pid_file and pid:
+        with open(_join(root, pid_file), "w") as f:
+            f.write(f"{pid}")
+    for cid in container_ids:
+        _write_json(_join(root, f"{sbs}/{cid}/persist.json"), {
+            "State": {"State": "running", "BlockDeviceID": "", "Fstype": ""},
+            "CgroupPath": f"{cg}/{cid}",
+            "BundlePath": f"{CONTAINERD_TASK_DIR}/{containerd_namespace}/{cid}",
+            "Rootfs": {"Target": "", "Source": "", "Type": "", "Options": None},
+            "Process": {"Token": "", "Pid": int(pid or 0), "StartTime": "0001-01-01T00:00:00Z"},
+            "Mounts": [],
+        })
+    bundle_node = None
+    if bundle:
+        ann = cri_annotations(sandbox_id, pod_name=pod_name, pod_namespace=pod_namespace,
+                              pod_uid=pod_uid, vcpus=vcpus, memory_mib=memory_mib, cri=cri)
+        if enable_pprof:
+            ann["io.katacontainers.config.runtime.enable_pprof"] = "true"
+        ann.update(extra_annotations or {})
+        bundle_node = write_bundle(root, sandbox_id, ann, cri=cri, namespace=containerd_namespace,
+                                   created=created)
+    return SandboxPaths(root=os.path.abspath(root), sandbox_id=sandbox_id, runtime="go",
+                        state_dir_node=sbs, state_file_node=state_file,
+                        shim_socket_node=f"{sbs}/{SHIM_SOCKET_NAME}", api_socket_node=api,
+                        bundle_node=bundle_node, vm_dir_node=vm_dir, pid_file_node=pid_file,
+                        extra_monitor_socket_node=extra_mon)
+
+
+def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonball",
+                     pid: int | None = None, pod_name: str | None = None,
+                     pod_namespace: str = "default", pod_uid: str | None = None,
+                     memory_mib: int = 2048, vcpus: float = 1, max_vcpus: int = 0,
+                     kernel: str = DEFAULT_KERNEL, initrd: str = "", image: str = DEFAULT_IMAGE,
+                     hypervisor_path: str | None = None, api_socket: str | None = None,
+                     jailed: bool = False, cri: str = "containerd",
+                     containerd_namespace: str = "k8s.io", bundle: bool = True,
+                     created: float | None = None, extra_annotations: dict | None = None,
+                     raw_state: bytes | None = None) -> SandboxPaths:
+    """Lay out one runtime-rs sandbox: ``/run/kata/<id>/state.json`` (+ bundle).
+
+    Control sockets: Cloud Hypervisor ``/run/kata/<id>/ch-api.sock``,
+    Firecracker ``/run/kata/<id>/fc.sock``; QEMU's ``qmp.sock`` is relative to
+    the shim's working directory, i.e. the bundle dir; Dragonball runs inside
+    the shim (no socket, hypervisor pid = shim pid).
+    """
+    hv = _hv_key(hypervisor)
+    pod_name = pod_name or f"pod-{sandbox_id[:8]}"
+    pod_uid = pod_uid or str(_uuid.uuid5(_uuid.NAMESPACE_URL, "pod/" + sandbox_id))
+    d = f"{RS_DIR}/{sandbox_id}"
+    bundle_node = (f"{CRIO_DIR}/{sandbox_id}/userdata" if cri == "crio"
+                   else f"{CONTAINERD_TASK_DIR}/{containerd_namespace}/{sandbox_id}")
+    default_api = {"clh": f"{d}/ch-api.sock", "fc": f"{d}/fc.sock",
+                   "qemu": f"{bundle_node}/qmp.sock", "dragonball": None}[hv]
+    api = api_socket or default_api
+    uid = str(_uuid.uuid5(_uuid.NAMESPACE_URL, "vm/" + sandbox_id))
+    state = {
+        "sandbox_type": "virt_container",
+        "resource": {"cgroup_state": {"path": f"/kata_{sandbox_id}", "overhead_path": f"/kata_overhead/{sandbox_id}",
+                                      "sandbox_cgroup_only": False}},
+        "hypervisor": {
+            "hypervisor_type": RS_HYPERVISOR_TYPES[hv],
+            "pid": int(pid) if pid else None,
+            "uuid": uid,
+            "api_socket": api if hv in ("clh",) or api_socket else "",
+            "id": sandbox_id,
+            "vm_path": d,
+            "jailed": jailed,
+            "jailer_root": f"{d}/root" if jailed else "",
+            "netns": f"/var/run/netns/cni-{uid}",
+            "config": {
+                "path": hypervisor_path if hypervisor_path is not None else DEFAULT_HYPERVISOR_PATHS[hv],
+                "ctlpath": "",
+                "jailer_path": "",
+                "boot_info": {"kernel": kernel, "kernel_params": "", "image": image, "initrd": initrd,
+                              "firmware": "", "vm_rootfs_driver": "virtio-blk-pci"},
+                "cpu_info": {"cpu_features": "", "default_vcpus": float(vcpus),
+                             "default_maxvcpus": int(max_vcpus or os.cpu_count() or 1)},
+                "memory_info": {"default_memory": int(memory_mib), "memory_slots": 10,
+                                "default_maxmemory": 0, "enable_virtio_mem": False,
+                                "reclaim_guest_freed_memory": False},
+                "debug_info": {"enable_debug": False},
+                "shared_fs": {"shared_fs": "virtio-fs", "virtio_fs_daemon": "/opt/kata/libexec/virtiofsd"},
+            },
+            "run_dir": d,
+            "cached_block_devices": [],
+            "virtiofs_daemon_pid": 0,
+            "passfd_listener_port": None,
+        },
+    }
+    os.makedirs(_join(root, d), exist_ok=True)
+    state_file = f"{d}/state.json"
+    if raw_state is not None:
+        with open(_join(root, state_file), "wb") as f:
+            f.write(raw_state)
+    else:
+        _write_json(_join(root, state_file), state)
+    _set_mtime(_join(root, state_file), created)
+    if bundle:
+        ann = cri_annotations(sandbox_id, pod_name=pod_name, pod_namespace=pod_namespace,
+                              pod_uid=pod_uid, vcpus=vcpus, memory_mib=memory_mib, cri=cri)
+        ann.update(extra_annotations or {})
+        bundle_node = write_bundle(root, sandbox_id, ann, cri=cri, namespace=containerd_namespace,
+                                   created=created)
+    else:
+        bundle_node = None
+    return SandboxPaths(root=os.path.abspath(root), sandbox_id=sandbox_id, runtime="rs",
+                        state_dir_node=d, state_file_node=state_file,
+                        shim_socket_node=f"{d}/{SHIM_SOCKET_NAME}", api_socket_node=api,
+                        bundle_node=bundle_node, vm_dir_node=d)
+
+
+def write_crio_sandbox(root: str, sandbox_id: str, **kw) -> SandboxPaths:
+    """A Go-runtime sandbox started by CRI-O (bundle under /run/containers/storage)."""
+    return write_go_sandbox(root, sandbox_id, cri="crio", **kw)
+
+
+def sandbox_id_for(n: int, prefix: str = "") -> str:
+    """A deterministic 64-hex sandbox id (containerd style)."""
+    import hashlib
+
+    return hashlib.sha256(f"{prefix}sandbox-{n}".encode()).hexdigest()
+
+
+def write_many(root: str, count: int, *, runtime: str = "go", hypervisor: str = "qemu",
+               pid: int | None = None, created: float | None = None, **kw) -> list[SandboxPaths]:
+    """``count`` sandboxes (for benches and lab scale tests)."""
+    writer = write_go_sandbox if runtime == "go" else write_rs_sandbox
+    created = created if created is not None else time.time() - 3600
+    return [writer(root, sandbox_id_for(i), hypervisor=hypervisor, pid=pid,
+                   pod_name=f"batch-{i}", pod_namespace="batch", created=created, **kw)
+            for i in range(count)]
