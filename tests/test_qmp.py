@@ -1,0 +1,218 @@
+"""QMP client against a real QEMU (no guest: -S, prelaunch) and against bad peers."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from katactl.backends.local import LocalTransport
+from katactl.backends.qmp import MonitorBusy, MonitorClosed, QMPClient, QMPError
+from katactl.errors import ProtocolError, TimeoutExpired, UnreachableError
+
+QEMU = shutil.which("qemu-system-x86_64")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+
+
+def _wait_socket(path, proc, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, "qemu exited early"
+        assert time.monotonic() < deadline, "qmp socket never appeared"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def bare_qemu(tmp_path_factory):
+    """A guest-less QEMU (-S) with a balloon device; one with none."""
+    d = tmp_path_factory.mktemp("qmp")
+    procs = {}
+    for name, dev in (("balloon", ["-device", "virtio-balloon-pci,id=balloon0"]), ("nob", [])):
+        sock = str(d / f"{name}.sock")
+        argv = [QEMU, "-S", "-accel", "tcg", "-m", "128M", "-nodefaults", "-nographic", "-vga", "none",
+                "-qmp", f"unix:{sock},server=on,wait=off", "-device", "pvpanic", "-no-shutdown", *dev]
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs[name] = (p, sock)
+    for p, sock in procs.values():
+        _wait_socket(sock, p)
+    yield {k: v[1] for k, v in procs.items()}
+    for p, _ in procs.values():
+        p.kill()
+        p.wait()
+
+
+@needs_qemu
+def test_handshake_and_commands(bare_qemu):
+    with QMPClient.connect(LocalTransport(), bare_qemu["balloon"]) as q:
+        assert q.version["major"] >= 2
+        st = q.execute("query-status")
+        assert st["status"] == "prelaunch" and st["running"] is False
+        assert q.execute("query-balloon")["actual"] == 128 << 20
+        mem = q.execute("query-memory-size-summary")
+        assert mem["base-memory"] == 128 << 20
+
+
+@needs_qemu
+def test_error_class_and_no_balloon(bare_qemu):
+    with QMPClient.connect(LocalTransport(), bare_qemu["nob"]) as q:
+        with pytest.raises(QMPError) as ei:
+            q.execute("query-balloon")
+        assert ei.value.error_class == "DeviceNotActive"
+        with pytest.raises(QMPError) as ei:
+            q.execute("no-such-command")
+        assert ei.value.error_class == "CommandNotFound"
+        # still usable after errors: ids keep replies apart
+        assert q.execute("query-status")["status"] == "prelaunch"
+
+
+@needs_qemu
+def test_second_client_is_busy(bare_qemu):
+    with QMPClient.connect(LocalTransport(), bare_qemu["balloon"]):
+        with pytest.raises(MonitorBusy) as ei:
+            QMPClient.connect(LocalTransport(), bare_qemu["balloon"], greeting_timeout=0.3)
+        assert "another client holds it" in str(ei.value)
+        assert ei.value.exit_code == 7
+    # free again once the first client left
+    with QMPClient.connect(LocalTransport(), bare_qemu["balloon"]) as q:
+        assert q.execute("query-status")
+
+
+@needs_qemu
+def test_events_before_reply_are_queued(bare_qemu):
+    """`stop` emits STOP; `cont` emits RESUME: events are queued, replies matched by id."""
+    with QMPClient.connect(LocalTransport(), bare_qemu["balloon"]) as q:
+        q.execute("stop")
+        q.execute("cont")
+        ev = q.wait_event("RESUME", timeout=5)
+        assert ev["event"] == "RESUME" and "timestamp" in ev
+        q.execute("stop")
+        assert q.wait_event("STOP", timeout=5)["event"] == "STOP"
+
+
+@needs_qemu
+def test_reader_thread_mode(bare_qemu):
+    with QMPClient.connect(LocalTransport(), bare_qemu["balloon"]) as q:
+        seen = []
+        q.on_event = seen.append
+        q.start_reader()
+        results = []
+
+        def worker():
+            results.append(q.execute("query-status")["status"])
+
+        ts = [threading.Thread(target=worker) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert len(results) == 4
+        q.execute("cont")
+        assert q.wait_event("RESUME", timeout=5)
+        q.execute("stop")
+        assert q.wait_event("STOP", timeout=5)
+        assert any(e["event"] == "STOP" for e in seen)
+
+
+# -- fake peers: a silent socket, garbage, a peer that hangs up -----------------
+def _server(tmp_path, behaviour):
+    path = str(tmp_path / "fake.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    conns = []
+
+    def run():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)
+            behaviour(c)
+
+    threading.Thread(target=run, daemon=True).start()
+    return path, srv, conns
+
+
+def test_silent_peer_is_busy(tmp_path):
+    path, srv, _ = _server(tmp_path, lambda c: None)
+    try:
+        with pytest.raises(MonitorBusy):
+            QMPClient.connect(LocalTransport(), path, greeting_timeout=0.2)
+    finally:
+        srv.close()
+
+
+def test_garbage_peer(tmp_path):
+    path, srv, _ = _server(tmp_path, lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"))
+    try:
+        with pytest.raises(ProtocolError):
+            QMPClient.connect(LocalTransport(), path)
+    finally:
+        srv.close()
+
+
+def test_peer_hangs_up_after_greeting(tmp_path):
+    def greet_and_close(c):
+        c.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
+        c.recv(1000)
+        c.close()
+
+    path, srv, _ = _server(tmp_path, greet_and_close)
+    try:
+        with pytest.raises(MonitorClosed):
+            QMPClient.connect(LocalTransport(), path)
+    finally:
+        srv.close()
+
+
+def test_reply_timeout(tmp_path):
+    def greet_then_mute(c):
+        c.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
+
+    path, srv, _ = _server(tmp_path, greet_then_mute)
+    try:
+        with pytest.raises(TimeoutExpired) as ei:
+            QMPClient.connect(LocalTransport(), path, timeout=0.3)
+        assert ei.value.exit_code == 6
+    finally:
+        srv.close()
+
+
+def test_event_before_reply_fake(tmp_path):
+    """An event written before the reply of the command that caused it is kept."""
+    import json
+
+    def peer(c):
+        c.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
+        buf = b""
+        while True:
+            data = c.recv(4096)
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                req = json.loads(line)
+                if req["execute"] == "dump-guest-memory":
+                    c.sendall(b'{"event": "DUMP_COMPLETED", "data": {"result": {"status": "completed"}}, '
+                              b'"timestamp": {"seconds": 1, "microseconds": 2}}\r\n')
+                c.sendall(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\r\n")
+
+    path, srv, _ = _server(tmp_path, peer)
+    try:
+        with QMPClient.connect(LocalTransport(), path) as q:
+            assert q.execute("dump-guest-memory", {"paging": False, "protocol": "file:/x"}) == {}
+            ev = q.wait_event("DUMP_COMPLETED", timeout=0.1)
+            assert ev["data"]["result"]["status"] == "completed"
+    finally:
+        srv.close()
+
+
+def test_missing_socket():
+    with pytest.raises(UnreachableError):
+        QMPClient.connect(LocalTransport(), "/nonexistent/qmp.sock")
