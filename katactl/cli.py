@@ -84,12 +84,12 @@ def root(
                                              help="Act on NODE over SSH (repeatable; a,b,c; @group)."),
     nodes_from: Optional[str] = typer.Option(None, "--nodes-from", metavar="FILE",
                                              help="Read node names from FILE ('-' = stdin)."),
-    selector: Optional[str] = typer.Option(None, "-l", "--selector", help="Kubernetes node label selector."),
+    selector: Optional[str] = typer.Option(None, "-l", "--selector", metavar="SELECTOR", help="Kubernetes node label selector."),
     host_root: Optional[str] = typer.Option(None, "--host-root", metavar="DIR",
                                             help="The node's root filesystem is mounted at DIR."),
-    context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context."),
+    context: Optional[str] = typer.Option(None, "--context", metavar="NAME", help="kubeconfig context."),
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", metavar="FILE", help="kubeconfig file."),
-    namespace: Optional[str] = typer.Option(None, "-n", "--namespace", help="Kubernetes namespace."),
+    namespace: Optional[str] = typer.Option(None, "-n", "--namespace", metavar="NAMESPACE", help="Kubernetes namespace."),
     ssh_user: Optional[str] = typer.Option(None, "--ssh-user", metavar="USER", help="SSH user."),
     ssh_config: Optional[str] = typer.Option(None, "--ssh-config", metavar="FILE", help="OpenSSH config file."),
     identity: Optional[str] = typer.Option(None, "-i", "--identity", metavar="FILE", help="SSH private key."),
@@ -98,7 +98,7 @@ def root(
     timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
                                           help="Per-node connect/call timeout (e.g. 30s)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", metavar="N", help="Nodes worked on at once."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Config profile to use."),
+    profile: Optional[str] = typer.Option(None, "--profile", metavar="NAME", help="Config profile to use."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="More detail; tracebacks on errors."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only data and errors."),
     no_color: bool = typer.Option(False, "--no-color", help="No colour (also NO_COLOR=1)."),
@@ -113,7 +113,7 @@ def root(
         host_root=host_root, context=context, kubeconfig=kubeconfig, namespace=namespace,
         ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, ssh_accept_new=ssh_accept_new,
         timeout=timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
-    ).items() if v not in (None, (), False, 0)}
+    ).items() if v is not None and v is not False and v != () and not (k == "verbose" and v == 0)}
     settings = config.resolve(flags, profile=profile)
     if settings.output is not None and settings.output not in FORMATS:
         raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     completing = any(k.startswith("_KATACTL_COMPLETE") for k in os.environ)
     command = typer.main.get_command(app)
     if completing:
+        # Each TAB press runs us again: keep this path as light as --help.
+        from typer._completion_classes import completion_init
+
+        completion_init()
         command.main(args=args, prog_name="katactl")
         return
     json_errors = _wants_json(args)

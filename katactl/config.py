@@ -162,7 +162,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
     sources: dict[str, str] = {}
     for name, s in SETTINGS.items():
         env = "KATACTL_" + name.upper()
-        if name in flags and flags[name] not in (None, (), False) or (name in flags and name == "verbose" and flags[name]):
+        if name in flags:
             values[name], sources[name] = _coerce(name, flags[name], "flag"), "flag"
         elif env in environ:
             values[name], sources[name] = _coerce(name, environ[env], env), f"env {env}"

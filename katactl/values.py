@@ -13,7 +13,7 @@ from katactl.errors import UsageError
 _BINARY = {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40, "pi": 1 << 50, "ei": 1 << 60}
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15, "e": 10**18}
 # Plain-unit aliases people type in runbooks ("512M", "2G", "1GB", "1GiB", "512MB").
-_SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$", re.ASCII)
 MAX_SIZE = 1 << 62
 
 SIZE_HELP = "a size such as 512Mi, 2G, 1.5Gi or 1073741824 (bytes)"
@@ -84,7 +84,7 @@ def format_size(n: int | float | None, *, precision: int = 1) -> str:
     return f"{sign}{a}B"
 
 
-_CPU_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_CPU_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$", re.ASCII)
 MAX_CPU = 8191
 
 
@@ -125,7 +125,7 @@ def format_cpulist(cpus) -> str:
     return ",".join(out)
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.ASCII)
 DURATION_HELP = "a duration such as 30s, 5m, 1h30m or 250ms (a bare number means seconds)"
 
 

@@ -1,0 +1,162 @@
+"""Start-up, exit-code, output and configuration contracts (design.md)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from katactl.cli import REGISTRY, hoist_global_options
+
+HEAVY = ("kubernetes", "paramiko", "httpx")
+ANSI = re.compile(r"\x1b\[")
+
+
+def _modules_after(argv, env_extra=None):
+    code = (
+        "import sys, io, contextlib\n"
+        f"sys.argv = ['katactl'] + {argv!r}\n"
+        "from katactl.cli import main\n"
+        "buf = io.StringIO()\n"
+        "try:\n"
+        "    with contextlib.redirect_stdout(buf): main()\n"
+        "except SystemExit: pass\n"
+        "print(','.join(m for m in sys.modules if m.split('.')[0] in ('kubernetes','paramiko','httpx')), file=sys.stderr)\n"
+    )
+    env = dict(os.environ, **(env_extra or {}))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[n, "--help"] for n in REGISTRY])
+def test_help_imports_no_heavy_module(argv):
+    assert _modules_after(argv) == ""
+
+
+def test_completion_imports_no_heavy_module():
+    env = {"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": "katactl sa", "COMP_CWORD": "1"}
+    assert _modules_after([], env) == ""
+    for name in REGISTRY:
+        env = {"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": f"katactl {name} ", "COMP_CWORD": "2"}
+        assert _modules_after([], env) == "", name
+
+
+@pytest.mark.parametrize("args,code", [
+    (["no-such"], 2), (["--no-such-flag"], 2), (["version", "--bogus"], 2), (["-o", "xml", "version"], 2),
+    (["--timeout", "abc", "version"], 2), (["--parallel", "0", "version"], 2), (["--parallel", "x", "version"], 2),
+    (["-N", "bad;name", "version"], 2), (["-N", "$(reboot)", "version"], 2), (["--profile", "nope", "version"], 2),
+])
+def test_usage_errors_exit_2_in_one_line(katactl_bin, args, code):
+    r = katactl_bin(args)
+    assert r.exit_code == code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.strip()]) == 1, r.stderr
+
+
+def test_json_error_object_on_stdout(cli):
+    r = cli(["-o", "json", "--timeout", "nope", "version"])
+    assert r.exit_code == 2
+    d = json.loads(r.stdout)
+    assert d["kind"] == "Error" and d["exitCode"] == 2 and d["apiVersion"] == "katactl/v1"
+
+
+def test_global_options_after_subcommand(cli):
+    r = cli(["version", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["kind"] == "Version"
+    r = cli(["config", "view", "--timeout", "5m", "-o", "json"])
+    timeout = [s for s in r.json()["settings"] if s["name"] == "timeout"][0]
+    assert timeout == {"name": "timeout", "value": 300.0, "source": "flag"}
+
+
+def test_hoist_keeps_leaf_options_and_positionals():
+    assert hoist_global_options(["version", "-o", "json"]) == ["-o", "json", "version"]
+    assert hoist_global_options(["-q", "config", "view", "-v"]) == ["-q", "-v", "config", "view"]
+    assert hoist_global_options(["config", "view", "--", "-o"]) == ["config", "view", "--", "-o"]
+
+
+def test_piped_output_has_no_ansi_and_no_wrapping(katactl_bin):
+    r = katactl_bin(["config", "view"], env={"COLUMNS": "20", "TERM": "xterm-256color"})
+    assert r.exit_code == 0
+    assert not ANSI.search(r.stdout)
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["SETTING", "VALUE", "SOURCE"]
+    # one record per line, whatever the width: every setting on exactly one line
+    from katactl.config import SETTINGS
+    assert len(lines) == 1 + len(SETTINGS)
+
+
+def test_config_precedence(cli, tmp_path, monkeypatch, _isolated_home):
+    cfg = _isolated_home / "config" / "katactl"
+    cfg.mkdir(parents=True)
+    (cfg / "config.toml").write_text(
+        'timeout = "40s"\nparallel = 8\nssh_user = "top"\nprofile = "prod"\n'
+        '[node_groups]\nall = ["a", "b"]\n'
+        '[profiles.prod]\nssh_user = "sre"\n[profiles.prod.node_groups]\nbatch = ["n1", "n2"]\n')
+    monkeypatch.setenv("KATACTL_PARALLEL", "4")
+    r = cli(["config", "view", "--timeout", "1m", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    s = {x["name"]: x for x in d["settings"]}
+    assert s["timeout"]["value"] == 60 and s["timeout"]["source"] == "flag"
+    assert s["parallel"]["value"] == 4 and s["parallel"]["source"] == "env KATACTL_PARALLEL"
+    assert s["ssh_user"]["value"] == "sre" and "profiles.prod" in s["ssh_user"]["source"]
+    assert s["host_root"]["source"] == "default"
+    assert d["profile"] == "prod" and d["nodeGroups"] == {"all": ["a", "b"], "batch": ["n1", "n2"]}
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("timeout = [1]", "timeout"), ("bogus = 1", "bogus"), ("this is not toml", "invalid TOML"),
+    ("profile = 'x'\n[profiles.x]\nwat = 1", "wat"), ("parallel = -3", "parallel"),
+    ("[node_groups]\ng = 'a'", "node group"),
+])
+def test_bad_config_file_is_usage_error(cli, _isolated_home, content, needle):
+    cfg = _isolated_home / "config" / "katactl"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text(content)
+    r = cli(["config", "view"])
+    assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_node_group_selection(_isolated_home):
+    from katactl import config, fleet
+    from katactl.errors import UsageError
+
+    cfg = _isolated_home / "config" / "katactl"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text('[node_groups]\nbatch = ["n1", "n2"]\n')
+    s = config.resolve({"nodes": ("@batch,n3", "n1")})
+    assert fleet.select_nodes(s) == ["n1", "n2", "n3"]
+    with pytest.raises(UsageError):
+        fleet.select_nodes(config.resolve({"nodes": ("@nope",)}))
+
+
+def test_nodes_from_file(tmp_path, _isolated_home):
+    from katactl import config, fleet
+
+    f = tmp_path / "nodes"
+    f.write_text("# fleet\nn1\n\nn2  # comment\n")
+    assert fleet.select_nodes(config.resolve({"nodes_from": str(f)})) == ["n1", "n2"]
+
+
+def test_unexpected_exception_is_one_line(cli, monkeypatch):
+    import katactl.versions as v
+
+    monkeypatch.setattr(v, "client_versions", lambda: 1 / 0)
+    r = cli(["version"])
+    assert r.exit_code == 1
+    assert "re-run with -v" in r.stderr and "Traceback" not in r.stderr
+    r = cli(["-v", "version"])
+    assert "Traceback" in r.stderr
+
+
+def test_audit_log_appends_json_lines(_isolated_home):
+    from katactl import audit
+
+    audit.record("balloon.set", "sb1", params={"target": 1}, changed=True)
+    audit.record("balloon.set", "sb1", params={"target": 1}, changed=False)
+    lines = (_isolated_home / "state" / "katactl" / "audit.log").read_text().splitlines()
+    entries = [json.loads(l) for l in lines]
+    assert [e["changed"] for e in entries] == [True, False]
+    assert {"time", "user", "host", "command", "target", "action", "result"} <= set(entries[0])
+    assert oct((_isolated_home / "state" / "katactl" / "audit.log").stat().st_mode & 0o777) == "0o600"

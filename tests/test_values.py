@@ -1,0 +1,56 @@
+import pytest
+
+from katactl.errors import UsageError
+from katactl.values import (format_cpulist, format_size, parse_cpulist, parse_duration,
+                            parse_size)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("512Mi", 512 << 20), ("2G", 2 << 30), ("1.5Gi", 3 << 29), ("1073741824", 1 << 30),
+    ("256M", 256 << 20), ("1GiB", 1 << 30), ("1GB", 10**9), ("4k", 4000), ("4Ki", 4096),
+    (" 64Mi ", 64 << 20), ("1Ti", 1 << 40), ("100B", 100),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "0", "-1G", "10Zi", "abc", "1.5", "Mi", "1 G i", "1e9", "nan",
+                                 "inf", "0x10", "5 MiB extra", "99999999999Ei", "1,5G", "\x00", "１G"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(UsageError) as e:
+        parse_size(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_zero_allowed_when_asked():
+    assert parse_size("0", allow_zero=True) == 0
+
+
+@pytest.mark.parametrize("n,text", [(512 << 20, "512Mi"), (3 << 29, "1.5Gi"), (100, "100B"), (None, "-")])
+def test_format_size(n, text):
+    assert format_size(n) == text
+
+
+@pytest.mark.parametrize("text,expected", [("0-3,8,10-11", [0, 1, 2, 3, 8, 10, 11]), ("5", [5]),
+                                           ("", []), ("3,1,1-2", [1, 2, 3])])
+def test_parse_cpulist(text, expected):
+    assert parse_cpulist(text) == expected
+    assert parse_cpulist(format_cpulist(expected)) == expected
+
+
+@pytest.mark.parametrize("bad", ["a", "1-", "-1", "3-1", "1,,2", "1-2-3", "99999", "0x1", "1 2"])
+def test_parse_cpulist_rejects(bad):
+    with pytest.raises(UsageError):
+        parse_cpulist(bad)
+
+
+@pytest.mark.parametrize("text,expected", [("30s", 30), ("5m", 300), ("1h30m", 5400), ("250ms", 0.25),
+                                           ("10", 10), ("1.5", 1.5), ("1d", 86400)])
+def test_parse_duration(text, expected):
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bad", ["", "0", "-5s", "5x", "s", "1h-3m", "m5", "nan", "inf", "400d", "5 m"])
+def test_parse_duration_rejects(bad):
+    with pytest.raises(UsageError):
+        parse_duration(bad)
