@@ -213,7 +213,9 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
     pid_file = None
     extra_mon = None
     if hv == "fc":
-        vm_dir = f"/run/vc/firecracker/{sandbox_id}"
+        # the jail folder is the basename of the hypervisor binary
+        hv_bin = os.path.basename(hypervisor_path or DEFAULT_HYPERVISOR_PATHS["fc"]) or "firecracker"
+        vm_dir = f"/run/vc/{hv_bin}/{sandbox_id}"
         default_api = f"{vm_dir}/root/run/firecracker.socket"
         pid_file = f"{vm_dir}/root/firecracker.pid"
     elif hv == "clh":

@@ -1,0 +1,547 @@
+"""Sandbox discovery, pod mapping and target resolution on one node.
+
+Everything goes through a NodeTransport with node paths, so ``--host-root``
+and SSH work unchanged. Discovery reads only the runtime state files
+(Go ``/run/vc/sbs/<id>/persist.json``, runtime-rs ``/run/kata/<id>/state.json``)
+and the sandbox's OCI bundle ``config.json`` (containerd or CRI-O); it never
+starts a process per sandbox. Liveness is cheap: ``/proc/<pid>`` on the node
+plus a connect() to the shim management socket.
+
+A sandbox whose state file is missing, truncated or not JSON is still listed,
+with ``state: unknown`` and the reason; it never hides the others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+import time
+from typing import Any
+
+from katactl.errors import Ambiguous, NotFound, UsageError, UnreachableError, TimeoutExpired
+
+GO_SBS = "/run/vc/sbs"
+GO_VM = "/run/vc/vm"
+RS_DIR = "/run/kata"
+CONTAINERD_TASK_DIR = "/run/containerd/io.containerd.runtime.v2.task"
+CRIO_DIR = "/run/containers/storage/overlay-containers"
+SHIM_SOCKET_NAME = "shim-monitor.sock"
+STATE_LIMIT = 16 << 20  # a persist.json is a few KiB; refuse to slurp anything absurd
+
+# Kata's VerifyContainerID: ^[a-zA-Z0-9][a-zA-Z0-9_.-]+$ (we also accept 1-char prefixes)
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NS_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_POD_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+_HV_NAMES = {"qemu": "qemu", "clh": "clh", "cloud_hypervisor": "clh", "cloud-hypervisor": "clh",
+             "ch": "clh", "firecracker": "fc", "fc": "fc", "dragonball": "dragonball"}
+
+
+@dataclasses.dataclass
+class Sandbox:
+    id: str
+    runtime: str                       # "go" | "rs"
+    state_file: str                    # node path of persist.json / state.json
+    hypervisor: str | None = None      # qemu | clh | fc | dragonball | other raw type | None
+    hypervisor_pid: int | None = None
+    api_socket: str | None = None      # node path: qmp.sock / clh-api.sock / firecracker.socket
+    shim_socket: str | None = None     # node path of shim-monitor.sock
+    extra_monitor_socket: str | None = None
+    vcpus: float | None = None
+    max_vcpus: int | None = None
+    memory_mib: int | None = None
+    hotplugged_memory_mib: int = 0
+    kernel: str | None = None
+    image: str | None = None
+    initrd: str | None = None
+    hypervisor_path: str | None = None
+    sandbox_cgroup_path: str | None = None
+    overhead_cgroup_path: str | None = None
+    sandbox_cgroup_only: bool | None = None
+    runtime_state: str | None = None   # the runtime's own State field (Go: ready/running/paused)
+    agent_url: str | None = None
+    guest_memory_dump_path: str | None = None
+    virtio_mem: bool | None = None
+    reclaim_guest_freed_memory: bool | None = None
+    enable_pprof: bool | None = None
+    state: str = "unknown"             # running | stale | unknown
+    reason: str | None = None
+    created: float | None = None       # epoch seconds (bundle config.json mtime, else state file)
+    pod: dict | None = None            # {name, namespace, uid}
+    bundle: str | None = None          # node path of the OCI bundle dir
+    cri: str | None = None             # containerd | crio
+    #: the parsed state file (Go persist.json / RS state.json), for other modules
+    raw: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    annotations: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def total_memory_mib(self) -> int | None:
+        if self.memory_mib is None:
+            return None
+        return self.memory_mib + (self.hotplugged_memory_mib or 0)
+
+    @property
+    def age(self) -> float | None:
+        return None if self.created is None else max(0.0, time.time() - self.created)
+
+    @property
+    def pod_ref(self) -> str | None:
+        if not self.pod or not self.pod.get("name"):
+            return None
+        return f"{self.pod.get('namespace') or '-'}/{self.pod['name']}"
+
+    def to_dict(self) -> dict:
+        """The stable JSON shape (``katactl sandbox list -o json`` items)."""
+        from katactl.values import format_duration
+
+        return {
+            "id": self.id,
+            "runtime": self.runtime,
+            "state": self.state,
+            "reason": self.reason,
+            "pod": self.pod,
+            "hypervisor": self.hypervisor,
+            "hypervisorPid": self.hypervisor_pid,
+            "vcpus": self.vcpus,
+            "maxVcpus": self.max_vcpus,
+            "memoryMiB": self.memory_mib,
+            "hotpluggedMemoryMiB": self.hotplugged_memory_mib,
+            "totalMemoryMiB": self.total_memory_mib,
+            "kernel": self.kernel,
+            "image": self.image,
+            "initrd": self.initrd,
+            "hypervisorPath": self.hypervisor_path,
+            "cgroup": {"sandbox": self.sandbox_cgroup_path, "overhead": self.overhead_cgroup_path,
+                       "sandboxCgroupOnly": self.sandbox_cgroup_only},
+            "sockets": {"shim": self.shim_socket, "api": self.api_socket,
+                        "extraMonitor": self.extra_monitor_socket},
+            "agentURL": self.agent_url,
+            "runtimeState": self.runtime_state,
+            "guestMemoryDumpPath": self.guest_memory_dump_path,
+            "created": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+                        if self.created is not None else None),
+            "age": format_duration(self.age) if self.age is not None else None,
+            "ageSeconds": int(self.age) if self.age is not None else None,
+            "bundle": self.bundle,
+            "cri": self.cri,
+            "stateFile": self.state_file,
+        }
+
+
+# -- validation ---------------------------------------------------------------
+def validate_id(ref: str, what: str = "sandbox id") -> str:
+    """A sandbox id (or id prefix): refuse '/', '..', NUL, control chars, empty."""
+    if not isinstance(ref, str) or ref == "":
+        raise UsageError(f"empty {what}")
+    if "\0" in ref:
+        raise UsageError(f"invalid {what}: contains a NUL byte")
+    if ".." in ref:
+        raise UsageError(f"invalid {what} {ref!r}: contains '..'")
+    if "/" in ref:
+        raise UsageError(f"invalid {what} {ref!r}: contains '/'")
+    if len(ref) > 253 or not _ID_RE.match(ref):
+        raise UsageError(f"invalid {what} {ref!r}: expected letters, digits, '_', '.', '-' "
+                         "(starting with a letter or digit)")
+    return ref
+
+
+def parse_ref(ref: str) -> tuple[str, str | tuple[str, str]]:
+    """('id', prefix) or ('pod', (namespace, name)) for a SANDBOX argument."""
+    if not isinstance(ref, str) or ref == "":
+        raise UsageError("empty sandbox reference")
+    if "\0" in ref:
+        raise UsageError("invalid sandbox reference: contains a NUL byte")
+    if "/" not in ref:
+        return "id", validate_id(ref)
+    parts = ref.split("/")
+    if len(parts) == 3 and parts[0] in ("pod", "pods"):
+        parts = parts[1:]
+    if len(parts) != 2 or ".." in ref:
+        raise UsageError(f"invalid sandbox reference {ref!r}: expected an id, an id prefix, "
+                         "NAMESPACE/POD or pod/NAMESPACE/NAME")
+    ns, name = parts
+    if not _NS_RE.match(ns) or len(ns) > 63:
+        raise UsageError(f"invalid namespace {ns!r} in {ref!r}")
+    if not _POD_RE.match(name) or len(name) > 253:
+        raise UsageError(f"invalid pod name {name!r} in {ref!r}")
+    return "pod", (ns, name)
+
+
+# -- reading ------------------------------------------------------------------
+def _listdir(transport, path: str) -> list[str]:
+    try:
+        return transport.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _load_json(transport, path: str) -> tuple[dict | None, str | None]:
+    """(object, None) or (None, reason)."""
+    try:
+        data = transport.read_bytes(path, limit=STATE_LIMIT + 1)
+    except FileNotFoundError:
+        return None, f"{posixpath.basename(path)} is missing"
+    except PermissionError:
+        return None, f"{path}: permission denied"
+    except IsADirectoryError:
+        return None, f"{path} is a directory"
+    except OSError as e:
+        return None, f"{path}: {e.strerror or e}"
+    if len(data) > STATE_LIMIT:
+        return None, f"{posixpath.basename(path)} is larger than {STATE_LIMIT >> 20} MiB"
+    if not data.strip():
+        return None, f"{posixpath.basename(path)} is empty"
+    try:
+        obj = json.loads(data.decode("utf-8", errors="replace"))
+    except ValueError as e:
+        return None, f"{posixpath.basename(path)} is not valid JSON ({_short_json_error(e)})"
+    if not isinstance(obj, dict):
+        return None, f"{posixpath.basename(path)} is not a JSON object"
+    return obj, None
+
+
+def _short_json_error(e: ValueError) -> str:
+    msg = str(e)
+    if "Expecting" in msg or "Unterminated" in msg:
+        return "truncated or malformed: " + msg.split(":")[0]
+    return msg[:80]
+
+
+def _d(obj: Any, *keys, default=None):
+    cur = obj
+    for k in keys:
+        if not isinstance(cur, dict):
+            return default
+        cur = cur.get(k)
+    return default if cur is None else cur
+
+
+def _int(v) -> int | None:
+    try:
+        return int(v) if v is not None and not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(v) -> float | None:
+    try:
+        return float(v) if v is not None and not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _str(v) -> str | None:
+    return v if isinstance(v, str) and v != "" else None
+
+
+def _hv_name(t) -> str | None:
+    if not isinstance(t, str) or not t:
+        return None
+    return _HV_NAMES.get(t.lower(), t.lower())
+
+
+def _fill_go(sb: Sandbox, p: dict) -> None:
+    hs = _d(p, "HypervisorState", default={})
+    cfg = _d(p, "Config", default={})
+    hc = _d(cfg, "HypervisorConfig", default={})
+    sb.raw = p
+    sb.runtime_state = _str(_d(p, "State")) if not isinstance(_d(p, "State"), dict) \
+        else _str(_d(p, "State", "State"))
+    sb.hypervisor = _hv_name(_d(hs, "Type")) or _hv_name(_d(cfg, "HypervisorType"))
+    pid = _int(_d(hs, "Pid"))
+    sb.hypervisor_pid = pid if pid and pid > 0 else None
+    sb.hotplugged_memory_mib = _int(_d(hs, "HotpluggedMemory")) or 0
+    vcpus = _float(_d(hc, "NumVCPUsF"))
+    if vcpus is None:
+        vcpus = _float(_d(hc, "NumVCPUs"))
+    sb.vcpus = vcpus
+    sb.max_vcpus = _int(_d(hc, "DefaultMaxVCPUs"))
+    sb.memory_mib = _int(_d(hc, "MemorySize"))
+    sb.kernel = _str(_d(hc, "KernelPath"))
+    sb.image = _str(_d(hc, "ImagePath"))
+    sb.initrd = _str(_d(hc, "InitrdPath"))
+    sb.hypervisor_path = _str(_d(hc, "HypervisorPath"))
+    sb.guest_memory_dump_path = _str(_d(hc, "GuestMemoryDumpPath"))
+    sb.virtio_mem = _d(hc, "VirtioMem")
+    sb.reclaim_guest_freed_memory = _d(hc, "ReclaimGuestFreedMemory")
+    sb.sandbox_cgroup_path = _str(_d(p, "SandboxCgroupPath"))
+    sb.overhead_cgroup_path = _str(_d(p, "OverheadCgroupPath"))
+    sco = _d(cfg, "SandboxCgroupOnly")
+    sb.sandbox_cgroup_only = bool(sco) if sco is not None else None
+    sb.agent_url = _str(_d(p, "AgentState", "URL"))
+    ep = _d(cfg, "EnablePprof")
+    sb.enable_pprof = bool(ep) if ep is not None else None
+    api = _str(_d(hs, "APISocket"))
+    if api is None:
+        vm = f"{GO_VM}/{sb.id}"
+        if sb.hypervisor == "qemu":
+            api = f"{vm}/qmp.sock"
+        elif sb.hypervisor == "clh":
+            api = f"{vm}/clh-api.sock"
+        elif sb.hypervisor == "fc":
+            hv_bin = posixpath.basename(sb.hypervisor_path or "") or "firecracker"
+            api = f"/run/vc/{hv_bin}/{sb.id}/root/run/firecracker.socket"
+    sb.api_socket = api
+
+
+def _fill_rs(sb: Sandbox, s: dict) -> None:
+    hv = _d(s, "hypervisor", default={})
+    cfg = _d(hv, "config", default={})
+    sb.raw = s
+    sb.runtime_state = None
+    sb.hypervisor = _hv_name(_d(hv, "hypervisor_type"))
+    pid = _int(_d(hv, "pid"))
+    sb.hypervisor_pid = pid if pid and pid > 0 else None
+    sb.vcpus = _float(_d(cfg, "cpu_info", "default_vcpus"))
+    sb.max_vcpus = _int(_d(cfg, "cpu_info", "default_maxvcpus"))
+    sb.memory_mib = _int(_d(cfg, "memory_info", "default_memory"))
+    sb.virtio_mem = _d(cfg, "memory_info", "enable_virtio_mem")
+    sb.reclaim_guest_freed_memory = _d(cfg, "memory_info", "reclaim_guest_freed_memory")
+    sb.kernel = _str(_d(cfg, "boot_info", "kernel"))
+    sb.image = _str(_d(cfg, "boot_info", "image"))
+    sb.initrd = _str(_d(cfg, "boot_info", "initrd"))
+    sb.hypervisor_path = _str(_d(cfg, "path"))
+    cg = _d(s, "resource", "cgroup_state", default={})
+    sb.sandbox_cgroup_path = _str(_d(cg, "path"))
+    sb.overhead_cgroup_path = _str(_d(cg, "overhead_path"))
+    sco = _d(cg, "sandbox_cgroup_only")
+    sb.sandbox_cgroup_only = bool(sco) if sco is not None else None
+    api = _str(_d(hv, "api_socket"))
+    if api is None:
+        d = f"{RS_DIR}/{sb.id}"
+        if sb.hypervisor == "clh":
+            api = f"{d}/ch-api.sock"
+        elif sb.hypervisor == "fc":
+            api = f"{d}/fc.sock"
+        elif sb.hypervisor == "qemu" and sb.bundle:
+            api = f"{sb.bundle}/qmp.sock"  # created relative to the shim's cwd (the bundle)
+    sb.api_socket = api
+
+
+def _pod_from_annotations(ann: dict) -> tuple[dict | None, str | None]:
+    if not isinstance(ann, dict):
+        return None, None
+    if "io.kubernetes.cri.sandbox-name" in ann or "io.kubernetes.cri.container-type" in ann:
+        return {"name": _str(ann.get("io.kubernetes.cri.sandbox-name")),
+                "namespace": _str(ann.get("io.kubernetes.cri.sandbox-namespace")),
+                "uid": _str(ann.get("io.kubernetes.cri.sandbox-uid"))}, "containerd"
+    if "io.kubernetes.cri-o.KubeName" in ann or "io.kubernetes.cri-o.ContainerType" in ann:
+        return {"name": _str(ann.get("io.kubernetes.cri-o.KubeName"))
+                or _str(ann.get("io.kubernetes.pod.name")),
+                "namespace": _str(ann.get("io.kubernetes.cri-o.Namespace"))
+                or _str(ann.get("io.kubernetes.pod.namespace")),
+                "uid": _str(ann.get("io.kubernetes.pod.uid"))}, "crio"
+    return None, None
+
+
+class _BundleIndex:
+    """sandbox id -> bundle node path, built with a few listdir() calls."""
+
+    def __init__(self, transport):
+        self.t = transport
+        self._map: dict[str, str] | None = None
+
+    def _build(self) -> dict[str, str]:
+        m: dict[str, str] = {}
+        for cid in _listdir(self.t, CRIO_DIR):
+            m.setdefault(cid, f"{CRIO_DIR}/{cid}/userdata")
+        nss = _listdir(self.t, CONTAINERD_TASK_DIR)
+        # k8s.io wins over other containerd namespaces
+        for ns in sorted(nss, key=lambda n: n != "k8s.io", reverse=True):
+            for cid in _listdir(self.t, f"{CONTAINERD_TASK_DIR}/{ns}"):
+                m[cid] = f"{CONTAINERD_TASK_DIR}/{ns}/{cid}"
+        return m
+
+    def get(self, sid: str, quick: bool = False) -> str | None:
+        if self._map is None and quick:
+            cand = [f"{CONTAINERD_TASK_DIR}/k8s.io/{sid}", f"{CRIO_DIR}/{sid}/userdata"]
+            for c in cand:
+                if self.t.exists(c + "/config.json"):
+                    return c
+        if self._map is None:
+            self._map = self._build()
+        return self._map.get(sid)
+
+
+def _load_one(transport, sid: str, runtime: str, bundles: _BundleIndex, quick: bool = False) -> Sandbox:
+    base = GO_SBS if runtime == "go" else RS_DIR
+    state_file = f"{base}/{sid}/{'persist.json' if runtime == 'go' else 'state.json'}"
+    sb = Sandbox(id=sid, runtime=runtime, state_file=state_file,
+                 shim_socket=f"{base}/{sid}/{SHIM_SOCKET_NAME}")
+    sb.bundle = bundles.get(sid, quick=quick)
+    created = None
+    if sb.bundle:
+        try:
+            data = transport.read_bytes(f"{sb.bundle}/config.json", limit=STATE_LIMIT)
+            spec = json.loads(data.decode("utf-8", errors="replace"))
+            ann = spec.get("annotations") if isinstance(spec, dict) else None
+            sb.annotations = ann if isinstance(ann, dict) else {}
+            sb.pod, sb.cri = _pod_from_annotations(sb.annotations)
+            if sb.annotations.get("io.katacontainers.config.runtime.enable_pprof") == "true":
+                sb.enable_pprof = True
+        except (OSError, ValueError):
+            pass  # no pod mapping; the sandbox itself is still listed
+        try:
+            created = transport.stat(f"{sb.bundle}/config.json").mtime
+        except OSError:
+            created = None
+    obj, reason = _load_json(transport, state_file)
+    if obj is None:
+        sb.state, sb.reason = "unknown", reason
+    else:
+        try:
+            (_fill_go if runtime == "go" else _fill_rs)(sb, obj)
+        except Exception as e:  # a schema we do not know must not hide the sandbox
+            sb.state, sb.reason = "unknown", f"unexpected {posixpath.basename(state_file)} shape: {e}"
+            obj = None
+    if sb.enable_pprof is None and sb.annotations is not None:
+        sb.enable_pprof = False
+    if created is None:
+        try:
+            created = transport.stat(f"{base}/{sid}").mtime
+        except OSError:
+            created = None
+    sb.created = created
+    if runtime == "go" and sb.hypervisor == "qemu":
+        em = f"{GO_VM}/{sid}/extra-monitor.sock"
+        if transport.exists(em):
+            sb.extra_monitor_socket = em
+    return sb
+
+
+# -- liveness -----------------------------------------------------------------
+def pid_alive(transport, pid: int | None) -> bool | None:
+    """True/False from /proc/<pid> on the node; None when the node's /proc is not visible."""
+    if not pid:
+        return None
+    if transport.exists(f"/proc/{pid}"):
+        return True
+    if not transport.is_dir("/proc/self") and not transport.is_dir("/proc/1"):
+        return None  # e.g. a --host-root snapshot without /proc
+    return False
+
+
+def socket_answers(transport, path: str | None, timeout: float = 0.5) -> tuple[bool, str | None]:
+    if not path:
+        return False, "no shim socket"
+    try:
+        s = transport.connect_unix(path, timeout)
+    except (UnreachableError, TimeoutExpired) as e:
+        msg = e.message
+        if "does not exist" in msg:
+            return False, "shim socket does not exist"
+        if "nobody is listening" in msg:
+            return False, "nobody is listening on the shim socket"
+        return False, msg
+    except OSError as e:
+        return False, f"shim socket: {e.strerror or e}"
+    try:
+        s.close()
+    except OSError:
+        pass
+    return True, None
+
+
+def liveness(transport, sb: Sandbox, timeout: float = 0.5) -> Sandbox:
+    """Set sb.state/reason: running (pid lives, socket answers), stale, or unknown."""
+    if sb.raw is None:
+        return sb  # unreadable state file: stays unknown with its reason
+    alive = pid_alive(transport, sb.hypervisor_pid)
+    if alive is False:
+        sb.state, sb.reason = "stale", f"hypervisor pid {sb.hypervisor_pid} is not running"
+        return sb
+    ok, why = socket_answers(transport, sb.shim_socket, timeout)
+    if ok:
+        sb.state, sb.reason = "running", None
+        if alive is None and sb.hypervisor_pid:
+            sb.reason = "pid not checked: the node's /proc is not visible"
+        return sb
+    sb.state, sb.reason = "stale", why
+    return sb
+
+
+# -- discovery ----------------------------------------------------------------
+def _candidates(transport) -> list[tuple[str, str]]:
+    """(id, runtime) pairs; Go first, then runtime-rs (as the Go client looks)."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for base, rt in ((GO_SBS, "go"), (RS_DIR, "rs")):
+        for name in _listdir(transport, base):
+            if name in seen or not _ID_RE.match(name) or ".." in name:
+                continue
+            if not transport.is_dir(f"{base}/{name}"):
+                continue
+            seen.add(name)
+            out.append((name, rt))
+    return out
+
+
+def discover(transport, *, check: bool = True, timeout: float = 0.5) -> list[Sandbox]:
+    """Every sandbox on the node, sorted by pod then id; ``check`` runs the liveness check."""
+    bundles = _BundleIndex(transport)
+    cands = _candidates(transport)
+    sbs = [_load_one(transport, sid, rt, bundles) for sid, rt in cands]
+    if check:
+        _check_all(transport, sbs, timeout)
+    sbs.sort(key=lambda s: (s.pod_ref or "~", s.id))
+    return sbs
+
+
+def _check_all(transport, sbs: list[Sandbox], timeout: float) -> None:
+    if len(sbs) > 8 and getattr(transport, "node", "localhost") != "localhost":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as ex:
+            list(ex.map(lambda s: liveness(transport, s, timeout), sbs))
+    else:
+        for s in sbs:
+            liveness(transport, s, timeout)
+
+
+def resolve(transport, ref: str, *, check: bool = True, timeout: float = 0.5) -> Sandbox:
+    """One sandbox from an id, a unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."""
+    kind, val = parse_ref(ref)
+    bundles = _BundleIndex(transport)
+    if kind == "id":
+        cands = [(n, rt) for n, rt in _candidates(transport) if n.startswith(val)]
+        exact = [c for c in cands if c[0] == val]
+        if exact:
+            cands = exact[:1]
+        if not cands:
+            raise NotFound(f"no sandbox matches {val!r} on {transport.node}",
+                           hint="list them with 'katactl sandbox list'")
+        if len(cands) > 1:
+            ids = sorted(c[0] for c in cands)
+            shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+            raise Ambiguous(f"sandbox prefix {val!r} is ambiguous: {shown}",
+                            hint="give more characters of the id", details={"candidates": ids})
+        sid, rt = cands[0]
+        sb = _load_one(transport, sid, rt, bundles, quick=True)
+        if check:
+            liveness(transport, sb, timeout)
+        return sb
+    ns, name = val
+    matches = [s for s in discover(transport, check=False)
+               if s.pod and s.pod.get("namespace") == ns and s.pod.get("name") == name]
+    if not matches:
+        raise NotFound(f"no sandbox of pod {ns}/{name} on {transport.node}",
+                       hint="the pod may run on another node (use -N) or not with a Kata runtime class")
+    if check or len(matches) > 1:
+        for s in matches:
+            liveness(transport, s, timeout)
+    if len(matches) > 1:
+        running = [s for s in matches if s.state == "running"]
+        if len(running) == 1:
+            return running[0]
+        ids = sorted(s.id for s in matches)
+        raise Ambiguous(f"pod {ns}/{name} has {len(ids)} sandboxes on {transport.node}: {', '.join(ids)}",
+                        hint="give the sandbox id", details={"candidates": ids})
+    return matches[0]
+
+
+def require_running(sb: Sandbox) -> Sandbox:
+    """Refuse early, with the reason, when the shim cannot be talked to."""
+    if sb.state != "running":
+        raise UnreachableError(f"sandbox {sb.id[:12]} is {sb.state}: {sb.reason or 'shim not reachable'}")
+    return sb
