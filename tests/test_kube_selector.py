@@ -1,0 +1,60 @@
+"""-l/--selector resolves nodes through a real HTTP exchange with a kube-apiserver stand-in."""
+import pytest
+
+from katactl import config, fleet
+from katactl.backends import kube
+from katactl.errors import AuthError, NotFound, UsageError, UnreachableError
+from tests.kubeserver import FakeKubeAPI
+
+
+@pytest.fixture
+def api():
+    nodes = {f"node-{i:04d}": {"pool": "batch" if i % 2 else "online", "kata": "true"} for i in range(1203)}
+    nodes["edge"] = {"pool": "edge"}
+    srv = FakeKubeAPI(nodes)
+    yield srv
+    srv.close()
+
+
+def test_selector_pages_through_all_nodes(api, tmp_path):
+    kc = api.kubeconfig(tmp_path / "kc")
+    s = config.resolve({"selector": "pool=batch", "kubeconfig": kc})
+    names = fleet.select_nodes(s)
+    assert len(names) == 601 and names[0] == "node-0001"
+    assert sum("continue=" in r for r in api.requests) == 1  # 2 pages of 500 for 601 items
+
+
+def test_set_based_selector(api, tmp_path):
+    kc = api.kubeconfig(tmp_path / "kc")
+    s = config.resolve({"selector": "pool in (edge),!kata", "kubeconfig": kc})
+    assert fleet.select_nodes(s) == ["edge"]
+
+
+def test_no_match_is_not_found(api, tmp_path):
+    s = config.resolve({"selector": "pool=none", "kubeconfig": api.kubeconfig(tmp_path / "kc")})
+    with pytest.raises(NotFound):
+        fleet.select_nodes(s)
+
+
+def test_bad_token_is_auth_error(api, tmp_path):
+    s = config.resolve({"selector": "pool=edge", "kubeconfig": api.kubeconfig(tmp_path / "kc", token="wrong")})
+    with pytest.raises(AuthError):
+        fleet.select_nodes(s)
+
+
+def test_malformed_selector_is_usage_error(cli, api, tmp_path):
+    kc = api.kubeconfig(tmp_path / "kc")
+    r = cli(["--kubeconfig", kc, "-l", "pool in (", "version"])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
+
+
+def test_missing_kubeconfig_is_usage_error(cli, tmp_path):
+    r = cli(["--kubeconfig", str(tmp_path / "none"), "-l", "a=b", "version"])
+    assert r.exit_code == 2 and "kubeconfig" in r.stderr
+
+
+def test_unreachable_api_exits_7(cli, api, tmp_path):
+    kc = api.kubeconfig(tmp_path / "kc")
+    api.close()
+    r = cli(["--kubeconfig", kc, "--timeout", "1s", "-l", "a=b", "version"])
+    assert r.exit_code == 7, r.stderr
