@@ -1,0 +1,145 @@
+"""A protocol-faithful Cloud Hypervisor REST API server (HTTP over ``clh-api.sock``).
+
+Base ``/api/v1``. Implemented: ``GET vmm.ping``, ``GET vm.info``,
+``GET vm.counters``, ``PUT vm.resize`` (``desired_balloon`` is the *balloon
+size*: memory taken from the guest; ``desired_ram`` grows the VM),
+``PUT vm.coredump`` (only with the ``guest_debug`` feature, else 404),
+``PUT vm.pause``/``vm.resume``.
+
+Status codes and error bodies follow the ``version`` given (default v48):
+404 unknown endpoint, 400 wrong method / unparsable body; API errors are 500
+before v53 (400 from v53); the error body is a JSON array of strings since v47
+(plain text before).
+
+Known differences from the real Cloud Hypervisor:
+- there is no VM: the guest is :class:`katactl.lab.simguest.SimGuest`; the
+  balloon moves at a fixed rate, the guest uses a fixed amount of memory;
+- ``vm.counters`` is empty, ``device_tree`` is ``{}``;
+- ``vm.coredump`` writes a tiny ELF header, not guest memory;
+- no 429 (no vCPU removal ever pends); no other endpoints (``vm.create``,
+  ``vm.boot``, ``vm.add-*``, ``vm.snapshot`` ...): they answer 404.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from katactl.lab import httpunix
+from katactl.lab.simguest import SimGuest
+
+
+class _H(httpunix.Handler):
+    server_version = "cloud-hypervisor"
+
+    def _err(self, msgs: list[str]) -> None:
+        srv = self.server
+        code = 400 if srv.major >= 53 else 500
+        if srv.major >= 47:
+            self.send(code, msgs)
+        else:
+            self.send(code, "\n".join(msgs), "text/plain")
+
+    def route(self, method):
+        srv = self.server
+        path = self.path.split("?", 1)[0]
+        if not path.startswith("/api/v1/"):
+            return self.send(404, b"", "text/plain")
+        ep = path[len("/api/v1/"):]
+        g: SimGuest = srv.guest
+        if ep == "vmm.ping":
+            if method != "GET":
+                return self.send(400, b"", "text/plain")
+            return self.send(200, {"build_version": f"v{srv.major}.0-lab", "version": f"{srv.major}.0",
+                                   "pid": os.getpid(), "features": list(srv.features)})
+        if ep == "vm.info":
+            if method != "GET":
+                return self.send(400, b"", "text/plain")
+            bal = ({"size": g.balloon_target(), "deflate_on_oom": False, "free_page_reporting": True}
+                   if srv.balloon else None)
+            return self.send(200, {
+                "config": {"cpus": {"boot_vcpus": srv.vcpus, "max_vcpus": srv.vcpus},
+                           "memory": {"size": g.memory, "hotplug_size": None, "shared": True,
+                                      "hugepages": False, "thp": True},
+                           "balloon": bal, "payload": {"kernel": srv.kernel}},
+                "state": srv.state,
+                "memory_actual_size": g.memory - (g.balloon_actual() if srv.balloon else 0),
+                "device_tree": {}})
+        if ep == "vm.counters":
+            if method != "GET":
+                return self.send(400, b"", "text/plain")
+            return self.send(200, {})
+        if ep in ("vm.pause", "vm.resume"):
+            if method != "PUT":
+                return self.send(400, b"", "text/plain")
+            srv.state = "Paused" if ep == "vm.pause" else "Running"
+            return self.send(204)
+        if ep == "vm.resize":
+            if method != "PUT":
+                return self.send(400, b"", "text/plain")
+            try:
+                body = self.json_body() or {}
+                if not isinstance(body, dict):
+                    raise ValueError
+            except ValueError:
+                return self.send(400, b"", "text/plain")
+            if srv.state != "Running":
+                return self._err(["Error from API", "The VM could not be resized", "VM is not running"])
+            if "desired_ram" in body and body["desired_ram"] is not None:
+                g.memory = int(body["desired_ram"])
+            if "desired_balloon" in body and body["desired_balloon"] is not None:
+                size = body["desired_balloon"]
+                if not isinstance(size, int) or size < 0:
+                    return self.send(400, b"", "text/plain")
+                if not srv.balloon:
+                    return self._err(["Error from API", "The VM could not be resized",
+                                      "Failed resizing balloon", "No balloon device"])
+                if size > g.memory:
+                    return self._err(["Error from API", "The VM could not be resized",
+                                      "Failed resizing balloon",
+                                      "Balloon size exceeds guest memory size"])
+                g.set_balloon(size)
+            return self.send(204)
+        if ep == "vm.coredump":
+            if "guest_debug" not in srv.features:
+                return self.send(404, b"", "text/plain")
+            if method != "PUT":
+                return self.send(400, b"", "text/plain")
+            try:
+                dest = (self.json_body() or {}).get("destination_url", "")
+            except ValueError:
+                return self.send(400, b"", "text/plain")
+            if not dest.startswith("file://"):
+                return self._err(["Error from API", "Failed to coredump the VM", "Invalid URL"])
+            p = dest[len("file://"):]
+            if os.path.exists(p):
+                return self._err(["Error from API", "Failed to coredump the VM", "File exists"])
+            with open(p, "wb") as f:
+                f.write(b"\x7fELF\x02\x01\x01" + b"\0" * 57)
+            return self.send(204)
+        return self.send(404, b"", "text/plain")
+
+
+class ClhServer:
+    def __init__(self, socket_path: str, memory_bytes: int, *, vcpus: int = 1, balloon: bool = True,
+                 version: int = 48, features=("kvm",), kernel: str = "/opt/kata/share/kata-containers/vmlinux.container",
+                 guest_used: int = 96 << 20):
+        self.path = socket_path
+        self.guest = SimGuest(memory_bytes, guest_used)
+        self._srv = httpunix.serve(socket_path, _H, guest=self.guest, major=version, features=tuple(features),
+                                   balloon=balloon, vcpus=vcpus, state="Running", kernel=kernel)
+
+    def close(self) -> None:
+        httpunix.shutdown(self._srv)
+
+
+def _main():  # pragma: no cover - manual poking
+    import sys
+    import time
+
+    s = ClhServer(sys.argv[1], 1 << 30)
+    print(json.dumps({"socket": s.path}))
+    time.sleep(1e9)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()

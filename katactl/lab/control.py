@@ -1,0 +1,200 @@
+"""``katactl lab up | status | down``: the library side (no printing).
+
+``up`` writes ``ROOT/.katactl-lab/config.json``, starts the lab daemon
+detached (own session, stdio to ``ROOT/.katactl-lab/daemon.log``) and waits
+until it reports ``ready`` (or failed: then it cleans up and raises with the
+daemon's error). ``down`` sends SIGTERM, waits for the daemon to exit (it kills
+its VMs and removes the tree), then removes whatever is left: no process and
+no file stays behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from katactl.errors import NotFound, OperationFailed, Refused, TimeoutExpired, UsageError
+
+LAB_DIR = ".katactl-lab"
+HYPERVISORS = ("qemu", "clh", "fc", "mixed")
+MAX_SANDBOXES = 16
+
+
+def default_root() -> str:
+    env = os.environ.get("KATACTL_LAB_ROOT")
+    if env:
+        return env
+    return "/tmp/katactl-lab" if os.getuid() == 0 else f"/tmp/katactl-lab-{os.getuid()}"
+
+
+def specs_for(count: int, hypervisor: str, memory_mib: int = 512) -> list[dict]:
+    if hypervisor not in HYPERVISORS:
+        raise UsageError(f"invalid hypervisor {hypervisor!r} (choose from {', '.join(HYPERVISORS)})")
+    if not 1 <= count <= MAX_SANDBOXES:
+        raise UsageError(f"invalid --sandboxes {count}: choose 1..{MAX_SANDBOXES}")
+    if not 64 <= memory_mib <= 16384:
+        raise UsageError(f"invalid --memory {memory_mib}MiB: choose 64Mi..16Gi")
+    cycle = ("qemu", "clh", "fc") if hypervisor == "mixed" else (hypervisor,)
+    out = []
+    for i in range(count):
+        hv = cycle[i % len(cycle)]
+        out.append({"name": f"{hv}-{i}", "hypervisor": hv, "memory_mib": memory_mib,
+                    "pod": f"batch-{hv}-{i}", "namespace": "lab"})
+    return out
+
+
+def _paths(root: str) -> dict:
+    d = os.path.join(root, LAB_DIR)
+    return {"dir": d, "config": os.path.join(d, "config.json"), "state": os.path.join(d, "state.json"),
+            "log": os.path.join(d, "daemon.log")}
+
+
+def read_state(root: str) -> dict | None:
+    try:
+        with open(_paths(root)["state"]) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu", kernel: str | None = None,
+       memory_mib: int = 512, specs: list[dict] | None = None, timeout: float = 180) -> dict:
+    """Start a lab; return its state (``changed: false`` when one already runs there)."""
+    from katactl.lab.daemon import id_length, sandbox_id
+
+    root = os.path.abspath(root or default_root())
+    p = _paths(root)
+    st = read_state(root)
+    if st and _alive(st.get("pid")):
+        return {**st, "changed": False}
+    if os.path.exists(root) and os.listdir(root) and not os.path.isdir(p["dir"]):
+        raise Refused(f"{root} exists and is not empty: the lab needs its own directory",
+                      hint="give another --root, or remove that directory")
+    if os.path.isdir(p["dir"]):  # a dead lab's leftovers
+        _cleanup(root)
+    if kernel is not None and not os.path.isfile(kernel):
+        raise UsageError(f"--kernel {kernel}: no such file")
+    specs = specs if specs is not None else specs_for(sandboxes, hypervisor, memory_mib)
+    n = id_length(root)
+    if n < 16:
+        raise UsageError(f"--root {root} is too long for unix socket paths (sun_path is 108 bytes): "
+                         "use a shorter directory")
+    for s in specs:
+        s.setdefault("id", sandbox_id(s["name"] + ":" + root, n))
+    os.makedirs(p["dir"], mode=0o755, exist_ok=True)
+    with open(p["config"], "w") as f:
+        json.dump({"root": root, "kernel": kernel, "sandboxes": specs,
+                   "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(p["log"], "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "katactl.lab.daemon", "--root", root],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, env=env, cwd="/")
+    deadline = time.monotonic() + timeout
+    while True:
+        st = read_state(root)
+        if st and st.get("status") == "ready":
+            return {**st, "changed": True}
+        failed = (st and st.get("status") == "failed") or proc.poll() is not None
+        if failed or time.monotonic() > deadline:
+            err = (st or {}).get("error") or _log_tail(p["log"])
+            _stop_pid(proc.pid, 10)
+            proc.poll()
+            _cleanup(root)
+            if not failed:
+                raise TimeoutExpired(f"the lab did not become ready within {timeout:g}s: {err}")
+            raise OperationFailed(f"the lab failed to start: {err}")
+        time.sleep(0.1)
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        return lines[-1] if lines else "(no output)"
+    except OSError:
+        return "(no log)"
+
+
+def status(root: str | None = None) -> dict:
+    root = os.path.abspath(root or default_root())
+    st = read_state(root)
+    if st is None:
+        raise NotFound(f"no lab at {root}", hint="start one with 'katactl lab up'")
+    alive = _alive(st.get("pid"))
+    if not alive:
+        st["status"] = "dead"
+        st["error"] = st.get("error") or "the lab daemon is not running (run 'katactl lab down' to clean up)"
+    return st
+
+
+def _stop_pid(pid: int, timeout: float) -> bool:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the daemon leads its own session
+    except (ProcessLookupError, PermissionError):
+        pass
+    return False
+
+
+def _kill_qemus(st: dict | None) -> None:
+    for s in (st or {}).get("sandboxes", []):
+        pid = s.get("qemuPid")
+        if pid and _alive(pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"qemu" not in f.read():
+                        continue
+                os.killpg(pid, signal.SIGKILL)  # each QEMU leads its own session
+            except (OSError, ProcessLookupError):
+                pass
+
+
+def _cleanup(root: str) -> None:
+    from katactl.lab.daemon import remove_tree
+
+    _kill_qemus(read_state(root))
+    remove_tree(root)
+
+
+def down(root: str | None = None, timeout: float = 30) -> dict:
+    root = os.path.abspath(root or default_root())
+    st = read_state(root)
+    if st is None and not os.path.isdir(os.path.join(root, LAB_DIR)):
+        return {"root": root, "changed": False, "status": "absent"}
+    pid = (st or {}).get("pid")
+    if pid and _alive(pid):
+        _stop_pid(pid, timeout)
+    _cleanup(root)
+    if os.path.exists(root):
+        raise OperationFailed(f"could not remove {root}")
+    return {"root": root, "changed": True, "status": "removed"}

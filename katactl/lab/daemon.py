@@ -1,0 +1,577 @@
+"""The lab daemon: plays the Kata runtime's part for every lab sandbox.
+
+Started detached by ``katactl lab up`` (``python -m katactl.lab.daemon --root
+ROOT``); reads ``ROOT/.katactl-lab/config.json``; writes
+``ROOT/.katactl-lab/state.json``; stops on SIGTERM/SIGINT, killing its VMs
+and removing the whole lab tree.
+
+For each sandbox it:
+- lays out the Go runtime's node state under ROOT (katactl.lab.layout);
+- QEMU: starts a real micro-VM (katactl.lab.vm) and, like the runtime, holds
+  ``qmp.sock`` for the VM's whole life (reader thread; ``GUEST_PANICKED`` runs
+  the runtime's panic handler, katactl.lab.panic);
+- Cloud Hypervisor / Firecracker: serves a protocol-faithful API server on the
+  socket the runtime would use;
+- serves the shim management socket (``shim-monitor.sock``): ``/metrics``
+  with real numbers from the VM where it can, ``/agent-url``, and the katactl
+  extension ``/ext/v1/...`` (docs/shim-extension.md).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+from katactl.lab import httpunix
+from katactl.lab import layout as L
+
+LAB_DIR = ".katactl-lab"
+EXT_API = "katactl.io/shim-ext/v1"
+DUMP_PATH = "/var/crash/kata"
+MIB = 1 << 20
+SUN_PATH_MAX = 107
+
+
+def id_length(root: str) -> int:
+    """Longest sandbox id whose sockets still fit in sun_path under root."""
+    longest_tail = len("/run/vc/vm/") + len("/extra-monitor.sock")
+    return max(0, min(64, SUN_PATH_MAX - len(os.path.abspath(root)) - longest_tail))
+
+
+def sandbox_id(name: str, length: int) -> str:
+    return hashlib.sha256(f"katactl-lab:{name}".encode()).hexdigest()[:length]
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -- one sandbox ----------------------------------------------------------------
+class LabSandbox:
+    def __init__(self, lab: "Lab", spec: dict):
+        self.lab = lab
+        self.spec = spec
+        self.name = spec["name"]
+        self.hv = spec.get("hypervisor", "qemu")
+        self.memory = int(spec.get("memory_mib", 512)) * MIB
+        self.id = spec["id"]
+        self.status = "starting"
+        self.error: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.qmp = None
+        self.api = None
+        self.shim = None
+        self.target: int | None = None
+        self.panic: dict | None = None
+        self.paths: L.SandboxPaths | None = None
+        self.lock = threading.Lock()
+
+    # layout + hypervisor
+    def lay_out(self, pid: int) -> None:
+        sp = self.spec
+        kw = dict(hypervisor=self.hv, pid=pid, pod_name=sp.get("pod", self.name),
+                  pod_namespace=sp.get("namespace", "lab"), memory_mib=self.memory // MIB, vcpus=1,
+                  reclaim_guest_freed_memory=sp.get("balloon", True),
+                  extra_monitor_socket=self.hv == "qemu" and sp.get("extra_monitor", True),
+                  guest_memory_dump_path=DUMP_PATH if self.hv == "qemu" else "",
+                  created=time.time())
+        if self.hv == "qemu" and self.lab.assets is not None:
+            kw.update(kernel=self.lab.assets.kernel, initrd=self.lab.assets.initrd, image="",
+                      hypervisor_path=self.lab.qemu)
+        if self.hv == "fc":  # the Go runtime truncates the id to 32 chars for the jailer dir
+            kw["api_socket"] = f"/run/vc/firecracker/{self.id[:32]}/root/run/firecracker.socket"
+        self.paths = L.write_go_sandbox(self.lab.root, self.id, **kw)
+        if self.hv == "qemu" and sp.get("extra_monitor", True):
+            # the lab's extra monitor speaks QMP (Kata: extra_monitor_socket = "qmp")
+            pf = self.paths.state_file
+            with open(pf) as f:
+                p = json.load(f)
+            p["Config"]["HypervisorConfig"]["ExtraMonitorSocket"] = "qmp"
+            _write_json(pf, p)
+
+    def vm_dir(self) -> str:
+        return self.lab.real(f"{L.GO_VM}/{self.id}")
+
+    def start_qemu(self) -> None:
+        from katactl.lab import vm
+
+        d = self.vm_dir()
+        os.makedirs(d, exist_ok=True)
+        sp = self.spec
+        argv = vm.qemu_argv(self.lab.assets, d, name=self.id, memory_mib=self.memory // MIB,
+                            balloon=sp.get("balloon", True), pvpanic=True,
+                            extra_monitor=sp.get("extra_monitor", True), qemu=self.lab.qemu)
+        if not sp.get("guest", True):
+            argv.append("-S")  # no guest: prelaunch, QMP still answers
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=open(os.path.join(d, "qemu.log"), "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def connect_qmp(self, timeout: float = 30) -> None:
+        from katactl.backends.local import LocalTransport
+        from katactl.backends.qmp import QMPClient
+
+        sock = os.path.join(self.vm_dir(), "qmp.sock")
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qemu exited with {self.proc.returncode}: {self._qemu_log()}")
+            if os.path.exists(sock):
+                try:
+                    if not self.spec.get("hold_qmp", True):
+                        return
+                    self.qmp = QMPClient.connect(LocalTransport(), sock, timeout=10, greeting_timeout=2)
+                    break
+                except Exception:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("qmp.sock never answered")
+            time.sleep(0.05)
+        self.qmp.on_event = self._on_event
+        self.qmp.start_reader()
+        if self.spec.get("balloon", True):
+            try:
+                self.qmp.execute("qom-set", {"path": "/machine/peripheral/balloon0",
+                                             "property": "guest-stats-polling-interval", "value": 1})
+            except Exception:
+                pass
+
+    def _qemu_log(self) -> str:
+        try:
+            with open(os.path.join(self.vm_dir(), "qemu.log"), errors="replace") as f:
+                return f.read()[-500:].strip()
+        except OSError:
+            return ""
+
+    def wait_guest(self, timeout: float = 90) -> None:
+        from katactl.lab import vm
+
+        if not self.spec.get("guest", True) or self.hv != "qemu":
+            return
+        deadline = time.monotonic() + timeout
+        while not vm.console_ready(self.vm_dir()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qemu exited with {self.proc.returncode}: {self._qemu_log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"guest did not boot within {timeout:g}s (see {self.vm_dir()}/console.log)")
+            time.sleep(0.1)
+
+    def start_api_server(self) -> None:
+        from katactl.lab.clh_server import ClhServer
+        from katactl.lab.fc_server import FcServer
+
+        sock = self.paths.api_socket
+        os.makedirs(os.path.dirname(sock), exist_ok=True)
+        bal = self.spec.get("balloon", True)
+        if self.hv == "clh":
+            self.api = ClhServer(sock, self.memory, balloon=bal)
+        else:
+            self.api = FcServer(sock, self.memory, balloon=bal, vm_id=self.id[:32])
+
+    def start_shim(self) -> None:
+        self.shim = httpunix.serve(self.paths.shim_socket, LabShimHandler, sandbox=self)
+
+    def _on_event(self, ev: dict) -> None:
+        name = ev.get("event")
+        if name == "GUEST_PANICKED":
+            self.status = "panicked"
+            threading.Thread(target=self._panic_dump, args=(ev,), daemon=True).start()
+        elif name == "SHUTDOWN":
+            self.status = "shutdown"
+
+    def _panic_dump(self, ev: dict) -> None:
+        from katactl.lab import panic
+
+        with open(self.paths.state_file) as f:
+            hc = json.load(f)["Config"]["HypervisorConfig"]
+        ctx = panic.PanicContext(root=self.lab.root, sandbox_id=self.id, qmp=self.qmp,
+                                 dump_path_node=DUMP_PATH, state_dir_node=self.paths.state_dir_node,
+                                 hypervisor_config=hc, qemu_path=self.lab.qemu, memory_bytes=self.memory,
+                                 paging=False, event=ev)
+        try:
+            self.panic = {"status": "dumping", "event": ev}
+            res = panic.run(ctx)
+            self.panic = {"status": "done" if not res.get("error") else "refused", **res}
+        except Exception as e:  # noqa: BLE001 - reported in lab status
+            self.panic = {"status": "failed", "error": str(e)}
+        self.lab.write_state()
+
+    # -- balloon, in katactl's language (guest-visible bytes) -------------------
+    def _need_running(self):
+        if self.hv == "qemu":
+            if self.proc is None or self.proc.poll() is not None:
+                raise ExtError(503, "HypervisorGone", "the VM is not running")
+            if self.qmp is None or self.qmp.closed:
+                raise ExtError(503, "MonitorUnavailable", "the shim holds no monitor connection")
+
+    def balloon_get(self) -> dict:
+        from katactl.backends.qmp import QMPError
+
+        self._need_running()
+        if not self.spec.get("balloon", True):
+            raise ExtError(409, "NoBalloon", "the VM has no balloon device "
+                           "(Kata: reclaim_guest_freed_memory = false)")
+        guest = None
+        if self.hv == "qemu":
+            try:
+                actual = int(self.qmp.execute("query-balloon")["actual"])
+                mem = self.qmp.execute("query-memory-size-summary")
+                memory = int(mem.get("base-memory", 0)) + int(mem.get("plugged-memory", 0))
+            except QMPError as e:
+                raise ExtError(409, e.error_class, e.desc) from None
+            guest = self._qemu_guest_stats()
+        else:
+            g = self.api.guest
+            memory = g.memory
+            actual = memory - g.balloon_actual()
+            st = g.guest_stats()
+            guest = {"totalBytes": st["total"], "freeBytes": st["free"], "availableBytes": st["available"]}
+        target = self.target if self.target is not None else memory
+        if self.hv != "qemu":
+            target = self.api.guest.memory - self.api.guest.balloon_target()
+        return {"hypervisor": self.hv, "memoryBytes": memory, "targetBytes": target,
+                "actualBytes": actual, "guest": guest}
+
+    def _qemu_guest_stats(self) -> dict | None:
+        try:
+            r = self.qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
+        except Exception:
+            return None
+        st = (r or {}).get("stats") or {}
+        if not r.get("last-update") or st.get("stat-total-memory", -1) in (-1, None):
+            return None
+        return {"totalBytes": st.get("stat-total-memory"), "freeBytes": st.get("stat-free-memory"),
+                "availableBytes": st.get("stat-available-memory"), "lastUpdate": r.get("last-update")}
+
+    def balloon_set(self, target: int) -> dict:
+        from katactl.backends.qmp import QMPError
+
+        self._need_running()
+        if not self.spec.get("balloon", True):
+            raise ExtError(409, "NoBalloon", "the VM has no balloon device "
+                           "(Kata: reclaim_guest_freed_memory = false)")
+        if target <= 0 or target > self.memory:
+            raise ExtError(400, "BadTarget", f"targetBytes must be in 1..{self.memory}")
+        if self.hv == "qemu":
+            try:
+                self.qmp.execute("balloon", {"value": int(target)})
+            except QMPError as e:
+                raise ExtError(409, e.error_class, e.desc) from None
+            self.target = int(target)
+        else:
+            self.api.guest.set_balloon(self.api.guest.memory - int(target))
+        return self.balloon_get()
+
+    def vmcore(self, fmt: str = "elf", paging: bool = False) -> dict:
+        from katactl.backends.qmp import QMPError
+        from katactl.lab import panic
+
+        self._need_running()
+        if self.hv != "qemu":
+            raise ExtError(501, "NotSupported", f"vmcore dumps are not implemented for {self.hv} in the lab")
+        d_node = f"{DUMP_PATH}/{self.id}"
+        d = self.lab.real(d_node)
+        os.makedirs(d, exist_ok=True)
+        name = panic.vmcore_name().replace(".elf", ".elf" if fmt == "elf" else f".{fmt}")
+        try:
+            self.qmp.execute("dump-guest-memory", {"paging": bool(paging), "format": fmt,
+                                                   "protocol": f"file:{os.path.join(d, name)}"}, timeout=600)
+        except QMPError as e:
+            raise ExtError(409, e.error_class, e.desc) from None
+        return {"path": f"{d_node}/{name}", "format": fmt, "bytes": os.path.getsize(os.path.join(d, name))}
+
+    def metrics(self) -> str:
+        return render_metrics(self)
+
+    def stop(self) -> None:
+        for srv in (self.shim,):
+            if srv is not None:
+                try:
+                    httpunix.shutdown(srv)
+                except Exception:
+                    pass
+        if self.api is not None:
+            try:
+                self.api.close()
+            except Exception:
+                pass
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "id": self.id, "hypervisor": self.hv, "status": self.status,
+             "memoryBytes": self.memory, "pod": f"{self.spec.get('namespace', 'lab')}/{self.spec.get('pod', self.name)}",
+             "error": self.error}
+        if self.proc is not None:
+            d["qemuPid"] = self.proc.pid
+        if self.paths is not None:
+            d["shimSocket"] = self.paths.shim_socket_node
+            d["apiSocket"] = self.paths.api_socket_node
+        if self.panic is not None:
+            d["panic"] = self.panic
+        d["features"] = {k: self.spec.get(k, True) for k in
+                         ("guest", "balloon", "extra_monitor", "hold_qmp", "extension")}
+        return d
+
+
+class ExtError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# -- the lab shim (Go flavour) --------------------------------------------------
+class LabShimHandler(httpunix.Handler):
+    server_version = ""
+
+    def route(self, method):
+        sb: LabSandbox = self.server.sandbox
+        path, _, query = self.path.partition("?")
+        if path == "/metrics":
+            return self.send(200, sb.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/agent-url":
+            with open(sb.paths.state_file) as f:
+                url = json.load(f).get("AgentState", {}).get("URL", "")
+            return self.send(200, url, "text/plain")
+        if path.startswith("/ext/v1/"):
+            if not sb.spec.get("extension", True):
+                return self.send(404, "404 page not found\n", "text/plain")
+            try:
+                return self.ext(sb, method, path[len("/ext/v1/"):])
+            except ExtError as e:
+                return self.send(e.status, {"error": {"code": e.code, "message": e.message}})
+            except Exception as e:  # noqa: BLE001
+                return self.send(500, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
+        return self.send(404, "404 page not found\n", "text/plain")
+
+    def ext(self, sb: LabSandbox, method: str, ep: str):
+        if ep == "capabilities":
+            if method != "GET":
+                raise ExtError(405, "MethodNotAllowed", "use GET")
+            feats = {"balloon": {"set": True, "guestStats": True} if sb.spec.get("balloon", True) else None,
+                     "vmcore": {"formats": ["elf", "kdump-zlib"]} if sb.hv == "qemu" else None}
+            return self.send(200, {"apiVersion": EXT_API, "kind": "ShimCapabilities",
+                                   "hypervisor": sb.hv, "features": [k for k, v in feats.items() if v],
+                                   "details": {k: v for k, v in feats.items() if v}})
+        if ep == "balloon":
+            if method == "GET":
+                return self.send(200, {"apiVersion": EXT_API, "kind": "Balloon", **sb.balloon_get()})
+            if method == "PUT":
+                try:
+                    body = self.json_body()
+                except ValueError:
+                    raise ExtError(400, "BadRequest", "body is not JSON") from None
+                if not isinstance(body, dict) or set(body) - {"targetBytes"} or \
+                        not isinstance(body.get("targetBytes"), int) or isinstance(body.get("targetBytes"), bool):
+                    raise ExtError(400, "BadRequest", 'expected {"targetBytes": <integer>}')
+                with sb.lock:
+                    return self.send(200, {"apiVersion": EXT_API, "kind": "Balloon",
+                                           **sb.balloon_set(body["targetBytes"])})
+            raise ExtError(405, "MethodNotAllowed", "use GET or PUT")
+        if ep == "vmcore":
+            if method != "POST":
+                raise ExtError(405, "MethodNotAllowed", "use POST")
+            try:
+                body = self.json_body() or {}
+            except ValueError:
+                raise ExtError(400, "BadRequest", "body is not JSON") from None
+            fmt = body.get("format", "elf")
+            if fmt not in ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy"):
+                raise ExtError(400, "BadRequest", f"unknown format {fmt!r}")
+            with sb.lock:
+                return self.send(200, {"apiVersion": EXT_API, "kind": "Vmcore",
+                                       **sb.vmcore(fmt, bool(body.get("paging", False)))})
+        raise ExtError(404, "NotFound", f"no extension endpoint {ep!r}")
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                parts = v.split()
+                if parts and parts[0].isdigit():
+                    n = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+                    out[k.lower()] = n
+    except OSError:
+        pass
+    return out
+
+
+def render_metrics(sb: LabSandbox) -> str:
+    """Prometheus text with the real Kata metric names; numbers are real where the lab has them."""
+    lines: list[str] = []
+
+    def fam(name, help_, typ, samples):
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {typ}")
+        for labels, v in samples:
+            lab = ",".join(f'{k}="{val}"' for k, val in labels.items())
+            lines.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
+
+    me = _proc_status(os.getpid())
+    fam("kata_shim_threads", "Kata containerd shim v2 process threads.", "gauge", [({}, me.get("threads", 0))])
+    fam("kata_shim_proc_status", "Kata containerd shim v2 process status.", "gauge",
+        [({"item": k}, v) for k, v in me.items() if k in ("vmrss", "vmhwm", "rssanon", "vmswap", "vmsize")])
+    if sb.proc is not None and sb.proc.poll() is None:
+        hs = _proc_status(sb.proc.pid)
+        fam("kata_hypervisor_threads", "Hypervisor process threads.", "gauge", [({}, hs.get("threads", 0))])
+        fam("kata_hypervisor_proc_status", "Hypervisor process status.", "gauge",
+            [({"item": k}, v) for k, v in hs.items() if k in ("vmrss", "vmhwm", "rssanon", "vmswap", "vmsize")])
+        try:
+            nfd = len(os.listdir(f"/proc/{sb.proc.pid}/fd"))
+            fam("kata_hypervisor_fds", "Open FDs for hypervisor.", "gauge", [({}, nfd)])
+        except OSError:
+            pass
+    guest = None
+    try:
+        if sb.spec.get("balloon", True):
+            guest = sb.balloon_get().get("guest")
+    except Exception:
+        guest = None
+    if guest:
+        fam("kata_guest_meminfo", "Statistics about memory usage in the system.", "gauge",
+            [({"item": "mem_total"}, guest.get("totalBytes")), ({"item": "mem_free"}, guest.get("freeBytes")),
+             ({"item": "mem_available"}, guest.get("availableBytes"))])
+    fam("kata_agent_scrape_count", "Metrics scrape count", "counter", [({}, 1)])
+    return "\n".join(lines) + "\n"
+
+
+# -- the lab ---------------------------------------------------------------------
+class Lab:
+    def __init__(self, root: str, cfg: dict):
+        self.root = os.path.abspath(root)
+        self.cfg = cfg
+        self.assets = None
+        self.qemu = cfg.get("qemu")
+        self.sandboxes = [LabSandbox(self, s) for s in cfg["sandboxes"]]
+        self.status = "starting"
+        self.error: str | None = None
+        self._state_lock = threading.Lock()
+
+    def real(self, node_path: str) -> str:
+        return os.path.join(self.root, node_path.lstrip("/"))
+
+    def write_state(self) -> None:
+        with self._state_lock:
+            _write_json(os.path.join(self.root, LAB_DIR, "state.json"), {
+                "apiVersion": "katactl/v1", "kind": "Lab", "root": self.root, "pid": os.getpid(),
+                "status": self.status, "error": self.error,
+                "kernel": self.assets.kernel if self.assets else None,
+                "kernelVersion": self.assets.kernel_version if self.assets else None,
+                "startedAt": self.cfg.get("startedAt"),
+                "sandboxes": [s.to_dict() for s in self.sandboxes]})
+
+    def start(self) -> None:
+        from katactl.lab import vm
+
+        t0 = time.monotonic()
+        qemus = [s for s in self.sandboxes if s.hv == "qemu"]
+        if qemus:
+            self.qemu = self.qemu or vm.qemu_binary()
+            if not self.qemu:
+                raise RuntimeError("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+            self.assets = vm.prepare_assets(os.path.join(self.root, LAB_DIR, "assets"),
+                                            kernel=self.cfg.get("kernel"))
+        for s in qemus:
+            s.start_qemu()
+        for s in self.sandboxes:
+            s.lay_out(s.proc.pid if s.proc else os.getpid())
+        for s in self.sandboxes:
+            if s.hv == "qemu":
+                s.connect_qmp()
+            else:
+                s.start_api_server()
+            s.start_shim()
+        self.write_state()
+        for s in qemus:
+            s.wait_guest()
+            s.status = "running"
+        for s in self.sandboxes:
+            s.status = "running"
+        self.status = "ready"
+        self.boot_seconds = time.monotonic() - t0
+        self.cfg["bootSeconds"] = round(self.boot_seconds, 2)
+        self.write_state()
+
+    def watch(self, stop: threading.Event) -> None:
+        """Notice VMs that exit (as the runtime would) until asked to stop."""
+        while not stop.wait(0.2):
+            changed = False
+            for s in self.sandboxes:
+                if s.proc is not None and s.proc.poll() is not None and s.status not in ("exited",):
+                    s.status, s.error = "exited", f"qemu exited with status {s.proc.returncode}"
+                    if s.qmp is not None:
+                        s.qmp.close()
+                    changed = True
+            if changed:
+                self.write_state()
+
+    def stop(self) -> None:
+        for s in self.sandboxes:
+            s.stop()
+
+
+def remove_tree(root: str) -> None:
+    """Remove the lab root (only a tree that carries the lab marker)."""
+    import shutil
+
+    if os.path.isdir(os.path.join(root, LAB_DIR)):
+        # QEMU's dump files are 0400: rmtree copes (it unlinks, no write needed)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="katactl-lab-daemon")
+    ap.add_argument("--root", required=True)
+    a = ap.parse_args(argv)
+    root = os.path.abspath(a.root)
+    with open(os.path.join(root, LAB_DIR, "config.json")) as f:
+        cfg = json.load(f)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    lab = Lab(root, cfg)
+    try:
+        lab.start()
+    except Exception as e:  # noqa: BLE001 - reported through state.json
+        lab.status, lab.error = "failed", str(e)
+        traceback.print_exc()
+        try:
+            lab.write_state()
+        except OSError:
+            pass
+        lab.stop()
+        # leave the state for `lab up` to read the error; it removes the tree
+        stop.wait(30)
+        return 1
+    lab.watch(stop)
+    lab.status = "stopping"
+    lab.write_state()
+    lab.stop()
+    remove_tree(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

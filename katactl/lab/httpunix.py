@@ -1,0 +1,100 @@
+"""A tiny threaded HTTP/1.1 server on a unix socket (stdlib only), for lab API servers."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import socketserver
+import threading
+
+
+class UnixHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    address_family = socket.AF_UNIX
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def server_bind(self):
+        path = self.server_address
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.socket.bind(path)
+        self.server_name, self.server_port = "localhost", 0
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "katactl-lab"
+
+    def address_string(self):  # unix sockets have no peer address
+        return "unix"
+
+    def log_message(self, fmt, *args):  # quiet
+        pass
+
+    def body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n > 0 else b""
+
+    def json_body(self):
+        raw = self.body()
+        if not raw:
+            return None
+        return json.loads(raw)
+
+    def send(self, code: int, body: bytes | str | dict | list | None = None,
+             ctype: str = "application/json") -> None:
+        if isinstance(body, (dict, list)):
+            data = json.dumps(body).encode()
+        elif isinstance(body, str):
+            data = body.encode()
+        else:
+            data = body or b""
+        self.send_response(code)
+        if data or code not in (204,):
+            self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data:
+            self.wfile.write(data)
+
+    def route(self, method: str) -> None:  # override
+        self.send(404, "URL NOT FOUND", "text/plain")
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_PATCH(self):
+        self.route("PATCH")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+
+def serve(path: str, handler_cls, **attrs) -> UnixHTTPServer:
+    """Bind ``path`` and serve on a daemon thread; attrs are set on the server."""
+    srv = UnixHTTPServer(path, handler_cls)
+    for k, v in attrs.items():
+        setattr(srv, k, v)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2},
+                         name=f"http:{os.path.basename(path)}", daemon=True)
+    t.start()
+    srv._thread = t  # type: ignore[attr-defined]
+    return srv
+
+
+def shutdown(srv: UnixHTTPServer) -> None:
+    srv.shutdown()
+    srv.server_close()
+    try:
+        os.unlink(srv.server_address)
+    except (FileNotFoundError, TypeError):
+        pass
