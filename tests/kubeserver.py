@@ -1,7 +1,7 @@
 """A small protocol-faithful stand-in for kube-apiserver (nodes only).
 
 Real parts: HTTP on a loopback TCP port, driven by katactl's real kubeconfig
-loading (kubernetes.config) and HTTP client. Serves GET /api/v1/nodes with
+loading (kubernetes.config) and HTTP client. Serves GET /api/v1/namespaces/NS/pods/NAME and GET /api/v1/nodes with
 equality- and set-based label selectors (=, ==, !=, in, notin, exists, !key),
 pagination (limit + continue tokens, metadata.continue), bearer-token auth
 (401 Status object otherwise), 400 for a malformed selector.
@@ -68,8 +68,10 @@ def _split(sel: str):
 
 
 class FakeKubeAPI:
-    def __init__(self, nodes: dict[str, dict[str, str]], token: str = "test-token"):
+    def __init__(self, nodes: dict[str, dict[str, str]], token: str = "test-token",
+                 pods: dict[tuple[str, str], dict] | None = None):
         self.nodes = nodes  # name -> labels
+        self.pods = pods or {}  # (namespace, name) -> {"nodeName": ..., "uid": ...}
         self.token = token
         self.requests: list[str] = []
         outer = self
@@ -91,6 +93,15 @@ class FakeKubeAPI:
                 if self.headers.get("Authorization") != f"Bearer {outer.token}":
                     return self._send(401, _status(401, "Unauthorized", "Unauthorized"))
                 u = urlparse(self.path)
+                m = re.match(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$", u.path)
+                if m:
+                    pod = outer.pods.get((m.group(1), m.group(2)))
+                    if pod is None:
+                        return self._send(404, _status(404, "NotFound", f'pods "{m.group(2)}" not found'))
+                    return self._send(200, {"kind": "Pod", "apiVersion": "v1",
+                                            "metadata": {"name": m.group(2), "namespace": m.group(1), "uid": pod["uid"]},
+                                            "spec": {"nodeName": pod.get("nodeName"), "runtimeClassName": "kata"},
+                                            "status": {"phase": "Running"}})
                 if u.path != "/api/v1/nodes":
                     return self._send(404, _status(404, "NotFound", "the server could not find the requested resource"))
                 q = parse_qs(u.query)

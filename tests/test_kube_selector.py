@@ -58,3 +58,29 @@ def test_unreachable_api_exits_7(cli, api, tmp_path):
     api.close()
     r = cli(["--kubeconfig", kc, "--timeout", "1s", "-l", "a=b", "version"])
     assert r.exit_code == 7, r.stderr
+
+
+def test_pod_reference_resolves_to_its_node(tmp_path):
+    from katactl import targets
+
+    srv = FakeKubeAPI({"n1": {}}, pods={("batch", "job-7"): {"nodeName": "n1", "uid": "u-1"}})
+    try:
+        s = config.resolve({"kubeconfig": srv.kubeconfig(tmp_path / "kc")})
+        ref = targets.parse_sandbox_ref(s, "pod/batch/job-7")
+        assert ref == targets.SandboxRef("batch/job-7", "n1")
+        assert fleet.select_nodes(targets.settings_for_ref(s, ref)) == ["n1"]
+        with pytest.raises(NotFound):
+            targets.parse_sandbox_ref(s, "pod/batch/nope")
+        for bad in ("pod/batch", "pod//x", "pod/Bad_NS/x", "pod/a/b/c", "pod/a/$(x)"):
+            with pytest.raises(UsageError):
+                targets.parse_sandbox_ref(s, bad)
+    finally:
+        srv.close()
+
+
+def test_plain_refs_need_no_api():
+    from katactl import targets
+
+    s = config.resolve({})
+    assert targets.parse_sandbox_ref(s, "ns/pod") == targets.SandboxRef("ns/pod")
+    assert targets.parse_sandbox_ref(s, "abc123") == targets.SandboxRef("abc123")

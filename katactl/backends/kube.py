@@ -115,3 +115,32 @@ def node_names(settings) -> list[str]:
 
         raise NotFound(f"no node matches selector {settings.selector!r}")
     return names
+
+
+def pod_location(settings, namespace: str, name: str) -> dict:
+    """{node, uid, namespace, name} of a pod, for ``pod/NAMESPACE/NAME`` targets."""
+    api = KubeAPI.from_settings(settings)
+    try:
+        try:
+            pod = api.get(f"/api/v1/namespaces/{_seg(namespace)}/pods/{_seg(name)}")
+        except OperationFailed as e:
+            if "HTTP 404" in e.message:
+                from katactl.errors import NotFound
+
+                raise NotFound(f"pod {namespace}/{name} not found") from None
+            raise
+    finally:
+        api.close()
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node:
+        raise OperationFailed(f"pod {namespace}/{name} is not scheduled on a node yet")
+    return {"node": node, "uid": pod["metadata"].get("uid"), "namespace": namespace, "name": name}
+
+
+def _seg(s: str) -> str:
+    """A Kubernetes name as one URL path segment (names are DNS labels; refuse anything else)."""
+    import re
+
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", s or ""):
+        raise UsageError(f"invalid Kubernetes name {s!r}")
+    return s

@@ -37,8 +37,19 @@ def finish(app_ctx: AppContext, result: Result, exit_code: int = 0) -> None:
         raise typer.Exit(int(exit_code))
 
 
+def sandbox_ref(app_ctx: AppContext, text: str):
+    """Parse a SANDBOX argument; for pod/NS/NAME, narrow the node selection to the
+    pod's node (found through the Kubernetes API). Returns (settings, ref string):
+    pass the settings to fan_out_*(settings=...) and the ref to sandbox.resolve."""
+    from katactl import targets
+
+    ref = targets.parse_sandbox_ref(app_ctx.settings, text)
+    return targets.settings_for_ref(app_ctx.settings, ref), ref.ref
+
+
 def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: str,
-                 columns: list[Column], name_key: str = "name", summary: str | None = None) -> None:
+                 columns: list[Column], name_key: str = "name", summary: str | None = None,
+                 settings=None) -> None:
     """Run fn(transport) on every selected node; render the merged list.
 
     One node: its failure is the command's failure (its own exit code).
@@ -46,7 +57,7 @@ def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: 
     """
     from katactl.fleet import run_on_nodes
 
-    fo = run_on_nodes(app_ctx.settings, fn, progress=_progress_cb(app_ctx))
+    fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
     result = Result(kind=kind, items=fo.items(), columns=columns, errors=fo.error_items(),
                     multi_node=fo.multi, name_key=name_key, summary=summary)
@@ -54,7 +65,7 @@ def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: 
 
 
 def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
-                columns: list[Column] | None = None, mutating: bool = False) -> None:
+                columns: list[Column] | None = None, mutating: bool = False, settings=None) -> None:
     """Like fan_out_list for commands producing one object per node.
 
     On a single node the object is rendered as itself; on many, as a list with
@@ -62,7 +73,7 @@ def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
     """
     from katactl.fleet import run_on_nodes
 
-    fo = run_on_nodes(app_ctx.settings, fn, progress=_progress_cb(app_ctx))
+    fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
     if not fo.multi:
         item = dict(fo.values[fo.nodes[0]])
