@@ -1,0 +1,102 @@
+"""katactl.output: one renderer, every format."""
+import io
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+
+import yaml
+
+from katactl.output import Column, Output, Result
+
+ITEMS = [{"name": "sb-1", "pod": {"name": "web", "namespace": "prod"}, "mem": 512, "note": "two\nlines"},
+         {"name": "sb-2", "pod": {"name": "batch-job-with-a-really-long-name-" + "x" * 80, "namespace": "batch"},
+          "mem": None, "note": ""}]
+COLS = [Column("NAME", "name"), Column("POD", lambda i: f"{i['pod']['namespace']}/{i['pod']['name']}"),
+        Column("MEM", "mem", fmt=lambda v: f"{v}Mi"), Column("NOTE", "note", wide=True)]
+
+
+def render(fmt, result=None, tty=False):
+    out, err = io.StringIO(), io.StringIO()
+    if tty:
+        out.isatty = lambda: True
+    o = Output(fmt, stdout=out, stderr=err, color=False)
+    o.render(result or Result(kind="SandboxList", items=ITEMS, columns=COLS))
+    return out.getvalue(), err.getvalue()
+
+
+def test_plain_is_one_record_per_line_unwrapped():
+    text, _ = render(None)
+    lines = text.splitlines()
+    assert len(lines) == 3
+    assert lines[0].split() == ["NAME", "POD", "MEM"]
+    assert lines[1].split() == ["sb-1", "prod/web", "512Mi"]
+    assert lines[2].split()[2] == "-" and len(lines[2]) > 120
+
+
+def test_wide_adds_columns_and_escapes_newlines():
+    text, _ = render("wide")
+    assert text.splitlines()[0].split() == ["NAME", "POD", "MEM", "NOTE"]
+    assert "two\\nlines" in text and len(text.splitlines()) == 3
+
+
+def test_json_shape():
+    text, _ = render("json", Result(kind="BalloonStatus", item={"target": 1}, changed=False, dry_run=True))
+    assert json.loads(text) == {"apiVersion": "katactl/v1", "kind": "BalloonStatus", "target": 1,
+                                "changed": False, "dryRun": True}
+
+
+def test_yaml_and_name():
+    text, _ = render("yaml")
+    d = yaml.safe_load(text)
+    assert d["kind"] == "SandboxList" and d["items"][0]["pod"]["name"] == "web"
+    text, _ = render("name")
+    assert text.splitlines() == ["sb-1", "sb-2"]
+
+
+def test_errors_go_to_stderr_and_json():
+    r = Result(kind="SandboxList", items=[], columns=COLS, multi_node=True,
+               errors=[{"node": "n2", "error": {"code": "Unreachable", "message": "boom", "exitCode": 7}}])
+    text, err = render(None, r)
+    assert "n2: boom" in err and text == ""
+    text, _ = render("json", r)
+    assert json.loads(text)["errors"][0]["node"] == "n2"
+
+
+def test_multi_node_adds_node_column():
+    r = Result(kind="SandboxList", items=[{"node": "n1", **ITEMS[0]}], columns=COLS, multi_node=True)
+    text, _ = render(None, r)
+    assert text.splitlines()[0].split()[0] == "NODE"
+
+
+def test_single_item_describe():
+    text, _ = render(None, Result(kind="Sandbox", item={"id": "abc", "pod": {"name": "web"}, "vcpus": 2}))
+    assert text.splitlines() == ["id: abc", "pod:", "  name: web", "vcpus: 2"]
+
+
+def test_table_on_a_real_tty():
+    """On a TTY: a Rich table, still one row per record at a normal width."""
+    master, slave = pty.openpty()
+    code = ("from katactl.output import *\n"
+            "Output(None).render(Result(kind='X', items=[{'name': 'sb-1', 'mem': 1}], "
+            "columns=[Column('NAME', 'name'), Column('MEM', 'mem')]))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=slave, stderr=subprocess.PIPE,
+                         env=dict(os.environ, COLUMNS="100", NO_COLOR="1"))
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            b = os.read(master, 4096)
+        except OSError:
+            break
+        if not b:
+            break
+        chunks.append(b)
+    p.wait()
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode())
+    assert p.returncode == 0, p.stderr.read()
+    rows = [l for l in text.splitlines() if l.strip() and not set(l.strip()) <= set("─━ ")]
+    assert rows[0].split() == ["NAME", "MEM"] and rows[1].split() == ["sb-1", "1"]
