@@ -29,7 +29,6 @@ import threading
 import time
 import traceback
 
-from katactl.lab import httpunix
 from katactl.lab import layout as L
 
 LAB_DIR = ".katactl-lab"
@@ -180,7 +179,7 @@ class LabSandbox:
             self.api = FcServer(sock, self.memory, balloon=bal, vm_id=self.id[:32])
 
     def start_shim(self) -> None:
-        self.shim = httpunix.serve(self.paths.shim_socket, LabShimHandler, sandbox=self)
+        self.shim = make_shim(self)
 
     def _on_event(self, ev: dict) -> None:
         name = ev.get("event")
@@ -291,16 +290,12 @@ class LabSandbox:
             raise ExtError(409, e.error_class, e.desc) from None
         return {"path": f"{d_node}/{name}", "format": fmt, "bytes": os.path.getsize(os.path.join(d, name))}
 
-    def metrics(self) -> str:
-        return render_metrics(self)
-
     def stop(self) -> None:
-        for srv in (self.shim,):
-            if srv is not None:
-                try:
-                    httpunix.shutdown(srv)
-                except Exception:
-                    pass
+        if self.shim is not None:
+            try:
+                self.shim.stop()
+            except Exception:
+                pass
         if self.api is not None:
             try:
                 self.api.close()
@@ -338,68 +333,106 @@ class ExtError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-# -- the lab shim (Go flavour) --------------------------------------------------
-class LabShimHandler(httpunix.Handler):
-    server_version = ""
+# -- the lab shim (Go flavour, katactl.lab.shimserver + the /ext/v1 extension) ---
+def _json_response(status: int, obj) -> "object":
+    from katactl.lab.shimserver import Response
 
-    def route(self, method):
-        sb: LabSandbox = self.server.sandbox
-        path, _, query = self.path.partition("?")
-        if path == "/metrics":
-            return self.send(200, sb.metrics(), "text/plain; version=0.0.4; charset=utf-8")
-        if path == "/agent-url":
-            with open(sb.paths.state_file) as f:
-                url = json.load(f).get("AgentState", {}).get("URL", "")
-            return self.send(200, url, "text/plain")
-        if path.startswith("/ext/v1/"):
+    return Response(status, json.dumps(obj), "application/json")
+
+
+def make_shim(sb: "LabSandbox"):
+    from katactl.lab.shimserver import ShimServer, ShimState
+
+    class LabShim(ShimServer):
+        def metrics_text(self) -> str:
+            refresh_shim_state(sb, self.state)
+            return super().metrics_text()
+
+        def handle_ext(self, req):
             if not sb.spec.get("extension", True):
-                return self.send(404, "404 page not found\n", "text/plain")
+                return None
             try:
-                return self.ext(sb, method, path[len("/ext/v1/"):])
+                return ext_route(sb, req.method, req.path[len("/ext/v1/"):] if req.path.startswith("/ext/v1/")
+                                 else None, req.body)
             except ExtError as e:
-                return self.send(e.status, {"error": {"code": e.code, "message": e.message}})
+                return _json_response(e.status, {"error": {"code": e.code, "message": e.message}})
             except Exception as e:  # noqa: BLE001
-                return self.send(500, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
-        return self.send(404, "404 page not found\n", "text/plain")
+                return _json_response(500, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
 
-    def ext(self, sb: LabSandbox, method: str, ep: str):
-        if ep == "capabilities":
-            if method != "GET":
-                raise ExtError(405, "MethodNotAllowed", "use GET")
-            feats = {"balloon": {"set": True, "guestStats": True} if sb.spec.get("balloon", True) else None,
-                     "vmcore": {"formats": ["elf", "kdump-zlib"]} if sb.hv == "qemu" else None}
-            return self.send(200, {"apiVersion": EXT_API, "kind": "ShimCapabilities",
-                                   "hypervisor": sb.hv, "features": [k for k, v in feats.items() if v],
-                                   "details": {k: v for k, v in feats.items() if v}})
-        if ep == "balloon":
-            if method == "GET":
-                return self.send(200, {"apiVersion": EXT_API, "kind": "Balloon", **sb.balloon_get()})
-            if method == "PUT":
-                try:
-                    body = self.json_body()
-                except ValueError:
-                    raise ExtError(400, "BadRequest", "body is not JSON") from None
-                if not isinstance(body, dict) or set(body) - {"targetBytes"} or \
-                        not isinstance(body.get("targetBytes"), int) or isinstance(body.get("targetBytes"), bool):
-                    raise ExtError(400, "BadRequest", 'expected {"targetBytes": <integer>}')
-                with sb.lock:
-                    return self.send(200, {"apiVersion": EXT_API, "kind": "Balloon",
-                                           **sb.balloon_set(body["targetBytes"])})
-            raise ExtError(405, "MethodNotAllowed", "use GET or PUT")
-        if ep == "vmcore":
-            if method != "POST":
-                raise ExtError(405, "MethodNotAllowed", "use POST")
+    with open(sb.paths.state_file) as f:
+        url = json.load(f).get("AgentState", {}).get("URL", "")
+    st = ShimState(sandbox_id=sb.id, hypervisor=sb.hv, shim_pid=os.getpid(),
+                   hypervisor_pid=sb.proc.pid if sb.proc else os.getpid(), agent_url=url,
+                   guest_mem_total=sb.memory, guest_mem_free=sb.memory, guest_mem_available=sb.memory)
+    return LabShim(sb.paths.shim_socket, flavour="go", state=st).start()
+
+
+def ext_route(sb: "LabSandbox", method: str, ep: str | None, raw: bytes):
+    if ep == "capabilities":
+        if method != "GET":
+            raise ExtError(405, "MethodNotAllowed", "use GET")
+        feats = {"balloon": {"set": True, "guestStats": True} if sb.spec.get("balloon", True) else None,
+                 "vmcore": {"formats": ["elf", "kdump-zlib"]} if sb.hv == "qemu" else None}
+        return _json_response(200, {"apiVersion": EXT_API, "kind": "ShimCapabilities",
+                                    "hypervisor": sb.hv, "features": [k for k, v in feats.items() if v],
+                                    "details": {k: v for k, v in feats.items() if v}})
+    if ep == "balloon":
+        if method == "GET":
+            return _json_response(200, {"apiVersion": EXT_API, "kind": "Balloon", **sb.balloon_get()})
+        if method == "PUT":
             try:
-                body = self.json_body() or {}
+                body = json.loads(raw) if raw else None
             except ValueError:
                 raise ExtError(400, "BadRequest", "body is not JSON") from None
-            fmt = body.get("format", "elf")
-            if fmt not in ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy"):
-                raise ExtError(400, "BadRequest", f"unknown format {fmt!r}")
+            t = body.get("targetBytes") if isinstance(body, dict) else None
+            if not isinstance(body, dict) or set(body) - {"targetBytes"} or not isinstance(t, int) \
+                    or isinstance(t, bool):
+                raise ExtError(400, "BadRequest", 'expected {"targetBytes": <integer>}')
             with sb.lock:
-                return self.send(200, {"apiVersion": EXT_API, "kind": "Vmcore",
-                                       **sb.vmcore(fmt, bool(body.get("paging", False)))})
-        raise ExtError(404, "NotFound", f"no extension endpoint {ep!r}")
+                return _json_response(200, {"apiVersion": EXT_API, "kind": "Balloon", **sb.balloon_set(t)})
+        raise ExtError(405, "MethodNotAllowed", "use GET or PUT")
+    if ep == "vmcore":
+        if method != "POST":
+            raise ExtError(405, "MethodNotAllowed", "use POST")
+        try:
+            body = (json.loads(raw) if raw else {}) or {}
+        except ValueError:
+            raise ExtError(400, "BadRequest", "body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ExtError(400, "BadRequest", "body must be a JSON object")
+        fmt = body.get("format", "elf")
+        if fmt not in ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy"):
+            raise ExtError(400, "BadRequest", f"unknown format {fmt!r}")
+        with sb.lock:
+            return _json_response(200, {"apiVersion": EXT_API, "kind": "Vmcore",
+                                        **sb.vmcore(fmt, bool(body.get("paging", False)))})
+    raise ExtError(404, "NotFound", f"no extension endpoint {ep!r}")
+
+
+def refresh_shim_state(sb: "LabSandbox", st) -> None:
+    """Put the real numbers the lab has into the shim's metrics state."""
+    me = _proc_status(os.getpid())
+    st.shim_rss = me.get("vmrss", st.shim_rss)
+    st.shim_threads = me.get("threads", st.shim_threads)
+    if sb.proc is not None and sb.proc.poll() is None:
+        hs = _proc_status(sb.proc.pid)
+        st.hypervisor_rss = hs.get("vmrss", st.hypervisor_rss)
+        st.hypervisor_threads = hs.get("threads", st.hypervisor_threads)
+        try:
+            st.hypervisor_fds = len(os.listdir(f"/proc/{sb.proc.pid}/fd"))
+        except OSError:
+            pass
+    try:
+        if sb.spec.get("balloon", True):
+            b = sb.balloon_get()
+            g = b.get("guest") or {}
+            if g.get("totalBytes"):
+                st.guest_mem_total = g["totalBytes"]
+                st.guest_mem_free = g.get("freeBytes") or 0
+                st.guest_mem_available = g.get("availableBytes") or 0
+            st.balloon_inflate = max(0, (b["memoryBytes"] - b["actualBytes"]) // 4096)
+    except Exception:
+        pass
 
 
 def _proc_status(pid: int) -> dict[str, int]:
@@ -415,45 +448,6 @@ def _proc_status(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-def render_metrics(sb: LabSandbox) -> str:
-    """Prometheus text with the real Kata metric names; numbers are real where the lab has them."""
-    lines: list[str] = []
-
-    def fam(name, help_, typ, samples):
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {typ}")
-        for labels, v in samples:
-            lab = ",".join(f'{k}="{val}"' for k, val in labels.items())
-            lines.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
-
-    me = _proc_status(os.getpid())
-    fam("kata_shim_threads", "Kata containerd shim v2 process threads.", "gauge", [({}, me.get("threads", 0))])
-    fam("kata_shim_proc_status", "Kata containerd shim v2 process status.", "gauge",
-        [({"item": k}, v) for k, v in me.items() if k in ("vmrss", "vmhwm", "rssanon", "vmswap", "vmsize")])
-    if sb.proc is not None and sb.proc.poll() is None:
-        hs = _proc_status(sb.proc.pid)
-        fam("kata_hypervisor_threads", "Hypervisor process threads.", "gauge", [({}, hs.get("threads", 0))])
-        fam("kata_hypervisor_proc_status", "Hypervisor process status.", "gauge",
-            [({"item": k}, v) for k, v in hs.items() if k in ("vmrss", "vmhwm", "rssanon", "vmswap", "vmsize")])
-        try:
-            nfd = len(os.listdir(f"/proc/{sb.proc.pid}/fd"))
-            fam("kata_hypervisor_fds", "Open FDs for hypervisor.", "gauge", [({}, nfd)])
-        except OSError:
-            pass
-    guest = None
-    try:
-        if sb.spec.get("balloon", True):
-            guest = sb.balloon_get().get("guest")
-    except Exception:
-        guest = None
-    if guest:
-        fam("kata_guest_meminfo", "Statistics about memory usage in the system.", "gauge",
-            [({"item": "mem_total"}, guest.get("totalBytes")), ({"item": "mem_free"}, guest.get("freeBytes")),
-             ({"item": "mem_available"}, guest.get("availableBytes"))])
-    fam("kata_agent_scrape_count", "Metrics scrape count", "counter", [({}, 1)])
-    return "\n".join(lines) + "\n"
 
 
 # -- the lab ---------------------------------------------------------------------
