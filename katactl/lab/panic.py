@@ -85,12 +85,21 @@ def default_dump(ctx: PanicContext) -> dict:
 
 
 def run(ctx: PanicContext) -> dict:
+    """katactl.vmcore.runtime_panic_dump when the vmcore module provides it, else default_dump."""
     try:
         from katactl import vmcore  # type: ignore[attr-defined]
 
         hook = getattr(vmcore, "runtime_panic_dump", None)
     except ImportError:
         hook = None
-    if hook is not None:
-        return hook(ctx)
-    return default_dump(ctx)
+    if hook is None:
+        return default_dump(ctx)
+    from katactl.backends.local import LocalTransport
+    from katactl.errors import Refused
+
+    try:
+        path = hook(LocalTransport(host_root=ctx.root), ctx.sandbox_id, ctx.qmp, ctx.dump_path_node,
+                    ctx.paging)
+    except Refused as e:  # the runtime logs and skips the dump
+        return {"path": None, "error": e.message}
+    return {"path": path, "error": None}
