@@ -1,0 +1,201 @@
+"""The node's *effective* Kata configuration, found and merged as the runtime does.
+
+Facts (reference/kata-node.md, checked against the Go runtime's
+``katautils.decodeConfig``/``decodeDropIns``):
+
+- Go runtime search order: ``/etc/kata-containers/configuration.toml``, then
+  ``/usr/share/defaults/kata-containers/configuration.toml``; kata-deploy
+  installs under ``/opt/kata/share/defaults/kata-containers/`` (searched last
+  here, because containerd points the shim at it explicitly there).
+- runtime-rs: the same directories with a ``runtime-rs/`` subfolder.
+- The chosen file is resolved through symlinks first (kata-deploy links
+  ``configuration.toml`` -> ``configuration-qemu.toml``); drop-ins are every
+  file in ``<dir of the resolved file>/config.d/``, applied in lexical order;
+  a drop-in replaces values and merges tables key by key.
+
+Everything goes through a NodeTransport (node paths), so --host-root and SSH
+work unchanged. Small and dependency-free on purpose: vmcore and upgrade use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from typing import Any
+
+from katactl.errors import NotFound, OperationFailed, UsageError
+
+GO_SEARCH = (
+    "/etc/kata-containers/configuration.toml",
+    "/usr/share/defaults/kata-containers/configuration.toml",
+    "/opt/kata/share/defaults/kata-containers/configuration.toml",
+)
+RS_SEARCH = (
+    "/etc/kata-containers/runtime-rs/configuration.toml",
+    "/usr/share/defaults/kata-containers/runtime-rs/configuration.toml",
+    "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration.toml",
+)
+HYPERVISORS = ("qemu", "clh", "cloud-hypervisor", "fc", "firecracker", "dragonball", "stratovirt",
+               "remote")
+MAX_DROPIN = 4 << 20
+
+
+@dataclasses.dataclass
+class KataConfig:
+    """The merged configuration and where it came from."""
+
+    path: str                 # the file found by the search (node path)
+    resolved: str             # after symlinks
+    dropins: list[str]        # applied, in order
+    data: dict[str, Any]      # merged TOML
+    runtime: str              # "go" | "rs"
+
+    @property
+    def hypervisor_name(self) -> str | None:
+        hv = self.data.get("hypervisor")
+        if isinstance(hv, dict):
+            for name in hv:
+                if isinstance(hv[name], dict):
+                    return name
+        return None
+
+    @property
+    def hypervisor(self) -> dict[str, Any]:
+        """The first (in practice the only) ``[hypervisor.<name>]`` table."""
+        name = self.hypervisor_name
+        return dict(self.data["hypervisor"][name]) if name else {}
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        cur: Any = self.data
+        for part in dotted.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                return default
+            cur = cur[part]
+        return cur
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "resolved": self.resolved, "dropins": list(self.dropins),
+                "runtime": self.runtime, "hypervisor": self.hypervisor_name}
+
+
+def search_paths(runtime: str = "go") -> tuple[str, ...]:
+    if runtime == "go":
+        return GO_SEARCH
+    if runtime == "rs":
+        return RS_SEARCH
+    raise UsageError(f"invalid runtime {runtime!r} (choose go or rs)")
+
+
+def realpath(transport, path: str, max_links: int = 40) -> str:
+    """Resolve symlinks in a node path through the transport (like EvalSymlinks)."""
+    parts = [p for p in path.split("/") if p]
+    out = "/"
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            out = posixpath.dirname(out) or "/"
+            continue
+        cand = posixpath.join(out, part)
+        try:
+            st = transport.stat(cand, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return posixpath.normpath(posixpath.join(cand, *parts))
+        if st.is_link:
+            links += 1
+            if links > max_links:
+                raise OperationFailed(f"{path}: too many levels of symbolic links")
+            target = transport.readlink(cand)
+            if target.startswith("/"):
+                out = "/"
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        out = cand
+    return out
+
+
+def parse_toml(text: str, where: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise OperationFailed(f"{where}: invalid TOML: {e}") from None
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Drop-in semantics: tables merge key by key, every other value replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def exists(transport, path: str) -> bool:
+    """Whether a node path exists, symlinks resolved inside the node (not on the host)."""
+    try:
+        transport.stat(realpath(transport, path), follow_symlinks=False)
+        return True
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return False
+    except OperationFailed:
+        return True   # a symlink loop: exists, and load() reports the loop
+
+
+def find_config(transport, runtime: str = "go") -> str:
+    for p in search_paths(runtime):
+        if exists(transport, p):
+            return p
+    raise NotFound(f"no Kata configuration on node {transport.node} (looked for "
+                   + ", ".join(search_paths(runtime)) + ")",
+                   hint="pass --kata-config PATH if the runtime is pointed elsewhere (ConfigPath in containerd)")
+
+
+def load(transport, path: str | None = None, runtime: str = "auto") -> KataConfig:
+    """The effective configuration: search (unless path), resolve, merge drop-ins.
+
+    runtime "auto" tries the Go runtime's paths first, then runtime-rs.
+    """
+    if path is None:
+        if runtime == "auto":
+            try:
+                path, runtime = find_config(transport, "go"), "go"
+            except NotFound:
+                try:
+                    path, runtime = find_config(transport, "rs"), "rs"
+                except NotFound:
+                    raise NotFound(f"no Kata configuration on node {transport.node} (looked for "
+                                   + ", ".join(GO_SEARCH + RS_SEARCH) + ")",
+                                   hint="pass --kata-config PATH (the file containerd's ConfigPath names)") from None
+        else:
+            path = find_config(transport, runtime)
+    elif runtime == "auto":
+        runtime = "rs" if "/runtime-rs/" in path else "go"
+    resolved = realpath(transport, path)
+    try:
+        text = transport.read_text(resolved, limit=MAX_DROPIN)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound(f"{path}: Kata configuration file not found on node {transport.node}") from None
+    data = parse_toml(text, resolved)
+    dropin_dir = posixpath.join(posixpath.dirname(resolved), "config.d")
+    applied: list[str] = []
+    try:
+        names = sorted(transport.listdir(realpath(transport, dropin_dir)))
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for name in names:
+        p = posixpath.join(dropin_dir, name)
+        try:
+            if transport.stat(realpath(transport, p), follow_symlinks=False).is_dir:
+                continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        data = merge(data, parse_toml(transport.read_text(realpath(transport, p), limit=MAX_DROPIN), p))
+        applied.append(p)
+    return KataConfig(path=path, resolved=resolved, dropins=applied, data=data, runtime=runtime)
