@@ -1,0 +1,282 @@
+"""katactl inspect cgroup|bvt|memcg|rdt|threads: host isolation as it really is."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from katactl.commands._common import new_app, state
+
+app = new_app("Show host isolation settings: cgroups, BVT, memcg QoS, RDT, vCPU threads.")
+
+
+def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
+    """Run fn(node) -> {"meta", "items"} on every selected node and render it.
+
+    One node: items as a table (meta in JSON next to items, a summary line on
+    stderr). Many nodes: items tagged with their node, metas under "nodes".
+    """
+    from katactl.commands._common import _progress_cb, finish
+    from katactl.fleet import run_on_nodes
+    from katactl.isolation.report import Node
+    from katactl.output import Result
+
+    fo = run_on_nodes(app_ctx.settings, lambda t: fn(Node(t)), progress=_progress_cb(app_ctx))
+    fo.raise_if_single_failure()
+    if not fo.multi:
+        v = fo.values[fo.nodes[0]]
+        res = Result(kind=kind, items=v["items"], item=v["meta"], columns=columns,
+                     summary=summary_fn(v["meta"], v["items"]) if summary_fn else None)
+        finish(app_ctx, res, 1 if any(i.get("errors") for i in v["items"]) else 0)
+        return
+    items, metas = [], {}
+    for n in fo.nodes:
+        if n in fo.values:
+            metas[n] = fo.values[n]["meta"]
+            items += [{"node": n, **i} for i in fo.values[n]["items"]]
+    res = Result(kind=kind, items=items, item={"nodes": metas}, columns=columns, errors=fo.error_items(),
+                 multi_node=True)
+    finish(app_ctx, res, fo.exit_code())
+
+
+@app.command("cgroup")
+def cgroup_cmd(
+    ctx: typer.Context,
+    target: Optional[str] = typer.Argument(None, metavar="TARGET",
+                                           help="A sandbox (id, prefix, NS/POD), a pod uid, a cgroup path, "
+                                                "or a cgroupfs directory."),
+    pid: Optional[int] = typer.Option(None, "--pid", metavar="PID", help="The cgroups of this process instead."),
+) -> None:
+    """Show a cgroup's CPU, cpuset and memory settings in every hierarchy.
+
+    Reads cgroup v1, v2 and hybrid mounts (kubelet cgroupfs and systemd
+    layouts): cpuset cpus/effective/mems, cpu.shares or cpu.weight with both
+    shares<->weight formulas (kubelet 1024->39, runc 1024->100), quota/period,
+    burst, cpu.bvt_warp_ns, memory limits and the memcg QoS knobs. For a Kata
+    sandbox: its pod cgroup, its sandbox cgroup and kata_overhead/<id>. Knobs
+    the kernel lacks are listed under "unsupported".
+
+    \b
+    Examples:
+      katactl inspect cgroup 3f2a9c                 # a sandbox by id prefix
+      katactl inspect cgroup batch/spark-exec-1     # a sandbox by NAMESPACE/POD
+      katactl inspect cgroup /kubepods/besteffort/pod4b1e...
+      katactl inspect cgroup /sys/fs/cgroup/cpu/kubepods/burstable
+      katactl inspect cgroup --pid 4242 -o json
+    """
+    from katactl.commands._common import fan_out_one
+    from katactl.errors import UsageError
+    from katactl.isolation.report import Node, inspect_cgroup
+
+    if (target is None) == (pid is None):
+        raise UsageError("give exactly one of TARGET or --pid PID")
+    if pid is not None and pid <= 0:
+        raise UsageError(f"invalid --pid {pid}: must be a positive process id")
+    fan_out_one(state(ctx), lambda t: inspect_cgroup(Node(t), target, pid), kind="CgroupInspection")
+
+
+def _supported_summary(what: str):
+    def f(meta, items):
+        if not meta.get("supported"):
+            return f"{what}: unsupported on this node: {meta.get('reason')}"
+        extra = meta.get("reason")
+        return f"{what}: {len(items)} cgroups" + (f" ({extra})" if extra else "")
+    return f
+
+
+@app.command("bvt")
+def bvt_cmd(ctx: typer.Context) -> None:
+    """Show BVT group identity (cpu.bvt_warp_ns) across the kubepods tree.
+
+    The switch kernel.sched_group_identity_enabled, then each kubepods,
+    QoS-level, pod and sandbox cgroup with its QoS class, online/offline class,
+    its bvt value and what koordinator would set (LS 2, BE -1, kubepods 0).
+    On kernels without group identity: "unsupported", exit 0.
+
+    \b
+    Examples:
+      katactl inspect bvt
+      katactl inspect bvt -o json | jq '.items[] | select(.ok == false)'
+    """
+    from katactl.isolation.policy import Policy
+    from katactl.isolation.report import inspect_bvt
+    from katactl.output import Column
+
+    cols = [Column("CGROUP", "path"), Column("LEVEL", "level"), Column("QOS", "qos"), Column("CLASS", "class"),
+            Column("POD", "pod"), Column("BVT", "bvtWarpNs"), Column("EXPECTED", "expected"), Column("OK", "ok"),
+            Column("IDENTITY", "identity", wide=True), Column("SHARES", "shares", wide=True),
+            Column("WEIGHT", "weight", wide=True)]
+
+    def summary(meta, items):
+        if not meta.get("supported"):
+            return f"BVT unsupported on this node: {meta.get('reason')}"
+        sw = meta["switch"]
+        return (f"group identity {'enabled' if sw['enabled'] else 'DISABLED'} "
+                f"({sw['file']}={sw['value'] if sw['value'] is not None else 'absent'}); "
+                f"{sum(1 for i in items if i.get('ok') is False)} cgroups differ from koordinator's values")
+
+    _node_report(state(ctx), lambda n: inspect_bvt(n, Policy()), kind="BvtReport", columns=cols,
+                 summary_fn=summary)
+
+
+@app.command("memcg")
+def memcg_cmd(ctx: typer.Context) -> None:
+    """Show memcg priorities, OOM settings and watermarks across the kubepods tree.
+
+    memory.priority / use_priority_oom / wmark_* are Alibaba Cloud Linux knobs;
+    where the kernel lacks them they show as "-" and are listed as unsupported.
+
+    \b
+    Examples:
+      katactl inspect memcg
+      katactl inspect memcg -o wide
+    """
+    from katactl.isolation.report import inspect_memcg
+    from katactl.output import Column
+    from katactl.values import format_size
+
+    def sz(v):
+        return v if isinstance(v, str) else format_size(v)
+
+    cols = [Column("CGROUP", "path"), Column("QOS", "qos"), Column("CLASS", "class"), Column("POD", "pod"),
+            Column("PRIO", "priority"), Column("PRIO-OOM", "usePriorityOom"), Column("OOM-GROUP", "oomGroup"),
+            Column("WMARK%", "wmarkRatio"), Column("MIN-ADJ", "wmarkMinAdj"),
+            Column("LIMIT", "limit", fmt=sz), Column("USAGE", "usage", fmt=sz),
+            Column("HIGH", "high", wide=True, fmt=sz), Column("LOW", "low", wide=True, fmt=sz),
+            Column("MIN", "min", wide=True, fmt=sz), Column("SCALE", "wmarkScaleFactor", wide=True),
+            Column("WMARK-HIGH", "wmarkHigh", wide=True, fmt=sz), Column("WMARK-LOW", "wmarkLow", wide=True, fmt=sz)]
+    _node_report(state(ctx), inspect_memcg, kind="MemcgReport", columns=cols,
+                 summary_fn=_supported_summary("memcg QoS"))
+
+
+@app.command("rdt")
+def rdt_cmd(
+    ctx: typer.Context,
+    interval: str = typer.Option("0", "--interval", metavar="DURATION",
+                                 help="Sample mon_data twice this far apart for bandwidth rates (0 = no rates)."),
+    decode: Optional[List[str]] = typer.Option(None, "--decode", metavar="LINE",
+                                               help="Only decode this schemata line (repeatable), no node access."),
+    cbm_mask: Optional[str] = typer.Option(None, "--cbm-mask", metavar="HEX",
+                                           help="With --decode: the cache's full mask (info/L3/cbm_mask)."),
+) -> None:
+    """Show resctrl (Intel RDT) groups with decoded schemata, like pqos -s.
+
+    Per group: L3 masks as ways and % of info/L3/cbm_mask (CDP L3DATA/L3CODE
+    lines separately), MB %, tasks, cpus, mon_data LLC occupancy and, with
+    --interval, memory bandwidth rates; and which sandboxes' threads sit in
+    which group. Without a resctrl mount: "unsupported", exit 0.
+
+    \b
+    Examples:
+      katactl inspect rdt
+      katactl inspect rdt --interval 1s -o wide
+      katactl inspect rdt --decode 'L3:0=7f0;1=ff' --cbm-mask 7ff
+    """
+    from katactl.errors import UsageError
+    from katactl.output import Column, Result
+    from katactl.values import format_size, parse_duration
+
+    app_ctx = state(ctx)
+    if decode:
+        from katactl.commands._common import finish
+        from katactl.isolation import resctrl
+
+        mask = None
+        if cbm_mask is not None:
+            try:
+                mask = int(cbm_mask.lower().removeprefix("0x"), 16)
+                if mask <= 0:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"invalid --cbm-mask {cbm_mask!r}: expected a hex mask such as 7ff") from None
+        lines = resctrl.decode_lines(decode, mask)
+        rows = [{"resource": ln["resource"], **d} for ln in lines for d in ln["domains"]]
+        cols = [Column("RESOURCE", "resource"), Column("ID", "id"), Column("MASK", "mask"), Column("WAYS", "ways"),
+                Column("BITS", "bits"), Column("SHARE%", "percent"), Column("PROBLEM", "problem")]
+        finish(app_ctx, Result(kind="SchemataDecode", items=rows, columns=cols))
+        return
+    if cbm_mask is not None:
+        raise UsageError("--cbm-mask only goes with --decode")
+    secs = parse_duration(interval, allow_zero=True, what="--interval")
+    if secs > 60:
+        raise UsageError(f"invalid --interval {interval!r}: at most 60s")
+    from katactl.isolation.report import inspect_rdt
+
+    def rate(v):
+        return format_size(v) + "/s"
+
+    def mon(key, fmt=format_size):
+        def get(item):
+            vals = [d.get(key) for d in (item.get("mon") or {}).values() if isinstance(d.get(key), int)]
+            return fmt(sum(vals)) if vals else None
+        return get
+
+    def sbs(item):
+        s = item.get("sandboxes")
+        if s is None:
+            return None
+        return ",".join(f"{x['id'][:12]}({x['vcpus']}v)" for x in s) or None
+
+    cols = [Column("GROUP", "name"), Column("TYPE", "type", wide=True), Column("MODE", "mode"),
+            Column("L3", lambda i: i.get("summary", {}).get("L3")),
+            Column("L3DATA", lambda i: i.get("summary", {}).get("L3DATA"), wide=True),
+            Column("L3CODE", lambda i: i.get("summary", {}).get("L3CODE"), wide=True),
+            Column("MB", lambda i: i.get("summary", {}).get("MB")),
+            Column("TASKS", "tasks"), Column("CPUS", "cpusList"),
+            Column("LLC", mon("llc_occupancy")), Column("MBM-TOTAL", mon("mbm_total_rate", rate), wide=True),
+            Column("MBM-LOCAL", mon("mbm_local_rate", rate), wide=True), Column("SANDBOXES", sbs),
+            Column("ERRORS", "errors", wide=True)]
+
+    def summary(meta, items):
+        if not meta.get("supported"):
+            return f"RDT unsupported on this node: {meta.get('reason')}"
+        l3 = meta["info"].get("L3", {})
+        errs = [e for i in items for e in i.get("errors", [])]
+        for e in errs:
+            app_ctx.out.warn(e)
+        return (f"resctrl at {meta['root']}: {len(items)} groups; L3 cbm_mask {l3.get('cbmMask', '-')} "
+                f"({l3.get('ways', '?')} ways), closids {l3.get('numClosids', '-')}")
+
+    _node_report(app_ctx, lambda n: inspect_rdt(n, secs), kind="RdtReport", columns=cols, summary_fn=summary)
+
+
+@app.command("threads")
+def threads_cmd(
+    ctx: typer.Context,
+    sandbox: Optional[str] = typer.Argument(None, metavar="SANDBOX",
+                                            help="Sandbox id, unique id prefix, or NAMESPACE/POD."),
+    pid: Optional[int] = typer.Option(None, "--pid", metavar="PID", help="Any process instead of a sandbox's VMM."),
+) -> None:
+    """Show a sandbox hypervisor's threads: vCPUs, affinity, cgroup, resctrl group, policy, nice.
+
+    vCPU threads are recognised per hypervisor: QEMU "CPU <n>/KVM",
+    Cloud Hypervisor "vcpu<n>", Firecracker "fc_vcpu <n>".
+
+    \b
+    Examples:
+      katactl inspect threads 3f2a9c
+      katactl inspect threads batch/spark-exec-1 -o wide
+      katactl inspect threads --pid 4242 -o json
+    """
+    from katactl.errors import UsageError
+    from katactl.isolation.report import inspect_threads
+    from katactl.output import Column
+
+    if (sandbox is None) == (pid is None):
+        raise UsageError("give exactly one of SANDBOX or --pid PID")
+    if pid is not None and pid <= 0:
+        raise UsageError(f"invalid --pid {pid}: must be a positive process id")
+    cols = [Column("TID", "tid"), Column("NAME", "name"), Column("ROLE", "role"), Column("VCPU", "vcpu"),
+            Column("AFFINITY", "affinity"), Column("CGROUP", lambda i: i["cgroups"].get("cpu") or i["cgroups"].get("unified")),
+            Column("RESCTRL", "resctrlGroup"), Column("POLICY", "policy"), Column("NICE", "nice"),
+            Column("CPUSET-CG", lambda i: i["cgroups"].get("cpuset"), wide=True),
+            Column("MEMORY-CG", lambda i: i["cgroups"].get("memory"), wide=True),
+            Column("LAST-CPU", "lastCpu", wide=True)]
+
+    def summary(meta, items):
+        sb = meta.get("sandbox")
+        head = f"sandbox {sb['id'][:12]} ({sb['hypervisor']}) " if sb else ""
+        return f"{head}pid {meta['pid']}: {meta['threads']} threads, {meta['vcpuThreads']} vCPU; resctrl {meta['resctrl']}"
+
+    _node_report(state(ctx), lambda n: inspect_threads(n, sandbox, pid), kind="ThreadList", columns=cols,
+                 summary_fn=summary)

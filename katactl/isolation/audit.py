@@ -1,0 +1,338 @@
+"""The co-location audit: read a node's isolation settings, compare them with
+a :class:`~katactl.isolation.policy.Policy`, and return findings.
+
+Each finding has a check id, a severity, the target, a message, the evidence
+(node file and the value read there) and a fix hint. A feature the kernel
+lacks is an ``info`` finding ("unsupported"), never an error.
+"""
+from __future__ import annotations
+
+from katactl.errors import NotFound
+from katactl.isolation import cgroups as cg
+from katactl.isolation import report, resctrl, threads, weights
+from katactl.isolation.policy import SEVERITIES, Policy
+from katactl.values import parse_cpulist
+
+
+class Findings:
+    def __init__(self, pol: Policy):
+        self.pol = pol
+        self.items: list[dict] = []
+
+    def add(self, check: str, target: str, message: str, evidence: list[dict], fix: str) -> None:
+        if not self.pol.enabled(check):
+            return
+        self.items.append({"check": check, "severity": self.pol.severity_of(check), "target": target,
+                           "message": message, "evidence": evidence, "fix": fix})
+
+
+def _ev(row: dict, fname: str, value) -> dict:
+    return {"file": row.get("_files", {}).get(fname, fname), "value": value}
+
+
+def _target(row: dict) -> str:
+    if row.get("pod"):
+        return f"pod {row['pod']}" + (f" ({row['level']})" if row["level"] not in ("pod",) else "")
+    if row.get("podUid"):
+        return f"pod uid {row['podUid']}" + (f" ({row['level']})" if row["level"] != "pod" else "")
+    return row["path"]
+
+
+def run(t, pol: Policy) -> dict:
+    node = report.Node(t)
+    node.fs.require()
+    f = Findings(pol)
+    node.rdt_be_exists = False
+    rows = report.kube_rows(node, ("cpu", "cpuset", "memory"))
+    root_cpus = _root_cpus(node)
+    _cpu_checks(f, pol, rows, root_cpus)
+    _bvt_checks(f, pol, node, rows)
+    _memcg_checks(f, pol, node, rows)
+    tid_group = _rdt_checks(f, pol, node)
+    _kata_checks(f, pol, node, tid_group)
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    f.items.sort(key=lambda x: (-order[x["severity"]], x["check"], x["target"]))
+    counts = {s: sum(1 for i in f.items if i["severity"] == s) for s in SEVERITIES}
+    return {"policy": pol.source, "hierarchy": node.fs.mode, "pods": sum(r["level"] == "pod" for r in rows),
+            "sandboxes": len(node.sandboxes), "counts": counts, "items": f.items}
+
+
+def exceeds(items: list[dict], fail_on: str) -> bool:
+    lim = SEVERITIES.index(fail_on)
+    return any(SEVERITIES.index(i["severity"]) >= lim for i in items)
+
+
+# -- cpu ---------------------------------------------------------------------------
+
+def _root_cpus(node) -> set[int] | None:
+    d = node.fs.dir("cpuset", "/")
+    if d is None:
+        return None
+    for fname in ("cpuset.effective_cpus", "cpuset.cpus.effective", "cpuset.cpus"):
+        try:
+            return set(parse_cpulist(node.t.read_text(f"{d}/{fname}").strip()))
+        except (OSError, Exception):  # noqa: BLE001 - a missing or odd file just means "unknown"
+            continue
+    return None
+
+
+def _pinned(row: dict, children: list[dict], root_cpus: set[int] | None) -> bool:
+    if root_cpus is None:
+        return False
+
+    def strict(r):
+        c = r.get("cpus")
+        if not c:
+            return False
+        try:
+            s = set(parse_cpulist(c))
+        except Exception:  # noqa: BLE001
+            return False
+        return bool(s) and s < root_cpus
+
+    if strict(row):
+        return True
+    ctrs = [c for c in children if c["level"] == "container"]
+    return bool(ctrs) and all(strict(c) for c in ctrs)
+
+
+def _cpu_checks(f: Findings, pol: Policy, rows: list[dict], root_cpus) -> None:
+    kids: dict[str, list[dict]] = {}
+    for r in rows:
+        pp = cg.pod_cgroup_path(r["path"])
+        if pp and pp != r["path"]:
+            kids.setdefault(pp, []).append(r)
+    for r in rows:
+        if r["level"] == "pod" and r["class"] == "online":
+            if pol.cpu.accept_pinned and _pinned(r, kids.get(r["path"], []), root_cpus):
+                continue
+            sh, w = r.get("shares"), r.get("weight")
+            if isinstance(sh, int) and sh < pol.cpu.online_min_shares:
+                f.add("cpu.online-weight", _target(r),
+                      f"online pod is not pinned and has cpu.shares {sh} < {pol.cpu.online_min_shares}",
+                      [_ev(r, "cpu.shares", sh), _ev(r, "cpuset.cpus", r.get("cpus"))],
+                      "give the pod integer CPU requests with the static CPU manager policy (pinned cpuset), "
+                      f"or requests worth at least {pol.cpu.online_min_shares} shares")
+            elif isinstance(w, int) and not weights.weight_at_least(w, pol.cpu.online_min_shares):
+                f.add("cpu.online-weight", _target(r),
+                      f"online pod is not pinned and has cpu.weight {w}, below {pol.cpu.online_min_shares} shares "
+                      f"under both conversions ({weights.weight_kubelet(pol.cpu.online_min_shares)} kubelet, "
+                      f"{weights.weight_runc(pol.cpu.online_min_shares)} runc)",
+                      [_ev(r, "cpu.weight", w), _ev(r, "cpuset.cpus", r.get("cpus"))],
+                      "pin the pod (static CPU manager) or raise its CPU requests")
+        if r["class"] == "offline" and r["level"] in ("pod", "sandbox"):
+            sh, w = r.get("shares"), r.get("weight")
+            mx = pol.cpu.offline_max_shares
+            if isinstance(sh, int) and sh > mx:
+                f.add("cpu.offline-weight", _target(r),
+                      f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} cgroup has cpu.shares {sh} > {mx}",
+                      [_ev(r, "cpu.shares", sh)],
+                      f"run offline work as BestEffort (kubelet sets shares 2) or set cpu.shares <= {mx} "
+                      "(koordinator batch resources)")
+            elif isinstance(w, int) and not weights.weight_at_most(w, mx):
+                f.add("cpu.offline-weight", _target(r),
+                      f"offline cgroup has cpu.weight {w}, above {mx} shares under both conversions",
+                      [_ev(r, "cpu.weight", w)], f"lower cpu.weight to at most {weights.weight_runc(mx)}")
+
+
+# -- bvt ---------------------------------------------------------------------------
+
+def _bvt_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
+    sup = report.bvt_support(node)
+    if not sup["supported"]:
+        f.add("bvt.unsupported", node.t.node, f"BVT group identity unsupported: {sup['reason']}",
+              [{"file": node.fs.dir("cpu", "/") or "cpu controller", "value": "no cpu.bvt_warp_ns"}],
+              "nothing to do on this kernel; use an Alibaba Cloud Linux / Anolis kernel for group identity")
+        return
+    sw = sup["switch"]
+    if pol.bvt.require_switch and sw["value"] is not None and sw["value"] != 1:
+        f.add("bvt.switch", node.t.node, "group identity is switched off: bvt values have no effect",
+              [{"file": sw["file"], "value": sw["value"]}],
+              "sysctl -w kernel.sched_group_identity_enabled=1 (and persist it in /etc/sysctl.d)")
+    any_offline_bvt = False
+    for r in rows:
+        v = r.get("bvtWarpNs")
+        if v is None:
+            continue
+        exp = report.expected_bvt(r, pol)
+        if r["class"] == "offline" and v == pol.bvt.offline:
+            any_offline_bvt = True
+        if exp is None or v == exp:
+            continue
+        if r["level"] in ("kubepods", "qos"):
+            check = "bvt.tree"
+        elif r["class"] == "offline":
+            check = "bvt.offline"
+        else:
+            check = "bvt.online"
+        what = {"bvt.offline": "offline (Kata) cgroup is not underclass",
+                "bvt.online": "online pod is not high class", "bvt.tree": "QoS-level cgroup"}[check]
+        note = " (identity does not inherit: the cgroup holding the vCPU threads needs it itself)" \
+            if r["level"] == "sandbox" else ""
+        f.add(check, _target(r), f"{what}: cpu.bvt_warp_ns is {v}, policy wants {exp}{note}",
+              [_ev(r, "cpu.bvt_warp_ns", v)],
+              f"echo {exp} > {r.get('_files', {}).get('cpu.bvt_warp_ns', 'cpu.bvt_warp_ns')} "
+              "(koordinator's CPUQoS plugin does this for every pod)")
+    core = sup.get("coreSched")
+    if core and core["value"] == 1 and any_offline_bvt:
+        f.add("bvt.core-sched", node.t.node, "core scheduling is on while offline cgroups use bvt -1 (they conflict)",
+              [{"file": core["file"], "value": 1}], "sysctl -w kernel.sched_core=0 on co-location nodes")
+
+
+# -- memcg ---------------------------------------------------------------------------
+
+def _memcg_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
+    sup = report.memcg_support(node)
+    if not sup["supported"]:
+        return
+    feats = sup["features"]
+    if sup.get("unsupported"):
+        f.add("memcg.unsupported", node.t.node, f"memcg QoS partly unsupported: {sup['reason']}",
+              [{"file": node.fs.dir("memory", "/kubepods") or "memory controller",
+                "value": "missing " + ",".join(sup["unsupported"])}],
+              "nothing to do on this kernel; Alibaba Cloud Linux / Anolis kernels provide these knobs")
+    if pol.memcg.check_priority and feats.get("memory.priority"):
+        ranked = [r for r in rows if r["level"] in ("pod", "qos") and isinstance(r.get("priority"), int)
+                  and r["class"] in ("online", "offline")]
+        on = [r for r in ranked if r["class"] == "online"]
+        off = [r for r in ranked if r["class"] == "offline"]
+        if on and off:
+            lo = min(on, key=lambda r: r["priority"])
+            hi = max(off, key=lambda r: r["priority"])
+            if lo["priority"] <= hi["priority"]:
+                f.add("memcg.priority-order", _target(hi),
+                      f"offline memcg priority {hi['priority']} is not below online priority {lo['priority']} "
+                      f"({_target(lo)}): under memory pressure online pods may be OOM-killed first",
+                      [_ev(hi, "memory.priority", hi["priority"]), _ev(lo, "memory.priority", lo["priority"])],
+                      "give offline cgroups a lower memory.priority than online ones (0..12, higher survives)")
+        kp = next((r for r in rows if r["level"] == "kubepods"), None)
+        if kp is not None and feats.get("memory.use_priority_oom") and kp.get("usePriorityOom") == 0:
+            f.add("memcg.priority-order", _target(kp), "priority OOM is off at the kubepods level: "
+                  "memory.priority is ignored by the OOM killer",
+                  [_ev(kp, "memory.use_priority_oom", 0)], "echo 1 > memory.use_priority_oom on kubepods")
+    if pol.memcg.check_wmark and feats.get("memory.wmark_ratio"):
+        for r in rows:
+            if r["level"] != "pod" or r["class"] not in ("online", "offline"):
+                continue
+            ev, bad = [], []
+            if isinstance(r.get("wmarkRatio"), int) and r["wmarkRatio"] != pol.memcg.wmark_ratio:
+                bad.append(f"wmark_ratio {r['wmarkRatio']} != {pol.memcg.wmark_ratio}")
+                ev.append(_ev(r, "memory.wmark_ratio", r["wmarkRatio"]))
+            want = pol.memcg.wmark_min_adj_online if r["class"] == "online" else pol.memcg.wmark_min_adj_offline
+            if isinstance(r.get("wmarkMinAdj"), int) and r["wmarkMinAdj"] != want:
+                bad.append(f"wmark_min_adj {r['wmarkMinAdj']} != {want}")
+                ev.append(_ev(r, "memory.wmark_min_adj", r["wmarkMinAdj"]))
+            if bad:
+                f.add("memcg.wmark", _target(r), f"{r['class']} pod async reclaim: " + "; ".join(bad), ev,
+                      "set the pod's memory.wmark_ratio / memory.wmark_min_adj as koordinator's MemoryQoS does")
+
+
+# -- rdt ---------------------------------------------------------------------------
+
+def _offline_sandboxes(node) -> list:
+    return list(node.sandboxes)  # co-location runs offline work in Kata
+
+
+def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
+    tree = node.rdt()
+    if tree is None:
+        f.add("rdt.unsupported", node.t.node, "RDT unsupported: resctrl is not mounted",
+              [{"file": "/sys/fs/resctrl", "value": "not mounted"}],
+              "mount -t resctrl resctrl /sys/fs/resctrl where the CPU has cat_l3/mba")
+        return None
+    groups = {g["name"]: g for g in tree["groups"]}
+    node.rdt_be_exists = pol.rdt.be_group in groups
+    for g in tree["groups"]:
+        for err in g.get("errors", []):
+            f.add("kata.unreadable", f"resctrl group {g['name']}", err, [{"file": g["dir"], "value": None}],
+                  "check the resctrl mount; rewrite the group's schemata")
+    be = groups.get(pol.rdt.be_group)
+    if be is None:
+        if _offline_sandboxes(node):
+            f.add("rdt.be-group", node.t.node,
+                  f"no resctrl group {pol.rdt.be_group!r} while {len(node.sandboxes)} offline sandboxes run: "
+                  "they share the whole LLC with online pods",
+                  [{"file": tree["root"], "value": sorted(n for n in groups if n != "/")}],
+                  f"create {tree['root']}/{pol.rdt.be_group} with L3 0-{pol.rdt.be_l3_max_percent:g}% "
+                  "(koordinator's RDT plugin) and move offline tasks into it")
+        return resctrl.tid_groups(tree)
+    sch = be.get("schemata") or []
+    pct, where = resctrl.max_cache_percent(sch)
+    if pct is not None and pct > pol.rdt.be_l3_max_percent:
+        cbm = tree["info"].get("L3", {}).get("cbmMask")
+        hint = ""
+        if isinstance(cbm, int):
+            m = resctrl.mask_from_percent(cbm, 0, pol.rdt.be_l3_max_percent)
+            hint = f" (mask 0x{m:x} for 0-{pol.rdt.be_l3_max_percent:g}% of cbm_mask 0x{cbm:x})"
+        f.add("rdt.be-l3", f"resctrl group {pol.rdt.be_group}",
+              f"BE group may use {pct:g}% of the L3 ways, policy allows {pol.rdt.be_l3_max_percent:g}%",
+              [{"file": be["dir"] + "/schemata", "value": where}],
+              f"write a smaller L3 mask to {be['dir']}/schemata{hint}")
+    for ln in sch:
+        if ln["kind"] == "bandwidth" and ln["resource"] == "MB":
+            for d in ln["domains"]:
+                if "percent" in d and d["percent"] > pol.rdt.be_mb_max_percent:
+                    f.add("rdt.be-mb", f"resctrl group {pol.rdt.be_group}",
+                          f"BE memory bandwidth {d['percent']}% on domain {d['id']} > {pol.rdt.be_mb_max_percent:g}%",
+                          [{"file": be["dir"] + "/schemata", "value": f"MB:{d['id']}={d['percent']}"}],
+                          f"write MB:{d['id']}={int(pol.rdt.be_mb_max_percent)} to the BE schemata")
+    return resctrl.tid_groups(tree)
+
+
+# -- kata --------------------------------------------------------------------------
+
+def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | None) -> None:
+    for sb in node.sandboxes:
+        tgt = f"sandbox {sb.id[:12]}" + (f" (pod {sb.pod_ref})" if sb.pod_ref else "")
+        sp, op = node.sandbox_cgroup(sb), node.overhead_cgroup(sb)
+        if pol.kata.require_sandbox_cgroup_only and sb.sandbox_cgroup_only is False:
+            ev = [{"file": sb.state_file, "key": "Config.SandboxCgroupOnly", "value": False},
+                  {"file": sb.state_file, "key": "OverheadCgroupPath", "value": sb.overhead_cgroup_path}]
+            if op:
+                d = node.fs.dir("cpu", op)
+                if d:
+                    try:
+                        n = len(node.t.read_text(d + "/tasks" if node.fs.version_of("cpu") == 1
+                                                 else d + "/cgroup.threads").split())
+                        ev.append({"file": d + ("/tasks" if node.fs.version_of("cpu") == 1 else "/cgroup.threads"),
+                                   "value": f"{n} threads"})
+                    except OSError:
+                        pass
+            f.add("kata.sandbox-cgroup-only", tgt,
+                  f"sandbox_cgroup_only=false: the VMM's non-vCPU threads (I/O, virtiofsd, shim) run in "
+                  f"{op or 'kata_overhead'} outside the pod's offline CPU/memory limits",
+                  ev, "set [runtime] sandbox_cgroup_only = true in the Kata configuration (new sandboxes)")
+        if not sb.hypervisor_pid:
+            continue
+        try:
+            ths = threads.list_threads(node.t, sb.hypervisor_pid, hypervisor=sb.hypervisor,
+                                       tid_groups=tid_group, controllers=("cpu", "unified"))
+        except NotFound:
+            f.add("kata.unreadable", tgt, f"hypervisor pid {sb.hypervisor_pid} is not running: threads not checked",
+                  [{"file": f"/proc/{sb.hypervisor_pid}", "value": "missing"}], "katactl sandbox list (stale state?)")
+            continue
+        vcpus = [th for th in ths if th["role"] == "vcpu"]
+        if pol.kata.vcpus_in_sandbox_cgroup and sp:
+            outside = [th for th in vcpus if not _inside(threads.primary_cgroup(th), sp)]
+            if outside:
+                f.add("kata.vcpu-cgroup", tgt,
+                      f"{len(outside)} of {len(vcpus)} vCPU threads are outside the sandbox cgroup {sp}",
+                      [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}/cgroup",
+                        "value": f"{th['name']}: {threads.primary_cgroup(th)}"} for th in outside[:8]],
+                      "the runtime moves vCPU threads after boot; check the shim log, or restart the pod")
+        if tid_group is not None and pol.rdt.check_threads and vcpus:
+            wrong = [th for th in vcpus if th.get("resctrlGroup") != pol.rdt.be_group]
+            if wrong and node.rdt_be_exists:
+                f.add("rdt.offline-threads", tgt,
+                      f"{len(wrong)} of {len(vcpus)} vCPU threads are not in resctrl group {pol.rdt.be_group!r}",
+                      [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}", "value":
+                        f"{th['name']}: resctrl group {th.get('resctrlGroup')}"} for th in wrong[:8]],
+                      f"echo TID > /sys/fs/resctrl/{pol.rdt.be_group}/tasks for each vCPU thread "
+                      "(koordinator's resctrl reconciler does this for BE pods)")
+
+
+def _inside(path: str | None, parent: str) -> bool:
+    if not path:
+        return False
+    p, q = cg.norm_cgpath(path), cg.norm_cgpath(parent)
+    return p == q or p.startswith(q.rstrip("/") + "/")

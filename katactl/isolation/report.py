@@ -1,0 +1,358 @@
+"""The inspect reports: cgroup, bvt, memcg, rdt and threads, as plain dicts.
+
+A :class:`Node` caches what several reports need (mounts, sandboxes, the
+resctrl tree) for one transport.
+"""
+from __future__ import annotations
+
+import re
+
+from katactl.errors import NotFound, UsageError
+from katactl.isolation import cgroups as cg
+from katactl.isolation import resctrl, threads
+
+_UID_RE = re.compile(r"^[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}$")
+
+BVT_SWITCH = "/proc/sys/kernel/sched_group_identity_enabled"
+CORE_SCHED = "/proc/sys/kernel/sched_core"
+
+
+class Node:
+    """Lazily read facts about one node, shared by the reports and the audit."""
+
+    def __init__(self, t):
+        self.t = t
+        self._fs = None
+        self._sandboxes = None
+        self._rdt = None
+
+    @property
+    def fs(self) -> cg.CgroupFS:
+        if self._fs is None:
+            self._fs = cg.CgroupFS(self.t)
+        return self._fs
+
+    @property
+    def sandboxes(self) -> list:
+        if self._sandboxes is None:
+            from katactl import sandbox
+
+            self._sandboxes = sandbox.discover(self.t, check=False)
+        return self._sandboxes
+
+    def resolve_sandbox(self, ref: str):
+        from katactl import sandbox
+
+        return sandbox.resolve(self.t, ref, check=False)
+
+    def sandbox_cgroup(self, sb) -> str | None:
+        return cg.expand_systemd(sb.sandbox_cgroup_path) if sb.sandbox_cgroup_path else None
+
+    def overhead_cgroup(self, sb) -> str | None:
+        return cg.expand_systemd(sb.overhead_cgroup_path) if sb.overhead_cgroup_path else None
+
+    def sandbox_by_pod_cgroup(self) -> dict[str, object]:
+        """pod cgroup path -> sandbox (and pod uid -> sandbox under key 'uid:<uid>')."""
+        out: dict[str, object] = {}
+        for sb in self.sandboxes:
+            p = self.sandbox_cgroup(sb)
+            pod = cg.pod_cgroup_path(p) if p else None
+            if pod:
+                out[pod] = sb
+            uid = (sb.pod or {}).get("uid")
+            if uid:
+                out["uid:" + uid] = sb
+        return out
+
+    def rdt(self, interval: float = 0.0) -> dict | None:
+        if self.fs.resctrl is None:
+            return None
+        if self._rdt is None or interval:
+            opts = self.fs.resctrl.options
+            self._rdt = resctrl.read_tree(self.t, self.fs.resctrl.mountpoint, interval=interval,
+                                          mba_mbps="mba_MBps" in opts)
+        return self._rdt
+
+
+# -- inspect cgroup --------------------------------------------------------------
+
+def cgroup_entry(node: Node, path: str, role: str, members: bool = True) -> dict:
+    fs, t = node.fs, node.t
+    knobs, log = cg.read_knobs(t, fs, path)
+    present = fs.exists(path)
+    e = {"role": role, "path": path, "presentIn": present, **_layout(path)}
+    e.update(knobs)
+    if members:
+        e["members"] = cg.read_members(t, fs, path)
+    e["unsupported"] = sorted(set(log.unsupported)) if present else []
+    if log.unreadable:
+        e["unreadable"] = log.unreadable
+    e["files"] = log.files
+    return e
+
+
+def _layout(path: str) -> dict:
+    c = cg.classify(path)
+    return {"layout": {k: v for k, v in c.items() if v is not None}}
+
+
+def inspect_cgroup(node: Node, target: str | None, pid: int | None = None) -> dict:
+    """Resolve TARGET (a cgroup path, a cgroupfs directory, a pod uid, a sandbox)
+    and report its cgroup(s)."""
+    fs = node.fs
+    fs.require()
+    cgroups: list[tuple[str, str]] = []
+    info: dict = {"target": target if target is not None else f"pid {pid}", "hierarchy": fs.mode,
+                  "mounts": {lab: m.mountpoint for lab, m in fs.hierarchies().items()}}
+    if pid is not None:
+        pc = cg.proc_cgroups(node.t, pid)
+        seen = []
+        for lab in ("cpu", "cpuset", "memory", "unified"):
+            p = pc.get(lab)
+            if p and p not in seen:
+                seen.append(p)
+                cgroups.append((f"process ({lab})" if len(seen) > 1 else "process", p))
+    elif target.startswith("/"):
+        cgroups.append(("path", fs.resolve_path(target)))
+    elif target.startswith("pod/") and _UID_RE.match(target[4:]) or _UID_RE.match(target):
+        uid = target.removeprefix("pod/").replace("_", "-")
+        cgroups.append(("pod", find_pod_cgroup(node, uid)))
+    else:
+        sb = node.resolve_sandbox(target)
+        info["sandbox"] = {"id": sb.id, "pod": sb.pod, "hypervisor": sb.hypervisor,
+                           "sandboxCgroupOnly": sb.sandbox_cgroup_only}
+        sp, op = node.sandbox_cgroup(sb), node.overhead_cgroup(sb)
+        pod = cg.pod_cgroup_path(sp) if sp else None
+        if pod and pod != sp:
+            cgroups.append(("pod", pod))
+        if sp:
+            cgroups.append(("sandbox", sp))
+        if op:
+            cgroups.append(("overhead", op))
+        if not cgroups:
+            raise NotFound(f"sandbox {sb.id}: its state file records no cgroup path")
+    info["cgroups"] = [cgroup_entry(node, p, role) for role, p in cgroups]
+    return info
+
+
+def find_pod_cgroup(node: Node, uid: str) -> str:
+    for e in cg.kubepods_tree(node.t, node.fs):
+        if e["level"] == "pod" and (e["podUid"] or "").lower() == uid.lower():
+            return e["path"]
+    raise NotFound(f"no pod cgroup for uid {uid} under kubepods (cgroupfs or systemd layout)")
+
+
+# -- inspect bvt ----------------------------------------------------------------
+
+def _read_int(t, path: str):
+    try:
+        return int(t.read_text(path).strip())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+def bvt_support(node: Node) -> dict:
+    t, fs = node.t, node.fs
+    out: dict = {"supported": False}
+    cpu_root = fs.dir("cpu", "/")
+    if cpu_root is None:
+        out["reason"] = "no cpu controller mounted"
+        return out
+    probe = [fs.dir("cpu", p) for p in ("/kubepods", "/kubepods.slice", "/")]
+    hit = next((d for d in probe if d and t.exists(d + "/cpu.bvt_warp_ns")), None)
+    if hit is None:
+        out["reason"] = ("kernel has no group identity (no cpu.bvt_warp_ns in the cpu controller; "
+                         "needs an Alibaba Cloud Linux / Anolis kernel)")
+        return out
+    out["supported"] = True
+    out["probe"] = hit + "/cpu.bvt_warp_ns"
+    sw = _read_int(t, BVT_SWITCH)
+    out["switch"] = {"file": BVT_SWITCH, "value": sw,
+                     "enabled": (sw == 1) if sw is not None else True,
+                     "note": None if sw is not None else "no switch on this kernel: on while the file exists"}
+    core = _read_int(t, CORE_SCHED)
+    if core is not None:
+        out["coreSched"] = {"file": CORE_SCHED, "value": core}
+    return out
+
+
+def kube_rows(node: Node, sections=("cpu",), only: set[str] | None = None) -> list[dict]:
+    """One row per cgroup in kubelet's tree (+ kata_overhead), with knobs read."""
+    t, fs = node.t, node.fs
+    by_pod = node.sandbox_by_pod_cgroup()
+    rows = []
+    tree = cg.kubepods_tree(t, fs, controller="cpu" if "cpu" in sections else "memory")
+    tree += [{"path": p, **cg.classify(p)} for p in cg.overhead_cgroups(t, fs, "cpu" if "cpu" in sections else "memory")]
+    for e in tree:
+        path = e["path"]
+        knobs, log = cg.read_knobs(t, fs, path, sections=sections, only=only)
+        pod_path = cg.pod_cgroup_path(path)
+        sb = by_pod.get(pod_path) if pod_path else None
+        if sb is None and e["level"] == "overhead":
+            sb = next((s for s in node.sandboxes if s.id == e["sandbox"]), None)
+        row = {"path": path, "level": e["level"], "qos": e.get("qos"), "podUid": e.get("podUid"),
+               "sandbox": sb.id if sb is not None else e.get("sandbox"),
+               "pod": (sb.pod_ref if sb is not None else None),
+               "class": workload_class(e, sb)}
+        for s in sections:
+            row.update({k: v for k, v in knobs.get(s, {}).items()})
+        row["_files"] = log.files
+        if log.unreadable:
+            row["unreadable"] = log.unreadable
+        rows.append(row)
+    return rows
+
+
+def workload_class(e: dict, sb) -> str | None:
+    """online / offline / system for a kubelet-tree cgroup (Kata = offline, as co-location runs it)."""
+    if e["level"] in ("kubepods",):
+        return "system"
+    if e["level"] == "overhead":
+        return "offline"
+    if sb is not None or e.get("qos") == "besteffort":
+        return "offline"
+    if e["level"] == "qos":
+        return "online"
+    return "online" if e.get("qos") else None
+
+
+def expected_bvt(row: dict, pol) -> int | None:
+    lvl, qos = row["level"], row.get("qos")
+    if lvl == "kubepods":
+        return pol.bvt.kubepods
+    if lvl == "qos":
+        return pol.bvt.offline if qos == "besteffort" else pol.bvt.online
+    if lvl == "overhead":
+        return None
+    return pol.bvt.offline if row.get("class") == "offline" else pol.bvt.online
+
+
+def inspect_bvt(node: Node, pol) -> dict:
+    sup = bvt_support(node)
+    node.fs.require()
+    rows = []
+    if sup["supported"]:
+        for r in kube_rows(node, ("cpu",), only={"cpu.bvtWarpNs", "cpu.identity", "cpu.shares", "cpu.weight"}):
+            r.pop("_files", None)
+            r["expected"] = expected_bvt(r, pol)
+            r["ok"] = None if r["expected"] is None or r.get("bvtWarpNs") is None else r["bvtWarpNs"] == r["expected"]
+            rows.append(r)
+    return {"meta": sup, "items": rows}
+
+
+# -- inspect memcg --------------------------------------------------------------
+
+MEMCG_KEYS = {"memory.limit", "memory.usage", "memory.high", "memory.low", "memory.min", "memory.oomGroup",
+              "memory.usePriorityOom", "memory.priority", "memory.wmarkRatio", "memory.wmarkHigh",
+              "memory.wmarkLow", "memory.wmarkScaleFactor", "memory.wmarkMinAdj"}
+ALINUX_MEMCG = ("memory.use_priority_oom", "memory.priority", "memory.wmark_ratio", "memory.wmark_scale_factor",
+                "memory.wmark_min_adj")
+
+
+def memcg_support(node: Node) -> dict:
+    t, fs = node.t, node.fs
+    d = next((fs.dir("memory", p) for p in ("/kubepods", "/kubepods.slice", "/")
+              if fs.dir("memory", p) and t.is_dir(fs.dir("memory", p))), None)
+    if d is None:
+        return {"supported": False, "reason": "no memory controller mounted", "features": {}}
+    feats = {f: t.exists(f"{d}/{f}") for f in ALINUX_MEMCG}
+    out = {"supported": True, "version": fs.version_of("memory"), "features": feats}
+    missing = [f for f, ok in feats.items() if not ok]
+    if missing:
+        out["unsupported"] = missing
+        out["reason"] = "kernel lacks the Alinux memcg QoS knobs: " + ", ".join(missing)
+    return out
+
+
+def inspect_memcg(node: Node) -> dict:
+    node.fs.require()
+    sup = memcg_support(node)
+    rows = []
+    if sup["supported"]:
+        for r in kube_rows(node, ("memory",), only=MEMCG_KEYS):
+            r.pop("_files", None)
+            rows.append(r)
+    return {"meta": sup, "items": rows}
+
+
+# -- inspect rdt -----------------------------------------------------------------
+
+def inspect_rdt(node: Node, interval: float = 0.0, with_sandboxes: bool = True) -> dict:
+    fs = node.fs
+    if fs.resctrl is None:
+        return {"meta": {"supported": False,
+                         "reason": "resctrl is not mounted (mount -t resctrl resctrl /sys/fs/resctrl)",
+                         "cpuFlags": resctrl.cpu_has_rdt(node.t)}, "items": []}
+    tree = node.rdt(interval)
+    meta = {"supported": True, "root": tree["root"], "options": sorted(fs.resctrl.options - {"rw", "relatime"}),
+            "info": _info_json(tree["info"])}
+    if with_sandboxes:
+        _attach_sandboxes(node, tree)
+    items = []
+    for g in tree["groups"]:
+        g = dict(g)
+        g["tasks"] = len(g.get("tasks", []))
+        items.append(g)
+    return {"meta": meta, "items": items}
+
+
+def _info_json(info: dict) -> dict:
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            v = dict(v)
+            if isinstance(v.get("cbmMask"), int):
+                v["cbmMask"] = f"0x{v['cbmMask']:x}"
+                v["ways"] = int(v["cbmMask"], 16).bit_length()
+        out[k] = v
+    return out
+
+
+def _attach_sandboxes(node: Node, tree: dict) -> None:
+    tg = resctrl.tid_groups(tree)
+    by_group: dict[str, list] = {}
+    for sb in node.sandboxes:
+        if not sb.hypervisor_pid:
+            continue
+        try:
+            ths = threads.list_threads(node.t, sb.hypervisor_pid, hypervisor=sb.hypervisor, tid_groups=tg,
+                                       controllers=())
+        except NotFound:
+            continue
+        counts: dict[str, dict] = {}
+        for th in ths:
+            c = counts.setdefault(th["resctrlGroup"], {"threads": 0, "vcpus": 0})
+            c["threads"] += 1
+            c["vcpus"] += th["role"] == "vcpu"
+        for gname, c in counts.items():
+            by_group.setdefault(gname, []).append({"id": sb.id, "pod": sb.pod_ref, **c})
+    for g in tree["groups"]:
+        if g["type"] != "mon":
+            g["sandboxes"] = by_group.get(g["name"], [])
+
+
+# -- inspect threads ---------------------------------------------------------------
+
+def inspect_threads(node: Node, ref: str | None, pid: int | None = None) -> dict:
+    hv = None
+    meta: dict = {}
+    if ref is not None:
+        sb = node.resolve_sandbox(ref)
+        if not sb.hypervisor_pid:
+            raise NotFound(f"sandbox {sb.id}: no hypervisor pid recorded in {sb.state_file}")
+        pid, hv = sb.hypervisor_pid, sb.hypervisor
+        meta["sandbox"] = {"id": sb.id, "pod": sb.pod, "hypervisor": hv,
+                           "sandboxCgroup": node.sandbox_cgroup(sb), "overheadCgroup": node.overhead_cgroup(sb),
+                           "sandboxCgroupOnly": sb.sandbox_cgroup_only}
+    if pid is None or pid <= 0:
+        raise UsageError("give a SANDBOX or --pid PID (a positive process id)")
+    rdt = node.rdt() if node.fs.resctrl is not None else None
+    tg = resctrl.tid_groups(rdt) if rdt else None
+    rows = threads.list_threads(node.t, pid, hypervisor=hv, tid_groups=tg)
+    meta["pid"] = pid
+    meta["resctrl"] = "mounted" if rdt else "unsupported (resctrl not mounted)"
+    meta["vcpuThreads"] = sum(r["role"] == "vcpu" for r in rows)
+    meta["threads"] = len(rows)
+    return {"meta": meta, "items": rows}

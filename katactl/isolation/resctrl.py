@@ -1,0 +1,334 @@
+"""Intel RDT through resctrl: groups, decoded schemata, monitoring.
+
+Layout (Documentation/arch/x86/resctrl.rst): the mount root is the default
+group; each top-level directory except ``info``, ``mon_groups`` and
+``mon_data`` is a CTRL_MON group; ``mon_groups/<x>`` are monitor-only groups.
+Each group has ``tasks``, ``cpus``, ``cpus_list``, ``schemata``, ``mode``,
+``size`` and ``mon_data/mon_L3_<id>/{llc_occupancy,mbm_total_bytes,
+mbm_local_bytes}``. Schemata lines: ``L3:0=fff;1=fff`` (hex capacity bitmasks
+per cache id; ``L3DATA``/``L3CODE`` with CDP; ids may have gaps),
+``MB:0=100;1=100`` (percent, or MBps when mounted with ``mba_MBps``).
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+
+from katactl.errors import UsageError
+
+SPECIAL = {"info", "mon_groups", "mon_data"}
+CACHE_RES = re.compile(r"^(L2|L3)(DATA|CODE)?$")
+_LINE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:\s*(.*?)\s*$")
+_DOM = re.compile(r"^\s*(\d+)\s*=\s*([0-9A-Za-z]+)\s*$")
+
+
+class SchemataError(ValueError):
+    """A schemata line that does not follow the kernel's format."""
+
+
+def parse_schemata(text: str) -> list[dict]:
+    """'L3:0=fff;1=fff\\nMB:0=100' -> [{"resource": "L3", "domains": {0: "fff", 1: "fff"}}, ...].
+
+    Raises SchemataError naming the line for anything malformed.
+    """
+    out = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        m = _LINE.match(raw)
+        if not m:
+            raise SchemataError(f"line {n} {raw.strip()!r}: expected RESOURCE:ID=VALUE;ID=VALUE")
+        res, body = m.group(1).upper(), m.group(2)
+        if not body:
+            raise SchemataError(f"line {n} {raw.strip()!r}: no domains after '{m.group(1)}:'")
+        doms: dict[int, str] = {}
+        for part in body.split(";"):
+            dm = _DOM.match(part)
+            if not dm:
+                raise SchemataError(f"line {n} {raw.strip()!r}: bad domain {part.strip()!r} (expected ID=VALUE)")
+            did, val = int(dm.group(1)), dm.group(2)
+            if did in doms:
+                raise SchemataError(f"line {n} {raw.strip()!r}: cache id {did} appears twice")
+            if CACHE_RES.match(res):
+                if not re.fullmatch(r"[0-9a-fA-F]+", val):
+                    raise SchemataError(f"line {n} {raw.strip()!r}: mask {val!r} for id {did} is not hexadecimal")
+            elif res.startswith("MB") or res == "SMBA":
+                if not val.isdigit():
+                    raise SchemataError(f"line {n} {raw.strip()!r}: bandwidth {val!r} for id {did} is not a number")
+            doms[did] = val
+        out.append({"resource": res, "domains": doms, "line": raw.strip()})
+    return out
+
+
+def bits_of(mask: int) -> list[int]:
+    return [i for i in range(mask.bit_length()) if mask >> i & 1]
+
+
+def _ranges(bits: list[int]) -> str:
+    from katactl.values import format_cpulist
+
+    return format_cpulist(bits) if bits else "-"
+
+
+def decode_mask(mask: int, cbm_mask: int | None, min_cbm_bits: int = 1) -> dict:
+    """A capacity bitmask -> ways, bit range and share of cbm_mask."""
+    bits = bits_of(mask)
+    total = (cbm_mask or 0).bit_length() or None
+    contiguous = not bits or bits == list(range(bits[0], bits[-1] + 1))
+    d = {"mask": f"0x{mask:x}", "ways": len(bits), "bits": _ranges(bits), "contiguous": contiguous}
+    if total:
+        d["totalWays"] = total
+        d["percent"] = round(100.0 * len(bits) / total, 1)
+        d["startPercent"] = round(100.0 * bits[0] / total, 1) if bits else None
+        d["endPercent"] = round(100.0 * (bits[-1] + 1) / total, 1) if bits else None
+        if cbm_mask is not None and mask & ~cbm_mask:
+            d["problem"] = f"mask sets bits outside cbm_mask 0x{cbm_mask:x}"
+    if not bits:
+        d["problem"] = "empty mask"
+    elif not contiguous:
+        d["problem"] = "non-contiguous mask (Intel requires contiguous ways)"
+    elif len(bits) < min_cbm_bits:
+        d["problem"] = f"fewer than min_cbm_bits={min_cbm_bits} ways"
+    return d
+
+
+def mask_from_percent(cbm_mask: int, start_pct: float, end_pct: float) -> int:
+    """koordinator's conversion: ways = bit length of cbm_mask; start = ceil(ways*start%),
+    end = ceil(ways*end%); mask = (1<<end) - (1<<start)."""
+    ways = cbm_mask.bit_length()
+    start = math.ceil(ways * start_pct / 100.0)
+    end = math.ceil(ways * end_pct / 100.0)
+    return (1 << end) - (1 << start)
+
+
+def decode_schemata(lines: list[dict], info: dict, mba_mbps: bool = False) -> list[dict]:
+    """Parsed lines -> decoded lines (per domain: mask/ways/% or bandwidth)."""
+    out = []
+    for ln in lines:
+        res = ln["resource"]
+        m = CACHE_RES.match(res)
+        doms = []
+        if m:
+            base = info.get(m.group(1), {})
+            cbm = base.get("cbmMask")
+            minb = base.get("minCbmBits") or 1
+            for did in sorted(ln["domains"]):
+                d = {"id": did, **decode_mask(int(ln["domains"][did], 16), cbm, minb)}
+                doms.append(d)
+            kind = "cache"
+        else:
+            for did in sorted(ln["domains"]):
+                v = int(ln["domains"][did]) if ln["domains"][did].isdigit() else ln["domains"][did]
+                doms.append({"id": did, ("mbps" if mba_mbps else "percent"): v})
+            kind = "bandwidth" if res.startswith("MB") or res == "SMBA" else "other"
+        out.append({"resource": res, "kind": kind, "cdp": res.endswith(("DATA", "CODE")), "domains": doms})
+    return out
+
+
+def summarize(decoded: list[dict]) -> dict:
+    """Compact per-resource strings for tables: 'L3': '0=0xf(4w 36%);1=...'."""
+    out = {}
+    for ln in decoded:
+        parts = []
+        for d in ln["domains"]:
+            if ln["kind"] == "cache":
+                pct = f" {d['percent']:g}%" if "percent" in d else ""
+                parts.append(f"{d['id']}={d['mask']}({d['ways']}w{pct})")
+            else:
+                v = d.get("percent", d.get("mbps"))
+                parts.append(f"{d['id']}={v}{'%' if 'percent' in d else 'MBps'}")
+        out[ln["resource"]] = ";".join(parts)
+    return out
+
+
+def max_cache_percent(decoded: list[dict]) -> tuple[float | None, str | None]:
+    """The largest L3 share (any line, any cache id) and the line it came from."""
+    best, where = None, None
+    for ln in decoded:
+        if ln["kind"] != "cache" or not ln["resource"].startswith("L3"):
+            continue
+        for d in ln["domains"]:
+            p = d.get("percent")
+            if p is not None and (best is None or p > best):
+                best, where = p, f"{ln['resource']}:{d['id']}={d['mask'][2:]}"
+    return best, where
+
+
+# -- reading a resctrl tree ---------------------------------------------------
+
+def _read(t, path: str) -> str | None:
+    try:
+        return t.read_text(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _int_or_none(s: str | None):
+    if s is None:
+        return None
+    s = s.strip()
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+def read_info(t, root: str) -> dict:
+    info: dict = {}
+    base = root + "/info"
+    try:
+        names = t.listdir(base)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return info
+    for res in names:
+        d = f"{base}/{res}"
+        if not t.is_dir(d):
+            if res == "last_cmd_status":
+                info["lastCmdStatus"] = (_read(t, d) or "").strip()
+            continue
+        e: dict = {}
+        cbm = _read(t, d + "/cbm_mask")
+        if cbm is not None:
+            try:
+                e["cbmMask"] = int(cbm.strip(), 16)
+            except ValueError:
+                e["cbmMaskRaw"] = cbm.strip()
+        for fname, key in (("num_closids", "numClosids"), ("min_cbm_bits", "minCbmBits"),
+                           ("min_bandwidth", "minBandwidth"), ("bandwidth_gran", "bandwidthGran"),
+                           ("delay_linear", "delayLinear"), ("num_rmids", "numRmids")):
+            v = _int_or_none(_read(t, f"{d}/{fname}"))
+            if v is not None:
+                e[key] = v
+        sb = _read(t, d + "/shareable_bits")
+        if sb is not None:
+            e["shareableBits"] = ("0x" + sb.strip()) if sb.strip() else None
+        bu = _read(t, d + "/bit_usage")
+        if bu is not None:
+            e["bitUsage"] = bu.strip()
+        mf = _read(t, d + "/mon_features")
+        if mf is not None:
+            e["monFeatures"] = mf.split()
+        info[res] = e
+    for res in ("L3DATA", "L3CODE"):  # CDP: masks are checked against the L3 geometry
+        if res in info and "L3" not in info:
+            info["L3"] = info[res]
+    return info
+
+
+def list_groups(t, root: str) -> list[tuple[str, str, str | None]]:
+    """(name, node dir, parent ctrl group) for the default group, CTRL_MON and MON groups."""
+    out = [("/", root, None)]
+    for ctrl_name, ctrl_dir in [("/", root)] + [(n, f"{root}/{n}") for n in _subdirs(t, root) if n not in SPECIAL]:
+        if ctrl_name != "/":
+            out.append((ctrl_name, ctrl_dir, None))
+        for mon in _subdirs(t, ctrl_dir + "/mon_groups"):
+            label = f"{'' if ctrl_name == '/' else ctrl_name}/mon_groups/{mon}"
+            out.append((label, f"{ctrl_dir}/mon_groups/{mon}", ctrl_name))
+    return out
+
+
+def _subdirs(t, d: str) -> list[str]:
+    try:
+        return [n for n in t.listdir(d) if t.is_dir(f"{d}/{n}")]
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+
+
+def read_mon(t, gdir: str) -> dict:
+    """{domain: {llc_occupancy, mbm_total_bytes, mbm_local_bytes}} (None = Unavailable)."""
+    out = {}
+    for dom in _subdirs(t, gdir + "/mon_data"):
+        vals = {}
+        for f in ("llc_occupancy", "mbm_total_bytes", "mbm_local_bytes"):
+            raw = _read(t, f"{gdir}/mon_data/{dom}/{f}")
+            if raw is not None:
+                vals[f] = _int_or_none(raw)
+        out[dom] = vals
+    return out
+
+
+def read_tree(t, root: str, *, interval: float = 0.0, mba_mbps: bool = False) -> dict:
+    """The whole resctrl tree: info + groups with decoded schemata and monitoring.
+
+    With interval > 0 the mon_data byte counters are read twice and rates
+    (bytes/s) reported. Malformed files are reported per group, never raised.
+    """
+    info = read_info(t, root)
+    groups = []
+    for name, gdir, parent in list_groups(t, root):
+        g: dict = {"name": name, "type": "default" if name == "/" else ("mon" if parent is not None else "ctrl_mon"),
+                   "dir": gdir, "errors": []}
+        if parent is not None:
+            g["parent"] = parent
+        tasks_raw = _read(t, gdir + "/tasks") or ""
+        try:
+            g["tasks"] = [int(x) for x in tasks_raw.split()]
+        except ValueError:
+            g["tasks"] = []
+            g["errors"].append(f"{gdir}/tasks: not a list of thread ids")
+        g["cpusList"] = (_read(t, gdir + "/cpus_list") or "").strip() or None
+        g["mode"] = (_read(t, gdir + "/mode") or "").strip() or None
+        if parent is None:
+            sch = _read(t, gdir + "/schemata")
+            if sch is not None:
+                try:
+                    g["schemata"] = decode_schemata(parse_schemata(sch), info, mba_mbps)
+                except SchemataError as e:
+                    g["schemata"] = []
+                    g["errors"].append(f"{gdir}/schemata: {e}")
+        g["mon"] = read_mon(t, gdir)
+        groups.append(g)
+    if interval > 0 and any(g["mon"] for g in groups):
+        t0 = time.monotonic()
+        time.sleep(interval)
+        dt = time.monotonic() - t0
+        for g in groups:
+            later = read_mon(t, g["dir"])
+            for dom, vals in g["mon"].items():
+                for f in ("mbm_total_bytes", "mbm_local_bytes"):
+                    a, b = vals.get(f), later.get(dom, {}).get(f)
+                    if isinstance(a, int) and isinstance(b, int):
+                        vals[f.replace("_bytes", "_rate")] = round(max(0, b - a) / dt)
+                if isinstance(later.get(dom, {}).get("llc_occupancy"), int):
+                    vals["llc_occupancy"] = later[dom]["llc_occupancy"]
+    for g in groups:
+        if not g["errors"]:
+            del g["errors"]
+        if g.get("schemata") is not None:
+            g["summary"] = summarize(g["schemata"])
+    return {"root": root, "info": info, "groups": groups}
+
+
+def tid_groups(tree: dict) -> dict[int, str]:
+    """tid -> resctrl group name (CTRL_MON group; MON groups refine monitoring only)."""
+    out: dict[int, str] = {}
+    for g in tree["groups"]:
+        if g["type"] == "mon":
+            continue
+        for tid in g.get("tasks", []):
+            out[tid] = g["name"]
+    return out
+
+
+def decode_lines(lines: list[str], cbm_mask: int | None, min_cbm_bits: int = 1) -> list[dict]:
+    """For ``inspect rdt --decode``: user-given schemata lines (bad ones are usage errors)."""
+    try:
+        parsed = parse_schemata("\n".join(lines))
+    except SchemataError as e:
+        raise UsageError(f"invalid schemata: {e}") from None
+    info = {"L3": {"cbmMask": cbm_mask, "minCbmBits": min_cbm_bits},
+            "L2": {"cbmMask": cbm_mask, "minCbmBits": min_cbm_bits}}
+    return decode_schemata(parsed, info)
+
+
+def cpu_has_rdt(t) -> dict:
+    """RDT flags from /proc/cpuinfo (what the CPU could do, mounted or not)."""
+    raw = _read(t, "/proc/cpuinfo") or ""
+    flags: set[str] = set()
+    for line in raw.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    return {f: (f in flags) for f in ("cat_l3", "cdp_l3", "mba", "cqm_llc", "cqm_occup_llc",
+                                      "cqm_mbm_total", "cqm_mbm_local")}
