@@ -30,6 +30,11 @@ class Entry:
 REGISTRY: dict[str, Entry] = {
     "version": Entry("katactl.commands.version", "Show client (and, with a node, Kata) versions."),
     "config": Entry("katactl.commands.config", "Show effective settings and where each came from."),
+    "sandbox": Entry("katactl.commands.sandbox", "List and inspect sandboxes on node(s), mapped to pods."),
+    "metrics": Entry("katactl.commands.metrics", "A sandbox's shim metrics (parsed, filtered or raw)."),
+    "top": Entry("katactl.commands.top", "Live per-sandbox CPU and memory (one snapshot with -o json)."),
+    "pprof": Entry("katactl.commands.pprof", "Download a Go shim pprof profile (heap, goroutine, profile, trace)."),
+    "shim": Entry("katactl.commands.shim", "Other shim endpoints: agent-url, iptables, volume."),
 }
 
 
