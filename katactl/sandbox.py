@@ -545,3 +545,45 @@ def require_running(sb: Sandbox) -> Sandbox:
     if sb.state != "running":
         raise UnreachableError(f"sandbox {sb.id[:12]} is {sb.state}: {sb.reason or 'shim not reachable'}")
     return sb
+
+
+# -- one sandbox somewhere in the node selection -------------------------------
+def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
+    """(node, sandbox) for a node-local ref across the selected node(s).
+
+    On one node, its own error is raised as is. On many, exactly one node must
+    hold the sandbox: none -> NotFound, several -> Ambiguous (exit 3).
+    """
+    from katactl.fleet import run_on_nodes
+
+    parse_ref(ref)  # bad input fails before any node is contacted
+    timeout = min(float(getattr(settings, "timeout", 5.0) or 5.0), 2.0)
+    fo = run_on_nodes(settings, lambda t: resolve(t, ref, check=check, timeout=timeout))
+    fo.raise_if_single_failure()
+    found = [(n, fo.values[n]) for n in fo.nodes if n in fo.values]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        where = ", ".join(f"{n}:{sb.id[:12]}" for n, sb in found)
+        raise Ambiguous(f"{ref!r} matches sandboxes on several nodes: {where}",
+                        hint="narrow the node selection with -N NODE",
+                        details={"candidates": [{"node": n, "id": sb.id} for n, sb in found]})
+    errs = [e for e in fo.errors.values() if not isinstance(e, NotFound)]
+    ambiguous = [e for e in fo.errors.values() if isinstance(e, Ambiguous)]
+    if ambiguous:
+        raise ambiguous[0]
+    if errs and len(errs) == len(fo.nodes):
+        raise errs[0]
+    raise NotFound(f"no sandbox matches {ref!r} on {len(fo.nodes)} node(s)"
+                   + (f" ({len(errs)} node(s) failed)" if errs else ""))
+
+
+def on_sandbox(settings, ref: str, fn, *, require_live: bool = True):
+    """Resolve ref, then call fn(transport, sandbox) on its node; returns (node, sandbox, value)."""
+    from katactl.fleet import open_transport
+
+    node, sb = locate(settings, ref)
+    if require_live:
+        require_running(sb)
+    with open_transport(node, settings) as t:
+        return node, sb, fn(t, sb)

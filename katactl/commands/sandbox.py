@@ -1,0 +1,111 @@
+"""katactl sandbox list | inspect."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from katactl.commands._common import fan_out_list, finish, new_app, sandbox_ref, state
+
+app = new_app("List and inspect Kata sandboxes on node(s), mapped to their pods.")
+
+STATES = ("running", "stale", "unknown")
+
+
+def _columns():
+    from katactl.output import Column
+    from katactl.values import format_size
+
+    def mem(it):
+        tot = it.get("totalMemoryMiB")
+        return None if tot is None else format_size(tot << 20)
+
+    return [
+        Column("ID", lambda it: it["id"][:13]),
+        Column("POD", lambda it: f"{(it.get('pod') or {}).get('namespace') or '-'}/"
+                                 f"{(it.get('pod') or {}).get('name')}" if (it.get("pod") or {}).get("name") else None),
+        Column("STATE", "state"),
+        Column("HYPERVISOR", "hypervisor"),
+        Column("PID", "hypervisorPid"),
+        Column("VCPUS", "vcpus", fmt=lambda v: f"{v:g}"),
+        Column("MEMORY", mem),
+        Column("AGE", "age"),
+        Column("RUNTIME", "runtime", wide=True),
+        Column("FULL-ID", "id", wide=True),
+        Column("API-SOCKET", "sockets.api", wide=True),
+        Column("CGROUP", "cgroup.sandbox", wide=True),
+        Column("REASON", "reason", wide=True),
+    ]
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    state_filter: Optional[str] = typer.Option(None, "--state", metavar="STATE",
+                                               help="Only sandboxes in STATE: running, stale or unknown."),
+    no_check: bool = typer.Option(False, "--no-check",
+                                  help="Skip the liveness check (state 'unknown' unless unreadable)."),
+) -> None:
+    """List sandboxes (Go runtime /run/vc/sbs and runtime-rs /run/kata) with their pods.
+
+    STATE is 'running' when the hypervisor PID lives and the shim socket
+    answers, 'stale' when either is gone, 'unknown' (with a REASON, see -o wide)
+    when the state file cannot be read. -n NAMESPACE keeps one pod namespace.
+
+    \b
+    Examples:
+      katactl sandbox list
+      katactl sandbox list -o wide --state stale
+      katactl sandbox list -n batch -o name
+      katactl --host-root /host sandbox list -o json
+      katactl -N node-1,node-2 sandbox list
+    """
+    from katactl import sandbox
+    from katactl.errors import UsageError
+
+    app_ctx = state(ctx)
+    if state_filter is not None and state_filter not in STATES:
+        raise UsageError(f"invalid --state {state_filter!r} (choose from {', '.join(STATES)})")
+    ns = app_ctx.settings.namespace
+    timeout = min(float(app_ctx.settings.timeout), 1.0)
+
+    def fn(t):
+        out = []
+        for sb in sandbox.discover(t, check=not no_check, timeout=timeout):
+            if state_filter and sb.state != state_filter:
+                continue
+            if ns and (sb.pod or {}).get("namespace") != ns:
+                continue
+            out.append(sb.to_dict())
+        return out
+
+    fan_out_list(app_ctx, fn, kind="SandboxList", columns=_columns(), name_key="id")
+
+
+@app.command("inspect")
+def inspect(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., metavar="SANDBOX",
+                                 help="Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."),
+    raw: bool = typer.Option(False, "--raw", help="Include the runtime's state file (persist.json/state.json)."),
+) -> None:
+    """Show everything known about one sandbox: pod, hypervisor, sockets, memory, cgroups.
+
+    \b
+    Examples:
+      katactl sandbox inspect 3f2a
+      katactl sandbox inspect batch/train-0 -o json
+      katactl sandbox inspect pod/batch/train-0
+      katactl sandbox inspect 3f2a --raw -o json | jq .stateFileContent.HypervisorState
+    """
+    from katactl import sandbox
+    from katactl.output import Result
+
+    app_ctx = state(ctx)
+    settings, ref = sandbox_ref(app_ctx, target)
+    node, sb = sandbox.locate(settings, ref)
+    item = {"node": node, **sb.to_dict()}
+    if raw:
+        item["stateFileContent"] = sb.raw
+        item["annotations"] = sb.annotations
+    finish(app_ctx, Result(kind="Sandbox", item=item))

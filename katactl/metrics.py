@@ -1,0 +1,219 @@
+"""Shim metrics: parsing (prometheus_client's text parser, imported lazily),
+family filtering, and the per-sandbox figures ``katactl top`` shows.
+
+Sizes from ``*_proc_status`` and ``kata_guest_meminfo`` are bytes (procfs
+libraries convert the kernel's kB); ``*_proc_stat`` utime/stime are clock
+ticks (USER_HZ = 100 on Linux), so CPU % comes from deltas between scrapes.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from katactl.errors import KatactlError, ProtocolError, UsageError, as_katactl_error
+
+USER_HZ = 100
+PAGE_SIZE = 4096
+
+TOP_FAMILIES = ("kata_guest_meminfo", "kata_guest_vm_stat", "kata_shim_proc_status",
+                "kata_hypervisor_proc_status", "kata_shim_proc_stat", "kata_hypervisor_proc_stat")
+
+
+def validate_prefixes(prefixes) -> list[str]:
+    out = []
+    for p in prefixes or ():
+        if not p or not all(c.isalnum() or c in "_:" for c in p) or p[0].isdigit():
+            raise UsageError(f"invalid metric family prefix {p!r}: expected a metric name prefix "
+                             "like kata_guest_ or go_")
+        out.append(p)
+    return out
+
+
+def _line_name(line: str) -> str | None:
+    """The metric name a text-format line belongs to (None for blank/other comments)."""
+    if not line:
+        return None
+    if line[0] == "#":
+        parts = line.split(None, 3)
+        if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+            return parts[2]
+        return None
+    end = len(line)
+    for i, c in enumerate(line):
+        if c in "{ \t":
+            end = i
+            break
+    return line[:end]
+
+
+def filter_text(text: str, prefixes) -> str:
+    """Keep only the lines (samples, HELP, TYPE) of families whose name starts with a prefix."""
+    prefixes = tuple(prefixes or ())
+    if not prefixes:
+        return text
+    keep = []
+    for line in text.splitlines():
+        name = _line_name(line)
+        if name is not None and name.startswith(prefixes):
+            keep.append(line)
+    return "\n".join(keep) + ("\n" if keep else "")
+
+
+def parse(text: str, prefixes=None) -> list[dict]:
+    """Flat samples: [{family, type, name, labels, value}] (prefix-filtered first)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = filter_text(text, prefixes)
+    out = []
+    try:
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out.append({"family": fam.name, "type": fam.type, "name": s.name,
+                            "labels": dict(s.labels), "value": s.value})
+    except (ValueError, TypeError, IndexError) as e:
+        raise ProtocolError(f"the shim's /metrics is not valid Prometheus text: {e}") from None
+    return out
+
+
+def _index(samples: list[dict]) -> dict:
+    """{(name, item_label): value} for the top families."""
+    idx = {}
+    for s in samples:
+        item = s["labels"].get("item")
+        idx[(s["name"], item)] = s["value"]
+    return idx
+
+
+def top_sample(text: str) -> dict:
+    """The figures top needs from one scrape (None where a family is missing)."""
+    idx = _index(parse(text, TOP_FAMILIES))
+
+    def g(name, item):
+        v = idx.get((name, item))
+        return None if v is None else float(v)
+
+    def ticks(prefix):
+        u, s = g(f"{prefix}_proc_stat", "utime"), g(f"{prefix}_proc_stat", "stime")
+        return None if u is None and s is None else (u or 0) + (s or 0)
+
+    total, avail, free = g("kata_guest_meminfo", "mem_total"), g("kata_guest_meminfo", "mem_available"), \
+        g("kata_guest_meminfo", "mem_free")
+    inflate, deflate = g("kata_guest_vm_stat", "balloon_inflate"), g("kata_guest_vm_stat", "balloon_deflate")
+    return {
+        "t": time.monotonic(),
+        "guestMemTotal": total,
+        "guestMemAvailable": avail,
+        "guestMemFree": free,
+        "guestMemUsed": (total - avail) if total is not None and avail is not None else None,
+        "balloonInflatePages": inflate,
+        "balloonDeflatePages": deflate,
+        "shimRSS": g("kata_shim_proc_status", "vmrss"),
+        "hypervisorRSS": g("kata_hypervisor_proc_status", "vmrss"),
+        "_shimTicks": ticks("kata_shim"),
+        "_hvTicks": ticks("kata_hypervisor"),
+    }
+
+
+def _pct(a, b, dt) -> float | None:
+    if a is None or b is None or dt <= 0:
+        return None
+    return max(0.0, (b - a) / USER_HZ / dt * 100.0)
+
+
+def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError | None = None) -> dict:
+    """One row of ``top``: the sandbox, its figures, CPU % from prev -> cur."""
+    row = {"id": sb.id, "pod": sb.pod, "hypervisor": sb.hypervisor, "runtime": sb.runtime}
+    if error is not None or cur is None:
+        row["error"] = error.to_dict() if error is not None else {"message": "no data"}
+        return row
+
+    def i(v):
+        return None if v is None else int(v)
+
+    inflate, deflate = cur["balloonInflatePages"], cur["balloonDeflatePages"]
+    balloon = None
+    if inflate is not None:
+        balloon = max(0, int(inflate - (deflate or 0))) * PAGE_SIZE
+    dt = (cur["t"] - prev["t"]) if prev else 0.0
+    shim_cpu = _pct(prev and prev["_shimTicks"], cur["_shimTicks"], dt) if prev else None
+    hv_cpu = _pct(prev and prev["_hvTicks"], cur["_hvTicks"], dt) if prev else None
+    row.update({
+        "guestMemTotal": i(cur["guestMemTotal"]),
+        "guestMemUsed": i(cur["guestMemUsed"]),
+        "guestMemAvailable": i(cur["guestMemAvailable"]),
+        "balloonInflatePages": i(inflate),
+        "balloonBytes": balloon,
+        "shimRSS": i(cur["shimRSS"]),
+        "hypervisorRSS": i(cur["hypervisorRSS"]),
+        "cpuPercent": {
+            "shim": None if shim_cpu is None else round(shim_cpu, 1),
+            "hypervisor": None if hv_cpu is None else round(hv_cpu, 1),
+            "total": None if shim_cpu is None and hv_cpu is None
+            else round((shim_cpu or 0) + (hv_cpu or 0), 1),
+        },
+    })
+    return row
+
+
+def scrape(transport, sb, timeout: float) -> str:
+    from katactl.backends.shim import ShimClient
+
+    with ShimClient.for_sandbox(transport, sb, timeout=timeout) as c:
+        return c.metrics_text()
+
+
+def scrape_all(transport, sandboxes, *, timeout: float, workers: int = 32) -> dict:
+    """{sandbox id: sample dict | KatactlError}, scraping concurrently."""
+    def one(sb):
+        try:
+            return sb.id, top_sample(scrape(transport, sb, timeout))
+        except Exception as e:  # one shim's failure is that row's data
+            return sb.id, as_katactl_error(e)
+
+    if not sandboxes:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sandboxes)))) as ex:
+        return dict(ex.map(one, sandboxes))
+
+
+class TopSession:
+    """Keeps the previous scrape per sandbox so each refresh has CPU deltas."""
+
+    def __init__(self, transport, *, timeout: float, workers: int = 32, include_stale: bool = False):
+        self.transport = transport
+        self.timeout = timeout
+        self.workers = workers
+        self.include_stale = include_stale
+        self.prev: dict[str, dict] = {}
+
+    def sandboxes(self):
+        from katactl import sandbox
+
+        sbs = sandbox.discover(self.transport, timeout=min(self.timeout, 1.0))
+        return [s for s in sbs if s.state == "running" or self.include_stale]
+
+    def refresh(self, sbs=None) -> list[dict]:
+        sbs = self.sandboxes() if sbs is None else sbs
+        res = scrape_all(self.transport, sbs, timeout=self.timeout, workers=self.workers)
+        rows = []
+        for sb in sbs:
+            r = res.get(sb.id)
+            if isinstance(r, KatactlError):
+                rows.append(top_row(sb, None, error=r))
+                self.prev.pop(sb.id, None)
+            else:
+                rows.append(top_row(sb, r, self.prev.get(sb.id)))
+                self.prev[sb.id] = r
+        return rows
+
+
+def top_snapshot(transport, *, interval: float = 1.0, timeout: float = 10.0, workers: int = 32) -> list[dict]:
+    """Two scrapes ``interval`` apart (CPU % needs a delta); the second's rows."""
+    s = TopSession(transport, timeout=timeout, workers=workers)
+    sbs = s.sandboxes()
+    if not sbs:
+        return []
+    s.refresh(sbs)
+    if interval > 0:
+        time.sleep(interval)
+    return s.refresh(sbs)
