@@ -1,0 +1,260 @@
+"""katactl upgrade stage | switch | rollback | status | gc."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from katactl.commands._common import fan_out_list, fan_out_one, new_app, state
+
+app = new_app("A/B upgrade of the Kata runtime and agent, without stopping sandboxes.")
+
+ROOT_OPT = typer.Option("/opt/kata", "--kata-root", metavar="DIR", envvar="KATACTL_KATA_ROOT",
+                        help="Kata install root on the node: releases/ and the current symlink live here.")
+DRY_OPT = typer.Option(False, "--dry-run", help="Show what would change; change nothing.")
+LOCK_OPT = typer.Option(None, "--lock-timeout", metavar="DURATION",
+                        help="How long to wait for another upgrade operation on the node (default: --timeout).")
+
+
+def _common(ctx, kata_root: str, lock_timeout: Optional[str]):
+    from katactl.upgrade import Layout
+    from katactl.values import parse_duration
+
+    app_ctx = state(ctx)
+    layout = Layout(kata_root)
+    lt = parse_duration(lock_timeout, what="--lock-timeout", allow_zero=True) if lock_timeout \
+        else app_ctx.settings.timeout
+
+    def on_wait(holder: str) -> None:
+        app_ctx.out.info(f"waiting for the upgrade lock, held by {holder}")
+
+    return app_ctx, layout, lt, on_wait
+
+
+def _report_recovery(app_ctx, res: dict) -> None:
+    if isinstance(res, dict) and res.get("recovered"):
+        app_ctx.out.warn(res["recovered"])
+
+
+@app.command("stage")
+def stage(
+    ctx: typer.Context,
+    source: str = typer.Argument(..., metavar="SOURCE",
+                                 help="kata-static tarball (.tar.xz, .tar.zst, .tar.gz) or directory, on this machine."),
+    as_version: Optional[str] = typer.Option(None, "--as", metavar="VERSION",
+                                             help="Release version (default: VERSION file inside, or the kata-static file name)."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", metavar="HEX", help="Expected sha256 of the tarball."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Stage even without any checksum to verify against."),
+    reserve: str = typer.Option("256Mi", "--reserve", metavar="SIZE",
+                                help="Free space that must remain on the releases filesystem afterwards."),
+    force: bool = typer.Option(False, "--force", help="Replace a staged (not current) release of the same version."),
+    kata_root: str = ROOT_OPT,
+    lock_timeout: Optional[str] = LOCK_OPT,
+    dry_run: bool = DRY_OPT,
+) -> None:
+    """Unpack and verify a release next to the others, without touching what runs.
+
+    The source is read on this machine and streamed to each node. Every member
+    is validated (no absolute paths, no '..', no devices, no symlink leaving the
+    release), checked against --sha256, a SOURCE.sha256 file next to it, or a
+    SHA256SUMS manifest inside, written into a temp dir on the releases
+    filesystem, fsynced, and renamed into KATA_ROOT/releases/VERSION. Refused
+    when the filesystem would keep less than --reserve free. Re-staging the same
+    source is a no-op (changed: false).
+
+    \b
+    Examples:
+      katactl upgrade stage kata-static-3.9.0-amd64.tar.xz --sha256 3f2a...
+      katactl upgrade stage ./build/opt/kata --as 3.9.0-dev1 --no-verify
+      katactl -N @canary upgrade stage kata-static-3.9.0-amd64.tar.zst --dry-run -o json
+    """
+    from katactl import upgrade
+    from katactl.values import parse_size
+
+    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
+    res_bytes = parse_size(reserve, allow_zero=True, what="--reserve")
+
+    def fn(t):
+        return upgrade.stage(t, layout, source, version=as_version, sha256=sha256, no_verify=no_verify,
+                             reserve=res_bytes, force=force, dry_run=dry_run, lock_timeout=lt,
+                             on_wait=on_wait)
+
+    fan_out_one(app_ctx, fn, kind="UpgradeStage", mutating=True, columns=_mut_columns("version"))
+
+
+@app.command("switch")
+def switch(
+    ctx: typer.Context,
+    version: str = typer.Argument(..., metavar="VERSION", help="A staged release."),
+    component: str = typer.Option("all", "--component", "-c", metavar="runtime|agent|all",
+                                  help="runtime = shim/runtime/hypervisor binaries (the current symlink); "
+                                       "agent = guest kernel/image/initrd in the configuration; all = both."),
+    force: bool = typer.Option(False, "--force", help="Switch even when the preflight checks fail."),
+    no_preflight_exec: bool = typer.Option(False, "--no-preflight-exec",
+                                           help="Do not run the new binaries' --version checks."),
+    kata_root: str = ROOT_OPT,
+    lock_timeout: Optional[str] = LOCK_OPT,
+    dry_run: bool = DRY_OPT,
+) -> None:
+    """Make a staged release the one new sandboxes use; running sandboxes keep theirs.
+
+    Preflight: the shim binary and configuration exist, the new binaries answer
+    --version, 'kata-runtime check --check-version-only' (a warning only). The
+    runtime switch is one atomic rename of KATA_ROOT/current; the agent switch
+    rewrites kernel/image/initrd in the configuration atomically (backups under
+    releases/.katactl/backups). A lock serialises concurrent switches; every
+    switch is appended to releases/.katactl/history.jsonl and the audit log.
+
+    \b
+    Examples:
+      katactl upgrade switch 3.9.0
+      katactl upgrade switch 3.9.0 --component agent --dry-run
+      katactl -N @pool-a upgrade switch 3.9.0 -o json
+    """
+    from katactl import upgrade
+
+    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
+
+    def fn(t):
+        r = upgrade.switch(t, layout, version, component, dry_run=dry_run, force=force,
+                           run_binaries=not no_preflight_exec, lock_timeout=lt, on_wait=on_wait)
+        _report_recovery(app_ctx, r)
+        return r
+
+    fan_out_one(app_ctx, fn, kind="UpgradeSwitch", mutating=True, columns=_switch_columns())
+
+
+@app.command("rollback")
+def rollback(
+    ctx: typer.Context,
+    force: bool = typer.Option(False, "--force",
+                               help="Roll back even if the node is not where the last switch left it."),
+    no_preflight_exec: bool = typer.Option(False, "--no-preflight-exec",
+                                           help="Do not run the old binaries' --version checks."),
+    kata_root: str = ROOT_OPT,
+    lock_timeout: Optional[str] = LOCK_OPT,
+    dry_run: bool = DRY_OPT,
+) -> None:
+    """Undo the last switch (switch back to what it switched from).
+
+    Running again after a rollback is a no-op (changed: false); to go forward
+    again, 'upgrade switch VERSION'.
+
+    \b
+    Examples:
+      katactl upgrade rollback --dry-run
+      katactl -N node-7 upgrade rollback -o json
+    """
+    from katactl import upgrade
+
+    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
+
+    def fn(t):
+        r = upgrade.rollback(t, layout, dry_run=dry_run, force=force,
+                             run_binaries=not no_preflight_exec, lock_timeout=lt, on_wait=on_wait)
+        _report_recovery(app_ctx, r)
+        return r
+
+    fan_out_one(app_ctx, fn, kind="UpgradeRollback", mutating=True, columns=_switch_columns())
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    sandboxes: bool = typer.Option(False, "--sandboxes", "-s",
+                                   help="One row per sandbox: which release its shim, hypervisor and assets come from."),
+    kata_root: str = ROOT_OPT,
+) -> None:
+    """Current and previous release, and who still runs which release.
+
+    A process uses a release when its executable, a mapped file, an open file or
+    an argument lies under releases/VERSION (from /proc/PID/exe, maps, fd,
+    cmdline); sandboxes are matched through persist.json / state.json.
+
+    \b
+    Examples:
+      katactl upgrade status
+      katactl upgrade status --sandboxes
+      katactl -N @pool-a upgrade status -o json
+    """
+    from katactl import upgrade
+    from katactl.output import Column
+
+    app_ctx, layout, _lt, _ow = _common(ctx, kata_root, None)
+    if app_ctx.out.fmt in ("table", "plain", "wide", "name"):
+        if sandboxes:
+            fan_out_list(app_ctx, lambda t: upgrade.status(t, layout)["sandboxes"], kind="UpgradeSandboxList",
+                         name_key="id", columns=[
+                             Column("SANDBOX", "id"), Column("SHIM-PID", "shimPid"), Column("SHIM", "shimRelease"),
+                             Column("HV-PID", "hypervisorPid"), Column("HYPERVISOR", "hypervisorRelease"),
+                             Column("ASSETS", "assetsRelease"), Column("RUNTIME", "runtime", wide=True)])
+            return
+
+        def rows(t):
+            s = upgrade.status(t, layout)
+            if s.get("pending"):
+                app_ctx.out.warn(f"{t.node}: an interrupted {s['pending'].get('action')} is pending; "
+                                 "the next switch/rollback/gc completes it")
+            return [dict(r, nprocs=len(r["processes"]), nsbs=len(r["sandboxes"])) for r in s["releases"]]
+
+        fan_out_list(app_ctx, rows, kind="UpgradeStatus", name_key="version", columns=[
+            Column("VERSION", "version"), Column("STATE", "state"), Column("PROCESSES", "nprocs"),
+            Column("SANDBOXES", "nsbs"), Column("STAGED", "stagedAt", wide=True),
+            Column("SOURCE", "source", wide=True), Column("PIDS", "processes", wide=True)])
+        return
+    fan_out_one(app_ctx, lambda t: upgrade.status(t, layout), kind="UpgradeStatus",
+                columns=[Column("RUNTIME", "current.runtime"), Column("AGENT", "current.agent")])
+
+
+@app.command("gc")
+def gc(
+    ctx: typer.Context,
+    keep_previous: bool = typer.Option(False, "--keep-previous",
+                                       help="Also keep the release the last switch came from (the rollback target)."),
+    force: bool = typer.Option(False, "--force", help="Proceed even if some processes cannot be inspected."),
+    kata_root: str = ROOT_OPT,
+    lock_timeout: Optional[str] = LOCK_OPT,
+    dry_run: bool = DRY_OPT,
+) -> None:
+    """Remove releases that nothing uses any more.
+
+    Kept: the current runtime and agent releases, releases the current
+    configuration references, and every release a running process or sandbox
+    still uses. --dry-run lists what would go.
+
+    \b
+    Examples:
+      katactl upgrade gc --dry-run
+      katactl upgrade gc --keep-previous
+      katactl -N @pool-a upgrade gc -o json
+    """
+    from katactl import upgrade
+
+    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
+
+    def fn(t):
+        r = upgrade.gc(t, layout, dry_run=dry_run, force=force, keep_previous=keep_previous,
+                       lock_timeout=lt, on_wait=on_wait)
+        _report_recovery(app_ctx, r)
+        return r
+
+    fan_out_one(app_ctx, fn, kind="UpgradeGC", mutating=True, columns=_gc_columns())
+
+
+def _mut_columns(key):
+    from katactl.output import Column
+
+    return [Column("VERSION", key), Column("CHANGED", "changed"), Column("DRY-RUN", "dryRun")]
+
+
+def _switch_columns():
+    from katactl.output import Column
+
+    return [Column("RUNTIME", "to.runtime"), Column("AGENT", "to.agent"), Column("FROM", "from.runtime"),
+            Column("CHANGED", "changed")]
+
+
+def _gc_columns():
+    from katactl.output import Column
+
+    return [Column("REMOVED", "removed"), Column("CHANGED", "changed")]

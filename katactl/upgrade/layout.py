@@ -1,0 +1,126 @@
+"""Where an A/B Kata installation lives on a node, and the small shared helpers.
+
+::
+
+    <root>/                      /opt/kata by default (--kata-root, KATACTL_KATA_ROOT)
+      current -> releases/<v>    the runtime release: switched with one rename(2)
+      releases/<v>/              one complete, verified kata-static tree per version
+        .katactl-release.json    written before the release is renamed into place
+        bin/ share/ libexec/ ...
+      releases/.katactl/         lock, history.jsonl, pending.json, backups/
+      releases/.staging-*        temp dirs of a stage in progress (same filesystem)
+      releases/.trash-*          releases being removed by gc
+
+Every path here is a *node path*; all access goes through a NodeTransport.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import posixpath
+import re
+import signal
+
+from katactl.errors import UsageError
+
+DEFAULT_ROOT = "/opt/kata"
+#: kata-static tarballs are built for this prefix; their configs reference it
+INSTALL_PREFIX = "/opt/kata"
+RELEASE_RECORD = ".katactl-release.json"
+STATE_DIRNAME = ".katactl"
+CONFIG_SUBDIR = "share/defaults/kata-containers"
+ASSETS_SUBDIR = "share/kata-containers"
+SHIM_BINARIES = ("bin/containerd-shim-kata-v2", "runtime-rs/bin/containerd-shim-kata-v2")
+COMPONENTS = ("all", "runtime", "agent")
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
+_RESERVED = {"current", "previous", "releases"}
+
+#: every fault-injection point, in execution order (KATACTL_FAULT=<point>[,<point>...])
+FAULT_POINTS = (
+    "stage:locked", "stage:after-scan", "stage:mid-extract", "stage:after-extract",
+    "stage:after-record", "stage:after-rename",
+    "switch:locked", "switch:after-journal", "switch:after-prepare", "switch:after-tmp-link",
+    "switch:after-flip", "switch:after-config", "switch:after-history",
+    "gc:after-trash",
+)
+
+
+def fault(point: str) -> None:
+    """Test hook: SIGKILL ourselves at a named step (see FAULT_POINTS).
+
+    Only active when KATACTL_FAULT names the point; a real crash, not an
+    exception, so no finally-block or atexit handler runs."""
+    want = os.environ.get("KATACTL_FAULT")
+    if want and point in want.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def validate_version(v: str | None, what: str = "version") -> str:
+    if v is None or not _VERSION_RE.match(v) or v in _RESERVED or v in (".", ".."):
+        raise UsageError(f"invalid {what} {v!r}: expected 1-64 characters of A-Z a-z 0-9 . _ + ~ -, "
+                         "starting with a letter or digit")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self):
+        if not isinstance(self.root, str) or not self.root.startswith("/") or "\0" in self.root:
+            raise UsageError(f"--kata-root must be an absolute path, got {self.root!r}")
+        norm = posixpath.normpath(self.root)
+        if norm == "/":
+            raise UsageError("--kata-root must not be /")
+        object.__setattr__(self, "root", norm)
+
+    @property
+    def releases(self) -> str:
+        return f"{self.root}/releases"
+
+    @property
+    def current(self) -> str:
+        return f"{self.root}/current"
+
+    @property
+    def state(self) -> str:
+        return f"{self.releases}/{STATE_DIRNAME}"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.state}/lock"
+
+    @property
+    def history(self) -> str:
+        return f"{self.state}/history.jsonl"
+
+    @property
+    def journal(self) -> str:
+        return f"{self.state}/pending.json"
+
+    def backups(self, version: str) -> str:
+        return f"{self.state}/backups/{version}"
+
+    def release(self, version: str) -> str:
+        return f"{self.releases}/{version}"
+
+    def config_dir(self, version: str) -> str:
+        return f"{self.release(version)}/{CONFIG_SUBDIR}"
+
+    def link_target(self, version: str) -> str:
+        """What `current` points to: relative when possible (survives --host-root and chroots)."""
+        return f"releases/{version}"
+
+    def version_of_path(self, path: str) -> str | None:
+        """The release a node path lies in (None when outside every release)."""
+        if not path:
+            return None
+        path = path.removesuffix(" (deleted)")
+        prefix = self.releases + "/"
+        if not path.startswith(prefix):
+            return None
+        v = path[len(prefix):].split("/", 1)[0]
+        if not v or v.startswith("."):
+            return None
+        return v

@@ -1,0 +1,133 @@
+"""One upgrade operation at a time per node.
+
+Local transports (including --host-root) take ``fcntl.flock`` on
+``releases/.katactl/lock``: the kernel drops it when katactl dies, even by
+SIGKILL, so a crashed run never leaves a stale lock. Other transports (SSH)
+use a mkdir lock (``lock.d``, atomic on every POSIX filesystem) with an owner
+file; a lock whose owner is a dead process *of this client host* is broken
+by renaming it away (one breaker wins the rename).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+from katactl.errors import TimeoutExpired
+
+
+def _owner() -> dict:
+    from katactl.audit import _user
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        o = json.loads(raw.decode())
+        return f"pid {o.get('pid')} on {o.get('host')} (user {o.get('user')}, since {o.get('since')})"
+    except Exception:
+        return "another katactl"
+
+
+@contextlib.contextmanager
+def node_lock(transport, layout, *, timeout: float, on_wait=None):
+    transport.mkdir(layout.state)
+    from katactl.backends.local import LocalTransport
+
+    if isinstance(transport, LocalTransport):
+        with _flock(transport, layout, timeout, on_wait):
+            yield
+    else:
+        with _mkdir_lock(transport, layout, timeout, on_wait):
+            yield
+
+
+@contextlib.contextmanager
+def _flock(transport, layout, timeout, on_wait):
+    import fcntl
+
+    real = transport.real(layout.lock)
+    fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _describe(os.pread(fd, 4096, 0))
+                if time.monotonic() >= deadline:
+                    raise TimeoutExpired(
+                        f"another upgrade operation holds the lock on {transport.node} ({holder})",
+                        hint="wait for it to finish, or raise --lock-timeout") from None
+                if on_wait and not told:
+                    on_wait(holder)
+                    told = True
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_owner()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _mkdir_lock(transport, layout, timeout, on_wait):
+    d = layout.lock + ".d"
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        try:
+            transport.mkdir(d, parents=False)
+            break
+        except FileExistsError:
+            try:
+                raw = transport.read_bytes(d + "/owner.json", limit=4096)
+            except OSError:
+                raw = b""
+            if _stale(raw):
+                with contextlib.suppress(OSError):
+                    gone = f"{layout.state}/.lock-stale-{os.getpid()}-{time.monotonic_ns()}"
+                    transport.rename(d, gone)
+                    transport.remove(gone, recursive=True)
+                continue
+            if time.monotonic() >= deadline:
+                raise TimeoutExpired(
+                    f"another upgrade operation holds the lock on {transport.node} ({_describe(raw)})",
+                    hint=f"wait for it to finish; a lock left by a crashed client is {d}") from None
+            if on_wait and not told:
+                on_wait(_describe(raw))
+                told = True
+            time.sleep(0.2)
+    transport.write_bytes_atomic(d + "/owner.json", json.dumps(_owner()).encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            transport.remove(d, recursive=True)
+
+
+def _stale(raw: bytes) -> bool:
+    """Only a lock of a dead process on *this* client host is provably stale."""
+    try:
+        o = json.loads(raw.decode())
+    except Exception:
+        return False
+    if o.get("host") != socket.gethostname() or not isinstance(o.get("pid"), int):
+        return False
+    try:
+        os.kill(o["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

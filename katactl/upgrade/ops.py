@@ -1,0 +1,751 @@
+"""stage / switch / rollback / status / gc: the A/B upgrade operations.
+
+Crash safety. The only *live* changes are single atomic steps:
+- stage writes into ``releases/.staging-*`` and renames the finished,
+  verified, fsynced tree to ``releases/<v>`` (the release record is inside
+  before the rename, so a ``releases/<v>`` dir is always complete);
+- switch (``all`` or ``runtime``) first edits the *target* release's own
+  configuration (not live: nothing reads it until ``current`` points there),
+  then replaces ``current`` with rename(2) of a fresh temp symlink;
+- switch ``--component agent`` edits the current release's configuration files,
+  each one atomically (temp file + fsync + rename), with a backup under
+  ``releases/.katactl/backups/``.
+A journal (``pending.json``) is written before the first live step and
+removed after the history entry; any later run that takes the lock finds it
+and completes (or discards) the interrupted operation, so the history always
+tells the truth.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import secrets
+import time
+
+from katactl.errors import NotFound, OperationFailed, Refused, UsageError
+from katactl.upgrade import configedit, procscan, source as src
+from katactl.upgrade.layout import (COMPONENTS, CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD,
+                                    SHIM_BINARIES, Layout, fault, validate_version)
+from katactl.upgrade.lock import node_lock
+
+DEFAULT_RESERVE = 256 << 20
+
+
+# -- small helpers ---------------------------------------------------------------
+def _user() -> str:
+    from katactl.audit import _user as u
+
+    return u()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _audit(action: str, target: str, transport, params: dict, changed: bool | None,
+           result: str = "ok") -> None:
+    from katactl import audit
+
+    audit.record(f"upgrade.{action}", target, node=transport.node, params=params, result=result,
+                 changed=changed)
+
+
+def _read_json(t, path: str):
+    try:
+        return json.loads(t.read_bytes(path, limit=4 << 20))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:
+        raise OperationFailed(f"{path}: corrupt JSON") from None
+
+
+def _sync_entry(t, path: str) -> None:
+    """Make a new directory entry durable: rename(x, x) is a no-op that the
+    transport follows with an fsync of x's parent directory."""
+    t.rename(path, path)
+
+
+def _walk_files(t, top: str, suffix: str = "") -> list[str]:
+    out: list[str] = []
+    try:
+        names = t.listdir(top)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for n in names:
+        p = f"{top}/{n}"
+        s = t.stat(p, follow_symlinks=False)
+        if s.is_dir:
+            out.extend(_walk_files(t, p, suffix))
+        elif not s.is_link and n.endswith(suffix):
+            out.append(p)
+    return out
+
+
+def releases(t, L: Layout) -> list[str]:
+    try:
+        names = t.listdir(L.releases)
+    except FileNotFoundError:
+        return []
+    return [n for n in names if not n.startswith(".") and t.is_dir(f"{L.releases}/{n}")]
+
+
+def release_record(t, L: Layout, v: str) -> dict | None:
+    return _read_json(t, f"{L.release(v)}/{RELEASE_RECORD}")
+
+
+def _lock(t, L, lock_timeout, on_wait):
+    return node_lock(t, L, timeout=lock_timeout, on_wait=on_wait)
+
+
+# -- state -------------------------------------------------------------------------
+UNMANAGED = "<unmanaged>"
+
+
+def read_state(t, L: Layout) -> dict:
+    """{"runtime": v|None|UNMANAGED, "agent": v|None|"mixed", "link": target}."""
+    runtime = None
+    link = None
+    try:
+        s = t.stat(L.current, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        s = None
+    if s is not None:
+        if not s.is_link:
+            return {"runtime": UNMANAGED, "agent": None, "link": None}
+        link = t.readlink(L.current)
+        absolute = posixpath.normpath(link if link.startswith("/") else posixpath.join(L.root, link))
+        runtime = L.version_of_path(absolute + "/") if absolute.startswith(L.releases + "/") else None
+        if runtime is None or "/" in absolute[len(L.releases) + 1:]:
+            runtime = UNMANAGED
+    agent = None
+    if runtime and runtime != UNMANAGED:
+        vs = set()
+        for f in _walk_files(t, L.config_dir(runtime), ".toml"):
+            try:
+                text = t.read_text(f)
+            except OSError:
+                continue
+            for _sec, _key, value in configedit.asset_refs(text):
+                v = L.version_of_path(value)
+                if v:
+                    vs.add(v)
+        agent = vs.pop() if len(vs) == 1 else ("mixed" if vs else None)
+    return {"runtime": runtime, "agent": agent, "link": link}
+
+
+def _pair(s: dict) -> dict:
+    return {"runtime": s.get("runtime"), "agent": s.get("agent")}
+
+
+def read_history(t, L: Layout) -> list[dict]:
+    try:
+        raw = t.read_text(L.history)
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in raw.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn line is impossible (atomic rewrite), but never fail on history
+    return out
+
+
+def _append_history(t, L: Layout, entry: dict) -> None:
+    try:
+        old = t.read_bytes(L.history)
+    except FileNotFoundError:
+        old = b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    t.write_bytes_atomic(L.history, old + (json.dumps(entry, sort_keys=True) + "\n").encode())
+
+
+# -- configuration edits -------------------------------------------------------------
+def _agent_edits(t, L: Layout, in_release: str, agent: str) -> list[tuple[str, str, str]]:
+    """(file, old text, new text) pointing in_release's configs at agent's guest assets."""
+    edits = []
+    missing = []
+    target_root = L.release(agent)
+
+    def mapper(value: str):
+        v = L.version_of_path(value)
+        if v:
+            rel = value[len(L.release(v)) + 1:]
+        elif value.startswith(INSTALL_PREFIX + "/") and not value.startswith(L.releases + "/"):
+            rel = value[len(INSTALL_PREFIX) + 1:]
+        else:
+            return None  # an asset outside the releases: not ours to move
+        new = f"{target_root}/{rel}"
+        if new != value and not t.exists(new):
+            missing.append(f"{rel} (referenced by {f})")
+        return new
+
+    for f in _walk_files(t, L.config_dir(in_release), ".toml"):
+        old = t.read_text(f)
+        new, _ = configedit.set_agent(old, mapper)
+        if new != old:
+            edits.append((f, old, new))
+    if missing:
+        raise Refused(f"release {agent} lacks guest asset(s) the configuration needs: "
+                      + ", ".join(sorted(set(missing))))
+    return edits
+
+
+def _write_edits(t, L: Layout, release: str, edits) -> None:
+    for f, old, new in edits:
+        rel = f[len(L.release(release)) + 1:]
+        b = f"{L.backups(release)}/{rel}"
+        t.mkdir(posixpath.dirname(b))
+        t.write_bytes_atomic(b, old.encode())
+        mode = t.stat(f).mode & 0o777
+        t.write_bytes_atomic(f, new.encode(), mode=mode)
+
+
+def _flip(t, L: Layout, version: str) -> None:
+    tmp = f"{L.root}/.current.katactl-{os.getpid()}-{secrets.token_hex(3)}"
+    t.symlink(L.link_target(version), tmp)
+    fault("switch:after-tmp-link")
+    t.rename(tmp, L.current)
+    fault("switch:after-flip")
+
+
+def _apply(t, L: Layout, cur: dict, to: dict, dry_run: bool) -> list[str]:
+    """Move the node from state cur to state to; returns the steps (planned or done)."""
+    steps: list[str] = []
+    if to["runtime"] != cur["runtime"]:
+        edits = _agent_edits(t, L, to["runtime"], to["agent"]) if to["agent"] else []
+        steps += [f"point {len(edits)} config file(s) of release {to['runtime']} at agent {to['agent']}"] \
+            if edits else []
+        steps.append(f"switch {L.current} -> {L.link_target(to['runtime'])}")
+        if dry_run:
+            return steps
+        _write_edits(t, L, to["runtime"], edits)
+        fault("switch:after-prepare")
+        _flip(t, L, to["runtime"])
+    elif to["agent"] != cur["agent"]:
+        edits = _agent_edits(t, L, to["runtime"], to["agent"])
+        steps.append(f"point {len(edits)} live config file(s) of release {to['runtime']} "
+                     f"at agent {to['agent']}")
+        if dry_run:
+            return steps
+        _write_edits(t, L, to["runtime"], edits)
+        fault("switch:after-config")
+    return steps
+
+
+def _recover(t, L: Layout) -> str | None:
+    """Finish what a killed switch/rollback left in the journal (lock held)."""
+    for n in t.listdir(L.root):
+        if n.startswith(".current.katactl-"):
+            t.remove(f"{L.root}/{n}")
+    j = _read_json(t, L.journal)
+    if j is None:
+        return None
+    cur = _pair(read_state(t, L))
+    to, frm = j.get("to") or {}, j.get("from") or {}
+    if cur == to:
+        outcome = "completed"
+    elif cur == frm:
+        t.remove(L.journal)
+        return f"discarded an interrupted {j.get('action')} that had not switched anything"
+    else:
+        _apply(t, L, cur, to, dry_run=False)
+        outcome = "rolled forward"
+    entry = dict(j)
+    entry["recovered"] = True
+    _append_history(t, L, entry)
+    t.remove(L.journal)
+    return f"{outcome} an interrupted {j.get('action')} to runtime {to.get('runtime')}, agent {to.get('agent')}"
+
+
+def _preflight(t, L: Layout, to: dict, component: str, run_binaries: bool) -> list[dict]:
+    checks: list[dict] = []
+    rel = L.release(to["runtime"])
+    if component in ("all", "runtime"):
+        shims = [f"{rel}/{b}" for b in SHIM_BINARIES if t.exists(f"{rel}/{b}")]
+        checks.append({"check": "shim binary", "ok": bool(shims),
+                       "detail": shims[0] if shims else f"none of {', '.join(SHIM_BINARIES)} in {rel}"})
+        cfgs = _walk_files(t, L.config_dir(to["runtime"]), ".toml")
+        checks.append({"check": "configuration", "ok": bool(cfgs),
+                       "detail": f"{len(cfgs)} file(s) in {L.config_dir(to['runtime'])}"})
+        if not run_binaries:
+            checks.append({"check": "binaries run", "ok": True, "skipped": True,
+                           "detail": "not run (--no-preflight-exec)"})
+        elif t.host_root:
+            checks.append({"check": "binaries run", "ok": True, "skipped": True,
+                           "detail": "not run: --host-root (a mounted node's binaries are not executed here)"})
+        else:
+            for b in [s for s in shims[:1]] + [p for p in (f"{rel}/bin/kata-runtime",) if t.exists(p)]:
+                checks.append(_run_check(t, [b, "--version"], required=True))
+            kr = f"{rel}/bin/kata-runtime"
+            if t.exists(kr):
+                checks.append(_run_check(t, [kr, "check", "--check-version-only"], required=False))
+    return checks
+
+
+def _run_check(t, argv: list[str], required: bool) -> dict:
+    name = " ".join([argv[0].rsplit("/", 1)[-1], *argv[1:]])
+    try:
+        r = t.run(argv, timeout=30)
+        text = (r.stdout or r.stderr).decode("utf-8", "replace").strip()
+        ok = r.returncode == 0
+        detail = (text.splitlines()[0] if text else "") if ok else \
+            f"exit {r.returncode}: {(text.splitlines() or [''])[-1]}"
+    except Exception as e:  # a binary that cannot start is a failed check, not a crash
+        ok, detail = False, str(e)
+    d = {"check": name, "ok": ok, "detail": detail}
+    if not required and not ok:
+        d["warning"] = True
+        d["ok"] = True
+    return d
+
+
+# -- switch / rollback -------------------------------------------------------------------
+def switch(t, L: Layout, version: str, component: str = "all", *, dry_run: bool = False,
+           force: bool = False, run_binaries: bool = True, lock_timeout: float = 30.0,
+           on_wait=None, _action: str = "switch") -> dict:
+    validate_version(version)
+    if component not in COMPONENTS:
+        raise UsageError(f"invalid --component {component!r} (choose from {', '.join(COMPONENTS)})")
+    params = {"version": version, "component": component, "force": force}
+    try:
+        if dry_run:
+            return _switch_locked(t, L, version, component, dry_run, force, run_binaries, _action)
+        with _lock(t, L, lock_timeout, on_wait):
+            res = _switch_locked(t, L, version, component, dry_run, force, run_binaries, _action)
+    except Exception as e:
+        if not dry_run:
+            _audit(_action, version, t, params, None, result=f"error: {e}")
+        raise
+    _audit(_action, version, t, params, res["changed"])
+    return res
+
+
+def _switch_locked(t, L, version, component, dry_run, force, run_binaries, action) -> dict:
+    recovered = None if dry_run else _recover(t, L)
+    fault("switch:locked")
+    staged = releases(t, L)
+    if version not in staged or release_record(t, L, version) is None:
+        raise NotFound(f"release {version} is not staged on {t.node} "
+                       f"(staged: {', '.join(staged) or 'none'})",
+                       hint=f"katactl upgrade stage SOURCE --as {version}")
+    cur = read_state(t, L)
+    if cur["runtime"] == UNMANAGED:
+        raise Refused(f"{L.current} exists but is not a symlink into {L.releases}; "
+                      "katactl will not replace it", hint="move it aside or use another --kata-root")
+    if component == "all":
+        to = {"runtime": version, "agent": version}
+    elif component == "runtime":
+        if cur["agent"] == "mixed":
+            raise Refused("the current configuration mixes guest assets of several releases; "
+                          "switch --component agent first")
+        to = {"runtime": version, "agent": cur["agent"] or version}
+    else:
+        if not cur["runtime"]:
+            raise Refused("no current runtime release yet; switch --component all first")
+        to = {"runtime": cur["runtime"], "agent": version}
+    frm = _pair(cur)
+    base = {"node": t.node, "action": action, "component": component, "from": frm, "to": to,
+            "recovered": recovered}
+    if to == frm:
+        return {**base, "changed": False, "dryRun": dry_run, "steps": [], "preflight": [],
+                "message": f"already on runtime {to['runtime']}, agent {to['agent']}"}
+    checks = _preflight(t, L, to, component, run_binaries)
+    failed = [c for c in checks if not c["ok"]]
+    if failed and not force:
+        raise Refused("preflight failed: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed),
+                      hint="fix the release, or --force to switch anyway")
+    steps = _apply(t, L, frm, to, dry_run=True)
+    if dry_run:
+        return {**base, "changed": True, "dryRun": True, "steps": steps, "preflight": checks}
+    entry = {"id": secrets.token_hex(6), "time": _now(), "user": _user(), "client": _client(),
+             "node": t.node, "action": action, "component": component, "from": frm, "to": to}
+    t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
+    fault("switch:after-journal")
+    _apply(t, L, frm, to, dry_run=False)
+    _append_history(t, L, entry)
+    fault("switch:after-history")
+    t.remove(L.journal)
+    return {**base, "changed": True, "dryRun": False, "steps": steps, "preflight": checks,
+            "historyId": entry["id"]}
+
+
+def _client() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_binaries: bool = True,
+             lock_timeout: float = 30.0, on_wait=None) -> dict:
+    def body() -> dict:
+        recovered = None if dry_run else _recover(t, L)
+        hist = read_history(t, L)
+        cur = _pair(read_state(t, L))
+        switches = [h for h in hist if h.get("action") in ("switch", "rollback")]
+        if not switches:
+            raise NotFound(f"no switch history on {t.node}: nothing to roll back")
+        last = switches[-1]
+        base = {"node": t.node, "action": "rollback", "recovered": recovered, "from": cur}
+        if last.get("action") == "rollback":
+            return {**base, "to": cur, "changed": False, "dryRun": dry_run, "steps": [],
+                    "message": f"the last switch was already rolled back (at {last.get('time')}); "
+                               "use 'upgrade switch VERSION' to move on"}
+        to = last.get("from") or {}
+        if not to.get("runtime"):
+            raise Refused("the last switch was the first one on this node; there is no earlier "
+                          "release to roll back to")
+        if cur != last.get("to") and not force:
+            raise Refused(f"the node is on runtime {cur['runtime']}, agent {cur['agent']}, not where "
+                          f"the last switch left it ({last['to']}); refusing to guess",
+                          hint="use 'upgrade switch VERSION', or --force")
+        for v in {to["runtime"], to.get("agent")} - {None}:
+            if release_record(t, L, v) is None:
+                raise NotFound(f"release {v} (the rollback target) is no longer staged")
+        checks = _preflight(t, L, to, "runtime" if to["runtime"] != cur["runtime"] else "agent",
+                            run_binaries)
+        failed = [c for c in checks if not c["ok"]]
+        if failed and not force:
+            raise Refused("preflight failed: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed))
+        steps = _apply(t, L, cur, to, dry_run=True)
+        if dry_run:
+            return {**base, "to": to, "changed": True, "dryRun": True, "steps": steps,
+                    "preflight": checks}
+        entry = {"id": secrets.token_hex(6), "time": _now(), "user": _user(), "client": _client(),
+                 "node": t.node, "action": "rollback", "component": last.get("component"),
+                 "from": cur, "to": to, "rollbackOf": last.get("id")}
+        t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
+        fault("switch:after-journal")
+        _apply(t, L, cur, to, dry_run=False)
+        _append_history(t, L, entry)
+        fault("switch:after-history")
+        t.remove(L.journal)
+        return {**base, "to": to, "changed": True, "dryRun": False, "steps": steps,
+                "preflight": checks, "historyId": entry["id"]}
+
+    try:
+        if dry_run:
+            return body()
+        with _lock(t, L, lock_timeout, on_wait):
+            res = body()
+    except Exception as e:
+        if not dry_run:
+            _audit("rollback", "-", t, {"force": force}, None, result=f"error: {e}")
+        raise
+    _audit("rollback", str((res.get("to") or {}).get("runtime")), t, {"force": force}, res["changed"])
+    return res
+
+
+# -- stage --------------------------------------------------------------------------------
+def stage(t, L: Layout, source: str, *, version: str | None = None, sha256: str | None = None,
+          no_verify: bool = False, reserve: int = DEFAULT_RESERVE, force: bool = False,
+          dry_run: bool = False, lock_timeout: float = 30.0, on_wait=None) -> dict:
+    params = {"source": source, "version": version, "sha256": sha256, "noVerify": no_verify,
+              "force": force}
+    try:
+        res = _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run,
+                     lock_timeout, on_wait)
+    except Exception as e:
+        if not dry_run:
+            _audit("stage", version or source, t, params, None, result=f"error: {e}")
+        raise
+    if not dry_run:
+        _audit("stage", res["version"], t, params, res["changed"])
+    return res
+
+
+def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lock_timeout, on_wait):
+    source = os.path.abspath(os.path.expanduser(source))
+    kind = src.check_source(source)
+    if version is not None:
+        validate_version(version, "--as")
+    if sha256 is not None:
+        if kind == "dir":
+            raise UsageError("--sha256 checks a tarball; a directory source needs a SHA256SUMS manifest")
+        if not src._HEX64.match(sha256):
+            raise UsageError(f"invalid --sha256 {sha256!r}: expected 64 hex digits")
+    verified: list[str] = []
+    source_sha = None
+    if kind != "dir":
+        source_sha = src.file_sha256(source)
+        for label, want in (("--sha256", sha256), ("sidecar", src.sidecar_sha256(source))):
+            if want is None:
+                continue
+            if want.lower() != source_sha:
+                raise Refused(f"{source}: sha256 mismatch ({label}): expected {want.lower()}, "
+                              f"got {source_sha}")
+            verified.append(f"sha256 ({label})")
+    sc = src.scan(source, kind)
+    if sc.manifest is not None:
+        files = {m.name for m in sc.members if m.kind in ("file", "hardlink")} - {sc.manifest_name}
+        unlisted = sorted(files - set(sc.manifest))
+        absent = sorted(set(sc.manifest) - files)
+        if unlisted or absent:
+            raise Refused(f"{source}: manifest {sc.manifest_name} does not match the content "
+                          f"(unlisted: {unlisted[:5]}, missing: {absent[:5]})")
+        verified.append(f"manifest {sc.manifest_name}")
+    if not verified and not no_verify:
+        raise Refused(f"{source}: nothing to verify it against",
+                      hint="pass --sha256 HEX, put SOURCE.sha256 next to it, ship a SHA256SUMS "
+                           "manifest inside, or --no-verify")
+    v = version or sc.version_file or src.version_from_filename(source)
+    if v is None:
+        raise UsageError(f"cannot tell the release version of {source}: no VERSION file and the "
+                         "name is not kata-static-<version>-<arch>.tar.*; pass --as VERSION")
+    validate_version(v, "release version")
+    if kind == "dir":
+        source_sha = _tree_digest(source, sc)
+    shims = [b for b in SHIM_BINARIES if b in {m.name for m in sc.members}]
+    if not shims:
+        raise Refused(f"{source}: no {' or '.join(SHIM_BINARIES)} inside; not a Kata release")
+    dest = L.release(v)
+    base = {"node": t.node, "version": v, "path": dest, "source": source, "sourceSha256": source_sha,
+            "verifiedBy": verified or ["nothing (--no-verify)"], "files": len(sc.members),
+            "bytes": sc.total_bytes}
+
+    def locked() -> dict:
+        if not dry_run:
+            fault("stage:locked")
+            _clean_stale(t, L, (".staging-",))
+        existing = release_record(t, L, v) if t.exists(dest) else None
+        replace = False
+        if t.exists(dest):
+            if existing and existing.get("sourceSha256") == source_sha:
+                return {**base, "changed": False, "dryRun": dry_run,
+                        "message": f"release {v} is already staged from the same source"}
+            if not force:
+                raise Refused(f"release {v} is already staged from a different source "
+                              f"({(existing or {}).get('source', 'unknown, no release record')})",
+                              hint="stage under another --as VERSION, or --force to replace it")
+            st = read_state(t, L)
+            if v in (st["runtime"], st["agent"]):
+                raise Refused(f"release {v} is in use as the current {'runtime' if v == st['runtime'] else 'agent'}; "
+                              "it cannot be replaced")
+            replace = True
+        t.mkdir(L.releases)
+        free = t.statvfs_free(L.releases)
+        need = sc.total_bytes + reserve
+        if free < need:
+            from katactl.values import format_size
+
+            raise Refused(f"not enough space in {L.releases} on {t.node}: release needs "
+                          f"{format_size(sc.total_bytes)} + {format_size(reserve)} reserve, "
+                          f"{format_size(free)} free", hint="run 'katactl upgrade gc' or lower --reserve")
+        if dry_run:
+            return {**base, "changed": True, "dryRun": True, "replace": replace}
+        fault("stage:after-scan")
+        tmp = f"{L.releases}/.staging-{v}-{secrets.token_hex(4)}"
+        try:
+            _extract(t, L, source, kind, sc, tmp, v)
+            record = {"version": v, "source": os.path.basename(source), "sourceKind": kind,
+                      "sourceSha256": source_sha, "verifiedBy": base["verifiedBy"],
+                      "files": len(sc.members), "bytes": sc.total_bytes, "stagedAt": _now(),
+                      "stagedBy": _user(), "client": _client(), "stripPrefix": sc.strip,
+                      "installPrefix": INSTALL_PREFIX}
+            t.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
+            fault("stage:after-record")
+            if replace:
+                trash = f"{L.releases}/.trash-{v}-{secrets.token_hex(4)}"
+                t.rename(dest, trash)
+                t.rename(tmp, dest)
+                t.remove(trash, recursive=True)
+            else:
+                t.rename(tmp, dest)
+            fault("stage:after-rename")
+        except BaseException:
+            try:
+                if t.exists(tmp):
+                    t.remove(tmp, recursive=True)
+            except OSError:
+                pass
+            raise
+        return {**base, "changed": True, "dryRun": False, "replaced": replace}
+
+    if dry_run:
+        return locked()
+    with _lock(t, L, lock_timeout, on_wait):
+        return locked()
+
+
+def _tree_digest(path: str, sc) -> str:
+    h = hashlib.sha256()
+    for m in src.iter_members(path, "dir"):
+        name = src.normalize(m.raw, path)
+        if m.kind == "file":
+            h.update(f"F {name} {m.mode & 0o777:o} ".encode() + hashlib.sha256(m.read()).hexdigest().encode())
+        elif m.kind == "symlink":
+            h.update(f"L {name} {m.linkname}".encode())
+        else:
+            h.update(f"D {name}".encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _extract(t, L, source, kind, sc, tmp, version) -> None:
+    t.mkdir(tmp, parents=False)
+    made = {tmp}
+    by_raw = {m.raw: m for m in sc.members}
+    files_total = sum(1 for m in sc.members if m.kind == "file") or 1
+    done = 0
+    synced: list[str] = []
+
+    def ensure_dir(d: str) -> None:
+        if d in made:
+            return
+        ensure_dir(posixpath.dirname(d))
+        if not t.exists(d):
+            t.mkdir(d, parents=False)
+            synced.append(d)
+        made.add(d)
+
+    for m in src.iter_members(source, kind):
+        want = by_raw.get(m.raw)
+        if want is None:
+            continue  # prefix dirs
+        dest = f"{tmp}/{want.name}"
+        ensure_dir(posixpath.dirname(dest))
+        if m.kind == "dir":
+            ensure_dir(dest)
+        elif m.kind == "file":
+            data = m.read()
+            if sc.manifest is not None and want.name != sc.manifest_name:
+                got = hashlib.sha256(data).hexdigest()
+                if sc.manifest.get(want.name) != got:
+                    raise Refused(f"{source}: {want.name}: sha256 mismatch with {sc.manifest_name} "
+                                  f"(expected {sc.manifest.get(want.name)}, got {got})")
+            t.write_bytes_atomic(dest, data, mode=(m.mode & 0o777) or 0o644)
+            done += 1
+            if done == files_total // 2 + 1:
+                fault("stage:mid-extract")
+        elif m.kind == "symlink":
+            t.symlink(m.linkname, dest)
+            synced.append(dest)
+        elif m.kind == "hardlink":
+            data = t.read_bytes(f"{tmp}/{want.linkname}")
+            t.write_bytes_atomic(dest, data, mode=(m.mode & 0o777) or 0o644)
+    # configs name the release's own binaries and assets
+    for f in _walk_files(t, f"{tmp}/{CONFIG_SUBDIR}", ".toml"):
+        text = t.read_text(f)
+        new = configedit.rebase(text, INSTALL_PREFIX, L.release(version))
+        if new != text:
+            t.write_bytes_atomic(f, new.encode(), mode=t.stat(f).mode & 0o777)
+    for p in synced:
+        _sync_entry(t, p)
+    fault("stage:after-extract")
+
+
+def _clean_stale(t, L: Layout, prefixes) -> list[str]:
+    removed = []
+    try:
+        names = t.listdir(L.releases)
+    except FileNotFoundError:
+        return removed
+    for n in names:
+        if n.startswith(prefixes):
+            t.remove(f"{L.releases}/{n}", recursive=True)
+            removed.append(n)
+    return removed
+
+
+# -- status / gc ---------------------------------------------------------------------------------
+def status(t, L: Layout) -> dict:
+    st = read_state(t, L)
+    hist = read_history(t, L)
+    last = hist[-1] if hist else None
+    procs, stats = procscan.scan(t, L)
+    sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
+    rels = []
+    for v in releases(t, L):
+        rec = release_record(t, L, v) or {}
+        users = [p.pid for p in procs if v in p.releases]
+        sb_ids = [s["id"] for s in sbs if v in s["releases"]]
+        roles = [r for r, on in (("runtime", st["runtime"] == v), ("agent", st["agent"] == v)) if on]
+        if last and (last.get("from") or {}).get("runtime") == v and not roles:
+            roles.append("previous")
+        rels.append({"version": v, "state": roles or (["incomplete"] if not rec else []),
+                     "stagedAt": rec.get("stagedAt"), "source": rec.get("source"),
+                     "processes": users, "sandboxes": sb_ids, "inUse": bool(users or sb_ids)})
+    pending = _read_json(t, L.journal)
+    return {"node": t.node, "kataRoot": L.root, "current": _pair(st),
+            "previous": (last or {}).get("from"), "lastSwitch": last,
+            "pending": pending, "releases": rels, "sandboxes": sbs,
+            "processes": [p.to_dict() for p in procs], "scan": stats}
+
+
+def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previous: bool = False,
+       lock_timeout: float = 30.0, on_wait=None) -> dict:
+    def body() -> dict:
+        recovered = None if dry_run else _recover(t, L)
+        st = read_state(t, L)
+        hist = read_history(t, L)
+        protected: dict[str, str] = {}
+        for role in ("runtime", "agent"):
+            if st[role] and st[role] not in (UNMANAGED, "mixed"):
+                protected.setdefault(st[role], f"current {role}")
+        if keep_previous and hist:
+            for v in (hist[-1].get("from") or {}).values():
+                if v:
+                    protected.setdefault(v, "previous (--keep-previous)")
+        procs, stats = procscan.scan(t, L)
+        if stats.get("error") and not force:
+            raise Refused(f"cannot list /proc on {t.node}: which releases running processes use is "
+                          "unknown", hint="with --host-root, the node's /proc must be visible under it; "
+                                          "or --force")
+        if stats["unreadable"] and not force:
+            raise Refused(f"cannot inspect {stats['unreadable']} process(es) on {t.node} (not root?); "
+                          "a release they run could be removed", hint="run as root, or --force")
+        sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
+        in_use: dict[str, list] = {}
+        for p in procs:
+            for v in p.releases:
+                in_use.setdefault(v, []).append(f"pid {p.pid} ({p.comm})")
+        for s in sbs:
+            for v in s["releases"]:
+                in_use.setdefault(v, []).append(f"sandbox {s['id'][:12]}")
+        # the current runtime release's configs may point at another release's assets
+        if st["runtime"] and st["runtime"] != UNMANAGED:
+            for f in _walk_files(t, L.config_dir(st["runtime"]), ".toml"):
+                for _s, _k, val in configedit.asset_refs(t.read_text(f)):
+                    v = L.version_of_path(val)
+                    if v:
+                        protected.setdefault(v, "referenced by the current configuration")
+        removed, kept = [], []
+        for v in releases(t, L):
+            if v in protected:
+                kept.append({"version": v, "reason": protected[v]})
+            elif v in in_use:
+                kept.append({"version": v, "reason": "in use: " + ", ".join(in_use[v][:5])
+                             + (f" and {len(in_use[v]) - 5} more" if len(in_use[v]) > 5 else "")})
+            else:
+                removed.append(v)
+        stale = [n for n in (t.listdir(L.releases) if t.exists(L.releases) else [])
+                 if n.startswith((".staging-", ".trash-"))]
+        if not dry_run:
+            for v in removed:
+                trash = f"{L.releases}/.trash-{v}-{secrets.token_hex(4)}"
+                t.rename(L.release(v), trash)
+                fault("gc:after-trash")
+                t.remove(trash, recursive=True)
+                if t.exists(L.backups(v)):
+                    t.remove(L.backups(v), recursive=True)
+            for n in stale:
+                if t.exists(f"{L.releases}/{n}"):
+                    t.remove(f"{L.releases}/{n}", recursive=True)
+        return {"node": t.node, "removed": removed, "kept": kept, "staleTempDirs": stale,
+                "recovered": recovered, "changed": bool(removed or stale), "dryRun": dry_run}
+
+    try:
+        if dry_run:
+            return body()
+        with _lock(t, L, lock_timeout, on_wait):
+            res = body()
+    except Exception as e:
+        if not dry_run:
+            _audit("gc", "-", t, {"force": force, "keepPrevious": keep_previous}, None, result=f"error: {e}")
+        raise
+    _audit("gc", ",".join(res["removed"]) or "-", t, {"force": force, "keepPrevious": keep_previous},
+           res["changed"])
+    return res

@@ -1,0 +1,354 @@
+"""Reading a release source (kata-static tarball or directory) safely.
+
+The source is a file or directory on the machine running katactl; its
+members are validated and then streamed to the node through the transport
+(so the same code stages locally, under --host-root and over SSH).
+
+Compression is detected from magic bytes: gzip and xz through Python's
+tarfile, zstd through the ``zstd`` binary in a pipe (Python 3.11 has no
+stdlib zstd; the binary is streaming, fast, and needs no extra wheel).
+
+Safety rules (any violation refuses the whole source, exit 5): no absolute
+member names, no ``..`` component, no device/fifo members, symlinks must
+resolve inside the release (checked by resolving them in the archive's own
+namespace, so chains like ``a -> .`` + ``b -> a/../x`` are caught), no member
+written through a symlinked directory, hard links only to earlier regular
+files inside. setuid/setgid/sticky bits are dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import posixpath
+import re
+import stat as st
+import subprocess
+from typing import Callable, Iterator
+
+from katactl.errors import OperationFailed, Refused, UsageError
+
+MANIFEST_NAMES = ("SHA256SUMS", "sha256sums.txt")
+_FILENAME_VERSION = re.compile(
+    r"kata-static-(?P<v>\d[0-9A-Za-z.+~-]*?)-(?:amd64|arm64|s390x|ppc64le|x86_64|aarch64|riscv64)"
+    r"\.tar(?:\.(?:xz|gz|zst|bz2))?$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclasses.dataclass
+class Member:
+    raw: str
+    kind: str  # file | dir | symlink | hardlink
+    mode: int
+    size: int
+    linkname: str | None
+    read: Callable[[], bytes] | None = None
+    name: str = ""  # normalized, prefix-stripped path inside the release
+
+
+@dataclasses.dataclass
+class Scan:
+    members: list[Member]
+    strip: str
+    total_bytes: int
+    manifest: dict[str, str] | None
+    manifest_name: str | None
+    version_file: str | None
+
+
+# -- opening -----------------------------------------------------------------
+def sniff(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except IsADirectoryError:
+        return "dir"
+    if head[:2] == b"\x1f\x8b":
+        return "gz"
+    if head[:6] == b"\xfd7zXZ\x00":
+        return "xz"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zst"
+    if head[:3] == b"BZh":
+        return "bz2"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    raise UsageError(f"{path}: not a tar archive (.tar, .tar.gz, .tar.xz, .tar.zst) or a directory")
+
+
+def check_source(path: str) -> str:
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        return "dir"
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: not a regular file or directory")
+    try:
+        return sniff(path)
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied") from None
+
+
+@contextlib.contextmanager
+def _open_tar(path: str, kind: str):
+    import tarfile
+
+    proc = None
+    try:
+        if kind == "zst":
+            import shutil
+
+            if not shutil.which("zstd"):
+                raise OperationFailed(f"{path}: zstd-compressed, but the zstd program is not installed",
+                                      hint="apt-get install zstd")
+            proc = subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            tf = tarfile.open(fileobj=proc.stdout, mode="r|")
+        else:
+            tf = tarfile.open(path, mode="r|" + ("" if kind == "tar" else kind))
+    except tarfile.TarError as e:
+        _reap(proc)
+        raise OperationFailed(f"{path}: unreadable archive: {e}") from None
+    try:
+        yield tf
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, OSError) and e.filename:  # a node-side error, not the archive
+            raise
+        raise OperationFailed(f"{path}: corrupt or truncated archive: {e}") from None
+    finally:
+        tf.close()
+        if proc is not None:
+            err = _reap(proc)
+            if proc.returncode not in (0, None, -13):
+                raise OperationFailed(f"{path}: zstd failed: {err or proc.returncode}")
+
+
+def _reap(proc) -> str:
+    if proc is None:
+        return ""
+    with contextlib.suppress(Exception):
+        proc.stdout.close()
+    try:
+        err = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
+    except Exception:
+        err = ""
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return err.splitlines()[0] if err else ""
+
+
+def iter_members(path: str, kind: str) -> Iterator[Member]:
+    """Raw members in archive order; ``read()`` is valid until the next one."""
+    if kind == "dir":
+        yield from _iter_dir(path)
+        return
+    with _open_tar(path, kind) as tf:
+        for ti in tf:
+            if ti.isreg():
+                m = Member(ti.name, "file", ti.mode, ti.size, None)
+                m.read = (lambda ti=ti: tf.extractfile(ti).read())
+            elif ti.isdir():
+                m = Member(ti.name, "dir", ti.mode, 0, None)
+            elif ti.issym():
+                m = Member(ti.name, "symlink", ti.mode, 0, ti.linkname)
+            elif ti.islnk():
+                m = Member(ti.name, "hardlink", ti.mode, 0, ti.linkname)
+            else:
+                what = ("device" if (ti.ischr() or ti.isblk()) else "fifo" if ti.isfifo()
+                        else f"type {ti.type!r}")
+                raise Refused(f"{path}: member {ti.name!r} is a {what}; releases hold only files, "
+                              "directories and symlinks")
+            yield m
+
+
+def _iter_dir(root: str) -> Iterator[Member]:
+    for d, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        rel_d = os.path.relpath(d, root)
+        for n in sorted(dirs) + sorted(files):
+            full = os.path.join(d, n)
+            rel = n if rel_d == "." else f"{rel_d}/{n}"
+            s = os.lstat(full)
+            if st.S_ISLNK(s.st_mode):
+                yield Member(rel, "symlink", 0o777, 0, os.readlink(full))
+            elif st.S_ISDIR(s.st_mode):
+                yield Member(rel, "dir", s.st_mode & 0o7777, 0, None)
+            elif st.S_ISREG(s.st_mode):
+                yield Member(rel, "file", s.st_mode & 0o7777, s.st_size, None,
+                             read=(lambda full=full: _read_file(full)))
+            else:
+                raise Refused(f"{full}: not a regular file, directory or symlink")
+
+
+def _read_file(p: str) -> bytes:
+    with open(p, "rb") as f:
+        return f.read()
+
+
+# -- validation ----------------------------------------------------------------
+def normalize(raw: str, where: str) -> str:
+    if "\0" in raw or "\n" in raw:
+        raise Refused(f"{where}: member name {raw!r} contains control characters")
+    if raw.startswith("/"):
+        raise Refused(f"{where}: member {raw!r} has an absolute path; refusing the archive")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise Refused(f"{where}: member {raw!r} climbs out with '..'; refusing the archive")
+    return "/".join(parts)
+
+
+def _strip_prefix(names: list[str]) -> str:
+    """kata-static tarballs hold ./opt/kata/...; a release dir holds what is under it."""
+    real = [n for n in names if n]
+    if not real:
+        return ""
+    if all(n in ("opt", "opt/kata") or n.startswith("opt/kata/") for n in real) and \
+            any(n.startswith("opt/kata/") for n in real):
+        return "opt/kata"
+    tops = {n.split("/", 1)[0] for n in real}
+    if len(tops) == 1 and any("/" in n for n in real):
+        top = tops.pop()
+        if top not in ("bin", "share", "libexec", "runtime-rs"):
+            return top
+    return ""
+
+
+def _resolve(path: str, links: dict[str, str], where: str, depth: int = 0) -> list[str]:
+    """Resolve a release-relative path through the archive's symlinks; refuse escapes."""
+    if depth > 40:
+        raise Refused(f"{where}: symlink loop at {path!r}")
+    out: list[str] = []
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    for i, p in enumerate(parts):
+        if p == "..":
+            if not out:
+                raise Refused(f"{where}: a symlink resolves outside the release dir ({path!r})")
+            out.pop()
+            continue
+        out.append(p)
+        cur = "/".join(out)
+        if cur in links:
+            target = links[cur]
+            if target.startswith("/"):
+                raise Refused(f"{where}: symlink {cur!r} -> {target!r} is absolute")
+            base = "/".join(out[:-1])
+            out = _resolve(posixpath.join(base, target) if base else target, links, where, depth + 1)
+    return out
+
+
+def scan(path: str, kind: str) -> Scan:
+    """First pass: validate every member, learn the prefix, size, manifest and VERSION."""
+    members: list[Member] = []
+    raws: list[str] = []
+    manifest_raw: dict[str, bytes] = {}
+    for m in iter_members(path, kind):
+        m.name = normalize(m.raw, path)
+        if m.kind == "file":
+            base = m.name.rsplit("/", 1)[-1]
+            if base in MANIFEST_NAMES or base == "VERSION":
+                manifest_raw[m.name] = m.read()[:1 << 20]
+        m.read = None
+        members.append(m)
+        raws.append(m.name)
+    strip = _strip_prefix(raws)
+    kept: list[Member] = []
+    links: dict[str, str] = {}
+    files: set[str] = set()
+    seen: set[str] = set()
+    for m in members:
+        if strip:
+            if m.name in (strip, *_parents(strip)):
+                continue
+            if not m.name.startswith(strip + "/"):
+                raise Refused(f"{path}: member {m.raw!r} lies outside {strip}/")
+            m.name = m.name[len(strip) + 1:]
+        if not m.name:
+            continue
+        if m.name in seen and m.kind != "dir":
+            raise Refused(f"{path}: member {m.raw!r} appears twice")
+        seen.add(m.name)
+        if m.kind == "symlink":
+            if not m.linkname or m.linkname.startswith("/"):
+                raise Refused(f"{path}: symlink {m.raw!r} -> {m.linkname!r} is absolute or empty; "
+                              "a release must be self-contained")
+            links[m.name] = m.linkname
+        elif m.kind == "hardlink":
+            t = normalize(m.linkname or "", path)
+            if strip and t.startswith(strip + "/"):
+                t = t[len(strip) + 1:]
+            if t not in files:
+                raise Refused(f"{path}: hard link {m.raw!r} -> {m.linkname!r} does not point to a "
+                              "file inside the release")
+            m.linkname = t
+        elif m.kind == "file":
+            files.add(m.name)
+        kept.append(m)
+    for m in kept:
+        parent = m.name.rsplit("/", 1)[0] if "/" in m.name else ""
+        if parent and _resolve(parent, {}, path) != _resolve(parent, links, path):
+            raise Refused(f"{path}: member {m.raw!r} would be written through a symlink")
+        if m.kind == "symlink":
+            _resolve(posixpath.join(parent, m.linkname) if parent else m.linkname, links, path)
+    manifest = None
+    manifest_name = None
+    version_file = None
+    for raw_name, data in manifest_raw.items():
+        rel = raw_name[len(strip) + 1:] if strip and raw_name.startswith(strip + "/") else raw_name
+        if rel in MANIFEST_NAMES:
+            manifest = parse_manifest(data, f"{path}:{rel}")
+            manifest_name = rel
+        elif rel == "VERSION":
+            version_file = data.decode("utf-8", "replace").strip().splitlines()[0].strip() if data.strip() else None
+    total = sum(m.size for m in kept if m.kind in ("file", "hardlink"))
+    return Scan(kept, strip, total, manifest, manifest_name, version_file)
+
+
+def _parents(p: str) -> list[str]:
+    out = []
+    while "/" in p:
+        p = p.rsplit("/", 1)[0]
+        out.append(p)
+    return out
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not _HEX64.match(parts[0]):
+            raise Refused(f"{where}: line {i} is not '<sha256>  <path>'")
+        name = parts[1].lstrip("*")
+        out[normalize(name, where)] = parts[0].lower()
+    return out
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def sidecar_sha256(path: str) -> str | None:
+    for ext in (".sha256", ".sha256sum"):
+        p = path + ext
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8", errors="replace") as f:
+                tok = (f.read(4096).split() or [""])[0]
+            if not _HEX64.match(tok):
+                raise Refused(f"{p}: does not start with a sha256 hex digest")
+            return tok.lower()
+    return None
+
+
+def version_from_filename(path: str) -> str | None:
+    m = _FILENAME_VERSION.search(os.path.basename(path.rstrip("/")))
+    return m.group("v") if m else None
