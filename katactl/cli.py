@@ -35,6 +35,12 @@ REGISTRY: dict[str, Entry] = {
     "top": Entry("katactl.commands.top", "Live per-sandbox CPU and memory (one snapshot with -o json)."),
     "pprof": Entry("katactl.commands.pprof", "Download a Go shim pprof profile (heap, goroutine, profile, trace)."),
     "shim": Entry("katactl.commands.shim", "Other shim endpoints: agent-url, iptables, volume."),
+    "balloon": Entry("katactl.commands.balloon", "Memory elasticity: get or set a sandbox's balloon."),
+    "lab": Entry("katactl.commands.lab", "A local Kata-like node with real QEMU micro-VMs: up, status, down."),
+    "vmcore": Entry("katactl.commands.vmcore", "Guest memory dumps: list, collect, trigger, rm."),
+    "upgrade": Entry("katactl.commands.upgrade", "A/B upgrade of runtime and agent: stage, switch, rollback, status, gc."),
+    "inspect": Entry("katactl.commands.inspect", "Host isolation as it is: cgroup, bvt, memcg, rdt, threads."),
+    "audit": Entry("katactl.commands.audit", "Check the co-location isolation policy (exit 8 on findings)."),
 }
 
 

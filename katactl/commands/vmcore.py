@@ -1,0 +1,312 @@
+"""katactl vmcore list | collect | trigger | rm."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from katactl.commands._common import fan_out_list, finish, new_app, state
+
+app = new_app("Guest memory dumps (vmcores): list, collect, trigger, rm.")
+
+DUMP_PATH_HELP = "Dump directory (default: guest_memory_dump_path from the node's Kata configuration)."
+KATA_CONFIG_HELP = "Kata configuration file (default: the runtime's search order, drop-ins merged)."
+
+
+def _columns():
+    from katactl.output import Column
+    from katactl.values import format_size
+
+    return [Column("NAME", "name"), Column("POD", "pod"), Column("SIZE", "size", fmt=format_size),
+            Column("TIME", "time"), Column("FORMAT", "format", wide=True), Column("STATUS", "status"),
+            Column("HYPERVISOR", "hypervisorVersion", wide=True), Column("COLLECTED", "collected")]
+
+
+@app.command("list")
+def list_cmd(
+    ctx: typer.Context,
+    dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
+    kata_config: Optional[str] = typer.Option(None, "--kata-config", metavar="FILE", help=KATA_CONFIG_HELP),
+) -> None:
+    """List the vmcores under guest_memory_dump_path on the node(s).
+
+    Each <sandbox-id>/vmcore-*.elf (or .kdump) with its size, time, pod (from
+    the saved state/ and the bundle's CRI annotations, or /var/log/pods),
+    hypervisor version, status (ok, or incomplete while still being written)
+    and whether this machine has collected it.
+
+    \b
+    Examples:
+      katactl vmcore list
+      katactl -N node-1,node-2 vmcore list -o wide
+      katactl --host-root /host vmcore list -o json
+    """
+    from katactl import vmcore
+
+    app_ctx = state(ctx)
+    index = vmcore.CollectIndex()
+    fan_out_list(app_ctx, lambda t: vmcore.list_dumps(t, dump_path=dump_path, kata_config=kata_config,
+                                                      index=index),
+                 kind="VmcoreList", columns=_columns())
+
+
+@app.command("collect")
+def collect_cmd(
+    ctx: typer.Context,
+    refs: Optional[List[str]] = typer.Argument(None, metavar="[SANDBOX|DUMP]...",
+                                               help="Sandbox id (prefix), NAMESPACE/POD, or SANDBOX/vmcore-X.elf; none = all."),
+    to: str = typer.Option(..., "--to", metavar="DIR", help="Local directory; dumps go to DIR/<node>/<sandbox-id>/."),
+    compress: str = typer.Option("none", "--compress", metavar="ALGO", help="none, gzip or zstd (compressed here while streaming)."),
+    makedumpfile: bool = typer.Option(False, "--makedumpfile", help="Filter and compress on the node with makedumpfile -c -d LEVEL first."),
+    dump_level: int = typer.Option(31, "--dump-level", metavar="N", help="makedumpfile dump level (0-31)."),
+    delete_after: bool = typer.Option(False, "--delete-after", help="Delete the node's dump once the copy is verified against the node's sha256."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every copy against the node's own sha256sum."),
+    bwlimit: Optional[str] = typer.Option(None, "--bwlimit", metavar="RATE", help="Limit read rate, bytes/s (e.g. 50Mi)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be collected."),
+    dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
+    kata_config: Optional[str] = typer.Option(None, "--kata-config", metavar="FILE", help=KATA_CONFIG_HELP),
+) -> None:
+    """Copy dumps and their metadata into DIR/<node>/<sandbox-id>/ with a sha256 manifest.
+
+    Copies hypervisor.conf, hypervisor.version and state/ too, and writes
+    SHA256SUMS (check with 'sha256sum -c') and manifest.json. Files are 0600.
+    Streams with bounded memory; an interrupted collect resumes when run
+    again (a partial file is kept as NAME.partial and never presented as
+    complete). Collecting an already collected dump changes nothing.
+
+    \b
+    Examples:
+      katactl vmcore collect --to /srv/crash
+      katactl -N node-1 vmcore collect 3f2a --to ./dumps --compress zstd
+      katactl vmcore collect default/web-0 --to ./dumps --delete-after
+    """
+    from katactl import audit, vmcore
+    from katactl.fleet import run_on_nodes
+    from katactl.output import Column, Result
+    from katactl.values import format_size, parse_size
+
+    app_ctx = state(ctx)
+    bps = parse_size(bwlimit, what="--bwlimit") if bwlimit is not None else None
+    out = app_ctx.out
+    bar_holder: dict = {}
+
+    def progress(dump, done, total):
+        bar = bar_holder.get("bar")
+        if bar is not None:
+            bar.update(completed=done, total=total, description=dump["file"])
+        out.event("VmcoreProgress", name=dump["name"], completed=done, total=total)
+
+    opts = vmcore.CollectOptions(to=to, compress=compress, makedumpfile=makedumpfile, dump_level=dump_level,
+                                 delete_after=delete_after, dry_run=dry_run, bwlimit=bps,
+                                 verify_source=verify, progress=progress)
+    opts.validate()
+    if dump_path is not None:
+        vmcore._check_abs(dump_path, "--dump-path")
+    index = vmcore.CollectIndex()
+
+    def one_node(t):
+        dumps = vmcore.resolve_dumps(t, refs or [], dump_path=dump_path, kata_config=kata_config, index=index)
+        node = vmcore.node_name(t)
+        results = []
+        for d in dumps:
+            try:
+                r = vmcore.collect_one(t, d, node, opts, index)
+            except Exception as e:  # per dump: the others still get collected
+                from katactl.errors import as_katactl_error
+
+                err = as_katactl_error(e)
+                results.append({"name": d["name"], "source": d["path"], "changed": False,
+                                "error": err.to_dict()})
+                if not dry_run:
+                    audit.record("vmcore.collect", d["name"], node=t.node, params=_params(opts),
+                                 result=f"error: {err.message}", changed=False)
+                continue
+            results.append(r)
+            if not dry_run:
+                audit.record("vmcore.collect", d["name"], node=t.node, params=_params(opts), result="ok",
+                             changed=r["changed"], to=r["to"], sha256=r.get("sha256"))
+        return results
+
+    with out.progress("collect", total=None, unit="bytes") as bar:
+        bar_holder["bar"] = bar
+        fo = run_on_nodes(app_ctx.settings, one_node)
+    fo.raise_if_single_failure()
+    items = fo.items()
+    failed = [i for i in items if i.get("error")]
+    errors = fo.error_items() + [{"target": i["name"], "error": i["error"]} for i in failed]
+    ok = [i for i in items if not i.get("error")]
+    if len(fo.nodes) == 1 and failed and not ok and len(failed) == 1:
+        from katactl.errors import KatactlError, ExitCode
+
+        e = failed[0]["error"]
+        err = KatactlError(e["message"], hint=e.get("hint"))
+        err.exit_code, err.code = ExitCode(e["exitCode"]), e["code"]
+        raise err
+    cols = [Column("NAME", "name"), Column("TO", "to"), Column("SIZE", "storedSize", fmt=format_size),
+            Column("SHA256", lambda i: (i.get("sha256") or "")[:16] or None),
+            Column("VERIFIED", "verified"), Column("CHANGED", "changed"), Column("DELETED", "deleted", wide=True)]
+    result = Result(kind="VmcoreCollectList", items=ok, columns=cols, errors=errors, multi_node=fo.multi,
+                    changed=any(i.get("changed") for i in ok), dry_run=dry_run,
+                    summary=None if ok or errors else "No vmcores to collect.")
+    if failed or fo.errors:
+        code = 4 if ok else (failed and failed[0]["error"]["exitCode"]) or fo.exit_code()
+    else:
+        code = 0
+    finish(app_ctx, result, code)
+
+
+def _params(opts) -> dict:
+    return {"to": opts.to, "compress": opts.compress, "makedumpfile": opts.makedumpfile,
+            "deleteAfter": opts.delete_after}
+
+
+@app.command("trigger")
+def trigger_cmd(
+    ctx: typer.Context,
+    sandbox: str = typer.Argument(..., metavar="SANDBOX", help="Sandbox id or unique prefix."),
+    fmt: str = typer.Option("elf", "--format", metavar="FORMAT", help="elf or kdump-zlib."),
+    detach: bool = typer.Option(False, "--detach", help="Start the dump and return at once."),
+    paging: Optional[bool] = typer.Option(None, "--paging/--no-paging",
+                                          help="Walk guest page tables (default: guest_memory_dump_paging)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the path and the hypervisor, dump nothing."),
+    dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
+    kata_config: Optional[str] = typer.Option(None, "--kata-config", metavar="FILE", help=KATA_CONFIG_HELP),
+    wait: Optional[str] = typer.Option(None, "--wait-timeout", metavar="DURATION",
+                                       help="How long to wait for the dump (default 1h)."),
+) -> None:
+    """Dump the memory of a live sandbox into Kata's layout (the guest pauses meanwhile).
+
+    Writes <dump_path>/<sandbox-id>/vmcore-<time>.elf (or .kdump) with the
+    same hypervisor.conf, hypervisor.version and state/ the runtime writes
+    after a panic. Uses the shim extension when offered, else Cloud
+    Hypervisor's vm.coredump (needs the guest_debug feature), else QEMU's
+    dump-guest-memory (extra-monitor.sock, or qmp.sock when free). Refused
+    (exit 5) unless the filesystem has 2 x guest memory free.
+
+    \b
+    Examples:
+      katactl vmcore trigger 3f2a
+      katactl vmcore trigger 3f2a --format kdump-zlib --detach
+    """
+    from katactl import audit, vmcore
+    from katactl.fleet import run_on_nodes
+    from katactl.output import Result
+    from katactl.values import parse_duration
+
+    app_ctx = state(ctx)
+    if fmt not in vmcore.FORMATS:
+        from katactl.errors import UsageError
+
+        raise UsageError(f"invalid --format {fmt!r} (choose {', '.join(vmcore.FORMATS)})")
+    timeout = parse_duration(wait, what="--wait-timeout") if wait else 3600.0
+    out = app_ctx.out
+    holder: dict = {}
+
+    def progress(done, total):
+        if holder.get("bar") is not None:
+            holder["bar"].update(completed=done, total=total)
+        out.event("VmcoreProgress", completed=done, total=total)
+
+    opts = vmcore.TriggerOptions(format=fmt, detach=detach, paging=paging, dump_path=dump_path,
+                                 kata_config=kata_config, dry_run=dry_run, timeout=timeout, progress=progress)
+
+    def fn(t):
+        try:
+            r = vmcore.trigger(t, sandbox, opts)
+        except Exception as e:
+            if not dry_run:
+                from katactl.errors import as_katactl_error
+
+                audit.record("vmcore.trigger", sandbox, node=t.node, params={"format": fmt},
+                             result=f"error: {as_katactl_error(e).message}", changed=False)
+            raise
+        if not dry_run:
+            audit.record("vmcore.trigger", r["sandbox"], node=t.node, params={"format": fmt, "detach": detach},
+                         result="ok", changed=True, path=None, dump=r.get("path"))
+        return r
+
+    with out.progress("dump", total=None, unit="bytes") as bar:
+        holder["bar"] = bar
+        fo = run_on_nodes(app_ctx.settings, fn)
+    fo.raise_if_single_failure()
+    if not fo.multi:
+        item = dict(fo.values[fo.nodes[0]])
+        changed, dry = item.pop("changed", None), item.pop("dryRun", False)
+        finish(app_ctx, Result(kind="VmcoreTrigger", item=item, changed=changed, dry_run=bool(dry)))
+        return
+    items = fo.items()
+    finish(app_ctx, Result(kind="VmcoreTriggerList", items=items, errors=fo.error_items(), multi_node=True,
+                           changed=any(i.get("changed") for i in items), dry_run=dry_run),
+           fo.exit_code())
+
+
+@app.command("rm")
+def rm_cmd(
+    ctx: typer.Context,
+    refs: List[str] = typer.Argument(..., metavar="DUMP...", help="SANDBOX/vmcore-X.elf, vmcore-X.elf, or a sandbox id (all its dumps)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be deleted."),
+    dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
+    kata_config: Optional[str] = typer.Option(None, "--kata-config", metavar="FILE", help=KATA_CONFIG_HELP),
+) -> None:
+    """Delete dumps from the node (asks on a TTY; needs --yes otherwise).
+
+    The sandbox's directory (metadata, state/) goes too once its last dump
+    is deleted. Deleting an already deleted dump changes nothing.
+
+    \b
+    Examples:
+      katactl vmcore rm 3f2a4c/vmcore-20240102030405.123.elf
+      katactl vmcore rm 3f2a --yes
+    """
+    from katactl import audit, vmcore
+    from katactl.errors import NotFound, Refused
+    from katactl.fleet import run_on_nodes
+    from katactl.output import Column, Result
+    from katactl.values import format_size
+
+    app_ctx = state(ctx)
+
+    def plan(t):
+        try:
+            return vmcore.resolve_dumps(t, refs, dump_path=dump_path, kata_config=kata_config)
+        except NotFound:
+            return []
+
+    fo = run_on_nodes(app_ctx.settings, plan)
+    fo.raise_if_single_failure()
+    targets = fo.items()
+    cols = [Column("NAME", "name"), Column("SIZE", "size", fmt=format_size), Column("COLLECTED", "collected"),
+            Column("CHANGED", "changed")]
+    if not targets:
+        finish(app_ctx, Result(kind="VmcoreRemoveList", items=[], columns=cols, changed=False, dry_run=dry_run,
+                               errors=fo.error_items(), summary="No matching vmcores: nothing to delete."),
+               fo.exit_code())
+        return
+    if not dry_run:
+        uncollected = sum(1 for d in targets if not d["collected"])
+        q = (f"Delete {len(targets)} vmcore(s) ({format_size(sum(d['size'] or 0 for d in targets))})"
+             + (f", {uncollected} never collected" if uncollected else "") + "?")
+        import sys
+
+        if not app_ctx.confirm(q):
+            if not sys.stdin.isatty():
+                raise Refused("deleting vmcores needs confirmation: re-run with --yes (no TTY to ask on)")
+            raise Refused("not confirmed: nothing deleted")
+    by_node: dict = {}
+    for d in targets:
+        by_node.setdefault(d["node"], []).append(d)
+
+    def do(t):
+        res = vmcore.remove_dumps(t, by_node.get(t.node, []), dry_run=dry_run)
+        if not dry_run:
+            for r in res:
+                audit.record("vmcore.rm", r["name"], node=t.node, params={"path": r["path"]}, result="ok",
+                             changed=r["changed"])
+        return res
+
+    fo2 = run_on_nodes(app_ctx.settings, do, nodes=list(by_node))
+    fo2.raise_if_single_failure()
+    items = fo2.items()
+    finish(app_ctx, Result(kind="VmcoreRemoveList", items=items, columns=cols, errors=fo2.error_items(),
+                           multi_node=fo2.multi, changed=any(i.get("changed") for i in items), dry_run=dry_run),
+           fo2.exit_code())

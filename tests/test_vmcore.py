@@ -1,0 +1,363 @@
+"""vmcore list / collect / rm over real node trees (--host-root), real files.
+
+Shared helpers (node trees with Kata config, dumps and their metadata) are
+imported by the other test_vmcore_*.py files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import struct
+import subprocess
+
+import pytest
+
+from katactl import vmcore
+from katactl.backends.local import LocalTransport
+from katactl.lab import layout
+
+DUMP_PATH = "/var/crash/kata"
+SID = "3f2a4c1b9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a"
+SID2 = "3f99aa00bb11cc22dd33ee44ff5566778899aabbccddeeff0011223344556677"
+TS = "20240102030405.12"
+
+
+def make_elf_core(path: str, segments=((0x100000, 1 << 20),), data=b"", note=b"VMCOREINFO\0") -> int:
+    """A QEMU-like ELF64 core: a PT_NOTE and PT_LOAD segments; returns the size."""
+    phnum = 1 + len(segments)
+    off = 64 + 56 * phnum
+    notes_off, note_sz = off, len(note)
+    off += note_sz
+    phdrs = struct.pack("<IIQQQQQQ", 4, 0, notes_off, 0, 0, note_sz, note_sz, 0)
+    seg_offs = []
+    for paddr, size in segments:
+        phdrs += struct.pack("<IIQQQQQQ", 1, 0, off, paddr, paddr, size, size, 0)
+        seg_offs.append(off)
+        off += size
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 4, 62, 1, 0, 64, 0, 0, 64, 56, phnum, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(ehdr + phdrs + note)
+        if data:
+            f.seek(seg_offs[0])
+            f.write(data)
+        f.truncate(off)
+    return off
+
+
+def node_tree(root, *, dump_path=DUMP_PATH, via_dropin=True, pod_from="bundle"):
+    """A Go/QEMU node with guest_memory_dump_path set (by a config.d drop-in)."""
+    root = str(root)
+    base = os.path.join(root, "usr/share/defaults/kata-containers")
+    os.makedirs(os.path.join(base, "config.d"), exist_ok=True)
+    with open(os.path.join(base, "configuration.toml"), "w") as f:
+        f.write('[hypervisor.qemu]\npath = "/usr/bin/qemu-system-x86_64"\ndefault_memory = 2048\n'
+                f'guest_memory_dump_path = "{"" if via_dropin else dump_path}"\n')
+    if via_dropin:
+        with open(os.path.join(base, "config.d/50-vmcore.toml"), "w") as f:
+            f.write(f'[hypervisor.qemu]\nguest_memory_dump_path = "{dump_path}"\n')
+    with open(os.path.join(root, "etc_hostname"), "w") as f:
+        f.write("")
+    os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    with open(os.path.join(root, "etc/hostname"), "w") as f:
+        f.write("node-a\n")
+    return root
+
+
+def add_dump(root, sid=SID, *, ts=TS, size_segments=((0x100000, 1 << 20),), data=b"", pod=("default", "web-0"),
+             bundle=True, ext="elf", content: bytes | None = None):
+    """A dump exactly as the runtime leaves it: state/ copy, hypervisor.conf/.version, vmcore."""
+    root = str(root)
+    uid = "0d3c2b1a-1111-2222-3333-444455556666"
+    sb = layout.write_go_sandbox(root, sid, pod_name=pod[1], pod_namespace=pod[0], pod_uid=uid,
+                                 memory_mib=512, guest_memory_dump_path=DUMP_PATH, container_ids=(sid,),
+                                 bundle=bundle)
+    d = os.path.join(root, DUMP_PATH.lstrip("/"), sid)
+    os.makedirs(d, exist_ok=True)
+    if not os.path.exists(os.path.join(d, "state")):
+        subprocess.run(["cp", "-ar", sb.real(sb.state_dir_node), os.path.join(d, "state")], check=True)
+    with open(os.path.join(d, "state/persist.json")) as f:
+        hv = json.load(f)["Config"]["HypervisorConfig"]
+    with open(os.path.join(d, "hypervisor.conf"), "w") as f:
+        json.dump(hv, f)
+    with open(os.path.join(d, "hypervisor.version"), "w") as f:
+        f.write("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright (c) 2003-2022\n")
+    p = os.path.join(d, f"vmcore-{ts}.{ext}")
+    if content is not None:
+        with open(p, "wb") as f:
+            f.write(content)
+    else:
+        make_elf_core(p, size_segments, data)
+    os.chmod(p, 0o400)
+    return p
+
+
+def sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = node_tree(tmp_path / "node")
+    add_dump(root, size_segments=((0x100000, 4 << 20),), data=os.urandom(4096))
+    return root
+
+
+# -- list ---------------------------------------------------------------------
+def test_list_reads_dump_path_from_dropin_and_shows_metadata(cli, tree):
+    r = cli(["--host-root", tree, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["kind"] == "VmcoreList"
+    [it] = d["items"]
+    assert it["name"] == f"{SID}/vmcore-{TS}.elf" and it["sandbox"] == SID
+    assert it["pod"] == "default/web-0" and it["format"] == "elf" and it["status"] == "ok"
+    assert it["time"] == "2024-01-02T03:04:05.120"
+    assert it["hypervisorVersion"].startswith("QEMU emulator version 7.2")
+    assert it["collected"] is False and it["loadSegments"] == 1
+    assert it["guestMemory"] == 512 << 20
+    assert it["size"] == os.path.getsize(os.path.join(tree, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
+
+
+def test_list_plain_table(cli, tree):
+    r = cli(["--host-root", tree, "vmcore", "list"])
+    assert r.exit_code == 0, r.stderr
+    head, row = r.stdout.splitlines()
+    assert head.split()[:3] == ["NAME", "POD", "SIZE"] and "default/web-0" in row
+
+
+def test_pod_from_pod_logs_when_bundle_is_gone(cli, tmp_path):
+    root = node_tree(tmp_path / "n")
+    add_dump(root, bundle=False)
+    # the sandbox died: no bundle; the pod UID in the saved cgroup path maps through /var/log/pods
+    os.makedirs(os.path.join(root, "var/log/pods/prod_api-7_0d3c2b1a-1111-2222-3333-444455556666"))
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    [it] = r.json()["items"]
+    assert it["pod"] == "prod/api-7" and it["podUid"] == "0d3c2b1a-1111-2222-3333-444455556666"
+
+
+def test_incomplete_dump_is_flagged(cli, tmp_path):
+    root = node_tree(tmp_path / "n")
+    p = add_dump(root)
+    os.chmod(p, 0o600)
+    os.truncate(p, os.path.getsize(p) - 4096)   # QEMU still writing
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.json()["items"][0]["status"] == "incomplete"
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "out"), "-o", "json"])
+    assert r.exit_code == 5 and "incomplete" in r.stderr
+
+
+def test_kdump_and_other_files(cli, tmp_path):
+    root = node_tree(tmp_path / "n")
+    add_dump(root, ext="kdump", content=b"makedumpfile\0\0\0\0" + bytes(100))
+    open(os.path.join(root, DUMP_PATH.lstrip("/"), SID, "notes.txt"), "w").close()
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    [it] = r.json()["items"]
+    assert it["format"] == "kdump-flat" and it["file"].endswith(".kdump")
+
+
+def test_list_without_dump_path_configured(cli, tmp_path):
+    root = node_tree(tmp_path / "n", dump_path="")
+    r = cli(["--host-root", root, "vmcore", "list"])
+    assert r.exit_code == 3 and "guest_memory_dump_path is not set" in r.stderr
+    assert "hint:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_list_without_kata_config(cli, tmp_path):
+    r = cli(["--host-root", str(tmp_path), "vmcore", "list"])
+    assert r.exit_code == 3 and "no Kata configuration" in r.stderr
+
+
+def test_list_dump_dir_missing_is_empty(cli, tmp_path):
+    root = node_tree(tmp_path / "n")
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["items"] == []
+
+
+def test_go_timestamp_matches_go_format():
+    import time
+
+    t = time.mktime((2024, 1, 2, 3, 4, 5, 0, 0, -1))
+    assert vmcore.go_timestamp(t + 0.120) == "20240102030405.12"
+    assert vmcore.go_timestamp(t) == "20240102030405"
+    assert vmcore.go_timestamp(t + 0.5) == "20240102030405.5"
+    assert vmcore.dump_timestamp("vmcore-20240102030405.elf") == "2024-01-02T03:04:05.000"
+
+
+# -- collect --------------------------------------------------------------------
+def test_collect_copies_dump_metadata_and_manifest(cli, tree, tmp_path):
+    out = tmp_path / "out"
+    r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(out), "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["changed"] is True and d["dryRun"] is False
+    [it] = d["items"]
+    dest = out / "node-a" / SID
+    src = os.path.join(tree, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf")
+    assert it["verified"] is True and it["sha256"] == sha(src)
+    copied = dest / f"vmcore-{TS}.elf"
+    assert sha(copied) == sha(src)
+    for f in ("hypervisor.conf", "hypervisor.version", "state/persist.json", f"state/{SID}/persist.json",
+              "SHA256SUMS", "manifest.json"):
+        assert (dest / f).is_file(), f
+    assert stat.S_IMODE(os.stat(copied).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(dest / "state/persist.json").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o700
+    # the manifest checks with coreutils
+    p = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = json.loads((dest / "manifest.json").read_text())
+    assert m["pod"] == "default/web-0" and m["files"][f"vmcore-{TS}.elf"]["verified"] is True
+    assert not list(dest.glob("*.partial*"))
+    # dumps are mostly zero pages: the local copy stays sparse
+    assert os.stat(copied).st_blocks * 512 < os.path.getsize(copied)
+    # list now shows it collected
+    r = cli(["--host-root", tree, "vmcore", "list", "-o", "json"])
+    assert r.json()["items"][0]["collected"] is True
+
+
+def test_second_collect_is_a_noop(cli, tree, tmp_path):
+    out = str(tmp_path / "out")
+    assert cli(["--host-root", tree, "vmcore", "collect", "--to", out]).exit_code == 0
+    r = cli(["--host-root", tree, "vmcore", "collect", "--to", out, "-o", "json"])
+    assert r.exit_code == 0 and r.json()["changed"] is False
+    assert r.json()["items"][0]["changed"] is False
+
+
+def test_collect_dry_run_writes_nothing(cli, tree, tmp_path):
+    out = tmp_path / "out"
+    r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(out), "--dry-run", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["dryRun"] is True and r.json()["changed"] is True
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("algo,opener", [("gzip", "gzip"), ("zstd", "zstd")])
+def test_collect_compressed_decompresses_to_the_source(cli, tmp_path, algo, opener):
+    if algo == "zstd" and not vmcore.shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    root = node_tree(tmp_path / "n")
+    src = add_dump(root, data=os.urandom(200_000))
+    out = tmp_path / "out"
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(out), "--compress", algo, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    suffix = {"gzip": ".gz", "zstd": ".zst"}[algo]
+    stored = out / "node-a" / SID / f"vmcore-{TS}.elf{suffix}"
+    assert it["to"] == str(stored) and sha(stored) == it["sha256"]
+    dec = subprocess.run([opener, "-dc", str(stored)], capture_output=True, check=True).stdout
+    assert hashlib.sha256(dec).hexdigest() == sha(src)
+    assert os.path.getsize(stored) < os.path.getsize(src)
+    m = json.loads((stored.parent / "manifest.json").read_text())
+    assert m["files"][stored.name]["source"]["sha256"] == sha(src)
+
+
+def test_collect_compressed_multi_segment(tmp_path, monkeypatch):
+    """Segments (gzip members) are independently decodable and concatenate to the source."""
+    monkeypatch.setattr(vmcore, "SEGMENT", 3 << 20)
+    root = node_tree(tmp_path / "n")
+    src = add_dump(root, size_segments=((0, 10 << 20),), data=os.urandom(5 << 20))
+    t = LocalTransport(root)
+    [res] = vmcore.collect(t, [], vmcore.CollectOptions(to=str(tmp_path / "o"), compress="gzip"),
+                           index=vmcore.CollectIndex(str(tmp_path / "idx")))
+    import gzip
+
+    with gzip.open(res["to"], "rb") as g:
+        assert hashlib.sha256(g.read()).hexdigest() == sha(src)
+
+
+def test_collect_selects_by_ref(cli, tmp_path):
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    add_dump(root, SID2, pod=("prod", "db-0"))
+    out = str(tmp_path / "o")
+    r = cli(["--host-root", root, "vmcore", "collect", "prod/db-0", "--to", out, "-o", "json"])
+    assert [i["name"].split("/")[0] for i in r.json()["items"]] == [SID2]
+    r = cli(["--host-root", root, "vmcore", "collect", "3f2a", "--to", out, "-o", "json"])
+    assert [i["name"].split("/")[0] for i in r.json()["items"]] == [SID]
+    r = cli(["--host-root", root, "vmcore", "collect", "3f", "--to", out])
+    assert r.exit_code == 3 and "matches the dumps of 2 sandboxes" in r.stderr
+    r = cli(["--host-root", root, "vmcore", "collect", "nope", "--to", out])
+    assert r.exit_code == 3 and "no vmcore matches" in r.stderr
+
+
+def test_delete_after_only_once_verified(cli, tree, tmp_path):
+    src = os.path.join(tree, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf")
+    r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), "--delete-after", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["deleted"] is True and it["verified"] is True
+    assert not os.path.exists(src)
+    assert os.path.exists(it["to"])
+
+
+def test_collect_audit_log(cli, tree, tmp_path, _isolated_home):
+    cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o")])
+    log = _isolated_home / "state" / "katactl" / "audit.log"
+    entries = [json.loads(l) for l in log.read_text().splitlines()]
+    assert entries[-1]["action"] == "vmcore.collect" and entries[-1]["changed"] is True
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--compress", "xz"], "invalid --compress"),
+    (["--compress", ""], "invalid --compress"),
+    (["--bwlimit", "fast"], "invalid --bwlimit"),
+    (["--bwlimit", "-1"], "--bwlimit"),
+    (["--dump-level", "32"], "dump-level"),
+    (["--dump-path", "relative/dir"], "must be an absolute path"),
+    (["--makedumpfile", "--compress", "gzip"], "makedumpfile"),
+])
+def test_collect_bad_values(cli, tree, tmp_path, args, msg):
+    r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_collect_needs_to(cli, tree):
+    r = cli(["--host-root", tree, "vmcore", "collect"])
+    assert r.exit_code == 2 and "--to" in r.stderr
+
+
+def test_makedumpfile_missing_is_clear(cli, tree, tmp_path):
+    if vmcore.shutil.which("makedumpfile"):
+        pytest.skip("makedumpfile installed")
+    r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), "--makedumpfile"])
+    assert r.exit_code == 1 and "makedumpfile is not installed" in r.stderr
+
+
+# -- rm ---------------------------------------------------------------------------
+def test_rm_needs_yes_without_tty(cli, tree):
+    r = cli(["--host-root", tree, "vmcore", "rm", SID[:8]])
+    assert r.exit_code == 5 and "--yes" in r.stderr
+    assert os.path.exists(os.path.join(tree, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
+
+
+def test_rm_dry_run_then_yes_then_idempotent(cli, tree):
+    d = os.path.join(tree, DUMP_PATH.lstrip("/"), SID)
+    r = cli(["--host-root", tree, "vmcore", "rm", f"vmcore-{TS}.elf", "--dry-run", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["dryRun"] is True and os.path.exists(d)
+    r = cli(["--host-root", tree, "vmcore", "rm", f"{SID}/vmcore-{TS}.elf", "--yes", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is True and not os.path.exists(d)   # last dump: the sandbox dir goes
+    r = cli(["--host-root", tree, "vmcore", "rm", f"{SID}/vmcore-{TS}.elf", "--yes", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["changed"] is False
+
+
+def test_rm_keeps_dir_with_other_dumps(cli, tree):
+    add_dump(tree, ts="20240102030406.5")
+    r = cli(["--host-root", tree, "vmcore", "rm", f"{SID}/vmcore-{TS}.elf", "-y"])
+    assert r.exit_code == 0
+    d = os.path.join(tree, DUMP_PATH.lstrip("/"), SID)
+    assert os.listdir(d) and os.path.exists(os.path.join(d, "vmcore-20240102030406.5.elf"))
+
+
+@pytest.mark.parametrize("ref", ["", "a\0b", "x" * 5000])
+def test_rm_bad_refs(cli, tree, ref):
+    r = cli(["--host-root", tree, "vmcore", "rm", ref, "--yes"])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
