@@ -1,0 +1,254 @@
+"""Sandbox discovery, pod mapping, liveness and target resolution (issue 3)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from katactl import sandbox
+from katactl.backends.local import LocalTransport
+from katactl.errors import Ambiguous, NotFound, UsageError
+from katactl.lab import layout
+from tests._katanode import node
+
+
+@pytest.fixture(scope="module")
+def tree():
+    """A node with Go (qemu, clh, fc), runtime-rs (dragonball, clh, qemu), CRI-O, a dead PID,
+    a corrupt persist.json and a socket nobody listens on."""
+    with node() as n:
+        n.go("aaa111", pod_name="web", pod_namespace="prod", memory_mib=4096, vcpus=2,
+             hotplugged_memory_mib=1024, sandbox_cgroup_only=True, extra_monitor_socket=True)
+        n.go("aab222", hypervisor="clh", pod_name="api", pod_namespace="prod")
+        n.go("fc3333", hypervisor="fc", pod_name="fn", pod_namespace="faas")
+        n.rs("rs4444", hypervisor="dragonball", pod_name="batch-0", pod_namespace="batch")
+        n.rs("rs5555", hypervisor="clh", pod_name="batch-1", pod_namespace="batch")
+        n.rs("rs6666", hypervisor="qemu", pod_name="batch-2", pod_namespace="batch")
+        n.go("cr7777", cri="crio", pod_name="crio-pod", pod_namespace="other")
+        n.go("dead88", serve=False, pid=2 ** 22 + 7, pod_name="gone", pod_namespace="prod")
+        n.go("bad999", serve=False, raw_persist=b'{"PersistVersion": 2, "State": "runn',
+             pod_name="broken", pod_namespace="prod")
+        p = n.go("deaf00", serve=False, pod_name="deaf", pod_namespace="prod")
+        # a socket file with nobody listening (a crashed shim leaves exactly this)
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(p.shim_socket)
+        s.close()
+        # the extra monitor socket exists for aaa111
+        open(n.paths["aaa111"].extra_monitor_socket, "w").close()
+        yield n
+
+
+def by_id(items):
+    return {i["id"]: i for i in items}
+
+
+def test_discover_fields_go_and_rs(tree):
+    sbs = {s.id: s for s in sandbox.discover(LocalTransport(tree.root))}
+    a = sbs["aaa111"]
+    assert (a.runtime, a.hypervisor, a.hypervisor_pid) == ("go", "qemu", os.getpid())
+    assert (a.memory_mib, a.hotplugged_memory_mib, a.total_memory_mib, a.vcpus) == (4096, 1024, 5120, 2.0)
+    assert a.sandbox_cgroup_only is True and a.overhead_cgroup_path is None
+    assert a.api_socket == "/run/vc/vm/aaa111/qmp.sock"
+    assert a.extra_monitor_socket == "/run/vc/vm/aaa111/extra-monitor.sock"
+    assert a.shim_socket == "/run/vc/sbs/aaa111/shim-monitor.sock"
+    assert a.kernel == layout.DEFAULT_KERNEL and a.image == layout.DEFAULT_IMAGE
+    assert a.pod == {"name": "web", "namespace": "prod", "uid": a.pod["uid"]} and a.pod["uid"]
+    assert a.state == "running" and a.cri == "containerd"
+    assert sbs["aab222"].api_socket == "/run/vc/vm/aab222/clh-api.sock"
+    assert sbs["fc3333"].hypervisor == "fc"
+    assert sbs["fc3333"].api_socket == "/run/vc/firecracker/fc3333/root/run/firecracker.socket"
+    assert sbs["rs4444"].runtime == "rs" and sbs["rs4444"].hypervisor == "dragonball"
+    assert sbs["rs4444"].api_socket is None
+    assert sbs["rs5555"].api_socket == "/run/kata/rs5555/ch-api.sock"
+    assert sbs["rs6666"].api_socket == \
+        "/run/containerd/io.containerd.runtime.v2.task/k8s.io/rs6666/qmp.sock"
+    assert sbs["cr7777"].cri == "crio" and sbs["cr7777"].pod["name"] == "crio-pod"
+
+
+def test_states_and_reasons(tree):
+    sbs = {s.id: s for s in sandbox.discover(LocalTransport(tree.root))}
+    assert sbs["dead88"].state == "stale" and "not running" in sbs["dead88"].reason
+    assert sbs["deaf00"].state == "stale" and "nobody is listening" in sbs["deaf00"].reason
+    assert sbs["bad999"].state == "unknown" and "not valid JSON" in sbs["bad999"].reason
+    # the broken one still has its pod
+    assert sbs["bad999"].pod["name"] == "broken"
+    running = {i for i, s in sbs.items() if s.state == "running"}
+    assert running == {"aaa111", "aab222", "fc3333", "rs4444", "rs5555", "rs6666", "cr7777"}
+
+
+def test_list_json_shape(cli, tree):
+    r = cli(["--host-root", tree.root, "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["apiVersion"] == "katactl/v1" and d["kind"] == "SandboxList"
+    items = by_id(d["items"])
+    assert len(items) == 10
+    a = items["aaa111"]
+    for key in ("id", "runtime", "state", "reason", "pod", "hypervisor", "hypervisorPid", "vcpus",
+                "memoryMiB", "hotpluggedMemoryMiB", "kernel", "image", "initrd", "cgroup", "sockets",
+                "created", "age", "bundle", "node"):
+        assert key in a, key
+    assert a["sockets"]["api"] == "/run/vc/vm/aaa111/qmp.sock"
+    assert a["node"] == "localhost"
+
+
+@pytest.mark.parametrize("fmt", ["plain", "wide", "yaml", "name"])
+def test_list_formats(cli, tree, fmt):
+    r = cli(["--host-root", tree.root, "sandbox", "list", "-o", fmt])
+    assert r.exit_code == 0, r.stderr
+    if fmt == "name":
+        assert sorted(r.stdout.split()) == sorted(tree.paths)
+    elif fmt == "yaml":
+        assert "kind: SandboxList" in r.stdout
+    else:
+        lines = r.stdout.splitlines()
+        assert lines[0].split()[:3] == ["ID", "POD", "STATE"]
+        assert len(lines) == 11
+        if fmt == "wide":
+            assert "REASON" in lines[0] and "not valid JSON" in r.stdout
+
+
+def test_list_filters(cli, tree):
+    r = cli(["--host-root", tree.root, "sandbox", "list", "--state", "stale", "-o", "name"])
+    assert sorted(r.stdout.split()) == ["dead88", "deaf00"]
+    r = cli(["--host-root", tree.root, "-n", "batch", "sandbox", "list", "-o", "name"])
+    assert sorted(r.stdout.split()) == ["rs4444", "rs5555", "rs6666"]
+
+
+@pytest.mark.parametrize("bad", ["runing", "", "RUNNING"])
+def test_list_bad_state(cli, tree, bad):
+    r = cli(["--host-root", tree.root, "sandbox", "list", "--state", bad])
+    assert r.exit_code == 2 and "--state" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_resolution(cli, tree):
+    for ref in ("aaa111", "aaa", "prod/web", "pod/prod/web"[4:]):
+        r = cli(["--host-root", tree.root, "sandbox", "inspect", ref, "-o", "json"])
+        assert r.exit_code == 0, (ref, r.stderr)
+        assert r.json()["id"] == "aaa111" and r.json()["kind"] == "Sandbox"
+    r = cli(["--host-root", tree.root, "sandbox", "inspect", "aaa", "--raw", "-o", "json"])
+    assert r.json()["stateFileContent"]["HypervisorState"]["Type"] == "qemu"
+
+
+def test_ambiguous_prefix_lists_candidates(cli, tree):
+    r = cli(["--host-root", tree.root, "sandbox", "inspect", "aa", "-o", "json"])
+    assert r.exit_code == 3
+    err = r.json()
+    assert err["kind"] == "Error" and err["code"] == "Ambiguous"
+    assert err["details"]["candidates"] == ["aaa111", "aab222"]
+    r = cli(["--host-root", tree.root, "sandbox", "inspect", "aa"])
+    assert r.exit_code == 3 and "aaa111" in r.stderr and "aab222" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2  # one line + hint
+
+
+@pytest.mark.parametrize("ref", ["zzz", "prod/nosuchpod", "ab"])
+def test_not_found(cli, tree, ref):
+    r = cli(["--host-root", tree.root, "sandbox", "inspect", ref])
+    assert r.exit_code == 3, r.stderr
+    assert "no sandbox" in r.stderr
+
+
+@pytest.mark.parametrize("ref", ["a/b/c", "../etc", "..", "aaa\x00", "/run/vc", "a b", "Prod/Web",
+                                 "prod/", "/web", "aaa/..", "x" * 300, "ns/" + "p" * 300, "a\nb", "é"])
+def test_bad_refs_corpus(cli, tree, ref):
+    r = cli(["--host-root", tree.root, "sandbox", "inspect", ref])
+    assert r.exit_code == 2, (ref, r.exit_code, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") <= 2
+
+
+@pytest.mark.parametrize("ref", ["../x", "a/b/c", "x\0y", ""])
+def test_resolve_library_usage_errors(tree, ref):
+    with pytest.raises(UsageError):
+        sandbox.resolve(LocalTransport(tree.root), ref)
+
+
+def test_resolve_library(tree):
+    t = LocalTransport(tree.root)
+    assert sandbox.resolve(t, "rs44").id == "rs4444"
+    assert sandbox.resolve(t, "batch/batch-1").id == "rs5555"
+    with pytest.raises(Ambiguous) as e:
+        sandbox.resolve(t, "rs")
+    assert e.value.details["candidates"] == ["rs4444", "rs5555", "rs6666"]
+    with pytest.raises(NotFound):
+        sandbox.resolve(t, "nope")
+
+
+CORRUPT = [b"", b"   \n", b"{", b'{"PersistVersion": 2, "HypervisorState": {"Pid": 12', b"not json",
+           b"[1, 2, 3]", b"\xff\xfe\x00garbage", b'"a string"', b"null",
+           b'{"HypervisorState": "oops", "Config": []}']
+
+
+@pytest.mark.parametrize("raw", CORRUPT)
+def test_corrupt_state_files_listed_unknown(cli, tmp_path, raw):
+    root = str(tmp_path)
+    layout.write_go_sandbox(root, "good01", pid=None, pod_name="ok", pod_namespace="x")
+    layout.write_go_sandbox(root, "bad001", raw_persist=raw)
+    layout.write_rs_sandbox(root, "bad002", raw_state=raw)
+    r = cli(["--host-root", root, "sandbox", "list", "-o", "json", "--no-check"])
+    assert r.exit_code == 0, r.stderr
+    items = by_id(r.json()["items"])
+    assert set(items) == {"good01", "bad001", "bad002"}
+    if raw.strip().startswith(b"{") and raw.strip().endswith(b"}"):
+        # parseable object with wrong types: read what can be read, never crash
+        assert items["bad001"]["state"] in ("unknown", "stale")
+    else:
+        assert items["bad001"]["state"] == "unknown" and items["bad001"]["reason"]
+        assert items["bad002"]["state"] == "unknown" and items["bad002"]["reason"]
+
+
+def test_non_utf8_annotations(cli, tmp_path):
+    root = str(tmp_path)
+    layout.write_go_sandbox(root, "utf8ok", pid=None)
+    p = layout.write_go_sandbox(root, "latin1", pid=None, bundle=False)
+    ann = json.dumps({"annotations": {"io.kubernetes.cri.container-type": "sandbox",
+                                      "io.kubernetes.cri.sandbox-name": "caf\u00e9-POD",
+                                      "io.kubernetes.cri.sandbox-namespace": "ns"}}).encode()
+    ann = ann.replace(b"caf\\u00e9", b"caf\xe9")  # raw latin-1 byte: invalid UTF-8
+    layout.write_bundle(root, "latin1", {}, raw_config=ann)
+    r = cli(["--host-root", root, "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    items = by_id(r.json()["items"])
+    assert items["latin1"]["pod"]["name"] == "caf\ufffd-POD"
+    assert items["latin1"]["pod"]["namespace"] == "ns"
+    r = cli(["--host-root", root, "sandbox", "list"])
+    assert r.exit_code == 0 and "ns/caf" in r.stdout
+    assert p.sandbox_id == "latin1"
+
+
+def test_bundle_garbage_does_not_hide_sandbox(cli, tmp_path):
+    root = str(tmp_path)
+    layout.write_go_sandbox(root, "nobndl", pid=None, bundle=False)
+    layout.write_go_sandbox(root, "junkbd", pid=None, bundle=False)
+    layout.write_bundle(root, "junkbd", {}, raw_config=b"\x00\x01{{{")
+    r = cli(["--host-root", root, "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0
+    items = by_id(r.json()["items"])
+    assert items["nobndl"]["pod"] is None and items["junkbd"]["pod"] is None
+
+
+@pytest.mark.parametrize("setup", ["nothing", "empty-dirs", "stray-files"])
+def test_empty_node(cli, tmp_path, setup):
+    root = str(tmp_path)
+    if setup != "nothing":
+        os.makedirs(f"{root}/run/vc/sbs")
+        os.makedirs(f"{root}/run/kata")
+    if setup == "stray-files":
+        open(f"{root}/run/vc/sbs/README", "w").close()   # a file, not a sandbox dir
+        os.makedirs(f"{root}/run/vc/sbs/..hidden")
+    r = cli(["--host-root", root, "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["items"] == []
+    r = cli(["--host-root", root, "sandbox", "list"])
+    assert r.exit_code == 0 and r.stdout == "" and "No sandboxs" not in r.stdout
+
+
+def test_list_subprocess_real_binary(katactl_bin, tree):
+    r = katactl_bin(["--host-root", tree.root, "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["items"]) == 10
+
+
+def test_help_has_examples(cli):
+    r = cli(["sandbox", "list", "--help"])
+    assert r.exit_code == 0 and "Examples:" in r.stdout and "katactl sandbox list -o wide" in r.stdout
