@@ -875,7 +875,7 @@ def _prefix_hash_local(part_or_final: str, dst_len: int, src_len: int, compress:
 def _node_sha256(transport, path: str, prefix_len: int):
     """('full', hex) from the node's sha256sum, else ('prefix', hex) by re-reading prefix_len bytes."""
     try:
-        r = transport.run(["sha256sum", "--", path], timeout=3600)
+        r = transport.run(["sha256sum", "--", _real(transport, path)], timeout=3600)
         if r.returncode == 0:
             m = re.match(rb"^\\?([0-9a-f]{64})\s", r.stdout)
             if m:
@@ -1081,7 +1081,8 @@ def _collect_makedumpfile(transport, dump: dict, final: str, opts: CollectOption
     src = dump["path"]
     tmp = f"{posixpath.dirname(src)}/.katactl-{os.path.basename(final)}.tmp"
     try:
-        r = transport.run(["makedumpfile", "-c", "-d", str(opts.dump_level), src, tmp], timeout=3600)
+        r = transport.run(["makedumpfile", "-c", "-d", str(opts.dump_level), _real(transport, src),
+                           _real(transport, tmp)], timeout=3600)
     except FileNotFoundError:
         raise OperationFailed(f"makedumpfile is not installed on node {transport.node}",
                               hint="apt-get install makedumpfile on the node, or collect without --makedumpfile") from None

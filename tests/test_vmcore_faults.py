@@ -1,0 +1,230 @@
+"""vmcore collect under faults: the source vanishes or changes mid-copy, the destination
+fills (a real small tmpfs), the copy is killed and resumed (a real katactl subprocess)."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from katactl import vmcore
+from katactl.backends.local import LocalTransport
+from katactl.errors import OperationFailed
+from tests.test_vmcore import DUMP_PATH, SID, TS, add_dump, node_tree, sha
+
+
+def _opts(tmp_path, **kw):
+    return vmcore.CollectOptions(to=str(tmp_path / "out"), **kw)
+
+
+def _idx(tmp_path):
+    return vmcore.CollectIndex(str(tmp_path / "index.jsonl"))
+
+
+def _dest(tmp_path, suffix=""):
+    return tmp_path / "out" / "node-a" / SID / f"vmcore-{TS}.elf{suffix}"
+
+
+@pytest.fixture
+def big(tmp_path):
+    """A 24 MiB dump with real data spread through it."""
+    root = node_tree(tmp_path / "n")
+    src = add_dump(root, size_segments=((0, 24 << 20),), data=os.urandom(12 << 20))
+    return root, src
+
+
+def test_source_vanishes_mid_copy(tmp_path, big):
+    root, src = big
+    seen = []
+
+    def progress(dump, done, total):
+        seen.append(done)
+        if len(seen) == 3:
+            os.unlink(src)          # deleted on the node while we stream it
+
+    with pytest.raises(OperationFailed, match="vanished during the copy"):
+        vmcore.collect(LocalTransport(root), [], _opts(tmp_path, progress=progress), index=_idx(tmp_path))
+    assert not _dest(tmp_path).exists()                       # never presented as complete
+    assert (tmp_path / "out/node-a" / SID / f"vmcore-{TS}.elf.partial").exists()
+    assert not (tmp_path / "out/node-a" / SID / "manifest.json").exists()
+
+
+def test_source_truncated_mid_copy(tmp_path, big):
+    root, src = big
+
+    def progress(dump, done, total):
+        if done == 2 << 20:
+            os.truncate(src, 4 << 20)
+
+    with pytest.raises(OperationFailed, match="shrank during the copy"):
+        vmcore.collect(LocalTransport(root), [], _opts(tmp_path, progress=progress), index=_idx(tmp_path))
+    assert not _dest(tmp_path).exists()
+
+
+def test_source_rewritten_mid_copy(tmp_path, big):
+    root, src = big
+
+    def progress(dump, done, total):
+        if done == 2 << 20:
+            os.utime(src, (1, 1))     # a second writer touched it
+
+    with pytest.raises(OperationFailed, match="changed during the copy"):
+        vmcore.collect(LocalTransport(root), [], _opts(tmp_path, progress=progress), index=_idx(tmp_path))
+    assert not _dest(tmp_path).exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 3 MiB tmpfs (root only)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {p.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_destination_fills_mid_copy(cli, tmp_path, big, small_fs):
+    root, src = big
+    # incompressible data: gzip output outgrows the 3 MiB filesystem mid-stream
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs), "--compress", "gzip", "-o", "json"])
+    assert r.exit_code == 1, r.stderr
+    assert "is full" in r.stderr and "resume" in r.stderr and "Traceback" not in r.stderr
+    assert r.json()["kind"] == "Error"
+    dest = small_fs / "node-a" / SID
+    assert not (dest / f"vmcore-{TS}.elf.gz").exists() and not (dest / "manifest.json").exists()
+    assert os.path.exists(src)
+
+
+def test_destination_too_small_is_refused_up_front(cli, tmp_path, big, small_fs):
+    root, _ = big
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs)])
+    assert r.exit_code == 5 and "bytes free" in r.stderr
+    assert not (small_fs / "node-a" / SID / f"vmcore-{TS}.elf.partial").exists() or \
+        os.path.getsize(small_fs / "node-a" / SID / f"vmcore-{TS}.elf.partial") == 0
+
+
+def _wait_partial(part, proc, minimum, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if os.path.getsize(part) >= minimum:
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    return False
+
+
+def test_killed_then_resumed(tmp_path, big, _isolated_home):
+    """kill -9 a real katactl mid-copy (rate-limited), then run it again: it resumes."""
+    root, src = big
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "katactl", "--host-root", root, "vmcore", "collect", "--to", str(out),
+            "-o", "json"]
+    proc = subprocess.Popen(argv + ["--bwlimit", "8Mi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    part = out / "node-a" / SID / f"vmcore-{TS}.elf.partial"
+    try:
+        assert _wait_partial(part, proc, 3 << 20), proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    size_at_kill = os.path.getsize(part)
+    assert 0 < size_at_kill < os.path.getsize(src)
+    final = out / "node-a" / SID / f"vmcore-{TS}.elf"
+    assert not final.exists()
+    # list does not call it collected
+    r = subprocess.run([sys.executable, "-m", "katactl", "--host-root", root, "vmcore", "list", "-o", "json"],
+                       capture_output=True, text=True)
+    assert json.loads(r.stdout)["items"][0]["collected"] is False
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    [it] = json.loads(r.stdout)["items"]
+    assert it["resumed"] is True and it["verification"] == "node-sha256sum" and it["verified"] is True
+    assert sha(final) == sha(src) == it["sha256"]
+    assert not part.exists() and not (out / "node-a" / SID / f"vmcore-{TS}.elf.partial.json").exists()
+
+
+def test_corrupt_partial_is_detected_and_discarded(tmp_path, big):
+    root, src = big
+    t = LocalTransport(root)
+
+    def stop(dump, done, total):
+        if done >= 6 << 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vmcore.collect(t, [], _opts(tmp_path, progress=stop), index=_idx(tmp_path))
+    part = str(_dest(tmp_path)) + ".partial"
+    with open(part, "r+b") as f:       # bit rot in the kept prefix
+        f.seek(5 << 20)
+        b = f.read(1)
+        f.seek(5 << 20)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(OperationFailed, match="mismatch after resume"):
+        vmcore.collect(t, [], _opts(tmp_path), index=_idx(tmp_path))
+    assert not os.path.exists(part) and not _dest(tmp_path).exists()
+    [res] = vmcore.collect(t, [], _opts(tmp_path), index=_idx(tmp_path))
+    assert res["resumed"] is False and sha(res["to"]) == sha(src)
+
+
+def test_resume_after_source_changed_starts_over(tmp_path, big):
+    root, src = big
+    t = LocalTransport(root)
+
+    def stop(dump, done, total):
+        if done >= 4 << 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vmcore.collect(t, [], _opts(tmp_path, progress=stop), index=_idx(tmp_path))
+    os.chmod(src, 0o600)
+    with open(src, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"new bytes")
+    [res] = vmcore.collect(t, [], _opts(tmp_path), index=_idx(tmp_path))
+    assert res["resumed"] is False and sha(res["to"]) == sha(src)
+
+
+@pytest.mark.parametrize("algo", ["gzip", "zstd"])
+def test_compressed_resume_at_segment(tmp_path, big, monkeypatch, algo):
+    if algo == "zstd" and not vmcore.shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    monkeypatch.setattr(vmcore, "SEGMENT", 4 << 20)
+    root, src = big
+    t = LocalTransport(root)
+
+    def stop(dump, done, total):
+        if done >= 10 << 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vmcore.collect(t, [], _opts(tmp_path, compress=algo, progress=stop), index=_idx(tmp_path))
+    suffix = {"gzip": ".gz", "zstd": ".zst"}[algo]
+    side = json.loads(open(str(_dest(tmp_path, suffix)) + ".partial.json").read())
+    assert side["srcOffset"] == 8 << 20       # two complete segments checkpointed
+    [res] = vmcore.collect(t, [], _opts(tmp_path, compress=algo), index=_idx(tmp_path))
+    assert res["resumed"] is True and res["verified"] is True
+    if algo == "gzip":
+        with gzip.open(res["to"], "rb") as g:
+            data = g.read()
+    else:
+        data = subprocess.run(["zstd", "-dc", res["to"]], capture_output=True, check=True).stdout
+    assert hashlib.sha256(data).hexdigest() == sha(src)
+    assert sha(res["to"]) == res["sha256"]
