@@ -7,6 +7,8 @@ lacks is an ``info`` finding ("unsupported"), never an error.
 """
 from __future__ import annotations
 
+import math
+
 from katactl.errors import NotFound
 from katactl.isolation import cgroups as cg
 from katactl.isolation import report, resctrl, threads, weights
@@ -257,17 +259,25 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
                   "(koordinator's RDT plugin) and move offline tasks into it")
         return resctrl.tid_groups(tree)
     sch = be.get("schemata") or []
-    pct, where = resctrl.max_cache_percent(sch)
-    if pct is not None and pct > pol.rdt.be_l3_max_percent:
-        cbm = tree["info"].get("L3", {}).get("cbmMask")
-        hint = ""
-        if isinstance(cbm, int):
-            m = resctrl.mask_from_percent(cbm, 0, pol.rdt.be_l3_max_percent)
-            hint = f" (mask 0x{m:x} for 0-{pol.rdt.be_l3_max_percent:g}% of cbm_mask 0x{cbm:x})"
-        f.add("rdt.be-l3", f"resctrl group {pol.rdt.be_group}",
-              f"BE group may use {pct:g}% of the L3 ways, policy allows {pol.rdt.be_l3_max_percent:g}%",
-              [{"file": be["dir"] + "/schemata", "value": where}],
-              f"write a smaller L3 mask to {be['dir']}/schemata{hint}")
+    cbm = tree["info"].get("L3", {}).get("cbmMask")
+    lim = pol.rdt.be_l3_max_percent
+    for ln in sch:
+        if ln["kind"] != "cache" or not ln["resource"].startswith("L3"):
+            continue
+        for d in ln["domains"]:
+            total = d.get("totalWays")
+            if not total:
+                continue
+            # koordinator's rounding: 0-30 % of 11 ways is ceil(3.3) = 4 ways (0xf)
+            allowed = math.ceil(total * lim / 100.0)
+            if d["ways"] > allowed:
+                m = resctrl.mask_from_percent(cbm, 0, lim) if isinstance(cbm, int) else None
+                f.add("rdt.be-l3", f"resctrl group {pol.rdt.be_group}",
+                      f"BE group may use {d['ways']} of {total} L3 ways ({d['percent']:g}%) on cache id {d['id']} "
+                      f"({ln['resource']}); policy allows {lim:g}% = {allowed} ways",
+                      [{"file": be["dir"] + "/schemata", "value": f"{ln['resource']}:{d['id']}={d['mask'][2:]}"}],
+                      f"write a smaller mask to {be['dir']}/schemata"
+                      + (f", e.g. {ln['resource']}:{d['id']}={m:x} (0-{lim:g}% of cbm_mask {cbm:x})" if m else ""))
     for ln in sch:
         if ln["kind"] == "bandwidth" and ln["resource"] == "MB":
             for d in ln["domains"]:

@@ -1,0 +1,255 @@
+"""Fixture node trees for the isolation tests and bench (no resctrl, no Alinux kernel here).
+
+Laid out exactly as ../shared/reference/colocation-host.md describes: v1
+controllers under /sys/fs/cgroup/<controller> (or v2 at /sys/fs/cgroup, or
+hybrid with /sys/fs/cgroup/unified), kubelet cgroupfs/systemd layouts, the
+Alinux knobs (cpu.bvt_warp_ns, memory.priority, memory.wmark_*), the
+sched_group_identity switch, resctrl with info/, schemata (CDP, gaps in cache
+ids) and mon_data, and /proc/<pid>/task/<tid> entries for hypervisor threads.
+Read with ``--host-root ROOT``.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+V1_CONTROLLERS = ("cpu", "cpuset", "memory")
+MOUNT_OPTS = {"cpu": "cpu", "cpuset": "cpuset", "memory": "memory"}
+
+
+def _w(root: str, node_path: str, content) -> None:
+    p = os.path.join(root, node_path.lstrip("/"))
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "w") as f:
+        f.write(f"{content}\n" if not isinstance(content, str) or not content.endswith("\n") else content)
+
+
+def write_mountinfo(root: str, mode: str = "v1", resctrl: bool = True, resctrl_opts: str = "") -> None:
+    lines = ["24 1 0:22 / / rw,relatime - ext4 /dev/vda1 rw"]
+    n = 30
+    if mode in ("v1", "hybrid"):
+        lines.append(f"{n} 24 0:{n} / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755")
+        for c in V1_CONTROLLERS:
+            n += 1
+            lines.append(f"{n} 30 0:{n} / /sys/fs/cgroup/{c} rw,nosuid,nodev,noexec,relatime shared:{n} - "
+                         f"cgroup cgroup rw,{MOUNT_OPTS[c]}")
+        if mode == "hybrid":
+            n += 1
+            lines.append(f"{n} 30 0:{n} / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw")
+    else:
+        lines.append(f"{n} 24 0:{n} / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 "
+                     "rw,nsdelegate,memory_recursiveprot")
+        _w(root, "/sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory hugetlb pids rdma misc")
+    if resctrl:
+        n += 1
+        opts = "rw" + ("," + resctrl_opts if resctrl_opts else "")
+        lines.append(f"{n} 24 0:{n} / /sys/fs/resctrl rw,relatime shared:{n} - resctrl resctrl {opts}")
+    _w(root, "/proc/self/mountinfo", "\n".join(lines) + "\n")
+
+
+V1_FILES = {
+    "cpu.shares": ("cpu", "cpu.shares"), "cpu.quota": ("cpu", "cpu.cfs_quota_us"),
+    "cpu.period": ("cpu", "cpu.cfs_period_us"), "cpu.burst": ("cpu", "cpu.cfs_burst_us"),
+    "cpu.bvt": ("cpu", "cpu.bvt_warp_ns"), "cpuset.cpus": ("cpuset", "cpuset.cpus"),
+    "cpuset.effective": ("cpuset", "cpuset.effective_cpus"), "cpuset.mems": ("cpuset", "cpuset.mems"),
+    "memory.limit": ("memory", "memory.limit_in_bytes"), "memory.usage": ("memory", "memory.usage_in_bytes"),
+    "memory.priority": ("memory", "memory.priority"), "memory.use_priority_oom": ("memory", "memory.use_priority_oom"),
+    "memory.wmark_ratio": ("memory", "memory.wmark_ratio"), "memory.wmark_min_adj": ("memory", "memory.wmark_min_adj"),
+    "memory.wmark_scale_factor": ("memory", "memory.wmark_scale_factor"),
+    "memory.wmark_high": ("memory", "memory.wmark_high"), "memory.wmark_low": ("memory", "memory.wmark_low"),
+}
+V2_FILES = {
+    "cpu.weight": "cpu.weight", "cpu.max": "cpu.max", "cpu.burst": "cpu.max.burst", "cpu.bvt": "cpu.bvt_warp_ns",
+    "cpuset.cpus": "cpuset.cpus", "cpuset.effective": "cpuset.cpus.effective", "cpuset.mems": "cpuset.mems",
+    "memory.limit": "memory.max", "memory.usage": "memory.current", "memory.high": "memory.high",
+    "memory.low": "memory.low", "memory.min": "memory.min", "memory.oom.group": "memory.oom.group",
+    "memory.priority": "memory.priority", "memory.use_priority_oom": "memory.use_priority_oom",
+    "memory.wmark_ratio": "memory.wmark_ratio", "memory.wmark_min_adj": "memory.wmark_min_adj",
+    "memory.wmark_scale_factor": "memory.wmark_scale_factor",
+}
+
+
+def write_cgroup(root: str, mode: str, path: str, values: dict, tasks: list[int] = ()) -> None:
+    """Write knob files of one cgroup. ``values`` uses the logical keys above;
+    keys that do not exist in that cgroup version are skipped (as the kernel would)."""
+    path = "/" + path.strip("/")
+    rel = "" if path == "/" else path
+    if mode in ("v1", "hybrid"):
+        for c in V1_CONTROLLERS:
+            os.makedirs(os.path.join(root, f"sys/fs/cgroup/{c}{rel}".lstrip("/")), exist_ok=True)
+            _w(root, f"/sys/fs/cgroup/{c}{rel}/tasks", "".join(f"{t}\n" for t in tasks) or "")
+            _w(root, f"/sys/fs/cgroup/{c}{rel}/cgroup.procs", "".join(f"{t}\n" for t in tasks[:1]) or "")
+        for k, v in values.items():
+            if k in V1_FILES:
+                c, f = V1_FILES[k]
+                _w(root, f"/sys/fs/cgroup/{c}{rel}/{f}", v)
+        if mode == "hybrid":
+            os.makedirs(os.path.join(root, f"sys/fs/cgroup/unified{rel}".lstrip("/")), exist_ok=True)
+            _w(root, f"/sys/fs/cgroup/unified{rel}/cgroup.procs", "".join(f"{t}\n" for t in tasks[:1]) or "")
+    else:
+        os.makedirs(os.path.join(root, f"sys/fs/cgroup{rel}".lstrip("/")), exist_ok=True)
+        _w(root, f"/sys/fs/cgroup{rel}/cgroup.procs", "".join(f"{t}\n" for t in tasks[:1]) or "")
+        _w(root, f"/sys/fs/cgroup{rel}/cgroup.threads", "".join(f"{t}\n" for t in tasks) or "")
+        for k, v in values.items():
+            if k in V2_FILES:
+                _w(root, f"/sys/fs/cgroup{rel}/{V2_FILES[k]}", v)
+
+
+def write_switch(root: str, value: int | None = 1, core_sched: int | None = 0) -> None:
+    if value is not None:
+        _w(root, "/proc/sys/kernel/sched_group_identity_enabled", value)
+    if core_sched is not None:
+        _w(root, "/proc/sys/kernel/sched_core", core_sched)
+
+
+def write_resctrl(root: str, groups: dict[str, dict], *, cbm_mask: str = "7ff", cdp: bool = False,
+                  cache_ids=(0, 2), mon: bool = True) -> None:
+    """A resctrl tree. groups: name ("/" = default) -> {schemata, tasks, cpus_list, mode, mon_groups, mon}."""
+    base = "/sys/fs/resctrl"
+    l3 = ["L3DATA", "L3CODE"] if cdp else ["L3"]
+    for res in l3:
+        _w(root, f"{base}/info/{res}/cbm_mask", cbm_mask)
+        _w(root, f"{base}/info/{res}/min_cbm_bits", 1)
+        _w(root, f"{base}/info/{res}/num_closids", 8 if cdp else 16)
+        _w(root, f"{base}/info/{res}/shareable_bits", "0")
+        _w(root, f"{base}/info/{res}/bit_usage", ";".join(f"{i}=SSSSSSSSSSS" for i in cache_ids))
+    _w(root, f"{base}/info/MB/min_bandwidth", 10)
+    _w(root, f"{base}/info/MB/bandwidth_gran", 10)
+    _w(root, f"{base}/info/MB/delay_linear", 1)
+    _w(root, f"{base}/info/MB/num_closids", 8)
+    if mon:
+        _w(root, f"{base}/info/L3_MON/num_rmids", 144)
+        _w(root, f"{base}/info/L3_MON/mon_features", "llc_occupancy\nmbm_total_bytes\nmbm_local_bytes\n")
+    _w(root, f"{base}/info/last_cmd_status", "ok")
+    for name, g in groups.items():
+        d = base if name == "/" else f"{base}/{name}"
+        _write_group(root, d, g, cache_ids, mon)
+        for mname, mg in (g.get("mon_groups") or {}).items():
+            _write_group(root, f"{d}/mon_groups/{mname}", mg, cache_ids, mon, ctrl=False)
+        os.makedirs(os.path.join(root, (d + "/mon_groups").lstrip("/")), exist_ok=True)
+
+
+def _write_group(root, d, g, cache_ids, mon, ctrl=True):
+    _w(root, f"{d}/tasks", "".join(f"{t}\n" for t in g.get("tasks", [])) or "")
+    _w(root, f"{d}/cpus_list", g.get("cpus_list", ""))
+    if ctrl:
+        _w(root, f"{d}/schemata", g["schemata"])
+        _w(root, f"{d}/mode", g.get("mode", "shareable"))
+        _w(root, f"{d}/size", "")
+    if mon:
+        for i in cache_ids:
+            m = (g.get("mon") or {}).get(i, {})
+            _w(root, f"{d}/mon_data/mon_L3_{i:02d}/llc_occupancy", m.get("llc", 1 << 20))
+            _w(root, f"{d}/mon_data/mon_L3_{i:02d}/mbm_total_bytes", m.get("total", 1 << 30))
+            _w(root, f"{d}/mon_data/mon_L3_{i:02d}/mbm_local_bytes", m.get("local", 1 << 29))
+
+
+def write_threads(root: str, pid: int, threads: list[tuple[int, str, dict]], affinity: str = "0-3") -> None:
+    """/proc/<pid>/task/<tid>/{comm,stat,status,cgroup}; threads: (tid, comm, {controller: path})."""
+    for tid, comm, cgs in threads:
+        b = f"/proc/{pid}/task/{tid}"
+        _w(root, b + "/comm", comm)
+        nice = 0
+        fields = ["S"] + ["0"] * 15 + [str(nice)] + ["0"] * 19 + ["1", "0", "0"] + ["0"] * 10
+        _w(root, b + "/stat", f"{tid} ({comm}) " + " ".join(fields))
+        _w(root, b + "/status", f"Name:\t{comm}\nPid:\t{tid}\nCpus_allowed_list:\t{affinity}\n")
+        lines = []
+        for i, c in enumerate(("cpu", "cpuset", "memory"), 1):
+            if c in cgs:
+                lines.append(f"{i}:{c}:{cgs[c]}")
+        if "unified" in cgs:
+            lines.append(f"0::{cgs['unified']}")
+        _w(root, b + "/cgroup", "\n".join(lines) + "\n")
+        if tid == pid:
+            _w(root, f"/proc/{pid}/cgroup", "\n".join(lines) + "\n")
+            _w(root, f"/proc/{pid}/comm", comm)
+
+
+def pod_uid(i: int, kind: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{kind}/{i}"))
+
+
+def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str = "v1", alinux: bool = True,
+               resctrl: bool = True, cdp: bool = False, switch: int | None = 1, core_sched: int = 0,
+               offline_bvt: int = -1, sandbox_bvt: int | None = None, offline_shares: int = 2,
+               online_shares: int = 1024, online_priority: int = 12, offline_priority: int = 0,
+               be_l3: str = "f", sandbox_cgroup_only: bool = False, vcpus: int = 2,
+               vcpu_outside: bool = False, vcpus_in_be: bool = True, hypervisor: str = "qemu") -> dict:
+    """A co-location node: online burstable pods (runc) and offline Kata sandboxes in besteffort.
+
+    Returns {"online": [pod uids], "sandboxes": [SandboxPaths], "vcpu_tids": {sid: [tids]}}.
+    """
+    from katactl.lab import layout
+
+    write_mountinfo(root, mode, resctrl=resctrl)
+    _w(root, "/proc/cpuinfo", "processor\t: 0\nflags\t\t: fpu sse cat_l3 cdp_l3 mba cqm_llc cqm_occup_llc\n")
+    if alinux:
+        write_switch(root, switch, core_sched)
+    ali = {"memory.use_priority_oom": 1, "memory.wmark_ratio": 95, "memory.wmark_scale_factor": 50,
+           "memory.wmark_min_adj": 0, "memory.wmark_high": 1 << 30, "memory.wmark_low": 1 << 29} if alinux else {}
+
+    def bvt(v):
+        return {"cpu.bvt": v} if alinux else {}
+
+    def cpu(shares):
+        return {"cpu.shares": shares} if mode != "v2" else {"cpu.weight": 1 + ((shares - 2) * 9999) // 262142}
+
+    base = {"cpuset.cpus": "0-3", "cpuset.effective": "0-3", "cpuset.mems": "0", "cpu.period": 100000,
+            "cpu.quota": -1, "cpu.max": "max 100000", "memory.limit": 9223372036854771712 if mode != "v2" else "max",
+            "memory.usage": 1 << 30}
+    write_cgroup(root, mode, "/", {**base, **cpu(1024)})
+    write_cgroup(root, mode, "/kubepods", {**base, **cpu(4096), **bvt(0), **ali,
+                                           **({"memory.priority": 0} if alinux else {})})
+    write_cgroup(root, mode, "/kubepods/burstable", {**base, **cpu(2048), **bvt(2), **ali,
+                                                     **({"memory.priority": online_priority} if alinux else {})})
+    write_cgroup(root, mode, "/kubepods/besteffort", {**base, **cpu(2), **bvt(offline_bvt), **ali,
+                                                      **({"memory.priority": offline_priority} if alinux else {})})
+    online = []
+    for i in range(online_pods):
+        uid = pod_uid(i, "online")
+        online.append(uid)
+        vals = {**base, **cpu(online_shares), **bvt(2), **ali,
+                **({"memory.priority": online_priority, "memory.wmark_min_adj": -25} if alinux else {})}
+        write_cgroup(root, mode, f"/kubepods/burstable/pod{uid}", vals)
+        write_cgroup(root, mode, f"/kubepods/burstable/pod{uid}/{uuid.uuid5(uuid.NAMESPACE_URL, uid).hex}",
+                     {**vals, "memory.usage": 1 << 28}, tasks=[50000 + i])
+    sbs, vcpu_tids = [], {}
+    for i in range(sandboxes):
+        sid = layout.sandbox_id_for(i)
+        uid = pod_uid(i, "offline")
+        pid = 200000 + i * 100
+        pod_cg = f"/kubepods/besteffort/pod{uid}"
+        sb_cg = f"{pod_cg}/kata_{sid}" if not sandbox_cgroup_only else f"{pod_cg}/{sid}"
+        ov_cg = f"/kata_overhead/{sid}"
+        sp = layout.write_go_sandbox(root, sid, hypervisor=hypervisor, pid=pid, pod_name=f"batch-{i}",
+                                     pod_namespace="batch", pod_uid=uid, sandbox_cgroup_only=sandbox_cgroup_only,
+                                     cgroup_path=sb_cg, vcpus=vcpus)
+        sbs.append(sp)
+        vals = {**base, **cpu(offline_shares), **bvt(offline_bvt), **ali,
+                **({"memory.priority": offline_priority, "memory.wmark_min_adj": 50} if alinux else {})}
+        names = {"qemu": "CPU {}/KVM", "clh": "vcpu{}", "fc": "fc_vcpu {}"}[hypervisor]
+        vt = [pid + 1 + k for k in range(vcpus)]
+        vcpu_tids[sid] = vt
+        in_sb = ov_cg if vcpu_outside else sb_cg
+        main_cg = sb_cg if sandbox_cgroup_only else ov_cg
+        ths = [(pid, "qemu-system-x86" if hypervisor == "qemu" else hypervisor, {"cpu": main_cg, "memory": main_cg}),
+               (pid + 50, "IO iothread1", {"cpu": main_cg, "memory": main_cg})]
+        ths += [(t, names.format(k), {"cpu": in_sb, "memory": in_sb}) for k, t in enumerate(vt)]
+        write_threads(root, pid, ths)
+        write_cgroup(root, mode, pod_cg, vals)
+        sbv = dict(vals)
+        if sandbox_bvt is not None and alinux:
+            sbv["cpu.bvt"] = sandbox_bvt
+        write_cgroup(root, mode, sb_cg, sbv, tasks=vt if not sandbox_cgroup_only else [pid] + vt)
+        if not sandbox_cgroup_only:
+            write_cgroup(root, mode, ov_cg, {**base, **cpu(1024), **bvt(0)}, tasks=[pid, pid + 50])
+    if resctrl:
+        all_vcpus = [t for v in vcpu_tids.values() for t in v]
+        l3 = (lambda m: f"L3DATA:0={m};2={m}\nL3CODE:0={m};2={m}\n") if cdp else (lambda m: f"L3:0={m};2={m}\n")
+        write_resctrl(root, {
+            "/": {"schemata": l3("7ff") + "MB:0=100;2=100\n", "tasks": [1, 2], "cpus_list": "0-3"},
+            "LS": {"schemata": l3("7ff") + "MB:0=100;2=100\n", "tasks": [50000]},
+            "BE": {"schemata": l3(be_l3) + "MB:0=100;2=100\n", "tasks": all_vcpus if vcpus_in_be else [],
+                   "mon_groups": {"batch": {"tasks": all_vcpus[:1]}}},
+        }, cdp=cdp)
+    return {"online": online, "sandboxes": sbs, "vcpu_tids": vcpu_tids}
