@@ -1,0 +1,807 @@
+"""The SSH NodeTransport: a remote node's files, processes and unix sockets over paramiko.
+
+Security model
+  * Host keys are verified strictly (katactl.backends.knownhosts): the user's
+    known_hosts files (UserKnownHostsFile, default ~/.ssh/known_hosts), the
+    global ones (/etc/ssh/ssh_known_hosts) and --known-hosts; hashed entries,
+    [host]:port keys, @cert-authority (host certificates) and @revoked. An
+    unknown key is refused unless --ssh-accept-new; a changed or revoked key is
+    always refused (HostKeyError, exit 7, naming the known_hosts file:line).
+  * Commands are argv lists. Each element is quoted with shlex.quote and the
+    quoted words joined: the remote login shell (which sshd always uses) sees
+    only literal words, never a string built from input. The node's login shell
+    must be POSIX (sh, dash, bash, zsh, ksh).
+  * File access uses SFTP (no shell at all).
+
+Requirements on the node: sshd with the sftp subsystem, coreutils (cat, tail,
+mkdir, rm, stat, sync, ln) and, for connect_unix (shim/QMP/CLH/FC sockets),
+``python3`` — a fixed relay program (RELAY below) is run with the quoted
+socket path as its only argument.
+
+Connections are pooled per process and keyed by (user, host, port, proxy,
+identity, known_hosts): one command reuses one connection for all its calls,
+and nodes behind the same jump host share one connection to it.
+
+paramiko is imported lazily (it costs ~120 ms): only when a remote node is
+actually contacted.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import errno
+import os
+import posixpath
+import shlex
+import socket
+import stat as st
+import threading
+import time
+from typing import Iterator, Sequence
+
+from katactl.backends import knownhosts, sshconfig
+from katactl.backends.base import FileStat, NodeTransport, RunResult
+from katactl.errors import (AuthError, HostKeyError, KatactlError, TimeoutExpired, UnreachableError,
+                            UsageError)
+
+WINDOW = 16 << 20          # channel window: bounds memory per streaming channel
+MAX_PACKET = 256 << 10     # large packets: far fewer per-packet Python round trips
+STREAM_CHUNK = 1 << 20
+MAX_SESSIONS = 8          # exec channels at once per connection (sshd MaxSessions 10: SFTP + margin)
+
+# The socket relay run on the node for connect_unix: connects, writes one NUL
+# byte ("connected"), then copies stdin->socket and socket->stdout until EOF.
+# Exit 3: no such socket; 4: refused; 5: other connect error.
+RELAY = r"""
+import os, select, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except FileNotFoundError:
+    sys.stderr.write("no such socket\n"); sys.exit(3)
+except ConnectionRefusedError:
+    sys.stderr.write("connection refused\n"); sys.exit(4)
+except OSError as e:
+    sys.stderr.write("%s\n" % (e.strerror or e)); sys.exit(5)
+def put(fd, b):
+    while b:
+        b = b[os.write(fd, b):]
+put(1, b"\0")
+rd = [0, s]
+while rd:
+    r = select.select(rd, [], [])[0]
+    if 0 in r:
+        b = os.read(0, 65536)
+        if b:
+            s.sendall(b)
+        else:
+            rd.remove(0)
+            try: s.shutdown(socket.SHUT_WR)
+            except OSError: pass
+    if s in r:
+        b = s.recv(65536)
+        if not b:
+            break
+        put(1, b)
+""".strip()
+
+
+# -- connection pool ------------------------------------------------------------
+class _Conn:
+    """One authenticated SSH connection (paramiko Transport) and its SFTP session."""
+
+    def __init__(self, transport, name: str, via: "_Conn | None" = None):
+        self.t = transport
+        self.name = name
+        self.via = via
+        self.lock = threading.Lock()
+        self._sftp = None
+        self.trust = ""
+        # sshd's MaxSessions defaults to 10 per connection (SFTP takes one):
+        # more concurrent exec channels would be refused, so callers queue.
+        self.sessions = threading.BoundedSemaphore(MAX_SESSIONS)
+
+    def sftp(self):
+        with self.lock:
+            if self._sftp is None or self._sftp.sock.closed:
+                import paramiko
+
+                self._sftp = paramiko.SFTPClient.from_transport(
+                    self.t, window_size=WINDOW, max_packet_size=MAX_PACKET)
+            return self._sftp
+
+    def alive(self) -> bool:
+        return self.t.is_active()
+
+    def close(self) -> None:
+        try:
+            if self._sftp is not None:
+                self._sftp.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self.t.close()
+
+
+class _Pool:
+    def __init__(self):
+        self._conns: dict[tuple, _Conn] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: tuple, factory) -> _Conn:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            c = self._conns.get(key)
+            if c is not None and c.alive():
+                return c
+            c = factory()
+            self._conns[key] = c
+            return c
+
+    def close_all(self) -> None:
+        with self._guard:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for c in conns:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# paramiko logs transport-thread failures at ERROR; without a handler Python's
+# last-resort handler would print tracebacks on stderr. We report errors ourselves.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+POOL = _Pool()
+atexit.register(POOL.close_all)
+
+
+def close_pool() -> None:
+    """Close every pooled SSH connection (tests; long-running callers)."""
+    POOL.close_all()
+
+
+# -- connecting -------------------------------------------------------------------
+class _Options:
+    def __init__(self, settings):
+        self.cfg_path = os.path.expanduser(settings.ssh_config) if settings.ssh_config else None
+        self.user = settings.ssh_user
+        self.identity = settings.identity
+        self.jump_host = settings.jump_host
+        self.accept_new = bool(settings.ssh_accept_new)
+        self.extra_known_hosts = settings.known_hosts
+        self.timeout = float(settings.timeout or 30.0)
+
+
+def _transport_class():
+    import paramiko
+
+    class _T(paramiko.Transport):
+        """A Transport whose host-key algorithm order we set per host (like ssh does)."""
+
+        host_key_order: tuple[str, ...] = ()
+
+        @property
+        def preferred_keys(self):
+            base = list(super().preferred_keys)
+            first = [k for k in self.host_key_order if k in base]
+            return tuple(first + [k for k in base if k not in first])
+
+    return _T
+
+
+_ALGS = {
+    "ssh-ed25519": ("ssh-ed25519",),
+    "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256"),
+    "ecdsa-sha2-nistp256": ("ecdsa-sha2-nistp256",),
+    "ecdsa-sha2-nistp384": ("ecdsa-sha2-nistp384",),
+    "ecdsa-sha2-nistp521": ("ecdsa-sha2-nistp521",),
+}
+
+
+def _open_sock(target: sshconfig.Target, timeout: float, via: _Conn | None):
+    """The byte stream to the target: TCP, a ProxyCommand, or a direct-tcpip channel."""
+    import paramiko
+
+    where = f"{target.hostname}:{target.port}"
+    if via is not None:
+        try:
+            return via.t.open_channel("direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0),
+                                      timeout=timeout)
+        except paramiko.ChannelException as e:
+            raise UnreachableError(f"{target.alias}: jump host {via.name} could not reach {where}: "
+                                   f"{e.text or e}") from None
+        except paramiko.SSHException as e:
+            raise UnreachableError(f"{target.alias}: via jump host {via.name}: {e}") from None
+    if target.proxy_command:
+        try:
+            return paramiko.ProxyCommand(target.proxy_command)
+        except Exception as e:  # noqa: BLE001
+            raise UnreachableError(f"{target.alias}: ProxyCommand failed: {e}") from None
+    try:
+        sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle+delayed-ACK stalls
+        return sock
+    except socket.timeout:
+        raise UnreachableError(f"{target.alias}: connect to {where} timed out after {timeout:g}s") from None
+    except socket.gaierror as e:
+        raise UnreachableError(f"{target.alias}: cannot resolve {target.hostname}: {e.strerror}") from None
+    except OSError as e:
+        raise UnreachableError(f"{target.alias}: cannot connect to {where}: {e.strerror or e}") from None
+
+
+def _key_files(target: sshconfig.Target) -> list[str]:
+    files = list(target.identity_files)
+    if not files:
+        files = [os.path.expanduser(f"~/.ssh/{n}") for n in ("id_ed25519", "id_ecdsa", "id_rsa")]
+    return files
+
+
+def _load_key(path: str):
+    import paramiko
+
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key_file(path)
+        except paramiko.PasswordRequiredException:
+            return None  # encrypted: the agent may hold it
+        except (paramiko.SSHException, ValueError):
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def _authenticate(t, target: sshconfig.Target, name: str) -> None:
+    import paramiko
+
+    tried = 0
+    errors = []
+    candidates = []
+    for f in _key_files(target):
+        if os.path.exists(f):
+            k = _load_key(f)
+            if k is not None:
+                candidates.append((f, k))
+            elif target.identity_files:
+                errors.append(f"{f}: unreadable or passphrase-protected")
+        elif f in target.identity_files:
+            errors.append(f"{f}: no such file")
+    if os.environ.get("SSH_AUTH_SOCK"):
+        try:
+            agent_keys = paramiko.Agent().get_keys()
+        except Exception:  # noqa: BLE001
+            agent_keys = ()
+        if target.identities_only:
+            blobs = {k.asbytes() for _, k in candidates}
+            agent_keys = [k for k in agent_keys if k.asbytes() in blobs]
+        candidates.extend(("agent", k) for k in agent_keys)
+    for src, key in candidates:
+        tried += 1
+        try:
+            t.auth_publickey(target.user, key)
+            if t.is_authenticated():
+                return
+        except paramiko.AuthenticationException:
+            continue
+        except paramiko.SSHException as e:
+            raise UnreachableError(f"{name}: authentication: {e}") from None
+    detail = ("; ".join(errors) + "; ") if errors else ""
+    raise AuthError(f"{name}: authentication failed for user {target.user!r} "
+                    f"({detail}{tried} key(s) tried)",
+                    hint="check --ssh-user, -i/--identity, IdentityFile in the SSH config or ssh-agent")
+
+
+def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: str) -> _Conn:
+    import paramiko
+
+    timeout = target.connect_timeout or opts.timeout
+    kh_files = list(target.user_known_hosts) + list(target.global_known_hosts)
+    if opts.extra_known_hosts:
+        kh_files.insert(0, opts.extra_known_hosts)
+    kh = knownhosts.KnownHosts(kh_files)
+    primary = target.host_key_alias or knownhosts.host_key_name(target.hostname, target.port)
+    names = [primary]
+    if not target.host_key_alias and target.alias != target.hostname:
+        names.append(knownhosts.host_key_name(target.alias, target.port))
+    order: list[str] = []
+    types = kh.known_types(names)
+    if kh.has_ca_for(names):
+        for kt in (types or list(_ALGS)):
+            order.extend(a + "-cert-v01@openssh.com" for a in _ALGS.get(kt, ()))
+    for kt in types:
+        order.extend(_ALGS.get(kt, ()))
+
+    sock = _open_sock(target, timeout, via)
+    T = _transport_class()
+    t = T(sock)
+    t.host_key_order = tuple(order)
+    t.banner_timeout = timeout
+    t.handshake_timeout = timeout
+    t.auth_timeout = timeout
+    t.default_window_size = WINDOW
+    t.default_max_packet_size = MAX_PACKET
+    try:
+        try:
+            t.start_client(timeout=timeout)
+        except paramiko.SSHException as e:
+            msg = str(e)
+            if "timeout" in msg.lower() or "banner" in msg.lower():
+                raise UnreachableError(f"{name}: no SSH handshake from {target.hostname}:{target.port} "
+                                       f"within {timeout:g}s ({msg})") from None
+            raise UnreachableError(f"{name}: SSH negotiation failed: {msg}") from None
+        except (EOFError, OSError) as e:
+            raise UnreachableError(f"{name}: connection closed during SSH handshake ({e or type(e).__name__})") from None
+        if not t.is_active() or t.host_key is None:
+            raise UnreachableError(f"{name}: no SSH handshake from {target.hostname}:{target.port} "
+                                   f"within {timeout:g}s")
+        key = t.get_remote_server_key()
+        keytype = key.public_blob.key_type if key.public_blob else key.get_name()
+        blob = key.public_blob.key_blob if key.public_blob else key.asbytes()
+        accept_file = None
+        if opts.accept_new:
+            accept_file = opts.extra_known_hosts or target.user_known_hosts[0]
+        conn = _Conn(t, name, via)
+        conn.trust = kh.verify(names, keytype, blob, node=name, principal=target.host_key_alias or target.hostname,
+                               accept_new_file=accept_file, hash_new=target.hash_known_hosts)
+        _authenticate(t, target, name)
+        t.set_keepalive(30)
+        return conn
+    except BaseException:
+        t.close()
+        raise
+
+
+def _connect_chain(target: sshconfig.Target, opts: _Options, cfg, name: str) -> _Conn:
+    """Connect to target, through its ProxyJump hops (each pooled, so shared)."""
+    via = None
+    for i, hop in enumerate(target.proxy_jump):
+        hop_t = sshconfig.resolve(hop.removeprefix("ssh://"), cfg, identity=opts.identity)
+        # a hop's own ProxyJump applies only to the first hop (OpenSSH does the same via -W)
+        if i > 0 or hop_t.proxy_jump:
+            hop_t = _replace(hop_t, proxy_jump=() if i > 0 else hop_t.proxy_jump)
+        parent = via
+        if hop_t.proxy_jump:
+            via = _connect_chain(hop_t, opts, cfg, hop)
+        else:
+            via = POOL.get(_pool_key(hop_t, opts, parent),
+                           lambda hop_t=hop_t, parent=parent, hop=hop: _connect(hop_t, opts, parent, f"jump host {hop}"))
+    return POOL.get(_pool_key(target, opts, via), lambda: _connect(target, opts, via, name))
+
+
+def _replace(t, **kw):
+    import dataclasses
+
+    return dataclasses.replace(t, **kw)
+
+
+def _pool_key(target, opts: _Options, via: _Conn | None) -> tuple:
+    return (target.key, id(via) if via else None, opts.accept_new, opts.extra_known_hosts,
+            target.user_known_hosts, target.global_known_hosts)
+
+
+# -- the transport ------------------------------------------------------------------
+def _oserror(e: OSError, path: str) -> OSError:
+    """paramiko's IOError with the node path attached (and the right subclass)."""
+    code = e.errno
+    if code is None:
+        text = str(e).lower()
+        if "no such file" in text:
+            code = errno.ENOENT
+        elif "permission denied" in text:
+            code = errno.EACCES
+    if code is None:
+        return OSError(errno.EIO, str(e) or "SFTP failure", path)
+    return OSError(code, os.strerror(code), path)
+
+
+class _SlotChannel:
+    """A paramiko Channel that releases its session slot exactly once on close()."""
+
+    def __init__(self, chan, sem):
+        self._c = chan
+        self._sem = sem
+        self._released = False
+        self._rl = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def close(self) -> None:
+        try:
+            self._c.close()
+        finally:
+            with self._rl:
+                if not self._released:
+                    self._released = True
+                    self._sem.release()
+
+    def __del__(self):
+        try:
+            if not self._released:
+                self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class _ChannelSocket:
+    """A socket-like object (sendall/recv/settimeout/close) over an SSH exec channel."""
+
+    def __init__(self, chan, path: str):
+        self._chan = chan
+        self.path = path
+
+    def sendall(self, data: bytes) -> None:
+        try:
+            self._chan.sendall(data)
+        except socket.timeout:
+            raise
+        except OSError as e:
+            raise BrokenPipeError(f"{self.path}: relay closed ({e})") from None
+
+    def send(self, data: bytes) -> int:
+        return self._chan.send(data)
+
+    def recv(self, n: int) -> bytes:
+        return self._chan.recv(n)
+
+    def settimeout(self, t: float | None) -> None:
+        self._chan.settimeout(t)
+
+    def gettimeout(self):
+        return self._chan.gettimeout()
+
+    def setblocking(self, flag: bool) -> None:
+        self._chan.setblocking(flag)
+
+    def fileno(self) -> int:
+        return self._chan.fileno()
+
+    def shutdown(self, how: int) -> None:
+        self._chan.shutdown(how)
+
+    def close(self) -> None:
+        self._chan.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SSHTransport(NodeTransport):
+    """NodeTransport for one remote node. Build it with from_settings()."""
+
+    def __init__(self, node: str, conn: _Conn, host_root: str = "", timeout: float = 30.0):
+        self.node = node
+        self._conn = conn
+        self.host_root = _check_root(host_root) if host_root else ""
+        self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, node: str, settings) -> "SSHTransport":
+        opts = _Options(settings)
+        cfg = sshconfig.load(opts.cfg_path)
+        target = sshconfig.resolve(node, cfg, user=opts.user, identity=opts.identity,
+                                   jump_host=opts.jump_host)
+        conn = _connect_chain(target, opts, cfg, node)
+        root = settings.host_root or target.host_root or ""
+        return cls(node, conn, root, opts.timeout)
+
+    # -- helpers ---------------------------------------------------------------------
+    def remote(self, path: str) -> str:
+        """The path on the remote machine for a node path (host_root applied there)."""
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise UsageError(f"internal: node path must be absolute: {path!r}")
+        if "\0" in path:
+            raise UsageError("path contains a NUL byte")
+        p = posixpath.normpath(path)
+        if p.startswith("//"):
+            p = "/" + p.lstrip("/")
+        return self.host_root + p if self.host_root else p
+
+    def _sftp(self):
+        try:
+            return self._conn.sftp()
+        except KatactlError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise UnreachableError(f"{self.node}: cannot open an SFTP session: {e}") from None
+
+    def _channel(self):
+        """A new session channel; its close() gives the session slot back."""
+        import paramiko
+
+        sem = self._conn.sessions
+        if not sem.acquire(timeout=self.timeout):
+            raise TimeoutExpired(f"{self.node}: no free SSH session slot within {self.timeout:g}s "
+                                 f"({MAX_SESSIONS} channels busy)")
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            try:
+                chan = self._conn.t.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
+                                                 timeout=self.timeout)
+                break
+            except paramiko.ChannelException as e:
+                # sshd frees a closed session's slot asynchronously: a refusal right
+                # after a close is usually MaxSessions lag; retry briefly.
+                if time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+                    continue
+                sem.release()
+                raise UnreachableError(f"{self.node}: cannot open an SSH channel: {e.text or e}") from None
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                sem.release()
+                raise UnreachableError(f"{self.node}: SSH connection lost: {e or type(e).__name__}") from None
+            except BaseException:
+                sem.release()
+                raise
+        return _SlotChannel(chan, sem)
+
+    def _sftp_call(self, fn, path: str, *args):
+        import paramiko
+
+        try:
+            return fn(*args)
+        except OSError as e:
+            if isinstance(e, socket.timeout):
+                raise TimeoutExpired(f"{self.node}: SFTP call on {path} timed out") from None
+            raise _oserror(e, path) from None
+        except (paramiko.SSHException, EOFError) as e:
+            raise UnreachableError(f"{self.node}: SFTP on {path}: {e or type(e).__name__}") from None
+
+    # -- files -----------------------------------------------------------------------
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        r = self.remote(path)
+        sftp = self._sftp()
+
+        def read():
+            with sftp.open(r, "rb") as f:
+                if limit is not None:
+                    return f.read(limit)
+                return f.read()
+        return self._sftp_call(read, path)
+
+    def listdir(self, path: str) -> list[str]:
+        sftp = self._sftp()
+        r = self.remote(path)
+        return sorted(self._sftp_call(sftp.listdir, path, r))
+
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
+        sftp = self._sftp()
+        r = self.remote(path)
+        a = self._sftp_call(sftp.stat if follow_symlinks else sftp.lstat, path, r)
+        mode = a.st_mode or 0
+        return FileStat(size=a.st_size or 0, mtime=float(a.st_mtime or 0), mode=mode,
+                        is_dir=st.S_ISDIR(mode), is_link=st.S_ISLNK(mode), uid=a.st_uid or 0)
+
+    def readlink(self, path: str) -> str:
+        sftp = self._sftp()
+        r = self.remote(path)
+        if not st.S_ISLNK(self.stat(path, follow_symlinks=False).mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        target = self._sftp_call(sftp.readlink, path, r)
+        if target is None:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return target
+
+    def open_stream(self, path: str, offset: int = 0, chunk_size: int = STREAM_CHUNK) -> Iterator[bytes]:
+        """Stream a file with ``cat`` (or ``tail -c +N``) over an exec channel.
+
+        Measured faster than pipelined SFTP reads with paramiko (bench/bench_ssh.py),
+        and memory is bounded by the SSH channel window (WINDOW bytes): the node
+        only sends more as we consume.
+        """
+        s = self.stat(path)  # fail now (FileNotFoundError) rather than mid-stream
+        if s.is_dir:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        r = self.remote(path)
+        argv = ["cat", "--", r] if not offset else ["tail", "-c", f"+{int(offset) + 1}", "--", r]
+        chan = self._channel()
+        chan.settimeout(self.timeout)
+        chan.exec_command(shlex.join(argv))
+        chan.shutdown_write()
+
+        def chunks():
+            try:
+                while True:
+                    try:
+                        b = chan.recv(chunk_size)
+                    except socket.timeout:
+                        raise TimeoutExpired(f"{self.node}: {path}: no data for {self.timeout:g}s") from None
+                    if not b:
+                        break
+                    yield b
+                rc = chan.recv_exit_status()
+                if rc != 0:
+                    err = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
+                    raise OSError(errno.EIO, f"reading failed on the node: {err or f'exit {rc}'}", path)
+            finally:
+                chan.close()
+
+        return chunks()
+
+    def statvfs_free(self, path: str) -> int:
+        r = self.run(["stat", "-f", "-c", "%a %S", "--", self.remote(path)], raw=True)
+        if r.returncode != 0:
+            raise _run_oserror(r, path)
+        avail, bsize = r.stdout.split()
+        return int(avail) * int(bsize)
+
+    # -- mutations ------------------------------------------------------------------
+    def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        import secrets
+
+        sftp = self._sftp()
+        real = self.remote(path)
+        d = posixpath.dirname(real)
+        tmp = posixpath.join(d, f".katactl-{secrets.token_hex(6)}.tmp")
+
+        def write():
+            with sftp.open(tmp, "wb") as f:
+                f.set_pipelined(True)
+                f.write(data)
+            sftp.chmod(tmp, mode)
+        try:
+            self._sftp_call(write, path)
+            r = self.run(["sync", "--", tmp], raw=True)  # fsync the data before the rename
+            if r.returncode != 0:
+                raise _run_oserror(r, path)
+            self._sftp_call(sftp.posix_rename, path, tmp, real)
+            self.run(["sync", "--", d], raw=True)
+        except BaseException:
+            try:
+                sftp.remove(tmp)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None:
+        r = self.remote(path)
+        if parents:
+            res = self.run(["mkdir", "-p", "-m", format(mode, "o"), "--", r], raw=True)
+            if res.returncode != 0:
+                raise _run_oserror(res, path)
+        else:
+            sftp = self._sftp()
+            if self.exists(path):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+            self._sftp_call(sftp.mkdir, path, r, mode)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        r = self.remote(path)
+        s = self.stat(path, follow_symlinks=False)
+        if recursive and s.is_dir:
+            res = self.run(["rm", "-rf", "--", r], raw=True)
+            if res.returncode != 0:
+                raise _run_oserror(res, path)
+            return
+        sftp = self._sftp()
+        if s.is_dir:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        self._sftp_call(sftp.remove, path, r)
+
+    def rename(self, src: str, dst: str) -> None:
+        sftp = self._sftp()
+        self._sftp_call(sftp.posix_rename, src, self.remote(src), self.remote(dst))
+
+    def symlink(self, target: str, link: str) -> None:
+        # argv ln: OpenSSH's sftp-server swaps SSH_FXP_SYMLINK's arguments.
+        res = self.run(["ln", "-s", "--", target, self.remote(link)], raw=True)
+        if res.returncode != 0:
+            raise _run_oserror(res, link)
+
+    # -- processes and sockets --------------------------------------------------
+    def run(self, argv: Sequence[str], timeout: float | None = None,
+            input: bytes | None = None, raw: bool = False) -> RunResult:
+        """Run argv on the node; each element is shell-quoted (shlex.join)."""
+        import select
+
+        argv = tuple(str(a) for a in argv)
+        if not argv:
+            raise UsageError("internal: empty argv")
+        if any("\0" in a for a in argv):
+            raise UsageError("argument contains a NUL byte")
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        chan = self._channel()
+        try:
+            chan.exec_command(shlex.join(argv))
+            if input:
+                chan.settimeout(timeout)
+                chan.sendall(input)
+            chan.shutdown_write()
+            out, err = [], []
+            fd = chan.fileno()
+            while True:
+                got = False
+                while chan.recv_ready():
+                    out.append(chan.recv(1 << 20))
+                    got = True
+                while chan.recv_stderr_ready():
+                    err.append(chan.recv_stderr(1 << 20))
+                    got = True
+                if got:
+                    continue
+                if chan.exit_status_ready() or chan.closed:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutExpired(f"{self.node}: {argv[0]} did not finish within {timeout:g}s")
+                if chan.eof_received:  # output closed; only the exit status is missing
+                    chan.status_event.wait(min(left, 1.0))
+                else:
+                    select.select([fd], [], [], min(left, 1.0))
+            # all data precedes exit-status on the wire; drain what is buffered
+            while chan.recv_ready():
+                out.append(chan.recv(1 << 20))
+            while chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(1 << 20))
+            rc = chan.recv_exit_status()
+        except socket.timeout:
+            raise TimeoutExpired(f"{self.node}: {argv[0]} did not finish within {timeout:g}s") from None
+        finally:
+            chan.close()
+        res = RunResult(argv, rc, b"".join(out), b"".join(err))
+        if rc == 127 and not raw:
+            # like subprocess locally: a missing program is FileNotFoundError
+            raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found on {self.node}", argv[0])
+        return res
+
+    def connect_unix(self, path: str, timeout: float):
+        """A socket-like stream to a unix socket on the node, through a python3 relay."""
+        r = self.remote(path)
+        chan = self._channel()
+        chan.settimeout(timeout)
+        try:
+            chan.exec_command(shlex.join(["python3", "-c", RELAY, r]))
+            first = chan.recv(1)
+        except socket.timeout:
+            chan.close()
+            raise TimeoutExpired(f"{self.node}: {path}: connect timed out after {timeout:g}s") from None
+        if first == b"\0":
+            return _ChannelSocket(chan, path)
+        rc = chan.recv_exit_status()
+        msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
+        chan.close()
+        if rc == 3:
+            raise UnreachableError(f"{self.node}: {path}: socket does not exist")
+        if rc == 4:
+            raise UnreachableError(f"{self.node}: {path}: nobody is listening on the socket")
+        if rc == 127:
+            raise UnreachableError(f"{self.node}: reaching {path} needs python3 on the node "
+                                   "(katactl relays unix sockets through it)")
+        raise UnreachableError(f"{self.node}: {path}: {msg or f'relay exited {rc}'}")
+
+    def close(self) -> None:
+        """Release this transport; the pooled connection stays for the next call."""
+        self._conn = self._conn  # connections live in POOL until close_pool()/exit
+
+
+def _check_root(root: str) -> str:
+    if not root.startswith("/") or "\0" in root:
+        raise UsageError(f"host root must be an absolute path on the node: {root!r}")
+    root = posixpath.normpath(root)
+    return "" if root == "/" else root
+
+
+def _run_oserror(r: RunResult, path: str) -> OSError:
+    text = r.stderr.decode("utf-8", "replace").strip()
+    low = text.lower()
+    if "no such file" in low:
+        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    if "permission denied" in low or "operation not permitted" in low:
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    if "file exists" in low:
+        return FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+    if "not a directory" in low:
+        return NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    return OSError(errno.EIO, text.splitlines()[-1] if text else f"{r.argv[0]} exited {r.returncode}", path)
+
+
+__all__ = ["SSHTransport", "close_pool", "RELAY", "HostKeyError"]

@@ -1,0 +1,182 @@
+"""~/.ssh/config for katactl: paramiko's parser plus what it lacks.
+
+paramiko.SSHConfig ignores ``Include`` and returns ProxyJump as a raw string.
+This module inlines Include files (globs, paths relative to ~/.ssh, nested up
+to 16 levels, like OpenSSH), resolves one node name ``[user@]host[:port]`` into
+the parameters a connection needs, and splits ProxyJump into hops.
+
+Per-node host root: a Host block may carry ``SetEnv KATACTL_HOST_ROOT=/dir``.
+OpenSSH's own client sends it as an environment variable (sshd drops it unless
+AcceptEnv allows it), katactl reads it as the node's --host-root: the node's
+root filesystem lives under /dir on that node (a privileged pod with the host
+at /host, a lab tree, a mounted snapshot). A --host-root flag or setting wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import glob
+import os
+import re
+import shlex
+
+from katactl.errors import UsageError
+
+_INCLUDE = re.compile(r"^\s*include(?:\s*=\s*|\s+)(.*)$", re.I)
+_MAX_DEPTH = 16
+
+
+def expand_includes(path: str, depth: int = 0, base: str | None = None) -> str:
+    """The config text with every Include replaced by the files it names."""
+    path = os.path.expanduser(path)
+    base = base or os.path.expanduser("~/.ssh")
+    if depth > _MAX_DEPTH:
+        raise UsageError(f"{path}: Include nested too deeply")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"SSH config {path}: {getattr(e, 'strerror', None) or e}") from None
+    out = []
+    for line in text.splitlines():
+        m = _INCLUDE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        try:
+            names = shlex.split(m.group(1), comments=True)
+        except ValueError:
+            raise UsageError(f"{path}: bad Include line: {line.strip()!r}") from None
+        for name in names:
+            name = os.path.expanduser(name)
+            if not os.path.isabs(name):
+                name = os.path.join(base, name)
+            for inc in sorted(glob.glob(name)):
+                out.append(expand_includes(inc, depth + 1, base))
+    return "\n".join(out) + "\n"
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def load(path: str | None):
+    """A paramiko.SSHConfig for path (with Includes), cached per (path, mtimes)."""
+    import paramiko
+
+    text = expand_includes(path) if path else ""
+    key = (path, hash(text))
+    cfg = _CACHE.get(key)
+    if cfg is None:
+        try:
+            cfg = paramiko.SSHConfig.from_text(text)
+        except Exception as e:  # noqa: BLE001 - paramiko raises several types
+            raise UsageError(f"SSH config {path}: {e}") from None
+        _CACHE[key] = cfg
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Everything needed to reach one host (one hop)."""
+
+    alias: str                 # what the user wrote (without user@ and :port)
+    hostname: str
+    port: int
+    user: str
+    identity_files: tuple[str, ...]
+    identities_only: bool
+    proxy_command: str | None
+    proxy_jump: tuple[str, ...]   # hops, outermost first
+    host_key_alias: str | None
+    user_known_hosts: tuple[str, ...]
+    global_known_hosts: tuple[str, ...]
+    hash_known_hosts: bool
+    connect_timeout: float | None
+    host_root: str | None
+    forward_agent: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.user, self.hostname, self.port, self.proxy_command, self.proxy_jump,
+                self.host_key_alias, self.identity_files)
+
+
+_NODE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d{1,5}))?$")
+
+
+def split_node(node: str) -> tuple[str | None, str, int | None]:
+    m = _NODE.match(node)
+    if not m:
+        raise UsageError(f"invalid node name {node!r}: expected [user@]host[:port]")
+    host = m.group("host").strip("[]")
+    port = int(m.group("port")) if m.group("port") else None
+    if port is not None and not 0 < port < 65536:
+        raise UsageError(f"invalid port in node name {node!r}")
+    return m.group("user"), host, port
+
+
+def _yes(v) -> bool:
+    return str(v).strip().lower() in ("yes", "true", "on")
+
+
+def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = None,
+            jump_host: str | None = None) -> Target:
+    """Apply the SSH config to a node name. Explicit arguments win over the file."""
+    nuser, host, nport = split_node(node)
+    o = cfg.lookup(host)
+    port = nport or int(o.get("port", 22))
+    who = nuser or user or o.get("user") or _local_user()
+    ids = []
+    if identity:
+        ids.append(os.path.expanduser(identity))
+    ids.extend(os.path.expanduser(i) for i in o.get("identityfile", []) if i.lower() != "none")
+    jump = jump_host if jump_host is not None else o.get("proxyjump")
+    hops: tuple[str, ...] = ()
+    if jump and jump.lower() != "none":
+        hops = tuple(h.strip() for h in jump.split(",") if h.strip())
+        for h in hops:
+            split_node(_strip_ssh_url(h))
+    pc = o.get("proxycommand")
+    if pc and pc.lower() == "none":
+        pc = None
+    if hops:
+        pc = None  # OpenSSH: the first of ProxyJump/ProxyCommand wins; jump_host is explicit
+    ukh = tuple(os.path.expanduser(p) for p in _multi(o.get("userknownhostsfile")))
+    gkh = tuple(os.path.expanduser(p) for p in _multi(o.get("globalknownhostsfile")))
+    ct = o.get("connecttimeout")
+    root = None
+    for env in _multi(o.get("setenv")):
+        if env.startswith("KATACTL_HOST_ROOT="):
+            root = env.split("=", 1)[1]
+    return Target(alias=host, hostname=o.get("hostname", host), port=port, user=who,
+                  identity_files=tuple(dict.fromkeys(ids)), identities_only=_yes(o.get("identitiesonly", "no")),
+                  proxy_command=pc, proxy_jump=hops, host_key_alias=o.get("hostkeyalias"),
+                  user_known_hosts=ukh or ("~/.ssh/known_hosts", "~/.ssh/known_hosts2"),
+                  global_known_hosts=gkh or ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2"),
+                  hash_known_hosts=_yes(o.get("hashknownhosts", "no")),
+                  connect_timeout=float(ct) if ct and str(ct).isdigit() else None,
+                  host_root=root, forward_agent=_yes(o.get("forwardagent", "no")))
+
+
+def _strip_ssh_url(h: str) -> str:
+    return h[len("ssh://"):] if h.startswith("ssh://") else h
+
+
+def _multi(v) -> list[str]:
+    if not v:
+        return []
+    if isinstance(v, list):
+        v = " ".join(v)
+    try:
+        return shlex.split(v)
+    except ValueError:
+        return v.split()
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001
+        return "root"

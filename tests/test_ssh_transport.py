@@ -1,0 +1,289 @@
+"""SSHTransport against real OpenSSH sshd processes (tests/conftest_sshd.py)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+
+import pytest
+
+from katactl import config
+from katactl.errors import AuthError, HostKeyError, TimeoutExpired, UnreachableError
+
+
+def settings_for(lab, **kw):
+    flags = {"ssh_config": str(lab.config), "timeout": kw.pop("timeout", 10.0)}
+    flags.update(kw)
+    return config.resolve(flags)
+
+
+@pytest.fixture
+def ssh_open(sshd_lab):
+    from katactl.backends.ssh import SSHTransport
+
+    def open_(node, **kw):
+        return SSHTransport.from_settings(node, settings_for(sshd_lab, **kw))
+
+    return open_
+
+
+@pytest.fixture
+def t1(ssh_open):
+    return ssh_open("node1")
+
+
+# -- connecting and host keys -------------------------------------------------------
+@pytest.mark.parametrize("node,how", [
+    ("node1", "known_hosts:1"),          # hashed entry
+    ("node3", "known_hosts:3"),          # [127.0.0.1]:port entry
+    ("node4", "global_known_hosts:1"),   # only in the global file
+    ("certnode", "certificate signed by CA"),
+])
+def test_host_key_sources(ssh_open, node, how):
+    t = ssh_open(node)
+    assert how in t._conn.trust
+    assert t.read_text("/etc/hostname").strip() == node  # its own node tree (SetEnv KATACTL_HOST_ROOT)
+
+
+def test_changed_host_key_refused_naming_the_line(ssh_open, sshd_lab):
+    with pytest.raises(HostKeyError) as ei:
+        ssh_open("changed")
+    e = ei.value
+    assert e.exit_code == 7
+    lines = sshd_lab.known_hosts.read_text().splitlines()
+    lineno = next(i for i, l in enumerate(lines, 1) if l.startswith(f"[127.0.0.1]:{sshd_lab.nodes['changed'].port} "))
+    assert f"{sshd_lab.known_hosts}:{lineno}" in e.message
+    assert "CHANGED" in e.message
+    assert e.details["line"] == lineno
+
+
+def test_changed_key_refused_even_with_accept_new(ssh_open):
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        ssh_open("changed", ssh_accept_new=True)
+
+
+def test_revoked_key_refused(ssh_open, sshd_lab):
+    with pytest.raises(HostKeyError, match=r"@revoked in .*known_hosts:\d+"):
+        ssh_open("revoked")
+
+
+def test_unknown_key_refused_by_default_then_accepted_on_opt_in(ssh_open, tmp_path, monkeypatch):
+    with pytest.raises(HostKeyError, match="unknown host key"):
+        ssh_open("unknown")
+    kh = tmp_path / "kh"
+    monkeypatch.setenv("KATACTL_KNOWN_HOSTS", str(kh))
+    t = ssh_open("unknown", ssh_accept_new=True)
+    assert "accepted" in t._conn.trust
+    assert t.read_text("/etc/hostname").strip() == "unknown"
+    assert "[127.0.0.1]:" in kh.read_text()
+    from katactl.backends import ssh
+
+    ssh.close_pool()
+    t2 = ssh_open("unknown")  # now known, no opt-in needed
+    assert "known key" in t2._conn.trust and str(kh) in t2._conn.trust
+
+
+def test_multi_hop_proxyjump(ssh_open, sshd_lab):
+    t = ssh_open("behind")
+    assert t.read_text("/etc/hostname").strip() == "behind"
+    port = sshd_lab.nodes["behind"].port
+    j2port = sshd_lab.nodes["jump2"].port
+    # jump1 forwarded to jump2, jump2 forwarded to the target
+    assert f"port {j2port}" in sshd_lab.nodes["jump1"].log.read_text()
+    assert f"port {port}" in sshd_lab.nodes["jump2"].log.read_text()
+
+
+def test_proxycommand(ssh_open):
+    t = ssh_open("viacmd")
+    assert t.read_text("/etc/hostname").strip() == "viacmd"
+
+
+def test_unreachable_and_silent_nodes(ssh_open):
+    with pytest.raises(UnreachableError, match="cannot connect"):
+        ssh_open("unreachable")
+    with pytest.raises(UnreachableError, match="no SSH handshake"):
+        ssh_open("slow", timeout=0.5)
+
+
+def test_wrong_key_is_auth_error(tmp_path, sshd_lab):
+    from katactl.backends import ssh
+    from tests.conftest_sshd import keygen
+
+    k = keygen(tmp_path / "other")
+    with pytest.raises(AuthError) as ei:
+        ssh.SSHTransport.from_settings("root@127.0.0.1:%d" % sshd_lab.nodes["node3"].port,
+                                       _no_default_identity(sshd_lab, k, tmp_path))
+    assert ei.value.exit_code == 7
+
+
+def _no_default_identity(lab, key, tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.write_text(f"Host *\n  IdentitiesOnly yes\n  UserKnownHostsFile {lab.known_hosts}\n")
+    return config.resolve({"ssh_config": str(cfg), "identity": str(key), "timeout": 5.0})
+
+
+def test_connection_reused(ssh_open):
+    a = ssh_open("node2")
+    b = ssh_open("node2")
+    assert a._conn is b._conn
+    for _ in range(20):
+        a.stat("/etc")
+        b.run(["true"])
+    assert a._conn.t.is_active()
+
+
+# -- files -------------------------------------------------------------------------
+def test_reads(t1, sshd_lab):
+    root = sshd_lab.nodes["node1"].root
+    (root / "etc/os-release").write_text("ID=debian\n" * 100)
+    assert t1.read_text("/etc/os-release").startswith("ID=debian")
+    assert t1.read_bytes("/etc/os-release", limit=5) == b"ID=de"
+    assert t1.read_bytes("/etc/../etc/os-release") == (root / "etc/os-release").read_bytes()
+    assert "os-release" in t1.listdir("/etc")
+    s = t1.stat("/etc")
+    assert s.is_dir and not s.is_link
+    assert t1.exists("/etc/hostname") and not t1.exists("/nope")
+    assert t1.is_dir("/run/vc/sbs")
+    with pytest.raises(FileNotFoundError) as ei:
+        t1.read_bytes("/etc/missing")
+    assert ei.value.filename == "/etc/missing"
+    with pytest.raises(FileNotFoundError):
+        t1.listdir("/missing")
+
+
+def test_host_root_never_escaped_by_dotdot(t1, sshd_lab):
+    # /../../.. normalises to / : still inside the node tree
+    assert t1.read_text("/../../../etc/hostname").strip() == "node1"
+
+
+def test_streaming_bounded_and_exact(t1, sshd_lab):
+    root = sshd_lab.nodes["node1"].root
+    data = os.urandom(5 << 20) + b"tail"
+    (root / "big.bin").write_bytes(data)
+    h = hashlib.sha256()
+    biggest = 0
+    for chunk in t1.open_stream("/big.bin", chunk_size=1 << 16):
+        biggest = max(biggest, len(chunk))
+        h.update(chunk)
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert biggest <= 1 << 16
+    assert b"".join(t1.open_stream("/big.bin", offset=len(data) - 4)) == b"tail"
+    with pytest.raises(FileNotFoundError):
+        t1.open_stream("/nope.bin")
+
+
+def test_mutations(t1, sshd_lab):
+    root = sshd_lab.nodes["node1"].root
+    t1.mkdir("/var/lib/katactl/x/y", mode=0o750)
+    assert (root / "var/lib/katactl/x/y").is_dir()
+    t1.write_bytes_atomic("/var/lib/katactl/x/f", b"one", mode=0o600)
+    t1.write_bytes_atomic("/var/lib/katactl/x/f", b"two")
+    assert (root / "var/lib/katactl/x/f").read_bytes() == b"two"
+    assert not [n for n in os.listdir(root / "var/lib/katactl/x") if n.startswith(".katactl-")]
+    t1.rename("/var/lib/katactl/x/f", "/var/lib/katactl/x/g")
+    t1.symlink("g", "/var/lib/katactl/x/link")
+    assert t1.readlink("/var/lib/katactl/x/link") == "g"
+    assert t1.stat("/var/lib/katactl/x/link", follow_symlinks=False).is_link
+    with pytest.raises(FileExistsError):
+        t1.symlink("g", "/var/lib/katactl/x/link")
+    t1.remove("/var/lib/katactl/x/link")
+    with pytest.raises(IsADirectoryError):
+        t1.remove("/var/lib/katactl/x")
+    t1.remove("/var/lib/katactl", recursive=True)
+    assert not (root / "var/lib/katactl").exists()
+    assert t1.statvfs_free("/etc") > 0
+    with pytest.raises(FileNotFoundError):
+        t1.remove("/var/lib/katactl")
+
+
+# -- processes -----------------------------------------------------------------------
+def test_run_argv_exact(t1):
+    args = ["a b", "'q'", '"dq"', "$HOME", "*", "", "x\ny", "ü€", "-n"]
+    r = t1.run(["printf", "%s\\0", *args])
+    assert r.returncode == 0
+    assert r.stdout.split(b"\0")[:-1] == [a.encode() for a in args]
+    r = t1.run(["cat"], input=b"piped\x00bytes")
+    assert r.stdout == b"piped\x00bytes"
+    r = t1.run(["sh", "-c", "echo err >&2; exit 3"])
+    assert (r.returncode, r.stderr) == (3, b"err\n")
+    with pytest.raises(FileNotFoundError):
+        t1.run(["/no/such/program"])
+
+
+def test_command_timeout(t1):
+    with pytest.raises(TimeoutExpired) as ei:
+        t1.run(["sleep", "5"], timeout=0.3)
+    assert ei.value.exit_code == 6
+    assert t1.run(["true"]).returncode == 0  # connection still usable
+
+
+def test_many_concurrent_channels_queue_under_maxsessions(t1):
+    # sshd's default MaxSessions is 10; 24 concurrent runs must all succeed
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(24) as ex:
+        rs = list(ex.map(lambda i: t1.run(["sh", "-c", f"sleep 0.05; echo {i}"]), range(24)))
+    assert [int(r.stdout) for r in rs] == list(range(24))
+
+
+# -- unix sockets ----------------------------------------------------------------------
+def _echo_server(path):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                while True:
+                    b = c.recv(65536)
+                    if not b:
+                        break
+                    c.sendall(b.upper())
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_connect_unix_relay(t1, sshd_lab):
+    root = sshd_lab.nodes["node1"].root
+    (root / "run/vc/vm/abc").mkdir(parents=True, exist_ok=True)
+    srv = _echo_server(root / "run/vc/vm/abc/qmp.sock")
+    try:
+        s = t1.connect_unix("/run/vc/vm/abc/qmp.sock", timeout=5)
+        s.settimeout(5)
+        payload = b"hello \x00\xff" * 5000
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += s.recv(65536)
+        assert got == payload.upper()
+        s.close()
+        with pytest.raises(UnreachableError, match="does not exist"):
+            t1.connect_unix("/run/vc/vm/abc/missing.sock", timeout=5)
+    finally:
+        srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+    with pytest.raises(UnreachableError, match="nobody is listening"):
+        t1.connect_unix("/run/vc/vm/abc/qmp.sock", timeout=5)
+
+
+def test_shim_http_over_ssh(t1, sshd_lab):
+    """The unix-socket HTTP client (shim/CLH/FC) works unchanged through the SSH relay."""
+    from katactl.backends.unixhttp import request, unix_http_client
+    from katactl.lab.shimserver import ShimServer
+
+    root = sshd_lab.nodes["node1"].root
+    d = root / "run/vc/sbs/shimtest"
+    d.mkdir(parents=True, exist_ok=True)
+    with ShimServer(str(d / "shim-monitor.sock")):
+        with unix_http_client(t1, "/run/vc/sbs/shimtest/shim-monitor.sock", timeout=5) as c:
+            r = request(c, "GET", "/metrics", what="shim")
+            assert r.status_code == 200 and "kata_shim" in r.text
+            r = request(c, "GET", "/agent-url", what="shim")
+            assert r.status_code == 200
