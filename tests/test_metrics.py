@@ -1,0 +1,115 @@
+"""katactl metrics and the metrics library (issue 3)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from katactl import metrics
+from katactl.errors import ProtocolError
+from katactl.lab.shimserver import ShimServer, ShimState
+from tests._katanode import node
+
+
+@pytest.fixture(scope="module")
+def tree():
+    with node() as n:
+        n.go("go1111", pod_name="web", pod_namespace="prod")
+        n.rs("rs2222", pod_name="batch-0", pod_namespace="batch")
+        yield n
+
+
+def test_parsed_json(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "go1111", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["kind"] == "MetricSampleList" and d["sandbox"] == "go1111"
+    names = {s["family"] for s in d["items"]}
+    for fam in ("kata_shim_proc_status", "kata_hypervisor_proc_stat", "kata_agent_total_rss",
+                "kata_guest_meminfo", "kata_guest_vm_stat", "go_goroutines", "process_resident_memory_bytes",
+                "kata_shim_rpc_durations_histogram_milliseconds"):
+        assert fam in names, fam
+    mem = {s["labels"]["item"]: s["value"] for s in d["items"] if s["family"] == "kata_guest_meminfo"}
+    assert mem["mem_total"] == float(2048 << 20)
+
+
+def test_rs_has_no_go_families(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "batch/batch-0", "-o", "json"])
+    assert r.exit_code == 0
+    assert not any(s["family"].startswith("go_") for s in r.json()["items"])
+
+
+def test_family_filter_and_raw(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "go1111", "--family", "kata_guest_meminfo",
+             "--family", "go_goroutines", "-o", "json"])
+    assert {s["family"] for s in r.json()["items"]} == {"kata_guest_meminfo", "go_goroutines"}
+    r = cli(["--host-root", tree.root, "metrics", "go1111", "--raw", "--family", "kata_guest_vm_stat"])
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("# HELP kata_guest_vm_stat")
+    assert 'kata_guest_vm_stat{item="balloon_inflate"} 0' in lines
+    assert all("kata_guest_vm_stat" in ln for ln in lines)
+    r = cli(["--host-root", tree.root, "metrics", "go1111", "--raw"])
+    assert r.stdout.startswith("# HELP go_goroutines ")  # raw: as the shim sent it
+    assert "# TYPE go_gc_duration_seconds summary" in r.stdout
+
+
+def test_table(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "go1111", "--family", "kata_guest_meminfo"])
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[0].split() == ["METRIC", "LABELS", "VALUE"]
+    assert "item=mem_total" in r.stdout and str(2048 << 20) in r.stdout
+
+
+def test_unknown_family_warns(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "go1111", "--family", "kata_nothing", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["items"] == [] and "no metric family" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["", "kata guest", "1abc", "kata-guest", "x{y}", "a\nb"])
+def test_bad_family_prefix(cli, tree, bad):
+    r = cli(["--host-root", tree.root, "metrics", "go1111", "--family", bad])
+    assert r.exit_code == 2, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_stale_sandbox_refused(cli):
+    with node() as n:
+        n.go("gone01", serve=False, pid=2 ** 22 + 9)
+        r = cli(["--host-root", n.root, "metrics", "gone01"])
+        assert r.exit_code == 7 and "stale" in r.stderr
+
+
+@pytest.mark.parametrize("text", ["kata_x{item=\"a\" 1\n", "# TYPE kata_x gauge\nkata_x abc\n"])
+def test_malformed_metrics_text(text):
+    with pytest.raises(ProtocolError):
+        metrics.parse(text)
+
+
+def test_malformed_metrics_from_shim(cli):
+    from katactl.lab.shimserver import Response
+
+    with node() as n:
+        p = n.go("badm01", serve=False)
+        n.serve(p, "go", extra_routes={(None, "/metrics"): lambda s, r: Response(200, "kata_x{ 1\n")})
+        r = cli(["--host-root", n.root, "metrics", "badm01"])
+        assert r.exit_code == 1 and "Prometheus" in r.stderr
+
+
+def test_filter_text_keeps_histogram_series():
+    text = ShimServer("/nonexistent", state=ShimState()).metrics_text()
+    out = metrics.filter_text(text, ["kata_shim_rpc"])
+    assert "kata_shim_rpc_durations_histogram_milliseconds_bucket" in out
+    assert "_sum" in out and "_count" in out and "kata_shim_threads" not in out
+    samples = metrics.parse(text, ["kata_shim_rpc"])
+    assert {s["type"] for s in samples} == {"histogram"}
+
+
+def test_help_does_not_load_heavy_modules():
+    code = ("import sys, katactl.commands.metrics, katactl.commands.top, katactl.commands.sandbox, "
+            "katactl.commands.shim, katactl.commands.pprof, katactl.sandbox, katactl.metrics;"
+            "bad=[m for m in ('httpx','prometheus_client','rich','yaml') if m in sys.modules];"
+            "print(','.join(bad))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr
