@@ -1,0 +1,156 @@
+"""katactl balloon get | set SANDBOX."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from katactl.commands._common import finish, new_app, sandbox_ref, state
+
+app = new_app("Memory elasticity: a sandbox's balloon (guest-visible memory target, or reclaim N).")
+
+SANDBOX_HELP = "Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."
+VIA_HELP = "Force one path: extension, hypervisor-api, extra-monitor, qmp (default: the first that works)."
+
+
+def _columns():
+    from katactl.output import Column
+    from katactl.values import format_size
+
+    return [Column("SANDBOX", lambda i: (i.get("sandbox") or "")[:12]), Column("POD", "pod"),
+            Column("HYPERVISOR", "hypervisor"), Column("PATH", "path"),
+            Column("MEMORY", "memoryBytes", fmt=format_size), Column("TARGET", "targetBytes", fmt=format_size),
+            Column("ACTUAL", "actualBytes", fmt=format_size),
+            Column("GUEST-USED", "guest.usedBytes", fmt=format_size),
+            Column("GUEST-AVAILABLE", "guest.availableBytes", fmt=format_size)]
+
+
+def _human(item: dict) -> dict:
+    """The describe() view for table/plain output: sizes readable, internals hidden."""
+    from katactl.values import format_size
+
+    g = item.get("guest") or {}
+    out = {"sandbox": item.get("sandbox"), "pod": item.get("pod"), "hypervisor": item.get("hypervisor"),
+           "path": item.get("path"), "memory": format_size(item.get("memoryBytes")),
+           "target": format_size(item.get("targetBytes")) if item.get("targetBytes") is not None
+           else "unknown (QEMU does not report it)",
+           "actual": format_size(item.get("actualBytes")),
+           "guest": ({"total": format_size(g.get("totalBytes")), "used": format_size(g.get("usedBytes")),
+                      "available": format_size(g.get("availableBytes"))} if g else "no statistics")}
+    for k in ("changed", "dryRun", "converged"):
+        if item.get(k) is not None:
+            out[k] = item[k]
+    return out
+
+
+@app.command("get")
+def get(ctx: typer.Context,
+        target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
+        via: str = typer.Option("auto", "--via", metavar="PATH", help=VIA_HELP)) -> None:
+    """Show a sandbox's balloon: target, actual guest memory, guest used/available, and the path used.
+
+    Paths, in order: the shim's katactl extension, the hypervisor's API (Cloud
+    Hypervisor, Firecracker), QEMU's extra-monitor.sock, a free qmp.sock.
+
+    \b
+    Examples:
+      katactl balloon get 3f2a
+      katactl balloon get batch/train-0 -o json
+      katactl --host-root /tmp/katactl-lab balloon get qemu-0-pod --via extra-monitor
+    """
+    from katactl import balloon, sandbox
+    from katactl.output import Result
+
+    app_ctx = state(ctx)
+    settings, ref = sandbox_ref(app_ctx, target)
+    timeout = float(app_ctx.settings.timeout)
+    node, sb, item = sandbox.on_sandbox(settings, ref, lambda t, s: balloon.get(t, s, via=via, timeout=timeout),
+                                        require_live=False)
+    item = {"node": node, **item}
+    _render(app_ctx, "Balloon", item)
+
+
+def _render(app_ctx, kind: str, item: dict) -> None:
+    from katactl.output import Result
+
+    changed, dry = item.pop("changed", None), item.pop("dryRun", None)
+    for w in item.get("warnings") or []:
+        app_ctx.out.warn(w)
+    if app_ctx.out.fmt in ("table", "plain", "wide"):
+        h = _human(item)
+        if changed is not None:
+            h["changed"] = changed
+        if dry:
+            h["dryRun"] = dry
+        finish(app_ctx, Result(kind=kind, item=h))
+        return
+    finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry, name_key="sandbox"))
+
+
+@app.command("set")
+def set_(ctx: typer.Context,
+         target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
+         size: Optional[str] = typer.Option(None, "--target", "-t", metavar="SIZE",
+                                            help="Guest-visible memory to keep, e.g. 1Gi, 768Mi."),
+         reclaim: Optional[str] = typer.Option(None, "--reclaim", metavar="SIZE",
+                                               help="Take SIZE more memory away from the guest."),
+         release: bool = typer.Option(False, "--release", help="Deflate the balloon: give all memory back."),
+         wait: bool = typer.Option(False, "--wait", "-w", help="Wait until the guest's memory reaches the target."),
+         wait_timeout: str = typer.Option("60s", "--timeout", metavar="DURATION",
+                                          help="How long --wait waits (exit 6 when exceeded)."),
+         tolerance: str = typer.Option("4Mi", "--tolerance", metavar="SIZE",
+                                       help="How close to the target counts as reached."),
+         margin: str = typer.Option("64Mi", "--margin", metavar="SIZE",
+                                    help="Refuse targets below the guest's used memory plus SIZE."),
+         force: bool = typer.Option(False, "--force", help="Skip the used+margin and VM-size safety checks."),
+         dry_run: bool = typer.Option(False, "--dry-run", help="Check and report; change nothing."),
+         via: str = typer.Option("auto", "--via", metavar="PATH", help=VIA_HELP)) -> None:
+    """Set the memory a sandbox's guest keeps (one meaning on every hypervisor).
+
+    --target is the guest-visible memory; katactl converts it per hypervisor
+    (QEMU takes the guest size; Cloud Hypervisor and Firecracker the balloon
+    size). --reclaim takes memory away from the current target; --release
+    gives everything back. Refuses (exit 5) a target below the guest's used
+    memory plus --margin or above the VM's memory, unless --force. Re-running
+    after success is a no-op (changed: false). Every change goes to the audit log.
+
+    \b
+    Examples:
+      katactl balloon set 3f2a --target 1Gi --wait
+      katactl balloon set batch/train-0 --reclaim 512Mi --dry-run -o json
+      katactl balloon set 3f2a --release --wait --timeout 2m
+    """
+    from katactl import balloon, sandbox
+    from katactl.errors import UsageError
+    from katactl.values import parse_duration, parse_size
+
+    app_ctx = state(ctx)
+    chosen = [n for n, v in (("--target", size is not None), ("--reclaim", reclaim is not None),
+                             ("--release", release)) if v]
+    if len(chosen) != 1:
+        raise UsageError("give exactly one of --target SIZE, --reclaim SIZE or --release"
+                         + (f" (got {', '.join(chosen)})" if chosen else ""))
+    tgt = parse_size(size, what="--target") if size is not None else None
+    rec = parse_size(reclaim, what="--reclaim") if reclaim is not None else None
+    tol = parse_size(tolerance, what="--tolerance", allow_zero=True)
+    mar = parse_size(margin, what="--margin", allow_zero=True)
+    wt = parse_duration(wait_timeout, what="--timeout")
+    if via not in ("auto",) + balloon.PATHS:
+        raise UsageError(f"invalid --via {via!r} (choose from auto, {', '.join(balloon.PATHS)})")
+    settings, ref = sandbox_ref(app_ctx, target)
+    timeout = float(app_ctx.settings.timeout)
+    out = app_ctx.out
+
+    def run(t, sb):
+        with out.progress(f"balloon {sb.id[:12]}", total=None, unit="bytes") as bar:
+            def progress(ev):
+                out.event("BalloonProgress", sandbox=sb.id, **ev)
+                span = abs(ev["startBytes"] - ev["targetBytes"]) or 1
+                bar.update(completed=span - abs(ev["actualBytes"] - ev["targetBytes"]), total=span)
+
+            return balloon.set(t, sb, target=tgt, reclaim=rec, release=release, wait=wait, wait_timeout=wt,
+                               tolerance=tol, margin=mar, force=force, dry_run=dry_run, via=via,
+                               timeout=timeout, progress=progress)
+
+    node, sb, item = sandbox.on_sandbox(settings, ref, run, require_live=False)
+    _render(app_ctx, "BalloonChange", {"node": node, **item})
