@@ -40,7 +40,7 @@ def weight_runc(shares: int) -> int:
 def shares_kubelet(weight: int) -> int:
     """Inverse of the kubelet formula (what kubelet would have set as shares)."""
     w = max(WEIGHT_MIN, min(WEIGHT_MAX, int(weight)))
-    return 2 + ((w - 1) * 262142) // 9999
+    return 2 + -(-((w - 1) * 262142) // 9999)  # smallest shares that map back to w
 
 
 def shares_runc(weight: int) -> int:

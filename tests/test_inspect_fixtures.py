@@ -1,0 +1,286 @@
+"""inspect bvt|memcg|rdt|threads|cgroup on fixture node trees (Alinux knobs and resctrl
+laid out as the reference describes; this kernel has neither)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.fixtures_isolation import build_node, write_resctrl
+
+
+@pytest.fixture(scope="module")
+def node_v1(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("node-v1"))
+    return root, build_node(root, online_pods=3, sandboxes=2)
+
+
+@pytest.fixture(scope="module")
+def node_v2(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("node-v2"))
+    return root, build_node(root, mode="v2", online_pods=2, sandboxes=1, hypervisor="clh", cdp=True)
+
+
+@pytest.fixture(scope="module")
+def node_plain(tmp_path_factory):
+    """A stock kernel: no Alinux knobs, no resctrl."""
+    root = str(tmp_path_factory.mktemp("node-plain"))
+    return root, build_node(root, alinux=False, resctrl=False, online_pods=1, sandboxes=1)
+
+
+def test_bvt_tree_with_qos_and_expected(cli, node_v1):
+    root, info = node_v1
+    r = cli(["--host-root", root, "inspect", "bvt", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["kind"] == "BvtReport" and d["supported"] is True
+    assert d["switch"] == {"file": "/proc/sys/kernel/sched_group_identity_enabled", "value": 1, "enabled": True,
+                           "note": None}
+    by = {i["path"]: i for i in d["items"]}
+    assert by["/kubepods"]["bvtWarpNs"] == 0 and by["/kubepods/besteffort"]["expected"] == -1
+    sb = info["sandboxes"][0].sandbox_id
+    kata = [i for i in d["items"] if i["level"] == "sandbox" and i["sandbox"] == sb][0]
+    assert kata["class"] == "offline" and kata["bvtWarpNs"] == -1 and kata["ok"] is True and kata["pod"] == "batch/batch-0"
+    online = [i for i in d["items"] if i["level"] == "pod" and i["qos"] == "burstable"]
+    assert len(online) == 3 and all(i["bvtWarpNs"] == 2 and i["class"] == "online" for i in online)
+
+
+def test_bvt_unsupported_is_not_an_error(cli, node_plain):
+    root, _ = node_plain
+    r = cli(["--host-root", root, "inspect", "bvt", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["supported"] is False and "cpu.bvt_warp_ns" in d["reason"] and d["items"] == []
+    r = cli(["--host-root", root, "inspect", "bvt"])
+    assert r.exit_code == 0 and "unsupported" in r.stderr
+
+
+def test_memcg_priorities_and_watermarks(cli, node_v1):
+    root, _ = node_v1
+    r = cli(["--host-root", root, "inspect", "memcg", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["supported"] and "unsupported" not in d
+    pods = [i for i in d["items"] if i["level"] == "pod"]
+    on = [p for p in pods if p["class"] == "online"]
+    off = [p for p in pods if p["class"] == "offline"]
+    assert {p["priority"] for p in on} == {12} and {p["priority"] for p in off} == {0}
+    assert {p["wmarkMinAdj"] for p in on} == {-25} and {p["wmarkMinAdj"] for p in off} == {50}
+    assert all(p["wmarkRatio"] == 95 and p["usePriorityOom"] == 1 for p in pods)
+    assert pods[0]["limit"] == "max" and pods[0]["wmarkHigh"] == 1 << 30
+
+
+def test_memcg_on_stock_kernel_lists_missing_knobs(cli, node_plain):
+    root, _ = node_plain
+    r = cli(["--host-root", root, "inspect", "memcg", "-o", "json"])
+    assert r.exit_code == 0
+    d = r.json()
+    assert "memory.priority" in d["unsupported"] and all(i["priority"] is None for i in d["items"])
+    r = cli(["--host-root", root, "inspect", "memcg"])
+    assert "PRIO" in r.stdout and "lacks the Alinux memcg QoS knobs" in r.stderr
+
+
+def test_rdt_groups_decoded_with_sandboxes(cli, node_v1):
+    root, info = node_v1
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["supported"] and d["info"]["L3"]["cbmMask"] == "0x7ff" and d["info"]["L3"]["ways"] == 11
+    g = {x["name"]: x for x in d["items"]}
+    assert set(g) == {"/", "LS", "BE", "BE/mon_groups/batch"}
+    be = g["BE"]
+    assert be["summary"]["L3"] == "0=0xf(4w 36.4%);2=0xf(4w 36.4%)"   # gap in cache ids: 0 and 2
+    assert [x["id"] for x in be["schemata"][0]["domains"]] == [0, 2]
+    assert be["tasks"] == 4 and be["mon"]["mon_L3_02"]["llc_occupancy"] == 1 << 20
+    assert {s["id"] for s in be["sandboxes"]} == {s.sandbox_id for s in info["sandboxes"]}
+    assert all(s["vcpus"] == 2 for s in be["sandboxes"])
+    assert g["BE/mon_groups/batch"]["type"] == "mon" and g["BE/mon_groups/batch"]["parent"] == "BE"
+    r = cli(["--host-root", root, "inspect", "rdt"])
+    assert r.exit_code == 0 and "0=0xf(4w 36.4%)" in r.stdout and "11 ways" in r.stderr
+
+
+def test_rdt_cdp_and_rates(cli, node_v2):
+    root, _ = node_v2
+    r = cli(["--host-root", root, "inspect", "rdt", "--interval", "50ms", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    g = {x["name"]: x for x in r.json()["items"]}
+    res = [ln["resource"] for ln in g["BE"]["schemata"]]
+    assert res == ["L3DATA", "L3CODE", "MB"] and all(ln["cdp"] for ln in g["BE"]["schemata"][:2])
+    assert g["BE"]["mon"]["mon_L3_00"]["mbm_total_rate"] == 0   # counters did not move in a fixture
+
+
+def test_rdt_unsupported_without_mount(cli, node_plain):
+    root, _ = node_plain
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 0
+    d = r.json()
+    assert d["supported"] is False and "resctrl is not mounted" in d["reason"] and d["cpuFlags"]["cat_l3"] is True
+
+
+def test_rdt_malformed_schemata_in_tree(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, sandboxes=1, online_pods=0)
+    write_resctrl(root, {"/": {"schemata": "L3:0=7ff;2=7ff\n"}, "BE": {"schemata": "L3:0=zz;2=f\n"}})
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 1  # the report is printed, the bad file makes the run fail
+    g = {x["name"]: x for x in r.json()["items"]}
+    assert "not hexadecimal" in g["BE"]["errors"][0] and "/sys/fs/resctrl/BE/schemata" in g["BE"]["errors"][0]
+    r = cli(["--host-root", root, "inspect", "rdt"])
+    assert r.exit_code == 1 and "warning: /sys/fs/resctrl/BE/schemata: line 1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--decode", "L3:0=fg"], 2, "not hexadecimal"),
+    (["--decode", "L3"], 2, "expected RESOURCE:ID=VALUE"),
+    (["--decode", "L3:0=f", "--cbm-mask", "xyz"], 2, "--cbm-mask"),
+    (["--decode", "L3:0=f", "--cbm-mask", "0"], 2, "--cbm-mask"),
+    (["--cbm-mask", "7ff"], 2, "only goes with --decode"),
+    (["--interval", "soon"], 2, "--interval"),
+    (["--interval", "5m"], 2, "at most 60s"),
+])
+def test_rdt_bad_input(cli, args, code, needle):
+    r = cli(["inspect", "rdt", *args])
+    assert r.exit_code == code and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rdt_decode_offline(cli):
+    r = cli(["inspect", "rdt", "--decode", "L3:0=7f0;1=505", "--cbm-mask", "0x7ff", "-o", "json"])
+    assert r.exit_code == 0
+    rows = r.json()["items"]
+    assert rows[0]["ways"] == 7 and rows[0]["percent"] == 63.6 and "non-contiguous" in rows[1]["problem"]
+
+
+def test_threads_per_hypervisor(cli, node_v1, node_v2):
+    root, info = node_v1
+    r = cli(["--host-root", root, "inspect", "threads", "batch/batch-1", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    sid = info["sandboxes"][1].sandbox_id
+    vc = [t for t in d["items"] if t["role"] == "vcpu"]
+    assert [t["tid"] for t in vc] == info["vcpu_tids"][sid] and [t["vcpu"] for t in vc] == [0, 1]
+    assert all(t["resctrlGroup"] == "BE" and t["cgroups"]["cpu"].endswith(f"kata_{sid}") for t in vc)
+    io = [t for t in d["items"] if t["name"] == "IO iothread1"][0]
+    assert io["cgroups"]["cpu"] == f"/kata_overhead/{sid}" and io["resctrlGroup"] == "/"
+    root2, info2 = node_v2
+    r = cli(["--host-root", root2, "inspect", "threads", info2["sandboxes"][0].sandbox_id[:8], "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["sandbox"]["hypervisor"] == "clh" and d["vcpuThreads"] == 2
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    ([], 2, "exactly one of SANDBOX or --pid"),
+    (["x", "--pid", "1"], 2, "exactly one"),
+    (["--pid", "0"], 2, "positive"),
+    (["--pid", "-4"], 2, ""),
+    (["--pid", "abc"], 2, ""),
+    (["--pid", "999999999"], 3, "does not exist"),
+    (["no-such-sandbox"], 3, ""),
+    (["../etc"], 2, ""),
+])
+def test_threads_bad_input(cli, args, code, needle):
+    r = cli(["inspect", "threads", *args])
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_cgroup_v2_fixture_weight_and_sandbox(cli, node_v2):
+    root, info = node_v2
+    sid = info["sandboxes"][0].sandbox_id
+    r = cli(["--host-root", root, "inspect", "cgroup", sid, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["hierarchy"] == "v2"
+    roles = {e["role"]: e for e in d["cgroups"]}
+    assert set(roles) == {"pod", "sandbox", "overhead"}
+    sb = roles["sandbox"]
+    assert sb["cpu"]["weight"] == 1 and sb["cpu"]["sharesFromWeight"]["kubelet"] == 2
+    assert sb["cpu"]["bvtWarpNs"] == -1 and sb["cpu"]["quotaUs"] == "max" and sb["cpu"]["periodUs"] == 100000
+    assert sb["memory"]["priority"] == 0 and sb["memory"]["limit"] == "max"
+    assert sb["layout"]["level"] == "sandbox" and sb["layout"]["qos"] == "besteffort"
+    ov = roles["overhead"]
+    assert ov["cpu"]["weight"] == 39 and ov["cpu"]["sharesFromWeight"] == {"kubelet": 1024, "runc": 1, "agree": False} \
+        or ov["cpu"]["sharesFromWeight"]["kubelet"] <= 1024
+    # a pod by uid
+    uid = info["online"][0]
+    r = cli(["--host-root", root, "inspect", "cgroup", f"pod/{uid}", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["cgroups"][0]["path"] == f"/kubepods/burstable/pod{uid}"
+
+
+def test_inspect_cgroup_systemd_layout(cli, tmp_path):
+    from tests.fixtures_isolation import write_cgroup, write_mountinfo
+
+    root = str(tmp_path)
+    write_mountinfo(root, "v2", resctrl=False)
+    uid = "1b2c3d4e-0000-1111-2222-333344445555"
+    pod = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid.replace('-', '_')}.slice"
+    for p in ("/", "/kubepods.slice", "/kubepods.slice/kubepods-burstable.slice", pod):
+        write_cgroup(root, "v2", p, {"cpu.weight": 100, "cpu.max": "200000 100000", "memory.limit": 1 << 30})
+    write_cgroup(root, "v2", pod + "/cri-containerd-abc123.scope", {"cpu.weight": 79})
+    r = cli(["--host-root", root, "inspect", "cgroup", uid, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    e = r.json()["cgroups"][0]
+    assert e["path"] == pod and e["layout"] == {"driver": "systemd", "level": "pod", "qos": "burstable", "podUid": uid}
+    assert e["cpu"]["limitCpus"] == 2.0 and e["cpu"]["sharesFromWeight"]["runc"] <= 1024
+    r = cli(["--host-root", root, "inspect", "memcg", "-o", "json"])
+    levels = [i["level"] for i in r.json()["items"]]
+    assert levels == ["kubepods", "qos", "pod", "container"]
+
+
+def test_unreadable_knob_is_reported_not_fatal(cli, tmp_path):
+    root = str(tmp_path)
+    info = build_node(root, online_pods=1, sandboxes=0, resctrl=False)
+    uid = info["online"][0]
+    p = os.path.join(root, f"sys/fs/cgroup/cpu/kubepods/burstable/pod{uid}/cpu.shares")
+    os.remove(p)
+    os.mkdir(p)  # reading it fails with EISDIR
+    with open(os.path.join(root, f"sys/fs/cgroup/memory/kubepods/burstable/pod{uid}/memory.priority"), "w") as f:
+        f.write("high\n")  # malformed content
+    r = cli(["--host-root", root, "inspect", "cgroup", f"/kubepods/burstable/pod{uid}", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    e = r.json()["cgroups"][0]
+    assert e["cpu"]["shares"] is None and e["memory"]["priority"] is None
+    bad = {u["file"].rsplit("/", 1)[1]: u["error"] for u in e["unreadable"]}
+    assert bad["cpu.shares"] == "Is a directory" and "unexpected content 'high'" in bad["memory.priority"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_permission_denied_knob_as_unprivileged_user(katactl_bin, tmp_path):
+    """A real EACCES: the subprocess runs as nobody against a 0600 knob file."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv missing")
+    import pathlib
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="katactl-eacces-", dir="/tmp")  # pytest's tmp is 0700 to nobody
+    request_cleanup = shutil.rmtree
+    root = pathlib.Path(base) / "n"
+    info = build_node(str(root), online_pods=1, sandboxes=0, resctrl=False)
+    uid = info["online"][0]
+    os.chmod(base, 0o755)
+    for dp, dns, fns in os.walk(root):
+        os.chmod(dp, 0o755)
+        for fn in fns:
+            os.chmod(os.path.join(dp, fn), 0o644)
+    knob = root / f"sys/fs/cgroup/cpu/kubepods/burstable/pod{uid}/cpu.shares"
+    os.chmod(knob, 0o600)
+    env = dict(os.environ, HOME="/tmp", XDG_STATE_HOME="/tmp", XDG_CONFIG_HOME="/nonexistent")
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "katactl", "--host-root", str(root), "inspect", "cgroup",
+                        f"/kubepods/burstable/pod{uid}", "-o", "json"], capture_output=True, text=True,
+                       env=env, cwd="/", timeout=60)
+    request_cleanup(base, ignore_errors=True)
+    if p.returncode != 0 and "No module named" in p.stderr:
+        pytest.skip("the venv is not readable by nobody")
+    assert p.returncode == 0, p.stderr
+    import json
+
+    e = json.loads(p.stdout)["cgroups"][0]
+    assert {"file": f"/sys/fs/cgroup/cpu/kubepods/burstable/pod{uid}/cpu.shares",
+            "error": "Permission denied"} in e["unreadable"]
