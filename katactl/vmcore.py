@@ -1253,36 +1253,6 @@ def _check_sandbox_id(sid: str) -> None:
         raise UsageError(f"invalid sandbox id {sid!r}")
 
 
-def find_sandbox(transport, ref: str) -> str:
-    """A sandbox id from an id or unique prefix (katactl.sandbox.resolve when it exists)."""
-    try:
-        from katactl import sandbox as sbmod  # another engineer's module
-
-        if hasattr(sbmod, "resolve"):
-            sb = sbmod.resolve(transport, ref)
-            sid = getattr(sb, "id", None) or (sb.get("id") if isinstance(sb, dict) else None)
-            if sid:
-                return sid
-    except ImportError:
-        pass
-    if not ref or "/" in ref and ref.count("/") != 1 or "\0" in ref:
-        raise UsageError(f"invalid sandbox reference {ref!r}")
-    ids: set[str] = set()
-    for base in (GO_SBS, RS_DIR):
-        try:
-            ids.update(n for n in transport.listdir(base) if transport.is_dir(f"{base}/{n}"))
-        except OSError:
-            pass
-    if ref in ids:
-        return ref
-    hits = sorted(i for i in ids if i.startswith(ref))
-    if len(hits) > 1:
-        raise Ambiguous(f"sandbox prefix {ref!r} is ambiguous: " + ", ".join(h[:12] for h in hits[:5]))
-    if not hits:
-        raise NotFound(f"no sandbox {ref!r} on node {transport.node}")
-    return hits[0]
-
-
 @dataclasses.dataclass
 class TriggerOptions:
     format: str = "elf"
@@ -1296,46 +1266,51 @@ class TriggerOptions:
     poll: float = 0.2
 
 
-def trigger(transport, ref: str, opts: TriggerOptions) -> dict:
+def trigger(transport, ref, opts: TriggerOptions) -> dict:
     """An on-demand dump of a live sandbox into Kata's layout.
 
-    Paths tried, in order: the shim extension (``/ext/v1/capabilities``
-    lists ``vmcore``), Cloud Hypervisor ``PUT /vm.coredump`` (when ``vmm.ping``
-    lists ``guest_debug``), QEMU ``dump-guest-memory`` on ``extra-monitor.sock``
-    then ``qmp.sock`` (progress from ``query-dump``).
+    ref: a sandbox reference (id, prefix, NAMESPACE/POD) or a resolved
+    katactl.sandbox.Sandbox. Paths tried, in order: the shim extension
+    (``/ext/v1/capabilities`` lists ``vmcore``), Cloud Hypervisor
+    ``PUT /vm.coredump`` (when ``vmm.ping`` lists ``guest_debug``), QEMU
+    ``dump-guest-memory`` on ``extra-monitor.sock`` then ``qmp.sock``
+    (progress from ``query-dump``).
     """
+    from katactl import sandbox as sbmod
+
     if opts.format not in FORMATS:
         raise UsageError(f"invalid --format {opts.format!r} (choose {', '.join(FORMATS)})")
-    sid = find_sandbox(transport, ref)
-    cfg = dump_config(transport, dump_path=opts.dump_path, kata_config=opts.kata_config)
-    persist = sandbox_persist(transport, sid)
-    hv_type = str(((persist.get("HypervisorState") or {}).get("Type")) or cfg.hypervisor or "qemu")
+    sb = ref if isinstance(ref, sbmod.Sandbox) else sbmod.resolve(transport, ref, check=False)
+    sid = sb.id
+    cfg = dump_config(transport, dump_path=opts.dump_path or sb.guest_memory_dump_path or None,
+                      kata_config=opts.kata_config)
+    persist = sb.raw if (sb.runtime == "go" and isinstance(sb.raw, dict)) else sandbox_persist(transport, sid)
+    hv_type = sb.hypervisor or cfg.hypervisor or "qemu"
     paging = cfg.paging if opts.paging is None else opts.paging
     if opts.format != "elf" and paging:
         raise UsageError("kdump formats do not support paging (QEMU refuses it)")
     ext = ".elf" if opts.format == "elf" else ".kdump"
     d = f"{cfg.dump_path}/{sid}"
     path = f"{d}/vmcore-{go_timestamp()}{ext}"
-    result = {"sandbox": sid, "path": path, "format": opts.format, "hypervisor": hv_type,
+    result = {"sandbox": sid, "pod": sb.pod_ref, "path": path, "format": opts.format, "hypervisor": hv_type,
               "detached": opts.detach}
+    mem = (sb.total_memory_mib or 0) << 20 or guest_memory_bytes(persist)
     reasons: list[str] = []
     # 1. the shim extension
-    shim = _shim_ext(transport, sid)
+    shim = _shim_ext(transport, sb.shim_socket) if sb.shim_socket else None
     if shim is not None and "vmcore" in shim["capabilities"]:
         result["via"] = "shim-extension"
         if opts.dry_run:
             return {**result, "changed": True, "dryRun": True}
         # the metadata and the space check the runtime does, then the shim dumps
-        prepare_dump_dir(transport, sid, cfg.dump_path, persist=persist)
-        mem = guest_memory_bytes(persist)
+        prepare_dump_dir(transport, sid, cfg.dump_path, persist=persist, hypervisor_path=sb.hypervisor_path)
         if mem:
             check_free_space(transport, d, mem)
         return {**result, **_trigger_shim(transport, shim, sid, opts, paging), "changed": True}
     reasons.append("the shim does not offer the vmcore extension" if shim is not None
                    else "no shim extension (/ext/v1/capabilities)")
-    mem = guest_memory_bytes(persist)
     if hv_type in ("clh", "cloud-hypervisor", "cloud_hypervisor"):
-        sock = (persist.get("HypervisorState") or {}).get("APISocket") or f"{GO_VM}/{sid}/clh-api.sock"
+        sock = sb.api_socket or f"{GO_VM}/{sid}/clh-api.sock"
         if opts.format != "elf":
             raise UsageError("Cloud Hypervisor writes ELF dumps only (--format elf)")
         result["via"] = "clh"
@@ -1343,20 +1318,20 @@ def trigger(transport, ref: str, opts: TriggerOptions) -> dict:
     if hv_type != "qemu":
         raise OperationFailed(f"{hv_type} has no guest memory dump API ({'; '.join(reasons)})",
                               hint="Firecracker only offers full snapshots")
-    return _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, reasons)
+    socks = [x for x in (sb.extra_monitor_socket, f"{GO_VM}/{sid}/extra-monitor.sock", sb.api_socket,
+                         f"{GO_VM}/{sid}/qmp.sock") if x]
+    return _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, reasons,
+                         list(dict.fromkeys(socks)))
 
 
-def _shim_ext(transport, sid: str) -> dict | None:
+def _shim_ext(transport, sock: str) -> dict | None:
     from katactl.backends.unixhttp import request, unix_http_client
 
-    sock = f"{GO_SBS}/{sid}/shim-monitor.sock"
     if not transport.exists(sock):
-        sock = f"{RS_DIR}/{sid}/shim-monitor.sock"
-        if not transport.exists(sock):
-            return None
+        return None
     try:
         with unix_http_client(transport, sock, 5.0) as c:
-            r = request(c, "GET", "/ext/v1/capabilities", what=f"shim {sid[:12]}")
+            r = request(c, "GET", "/ext/v1/capabilities", what="shim extension")
     except KatactlError:
         return None
     if r.status_code != 200:
@@ -1417,12 +1392,12 @@ def _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result) -> d
     return {**result, "status": "completed", "changed": True}
 
 
-def _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, reasons) -> dict:
+def _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, reasons, socks) -> dict:
     from katactl.backends.qmp import MonitorBusy, QMPClient
 
     client = None
     tried = []
-    for sock in (f"{GO_VM}/{sid}/extra-monitor.sock", f"{GO_VM}/{sid}/qmp.sock"):
+    for sock in socks:
         if not transport.exists(sock):
             continue
         try:
@@ -1452,6 +1427,7 @@ def _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, r
             return {**result, "changed": True, "dryRun": True}
         prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
         check_free_space(transport, d, mem)
+        client.events()  # forget old events: DUMP_COMPLETED below must be ours
         args = {"paging": bool(paging), "protocol": "file:" + _real(transport, path), "format": opts.format,
                 "detach": True}
         client.execute("dump-guest-memory", args, timeout=opts.timeout)

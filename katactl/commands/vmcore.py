@@ -189,7 +189,6 @@ def trigger_cmd(
       katactl vmcore trigger 3f2a --format kdump-zlib --detach
     """
     from katactl import audit, vmcore
-    from katactl.fleet import run_on_nodes
     from katactl.output import Result
     from katactl.values import parse_duration
 
@@ -210,34 +209,29 @@ def trigger_cmd(
     opts = vmcore.TriggerOptions(format=fmt, detach=detach, paging=paging, dump_path=dump_path,
                                  kata_config=kata_config, dry_run=dry_run, timeout=timeout, progress=progress)
 
-    def fn(t):
-        try:
-            r = vmcore.trigger(t, sandbox, opts)
-        except Exception as e:
-            if not dry_run:
-                from katactl.errors import as_katactl_error
+    from katactl import sandbox as sbmod
+    from katactl.errors import as_katactl_error
 
-                audit.record("vmcore.trigger", sandbox, node=t.node, params={"format": fmt},
-                             result=f"error: {as_katactl_error(e).message}", changed=False)
-            raise
+    def fn(t, sb):
+        with out.progress(f"dump {sb.id[:12]}", total=None, unit="bytes") as bar:
+            holder["bar"] = bar
+            return vmcore.trigger(t, sb, opts)
+
+    try:
+        node, sb, item = sbmod.on_sandbox(app_ctx.settings, sandbox, fn, require_live=False)
+    except Exception as e:
         if not dry_run:
-            audit.record("vmcore.trigger", r["sandbox"], node=t.node, params={"format": fmt, "detach": detach},
-                         result="ok", changed=True, path=None, dump=r.get("path"))
-        return r
-
-    with out.progress("dump", total=None, unit="bytes") as bar:
-        holder["bar"] = bar
-        fo = run_on_nodes(app_ctx.settings, fn)
-    fo.raise_if_single_failure()
-    if not fo.multi:
-        item = dict(fo.values[fo.nodes[0]])
-        changed, dry = item.pop("changed", None), item.pop("dryRun", False)
-        finish(app_ctx, Result(kind="VmcoreTrigger", item=item, changed=changed, dry_run=bool(dry)))
-        return
-    items = fo.items()
-    finish(app_ctx, Result(kind="VmcoreTriggerList", items=items, errors=fo.error_items(), multi_node=True,
-                           changed=any(i.get("changed") for i in items), dry_run=dry_run),
-           fo.exit_code())
+            audit.record("vmcore.trigger", sandbox, params={"format": fmt, "detach": detach},
+                         result=f"error: {as_katactl_error(e).message}", changed=False)
+        raise
+    item = dict(item)
+    if not dry_run:
+        audit.record("vmcore.trigger", sb.id, node=node, params={"format": fmt, "detach": detach},
+                     result="ok", changed=True, dump=item.get("path"))
+    changed, dry = item.pop("changed", None), item.pop("dryRun", False)
+    if node != "localhost":
+        item = {"node": node, **item}
+    finish(app_ctx, Result(kind="VmcoreTrigger", item=item, changed=changed, dry_run=bool(dry)))
 
 
 @app.command("rm")
