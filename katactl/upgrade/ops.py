@@ -246,6 +246,9 @@ def _recover(t, L: Layout) -> str | None:
         return None
     cur = _pair(read_state(t, L))
     to, frm = j.get("to") or {}, j.get("from") or {}
+    if j.get("id") and any(h.get("id") == j["id"] for h in read_history(t, L)[-50:]):
+        t.remove(L.journal)  # killed after the history entry: only the journal was left
+        return None
     if cur == to:
         outcome = "completed"
     elif cur == frm:

@@ -277,7 +277,10 @@ def scan(path: str, kind: str) -> Scan:
                               "a release must be self-contained")
             links[m.name] = m.linkname
         elif m.kind == "hardlink":
-            t = normalize(m.linkname or "", path)
+            ln = m.linkname or ""
+            if ln.startswith("/") or ".." in ln.split("/"):
+                raise Refused(f"{path}: hard link {m.raw!r} -> {ln!r} points outside the release")
+            t = normalize(ln, path)
             if strip and t.startswith(strip + "/"):
                 t = t[len(strip) + 1:]
             if t not in files:

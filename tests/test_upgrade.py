@@ -1,0 +1,409 @@
+"""katactl upgrade: stage / switch / rollback / gc on real files (--host-root node trees)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests import upgrade_fixtures as fx
+
+A, B, C = "3.1.0", "3.2.0", "3.3.0-rc0"
+
+
+@pytest.fixture(scope="session")
+def tarballs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tarballs")
+    out = {
+        "xz": fx.make_tarball(str(d), A, str(d), compression="xz"),
+        "gz": fx.make_tarball(str(d), C, str(d), compression="gz"),
+        "tar": fx.make_tarball(str(d), "3.0.9", str(d), compression="tar"),
+        "nomanifest": fx.make_tarball(str(d), "3.4.0", str(d), compression="gz", manifest=False),
+        "noversion": fx.make_tarball(str(d), "9.9.9", str(d), compression="gz", name="kata.tar.gz"),
+    }
+    if shutil.which("zstd"):
+        out["zst"] = fx.make_tarball(str(d), B, str(d), compression="zst")
+    else:  # zstd is needed for .tar.zst; the rest of the suite still runs with a .xz B
+        out["zst"] = fx.make_tarball(str(d), B, str(d), compression="xz")
+    out["dir"] = d
+    return out
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = tmp_path / "node"
+    (n / "proc").mkdir(parents=True)  # a node tree whose /proc shows no processes
+    return n
+
+
+def rel(node, v=""):
+    return node / "opt/kata/releases" / v
+
+
+def K(cli, node, *args):
+    return cli(["--host-root", str(node), "upgrade", *args])
+
+
+def J(cli, node, *args):
+    r = K(cli, node, *args, "-o", "json")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    return r.json()
+
+
+def current(node):
+    try:
+        return os.readlink(node / "opt/kata/current")
+    except FileNotFoundError:
+        return None
+
+
+def nothing_staged(node):
+    r = rel(node)
+    return not r.exists() or [n for n in os.listdir(r) if n != ".katactl"] == []
+
+
+# -- stage ----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,version", [("xz", A), ("zst", B), ("gz", C), ("tar", "3.0.9")])
+def test_stage_each_format_is_verified_rebased_and_idempotent(cli, node, tarballs, fmt, version):
+    if fmt == "zst" and not shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    d = J(cli, node, "stage", tarballs[fmt])
+    assert d["kind"] == "UpgradeStage" and d["changed"] is True and d["dryRun"] is False
+    assert d["version"] == version and d["verifiedBy"] == ["manifest SHA256SUMS"]
+    r = rel(node, version)
+    assert (r / "bin/containerd-shim-kata-v2").stat().st_mode & 0o111
+    assert os.readlink(r / "share/kata-containers/vmlinux.container") == f"vmlinux-6.1.62-{version}"
+    cfg = (r / "share/defaults/kata-containers/configuration-qemu.toml").read_text()
+    assert f'kernel = "/opt/kata/releases/{version}/share/kata-containers/vmlinux.container"' in cfg
+    assert f'valid_hypervisor_paths = ["/opt/kata/releases/{version}/bin/qemu-system-x86_64"]' in cfg
+    assert os.path.islink(r / "share/defaults/kata-containers/configuration.toml")
+    record = json.loads((r / ".katactl-release.json").read_text())
+    assert record["version"] == version and len(record["sourceSha256"]) == 64
+    assert not [n for n in os.listdir(rel(node)) if n.startswith(".staging")]
+    again = J(cli, node, "stage", tarballs[fmt])
+    assert again["changed"] is False
+
+
+def test_stage_dry_run_writes_nothing(cli, node, tarballs):
+    d = J(cli, node, "stage", tarballs["xz"], "--dry-run")
+    assert d["changed"] is True and d["dryRun"] is True
+    assert nothing_staged(node)
+
+
+def test_stage_directory_with_version_file(cli, node, tmp_path):
+    root = fx.build_tree(str(tmp_path / "src"), "4.0.0-dev", version_file=True)
+    d = J(cli, node, "stage", root)
+    assert d["version"] == "4.0.0-dev" and d["changed"] is True
+    assert (rel(node, "4.0.0-dev") / "VERSION").read_text().strip() == "4.0.0-dev"
+    assert J(cli, node, "stage", root)["changed"] is False
+
+
+def test_stage_sha256_option_and_sidecar(cli, node, tarballs, tmp_path):
+    tb = tarballs["nomanifest"]
+    r = K(cli, node, "stage", tb)
+    assert r.exit_code == 5 and "nothing to verify" in r.stderr
+    good = fx.hashlib.sha256(open(tb, "rb").read()).hexdigest()
+    bad = "0" * 64
+    r = K(cli, node, "stage", tb, "--sha256", bad)
+    assert r.exit_code == 5 and "sha256 mismatch" in r.stderr
+    assert nothing_staged(node)
+    d = J(cli, node, "stage", tb, "--sha256", good.upper())
+    assert d["verifiedBy"] == ["sha256 (--sha256)"]
+    # a sidecar file next to the tarball is honoured too
+    copy = tmp_path / "kata-static-3.4.1-amd64.tar.gz"
+    shutil.copy(tb, copy)
+    (tmp_path / (copy.name + ".sha256")).write_text(f"{bad}  {copy.name}\n")
+    r = K(cli, node, "stage", copy)
+    assert r.exit_code == 5 and "sidecar" in r.stderr
+    (tmp_path / (copy.name + ".sha256")).write_text(f"{good}  {copy.name}\n")
+    assert J(cli, node, "stage", copy)["version"] == "3.4.1"
+    d = J(cli, node, "stage", tarballs["nomanifest"], "--no-verify", "--as", "3.4.0-unverified")
+    assert d["verifiedBy"] == ["nothing (--no-verify)"]
+
+
+def test_stage_manifest_mismatch_refused(cli, node, tmp_path):
+    root = fx.build_tree(str(tmp_path / "t"), "5.0.0")
+    with open(os.path.join(root, "bin/kata-runtime"), "a") as f:
+        f.write("# tampered after the manifest was written\n")
+    tb = tmp_path / "kata-static-5.0.0-amd64.tar.gz"
+    import tarfile
+
+    with tarfile.open(tb, "w:gz") as tf:
+        tf.add(str(tmp_path / "t/opt"), arcname="./opt")
+    r = K(cli, node, "stage", tb, "-o", "json")
+    assert r.exit_code == 5 and "sha256 mismatch" in r.stderr
+    assert r.json()["kind"] == "Error"
+    assert nothing_staged(node)
+    assert not [n for n in os.listdir(rel(node)) if n.startswith(".staging")]
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink-escape", "symlink-absolute",
+                                  "symlink-write-through", "symlink-chain", "hardlink-escape",
+                                  "device", "fifo"])
+def test_evil_tarballs_refused_and_nothing_written(cli, node, tmp_path, kind):
+    tb = fx.evil_tarball(str(tmp_path / "kata-static-6.6.6-amd64.tar.gz"), kind)
+    before = set(os.listdir("/tmp"))
+    r = K(cli, node, "stage", tb, "--no-verify")
+    assert r.exit_code == 5, (kind, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") <= 2
+    assert not os.path.exists("/tmp/katactl-pwned") and not os.path.exists("/tmp/katactl-pwned-abs")
+    assert set(os.listdir("/tmp")) - before == set() or all(
+        not n.startswith("katactl-pwned") for n in set(os.listdir("/tmp")) - before)
+    assert nothing_staged(node)
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["/nonexistent/kata.tar.xz"], 2, "no such file"),
+    (["@TEXT@"], 2, "not a tar archive"),
+    (["@NOVERSION@"], 2, "--as VERSION"),
+    (["@XZ@", "--as", "../x"], 2, "invalid --as"),
+    (["@XZ@", "--as", "current"], 2, "invalid --as"),
+    (["@XZ@", "--as", ""], 2, "invalid --as"),
+    (["@XZ@", "--as", "a b"], 2, "invalid --as"),
+    (["@XZ@", "--as", "x" * 65], 2, "invalid --as"),
+    (["@XZ@", "--sha256", "abc"], 2, "invalid --sha256"),
+    (["@XZ@", "--reserve", "lots"], 2, "--reserve"),
+    (["@XZ@", "--reserve", "-1Gi"], 2, "--reserve"),
+    (["@XZ@", "--reserve", "1000Ti"], 5, "not enough space"),
+    (["@XZ@", "--lock-timeout", "soon"], 2, "--lock-timeout"),
+    (["@TRUNC@"], 1, "corrupt or truncated"),
+])
+def test_stage_bad_input_corpus(cli, node, tarballs, tmp_path, args, code, msg):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n" * 200)
+    trunc = tmp_path / "kata-static-7.0.0-amd64.tar.xz"
+    data = open(tarballs["xz"], "rb").read()
+    trunc.write_bytes(data[: len(data) // 2])
+    subst = {"@TEXT@": str(text), "@NOVERSION@": tarballs["noversion"], "@XZ@": tarballs["xz"],
+             "@TRUNC@": str(trunc)}
+    r = K(cli, node, "stage", *[subst.get(a, a) for a in args], "--no-verify")
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert nothing_staged(node)
+
+
+def test_stage_same_version_other_source_refused_then_forced(cli, node, tarballs):
+    J(cli, node, "stage", tarballs["xz"])
+    r = K(cli, node, "stage", tarballs["gz"], "--as", A)
+    assert r.exit_code == 5 and "different source" in r.stderr
+    d = J(cli, node, "stage", tarballs["gz"], "--as", A, "--force")
+    assert d["changed"] is True and d["replaced"] is True
+    J(cli, node, "switch", A)
+    r = K(cli, node, "stage", tarballs["xz"], "--as", A, "--force")
+    assert r.exit_code == 5 and "in use" in r.stderr
+
+
+# -- switch / rollback ------------------------------------------------------------------
+@pytest.fixture
+def staged(cli, node, tarballs):
+    for k in ("xz", "zst", "gz"):
+        J(cli, node, "stage", tarballs[k])
+    return node
+
+
+def agent_of(node, release):
+    cfg = (rel(node, release) / "share/defaults/kata-containers/configuration-qemu.toml").read_text()
+    line = [x for x in cfg.splitlines() if x.startswith("kernel")][0]
+    return line.split("/releases/")[1].split("/")[0]
+
+
+def test_switch_all_runtime_agent_and_rollback(cli, staged):
+    node = staged
+    d = J(cli, node, "switch", A, "--dry-run")
+    assert d["changed"] is True and d["dryRun"] is True and current(node) is None
+    d = J(cli, node, "switch", A)
+    assert d["changed"] and d["from"] == {"runtime": None, "agent": None}
+    assert current(node) == f"releases/{A}"
+    assert J(cli, node, "switch", A)["changed"] is False  # switching to the current version
+    # runtime only: B's binaries, A's guest assets
+    d = J(cli, node, "switch", B, "--component", "runtime")
+    assert d["to"] == {"runtime": B, "agent": A}
+    assert current(node) == f"releases/{B}" and agent_of(node, B) == A
+    clh = (rel(node, B) / "share/defaults/kata-containers/configuration-clh.toml").read_text()
+    assert f"/releases/{A}/share/kata-containers/kata-containers-initrd.img" in clh
+    assert f'path = "/opt/kata/releases/{B}/bin/cloud-hypervisor"' in clh  # binaries stay B's
+    # agent only: live config of B now points at B's assets; backup kept outside config.d
+    d = J(cli, node, "switch", B, "-c", "agent")
+    assert d["to"] == {"runtime": B, "agent": B} and agent_of(node, B) == B
+    backup = rel(node, ".katactl/backups") / B / "share/defaults/kata-containers/configuration-qemu.toml"
+    assert f"/releases/{A}/" in backup.read_text()
+    st = J(cli, node, "status")
+    assert st["current"] == {"runtime": B, "agent": B} and st["previous"] == {"runtime": B, "agent": A}
+    # rollback undoes the last switch only, once
+    d = J(cli, node, "rollback")
+    assert d["changed"] and d["to"] == {"runtime": B, "agent": A} and agent_of(node, B) == A
+    d = J(cli, node, "rollback")
+    assert d["changed"] is False and "already rolled back" in d["message"]
+    d = J(cli, node, "switch", C)
+    assert d["to"] == {"runtime": C, "agent": C}
+    d = J(cli, node, "rollback", "--dry-run")
+    assert d["dryRun"] and d["to"] == {"runtime": B, "agent": A} and current(node) == f"releases/{C}"
+    d = J(cli, node, "rollback")
+    assert current(node) == f"releases/{B}" and agent_of(node, B) == A
+    hist = [json.loads(x) for x in (rel(node, ".katactl") / "history.jsonl").read_text().splitlines()]
+    assert [h["action"] for h in hist] == ["switch", "switch", "switch", "rollback", "switch", "rollback"]
+    assert all(h["user"] and h["time"] and "from" in h and "to" in h for h in hist)
+    audit = [json.loads(x) for x in open(os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log"))]
+    acts = [a["action"] for a in audit]
+    assert "upgrade.stage" in acts and "upgrade.switch" in acts and "upgrade.rollback" in acts
+    assert any(a["action"] == "upgrade.switch" and a["changed"] is False for a in audit)
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["switch", "9.9.9"], 3, "not staged"),
+    (["switch", "../etc"], 2, "invalid version"),
+    (["switch", "current"], 2, "invalid version"),
+    (["switch", A, "--component", "kernel"], 2, "invalid --component"),
+    (["switch", A, "--component", "agent"], 5, "switch --component all first"),
+    (["rollback"], 3, "nothing to roll back"),
+    (["switch", A, "--kata-root", "relative/dir"], 2, "absolute"),
+    (["switch", A, "--kata-root", "/"], 2, "must not be /"),
+])
+def test_switch_bad_input_corpus(cli, staged, args, code, msg):
+    r = K(cli, staged, *args)
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert current(staged) is None
+
+
+def test_rollback_after_first_switch_and_drift(cli, staged):
+    node = staged
+    J(cli, node, "switch", A)
+    r = K(cli, node, "rollback")
+    assert r.exit_code == 5 and "first one" in r.stderr
+    J(cli, node, "switch", B)
+    # someone moved the symlink by hand: rollback refuses to guess
+    os.remove(node / "opt/kata/current")
+    os.symlink(f"releases/{C}", node / "opt/kata/current")
+    r = K(cli, node, "rollback")
+    assert r.exit_code == 5 and "refusing to guess" in r.stderr
+    d = J(cli, node, "rollback", "--force")
+    assert d["to"] == {"runtime": A, "agent": A} and current(node) == f"releases/{A}"
+
+
+def test_unmanaged_current_is_refused(cli, staged):
+    (staged / "opt/kata/current").mkdir()
+    r = K(cli, staged, "switch", A)
+    assert r.exit_code == 5 and "not a symlink" in r.stderr
+
+
+def test_switch_agent_refused_when_assets_missing(cli, staged):
+    J(cli, staged, "switch", A)
+    os.remove(rel(staged, B) / "share/kata-containers/kata-containers-initrd.img")
+    r = K(cli, staged, "switch", B, "--component", "agent")
+    assert r.exit_code == 5 and "kata-containers-initrd.img" in r.stderr
+    assert agent_of(staged, A) == A
+
+
+def test_lock_held_times_out_then_waits(cli, staged, katactl_bin):
+    node = staged
+    J(cli, node, "switch", A)
+    lock = rel(node, ".katactl/lock")
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        r = K(cli, node, "switch", B, "--lock-timeout", "0.3")
+        assert r.exit_code == 6 and "holds the lock" in r.stderr
+        assert current(node) == f"releases/{A}"
+        p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", str(node), "upgrade",
+                              "switch", B, "--lock-timeout", "60", "-o", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # it is waiting (not failing) while we hold the lock
+        for _ in range(200):
+            if p.poll() is not None:
+                break
+            try:
+                p.wait(0.02)
+            except subprocess.TimeoutExpired:
+                pass
+            if p.poll() is None and current(node) == f"releases/{A}":
+                break
+        assert p.poll() is None
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert json.loads(out)["changed"] is True and current(node) == f"releases/{B}"
+
+
+def test_two_concurrent_switches_never_half_switch(staged, katactl_bin):
+    node = staged
+    results = {}
+
+    def run(v):
+        results[v] = katactl_bin(["--host-root", str(node), "upgrade", "switch", v, "-o", "json"])
+
+    ts = [threading.Thread(target=run, args=(v,)) for v in (A, B)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(r.exit_code == 0 for r in results.values()), {v: r.stderr for v, r in results.items()}
+    final = os.readlink(node / "opt/kata/current").split("/")[-1]
+    assert final in (A, B) and agent_of(node, final) == final
+    hist = [json.loads(x) for x in (rel(node, ".katactl") / "history.jsonl").read_text().splitlines()]
+    assert hist[-1]["to"] == {"runtime": final, "agent": final}
+    assert not (rel(node, ".katactl") / "pending.json").exists()
+
+
+def test_exec_preflight_on_real_root(cli, tmp_path, tarballs):
+    """No --host-root: the kata root is a real path, so preflight runs the new binaries."""
+    root = tmp_path / "real/opt/kata"
+    broken = fx.make_tarball(str(tmp_path), "8.0.0", str(tmp_path), compression="gz", broken_runtime=True)
+    for tb in (tarballs["xz"], broken):
+        r = cli(["upgrade", "stage", tb, "--kata-root", str(root), "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+    r = cli(["upgrade", "switch", A, "--kata-root", str(root), "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    checks = {c["check"]: c for c in r.json()["preflight"]}
+    assert checks["containerd-shim-kata-v2 --version"]["ok"]
+    assert checks["kata-runtime --version"]["detail"].startswith("kata-runtime  : 3.1.0")
+    assert checks["kata-runtime check --check-version-only"]["ok"]
+    r = cli(["upgrade", "switch", "8.0.0", "--kata-root", str(root)])
+    assert r.exit_code == 5 and "preflight failed" in r.stderr and "kata-runtime --version" in r.stderr
+    assert os.readlink(root / "current") == f"releases/{A}"
+    r = cli(["upgrade", "switch", "8.0.0", "--kata-root", str(root), "--force", "-o", "json"])
+    assert r.exit_code == 0 and os.readlink(root / "current") == "releases/8.0.0"
+
+
+def test_gc_removes_unused_keeps_current_and_agent(cli, staged):
+    node = staged
+    J(cli, node, "switch", A)
+    J(cli, node, "switch", B, "--component", "runtime")  # B runtime uses A's assets
+    d = J(cli, node, "gc", "--dry-run")
+    assert d["removed"] == [C] and d["dryRun"] is True and rel(node, C).exists()
+    kept = {k["version"]: k["reason"] for k in d["kept"]}
+    assert kept == {A: "current agent", B: "current runtime"}
+    d = J(cli, node, "gc")
+    assert d["removed"] == [C] and d["changed"] is True and not rel(node, C).exists()
+    assert J(cli, node, "gc")["changed"] is False
+    J(cli, node, "switch", B, "-c", "agent")
+    assert J(cli, node, "gc", "--keep-previous")["removed"] == []
+    assert J(cli, node, "gc")["removed"] == [A]
+
+
+def test_gc_refuses_without_proc(cli, staged):
+    import shutil as sh
+
+    sh.rmtree(staged / "proc")
+    r = K(cli, staged, "gc")
+    assert r.exit_code == 5 and "/proc" in r.stderr
+    assert J(cli, staged, "gc", "--force")["removed"] == sorted([A, B, C])
+
+
+def test_status_table_and_json(cli, staged):
+    J(cli, staged, "switch", A)
+    r = K(cli, staged, "status")
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["VERSION", "STATE", "PROCESSES", "SANDBOXES"]
+    assert any(line.split()[:2] == [A, "runtime,agent"] for line in lines)
+    d = J(cli, staged, "status")
+    assert d["kind"] == "UpgradeStatus" and d["current"] == {"runtime": A, "agent": A}
+    assert sorted(x["version"] for x in d["releases"]) == sorted([A, B, C])
