@@ -182,11 +182,14 @@ def kube_rows(node: Node, sections=("cpu",), only: set[str] | None = None) -> li
     """One row per cgroup in kubelet's tree (+ kata_overhead), with knobs read."""
     t, fs = node.t, node.fs
     by_pod = node.sandbox_by_pod_cgroup()
+    by_path = {node.sandbox_cgroup(s): s for s in node.sandboxes if s.sandbox_cgroup_path}
     rows = []
     tree = cg.kubepods_tree(t, fs, controller="cpu" if "cpu" in sections else "memory")
     tree += [{"path": p, **cg.classify(p)} for p in cg.overhead_cgroups(t, fs, "cpu" if "cpu" in sections else "memory")]
     for e in tree:
         path = e["path"]
+        if path in by_path and e["level"] != "sandbox":  # e.g. <pod>/<id> with sandbox_cgroup_only=true
+            e = {**e, "level": "sandbox", "sandbox": by_path[path].id, "container": None}
         knobs, log = cg.read_knobs(t, fs, path, sections=sections, only=only)
         pod_path = cg.pod_cgroup_path(path)
         sb = by_pod.get(pod_path) if pod_path else None

@@ -1,0 +1,178 @@
+"""katactl audit on fixture node trees: findings, evidence, severities, exit codes, policy errors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.fixtures_isolation import build_node
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "docs", "audit-policy.example.toml")
+
+
+def _audit(cli, root, *args):
+    r = cli(["--host-root", root, "audit", "-o", "json", *args])
+    assert r.stdout, r.stderr
+    return r, r.json()
+
+
+@pytest.fixture(scope="module")
+def clean_node(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("clean"))
+    build_node(root, online_pods=3, sandboxes=2, sandbox_cgroup_only=True)
+    return root
+
+
+def test_clean_node_passes(cli, clean_node):
+    r, d = _audit(cli, clean_node, "--fail-on", "info")
+    assert r.exit_code == 0, d["items"]
+    assert d["kind"] == "AuditReport" and d["passed"] is True and d["items"] == []
+    assert d["pods"] == 5 and d["sandboxes"] == 2 and d["hierarchy"] == "v1"
+    assert d["policy"].startswith("built-in defaults")
+
+
+def test_example_policy_is_the_defaults(cli, clean_node):
+    from katactl.isolation import policy
+
+    p = policy.load(None, EXAMPLE)
+    assert p.cpu == policy.CpuPolicy() and p.bvt == policy.BvtPolicy() and p.memcg == policy.MemcgPolicy()
+    assert p.rdt == policy.RdtPolicy() and p.kata == policy.KataPolicy() and not p.severity and not p.disable
+    r, d = _audit(cli, clean_node, "--policy", EXAMPLE)
+    assert r.exit_code == 0 and d["policy"] == EXAMPLE
+
+
+def _checks(d):
+    return {i["check"] for i in d["items"]}
+
+
+@pytest.mark.parametrize("kw,check,severity,evidence_file", [
+    ({"offline_bvt": 0}, "bvt.offline", "high", "cpu.bvt_warp_ns"),
+    ({"sandbox_bvt": 0}, "bvt.offline", "high", "cpu.bvt_warp_ns"),
+    ({"switch": 0}, "bvt.switch", "high", "/proc/sys/kernel/sched_group_identity_enabled"),
+    ({"core_sched": 1}, "bvt.core-sched", "medium", "/proc/sys/kernel/sched_core"),
+    ({"offline_shares": 1024}, "cpu.offline-weight", "high", "cpu.shares"),
+    ({"online_shares": 256}, "cpu.online-weight", "medium", "cpu.shares"),
+    ({"be_l3": "7f"}, "rdt.be-l3", "high", "/sys/fs/resctrl/BE/schemata"),
+    ({"offline_priority": 12}, "memcg.priority-order", "medium", "memory.priority"),
+    ({"sandbox_cgroup_only": False}, "kata.sandbox-cgroup-only", "medium", "persist.json"),
+    ({"vcpu_outside": True}, "kata.vcpu-cgroup", "high", "/task/"),
+    ({"vcpus_in_be": False}, "rdt.offline-threads", "medium", "/task/"),
+])
+def test_each_violation_is_found_with_evidence(cli, tmp_path, kw, check, severity, evidence_file):
+    root = str(tmp_path)
+    base = {"online_pods": 2, "sandboxes": 1, "sandbox_cgroup_only": True}
+    base.update(kw)
+    build_node(root, **base)
+    r, d = _audit(cli, root, "--fail-on", "critical")
+    assert r.exit_code == 0
+    found = [i for i in d["items"] if i["check"] == check]
+    assert found, d["items"]
+    f = found[0]
+    assert f["severity"] == severity and f["fix"] and f["message"]
+    assert any(evidence_file in e["file"] for e in f["evidence"]), f["evidence"]
+    assert all("value" in e for e in f["evidence"])
+    r, _ = _audit(cli, root, "--fail-on", severity)
+    assert r.exit_code == 8
+    assert d["counts"][severity] >= 1
+
+
+def test_offline_vcpu_identity_note_and_fix_hint(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, sandbox_bvt=0)
+    _, d = _audit(cli, root)
+    f = [i for i in d["items"] if i["check"] == "bvt.offline"][0]
+    assert "does not inherit" in f["message"] and f["fix"].startswith("echo -1 > /sys/fs/cgroup/cpu/kubepods/")
+
+
+def test_be_l3_fix_gives_koordinator_mask(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=0, sandboxes=1, sandbox_cgroup_only=True, be_l3="7f", cdp=True)
+    _, d = _audit(cli, root)
+    fs = [i for i in d["items"] if i["check"] == "rdt.be-l3"]
+    assert {e["evidence"][0]["value"] for e in fs} == {"L3DATA:0=7f", "L3DATA:2=7f", "L3CODE:0=7f", "L3CODE:2=7f"}
+    assert "L3DATA:0=f (0-30% of cbm_mask 7ff)" in fs[0]["fix"] or "=f (0-30%" in fs[0]["fix"]
+
+
+def test_unsupported_features_are_info_not_errors(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, alinux=False, resctrl=False, sandbox_cgroup_only=True)
+    r, d = _audit(cli, root)
+    assert r.exit_code == 0
+    sev = {i["check"]: i["severity"] for i in d["items"]}
+    assert sev == {"bvt.unsupported": "info", "memcg.unsupported": "info", "rdt.unsupported": "info"}
+    r, _ = _audit(cli, root, "--fail-on", "info")
+    assert r.exit_code == 8
+
+
+def test_v2_node_weights_through_both_formulas(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, mode="v2", online_pods=2, sandboxes=1, sandbox_cgroup_only=True)
+    r, d = _audit(cli, root, "--fail-on", "low")
+    assert r.exit_code == 0, d["items"]
+    root2 = str(tmp_path / "b")
+    build_node(root2, mode="v2", online_pods=1, sandboxes=1, sandbox_cgroup_only=True, online_shares=256,
+               offline_shares=4096)
+    _, d = _audit(cli, root2)
+    assert {"cpu.online-weight", "cpu.offline-weight"} <= _checks(d)
+
+
+def test_severity_override_and_disable(cli, tmp_path):
+    root = str(tmp_path / "n")
+    build_node(root, online_pods=1, sandboxes=1)  # sandbox_cgroup_only=false -> medium finding
+    pol = tmp_path / "p.toml"
+    pol.write_text('[severity]\n"kata.sandbox-cgroup-only" = "critical"\n')
+    r, d = _audit(cli, root, "--policy", pol, "--fail-on", "critical")
+    assert r.exit_code == 8 and d["counts"]["critical"] == 1 and d["passed"] is False
+    pol.write_text('disable = ["kata.sandbox-cgroup-only"]\n')
+    r, d = _audit(cli, root, "--policy", pol)
+    assert r.exit_code == 0 and "kata.sandbox-cgroup-only" not in _checks(d)
+
+
+def test_table_output_and_list_checks(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1)
+    r = cli(["--host-root", root, "audit", "-o", "wide"])
+    assert r.exit_code == 8
+    assert r.stdout.splitlines()[0].split()[:4] == ["SEVERITY", "CHECK", "TARGET", "MESSAGE"]
+    assert "persist.json#Config.SandboxCgroupOnly=False" in r.stdout
+    assert "audit FAILED (--fail-on medium)" in r.stderr
+    r = cli(["audit", "--list-checks", "-o", "json"])
+    assert r.exit_code == 0 and len(r.json()["items"]) >= 15
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[bvt]\nofline = -1\n", "unknown policy key 'bvt.ofline'"),
+    ("[bvt]\noffline = \"-1\"\n", "'bvt.offline' must be an integer"),
+    ("[rdt]\nbe_l3_max_percent = true\n", "'rdt.be_l3_max_percent' must be a number"),
+    ("[cpu]\nonline_min_shares = 1\n", "between 2 and 262144"),
+    ("[memcg]\ncheck_wmark = 1\n", "'memcg.check_wmark' must be true or false"),
+    ("bvt = 2\n", "'bvt' must be a table"),
+    ("[nope]\n", "'nope'"),
+    ("[bvt\n", "invalid TOML"),
+    ("\xff\xfe", "not UTF-8"),
+    ("[severity]\n\"bvt.offline\" = \"urgent\"\n", "'severity.bvt.offline'"),
+])
+def test_bad_policy_files(cli, tmp_path, content, needle):
+    p = tmp_path / "bad.toml"
+    p.write_bytes(content.encode("latin-1"))
+    r = cli(["audit", "--policy", p])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and str(p) in r.stderr and "Traceback" not in r.stderr
+    r = cli(["audit", "--policy", p, "-o", "json"])
+    assert r.exit_code == 2 and r.json()["kind"] == "Error" and r.json()["exitCode"] == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--policy", "/nonexistent/p.toml"], "no such file"),
+    (["--policy", "/"], "is a directory"),
+    (["--fail-on", "severe"], "invalid --fail-on"),
+    (["--fail-on", ""], "invalid --fail-on"),
+])
+def test_bad_audit_args(cli, args, needle):
+    r = cli(["audit", *args])
+    assert r.exit_code == 2 and needle in r.stderr
+
+
+def test_no_cgroup_fs_is_not_found(cli, tmp_path):
+    r = cli(["--host-root", tmp_path, "audit"])
+    assert r.exit_code == 3 and "no cgroup filesystem" in r.stderr
