@@ -1,0 +1,205 @@
+"""balloon get/set on the session lab: real QEMU guests, CLH/FC API servers, every path."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from katactl.backends.qmp import QMPClient
+
+MIB = 1 << 20
+TOL = 4 * MIB
+
+
+def query_balloon(lab, name: str) -> int:
+    """Ground truth from QEMU itself, over the sandbox's extra monitor."""
+    sid = lab.id(name)
+    with QMPClient.connect(lab.transport(), f"/run/vc/vm/{sid}/extra-monitor.sock") as q:
+        return int(q.execute("query-balloon")["actual"])
+
+
+def test_get_qemu_extension(lab, cli):
+    r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["kind"] == "Balloon" and j["path"] == "extension" and j["hypervisor"] == "qemu"
+    assert j["memoryBytes"] == 512 * MIB
+    assert j["actualBytes"] == query_balloon(lab, "qemu-0")
+    g = j["guest"]
+    assert g is not None and 0 < g["totalBytes"] <= 512 * MIB and g["availableBytes"] > 0
+
+
+def test_set_target_wait_then_idempotent_then_release(lab, cli):
+    pod = lab.pod("qemu-0")
+    r = cli(lab.args("balloon", "set", pod, "--target", "256Mi", "--wait", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["changed"] is True and j["dryRun"] is False and j["converged"] is True
+    assert query_balloon(lab, "qemu-0") <= 256 * MIB + TOL
+    # again: already there
+    r = cli(lab.args("balloon", "set", pod, "--target", "256Mi", "--wait", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is False
+    # the audit log has the change (and only one balloon.set for the two runs)
+    log = os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log")
+    entries = [json.loads(x) for x in open(log)]
+    sets = [e for e in entries if e["action"] == "balloon.set"]
+    assert len(sets) == 1 and sets[0]["params"]["targetBytes"] == 256 * MIB and sets[0]["target"] == lab.id("qemu-0")
+    # release gives everything back
+    r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    assert query_balloon(lab, "qemu-0") >= 512 * MIB - TOL
+
+
+def test_reclaim_and_plain_output(lab, cli):
+    pod = lab.pod("qemu-0")
+    r = cli(lab.args("balloon", "set", pod, "--reclaim", "100Mi", "--wait"))
+    assert r.exit_code == 0, r.stderr
+    assert "changed: true" in r.stdout and "path: extension" in r.stdout
+    assert abs(query_balloon(lab, "qemu-0") - 412 * MIB) <= TOL
+    r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+    assert r.exit_code == 0
+
+
+def test_extra_monitor_path_when_no_extension(lab, cli):
+    pod = lab.pod("qemu-em")
+    r = cli(lab.args("balloon", "set", pod, "--target", "300Mi", "--wait", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["path"] == "extra-monitor"
+    assert j["attempts"][0]["path"] == "extension" and "404" in j["attempts"][0]["result"]
+    assert abs(query_balloon(lab, "qemu-em") - 300 * MIB) <= TOL
+    r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+    assert r.exit_code == 0
+
+
+def test_dry_run_changes_nothing(lab, cli):
+    before = query_balloon(lab, "qemu-0")
+    r = cli(lab.args("balloon", "set", lab.pod("qemu-0"), "--target", "200Mi", "--dry-run", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["dryRun"] is True and j["changed"] is True and j["requestedTargetBytes"] == 200 * MIB
+    time.sleep(0.3)
+    assert query_balloon(lab, "qemu-0") == before
+
+
+def test_no_balloon_device(lab, cli):
+    r = cli(lab.args("balloon", "set", lab.pod("nob"), "--target", "128Mi", "-o", "json"))
+    assert r.exit_code == 1
+    j = r.json()
+    assert j["code"] == "NoBalloon" and "no balloon device" in j["message"]
+    assert "reclaim_guest_freed_memory" in j["hint"]
+
+
+def test_qmp_sock_held_is_busy(lab, cli):
+    r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--via", "qmp"))
+    assert r.exit_code == 7
+    assert "held by another client" in r.stderr
+
+
+def test_free_qmp_sock_is_used(lab, cli):
+    r = cli(lab.args("balloon", "get", lab.pod("free"), "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["path"] == "qmp" and j["memoryBytes"] == 256 * MIB
+    assert [a["path"] for a in j["attempts"]] == ["extension", "hypervisor-api", "extra-monitor"]
+
+
+def test_exact_explanation_when_no_path(lab, cli):
+    r = cli(lab.args("balloon", "get", lab.pod("held"), "-o", "json"))
+    assert r.exit_code == 7
+    j = r.json()
+    attempts = j["details"]["attempts"]
+    assert [a["path"] for a in attempts] == ["extension", "hypervisor-api", "extra-monitor", "qmp"]
+    assert "held by another client" in attempts[-1]["result"]
+    assert "extra_monitor_socket" in j["hint"] and "shim-extension" in j["hint"]
+
+
+def test_wait_timeout_exit_6(lab, cli):
+    # no guest driver: QEMU keeps the request pending, actual never moves
+    r = cli(lab.args("balloon", "set", lab.pod("free"), "--target", "200Mi", "--wait", "--timeout", "1s",
+                     "-o", "json"))
+    assert r.exit_code == 6, r.stderr
+    assert r.json()["code"] == "Timeout"
+
+
+@pytest.mark.parametrize("hv", ["clh-0", "fc-0"])
+@pytest.mark.parametrize("via", ["extension", "hypervisor-api"])
+def test_clh_fc_target_conversion(lab, cli, hv, via):
+    pod = lab.pod(hv)
+    r = cli(lab.args("balloon", "set", pod, "--target", "700Mi", "--wait", "--via", via, "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["path"] == via and j["memoryBytes"] == 1024 * MIB
+    assert abs(j["actualBytes"] - 700 * MIB) <= TOL
+    # the hypervisor's own number is the balloon size: memory - target
+    sb = lab.sb(hv)
+    t = lab.transport()
+    if hv == "clh-0":
+        from katactl.backends.clh import ClhClient
+
+        with ClhClient(t, sb["apiSocket"]) as c:
+            assert c.info()["config"]["balloon"]["size"] == 324 * MIB
+    else:
+        from katactl.backends.fc import FcClient
+
+        with FcClient(t, sb["apiSocket"]) as c:
+            assert c.balloon()["amount_mib"] == 324
+    r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "--via", via, "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    assert abs(r.json()["actualBytes"] - 1024 * MIB) <= TOL
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--target", "0"], 2, "greater than zero"),
+    (["--target", "-1G"], 2, "negative"),
+    (["--target", "10Zi"], 2, "unknown unit"),
+    (["--target", "1Gi", "--reclaim", "100Mi"], 2, "exactly one"),
+    ([], 2, "exactly one"),
+    (["--release", "--reclaim", "1Mi"], 2, "exactly one"),
+    (["--target", "abc"], 2, "invalid --target"),
+    (["--target", "1Gi", "--via", "telepathy"], 2, "--via"),
+    (["--target", "1Gi", "--timeout", "soon", "--wait"], 2, "--timeout"),
+    (["--target", "1Gi", "--tolerance", "-3"], 2, "--tolerance"),
+    (["--target", "1Ti"], 5, "above the VM's memory"),
+    (["--target", "16Mi"], 5, "below the guest's used memory"),
+])
+def test_bad_input_corpus(lab, cli, args, code, needle):
+    before = query_balloon(lab, "qemu-0")
+    r = cli(lab.args("balloon", "set", lab.pod("qemu-0"), *args))
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert query_balloon(lab, "qemu-0") == before
+
+
+@pytest.mark.parametrize("ref,code", [("lab/no-such-pod", 3), ("ffffffffffff", 3), ("../etc", 2)])
+def test_unknown_sandbox(lab, cli, ref, code):
+    r = cli(lab.args("balloon", "set", ref, "--target", "256Mi", "-o", "json"))
+    assert r.exit_code == code, r.stderr
+    assert r.json()["kind"] == "Error"
+
+
+def test_vm_exits_mid_wait(lab):
+    sb = lab.sb("doomed")
+    env = dict(os.environ)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", *lab.args(
+        "balloon", "set", sb["pod"], "--target", "200Mi", "--wait", "--timeout", "60s", "-o", "json")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # kill QEMU once the request is in (the balloon is pending: no guest driver)
+    deadline = time.monotonic() + 30
+    log = os.path.join(env["XDG_STATE_HOME"], "katactl", "audit.log")
+    while time.monotonic() < deadline:
+        if os.path.exists(log) and any(sb["id"] in ln for ln in open(log)):
+            break
+        time.sleep(0.05)
+    os.kill(sb["qemuPid"], signal.SIGKILL)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, (out, err)
+    j = json.loads(out)
+    assert j["code"] == "VMGone" and "went away" in j["message"]
