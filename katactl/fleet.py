@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable
 
 from katactl.errors import (ExitCode, KatactlError, PartialFailure, UnreachableError, UsageError,
@@ -137,7 +137,9 @@ def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None 
     """Call fn(transport) on every selected node, at most settings.parallel at once.
 
     Each failure is kept per node; nothing is raised, so one bad node never
-    stops the others. ``progress(done, total)`` is called as nodes finish.
+    stops the others. ``progress(done, total)`` is called as nodes finish (in
+    completion order, so a slow node does not freeze the counter); results are
+    still reported in node order. Ctrl-C cancels the nodes not yet started.
     """
     nodes = nodes if nodes is not None else (select_nodes(settings) or [LOCAL])
     values: dict[str, Any] = {}
@@ -152,16 +154,25 @@ def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None 
         except Exception as e:  # each node's failure is data, not an abort
             return node, None, as_katactl_error(e)
 
+    results: dict[str, tuple] = {}
     if len(nodes) == 1:
-        results = [one(nodes[0])]
+        results[nodes[0]] = one(nodes[0])
     else:
-        with ThreadPoolExecutor(max_workers=max(1, min(settings.parallel, len(nodes)))) as ex:
-            results = []
-            for i, r in enumerate(ex.map(one, nodes), 1):
-                results.append(r)
+        ex = ThreadPoolExecutor(max_workers=max(1, min(int(settings.parallel), len(nodes))),
+                                thread_name_prefix="katactl-node")
+        try:
+            futures = [ex.submit(one, n) for n in nodes]
+            for i, f in enumerate(as_completed(futures), 1):
+                r = f.result()
+                results[r[0]] = r
                 if progress:
                     progress(i, len(nodes))
-    for node, value, err in results:
+        except BaseException:
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
+    for node in nodes:
+        _, value, err = results[node]
         if err is None:
             values[node] = value
         else:

@@ -154,6 +154,7 @@ class KnownHosts:
         """Check a server's host key (plain or certificate). Returns how it was trusted.
 
         names: lookup names, the first is the canonical one ([host]:port or HostKeyAlias).
+        node: a message prefix ("" or "jump host X: ").
         Raises HostKeyError (exit 7) when revoked, changed, invalid, or unknown
         without accept_new_file.
         """
@@ -166,14 +167,14 @@ class KnownHosts:
             if e.marker == "@revoked" and (e.blob in (plain_blob, blob)
                                            or (cert is not None and e.blob == cert.ca_blob)):
                 raise HostKeyError(
-                    f"{node}: the host key ({plain_type} {fingerprint(plain_blob)}) is marked "
+                    f"{node}the host key ({plain_type} {fingerprint(plain_blob)}) is marked "
                     f"@revoked in {e.where}; refusing to connect")
         if cert is not None:
             cas = [e for e in self.for_host(names, "@cert-authority") if e.blob == cert.ca_blob]
             if cas:
                 problem = cert.problem(principal)
                 if problem:
-                    raise HostKeyError(f"{node}: host certificate signed by the CA in {cas[0].where} "
+                    raise HostKeyError(f"{node}host certificate signed by the CA in {cas[0].where} "
                                        f"is not valid: {problem}")
                 return f"certificate signed by CA {fingerprint(cert.ca_blob)} ({cas[0].where})"
             # No trusted CA: fall back to the plain key inside the certificate (as ssh does).
@@ -184,7 +185,7 @@ class KnownHosts:
         if known:
             e = next((k for k in known if _same_family(k.keytype, plain_type)), known[0])
             raise HostKeyError(
-                f"{node}: REMOTE HOST KEY CHANGED: the server offered {plain_type} "
+                f"{node}REMOTE HOST KEY CHANGED: the server offered {plain_type} "
                 f"{fingerprint(plain_blob)} but {e.where} has {e.keytype} {fingerprint(e.blob)} "
                 f"for {names[0]}; refusing to connect",
                 hint=f"if the change is expected, remove the old key: ssh-keygen -R '{names[0]}' "
@@ -194,7 +195,7 @@ class KnownHosts:
         if accept_new_file is None:
             where = ", ".join(self.files) or "no known_hosts file"
             raise HostKeyError(
-                f"{node}: unknown host key {plain_type} {fingerprint(plain_blob)} for {names[0]} "
+                f"{node}unknown host key {plain_type} {fingerprint(plain_blob)} for {names[0]} "
                 f"(not in {where})",
                 hint="add it with ssh-keyscan after checking its fingerprint, or pass "
                      "--ssh-accept-new to trust it on first use")

@@ -47,6 +47,7 @@ from katactl.errors import (AuthError, HostKeyError, KatactlError, TimeoutExpire
 WINDOW = 16 << 20          # channel window: bounds memory per streaming channel
 MAX_PACKET = 256 << 10     # large packets: far fewer per-packet Python round trips
 STREAM_CHUNK = 1 << 20
+MAX_IDLE = 32             # idle pooled connections kept for reuse
 MAX_SESSIONS = 8          # exec channels at once per connection (sshd MaxSessions 10: SFTP + margin)
 
 # The socket relay run on the node for connect_unix: connects, writes one NUL
@@ -55,8 +56,10 @@ MAX_SESSIONS = 8          # exec channels at once per connection (sshd MaxSessio
 RELAY = r"""
 import os, select, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+d, b = os.path.split(sys.argv[1])
 try:
-    s.connect(sys.argv[1])
+    os.chdir(d or "/")  # a relative name: paths under a host root may exceed sun_path (108)
+    s.connect(b)
 except FileNotFoundError:
     sys.stderr.write("no such socket\n"); sys.exit(3)
 except ConnectionRefusedError:
@@ -100,6 +103,10 @@ class _Conn:
         # sshd's MaxSessions defaults to 10 per connection (SFTP takes one):
         # more concurrent exec channels would be refused, so callers queue.
         self.sessions = threading.BoundedSemaphore(MAX_SESSIONS)
+        self.refs = 0
+        self.key: tuple = ()
+        self.last_used = time.monotonic()
+        self.closed = False
 
     def sftp(self):
         with self.lock:
@@ -114,30 +121,62 @@ class _Conn:
         return self.t.is_active()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         try:
             if self._sftp is not None:
                 self._sftp.close()
         except Exception:  # noqa: BLE001
             pass
         self.t.close()
+        if self.via is not None:
+            POOL.release(self.via)  # the jump connection this one was holding
 
 
 class _Pool:
+    """Connections by key. In-use connections are counted; idle ones are kept
+    (so the next call to the same node reuses them) up to MAX_IDLE, least
+    recently used closed first, so a 1000-node fan-out never holds 1000."""
+
     def __init__(self):
         self._conns: dict[tuple, _Conn] = {}
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, key: tuple, factory) -> _Conn:
+    def get(self, key: tuple, factory) -> tuple[_Conn, bool]:
+        """(connection, created). The caller owns one reference: release() it."""
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            c = self._conns.get(key)
-            if c is not None and c.alive():
-                return c
+            with self._guard:
+                c = self._conns.get(key)
+                if c is not None and c.alive():
+                    c.refs += 1
+                    return c, False
             c = factory()
-            self._conns[key] = c
-            return c
+            c.key = key
+            with self._guard:
+                old = self._conns.get(key)
+                self._conns[key] = c
+                c.refs = 1
+            if old is not None:
+                old.close()
+            return c, True
+
+    def release(self, c: _Conn) -> None:
+        victims = []
+        with self._guard:
+            c.refs = max(0, c.refs - 1)
+            c.last_used = time.monotonic()
+            if self._conns.get(c.key) is not c and c.refs == 0:
+                victims.append(c)  # replaced while in use
+            idle = sorted((x for x in self._conns.values() if x.refs == 0), key=lambda x: x.last_used)
+            for x in idle[:max(0, len(idle) - MAX_IDLE)]:
+                del self._conns[x.key]
+                victims.append(x)
+        for x in victims:
+            x.close()
 
     def close_all(self) -> None:
         with self._guard:
@@ -201,7 +240,7 @@ _ALGS = {
 }
 
 
-def _open_sock(target: sshconfig.Target, timeout: float, via: _Conn | None):
+def _open_sock(target: sshconfig.Target, timeout: float, via: _Conn | None, name: str):
     """The byte stream to the target: TCP, a ProxyCommand, or a direct-tcpip channel."""
     import paramiko
 
@@ -211,25 +250,30 @@ def _open_sock(target: sshconfig.Target, timeout: float, via: _Conn | None):
             return via.t.open_channel("direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0),
                                       timeout=timeout)
         except paramiko.ChannelException as e:
-            raise UnreachableError(f"{target.alias}: jump host {via.name} could not reach {where}: "
+            raise UnreachableError(f"{_pfx(name)}jump host {via.name} could not reach {where}: "
                                    f"{e.text or e}") from None
         except paramiko.SSHException as e:
-            raise UnreachableError(f"{target.alias}: via jump host {via.name}: {e}") from None
+            raise UnreachableError(f"{_pfx(name)}via jump host {via.name}: {e}") from None
     if target.proxy_command:
         try:
             return paramiko.ProxyCommand(target.proxy_command)
         except Exception as e:  # noqa: BLE001
-            raise UnreachableError(f"{target.alias}: ProxyCommand failed: {e}") from None
+            raise UnreachableError(f"{_pfx(name)}ProxyCommand failed: {e}") from None
     try:
         sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle+delayed-ACK stalls
         return sock
     except socket.timeout:
-        raise UnreachableError(f"{target.alias}: connect to {where} timed out after {timeout:g}s") from None
+        raise UnreachableError(f"{_pfx(name)}connect to {where} timed out after {timeout:g}s") from None
     except socket.gaierror as e:
-        raise UnreachableError(f"{target.alias}: cannot resolve {target.hostname}: {e.strerror}") from None
+        raise UnreachableError(f"{_pfx(name)}cannot resolve {target.hostname}: {e.strerror}") from None
     except OSError as e:
-        raise UnreachableError(f"{target.alias}: cannot connect to {where}: {e.strerror or e}") from None
+        raise UnreachableError(f"{_pfx(name)}cannot connect to {where}: {e.strerror or e}") from None
+
+
+def _pfx(name: str) -> str:
+    """Message prefix: only jump hosts are named (fan-out output already names the node)."""
+    return f"{name}: " if name.startswith("jump host") else ""
 
 
 def _key_files(target: sshconfig.Target) -> list[str]:
@@ -287,9 +331,9 @@ def _authenticate(t, target: sshconfig.Target, name: str) -> None:
         except paramiko.AuthenticationException:
             continue
         except paramiko.SSHException as e:
-            raise UnreachableError(f"{name}: authentication: {e}") from None
+            raise UnreachableError(f"{_pfx(name)}authentication: {e}") from None
     detail = ("; ".join(errors) + "; ") if errors else ""
-    raise AuthError(f"{name}: authentication failed for user {target.user!r} "
+    raise AuthError(f"{_pfx(name)}authentication failed for user {target.user!r} "
                     f"({detail}{tried} key(s) tried)",
                     hint="check --ssh-user, -i/--identity, IdentityFile in the SSH config or ssh-agent")
 
@@ -314,7 +358,7 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
     for kt in types:
         order.extend(_ALGS.get(kt, ()))
 
-    sock = _open_sock(target, timeout, via)
+    sock = _open_sock(target, timeout, via, name)
     T = _transport_class()
     t = T(sock)
     t.host_key_order = tuple(order)
@@ -329,13 +373,13 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
         except paramiko.SSHException as e:
             msg = str(e)
             if "timeout" in msg.lower() or "banner" in msg.lower():
-                raise UnreachableError(f"{name}: no SSH handshake from {target.hostname}:{target.port} "
+                raise UnreachableError(f"{_pfx(name)}no SSH handshake from {target.hostname}:{target.port} "
                                        f"within {timeout:g}s ({msg})") from None
-            raise UnreachableError(f"{name}: SSH negotiation failed: {msg}") from None
+            raise UnreachableError(f"{_pfx(name)}SSH negotiation failed: {msg}") from None
         except (EOFError, OSError) as e:
-            raise UnreachableError(f"{name}: connection closed during SSH handshake ({e or type(e).__name__})") from None
+            raise UnreachableError(f"{_pfx(name)}connection closed during SSH handshake ({e or type(e).__name__})") from None
         if not t.is_active() or t.host_key is None:
-            raise UnreachableError(f"{name}: no SSH handshake from {target.hostname}:{target.port} "
+            raise UnreachableError(f"{_pfx(name)}no SSH handshake from {target.hostname}:{target.port} "
                                    f"within {timeout:g}s")
         key = t.get_remote_server_key()
         keytype = key.public_blob.key_type if key.public_blob else key.get_name()
@@ -344,7 +388,7 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
         if opts.accept_new:
             accept_file = opts.extra_known_hosts or target.user_known_hosts[0]
         conn = _Conn(t, name, via)
-        conn.trust = kh.verify(names, keytype, blob, node=name, principal=target.host_key_alias or target.hostname,
+        conn.trust = kh.verify(names, keytype, blob, node=_pfx(name), principal=target.host_key_alias or target.hostname,
                                accept_new_file=accept_file, hash_new=target.hash_known_hosts)
         _authenticate(t, target, name)
         t.set_keepalive(30)
@@ -355,20 +399,37 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
 
 
 def _connect_chain(target: sshconfig.Target, opts: _Options, cfg, name: str) -> _Conn:
-    """Connect to target, through its ProxyJump hops (each pooled, so shared)."""
-    via = None
-    for i, hop in enumerate(target.proxy_jump):
-        hop_t = sshconfig.resolve(hop.removeprefix("ssh://"), cfg, identity=opts.identity)
-        # a hop's own ProxyJump applies only to the first hop (OpenSSH does the same via -W)
-        if i > 0 or hop_t.proxy_jump:
-            hop_t = _replace(hop_t, proxy_jump=() if i > 0 else hop_t.proxy_jump)
-        parent = via
-        if hop_t.proxy_jump:
-            via = _connect_chain(hop_t, opts, cfg, hop)
-        else:
-            via = POOL.get(_pool_key(hop_t, opts, parent),
-                           lambda hop_t=hop_t, parent=parent, hop=hop: _connect(hop_t, opts, parent, f"jump host {hop}"))
-    return POOL.get(_pool_key(target, opts, via), lambda: _connect(target, opts, via, name))
+    """Connect to target through its ProxyJump hops. Every hop is pooled, so nodes
+    behind one jump host share one connection to it. Returns one reference."""
+    via: _Conn | None = None
+    held: list[_Conn] = []
+    created: list[bool] = []   # created[i]: held[i] is new and keeps a reference on held[i-1]
+    try:
+        for i, hop in enumerate(target.proxy_jump):
+            hop_t = sshconfig.resolve(hop.removeprefix("ssh://"), cfg, identity=opts.identity)
+            if i > 0:  # a later hop is reached through the earlier ones, not its own ProxyJump
+                hop_t = _replace(hop_t, proxy_jump=())
+            if hop_t.proxy_jump:
+                via, new = _connect_chain(hop_t, opts, cfg, f"jump host {hop}"), False
+            else:
+                parent = via
+                via, new = POOL.get(_pool_key(hop_t, opts, parent),
+                                    lambda hop_t=hop_t, parent=parent, hop=hop:
+                                    _connect(hop_t, opts, parent, f"jump host {hop}"))
+            held.append(via)
+            created.append(new)
+        conn, new = POOL.get(_pool_key(target, opts, via), lambda: _connect(target, opts, via, name))
+    except BaseException:
+        for c in held:
+            POOL.release(c)
+        raise
+    created.append(new)
+    # A new connection keeps the reference on the connection it runs through
+    # (given back when it closes); every other reference taken here is returned.
+    for i, c in enumerate(held):
+        if not created[i + 1]:
+            POOL.release(c)
+    return conn
 
 
 def _replace(t, **kw):
@@ -489,7 +550,11 @@ class SSHTransport(NodeTransport):
                                    jump_host=opts.jump_host)
         conn = _connect_chain(target, opts, cfg, node)
         root = settings.host_root or target.host_root or ""
-        return cls(node, conn, root, opts.timeout)
+        try:
+            return cls(node, conn, root, opts.timeout)
+        except BaseException:
+            POOL.release(conn)
+            raise
 
     # -- helpers ---------------------------------------------------------------------
     def remote(self, path: str) -> str:
@@ -509,7 +574,7 @@ class SSHTransport(NodeTransport):
         except KatactlError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise UnreachableError(f"{self.node}: cannot open an SFTP session: {e}") from None
+            raise UnreachableError(f"cannot open an SFTP session: {e}") from None
 
     def _channel(self):
         """A new session channel; its close() gives the session slot back."""
@@ -517,7 +582,7 @@ class SSHTransport(NodeTransport):
 
         sem = self._conn.sessions
         if not sem.acquire(timeout=self.timeout):
-            raise TimeoutExpired(f"{self.node}: no free SSH session slot within {self.timeout:g}s "
+            raise TimeoutExpired(f"no free SSH session slot within {self.timeout:g}s "
                                  f"({MAX_SESSIONS} channels busy)")
         deadline = time.monotonic() + self.timeout
         delay = 0.005
@@ -534,10 +599,10 @@ class SSHTransport(NodeTransport):
                     delay = min(delay * 2, 0.2)
                     continue
                 sem.release()
-                raise UnreachableError(f"{self.node}: cannot open an SSH channel: {e.text or e}") from None
+                raise UnreachableError(f"cannot open an SSH channel: {e.text or e}") from None
             except (paramiko.SSHException, EOFError, OSError) as e:
                 sem.release()
-                raise UnreachableError(f"{self.node}: SSH connection lost: {e or type(e).__name__}") from None
+                raise UnreachableError(f"SSH connection lost: {e or type(e).__name__}") from None
             except BaseException:
                 sem.release()
                 raise
@@ -550,10 +615,10 @@ class SSHTransport(NodeTransport):
             return fn(*args)
         except OSError as e:
             if isinstance(e, socket.timeout):
-                raise TimeoutExpired(f"{self.node}: SFTP call on {path} timed out") from None
+                raise TimeoutExpired(f"SFTP call on {path} timed out") from None
             raise _oserror(e, path) from None
         except (paramiko.SSHException, EOFError) as e:
-            raise UnreachableError(f"{self.node}: SFTP on {path}: {e or type(e).__name__}") from None
+            raise UnreachableError(f"SFTP on {path}: {e or type(e).__name__}") from None
 
     # -- files -----------------------------------------------------------------------
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
@@ -613,7 +678,7 @@ class SSHTransport(NodeTransport):
                     try:
                         b = chan.recv(chunk_size)
                     except socket.timeout:
-                        raise TimeoutExpired(f"{self.node}: {path}: no data for {self.timeout:g}s") from None
+                        raise TimeoutExpired(f"{path}: no data for {self.timeout:g}s") from None
                     if not b:
                         break
                     yield b
@@ -732,7 +797,7 @@ class SSHTransport(NodeTransport):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutExpired(f"{self.node}: {argv[0]} did not finish within {timeout:g}s")
+                    raise TimeoutExpired(f"{argv[0]} did not finish within {timeout:g}s")
                 if chan.eof_received:  # output closed; only the exit status is missing
                     chan.status_event.wait(min(left, 1.0))
                 else:
@@ -744,7 +809,7 @@ class SSHTransport(NodeTransport):
                 err.append(chan.recv_stderr(1 << 20))
             rc = chan.recv_exit_status()
         except socket.timeout:
-            raise TimeoutExpired(f"{self.node}: {argv[0]} did not finish within {timeout:g}s") from None
+            raise TimeoutExpired(f"{argv[0]} did not finish within {timeout:g}s") from None
         finally:
             chan.close()
         res = RunResult(argv, rc, b"".join(out), b"".join(err))
@@ -763,24 +828,27 @@ class SSHTransport(NodeTransport):
             first = chan.recv(1)
         except socket.timeout:
             chan.close()
-            raise TimeoutExpired(f"{self.node}: {path}: connect timed out after {timeout:g}s") from None
+            raise TimeoutExpired(f"{path}: connect timed out after {timeout:g}s") from None
         if first == b"\0":
             return _ChannelSocket(chan, path)
         rc = chan.recv_exit_status()
         msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
         chan.close()
         if rc == 3:
-            raise UnreachableError(f"{self.node}: {path}: socket does not exist")
+            raise UnreachableError(f"{path}: socket does not exist")
         if rc == 4:
-            raise UnreachableError(f"{self.node}: {path}: nobody is listening on the socket")
+            raise UnreachableError(f"{path}: nobody is listening on the socket")
         if rc == 127:
-            raise UnreachableError(f"{self.node}: reaching {path} needs python3 on the node "
+            raise UnreachableError(f"reaching {path} needs python3 on the node "
                                    "(katactl relays unix sockets through it)")
-        raise UnreachableError(f"{self.node}: {path}: {msg or f'relay exited {rc}'}")
+        raise UnreachableError(f"{path}: {msg or f'relay exited {rc}'}")
 
     def close(self) -> None:
-        """Release this transport; the pooled connection stays for the next call."""
-        self._conn = self._conn  # connections live in POOL until close_pool()/exit
+        """Release this transport; the connection stays pooled (idle) for the next user."""
+        conn = self._conn
+        if conn is not None and not getattr(self, "_did_release", False):
+            self._did_release = True
+            POOL.release(conn)
 
 
 def _check_root(root: str) -> str:

@@ -1,0 +1,180 @@
+"""Fan-out over real sshd nodes through the CLI, and the security contract:
+hostile node names, sandbox ids and paths never reach a shell."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from katactl import config
+
+
+@pytest.fixture(scope="module")
+def fleet(sshd_lab):
+    """node1..node3 get three sandboxes each; node1's first one has a live shim."""
+    from katactl.lab import layout
+    from katactl.lab.shimserver import ShimServer
+
+    paths = {}
+    for n in ("node1", "node2", "node3"):
+        paths[n] = layout.write_many(str(sshd_lab.nodes[n].root), 3)
+    srv = ShimServer(paths["node1"][0].shim_socket).start()
+    yield sshd_lab, paths
+    srv.stop()
+
+
+def ssh_args(lab, *args):
+    return ["--ssh-config", str(lab.config), *args]
+
+
+def test_version_across_nodes(cli, sshd_lab):
+    r = cli(ssh_args(sshd_lab, "-N", "node1,node2", "-N", "node3,node4", "version", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    items = r.json()["items"]
+    assert [i["node"] for i in items] == ["node1", "node2", "node3", "node4"]
+    assert all(i["runtime"] == "present at /opt/kata/bin/kata-runtime" for i in items)
+
+
+def test_sandbox_list_across_nodes(cli, fleet):
+    lab, paths = fleet
+    r = cli(ssh_args(lab, "-N", "node1,node2,node3", "sandbox", "list", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    items = r.json()["items"]
+    assert sorted({i["node"] for i in items}) == ["node1", "node2", "node3"]
+    assert len(items) == 9
+    by_node = {(i["node"], i["id"]): i for i in items}
+    # the shim socket on node1 answered through the SSH socket relay
+    assert by_node[("node1", paths["node1"][0].sandbox_id)]["state"] == "running"
+    assert by_node[("node2", paths["node2"][0].sandbox_id)]["state"] == "stale"
+    table = cli(ssh_args(lab, "-N", "node1,node2", "sandbox", "list"))
+    assert table.stdout.splitlines()[0].split()[0] == "NODE"
+
+
+def test_partial_failure_exit_4(cli, sshd_lab):
+    r = cli(ssh_args(sshd_lab, "-N", "node1,unreachable,changed", "version", "-o", "json"))
+    assert r.exit_code == 4
+    doc = r.json()
+    assert [i["node"] for i in doc["items"]] == ["node1"]
+    errs = {e["node"]: e["error"] for e in doc["errors"]}
+    assert errs["unreachable"]["exitCode"] == 7
+    assert errs["changed"]["code"] == "HostKeyRejected"
+
+
+def test_all_unreachable_exit_7(cli, sshd_lab):
+    r = cli(ssh_args(sshd_lab, "--timeout", "0.5s", "-N", "unreachable,slow", "version"))
+    assert r.exit_code == 7
+    assert "no SSH handshake" in r.stderr and "cannot connect" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_changed_host_key_cli_exit_7_names_line(cli, sshd_lab):
+    port = sshd_lab.nodes["changed"].port
+    lines = sshd_lab.known_hosts.read_text().splitlines()
+    n = next(i for i, l in enumerate(lines, 1) if l.startswith(f"[127.0.0.1]:{port} "))
+    r = cli(ssh_args(sshd_lab, "-N", "changed", "version"))
+    assert r.exit_code == 7
+    assert f"{sshd_lab.known_hosts}:{n}" in r.stderr
+    assert "ssh-keygen -R" in r.stderr
+    r = cli(ssh_args(sshd_lab, "-N", "changed", "--ssh-accept-new", "version", "-o", "json"))
+    assert r.exit_code == 7
+    err = r.json()
+    assert err["kind"] == "Error" and err["details"]["line"] == n
+
+
+def test_nodes_from_and_groups(cli, sshd_lab, tmp_path, _isolated_home):
+    f = tmp_path / "nodes"
+    f.write_text("# fleet\nnode1\n\nnode2  # comment\n")
+    r = cli(ssh_args(sshd_lab, "--nodes-from", str(f), "version", "-o", "json"))
+    assert [i["node"] for i in r.json()["items"]] == ["node1", "node2"]
+    cfgdir = _isolated_home / "config" / "katactl"
+    cfgdir.mkdir(parents=True, exist_ok=True)
+    (cfgdir / "config.toml").write_text(
+        f'ssh_config = "{sshd_lab.config}"\nparallel = 2\n[node_groups]\nrack1 = ["node3", "node4", "node1"]\n')
+    r = cli(["-N", "@rack1", "version", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert [i["node"] for i in r.json()["items"]] == ["node3", "node4", "node1"]
+
+
+def test_jump_host_setting(cli, sshd_lab, monkeypatch):
+    monkeypatch.setenv("KATACTL_JUMP_HOST", "jump1")
+    port = sshd_lab.nodes["node2"].port
+    before = sshd_lab.nodes["jump1"].log.read_text().count(f"port {port}")
+    from katactl.backends import ssh
+
+    ssh.close_pool()  # node2 may be pooled as a direct connection
+    r = cli(ssh_args(sshd_lab, "-N", "node2", "version", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    assert sshd_lab.nodes["jump1"].log.read_text().count(f"port {port}") > before
+
+
+def test_fan_out_parallel_one_same_result(cli, sshd_lab):
+    a = cli(ssh_args(sshd_lab, "--parallel", "1", "-N", "node1,node2,node3", "version", "-o", "json"))
+    b = cli(ssh_args(sshd_lab, "--parallel", "3", "-N", "node1,node2,node3", "version", "-o", "json"))
+    assert a.json()["items"] == b.json()["items"]
+
+
+# -- security --------------------------------------------------------------------------
+def hostile(canary: str) -> list[str]:
+    return [f"; touch {canary}", f"$(touch {canary})", f"`touch {canary}`", f"x\ntouch {canary}",
+            f"x' ; touch {canary} ; '", f'x" ; touch {canary} ; "', f"ü€ && touch {canary}",
+            f"|touch {canary}", f"x > {canary}", f"-oProxyCommand=touch {canary}"]
+
+
+BAD_NODE_NAMES = ["node1; rm -rf /", "$(touch /tmp/x)", "`id`", "node1\nnode2", "nöde",
+                  "-oProxyCommand=sh", "node 1", "a'b", "user@@host", "host:99999x", "[::1", "../x"]
+
+
+@pytest.mark.parametrize("name", BAD_NODE_NAMES)
+def test_hostile_node_names_rejected(cli, sshd_lab, name):
+    r = cli(ssh_args(sshd_lab, "-N", name, "version"))
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert "invalid node name" in r.stderr
+
+
+def test_hostile_paths_and_args_never_reach_a_shell(sshd_lab, tmp_path):
+    from katactl.backends.ssh import SSHTransport
+
+    canary = str(tmp_path / "CANARY")
+    t = SSHTransport.from_settings("node1", config.resolve({"ssh_config": str(sshd_lab.config)}))
+    root = sshd_lab.nodes["node1"].root
+    (root / "hostile").mkdir(exist_ok=True)
+    for i, evil in enumerate(hostile(canary)):
+        # as an argument: echoed back byte for byte
+        r = t.run(["printf", "%s", evil])
+        assert r.stdout == evil.encode()
+        # as a file name that exists: read, streamed, listed, renamed, removed literally
+        node_path = f"/hostile/{i}{evil}".replace("/", "_").replace("_hostile_", "/hostile/", 1)
+        real = root / node_path.lstrip("/")
+        real.write_bytes(evil.encode())
+        assert t.read_bytes(node_path) == evil.encode()
+        assert b"".join(t.open_stream(node_path)) == evil.encode()
+        assert t.statvfs_free(node_path) > 0
+        assert os.path.basename(node_path) in t.listdir("/hostile")
+        t.rename(node_path, node_path + ".moved")
+        t.symlink(evil, node_path + ".link")
+        assert t.readlink(node_path + ".link") == evil
+        t.mkdir(node_path + ".d/sub")
+        t.remove(node_path + ".d", recursive=True)
+        t.write_bytes_atomic(node_path + ".w", b"w")
+        # as a path that does not exist
+        with pytest.raises(FileNotFoundError):
+            t.read_bytes("/nope/" + evil.replace("/", "_"))
+        with pytest.raises(FileNotFoundError):
+            t.open_stream("/nope/" + evil.replace("/", "_"))
+        from katactl.errors import UnreachableError
+
+        with pytest.raises(UnreachableError, match="does not exist"):
+            t.connect_unix("/nope/" + evil.replace("/", "_"), timeout=5)
+    assert not os.path.exists(canary), "a shell interpreted a hostile argument"
+    assert not os.path.exists(root / "hostile" / "CANARY")
+
+
+def test_hostile_sandbox_ids_via_cli(cli, fleet, tmp_path):
+    lab, _ = fleet
+    canary = str(tmp_path / "CANARY")
+    for evil in hostile(canary):
+        r = cli(ssh_args(lab, "-N", "node1", "sandbox", "inspect", evil))
+        assert r.exit_code in (2, 3), (evil, r.stdout, r.stderr)
+        r = cli(ssh_args(lab, "-N", "node1", "metrics", evil))
+        assert r.exit_code in (2, 3), (evil, r.stdout, r.stderr)
+    assert not os.path.exists(canary)
