@@ -189,7 +189,7 @@ def evil_tarball(path: str, kind: str) -> str:
 
 STANDIN_CODE = r"""
 import mmap, os, sys, time
-paths = [a for a in sys.argv[1:] if a.startswith('/')]
+paths = [a for a in sys.argv[1:] if a.startswith('/') and os.path.isfile(a)]
 keep = []
 for p in paths:
     f = open(p, 'rb')

@@ -697,9 +697,11 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
             raise Refused(f"cannot list /proc on {t.node}: which releases running processes use is "
                           "unknown", hint="with --host-root, the node's /proc must be visible under it; "
                                           "or --force")
-        if stats["unreadable"] and not force:
-            raise Refused(f"cannot inspect {stats['unreadable']} process(es) on {t.node} (not root?); "
-                          "a release they run could be removed", hint="run as root, or --force")
+        hidden = stats.get("unreadableKata") or []
+        if hidden and not force:
+            raise Refused(f"cannot inspect {len(hidden)} Kata process(es) on {t.node} (pids "
+                          f"{', '.join(map(str, hidden[:5]))}; not root?); a release they run could be "
+                          "removed", hint="run as root, or --force")
         sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
         in_use: dict[str, list] = {}
         for p in procs:
@@ -738,6 +740,7 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
                 if t.exists(f"{L.releases}/{n}"):
                     t.remove(f"{L.releases}/{n}", recursive=True)
         return {"node": t.node, "removed": removed, "kept": kept, "staleTempDirs": stale,
+                "uninspectedProcesses": stats.get("unreadable", 0),
                 "recovered": recovered, "changed": bool(removed or stale), "dryRun": dry_run}
 
     try:

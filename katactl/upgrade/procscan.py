@@ -14,10 +14,10 @@ shim process (the ``containerd-shim-kata-v2 ... -id <sandbox-id>`` process).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 
 _SHIM_NAMES = ("containerd-shim-kata-v2",)
+_KATA_LIKE = re.compile(r"^(containerd-shim-k|kata-|qemu|cloud-hyperviso|firecracker|jailer|virtiofsd)")
 
 
 @dataclasses.dataclass
@@ -114,7 +114,16 @@ def scan(transport, layout) -> tuple[list[ProcRef], dict]:
             pass
         stats["scanned"] += 1
         if denied and not found:
+            # cmdline and comm stay readable: a process we cannot look into blocks
+            # gc only if it looks like Kata's (shim, hypervisor, virtiofsd)
             stats["unreadable"] += 1
+            try:
+                comm = transport.read_text(base + "/comm").strip()
+            except OSError:
+                comm = ""
+            argv0 = cmd[0].rsplit("/", 1)[-1] if cmd else ""
+            if _KATA_LIKE.search(comm) or _KATA_LIKE.search(argv0):
+                stats.setdefault("unreadableKata", []).append(pid)
         if found:
             try:
                 comm = transport.read_text(base + "/comm").strip()
@@ -134,52 +143,17 @@ def _unroot(path: str, host_root: str) -> str:
 
 # -- sandboxes ------------------------------------------------------------------
 def sandboxes(transport) -> list[dict]:
-    """Minimal sandbox records: id, runtime, hypervisor pid, configured paths.
+    """Sandbox records from the shared discovery (katactl.sandbox): id, pod,
+    hypervisor pid, and the configured hypervisor binary and guest assets."""
+    from katactl.sandbox import discover
 
-    Uses katactl.sandbox.discover when present (the shared discovery), else
-    reads persist.json / state.json directly."""
-    try:
-        from katactl import sandbox as sb  # written by the sandbox issue
-        discover = getattr(sb, "discover", None)
-    except ImportError:
-        discover = None
     out: list[dict] = []
-    if discover is not None:
-        try:
-            for s in discover(transport):
-                g = (lambda k, s=s: (s.get(k) if isinstance(s, dict) else getattr(s, k, None)))
-                out.append({"id": g("id") or g("sandbox_id"), "runtime": g("runtime"),
-                            "hypervisorPid": g("hypervisor_pid"),
-                            "paths": [p for p in (g("hypervisor_path"), g("kernel"), g("initrd"),
-                                                  g("image")) if p]})
-            return out
-        except Exception:  # fall back to our own reader rather than report nothing
-            out = []
-    for base, fname, runtime in (("/run/vc/sbs", "persist.json", "go"), ("/run/kata", "state.json", "rs")):
-        try:
-            ids = transport.listdir(base)
-        except OSError:
-            continue
-        for sid in ids:
-            try:
-                d = json.loads(transport.read_bytes(f"{base}/{sid}/{fname}", limit=16 << 20))
-            except (OSError, ValueError):
-                continue
-            if not isinstance(d, dict):
-                continue
-            if runtime == "go":
-                hs = d.get("HypervisorState") or {}
-                hc = (d.get("Config") or {}).get("HypervisorConfig") or {}
-                pid = hs.get("Pid")
-                paths = [hc.get(k) for k in ("HypervisorPath", "KernelPath", "InitrdPath", "ImagePath")]
-            else:
-                h = d.get("hypervisor") or {}
-                cfg = h.get("config") or {}
-                boot = cfg.get("boot_info") or {}
-                pid = h.get("pid")
-                paths = [cfg.get("path"), boot.get("kernel"), boot.get("initrd"), boot.get("image")]
-            out.append({"id": sid, "runtime": runtime, "hypervisorPid": pid if isinstance(pid, int) else None,
-                        "paths": [p for p in paths if isinstance(p, str) and p]})
+    for s in discover(transport, check=False):
+        pod = s.pod or {}
+        out.append({"id": s.id, "runtime": s.runtime,
+                    "pod": f"{pod.get('namespace')}/{pod.get('name')}" if pod.get("name") else None,
+                    "hypervisorPid": s.hypervisor_pid,
+                    "paths": [p for p in (s.hypervisor_path, s.kernel, s.initrd, s.image) if p]})
     return out
 
 
@@ -200,7 +174,7 @@ def attribute(transport, layout, procs: list[ProcRef], sbs: list[dict]) -> list[
         shim = shims.get(sid)
         configured = sorted({v for v in (layout.version_of_path(p) for p in s["paths"]) if v})
         rows.append({
-            "id": sid, "runtime": s.get("runtime"),
+            "id": sid, "pod": s.get("pod"), "runtime": s.get("runtime"),
             "shimPid": shim.pid if shim else None,
             "shimRelease": _one(shim.releases) if shim else None,
             "hypervisorPid": s.get("hypervisorPid"), "hypervisorRunning": alive,
