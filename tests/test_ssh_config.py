@@ -1,0 +1,174 @@
+"""known_hosts and ssh_config parsing (no sshd needed)."""
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from katactl.backends import knownhosts as kh
+from katactl.backends import sshconfig
+from katactl.errors import HostKeyError, UsageError
+
+ED = "ssh-ed25519"
+BLOB = base64.b64decode("AAAAC3NzaC1lZDI1NTE5AAAAIHk0V5ow4WzPeJ0sXyNlcgLxKh3uEwU8i0ChsvW0f3PZ")
+B64 = base64.b64encode(BLOB).decode()
+
+
+@pytest.mark.parametrize("field,name,want", [
+    ("node1", "node1", True),
+    ("NODE1", "node1", True),
+    ("node1,node2", "node2", True),
+    ("node1", "node10", False),
+    ("*.example.com", "a.example.com", True),
+    ("*.example.com", "example.com", False),
+    ("node?", "node7", True),
+    ("!bad.example.com,*.example.com", "bad.example.com", False),
+    ("!bad.example.com,*.example.com", "ok.example.com", True),
+    ("[10.0.0.1]:2222", "[10.0.0.1]:2222", True),
+    ("[10.0.0.1]:*", "[10.0.0.1]:2222", True),
+    ("10.0.0.1", "[10.0.0.1]:2222", False),
+    ("[10.0.0.1]:2222", "10.0.0.1", False),
+    (kh.hash_name("node1"), "node1", True),
+    (kh.hash_name("node1"), "node2", False),
+    ("|1|notbase64|???", "node1", False),
+    ("", "node1", False),
+])
+def test_host_matches(field, name, want):
+    assert kh.host_matches(field, name) is want
+
+
+def test_host_key_name():
+    assert kh.host_key_name("h", 22) == "h"
+    assert kh.host_key_name("h", 2222) == "[h]:2222"
+
+
+def test_loader_tolerates_markers_and_garbage(tmp_path):
+    f = tmp_path / "known_hosts"
+    f.write_bytes((
+        "# comment\n"
+        f"node1 {ED} {B64}\r\n"
+        f"@cert-authority *.example.com {ED} {B64}\n"
+        f"@revoked * {ED} {B64}\n"
+        f"@unknown-marker node1 {ED} {B64}\n"
+        "garbage\n"
+        f"node2 {ED} !!!notbase64!!!\n"
+        f"node3 ssh-rsa {B64}\n"           # type does not match the blob
+        "\n"
+        f"{kh.hash_name('[node4]:2222')} {ED} {B64} trailing comment\n"
+    ).encode())
+    es = kh.parse_file(str(f))
+    assert [(e.line, e.marker) for e in es] == [(2, ""), (3, "@cert-authority"), (4, "@revoked"), (10, "")]
+    assert kh.parse_file(str(tmp_path / "missing")) == []
+
+
+def test_verify_outcomes(tmp_path):
+    other = bytearray(BLOB)
+    other[-1] ^= 1
+    other = bytes(other)
+    f = tmp_path / "kh"
+    f.write_text(f"[h]:2222 {ED} {B64}\n")
+    k = kh.KnownHosts([str(f)])
+    assert "known key" in k.verify(["[h]:2222"], ED, BLOB, node="", principal="h")
+    with pytest.raises(HostKeyError) as ei:
+        k.verify(["[h]:2222"], ED, other, node="", principal="h")
+    assert f"{f}:1" in ei.value.message and ei.value.exit_code == 7
+    with pytest.raises(HostKeyError, match="unknown host key"):
+        k.verify(["[new]:2222"], ED, other, node="", principal="new")
+    new = tmp_path / "sub" / "accepted"
+    assert "accepted" in k.verify(["[new]:2222"], ED, other, node="", principal="new",
+                                  accept_new_file=str(new), hash_new=True)
+    text = new.read_text()
+    assert text.startswith("|1|") and "[new]" not in text
+    assert "known key" in kh.KnownHosts([str(new)]).verify(["[new]:2222"], ED, other, node="", principal="new")
+    (tmp_path / "rev").write_text(f"@revoked * {ED} {B64}\n[h]:2222 {ED} {B64}\n")
+    with pytest.raises(HostKeyError, match="@revoked"):
+        kh.KnownHosts([str(tmp_path / "rev")]).verify(["[h]:2222"], ED, BLOB, node="", principal="h")
+
+
+needs_keygen = pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="ssh-keygen missing")
+
+
+@needs_keygen
+@pytest.mark.parametrize("extra,principal,problem", [
+    (["-h", "-n", "node1"], "node1", None),
+    (["-h", "-n", "node1"], "node2", "not among its principals"),
+    (["-n", "node1"], "node1", "not a host certificate"),
+    (["-h", "-n", "node1", "-V", "20200101:20200102"], "node1", "expired"),
+    (["-h", "-n", "node1", "-V", "+1d:+2d"], "node1", "not valid yet"),
+])
+def test_certificate_checks(tmp_path, extra, principal, problem):
+    for n in ("ca", "host"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / n)], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(tmp_path / "ca"), "-I", "t", *extra,
+                    str(tmp_path / "host.pub")], check=True)
+    ctype, b64 = (tmp_path / "host-cert.pub").read_text().split()[:2]
+    cert = kh.parse_cert(base64.b64decode(b64))
+    got = cert.problem(principal)
+    assert (got is None) if problem is None else (problem in got)
+    # a forged signature never verifies
+    blob = bytearray(base64.b64decode(b64))
+    blob[-5] ^= 0xFF
+    forged = kh.parse_cert(bytes(blob))
+    if problem is None:
+        assert "signature" in forged.problem(principal)
+    ca_t, ca_b64 = (tmp_path / "ca.pub").read_text().split()[:2]
+    assert forged.ca_blob == base64.b64decode(ca_b64)
+
+
+def test_parse_cert_garbage():
+    with pytest.raises(HostKeyError, match="malformed"):
+        kh.parse_cert(b"\x00\x00\x00\x20ssh-ed25519-cert-v01@openssh.com")
+
+
+# -- ssh config --------------------------------------------------------------------------
+def test_include_glob_nested_and_relative(tmp_path):
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10-a.conf").write_text("Host a\n  HostName 10.0.0.1\n  Include more.conf\n")
+    (tmp_path / "conf.d" / "20-b.conf").write_text("Host b\n  Port 2200\n")
+    (tmp_path / "more.conf").write_text("  User alice\n")
+    main = tmp_path / "config"
+    main.write_text(f"Include {tmp_path}/conf.d/*.conf\nHost *\n  User bob\n  IdentityFile ~/id_x\n")
+    text = sshconfig.expand_includes(str(main), base=str(tmp_path))
+    assert "HostName 10.0.0.1" in text and "User alice" in text and "Port 2200" in text
+    cfg = sshconfig.load(str(main))
+    t = sshconfig.resolve("a", cfg)
+    assert (t.hostname, t.port, t.user) in (("10.0.0.1", 22, "alice"), ("10.0.0.1", 22, "bob"))
+    t = sshconfig.resolve("carol@b:2201", cfg, identity="/k")
+    assert (t.hostname, t.port, t.user) == ("b", 2201, "carol")
+    assert t.identity_files[0] == "/k"
+
+
+def test_include_loop_is_an_error(tmp_path):
+    f = tmp_path / "loop"
+    f.write_text(f"Include {f}\n")
+    with pytest.raises(UsageError, match="nested too deeply"):
+        sshconfig.expand_includes(str(f))
+
+
+def test_resolve_proxyjump_setenv_and_overrides(tmp_path):
+    f = tmp_path / "config"
+    f.write_text("Host n1\n  HostName 10.1.1.1\n  Port 2022\n  ProxyJump j1,ssh://u@j2:2200\n"
+                 "  SetEnv LANG=C KATACTL_HOST_ROOT=/srv/n1\n"
+                 "Host n2\n  ProxyCommand nc %h %p\n  HostKeyAlias n2-alias\n"
+                 "Host n3\n  ProxyJump none\n")
+    cfg = sshconfig.load(str(f))
+    t = sshconfig.resolve("n1", cfg, user="root")
+    assert t.proxy_jump == ("j1", "ssh://u@j2:2200")
+    assert t.host_root == "/srv/n1" and t.port == 2022 and t.user == "root"
+    assert sshconfig.resolve("n1", cfg, jump_host="other").proxy_jump == ("other",)
+    t2 = sshconfig.resolve("n2", cfg)
+    assert t2.proxy_command == "nc n2 22" and t2.host_key_alias == "n2-alias"
+    assert sshconfig.resolve("n3", cfg).proxy_jump == ()
+
+
+@pytest.mark.parametrize("bad", ["a b", "user@", "@host", "h:0", "h:70000", "h:x"])
+def test_split_node_rejects(bad):
+    with pytest.raises(UsageError):
+        sshconfig.split_node(bad)
+
+
+def test_split_node_ipv6():
+    assert sshconfig.split_node("root@[::1]:2222") == ("root", "::1", 2222)
