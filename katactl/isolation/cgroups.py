@@ -399,7 +399,7 @@ def read_knobs(t, fs: CgroupFS, cgpath: str, sections: Iterable[str] = SECTIONS,
     """The cpu/cpuset/memory knobs of one cgroup (v1 or v2 file names as mounted)."""
     log = ReadLog()
     out: dict[str, dict] = {s: {} for s in sections}
-    dirs: dict[str, str | None] = {}
+    dirs: dict[str, tuple | None] = {}
     for k in KNOBS:
         if k.section not in out or (only is not None and f"{k.section}.{k.key}" not in only):
             continue
@@ -409,9 +409,19 @@ def read_knobs(t, fs: CgroupFS, cgpath: str, sections: Iterable[str] = SECTIONS,
             continue
         if k.controller not in dirs:
             d = fs.dir(k.controller, cgpath)
-            dirs[k.controller] = d if d and t.is_dir(d) else None
-        d = dirs[k.controller]
-        if d is None:
+            try:  # one listdir per directory instead of one failed open per absent knob
+                dirs[k.controller] = (d, set(t.listdir(d))) if d else None
+            except (FileNotFoundError, NotADirectoryError):
+                dirs[k.controller] = None
+            except OSError:
+                dirs[k.controller] = (d, None)
+        ent = dirs[k.controller]
+        if ent is None:
+            continue
+        d, names = ent
+        if names is not None and fname not in names:
+            log.unsupported.append(fname)
+            out[k.section][k.key] = None
             continue
         v = read_value(t, f"{d}/{fname}", k.parse, log, fname)
         out[k.section][k.key] = v
