@@ -89,7 +89,10 @@ def _mkdir_lock(transport, layout, timeout, on_wait):
         try:
             transport.mkdir(d, parents=False)
             break
-        except FileExistsError:
+        except OSError as e:
+            # a racing client may win between the transport's exists-check and its mkdir
+            if not isinstance(e, FileExistsError) and not transport.exists(d):
+                raise
             try:
                 raw = transport.read_bytes(d + "/owner.json", limit=4096)
             except OSError:

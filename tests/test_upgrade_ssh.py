@@ -1,0 +1,57 @@
+"""katactl upgrade over SSH on several real sshd nodes (each serving its own node tree)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+
+import pytest
+
+from tests import upgrade_fixtures as fx
+
+A, B = "3.1.0", "3.2.0"
+
+
+@pytest.fixture(scope="module")
+def tbs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ssh-tarballs")
+    return {A: fx.make_tarball(str(d), A, str(d), compression="gz"),
+            B: fx.make_tarball(str(d), B, str(d), compression="xz")}
+
+
+def test_stage_switch_status_rollback_gc_on_two_nodes(cli, sshd_lab, tbs):
+    root = f"/opt/kata-ut-{secrets.token_hex(3)}"  # private to this test inside the shared trees
+
+    def run(*args):
+        r = cli(["--ssh-config", str(sshd_lab.config), "-N", "node1,node2", "upgrade", *args,
+                 "--kata-root", root, "-o", "json"])
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        return r.json()
+
+    for v in (A, B):
+        d = run("stage", tbs[v])
+        assert d["kind"] == "UpgradeStageList" and d["changed"] is True
+        assert sorted(i["node"] for i in d["items"]) == ["node1", "node2"]
+    assert run("stage", tbs[A])["changed"] is False
+    for n in ("node1", "node2"):
+        tree = sshd_lab.nodes[n].root
+        cfg = (tree / root.lstrip("/") / "releases" / B / "share/defaults/kata-containers/configuration-qemu.toml")
+        assert f'kernel = "{root}/releases/{B}/share/kata-containers/vmlinux.container"' in cfg.read_text()
+        shim = tree / root.lstrip("/") / "releases" / A / "bin/containerd-shim-kata-v2"
+        assert shim.stat().st_mode & 0o111 and shim.stat().st_size > 1000
+    assert run("switch", A)["changed"] is True
+    d = run("switch", B, "--dry-run")
+    assert d["dryRun"] is True and d["changed"] is True
+    d = run("switch", B)
+    assert all(i["to"] == {"runtime": B, "agent": B} for i in d["items"])
+    for n in ("node1", "node2"):
+        assert os.readlink(sshd_lab.nodes[n].root / root.lstrip("/") / "current") == f"releases/{B}"
+    assert run("switch", B)["changed"] is False
+    st = run("status")
+    assert {i["node"]: i["current"]["runtime"] for i in st["items"]} == {"node1": B, "node2": B}
+    d = run("rollback")
+    assert all(i["to"]["runtime"] == A for i in d["items"])
+    d = run("gc", "--force")  # the lab trees have no /proc
+    assert all(i["removed"] == [B] for i in d["items"])
+    hist = (sshd_lab.nodes["node1"].root / root.lstrip("/") / "releases/.katactl/history.jsonl").read_text()
+    assert [json.loads(x)["action"] for x in hist.splitlines()] == ["switch", "switch", "rollback"]
