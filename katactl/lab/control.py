@@ -100,6 +100,11 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
                          "use a shorter directory")
     for s in specs:
         s.setdefault("id", sandbox_id(s["name"] + ":" + root, n))
+        if s.get("hypervisor") == "fc":
+            sock = f"{root}/run/vc/firecracker/{s['id'][:32]}/root/run/firecracker.socket"
+            if len(sock) > 107:
+                raise UsageError(f"--root {root} is too long for Firecracker's socket path "
+                                 f"({len(sock)} bytes; sun_path holds 107): use a shorter directory")
     os.makedirs(p["dir"], mode=0o755, exist_ok=True)
     with open(p["config"], "w") as f:
         json.dump({"root": root, "kernel": kernel, "sandboxes": specs,
