@@ -35,8 +35,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def body(self) -> bytes:
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n > 0 else b""
+        if getattr(self, "_body", None) is None:
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                n = 0
+            self._body = self.rfile.read(n) if n > 0 else b""
+        return self._body
 
     def json_body(self):
         raw = self.body()
@@ -60,23 +65,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if data:
             self.wfile.write(data)
 
+    def _route(self, method: str) -> None:
+        self._body = None
+        self.body()  # always consume the request body: the connection stays usable
+        self.route(method)
+
     def route(self, method: str) -> None:  # override
         self.send(404, "URL NOT FOUND", "text/plain")
 
     def do_GET(self):
-        self.route("GET")
+        self._route("GET")
 
     def do_PUT(self):
-        self.route("PUT")
+        self._route("PUT")
 
     def do_PATCH(self):
-        self.route("PATCH")
+        self._route("PATCH")
 
     def do_POST(self):
-        self.route("POST")
+        self._route("POST")
 
     def do_DELETE(self):
-        self.route("DELETE")
+        self._route("DELETE")
 
 
 def serve(path: str, handler_cls, **attrs) -> UnixHTTPServer:

@@ -1,0 +1,76 @@
+"""Firecracker API: our client against the protocol-faithful lab server (real unix socket)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from katactl.backends.fc import FcClient, FcError
+from katactl.backends.local import LocalTransport
+from katactl.backends.unixhttp import request
+from katactl.lab.fc_server import FcServer
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def fc(tmp_path):
+    servers = []
+
+    def make(**kw):
+        s = FcServer(str(tmp_path / f"fc{len(servers)}.sock"), kw.pop("memory", 1024 * MIB), **kw)
+        servers.append(s)
+        return s, FcClient(LocalTransport(), s.path, timeout=2)
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_instance_and_machine_config(fc):
+    s, c = fc()
+    assert c.instance()["app_name"] == "Firecracker"
+    assert c.machine_config()["mem_size_mib"] == 1024
+
+
+def test_patch_amount_is_balloon_size(fc):
+    s, c = fc()
+    c.patch_balloon(300)
+    assert c.balloon()["amount_mib"] == 300
+    deadline = time.monotonic() + 5
+    while c.balloon_statistics()["actual_mib"] != 300:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    st = c.balloon_state()
+    assert st["memory"] == 1024 * MIB and st["balloonTarget"] == 300 * MIB and st["balloonActual"] == 300 * MIB
+
+
+def test_errors_are_fault_messages(fc):
+    s, c = fc()
+    with pytest.raises(FcError) as ei:
+        c.patch_balloon(4096)
+    assert ei.value.status == 400 and "too large" in ei.value.fault
+    r = request(c._c, "PATCH", "/balloon", what="t", content=json.dumps({"amount_mib": 1, "bogus": 1}))
+    assert r.status_code == 400 and "unknown field" in r.json()["fault_message"]
+    r = request(c._c, "PUT", "/balloon", what="t", content=json.dumps({"amount_mib": 1, "deflate_on_oom": True}))
+    assert r.status_code == 400 and "after starting" in r.json()["fault_message"]
+    r = request(c._c, "GET", "/nonsense", what="t")
+    assert r.status_code == 400 and "Invalid request method and/or path" in r.json()["fault_message"]
+
+
+def test_no_driver_and_no_stats(fc):
+    s, c = fc(stats_interval=0)
+    s.guest.driver = False
+    with pytest.raises(FcError) as ei:
+        c.patch_balloon(10)
+    assert "Device not activated yet." in ei.value.fault
+    with pytest.raises(FcError):
+        c.balloon_statistics()
+    st = c.balloon_state()
+    assert st["balloonActual"] is None  # unknown without statistics
+
+
+def test_balloon_not_configured(fc):
+    s, c = fc(balloon=False)
+    assert c.balloon_state()["hasBalloon"] is False
