@@ -65,7 +65,9 @@ CONTAINERD_TASK_DIR = "/run/containerd/io.containerd.runtime.v2.task"
 POD_LOG_DIR = "/var/log/pods"
 DUMP_RE = re.compile(r"^vmcore-(\d{14}(?:\.\d{1,3})?)\.(elf|kdump(?:-[a-z]+)?)$")
 METADATA = ("hypervisor.conf", "hypervisor.version")
-CHUNK = 1 << 20
+CHUNK = 4 << 20                # streaming chunk; memory stays ~ (4 read-ahead + 8 hash queue) chunks
+ZBLOCK = 64 << 10              # hole granularity of uncompressed copies
+ZERO_BLOCK = bytes(ZBLOCK)
 SEGMENT = 256 << 20            # input bytes per gzip member / zstd frame (resume granularity)
 ZERO_CHUNK = bytes(CHUNK)
 MANIFEST_JSON = "manifest.json"
@@ -671,7 +673,7 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
     try:
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, resume_dst)
-        src_hash = hashlib.sha256()
+        src_hash = _Hasher()
         # prefix: re-hash what is already on the local disk
         if resume_src:
             _hash_prefix(part, resume_dst, opts.compress, src_hash)
@@ -683,8 +685,9 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
         if opts.progress:
             opts.progress(dump, done, size)
         try:
-            stream = transport.open_stream(src, offset=resume_src, chunk_size=CHUNK)
+            stream = _Prefetch(transport.open_stream(src, offset=resume_src, chunk_size=CHUNK))
         except FileNotFoundError:
+            src_hash.close()
             raise OperationFailed(f"{src}: the source dump vanished before the copy started") from None
         try:
             for chunk in stream:
@@ -714,6 +717,8 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
             raise
         finally:
             writer.close()
+            stream.close()
+            src_hash.close()
         os.fsync(fd)
         if done != size:
             raise OperationFailed(f"{src}: the source dump shrank during the copy: got {done} of {size} bytes; "
@@ -907,23 +912,142 @@ def _delete_source(transport, dump: dict, index: CollectIndex) -> None:
     transport.remove(dump["path"])
 
 
+# -- pipeline: read ahead and hash on their own threads (hashlib and os I/O release the GIL)
+class _Hasher:
+    """sha256 on a worker thread; update() hands over immutable bytes (bounded queue)."""
+
+    def __init__(self, depth: int = 4):
+        import queue
+        import threading
+
+        self._h = hashlib.sha256()
+        self._q: "queue.Queue[bytes | None]" = queue.Queue(depth)
+        self._t = threading.Thread(target=self._run, name="vmcore-sha256", daemon=True)
+        self._t.start()
+        self._closed = False
+
+    def _run(self):
+        while True:
+            b = self._q.get()
+            if b is None:
+                return
+            self._h.update(b)
+
+    def update(self, b: bytes) -> None:
+        self._q.put(bytes(b) if not isinstance(b, bytes) else b)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._q.put(None)
+            self._t.join()
+
+
+class _Prefetch:
+    """Iterate a chunk stream on a reader thread, at most ``depth`` chunks ahead."""
+
+    _END = object()
+
+    def __init__(self, it, depth: int = 4):
+        import queue
+        import threading
+
+        self._it = it
+        self._q: "queue.Queue" = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="vmcore-read", daemon=True)
+        self._t.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        try:
+            for chunk in self._it:
+                if not self._put(chunk):
+                    break
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(("__error__", e))
+        finally:
+            close = getattr(self._it, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
+                raise item[1]
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        import queue
+
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._t.join(timeout=5)
+
+
 # -- writers (none / gzip / zstd), each segment independently decodable --------
 class _PlainWriter:
+    """Writes data; runs of all-zero 64 KiB blocks become holes (seek), as dumps are mostly zeros."""
+
     def __init__(self, fd: int):
         self.fd = fd
         self.pos = os.lseek(fd, 0, os.SEEK_CUR)
         self.hole = False
 
-    def write(self, b: bytes) -> None:
-        if len(b) == CHUNK and b == ZERO_CHUNK:
-            self.pos = os.lseek(self.fd, len(b), os.SEEK_CUR)
-            self.hole = True
-            return
-        mv = memoryview(b)
+    def _write(self, mv) -> None:
         while mv:
             n = os.write(self.fd, mv)
             mv = mv[n:]
-        self.pos += len(b)
+
+    def write(self, b: bytes) -> None:
+        n = len(b)
+        if n == CHUNK and b == ZERO_CHUNK:
+            self.pos = os.lseek(self.fd, n, os.SEEK_CUR)
+            self.hole = True
+            return
+        mv = memoryview(b)
+        i = 0
+        while i < n:
+            j = i
+            while j < n and b[j:j + ZBLOCK] != ZERO_BLOCK[:min(ZBLOCK, n - j)]:
+                j += ZBLOCK
+            j = min(j, n)
+            if j > i:
+                self._write(mv[i:j])
+            k = j
+            while k < n and b[k:k + ZBLOCK] == ZERO_BLOCK[:min(ZBLOCK, n - k)]:
+                k += ZBLOCK
+            k = min(k, n)
+            if k > j:
+                os.lseek(self.fd, k - j, os.SEEK_CUR)
+                self.hole = True
+            i = k
+        self.pos += n
 
     def end_segment(self) -> None:
         pass

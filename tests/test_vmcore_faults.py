@@ -59,8 +59,8 @@ def test_source_truncated_mid_copy(tmp_path, big):
     root, src = big
 
     def progress(dump, done, total):
-        if done == 2 << 20:
-            os.truncate(src, 4 << 20)
+        if 0 < done < 8 << 20 and os.path.getsize(src) > 8 << 20:
+            os.truncate(src, 8 << 20)
 
     with pytest.raises(OperationFailed, match="shrank during the copy"):
         vmcore.collect(LocalTransport(root), [], _opts(tmp_path, progress=progress), index=_idx(tmp_path))
@@ -71,7 +71,7 @@ def test_source_rewritten_mid_copy(tmp_path, big):
     root, src = big
 
     def progress(dump, done, total):
-        if done == 2 << 20:
+        if done > 0:
             os.utime(src, (1, 1))     # a second writer touched it
 
     with pytest.raises(OperationFailed, match="changed during the copy"):
@@ -218,7 +218,7 @@ def test_compressed_resume_at_segment(tmp_path, big, monkeypatch, algo):
         vmcore.collect(t, [], _opts(tmp_path, compress=algo, progress=stop), index=_idx(tmp_path))
     suffix = {"gzip": ".gz", "zstd": ".zst"}[algo]
     side = json.loads(open(str(_dest(tmp_path, suffix)) + ".partial.json").read())
-    assert side["srcOffset"] == 8 << 20       # two complete segments checkpointed
+    assert side["srcOffset"] >= 8 << 20 and side["srcOffset"] % (4 << 20) == 0   # whole segments only
     [res] = vmcore.collect(t, [], _opts(tmp_path, compress=algo), index=_idx(tmp_path))
     assert res["resumed"] is True and res["verified"] is True
     if algo == "gzip":
