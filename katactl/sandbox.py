@@ -119,6 +119,7 @@ class Sandbox:
             "agentURL": self.agent_url,
             "runtimeState": self.runtime_state,
             "guestMemoryDumpPath": self.guest_memory_dump_path,
+            "pprofEnabled": self.enable_pprof,
             "created": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
                         if self.created is not None else None),
             "age": format_duration(self.age) if self.age is not None else None,

@@ -92,6 +92,7 @@ def test_list_json_shape(cli, tree):
         assert key in a, key
     assert a["sockets"]["api"] == "/run/vc/vm/aaa111/qmp.sock"
     assert a["node"] == "localhost"
+    assert a["pprofEnabled"] is False
 
 
 @pytest.mark.parametrize("fmt", ["plain", "wide", "yaml", "name"])
