@@ -105,7 +105,16 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
         except KatactlError:
             pass
     else:
-        cfg = katacfg.load(transport, kata_config)
+        try:
+            cfg = katacfg.load(transport, kata_config)
+        except NotFound as e:
+            # no configuration file where the runtime looks: the running sandboxes' saved
+            # config (persist.json GuestMemoryDumpPath) still says where dumps go
+            paths = _dump_paths_from_sandboxes(transport) if kata_config is None else set()
+            if len(paths) != 1:
+                raise e
+            return DumpConfig(dump_path=posixpath.normpath(paths.pop()), paging=False, hypervisor=None,
+                              default_memory_mib=2048, config_path=None, dropins=[])
     hv = cfg.hypervisor if cfg else {}
     path = dump_path or str(hv.get("guest_memory_dump_path") or "")
     if not path:
@@ -120,6 +129,16 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
                       hypervisor=cfg.hypervisor_name if cfg else None,
                       default_memory_mib=int(hv.get("default_memory", 2048) or 2048),
                       config_path=cfg.resolved if cfg else None, dropins=list(cfg.dropins) if cfg else [])
+
+
+def _dump_paths_from_sandboxes(transport) -> set[str]:
+    try:
+        from katactl import sandbox as sbmod
+
+        return {sb.guest_memory_dump_path for sb in sbmod.discover(transport, check=False)
+                if sb.guest_memory_dump_path and sb.guest_memory_dump_path.startswith("/")}
+    except (ImportError, KatactlError, OSError):
+        return set()
 
 
 def _check_abs(path: str, what: str) -> None:

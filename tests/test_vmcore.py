@@ -361,3 +361,13 @@ def test_rm_keeps_dir_with_other_dumps(cli, tree):
 def test_rm_bad_refs(cli, tree, ref):
     r = cli(["--host-root", tree, "vmcore", "rm", ref, "--yes"])
     assert r.exit_code == 2 and "Traceback" not in r.stderr
+
+
+def test_dump_path_from_sandbox_state_when_no_config(cli, tmp_path):
+    """No configuration.toml where the runtime looks (a lab, a snapshot): the running
+    sandboxes' persist.json GuestMemoryDumpPath says where dumps go."""
+    root = str(tmp_path / "n")
+    add_dump(root)
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert [i["sandbox"] for i in r.json()["items"]] == [SID]

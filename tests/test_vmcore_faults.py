@@ -228,3 +228,29 @@ def test_compressed_resume_at_segment(tmp_path, big, monkeypatch, algo):
         data = subprocess.run(["zstd", "-dc", res["to"]], capture_output=True, check=True).stdout
     assert hashlib.sha256(data).hexdigest() == sha(src)
     assert sha(res["to"]) == res["sha256"]
+
+
+def test_resume_without_sha256sum_on_node_rehashes_the_prefix(tmp_path, big, monkeypatch):
+    root, src = big
+    t = LocalTransport(root)
+
+    def stop(dump, done, total):
+        if done >= 8 << 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vmcore.collect(t, [], _opts(tmp_path, progress=stop), index=_idx(tmp_path))
+    empty = tmp_path / "emptybin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))          # the node has no sha256sum
+    [res] = vmcore.collect(t, [], _opts(tmp_path), index=_idx(tmp_path))
+    assert res["resumed"] is True and res["verification"] == "prefix-rehash"
+    assert sha(res["to"]) == sha(src)
+
+
+def test_verify_flag_checks_fresh_copy_against_node(cli, tmp_path, big):
+    root, src = big
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "--verify", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["verification"] == "node-sha256sum" and it["sha256"] == sha(src)
