@@ -25,6 +25,36 @@ def tbs(tmp_path_factory):
             B: fx.make_tarball(str(d), B, str(d), compression="xz")}
 
 
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory, tbs):
+    """Node trees with A and B staged, on (A, A) and on (B, B); copied per test (fast)."""
+    from katactl.backends.local import LocalTransport
+    from katactl import upgrade
+
+    out = {}
+    mp = pytest.MonkeyPatch()  # module scope runs before the autouse home isolation
+    mp.setenv("KATACTL_AUDIT_LOG", str(tmp_path_factory.mktemp("audit") / "audit.log"))
+    request_cleanup = mp.undo
+    for start in (A, B):
+        node = tmp_path_factory.mktemp(f"template-{start}") / "node"
+        t = LocalTransport(str(node))
+        L = upgrade.Layout()
+        for v in (A, B):
+            upgrade.stage(t, L, tbs[v])
+        upgrade.switch(t, L, start)
+        out[start] = node
+    request_cleanup()
+    return out
+
+
+def node_on(templates, tmp_path, start):
+    import shutil
+
+    node = tmp_path / "node"
+    shutil.copytree(templates[start], node, symlinks=True)
+    return node
+
+
 def run(katactl_bin, node, *args, fault=None):
     env = {"KATACTL_FAULT": fault} if fault else {}
     return katactl_bin(["--host-root", str(node), "upgrade", *args, "-o", "json"], env=env)
@@ -101,11 +131,8 @@ def test_stage_killed_at_each_step(katactl_bin, tmp_path, tbs, point):
     ("agent", (B, B), (B, A)),
 ])
 @pytest.mark.parametrize("point", SWITCH_POINTS)
-def test_switch_killed_at_each_step(katactl_bin, tmp_path, tbs, point, component, start, target):
-    node = tmp_path / "node"
-    for v in (A, B):
-        assert run(katactl_bin, node, "stage", tbs[v]).exit_code == 0
-    assert run(katactl_bin, node, "switch", start[0]).exit_code == 0
+def test_switch_killed_at_each_step(katactl_bin, tmp_path, templates, point, component, start, target):
+    node = node_on(templates, tmp_path, start[0])
     assert state(node) == start
     version = target[1] if component == "agent" else target[0]
     r = run(katactl_bin, node, "switch", version, "--component", component, fault=point)
@@ -131,12 +158,9 @@ def test_switch_killed_at_each_step(katactl_bin, tmp_path, tbs, point, component
 
 
 @pytest.mark.parametrize("point", ["switch:after-journal", "switch:after-flip", "switch:after-history"])
-def test_rollback_killed_then_completed(katactl_bin, tmp_path, tbs, point):
-    node = tmp_path / "node"
-    for v in (A, B):
-        run(katactl_bin, node, "stage", tbs[v])
-    run(katactl_bin, node, "switch", A)
-    run(katactl_bin, node, "switch", B)
+def test_rollback_killed_then_completed(katactl_bin, tmp_path, templates, point):
+    node = node_on(templates, tmp_path, A)
+    assert run(katactl_bin, node, "switch", B).exit_code == 0
     r = run(katactl_bin, node, "rollback", fault=point)
     assert r.exit_code == -9
     assert state(node) in ((A, A), (B, B))
@@ -146,12 +170,9 @@ def test_rollback_killed_then_completed(katactl_bin, tmp_path, tbs, point):
     assert [h["action"] for h in history(node)] == ["switch", "switch", "rollback"]
 
 
-def test_gc_killed_after_trash_is_finished_by_rerun(katactl_bin, tmp_path, tbs):
-    node = tmp_path / "node"
-    (node / "proc").mkdir(parents=True)
-    for v in (A, B):
-        run(katactl_bin, node, "stage", tbs[v])
-    run(katactl_bin, node, "switch", B)
+def test_gc_killed_after_trash_is_finished_by_rerun(katactl_bin, tmp_path, templates):
+    node = node_on(templates, tmp_path, B)
+    (node / "proc").mkdir()
     r = run(katactl_bin, node, "gc", fault="gc:after-trash")
     assert r.exit_code == -9
     assert not (releases_dir(node) / A).exists()  # gone from view atomically
