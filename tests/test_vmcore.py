@@ -371,3 +371,34 @@ def test_dump_path_from_sandbox_state_when_no_config(cli, tmp_path):
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     assert [i["sandbox"] for i in r.json()["items"]] == [SID]
+
+
+@pytest.mark.parametrize("features,code", [(("kvm", "guest_debug"), 0), (("kvm",), 1)])
+def test_trigger_cloud_hypervisor_coredump(cli, features, code):
+    """The lab's protocol-faithful Cloud Hypervisor API server on a real socket."""
+    import tempfile
+
+    from katactl.lab.clh_server import ClhServer
+
+    root = node_tree(tempfile.mkdtemp(prefix="kc", dir="/tmp"))
+    sid = "c1c1c1c1d2d2d2d2e3e3e3e3f4f4f4f4"
+    sb = layout.write_go_sandbox(root, sid, hypervisor="clh", memory_mib=256, guest_memory_dump_path=DUMP_PATH)
+    srv = ClhServer(sb.real(sb.api_socket_node), 256 << 20, features=features)
+    try:
+        r = cli(["--host-root", root, "vmcore", "trigger", sid[:6], "-o", "json"])
+        assert r.exit_code == code, r.stderr
+        if code == 0:
+            d = r.json()
+            assert d["via"] == "clh" and d["path"].startswith(f"{DUMP_PATH}/{sid}/vmcore-")
+            with open(os.path.join(root, d["path"].lstrip("/")), "rb") as f:
+                assert f.read(4) == b"\x7fELF"
+            assert os.path.isfile(os.path.join(root, DUMP_PATH.lstrip("/"), sid, "hypervisor.conf"))
+            r = cli(["--host-root", root, "vmcore", "trigger", sid[:6], "--format", "kdump-zlib"])
+            assert r.exit_code == 2 and "ELF dumps only" in r.stderr
+        else:
+            assert "guest_debug" in r.stderr
+    finally:
+        srv.close()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
