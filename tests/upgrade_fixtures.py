@@ -123,13 +123,16 @@ def write_manifest(root: str, name: str = "SHA256SUMS") -> None:
 
 
 def make_tarball(base: str, version: str, out_dir: str, *, compression: str = "xz",
-                 name: str | None = None, **kw) -> str:
+                 name: str | None = None, gnu_tar: bool = False, **kw) -> str:
     """kata-static-<v>-amd64.tar.<comp> with ./opt/kata/... members."""
     tree = os.path.join(base, f"tree-{version}-{compression}")
     build_tree(tree, version, **kw)
     name = name or f"kata-static-{version}-amd64.tar" + ("" if compression == "tar" else f".{compression}")
     out = os.path.join(out_dir, name)
-    if compression == "zst":
+    if gnu_tar:  # like kata's release build: tar -C destdir -cJf tarball .  (a "./" member first)
+        flag = {"xz": "-J", "gz": "-z", "tar": ""}[compression]
+        subprocess.run(["tar", "-C", tree, "-c", *([flag] if flag else []), "-f", out, "."], check=True)
+    elif compression == "zst":
         plain = out + ".tmp.tar"
         with tarfile.open(plain, "w") as tf:
             tf.add(os.path.join(tree, "opt"), arcname="./opt")

@@ -260,6 +260,8 @@ def scan(path: str, kind: str) -> Scan:
     files: set[str] = set()
     seen: set[str] = set()
     for m in members:
+        if not m.name:
+            continue  # the archive's "./" entry
         if strip:
             if m.name in (strip, *_parents(strip)):
                 continue
