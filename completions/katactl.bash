@@ -8,18 +8,96 @@ _katactl() {
         case "$path $w" in
             "katactl version") path="katactl version" ;;
             "katactl config") path="katactl config" ;;
+            "katactl sandbox") path="katactl sandbox" ;;
+            "katactl metrics") path="katactl metrics" ;;
+            "katactl top") path="katactl top" ;;
+            "katactl pprof") path="katactl pprof" ;;
+            "katactl shim") path="katactl shim" ;;
+            "katactl balloon") path="katactl balloon" ;;
+            "katactl lab") path="katactl lab" ;;
+            "katactl vmcore") path="katactl vmcore" ;;
+            "katactl upgrade") path="katactl upgrade" ;;
+            "katactl inspect") path="katactl inspect" ;;
+            "katactl audit") path="katactl audit" ;;
             "katactl config view") path="katactl config view" ;;
+            "katactl sandbox list") path="katactl sandbox list" ;;
+            "katactl sandbox inspect") path="katactl sandbox inspect" ;;
+            "katactl shim agent-url") path="katactl shim agent-url" ;;
+            "katactl shim iptables") path="katactl shim iptables" ;;
+            "katactl shim volume") path="katactl shim volume" ;;
+            "katactl shim iptables get") path="katactl shim iptables get" ;;
+            "katactl shim iptables set") path="katactl shim iptables set" ;;
+            "katactl shim volume stats") path="katactl shim volume stats" ;;
+            "katactl shim volume resize") path="katactl shim volume resize" ;;
+            "katactl balloon get") path="katactl balloon get" ;;
+            "katactl balloon set") path="katactl balloon set" ;;
+            "katactl lab up") path="katactl lab up" ;;
+            "katactl lab status") path="katactl lab status" ;;
+            "katactl lab down") path="katactl lab down" ;;
+            "katactl vmcore list") path="katactl vmcore list" ;;
+            "katactl vmcore collect") path="katactl vmcore collect" ;;
+            "katactl vmcore trigger") path="katactl vmcore trigger" ;;
+            "katactl vmcore rm") path="katactl vmcore rm" ;;
+            "katactl upgrade stage") path="katactl upgrade stage" ;;
+            "katactl upgrade switch") path="katactl upgrade switch" ;;
+            "katactl upgrade rollback") path="katactl upgrade rollback" ;;
+            "katactl upgrade status") path="katactl upgrade status" ;;
+            "katactl upgrade gc") path="katactl upgrade gc" ;;
+            "katactl inspect cgroup") path="katactl inspect cgroup" ;;
+            "katactl inspect bvt") path="katactl inspect bvt" ;;
+            "katactl inspect memcg") path="katactl inspect memcg" ;;
+            "katactl inspect rdt") path="katactl inspect rdt" ;;
+            "katactl inspect threads") path="katactl inspect threads" ;;
         esac
     done
     case "$prev" in
         -o|--output) COMPREPLY=($(compgen -W "table wide json yaml name jsonl" -- "$cur")); return ;;
-        --host-root|--identity|--kubeconfig|--nodes-from|--ssh-config|-i) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity --timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity --ssh-accept-new --timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity --timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity --ssh-accept-new --timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
         "katactl version") words=""; valopts=""; opts="-h --help" ;;
         "katactl config") words="view"; valopts=""; opts="-h --help" ;;
         "katactl config view") words=""; valopts=""; opts="-h --help" ;;
+        "katactl sandbox") words="list inspect"; valopts=""; opts="-h --help" ;;
+        "katactl sandbox list") words=""; valopts="--state"; opts="--state --no-check -h --help" ;;
+        "katactl sandbox inspect") words=""; valopts=""; opts="--raw -h --help" ;;
+        "katactl metrics") words=""; valopts="--family"; opts="--family --raw -h --help" ;;
+        "katactl top") words=""; valopts="--interval -d --sort --iterations"; opts="--interval -d --sort --once --iterations -h --help" ;;
+        "katactl pprof") words=""; valopts="--seconds -f --file"; opts="--seconds -f --file -h --help" ;;
+        "katactl shim") words="agent-url iptables volume"; valopts=""; opts="-h --help" ;;
+        "katactl shim agent-url") words=""; valopts=""; opts="-h --help" ;;
+        "katactl shim iptables") words="get set"; valopts=""; opts="-h --help" ;;
+        "katactl shim iptables get") words=""; valopts=""; opts="--v6 -h --help" ;;
+        "katactl shim iptables set") words=""; valopts=""; opts="--v6 --dry-run -h --help" ;;
+        "katactl shim volume") words="stats resize"; valopts=""; opts="-h --help" ;;
+        "katactl shim volume stats") words=""; valopts=""; opts="-h --help" ;;
+        "katactl shim volume resize") words=""; valopts=""; opts="--dry-run -h --help" ;;
+        "katactl balloon") words="get set"; valopts=""; opts="-h --help" ;;
+        "katactl balloon get") words=""; valopts="--via"; opts="--via -h --help" ;;
+        "katactl balloon set") words=""; valopts="--target -t --reclaim --timeout --tolerance --margin --via"; opts="--target -t --reclaim --release --wait -w --timeout --tolerance --margin --force --dry-run --via -h --help" ;;
+        "katactl lab") words="up status down"; valopts=""; opts="-h --help" ;;
+        "katactl lab up") words=""; valopts="--sandboxes -s --hypervisor --root --kernel --memory"; opts="--sandboxes -s --hypervisor --root --kernel --memory -h --help" ;;
+        "katactl lab status") words=""; valopts="--root"; opts="--root -h --help" ;;
+        "katactl lab down") words=""; valopts="--root"; opts="--root -h --help" ;;
+        "katactl vmcore") words="list collect trigger rm"; valopts=""; opts="-h --help" ;;
+        "katactl vmcore list") words=""; valopts="--dump-path --kata-config"; opts="--dump-path --kata-config -h --help" ;;
+        "katactl vmcore collect") words=""; valopts="--to --compress --dump-level --bwlimit --dump-path --kata-config"; opts="--to --compress --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --dump-path --kata-config -h --help" ;;
+        "katactl vmcore trigger") words=""; valopts="--format --dump-path --kata-config --wait-timeout"; opts="--format --detach --paging --no-paging --dry-run --dump-path --kata-config --wait-timeout -h --help" ;;
+        "katactl vmcore rm") words=""; valopts="--dump-path --kata-config"; opts="--dry-run --dump-path --kata-config -h --help" ;;
+        "katactl upgrade") words="stage switch rollback status gc"; valopts=""; opts="-h --help" ;;
+        "katactl upgrade stage") words=""; valopts="--as --sha256 --reserve --kata-root --lock-timeout"; opts="--as --sha256 --no-verify --reserve --force --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl upgrade switch") words=""; valopts="--component -c --kata-root --lock-timeout"; opts="--component -c --force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl upgrade rollback") words=""; valopts="--kata-root --lock-timeout"; opts="--force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl upgrade status") words=""; valopts="--kata-root"; opts="--sandboxes -s --kata-root -h --help" ;;
+        "katactl upgrade gc") words=""; valopts="--kata-root --lock-timeout"; opts="--keep-previous --force --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl inspect") words="cgroup bvt memcg rdt threads"; valopts=""; opts="-h --help" ;;
+        "katactl inspect cgroup") words=""; valopts="--pid"; opts="--pid -h --help" ;;
+        "katactl inspect bvt") words=""; valopts=""; opts="-h --help" ;;
+        "katactl inspect memcg") words=""; valopts=""; opts="-h --help" ;;
+        "katactl inspect rdt") words=""; valopts="--interval --decode --cbm-mask"; opts="--interval --decode --cbm-mask -h --help" ;;
+        "katactl inspect threads") words=""; valopts="--pid"; opts="--pid -h --help" ;;
+        "katactl audit") words=""; valopts="--policy -p --fail-on"; opts="--policy -p --fail-on --list-checks -h --help" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -86,15 +86,20 @@ def zsh(nodes) -> str:
                     action = f":{o.metavar.lower().strip('<>')}: "
             for name in o.names:
                 specs.append(f"'{name}[{desc}]{action}'")
-        subs = " ".join(f"'{c.path[-1]}:{_esc(c.short[:60])}'" for c in n.children)
+        subs = " ".join(_sq(f"{c.path[-1]}:{c.short[:60]}") for c in n.children)
         out.append(f'        "{n.name}")')
         if n.children:
-            out.append(f"            _describe -t commands 'katactl command' '({subs})' 2>/dev/null || compadd {' '.join(c.path[-1] for c in n.children)}")
-            out.append("            _arguments -s " + " ".join(specs) + " ;;")
+            out.append(f"            local -a cmds; cmds=({subs})")
+            out.append("            _arguments -s " + " ".join(specs) + " '1: :->cmd' '*:: :->args'")
+            out.append("            [[ $state == cmd ]] && _describe -t commands 'katactl command' cmds ;;")
         else:
             out.append("            _arguments -s " + " ".join(specs) + " '*:file:_files' ;;")
     out += ["    esac", "}", '_katactl "$@"', ""]
     return "\n".join(out)
+
+
+def _sq(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
 
 
 def fish(nodes) -> str:

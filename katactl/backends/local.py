@@ -120,7 +120,13 @@ class LocalTransport(NodeTransport):
         real = self.real(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
+        dirfd = None
         try:
+            if len(real.encode()) >= _SUN_PATH_MAX:
+                # sun_path holds 108 bytes; a 64-hex sandbox id under a --host-root
+                # exceeds it. Reach the socket through an open fd of its directory.
+                dirfd = os.open(os.path.dirname(real), os.O_RDONLY | os.O_DIRECTORY)
+                real = f"/proc/self/fd/{dirfd}/{os.path.basename(real)}"
             s.connect(real)
         except FileNotFoundError:
             s.close()
@@ -134,7 +140,13 @@ class LocalTransport(NodeTransport):
         except OSError as e:
             s.close()
             raise UnreachableError(f"{path}: {e.strerror or e}") from None
+        finally:
+            if dirfd is not None:
+                os.close(dirfd)
         return s
+
+
+_SUN_PATH_MAX = 108
 
 
 def _fsync_dir(d: str) -> None:

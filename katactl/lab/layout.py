@@ -228,8 +228,8 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
     else:  # dragonball is runtime-rs only, but keep the Go writer total
         default_api = None
     api = api_socket or default_api
-    cg = cgroup_path or (f"/kubepods/besteffort/pod{pod_uid}/kata_{sandbox_id}" if not sandbox_cgroup_only
-                         else f"/kubepods/besteffort/pod{pod_uid}/{sandbox_id}")
+    # Kata renames the sandbox's cgroup to kata_<id> in both modes (resourcecontrol.RenameCgroupPath).
+    cg = cgroup_path or f"/kubepods/besteffort/pod{pod_uid}/kata_{sandbox_id}"
     overhead = "" if sandbox_cgroup_only else (overhead_cgroup_path or f"/kata_overhead/{sandbox_id}")
     uid = str(_uuid.uuid5(_uuid.NAMESPACE_URL, "vm/" + sandbox_id))
     persist = {

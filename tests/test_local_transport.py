@@ -1,0 +1,87 @@
+"""LocalTransport on real files and sockets."""
+import os
+import socket
+import threading
+
+import pytest
+
+from katactl.backends.local import LocalTransport
+from katactl.errors import TimeoutExpired, UnreachableError, UsageError
+
+
+def _listen(path):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bind through a short relative name: the path itself may be too long for sun_path
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(path))
+    try:
+        srv.bind(os.path.basename(path))
+    finally:
+        os.chdir(cwd)
+    srv.listen(1)
+
+    def serve():
+        c, _ = srv.accept()
+        c.sendall(b"hello")
+        c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_connect_unix_with_a_path_longer_than_sun_path(tmp_path):
+    root = tmp_path / ("r" * 60)
+    sock_dir = root / "run" / "vc" / "sbs" / ("a" * 64)
+    sock_dir.mkdir(parents=True)
+    srv = _listen(str(sock_dir / "shim-monitor.sock"))
+    t = LocalTransport(str(root))
+    assert len(t.real(f"/run/vc/sbs/{'a' * 64}/shim-monitor.sock")) > 108
+    s = t.connect_unix(f"/run/vc/sbs/{'a' * 64}/shim-monitor.sock", 2)
+    assert s.recv(5) == b"hello"
+    s.close()
+    srv.close()
+
+
+def test_connect_errors(tmp_path):
+    t = LocalTransport(str(tmp_path))
+    with pytest.raises(UnreachableError, match="does not exist"):
+        t.connect_unix("/nope.sock", 1)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(tmp_path / "dead.sock"))
+    s.close()  # the file stays, nobody listens
+    with pytest.raises(UnreachableError, match="nobody is listening"):
+        t.connect_unix("/dead.sock", 1)
+
+
+def test_host_root_cannot_be_escaped(tmp_path):
+    (tmp_path / "inside").write_text("x")
+    t = LocalTransport(str(tmp_path / "root"))
+    assert t.real("/../../etc/passwd") == str(tmp_path / "root") + "/etc/passwd"
+    with pytest.raises(UsageError):
+        t.real("relative/path")
+    with pytest.raises(UsageError):
+        t.real("/a\0b")
+
+
+def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
+    t = LocalTransport(str(tmp_path))
+    t.write_bytes_atomic("/f", b"one", mode=0o600)
+    assert (tmp_path / "f").read_bytes() == b"one" and oct((tmp_path / "f").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(FileNotFoundError):
+        t.write_bytes_atomic("/missing-dir/f", b"two")
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_stream_is_chunked(tmp_path):
+    (tmp_path / "big").write_bytes(os.urandom(3 << 20))
+    t = LocalTransport(str(tmp_path))
+    chunks = list(t.open_stream("/big", offset=1 << 20, chunk_size=1 << 19))
+    assert all(len(c) <= 1 << 19 for c in chunks)
+    assert b"".join(chunks) == (tmp_path / "big").read_bytes()[1 << 20:]
+
+
+def test_run_timeout(tmp_path):
+    with pytest.raises(TimeoutExpired):
+        LocalTransport().run(["sleep", "5"], timeout=0.2)
+    r = LocalTransport().run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
