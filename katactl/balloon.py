@@ -352,7 +352,12 @@ def _view(sb, path: _Path, st: dict, attempts: list[dict]) -> dict:
 
 def _state_with_guest(transport, sb, path: _Path, timeout: float) -> dict:
     st = path.state()
-    if st.get("guest") is None:
+    if isinstance(path, _QmpPath):
+        # the agent's metrics read the guest's /proc/meminfo at scrape time; QEMU's balloon
+        # statistics are the last polled sample (possibly older than the balloon's last move)
+        st["guest"] = _guest_from_metrics(transport, sb, timeout) or st.get("guest")
+    elif st.get("guest") is None and not isinstance(path, _ExtensionPath):
+        # (an extension that gives no guest statistics knows they are unusable right now)
         st["guest"] = _guest_from_metrics(transport, sb, timeout)
     return st
 

@@ -71,6 +71,9 @@ class LabSandbox:
         self.api = None
         self.shim = None
         self.target: int | None = None
+        #: wall time the balloon last moved (BALLOON_CHANGE) or was asked to
+        self.moved_at: float = 0.0
+        self._last_actual: int | None = None
         self.panic: dict | None = None
         self.paths: L.SandboxPaths | None = None
         self.lock = threading.Lock()
@@ -183,7 +186,9 @@ class LabSandbox:
 
     def _on_event(self, ev: dict) -> None:
         name = ev.get("event")
-        if name == "GUEST_PANICKED":
+        if name == "BALLOON_CHANGE":
+            self.observe_actual((ev.get("data") or {}).get("actual"))
+        elif name == "GUEST_PANICKED":
             self.status = "panicked"
             threading.Thread(target=self._panic_dump, args=(ev,), daemon=True).start()
         elif name == "SHUTDOWN":
@@ -225,6 +230,7 @@ class LabSandbox:
         if self.hv == "qemu":
             try:
                 actual = int(self.qmp.execute("query-balloon")["actual"])
+                self.observe_actual(actual)
                 mem = self.qmp.execute("query-memory-size-summary")
                 memory = int(mem.get("base-memory", 0)) + int(mem.get("plugged-memory", 0))
             except QMPError as e:
@@ -242,13 +248,40 @@ class LabSandbox:
         return {"hypervisor": self.hv, "memoryBytes": memory, "targetBytes": target,
                 "actualBytes": actual, "guest": guest}
 
+    def observe_actual(self, actual) -> None:
+        """Remember when the balloon's actual size last changed (events arrive rate-limited,
+        up to a second late: a late event repeating a value already seen is no move)."""
+        if actual is not None and actual != self._last_actual:
+            if self._last_actual is not None:  # the first sighting is no move
+                self.moved_at = time.time()
+            self._last_actual = actual
+
     def _qemu_guest_stats(self) -> dict | None:
-        try:
-            r = self.qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
-        except Exception:
+        """The balloon driver's statistics, fresher than the last balloon move.
+
+        QEMU keeps the last sample (``last-update``, whole seconds); a sample taken
+        before the balloon moved would count the balloon's pages wrongly: then the
+        answer is None and a fresh sample is requested for the next call."""
+        def read():
+            try:
+                return self.qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0",
+                                                    "property": "guest-stats"})
+            except Exception:
+                return None
+
+        r = read()
+        if r and self.moved_at and r.get("last-update", 0) <= self.moved_at:
+            # stale: ask for a fresh sample now (polling off and on requests one at once),
+            # answer "unknown" rather than wrong; a later call gets the fresh one
+            try:
+                for v in (0, 1):
+                    self.qmp.execute("qom-set", {"path": "/machine/peripheral/balloon0",
+                                                 "property": "guest-stats-polling-interval", "value": v})
+            except Exception:
+                pass
             return None
         st = (r or {}).get("stats") or {}
-        if not r.get("last-update") or st.get("stat-total-memory", -1) in (-1, None):
+        if not r or not r.get("last-update") or st.get("stat-total-memory", -1) in (-1, None):
             return None
         return {"totalBytes": st.get("stat-total-memory"), "freeBytes": st.get("stat-free-memory"),
                 "availableBytes": st.get("stat-available-memory"), "lastUpdate": r.get("last-update")}
@@ -472,7 +505,7 @@ class Lab:
                 "status": self.status, "error": self.error,
                 "kernel": self.assets.kernel if self.assets else None,
                 "kernelVersion": self.assets.kernel_version if self.assets else None,
-                "startedAt": self.cfg.get("startedAt"),
+                "startedAt": self.cfg.get("startedAt"), "bootSeconds": self.cfg.get("bootSeconds"),
                 "sandboxes": [s.to_dict() for s in self.sandboxes]})
 
     def start(self) -> None:
