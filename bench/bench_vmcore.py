@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--no-ssh", action="store_true", help="skip the SSH comparison")
     a = ap.parse_args()
     size = a.size_mib << 20
     work = tempfile.mkdtemp(prefix="katactl-bench-vmcore-", dir=a.dir)
@@ -148,6 +149,7 @@ def main() -> None:
             size_k = os.path.getsize(stored + ext)
             comp[algo] = (w, r, size_k, w_ref, r_ref, ref_size, " ".join(ref))
         rm_out()
+        ssh_rows = bench_ssh(work, root, src, kat, env, a.runs) if not a.no_ssh else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -165,6 +167,15 @@ def main() -> None:
         print(f"| {name} | {w:.2f} | {mib / w:.0f} | {base / w:.2f}x | {base_sync / w:.2f}x | {c:.2f} | {r / 1024:.0f} |")
     print(f"\nkatactl's copy occupies {on_disk / (1 << 20):.0f} MiB on disk (zero blocks written as holes; "
           f"cp's copy: {mib:.0f} MiB). katactl also hashes (sha256), verifies, writes the manifest and fsyncs.\n")
+    if ssh_rows:
+        b = ssh_rows["scp"][0]
+        bs = ssh_rows["scp + sync"][0]
+        print("Over SSH (one real sshd on loopback; katactl: paramiko, `cat` on an exec channel):\n")
+        print("| command | wall s | MiB/s | throughput vs scp | vs scp + sync | CPU s (user+sys) | peak RSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, (w, r, c) in ssh_rows.items():
+            print(f"| {name} | {w:.2f} | {mib / w:.0f} | {b / w:.2f}x | {bs / w:.2f}x | {c:.2f} | {r / 1024:.0f} |")
+        print("\n(scp's CPU column counts only the local scp process; sshd's encryption runs in sshd.)\n")
     if comp:
         print("| compression | katactl wall s | katactl size MiB | katactl RSS MiB | reference | ref wall s | ref size MiB |")
         print("|---|---:|---:|---:|---|---:|---:|")
@@ -172,6 +183,49 @@ def main() -> None:
             print(f"| {algo} | {w:.2f} | {sz / (1 << 20):.1f} | {r / 1024:.0f} | `{refname}` + sync | {wr:.2f} | "
                   f"{rs / (1 << 20):.1f} |")
         print()
+
+
+def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int) -> dict:
+    """katactl -N node vmcore collect over a real sshd on loopback, against scp of the same file."""
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not (os.path.exists(sshd) and shutil.which("scp") and shutil.which("ssh-keygen")):
+        return {}
+    from pathlib import Path
+
+    sys.path.insert(0, ROOT)
+    from tests.conftest_sshd import SshLab
+
+    lab = SshLab(Path(work) / "sshlab")
+    try:
+        lab.add_node("vmnode", known="plain", tree=False)
+        # the node serves our node tree (SetEnv KATACTL_HOST_ROOT in its Host block)
+        lab._blocks[-1] += f"\n  SetEnv KATACTL_HOST_ROOT={root}"
+        lab.write_config()
+        lab.wait_ready()
+        out = os.path.join(work, "ssh-collected")
+        dst = os.path.join(work, "scp.out")
+        samples: dict = {"scp": [], "scp + sync": [], "katactl -N node vmcore collect": []}
+        for _ in range(runs):
+            for name in samples:
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
+                if os.path.exists(dst):
+                    os.unlink(dst)
+                warm(src)
+                subprocess.run(["sync"])
+                if name == "scp":
+                    argv = ["scp", "-q", "-F", str(lab.config), f"vmnode:{src}", dst]
+                elif name == "scp + sync":
+                    argv = ["sh", "-c", 'scp -q -F "$0" "$1" "$2" && sync -f "$2"', str(lab.config),
+                            f"vmnode:{src}", dst]
+                else:
+                    argv = [*kat, "-N", "vmnode", "--ssh-config", str(lab.config), "vmcore", "collect",
+                            "--to", out, "-o", "json"]
+                samples[name].append(timev(argv, env=env))
+        return {k: (statistics.median(x[0] for x in v), max(x[1] for x in v), statistics.median(x[2] for x in v))
+                for k, v in samples.items()}
+    finally:
+        lab.stop()
 
 
 if __name__ == "__main__":

@@ -1053,7 +1053,8 @@ class _PlainWriter:
         i = 0
         while i < n:
             j = i
-            while j < n and b[j:j + ZBLOCK] != ZERO_BLOCK[:min(ZBLOCK, n - j)]:
+            while j < n and (b[j:j + 16] != ZERO_BLOCK[:min(16, n - j)]    # cheap test first
+                             or b[j:j + ZBLOCK] != ZERO_BLOCK[:min(ZBLOCK, n - j)]):
                 j += ZBLOCK
             j = min(j, n)
             if j > i:
