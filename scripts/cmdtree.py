@@ -84,3 +84,28 @@ def walk(node: Node):
     yield node
     for c in node.children:
         yield from walk(c)
+
+
+def sync_files(directory: str, files: dict[str, str], *, check: bool, script: str,
+               prune_suffix: str | None = None) -> int:
+    """Write generated ``files`` into directory (or, with check, only report
+    stale ones). Files ending in prune_suffix that are no longer generated go."""
+    stale = []
+    existing = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    if prune_suffix:
+        for extra in sorted(f for f in existing - set(files) if f.endswith(prune_suffix)):
+            stale.append(extra)
+            if not check:
+                os.unlink(os.path.join(directory, extra))
+    for name, text in files.items():
+        path = os.path.join(directory, name)
+        old = open(path).read() if os.path.exists(path) else None
+        if old != text:
+            stale.append(name)
+            if not check:
+                with open(path, "w") as f:
+                    f.write(text)
+    if check and stale:
+        print(f"stale in {directory}: {', '.join(stale)} (run scripts/{script})", file=sys.stderr)
+        return 1
+    return 0

@@ -133,23 +133,10 @@ GENERATORS = {"katactl.bash": bash, "_katactl": zsh, "katactl.fish": fish}
 
 
 def main(argv: list[str]) -> int:
-    check = "--check" in argv
     nodes = _nodes()
-    stale = []
-    for name, gen in GENERATORS.items():
-        path = os.path.join(ROOT, "completions", name)
-        text = gen(nodes)
-        old = open(path).read() if os.path.exists(path) else None
-        if old != text:
-            stale.append(path)
-            if not check:
-                with open(path, "w") as f:
-                    f.write(text)
-    if check and stale:
-        print("stale: " + ", ".join(stale) + " (run scripts/gen_completions.py)", file=sys.stderr)
-        return 1
-    return 0
-
+    return cmdtree.sync_files(os.path.join(ROOT, "completions"),
+                              {name: gen(nodes) for name, gen in GENERATORS.items()},
+                              check="--check" in argv, script="gen_completions.py")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

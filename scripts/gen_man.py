@@ -122,28 +122,8 @@ def generate() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    check = "--check" in argv
-    pages = generate()
-    mandir = os.path.join(ROOT, "man")
-    stale = []
-    existing = {f for f in os.listdir(mandir) if f.endswith(".1")} if os.path.isdir(mandir) else set()
-    for extra in sorted(existing - set(pages)):
-        stale.append(extra)
-        if not check:
-            os.unlink(os.path.join(mandir, extra))
-    for name, text in pages.items():
-        path = os.path.join(mandir, name)
-        old = open(path).read() if os.path.exists(path) else None
-        if old != text:
-            stale.append(name)
-            if not check:
-                with open(path, "w") as f:
-                    f.write(text)
-    if check and stale:
-        print("stale man pages: " + ", ".join(stale) + " (run scripts/gen_man.py)", file=sys.stderr)
-        return 1
-    return 0
-
+    return cmdtree.sync_files(os.path.join(ROOT, "man"), generate(), check="--check" in argv,
+                              script="gen_man.py", prune_suffix=".1")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
