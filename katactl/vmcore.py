@@ -928,7 +928,8 @@ def _verify_against_node(transport, src: str, source_sha: str | None, final: str
 
 
 def _delete_source(transport, dump: dict, index: CollectIndex) -> None:
-    transport.remove(dump["path"])
+    """Delete a verified dump on the node (its sandbox dir too once no dump is left)."""
+    remove_dumps(transport, [dump])
 
 
 # -- pipeline: read ahead and hash on their own threads (hashlib and os I/O release the GIL)
@@ -1256,7 +1257,7 @@ def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list
     """Delete dumps (and their sandbox dir once no dump is left in it)."""
     out = []
     for d in dumps:
-        item = {"name": d["name"], "path": d["path"], "size": d["size"], "collected": d["collected"]}
+        item = {"name": d["name"], "path": d["path"], "size": d.get("size"), "collected": d.get("collected")}
         if dry_run:
             out.append({**item, "changed": True, "dryRun": True})
             continue

@@ -292,8 +292,10 @@ def test_delete_after_only_once_verified(cli, tree, tmp_path):
     assert r.exit_code == 0, r.stderr
     [it] = r.json()["items"]
     assert it["deleted"] is True and it["verified"] is True
-    assert not os.path.exists(src)
+    assert not os.path.exists(src) and not os.path.exists(os.path.dirname(src))  # last dump: dir goes
     assert os.path.exists(it["to"])
+    r = cli(["--host-root", tree, "vmcore", "list", "-o", "json"])
+    assert r.json()["items"] == []
 
 
 def test_collect_audit_log(cli, tree, tmp_path, _isolated_home):
@@ -402,3 +404,14 @@ def test_trigger_cloud_hypervisor_coredump(cli, features, code):
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_makedumpfile_failure_is_clear_and_leaves_nothing(cli, tree, tmp_path):
+    if not vmcore.shutil.which("makedumpfile"):
+        pytest.skip("makedumpfile not installed")
+    r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), "--makedumpfile"])
+    # a dump without a usable VMCOREINFO note cannot be filtered
+    assert r.exit_code == 1 and "makedumpfile failed" in r.stderr and "VMCOREINFO" in r.stderr
+    d = os.path.join(tree, DUMP_PATH.lstrip("/"), SID)
+    assert not [n for n in os.listdir(d) if n.startswith(".katactl-")]
+    assert not list((tmp_path / "o").rglob("*.kdump"))
