@@ -150,7 +150,7 @@ def iter_members(path: str, kind: str) -> Iterator[Member]:
         for ti in tf:
             if ti.isreg():
                 m = Member(ti.name, "file", ti.mode, ti.size, None)
-                m.read = (lambda ti=ti: tf.extractfile(ti).read())
+                m.read = (lambda ti=ti: _read_exact(tf.extractfile(ti), ti.size))
             elif ti.isdir():
                 m = Member(ti.name, "dir", ti.mode, 0, None)
             elif ti.issym():
@@ -186,7 +186,20 @@ def _iter_dir(root: str) -> Iterator[Member]:
 
 def _read_file(p: str) -> bytes:
     with open(p, "rb") as f:
-        return f.read()
+        return _read_exact(f, os.fstat(f.fileno()).st_size)
+
+
+def _read_exact(f, size: int):
+    """One member into one preallocated buffer (f.read() would briefly hold two copies)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = f.readinto(view[got:got + (1 << 20)])  # small reads: no big temporaries inside tarfile
+        if not n:
+            raise EOFError(f"unexpected end of data ({got} of {size} bytes)")
+        got += n
+    return buf
 
 
 # -- validation ----------------------------------------------------------------
