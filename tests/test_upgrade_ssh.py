@@ -55,3 +55,41 @@ def test_stage_switch_status_rollback_gc_on_two_nodes(cli, sshd_lab, tbs):
     assert all(i["removed"] == [B] for i in d["items"])
     hist = (sshd_lab.nodes["node1"].root / root.lstrip("/") / "releases/.katactl/history.jsonl").read_text()
     assert [json.loads(x)["action"] for x in hist.splitlines()] == ["switch", "switch", "rollback"]
+
+
+def test_concurrent_switches_and_stale_lock_over_ssh(sshd_lab, tbs, katactl_bin):
+    import socket
+    import threading
+
+    root = f"/opt/kata-ut-{secrets.token_hex(3)}"
+    tree = sshd_lab.nodes["node3"].root / root.lstrip("/")
+    base = ["--ssh-config", str(sshd_lab.config), "-N", "node3", "upgrade"]
+
+    def run(*args):
+        return katactl_bin([*base, *args, "--kata-root", root, "-o", "json"])
+
+    for v in (A, B):
+        assert run("stage", tbs[v]).exit_code == 0
+    results = {}
+    ts = [threading.Thread(target=lambda v=v: results.__setitem__(v, run("switch", v))) for v in (A, B)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(r.exit_code == 0 for r in results.values()), {v: r.stderr for v, r in results.items()}
+    final = os.readlink(tree / "current").split("/")[-1]
+    hist = [json.loads(x) for x in (tree / "releases/.katactl/history.jsonl").read_text().splitlines()]
+    assert hist[-1]["to"] == {"runtime": final, "agent": final} and len(hist) == 2
+    assert not (tree / "releases/.katactl/lock.d").exists()
+    # a lock left by a dead katactl of this host is broken; a live one's makes us wait, then time out
+    (tree / "releases/.katactl/lock.d").mkdir()
+    owner = tree / "releases/.katactl/lock.d/owner.json"
+    owner.write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(), "user": "x"}))
+    other = B if final == A else A
+    r = run("switch", other)
+    assert r.exit_code == 0, r.stderr
+    (tree / "releases/.katactl/lock.d").mkdir()
+    owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "user": "x"}))
+    r = run("switch", final, "--lock-timeout", "0.5")
+    assert r.exit_code == 6 and "holds the lock" in r.stderr
+    assert os.readlink(tree / "current") == f"releases/{other}"
