@@ -13,7 +13,8 @@ Facts (reference/kata-node.md "Post-panic vmcore", hypervisors.md):
 
 Collecting (:func:`collect`), the guarantees:
 
-- the dump streams through ``transport.open_stream`` in 1 MiB chunks (bounded
+- the dump streams through ``transport.open_stream`` in 4 MiB chunks, read ahead
+  and sha256-hashed on worker threads (bounded queues: peak RSS ~75 MiB; bounded
   memory, also over SSH) into ``<name>.partial`` beside a small JSON sidecar
   ``<name>.partial.json`` naming the source (path, size, mtime); the final
   name appears only after verification (rename), and the manifest
@@ -97,6 +98,8 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
     """guest_memory_dump_path and friends from the node's effective Kata configuration."""
     from katactl import katacfg
 
+    if kata_config is not None:
+        _check_abs(kata_config, "--kata-config")
     if dump_path:
         _check_abs(dump_path, "--dump-path")
         cfg = None

@@ -312,6 +312,8 @@ def test_collect_audit_log(cli, tree, tmp_path, _isolated_home):
     (["--bwlimit", "-1"], "--bwlimit"),
     (["--dump-level", "32"], "dump-level"),
     (["--dump-path", "relative/dir"], "must be an absolute path"),
+    (["--kata-config", "etc/kata.toml"], "must be an absolute path"),
+    (["--kata-config", ""], "must be an absolute path"),
     (["--makedumpfile", "--compress", "gzip"], "makedumpfile"),
 ])
 def test_collect_bad_values(cli, tree, tmp_path, args, msg):
