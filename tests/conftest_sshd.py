@@ -117,7 +117,9 @@ class SshLab:
                  f"LogLevel {'DEBUG1' if debug else 'ERROR'}",
                  # root's real ~/.bashrc (sourced by bash under sshd) must not
                  # slow or change the test nodes: a throw-away HOME.
-                 f"SetEnv HOME={self.base / 'home'}"]
+                 f"SetEnv HOME={self.base / 'home'}",
+                 # so `ssh node` / parallel-ssh see the same per-node root as katactl
+                 "AcceptEnv KATACTL_HOST_ROOT"]
         if cert:
             subprocess.run([SSH_KEYGEN, "-q", "-s", str(self.ca_key), "-I", f"{name}-host", "-h",
                             "-n", "127.0.0.1,localhost", "-V", "-5m:+1d", str(hk) + ".pub"],

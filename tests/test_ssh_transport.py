@@ -279,11 +279,30 @@ def test_shim_http_over_ssh(t1, sshd_lab):
     from katactl.lab.shimserver import ShimServer
 
     root = sshd_lab.nodes["node1"].root
-    d = root / "run/vc/sbs/shimtest"
+    d = root / "run/test-shim"
     d.mkdir(parents=True, exist_ok=True)
     with ShimServer(str(d / "shim-monitor.sock")):
-        with unix_http_client(t1, "/run/vc/sbs/shimtest/shim-monitor.sock", timeout=5) as c:
+        with unix_http_client(t1, "/run/test-shim/shim-monitor.sock", timeout=5) as c:
             r = request(c, "GET", "/metrics", what="shim")
             assert r.status_code == 200 and "kata_shim" in r.text
             r = request(c, "GET", "/agent-url", what="shim")
             assert r.status_code == 200
+
+
+def test_concurrent_sftp_calls_on_one_transport(t1):
+    """paramiko's SFTPClient hangs on concurrent requests; the transport serialises them."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    def work(i):
+        for _ in range(10):
+            assert t1.read_text("/etc/hostname").strip() == "node1"
+            t1.stat("/etc")
+            assert not t1.exists(f"/nope/{i}")
+        return i
+
+    ex = ThreadPoolExecutor(16)
+    futs = [ex.submit(work, i) for i in range(16)]
+    done, pending = wait(futs, timeout=60)
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert not pending, "concurrent SFTP calls hung"
+    assert sorted(f.result() for f in done) == list(range(16))

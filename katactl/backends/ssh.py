@@ -98,6 +98,9 @@ class _Conn:
         self.name = name
         self.via = via
         self.lock = threading.Lock()
+        # paramiko's SFTPClient is not safe for concurrent requests (two threads
+        # reading responses off one channel hang): one SFTP call at a time.
+        self.sftp_lock = threading.RLock()
         self._sftp = None
         self.trust = ""
         # sshd's MaxSessions defaults to 10 per connection (SFTP takes one):
@@ -221,6 +224,13 @@ def _transport_class():
         """A Transport whose host-key algorithm order we set per host (like ssh does)."""
 
         host_key_order: tuple[str, ...] = ()
+        # AES-GCM first: one AEAD pass in OpenSSL instead of CTR + a separate
+        # HMAC; measured 3-4x the streaming throughput of aes128-ctr here.
+        # No CBC, 3DES, SHA-1 or MD5.
+        _preferred_ciphers = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                              "aes128-ctr", "aes192-ctr", "aes256-ctr")
+        _preferred_macs = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
+                           "hmac-sha2-256", "hmac-sha2-512")
 
         @property
         def preferred_keys(self):
@@ -591,9 +601,15 @@ class SSHTransport(NodeTransport):
                 chan = self._conn.t.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
                                                  timeout=self.timeout)
                 break
-            except paramiko.ChannelException as e:
+            except (paramiko.ChannelException, paramiko.SSHException) as e:
                 # sshd frees a closed session's slot asynchronously: a refusal right
-                # after a close is usually MaxSessions lag; retry briefly.
+                # after a close is usually MaxSessions lag; retry briefly. (With
+                # concurrent opens paramiko may report a refusal as a bare
+                # SSHException "Unable to open channel": its saved exception is
+                # per transport.)
+                if not self._conn.t.is_active():
+                    sem.release()
+                    raise UnreachableError(f"SSH connection lost: {e or type(e).__name__}") from None
                 if time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.2)
@@ -612,7 +628,8 @@ class SSHTransport(NodeTransport):
         import paramiko
 
         try:
-            return fn(*args)
+            with self._conn.sftp_lock:
+                return fn(*args)
         except OSError as e:
             if isinstance(e, socket.timeout):
                 raise TimeoutExpired(f"SFTP call on {path} timed out") from None
@@ -721,7 +738,8 @@ class SSHTransport(NodeTransport):
             self.run(["sync", "--", d], raw=True)
         except BaseException:
             try:
-                sftp.remove(tmp)
+                with self._conn.sftp_lock:
+                    sftp.remove(tmp)
             except Exception:  # noqa: BLE001
                 pass
             raise
@@ -821,10 +839,20 @@ class SSHTransport(NodeTransport):
     def connect_unix(self, path: str, timeout: float):
         """A socket-like stream to a unix socket on the node, through a python3 relay."""
         r = self.remote(path)
+        # One SFTP round trip spares a relay process for the common "stale" case.
+        try:
+            mode = self.stat(path, follow_symlinks=True).mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise UnreachableError(f"{path}: socket does not exist") from None
+        except PermissionError:
+            mode = st.S_IFSOCK  # let the relay (maybe another user's view) decide
+        if not st.S_ISSOCK(mode):
+            raise UnreachableError(f"{path}: not a unix socket")
         chan = self._channel()
         chan.settimeout(timeout)
         try:
-            chan.exec_command(shlex.join(["python3", "-c", RELAY, r]))
+            # -I: ignore PYTHON* variables and user site; -S: no site import (faster start)
+            chan.exec_command(shlex.join(["python3", "-I", "-S", "-c", RELAY, r]))
             first = chan.recv(1)
         except socket.timeout:
             chan.close()
