@@ -52,7 +52,7 @@ class VMGone(OperationFailed):
 class _Path:
     name = "?"
 
-    def state(self) -> dict:
+    def state(self, guest: bool = True) -> dict:
         """{memory, target (guest bytes or None), actual (guest bytes), guest {total,free,available}|None}"""
         raise NotImplementedError
 
@@ -69,10 +69,10 @@ class _ExtensionPath(_Path):
     def __init__(self, shim):
         self.shim = shim
 
-    def _call(self, method: str, body: dict | None = None) -> dict:
+    def _call(self, method: str, body: dict | None = None, url: str = "/ext/v1/balloon") -> dict:
         kw = {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}} \
             if body is not None else {}
-        status, raw = self.shim.call(method, "/ext/v1/balloon", **kw)
+        status, raw = self.shim.call(method, url, **kw)
         try:
             obj = json.loads(raw) if raw else {}
         except ValueError:
@@ -90,8 +90,8 @@ class _ExtensionPath(_Path):
             raise UsageError(f"{self.shim.what}: {msg}")
         raise OperationFailed(f"{self.shim.what}: extension answered {status}: {msg}")
 
-    def state(self) -> dict:
-        o = self._call("GET")
+    def state(self, guest: bool = True) -> dict:
+        o = self._call("GET", url="/ext/v1/balloon" if guest else "/ext/v1/balloon?guest=0")
         g = o.get("guest")
         return {"memory": o.get("memoryBytes"), "target": o.get("targetBytes"), "actual": o.get("actualBytes"),
                 "guest": ({"total": g.get("totalBytes"), "free": g.get("freeBytes"),
@@ -104,7 +104,7 @@ class _ExtensionPath(_Path):
         self.shim.close()
 
 
-class _QmpPath(_Path):
+class _QmpPath(_Path):  # noqa: D101
     def __init__(self, name: str, qmp):
         self.name = name
         self.qmp = qmp
@@ -122,22 +122,24 @@ class _QmpPath(_Path):
                 raise NoBalloon(f"the VM has no balloon device ({e.desc})", hint=NO_BALLOON_HINT) from None
             raise
 
-    def state(self) -> dict:
+    def state(self, guest: bool = True) -> dict:
         if self.memory is None:
             m = self._x("query-memory-size-summary")
             self.memory = int(m.get("base-memory", 0)) + int(m.get("plugged-memory", 0))
         actual = int(self._x("query-balloon")["actual"])
-        guest = None
+        if not guest:
+            return {"memory": self.memory, "target": None, "actual": actual, "guest": None}
+        g = None
         try:
             r = self._x("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
             st = (r or {}).get("stats") or {}
             if r.get("last-update") and st.get("stat-total-memory", -1) not in (-1, None):
-                guest = {"total": st.get("stat-total-memory"), "free": st.get("stat-free-memory"),
-                         "available": st.get("stat-available-memory")}
+                g = {"total": st.get("stat-total-memory"), "free": st.get("stat-free-memory"),
+                     "available": st.get("stat-available-memory")}
         except (KatactlError, AttributeError):
-            guest = None
+            g = None
         # QEMU cannot report the target: only what the guest has now
-        return {"memory": self.memory, "target": None, "actual": actual, "guest": guest}
+        return {"memory": self.memory, "target": None, "actual": actual, "guest": g}
 
     def set_target(self, target: int) -> None:
         self._x("balloon", {"value": int(target)})
@@ -152,7 +154,7 @@ class _ClhPath(_Path):
     def __init__(self, client):
         self.c = client
 
-    def state(self) -> dict:
+    def state(self, guest: bool = True) -> dict:
         s = self.c.balloon_state()
         if not s["hasBalloon"]:
             raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=NO_BALLOON_HINT)
@@ -176,7 +178,7 @@ class _FcPath(_Path):
     def __init__(self, client):
         self.c = client
 
-    def state(self) -> dict:
+    def state(self, guest: bool = True) -> dict:
         s = self.c.balloon_state()
         if not s["hasBalloon"]:
             raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=NO_BALLOON_HINT)
@@ -494,7 +496,7 @@ def _wait(path: _Path, want: int, tolerance: int, wait_timeout: float, progress,
     start_actual = None
     while True:
         try:
-            st = path.state()
+            st = path.state(guest=False)
         except (VMGone, UnreachableError) as e:
             raise VMGone(f"sandbox {sb.id[:12]}: the VM went away while waiting for the balloon "
                          f"({e.message})") from None

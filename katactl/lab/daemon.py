@@ -219,7 +219,7 @@ class LabSandbox:
             if self.qmp is None or self.qmp.closed:
                 raise ExtError(503, "MonitorUnavailable", "the shim holds no monitor connection")
 
-    def balloon_get(self) -> dict:
+    def balloon_get(self, with_guest: bool = True, fresh_wait: float = 1.5) -> dict:
         from katactl.backends.qmp import QMPError
 
         self._need_running()
@@ -235,7 +235,7 @@ class LabSandbox:
                 memory = int(mem.get("base-memory", 0)) + int(mem.get("plugged-memory", 0))
             except QMPError as e:
                 raise ExtError(409, e.error_class, e.desc) from None
-            guest = self._qemu_guest_stats()
+            guest = self._qemu_guest_stats(fresh_wait) if with_guest else None
         else:
             g = self.api.guest
             memory = g.memory
@@ -256,7 +256,7 @@ class LabSandbox:
                 self.moved_at = time.time()
             self._last_actual = actual
 
-    def _qemu_guest_stats(self) -> dict | None:
+    def _qemu_guest_stats(self, fresh_wait: float = 0.0) -> dict | None:
         """The balloon driver's statistics, fresher than the last balloon move.
 
         QEMU keeps the last sample (``last-update``, whole seconds); a sample taken
@@ -279,7 +279,14 @@ class LabSandbox:
                                                  "property": "guest-stats-polling-interval", "value": v})
             except Exception:
                 pass
-            return None
+            deadline = time.monotonic() + fresh_wait
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                r = read()
+                if not r or r.get("last-update", 0) > self.moved_at:
+                    break
+            if not r or r.get("last-update", 0) <= self.moved_at:
+                return None
         st = (r or {}).get("stats") or {}
         if not r or not r.get("last-update") or st.get("stat-total-memory", -1) in (-1, None):
             return None
@@ -386,7 +393,7 @@ def make_shim(sb: "LabSandbox"):
                 return None
             try:
                 return ext_route(sb, req.method, req.path[len("/ext/v1/"):] if req.path.startswith("/ext/v1/")
-                                 else None, req.body)
+                                 else None, req.body, req.query)
             except ExtError as e:
                 return _json_response(e.status, {"error": {"code": e.code, "message": e.message}})
             except Exception as e:  # noqa: BLE001
@@ -400,7 +407,7 @@ def make_shim(sb: "LabSandbox"):
     return LabShim(sb.paths.shim_socket, flavour="go", state=st).start()
 
 
-def ext_route(sb: "LabSandbox", method: str, ep: str | None, raw: bytes):
+def ext_route(sb: "LabSandbox", method: str, ep: str | None, raw: bytes, query: dict | None = None):
     if ep == "capabilities":
         if method != "GET":
             raise ExtError(405, "MethodNotAllowed", "use GET")
@@ -411,7 +418,10 @@ def ext_route(sb: "LabSandbox", method: str, ep: str | None, raw: bytes):
                                     "details": {k: v for k, v in feats.items() if v}})
     if ep == "balloon":
         if method == "GET":
-            return _json_response(200, {"apiVersion": EXT_API, "kind": "Balloon", **sb.balloon_get()})
+            q = (query or {}).get("guest")
+            q = q[0] if isinstance(q, list) and q else q
+            return _json_response(200, {"apiVersion": EXT_API, "kind": "Balloon",
+                                        **sb.balloon_get(with_guest=q not in ("0", "false"))})
         if method == "PUT":
             try:
                 body = json.loads(raw) if raw else None
@@ -457,7 +467,7 @@ def refresh_shim_state(sb: "LabSandbox", st) -> None:
             pass
     try:
         if sb.spec.get("balloon", True):
-            b = sb.balloon_get()
+            b = sb.balloon_get(fresh_wait=0.0)
             g = b.get("guest") or {}
             if g.get("totalBytes"):
                 st.guest_mem_total = g["totalBytes"]
