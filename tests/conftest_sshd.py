@@ -44,6 +44,17 @@ def free_port() -> int:
     return p
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test/bench process dies (no orphan sshds)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
 def keygen(path: Path, kind: str = "ed25519", comment: str = "katactl-test") -> Path:
     subprocess.run([SSH_KEYGEN, "-q", "-t", kind, "-N", "", "-C", comment, "-f", str(path)],
                    check=True, stdin=subprocess.DEVNULL)
@@ -129,7 +140,8 @@ class SshLab:
         cfg.write_text("\n".join(lines) + "\n")
         node.proc = subprocess.Popen([SSHD, "-D", "-f", str(cfg), "-E", str(node.log)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         self._known(name, port, hk, known)
         self._block(name, port, root if tree else None, proxy_jump, proxy_command)
         self.nodes[name] = node

@@ -58,6 +58,14 @@ def expand_includes(path: str, depth: int = 0, base: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.I | re.M)
+
+
+def uses_match_exec(path: str | None) -> bool:
+    """Whether the config (Includes expanded) has a ``Match exec`` line."""
+    return bool(path) and bool(_MATCH_EXEC.search(expand_includes(path)))
+
+
 _CACHE: dict[tuple, object] = {}
 
 
