@@ -306,3 +306,26 @@ def test_concurrent_sftp_calls_on_one_transport(t1):
     ex.shutdown(wait=False, cancel_futures=True)
     assert not pending, "concurrent SFTP calls hung"
     assert sorted(f.result() for f in done) == list(range(16))
+
+
+@pytest.mark.parametrize("match_exec", [False, True])
+def test_invoke_only_loaded_for_match_exec(sshd_lab, tmp_path, match_exec):
+    """paramiko.config pulls in invoke (~125 ms); katactl avoids it unless Match exec is used."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg"
+    text = f"Include {sshd_lab.config}\n"
+    if match_exec:
+        text = f'Match exec "test -d /"\n  ConnectTimeout 9\n' + text
+    cfg.write_text(text)
+    code = (
+        "import sys\n"
+        "from katactl import config\n"
+        "from katactl.backends.ssh import SSHTransport\n"
+        f"t = SSHTransport.from_settings('node1', config.resolve({{'ssh_config': {str(cfg)!r}}}))\n"
+        "assert t.read_text('/etc/hostname').strip() == 'node1'\n"
+        "print('invoke' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(match_exec)
