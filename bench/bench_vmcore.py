@@ -75,7 +75,8 @@ def timev(argv, env=None) -> tuple[float, int, float]:
     """(wall seconds, peak RSS KiB, user+sys CPU seconds) of argv under /usr/bin/time -v."""
     p = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        raise SystemExit(f"{argv[0]} failed: {p.stderr[-800:]}")
+        msg = [ln for ln in p.stderr.splitlines() if not ln.startswith("\t") and "Command being timed" not in ln]
+        raise SystemExit(f"{' '.join(argv[:6])} ... failed (exit {p.returncode}): " + "\n".join(msg[-20:]))
     m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", p.stderr)
     wall = (int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + float(m.group(3)))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
