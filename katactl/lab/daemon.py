@@ -310,7 +310,7 @@ class LabSandbox:
             self.target = int(target)
         else:
             self.api.guest.set_balloon(self.api.guest.memory - int(target))
-        return self.balloon_get()
+        return self.balloon_get(fresh_wait=0.0)  # the answer must not wait for statistics
 
     def vmcore(self, fmt: str = "elf", paging: bool = False) -> dict:
         from katactl.backends.qmp import QMPError
