@@ -104,6 +104,7 @@ def test_trigger_elf_on_live_qemu_gives_valid_core(cli, qnode):
     assert d["kind"] == "VmcoreTrigger" and d["changed"] is True and d["status"] == "completed"
     assert d["via"] == "qmp:extra-monitor.sock"      # qmp.sock is held by the runtime
     real = os.path.join(root, d["path"].lstrip("/"))
+    assert os.stat(real).st_mode & 0o777 == 0o400      # QEMU's file: protocol creates it 0400
     core = read_core(real)
     assert core["loads"] and core["size"] >= core["end"]
     assert sum(s[5] for s in core["loads"]) >= MEM_MIB << 20   # all guest RAM (+ ROM regions)
