@@ -468,9 +468,14 @@ def set(transport, ref: str, *, target: int | None = None, reclaim: int | None =
         else:
             st = path.state()
         final = _view(sb, path, {**st, "guest": st.get("guest") or _guestback(view)}, attempts)
+        if changed and final["guest"] is not None and not st.get("guest"):
+            # measured before the change: what the guest itself uses still holds, its
+            # total/free/available do not (the balloon moved since)
+            final["guest"].update(totalBytes=None, freeBytes=None, availableBytes=None,
+                                  source=f"{final['guest'].get('source')} (before the change)")
         if final["guest"] is not None and used is not None:
-            # what the guest itself uses does not change with the balloon; guest statistics
-            # lag the balloon by their polling interval, so keep the measurement made before
+            # guest statistics lag the balloon by their polling interval: keep the
+            # measurement made before the change
             final["guest"]["usedBytes"] = used
         if final["targetBytes"] is None:
             final["targetBytes"] = want

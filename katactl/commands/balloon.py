@@ -35,8 +35,9 @@ def _human(item: dict) -> dict:
            "target": format_size(item.get("targetBytes")) if item.get("targetBytes") is not None
            else "unknown (QEMU does not report it)",
            "actual": format_size(item.get("actualBytes")),
-           "guest": ({"total": format_size(g.get("totalBytes")), "used": format_size(g.get("usedBytes")),
-                      "available": format_size(g.get("availableBytes"))} if g else "no statistics")}
+           "guest": ({k: format_size(v) for k, v in (("total", g.get("totalBytes")), ("used", g.get("usedBytes")),
+                                                      ("available", g.get("availableBytes"))) if v is not None}
+                     if g else "no statistics")}
     for k in ("changed", "dryRun", "converged"):
         if item.get(k) is not None:
             out[k] = item[k]
