@@ -92,7 +92,7 @@ def lab():
     root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")
     os.rmdir(root)  # the lab creates its own directory
     try:
-        st = control.up(root, specs=[dict(s) for s in LAB_SPECS], timeout=300)
+        st = control.up(root, specs=[dict(s) for s in LAB_SPECS], timeout=300, die_with_parent=True)
     finally:
         if old is None:
             os.environ.pop("XDG_CACHE_HOME", None)

@@ -77,8 +77,12 @@ def _alive(pid: int | None) -> bool:
 
 
 def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu", kernel: str | None = None,
-       memory_mib: int = 512, specs: list[dict] | None = None, timeout: float = 180) -> dict:
-    """Start a lab; return its state (``changed: false`` when one already runs there)."""
+       memory_mib: int = 512, specs: list[dict] | None = None, timeout: float = 180,
+       die_with_parent: bool = False) -> dict:
+    """Start a lab; return its state (``changed: false`` when one already runs there).
+
+    ``die_with_parent`` (tests): the lab stops and cleans up when this process dies,
+    even by SIGKILL."""
     from katactl.lab.daemon import id_length, sandbox_id
 
     root = os.path.abspath(root or default_root())
@@ -108,6 +112,7 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
     os.makedirs(p["dir"], mode=0o755, exist_ok=True)
     with open(p["config"], "w") as f:
         json.dump({"root": root, "kernel": kernel, "sandboxes": specs,
+                   "parentPid": os.getpid() if die_with_parent else None,
                    "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -552,7 +552,10 @@ class Lab:
 
     def watch(self, stop: threading.Event) -> None:
         """Notice VMs that exit (as the runtime would) until asked to stop."""
+        parent = self.cfg.get("parentPid")
         while not stop.wait(0.2):
+            if parent and not _pid_alive(parent):
+                return  # the test session that owns us is gone: clean up
             changed = False
             for s in self.sandboxes:
                 if s.proc is not None and s.proc.poll() is not None and s.status not in ("exited",):
@@ -566,6 +569,16 @@ class Lab:
     def stop(self) -> None:
         for s in self.sandboxes:
             s.stop()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def remove_tree(root: str) -> None:
