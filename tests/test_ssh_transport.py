@@ -329,3 +329,39 @@ def test_invoke_only_loaded_for_match_exec(sshd_lab, tmp_path, match_exec):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(match_exec)
+
+
+def test_agent_authentication(sshd_lab, tmp_path, monkeypatch):
+    """No key file configured: the key comes from a real ssh-agent."""
+    import shutil
+    import subprocess
+
+    from katactl.backends import ssh
+
+    if not shutil.which("ssh-agent"):
+        pytest.skip("ssh-agent missing")
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            import time
+
+            time.sleep(0.02)
+        env = dict(os.environ, SSH_AUTH_SOCK=str(sock))
+        subprocess.run(["ssh-add", "-q", str(sshd_lab.user_key)], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* either
+        cfg = tmp_path / "cfg"
+        port = sshd_lab.nodes["node3"].port
+        cfg.write_text(f"Host agentnode\n  HostName 127.0.0.1\n  Port {port}\n  User root\n"
+                       f"  UserKnownHostsFile {sshd_lab.known_hosts}\n")
+        ssh.close_pool()
+        t = ssh.SSHTransport.from_settings("agentnode", config.resolve({"ssh_config": str(cfg)}))
+        assert t.run(["true"]).returncode == 0
+    finally:
+        agent.terminate()
+        agent.wait(5)

@@ -242,7 +242,13 @@ class _Options:
         self.timeout = float(settings.timeout or 30.0)
 
 
+_TCLASS = None
+
+
 def _transport_class():
+    global _TCLASS
+    if _TCLASS is not None:
+        return _TCLASS
     import paramiko
 
     class _T(paramiko.Transport):
@@ -263,6 +269,7 @@ def _transport_class():
             first = [k for k in self.host_key_order if k in base]
             return tuple(first + [k for k in base if k not in first])
 
+    _TCLASS = _T
     return _T
 
 
@@ -318,7 +325,21 @@ def _key_files(target: sshconfig.Target) -> list[str]:
     return files
 
 
+_KEYS: dict[tuple, object] = {}
+
+
 def _load_key(path: str):
+    """A private key from a file (cached by path and mtime: fan-outs load it once)."""
+    try:
+        k = (path, os.stat(path).st_mtime_ns)
+    except OSError:
+        return None
+    if k not in _KEYS:
+        _KEYS[k] = _load_key_uncached(path)
+    return _KEYS[k]
+
+
+def _load_key_uncached(path: str):
     import paramiko
 
     for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
