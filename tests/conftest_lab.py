@@ -7,8 +7,9 @@ needs a guest. Sandboxes (by name; ``lab.sb(name)`` gives the state entry,
 
 - ``qemu-0``: booted guest, balloon, shim extension, extra-monitor.sock (QMP)
 - ``qemu-em``: booted guest, balloon, *no* shim extension, extra-monitor.sock
-- ``panic``: booted guest (256 MiB) reserved for guest-panic / vmcore tests; the
+- ``panic``: booted guest (256 MiB) reserved for the vmcore tests' guest panic; the
   first test to ``inject-nmi`` it consumes it (check ``lab.sb("panic")["status"]``)
+- ``panic-lab``: booted guest (192 MiB) for test_lab's panic-handler test
 - ``clh-0``, ``fc-0``: Cloud Hypervisor / Firecracker API servers (simulated guests)
 - ``nob``: QEMU without guest (-S) and without a balloon device
 - ``free``: QEMU without guest, balloon, nobody holds qmp.sock, no extension/extra monitor
@@ -32,6 +33,7 @@ LAB_SPECS = [
     {"name": "qemu-em", "hypervisor": "qemu", "memory_mib": 512, "pod": "qemu-em", "namespace": "lab",
      "extension": False},
     {"name": "panic", "hypervisor": "qemu", "memory_mib": 256, "pod": "panic", "namespace": "lab"},
+    {"name": "panic-lab", "hypervisor": "qemu", "memory_mib": 192, "pod": "panic-lab", "namespace": "lab"},
     {"name": "clh-0", "hypervisor": "clh", "memory_mib": 1024, "pod": "clh-0", "namespace": "lab"},
     {"name": "fc-0", "hypervisor": "fc", "memory_mib": 1024, "pod": "fc-0", "namespace": "lab"},
     {"name": "nob", "hypervisor": "qemu", "memory_mib": 256, "pod": "nob", "namespace": "lab",

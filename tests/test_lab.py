@@ -96,24 +96,24 @@ def test_extension_rejects_bad_bodies(lab, body, status):
 
 def test_guest_panic_runs_the_runtime_handler(lab):
     """inject-nmi -> GUEST_PANICKED -> the lab dumps as the Go runtime does."""
-    sb = lab.sb("panic")
+    sb = lab.sb("panic-lab")
     sid = sb["id"]
     if sb["status"] != "panicked":
         with QMPClient.connect(lab.transport(), f"/run/vc/vm/{sid}/extra-monitor.sock") as q:
             q.execute("inject-nmi")
             q.wait_event("GUEST_PANICKED", timeout=30)
     deadline = time.monotonic() + 120
-    while (lab.sb("panic").get("panic") or {}).get("status") in (None, "dumping"):
+    while (lab.sb("panic-lab").get("panic") or {}).get("status") in (None, "dumping"):
         assert time.monotonic() < deadline, "no dump"
         time.sleep(0.2)
-    panic = lab.sb("panic")["panic"]
+    panic = lab.sb("panic-lab")["panic"]
     assert panic["status"] == "done", panic
     d = lab.real(f"/var/crash/kata/{sid}")
     cores = glob.glob(os.path.join(d, "vmcore-*.elf"))
     assert len(cores) == 1
     with open(cores[0], "rb") as f:
         assert f.read(4) == b"\x7fELF"
-    assert json.load(open(os.path.join(d, "hypervisor.conf")))["MemorySize"] == 256
+    assert json.load(open(os.path.join(d, "hypervisor.conf")))["MemorySize"] == 192
     assert b"QEMU emulator version" in open(os.path.join(d, "hypervisor.version"), "rb").read()
     assert os.path.exists(os.path.join(d, "state", "persist.json"))
 
