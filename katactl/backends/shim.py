@@ -68,38 +68,27 @@ class ShimClient:
         """(status, body) with the body capped at ``limit`` bytes (or streamed to ``sink``)."""
         import httpx
 
-        from katactl.errors import TimeoutExpired, UnreachableError
+        from katactl.backends.unixhttp import http_errors
 
         t = self.timeout if timeout is None else timeout
-        try:
-            with self.client.stream(method, url, timeout=httpx.Timeout(t), **kw) as r:
-                declared = r.headers.get("content-length")
-                if sink is None and declared and declared.isdigit() and int(declared) > limit:
-                    raise ProtocolError(f"{self.what}: {url} answered {int(declared) >> 20} MiB, "
-                                        f"more than the {limit >> 20} MiB limit")
-                chunks, n = [], 0
-                for chunk in r.iter_raw():
-                    n += len(chunk)
-                    if sink is not None:
-                        sink.write(chunk)
-                        continue
-                    if n > limit:
-                        raise ProtocolError(f"{self.what}: {url} answered more than the "
-                                            f"{limit >> 20} MiB limit")
-                    chunks.append(chunk)
-                return r.status_code, b"".join(chunks)
-        except httpx.TimeoutException:
-            raise TimeoutExpired(f"{self.what}: no answer to {method} {url} within {t:g}s",
-                                 hint="the shim accepts connections but does not answer; "
-                                      "is it stuck? (--timeout raises the limit)") from None
-        except (UnreachableError, TimeoutExpired, ProtocolError):
-            raise
-        except httpx.ConnectError as e:
-            raise UnreachableError(f"{self.what}: {e}") from None
-        except (httpx.RemoteProtocolError, httpx.LocalProtocolError) as e:
-            raise ProtocolError(f"{self.what}: not an HTTP answer to {method} {url}: {e}") from None
-        except httpx.TransportError as e:
-            raise UnreachableError(f"{self.what}: {e}") from None
+        hint = "the shim accepts connections but does not answer; is it stuck? (--timeout raises the limit)"
+        with http_errors(f"{self.what}: {method} {url}", t, hint=hint), \
+                self.client.stream(method, url, timeout=httpx.Timeout(t), **kw) as r:
+            declared = r.headers.get("content-length")
+            if sink is None and declared and declared.isdigit() and int(declared) > limit:
+                raise ProtocolError(f"{self.what}: {url} answered {int(declared) >> 20} MiB, "
+                                    f"more than the {limit >> 20} MiB limit")
+            chunks, n = [], 0
+            for chunk in r.iter_raw():
+                n += len(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+                    continue
+                if n > limit:
+                    raise ProtocolError(f"{self.what}: {url} answered more than the "
+                                        f"{limit >> 20} MiB limit")
+                chunks.append(chunk)
+            return r.status_code, b"".join(chunks)
 
     def _check(self, status: int, body: bytes, url: str, ok=(200,)) -> bytes:
         if status in ok:

@@ -9,6 +9,7 @@ Imported lazily: httpx must not load for --help or completion.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 
 from katactl.errors import ProtocolError, TimeoutExpired, UnreachableError
@@ -33,6 +34,8 @@ def unix_http_client(transport, socket_path: str, timeout: float):
                 return self._sock.recv(max_bytes)
             except (socket.timeout, TimeoutError) as e:
                 raise httpcore.ReadTimeout(str(e) or "read timed out") from e
+            except OSError as e:  # reset, broken pipe: the peer went away
+                raise httpcore.ReadError(str(e) or type(e).__name__) from e
 
         def write(self, buffer, timeout=None):
             self._sock.settimeout(timeout)
@@ -40,11 +43,22 @@ def unix_http_client(transport, socket_path: str, timeout: float):
                 self._sock.sendall(buffer)
             except (socket.timeout, TimeoutError) as e:
                 raise httpcore.WriteTimeout(str(e) or "write timed out") from e
+            except OSError as e:
+                raise httpcore.WriteError(str(e) or type(e).__name__) from e
 
         def close(self):
             self._sock.close()
 
         def get_extra_info(self, info):
+            # httpcore asks "is_readable" before reusing a pooled connection: an idle
+            # connection that is readable has been closed by the server (EOF).
+            if info == "is_readable":
+                try:
+                    import select
+
+                    return bool(select.select([self._sock], [], [], 0)[0])
+                except (OSError, TypeError, ValueError):  # no fileno (some relays)
+                    return False
             return None
 
     class _Backend(httpcore.NetworkBackend):
@@ -65,19 +79,39 @@ def unix_http_client(transport, socket_path: str, timeout: float):
                         timeout=timeout, trust_env=False)
 
 
-def request(client, method: str, url: str, *, what: str, **kw):
-    """client.request with katactl's error mapping (timeouts -> exit 6, refused -> 7)."""
+@contextlib.contextmanager
+def http_errors(what: str, timeout: float, *, hint: str | None = None):
+    """Map httpx/httpcore failures inside the block to katactl errors (one place)."""
     import httpx
 
     try:
-        return client.request(method, url, **kw)
+        yield
     except httpx.TimeoutException:
-        raise TimeoutExpired(f"{what}: no answer within {client.timeout.read:g}s") from None
-    except (UnreachableError, TimeoutExpired):
-        raise
+        raise TimeoutExpired(f"{what}: no answer within {timeout:g}s", hint=hint) from None
     except httpx.ConnectError as e:
         raise UnreachableError(f"{what}: {e}") from None
-    except httpx.RemoteProtocolError as e:
+    except (httpx.RemoteProtocolError, httpx.LocalProtocolError) as e:
         raise ProtocolError(f"{what}: the peer broke the HTTP exchange: {e}") from None
+    except (httpx.ReadError, httpx.WriteError) as e:
+        raise UnreachableError(f"{what}: connection lost: {e}") from None
     except httpx.TransportError as e:
         raise UnreachableError(f"{what}: {e}") from None
+
+
+def request(client, method: str, url: str, *, what: str, **kw):
+    """client.request with katactl's error mapping (timeouts -> exit 6, refused -> 7).
+
+    A GET on a pooled keep-alive connection can race the server closing it
+    (the FIN arrives after we reused it); such a request is retried once on a
+    fresh connection. Non-idempotent methods are never retried.
+    """
+    import httpx
+
+    retryable = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+    with http_errors(what, client.timeout.read or 0):
+        if method.upper() in ("GET", "HEAD"):
+            try:
+                return client.request(method, url, **kw)
+            except retryable:
+                pass
+        return client.request(method, url, **kw)
