@@ -282,7 +282,9 @@ def _fill_go(sb: Sandbox, p: dict) -> None:
             api = f"{vm}/clh-api.sock"
         elif sb.hypervisor == "fc":
             hv_bin = posixpath.basename(sb.hypervisor_path or "") or "firecracker"
-            api = f"/run/vc/{hv_bin}/{sb.id}/root/run/firecracker.socket"
+            # The Go runtime truncates the id to 32 chars here (firecracker.truncateID):
+            # the full path would not fit sun_path's 108 bytes.
+            api = f"/run/vc/{hv_bin}/{sb.id[:32]}/root/run/firecracker.socket"
     sb.api_socket = api
 
 

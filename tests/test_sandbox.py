@@ -253,3 +253,12 @@ def test_list_subprocess_real_binary(katactl_bin, tree):
 def test_help_has_examples(cli):
     r = cli(["sandbox", "list", "--help"])
     assert r.exit_code == 0 and "Examples:" in r.stdout and "katactl sandbox list -o wide" in r.stdout
+
+
+def test_firecracker_socket_uses_the_runtimes_truncated_id(tmp_path):
+    """Go's firecracker.truncateID keeps 32 chars of the id in the jail path (sun_path limit)."""
+    sid = "f" * 64
+    layout.write_go_sandbox(str(tmp_path), sid, hypervisor="fc", pod_name="fc-pod")
+    [sb] = sandbox.discover(LocalTransport(str(tmp_path)), check=False)
+    assert sb.api_socket == f"/run/vc/firecracker/{'f' * 32}/root/run/firecracker.socket"
+    assert os.path.isdir(tmp_path / "run/vc/firecracker" / ("f" * 32) / "root/run")

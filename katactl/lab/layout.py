@@ -7,7 +7,8 @@ trees under a root directory that katactl then reads with ``--host-root``.
   ``SandboxState``: ``PersistVersion``, ``State``, ``HypervisorState``,
   ``Config.HypervisorConfig`` ...), ``<root>/run/vc/vm/<id>/`` (QEMU ``pid``
   file; ``qmp.sock``/``clh-api.sock`` live here) or, for Firecracker (jailed),
-  ``<root>/run/vc/firecracker/<id>/root/run/firecracker.socket``.
+  ``<root>/run/vc/firecracker/<id[:32]>/root/run/firecracker.socket`` (the Go runtime
+  truncates the id there to fit the socket path in sun_path).
 - runtime-rs: ``<root>/run/kata/<id>/state.json`` (``sandbox_type``,
   ``resource``, ``hypervisor{hypervisor_type, pid, api_socket, config ...}``).
 - the sandbox's OCI bundle with CRI annotations: containerd
@@ -215,7 +216,7 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
     if hv == "fc":
         # the jail folder is the basename of the hypervisor binary
         hv_bin = os.path.basename(hypervisor_path or DEFAULT_HYPERVISOR_PATHS["fc"]) or "firecracker"
-        vm_dir = f"/run/vc/{hv_bin}/{sandbox_id}"
+        vm_dir = f"/run/vc/{hv_bin}/{sandbox_id[:32]}"  # as firecracker.truncateID
         default_api = f"{vm_dir}/root/run/firecracker.socket"
         pid_file = f"{vm_dir}/root/firecracker.pid"
     elif hv == "clh":
