@@ -55,6 +55,16 @@ def test_layout_is_katas(lab):
     assert ann["io.kubernetes.cri.sandbox-namespace"] == "lab"
 
 
+def test_kata_configuration_names_the_dump_path(lab):
+    """vmcore list finds guest_memory_dump_path through the node's configuration, as on a real node."""
+    from katactl import katacfg
+    from katactl.backends.local import LocalTransport
+
+    cfg = katacfg.load(LocalTransport(lab.root))
+    assert cfg.path == "/etc/kata-containers/configuration.toml"
+    assert cfg.hypervisor_name == "qemu" and cfg.hypervisor["guest_memory_dump_path"] == "/var/crash/kata"
+
+
 def test_metrics_are_real_guest_numbers(lab, cli):
     r = cli(lab.args("metrics", lab.pod("qemu-0"), "--family", "kata_guest_meminfo", "-o", "json"))
     assert r.exit_code == 0, r.stderr

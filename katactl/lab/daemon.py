@@ -518,6 +518,32 @@ class Lab:
                 "startedAt": self.cfg.get("startedAt"), "bootSeconds": self.cfg.get("bootSeconds"),
                 "sandboxes": [s.to_dict() for s in self.sandboxes]})
 
+    def write_kata_config(self) -> None:
+        """The node's Kata configuration, as the runtime would read it (vmcore list needs
+        guest_memory_dump_path from here, like on a real node)."""
+        kernel = self.assets.kernel if self.assets else ""
+        initrd = self.assets.initrd if self.assets else ""
+        mem_mib = max((s.memory // MIB for s in self.sandboxes), default=512)
+        text = (
+            "# Written by katactl lab: the Kata configuration of this lab node.\n"
+            "[hypervisor.qemu]\n"
+            f"path = {json.dumps(self.qemu or '/usr/bin/qemu-system-x86_64')}\n"
+            f"kernel = {json.dumps(kernel)}\n"
+            f"initrd = {json.dumps(initrd)}\n"
+            f"default_memory = {mem_mib}\n"
+            "default_vcpus = 1\n"
+            "reclaim_guest_freed_memory = true\n"
+            'extra_monitor_socket = "qmp"\n'
+            f"guest_memory_dump_path = {json.dumps(DUMP_PATH)}\n"
+            "guest_memory_dump_paging = false\n\n"
+            "[runtime]\n"
+            "sandbox_cgroup_only = false\n"
+        )
+        path = self.real("/etc/kata-containers/configuration.toml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
     def start(self) -> None:
         from katactl.lab import vm
 
@@ -533,6 +559,7 @@ class Lab:
             s.start_qemu()
         for s in self.sandboxes:
             s.lay_out(s.proc.pid if s.proc else os.getpid())
+        self.write_kata_config()
         for s in self.sandboxes:
             if s.hv == "qemu":
                 s.connect_qmp()
