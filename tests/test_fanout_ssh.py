@@ -178,3 +178,15 @@ def test_hostile_sandbox_ids_via_cli(cli, fleet, tmp_path):
         r = cli(ssh_args(lab, "-N", "node1", "metrics", evil))
         assert r.exit_code in (2, 3), (evil, r.stdout, r.stderr)
     assert not os.path.exists(canary)
+
+
+def test_socket_commands_work_remotely(cli, fleet):
+    """metrics and top talk HTTP to the shim socket on the node through the SSH relay."""
+    lab, paths = fleet
+    sid = paths["node1"][0].sandbox_id
+    r = cli(ssh_args(lab, "-N", "node1", "metrics", sid[:12], "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    assert any(i["family"].startswith("kata_") for i in r.json()["items"])
+    r = cli(ssh_args(lab, "-N", "node1,node2", "top", "-o", "json", "--interval", "0.1s"))
+    assert r.exit_code == 0, r.stderr
+    assert sid in [i["id"] for i in r.json()["items"] if i["node"] == "node1"]
