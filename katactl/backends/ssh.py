@@ -740,7 +740,7 @@ class SSHTransport(NodeTransport):
         argv = ["cat", "--", r] if not offset else ["tail", "-c", f"+{int(offset) + 1}", "--", r]
         chan = self._channel()
         chan.settimeout(self.timeout)
-        chan.exec_command(shlex.join(argv))
+        _exec(chan, argv)
         chan.shutdown_write()
 
         def chunks():
@@ -848,7 +848,7 @@ class SSHTransport(NodeTransport):
         deadline = time.monotonic() + timeout
         chan = self._channel()
         try:
-            chan.exec_command(shlex.join(argv))
+            _exec(chan, argv)
             if input:
                 chan.settimeout(timeout)
                 chan.sendall(input)
@@ -906,7 +906,7 @@ class SSHTransport(NodeTransport):
         chan.settimeout(timeout)
         try:
             # -I: ignore PYTHON* variables and user site; -S: no site import (faster start)
-            chan.exec_command(shlex.join(["python3", "-I", "-S", "-c", RELAY, r]))
+            _exec(chan, ["python3", "-I", "-S", "-c", RELAY, r])
             first = chan.recv(1)
         except socket.timeout:
             chan.close()
@@ -931,6 +931,18 @@ class SSHTransport(NodeTransport):
         if conn is not None and not getattr(self, "_did_release", False):
             self._did_release = True
             POOL.release(conn)
+
+
+def _exec(chan, argv: Sequence[str]) -> None:
+    """exec_command with every argv element quoted (shlex.join): the remote login
+    shell only ever sees literal words."""
+    import paramiko
+
+    try:
+        chan.exec_command(shlex.join(argv))
+    except paramiko.SSHException as e:
+        chan.close()
+        raise UnreachableError(f"the node refused to run {argv[0]}: {e}") from None
 
 
 def _check_root(root: str) -> str:
