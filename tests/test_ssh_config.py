@@ -133,7 +133,7 @@ def test_include_glob_nested_and_relative(tmp_path):
     main.write_text(f"Include {tmp_path}/conf.d/*.conf\nHost *\n  User bob\n  IdentityFile ~/id_x\n")
     text = sshconfig.expand_includes(str(main), base=str(tmp_path))
     assert "HostName 10.0.0.1" in text and "User alice" in text and "Port 2200" in text
-    cfg = sshconfig.load(str(main))
+    cfg = sshconfig.load(sshconfig.config_text(str(main)))
     t = sshconfig.resolve("a", cfg)
     assert (t.hostname, t.port, t.user) in (("10.0.0.1", 22, "alice"), ("10.0.0.1", 22, "bob"))
     t = sshconfig.resolve("carol@b:2201", cfg, identity="/k")
@@ -154,7 +154,7 @@ def test_resolve_proxyjump_setenv_and_overrides(tmp_path):
                  "  SetEnv LANG=C KATACTL_HOST_ROOT=/srv/n1\n"
                  "Host n2\n  ProxyCommand nc %h %p\n  HostKeyAlias n2-alias\n"
                  "Host n3\n  ProxyJump none\n")
-    cfg = sshconfig.load(str(f))
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
     t = sshconfig.resolve("n1", cfg, user="root")
     assert t.proxy_jump == ("j1", "ssh://u@j2:2200")
     assert t.host_root == "/srv/n1" and t.port == 2022 and t.user == "root"
@@ -172,3 +172,27 @@ def test_split_node_rejects(bad):
 
 def test_split_node_ipv6():
     assert sshconfig.split_node("root@[::1]:2222") == ("root", "::1", 2222)
+
+
+def test_system_config_only_without_explicit_file(tmp_path, monkeypatch):
+    """Like ssh: /etc/ssh/ssh_config applies after the user file, unless -F/--ssh-config."""
+    from katactl import config
+    from katactl.backends.ssh import _Options
+
+    system = tmp_path / "ssh_config"
+    system.write_text("Host *\n  User sysuser\n  Port 2201\n  HashKnownHosts yes\n")
+    monkeypatch.setattr(sshconfig, "SYSTEM_CONFIG", str(system))
+    user = tmp_path / "user_config"
+    user.write_text("Host n1\n  User me\n")
+    t = sshconfig.resolve("n1", sshconfig.load(sshconfig.config_text(str(user), system=True)))
+    assert (t.user, t.port, t.hash_known_hosts) == ("me", 2201, True)
+    t = sshconfig.resolve("n1", sshconfig.load(sshconfig.config_text(str(user), system=False)))
+    assert (t.user, t.port, t.hash_known_hosts) == ("me", 22, False)
+    assert _Options(config.resolve({})).system_config is True
+    assert _Options(config.resolve({"ssh_config": str(user)})).system_config is False
+
+
+def test_match_exec_detection():
+    assert sshconfig.uses_match_exec('Host a\nMatch exec "test -f /x"\n  User b\n')
+    assert sshconfig.uses_match_exec("  match host a exec true\n")
+    assert not sshconfig.uses_match_exec("Host exec\n  User b\n")

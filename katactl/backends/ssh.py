@@ -234,6 +234,9 @@ def _import_paramiko(need_invoke: bool):
 class _Options:
     def __init__(self, settings):
         self.cfg_path = os.path.expanduser(settings.ssh_config) if settings.ssh_config else None
+        # like `ssh -F FILE`: an explicitly chosen config replaces the system-wide one
+        sources = getattr(settings, "sources", {}) or {}
+        self.system_config = sources.get("ssh_config", "default") == "default"
         self.user = settings.ssh_user
         self.identity = settings.identity
         self.jump_host = settings.jump_host
@@ -601,8 +604,9 @@ class SSHTransport(NodeTransport):
     @classmethod
     def from_settings(cls, node: str, settings) -> "SSHTransport":
         opts = _Options(settings)
-        _import_paramiko(sshconfig.uses_match_exec(opts.cfg_path))
-        cfg = sshconfig.load(opts.cfg_path)
+        text = sshconfig.config_text(opts.cfg_path, system=opts.system_config)
+        _import_paramiko(sshconfig.uses_match_exec(text))
+        cfg = sshconfig.load(text)
         target = sshconfig.resolve(node, cfg, user=opts.user, identity=opts.identity,
                                    jump_host=opts.jump_host)
         conn = _connect_chain(target, opts, cfg, node)

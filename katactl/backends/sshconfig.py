@@ -2,8 +2,15 @@
 
 paramiko.SSHConfig ignores ``Include`` and returns ProxyJump as a raw string.
 This module inlines Include files (globs, paths relative to ~/.ssh, nested up
-to 16 levels, like OpenSSH), resolves one node name ``[user@]host[:port]`` into
-the parameters a connection needs, and splits ProxyJump into hops.
+to 16 levels, like OpenSSH), appends /etc/ssh/ssh_config unless a config file
+was chosen explicitly (``ssh -F`` semantics; --ssh-config/KATACTL_SSH_CONFIG/
+the config file count as explicit), resolves one node name
+``[user@]host[:port]`` into the parameters a connection needs, and splits
+ProxyJump into hops. Honoured: HostName, Port, User, IdentityFile,
+IdentitiesOnly, ProxyCommand, ProxyJump (multi-hop), HostKeyAlias,
+UserKnownHostsFile, GlobalKnownHostsFile, HashKnownHosts, ConnectTimeout,
+Match (``exec`` loads paramiko's invoke dependency). StrictHostKeyChecking is
+deliberately not: accepting new keys is --ssh-accept-new only.
 
 Per-node host root: a Host block may carry ``SetEnv KATACTL_HOST_ROOT=/dir``.
 OpenSSH's own client sends it as an environment variable (sshd drops it unless
@@ -61,26 +68,38 @@ def expand_includes(path: str, depth: int = 0, base: str | None = None) -> str:
 _MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.I | re.M)
 
 
-def uses_match_exec(path: str | None) -> bool:
-    """Whether the config (Includes expanded) has a ``Match exec`` line."""
-    return bool(path) and bool(_MATCH_EXEC.search(expand_includes(path)))
+SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 
 
-_CACHE: dict[tuple, object] = {}
+def config_text(path: str | None, *, system: bool = False) -> str:
+    """The effective config text: the user file, then (like ssh without -F) the
+    system-wide file, each with its Includes inlined (relative to ~/.ssh and
+    /etc/ssh respectively). First obtained value wins, as in OpenSSH."""
+    text = expand_includes(path) if path else ""
+    if system:
+        text += "\n" + expand_includes(SYSTEM_CONFIG, base="/etc/ssh")
+    return text
 
 
-def load(path: str | None):
-    """A paramiko.SSHConfig for path (with Includes), cached per (path, mtimes)."""
+def uses_match_exec(text: str) -> bool:
+    """Whether the config text has a ``Match exec`` line."""
+    return bool(_MATCH_EXEC.search(text))
+
+
+_CACHE: dict[int, object] = {}
+
+
+def load(text: str):
+    """A paramiko.SSHConfig for config text (see config_text), cached by content."""
     import paramiko
 
-    text = expand_includes(path) if path else ""
-    key = (path, hash(text))
+    key = hash(text)
     cfg = _CACHE.get(key)
     if cfg is None:
         try:
             cfg = paramiko.SSHConfig.from_text(text)
         except Exception as e:  # noqa: BLE001 - paramiko raises several types
-            raise UsageError(f"SSH config {path}: {e}") from None
+            raise UsageError(f"SSH config: {e}") from None
         _CACHE[key] = cfg
     return cfg
 
