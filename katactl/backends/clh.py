@@ -7,7 +7,8 @@ text before; most API errors are 500 before v53.
 """
 from __future__ import annotations
 
-from katactl.errors import NotFound, OperationFailed, ProtocolError
+from katactl.backends.unixhttp import JsonUnixClient
+from katactl.errors import NotFound, OperationFailed
 
 BASE = "/api/v1"
 
@@ -21,35 +22,11 @@ class ClhError(OperationFailed):
         self.messages = messages
 
 
-class ClhClient:
-    def __init__(self, transport, socket_path: str, timeout: float = 5.0):
-        from katactl.backends.unixhttp import unix_http_client
+class ClhClient(JsonUnixClient):
+    prefix = BASE + "/"
+    json_ok = (200, 201)
 
-        self.path = socket_path
-        self._c = unix_http_client(transport, socket_path, timeout)
-
-    def close(self):
-        self._c.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _call(self, method: str, ep: str, body: dict | None = None):
-        from katactl.backends.unixhttp import request
-
-        what = f"{self.path} {method} {ep}"
-        kw = {"json": body} if body is not None else {}
-        r = request(self._c, method, f"{BASE}/{ep}", what=what, **kw)
-        if r.status_code in (200, 201):
-            try:
-                return r.json()
-            except ValueError:
-                raise ProtocolError(f"{what}: answer is not JSON") from None
-        if r.status_code == 204:
-            return None
+    def _fail(self, what: str, r) -> None:
         msgs = _messages(r)
         if r.status_code == 404:
             raise NotFound(f"{what}: endpoint not found (404){': ' + '; '.join(msgs) if msgs else ''}")

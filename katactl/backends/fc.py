@@ -6,7 +6,8 @@ Balloon semantics: ``amount_mib`` is the balloon size (memory taken away).
 """
 from __future__ import annotations
 
-from katactl.errors import OperationFailed, ProtocolError
+from katactl.backends.unixhttp import JsonUnixClient
+from katactl.errors import OperationFailed
 
 MIB = 1 << 20
 
@@ -20,35 +21,8 @@ class FcError(OperationFailed):
         self.fault = fault
 
 
-class FcClient:
-    def __init__(self, transport, socket_path: str, timeout: float = 5.0):
-        from katactl.backends.unixhttp import unix_http_client
-
-        self.path = socket_path
-        self._c = unix_http_client(transport, socket_path, timeout)
-
-    def close(self):
-        self._c.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _call(self, method: str, url: str, body: dict | None = None):
-        from katactl.backends.unixhttp import request
-
-        what = f"{self.path} {method} {url}"
-        kw = {"json": body} if body is not None else {}
-        r = request(self._c, method, url, what=what, **kw)
-        if r.status_code == 204:
-            return None
-        if r.status_code == 200:
-            try:
-                return r.json()
-            except ValueError:
-                raise ProtocolError(f"{what}: answer is not JSON") from None
+class FcClient(JsonUnixClient):
+    def _fail(self, what: str, r) -> None:
         try:
             fault = str(r.json().get("fault_message", r.text))
         except (ValueError, AttributeError):

@@ -3,7 +3,8 @@
 httpx is given a httpcore NetworkBackend whose "unix socket" is whatever
 NodeTransport.connect_unix returns: a local socket, or an SSH-relayed stream
 on a remote node. The shim, Cloud Hypervisor and Firecracker clients all
-build on this one function, so they work remotely without knowing it.
+build on this one function (the last two through JsonUnixClient), so they
+work remotely without knowing it.
 
 Imported lazily: httpx must not load for --help or completion.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 
-from katactl.errors import ProtocolError, TimeoutExpired, UnreachableError
+from katactl.errors import OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
 
 
 def unix_http_client(transport, socket_path: str, timeout: float):
@@ -115,3 +116,44 @@ def request(client, method: str, url: str, *, what: str, **kw):
             except retryable:
                 pass
         return client.request(method, url, **kw)
+
+
+class JsonUnixClient:
+    """Base of the JSON-over-unix-socket API clients (Cloud Hypervisor, Firecracker).
+
+    A subclass keeps only its protocol: ``prefix`` (prepended to every
+    endpoint), ``json_ok`` (statuses whose body is JSON; 204 is always None)
+    and ``_fail(what, response)``, which raises the hypervisor's own error.
+    """
+
+    prefix = ""
+    json_ok: tuple[int, ...] = (200,)
+
+    def __init__(self, transport, socket_path: str, timeout: float = 5.0):
+        self.path = socket_path
+        self._c = unix_http_client(transport, socket_path, timeout)
+
+    def close(self):
+        self._c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method: str, ep: str, body: dict | None = None):
+        what = f"{self.path} {method} {ep}"
+        kw = {"json": body} if body is not None else {}
+        r = request(self._c, method, self.prefix + ep, what=what, **kw)
+        if r.status_code == 204:
+            return None
+        if r.status_code in self.json_ok:
+            try:
+                return r.json()
+            except ValueError:
+                raise ProtocolError(f"{what}: answer is not JSON") from None
+        self._fail(what, r)
+
+    def _fail(self, what: str, r) -> None:
+        raise OperationFailed(f"{what}: answered {r.status_code}")
