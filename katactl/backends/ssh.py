@@ -18,9 +18,18 @@ mkdir, rm, stat, sync, ln) and, for connect_unix (shim/QMP/CLH/FC sockets),
 ``python3`` — a fixed relay program (RELAY below) is run with the quoted
 socket path as its only argument.
 
+Host root on a remote node: node paths are mapped on the node itself, as
+``<host_root><path>``. The root is --host-root/KATACTL_HOST_ROOT when given
+(the same for every node), else the node's own ``SetEnv
+KATACTL_HOST_ROOT=/dir`` in its ~/.ssh/config Host block (per node: a
+privileged pod with the host at /host, a lab tree; see sshconfig.py), else /.
+
 Connections are pooled per process and keyed by (user, host, port, proxy,
 identity, known_hosts): one command reuses one connection for all its calls,
-and nodes behind the same jump host share one connection to it.
+and nodes behind the same jump host share one connection to it. Idle
+connections beyond MAX_IDLE are closed (least recently used first). Exec
+channels per connection are capped below sshd's default MaxSessions (10);
+paramiko's SFTP client is used by one thread at a time per connection.
 
 paramiko is imported lazily (it costs ~120 ms): only when a remote node is
 actually contacted.
