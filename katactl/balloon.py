@@ -148,51 +148,47 @@ class _QmpPath(_Path):  # noqa: D101
         self.qmp.close()
 
 
-class _ClhPath(_Path):
+class _ApiPath(_Path):
+    """A hypervisor HTTP API client (ClhClient / FcClient) and its balloon_state()."""
+
     name = "hypervisor-api"
 
     def __init__(self, client):
         self.c = client
 
-    def state(self, guest: bool = True) -> dict:
+    def _balloon(self) -> dict:
         s = self.c.balloon_state()
         if not s["hasBalloon"]:
             raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=NO_BALLOON_HINT)
+        return s
+
+    def close(self):
+        self.c.close()
+
+
+class _ClhPath(_ApiPath):
+    def state(self, guest: bool = True) -> dict:
+        s = self._balloon()
         mem = s["memory"]
         return {"memory": mem, "target": mem - s["balloonTarget"], "actual": mem - s["balloonActual"],
                 "guest": None}
 
     def set_target(self, target: int) -> None:
-        s = self.c.balloon_state()
-        if not s["hasBalloon"]:
-            raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=NO_BALLOON_HINT)
+        s = self._balloon()
         self.c.resize(desired_balloon=max(0, s["memory"] - int(target)))
 
-    def close(self):
-        self.c.close()
 
-
-class _FcPath(_Path):
-    name = "hypervisor-api"
-
-    def __init__(self, client):
-        self.c = client
-
+class _FcPath(_ApiPath):
     def state(self, guest: bool = True) -> dict:
-        s = self.c.balloon_state()
-        if not s["hasBalloon"]:
-            raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=NO_BALLOON_HINT)
+        s = self._balloon()
         mem = s["memory"]
         actual = None if s["balloonActual"] is None else mem - s["balloonActual"]
         return {"memory": mem, "target": mem - s["balloonTarget"], "actual": actual, "guest": s.get("guest")}
 
     def set_target(self, target: int) -> None:
-        mem = self.c.balloon_state()["memory"]
+        mem = self._balloon()["memory"]
         # amount_mib is whole MiB of balloon: round up so the guest keeps <= target
         self.c.patch_balloon(max(0, -(-(mem - int(target)) // MIB)))
-
-    def close(self):
-        self.c.close()
 
 
 def _extra_monitor_protocol(sb) -> str | None:
