@@ -190,3 +190,32 @@ def test_socket_commands_work_remotely(cli, fleet):
     r = cli(ssh_args(lab, "-N", "node1,node2", "top", "-o", "json", "--interval", "0.1s"))
     assert r.exit_code == 0, r.stderr
     assert sid in [i["id"] for i in r.json()["items"] if i["node"] == "node1"]
+
+
+def test_run_on_nodes_progress_in_completion_order(sshd_lab):
+    """A slow node does not hold the progress counter back; results stay in node order."""
+    import threading
+
+    from katactl import fleet
+
+    s = config.resolve({"ssh_config": str(sshd_lab.config), "nodes": ("node1", "node2", "node3", "node4")})
+    release = threading.Event()
+    finished: list[str] = []
+    progress: list[tuple[int, int]] = []
+
+    def fn(t):
+        if t.node == "node1":
+            release.wait(30)  # until the other three are reported
+        finished.append(t.node)
+        return t.read_text("/etc/hostname").strip()
+
+    def on_progress(done, total):
+        progress.append((done, total))
+        if done == 3:
+            release.set()
+
+    fo = fleet.run_on_nodes(s, fn, progress=on_progress)
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert finished[-1] == "node1"
+    assert list(fo.values) == ["node1", "node2", "node3", "node4"]
+    assert fo.values["node3"] == "node3" and not fo.errors
