@@ -700,7 +700,7 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
         if resume_src:
             _hash_prefix(part, resume_dst, opts.compress, src_hash)
         os.lseek(fd, resume_dst, os.SEEK_SET)
-        writer = _make_writer(opts.compress, fd, part)
+        writer = _make_writer(opts.compress, fd)
         limit = _RateLimit(opts.bwlimit)
         done = resume_src
         seg_left = SEGMENT - (resume_src % SEGMENT) if opts.compress != "none" else None
@@ -1087,25 +1087,19 @@ class _PlainWriter:
         pass
 
 
-class _GzipWriter:
-    def __init__(self, fd: int, level: int = 1):
-        import gzip
+class _FramedWriter:
+    """Base of the compressing writers: a buffered file over a dup of ``fd``;
+    ``end_segment`` closes the current gzip member / zstd frame and fsyncs."""
 
-        self._gzip = gzip
-        self.fd = fd
-        self.level = level
+    def __init__(self, fd: int, level: int):
+        self.fd, self.level = fd, level
         self.f = os.fdopen(os.dup(fd), "ab", buffering=CHUNK)
-        self.g = None
 
-    def write(self, b: bytes) -> None:
-        if self.g is None:
-            self.g = self._gzip.GzipFile(fileobj=self.f, mode="wb", compresslevel=self.level, mtime=0)
-        self.g.write(b)
+    def _close_frame(self) -> None:
+        raise NotImplementedError
 
     def end_segment(self) -> None:
-        if self.g is not None:
-            self.g.close()
-            self.g = None
+        self._close_frame()
         self.f.flush()
         os.fsync(self.fd)
 
@@ -1123,11 +1117,29 @@ class _GzipWriter:
             pass
 
 
-class _ZstdWriter:
-    def __init__(self, fd: int, part: str, level: int = 3):
-        self.fd, self.part, self.level = fd, part, level
+class _GzipWriter(_FramedWriter):
+    def __init__(self, fd: int, level: int = 1):
+        import gzip
+
+        super().__init__(fd, level)
+        self._gzip = gzip
+        self.g = None
+
+    def write(self, b: bytes) -> None:
+        if self.g is None:
+            self.g = self._gzip.GzipFile(fileobj=self.f, mode="wb", compresslevel=self.level, mtime=0)
+        self.g.write(b)
+
+    def _close_frame(self) -> None:
+        if self.g is not None:
+            self.g.close()
+            self.g = None
+
+
+class _ZstdWriter(_FramedWriter):
+    def __init__(self, fd: int, level: int = 3):
+        super().__init__(fd, level)
         self.kind, self.mod = _zstd_backend()
-        self.f = os.fdopen(os.dup(fd), "ab", buffering=CHUNK)
         self.c = None
 
     def _start(self):
@@ -1160,7 +1172,7 @@ class _ZstdWriter:
                 raise OSError(errno.ENOSPC, "No space left on device")
             raise OperationFailed(f"zstd failed (exit {rc}): {err.strip()[-200:]}")
 
-    def end_segment(self) -> None:
+    def _close_frame(self) -> None:
         if self.c is not None:
             if self.kind == "module":
                 self.c.flush(self.mod.FLUSH_FRAME)
@@ -1168,15 +1180,6 @@ class _ZstdWriter:
             else:
                 self.c.stdin.close()
                 self._check()
-        self.f.flush()
-        os.fsync(self.fd)
-
-    def tell(self) -> int:
-        self.f.flush()
-        return os.fstat(self.fd).st_size
-
-    def finish(self) -> None:
-        self.end_segment()
 
     def close(self) -> None:
         if self.c is not None and self.kind != "module":
@@ -1185,17 +1188,14 @@ class _ZstdWriter:
                 self.c.wait()
             except OSError:
                 pass
-        try:
-            self.f.close()
-        except OSError:
-            pass
+        super().close()
 
 
-def _make_writer(compress: str, fd: int, part: str):
+def _make_writer(compress: str, fd: int):
     if compress == "gzip":
         return _GzipWriter(fd)
     if compress == "zstd":
-        return _ZstdWriter(fd, part)
+        return _ZstdWriter(fd)
     return _PlainWriter(fd)
 
 
