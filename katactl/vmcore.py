@@ -56,6 +56,7 @@ import subprocess
 import time
 from typing import Any, Callable, Iterator
 
+from katactl.backends.local import atomic_write, fsync_dir
 from katactl.errors import (Ambiguous, KatactlError, NotFound, OperationFailed, ProtocolError,
                             Refused, UsageError)
 
@@ -569,26 +570,9 @@ def _load_manifest(dest_dir: str) -> dict:
 
 def _write_manifest(dest_dir: str, manifest: dict) -> None:
     sums = "".join(f"{e['sha256']}  {name}\n" for name, e in sorted(manifest["files"].items()))
-    _atomic_write(os.path.join(dest_dir, SHA256SUMS), sums.encode())
-    _atomic_write(os.path.join(dest_dir, MANIFEST_JSON),
-                  (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(os.path.join(dest_dir, SHA256SUMS), sums.encode(), 0o600)
+    atomic_write(os.path.join(dest_dir, MANIFEST_JSON),
+                 (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), 0o600)
 
 
 def _walk(transport, path: str) -> Iterator[tuple[str, Any]]:
@@ -617,7 +601,7 @@ def _copy_metadata(transport, src_dir: str, dest_dir: str, dump: dict) -> dict:
         h = hashlib.sha256(data).hexdigest()
         dst = os.path.join(dest_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
-        _atomic_write(dst, data)
+        atomic_write(dst, data, 0o600)
         entries[rel] = {"size": len(data), "sha256": h, "kind": "metadata"}
     return entries
 
@@ -635,7 +619,7 @@ class _Sidecar:
             return None
 
     def save(self, d: dict) -> None:
-        _atomic_write(self.path, json.dumps(d).encode())
+        atomic_write(self.path, json.dumps(d).encode(), 0o600)
 
     def remove(self) -> None:
         try:
@@ -778,7 +762,7 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
     stored_sha = source_sha if opts.compress == "none" else _hash_file(part)
     stored_size = os.path.getsize(part)
     os.rename(part, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(final))
     side.remove()
     return {"size": stored_size, "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
             "verification": verification, "resumed": resumed}
@@ -790,14 +774,6 @@ def _discard(part: str, side: _Sidecar) -> None:
     except FileNotFoundError:
         pass
     side.remove()
-
-
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hash_file(path: str) -> str:

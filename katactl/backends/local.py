@@ -69,23 +69,7 @@ class LocalTransport(NodeTransport):
         return s.f_bavail * s.f_frsize
 
     def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        real = self.real(path)
-        d = os.path.dirname(real)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.rename(tmp, real)
-            _fsync_dir(d)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(self.real(path), data, mode)
 
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None:
         if parents:
@@ -102,7 +86,7 @@ class LocalTransport(NodeTransport):
 
     def rename(self, src: str, dst: str) -> None:
         os.rename(self.real(src), self.real(dst))
-        _fsync_dir(os.path.dirname(self.real(dst)))
+        fsync_dir(os.path.dirname(self.real(dst)))
 
     def symlink(self, target: str, link: str) -> None:
         os.symlink(target, self.real(link))
@@ -149,9 +133,33 @@ class LocalTransport(NodeTransport):
 _SUN_PATH_MAX = 108
 
 
-def _fsync_dir(d: str) -> None:
+def fsync_dir(d: str) -> None:
+    """fsync a directory (makes a rename in it durable). Local paths."""
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to the local ``path`` atomically and durably: a temp file
+    (mode 0600 until complete) in the same directory, fsync, chmod, rename,
+    fsync of the directory. Used by LocalTransport and for katactl's own local
+    output (vmcore collect manifests)."""
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+        fsync_dir(d)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
