@@ -236,6 +236,10 @@ def _str(v) -> str | None:
     return v if isinstance(v, str) and v != "" else None
 
 
+def _bool(v) -> bool | None:
+    return bool(v) if v is not None else None
+
+
 def _hv_name(t) -> str | None:
     if not isinstance(t, str) or not t:
         return None
@@ -268,11 +272,9 @@ def _fill_go(sb: Sandbox, p: dict) -> None:
     sb.reclaim_guest_freed_memory = _d(hc, "ReclaimGuestFreedMemory")
     sb.sandbox_cgroup_path = _str(_d(p, "SandboxCgroupPath"))
     sb.overhead_cgroup_path = _str(_d(p, "OverheadCgroupPath"))
-    sco = _d(cfg, "SandboxCgroupOnly")
-    sb.sandbox_cgroup_only = bool(sco) if sco is not None else None
+    sb.sandbox_cgroup_only = _bool(_d(cfg, "SandboxCgroupOnly"))
     sb.agent_url = _str(_d(p, "AgentState", "URL"))
-    ep = _d(cfg, "EnablePprof")
-    sb.enable_pprof = bool(ep) if ep is not None else None
+    sb.enable_pprof = _bool(_d(cfg, "EnablePprof"))
     api = _str(_d(hs, "APISocket"))
     if api is None:
         vm = f"{GO_VM}/{sb.id}"
@@ -308,8 +310,7 @@ def _fill_rs(sb: Sandbox, s: dict) -> None:
     cg = _d(s, "resource", "cgroup_state", default={})
     sb.sandbox_cgroup_path = _str(_d(cg, "path"))
     sb.overhead_cgroup_path = _str(_d(cg, "overhead_path"))
-    sco = _d(cg, "sandbox_cgroup_only")
-    sb.sandbox_cgroup_only = bool(sco) if sco is not None else None
+    sb.sandbox_cgroup_only = _bool(_d(cg, "sandbox_cgroup_only"))
     api = _str(_d(hv, "api_socket"))
     if api is None:
         d = f"{RS_DIR}/{sb.id}"
