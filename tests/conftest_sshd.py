@@ -24,6 +24,7 @@ Session fixture ``sshd_lab`` has these nodes:
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import os
 import shutil
 import socket
@@ -94,7 +95,11 @@ class SshLab:
         self.base.mkdir(parents=True, exist_ok=True)
         for d in ("hk", "run", "log", "trees", "conf.d", "home"):
             (self.base / d).mkdir(exist_ok=True)
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privsep dir
+        try:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privsep dir (root)
+        except PermissionError:
+            pass  # non-root: sshd runs unprivileged and only lets this same user in
+        self.user = getpass.getuser()
         self.user_key = keygen(self.base / "user_key")
         self.ca_key = keygen(self.base / "host_ca", comment="katactl-test-ca")
         (self.base / "authorized_keys").write_text(Path(str(self.user_key) + ".pub").read_text())
@@ -218,7 +223,7 @@ class SshLab:
         (self.base / "conf.d" / "nodes.conf").write_text("\n\n".join(self._blocks) + "\n")
         self.config.write_text(
             f"# katactl test fleet\nInclude {self.base}/conf.d/*.conf\n\n"
-            "Host *\n  User root\n"
+            f"Host *\n  User {self.user}\n"
             f"  IdentityFile {self.user_key}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {self.known_hosts}\n"
             f"  GlobalKnownHostsFile {self.global_known_hosts}\n"

@@ -112,7 +112,7 @@ def test_wrong_key_is_auth_error(tmp_path, sshd_lab):
 
     k = keygen(tmp_path / "other")
     with pytest.raises(AuthError) as ei:
-        ssh.SSHTransport.from_settings("root@127.0.0.1:%d" % sshd_lab.nodes["node3"].port,
+        ssh.SSHTransport.from_settings("%s@127.0.0.1:%d" % (sshd_lab.user, sshd_lab.nodes["node3"].port),
                                        _no_default_identity(sshd_lab, k, tmp_path))
     assert ei.value.exit_code == 7
 
@@ -357,7 +357,7 @@ def test_agent_authentication(sshd_lab, tmp_path, monkeypatch):
         monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* either
         cfg = tmp_path / "cfg"
         port = sshd_lab.nodes["node3"].port
-        cfg.write_text(f"Host agentnode\n  HostName 127.0.0.1\n  Port {port}\n  User root\n"
+        cfg.write_text(f"Host agentnode\n  HostName 127.0.0.1\n  Port {port}\n  User {sshd_lab.user}\n"
                        f"  UserKnownHostsFile {sshd_lab.known_hosts}\n")
         ssh.close_pool()
         t = ssh.SSHTransport.from_settings("agentnode", config.resolve({"ssh_config": str(cfg)}))
