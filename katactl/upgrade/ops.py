@@ -356,24 +356,39 @@ def _switch_locked(t, L, version, component, dry_run, force, run_binaries, actio
     if to == frm:
         return {**base, "changed": False, "dryRun": dry_run, "steps": [], "preflight": [],
                 "message": f"already on runtime {to['runtime']}, agent {to['agent']}"}
+    checks = _checked_preflight(t, L, to, component, run_binaries, force,
+                                hint="fix the release, or --force to switch anyway")
+    steps = _apply(t, L, frm, to, dry_run=True)
+    if dry_run:
+        return {**base, "changed": True, "dryRun": True, "steps": steps, "preflight": checks}
+    entry = _commit(t, L, action, component, frm, to)
+    return {**base, "changed": True, "dryRun": False, "steps": steps, "preflight": checks,
+            "historyId": entry["id"]}
+
+
+def _checked_preflight(t, L: Layout, to: dict, component: str, run_binaries: bool, force: bool,
+                       hint: str | None = None) -> list[dict]:
+    """The preflight checks; Refused when one fails, unless force."""
     checks = _preflight(t, L, to, component, run_binaries)
     failed = [c for c in checks if not c["ok"]]
     if failed and not force:
         raise Refused("preflight failed: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed),
-                      hint="fix the release, or --force to switch anyway")
-    steps = _apply(t, L, frm, to, dry_run=True)
-    if dry_run:
-        return {**base, "changed": True, "dryRun": True, "steps": steps, "preflight": checks}
+                      hint=hint)
+    return checks
+
+
+def _commit(t, L: Layout, action: str, component: str | None, frm: dict, to: dict, **extra) -> dict:
+    """Move the node from ``frm`` to ``to``, crash-safe: journal, apply, history, drop
+    the journal (an interrupted switch is finished by _recover). Returns the history entry."""
     entry = {"id": secrets.token_hex(6), "time": _now(), "user": _user(), "client": _client(),
-             "node": t.node, "action": action, "component": component, "from": frm, "to": to}
+             "node": t.node, "action": action, "component": component, "from": frm, "to": to, **extra}
     t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
     fault("switch:after-journal")
     _apply(t, L, frm, to, dry_run=False)
     _append_history(t, L, entry)
     fault("switch:after-history")
     t.remove(L.journal)
-    return {**base, "changed": True, "dryRun": False, "steps": steps, "preflight": checks,
-            "historyId": entry["id"]}
+    return entry
 
 
 def _client() -> str:
@@ -408,24 +423,13 @@ def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_bi
         for v in {to["runtime"], to.get("agent")} - {None}:
             if release_record(t, L, v) is None:
                 raise NotFound(f"release {v} (the rollback target) is no longer staged")
-        checks = _preflight(t, L, to, "runtime" if to["runtime"] != cur["runtime"] else "agent",
-                            run_binaries)
-        failed = [c for c in checks if not c["ok"]]
-        if failed and not force:
-            raise Refused("preflight failed: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed))
+        checks = _checked_preflight(t, L, to, "runtime" if to["runtime"] != cur["runtime"] else "agent",
+                                    run_binaries, force, hint="fix the release, or --force to roll back anyway")
         steps = _apply(t, L, cur, to, dry_run=True)
         if dry_run:
             return {**base, "to": to, "changed": True, "dryRun": True, "steps": steps,
                     "preflight": checks}
-        entry = {"id": secrets.token_hex(6), "time": _now(), "user": _user(), "client": _client(),
-                 "node": t.node, "action": "rollback", "component": last.get("component"),
-                 "from": cur, "to": to, "rollbackOf": last.get("id")}
-        t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
-        fault("switch:after-journal")
-        _apply(t, L, cur, to, dry_run=False)
-        _append_history(t, L, entry)
-        fault("switch:after-history")
-        t.remove(L.journal)
+        entry = _commit(t, L, "rollback", last.get("component"), cur, to, rollbackOf=last.get("id"))
         return {**base, "to": to, "changed": True, "dryRun": False, "steps": steps,
                 "preflight": checks, "historyId": entry["id"]}
 
