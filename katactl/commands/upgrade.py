@@ -31,9 +31,18 @@ def _common(ctx, kata_root: str, lock_timeout: Optional[str]):
     return app_ctx, layout, lt, on_wait
 
 
-def _report_recovery(app_ctx, res: dict) -> None:
-    if isinstance(res, dict) and res.get("recovered"):
-        app_ctx.out.warn(res["recovered"])
+def _mutate(ctx, kata_root: str, lock_timeout: Optional[str], kind: str, columns, op) -> None:
+    """Run ``op(t, layout, lock_timeout=, on_wait=)`` on every selected node (a mutating
+    fan-out); warn when it first finished a switch an earlier run left half done."""
+    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
+
+    def fn(t):
+        r = op(t, layout, lock_timeout=lt, on_wait=on_wait)
+        if isinstance(r, dict) and r.get("recovered"):
+            app_ctx.out.warn(r["recovered"])
+        return r
+
+    fan_out_one(app_ctx, fn, kind=kind, mutating=True, columns=columns)
 
 
 @app.command("stage")
@@ -71,15 +80,11 @@ def stage(
     from katactl import upgrade
     from katactl.values import parse_size
 
-    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
     res_bytes = parse_size(reserve, allow_zero=True, what="--reserve")
-
-    def fn(t):
-        return upgrade.stage(t, layout, source, version=as_version, sha256=sha256, no_verify=no_verify,
-                             reserve=res_bytes, force=force, dry_run=dry_run, lock_timeout=lt,
-                             on_wait=on_wait)
-
-    fan_out_one(app_ctx, fn, kind="UpgradeStage", mutating=True, columns=_mut_columns("version"))
+    _mutate(ctx, kata_root, lock_timeout, "UpgradeStage", _mut_columns("version"),
+            lambda t, layout, **kw: upgrade.stage(t, layout, source, version=as_version, sha256=sha256,
+                                                  no_verify=no_verify, reserve=res_bytes, force=force,
+                                                  dry_run=dry_run, **kw))
 
 
 @app.command("switch")
@@ -113,15 +118,9 @@ def switch(
     """
     from katactl import upgrade
 
-    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
-
-    def fn(t):
-        r = upgrade.switch(t, layout, version, component, dry_run=dry_run, force=force,
-                           run_binaries=not no_preflight_exec, lock_timeout=lt, on_wait=on_wait)
-        _report_recovery(app_ctx, r)
-        return r
-
-    fan_out_one(app_ctx, fn, kind="UpgradeSwitch", mutating=True, columns=_switch_columns())
+    _mutate(ctx, kata_root, lock_timeout, "UpgradeSwitch", _switch_columns(),
+            lambda t, layout, **kw: upgrade.switch(t, layout, version, component, dry_run=dry_run, force=force,
+                                                   run_binaries=not no_preflight_exec, **kw))
 
 
 @app.command("rollback")
@@ -147,15 +146,9 @@ def rollback(
     """
     from katactl import upgrade
 
-    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
-
-    def fn(t):
-        r = upgrade.rollback(t, layout, dry_run=dry_run, force=force,
-                             run_binaries=not no_preflight_exec, lock_timeout=lt, on_wait=on_wait)
-        _report_recovery(app_ctx, r)
-        return r
-
-    fan_out_one(app_ctx, fn, kind="UpgradeRollback", mutating=True, columns=_switch_columns())
+    _mutate(ctx, kata_root, lock_timeout, "UpgradeRollback", _switch_columns(),
+            lambda t, layout, **kw: upgrade.rollback(t, layout, dry_run=dry_run, force=force,
+                                                     run_binaries=not no_preflight_exec, **kw))
 
 
 @app.command("status")
@@ -230,15 +223,9 @@ def gc(
     """
     from katactl import upgrade
 
-    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
-
-    def fn(t):
-        r = upgrade.gc(t, layout, dry_run=dry_run, force=force, keep_previous=keep_previous,
-                       lock_timeout=lt, on_wait=on_wait)
-        _report_recovery(app_ctx, r)
-        return r
-
-    fan_out_one(app_ctx, fn, kind="UpgradeGC", mutating=True, columns=_gc_columns())
+    _mutate(ctx, kata_root, lock_timeout, "UpgradeGC", _gc_columns(),
+            lambda t, layout, **kw: upgrade.gc(t, layout, dry_run=dry_run, force=force,
+                                               keep_previous=keep_previous, **kw))
 
 
 def _mut_columns(key):
