@@ -52,10 +52,10 @@ _katactl() {
     done
     case "$prev" in
         -o|--output) COMPREPLY=($(compgen -W "table wide json yaml name jsonl" -- "$cur")); return ;;
-        --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity --timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity --ssh-accept-new --timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
         "katactl version") words=""; valopts=""; opts="-h --help" ;;
         "katactl config") words="view"; valopts=""; opts="-h --help" ;;
         "katactl config view") words=""; valopts=""; opts="-h --help" ;;

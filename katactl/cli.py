@@ -8,6 +8,7 @@ import a command module, so they never load kubernetes, paramiko or httpx.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 import sys
@@ -104,6 +105,10 @@ def root(
     ssh_user: Optional[str] = typer.Option(None, "--ssh-user", metavar="USER", help="SSH user."),
     ssh_config: Optional[str] = typer.Option(None, "--ssh-config", metavar="FILE", help="OpenSSH config file."),
     identity: Optional[str] = typer.Option(None, "-i", "--identity", metavar="FILE", help="SSH private key."),
+    jump_host: Optional[str] = typer.Option(None, "-J", "--jump-host", metavar="[USER@]HOST[:PORT][,...]",
+                                            help="Reach nodes through this SSH jump host (ProxyJump syntax)."),
+    known_hosts: Optional[str] = typer.Option(None, "--known-hosts", metavar="FILE",
+                                              help="Extra known_hosts file to verify host keys against."),
     ssh_accept_new: bool = typer.Option(False, "--ssh-accept-new",
                                         help="Trust unknown SSH host keys on first use (changed keys are still refused)."),
     timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
@@ -122,7 +127,8 @@ def root(
     flags = {k: v for k, v in dict(
         output=output, nodes=tuple(node or ()), nodes_from=nodes_from, selector=selector,
         host_root=host_root, context=context, kubeconfig=kubeconfig, namespace=namespace,
-        ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, ssh_accept_new=ssh_accept_new,
+        ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, jump_host=jump_host,
+        known_hosts=known_hosts, ssh_accept_new=ssh_accept_new,
         timeout=timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
     ).items() if v is not None and v is not False and v != () and not (k == "verbose" and v == 0)}
     settings = config.resolve(flags, profile=profile)
@@ -132,25 +138,28 @@ def root(
 
 
 # -- global options may follow the subcommand (kubectl habit) ------------------
-# name -> takes a value. Hoisted in front of the subcommand unless the leaf
-# command defines an option of the same name itself (e.g. balloon set --timeout).
-_GLOBAL_OPTS = {
-    "-o": True, "--output": True, "-N": True, "--node": True, "--nodes-from": True, "-l": True,
-    "--selector": True, "--host-root": True, "--context": True, "--kubeconfig": True, "-n": True,
-    "--namespace": True, "--ssh-user": True, "--ssh-config": True, "-i": True, "--identity": True,
-    "--ssh-accept-new": False, "--timeout": True, "--parallel": True, "--profile": True,
-    "-v": False, "--verbose": False, "-q": False, "--quiet": False, "--no-color": False,
-    "-y": False, "--yes": False,
-}
+# Hoisted in front of the subcommand unless the leaf command defines an option
+# of the same name itself (e.g. balloon set --timeout).
+@functools.lru_cache(maxsize=1)
+def _global_opts() -> dict[str, bool]:
+    """Root option name -> takes a value, read from the root command itself."""
+    opts: dict[str, bool] = {}
+    for p in typer.main.get_command(app).params:
+        takes_value = not (getattr(p, "is_flag", False) or getattr(p, "count", False))
+        for name in list(getattr(p, "opts", [])) + list(getattr(p, "secondary_opts", [])):
+            if name.startswith("-"):
+                opts[name] = takes_value
+    return opts
 
 
 def hoist_global_options(args: list[str]) -> list[str]:
     """Move global options written after the subcommand to the front."""
+    global_opts = _global_opts()
     head: list[str] = []
     i = 0
     while i < len(args) and args[i].startswith("-"):  # options already in front
         opt = args[i].split("=", 1)[0]
-        takes = _GLOBAL_OPTS.get(opt)
+        takes = global_opts.get(opt)
         head.append(args[i])
         if takes and "=" not in args[i] and i + 1 < len(args):
             head.append(args[i + 1])
@@ -166,9 +175,9 @@ def hoist_global_options(args: list[str]) -> list[str]:
         tok = rest[j]
         opt = tok.split("=", 1)[0]
         short_cluster = opt.startswith("-") and not opt.startswith("--") and len(opt) > 2
-        if opt in _GLOBAL_OPTS and opt not in local and not short_cluster:
+        if opt in global_opts and opt not in local and not short_cluster:
             hoisted.append(tok)
-            if _GLOBAL_OPTS[opt] and "=" not in tok and j + 1 < len(rest):
+            if global_opts[opt] and "=" not in tok and j + 1 < len(rest):
                 hoisted.append(rest[j + 1])
                 j += 1
         else:

@@ -73,6 +73,11 @@ def test_hoist_keeps_leaf_options_and_positionals():
     assert hoist_global_options(["version", "-o", "json"]) == ["-o", "json", "version"]
     assert hoist_global_options(["-q", "config", "view", "-v"]) == ["-q", "-v", "config", "view"]
     assert hoist_global_options(["config", "view", "--", "-o"]) == ["config", "view", "--", "-o"]
+    # every root option hoists (read from the root command, not a hand-kept list)
+    assert hoist_global_options(["version", "-J", "bastion", "--known-hosts=kh", "--ssh-accept-new"]) == \
+        ["-J", "bastion", "--known-hosts=kh", "--ssh-accept-new", "version"]
+    # a leaf's own option of the same name stays with the leaf
+    assert hoist_global_options(["balloon", "set", "x", "--timeout", "5s"])[-2:] == ["--timeout", "5s"]
 
 
 def test_piped_output_has_no_ansi_and_no_wrapping(katactl_bin):
