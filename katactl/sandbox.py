@@ -38,6 +38,13 @@ _HV_NAMES = {"qemu": "qemu", "clh": "clh", "cloud_hypervisor": "clh", "cloud-hyp
              "ch": "clh", "firecracker": "fc", "fc": "fc", "dragonball": "dragonball"}
 
 
+def pod_ref(pod: dict | None) -> str | None:
+    """"NAMESPACE/NAME" of a sandbox's pod ("-/NAME" without a namespace); None without a pod."""
+    if not pod or not pod.get("name"):
+        return None
+    return f"{pod.get('namespace') or '-'}/{pod['name']}"
+
+
 @dataclasses.dataclass
 class Sandbox:
     id: str
@@ -87,9 +94,7 @@ class Sandbox:
 
     @property
     def pod_ref(self) -> str | None:
-        if not self.pod or not self.pod.get("name"):
-            return None
-        return f"{self.pod.get('namespace') or '-'}/{self.pod['name']}"
+        return pod_ref(self.pod)
 
     def to_dict(self) -> dict:
         """The stable JSON shape (``katactl sandbox list -o json`` items)."""

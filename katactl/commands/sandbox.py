@@ -14,6 +14,7 @@ STATES = ("running", "stale", "unknown")
 
 def _columns():
     from katactl.output import Column
+    from katactl.sandbox import pod_ref
     from katactl.values import format_size
 
     def mem(it):
@@ -22,8 +23,7 @@ def _columns():
 
     return [
         Column("ID", lambda it: it["id"][:13]),
-        Column("POD", lambda it: f"{(it.get('pod') or {}).get('namespace') or '-'}/"
-                                 f"{(it.get('pod') or {}).get('name')}" if (it.get("pod") or {}).get("name") else None),
+        Column("POD", lambda it: pod_ref(it.get("pod"))),
         Column("STATE", "state"),
         Column("HYPERVISOR", "hypervisor"),
         Column("PID", "hypervisorPid"),

@@ -14,27 +14,21 @@ SORTS = ("cpu", "mem", "rss", "id", "pod")
 
 def _columns():
     from katactl.output import Column
+    from katactl.sandbox import pod_ref
     from katactl.values import format_size
-
-    def size(v):
-        return format_size(v)
-
-    def pod(it):
-        p = it.get("pod") or {}
-        return f"{p.get('namespace') or '-'}/{p['name']}" if p.get("name") else None
 
     return [
         Column("ID", lambda it: it["id"][:13]),
-        Column("POD", pod),
+        Column("POD", lambda it: pod_ref(it.get("pod"))),
         Column("CPU%", "cpuPercent.total"),
         Column("SHIM%", "cpuPercent.shim", wide=True),
         Column("HV%", "cpuPercent.hypervisor", wide=True),
-        Column("GUEST-USED", "guestMemUsed", fmt=size),
-        Column("GUEST-AVAIL", "guestMemAvailable", fmt=size),
-        Column("GUEST-TOTAL", "guestMemTotal", fmt=size, wide=True),
-        Column("BALLOON", "balloonBytes", fmt=size),
-        Column("SHIM-RSS", "shimRSS", fmt=size),
-        Column("HV-RSS", "hypervisorRSS", fmt=size),
+        Column("GUEST-USED", "guestMemUsed", fmt=format_size),
+        Column("GUEST-AVAIL", "guestMemAvailable", fmt=format_size),
+        Column("GUEST-TOTAL", "guestMemTotal", fmt=format_size, wide=True),
+        Column("BALLOON", "balloonBytes", fmt=format_size),
+        Column("SHIM-RSS", "shimRSS", fmt=format_size),
+        Column("HV-RSS", "hypervisorRSS", fmt=format_size),
         Column("ERROR", "error.message"),
     ]
 
