@@ -70,8 +70,9 @@ class SandboxPaths:
     pid_file_node: str | None = None
     extra_monitor_socket_node: str | None = None
 
-    def real(self, node_path: str) -> str:
-        return os.path.join(self.root, node_path.lstrip("/"))
+    def real(self, node_path: str | None) -> str | None:
+        """Where a node path lies under the lab root (None stays None)."""
+        return _join(self.root, node_path) if node_path else None
 
     @property
     def shim_socket(self) -> str:
@@ -79,11 +80,11 @@ class SandboxPaths:
 
     @property
     def api_socket(self) -> str | None:
-        return self.real(self.api_socket_node) if self.api_socket_node else None
+        return self.real(self.api_socket_node)
 
     @property
     def extra_monitor_socket(self) -> str | None:
-        return self.real(self.extra_monitor_socket_node) if self.extra_monitor_socket_node else None
+        return self.real(self.extra_monitor_socket_node)
 
     @property
     def state_file(self) -> str:
@@ -95,7 +96,7 @@ class SandboxPaths:
 
     @property
     def bundle(self) -> str | None:
-        return self.real(self.bundle_node) if self.bundle_node else None
+        return self.real(self.bundle_node)
 
 
 def _hv_key(hypervisor: str) -> str:
