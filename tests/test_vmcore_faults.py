@@ -31,6 +31,16 @@ def _dest(tmp_path, suffix=""):
     return tmp_path / "out" / "node-a" / SID / f"vmcore-{TS}.elf{suffix}"
 
 
+def _interrupted_collect(t, tmp_path, at: int, **kw) -> None:
+    """A collect stopped (as by Ctrl-C) once ``at`` bytes have been copied: it leaves a partial."""
+    def stop(dump, done, total):
+        if done >= at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vmcore.collect(t, [], _opts(tmp_path, progress=stop, **kw), index=_idx(tmp_path))
+
+
 @pytest.fixture
 def big(tmp_path):
     """A 24 MiB dump with real data spread through it."""
@@ -165,12 +175,7 @@ def test_corrupt_partial_is_detected_and_discarded(tmp_path, big):
     root, src = big
     t = LocalTransport(root)
 
-    def stop(dump, done, total):
-        if done >= 6 << 20:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        vmcore.collect(t, [], _opts(tmp_path, progress=stop), index=_idx(tmp_path))
+    _interrupted_collect(t, tmp_path, 6 << 20)
     part = str(_dest(tmp_path)) + ".partial"
     with open(part, "r+b") as f:       # bit rot in the kept prefix
         f.seek(5 << 20)
@@ -188,12 +193,7 @@ def test_resume_after_source_changed_starts_over(tmp_path, big):
     root, src = big
     t = LocalTransport(root)
 
-    def stop(dump, done, total):
-        if done >= 4 << 20:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        vmcore.collect(t, [], _opts(tmp_path, progress=stop), index=_idx(tmp_path))
+    _interrupted_collect(t, tmp_path, 4 << 20)
     os.chmod(src, 0o600)
     with open(src, "r+b") as f:
         f.seek(1 << 20)
@@ -210,12 +210,7 @@ def test_compressed_resume_at_segment(tmp_path, big, monkeypatch, algo):
     root, src = big
     t = LocalTransport(root)
 
-    def stop(dump, done, total):
-        if done >= 10 << 20:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        vmcore.collect(t, [], _opts(tmp_path, compress=algo, progress=stop), index=_idx(tmp_path))
+    _interrupted_collect(t, tmp_path, 10 << 20, compress=algo)
     suffix = {"gzip": ".gz", "zstd": ".zst"}[algo]
     side = json.loads(open(str(_dest(tmp_path, suffix)) + ".partial.json").read())
     assert side["srcOffset"] >= 8 << 20 and side["srcOffset"] % (4 << 20) == 0   # whole segments only
@@ -234,12 +229,7 @@ def test_resume_without_sha256sum_on_node_rehashes_the_prefix(tmp_path, big, mon
     root, src = big
     t = LocalTransport(root)
 
-    def stop(dump, done, total):
-        if done >= 8 << 20:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        vmcore.collect(t, [], _opts(tmp_path, progress=stop), index=_idx(tmp_path))
+    _interrupted_collect(t, tmp_path, 8 << 20)
     empty = tmp_path / "emptybin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))          # the node has no sha256sum
