@@ -9,22 +9,14 @@ from katactl.backends.clh import ClhClient, ClhError
 from katactl.backends.local import LocalTransport
 from katactl.errors import NotFound, UnreachableError
 from katactl.lab.clh_server import ClhServer
+from tests._apiservers import server_factory
 
 MIB = 1 << 20
 
 
 @pytest.fixture
 def clh(tmp_path):
-    servers = []
-
-    def make(**kw):
-        s = ClhServer(str(tmp_path / f"clh{len(servers)}.sock"), kw.pop("memory", 1024 * MIB), **kw)
-        servers.append(s)
-        return s, ClhClient(LocalTransport(), s.path, timeout=2)
-
-    yield make
-    for s in servers:
-        s.close()
+    yield from server_factory(tmp_path, ClhServer, ClhClient, "clh")
 
 
 def test_ping_and_info(clh):

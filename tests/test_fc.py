@@ -7,25 +7,16 @@ import time
 import pytest
 
 from katactl.backends.fc import FcClient, FcError
-from katactl.backends.local import LocalTransport
 from katactl.backends.unixhttp import request
 from katactl.lab.fc_server import FcServer
+from tests._apiservers import server_factory
 
 MIB = 1 << 20
 
 
 @pytest.fixture
 def fc(tmp_path):
-    servers = []
-
-    def make(**kw):
-        s = FcServer(str(tmp_path / f"fc{len(servers)}.sock"), kw.pop("memory", 1024 * MIB), **kw)
-        servers.append(s)
-        return s, FcClient(LocalTransport(), s.path, timeout=2)
-
-    yield make
-    for s in servers:
-        s.close()
+    yield from server_factory(tmp_path, FcServer, FcClient, "fc")
 
 
 def test_instance_and_machine_config(fc):
