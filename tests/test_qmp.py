@@ -118,77 +118,78 @@ def test_reader_thread_mode(bare_qemu):
 
 
 # -- fake peers: a silent socket, garbage, a peer that hangs up -----------------
-def _server(tmp_path, behaviour):
-    path = str(tmp_path / "fake.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(4)
-    conns = []
-
-    def run():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            conns.append(c)
-            behaviour(c)
-
-    threading.Thread(target=run, daemon=True).start()
-    return path, srv, conns
+GREETING = b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n'
 
 
-def test_silent_peer_is_busy(tmp_path):
-    path, srv, _ = _server(tmp_path, lambda c: None)
-    try:
-        with pytest.raises(MonitorBusy):
-            QMPClient.connect(LocalTransport(), path, greeting_timeout=0.2)
-    finally:
-        srv.close()
+@pytest.fixture
+def fake_peer(tmp_path):
+    """fake_peer(behaviour) -> path of a unix socket whose every accepted
+    connection is handed to behaviour(conn); all closed at teardown."""
+    socks = []
+
+    def start(behaviour):
+        path = str(tmp_path / f"fake{len(socks)}.sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(4)
+        socks.append(srv)
+
+        def run():
+            while True:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                socks.append(c)
+                behaviour(c)
+
+        threading.Thread(target=run, daemon=True).start()
+        return path
+
+    yield start
+    for s in socks:
+        s.close()
 
 
-def test_garbage_peer(tmp_path):
-    path, srv, _ = _server(tmp_path, lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"))
-    try:
-        with pytest.raises(ProtocolError):
-            QMPClient.connect(LocalTransport(), path)
-    finally:
-        srv.close()
+def test_silent_peer_is_busy(fake_peer):
+    path = fake_peer(lambda c: None)
+    with pytest.raises(MonitorBusy):
+        QMPClient.connect(LocalTransport(), path, greeting_timeout=0.2)
 
 
-def test_peer_hangs_up_after_greeting(tmp_path):
+def test_garbage_peer(fake_peer):
+    path = fake_peer(lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"))
+    with pytest.raises(ProtocolError):
+        QMPClient.connect(LocalTransport(), path)
+
+
+def test_peer_hangs_up_after_greeting(fake_peer):
     def greet_and_close(c):
-        c.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
+        c.sendall(GREETING)
         c.recv(1000)
         c.close()
 
-    path, srv, _ = _server(tmp_path, greet_and_close)
-    try:
-        with pytest.raises(MonitorClosed):
-            QMPClient.connect(LocalTransport(), path)
-    finally:
-        srv.close()
+    path = fake_peer(greet_and_close)
+    with pytest.raises(MonitorClosed):
+        QMPClient.connect(LocalTransport(), path)
 
 
-def test_reply_timeout(tmp_path):
+def test_reply_timeout(fake_peer):
     def greet_then_mute(c):
-        c.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
+        c.sendall(GREETING)
 
-    path, srv, _ = _server(tmp_path, greet_then_mute)
-    try:
-        with pytest.raises(TimeoutExpired) as ei:
-            QMPClient.connect(LocalTransport(), path, timeout=0.3)
-        assert ei.value.exit_code == 6
-    finally:
-        srv.close()
+    path = fake_peer(greet_then_mute)
+    with pytest.raises(TimeoutExpired) as ei:
+        QMPClient.connect(LocalTransport(), path, timeout=0.3)
+    assert ei.value.exit_code == 6
 
 
-def test_event_before_reply_fake(tmp_path):
+def test_event_before_reply_fake(fake_peer):
     """An event written before the reply of the command that caused it is kept."""
     import json
 
     def peer(c):
-        c.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
+        c.sendall(GREETING)
         buf = b""
         while True:
             data = c.recv(4096)
@@ -203,14 +204,11 @@ def test_event_before_reply_fake(tmp_path):
                               b'"timestamp": {"seconds": 1, "microseconds": 2}}\r\n')
                 c.sendall(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\r\n")
 
-    path, srv, _ = _server(tmp_path, peer)
-    try:
-        with QMPClient.connect(LocalTransport(), path) as q:
-            assert q.execute("dump-guest-memory", {"paging": False, "protocol": "file:/x"}) == {}
-            ev = q.wait_event("DUMP_COMPLETED", timeout=0.1)
-            assert ev["data"]["result"]["status"] == "completed"
-    finally:
-        srv.close()
+    path = fake_peer(peer)
+    with QMPClient.connect(LocalTransport(), path) as q:
+        assert q.execute("dump-guest-memory", {"paging": False, "protocol": "file:/x"}) == {}
+        ev = q.wait_event("DUMP_COMPLETED", timeout=0.1)
+        assert ev["data"]["result"]["status"] == "completed"
 
 
 def test_missing_socket():
