@@ -1449,22 +1449,19 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
 
 
 def _shim_ext(transport, sock: str) -> dict | None:
-    from katactl.backends.unixhttp import request, unix_http_client
+    """The shim's extension capabilities ({socket, capabilities, raw}); None without one."""
+    from katactl.backends.shim import ShimClient
 
     if not transport.exists(sock):
         return None
     try:
-        with unix_http_client(transport, sock, 5.0) as c:
-            r = request(c, "GET", "/ext/v1/capabilities", what="shim extension")
+        with ShimClient(transport, sock, timeout=5.0) as c:
+            body = c.capabilities()
     except KatactlError:
         return None
-    if r.status_code != 200:
+    if body is None:
         return None
-    try:
-        body = r.json()
-    except ValueError:
-        return None
-    caps = (body.get("features") or body.get("capabilities")) if isinstance(body, dict) else body
+    caps = body.get("features") or body.get("capabilities")
     if isinstance(caps, dict):
         caps = [k for k, v in caps.items() if v]
     if not isinstance(caps, list):
@@ -1473,33 +1470,32 @@ def _shim_ext(transport, sock: str) -> dict | None:
 
 
 def _trigger_shim(transport, shim: dict, sid: str, opts: TriggerOptions, paging: bool) -> dict:
-    from katactl.backends.unixhttp import request, unix_http_client
+    from katactl.backends.shim import ShimClient
 
-    body = {"format": opts.format, "paging": paging}
-    with unix_http_client(transport, shim["socket"], opts.timeout) as c:
-        r = request(c, "POST", "/ext/v1/vmcore", what=f"shim {sid[:12]} vmcore dump", json=body)
+    body = json.dumps({"format": opts.format, "paging": paging}).encode()
+    with ShimClient(transport, shim["socket"], timeout=opts.timeout, sandbox_id=sid) as c:
+        status, raw = c.call("POST", "/ext/v1/vmcore", content=body,
+                             headers={"Content-Type": "application/json"})
     try:
-        d = r.json()
+        d = json.loads(raw)
     except ValueError:
         d = {}
-    msg = ((d.get("error") or {}).get("message") if isinstance(d, dict) else None) or r.text.strip()[:300]
-    if r.status_code in (409, 507):
+    msg = ((d.get("error") or {}).get("message") if isinstance(d, dict) else None) \
+        or raw.decode("utf-8", "replace").strip()[:300]
+    if status in (409, 507):
         raise Refused(f"the shim refused the dump: {msg}")
-    if r.status_code >= 300:
-        raise OperationFailed(f"shim vmcore dump failed: HTTP {r.status_code}: {msg}")
+    if status >= 300:
+        raise OperationFailed(f"shim vmcore dump failed: HTTP {status}: {msg}")
     if not isinstance(d, dict) or not d.get("path"):
         raise ProtocolError("shim vmcore dump: the answer names no dump path")
     return {"path": d["path"], "size": d.get("bytes"), "status": "completed"}
 
 
 def _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result) -> dict:
-    from katactl.backends.unixhttp import request, unix_http_client
+    from katactl.backends.clh import ClhClient
 
-    with unix_http_client(transport, sock, opts.timeout) as c:
-        r = request(c, "GET", "/api/v1/vmm.ping", what="cloud-hypervisor vmm.ping")
-        if r.status_code != 200:
-            raise ProtocolError(f"cloud-hypervisor vmm.ping: HTTP {r.status_code}")
-        feats = (r.json() or {}).get("features") or []
+    with ClhClient(transport, sock, opts.timeout) as c:
+        feats = (c.ping() or {}).get("features") or []
         if "guest_debug" not in feats:
             raise OperationFailed("this Cloud Hypervisor build has no guest_debug feature (vmm.ping features: "
                                   + (",".join(feats) or "none") + "): vm.coredump is unavailable",
@@ -1509,10 +1505,7 @@ def _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result) -> d
         prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
         if mem:
             check_free_space(transport, d, mem)
-        r = request(c, "PUT", "/api/v1/vm.coredump", what="cloud-hypervisor vm.coredump",
-                    json={"destination_url": "file://" + _real(transport, path)})
-        if r.status_code not in (200, 204):
-            raise OperationFailed(f"cloud-hypervisor vm.coredump: HTTP {r.status_code}: {r.text.strip()[:300]}")
+        c.coredump(_real(transport, path))
     return {**result, "status": "completed", "changed": True}
 
 
