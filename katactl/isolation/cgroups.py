@@ -304,18 +304,6 @@ def _first_line(s: str) -> str:
     return s.strip().splitlines()[0] if s.strip() else ""
 
 
-def _kv(s: str) -> dict:
-    out = {}
-    for line in s.splitlines():
-        k, _, v = line.partition(" ")
-        if k:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                out[k] = v.strip()
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Knob:
     section: str

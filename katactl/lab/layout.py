@@ -451,11 +451,6 @@ def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonbal
                         bundle_node=bundle_node, vm_dir_node=d)
 
 
-def write_crio_sandbox(root: str, sandbox_id: str, **kw) -> SandboxPaths:
-    """A Go-runtime sandbox started by CRI-O (bundle under /run/containers/storage)."""
-    return write_go_sandbox(root, sandbox_id, cri="crio", **kw)
-
-
 def sandbox_id_for(n: int, prefix: str = "") -> str:
     """A deterministic 64-hex sandbox id (containerd style)."""
     import hashlib
