@@ -36,9 +36,9 @@ def pprof(
       katactl pprof 3f2a goroutine -f - | go tool pprof -top -
     """
     import os
-    import tempfile
 
     from katactl import sandbox
+    from katactl.backends.local import atomic_write
     from katactl.backends.shim import PPROF_PROFILES, ShimClient
     from katactl.errors import UsageError
     from katactl.output import Result
@@ -73,16 +73,7 @@ def pprof(
         getattr(out, "buffer", out).write(data)
         out.flush()
         return
-    path = file or f"{sb.id[:12]}-{profile}.pprof"
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-pprof-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = os.path.abspath(file or f"{sb.id[:12]}-{profile}.pprof")
+    atomic_write(path, data, 0o600)
     finish(app_ctx, Result(kind="PprofProfile", item={"node": node, "sandbox": sb.id, "profile": profile,
-                                                      "file": os.path.abspath(path), "bytes": n}))
+                                                      "file": path, "bytes": n}))
