@@ -314,16 +314,26 @@ def switch(t, L: Layout, version: str, component: str = "all", *, dry_run: bool 
     if component not in COMPONENTS:
         raise UsageError(f"invalid --component {component!r} (choose from {', '.join(COMPONENTS)})")
     params = {"version": version, "component": component, "force": force}
+    return _locked_audited(
+        t, L, _action, params, lambda: _switch_locked(t, L, version, component, dry_run, force, run_binaries,
+                                                      _action),
+        target=version, dry_run=dry_run, lock_timeout=lock_timeout, on_wait=on_wait)
+
+
+def _locked_audited(t, L: Layout, action: str, params: dict, body, *, target: str, dry_run: bool,
+                    lock_timeout: float, on_wait, target_of=None) -> dict:
+    """body() for a dry run; otherwise body() under the node's upgrade lock, with an audit
+    record of the outcome (an error too). The record's target is ``target``, or
+    ``target_of(result)`` once the result is known."""
+    if dry_run:
+        return body()
     try:
-        if dry_run:
-            return _switch_locked(t, L, version, component, dry_run, force, run_binaries, _action)
         with _lock(t, L, lock_timeout, on_wait):
-            res = _switch_locked(t, L, version, component, dry_run, force, run_binaries, _action)
+            res = body()
     except Exception as e:
-        if not dry_run:
-            _audit(_action, version, t, params, None, result=f"error: {e}")
+        _audit(action, target, t, params, None, result=f"error: {e}")
         raise
-    _audit(_action, version, t, params, res["changed"])
+    _audit(action, target_of(res) if target_of else target, t, params, res["changed"])
     return res
 
 
@@ -433,17 +443,9 @@ def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_bi
         return {**base, "to": to, "changed": True, "dryRun": False, "steps": steps,
                 "preflight": checks, "historyId": entry["id"]}
 
-    try:
-        if dry_run:
-            return body()
-        with _lock(t, L, lock_timeout, on_wait):
-            res = body()
-    except Exception as e:
-        if not dry_run:
-            _audit("rollback", "-", t, {"force": force}, None, result=f"error: {e}")
-        raise
-    _audit("rollback", str((res.get("to") or {}).get("runtime")), t, {"force": force}, res["changed"])
-    return res
+    return _locked_audited(t, L, "rollback", {"force": force}, body, target="-", dry_run=dry_run,
+                           lock_timeout=lock_timeout, on_wait=on_wait,
+                           target_of=lambda r: str((r.get("to") or {}).get("runtime")))
 
 
 # -- stage --------------------------------------------------------------------------------
@@ -747,15 +749,6 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
                 "uninspectedProcesses": stats.get("unreadable", 0),
                 "recovered": recovered, "changed": bool(removed or stale), "dryRun": dry_run}
 
-    try:
-        if dry_run:
-            return body()
-        with _lock(t, L, lock_timeout, on_wait):
-            res = body()
-    except Exception as e:
-        if not dry_run:
-            _audit("gc", "-", t, {"force": force, "keepPrevious": keep_previous}, None, result=f"error: {e}")
-        raise
-    _audit("gc", ",".join(res["removed"]) or "-", t, {"force": force, "keepPrevious": keep_previous},
-           res["changed"])
-    return res
+    return _locked_audited(t, L, "gc", {"force": force, "keepPrevious": keep_previous}, body, target="-",
+                           dry_run=dry_run, lock_timeout=lock_timeout, on_wait=on_wait,
+                           target_of=lambda r: ",".join(r["removed"]) or "-")
