@@ -175,25 +175,28 @@ def parse_ref(ref: str) -> tuple[str, str | tuple[str, str]]:
 
 
 # -- reading ------------------------------------------------------------------
-def _listdir(transport, path: str) -> list[str]:
-    try:
-        return transport.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+def _scan(transport, paths: list[str]) -> dict[str, list]:
+    """{dir: [(name, FileStat), ...]} in one batched call; a missing dir lists as []."""
+    out = {}
+    for p, v in transport.scan_dirs(paths).items():
+        if isinstance(v, (FileNotFoundError, NotADirectoryError)):
+            v = []
+        elif isinstance(v, OSError):
+            raise v
+        out[p] = v
+    return out
 
 
-def _load_json(transport, path: str) -> tuple[dict | None, str | None]:
-    """(object, None) or (None, reason)."""
-    try:
-        data = transport.read_bytes(path, limit=STATE_LIMIT + 1)
-    except FileNotFoundError:
+def _parse_json(path: str, data: bytes | OSError) -> tuple[dict | None, str | None]:
+    """(object, None) or (None, reason) for a state file's bytes (or the error reading it)."""
+    if isinstance(data, FileNotFoundError):
         return None, f"{posixpath.basename(path)} is missing"
-    except PermissionError:
+    if isinstance(data, PermissionError):
         return None, f"{path}: permission denied"
-    except IsADirectoryError:
+    if isinstance(data, IsADirectoryError):
         return None, f"{path} is a directory"
-    except OSError as e:
-        return None, f"{path}: {e.strerror or e}"
+    if isinstance(data, OSError):
+        return None, f"{path}: {data.strerror or data}"
     if len(data) > STATE_LIMIT:
         return None, f"{posixpath.basename(path)} is larger than {STATE_LIMIT >> 20} MiB"
     if not data.strip():
@@ -345,20 +348,25 @@ def _pod_from_annotations(ann: dict) -> tuple[dict | None, str | None]:
 
 
 class _BundleIndex:
-    """sandbox id -> bundle node path, built with a few listdir() calls."""
+    """sandbox id -> bundle node path, built with two batched directory scans
+    (``top``: listings of CRIO_DIR and CONTAINERD_TASK_DIR when already made)."""
 
-    def __init__(self, transport):
+    def __init__(self, transport, top: dict[str, list] | None = None):
         self.t = transport
+        self.top = top
         self._map: dict[str, str] | None = None
 
     def _build(self) -> dict[str, str]:
         m: dict[str, str] = {}
-        for cid in _listdir(self.t, CRIO_DIR):
+        top = self.top if self.top is not None else _scan(self.t, [CRIO_DIR, CONTAINERD_TASK_DIR])
+        for cid, _ in top[CRIO_DIR]:
             m.setdefault(cid, f"{CRIO_DIR}/{cid}/userdata")
-        nss = _listdir(self.t, CONTAINERD_TASK_DIR)
+        nss = [n for n, _ in top[CONTAINERD_TASK_DIR]]
         # k8s.io wins over other containerd namespaces
-        for ns in sorted(nss, key=lambda n: n != "k8s.io", reverse=True):
-            for cid in _listdir(self.t, f"{CONTAINERD_TASK_DIR}/{ns}"):
+        nss = sorted(nss, key=lambda n: n != "k8s.io", reverse=True)
+        per_ns = _scan(self.t, [f"{CONTAINERD_TASK_DIR}/{ns}" for ns in nss]) if nss else {}
+        for ns in nss:
+            for cid, _ in per_ns[f"{CONTAINERD_TASK_DIR}/{ns}"]:
                 m[cid] = f"{CONTAINERD_TASK_DIR}/{ns}/{cid}"
         return m
 
@@ -373,17 +381,37 @@ class _BundleIndex:
         return self._map.get(sid)
 
 
-def _load_one(transport, sid: str, runtime: str, bundles: _BundleIndex, quick: bool = False) -> Sandbox:
-    base = GO_SBS if runtime == "go" else RS_DIR
-    state_file = f"{base}/{sid}/{'persist.json' if runtime == 'go' else 'state.json'}"
-    sb = Sandbox(id=sid, runtime=runtime, state_file=state_file,
-                 shim_socket=f"{base}/{sid}/{SHIM_SOCKET_NAME}")
-    sb.bundle = bundles.get(sid, quick=quick)
+def _load_many(transport, cands: list[tuple[str, str, float | None]], bundles: _BundleIndex,
+               quick: bool = False) -> list[Sandbox]:
+    """Sandboxes for (id, runtime, state dir mtime) candidates, with all their files read in
+    two batched transport calls (read_many + stat_many: a few SSH round trips per node,
+    however many sandboxes)."""
+    sbs = []
+    for sid, runtime, _ in cands:
+        base = GO_SBS if runtime == "go" else RS_DIR
+        state_file = f"{base}/{sid}/{'persist.json' if runtime == 'go' else 'state.json'}"
+        sb = Sandbox(id=sid, runtime=runtime, state_file=state_file,
+                     shim_socket=f"{base}/{sid}/{SHIM_SOCKET_NAME}")
+        sb.bundle = bundles.get(sid, quick=quick)
+        sbs.append(sb)
+    specs = [f"{sb.bundle}/config.json" for sb in sbs if sb.bundle]
+    data = transport.read_many([sb.state_file for sb in sbs] + specs, limit=STATE_LIMIT + 1)
+    # extra-monitor.sock only matters for Go QEMU sandboxes: probed for every Go one
+    # (the hypervisor is known only after parsing) to spare a round trip
+    stats = transport.stat_many(specs + [f"{GO_VM}/{sb.id}/extra-monitor.sock"
+                                         for sb in sbs if sb.runtime == "go"])
+    return [_fill_one(sb, data, stats, mtime) for sb, (_, _, mtime) in zip(sbs, cands)]
+
+
+def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None) -> Sandbox:
     created = None
     if sb.bundle:
+        spec_file = f"{sb.bundle}/config.json"
+        raw = data.get(spec_file)
         try:
-            data = transport.read_bytes(f"{sb.bundle}/config.json", limit=STATE_LIMIT)
-            spec = json.loads(data.decode("utf-8", errors="replace"))
+            if isinstance(raw, OSError):
+                raise raw
+            spec = json.loads(raw[:STATE_LIMIT].decode("utf-8", errors="replace"))
             ann = spec.get("annotations") if isinstance(spec, dict) else None
             sb.annotations = ann if isinstance(ann, dict) else {}
             sb.pod, sb.cri = _pod_from_annotations(sb.annotations)
@@ -391,11 +419,10 @@ def _load_one(transport, sid: str, runtime: str, bundles: _BundleIndex, quick: b
                 sb.enable_pprof = True
         except (OSError, ValueError):
             pass  # no pod mapping; the sandbox itself is still listed
-        try:
-            created = transport.stat(f"{sb.bundle}/config.json").mtime
-        except OSError:
-            created = None
-    obj, reason = _load_json(transport, state_file)
+        st = stats.get(spec_file)
+        created = None if isinstance(st, OSError) or st is None else st.mtime
+    runtime, sid, state_file = sb.runtime, sb.id, sb.state_file
+    obj, reason = _parse_json(state_file, data[state_file])
     if obj is None:
         sb.state, sb.reason = "unknown", reason
     else:
@@ -406,15 +433,10 @@ def _load_one(transport, sid: str, runtime: str, bundles: _BundleIndex, quick: b
             obj = None
     if sb.enable_pprof is None and sb.annotations is not None:
         sb.enable_pprof = False
-    if created is None:
-        try:
-            created = transport.stat(f"{base}/{sid}").mtime
-        except OSError:
-            created = None
-    sb.created = created
+    sb.created = created if created is not None else dir_mtime
     if runtime == "go" and sb.hypervisor == "qemu":
         em = f"{GO_VM}/{sid}/extra-monitor.sock"
-        if transport.exists(em):
+        if not isinstance(stats.get(em), (OSError, type(None))):
             sb.extra_monitor_socket = em
     return sb
 
@@ -452,15 +474,22 @@ def socket_answers(transport, path: str | None, timeout: float = 0.5) -> tuple[b
     return True, None
 
 
-def liveness(transport, sb: Sandbox, timeout: float = 0.5) -> Sandbox:
+_UNSET = object()
+
+
+def liveness(transport, sb: Sandbox, timeout: float = 0.5, *, _alive=_UNSET,
+             _socket_missing: bool = False) -> Sandbox:
     """Set sb.state/reason: running (pid lives, socket answers), stale, or unknown."""
     if sb.raw is None:
         return sb  # unreadable state file: stays unknown with its reason
-    alive = pid_alive(transport, sb.hypervisor_pid)
+    alive = pid_alive(transport, sb.hypervisor_pid) if _alive is _UNSET else _alive
     if alive is False:
         sb.state, sb.reason = "stale", f"hypervisor pid {sb.hypervisor_pid} is not running"
         return sb
-    ok, why = socket_answers(transport, sb.shim_socket, timeout)
+    if _socket_missing:
+        ok, why = False, "shim socket does not exist"
+    else:
+        ok, why = socket_answers(transport, sb.shim_socket, timeout)
     if ok:
         sb.state, sb.reason = "running", None
         if alive is None and sb.hypervisor_pid:
@@ -471,26 +500,29 @@ def liveness(transport, sb: Sandbox, timeout: float = 0.5) -> Sandbox:
 
 
 # -- discovery ----------------------------------------------------------------
-def _candidates(transport) -> list[tuple[str, str]]:
-    """(id, runtime) pairs; Go first, then runtime-rs (as the Go client looks)."""
-    out: list[tuple[str, str]] = []
+def _candidates(transport, top: dict[str, list] | None = None) -> list[tuple[str, str, float | None]]:
+    """(id, runtime, state dir mtime) triples; Go first, then runtime-rs (as the Go client looks)."""
+    out: list[tuple[str, str, float | None]] = []
     seen: set[str] = set()
+    if top is None:
+        top = _scan(transport, [GO_SBS, RS_DIR])
     for base, rt in ((GO_SBS, "go"), (RS_DIR, "rs")):
-        for name in _listdir(transport, base):
+        for name, st in top[base]:
             if name in seen or not _ID_RE.match(name) or ".." in name:
                 continue
-            if not transport.is_dir(f"{base}/{name}"):
+            if not st.is_dir:
                 continue
             seen.add(name)
-            out.append((name, rt))
+            out.append((name, rt, st.mtime))
     return out
 
 
 def discover(transport, *, check: bool = True, timeout: float = 0.5) -> list[Sandbox]:
     """Every sandbox on the node, sorted by pod then id; ``check`` runs the liveness check."""
-    bundles = _BundleIndex(transport)
-    cands = _candidates(transport)
-    sbs = [_load_one(transport, sid, rt, bundles) for sid, rt in cands]
+    top = _scan(transport, [GO_SBS, RS_DIR, CRIO_DIR, CONTAINERD_TASK_DIR])
+    bundles = _BundleIndex(transport, top)
+    cands = _candidates(transport, top)
+    sbs = _load_many(transport, cands, bundles)
     if check:
         _check_all(transport, sbs, timeout)
     sbs.sort(key=lambda s: (s.pod_ref or "~", s.id))
@@ -498,14 +530,35 @@ def discover(transport, *, check: bool = True, timeout: float = 0.5) -> list[San
 
 
 def _check_all(transport, sbs: list[Sandbox], timeout: float) -> None:
-    if len(sbs) > 8 and getattr(transport, "node", "localhost") != "localhost":
+    """liveness() for many sandboxes: the /proc/<pid> and shim socket probes in one
+    stat_many (one SSH round trip); only sockets that exist are connected to."""
+    todo = [s for s in sbs if s.raw is not None]
+    if not todo:
+        return
+    pids = sorted({f"/proc/{s.hypervisor_pid}" for s in todo if s.hypervisor_pid})
+    probes = pids + (["/proc/self", "/proc/1"] if pids else [])
+    probes += [s.shim_socket for s in todo if s.shim_socket]
+    st = transport.stat_many(probes)
+    proc_visible = any(not isinstance(st.get(p), OSError) and st[p].is_dir for p in ("/proc/self", "/proc/1")
+                       if p in st)
+
+    def check(s: Sandbox) -> None:
+        alive = None
+        if s.hypervisor_pid:
+            alive = True if not isinstance(st[f"/proc/{s.hypervisor_pid}"], OSError) else \
+                (False if proc_visible else None)
+        missing = bool(s.shim_socket) and isinstance(st[s.shim_socket], (FileNotFoundError, NotADirectoryError))
+        liveness(transport, s, timeout, _alive=alive, _socket_missing=missing)
+
+    connects = [s for s in todo if not (s.shim_socket and isinstance(st[s.shim_socket], OSError))]
+    if len(connects) > 8 and getattr(transport, "node", "localhost") != "localhost":
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=16) as ex:
-            list(ex.map(lambda s: liveness(transport, s, timeout), sbs))
+            list(ex.map(check, todo))
     else:
-        for s in sbs:
-            liveness(transport, s, timeout)
+        for s in todo:
+            check(s)
 
 
 def resolve(transport, ref: str, *, check: bool = True, timeout: float = 0.5) -> Sandbox:
@@ -513,7 +566,7 @@ def resolve(transport, ref: str, *, check: bool = True, timeout: float = 0.5) ->
     kind, val = parse_ref(ref)
     bundles = _BundleIndex(transport)
     if kind == "id":
-        cands = [(n, rt) for n, rt in _candidates(transport) if n.startswith(val)]
+        cands = [c for c in _candidates(transport) if c[0].startswith(val)]
         exact = [c for c in cands if c[0] == val]
         if exact:
             cands = exact[:1]
@@ -525,8 +578,7 @@ def resolve(transport, ref: str, *, check: bool = True, timeout: float = 0.5) ->
             shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
             raise Ambiguous(f"sandbox prefix {val!r} is ambiguous: {shown}",
                             hint="give more characters of the id", details={"candidates": ids})
-        sid, rt = cands[0]
-        sb = _load_one(transport, sid, rt, bundles, quick=True)
+        sb = _load_many(transport, cands, bundles, quick=True)[0]
         if check:
             liveness(transport, sb, timeout)
         return sb

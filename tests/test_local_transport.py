@@ -85,3 +85,24 @@ def test_run_timeout(tmp_path):
         LocalTransport().run(["sleep", "5"], timeout=0.2)
     r = LocalTransport().run(["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+
+
+def test_batched_reads_stats_and_scans(tmp_path):
+    t = LocalTransport(str(tmp_path))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/a").write_bytes(b"aaa")
+    (tmp_path / "d/sub").mkdir()
+    (tmp_path / "d/ln").symlink_to("sub")
+    (tmp_path / "d/dangling").symlink_to("nowhere")
+    got = t.read_many(["/d/a", "/d/missing", "/d/sub"], limit=2)
+    assert got["/d/a"] == b"aa"
+    assert isinstance(got["/d/missing"], FileNotFoundError) and isinstance(got["/d/sub"], IsADirectoryError)
+    st = t.stat_many(["/d/ln", "/d/missing"], follow_symlinks=False)
+    assert st["/d/ln"].is_link and isinstance(st["/d/missing"], FileNotFoundError)
+    entries = dict(t.scan_dir("/d"))
+    assert list(entries) == ["a", "dangling", "ln", "sub"]
+    assert entries["ln"].is_dir and not entries["ln"].is_link and entries["dangling"].is_link
+    assert dict(t.scan_dir("/d", follow_symlinks=False))["ln"].is_link
+    many = t.scan_dirs(["/d", "/nope", "/d/a"])
+    assert isinstance(many["/nope"], FileNotFoundError) and isinstance(many["/d/a"], NotADirectoryError)
+    assert [n for n, _ in many["/d"]] == ["a", "dangling", "ln", "sub"]

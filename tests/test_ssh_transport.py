@@ -365,3 +365,136 @@ def test_agent_authentication(sshd_lab, tmp_path, monkeypatch):
     finally:
         agent.terminate()
         agent.wait(5)
+
+
+# -- batched calls (pipelined SFTP) ---------------------------------------------------
+def _batch_tree(root):
+    d = root / "batch"
+    if d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    (d / "many").mkdir(parents=True)
+    for i in range(250):  # more than one READDIR page (OpenSSH sends 100 names per reply)
+        (d / "many" / f"e{i:03d}").write_bytes(b"x" * i)
+    (d / "empty").write_bytes(b"")
+    (d / "small").write_bytes(b"hello\n")
+    (d / "big").write_bytes(os.urandom(300 << 10))  # > PIPE_CHUNK: several READs
+    (d / "sub").mkdir()
+    (d / "link-sub").symlink_to("sub")
+    (d / "dangling").symlink_to("nowhere")
+    (d / "noread").write_bytes(b"secret")
+    (d / "noread").chmod(0)
+    # a file whose size is unknown (0) but whose content is not: read to EOF
+    (d / "proc-status").symlink_to("/proc/self/status")
+    return d
+
+
+def _norm(v):
+    return type(v).__name__ if isinstance(v, OSError) else v
+
+
+def test_read_many_matches_single_reads(t1, sshd_lab):
+    from katactl.backends.local import LocalTransport
+
+    root = sshd_lab.nodes["node1"].root
+    d = _batch_tree(root)
+    local = LocalTransport(str(root))
+    paths = [f"/batch/{n}" for n in ("empty", "small", "big", "sub", "missing", "dangling", "noread")]
+    paths += [f"/batch/many/e{i:03d}" for i in range(0, 250, 3)]  # more than PIPE_FILES
+    got = t1.read_many(paths)
+    want = local.read_many(paths)
+    assert set(got) == set(paths)
+    if os.geteuid() == 0:  # root reads mode-0 files
+        assert got["/batch/noread"] == b"secret"
+    else:
+        assert isinstance(got["/batch/noread"], PermissionError)
+    for p in paths:
+        assert _norm(got[p]) == _norm(want[p]), p
+    assert got["/batch/big"] == (d / "big").read_bytes()
+    assert isinstance(got["/batch/missing"], FileNotFoundError) and got["/batch/missing"].filename == "/batch/missing"
+    assert isinstance(got["/batch/sub"], IsADirectoryError)
+    # limit truncates, as read_bytes(limit) does
+    lim = t1.read_many(["/batch/big", "/batch/small"], limit=200_000)
+    assert lim["/batch/big"] == (d / "big").read_bytes()[:200_000] and lim["/batch/small"] == b"hello\n"
+    assert t1.read_many(["/batch/small"], limit=0) == {"/batch/small": b""}
+    # size 0 in stat, content behind it: read until EOF
+    status = t1.read_many(["/batch/proc-status"])["/batch/proc-status"]
+    assert b"Name:" in status and b"VmRSS" in status
+    assert t1.read_many([]) == {}
+
+
+def test_stat_many_and_scan_dirs_match_local(t1, sshd_lab):
+    from katactl.backends.local import LocalTransport
+
+    root = sshd_lab.nodes["node1"].root
+    _batch_tree(root)
+    local = LocalTransport(str(root))
+    paths = ["/batch/small", "/batch/sub", "/batch/link-sub", "/batch/dangling", "/batch/missing",
+             "/batch/small/x"]
+    for follow in (True, False):
+        got, want = t1.stat_many(paths, follow), local.stat_many(paths, follow)
+        for p in paths:
+            g, w = got[p], want[p]
+            if isinstance(w, OSError):
+                assert isinstance(g, (FileNotFoundError,)), (p, g)  # ENOTDIR is ENOENT over SFTP
+            else:
+                assert (g.size, g.is_dir, g.is_link, g.mode, int(g.mtime)) == \
+                       (w.size, w.is_dir, w.is_link, w.mode, int(w.mtime)), p
+    dirs = ["/batch", "/batch/many", "/batch/missing", "/batch/empty"]
+    for follow in (True, False):
+        got, want = t1.scan_dirs(dirs, follow), local.scan_dirs(dirs, follow)
+        assert isinstance(got["/batch/missing"], FileNotFoundError)
+        assert isinstance(got["/batch/empty"], OSError)
+        for p in ("/batch", "/batch/many"):
+            assert [(n, s.is_dir, s.is_link, s.size) for n, s in got[p]] == \
+                   [(n, s.is_dir, s.is_link, s.size) for n, s in want[p]], (p, follow)
+    entries = dict(t1.scan_dir("/batch"))
+    assert entries["link-sub"].is_dir and not entries["link-sub"].is_link
+    assert entries["dangling"].is_link  # a dangling link keeps its own lstat
+    assert len(t1.scan_dir("/batch/many")) == 250
+    with pytest.raises(FileNotFoundError):
+        t1.scan_dir("/batch/missing")
+    assert t1.listdir("/batch/many")[:2] == ["e000", "e001"]
+
+
+def test_batched_calls_interleave_with_plain_sftp_calls(t1, sshd_lab):
+    """Unwaited CLOSE replies and bulk-read replies never confuse paramiko's own reader."""
+    root = sshd_lab.nodes["node1"].root
+    d = _batch_tree(root)
+    paths = [f"/batch/many/e{i:03d}" for i in range(250)]
+    for _ in range(3):
+        got = t1.read_many(paths)
+        assert all(got[p] == b"x" * i for i, p in enumerate(paths))
+        assert t1.read_bytes("/batch/small") == b"hello\n"    # leaves an unwaited CLOSE
+        assert t1.stat("/batch/big").size == 300 << 10
+        assert len(t1.scan_dirs(["/batch/many"])["/batch/many"]) == 250
+        assert t1.readlink("/batch/link-sub") == "sub"
+        assert t1.read_many(["/batch/big"])["/batch/big"] == (d / "big").read_bytes()
+    # handles are closed: sftp-server would refuse new ones after its limit otherwise
+    for _ in range(5):
+        assert len(t1.read_many(paths)) == 250
+
+
+def test_batched_calls_from_many_threads(t1, sshd_lab):
+    root = sshd_lab.nodes["node1"].root
+    _batch_tree(root)
+    paths = [f"/batch/many/e{i:03d}" for i in range(0, 250, 7)]
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                got = t1.read_many(paths)
+                assert all(len(got[p]) == int(p[-3:]) for p in paths)
+                assert len(t1.scan_dir("/batch/many")) == 250
+                assert t1.read_text("/batch/small") == "hello\n"
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors

@@ -61,11 +61,69 @@ class NodeTransport(abc.ABC):
     def read_text(self, path: str, limit: int | None = None) -> str:
         return self.read_bytes(path, limit).decode("utf-8", errors="replace")
 
+    def read_many(self, paths: Sequence[str], limit: int | None = None) -> dict[str, bytes | OSError]:
+        """Several small files at once: {path: bytes, or the OSError reading it raised}.
+
+        Nothing is raised for a file (missing, unreadable, a directory): each
+        failure is that path's value. Over SSH the reads are pipelined (a few
+        round trips for any number of files); locally this is a loop.
+        """
+        out: dict[str, bytes | OSError] = {}
+        for p in paths:
+            try:
+                out[p] = self.read_bytes(p, limit)
+            except OSError as e:
+                out[p] = e
+        return out
+
     @abc.abstractmethod
     def listdir(self, path: str) -> list[str]: ...
 
+    def scan_dirs(self, paths: Sequence[str], follow_symlinks: bool = True
+                  ) -> dict[str, "list[tuple[str, FileStat]] | OSError"]:
+        """scan_dir() of several directories: {path: entries, or the OSError listing raised}
+        (pipelined over SSH)."""
+        out: dict[str, list[tuple[str, FileStat]] | OSError] = {}
+        for p in paths:
+            try:
+                out[p] = self.scan_dir(p, follow_symlinks)
+            except OSError as e:
+                out[p] = e
+        return out
+
+    def scan_dir(self, path: str, follow_symlinks: bool = True) -> list[tuple[str, "FileStat"]]:
+        """(name, stat) of every entry of a directory, sorted by name: listdir + stat
+        in one call (over SSH the stats come with the listing). Raises like
+        listdir. With follow_symlinks a link's target is described (a dangling
+        link keeps its own lstat, is_link=True)."""
+        base = path.rstrip("/")
+        names = self.listdir(path)
+        lst = self.stat_many([f"{base}/{n}" for n in names], follow_symlinks=False)
+        out = []
+        for n in names:
+            s = lst[f"{base}/{n}"]
+            if isinstance(s, OSError):
+                continue  # removed meanwhile
+            if follow_symlinks and s.is_link:
+                try:
+                    s = self.stat(f"{base}/{n}")
+                except OSError:
+                    pass
+            out.append((n, s))
+        return out
+
     @abc.abstractmethod
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat: ...
+
+    def stat_many(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict[str, "FileStat | OSError"]:
+        """{path: FileStat, or the OSError stat raised} (pipelined over SSH)."""
+        out: dict[str, FileStat | OSError] = {}
+        for p in paths:
+            try:
+                out[p] = self.stat(p, follow_symlinks=follow_symlinks)
+            except OSError as e:
+                out[p] = e
+        return out
 
     def exists(self, path: str) -> bool:
         try:

@@ -40,11 +40,23 @@ class LocalTransport(NodeTransport):
         return sorted(os.listdir(self.real(path)))
 
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
-        import stat as st
+        return _file_stat(os.stat(self.real(path), follow_symlinks=follow_symlinks))
 
-        s = os.stat(self.real(path), follow_symlinks=follow_symlinks)
-        return FileStat(size=s.st_size, mtime=s.st_mtime, mode=s.st_mode,
-                        is_dir=st.S_ISDIR(s.st_mode), is_link=st.S_ISLNK(s.st_mode), uid=s.st_uid)
+    def scan_dir(self, path: str, follow_symlinks: bool = True) -> list[tuple[str, FileStat]]:
+        out = []
+        with os.scandir(self.real(path)) as it:
+            for e in it:
+                try:
+                    s = e.stat(follow_symlinks=follow_symlinks)
+                except FileNotFoundError:
+                    if not follow_symlinks:
+                        continue  # removed meanwhile
+                    try:
+                        s = e.stat(follow_symlinks=False)  # a dangling link: its own lstat
+                    except FileNotFoundError:
+                        continue
+                out.append((e.name, _file_stat(s)))
+        return sorted(out, key=lambda x: x[0])
 
     def readlink(self, path: str) -> str:
         return os.readlink(self.real(path))
@@ -131,6 +143,13 @@ class LocalTransport(NodeTransport):
 
 
 _SUN_PATH_MAX = 108
+
+
+def _file_stat(s: os.stat_result) -> FileStat:
+    import stat as st
+
+    return FileStat(size=s.st_size, mtime=s.st_mtime, mode=s.st_mode,
+                    is_dir=st.S_ISDIR(s.st_mode), is_link=st.S_ISLNK(s.st_mode), uid=s.st_uid)
 
 
 def fsync_dir(d: str) -> None:

@@ -111,6 +111,7 @@ class _Conn:
         # reading responses off one channel hang): one SFTP call at a time.
         self.sftp_lock = threading.RLock()
         self._sftp = None
+        self._pipe: _Pipe | None = None
         self.trust = ""
         # sshd's MaxSessions defaults to 10 per connection (SFTP takes one):
         # more concurrent exec channels would be refused, so callers queue.
@@ -127,7 +128,24 @@ class _Conn:
 
                 self._sftp = paramiko.SFTPClient.from_transport(
                     self.t, window_size=WINDOW, max_packet_size=MAX_PACKET)
+                self._pipe = _Pipe(self._sftp)
             return self._sftp
+
+    def reset_sftp(self) -> None:
+        """Drop the SFTP session (after a failure mid-exchange); the next call opens a new one."""
+        with self.lock:
+            sftp, self._sftp, self._pipe = self._sftp, None, None
+        if sftp is not None:
+            try:
+                sftp.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def pipe(self) -> "_Pipe":
+        """The pipelined-request layer of this connection's SFTP session
+        (use it under sftp_lock)."""
+        self.sftp()
+        return self._pipe
 
     def alive(self) -> bool:
         return self.t.is_active()
@@ -511,6 +529,296 @@ def _pool_key(target, opts: _Options, via: _Conn | None) -> tuple:
             target.user_known_hosts, target.global_known_hosts)
 
 
+# -- pipelined SFTP -------------------------------------------------------------------
+PIPE_CHUNK = 128 << 10   # bytes per pipelined READ/WRITE (OpenSSH's limit: 256 KiB - 1 KiB)
+PIPE_FILES = 32          # files in flight per read batch: bounds buffered replies (~4 MiB)
+PIPE_STATS = 256         # STAT requests in flight per batch
+PIPE_WRITES = 32         # WRITE requests in flight while streaming a file up (~4 MiB)
+
+_FX_EOF, _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED, _FX_OP_UNSUPPORTED = 1, 2, 3, 8
+
+
+class _Pipe:
+    """Pipelined SFTP: queue many requests, send them at once, then collect the replies.
+
+    paramiko's public SFTP calls wait for each reply before sending the next
+    request (one round trip each) and give every request its own SSH packet
+    (one send(2) and one encryption each). Here requests are numbered and
+    registered exactly like SFTPClient._async_request does (its request counter
+    and reply table, under its lock), but queued and written to the channel
+    together: one SSH packet carries many requests. Replies are read in bulk
+    (one channel recv for many replies, where paramiko does two per reply) and
+    dispatched by request number, in any order; replies to paramiko's own
+    requests (an SFTPFile's unwaited close) go to their owner as paramiko would.
+    Every call ends on a reply boundary (``settle``), so paramiko's reader can
+    take over the stream after it. ``forget`` queues a request nobody waits for
+    (CLOSE of a read handle): its reply is consumed by whichever reader comes
+    next. Callers hold the connection's sftp_lock.
+    """
+
+    def __init__(self, sftp):
+        self.sftp = sftp
+        self.got: dict[int, tuple] = {}
+        self.forgotten: set[int] = set()
+        self.out: list[bytes] = []
+        self.queued = 0
+        self.first_queued: int | None = None  # number of the oldest request not yet written
+        self.buf = bytearray()                # received bytes not yet dispatched
+
+    # paramiko calls these for requests registered with this object
+    def _async_response(self, t, msg, num) -> None:
+        if num in self.forgotten:
+            self.forgotten.discard(num)
+        else:
+            self.got[num] = (t, msg)
+
+    def _check_exception(self) -> None:
+        pass
+
+    def send(self, cmd, *args) -> int:
+        """Queue a request; returns its number (wait() for the reply)."""
+        import struct
+
+        from paramiko.message import Message
+        from paramiko.sftp import int64
+        from paramiko.sftp_attr import SFTPAttributes
+
+        sftp = self.sftp
+        msg = Message()
+        with sftp._lock:
+            num = sftp.request_number
+            sftp.request_number += 1
+            msg.add_int(num)
+            for a in args:
+                if isinstance(a, int64):
+                    msg.add_int64(a)
+                elif isinstance(a, int):
+                    msg.add_int(a)
+                elif isinstance(a, SFTPAttributes):
+                    a._pack(msg)
+                else:
+                    msg.add_string(a)
+            sftp._expecting[num] = self
+        if self.first_queued is None:
+            self.first_queued = num
+        body = msg.asbytes()
+        self.out.append(struct.pack(">IB", len(body) + 1, cmd) + body)
+        self.queued += len(body) + 5
+        if self.queued >= MAX_PACKET:
+            self.flush()
+        return num
+
+    def forget(self, cmd, *args) -> None:
+        self.forgotten.add(self.send(cmd, *args))
+
+    def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
+            self.queued = 0
+            self.first_queued = None
+            self.sftp._write_all(data)
+
+    def wait(self, num: int) -> tuple:
+        if self.first_queued is not None and num >= self.first_queued:
+            self.flush()  # (replies to requests already written need no flush: CLOSEs stay queued)
+        while num not in self.got:
+            self._pump()
+        return self.got.pop(num)
+
+    def _pump(self) -> None:
+        """Receive what the channel holds (at least one byte) and dispatch complete replies."""
+        from paramiko.message import Message
+
+        data = self.sftp.sock.recv(1 << 20)
+        if not data:
+            raise EOFError("SFTP channel closed")
+        buf = self.buf
+        buf += data
+        pos, n = 0, len(buf)
+        sftp = self.sftp
+        while n - pos >= 5:
+            size = int.from_bytes(buf[pos:pos + 4], "big")
+            if n - pos - 4 < size:
+                break
+            t = buf[pos + 4]
+            msg = Message(bytes(buf[pos + 5:pos + 4 + size]))
+            pos += 4 + size
+            num = msg.get_int()
+            with sftp._lock:
+                owner = sftp._expecting.pop(num, None)
+            if owner is not None and owner is not type(None):
+                owner._async_response(t, msg, num)
+        del buf[:pos]
+
+    def settle(self) -> None:
+        """Write what is queued and stop on a reply boundary (paramiko's reader reads next)."""
+        self.flush()
+        while self.buf:
+            self._pump()
+
+
+def _status_error(t, msg, path: str) -> OSError | None:
+    """None for SSH_FX_OK/EOF replies, else the OSError a STATUS reply means."""
+    from paramiko.sftp import CMD_STATUS
+
+    if t != CMD_STATUS:
+        return OSError(errno.EIO, f"unexpected SFTP reply type {t}", path)
+    code = msg.get_int()
+    text = msg.get_text()
+    if code in (0, _FX_EOF):
+        return None
+    if code == _FX_NO_SUCH_FILE:
+        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    if code == _FX_PERMISSION_DENIED:
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    if code == _FX_OP_UNSUPPORTED:
+        return OSError(errno.EOPNOTSUPP, text or os.strerror(errno.EOPNOTSUPP), path)
+    return OSError(errno.EIO, text or "SFTP failure", path)
+
+
+def _file_stat(a) -> FileStat:
+    mode = a.st_mode or 0
+    return FileStat(size=a.st_size or 0, mtime=float(a.st_mtime or 0), mode=mode,
+                    is_dir=st.S_ISDIR(mode), is_link=st.S_ISLNK(mode), uid=a.st_uid or 0)
+
+
+class _Reading:
+    __slots__ = ("key", "path", "h", "parts", "got", "size", "req", "fstat", "err")
+
+    def __init__(self, key, path, h):
+        self.key, self.path, self.h = key, path, h
+        self.parts: list[bytes] = []
+        self.got = 0
+        self.size = 0        # regular file's size from FSTAT (0: unknown, read to EOF)
+        self.req = self.fstat = None
+        self.err: OSError | None = None
+
+
+def _pipe_read(pipe: _Pipe, items: list[tuple[str, str]], limit: int | None) -> dict:
+    """{node path: bytes | OSError} for (node path, remote path) items.
+
+    Per batch of files: all OPENs, then for every handle an FSTAT and a READ,
+    more READs only for files larger than PIPE_CHUNK (or of unknown size, like
+    /proc files), a CLOSE without waiting. Three round trips for small files,
+    however many there are.
+    """
+    from paramiko.sftp import CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_FSTAT, CMD_HANDLE, CMD_OPEN, CMD_READ, \
+        SFTP_FLAG_READ, int64
+    from paramiko.sftp_attr import SFTPAttributes
+
+    out: dict = {}
+
+    def want(f: _Reading) -> int:
+        return PIPE_CHUNK if limit is None else min(PIPE_CHUNK, limit - f.got)
+
+    for i in range(0, len(items), PIPE_FILES):
+        group = items[i:i + PIPE_FILES]
+        opened = [(k, pipe.send(CMD_OPEN, r, SFTP_FLAG_READ, SFTPAttributes())) for k, r in group]
+        live: list[_Reading] = []
+        for k, num in opened:
+            t, msg = pipe.wait(num)
+            if t == CMD_HANDLE:
+                live.append(_Reading(k, k, msg.get_binary()))
+            else:
+                out[k] = _status_error(t, msg, k) or OSError(errno.EIO, "SFTP open failed", k)
+        for f in live:
+            f.fstat = pipe.send(CMD_FSTAT, f.h)
+            if want(f) > 0:
+                f.req = pipe.send(CMD_READ, f.h, int64(0), want(f))
+        while live:
+            more: list[_Reading] = []
+            for f in live:
+                if f.fstat is not None:
+                    t, msg = pipe.wait(f.fstat)
+                    f.fstat = None
+                    if t == CMD_ATTRS:
+                        a = SFTPAttributes._from_msg(msg)
+                        if st.S_ISDIR(a.st_mode or 0):
+                            f.err = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), f.path)
+                        elif st.S_ISREG(a.st_mode or 0):
+                            f.size = a.st_size or 0
+                done = f.req is None
+                if f.req is not None:
+                    t, msg = pipe.wait(f.req)
+                    f.req = None
+                    if t == CMD_DATA:
+                        data = msg.get_string()
+                        f.parts.append(data)
+                        f.got += len(data)
+                        done = not data or want(f) <= 0 or (f.size > 0 and f.got >= f.size)
+                    else:
+                        f.err = f.err or _status_error(t, msg, f.path)  # None: EOF
+                        done = True
+                if done or f.err is not None:
+                    pipe.forget(CMD_CLOSE, f.h)
+                    out[f.key] = f.err if f.err is not None else b"".join(f.parts)
+                else:
+                    f.req = pipe.send(CMD_READ, f.h, int64(f.got), want(f))
+                    more.append(f)
+            live = more
+    return out
+
+
+def _pipe_stat(pipe: _Pipe, items: list[tuple[str, str]], follow_symlinks: bool) -> dict:
+    """{node path: FileStat | OSError}: every STAT (or LSTAT) in flight at once."""
+    from paramiko.sftp import CMD_ATTRS, CMD_LSTAT, CMD_STAT
+    from paramiko.sftp_attr import SFTPAttributes
+
+    cmd = CMD_STAT if follow_symlinks else CMD_LSTAT
+    out: dict = {}
+    for i in range(0, len(items), PIPE_STATS):
+        sent = [(k, pipe.send(cmd, r)) for k, r in items[i:i + PIPE_STATS]]
+        for k, num in sent:
+            t, msg = pipe.wait(num)
+            if t == CMD_ATTRS:
+                out[k] = _file_stat(SFTPAttributes._from_msg(msg))
+            else:
+                out[k] = _status_error(t, msg, k) or OSError(errno.EIO, "SFTP stat failed", k)
+    return out
+
+
+def _pipe_scandirs(pipe: _Pipe, items: list[tuple[str, str]]) -> dict:
+    """{node path: [(name, lstat), ...] | OSError}: every OPENDIR at once, then two
+    READDIRs in flight per directory until its EOF, CLOSEs unwaited."""
+    from collections import deque
+
+    from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR
+    from paramiko.sftp_attr import SFTPAttributes
+
+    out: dict = {}
+    opened = [(k, pipe.send(CMD_OPENDIR, r)) for k, r in items]
+    live = {}
+    for k, num in opened:
+        t, msg = pipe.wait(num)
+        if t == CMD_HANDLE:
+            h = msg.get_binary()
+            live[k] = [h, deque([pipe.send(CMD_READDIR, h), pipe.send(CMD_READDIR, h)]), [], None, False]
+        else:
+            out[k] = _status_error(t, msg, k) or OSError(errno.EIO, "SFTP opendir failed", k)
+    while live:
+        for k in list(live):
+            h, pending, entries, err, eof = d = live[k]
+            t, msg = pipe.wait(pending.popleft())
+            if t == CMD_NAME:
+                for _ in range(msg.get_int()):
+                    name = msg.get_text()
+                    msg.get_text()  # longname
+                    a = SFTPAttributes._from_msg(msg)
+                    if name not in (".", ".."):
+                        entries.append((name, _file_stat(a)))
+                if not eof:
+                    pending.append(pipe.send(CMD_READDIR, h))
+            else:
+                d[4] = True
+                d[3] = err or _status_error(t, msg, k)
+            if not pending:
+                pipe.forget(CMD_CLOSE, h)
+                out[k] = d[3] if d[3] is not None else entries
+                del live[k]
+    return out
+
+
 # -- the transport ------------------------------------------------------------------
 def _oserror(e: OSError, path: str) -> OSError:
     """paramiko's IOError with the node path attached (and the right subclass)."""
@@ -716,10 +1024,83 @@ class SSHTransport(NodeTransport):
                     f.close()
         return self._sftp_call(read, path)
 
+    def _piped(self, fn, path: str, *args):
+        """Run fn(pipe, *args) holding the SFTP session; transport errors mapped.
+
+        A file's own error (FileNotFoundError, ...) is raised after its replies
+        were read; when the transport fails midway the session is dropped (its
+        reply stream may be out of step) and the next call opens a new one."""
+        import paramiko
+
+        try:
+            pipe = self._conn.pipe()
+        except KatactlError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise UnreachableError(f"cannot open an SFTP session: {e}") from None
+        with self._conn.sftp_lock:
+            ok = False
+            try:
+                try:
+                    out = fn(pipe, *args)
+                except OSError as e:
+                    if isinstance(e, socket.timeout):
+                        raise
+                    pipe.settle()
+                    ok = True
+                    raise
+                pipe.settle()  # unwaited CLOSEs written; no half-read reply left behind
+                ok = True
+                return out
+            except socket.timeout:
+                raise TimeoutExpired(f"SFTP requests on {path} timed out") from None
+            except (paramiko.SSHException, EOFError) as e:
+                raise UnreachableError(f"SFTP on {path}: {e or type(e).__name__}") from None
+            finally:
+                if not ok:
+                    self._conn.reset_sftp()
+
+    def read_many(self, paths: Sequence[str], limit: int | None = None) -> dict:
+        """Pipelined SFTP reads: ~3 round trips for any number of small files."""
+        items = list(dict.fromkeys(paths))
+        if not items:
+            return {}
+        pairs = [(p, self.remote(p)) for p in items]
+        return self._piped(_pipe_read, items[0], pairs, limit)
+
+    def stat_many(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict:
+        items = list(dict.fromkeys(paths))
+        if not items:
+            return {}
+        pairs = [(p, self.remote(p)) for p in items]
+        return self._piped(_pipe_stat, items[0], pairs, follow_symlinks)
+
+    def scan_dirs(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict:
+        """Pipelined directory listings with their entries' attributes (READDIR
+        carries them): about two round trips for any number of directories."""
+        items = list(dict.fromkeys(paths))
+        if not items:
+            return {}
+        out = self._piped(_pipe_scandirs, items[0], [(p, self.remote(p)) for p in items])
+        if follow_symlinks:
+            links = [f"{p.rstrip('/')}/{n}" for p, v in out.items() if not isinstance(v, OSError)
+                     for n, s in v if s.is_link]
+            got = self.stat_many(links, follow_symlinks=True) if links else {}
+            for p, v in out.items():
+                if not isinstance(v, OSError) and got:
+                    base = p.rstrip("/")
+                    out[p] = [(n, s) if not s.is_link or isinstance(got[f"{base}/{n}"], OSError)
+                              else (n, got[f"{base}/{n}"]) for n, s in v]
+        return {p: (v if isinstance(v, OSError) else sorted(v, key=lambda e: e[0])) for p, v in out.items()}
+
+    def scan_dir(self, path: str, follow_symlinks: bool = True) -> list:
+        r = self.scan_dirs([path], follow_symlinks)[path]
+        if isinstance(r, OSError):
+            raise r
+        return r
+
     def listdir(self, path: str) -> list[str]:
-        sftp = self._sftp()
-        r = self.remote(path)
-        return sorted(self._sftp_call(sftp.listdir, path, r))
+        return [n for n, _ in self.scan_dir(path, follow_symlinks=False)]
 
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         sftp = self._sftp()
