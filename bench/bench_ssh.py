@@ -13,7 +13,11 @@ katactl.lab.layout), then measures
    (``cat`` over an exec channel) against ``scp``, plus paramiko SFTP with
    prefetch on a smaller file for reference; peak RSS of the katactl side.
 
-Run: .venv/bin/python bench/bench_ssh.py [--nodes 32] [--sandboxes 10] [--gib 1]
+With ``--baseline REV`` the same fan-out also runs with the katactl of git
+revision REV (``git archive`` into a temp dir, run with the same interpreter):
+before/after in one run.
+
+Run: .venv/bin/python bench/bench_ssh.py [--nodes 32] [--sandboxes 10] [--gib 1] [--baseline REV]
 Prints a markdown section on stdout.
 """
 from __future__ import annotations
@@ -62,6 +66,7 @@ def main() -> None:
     ap.add_argument("--sandboxes", type=int, default=10)
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--baseline", metavar="REV", help="also time katactl as of this git revision")
     a = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="katactl-bench-ssh-"))
@@ -98,11 +103,36 @@ def main() -> None:
             run(["parallel-ssh", "-h", str(hosts), "-p", str(a.nodes), "-t", "60", "-o", str(pssh_out),
                  "-x", f"-F {lab.config}", READS])
 
+        cases = [
+            ("katactl sandbox list -o json --no-check", lambda: run(kat + ["--no-check"], env=env)),
+            ("katactl sandbox list -o json (with liveness check)", lambda: run(kat, env=env)),
+        ]
+        if a.baseline:
+            old = base / "baseline"
+            old.mkdir()
+            rev = run(["git", "-C", ROOT, "rev-parse", "--short", a.baseline]).stdout.decode().strip()
+            arch = subprocess.run(["git", "-C", ROOT, "archive", rev, "katactl"], stdout=subprocess.PIPE,
+                                  check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=arch, check=True)
+            old_env = dict(env, PYTHONPATH=str(old))
+            # the editable install's import hook and the cwd ('' in sys.path with -c) would
+            # win over PYTHONPATH: drop both
+            boot = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+                    "if 'editable' not in getattr(f, '__module__', '')]; "
+                    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; ")
+            old_kat = [sys.executable, "-c", boot + "from katactl.cli import main; sys.exit(main())",
+                       *kat[len(KATACTL):]]
+            where = run(old_kat[:2] + [boot + "import katactl; print(katactl.__file__)"],
+                        env=old_env).stdout.decode()
+            assert where.startswith(str(old)), where
+            cases += [
+                (f"katactl @ {rev} (baseline) --no-check", lambda: run(old_kat + ["--no-check"], env=old_env)),
+                (f"katactl @ {rev} (baseline) with liveness check", lambda: run(old_kat, env=old_env)),
+            ]
         runs = a.runs
         rows = {}
         for label, fn in [
-            ("katactl sandbox list -o json --no-check", lambda: run(kat + ["--no-check"], env=env)),
-            ("katactl sandbox list -o json (with liveness check)", lambda: run(kat, env=env)),
+            *cases,
             (f"parallel-ssh -p {a.nodes} (same reads)", pssh),
             ("sequential ssh loop (same reads)", loop),
         ]:

@@ -498,3 +498,101 @@ def test_batched_calls_from_many_threads(t1, sshd_lab):
     for t in ts:
         t.join()
     assert not errors, errors
+
+
+# -- streaming atomic writes ------------------------------------------------------------
+def _temps(d):
+    return sorted(p.name for p in d.iterdir() if p.name.startswith(".katactl-"))
+
+
+@pytest.fixture(params=["local", "ssh"])
+def wt(request, sshd_lab, ssh_open):
+    """(transport, local path of its node root) for the same tree, local and over SSH."""
+    from katactl.backends.local import LocalTransport
+
+    root = sshd_lab.nodes["node2"].root
+    (root / "w").mkdir(exist_ok=True)
+    t = LocalTransport(str(root)) if request.param == "local" else ssh_open("node2")
+    return t, root
+
+
+def test_write_stream_atomic_streams_in_bounded_memory(wt):
+    t, root = wt
+    d = root / "w"
+    mib = 1 << 20
+    seen = []
+    if (d / "big").exists():
+        (d / "big").unlink()  # the other transport's run
+
+    def chunks():
+        for i in range(24):
+            if i >= 8:
+                # streaming, not collecting: what was yielded before is (nearly all) on the
+                # node already; at most the write window (4 MiB) + one chunk is in flight
+                tmp = [p for p in d.iterdir() if p.name.startswith(".katactl-")]
+                assert len(tmp) == 1
+                seen.append(tmp[0].stat().st_size)
+                assert tmp[0].stat().st_size >= (i - 6) * mib
+                assert not (d / "big").exists()
+            yield bytes([i]) * mib
+
+    n = t.write_stream_atomic("/w/big", chunks(), mode=0o640)
+    assert n == 24 * mib and seen
+    data = (d / "big").read_bytes()
+    assert len(data) == n and data[:1] == b"\0" and data[-1:] == bytes([23])
+    assert (d / "big").stat().st_mode & 0o777 == 0o640
+    assert _temps(d) == []
+    # odd sizes, empty chunks, memoryview/bytearray chunks
+    assert t.write_stream_atomic("/w/odd", [b"", bytearray(b"ab"), memoryview(b"c" * 200_001), b""]) == 200_003
+    assert (d / "odd").read_bytes() == b"ab" + b"c" * 200_001
+    t.write_bytes_atomic("/w/odd", b"small")
+    assert (d / "odd").read_bytes() == b"small" and _temps(d) == []
+
+
+@pytest.mark.parametrize("when", [0, 1, 7])
+def test_write_stream_atomic_failure_midway_keeps_the_old_file(wt, when):
+    t, root = wt
+    d = root / "w"
+    (d / "f").write_bytes(b"old contents")
+
+    class Boom(Exception):
+        pass
+
+    def chunks():
+        for i in range(10):
+            if i == when:
+                raise Boom("source failed")
+            yield b"n" * (300 << 10)
+
+    with pytest.raises(Boom):
+        t.write_stream_atomic("/w/f", chunks())
+    assert (d / "f").read_bytes() == b"old contents"
+    assert _temps(d) == []
+    # the transport is still usable afterwards
+    assert t.write_stream_atomic("/w/f", iter([b"new"])) == 3
+    assert (d / "f").read_bytes() == b"new" and t.read_bytes("/w/f") == b"new"
+
+
+def test_write_stream_atomic_errors(wt):
+    t, root = wt
+    with pytest.raises(FileNotFoundError):
+        t.write_stream_atomic("/w/no-such-dir/f", [b"x"])
+    (root / "w" / "adir").mkdir(exist_ok=True)
+    with pytest.raises(OSError):
+        t.write_stream_atomic("/w/adir", [b"x"])  # rename over a directory
+    assert (root / "w" / "adir").is_dir() and _temps(root / "w") == []
+
+
+def test_fsync_dir(wt):
+    t, root = wt
+    t.fsync_dir("/w")
+    t.fsync_dir("/")
+    with pytest.raises(FileNotFoundError):
+        t.fsync_dir("/w/missing")
+    (root / "w" / "plain").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        t.fsync_dir("/w/plain")
+    # rename is followed by an fsync of the target directory on both transports
+    (root / "w" / "r1").write_bytes(b"r")
+    t.rename("/w/r1", "/w/r2")
+    assert (root / "w" / "r2").read_bytes() == b"r" and not (root / "w" / "r1").exists()

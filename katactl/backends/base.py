@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 
 class SocketLike(Protocol):
@@ -155,6 +155,16 @@ class NodeTransport(abc.ABC):
         """Write to a temp file in the same dir, fsync, rename over path."""
 
     @abc.abstractmethod
+    def write_stream_atomic(self, path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
+        """Like write_bytes_atomic, from an iterable of chunks, in bounded memory (a chunk
+        plus a fixed window in flight). Returns the bytes written. If the iterable (or
+        anything else) fails midway, the temp file is removed and path is untouched."""
+
+    @abc.abstractmethod
+    def fsync_dir(self, path: str) -> None:
+        """fsync a directory: makes the entries created, renamed or removed in it durable."""
+
+    @abc.abstractmethod
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None: ...
 
     @abc.abstractmethod
@@ -162,7 +172,7 @@ class NodeTransport(abc.ABC):
 
     @abc.abstractmethod
     def rename(self, src: str, dst: str) -> None:
-        """Atomic rename(2) (replaces dst)."""
+        """Atomic rename(2) (replaces dst), then an fsync of dst's directory."""
 
     @abc.abstractmethod
     def symlink(self, target: str, link: str) -> None: ...

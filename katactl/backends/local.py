@@ -6,7 +6,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from katactl.backends.base import FileStat, NodeTransport, RunResult
 from katactl.errors import TimeoutExpired, UnreachableError, UsageError
@@ -82,6 +82,12 @@ class LocalTransport(NodeTransport):
 
     def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
         atomic_write(self.real(path), data, mode)
+
+    def write_stream_atomic(self, path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
+        return atomic_write_stream(self.real(path), chunks, mode)
+
+    def fsync_dir(self, path: str) -> None:
+        fsync_dir(self.real(path))
 
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None:
         if parents:
@@ -166,11 +172,20 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     (mode 0600 until complete) in the same directory, fsync, chmod, rename,
     fsync of the directory. Used by LocalTransport and for katactl's own local
     output (vmcore collect manifests)."""
+    atomic_write_stream(path, (data,), mode)
+
+
+def atomic_write_stream(path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
+    """atomic_write() from an iterable of chunks (bounded memory); returns the size.
+    A failure midway (the iterable's included) removes the temp file."""
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-", suffix=".tmp")
+    n = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for b in chunks:
+                f.write(b)
+                n += len(b)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -182,3 +197,4 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+    return n

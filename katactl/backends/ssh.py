@@ -651,6 +651,12 @@ class _Pipe:
                 owner._async_response(t, msg, num)
         del buf[:pos]
 
+    def drop(self, nums) -> None:
+        """Nobody will wait for these requests' replies (any more)."""
+        for num in nums:
+            if self.got.pop(num, None) is None:
+                self.forgotten.add(num)
+
     def settle(self) -> None:
         """Write what is queued and stop on a reply boundary (paramiko's reader reads next)."""
         self.flush()
@@ -817,6 +823,104 @@ def _pipe_scandirs(pipe: _Pipe, items: list[tuple[str, str]]) -> dict:
                 out[k] = d[3] if d[3] is not None else entries
                 del live[k]
     return out
+
+
+def _pipe_write(pipe: _Pipe, path: str, tmp: str, chunks, mode: int) -> tuple[int, bool]:
+    """Stream chunks into a new remote file ``tmp`` (created 0600, exclusive): WRITEs of
+    PIPE_CHUNK bytes with at most PIPE_WRITES unacknowledged (bounded memory), then
+    chmod, fsync (fsync@openssh.com) and close in one round trip. Returns (bytes
+    written, fsynced); fsynced is False when the server lacks the extension. On any
+    failure (the iterator's included) the handle is closed and tmp removed."""
+    from collections import deque
+
+    from paramiko.sftp import (CMD_CLOSE, CMD_EXTENDED, CMD_FSETSTAT, CMD_HANDLE, CMD_OPEN, CMD_REMOVE,
+                               CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE, int64)
+    from paramiko.sftp_attr import SFTPAttributes
+
+    def check(num: int) -> None:
+        t, msg = pipe.wait(num)
+        e = _status_error(t, msg, path)
+        if e is not None:
+            raise e
+
+    a = SFTPAttributes()
+    a.st_mode = 0o600
+    t, msg = pipe.wait(pipe.send(CMD_OPEN, tmp, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, a))
+    if t != CMD_HANDLE:
+        raise _status_error(t, msg, path) or OSError(errno.EIO, "SFTP open failed", path)
+    h = msg.get_binary()
+    inflight: deque[int] = deque()
+    n = 0
+    try:
+        for chunk in chunks:
+            pipe.settle()  # the iterator runs with the reply stream at a boundary
+            mv = memoryview(chunk)
+            for off in range(0, len(mv), PIPE_CHUNK):
+                piece = bytes(mv[off:off + PIPE_CHUNK])
+                inflight.append(pipe.send(CMD_WRITE, h, int64(n), piece))
+                n += len(piece)
+                while len(inflight) > PIPE_WRITES:
+                    check(inflight.popleft())
+        while inflight:
+            check(inflight.popleft())
+        a = SFTPAttributes()
+        a.st_mode = mode & 0o7777
+        n_mode = pipe.send(CMD_FSETSTAT, h, a)
+        n_sync = pipe.send(CMD_EXTENDED, "fsync@openssh.com", h)
+        n_close = pipe.send(CMD_CLOSE, h)
+        h = None
+        check(n_mode)
+        t, msg = pipe.wait(n_sync)
+        sync_err = _status_error(t, msg, path)
+        check(n_close)
+        if sync_err is not None and sync_err.errno != errno.EOPNOTSUPP:
+            raise sync_err
+        return n, sync_err is None
+    except BaseException:
+        pipe.drop(inflight)
+        try:
+            if h is not None:
+                pipe.wait(pipe.send(CMD_CLOSE, h))
+            pipe.wait(pipe.send(CMD_REMOVE, tmp))
+        except Exception:  # noqa: BLE001 - the original error matters
+            pass
+        raise
+
+
+def _pipe_fsync(pipe: _Pipe, path: str, remote: str, want_dir: bool) -> OSError | None:
+    """fsync(2) a remote file or directory through SFTP: OPEN read-only (sftp-server opens
+    directories too), FSTAT + fsync@openssh.com + CLOSE in one round trip. Returns an
+    EOPNOTSUPP error when the server lacks the extension (caller falls back)."""
+    from paramiko.sftp import (CMD_ATTRS, CMD_CLOSE, CMD_EXTENDED, CMD_FSTAT, CMD_HANDLE, CMD_OPEN,
+                               SFTP_FLAG_READ)
+    from paramiko.sftp_attr import SFTPAttributes
+
+    t, msg = pipe.wait(pipe.send(CMD_OPEN, remote, SFTP_FLAG_READ, SFTPAttributes()))
+    if t != CMD_HANDLE:
+        raise _status_error(t, msg, path) or OSError(errno.EIO, "SFTP open failed", path)
+    h = msg.get_binary()
+    n_stat = pipe.send(CMD_FSTAT, h)
+    n_sync = pipe.send(CMD_EXTENDED, "fsync@openssh.com", h)
+    n_close = pipe.send(CMD_CLOSE, h)
+    t, msg = pipe.wait(n_stat)
+    is_dir = t == CMD_ATTRS and st.S_ISDIR(SFTPAttributes._from_msg(msg).st_mode or 0)
+    t, msg = pipe.wait(n_sync)
+    err = _status_error(t, msg, path)
+    pipe.wait(n_close)
+    if want_dir and not is_dir:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    if err is not None and err.errno != errno.EOPNOTSUPP:
+        raise err
+    return err
+
+
+def _pipe_rename(pipe: _Pipe, path: str, src: str, dst: str) -> None:
+    from paramiko.sftp import CMD_EXTENDED
+
+    t, msg = pipe.wait(pipe.send(CMD_EXTENDED, "posix-rename@openssh.com", src, dst))
+    e = _status_error(t, msg, path)
+    if e is not None:
+        raise e
 
 
 # -- the transport ------------------------------------------------------------------
@@ -1027,9 +1131,10 @@ class SSHTransport(NodeTransport):
     def _piped(self, fn, path: str, *args):
         """Run fn(pipe, *args) holding the SFTP session; transport errors mapped.
 
-        A file's own error (FileNotFoundError, ...) is raised after its replies
-        were read; when the transport fails midway the session is dropped (its
-        reply stream may be out of step) and the next call opens a new one."""
+        A file's own error (FileNotFoundError, ...) or the caller's (a chunk
+        iterator's) is raised with the reply stream settled; when the transport
+        fails midway the session is dropped (its reply stream may be out of
+        step) and the next call opens a new one."""
         import paramiko
 
         try:
@@ -1038,27 +1143,36 @@ class SSHTransport(NodeTransport):
             raise
         except Exception as e:  # noqa: BLE001
             raise UnreachableError(f"cannot open an SFTP session: {e}") from None
+
+        def broken(e: BaseException) -> bool:
+            return isinstance(e, (socket.timeout, paramiko.SSHException, EOFError)) or \
+                (isinstance(e, OSError) and e.errno is None)
+
+        def mapped(e: BaseException) -> KatactlError:
+            self._conn.reset_sftp()
+            if isinstance(e, socket.timeout):
+                return TimeoutExpired(f"SFTP requests on {path} timed out")
+            return UnreachableError(f"SFTP on {path}: {e or type(e).__name__}")
+
         with self._conn.sftp_lock:
-            ok = False
             try:
+                out = fn(pipe, *args)
+            except Exception as e:
+                if broken(e):
+                    raise mapped(e) from None
                 try:
-                    out = fn(pipe, *args)
-                except OSError as e:
-                    if isinstance(e, socket.timeout):
-                        raise
                     pipe.settle()
-                    ok = True
-                    raise
+                except Exception as e2:  # noqa: BLE001
+                    raise mapped(e2) from None
+                raise
+            except BaseException:
+                self._conn.reset_sftp()
+                raise
+            try:
                 pipe.settle()  # unwaited CLOSEs written; no half-read reply left behind
-                ok = True
-                return out
-            except socket.timeout:
-                raise TimeoutExpired(f"SFTP requests on {path} timed out") from None
-            except (paramiko.SSHException, EOFError) as e:
-                raise UnreachableError(f"SFTP on {path}: {e or type(e).__name__}") from None
-            finally:
-                if not ok:
-                    self._conn.reset_sftp()
+            except Exception as e:  # noqa: BLE001
+                raise mapped(e) from None
+            return out
 
     def read_many(self, paths: Sequence[str], limit: int | None = None) -> dict:
         """Pipelined SFTP reads: ~3 round trips for any number of small files."""
@@ -1165,32 +1279,41 @@ class SSHTransport(NodeTransport):
 
     # -- mutations ------------------------------------------------------------------
     def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.write_stream_atomic(path, (data,), mode)
+
+    def write_stream_atomic(self, path: str, chunks, mode: int = 0o644) -> int:
+        """Pipelined SFTP writes into a temp file beside path (0600, exclusive), chmod,
+        fsync (fsync@openssh.com; else ``sync FILE``), posix-rename, fsync of the
+        directory. Memory: one chunk plus PIPE_WRITES x PIPE_CHUNK bytes in flight."""
         import secrets
 
-        sftp = self._sftp()
         real = self.remote(path)
-        d = posixpath.dirname(real)
-        tmp = posixpath.join(d, f".katactl-{secrets.token_hex(6)}.tmp")
-
-        def write():
-            with sftp.open(tmp, "wb") as f:
-                f.set_pipelined(True)
-                f.write(data)
-            sftp.chmod(tmp, mode)
+        tmp = posixpath.join(posixpath.dirname(real), f".katactl-{secrets.token_hex(6)}.tmp")
+        n, synced = self._piped(_pipe_write, path, path, tmp, chunks, mode)
         try:
-            self._sftp_call(write, path)
-            r = self.run(["sync", "--", tmp], raw=True)  # fsync the data before the rename
-            if r.returncode != 0:
-                raise _run_oserror(r, path)
-            self._sftp_call(sftp.posix_rename, path, tmp, real)
-            self.run(["sync", "--", d], raw=True)
+            if not synced:
+                r = self.run(["sync", "--", tmp], raw=True)
+                if r.returncode != 0:
+                    raise _run_oserror(r, path)
+            self._piped(_pipe_rename, path, path, tmp, real)
         except BaseException:
             try:
                 with self._conn.sftp_lock:
-                    sftp.remove(tmp)
+                    self._sftp().remove(tmp)
             except Exception:  # noqa: BLE001
                 pass
             raise
+        self.fsync_dir(posixpath.dirname(posixpath.normpath(path)) or "/")
+        return n
+
+    def fsync_dir(self, path: str) -> None:
+        """fsync a directory on the node (makes renames and new entries in it durable):
+        through SFTP's fsync@openssh.com on a read-only handle, else ``sync DIR``."""
+        r = self.remote(path)
+        if self._piped(_pipe_fsync, path, path, r, True) is not None:
+            res = self.run(["sync", "--", r], raw=True)
+            if res.returncode != 0:
+                raise _run_oserror(res, path)
 
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None:
         r = self.remote(path)
@@ -1218,8 +1341,9 @@ class SSHTransport(NodeTransport):
         self._sftp_call(sftp.remove, path, r)
 
     def rename(self, src: str, dst: str) -> None:
-        sftp = self._sftp()
-        self._sftp_call(sftp.posix_rename, src, self.remote(src), self.remote(dst))
+        """posix-rename, then an fsync of dst's directory (durable, as locally)."""
+        self._piped(_pipe_rename, src, src, self.remote(src), self.remote(dst))
+        self.fsync_dir(posixpath.dirname(posixpath.normpath(dst)) or "/")
 
     def symlink(self, target: str, link: str) -> None:
         # argv ln: OpenSSH's sftp-server swaps SSH_FXP_SYMLINK's arguments.
