@@ -61,10 +61,22 @@ def _read_json(t, path: str):
         raise OperationFailed(f"{path}: corrupt JSON") from None
 
 
-def _sync_entry(t, path: str) -> None:
-    """Make a new directory entry durable: rename(x, x) is a no-op that the
-    transport follows with an fsync of x's parent directory."""
-    t.rename(path, path)
+def _sync_entries(t, paths) -> None:
+    """Make new directory entries (dirs, symlinks) durable: one fsync per parent directory."""
+    for d in sorted({posixpath.dirname(p) for p in paths}):
+        t.fsync_dir(d)
+
+
+def _verified(chunks, expect: str | None, what: str):
+    """Pass chunks through, hashing them; after the last one raise Refused on a sha256
+    mismatch, so write_stream_atomic never renames a bad file into place."""
+    h = hashlib.sha256()
+    for b in chunks:
+        h.update(b)
+        yield b
+    got = h.hexdigest()
+    if got != expect:
+        raise Refused(f"{what} (expected {expect}, got {got})")
 
 
 def _walk_files(t, top: str, suffix: str = "") -> list[str]:
@@ -584,7 +596,10 @@ def _tree_digest(path: str, sc) -> str:
     for m in src.iter_members(path, "dir"):
         name = src.normalize(m.raw, path)
         if m.kind == "file":
-            h.update(f"F {name} {m.mode & 0o777:o} ".encode() + hashlib.sha256(m.read()).hexdigest().encode())
+            fh = hashlib.sha256()
+            for b in m.chunks():
+                fh.update(b)
+            h.update(f"F {name} {m.mode & 0o777:o} ".encode() + fh.hexdigest().encode())
         elif m.kind == "symlink":
             h.update(f"L {name} {m.linkname}".encode())
         else:
@@ -619,13 +634,12 @@ def _extract(t, L, source, kind, sc, tmp, version) -> None:
         if m.kind == "dir":
             ensure_dir(dest)
         elif m.kind == "file":
-            data = m.read()
+            # streamed: one chunk in memory, not the whole member
+            chunks = m.chunks()
             if sc.manifest is not None and want.name != sc.manifest_name:
-                got = hashlib.sha256(data).hexdigest()
-                if sc.manifest.get(want.name) != got:
-                    raise Refused(f"{source}: {want.name}: sha256 mismatch with {sc.manifest_name} "
-                                  f"(expected {sc.manifest.get(want.name)}, got {got})")
-            t.write_bytes_atomic(dest, data, mode=(m.mode & 0o777) or 0o644)
+                chunks = _verified(chunks, sc.manifest.get(want.name),
+                                   f"{source}: {want.name}: sha256 mismatch with {sc.manifest_name}")
+            t.write_stream_atomic(dest, chunks, mode=(m.mode & 0o777) or 0o644)
             done += 1
             if done == files_total // 2 + 1:
                 fault("stage:mid-extract")
@@ -633,16 +647,15 @@ def _extract(t, L, source, kind, sc, tmp, version) -> None:
             t.symlink(m.linkname, dest)
             synced.append(dest)
         elif m.kind == "hardlink":
-            data = t.read_bytes(f"{tmp}/{want.linkname}")
-            t.write_bytes_atomic(dest, data, mode=(m.mode & 0o777) or 0o644)
+            t.write_stream_atomic(dest, t.open_stream(f"{tmp}/{want.linkname}"),
+                                  mode=(m.mode & 0o777) or 0o644)
     # configs name the release's own binaries and assets
     for f in _walk_files(t, f"{tmp}/{CONFIG_SUBDIR}", ".toml"):
         text = t.read_text(f)
         new = configedit.rebase(text, INSTALL_PREFIX, L.release(version))
         if new != text:
             t.write_bytes_atomic(f, new.encode(), mode=t.stat(f).mode & 0o777)
-    for p in synced:
-        _sync_entry(t, p)
+    _sync_entries(t, synced)
     fault("stage:after-extract")
 
 

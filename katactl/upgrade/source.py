@@ -45,6 +45,8 @@ class Member:
     linkname: str | None
     read: Callable[[], bytes] | None = None
     name: str = ""  # normalized, prefix-stripped path inside the release
+    #: the content in 1 MiB chunks (bounded memory); like read(), valid until the next member
+    chunks: Callable[[], Iterator[bytes]] | None = None
 
 
 @dataclasses.dataclass
@@ -151,6 +153,7 @@ def iter_members(path: str, kind: str) -> Iterator[Member]:
             if ti.isreg():
                 m = Member(ti.name, "file", ti.mode, ti.size, None)
                 m.read = (lambda ti=ti: _read_exact(tf.extractfile(ti), ti.size))
+                m.chunks = (lambda ti=ti: _iter_exact(tf.extractfile(ti), ti.size))
             elif ti.isdir():
                 m = Member(ti.name, "dir", ti.mode, 0, None)
             elif ti.issym():
@@ -179,7 +182,8 @@ def _iter_dir(root: str) -> Iterator[Member]:
                 yield Member(rel, "dir", s.st_mode & 0o7777, 0, None)
             elif st.S_ISREG(s.st_mode):
                 yield Member(rel, "file", s.st_mode & 0o7777, s.st_size, None,
-                             read=(lambda full=full: _read_file(full)))
+                             read=(lambda full=full: _read_file(full)),
+                             chunks=(lambda full=full: _iter_file(full)))
             else:
                 raise Refused(f"{full}: not a regular file, directory or symlink")
 
@@ -187,6 +191,22 @@ def _iter_dir(root: str) -> Iterator[Member]:
 def _read_file(p: str) -> bytes:
     with open(p, "rb") as f:
         return _read_exact(f, os.fstat(f.fileno()).st_size)
+
+
+def _iter_file(p: str) -> Iterator[bytes]:
+    with open(p, "rb") as f:
+        yield from _iter_exact(f, os.fstat(f.fileno()).st_size)
+
+
+def _iter_exact(f, size: int) -> Iterator[bytes]:
+    """Exactly size bytes of f in 1 MiB chunks (a short member is an error, as in _read_exact)."""
+    got = 0
+    while got < size:
+        b = f.read(min(1 << 20, size - got))
+        if not b:
+            raise EOFError(f"unexpected end of data ({got} of {size} bytes)")
+        got += len(b)
+        yield b
 
 
 def _read_exact(f, size: int):
