@@ -596,3 +596,63 @@ def test_fsync_dir(wt):
     (root / "w" / "r1").write_bytes(b"r")
     t.rename("/w/r1", "/w/r2")
     assert (root / "w" / "r2").read_bytes() == b"r" and not (root / "w" / "r1").exists()
+
+
+# -- discovery over SSH gives what it gives locally --------------------------------------
+def test_sandbox_discovery_over_ssh_matches_local(ssh_open, sshd_lab):
+    from katactl import sandbox
+    from katactl.backends.local import LocalTransport
+    from katactl.lab import layout
+
+    root = str(sshd_lab.nodes["node4"].root)
+    if not os.path.lexists(os.path.join(root, "proc")):
+        os.symlink("/proc", os.path.join(root, "proc"))  # pid liveness against the real /proc
+    me = os.getpid()
+    layout.write_go_sandbox(root, "g1qemu", pid=me, pod_name="web", pod_namespace="prod",
+                            extra_monitor_socket=True)
+    open(os.path.join(root, "run/vc/vm/g1qemu/extra-monitor.sock"), "w").close()
+    layout.write_go_sandbox(root, "g2clh", hypervisor="clh", pid=me, pod_name="api", pod_namespace="prod")
+    layout.write_go_sandbox(root, "g3fc", hypervisor="fc", pid=2 ** 22 + 3, pod_name="fn")
+    layout.write_go_sandbox(root, "g4crio", cri="crio", pid=me, pod_name="c", pod_namespace="other")
+    layout.write_go_sandbox(root, "g5ns", containerd_namespace="moby", pid=me, pod_name="m")
+    layout.write_go_sandbox(root, "g6bad", raw_persist=b'{"State": "runn', pod_name="broken")
+    layout.write_go_sandbox(root, "g7nobundle", bundle=False, pid=me)
+    layout.write_rs_sandbox(root, "r1db", pid=me, pod_name="b0", pod_namespace="batch")
+    layout.write_rs_sandbox(root, "r2qemu", hypervisor="qemu", pid=me, pod_name="b1", pod_namespace="batch")
+    p = layout.write_go_sandbox(root, "g8refused", pid=me, pod_name="deaf")
+    s = socket.socket(socket.AF_UNIX)  # a socket file nobody listens on
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(p.shim_socket))
+    try:
+        s.bind(os.path.basename(p.shim_socket))
+    finally:
+        os.chdir(cwd)
+    s.close()
+    os.makedirs(os.path.join(root, "run/vc/sbs/not..an-id"), exist_ok=True)
+    open(os.path.join(root, "run/kata/stray-file"), "w").close()
+
+    def shape(sbs):
+        out = []
+        for x in sbs:
+            d = x.to_dict()
+            d.pop("age"), d.pop("ageSeconds")
+            out.append(d)
+        return out
+
+    t = ssh_open("node4")
+    local = LocalTransport(root)
+    for check in (False, True):
+        want = shape(sandbox.discover(local, check=check))
+        got = shape(sandbox.discover(t, check=check))
+        assert got == want
+    by_id = {d["id"]: d for d in got}
+    assert len(got) == 10 and "not..an-id" not in by_id
+    assert by_id["g1qemu"]["sockets"]["extraMonitor"] == "/run/vc/vm/g1qemu/extra-monitor.sock"
+    assert by_id["g3fc"]["state"] == "stale" and "not running" in by_id["g3fc"]["reason"]
+    assert by_id["g6bad"]["state"] == "unknown" and "not valid JSON" in by_id["g6bad"]["reason"]
+    assert by_id["g8refused"]["reason"] == "nobody is listening on the shim socket"
+    assert by_id["g4crio"]["cri"] == "crio" and by_id["g5ns"]["pod"]["name"] == "m"
+    assert by_id["g1qemu"]["reason"] == "shim socket does not exist"
+    for ref in ("g1", "r2qemu", "prod/web", "pod/batch/b0"):
+        a, b = sandbox.resolve(local, ref), sandbox.resolve(t, ref)
+        assert shape([a]) == shape([b])

@@ -13,10 +13,16 @@ Security model
     must be POSIX (sh, dash, bash, zsh, ksh).
   * File access uses SFTP (no shell at all).
 
+Batched file access (read_many, stat_many, scan_dirs, write_stream_atomic)
+pipelines SFTP requests (_Pipe): many requests per SSH packet, replies read in
+bulk, so a call costs a few round trips whatever the number of files. fsync
+uses OpenSSH's ``fsync@openssh.com`` extension (``sync FILE`` when missing);
+rename uses ``posix-rename@openssh.com`` and then fsyncs the directory.
+
 Requirements on the node: sshd with the sftp subsystem, coreutils (cat, tail,
-mkdir, rm, stat, sync, ln) and, for connect_unix (shim/QMP/CLH/FC sockets),
-``python3`` — a fixed relay program (RELAY below) is run with the quoted
-socket path as its only argument.
+mkdir, rm, stat, ln; sync only without fsync@openssh.com) and, for
+connect_unix (shim/QMP/CLH/FC sockets), ``python3`` — a fixed relay program
+(RELAY below) is run with the quoted socket path as its only argument.
 
 Host root on a remote node: node paths are mapped on the node itself, as
 ``<host_root><path>``. The root is --host-root/KATACTL_HOST_ROOT when given
