@@ -64,7 +64,7 @@ def main() -> None:
           "bundle config.json per sandbox, no live shims (liveness: one stat/connect each).\n")
     print("| what | seconds | ratio to `ls`+`cat` loop |")
     print("|---|---:|---:|")
-    for name, t in [(f"`katactl sandbox list -o json` (process, incl. liveness)", t_kata),
+    for name, t in [("`katactl sandbox list -o json` (process, incl. liveness)", t_kata),
                     ("`katactl sandbox list -o json --no-check`", t_kata_nc),
                     ("`sandbox.discover()` in-process (library only)", t_lib),
                     ("shell: `ls` + `cat` loop (one cat per sandbox)", t_loop),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -197,7 +196,7 @@ def main() -> None:
         ks = rows["katactl sandbox list -o json --no-check"]
         loop_s = rows["sequential ssh loop (same reads)"]
         pssh_s = rows[f"parallel-ssh -p {a.nodes} (same reads)"]
-        print(f"## SSH fan-out and streaming — bench/bench_ssh.py\n")
+        print("## SSH fan-out and streaming — bench/bench_ssh.py\n")
         print(f"{a.nodes} real OpenSSH 9.2 sshd nodes on loopback (one machine, {os.cpu_count()} cores: the "
               f"sshds, the clients and the bench share them), {a.sandboxes} Go-runtime sandboxes per node "
               f"(katactl.lab.layout), each node serving its own tree. Median of {runs} runs after a warm-up "

@@ -25,6 +25,7 @@ from typing import Callable
 
 from katactl.errors import (KatactlError, NotFound, OperationFailed, ProtocolError, Refused,
                             TimeoutExpired, UnreachableError, UsageError)
+from katactl.values import format_size
 
 MIB = 1 << 20
 PATHS = ("extension", "hypervisor-api", "extra-monitor", "qmp")
@@ -360,7 +361,7 @@ def _state_with_guest(transport, sb, path: _Path, timeout: float) -> dict:
     return st
 
 
-def _resolve(transport, ref, timeout: float):
+def _resolve(transport, ref):
     """ref: a Sandbox (already resolved, e.g. by katactl.sandbox.on_sandbox) or a reference string."""
     from katactl import sandbox
 
@@ -371,7 +372,7 @@ def _resolve(transport, ref, timeout: float):
 
 
 def get(transport, ref: str, *, via: str = "auto", timeout: float = 10.0) -> dict:
-    sb = _resolve(transport, ref, timeout)
+    sb = _resolve(transport, ref)
     path, attempts = open_path(transport, sb, via=via, timeout=timeout)
     try:
         return _view(sb, path, _state_with_guest(transport, sb, path, timeout), attempts)
@@ -408,7 +409,7 @@ def set(transport, ref: str, *, target: int | None = None, reclaim: int | None =
     for v, name in ((target, "--target"), (reclaim, "--reclaim")):
         if v is not None and (not isinstance(v, int) or v <= 0):
             raise UsageError(f"invalid {name} {v!r}: must be greater than zero")
-    sb = _resolve(transport, ref, timeout)
+    sb = _resolve(transport, ref)
     path, attempts = open_path(transport, sb, via=via, timeout=timeout)
     try:
         st = _state_with_guest(transport, sb, path, timeout)
@@ -418,22 +419,22 @@ def set(transport, ref: str, *, target: int | None = None, reclaim: int | None =
         used = guest_used(st)
         if want > mem:
             if not force:
-                raise Refused(f"target {_fmt(want)} is above the VM's memory {_fmt(mem)}",
+                raise Refused(f"target {format_size(want)} is above the VM's memory {format_size(mem)}",
                               hint="the balloon can only take memory away; --release gives all of it back")
-            warnings.append(f"target {_fmt(want)} above the VM's memory: clamped to {_fmt(mem)}")
+            warnings.append(f"target {format_size(want)} above the VM's memory: clamped to {format_size(mem)}")
             want = mem
         if want <= 0:
-            raise Refused(f"target {_fmt(want)} leaves the guest no memory")
+            raise Refused(f"target {format_size(want)} leaves the guest no memory")
         if used is not None:
             floor = used + margin
             if want < floor and not force:
-                raise Refused(f"target {_fmt(want)} is below the guest's used memory {_fmt(used)} plus a "
-                              f"margin of {_fmt(margin)} (= {_fmt(floor)})",
+                raise Refused(f"target {format_size(want)} is below the guest's used memory {format_size(used)} plus a "
+                              f"margin of {format_size(margin)} (= {format_size(floor)})",
                               hint="use --force to go below it (the guest may OOM or thrash)")
         elif want < min(mem, BLIND_FLOOR):
             if not force:
-                raise Refused(f"target {_fmt(want)}: the guest's memory usage is unknown and the target is "
-                              f"below {_fmt(min(mem, BLIND_FLOOR))}", hint="use --force to go below it")
+                raise Refused(f"target {format_size(want)}: the guest's memory usage is unknown and the target is "
+                              f"below {format_size(min(mem, BLIND_FLOOR))}", hint="use --force to go below it")
         if used is None:
             warnings.append("guest memory usage unknown: the used+margin check was not made")
         current = st.get("target")
@@ -512,17 +513,11 @@ def _wait(path: _Path, want: int, tolerance: int, wait_timeout: float, progress,
         if abs(int(actual) - want) <= tolerance:
             return st
         if time.monotonic() >= deadline:
-            raise TimeoutExpired(f"sandbox {sb.id[:12]}: balloon at {_fmt(actual)}, target {_fmt(want)} "
+            raise TimeoutExpired(f"sandbox {sb.id[:12]}: balloon at {format_size(actual)}, target {format_size(want)} "
                                  f"not reached within {wait_timeout:g}s",
                                  hint="the guest may lack a balloon driver, or refuse to give memory back",
                                  details={"actualBytes": actual, "targetBytes": want})
         time.sleep(0.1)
-
-
-def _fmt(n) -> str:
-    from katactl.values import format_size
-
-    return format_size(n)
 
 
 __all__ = ["get", "set", "open_path", "guest_used", "plan_target", "NoBalloon", "VMGone", "PATHS", "NotFound"]

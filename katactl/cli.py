@@ -17,7 +17,6 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from katactl import __version__
 from katactl.errors import ExitCode, KatactlError, UsageError, exit_code_for
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 API_VERSION = "katactl/v1"
 FORMATS = ("table", "wide", "plain", "json", "yaml", "name", "jsonl")
@@ -298,6 +298,3 @@ def error_object(exc_dict: dict) -> dict:
     return {"apiVersion": API_VERSION, "kind": "Error", **exc_dict}
 
 
-def print_json_lines(items: Iterable[dict], stream=None) -> None:
-    for it in items:
-        print(json.dumps(it, default=_json_default), file=stream or sys.stdout)

@@ -2,8 +2,7 @@
 import pytest
 
 from katactl import config, fleet
-from katactl.backends import kube
-from katactl.errors import AuthError, NotFound, UsageError, UnreachableError
+from katactl.errors import AuthError, NotFound, UsageError
 from tests.kubeserver import FakeKubeAPI
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
-import time
 
 import pytest
 

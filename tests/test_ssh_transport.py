@@ -317,7 +317,7 @@ def test_invoke_only_loaded_for_match_exec(sshd_lab, tmp_path, match_exec):
     cfg = tmp_path / "cfg"
     text = f"Include {sshd_lab.config}\n"
     if match_exec:
-        text = f'Match exec "test -d /"\n  ConnectTimeout 9\n' + text
+        text = 'Match exec "test -d /"\n  ConnectTimeout 9\n' + text
     cfg.write_text(text)
     code = (
         "import sys\n"

@@ -1,5 +1,4 @@
 """HTTP over a node's unix socket: keep-alive reuse after the server closes, peer resets."""
-import os
 import socket
 import threading
 

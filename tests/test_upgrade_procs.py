@@ -11,7 +11,6 @@ so persist.json written by the lab layout and the real processes meet.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import pytest

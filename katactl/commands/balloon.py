@@ -60,7 +60,6 @@ def get(ctx: typer.Context,
       katactl --host-root /tmp/katactl-lab balloon get qemu-0-pod --via extra-monitor
     """
     from katactl import balloon, sandbox
-    from katactl.output import Result
 
     app_ctx = state(ctx)
     settings, ref = sandbox_ref(app_ctx, target)

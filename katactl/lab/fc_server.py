@@ -18,7 +18,6 @@ Known differences from the real Firecracker:
 from __future__ import annotations
 
 import json
-import os
 
 from katactl.lab import httpunix
 from katactl.lab.simguest import SimGuest

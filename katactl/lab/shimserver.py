@@ -52,7 +52,6 @@ import gzip
 import http.server
 import json
 import os
-import socket
 import socketserver
 import tempfile
 import threading
