@@ -82,12 +82,12 @@ def test_scrapes_run_concurrently(cli):
         assert all("error" not in i for i in items), items
 
 
-def test_hung_shim_is_one_error_row(cli):
+def test_hung_shim_is_one_error_row_and_exit_4(cli):
     with node() as n:
         n.go("okay01")
         n.go("hang02", flavour_kw={"fault": "hang"})
         r = cli(["--host-root", n.root, "--timeout", "0.5s", "top", "-o", "json", "--interval", "0.1s"])
-        assert r.exit_code == 0, r.stderr
+        assert r.exit_code == 4, r.stderr
         rows = {i["id"]: i for i in r.json()["items"]}
         assert rows["hang02"]["error"]["code"] == "Timeout"
         assert rows["okay01"]["guestMemTotal"] == 2048 << 20

@@ -49,19 +49,26 @@ def sandbox_ref(app_ctx: AppContext, text: str):
 
 def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: str,
                  columns: list[Column], name_key: str = "name", summary: str | None = None,
-                 settings=None) -> None:
+                 settings=None, item_failed: Callable[[dict], bool] | None = None) -> None:
     """Run fn(transport) on every selected node; render the merged list.
 
     One node: its failure is the command's failure (its own exit code).
     Many nodes: per-node errors are reported, the rest rendered; exit 4 or 7.
+    item_failed marks items that stand for a failed target (e.g. a shim that did
+    not answer): any such item turns a clean exit into 4, partial failure.
     """
+    from katactl.errors import ExitCode
     from katactl.fleet import run_on_nodes
 
     fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
-    result = Result(kind=kind, items=fo.items(), columns=columns, errors=fo.error_items(),
+    items = fo.items()
+    result = Result(kind=kind, items=items, columns=columns, errors=fo.error_items(),
                     multi_node=fo.multi, name_key=name_key, summary=summary)
-    finish(app_ctx, result, fo.exit_code())
+    code = fo.exit_code()
+    if not code and item_failed is not None and any(item_failed(i) for i in items):
+        code = ExitCode.PARTIAL
+    finish(app_ctx, result, code)
 
 
 def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,

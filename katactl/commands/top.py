@@ -64,6 +64,8 @@ def top(
 
     On a terminal the view refreshes every --interval until Ctrl-C; with -o
     json/yaml or in a pipe it prints one snapshot (two scrapes --interval apart).
+    A shim that does not answer is a row with an error; the snapshot then exits
+    4 (partial failure) so scripts notice.
 
     \b
     Examples:
@@ -92,7 +94,8 @@ def top(
         def fn(t):
             return _sort(metrics.top_snapshot(t, interval=ival, timeout=timeout), sort)
 
-        fan_out_list(app_ctx, fn, kind="SandboxTopList", columns=_columns(), name_key="id")
+        fan_out_list(app_ctx, fn, kind="SandboxTopList", columns=_columns(), name_key="id",
+                     item_failed=lambda row: "error" in row)
         return
     _live(app_ctx, ival, timeout, sort, iterations)
 
