@@ -394,6 +394,24 @@ def _norm(v):
     return type(v).__name__ if isinstance(v, OSError) else v
 
 
+def test_read_bytes_errors_match_local(t1, sshd_lab):
+    """A directory, a missing file, a dangling link: the same exception type and strerror
+    as locally (sftp-server answers a READ on a directory with a bare "Failure")."""
+    from katactl.backends.local import LocalTransport
+
+    root = sshd_lab.nodes["node1"].root
+    _batch_tree(root)
+    local = LocalTransport(str(root))
+    for p in ("/batch/sub", "/batch/missing", "/batch/dangling", "/batch/many"):
+        with pytest.raises(OSError) as want:
+            local.read_bytes(p)
+        with pytest.raises(OSError) as got:
+            t1.read_bytes(p, limit=100 if p.endswith("sub") else None)
+        assert type(got.value) is type(want.value), p
+        assert got.value.strerror == want.value.strerror and got.value.filename == p
+    assert t1.read_bytes("/batch/small") == b"hello\n"  # the session is still in step
+
+
 def test_read_many_matches_single_reads(t1, sshd_lab):
     from katactl.backends.local import LocalTransport
 

@@ -1123,7 +1123,20 @@ class SSHTransport(NodeTransport):
         def read():
             f = sftp.open(r, "rb")
             try:
-                return f.read(limit) if limit is not None else f.read()
+                try:
+                    return f.read(limit) if limit is not None else f.read()
+                except OSError:
+                    # sftp-server opens a directory fine and then answers the READ with a
+                    # bare SSH_FX_FAILURE ("Failure"): say EISDIR as open(2)+read(2) do
+                    # locally (read_many does the same with its FSTAT). Only on this
+                    # error path: no extra round trip for a good read.
+                    try:
+                        is_dir = st.S_ISDIR(f.stat().st_mode or 0)
+                    except Exception:  # noqa: BLE001 - keep the original error
+                        is_dir = False
+                    if is_dir:
+                        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path) from None
+                    raise
             finally:
                 # Read-only handle: do not wait for the CLOSE reply (one round trip
                 # less per file; paramiko's own GC path does the same). The reply is
