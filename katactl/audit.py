@@ -1,12 +1,15 @@
 """Audit log of changes: one JSON line per mutating action.
 
-Lives at $XDG_STATE_HOME/katactl/audit.log (or the ``audit_log`` setting).
-Written with O_APPEND so concurrent katactl processes never interleave a line.
+Lives at $XDG_STATE_HOME/katactl/audit.log, or where the ``audit_log`` setting
+says (the CLI calls configure() once its settings are resolved; library users
+may too). Written with O_APPEND so concurrent katactl processes never
+interleave a line.
 """
 from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import socket
 import sys
@@ -14,16 +17,26 @@ import time
 
 from katactl.config import state_dir
 
+log = logging.getLogger(__name__)
+_configured: str | None = None
+
+
+def configure(path: str | None) -> None:
+    """Make ``path`` the default audit log of this process (None: the default)."""
+    global _configured
+    _configured = path
+
 
 def audit_path(override: str | None = None) -> str:
-    return override or os.environ.get("KATACTL_AUDIT_LOG") or os.path.join(state_dir(), "audit.log")
+    return (override or _configured or os.environ.get("KATACTL_AUDIT_LOG")
+            or os.path.join(state_dir(), "audit.log"))
 
 
 def record(action: str, target: str, *, node: str = "localhost", params: dict | None = None,
            result: str = "ok", changed: bool | None = None, path: str | None = None, **extra) -> dict:
     """Append one entry; returns it. Never raises for a log problem: a change
     that happened must not be reported as failed because the log is full;
-    instead a warning goes to stderr."""
+    instead it is logged as a warning (the CLI shows it on stderr)."""
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "user": _user(),
@@ -47,7 +60,7 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
         finally:
             os.close(fd)
     except OSError as e:
-        print(f"warning: cannot write audit log {p}: {e.strerror}", file=sys.stderr)
+        log.warning("cannot write audit log %s: %s", p, e.strerror)
     return entry
 
 

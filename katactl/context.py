@@ -17,6 +17,13 @@ class AppContext:
     def create(cls, settings: Settings) -> "AppContext":
         out = Output(settings.output, color=False if settings.no_color else None,
                      quiet=settings.quiet, verbose=settings.verbose)
+        # Point the audit log at the audit_log setting. Read-only commands never
+        # import katactl.audit: importing it just to say "default" would cost
+        # start-up, and a module not yet imported holds no earlier path.
+        if settings.audit_log or "katactl.audit" in sys.modules:
+            from katactl import audit
+
+            audit.configure(settings.audit_log)
         return cls(settings, out)
 
     def confirm(self, question: str) -> bool:

@@ -165,3 +165,36 @@ def test_audit_log_appends_json_lines(_isolated_home):
     assert [e["changed"] for e in entries] == [True, False]
     assert {"time", "user", "host", "command", "target", "action", "result"} <= set(entries[0])
     assert oct((_isolated_home / "state" / "katactl" / "audit.log").stat().st_mode & 0o777) == "0o600"
+
+
+def test_audit_log_setting_is_honoured_by_mutating_commands(cli, _isolated_home, tmp_path):
+    from tests import upgrade_fixtures as fx
+
+    custom = tmp_path / "custom-audit.log"
+    cfg = _isolated_home / "config" / "katactl" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'audit_log = "{custom}"\n')
+    node = tmp_path / "node"
+    (node / "proc").mkdir(parents=True)
+    src = fx.build_tree(str(tmp_path / "src"), "4.0.0", version_file=True)
+    r = cli(["--host-root", str(node), "-o", "json", "upgrade", "stage", src])
+    assert r.exit_code == 0, r.stderr
+    entries = [json.loads(l) for l in custom.read_text().splitlines()]
+    assert entries and entries[-1]["action"].startswith("upgrade")
+    assert not (_isolated_home / "state" / "katactl" / "audit.log").exists()
+    # the next invocation without the setting goes back to the default log
+    cfg.unlink()
+    r = cli(["--host-root", str(node), "-o", "json", "upgrade", "stage", src])
+    assert r.exit_code == 0, r.stderr
+    assert (_isolated_home / "state" / "katactl" / "audit.log").exists()
+
+
+def test_audit_log_failure_is_a_warning_not_an_error(tmp_path, caplog):
+    from katactl import audit
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    entry = audit.record("upgrade.switch", "node", path=str(blocker / "audit.log"))
+    assert entry["target"] == "node"
+    assert any("cannot write audit log" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
