@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from katactl import vmcore
 from katactl.backends.local import LocalTransport
 from katactl.lab import layout
+from katactl.vmcore import collection
 
 DUMP_PATH = "/var/crash/kata"
 SID = "3f2a4c1b9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a"
@@ -239,7 +241,7 @@ def test_collect_dry_run_writes_nothing(cli, tree, tmp_path):
 
 @pytest.mark.parametrize("algo,opener", [("gzip", "gzip"), ("zstd", "zstd")])
 def test_collect_compressed_decompresses_to_the_source(cli, tmp_path, algo, opener):
-    if algo == "zstd" and not vmcore.shutil.which("zstd"):
+    if algo == "zstd" and not shutil.which("zstd"):
         pytest.skip("zstd not installed")
     root = node_tree(tmp_path / "n")
     src = add_dump(root, data=os.urandom(200_000))
@@ -259,7 +261,7 @@ def test_collect_compressed_decompresses_to_the_source(cli, tmp_path, algo, open
 
 def test_collect_compressed_multi_segment(tmp_path, monkeypatch):
     """Segments (gzip members) are independently decodable and concatenate to the source."""
-    monkeypatch.setattr(vmcore, "SEGMENT", 3 << 20)
+    monkeypatch.setattr(collection, "SEGMENT", 3 << 20)
     root = node_tree(tmp_path / "n")
     src = add_dump(root, size_segments=((0, 10 << 20),), data=os.urandom(5 << 20))
     t = LocalTransport(root)
@@ -329,7 +331,7 @@ def test_collect_needs_to(cli, tree):
 
 
 def test_makedumpfile_missing_is_clear(cli, tree, tmp_path):
-    if vmcore.shutil.which("makedumpfile"):
+    if shutil.which("makedumpfile"):
         pytest.skip("makedumpfile installed")
     r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), "--makedumpfile"])
     assert r.exit_code == 1 and "makedumpfile is not installed" in r.stderr
@@ -409,7 +411,7 @@ def test_trigger_cloud_hypervisor_coredump(cli, features, code):
 
 
 def test_makedumpfile_failure_is_clear_and_leaves_nothing(cli, tree, tmp_path):
-    if not vmcore.shutil.which("makedumpfile"):
+    if not shutil.which("makedumpfile"):
         pytest.skip("makedumpfile not installed")
     r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), "--makedumpfile"])
     # a dump without a usable VMCOREINFO note cannot be filtered

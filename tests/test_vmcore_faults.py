@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from katactl import vmcore
 from katactl.backends.local import LocalTransport
 from katactl.errors import OperationFailed
+from katactl.vmcore import collection
 from tests.test_vmcore import DUMP_PATH, SID, TS, add_dump, node_tree, sha
 
 
@@ -204,9 +206,9 @@ def test_resume_after_source_changed_starts_over(tmp_path, big):
 
 @pytest.mark.parametrize("algo", ["gzip", "zstd"])
 def test_compressed_resume_at_segment(tmp_path, big, monkeypatch, algo):
-    if algo == "zstd" and not vmcore.shutil.which("zstd"):
+    if algo == "zstd" and not shutil.which("zstd"):
         pytest.skip("zstd not installed")
-    monkeypatch.setattr(vmcore, "SEGMENT", 4 << 20)
+    monkeypatch.setattr(collection, "SEGMENT", 4 << 20)
     root, src = big
     t = LocalTransport(root)
 

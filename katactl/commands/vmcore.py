@@ -101,7 +101,7 @@ def collect_cmd(
                                  verify_source=verify, progress=progress)
     opts.validate()
     if dump_path is not None:
-        vmcore._check_abs(dump_path, "--dump-path")
+        vmcore.check_abs(dump_path, "--dump-path")
     index = vmcore.CollectIndex()
 
     def one_node(t):

@@ -1,0 +1,26 @@
+"""Guest memory dumps (vmcores): find, collect, take and remove them.
+
+The public API is re-exported here; the modules, in import order (each only
+imports the ones above it, so there are no cycles):
+
+- :mod:`.records`     the local records of collected dumps: manifests and the collect index
+- :mod:`.dumps`       the dumps on a node: guest_memory_dump_path, list, resolve, pod, remove
+- :mod:`.streams`     byte plumbing: read-ahead/hash threads, rate limit, plain/gzip/zstd writers
+- :mod:`.collection`  collect: copy, resume sidecar, verification, manifest, makedumpfile
+- :mod:`.capture`     taking dumps: the runtime's panic handler, on-demand triggers
+
+Domain code only: no printing; errors are katactl.errors types.
+"""
+from katactl.vmcore.capture import (FORMATS, TriggerOptions, check_free_space, guest_memory_bytes,
+                                    prepare_dump_dir, runtime_panic_dump, trigger)
+from katactl.vmcore.collection import CollectOptions, collect, collect_one
+from katactl.vmcore.dumps import (DumpConfig, check_abs, dump_config, dump_timestamp, elf_extent, go_timestamp,
+                                  list_dumps, node_name, pod_of, remove_dumps, resolve_dumps, sniff_format)
+from katactl.vmcore.records import CollectIndex
+
+__all__ = [
+    "CollectIndex", "CollectOptions", "DumpConfig", "FORMATS", "TriggerOptions", "check_abs", "check_free_space",
+    "collect", "collect_one", "dump_config", "dump_timestamp", "elf_extent", "go_timestamp", "guest_memory_bytes",
+    "list_dumps", "node_name", "pod_of", "prepare_dump_dir", "remove_dumps", "resolve_dumps",
+    "runtime_panic_dump", "sniff_format", "trigger",
+]

@@ -1,0 +1,326 @@
+"""Taking dumps: the runtime's panic handler (:func:`runtime_panic_dump`, the
+lab calls it on ``GUEST_PANICKED``) and on-demand triggers (:func:`trigger`:
+shim extension, Cloud Hypervisor, QEMU), both into the runtime's layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+import time
+from typing import Callable
+
+from katactl.errors import KatactlError, OperationFailed, ProtocolError, Refused, UsageError
+from katactl.vmcore.dumps import GO_SBS, GO_VM, check_abs, dump_config, go_timestamp, read_json, real_path
+
+FORMATS = ("elf", "kdump-zlib")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _copy_tree(transport, src: str, dst: str) -> None:
+    """Copy a node directory into another node directory (regular files and dirs only)."""
+    transport.mkdir(dst, 0o755)
+    for name in transport.listdir(src):
+        s, d = f"{src}/{name}", f"{dst}/{name}"
+        try:
+            st = transport.stat(s, follow_symlinks=False)
+        except OSError:
+            continue
+        if st.is_dir:
+            _copy_tree(transport, s, d)
+        elif (st.mode & 0o170000) == 0o100000:
+            transport.write_bytes_atomic(d, b"".join(transport.open_stream(s)), mode=st.mode & 0o777)
+
+
+def sandbox_persist(transport, sandbox_id: str) -> dict:
+    p = read_json(transport, f"{GO_SBS}/{sandbox_id}/persist.json")
+    return p if isinstance(p, dict) else {}
+
+
+def prepare_dump_dir(transport, sandbox_id: str, dump_path: str, *, persist: dict | None = None,
+                     hypervisor_path: str | None = None) -> tuple[str, dict]:
+    """Steps 1-2 of the runtime's handler: <dump_path>/<id>/ with state/, hypervisor.conf,
+    hypervisor.version. Returns (dir, persist)."""
+    _check_sandbox_id(sandbox_id)
+    persist = persist if persist is not None else sandbox_persist(transport, sandbox_id)
+    d = f"{dump_path}/{sandbox_id}"
+    transport.mkdir(d, 0o755)
+    src_state = f"{GO_SBS}/{sandbox_id}"
+    if transport.is_dir(src_state):
+        # the runtime runs `/bin/cp -ar /run/vc/sbs/<id> <dir>/state` (so a second dump of the
+        # same sandbox lands in state/<id>/, as cp does when the target exists)
+        copied = False
+        try:
+            r = transport.run(["/bin/cp", "-ar", real_path(transport, src_state), real_path(transport, f"{d}/state")],
+                              timeout=120)
+            copied = r.returncode == 0
+        except (OSError, KatactlError):
+            pass
+        if not copied:
+            dst = f"{d}/state/{sandbox_id}" if transport.is_dir(f"{d}/state") else f"{d}/state"
+            _copy_tree(transport, src_state, dst)
+    hvconf = ((persist.get("Config") or {}).get("HypervisorConfig")) or {}
+    transport.write_bytes_atomic(f"{d}/hypervisor.conf", json.dumps(hvconf).encode(), mode=0o644)
+    exe = hypervisor_path or hvconf.get("HypervisorPath") or "qemu-system-x86_64"
+    version = b""
+    try:
+        r = transport.run([exe, "--version"], timeout=30)
+        if r.returncode == 0:
+            version = r.stdout
+    except (OSError, KatactlError):
+        pass
+    if not version and exe != "qemu-system-x86_64":
+        try:
+            r = transport.run(["qemu-system-x86_64", "--version"], timeout=30)
+            version = r.stdout if r.returncode == 0 else b""
+        except (OSError, KatactlError):
+            pass
+    transport.write_bytes_atomic(f"{d}/hypervisor.version", version, mode=0o644)
+    return d, persist
+
+
+def required_free(memory_bytes: int) -> int:
+    return 2 * memory_bytes
+
+
+def guest_memory_bytes(persist: dict, qmp_client=None) -> int:
+    """default_memory + hotplugged memory, as the runtime counts it (MiB in persist.json)."""
+    hv = ((persist.get("Config") or {}).get("HypervisorConfig")) or {}
+    mem = int(hv.get("MemorySize") or 0)
+    hot = int((persist.get("HypervisorState") or {}).get("HotpluggedMemory") or 0)
+    if mem:
+        return (mem + hot) << 20
+    if qmp_client is not None:
+        s = qmp_client.execute("query-memory-size-summary")
+        return int(s.get("base-memory", 0)) + int(s.get("plugged-memory", 0))
+    return 0
+
+
+def check_free_space(transport, d: str, memory_bytes: int) -> None:
+    free = transport.statvfs_free(d)
+    need = required_free(memory_bytes)
+    if free < need:
+        raise Refused(f"{d}: {free} bytes free, a dump needs 2 x guest memory = {need} (the runtime's rule)",
+                      hint="free space under guest_memory_dump_path first")
+
+
+def runtime_panic_dump(transport, sandbox, qmp_client, dump_path: str, paging: bool = False, *,
+                       timeout: float = 3600.0) -> str:
+    """Play the Go runtime's GUEST_PANICKED handler (kata-node.md steps 1-4).
+
+    sandbox: a sandbox id (or an object with ``.id``). qmp_client: a connected
+    :class:`katactl.backends.qmp.QMPClient` (the caller's, e.g. the lab
+    daemon's reader-thread client). Returns the dump's node path. Raises
+    Refused when the filesystem lacks 2 x guest memory (the runtime logs and
+    skips the dump then).
+    """
+    sandbox_id = getattr(sandbox, "id", None) or getattr(sandbox, "sandbox_id", None) or str(sandbox)
+    check_abs(dump_path, "dump_path")
+    d, persist = prepare_dump_dir(transport, sandbox_id, posixpath.normpath(dump_path))
+    check_free_space(transport, d, guest_memory_bytes(persist, qmp_client))
+    path = f"{d}/vmcore-{go_timestamp()}.elf"
+    qmp_client.execute("dump-guest-memory", {"paging": bool(paging), "protocol": "file:" + real_path(transport, path),
+                                             "format": "elf"}, timeout=timeout)
+    return path
+
+
+def _check_sandbox_id(sid: str) -> None:
+    if not isinstance(sid, str) or not _ID_RE.match(sid):
+        raise UsageError(f"invalid sandbox id {sid!r}")
+
+
+@dataclasses.dataclass
+class TriggerOptions:
+    format: str = "elf"
+    detach: bool = False
+    paging: bool | None = None
+    dump_path: str | None = None
+    kata_config: str | None = None
+    dry_run: bool = False
+    timeout: float = 3600.0
+    progress: Callable[[int, int], None] | None = None
+    poll: float = 0.2
+
+
+def trigger(transport, ref, opts: TriggerOptions) -> dict:
+    """An on-demand dump of a live sandbox into Kata's layout.
+
+    ref: a sandbox reference (id, prefix, NAMESPACE/POD) or a resolved
+    katactl.sandbox.Sandbox. Paths tried, in order: the shim extension
+    (``/ext/v1/capabilities`` lists ``vmcore``), Cloud Hypervisor
+    ``PUT /vm.coredump`` (when ``vmm.ping`` lists ``guest_debug``), QEMU
+    ``dump-guest-memory`` on ``extra-monitor.sock`` then ``qmp.sock``
+    (progress from ``query-dump``).
+    """
+    from katactl import sandbox as sbmod
+
+    if opts.format not in FORMATS:
+        raise UsageError(f"invalid --format {opts.format!r} (choose {', '.join(FORMATS)})")
+    sb = ref if isinstance(ref, sbmod.Sandbox) else sbmod.resolve(transport, ref, check=False)
+    sid = sb.id
+    cfg = dump_config(transport, dump_path=opts.dump_path or sb.guest_memory_dump_path or None,
+                      kata_config=opts.kata_config)
+    persist = sb.raw if (sb.runtime == "go" and isinstance(sb.raw, dict)) else sandbox_persist(transport, sid)
+    hv_type = sb.hypervisor or cfg.hypervisor or "qemu"
+    paging = cfg.paging if opts.paging is None else opts.paging
+    if opts.format != "elf" and paging:
+        raise UsageError("kdump formats do not support paging (QEMU refuses it)")
+    ext = ".elf" if opts.format == "elf" else ".kdump"
+    d = f"{cfg.dump_path}/{sid}"
+    path = f"{d}/vmcore-{go_timestamp()}{ext}"
+    result = {"sandbox": sid, "pod": sb.pod_ref, "path": path, "format": opts.format, "hypervisor": hv_type,
+              "detached": opts.detach}
+    mem = (sb.total_memory_mib or 0) << 20 or guest_memory_bytes(persist)
+    reasons: list[str] = []
+    # 1. the shim extension
+    shim = _shim_ext(transport, sb.shim_socket) if sb.shim_socket else None
+    if shim is not None and "vmcore" in shim["capabilities"]:
+        result["via"] = "shim-extension"
+        if opts.dry_run:
+            return {**result, "changed": True, "dryRun": True}
+        # the metadata and the space check the runtime does, then the shim dumps
+        prepare_dump_dir(transport, sid, cfg.dump_path, persist=persist, hypervisor_path=sb.hypervisor_path)
+        if mem:
+            check_free_space(transport, d, mem)
+        return {**result, **_trigger_shim(transport, shim, sid, opts, paging), "changed": True}
+    reasons.append("the shim does not offer the vmcore extension" if shim is not None
+                   else "no shim extension (/ext/v1/capabilities)")
+    if hv_type in ("clh", "cloud-hypervisor", "cloud_hypervisor"):
+        sock = sb.api_socket or f"{GO_VM}/{sid}/clh-api.sock"
+        if opts.format != "elf":
+            raise UsageError("Cloud Hypervisor writes ELF dumps only (--format elf)")
+        result["via"] = "clh"
+        return _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result)
+    if hv_type != "qemu":
+        raise OperationFailed(f"{hv_type} has no guest memory dump API ({'; '.join(reasons)})",
+                              hint="Firecracker only offers full snapshots")
+    socks = [x for x in (sb.extra_monitor_socket, f"{GO_VM}/{sid}/extra-monitor.sock", sb.api_socket,
+                         f"{GO_VM}/{sid}/qmp.sock") if x]
+    return _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, reasons,
+                         list(dict.fromkeys(socks)))
+
+
+def _shim_ext(transport, sock: str) -> dict | None:
+    """The shim's extension capabilities ({socket, capabilities, raw}); None without one."""
+    from katactl.backends.shim import ShimClient
+
+    if not transport.exists(sock):
+        return None
+    try:
+        with ShimClient(transport, sock, timeout=5.0) as c:
+            body = c.capabilities()
+    except KatactlError:
+        return None
+    if body is None:
+        return None
+    caps = body.get("features") or body.get("capabilities")
+    if isinstance(caps, dict):
+        caps = [k for k, v in caps.items() if v]
+    if not isinstance(caps, list):
+        return None
+    return {"socket": sock, "capabilities": [str(c) for c in caps], "raw": body}
+
+
+def _trigger_shim(transport, shim: dict, sid: str, opts: TriggerOptions, paging: bool) -> dict:
+    from katactl.backends.shim import ShimClient
+
+    body = json.dumps({"format": opts.format, "paging": paging}).encode()
+    with ShimClient(transport, shim["socket"], timeout=opts.timeout, sandbox_id=sid) as c:
+        status, raw = c.call("POST", "/ext/v1/vmcore", content=body,
+                             headers={"Content-Type": "application/json"})
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        d = {}
+    msg = ((d.get("error") or {}).get("message") if isinstance(d, dict) else None) \
+        or raw.decode("utf-8", "replace").strip()[:300]
+    if status in (409, 507):
+        raise Refused(f"the shim refused the dump: {msg}")
+    if status >= 300:
+        raise OperationFailed(f"shim vmcore dump failed: HTTP {status}: {msg}")
+    if not isinstance(d, dict) or not d.get("path"):
+        raise ProtocolError("shim vmcore dump: the answer names no dump path")
+    return {"path": d["path"], "size": d.get("bytes"), "status": "completed"}
+
+
+def _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result) -> dict:
+    from katactl.backends.clh import ClhClient
+
+    with ClhClient(transport, sock, opts.timeout) as c:
+        feats = (c.ping() or {}).get("features") or []
+        if "guest_debug" not in feats:
+            raise OperationFailed("this Cloud Hypervisor build has no guest_debug feature (vmm.ping features: "
+                                  + (",".join(feats) or "none") + "): vm.coredump is unavailable",
+                                  hint="use a cloud-hypervisor built with --features guest_debug (x86_64)")
+        if opts.dry_run:
+            return {**result, "changed": True, "dryRun": True}
+        prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
+        if mem:
+            check_free_space(transport, d, mem)
+        c.coredump(real_path(transport, path))
+    return {**result, "status": "completed", "changed": True}
+
+
+def _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, reasons, socks) -> dict:
+    from katactl.backends.qmp import MonitorBusy, QMPClient
+
+    client = None
+    tried = []
+    for sock in socks:
+        if not transport.exists(sock):
+            continue
+        try:
+            client = QMPClient.connect(transport, sock, timeout=min(opts.timeout, 30.0))
+            result["via"] = "qmp:" + posixpath.basename(sock)
+            break
+        except MonitorBusy:
+            tried.append(f"{posixpath.basename(sock)} is held by another client (the Kata runtime)")
+        except KatactlError as e:
+            tried.append(f"{posixpath.basename(sock)}: {e.message}")
+    if client is None:
+        raise Refused("cannot reach the QEMU monitor of sandbox " + sid[:12] + ": "
+                      + "; ".join(reasons + (tried or ["no qmp.sock or extra-monitor.sock"])),
+                      hint="offer the shim extension (docs/shim-extension.md) or set "
+                           "extra_monitor_socket in [hypervisor.qemu]")
+    with client:
+        if not mem:
+            mem = guest_memory_bytes(persist, client)
+        caps = client.execute("query-dump-guest-memory-capability")
+        if opts.format not in (caps or {}).get("formats", []):
+            raise OperationFailed(f"this QEMU cannot write {opts.format} dumps (it offers "
+                                  + ", ".join((caps or {}).get("formats", [])) + ")")
+        st = client.execute("query-dump")
+        if (st or {}).get("status") == "active":
+            raise Refused(f"sandbox {sid[:12]}: a dump is already in progress")
+        if opts.dry_run:
+            return {**result, "changed": True, "dryRun": True}
+        prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
+        check_free_space(transport, d, mem)
+        client.events()  # forget old events: DUMP_COMPLETED below must be ours
+        args = {"paging": bool(paging), "protocol": "file:" + real_path(transport, path), "format": opts.format,
+                "detach": True}
+        client.execute("dump-guest-memory", args, timeout=opts.timeout)
+        if opts.detach:
+            return {**result, "status": "active", "changed": True}
+        deadline = time.monotonic() + opts.timeout
+        while True:
+            st = client.execute("query-dump") or {}
+            if opts.progress and st.get("total"):
+                opts.progress(int(st.get("completed", 0)), int(st["total"]))
+            if st.get("status") == "completed":
+                break
+            if st.get("status") == "failed":
+                ev = [e for e in client.events() if e.get("event") == "DUMP_COMPLETED"]
+                why = (ev[-1].get("data") or {}).get("error") if ev else None
+                raise OperationFailed(f"QEMU dump failed{': ' + why if why else ''}")
+            if time.monotonic() > deadline:
+                from katactl.errors import TimeoutExpired
+
+                raise TimeoutExpired(f"dump not finished within {opts.timeout:g}s (it continues in QEMU)")
+            time.sleep(opts.poll)
+    try:
+        size = transport.stat(path).size
+    except OSError:
+        size = None
+    return {**result, "status": "completed", "size": size, "changed": True}

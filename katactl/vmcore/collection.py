@@ -1,0 +1,429 @@
+"""Collecting dumps from a node into a local directory (:func:`collect`).
+
+The guarantees:
+
+- the dump streams through ``transport.open_stream`` in 4 MiB chunks, read ahead
+  and sha256-hashed on worker threads (bounded queues: peak RSS ~75 MiB; bounded
+  memory, also over SSH) into ``<name>.partial`` beside a small JSON sidecar
+  ``<name>.partial.json`` naming the source (path, size, mtime); the final
+  name appears only after verification (rename), and the manifest
+  (``SHA256SUMS``, ``sha256sum -c`` compatible, plus ``manifest.json``) is
+  rewritten atomically last. A partial file is never presented as complete.
+- verification: a fresh copy hashes what it writes while streaming and checks
+  that the source still exists, unchanged (size, mtime) and that exactly
+  ``size`` bytes arrived. A *resumed* copy, and every copy before
+  ``--delete-after``, is checked end to end against the node's own
+  ``sha256sum`` of the source (re-reading the source through the transport
+  when the node has no ``sha256sum``).
+- resume: an uncompressed partial resumes from its size (its prefix is
+  re-hashed locally); a compressed one is written as independent gzip
+  members / zstd frames of 256 MiB of input, checkpointed in the sidecar, and
+  resumes at the last complete frame.
+- compression happens here, while streaming (Python's gzip, the
+  ``zstandard`` package or the local ``zstd`` binary): the transport's
+  ``run()`` returns whole outputs, so a node-side compressor could only write
+  a second copy on the node's (often full) crash disk.
+- all-zero chunks of an uncompressed copy are written as holes (dumps are
+  mostly zero pages): the local copy stays sparse.
+- files are mode 0600, directories 0700. A second collect of an already
+  collected dump is a no-op (``changed: false``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import time
+from typing import Any, Callable, Iterator
+
+from katactl.backends.local import atomic_write, fsync_dir
+from katactl.errors import OperationFailed, Refused, UsageError
+from katactl.vmcore.dumps import node_name, real_path, remove_dumps, resolve_dumps
+from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, write_manifest
+from katactl.vmcore.streams import (CHUNK, Hasher, Prefetch, RateLimit, hash_file, iter_uncompressed,
+                                    make_writer, zstd_backend)
+
+METADATA = ("hypervisor.conf", "hypervisor.version")
+SEGMENT = 256 << 20            # input bytes per gzip member / zstd frame (resume granularity)
+COMPRESS_SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
+
+
+@dataclasses.dataclass
+class CollectOptions:
+    to: str
+    compress: str = "none"              # none | gzip | zstd
+    makedumpfile: bool = False
+    dump_level: int = 31
+    delete_after: bool = False
+    dry_run: bool = False
+    bwlimit: int | None = None          # bytes per second
+    verify_source: bool = False         # always compare with the node's sha256sum
+    progress: Callable[[dict, int, int], None] | None = None   # (dump, done, total)
+
+    def validate(self) -> None:
+        if self.compress not in COMPRESS_SUFFIX:
+            raise UsageError(f"invalid --compress {self.compress!r} (choose none, gzip or zstd)")
+        if self.makedumpfile and self.compress != "none":
+            raise UsageError("--makedumpfile compresses on the node already; use it with --compress none")
+        if not 0 <= self.dump_level <= 31:
+            raise UsageError(f"invalid --dump-level {self.dump_level} (0-31)")
+        if not self.to or not str(self.to).strip():
+            raise UsageError("--to must name a directory")
+        if self.bwlimit is not None and self.bwlimit <= 0:
+            raise UsageError("--bwlimit must be greater than zero")
+        if self.compress == "zstd":
+            zstd_backend()  # fail early and clearly
+
+
+def _dest_dir(opts: CollectOptions, node: str, sandbox: str) -> str:
+    return os.path.join(os.path.abspath(opts.to), node, sandbox)
+
+
+def collect(transport, refs: list[str], opts: CollectOptions, *, dump_path: str | None = None,
+            kata_config: str | None = None, index: CollectIndex | None = None) -> list[dict]:
+    """Collect the dumps named by refs (all with none) into opts.to/<node>/<sandbox>/."""
+    opts.validate()
+    index = index if index is not None else CollectIndex()
+    dumps = resolve_dumps(transport, refs, dump_path=dump_path, kata_config=kata_config, index=index)
+    node = node_name(transport)
+    results = []
+    for d in dumps:
+        results.append(collect_one(transport, d, node, opts, index))
+    return results
+
+
+def collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
+    src = dump["path"]
+    src_dir = posixpath.dirname(src)
+    dest_dir = _dest_dir(opts, node, dump["sandbox"])
+    stored_name = dump["file"] + COMPRESS_SUFFIX[opts.compress]
+    if opts.makedumpfile:
+        stored_name = re.sub(r"\.(elf|kdump)$", "", dump["file"]) + ".kdump"
+    final = os.path.join(dest_dir, stored_name)
+    result = {"name": dump["name"], "node": node, "source": src, "to": final, "size": dump["size"],
+              "compress": "makedumpfile" if opts.makedumpfile else opts.compress}
+    if dump["status"] == "incomplete":
+        raise Refused(f"{dump['name']}: the dump is incomplete (size {dump['size']} is short of its "
+                      "ELF segments): still being written, or truncated",
+                      hint="wait for the dump to finish (katactl vmcore list shows its status)")
+    manifest = load_manifest(dest_dir)
+    entry = manifest["files"].get(stored_name)
+    if (entry and entry.get("source", {}).get("size") == dump["size"]
+            and same_mtime(entry.get("source", {}).get("mtime"), dump["mtime"])
+            and os.path.exists(final) and os.path.getsize(final) == entry.get("size")):
+        result.update(changed=False, sha256=entry["sha256"], verified=True, deleted=False)
+        if opts.delete_after and not opts.dry_run:
+            _verify_against_node(transport, src, entry.get("source", {}).get("sha256"))
+            _delete_source(transport, dump)
+            result.update(changed=True, deleted=True)
+        return result
+    if opts.dry_run:
+        result.update(changed=True, dryRun=True, deleted=False, verified=False)
+        return result
+    if opts.makedumpfile:
+        _probe_makedumpfile(transport)
+    os.makedirs(dest_dir, mode=0o700, exist_ok=True)
+    os.chmod(dest_dir, 0o700)
+    # metadata first (small); the dump last; the manifest after both
+    meta_entries = _copy_metadata(transport, src_dir, dest_dir)
+    if opts.makedumpfile:
+        info = _collect_makedumpfile(transport, dump, final, opts)
+    else:
+        info = _copy_dump(transport, dump, final, opts)
+    files = dict(manifest["files"])
+    files.update(meta_entries)
+    files[stored_name] = {"size": info["size"], "sha256": info["sha256"], "kind": "vmcore",
+                          "compress": result["compress"],
+                          "source": {"path": src, "size": dump["size"], "mtime": dump["mtime"],
+                                     "sha256": info.get("source_sha256")},
+                          "verified": info["verified"], "collectedAt": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest.update(node=node, sandbox=dump["sandbox"], pod=dump.get("pod"), podUid=dump.get("podUid"),
+                    hypervisorVersion=dump.get("hypervisorVersion"), files=files)
+    write_manifest(dest_dir, manifest)
+    index.add(transport, src, dump["size"], dump["mtime"], final, dest_dir, info["sha256"])
+    result.update(changed=True, sha256=info["sha256"], verified=info["verified"],
+                  verification=info["verification"], resumed=info.get("resumed", False),
+                  storedSize=info["size"], deleted=False)
+    if opts.delete_after:
+        _verify_against_node(transport, src, info.get("source_sha256"))
+        _delete_source(transport, dump)
+        result["deleted"] = True
+    return result
+
+
+def _walk(transport, path: str) -> Iterator[tuple[str, Any]]:
+    """(node path, stat) of every regular file under path (no symlinks followed)."""
+    for name in transport.listdir(path):
+        p = f"{path}/{name}"
+        try:
+            st = transport.stat(p, follow_symlinks=False)
+        except OSError:
+            continue
+        if st.is_dir:
+            yield from _walk(transport, p)
+        elif not st.is_link and (st.mode & 0o170000) == 0o100000:
+            yield p, st
+
+
+def _copy_metadata(transport, src_dir: str, dest_dir: str) -> dict:
+    """hypervisor.conf, hypervisor.version and state/ (small files)."""
+    entries: dict = {}
+    files = [(f"{src_dir}/{m}", m) for m in METADATA if transport.exists(f"{src_dir}/{m}")]
+    if transport.is_dir(f"{src_dir}/state"):
+        for p, _st in _walk(transport, f"{src_dir}/state"):
+            files.append((p, posixpath.relpath(p, src_dir)))
+    for src, rel in files:
+        data = b"".join(transport.open_stream(src))
+        h = hashlib.sha256(data).hexdigest()
+        dst = os.path.join(dest_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        atomic_write(dst, data, 0o600)
+        entries[rel] = {"size": len(data), "sha256": h, "kind": "metadata"}
+    return entries
+
+
+class _Sidecar:
+    def __init__(self, final: str):
+        self.path = final + ".partial.json"
+
+    def load(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                d = json.load(f)
+            return d if isinstance(d, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def save(self, d: dict) -> None:
+        atomic_write(self.path, json.dumps(d).encode(), 0o600)
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _disk_full(dest: str, done: int, total: int) -> OperationFailed:
+    return OperationFailed(
+        f"destination {os.path.dirname(dest)} is full: {done} of {total} bytes copied; the partial "
+        f"copy is kept as {os.path.basename(dest)}.partial",
+        hint="free space (or choose another --to) and run the same collect again to resume")
+
+
+def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
+    src, size, mtime = dump["path"], dump["size"], dump["mtime"]
+    part = final + ".partial"
+    side = _Sidecar(final)
+    ident = {"path": src, "size": size, "mtime": mtime, "compress": opts.compress, "node": transport.node}
+    state = side.load()
+    resume_src = resume_dst = 0
+    if state and state.get("source") == ident and os.path.exists(part):
+        if opts.compress == "none":
+            resume_src = resume_dst = min(os.path.getsize(part), size)
+        else:
+            resume_src, resume_dst = int(state.get("srcOffset", 0)), int(state.get("dstOffset", 0))
+            if os.path.getsize(part) < resume_dst:
+                resume_src = resume_dst = 0
+    if resume_src == 0:
+        try:
+            os.unlink(part)
+        except FileNotFoundError:
+            pass
+    side.save({"source": ident, "srcOffset": resume_src, "dstOffset": resume_dst})
+    if opts.compress == "none":
+        free = shutil.disk_usage(os.path.dirname(final)).free
+        if free < size - resume_dst:
+            raise Refused(f"destination {os.path.dirname(final)} has {free} bytes free; the dump needs "
+                          f"{size - resume_dst} more", hint="free space, choose another --to, or use --compress")
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, resume_dst)
+        src_hash = Hasher()
+        # prefix: re-hash what is already on the local disk
+        if resume_src:
+            _hash_prefix(part, resume_dst, opts.compress, src_hash)
+        os.lseek(fd, resume_dst, os.SEEK_SET)
+        writer = make_writer(opts.compress, fd)
+        limit = RateLimit(opts.bwlimit)
+        done = resume_src
+        seg_left = SEGMENT - (resume_src % SEGMENT) if opts.compress != "none" else None
+        if opts.progress:
+            opts.progress(dump, done, size)
+        try:
+            stream = Prefetch(transport.open_stream(src, offset=resume_src, chunk_size=CHUNK))
+        except FileNotFoundError:
+            src_hash.close()
+            raise OperationFailed(f"{src}: the source dump vanished before the copy started") from None
+        try:
+            for chunk in stream:
+                if done + len(chunk) > size:
+                    raise OperationFailed(f"{src}: the source dump grew during the copy (was {size} bytes)")
+                src_hash.update(chunk)
+                while chunk:
+                    if seg_left is not None and len(chunk) >= seg_left:
+                        piece, chunk = chunk[:seg_left], chunk[seg_left:]
+                    else:
+                        piece, chunk = chunk, b""
+                    writer.write(piece)
+                    done += len(piece)
+                    if seg_left is not None:
+                        seg_left -= len(piece)
+                        if seg_left == 0:
+                            writer.end_segment()
+                            side.save({"source": ident, "srcOffset": done, "dstOffset": writer.tell()})
+                            seg_left = SEGMENT
+                limit(done - resume_src)
+                if opts.progress:
+                    opts.progress(dump, done, size)
+            writer.finish()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full(final, done, size) from None
+            raise
+        finally:
+            writer.close()
+            stream.close()
+            src_hash.close()
+        os.fsync(fd)
+        if done != size:
+            raise OperationFailed(f"{src}: the source dump shrank during the copy: got {done} of {size} bytes; "
+                                  f"the partial copy is kept as {os.path.basename(part)}")
+    finally:
+        os.close(fd)
+    # the source must still be there, unchanged
+    try:
+        st = transport.stat(src)
+    except FileNotFoundError:
+        raise OperationFailed(f"{src}: the source dump vanished during the copy; the partial copy is "
+                              f"kept as {part} and is not a verified dump") from None
+    if st.size != size or not same_mtime(st.mtime, mtime):
+        raise OperationFailed(f"{src}: the source dump changed during the copy (size/mtime); "
+                              "run collect again to copy it afresh")
+    source_sha = src_hash.hexdigest()
+    resumed = resume_src > 0
+    verification = "stream"
+    if resumed or opts.verify_source:
+        prefix_len = resume_src if resumed else size
+        node_sha = _node_sha256(transport, src, prefix_len)
+        if node_sha is None:
+            raise OperationFailed(f"{src}: cannot verify the resumed copy against the node")
+        kind, value = node_sha
+        if kind == "full" and value != source_sha:
+            _discard(part, side)
+            raise OperationFailed(f"{src}: sha256 mismatch after resume (node {value[:12]}, copy "
+                                  f"{source_sha[:12]}); the partial copy was discarded, run collect again")
+        if kind == "prefix" and value != (source_sha if prefix_len == size else
+                                          _prefix_hash_local(part, resume_dst, opts.compress)):
+            _discard(part, side)
+            raise OperationFailed(f"{src}: the resumed prefix does not match the source; the partial copy "
+                                  "was discarded, run collect again")
+        verification = "node-sha256sum" if kind == "full" else "prefix-rehash"
+    stored_sha = source_sha if opts.compress == "none" else hash_file(part)
+    stored_size = os.path.getsize(part)
+    os.rename(part, final)
+    fsync_dir(os.path.dirname(final))
+    side.remove()
+    return {"size": stored_size, "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
+            "verification": verification, "resumed": resumed}
+
+
+def _discard(part: str, side: _Sidecar) -> None:
+    try:
+        os.unlink(part)
+    except FileNotFoundError:
+        pass
+    side.remove()
+
+
+def _hash_prefix(part: str, dst_len: int, compress: str, h) -> None:
+    for b in iter_uncompressed(part, dst_len, compress):
+        h.update(b)
+
+
+def _prefix_hash_local(part: str, dst_len: int, compress: str) -> str:
+    h = hashlib.sha256()
+    _hash_prefix(part, dst_len, compress, h)
+    return h.hexdigest()
+
+
+def _node_sha256(transport, path: str, prefix_len: int):
+    """('full', hex) from the node's sha256sum, else ('prefix', hex) by re-reading prefix_len bytes."""
+    try:
+        r = transport.run(["sha256sum", "--", real_path(transport, path)], timeout=3600)
+        if r.returncode == 0:
+            m = re.match(rb"^\\?([0-9a-f]{64})\s", r.stdout)
+            if m:
+                return "full", m.group(1).decode()
+    except (FileNotFoundError, PermissionError, OSError):
+        pass
+    h = hashlib.sha256()
+    left = prefix_len
+    for b in transport.open_stream(path, 0, CHUNK):
+        if left <= 0:
+            break
+        b = b[:left]
+        left -= len(b)
+        h.update(b)
+    return "prefix", h.hexdigest()
+
+
+def _verify_against_node(transport, src: str, source_sha: str | None) -> None:
+    """Before deleting a node's dump: the node's own sha256 must equal our copy's."""
+    if not source_sha:
+        raise Refused(f"{src}: no source checksum recorded; not deleting it")
+    r = _node_sha256(transport, src, 1 << 62)
+    if r[1] != source_sha:
+        raise Refused(f"{src}: the node's sha256 ({r[1][:12]}) differs from the collected copy "
+                      f"({source_sha[:12]}); not deleting it")
+
+
+def _delete_source(transport, dump: dict) -> None:
+    """Delete a verified dump on the node (its sandbox dir too once no dump is left)."""
+    remove_dumps(transport, [dump])
+
+
+def _probe_makedumpfile(transport) -> None:
+    try:
+        r = transport.run(["makedumpfile", "-v"], timeout=30)
+        ok = r.returncode != 127
+    except (FileNotFoundError, PermissionError):
+        ok = False
+    if not ok:
+        raise OperationFailed(f"makedumpfile is not installed on node {transport.node}",
+                              hint="apt-get install makedumpfile on the node, or collect without --makedumpfile")
+
+
+def _collect_makedumpfile(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
+    """Filter+compress on the node with makedumpfile -c -d LEVEL, then stream the result."""
+    src = dump["path"]
+    tmp = f"{posixpath.dirname(src)}/.katactl-{os.path.basename(final)}.tmp"
+    try:
+        r = transport.run(["makedumpfile", "-c", "-d", str(opts.dump_level), real_path(transport, src),
+                           real_path(transport, tmp)], timeout=3600)
+    except FileNotFoundError:
+        raise OperationFailed(f"makedumpfile is not installed on node {transport.node}",
+                              hint="apt-get install makedumpfile on the node, or collect without --makedumpfile") from None
+    try:
+        if r.returncode == 127:
+            raise OperationFailed(f"makedumpfile is not installed on node {transport.node}")
+        if r.returncode != 0:
+            raise OperationFailed(f"makedumpfile failed (exit {r.returncode}): "
+                                  f"{r.stderr.decode(errors='replace').strip()[-300:]}",
+                                  hint="the dump needs VMCOREINFO (QEMU -device vmcoreinfo) for filtering")
+        st = transport.stat(tmp)
+        filtered = dict(dump, path=tmp, size=st.size, mtime=st.mtime)
+        info = _copy_dump(transport, filtered, final, dataclasses.replace(opts, compress="none"))
+        info["source_sha256"] = None
+        return info
+    finally:
+        try:
+            transport.remove(tmp)
+        except OSError:
+            pass

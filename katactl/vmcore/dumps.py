@@ -1,0 +1,370 @@
+"""The dumps on a node: where they live, what they are, removing them.
+
+Facts (reference/kata-node.md "Post-panic vmcore", hypervisors.md): the Go
+runtime dumps a panicked QEMU guest into
+``<guest_memory_dump_path>/<sandbox-id>/vmcore-<YYYYMMDDhhmmss.fff>.elf``
+next to ``hypervisor.conf`` (JSON of the hypervisor config),
+``hypervisor.version`` (``qemu --version``) and ``state/`` (a copy of
+``/run/vc/sbs/<id>``). ``guest_memory_dump_path`` comes from the node's
+effective Kata configuration (:mod:`katactl.katacfg`: search order and drop-ins).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+import socket
+import time
+from typing import Any
+
+from katactl.errors import Ambiguous, KatactlError, NotFound, OperationFailed, UsageError
+from katactl.vmcore.records import CollectIndex
+
+GO_SBS = "/run/vc/sbs"
+GO_VM = "/run/vc/vm"
+CONTAINERD_TASK_DIR = "/run/containerd/io.containerd.runtime.v2.task"
+POD_LOG_DIR = "/var/log/pods"
+DUMP_RE = re.compile(r"^vmcore-(\d{14}(?:\.\d{1,3})?)\.(elf|kdump(?:-[a-z]+)?)$")
+_POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+
+
+# ---------------------------------------------------------------------------
+# where dumps live
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class DumpConfig:
+    dump_path: str
+    paging: bool
+    hypervisor: str | None
+    default_memory_mib: int
+    config_path: str | None
+    dropins: list[str]
+
+
+def dump_config(transport, *, dump_path: str | None = None, kata_config: str | None = None) -> DumpConfig:
+    """guest_memory_dump_path and friends from the node's effective Kata configuration."""
+    from katactl import katacfg
+
+    if kata_config is not None:
+        check_abs(kata_config, "--kata-config")
+    if dump_path:
+        check_abs(dump_path, "--dump-path")
+        cfg = None
+        try:
+            cfg = katacfg.load(transport, kata_config)
+        except KatactlError:
+            pass
+    else:
+        try:
+            cfg = katacfg.load(transport, kata_config)
+        except NotFound as e:
+            # no configuration file where the runtime looks: the running sandboxes' saved
+            # config (persist.json GuestMemoryDumpPath) still says where dumps go
+            paths = _dump_paths_from_sandboxes(transport) if kata_config is None else set()
+            if len(paths) != 1:
+                raise e
+            return DumpConfig(dump_path=posixpath.normpath(paths.pop()), paging=False, hypervisor=None,
+                              default_memory_mib=2048, config_path=None, dropins=[])
+    hv = cfg.hypervisor if cfg else {}
+    path = dump_path or str(hv.get("guest_memory_dump_path") or "")
+    if not path:
+        raise NotFound(
+            f"guest_memory_dump_path is not set in {cfg.resolved}"
+            + (f" (drop-ins: {', '.join(cfg.dropins)})" if cfg.dropins else "")
+            + f" on node {transport.node}: the runtime writes no vmcores",
+            hint=f'set guest_memory_dump_path = "/var/crash/kata" in [hypervisor.{cfg.hypervisor_name or "qemu"}]'
+                 " (or pass --dump-path)")
+    check_abs(path, "guest_memory_dump_path")
+    return DumpConfig(dump_path=posixpath.normpath(path), paging=bool(hv.get("guest_memory_dump_paging", False)),
+                      hypervisor=cfg.hypervisor_name if cfg else None,
+                      default_memory_mib=int(hv.get("default_memory", 2048) or 2048),
+                      config_path=cfg.resolved if cfg else None, dropins=list(cfg.dropins) if cfg else [])
+
+
+def _dump_paths_from_sandboxes(transport) -> set[str]:
+    try:
+        from katactl import sandbox as sbmod
+
+        return {sb.guest_memory_dump_path for sb in sbmod.discover(transport, check=False)
+                if sb.guest_memory_dump_path and sb.guest_memory_dump_path.startswith("/")}
+    except (ImportError, KatactlError, OSError):
+        return set()
+
+
+def check_abs(path: str, what: str) -> None:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise UsageError(f"invalid {what} {path!r}: must be an absolute path")
+
+
+def node_name(transport) -> str:
+    """The name used for DIR/<node>/: the transport's node, or the node's hostname locally."""
+    if transport.node not in ("localhost", ""):
+        return transport.node
+    try:
+        name = transport.read_text("/etc/hostname", limit=256).strip()
+    except OSError:
+        name = ""
+    if not name and not transport.host_root:
+        name = socket.gethostname()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return name or "localhost"
+
+
+def real_path(transport, node_path: str) -> str:
+    """The path the hypervisor (a process on the node) sees for a node path."""
+    return (transport.host_root or "") + node_path
+
+
+# ---------------------------------------------------------------------------
+# listing
+# ---------------------------------------------------------------------------
+def dump_timestamp(name: str) -> str | None:
+    """'vmcore-20240102030405.67.elf' -> '2024-01-02T03:04:05.670' (Go's .999 format trims zeros)."""
+    m = DUMP_RE.match(name)
+    if not m:
+        return None
+    ts = m.group(1)
+    whole, _, frac = ts.partition(".")
+    out = f"{whole[0:4]}-{whole[4:6]}-{whole[6:8]}T{whole[8:10]}:{whole[10:12]}:{whole[12:14]}"
+    return out + (f".{frac.ljust(3, '0')}" if frac else ".000")
+
+
+def go_timestamp(t: float | None = None) -> str:
+    """Go's ``time.Now().Format("20060102150405.999")``: trailing zeros (and a bare dot) dropped."""
+    t = time.time() if t is None else t
+    ms = int(round((t - int(t)) * 1000))
+    if ms == 1000:
+        t, ms = int(t) + 1, 0
+    s = time.strftime("%Y%m%d%H%M%S", time.localtime(int(t)))
+    frac = f"{ms:03d}".rstrip("0")
+    return s + (f".{frac}" if frac else "")
+
+
+def sniff_format(head: bytes) -> str:
+    if head.startswith(b"\x7fELF"):
+        return "elf"
+    if head.startswith(b"KDUMP   "):
+        return "kdump"
+    if head.startswith(b"makedumpfile"):
+        return "kdump-flat"
+    if not head:
+        return "empty"
+    return "unknown"
+
+
+def elf_extent(head: bytes) -> tuple[int, int] | None:
+    """(end of the last segment, PT_LOAD count) from an ELF64 header + program headers."""
+    import struct
+
+    if len(head) < 64 or not head.startswith(b"\x7fELF") or head[4] != 2:
+        return None
+    endian = "<" if head[5] == 1 else ">"
+    phoff, = struct.unpack_from(endian + "Q", head, 32)
+    phentsize, phnum = struct.unpack_from(endian + "HH", head, 54)
+    if phnum == 0xFFFF or phentsize < 56 or phoff + phentsize * phnum > len(head):
+        return None
+    end, loads = 0, 0
+    for i in range(phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(endian + "IIQQQQ", head,
+                                                                           phoff + i * phentsize)
+        if p_type == 1:
+            loads += 1
+        end = max(end, p_offset + p_filesz)
+    return end, loads
+
+
+def read_json(transport, path: str, limit: int = 8 << 20) -> Any:
+    try:
+        return json.loads(transport.read_bytes(path, limit=limit))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_first_line(transport, path: str) -> str | None:
+    try:
+        text = transport.read_text(path, limit=4096)
+    except OSError:
+        return None
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line or None
+
+
+def pod_of(transport, dump_dir: str, sandbox_id: str) -> dict:
+    """Pod identity of a dumped sandbox: the bundle's CRI annotations (while the
+    bundle still exists), else the pod UID from the saved state's cgroup path
+    mapped through /var/log/pods/<ns>_<name>_<uid>."""
+    bundles = []
+    persist = read_json(transport, f"{dump_dir}/state/{sandbox_id}/persist.json")
+    if isinstance(persist, dict) and persist.get("BundlePath"):
+        bundles.append(str(persist["BundlePath"]))
+    try:
+        for ns in transport.listdir(CONTAINERD_TASK_DIR):
+            bundles.append(f"{CONTAINERD_TASK_DIR}/{ns}/{sandbox_id}")
+    except OSError:
+        pass
+    for b in bundles:
+        spec = read_json(transport, f"{b}/config.json")
+        ann = (spec or {}).get("annotations") if isinstance(spec, dict) else None
+        if isinstance(ann, dict) and ann.get("io.kubernetes.cri.sandbox-name"):
+            return {"namespace": ann.get("io.kubernetes.cri.sandbox-namespace"),
+                    "name": ann.get("io.kubernetes.cri.sandbox-name"),
+                    "uid": ann.get("io.kubernetes.cri.sandbox-uid"), "source": "bundle"}
+        if isinstance(ann, dict) and ann.get("io.kubernetes.cri-o.KubeName"):
+            return {"namespace": ann.get("io.kubernetes.cri-o.Namespace"),
+                    "name": ann.get("io.kubernetes.cri-o.KubeName"), "uid": None, "source": "bundle"}
+    state = read_json(transport, f"{dump_dir}/state/persist.json")
+    uid = None
+    if isinstance(state, dict):
+        m = _POD_UID_RE.search(str(state.get("SandboxCgroupPath") or ""))
+        if m:
+            uid = m.group(1).replace("_", "-")
+    if uid:
+        try:
+            for entry in transport.listdir(POD_LOG_DIR):
+                parts = entry.rsplit("_", 2)
+                if len(parts) == 3 and parts[2] == uid:
+                    return {"namespace": parts[0], "name": parts[1], "uid": uid, "source": "pod-logs"}
+        except OSError:
+            pass
+        return {"namespace": None, "name": None, "uid": uid, "source": "state"}
+    return {}
+
+
+def list_dumps(transport, *, dump_path: str | None = None, kata_config: str | None = None,
+               index: "CollectIndex | None" = None) -> list[dict]:
+    """Every dump under the node's guest_memory_dump_path, oldest first."""
+    cfg = dump_config(transport, dump_path=dump_path, kata_config=kata_config)
+    index = index if index is not None else CollectIndex()
+    items: list[dict] = []
+    try:
+        sandboxes = transport.listdir(cfg.dump_path)
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise OperationFailed(f"{cfg.dump_path}: guest_memory_dump_path is not a directory") from None
+    for sid in sandboxes:
+        d = f"{cfg.dump_path}/{sid}"
+        try:
+            names = transport.listdir(d)
+        except (NotADirectoryError, FileNotFoundError, PermissionError):
+            continue
+        dumps = [n for n in names if DUMP_RE.match(n)]
+        if not dumps:
+            continue
+        pod = pod_of(transport, d, sid)
+        version = _read_first_line(transport, f"{d}/hypervisor.version")
+        hvconf = read_json(transport, f"{d}/hypervisor.conf")
+        for name in dumps:
+            items.append(_describe(transport, d, sid, name, pod, version, hvconf, index))
+    items.sort(key=lambda i: (i["time"] or "", i["name"]))
+    return items
+
+
+def _describe(transport, d, sid, name, pod, version, hvconf, index) -> dict:
+    path = f"{d}/{name}"
+    try:
+        st = transport.stat(path)
+    except OSError:
+        st = None
+    head = b""
+    try:
+        head = transport.read_bytes(path, limit=65536)
+    except OSError:
+        pass
+    fmt = sniff_format(head)
+    status = "ok"
+    loads = None
+    if fmt == "elf":
+        ext = elf_extent(head)
+        if ext is None:
+            status = "unreadable-header"
+        else:
+            end, loads = ext
+            if st is not None and st.size < end:
+                status = "incomplete"   # still being written, or truncated
+    elif fmt in ("empty", "unknown"):
+        status = "incomplete" if fmt == "empty" else "unknown-format"
+    coll = index.lookup(transport, path, st.size if st else None, st.mtime if st else None)
+    mem = None
+    if isinstance(hvconf, dict) and hvconf.get("MemorySize"):
+        mem = int(hvconf["MemorySize"]) << 20
+    return {
+        "name": f"{sid}/{name}",
+        "sandbox": sid,
+        "file": name,
+        "path": path,
+        "format": fmt,
+        "status": status,
+        "size": st.size if st else None,
+        "time": dump_timestamp(name),
+        "mtime": st.mtime if st else None,
+        "pod": f"{pod['namespace']}/{pod['name']}" if pod.get("name") else None,
+        "podUid": pod.get("uid"),
+        "hypervisorVersion": version,
+        "guestMemory": mem,
+        "loadSegments": loads,
+        "collected": coll is not None,
+        "collectedTo": coll,
+    }
+
+
+def resolve_dumps(transport, refs: list[str], *, dump_path: str | None = None,
+                  kata_config: str | None = None, index: "CollectIndex | None" = None) -> list[dict]:
+    """Dumps named by refs: SANDBOX-ID/vmcore-X.elf, vmcore-X.elf, a sandbox id
+    (or unique prefix: all of its dumps), NAMESPACE/POD, or a node path. No refs: all."""
+    items = list_dumps(transport, dump_path=dump_path, kata_config=kata_config, index=index)
+    if not refs:
+        return items
+    out: list[dict] = []
+    seen: set[str] = set()
+    for ref in refs:
+        if not ref or "\0" in ref or len(ref) > 4096:
+            raise UsageError(f"invalid dump or sandbox reference {ref!r}")
+        hit = [i for i in items if ref in (i["name"], i["path"], i["file"])]
+        if not hit:
+            hit = [i for i in items if i["pod"] == ref]
+        if not hit:
+            sids = sorted({i["sandbox"] for i in items if i["sandbox"].startswith(ref)})
+            if len(sids) > 1:
+                raise Ambiguous(f"{ref!r} matches the dumps of {len(sids)} sandboxes: "
+                                + ", ".join(s[:12] for s in sids[:5]))
+            hit = [i for i in items if sids and i["sandbox"] == sids[0]]
+        if not hit:
+            raise NotFound(f"no vmcore matches {ref!r} on node {transport.node}",
+                           hint="see 'katactl vmcore list'")
+        if len({i["file"] for i in hit}) < len(hit) and ref in [i["file"] for i in hit]:
+            raise Ambiguous(f"{ref!r} names dumps of several sandboxes; use SANDBOX-ID/{ref}")
+        for i in hit:
+            if i["path"] not in seen:
+                seen.add(i["path"])
+                out.append(i)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# removing
+# ---------------------------------------------------------------------------
+def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list[dict]:
+    """Delete dumps (and their sandbox dir once no dump is left in it)."""
+    out = []
+    for d in dumps:
+        item = {"name": d["name"], "path": d["path"], "size": d.get("size"), "collected": d.get("collected")}
+        if dry_run:
+            out.append({**item, "changed": True, "dryRun": True})
+            continue
+        try:
+            transport.remove(d["path"])
+        except FileNotFoundError:
+            out.append({**item, "changed": False})
+            continue
+        sdir = posixpath.dirname(d["path"])
+        try:
+            rest = [n for n in transport.listdir(sdir) if DUMP_RE.match(n)]
+            if not rest:
+                transport.remove(sdir, recursive=True)
+                item["removedDir"] = sdir
+        except OSError:
+            pass
+        out.append({**item, "changed": True})
+    return out

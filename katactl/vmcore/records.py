@@ -1,0 +1,93 @@
+"""The local records of collected dumps: each destination directory's
+manifest (``SHA256SUMS`` + ``manifest.json``) and the collect index.
+
+The local side, kept apart from the node side (:mod:`.dumps`): ``vmcore list``
+reads the index to show what was collected already, :mod:`.collection` writes
+both, and an index entry counts only while its manifest still exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from katactl.backends.local import atomic_write
+
+MANIFEST_JSON = "manifest.json"
+SHA256SUMS = "SHA256SUMS"
+
+
+class CollectIndex:
+    """JSON lines under the XDG state dir: which node dumps were collected where.
+
+    Appended with O_APPEND (concurrent collects never interleave a line).
+    ``vmcore list`` shows a dump as collected while its manifest still exists.
+    """
+
+    def __init__(self, path: str | None = None):
+        from katactl.config import state_dir
+
+        self.path = path or os.path.join(state_dir(), "vmcore-collected.jsonl")
+        self._entries: list[dict] | None = None
+
+    @staticmethod
+    def key(transport, path: str) -> str:
+        return f"{transport.node}|{transport.host_root}|{path}"
+
+    def entries(self) -> list[dict]:
+        if self._entries is None:
+            self._entries = []
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            e = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(e, dict):
+                            self._entries.append(e)
+            except OSError:
+                pass
+        return self._entries
+
+    def lookup(self, transport, path: str, size: int | None, mtime: float | None) -> str | None:
+        k = self.key(transport, path)
+        for e in reversed(self.entries()):
+            if e.get("key") == k and e.get("size") == size and same_mtime(e.get("mtime"), mtime):
+                if os.path.exists(os.path.join(e.get("dir", ""), MANIFEST_JSON)):
+                    return e.get("to")
+        return None
+
+    def add(self, transport, path: str, size: int, mtime: float, to: str, dest_dir: str, sha256: str) -> None:
+        entry = {"key": self.key(transport, path), "size": size, "mtime": mtime, "to": to,
+                 "dir": dest_dir, "sha256": sha256, "time": time.time()}
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(entry) + "\n").encode())
+        finally:
+            os.close(fd)
+        if self._entries is not None:
+            self._entries.append(entry)
+
+
+def same_mtime(a, b) -> bool:
+    return a is not None and b is not None and abs(float(a) - float(b)) < 1e-3
+
+
+def load_manifest(dest_dir: str) -> dict:
+    try:
+        with open(os.path.join(dest_dir, MANIFEST_JSON), encoding="utf-8") as f:
+            m = json.load(f)
+        if isinstance(m, dict) and isinstance(m.get("files"), dict):
+            return m
+    except (OSError, ValueError):
+        pass
+    return {"apiVersion": "katactl/v1", "kind": "VmcoreManifest", "files": {}}
+
+
+def write_manifest(dest_dir: str, manifest: dict) -> None:
+    sums = "".join(f"{e['sha256']}  {name}\n" for name, e in sorted(manifest["files"].items()))
+    atomic_write(os.path.join(dest_dir, SHA256SUMS), sums.encode(), 0o600)
+    atomic_write(os.path.join(dest_dir, MANIFEST_JSON),
+                 (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), 0o600)

@@ -1,0 +1,405 @@
+"""Byte plumbing for collect: read-ahead and hashing threads, rate limiting,
+the stored-file writers (plain with holes, gzip members, zstd frames) and
+reading a stored prefix back uncompressed (to re-hash it on resume).
+
+Knows nothing of dumps or nodes: every piece works on chunks, file
+descriptors and local paths.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from typing import Iterator
+
+from katactl.errors import OperationFailed
+
+CHUNK = 4 << 20                # streaming chunk; memory stays ~ (4 read-ahead + 8 hash queue) chunks
+ZBLOCK = 64 << 10              # hole granularity of uncompressed copies
+ZERO_BLOCK = bytes(ZBLOCK)
+ZERO_CHUNK = bytes(CHUNK)
+
+
+class RateLimit:
+    """Called with the bytes copied so far; sleeps to keep the average at ``bps`` (None: no limit)."""
+
+    def __init__(self, bps: int | None):
+        self.bps = bps
+        self.t0 = time.monotonic()
+        self.n = 0
+
+    def __call__(self, n: int) -> None:
+        if not self.bps:
+            return
+        self.n += n
+        ahead = self.n / self.bps - (time.monotonic() - self.t0)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def hash_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(CHUNK)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def iter_uncompressed(part: str, dst_len: int, compress: str) -> Iterator[bytes]:
+    """The uncompressed bytes of the first dst_len bytes of a local partial."""
+    if compress == "none":
+        with open(part, "rb") as f:
+            left = dst_len
+            while left > 0:
+                b = f.read(min(CHUNK, left))
+                if not b:
+                    return
+                left -= len(b)
+                yield b
+        return
+    if compress == "gzip":
+        import gzip
+        import io
+
+        with open(part, "rb") as raw:
+            limited = io.BytesIO() if dst_len == 0 else _Limited(raw, dst_len)
+            with gzip.GzipFile(fileobj=limited, mode="rb") as g:
+                while True:
+                    b = g.read(CHUNK)
+                    if not b:
+                        return
+                    yield b
+        return
+    # zstd
+    kind, mod = zstd_backend()
+    with open(part, "rb") as raw:
+        lim = _Limited(raw, dst_len)
+        if kind == "module":
+            r = mod.ZstdDecompressor().stream_reader(lim, read_across_frames=True)
+            while True:
+                b = r.read(CHUNK)
+                if not b:
+                    return
+                yield b
+        else:
+            p = subprocess.Popen([mod, "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            import threading
+
+            def feed():
+                try:
+                    while True:
+                        b = lim.read(CHUNK)
+                        if not b:
+                            break
+                        p.stdin.write(b)
+                finally:
+                    p.stdin.close()
+
+            t = threading.Thread(target=feed, daemon=True)
+            t.start()
+            while True:
+                b = p.stdout.read(CHUNK)
+                if not b:
+                    break
+                yield b
+            t.join()
+            p.wait()
+
+
+class _Limited:
+    def __init__(self, f, n):
+        self.f, self.left = f, n
+
+    def read(self, n=-1):
+        if self.left <= 0:
+            return b""
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        b = self.f.read(n)
+        self.left -= len(b)
+        return b
+
+    def readable(self):
+        return True
+
+
+# -- pipeline: read ahead and hash on their own threads (hashlib and os I/O release the GIL)
+class Hasher:
+    """sha256 on a worker thread; update() hands over immutable bytes (bounded queue)."""
+
+    def __init__(self, depth: int = 4):
+        import queue
+        import threading
+
+        self._h = hashlib.sha256()
+        self._q: "queue.Queue[bytes | None]" = queue.Queue(depth)
+        self._t = threading.Thread(target=self._run, name="vmcore-sha256", daemon=True)
+        self._t.start()
+        self._closed = False
+
+    def _run(self):
+        while True:
+            b = self._q.get()
+            if b is None:
+                return
+            self._h.update(b)
+
+    def update(self, b: bytes) -> None:
+        self._q.put(bytes(b) if not isinstance(b, bytes) else b)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._q.put(None)
+            self._t.join()
+
+
+class Prefetch:
+    """Iterate a chunk stream on a reader thread, at most ``depth`` chunks ahead."""
+
+    _END = object()
+
+    def __init__(self, it, depth: int = 4):
+        import queue
+        import threading
+
+        self._it = it
+        self._q: "queue.Queue" = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="vmcore-read", daemon=True)
+        self._t.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        try:
+            for chunk in self._it:
+                if not self._put(chunk):
+                    break
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(("__error__", e))
+        finally:
+            close = getattr(self._it, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
+                raise item[1]
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        import queue
+
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._t.join(timeout=5)
+
+
+# -- writers (none / gzip / zstd), each segment independently decodable --------
+class _PlainWriter:
+    """Writes data; runs of all-zero 64 KiB blocks become holes (seek), as dumps are mostly zeros."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.pos = os.lseek(fd, 0, os.SEEK_CUR)
+        self.hole = False
+
+    def _write(self, mv) -> None:
+        while mv:
+            n = os.write(self.fd, mv)
+            mv = mv[n:]
+
+    def write(self, b: bytes) -> None:
+        n = len(b)
+        if n == CHUNK and b == ZERO_CHUNK:
+            self.pos = os.lseek(self.fd, n, os.SEEK_CUR)
+            self.hole = True
+            return
+        mv = memoryview(b)
+        i = 0
+        while i < n:
+            j = i
+            while j < n and (b[j:j + 16] != ZERO_BLOCK[:min(16, n - j)]    # cheap test first
+                             or b[j:j + ZBLOCK] != ZERO_BLOCK[:min(ZBLOCK, n - j)]):
+                j += ZBLOCK
+            j = min(j, n)
+            if j > i:
+                self._write(mv[i:j])
+            k = j
+            while k < n and b[k:k + ZBLOCK] == ZERO_BLOCK[:min(ZBLOCK, n - k)]:
+                k += ZBLOCK
+            k = min(k, n)
+            if k > j:
+                os.lseek(self.fd, k - j, os.SEEK_CUR)
+                self.hole = True
+            i = k
+        self.pos += n
+
+    def end_segment(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.pos
+
+    def finish(self) -> None:
+        if self.hole:
+            os.ftruncate(self.fd, self.pos)
+
+    def close(self) -> None:
+        pass
+
+
+class _FramedWriter:
+    """Base of the compressing writers: a buffered file over a dup of ``fd``;
+    ``end_segment`` closes the current gzip member / zstd frame and fsyncs."""
+
+    def __init__(self, fd: int, level: int):
+        self.fd, self.level = fd, level
+        self.f = os.fdopen(os.dup(fd), "ab", buffering=CHUNK)
+
+    def _close_frame(self) -> None:
+        raise NotImplementedError
+
+    def end_segment(self) -> None:
+        self._close_frame()
+        self.f.flush()
+        os.fsync(self.fd)
+
+    def tell(self) -> int:
+        self.f.flush()
+        return os.fstat(self.fd).st_size
+
+    def finish(self) -> None:
+        self.end_segment()
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError:
+            pass
+
+
+class _GzipWriter(_FramedWriter):
+    def __init__(self, fd: int, level: int = 1):
+        import gzip
+
+        super().__init__(fd, level)
+        self._gzip = gzip
+        self.g = None
+
+    def write(self, b: bytes) -> None:
+        if self.g is None:
+            self.g = self._gzip.GzipFile(fileobj=self.f, mode="wb", compresslevel=self.level, mtime=0)
+        self.g.write(b)
+
+    def _close_frame(self) -> None:
+        if self.g is not None:
+            self.g.close()
+            self.g = None
+
+
+class _ZstdWriter(_FramedWriter):
+    def __init__(self, fd: int, level: int = 3):
+        super().__init__(fd, level)
+        self.kind, self.mod = zstd_backend()
+        self.c = None
+
+    def _start(self):
+        if self.kind == "module":
+            self.c = self.mod.ZstdCompressor(level=self.level, threads=-1).stream_writer(
+                self.f, closefd=False)
+        else:
+            self.f.flush()
+            self.c = subprocess.Popen([self.mod, "-q", "-c", f"-{self.level}", "-T0"], stdin=subprocess.PIPE,
+                                      stdout=self.f.fileno(), stderr=subprocess.PIPE)
+
+    def write(self, b: bytes) -> None:
+        if self.c is None:
+            self._start()
+        if self.kind == "module":
+            self.c.write(b)
+        else:
+            try:
+                self.c.stdin.write(b)
+            except BrokenPipeError:
+                self._check()
+                raise
+
+    def _check(self):
+        err = self.c.stderr.read().decode(errors="replace") if self.c.stderr else ""
+        rc = self.c.wait()
+        self.c = None
+        if rc != 0:
+            if "space" in err.lower():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise OperationFailed(f"zstd failed (exit {rc}): {err.strip()[-200:]}")
+
+    def _close_frame(self) -> None:
+        if self.c is not None:
+            if self.kind == "module":
+                self.c.flush(self.mod.FLUSH_FRAME)
+                self.c = None
+            else:
+                self.c.stdin.close()
+                self._check()
+
+    def close(self) -> None:
+        if self.c is not None and self.kind != "module":
+            try:
+                self.c.kill()
+                self.c.wait()
+            except OSError:
+                pass
+        super().close()
+
+
+def make_writer(compress: str, fd: int):
+    if compress == "gzip":
+        return _GzipWriter(fd)
+    if compress == "zstd":
+        return _ZstdWriter(fd)
+    return _PlainWriter(fd)
+
+
+def zstd_backend():
+    try:
+        import zstandard
+
+        return "module", zstandard
+    except ImportError:
+        pass
+    exe = shutil.which("zstd")
+    if exe:
+        return "binary", exe
+    raise OperationFailed("--compress zstd needs the zstd binary or the zstandard Python package here",
+                          hint="apt-get install zstd, or use --compress gzip")
