@@ -59,10 +59,6 @@ class Ambiguous(NotFound):
     code = "Ambiguous"
 
 
-class PartialFailure(KatactlError):
-    exit_code, code = ExitCode.PARTIAL, "PartialFailure"
-
-
 class Refused(KatactlError):
     exit_code, code = ExitCode.REFUSED, "Refused"
 
@@ -83,10 +79,6 @@ class HostKeyError(UnreachableError):
     code = "HostKeyRejected"
 
 
-class CheckFailed(KatactlError):
-    exit_code, code = ExitCode.CHECK_FAILED, "CheckFailed"
-
-
 class ProtocolError(OperationFailed):
     """A peer (shim, hypervisor, API server) answered something we cannot use."""
 
@@ -99,11 +91,23 @@ def exit_code_for(exc: BaseException) -> int:
         return int(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         return int(ExitCode.INTERRUPTED)
-    if isinstance(exc, (FileNotFoundError,)):
-        return int(ExitCode.NOT_FOUND)
-    if isinstance(exc, PermissionError):
-        return int(ExitCode.FAILED)
-    return int(ExitCode.FAILED)
+    return exit_code_for(as_katactl_error(exc))
+
+
+def outcome_exit_code(failures: list[int], succeeded: int) -> int:
+    """Exit code of one command over many targets (nodes, dumps, shims), from
+    the exit codes of the failed ones and the number that succeeded.
+
+    Some failed and some succeeded: 4. All failed: their common code (7 when
+    every node was unreachable), or 1 when the failures differ — 4 would claim
+    that something succeeded.
+    """
+    if not failures:
+        return int(ExitCode.OK)
+    if succeeded:
+        return int(ExitCode.PARTIAL)
+    codes = set(failures)
+    return codes.pop() if len(codes) == 1 else int(ExitCode.FAILED)
 
 
 def as_katactl_error(exc: BaseException) -> KatactlError:

@@ -11,8 +11,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable
 
-from katactl.errors import (ExitCode, KatactlError, PartialFailure, UnreachableError, UsageError,
-                            as_katactl_error)
+from katactl.errors import KatactlError, UsageError, as_katactl_error, exit_code_for, outcome_exit_code
 
 LOCAL = "localhost"
 # [user@]host[:port], host a DNS name, IPv4 or [IPv6]. Anything else (spaces,
@@ -39,11 +38,16 @@ def select_nodes(settings) -> list[str]:
                 if group is None:
                     known = ", ".join(sorted(settings.node_groups)) or "none configured"
                     raise UsageError(f"unknown node group {n!r} (groups: {known})")
+                if not group:  # an empty group must not fall back to this host
+                    raise UsageError(f"node group {n!r} is empty")
                 names.extend(group)
             else:
                 names.append(n)
     if settings.nodes_from:
-        names.extend(_read_nodes_file(settings.nodes_from))
+        from_file = _read_nodes_file(settings.nodes_from)
+        if not from_file:  # an empty list must not fall back to this host
+            raise UsageError(f"--nodes-from {settings.nodes_from}: no node names in it")
+        names.extend(from_file)
     if settings.selector:
         from katactl.backends import kube
 
@@ -78,9 +82,15 @@ def _read_nodes_file(path: str) -> list[str]:
 def open_transport(node: str, settings):
     """The transport for one node name ('localhost' or [] -> local)."""
     if node == LOCAL:
+        import os
+
         from katactl.backends.local import LocalTransport
 
-        return LocalTransport(settings.host_root, node=LOCAL)
+        root = settings.host_root
+        if root and not os.path.isdir(root):
+            why = "not a directory" if os.path.exists(root) else "no such directory"
+            raise UsageError(f"--host-root {root}: {why}")
+        return LocalTransport(root, node=LOCAL)
     from katactl.backends.ssh import SSHTransport  # lazy: paramiko
 
     return SSHTransport.from_settings(node, settings)
@@ -102,16 +112,8 @@ class FanOut:
         return [{"node": n, "error": self.errors[n].to_dict()} for n in self.nodes if n in self.errors]
 
     def exit_code(self) -> int:
-        if not self.errors:
-            return ExitCode.OK
-        if len(self.errors) == len(self.nodes):
-            if all(isinstance(e, UnreachableError) for e in self.errors.values()):
-                return ExitCode.UNREACHABLE
-            if len(self.nodes) == 1:
-                return int(next(iter(self.errors.values())).exit_code)
-            codes = {int(e.exit_code) for e in self.errors.values()}
-            return codes.pop() if len(codes) == 1 else ExitCode.PARTIAL
-        return ExitCode.PARTIAL
+        return outcome_exit_code([exit_code_for(e) for e in self.errors.values()],
+                                 len(self.nodes) - len(self.errors))
 
     def raise_if_single_failure(self) -> None:
         """With one node, its error *is* the command's error."""
@@ -181,4 +183,4 @@ def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None 
 
 
 __all__ = ["run_on_nodes", "select_nodes", "open_transport", "FanOut", "validate_node_name",
-           "PartialFailure", "LOCAL"]
+           "LOCAL"]

@@ -198,3 +198,16 @@ def test_audit_log_failure_is_a_warning_not_an_error(tmp_path, caplog):
     assert entry["target"] == "node"
     assert any("cannot write audit log" in r.getMessage() and r.levelname == "WARNING"
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("failures,succeeded,code", [
+    ([], 3, 0),
+    ([7], 2, 4),          # some failed, some succeeded: partial
+    ([7, 7], 0, 7),       # every node unreachable
+    ([3, 3], 0, 3),       # all failed the same way: that way
+    ([7, 3], 0, 1),       # all failed differently: not "partial", nothing succeeded
+])
+def test_outcome_exit_code(failures, succeeded, code):
+    from katactl.errors import outcome_exit_code
+
+    assert outcome_exit_code(failures, succeeded) == code

@@ -93,6 +93,14 @@ def test_hung_shim_is_one_error_row_and_exit_4(cli):
         assert rows["okay01"]["guestMemTotal"] == 2048 << 20
 
 
+def test_only_a_hung_shim_exits_with_its_timeout(cli):
+    with node() as n:
+        n.go("hang01", flavour_kw={"fault": "hang"})
+        r = cli(["--host-root", n.root, "--timeout", "0.5s", "top", "-o", "json", "--interval", "0.1s"])
+        assert r.exit_code == 6, r.stderr
+        assert r.json()["items"][0]["error"]["code"] == "Timeout"
+
+
 def test_empty_node(cli, tmp_path):
     r = cli(["--host-root", str(tmp_path), "top", "-o", "json"])
     assert r.exit_code == 0 and r.json()["items"] == []

@@ -49,15 +49,15 @@ def sandbox_ref(app_ctx: AppContext, text: str):
 
 def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: str,
                  columns: list[Column], name_key: str = "name", summary: str | None = None,
-                 settings=None, item_failed: Callable[[dict], bool] | None = None) -> None:
+                 settings=None, item_error: Callable[[dict], dict | None] | None = None) -> None:
     """Run fn(transport) on every selected node; render the merged list.
 
     One node: its failure is the command's failure (its own exit code).
     Many nodes: per-node errors are reported, the rest rendered; exit 4 or 7.
-    item_failed marks items that stand for a failed target (e.g. a shim that did
-    not answer): any such item turns a clean exit into 4, partial failure.
+    item_error returns the error of an item that stands for a failed target
+    (e.g. a shim that did not answer): such items count like failed nodes.
     """
-    from katactl.errors import ExitCode
+    from katactl.errors import ExitCode, outcome_exit_code
     from katactl.fleet import run_on_nodes
 
     fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
@@ -66,8 +66,9 @@ def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: 
     result = Result(kind=kind, items=items, columns=columns, errors=fo.error_items(),
                     multi_node=fo.multi, name_key=name_key, summary=summary)
     code = fo.exit_code()
-    if not code and item_failed is not None and any(item_failed(i) for i in items):
-        code = ExitCode.PARTIAL
+    if not code and item_error is not None:
+        failed = [e.get("exitCode", ExitCode.FAILED) for e in map(item_error, items) if e]
+        code = outcome_exit_code(failed, len(items) - len(failed))
     finish(app_ctx, result, code)
 
 

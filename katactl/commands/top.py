@@ -65,7 +65,7 @@ def top(
     On a terminal the view refreshes every --interval until Ctrl-C; with -o
     json/yaml or in a pipe it prints one snapshot (two scrapes --interval apart).
     A shim that does not answer is a row with an error; the snapshot then exits
-    4 (partial failure) so scripts notice.
+    4 (partial failure), or that error's code when no shim answered.
 
     \b
     Examples:
@@ -95,7 +95,7 @@ def top(
             return _sort(metrics.top_snapshot(t, interval=ival, timeout=timeout), sort)
 
         fan_out_list(app_ctx, fn, kind="SandboxTopList", columns=_columns(), name_key="id",
-                     item_failed=lambda row: "error" in row)
+                     item_error=lambda row: row.get("error"))
         return
     _live(app_ctx, ival, timeout, sort, iterations)
 
@@ -155,8 +155,6 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
                 time.sleep(ival)
                 lv.update(frame(), refresh=True)
                 n += 1
-    except KeyboardInterrupt:
-        pass
-    finally:
+    finally:  # Ctrl-C ends the view like any interrupted command: exit 130, one line
         for t in transports.values():
             t.close()
