@@ -380,12 +380,13 @@ def test_gc_removes_unused_keeps_current_and_agent(cli, staged):
     assert d["removed"] == [C] and d["dryRun"] is True and rel(node, C).exists()
     kept = {k["version"]: k["reason"] for k in d["kept"]}
     assert kept == {A: "current agent", B: "current runtime"}
-    d = J(cli, node, "gc")
+    d = J(cli, node, "gc", "--yes")
     assert d["removed"] == [C] and d["changed"] is True and not rel(node, C).exists()
-    assert J(cli, node, "gc")["changed"] is False
+    assert J(cli, node, "gc", "--yes")["changed"] is False
     J(cli, node, "switch", B, "-c", "agent")
-    assert J(cli, node, "gc", "--keep-previous")["removed"] == []
-    assert J(cli, node, "gc")["removed"] == [A]
+    d = J(cli, node, "gc", "--yes")  # the rollback target (A) is kept by default
+    assert d["removed"] == [] and {k["version"]: k["reason"] for k in d["kept"]}[A].startswith("previous")
+    assert J(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]
 
 
 def test_gc_refuses_without_proc(cli, staged):
@@ -394,7 +395,85 @@ def test_gc_refuses_without_proc(cli, staged):
     sh.rmtree(staged / "proc")
     r = K(cli, staged, "gc")
     assert r.exit_code == 5 and "/proc" in r.stderr
-    assert J(cli, staged, "gc", "--force")["removed"] == sorted([A, B, C])
+    assert J(cli, staged, "gc", "--force", "--yes")["removed"] == sorted([A, B, C])
+
+
+def _audit_actions(home):
+    p = home / "state" / "katactl" / "audit.log"
+    return [json.loads(x)["action"] for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_gc_needs_yes_without_a_tty_and_deletes_nothing(cli, staged, _isolated_home):
+    J(cli, staged, "switch", A)
+    r = K(cli, staged, "gc", "-o", "json")
+    assert r.exit_code == 5 and "--yes" in r.stderr
+    assert r.json()["kind"] == "Error" and r.json()["exitCode"] == 5
+    assert rel(staged, B).is_dir() and rel(staged, C).is_dir()
+    assert "upgrade.gc" not in _audit_actions(_isolated_home)
+    d = J(cli, staged, "gc", "--dry-run")  # a dry run asks nothing
+    assert d["removed"] == [B, C] and d["dryRun"] is True
+    d = J(cli, staged, "gc", "--yes")
+    assert d["removed"] == [B, C] and not rel(staged, B).exists()
+    assert _audit_actions(_isolated_home).count("upgrade.gc") == 1
+    # nothing left to remove: no question, a no-op
+    d = J(cli, staged, "gc")
+    assert d["changed"] is False and d["removed"] == []
+
+
+def test_gc_removes_at_most_the_confirmed_plan(staged):
+    """What appeared removable after the user confirmed is kept, never deleted unasked."""
+    from katactl import upgrade
+    from katactl.backends.local import LocalTransport
+
+    t, layout = LocalTransport(str(staged)), upgrade.Layout("/opt/kata")
+    upgrade.switch(t, layout, A, run_binaries=False)
+    d = upgrade.gc(t, layout, only={C})
+    assert d["removed"] == [C] and not rel(staged, C).exists()
+    assert {k["version"]: k["reason"] for k in d["kept"]}[B].startswith("not in the confirmed plan")
+    assert rel(staged, B).is_dir()
+
+
+def test_gc_asks_on_a_tty(staged):
+    import pty
+    import select
+    import time
+
+    def on_pty(argv, answer: bytes):
+        master, slave = pty.openpty()
+        env = dict(os.environ, COLUMNS="120", TERM="xterm")
+        p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+        os.close(slave)
+        buf, sent, deadline = b"", False, time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                if select.select([master], [], [], 0.1)[0]:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        break
+                    buf += data
+                    if not sent and b"[y/N]" in buf:
+                        os.write(master, answer)
+                        sent = True
+                elif p.poll() is not None:
+                    break
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            os.close(master)
+        return p.returncode, buf.decode(errors="replace")
+
+    J_ = [sys.executable, "-m", "katactl", "--host-root", str(staged), "upgrade"]
+    subprocess.run(J_ + ["switch", A, "-o", "json"], check=True, capture_output=True)
+    rc, text = on_pty(J_ + ["gc"], b"n\n")
+    assert rc == 5 and "Delete 2 release(s)" in text and B in text and C in text
+    assert rel(staged, B).is_dir() and rel(staged, C).is_dir()
+    rc, text = on_pty(J_ + ["gc"], b"y\n")
+    assert rc == 0, text
+    assert not rel(staged, B).exists() and not rel(staged, C).exists() and rel(staged, A).is_dir()
 
 
 def test_status_table_and_json(cli, staged):

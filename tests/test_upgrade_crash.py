@@ -173,10 +173,10 @@ def test_rollback_killed_then_completed(katactl_bin, tmp_path, templates, point)
 def test_gc_killed_after_trash_is_finished_by_rerun(katactl_bin, tmp_path, templates):
     node = node_on(templates, tmp_path, B)
     (node / "proc").mkdir()
-    r = run(katactl_bin, node, "gc", fault="gc:after-trash")
+    r = run(katactl_bin, node, "gc", "--yes", fault="gc:after-trash")
     assert r.exit_code == -9
     assert not (releases_dir(node) / A).exists()  # gone from view atomically
-    r = run(katactl_bin, node, "gc")
+    r = run(katactl_bin, node, "gc", "--yes")
     assert r.exit_code == 0
     d = json.loads(r.stdout)
     assert d["changed"] is True and d["staleTempDirs"] and d["removed"] == []

@@ -100,26 +100,26 @@ def test_running_sandboxes_survive_switch_status_attributes_gc_waits(cli, lab):
     assert row[1:] == [f"offline/batch-{sid_a[:4]}", str(shim_a.pid), A, str(hv_a.pid), A, A]
 
     # gc keeps A while its processes run
-    d = K(cli, node, "gc", "--dry-run")
+    d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
     assert d["removed"] == []
     reason = {k["version"]: k["reason"] for k in d["kept"]}[A]
     assert reason.startswith("in use:") and str(hv_a.pid) in reason
-    assert K(cli, node, "gc")["removed"] == []
+    assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == []
     assert (node / "opt/kata/releases" / A).is_dir()
 
     # only the hypervisor left: still in use (it maps A's kernel)
     shim_a.kill()
     shim_a.wait()
-    assert K(cli, node, "gc")["removed"] == []
+    assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == []
     hv_a.kill()
     hv_a.wait()
-    d = K(cli, node, "gc", "--dry-run")
+    d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
     assert d["removed"] == [A] and (node / "opt/kata/releases" / A).is_dir()
-    d = K(cli, node, "gc")
+    d = K(cli, node, "gc", "--no-keep-previous", "--yes")
     assert d["removed"] == [A] and d["changed"] is True
     assert not (node / "opt/kata/releases" / A).exists()
     assert shim_b.poll() is None and hv_b.poll() is None
-    assert K(cli, node, "gc")["changed"] is False
+    assert K(cli, node, "gc", "--no-keep-previous", "--yes")["changed"] is False
     st = K(cli, node, "status")
     stale = {s["id"]: s for s in st["sandboxes"]}[sid_a]
     assert stale["hypervisorRunning"] is False and stale["releases"] == []
@@ -136,8 +136,8 @@ def test_process_running_deleted_binary_still_counts(cli, lab, tmp_path):
     st = K(cli, node, "status")
     mine = [x for x in st["processes"] if x["pid"] == p.pid][0]
     assert mine["releases"] == [A] and mine["exe"].endswith("(deleted)")
-    d = K(cli, node, "gc")
+    d = K(cli, node, "gc", "--no-keep-previous", "--yes")
     assert d["removed"] == []
     p.kill()
     p.wait()
-    assert K(cli, node, "gc")["removed"] == [A]
+    assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]

@@ -51,7 +51,7 @@ def test_stage_switch_status_rollback_gc_on_two_nodes(cli, sshd_lab, tbs):
     assert {i["node"]: i["current"]["runtime"] for i in st["items"]} == {"node1": B, "node2": B}
     d = run("rollback")
     assert all(i["to"]["runtime"] == A for i in d["items"])
-    d = run("gc", "--force")  # the lab trees have no /proc
+    d = run("gc", "--force", "--no-keep-previous", "--yes")  # the lab trees have no /proc
     assert all(i["removed"] == [B] for i in d["items"])
     hist = (sshd_lab.nodes["node1"].root / root.lstrip("/") / "releases/.katactl/history.jsonl").read_text()
     assert [json.loads(x)["action"] for x in hist.splitlines()] == ["switch", "switch", "rollback"]

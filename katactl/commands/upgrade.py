@@ -202,30 +202,87 @@ def status(
 @app.command("gc")
 def gc(
     ctx: typer.Context,
-    keep_previous: bool = typer.Option(False, "--keep-previous",
-                                       help="Also keep the release the last switch came from (the rollback target)."),
+    keep_previous: bool = typer.Option(True, "--keep-previous/--no-keep-previous",
+                                       help="Keep the release the last switch came from (the rollback target); "
+                                            "the default."),
     force: bool = typer.Option(False, "--force", help="Proceed even if some processes cannot be inspected."),
     kata_root: str = ROOT_OPT,
     lock_timeout: Optional[str] = LOCK_OPT,
     dry_run: bool = DRY_OPT,
 ) -> None:
-    """Remove releases that nothing uses any more.
+    """Remove releases that nothing uses any more (asks on a TTY; needs --yes otherwise).
 
-    Kept: the current runtime and agent releases, releases the current
-    configuration references, and every release a running process or sandbox
-    still uses. --dry-run lists what would go.
+    Kept: the current runtime and agent releases, the release the last switch
+    came from (the rollback target; --no-keep-previous removes it too), releases
+    the current configuration references, and every release a running process
+    or sandbox still uses. gc first works out what would go on every node,
+    asks once, and then removes at most that. --dry-run lists what would go,
+    without asking.
 
     \b
     Examples:
       katactl upgrade gc --dry-run
-      katactl upgrade gc --keep-previous
-      katactl -N @pool-a upgrade gc -o json
+      katactl upgrade gc --yes
+      katactl upgrade gc --no-keep-previous --yes
+      katactl -N @pool-a upgrade gc --yes -o json
     """
     from katactl import upgrade
+    from katactl.errors import Refused
+    from katactl.fleet import FanOut, run_on_nodes
 
-    _mutate(ctx, kata_root, lock_timeout, "UpgradeGC", _gc_columns(),
-            lambda t, layout, **kw: upgrade.gc(t, layout, dry_run=dry_run, force=force,
-                                               keep_previous=keep_previous, **kw))
+    if dry_run:
+        _mutate(ctx, kata_root, lock_timeout, "UpgradeGC", _gc_columns(),
+                lambda t, layout, **kw: upgrade.gc(t, layout, dry_run=True, force=force,
+                                                   keep_previous=keep_previous, **kw))
+        return
+    app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
+    # 1. what would go, on every node (no lock, no change)
+    plan = run_on_nodes(app_ctx.settings, lambda t: upgrade.gc(t, layout, dry_run=True, force=force,
+                                                               keep_previous=keep_previous))
+    plan.raise_if_single_failure()
+    planned = {n: plan.values[n]["removed"] for n in plan.nodes if n in plan.values}
+    doomed = {n: v for n, v in planned.items() if v}
+    # 2. one question for all of it
+    if doomed:
+        count = sum(len(v) for v in doomed.values())
+        where = "; ".join(f"{n}: {', '.join(v)}" for n, v in doomed.items()) if plan.multi \
+            else ", ".join(next(iter(doomed.values())))
+        if not app_ctx.confirm(f"Delete {count} release(s) ({where})?"):
+            import sys
+
+            if not sys.stdin.isatty():
+                raise Refused(f"deleting {count} release(s) needs confirmation: re-run with --yes "
+                              "(no TTY to ask on)", hint="katactl upgrade gc --dry-run lists what would go")
+            raise Refused("not confirmed: nothing deleted")
+    # 3. remove at most what was shown (and the temp dirs of killed stages/gcs)
+
+    def fn(t):
+        r = upgrade.gc(t, layout, force=force, keep_previous=keep_previous, only=set(planned[t.node]),
+                       lock_timeout=lt, on_wait=on_wait)
+        if r.get("recovered"):
+            app_ctx.out.warn(r["recovered"])
+        return r
+
+    done = run_on_nodes(app_ctx.settings, fn, nodes=list(planned))
+    fo = FanOut(nodes=plan.nodes, values=done.values, errors={**plan.errors, **done.errors})
+    _finish_mutation(app_ctx, fo, "UpgradeGC", _gc_columns())
+
+
+def _finish_mutation(app_ctx, fo, kind: str, columns) -> None:
+    """Render a mutating fan-out's outcome as fan_out_one(mutating=True) does."""
+    from katactl.commands._common import finish
+    from katactl.output import Result
+
+    fo.raise_if_single_failure()
+    if not fo.multi:
+        item = dict(fo.values[fo.nodes[0]])
+        changed, dry = item.pop("changed", None), item.pop("dryRun", None)
+        finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry))
+        return
+    items = fo.items()
+    result = Result(kind=kind + "List", items=items, columns=columns, errors=fo.error_items(), multi_node=True,
+                    changed=any(i.get("changed") for i in items), dry_run=any(i.get("dryRun") for i in items))
+    finish(app_ctx, result, fo.exit_code())
 
 
 def _mut_columns(key):

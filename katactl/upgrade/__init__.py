@@ -7,7 +7,7 @@ dicts, never prints):
 - ``switch(t, layout, version, component="all"|"runtime"|"agent", dry_run=, force=)``
 - ``rollback(t, layout, dry_run=, force=)``
 - ``status(t, layout)``
-- ``gc(t, layout, dry_run=, force=, keep_previous=)``
+- ``gc(t, layout, dry_run=, force=, keep_previous=True, only=)``
 """
 from katactl.upgrade.layout import COMPONENTS, DEFAULT_ROOT, FAULT_POINTS, Layout  # noqa: F401
 from katactl.upgrade.ops import (DEFAULT_RESERVE, gc, read_history, read_state, releases,  # noqa: F401

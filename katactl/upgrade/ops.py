@@ -697,8 +697,12 @@ def status(t, L: Layout) -> dict:
             "processes": [p.to_dict() for p in procs], "scan": stats}
 
 
-def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previous: bool = False,
-       lock_timeout: float = 30.0, on_wait=None) -> dict:
+def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previous: bool = True,
+       only=None, lock_timeout: float = 30.0, on_wait=None) -> dict:
+    """Remove releases nothing uses. ``keep_previous`` keeps the last switch's ``from``
+    (the rollback target). ``only`` (a set of versions: what the user confirmed after a
+    dry run) limits the removal to those; a release that became removable since is
+    kept and reported, never deleted unconfirmed."""
     def body() -> dict:
         recovered = None if dry_run else _recover(t, L)
         st = read_state(t, L)
@@ -710,7 +714,7 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
         if keep_previous and hist:
             for v in (hist[-1].get("from") or {}).values():
                 if v:
-                    protected.setdefault(v, "previous (--keep-previous)")
+                    protected.setdefault(v, "previous (the rollback target; --no-keep-previous to remove)")
         procs, stats = procscan.scan(t, L)
         if stats.get("error") and not force:
             raise Refused(f"cannot list /proc on {t.node}: which releases running processes use is "
@@ -743,6 +747,8 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
             elif v in in_use:
                 kept.append({"version": v, "reason": "in use: " + ", ".join(in_use[v][:5])
                              + (f" and {len(in_use[v]) - 5} more" if len(in_use[v]) > 5 else "")})
+            elif only is not None and v not in only:
+                kept.append({"version": v, "reason": "not in the confirmed plan (run gc again)"})
             else:
                 removed.append(v)
         stale = [n for n in (t.listdir(L.releases) if t.exists(L.releases) else [])
