@@ -23,6 +23,27 @@ for _plugin in ("tests.conftest_lab", "tests.conftest_sshd"):
         pytest_plugins.append(_plugin)
 
 
+# A test that needs a tool skips with "<tool> not installed" (or "missing") when it
+# is absent. CI installs every tool (scripts/setup) and sets KATACTL_REQUIRE_TOOLS=1:
+# there such a skip means a missing install step, and fails the run.
+_MISSING_TOOL_SKIPS: list[str] = []
+_REQUIRE_TOOLS = bool(os.environ.get("KATACTL_REQUIRE_TOOLS"))
+
+
+def pytest_runtest_logreport(report):
+    if _REQUIRE_TOOLS and report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if "not installed" in reason or "missing" in reason:
+            _MISSING_TOOL_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _MISSING_TOOL_SKIPS:
+        print("\nKATACTL_REQUIRE_TOOLS: tests skipped for a missing tool (add it to scripts/setup):",
+              *_MISSING_TOOL_SKIPS, sep="\n  ", file=sys.stderr)
+        session.exitstatus = 1
+
+
 @dataclasses.dataclass
 class CliResult:
     exit_code: int
