@@ -11,9 +11,9 @@ import socket
 import pytest
 
 from katactl.backends.local import LocalTransport
-from katactl.backends.shim import ShimClient
+from katactl.backends.shim import IPTABLES_LIMIT, ShimClient
 from katactl.errors import NotFound, ProtocolError, TimeoutExpired
-from katactl.lab.shimserver import ShimServer
+from katactl.lab.shimserver import Response, ShimServer, ext4_statfs_total
 from tests._katanode import node
 
 VOL = "/dev/mapper/vol-1"
@@ -133,25 +133,191 @@ def test_iptables_missing_file(cli, tree):
     assert r.exit_code == 2 and "No such file" in r.stderr
 
 
+def test_iptables_file_is_a_directory(cli, tree, tmp_path):
+    r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(tmp_path)])
+    assert r.exit_code == 2 and "directory" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _padded_rules(nbytes: int) -> bytes:
+    """Valid iptables-save text of exactly nbytes (comment lines pad it)."""
+    head, tail = RULES.encode(), b""
+    pad = nbytes - len(head)
+    line = b"# " + b"x" * 1021 + b"\n"   # 1 KiB comment lines
+    body = line * (pad // len(line))
+    rest = pad - len(body)
+    if rest:
+        tail = b"#" + b"y" * (rest - 2) + b"\n" if rest >= 2 else b"\n"
+    data = body + tail + head
+    assert len(data) == nbytes
+    return data
+
+
+def test_iptables_limit_is_one_for_set_and_get(cli, tree, tmp_path):
+    """Regression: set accepted 8 MiB (truncating more) while get refused > 4 MiB,
+    so a 5 MiB ruleset broke every later get/set."""
+    srv = tree.server("go2222")
+    f = tmp_path / "big.rules"
+    f.write_bytes(_padded_rules(IPTABLES_LIMIT))
+    r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(f), "--v6", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["changed"] is True, r.stderr
+    assert len(srv.state.ip6tables.encode()) == IPTABLES_LIMIT
+    r = cli(["--host-root", tree.root, "shim", "iptables", "get", "go2222", "--v6"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.encode() == f.read_bytes()
+    r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(f), "--v6", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["changed"] is False, r.stderr
+
+
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_iptables_set_over_limit_refused_not_truncated(cli, tree, tmp_path, via, _isolated_home):
+    srv = tree.server("go2222")
+    before = srv.state.iptables
+    data = _padded_rules(IPTABLES_LIMIT + 1)
+    f = tmp_path / "huge.rules"
+    f.write_bytes(data)
+    if via == "file":
+        r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(f)])
+    else:
+        r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", "-"], stdin=data.decode())
+    assert r.exit_code == 2, r.stderr
+    assert "8 MiB limit" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert srv.state.iptables == before
+    assert _audit(_isolated_home, "shim.iptables.set", "go2222") == []   # nothing was attempted
+
+
+def test_iptables_get_over_limit_refused(cli):
+    with node() as n:
+        n.go("big888")
+        n.server("big888").state.iptables = _padded_rules(IPTABLES_LIMIT + 1).decode()
+        r = cli(["--host-root", n.root, "shim", "iptables", "get", "big888"])
+        assert r.exit_code == 1 and "limit" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_iptables_set_failure_audited(cli, tree, tmp_path, _isolated_home):
+    f = tmp_path / "rules"
+    f.write_text(RULES.replace("DROP", "ACCEPT"))
+    srv = tree.server("go2222")
+    before = srv.state.iptables
+    key = ("PUT", "/iptables")
+    srv.extra_routes[key] = lambda s, req: Response(500, "iptables-restore: line 3 failed\n")
+    try:
+        r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(f), "-o", "json"])
+    finally:
+        del srv.extra_routes[key]
+    assert r.exit_code == 1 and "line 3 failed" in r.json()["message"]
+    assert srv.state.iptables == before
+    (e,) = _audit(_isolated_home, "shim.iptables.set", "go2222")
+    assert e["result"] == "error" and "line 3 failed" in e["error"] and e["params"]["v6"] is False
+    assert "changed" not in e
+
+
+def test_shim_ops_library_without_cli(tree, _isolated_home):
+    from katactl import shim_ops
+    from katactl.errors import UsageError
+
+    t = LocalTransport(tree.root)
+    rules = RULES.replace("-i lo", "-i eth9")
+    res = shim_ops.iptables_set(t, "rs33", rules, v6=True, dry_run=True)
+    assert res["changed"] is True and res["dryRun"] is True and res["sandbox"] == "rs3333"
+    assert tree.server("rs3333").state.ip6tables != rules
+    res = shim_ops.iptables_set(t, "rs33", rules, v6=True)
+    assert res == {"node": "localhost", "sandbox": "rs3333", "v6": True, "bytes": len(rules),
+                   "changed": True, "dryRun": False}
+    # counters and comments iptables-save adds are not a difference
+    dump = "# Generated by iptables-save v1.8.9 on Mon\n" + rules.replace("[0:0]", "[12:3456]")
+    assert shim_ops.iptables_set(t, "rs33", dump, v6=True)["changed"] is False
+    with pytest.raises(UsageError):
+        shim_ops.iptables_set(t, "rs33", "x" * (IPTABLES_LIMIT + 1))
+    with pytest.raises(UsageError):
+        shim_ops.volume_resize(t, "rs33", VOL, 0)
+    with pytest.raises(UsageError):
+        shim_ops.volume_resize(t, "rs33", "vol", 1 << 30)
+    mine = _audit(_isolated_home, "shim.iptables.set", "rs3333")
+    assert [e["changed"] for e in mine] == [True, False]   # dry run and usage errors not audited
+
+
 # -- direct volumes -------------------------------------------------------------------------
 @pytest.mark.parametrize("sid", ["go1111", "rs3333"])
 def test_volume_stats_and_resize(cli, tree, sid):
+    srv = tree.server(sid)
     r = cli(["--host-root", tree.root, "shim", "volume", "stats", sid, VOL, "-o", "json"])
     assert r.exit_code == 0, r.stderr
     d = r.json()
     assert d["kind"] == "VolumeStats" and d["path"] == VOL
     assert d["items"][0] == {"unit": "bytes", "total": 10 << 30, "used": 1 << 30, "available": 9 << 30}
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", sid, VOL, "20Gi", "--dry-run", "-o", "json"])
-    assert r.json()["changed"] is True and tree.server(sid).state.volumes[VOL]["total"] == 10 << 30
+    assert r.json()["changed"] is True and srv.state.volumes[VOL]["total"] == 10 << 30
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", sid, VOL, "20Gi", "-o", "json"])
     assert r.exit_code == 0, r.stderr
-    assert r.json()["changed"] is True and r.json()["sizeBefore"] == 10 << 30
-    # the server only accepts its flavour's body keys: the resize really arrived
-    assert tree.server(sid).state.volumes[VOL]["total"] == 20 << 30
+    grown = ext4_statfs_total(20 << 30)
+    assert r.json()["changed"] is True and r.json()["sizeBefore"] == 10 << 30 and r.json()["sizeAfter"] == grown
+    # the server only accepts its flavour's body keys: the resize really arrived; like a real
+    # guest, the filesystem's total is below the device size
+    assert srv.state.volumes[VOL]["total"] == grown < 20 << 30
+    sent = _resizes(srv)
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", sid, VOL, "20Gi", "-o", "json"])
-    assert r.json()["changed"] is False
+    assert r.exit_code == 0 and r.json()["changed"] is False, r.stderr
+    assert r.json()["sizeBefore"] == r.json()["sizeAfter"] == grown
+    assert _resizes(srv) == sent + 1   # sent again (idempotent on the shim), nothing grew
     r = cli(["--host-root", tree.root, "shim", "volume", "stats", sid, VOL])
     assert r.exit_code == 0 and "bytes" in r.stdout
+
+
+def _resizes(srv) -> int:
+    with srv.lock:
+        return sum(1 for m, p in srv.requests if p == "/direct-volume/resize")
+
+
+def test_volume_resize_fs_overhead_not_treated_as_pending(cli, tmp_path, _isolated_home):
+    """Regression: statfs total < device size on every real guest; re-runs after
+    success must say changed: false, and a further grow must say changed: true."""
+    with node() as n:
+        n.go("vol777")
+        srv = n.server("vol777")
+        dev = 8 << 30
+        srv.state.volumes[VOL] = {"total": ext4_statfs_total(dev), "used": 1 << 30, "available": 0}
+        base = ["--host-root", n.root, "shim", "volume", "resize", "vol777", VOL]
+        for _ in range(2):
+            r = cli(base + ["8Gi", "-o", "json"])
+            assert r.exit_code == 0 and r.json()["changed"] is False, r.stderr
+        r = cli(base + ["12Gi", "-o", "json"])
+        assert r.json()["changed"] is True and srv.state.volumes[VOL]["total"] == ext4_statfs_total(12 << 30)
+        # a SIZE the filesystem already holds: nothing is sent
+        sent = _resizes(srv)
+        r = cli(base + ["4Gi", "-o", "json"])
+        assert r.exit_code == 0 and r.json()["changed"] is False and _resizes(srv) == sent
+        assert any("only grows" in x for x in r.json()["notes"])
+        r = cli(base + ["4Gi", "--dry-run", "-o", "json"])
+        assert r.json()["changed"] is False and r.json()["dryRun"] is True
+        # a device just above the filesystem but below the current device: the guest refuses to
+        # shrink; that failure is reported (exit 1) and audited
+        r = cli(base + [str(ext4_statfs_total(12 << 30) + (64 << 20))])
+        assert r.exit_code == 1 and "shrinking" in r.stderr and r.stderr.count("\n") == 1
+        entries = _audit(_isolated_home, "shim.volume.resize", "vol777")
+        assert [(e["result"], e.get("changed")) for e in entries] == \
+            [("ok", False), ("ok", False), ("ok", True), ("ok", False), ("error", None)]
+        assert "shrinking" in entries[-1]["error"] and entries[-1]["params"]["path"] == VOL
+
+
+def _audit(home, action, target) -> list[dict]:
+    log = home / "state" / "katactl" / "audit.log"
+    if not log.exists():
+        return []
+    entries = [json.loads(x) for x in log.read_text().splitlines()]
+    return [e for e in entries if e["action"] == action and e["target"] == target]
+
+
+def test_volume_resize_failure_audited(cli, tree, _isolated_home):
+    r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", "/dev/nope", "1Gi", "-o", "json"])
+    assert r.exit_code == 1 and r.json()["kind"] == "Error" and "not found in the guest" in r.json()["message"]
+    (e,) = _audit(_isolated_home, "shim.volume.resize", "go2222")
+    assert e["result"] == "error" and "not found in the guest" in e["error"]
+    assert e["params"] == {"path": "/dev/nope", "size": 1 << 30}
+    # a dry run changes nothing and is not audited
+    r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", "/dev/nope", "1Gi", "--dry-run"])
+    assert r.exit_code == 0
+    assert len(_audit(_isolated_home, "shim.volume.resize", "go2222")) == 1
 
 
 def test_volume_unknown_path(cli, tree):
@@ -163,13 +329,17 @@ def test_volume_unknown_path(cli, tree):
 def test_volume_resize_bad_size(cli, tree, size):
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", VOL, size])
     assert r.exit_code == 2, (size, r.stderr)
-    assert tree.server("go2222").state.volumes[VOL]["total"] in (10 << 30, 20 << 30)
+    assert tree.server("go2222").state.volumes[VOL]["total"] in (10 << 30, ext4_statfs_total(20 << 30))
 
 
+@pytest.mark.parametrize("cmd", [["stats"], ["resize"]])
 @pytest.mark.parametrize("path", ["relative/vol", "", "/dev/x\x00y"])
-def test_volume_bad_path(cli, tree, path):
-    r = cli(["--host-root", tree.root, "shim", "volume", "stats", "go2222", path])
+def test_volume_bad_path(cli, tree, path, cmd, _isolated_home):
+    extra = ["1Gi"] if cmd == ["resize"] else []
+    r = cli(["--host-root", tree.root, "shim", "volume", *cmd, "go2222", path, *extra])
     assert r.exit_code == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert _audit(_isolated_home, "shim.volume.resize", "go2222") == []
 
 
 # -- pprof --------------------------------------------------------------------------------
@@ -264,8 +434,6 @@ def test_client_library_errors(tree):
 
 
 def test_extension_hooks(tmp_path):
-    from katactl.lab.shimserver import Response
-
     class ExtShim(ShimServer):
         def handle_ext(self, req):
             if req.path == "/ext/v1/capabilities":

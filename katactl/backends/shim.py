@@ -21,6 +21,9 @@ from katactl.errors import NotFound, OperationFailed, ProtocolError, UsageError
 
 METRICS_LIMIT = 16 << 20   # a real shim's /metrics is ~100 KiB; refuse absurd bodies
 TEXT_LIMIT = 4 << 20
+#: one limit for iptables rules in both directions: what ``set`` accepts, ``get``
+#: must be able to read back (a guest ruleset is KiBs; a node's kube-proxy dump is MiBs)
+IPTABLES_LIMIT = 8 << 20
 PPROF_PROFILES = ("heap", "goroutine", "profile", "trace", "allocs", "block", "mutex",
                   "threadcreate", "cmdline", "symbol")
 
@@ -76,7 +79,7 @@ class ShimClient:
                 self.client.stream(method, url, timeout=httpx.Timeout(t), **kw) as r:
             declared = r.headers.get("content-length")
             if sink is None and declared and declared.isdigit() and int(declared) > limit:
-                raise ProtocolError(f"{self.what}: {url} answered {int(declared) >> 20} MiB, "
+                raise ProtocolError(f"{self.what}: {url} answered {int(declared)} bytes, "
                                     f"more than the {limit >> 20} MiB limit")
             chunks, n = [], 0
             for chunk in r.iter_raw():
@@ -112,12 +115,17 @@ class ShimClient:
 
     def iptables_get(self, v6: bool = False) -> str:
         url = "/ip6tables" if v6 else "/iptables"
-        status, body = self.call("GET", url)
+        status, body = self.call("GET", url, limit=IPTABLES_LIMIT)
         return self._check(status, body, url).decode("utf-8", "replace")
 
     def iptables_set(self, rules: str, v6: bool = False) -> None:
         url = "/ip6tables" if v6 else "/iptables"
-        status, body = self.call("PUT", url, content=rules.encode("utf-8"),
+        data = rules.encode("utf-8")
+        if len(data) > IPTABLES_LIMIT:
+            # never send what a later get could not read back
+            raise UsageError(f"iptables rules of {len(data)} bytes: more than the "
+                             f"{IPTABLES_LIMIT >> 20} MiB limit")
+        status, body = self.call("PUT", url, content=data,
                                  headers={"Content-Type": "text/plain"})
         self._check(status, body, url, ok=(200, 204))
 

@@ -69,24 +69,6 @@ def iptables_get(ctx: typer.Context,
     finish(app_ctx, Result(kind="IPTables", item={"node": node, "sandbox": sb.id, "v6": v6, "rules": rules}))
 
 
-def validate_rules(data: bytes, source: str) -> str:
-    """iptables-save text: UTF-8, at least one *table and COMMIT, no NUL."""
-    from katactl.errors import UsageError
-
-    if not data.strip():
-        raise UsageError(f"{source}: empty rules (an iptables-save dump has '*filter' ... 'COMMIT')")
-    if b"\0" in data:
-        raise UsageError(f"{source}: contains NUL bytes; not iptables-save text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{source}: not UTF-8 text") from None
-    lines = [ln.strip() for ln in text.splitlines()]
-    if not any(ln.startswith("*") for ln in lines) or "COMMIT" not in lines:
-        raise UsageError(f"{source}: not iptables-save text (needs a '*table' line and 'COMMIT')")
-    return text
-
-
 @iptables_app.command("set")
 def iptables_set(ctx: typer.Context,
                  target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
@@ -96,7 +78,9 @@ def iptables_set(ctx: typer.Context,
     """Replace the guest's iptables rules (iptables-restore semantics).
 
     Idempotent: when the guest already has exactly these rules nothing is
-    sent and the result says changed: false. Every change is audited.
+    sent and the result says changed: false. Rules larger than 8 MiB are
+    refused (the limit get reads back). Every attempt, failed ones too, goes
+    to the audit log.
 
     \b
     Examples:
@@ -106,49 +90,19 @@ def iptables_set(ctx: typer.Context,
     """
     import sys
 
-    from katactl import audit
-    from katactl.errors import UsageError
+    from katactl import sandbox, shim_ops
     from katactl.output import Result
 
     app_ctx = state(ctx)
     src = "stdin" if file == "-" else file
-    try:
-        if file == "-":
-            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-        else:
-            with open(file, "rb") as f:
-                data = f.read(8 << 20)
-    except OSError as e:
-        raise UsageError(f"{file}: {e.strerror}") from None
-    rules = validate_rules(data, src)
-
-    def op(c):
-        cur = c.iptables_get(v6)
-        if _norm(cur) == _norm(rules):
-            return False
-        if not dry_run:
-            c.iptables_set(rules, v6)
-        return True
-
-    node, sb, changed = _client_call(app_ctx, target, op)
-    if not dry_run:
-        audit.record("shim.iptables.set", sb.id, node=node, params={"v6": v6, "bytes": len(rules)},
-                     changed=changed, path=app_ctx.settings.audit_log)
-    finish(app_ctx, Result(kind="IPTablesSet", item={"node": node, "sandbox": sb.id, "v6": v6},
-                           changed=changed, dry_run=dry_run))
-
-
-def _norm(text: str) -> list[str]:
-    # iptables-save adds comment lines with timestamps and packet counters; compare rules only
-    import re
-
-    out = []
-    for ln in text.splitlines():
-        ln = ln.strip()
-        if not ln or ln.startswith("#"):
-            continue
-        out.append(re.sub(r"\[\d+:\d+\]", "[0:0]", ln))
-    return out
+    data = shim_ops.read_rules(file, getattr(sys.stdin, "buffer", sys.stdin))
+    shim_ops.validate_rules(data, src)  # usage errors before resolving the sandbox
+    settings, ref = sandbox_ref(app_ctx, target)
+    timeout = float(app_ctx.settings.timeout)
+    _, _, res = sandbox.on_sandbox(settings, ref, lambda t, sb: shim_ops.iptables_set(
+        t, sb, data, v6=v6, dry_run=dry_run, timeout=timeout, source=src))
+    changed, dry = res.pop("changed"), res.pop("dryRun")
+    finish(app_ctx, Result(kind="IPTablesSet", item=res, changed=changed, dry_run=dry))
 
 
 @volume_app.command("stats")
@@ -164,9 +118,10 @@ def volume_stats(ctx: typer.Context,
       katactl shim volume stats 3f2a /dev/mapper/vol-1 -o json
     """
     from katactl.output import Column, Result
+    from katactl.shim_ops import check_volume_path
 
     app_ctx = state(ctx)
-    _check_volume_path(path)
+    check_volume_path(path)
     node, sb, st = _client_call(app_ctx, target, lambda c: c.volume_stats(path))
     usage = []
     for u in st.get("usage") or []:
@@ -181,13 +136,6 @@ def volume_stats(ctx: typer.Context,
                            items=usage, columns=cols, name_key="unit"))
 
 
-def _check_volume_path(path: str) -> None:
-    from katactl.errors import UsageError
-
-    if not path or "\0" in path or not path.startswith("/"):
-        raise UsageError(f"invalid volume path {path!r}: expected an absolute path")
-
-
 @volume_app.command("resize")
 def volume_resize(ctx: typer.Context,
                   target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
@@ -196,40 +144,27 @@ def volume_resize(ctx: typer.Context,
                   dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; change nothing.")) -> None:
     """Resize a direct-assigned volume in the guest to SIZE (after growing it on the host).
 
-    Idempotent: a volume already of SIZE is left alone (changed: false).
+    The guest only reports its filesystem's size, which is always smaller
+    than the device (metadata, journal), so the resize is sent unless the
+    filesystem already holds SIZE; changed says whether it grew (re-running
+    after success reports changed: false). With --dry-run, changed says
+    whether the resize would be sent. Every attempt is audited.
 
     \b
     Examples:
       katactl shim volume resize 3f2a /dev/mapper/vol-1 20Gi
       katactl shim volume resize 3f2a /dev/mapper/vol-1 20Gi --dry-run -o json
     """
-    from katactl import audit
+    from katactl import sandbox, shim_ops
     from katactl.output import Result
     from katactl.values import parse_size
 
     app_ctx = state(ctx)
-    _check_volume_path(path)
+    shim_ops.check_volume_path(path)
     nbytes = parse_size(size, what="volume size")
-
-    def op(c):
-        before = None
-        try:
-            st = c.volume_stats(path)
-            for u in st.get("usage") or []:
-                if isinstance(u, dict) and u.get("unit") in (1, "BYTES"):
-                    before = u.get("total")
-        except Exception:  # stats may be unsupported; resize decides
-            before = None
-        if before == nbytes:
-            return before, False
-        if not dry_run:
-            c.volume_resize(path, nbytes)
-        return before, True
-
-    node, sb, (before, changed) = _client_call(app_ctx, target, op)
-    if not dry_run:
-        audit.record("shim.volume.resize", sb.id, node=node, params={"path": path, "size": nbytes},
-                     changed=changed, path=app_ctx.settings.audit_log)
-    finish(app_ctx, Result(kind="VolumeResize", item={"node": node, "sandbox": sb.id, "path": path,
-                                                      "sizeBefore": before, "size": nbytes},
-                           changed=changed, dry_run=dry_run))
+    settings, ref = sandbox_ref(app_ctx, target)
+    timeout = float(app_ctx.settings.timeout)
+    _, _, res = sandbox.on_sandbox(settings, ref, lambda t, sb: shim_ops.volume_resize(
+        t, sb, path, nbytes, dry_run=dry_run, timeout=timeout))
+    changed, dry = res.pop("changed"), res.pop("dryRun")
+    finish(app_ctx, Result(kind="VolumeResize", item=res, changed=changed, dry_run=dry))

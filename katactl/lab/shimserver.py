@@ -39,7 +39,14 @@ Known differences from the real shims:
 - pprof answers are small gzip blobs (the pprof magic, not a real profile);
   ``profile``/``trace`` do sleep ``seconds`` like the real handlers;
 - ``/policy`` is accepted and stored, not handed to an agent;
-- ``/direct-volume/*`` answers from ``state.volumes`` (guest path -> stats);
+- ``/direct-volume/*`` answers from ``state.volumes`` (guest path -> statfs
+  of the volume's filesystem), and a resize is not run by an agent: it sets
+  the filesystem's total to what a fresh ext4 of that device size reports,
+  :func:`ext4_statfs_total` (the device size minus inode tables, bitmaps and
+  the journal, ~2-3%, as ``mkfs.ext4`` defaults and ``df`` show; the
+  reserved-blocks share of ``available`` is not modelled). Like online
+  ``resize2fs`` it refuses to shrink and the same size again is a no-op;
+  real guests may run XFS or other filesystems with other overheads;
 - Go's ``/metrics`` never gzips (the real one does not either unless asked by
   kata-monitor's client; we never ask);
 - the socket is bound under a short temporary name and renamed into place, so
@@ -60,6 +67,29 @@ import urllib.parse
 from typing import Callable
 
 USER_HZ = 100
+_EXT4_BLOCK = 4096
+
+
+def ext4_statfs_total(device_bytes: int) -> int:
+    """statfs f_blocks * f_bsize of a freshly made ext4 on a device_bytes device,
+    with mkfs.ext4 defaults (4 KiB blocks, 256-byte inodes, one inode per 16 KiB,
+    e2fsprogs' default journal size): what ``df`` shows as Size. An estimate to
+    within a few MiB, which is all the lab needs: never equal to the device size."""
+    blocks = device_bytes // _EXT4_BLOCK
+    if blocks < 2048:
+        return blocks * _EXT4_BLOCK
+    journal = 0
+    for limit, jblocks in ((32768, 1024), (256 << 10, 4096), (512 << 10, 8192), (4096 << 10, 16384),
+                           (8192 << 10, 32768), (16384 << 10, 65536), (32768 << 10, 131072)):
+        if blocks < limit:
+            journal = jblocks
+            break
+    else:
+        journal = 262144
+    groups = -(-blocks // 32768)
+    inode_tables = blocks * _EXT4_BLOCK // 16384 * 256 // _EXT4_BLOCK
+    bitmaps_and_descriptors = groups * 2 + -(-groups * 64 // _EXT4_BLOCK)
+    return (blocks - journal - inode_tables - bitmaps_and_descriptors) * _EXT4_BLOCK
 
 
 @dataclasses.dataclass
@@ -125,6 +155,14 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        # a client that stops reading (a body over its limit, a timeout) is normal
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
     def server_bind(self):
         final = self.server_address
@@ -349,8 +387,12 @@ class ShimServer:
             v = self.state.volumes.get(path)
             if v is None:
                 return Response(500, f"volume {path} not found in the guest\n")
-            v["total"] = size
-            v["available"] = max(0, size - v.get("used", 0))
+            total = ext4_statfs_total(size)
+            if total < v.get("total", 0):
+                # online resize2fs cannot shrink
+                return Response(500, f"resize volume {path}: on-line shrinking not supported\n")
+            v["total"] = total
+            v["available"] = max(0, total - v.get("used", 0))
         return Response(200, "")
 
     def _pprof(self, req: Request) -> Response:

@@ -1,0 +1,196 @@
+"""Mutating operations on the upstream shim endpoints: iptables set, volume resize.
+
+Library only (design.md "Architecture"): each function validates its input,
+reads the current state, changes only what differs, appends to the audit log
+(a change, a no-op and a failure alike: an attempted mutation that failed is
+audited with ``result: "error"``) and returns a plain dict carrying ``changed``
+and ``dryRun``. Nothing prints; the CLI renders.
+"""
+from __future__ import annotations
+
+import re
+from typing import BinaryIO, TextIO
+
+from katactl.backends.shim import IPTABLES_LIMIT, ShimClient
+from katactl.errors import KatactlError, NotFound, OperationFailed, UsageError
+from katactl.values import format_size
+
+_COUNTERS = re.compile(r"\[\d+:\d+\]")
+
+
+def _sandbox(transport, ref):
+    """A Sandbox as given (e.g. by katactl.sandbox.on_sandbox), or resolved from a reference."""
+    if hasattr(ref, "id") and hasattr(ref, "shim_socket"):
+        return ref
+    from katactl import sandbox
+
+    return sandbox.resolve(transport, ref)
+
+
+# -- iptables --------------------------------------------------------------------------
+def read_rules(source: str, stdin: BinaryIO | TextIO | None = None, *, limit: int = IPTABLES_LIMIT) -> bytes:
+    """The bytes of FILE (or of ``stdin`` when source is ``-``), at most ``limit``.
+
+    Reads at most limit+1 bytes (or characters, from a text stream): anything
+    larger is refused, never truncated."""
+    name = "stdin" if source == "-" else source
+    try:
+        if source == "-":
+            if stdin is None:
+                raise UsageError("no standard input to read rules from")
+            data = stdin.read(limit + 1)
+            if isinstance(data, str):
+                data = data.encode("utf-8", "surrogateescape")
+        else:
+            with open(source, "rb") as f:
+                data = f.read(limit + 1)
+    except IsADirectoryError:
+        raise UsageError(f"{name}: is a directory, not an iptables-save file") from None
+    except OSError as e:
+        raise UsageError(f"{name}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UsageError(f"{name}: more than the {limit / (1 << 20):g} MiB limit for iptables rules "
+                         "(the shim API carries the whole ruleset in one request)")
+    return data
+
+
+def validate_rules(data: bytes | str, source: str = "rules", *, limit: int = IPTABLES_LIMIT) -> str:
+    """iptables-save text: at most ``limit`` bytes, UTF-8, a ``*table`` line and ``COMMIT``, no NUL."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    if len(data) > limit:
+        raise UsageError(f"{source}: more than the {limit / (1 << 20):g} MiB limit for iptables rules")
+    if not data.strip():
+        raise UsageError(f"{source}: empty rules (an iptables-save dump has '*filter' ... 'COMMIT')")
+    if b"\0" in data:
+        raise UsageError(f"{source}: contains NUL bytes; not iptables-save text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{source}: not UTF-8 text") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    if not any(ln.startswith("*") for ln in lines) or "COMMIT" not in lines:
+        raise UsageError(f"{source}: not iptables-save text (needs a '*table' line and 'COMMIT')")
+    return text
+
+
+def normalize_rules(text: str) -> list[str]:
+    """The rules without what iptables-save adds on every dump (comment lines
+    with timestamps, chain packet/byte counters), for comparison."""
+    out = []
+    for ln in text.splitlines():
+        ln = ln.strip()
+        if not ln or ln.startswith("#"):
+            continue
+        out.append(_COUNTERS.sub("[0:0]", ln))
+    return out
+
+
+def iptables_set(transport, sandbox, rules: bytes | str, *, v6: bool = False, dry_run: bool = False,
+                 timeout: float = 10.0, source: str = "rules") -> dict:
+    """Make the guest's (ip6)tables exactly ``rules``; send nothing when they already are.
+
+    ``sandbox`` is a Sandbox or a reference (id, unique prefix) on ``transport``'s node."""
+    from katactl import audit
+
+    text = validate_rules(rules, source)
+    sandbox = _sandbox(transport, sandbox)
+    node = getattr(transport, "node", "localhost")
+    action = "shim.iptables.set"  # params carry v6
+    params = {"v6": v6, "bytes": len(text.encode("utf-8"))}
+    result = {"node": node, "sandbox": sandbox.id, "v6": v6, "bytes": params["bytes"]}
+    try:
+        with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
+            changed = normalize_rules(c.iptables_get(v6)) != normalize_rules(text)
+            if changed and not dry_run:
+                c.iptables_set(text, v6)
+    except KatactlError as e:
+        if not dry_run:
+            audit.record(action, sandbox.id, node=node, params=params, result="error", error=e.message)
+        raise
+    if not dry_run:
+        audit.record(action, sandbox.id, node=node, params=params, changed=changed)
+    return {**result, "changed": changed, "dryRun": dry_run}
+
+
+# -- direct volumes ----------------------------------------------------------------------
+def check_volume_path(path: str) -> str:
+    if not path or "\0" in path or not path.startswith("/"):
+        raise UsageError(f"invalid volume path {path!r}: expected an absolute path")
+    return path
+
+
+def _fs_bytes_total(c: ShimClient, path: str) -> tuple[int | None, str | None]:
+    """The guest filesystem's statfs total in bytes, or (None, why) when the shim
+    cannot say. A timeout or an unreachable shim is not swallowed: the resize
+    would meet the same fate."""
+    try:
+        st = c.volume_stats(path)
+    except (OperationFailed, NotFound) as e:
+        return None, e.message
+    for u in st.get("usage") or []:
+        if isinstance(u, dict) and u.get("unit") in (1, "BYTES"):
+            total = u.get("total")
+            if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+                return total, None
+    return None, "the shim's volume statistics carry no byte usage"
+
+
+def volume_resize(transport, sandbox, path: str, size: int, *, dry_run: bool = False,
+                  timeout: float = 10.0) -> dict:
+    """Ask the guest to grow the filesystem on direct volume ``path`` to a ``size``-byte device.
+
+    Why "changed" is decided this way: the shim's direct-volume stats are the
+    guest filesystem's statfs, never the block device's size, and a
+    filesystem's total is always smaller than its device (ext4: inode tables,
+    bitmaps and the journal, ~2-3%; XFS: its log). Comparing the total with
+    ``size`` would call every finished resize unfinished, and any tolerance
+    would hide real small grows. So:
+
+    - statfs total >= size: the device cannot be smaller than its filesystem,
+      so it is already at least ``size``; online resize only grows: nothing
+      is sent (changed: false);
+    - otherwise the resize is always sent (the shim call is idempotent for the
+      same size) and changed is whether the observed total grew; when the
+      totals cannot be read, changed is true (a change may have happened);
+    - with dry_run, changed says whether the resize *would be sent*: the
+      statistics cannot tell a finished resize from a pending one.
+    """
+    from katactl import audit
+
+    check_volume_path(path)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise UsageError(f"invalid volume size {size!r}: must be a whole number of bytes greater than zero")
+    sandbox = _sandbox(transport, sandbox)
+    node = getattr(transport, "node", "localhost")
+    params = {"path": path, "size": size}
+    result = {"node": node, "sandbox": sandbox.id, "path": path, "size": size}
+    notes: list[str] = []
+    try:
+        with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
+            before, why = _fs_bytes_total(c, path)
+            if why:
+                notes.append(f"filesystem size before unknown: {why}")
+            after = before
+            if before is not None and before >= size:
+                notes.append(f"the guest filesystem already has {format_size(before)} >= {format_size(size)}; "
+                             "online resize only grows")
+                changed = False
+            elif dry_run:
+                changed = True
+            else:
+                c.volume_resize(path, size)
+                after, why = _fs_bytes_total(c, path)
+                if why:
+                    notes.append(f"filesystem size after unknown: {why}")
+                changed = before is None or after is None or after > before
+    except KatactlError as e:
+        if not dry_run:
+            audit.record("shim.volume.resize", sandbox.id, node=node, params=params, result="error",
+                         error=e.message)
+        raise
+    if not dry_run:
+        audit.record("shim.volume.resize", sandbox.id, node=node, params=params, changed=changed,
+                     sizeBefore=before, sizeAfter=after)
+    return {**result, "sizeBefore": before, "sizeAfter": after, "notes": notes,
+            "changed": changed, "dryRun": dry_run}
