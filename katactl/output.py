@@ -92,8 +92,8 @@ def _cell(v) -> str:
     return s.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ") or "-"
 
 
-def to_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default, ensure_ascii=False)
+def to_json(obj, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, sort_keys=False, default=_json_default, ensure_ascii=False)
 
 
 def _json_default(o):
@@ -162,8 +162,10 @@ class Output:
     # -- results (stdout) ---------------------------------------------------
     def render(self, result: Result) -> None:
         fmt = self.fmt
-        if fmt in ("json", "jsonl"):
+        if fmt == "json":
             self._write(to_json(result.to_dict()) + "\n")
+        elif fmt == "jsonl":  # after the events: the result is one more line
+            self._write(to_json(result.to_dict(), indent=None) + "\n")
         elif fmt == "yaml":
             import yaml  # lazy: only for -o yaml
 
