@@ -110,6 +110,7 @@ def test_every_fault_point_is_known():
 @pytest.mark.parametrize("point", STAGE_POINTS)
 def test_stage_killed_at_each_step(katactl_bin, tmp_path, tbs, point):
     node = tmp_path / "node"
+    node.mkdir()  # --host-root must be an existing directory
     r = run(katactl_bin, node, "stage", tbs[B], fault=point)
     assert r.exit_code == -9, (point, r.stderr)
     rel = releases_dir(node) / B
