@@ -126,6 +126,7 @@ def format_cpulist(cpus) -> str:
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.ASCII)
+_BARE_SECONDS = re.compile(r"^\d+(?:\.\d+)?$", re.ASCII)
 DURATION_HELP = "a duration such as 30s, 5m, 1h30m or 250ms (a bare number means seconds)"
 
 
@@ -137,9 +138,9 @@ def parse_duration(text: str, *, allow_zero: bool = False, what: str = "duration
     if s.startswith("-"):
         raise UsageError(f"invalid {what} {text!r}: must not be negative")
     try:
-        value = float(s)
-        if not math.isfinite(value):
+        if not _BARE_SECONDS.match(s):  # float() would take 1e3, 1_0 and non-ASCII digits
             raise ValueError
+        value = float(s)
     except ValueError:
         pos, value = 0, 0.0
         scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -50,7 +50,8 @@ def test_parse_duration(text, expected):
     assert parse_duration(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("bad", ["", "0", "-5s", "5x", "s", "1h-3m", "m5", "nan", "inf", "400d", "5 m"])
+@pytest.mark.parametrize("bad", ["", "0", "-5s", "5x", "s", "1h-3m", "m5", "nan", "inf", "400d", "5 m",
+                                 "1e3", "1_0", "１０", "1e-9"])
 def test_parse_duration_rejects(bad):
     with pytest.raises(UsageError):
         parse_duration(bad)
