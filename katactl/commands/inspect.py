@@ -36,7 +36,13 @@ def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
             items += [{"node": n, **i} for i in fo.values[n]["items"]]
     res = Result(kind=kind, items=items, item={"nodes": metas}, columns=columns, errors=fo.error_items(),
                  multi_node=True)
-    finish(app_ctx, res, fo.exit_code())
+    code = fo.exit_code()
+    bad = [(i["node"], e) for i in items for e in i.get("errors") or []]
+    for n, e in bad:
+        app_ctx.out.warn(f"{n}: {e}")
+    if code == 0 and bad:
+        code = 1  # as with one local node: an item that could not be read fails the command
+    finish(app_ctx, res, code)
 
 
 @app.command("cgroup")
