@@ -222,12 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = hoist_global_options(args)
         rc = command.main(args=args, prog_name="katactl", standalone_mode=False)
+        if rc == ExitCode.INTERRUPTED:
+            # Typer turns Ctrl-C into Exit(130) before it reaches us: still one line
+            # (and the JSON error object), like every other failure.
+            raise KeyboardInterrupt
         sys.exit(rc if isinstance(rc, int) else 0)
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(ExitCode.INTERRUPTED)
+        sys.exit(_report(_interrupted(), json_errors, False))
     except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exits
         sys.exit(_report(exc, json_errors, verbose))
 
@@ -250,6 +253,14 @@ def _report(exc: BaseException, json_errors: bool, verbose: bool) -> int:
         ctx = getattr(exc, "ctx", None)
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         exc = UsageError(msg.rstrip(".") + where) if isinstance(exc, click_exc.UsageError) else UsageError(msg)
+    if isinstance(exc, OSError) and not isinstance(exc, KatactlError):
+        from katactl.errors import as_katactl_error
+
+        if verbose:
+            import traceback
+
+            traceback.print_exception(exc)
+        exc = as_katactl_error(exc)  # a local file or socket failed: expected, not a bug
     if isinstance(exc, KatactlError):
         err = exc
     else:
@@ -263,10 +274,21 @@ def _report(exc: BaseException, json_errors: bool, verbose: bool) -> int:
         from katactl.output import error_object, to_json
 
         print(to_json(error_object(err.to_dict())))
-    print(f"katactl: error: {err.message}", file=sys.stderr)
+    print(f"katactl: error: {_one_line(err.message)}", file=sys.stderr)
     if err.hint:
-        print(f"hint: {err.hint}", file=sys.stderr)
+        print(f"hint: {_one_line(err.hint)}", file=sys.stderr)
     return exit_code_for(err)
+
+
+def _interrupted() -> KatactlError:
+    err = KatactlError("interrupted")
+    err.exit_code, err.code = ExitCode.INTERRUPTED, "Interrupted"
+    return err
+
+
+def _one_line(text: str) -> str:
+    """Errors are one line even when a peer's answer or an echoed value holds newlines."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _wants_json(args: list[str]) -> bool:

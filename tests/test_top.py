@@ -139,3 +139,68 @@ def test_live_refresh_on_a_tty(tree):
     assert rc == 0, text
     assert text.count("katactl top") >= 2, text   # refreshed in place, more than once
     assert "busy01" in text and "idle02" in text
+
+
+def _wait_for_scrape(server, deadline_s=60.0):
+    import time
+
+    end = time.monotonic() + deadline_s
+    while not any(path.startswith("/metrics") for _, path in list(server.requests)):
+        assert time.monotonic() < end, "top never scraped the shim"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_during_a_snapshot_is_exit_130_in_one_line(tree):
+    import json
+    import signal
+
+    srv = tree.server("busy01")
+    srv.requests.clear()
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "-o", "json", "--host-root", tree.root, "top",
+                          "--interval", "300s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_scrape(srv)  # the first scrape is done; the second waits --interval
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert err == "katactl: error: interrupted\n"
+    d = json.loads(out)
+    assert d["kind"] == "Error" and d["code"] == "Interrupted" and d["exitCode"] == 130
+
+
+def test_ctrl_c_ends_the_live_view_with_exit_130(tree):
+    import signal
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, COLUMNS="160", LINES="40", TERM="xterm")
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", tree.root, "top",
+                          "--interval", "300s"], stdin=slave, stdout=slave, stderr=slave, env=env,
+                         close_fds=True)
+    os.close(slave)
+    out = b""
+    try:
+        while b"katactl top" not in out:  # the first frame is on screen
+            rl, _, _ = select.select([master], [], [], 60)
+            assert rl, out
+            out += os.read(master, 65536)
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=60)
+        while True:
+            rl, _, _ = select.select([master], [], [], 1)
+            if not rl:
+                break
+            try:
+                b = os.read(master, 65536)
+            except OSError:
+                break
+            if not b:
+                break
+            out += b
+    finally:
+        p.kill()
+        os.close(master)
+    text = out.decode("utf-8", "replace")
+    assert rc == 130, text
+    assert text.count("katactl: error: interrupted") == 1 and "Traceback" not in text
