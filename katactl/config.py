@@ -11,6 +11,7 @@ what ``katactl config view`` shows.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -77,26 +78,34 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return False
             raise ValueError
         if kind is int:
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, (bool, float)):
+                raise ValueError  # parallel = 1.5 is a typo, not 1
             v = int(value)
             if v < (0 if name == "verbose" else 1):
                 raise ValueError
             return v
-        if kind is float:  # durations
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if value <= 0:
+        if kind is float:  # durations; a TOML number is seconds, with the same limits
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, (int, float)):
+                if not math.isfinite(value) or value <= 0:
                     raise ValueError
-                return float(value)
+                return parse_duration(repr(float(value)), what=name)
             return parse_duration(str(value), what=name)
         if kind is tuple:
             if isinstance(value, str):
                 return tuple(x.strip() for x in value.split(",") if x.strip())
             if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+                if source == "flag" and not any(x.strip() for v in value for x in v.split(",")):
+                    # -N "$NODE" with NODE unset must not mean "this host"
+                    raise UsageError(f"--{name.rstrip('s')} needs a name, got an empty string")
                 return tuple(value)
             raise ValueError
         if not isinstance(value, str):
             raise ValueError
+        if source == "flag" and not value.strip():
+            # --host-root "$ROOT" with ROOT unset must not mean "this host"
+            raise UsageError(f"--{name.replace('_', '-')} needs a value, got an empty string")
         return value
     except (ValueError, TypeError):
         raise UsageError(f"invalid value {value!r} for {name} (from {source})") from None
@@ -131,6 +140,8 @@ def load_file(path: str) -> dict:
         return {}
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: invalid TOML: not UTF-8 text") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read config: {e.strerror}") from None
 
@@ -144,6 +155,8 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
     unknown = set(data) - set(SETTINGS) - {"profile", "profiles", "node_groups"}
     if unknown:
         raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    if profile is not None and not profile.strip():
+        raise UsageError("--profile needs a value, got an empty string")
     profile = profile or environ.get("KATACTL_PROFILE") or data.get("profile")
     profiles = data.get("profiles", {})
     if not isinstance(profiles, dict):

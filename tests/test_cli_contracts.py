@@ -46,6 +46,16 @@ def test_completion_imports_no_heavy_module():
     (["no-such"], 2), (["--no-such-flag"], 2), (["version", "--bogus"], 2), (["-o", "xml", "version"], 2),
     (["--timeout", "abc", "version"], 2), (["--parallel", "0", "version"], 2), (["--parallel", "x", "version"], 2),
     (["-N", "bad;name", "version"], 2), (["-N", "$(reboot)", "version"], 2), (["--profile", "nope", "version"], 2),
+    # an empty value (an unset shell variable) never means "this host"
+    (["-N", "", "version"], 2), (["-N", ",", "version"], 2), (["--host-root", "", "sandbox", "list"], 2),
+    (["--nodes-from", "", "version"], 2), (["-l", "", "version"], 2), (["--profile", "", "version"], 2),
+    (["-o", "", "version"], 2), (["-J", "", "-N", "n1", "version"], 2),
+    # --host-root must be a directory (it reported an empty node)
+    (["--host-root", "/nonexistent-katactl-root", "sandbox", "list"], 2),
+    (["--host-root", "/etc/passwd", "version"], 2),
+    # pprof -f is checked before the download
+    (["pprof", "x", "heap", "-f", ""], 2), (["pprof", "x", "heap", "-f", "/tmp"], 2),
+    (["pprof", "x", "heap", "-f", "/tmp/"], 2),
 ])
 def test_usage_errors_exit_2_in_one_line(katactl_bin, args, code):
     r = katactl_bin(args)
@@ -114,11 +124,13 @@ def test_config_precedence(cli, tmp_path, monkeypatch, _isolated_home):
     ("timeout = [1]", "timeout"), ("bogus = 1", "bogus"), ("this is not toml", "invalid TOML"),
     ("profile = 'x'\n[profiles.x]\nwat = 1", "wat"), ("parallel = -3", "parallel"),
     ("[node_groups]\ng = 'a'", "node group"),
+    (b"\xff\xfetimeout = 1", "not UTF-8"), ("timeout = 1e400", "timeout"), ("timeout = nan", "timeout"),
+    ("timeout = 99999999999", "timeout"), ("timeout = true", "timeout"), ("parallel = 1.5", "parallel"),
 ])
 def test_bad_config_file_is_usage_error(cli, _isolated_home, content, needle):
     cfg = _isolated_home / "config" / "katactl"
     cfg.mkdir(parents=True, exist_ok=True)
-    (cfg / "config.toml").write_text(content)
+    (cfg / "config.toml").write_bytes(content if isinstance(content, bytes) else content.encode())
     r = cli(["config", "view"])
     assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
 
@@ -134,14 +146,23 @@ def test_node_group_selection(_isolated_home):
     assert fleet.select_nodes(s) == ["n1", "n2", "n3"]
     with pytest.raises(UsageError):
         fleet.select_nodes(config.resolve({"nodes": ("@nope",)}))
+    # an empty group is an error, not "no nodes" (which would mean this host)
+    (cfg / "config.toml").write_text('[node_groups]\nnone = []\n')
+    with pytest.raises(UsageError, match="empty"):
+        fleet.select_nodes(config.resolve({"nodes": ("@none",)}))
 
 
 def test_nodes_from_file(tmp_path, _isolated_home):
     from katactl import config, fleet
+    from katactl.errors import UsageError
 
     f = tmp_path / "nodes"
     f.write_text("# fleet\nn1\n\nn2  # comment\n")
     assert fleet.select_nodes(config.resolve({"nodes_from": str(f)})) == ["n1", "n2"]
+    # a file with no names (only comments) is an error, not "this host"
+    f.write_text("# nothing yet\n\n")
+    with pytest.raises(UsageError, match="no node names"):
+        fleet.select_nodes(config.resolve({"nodes_from": str(f)}))
 
 
 def test_unexpected_exception_is_one_line(cli, monkeypatch):
@@ -153,6 +174,29 @@ def test_unexpected_exception_is_one_line(cli, monkeypatch):
     assert "re-run with -v" in r.stderr and "Traceback" not in r.stderr
     r = cli(["-v", "version"])
     assert "Traceback" in r.stderr
+
+
+@pytest.mark.parametrize("exc,code", [
+    (IsADirectoryError(21, "Is a directory", "/x/y"), 1), (OSError(36, "File name too long", "/x"), 1),
+    (PermissionError(13, "Permission denied", "/x"), 1),
+])
+def test_os_error_is_one_line_not_unexpected(capsys, exc, code):
+    from katactl.cli import _report
+
+    assert _report(exc, True, False) == code
+    out, err = capsys.readouterr()
+    assert "unexpected" not in err and len(err.splitlines()) == 1 and "/x" in err
+    assert json.loads(out)["exitCode"] == code
+
+
+def test_error_message_with_newlines_stays_one_line(capsys):
+    from katactl.cli import _report
+    from katactl.errors import OperationFailed
+
+    # a shim's answer echoing a value with a newline in it
+    _report(OperationFailed("volume /a\nb not found", hint="try\nagain"), False, False)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["katactl: error: volume /a\\nb not found", "hint: try\\nagain"]
 
 
 def test_audit_log_appends_json_lines(_isolated_home):

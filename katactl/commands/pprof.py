@@ -53,9 +53,14 @@ def pprof(
     if file == "-" and app_ctx.out.stdout_tty:
         raise UsageError("refusing to write a binary profile to a terminal; give -f FILE or redirect")
     if file is not None and file != "-":
+        # checked before the download: a CPU profile takes --seconds to fail otherwise
+        if not file.strip():
+            raise UsageError("-f needs a file name, got an empty string")
         d = os.path.dirname(os.path.abspath(file))
         if not os.path.isdir(d):
             raise UsageError(f"-f {file}: directory {d} does not exist")
+        if file.endswith("/") or os.path.isdir(file):
+            raise UsageError(f"-f {file}: is a directory; give a file name")
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.timeout)
     import io
