@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import sys
 from typing import Any, Callable
@@ -90,6 +91,19 @@ def _cell(v) -> str:
     s = str(v)
     # one record per line, whatever the data holds
     return s.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ") or "-"
+
+
+def _plural_noun(kind: str) -> str:
+    """'SandboxList' -> 'sandboxes', 'MetricSampleList' -> 'metric samples'."""
+    words = [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z0-9]*|[a-z0-9]+", kind.removesuffix("List"))] or ["item"]
+    last = words[-1]
+    if last.endswith(("s", "x", "sh", "ch")):
+        last += "es"
+    elif last.endswith("y") and last[-2:-1] not in tuple("aeiou"):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return " ".join(words[:-1] + [last])
 
 
 def to_json(obj, indent: int | None = 2) -> str:
@@ -198,7 +212,7 @@ class Output:
         rows = [[c.value(it) for c in cols] for it in result.items or []]
         if not rows:
             if result.summary is None:
-                self.info(f"No {result.kind.removesuffix('List').lower() or 'item'}s found.")
+                self.info(f"No {_plural_noun(result.kind)} found.")
             return
         if self.stdout_tty:
             from rich.console import Console

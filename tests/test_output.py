@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from katactl.output import Column, Output, Result
@@ -100,3 +101,19 @@ def test_table_on_a_real_tty():
     assert p.returncode == 0, p.stderr.read()
     rows = [l for l in text.splitlines() if l.strip() and not set(l.strip()) <= set("─━ ")]
     assert rows[0].split() == ["NAME", "MEM"] and rows[1].split() == ["sb-1", "1"]
+
+
+@pytest.mark.parametrize("kind,noun", [
+    ("SandboxList", "sandboxes"), ("UpgradeStatus", "upgrade statuses"), ("VmcoreList", "vmcores"),
+    ("MetricSampleList", "metric samples"), ("Policy", "policies"), ("AgentURL", "agent urls"),
+])
+def test_empty_list_message_names_the_things_in_plural(kind, noun):
+    from katactl.output import _plural_noun
+
+    assert _plural_noun(kind) == noun
+
+
+def test_empty_sandbox_list_says_so_on_stderr(cli, tmp_path):
+    r = cli(["--host-root", str(tmp_path), "sandbox", "list"])
+    assert r.exit_code == 0 and r.stdout == ""
+    assert "No sandboxes found." in r.stderr
