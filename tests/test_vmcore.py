@@ -120,7 +120,7 @@ def test_list_reads_dump_path_from_dropin_and_shows_metadata(cli, tree):
     [it] = d["items"]
     assert it["name"] == f"{SID}/vmcore-{TS}.elf" and it["sandbox"] == SID
     assert it["pod"] == "default/web-0" and it["format"] == "elf" and it["status"] == "ok"
-    assert it["time"] == "2024-01-02T03:04:05.120"
+    assert it["time"] == "2024-01-02T03:04:05.120Z"   # no /etc/localtime on the node: UTC (Go's rule)
     assert it["hypervisorVersion"].startswith("QEMU emulator version 7.2")
     assert it["collected"] is False and it["loadSegments"] == 1
     assert it["guestMemory"] == 512 << 20
@@ -183,13 +183,76 @@ def test_list_dump_dir_missing_is_empty(cli, tmp_path):
 
 
 def test_go_timestamp_matches_go_format():
-    import time
+    import calendar
+    import datetime
 
-    t = time.mktime((2024, 1, 2, 3, 4, 5, 0, 0, -1))
-    assert vmcore.go_timestamp(t + 0.120) == "20240102030405.12"
-    assert vmcore.go_timestamp(t) == "20240102030405"
-    assert vmcore.go_timestamp(t + 0.5) == "20240102030405.5"
-    assert vmcore.dump_timestamp("vmcore-20240102030405.elf") == "2024-01-02T03:04:05.000"
+    utc = datetime.timezone.utc
+    t = calendar.timegm((2024, 1, 2, 3, 4, 5, 0, 0, 0))
+    assert vmcore.go_timestamp(t + 0.120, tz=utc) == "20240102030405.12"
+    assert vmcore.go_timestamp(t, tz=utc) == "20240102030405"
+    assert vmcore.go_timestamp(t + 0.5, tz=utc) == "20240102030405.5"
+    assert vmcore.go_timestamp(t + 0.9996, tz=utc) == "20240102030406"
+    assert vmcore.dump_timestamp("vmcore-20240102030405.elf") == "2024-01-02T03:04:05.000Z"
+    # the lab plays the Go runtime: its names trim zeros too
+    from katactl.lab import panic
+
+    assert panic.vmcore_name(t + 0.5) == "vmcore-20240102030405.5.elf"
+    assert panic.vmcore_name(t) == "vmcore-20240102030405.elf"
+
+
+def _set_zone(root, zone):
+    os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    shutil.copyfile(f"/usr/share/zoneinfo/{zone}", os.path.join(root, "etc/localtime"))
+
+
+@pytest.mark.parametrize("zone,ts,want", [
+    ("Asia/Tokyo", "20240102030405.12", "2024-01-01T18:04:05.120Z"),          # UTC+9
+    ("America/New_York", "20240702030405", "2024-07-02T07:04:05.000Z"),      # summer: UTC-4
+    ("America/New_York", "20240102030405.5", "2024-01-02T08:04:05.500Z"),    # winter: UTC-5
+])
+def test_list_time_is_utc_from_the_nodes_zone(cli, tmp_path, zone, ts, want):
+    """The runtime names dumps in the node's local time without a zone; list says UTC."""
+    if not os.path.exists(f"/usr/share/zoneinfo/{zone}"):
+        pytest.fail("tzdata missing: /usr/share/zoneinfo (scripts/setup installs it)")
+    root = node_tree(tmp_path / "n")
+    add_dump(root, ts=ts)
+    _set_zone(root, zone)
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["time"] == want
+    # and a dump the CLI takes is named in that zone too (as the runtime would)
+    import datetime
+
+    tz = vmcore.node_zone(LocalTransport(root))
+    t = datetime.datetime(2024, 7, 2, 7, 4, 5, tzinfo=datetime.timezone.utc).timestamp()
+    assert vmcore.dump_timestamp(f"vmcore-{vmcore.go_timestamp(t, tz=tz)}.elf", tz) == "2024-07-02T07:04:05.000Z"
+
+
+@pytest.mark.parametrize("localtime", [b"", b"not a zone file", None])
+def test_unreadable_zone_is_utc(tmp_path, localtime):
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "etc"))
+    if localtime is None:
+        os.symlink("/nonexistent/zoneinfo/Nowhere/Town", os.path.join(root, "etc/localtime"))
+    else:
+        with open(os.path.join(root, "etc/localtime"), "wb") as f:
+            f.write(localtime)
+    import datetime
+
+    assert vmcore.node_zone(LocalTransport(root)) == datetime.timezone.utc
+
+
+@pytest.mark.parametrize("name", ["vmcore-20241399999999.elf", "vmcore-00000000000000.1.elf"])
+def test_impossible_dump_date_lists_without_time(cli, tmp_path, name):
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    d = os.path.join(root, DUMP_PATH.lstrip("/"), SID)
+    shutil.copyfile(os.path.join(d, f"vmcore-{TS}.elf"), os.path.join(d, name))
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    times = {i["file"]: i["time"] for i in r.json()["items"]}
+    assert times == {name: None, f"vmcore-{TS}.elf": "2024-01-02T03:04:05.120Z"}
 
 
 # -- collect --------------------------------------------------------------------
@@ -300,11 +363,73 @@ def test_delete_after_only_once_verified(cli, tree, tmp_path):
     assert r.json()["items"] == []
 
 
+def _audit_entries(home):
+    log = home / "state" / "katactl" / "audit.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
 def test_collect_audit_log(cli, tree, tmp_path, _isolated_home):
+    assert cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), "--dry-run"]).exit_code == 0
+    assert _audit_entries(_isolated_home) == []            # a dry run changes nothing: no entry
     cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o")])
-    log = _isolated_home / "state" / "katactl" / "audit.log"
-    entries = [json.loads(l) for l in log.read_text().splitlines()]
-    assert entries[-1]["action"] == "vmcore.collect" and entries[-1]["changed"] is True
+    [e] = _audit_entries(_isolated_home)
+    assert e["action"] == "vmcore.collect" and e["changed"] is True and e["result"] == "ok"
+    assert e["target"] == f"{SID}/vmcore-{TS}.elf" and e["node"] == "localhost" and e["sha256"]
+
+
+def test_collect_audit_log_setting_and_failure(cli, tmp_path, _isolated_home, monkeypatch):
+    """The library records its own entries (success and failure) where audit_log says."""
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    p = add_dump(root, SID2, pod=("prod", "db-0"))
+    os.chmod(p, 0o600)
+    os.truncate(p, os.path.getsize(p) - 4096)              # incomplete: refused
+    log = tmp_path / "custom-audit.log"
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", str(log))
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "-o", "json"])
+    assert r.exit_code == 4, r.stderr                      # one collected, one refused
+    d = r.json()
+    assert [i["name"] for i in d["items"]] == [f"{SID}/vmcore-{TS}.elf"]
+    [err] = d["errors"]
+    assert err["target"] == f"{SID2}/vmcore-{TS}.elf" and err["error"]["exitCode"] == 5
+    entries = {e["target"]: e for e in map(json.loads, log.read_text().splitlines())}
+    assert entries[f"{SID}/vmcore-{TS}.elf"]["result"] == "ok"
+    bad = entries[f"{SID2}/vmcore-{TS}.elf"]
+    assert bad["result"] == "error" and "incomplete" in bad["error"] and bad["changed"] is False
+    assert not (_isolated_home / "state" / "katactl" / "audit.log").exists()
+
+
+def test_collect_every_dump_failed_exit_code(cli, tmp_path):
+    """All failed with the same code: that code (not 4: nothing succeeded)."""
+    root = node_tree(tmp_path / "n")
+    for sid in (SID, SID2):
+        p = add_dump(root, sid)
+        os.chmod(p, 0o600)
+        os.truncate(p, os.path.getsize(p) - 4096)
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "-o", "json"])
+    assert r.exit_code == 5, r.stderr
+    assert r.json()["items"] == [] and len(r.json()["errors"]) == 2
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o")])
+    assert r.exit_code == 5 and r.stderr.count("incomplete") == 2 and "Traceback" not in r.stderr
+
+
+def test_collect_library_keep_going(tmp_path):
+    """Without the CLI: keep_going reports a failed dump as an item; without it, it raises."""
+    from katactl.errors import Refused
+
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    p = add_dump(root, SID2, pod=("prod", "db-0"))
+    os.chmod(p, 0o600)
+    os.truncate(p, os.path.getsize(p) - 4096)
+    t, opts = LocalTransport(root), vmcore.CollectOptions(to=str(tmp_path / "o"))
+    idx = vmcore.CollectIndex(str(tmp_path / "idx"))
+    with pytest.raises(Refused):
+        vmcore.collect(t, [], opts, index=idx)
+    res = vmcore.collect(t, [], opts, index=idx, keep_going=True)
+    assert [("error" in r, r["name"].split("/")[0]) for r in res] == [(False, SID), (True, SID2)]
+    with pytest.raises(Refused):                            # the only dump: its own error
+        vmcore.collect(t, [SID2], opts, index=idx, keep_going=True)
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -330,11 +455,16 @@ def test_collect_needs_to(cli, tree):
     assert r.exit_code == 2 and "--to" in r.stderr
 
 
-def test_makedumpfile_missing_is_clear(cli, tree, tmp_path):
-    if shutil.which("makedumpfile"):
-        pytest.skip("makedumpfile installed")
+def test_makedumpfile_missing_is_clear(cli, tree, tmp_path, monkeypatch):
+    """A node without makedumpfile: PATH (the node's environment) lacks it; always runs."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert shutil.which("makedumpfile") is None
     r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), "--makedumpfile"])
-    assert r.exit_code == 1 and "makedumpfile is not installed" in r.stderr
+    assert r.exit_code == 1, r.stderr
+    assert "makedumpfile is not installed on node" in r.stderr and "hint: apt-get install makedumpfile" in r.stderr
+    assert "Traceback" not in r.stderr and not list((tmp_path / "o").rglob("*.kdump"))
 
 
 # -- rm ---------------------------------------------------------------------------
@@ -380,7 +510,7 @@ def test_dump_path_from_sandbox_state_when_no_config(cli, tmp_path):
 
 
 @pytest.mark.parametrize("features,code", [(("kvm", "guest_debug"), 0), (("kvm",), 1)])
-def test_trigger_cloud_hypervisor_coredump(cli, features, code):
+def test_trigger_cloud_hypervisor_coredump(cli, features, code, _isolated_home):
     """The lab's protocol-faithful Cloud Hypervisor API server on a real socket."""
     import tempfile
 
@@ -391,23 +521,93 @@ def test_trigger_cloud_hypervisor_coredump(cli, features, code):
     sb = layout.write_go_sandbox(root, sid, hypervisor="clh", memory_mib=256, guest_memory_dump_path=DUMP_PATH)
     srv = ClhServer(sb.real(sb.api_socket_node), 256 << 20, features=features)
     try:
+        r = cli(["--host-root", root, "vmcore", "trigger", sid[:6], "--dry-run", "-o", "json"])
+        assert r.exit_code == code, r.stderr
+        assert _audit_entries(_isolated_home) == []                      # a dry run: no entry
         r = cli(["--host-root", root, "vmcore", "trigger", sid[:6], "-o", "json"])
         assert r.exit_code == code, r.stderr
+        entries = _audit_entries(_isolated_home)
+        assert [(e["action"], e["target"], e["node"]) for e in entries] == [("vmcore.trigger", sid, "localhost")]
         if code == 0:
             d = r.json()
+            assert d["node"] == "localhost"            # always there, like balloon/shim/sandbox inspect
             assert d["via"] == "clh" and d["path"].startswith(f"{DUMP_PATH}/{sid}/vmcore-")
+            assert d["changed"] is True and d["dryRun"] is False
             with open(os.path.join(root, d["path"].lstrip("/")), "rb") as f:
                 assert f.read(4) == b"\x7fELF"
             assert os.path.isfile(os.path.join(root, DUMP_PATH.lstrip("/"), sid, "hypervisor.conf"))
+            assert entries[0]["result"] == "ok" and entries[0]["dump"] == d["path"] and entries[0]["changed"]
             r = cli(["--host-root", root, "vmcore", "trigger", sid[:6], "--format", "kdump-zlib"])
             assert r.exit_code == 2 and "ELF dumps only" in r.stderr
+            assert len(_audit_entries(_isolated_home)) == 1                # a usage error: no entry
         else:
             assert "guest_debug" in r.stderr
+            assert entries[0]["result"] == "error" and "guest_debug" in entries[0]["error"]
+            assert entries[0]["changed"] is False
     finally:
         srv.close()
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_trigger_help_says_sandbox_forms_and_not_idempotent(cli):
+    r = cli(["vmcore", "trigger", "--help"])
+    assert r.exit_code == 0
+    text = " ".join(r.stdout.split())
+    from katactl.commands.balloon import SANDBOX_HELP
+
+    assert SANDBOX_HELP in text and "pod/batch/train-0" in text
+    assert "Not idempotent" in text and "pauses the guest" in text
+
+
+@pytest.mark.parametrize("args,msg", [
+    ([""], "empty SANDBOX"),
+    (["a\0b"], "NUL"),
+    (["pod/batch"], "expected pod/NAMESPACE/NAME"),
+    (["pod//x"], "expected pod/NAMESPACE/NAME"),
+    (["pod/a/b/c"], "expected pod/NAMESPACE/NAME"),
+    ([SID[:6], "--format", "xz"], "invalid --format"),
+    ([SID[:6], "--format", ""], "invalid --format"),
+    ([SID[:6], "--wait-timeout", "soon"], "--wait-timeout"),
+    ([SID[:6], "--wait-timeout", "-5s"], "--wait-timeout"),
+    ([SID[:6], "--dump-path", "var/crash"], "must be an absolute path"),
+    ([SID[:6], "--kata-config", "kata.toml"], "must be an absolute path"),
+])
+def test_trigger_bad_input(cli, tree, args, msg, _isolated_home):
+    r = cli(["--host-root", tree, "vmcore", "trigger", *args])
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert _audit_entries(_isolated_home) == []
+    assert sorted(os.listdir(os.path.join(tree, DUMP_PATH.lstrip("/"), SID))) == [
+        "hypervisor.conf", "hypervisor.version", "state", f"vmcore-{TS}.elf"]
+
+
+def test_rm_audit_log(cli, tree, _isolated_home):
+    assert cli(["--host-root", tree, "vmcore", "rm", SID[:8], "--yes", "--dry-run"]).exit_code == 0
+    assert _audit_entries(_isolated_home) == []
+    assert cli(["--host-root", tree, "vmcore", "rm", SID[:8], "--yes"]).exit_code == 0
+    [e] = _audit_entries(_isolated_home)
+    assert e["action"] == "vmcore.rm" and e["target"] == f"{SID}/vmcore-{TS}.elf" and e["changed"] is True
+    assert e["result"] == "ok" and e["removedDir"] == f"{DUMP_PATH}/{SID}"
+
+
+def test_rm_failure_is_audited(tmp_path, monkeypatch):
+    """A deletion the node refuses (here: a directory named like a dump, unlink(2) says EISDIR,
+    also for root) is an error entry in the audit log, and raised."""
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    odd = os.path.join(root, DUMP_PATH.lstrip("/"), SID, "vmcore-20240102030406.elf")
+    os.makedirs(os.path.join(odd, "x"))
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", str(log))
+    t = LocalTransport(root)
+    [d] = vmcore.resolve_dumps(t, ["vmcore-20240102030406.elf"], index=vmcore.CollectIndex(str(tmp_path / "i")))
+    with pytest.raises(OSError):
+        vmcore.remove_dumps(t, [d])
+    assert os.path.isdir(odd)
+    [e] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert e["action"] == "vmcore.rm" and e["result"] == "error" and e["changed"] is False and e["error"]
 
 
 def test_makedumpfile_failure_is_clear_and_leaves_nothing(cli, tree, tmp_path):

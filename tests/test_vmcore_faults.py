@@ -18,7 +18,7 @@ from katactl import vmcore
 from katactl.backends.local import LocalTransport
 from katactl.errors import OperationFailed
 from katactl.vmcore import collection
-from tests.test_vmcore import DUMP_PATH, SID, TS, add_dump, node_tree, sha
+from tests.test_vmcore import SID, TS, add_dump, node_tree, sha
 
 
 def _opts(tmp_path, **kw):

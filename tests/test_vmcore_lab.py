@@ -32,19 +32,27 @@ def _wait(pred, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_guest_panic_dump_list_collect(cli, lab, tmp_path):
+@pytest.fixture(scope="module")
+def panicked(lab):
+    """The session lab's ``panic`` sandbox, panicked once and dumped by the lab's runtime
+    handler. Order-independent: whichever test asks first injects the NMI; later ones
+    (and a guest that panicked already) reuse that dump. Nothing else uses ``panic``."""
     sb = lab.sb("panic")
-    if sb.get("panic") or sb["status"] != "running":
-        pytest.skip(f"the panic sandbox was already used ({sb['status']})")
-    sid = sb["id"]
-    t = lab.transport()
-    with QMPClient.connect(t, f"/run/vc/vm/{sid}/extra-monitor.sock", timeout=10) as q:
-        q.execute("inject-nmi")
+    if sb["status"] == "running" and not sb.get("panic"):
+        with QMPClient.connect(lab.transport(), f"/run/vc/vm/{sb['id']}/extra-monitor.sock", timeout=10) as q:
+            q.execute("inject-nmi")
     done = _wait(lambda: (lab.sb("panic").get("panic") or {}).get("status") in ("done", "refused", "failed")
                  and lab.sb("panic")["panic"], 120, "the lab's panic dump")
     assert done["status"] == "done", done
-    path = done["path"]
+    return {"id": sb["id"], "path": done["path"]}
+
+
+def test_guest_panic_dump_is_what_the_runtime_writes(lab, panicked):
+    sid, path = panicked["id"], panicked["path"]
     assert path.startswith(f"/var/crash/kata/{sid}/vmcore-") and path.endswith(".elf")
+    # Go's Format("20060102150405.999"): no trailing zeros in the fraction
+    whole, dot, frac = os.path.basename(path)[len("vmcore-"):-len(".elf")].partition(".")
+    assert len(whole) == 14 and whole.isdigit() and (not dot or (frac.isdigit() and not frac.endswith("0")))
     real = lab.real(path)
     core = read_core(real, machine=(62,))                 # a booted x86-64 guest
     assert core["size"] >= core["end"] and sum(s[5] for s in core["loads"]) >= 256 << 20
@@ -54,10 +62,16 @@ def test_guest_panic_dump_list_collect(cli, lab, tmp_path):
     assert json.load(open(os.path.join(d, "hypervisor.conf")))["MemorySize"] == 256
     assert os.path.isfile(os.path.join(d, "state", "persist.json"))
 
+
+def test_guest_panic_dump_list_collect(cli, lab, panicked, tmp_path):
+    path = panicked["path"]
+    real = lab.real(path)
     r = cli(lab.args("vmcore", "list", "-o", "json"))
     assert r.exit_code == 0, r.stderr
     [it] = [i for i in r.json()["items"] if i["path"] == path]
     assert it["pod"] == lab.pod("panic") and it["status"] == "ok" and it["collected"] is False
+    assert it["time"].endswith("Z") and it["time"].replace("-", "").replace(":", "").replace("T", "")[:14] == \
+        os.path.basename(path)[len("vmcore-"):][:14]          # the lab node has no /etc/localtime: UTC
 
     out = tmp_path / "crash"
     r = cli(lab.args("vmcore", "collect", lab.pod("panic"), "--to", str(out), "-o", "json"))
@@ -79,7 +93,7 @@ def test_trigger_healthy_guest_via_shim_extension(cli, lab):
     r = cli(lab.args("vmcore", "trigger", lab.pod("qemu-0"), "-o", "json"))
     assert r.exit_code == 0, r.stderr
     d = r.json()
-    assert d["via"] == "shim-extension" and d["sandbox"] == sid
+    assert d["via"] == "shim-extension" and d["sandbox"] == sid and d["node"] == "localhost"
     core = read_core(lab.real(d["path"]), machine=(62,))
     assert core["loads"] and core["size"] >= core["end"]
     assert sum(s[5] for s in core["loads"]) >= 512 << 20

@@ -58,3 +58,59 @@ def test_resume_over_ssh(vnode, tmp_path):
         [res] = vmcore.collect(t, [], vmcore.CollectOptions(to=str(tmp_path / "o")), index=idx)
     assert res["resumed"] is True and res["verification"] == "node-sha256sum"   # sha256sum ran on the node
     assert sha(res["to"]) == sha(vnode["src"])
+
+
+@pytest.fixture(scope="module")
+def two_nodes(sshd_lab):
+    """vmt1 and vmt2 (real sshd) both hold a Cloud Hypervisor sandbox with the same id, pod
+    batch/train-0; only vmt2's has a live API server (the lab's protocol-faithful one)."""
+    from katactl.lab import layout
+    from katactl.lab.clh_server import ClhServer
+
+    for n in ("vmt1", "vmt2"):
+        if n not in sshd_lab.nodes:
+            sshd_lab.add_node(n, known="plain")
+    sshd_lab.write_config()
+    sshd_lab.wait_ready()
+    sid = "7e57c1a5aa00bb11cc22dd33"
+    sbs = {}
+    for n in ("vmt1", "vmt2"):
+        root = str(sshd_lab.nodes[n].root)
+        node_tree(root)
+        sbs[n] = layout.write_go_sandbox(root, sid, hypervisor="clh", memory_mib=256, pod_name="train-0",
+                                         pod_namespace="batch", guest_memory_dump_path="/var/crash/kata")
+    srv = ClhServer(sbs["vmt2"].real(sbs["vmt2"].api_socket_node), 256 << 20, features=("kvm", "guest_debug"))
+    yield {"lab": sshd_lab, "sid": sid, "roots": {n: str(sshd_lab.nodes[n].root) for n in sbs}}
+    srv.close()
+
+
+def test_trigger_pod_ref_goes_to_the_pods_node(cli, two_nodes, tmp_path, _isolated_home):
+    """pod/NS/NAME is resolved through the Kubernetes API to its node: with -N vmt1,vmt2 only
+    vmt2 is used (NS/POD alone is ambiguous there); the JSON names the node; the dump is audited."""
+    import json
+
+    from tests.kubeserver import FakeKubeAPI
+
+    v = two_nodes
+    srv = FakeKubeAPI({"vmt1": {}, "vmt2": {}}, pods={("batch", "train-0"): {"nodeName": "vmt2", "uid": "u-7"}})
+    try:
+        base = ["-N", "vmt1,vmt2", "--ssh-config", str(v["lab"].config),
+                "--kubeconfig", srv.kubeconfig(tmp_path / "kc"), "vmcore", "trigger"]
+        r = cli([*base, "batch/train-0", "-o", "json"])
+        assert r.exit_code == 3 and "several nodes" in r.stdout + r.stderr, (r.exit_code, r.stderr)
+        r = cli([*base, "pod/batch/train-0", "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        d = r.json()
+        assert d["node"] == "vmt2" and d["sandbox"] == v["sid"] and d["via"] == "clh" and d["changed"] is True
+        dump = os.path.join(v["roots"]["vmt2"], d["path"].lstrip("/"))
+        with open(dump, "rb") as f:
+            assert f.read(4) == b"\x7fELF"
+        assert not os.path.exists(os.path.join(v["roots"]["vmt1"], "var/crash/kata", v["sid"]))
+        r = cli([*base, "pod/batch/nope"])
+        assert r.exit_code == 3 and "pod batch/nope not found" in r.stderr
+    finally:
+        srv.close()
+    log = _isolated_home / "state" / "katactl" / "audit.log"
+    [e] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert e["action"] == "vmcore.trigger" and e["node"] == "vmt2" and e["target"] == v["sid"]
+    assert e["result"] == "ok" and e["dump"] == d["path"]

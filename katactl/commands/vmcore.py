@@ -5,7 +5,8 @@ from typing import List, Optional
 
 import typer
 
-from katactl.commands._common import fan_out_list, finish, new_app, state
+from katactl.commands._common import fan_out_list, finish, new_app, sandbox_ref, state
+from katactl.commands.balloon import SANDBOX_HELP
 
 app = new_app("Guest memory dumps (vmcores): list, collect, trigger, rm.")
 
@@ -80,7 +81,8 @@ def collect_cmd(
       katactl -N node-1 vmcore collect 3f2a --to ./dumps --compress zstd
       katactl vmcore collect default/web-0 --to ./dumps --delete-after
     """
-    from katactl import audit, vmcore
+    from katactl import vmcore
+    from katactl.errors import exit_code_for, outcome_exit_code
     from katactl.fleet import run_on_nodes
     from katactl.output import Column, Result
     from katactl.values import format_size, parse_size
@@ -105,27 +107,8 @@ def collect_cmd(
     index = vmcore.CollectIndex()
 
     def one_node(t):
-        dumps = vmcore.resolve_dumps(t, refs or [], dump_path=dump_path, kata_config=kata_config, index=index)
-        node = vmcore.node_name(t)
-        results = []
-        for d in dumps:
-            try:
-                r = vmcore.collect_one(t, d, node, opts, index)
-            except Exception as e:  # per dump: the others still get collected
-                from katactl.errors import as_katactl_error
-
-                err = as_katactl_error(e)
-                results.append({"name": d["name"], "source": d["path"], "changed": False,
-                                "error": err.to_dict()})
-                if not dry_run:
-                    audit.record("vmcore.collect", d["name"], node=t.node, params=_params(opts),
-                                 result=f"error: {err.message}", changed=False)
-                continue
-            results.append(r)
-            if not dry_run:
-                audit.record("vmcore.collect", d["name"], node=t.node, params=_params(opts), result="ok",
-                             changed=r["changed"], to=r["to"], sha256=r.get("sha256"))
-        return results
+        return vmcore.collect(t, refs or [], opts, dump_path=dump_path, kata_config=kata_config, index=index,
+                              keep_going=True)
 
     with out.progress("collect", total=None, unit="bytes") as bar:
         bar_holder["bar"] = bar
@@ -133,37 +116,25 @@ def collect_cmd(
     fo.raise_if_single_failure()
     items = fo.items()
     failed = [i for i in items if i.get("error")]
-    errors = fo.error_items() + [{"target": i["name"], "error": i["error"]} for i in failed]
     ok = [i for i in items if not i.get("error")]
-    if len(fo.nodes) == 1 and failed and not ok and len(failed) == 1:
-        from katactl.errors import KatactlError, ExitCode
-
-        e = failed[0]["error"]
-        err = KatactlError(e["message"], hint=e.get("hint"))
-        err.exit_code, err.code = ExitCode(e["exitCode"]), e["code"]
-        raise err
+    errors = fo.error_items() + [{"target": i["name"], "error": i["error"]} for i in failed]
+    # targets: every dump, and every node (a node with nothing to collect succeeded)
+    idle = [n for n in fo.nodes if n in fo.values and not fo.values[n]]
+    code = outcome_exit_code([exit_code_for(e) for e in fo.errors.values()]
+                             + [i["error"]["exitCode"] for i in failed], len(ok) + len(idle))
     cols = [Column("NAME", "name"), Column("TO", "to"), Column("SIZE", "storedSize", fmt=format_size),
             Column("SHA256", lambda i: (i.get("sha256") or "")[:16] or None),
             Column("VERIFIED", "verified"), Column("CHANGED", "changed"), Column("DELETED", "deleted", wide=True)]
     result = Result(kind="VmcoreCollectList", items=ok, columns=cols, errors=errors, multi_node=fo.multi,
                     changed=any(i.get("changed") for i in ok), dry_run=dry_run,
                     summary=None if ok or errors else "No vmcores to collect.")
-    if failed or fo.errors:
-        code = 4 if ok else (failed and failed[0]["error"]["exitCode"]) or fo.exit_code()
-    else:
-        code = 0
     finish(app_ctx, result, code)
-
-
-def _params(opts) -> dict:
-    return {"to": opts.to, "compress": opts.compress, "makedumpfile": opts.makedumpfile,
-            "deleteAfter": opts.delete_after}
 
 
 @app.command("trigger")
 def trigger_cmd(
     ctx: typer.Context,
-    sandbox: str = typer.Argument(..., metavar="SANDBOX", help="Sandbox id or unique prefix."),
+    sandbox: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
     fmt: str = typer.Option("elf", "--format", metavar="FORMAT", help="elf or kdump-zlib."),
     detach: bool = typer.Option(False, "--detach", help="Start the dump and return at once."),
     paging: Optional[bool] = typer.Option(None, "--paging/--no-paging",
@@ -183,21 +154,28 @@ def trigger_cmd(
     dump-guest-memory (extra-monitor.sock, or qmp.sock when free). Refused
     (exit 5) unless the filesystem has 2 x guest memory free.
 
+    Not idempotent, on purpose: every run takes a new dump (changed: true)
+    and pauses the guest while the hypervisor writes its whole memory. In
+    automation, run it once per incident (not as a converging task); use
+    --dry-run to check the path first. Every dump is in the audit log.
+
     \b
     Examples:
       katactl vmcore trigger 3f2a
-      katactl vmcore trigger 3f2a --format kdump-zlib --detach
+      katactl vmcore trigger default/web-0 --format kdump-zlib --detach
+      katactl -N node-1,node-2 vmcore trigger pod/batch/train-0 --dry-run
     """
-    from katactl import audit, vmcore
+    from katactl import sandbox as sbmod
+    from katactl import vmcore
+    from katactl.errors import UsageError
     from katactl.output import Result
     from katactl.values import parse_duration
 
     app_ctx = state(ctx)
     if fmt not in vmcore.FORMATS:
-        from katactl.errors import UsageError
-
         raise UsageError(f"invalid --format {fmt!r} (choose {', '.join(vmcore.FORMATS)})")
     timeout = parse_duration(wait, what="--wait-timeout") if wait else 3600.0
+    settings, ref = sandbox_ref(app_ctx, sandbox)
     out = app_ctx.out
     holder: dict = {}
 
@@ -209,28 +187,14 @@ def trigger_cmd(
     opts = vmcore.TriggerOptions(format=fmt, detach=detach, paging=paging, dump_path=dump_path,
                                  kata_config=kata_config, dry_run=dry_run, timeout=timeout, progress=progress)
 
-    from katactl import sandbox as sbmod
-    from katactl.errors import as_katactl_error
-
     def fn(t, sb):
         with out.progress(f"dump {sb.id[:12]}", total=None, unit="bytes") as bar:
             holder["bar"] = bar
             return vmcore.trigger(t, sb, opts)
 
-    try:
-        node, sb, item = sbmod.on_sandbox(app_ctx.settings, sandbox, fn, require_live=False)
-    except Exception as e:
-        if not dry_run:
-            audit.record("vmcore.trigger", sandbox, params={"format": fmt, "detach": detach},
-                         result=f"error: {as_katactl_error(e).message}", changed=False)
-        raise
-    item = dict(item)
-    if not dry_run:
-        audit.record("vmcore.trigger", sb.id, node=node, params={"format": fmt, "detach": detach},
-                     result="ok", changed=True, dump=item.get("path"))
+    node, _sb, item = sbmod.on_sandbox(settings, ref, fn, require_live=False)
+    item = {"node": node, **item}
     changed, dry = item.pop("changed", None), item.pop("dryRun", False)
-    if node != "localhost":
-        item = {"node": node, **item}
     finish(app_ctx, Result(kind="VmcoreTrigger", item=item, changed=changed, dry_run=bool(dry)))
 
 
@@ -252,7 +216,7 @@ def rm_cmd(
       katactl vmcore rm 3f2a4c/vmcore-20240102030405.123.elf
       katactl vmcore rm 3f2a --yes
     """
-    from katactl import audit, vmcore
+    from katactl import vmcore
     from katactl.errors import NotFound, Refused
     from katactl.fleet import run_on_nodes
     from katactl.output import Column, Result
@@ -290,15 +254,8 @@ def rm_cmd(
     for d in targets:
         by_node.setdefault(d["node"], []).append(d)
 
-    def do(t):
-        res = vmcore.remove_dumps(t, by_node.get(t.node, []), dry_run=dry_run)
-        if not dry_run:
-            for r in res:
-                audit.record("vmcore.rm", r["name"], node=t.node, params={"path": r["path"]}, result="ok",
-                             changed=r["changed"])
-        return res
-
-    fo2 = run_on_nodes(app_ctx.settings, do, nodes=list(by_node))
+    fo2 = run_on_nodes(app_ctx.settings, lambda t: vmcore.remove_dumps(t, by_node.get(t.node, []), dry_run=dry_run),
+                       nodes=list(by_node))
     fo2.raise_if_single_failure()
     items = fo2.items()
     finish(app_ctx, Result(kind="VmcoreRemoveList", items=items, columns=cols, errors=fo2.error_items(),

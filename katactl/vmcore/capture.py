@@ -12,7 +12,8 @@ import time
 from typing import Callable
 
 from katactl.errors import KatactlError, OperationFailed, ProtocolError, Refused, UsageError
-from katactl.vmcore.dumps import GO_SBS, GO_VM, check_abs, dump_config, go_timestamp, read_json, real_path
+from katactl.vmcore.dumps import (GO_SBS, GO_VM, check_abs, dump_config, go_timestamp, node_zone, read_json,
+                                  real_path)
 
 FORMATS = ("elf", "kdump-zlib")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -119,7 +120,7 @@ def runtime_panic_dump(transport, sandbox, qmp_client, dump_path: str, paging: b
     check_abs(dump_path, "dump_path")
     d, persist = prepare_dump_dir(transport, sandbox_id, posixpath.normpath(dump_path))
     check_free_space(transport, d, guest_memory_bytes(persist, qmp_client))
-    path = f"{d}/vmcore-{go_timestamp()}.elf"
+    path = f"{d}/vmcore-{go_timestamp(tz=node_zone(transport))}.elf"
     qmp_client.execute("dump-guest-memory", {"paging": bool(paging), "protocol": "file:" + real_path(transport, path),
                                              "format": "elf"}, timeout=timeout)
     return path
@@ -152,12 +153,38 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
     ``PUT /vm.coredump`` (when ``vmm.ping`` lists ``guest_debug``), QEMU
     ``dump-guest-memory`` on ``extra-monitor.sock`` then ``qmp.sock``
     (progress from ``query-dump``).
+
+    Not idempotent by design: every call takes a new dump (the guest pauses
+    while the hypervisor writes it). Each dump, and each failed or interrupted
+    attempt, is recorded in the audit log (``vmcore.trigger``); a dry run and
+    a usage error record nothing.
     """
+    from katactl import audit
     from katactl import sandbox as sbmod
+    from katactl.errors import as_katactl_error
 
     if opts.format not in FORMATS:
         raise UsageError(f"invalid --format {opts.format!r} (choose {', '.join(FORMATS)})")
     sb = ref if isinstance(ref, sbmod.Sandbox) else sbmod.resolve(transport, ref, check=False)
+    params = {"format": opts.format, "detach": opts.detach, "paging": opts.paging,
+              "dumpPath": opts.dump_path}
+    try:
+        r = _trigger(transport, sb, opts)
+    except UsageError:
+        raise
+    except BaseException as e:
+        if not opts.dry_run:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else as_katactl_error(e).message
+            audit.record("vmcore.trigger", sb.id, node=transport.node, params=params, result="error",
+                         changed=False, error=why)
+        raise
+    if not r.get("dryRun"):
+        audit.record("vmcore.trigger", sb.id, node=transport.node, params=params, changed=True,
+                     dump=r.get("path"), via=r.get("via"), status=r.get("status"))
+    return r
+
+
+def _trigger(transport, sb, opts: TriggerOptions) -> dict:
     sid = sb.id
     cfg = dump_config(transport, dump_path=opts.dump_path or sb.guest_memory_dump_path or None,
                       kata_config=opts.kata_config)
@@ -168,7 +195,7 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
         raise UsageError("kdump formats do not support paging (QEMU refuses it)")
     ext = ".elf" if opts.format == "elf" else ".kdump"
     d = f"{cfg.dump_path}/{sid}"
-    path = f"{d}/vmcore-{go_timestamp()}{ext}"
+    path = f"{d}/vmcore-{go_timestamp(tz=node_zone(transport))}{ext}"
     result = {"sandbox": sid, "pod": sb.pod_ref, "path": path, "format": opts.format, "hypervisor": hv_type,
               "detached": opts.detach}
     mem = (sb.total_memory_mib or 0) << 20 or guest_memory_bytes(persist)

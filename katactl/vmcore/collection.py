@@ -85,19 +85,59 @@ def _dest_dir(opts: CollectOptions, node: str, sandbox: str) -> str:
 
 
 def collect(transport, refs: list[str], opts: CollectOptions, *, dump_path: str | None = None,
-            kata_config: str | None = None, index: CollectIndex | None = None) -> list[dict]:
-    """Collect the dumps named by refs (all with none) into opts.to/<node>/<sandbox>/."""
+            kata_config: str | None = None, index: CollectIndex | None = None,
+            keep_going: bool = False) -> list[dict]:
+    """Collect the dumps named by refs (all with none) into opts.to/<node>/<sandbox>/.
+
+    keep_going: a dump that fails does not stop the others; it is reported as
+    an item ``{name, source, changed: false, error: {code, message, exitCode}}``.
+    When it is the only dump, its error is raised as is (like one node's
+    failure is the command's failure). Without keep_going the first failure
+    is raised. Every collect (and failed one) is in the audit log.
+    """
     opts.validate()
     index = index if index is not None else CollectIndex()
     dumps = resolve_dumps(transport, refs, dump_path=dump_path, kata_config=kata_config, index=index)
     node = node_name(transport)
     results = []
     for d in dumps:
-        results.append(collect_one(transport, d, node, opts, index))
+        try:
+            results.append(collect_one(transport, d, node, opts, index))
+        except Exception as e:
+            if not keep_going or len(dumps) == 1:
+                raise
+            from katactl.errors import as_katactl_error
+
+            results.append({"name": d["name"], "source": d["path"], "changed": False,
+                            "error": as_katactl_error(e).to_dict()})
     return results
 
 
+def _audit_params(opts: CollectOptions) -> dict:
+    return {"to": opts.to, "compress": opts.compress, "makedumpfile": opts.makedumpfile,
+            "deleteAfter": opts.delete_after}
+
+
 def collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
+    """Collect one dump (an item of :func:`resolve_dumps`); recorded in the audit log
+    (``vmcore.collect``) on success and on failure, except for a dry run."""
+    from katactl import audit
+    from katactl.errors import as_katactl_error
+
+    try:
+        r = _collect_one(transport, dump, node, opts, index)
+    except Exception as e:
+        if not opts.dry_run:
+            audit.record("vmcore.collect", dump["name"], node=transport.node, params=_audit_params(opts),
+                         result="error", changed=False, error=as_katactl_error(e).message)
+        raise
+    if not opts.dry_run:
+        audit.record("vmcore.collect", dump["name"], node=transport.node, params=_audit_params(opts),
+                     changed=r["changed"], to=r["to"], sha256=r.get("sha256"), deleted=r.get("deleted"))
+    return r
+
+
+def _collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
     src = dump["path"]
     src_dir = posixpath.dirname(src)
     dest_dir = _dest_dir(opts, node, dump["sandbox"])
@@ -141,7 +181,7 @@ def collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: C
                           "compress": result["compress"],
                           "source": {"path": src, "size": dump["size"], "mtime": dump["mtime"],
                                      "sha256": info.get("source_sha256")},
-                          "verified": info["verified"], "collectedAt": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                          "verified": info["verified"], "collectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     manifest.update(node=node, sandbox=dump["sandbox"], pod=dump.get("pod"), podUid=dump.get("podUid"),
                     hypervisorVersion=dump.get("hypervisorVersion"), files=files)
     write_manifest(dest_dir, manifest)
@@ -311,10 +351,7 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
     verification = "stream"
     if resumed or opts.verify_source:
         prefix_len = resume_src if resumed else size
-        node_sha = _node_sha256(transport, src, prefix_len)
-        if node_sha is None:
-            raise OperationFailed(f"{src}: cannot verify the resumed copy against the node")
-        kind, value = node_sha
+        kind, value = _node_sha256(transport, src, prefix_len)
         if kind == "full" and value != source_sha:
             _discard(part, side)
             raise OperationFailed(f"{src}: sha256 mismatch after resume (node {value[:12]}, copy "
@@ -353,7 +390,7 @@ def _prefix_hash_local(part: str, dst_len: int, compress: str) -> str:
     return h.hexdigest()
 
 
-def _node_sha256(transport, path: str, prefix_len: int):
+def _node_sha256(transport, path: str, prefix_len: int) -> tuple[str, str]:
     """('full', hex) from the node's sha256sum, else ('prefix', hex) by re-reading prefix_len bytes."""
     try:
         r = transport.run(["sha256sum", "--", real_path(transport, path)], timeout=3600)

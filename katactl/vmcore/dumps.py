@@ -11,6 +11,7 @@ effective Kata configuration (:mod:`katactl.katacfg`: search order and drop-ins)
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import posixpath
 import re
@@ -119,24 +120,56 @@ def real_path(transport, node_path: str) -> str:
 # ---------------------------------------------------------------------------
 # listing
 # ---------------------------------------------------------------------------
-def dump_timestamp(name: str) -> str | None:
-    """'vmcore-20240102030405.67.elf' -> '2024-01-02T03:04:05.670' (Go's .999 format trims zeros)."""
+def node_zone(transport):
+    """The node's local time zone as the Kata runtime (Go, ``time.Local``) sees it:
+    ``/etc/localtime`` on the node, UTC when it is missing or unreadable (Go's
+    rule; a ``TZ`` variable in the runtime's environment cannot be seen from here)."""
+    import io
+    import zoneinfo
+
+    try:
+        return zoneinfo.ZoneInfo.from_file(io.BytesIO(transport.read_bytes("/etc/localtime", limit=1 << 20)),
+                                           key="localtime")
+    except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
+        pass
+    try:  # a --host-root tree whose /etc/localtime links to a zone file outside the tree
+        m = re.search(r"zoneinfo/(.+)$", transport.readlink("/etc/localtime"))
+        if m:
+            return zoneinfo.ZoneInfo(m.group(1))
+    except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
+        pass
+    return datetime.timezone.utc
+
+
+def dump_timestamp(name: str, tz=None) -> str | None:
+    """'vmcore-20240102030405.67.elf' -> '2024-01-02T03:04:05.670Z' (RFC 3339, UTC).
+
+    The name holds the node's local time without a zone (Go's
+    ``Format("20060102150405.999")``, trailing zeros trimmed); tz is the node's
+    zone (:func:`node_zone`; default UTC)."""
     m = DUMP_RE.match(name)
     if not m:
         return None
-    ts = m.group(1)
-    whole, _, frac = ts.partition(".")
-    out = f"{whole[0:4]}-{whole[4:6]}-{whole[6:8]}T{whole[8:10]}:{whole[10:12]}:{whole[12:14]}"
-    return out + (f".{frac.ljust(3, '0')}" if frac else ".000")
+    whole, _, frac = m.group(1).partition(".")
+    try:
+        local = datetime.datetime.strptime(whole, "%Y%m%d%H%M%S").replace(tzinfo=tz or datetime.timezone.utc)
+        utc = local.astimezone(datetime.timezone.utc)
+    except (ValueError, OverflowError):  # not a real date (e.g. month 13): no time
+        return None
+    return utc.strftime("%Y-%m-%dT%H:%M:%S") + f".{frac.ljust(3, '0')}Z"
 
 
-def go_timestamp(t: float | None = None) -> str:
-    """Go's ``time.Now().Format("20060102150405.999")``: trailing zeros (and a bare dot) dropped."""
+def go_timestamp(t: float | None = None, tz=None) -> str:
+    """Go's ``time.Now().Format("20060102150405.999")``: trailing zeros (and a bare dot)
+    dropped; in tz (the node's zone, :func:`node_zone`), default this machine's local time."""
     t = time.time() if t is None else t
     ms = int(round((t - int(t)) * 1000))
     if ms == 1000:
         t, ms = int(t) + 1, 0
-    s = time.strftime("%Y%m%d%H%M%S", time.localtime(int(t)))
+    if tz is None:
+        s = time.strftime("%Y%m%d%H%M%S", time.localtime(int(t)))
+    else:
+        s = datetime.datetime.fromtimestamp(int(t), tz).strftime("%Y%m%d%H%M%S")
     frac = f"{ms:03d}".rstrip("0")
     return s + (f".{frac}" if frac else "")
 
@@ -243,6 +276,7 @@ def list_dumps(transport, *, dump_path: str | None = None, kata_config: str | No
         return []
     except NotADirectoryError:
         raise OperationFailed(f"{cfg.dump_path}: guest_memory_dump_path is not a directory") from None
+    tz = None
     for sid in sandboxes:
         d = f"{cfg.dump_path}/{sid}"
         try:
@@ -255,13 +289,15 @@ def list_dumps(transport, *, dump_path: str | None = None, kata_config: str | No
         pod = pod_of(transport, d, sid)
         version = _read_first_line(transport, f"{d}/hypervisor.version")
         hvconf = read_json(transport, f"{d}/hypervisor.conf")
+        if tz is None:
+            tz = node_zone(transport)
         for name in dumps:
-            items.append(_describe(transport, d, sid, name, pod, version, hvconf, index))
+            items.append(_describe(transport, d, sid, name, pod, version, hvconf, index, tz))
     items.sort(key=lambda i: (i["time"] or "", i["name"]))
     return items
 
 
-def _describe(transport, d, sid, name, pod, version, hvconf, index) -> dict:
+def _describe(transport, d, sid, name, pod, version, hvconf, index, tz) -> dict:
     path = f"{d}/{name}"
     try:
         st = transport.stat(path)
@@ -297,7 +333,7 @@ def _describe(transport, d, sid, name, pod, version, hvconf, index) -> dict:
         "format": fmt,
         "status": status,
         "size": st.size if st else None,
-        "time": dump_timestamp(name),
+        "time": dump_timestamp(name, tz),
         "mtime": st.mtime if st else None,
         "pod": f"{pod['namespace']}/{pod['name']}" if pod.get("name") else None,
         "podUid": pod.get("uid"),
@@ -346,7 +382,12 @@ def resolve_dumps(transport, refs: list[str], *, dump_path: str | None = None,
 # removing
 # ---------------------------------------------------------------------------
 def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list[dict]:
-    """Delete dumps (and their sandbox dir once no dump is left in it)."""
+    """Delete dumps (and their sandbox dir once no dump is left in it).
+
+    Each deletion (and each failed one) is recorded in the audit log (``vmcore.rm``);
+    a dry run records nothing."""
+    from katactl import audit
+
     out = []
     for d in dumps:
         item = {"name": d["name"], "path": d["path"], "size": d.get("size"), "collected": d.get("collected")}
@@ -356,8 +397,15 @@ def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list
         try:
             transport.remove(d["path"])
         except FileNotFoundError:
+            audit.record("vmcore.rm", d["name"], node=transport.node, params={"path": d["path"]}, changed=False)
             out.append({**item, "changed": False})
             continue
+        except Exception as e:
+            from katactl.errors import as_katactl_error
+
+            audit.record("vmcore.rm", d["name"], node=transport.node, params={"path": d["path"]},
+                         result="error", changed=False, error=as_katactl_error(e).message)
+            raise
         sdir = posixpath.dirname(d["path"])
         try:
             rest = [n for n in transport.listdir(sdir) if DUMP_RE.match(n)]
@@ -366,5 +414,7 @@ def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list
                 item["removedDir"] = sdir
         except OSError:
             pass
+        audit.record("vmcore.rm", d["name"], node=transport.node, params={"path": d["path"]}, changed=True,
+                     **({"removedDir": item["removedDir"]} if "removedDir" in item else {}))
         out.append({**item, "changed": True})
     return out
