@@ -77,9 +77,9 @@ _katactl() {
         "katactl balloon get") words=""; valopts="--via"; opts="--via -h --help" ;;
         "katactl balloon set") words=""; valopts="--target -t --reclaim --timeout --tolerance --margin --via"; opts="--target -t --reclaim --release --wait -w --timeout --tolerance --margin --force --dry-run --via -h --help" ;;
         "katactl lab") words="up status down"; valopts=""; opts="-h --help" ;;
-        "katactl lab up") words=""; valopts="--sandboxes -s --hypervisor --root --kernel --memory"; opts="--sandboxes -s --hypervisor --root --kernel --memory -h --help" ;;
+        "katactl lab up") words=""; valopts="--sandboxes -s --hypervisor --root --kernel --memory"; opts="--sandboxes -s --hypervisor --root --kernel --memory --dry-run -h --help" ;;
         "katactl lab status") words=""; valopts="--root"; opts="--root -h --help" ;;
-        "katactl lab down") words=""; valopts="--root"; opts="--root -h --help" ;;
+        "katactl lab down") words=""; valopts="--root"; opts="--root --dry-run -h --help" ;;
         "katactl vmcore") words="list collect trigger rm"; valopts=""; opts="-h --help" ;;
         "katactl vmcore list") words=""; valopts="--dump-path --kata-config"; opts="--dump-path --kata-config -h --help" ;;
         "katactl vmcore collect") words=""; valopts="--to --compress --dump-level --bwlimit --dump-path --kata-config"; opts="--to --compress --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --dump-path --kata-config -h --help" ;;
@@ -90,7 +90,7 @@ _katactl() {
         "katactl upgrade switch") words=""; valopts="--component -c --kata-root --lock-timeout"; opts="--component -c --force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
         "katactl upgrade rollback") words=""; valopts="--kata-root --lock-timeout"; opts="--force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
         "katactl upgrade status") words=""; valopts="--kata-root"; opts="--sandboxes -s --kata-root -h --help" ;;
-        "katactl upgrade gc") words=""; valopts="--kata-root --lock-timeout"; opts="--keep-previous --force --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl upgrade gc") words=""; valopts="--kata-root --lock-timeout"; opts="--keep-previous --no-keep-previous --force --kata-root --lock-timeout --dry-run -h --help" ;;
         "katactl inspect") words="cgroup bvt memcg rdt threads"; valopts=""; opts="-h --help" ;;
         "katactl inspect cgroup") words=""; valopts="--pid"; opts="--pid -h --help" ;;
         "katactl inspect bvt") words=""; valopts=""; opts="-h --help" ;;

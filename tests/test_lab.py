@@ -22,10 +22,63 @@ def test_status_json(lab, cli):
     assert {"qemu-0", "clh-0", "fc-0", "nob"} <= names
 
 
-def test_up_again_is_a_noop(lab, cli):
-    r = cli(["lab", "up", "--root", lab.root, "-o", "json"])
+def test_up_again_is_a_noop_another_spec_is_refused(lab, cli):
+    from katactl.lab import control
+    from tests.conftest_lab import LAB_SPECS
+
+    st = control.up(lab.root, specs=[dict(s) for s in LAB_SPECS])  # the same spec: nothing to do
+    assert st["changed"] is False and st["pid"] == lab.state["pid"]
+    assert control.up(lab.root, specs=[dict(s) for s in LAB_SPECS], dry_run=True)["changed"] is False
+    # the CLI's defaults (2 QEMU sandboxes) are not this lab: refused, not a silent no-op
+    for extra in ([], ["--dry-run"], ["--hypervisor", "qemu", "--sandboxes", "1"]):
+        r = cli(["lab", "up", "--root", lab.root, *extra, "-o", "json"])
+        assert r.exit_code == 5, (extra, r.stdout, r.stderr)
+        assert "another spec" in r.json()["message"] and "lab down" in r.stderr
+    assert lab.refresh()["pid"] == st["pid"] and control._alive(st["pid"])
+
+
+def test_lab_looks_like_a_node_to_every_command(lab, cli):
+    """The host's /proc and /sys/fs/cgroup are linked under the root: pid liveness,
+    threads, cgroup checks and upgrade's process scan all work on the lab."""
+    assert os.readlink(lab.real("/proc")) == "/proc"
+    assert os.readlink(lab.real("/sys/fs/cgroup")) == "/sys/fs/cgroup"
+    assert ("/sys/fs/resctrl" in lab.state["hostViews"]) == os.path.ismount("/sys/fs/resctrl")
+    q = lab.sb("qemu-0")
+    r = cli(lab.args("sandbox", "list", "-o", "json"))
     assert r.exit_code == 0, r.stderr
-    assert r.json()["changed"] is False
+    item = {i["id"]: i for i in r.json()["items"]}[q["id"]]
+    assert item["state"] == "running" and "not checked" not in (item.get("reason") or "")
+    r = cli(lab.args("inspect", "threads", lab.pod("qemu-0"), "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    main = [t for t in r.json()["items"] if t["role"] == "main"]
+    assert [t["tid"] for t in main] == [q["qemuPid"]]
+    for args in (["inspect", "bvt"], ["inspect", "memcg"]):
+        r = cli(lab.args(*args, "-o", "json"))
+        assert r.exit_code == 0, (args, r.stderr)
+    r = cli(lab.args("audit", "-o", "json"))
+    assert r.exit_code in (0, 8), r.stderr  # it ran: clean, or found problems on this host
+    r = cli(lab.args("upgrade", "gc", "--dry-run", "-o", "json"))
+    assert r.exit_code == 0, r.stderr  # /proc is visible: not refused
+
+
+def test_shim_volume_on_the_lab(lab, cli):
+    import base64
+
+    sb = lab.sb("clh-0")
+    (vol,) = sb["volumes"]
+    d = lab.real("/run/kata-containers/shared/direct-volumes/" + base64.urlsafe_b64encode(vol.encode()).decode())
+    assert json.load(open(os.path.join(d, "mountInfo.json")))["volume-type"] == "block"
+    assert os.path.exists(os.path.join(d, sb["id"]))
+    r = cli(lab.args("shim", "volume", "stats", lab.pod("clh-0"), vol, "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    before = r.json()
+    r = cli(lab.args("shim", "volume", "resize", lab.pod("clh-0"), vol, "2Gi", "--yes", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is True
+    r = cli(lab.args("shim", "volume", "stats", lab.pod("clh-0"), vol, "-o", "json"))
+    assert r.exit_code == 0 and r.json() != before
+    r = cli(lab.args("shim", "volume", "stats", lab.pod("clh-0"), "/mnt/no-such-volume"))
+    assert r.exit_code != 0 and "Traceback" not in r.stderr
 
 
 def test_sandbox_list_sees_the_lab(lab, cli):
@@ -129,27 +182,72 @@ def test_guest_panic_runs_the_runtime_handler(lab):
 
 
 # -- a small lab of our own: up/down leave nothing behind; bad input ----------------
-def test_up_down_leaves_nothing(cli):
+def audit_actions(home) -> list[str]:
+    p = home / "state" / "katactl" / "audit.log"
+    return [json.loads(x)["action"] for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_remove_tree_unlinks_host_views_never_follows_links(tmp_path):
+    """lab down must not delete through the links to /proc and /sys/fs/cgroup (nor any other)."""
+    from katactl.lab import layout
+    from katactl.lab.daemon import LAB_DIR, remove_tree
+
+    outside = tmp_path / "outside"
+    (outside / "cgroup" / "kids").mkdir(parents=True)
+    (outside / "precious").write_text("x")
+    root = tmp_path / "lab"
+    (root / LAB_DIR).mkdir(parents=True)
+    assert layout.link_host_views(str(root))[:2] == ["/proc", "/sys/fs/cgroup"]
+    layout.unlink_host_views(str(root))
+    (root / "sys/fs").mkdir(parents=True, exist_ok=True)
+    os.symlink(outside / "cgroup", root / "sys/fs/cgroup")  # stand-ins for the host's trees
+    os.symlink(outside, root / "proc")
+    (root / "run").mkdir()
+    os.symlink(outside / "precious", root / "run" / "link")
+    os.symlink(outside / "cgroup", root / "run" / "dirlink")
+    remove_tree(str(root))
+    assert not os.path.lexists(root)
+    assert (outside / "precious").read_text() == "x" and (outside / "cgroup" / "kids").is_dir()
+
+
+def test_up_down_leaves_nothing(cli, _isolated_home):
     import tempfile
 
     root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
-    r = cli(["lab", "up", "--root", root, "--hypervisor", "fc", "--sandboxes", "2", "-o", "json"])
+    up = ["lab", "up", "--root", root, "--hypervisor", "fc", "--sandboxes", "2", "-o", "json"]
+    r = cli([*up, "--dry-run"])
     assert r.exit_code == 0, r.stderr
     j = r.json()
-    assert j["changed"] is True and len(j["sandboxes"]) == 2
+    assert j["dryRun"] is True and j["changed"] is True and j["status"] == "planned"
+    assert [s["hypervisor"] for s in j["sandboxes"]] == ["fc", "fc"]
+    assert os.listdir(root) == [] and audit_actions(_isolated_home) == []
+    r = cli(up)
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["changed"] is True and j["dryRun"] is False and len(j["sandboxes"]) == 2
     pid = j["pid"]
+    assert audit_actions(_isolated_home) == ["lab.up"]
     r = cli(["--host-root", root, "balloon", "set", j["sandboxes"][0]["id"][:10], "--reclaim", "128Mi",
              "--wait", "-o", "json"])
     assert r.exit_code == 0, r.stderr
+    assert cli(up).json()["changed"] is False  # same spec again: a no-op, not audited
+    r = cli(["lab", "down", "--root", root, "--dry-run", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["dryRun"] is True and j["changed"] is True and j["removed"] == [root]
+    assert [s["pid"] for s in j["stopped"]] == [pid]
+    from katactl.lab.control import _alive
+
+    assert _alive(pid) and os.path.isdir(os.path.join(root, ".katactl-lab"))
     r = cli(["lab", "down", "--root", root, "-o", "json"])
     assert r.exit_code == 0, r.stderr
     assert r.json()["changed"] is True
     assert not os.path.exists(root)
-    from katactl.lab.control import _alive
-
     assert not _alive(pid)
+    assert audit_actions(_isolated_home) == ["lab.up", "balloon.set", "lab.down"]
     r = cli(["lab", "down", "--root", root, "-o", "json"])
     assert r.exit_code == 0 and r.json()["changed"] is False
+    assert audit_actions(_isolated_home)[-1] == "lab.down" and len(audit_actions(_isolated_home)) == 3
     r = cli(["lab", "status", "--root", root])
     assert r.exit_code == 3
 

@@ -22,18 +22,28 @@ def _columns():
             Column("QEMU-PID", "qemuPid", wide=True), Column("ID", "id", wide=True)]
 
 
-def _render(app_ctx, st: dict, *, changed=None) -> None:
+def _render(app_ctx, st: dict, *, changed=None, dry_run=None) -> None:
     from katactl.output import Result
 
     items = st.get("sandboxes") or []
-    summary = (f"lab {st.get('status')} at {st.get('root')} (daemon pid {st.get('pid')}); "
-               f"use: katactl --host-root {st.get('root')} sandbox list")
+    if st.get("status") == "planned":
+        summary = (f"dry run: would start a lab at {st.get('root')} with {len(items)} sandbox(es)"
+                   + (" (after removing a dead lab's leftovers)" if st.get("removesDeadLab") else ""))
+    else:
+        summary = (f"lab {st.get('status')} at {st.get('root')} (daemon pid {st.get('pid')}); "
+                   f"use: katactl --host-root {st.get('root')} sandbox list")
     if app_ctx.out.fmt in ("table", "plain", "wide", "name"):
         finish(app_ctx, Result(kind="LabSandboxList", items=items, columns=_columns(), name_key="id",
-                               summary=summary, changed=changed))
+                               summary=summary, changed=changed, dry_run=dry_run))
         return
-    item = {k: v for k, v in st.items() if k not in ("apiVersion", "kind", "changed")}
-    finish(app_ctx, Result(kind="Lab", item=item, changed=changed, dry_run=False if changed is not None else None))
+    item = {k: v for k, v in st.items() if k not in ("apiVersion", "kind", "changed", "dryRun")}
+    finish(app_ctx, Result(kind="Lab", item=item, changed=changed, dry_run=dry_run))
+
+
+def _audit(action: str, root: str, params: dict, *, changed=None, result: str = "ok", **extra) -> None:
+    from katactl import audit
+
+    audit.record(action, root, params=params, result=result, changed=changed, **extra)
 
 
 @app.command("up")
@@ -44,24 +54,34 @@ def up(ctx: typer.Context,
        root: Optional[str] = typer.Option(None, "--root", metavar="DIR", help=ROOT_HELP),
        kernel: Optional[str] = typer.Option(None, "--kernel", metavar="FILE",
                                             help="Guest kernel (default: the Debian cloud kernel, fetched once)."),
-       memory: str = typer.Option("512Mi", "--memory", metavar="SIZE", help="Memory of each VM.")) -> None:
+       memory: str = typer.Option("512Mi", "--memory", metavar="SIZE", help="Memory of each VM."),
+       dry_run: bool = typer.Option(False, "--dry-run",
+                                    help="Show the sandboxes that would be started; start nothing.")) -> None:
     """Start a lab node: Kata's /run/vc layout, shim sockets, real QEMU micro-VMs.
 
     QEMU sandboxes are real VMs (TCG) with a virtio-balloon and pvpanic; the lab
     daemon holds each qmp.sock as the Kata runtime does, serves each shim
-    management socket (with the katactl extension), and dumps guest memory on
-    a guest panic as the Go runtime does. Cloud Hypervisor and Firecracker
-    sandboxes are protocol-faithful API servers. Re-running is a no-op.
+    management socket (with the katactl extension and a direct volume), and
+    dumps guest memory on a guest panic as the Go runtime does. Cloud
+    Hypervisor and Firecracker sandboxes are protocol-faithful API servers. The
+    host's /proc and /sys/fs/cgroup (and /sys/fs/resctrl when mounted) are
+    linked under the root, so inspect, audit and upgrade see real processes.
+
+    Re-running with the same options is a no-op (changed: false); a lab with
+    other options already running there is refused (exit 5): 'lab down' first.
 
     \b
     Examples:
       katactl lab up
       katactl lab up --sandboxes 3 --hypervisor mixed
+      katactl lab up --dry-run -o json
       katactl --host-root /tmp/katactl-lab sandbox list
       katactl --host-root /tmp/katactl-lab balloon set lab/batch-qemu-0 --target 256Mi --wait
       katactl lab down
     """
-    from katactl.errors import UsageError
+    import os
+
+    from katactl.errors import Refused, UsageError
     from katactl.lab import control
     from katactl.values import parse_size
 
@@ -69,10 +89,27 @@ def up(ctx: typer.Context,
     mem = parse_size(memory, what="--memory")
     if mem % (1 << 20):
         raise UsageError(f"invalid --memory {memory!r}: must be a whole number of MiB")
-    if not app_ctx.out.machine:
+    if dry_run:
+        st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20,
+                        dry_run=True)
+        _render(app_ctx, st, changed=st.pop("changed", None), dry_run=st.pop("dryRun", True))
+        return
+    if not app_ctx.out.machine and not control.is_running(root):
         app_ctx.out.info("starting the lab (the first run downloads a Debian cloud kernel)...")
-    st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20)
-    _render(app_ctx, st, changed=st.pop("changed", None))
+    params = {"sandboxes": sandboxes, "hypervisor": hypervisor, "kernel": kernel, "memoryMiB": mem >> 20}
+    try:
+        st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20)
+    except (UsageError, Refused):
+        raise  # nothing was started or changed
+    except Exception as e:
+        _audit("lab.up", os.path.abspath(root or control.default_root()), params, result=f"error: {e}")
+        raise
+    changed = st.pop("changed", None)
+    if changed:
+        _audit("lab.up", st["root"], params, changed=True, daemonPid=st.get("pid"),
+               qemuPids=[s["qemuPid"] for s in st.get("sandboxes", []) if s.get("qemuPid")],
+               removedDeadLab=st.get("removedDeadLab", False))
+    _render(app_ctx, st, changed=changed, dry_run=st.pop("dryRun", False))
 
 
 @app.command("status")
@@ -96,18 +133,37 @@ def status(ctx: typer.Context,
 
 @app.command("down")
 def down(ctx: typer.Context,
-         root: Optional[str] = typer.Option(None, "--root", metavar="DIR", help=ROOT_HELP)) -> None:
+         root: Optional[str] = typer.Option(None, "--root", metavar="DIR", help=ROOT_HELP),
+         dry_run: bool = typer.Option(False, "--dry-run",
+                                      help="Show the processes that would be stopped and the directory "
+                                           "that would be removed; change nothing.")) -> None:
     """Stop the lab: its VMs and daemon end, and its directory is removed.
+
+    Only a directory carrying the lab's marker (.katactl-lab) is removed; the
+    links to the host's /proc and /sys/fs/cgroup are unlinked, never followed.
+    No lab there: a no-op (changed: false).
 
     \b
     Examples:
       katactl lab down
+      katactl lab down --dry-run
       katactl lab down --root /tmp/mylab
     """
+    import os
+
     from katactl.lab import control
     from katactl.output import Result
 
     app_ctx = state(ctx)
-    r = control.down(root)
-    changed = r.pop("changed")
-    finish(app_ctx, Result(kind="LabDown", item=r, changed=changed, dry_run=False))
+    try:
+        r = control.down(root, dry_run=dry_run)
+    except Exception as e:
+        if not dry_run:
+            _audit("lab.down", os.path.abspath(root or control.default_root()), {}, result=f"error: {e}")
+        raise
+    changed, dry = r.pop("changed"), r.pop("dryRun")
+    if changed and not dry:
+        _audit("lab.down", r["root"], {}, changed=True, stopped=r["stopped"], removed=r["removed"])
+    summary = (f"no lab at {r['root']}: nothing to do" if not changed else
+               f"dry run: would stop {len(r['stopped'])} process(es) and remove {r['root']}" if dry else None)
+    finish(app_ctx, Result(kind="LabDown", item=r, changed=changed, dry_run=dry, summary=summary))

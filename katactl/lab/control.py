@@ -76,10 +76,43 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def is_running(root: str | None = None) -> bool:
+    """Whether a lab daemon runs at root."""
+    st = read_state(os.path.abspath(root or default_root()))
+    return bool(st and _alive(st.get("pid")))
+
+
+def _comparable(specs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "id"} for s in specs]
+
+
+def _read_config(root: str) -> dict:
+    try:
+        with open(_paths(root)["config"]) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _describe(specs: list[dict]) -> str:
+    from collections import Counter
+
+    hvs = Counter(s.get("hypervisor", "qemu") for s in specs)
+    mems = sorted({int(s.get("memory_mib", 512)) for s in specs})
+    return (f"{len(specs)} sandbox(es): " + ", ".join(f"{n} {hv}" for hv, n in sorted(hvs.items()))
+            + ", memory " + "/".join(f"{m}Mi" for m in mems))
+
+
 def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu", kernel: str | None = None,
        memory_mib: int = 512, specs: list[dict] | None = None, timeout: float = 180,
-       die_with_parent: bool = False) -> dict:
-    """Start a lab; return its state (``changed: false`` when one already runs there).
+       die_with_parent: bool = False, dry_run: bool = False) -> dict:
+    """Start a lab; return its state.
+
+    A lab already running there with the same spec (sandboxes, hypervisors, memory,
+    kernel) is left alone: ``changed: false``. One with another spec is refused: a
+    lab is not reshaped in place (``lab down`` first). ``dry_run`` validates
+    everything and returns the plan (``status: planned``, the sandboxes it would
+    start) without creating a file or a process.
 
     ``die_with_parent`` (tests): the lab stops and cleans up when this process dies,
     even by SIGKILL."""
@@ -87,17 +120,24 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
 
     root = os.path.abspath(root or default_root())
     p = _paths(root)
+    specs = [dict(s) for s in specs] if specs is not None else specs_for(sandboxes, hypervisor, memory_mib)
+    kernel = os.path.abspath(kernel) if kernel is not None else None
     st = read_state(root)
     if st and _alive(st.get("pid")):
-        return {**st, "changed": False}
+        cfg = _read_config(root)
+        running = cfg.get("sandboxes") or []
+        if _comparable(running) != _comparable(specs) or cfg.get("kernel") != kernel:
+            what = _describe(running) + (f", kernel {cfg.get('kernel')}" if cfg.get("kernel") else "")
+            want = _describe(specs) + (f", kernel {kernel}" if kernel else "")
+            raise Refused(f"a lab with another spec already runs at {root} ({what}; asked for {want})",
+                          hint=f"katactl lab down --root {root} first, or another --root")
+        return {**st, "changed": False, "dryRun": dry_run}
     if os.path.exists(root) and os.listdir(root) and not os.path.isdir(p["dir"]):
         raise Refused(f"{root} exists and is not empty: the lab needs its own directory",
                       hint="give another --root, or remove that directory")
-    if os.path.isdir(p["dir"]):  # a dead lab's leftovers
-        _cleanup(root)
+    leftovers = os.path.isdir(p["dir"])  # a dead lab's
     if kernel is not None and not os.path.isfile(kernel):
         raise UsageError(f"--kernel {kernel}: no such file")
-    specs = specs if specs is not None else specs_for(sandboxes, hypervisor, memory_mib)
     n = id_length(root)
     if n < 16:
         raise UsageError(f"--root {root} is too long for unix socket paths (sun_path is 108 bytes): "
@@ -109,6 +149,16 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
             if len(sock) > 107:
                 raise UsageError(f"--root {root} is too long for Firecracker's socket path "
                                  f"({len(sock)} bytes; sun_path holds 107): use a shorter directory")
+    if dry_run:
+        return {"apiVersion": "katactl/v1", "kind": "Lab", "root": root, "pid": None, "status": "planned",
+                "kernel": kernel, "removesDeadLab": leftovers,
+                "sandboxes": [{"name": s["name"], "id": s["id"], "hypervisor": s.get("hypervisor", "qemu"),
+                               "status": "planned", "memoryBytes": int(s.get("memory_mib", 512)) << 20,
+                               "pod": f"{s.get('namespace', 'lab')}/{s.get('pod', s['name'])}"}
+                              for s in specs],
+                "changed": True, "dryRun": True}
+    if leftovers:
+        _cleanup(root)
     os.makedirs(p["dir"], mode=0o755, exist_ok=True)
     with open(p["config"], "w") as f:
         json.dump({"root": root, "kernel": kernel, "sandboxes": specs,
@@ -125,7 +175,7 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
     while True:
         st = read_state(root)
         if st and st.get("status") == "ready":
-            return {**st, "changed": True}
+            return {**st, "changed": True, "dryRun": False, "removedDeadLab": leftovers}
         failed = (st and st.get("status") == "failed") or proc.poll() is not None
         if failed or time.monotonic() > deadline:
             err = (st or {}).get("error") or _log_tail(p["log"])
@@ -196,15 +246,32 @@ def _cleanup(root: str) -> None:
     remove_tree(root)
 
 
-def down(root: str | None = None, timeout: float = 30) -> dict:
+def down(root: str | None = None, timeout: float = 30, dry_run: bool = False) -> dict:
+    """Stop the lab at root and remove its directory; return what was (with ``dry_run``:
+    what would be) stopped and removed. No lab there: ``changed: false``."""
     root = os.path.abspath(root or default_root())
     st = read_state(root)
     if st is None and not os.path.isdir(os.path.join(root, LAB_DIR)):
-        return {"root": root, "changed": False, "status": "absent"}
+        return {"root": root, "status": "absent", "stopped": [], "removed": [], "changed": False,
+                "dryRun": dry_run}
     pid = (st or {}).get("pid")
+    stopped = []
+    if pid and _alive(pid):
+        stopped.append({"pid": pid, "what": "lab daemon"})
+    for s in (st or {}).get("sandboxes", []):
+        q = s.get("qemuPid")
+        if q and _alive(q):
+            stopped.append({"pid": q, "what": f"qemu ({s.get('name')})"})
+    result = {"root": root, "status": "removed", "stopped": stopped, "removed": [root],
+              "changed": True, "dryRun": dry_run}
+    if dry_run:
+        result["status"] = (st or {}).get("status") or "unknown"
+        if pid and not _alive(pid):
+            result["status"] = "dead"
+        return result
     if pid and _alive(pid):
         _stop_pid(pid, timeout)
     _cleanup(root)
     if os.path.exists(root):
         raise OperationFailed(f"could not remove {root}")
-    return {"root": root, "changed": True, "status": "removed"}
+    return result

@@ -13,8 +13,14 @@ For each sandbox it:
 - Cloud Hypervisor / Firecracker: serves a protocol-faithful API server on the
   socket the runtime would use;
 - serves the shim management socket (``shim-monitor.sock``): ``/metrics``
-  with real numbers from the VM where it can, ``/agent-url``, and the katactl
-  extension ``/ext/v1/...`` (docs/shim-extension.md).
+  with real numbers from the VM where it can, ``/agent-url``, one direct-assigned
+  volume (``/direct-volume/*`` for ``LAB_VOLUMES/<name>``, registered under
+  ``/run/kata-containers/shared/direct-volumes``), and the katactl extension
+  ``/ext/v1/...`` (docs/shim-extension.md).
+
+The root also links the host's ``/proc``, ``/sys/fs/cgroup`` and (when mounted)
+``/sys/fs/resctrl`` (katactl.lab.layout.link_host_views), so the lab looks like a
+node to every command; removing the tree unlinks them, never follows them.
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ EXT_API = "katactl.io/shim-ext/v1"
 DUMP_PATH = "/var/crash/kata"
 MIB = 1 << 20
 SUN_PATH_MAX = 107
+#: where the lab's direct-assigned volumes are "mounted" on the node (one per sandbox)
+LAB_VOLUMES = "/mnt/lab-volumes"
+LAB_VOLUME_DEVICE = 1 << 30  # a 1 GiB block device with ext4 on it
 
 
 def id_length(root: str) -> int:
@@ -181,7 +190,12 @@ class LabSandbox:
         else:
             self.api = FcServer(sock, self.memory, balloon=bal, vm_id=self.id[:32])
 
+    def volume_path(self) -> str:
+        """The direct-assigned volume the lab gives this sandbox (``shim volume`` tries it)."""
+        return f"{LAB_VOLUMES}/{self.name}"
+
     def start_shim(self) -> None:
+        L.write_direct_volume(self.lab.root, self.volume_path(), sandbox_id=self.id)
         self.shim = make_shim(self)
 
     def _on_event(self, ev: dict) -> None:
@@ -360,6 +374,7 @@ class LabSandbox:
         if self.paths is not None:
             d["shimSocket"] = self.paths.shim_socket_node
             d["apiSocket"] = self.paths.api_socket_node
+            d["volumes"] = [self.volume_path()]
         if self.panic is not None:
             d["panic"] = self.panic
         d["features"] = {k: self.spec.get(k, True) for k in
@@ -381,7 +396,7 @@ def _json_response(status: int, obj) -> "object":
 
 
 def make_shim(sb: "LabSandbox"):
-    from katactl.lab.shimserver import ShimServer, ShimState
+    from katactl.lab.shimserver import ShimServer, ShimState, ext4_statfs_total
 
     class LabShim(ShimServer):
         def metrics_text(self) -> str:
@@ -404,6 +419,10 @@ def make_shim(sb: "LabSandbox"):
     st = ShimState(sandbox_id=sb.id, hypervisor=sb.hv, shim_pid=os.getpid(),
                    hypervisor_pid=sb.proc.pid if sb.proc else os.getpid(), agent_url=url,
                    guest_mem_total=sb.memory, guest_mem_free=sb.memory, guest_mem_available=sb.memory)
+    # one direct-assigned volume (the guest's statfs of an ext4 on a 1 GiB device)
+    total, used, inodes = ext4_statfs_total(LAB_VOLUME_DEVICE), 48 << 20, LAB_VOLUME_DEVICE // 16384
+    st.volumes[sb.volume_path()] = {"total": total, "used": used, "available": total - used,
+                                    "inodes": inodes, "inodes_used": 11, "inodes_free": inodes - 11}
     return LabShim(sb.paths.shim_socket, flavour="go", state=st).start()
 
 
@@ -503,6 +522,7 @@ class Lab:
         self.sandboxes = [LabSandbox(self, s) for s in cfg["sandboxes"]]
         self.status = "starting"
         self.error: str | None = None
+        self.host_views: list[str] = []
         self._state_lock = threading.Lock()
 
     def real(self, node_path: str) -> str:
@@ -516,6 +536,7 @@ class Lab:
                 "kernel": self.assets.kernel if self.assets else None,
                 "kernelVersion": self.assets.kernel_version if self.assets else None,
                 "startedAt": self.cfg.get("startedAt"), "bootSeconds": self.cfg.get("bootSeconds"),
+                "hostViews": self.host_views,
                 "sandboxes": [s.to_dict() for s in self.sandboxes]})
 
     def write_kata_config(self) -> None:
@@ -548,6 +569,9 @@ class Lab:
         from katactl.lab import vm
 
         t0 = time.monotonic()
+        # the host's /proc, /sys/fs/cgroup (and resctrl) under the root, so that inspect,
+        # audit, sandbox list (pid liveness) and upgrade see this machine's processes
+        self.host_views = L.link_host_views(self.root)
         qemus = [s for s in self.sandboxes if s.hv == "qemu"]
         if qemus:
             self.qemu = self.qemu or vm.qemu_binary()
@@ -609,10 +633,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_tree(root: str) -> None:
-    """Remove the lab root (only a tree that carries the lab marker)."""
+    """Remove the lab root (only a tree that carries the lab marker).
+
+    Never follows a symlink: the links to the host's /proc and /sys/fs/cgroup are
+    unlinked first, and shutil.rmtree (fd-based here: ``avoids_symlink_attacks``)
+    unlinks any other link instead of descending into it."""
     import shutil
 
-    if os.path.isdir(os.path.join(root, LAB_DIR)):
+    if os.path.isdir(os.path.join(root, LAB_DIR)) and not os.path.islink(root):
+        L.unlink_host_views(root)
+        if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - not on Linux
+            raise RuntimeError("this platform's shutil.rmtree may follow symlinks; remove "
+                               f"{root} by hand (mind {', '.join(L.HOST_VIEWS)} under it)")
         # QEMU's dump files are 0400: rmtree copes (it unlinks, no write needed)
         shutil.rmtree(root, ignore_errors=True)
 

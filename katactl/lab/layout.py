@@ -11,6 +11,8 @@ trees under a root directory that katactl then reads with ``--host-root``.
   truncates the id there to fit the socket path in sun_path).
 - runtime-rs: ``<root>/run/kata/<id>/state.json`` (``sandbox_type``,
   ``resource``, ``hypervisor{hypervisor_type, pid, api_socket, config ...}``).
+- direct-assigned volumes: ``<root>/run/kata-containers/shared/direct-volumes/
+  <base64url(volume path)>/mountInfo.json`` (``kata-runtime direct-volume add``).
 - the sandbox's OCI bundle with CRI annotations: containerd
   (``/run/containerd/io.containerd.runtime.v2.task/k8s.io/<id>/config.json``)
   or CRI-O (``/run/containers/storage/overlay-containers/<id>/userdata/config.json``).
@@ -449,6 +451,60 @@ def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonbal
                         state_dir_node=d, state_file_node=state_file,
                         shim_socket_node=f"{d}/{SHIM_SOCKET_NAME}", api_socket_node=api,
                         bundle_node=bundle_node, vm_dir_node=d)
+
+
+DIRECT_VOLUMES = "/run/kata-containers/shared/direct-volumes"
+
+
+def write_direct_volume(root: str, volume_path: str, *, sandbox_id: str | None = None,
+                        device: str = "/dev/vdb", fstype: str = "ext4") -> str:
+    """Register a direct-assigned volume as ``kata-runtime direct-volume add`` does:
+    ``DIRECT_VOLUMES/<base64url(volume_path)>/mountInfo.json`` (volume.MountInfo), plus
+    the ``<sandbox-id>`` file the runtime adds once a sandbox uses it. Returns the
+    directory's node path."""
+    import base64
+
+    d = f"{DIRECT_VOLUMES}/{base64.urlsafe_b64encode(volume_path.encode()).decode()}"
+    _write_json(_join(root, f"{d}/mountInfo.json"),
+                {"volume-type": "block", "device": device, "fstype": fstype, "metadata": {}, "options": []})
+    if sandbox_id:
+        with open(_join(root, f"{d}/{sandbox_id}"), "w"):
+            pass
+    return d
+
+
+#: the host's kernel views a lab links into its root, so that every command that reads
+#: processes, cgroups or resctrl through --host-root sees this machine's (as on a node
+#: whose root is mounted at /host with /proc and /sys mounted inside)
+HOST_VIEWS = ("/proc", "/sys/fs/cgroup", "/sys/fs/resctrl")
+
+
+def link_host_views(root: str) -> list[str]:
+    """Symlink the host's ``/proc``, ``/sys/fs/cgroup`` and, when mounted,
+    ``/sys/fs/resctrl`` into ``root``; return the node paths linked.
+
+    Whoever removes ``root`` must not follow these links (see
+    :func:`unlink_host_views`, and :func:`katactl.lab.daemon.remove_tree`)."""
+    made = []
+    for p in HOST_VIEWS:
+        if not os.path.isdir(p) or (p == "/sys/fs/resctrl" and not os.path.ismount(p)):
+            continue  # /sys/fs/resctrl exists (empty) on kernels with RDT until mounted
+        link = _join(root, p)
+        if os.path.islink(link) and os.readlink(link) == p:
+            made.append(p)
+            continue
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(p, link)
+        made.append(p)
+    return made
+
+
+def unlink_host_views(root: str) -> None:
+    """Remove the links :func:`link_host_views` made (the links, never what they point to)."""
+    for p in HOST_VIEWS:
+        link = _join(root, p)
+        if os.path.islink(link):
+            os.unlink(link)
 
 
 def sandbox_id_for(n: int, prefix: str = "") -> str:
