@@ -17,7 +17,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from katactl.errors import ExitCode, KatactlError, UsageError, exit_code_for
+from katactl.errors import ExitCode, Interrupted, KatactlError, UsageError, exit_code_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
-OUTPUT_HELP = "Output format: table, wide, json, yaml, name, jsonl."
+OUTPUT_HELP = "Output format: table, wide, plain, json, yaml, name, jsonl."
 
 
 @app.callback()
@@ -134,6 +134,13 @@ def root(
     if settings.output is not None and settings.output not in FORMATS:
         raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
     ctx.obj = AppContext.create(settings)
+    global _output_format
+    _output_format = settings.output  # errors honour -o from the config file and env too
+
+
+# The resolved -o of this invocation (None until the root callback ran), for main's
+# error report: it runs after Typer has unwound the context that held the settings.
+_output_format: str | None = None
 
 
 # -- global options may follow the subcommand (kubectl habit) ------------------
@@ -217,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         completion_init()
         command.main(args=args, prog_name="katactl")
         return
-    json_errors = _wants_json(args)
+    global _output_format
+    _output_format = None
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
     try:
         args = hoist_global_options(args)
@@ -229,13 +237,45 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(rc if isinstance(rc, int) else 0)
     except SystemExit:
         raise
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # a socket's peer, not our reader: a real error
+            sys.exit(_report(exc, _error_format(args), verbose))
+        _quiet_exit_on_closed_stdout()
     except KeyboardInterrupt:
-        sys.exit(_report(_interrupted(), json_errors, False))
+        sys.exit(_report(Interrupted("interrupted"), _error_format(args), False))
     except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exits
-        sys.exit(_report(exc, json_errors, verbose))
+        try:
+            sys.exit(_report(exc, _error_format(args), verbose))
+        except BrokenPipeError:
+            _quiet_exit_on_closed_stdout()
 
 
-def _report(exc: BaseException, json_errors: bool, verbose: bool) -> int:
+def _error_format(args: list[str]) -> str | None:
+    return _output_format if _output_format is not None else _sniff_output(args)
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader went away (`katactl ... | head -1`)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # in-process runners: a StringIO
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in poller.poll(0))
+
+
+def _quiet_exit_on_closed_stdout() -> None:
+    """The reader of our stdout is gone: that is its choice, not our error. Point
+    stdout at /dev/null so the interpreter's final flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(ExitCode.FAILED)
+
+
+def _report(exc: BaseException, fmt: str | None, verbose: bool) -> int:
     from typer import exceptions as typer_exc
     from typer._click import exceptions as click_exc
 
@@ -270,20 +310,14 @@ def _report(exc: BaseException, json_errors: bool, verbose: bool) -> int:
             traceback.print_exception(exc)
         err = KatactlError(f"unexpected {type(exc).__name__}: {exc}"
                            + ("" if verbose else " (re-run with -v for the traceback)"))
-    if json_errors:
+    if fmt in ("json", "jsonl"):
         from katactl.output import error_object, to_json
 
-        print(to_json(error_object(err.to_dict())))
+        print(to_json(error_object(err.to_dict()), indent=None if fmt == "jsonl" else 2))
     print(f"katactl: error: {_one_line(err.message)}", file=sys.stderr)
     if err.hint:
         print(f"hint: {_one_line(err.hint)}", file=sys.stderr)
     return exit_code_for(err)
-
-
-def _interrupted() -> KatactlError:
-    err = KatactlError("interrupted")
-    err.exit_code, err.code = ExitCode.INTERRUPTED, "Interrupted"
-    return err
 
 
 def _one_line(text: str) -> str:
@@ -291,10 +325,11 @@ def _one_line(text: str) -> str:
     return str(text).replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _wants_json(args: list[str]) -> bool:
+def _sniff_output(args: list[str]) -> str | None:
+    """-o from argv (or KATACTL_OUTPUT) when the settings never resolved (bad flags)."""
     for i, a in enumerate(args):
         if a in ("-o", "--output") and i + 1 < len(args):
-            return args[i + 1] in ("json", "jsonl")
+            return args[i + 1]
         if a.startswith("--output=") or (a.startswith("-o") and len(a) > 2):
-            return a.split("=", 1)[-1].removeprefix("-o") in ("json", "jsonl")
-    return os.environ.get("KATACTL_OUTPUT") in ("json", "jsonl")
+            return a.split("=", 1)[-1].removeprefix("-o")
+    return os.environ.get("KATACTL_OUTPUT")

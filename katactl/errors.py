@@ -79,6 +79,10 @@ class HostKeyError(UnreachableError):
     code = "HostKeyRejected"
 
 
+class Interrupted(KatactlError):
+    exit_code, code = ExitCode.INTERRUPTED, "Interrupted"
+
+
 class ProtocolError(OperationFailed):
     """A peer (shim, hypervisor, API server) answered something we cannot use."""
 

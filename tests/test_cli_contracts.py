@@ -183,7 +183,7 @@ def test_unexpected_exception_is_one_line(cli, monkeypatch):
 def test_os_error_is_one_line_not_unexpected(capsys, exc, code):
     from katactl.cli import _report
 
-    assert _report(exc, True, False) == code
+    assert _report(exc, "json", False) == code
     out, err = capsys.readouterr()
     assert "unexpected" not in err and len(err.splitlines()) == 1 and "/x" in err
     assert json.loads(out)["exitCode"] == code
@@ -194,7 +194,7 @@ def test_error_message_with_newlines_stays_one_line(capsys):
     from katactl.errors import OperationFailed
 
     # a shim's answer echoing a value with a newline in it
-    _report(OperationFailed("volume /a\nb not found", hint="try\nagain"), False, False)
+    _report(OperationFailed("volume /a\nb not found", hint="try\nagain"), None, False)
     err = capsys.readouterr().err
     assert err.splitlines() == ["katactl: error: volume /a\\nb not found", "hint: try\\nagain"]
 
@@ -255,3 +255,32 @@ def test_outcome_exit_code(failures, succeeded, code):
     from katactl.errors import outcome_exit_code
 
     assert outcome_exit_code(failures, succeeded) == code
+
+
+def test_error_object_follows_output_from_the_config_file(cli, _isolated_home, tmp_path):
+    cfg = _isolated_home / "config" / "katactl" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('output = "json"\n')
+    r = cli(["--host-root", str(tmp_path), "sandbox", "inspect", "nope"])
+    assert r.exit_code == 3
+    d = json.loads(r.stdout)
+    assert d["kind"] == "Error" and d["exitCode"] == 3
+
+
+def test_jsonl_error_object_is_one_line(cli, tmp_path):
+    r = cli(["--host-root", str(tmp_path), "-o", "jsonl", "sandbox", "inspect", "nope"])
+    assert r.exit_code == 3
+    [line] = r.stdout.splitlines()
+    assert json.loads(line)["code"] == "NotFound"
+
+
+def test_closed_stdout_pipe_is_no_traceback(tmp_path):
+    """`katactl ... | head -c 1`: the reader leaves early; katactl must go quietly."""
+    from katactl.lab import layout
+
+    layout.write_many(str(tmp_path), 300)  # well over a pipe buffer of JSON
+    p = subprocess.run(
+        ["bash", "-c", 'set -o pipefail; "$0" -m katactl --host-root "$1" -o json sandbox list --no-check | head -c 1',
+         sys.executable, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.stdout == "{"
+    assert "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
