@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import posixpath
 import re
 import time
@@ -623,7 +624,13 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
     fo.raise_if_single_failure()
     found = [(n, fo.values[n]) for n in fo.nodes if n in fo.values]
     if len(found) == 1:
-        return found[0]
+        node, sb = found[0]
+        if sb.id != ref:  # a prefix or pod: a node we could not ask may hold another match
+            for n, e in fo.errors.items():
+                if not isinstance(e, NotFound):
+                    logging.getLogger(__name__).warning(
+                        "%s not searched for %r (%s); using %s:%s", n, ref, e.message, node, sb.id[:12])
+        return node, sb
     if len(found) > 1:
         where = ", ".join(f"{n}:{sb.id[:12]}" for n, sb in found)
         raise Ambiguous(f"{ref!r} matches sandboxes on several nodes: {where}",

@@ -262,3 +262,16 @@ def test_firecracker_socket_uses_the_runtimes_truncated_id(tmp_path):
     [sb] = sandbox.discover(LocalTransport(str(tmp_path)), check=False)
     assert sb.api_socket == f"/run/vc/firecracker/{'f' * 32}/root/run/firecracker.socket"
     assert os.path.isdir(tmp_path / "run/vc/firecracker" / ("f" * 32) / "root/run")
+
+
+def test_prefix_found_while_another_node_is_unreachable_warns(cli, tmp_path, caplog):
+    """A node that could not be asked may hold another match for a prefix: say so."""
+    layout.write_many(str(tmp_path), 1)
+    sid = cli(["--host-root", str(tmp_path), "sandbox", "list", "-o", "json", "--no-check"]).json()["items"][0]["id"]
+    args = ["--host-root", str(tmp_path), "-N", "localhost,127.0.0.1:1", "sandbox", "inspect"]
+    r = cli(args + [sid[:8], "-o", "json"])
+    assert r.exit_code == 0 and r.json()["id"] == sid
+    assert any("127.0.0.1:1 not searched" in m for m in caplog.messages)
+    caplog.clear()
+    r = cli(args + [sid, "-o", "json"])  # a full id cannot be ambiguous: no warning
+    assert r.exit_code == 0 and not caplog.messages
