@@ -87,8 +87,9 @@ def by_node(items):
 
 
 def meta(doc):
-    """A single-node document's metadata: everything but the envelope and the items."""
-    return {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "items")}
+    """A single-node document's metadata: everything but the envelope, the items and
+    the node's name (localhost here, the node's name over SSH)."""
+    return {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "items", "node")}
 
 
 REPORTS = [["inspect", "bvt"], ["inspect", "memcg"], ["inspect", "rdt"], ["inspect", "threads", "batch/batch-0"]]

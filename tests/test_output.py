@@ -117,3 +117,10 @@ def test_empty_sandbox_list_says_so_on_stderr(cli, tmp_path):
     r = cli(["--host-root", str(tmp_path), "sandbox", "list"])
     assert r.exit_code == 0 and r.stdout == ""
     assert "No sandboxes found." in r.stderr
+
+
+def test_name_output_of_one_object_commands(cli, tmp_path):
+    r = cli(["version", "-o", "name"])
+    assert r.exit_code == 0 and r.stdout.strip() and r.stdout.strip() != "-"
+    r = cli(["--host-root", str(tmp_path), "version", "-o", "name"])
+    assert r.exit_code == 0 and r.stdout == "localhost\n"

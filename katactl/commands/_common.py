@@ -77,22 +77,23 @@ def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
     """Like fan_out_list for commands producing one object per node.
 
     On a single node the object is rendered as itself; on many, as a list with
-    a NODE column. Mutating results carry changed/dryRun at top level.
+    a NODE column. Either way each object names its node (`-o name` prints it).
+    Mutating results carry changed/dryRun at top level.
     """
     from katactl.fleet import run_on_nodes
 
     fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
     if not fo.multi:
-        item = dict(fo.values[fo.nodes[0]])
+        item = {"node": fo.nodes[0], **fo.values[fo.nodes[0]]}
         changed, dry = (item.pop("changed", None), item.pop("dryRun", None)) if mutating else (None, None)
-        finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry))
+        finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry, name_key="node"))
         return
     items = fo.items()
     changed = any(i.get("changed") for i in items) if mutating else None
     dry = any(i.get("dryRun") for i in items) if mutating else None
     result = Result(kind=kind + "List", items=items, columns=columns or [], errors=fo.error_items(),
-                    multi_node=True, changed=changed, dry_run=dry)
+                    multi_node=True, changed=changed, dry_run=dry, name_key="node")
     finish(app_ctx, result, fo.exit_code())
 
 

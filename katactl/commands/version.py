@@ -36,7 +36,7 @@ def _client_result():
     from katactl import versions
     from katactl.output import Result
 
-    return Result(kind="Version", item=versions.client_versions())
+    return Result(kind="Version", item=versions.client_versions(), name_key="client")  # -o name: the version
 
 
 def _node_columns():
