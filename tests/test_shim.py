@@ -373,7 +373,9 @@ def test_pprof_disabled_names_enable_pprof(cli, tree, tmp_path):
     r = cli(["--host-root", tree.root, "pprof", "go2222", "heap", "-f", str(out)])
     assert r.exit_code == 3
     assert "enable_pprof" in r.stderr and "Traceback" not in r.stderr
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file
+    r = cli(["--host-root", tree.root, "pprof", "go2222", "heap", "-f", "-"])
+    assert r.exit_code == 3 and r.stdout == ""  # the 404 page never reaches stdout
 
 
 def test_pprof_runtime_rs(cli, tree, tmp_path):

@@ -1,12 +1,13 @@
 """The local NodeTransport: this host, optionally with its root under --host-root."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from katactl.backends.base import FileStat, NodeTransport, RunResult
 from katactl.errors import TimeoutExpired, UnreachableError, UsageError
@@ -178,14 +179,24 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
 def atomic_write_stream(path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
     """atomic_write() from an iterable of chunks (bounded memory); returns the size.
     A failure midway (the iterable's included) removes the temp file."""
+    n = 0
+    with atomic_file(path, mode) as f:
+        for b in chunks:
+            f.write(b)
+            n += len(b)
+    return n
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file object for writers that push (``with atomic_file(p) as f:``):
+    the content appears at ``path`` complete and durable when the block ends, and
+    not at all when it raises (the temp file is removed)."""
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-", suffix=".tmp")
-    n = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            for b in chunks:
-                f.write(b)
-                n += len(b)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -197,4 +208,3 @@ def atomic_write_stream(path: str, chunks: Iterable[bytes], mode: int = 0o644) -
         except FileNotFoundError:
             pass
         raise
-    return n

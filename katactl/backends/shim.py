@@ -68,7 +68,8 @@ class ShimClient:
 
     def call(self, method: str, url: str, *, limit: int = TEXT_LIMIT, timeout: float | None = None,
              sink: IO[bytes] | None = None, **kw) -> tuple[int, bytes]:
-        """(status, body) with the body capped at ``limit`` bytes (or streamed to ``sink``)."""
+        """(status, body) with the body capped at ``limit`` bytes, or, for a 2xx
+        answer, streamed to ``sink`` (then body is empty)."""
         import httpx
 
         from katactl.backends.unixhttp import http_errors
@@ -82,6 +83,8 @@ class ShimClient:
                 raise ProtocolError(f"{self.what}: {url} answered {int(declared)} bytes, "
                                     f"more than the {limit >> 20} MiB limit")
             chunks, n = [], 0
+            if not 200 <= r.status_code < 300:
+                sink = None  # an error page is the answer's reason, never the caller's data
             for chunk in r.iter_raw():
                 n += len(chunk)
                 if sink is not None:
@@ -155,7 +158,8 @@ class ShimClient:
 
     def pprof(self, profile: str, sink: IO[bytes], *, seconds: int | None = None,
               debug: int | None = None) -> int:
-        """Stream /debug/pprof/<profile> into sink; return bytes written."""
+        """Stream /debug/pprof/<profile> into sink (nothing is written unless the
+        shim answers 2xx); return bytes written."""
         if profile not in PPROF_PROFILES:
             raise UsageError(f"unknown pprof profile {profile!r} (choose from {', '.join(PPROF_PROFILES)})")
         if self.flavour != "go":
@@ -168,20 +172,15 @@ class ShimClient:
         url = f"/debug/pprof/{profile}" + ("?" + urllib.parse.urlencode(q) if q else "")
         wait = self.timeout + (seconds or (30 if profile == "profile" else 1 if profile == "trace" else 0))
 
-        # buffer the first bytes so a 404 body never lands in the user's file
-        import io
-
-        buf = io.BytesIO()
-        status, _ = self.call("GET", url, timeout=wait, sink=buf)
-        data = buf.getvalue()
+        counted = _CountingSink(sink)
+        status, body = self.call("GET", url, timeout=wait, sink=counted)
         if status == 404:
             raise NotFound(f"{self.what}: pprof is not enabled on this shim (404 for {url}); set "
                            "enable_pprof = true in the [runtime] section of the Kata configuration, "
                            "or the pod annotation io.katacontainers.config.runtime.enable_pprof=true, "
                            "and start the pod again")
-        self._check(status, data[:300], url)
-        sink.write(data)
-        return len(data)
+        self._check(status, body, url)
+        return counted.n
 
     def capabilities(self) -> dict | None:
         """GET /ext/v1/capabilities (the katactl shim extension); None when not served."""
@@ -194,3 +193,12 @@ class ShimClient:
         except ValueError:
             raise ProtocolError(f"{self.what}: /ext/v1/capabilities did not answer JSON") from None
         return obj if isinstance(obj, dict) else None
+
+
+class _CountingSink:
+    def __init__(self, sink: IO[bytes]):
+        self.sink, self.n = sink, 0
+
+    def write(self, b: bytes) -> int:
+        self.n += len(b)
+        return self.sink.write(b)

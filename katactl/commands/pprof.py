@@ -38,7 +38,7 @@ def pprof(
     import os
 
     from katactl import sandbox
-    from katactl.backends.local import atomic_write
+    from katactl.backends.local import atomic_file
     from katactl.backends.shim import PPROF_PROFILES, ShimClient
     from katactl.errors import UsageError
     from katactl.output import Result
@@ -63,22 +63,21 @@ def pprof(
             raise UsageError(f"-f {file}: is a directory; give a file name")
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.timeout)
-    import io
-
-    buf = io.BytesIO()
-
     def fetch(t, sb):
+        # The profile streams to its destination: stdout, or a temp file renamed into
+        # place only once the shim answered 2xx and the download finished.
         with ShimClient.for_sandbox(t, sb, timeout=timeout) as c:
-            return c.pprof(profile, buf, seconds=seconds)
+            if file == "-":
+                out = app_ctx.out.stdout
+                n = c.pprof(profile, getattr(out, "buffer", out), seconds=seconds)
+                out.flush()
+                return n, None
+            path = os.path.abspath(file or f"{sb.id[:12]}-{profile}.pprof")
+            with atomic_file(path, 0o600) as f:
+                return c.pprof(profile, f, seconds=seconds), path
 
-    node, sb, n = sandbox.on_sandbox(settings, ref, fetch)
-    data = buf.getvalue()
-    if file == "-":
-        out = app_ctx.out.stdout
-        getattr(out, "buffer", out).write(data)
-        out.flush()
+    node, sb, (n, path) = sandbox.on_sandbox(settings, ref, fetch)
+    if path is None:
         return
-    path = os.path.abspath(file or f"{sb.id[:12]}-{profile}.pprof")
-    atomic_write(path, data, 0o600)
     finish(app_ctx, Result(kind="PprofProfile", item={"node": node, "sandbox": sb.id, "profile": profile,
                                                       "file": path, "bytes": n}))
