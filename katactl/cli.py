@@ -64,6 +64,14 @@ class LazyGroup(TyperGroup):
             formatter.write_dl([(n, e.help) for n, e in REGISTRY.items()])
 
     def format_epilog(self, ctx, formatter) -> None:
+        with formatter.section("Examples"):
+            formatter.write_dl([
+                ("katactl lab up", "a Kata-like node with real QEMU micro-VMs, to try everything on"),
+                ("katactl sandbox list", "sandboxes on this node, with pods and state"),
+                ("katactl balloon set NS/POD --target 1Gi --wait", "give a batch VM back memory"),
+                ("katactl -N node-1,node-2 audit -o json", "check the co-location policy on two nodes"),
+                ("katactl vmcore collect --to /srv/crash", "copy guest dumps off the node, verified"),
+            ])
         formatter.write_paragraph()
         formatter.write_text(
             "Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 partial failure, 5 refused by a "
