@@ -52,6 +52,13 @@ def test_lab_looks_like_a_node_to_every_command(lab, cli):
     assert r.exit_code == 0, r.stderr
     main = [t for t in r.json()["items"] if t["role"] == "main"]
     assert [t["tid"] for t in main] == [q["qemuPid"]]
+    # QEMU runs with Kata's "-name sandbox-<id>,debug-threads=on": its vCPU threads are named
+    # "CPU <n>/TCG" (or /KVM), and inspect threads finds them through the lab's view of /proc
+    with open(f"/proc/{q['qemuPid']}/cmdline", "rb") as f:
+        assert f"sandbox-{q['id']},debug-threads=on".encode() in f.read().split(b"\0")
+    assert r.json()["vcpuThreads"] >= 1, r.json()
+    vcpus = [t for t in r.json()["items"] if t["role"] == "vcpu"]
+    assert vcpus and all(t["vcpu"] == 0 for t in vcpus), vcpus
     for args in (["inspect", "bvt"], ["inspect", "memcg"]):
         r = cli(lab.args(*args, "-o", "json"))
         assert r.exit_code == 0, (args, r.stderr)
@@ -259,20 +266,51 @@ def test_up_root_too_long(tmp_path, cli):
     assert not os.path.exists(os.path.join(root, ".katactl-lab", "state.json"))
 
 
-@pytest.mark.parametrize("args,code", [
-    (["--hypervisor", "vmware"], 2), (["--sandboxes", "0"], 2), (["--sandboxes", "99"], 2),
-    (["--memory", "10Zi"], 2), (["--memory", "1Mi"], 2), (["--kernel", "/nonexistent/vmlinuz"], 2),
+@pytest.mark.parametrize("args,code,msg", [
+    (["--hypervisor", "vmware"], 2, "invalid hypervisor"), (["--sandboxes", "0"], 2, "--sandboxes"),
+    (["--sandboxes", "99"], 2, "--sandboxes"), (["--memory", "10Zi"], 2, "--memory"),
+    (["--memory", "1Mi"], 2, "--memory"), (["--kernel", "/nonexistent/vmlinuz"], 2, "no such file"),
+    (["--kernel", "/tmp"], 2, "not a file"), (["--kernel", ""], 2, "invalid --kernel"),
 ])
-def test_up_bad_input(tmp_path, cli, args, code):
+def test_up_bad_input(tmp_path, cli, args, code, msg):
     root = str(tmp_path / "bad")
     r = cli(["lab", "up", "--root", root, *args])
     assert r.exit_code == code, r.stderr
-    assert "Traceback" not in r.stderr
-    assert not os.path.exists(os.path.join(root, ".katactl-lab", "state.json"))
+    # validated before anything is printed: one line, not "starting the lab..." first
+    assert r.stderr.startswith("katactl: error:") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(root)
 
 
-def test_up_refuses_a_non_empty_dir(tmp_path, cli):
-    (tmp_path / "precious").write_text("x")
-    r = cli(["lab", "up", "--root", str(tmp_path), "--hypervisor", "clh", "--sandboxes", "1"])
-    assert r.exit_code == 5
-    assert (tmp_path / "precious").read_text() == "x"
+@pytest.mark.parametrize("sub", ["up", "status", "down"])
+@pytest.mark.parametrize("root,msg", [("/etc/passwd", "not a directory"), ("/etc/passwd/lab", "not a directory"),
+                                      ("", "invalid --root ''")])
+def test_bad_root(cli, sub, root, msg, _isolated_home):
+    """A file, a path under a file, or '' (never the default lab: 'lab down --root ""' must not
+    stop it): exit 2 with one line, nothing created, nothing stopped, nothing audited."""
+    from katactl.lab import control
+
+    default = control.default_root()
+    had_default = os.path.exists(default)
+    r = cli(["lab", sub, "--root", root])
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert r.stderr.startswith("katactl: error:") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert msg in r.stderr
+    assert os.path.exists(default) == had_default and audit_actions(_isolated_home) == []
+    r = cli(["lab", sub, "--root", root, "-o", "json"])
+    assert r.exit_code == 2 and r.json()["kind"] == "Error" and r.json()["exitCode"] == 2
+
+
+def test_up_refuses_a_non_empty_dir(cli):
+    import pathlib
+    import shutil
+    import tempfile
+
+    d = pathlib.Path(tempfile.mkdtemp(prefix="kl-", dir="/tmp"))  # short: a long root is a usage error first
+    try:
+        (d / "precious").write_text("x")
+        r = cli(["lab", "up", "--root", str(d), "--hypervisor", "clh", "--sandboxes", "1"])
+        assert r.exit_code == 5, r.stderr
+        assert (d / "precious").read_text() == "x" and os.listdir(d) == ["precious"]
+    finally:
+        shutil.rmtree(d)

@@ -79,8 +79,6 @@ def up(ctx: typer.Context,
       katactl --host-root /tmp/katactl-lab balloon set lab/batch-qemu-0 --target 256Mi --wait
       katactl lab down
     """
-    import os
-
     from katactl.errors import Refused, UsageError
     from katactl.lab import control
     from katactl.values import parse_size
@@ -89,6 +87,9 @@ def up(ctx: typer.Context,
     mem = parse_size(memory, what="--memory")
     if mem % (1 << 20):
         raise UsageError(f"invalid --memory {memory!r}: must be a whole number of MiB")
+    # every input checked before a word is printed or a file touched
+    root, _, _ = control.plan(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel,
+                              memory_mib=mem >> 20)
     if dry_run:
         st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20,
                         dry_run=True)
@@ -102,7 +103,7 @@ def up(ctx: typer.Context,
     except (UsageError, Refused):
         raise  # nothing was started or changed
     except Exception as e:
-        _audit("lab.up", os.path.abspath(root or control.default_root()), params, result=f"error: {e}")
+        _audit("lab.up", root, params, result=f"error: {e}")
         raise
     changed = st.pop("changed", None)
     if changed:
@@ -125,7 +126,7 @@ def status(ctx: typer.Context,
     from katactl.lab import control
 
     app_ctx = state(ctx)
-    st = control.status(root)
+    st = control.status(control.lab_root(root))
     _render(app_ctx, st)
     if st.get("status") == "dead":
         raise typer.Exit(1)
@@ -149,17 +150,16 @@ def down(ctx: typer.Context,
       katactl lab down --dry-run
       katactl lab down --root /tmp/mylab
     """
-    import os
-
     from katactl.lab import control
     from katactl.output import Result
 
     app_ctx = state(ctx)
+    root = control.lab_root(root)
     try:
         r = control.down(root, dry_run=dry_run)
     except Exception as e:
         if not dry_run:
-            _audit("lab.down", os.path.abspath(root or control.default_root()), {}, result=f"error: {e}")
+            _audit("lab.down", root, {}, result=f"error: {e}")
         raise
     changed, dry = r.pop("changed"), r.pop("dryRun")
     if changed and not dry:

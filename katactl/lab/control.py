@@ -30,6 +30,40 @@ def default_root() -> str:
     return "/tmp/katactl-lab" if os.getuid() == 0 else f"/tmp/katactl-lab-{os.getuid()}"
 
 
+def lab_root(root: str | None = None) -> str:
+    """The lab's root directory, absolute; a usage error (never a silent fallback to the
+    default) for an empty value, a NUL, or a path that is (or lies under) a non-directory."""
+    if root is None:
+        root = default_root()
+    if not isinstance(root, str) or not root.strip():
+        raise UsageError("invalid --root '': give a directory (or omit --root for the default lab)")
+    if "\0" in root:
+        raise UsageError(f"invalid --root {root!r}: contains a NUL byte")
+    root = os.path.abspath(root)
+    p = root
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"invalid --root {root}: " + ("not a directory" if p == root else f"{p} is not a directory"))
+    return root
+
+
+def check_kernel(kernel: str | None) -> str | None:
+    """--kernel as an absolute path to a regular file (None: the default kernel)."""
+    if kernel is None:
+        return None
+    if not kernel.strip() or "\0" in kernel:
+        raise UsageError(f"invalid --kernel {kernel!r}: give a kernel image file")
+    kernel = os.path.abspath(kernel)
+    if os.path.isdir(kernel):
+        raise UsageError(f"--kernel {kernel}: not a file (a directory)")
+    if not os.path.exists(kernel):
+        raise UsageError(f"--kernel {kernel}: no such file")
+    if not os.path.isfile(kernel):
+        raise UsageError(f"--kernel {kernel}: not a regular file")
+    return kernel
+
+
 def specs_for(count: int, hypervisor: str, memory_mib: int = 512) -> list[dict]:
     if hypervisor not in HYPERVISORS:
         raise UsageError(f"invalid hypervisor {hypervisor!r} (choose from {', '.join(HYPERVISORS)})")
@@ -78,7 +112,7 @@ def _alive(pid: int | None) -> bool:
 
 def is_running(root: str | None = None) -> bool:
     """Whether a lab daemon runs at root."""
-    st = read_state(os.path.abspath(root or default_root()))
+    st = read_state(lab_root(root))
     return bool(st and _alive(st.get("pid")))
 
 
@@ -103,6 +137,29 @@ def _describe(specs: list[dict]) -> str:
             + ", memory " + "/".join(f"{m}Mi" for m in mems))
 
 
+def plan(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu", kernel: str | None = None,
+         memory_mib: int = 512, specs: list[dict] | None = None) -> tuple[str, list[dict], str | None]:
+    """Validate every input of :func:`up` (no file, no process touched): (root, specs with
+    their ids, kernel), or a UsageError."""
+    from katactl.lab.daemon import id_length, sandbox_id
+
+    root = lab_root(root)
+    specs = [dict(s) for s in specs] if specs is not None else specs_for(sandboxes, hypervisor, memory_mib)
+    kernel = check_kernel(kernel)
+    n = id_length(root)
+    if n < 16:
+        raise UsageError(f"--root {root} is too long for unix socket paths (sun_path is 108 bytes): "
+                         "use a shorter directory")
+    for s in specs:
+        s.setdefault("id", sandbox_id(s["name"] + ":" + root, n))
+        if s.get("hypervisor") == "fc":
+            sock = f"{root}/run/vc/firecracker/{s['id'][:32]}/root/run/firecracker.socket"
+            if len(sock) > 107:
+                raise UsageError(f"--root {root} is too long for Firecracker's socket path "
+                                 f"({len(sock)} bytes; sun_path holds 107): use a shorter directory")
+    return root, specs, kernel
+
+
 def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu", kernel: str | None = None,
        memory_mib: int = 512, specs: list[dict] | None = None, timeout: float = 180,
        die_with_parent: bool = False, dry_run: bool = False) -> dict:
@@ -116,12 +173,9 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
 
     ``die_with_parent`` (tests): the lab stops and cleans up when this process dies,
     even by SIGKILL."""
-    from katactl.lab.daemon import id_length, sandbox_id
-
-    root = os.path.abspath(root or default_root())
+    root, specs, kernel = plan(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel,
+                               memory_mib=memory_mib, specs=specs)
     p = _paths(root)
-    specs = [dict(s) for s in specs] if specs is not None else specs_for(sandboxes, hypervisor, memory_mib)
-    kernel = os.path.abspath(kernel) if kernel is not None else None
     st = read_state(root)
     if st and _alive(st.get("pid")):
         cfg = _read_config(root)
@@ -136,19 +190,6 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
         raise Refused(f"{root} exists and is not empty: the lab needs its own directory",
                       hint="give another --root, or remove that directory")
     leftovers = os.path.isdir(p["dir"])  # a dead lab's
-    if kernel is not None and not os.path.isfile(kernel):
-        raise UsageError(f"--kernel {kernel}: no such file")
-    n = id_length(root)
-    if n < 16:
-        raise UsageError(f"--root {root} is too long for unix socket paths (sun_path is 108 bytes): "
-                         "use a shorter directory")
-    for s in specs:
-        s.setdefault("id", sandbox_id(s["name"] + ":" + root, n))
-        if s.get("hypervisor") == "fc":
-            sock = f"{root}/run/vc/firecracker/{s['id'][:32]}/root/run/firecracker.socket"
-            if len(sock) > 107:
-                raise UsageError(f"--root {root} is too long for Firecracker's socket path "
-                                 f"({len(sock)} bytes; sun_path holds 107): use a shorter directory")
     if dry_run:
         return {"apiVersion": "katactl/v1", "kind": "Lab", "root": root, "pid": None, "status": "planned",
                 "kernel": kernel, "removesDeadLab": leftovers,
@@ -198,7 +239,7 @@ def _log_tail(path: str) -> str:
 
 
 def status(root: str | None = None) -> dict:
-    root = os.path.abspath(root or default_root())
+    root = lab_root(root)
     st = read_state(root)
     if st is None:
         raise NotFound(f"no lab at {root}", hint="start one with 'katactl lab up'")
@@ -249,7 +290,7 @@ def _cleanup(root: str) -> None:
 def down(root: str | None = None, timeout: float = 30, dry_run: bool = False) -> dict:
     """Stop the lab at root and remove its directory; return what was (with ``dry_run``:
     what would be) stopped and removed. No lab there: ``changed: false``."""
-    root = os.path.abspath(root or default_root())
+    root = lab_root(root)
     st = read_state(root)
     if st is None and not os.path.isdir(os.path.join(root, LAB_DIR)):
         return {"root": root, "status": "absent", "stopped": [], "removed": [], "changed": False,

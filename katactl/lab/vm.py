@@ -8,7 +8,8 @@
 - a busybox initramfs written here in the cpio "newc" format: its init loads
   the modules, sets ``kernel.unknown_nmi_panic=1`` (so QMP ``inject-nmi``
   panics the guest) and idles;
-- the QEMU argv Kata uses for these features: ``virtio-balloon-pci`` as
+- the QEMU argv Kata uses for these features: ``-name sandbox-<id>,debug-threads=on``
+  (named vCPU threads), ``virtio-balloon-pci`` as
   ``balloon0`` with deflate-on-oom and free-page-reporting, ``pvpanic`` with
   ``-no-shutdown``, ``qmp.sock`` plus ``extra-monitor.sock``, TCG.
 """
@@ -248,7 +249,7 @@ def prepare_assets(workdir: str, kernel: str | None = None, modules_dir: str | N
     """Kernel (fetched or given) + a fresh initramfs in workdir."""
     if kernel:
         if not os.path.isfile(kernel):
-            raise OperationFailed(f"--kernel {kernel}: no such file")
+            raise OperationFailed(f"--kernel {kernel}: " + ("not a file" if os.path.exists(kernel) else "no such file"))
         kver = os.path.basename(kernel)
     else:
         kernel, modules_dir = fetch_kernel()
@@ -266,7 +267,8 @@ def qemu_argv(assets: GuestAssets, vm_dir: str, *, name: str, memory_mib: int = 
     """The QEMU command line of one lab micro-VM (sockets and logs in vm_dir)."""
     qemu = qemu or qemu_binary() or "qemu-system-x86_64"
     argv = [
-        qemu, "-name", f"sandbox-{name}", "-uuid", _uuid_for(name),
+        # as Kata's Go runtime: debug-threads=on names the vCPU threads "CPU <n>/TCG" (or /KVM)
+        qemu, "-name", f"sandbox-{name},debug-threads=on", "-uuid", _uuid_for(name),
         "-machine", "pc", "-accel", "tcg", "-cpu", "qemu64",
         "-m", f"{memory_mib}M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-vga", "none", "-net", "none",
