@@ -198,6 +198,9 @@ def test_go_timestamp_matches_go_format():
 
     assert panic.vmcore_name(t + 0.5) == "vmcore-20240102030405.5.elf"
     assert panic.vmcore_name(t) == "vmcore-20240102030405.elf"
+    # one naming for every dump katactl or the lab writes: kdump formats are .kdump
+    assert vmcore.dump_name("kdump-zlib", t, tz=utc) == "vmcore-20240102030405.kdump"
+    assert panic.vmcore_name(t, fmt="kdump-zlib") == vmcore.dump_name("kdump-zlib", t, tz=utc)
 
 
 def _set_zone(root, zone):
@@ -441,13 +444,25 @@ def test_collect_library_keep_going(tmp_path):
     (["--dump-path", "relative/dir"], "must be an absolute path"),
     (["--kata-config", "etc/kata.toml"], "must be an absolute path"),
     (["--kata-config", ""], "must be an absolute path"),
+    (["--dump-path", ""], "must be an absolute path"),
     (["--makedumpfile", "--compress", "gzip"], "makedumpfile"),
+    # --to is checked before any node is asked (the last --to wins)
+    (["--to", "/etc/passwd"], "not a directory"),
+    (["--to", "/etc/passwd/crash"], "/etc/passwd is not a directory"),
+    (["--to", "/proc/sys"], "under /proc or /sys"),
+    (["--to", "/sys/kernel/new-dir"], "under /proc or /sys"),
+    (["--to", ""], "--to must name a directory"),
+    (["--to", "  "], "--to must name a directory"),
+    (["--to", "a\0b"], "NUL"),
 ])
-def test_collect_bad_values(cli, tree, tmp_path, args, msg):
-    r = cli(["--host-root", tree, "vmcore", "collect", "--to", str(tmp_path / "o"), *args])
+@pytest.mark.parametrize("with_dumps", [True, False])
+def test_collect_bad_values(cli, tree, tmp_path, args, msg, with_dumps, _isolated_home):
+    root = tree if with_dumps else node_tree(tmp_path / "empty")
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), *args])
     assert r.exit_code == 2, (r.exit_code, r.stderr)
     assert msg in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o").exists()
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists() and _audit_entries(_isolated_home) == []
 
 
 def test_collect_needs_to(cli, tree):
@@ -493,10 +508,30 @@ def test_rm_keeps_dir_with_other_dumps(cli, tree):
     assert os.listdir(d) and os.path.exists(os.path.join(d, "vmcore-20240102030406.5.elf"))
 
 
-@pytest.mark.parametrize("ref", ["", "a\0b", "x" * 5000])
-def test_rm_bad_refs(cli, tree, ref):
-    r = cli(["--host-root", tree, "vmcore", "rm", ref, "--yes"])
-    assert r.exit_code == 2 and "Traceback" not in r.stderr
+@pytest.mark.parametrize("ref", ["", "a\0b", "x" * 5000, "..", "../../etc/passwd", "../../etc", "/etc/passwd",
+                                 "a\nb", f"{DUMP_PATH}/../{SID}/vmcore-{TS}.elf", f"../vmcore-{TS}.elf",
+                                 f"/x/vmcore-{TS}.elf", f"{DUMP_PATH}/{SID}/core", "a/b/c"])
+@pytest.mark.parametrize("cmd", [["rm", "--yes"], ["collect", "--to", "@OUT@"]])
+def test_rm_collect_bad_refs(cli, tree, tmp_path, ref, cmd, _isolated_home):
+    """A malformed reference is a usage error before any node is asked, never "nothing to
+    delete" (exit 0) nor "not found" (exit 3)."""
+    d = os.path.join(tree, DUMP_PATH.lstrip("/"), SID)
+    before = sorted(os.listdir(d))
+    r = cli(["--host-root", tree, "vmcore", cmd[0], ref, *[str(tmp_path / "o") if a == "@OUT@" else a
+                                                           for a in cmd[1:]]])
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert sorted(os.listdir(d)) == before and not (tmp_path / "o").exists()
+    assert _audit_entries(_isolated_home) == []
+
+
+@pytest.mark.parametrize("args", [["list"], ["rm", SID[:8], "--yes"], ["collect", "--to", "@OUT@"]])
+def test_empty_dump_path_is_a_usage_error(cli, tree, tmp_path, args):
+    """--dump-path '' is not "the default" (as --kata-config '' is not)."""
+    args = [str(tmp_path / "o") if a == "@OUT@" else a for a in args]
+    r = cli(["--host-root", tree, "vmcore", *args, "--dump-path", ""])
+    assert r.exit_code == 2 and "--dump-path" in r.stderr and "absolute" in r.stderr, r.stderr
+    assert os.path.exists(os.path.join(tree, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
 
 
 def test_dump_path_from_sandbox_state_when_no_config(cli, tmp_path):
@@ -572,6 +607,7 @@ def test_trigger_help_says_sandbox_forms_and_not_idempotent(cli):
     ([SID[:6], "--wait-timeout", "soon"], "--wait-timeout"),
     ([SID[:6], "--wait-timeout", "-5s"], "--wait-timeout"),
     ([SID[:6], "--dump-path", "var/crash"], "must be an absolute path"),
+    ([SID[:6], "--dump-path", ""], "must be an absolute path"),
     ([SID[:6], "--kata-config", "kata.toml"], "must be an absolute path"),
 ])
 def test_trigger_bad_input(cli, tree, args, msg, _isolated_home):

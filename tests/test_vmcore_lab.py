@@ -108,6 +108,20 @@ def test_trigger_healthy_guest_via_shim_extension(cli, lab):
     assert r.exit_code == 0, r.stderr
 
 
+def test_trigger_kdump_via_shim_extension_is_named_like_katactls(cli, lab):
+    """The lab's shim extension names a kdump-zlib dump .kdump, as katactl's own trigger does."""
+    r = cli(lab.args("vmcore", "trigger", lab.pod("qemu-0"), "--format", "kdump-zlib", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["via"] == "shim-extension" and d["path"].endswith(".kdump"), d
+    assert os.path.basename(d["path"]).startswith("vmcore-")
+    with open(lab.real(d["path"]), "rb") as f:
+        assert f.read(12) in (b"makedumpfile", b"KDUMP   \x01\x00\x00\x00")
+    r = cli(lab.args("vmcore", "list", "-o", "json"))
+    assert [i["format"] for i in r.json()["items"] if i["path"] == d["path"]] in (["kdump"], ["kdump-flat"])
+    assert cli(lab.args("vmcore", "rm", d["path"], "--yes")).exit_code == 0
+
+
 def test_trigger_without_extension_uses_extra_monitor(cli, lab):
     r = cli(lab.args("vmcore", "trigger", lab.id("qemu-em"), "--format", "kdump-zlib", "-o", "json"))
     assert r.exit_code == 0, r.stderr

@@ -23,6 +23,16 @@ def _columns():
             Column("HYPERVISOR", "hypervisorVersion", wide=True), Column("COLLECTED", "collected")]
 
 
+def _check_paths(dump_path: Optional[str], kata_config: Optional[str]) -> None:
+    """--dump-path and --kata-config, when given, are absolute ('' is not "the default")."""
+    from katactl import vmcore
+
+    if dump_path is not None:
+        vmcore.check_abs(dump_path, "--dump-path")
+    if kata_config is not None:
+        vmcore.check_abs(kata_config, "--kata-config")
+
+
 @app.command("list")
 def list_cmd(
     ctx: typer.Context,
@@ -45,6 +55,7 @@ def list_cmd(
     from katactl import vmcore
 
     app_ctx = state(ctx)
+    _check_paths(dump_path, kata_config)
     index = vmcore.CollectIndex()
     fan_out_list(app_ctx, lambda t: vmcore.list_dumps(t, dump_path=dump_path, kata_config=kata_config,
                                                       index=index),
@@ -101,9 +112,10 @@ def collect_cmd(
     opts = vmcore.CollectOptions(to=to, compress=compress, makedumpfile=makedumpfile, dump_level=dump_level,
                                  delete_after=delete_after, dry_run=dry_run, bwlimit=bps,
                                  verify_source=verify, progress=progress)
-    opts.validate()
-    if dump_path is not None:
-        vmcore.check_abs(dump_path, "--dump-path")
+    opts.validate()  # --to too: before any node is asked
+    _check_paths(dump_path, kata_config)
+    for ref in refs or []:
+        vmcore.check_ref(ref)
     index = vmcore.CollectIndex()
 
     def one_node(t):
@@ -174,6 +186,7 @@ def trigger_cmd(
     app_ctx = state(ctx)
     if fmt not in vmcore.FORMATS:
         raise UsageError(f"invalid --format {fmt!r} (choose {', '.join(vmcore.FORMATS)})")
+    _check_paths(dump_path, kata_config)
     timeout = parse_duration(wait, what="--wait-timeout") if wait else 3600.0
     settings, ref = sandbox_ref(app_ctx, sandbox)
     out = app_ctx.out
@@ -223,6 +236,9 @@ def rm_cmd(
     from katactl.values import format_size
 
     app_ctx = state(ctx)
+    _check_paths(dump_path, kata_config)
+    for ref in refs:
+        vmcore.check_ref(ref)  # malformed: a usage error before any node is asked
 
     def plan(t):
         try:

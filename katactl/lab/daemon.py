@@ -336,7 +336,7 @@ class LabSandbox:
         d_node = f"{DUMP_PATH}/{self.id}"
         d = self.lab.real(d_node)
         os.makedirs(d, exist_ok=True)
-        name = panic.vmcore_name().replace(".elf", ".elf" if fmt == "elf" else f".{fmt}")
+        name = panic.vmcore_name(fmt=fmt)
         try:
             self.qmp.execute("dump-guest-memory", {"paging": bool(paging), "format": fmt,
                                                    "protocol": f"file:{os.path.join(d, name)}"}, timeout=600)

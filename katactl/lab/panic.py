@@ -36,15 +36,17 @@ class PanicContext:
         return os.path.join(self.root, node_path.lstrip("/"))
 
 
-def vmcore_name(now: float | None = None) -> str:
+def vmcore_name(now: float | None = None, fmt: str = "elf") -> str:
     """The runtime's dump name: ``vmcore-`` + Go's ``Format("20060102150405.999")``
-    (trailing zeros trimmed) + ``.elf``, in the lab node's local time: UTC, as
-    Go's ``time.Local`` is on a node without ``/etc/localtime`` (the lab's)."""
+    (trailing zeros trimmed) + ``.elf`` (``.kdump`` for the kdump formats, as
+    katactl's own triggers name them: :func:`katactl.vmcore.dump_name`), in the lab
+    node's local time: UTC, as Go's ``time.Local`` is on a node without
+    ``/etc/localtime`` (the lab's)."""
     import datetime
 
-    from katactl.vmcore import go_timestamp
+    from katactl.vmcore import dump_name
 
-    return f"vmcore-{go_timestamp(now, tz=datetime.timezone.utc)}.elf"
+    return dump_name(fmt, now, tz=datetime.timezone.utc)
 
 
 def run(ctx: PanicContext) -> dict:

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from katactl.errors import KatactlError, OperationFailed, ProtocolError, Refused, UsageError
-from katactl.vmcore.dumps import (GO_SBS, GO_VM, check_abs, dump_config, go_timestamp, node_zone, read_json,
+from katactl.vmcore.dumps import (GO_SBS, GO_VM, check_abs, dump_config, dump_name, node_zone, read_json,
                                   real_path)
 
 FORMATS = ("elf", "kdump-zlib")
@@ -120,7 +120,7 @@ def runtime_panic_dump(transport, sandbox, qmp_client, dump_path: str, paging: b
     check_abs(dump_path, "dump_path")
     d, persist = prepare_dump_dir(transport, sandbox_id, posixpath.normpath(dump_path))
     check_free_space(transport, d, guest_memory_bytes(persist, qmp_client))
-    path = f"{d}/vmcore-{go_timestamp(tz=node_zone(transport))}.elf"
+    path = f"{d}/{dump_name('elf', tz=node_zone(transport))}"
     qmp_client.execute("dump-guest-memory", {"paging": bool(paging), "protocol": "file:" + real_path(transport, path),
                                              "format": "elf"}, timeout=timeout)
     return path
@@ -165,6 +165,8 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
 
     if opts.format not in FORMATS:
         raise UsageError(f"invalid --format {opts.format!r} (choose {', '.join(FORMATS)})")
+    if opts.dump_path is not None:
+        check_abs(opts.dump_path, "--dump-path")
     sb = ref if isinstance(ref, sbmod.Sandbox) else sbmod.resolve(transport, ref, check=False)
     params = {"format": opts.format, "detach": opts.detach, "paging": opts.paging,
               "dumpPath": opts.dump_path}
@@ -186,16 +188,16 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
 
 def _trigger(transport, sb, opts: TriggerOptions) -> dict:
     sid = sb.id
-    cfg = dump_config(transport, dump_path=opts.dump_path or sb.guest_memory_dump_path or None,
+    cfg = dump_config(transport, dump_path=opts.dump_path if opts.dump_path is not None
+                      else (sb.guest_memory_dump_path or None),
                       kata_config=opts.kata_config)
     persist = sb.raw if (sb.runtime == "go" and isinstance(sb.raw, dict)) else sandbox_persist(transport, sid)
     hv_type = sb.hypervisor or cfg.hypervisor or "qemu"
     paging = cfg.paging if opts.paging is None else opts.paging
     if opts.format != "elf" and paging:
         raise UsageError("kdump formats do not support paging (QEMU refuses it)")
-    ext = ".elf" if opts.format == "elf" else ".kdump"
     d = f"{cfg.dump_path}/{sid}"
-    path = f"{d}/vmcore-{go_timestamp(tz=node_zone(transport))}{ext}"
+    path = f"{d}/{dump_name(opts.format, tz=node_zone(transport))}"
     result = {"sandbox": sid, "pod": sb.pod_ref, "path": path, "format": opts.format, "hypervisor": hv_type,
               "detached": opts.detach}
     mem = (sb.total_memory_mib or 0) << 20 or guest_memory_bytes(persist)

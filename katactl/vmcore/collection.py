@@ -72,12 +72,31 @@ class CollectOptions:
             raise UsageError("--makedumpfile compresses on the node already; use it with --compress none")
         if not 0 <= self.dump_level <= 31:
             raise UsageError(f"invalid --dump-level {self.dump_level} (0-31)")
-        if not self.to or not str(self.to).strip():
-            raise UsageError("--to must name a directory")
+        check_to(self.to)
         if self.bwlimit is not None and self.bwlimit <= 0:
             raise UsageError("--bwlimit must be greater than zero")
         if self.compress == "zstd":
             zstd_backend()  # fail early and clearly
+
+
+def check_to(to) -> str:
+    """--to: a local directory (created when missing). Refused up front, before any node
+    is asked: empty, a NUL, an existing non-directory (or a path under one), or a path
+    under /proc or /sys (kernel interfaces, never a place for dumps)."""
+    if not isinstance(to, str) or not to.strip():
+        raise UsageError("--to must name a directory")
+    if "\0" in to:
+        raise UsageError(f"invalid --to {to!r}: contains a NUL byte")
+    path = os.path.abspath(to)
+    for p in {path, os.path.realpath(path)}:
+        if any(p == top or p.startswith(top + "/") for top in ("/proc", "/sys")):
+            raise UsageError(f"invalid --to {to}: {p} is under /proc or /sys, not a place for dumps")
+    p = path
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"invalid --to {to}: " + ("not a directory" if p == path else f"{p} is not a directory"))
+    return path
 
 
 def _dest_dir(opts: CollectOptions, node: str, sandbox: str) -> str:
@@ -167,14 +186,19 @@ def _collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: 
         return result
     if opts.makedumpfile:
         _probe_makedumpfile(transport)
-    os.makedirs(dest_dir, mode=0o700, exist_ok=True)
-    os.chmod(dest_dir, 0o700)
-    # metadata first (small); the dump last; the manifest after both
-    meta_entries = _copy_metadata(transport, src_dir, dest_dir)
+    meta_entries: dict = {}
+
+    def prepare() -> None:
+        """Once the space check passed, before the dump's bytes: the directory, then the
+        metadata (small); the manifest comes after both."""
+        os.makedirs(dest_dir, mode=0o700, exist_ok=True)
+        os.chmod(dest_dir, 0o700)
+        meta_entries.update(_copy_metadata(transport, src_dir, dest_dir))
+
     if opts.makedumpfile:
-        info = _collect_makedumpfile(transport, dump, final, opts)
+        info = _collect_makedumpfile(transport, dump, final, opts, prepare)
     else:
-        info = _copy_dump(transport, dump, final, opts)
+        info = _copy_dump(transport, dump, final, opts, prepare)
     files = dict(manifest["files"])
     files.update(meta_entries)
     files[stored_name] = {"size": info["size"], "sha256": info["sha256"], "kind": "vmcore",
@@ -256,7 +280,15 @@ def _disk_full(dest: str, done: int, total: int) -> OperationFailed:
         hint="free space (or choose another --to) and run the same collect again to resume")
 
 
-def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
+def _existing_dir(path: str) -> str:
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
+    """Stream one dump into final (via final.partial). ``prepare()`` runs once the space
+    check passed and before anything is written: a refused copy leaves no file behind."""
     src, size, mtime = dump["path"], dump["size"], dump["mtime"]
     part = final + ".partial"
     side = _Sidecar(final)
@@ -270,17 +302,20 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
             resume_src, resume_dst = int(state.get("srcOffset", 0)), int(state.get("dstOffset", 0))
             if os.path.getsize(part) < resume_dst:
                 resume_src = resume_dst = 0
+    if opts.compress == "none":
+        where = _existing_dir(os.path.dirname(final))
+        free = shutil.disk_usage(where).free
+        if free < size - resume_dst:
+            raise Refused(f"destination {where} has {free} bytes free; the dump needs "
+                          f"{size - resume_dst} more", hint="free space, choose another --to, or use --compress")
+    if prepare is not None:
+        prepare()
     if resume_src == 0:
         try:
             os.unlink(part)
         except FileNotFoundError:
             pass
     side.save({"source": ident, "srcOffset": resume_src, "dstOffset": resume_dst})
-    if opts.compress == "none":
-        free = shutil.disk_usage(os.path.dirname(final)).free
-        if free < size - resume_dst:
-            raise Refused(f"destination {os.path.dirname(final)} has {free} bytes free; the dump needs "
-                          f"{size - resume_dst} more", hint="free space, choose another --to, or use --compress")
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.fchmod(fd, 0o600)
@@ -437,7 +472,7 @@ def _probe_makedumpfile(transport) -> None:
                               hint="apt-get install makedumpfile on the node, or collect without --makedumpfile")
 
 
-def _collect_makedumpfile(transport, dump: dict, final: str, opts: CollectOptions) -> dict:
+def _collect_makedumpfile(transport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
     """Filter+compress on the node with makedumpfile -c -d LEVEL, then stream the result."""
     src = dump["path"]
     tmp = f"{posixpath.dirname(src)}/.katactl-{os.path.basename(final)}.tmp"
@@ -456,7 +491,7 @@ def _collect_makedumpfile(transport, dump: dict, final: str, opts: CollectOption
                                   hint="the dump needs VMCOREINFO (QEMU -device vmcoreinfo) for filtering")
         st = transport.stat(tmp)
         filtered = dict(dump, path=tmp, size=st.size, mtime=st.mtime)
-        info = _copy_dump(transport, filtered, final, dataclasses.replace(opts, compress="none"))
+        info = _copy_dump(transport, filtered, final, dataclasses.replace(opts, compress="none"), prepare)
         info["source_sha256"] = None
         return info
     finally:

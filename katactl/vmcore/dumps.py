@@ -49,7 +49,7 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
 
     if kata_config is not None:
         check_abs(kata_config, "--kata-config")
-    if dump_path:
+    if dump_path is not None:
         check_abs(dump_path, "--dump-path")
         cfg = None
         try:
@@ -96,6 +96,41 @@ def _dump_paths_from_sandboxes(transport) -> set[str]:
 def check_abs(path: str, what: str) -> None:
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise UsageError(f"invalid {what} {path!r}: must be an absolute path")
+
+
+def check_ref(ref: str) -> str:
+    """A dump or sandbox reference, checked before any node is asked: a node path
+    ``DIR/SANDBOX-ID/vmcore-<time>.elf``, ``SANDBOX-ID/vmcore-<time>.elf``,
+    ``vmcore-<time>.elf``, ``NAMESPACE/POD``, or a sandbox id (prefix). Anything else
+    (``..``, ``/etc/passwd``, control characters) is a UsageError."""
+    from katactl import sandbox as sbmod
+
+    if not isinstance(ref, str) or not ref or "\0" in ref or len(ref) > 4096:
+        raise UsageError(f"invalid dump or sandbox reference {ref!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in ref):
+        raise UsageError(f"invalid dump or sandbox reference {ref!r}: contains a control character")
+    if ref.startswith("/"):
+        check_abs(ref, "dump path")
+        parts = ref.split("/")
+        if posixpath.normpath(ref) != ref or len(parts) < 4 or not DUMP_RE.match(parts[-1]):
+            raise UsageError(f"invalid dump path {ref!r}: expected DIR/SANDBOX-ID/vmcore-<time>.elf")
+        sbmod.validate_id(parts[-2])
+        return ref
+    if DUMP_RE.match(ref):
+        return ref
+    head, _, tail = ref.rpartition("/")
+    if head and DUMP_RE.match(tail) and "/" not in head:
+        sbmod.validate_id(head)
+        return ref
+    if "/" not in ref:
+        sbmod.validate_id(ref, "dump or sandbox reference")
+        return ref
+    try:
+        sbmod.parse_ref(ref)
+    except UsageError:
+        raise UsageError(f"invalid dump or sandbox reference {ref!r}: expected SANDBOX-ID/vmcore-<time>.elf, "
+                         "vmcore-<time>.elf, a sandbox id (prefix), NAMESPACE/POD or a dump's path") from None
+    return ref
 
 
 def node_name(transport) -> str:
@@ -172,6 +207,14 @@ def go_timestamp(t: float | None = None, tz=None) -> str:
         s = datetime.datetime.fromtimestamp(int(t), tz).strftime("%Y%m%d%H%M%S")
     frac = f"{ms:03d}".rstrip("0")
     return s + (f".{frac}" if frac else "")
+
+
+def dump_name(fmt: str = "elf", t: float | None = None, tz=None) -> str:
+    """The file name of a new dump: ``vmcore-<go_timestamp>.elf`` (the runtime's panic
+    dumps, ``--format elf``), or ``.kdump`` for QEMU's kdump formats (kdump-zlib,
+    kdump-lzo, kdump-snappy). katactl's triggers and the lab's shim extension both
+    name their dumps with it."""
+    return f"vmcore-{go_timestamp(t, tz=tz)}" + (".elf" if fmt == "elf" else ".kdump")
 
 
 def sniff_format(head: bytes) -> str:
@@ -349,14 +392,14 @@ def resolve_dumps(transport, refs: list[str], *, dump_path: str | None = None,
                   kata_config: str | None = None, index: "CollectIndex | None" = None) -> list[dict]:
     """Dumps named by refs: SANDBOX-ID/vmcore-X.elf, vmcore-X.elf, a sandbox id
     (or unique prefix: all of its dumps), NAMESPACE/POD, or a node path. No refs: all."""
+    for ref in refs:
+        check_ref(ref)
     items = list_dumps(transport, dump_path=dump_path, kata_config=kata_config, index=index)
     if not refs:
         return items
     out: list[dict] = []
     seen: set[str] = set()
     for ref in refs:
-        if not ref or "\0" in ref or len(ref) > 4096:
-            raise UsageError(f"invalid dump or sandbox reference {ref!r}")
         hit = [i for i in items if ref in (i["name"], i["path"], i["file"])]
         if not hit:
             hit = [i for i in items if i["pod"] == ref]
