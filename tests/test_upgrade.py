@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from tests import upgrade_fixtures as fx
+from tests._pty import run_on_pty
 
 A, B, C = "3.1.0", "3.2.0", "3.3.0-rc0"
 
@@ -159,6 +160,8 @@ def test_evil_tarballs_refused_and_nothing_written(cli, node, tmp_path, kind):
 
 @pytest.mark.parametrize("args,code,msg", [
     (["/nonexistent/kata.tar.xz"], 2, "no such file"),
+    ([""], 2, "empty SOURCE"),                      # not "the current directory"
+    (["  "], 2, "empty SOURCE"),
     (["@TEXT@"], 2, "not a tar archive"),
     (["@NOVERSION@"], 2, "--as VERSION"),
     (["@XZ@", "--as", "../x"], 2, "invalid --as"),
@@ -389,6 +392,25 @@ def test_gc_removes_unused_keeps_current_and_agent(cli, staged):
     assert J(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]
 
 
+@pytest.mark.parametrize("with_proc", [True, False])
+@pytest.mark.parametrize("args", [["gc", "--dry-run"], ["gc", "--yes"], ["gc"], ["switch", "9.9.9"],
+                                  ["rollback"], ["switch", "9.9.9", "--dry-run"]])
+def test_no_releases_dir_creates_nothing(cli, node, with_proc, args, _isolated_home):
+    """A node with no releases directory: gc has nothing to remove (changed: false, even
+    without a readable /proc); switch/rollback find nothing (exit 3). None of them
+    creates releases/.katactl just to take the lock."""
+    if not with_proc:
+        os.rmdir(node / "proc")
+    r = K(cli, node, *args, "-o", "json")
+    if args[0] == "gc":
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        d = r.json()
+        assert d["changed"] is False and d["removed"] == [] and d["dryRun"] is ("--dry-run" in args)
+    else:
+        assert r.exit_code == 3 and r.json()["exitCode"] == 3, (r.stdout, r.stderr)
+    assert not (node / "opt").exists()
+
+
 def test_gc_refuses_without_proc(cli, staged):
     import shutil as sh
 
@@ -434,44 +456,12 @@ def test_gc_removes_at_most_the_confirmed_plan(staged):
 
 
 def test_gc_asks_on_a_tty(staged):
-    import pty
-    import select
-    import time
-
-    def on_pty(argv, answer: bytes):
-        master, slave = pty.openpty()
-        env = dict(os.environ, COLUMNS="120", TERM="xterm")
-        p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-        os.close(slave)
-        buf, sent, deadline = b"", False, time.monotonic() + 120
-        try:
-            while time.monotonic() < deadline:
-                if select.select([master], [], [], 0.1)[0]:
-                    try:
-                        data = os.read(master, 65536)
-                    except OSError:
-                        data = b""
-                    if not data:
-                        break
-                    buf += data
-                    if not sent and b"[y/N]" in buf:
-                        os.write(master, answer)
-                        sent = True
-                elif p.poll() is not None:
-                    break
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            os.close(master)
-        return p.returncode, buf.decode(errors="replace")
-
     J_ = [sys.executable, "-m", "katactl", "--host-root", str(staged), "upgrade"]
     subprocess.run(J_ + ["switch", A, "-o", "json"], check=True, capture_output=True)
-    rc, text = on_pty(J_ + ["gc"], b"n\n")
+    rc, text = run_on_pty(J_ + ["gc"], b"n\n")
     assert rc == 5 and "Delete 2 release(s)" in text and B in text and C in text
     assert rel(staged, B).is_dir() and rel(staged, C).is_dir()
-    rc, text = on_pty(J_ + ["gc"], b"y\n")
+    rc, text = run_on_pty(J_ + ["gc"], b"y\n")
     assert rc == 0, text
     assert not rel(staged, B).exists() and not rel(staged, C).exists() and rel(staged, A).is_dir()
 

@@ -78,8 +78,10 @@ def stage(
       katactl -N @canary upgrade stage kata-static-3.9.0-amd64.tar.zst --dry-run -o json
     """
     from katactl import upgrade
+    from katactl.upgrade.source import check_source_arg
     from katactl.values import parse_size
 
+    check_source_arg(source)
     res_bytes = parse_size(reserve, allow_zero=True, what="--reserve")
     _mutate(ctx, kata_root, lock_timeout, "UpgradeStage", _mut_columns("version"),
             lambda t, layout, **kw: upgrade.stage(t, layout, source, version=as_version, sha256=sha256,

@@ -326,6 +326,12 @@ def switch(t, L: Layout, version: str, component: str = "all", *, dry_run: bool 
     if component not in COMPONENTS:
         raise UsageError(f"invalid --component {component!r} (choose from {', '.join(COMPONENTS)})")
     params = {"version": version, "component": component, "force": force}
+    if not t.is_dir(L.releases):  # nothing staged: say so without creating the lock's directory
+        e = NotFound(f"release {version} is not staged on {t.node} (no {L.releases})",
+                     hint=f"katactl upgrade stage SOURCE --as {version}")
+        if not dry_run:
+            _audit(_action, version, t, params, None, result=f"error: {e}")
+        raise e
     return _locked_audited(
         t, L, _action, params, lambda: _switch_locked(t, L, version, component, dry_run, force, run_binaries,
                                                       _action),
@@ -421,6 +427,12 @@ def _client() -> str:
 
 def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_binaries: bool = True,
              lock_timeout: float = 30.0, on_wait=None) -> dict:
+    if not t.is_dir(L.releases):  # no history without it: say so without creating the lock's directory
+        e = NotFound(f"no switch history on {t.node}: nothing to roll back (no {L.releases})")
+        if not dry_run:
+            _audit("rollback", "-", t, {"force": force}, None, result=f"error: {e}")
+        raise e
+
     def body() -> dict:
         recovered = None if dry_run else _recover(t, L)
         hist = read_history(t, L)
@@ -464,6 +476,7 @@ def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_bi
 def stage(t, L: Layout, source: str, *, version: str | None = None, sha256: str | None = None,
           no_verify: bool = False, reserve: int = DEFAULT_RESERVE, force: bool = False,
           dry_run: bool = False, lock_timeout: float = 30.0, on_wait=None) -> dict:
+    src.check_source_arg(source)
     params = {"source": source, "version": version, "sha256": sha256, "noVerify": no_verify,
               "force": force}
     try:
@@ -703,6 +716,14 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
     (the rollback target). ``only`` (a set of versions: what the user confirmed after a
     dry run) limits the removal to those; a release that became removable since is
     kept and reported, never deleted unconfirmed."""
+    if not t.is_dir(L.releases):
+        # no releases directory: nothing to remove, and nothing to create (not even the lock)
+        res = {"node": t.node, "removed": [], "kept": [], "staleTempDirs": [], "uninspectedProcesses": 0,
+               "recovered": None, "changed": False, "dryRun": dry_run}
+        if not dry_run:
+            _audit("gc", "-", t, {"force": force, "keepPrevious": keep_previous}, False)
+        return res
+
     def body() -> dict:
         recovered = None if dry_run else _recover(t, L)
         st = read_state(t, L)

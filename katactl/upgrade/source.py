@@ -79,6 +79,15 @@ def sniff(path: str) -> str:
     raise UsageError(f"{path}: not a tar archive (.tar, .tar.gz, .tar.xz, .tar.zst) or a directory")
 
 
+def check_source_arg(source) -> str:
+    """The SOURCE argument as given: '' (or blanks) is not "the current directory"."""
+    if not isinstance(source, str) or not source.strip():
+        raise UsageError("empty SOURCE: give a kata-static tarball (.tar.xz, .tar.zst, .tar.gz) or a directory")
+    if "\0" in source:
+        raise UsageError(f"invalid SOURCE {source!r}: contains a NUL byte")
+    return source
+
+
 def check_source(path: str) -> str:
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory")
