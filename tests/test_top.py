@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import pty
-import select
 import subprocess
 import sys
 import threading
@@ -12,6 +10,7 @@ import pytest
 
 from katactl.lab.shimserver import Response, ShimState
 from tests._katanode import node
+from tests._pty import read_some, run_on_pty, start_on_pty
 
 
 @pytest.fixture(scope="module")
@@ -115,27 +114,8 @@ def test_bad_args(cli, tree, args):
 
 
 def test_live_refresh_on_a_tty(tree):
-    master, slave = pty.openpty()
-    env = dict(os.environ, COLUMNS="160", LINES="40", TERM="xterm")
-    p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", tree.root, "top",
-                          "--interval", "0.2s", "--iterations", "3"],
-                         stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    out = b""
-    while True:
-        rl, _, _ = select.select([master], [], [], 30)
-        if not rl:
-            break
-        try:
-            b = os.read(master, 65536)
-        except OSError:
-            break
-        if not b:
-            break
-        out += b
-    rc = p.wait(timeout=30)
-    os.close(master)
-    text = out.decode("utf-8", "replace")
+    rc, text = run_on_pty([sys.executable, "-m", "katactl", "--host-root", tree.root, "top",
+                           "--interval", "0.2s", "--iterations", "3"], COLUMNS="160", LINES="40")
     assert rc == 0, text
     assert text.count("katactl top") >= 2, text   # refreshed in place, more than once
     assert "busy01" in text and "idle02" in text
@@ -173,31 +153,18 @@ def test_ctrl_c_during_a_snapshot_is_exit_130_in_one_line(tree):
 def test_ctrl_c_ends_the_live_view_with_exit_130(tree):
     import signal
 
-    master, slave = pty.openpty()
-    env = dict(os.environ, COLUMNS="160", LINES="40", TERM="xterm")
-    p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", tree.root, "top",
-                          "--interval", "300s"], stdin=slave, stdout=slave, stderr=slave, env=env,
-                         close_fds=True)
-    os.close(slave)
+    p, master = start_on_pty([sys.executable, "-m", "katactl", "--host-root", tree.root, "top",
+                              "--interval", "300s"], COLUMNS="160", LINES="40")
     out = b""
     try:
         while b"katactl top" not in out:  # the first frame is on screen
-            rl, _, _ = select.select([master], [], [], 60)
-            assert rl, out
-            out += os.read(master, 65536)
+            data = read_some(master, 60)
+            assert data, out
+            out += data
         p.send_signal(signal.SIGINT)
         rc = p.wait(timeout=60)
-        while True:
-            rl, _, _ = select.select([master], [], [], 1)
-            if not rl:
-                break
-            try:
-                b = os.read(master, 65536)
-            except OSError:
-                break
-            if not b:
-                break
-            out += b
+        while (data := read_some(master, 1)):
+            out += data
     finally:
         p.kill()
         os.close(master)
