@@ -169,3 +169,21 @@ def format_duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{(s % 3600) // 60}m"
     return f"{s // 86400}d{(s % 86400) // 3600}h"
+
+
+def local_dir(text, *, what: str, empty_hint: str = "give a directory") -> str:
+    """A local directory argument, absolute. It may not exist yet (callers create it),
+    but it may not be, or lie under, something that is not a directory."""
+    import os
+
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"invalid {what} '': {empty_hint}")
+    if "\0" in text:
+        raise UsageError(f"invalid {what} {text!r}: contains a NUL byte")
+    path = os.path.abspath(text)
+    p = path
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"invalid {what} {text}: " + ("not a directory" if p == path else f"{p} is not a directory"))
+    return path

@@ -33,19 +33,10 @@ def default_root() -> str:
 def lab_root(root: str | None = None) -> str:
     """The lab's root directory, absolute; a usage error (never a silent fallback to the
     default) for an empty value, a NUL, or a path that is (or lies under) a non-directory."""
-    if root is None:
-        root = default_root()
-    if not isinstance(root, str) or not root.strip():
-        raise UsageError("invalid --root '': give a directory (or omit --root for the default lab)")
-    if "\0" in root:
-        raise UsageError(f"invalid --root {root!r}: contains a NUL byte")
-    root = os.path.abspath(root)
-    p = root
-    while not os.path.lexists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UsageError(f"invalid --root {root}: " + ("not a directory" if p == root else f"{p} is not a directory"))
-    return root
+    from katactl.values import local_dir
+
+    return local_dir(default_root() if root is None else root, what="--root",
+                     empty_hint="give a directory (or omit --root for the default lab)")
 
 
 def check_kernel(kernel: str | None) -> str | None:

@@ -83,19 +83,12 @@ def check_to(to) -> str:
     """--to: a local directory (created when missing). Refused up front, before any node
     is asked: empty, a NUL, an existing non-directory (or a path under one), or a path
     under /proc or /sys (kernel interfaces, never a place for dumps)."""
-    if not isinstance(to, str) or not to.strip():
-        raise UsageError("--to must name a directory")
-    if "\0" in to:
-        raise UsageError(f"invalid --to {to!r}: contains a NUL byte")
-    path = os.path.abspath(to)
+    from katactl.values import local_dir
+
+    path = local_dir(to, what="--to", empty_hint="--to must name a directory")
     for p in {path, os.path.realpath(path)}:
         if any(p == top or p.startswith(top + "/") for top in ("/proc", "/sys")):
             raise UsageError(f"invalid --to {to}: {p} is under /proc or /sys, not a place for dumps")
-    p = path
-    while not os.path.lexists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UsageError(f"invalid --to {to}: " + ("not a directory" if p == path else f"{p} is not a directory"))
     return path
 
 
