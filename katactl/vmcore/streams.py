@@ -34,7 +34,7 @@ class RateLimit:
     def __call__(self, n: int) -> None:
         if not self.bps:
             return
-        self.n += n
+        self.n = n
         ahead = self.n / self.bps - (time.monotonic() - self.t0)
         if ahead > 0:
             time.sleep(ahead)
