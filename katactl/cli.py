@@ -329,8 +329,11 @@ def _report(exc: BaseException, fmt: str | None, verbose: bool) -> int:
 
 
 def _one_line(text: str) -> str:
-    """Errors are one line even when a peer's answer or an echoed value holds newlines."""
-    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+    """Errors are one line, free of terminal escapes, even when a peer's answer or an
+    echoed value holds newlines or control characters."""
+    from katactl.output import printable
+
+    return printable(str(text))
 
 
 def _sniff_output(args: list[str]) -> str | None:

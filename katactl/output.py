@@ -88,9 +88,18 @@ def _cell(v) -> str:
         return ",".join(_cell(x) for x in v) or "-"
     if isinstance(v, float):
         return f"{v:.1f}"
-    s = str(v)
-    # one record per line, whatever the data holds
-    return s.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ") or "-"
+    return printable(str(v)) or "-"
+
+
+# C0 controls, DEL and C1 controls: a pod annotation or a shim's answer must neither break
+# "one record per line" nor reach the terminal as an escape sequence (colours, titles, ...).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": " "}
+
+
+def printable(s: str) -> str:
+    """s with control characters shown as escapes (\\n, \\r, \\x1b); tabs become spaces."""
+    return _CONTROLS.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), s)
 
 
 def _plural_noun(kind: str) -> str:
@@ -147,19 +156,20 @@ class Output:
         return self.fmt in ("json", "yaml", "jsonl", "name")
 
     # -- messages (stderr) --------------------------------------------------
+    # Messages are one line each and may quote data: printable() keeps both true.
     def info(self, msg: str) -> None:
         if not self.quiet:
-            print(msg, file=self.stderr)
+            print(printable(msg), file=self.stderr)
 
     def warn(self, msg: str) -> None:
-        print(f"warning: {msg}", file=self.stderr)
+        print(f"warning: {printable(msg)}", file=self.stderr)
 
     def error(self, msg: str) -> None:
-        print(f"error: {msg}", file=self.stderr)
+        print(f"error: {printable(msg)}", file=self.stderr)
 
     def debug(self, msg: str) -> None:
         if self.verbose:
-            print(f"debug: {msg}", file=self.stderr)
+            print(f"debug: {printable(msg)}", file=self.stderr)
 
     def event(self, kind: str, **data) -> None:
         """One JSON-lines event on stdout (only with -o jsonl)."""
@@ -217,13 +227,14 @@ class Output:
         if self.stdout_tty:
             from rich.console import Console
             from rich.table import Table
+            from rich.text import Text
             from rich import box
 
             t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
             for c in cols:
                 t.add_column(c.header, overflow="fold")
             for r in rows:
-                t.add_row(*r)
+                t.add_row(*map(Text, r))  # Text, not str: Rich would read "[...]" in data as markup
             Console(file=self.stdout, no_color=not self.color, highlight=False).print(t)
             return
         widths = [max(len(c.header), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]

@@ -1,4 +1,5 @@
 """katactl.output: one renderer, every format."""
+import contextlib
 import io
 import json
 import os
@@ -124,3 +125,37 @@ def test_name_output_of_one_object_commands(cli, tmp_path):
     assert r.exit_code == 0 and r.stdout.strip() and r.stdout.strip() != "-"
     r = cli(["--host-root", str(tmp_path), "version", "-o", "name"])
     assert r.exit_code == 0 and r.stdout == "localhost\n"
+
+
+HOSTILE_PODS = {"mark01": "web[/]0", "mark02": "a[bold]b[/bold]", "esc003": "evil\x1b[31mRED\x1b]0;title\x07"}
+
+
+@contextlib.contextmanager
+def _hostile_node():
+    from tests._katanode import node
+
+    with node() as tree:
+        for sid, pod in HOSTILE_PODS.items():
+            tree.go(sid, serve=False, pod_name=pod, pod_namespace="ns")
+        yield tree
+
+
+def test_data_is_never_rich_markup_on_a_terminal():
+    """Pod names are data: "[/]" must not crash Rich or style the table."""
+    from tests._pty import run_on_pty
+
+    with _hostile_node() as tree:
+        rc, text = run_on_pty([sys.executable, "-m", "katactl", "--host-root", tree.root, "sandbox", "list",
+                               "--no-check"], COLUMNS="200")
+    assert rc == 0, text
+    assert "ns/web[/]0" in text and "ns/a[bold]b[/bold]" in text
+    assert "\x1b]0;title" not in text and "\\x1b[31mRED" in text
+
+
+def test_control_characters_in_data_never_reach_piped_output(cli):
+    with _hostile_node() as tree:
+        for args in (["sandbox", "list", "--no-check"], ["sandbox", "inspect", "esc003"]):
+            r = cli(["--host-root", tree.root, *args])
+            assert r.exit_code == 0, r.stderr
+            assert "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+            assert "evil\\x1b[31mRED\\x1b]0;title\\x07" in r.stdout

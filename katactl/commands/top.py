@@ -107,11 +107,13 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
+    from rich.text import Text
     from rich import box
 
     from katactl import metrics
     from katactl.errors import as_katactl_error
     from katactl.fleet import LOCAL, open_transport, select_nodes
+    from katactl.output import printable
 
     s = app_ctx.settings
     nodes = select_nodes(s) or [LOCAL]
@@ -143,9 +145,9 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
         for c in shown:
             t.add_column(c.header, overflow="fold")
         for r in rows:
-            t.add_row(*[c.value(r) for c in shown])
+            t.add_row(*[Text(c.value(r)) for c in shown])  # Text: data is never markup
         for n, e in errors.items():
-            t.caption = (t.caption or "") + f"{n}: {e.message}  "
+            t.caption = Text.assemble(t.caption or "", f"{n}: {printable(e.message)}  ")
         return t
 
     n = 0
