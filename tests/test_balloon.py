@@ -194,12 +194,67 @@ def test_vm_exits_mid_wait(lab):
     # kill QEMU once the request is in (the balloon is pending: no guest driver)
     deadline = time.monotonic() + 30
     log = os.path.join(env["XDG_STATE_HOME"], "katactl", "audit.log")
-    while time.monotonic() < deadline:
-        if os.path.exists(log) and any(sb["id"] in ln for ln in open(log)):
-            break
-        time.sleep(0.05)
+    requested = False
+    while time.monotonic() < deadline and not requested:
+        requested = os.path.exists(log) and any(sb["id"] in ln for ln in open(log))
+        if not requested:
+            time.sleep(0.05)
+    if not requested:
+        p.kill()
+        out, err = p.communicate()
+        pytest.fail(f"the balloon request never reached the audit log (the wait never started): {out} {err}")
     os.kill(sb["qemuPid"], signal.SIGKILL)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 1, (out, err)
     j = json.loads(out)
     assert j["code"] == "VMGone" and "went away" in j["message"]
+
+
+# -- --force and the safety checks, on Cloud Hypervisor (simulated guest) -------------------
+def clh_view(lab, name: str = "clh-0") -> dict:
+    """Cloud Hypervisor's own view: the balloon size it was asked for and the memory the guest has."""
+    from katactl.backends.clh import ClhClient
+
+    with ClhClient(lab.transport(), lab.sb(name)["apiSocket"]) as c:
+        info = c.info()
+    return {"balloon": info["config"]["balloon"]["size"], "guest": info["memory_actual_size"]}
+
+
+def balloon_audit(sid: str) -> list[dict]:
+    log = os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log")
+    if not os.path.exists(log):
+        return []
+    return [e for e in map(json.loads, open(log)) if e["action"] == "balloon.set" and e["target"] == sid]
+
+
+def test_force_below_used_plus_margin(lab, cli):
+    pod, sid = lab.pod("clh-0"), lab.id("clh-0")
+    r = cli(lab.args("balloon", "get", pod, "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    used = r.json()["guest"]["usedBytes"]
+    # the premise: 128Mi is below what the guest uses plus the default margin (64Mi)
+    assert used is not None and 128 * MIB < used + 64 * MIB
+    before = clh_view(lab)
+    try:
+        r = cli(lab.args("balloon", "set", pod, "--target", "128Mi", "--wait", "-o", "json"))
+        assert r.exit_code == 5, (r.stdout, r.stderr)
+        j = r.json()
+        assert j["code"] == "Refused" and "below the guest's used memory" in j["message"] and "--force" in j["hint"]
+        assert clh_view(lab) == before
+        assert balloon_audit(sid) == []
+
+        r = cli(lab.args("balloon", "set", pod, "--target", "128Mi", "--force", "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+        j = r.json()
+        assert j["changed"] is True and j["converged"] is True and j["requestedTargetBytes"] == 128 * MIB
+        # Cloud Hypervisor is asked for the balloon size (1Gi - 128Mi) and the guest got there
+        assert clh_view(lab) == {"balloon": 896 * MIB, "guest": 128 * MIB}
+        entries = balloon_audit(sid)
+        assert len(entries) == 1, entries
+        e = entries[0]
+        assert e["changed"] is True and e["result"] == "ok"
+        assert e["params"]["targetBytes"] == 128 * MIB and e["params"]["force"] is True
+    finally:
+        r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+    assert clh_view(lab) == {"balloon": 0, "guest": 1024 * MIB}
