@@ -11,7 +11,7 @@ import time
 import pytest
 
 from katactl.backends.local import LocalTransport
-from katactl.backends.qmp import MonitorBusy, MonitorClosed, QMPClient, QMPError
+from katactl.backends.qmp import DEFAULT_GREETING_TIMEOUT, MonitorBusy, MonitorClosed, QMPClient, QMPError
 from katactl.errors import ProtocolError, TimeoutExpired, UnreachableError
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -73,12 +73,23 @@ def test_error_class_and_no_balloon(bare_qemu):
 def test_second_client_is_busy(bare_qemu):
     with QMPClient.connect(LocalTransport(), bare_qemu["balloon"]):
         with pytest.raises(MonitorBusy) as ei:
-            QMPClient.connect(LocalTransport(), bare_qemu["balloon"], greeting_timeout=0.3)
+            QMPClient.connect(LocalTransport(), bare_qemu["balloon"])
         assert "another client holds it" in str(ei.value)
+        # the default greeting timeout is the one that decided "busy"
+        assert f"no greeting within {DEFAULT_GREETING_TIMEOUT:g}s" in str(ei.value)
         assert ei.value.exit_code == 7
     # free again once the first client left
     with QMPClient.connect(LocalTransport(), bare_qemu["balloon"]) as q:
         assert q.execute("query-status")
+
+
+def test_busy_is_reported_within_a_second_by_default():
+    """A held monitor is reported busy within a second (the issue's promise): connect's
+    default greeting timeout is DEFAULT_GREETING_TIMEOUT, and that is at most 1 s."""
+    import inspect
+
+    assert inspect.signature(QMPClient.connect).parameters["greeting_timeout"].default == DEFAULT_GREETING_TIMEOUT
+    assert 0 < DEFAULT_GREETING_TIMEOUT <= 1.0
 
 
 @needs_qemu
