@@ -13,33 +13,78 @@ HEAVY = ("kubernetes", "paramiko", "httpx")
 ANSI = re.compile(r"\x1b\[")
 
 
-def _modules_after(argv, env_extra=None):
+def _run_and_list_heavy(argvs, env_extra=None) -> tuple[str, str]:
+    """Run katactl's main for each argv in one fresh interpreter; (heavy modules
+    loaded by then, comma-joined; what they printed on stdout)."""
     code = (
         "import sys, io, contextlib\n"
-        f"sys.argv = ['katactl'] + {argv!r}\n"
         "from katactl.cli import main\n"
         "buf = io.StringIO()\n"
-        "try:\n"
-        "    with contextlib.redirect_stdout(buf): main()\n"
-        "except SystemExit: pass\n"
+        f"for argv in {argvs!r}:\n"
+        "    sys.argv = ['katactl'] + argv\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(buf): main()\n"
+        "    except SystemExit: pass\n"
+        "sys.stdout.write(buf.getvalue())\n"
         "print(','.join(m for m in sys.modules if m.split('.')[0] in ('kubernetes','paramiko','httpx')), file=sys.stderr)\n"
     )
     env = dict(os.environ, **(env_extra or {}))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    return p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    return (p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""), p.stdout
+
+
+def _leaf_paths() -> list[list[str]]:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import cmdtree
+
+    return [n.path[1:] for n in cmdtree.walk(cmdtree.tree()) if not n.children]
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[n, "--help"] for n in REGISTRY])
 def test_help_imports_no_heavy_module(argv):
-    assert _modules_after(argv) == ""
+    heavy, out = _run_and_list_heavy([argv])
+    assert heavy == "" and "Usage:" in out
 
 
-def test_completion_imports_no_heavy_module():
-    env = {"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": "katactl sa", "COMP_CWORD": "1"}
-    assert _modules_after([], env) == ""
+def test_every_leaf_help_imports_no_heavy_module():
+    leaves = _leaf_paths()
+    assert len(leaves) > 25  # the walk found the tree
+    heavy, out = _run_and_list_heavy([[*p, "--help"] for p in leaves])
+    assert heavy == "" and out.count("Usage:") == len(leaves)
+
+
+@pytest.mark.parametrize("words,cword,expect", [
+    ("katactl sa", 1, "sandbox"),
+    ("katactl balloon ", 2, "set"),
+    ("katactl balloon set x --t", 4, "--target"),
+    ("katactl vmcore collect --comp", 3, "--compress"),
+])
+def test_completion_answers_without_heavy_modules(words, cword, expect):
+    env = {"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    heavy, out = _run_and_list_heavy([[]], env)
+    assert heavy == ""
+    assert expect in out.split(), out
+
+
+def test_completion_of_every_group_imports_no_heavy_module():
     for name in REGISTRY:
         env = {"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": f"katactl {name} ", "COMP_CWORD": "2"}
-        assert _modules_after([], env) == "", name
+        heavy, out = _run_and_list_heavy([[]], env)
+        assert heavy == "", name
+
+
+def test_click_is_not_installed():
+    """With click present, importing httpx also loads httpx's CLI (+50 ms start-up)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("click") is None
+
+
+def test_installed_console_script_runs():
+    exe = os.path.join(os.path.dirname(sys.executable), "katactl")
+    p = subprocess.run([exe, "version", "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["kind"] == "Version"
 
 
 @pytest.mark.parametrize("args,code", [
@@ -56,6 +101,9 @@ def test_completion_imports_no_heavy_module():
     # pprof -f is checked before the download
     (["pprof", "x", "heap", "-f", ""], 2), (["pprof", "x", "heap", "-f", "/tmp"], 2),
     (["pprof", "x", "heap", "-f", "/tmp/"], 2),
+    # sizes
+    (["balloon", "set", "x", "--target", "10Zi"], 2), (["balloon", "set", "x", "--target", "-1G"], 2),
+    (["balloon", "set", "x", "--target", "12Q"], 2),
 ])
 def test_usage_errors_exit_2_in_one_line(katactl_bin, args, code):
     r = katactl_bin(args)
