@@ -115,8 +115,15 @@ class SshLab:
     # -- nodes ------------------------------------------------------------------
     def add_node(self, name: str, *, known: str = "plain", cert: bool = False, debug: bool = False,
                  proxy_jump: str | None = None, proxy_command: str | None = None,
-                 tree: bool = True) -> Node:
-        """known: plain | hashed | global | changed | revoked | none | ca"""
+                 tree: bool = True, env: dict | None = None) -> Node:
+        """known: plain | hashed | global | changed | revoked | none | ca
+
+        env: variables sshd sets for every session on this node (sshd_config
+        ``SetEnv``, applied after sshd's own PATH), e.g. ``{"PATH": dir}`` for a
+        node that lacks some programs."""
+        setenv = {"HOME": str(self.base / "home"), **(env or {})}
+        if any(" " in f"{k}{v}" or '"' in f"{k}{v}" for k, v in setenv.items()):
+            raise ValueError(f"SetEnv values must not contain spaces or quotes: {setenv}")
         port = free_port()
         root = self.base / "trees" / name
         if tree:
@@ -132,8 +139,9 @@ class SshLab:
                  "AllowTcpForwarding yes", "PrintMotd no", "PrintLastLog no", "UseDNS no",
                  f"LogLevel {'DEBUG1' if debug else 'ERROR'}",
                  # root's real ~/.bashrc (sourced by bash under sshd) must not
-                 # slow or change the test nodes: a throw-away HOME.
-                 f"SetEnv HOME={self.base / 'home'}",
+                 # slow or change the test nodes: a throw-away HOME. (sshd uses
+                 # only its first SetEnv line: every variable goes on this one.)
+                 "SetEnv " + " ".join(f"{k}={v}" for k, v in setenv.items()),
                  # so `ssh node` / parallel-ssh see the same per-node root as katactl
                  "AcceptEnv KATACTL_HOST_ROOT"]
         if cert:

@@ -446,6 +446,10 @@ def test_collect_library_keep_going(tmp_path):
     (["--kata-config", ""], "must be an absolute path"),
     (["--dump-path", ""], "must be an absolute path"),
     (["--makedumpfile", "--compress", "gzip"], "makedumpfile"),
+    (["--compress", "zstd", "--compress-on", "bogus"], "invalid --compress-on 'bogus'"),
+    (["--compress", "gzip", "--compress-on", ""], "invalid --compress-on"),
+    (["--compress-on", "node"], "--compress-on node needs --compress gzip or zstd"),
+    (["--makedumpfile", "--compress-on", "node"], "--compress-on node needs"),
     # --to is checked before any node is asked (the last --to wins)
     (["--to", "/etc/passwd"], "not a directory"),
     (["--to", "/etc/passwd/crash"], "/etc/passwd is not a directory"),

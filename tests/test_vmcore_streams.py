@@ -28,3 +28,43 @@ def test_rate_limit_keeps_the_average_at_the_rate(monkeypatch):
     assert clock["t"] - 100.0 == pytest.approx(2.0)
     streams.RateLimit(None)(1 << 40)      # no limit: never sleeps
     assert clock["t"] - 100.0 == pytest.approx(2.0)
+
+
+def _zstd(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c", "-3", "-T1"], input=data, capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("algo", ["gzip", "zstd"])
+def test_inflater_bounded_pieces_members_and_damage(algo):
+    """Zero pages inflate ~1000x: output comes in pieces of at most CHUNK bytes, however
+    large the input chunk; gzip members / zstd frames follow one another; a cut or
+    damaged stream is an OperationFailed."""
+    if algo == "zstd" and not shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    data = bytes(64 << 20) + os.urandom(3 << 20) + bytes(16 << 20)
+    comp = (gzip.compress(data[:40 << 20], 1) + gzip.compress(data[40 << 20:], 1) if algo == "gzip"
+            else _zstd(data[:40 << 20]) + _zstd(data[40 << 20:]))
+    h, sizes = hashlib.sha256(), []
+
+    def sink(b):
+        h.update(b)
+        sizes.append(len(b))
+
+    inf = streams.Inflater(algo, sink)
+    try:
+        inf.feed(comp)                       # one big feed
+        inf.finish()
+    finally:
+        inf.close()
+    assert h.digest() == hashlib.sha256(data).digest() and inf.out == len(data)
+    assert max(sizes) <= streams.CHUNK
+    for damaged in (comp[:len(comp) // 2], comp[:len(comp) // 2] + bytes([comp[len(comp) // 2] ^ 0xFF])
+                    + comp[len(comp) // 2 + 1:]):
+        inf = streams.Inflater(algo, lambda b: None)
+        try:
+            with pytest.raises(OperationFailed, match=f"the {algo} stream cannot be decoded"):
+                for i in range(0, len(damaged), 1 << 20):
+                    inf.feed(damaged[i:i + (1 << 20)])
+                inf.finish()
+        finally:
+            inf.close()

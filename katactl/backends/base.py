@@ -52,6 +52,8 @@ class NodeTransport(abc.ABC):
     node: str
     #: prefix under which the node's root lives ("" = real root)
     host_root: str
+    #: True when the node is another machine (its processes do not run on this host)
+    is_remote: bool = False
 
     # -- files -------------------------------------------------------------
     @abc.abstractmethod
@@ -182,6 +184,14 @@ class NodeTransport(abc.ABC):
     def run(self, argv: Sequence[str], timeout: float | None = None,
             input: bytes | None = None) -> RunResult:
         """Run an argv (never a shell string) on the node."""
+
+    def run_stream(self, argv: Sequence[str], chunk_size: int = 1 << 20,
+                   timeout: float | None = None) -> Iterator[bytes]:
+        """Run an argv on the node and stream its stdout in chunks (bounded memory).
+        Closing the iterator early stops the process. When stdout has ended: exit 127
+        (or no such program) raises FileNotFoundError, another non-zero exit OSError.
+        timeout: the longest wait for the next bytes."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stream a command's output")
 
     @abc.abstractmethod
     def connect_unix(self, path: str, timeout: float) -> SocketLike:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -118,6 +119,38 @@ class LocalTransport(NodeTransport):
         except subprocess.TimeoutExpired:
             raise TimeoutExpired(f"{argv[0]} did not finish within {timeout:g}s") from None
         return RunResult(argv, p.returncode, p.stdout, p.stderr)
+
+    def run_stream(self, argv: Sequence[str], chunk_size: int = 1 << 20,
+                   timeout: float | None = None) -> Iterator[bytes]:
+        """argv's stdout in chunks (timeout is not enforced locally: the process is ours)."""
+        argv = tuple(str(a) for a in argv)
+        err = tempfile.TemporaryFile()
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        except BaseException:
+            err.close()
+            raise
+
+        def chunks():
+            try:
+                while True:
+                    b = p.stdout.read(chunk_size)
+                    if not b:
+                        break
+                    yield b
+                rc = p.wait()
+                if rc != 0:
+                    err.seek(0)
+                    text = err.read()[-4096:].decode("utf-8", "replace").strip()
+                    raise OSError(errno.EIO, f"{argv[0]} failed: {text or f'exit {rc}'}", argv[0])
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                p.stdout.close()
+                p.wait()
+                err.close()
+
+        return chunks()
 
     def connect_unix(self, path: str, timeout: float):
         real = self.real(path)

@@ -1022,6 +1022,8 @@ class _ChannelSocket:
 class SSHTransport(NodeTransport):
     """NodeTransport for one remote node. Build it with from_settings()."""
 
+    is_remote = True
+
     def __init__(self, node: str, conn: _Conn, host_root: str = "", timeout: float = 30.0):
         self.node = node
         self._conn = conn
@@ -1265,8 +1267,22 @@ class SSHTransport(NodeTransport):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         r = self.remote(path)
         argv = ["cat", "--", r] if not offset else ["tail", "-c", f"+{int(offset) + 1}", "--", r]
+        return self._stream(argv, chunk_size, None, path, "reading failed on the node")
+
+    def run_stream(self, argv: Sequence[str], chunk_size: int = STREAM_CHUNK,
+                   timeout: float | None = None) -> Iterator[bytes]:
+        """Run argv on the node and stream its stdout over an exec channel (memory bounded
+        by the channel window, as open_stream). Closing the iterator early closes the
+        channel: the node's process gets SIGPIPE/EOF. Exit 127 raises FileNotFoundError,
+        any other non-zero exit OSError(EIO) with the end of its stderr, both once stdout
+        has ended. timeout: the longest wait for the next bytes (default: the transport's)."""
+        argv = _check_argv(argv)
+        return self._stream(argv, chunk_size, timeout, argv[0], f"{argv[0]} failed on {self.node}")
+
+    def _stream(self, argv, chunk_size: int, timeout: float | None, path: str, what: str) -> Iterator[bytes]:
+        timeout = self.timeout if timeout is None else timeout
         chan = self._channel()
-        chan.settimeout(self.timeout)
+        chan.settimeout(timeout)
         _exec(chan, argv)
         chan.shutdown_write()
 
@@ -1276,14 +1292,17 @@ class SSHTransport(NodeTransport):
                     try:
                         b = chan.recv(chunk_size)
                     except socket.timeout:
-                        raise TimeoutExpired(f"{path}: no data for {self.timeout:g}s") from None
+                        raise TimeoutExpired(f"{path}: no data for {timeout:g}s") from None
                     if not b:
                         break
                     yield b
                 rc = chan.recv_exit_status()
                 if rc != 0:
                     err = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
-                    raise OSError(errno.EIO, f"reading failed on the node: {err or f'exit {rc}'}", path)
+                    if rc == 127:
+                        raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found on {self.node}",
+                                                argv[0])
+                    raise OSError(errno.EIO, f"{what}: {err or f'exit {rc}'}", path)
             finally:
                 chan.close()
 
@@ -1376,11 +1395,7 @@ class SSHTransport(NodeTransport):
         """Run argv on the node; each element is shell-quoted (shlex.join)."""
         import select
 
-        argv = tuple(str(a) for a in argv)
-        if not argv:
-            raise UsageError("internal: empty argv")
-        if any("\0" in a for a in argv):
-            raise UsageError("argument contains a NUL byte")
+        argv = _check_argv(argv)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         chan = self._channel()
@@ -1468,6 +1483,15 @@ class SSHTransport(NodeTransport):
         if conn is not None and not getattr(self, "_did_release", False):
             self._did_release = True
             POOL.release(conn)
+
+
+def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    argv = tuple(str(a) for a in argv)
+    if not argv:
+        raise UsageError("internal: empty argv")
+    if any("\0" in a for a in argv):
+        raise UsageError("argument contains a NUL byte")
+    return argv
 
 
 def _exec(chan, argv: Sequence[str]) -> None:

@@ -403,3 +403,169 @@ def zstd_backend():
         return "binary", exe
     raise OperationFailed("--compress zstd needs the zstd binary or the zstandard Python package here",
                           hint="apt-get install zstd, or use --compress gzip")
+
+
+# -- reading a compressed stream back (node-side compression) -------------------
+class Inflater:
+    """Decompress a gzip or zstd stream fed in compressed chunks (``feed``), handing the
+    output to ``sink(bytes)`` in pieces of at most CHUNK bytes: zero pages shrink
+    ~1000x (zstd RLE blocks far more), so a chunk is never inflated in one piece.
+    ``out`` counts the bytes produced so far. ``sink`` runs on the caller's thread,
+    or on a reader thread when the local ``zstd`` binary decompresses. ``finish()``
+    raises OperationFailed when the stream is corrupt or ends mid-member/frame."""
+
+    def __init__(self, compress: str, sink):
+        self.out = 0
+        self._sink = sink
+        if compress == "gzip":
+            self._impl = _GzipInflate(self._emit)
+        elif compress == "zstd":
+            kind, mod = zstd_backend()
+            self._impl = _ZstdModuleInflate(mod, self._emit) if kind == "module" else _ZstdProcInflate(mod, self._emit)
+        else:
+            raise ValueError(f"internal: nothing to inflate for {compress!r}")
+
+    def _emit(self, b: bytes) -> None:
+        self.out += len(b)
+        self._sink(b)
+
+    def feed(self, b: bytes) -> None:
+        self._impl.feed(b)
+
+    def finish(self) -> None:
+        self._impl.finish()
+
+    def close(self) -> None:
+        self._impl.close()
+
+
+def _corrupt(what: str, detail: str) -> OperationFailed:
+    return OperationFailed(f"the {what} stream cannot be decoded: {detail}")
+
+
+class _GzipInflate:
+    def __init__(self, emit):
+        import zlib
+
+        self._zlib, self._emit, self._d, self._seen = zlib, emit, None, False
+
+    def feed(self, data: bytes) -> None:
+        try:
+            while True:
+                if self._d is None:
+                    if not data:
+                        return
+                    self._d, self._seen = self._zlib.decompressobj(31), True   # 31: a gzip member
+                out = self._d.decompress(data, CHUNK)
+                if out:
+                    self._emit(out)
+                if self._d.eof:                     # next member (if any) starts in unused_data
+                    data, self._d = self._d.unused_data, None
+                    continue
+                data = self._d.unconsumed_tail
+                if not data and len(out) < CHUNK:   # input used up and no output pending
+                    return
+        except self._zlib.error as e:
+            raise _corrupt("gzip", str(e)) from None
+
+    def finish(self) -> None:
+        if self._d is not None or not self._seen:
+            raise _corrupt("gzip", "it ends in the middle of a member")
+
+    def close(self) -> None:
+        self._d = None
+
+
+class _ZstdModuleInflate:
+    """python-zstandard's stream_writer: it writes its output in write_size pieces."""
+
+    def __init__(self, mod, emit):
+        class _Out:
+            def write(self, b):
+                emit(bytes(b))
+                return len(b)
+
+        self._mod = mod
+        self._w = mod.ZstdDecompressor().stream_writer(_Out(), write_size=CHUNK)
+        self._seen = False
+
+    def feed(self, data: bytes) -> None:
+        self._seen = self._seen or bool(data)
+        try:
+            self._w.write(data)
+        except self._mod.ZstdError as e:
+            raise _corrupt("zstd", str(e)) from None
+
+    def finish(self) -> None:
+        # a truncated frame is not an error to stream_writer: the caller's size and
+        # sha256 checks (out != the source's size) catch it
+        if not self._seen:
+            raise _corrupt("zstd", "it is empty")
+        try:
+            self._w.flush()
+        except self._mod.ZstdError as e:
+            raise _corrupt("zstd", str(e)) from None
+
+    def close(self) -> None:
+        pass
+
+
+class _ZstdProcInflate:
+    """``zstd -d`` here: fed on the caller's thread, its output read on a worker thread."""
+
+    def __init__(self, exe: str, emit):
+        import threading
+
+        self._emit = emit
+        self._p = subprocess.Popen([exe, "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        self._err: BaseException | None = None
+        self._t = threading.Thread(target=self._read, name="vmcore-unzstd", daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                b = self._p.stdout.read(CHUNK)
+                if not b:
+                    return
+                self._emit(b)
+        except BaseException as e:  # noqa: BLE001 - handed to the feeding thread
+            self._err = e
+            self._p.kill()          # unblocks a feed() waiting on a full pipe
+
+    def _failed(self) -> BaseException:
+        self._t.join()
+        if self._err is not None:
+            return self._err
+        rc = self._p.wait()
+        err = self._p.stderr.read().decode("utf-8", "replace").strip()
+        return _corrupt("zstd", err[-300:] or f"zstd -d exited {rc}")
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._p.stdin.write(data)
+        except (BrokenPipeError, ValueError):
+            raise self._failed() from None
+
+    def finish(self) -> None:
+        try:
+            self._p.stdin.close()
+        except BrokenPipeError:
+            pass
+        self._t.join()
+        rc = self._p.wait()
+        if self._err is not None or rc != 0:
+            raise self._failed()
+
+    def close(self) -> None:
+        if self._p.poll() is None:
+            self._p.kill()
+        try:
+            self._p.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        self._t.join(timeout=5)
+        self._p.wait()
+        for f in (self._p.stdout, self._p.stderr):
+            f.close()
