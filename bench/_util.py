@@ -26,3 +26,42 @@ def timed(argv, runs: int = 15, env=None, warmup: int = 2) -> list[float]:
 
 def median_ms(samples) -> float:
     return statistics.median(samples) * 1000
+
+
+def interleaved(cmds: dict[str, tuple[list[str], dict | None]], runs: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall-clock seconds per command, runs taken round-robin (one of each per round)
+    so that a burst of load on the machine hits every command alike."""
+    out: dict[str, list[float]] = {name: [] for name in cmds}
+    for i in range(warmup + runs):
+        for name, (argv, env) in cmds.items():
+            e = dict(os.environ, **(env or {}))
+            t = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e, check=False)
+            if i >= warmup:
+                out[name].append(time.perf_counter() - t)
+    return out
+
+
+def write_section(markdown: str, script: str) -> None:
+    """Replace the section of bench/RESULTS.md whose "## " heading names ``script``
+    (e.g. "bench/bench_startup.py"), up to the next "## ", or append it."""
+    path = os.path.join(ROOT, "bench", "RESULTS.md")
+    with open(path) as f:
+        text = f.read()
+    start = next((i for i in _heading_offsets(text) if script in text[i:text.find("\n", i)]), -1)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + markdown.rstrip("\n") + "\n"
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + markdown.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _heading_offsets(text: str):
+    if text.startswith("## "):
+        yield 0
+    i = text.find("\n## ")
+    while i >= 0:
+        yield i + 1
+        i = text.find("\n## ", i + 1)

@@ -1,40 +1,50 @@
 #!/usr/bin/env python3
-"""`katactl --help` and a TAB completion request vs `kubectl version --client`, same run.
+"""`katactl --help`, a TAB completion request and `katactl version` vs `python3 -c pass`
+and `kubectl version --client`, same run, runs interleaved round-robin.
 
 Goal (issue 2): katactl --help median <= 2.0x kubectl version --client.
-Prints a markdown section for bench/RESULTS.md.
+Writes its section into bench/RESULTS.md (and prints it). Usage: bench_startup.py [RUNS]
 """
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import statistics
 import sys
+import time
 
-from _util import KATACTL, median_ms, timed
+from _util import KATACTL, interleaved, write_section
+
+COMPLETE = {"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": "katactl con", "COMP_CWORD": "1"}
 
 
 def main() -> int:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 21
-    rows = []
-    ref = None
+    cmds = {}
     if shutil.which("kubectl"):
-        ref = median_ms(timed(["kubectl", "version", "--client"], runs))
-        rows.append(("kubectl version --client (reference)", ref))
-    rows.append(("python -c pass", median_ms(timed([sys.executable, "-c", "pass"], runs))))
-    rows.append(("katactl --help", median_ms(timed(KATACTL + ["--help"], runs))))
-    rows.append(("katactl config view -o json",
-                 median_ms(timed(KATACTL + ["config", "view", "-o", "json"], runs))))
-    rows.append(("TAB: complete `katactl con`", median_ms(timed(
-        KATACTL, runs, env={"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": "katactl con", "COMP_CWORD": "1"}))))
-    print("## Start-up (`--help`, completion)\n")
-    print(f"{runs} runs each, median wall-clock, {platform.python_implementation()} {platform.python_version()}, same run.\n")
-    print("| command | median ms | ratio to kubectl |")
-    print("|---|---:|---:|")
-    for name, ms in rows:
-        ratio = f"{ms / ref:.2f}x" if ref else "-"
-        print(f"| {name} | {ms:.0f} | {ratio} |")
-    print("\nStatic completion scripts (`completions/`) complete command and option names in the shell "
-          "itself, without starting Python; the TAB row is the cost of the dynamic fallback.")
+        cmds["kubectl version --client (reference)"] = (["kubectl", "version", "--client"], None)
+    cmds["python3 -c pass"] = ([sys.executable, "-c", "pass"], None)
+    cmds["katactl --help"] = (KATACTL + ["--help"], None)
+    cmds["TAB: complete `katactl con`"] = (KATACTL, COMPLETE)
+    cmds["katactl version"] = (KATACTL + ["version"], None)
+    cmds["katactl version -o json"] = (KATACTL + ["version", "-o", "json"], None)
+    samples = interleaved(cmds, runs)
+    med = {name: statistics.median(s) * 1000 for name, s in samples.items()}
+    ref = med.get("kubectl version --client (reference)")
+    load = os.getloadavg()[0]
+    lines = ["## Start-up (`--help`, completion, `version`) — bench/bench_startup.py", "",
+             f"{runs} runs each, taken round-robin, median wall-clock, {platform.python_implementation()} "
+             f"{platform.python_version()}, same run ({time.strftime('%Y-%m-%d')}, load average {load:.1f}).", "",
+             "| command | median ms | ratio to kubectl |", "|---|---:|---:|"]
+    for name, ms in med.items():
+        lines.append(f"| {name} | {ms:.0f} | {f'{ms / ref:.2f}x' if ref else '-'} |")
+    lines += ["", "Static completion scripts (`completions/`) complete command and option names in the shell "
+              "itself, without starting Python; the TAB row is the cost of the dynamic fallback. `version` "
+              "imports the dependency metadata it reports (importlib.metadata), which `--help` does not."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_section(text, "bench/bench_startup.py")
     return 0
 
 
