@@ -9,12 +9,14 @@ import subprocess
 import time
 
 
-def start_on_pty(argv, **env) -> tuple[subprocess.Popen, int]:
-    """(process, master fd): argv with stdin/stdout/stderr on a new terminal."""
+def start_on_pty(argv, *, stdout=None, **env) -> tuple[subprocess.Popen, int]:
+    """(process, master fd): argv with stdin/stdout/stderr on a new terminal
+    (``stdout``: where stdout goes instead, e.g. subprocess.PIPE)."""
     master, slave = pty.openpty()
     e = {**os.environ, "COLUMNS": "120", "TERM": "xterm", **env}
     e.pop("NO_COLOR", None)
-    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=e, close_fds=True)
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave if stdout is None else stdout, stderr=slave, env=e,
+                         close_fds=True)
     os.close(slave)
     return p, master
 
@@ -51,3 +53,31 @@ def run_on_pty(argv, answer: bytes | None = None, timeout=60, **env) -> tuple[in
         p.wait()
         os.close(master)
     return p.returncode, buf.decode(errors="replace")
+
+
+def run_stderr_on_pty(argv, timeout=60, **env) -> tuple[int, str, str]:
+    """Run to the end with stdin/stderr on a terminal and stdout piped, as in
+    ``katactl ... -o json | jq``: (exit code, stdout, what the terminal showed)."""
+    p, master = start_on_pty(argv, stdout=subprocess.PIPE, **env)
+    out_fd = p.stdout.fileno()
+    bufs = {master: b"", out_fd: b""}
+    open_fds = [master, out_fd]
+    deadline = time.monotonic() + timeout
+    try:
+        while open_fds and time.monotonic() < deadline:
+            for fd in select.select(open_fds, [], [], 0.1)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # the terminal's other side closed (Linux reports EIO)
+                    data = b""
+                if data:
+                    bufs[fd] += data
+                else:
+                    open_fds.remove(fd)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stdout.close()
+        os.close(master)
+    return p.returncode, bufs[out_fd].decode(errors="replace"), bufs[master].decode(errors="replace")

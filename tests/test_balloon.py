@@ -258,3 +258,29 @@ def test_force_below_used_plus_margin(lab, cli):
         r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert clh_view(lab) == {"balloon": 0, "guest": 1024 * MIB}
+
+
+def test_wait_progress_on_a_terminal_only(lab, katactl_bin):
+    """`balloon set --wait` shows a progress bar on a terminal's stderr (stdout piped stays
+    pure JSON); with stderr piped it shows nothing."""
+    from tests._pty import run_stderr_on_pty
+
+    pod, sid = lab.pod("clh-0"), lab.id("clh-0")
+    bar = f"balloon {sid[:12]}"
+    try:
+        code, out, screen = run_stderr_on_pty([sys.executable, "-m", "katactl", *lab.args(
+            "balloon", "set", pod, "--target", "512Mi", "--wait", "-o", "json")])
+        assert code == 0, (out, screen)
+        assert bar in screen, screen
+        j = json.loads(out)
+        assert j["changed"] is True and j["converged"] is True and "\x1b" not in out
+        assert clh_view(lab) == {"balloon": 512 * MIB, "guest": 512 * MIB}
+
+        r = katactl_bin(lab.args("balloon", "set", pod, "--target", "600Mi", "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+        assert r.json()["changed"] is True and clh_view(lab)["guest"] == 600 * MIB
+        assert r.stderr == ""
+    finally:
+        r = katactl_bin(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+    assert clh_view(lab) == {"balloon": 0, "guest": 1024 * MIB}

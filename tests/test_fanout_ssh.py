@@ -219,3 +219,23 @@ def test_run_on_nodes_progress_in_completion_order(sshd_lab):
     assert finished[-1] == "node1"
     assert list(fo.values) == ["node1", "node2", "node3", "node4"]
     assert fo.values["node3"] == "node3" and not fo.errors
+
+
+def test_fan_out_progress_line_on_a_terminal_only(sshd_lab, katactl_bin):
+    """A fan-out counts finished nodes on a terminal's stderr ("\\r3/3 nodes"); stdout piped
+    stays pure JSON; with stderr piped there is no counter."""
+    import json
+    import sys
+
+    from tests._pty import run_stderr_on_pty
+
+    args = ssh_args(sshd_lab, "-N", "node1,node2,node3", "version", "-o", "json")
+    code, out, screen = run_stderr_on_pty([sys.executable, "-m", "katactl", *args])
+    assert code == 0, (out, screen)
+    counts = [screen.find(f"\r{k}/3 nodes") for k in (1, 2, 3)]
+    assert -1 not in counts and counts == sorted(counts), screen
+    assert [i["node"] for i in json.loads(out)["items"]] == ["node1", "node2", "node3"]
+    r = katactl_bin(args)
+    assert r.exit_code == 0, r.stderr
+    assert "nodes" not in r.stderr and "\r" not in r.stderr
+    assert [i["node"] for i in r.json()["items"]] == ["node1", "node2", "node3"]
