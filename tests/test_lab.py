@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -257,6 +258,75 @@ def test_up_down_leaves_nothing(cli, _isolated_home):
     assert audit_actions(_isolated_home)[-1] == "lab.down" and len(audit_actions(_isolated_home)) == 3
     r = cli(["lab", "status", "--root", root])
     assert r.exit_code == 3
+
+
+#: what the lab itself may create directly under /tmp: the shim server's short bind
+#: directories ("ks...", see katactl/lab/shimserver.py) and, in tests, "kl-" lab roots
+LAB_TMP_PREFIXES = ("ks", "kl-")
+
+
+def lab_tmp_entries(mine: str) -> set[str]:
+    """/tmp entries with the lab's prefixes, except other labs' roots (labs of concurrent
+    test sessions: a .katactl-lab directory naming another root)."""
+    out = set()
+    for e in os.listdir("/tmp"):
+        if not e.startswith(LAB_TMP_PREFIXES):
+            continue
+        try:
+            with open(os.path.join("/tmp", e, ".katactl-lab", "config.json")) as f:
+                if json.load(f).get("root") != mine:
+                    continue
+        except (OSError, ValueError):
+            pass
+        out.add(e)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def test_qemu_lab_down_leaves_nothing(cli, monkeypatch):
+    """A one-sandbox QEMU lab: down stops the daemon and every process under it (QEMU
+    included), removes the root, and leaves no temporary files and no process naming the root."""
+    import tempfile
+
+    import psutil
+
+    from katactl.lab import control
+
+    # the session lab's kernel cache (tests/conftest_lab.py): no second download
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("KATACTL_TEST_CACHE") or "/tmp/katactl-test-cache")
+    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
+    os.rmdir(root)
+    before = lab_tmp_entries(root)
+    try:
+        # 96Mi: 80Mi boots the lab's Debian cloud kernel, 64Mi does not
+        r = cli(["lab", "up", "--root", root, "--hypervisor", "qemu", "--sandboxes", "1", "--memory", "96Mi",
+                 "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        j = r.json()
+        (sb,) = j["sandboxes"]
+        daemon = psutil.Process(j["pid"])
+        procs = [daemon, *daemon.children(recursive=True)]
+        assert sb["qemuPid"] in [p.pid for p in procs]  # QEMU runs under the daemon
+        r = cli(["lab", "down", "--root", root, "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        assert {s["pid"] for s in r.json()["stopped"]} == {j["pid"], sb["qemuPid"]}
+    finally:
+        control.down(root)
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert [p.pid for p in procs if alive(p)] == []
+    assert not os.path.lexists(root)
+    assert lab_tmp_entries(root) - before == set()
+    naming_root = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(root in a for a in p.info["cmdline"] or ()) and alive(p):
+            naming_root.append((p.pid, p.info["cmdline"]))
+    assert naming_root == []
 
 
 def test_up_root_too_long(tmp_path, cli):
