@@ -99,6 +99,9 @@ def test_unknown_guest_usage_blind_floor(cli, bnode):
     from katactl.balloon import BLIND_FLOOR
 
     assert BLIND_FLOOR == 128 * MIB
+    r = cli(["balloon", "set", "--help"])  # the rule as documented
+    assert "usage is unknown (no guest statistics), it refuses targets below 128Mi unless --force" in \
+        " ".join(r.stdout.replace("│", " ").split()), r.stdout
     lab, sid, srv = bnode
     r = cli(over_ssh(lab, "balloon", "get", sid[:8], "-o", "json"))
     assert r.exit_code == 0, r.stderr

@@ -111,8 +111,11 @@ def set_(ctx: typer.Context,
     (QEMU takes the guest size; Cloud Hypervisor and Firecracker the balloon
     size). --reclaim takes memory away from the current target; --release
     gives everything back. Refuses (exit 5) a target below the guest's used
-    memory plus --margin or above the VM's memory, unless --force. Re-running
-    after success is a no-op (changed: false). Every change goes to the audit log.
+    memory plus --margin or above the VM's memory, unless --force. When the
+    guest's usage is unknown (no guest statistics), it refuses targets below
+    128Mi unless --force, and warns that the used+margin check was not made.
+    Re-running after success is a no-op (changed: false). Every change goes to
+    the audit log.
 
     \b
     Examples:
