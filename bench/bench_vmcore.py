@@ -10,7 +10,13 @@ clock, peak RSS) on real processes:
 - ``katactl --host-root ROOT vmcore collect --to DIR`` (streams, hashes,
   verifies, writes the manifest, fsyncs);
 - compressed: ``--compress gzip`` / ``--compress zstd`` against ``gzip -1`` /
-  ``zstd -3 -T0`` of the same file.
+  ``zstd -3 -T0`` of the same file;
+- over SSH (one real sshd on loopback): against ``scp``; and ``--compress zstd``
+  compressed on the node (``--compress-on node``: ``zstd -3 -T1`` under
+  ionice/nice there, decompressed here to hash the original) against compressed
+  here (``--compress-on local``), with ``ssh node zstd -3 -T1 -c FILE > out`` as
+  the OpenSSH reference; bytes over the wire are the dump's payload bytes
+  katactl received (``transferredBytes`` in its JSON; SSH framing adds ~1 %).
 
 Usage: .venv/bin/python bench/bench_vmcore.py [--size-mib N] [--runs N] [--dir DIR]
 Prints a markdown section on stdout.
@@ -71,9 +77,12 @@ def make_node(root: str, size: int) -> str:
     return path
 
 
-def timev(argv, env=None) -> tuple[float, int, float]:
-    """(wall seconds, peak RSS KiB, user+sys CPU seconds) of argv under /usr/bin/time -v."""
+def timev(argv, env=None, stdout: list | None = None) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS KiB, user+sys CPU seconds) of argv under /usr/bin/time -v
+    (its stdout appended to ``stdout`` when given)."""
     p = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env)
+    if stdout is not None:
+        stdout.append(p.stdout)
     if p.returncode != 0:
         msg = [ln for ln in p.stderr.splitlines() if not ln.startswith("\t") and "Command being timed" not in ln]
         raise SystemExit(f"{' '.join(argv[:6])} ... failed (exit {p.returncode}): " + "\n".join(msg[-20:]))
@@ -150,7 +159,7 @@ def main() -> None:
             size_k = os.path.getsize(stored + ext)
             comp[algo] = (w, r, size_k, w_ref, r_ref, ref_size, " ".join(ref))
         rm_out()
-        ssh_rows = bench_ssh(work, root, src, kat, env, a.runs) if not a.no_ssh else {}
+        ssh_rows, zrows = bench_ssh(work, root, src, kat, env, a.runs) if not a.no_ssh else ({}, {})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -177,6 +186,22 @@ def main() -> None:
         for name, (w, r, c) in ssh_rows.items():
             print(f"| {name} | {w:.2f} | {mib / w:.0f} | {b / w:.2f}x | {bs / w:.2f}x | {c:.2f} | {r / 1024:.0f} |")
         print("\n(scp's CPU column counts only the local scp process; sshd's encryption runs in sshd.)\n")
+    if zrows:
+        import time as _time
+
+        ref = zrows["ssh node zstd -3 -T1 -c > file"][0]
+        loc = zrows["katactl --compress zstd --compress-on local"][0]
+        print(f"Over SSH with `--compress zstd` ({_time.strftime('%Y-%m-%d')}): compressed on the node "
+              "(`zstd -q -c -3 -T1` under `ionice -c3 nice -n 19`, its stdout streamed; katactl decompresses "
+              "it on the fly to hash the original) or here (`cat` on the node, zstd here). Wire MiB: the "
+              "dump's bytes received; CPU: katactl's process (and its local zstd), not the node's compressor.\n")
+        print("| command | wall s | vs ssh+zstd ref | vs --compress-on local | wire MiB | stored MiB | "
+              "CPU s (user+sys) | peak RSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, (w, r, c, wire, stored) in zrows.items():
+            print(f"| {name} | {w:.2f} | {ref / w:.2f}x | {loc / w:.2f}x | {wire / (1 << 20):.1f} | "
+                  f"{stored / (1 << 20):.1f} | {c:.2f} | {r / 1024:.0f} |")
+        print()
     if comp:
         print("| compression | katactl wall s | katactl size MiB | katactl RSS MiB | reference | ref wall s | ref size MiB |")
         print("|---|---:|---:|---:|---|---:|---:|")
@@ -190,7 +215,7 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int) -
     """katactl -N node vmcore collect over a real sshd on loopback, against scp of the same file."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not (os.path.exists(sshd) and shutil.which("scp") and shutil.which("ssh-keygen")):
-        return {}
+        return {}, {}
     from pathlib import Path
 
     sys.path.insert(0, ROOT)
@@ -205,9 +230,14 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int) -
         lab.wait_ready()
         out = os.path.join(work, "ssh-collected")
         dst = os.path.join(work, "scp.out")
+        collect = [*kat, "-N", "vmnode", "--ssh-config", str(lab.config), "vmcore", "collect", "--to", out,
+                   "-o", "json"]
+        zref = "ssh node zstd -3 -T1 -c > file"
         samples: dict = {"scp": [], "scp + sync": [], "katactl -N node vmcore collect": []}
+        zsamples: dict = {zref: [], "katactl --compress zstd --compress-on local": [],
+                          "katactl --compress zstd --compress-on node": []} if shutil.which("zstd") else {}
         for _ in range(runs):
-            for name in samples:
+            for name in [*samples, *zsamples]:
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
                 if os.path.exists(dst):
@@ -219,12 +249,32 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int) -
                 elif name == "scp + sync":
                     argv = ["sh", "-c", 'scp -q -F "$0" "$1" "$2" && sync -f "$2"', str(lab.config),
                             f"vmnode:{src}", dst]
+                elif name == zref:
+                    argv = ["sh", "-c", 'ssh -F "$0" vmnode zstd -q -c -3 -T1 -- "$1" > "$2" && sync -f "$2"',
+                            str(lab.config), src, dst]
+                elif name in zsamples:
+                    argv = [*collect, "--compress", "zstd", "--compress-on", name.rsplit(" ", 1)[1]]
                 else:
-                    argv = [*kat, "-N", "vmnode", "--ssh-config", str(lab.config), "vmcore", "collect",
-                            "--to", out, "-o", "json"]
-                samples[name].append(timev(argv, env=env))
-        return {k: (statistics.median(x[0] for x in v), max(x[1] for x in v), statistics.median(x[2] for x in v))
-                for k, v in samples.items()}
+                    argv = collect
+                got: list = []
+                t = timev(argv, env=env, stdout=got)
+                if name in samples:
+                    samples[name].append(t)
+                    continue
+                if name == zref:
+                    wire = stored = os.path.getsize(dst)
+                else:
+                    import json
+
+                    [item] = json.loads(got[0])["items"]
+                    wire, stored = item["transferredBytes"], item["storedSize"]
+                zsamples[name].append((*t, wire, stored))
+        med = {k: (statistics.median(x[0] for x in v), max(x[1] for x in v), statistics.median(x[2] for x in v))
+               for k, v in samples.items()}
+        zmed = {k: (statistics.median(x[0] for x in v), max(x[1] for x in v), statistics.median(x[2] for x in v),
+                    statistics.median(x[3] for x in v), statistics.median(x[4] for x in v))
+                for k, v in zsamples.items()}
+        return med, zmed
     finally:
         lab.stop()
 
