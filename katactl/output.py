@@ -291,12 +291,23 @@ class _NullProgress:
 class _RichProgress:
     def __init__(self, stream, description, total, unit):
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TransferSpeedColumn)
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        from katactl.values import format_size
+
+        class BytesColumn(ProgressColumn):
+            """Done/total and rate in katactl's binary units (Mi, Gi), not Rich's MB/GB."""
+
+            def render(self, task):
+                done = format_size(task.completed)
+                total = f"/{format_size(task.total)}" if task.total else ""
+                rate = f"  {format_size(task.speed)}/s" if task.speed else ""
+                return Text(done + total + rate)
 
         cols = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
         if unit == "bytes":
-            cols += [DownloadColumn(), TransferSpeedColumn()]
+            cols += [BytesColumn()]
         else:
             cols += [TextColumn("{task.completed:.0f}/{task.total:.0f}" if total else "")]
         self._p = Progress(*cols, console=Console(file=stream), transient=True)
