@@ -187,9 +187,14 @@ def status(
 
         def rows(t):
             s = upgrade.status(t, layout)
-            if s.get("pending"):
-                app_ctx.out.warn(f"{t.node}: an interrupted {s['pending'].get('action')} is pending; "
-                                 "the next switch/rollback/gc completes it")
+            p = s.get("inProgress")
+            if p:
+                to = p.get("to") or {}
+                renamed = (f" ({p['configFilesRenamed']} of {p['configFiles']} configuration files renamed)"
+                           if p.get("configFiles") else "")
+                app_ctx.out.warn(f"{t.node}: a {p.get('action')} to runtime {to.get('runtime')}, agent "
+                                 f"{to.get('agent')} is in progress or was interrupted{renamed}; "
+                                 "the next upgrade stage/switch/rollback/gc completes it")
             return [dict(r, nprocs=len(r["processes"]), nsbs=len(r["sandboxes"])) for r in s["releases"]]
 
         fan_out_list(app_ctx, rows, kind="UpgradeStatus", name_key="version", columns=[

@@ -9,6 +9,7 @@
         bin/ share/ libexec/ ...
       releases/.katactl/         lock, history.jsonl, pending.json, backups/
       releases/.staging-*        temp dirs of a stage in progress (same filesystem)
+      releases/.replaced-*       a release being replaced by stage --force (set aside)
       releases/.trash-*          releases being removed by gc
 
 Every path here is a *node path*; all access goes through a NodeTransport.
@@ -40,19 +41,28 @@ _RESERVED = {"current", "previous", "releases"}
 FAULT_POINTS = (
     "stage:locked", "stage:after-scan", "stage:mid-extract", "stage:after-extract",
     "stage:after-record", "stage:after-rename",
-    "switch:locked", "switch:after-journal", "switch:after-prepare", "switch:after-tmp-link",
+    "stage:after-set-aside",
+    "switch:locked", "switch:after-journal", "switch:after-config-tmp", "switch:after-intent",
+    "switch:after-config-rename", "switch:after-prepare", "switch:after-tmp-link",
     "switch:after-flip", "switch:after-config", "switch:after-history",
     "gc:after-trash",
 )
+#: points reached once per item (one per configuration file renamed): ``<point>`` kills at
+#: the first, ``<point>@N`` at the N-th
+REPEATED_FAULT_POINTS = ("switch:after-config-rename",)
 
 
-def fault(point: str) -> None:
+def fault(point: str, n: int | None = None) -> None:
     """Test hook: SIGKILL ourselves at a named step (see FAULT_POINTS).
 
-    Only active when KATACTL_FAULT names the point; a real crash, not an
-    exception, so no finally-block or atexit handler runs."""
+    Only active when KATACTL_FAULT names the point (``point@n`` for the n-th pass of a
+    repeated point); a real crash, not an exception, so no finally-block or atexit
+    handler runs."""
     want = os.environ.get("KATACTL_FAULT")
-    if want and point in want.split(","):
+    if not want:
+        return
+    names = want.split(",")
+    if (point in names and n in (None, 1)) or (n is not None and f"{point}@{n}" in names):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

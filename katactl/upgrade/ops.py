@@ -7,13 +7,23 @@ Crash safety. The only *live* changes are single atomic steps:
 - switch (``all`` or ``runtime``) first edits the *target* release's own
   configuration (not live: nothing reads it until ``current`` points there),
   then replaces ``current`` with rename(2) of a fresh temp symlink;
-- switch ``--component agent`` edits the current release's configuration files,
-  each one atomically (temp file + fsync + rename), with a backup under
-  ``releases/.katactl/backups/``.
+- switch ``--component agent`` rewrites the current release's configuration
+  files. Several independent files cannot be replaced in one atomic step, so it
+  is done in two phases: every new file is first written next to its target as
+  a hidden temp file and fsynced (nothing live changes), the list is recorded in
+  the journal, and then the files are renamed into place back to back (each
+  rename(2) atomic, so every single file is always wholly old or wholly new).
+  Backups of the old files go to ``releases/.katactl/backups/``.
 A journal (``pending.json``) is written before the first live step and
-removed after the history entry; any later run that takes the lock finds it
-and completes (or discards) the interrupted operation, so the history always
-tells the truth.
+removed after the history entry; any later stage/switch/rollback/gc that takes
+the lock finds it and completes (or discards) the interrupted operation first
+(a recorded set of configuration renames is always finished: rolled forward),
+so the history always tells the truth; ``status`` reports such a node as
+"switching", not "mixed".
+- stage --force sets the old release aside (``releases/.replaced-<v>-<tok>``)
+  and renames the new one (``releases/.staging-<v>-<tok>``) into place; a run
+  killed between the two renames is finished by the next stage/switch/rollback/gc
+  (forward when the new tree is complete, else the old one is put back).
 """
 from __future__ import annotations
 
@@ -143,8 +153,11 @@ def read_state(t, L: Layout) -> dict:
                 v = L.version_of_path(value)
                 if v:
                     vs.add(v)
-        agent = vs.pop() if len(vs) == 1 else ("mixed" if vs else None)
-    return {"runtime": runtime, "agent": agent, "link": link}
+        agents = sorted(vs)
+        agent = agents[0] if len(vs) == 1 else ("mixed" if vs else None)
+    else:
+        agents = []
+    return {"runtime": runtime, "agent": agent, "link": link, "agents": agents}
 
 
 def _pair(s: dict) -> dict:
@@ -206,14 +219,94 @@ def _agent_edits(t, L: Layout, in_release: str, agent: str) -> list[tuple[str, s
     return edits
 
 
-def _write_edits(t, L: Layout, release: str, edits) -> None:
+#: a configuration file's next version, written beside it before the renames; hidden and
+#: not ending in .toml, so neither Kata nor katactl reads it as a configuration
+CONFIG_TMP_SUFFIX = ".katactl-new"
+
+
+def _config_tmp(f: str) -> str:
+    d, n = posixpath.split(f)
+    return f"{d}/.{n}{CONFIG_TMP_SUFFIX}"
+
+
+def _is_config_tmp(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(CONFIG_TMP_SUFFIX)
+                                     or (name.startswith(".katactl-") and name.endswith(".tmp")))
+
+
+def _write_edits(t, L: Layout, release: str, edits, journal: dict | None = None) -> None:
+    """Replace several configuration files as close to "all at once" as separate files allow.
+
+    Phase 1 changes nothing live: a backup of every old file, and every new file written
+    (temp file, fsync) beside its target. Then the plan is recorded in the journal, and
+    phase 2 renames the new files into place back to back. A run killed in phase 2 is
+    finished by _recover from the journal (roll forward)."""
+    plan = []
     for f, old, new in edits:
         rel = f[len(L.release(release)) + 1:]
         b = f"{L.backups(release)}/{rel}"
         t.mkdir(posixpath.dirname(b))
         t.write_bytes_atomic(b, old.encode())
         mode = t.stat(f).mode & 0o777
-        t.write_bytes_atomic(f, new.encode(), mode=mode)
+        data = new.encode()
+        tmp = _config_tmp(f)
+        t.write_bytes_atomic(tmp, data, mode=mode)
+        plan.append({"path": f, "tmp": tmp, "sha256": hashlib.sha256(data).hexdigest()})
+    if not plan:
+        return
+    fault("switch:after-config-tmp")
+    if journal is not None:
+        t.write_bytes_atomic(L.journal, json.dumps({**journal, "configs": plan}).encode())
+        fault("switch:after-intent")
+    for i, p in enumerate(plan, 1):
+        t.rename(p["tmp"], p["path"])
+        fault("switch:after-config-rename", i)
+
+
+def _finish_config_renames(t, journal: dict) -> int:
+    """Phase 2 of an interrupted _write_edits: rename the recorded temp files that are
+    still there (checked against their recorded sha256). Returns how many were renamed."""
+    n = 0
+    for p in journal.get("configs") or []:
+        tmp, path = p.get("tmp"), p.get("path")
+        if not (isinstance(tmp, str) and isinstance(path, str) and t.exists(tmp)):
+            continue
+        if hashlib.sha256(t.read_bytes(tmp)).hexdigest() != p.get("sha256"):
+            t.remove(tmp)  # not what was planned: _apply recomputes the edit
+            continue
+        t.rename(tmp, path)
+        n += 1
+    return n
+
+
+def _clean_config_tmps(t, L: Layout, versions) -> None:
+    """Remove configuration temp files an interrupted run left (never read by anyone)."""
+    for v in versions:
+        if not v:
+            continue
+        for d in [L.config_dir(v)] + _walk_dirs(t, L.config_dir(v)):
+            try:
+                names = t.listdir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for n in names:
+                if _is_config_tmp(n):
+                    t.remove(f"{d}/{n}")
+
+
+def _walk_dirs(t, top: str) -> list[str]:
+    out: list[str] = []
+    try:
+        names = t.listdir(top)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for n in names:
+        p = f"{top}/{n}"
+        s = t.stat(p, follow_symlinks=False)
+        if s.is_dir:
+            out.append(p)
+            out.extend(_walk_dirs(t, p))
+    return out
 
 
 def _flip(t, L: Layout, version: str) -> None:
@@ -224,8 +317,10 @@ def _flip(t, L: Layout, version: str) -> None:
     fault("switch:after-flip")
 
 
-def _apply(t, L: Layout, cur: dict, to: dict, dry_run: bool) -> list[str]:
-    """Move the node from state cur to state to; returns the steps (planned or done)."""
+def _apply(t, L: Layout, cur: dict, to: dict, dry_run: bool, journal: dict | None = None) -> list[str]:
+    """Move the node from state cur to state to; returns the steps (planned or done).
+    ``journal``: the pending entry, extended with the configuration renames before
+    the first one (so an interrupted set of renames is finished by _recover)."""
     steps: list[str] = []
     if to["runtime"] != cur["runtime"]:
         edits = _agent_edits(t, L, to["runtime"], to["agent"]) if to["agent"] else []
@@ -234,7 +329,7 @@ def _apply(t, L: Layout, cur: dict, to: dict, dry_run: bool) -> list[str]:
         steps.append(f"switch {L.current} -> {L.link_target(to['runtime'])}")
         if dry_run:
             return steps
-        _write_edits(t, L, to["runtime"], edits)
+        _write_edits(t, L, to["runtime"], edits, journal)
         fault("switch:after-prepare")
         _flip(t, L, to["runtime"])
     elif to["agent"] != cur["agent"]:
@@ -243,33 +338,72 @@ def _apply(t, L: Layout, cur: dict, to: dict, dry_run: bool) -> list[str]:
                      f"at agent {to['agent']}")
         if dry_run:
             return steps
-        _write_edits(t, L, to["runtime"], edits)
+        _write_edits(t, L, to["runtime"], edits, journal)
         fault("switch:after-config")
     return steps
 
 
 def _recover(t, L: Layout) -> str | None:
+    """Finish what a killed stage --force or switch/rollback left (lock held)."""
+    notes = [m for m in (_recover_replaced(t, L), _recover_switch(t, L)) if m]
+    return "; ".join(notes) or None
+
+
+def _recover_replaced(t, L: Layout) -> str | None:
+    """A stage --force killed between its two renames left releases/<v> missing, the old
+    tree in .replaced-<v>-<tok> and the new one in .staging-<v>-<tok>: roll forward when
+    the new tree is complete (its record is written last), else put the old one back."""
+    try:
+        names = t.listdir(L.releases)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    notes = []
+    for n in names:
+        if not n.startswith(".replaced-") or n.count("-") < 2:
+            continue
+        v, tok = n[len(".replaced-"):].rsplit("-", 1)
+        old, new, dest = f"{L.releases}/{n}", f"{L.releases}/.staging-{v}-{tok}", L.release(v)
+        if not t.exists(dest):
+            if t.exists(f"{new}/{RELEASE_RECORD}"):
+                t.rename(new, dest)
+                notes.append(f"completed an interrupted replacement of release {v}")
+            else:
+                t.rename(old, dest)
+                notes.append(f"restored release {v} (an interrupted replacement had not finished)")
+                continue
+        t.remove(old, recursive=True)
+    return "; ".join(notes) or None
+
+
+def _recover_switch(t, L: Layout) -> str | None:
     """Finish what a killed switch/rollback left in the journal (lock held)."""
-    for n in t.listdir(L.root):
+    try:
+        names = t.listdir(L.root)
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for n in names:
         if n.startswith(".current.katactl-"):
             t.remove(f"{L.root}/{n}")
     j = _read_json(t, L.journal)
     if j is None:
         return None
-    cur = _pair(read_state(t, L))
     to, frm = j.get("to") or {}, j.get("from") or {}
+    # a recorded set of configuration renames is finished first: all old or all new
+    finished = _finish_config_renames(t, j)
+    _clean_config_tmps(t, L, {to.get("runtime"), frm.get("runtime")})
+    cur = _pair(read_state(t, L))
     if j.get("id") and any(h.get("id") == j["id"] for h in read_history(t, L)[-50:]):
         t.remove(L.journal)  # killed after the history entry: only the journal was left
         return None
     if cur == to:
-        outcome = "completed"
+        outcome = "rolled forward" if finished else "completed"
     elif cur == frm:
         t.remove(L.journal)
         return f"discarded an interrupted {j.get('action')} that had not switched anything"
     else:
-        _apply(t, L, cur, to, dry_run=False)
+        _apply(t, L, cur, to, dry_run=False, journal=j)
         outcome = "rolled forward"
-    entry = dict(j)
+    entry = {k: v for k, v in j.items() if k != "configs"}
     entry["recovered"] = True
     _append_history(t, L, entry)
     t.remove(L.journal)
@@ -412,7 +546,7 @@ def _commit(t, L: Layout, action: str, component: str | None, frm: dict, to: dic
              "node": t.node, "action": action, "component": component, "from": frm, "to": to, **extra}
     t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
     fault("switch:after-journal")
-    _apply(t, L, frm, to, dry_run=False)
+    _apply(t, L, frm, to, dry_run=False, journal=entry)
     _append_history(t, L, entry)
     fault("switch:after-history")
     t.remove(L.journal)
@@ -541,14 +675,16 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
             "bytes": sc.total_bytes}
 
     def locked() -> dict:
+        recovered = None
         if not dry_run:
             fault("stage:locked")
+            recovered = _recover(t, L)  # a killed stage --force, switch or rollback first
             _clean_stale(t, L, (".staging-",))
         existing = release_record(t, L, v) if t.exists(dest) else None
         replace = False
         if t.exists(dest):
             if existing and existing.get("sourceSha256") == source_sha:
-                return {**base, "changed": False, "dryRun": dry_run,
+                return {**base, "changed": False, "dryRun": dry_run, "recovered": recovered,
                         "message": f"release {v} is already staged from the same source"}
             if not force:
                 raise Refused(f"release {v} is already staged from a different source "
@@ -571,7 +707,9 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
         if dry_run:
             return {**base, "changed": True, "dryRun": True, "replace": replace}
         fault("stage:after-scan")
-        tmp = f"{L.releases}/.staging-{v}-{secrets.token_hex(4)}"
+        tok = secrets.token_hex(4)
+        tmp = f"{L.releases}/.staging-{v}-{tok}"
+        aside = f"{L.releases}/.replaced-{v}-{tok}"  # _recover_replaced pairs them by tok
         try:
             _extract(t, L, source, kind, sc, tmp, v)
             record = {"version": v, "source": os.path.basename(source), "sourceKind": kind,
@@ -582,21 +720,23 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
             t.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
             fault("stage:after-record")
             if replace:
-                trash = f"{L.releases}/.trash-{v}-{secrets.token_hex(4)}"
-                t.rename(dest, trash)
+                t.rename(dest, aside)
+                fault("stage:after-set-aside")
                 t.rename(tmp, dest)
-                t.remove(trash, recursive=True)
+                t.remove(aside, recursive=True)
             else:
                 t.rename(tmp, dest)
             fault("stage:after-rename")
         except BaseException:
             try:
+                if replace and t.exists(aside) and not t.exists(dest):
+                    t.rename(aside, dest)  # failed between the renames: the old release back
                 if t.exists(tmp):
                     t.remove(tmp, recursive=True)
             except OSError:
                 pass
             raise
-        return {**base, "changed": True, "dryRun": False, "replaced": replace}
+        return {**base, "changed": True, "dryRun": False, "replaced": replace, "recovered": recovered}
 
     if dry_run:
         return locked()
@@ -686,8 +826,34 @@ def _clean_stale(t, L: Layout, prefixes) -> list[str]:
 
 
 # -- status / gc ---------------------------------------------------------------------------------
+SWITCHING = "switching"
+
+
+def _in_progress(t, pending: dict | None) -> dict | None:
+    """What a pending journal says about the node, as status reports it: which switch
+    is under way (or was interrupted), and how many of its recorded configuration
+    renames are done. None without a journal."""
+    if not pending:
+        return None
+    frm, to = pending.get("from") or {}, pending.get("to") or {}
+    configs = pending.get("configs") or []
+    done = sum(1 for p in configs if isinstance(p.get("tmp"), str) and not t.exists(p["tmp"]))
+    return {"action": pending.get("action"), "component": pending.get("component"),
+            "from": frm, "to": to, "configFiles": len(configs), "configFilesRenamed": done}
+
+
 def status(t, L: Layout) -> dict:
+    """Read-only: never takes the lock nor changes anything. A node in the middle of a
+    switch (a journal, and a configuration naming only the switch's old and new agent)
+    reports agent "switching", not "mixed"; the next stage/switch/rollback/gc finishes it."""
     st = read_state(t, L)
+    pending = _read_json(t, L.journal)
+    progress = _in_progress(t, pending)
+    switching = None
+    if progress and st["agent"] == "mixed" and \
+            set(st["agents"]) <= {progress["from"].get("agent"), progress["to"].get("agent")}:
+        switching = progress
+        st = {**st, "agent": SWITCHING}
     hist = read_history(t, L)
     last = hist[-1] if hist else None
     procs, stats = procscan.scan(t, L)
@@ -698,15 +864,17 @@ def status(t, L: Layout) -> dict:
         users = [p.pid for p in procs if v in p.releases]
         sb_ids = [s["id"] for s in sbs if v in s["releases"]]
         roles = [r for r, on in (("runtime", st["runtime"] == v), ("agent", st["agent"] == v)) if on]
+        if switching:
+            roles += [r for r, on in (("agent-old", switching["from"].get("agent") == v),
+                                      ("agent-new", switching["to"].get("agent") == v)) if on]
         if last and (last.get("from") or {}).get("runtime") == v and not roles:
             roles.append("previous")
         rels.append({"version": v, "state": roles or (["incomplete"] if not rec else []),
                      "stagedAt": rec.get("stagedAt"), "source": rec.get("source"),
                      "processes": users, "sandboxes": sb_ids, "inUse": bool(users or sb_ids)})
-    pending = _read_json(t, L.journal)
     return {"node": t.node, "kataRoot": L.root, "current": _pair(st),
             "previous": (last or {}).get("from"), "lastSwitch": last,
-            "pending": pending, "releases": rels, "sandboxes": sbs,
+            "pending": pending, "inProgress": progress, "releases": rels, "sandboxes": sbs,
             "processes": [p.to_dict() for p in procs], "scan": stats}
 
 
