@@ -89,20 +89,22 @@ def _verified(chunks, expect: str | None, what: str):
         raise Refused(f"{what} (expected {expect}, got {got})")
 
 
-def _walk_files(t, top: str, suffix: str = "") -> list[str]:
-    out: list[str] = []
+def _walk(t, top: str):
+    """(path, stat) of everything below top, depth first, symlinks not followed."""
     try:
         names = t.listdir(top)
     except (FileNotFoundError, NotADirectoryError):
-        return out
+        return
     for n in names:
         p = f"{top}/{n}"
         s = t.stat(p, follow_symlinks=False)
+        yield p, s
         if s.is_dir:
-            out.extend(_walk_files(t, p, suffix))
-        elif not s.is_link and n.endswith(suffix):
-            out.append(p)
-    return out
+            yield from _walk(t, p)
+
+
+def _walk_files(t, top: str, suffix: str = "") -> list[str]:
+    return [p for p, s in _walk(t, top) if not s.is_dir and not s.is_link and p.endswith(suffix)]
 
 
 def releases(t, L: Layout) -> list[str]:
@@ -295,18 +297,7 @@ def _clean_config_tmps(t, L: Layout, versions) -> None:
 
 
 def _walk_dirs(t, top: str) -> list[str]:
-    out: list[str] = []
-    try:
-        names = t.listdir(top)
-    except (FileNotFoundError, NotADirectoryError):
-        return out
-    for n in names:
-        p = f"{top}/{n}"
-        s = t.stat(p, follow_symlinks=False)
-        if s.is_dir:
-            out.append(p)
-            out.extend(_walk_dirs(t, p))
-    return out
+    return [p for p, s in _walk(t, top) if s.is_dir]
 
 
 def _flip(t, L: Layout, version: str) -> None:
