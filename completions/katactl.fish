@@ -151,7 +151,7 @@ complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subc
 complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l sha256 -r -d 'Expected sha256 of the tarball'
 complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l no-verify -d 'Stage even without any checksum to verify against'
 complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l reserve -r -d 'Free space that must remain on the releases filesystem after'
-complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l force -d 'Replace a staged (not current) release of the same version'
+complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l force -d 'Replace a staged release unless it is current or in use'
 complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l kata-root -r -F -d 'Kata install root on the node: releases/ and the current sym'
 complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l lock-timeout -r -d 'How long to wait for another upgrade operation on the node ('
 complete -c katactl -n '__fish_seen_subcommand_from upgrade and __fish_seen_subcommand_from stage' -l dry-run -d 'Show what would change; change nothing'

@@ -70,6 +70,7 @@ def node_on(templates, tmp_path, start):
 
     node = tmp_path / "node"
     shutil.copytree(templates[start], node, symlinks=True)
+    (node / "proc").mkdir()  # a /proc showing no processes: gc and stage --force list it
     return node
 
 
@@ -247,7 +248,6 @@ def test_rollback_killed_then_completed(katactl_bin, tmp_path, templates, point)
 
 def test_gc_killed_after_trash_is_finished_by_rerun(katactl_bin, tmp_path, templates):
     node = node_on(templates, tmp_path, B)
-    (node / "proc").mkdir()
     r = run(katactl_bin, node, "gc", "--yes", fault="gc:after-trash")
     assert r.exit_code == -9
     assert not (releases_dir(node) / A).exists()  # gone from view atomically
@@ -267,7 +267,6 @@ def test_any_upgrade_command_first_finishes_an_interrupted_agent_switch(katactl_
     (read-only: it stays so), and the next stage/gc/rollback/switch first rolls it
     forward to the recorded target, records it, then does its own work."""
     node = node_on(templates, tmp_path, B)
-    (node / "proc").mkdir()  # gc lists /proc under --host-root
     assert run(katactl_bin, node, "switch", A, "--component", "agent", fault=point).exit_code == -9
     assert assert_old_or_new_or_switching(katactl_bin, node, (B, B), (B, A), point)
     assert status(katactl_bin, node)["current"]["agent"] == "switching"  # status changed nothing
@@ -361,7 +360,6 @@ def test_a_failed_forced_restage_puts_the_old_release_back(katactl_bin, tmp_path
             shutil.rmtree(rel / n)
     old_sha = json.loads(next((rel / n / ".katactl-release.json").read_text() for n in os.listdir(rel)
                               if n.startswith(".replaced-")))["sourceSha256"]
-    (node / "proc").mkdir()
     assert run(katactl_bin, node, "gc", "--dry-run").exit_code == 0
     assert not (rel / A).exists()  # a dry run changes nothing
     r = run(katactl_bin, node, "gc", "--yes")

@@ -11,6 +11,7 @@ so persist.json written by the lab layout and the real processes meet.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -141,3 +142,98 @@ def test_process_running_deleted_binary_still_counts(cli, lab, tmp_path):
     p.kill()
     p.wait()
     assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]
+
+
+def tree_bytes(root) -> dict:
+    """Every entry under root: type, mode, and content or link target (byte-for-byte)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if os.path.islink(p):
+                what = ("link", os.readlink(p))
+            elif os.path.isdir(p):
+                what = ("dir", None)
+            else:
+                with open(p, "rb") as f:
+                    what = ("file", f.read())
+            out[os.path.relpath(p, root)] = (what, st.st_mode, st.st_ino)
+    return out
+
+
+def _stage_audits(home):
+    p = home / "state" / "katactl" / "audit.log"
+    return [a for a in map(json.loads, p.read_text().splitlines()) if a["action"] == "upgrade.stage"]
+
+
+def test_forced_restage_refused_while_processes_use_the_release(cli, lab, tmp_path, _isolated_home):
+    """stage --force of a release a running shim/hypervisor uses: refused (exit 5, even as
+    a dry run), the release tree untouched, no change audited; once they exit it replaces it."""
+    node, procs = lab
+    K(cli, node, "switch", B)
+    sid = layout.sandbox_id_for(1)
+    shim, hv = start_sandbox(node, procs, A, sid)
+    (tmp_path / "other").mkdir()  # A again, from another source
+    other = fx.make_tarball(str(tmp_path / "other"), A, str(tmp_path / "other"), compression="tar")
+    rel_a = node / "opt/kata/releases" / A
+    before = tree_bytes(rel_a)
+    old_sha = json.loads((rel_a / ".katactl-release.json").read_text())["sourceSha256"]
+    audits = len(_stage_audits(_isolated_home))
+
+    for dry in ([], ["--dry-run"]):
+        r = cli(["--host-root", str(node), "upgrade", "stage", other, "--force", *dry, "-o", "json"])
+        assert r.exit_code == 5, (dry, r.stdout, r.stderr)
+        err = r.json()
+        assert err["code"] == "Refused" and f"release {A} is in use" in err["message"]
+        for pid in (shim.pid, hv.pid):
+            assert f"pid {pid} " in err["hint"]
+        assert f"sandbox {sid[:12]}" in err["hint"]
+        assert "wait until they end" in err["hint"] and "--as VERSION" in err["hint"]
+        assert tree_bytes(rel_a) == before
+        assert sorted(n for n in os.listdir(rel_a.parent) if n.startswith(".")) == [".katactl"]
+    assert shim.poll() is None and hv.poll() is None
+    recs = _stage_audits(_isolated_home)[audits:]
+    assert len(recs) == 1  # the dry run is not audited
+    assert "changed" not in recs[0] and recs[0]["result"].startswith("error: ") and "in use" in recs[0]["result"]
+
+    # the shim gone, the hypervisor still maps A's kernel and holds its image: still refused
+    shim.kill()
+    shim.wait()
+    r = cli(["--host-root", str(node), "upgrade", "stage", other, "--force"])
+    assert r.exit_code == 5 and f"pid {hv.pid} " in r.stderr and f"pid {shim.pid} " not in r.stderr
+    assert tree_bytes(rel_a) == before
+
+    hv.kill()
+    hv.wait()
+    d = K(cli, node, "stage", other, "--force", "--dry-run")
+    assert d["changed"] is True and d["replace"] is True and tree_bytes(rel_a) == before
+    d = K(cli, node, "stage", other, "--force")
+    assert d["changed"] is True and d["replaced"] is True
+    new_sha = json.loads((rel_a / ".katactl-release.json").read_text())["sourceSha256"]
+    assert new_sha != old_sha and new_sha == d["sourceSha256"]
+    assert _stage_audits(_isolated_home)[-1]["changed"] is True
+    assert K(cli, node, "stage", other, "--force")["changed"] is False  # idempotent
+
+
+def test_forced_restage_refused_when_proc_cannot_be_read(cli, tmp_path):
+    """A node tree without /proc: nothing proves the release is unused, so stage --force
+    refuses (also as a dry run); plain staging and an idempotent re-stage still work."""
+    node = tmp_path / "bare"
+    node.mkdir()
+    tb = fx.make_tarball(str(tmp_path), A, str(tmp_path), compression="gz")
+    (tmp_path / "other").mkdir()
+    other = fx.make_tarball(str(tmp_path / "other"), A, str(tmp_path / "other"), compression="tar")
+    K(cli, node, "stage", tb)
+    rel_a = node / "opt/kata/releases" / A
+    before = tree_bytes(rel_a)
+    for dry in ([], ["--dry-run"]):
+        r = cli(["--host-root", str(node), "upgrade", "stage", other, "--force", *dry, "-o", "json"])
+        assert r.exit_code == 5, (dry, r.stdout, r.stderr)
+        err = r.json()
+        assert err["code"] == "Refused" and "cannot list /proc" in err["message"]
+        assert "/proc must be visible" in err["hint"] and "--as VERSION" in err["hint"]
+    assert tree_bytes(rel_a) == before
+    assert K(cli, node, "stage", tb, "--force")["changed"] is False  # same source: nothing to replace
+    (node / "proc").mkdir()  # a /proc showing no processes: nothing uses A
+    assert K(cli, node, "stage", other, "--force")["replaced"] is True

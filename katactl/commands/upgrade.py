@@ -56,7 +56,7 @@ def stage(
     no_verify: bool = typer.Option(False, "--no-verify", help="Stage even without any checksum to verify against."),
     reserve: str = typer.Option("256Mi", "--reserve", metavar="SIZE",
                                 help="Free space that must remain on the releases filesystem afterwards."),
-    force: bool = typer.Option(False, "--force", help="Replace a staged (not current) release of the same version."),
+    force: bool = typer.Option(False, "--force", help="Replace a staged release unless it is current or in use."),
     kata_root: str = ROOT_OPT,
     lock_timeout: Optional[str] = LOCK_OPT,
     dry_run: bool = DRY_OPT,
@@ -69,7 +69,8 @@ def stage(
     SHA256SUMS manifest inside, written into a temp dir on the releases
     filesystem, fsynced, and renamed into KATA_ROOT/releases/VERSION. Refused
     when the filesystem would keep less than --reserve free. Re-staging the same
-    source is a no-op (changed: false).
+    source is a no-op (changed: false). --force replaces a release staged from
+    another source, never one that is current or that running sandboxes use.
 
     \b
     Examples:

@@ -23,7 +23,9 @@ so the history always tells the truth; ``status`` reports such a node as
 - stage --force sets the old release aside (``releases/.replaced-<v>-<tok>``)
   and renames the new one (``releases/.staging-<v>-<tok>``) into place; a run
   killed between the two renames is finished by the next stage/switch/rollback/gc
-  (forward when the new tree is complete, else the old one is put back).
+  (forward when the new tree is complete, else the old one is put back). It never
+  replaces a release a running process or live sandbox uses (checked before the
+  extraction and again just before the set-aside), nor one it cannot prove unused.
 """
 from __future__ import annotations
 
@@ -682,9 +684,10 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
                               f"({(existing or {}).get('source', 'unknown, no release record')})",
                               hint="stage under another --as VERSION, or --force to replace it")
             st = read_state(t, L)
-            if v in (st["runtime"], st["agent"]):
+            if v == st["runtime"] or v == st["agent"] or v in st.get("agents", ()):
                 raise Refused(f"release {v} is in use as the current {'runtime' if v == st['runtime'] else 'agent'}; "
                               "it cannot be replaced")
+            _refuse_if_running(t, L, v)
             replace = True
         t.mkdir(L.releases)
         free = t.statvfs_free(L.releases)
@@ -711,6 +714,7 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
             t.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
             fault("stage:after-record")
             if replace:
+                _refuse_if_running(t, L, v)  # again: a process may have started it meanwhile
                 t.rename(dest, aside)
                 fault("stage:after-set-aside")
                 t.rename(tmp, dest)
@@ -733,6 +737,20 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
         return locked()
     with _lock(t, L, lock_timeout, on_wait):
         return locked()
+
+
+def _refuse_if_running(t, L: Layout, v: str) -> None:
+    """stage --force must not replace files under running shims, hypervisors or guests:
+    Refused when a running process or live sandbox uses release v, or when that cannot
+    be known (the same detection as gc)."""
+    escape = f"stage this source under another version (--as VERSION) instead of replacing {v}"
+    users = release_users(t, L, verb="replaced", escape=escape)[0].get(v)
+    if users:
+        raise Refused(f"release {v} is in use by running sandboxes or processes on {t.node}; "
+                      "replacing it would change files under them",
+                      hint=f"used by {_who(users)}: wait until they end ('katactl upgrade status "
+                           f"--sandboxes' shows them), or {escape}",
+                      details={"release": v, "usedBy": users})
 
 
 def _tree_digest(path: str, sc) -> str:
@@ -869,6 +887,37 @@ def status(t, L: Layout) -> dict:
             "processes": [p.to_dict() for p in procs], "scan": stats}
 
 
+def release_users(t, L: Layout, *, force: bool = False, verb: str, escape: str) -> tuple[dict, dict]:
+    """Which releases running processes and live sandboxes use, for gc and stage --force:
+    ``{version: ["pid 81234 (containerd-shim)", "sandbox 4f1c...", ...]}`` and the scan
+    statistics. When that cannot be known (``/proc`` not listable, a Kata-looking process
+    not inspectable), Refused unless ``force``: nothing proves the release is unused.
+    ``verb`` says what would happen to such a release, ``escape`` ends the hint."""
+    procs, stats = procscan.scan(t, L)
+    if stats.get("error") and not force:
+        raise Refused(f"cannot list /proc on {t.node}: which releases running processes use is "
+                      "unknown", hint="with --host-root, the node's /proc must be visible under it; "
+                                      f"or {escape}")
+    hidden = stats.get("unreadableKata") or []
+    if hidden and not force:
+        raise Refused(f"cannot inspect {len(hidden)} Kata process(es) on {t.node} (pids "
+                      f"{', '.join(map(str, hidden[:5]))}; not root?); a release they run could be "
+                      f"{verb}", hint=f"run as root, or {escape}")
+    sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
+    in_use: dict[str, list] = {}
+    for p in procs:
+        for v in p.releases:
+            in_use.setdefault(v, []).append(f"pid {p.pid} ({p.comm})")
+    for s in sbs:
+        for v in s["releases"]:
+            in_use.setdefault(v, []).append(f"sandbox {s['id'][:12]}")
+    return in_use, stats
+
+
+def _who(users: list[str], n: int = 5) -> str:
+    return ", ".join(users[:n]) + (f" and {len(users) - n} more" if len(users) > n else "")
+
+
 def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previous: bool = True,
        only=None, lock_timeout: float = 30.0, on_wait=None) -> dict:
     """Remove releases nothing uses. ``keep_previous`` keeps the last switch's ``from``
@@ -895,24 +944,7 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
             for v in (hist[-1].get("from") or {}).values():
                 if v:
                     protected.setdefault(v, "previous (the rollback target; --no-keep-previous to remove)")
-        procs, stats = procscan.scan(t, L)
-        if stats.get("error") and not force:
-            raise Refused(f"cannot list /proc on {t.node}: which releases running processes use is "
-                          "unknown", hint="with --host-root, the node's /proc must be visible under it; "
-                                          "or --force")
-        hidden = stats.get("unreadableKata") or []
-        if hidden and not force:
-            raise Refused(f"cannot inspect {len(hidden)} Kata process(es) on {t.node} (pids "
-                          f"{', '.join(map(str, hidden[:5]))}; not root?); a release they run could be "
-                          "removed", hint="run as root, or --force")
-        sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
-        in_use: dict[str, list] = {}
-        for p in procs:
-            for v in p.releases:
-                in_use.setdefault(v, []).append(f"pid {p.pid} ({p.comm})")
-        for s in sbs:
-            for v in s["releases"]:
-                in_use.setdefault(v, []).append(f"sandbox {s['id'][:12]}")
+        in_use, stats = release_users(t, L, force=force, verb="removed", escape="--force")
         # the current runtime release's configs may point at another release's assets
         if st["runtime"] and st["runtime"] != UNMANAGED:
             for f in _walk_files(t, L.config_dir(st["runtime"]), ".toml"):
@@ -925,8 +957,7 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
             if v in protected:
                 kept.append({"version": v, "reason": protected[v]})
             elif v in in_use:
-                kept.append({"version": v, "reason": "in use: " + ", ".join(in_use[v][:5])
-                             + (f" and {len(in_use[v]) - 5} more" if len(in_use[v]) > 5 else "")})
+                kept.append({"version": v, "reason": "in use: " + _who(in_use[v])})
             elif only is not None and v not in only:
                 kept.append({"version": v, "reason": "not in the confirmed plan (run gc again)"})
             else:
