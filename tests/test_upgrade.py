@@ -476,3 +476,11 @@ def test_status_table_and_json(cli, staged):
     d = J(cli, staged, "status")
     assert d["kind"] == "UpgradeStatus" and d["current"] == {"runtime": A, "agent": A}
     assert sorted(x["version"] for x in d["releases"]) == sorted([A, B, C])
+
+
+@pytest.mark.parametrize("raw", [b"[1]", b"null", b"\xff\xfe", b"{", b'"x"', b'{"pid": "1"}'])
+def test_a_foreign_or_torn_lock_file_is_not_an_owner(raw):
+    from katactl.upgrade import lock
+
+    assert lock._stale(raw) is False  # never provably stale: wait, never break it
+    assert lock._describe(raw) in ("another katactl", "pid 1 on None (user None, since None)")

@@ -25,12 +25,20 @@ def _owner() -> dict:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _describe(raw: bytes) -> str:
+def _owner_of(raw: bytes) -> dict | None:
+    """The owner record in a lock file, or None for anything else (a torn or foreign file)."""
     try:
         o = json.loads(raw.decode())
-        return f"pid {o.get('pid')} on {o.get('host')} (user {o.get('user')}, since {o.get('since')})"
-    except Exception:
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return o if isinstance(o, dict) else None
+
+
+def _describe(raw: bytes) -> str:
+    o = _owner_of(raw)
+    if o is None:
         return "another katactl"
+    return f"pid {o.get('pid')} on {o.get('host')} (user {o.get('user')}, since {o.get('since')})"
 
 
 @contextlib.contextmanager
@@ -121,11 +129,8 @@ def _mkdir_lock(transport, layout, timeout, on_wait):
 
 def _stale(raw: bytes) -> bool:
     """Only a lock of a dead process on *this* client host is provably stale."""
-    try:
-        o = json.loads(raw.decode())
-    except Exception:
-        return False
-    if o.get("host") != socket.gethostname() or not isinstance(o.get("pid"), int):
+    o = _owner_of(raw)
+    if o is None or o.get("host") != socket.gethostname() or not isinstance(o.get("pid"), int):
         return False
     try:
         os.kill(o["pid"], 0)
