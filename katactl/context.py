@@ -17,6 +17,7 @@ class AppContext:
     def create(cls, settings: Settings) -> "AppContext":
         out = Output(settings.output, color=False if settings.no_color else None,
                      quiet=settings.quiet, verbose=settings.verbose)
+        _route_library_logs(out)
         # Point the audit log at the audit_log setting. Read-only commands never
         # import katactl.audit: importing it just to say "default" would cost
         # start-up, and a module not yet imported holds no earlier path.
@@ -35,3 +36,21 @@ class AppContext:
         import typer
 
         return typer.confirm(question, default=False, err=True)
+
+
+def _route_library_logs(out: Output) -> None:
+    """The library logs (it never prints); on the command line its warnings are
+    ours: "warning: ..." on stderr through the one output module (escaped, one line),
+    debug lines with -v. One handler per invocation, replacing the previous one."""
+    import logging
+
+    class ToOutput(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            (out.warn if record.levelno >= logging.WARNING else out.debug)(msg)
+
+    logger = logging.getLogger("katactl")
+    for h in [h for h in logger.handlers if type(h).__name__ == "ToOutput"]:
+        logger.removeHandler(h)
+    logger.addHandler(ToOutput(logging.DEBUG if out.verbose else logging.WARNING))
+    logger.setLevel(logging.DEBUG if out.verbose else logging.WARNING)
