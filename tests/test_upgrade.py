@@ -484,3 +484,10 @@ def test_a_foreign_or_torn_lock_file_is_not_an_owner(raw):
 
     assert lock._stale(raw) is False  # never provably stale: wait, never break it
     assert lock._describe(raw) in ("another katactl", "pid 1 on None (user None, since None)")
+
+
+def test_gc_name_output_is_the_node(cli, staged):
+    J(cli, staged, "switch", A)
+    for extra in (["--dry-run"], ["--yes"]):
+        r = K(cli, staged, "gc", *extra, "-o", "name")
+        assert r.exit_code == 0 and r.stdout == "localhost\n", (extra, r.stdout, r.stderr)

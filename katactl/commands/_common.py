@@ -83,6 +83,12 @@ def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
     from katactl.fleet import run_on_nodes
 
     fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
+    render_per_node(app_ctx, fo, kind=kind, columns=columns, mutating=mutating)
+
+
+def render_per_node(app_ctx: AppContext, fo, *, kind: str, columns: list[Column] | None = None,
+                    mutating: bool = False) -> None:
+    """Render a FanOut of one object per node (see fan_out_one) and exit with its code."""
     fo.raise_if_single_failure()
     if not fo.multi:
         item = {"node": fo.nodes[0], **fo.values[fo.nodes[0]]}

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from katactl.commands._common import fan_out_list, fan_out_one, new_app, state
+from katactl.commands._common import fan_out_list, fan_out_one, new_app, render_per_node, state
 
 app = new_app("A/B upgrade of the Kata runtime and agent, without stopping sandboxes.")
 
@@ -273,24 +273,7 @@ def gc(
 
     done = run_on_nodes(app_ctx.settings, fn, nodes=list(planned))
     fo = FanOut(nodes=plan.nodes, values=done.values, errors={**plan.errors, **done.errors})
-    _finish_mutation(app_ctx, fo, "UpgradeGC", _gc_columns())
-
-
-def _finish_mutation(app_ctx, fo, kind: str, columns) -> None:
-    """Render a mutating fan-out's outcome as fan_out_one(mutating=True) does."""
-    from katactl.commands._common import finish
-    from katactl.output import Result
-
-    fo.raise_if_single_failure()
-    if not fo.multi:
-        item = dict(fo.values[fo.nodes[0]])
-        changed, dry = item.pop("changed", None), item.pop("dryRun", None)
-        finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry))
-        return
-    items = fo.items()
-    result = Result(kind=kind + "List", items=items, columns=columns, errors=fo.error_items(), multi_node=True,
-                    changed=any(i.get("changed") for i in items), dry_run=any(i.get("dryRun") for i in items))
-    finish(app_ctx, result, fo.exit_code())
+    render_per_node(app_ctx, fo, kind="UpgradeGC", columns=_gc_columns(), mutating=True)
 
 
 def _mut_columns(key):
