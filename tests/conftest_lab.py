@@ -21,6 +21,7 @@ The kernel is cached across sessions in ``$KATACTL_TEST_CACHE`` (default
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -82,6 +83,20 @@ class LabHandle:
         return ["--host-root", self.root, *a]
 
 
+@contextlib.contextmanager
+def _audit_to(path: str):
+    """control.up/down audit themselves: the session lab (set up outside any test's
+    isolated home) writes to a log of its own, never the developer's."""
+    from katactl import audit
+
+    saved = audit._configured
+    audit.configure(path)
+    try:
+        yield
+    finally:
+        audit.configure(saved)
+
+
 @pytest.fixture(scope="session")
 def lab():
     if shutil.which("qemu-system-x86_64") is None:
@@ -93,8 +108,10 @@ def lab():
     os.environ["XDG_CACHE_HOME"] = cache
     root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")
     os.rmdir(root)  # the lab creates its own directory
+    audit_log = tempfile.mkdtemp(prefix="katactl-lab-audit-") + "/audit.log"
     try:
-        st = control.up(root, specs=[dict(s) for s in LAB_SPECS], timeout=300, die_with_parent=True)
+        with _audit_to(audit_log):
+            st = control.up(root, specs=[dict(s) for s in LAB_SPECS], timeout=300, die_with_parent=True)
     finally:
         if old is None:
             os.environ.pop("XDG_CACHE_HOME", None)
@@ -103,7 +120,9 @@ def lab():
     handle = LabHandle(root, st)
     yield handle
     pids = [s.get("qemuPid") for s in handle.refresh()["sandboxes"] if s.get("qemuPid")] + [st["pid"]]
-    control.down(root)
+    with _audit_to(audit_log):
+        control.down(root)
+    shutil.rmtree(os.path.dirname(audit_log), ignore_errors=True)
     leftovers = [p for p in pids if control._alive(p)]
     assert not leftovers, f"lab down left processes behind: {leftovers}"
     assert not os.path.exists(root), f"lab down left {root} behind"

@@ -384,3 +384,38 @@ def test_up_refuses_a_non_empty_dir(cli):
         assert (d / "precious").read_text() == "x" and os.listdir(d) == ["precious"]
     finally:
         shutil.rmtree(d)
+
+
+def test_library_up_down_audit_themselves(_isolated_home):
+    """control.up/down (no CLI) write the audit log: a start, a stop, a failed start;
+    never a dry run, a no-op, or an input refused before anything was touched."""
+    import tempfile
+
+    from katactl import audit
+    from katactl.errors import TimeoutExpired, UsageError
+    from katactl.lab import control
+
+    audit.configure(None)  # the default log, under this test's isolated home
+    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
+    try:
+        control.up(root, sandboxes=1, hypervisor="fc", dry_run=True)
+        with pytest.raises(UsageError):
+            control.up(root, sandboxes=99, hypervisor="fc")
+        assert audit_actions(_isolated_home) == []
+        st = control.up(root, sandboxes=1, hypervisor="fc")
+        assert control.up(root, sandboxes=1, hypervisor="fc")["changed"] is False
+        assert control.down(root, dry_run=True)["changed"] is True
+        control.down(root)
+        assert control.down(root)["changed"] is False
+        with pytest.raises(TimeoutExpired):  # gives up before the daemon can say "ready"
+            control.up(root, sandboxes=1, hypervisor="fc", timeout=0)
+    finally:
+        control.down(root)
+    log = _isolated_home / "state" / "katactl" / "audit.log"
+    entries = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(e["action"], e["result"]) for e in entries][:2] == [("lab.up", "ok"), ("lab.down", "ok")]
+    assert entries[0]["params"] == {"sandboxes": 1, "hypervisor": "fc", "kernel": None, "memoryMiB": 512}
+    assert entries[0]["daemonPid"] == st["pid"] and entries[0]["target"] == root
+    assert entries[1]["stopped"] == [{"pid": st["pid"], "what": "lab daemon"}]
+    assert entries[2]["action"] == "lab.up" and entries[2]["result"].startswith("error: ")
+    assert len(entries) == 3

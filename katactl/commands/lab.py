@@ -40,12 +40,6 @@ def _render(app_ctx, st: dict, *, changed=None, dry_run=None) -> None:
     finish(app_ctx, Result(kind="Lab", item=item, changed=changed, dry_run=dry_run))
 
 
-def _audit(action: str, root: str, params: dict, *, changed=None, result: str = "ok", **extra) -> None:
-    from katactl import audit
-
-    audit.record(action, root, params=params, result=result, changed=changed, **extra)
-
-
 @app.command("up")
 def up(ctx: typer.Context,
        sandboxes: int = typer.Option(2, "--sandboxes", "-s", metavar="N", help="How many sandboxes (1-16)."),
@@ -79,7 +73,7 @@ def up(ctx: typer.Context,
       katactl --host-root /tmp/katactl-lab balloon set lab/batch-qemu-0 --target 256Mi --wait
       katactl lab down
     """
-    from katactl.errors import Refused, UsageError
+    from katactl.errors import UsageError
     from katactl.lab import control
     from katactl.values import parse_size
 
@@ -97,20 +91,8 @@ def up(ctx: typer.Context,
         return
     if not app_ctx.out.machine and not control.is_running(root):
         app_ctx.out.info("starting the lab (the first run downloads a Debian cloud kernel)...")
-    params = {"sandboxes": sandboxes, "hypervisor": hypervisor, "kernel": kernel, "memoryMiB": mem >> 20}
-    try:
-        st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20)
-    except (UsageError, Refused):
-        raise  # nothing was started or changed
-    except Exception as e:
-        _audit("lab.up", root, params, result=f"error: {e}")
-        raise
-    changed = st.pop("changed", None)
-    if changed:
-        _audit("lab.up", st["root"], params, changed=True, daemonPid=st.get("pid"),
-               qemuPids=[s["qemuPid"] for s in st.get("sandboxes", []) if s.get("qemuPid")],
-               removedDeadLab=st.get("removedDeadLab", False))
-    _render(app_ctx, st, changed=changed, dry_run=st.pop("dryRun", False))
+    st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20)
+    _render(app_ctx, st, changed=st.pop("changed", None), dry_run=st.pop("dryRun", False))
 
 
 @app.command("status")
@@ -154,16 +136,8 @@ def down(ctx: typer.Context,
     from katactl.output import Result
 
     app_ctx = state(ctx)
-    root = control.lab_root(root)
-    try:
-        r = control.down(root, dry_run=dry_run)
-    except Exception as e:
-        if not dry_run:
-            _audit("lab.down", root, {}, result=f"error: {e}")
-        raise
+    r = control.down(root, dry_run=dry_run)
     changed, dry = r.pop("changed"), r.pop("dryRun")
-    if changed and not dry:
-        _audit("lab.down", r["root"], {}, changed=True, stopped=r["stopped"], removed=r["removed"])
     summary = (f"no lab at {r['root']}: nothing to do" if not changed else
                f"dry run: would stop {len(r['stopped'])} process(es) and remove {r['root']}" if dry else None)
     finish(app_ctx, Result(kind="LabDown", item=r, changed=changed, dry_run=dry, summary=summary))

@@ -163,9 +163,37 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
     start) without creating a file or a process.
 
     ``die_with_parent`` (tests): the lab stops and cleans up when this process dies,
-    even by SIGKILL."""
+    even by SIGKILL.
+
+    A start (or a failed attempt to start) goes to the audit log; a dry run, a
+    no-op, and an input refused before anything was touched do not."""
+    params = ({"sandboxes": sandboxes, "hypervisor": hypervisor, "kernel": kernel, "memoryMiB": memory_mib}
+              if specs is None else {"specs": [s.get("name") for s in specs], "kernel": kernel})
     root, specs, kernel = plan(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel,
                                memory_mib=memory_mib, specs=specs)
+    try:
+        st = _up(root, specs, kernel, timeout=timeout, die_with_parent=die_with_parent, dry_run=dry_run)
+    except (UsageError, Refused):
+        raise  # nothing was started or changed
+    except Exception as e:
+        if not dry_run:
+            _audit("lab.up", root, params, result=f"error: {e}")
+        raise
+    if st["changed"] and not st["dryRun"]:
+        _audit("lab.up", st.get("root", root), params, changed=True, daemonPid=st.get("pid"),
+               qemuPids=[s["qemuPid"] for s in st.get("sandboxes", []) if s.get("qemuPid")],
+               removedDeadLab=st.get("removedDeadLab", False))
+    return st
+
+
+def _audit(action: str, root: str, params: dict, *, changed=None, result: str = "ok", **extra) -> None:
+    from katactl import audit
+
+    audit.record(action, root, params=params, result=result, changed=changed, **extra)
+
+
+def _up(root: str, specs: list[dict], kernel: str | None, *, timeout: float, die_with_parent: bool,
+        dry_run: bool) -> dict:
     p = _paths(root)
     st = read_state(root)
     if st and _alive(st.get("pid")):
@@ -280,8 +308,22 @@ def _cleanup(root: str) -> None:
 
 def down(root: str | None = None, timeout: float = 30, dry_run: bool = False) -> dict:
     """Stop the lab at root and remove its directory; return what was (with ``dry_run``:
-    what would be) stopped and removed. No lab there: ``changed: false``."""
+    what would be) stopped and removed. No lab there: ``changed: false``.
+
+    A removal (or a failed attempt) goes to the audit log; a dry run and a no-op do not."""
     root = lab_root(root)
+    try:
+        r = _down(root, timeout, dry_run)
+    except Exception as e:
+        if not dry_run:
+            _audit("lab.down", root, {}, result=f"error: {e}")
+        raise
+    if r["changed"] and not dry_run:
+        _audit("lab.down", r["root"], {}, changed=True, stopped=r["stopped"], removed=r["removed"])
+    return r
+
+
+def _down(root: str, timeout: float, dry_run: bool) -> dict:
     st = read_state(root)
     if st is None and not os.path.isdir(os.path.join(root, LAB_DIR)):
         return {"root": root, "status": "absent", "stopped": [], "removed": [], "changed": False,
