@@ -135,3 +135,29 @@ def test_policy_corpus(data, needle):
     with pytest.raises(UsageError) as e:
         policy.from_dict(data, "p.toml")
     assert needle in e.value.message and e.value.message.startswith("p.toml")
+
+
+def _node_audit(*severities: str, pods: int = 1) -> dict:
+    items = [{"check": f"c{i}", "severity": s, "target": "t", "message": "m", "evidence": [], "fix": "f"}
+             for i, s in enumerate(severities)]
+    return {"policy": "defaults", "hierarchy": "v2", "pods": pods, "sandboxes": 0,
+            "counts": {s: severities.count(s) for s in policy.SEVERITIES}, "items": items}
+
+
+def test_audit_merge_one_node_and_many():
+    from katactl.isolation import audit
+
+    pol = policy.Policy()
+    items, meta, failed = audit.merge({"n1": _node_audit("low", "info")}, "medium", pol, multi=False)
+    assert not failed and meta["passed"] is True and "nodes" not in meta
+    assert meta["hierarchy"] == "v2" and meta["pods"] == 1 and meta["failOn"] == "medium"
+    assert [i.get("node") for i in items] == [None, None]
+    items, meta, failed = audit.merge({"n1": _node_audit("low"), "n2": _node_audit("high", pods=3)}, "high", pol)
+    assert failed and meta["passed"] is False
+    assert [i["node"] for i in items] == ["n1", "n2"]
+    assert meta["counts"] == {"info": 0, "low": 1, "medium": 0, "high": 1, "critical": 0}
+    assert meta["nodes"]["n2"] == {"hierarchy": "v2", "pods": 3, "sandboxes": 0,
+                                   "counts": {"info": 0, "low": 0, "medium": 0, "high": 1, "critical": 0}}
+    assert audit.merge({"n1": _node_audit("high")}, "critical", pol, multi=False)[2] is False
+    assert audit.merge({}, "info", pol)[:2] == ([], {"policy": pol.source, "failOn": "info", "passed": True,
+                                                     "counts": dict.fromkeys(policy.SEVERITIES, 0), "nodes": {}})

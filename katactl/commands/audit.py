@@ -42,7 +42,7 @@ def audit(
       katactl audit --list-checks
     """
     from katactl.commands._common import _progress_cb, finish
-    from katactl.errors import UsageError
+    from katactl.errors import ExitCode, UsageError
     from katactl.fleet import run_on_nodes
     from katactl.isolation import audit as lib
     from katactl.isolation import policy as pol_mod
@@ -66,25 +66,15 @@ def audit(
             Column("FIX", "fix", wide=True)]
     fo = run_on_nodes(app_ctx.settings, lambda t: lib.run(t, pol), progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
-    items, nodes = [], {}
-    for n in fo.nodes:
-        if n in fo.values:
-            v = fo.values[n]
-            nodes[n] = {k: v[k] for k in ("hierarchy", "pods", "sandboxes", "counts")}
-            items += [({"node": n, **i} if fo.multi else i) for i in v["items"]]
-    failed = lib.exceeds(items, fail_on)
-    counts = {s: sum(1 for i in items if i["severity"] == s) for s in pol_mod.SEVERITIES}
-    meta = {"policy": pol.source, "failOn": fail_on, "passed": not failed, "counts": counts}
-    if fo.multi:
-        meta["nodes"] = nodes
-    else:
-        meta.update(nodes.get(fo.nodes[0], {}))
+    items, meta, failed = lib.merge({n: fo.values[n] for n in fo.nodes if n in fo.values}, fail_on, pol,
+                                    multi=fo.multi)
+    counts = meta["counts"]
     summary = (f"audit {'FAILED' if failed else 'passed'} (--fail-on {fail_on}): "
                + ", ".join(f"{counts[s]} {s}" for s in reversed(pol_mod.SEVERITIES) if counts[s])
                if items else f"audit passed: no findings (policy: {pol.source})")
     res = Result(kind="AuditReport", items=items, item=meta, columns=cols, errors=fo.error_items(),
                  multi_node=fo.multi, name_key="check", summary=summary)
     code = fo.exit_code()
-    if failed and code == 0:
-        code = 8
+    if failed and code == ExitCode.OK:
+        code = ExitCode.CHECK_FAILED
     finish(app_ctx, res, code)

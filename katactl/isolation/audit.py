@@ -64,6 +64,34 @@ def exceeds(items: list[dict], fail_on: str) -> bool:
     return any(SEVERITIES.index(i["severity"]) >= lim for i in items)
 
 
+#: what each node's :func:`run` result contributes to the report's metadata
+NODE_META = ("hierarchy", "pods", "sandboxes", "counts")
+
+
+def merge(values: dict[str, dict], fail_on: str, pol: Policy, *, multi: bool = True) -> tuple[list[dict], dict, bool]:
+    """One report from the :func:`run` results of the nodes that answered
+    (``{node: result}``, in node order): (findings, metadata, failed).
+
+    ``multi`` (several nodes were asked): each finding names its node and each
+    node's facts go under ``nodes``; otherwise they sit in the metadata itself.
+    The metadata counts the findings by severity and says whether the audit
+    passed; ``failed``: a finding reaches ``fail_on``."""
+    items: list[dict] = []
+    nodes: dict[str, dict] = {}
+    for n, v in values.items():
+        nodes[n] = {k: v[k] for k in NODE_META}
+        items += [({"node": n, **i} if multi else i) for i in v["items"]]
+    failed = exceeds(items, fail_on)
+    counts = {s: sum(1 for i in items if i["severity"] == s) for s in SEVERITIES}
+    meta = {"policy": pol.source, "failOn": fail_on, "passed": not failed, "counts": counts}
+    if multi:
+        meta["nodes"] = nodes
+    else:
+        for facts in nodes.values():
+            meta.update(facts)
+    return items, meta, failed
+
+
 # -- cpu ---------------------------------------------------------------------------
 
 def _root_cpus(node) -> set[int] | None:
