@@ -1,17 +1,23 @@
-"""Mutating operations on the upstream shim endpoints: iptables set, volume resize.
+"""Operations on the upstream shim endpoints: agent-url, iptables get/set,
+direct-volume stats/resize, pprof download.
 
-Library only (design.md "Architecture"): each function validates its input,
-reads the current state, changes only what differs, appends to the audit log
-(a change, a no-op and a failure alike: an attempted mutation that failed is
-audited with ``result: "error"``) and returns a plain dict carrying ``changed``
-and ``dryRun``. Nothing prints; the CLI renders.
+Library only (design.md "Architecture"): each function takes a transport and a
+sandbox (or a reference to one on that node), validates its input, talks to
+the shim, and returns a plain dict naming the node and the sandbox. Nothing
+prints; the CLI renders.
+
+The mutating ones (iptables set, volume resize) read the current state, change
+only what differs, append to the audit log (a change, a no-op and a failure
+alike: an attempted mutation that failed is audited with ``result: "error"``)
+and report ``changed`` and ``dryRun``.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import BinaryIO, TextIO
 
-from katactl.backends.shim import IPTABLES_LIMIT, ShimClient
+from katactl.backends.shim import IPTABLES_LIMIT, PPROF_PROFILES, ShimClient
 from katactl.errors import KatactlError, NotFound, OperationFailed, UsageError
 from katactl.values import format_size
 
@@ -25,6 +31,19 @@ def _sandbox(transport, ref):
     from katactl import sandbox
 
     return sandbox.resolve(transport, ref)
+
+
+def _node(transport) -> str:
+    return getattr(transport, "node", "localhost")
+
+
+# -- agent-url ---------------------------------------------------------------------------
+def agent_url(transport, sandbox, *, timeout: float = 10.0) -> dict:
+    """The kata-agent URL the shim talks to (``vsock://CID:1024``, ``hvsock://...``)."""
+    sandbox = _sandbox(transport, sandbox)
+    with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
+        url = c.agent_url()
+    return {"node": _node(transport), "sandbox": sandbox.id, "agentURL": url}
 
 
 # -- iptables --------------------------------------------------------------------------
@@ -86,6 +105,14 @@ def normalize_rules(text: str) -> list[str]:
     return out
 
 
+def iptables_get(transport, sandbox, *, v6: bool = False, timeout: float = 10.0) -> dict:
+    """The guest's (ip6)tables rules as iptables-save text (``rules``), as the shim sent it."""
+    sandbox = _sandbox(transport, sandbox)
+    with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
+        rules = c.iptables_get(v6)
+    return {"node": _node(transport), "sandbox": sandbox.id, "v6": v6, "rules": rules}
+
+
 def iptables_set(transport, sandbox, rules: bytes | str, *, v6: bool = False, dry_run: bool = False,
                  timeout: float = 10.0, source: str = "rules") -> dict:
     """Make the guest's (ip6)tables exactly ``rules``; send nothing when they already are.
@@ -95,7 +122,7 @@ def iptables_set(transport, sandbox, rules: bytes | str, *, v6: bool = False, dr
 
     text = validate_rules(rules, source)
     sandbox = _sandbox(transport, sandbox)
-    node = getattr(transport, "node", "localhost")
+    node = _node(transport)
     action = "shim.iptables.set"  # params carry v6
     params = {"v6": v6, "bytes": len(text.encode("utf-8"))}
     result = {"node": node, "sandbox": sandbox.id, "v6": v6, "bytes": params["bytes"]}
@@ -120,6 +147,32 @@ def check_volume_path(path: str) -> str:
     return path
 
 
+#: the shim's usage units: the Go shim sends the CSI enum's number, runtime-rs its name
+_UNITS = {1: "bytes", 2: "inodes", "BYTES": "bytes", "INODES": "inodes"}
+
+
+def _unit(u: dict):
+    """'bytes' or 'inodes' for a usage entry; an unknown unit as sent."""
+    unit = u.get("unit")
+    if isinstance(unit, (int, str)) and not isinstance(unit, bool):
+        return _UNITS.get(unit, unit)
+    return unit
+
+
+def volume_stats(transport, sandbox, path: str, *, timeout: float = 10.0) -> dict:
+    """Usage of direct volume ``path`` inside the guest: ``usage`` is a list of
+    {unit: "bytes"|"inodes", total, used, available}; ``condition`` is the
+    shim's volume_condition (or None)."""
+    check_volume_path(path)
+    sandbox = _sandbox(transport, sandbox)
+    with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
+        st = c.volume_stats(path)
+    usage = [{"unit": _unit(u), "total": u.get("total"), "used": u.get("used"), "available": u.get("available")}
+             for u in st.get("usage") or [] if isinstance(u, dict)]
+    return {"node": _node(transport), "sandbox": sandbox.id, "path": path,
+            "condition": st.get("volume_condition"), "usage": usage}
+
+
 def _fs_bytes_total(c: ShimClient, path: str) -> tuple[int | None, str | None]:
     """The guest filesystem's statfs total in bytes, or (None, why) when the shim
     cannot say. A timeout or an unreachable shim is not swallowed: the resize
@@ -129,7 +182,7 @@ def _fs_bytes_total(c: ShimClient, path: str) -> tuple[int | None, str | None]:
     except (OperationFailed, NotFound) as e:
         return None, e.message
     for u in st.get("usage") or []:
-        if isinstance(u, dict) and u.get("unit") in (1, "BYTES"):
+        if isinstance(u, dict) and _unit(u) == "bytes":
             total = u.get("total")
             if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
                 return total, None
@@ -162,7 +215,7 @@ def volume_resize(transport, sandbox, path: str, size: int, *, dry_run: bool = F
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise UsageError(f"invalid volume size {size!r}: must be a whole number of bytes greater than zero")
     sandbox = _sandbox(transport, sandbox)
-    node = getattr(transport, "node", "localhost")
+    node = _node(transport)
     params = {"path": path, "size": size}
     result = {"node": node, "sandbox": sandbox.id, "path": path, "size": size}
     notes: list[str] = []
@@ -194,3 +247,55 @@ def volume_resize(transport, sandbox, path: str, size: int, *, dry_run: bool = F
                      sizeBefore=before, sizeAfter=after)
     return {**result, "sizeBefore": before, "sizeAfter": after, "notes": notes,
             "changed": changed, "dryRun": dry_run}
+
+
+# -- pprof (Go shim only) ------------------------------------------------------------------
+def check_pprof_request(profile: str, seconds: int | None = None, dest=None) -> None:
+    """Usage errors of a pprof download, found without contacting any node (a CPU
+    profile would otherwise take --seconds to fail). ``dest`` as for pprof_download."""
+    if profile not in PPROF_PROFILES:
+        raise UsageError(f"unknown profile {profile!r} (choose from {', '.join(PPROF_PROFILES)})")
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or not 1 <= seconds <= 3600:
+            raise UsageError(f"invalid --seconds {seconds}: expected 1..3600")
+        if profile not in ("profile", "trace"):
+            raise UsageError("--seconds applies to 'profile' and 'trace' only")
+    if isinstance(dest, (str, os.PathLike)):
+        f = os.fspath(dest)
+        if not f.strip():
+            raise UsageError("-f needs a file name, got an empty string")
+        d = os.path.dirname(os.path.abspath(f))
+        if not os.path.isdir(d):
+            raise UsageError(f"-f {f}: directory {d} does not exist")
+        if f.endswith("/") or os.path.isdir(f):
+            raise UsageError(f"-f {f}: is a directory; give a file name")
+
+
+def pprof_download(transport, sandbox, profile: str, dest: str | os.PathLike | BinaryIO | None = None, *,
+                   seconds: int | None = None, timeout: float = 10.0) -> dict:
+    """Stream the Go shim's /debug/pprof/``profile`` to ``dest``.
+
+    ``dest`` is a local file path (None: ``<id12>-<profile>.pprof`` in the
+    current directory) or a binary stream. A file appears, mode 0600, only once
+    the shim answered 2xx and the download completed (a temp file renamed into
+    place); a stream receives nothing unless the shim answered 2xx. Returns
+    {node, sandbox, profile, file (None for a stream), bytes}.
+
+    The shim serves pprof only with enable_pprof (NotFound says how to turn it
+    on); runtime-rs has no pprof (NotFound)."""
+    from katactl.backends.local import atomic_file
+
+    check_pprof_request(profile, seconds, dest)
+    sandbox = _sandbox(transport, sandbox)
+    result = {"node": _node(transport), "sandbox": sandbox.id, "profile": profile}
+    with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
+        if dest is not None and not isinstance(dest, (str, os.PathLike)):
+            n = c.pprof(profile, dest, seconds=seconds)
+            flush = getattr(dest, "flush", None)
+            if flush is not None:
+                flush()
+            return {**result, "file": None, "bytes": n}
+        path = os.path.abspath(os.fspath(dest) if dest is not None else f"{sandbox.id[:12]}-{profile}.pprof")
+        with atomic_file(path, 0o600) as f:
+            n = c.pprof(profile, f, seconds=seconds)
+    return {**result, "file": path, "bytes": n}

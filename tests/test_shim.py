@@ -237,6 +237,55 @@ def test_shim_ops_library_without_cli(tree, _isolated_home):
     assert [e["changed"] for e in mine] == [True, False]   # dry run and usage errors not audited
 
 
+def test_read_ops_library_without_cli(tree):
+    from katactl import shim_ops
+
+    t = LocalTransport(tree.root)
+    assert shim_ops.agent_url(t, "rs33") == {"node": "localhost", "sandbox": "rs3333",
+                                             "agentURL": "vsock://1234567:1024"}
+    got = shim_ops.iptables_get(t, "go11", v6=True)
+    assert got == {"node": "localhost", "sandbox": "go1111", "v6": True,
+                   "rules": tree.server("go1111").state.ip6tables}
+    for sid in ("go1111", "rs3333"):  # Go sends the unit as a number, runtime-rs as a name
+        st = shim_ops.volume_stats(t, sid, VOL)
+        assert (st["sandbox"], st["path"]) == (sid, VOL)
+        assert [u["unit"] for u in st["usage"]] == ["bytes", "inodes"], st
+        assert st["usage"][0]["total"] == tree.server(sid).state.volumes[VOL]["total"]
+    with pytest.raises(NotFound):
+        shim_ops.volume_stats(t, "nosuch", VOL)
+
+
+@pytest.mark.parametrize("unit,shown", [("BYTES", "bytes"), ("INODES", "inodes"), (7, 7),
+                                        (["x"], ["x"]), (None, None), (True, True)])
+def test_volume_stats_odd_units(cli, unit, shown):
+    """Whatever a shim sends as a unit is shown as sent, never a traceback."""
+    body = json.dumps({"usage": [{"unit": unit, "total": 5, "used": 1, "available": 4}, "junk"]})
+    with node() as n:
+        p = n.go("odd001", serve=False)
+        n.serve(p, "go", extra_routes={(None, "/direct-volume/stats"):
+                                       lambda srv, req: Response(200, body, "application/json")})
+        r = cli(["--host-root", n.root, "shim", "volume", "stats", "odd001", VOL, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["items"] == [{"unit": shown, "total": 5, "used": 1, "available": 4}]
+
+
+def test_iptables_get_escapes_control_characters_only_on_a_terminal(cli):
+    import sys
+
+    from tests._pty import run_on_pty
+
+    rules = "# \x1b]0;owned\x07 \x1b[31mred\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
+    with node() as n:
+        n.go("esc001")
+        n.server("esc001").state.iptables = rules
+        r = cli(["--host-root", n.root, "shim", "iptables", "get", "esc001"])
+        assert r.exit_code == 0 and r.stdout == rules  # piped: the exact text, for iptables-restore
+        rc, text = run_on_pty([sys.executable, "-m", "katactl", "--host-root", n.root, "shim", "iptables",
+                               "get", "esc001"])
+    assert rc == 0, text
+    assert "\x1b" not in text and "\\x1b]0;owned\\x07 \\x1b[31mred" in text and "*filter" in text
+
+
 # -- direct volumes -------------------------------------------------------------------------
 @pytest.mark.parametrize("sid", ["go1111", "rs3333"])
 def test_volume_stats_and_resize(cli, tree, sid):
@@ -388,6 +437,36 @@ def test_pprof_runtime_rs(cli, tree, tmp_path):
 def test_pprof_bad_args(cli, tree, args):
     r = cli(["--host-root", tree.root, "pprof", "go1111", *args])
     assert r.exit_code == 2, (args, r.stderr)
+
+
+def test_pprof_download_library_without_cli(tree, tmp_path, monkeypatch):
+    from katactl import shim_ops
+    from katactl.errors import UsageError
+
+    t = LocalTransport(tree.root)
+    buf = io.BytesIO()
+    res = shim_ops.pprof_download(t, "go11", "goroutine", buf)
+    assert res == {"node": "localhost", "sandbox": "go1111", "profile": "goroutine", "file": None,
+                   "bytes": len(buf.getvalue())}
+    assert gzip.decompress(buf.getvalue()).startswith(b"katactl-lab fake pprof goroutine")
+    monkeypatch.chdir(tmp_path)
+    res = shim_ops.pprof_download(t, "go11", "heap")  # default name in the current directory
+    assert res["file"] == str(tmp_path / "go1111-heap.pprof")
+    assert (tmp_path / "go1111-heap.pprof").stat().st_size == res["bytes"] > 0
+    assert (tmp_path / "go1111-heap.pprof").stat().st_mode & 0o777 == 0o600
+    # a 404 leaves neither a file nor a temp file, and writes nothing to a stream
+    buf = io.BytesIO()
+    with pytest.raises(NotFound, match="enable_pprof"):
+        shim_ops.pprof_download(t, "go22", "heap", buf)
+    with pytest.raises(NotFound, match="enable_pprof"):
+        shim_ops.pprof_download(t, "go22", "heap", tmp_path / "x.pprof")
+    assert buf.getvalue() == b"" and sorted(os.listdir(tmp_path)) == ["go1111-heap.pprof"]
+    # usage errors come before the sandbox is looked up
+    for args, kw in [(("heapp",), {}), (("heap",), {"seconds": 5}), (("profile",), {"seconds": 0}),
+                     (("trace",), {"seconds": True}), (("heap", str(tmp_path)), {}),
+                     (("heap", str(tmp_path / "no" / "f")), {}), (("heap", " "), {})]:
+        with pytest.raises(UsageError):
+            shim_ops.pprof_download(t, "nosuch", *args, **kw)
 
 
 # -- faults --------------------------------------------------------------------------------

@@ -35,49 +35,21 @@ def pprof(
       katactl pprof batch/train-0 profile --seconds 10 -f cpu.pprof
       katactl pprof 3f2a goroutine -f - | go tool pprof -top -
     """
-    import os
-
-    from katactl import sandbox
-    from katactl.backends.local import atomic_file
-    from katactl.backends.shim import PPROF_PROFILES, ShimClient
+    from katactl import sandbox, shim_ops
     from katactl.errors import UsageError
     from katactl.output import Result
 
     app_ctx = state(ctx)
-    if profile not in PPROF_PROFILES:
-        raise UsageError(f"unknown profile {profile!r} (choose from {', '.join(PPROF_PROFILES)})")
-    if seconds is not None and not (1 <= seconds <= 3600):
-        raise UsageError(f"invalid --seconds {seconds}: expected 1..3600")
-    if seconds is not None and profile not in ("profile", "trace"):
-        raise UsageError("--seconds applies to 'profile' and 'trace' only")
-    if file == "-" and app_ctx.out.stdout_tty:
+    to_stdout = file == "-"
+    shim_ops.check_pprof_request(profile, seconds, None if to_stdout else file)
+    if to_stdout and app_ctx.out.stdout_tty:
         raise UsageError("refusing to write a binary profile to a terminal; give -f FILE or redirect")
-    if file is not None and file != "-":
-        # checked before the download: a CPU profile takes --seconds to fail otherwise
-        if not file.strip():
-            raise UsageError("-f needs a file name, got an empty string")
-        d = os.path.dirname(os.path.abspath(file))
-        if not os.path.isdir(d):
-            raise UsageError(f"-f {file}: directory {d} does not exist")
-        if file.endswith("/") or os.path.isdir(file):
-            raise UsageError(f"-f {file}: is a directory; give a file name")
+    stdout = app_ctx.out.stdout
+    dest = getattr(stdout, "buffer", stdout) if to_stdout else file
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.timeout)
-    def fetch(t, sb):
-        # The profile streams to its destination: stdout, or a temp file renamed into
-        # place only once the shim answered 2xx and the download finished.
-        with ShimClient.for_sandbox(t, sb, timeout=timeout) as c:
-            if file == "-":
-                out = app_ctx.out.stdout
-                n = c.pprof(profile, getattr(out, "buffer", out), seconds=seconds)
-                out.flush()
-                return n, None
-            path = os.path.abspath(file or f"{sb.id[:12]}-{profile}.pprof")
-            with atomic_file(path, 0o600) as f:
-                return c.pprof(profile, f, seconds=seconds), path
-
-    node, sb, (n, path) = sandbox.on_sandbox(settings, ref, fetch)
-    if path is None:
+    _, _, res = sandbox.on_sandbox(settings, ref, lambda t, sb: shim_ops.pprof_download(
+        t, sb, profile, dest, seconds=seconds, timeout=timeout))
+    if to_stdout:
         return
-    finish(app_ctx, Result(kind="PprofProfile", item={"node": node, "sandbox": sb.id, "profile": profile,
-                                                      "file": path, "bytes": n}))
+    finish(app_ctx, Result(kind="PprofProfile", item=res))

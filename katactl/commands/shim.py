@@ -14,18 +14,19 @@ app.add_typer(volume_app, name="volume")
 SANDBOX_HELP = "Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."
 
 
-def _client_call(app_ctx, target: str, fn, require_live: bool = True):
+def _on_sandbox(app_ctx, target: str, op, *args, **kw) -> dict:
+    """op(transport, sandbox, *args, timeout=--timeout, **kw), a shim_ops function, run on
+    the node holding SANDBOX; its result."""
     from katactl import sandbox
-    from katactl.backends.shim import ShimClient
 
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.timeout)
+    return sandbox.on_sandbox(settings, ref, lambda t, sb: op(t, sb, *args, timeout=timeout, **kw))[2]
 
-    def run(t, sb):
-        with ShimClient.for_sandbox(t, sb, timeout=timeout) as c:
-            return fn(c)
 
-    return sandbox.on_sandbox(settings, ref, run, require_live=require_live)
+def _text_out(app_ctx) -> bool:
+    """Text output (not json/yaml): the endpoint's own text is the data."""
+    return app_ctx.out.fmt in ("plain", "table", "wide", "name")
 
 
 @app.command("agent-url")
@@ -38,14 +39,15 @@ def agent_url(ctx: typer.Context,
       katactl shim agent-url 3f2a
       katactl shim agent-url batch/train-0 -o json
     """
-    from katactl.output import Result
+    from katactl import shim_ops
+    from katactl.output import Result, printable
 
     app_ctx = state(ctx)
-    node, sb, url = _client_call(app_ctx, target, lambda c: c.agent_url())
-    if app_ctx.out.fmt in ("plain", "table", "wide", "name"):
-        app_ctx.out.stdout.write(url + "\n")
+    res = _on_sandbox(app_ctx, target, shim_ops.agent_url)
+    if _text_out(app_ctx):
+        app_ctx.out._write(printable(res["agentURL"]) + "\n")  # a URL has no control characters
         return
-    finish(app_ctx, Result(kind="AgentURL", item={"node": node, "sandbox": sb.id, "agentURL": url}))
+    finish(app_ctx, Result(kind="AgentURL", item=res))
 
 
 @iptables_app.command("get")
@@ -59,14 +61,18 @@ def iptables_get(ctx: typer.Context,
       katactl shim iptables get 3f2a > rules.v4
       katactl shim iptables get 3f2a --v6
     """
-    from katactl.output import Result
+    from katactl import shim_ops
+    from katactl.output import Result, printable
 
     app_ctx = state(ctx)
-    node, sb, rules = _client_call(app_ctx, target, lambda c: c.iptables_get(v6))
-    if app_ctx.out.fmt in ("plain", "table", "wide", "name"):
-        app_ctx.out.stdout.write(rules if rules.endswith("\n") or not rules else rules + "\n")
+    res = _on_sandbox(app_ctx, target, shim_ops.iptables_get, v6=v6)
+    if _text_out(app_ctx):
+        rules = res["rules"]
+        if app_ctx.out.stdout_tty:  # the guest's text never reaches a terminal as escape sequences
+            rules = "".join(printable(ln) + "\n" for ln in rules.splitlines())
+        app_ctx.out._write(rules if rules.endswith("\n") or not rules else rules + "\n")
         return
-    finish(app_ctx, Result(kind="IPTables", item={"node": node, "sandbox": sb.id, "v6": v6, "rules": rules}))
+    finish(app_ctx, Result(kind="IPTables", item=res))
 
 
 @iptables_app.command("set")
@@ -90,17 +96,14 @@ def iptables_set(ctx: typer.Context,
     """
     import sys
 
-    from katactl import sandbox, shim_ops
+    from katactl import shim_ops
     from katactl.output import Result
 
     app_ctx = state(ctx)
     src = "stdin" if file == "-" else file
     data = shim_ops.read_rules(file, getattr(sys.stdin, "buffer", sys.stdin))
     shim_ops.validate_rules(data, src)  # usage errors before resolving the sandbox
-    settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.timeout)
-    _, _, res = sandbox.on_sandbox(settings, ref, lambda t, sb: shim_ops.iptables_set(
-        t, sb, data, v6=v6, dry_run=dry_run, timeout=timeout, source=src))
+    res = _on_sandbox(app_ctx, target, shim_ops.iptables_set, data, v6=v6, dry_run=dry_run, source=src)
     changed, dry = res.pop("changed"), res.pop("dryRun")
     finish(app_ctx, Result(kind="IPTablesSet", item=res, changed=changed, dry_run=dry))
 
@@ -117,23 +120,16 @@ def volume_stats(ctx: typer.Context,
       katactl shim volume stats 3f2a /dev/mapper/vol-1
       katactl shim volume stats 3f2a /dev/mapper/vol-1 -o json
     """
+    from katactl import shim_ops
     from katactl.output import Column, Result
-    from katactl.shim_ops import check_volume_path
 
     app_ctx = state(ctx)
-    check_volume_path(path)
-    node, sb, st = _client_call(app_ctx, target, lambda c: c.volume_stats(path))
-    usage = []
-    for u in st.get("usage") or []:
-        if isinstance(u, dict):
-            unit = {1: "bytes", 2: "inodes", "BYTES": "bytes", "INODES": "inodes"}.get(u.get("unit"), u.get("unit"))
-            usage.append({"unit": unit, "total": u.get("total"), "used": u.get("used"),
-                          "available": u.get("available")})
+    shim_ops.check_volume_path(path)  # a usage error before resolving the sandbox
+    res = _on_sandbox(app_ctx, target, shim_ops.volume_stats, path)
+    usage = res.pop("usage")
     cols = [Column("UNIT", "unit"), Column("TOTAL", "total"), Column("USED", "used"),
             Column("AVAILABLE", "available")]
-    finish(app_ctx, Result(kind="VolumeStats", item={"node": node, "sandbox": sb.id, "path": path,
-                                                     "condition": st.get("volume_condition")},
-                           items=usage, columns=cols, name_key="unit"))
+    finish(app_ctx, Result(kind="VolumeStats", item=res, items=usage, columns=cols, name_key="unit"))
 
 
 @volume_app.command("resize")
@@ -155,16 +151,13 @@ def volume_resize(ctx: typer.Context,
       katactl shim volume resize 3f2a /dev/mapper/vol-1 20Gi
       katactl shim volume resize 3f2a /dev/mapper/vol-1 20Gi --dry-run -o json
     """
-    from katactl import sandbox, shim_ops
+    from katactl import shim_ops
     from katactl.output import Result
     from katactl.values import parse_size
 
     app_ctx = state(ctx)
     shim_ops.check_volume_path(path)
     nbytes = parse_size(size, what="volume size")
-    settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.timeout)
-    _, _, res = sandbox.on_sandbox(settings, ref, lambda t, sb: shim_ops.volume_resize(
-        t, sb, path, nbytes, dry_run=dry_run, timeout=timeout))
+    res = _on_sandbox(app_ctx, target, shim_ops.volume_resize, path, nbytes, dry_run=dry_run)
     changed, dry = res.pop("changed"), res.pop("dryRun")
     finish(app_ctx, Result(kind="VolumeResize", item=res, changed=changed, dry_run=dry))
