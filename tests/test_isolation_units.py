@@ -161,3 +161,39 @@ def test_audit_merge_one_node_and_many():
     assert audit.merge({"n1": _node_audit("high")}, "critical", pol, multi=False)[2] is False
     assert audit.merge({}, "info", pol)[:2] == ([], {"policy": pol.source, "failOn": "info", "passed": True,
                                                      "counts": dict.fromkeys(policy.SEVERITIES, 0), "nodes": {}})
+
+
+@pytest.mark.parametrize("text,mask", [("7ff", 0x7ff), ("0x7FF", 0x7ff), ("FFFFF", 0xfffff)])
+def test_cbm_mask_parsing(text, mask):
+    assert resctrl.parse_cbm_mask(text) == mask
+
+
+@pytest.mark.parametrize("text", ["", "0", "0x", "xyz", "-1", "0x0", "7f f"])
+def test_cbm_mask_corpus(text):
+    with pytest.raises(UsageError, match="--cbm-mask"):
+        resctrl.parse_cbm_mask(text)
+
+
+def test_decode_lines_one_row_per_domain():
+    rows = resctrl.decode_lines(["L3:0=7f0;1=505", "MB:0=50"], "7ff")
+    assert [(r["resource"], r["id"]) for r in rows] == [("L3", 0), ("L3", 1), ("MB", 0)]
+    assert rows[0]["ways"] == 7 and "non-contiguous" in rows[1]["problem"]
+    assert resctrl.decode_lines(["L3:0=7f0"], 0x7ff) == rows[:1]
+    with pytest.raises(UsageError, match="--cbm-mask"):
+        resctrl.decode_lines(["L3:0=f"], "zz")
+
+
+@pytest.mark.parametrize("value,secs", [("0", 0.0), ("50ms", 0.05), ("1m", 60.0), (2, 2.0)])
+def test_rdt_interval(value, secs):
+    from katactl.isolation import report
+
+    assert report.rdt_interval(value) == secs
+
+
+@pytest.mark.parametrize("value,needle", [("61s", "at most 60s"), ("5m", "at most 60s"), (61.0, "at most 60s"),
+                                          ("soon", "--interval"), (-1, "negative")])
+def test_rdt_interval_corpus(value, needle):
+    from katactl.isolation import report
+
+    with pytest.raises(UsageError, match=needle):
+        report.rdt_interval(value)

@@ -419,3 +419,17 @@ def test_library_up_down_audit_themselves(_isolated_home):
     assert entries[1]["stopped"] == [{"pid": st["pid"], "what": "lab daemon"}]
     assert entries[2]["action"] == "lab.up" and entries[2]["result"].startswith("error: ")
     assert len(entries) == 3
+
+
+def test_status_of_a_dead_lab_fails(cli, tmp_path):
+    """A lab whose daemon is gone: the state is shown (status dead, the way out) and the exit code is 1."""
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()  # a pid that no longer runs
+    (tmp_path / ".katactl-lab").mkdir()
+    (tmp_path / ".katactl-lab" / "state.json").write_text(json.dumps(
+        {"root": str(tmp_path), "pid": p.pid, "status": "ready", "sandboxes": []}))
+    r = cli(["lab", "status", "--root", str(tmp_path), "-o", "json"])
+    assert r.exit_code == 1, r.stderr
+    assert r.json()["status"] == "dead" and "lab down" in r.json()["error"]

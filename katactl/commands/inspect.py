@@ -17,6 +17,7 @@ def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
     stderr). Many nodes: items tagged with their node, metas under "nodes".
     """
     from katactl.commands._common import _progress_cb, finish
+    from katactl.errors import ExitCode
     from katactl.fleet import run_on_nodes
     from katactl.isolation.report import Node
     from katactl.output import Result
@@ -27,21 +28,23 @@ def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
         v = fo.values[fo.nodes[0]]
         res = Result(kind=kind, items=v["items"], item=v["meta"], columns=columns,
                      summary=summary_fn(v["meta"], v["items"]) if summary_fn else None)
-        finish(app_ctx, res, 1 if any(i.get("errors") for i in v["items"]) else 0)
-        return
-    items, metas = [], {}
-    for n in fo.nodes:
-        if n in fo.values:
-            metas[n] = fo.values[n]["meta"]
-            items += [{"node": n, **i} for i in fo.values[n]["items"]]
-    res = Result(kind=kind, items=items, item={"nodes": metas}, columns=columns, errors=fo.error_items(),
-                 multi_node=True)
-    code = fo.exit_code()
-    bad = [(i["node"], e) for i in items for e in i.get("errors") or []]
+        code = fo.exit_code()
+    else:
+        items, metas = [], {}
+        for n in fo.nodes:
+            if n in fo.values:
+                metas[n] = fo.values[n]["meta"]
+                items += [{"node": n, **i} for i in fo.values[n]["items"]]
+        res = Result(kind=kind, items=items, item={"nodes": metas}, columns=columns, errors=fo.error_items(),
+                     multi_node=True)
+        code = fo.exit_code()
+    # an item that could not be read (e.g. a malformed schemata file): one warning each,
+    # and the command fails unless something worse already decides its exit code
+    bad = [(i.get("node"), e) for i in res.items for e in i.get("errors") or []]
     for n, e in bad:
-        app_ctx.out.warn(f"{n}: {e}")
-    if code == 0 and bad:
-        code = 1  # as with one local node: an item that could not be read fails the command
+        app_ctx.out.warn(f"{n}: {e}" if n else e)
+    if code == ExitCode.OK and bad:
+        code = ExitCode.FAILED
     finish(app_ctx, res, code)
 
 
@@ -180,33 +183,23 @@ def rdt_cmd(
     """
     from katactl.errors import UsageError
     from katactl.output import Column, Result
-    from katactl.values import format_size, parse_duration
+    from katactl.values import format_size
 
     app_ctx = state(ctx)
     if decode:
         from katactl.commands._common import finish
         from katactl.isolation import resctrl
 
-        mask = None
-        if cbm_mask is not None:
-            try:
-                mask = int(cbm_mask.lower().removeprefix("0x"), 16)
-                if mask <= 0:
-                    raise ValueError
-            except ValueError:
-                raise UsageError(f"invalid --cbm-mask {cbm_mask!r}: expected a hex mask such as 7ff") from None
-        lines = resctrl.decode_lines(decode, mask)
-        rows = [{"resource": ln["resource"], **d} for ln in lines for d in ln["domains"]]
+        rows = resctrl.decode_lines(decode, cbm_mask)
         cols = [Column("RESOURCE", "resource"), Column("ID", "id"), Column("MASK", "mask"), Column("WAYS", "ways"),
                 Column("BITS", "bits"), Column("SHARE%", "percent"), Column("PROBLEM", "problem")]
         finish(app_ctx, Result(kind="SchemataDecode", items=rows, columns=cols))
         return
     if cbm_mask is not None:
         raise UsageError("--cbm-mask only goes with --decode")
-    secs = parse_duration(interval, allow_zero=True, what="--interval")
-    if secs > 60:
-        raise UsageError(f"invalid --interval {interval!r}: at most 60s")
-    from katactl.isolation.report import inspect_rdt
+    from katactl.isolation.report import inspect_rdt, rdt_interval
+
+    secs = rdt_interval(interval)  # a usage error once, before any node is asked
 
     def rate(v):
         return format_size(v) + "/s"
@@ -237,9 +230,6 @@ def rdt_cmd(
         if not meta.get("supported"):
             return f"RDT unsupported on this node: {meta.get('reason')}"
         l3 = meta["info"].get("L3", {})
-        errs = [e for i in items for e in i.get("errors", [])]
-        for e in errs:
-            app_ctx.out.warn(e)
         return (f"resctrl at {meta['root']}: {len(items)} groups; L3 cbm_mask {l3.get('cbmMask', '-')} "
                 f"({l3.get('ways', '?')} ways), closids {l3.get('numClosids', '-')}")
 

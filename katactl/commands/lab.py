@@ -105,13 +105,14 @@ def status(ctx: typer.Context,
       katactl lab status
       katactl lab status -o json
     """
+    from katactl.errors import ExitCode
     from katactl.lab import control
 
     app_ctx = state(ctx)
     st = control.status(control.lab_root(root))
     _render(app_ctx, st)
     if st.get("status") == "dead":
-        raise typer.Exit(1)
+        raise typer.Exit(int(ExitCode.FAILED))
 
 
 @app.command("down")

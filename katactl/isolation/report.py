@@ -282,7 +282,26 @@ def inspect_memcg(node: Node) -> dict:
 
 # -- inspect rdt -----------------------------------------------------------------
 
-def inspect_rdt(node: Node, interval: float = 0.0, with_sandboxes: bool = True) -> dict:
+#: the longest mon_data sampling interval inspect_rdt waits (seconds)
+MAX_RDT_INTERVAL = 60.0
+
+
+def rdt_interval(value: str | float) -> float:
+    """inspect_rdt's sampling interval: a duration ("1s", "500ms") or seconds, 0 (no
+    rates) to 60s; anything else is a usage error (about --interval)."""
+    from katactl.values import parse_duration
+
+    secs = parse_duration(value, allow_zero=True, what="--interval") if isinstance(value, str) else float(value)
+    if not 0 <= secs <= MAX_RDT_INTERVAL:
+        raise UsageError(f"invalid --interval {value!r}: at most {MAX_RDT_INTERVAL:g}s"
+                         if secs > 0 else f"invalid --interval {value!r}: must not be negative")
+    return secs
+
+
+def inspect_rdt(node: Node, interval: str | float = 0.0, with_sandboxes: bool = True) -> dict:
+    """The resctrl groups with decoded schemata, mon_data (rates when ``interval``,
+    see :func:`rdt_interval`) and the sandboxes whose threads sit in each group."""
+    interval = rdt_interval(interval)
     fs = node.fs
     if fs.resctrl is None:
         return {"meta": {"supported": False,

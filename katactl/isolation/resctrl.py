@@ -311,15 +311,30 @@ def tid_groups(tree: dict) -> dict[int, str]:
     return out
 
 
-def decode_lines(lines: list[str], cbm_mask: int | None, min_cbm_bits: int = 1) -> list[dict]:
-    """For ``inspect rdt --decode``: user-given schemata lines (bad ones are usage errors)."""
+def parse_cbm_mask(text: str) -> int:
+    """A cache's full mask as the user gives it (``7ff``, ``0x7ff``): a positive hex number."""
+    try:
+        mask = int(text.lower().removeprefix("0x"), 16)
+    except ValueError:
+        mask = 0
+    if mask <= 0:
+        raise UsageError(f"invalid --cbm-mask {text!r}: expected a hex mask such as 7ff")
+    return mask
+
+
+def decode_lines(lines: list[str], cbm_mask: str | int | None, min_cbm_bits: int = 1) -> list[dict]:
+    """For ``inspect rdt --decode``: user-given schemata lines, decoded against ``cbm_mask``
+    (an int, or hex text as for :func:`parse_cbm_mask`), one row per domain
+    (``{"resource": ..., "id": ..., "mask": ..., "ways": ..., ...}``). Bad input is a usage error."""
+    if isinstance(cbm_mask, str):
+        cbm_mask = parse_cbm_mask(cbm_mask)
     try:
         parsed = parse_schemata("\n".join(lines))
     except SchemataError as e:
         raise UsageError(f"invalid schemata: {e}") from None
     info = {"L3": {"cbmMask": cbm_mask, "minCbmBits": min_cbm_bits},
             "L2": {"cbmMask": cbm_mask, "minCbmBits": min_cbm_bits}}
-    return decode_schemata(parsed, info)
+    return [{"resource": ln["resource"], **d} for ln in decode_schemata(parsed, info) for d in ln["domains"]]
 
 
 def cpu_has_rdt(t) -> dict:
