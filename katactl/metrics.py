@@ -15,6 +15,8 @@ from katactl.errors import KatactlError, ProtocolError, UsageError, as_katactl_e
 USER_HZ = 100
 PAGE_SIZE = 4096
 
+#: the orders ``top`` can sort by (see sort_rows)
+TOP_SORTS = ("cpu", "mem", "rss", "id", "pod")
 TOP_FAMILIES = ("kata_guest_meminfo", "kata_guest_vm_stat", "kata_shim_proc_status",
                 "kata_hypervisor_proc_status", "kata_shim_proc_stat", "kata_hypervisor_proc_stat")
 
@@ -217,3 +219,54 @@ def top_snapshot(transport, *, interval: float = 1.0, timeout: float = 10.0, wor
     if interval > 0:
         time.sleep(interval)
     return s.refresh(sbs)
+
+
+def sort_rows(rows: list[dict], key: str = "cpu") -> list[dict]:
+    """top rows busiest first (cpu: total CPU %, mem: guest memory used, rss: shim +
+    hypervisor RSS), or by id or NAMESPACE/POD; ties (and rows without data) by id."""
+    if key not in TOP_SORTS:
+        raise UsageError(f"invalid sort key {key!r} (choose from {', '.join(TOP_SORTS)})")
+
+    def k(r):
+        if key == "cpu":
+            return -((r.get("cpuPercent") or {}).get("total") or 0)
+        if key == "mem":
+            return -(r.get("guestMemUsed") or 0)
+        if key == "rss":
+            return -((r.get("hypervisorRSS") or 0) + (r.get("shimRSS") or 0))
+        if key == "pod":
+            p = r.get("pod") or {}
+            return f"{p.get('namespace')}/{p.get('name')}"
+        return r["id"]
+    return sorted(rows, key=lambda r: (k(r), r["id"]))
+
+
+class TopFleet:
+    """A live ``top`` over the node selection (katactl.fleet: -N, --nodes-from, -l;
+    none = this host): one TopSession per node, so every refresh after the first
+    has CPU deltas.
+
+    Each refresh goes through fleet.run_on_nodes (at most --parallel nodes at
+    once; a transport per node and refresh, SSH connections are pooled), so a
+    node that fails is an entry in the errors, never an abort, and is asked
+    again next time."""
+
+    def __init__(self, settings, *, timeout: float, workers: int = 32):
+        from katactl.fleet import LOCAL, select_nodes
+
+        self.settings = settings
+        self.nodes = select_nodes(settings) or [LOCAL]
+        self.multi = self.nodes != [LOCAL]
+        self._sessions = {n: TopSession(None, timeout=timeout, workers=workers) for n in self.nodes}
+
+    def refresh(self, sort: str = "cpu") -> tuple[list[dict], dict[str, KatactlError]]:
+        """(rows of every node, tagged with its node and sorted; {node: error})."""
+        from katactl.fleet import LOCAL, run_on_nodes
+
+        def one(t):
+            s = self._sessions[getattr(t, "node", LOCAL)]
+            s.transport = t  # this refresh's transport
+            return s.refresh()
+
+        fo = run_on_nodes(self.settings, one, nodes=self.nodes)
+        return sort_rows(fo.items(), sort), dict(fo.errors)

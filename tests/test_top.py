@@ -171,3 +171,52 @@ def test_ctrl_c_ends_the_live_view_with_exit_130(tree):
     text = out.decode("utf-8", "replace")
     assert rc == 130, text
     assert text.count("katactl: error: interrupted") == 1 and "Traceback" not in text
+
+
+def test_top_fleet_library_without_cli(tree):
+    """TopFleet over -N localhost,127.0.0.1:1: this host's rows tagged with their node,
+    CPU deltas from the second refresh on, the node nobody answers on an error entry."""
+    from katactl import config, metrics
+    from katactl.errors import UnreachableError
+
+    s = config.resolve({"host_root": tree.root, "nodes": ("localhost,127.0.0.1:1",), "timeout": 5.0})
+    fleet = metrics.TopFleet(s, timeout=5.0)
+    assert fleet.nodes == ["localhost", "127.0.0.1:1"] and fleet.multi
+    rows, errors = fleet.refresh("id")
+    assert [(r["node"], r["id"]) for r in rows] == [("localhost", "busy01"), ("localhost", "idle02")]
+    assert rows[0]["cpuPercent"]["total"] is None  # one scrape: no delta yet
+    assert list(errors) == ["127.0.0.1:1"] and isinstance(errors["127.0.0.1:1"], UnreachableError)
+    rows, errors = fleet.refresh()  # cpu: busiest first
+    assert rows[0]["id"] == "busy01" and rows[0]["cpuPercent"]["total"] > 0
+    assert list(errors) == ["127.0.0.1:1"]
+
+
+def test_sort_rows():
+    from katactl import metrics
+    from katactl.errors import UsageError
+
+    rows = [{"id": "b", "pod": {"namespace": "x", "name": "a"}, "cpuPercent": {"total": 1.0},
+             "guestMemUsed": 5, "shimRSS": 1, "hypervisorRSS": 1},
+            {"id": "a", "pod": {"namespace": "y", "name": "a"}, "cpuPercent": {"total": 9.0},
+             "guestMemUsed": 1, "shimRSS": 1, "hypervisorRSS": 9},
+            {"id": "c", "error": {"message": "no data"}}]
+    order = {k: [r["id"] for r in metrics.sort_rows(rows, k)] for k in metrics.TOP_SORTS}
+    assert order == {"cpu": ["a", "b", "c"], "mem": ["b", "a", "c"], "rss": ["a", "b", "c"],
+                     "id": ["a", "b", "c"], "pod": ["c", "b", "a"]}
+    with pytest.raises(UsageError):
+        metrics.sort_rows(rows, "size")
+
+
+def test_live_view_over_nodes_names_the_failed_node(tree):
+    rc, text = run_on_pty([sys.executable, "-m", "katactl", "--host-root", tree.root, "-N",
+                           "localhost,127.0.0.1:1", "--timeout", "5s", "top", "--interval", "0.2s",
+                           "--iterations", "2"], COLUMNS="200", LINES="40")
+    assert rc == 0, text
+    assert "NODE" in text and "busy01" in text and "127.0.0.1:1:" in text, text
+
+
+def test_live_view_single_node_failure_is_the_command_error(tmp_path):
+    rc, text = run_on_pty([sys.executable, "-m", "katactl", "--host-root", str(tmp_path / "nope"), "top",
+                           "--interval", "0.2s", "--iterations", "2"], COLUMNS="160", LINES="40")
+    assert rc == 2, text
+    assert "--host-root" in text and "katactl top" not in text and "Traceback" not in text

@@ -9,8 +9,6 @@ from katactl.commands._common import fan_out_list, new_app, state
 
 app = new_app("Live per-sandbox CPU and memory; one snapshot with -o json/yaml or in a pipe.", single=True)
 
-SORTS = ("cpu", "mem", "rss", "id", "pod")
-
 
 def _columns():
     from katactl.output import Column
@@ -31,21 +29,6 @@ def _columns():
         Column("HV-RSS", "hypervisorRSS", fmt=format_size),
         Column("ERROR", "error.message"),
     ]
-
-
-def _sort(rows: list[dict], key: str) -> list[dict]:
-    def k(r):
-        if key == "cpu":
-            return -((r.get("cpuPercent") or {}).get("total") or 0)
-        if key == "mem":
-            return -(r.get("guestMemUsed") or 0)
-        if key == "rss":
-            return -((r.get("hypervisorRSS") or 0) + (r.get("shimRSS") or 0))
-        if key == "pod":
-            p = r.get("pod") or {}
-            return f"{p.get('namespace')}/{p.get('name')}"
-        return r["id"]
-    return sorted(rows, key=lambda r: (k(r), r["id"]))
 
 
 @app.command()
@@ -74,12 +57,13 @@ def top(
       katactl top -o json --interval 1s | jq '.items[] | {id, cpu: .cpuPercent.total}'
       katactl -N node-1,node-2 top --once
     """
+    from katactl import metrics
     from katactl.errors import UsageError
     from katactl.values import parse_duration
 
     app_ctx = state(ctx)
-    if sort not in SORTS:
-        raise UsageError(f"invalid --sort {sort!r} (choose from {', '.join(SORTS)})")
+    if sort not in metrics.TOP_SORTS:
+        raise UsageError(f"invalid --sort {sort!r} (choose from {', '.join(metrics.TOP_SORTS)})")
     if iterations is not None and iterations < 1:
         raise UsageError(f"invalid --iterations {iterations}: must be at least 1")
     ival = parse_duration(interval, what="--interval")
@@ -89,10 +73,8 @@ def top(
     out = app_ctx.out
     live = out.stdout_tty and out.fmt in ("table", "wide") and not once
     if not live:
-        from katactl import metrics
-
         def fn(t):
-            return _sort(metrics.top_snapshot(t, interval=ival, timeout=timeout), sort)
+            return metrics.sort_rows(metrics.top_snapshot(t, interval=ival, timeout=timeout), sort)
 
         fan_out_list(app_ctx, fn, kind="SandboxTopList", columns=_columns(), name_key="id",
                      item_error=lambda row: row.get("error"))
@@ -101,8 +83,9 @@ def top(
 
 
 def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | None) -> None:
+    """The Rich Live view: a frame per metrics.TopFleet refresh until --iterations or
+    Ctrl-C (which ends it like any interrupted command: exit 130, one line)."""
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     from rich.console import Console
     from rich.live import Live
@@ -111,37 +94,19 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
     from rich import box
 
     from katactl import metrics
-    from katactl.errors import as_katactl_error
-    from katactl.fleet import LOCAL, open_transport, select_nodes
-    from katactl.output import printable
+    from katactl.output import Column, printable
 
-    s = app_ctx.settings
-    nodes = select_nodes(s) or [LOCAL]
-    multi = nodes != [LOCAL]
-    transports = {n: open_transport(n, s) for n in nodes}
-    sessions = {n: metrics.TopSession(t, timeout=timeout) for n, t in transports.items()}
+    fleet = metrics.TopFleet(app_ctx.settings, timeout=timeout)
+    rows, errors = fleet.refresh(sort)
+    if errors and not fleet.multi:  # one node: its failure is the command's, as without a TTY
+        raise next(iter(errors.values()))
     cols = [c for c in _columns() if app_ctx.out.fmt == "wide" or not c.wide]
+    shown = ([Column("NODE", "node")] if fleet.multi else []) + cols
     console = Console(file=app_ctx.out.stdout, no_color=not app_ctx.out.color, highlight=False)
 
-    def frame():
-        errors = {}
-
-        def one(n):
-            try:
-                return n, sessions[n].refresh()
-            except Exception as e:
-                errors[n] = as_katactl_error(e)
-                return n, []
-
-        with ThreadPoolExecutor(max_workers=max(1, min(len(nodes), s.parallel))) as ex:
-            results = dict(ex.map(one, nodes))
-        rows = []
-        for n in nodes:
-            rows += [{"node": n, **r} for r in results.get(n, [])]
-        rows = _sort(rows, sort)
+    def frame(rows, errors):
         t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   title=f"katactl top - {len(rows)} sandboxes - every {ival:g}s - {time.strftime('%H:%M:%S')}")
-        shown = ([type(cols[0])("NODE", "node")] if multi else []) + cols
         for c in shown:
             t.add_column(c.header, overflow="fold")
         for r in rows:
@@ -151,12 +116,8 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
         return t
 
     n = 0
-    try:
-        with Live(frame(), console=console, auto_refresh=False, screen=False) as lv:
-            while iterations is None or n < iterations - 1:
-                time.sleep(ival)
-                lv.update(frame(), refresh=True)
-                n += 1
-    finally:  # Ctrl-C ends the view like any interrupted command: exit 130, one line
-        for t in transports.values():
-            t.close()
+    with Live(frame(rows, errors), console=console, auto_refresh=False, screen=False) as lv:
+        while iterations is None or n < iterations - 1:
+            time.sleep(ival)
+            lv.update(frame(*fleet.refresh(sort)), refresh=True)
+            n += 1
