@@ -28,6 +28,8 @@ RS_DIR = "/run/kata"
 CONTAINERD_TASK_DIR = "/run/containerd/io.containerd.runtime.v2.task"
 CRIO_DIR = "/run/containers/storage/overlay-containers"
 SHIM_SOCKET_NAME = "shim-monitor.sock"
+#: what Sandbox.state can be (see liveness)
+STATES = ("running", "stale", "unknown")
 STATE_LIMIT = 16 << 20  # a persist.json is a few KiB; refuse to slurp anything absurd
 
 # Kata's VerifyContainerID: ^[a-zA-Z0-9][a-zA-Z0-9_.-]+$ (we also accept 1-char prefixes)
@@ -518,14 +520,28 @@ def _candidates(transport, top: dict[str, list] | None = None) -> list[tuple[str
     return out
 
 
-def discover(transport, *, check: bool = True, timeout: float = 0.5) -> list[Sandbox]:
-    """Every sandbox on the node, sorted by pod then id; ``check`` runs the liveness check."""
+def check_state(state: str | None) -> str | None:
+    """A state to filter on (None: any); anything but one of STATES is a usage error."""
+    if state is not None and state not in STATES:
+        raise UsageError(f"invalid --state {state!r} (choose from {', '.join(STATES)})")
+    return state
+
+
+def discover(transport, *, check: bool = True, timeout: float = 0.5, state: str | None = None,
+             namespace: str | None = None) -> list[Sandbox]:
+    """Every sandbox on the node, sorted by pod then id; ``check`` runs the liveness check.
+
+    ``state`` keeps the sandboxes in that state (one of STATES), ``namespace`` those
+    whose pod is in that namespace."""
+    check_state(state)
     top = _scan(transport, [GO_SBS, RS_DIR, CRIO_DIR, CONTAINERD_TASK_DIR])
     bundles = _BundleIndex(transport, top)
     cands = _candidates(transport, top)
     sbs = _load_many(transport, cands, bundles)
     if check:
         _check_all(transport, sbs, timeout)
+    sbs = [s for s in sbs if (not state or s.state == state)
+           and (not namespace or (s.pod or {}).get("namespace") == namespace)]
     sbs.sort(key=lambda s: (s.pod_ref or "~", s.id))
     return sbs
 

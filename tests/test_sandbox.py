@@ -78,6 +78,17 @@ def test_states_and_reasons(tree):
     assert running == {"aaa111", "aab222", "fc3333", "rs4444", "rs5555", "rs6666", "cr7777"}
 
 
+def test_discover_filters_by_state_and_namespace(tree):
+    t = LocalTransport(tree.root)
+    assert [s.id for s in sandbox.discover(t, state="stale")] == ["deaf00", "dead88"]  # by pod: deaf, gone
+    assert [s.id for s in sandbox.discover(t, namespace="batch")] == ["rs4444", "rs5555", "rs6666"]
+    assert [s.id for s in sandbox.discover(t, state="unknown", namespace="prod")] == ["bad999"]
+    assert sandbox.discover(t, state="stale", namespace="batch") == []
+    for bad in ("runing", "", "RUNNING"):
+        with pytest.raises(UsageError, match="--state"):
+            sandbox.discover(t, state=bad)
+
+
 def test_list_json_shape(cli, tree):
     r = cli(["--host-root", tree.root, "sandbox", "list", "-o", "json"])
     assert r.exit_code == 0, r.stderr

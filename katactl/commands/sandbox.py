@@ -9,9 +9,6 @@ from katactl.commands._common import fan_out_list, finish, new_app, sandbox_ref,
 
 app = new_app("List and inspect Kata sandboxes on node(s), mapped to their pods.")
 
-STATES = ("running", "stale", "unknown")
-
-
 def _columns():
     from katactl.output import Column
     from katactl.sandbox import pod_ref
@@ -61,23 +58,15 @@ def list_(
       katactl -N node-1,node-2 sandbox list
     """
     from katactl import sandbox
-    from katactl.errors import UsageError
 
     app_ctx = state(ctx)
-    if state_filter is not None and state_filter not in STATES:
-        raise UsageError(f"invalid --state {state_filter!r} (choose from {', '.join(STATES)})")
+    sandbox.check_state(state_filter)  # a usage error once, before any node is asked
     ns = app_ctx.settings.namespace
     timeout = min(float(app_ctx.settings.timeout), 1.0)
 
     def fn(t):
-        out = []
-        for sb in sandbox.discover(t, check=not no_check, timeout=timeout):
-            if state_filter and sb.state != state_filter:
-                continue
-            if ns and (sb.pod or {}).get("namespace") != ns:
-                continue
-            out.append(sb.to_dict())
-        return out
+        return [sb.to_dict() for sb in sandbox.discover(t, check=not no_check, timeout=timeout,
+                                                        state=state_filter, namespace=ns)]
 
     fan_out_list(app_ctx, fn, kind="SandboxList", columns=_columns(), name_key="id")
 
