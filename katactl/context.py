@@ -37,6 +37,18 @@ class AppContext:
 
         return typer.confirm(question, default=False, err=True)
 
+    def require_confirmation(self, question: str, action: str, *, hint: str | None = None,
+                             declined: str = "not confirmed: nothing deleted") -> None:
+        """:meth:`confirm`, or raise Refused: without a TTY, "<action> needs confirmation:
+        re-run with --yes" (with ``hint``); when the user says no, ``declined``."""
+        from katactl.errors import Refused
+
+        if self.confirm(question):
+            return
+        if not sys.stdin.isatty():
+            raise Refused(f"{action} needs confirmation: re-run with --yes (no TTY to ask on)", hint=hint)
+        raise Refused(declined)
+
 
 def _route_library_logs(out: Output) -> None:
     """The library logs (it never prints); on the command line its warnings are

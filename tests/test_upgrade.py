@@ -430,6 +430,7 @@ def test_gc_needs_yes_without_a_tty_and_deletes_nothing(cli, staged, _isolated_h
     r = K(cli, staged, "gc", "-o", "json")
     assert r.exit_code == 5 and "--yes" in r.stderr
     assert r.json()["kind"] == "Error" and r.json()["exitCode"] == 5
+    assert "release(s) needs confirmation" in r.json()["message"] and "gc --dry-run" in r.json()["hint"]
     assert rel(staged, B).is_dir() and rel(staged, C).is_dir()
     assert "upgrade.gc" not in _audit_actions(_isolated_home)
     d = J(cli, staged, "gc", "--dry-run")  # a dry run asks nothing

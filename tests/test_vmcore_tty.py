@@ -28,6 +28,7 @@ def test_rm_asks_on_tty(tmp_path):
     base = [sys.executable, "-m", "katactl", "--host-root", root, "vmcore", "rm", SID[:8]]
     rc, text = run_on_pty(base, answer=b"n\n")
     assert rc == 5 and "Delete 1 vmcore(s)" in text and "1 never collected" in text
+    assert "not confirmed: nothing deleted" in text
     assert os.path.exists(dump)
     rc, text = run_on_pty(base, answer=b"y\n")
     assert rc == 0, text

@@ -235,7 +235,6 @@ def gc(
       katactl -N @pool-a upgrade gc --yes -o json
     """
     from katactl import upgrade
-    from katactl.errors import Refused
     from katactl.fleet import FanOut, run_on_nodes
 
     if dry_run:
@@ -255,13 +254,8 @@ def gc(
         count = sum(len(v) for v in doomed.values())
         where = "; ".join(f"{n}: {', '.join(v)}" for n, v in doomed.items()) if plan.multi \
             else ", ".join(next(iter(doomed.values())))
-        if not app_ctx.confirm(f"Delete {count} release(s) ({where})?"):
-            import sys
-
-            if not sys.stdin.isatty():
-                raise Refused(f"deleting {count} release(s) needs confirmation: re-run with --yes "
-                              "(no TTY to ask on)", hint="katactl upgrade gc --dry-run lists what would go")
-            raise Refused("not confirmed: nothing deleted")
+        app_ctx.require_confirmation(f"Delete {count} release(s) ({where})?", f"deleting {count} release(s)",
+                                     hint="katactl upgrade gc --dry-run lists what would go")
     # 3. remove at most what was shown (and the temp dirs of killed stages/gcs)
 
     def fn(t):

@@ -243,7 +243,7 @@ def rm_cmd(
       katactl vmcore rm 3f2a --yes
     """
     from katactl import vmcore
-    from katactl.errors import NotFound, Refused
+    from katactl.errors import NotFound
     from katactl.fleet import run_on_nodes
     from katactl.output import Column, Result
     from katactl.values import format_size
@@ -273,12 +273,7 @@ def rm_cmd(
         uncollected = sum(1 for d in targets if not d["collected"])
         q = (f"Delete {len(targets)} vmcore(s) ({format_size(sum(d['size'] or 0 for d in targets))})"
              + (f", {uncollected} never collected" if uncollected else "") + "?")
-        import sys
-
-        if not app_ctx.confirm(q):
-            if not sys.stdin.isatty():
-                raise Refused("deleting vmcores needs confirmation: re-run with --yes (no TTY to ask on)")
-            raise Refused("not confirmed: nothing deleted")
+        app_ctx.require_confirmation(q, "deleting vmcores")
     by_node: dict = {}
     for d in targets:
         by_node.setdefault(d["node"], []).append(d)
