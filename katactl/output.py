@@ -55,6 +55,15 @@ class Result:
     #: a one-line human summary printed to stderr in table/plain modes
     summary: str | None = None
 
+    @classmethod
+    def mutation(cls, kind: str, item: dict, **kw) -> "Result":
+        """A mutating operation's one-object result: the item's own ``changed`` and
+        ``dryRun`` become the top-level fields (``dryRun`` false when the item lacks
+        it: every mutating command reports both). ``item`` itself is left as it is."""
+        item = dict(item)
+        return cls(kind=kind, item=item, changed=item.pop("changed", None),
+                   dry_run=bool(item.pop("dryRun", False)), **kw)
+
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"apiVersion": API_VERSION, "kind": self.kind}
         if self.items is not None:

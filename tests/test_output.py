@@ -50,6 +50,16 @@ def test_json_shape():
                                 "changed": False, "dryRun": True}
 
 
+def test_mutation_result_lifts_changed_and_dry_run():
+    item = {"node": "n1", "changed": True, "dryRun": True, "to": "2.0"}
+    r = Result.mutation("UpgradeSwitch", item, name_key="node")
+    assert r.to_dict() == {"apiVersion": "katactl/v1", "kind": "UpgradeSwitch", "node": "n1", "to": "2.0",
+                           "changed": True, "dryRun": True}
+    assert r.name_key == "node" and item["changed"] is True  # the caller's dict is left alone
+    # every mutating command reports dryRun: false when the operation did not say
+    assert Result.mutation("VmcoreTrigger", {"changed": True}).to_dict()["dryRun"] is False
+
+
 def test_yaml_and_name():
     text, _ = render("yaml")
     d = yaml.safe_load(text)

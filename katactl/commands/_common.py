@@ -92,8 +92,8 @@ def render_per_node(app_ctx: AppContext, fo, *, kind: str, columns: list[Column]
     fo.raise_if_single_failure()
     if not fo.multi:
         item = {"node": fo.nodes[0], **fo.values[fo.nodes[0]]}
-        changed, dry = (item.pop("changed", None), item.pop("dryRun", None)) if mutating else (None, None)
-        finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry, name_key="node"))
+        finish(app_ctx, Result.mutation(kind, item, name_key="node") if mutating
+               else Result(kind=kind, item=item, name_key="node"))
         return
     items = fo.items()
     changed = any(i.get("changed") for i in items) if mutating else None

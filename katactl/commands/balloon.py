@@ -60,31 +60,31 @@ def get(ctx: typer.Context,
       katactl --host-root /tmp/katactl-lab balloon get qemu-0-pod --via extra-monitor
     """
     from katactl import balloon, sandbox
+    from katactl.output import Result
 
     app_ctx = state(ctx)
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.timeout)
     node, sb, item = sandbox.on_sandbox(settings, ref, lambda t, s: balloon.get(t, s, via=via, timeout=timeout),
                                         require_live=False)
-    item = {"node": node, **item}
-    _render(app_ctx, "Balloon", item)
+    _render(app_ctx, Result(kind="Balloon", item={"node": node, **item}, name_key="sandbox"))
 
 
-def _render(app_ctx, kind: str, item: dict) -> None:
+def _render(app_ctx, res) -> None:
+    """A balloon's state: the item's warnings first; a readable view on a terminal."""
     from katactl.output import Result
 
-    changed, dry = item.pop("changed", None), item.pop("dryRun", None)
-    for w in item.get("warnings") or []:
+    for w in res.item.get("warnings") or []:
         app_ctx.out.warn(w)
     if app_ctx.out.fmt in ("table", "plain", "wide"):
-        h = _human(item)
-        if changed is not None:
-            h["changed"] = changed
-        if dry:
-            h["dryRun"] = dry
-        finish(app_ctx, Result(kind=kind, item=h))
+        h = _human(res.item)
+        if res.changed is not None:
+            h["changed"] = res.changed
+        if res.dry_run:
+            h["dryRun"] = res.dry_run
+        finish(app_ctx, Result(kind=res.kind, item=h))
         return
-    finish(app_ctx, Result(kind=kind, item=item, changed=changed, dry_run=dry, name_key="sandbox"))
+    finish(app_ctx, res)
 
 
 @app.command("set")
@@ -125,6 +125,7 @@ def set_(ctx: typer.Context,
     """
     from katactl import balloon, sandbox
     from katactl.errors import UsageError
+    from katactl.output import Result
     from katactl.values import parse_duration, parse_size
 
     app_ctx = state(ctx)
@@ -156,4 +157,4 @@ def set_(ctx: typer.Context,
                                timeout=timeout, progress=progress)
 
     node, sb, item = sandbox.on_sandbox(settings, ref, run, require_live=False)
-    _render(app_ctx, "BalloonChange", {"node": node, **item})
+    _render(app_ctx, Result.mutation("BalloonChange", {"node": node, **item}, name_key="sandbox"))

@@ -22,9 +22,12 @@ def _columns():
             Column("QEMU-PID", "qemuPid", wide=True), Column("ID", "id", wide=True)]
 
 
-def _render(app_ctx, st: dict, *, changed=None, dry_run=None) -> None:
+def _render(app_ctx, st: dict, *, mutating: bool = False) -> None:
+    """A lab's state (from up: a mutation carrying changed/dryRun; from status: not)."""
     from katactl.output import Result
 
+    item = {k: v for k, v in st.items() if k not in ("apiVersion", "kind")}
+    res = Result.mutation("Lab", item) if mutating else Result(kind="Lab", item=item)
     items = st.get("sandboxes") or []
     if st.get("status") == "planned":
         summary = (f"dry run: would start a lab at {st.get('root')} with {len(items)} sandbox(es)"
@@ -34,10 +37,9 @@ def _render(app_ctx, st: dict, *, changed=None, dry_run=None) -> None:
                    f"use: katactl --host-root {st.get('root')} sandbox list")
     if app_ctx.out.fmt in ("table", "plain", "wide", "name"):
         finish(app_ctx, Result(kind="LabSandboxList", items=items, columns=_columns(), name_key="id",
-                               summary=summary, changed=changed, dry_run=dry_run))
+                               summary=summary, changed=res.changed, dry_run=res.dry_run))
         return
-    item = {k: v for k, v in st.items() if k not in ("apiVersion", "kind", "changed", "dryRun")}
-    finish(app_ctx, Result(kind="Lab", item=item, changed=changed, dry_run=dry_run))
+    finish(app_ctx, res)
 
 
 @app.command("up")
@@ -87,12 +89,12 @@ def up(ctx: typer.Context,
     if dry_run:
         st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20,
                         dry_run=True)
-        _render(app_ctx, st, changed=st.pop("changed", None), dry_run=st.pop("dryRun", True))
+        _render(app_ctx, st, mutating=True)
         return
     if not app_ctx.out.machine and not control.is_running(root):
         app_ctx.out.info("starting the lab (the first run downloads a Debian cloud kernel)...")
     st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20)
-    _render(app_ctx, st, changed=st.pop("changed", None), dry_run=st.pop("dryRun", False))
+    _render(app_ctx, st, mutating=True)
 
 
 @app.command("status")
@@ -138,7 +140,8 @@ def down(ctx: typer.Context,
 
     app_ctx = state(ctx)
     r = control.down(root, dry_run=dry_run)
-    changed, dry = r.pop("changed"), r.pop("dryRun")
-    summary = (f"no lab at {r['root']}: nothing to do" if not changed else
-               f"dry run: would stop {len(r['stopped'])} process(es) and remove {r['root']}" if dry else None)
-    finish(app_ctx, Result(kind="LabDown", item=r, changed=changed, dry_run=dry, summary=summary))
+    res = Result.mutation("LabDown", r)
+    res.summary = (f"no lab at {r['root']}: nothing to do" if not res.changed else
+                   f"dry run: would stop {len(r['stopped'])} process(es) and remove {r['root']}" if res.dry_run
+                   else None)
+    finish(app_ctx, res)

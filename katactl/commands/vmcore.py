@@ -219,9 +219,7 @@ def trigger_cmd(
             return vmcore.trigger(t, sb, opts)
 
     node, _sb, item = sbmod.on_sandbox(settings, ref, fn, require_live=False)
-    item = {"node": node, **item}
-    changed, dry = item.pop("changed", None), item.pop("dryRun", False)
-    finish(app_ctx, Result(kind="VmcoreTrigger", item=item, changed=changed, dry_run=bool(dry)))
+    finish(app_ctx, Result.mutation("VmcoreTrigger", {"node": node, **item}))
 
 
 @app.command("rm")
