@@ -594,7 +594,7 @@ def test_trigger_help_says_sandbox_forms_and_not_idempotent(cli):
     r = cli(["vmcore", "trigger", "--help"])
     assert r.exit_code == 0
     text = " ".join(r.stdout.split())
-    from katactl.commands.balloon import SANDBOX_HELP
+    from katactl.commands._common import SANDBOX_HELP
 
     assert SANDBOX_HELP in text and "pod/batch/train-0" in text
     assert "Not idempotent" in text and "pauses the guest" in text

@@ -9,6 +9,10 @@ from katactl.context import AppContext
 from katactl.output import Column, Result
 
 
+#: the help of every SANDBOX argument resolved through sandbox_ref
+SANDBOX_HELP = "Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."
+
+
 def new_app(help: str, *, single: bool = False) -> typer.Typer:
     """A command-group Typer with katactl's conventions (plain help, -h)."""
     app = typer.Typer(
@@ -53,7 +57,9 @@ def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: 
     """Run fn(transport) on every selected node; render the merged list.
 
     One node: its failure is the command's failure (its own exit code).
-    Many nodes: per-node errors are reported, the rest rendered; exit 4 or 7.
+    Many nodes: per-node errors are reported, the rest rendered; the exit code
+    follows errors.outcome_exit_code: 4 when some nodes failed and others
+    answered, the failures' common code when all failed the same way, else 1.
     item_error returns the error of an item that stands for a failed target
     (e.g. a shim that did not answer): such items count like failed nodes.
     """

@@ -5,11 +5,10 @@ from typing import Optional
 
 import typer
 
-from katactl.commands._common import finish, new_app, sandbox_ref, state
+from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
 
 app = new_app("Memory elasticity: a sandbox's balloon (guest-visible memory target, or reclaim N).")
 
-SANDBOX_HELP = "Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."
 VIA_HELP = "Force one path: extension, hypervisor-api, extra-monitor, qmp (default: the first that works)."
 
 

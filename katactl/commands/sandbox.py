@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from katactl.commands._common import fan_out_list, finish, new_app, sandbox_ref, state
+from katactl.commands._common import SANDBOX_HELP, fan_out_list, finish, new_app, sandbox_ref, state
 
 app = new_app("List and inspect Kata sandboxes on node(s), mapped to their pods.")
 
@@ -74,8 +74,7 @@ def list_(
 @app.command("inspect")
 def inspect(
     ctx: typer.Context,
-    target: str = typer.Argument(..., metavar="SANDBOX",
-                                 help="Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."),
+    target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
     raw: bool = typer.Option(False, "--raw", help="Include the runtime's state file (persist.json/state.json)."),
 ) -> None:
     """Show everything known about one sandbox: pod, hypervisor, sockets, memory, cgroups.

@@ -5,8 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from katactl.commands._common import fan_out_list, finish, new_app, sandbox_ref, state
-from katactl.commands.balloon import SANDBOX_HELP
+from katactl.commands._common import SANDBOX_HELP, fan_out_list, finish, new_app, sandbox_ref, state
 
 app = new_app("Guest memory dumps (vmcores): list, collect, trigger, rm.")
 
