@@ -26,7 +26,7 @@ def _run_and_list_heavy(argvs, env_extra=None) -> tuple[str, str]:
         "        with contextlib.redirect_stdout(buf): main()\n"
         "    except SystemExit: pass\n"
         "sys.stdout.write(buf.getvalue())\n"
-        "print(','.join(m for m in sys.modules if m.split('.')[0] in ('kubernetes','paramiko','httpx')), file=sys.stderr)\n"
+        f"print(','.join(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}), file=sys.stderr)\n"
     )
     env = dict(os.environ, **(env_extra or {}))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 
+from katactl.backends.knownhosts import DEFAULT_GLOBAL_FILES, DEFAULT_USER_FILES
 from katactl.errors import UsageError
 
 _INCLUDE = re.compile(r"^\s*include(?:\s*=\s*|\s+)(.*)$", re.I)
@@ -180,8 +181,8 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     return Target(alias=host, hostname=o.get("hostname", host), port=port, user=who,
                   identity_files=tuple(dict.fromkeys(ids)), identities_only=_yes(o.get("identitiesonly", "no")),
                   proxy_command=pc, proxy_jump=hops, host_key_alias=o.get("hostkeyalias"),
-                  user_known_hosts=ukh or ("~/.ssh/known_hosts", "~/.ssh/known_hosts2"),
-                  global_known_hosts=gkh or ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2"),
+                  user_known_hosts=ukh or DEFAULT_USER_FILES,
+                  global_known_hosts=gkh or DEFAULT_GLOBAL_FILES,
                   hash_known_hosts=_yes(o.get("hashknownhosts", "no")),
                   connect_timeout=float(ct) if ct and str(ct).isdigit() else None,
                   host_root=root, forward_agent=_yes(o.get("forwardagent", "no")))

@@ -23,8 +23,6 @@ from katactl.lab import httpunix
 from katactl.lab.simguest import SimGuest
 
 MIB = 1 << 20
-BALLOON_FIELDS = {"amount_mib", "deflate_on_oom", "stats_polling_interval_s", "free_page_hinting",
-                  "free_page_reporting"}
 
 
 class _H(httpunix.Handler):

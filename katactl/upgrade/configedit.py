@@ -15,7 +15,7 @@ import re
 
 ASSET_KEYS = ("kernel", "image", "initrd")
 _SECTION = re.compile(r"^\s*\[\s*([^\]\s]+)\s*\]")
-_ASSET = re.compile(r'^(\s*)(kernel|image|initrd)(\s*=\s*)"([^"]*)"(.*)$')
+_ASSET = re.compile(r'^(\s*)(' + "|".join(ASSET_KEYS) + r')(\s*=\s*)"([^"]*)"(.*)$')
 
 
 def rebase(text: str, prefix: str, release_path: str) -> str:

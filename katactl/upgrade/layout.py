@@ -30,7 +30,6 @@ INSTALL_PREFIX = "/opt/kata"
 RELEASE_RECORD = ".katactl-release.json"
 STATE_DIRNAME = ".katactl"
 CONFIG_SUBDIR = "share/defaults/kata-containers"
-ASSETS_SUBDIR = "share/kata-containers"
 SHIM_BINARIES = ("bin/containerd-shim-kata-v2", "runtime-rs/bin/containerd-shim-kata-v2")
 COMPONENTS = ("all", "runtime", "agent")
 
