@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from katactl.commands._common import finish, new_app, sandbox_ref, state
+from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
 
 app = new_app("Download a pprof profile from a sandbox's Go shim.", single=True)
 
@@ -13,8 +13,7 @@ app = new_app("Download a pprof profile from a sandbox's Go shim.", single=True)
 @app.command()
 def pprof(
     ctx: typer.Context,
-    target: str = typer.Argument(..., metavar="SANDBOX",
-                                 help="Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."),
+    target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
     profile: str = typer.Argument(..., metavar="PROFILE",
                                   help="heap, goroutine, profile (CPU), trace, allocs, block, mutex, threadcreate, cmdline."),
     seconds: Optional[int] = typer.Option(None, "--seconds", metavar="N",

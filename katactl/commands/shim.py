@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import typer
 
-from katactl.commands._common import finish, new_app, sandbox_ref, state
+from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
 
 app = new_app("The other shim management endpoints: agent-url, iptables, direct-volume.")
 iptables_app = new_app("Guest iptables rules through the shim (iptables-save text).")
 volume_app = new_app("Direct-assigned volumes through the shim: stats, resize.")
 app.add_typer(iptables_app, name="iptables")
 app.add_typer(volume_app, name="volume")
-
-SANDBOX_HELP = "Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."
 
 
 def _on_sandbox(app_ctx, target: str, op, *args, **kw) -> dict:
@@ -104,8 +102,7 @@ def iptables_set(ctx: typer.Context,
     data = shim_ops.read_rules(file, getattr(sys.stdin, "buffer", sys.stdin))
     shim_ops.validate_rules(data, src)  # usage errors before resolving the sandbox
     res = _on_sandbox(app_ctx, target, shim_ops.iptables_set, data, v6=v6, dry_run=dry_run, source=src)
-    changed, dry = res.pop("changed"), res.pop("dryRun")
-    finish(app_ctx, Result(kind="IPTablesSet", item=res, changed=changed, dry_run=dry))
+    finish(app_ctx, Result.mutation("IPTablesSet", res))
 
 
 @volume_app.command("stats")
@@ -159,5 +156,4 @@ def volume_resize(ctx: typer.Context,
     shim_ops.check_volume_path(path)
     nbytes = parse_size(size, what="volume size")
     res = _on_sandbox(app_ctx, target, shim_ops.volume_resize, path, nbytes, dry_run=dry_run)
-    changed, dry = res.pop("changed"), res.pop("dryRun")
-    finish(app_ctx, Result(kind="VolumeResize", item=res, changed=changed, dry_run=dry))
+    finish(app_ctx, Result.mutation("VolumeResize", res))
