@@ -120,7 +120,7 @@ class FanOut:
         if len(self.nodes) == 1 and self.errors:
             raise next(iter(self.errors.values()))
 
-    def items(self, key: str = "items") -> list[dict]:
+    def items(self) -> list[dict]:
         """Flatten list results, tagging each item with its node."""
         out = []
         for n in self.nodes:

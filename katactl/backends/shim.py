@@ -156,8 +156,7 @@ class ShimClient:
                                  headers={"Content-Type": "application/json"})
         self._check(status, body, "/direct-volume/resize", ok=(200, 204))
 
-    def pprof(self, profile: str, sink: IO[bytes], *, seconds: int | None = None,
-              debug: int | None = None) -> int:
+    def pprof(self, profile: str, sink: IO[bytes], *, seconds: int | None = None) -> int:
         """Stream /debug/pprof/<profile> into sink (nothing is written unless the
         shim answers 2xx); return bytes written."""
         if profile not in PPROF_PROFILES:
@@ -167,8 +166,6 @@ class ShimClient:
         q = {}
         if seconds is not None:
             q["seconds"] = str(int(seconds))
-        if debug is not None:
-            q["debug"] = str(int(debug))
         url = f"/debug/pprof/{profile}" + ("?" + urllib.parse.urlencode(q) if q else "")
         wait = self.timeout + (seconds or (30 if profile == "profile" else 1 if profile == "trace" else 0))
 

@@ -413,11 +413,11 @@ def read_knobs(t, fs: CgroupFS, cgpath: str, sections: Iterable[str] = SECTIONS,
             continue
         v = read_value(t, f"{d}/{fname}", k.parse, log, fname)
         out[k.section][k.key] = v
-    _derive(out, fs)
+    _derive(out)
     return out, log
 
 
-def _derive(out: dict, fs: CgroupFS) -> None:
+def _derive(out: dict) -> None:
     cpu = out.get("cpu")
     if not cpu:
         return

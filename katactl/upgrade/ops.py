@@ -448,7 +448,7 @@ def _run_check(t, argv: list[str], required: bool) -> dict:
 # -- switch / rollback -------------------------------------------------------------------
 def switch(t, L: Layout, version: str, component: str = "all", *, dry_run: bool = False,
            force: bool = False, run_binaries: bool = True, lock_timeout: float = 30.0,
-           on_wait=None, _action: str = "switch") -> dict:
+           on_wait=None) -> dict:
     validate_version(version)
     if component not in COMPONENTS:
         raise UsageError(f"invalid --component {component!r} (choose from {', '.join(COMPONENTS)})")
@@ -457,11 +457,10 @@ def switch(t, L: Layout, version: str, component: str = "all", *, dry_run: bool 
         e = NotFound(f"release {version} is not staged on {t.node} (no {L.releases})",
                      hint=f"katactl upgrade stage SOURCE --as {version}")
         if not dry_run:
-            _audit(_action, version, t, params, None, result=f"error: {e}")
+            _audit("switch", version, t, params, None, result=f"error: {e}")
         raise e
     return _locked_audited(
-        t, L, _action, params, lambda: _switch_locked(t, L, version, component, dry_run, force, run_binaries,
-                                                      _action),
+        t, L, "switch", params, lambda: _switch_locked(t, L, version, component, dry_run, force, run_binaries),
         target=version, dry_run=dry_run, lock_timeout=lock_timeout, on_wait=on_wait)
 
 
@@ -482,7 +481,7 @@ def _locked_audited(t, L: Layout, action: str, params: dict, body, *, target: st
     return res
 
 
-def _switch_locked(t, L, version, component, dry_run, force, run_binaries, action) -> dict:
+def _switch_locked(t, L, version, component, dry_run, force, run_binaries) -> dict:
     recovered = None if dry_run else _recover(t, L)
     fault("switch:locked")
     staged = releases(t, L)
@@ -506,7 +505,7 @@ def _switch_locked(t, L, version, component, dry_run, force, run_binaries, actio
             raise Refused("no current runtime release yet; switch --component all first")
         to = {"runtime": cur["runtime"], "agent": version}
     frm = _pair(cur)
-    base = {"node": t.node, "action": action, "component": component, "from": frm, "to": to,
+    base = {"node": t.node, "action": "switch", "component": component, "from": frm, "to": to,
             "recovered": recovered}
     if to == frm:
         return {**base, "changed": False, "dryRun": dry_run, "steps": [], "preflight": [],
@@ -516,7 +515,7 @@ def _switch_locked(t, L, version, component, dry_run, force, run_binaries, actio
     steps = _apply(t, L, frm, to, dry_run=True)
     if dry_run:
         return {**base, "changed": True, "dryRun": True, "steps": steps, "preflight": checks}
-    entry = _commit(t, L, action, component, frm, to)
+    entry = _commit(t, L, "switch", component, frm, to)
     return {**base, "changed": True, "dryRun": False, "steps": steps, "preflight": checks,
             "historyId": entry["id"]}
 
@@ -658,7 +657,7 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
                          "name is not kata-static-<version>-<arch>.tar.*; pass --as VERSION")
     validate_version(v, "release version")
     if kind == "dir":
-        source_sha = _tree_digest(source, sc)
+        source_sha = _tree_digest(source)
     shims = [b for b in SHIM_BINARIES if b in {m.name for m in sc.members}]
     if not shims:
         raise Refused(f"{source}: no {' or '.join(SHIM_BINARIES)} inside; not a Kata release")
@@ -753,7 +752,7 @@ def _refuse_if_running(t, L: Layout, v: str) -> None:
                       details={"release": v, "usedBy": users})
 
 
-def _tree_digest(path: str, sc) -> str:
+def _tree_digest(path: str) -> str:
     h = hashlib.sha256()
     for m in src.iter_members(path, "dir"):
         name = src.normalize(m.raw, path)
