@@ -13,14 +13,18 @@ KATACTL = [os.path.join(ROOT, ".venv", "bin", "katactl")] if os.path.exists(
 
 
 def timed(argv, runs: int = 15, env=None, warmup: int = 2) -> list[float]:
-    """Wall-clock seconds of ``runs`` executions of argv (after warm-up runs)."""
+    """Wall-clock seconds of ``runs`` executions of argv (after warm-up runs); stdout is
+    discarded, and a failing run ends the bench (SystemExit with the tail of its stderr)."""
     e = dict(os.environ, **(env or {}))
     out = []
     for i in range(warmup + runs):
         t = time.perf_counter()
-        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e, check=False)
+        p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e, check=False)
+        dt = time.perf_counter() - t
+        if p.returncode != 0:
+            raise SystemExit(f"{argv[:6]} failed: {p.stderr.decode()[-300:]}")
         if i >= warmup:
-            out.append(time.perf_counter() - t)
+            out.append(dt)
     return out
 
 

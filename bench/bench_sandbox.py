@@ -7,31 +7,22 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench._util import timed  # noqa: E402
 from katactl.lab import layout  # noqa: E402
 
 N = int(os.environ.get("BENCH_SANDBOXES", "1000"))
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 
 
-def timed(argv, **kw) -> float:
-    t = time.perf_counter()
-    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
-    dt = time.perf_counter() - t
-    if p.returncode != 0:
-        raise SystemExit(f"{argv[:4]} failed: {p.stderr.decode()[-300:]}")
-    return dt
-
-
-def median(fn) -> float:
-    fn()  # warm the page cache and Python's bytecode cache
-    return statistics.median(fn() for _ in range(RUNS))
+def median(argv) -> float:
+    """Median seconds of RUNS runs of argv, after one warm-up run (page cache, bytecode cache)."""
+    return statistics.median(timed(argv, runs=RUNS, warmup=1))
 
 
 def main() -> None:
@@ -43,11 +34,11 @@ def main() -> None:
         kata = [sys.executable, "-m", "katactl", "--host-root", root, "sandbox", "list", "-o", "json"]
         loop = (f'cd {sbs} && for d in $(ls); do cat "$d/persist.json" "{bundles}/$d/config.json"; done')
         one = f'cd {sbs} && ls | while read d; do echo "$d/persist.json {bundles}/$d/config.json"; done | xargs cat'
-        t_kata = median(lambda: timed(kata))
-        t_kata_nc = median(lambda: timed(kata + ["--no-check"]))
-        t_loop = median(lambda: timed(["sh", "-c", loop]))
-        t_xargs = median(lambda: timed(["sh", "-c", one]))
-        t_help = median(lambda: timed([sys.executable, "-m", "katactl", "--help"]))
+        t_kata = median(kata)
+        t_kata_nc = median(kata + ["--no-check"])
+        t_loop = median(["sh", "-c", loop])
+        t_xargs = median(["sh", "-c", one])
+        t_help = median([sys.executable, "-m", "katactl", "--help"])
         from katactl import sandbox
         from katactl.backends.local import LocalTransport
 
@@ -56,7 +47,8 @@ def main() -> None:
             assert len(sandbox.discover(LocalTransport(root))) == N
             return time.perf_counter() - t
 
-        t_lib = median(lib)
+        lib()  # warm-up
+        t_lib = statistics.median(lib() for _ in range(RUNS))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"## sandbox list on a {N:,}-sandbox node tree\n")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 
-from _util import KATACTL, interleaved, write_section
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._util import KATACTL, interleaved, median_ms, write_section  # noqa: E402
 
 COMPLETE = {"_KATACTL_COMPLETE": "complete_bash", "COMP_WORDS": "katactl con", "COMP_CWORD": "1"}
 
@@ -30,7 +30,7 @@ def main() -> int:
     cmds["katactl version"] = (KATACTL + ["version"], None)
     cmds["katactl version -o json"] = (KATACTL + ["version", "-o", "json"], None)
     samples = interleaved(cmds, runs)
-    med = {name: statistics.median(s) * 1000 for name, s in samples.items()}
+    med = {name: median_ms(s) for name, s in samples.items()}
     ref = med.get("kubectl version --client (reference)")
     load = os.getloadavg()[0]
     lines = ["## Start-up (`--help`, completion, `version`) — bench/bench_startup.py", "",

@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench._util import timed  # noqa: E402
 from katactl.lab import layout  # noqa: E402
 from katactl.lab.shimserver import ShimServer, ShimState  # noqa: E402
 
@@ -22,18 +21,9 @@ RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 INTERVAL = 0.1
 
 
-def timed(argv) -> float:
-    t = time.perf_counter()
-    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    dt = time.perf_counter() - t
-    if p.returncode != 0:
-        raise SystemExit(f"{argv[:6]} failed: {p.stderr.decode()[-300:]}")
-    return dt
-
-
-def median(fn) -> float:
-    fn()
-    return statistics.median(fn() for _ in range(RUNS))
+def median(argv) -> float:
+    """Median seconds of RUNS runs of argv, after one warm-up run."""
+    return statistics.median(timed(argv, runs=RUNS, warmup=1))
 
 
 def main() -> None:
@@ -57,9 +47,9 @@ def main() -> None:
                "--interval", f"{INTERVAL}s"]
         curl1 = f'while read s; do curl -s --unix-socket "$s" http://localhost/metrics; done < {listfile}'
         curl2 = f"({curl1}); sleep {INTERVAL}; ({curl1})"
-        t_top = median(lambda: timed(top))
-        t_c1 = median(lambda: timed(["sh", "-c", curl1]))
-        t_c2 = median(lambda: timed(["sh", "-c", curl2]))
+        t_top = median(top)
+        t_c1 = median(["sh", "-c", curl1])
+        t_c2 = median(["sh", "-c", curl2])
     finally:
         for s in servers:
             s.stop()

@@ -166,7 +166,7 @@ def main() -> None:
     mib = size / (1 << 20)
     base = rows["cp"][0]
     base_sync = rows["cp + sync"][0]
-    print(f"## vmcore collect — bench/bench_vmcore.py\n")
+    print("## vmcore collect — bench/bench_vmcore.py\n")
     load = os.getloadavg()[0]
     print(f"{a.size_mib} MiB QEMU-like ELF dump (fully allocated, ~30 % data blocks), warm page cache, "
           f"local disk ({a.dir}), median of {a.runs} interleaved runs, peak RSS from /usr/bin/time -v, same run; "
