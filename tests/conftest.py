@@ -17,10 +17,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-pytest_plugins: list[str] = []
-for _plugin in ("tests.conftest_lab", "tests.conftest_sshd"):
-    if os.path.exists(os.path.join(os.path.dirname(__file__), _plugin.split(".")[1] + ".py")):
-        pytest_plugins.append(_plugin)
+pytest_plugins = ["tests.conftest_lab", "tests.conftest_sshd"]
 
 
 # A test that needs a tool skips with "<tool> not installed" (or "missing") when it
