@@ -67,5 +67,5 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
 def _user() -> str:
     try:
         return os.environ.get("SUDO_USER") or getpass.getuser()
-    except Exception:  # no passwd entry in a container
+    except (KeyError, OSError):  # no passwd entry in a container (KeyError before 3.13)
         return str(os.getuid())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from katactl.errors import NotFound
+from katactl.errors import NotFound, UsageError
 from katactl.isolation import cgroups as cg
 from katactl.isolation import report, resctrl, threads, weights
 from katactl.isolation.policy import SEVERITIES, Policy
@@ -101,7 +101,7 @@ def _root_cpus(node) -> set[int] | None:
     for fname in ("cpuset.effective_cpus", "cpuset.cpus.effective", "cpuset.cpus"):
         try:
             return set(parse_cpulist(node.t.read_text(f"{d}/{fname}").strip()))
-        except (OSError, Exception):  # noqa: BLE001 - a missing or odd file just means "unknown"
+        except (OSError, UsageError):  # a missing or odd file just means "unknown"
             continue
     return None
 
@@ -116,7 +116,7 @@ def _pinned(row: dict, children: list[dict], root_cpus: set[int] | None) -> bool
             return False
         try:
             s = set(parse_cpulist(c))
-        except Exception:  # noqa: BLE001
+        except UsageError:
             return False
         return bool(s) and s < root_cpus
 

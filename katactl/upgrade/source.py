@@ -138,11 +138,11 @@ def _open_tar(path: str, kind: str):
 def _reap(proc) -> str:
     if proc is None:
         return ""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(OSError):
         proc.stdout.close()
     try:
         err = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
-    except Exception:
+    except OSError:
         err = ""
     try:
         proc.wait(timeout=10)
