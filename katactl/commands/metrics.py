@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from katactl.commands._common import finish, new_app, sandbox_ref, state
+from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
 
 app = new_app("A sandbox's shim /metrics: parsed, filtered by family, or raw Prometheus text.",
               single=True)
@@ -14,8 +14,7 @@ app = new_app("A sandbox's shim /metrics: parsed, filtered by family, or raw Pro
 @app.command()
 def metrics(
     ctx: typer.Context,
-    target: str = typer.Argument(..., metavar="SANDBOX",
-                                 help="Sandbox id, unique id prefix, NAMESPACE/POD or pod/NAMESPACE/NAME."),
+    target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
     family: Optional[List[str]] = typer.Option(None, "--family", metavar="PREFIX",
                                                help="Keep metric families starting with PREFIX (repeatable)."),
     raw: bool = typer.Option(False, "--raw", help="Print the Prometheus text as the shim sent it."),
