@@ -252,6 +252,16 @@ class Output:
             lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
         self._write("\n".join(lines) + "\n")
 
+    def text(self, s: str) -> None:
+        """A command's native text on stdout (Prometheus exposition, iptables-save rules):
+        exact in a pipe or file, so tools can read it back; on a terminal each line is
+        printable() (a peer's escape sequences never reach it)."""
+        if self.stdout_tty:
+            s = "".join(printable(line) + "\n" for line in s.splitlines())
+        elif s and not s.endswith("\n"):
+            s += "\n"
+        self._write(s)
+
     def _write(self, s: str) -> None:
         self.stdout.write(s)
         self.stdout.flush()

@@ -169,3 +169,16 @@ def test_control_characters_in_data_never_reach_piped_output(cli):
             assert r.exit_code == 0, r.stderr
             assert "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
             assert "evil\\x1b[31mRED\\x1b]0;title\\x07" in r.stdout
+
+
+def test_native_text_is_exact_in_a_pipe_and_escaped_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    rules = "*filter\n-A INPUT -m comment --comment \"\x1b]0;x\x07\" -j ACCEPT\nCOMMIT"
+    piped, tty = io.StringIO(), Tty()
+    Output("plain", stdout=piped).text(rules)
+    Output("table", stdout=tty).text(rules)
+    assert piped.getvalue() == rules + "\n"  # iptables-restore reads back what get printed
+    assert "\x1b" not in tty.getvalue() and "\\x1b]0;x\\x07" in tty.getvalue()

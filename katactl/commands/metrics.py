@@ -42,8 +42,7 @@ def metrics(
     timeout = float(app_ctx.settings.timeout)
     node, sb, text = sandbox.on_sandbox(settings, ref, lambda t, s: m.scrape(t, s, timeout))
     if raw:
-        app_ctx.out.stdout.write(m.filter_text(text, prefixes))
-        app_ctx.out.stdout.flush()
+        app_ctx.out.text(m.filter_text(text, prefixes))
         return
     samples = m.parse(text, prefixes)
     if prefixes and not samples:

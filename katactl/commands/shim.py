@@ -38,12 +38,12 @@ def agent_url(ctx: typer.Context,
       katactl shim agent-url batch/train-0 -o json
     """
     from katactl import shim_ops
-    from katactl.output import Result, printable
+    from katactl.output import Result
 
     app_ctx = state(ctx)
     res = _on_sandbox(app_ctx, target, shim_ops.agent_url)
     if _text_out(app_ctx):
-        app_ctx.out._write(printable(res["agentURL"]) + "\n")  # a URL has no control characters
+        app_ctx.out.text(res["agentURL"])
         return
     finish(app_ctx, Result(kind="AgentURL", item=res))
 
@@ -60,15 +60,12 @@ def iptables_get(ctx: typer.Context,
       katactl shim iptables get 3f2a --v6
     """
     from katactl import shim_ops
-    from katactl.output import Result, printable
+    from katactl.output import Result
 
     app_ctx = state(ctx)
     res = _on_sandbox(app_ctx, target, shim_ops.iptables_get, v6=v6)
     if _text_out(app_ctx):
-        rules = res["rules"]
-        if app_ctx.out.stdout_tty:  # the guest's text never reaches a terminal as escape sequences
-            rules = "".join(printable(ln) + "\n" for ln in rules.splitlines())
-        app_ctx.out._write(rules if rules.endswith("\n") or not rules else rules + "\n")
+        app_ctx.out.text(res["rules"])
         return
     finish(app_ctx, Result(kind="IPTables", item=res))
 
