@@ -38,8 +38,8 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
     that happened must not be reported as failed because the log is full;
     instead it is logged as a warning (the CLI shows it on stderr)."""
     entry = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "user": _user(),
+        "time": now_iso(),
+        "user": current_user(),
         "host": socket.gethostname(),
         "command": sys.argv[:],
         "node": node,
@@ -64,7 +64,13 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
     return entry
 
 
-def _user() -> str:
+def now_iso() -> str:
+    """Local time with its UTC offset, as audit records, upgrade history and lock owners write it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def current_user() -> str:
+    """Who runs katactl: the sudo caller if any, else the login name (the uid without a passwd entry)."""
     try:
         return os.environ.get("SUDO_USER") or getpass.getuser()
     except (KeyError, OSError):  # no passwd entry in a container (KeyError before 3.13)

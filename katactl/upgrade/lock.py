@@ -15,14 +15,12 @@ import os
 import socket
 import time
 
+from katactl.audit import current_user, now_iso
 from katactl.errors import TimeoutExpired
 
 
 def _owner() -> dict:
-    from katactl.audit import _user
-
-    return {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "user": current_user(), "since": now_iso()}
 
 
 def _owner_of(raw: bytes) -> dict | None:

@@ -34,8 +34,8 @@ import json
 import os
 import posixpath
 import secrets
-import time
 
+from katactl import audit
 from katactl.errors import NotFound, OperationFailed, Refused, UsageError
 from katactl.upgrade import configedit, procscan, source as src
 from katactl.upgrade.layout import (COMPONENTS, CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD,
@@ -46,20 +46,8 @@ DEFAULT_RESERVE = 256 << 20
 
 
 # -- small helpers ---------------------------------------------------------------
-def _user() -> str:
-    from katactl.audit import _user as u
-
-    return u()
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
 def _audit(action: str, target: str, transport, params: dict, changed: bool | None,
            result: str = "ok") -> None:
-    from katactl import audit
-
     audit.record(f"upgrade.{action}", target, node=transport.node, params=params, result=result,
                  changed=changed)
 
@@ -534,7 +522,7 @@ def _checked_preflight(t, L: Layout, to: dict, component: str, run_binaries: boo
 def _commit(t, L: Layout, action: str, component: str | None, frm: dict, to: dict, **extra) -> dict:
     """Move the node from ``frm`` to ``to``, crash-safe: journal, apply, history, drop
     the journal (an interrupted switch is finished by _recover). Returns the history entry."""
-    entry = {"id": secrets.token_hex(6), "time": _now(), "user": _user(), "client": _client(),
+    entry = {"id": secrets.token_hex(6), "time": audit.now_iso(), "user": audit.current_user(), "client": _client(),
              "node": t.node, "action": action, "component": component, "from": frm, "to": to, **extra}
     t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
     fault("switch:after-journal")
@@ -707,8 +695,8 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
             _extract(t, L, source, kind, sc, tmp, v)
             record = {"version": v, "source": os.path.basename(source), "sourceKind": kind,
                       "sourceSha256": source_sha, "verifiedBy": base["verifiedBy"],
-                      "files": len(sc.members), "bytes": sc.total_bytes, "stagedAt": _now(),
-                      "stagedBy": _user(), "client": _client(), "stripPrefix": sc.strip,
+                      "files": len(sc.members), "bytes": sc.total_bytes, "stagedAt": audit.now_iso(),
+                      "stagedBy": audit.current_user(), "client": _client(), "stripPrefix": sc.strip,
                       "installPrefix": INSTALL_PREFIX}
             t.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
             fault("stage:after-record")
