@@ -8,10 +8,11 @@ paths, so ``--host-root`` and SSH work unchanged. Modules:
 - :mod:`.weights`  cpu.shares <-> cpu.weight (the kubelet and the runc formula)
 - :mod:`.resctrl`  resctrl groups, schemata decoding, mon_data sampling
 - :mod:`.threads`  a process's threads: vCPUs, affinity, cgroup, resctrl group, policy, nice
-- :mod:`.kata`     the sandboxes on a node, as isolation needs them
 - :mod:`.report`   bvt / memcg tree reports
 - :mod:`.policy`   the audit policy (TOML, koordinator defaults)
 - :mod:`.audit`    the checks and their findings
+
+The sandboxes on a node come from :mod:`katactl.sandbox` (``discover``/``resolve``).
 
 A feature the kernel lacks (no ``cpu.bvt_warp_ns``, no resctrl mount, no
 Alinux memcg knobs) is reported as *unsupported*, never raised as an error.

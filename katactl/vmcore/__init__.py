@@ -6,7 +6,8 @@ imports the ones above it, so there are no cycles):
 - :mod:`.records`     the local records of collected dumps: manifests and the collect index
 - :mod:`.dumps`       the dumps on a node: guest_memory_dump_path, list, resolve, pod, remove
 - :mod:`.streams`     byte plumbing: read-ahead/hash threads, rate limit, plain/gzip/zstd writers
-- :mod:`.collection`  collect: copy, resume sidecar, verification, manifest, makedumpfile
+- :mod:`.collection`  collect: copy, resume sidecar, verification, manifest, compression on the
+                      node (streamed back, ``--compress-on``) or here, makedumpfile
 - :mod:`.capture`     taking dumps: the runtime's panic handler, on-demand triggers
 
 Domain code only: no printing; errors are katactl.errors types.
