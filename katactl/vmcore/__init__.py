@@ -12,17 +12,14 @@ imports the ones above it, so there are no cycles):
 
 Domain code only: no printing; errors are katactl.errors types.
 """
-from katactl.vmcore.capture import (FORMATS, TriggerOptions, check_free_space, guest_memory_bytes,
-                                    prepare_dump_dir, runtime_panic_dump, trigger)
-from katactl.vmcore.collection import CollectOptions, check_to, collect, collect_one
-from katactl.vmcore.dumps import (DumpConfig, check_abs, check_ref, dump_config, dump_name, dump_timestamp,
-                                  elf_extent, go_timestamp, list_dumps, node_name, node_zone, pod_of,
-                                  remove_dumps, resolve_dumps, sniff_format)
+from katactl.vmcore.capture import FORMATS, TriggerOptions, runtime_panic_dump, trigger
+from katactl.vmcore.collection import CollectOptions, collect
+from katactl.vmcore.dumps import (check_abs, check_ref, dump_name, dump_timestamp, go_timestamp, list_dumps,
+                                  node_zone, remove_dumps, resolve_dumps)
 from katactl.vmcore.records import CollectIndex
 
 __all__ = [
-    "CollectIndex", "CollectOptions", "DumpConfig", "FORMATS", "TriggerOptions", "check_abs", "check_free_space",
-    "check_ref", "check_to", "collect", "collect_one", "dump_config", "dump_name", "dump_timestamp", "elf_extent",
-    "go_timestamp", "guest_memory_bytes", "list_dumps", "node_name", "node_zone", "pod_of", "prepare_dump_dir",
-    "remove_dumps", "resolve_dumps", "runtime_panic_dump", "sniff_format", "trigger",
+    "CollectIndex", "CollectOptions", "FORMATS", "TriggerOptions", "check_abs", "check_ref", "collect",
+    "dump_name", "dump_timestamp", "go_timestamp", "list_dumps", "node_zone", "remove_dumps", "resolve_dumps",
+    "runtime_panic_dump", "trigger",
 ]
