@@ -12,8 +12,8 @@ import time
 from typing import Callable
 
 from katactl.errors import KatactlError, OperationFailed, ProtocolError, Refused, UsageError
-from katactl.vmcore.dumps import (GO_SBS, GO_VM, check_abs, dump_config, dump_name, node_zone, read_json,
-                                  real_path)
+from katactl.sandbox import GO_SBS, GO_VM
+from katactl.vmcore.dumps import check_abs, dump_config, dump_name, node_zone, read_json, real_path
 
 FORMATS = ("elf", "kdump-zlib")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -20,11 +20,9 @@ import time
 from typing import Any
 
 from katactl.errors import Ambiguous, KatactlError, NotFound, OperationFailed, UsageError
+from katactl.sandbox import CONTAINERD_TASK_DIR
 from katactl.vmcore.records import CollectIndex
 
-GO_SBS = "/run/vc/sbs"
-GO_VM = "/run/vc/vm"
-CONTAINERD_TASK_DIR = "/run/containerd/io.containerd.runtime.v2.task"
 POD_LOG_DIR = "/var/log/pods"
 DUMP_RE = re.compile(r"^vmcore-(\d{14}(?:\.\d{1,3})?)\.(elf|kdump(?:-[a-z]+)?)$")
 _POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
