@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from katactl.errors import (KatactlError, NotFound, OperationFailed, ProtocolError, Refused,
                             TimeoutExpired, UnreachableError, UsageError)
 from katactl.values import format_size
+
+if TYPE_CHECKING:
+    from katactl.sandbox import Sandbox
 
 MIB = 1 << 20
 PATHS = ("extension", "hypervisor-api", "extra-monitor", "qmp")
@@ -361,17 +364,17 @@ def _state_with_guest(transport, sb, path: _Path, timeout: float) -> dict:
     return st
 
 
-def _resolve(transport, ref):
+def _resolve(transport, ref: str | Sandbox) -> Sandbox:
     """ref: a Sandbox (already resolved, e.g. by katactl.sandbox.on_sandbox) or a reference string."""
     from katactl import sandbox
 
-    sb = ref if hasattr(ref, "id") and hasattr(ref, "raw") else sandbox.resolve(transport, ref, check=False)
+    sb = sandbox.as_sandbox(transport, ref)
     if sb.raw is None:
         raise OperationFailed(f"sandbox {sb.id[:12]}: {sb.reason or 'state file unreadable'}")
     return sb
 
 
-def get(transport, ref: str, *, via: str = "auto", timeout: float = 10.0) -> dict:
+def get(transport, ref: str | Sandbox, *, via: str = "auto", timeout: float = 10.0) -> dict:
     sb = _resolve(transport, ref)
     path, attempts = open_path(transport, sb, via=via, timeout=timeout)
     try:
@@ -395,7 +398,7 @@ def plan_target(st: dict, *, target: int | None, reclaim: int | None, release: b
     return int(base) - int(reclaim)
 
 
-def set(transport, ref: str, *, target: int | None = None, reclaim: int | None = None,  # noqa: A001
+def set(transport, ref: str | Sandbox, *, target: int | None = None, reclaim: int | None = None,  # noqa: A001
         release: bool = False, wait: bool = False, wait_timeout: float = 60.0,
         tolerance: int = DEFAULT_TOLERANCE, margin: int = DEFAULT_MARGIN, force: bool = False,
         dry_run: bool = False, via: str = "auto", timeout: float = 10.0,

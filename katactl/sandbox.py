@@ -618,6 +618,12 @@ def resolve(transport, ref: str, *, check: bool = True, timeout: float = 0.5) ->
     return matches[0]
 
 
+def as_sandbox(transport, ref: str | Sandbox, *, check: bool = False) -> Sandbox:
+    """ref itself when it is already a Sandbox (e.g. handed over by on_sandbox), else
+    resolve(transport, ref, check=check): library functions take either."""
+    return ref if isinstance(ref, Sandbox) else resolve(transport, ref, check=check)
+
+
 def require_running(sb: Sandbox) -> Sandbox:
     """Refuse early, with the reason, when the shim cannot be talked to."""
     if sb.state != "running":

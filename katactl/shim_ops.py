@@ -25,12 +25,10 @@ _COUNTERS = re.compile(r"\[\d+:\d+\]")
 
 
 def _sandbox(transport, ref):
-    """A Sandbox as given (e.g. by katactl.sandbox.on_sandbox), or resolved from a reference."""
-    if hasattr(ref, "id") and hasattr(ref, "shim_socket"):
-        return ref
+    """A Sandbox as given (e.g. by katactl.sandbox.on_sandbox), or resolved (live-checked) from a reference."""
     from katactl import sandbox
 
-    return sandbox.resolve(transport, ref)
+    return sandbox.as_sandbox(transport, ref, check=True)
 
 
 def _node(transport) -> str:

@@ -167,7 +167,7 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
         raise UsageError(f"invalid --format {opts.format!r} (choose {', '.join(FORMATS)})")
     if opts.dump_path is not None:
         check_abs(opts.dump_path, "--dump-path")
-    sb = ref if isinstance(ref, sbmod.Sandbox) else sbmod.resolve(transport, ref, check=False)
+    sb = sbmod.as_sandbox(transport, ref)
     params = {"format": opts.format, "detach": opts.detach, "paging": opts.paging,
               "dumpPath": opts.dump_path}
     try:
