@@ -34,7 +34,7 @@ def test_clean_node_passes(cli, clean_node):
 def test_example_policy_is_the_defaults(cli, clean_node):
     from katactl.isolation import policy
 
-    p = policy.load(None, EXAMPLE)
+    p = policy.load(EXAMPLE)
     assert p.cpu == policy.CpuPolicy() and p.bvt == policy.BvtPolicy() and p.memcg == policy.MemcgPolicy()
     assert p.rdt == policy.RdtPolicy() and p.kata == policy.KataPolicy() and not p.severity and not p.disable
     r, d = _audit(cli, clean_node, "--policy", EXAMPLE)

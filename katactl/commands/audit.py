@@ -51,7 +51,7 @@ def audit(
     app_ctx = state(ctx)
     if fail_on not in pol_mod.SEVERITIES:
         raise UsageError(f"invalid --fail-on {fail_on!r}: choose from {', '.join(pol_mod.SEVERITIES)}")
-    pol = pol_mod.load(None, policy)
+    pol = pol_mod.load(policy)
     if list_checks:
         rows = [{"check": c, "severity": pol.severity_of(c), "enabled": pol.enabled(c), "meaning": m}
                 for c, (_, m) in pol_mod.CHECKS.items()]

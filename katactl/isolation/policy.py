@@ -173,7 +173,7 @@ def from_dict(data: dict, source: str = "<dict>") -> Policy:
     return pol
 
 
-def load(t_or_none, path: str | None) -> Policy:
+def load(path: str | None) -> Policy:
     """Load a policy file from the *client* machine (the operator's file), or defaults."""
     if path is None:
         return Policy()
