@@ -12,6 +12,8 @@ import pytest
 
 from katactl.backends.qmp import QMPClient
 
+from tests._audit import audit_entries
+
 MIB = 1 << 20
 TOL = 4 * MIB
 
@@ -46,9 +48,7 @@ def test_set_target_wait_then_idempotent_then_release(lab, cli):
     assert r.exit_code == 0, r.stderr
     assert r.json()["changed"] is False
     # the audit log has the change (and only one balloon.set for the two runs)
-    log = os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log")
-    entries = [json.loads(x) for x in open(log)]
-    sets = [e for e in entries if e["action"] == "balloon.set"]
+    sets = audit_entries("balloon.set")
     assert len(sets) == 1 and sets[0]["params"]["targetBytes"] == 256 * MIB and sets[0]["target"] == lab.id("qemu-0")
     # release gives everything back
     r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
@@ -220,13 +220,6 @@ def clh_view(lab, name: str = "clh-0") -> dict:
     return {"balloon": info["config"]["balloon"]["size"], "guest": info["memory_actual_size"]}
 
 
-def balloon_audit(sid: str) -> list[dict]:
-    log = os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log")
-    if not os.path.exists(log):
-        return []
-    return [e for e in map(json.loads, open(log)) if e["action"] == "balloon.set" and e["target"] == sid]
-
-
 def test_force_below_used_plus_margin(lab, cli):
     pod, sid = lab.pod("clh-0"), lab.id("clh-0")
     r = cli(lab.args("balloon", "get", pod, "-o", "json"))
@@ -241,7 +234,7 @@ def test_force_below_used_plus_margin(lab, cli):
         j = r.json()
         assert j["code"] == "Refused" and "below the guest's used memory" in j["message"] and "--force" in j["hint"]
         assert clh_view(lab) == before
-        assert balloon_audit(sid) == []
+        assert audit_entries("balloon.set", sid) == []
 
         r = cli(lab.args("balloon", "set", pod, "--target", "128Mi", "--force", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
@@ -249,7 +242,7 @@ def test_force_below_used_plus_margin(lab, cli):
         assert j["changed"] is True and j["converged"] is True and j["requestedTargetBytes"] == 128 * MIB
         # Cloud Hypervisor is asked for the balloon size (1Gi - 128Mi) and the guest got there
         assert clh_view(lab) == {"balloon": 896 * MIB, "guest": 128 * MIB}
-        entries = balloon_audit(sid)
+        entries = audit_entries("balloon.set", sid)
         assert len(entries) == 1, entries
         e = entries[0]
         assert e["changed"] is True and e["result"] == "ok"

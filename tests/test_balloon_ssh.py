@@ -7,13 +7,13 @@ relay, and has no guest statistics: the guest's memory usage is unknown there.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 
 from tests.conftest_sshd import SSH_KEYGEN, SSHD, SshLab
+from tests._audit import audit_entries
 
 MIB = 1 << 20
 TOL = 4 * MIB
@@ -56,13 +56,6 @@ def hv_balloon(srv) -> int:
     return srv.guest.balloon_target()
 
 
-def balloon_audit(sid: str) -> list[dict]:
-    log = os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log")
-    if not os.path.exists(log):
-        return []
-    return [e for e in map(json.loads, open(log)) if e["action"] == "balloon.set" and e["target"] == sid]
-
-
 def test_get_and_set_wait_over_ssh(cli, bnode):
     lab, sid, srv = bnode
     r = cli(over_ssh(lab, "balloon", "get", "batch/train-0", "-o", "json"))
@@ -83,7 +76,7 @@ def test_get_and_set_wait_over_ssh(cli, bnode):
         assert r.exit_code == 0, r.stderr
         j = r.json()
         assert j["node"] == NODE and j["changed"] is False and j["converged"] is True
-        entries = balloon_audit(sid)
+        entries = audit_entries("balloon.set", sid)
         assert len(entries) == 1, entries
         assert entries[0]["node"] == NODE and entries[0]["params"]["targetBytes"] == 700 * MIB
     finally:
@@ -113,7 +106,7 @@ def test_unknown_guest_usage_blind_floor(cli, bnode):
         j = r.json()
         assert j["code"] == "Refused" and "memory usage is unknown" in j["message"] and "128Mi" in j["message"]
         assert "--force" in j["hint"]
-        assert hv_balloon(srv) == 0 and balloon_audit(sid) == []
+        assert hv_balloon(srv) == 0 and audit_entries("balloon.set", sid) == []
 
         r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "200Mi", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
@@ -125,7 +118,7 @@ def test_unknown_guest_usage_blind_floor(cli, bnode):
         j = r.json()
         assert j["changed"] is True and j["converged"] is True and j["warnings"] == [unknown]
         assert hv_balloon(srv) == 924 * MIB
-        assert [e["params"]["targetBytes"] for e in balloon_audit(sid)] == [200 * MIB, 100 * MIB]
+        assert [e["params"]["targetBytes"] for e in audit_entries("balloon.set", sid)] == [200 * MIB, 100 * MIB]
     finally:
         r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--release", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
