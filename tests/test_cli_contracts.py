@@ -213,6 +213,20 @@ def test_nodes_from_file(tmp_path, _isolated_home):
         fleet.select_nodes(config.resolve({"nodes_from": str(f)}))
 
 
+def test_broken_pipe_from_a_peer_is_an_error_not_a_closed_stdout(cli, monkeypatch):
+    """Only our own stdout's reader leaving is quiet; a relay or socket that breaks is
+    a node we could not reach (exit 7, the error object)."""
+    import katactl.versions as v
+
+    def broken():
+        raise BrokenPipeError("relay closed")
+
+    monkeypatch.setattr(v, "client_versions", broken)
+    r = cli(["-o", "json", "version"])
+    assert r.exit_code == 7, r.stderr
+    assert r.json()["code"] == "Unreachable" and "relay closed" in r.stderr
+
+
 def test_unexpected_exception_is_one_line(cli, monkeypatch):
     import katactl.versions as v
 

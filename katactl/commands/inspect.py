@@ -28,7 +28,6 @@ def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
         v = fo.values[fo.nodes[0]]
         res = Result(kind=kind, items=v["items"], item=v["meta"], columns=columns,
                      summary=summary_fn(v["meta"], v["items"]) if summary_fn else None)
-        code = fo.exit_code()
     else:
         items, metas = [], {}
         for n in fo.nodes:
@@ -37,7 +36,7 @@ def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
                 items += [{"node": n, **i} for i in fo.values[n]["items"]]
         res = Result(kind=kind, items=items, item={"nodes": metas}, columns=columns, errors=fo.error_items(),
                      multi_node=True)
-        code = fo.exit_code()
+    code = fo.exit_code()
     # an item that could not be read (e.g. a malformed schemata file): one warning each,
     # and the command fails unless something worse already decides its exit code
     bad = [(i.get("node"), e) for i in res.items for e in i.get("errors") or []]

@@ -111,7 +111,7 @@ def status(ctx: typer.Context,
     from katactl.lab import control
 
     app_ctx = state(ctx)
-    st = control.status(control.lab_root(root))
+    st = control.status(root)
     _render(app_ctx, st)
     if st.get("status") == "dead":
         raise typer.Exit(int(ExitCode.FAILED))

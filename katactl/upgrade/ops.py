@@ -127,7 +127,7 @@ def read_state(t, L: Layout) -> dict:
         s = None
     if s is not None:
         if not s.is_link:
-            return {"runtime": UNMANAGED, "agent": None, "link": None}
+            return {"runtime": UNMANAGED, "agent": None, "agents": [], "link": None}
         link = t.readlink(L.current)
         absolute = posixpath.normpath(link if link.startswith("/") else posixpath.join(L.root, link))
         runtime = L.version_of_path(absolute + "/") if absolute.startswith(L.releases + "/") else None
@@ -276,18 +276,10 @@ def _clean_config_tmps(t, L: Layout, versions) -> None:
     for v in versions:
         if not v:
             continue
-        for d in [L.config_dir(v)] + _walk_dirs(t, L.config_dir(v)):
-            try:
-                names = t.listdir(d)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for n in names:
-                if _is_config_tmp(n):
-                    t.remove(f"{d}/{n}")
-
-
-def _walk_dirs(t, top: str) -> list[str]:
-    return [p for p, s in _walk(t, top) if s.is_dir]
+        # one walk (each directory listed once: over SSH every listdir is a round trip)
+        for p, s in list(_walk(t, L.config_dir(v))):
+            if not s.is_dir and _is_config_tmp(posixpath.basename(p)):
+                t.remove(p)
 
 
 def _flip(t, L: Layout, version: str) -> None:
@@ -671,7 +663,7 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
                               f"({(existing or {}).get('source', 'unknown, no release record')})",
                               hint="stage under another --as VERSION, or --force to replace it")
             st = read_state(t, L)
-            if v == st["runtime"] or v == st["agent"] or v in st.get("agents", ()):
+            if v == st["runtime"] or v in st["agents"]:
                 raise Refused(f"release {v} is in use as the current {'runtime' if v == st['runtime'] else 'agent'}; "
                               "it cannot be replaced")
             _refuse_if_running(t, L, v)
