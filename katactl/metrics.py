@@ -261,10 +261,10 @@ class TopFleet:
 
     def refresh(self, sort: str = "cpu") -> tuple[list[dict], dict[str, KatactlError]]:
         """(rows of every node, tagged with its node and sorted; {node: error})."""
-        from katactl.fleet import LOCAL, run_on_nodes
+        from katactl.fleet import run_on_nodes
 
         def one(t):
-            s = self._sessions[getattr(t, "node", LOCAL)]
+            s = self._sessions[t.node]
             s.transport = t  # this refresh's transport
             return s.refresh()
 

@@ -31,17 +31,13 @@ def _sandbox(transport, ref):
     return sandbox.as_sandbox(transport, ref, check=True)
 
 
-def _node(transport) -> str:
-    return getattr(transport, "node", "localhost")
-
-
 # -- agent-url ---------------------------------------------------------------------------
 def agent_url(transport, sandbox, *, timeout: float = 10.0) -> dict:
     """The kata-agent URL the shim talks to (``vsock://CID:1024``, ``hvsock://...``)."""
     sandbox = _sandbox(transport, sandbox)
     with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
         url = c.agent_url()
-    return {"node": _node(transport), "sandbox": sandbox.id, "agentURL": url}
+    return {"node": transport.node, "sandbox": sandbox.id, "agentURL": url}
 
 
 # -- iptables --------------------------------------------------------------------------
@@ -108,7 +104,7 @@ def iptables_get(transport, sandbox, *, v6: bool = False, timeout: float = 10.0)
     sandbox = _sandbox(transport, sandbox)
     with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
         rules = c.iptables_get(v6)
-    return {"node": _node(transport), "sandbox": sandbox.id, "v6": v6, "rules": rules}
+    return {"node": transport.node, "sandbox": sandbox.id, "v6": v6, "rules": rules}
 
 
 def iptables_set(transport, sandbox, rules: bytes | str, *, v6: bool = False, dry_run: bool = False,
@@ -120,7 +116,7 @@ def iptables_set(transport, sandbox, rules: bytes | str, *, v6: bool = False, dr
 
     text = validate_rules(rules, source)
     sandbox = _sandbox(transport, sandbox)
-    node = _node(transport)
+    node = transport.node
     action = "shim.iptables.set"  # params carry v6
     params = {"v6": v6, "bytes": len(text.encode("utf-8"))}
     result = {"node": node, "sandbox": sandbox.id, "v6": v6, "bytes": params["bytes"]}
@@ -167,7 +163,7 @@ def volume_stats(transport, sandbox, path: str, *, timeout: float = 10.0) -> dic
         st = c.volume_stats(path)
     usage = [{"unit": _unit(u), "total": u.get("total"), "used": u.get("used"), "available": u.get("available")}
              for u in st.get("usage") or [] if isinstance(u, dict)]
-    return {"node": _node(transport), "sandbox": sandbox.id, "path": path,
+    return {"node": transport.node, "sandbox": sandbox.id, "path": path,
             "condition": st.get("volume_condition"), "usage": usage}
 
 
@@ -213,7 +209,7 @@ def volume_resize(transport, sandbox, path: str, size: int, *, dry_run: bool = F
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise UsageError(f"invalid volume size {size!r}: must be a whole number of bytes greater than zero")
     sandbox = _sandbox(transport, sandbox)
-    node = _node(transport)
+    node = transport.node
     params = {"path": path, "size": size}
     result = {"node": node, "sandbox": sandbox.id, "path": path, "size": size}
     notes: list[str] = []
@@ -285,7 +281,7 @@ def pprof_download(transport, sandbox, profile: str, dest: str | os.PathLike | B
 
     check_pprof_request(profile, seconds, dest)
     sandbox = _sandbox(transport, sandbox)
-    result = {"node": _node(transport), "sandbox": sandbox.id, "profile": profile}
+    result = {"node": transport.node, "sandbox": sandbox.id, "profile": profile}
     with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
         if dest is not None and not isinstance(dest, (str, os.PathLike)):
             n = c.pprof(profile, dest, seconds=seconds)

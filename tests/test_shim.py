@@ -478,6 +478,13 @@ def test_hung_shim_times_out_exit_6(cli, tree):
     assert r.exit_code == 6 and r.json()["code"] == "Timeout"
 
 
+def test_hung_shim_pprof_times_out_and_leaves_no_file(cli, tree, tmp_path):
+    r = cli(["--host-root", tree.root, "--timeout", "0.5s", "pprof", "hang44", "heap",
+             "-f", str(tmp_path / "heap.pprof")])
+    assert r.exit_code == 6, r.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the profile nor its temp file
+
+
 def test_huge_metrics_body_refused(cli, tree):
     r = cli(["--host-root", tree.root, "metrics", "huge55"])
     assert r.exit_code == 1 and "limit" in r.stderr and r.stderr.count("\n") == 1

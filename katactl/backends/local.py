@@ -139,6 +139,8 @@ class LocalTransport(NodeTransport):
                         break
                     yield b
                 rc = p.wait()
+                if rc == 127:  # the base contract: a missing program is FileNotFoundError
+                    raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found", argv[0])
                 if rc != 0:
                     err.seek(0)
                     text = err.read()[-4096:].decode("utf-8", "replace").strip()

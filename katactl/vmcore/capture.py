@@ -11,7 +11,9 @@ import re
 import time
 from typing import Callable
 
-from katactl.errors import KatactlError, OperationFailed, ProtocolError, Refused, UsageError
+from katactl import sandbox as sbmod
+from katactl.errors import (KatactlError, OperationFailed, ProtocolError, Refused, UsageError,
+                            as_katactl_error)
 from katactl.sandbox import GO_SBS, GO_VM
 from katactl.vmcore.dumps import check_abs, dump_config, dump_name, node_zone, read_json, real_path
 
@@ -160,8 +162,6 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
     a usage error record nothing.
     """
     from katactl import audit
-    from katactl import sandbox as sbmod
-    from katactl.errors import as_katactl_error
 
     if opts.format not in FORMATS:
         raise UsageError(f"invalid --format {opts.format!r} (choose {', '.join(FORMATS)})")

@@ -60,7 +60,7 @@ import weakref
 from typing import Any, Callable, Iterator
 
 from katactl.backends.local import atomic_write, fsync_dir
-from katactl.errors import OperationFailed, Refused, UsageError
+from katactl.errors import OperationFailed, Refused, UsageError, as_katactl_error
 from katactl.vmcore.dumps import node_name, real_path, remove_dumps, resolve_dumps
 from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, write_manifest
 from katactl.vmcore.streams import (CHUNK, Hasher, Inflater, Prefetch, RateLimit, hash_file, iter_uncompressed,
@@ -151,7 +151,6 @@ def collect(transport, refs: list[str], opts: CollectOptions, *, dump_path: str 
         except Exception as e:
             if not keep_going or len(dumps) == 1:
                 raise
-            from katactl.errors import as_katactl_error
 
             results.append({"name": d["name"], "source": d["path"], "changed": False,
                             "error": as_katactl_error(e).to_dict()})
@@ -167,7 +166,6 @@ def collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: C
     """Collect one dump (an item of :func:`resolve_dumps`); recorded in the audit log
     (``vmcore.collect``) on success and on failure, except for a dry run."""
     from katactl import audit
-    from katactl.errors import as_katactl_error
 
     try:
         r = _collect_one(transport, dump, node, opts, index)
@@ -514,7 +512,7 @@ def _compress_where(transport, dump: dict, final: str, opts: CollectOptions) -> 
     """The node's compressor (see node_compressor) when this copy compresses there, else
     None (here). auto: a remote node that has it, unless a partial copy compressed here
     is waiting to be resumed; node: a remote node must have it; local node: always here."""
-    if opts.compress_on == "local" or not getattr(transport, "is_remote", False):
+    if opts.compress_on == "local" or not transport.is_remote:
         return None
     if opts.compress_on == "auto":
         state = _Sidecar(final).load()

@@ -19,7 +19,8 @@ import socket
 import time
 from typing import Any
 
-from katactl.errors import Ambiguous, KatactlError, NotFound, OperationFailed, UsageError
+from katactl import sandbox as sbmod
+from katactl.errors import Ambiguous, KatactlError, NotFound, OperationFailed, UsageError, as_katactl_error
 from katactl.sandbox import CONTAINERD_TASK_DIR
 from katactl.vmcore.records import CollectIndex
 
@@ -83,7 +84,6 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
 
 def _dump_paths_from_sandboxes(transport) -> set[str]:
     try:
-        from katactl import sandbox as sbmod
 
         return {sb.guest_memory_dump_path for sb in sbmod.discover(transport, check=False)
                 if sb.guest_memory_dump_path and sb.guest_memory_dump_path.startswith("/")}
@@ -101,7 +101,6 @@ def check_ref(ref: str) -> str:
     ``DIR/SANDBOX-ID/vmcore-<time>.elf``, ``SANDBOX-ID/vmcore-<time>.elf``,
     ``vmcore-<time>.elf``, ``NAMESPACE/POD``, or a sandbox id (prefix). Anything else
     (``..``, ``/etc/passwd``, control characters) is a UsageError."""
-    from katactl import sandbox as sbmod
 
     if not isinstance(ref, str) or not ref or "\0" in ref or len(ref) > 4096:
         raise UsageError(f"invalid dump or sandbox reference {ref!r}")
@@ -442,7 +441,6 @@ def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list
             out.append({**item, "changed": False})
             continue
         except Exception as e:
-            from katactl.errors import as_katactl_error
 
             audit.record("vmcore.rm", d["name"], node=transport.node, params={"path": d["path"]},
                          result="error", changed=False, error=as_katactl_error(e).message)

@@ -29,13 +29,11 @@ class RateLimit:
     def __init__(self, bps: int | None):
         self.bps = bps
         self.t0 = time.monotonic()
-        self.n = 0
 
     def __call__(self, n: int) -> None:
         if not self.bps:
             return
-        self.n = n
-        ahead = self.n / self.bps - (time.monotonic() - self.t0)
+        ahead = n / self.bps - (time.monotonic() - self.t0)
         if ahead > 0:
             time.sleep(ahead)
 
