@@ -55,7 +55,7 @@ _katactl() {
         --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
         "katactl version") words=""; valopts=""; opts="-h --help" ;;
         "katactl config") words="view"; valopts=""; opts="-h --help" ;;
         "katactl config view") words=""; valopts=""; opts="-h --help" ;;
@@ -83,7 +83,7 @@ _katactl() {
         "katactl vmcore") words="list collect trigger rm"; valopts=""; opts="-h --help" ;;
         "katactl vmcore list") words=""; valopts="--dump-path --kata-config"; opts="--dump-path --kata-config -h --help" ;;
         "katactl vmcore collect") words=""; valopts="--to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config"; opts="--to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --dump-path --kata-config -h --help" ;;
-        "katactl vmcore trigger") words=""; valopts="--format --dump-path --kata-config --wait-timeout"; opts="--format --detach --paging --no-paging --dry-run --dump-path --kata-config --wait-timeout -h --help" ;;
+        "katactl vmcore trigger") words=""; valopts="--format --dump-path --kata-config --timeout"; opts="--format --detach --paging --no-paging --dry-run --dump-path --kata-config --timeout -h --help" ;;
         "katactl vmcore rm") words=""; valopts="--dump-path --kata-config"; opts="--dry-run --dump-path --kata-config -h --help" ;;
         "katactl upgrade") words="stage switch rollback status gc"; valopts=""; opts="-h --help" ;;
         "katactl upgrade stage") words=""; valopts="--as --sha256 --reserve --kata-root --lock-timeout"; opts="--as --sha256 --no-verify --reserve --force --kata-root --lock-timeout --dry-run -h --help" ;;

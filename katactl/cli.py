@@ -118,8 +118,10 @@ def root(
                                               help="Extra known_hosts file to verify host keys against."),
     ssh_accept_new: bool = typer.Option(False, "--ssh-accept-new",
                                         help="Trust unknown SSH host keys on first use (changed keys are still refused)."),
-    timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
-                                          help="Per-node connect/call timeout (e.g. 30s)."),
+    request_timeout: Optional[str] = typer.Option(
+        None, "--request-timeout", metavar="DURATION",
+        help="Bound on each connect, request and call, as kubectl's (default 30s). A command's own "
+             "--timeout is the deadline of its wait."),
     parallel: Optional[int] = typer.Option(None, "--parallel", metavar="N", help="Nodes worked on at once."),
     profile: Optional[str] = typer.Option(None, "--profile", metavar="NAME", help="Config profile to use."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="More detail; tracebacks on errors."),
@@ -136,7 +138,7 @@ def root(
         host_root=host_root, context=context, kubeconfig=kubeconfig, namespace=namespace,
         ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, jump_host=jump_host,
         known_hosts=known_hosts, ssh_accept_new=ssh_accept_new,
-        timeout=timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
+        request_timeout=request_timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
     ).items() if v is not None and v is not False and v != () and not (k == "verbose" and v == 0)}
     settings = config.resolve(flags, profile=profile)
     if settings.output is not None and settings.output not in FORMATS:
@@ -153,7 +155,7 @@ _output_format: str | None = None
 
 # -- global options may follow the subcommand (kubectl habit) ------------------
 # Hoisted in front of the subcommand unless the leaf command defines an option
-# of the same name itself (e.g. balloon set --timeout).
+# of the same name itself (a command's own -n or -l, say).
 @functools.lru_cache(maxsize=1)
 def _global_opts() -> dict[str, bool]:
     """Root option name -> takes a value, read from the root command itself."""

@@ -43,7 +43,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("jump_host", None, str, "SSH jump host (ProxyJump syntax)"),
     Setting("ssh_accept_new", False, bool, "accept unknown SSH host keys (never changed ones)"),
     Setting("known_hosts", None, str, "extra known_hosts file"),
-    Setting("timeout", 30.0, float, "per-node timeout for connects and calls, seconds"),
+    Setting("request_timeout", 30.0, float, "bound on each connect, request and call (SSH, shim, hypervisor, Kubernetes API), seconds"),
     Setting("parallel", 32, int, "how many nodes to work on at once"),
     Setting("verbose", 0, int, "verbosity"),
     Setting("quiet", False, bool, "suppress informational messages"),
@@ -51,6 +51,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("yes", False, bool, "assume yes for confirmations"),
     Setting("audit_log", None, str, "audit log file (JSON lines)"),
 ]}
+
+
+# Settings renamed in a release: old name -> new name (for a helpful error only).
+RENAMED = {"timeout": "request_timeout"}
+
+
+def _renamed_hint(names) -> str | None:
+    moved = [f"{n} is now {RENAMED[n]}" for n in sorted(names) if n in RENAMED]
+    return "; ".join(moved) or None
 
 
 def config_path() -> str:
@@ -154,7 +163,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
     data = load_file(path)
     unknown = set(data) - set(SETTINGS) - {"profile", "profiles", "node_groups"}
     if unknown:
-        raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+        raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}", hint=_renamed_hint(unknown))
     if profile is not None and not profile.strip():
         raise UsageError("--profile needs a value, got an empty string")
     profile = profile or environ.get("KATACTL_PROFILE") or data.get("profile")
@@ -169,8 +178,13 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
         pdata = profiles[profile]
         bad = set(pdata) - set(SETTINGS) - {"node_groups"}
         if bad:
-            raise UsageError(f"{path}: profile {profile!r}: unknown setting(s): {', '.join(sorted(bad))}")
+            raise UsageError(f"{path}: profile {profile!r}: unknown setting(s): {', '.join(sorted(bad))}",
+                             hint=_renamed_hint(bad))
 
+    for old, new in RENAMED.items():
+        # a runbook's old variable silently doing nothing would be worse than stopping
+        if "KATACTL_" + old.upper() in environ:
+            raise UsageError(f"KATACTL_{old.upper()} was renamed to KATACTL_{new.upper()}")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, s in SETTINGS.items():

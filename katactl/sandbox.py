@@ -641,7 +641,7 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
     from katactl.fleet import run_on_nodes
 
     parse_ref(ref)  # bad input fails before any node is contacted
-    timeout = min(float(getattr(settings, "timeout", 5.0) or 5.0), 2.0)
+    timeout = min(float(settings.request_timeout), 2.0)
     fo = run_on_nodes(settings, lambda t: resolve(t, ref, check=check, timeout=timeout))
     fo.raise_if_single_failure()
     found = [(n, fo.values[n]) for n in fo.nodes if n in fo.values]

@@ -96,7 +96,7 @@ def page(node, all_nodes) -> str:
         for c in node.children:
             out += [".TP", f"\\fB{esc(c.path[-1])}\\fR", esc(c.short) + f" See \\fBkatactl\\-{esc(c.path[-1])}\\fR(1)."]
         out += [".SH ENVIRONMENT", ".TP", "\\fBKATACTL_\\fR\\fISETTING\\fR",
-                "Any setting (for example KATACTL_OUTPUT, KATACTL_TIMEOUT, KATACTL_SSH_USER); flags win over the "
+                "Any setting (for example KATACTL_OUTPUT, KATACTL_REQUEST_TIMEOUT, KATACTL_SSH_USER); flags win over the "
                 "environment, the environment over the config file.", ".TP", "\\fBKATACTL_CONFIG\\fR",
                 "Config file path.", ".TP", "\\fBNO_COLOR\\fR", "Disable colour."]
         out += [".SH FILES", ".TP", "\\fI$XDG_CONFIG_HOME/katactl/config.toml\\fR",

@@ -89,7 +89,7 @@ def test_installed_console_script_runs():
 
 @pytest.mark.parametrize("args,code", [
     (["no-such"], 2), (["--no-such-flag"], 2), (["version", "--bogus"], 2), (["-o", "xml", "version"], 2),
-    (["--timeout", "abc", "version"], 2), (["--parallel", "0", "version"], 2), (["--parallel", "x", "version"], 2),
+    (["--request-timeout", "abc", "version"], 2), (["--parallel", "0", "version"], 2), (["--parallel", "x", "version"], 2),
     (["-N", "bad;name", "version"], 2), (["-N", "$(reboot)", "version"], 2), (["--profile", "nope", "version"], 2),
     # an empty value (an unset shell variable) never means "this host"
     (["-N", "", "version"], 2), (["-N", ",", "version"], 2), (["--host-root", "", "sandbox", "list"], 2),
@@ -113,7 +113,7 @@ def test_usage_errors_exit_2_in_one_line(katactl_bin, args, code):
 
 
 def test_json_error_object_on_stdout(cli):
-    r = cli(["-o", "json", "--timeout", "nope", "version"])
+    r = cli(["-o", "json", "--request-timeout", "nope", "version"])
     assert r.exit_code == 2
     d = json.loads(r.stdout)
     assert d["kind"] == "Error" and d["exitCode"] == 2 and d["apiVersion"] == "katactl/v1"
@@ -122,9 +122,9 @@ def test_json_error_object_on_stdout(cli):
 def test_global_options_after_subcommand(cli):
     r = cli(["version", "-o", "json"])
     assert r.exit_code == 0 and r.json()["kind"] == "Version"
-    r = cli(["config", "view", "--timeout", "5m", "-o", "json"])
-    timeout = [s for s in r.json()["settings"] if s["name"] == "timeout"][0]
-    assert timeout == {"name": "timeout", "value": 300.0, "source": "flag"}
+    r = cli(["config", "view", "--request-timeout", "5m", "-o", "json"])
+    timeout = [s for s in r.json()["settings"] if s["name"] == "request_timeout"][0]
+    assert timeout == {"name": "request_timeout", "value": 300.0, "source": "flag"}
 
 
 def test_hoist_keeps_leaf_options_and_positionals():
@@ -134,8 +134,26 @@ def test_hoist_keeps_leaf_options_and_positionals():
     # every root option hoists (read from the root command, not a hand-kept list)
     assert hoist_global_options(["version", "-J", "bastion", "--known-hosts=kh", "--ssh-accept-new"]) == \
         ["-J", "bastion", "--known-hosts=kh", "--ssh-accept-new", "version"]
-    # a leaf's own option of the same name stays with the leaf
+    # a command's own --timeout (its wait deadline) is not a global option
     assert hoist_global_options(["balloon", "set", "x", "--timeout", "5s"])[-2:] == ["--timeout", "5s"]
+    assert hoist_global_options(["balloon", "set", "x", "--request-timeout", "5s"])[:2] == \
+        ["--request-timeout", "5s"]
+
+
+def test_renamed_timeout_setting_is_named_in_the_error(cli, _isolated_home, monkeypatch):
+    """--timeout became --request-timeout (kubectl's name): an old config key or
+    variable stops with the new name instead of silently doing nothing."""
+    monkeypatch.setenv("KATACTL_TIMEOUT", "10s")
+    r = cli(["config", "view"])
+    assert r.exit_code == 2 and "KATACTL_REQUEST_TIMEOUT" in r.stderr
+    monkeypatch.delenv("KATACTL_TIMEOUT")
+    cfg = _isolated_home / "config" / "katactl"
+    cfg.mkdir(parents=True)
+    (cfg / "config.toml").write_text('timeout = "40s"\n')
+    r = cli(["config", "view"])
+    assert r.exit_code == 2 and "timeout is now request_timeout" in r.stderr
+    r = cli(["--timeout", "5s", "version"])
+    assert r.exit_code == 2
 
 
 def test_piped_output_has_no_ansi_and_no_wrapping(katactl_bin):
@@ -153,15 +171,15 @@ def test_config_precedence(cli, tmp_path, monkeypatch, _isolated_home):
     cfg = _isolated_home / "config" / "katactl"
     cfg.mkdir(parents=True)
     (cfg / "config.toml").write_text(
-        'timeout = "40s"\nparallel = 8\nssh_user = "top"\nprofile = "prod"\n'
+        'request_timeout = "40s"\nparallel = 8\nssh_user = "top"\nprofile = "prod"\n'
         '[node_groups]\nall = ["a", "b"]\n'
         '[profiles.prod]\nssh_user = "sre"\n[profiles.prod.node_groups]\nbatch = ["n1", "n2"]\n')
     monkeypatch.setenv("KATACTL_PARALLEL", "4")
-    r = cli(["config", "view", "--timeout", "1m", "-o", "json"])
+    r = cli(["config", "view", "--request-timeout", "1m", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     d = r.json()
     s = {x["name"]: x for x in d["settings"]}
-    assert s["timeout"]["value"] == 60 and s["timeout"]["source"] == "flag"
+    assert s["request_timeout"]["value"] == 60 and s["request_timeout"]["source"] == "flag"
     assert s["parallel"]["value"] == 4 and s["parallel"]["source"] == "env KATACTL_PARALLEL"
     assert s["ssh_user"]["value"] == "sre" and "profiles.prod" in s["ssh_user"]["source"]
     assert s["host_root"]["source"] == "default"
@@ -169,11 +187,11 @@ def test_config_precedence(cli, tmp_path, monkeypatch, _isolated_home):
 
 
 @pytest.mark.parametrize("content,needle", [
-    ("timeout = [1]", "timeout"), ("bogus = 1", "bogus"), ("this is not toml", "invalid TOML"),
+    ("request_timeout = [1]", "request_timeout"), ("bogus = 1", "bogus"), ("this is not toml", "invalid TOML"),
     ("profile = 'x'\n[profiles.x]\nwat = 1", "wat"), ("parallel = -3", "parallel"),
     ("[node_groups]\ng = 'a'", "node group"),
-    (b"\xff\xfetimeout = 1", "not UTF-8"), ("timeout = 1e400", "timeout"), ("timeout = nan", "timeout"),
-    ("timeout = 99999999999", "timeout"), ("timeout = true", "timeout"), ("parallel = 1.5", "parallel"),
+    (b"\xff\xferequest_timeout = 1", "not UTF-8"), ("request_timeout = 1e400", "request_timeout"), ("request_timeout = nan", "request_timeout"),
+    ("request_timeout = 99999999999", "request_timeout"), ("request_timeout = true", "request_timeout"), ("parallel = 1.5", "parallel"),
 ])
 def test_bad_config_file_is_usage_error(cli, _isolated_home, content, needle):
     cfg = _isolated_home / "config" / "katactl"

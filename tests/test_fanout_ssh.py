@@ -61,7 +61,7 @@ def test_partial_failure_exit_4(cli, sshd_lab):
 
 
 def test_all_unreachable_exit_7(cli, sshd_lab):
-    r = cli(ssh_args(sshd_lab, "--timeout", "0.5s", "-N", "unreachable,slow", "version"))
+    r = cli(ssh_args(sshd_lab, "--request-timeout", "0.5s", "-N", "unreachable,slow", "version"))
     assert r.exit_code == 7
     assert "no SSH handshake" in r.stderr and "cannot connect" in r.stderr
     assert "Traceback" not in r.stderr

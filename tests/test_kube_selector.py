@@ -55,7 +55,7 @@ def test_missing_kubeconfig_is_usage_error(cli, tmp_path):
 def test_unreachable_api_exits_7(cli, api, tmp_path):
     kc = api.kubeconfig(tmp_path / "kc")
     api.close()
-    r = cli(["--kubeconfig", kc, "--timeout", "1s", "-l", "a=b", "version"])
+    r = cli(["--kubeconfig", kc, "--request-timeout", "1s", "-l", "a=b", "version"])
     assert r.exit_code == 7, r.stderr
 
 

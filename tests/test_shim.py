@@ -471,15 +471,15 @@ def test_pprof_download_library_without_cli(tree, tmp_path, monkeypatch):
 
 # -- faults --------------------------------------------------------------------------------
 def test_hung_shim_times_out_exit_6(cli, tree):
-    r = cli(["--host-root", tree.root, "--timeout", "0.5s", "shim", "agent-url", "hang44"])
+    r = cli(["--host-root", tree.root, "--request-timeout", "0.5s", "shim", "agent-url", "hang44"])
     assert r.exit_code == 6, r.stderr
     assert "no answer" in r.stderr
-    r = cli(["--host-root", tree.root, "--timeout", "0.5s", "metrics", "hang44", "-o", "json"])
+    r = cli(["--host-root", tree.root, "--request-timeout", "0.5s", "metrics", "hang44", "-o", "json"])
     assert r.exit_code == 6 and r.json()["code"] == "Timeout"
 
 
 def test_hung_shim_pprof_times_out_and_leaves_no_file(cli, tree, tmp_path):
-    r = cli(["--host-root", tree.root, "--timeout", "0.5s", "pprof", "hang44", "heap",
+    r = cli(["--host-root", tree.root, "--request-timeout", "0.5s", "pprof", "hang44", "heap",
              "-f", str(tmp_path / "heap.pprof")])
     assert r.exit_code == 6, r.stderr
     assert list(tmp_path.iterdir()) == []  # neither the profile nor its temp file

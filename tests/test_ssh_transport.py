@@ -13,7 +13,7 @@ from katactl.errors import AuthError, HostKeyError, TimeoutExpired, UnreachableE
 
 
 def settings_for(lab, **kw):
-    flags = {"ssh_config": str(lab.config), "timeout": kw.pop("timeout", 10.0)}
+    flags = {"ssh_config": str(lab.config), "request_timeout": kw.pop("timeout", 10.0)}
     flags.update(kw)
     return config.resolve(flags)
 
@@ -120,7 +120,7 @@ def test_wrong_key_is_auth_error(tmp_path, sshd_lab):
 def _no_default_identity(lab, key, tmp_path):
     cfg = tmp_path / "cfg"
     cfg.write_text(f"Host *\n  IdentitiesOnly yes\n  UserKnownHostsFile {lab.known_hosts}\n")
-    return config.resolve({"ssh_config": str(cfg), "identity": str(key), "timeout": 5.0})
+    return config.resolve({"ssh_config": str(cfg), "identity": str(key), "request_timeout": 5.0})
 
 
 def test_connection_reused(ssh_open):

@@ -74,7 +74,7 @@ def test_scrapes_run_concurrently(cli):
         for i in range(n_shims):
             p = n.go(f"conc{i:02d}", serve=False)
             n.serve(p, "go", extra_routes={(None, "/metrics"): gated})
-        r = cli(["--host-root", n.root, "--timeout", "20s", "top", "-o", "json", "--interval", "0.1s"])
+        r = cli(["--host-root", n.root, "--request-timeout", "20s", "top", "-o", "json", "--interval", "0.1s"])
         assert r.exit_code == 0, r.stderr
         items = r.json()["items"]
         assert len(items) == n_shims
@@ -85,7 +85,7 @@ def test_hung_shim_is_one_error_row_and_exit_4(cli):
     with node() as n:
         n.go("okay01")
         n.go("hang02", flavour_kw={"fault": "hang"})
-        r = cli(["--host-root", n.root, "--timeout", "0.5s", "top", "-o", "json", "--interval", "0.1s"])
+        r = cli(["--host-root", n.root, "--request-timeout", "0.5s", "top", "-o", "json", "--interval", "0.1s"])
         assert r.exit_code == 4, r.stderr
         rows = {i["id"]: i for i in r.json()["items"]}
         assert rows["hang02"]["error"]["code"] == "Timeout"
@@ -95,7 +95,7 @@ def test_hung_shim_is_one_error_row_and_exit_4(cli):
 def test_only_a_hung_shim_exits_with_its_timeout(cli):
     with node() as n:
         n.go("hang01", flavour_kw={"fault": "hang"})
-        r = cli(["--host-root", n.root, "--timeout", "0.5s", "top", "-o", "json", "--interval", "0.1s"])
+        r = cli(["--host-root", n.root, "--request-timeout", "0.5s", "top", "-o", "json", "--interval", "0.1s"])
         assert r.exit_code == 6, r.stderr
         assert r.json()["items"][0]["error"]["code"] == "Timeout"
 
@@ -179,7 +179,7 @@ def test_top_fleet_library_without_cli(tree):
     from katactl import config, metrics
     from katactl.errors import UnreachableError
 
-    s = config.resolve({"host_root": tree.root, "nodes": ("localhost,127.0.0.1:1",), "timeout": 5.0})
+    s = config.resolve({"host_root": tree.root, "nodes": ("localhost,127.0.0.1:1",), "request_timeout": 5.0})
     fleet = metrics.TopFleet(s, timeout=5.0)
     assert fleet.nodes == ["localhost", "127.0.0.1:1"] and fleet.multi
     rows, errors = fleet.refresh("id")
@@ -209,7 +209,7 @@ def test_sort_rows():
 
 def test_live_view_over_nodes_names_the_failed_node(tree):
     rc, text = run_on_pty([sys.executable, "-m", "katactl", "--host-root", tree.root, "-N",
-                           "localhost,127.0.0.1:1", "--timeout", "5s", "top", "--interval", "0.2s",
+                           "localhost,127.0.0.1:1", "--request-timeout", "5s", "top", "--interval", "0.2s",
                            "--iterations", "2"], COLUMNS="200", LINES="40")
     assert rc == 0, text
     assert "NODE" in text and "busy01" in text and "127.0.0.1:1:" in text, text

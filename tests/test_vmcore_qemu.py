@@ -157,7 +157,7 @@ def test_trigger_refused_without_twice_guest_memory_free(cli, qnode):
 
 @pytest.mark.parametrize("args,code", [(["--format", "raw"], 2), (["--format", ""], 2),
                                        (["--format", "kdump-zlib", "--paging"], 2),
-                                       (["--wait-timeout", "soon"], 2)])
+                                       (["--timeout", "soon"], 2)])
 def test_trigger_bad_values(cli, qnode, args, code):
     r = cli(["--host-root", qnode["root"], "vmcore", "trigger", SB, *args])
     assert r.exit_code == code and "Traceback" not in r.stderr

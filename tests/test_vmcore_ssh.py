@@ -43,7 +43,7 @@ def test_list_and_collect_over_ssh(cli, vnode, tmp_path):
 def test_resume_over_ssh(vnode, tmp_path):
     from katactl.backends.ssh import SSHTransport
 
-    settings = config.resolve({"ssh_config": str(vnode["lab"].config), "timeout": 10.0})
+    settings = config.resolve({"ssh_config": str(vnode["lab"].config), "request_timeout": 10.0})
     idx = vmcore.CollectIndex(str(tmp_path / "idx"))
 
     def stop(dump, done, total):

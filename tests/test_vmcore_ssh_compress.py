@@ -59,7 +59,7 @@ def _args(c, node, *a):
 
 
 def _settings(c):
-    return config.resolve({"ssh_config": str(c["lab"].config), "timeout": 10.0})
+    return config.resolve({"ssh_config": str(c["lab"].config), "request_timeout": 10.0})
 
 
 def _transport(c, node):

@@ -45,7 +45,7 @@ class KubeAPI:
             headers["Authorization"] = token if token.lower().startswith("bearer ") else f"Bearer {token}"
         verify = (cfg.ssl_ca_cert or True) if cfg.verify_ssl else False
         cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
-        return cls(cfg.host, headers, verify, cert, settings.timeout)
+        return cls(cfg.host, headers, verify, cert, settings.request_timeout)
 
     def get(self, path: str, params: dict | None = None) -> dict:
         import httpx

@@ -275,7 +275,7 @@ class _Options:
         self.jump_host = settings.jump_host
         self.accept_new = bool(settings.ssh_accept_new)
         self.extra_known_hosts = settings.known_hosts
-        self.timeout = float(settings.timeout or 30.0)
+        self.timeout = float(settings.request_timeout or 30.0)
 
 
 _TCLASS = None

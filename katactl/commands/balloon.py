@@ -63,7 +63,7 @@ def get(ctx: typer.Context,
 
     app_ctx = state(ctx)
     settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.timeout)
+    timeout = float(app_ctx.settings.request_timeout)
     node, sb, item = sandbox.on_sandbox(settings, ref, lambda t, s: balloon.get(t, s, via=via, timeout=timeout),
                                         require_live=False)
     _render(app_ctx, Result(kind="Balloon", item={"node": node, **item}, name_key="sandbox"))
@@ -141,7 +141,7 @@ def set_(ctx: typer.Context,
     if via not in ("auto",) + balloon.PATHS:
         raise UsageError(f"invalid --via {via!r} (choose from auto, {', '.join(balloon.PATHS)})")
     settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.timeout)
+    timeout = float(app_ctx.settings.request_timeout)
     out = app_ctx.out
 
     def run(t, sb):

@@ -20,7 +20,7 @@ def view(ctx: typer.Context) -> None:
     \b
     Examples:
       katactl config view
-      KATACTL_TIMEOUT=10s katactl config view -o json
+      KATACTL_REQUEST_TIMEOUT=10s katactl config view -o json
       katactl --profile prod config view
     """
     from katactl import config

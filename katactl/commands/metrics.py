@@ -39,7 +39,7 @@ def metrics(
     app_ctx = state(ctx)
     prefixes = m.validate_prefixes(family)
     settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.timeout)
+    timeout = float(app_ctx.settings.request_timeout)
     node, sb, text = sandbox.on_sandbox(settings, ref, lambda t, s: m.scrape(t, s, timeout))
     if raw:
         app_ctx.out.text(m.filter_text(text, prefixes))

@@ -46,7 +46,7 @@ def pprof(
     stdout = app_ctx.out.stdout
     dest = getattr(stdout, "buffer", stdout) if to_stdout else file
     settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.timeout)
+    timeout = float(app_ctx.settings.request_timeout)
     _, _, res = sandbox.on_sandbox(settings, ref, lambda t, sb: shim_ops.pprof_download(
         t, sb, profile, dest, seconds=seconds, timeout=timeout))
     if to_stdout:

@@ -62,7 +62,7 @@ def list_(
     app_ctx = state(ctx)
     sandbox.check_state(state_filter)  # a usage error once, before any node is asked
     ns = app_ctx.settings.namespace
-    timeout = min(float(app_ctx.settings.timeout), 1.0)
+    timeout = min(float(app_ctx.settings.request_timeout), 1.0)
 
     def fn(t):
         return [sb.to_dict() for sb in sandbox.discover(t, check=not no_check, timeout=timeout,

@@ -18,7 +18,7 @@ def _on_sandbox(app_ctx, target: str, op, *args, **kw) -> dict:
     from katactl import sandbox
 
     settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.timeout)
+    timeout = float(app_ctx.settings.request_timeout)
     return sandbox.on_sandbox(settings, ref, lambda t, sb: op(t, sb, *args, timeout=timeout, **kw))[2]
 
 

@@ -69,7 +69,7 @@ def top(
     ival = parse_duration(interval, what="--interval")
     if ival < 0.1:
         raise UsageError(f"invalid --interval {interval!r}: at least 100ms")
-    timeout = min(float(app_ctx.settings.timeout), max(ival, 5.0))
+    timeout = min(float(app_ctx.settings.request_timeout), max(ival, 5.0))
     out = app_ctx.out
     live = out.stdout_tty and out.fmt in ("table", "wide") and not once
     if not live:

@@ -13,7 +13,7 @@ ROOT_OPT = typer.Option("/opt/kata", "--kata-root", metavar="DIR", envvar="KATAC
                         help="Kata install root on the node: releases/ and the current symlink live here.")
 DRY_OPT = typer.Option(False, "--dry-run", help="Show what would change; change nothing.")
 LOCK_OPT = typer.Option(None, "--lock-timeout", metavar="DURATION",
-                        help="How long to wait for another upgrade operation on the node (default: --timeout).")
+                        help="How long to wait for another upgrade operation on the node (default: --request-timeout).")
 
 
 def _common(ctx, kata_root: str, lock_timeout: Optional[str]):
@@ -23,7 +23,7 @@ def _common(ctx, kata_root: str, lock_timeout: Optional[str]):
     app_ctx = state(ctx)
     layout = Layout(kata_root)
     lt = parse_duration(lock_timeout, what="--lock-timeout", allow_zero=True) if lock_timeout \
-        else app_ctx.settings.timeout
+        else app_ctx.settings.request_timeout
 
     def on_wait(holder: str) -> None:
         app_ctx.out.info(f"waiting for the upgrade lock, held by {holder}")

@@ -166,8 +166,8 @@ def trigger_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the path and the hypervisor, dump nothing."),
     dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
     kata_config: Optional[str] = typer.Option(None, "--kata-config", metavar="FILE", help=KATA_CONFIG_HELP),
-    wait: Optional[str] = typer.Option(None, "--wait-timeout", metavar="DURATION",
-                                       help="How long to wait for the dump (default 1h)."),
+    wait: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
+                                       help="Deadline for the dump to finish (default 1h; exit 6)."),
 ) -> None:
     """Dump the memory of a live sandbox into Kata's layout (the guest pauses meanwhile).
 
@@ -199,7 +199,7 @@ def trigger_cmd(
     if fmt not in vmcore.FORMATS:
         raise UsageError(f"invalid --format {fmt!r} (choose {', '.join(vmcore.FORMATS)})")
     _check_paths(dump_path, kata_config)
-    timeout = parse_duration(wait, what="--wait-timeout") if wait else 3600.0
+    timeout = parse_duration(wait, what="--timeout") if wait else 3600.0
     settings, ref = sandbox_ref(app_ctx, sandbox)
     out = app_ctx.out
     holder: dict = {}
