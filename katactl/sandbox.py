@@ -8,7 +8,11 @@ starts a process per sandbox. Liveness is cheap: ``/proc/<pid>`` on the node
 plus a connect() to the shim management socket.
 
 A sandbox whose state file is missing, truncated or not JSON is still listed,
-with ``state: unknown`` and the reason; it never hides the others.
+with ``state: unknown`` and the reason; it never hides the others. Nor does a
+hostile entry: a symlink loop as a sandbox dir, a state file nested deeper than
+the parser's recursion limit, or a FIFO/device as a state file or bundle
+``config.json`` (never opened: every file is stat()ed first and only regular
+files are read, so nothing can block the listing).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import logging
 import posixpath
 import re
+import stat as _stat
 import time
 from typing import Any
 
@@ -190,8 +195,41 @@ def _scan(transport, paths: list[str]) -> dict[str, list]:
     return out
 
 
+def _not_regular(path: str, st) -> OSError | None:
+    """An OSError naming why ``path`` must not be opened for reading state: its stat
+    failed, or it is not a regular file (a FIFO would block the reader forever, a
+    device would stream without end). None for a regular file."""
+    if isinstance(st, OSError):
+        return st
+    if st is None or _stat.S_ISREG(st.mode):
+        return None
+    if st.is_dir:
+        return IsADirectoryError(21, "Is a directory", path)
+    kind = _file_kind(st.mode)
+    return OSError(f"{posixpath.basename(path)} is not a regular file ({kind})")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((_stat.S_ISFIFO, "a FIFO"), (_stat.S_ISSOCK, "a socket"),
+                       (_stat.S_ISCHR, "a character device"), (_stat.S_ISBLK, "a block device"),
+                       (_stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return f"mode {mode:o}"
+
+
+def _loads(data: bytes):
+    """json.loads that turns a document nested past the recursion limit into ValueError."""
+    try:
+        return json.loads(data.decode("utf-8", errors="replace"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _parse_json(path: str, data: bytes | OSError) -> tuple[dict | None, str | None]:
     """(object, None) or (None, reason) for a state file's bytes (or the error reading it)."""
+    if isinstance(data, OSError) and data.errno is None and data.strerror is None:
+        return None, str(data)  # _not_regular's reason, already worded
     if isinstance(data, FileNotFoundError):
         return None, f"{posixpath.basename(path)} is missing"
     if isinstance(data, PermissionError):
@@ -205,7 +243,7 @@ def _parse_json(path: str, data: bytes | OSError) -> tuple[dict | None, str | No
     if not data.strip():
         return None, f"{posixpath.basename(path)} is empty"
     try:
-        obj = json.loads(data.decode("utf-8", errors="replace"))
+        obj = _loads(data)
     except ValueError as e:
         return None, f"{posixpath.basename(path)} is not valid JSON ({_short_json_error(e)})"
     if not isinstance(obj, dict):
@@ -377,20 +415,24 @@ class _BundleIndex:
         if self._map is None and quick:
             cand = [f"{CONTAINERD_TASK_DIR}/k8s.io/{sid}", f"{CRIO_DIR}/{sid}/userdata"]
             for c in cand:
-                if self.t.exists(c + "/config.json"):
+                if self.t.exists(c + "/config.json"):  # a stat: never opens the file
                     return c
         if self._map is None:
             self._map = self._build()
         return self._map.get(sid)
 
 
-def _load_many(transport, cands: list[tuple[str, str, float | None]], bundles: _BundleIndex,
+#: a candidate: (id, runtime, state dir mtime, why the state dir itself is unusable or None)
+Candidate = tuple[str, str, "float | None", "str | None"]
+
+
+def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
                quick: bool = False) -> list[Sandbox]:
-    """Sandboxes for (id, runtime, state dir mtime) candidates, with all their files read in
-    two batched transport calls (read_many + stat_many: a few SSH round trips per node,
-    however many sandboxes)."""
+    """Sandboxes for candidates, with all their files read in two batched transport
+    calls (stat_many, then read_many of the regular files only: a few SSH round trips
+    per node, however many sandboxes). Nothing but a regular file is ever opened."""
     sbs = []
-    for sid, runtime, _ in cands:
+    for sid, runtime, _, _ in cands:
         base = GO_SBS if runtime == "go" else RS_DIR
         state_file = f"{base}/{sid}/{'persist.json' if runtime == 'go' else 'state.json'}"
         sb = Sandbox(id=sid, runtime=runtime, state_file=state_file,
@@ -398,15 +440,19 @@ def _load_many(transport, cands: list[tuple[str, str, float | None]], bundles: _
         sb.bundle = bundles.get(sid, quick=quick)
         sbs.append(sb)
     specs = [f"{sb.bundle}/config.json" for sb in sbs if sb.bundle]
-    data = transport.read_many([sb.state_file for sb in sbs] + specs, limit=STATE_LIMIT + 1)
+    files = [sb.state_file for sb in sbs] + specs
     # extra-monitor.sock only matters for Go QEMU sandboxes: probed for every Go one
     # (the hypervisor is known only after parsing) to spare a round trip
-    stats = transport.stat_many(specs + [f"{GO_VM}/{sb.id}/extra-monitor.sock"
+    stats = transport.stat_many(files + [f"{GO_VM}/{sb.id}/extra-monitor.sock"
                                          for sb in sbs if sb.runtime == "go"])
-    return [_fill_one(sb, data, stats, mtime) for sb, (_, _, mtime) in zip(sbs, cands)]
+    bad = {p: e for p in files if (e := _not_regular(p, stats.get(p))) is not None}
+    data: dict = dict(bad)
+    data.update(transport.read_many([p for p in files if p not in bad], limit=STATE_LIMIT + 1))
+    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why) in zip(sbs, cands)]
 
 
-def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None) -> Sandbox:
+def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
+              dir_problem: str | None = None) -> Sandbox:
     created = None
     if sb.bundle:
         spec_file = f"{sb.bundle}/config.json"
@@ -414,18 +460,24 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None) -> 
         try:
             if isinstance(raw, OSError):
                 raise raw
-            spec = json.loads(raw[:STATE_LIMIT].decode("utf-8", errors="replace"))
+            spec = _loads(raw[:STATE_LIMIT])
             ann = spec.get("annotations") if isinstance(spec, dict) else None
             sb.annotations = ann if isinstance(ann, dict) else {}
             sb.pod, sb.cri = _pod_from_annotations(sb.annotations)
             if sb.annotations.get("io.katacontainers.config.runtime.enable_pprof") == "true":
                 sb.enable_pprof = True
-        except (OSError, ValueError):
+        except OSError as e:
+            if e.errno is None and e.strerror is None:  # present but not a regular file
+                logging.getLogger(__name__).warning(
+                    "sandbox %s: %s: %s; its pod is unknown", sb.id[:12], spec_file, e)
+        except ValueError:
             pass  # no pod mapping; the sandbox itself is still listed
         st = stats.get(spec_file)
         created = None if isinstance(st, OSError) or st is None else st.mtime
     runtime, sid, state_file = sb.runtime, sb.id, sb.state_file
     obj, reason = _parse_json(state_file, data[state_file])
+    if dir_problem is not None:
+        obj, reason = None, dir_problem
     if obj is None:
         sb.state, sb.reason = "unknown", reason
     else:
@@ -503,9 +555,12 @@ def liveness(transport, sb: Sandbox, timeout: float = 0.5, *, _alive=_UNSET,
 
 
 # -- discovery ----------------------------------------------------------------
-def _candidates(transport, top: dict[str, list] | None = None) -> list[tuple[str, str, float | None]]:
-    """(id, runtime, state dir mtime) triples; Go first, then runtime-rs (as the Go client looks)."""
-    out: list[tuple[str, str, float | None]] = []
+def _candidates(transport, top: dict[str, list] | None = None) -> list[Candidate]:
+    """Candidates (id, runtime, state dir mtime, problem); Go first, then runtime-rs (as
+    the Go client looks). A symlink that does not resolve to a directory (a loop, a
+    dangling link) is a candidate too, listed unknown with that problem; plain files
+    are not sandboxes."""
+    out: list[Candidate] = []
     seen: set[str] = set()
     if top is None:
         top = _scan(transport, [GO_SBS, RS_DIR])
@@ -513,10 +568,14 @@ def _candidates(transport, top: dict[str, list] | None = None) -> list[tuple[str
         for name, st in top[base]:
             if name in seen or not _ID_RE.match(name) or ".." in name:
                 continue
+            problem = None
             if not st.is_dir:
-                continue
+                if not st.is_link:
+                    continue
+                problem = (f"{base}/{name} is a symlink that does not resolve to a directory "
+                           "(dangling, or a symlink loop)")
             seen.add(name)
-            out.append((name, rt, st.mtime))
+            out.append((name, rt, st.mtime, problem))
     return out
 
 

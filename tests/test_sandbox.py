@@ -287,3 +287,66 @@ def test_prefix_found_while_another_node_is_unreachable_warns(cli, tmp_path, cap
     caplog.clear()
     r = cli(args + [sid, "-o", "json"])  # a full id cannot be ambiguous: no warning
     assert r.exit_code == 0 and not caplog.messages
+
+
+# -- issue 16 finding 8: one bad entry never breaks or hangs the list ------------------
+def _hostile_entries(root: str) -> None:
+    """A good sandbox next to every kind of bad entry (each found to break or hang
+    ``sandbox list`` before): a symlink loop as a sandbox dir, a persist.json nested
+    deeper than Python's recursion limit, FIFOs as persist.json / state.json / the
+    bundle's config.json, and a persist.json that is a symlink loop."""
+    layout.write_go_sandbox(root, "good01", pid=None, pod_name="ok", pod_namespace="x")
+    os.symlink("loop01", f"{root}/run/vc/sbs/loop01")              # points at itself
+    layout.write_go_sandbox(root, "deep01", raw_persist=b'{"State": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    p = layout.write_go_sandbox(root, "fifo01")
+    os.unlink(p.state_file)
+    os.mkfifo(p.state_file)
+    p = layout.write_rs_sandbox(root, "fifo02")
+    os.unlink(p.state_file)
+    os.mkfifo(p.state_file)
+    p = layout.write_go_sandbox(root, "fifo03", pod_name="fifo-bundle")
+    os.unlink(f"{p.bundle}/config.json")
+    os.mkfifo(f"{p.bundle}/config.json")
+    p = layout.write_go_sandbox(root, "lnloop")
+    os.unlink(p.state_file)
+    os.symlink("persist.json", p.state_file)
+
+
+def _check_hostile(items: dict, ssh: bool = False) -> None:
+    assert set(items) == {"good01", "loop01", "deep01", "fifo01", "fifo02", "fifo03", "lnloop"}
+    assert items["good01"]["pod"]["name"] == "ok"
+    assert items["loop01"]["state"] == "unknown" and "symlink" in items["loop01"]["reason"]
+    assert items["deep01"]["state"] == "unknown" and "nested too deeply" in items["deep01"]["reason"]
+    for sid, name in (("fifo01", "persist.json"), ("fifo02", "state.json")):
+        assert items[sid]["state"] == "unknown", items[sid]
+        assert f"{name} is not a regular file (a FIFO)" in items[sid]["reason"]
+    # a bad bundle loses the pod mapping only: the state file still decides the state
+    assert items["fifo03"]["pod"] is None and items["fifo03"]["hypervisor"] == "qemu"
+    # sftp-server answers ELOOP as SSH_FX_NO_SUCH_FILE: over SSH a looping file reads as missing
+    assert items["lnloop"]["state"] == "unknown"
+    assert ("is missing" if ssh else "symbolic links") in items["lnloop"]["reason"]
+
+
+def test_hostile_entries_listed_unknown_never_hang(cli, tmp_path):
+    root = str(tmp_path)
+    _hostile_entries(root)
+    for extra in ([], ["--no-check"]):
+        r = cli(["--host-root", root, "sandbox", "list", "-o", "json", *extra])
+        assert r.exit_code == 0, r.stderr
+        _check_hostile(by_id(r.json()["items"]))
+    assert "fifo03" in r.stderr and "not a regular file" in r.stderr  # the lost pod mapping is said
+    # resolving one of them works as well (the quick bundle path included)
+    r = cli(["--host-root", root, "sandbox", "inspect", "fifo01", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["state"] == "unknown"
+    r = cli(["--host-root", root, "sandbox", "inspect", "fifo03", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["pod"] is None
+
+
+def test_hostile_entries_over_ssh(cli, sshd_lab, tmp_path):
+    """The same tree through a real sshd: sftp-server would block on opening a FIFO."""
+    root = str(tmp_path)
+    _hostile_entries(root)
+    r = cli(["--ssh-config", str(sshd_lab.config), "-N", "node1", "--host-root", root,
+             "sandbox", "list", "-o", "json", "--no-check"])
+    assert r.exit_code == 0, r.stderr
+    _check_hostile(by_id(r.json()["items"]), ssh=True)

@@ -57,6 +57,16 @@ class LocalTransport(NodeTransport):
                         s = e.stat(follow_symlinks=False)  # a dangling link: its own lstat
                     except FileNotFoundError:
                         continue
+                except OSError:
+                    if not follow_symlinks:
+                        raise
+                    # a symlink loop (ELOOP) or an unreadable target: the link's own
+                    # lstat, as for a dangling link and as the SSH transport does; one
+                    # bad entry must not fail the whole listing
+                    try:
+                        s = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
                 out.append((e.name, _file_stat(s)))
         return sorted(out, key=lambda x: x[0])
 
