@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import BinaryIO, TextIO
 
 from katactl.backends.shim import IPTABLES_LIMIT, PPROF_PROFILES, ShimClient
@@ -263,6 +264,54 @@ def check_pprof_request(profile: str, seconds: int | None = None, dest=None) -> 
             raise UsageError(f"-f {f}: directory {d} does not exist")
         if f.endswith("/") or os.path.isdir(f):
             raise UsageError(f"-f {f}: is a directory; give a file name")
+        _dest_kind(f)
+
+
+#: what a non-regular -f target is, for the refusal
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device"))
+
+
+def _dest_kind(f: str) -> str | None:
+    """'file' or 'chardev' for an existing -f target, None when there is none.
+
+    A regular file is replaced atomically; a character device (/dev/null) is
+    written in place, never replaced.
+    Anything else is refused: a symlink (replacing it would silently drop the
+    link, and writing through it would replace a file the user did not name),
+    a FIFO (a reader may never come), a socket, a block device."""
+    try:
+        st = os.lstat(f)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(f"-f {f}: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            to = os.readlink(f)
+        except OSError:
+            to = "?"
+        raise UsageError(f"-f {f}: is a symbolic link (to {to}); give the file itself, or remove the link")
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    if stat.S_ISCHR(st.st_mode):
+        return "chardev"
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"-f {f}: is a directory; give a file name")
+    what = next((w for test, w in _SPECIAL if test(st.st_mode)), "not a regular file")
+    raise UsageError(f"-f {f}: is {what}, not a regular file; give a file name, or -f - and a redirect")
+
+
+class _WriteErrors:
+    """A sink whose write errors say which -f file failed (ENOSPC on /dev/full)."""
+
+    def __init__(self, f: BinaryIO, path: str):
+        self.f, self.path = f, path
+
+    def write(self, b: bytes) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            raise OperationFailed(f"-f {self.path}: {e.strerror or e}") from None
 
 
 def pprof_download(transport, sandbox, profile: str, dest: str | os.PathLike | BinaryIO | None = None, *,
@@ -290,6 +339,15 @@ def pprof_download(transport, sandbox, profile: str, dest: str | os.PathLike | B
                 flush()
             return {**result, "file": None, "bytes": n}
         path = os.path.abspath(os.fspath(dest) if dest is not None else f"{sandbox.id[:12]}-{profile}.pprof")
+        if _dest_kind(path) == "chardev":
+            # written in place (/dev/null): a device is never replaced by a regular file
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise OperationFailed(f"-f {path}: {e.strerror or e}") from None
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                n = c.pprof(profile, _WriteErrors(f, path), seconds=seconds)
+            return {**result, "file": path, "bytes": n}
         with atomic_file(path, 0o600) as f:
-            n = c.pprof(profile, f, seconds=seconds)
+            n = c.pprof(profile, _WriteErrors(f, path), seconds=seconds)
     return {**result, "file": path, "bytes": n}

@@ -535,3 +535,41 @@ def test_extension_hooks(tmp_path):
         assert c.capabilities() == {"balloon": True}
         assert c.call("GET", "/ext/v1/ping") == (200, b"pong")
         assert c.call("GET", "/ext/v1/other")[0] == 404
+
+
+def test_pprof_special_file_targets_never_replaced(cli, tree, tmp_path):
+    """issue 16 #1: -f on a FIFO, a symlink or a socket is refused (exit 2) and left as it
+    was; a character device is written in place (/dev/null works, /dev/full says ENOSPC)."""
+    import stat
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = tmp_path / "real.pprof"
+    target.write_bytes(b"keep")
+    link = tmp_path / "link.pprof"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling.pprof"
+    dangling.symlink_to(tmp_path / "nowhere")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        for path, word in [(fifo, "FIFO"), (link, "symbolic link"), (dangling, "symbolic link"),
+                           (tmp_path / "sock", "socket")]:
+            r = cli(["--host-root", tree.root, "pprof", "go1111", "heap", "-f", str(path)])
+            assert r.exit_code == 2, (path, r.stderr)
+            assert word in r.stderr and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+        assert os.readlink(link) == str(target) and target.read_bytes() == b"keep"
+        assert os.readlink(dangling) == str(tmp_path / "nowhere")
+        assert not (tmp_path / "nowhere").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.pprof", "fifo", "link.pprof",
+                                                                "real.pprof", "sock"]
+    finally:
+        sock.close()
+    if os.path.exists("/dev/full"):
+        r = cli(["--host-root", tree.root, "pprof", "go1111", "heap", "-f", "/dev/full"])
+        assert r.exit_code == 1 and "/dev/full" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert stat.S_ISCHR(os.lstat("/dev/full").st_mode)
+    r = cli(["--host-root", tree.root, "pprof", "go1111", "heap", "-f", "/dev/null", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["bytes"] > 0 and stat.S_ISCHR(os.lstat("/dev/null").st_mode)
