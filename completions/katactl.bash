@@ -79,7 +79,7 @@ _katactl() {
         "katactl lab") words="up status down"; valopts=""; opts="-h --help" ;;
         "katactl lab up") words=""; valopts="--sandboxes -s --hypervisor --root --kernel --memory"; opts="--sandboxes -s --hypervisor --root --kernel --memory --dry-run -h --help" ;;
         "katactl lab status") words=""; valopts="--root"; opts="--root -h --help" ;;
-        "katactl lab down") words=""; valopts="--root"; opts="--root --dry-run -h --help" ;;
+        "katactl lab down") words=""; valopts="--root"; opts="--root --dry-run --force -h --help" ;;
         "katactl vmcore") words="list collect trigger rm"; valopts=""; opts="-h --help" ;;
         "katactl vmcore list") words=""; valopts="--dump-path --kata-config"; opts="--dump-path --kata-config -h --help" ;;
         "katactl vmcore collect") words=""; valopts="--to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config"; opts="--to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --dump-path --kata-config -h --help" ;;

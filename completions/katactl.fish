@@ -108,6 +108,7 @@ complete -c katactl -n '__fish_seen_subcommand_from lab and __fish_seen_subcomma
 complete -c katactl -n '__fish_seen_subcommand_from lab and __fish_seen_subcommand_from status' -s h -l help -d 'Show help and exit'
 complete -c katactl -n '__fish_seen_subcommand_from lab and __fish_seen_subcommand_from down' -l root -r -F -d 'Directory the lab node lives under (default /tmp/katactl-lab'
 complete -c katactl -n '__fish_seen_subcommand_from lab and __fish_seen_subcommand_from down' -l dry-run -d 'Show the processes that would be stopped and the directory t'
+complete -c katactl -n '__fish_seen_subcommand_from lab and __fish_seen_subcommand_from down' -l force -d 'When the recorded daemon pid is now another process, remove '
 complete -c katactl -n '__fish_seen_subcommand_from lab and __fish_seen_subcommand_from down' -s h -l help -d 'Show help and exit'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore; and not __fish_seen_subcommand_from list collect trigger rm' -a list -d 'List the vmcores under guest_memory_dump_path on the node(s)'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore; and not __fish_seen_subcommand_from list collect trigger rm' -a collect -d 'Copy dumps and their metadata into DIR/<node>/<sandbox-id>/ '

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import time
 
 import pytest
@@ -433,3 +434,78 @@ def test_status_of_a_dead_lab_fails(cli, tmp_path):
     r = cli(["lab", "status", "--root", str(tmp_path), "-o", "json"])
     assert r.exit_code == 1, r.stderr
     assert r.json()["status"] == "dead" and "lab down" in r.json()["error"]
+
+
+# -- lab down signals only what the lab started (issue 16 finding 2, issue 20) --------------
+def _state_naming(root, pid, **extra):
+    (root / ".katactl-lab").mkdir()
+    (root / ".katactl-lab" / "state.json").write_text(json.dumps(
+        {"root": str(root), "pid": pid, "status": "ready", "sandboxes": [], **extra}))
+
+
+@pytest.fixture()
+def bystander():
+    """An unrelated process that a lab state file names (a reused or edited pid)."""
+    import subprocess
+
+    p = subprocess.Popen(["sleep", "300"], start_new_session=True)  # leads its own group, like the daemon
+    yield p
+    p.kill()
+    p.wait()
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["old-state", "identity-recorded"])
+def test_down_never_signals_an_unrelated_process(cli, tmp_path, bystander, _isolated_home, recorded):
+    from katactl.procfacts import local_identity
+
+    extra = {}
+    if recorded:  # the lab daemon's identity as recorded: same pid, but another start time and argv
+        me = local_identity(bystander.pid)
+        extra["daemon"] = {"pid": bystander.pid, "createTime": me.create_time - 600,
+                           "cmdline": [sys.executable, "-m", "katactl.lab.daemon", "--root", str(tmp_path)]}
+    _state_naming(tmp_path, bystander.pid, **extra)
+    for args in (["--dry-run"], []):
+        r = cli(["lab", "down", "--root", str(tmp_path), "-o", "json", *args])
+        assert r.exit_code == 5, r.stderr
+        j = r.json()
+        assert j["code"] == "Refused" and f"pid {bystander.pid}" in j["message"]
+        assert "sleep 300" in j["message"] and "--force" in j["hint"]
+        time.sleep(0.2)
+        assert bystander.poll() is None  # still running: never signalled
+        assert (tmp_path / ".katactl-lab" / "state.json").exists()  # nothing removed
+    r = cli(["lab", "status", "--root", str(tmp_path), "-o", "json"])
+    assert r.exit_code == 1 and r.json()["status"] == "dead" and "--force" in r.json()["error"]
+    # --force removes the lab's files and still signals nothing
+    r = cli(["lab", "down", "--root", str(tmp_path), "--force", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    j = r.json()
+    assert j["stopped"] == [] and j["skipped"][0]["pid"] == bystander.pid and j["changed"] is True
+    assert not tmp_path.exists()
+    time.sleep(0.2)
+    assert bystander.poll() is None
+
+
+def test_up_does_not_take_an_unrelated_process_for_a_running_lab(tmp_path, bystander):
+    from katactl.lab import control
+
+    _state_naming(tmp_path, bystander.pid)
+    assert control.is_running(str(tmp_path)) is False
+    assert control.status(str(tmp_path))["status"] == "dead"
+
+
+def test_down_never_kills_a_reused_qemu_pid(tmp_path, bystander, _isolated_home):
+    """A sandbox's qemuPid that is now another process (even one named like QEMU by an
+    older state file's check) is not killed: its recorded start time differs."""
+    from katactl.lab import control
+    from katactl.procfacts import local_identity
+
+    me = local_identity(bystander.pid)
+    gone = __import__("subprocess").Popen(["true"])
+    gone.wait()
+    _state_naming(tmp_path, gone.pid, sandboxes=[
+        {"name": "qemu-0", "qemuPid": bystander.pid,
+         "qemu": {"pid": bystander.pid, "createTime": me.create_time - 600, "cmdline": list(me.cmdline)}}])
+    r = control.down(str(tmp_path))
+    assert r["stopped"] == [] and not tmp_path.exists()
+    time.sleep(0.2)
+    assert bystander.poll() is None

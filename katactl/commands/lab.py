@@ -122,12 +122,19 @@ def down(ctx: typer.Context,
          root: Optional[str] = typer.Option(None, "--root", metavar="DIR", help=ROOT_HELP),
          dry_run: bool = typer.Option(False, "--dry-run",
                                       help="Show the processes that would be stopped and the directory "
-                                           "that would be removed; change nothing.")) -> None:
+                                           "that would be removed; change nothing."),
+         force: bool = typer.Option(False, "--force",
+                                    help="When the recorded daemon pid is now another process, remove the "
+                                         "lab's files anyway (that process is never signalled).")) -> None:
     """Stop the lab: its VMs and daemon end, and its directory is removed.
 
     Only a directory carrying the lab's marker (.katactl-lab) is removed; the
     links to the host's /proc and /sys/fs/cgroup are unlinked, never followed.
     No lab there: a no-op (changed: false).
+
+    Only processes the lab started are signalled: the daemon's pid must still
+    be the same process (start time and command line recorded at start), else
+    exit 5 and nothing is touched (--force: remove the files, signal nothing).
 
     \b
     Examples:
@@ -139,7 +146,7 @@ def down(ctx: typer.Context,
     from katactl.output import Result
 
     app_ctx = state(ctx)
-    r = control.down(root, dry_run=dry_run)
+    r = control.down(root, dry_run=dry_run, force=force)
     res = Result.mutation("LabDown", r)
     res.summary = (f"no lab at {r['root']}: nothing to do" if not res.changed else
                    f"dry run: would stop {len(r['stopped'])} process(es) and remove {r['root']}" if res.dry_run

@@ -5,7 +5,9 @@ detached (own session, stdio to ``ROOT/.katactl-lab/daemon.log``) and waits
 until it reports ``ready`` (or failed: then it cleans up and raises with the
 daemon's error). ``down`` sends SIGTERM, waits for the daemon to exit (it kills
 its VMs and removes the tree), then removes whatever is left: no process and
-no file stays behind.
+no file stays behind. Only processes the lab started are ever signalled: the
+daemon and each QEMU record their start time and argv (katactl.procfacts), and
+a pid that no longer matches them is never signalled.
 """
 from __future__ import annotations
 
@@ -16,7 +18,12 @@ import subprocess
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
 from katactl.errors import NotFound, OperationFailed, Refused, TimeoutExpired, UsageError
+
+if TYPE_CHECKING:
+    from katactl.procfacts import ProcIdentity
 
 LAB_DIR = ".katactl-lab"
 HYPERVISORS = ("qemu", "clh", "fc", "mixed")
@@ -101,10 +108,40 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _daemon(root: str, st: dict | None) -> tuple[str, "ProcIdentity | None"]:
+    """Whether the pid in the lab's state is its daemon: ("running", identity), ("gone", None)
+    (no such process any more) or ("foreign", what runs there now: a reused or edited pid).
+
+    The daemon records its start time and argv in state.json; the process now at that
+    pid must have both. A state file without them (an older katactl) is checked by the
+    argv alone, which must be the lab daemon's for this root."""
+    from katactl.procfacts import ProcIdentity, local_identity
+
+    pid = (st or {}).get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not _alive(pid):
+        return "gone", None
+    now = local_identity(pid)
+    if now is None:
+        return "gone", None
+    recorded = ProcIdentity.from_dict((st or {}).get("daemon"))
+    if recorded is not None:
+        return ("running" if recorded.same_process(now) else "foreign"), now
+    argv = list(now.cmdline)
+    ours = "katactl.lab.daemon" in argv and any(a == "--root" and argv[i + 1:i + 2] == [root]
+                                                 for i, a in enumerate(argv))
+    return ("running" if ours else "foreign"), now
+
+
+def _foreign_message(root: str, pid: int, now: "ProcIdentity | None") -> str:
+    return (f"pid {pid} in {os.path.join(root, LAB_DIR, 'state.json')} is not the lab daemon katactl "
+            f"started (it is now: {now.describe() if now else '?'}): the daemon is gone and its pid reused, "
+            "or the state file was edited")
+
+
 def is_running(root: str | None = None) -> bool:
-    """Whether a lab daemon runs at root."""
-    st = read_state(lab_root(root))
-    return bool(st and _alive(st.get("pid")))
+    """Whether a lab daemon runs at root (its recorded pid, still the same process)."""
+    root = lab_root(root)
+    return _daemon(root, read_state(root))[0] == "running"
 
 
 def _comparable(specs: list[dict]) -> list[dict]:
@@ -196,7 +233,7 @@ def _up(root: str, specs: list[dict], kernel: str | None, *, timeout: float, die
         dry_run: bool) -> dict:
     p = _paths(root)
     st = read_state(root)
-    if st and _alive(st.get("pid")):
+    if st and _daemon(root, st)[0] == "running":
         cfg = _read_config(root)
         running = cfg.get("sandboxes") or []
         if _comparable(running) != _comparable(specs) or cfg.get("kernel") != kernel:
@@ -262,14 +299,20 @@ def status(root: str | None = None) -> dict:
     st = read_state(root)
     if st is None:
         raise NotFound(f"no lab at {root}", hint="start one with 'katactl lab up'")
-    alive = _alive(st.get("pid"))
-    if not alive:
+    daemon, now = _daemon(root, st)
+    if daemon == "foreign":
+        st["status"] = "dead"
+        st["error"] = (_foreign_message(root, st.get("pid"), now)
+                       + f" (katactl lab down --force --root {root} removes the lab without signalling it)")
+    elif daemon == "gone":
         st["status"] = "dead"
         st["error"] = st.get("error") or "the lab daemon is not running (run 'katactl lab down' to clean up)"
     return st
 
 
-def _stop_pid(pid: int, timeout: float) -> bool:
+def _stop_pid(pid: int, timeout: float, identity: "ProcIdentity | None" = None) -> bool:
+    """SIGTERM, then (after timeout) SIGKILL to its process group. With identity, the
+    KILL goes only to that same process (its pid may have been reused meanwhile)."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -279,6 +322,11 @@ def _stop_pid(pid: int, timeout: float) -> bool:
         if not _alive(pid):
             return True
         time.sleep(0.05)
+    if identity is not None:
+        from katactl.procfacts import LocalProcessFacts
+
+        if not LocalProcessFacts().still_is(identity):
+            return True
     try:
         os.killpg(pid, signal.SIGKILL)  # the daemon leads its own session
     except (ProcessLookupError, PermissionError):
@@ -286,17 +334,31 @@ def _stop_pid(pid: int, timeout: float) -> bool:
     return False
 
 
+def _our_qemus(st: dict | None) -> list[tuple[dict, int]]:
+    """(sandbox, pid) of the lab's QEMUs that still run: the recorded start time and argv
+    match the process at the pid (an older state without them: its argv names qemu)."""
+    from katactl.procfacts import LocalProcessFacts, ProcIdentity
+
+    cands = [(s, s.get("qemuPid")) for s in (st or {}).get("sandboxes", []) if isinstance(s, dict)]
+    cands = [(s, q) for s, q in cands if isinstance(q, int) and not isinstance(q, bool) and q > 0]
+    now = LocalProcessFacts().identities([q for _, q in cands])
+    out = []
+    for s, q in cands:
+        cur, recorded = now.get(q), ProcIdentity.from_dict(s.get("qemu"))
+        if cur is None:
+            continue
+        if recorded.same_process(cur) if recorded is not None else \
+                bool(cur.cmdline) and "qemu" in os.path.basename(cur.cmdline[0]):
+            out.append((s, q))
+    return out
+
+
 def _kill_qemus(st: dict | None) -> None:
-    for s in (st or {}).get("sandboxes", []):
-        pid = s.get("qemuPid")
-        if pid and _alive(pid):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"qemu" not in f.read():
-                        continue
-                os.killpg(pid, signal.SIGKILL)  # each QEMU leads its own session
-            except (OSError, ProcessLookupError):
-                pass
+    for _, pid in _our_qemus(st):
+        try:
+            os.killpg(pid, signal.SIGKILL)  # each QEMU leads its own session
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def _cleanup(root: str) -> None:
@@ -306,14 +368,19 @@ def _cleanup(root: str) -> None:
     remove_tree(root)
 
 
-def down(root: str | None = None, timeout: float = 30, dry_run: bool = False) -> dict:
+def down(root: str | None = None, timeout: float = 30, dry_run: bool = False, force: bool = False) -> dict:
     """Stop the lab at root and remove its directory; return what was (with ``dry_run``:
     what would be) stopped and removed. No lab there: ``changed: false``.
+
+    Only the processes the lab started are signalled: the pid in its state must still be
+    the daemon (same start time and argv as recorded), else Refused (exit 5) and nothing
+    is touched; ``force`` then removes the lab's files without signalling that process.
+    A QEMU pid that is no longer the lab's QEMU is left alone.
 
     A removal (or a failed attempt) goes to the audit log; a dry run and a no-op do not."""
     root = lab_root(root)
     try:
-        r = _down(root, timeout, dry_run)
+        r = _down(root, timeout, dry_run, force)
     except Exception as e:
         if not dry_run:
             _audit("lab.down", root, {}, result=f"error: {e}")
@@ -323,28 +390,34 @@ def down(root: str | None = None, timeout: float = 30, dry_run: bool = False) ->
     return r
 
 
-def _down(root: str, timeout: float, dry_run: bool) -> dict:
+def _down(root: str, timeout: float, dry_run: bool, force: bool) -> dict:
     st = read_state(root)
     if st is None and not os.path.isdir(os.path.join(root, LAB_DIR)):
         return {"root": root, "status": "absent", "stopped": [], "removed": [], "changed": False,
                 "dryRun": dry_run}
     pid = (st or {}).get("pid")
+    daemon, now = _daemon(root, st)
+    if daemon == "foreign" and not force:
+        raise Refused(_foreign_message(root, pid, now) + ": not signalled, nothing removed",
+                      hint=f"if no lab daemon runs for {root} any more, 'katactl lab down --force --root {root}' "
+                           f"removes the lab's files without signalling pid {pid}")
     stopped = []
-    if pid and _alive(pid):
+    if daemon == "running":
         stopped.append({"pid": pid, "what": "lab daemon"})
-    for s in (st or {}).get("sandboxes", []):
-        q = s.get("qemuPid")
-        if q and _alive(q):
-            stopped.append({"pid": q, "what": f"qemu ({s.get('name')})"})
+    for s, q in _our_qemus(st):
+        stopped.append({"pid": q, "what": f"qemu ({s.get('name')})"})
     result = {"root": root, "status": "removed", "stopped": stopped, "removed": [root],
               "changed": True, "dryRun": dry_run}
+    if daemon == "foreign":
+        result["skipped"] = [{"pid": pid, "what": "not the lab daemon (--force): not signalled",
+                              "cmdline": list(now.cmdline) if now else None}]
     if dry_run:
         result["status"] = (st or {}).get("status") or "unknown"
-        if pid and not _alive(pid):
+        if daemon != "running":
             result["status"] = "dead"
         return result
-    if pid and _alive(pid):
-        _stop_pid(pid, timeout)
+    if daemon == "running":
+        _stop_pid(pid, timeout, identity=now)
     _cleanup(root)
     if os.path.exists(root):
         raise OperationFailed(f"could not remove {root}")

@@ -35,6 +35,7 @@ import threading
 import time
 import traceback
 
+from katactl import procfacts
 from katactl.lab import layout as L
 
 LAB_DIR = ".katactl-lab"
@@ -76,6 +77,7 @@ class LabSandbox:
         self.status = "starting"
         self.error: str | None = None
         self.proc: subprocess.Popen | None = None
+        self.qemu_identity: procfacts.ProcIdentity | None = None
         self.qmp = None
         self.api = None
         self.shim = None
@@ -128,6 +130,8 @@ class LabSandbox:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=open(os.path.join(d, "qemu.log"), "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        # who this QEMU is (start time + argv), so 'lab down' never signals a reused pid
+        self.qemu_identity = procfacts.local_identity(self.proc.pid)
 
     def connect_qmp(self, timeout: float = 30) -> None:
         from katactl.backends.local import LocalTransport
@@ -371,6 +375,8 @@ class LabSandbox:
              "error": self.error}
         if self.proc is not None:
             d["qemuPid"] = self.proc.pid
+            if self.qemu_identity is not None:
+                d["qemu"] = self.qemu_identity.to_dict()
         if self.paths is not None:
             d["shimSocket"] = self.paths.shim_socket_node
             d["apiSocket"] = self.paths.api_socket_node
@@ -472,14 +478,16 @@ def ext_route(sb: "LabSandbox", method: str, ep: str | None, raw: bytes, query: 
 
 
 def refresh_shim_state(sb: "LabSandbox", st) -> None:
-    """Put the real numbers the lab has into the shim's metrics state."""
-    me = _proc_status(os.getpid())
-    st.shim_rss = me.get("vmrss", st.shim_rss)
-    st.shim_threads = me.get("threads", st.shim_threads)
+    """Put the real numbers the lab has into the shim's metrics state (the shim's and
+    its hypervisor's process figures from this host's processes, via psutil)."""
+    facts = procfacts.LocalProcessFacts()
+    me = facts.stats([os.getpid()])[os.getpid()]
+    if me is not None:
+        st.shim_rss, st.shim_threads = me.rss, me.threads
     if sb.proc is not None and sb.proc.poll() is None:
-        hs = _proc_status(sb.proc.pid)
-        st.hypervisor_rss = hs.get("vmrss", st.hypervisor_rss)
-        st.hypervisor_threads = hs.get("threads", st.hypervisor_threads)
+        hs = facts.stats([sb.proc.pid])[sb.proc.pid]
+        if hs is not None:
+            st.hypervisor_rss, st.hypervisor_threads = hs.rss, hs.threads
         try:
             st.hypervisor_fds = len(os.listdir(f"/proc/{sb.proc.pid}/fd"))
         except OSError:
@@ -497,21 +505,6 @@ def refresh_shim_state(sb: "LabSandbox", st) -> None:
         pass
 
 
-def _proc_status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                parts = v.split()
-                if parts and parts[0].isdigit():
-                    n = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-                    out[k.lower()] = n
-    except OSError:
-        pass
-    return out
-
-
 # -- the lab ---------------------------------------------------------------------
 class Lab:
     def __init__(self, root: str, cfg: dict):
@@ -524,6 +517,8 @@ class Lab:
         self.error: str | None = None
         self.host_views: list[str] = []
         self._state_lock = threading.Lock()
+        #: this daemon's start time and argv: 'lab down' checks them before it signals the pid
+        self.identity = procfacts.local_identity(os.getpid())
 
     def real(self, node_path: str) -> str:
         return os.path.join(self.root, node_path.lstrip("/"))
@@ -532,6 +527,7 @@ class Lab:
         with self._state_lock:
             _write_json(os.path.join(self.root, LAB_DIR, "state.json"), {
                 "apiVersion": "katactl/v1", "kind": "Lab", "root": self.root, "pid": os.getpid(),
+                "daemon": self.identity.to_dict() if self.identity else None,
                 "status": self.status, "error": self.error,
                 "kernel": self.assets.kernel if self.assets else None,
                 "kernelVersion": self.assets.kernel_version if self.assets else None,
