@@ -30,6 +30,9 @@ from katactl.errors import Ambiguous, NotFound, UsageError, UnreachableError, Ti
 GO_SBS = "/run/vc/sbs"
 GO_VM = "/run/vc/vm"
 RS_DIR = "/run/kata"
+#: runtime-rs's jailed Firecracker VMs: <RS_FC_JAIL>/<id>/root/{state.json,run/fc.sock}
+#: (firecracker/inner_hypervisor.rs prepare_vm; persist/src/lib.rs to_disk with a jailer path)
+RS_FC_JAIL = f"{RS_DIR}/firecracker"
 CONTAINERD_TASK_DIR = "/run/containerd/io.containerd.runtime.v2.task"
 CRIO_DIR = "/run/containers/storage/overlay-containers"
 SHIM_SOCKET_NAME = "shim-monitor.sock"
@@ -340,6 +343,16 @@ def _fill_go(sb: Sandbox, p: dict) -> None:
 
 
 def _fill_rs(sb: Sandbox, s: dict) -> None:
+    """Read runtime-rs's state.json (``hypervisor_persist.rs``'s HypervisorState).
+
+    ``hypervisor.config`` is kata-types' hypervisor config
+    (``src/libs/kata-types/src/config/hypervisor/mod.rs``): its boot, cpu, memory,
+    device and debug info are ``#[serde(flatten)]``, so ``kernel``, ``default_vcpus``
+    (an f32 in recent releases, an integer before), ``default_memory`` ... sit at one
+    level. The same struct parses the flat ``[hypervisor.<name>]`` TOML tables, so no
+    release wrote them nested. Every runtime-rs hypervisor persists ``pid: null`` and
+    ``api_socket: ""``: the VMM is found through the shim (see :func:`find_rs_vmms`),
+    and the control socket from the hypervisor and ``run_dir``."""
     hv = _d(s, "hypervisor", default={})
     cfg = _d(hv, "config", default={})
     sb.raw = s
@@ -347,14 +360,15 @@ def _fill_rs(sb: Sandbox, s: dict) -> None:
     sb.hypervisor = _hv_name(_d(hv, "hypervisor_type"))
     pid = _int(_d(hv, "pid"))
     sb.hypervisor_pid = pid if pid and pid > 0 else None
-    sb.vcpus = _float(_d(cfg, "cpu_info", "default_vcpus"))
-    sb.max_vcpus = _int(_d(cfg, "cpu_info", "default_maxvcpus"))
-    sb.memory_mib = _int(_d(cfg, "memory_info", "default_memory"))
-    sb.virtio_mem = _d(cfg, "memory_info", "enable_virtio_mem")
-    sb.reclaim_guest_freed_memory = _d(cfg, "memory_info", "reclaim_guest_freed_memory")
-    sb.kernel = _str(_d(cfg, "boot_info", "kernel"))
-    sb.image = _str(_d(cfg, "boot_info", "image"))
-    sb.initrd = _str(_d(cfg, "boot_info", "initrd"))
+    sb.vcpus = _float(_d(cfg, "default_vcpus"))
+    sb.max_vcpus = _int(_d(cfg, "default_maxvcpus"))
+    sb.memory_mib = _int(_d(cfg, "default_memory"))
+    sb.virtio_mem = _d(cfg, "enable_virtio_mem")
+    sb.reclaim_guest_freed_memory = _d(cfg, "reclaim_guest_freed_memory")
+    sb.guest_memory_dump_path = _str(_d(cfg, "guest_memory_dump_path"))
+    sb.kernel = _str(_d(cfg, "kernel"))
+    sb.image = _str(_d(cfg, "image"))
+    sb.initrd = _str(_d(cfg, "initrd"))
     sb.hypervisor_path = _str(_d(cfg, "path"))
     cg = _d(s, "resource", "cgroup_state", default={})
     sb.sandbox_cgroup_path = _str(_d(cg, "path"))
@@ -363,10 +377,13 @@ def _fill_rs(sb: Sandbox, s: dict) -> None:
     api = _str(_d(hv, "api_socket"))
     if api is None:
         d = f"{RS_DIR}/{sb.id}"
+        run_dir = _str(_d(hv, "run_dir"))
         if sb.hypervisor == "clh":
             api = f"{d}/ch-api.sock"
         elif sb.hypervisor == "fc":
-            api = f"{d}/fc.sock"
+            # firecracker/inner_hypervisor.rs: <run_dir>/fc.sock; run_dir is
+            # /run/kata/firecracker/<id>/root/run jailed, /run/kata/<id>/run otherwise
+            api = f"{run_dir or d + '/run'}/fc.sock"
         elif sb.hypervisor == "qemu" and sb.bundle:
             api = f"{sb.bundle}/qmp.sock"  # created relative to the shim's cwd (the bundle)
     sb.api_socket = api
@@ -422,8 +439,9 @@ class _BundleIndex:
         return self._map.get(sid)
 
 
-#: a candidate: (id, runtime, state dir mtime, why the state dir itself is unusable or None)
-Candidate = tuple[str, str, "float | None", "str | None"]
+#: a candidate: (id, runtime, state dir mtime, why the state dir itself is unusable or None,
+#: the state file's node path)
+Candidate = tuple[str, str, "float | None", "str | None", str]
 
 
 def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
@@ -432,9 +450,8 @@ def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
     calls (stat_many, then read_many of the regular files only: a few SSH round trips
     per node, however many sandboxes). Nothing but a regular file is ever opened."""
     sbs = []
-    for sid, runtime, _, _ in cands:
+    for sid, runtime, _, _, state_file in cands:
         base = GO_SBS if runtime == "go" else RS_DIR
-        state_file = f"{base}/{sid}/{'persist.json' if runtime == 'go' else 'state.json'}"
         sb = Sandbox(id=sid, runtime=runtime, state_file=state_file,
                      shim_socket=f"{base}/{sid}/{SHIM_SOCKET_NAME}")
         sb.bundle = bundles.get(sid, quick=quick)
@@ -448,7 +465,7 @@ def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
     bad = {p: e for p in files if (e := _not_regular(p, stats.get(p))) is not None}
     data: dict = dict(bad)
     data.update(transport.read_many([p for p in files if p not in bad], limit=STATE_LIMIT + 1))
-    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why) in zip(sbs, cands)]
+    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands)]
 
 
 def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
@@ -564,8 +581,17 @@ def _candidates(transport, top: dict[str, list] | None = None) -> list[Candidate
     seen: set[str] = set()
     if top is None:
         top = _scan(transport, [GO_SBS, RS_DIR])
-    for base, rt in ((GO_SBS, "go"), (RS_DIR, "rs")):
-        for name, st in top[base]:
+    jailed = {}
+    if any(n == "firecracker" and st.is_dir for n, st in top[RS_DIR]):
+        got = top.get(RS_FC_JAIL)
+        if got is None:
+            got = _scan(transport, [RS_FC_JAIL])[RS_FC_JAIL]
+        jailed = {n: st for n, st in got if st.is_dir and _ID_RE.match(n) and ".." not in n}
+    rs_entries = [(n, st) for n, st in top[RS_DIR] if n != "firecracker"]
+    rs_names = {n for n, _ in rs_entries}
+    rs_entries += sorted((n, st) for n, st in jailed.items() if n not in rs_names)
+    for base, rt, entries in ((GO_SBS, "go", top[GO_SBS]), (RS_DIR, "rs", rs_entries)):
+        for name, st in entries:
             if name in seen or not _ID_RE.match(name) or ".." in name:
                 continue
             problem = None
@@ -575,7 +601,13 @@ def _candidates(transport, top: dict[str, list] | None = None) -> list[Candidate
                 problem = (f"{base}/{name} is a symlink that does not resolve to a directory "
                            "(dangling, or a symlink loop)")
             seen.add(name)
-            out.append((name, rt, st.mtime, problem))
+            if rt == "go":
+                state_file = f"{GO_SBS}/{name}/persist.json"
+            elif name in jailed:
+                state_file = f"{RS_FC_JAIL}/{name}/root/state.json"
+            else:
+                state_file = f"{RS_DIR}/{name}/state.json"
+            out.append((name, rt, st.mtime, problem, state_file))
     return out
 
 
@@ -593,7 +625,7 @@ def discover(transport, *, check: bool = True, timeout: float = 0.5, state: str 
     ``state`` keeps the sandboxes in that state (one of STATES), ``namespace`` those
     whose pod is in that namespace."""
     check_state(state)
-    top = _scan(transport, [GO_SBS, RS_DIR, CRIO_DIR, CONTAINERD_TASK_DIR])
+    top = _scan(transport, [GO_SBS, RS_DIR, RS_FC_JAIL, CRIO_DIR, CONTAINERD_TASK_DIR])
     bundles = _BundleIndex(transport, top)
     cands = _candidates(transport, top)
     sbs = _load_many(transport, cands, bundles)

@@ -350,3 +350,130 @@ def test_hostile_entries_over_ssh(cli, sshd_lab, tmp_path):
              "sandbox", "list", "-o", "json", "--no-check"])
     assert r.exit_code == 0, r.stderr
     _check_hostile(by_id(r.json()["items"]), ssh=True)
+
+
+# -- issue 18: runtime-rs state.json as upstream writes it ------------------------------
+#: A runtime-rs (3.x/4.x) state.json for Cloud Hypervisor, typed here by hand from the
+#: upstream structs rather than produced by katactl.lab.layout, so the reader is not
+#: only tested against our own writer: HypervisorState
+#: (src/runtime-rs/crates/hypervisor/src/hypervisor_persist.rs) with kata-types'
+#: hypervisor config (src/libs/kata-types/src/config/hypervisor/mod.rs, boot/cpu/
+#: memory/device/debug info #[serde(flatten)]), pid null and api_socket "" as every
+#: runtime-rs driver's save() leaves them; serde_json::to_writer_pretty (2 spaces).
+UPSTREAM_RS_STATE = """{
+  "sandbox_type": "virt_container",
+  "resource": {
+    "cgroup_state": {
+      "path": "/kubepods/burstable/pod1234/kata_rsup01",
+      "overhead_path": "/kata_overhead/rsup01",
+      "sandbox_cgroup_only": false
+    }
+  },
+  "hypervisor": {
+    "hypervisor_type": "clh",
+    "pid": null,
+    "uuid": "",
+    "api_socket": "",
+    "id": "rsup01",
+    "vm_path": "/run/kata/rsup01",
+    "jailed": false,
+    "jailer_root": "",
+    "netns": "/var/run/netns/cni-0d6d",
+    "config": {
+      "path": "/opt/kata/bin/cloud-hypervisor",
+      "valid_hypervisor_paths": ["/opt/kata/bin/cloud-hypervisor"],
+      "ctlpath": "",
+      "jailer_path": "",
+      "block_device_driver": "virtio-blk-pci",
+      "kernel": "/opt/kata/share/kata-containers/vmlinux.container",
+      "kernel_params": "",
+      "initrd": "",
+      "image": "/opt/kata/share/kata-containers/kata-containers.img",
+      "rootfs_type": "ext4",
+      "firmware": "",
+      "vm_rootfs_driver": "virtio-blk-pci",
+      "cpu_features": "",
+      "default_vcpus": 1.5,
+      "default_maxvcpus": 8,
+      "enable_debug": false,
+      "log_level": "info",
+      "guest_memory_dump_paging": false,
+      "guest_memory_dump_path": "",
+      "extra_monitor_socket": "",
+      "default_bridges": 1,
+      "reclaim_guest_freed_memory": true,
+      "machine_type": "",
+      "default_memory": 3072,
+      "memory_slots": 10,
+      "default_maxmemory": 0,
+      "enable_virtio_mem": false,
+      "shared_fs": "virtio-fs",
+      "virtio_fs_daemon": "/opt/kata/libexec/virtiofsd",
+      "factory": {"enable_template": false, "template_path": ""},
+      "prefetch_list_path": "",
+      "disable_guest_selinux": true,
+      "disable_selinux": false
+    },
+    "run_dir": "/run/kata/rsup01",
+    "cached_block_devices": [],
+    "virtiofs_daemon_pid": 0,
+    "passfd_listener_port": null
+  }
+}"""
+
+
+def test_runtime_rs_upstream_state_json_fields(tmp_path):
+    """Before: vcpus, memory, kernel, image all null (the reader looked for cpu_info/...)."""
+    root = str(tmp_path)
+    layout.write_rs_sandbox(root, "rsup01", hypervisor="clh", pod_name="p", raw_state=UPSTREAM_RS_STATE.encode())
+    [sb] = sandbox.discover(LocalTransport(root), check=False)
+    assert (sb.hypervisor, sb.vcpus, sb.max_vcpus, sb.memory_mib) == ("clh", 1.5, 8, 3072)
+    assert sb.kernel == "/opt/kata/share/kata-containers/vmlinux.container"
+    assert sb.image == "/opt/kata/share/kata-containers/kata-containers.img" and sb.initrd is None
+    assert sb.hypervisor_path == "/opt/kata/bin/cloud-hypervisor"
+    assert (sb.reclaim_guest_freed_memory, sb.virtio_mem) == (True, False)
+    assert sb.hypervisor_pid is None and sb.api_socket == "/run/kata/rsup01/ch-api.sock"
+    assert sb.sandbox_cgroup_path == "/kubepods/burstable/pod1234/kata_rsup01"
+
+
+@pytest.mark.parametrize("release,hv_type", [("3.29", "cloud-hypervisor"), ("3.30", "clh")])
+def test_runtime_rs_cloud_hypervisor_names_by_release(tmp_path, release, hv_type):
+    """runtime-rs names Cloud Hypervisor 'cloud-hypervisor' up to 3.29, 'clh' from 3.30
+    (kata-types config/hypervisor/ch.rs HYPERVISOR_NAME_CH); both read as clh."""
+    root = str(tmp_path)
+    p = layout.write_rs_sandbox(root, "rsch01", hypervisor="clh", release=release)
+    assert json.load(open(p.state_file))["hypervisor"]["hypervisor_type"] == hv_type
+    [sb] = sandbox.discover(LocalTransport(root), check=False)
+    assert sb.hypervisor == "clh"
+
+
+def test_lab_writes_runtime_rs_upstream_shape(tmp_path):
+    """The lab's writer: flat config, pid null, api_socket "", pretty (2 spaces)."""
+    p = layout.write_rs_sandbox(str(tmp_path), "rsshp1", hypervisor="qemu", pid=os.getpid(), vcpus=2)
+    text = open(p.state_file).read()
+    assert text.startswith('{\n  "sandbox_type"')
+    hv = json.loads(text)["hypervisor"]
+    assert hv["pid"] is None and hv["api_socket"] == "" and hv["run_dir"] == ""
+    assert hv["config"]["default_vcpus"] == 2.0 and "cpu_info" not in hv["config"]
+    assert open(os.path.join(p.bundle, "shim.pid")).read() == str(os.getpid())
+
+
+@pytest.mark.parametrize("jailed", [True, False])
+def test_runtime_rs_firecracker_socket_from_run_dir(tmp_path, jailed):
+    """Jailed: state.json and fc.sock under /run/kata/firecracker/<id>/root/ (before: 'state.json
+    is missing' plus a fake sandbox named 'firecracker'); unjailed: /run/kata/<id>/run/fc.sock."""
+    root = str(tmp_path)
+    sid = "a" * 64
+    p = layout.write_rs_sandbox(root, sid, hypervisor="fc", jailed=jailed, pod_name="fn")
+    sbs = sandbox.discover(LocalTransport(root), check=False)
+    assert [s.id for s in sbs] == [sid]
+    sb = sbs[0]
+    assert sb.raw is not None and sb.hypervisor == "fc" and sb.pod["name"] == "fn"
+    if jailed:
+        assert sb.state_file == f"/run/kata/firecracker/{sid}/root/state.json"
+        assert sb.api_socket == f"/run/kata/firecracker/{sid}/root/run/fc.sock"
+    else:
+        assert sb.state_file == f"/run/kata/{sid}/state.json"
+        assert sb.api_socket == f"/run/kata/{sid}/run/fc.sock"
+    assert sb.api_socket == p.api_socket_node and sb.shim_socket == f"/run/kata/{sid}/shim-monitor.sock"
+    assert sandbox.resolve(LocalTransport(root), sid[:6], check=False).state_file == sb.state_file

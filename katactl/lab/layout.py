@@ -9,8 +9,10 @@ trees under a root directory that katactl then reads with ``--host-root``.
   file; ``qmp.sock``/``clh-api.sock`` live here) or, for Firecracker (jailed),
   ``<root>/run/vc/firecracker/<id[:32]>/root/run/firecracker.socket`` (the Go runtime
   truncates the id there to fit the socket path in sun_path).
-- runtime-rs: ``<root>/run/kata/<id>/state.json`` (``sandbox_type``,
-  ``resource``, ``hypervisor{hypervisor_type, pid, api_socket, config ...}``).
+- runtime-rs: ``<root>/run/kata/<id>/state.json`` (jailed Firecracker:
+  ``/run/kata/firecracker/<id>/root/state.json``) with ``sandbox_type``, ``resource``,
+  ``hypervisor{hypervisor_type, pid: null, api_socket: "", run_dir, config{flat}}``,
+  and the shim's pid in ``<bundle>/shim.pid`` (see :func:`write_rs_sandbox`).
 - direct-assigned volumes: ``<root>/run/kata-containers/shared/direct-volumes/
   <base64url(volume path)>/mountInfo.json`` (``kata-runtime direct-volume add``).
 - the sandbox's OCI bundle with CRI annotations: containerd
@@ -45,7 +47,8 @@ SHIM_SOCKET_NAME = "shim-monitor.sock"
 GO_HYPERVISOR_TYPES = {"qemu": "qemu", "clh": "clh", "fc": "firecracker", "firecracker": "firecracker",
                        "dragonball": "dragonball"}
 #: runtime-rs hypervisor_type values
-RS_HYPERVISOR_TYPES = {"qemu": "qemu", "clh": "cloud_hypervisor", "fc": "firecracker",
+#: (Cloud Hypervisor is "clh" from 3.30, "cloud-hypervisor" before: see write_rs_sandbox)
+RS_HYPERVISOR_TYPES = {"qemu": "qemu", "clh": "clh", "fc": "firecracker",
                        "firecracker": "firecracker", "dragonball": "dragonball"}
 
 DEFAULT_KERNEL = "/opt/kata/share/kata-containers/vmlinux.container"
@@ -108,11 +111,11 @@ def _hv_key(hypervisor: str) -> str:
     return h
 
 
-def _write_json(real_path: str, obj) -> None:
+def _write_json(real_path: str, obj, indent: int | None = 1) -> None:
     os.makedirs(os.path.dirname(real_path), exist_ok=True)
     tmp = real_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=indent)
     os.replace(tmp, real_path)
 
 
@@ -375,17 +378,42 @@ def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonbal
                      pod_namespace: str = "default", pod_uid: str | None = None,
                      memory_mib: int = 2048, vcpus: float = 1, max_vcpus: int = 0,
                      kernel: str = DEFAULT_KERNEL, initrd: str = "", image: str = DEFAULT_IMAGE,
-                     hypervisor_path: str | None = None, api_socket: str | None = None,
-                     jailed: bool = False, cri: str = "containerd",
+                     hypervisor_path: str | None = None, guest_memory_dump_path: str = "",
+                     virtio_mem: bool = False, reclaim_guest_freed_memory: bool = False,
+                     jailed: bool | None = None, release: str = "3.30", cri: str = "containerd",
                      containerd_namespace: str = "k8s.io", bundle: bool = True,
                      created: float | None = None, extra_annotations: dict | None = None,
                      raw_state: bytes | None = None) -> SandboxPaths:
-    """Lay out one runtime-rs sandbox: ``/run/kata/<id>/state.json`` (+ bundle).
+    """Lay out one runtime-rs sandbox as upstream writes it: ``state.json`` (+ bundle).
 
-    Control sockets: Cloud Hypervisor ``/run/kata/<id>/ch-api.sock``,
-    Firecracker ``/run/kata/<id>/fc.sock``; QEMU's ``qmp.sock`` is relative to
-    the shim's working directory, i.e. the bundle dir; Dragonball runs inside
-    the shim (no socket, hypervisor pid = shim pid).
+    The shape is runtime-rs's ``HypervisorState``
+    (``src/runtime-rs/crates/hypervisor/src/hypervisor_persist.rs``) written pretty
+    (2-space indent) by ``src/runtime-rs/crates/persist/src/lib.rs`` (``to_disk``), with
+    ``config`` being kata-types' hypervisor config
+    (``src/libs/kata-types/src/config/hypervisor/mod.rs``) whose boot/cpu/memory/device/
+    debug info are ``#[serde(flatten)]``: ``kernel``, ``default_vcpus`` (f32) ... at one level.
+    Every runtime-rs hypervisor's ``save()`` leaves ``pid: null`` and ``api_socket: ""``.
+    Only a subset of the config's ~100 keys is written (the ones katactl reads, plus
+    neighbours), with upstream's names and types.
+
+    Where it lives, per hypervisor (each driver's ``prepare_vm``/``save``):
+
+    - Dragonball (in the shim process): ``/run/kata/<id>/state.json``; ``vm_path`` and
+      ``run_dir`` ``/run/kata/<id>``; no control socket.
+    - QEMU: ``/run/kata/<id>/state.json``; ``save()`` fills only type, id and config
+      (``vm_path``/``run_dir`` empty); ``qmp.sock`` is relative to the shim's cwd (the bundle).
+    - Cloud Hypervisor: ``/run/kata/<id>/state.json``, API ``/run/kata/<id>/ch-api.sock``;
+      ``hypervisor_type`` is ``clh`` from 3.30, ``cloud-hypervisor`` before (``release``).
+    - Firecracker: jailed (the default, and the only mode recent releases restore):
+      ``vm_path`` ``/run/kata/firecracker/<id>``, ``run_dir`` ``<vm_path>/root/run``, the
+      API socket ``<run_dir>/fc.sock`` and state.json at ``<vm_path>/root/state.json``
+      (``to_disk(.., jailer_path)``); unjailed (``jailed=False``, older releases):
+      ``/run/kata/<id>/run/fc.sock`` and ``/run/kata/<id>/state.json``.
+
+    ``pid`` is the *shim's* pid: containerd's shim v2 writes it to ``<bundle>/shim.pid``;
+    runtime-rs persists no VMM pid (Dragonball's VMM is the shim itself; for the others
+    the VMM is the shim's child). The shim management socket is always
+    ``/run/kata/<id>/shim-monitor.sock``.
     """
     hv = _hv_key(hypervisor)
     pod_name = pod_name or f"pod-{sandbox_id[:8]}"
@@ -393,51 +421,123 @@ def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonbal
     d = f"{RS_DIR}/{sandbox_id}"
     bundle_node = (f"{CRIO_DIR}/{sandbox_id}/userdata" if cri == "crio"
                    else f"{CONTAINERD_TASK_DIR}/{containerd_namespace}/{sandbox_id}")
-    default_api = {"clh": f"{d}/ch-api.sock", "fc": f"{d}/fc.sock",
-                   "qemu": f"{bundle_node}/qmp.sock", "dragonball": None}[hv]
-    api = api_socket or default_api
+    jailed = (hv == "fc") if jailed is None else bool(jailed and hv == "fc")
+    state_dir = d
+    vm_path, run_dir, jailer_root = d, d, ""
+    if hv == "qemu":
+        vm_path = run_dir = ""
+        api = f"{bundle_node}/qmp.sock"
+    elif hv == "clh":
+        api = f"{d}/ch-api.sock"
+    elif hv == "fc":
+        if jailed:
+            jailer_root = RS_DIR
+            vm_path = f"{RS_DIR}/firecracker/{sandbox_id}"
+            run_dir = f"{vm_path}/root/run"
+            state_dir = f"{vm_path}/root"
+        else:
+            run_dir = f"{d}/run"
+        api = f"{run_dir}/fc.sock"
+    else:
+        api = None
+    if hv == "clh":
+        hv_type = "clh" if _release_at_least(release, (3, 30)) else "cloud-hypervisor"
+    else:
+        hv_type = RS_HYPERVISOR_TYPES[hv]
     uid = str(_uuid.uuid5(_uuid.NAMESPACE_URL, "vm/" + sandbox_id))
+    config = {
+        "path": hypervisor_path if hypervisor_path is not None else DEFAULT_HYPERVISOR_PATHS[hv],
+        "valid_hypervisor_paths": [],
+        "ctlpath": "",
+        "jailer_path": "/opt/kata/bin/jailer" if jailed else "",
+        "disable_nesting_checks": False,
+        "enable_iothreads": False,
+        # BlockDeviceInfo (flattened)
+        "disable_block_device_use": False,
+        "block_device_driver": "virtio-blk-pci",
+        "block_device_aio": "io_uring",
+        "memory_offset": 0,
+        "enable_vhost_user_store": False,
+        # BootInfo (flattened)
+        "kernel": kernel,
+        "kernel_params": "",
+        "initrd": initrd,
+        "image": image,
+        "rootfs_type": "ext4",
+        "firmware": "",
+        "vm_rootfs_driver": "virtio-blk-pci",
+        # CpuInfo (flattened)
+        "cpu_features": "",
+        "default_vcpus": float(vcpus),
+        "default_maxvcpus": int(max_vcpus or os.cpu_count() or 1),
+        # DebugInfo (flattened)
+        "enable_debug": False,
+        "log_level": "info",
+        "guest_memory_dump_paging": False,
+        "guest_memory_dump_path": guest_memory_dump_path,
+        "extra_monitor_socket": "",
+        # DeviceInfo (flattened)
+        "default_bridges": 1,
+        "hotplug_vfio_on_root_bus": False,
+        "pcie_root_port": 0,
+        "enable_iommu": False,
+        "enable_iommu_platform": False,
+        "reclaim_guest_freed_memory": bool(reclaim_guest_freed_memory),
+        # MachineInfo (flattened)
+        "machine_type": "q35" if hv == "qemu" else "",
+        "machine_accelerators": "",
+        "pflashes": [],
+        "entropy_source": "/dev/urandom",
+        # MemoryInfo (flattened)
+        "default_memory": int(memory_mib),
+        "memory_slots": 10,
+        "default_maxmemory": 0,
+        "enable_mem_prealloc": False,
+        "enable_hugepages": False,
+        "file_mem_backend": "",
+        "enable_virtio_mem": bool(virtio_mem),
+        "enable_guest_swap": False,
+        # SharedFsInfo (flattened)
+        "shared_fs": "virtio-fs",
+        "virtio_fs_daemon": "/opt/kata/libexec/virtiofsd",
+        "virtio_fs_cache": "auto",
+        "factory": {"enable_template": False, "template_path": ""},
+        "prefetch_list_path": "",
+        "disable_guest_selinux": True,
+        "disable_selinux": False,
+    }
     state = {
         "sandbox_type": "virt_container",
         "resource": {"cgroup_state": {"path": f"/kata_{sandbox_id}", "overhead_path": f"/kata_overhead/{sandbox_id}",
                                       "sandbox_cgroup_only": False}},
         "hypervisor": {
-            "hypervisor_type": RS_HYPERVISOR_TYPES[hv],
-            "pid": int(pid) if pid else None,
-            "uuid": uid,
-            "api_socket": api if hv in ("clh",) or api_socket else "",
+            "hypervisor_type": hv_type,
+            "pid": None,
+            "uuid": "",
+            "api_socket": "",
             "id": sandbox_id,
-            "vm_path": d,
+            "vm_path": vm_path,
             "jailed": jailed,
-            "jailer_root": f"{d}/root" if jailed else "",
-            "netns": f"/var/run/netns/cni-{uid}",
-            "config": {
-                "path": hypervisor_path if hypervisor_path is not None else DEFAULT_HYPERVISOR_PATHS[hv],
-                "ctlpath": "",
-                "jailer_path": "",
-                "boot_info": {"kernel": kernel, "kernel_params": "", "image": image, "initrd": initrd,
-                              "firmware": "", "vm_rootfs_driver": "virtio-blk-pci"},
-                "cpu_info": {"cpu_features": "", "default_vcpus": float(vcpus),
-                             "default_maxvcpus": int(max_vcpus or os.cpu_count() or 1)},
-                "memory_info": {"default_memory": int(memory_mib), "memory_slots": 10,
-                                "default_maxmemory": 0, "enable_virtio_mem": False,
-                                "reclaim_guest_freed_memory": False},
-                "debug_info": {"enable_debug": False},
-                "shared_fs": {"shared_fs": "virtio-fs", "virtio_fs_daemon": "/opt/kata/libexec/virtiofsd"},
-            },
-            "run_dir": d,
+            "jailer_root": jailer_root,
+            "netns": None if hv == "qemu" else f"/var/run/netns/cni-{uid}",
+            "config": config,
+            "run_dir": run_dir,
             "cached_block_devices": [],
             "virtiofs_daemon_pid": 0,
             "passfd_listener_port": None,
+            "guest_protection_to_use": "NoProtection",
         },
     }
-    os.makedirs(_join(root, d), exist_ok=True)
-    state_file = f"{d}/state.json"
+    os.makedirs(_join(root, d), exist_ok=True)   # the shim's dir: shim-monitor.sock lives here
+    os.makedirs(_join(root, state_dir), exist_ok=True)
+    if run_dir:
+        os.makedirs(_join(root, run_dir), exist_ok=True)
+    state_file = f"{state_dir}/state.json"
     if raw_state is not None:
         with open(_join(root, state_file), "wb") as f:
             f.write(raw_state)
     else:
-        _write_json(_join(root, state_file), state)
+        _write_json(_join(root, state_file), state, indent=2)
     _set_mtime(_join(root, state_file), created)
     if bundle:
         ann = cri_annotations(sandbox_id, pod_name=pod_name, pod_namespace=pod_namespace,
@@ -445,12 +545,29 @@ def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonbal
         ann.update(extra_annotations or {})
         bundle_node = write_bundle(root, sandbox_id, ann, cri=cri, namespace=containerd_namespace,
                                    created=created)
+        if pid:
+            write_shim_pid(root, bundle_node, pid)
     else:
         bundle_node = None
     return SandboxPaths(root=os.path.abspath(root), sandbox_id=sandbox_id, runtime="rs",
-                        state_dir_node=d, state_file_node=state_file,
+                        state_dir_node=state_dir, state_file_node=state_file,
                         shim_socket_node=f"{d}/{SHIM_SOCKET_NAME}", api_socket_node=api,
-                        bundle_node=bundle_node, vm_dir_node=d)
+                        bundle_node=bundle_node, vm_dir_node=vm_path or d)
+
+
+def write_shim_pid(root: str, bundle_node: str, pid: int) -> None:
+    """``<bundle>/shim.pid``: the shim's pid, as containerd's shim v2 start writes it
+    (plain decimal, no newline)."""
+    with open(_join(root, f"{bundle_node}/shim.pid"), "w") as f:
+        f.write(str(int(pid)))
+
+
+def _release_at_least(release: str, want: tuple[int, int]) -> bool:
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= want
 
 
 DIRECT_VOLUMES = "/run/kata-containers/shared/direct-volumes"
