@@ -178,6 +178,30 @@ def scrape_all(transport, sandboxes, *, timeout: float, workers: int = 32) -> di
         return dict(ex.map(one, sandboxes))
 
 
+def fill_from_processes(transport, sandboxes, samples: dict) -> None:
+    """Where a shim's metrics lack its hypervisor's RSS or CPU time (a shim that does not
+    export ``kata_hypervisor_proc_*``), take them from the node's process facts
+    (katactl.procfacts: psutil on this host, /proc through the transport on another)."""
+    need = [sb for sb in sandboxes if sb.hypervisor_pid and isinstance(samples.get(sb.id), dict)
+            and (samples[sb.id]["hypervisorRSS"] is None or samples[sb.id]["_hvTicks"] is None)]
+    if not need:
+        return
+    from katactl import procfacts
+
+    try:
+        stats = procfacts.for_transport(transport).stats([sb.hypervisor_pid for sb in need])
+    except (OSError, KatactlError):
+        return  # the shim's figures stay as they are: a row without these, not a failed row
+    for sb in need:
+        st, cur = stats.get(sb.hypervisor_pid), samples[sb.id]
+        if st is None:
+            continue
+        if cur["hypervisorRSS"] is None:
+            cur["hypervisorRSS"] = float(st.rss)
+        if cur["_hvTicks"] is None:
+            cur["_hvTicks"] = st.cpu_seconds * USER_HZ
+
+
 class TopSession:
     """Keeps the previous scrape per sandbox so each refresh has CPU deltas."""
 
@@ -197,6 +221,7 @@ class TopSession:
     def refresh(self, sbs=None) -> list[dict]:
         sbs = self.sandboxes() if sbs is None else sbs
         res = scrape_all(self.transport, sbs, timeout=self.timeout, workers=self.workers)
+        fill_from_processes(self.transport, sbs, res)
         rows = []
         for sb in sbs:
             r = res.get(sb.id)

@@ -220,3 +220,36 @@ def test_live_view_single_node_failure_is_the_command_error(tmp_path):
                            "--interval", "0.2s", "--iterations", "2"], COLUMNS="160", LINES="40")
     assert rc == 2, text
     assert "--host-root" in text and "katactl top" not in text and "Traceback" not in text
+
+
+def test_hypervisor_figures_from_the_node_when_the_shim_lacks_them(cli):
+    """A shim without kata_hypervisor_proc_*: top takes the hypervisor's RSS and CPU from
+    the node's processes (psutil here, PROCFS_PATH under --host-root), same numbers as /proc."""
+    import psutil
+
+    from katactl.backends.local import LocalTransport
+    from katactl.procfacts import TransportProcessFacts
+
+    hv = subprocess.Popen([sys.executable, "-c", "x = bytearray(48 << 20)\nwhile True: pass"])
+
+    def no_hv_families(srv, req):
+        text = srv.metrics_text()
+        keep = "\n".join(ln for ln in text.splitlines() if "kata_hypervisor_proc" not in ln)
+        return Response(200, keep + "\n", "text/plain; version=0.0.4")
+
+    try:
+        with node() as n:
+            p = n.go("hvfacts01", serve=False, pid=hv.pid)
+            n.serve(p, "go", extra_routes={(None, "/metrics"): no_hv_families},
+                    state=ShimState(sandbox_id="hvfacts01", shim_rss=50 << 20, shim_cpu_percent=0.0))
+            r = cli(["--host-root", n.root, "top", "-o", "json", "--interval", "0.5s"])
+            assert r.exit_code == 0, r.stderr
+            row = r.json()["items"][0]
+            real = TransportProcessFacts(LocalTransport(n.root)).stats([hv.pid])[hv.pid]
+            assert abs(row["hypervisorRSS"] - real.rss) <= 8 << 20 and row["hypervisorRSS"] >= 48 << 20
+            assert abs(row["hypervisorRSS"] - psutil.Process(hv.pid).memory_info().rss) <= 8 << 20
+            assert row["cpuPercent"]["hypervisor"] > 30  # a busy loop: most of a core
+            assert row["shimRSS"] == 50 << 20  # the shim's own figures still come from its metrics
+    finally:
+        hv.kill()
+        hv.wait()
