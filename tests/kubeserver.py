@@ -1,27 +1,205 @@
-"""A small protocol-faithful stand-in for kube-apiserver (nodes only).
+"""KubeStandIn: a protocol-faithful kube-apiserver stand-in over real HTTPS on loopback.
 
-Real parts: HTTP on a loopback TCP port, driven by katactl's real kubeconfig
-loading (kubernetes.config) and HTTP client. Serves GET /api/v1/namespaces/NS/pods/NAME and GET /api/v1/nodes with
-equality- and set-based label selectors (=, ==, !=, in, notin, exists, !key),
-pagination (limit + continue tokens, metadata.continue), bearer-token auth
-(401 Status object otherwise), 400 for a malformed selector.
+Driven in the tests by real kubectl 1.33 (tests/test_kubeserver_kubectl.py) and by katactl's own
+client. What it serves:
 
-Known differences from kube-apiserver: no TLS, no watch, no resourceVersion
-semantics, field selectors ignored, continue tokens are plain offsets, only
-the nodes resource exists (other paths: 404 Status).
+- HTTPS (HTTP/1.1, ALPN http/1.1) on 127.0.0.1:<random>, a throwaway CA and a server certificate
+  for 127.0.0.1/localhost; ``kubeconfig()`` writes a kubeconfig with certificate-authority-data.
+- Bearer tokens: "admin" may do everything, "readonly" only get/list/watch (403 Forbidden Status
+  with the RBAC message format); a wrong or missing token gets 401.
+- Discovery: /api, /api/v1, /apis, /apis/<group>/<version> (apps/v1, policy/v1,
+  coordination.k8s.io/v1, node.k8s.io/v1), /version. Aggregated discovery is not offered: the
+  answer is plain application/json, from which client-go falls back to per-group discovery.
+- Resources: nodes, pods (+ eviction, status), namespaces, configmaps, events,
+  poddisruptionbudgets (+ status), daemonsets, replicasets, leases, runtimeclasses.
+- Verbs: get, list (limit/continue, labelSelector, fieldSelector with =, ==, !=), create (409
+  AlreadyExists), update (409 Conflict on a stale resourceVersion; 422 without one for leases and
+  PDBs, whose strategies refuse unconditional updates; PUT creates a missing lease), patch
+  (strategic-merge, merge, json-patch; 415 otherwise), delete (DeleteOptions from the body or the
+  query: gracePeriodSeconds, preconditions uid/resourceVersion, propagationPolicy), dryRun=All on
+  every mutation. resourceVersion is one global counter; uid, creationTimestamp, generation filled.
+- Request bodies: JSON, or Kubernetes protobuf for Eviction, DeleteOptions, ConfigMap, Namespace,
+  PodDisruptionBudget and Lease (tests/_protobuf.py). Responses are always JSON.
+- Graceful pod deletion: deletionTimestamp/deletionGracePeriodSeconds, removal after the grace
+  (times ``grace_scale``) by a "kubelet" timer; grace 0, unscheduled pods and terminal pods go at
+  once; a pod annotated ``test.katactl.io/stuck-terminating: "true"`` never goes.
+- Eviction: as pkg/registry/core/pod/storage/eviction.go (terminal/pending/deleting pods skip the
+  PDB check; >1 PDB -> 500; disruptionsAllowed 0 -> 429 DisruptionBudget; observedGeneration
+  behind -> 429 retry-after 10; NotReady pod with a healthy budget or AlwaysAllow -> deleted
+  without decrement; success decrements disruptionsAllowed and records disruptedPods).
+- Disruption controller: PDB status recomputed synchronously after every change, like
+  pkg/controller/disruption (expected count from ReplicaSet replicas for maxUnavailable and
+  percentages; DaemonSet or controller-less pods there -> SyncFailed, 0 allowed).
+- ReplicaSet controller: a deleted (or terminating) pod of a ReplicaSet gets a replacement with a
+  new name/uid, same labels and ownerReference, on the first schedulable Ready node (never a
+  cordoned one) or Pending without nodeName. DaemonSet controller: a removed DaemonSet pod is
+  recreated on the same node.
+- Faults: ``inject``, ``delay``, ``cut``; request log in ``requests``.
+
+Known differences from the real kube-apiserver:
+- No watch (``watch=true`` -> 405), no server-side apply (apply-patch+yaml -> 415), no
+  deletecollection, no openapi (/openapi/* -> 404), no aggregated discovery, no admission
+  plugins or webhooks, no field validation beyond what is listed, no managedFields.
+- Protobuf is accepted only for the kinds above (others -> 415); responses are never protobuf.
+- Table output (``as=Table``) is served for nodes and pods only, with the standard columns;
+  other kinds get a NAME/AGE table; row objects are always the full object.
+- Continue tokens are opaque but not a consistent snapshot: later pages show the current state
+  after the last key (the real server serves the snapshot at the first page's resourceVersion);
+  they never expire (no 410).
+- Strategic merge patch knows only the common list merge keys (containers/volumes/env/ports by
+  name, conditions by type, ownerReferences by uid, finalizers as a set); other lists replace.
+  ``$patch``/``$retainKeys``/``$setElementOrder`` directives are mostly ignored.
+- Validation is minimal: names (DNS subdomain), Lease MicroTime (exactly 6 fractional digits),
+  PDB (minAvailable xor maxUnavailable), DeleteOptions (propagationPolicy value, not with
+  orphanDependents). Other invalid objects are stored.
+- Controllers are synchronous and instant: replacement pods are Running and Ready at once; the
+  ReplicaSet controller never scales down; no scheduler (first schedulable node by name), no
+  taints/affinity/resources in placement. The disruption controller has no 2-minute expiry of
+  disruptedPods (entries go when the pod is gone or terminating).
+- Deleting a ReplicaSet/DaemonSet removes its pods at once unless propagationPolicy=Orphan
+  (the real garbage collector is asynchronous). Namespaces are deleted at once (no Terminating).
+- DELETE answers the object for pods (like the real pod store) and a Success Status otherwise.
+- Authorization is two fixed users, not RBAC; no impersonation, no client certificates.
+- No events are written by the stand-in itself; no leader election; no audit.
 """
 from __future__ import annotations
 
+import base64
+import copy
+import datetime as _dt
+import ipaddress
 import json
+import os
+import random
 import re
+import socket
+import ssl
+import tempfile
 import threading
+import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from tests import _protobuf
+
+STUCK = "test.katactl.io/stuck-terminating"
+MIRROR = "kubernetes.io/config.mirror"
 
 
-def _status(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+# ---------------------------------------------------------------------------------------------
+# resources
+
+
+class Res:
+    def __init__(self, plural, kind, group, version, namespaced, short=(), unconditional=True,
+                 create_on_update=False, subresources=()):
+        self.plural, self.kind, self.group, self.version = plural, kind, group, version
+        self.namespaced, self.short = namespaced, list(short)
+        self.unconditional, self.create_on_update = unconditional, create_on_update
+        self.subresources = subresources
+
+    @property
+    def api_version(self):
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def qualified(self):  # "pods", "leases.coordination.k8s.io"
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+RESOURCES = {r.plural: r for r in [
+    Res("nodes", "Node", "", "v1", False, ["no"], subresources=("status",)),
+    Res("pods", "Pod", "", "v1", True, ["po"], subresources=("status", "eviction")),
+    Res("namespaces", "Namespace", "", "v1", False, ["ns"], subresources=("status",)),
+    Res("configmaps", "ConfigMap", "", "v1", True, ["cm"]),
+    Res("events", "Event", "", "v1", True, ["ev"]),
+    Res("poddisruptionbudgets", "PodDisruptionBudget", "policy", "v1", True, ["pdb"], unconditional=False,
+        subresources=("status",)),
+    Res("daemonsets", "DaemonSet", "apps", "v1", True, ["ds"], subresources=("status",)),
+    Res("replicasets", "ReplicaSet", "apps", "v1", True, ["rs"], subresources=("status",)),
+    Res("leases", "Lease", "coordination.k8s.io", "v1", True, unconditional=False, create_on_update=True),
+    Res("runtimeclasses", "RuntimeClass", "node.k8s.io", "v1", False),
+]}
+BY_KIND = {r.kind: r for r in RESOURCES.values()}
+GROUPS = {"": "v1", "apps": "v1", "policy": "v1", "coordination.k8s.io": "v1", "node.k8s.io": "v1"}
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_MICRO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+
+
+def now_rfc3339(t: float | None = None) -> str:
+    return _dt.datetime.fromtimestamp(time.time() if t is None else t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(s: str) -> float:
+    return _dt.datetime.strptime(s[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=_dt.timezone.utc).timestamp()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+class ApiError(Exception):
+    def __init__(self, code, reason, message, details=None, retry_after=None):
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+        self.details, self.retry_after = details, retry_after
+
+    def status(self) -> dict:
+        s = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message}
+        if self.reason:
+            s["reason"] = self.reason
+        if self.details is not None:
+            s["details"] = self.details
+        s["code"] = self.code
+        return s
+
+
+def _details(res: Res | None, name: str | None, **extra) -> dict:
+    d = {}
+    if name:
+        d["name"] = name
+    if res is not None:
+        if res.group:
+            d["group"] = res.group
+        d["kind"] = res.plural
+    d.update(extra)
+    return d
+
+
+def not_found(res: Res, name: str) -> ApiError:
+    return ApiError(404, "NotFound", f'{res.qualified} "{name}" not found', _details(res, name))
+
+
+def already_exists(res: Res, name: str) -> ApiError:
+    return ApiError(409, "AlreadyExists", f'{res.qualified} "{name}" already exists', _details(res, name))
+
+
+def conflict(res: Res, name: str, why: str) -> ApiError:
+    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.qualified} "{name}": {why}',
+                    _details(res, name))
+
+
+STALE = "the object has been modified; please apply your changes to the latest version and try again"
+
+
+def invalid(res: Res, name: str, field: str, value, why: str) -> ApiError:
+    gk = f"{res.kind}.{res.group}" if res.group else res.kind
+    v = value if isinstance(value, str) and value.startswith("0x") else json.dumps(value)
+    msg = f'{gk} "{name}" is invalid: {field}: Invalid value: {v}: {why}'
+    return ApiError(422, "Invalid", msg, _details(res, name, kind=res.kind, causes=[
+        {"reason": "FieldValueInvalid", "message": f"Invalid value: {v}: {why}", "field": field}]))
+
+
+def bad_request(msg: str) -> ApiError:
+    return ApiError(400, "BadRequest", msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# selectors
 
 
 _REQ = re.compile(r"^\s*(!?)([A-Za-z0-9._/-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*)|\s+(in|notin)\s*\(([^)]*)\))?\s*$")
@@ -67,71 +245,1412 @@ def _split(sel: str):
     return parts
 
 
-class FakeKubeAPI:
-    def __init__(self, nodes: dict[str, dict[str, str]], token: str = "test-token",
-                 pods: dict[tuple[str, str], dict] | None = None):
-        self.nodes = nodes  # name -> labels
-        self.pods = pods or {}  # (namespace, name) -> {"nodeName": ..., "uid": ...}
-        self.token = token
-        self.requests: list[str] = []
+def selector_matches(sel: dict | None, labels: dict) -> bool:
+    """metav1.LabelSelector semantics; None or empty matches nothing here (PDB rule)."""
+    if not sel or (not sel.get("matchLabels") and not sel.get("matchExpressions")):
+        return False
+    for k, v in (sel.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in sel.get("matchExpressions") or []:
+        k, op, vals = e.get("key"), e.get("operator"), e.get("values") or []
+        if op == "In" and labels.get(k) not in vals:
+            return False
+        if op == "NotIn" and k in labels and labels[k] in vals:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return True
+
+
+FIELDS_COMMON = ("metadata.name", "metadata.namespace")
+FIELDS = {
+    "pods": ("spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
+             "spec.hostNetwork", "status.phase", "status.podIP", "status.nominatedNodeName"),
+    "nodes": ("spec.unschedulable",),
+    "events": ("involvedObject.kind", "involvedObject.namespace", "involvedObject.name", "involvedObject.uid",
+               "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath",
+               "reason", "reportingComponent", "source", "type"),
+    "namespaces": ("status.phase",),
+}
+
+
+def _field_value(obj: dict, path: str) -> str:
+    cur = obj
+    for p in path.split("."):
+        cur = cur.get(p) if isinstance(cur, dict) else None
+    if path == "metadata.namespace" and cur is None:
+        return ""
+    if isinstance(cur, bool):
+        return "true" if cur else "false"
+    if path == "spec.hostNetwork" and cur is None:
+        return "false"
+    if path == "spec.unschedulable" and cur is None:
+        return "false"
+    return "" if cur is None else str(cur)
+
+
+def parse_field_selector(res: Res, sel: str):
+    preds = []
+    for part in [p for p in sel.split(",") if p.strip()]:
+        m = re.match(r"^\s*([A-Za-z0-9._]+)\s*(==|=|!=)\s*(.*?)\s*$", part)
+        if not m:
+            raise bad_request(f'invalid selector: \'{sel}\'; can\'t understand \'{part}\'')
+        f, op, v = m.groups()
+        if f not in FIELDS_COMMON + FIELDS.get(res.plural, ()):
+            raise bad_request(f'field label not supported: {f}')
+        preds.append((f, op, v))
+    return lambda o: all((_field_value(o, f) == v) == (op != "!=") for f, op, v in preds)
+
+
+# ---------------------------------------------------------------------------------------------
+# patches
+
+
+MERGE_KEYS = {"containers": "name", "initContainers": "name", "ephemeralContainers": "name", "volumes": "name",
+              "env": "name", "ports": "containerPort", "volumeMounts": "mountPath", "conditions": "type",
+              "ownerReferences": "uid", "imagePullSecrets": "name", "containerStatuses": "name",
+              "addresses": "type"}
+SET_LISTS = {"finalizers"}
+
+
+def merge_patch(target, patch):
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if not isinstance(target, dict):
+        target = {}
+    out = dict(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+def strategic_merge_patch(target, patch, key=None):
+    if not isinstance(patch, dict):
+        if isinstance(patch, list) and isinstance(target, list):
+            return _smp_list(target, patch, key)
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {k: v for k, v in patch.items() if k != "$patch"}
+    if patch.get("$patch") == "delete":
+        return None
+    if not isinstance(target, dict):
+        target = {}
+    out = dict(target)
+    for k, v in patch.items():
+        if k.startswith("$"):
+            continue
+        if k.startswith("$setElementOrder/") or k.startswith("$deleteFromPrimitiveList/"):
+            continue
+        if v is None:
+            out.pop(k, None)
+        else:
+            r = strategic_merge_patch(out.get(k), v, k)
+            if r is None:
+                out.pop(k, None)
+            else:
+                out[k] = r
+    for k, v in patch.items():
+        if k.startswith("$deleteFromPrimitiveList/"):
+            name = k.split("/", 1)[1]
+            out[name] = [x for x in out.get(name) or [] if x not in v]
+    return out
+
+
+def _smp_list(target, patch, key):
+    if key in SET_LISTS:
+        return list(target) + [x for x in patch if x not in target]
+    mk = MERGE_KEYS.get(key)
+    if not mk or not all(isinstance(x, dict) for x in patch):
+        return copy.deepcopy(patch)
+    out = [copy.deepcopy(x) for x in target]
+    for item in patch:
+        if item.get("$patch") == "replace":
+            return [{k: v for k, v in i.items() if k != "$patch"} for i in patch]
+        idx = next((i for i, x in enumerate(out) if x.get(mk) == item.get(mk)), None)
+        if item.get("$patch") == "delete":
+            if idx is not None:
+                out.pop(idx)
+        elif idx is None:
+            out.append({k: v for k, v in item.items() if not k.startswith("$")})
+        else:
+            out[idx] = strategic_merge_patch(out[idx], item)
+    return out
+
+
+def _ptr(doc, path):
+    if path == "":
+        return None, None
+    if not path.startswith("/"):
+        raise ValueError(f"invalid JSON pointer {path!r}")
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+    cur = doc
+    for p in parts[:-1]:
+        if isinstance(cur, list):
+            cur = cur[int(p)]
+        elif isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        else:
+            raise KeyError(path)
+    return cur, parts[-1]
+
+
+def json_patch(doc, ops):
+    if not isinstance(ops, list):
+        raise ValueError("a json patch must be a list of operations")
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        if not isinstance(op, dict) or "op" not in op or "path" not in op:
+            raise ValueError(f"invalid operation {op!r}")
+        kind, path = op["op"], op["path"]
+        if kind in ("add", "replace", "test") and "value" not in op:
+            raise ValueError(f'operation "{kind}" needs a value')
+        if kind == "test":
+            par, last = _ptr(doc, path)
+            cur = par[int(last)] if isinstance(par, list) else par[last]
+            if cur != op["value"]:
+                raise AssertionError(f"testing value {path} failed")
+            continue
+        if kind in ("move", "copy"):
+            fpar, flast = _ptr(doc, op["from"])
+            val = fpar[int(flast)] if isinstance(fpar, list) else fpar[flast]
+            if kind == "move":
+                if isinstance(fpar, list):
+                    fpar.pop(int(flast))
+                else:
+                    del fpar[flast]
+            kind, op = "add", {"value": copy.deepcopy(val)}
+        par, last = _ptr(doc, path)
+        if kind == "remove":
+            if isinstance(par, list):
+                par.pop(int(last))
+            else:
+                del par[last]
+        elif kind in ("add", "replace"):
+            if par is None:
+                doc = copy.deepcopy(op["value"])
+            elif isinstance(par, list):
+                if kind == "add":
+                    par.insert(len(par) if last == "-" else int(last), copy.deepcopy(op["value"]))
+                else:
+                    par[int(last)] = copy.deepcopy(op["value"])
+            else:
+                if kind == "replace" and last not in par:
+                    raise KeyError(path)
+                par[last] = copy.deepcopy(op["value"])
+        else:
+            raise ValueError(f"unknown op {kind!r}")
+    return doc
+
+
+PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json")
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+_TLS_CACHE: dict = {}
+
+
+def _tls_material():
+    """(ca_pem, cert_pem, key_pem), made once per process."""
+    if _TLS_CACHE:
+        return _TLS_CACHE["m"]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = _dt.datetime.now(_dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "katactl-test-kube-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(hours=1))
+          .not_valid_after(now + _dt.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(hours=1)).not_valid_after(now + _dt.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    m = (ca.public_bytes(pem), cert.public_bytes(pem),
+         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _TLS_CACHE["m"] = m
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# the server
+
+
+class _Cut(Exception):
+    pass
+
+
+class KubeStandIn:
+    """See the module docstring. Thread-safe; one lock around the store."""
+
+    def __init__(self, tokens: dict[str, str] | None = None, grace_scale: float = 1.0):
+        self.tokens = tokens or {"admin": "admin-token", "readonly": "readonly-token"}
+        self.default_grace_scale = grace_scale
+        self.grace_scale = grace_scale
+        self.pdb_controller_paused = False
+        self._lock = threading.RLock()
+        self._rv = 0
+        self._gen = 0  # bumps on reset(): stale kubelet timers do nothing
+        self.store: dict[tuple[str, str, str], dict] = {}
+        self.requests: list[dict] = []
+        self._faults: list[dict] = []
+        self._rng = random.Random(0)
+        self._timers: list[threading.Timer] = []
+        ca, cert, key = _tls_material()
+        self._dir = tempfile.mkdtemp(prefix="kubestandin-")
+        self.ca_path = os.path.join(self._dir, "ca.crt")
+        Path(self.ca_path).write_bytes(ca)
+        Path(self._dir, "tls.crt").write_bytes(cert)
+        Path(self._dir, "tls.key").write_bytes(key)
+        self.ca_pem = ca
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(os.path.join(self._dir, "tls.crt"), os.path.join(self._dir, "tls.key"))
+        ctx.set_alpn_protocols(["http/1.1"])
+        self._ssl = ctx
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
 
-            def _send(self, code, body):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            def get_request(self):
+                sock, addr = self.socket.accept()
+                return ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 
-            def do_GET(self):
-                outer.requests.append(self.path)
-                if self.headers.get("Authorization") != f"Bearer {outer.token}":
-                    return self._send(401, _status(401, "Unauthorized", "Unauthorized"))
-                u = urlparse(self.path)
-                m = re.match(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$", u.path)
-                if m:
-                    pod = outer.pods.get((m.group(1), m.group(2)))
-                    if pod is None:
-                        return self._send(404, _status(404, "NotFound", f'pods "{m.group(2)}" not found'))
-                    return self._send(200, {"kind": "Pod", "apiVersion": "v1",
-                                            "metadata": {"name": m.group(2), "namespace": m.group(1), "uid": pod["uid"]},
-                                            "spec": {"nodeName": pod.get("nodeName"), "runtimeClassName": "kata"},
-                                            "status": {"phase": "Running"}})
-                if u.path != "/api/v1/nodes":
-                    return self._send(404, _status(404, "NotFound", "the server could not find the requested resource"))
-                q = parse_qs(u.query)
-                try:
-                    preds = parse_selector(q.get("labelSelector", [""])[0])
-                except ValueError as e:
-                    return self._send(400, _status(400, "BadRequest", str(e)))
-                names = sorted(n for n, l in outer.nodes.items() if all(p(l) for p in preds))
-                start = int(q.get("continue", ["0"])[0])
-                limit = int(q.get("limit", ["0"])[0]) or len(names)
-                page = names[start:start + limit]
-                meta = {"resourceVersion": "1"}
-                if start + limit < len(names):
-                    meta["continue"] = str(start + limit)
-                self._send(200, {"kind": "NodeList", "apiVersion": "v1", "metadata": meta,
-                                 "items": [{"metadata": {"name": n, "labels": outer.nodes[n]}} for n in page]})
+        class Handler(_Handler):
+            srv = outer
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+        self._seed_defaults()
 
-    def kubeconfig(self, path, token=None) -> str:
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "lab",
-            "clusters": [{"name": "lab", "cluster": {"server": self.url}}],
-            "users": [{"name": "sre", "user": {"token": token or self.token}}],
-            "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "sre"}}],
-        }))
-        return str(path)
+    # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self):
+        for t in self._timers:
+            t.cancel()
         self.server.shutdown()
         self.server.server_close()
+
+    def reset(self):
+        """Empty store (but the default namespaces), no faults, empty request log, default knobs."""
+        with self._lock:
+            self._gen += 1
+            for t in self._timers:
+                t.cancel()
+            self._timers = []
+            self.store.clear()
+            self.requests.clear()
+            self._faults.clear()
+            self.grace_scale = self.default_grace_scale
+            self.pdb_controller_paused = False
+            self._rng = random.Random(0)
+            self._seed_defaults()
+
+    def _seed_defaults(self):
+        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
+            self.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
+                      "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+
+    def kubeconfig(self, path, user: str = "admin", namespace: str | None = None, token: str | None = None) -> str:
+        """Write a kubeconfig (JSON, which is YAML too) for ``user``; ``token`` overrides its token."""
+        ctx = {"cluster": "standin", "user": user}
+        if namespace:
+            ctx["namespace"] = namespace
+        Path(path).write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "standin", "preferences": {},
+            "clusters": [{"name": "standin", "cluster": {
+                "server": self.url, "certificate-authority-data": base64.b64encode(self.ca_pem).decode()}}],
+            "users": [{"name": user, "user": {"token": token if token is not None else self.tokens.get(user, "")}}],
+            "contexts": [{"name": "standin", "context": ctx}],
+        }, indent=1))
+        return str(path)
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def inject(self, method: str | None, path_regex: str, status: int = 503, times: int = 1,
+               retry_after: int | None = None, body=None):
+        """The next ``times`` requests matching (method or None for any, regex searched in the path
+        with its query) are answered with ``status`` (a Status object unless ``body`` is given)."""
+        with self._lock:
+            self._faults.append({"type": "status", "method": method, "re": re.compile(path_regex), "times": times,
+                                 "status": status, "retry_after": retry_after, "body": body})
+
+    def delay(self, path_regex: str, seconds: float, times: int | None = None, method: str | None = None):
+        with self._lock:
+            self._faults.append({"type": "delay", "method": method, "re": re.compile(path_regex), "times": times,
+                                 "seconds": seconds})
+
+    def cut(self, path_regex: str, times: int = 1, method: str | None = None):
+        """Close the connection after sending the headers and half the body."""
+        with self._lock:
+            self._faults.append({"type": "cut", "method": method, "re": re.compile(path_regex), "times": times})
+
+    def _take_faults(self, method: str, path: str) -> list[dict]:
+        out = []
+        with self._lock:
+            for f in self._faults:
+                if f["times"] is not None and f["times"] <= 0:
+                    continue
+                if f["method"] and f["method"].upper() != method:
+                    continue
+                if not f["re"].search(path):
+                    continue
+                if f["times"] is not None:
+                    f["times"] -= 1
+                out.append(f)
+        return out
+
+    # -- store primitives ---------------------------------------------------------------------
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    @staticmethod
+    def _key(res: Res, ns, name):
+        return (res.plural, ns or "" if res.namespaced else "", name)
+
+    def _stamp_new(self, res: Res, obj: dict) -> dict:
+        obj["apiVersion"], obj["kind"] = res.api_version, res.kind
+        md = obj.setdefault("metadata", {})
+        md["uid"] = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+        md["creationTimestamp"] = now_rfc3339()
+        md["resourceVersion"] = self._next_rv()
+        for k in ("deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"):
+            md.pop(k, None)
+        if res.plural in ("poddisruptionbudgets", "daemonsets", "replicasets"):
+            md["generation"] = 1
+        return obj
+
+    # -- seeding helpers (public API for other tests) -----------------------------------------
+
+    def add(self, obj: dict) -> dict:
+        """Store any object as-is (status included), filling uid/resourceVersion/creationTimestamp
+        and namespace "default" for namespaced kinds; returns a copy of the stored object."""
+        obj = copy.deepcopy(obj)
+        res = BY_KIND[obj["kind"]]
+        with self._lock:
+            md = obj.setdefault("metadata", {})
+            if res.namespaced:
+                md.setdefault("namespace", "default")
+            else:
+                md.pop("namespace", None)
+            keep = {k: md[k] for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+                                       "generation") if k in md}
+            self._stamp_new(res, obj)
+            md.update(keep)
+            if res.plural == "poddisruptionbudgets":
+                md.setdefault("generation", 1)
+            if res.namespaced and md["namespace"] not in {k[2] for k in self.store if k[0] == "namespaces"}:
+                self.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": md["namespace"]},
+                          "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+            self.store[self._key(res, md.get("namespace"), md["name"])] = obj
+            self._sync_pdbs()
+            return copy.deepcopy(self.store[self._key(res, md.get("namespace"), md["name"])])
+
+    def get_obj(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        res = BY_KIND.get(kind) or RESOURCES[kind]
+        with self._lock:
+            o = self.store.get(self._key(res, namespace or ("default" if res.namespaced else ""), name))
+            return copy.deepcopy(o)
+
+    def list_objs(self, kind: str, namespace: str | None = None) -> list[dict]:
+        res = BY_KIND.get(kind) or RESOURCES[kind]
+        with self._lock:
+            return [copy.deepcopy(o) for k, o in sorted(self.store.items())
+                    if k[0] == res.plural and (namespace is None or k[1] == namespace)]
+
+    def add_node(self, name, labels=None, unschedulable=False, ready=True, annotations=None, taints=None,
+                 kubelet_version="v1.33.1", kernel="6.1.0-28-amd64", runtime="containerd://1.7.24",
+                 internal_ip=None) -> dict:
+        idx = sum(1 for k in self.store if k[0] == "nodes")
+        lab = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+               "beta.kubernetes.io/os": "linux", "beta.kubernetes.io/arch": "amd64"}
+        lab.update(labels or {})
+        spec: dict = {"podCIDR": f"10.244.{idx % 256}.0/24"}
+        if unschedulable:
+            spec["unschedulable"] = True
+        taints = list(taints or [])
+        if unschedulable and not any(t.get("key") == "node.kubernetes.io/unschedulable" for t in taints):
+            taints.append({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule",
+                           "timeAdded": now_rfc3339()})
+        if taints:
+            spec["taints"] = taints
+        ts = now_rfc3339()
+        return self.add({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": lab, "annotations": dict(annotations or {})},
+            "spec": spec,
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True" if ready else "Unknown",
+                                "reason": "KubeletReady" if ready else "NodeStatusUnknown",
+                                "message": "kubelet is posting ready status" if ready
+                                else "Kubelet stopped posting node status.",
+                                "lastHeartbeatTime": ts, "lastTransitionTime": ts}],
+                "addresses": [{"type": "InternalIP", "address": internal_ip or f"10.0.{idx // 250}.{idx % 250 + 1}"},
+                              {"type": "Hostname", "address": name}],
+                "capacity": {"cpu": "8", "memory": "32863128Ki", "pods": "110"},
+                "allocatable": {"cpu": "7910m", "memory": "31711128Ki", "pods": "110"},
+                "nodeInfo": {"kubeletVersion": kubelet_version, "kubeProxyVersion": kubelet_version,
+                             "kernelVersion": kernel, "containerRuntimeVersion": runtime,
+                             "osImage": "Debian GNU/Linux 12 (bookworm)", "operatingSystem": "linux",
+                             "architecture": "amd64", "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, name).hex,
+                             "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
+                             "bootID": str(uuid.uuid5(uuid.NAMESPACE_OID, name))}}})
+
+    def add_pod(self, name, namespace="default", node=None, labels=None, owner=None, runtime_class=None,
+                overhead=None, empty_dir=False, phase="Running", ready=True, mirror=False, annotations=None) -> dict:
+        ann = dict(annotations or {})
+        md: dict = {"name": name, "namespace": namespace, "labels": dict(labels or {}), "annotations": ann}
+        if mirror:
+            ann.setdefault(MIRROR, uuid.uuid5(uuid.NAMESPACE_DNS, f"{namespace}/{name}").hex)
+            ann.setdefault("kubernetes.io/config.source", "file")
+            if node:
+                md["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node, "controller": True,
+                                          "uid": (self.get_obj("Node", node) or {}).get("metadata", {}).get("uid", "")}]
+        if owner:
+            okind, oname = owner
+            o = self.get_obj(okind, oname, namespace)
+            md["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": okind, "name": oname, "controller": True,
+                                      "blockOwnerDeletion": True,
+                                      "uid": (o or {}).get("metadata", {}).get("uid") or str(uuid.uuid4())}]
+        spec: dict = {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10",
+                                      "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}],
+                      "restartPolicy": "Always", "terminationGracePeriodSeconds": 30, "schedulerName": "default-scheduler",
+                      "serviceAccountName": "default", "dnsPolicy": "ClusterFirst",
+                      "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                                       "effect": "NoExecute", "tolerationSeconds": 300}]}
+        if node:
+            spec["nodeName"] = node
+        if runtime_class:
+            spec["runtimeClassName"] = runtime_class
+        if overhead:
+            spec["overhead"] = dict(overhead)
+        if empty_dir:
+            spec["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+            spec["containers"][0]["volumeMounts"] = [{"name": "scratch", "mountPath": "/scratch"}]
+        return self.add({"apiVersion": "v1", "kind": "Pod", "metadata": md, "spec": spec,
+                         "status": self._pod_status(phase, ready, node)})
+
+    @staticmethod
+    def _pod_status(phase, ready, node):
+        ts = now_rfc3339()
+        st: dict = {"phase": phase, "qosClass": "Burstable"}
+        if node and phase != "Pending":
+            st["hostIP"] = "10.0.0.1"
+            st["podIP"] = f"10.244.0.{random.randint(2, 250)}"
+            st["startTime"] = ts
+        r = "True" if (ready and phase == "Running") else "False"
+        st["conditions"] = [{"type": "PodScheduled", "status": "True" if node else "False", "lastTransitionTime": ts},
+                            {"type": "Ready", "status": r, "lastTransitionTime": ts},
+                            {"type": "ContainersReady", "status": r, "lastTransitionTime": ts}]
+        if phase in ("Running", "Succeeded", "Failed"):
+            state = ({"running": {"startedAt": ts}} if phase == "Running" else
+                     {"terminated": {"exitCode": 0 if phase == "Succeeded" else 1,
+                                     "reason": "Completed" if phase == "Succeeded" else "Error"}})
+            st["containerStatuses"] = [{"name": "main", "ready": r == "True", "restartCount": 0, "state": state,
+                                        "image": "registry.k8s.io/pause:3.10", "started": phase == "Running"}]
+        return st
+
+    def add_replicaset(self, name, namespace, replicas, labels) -> dict:
+        return self.add({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+                         "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
+                                  "template": {"metadata": {"labels": dict(labels)},
+                                               "spec": {"containers": [{"name": "main",
+                                                                        "image": "registry.k8s.io/pause:3.10"}]}}},
+                         "status": {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+                                    "fullyLabeledReplicas": replicas, "observedGeneration": 1}})
+
+    def add_daemonset(self, name, namespace, labels) -> dict:
+        return self.add({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+                         "spec": {"selector": {"matchLabels": dict(labels)},
+                                  "template": {"metadata": {"labels": dict(labels)},
+                                               "spec": {"containers": [{"name": "main",
+                                                                        "image": "registry.k8s.io/pause:3.10"}]}},
+                                  "updateStrategy": {"type": "RollingUpdate"}},
+                         "status": {"observedGeneration": 1}})
+
+    def add_pdb(self, name, namespace, selector: dict, min_available=None, max_unavailable=None) -> dict:
+        spec: dict = {"selector": {"matchLabels": dict(selector)} if "matchLabels" not in selector
+                      and "matchExpressions" not in selector else copy.deepcopy(selector)}
+        if min_available is not None:
+            spec["minAvailable"] = min_available
+        if max_unavailable is not None:
+            spec["maxUnavailable"] = max_unavailable
+        return self.add({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                         "metadata": {"name": name, "namespace": namespace, "generation": 1}, "spec": spec})
+
+    def add_runtimeclass(self, name, handler, overhead=None) -> dict:
+        o: dict = {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": name},
+                   "handler": handler}
+        if overhead:
+            o["overhead"] = {"podFixed": dict(overhead)}
+        return self.add(o)
+
+    def seed_twin_nodes(self, seed: int, names=("twin-a", "twin-b")) -> dict:
+        """The same deterministic mix of pods on every named node (nodes created if missing).
+
+        Per node N (``k`` = 1..3 drawn from ``seed``, equal for every twin):
+        - ns "apps": ReplicaSet web-N (k+1 replicas, all on N; evictable);
+          ReplicaSet cache-N (1 pod with emptyDir: needs --delete-emptydir-data);
+          ReplicaSet kata-N (1 Kata pod: runtimeClassName "kata" + overhead);
+          a Succeeded pod done-N (no controller, terminal: always fine).
+        - ns "default": an unreplicated pod lonely-N (needs --force).
+        - ns "kube-system": DaemonSet node-agent's pod node-agent-N; mirror pod kube-proxy-N.
+        - ns "guarded-N": ReplicaSet db-N with 2 pods on N and PDB db-N minAvailable 2 (0 allowed).
+        Plus RuntimeClass "kata" (handler kata, overhead 250m/160Mi) and DaemonSet kube-system/node-agent.
+        Returns {node: {"evictable": [...], "daemonset": [...], "mirror": [...], "blocked": [...],
+        "emptydir": [...], "unreplicated": [...], "terminal": [...], "kata": [...]}} with "ns/name" entries.
+        """
+        overhead = {"cpu": "250m", "memory": "160Mi"}
+        out = {}
+        with self._lock:
+            if not self.get_obj("RuntimeClass", "kata"):
+                self.add_runtimeclass("kata", "kata", overhead)
+            if not self.get_obj("DaemonSet", "node-agent", "kube-system"):
+                self.add_daemonset("node-agent", "kube-system", {"app": "node-agent"})
+            for n in names:
+                rng = random.Random(seed)
+                k = rng.randint(1, 3)
+                sfx = "".join(rng.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+                if not self.get_obj("Node", n):
+                    self.add_node(n)
+                d: dict = {key: [] for key in ("evictable", "daemonset", "mirror", "blocked", "emptydir",
+                                               "unreplicated", "terminal", "kata")}
+                web = {"app": f"web-{n}"}
+                self.add_replicaset(f"web-{n}", "apps", k + 1, web)
+                for i in range(k + 1):
+                    self.add_pod(f"web-{n}-{sfx}{i}", "apps", n, web, owner=("ReplicaSet", f"web-{n}"))
+                    d["evictable"].append(f"apps/web-{n}-{sfx}{i}")
+                self.add_replicaset(f"cache-{n}", "apps", 1, {"app": f"cache-{n}"})
+                self.add_pod(f"cache-{n}-{sfx}", "apps", n, {"app": f"cache-{n}"}, owner=("ReplicaSet", f"cache-{n}"),
+                             empty_dir=True)
+                d["emptydir"].append(f"apps/cache-{n}-{sfx}")
+                self.add_replicaset(f"kata-{n}", "apps", 1, {"app": f"kata-{n}"})
+                self.add_pod(f"kata-{n}-{sfx}", "apps", n, {"app": f"kata-{n}"}, owner=("ReplicaSet", f"kata-{n}"),
+                             runtime_class="kata", overhead=overhead)
+                d["kata"].append(f"apps/kata-{n}-{sfx}")
+                self.add_pod(f"done-{n}", "apps", n, {"app": "batch"}, phase="Succeeded", ready=False)
+                d["terminal"].append(f"apps/done-{n}")
+                self.add_pod(f"lonely-{n}", "default", n, {"app": "lonely"})
+                d["unreplicated"].append(f"default/lonely-{n}")
+                self.add_pod(f"node-agent-{n}", "kube-system", n, {"app": "node-agent"},
+                             owner=("DaemonSet", "node-agent"))
+                d["daemonset"].append(f"kube-system/node-agent-{n}")
+                self.add_pod(f"kube-proxy-{n}", "kube-system", n, {"component": "kube-proxy"}, mirror=True)
+                d["mirror"].append(f"kube-system/kube-proxy-{n}")
+                g = f"guarded-{n}"
+                self.add_replicaset(f"db-{n}", g, 2, {"app": "db"})
+                for i in range(2):
+                    self.add_pod(f"db-{n}-{sfx}{i}", g, n, {"app": "db"}, owner=("ReplicaSet", f"db-{n}"))
+                    d["blocked"].append(f"{g}/db-{n}-{sfx}{i}")
+                self.add_pdb(f"db-{n}", g, {"app": "db"}, min_available=2)
+                out[n] = d
+        return out
+
+    # -- controllers --------------------------------------------------------------------------
+
+    def _pods(self, ns=None):
+        return [o for k, o in self.store.items() if k[0] == "pods" and (ns is None or k[1] == ns)]
+
+    @staticmethod
+    def _ready(pod) -> bool:
+        return any(c.get("type") == "Ready" and c.get("status") == "True"
+                   for c in (pod.get("status") or {}).get("conditions") or [])
+
+    @staticmethod
+    def _controller_ref(obj):
+        return next((r for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")), None)
+
+    def pdb_status(self, pdb: dict) -> dict:
+        """The disruption controller's view of ``pdb`` (pkg/controller/disruption)."""
+        ns = pdb["metadata"]["namespace"]
+        spec = pdb.get("spec") or {}
+        old = pdb.get("status") or {}
+        pods = [p for p in self._pods(ns) if selector_matches(spec.get("selector"), p["metadata"].get("labels") or {})]
+        disrupted = {k: v for k, v in (old.get("disruptedPods") or {}).items()
+                     if any(p["metadata"]["name"] == k and not p["metadata"].get("deletionTimestamp") for p in pods)}
+        failed = None
+        expected = desired = 0
+
+        def scale():
+            total, seen = 0, set()
+            for p in pods:
+                ref = self._controller_ref(p)
+                if not ref:
+                    continue  # unmanaged pods are ignored (an event is recorded upstream)
+                if ref.get("kind") != "ReplicaSet":
+                    raise ValueError(f"found no controllers for pod {p['metadata']['name']!r}")
+                if ref.get("uid") in seen:
+                    continue
+                seen.add(ref.get("uid"))
+                rs = self.store.get(("replicasets", ns, ref.get("name")))
+                if not rs:
+                    raise ValueError(f"found no controllers for pod {p['metadata']['name']!r}")
+                total += int((rs.get("spec") or {}).get("replicas", 1))
+            return total
+
+        def scaled(v, total):
+            if isinstance(v, int):
+                return v
+            m = re.fullmatch(r"(\d+)%", str(v))
+            if not m:
+                raise ValueError(f"invalid value for IntOrString: invalid value {v!r}")
+            return -(-int(m.group(1)) * total // 100)  # round up
+
+        try:
+            if spec.get("maxUnavailable") is not None:
+                expected = scale()
+                desired = max(0, expected - scaled(spec["maxUnavailable"], expected))
+            elif spec.get("minAvailable") is not None:
+                if isinstance(spec["minAvailable"], int):
+                    desired, expected = spec["minAvailable"], len(pods)
+                else:
+                    expected = scale()
+                    desired = scaled(spec["minAvailable"], expected)
+        except ValueError as e:
+            failed = str(e)
+        healthy = sum(1 for p in pods if not p["metadata"].get("deletionTimestamp")
+                      and p["metadata"]["name"] not in disrupted and self._ready(p))
+        allowed = healthy - desired
+        if failed or expected <= 0 or allowed <= 0:
+            allowed = 0
+        st = {"observedGeneration": pdb["metadata"].get("generation", 1), "disruptionsAllowed": allowed,
+              "currentHealthy": 0 if failed else healthy, "desiredHealthy": 0 if failed else desired,
+              "expectedPods": 0 if failed else expected}
+        if disrupted:
+            st["disruptedPods"] = disrupted
+        ts = now_rfc3339()
+        if failed:
+            cond = {"type": "DisruptionAllowed", "status": "False", "reason": "SyncFailed", "message": failed}
+        elif allowed > 0:
+            cond = {"type": "DisruptionAllowed", "status": "True", "reason": "SufficientPods", "message": ""}
+        else:
+            cond = {"type": "DisruptionAllowed", "status": "False", "reason": "InsufficientPods", "message": ""}
+        oldc = next((c for c in old.get("conditions") or [] if c.get("type") == "DisruptionAllowed"), None)
+        cond["lastTransitionTime"] = oldc["lastTransitionTime"] if oldc and oldc.get("status") == cond["status"] else ts
+        cond["observedGeneration"] = st["observedGeneration"]
+        st["conditions"] = [cond]
+        return st
+
+    def _sync_pdbs(self):
+        if self.pdb_controller_paused:
+            return
+        for k, pdb in list(self.store.items()):
+            if k[0] != "poddisruptionbudgets":
+                continue
+            st = self.pdb_status(pdb)
+            old = dict(pdb.get("status") or {})
+            if {a: b for a, b in old.items() if a != "conditions"} != {a: b for a, b in st.items() if a != "conditions"}:
+                pdb["status"] = st
+                pdb["metadata"]["resourceVersion"] = self._next_rv()
+
+    def _pod_gone_or_terminating(self, pod: dict, removed: bool):
+        """ReplicaSet/DaemonSet controllers react to one of their pods going away."""
+        ref = self._controller_ref(pod)
+        if not ref:
+            return
+        ns = pod["metadata"]["namespace"]
+        if ref.get("kind") == "ReplicaSet":
+            rs = self.store.get(("replicasets", ns, ref.get("name")))
+            if not rs or rs["metadata"].get("uid") != ref.get("uid"):
+                return
+            active = [p for p in self._pods(ns) if (self._controller_ref(p) or {}).get("uid") == ref["uid"]
+                      and not p["metadata"].get("deletionTimestamp")
+                      and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+            if len(active) >= int((rs.get("spec") or {}).get("replicas", 1)):
+                return
+            node = next((n["metadata"]["name"] for k, n in sorted(self.store.items()) if k[0] == "nodes"
+                         and not (n.get("spec") or {}).get("unschedulable") and self._ready(n)), None)
+            self._spawn(rs, pod, node)
+        elif ref.get("kind") == "DaemonSet" and removed:
+            ds = self.store.get(("daemonsets", ns, ref.get("name")))
+            node = (pod.get("spec") or {}).get("nodeName")
+            if not ds or ds["metadata"].get("uid") != ref.get("uid") or not node or ("nodes", "", node) not in self.store:
+                return
+            self._spawn(ds, pod, node)
+
+    def _spawn(self, owner: dict, old: dict, node: str | None):
+        ns = owner["metadata"]["namespace"]
+        base = owner["metadata"]["name"]
+        while True:
+            name = f"{base}-" + "".join(self._rng.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+            if ("pods", ns, name) not in self.store:
+                break
+        pod = copy.deepcopy(old)
+        md = pod["metadata"]
+        for k in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "uid", "creationTimestamp"):
+            md.pop(k, None)
+        md["name"], md["generateName"] = name, f"{base}-"
+        md["labels"] = dict(((owner.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels")
+                            or md.get("labels") or {})
+        (md.get("annotations") or {}).pop(STUCK, None)
+        spec = pod.setdefault("spec", {})
+        if node:
+            spec["nodeName"] = node
+            pod["status"] = self._pod_status("Running", True, node)
+        else:
+            spec.pop("nodeName", None)
+            pod["status"] = self._pod_status("Pending", False, None)
+        self._stamp_new(RESOURCES["pods"], pod)
+        self.store[("pods", ns, name)] = pod
+
+    # -- pod deletion (kubelet) ---------------------------------------------------------------
+
+    def _remove(self, res: Res, key, obj, cascade=True):
+        self.store.pop(key, None)
+        self._next_rv()
+        if res.plural == "pods":
+            self._pod_gone_or_terminating(obj, removed=True)
+        elif res.plural in ("replicasets", "daemonsets") and cascade:
+            uid = obj["metadata"]["uid"]
+            for k, p in list(self.store.items()):
+                if k[0] == "pods" and (self._controller_ref(p) or {}).get("uid") == uid:
+                    self.store.pop(k, None)
+        elif res.plural == "namespaces":
+            for k in [k for k in self.store if k[1] == key[2] and RESOURCES[k[0]].namespaced]:
+                self.store.pop(k, None)
+        self._sync_pdbs()
+
+    def _kubelet_finish(self, gen, key, uid):
+        with self._lock:
+            if gen != self._gen:
+                return
+            pod = self.store.get(key)
+            if pod is None or pod["metadata"].get("uid") != uid:
+                return
+            self._remove(RESOURCES["pods"], key, pod)
+
+    def _schedule_finish(self, key, pod, grace):
+        if (pod["metadata"].get("annotations") or {}).get(STUCK) == "true":
+            return
+        t = threading.Timer(max(0.0, grace * self.grace_scale), self._kubelet_finish,
+                            (self._gen, key, pod["metadata"]["uid"]))
+        t.daemon = True
+        self._timers.append(t)
+        t.start()
+
+    def _delete(self, res: Res, ns, name, opts: dict, dry: bool):
+        key = self._key(res, ns, name)
+        obj = self.store.get(key)
+        if obj is None:
+            raise not_found(res, name)
+        pre = opts.get("preconditions") or {}
+        if pre.get("uid") and pre["uid"] != obj["metadata"].get("uid"):
+            raise conflict(res, name, f"Precondition failed: UID in precondition: {pre['uid']}, "
+                                      f"UID in object meta: {obj['metadata'].get('uid')}")
+        if pre.get("resourceVersion") and pre["resourceVersion"] != obj["metadata"].get("resourceVersion"):
+            raise conflict(res, name, f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
+                                      f"ResourceVersion in object meta: {obj['metadata'].get('resourceVersion')}")
+        pp = opts.get("propagationPolicy")
+        if pp is not None and pp not in ("Orphan", "Background", "Foreground"):
+            raise ApiError(422, "Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Unsupported value: '
+                                           f'"{pp}": supported values: "Foreground", "Background", "Orphan", "nil"',
+                           {"group": "meta.k8s.io", "kind": "DeleteOptions"})
+        if pp is not None and opts.get("orphanDependents") is not None:
+            raise ApiError(422, "Invalid", 'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Invalid value: '
+                                           f'"{pp}": orphanDependents and deletionPropagation cannot be both set',
+                           {"group": "meta.k8s.io", "kind": "DeleteOptions"})
+        gps = opts.get("gracePeriodSeconds")
+        if gps is not None and gps < 0:
+            gps = None if res.plural != "pods" else 1
+        if res.plural != "pods":
+            if not dry:
+                self._remove(res, key, obj, cascade=(pp or ("Orphan" if opts.get("orphanDependents") else "Background"))
+                             != "Orphan")
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                         "details": _details(res, name, uid=obj["metadata"].get("uid"))}
+        spec, st, md = obj.get("spec") or {}, obj.get("status") or {}, obj["metadata"]
+        grace = gps if gps is not None else int(spec.get("terminationGracePeriodSeconds", 30))
+        if not spec.get("nodeName") or st.get("phase") in ("Succeeded", "Failed"):
+            grace = 0  # pod strategy: unscheduled or terminal pods go at once
+        if md.get("deletionTimestamp") and md.get("deletionGracePeriodSeconds") is not None:
+            grace = min(grace, md["deletionGracePeriodSeconds"])  # may only shorten
+        out = copy.deepcopy(obj)
+        if grace == 0:
+            if not dry:
+                self._remove(res, key, obj)
+            out["metadata"]["deletionTimestamp"] = out["metadata"].get("deletionTimestamp") or now_rfc3339()
+            out["metadata"]["deletionGracePeriodSeconds"] = 0
+            return 200, out
+        if dry:
+            out["metadata"]["deletionTimestamp"] = now_rfc3339(time.time() + grace)
+            out["metadata"]["deletionGracePeriodSeconds"] = grace
+            return 200, out
+        first = not md.get("deletionTimestamp")
+        md["deletionTimestamp"] = now_rfc3339(time.time() + grace)
+        md["deletionGracePeriodSeconds"] = grace
+        md["resourceVersion"] = self._next_rv()
+        self._schedule_finish(key, obj, grace)
+        if first:
+            self._pod_gone_or_terminating(obj, removed=False)
+        self._sync_pdbs()
+        return 200, copy.deepcopy(obj)
+
+    # -- eviction -----------------------------------------------------------------------------
+
+    def _evict(self, ns, name, ev: dict, query_dry: bool):
+        pods = RESOURCES["pods"]
+        if (ev.get("metadata") or {}).get("name") != name:
+            raise bad_request("name in URL does not match name in Eviction object")
+        opts = dict(ev.get("deleteOptions") or {})
+        body_dry = opts.get("dryRun") or []
+        if query_dry and body_dry and body_dry != ["All"]:
+            raise bad_request(f"Non-matching dry-run options in request and content: [All] and {body_dry}")
+        dry = query_dry or body_dry == ["All"]
+        pod = self.store.get(("pods", ns, name))
+        if pod is None:
+            raise not_found(pods, name)
+        md, st = pod["metadata"], pod.get("status") or {}
+        if st.get("phase") in ("Succeeded", "Failed", "Pending") or md.get("deletionTimestamp"):
+            self._delete(pods, ns, name, opts, dry)
+            return 201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+        pdbs = [p for k, p in sorted(self.store.items()) if k[0] == "poddisruptionbudgets" and k[1] == ns
+                and selector_matches((p.get("spec") or {}).get("selector"), md.get("labels") or {})]
+        if len(pdbs) > 1:
+            return 500, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                         "message": "This pod has more than one PodDisruptionBudget, which the eviction subresource "
+                                    "does not support.", "code": 500}
+        if pdbs:
+            pdb = pdbs[0]
+            ps, pst = pdb.get("spec") or {}, pdb.get("status") or {}
+            unready_ok = not self._ready(pod) and (
+                ps.get("unhealthyPodEvictionPolicy") == "AlwaysAllow" or
+                (pst.get("currentHealthy", 0) >= pst.get("desiredHealthy", 0) and pst.get("desiredHealthy", 0) > 0))
+            if unready_ok:
+                pre = dict(opts.get("preconditions") or {})
+                pre.setdefault("resourceVersion", md.get("resourceVersion"))
+                self._delete(pods, ns, name, {**opts, "preconditions": pre}, dry)
+                return 201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+            pname = pdb["metadata"]["name"]
+            if pst.get("observedGeneration", 0) < pdb["metadata"].get("generation", 1):
+                raise ApiError(429, "TooManyRequests", "Cannot evict pod as it would violate the pod's disruption budget.",
+                               {"causes": [{"reason": "DisruptionBudget", "message":
+                                            f"The disruption budget {pname} is still being processed by the server."}],
+                                "retryAfterSeconds": 10}, retry_after=10)
+            if pst.get("disruptionsAllowed", 0) < 0:
+                raise ApiError(403, "Forbidden", f'poddisruptionbudget.policy "{pname}" is forbidden: '
+                                                 "pdb disruptions allowed is negative",
+                               {"name": pname, "group": "policy", "kind": "poddisruptionbudget"})
+            if pst.get("disruptionsAllowed", 0) == 0:
+                raise ApiError(429, "TooManyRequests", "Cannot evict pod as it would violate the pod's disruption budget.",
+                               {"causes": [{"reason": "DisruptionBudget", "message":
+                                            f"The disruption budget {pname} needs {pst.get('desiredHealthy', 0)} "
+                                            f"healthy pods and has {pst.get('currentHealthy', 0)} currently"}]})
+            if not dry:
+                pst = pdb.setdefault("status", {})
+                pst["disruptionsAllowed"] -= 1
+                pst.setdefault("disruptedPods", {})[name] = now_rfc3339()
+                pdb["metadata"]["resourceVersion"] = self._next_rv()
+        self._delete(pods, ns, name, opts, dry)
+        return 201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _validate(self, res: Res, obj: dict, name: str):
+        if not _NAME.match(name or "") or len(name) > 253:
+            raise invalid(res, name, "metadata.name", name, "a lowercase RFC 1123 subdomain must consist of lower case "
+                          "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character")
+        if res.plural == "leases":
+            for f in ("acquireTime", "renewTime"):
+                v = (obj.get("spec") or {}).get(f)
+                if v is not None and not (isinstance(v, str) and _MICRO.match(v)):
+                    raise bad_request(f'Lease in version "v1" cannot be handled as a Lease: parsing time "{v}" as '
+                                      f'"2006-01-02T15:04:05.000000Z07:00": cannot parse "{v[19:] if isinstance(v, str) else v}" as "."')
+        if res.plural == "poddisruptionbudgets":
+            spec = obj.get("spec") or {}
+            if spec.get("minAvailable") is not None and spec.get("maxUnavailable") is not None:
+                raise invalid(res, name, "spec", spec, "minAvailable and maxUnavailable cannot be both set")
+
+    # -- request dispatch ---------------------------------------------------------------------
+
+    def _authorize(self, user, verb, res: Res, sub, ns, name):
+        if user == "admin" or verb in ("get", "list", "watch"):
+            return
+        r = f"{res.plural}/{sub}" if sub else res.plural
+        scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
+        why = f'User "{user}" cannot {verb} resource "{r}" in API group "{res.group}" {scope}'
+        gr = res.qualified
+        msg = f'{gr} "{name}" is forbidden: {why}' if name else f"{gr} is forbidden: {why}"
+        raise ApiError(403, "Forbidden", msg, _details(res, name))
+
+    def handle(self, method: str, path: str, query: dict, body, user: str, accept: str):
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if path in ("/api", "/api/"):
+            return 200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.port}"}]}
+        if path in ("/apis", "/apis/"):
+            return 200, self._group_list()
+        if path == "/version":
+            return 200, {"major": "1", "minor": "33", "emulationMajor": "1", "emulationMinor": "33",
+                         "minCompatibilityMajor": "1", "minCompatibilityMinor": "32", "gitVersion": "v1.33.1",
+                         "gitCommit": "8adc0f041b8e7ad1d30e29cc59c6ae7a15e19828", "gitTreeState": "clean",
+                         "buildDate": "2025-05-15T08:19:08Z", "goVersion": "go1.24.2", "compiler": "gc",
+                         "platform": "linux/amd64"}
+        if parts[0] == "api" and len(parts) >= 2:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[0] == "apis" and len(parts) >= 2:
+            group = parts[1]
+            if len(parts) == 2:
+                if group not in GROUPS or not group:
+                    raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                return 200, self._group(group)
+            version, rest = parts[2], parts[3:]
+        else:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if GROUPS.get(group) != version:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if not rest:
+            return 200, self._resource_list(group, version)
+        ns = None
+        if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
+            ns, rest = rest[1], rest[2:]
+        plural = rest[0]
+        res = RESOURCES.get(plural)
+        if res is None or res.group != group or (ns is not None and not res.namespaced) or len(rest) > 3:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        if sub is not None and sub not in res.subresources:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if res.namespaced and ns is None and (name or method not in ("GET",)):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if name is None and method == "GET" and query.get("watch", [""])[0] in ("true", "1"):
+            raise ApiError(405, "MethodNotAllowed", "the stand-in does not implement watch")
+        verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
+                "DELETE": "delete" if name else "deletecollection"}.get(method)
+        if verb is None or (verb == "create" and name and sub != "eviction") or (verb in ("update", "patch") and not name):
+            raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+        self._authorize(user, verb, res, sub, ns, name)
+        dry = False
+        if verb not in ("get", "list"):
+            dr = query.get("dryRun") or []
+            if any(d != "All" for d in dr):
+                raise bad_request(f"Invalid dryRun value: {dr}")
+            dry = bool(dr)
+        with self._lock:
+            if verb == "get":
+                obj = self.store.get(self._key(res, ns, name))
+                if obj is None:
+                    raise not_found(res, name)
+                return 200, self._maybe_table(res, [obj], accept, single=True) or copy.deepcopy(obj)
+            if verb == "list":
+                return 200, self._list(res, ns, query, accept)
+            if verb == "deletecollection":
+                raise ApiError(405, "MethodNotAllowed", "the stand-in does not implement deletecollection")
+            if sub == "eviction":
+                if not isinstance(body, dict):
+                    raise bad_request("an Eviction body is required")
+                return self._evict(ns, name, body, dry)
+            if verb == "create":
+                return self._create(res, ns, body, dry)
+            if verb == "update":
+                return self._update(res, ns, name, body, dry, sub)
+            if verb == "patch":
+                return self._patch(res, ns, name, body, dry, sub)
+            if verb == "delete":
+                opts = dict(body) if isinstance(body, dict) else {}
+                if "gracePeriodSeconds" in query:
+                    opts["gracePeriodSeconds"] = int(query["gracePeriodSeconds"][0])
+                if "propagationPolicy" in query:
+                    opts["propagationPolicy"] = query["propagationPolicy"][0]
+                dry = dry or (opts.get("dryRun") or []) == ["All"]
+                return self._delete(res, ns, name, opts, dry)
+        raise AssertionError(verb)
+
+    def _create(self, res, ns, body, dry):
+        if not isinstance(body, dict):
+            raise bad_request("the body of the request is not an object")
+        obj = copy.deepcopy(body)
+        md = obj.setdefault("metadata", {})
+        if res.namespaced:
+            if md.get("namespace") and md["namespace"] != ns:
+                raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
+            md["namespace"] = ns
+            if ("namespaces", "", ns) not in self.store:
+                raise ApiError(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
+        if not md.get("name") and md.get("generateName"):
+            md["name"] = md["generateName"] + "".join(self._rng.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+        name = md.get("name")
+        if not name:
+            raise invalid(res, "", "metadata.name", "", "name or generateName is required")
+        self._validate(res, obj, name)
+        key = self._key(res, ns, name)
+        if key in self.store:
+            raise already_exists(res, name)
+        if res.plural == "poddisruptionbudgets":
+            obj["status"] = {}
+        if res.plural == "namespaces":
+            obj.setdefault("spec", {"finalizers": ["kubernetes"]})
+            obj["status"] = {"phase": "Active"}
+        if res.plural == "pods":
+            obj.setdefault("status", {"phase": "Pending", "qosClass": "BestEffort"})
+        self._stamp_new(res, obj)
+        if dry:
+            self._rv -= 1
+            obj["metadata"].pop("resourceVersion", None)
+            return 201, obj
+        self.store[key] = obj
+        self._sync_pdbs()
+        return 201, copy.deepcopy(obj)
+
+    def _finish_update(self, res, ns, name, old, new, dry, sub):
+        md, omd = new.setdefault("metadata", {}), old["metadata"]
+        for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"):
+            if k in omd:
+                md[k] = omd[k]
+            else:
+                md.pop(k, None)
+        md["name"] = name
+        if res.namespaced:
+            md["namespace"] = ns
+        new["apiVersion"], new["kind"] = res.api_version, res.kind
+        if sub == "status":
+            new = {**copy.deepcopy(old), "status": new.get("status"), "metadata": md}
+        elif res.plural in ("poddisruptionbudgets", "replicasets", "daemonsets"):
+            new["status"] = copy.deepcopy(old.get("status"))
+            if new.get("spec") != old.get("spec"):
+                md["generation"] = omd.get("generation", 1) + 1
+        self._validate(res, new, name)
+        if new == old:
+            return 200, copy.deepcopy(old)
+        md["resourceVersion"] = str(self._rv + 1)
+        if dry:
+            return 200, new
+        self._next_rv()
+        self.store[self._key(res, ns, name)] = new
+        self._sync_pdbs()
+        return 200, copy.deepcopy(new)
+
+    def _update(self, res, ns, name, body, dry, sub):
+        if not isinstance(body, dict):
+            raise bad_request("the body of the request is not an object")
+        bmd = body.get("metadata") or {}
+        if bmd.get("name") and bmd["name"] != name:
+            raise bad_request(f"the name of the object ({bmd['name']}) does not match the name on the URL ({name})")
+        old = self.store.get(self._key(res, ns, name))
+        if old is None:
+            if res.create_on_update and sub is None:
+                b = copy.deepcopy(body)
+                b.setdefault("metadata", {})["name"] = name
+                b["metadata"].pop("resourceVersion", None)
+                return self._create(res, ns, b, dry)
+            raise not_found(res, name)
+        rv = bmd.get("resourceVersion")
+        if not rv and not res.unconditional:
+            raise invalid(res, name, "metadata.resourceVersion", "0x0", "must be specified for an update")
+        if rv and rv != old["metadata"].get("resourceVersion"):
+            raise conflict(res, name, STALE)
+        return self._finish_update(res, ns, name, old, copy.deepcopy(body), dry, sub)
+
+    def _patch(self, res, ns, name, body, dry, sub):
+        ctype, doc = body
+        old = self.store.get(self._key(res, ns, name))
+        if old is None:
+            raise not_found(res, name)
+        try:
+            if ctype == "application/json-patch+json":
+                new = json_patch(old, doc)
+            elif ctype == "application/merge-patch+json":
+                new = merge_patch(old, doc)
+            else:
+                new = strategic_merge_patch(old, doc)
+        except AssertionError as e:
+            raise ApiError(422, "Invalid", str(e)) from None
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {e}") from None
+        if not isinstance(new, dict):
+            raise bad_request("the patch did not result in an object")
+        prv = ((doc if isinstance(doc, dict) else {}).get("metadata") or {}).get("resourceVersion")
+        if prv and prv != old["metadata"].get("resourceVersion"):
+            raise conflict(res, name, STALE)
+        new.setdefault("metadata", {})["resourceVersion"] = old["metadata"].get("resourceVersion")
+        return self._finish_update(res, ns, name, old, new, dry, sub)
+
+    def _list(self, res, ns, query, accept):
+        items = [o for k, o in sorted(self.store.items()) if k[0] == res.plural and (ns is None or k[1] == ns)]
+        lsel = query.get("labelSelector", [""])[0]
+        fsel = query.get("fieldSelector", [""])[0]
+        try:
+            preds = parse_selector(lsel)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        fpred = parse_field_selector(res, fsel)
+        items = [o for o in items if all(p(o["metadata"].get("labels") or {}) for p in preds) and fpred(o)]
+        cont = query.get("continue", [""])[0]
+        if cont:
+            try:
+                tok = json.loads(base64.urlsafe_b64decode(cont + "=" * (-len(cont) % 4)))
+                start = tok["start"]
+            except (ValueError, KeyError, TypeError):
+                raise bad_request("continue key is not valid: invalid continue token") from None
+            items = [o for o in items if self._sortkey(o) >= start]
+        try:
+            limit = int(query.get("limit", ["0"])[0] or 0)
+        except ValueError:
+            raise bad_request("limit must be an integer") from None
+        meta: dict = {"resourceVersion": str(self._rv)}
+        if limit > 0 and len(items) > limit:
+            nxt = self._sortkey(items[limit])
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps(
+                {"v": "meta.k8s.io/v1", "rv": self._rv, "start": nxt}).encode()).decode().rstrip("=")
+            if not lsel and not fsel:
+                meta["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
+        table = self._maybe_table(res, items, accept)
+        if table is not None:
+            table["metadata"] = meta
+            return table
+        return {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": meta,
+                "items": [{k: v for k, v in copy.deepcopy(o).items() if k not in ("kind", "apiVersion")} for o in items]}
+
+    @staticmethod
+    def _sortkey(o):
+        return f"{o['metadata'].get('namespace', '')}/{o['metadata']['name']}"
+
+    # -- tables -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _age(o):
+        s = int(time.time() - _parse_time(o["metadata"]["creationTimestamp"]))
+        return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+    def _maybe_table(self, res, items, accept, single=False):
+        if "as=Table" not in (accept or ""):
+            return None
+        cols = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}]
+        rows = []
+        if res.plural == "nodes":
+            cols += [{"name": n, "type": "string", "format": "", "description": n, "priority": p} for n, p in
+                     [("Status", 0), ("Roles", 0), ("Age", 0), ("Version", 0), ("Internal-IP", 1), ("External-IP", 1),
+                      ("OS-Image", 1), ("Kernel-Version", 1), ("Container-Runtime", 1)]]
+            for o in items:
+                st, sp = o.get("status") or {}, o.get("spec") or {}
+                ready = next((c.get("status") for c in st.get("conditions") or [] if c.get("type") == "Ready"), "Unknown")
+                s = "Ready" if ready == "True" else "NotReady" if ready == "False" else "Unknown"
+                if sp.get("unschedulable"):
+                    s += ",SchedulingDisabled"
+                roles = ",".join(sorted(k.split("/", 1)[1] for k in (o["metadata"].get("labels") or {})
+                                        if k.startswith("node-role.kubernetes.io/"))) or "<none>"
+                addr = {a["type"]: a["address"] for a in st.get("addresses") or []}
+                ni = st.get("nodeInfo") or {}
+                rows.append([o["metadata"]["name"], s, roles, self._age(o), ni.get("kubeletVersion", ""),
+                             addr.get("InternalIP", "<none>"), addr.get("ExternalIP", "<none>"), ni.get("osImage", ""),
+                             ni.get("kernelVersion", ""), ni.get("containerRuntimeVersion", "")])
+        elif res.plural == "pods":
+            cols += [{"name": n, "type": t, "format": "", "description": n, "priority": p} for n, t, p in
+                     [("Ready", "string", 0), ("Status", "string", 0), ("Restarts", "string", 0), ("Age", "string", 0),
+                      ("IP", "string", 1), ("Node", "string", 1), ("Nominated Node", "string", 1),
+                      ("Readiness Gates", "string", 1)]]
+            for o in items:
+                st = o.get("status") or {}
+                cs = st.get("containerStatuses") or []
+                n = len((o.get("spec") or {}).get("containers") or [])
+                phase = st.get("phase", "Pending")
+                if o["metadata"].get("deletionTimestamp"):
+                    phase = "Terminating"
+                elif phase == "Succeeded":
+                    phase = "Completed"
+                elif phase == "Failed":
+                    phase = "Error"
+                rows.append([o["metadata"]["name"], f"{sum(1 for c in cs if c.get('ready'))}/{n}", phase,
+                             str(sum(c.get("restartCount", 0) for c in cs)), self._age(o), st.get("podIP", "<none>"),
+                             (o.get("spec") or {}).get("nodeName", "<none>"), "<none>", "<none>"])
+        else:
+            cols += [{"name": "Age", "type": "string", "format": "", "description": "Age", "priority": 0}]
+            rows = [[o["metadata"]["name"], self._age(o)] for o in items]
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(self._rv)},
+                "columnDefinitions": cols,
+                "rows": [{"cells": r, "object": copy.deepcopy(o)} for r, o in zip(rows, items)]}
+
+    # -- discovery ----------------------------------------------------------------------------
+
+    def _resource_list(self, group, version):
+        out = []
+        for r in RESOURCES.values():
+            if r.group != group:
+                continue
+            e = {"name": r.plural, "singularName": r.kind.lower(), "namespaced": r.namespaced, "kind": r.kind,
+                 "verbs": VERBS, "storageVersionHash": base64.b64encode(r.kind.encode()).decode()[:11]}
+            if r.short:
+                e["shortNames"] = r.short
+            out.append(e)
+            for s in r.subresources:
+                if s == "eviction":
+                    out.append({"name": f"{r.plural}/eviction", "singularName": "", "namespaced": True,
+                                "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]})
+                else:
+                    out.append({"name": f"{r.plural}/{s}", "singularName": "", "namespaced": r.namespaced,
+                                "kind": r.kind, "verbs": ["get", "patch", "update"]})
+        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}" if group else version,
+                "resources": out}
+
+    def _group(self, g):
+        gv = {"groupVersion": f"{g}/{GROUPS[g]}", "version": GROUPS[g]}
+        return {"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": [gv], "preferredVersion": gv}
+
+    def _group_list(self):
+        return {"kind": "APIGroupList", "apiVersion": "v1",
+                "groups": [{k: v for k, v in self._group(g).items() if k not in ("kind", "apiVersion")}
+                           for g in GROUPS if g]}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    srv: KubeStandIn
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, body, retry_after=None, cut=False):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Audit-Id", str(uuid.uuid4()))
+        self.send_header("Cache-Control", "no-cache, private")
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
+        self.end_headers()
+        if cut:
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            raise _Cut()
+        self.wfile.write(data)
+
+    def _serve(self):
+        srv = self.srv
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        u = urlsplit(self.path)
+        query = parse_qs(u.query, keep_blank_values=True)
+        entry = {"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
+                 "user_agent": self.headers.get("User-Agent", ""), "content_type": ctype, "raw": raw, "body": None}
+        body = None
+        err = None
+        if raw:
+            try:
+                if ctype == "application/vnd.kubernetes.protobuf":
+                    body = _protobuf.decode_k8s(raw)
+                elif ctype in PATCH_TYPES and self.command == "PATCH":
+                    body = (ctype, json.loads(raw))
+                elif ctype in ("application/json", "") or ctype.endswith("+json"):
+                    body = json.loads(raw)
+                elif ctype in ("application/yaml", "application/apply-patch+yaml"):
+                    err = ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                                   "accepted media types include: application/json-patch+json, "
+                                   "application/merge-patch+json, application/strategic-merge-patch+json")
+                else:
+                    err = ApiError(415, "UnsupportedMediaType",
+                                   f'the body of the request was in an unknown format - accepted media types include: '
+                                   f'application/json, application/yaml, application/vnd.kubernetes.protobuf')
+            except _protobuf.ProtobufError as e:
+                err = ApiError(415 if "no protobuf schema" in str(e) else 400,
+                               "UnsupportedMediaType" if "no protobuf schema" in str(e) else "BadRequest", str(e))
+            except ValueError as e:
+                err = bad_request(f"couldn't get version/kind; json parse error: {e}")
+        if self.command == "PATCH" and err is None and not (isinstance(body, tuple)):
+            err = ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
+                           "media types include: application/json-patch+json, application/merge-patch+json, "
+                           "application/apply-patch+yaml, application/strategic-merge-patch+json")
+        entry["body"] = body[1] if isinstance(body, tuple) else body
+        with srv._lock:
+            srv.requests.append(entry)
+        faults = srv._take_faults(self.command, self.path)
+        cut = False
+        for f in faults:
+            if f["type"] == "delay":
+                time.sleep(f["seconds"])
+        for f in faults:
+            if f["type"] == "cut":
+                cut = True
+            elif f["type"] == "status":
+                b = f["body"] if f["body"] is not None else ApiError(
+                    f["status"], {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+                                  504: "Timeout"}.get(f["status"], "InternalError"),
+                    f"injected fault ({f['status']})",
+                    {"retryAfterSeconds": f["retry_after"]} if f["retry_after"] is not None else None).status()
+                if isinstance(b, str):
+                    b = b.encode()
+                return self._send(f["status"], b, f["retry_after"], cut)
+        auth = self.headers.get("Authorization", "")
+        user = next((u for u, t in srv.tokens.items() if t and auth == f"Bearer {t}"), None)
+        if user is None:
+            return self._send(401, ApiError(401, "Unauthorized", "Unauthorized").status(), cut=cut)
+        if err is not None:
+            return self._send(err.code, err.status(), cut=cut)
+        try:
+            code, out = srv.handle(self.command, u.path, query, body, user, self.headers.get("Accept", ""))
+        except ApiError as e:
+            return self._send(e.code, e.status(), e.retry_after, cut)
+        self._send(code, out, cut=cut)
+
+    def _run(self):
+        try:
+            self._serve()
+        except _Cut:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        except (ssl.SSLError, ConnectionError, BrokenPipeError):
+            self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _run
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except (ssl.SSLError, ConnectionError, OSError):
+            self.close_connection = True
+
+
+class FakeKubeAPI(KubeStandIn):
+    """The former nodes-only fake: ``FakeKubeAPI({node: labels}, token, pods={(ns, name): {nodeName, uid}})``."""
+
+    def __init__(self, nodes: dict[str, dict[str, str]], token: str = "test-token",
+                 pods: dict[tuple[str, str], dict] | None = None):
+        super().__init__(tokens={"admin": token, "readonly": "readonly-token"})
+        with self._lock:
+            for n, labels in nodes.items():
+                self.add_node(n, labels=labels)
+            for (ns, name), p in (pods or {}).items():
+                self.add_pod(name, ns, node=p.get("nodeName"), runtime_class="kata")
+                if p.get("uid"):
+                    self.store[("pods", ns, name)]["metadata"]["uid"] = p["uid"]
+
+    def kubeconfig(self, path, user: str = "admin", namespace: str | None = None, token: str | None = None) -> str:
+        return super().kubeconfig(path, user, namespace, token)

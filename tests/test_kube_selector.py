@@ -20,7 +20,7 @@ def test_selector_pages_through_all_nodes(api, tmp_path):
     s = config.resolve({"selector": "pool=batch", "kubeconfig": kc})
     names = fleet.select_nodes(s)
     assert len(names) == 601 and names[0] == "node-0001"
-    assert sum("continue=" in r for r in api.requests) == 1  # 2 pages of 500 for 601 items
+    assert sum("continue=" in r["path"] for r in api.requests) == 1  # 2 pages of 500 for 601 items
 
 
 def test_set_based_selector(api, tmp_path):
