@@ -4,9 +4,12 @@ The source is a file or directory on the machine running katactl; its
 members are validated and then streamed to the node through the transport
 (so the same code stages locally, under --host-root and over SSH).
 
-Compression is detected from magic bytes: gzip and xz through Python's
-tarfile, zstd through the ``zstd`` binary in a pipe (Python 3.11 has no
-stdlib zstd; the binary is streaming, fast, and needs no extra wheel).
+Compression is detected from magic bytes: gzip, xz and bzip2 through Python's
+decompressors, zstd through the ``zstd`` binary in a pipe (Python 3.11 has no
+stdlib zstd; the binary is streaming, fast, and needs no extra wheel). An
+archive counts only when it is complete: its end-of-archive marker, then the
+compressor's end of stream (trailer, checksum, zstd's exit status); a cut or
+damaged one is "corrupt or truncated" (exit 1), whatever it held so far.
 
 Safety rules (any violation refuses the whole source, exit 5): no absolute
 member names, no ``..`` component, no device/fifo members, symlinks must
@@ -101,38 +104,115 @@ def check_source(path: str) -> str:
         raise UsageError(f"{path}: permission denied") from None
 
 
-@contextlib.contextmanager
-def _open_tar(path: str, kind: str):
-    import tarfile
+class _TarReader:
+    """A tarfile in stream mode over a decompressed stream that insists on a complete
+    archive: the end-of-archive marker (a zero block; tarfile takes a cut header, a
+    corrupt header or plain end of data for the end too) and, after it, the
+    compressor's own end (trailer and checksum; zstd's exit status)."""
 
-    proc = None
-    try:
-        if kind == "zst":
+    def __init__(self, path: str, kind: str):
+        import tarfile
+
+        self.path, self.kind = path, kind
+        self.proc: subprocess.Popen | None = None
+        self.ends: list[BaseException] = []
+        ends = self.ends
+
+        class _Info(tarfile.TarInfo):
+            @classmethod
+            def fromtarfile(cls, tarfile_):
+                try:
+                    return super().fromtarfile(tarfile_)
+                except tarfile.HeaderError as e:  # how tarfile's next() decided the archive ended
+                    ends.append(e)
+                    raise
+
+        self._info = _Info
+        self.src = self._open_stream()
+        try:
+            self.tf = tarfile.open(fileobj=self.src, mode="r|", tarinfo=_Info)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            zstd_err = self._close_stream()
+            raise self.corrupt(zstd_err or e) from None
+        except BaseException:
+            self._close_stream()
+            raise
+
+    def _open_stream(self):
+        if self.kind == "zst":
             import shutil
 
             if not shutil.which("zstd"):
-                raise OperationFailed(f"{path}: zstd-compressed, but the zstd program is not installed",
+                raise OperationFailed(f"{self.path}: zstd-compressed, but the zstd program is not installed",
                                       hint="apt-get install zstd")
-            proc = subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
-            tf = tarfile.open(fileobj=proc.stdout, mode="r|")
-        else:
-            tf = tarfile.open(path, mode="r|" + ("" if kind == "tar" else kind))
-    except tarfile.TarError as e:
-        _reap(proc)
-        raise OperationFailed(f"{path}: unreadable archive: {e}") from None
+            self.proc = subprocess.Popen(["zstd", "-dcq", "--", self.path], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE)
+            return self.proc.stdout
+        if self.kind == "tar":
+            return open(self.path, "rb")
+        import bz2
+        import gzip
+        import lzma
+
+        return {"gz": gzip.GzipFile, "xz": lzma.LZMAFile, "bz2": bz2.BZ2File}[self.kind](self.path, "rb")
+
+    def corrupt(self, why) -> OperationFailed:
+        return OperationFailed(f"{self.path}: corrupt or truncated archive: {why}")
+
+    def finish(self) -> None:
+        """After the last member: the archive ended at its marker and the compressed
+        stream ends cleanly after it."""
+        import tarfile
+
+        end = self.ends[-1] if self.ends else None
+        if not isinstance(end, tarfile.EOFHeaderError):
+            why = ("cut inside a member header" if isinstance(end, tarfile.TruncatedHeaderError)
+                   else "no end-of-archive marker" if end is None or isinstance(end, tarfile.EmptyHeaderError)
+                   else f"invalid member header ({end})")
+            zstd_err = self._close_stream()
+            raise self.corrupt(zstd_err or why)
+        while self.src.read(1 << 20):  # the padding after the marker, to the compressor's trailer
+            pass
+        zstd_err = self._close_stream()
+        if zstd_err:
+            raise self.corrupt(zstd_err)
+
+    def _close_stream(self) -> str:
+        """Close the source; for zstd, its complaint ('' when it succeeded or was cut off by us)."""
+        with contextlib.suppress(OSError):
+            if self.proc is None:
+                self.src.close()
+        if self.proc is None:
+            return ""
+        proc, self.proc = self.proc, None
+        err = _reap(proc)
+        if proc.returncode not in (0, None, -13):
+            # zstd says "<path> : Read error (39) : premature end"; the path is already in the message
+            err = err.split(" : ", 1)[1] if err.startswith(self.path + " : ") else err
+            return f"zstd: {err or f'exit status {proc.returncode}'}"
+        return ""
+
+
+@contextlib.contextmanager
+def _open_tar(path: str, kind: str):
+    import lzma
+    import tarfile
+    import zlib
+
+    reader = _TarReader(path, kind)
     try:
-        yield tf
-    except (tarfile.TarError, EOFError, OSError) as e:
+        yield reader
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
         if isinstance(e, OSError) and e.filename:  # a node-side error, not the archive
             raise
-        raise OperationFailed(f"{path}: corrupt or truncated archive: {e}") from None
+        zstd_err = reader._close_stream()
+        raise reader.corrupt(zstd_err or e) from None
+    except BaseException:
+        reader._close_stream()
+        raise
     finally:
-        tf.close()
-        if proc is not None:
-            err = _reap(proc)
-            if proc.returncode not in (0, None, -13):
-                raise OperationFailed(f"{path}: zstd failed: {err or proc.returncode}")
+        reader.tf.close()
+        reader._close_stream()
 
 
 def _reap(proc) -> str:
@@ -157,7 +237,8 @@ def iter_members(path: str, kind: str) -> Iterator[Member]:
     if kind == "dir":
         yield from _iter_dir(path)
         return
-    with _open_tar(path, kind) as tf:
+    with _open_tar(path, kind) as reader:
+        tf = reader.tf
         for ti in tf:
             if ti.isreg():
                 m = Member(ti.name, "file", ti.mode, ti.size, None)
@@ -175,6 +256,7 @@ def iter_members(path: str, kind: str) -> Iterator[Member]:
                 raise Refused(f"{path}: member {ti.name!r} is a {what}; releases hold only files, "
                               "directories and symlinks")
             yield m
+        reader.finish()
 
 
 def _iter_dir(root: str) -> Iterator[Member]:
