@@ -225,3 +225,34 @@ def test_event_before_reply_fake(fake_peer):
 def test_missing_socket():
     with pytest.raises(UnreachableError):
         QMPClient.connect(LocalTransport(), "/nonexistent/qmp.sock")
+
+
+def test_trickling_reply_is_bounded_per_command(fake_peer):
+    """A monitor that greets, then answers one byte every 0.2 s without ever ending
+    the line: the command times out (exit 6) instead of reading forever (issue 16, 5)."""
+    def trickle(c):
+        def run():
+            c.sendall(GREETING)
+            c.recv(1000)
+            try:
+                for b in b'{"return": {' + b" " * 10_000:
+                    c.sendall(bytes([b]))
+                    time.sleep(0.2)
+            except OSError:
+                pass
+        threading.Thread(target=run, daemon=True).start()
+
+    path = fake_peer(trickle)
+    box = {}
+
+    def call():
+        try:
+            QMPClient.connect(LocalTransport(), path, timeout=1)
+        except Exception as e:  # noqa: BLE001 - checked below
+            box["error"] = e
+
+    th = threading.Thread(target=call, daemon=True)
+    th.start()
+    th.join(60)
+    assert not th.is_alive(), "QMP read a trickling reply forever"
+    assert isinstance(box.get("error"), TimeoutExpired), box

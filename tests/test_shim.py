@@ -573,3 +573,16 @@ def test_pprof_special_file_targets_never_replaced(cli, tree, tmp_path):
     r = cli(["--host-root", tree.root, "pprof", "go1111", "heap", "-f", "/dev/null", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     assert r.json()["bytes"] > 0 and stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+
+
+@pytest.mark.parametrize("args,code", [(["metrics", "slow01"], 6), (["top", "--interval", "0.1s"], 6),
+                                       # balloon get then tries the other paths: none left, 7
+                                       (["balloon", "get", "slow01"], 7)])
+def test_trickling_shim_is_bounded_per_call(katactl_bin, args, code):
+    """A shim that sends one byte every 0.5 s answers every read in time, and never
+    finishes: --request-timeout bounds the whole call (issue 16, finding 5)."""
+    with node() as n:
+        n.go("slow01", flavour_kw={"fault": "trickle"})
+        r = katactl_bin(["--host-root", n.root, "--request-timeout", "1.5s", *args, "-o", "json"], timeout=60)
+    assert r.exit_code == code, r.stderr
+    assert "no answer within 1.5s" in r.stdout and "Traceback" not in r.stderr

@@ -1,5 +1,6 @@
 """HTTP over a node's unix socket: keep-alive reuse after the server closes, peer resets."""
 import socket
+import time
 import threading
 
 import pytest
@@ -66,3 +67,53 @@ def test_reset_and_silence_map_to_exit_codes(tmp_path):
         request(unix_http_client(t, "/hang.sock", 0.3), "GET", "/", what="shim")
     srv1.close()
     srv2.close()
+
+
+def _trickle(c):
+    """A peer that answers one byte every 0.2 s, forever: every read gets data in
+    time, the answer never ends (issue 16, finding 5)."""
+    _read_request(c)
+    try:
+        for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+            c.sendall(bytes([b]))
+            time.sleep(0.2)
+    except OSError:
+        pass
+
+
+def _bounded(fn, limit=60):
+    """Run fn on a thread; what it raised (or returned) if it ends within ``limit``
+    seconds, else fail: a hang guard, not a timing assertion."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(limit)
+    assert not th.is_alive(), "the call never ended: the trickle held it past every deadline"
+    return box
+
+
+def test_trickling_peer_is_bounded_per_call_not_per_read(tmp_path):
+    from katactl.backends.clh import ClhClient
+    from katactl.backends.fc import FcClient
+    from katactl.backends.shim import ShimClient
+
+    srv = _server(str(tmp_path / "slow.sock"), _trickle)
+    t = LocalTransport(str(tmp_path))
+    calls = [
+        lambda: request(unix_http_client(t, "/slow.sock", 1), "GET", "/", what="shim"),
+        lambda: ClhClient(t, "/slow.sock", timeout=1).ping(),
+        lambda: FcClient(t, "/slow.sock", timeout=1).balloon(),
+        lambda: ShimClient(t, "/slow.sock", timeout=1).metrics_text(),
+        lambda: ShimClient(t, "/slow.sock", timeout=1).capabilities(),
+    ]
+    for call in calls:
+        box = _bounded(call)
+        assert isinstance(box.get("error"), TimeoutExpired), box
+    srv.close()

@@ -72,11 +72,12 @@ class ShimClient:
         answer, streamed to ``sink`` (then body is empty)."""
         import httpx
 
-        from katactl.backends.unixhttp import http_errors
+        from katactl.backends.unixhttp import call_deadline, http_errors
 
         t = self.timeout if timeout is None else timeout
-        hint = "the shim accepts connections but does not answer; is it stuck? (--timeout raises the limit)"
-        with http_errors(f"{self.what}: {method} {url}", t, hint=hint), \
+        hint = ("the shim accepts connections but does not answer in time; is it stuck? "
+                "(--request-timeout raises the limit)")
+        with http_errors(f"{self.what}: {method} {url}", t, hint=hint), call_deadline(t), \
                 self.client.stream(method, url, timeout=httpx.Timeout(t), **kw) as r:
             declared = r.headers.get("content-length")
             if sink is None and declared and declared.isdigit() and int(declared) > limit:

@@ -12,15 +12,46 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
+import time
 
 from katactl.errors import OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
+
+
+_deadline = threading.local()
+
+
+@contextlib.contextmanager
+def call_deadline(seconds: float):
+    """Bound everything this thread reads or writes on unix_http_client sockets
+    inside the block to ``seconds`` in all (an inner block never extends an outer
+    one). httpx's timeouts bound each read: a peer trickling a byte at a time
+    would otherwise hold a call forever."""
+    prev = getattr(_deadline, "at", None)
+    at = time.monotonic() + seconds
+    _deadline.at = at if prev is None else min(prev, at)
+    try:
+        yield
+    finally:
+        _deadline.at = prev
+
+
+def _left(timeout: float | None) -> float | None:
+    """``timeout`` cut to what the call's deadline leaves; 0 when it has passed."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = max(0.0, at - time.monotonic())
+    return left if timeout is None else min(timeout, left)
 
 
 def unix_http_client(transport, socket_path: str, timeout: float):
     """An httpx.Client talking to ``socket_path`` on the node, base URL http://localhost.
 
     Every request has ``timeout``; a peer that accepts and never answers
-    raises katactl.errors.TimeoutExpired via ``request()`` below.
+    raises katactl.errors.TimeoutExpired via ``request()`` below. Inside
+    :func:`call_deadline` (``request()`` and ShimClient.call) the whole
+    exchange is bounded too, not only each read.
     """
     import httpcore
     import httpx
@@ -30,6 +61,9 @@ def unix_http_client(transport, socket_path: str, timeout: float):
             self._sock = sock
 
         def read(self, max_bytes, timeout=None):
+            timeout = _left(timeout)
+            if timeout == 0:
+                raise httpcore.ReadTimeout("the call's deadline passed")
             self._sock.settimeout(timeout)
             try:
                 return self._sock.recv(max_bytes)
@@ -39,6 +73,9 @@ def unix_http_client(transport, socket_path: str, timeout: float):
                 raise httpcore.ReadError(str(e) or type(e).__name__) from e
 
         def write(self, buffer, timeout=None):
+            timeout = _left(timeout)
+            if timeout == 0:
+                raise httpcore.WriteTimeout("the call's deadline passed")
             self._sock.settimeout(timeout)
             try:
                 self._sock.sendall(buffer)
@@ -64,7 +101,10 @@ def unix_http_client(transport, socket_path: str, timeout: float):
 
     class _Backend(httpcore.NetworkBackend):
         def connect_unix_socket(self, path, timeout=None, socket_options=None):
-            return _Stream(transport.connect_unix(socket_path, timeout or 5.0))
+            left = _left(timeout or 5.0)
+            if left == 0:
+                raise httpcore.ConnectTimeout("the call's deadline passed")
+            return _Stream(transport.connect_unix(socket_path, left))
 
         def connect_tcp(self, *a, **kw):  # pragma: no cover - never used
             raise httpcore.ConnectError("only unix sockets are supported")
@@ -109,7 +149,8 @@ def request(client, method: str, url: str, *, what: str, **kw):
     import httpx
 
     retryable = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-    with http_errors(what, client.timeout.read or 0):
+    t = client.timeout.read or 0
+    with http_errors(what, t), call_deadline(t) if t else contextlib.nullcontext():
         if method.upper() in ("GET", "HEAD"):
             try:
                 return client.request(method, url, **kw)

@@ -29,7 +29,8 @@ Extension points for the lab daemon:
 - :attr:`ShimServer.state` may be mutated at any time (under ``server.lock``).
 
 Fault modes (``fault=``) for tests: ``"hang"`` (accept, read, never answer),
-``"huge"`` (a ``huge_bytes`` /metrics body), ``"close"`` (close without a
+``"trickle"`` (answer one byte every 0.5 s, forever: every read gets data, the
+answer never ends), ``"huge"`` (a ``huge_bytes`` /metrics body), ``"close"`` (close without a
 response), ``"garbage"`` (non-HTTP bytes).
 
 Known differences from the real shims:
@@ -201,6 +202,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if srv.fault == "hang":
             srv._hung.append(self.connection)
             srv._stop.wait()
+            self.close_connection = True
+            return
+        if srv.fault == "trickle":
+            srv._hung.append(self.connection)
+            try:
+                while not srv._stop.wait(0.5):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+            except OSError:  # the client gave up
+                pass
             self.close_connection = True
             return
         if srv.fault == "close":
