@@ -174,6 +174,15 @@ def evil_tarball(path: str, kind: str) -> str:
         elif kind == "symlink-chain":
             add_link(tf, "./opt/kata/a", ".")
             add_link(tf, "./opt/kata/b", "a/../x")
+        elif kind == "file-then-dir":  # reported ENOTDIR on a .staging temp path
+            add_file(tf, "./opt/kata/share/x", b"file")
+            ti = tarfile.TarInfo("./opt/kata/share/x")
+            ti.type = tarfile.DIRTYPE
+            tf.addfile(ti)
+            add_file(tf, "./opt/kata/share/x/y", b"under")
+        elif kind == "file-then-child":
+            add_file(tf, "./opt/kata/share/x", b"file")
+            add_file(tf, "./opt/kata/share/x/y", b"under")
         elif kind == "hardlink-escape":
             add_link(tf, "./opt/kata/bin/passwd", "/etc/passwd", tarfile.LNKTYPE)
         elif kind == "device":

@@ -382,7 +382,7 @@ def scan(path: str, kind: str) -> Scan:
     kept: list[Member] = []
     links: dict[str, str] = {}
     files: set[str] = set()
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # name -> kind
     for m in members:
         if not m.name:
             continue  # the archive's "./" entry
@@ -394,9 +394,10 @@ def scan(path: str, kind: str) -> Scan:
             m.name = m.name[len(strip) + 1:]
         if not m.name:
             continue
-        if m.name in seen and m.kind != "dir":
-            raise Refused(f"{path}: member {m.raw!r} appears twice")
-        seen.add(m.name)
+        if m.name in seen and not (m.kind == "dir" and seen[m.name] == "dir"):
+            raise Refused(f"{path}: member {m.raw!r} appears twice"
+                          + (f" (a {m.kind} after a {seen[m.name]})" if m.kind != seen[m.name] else ""))
+        seen[m.name] = m.kind
         if m.kind == "symlink":
             if not m.linkname or m.linkname.startswith("/"):
                 raise Refused(f"{path}: symlink {m.raw!r} -> {m.linkname!r} is absolute or empty; "
@@ -418,6 +419,9 @@ def scan(path: str, kind: str) -> Scan:
         kept.append(m)
     for m in kept:
         parent = m.name.rsplit("/", 1)[0] if "/" in m.name else ""
+        under = next((p for p in _parents(m.name) if seen.get(p) in ("file", "hardlink")), None)
+        if under:
+            raise Refused(f"{path}: member {m.raw!r} lies under {under!r}, which is a file in the archive")
         if parent and _resolve(parent, {}, path) != _resolve(parent, links, path):
             raise Refused(f"{path}: member {m.raw!r} would be written through a symlink")
         if m.kind == "symlink":
