@@ -63,6 +63,10 @@ class Sandbox:
     state_file: str                    # node path of persist.json / state.json
     hypervisor: str | None = None      # qemu | clh | fc | dragonball | other raw type | None
     hypervisor_pid: int | None = None
+    #: the shim's pid from <bundle>/shim.pid (containerd's shim v2 writes it, both runtimes)
+    shim_pid: int | None = None
+    #: why hypervisor_pid is None for a sandbox whose state was read (runtime-rs persists none)
+    vmm_note: str | None = None
     api_socket: str | None = None      # node path: qmp.sock / clh-api.sock / firecracker.socket
     shim_socket: str | None = None     # node path of shim-monitor.sock
     extra_monitor_socket: str | None = None
@@ -119,6 +123,7 @@ class Sandbox:
             "pod": self.pod,
             "hypervisor": self.hypervisor,
             "hypervisorPid": self.hypervisor_pid,
+            "shimPid": self.shim_pid,
             "vcpus": self.vcpus,
             "maxVcpus": self.max_vcpus,
             "memoryMiB": self.memory_mib,
@@ -457,7 +462,7 @@ def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
         sb.bundle = bundles.get(sid, quick=quick)
         sbs.append(sb)
     specs = [f"{sb.bundle}/config.json" for sb in sbs if sb.bundle]
-    files = [sb.state_file for sb in sbs] + specs
+    files = [sb.state_file for sb in sbs] + specs + [f"{sb.bundle}/shim.pid" for sb in sbs if sb.bundle]
     # extra-monitor.sock only matters for Go QEMU sandboxes: probed for every Go one
     # (the hypervisor is known only after parsing) to spare a round trip
     stats = transport.stat_many(files + [f"{GO_VM}/{sb.id}/extra-monitor.sock"
@@ -465,7 +470,9 @@ def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
     bad = {p: e for p in files if (e := _not_regular(p, stats.get(p))) is not None}
     data: dict = dict(bad)
     data.update(transport.read_many([p for p in files if p not in bad], limit=STATE_LIMIT + 1))
-    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands)]
+    out = [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands)]
+    find_rs_vmms(transport, out)
+    return out
 
 
 def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
@@ -491,6 +498,10 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
             pass  # no pod mapping; the sandbox itself is still listed
         st = stats.get(spec_file)
         created = None if isinstance(st, OSError) or st is None else st.mtime
+    if sb.bundle:
+        raw_pid = data.get(f"{sb.bundle}/shim.pid")
+        if isinstance(raw_pid, bytes) and raw_pid.strip().isdigit() and len(raw_pid) < 16:
+            sb.shim_pid = int(raw_pid.strip()) or None
     runtime, sid, state_file = sb.runtime, sb.id, sb.state_file
     obj, reason = _parse_json(state_file, data[state_file])
     if dir_problem is not None:
@@ -511,6 +522,71 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
         if not isinstance(stats.get(em), (OSError, type(None))):
             sb.extra_monitor_socket = em
     return sb
+
+
+# -- the VMM of a runtime-rs sandbox --------------------------------------------
+_VMM_NAMES = ("qemu", "cloud-hypervisor", "firecracker", "jailer")
+PROC_SCAN_LIMIT = 65536  # processes; a node's /proc beyond this is not scanned
+
+
+def _ppid_of(stat_line: bytes) -> int | None:
+    """The parent pid in a /proc/<pid>/stat line (comm may hold spaces and ')')."""
+    rest = stat_line.rsplit(b")", 1)[-1].split()
+    return int(rest[1]) if len(rest) > 1 and rest[1].isdigit() else None
+
+
+def find_rs_vmms(transport, sbs: list[Sandbox]) -> None:
+    """Fill hypervisor_pid of runtime-rs sandboxes, which persist ``pid: null``.
+
+    Dragonball runs in the shim, so the VMM is the shim (``<bundle>/shim.pid``). QEMU,
+    Cloud Hypervisor and Firecracker are children of the shim whose command line names
+    the sandbox (QEMU ``-name sandbox-<id>``, Cloud Hypervisor's API socket under
+    ``/run/kata/<id>/``, Firecracker/jailer ``--id <id>``); virtiofsd, also a child
+    naming the sandbox, is never taken for the VMM. The children are found through the
+    node's /proc (one listing plus one batched read of the stat files, then the
+    candidates' cmdlines: a few SSH round trips whatever the number of sandboxes).
+    Where no VMM is found, ``vmm_note`` says why."""
+    todo = [s for s in sbs if s.runtime == "rs" and s.raw is not None and not s.hypervisor_pid]
+    for s in todo:
+        if s.shim_pid is None:
+            s.vmm_note = ("runtime-rs persists no VMM pid, and the shim's pid is unknown "
+                          + ("(no shim.pid in the bundle)" if s.bundle else "(no bundle found)"))
+        elif s.hypervisor == "dragonball":
+            s.hypervisor_pid = s.shim_pid  # the VMM is a thread group of the shim itself
+    todo = [s for s in todo if s.shim_pid and not s.hypervisor_pid]
+    if not todo:
+        return
+    try:
+        pids = [p for p in transport.listdir("/proc") if p.isdigit()][:PROC_SCAN_LIMIT]
+    except OSError as e:
+        for s in todo:
+            s.vmm_note = f"runtime-rs persists no VMM pid, and the node's /proc cannot be listed ({e})"
+        return
+    shims = {s.shim_pid for s in todo}
+    stats = transport.read_many([f"/proc/{p}/stat" for p in pids], limit=1024)
+    children: dict[int, list[int]] = {}
+    for p in pids:
+        b = stats.get(f"/proc/{p}/stat")
+        if isinstance(b, bytes):
+            ppid = _ppid_of(b)
+            if ppid in shims:
+                children.setdefault(ppid, []).append(int(p))
+    kids = sorted({c for cs in children.values() for c in cs})
+    cmds = transport.read_many([f"/proc/{c}/cmdline" for c in kids], limit=65536) if kids else {}
+    argv = {c: [a.decode("utf-8", "replace") for a in b.split(b"\0") if a]
+            for c in kids if isinstance(b := cmds.get(f"/proc/{c}/cmdline"), bytes)}
+    for s in todo:
+        naming = [c for c in children.get(s.shim_pid, []) if any(s.id in a for a in argv.get(c, []))]
+        vmms = [c for c in naming if posixpath.basename(argv[c][0]).startswith(_VMM_NAMES)]
+        others = [c for c in naming if "virtiofsd" not in posixpath.basename(argv[c][0])]
+        pick = vmms or others
+        if pick:
+            s.hypervisor_pid = pick[0]
+        elif not pids:
+            s.vmm_note = "runtime-rs persists no VMM pid, and the node's /proc is not visible"
+        else:
+            s.vmm_note = (f"runtime-rs persists no VMM pid, and no child of shim pid {s.shim_pid} "
+                          "names the sandbox")
 
 
 # -- liveness -----------------------------------------------------------------

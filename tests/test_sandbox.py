@@ -477,3 +477,66 @@ def test_runtime_rs_firecracker_socket_from_run_dir(tmp_path, jailed):
         assert sb.api_socket == f"/run/kata/{sid}/run/fc.sock"
     assert sb.api_socket == p.api_socket_node and sb.shim_socket == f"/run/kata/{sid}/shim-monitor.sock"
     assert sandbox.resolve(LocalTransport(root), sid[:6], check=False).state_file == sb.state_file
+
+
+def _child(argv0: str, *args: str):
+    """A real child process of this test (the 'shim') whose command line is argv0 + args."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([argv0, "-c", "import time; time.sleep(60)", *args], executable=sys.executable)
+
+
+def test_runtime_rs_vmm_found_through_the_shim(tmp_path):
+    """runtime-rs persists pid null: the VMM is the shim (Dragonball) or the shim's child
+    whose command line names the sandbox (QEMU -name sandbox-<id>); virtiofsd, also a child
+    naming the sandbox, is not the VMM. Before: hypervisorPid null for every one."""
+    with node() as n:
+        me = os.getpid()
+        q, c = "rsq" + "1" * 61, "rsc" + "2" * 61
+        n.rs("rsdb01", hypervisor="dragonball", pid=me)
+        n.rs(q, hypervisor="qemu", pid=me)
+        n.rs(c, hypervisor="clh", pid=me)
+        n.rs("rsnopid", hypervisor="qemu", pid=None)
+        procs = [_child("/opt/kata/libexec/virtiofsd", f"--socket-path=/run/kata/{q}/vhost-fs.sock"),
+                 _child("/opt/kata/bin/qemu-system-x86_64", "-name", f"sandbox-{q}"),
+                 _child("/opt/kata/bin/cloud-hypervisor", "--api-socket", f"/run/kata/{c}/ch-api.sock")]
+        try:
+            for t in (LocalTransport(n.root),):
+                sbs = {s.id: s for s in sandbox.discover(t)}
+                assert sbs["rsdb01"].hypervisor_pid == me and sbs["rsdb01"].shim_pid == me
+                assert sbs[q].hypervisor_pid == procs[1].pid and sbs[q].vmm_note is None
+                assert sbs[c].hypervisor_pid == procs[2].pid
+                assert sbs["rsnopid"].hypervisor_pid is None
+                assert "no shim.pid in the bundle" in sbs["rsnopid"].vmm_note
+                assert all(sbs[i].state == "running" for i in ("rsdb01", q, c))
+                assert sandbox.resolve(t, q[:8]).hypervisor_pid == procs[1].pid
+                assert sbs[q].to_dict()["shimPid"] == me
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+
+
+def test_inspect_threads_and_audit_cover_runtime_rs_vmms(cli):
+    """Before: inspect threads said 'no hypervisor pid recorded' and audit skipped them silently."""
+    with node() as n:
+        os.symlink("/sys", os.path.join(n.root, "sys"))
+        q = "rsq" + "3" * 61
+        n.rs(q, hypervisor="qemu", pid=os.getpid(), pod_name="q", pod_namespace="batch")
+        n.rs("rsnone", hypervisor="qemu", pid=None, pod_name="lost", pod_namespace="batch")
+        vmm = _child("/opt/kata/bin/qemu-system-x86_64", "-name", f"sandbox-{q}")
+        try:
+            r = cli(["--host-root", n.root, "inspect", "threads", "batch/q", "-o", "json"])
+            assert r.exit_code == 0, r.stderr
+            assert r.json()["pid"] == vmm.pid and r.json()["threads"] >= 1
+            r = cli(["--host-root", n.root, "inspect", "threads", "batch/lost", "-o", "json"])
+            assert r.exit_code == 3 and "runtime-rs persists no VMM pid" in r.json()["message"]
+            r = cli(["--host-root", n.root, "audit", "-o", "json"])
+            assert r.exit_code in (0, 8), r.stderr
+            said = [i for i in r.json()["items"] if i["check"] == "kata.unreadable"]
+            assert [i["target"] for i in said] == ["sandbox rsnone (pod batch/lost)"], said
+            assert "no shim.pid in the bundle" in said[0]["message"]
+        finally:
+            vmm.kill()
+            vmm.wait()

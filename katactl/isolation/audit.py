@@ -341,6 +341,12 @@ def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | Non
                   f"{op or 'kata_overhead'} outside the pod's offline CPU/memory limits",
                   ev, "set [runtime] sandbox_cgroup_only = true in the Kata configuration (new sandboxes)")
         if not sb.hypervisor_pid:
+            if sb.vmm_note:
+                # runtime-rs persists no VMM pid and it could not be found: say so, never skip silently
+                f.add("kata.unreadable", tgt, f"{sb.vmm_note}: its VMM threads were not checked",
+                      [{"file": f"{sb.bundle}/shim.pid" if sb.bundle else sb.state_file, "value": sb.shim_pid}],
+                      "run katactl where the node's /proc is visible (a host-root without /proc cannot "
+                      "show processes)")
             continue
         try:
             ths = threads.list_threads(node.t, sb.hypervisor_pid, hypervisor=sb.hypervisor,

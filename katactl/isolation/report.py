@@ -363,7 +363,8 @@ def inspect_threads(node: Node, ref: str | None, pid: int | None = None) -> dict
     if ref is not None:
         sb = node.resolve_sandbox(ref)
         if not sb.hypervisor_pid:
-            raise NotFound(f"sandbox {sb.id}: no hypervisor pid recorded in {sb.state_file}")
+            raise NotFound(f"sandbox {sb.id}: " + (sb.vmm_note or f"no hypervisor pid recorded in {sb.state_file}"),
+                           hint="give the VMM's pid with --pid PID")
         pid, hv = sb.hypervisor_pid, sb.hypervisor
         meta["sandbox"] = {"id": sb.id, "pod": sb.pod, "hypervisor": hv,
                            "sandboxCgroup": node.sandbox_cgroup(sb), "overheadCgroup": node.overhead_cgroup(sb),
