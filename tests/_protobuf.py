@@ -149,6 +149,8 @@ SCHEMAS: dict[str, dict[int, tuple[str, str]]] = {
     "Lease": {1: ("metadata", "msg:ObjectMeta"), 2: ("spec", "msg:LeaseSpec")},
 }
 
+OMIT_ZERO = {"ObjectMeta", "TypeMeta"}
+
 # kind (from the envelope's TypeMeta) -> message name
 KINDS = {k: k for k in ("Eviction", "DeleteOptions", "PodDisruptionBudget", "ConfigMap", "Namespace", "Lease")}
 
@@ -195,6 +197,8 @@ def decode_message(name: str, b: bytes) -> dict:
                 out.setdefault(key, []).append(_scalar(typ[4:], wt, v))
         else:
             out[key] = _scalar(typ, wt, v)
+    if name in OMIT_ZERO:  # Go value fields: gogo-protobuf always writes them; JSON would omit them
+        out = {k: v for k, v in out.items() if v not in ("", 0, False, "1970-01-01T00:00:00Z")}
     if name == "Unknown" and isinstance(out.get("raw"), str):
         out["raw"] = base64.b64decode(out["raw"])
     return out

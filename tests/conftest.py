@@ -17,7 +17,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-pytest_plugins = ["tests.conftest_lab", "tests.conftest_sshd"]
+pytest_plugins = ["tests.conftest_lab", "tests.conftest_sshd", "tests.conftest_kube"]
 
 
 # A test that needs a tool skips with "<tool> not installed" (or "missing") when it

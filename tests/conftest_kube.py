@@ -1,0 +1,55 @@
+"""Kubernetes API stand-in fixtures (a pytest plugin, listed in tests/conftest.py).
+
+- ``kube_server`` (session): one KubeStandIn (tests/kubeserver.py) for the whole run, HTTPS on
+  loopback, pod grace periods scaled by 0.01 (a 30 s grace takes 0.3 s).
+- ``kube`` (function): the same server after ``reset()`` (empty store but the default
+  namespaces, no faults, empty request log, default knobs).
+- ``kubectl_133``: path of a real kubectl 1.33, or skip "kubectl 1.33 not installed".
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.kubeserver import KubeStandIn
+
+KUBECTL_133_DEFAULT = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"
+
+
+def find_kubectl_133() -> str | None:
+    if os.access(KUBECTL_133_DEFAULT, os.X_OK):
+        return KUBECTL_133_DEFAULT
+    if shutil.which("dpkg"):
+        try:
+            out = subprocess.run(["dpkg", "-L", "kubectl"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        for line in out.splitlines():
+            if line.endswith("kubectl.1.33") and os.access(line, os.X_OK):
+                return line
+    return None
+
+
+@pytest.fixture(scope="session")
+def kube_server():
+    srv = KubeStandIn(grace_scale=0.01)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def kube(kube_server):
+    kube_server.reset()
+    yield kube_server
+    kube_server.reset()
+
+
+@pytest.fixture(scope="session")
+def kubectl_133():
+    path = find_kubectl_133()
+    if not path:
+        pytest.skip("kubectl 1.33 not installed")
+    return path
