@@ -495,6 +495,16 @@ def test_gc_name_output_is_the_node(cli, staged):
         assert r.exit_code == 0 and r.stdout == "localhost\n", (extra, r.stdout, r.stderr)
 
 
+def test_stage_symlink_chain_work_is_bounded(katactl_bin, node, tmp_path):
+    """issue 16 #7: a 60-link doubling chain is refused (exit 5) after a bounded number of
+    links followed, as the kernel's ELOOP, instead of 2^60 steps (a subprocess: a hang fails)."""
+    tb = fx.evil_tarball(str(tmp_path / "kata-static-6.6.6-amd64.tar.gz"), "symlink-doubling")
+    r = katactl_bin(["--host-root", node, "upgrade", "stage", tb, "--no-verify"], timeout=60)
+    assert r.exit_code == 5, r.stderr
+    assert "symlinks" in r.stderr and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert nothing_staged(node)
+
+
 def _cut_archives(tarballs, d) -> dict[str, str]:
     """Archives cut or damaged the ways a download or a disk cuts them (issue 16 #3, #17)."""
     import gzip

@@ -144,6 +144,13 @@ def make_tarball(base: str, version: str, out_dir: str, *, compression: str = "x
     return out
 
 
+def _dir_info(name: str) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type = tarfile.DIRTYPE
+    ti.mode = 0o755
+    return ti
+
+
 def evil_tarball(path: str, kind: str) -> str:
     """A tarball that must be refused; ``kind`` names the attack."""
     def add_file(tf, name, data=b"x", mode=0o644):
@@ -183,6 +190,10 @@ def evil_tarball(path: str, kind: str) -> str:
         elif kind == "file-then-child":
             add_file(tf, "./opt/kata/share/x", b"file")
             add_file(tf, "./opt/kata/share/x/y", b"under")
+        elif kind == "symlink-doubling":  # l_i -> l_{i-1}/../l_{i-1}: 2^n steps to resolve naively
+            tf.addfile(_dir_info("./opt/kata/share/l0"))
+            for i in range(1, 60):
+                add_link(tf, f"./opt/kata/share/l{i}", f"l{i - 1}/../l{i - 1}")
         elif kind == "hardlink-escape":
             add_link(tf, "./opt/kata/bin/passwd", "/etc/passwd", tarfile.LNKTYPE)
         elif kind == "device":

@@ -341,13 +341,22 @@ def _strip_prefix(names: list[str]) -> str:
     return ""
 
 
-def _resolve(path: str, links: dict[str, str], where: str, depth: int = 0) -> list[str]:
-    """Resolve a release-relative path through the archive's symlinks; refuse escapes."""
-    if depth > 40:
-        raise Refused(f"{where}: symlink loop at {path!r}")
+#: symlinks followed in one path resolution, at most (Linux's MAXSYMLINKS)
+MAX_SYMLINKS = 40
+
+
+def _resolve(path: str, links: dict[str, str], where: str, budget: list[int] | None = None) -> list[str]:
+    """Resolve a release-relative path through the archive's symlinks; refuse escapes.
+
+    Like the kernel, one resolution follows at most MAX_SYMLINKS links in all
+    (``budget`` is shared by the nested resolutions): a chain such as
+    ``l_i -> l_{i-1}/../l_{i-1}`` doubles the work per link and would otherwise
+    never finish."""
+    if budget is None:
+        budget = [MAX_SYMLINKS]
     out: list[str] = []
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    for i, p in enumerate(parts):
+    for p in parts:
         if p == "..":
             if not out:
                 raise Refused(f"{where}: a symlink resolves outside the release dir ({path!r})")
@@ -359,8 +368,12 @@ def _resolve(path: str, links: dict[str, str], where: str, depth: int = 0) -> li
             target = links[cur]
             if target.startswith("/"):
                 raise Refused(f"{where}: symlink {cur!r} -> {target!r} is absolute")
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise Refused(f"{where}: symlink loop or more than {MAX_SYMLINKS} symlinks to follow "
+                              f"at {cur!r}")
             base = "/".join(out[:-1])
-            out = _resolve(posixpath.join(base, target) if base else target, links, where, depth + 1)
+            out = _resolve(posixpath.join(base, target) if base else target, links, where, budget)
     return out
 
 
