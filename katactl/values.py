@@ -98,7 +98,7 @@ def parse_cpulist(text: str) -> list[int]:
     cpus: set[int] = set()
     for part in s.split(","):
         part = part.strip()
-        m = _CPU_RANGE.match(part)
+        m = _CPU_RANGE.fullmatch(part)
         if not m:
             raise UsageError(f"invalid CPU list {text!r}: bad element {part!r} (expected N or N-M, e.g. 0-3,8)")
         lo = int(m.group(1))
@@ -138,7 +138,7 @@ def parse_duration(text: str, *, allow_zero: bool = False, what: str = "duration
     if s.startswith("-"):
         raise UsageError(f"invalid {what} {text!r}: must not be negative")
     try:
-        if not _BARE_SECONDS.match(s):  # float() would take 1e3, 1_0 and non-ASCII digits
+        if not _BARE_SECONDS.fullmatch(s):  # float() would take 1e3, 1_0 and non-ASCII digits
             raise ValueError
         value = float(s)
     except ValueError:

@@ -170,6 +170,8 @@ def test_evil_tarballs_refused_and_nothing_written(cli, node, tmp_path, kind):
     (["@XZ@", "--as", ""], 2, "invalid --as"),
     (["@XZ@", "--as", "a b"], 2, "invalid --as"),
     (["@XZ@", "--as", "x" * 65], 2, "invalid --as"),
+    (["@XZ@", "--as", "1.0\n"], 2, "invalid --as"),       # created releases/1.0\n ($ before a newline)
+    (["@XZ@", "--sha256", "a" * 64 + "\n"], 2, "invalid --sha256"),
     (["@XZ@", "--sha256", "abc"], 2, "invalid --sha256"),
     (["@XZ@", "--reserve", "lots"], 2, "--reserve"),
     (["@XZ@", "--reserve", "-1Gi"], 2, "--reserve"),
@@ -262,6 +264,7 @@ def test_switch_all_runtime_agent_and_rollback(cli, staged):
     (["switch", "9.9.9"], 3, "not staged"),
     (["switch", "../etc"], 2, "invalid version"),
     (["switch", "current"], 2, "invalid version"),
+    (["switch", A + "\n"], 2, "invalid version"),
     (["switch", A, "--component", "kernel"], 2, "invalid --component"),
     (["switch", A, "--component", "agent"], 5, "switch --component all first"),
     (["rollback"], 3, "nothing to roll back"),

@@ -55,3 +55,21 @@ def test_parse_duration(text, expected):
 def test_parse_duration_rejects(bad):
     with pytest.raises(UsageError):
         parse_duration(bad)
+
+
+def test_validators_full_match_no_trailing_newline():
+    """issue 16 #4: '$' matches before a trailing newline; validation is a full match."""
+    from katactl.upgrade.layout import validate_version
+    from katactl.vmcore.capture import _check_sandbox_id
+
+    for call, arg in [(validate_version, "1.0\n"), (_check_sandbox_id, "abc\n")]:
+        with pytest.raises(UsageError):
+            call(arg)
+
+
+def test_parsers_full_match_no_trailing_newline():
+    from katactl.isolation.threads import vcpu_index
+    from katactl.vmcore.dumps import dump_timestamp
+
+    assert vcpu_index("CPU 1/KVM", "qemu") == 1 and vcpu_index("CPU 1/KVM\n", "qemu") is None
+    assert dump_timestamp("vmcore-20240101000000.elf") and dump_timestamp("vmcore-20240101000000.elf\n") is None

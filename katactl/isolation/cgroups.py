@@ -505,7 +505,7 @@ def classify(cgpath: str) -> dict:
             info["level"] = "qos"
             rest = rest[1:]
         if rest:
-            m = _SYSTEMD_POD.match(rest[0])
+            m = _SYSTEMD_POD.fullmatch(rest[0])
             if m:
                 info["qos"] = m.group(1) or "guaranteed"
                 info["podUid"] = m.group(2).replace("_", "-")
@@ -522,7 +522,7 @@ def _leaf(info: dict, rest: list[str]) -> None:
     if name.startswith("kata_") or name.startswith("kata-"):
         info["level"], info["sandbox"] = "sandbox", name[5:].removesuffix(".scope")
         return
-    m = _CTR_SCOPE.match(name)
+    m = _CTR_SCOPE.fullmatch(name)
     info["level"] = "container"
     info["container"] = m.group(1) if m else name
 

@@ -114,7 +114,7 @@ def inspect_cgroup(node: Node, target: str | None, pid: int | None = None) -> di
                 cgroups.append((f"process ({lab})" if len(seen) > 1 else "process", p))
     elif target.startswith("/"):
         cgroups.append(("path", fs.resolve_path(target)))
-    elif target.startswith("pod/") and _UID_RE.match(target[4:]) or _UID_RE.match(target):
+    elif target.startswith("pod/") and _UID_RE.fullmatch(target[4:]) or _UID_RE.fullmatch(target):
         uid = target.removeprefix("pod/").replace("_", "-")
         cgroups.append(("pod", find_pod_cgroup(node, uid)))
     else:

@@ -36,7 +36,7 @@ def parse_schemata(text: str) -> list[dict]:
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
-        m = _LINE.match(raw)
+        m = _LINE.fullmatch(raw)
         if not m:
             raise SchemataError(f"line {n} {raw.strip()!r}: expected RESOURCE:ID=VALUE;ID=VALUE")
         res, body = m.group(1).upper(), m.group(2)
@@ -44,13 +44,13 @@ def parse_schemata(text: str) -> list[dict]:
             raise SchemataError(f"line {n} {raw.strip()!r}: no domains after '{m.group(1)}:'")
         doms: dict[int, str] = {}
         for part in body.split(";"):
-            dm = _DOM.match(part)
+            dm = _DOM.fullmatch(part)
             if not dm:
                 raise SchemataError(f"line {n} {raw.strip()!r}: bad domain {part.strip()!r} (expected ID=VALUE)")
             did, val = int(dm.group(1)), dm.group(2)
             if did in doms:
                 raise SchemataError(f"line {n} {raw.strip()!r}: cache id {did} appears twice")
-            if CACHE_RES.match(res):
+            if CACHE_RES.fullmatch(res):
                 if not re.fullmatch(r"[0-9a-fA-F]+", val):
                     raise SchemataError(f"line {n} {raw.strip()!r}: mask {val!r} for id {did} is not hexadecimal")
             elif res.startswith("MB") or res == "SMBA":
@@ -107,7 +107,7 @@ def decode_schemata(lines: list[dict], info: dict, mba_mbps: bool = False) -> li
     out = []
     for ln in lines:
         res = ln["resource"]
-        m = CACHE_RES.match(res)
+        m = CACHE_RES.fullmatch(res)
         doms = []
         if m:
             base = info.get(m.group(1), {})

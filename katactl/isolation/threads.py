@@ -23,7 +23,7 @@ POLICIES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 
 def vcpu_index(comm: str, hypervisor: str | None) -> int | None:
     pats = [VCPU_PATTERNS[hypervisor]] if hypervisor in VCPU_PATTERNS else _ANY_VCPU
     for p in pats:
-        m = p.match(comm)
+        m = p.fullmatch(comm)
         if m:
             return int(m.group(1))
     return None

@@ -66,7 +66,7 @@ def fault(point: str, n: int | None = None) -> None:
 
 
 def validate_version(v: str | None, what: str = "version") -> str:
-    if v is None or not _VERSION_RE.match(v) or v in _RESERVED or v in (".", ".."):
+    if v is None or not _VERSION_RE.fullmatch(v) or v in _RESERVED or v in (".", ".."):
         raise UsageError(f"invalid {what} {v!r}: expected 1-64 characters of A-Z a-z 0-9 . _ + ~ -, "
                          "starting with a letter or digit")
     return v

@@ -605,7 +605,7 @@ def _stage(t, L, source, version, sha256, no_verify, reserve, force, dry_run, lo
     if sha256 is not None:
         if kind == "dir":
             raise UsageError("--sha256 checks a tarball; a directory source needs a SHA256SUMS manifest")
-        if not src._HEX64.match(sha256):
+        if not src._HEX64.fullmatch(sha256):
             raise UsageError(f"invalid --sha256 {sha256!r}: expected 64 hex digits")
     verified: list[str] = []
     source_sha = None

@@ -468,7 +468,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         parts = line.split(None, 1)
-        if len(parts) != 2 or not _HEX64.match(parts[0]):
+        if len(parts) != 2 or not _HEX64.fullmatch(parts[0]):
             raise Refused(f"{where}: line {i} is not '<sha256>  <path>'")
         name = parts[1].lstrip("*")
         out[normalize(name, where)] = parts[0].lower()
@@ -489,7 +489,7 @@ def sidecar_sha256(path: str) -> str | None:
         if os.path.isfile(p):
             with open(p, encoding="utf-8", errors="replace") as f:
                 tok = (f.read(4096).split() or [""])[0]
-            if not _HEX64.match(tok):
+            if not _HEX64.fullmatch(tok):
                 raise Refused(f"{p}: does not start with a sha256 hex digest")
             return tok.lower()
     return None

@@ -129,7 +129,7 @@ def runtime_panic_dump(transport, sandbox, qmp_client, dump_path: str, paging: b
 
 
 def _check_sandbox_id(sid: str) -> None:
-    if not isinstance(sid, str) or not _ID_RE.match(sid):
+    if not isinstance(sid, str) or not _ID_RE.fullmatch(sid):
         raise UsageError(f"invalid sandbox id {sid!r}")
 
 

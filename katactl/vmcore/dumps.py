@@ -109,14 +109,14 @@ def check_ref(ref: str) -> str:
     if ref.startswith("/"):
         check_abs(ref, "dump path")
         parts = ref.split("/")
-        if posixpath.normpath(ref) != ref or len(parts) < 4 or not DUMP_RE.match(parts[-1]):
+        if posixpath.normpath(ref) != ref or len(parts) < 4 or not DUMP_RE.fullmatch(parts[-1]):
             raise UsageError(f"invalid dump path {ref!r}: expected DIR/SANDBOX-ID/vmcore-<time>.elf")
         sbmod.validate_id(parts[-2])
         return ref
-    if DUMP_RE.match(ref):
+    if DUMP_RE.fullmatch(ref):
         return ref
     head, _, tail = ref.rpartition("/")
-    if head and DUMP_RE.match(tail) and "/" not in head:
+    if head and DUMP_RE.fullmatch(tail) and "/" not in head:
         sbmod.validate_id(head)
         return ref
     if "/" not in ref:
@@ -179,7 +179,7 @@ def dump_timestamp(name: str, tz=None) -> str | None:
     The name holds the node's local time without a zone (Go's
     ``Format("20060102150405.999")``, trailing zeros trimmed); tz is the node's
     zone (:func:`node_zone`; default UTC)."""
-    m = DUMP_RE.match(name)
+    m = DUMP_RE.fullmatch(name)
     if not m:
         return None
     whole, _, frac = m.group(1).partition(".")
@@ -323,7 +323,7 @@ def list_dumps(transport, *, dump_path: str | None = None, kata_config: str | No
             names = transport.listdir(d)
         except (NotADirectoryError, FileNotFoundError, PermissionError):
             continue
-        dumps = [n for n in names if DUMP_RE.match(n)]
+        dumps = [n for n in names if DUMP_RE.fullmatch(n)]
         if not dumps:
             continue
         pod = pod_of(transport, d, sid)
@@ -447,7 +447,7 @@ def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list
             raise
         sdir = posixpath.dirname(d["path"])
         try:
-            rest = [n for n in transport.listdir(sdir) if DUMP_RE.match(n)]
+            rest = [n for n in transport.listdir(sdir) if DUMP_RE.fullmatch(n)]
             if not rest:
                 transport.remove(sdir, recursive=True)
                 item["removedDir"] = sdir
