@@ -174,8 +174,15 @@ def scrape_all(transport, sandboxes, *, timeout: float, workers: int = 32) -> di
 
     if not sandboxes:
         return {}
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sandboxes)))) as ex:
-        return dict(ex.map(one, sandboxes))
+    ex = ThreadPoolExecutor(max_workers=max(1, min(workers, len(sandboxes))), thread_name_prefix="katactl-scrape")
+    try:
+        out = dict(ex.map(one, sandboxes))
+    except BaseException:
+        # Ctrl-C: never wait for a scrape stuck on a shim (the CLI exits without it)
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
+    return out
 
 
 def fill_from_processes(transport, sandboxes, samples: dict) -> None:

@@ -1,6 +1,7 @@
 """katactl top: snapshot figures, CPU deltas, concurrent scrapes, live TTY view (issue 3)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -150,27 +151,72 @@ def test_ctrl_c_during_a_snapshot_is_exit_130_in_one_line(tree):
     assert d["kind"] == "Error" and d["code"] == "Interrupted" and d["exitCode"] == 130
 
 
-def test_ctrl_c_ends_the_live_view_with_exit_130(tree):
+def _ctrl_c_live_top(root, ready, *extra):
+    """Start a live top on a terminal, wait for ready(screen bytes), send one SIGINT:
+    (exit code or None if it did not end, screen text)."""
     import signal
 
-    p, master = start_on_pty([sys.executable, "-m", "katactl", "--host-root", tree.root, "top",
+    p, master = start_on_pty([sys.executable, "-m", "katactl", "--host-root", root, *extra, "top",
                               "--interval", "300s"], COLUMNS="160", LINES="40")
     out = b""
     try:
-        while b"katactl top" not in out:  # the first frame is on screen
-            data = read_some(master, 60)
-            assert data, out
+        while not ready(out):
+            data = read_some(master, 0.2)
+            assert data is not None, out
             out += data
         p.send_signal(signal.SIGINT)
-        rc = p.wait(timeout=60)
+        try:
+            rc = p.wait(timeout=30)   # a hang guard: the scrape it abandons would take 120s
+        except subprocess.TimeoutExpired:
+            rc = None
         while (data := read_some(master, 1)):
             out += data
     finally:
         p.kill()
+        p.wait()
         os.close(master)
-    text = out.decode("utf-8", "replace")
-    assert rc == 130, text
-    assert text.count("katactl: error: interrupted") == 1 and "Traceback" not in text
+    return rc, out.decode("utf-8", "replace")
+
+
+def test_ctrl_c_ends_the_live_view_quietly(tree):
+    """Ctrl-C is the live view's documented stop: exit 0, no error line (issue 16, 6)."""
+    rc, text = _ctrl_c_live_top(tree.root, lambda out: b"katactl top" in out)
+    assert rc == 0, text
+    assert "error" not in text and "interrupted" not in text and "Traceback" not in text
+
+
+def test_one_ctrl_c_stops_top_stuck_on_a_shim():
+    """A scrape blocked on a hung shim does not hold the exit: the first Ctrl-C ends
+    katactl, live or snapshot (issue 16, finding 6)."""
+    import signal
+    import time
+
+    with node() as n:
+        n.go("okay01")
+        n.go("hang02", flavour_kw={"fault": "hang"})
+        srv = n.server("hang02")
+        rc, text = _ctrl_c_live_top(n.root, lambda out: bool(srv._hung) and time.sleep(0.3) is None,
+                                    "--request-timeout", "120s")
+        assert rc == 0, text
+        assert "Traceback" not in text and "interrupted" not in text
+        srv._hung.clear()
+        p = subprocess.Popen([sys.executable, "-m", "katactl", "-o", "json", "--host-root", n.root,
+                              "--request-timeout", "120s", "top", "--interval", "300s"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            end = time.monotonic() + 60
+            while not srv._hung:
+                assert time.monotonic() < end, "top never reached the hung shim"
+                time.sleep(0.05)
+            time.sleep(0.3)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=30)
+        finally:
+            p.kill()
+            p.wait()
+        assert p.returncode == 130, err
+        assert err == "katactl: error: interrupted\n"
+        assert json.loads(out)["code"] == "Interrupted"
 
 
 def test_top_fleet_library_without_cli(tree):

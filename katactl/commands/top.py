@@ -45,8 +45,10 @@ def top(
     used/available (kata_guest_meminfo), balloon size (kata_guest_vm_stat
     balloon_inflate) and shim/hypervisor RSS. All shims are scraped concurrently.
 
-    On a terminal the view refreshes every --interval until Ctrl-C; with -o
-    json/yaml or in a pipe it prints one snapshot (two scrapes --interval apart).
+    On a terminal the view refreshes every --interval until Ctrl-C, which ends
+    it at once and quietly with exit 0 (its normal stop, as procps top and watch
+    do); with -o json/yaml or in a pipe it prints one snapshot (two scrapes
+    --interval apart), and Ctrl-C there is an interruption (exit 130).
     A shim that does not answer is a row with an error; the snapshot then exits
     4 (partial failure), or that error's code when no shim answered.
 
@@ -84,7 +86,8 @@ def top(
 
 def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | None) -> None:
     """The Rich Live view: a frame per metrics.TopFleet refresh until --iterations or
-    Ctrl-C (which ends it like any interrupted command: exit 130, one line)."""
+    Ctrl-C, the live view's documented way to stop: exit 0, no message, at once (a
+    scrape stuck on a shim is abandoned; katactl.cli.main does not wait for it)."""
     import time
 
     from rich.console import Console
@@ -97,7 +100,10 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
     from katactl.output import Column, printable
 
     fleet = metrics.TopFleet(app_ctx.settings, timeout=timeout)
-    rows, errors = fleet.refresh(sort)
+    try:
+        rows, errors = fleet.refresh(sort)
+    except KeyboardInterrupt:
+        return
     if errors and not fleet.multi:  # one node: its failure is the command's, as without a TTY
         raise next(iter(errors.values()))
     cols = [c for c in _columns() if app_ctx.out.fmt == "wide" or not c.wide]
@@ -116,8 +122,11 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
         return t
 
     n = 0
-    with Live(frame(rows, errors), console=console, auto_refresh=False, screen=False) as lv:
-        while iterations is None or n < iterations - 1:
-            time.sleep(ival)
-            lv.update(frame(*fleet.refresh(sort)), refresh=True)
-            n += 1
+    try:
+        with Live(frame(rows, errors), console=console, auto_refresh=False, screen=False) as lv:
+            while iterations is None or n < iterations - 1:
+                time.sleep(ival)
+                lv.update(frame(*fleet.refresh(sort)), refresh=True)
+                n += 1
+    except KeyboardInterrupt:
+        return
