@@ -1379,13 +1379,14 @@ class KubeStandIn:
         old = self.store.get(self._key(res, ns, name))
         if old is None:
             raise not_found(res, name)
+        cur = copy.deepcopy(old)  # patch results share untouched sub-objects with their input
         try:
             if ctype == "application/json-patch+json":
-                new = json_patch(old, doc)
+                new = json_patch(cur, doc)
             elif ctype == "application/merge-patch+json":
-                new = merge_patch(old, doc)
+                new = merge_patch(cur, doc)
             else:
-                new = strategic_merge_patch(old, doc)
+                new = strategic_merge_patch(cur, doc)
         except AssertionError as e:
             raise ApiError(422, "Invalid", str(e)) from None
         except (KeyError, IndexError, ValueError, TypeError) as e:
