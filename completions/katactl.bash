@@ -51,7 +51,7 @@ _katactl() {
         esac
     done
     case "$prev" in
-        -o|--output) COMPREPLY=($(compgen -W "table wide json yaml name jsonl" -- "$cur")); return ;;
+        -o|--output) COMPREPLY=($(compgen -W "table wide plain json yaml name jsonl markdown" -- "$cur")); return ;;
         --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in

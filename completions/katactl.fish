@@ -13,7 +13,7 @@ complete -c katactl -n '__fish_use_subcommand' -a vmcore -d 'Guest memory dumps:
 complete -c katactl -n '__fish_use_subcommand' -a upgrade -d 'A/B upgrade of runtime and agent: stage, switch, rollback, s'
 complete -c katactl -n '__fish_use_subcommand' -a inspect -d 'Host isolation as it is: cgroup, bvt, memcg, rdt, threads.'
 complete -c katactl -n '__fish_use_subcommand' -a audit -d 'Check the co-location isolation policy (exit 8 on findings).'
-complete -c katactl -s o -l output -r -a 'table wide json yaml name jsonl' -d 'Output format: table, wide, plain, json, yaml, name, jsonl'
+complete -c katactl -s o -l output -r -a 'table wide plain json yaml name jsonl markdown' -d 'Output format: table, wide, plain, json, yaml, name, jsonl, '
 complete -c katactl -s N -l node -r -d 'Act on NODE over SSH (repeatable; a,b,c; @group)'
 complete -c katactl -l nodes-from -r -F -d 'Read node names from FILE (\'-\' = stdin)'
 complete -c katactl -s l -l selector -r -d 'Kubernetes node label selector'

@@ -3,8 +3,10 @@
 Data goes to stdout, everything else (messages, warnings, progress) to stderr.
 Formats: table (Rich, TTY only), plain (what "table" becomes when stdout is not
 a TTY: no colour, no wrapping, one record per line), wide, json, yaml, name,
-jsonl (events for automation). Rich is imported only when a TTY table or a
-progress bar is actually drawn: pipes and --help never pay for it.
+jsonl (events for automation), markdown (a GitHub pipe table with -o wide's
+columns, for incident notes). Rich is imported only when a TTY table or a
+progress bar is actually drawn, tabulate only for -o markdown: pipes and --help
+never pay for them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import sys
 from typing import Any, Callable
 
 API_VERSION = "katactl/v1"
-FORMATS = ("table", "wide", "plain", "json", "yaml", "name", "jsonl")
+FORMATS = ("table", "wide", "plain", "json", "yaml", "name", "jsonl", "markdown")
+#: the formats that show a command's human view (a table, or an object described)
+HUMAN_FORMATS = ("table", "plain", "wide", "markdown")
 
 
 @dataclasses.dataclass
@@ -164,6 +168,11 @@ class Output:
     def machine(self) -> bool:
         return self.fmt in ("json", "yaml", "jsonl", "name")
 
+    @property
+    def human(self) -> bool:
+        """A human view (table, plain, wide, markdown), not a data format."""
+        return self.fmt in HUMAN_FORMATS
+
     # -- messages (stderr) --------------------------------------------------
     # Messages are one line each and may quote data: printable() keeps both true.
     def info(self, msg: str) -> None:
@@ -208,6 +217,13 @@ class Output:
             rows = result.items if result.items is not None else ([result.item] if result.item else [])
             for it in rows:
                 self._write(_cell(_dig(it, result.name_key)) + "\n")
+        elif fmt == "markdown":
+            if result.items is not None:
+                self._markdown(result)
+            elif result.item is not None:
+                self._write(markdown_block(describe(result.item)))
+            if result.summary:
+                self.info(result.summary)
         else:
             if result.items is not None:
                 self._table(result, wide=(fmt == "wide"))
@@ -252,11 +268,29 @@ class Output:
             lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
         self._write("\n".join(lines) + "\n")
 
+    def _markdown(self, result: Result) -> None:
+        """A GitHub pipe table (tabulate's "github" format) with -o wide's columns;
+        every cell escaped (markdown_cell) so data never breaks the table or renders
+        as markup."""
+        cols = self._columns(result, wide=True)
+        rows = [[markdown_cell(c.value(it)) for c in cols] for it in result.items or []]
+        if not rows:
+            if result.summary is None:
+                self.info(f"No {_plural_noun(result.kind)} found.")
+            return
+        from tabulate import tabulate  # lazy: only -o markdown pays for it
+
+        self._write(tabulate(rows, headers=[markdown_cell(c.header) for c in cols], tablefmt="github",
+                             disable_numparse=True) + "\n")
+
     def text(self, s: str) -> None:
         """A command's native text on stdout (Prometheus exposition, iptables-save rules):
         exact in a pipe or file, so tools can read it back; on a terminal each line is
-        printable() (a peer's escape sequences never reach it)."""
-        if self.stdout_tty:
+        printable() (a peer's escape sequences never reach it). With -o markdown it is a
+        fenced code block of printable() lines."""
+        if self.fmt == "markdown":
+            s = markdown_block("".join(printable(line) + "\n" for line in s.splitlines()))
+        elif self.stdout_tty:
             s = "".join(printable(line) + "\n" for line in s.splitlines())
         elif s and not s.endswith("\n"):
             s += "\n"
@@ -265,6 +299,24 @@ class Output:
     def _write(self, s: str) -> None:
         self.stdout.write(s)
         self.stdout.flush()
+
+
+# Markdown: a backslash escapes any ASCII punctuation (CommonMark), and "\|" is GFM's way to put
+# a pipe in a table cell. The backslash itself first, so data cannot forge an escape; then
+# the characters that would end a cell or start markup (code spans, emphasis, links, HTML).
+_MD_SPECIAL = re.compile(r"([\\|`*_\[\]<>])")
+
+
+def markdown_cell(s: str) -> str:
+    """A table cell's text escaped for a GitHub pipe table (s is already printable())."""
+    return _MD_SPECIAL.sub(r"\\\1", s)
+
+
+def markdown_block(text: str) -> str:
+    """text as a fenced code block: a fence longer than any backtick run in it."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text.rstrip(chr(10))}\n{fence}\n"
 
 
 def describe(d: dict, indent: int = 0) -> str:

@@ -69,3 +69,29 @@ def test_jsonl_every_stdout_line_is_one_json_object(lab, cli):
         assert all(d["apiVersion"] == "katactl/v1" for d in lines)
         assert lines[-1]["kind"] == "BalloonChange" and "changed" in lines[-1]
         assert {d["kind"] for d in lines[:-1]} <= {"BalloonProgress"}
+
+
+@pytest.mark.parametrize("args", LAB_READS, ids=lambda a: " ".join(a))
+def test_markdown_on_the_lab(lab, cli, args):
+    """-o markdown: a command that prints a table prints a GitHub pipe table with -o wide's
+    columns (a row per -o wide row); one object is a fenced block (issue 20)."""
+    import re
+
+    argv = [a.format(pod=lab.pod("qemu-0")) for a in args]
+    r = cli(["--host-root", lab.root, "-o", "markdown", *argv])
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    wide = cli(["--host-root", lab.root, "-o", "wide", *argv])
+    if not lines:  # nothing to list (no dumps, no RDT, no releases): as with -o wide
+        assert wide.stdout == "" and r.stderr
+        return
+    if lines[0].startswith("```"):
+        assert lines[-1] == lines[0][:len(lines[-1])] and len(lines) > 2
+        return
+    assert re.fullmatch(r"\|(-+\|)+", lines[1]), r.stdout
+    assert all(ln.startswith("| ") and ln.endswith(" |") for ln in lines[:1] + lines[2:])
+    if "top" in args:  # a live figure: the columns are the same, the rows differ in numbers
+        assert [c.strip() for c in lines[0].strip("|").split("|")] == wide.stdout.splitlines()[0].split()
+        return
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == wide.stdout.splitlines()[0].split()
+    assert len(lines) - 2 == len(wide.stdout.splitlines()) - 1

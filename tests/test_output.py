@@ -182,3 +182,94 @@ def test_native_text_is_exact_in_a_pipe_and_escaped_on_a_terminal():
     Output("table", stdout=tty).text(rules)
     assert piped.getvalue() == rules + "\n"  # iptables-restore reads back what get printed
     assert "\x1b" not in tty.getvalue() and "\\x1b]0;x\\x07" in tty.getvalue()
+
+
+# -- -o markdown (issue 20) -------------------------------------------------------------
+MD_HOSTILE = [{"name": "pipe|in`name`", "pod": {"name": "a\\|b *x* _y_ [l](u) <b>", "namespace": "ns"},
+               "mem": 1, "note": "back\\slash ``two``"}]
+
+
+def _md_rows(text: str) -> list[list[str]]:
+    """A GitHub pipe table read back: '\\X' is a literal X, an unescaped '|' ends a cell."""
+    lines = text.splitlines()
+    assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[1]), lines[1]
+    rows = []
+    for ln in [lines[0]] + lines[2:]:
+        assert ln.startswith("| ") and ln.endswith(" |"), ln
+        cells, cur, i = [], "", 1
+        while i < len(ln) - 1:
+            ch = ln[i]
+            if ch == "\\":
+                cur += ln[i + 1]
+                i += 2
+                continue
+            if ch == "|":
+                cells.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+            i += 1
+        cells.append(cur.strip())
+        rows.append(cells)
+    return rows
+
+
+def test_markdown_is_a_pipe_table_with_wide_columns_that_reads_back():
+    items = ITEMS + MD_HOSTILE
+    text, err = render("markdown", Result(kind="SandboxList", items=items, columns=COLS))
+    rows = _md_rows(text)
+    assert rows[0] == ["NAME", "POD", "MEM", "NOTE"]  # -o wide's columns
+    assert rows[1:] == [[c.value(it) for c in COLS] for it in items]  # the same cells as -o wide
+    assert "two\\\\nlines" in text  # a newline in data: escaped, never a broken row
+    assert len(text.splitlines()) == 2 + len(items) and err == ""
+
+
+def test_markdown_renders_as_a_table_with_the_data_as_text():
+    """A real CommonMark+GFM-tables parser sees one table whose cells are the data,
+    with no code span, emphasis, link or HTML made of it."""
+    markdown_it = pytest.importorskip("markdown_it")
+    text, _ = render("markdown", Result(kind="SandboxList", items=MD_HOSTILE, columns=COLS))
+    tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(text)
+    kinds = {t.type for t in tokens} | {c.type for t in tokens for c in (t.children or [])}
+    assert "table_open" in kinds and not kinds & {"code_inline", "em_open", "strong_open", "link_open",
+                                                   "html_inline"}
+    import html
+
+    page = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
+    cells = [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", page)]
+    assert cells == [c.value(MD_HOSTILE[0]) for c in COLS]  # rendered text == the data
+    assert cells[0] == "pipe|in`name`" and cells[1] == "ns/a\\|b *x* _y_ [l](u) <b>"
+
+
+def test_markdown_multi_node_and_objects():
+    text, _ = render("markdown", Result(kind="SandboxList", items=[dict(ITEMS[0], node="n1")], columns=COLS,
+                                       multi_node=True))
+    assert _md_rows(text)[0] == ["NODE", "NAME", "POD", "MEM", "NOTE"]
+    text, _ = render("markdown", Result(kind="Balloon", item={"target": "```x```", "nested": {"a": 1}}))
+    assert text.startswith("````text\n") and text.endswith("\n````\n") and "target: ```x```" in text
+    text, err = render("markdown", Result(kind="SandboxList", items=[], columns=COLS))
+    assert text == "" and "No sandboxes found." in err
+
+
+def test_markdown_from_the_cli_escapes_pod_names(cli):
+    """sandbox list -o markdown: pod names with '|' and backticks stay in their cell."""
+    from tests._katanode import node
+
+    with node() as tree:
+        tree.go("mdpipe01", serve=False, pod_name="web|0`x`", pod_namespace="ns")
+        tree.go("mdplain2", serve=False, pod_name="db", pod_namespace="ns")
+        wide = cli(["--host-root", tree.root, "sandbox", "list", "--no-check", "-o", "wide"])
+        r = cli(["--host-root", tree.root, "sandbox", "list", "--no-check", "-o", "markdown"])
+    assert r.exit_code == 0, r.stderr
+    assert "web\\|0\\`x\\`" in r.stdout
+    rows = _md_rows(r.stdout)
+    assert rows[0] == wide.stdout.splitlines()[0].split()  # the same columns as -o wide
+    pods = {row[0]: row[rows[0].index("POD")] for row in rows[1:]}
+    assert pods == {"mdpipe01": "ns/web|0`x`", "mdplain2": "ns/db"}
+
+
+def test_markdown_is_an_output_format():
+    from katactl.cli import OUTPUT_HELP
+    from katactl.output import FORMATS
+
+    assert "markdown" in FORMATS and "markdown" in OUTPUT_HELP

@@ -75,7 +75,7 @@ def _render(app_ctx, res) -> None:
 
     for w in res.item.get("warnings") or []:
         app_ctx.out.warn(w)
-    if app_ctx.out.fmt in ("table", "plain", "wide"):
+    if app_ctx.out.human:
         h = _human(res.item)
         if res.changed is not None:
             h["changed"] = res.changed

@@ -30,7 +30,7 @@ def view(ctx: typer.Context) -> None:
     items = s.view()
     item = {"configFile": config.config_path(), "profile": s.profile,
             "nodeGroups": {k: list(v) for k, v in s.node_groups.items()}, "settings": items}
-    if app_ctx.out.fmt in ("table", "plain", "wide", "name"):
+    if app_ctx.out.human or app_ctx.out.fmt == "name":
         finish(app_ctx, Result(kind="Config", items=items, columns=[
             Column("SETTING", "name"), Column("VALUE", "value"), Column("SOURCE", "source")]))
         app_ctx.out.info(f"config file: {item['configFile']}" + (f" (profile {s.profile})" if s.profile else ""))

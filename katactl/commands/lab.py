@@ -35,7 +35,7 @@ def _render(app_ctx, st: dict, *, mutating: bool = False) -> None:
     else:
         summary = (f"lab {st.get('status')} at {st.get('root')} (daemon pid {st.get('pid')}); "
                    f"use: katactl --host-root {st.get('root')} sandbox list")
-    if app_ctx.out.fmt in ("table", "plain", "wide", "name"):
+    if app_ctx.out.human or app_ctx.out.fmt == "name":
         finish(app_ctx, Result(kind="LabSandboxList", items=items, columns=_columns(), name_key="id",
                                summary=summary, changed=res.changed, dry_run=res.dry_run))
         return

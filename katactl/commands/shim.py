@@ -24,7 +24,7 @@ def _on_sandbox(app_ctx, target: str, op, *args, **kw) -> dict:
 
 def _text_out(app_ctx) -> bool:
     """Text output (not json/yaml): the endpoint's own text is the data."""
-    return app_ctx.out.fmt in ("plain", "table", "wide", "name")
+    return app_ctx.out.human or app_ctx.out.fmt == "name"
 
 
 @app.command("agent-url")

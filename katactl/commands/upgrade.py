@@ -177,7 +177,7 @@ def status(
     from katactl.output import Column
 
     app_ctx, layout, _lt, _ow = _common(ctx, kata_root, None)
-    if app_ctx.out.fmt in ("table", "plain", "wide", "name"):
+    if app_ctx.out.human or app_ctx.out.fmt == "name":
         if sandboxes:
             fan_out_list(app_ctx, lambda t: upgrade.status(t, layout)["sandboxes"], kind="UpgradeSandboxList",
                          name_key="id", columns=[
