@@ -324,14 +324,14 @@ def _fill_go(sb: Sandbox, p: dict) -> None:
     sb.image = _str(_d(hc, "ImagePath"))
     sb.initrd = _str(_d(hc, "InitrdPath"))
     sb.hypervisor_path = _str(_d(hc, "HypervisorPath"))
-    sb.guest_memory_dump_path = _str(_d(hc, "GuestMemoryDumpPath"))
+    # GuestMemoryDumpPath, ReclaimGuestFreedMemory, EnablePprof and ExtraMonitorSocket are
+    # not in persist.json (virtcontainers/sandbox.go dumpConfig does not write them): they
+    # come from the configuration the shim used (apply_config)
     sb.virtio_mem = _d(hc, "VirtioMem")
-    sb.reclaim_guest_freed_memory = _d(hc, "ReclaimGuestFreedMemory")
     sb.sandbox_cgroup_path = _str(_d(p, "SandboxCgroupPath"))
     sb.overhead_cgroup_path = _str(_d(p, "OverheadCgroupPath"))
     sb.sandbox_cgroup_only = _bool(_d(cfg, "SandboxCgroupOnly"))
     sb.agent_url = _str(_d(p, "AgentState", "URL"))
-    sb.enable_pprof = _bool(_d(cfg, "EnablePprof"))
     api = _str(_d(hs, "APISocket"))
     if api is None:
         vm = f"{GO_VM}/{sb.id}"
@@ -472,6 +472,7 @@ def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
     data.update(transport.read_many([p for p in files if p not in bad], limit=STATE_LIMIT + 1))
     out = [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands)]
     find_rs_vmms(transport, out)
+    apply_config(transport, out)
     return out
 
 
@@ -488,7 +489,7 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
             ann = spec.get("annotations") if isinstance(spec, dict) else None
             sb.annotations = ann if isinstance(ann, dict) else {}
             sb.pod, sb.cri = _pod_from_annotations(sb.annotations)
-            if sb.annotations.get("io.katacontainers.config.runtime.enable_pprof") == "true":
+            if _parse_bool(sb.annotations.get("io.katacontainers.config.runtime.enable_pprof")):
                 sb.enable_pprof = True
         except OSError as e:
             if e.errno is None and e.strerror is None:  # present but not a regular file
@@ -514,14 +515,58 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
         except Exception as e:  # a schema we do not know must not hide the sandbox
             sb.state, sb.reason = "unknown", f"unexpected {posixpath.basename(state_file)} shape: {e}"
             obj = None
-    if sb.enable_pprof is None and sb.annotations is not None:
-        sb.enable_pprof = False
     sb.created = created if created is not None else dir_mtime
     if runtime == "go" and sb.hypervisor == "qemu":
         em = f"{GO_VM}/{sid}/extra-monitor.sock"
         if not isinstance(stats.get(em), (OSError, type(None))):
             sb.extra_monitor_socket = em
     return sb
+
+
+def _parse_bool(v) -> bool | None:
+    """Go's strconv.ParseBool, as the runtime reads boolean annotations: 1 t T TRUE true
+    True / 0 f F FALSE false False; anything else is not a boolean (None)."""
+    if not isinstance(v, str):
+        return None
+    if v in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if v in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    return None
+
+
+def apply_config(transport, sbs: list[Sandbox]) -> None:
+    """Fill what only the configuration file holds: guest_memory_dump_path,
+    reclaim_guest_freed_memory, enable_pprof (the annotation wins when it says true) and
+    the extra monitor's protocol, from the node's effective configuration for the
+    sandbox's runtime (katactl.katacfg: search order and config.d drop-ins). The Go
+    runtime never persists them. An HMP extra monitor is not offered as a QMP socket.
+    An unreadable configuration leaves them unknown (None)."""
+    from katactl import katacfg
+
+    cache: dict[str, Any] = {}
+    for sb in sbs:
+        if sb.raw is None:
+            continue
+        if sb.runtime not in cache:
+            try:
+                cache[sb.runtime] = katacfg.load(transport, runtime=sb.runtime)
+            except Exception:  # noqa: BLE001 - a missing/broken config must not hide sandboxes
+                cache[sb.runtime] = None
+        cfg = cache[sb.runtime]
+        if cfg is None:
+            continue
+        hv = cfg.hypervisor
+        if sb.runtime == "go":
+            sb.guest_memory_dump_path = _str(hv.get("guest_memory_dump_path"))
+            rg = hv.get("reclaim_guest_freed_memory")
+            sb.reclaim_guest_freed_memory = rg if isinstance(rg, bool) else False
+        if sb.enable_pprof is None:
+            ep = cfg.get("runtime.enable_pprof", False)
+            sb.enable_pprof = ep if isinstance(ep, bool) else False
+        mon = hv.get("extra_monitor_socket") or hv.get("dbg_monitor_socket")
+        if sb.extra_monitor_socket and mon not in ("qmp", "qmp-pretty"):
+            sb.extra_monitor_socket = None  # HMP (or not configured): not a QMP monitor
 
 
 # -- the VMM of a runtime-rs sandbox --------------------------------------------

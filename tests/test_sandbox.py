@@ -103,7 +103,7 @@ def test_list_json_shape(cli, tree):
         assert key in a, key
     assert a["sockets"]["api"] == "/run/vc/vm/aaa111/qmp.sock"
     assert a["node"] == "localhost"
-    assert a["pprofEnabled"] is False
+    assert a["pprofEnabled"] is None  # no configuration file on this node: unknown
 
 
 @pytest.mark.parametrize("fmt", ["plain", "wide", "yaml", "name"])
@@ -540,3 +540,42 @@ def test_inspect_threads_and_audit_cover_runtime_rs_vmms(cli):
         finally:
             vmm.kill()
             vmm.wait()
+
+
+def _write_config(root: str, text: str, rel: str = "etc/kata-containers/configuration.toml") -> None:
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize("monitor,exposed", [("qmp", True), ("hmp", False)])
+def test_go_config_only_fields_come_from_the_configuration(tmp_path, monitor, exposed):
+    """Go's persist.json never holds GuestMemoryDumpPath, ReclaimGuestFreedMemory, EnablePprof
+    or ExtraMonitorSocket (virtcontainers dumpConfig): before, pprofEnabled read false with
+    enable_pprof = true, and an HMP extra monitor was probed as QMP."""
+    root = str(tmp_path)
+    p = layout.write_go_sandbox(root, "cfg001", extra_monitor_socket=True)
+    open(p.extra_monitor_socket, "w").close()
+    persist = json.load(open(p.state_file))
+    hc = persist["Config"]["HypervisorConfig"]
+    assert not {"GuestMemoryDumpPath", "ReclaimGuestFreedMemory", "ExtraMonitorSocket"} & set(hc)
+    assert "EnablePprof" not in persist["Config"]
+    _write_config(root, f'[hypervisor.qemu]\nguest_memory_dump_path = "/var/crash/kata"\n'
+                        f'reclaim_guest_freed_memory = true\nextra_monitor_socket = "{monitor}"\n'
+                        "[runtime]\nenable_pprof = true\n")
+    [sb] = sandbox.discover(LocalTransport(root), check=False)
+    assert sb.guest_memory_dump_path == "/var/crash/kata" and sb.reclaim_guest_freed_memory is True
+    assert sb.enable_pprof is True
+    assert (sb.extra_monitor_socket == "/run/vc/vm/cfg001/extra-monitor.sock") is exposed
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("t", True), ("True", True), ("TRUE", True),
+                                        ("0", False), ("yes", False), ("", False)])
+def test_pprof_annotation_is_go_parsebool(tmp_path, value, want):
+    root = str(tmp_path)
+    layout.write_go_sandbox(root, "pp0001",
+                            extra_annotations={"io.katacontainers.config.runtime.enable_pprof": value})
+    _write_config(root, "[hypervisor.qemu]\n[runtime]\nenable_pprof = false\n")
+    [sb] = sandbox.discover(LocalTransport(root), check=False)
+    assert sb.enable_pprof is want

@@ -55,7 +55,10 @@ def node_tree(root, *, dump_path=DUMP_PATH, via_dropin=True, pod_from="bundle"):
     base = os.path.join(root, "usr/share/defaults/kata-containers")
     os.makedirs(os.path.join(base, "config.d"), exist_ok=True)
     with open(os.path.join(base, "configuration.toml"), "w") as f:
+        # extra_monitor_socket: katactl offers the extra monitor (QMP) only when the
+        # configuration says so; the Go runtime does not persist it
         f.write('[hypervisor.qemu]\npath = "/usr/bin/qemu-system-x86_64"\ndefault_memory = 2048\n'
+                'extra_monitor_socket = "qmp"\n'
                 f'guest_memory_dump_path = "{"" if via_dropin else dump_path}"\n')
     if via_dropin:
         with open(os.path.join(base, "config.d/50-vmcore.toml"), "w") as f:
@@ -538,12 +541,15 @@ def test_empty_dump_path_is_a_usage_error(cli, tree, tmp_path, args):
     assert os.path.exists(os.path.join(tree, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
 
 
-def test_dump_path_from_sandbox_state_when_no_config(cli, tmp_path):
-    """No configuration.toml where the runtime looks (a lab, a snapshot): the running
-    sandboxes' persist.json GuestMemoryDumpPath says where dumps go."""
+def test_no_config_needs_dump_path(cli, tmp_path):
+    """No configuration.toml where the runtime looks (a snapshot): nothing on the node says
+    where dumps go (the Go runtime's persist.json never holds GuestMemoryDumpPath), so
+    katactl asks for --dump-path or --kata-config instead of guessing."""
     root = str(tmp_path / "n")
     add_dump(root)
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 3 and "--kata-config" in r.stderr, r.stderr
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json", "--dump-path", DUMP_PATH])
     assert r.exit_code == 0, r.stderr
     assert [i["sandbox"] for i in r.json()["items"]] == [SID]
 

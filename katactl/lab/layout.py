@@ -283,7 +283,6 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
                 "MemSlots": 10,
                 "MemOffset": 0,
                 "VirtioMem": bool(virtio_mem),
-                "ReclaimGuestFreedMemory": bool(reclaim_guest_freed_memory),
                 "KernelPath": kernel,
                 "ImagePath": image,
                 "InitrdPath": initrd,
@@ -303,9 +302,9 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
                 "VirtioFSDaemon": "/opt/kata/libexec/virtiofsd",
                 "VirtioFSCache": "auto",
                 "FileBackedMemRootDir": "",
-                "GuestMemoryDumpPath": guest_memory_dump_path,
+                # persistapi.HypervisorConfig has GuestMemoryDumpPaging but no GuestMemoryDumpPath,
+                # ReclaimGuestFreedMemory or ExtraMonitorSocket (nor Config.EnablePprof)
                 "GuestMemoryDumpPaging": False,
-                "ExtraMonitorSocket": "hmp" if extra_monitor_socket else "",
                 "EnableDebug": False,
                 "HugePages": False,
                 "Realtime": False,
@@ -328,7 +327,6 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
             "SystemdCgroup": False,
             "SandboxCgroupOnly": bool(sandbox_cgroup_only),
             "DisableGuestSeccomp": True,
-            "EnablePprof": bool(enable_pprof),
         },
     }
     os.makedirs(_join(root, sbs), exist_ok=True)
@@ -350,7 +348,7 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
             f.write(f"{pid}")
     for cid in container_ids:
         _write_json(_join(root, f"{sbs}/{cid}/persist.json"), {
-            "State": {"State": "running", "BlockDeviceID": "", "Fstype": ""},
+            "State": "running",  # persistapi.ContainerState.State is a string
             "CgroupPath": f"{cg}/{cid}",
             "BundlePath": f"{CONTAINERD_TASK_DIR}/{containerd_namespace}/{cid}",
             "Rootfs": {"Target": "", "Source": "", "Type": "", "Options": None},

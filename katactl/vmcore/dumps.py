@@ -56,16 +56,9 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
         except KatactlError:
             pass
     else:
-        try:
-            cfg = katacfg.load(transport, kata_config)
-        except NotFound as e:
-            # no configuration file where the runtime looks: the running sandboxes' saved
-            # config (persist.json GuestMemoryDumpPath) still says where dumps go
-            paths = _dump_paths_from_sandboxes(transport) if kata_config is None else set()
-            if len(paths) != 1:
-                raise e
-            return DumpConfig(dump_path=posixpath.normpath(paths.pop()), paging=False, hypervisor=None,
-                              default_memory_mib=2048, config_path=None, dropins=[])
+        # no fallback to the sandboxes' state: the Go runtime never persists
+        # GuestMemoryDumpPath (virtcontainers dumpConfig), runtime-rs has no dump at all
+        cfg = katacfg.load(transport, kata_config)
     hv = cfg.hypervisor if cfg else {}
     path = dump_path or str(hv.get("guest_memory_dump_path") or "")
     if not path:
@@ -80,15 +73,6 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
                       hypervisor=cfg.hypervisor_name if cfg else None,
                       default_memory_mib=int(hv.get("default_memory", 2048) or 2048),
                       config_path=cfg.resolved if cfg else None, dropins=list(cfg.dropins) if cfg else [])
-
-
-def _dump_paths_from_sandboxes(transport) -> set[str]:
-    try:
-
-        return {sb.guest_memory_dump_path for sb in sbmod.discover(transport, check=False)
-                if sb.guest_memory_dump_path and sb.guest_memory_dump_path.startswith("/")}
-    except (ImportError, KatactlError, OSError):
-        return set()
 
 
 def check_abs(path: str, what: str) -> None:
