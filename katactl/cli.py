@@ -234,6 +234,35 @@ def main(argv: list[str] | None = None) -> None:
         completion_init()
         command.main(args=args, prog_name="katactl")
         return
+    try:
+        _run(args)
+    except SystemExit as done:
+        if argv is None:  # a real process, not a test calling main() in-process
+            _exit_without_abandoned_threads(done)
+        raise
+
+
+def _exit_without_abandoned_threads(done: SystemExit) -> None:
+    """Exit now even when a worker thread is still blocked (a scrape stuck on a shim
+    that Ctrl-C abandoned): the interpreter would otherwise join it at exit, and
+    only a second Ctrl-C would end katactl. Nothing is lost: the command is over,
+    its output is flushed here, and whatever the worker held closes with the process."""
+    import threading
+
+    if not any(t.is_alive() and not t.daemon for t in threading.enumerate()
+               if t is not threading.main_thread()):
+        return
+    code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            code = code or ExitCode.FAILED
+    os._exit(code)
+
+
+def _run(args: list[str]) -> None:
+    command = typer.main.get_command(app)
     global _output_format
     _output_format = None
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
