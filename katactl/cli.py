@@ -234,12 +234,81 @@ def main(argv: list[str] | None = None) -> None:
         completion_init()
         command.main(args=args, prog_name="katactl")
         return
+    if argv is None:  # a real process, not a test calling main() in-process
+        sys.stdout = _Stdout(sys.stdout)
     try:
         _run(args)
     except SystemExit as done:
-        if argv is None:  # a real process, not a test calling main() in-process
+        if argv is None:
             _exit_without_abandoned_threads(done)
         raise
+
+
+class OutputError(KatactlError):
+    """Our own stdout cannot be written (closed, a full disk): exit 1, one line."""
+
+    code = "OutputError"
+
+
+class _Stdout:
+    """The real process's sys.stdout: a write that fails (``>&-``, ``> /dev/full``)
+    is an OutputError naming standard output, not a traceback or an error object
+    about None. A reader that went away (EPIPE) stays a BrokenPipeError: main's
+    quiet exit for ``katactl ... | head -1``."""
+
+    def __init__(self, stream):
+        self._stream = stream  # None when fd 1 was closed before Python started
+
+    def _fail(self, e: OSError | None):
+        _discard_stdout()
+        why = "it is closed" if e is None else (e.strerror or str(e))
+        raise OutputError(f"cannot write to standard output: {why}") from None
+
+    def write(self, s):
+        if self._stream is None:
+            self._fail(None)
+        try:
+            return self._stream.write(s)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self._fail(e)
+
+    def flush(self):
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self._fail(e)
+
+    def isatty(self) -> bool:
+        return self._stream is not None and self._stream.isatty()
+
+    def fileno(self) -> int:
+        if self._stream is None:
+            import errno
+
+            raise OSError(errno.EBADF, "standard output is closed")
+        return self._stream.fileno()
+
+    def __getattr__(self, name):
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _discard_stdout() -> None:
+    """Point fd 1 at /dev/null so what is still buffered can be flushed (and dropped)
+    at exit instead of failing a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
 
 
 def _exit_without_abandoned_threads(done: SystemExit) -> None:
@@ -349,10 +418,13 @@ def _report(exc: BaseException, fmt: str | None, verbose: bool) -> int:
             traceback.print_exception(exc)
         err = KatactlError(f"unexpected {type(exc).__name__}: {exc}"
                            + ("" if verbose else " (re-run with -v for the traceback)"))
-    if fmt in ("json", "jsonl"):
+    if fmt in ("json", "jsonl") and not isinstance(err, OutputError):
         from katactl.output import error_object, to_json
 
-        print(to_json(error_object(err.to_dict()), indent=None if fmt == "jsonl" else 2))
+        try:
+            print(to_json(error_object(err.to_dict()), indent=None if fmt == "jsonl" else 2), flush=True)
+        except (OSError, KatactlError):  # stdout closed, full, or its reader gone: stderr still says it
+            _discard_stdout()
     print(f"katactl: error: {_one_line(err.message)}", file=sys.stderr)
     if err.hint:
         print(f"hint: {_one_line(err.hint)}", file=sys.stderr)

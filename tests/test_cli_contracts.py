@@ -364,3 +364,32 @@ def test_closed_stdout_pipe_is_no_traceback(tmp_path):
          sys.executable, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert p.stdout == "{"
     assert "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("redirect,fmt,code,needle", [
+    (">&-", "plain", 1, "cannot write to standard output: it is closed"),
+    (">&-", "json", 1, "cannot write to standard output: it is closed"),
+    (">/dev/full", "json", 1, "cannot write to standard output: No space left on device"),
+    (">/dev/full", "yaml", 1, "cannot write to standard output: No space left on device"),
+])
+def test_closed_or_failing_stdout_is_one_line(tmp_path, redirect, fmt, code, needle):
+    """`katactl ... >&-` and `> /dev/full`: one line on stderr, exit 1; no traceback,
+    no AttributeError about None (issue 16, finding 11)."""
+    from katactl.lab import layout
+
+    layout.write_many(str(tmp_path), 3)
+    p = subprocess.run(
+        ["bash", "-c", f'exec "$0" -m katactl --host-root "$1" -o {fmt} sandbox list --no-check {redirect}',
+         sys.executable, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr) == (code, f"katactl: error: {needle}\n")
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full", "| true"])
+def test_an_error_keeps_its_exit_code_when_stdout_fails(redirect):
+    """The JSON error object cannot be written (closed, full, reader gone): the error's
+    own exit code and line on stderr still (issue 16, finding 11)."""
+    p = subprocess.run(
+        ["bash", "-c", f'set -o pipefail; "$0" -m katactl --host-root /nonexistent -o json sandbox list {redirect}',
+         sys.executable], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == "katactl: error: --host-root /nonexistent: no such directory\n"
