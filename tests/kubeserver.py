@@ -12,7 +12,7 @@ client. What it serves:
   answer is plain application/json, from which client-go falls back to per-group discovery.
 - Resources: nodes, pods (+ eviction, status), namespaces, configmaps, events,
   poddisruptionbudgets (+ status), daemonsets, replicasets, leases, runtimeclasses.
-- Verbs: get, list (limit/continue, labelSelector, fieldSelector with =, ==, !=), create (409
+- Verbs: get, list (limit/continue, labelSelector, fieldSelector with =, ==, !=), watch, create (409
   AlreadyExists), update (409 Conflict on a stale resourceVersion; 422 without one for leases and
   PDBs, whose strategies refuse unconditional updates; PUT creates a missing lease), patch
   (strategic-merge, merge, json-patch; 415 otherwise), delete (DeleteOptions from the body or the
@@ -37,7 +37,9 @@ client. What it serves:
 - Faults: ``inject``, ``delay``, ``cut``; request log in ``requests``.
 
 Known differences from the real kube-apiserver:
-- No watch (``watch=true`` -> 405), no server-side apply (apply-patch+yaml -> 415), no
+- Watch is a polling loop over an in-memory event log (20000 events; older resourceVersions ->
+  410 Expired): no bookmarks, no sendInitialEvents/watch-list, events arrive up to 20 ms late,
+  one JSON event per chunk. No server-side apply (apply-patch+yaml -> 415), no
   deletecollection, no openapi (/openapi/* -> 404), no aggregated discovery, no admission
   plugins or webhooks, no field validation beyond what is listed, no managedFields.
 - Protobuf is accepted only for the kinds above (others -> 415); responses are never protobuf.
@@ -58,6 +60,8 @@ Known differences from the real kube-apiserver:
   disruptedPods (entries go when the pod is gone or terminating).
 - Deleting a ReplicaSet/DaemonSet removes its pods at once unless propagationPolicy=Orphan
   (the real garbage collector is asynchronous). Namespaces are deleted at once (no Terminating).
+- Mirror pods are plain stored pods: they can be deleted or evicted (as on the real server) but
+  no kubelet recreates them afterwards.
 - DELETE answers the object for pods (like the real pod store) and a Success Status otherwise.
 - Authorization is two fixed users, not RBAC; no impersonation, no client certificates.
 - No events are written by the stand-in itself; no leader election; no audit.
@@ -506,6 +510,12 @@ class _Cut(Exception):
     pass
 
 
+class _Watch(Exception):
+    def __init__(self, res, ns, query):
+        super().__init__("watch")
+        self.res, self.ns, self.query = res, ns, query
+
+
 class KubeStandIn:
     """See the module docstring. Thread-safe; one lock around the store."""
 
@@ -522,6 +532,8 @@ class KubeStandIn:
         self._faults: list[dict] = []
         self._rng = random.Random(0)
         self._timers: list[threading.Timer] = []
+        self._events: list[tuple[int, str, dict]] = []  # (resourceVersion, type, object) for watches
+        self._closed = False
         ca, cert, key = _tls_material()
         self._dir = tempfile.mkdtemp(prefix="kubestandin-")
         self.ca_path = os.path.join(self._dir, "ca.crt")
@@ -555,6 +567,7 @@ class KubeStandIn:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self):
+        self._closed = True
         for t in self._timers:
             t.cancel()
         self.server.shutdown()
@@ -568,6 +581,7 @@ class KubeStandIn:
                 t.cancel()
             self._timers = []
             self.store.clear()
+            self._events.clear()
             self.requests.clear()
             self._faults.clear()
             self.grace_scale = self.default_grace_scale
@@ -635,6 +649,17 @@ class KubeStandIn:
         self._rv += 1
         return str(self._rv)
 
+    EVENT_LOG = 20000
+
+    def _log(self, typ: str, obj: dict, bump=False):
+        """Record a watch event; DELETED objects carry the deletion's resourceVersion."""
+        o = copy.deepcopy(obj)
+        if bump:
+            o["metadata"]["resourceVersion"] = self._next_rv()
+        self._events.append((int(o["metadata"]["resourceVersion"]), typ, o))
+        if len(self._events) > self.EVENT_LOG:
+            del self._events[:len(self._events) - self.EVENT_LOG]
+
     @staticmethod
     def _key(res: Res, ns, name):
         return (res.plural, ns or "" if res.namespaced else "", name)
@@ -674,6 +699,7 @@ class KubeStandIn:
                 self.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": md["namespace"]},
                           "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
             self.store[self._key(res, md.get("namespace"), md["name"])] = obj
+            self._log("ADDED", obj)
             self._sync_pdbs()
             return copy.deepcopy(self.store[self._key(res, md.get("namespace"), md["name"])])
 
@@ -975,6 +1001,7 @@ class KubeStandIn:
             if {a: b for a, b in old.items() if a != "conditions"} != {a: b for a, b in st.items() if a != "conditions"}:
                 pdb["status"] = st
                 pdb["metadata"]["resourceVersion"] = self._next_rv()
+                self._log("MODIFIED", pdb)
 
     def _pod_gone_or_terminating(self, pod: dict, removed: bool):
         """ReplicaSet/DaemonSet controllers react to one of their pods going away."""
@@ -1025,12 +1052,13 @@ class KubeStandIn:
             pod["status"] = self._pod_status("Pending", False, None)
         self._stamp_new(RESOURCES["pods"], pod)
         self.store[("pods", ns, name)] = pod
+        self._log("ADDED", pod)
 
     # -- pod deletion (kubelet) ---------------------------------------------------------------
 
     def _remove(self, res: Res, key, obj, cascade=True):
         self.store.pop(key, None)
-        self._next_rv()
+        self._log("DELETED", obj, bump=True)
         if res.plural == "pods":
             self._pod_gone_or_terminating(obj, removed=True)
         elif res.plural in ("replicasets", "daemonsets") and cascade:
@@ -1038,9 +1066,10 @@ class KubeStandIn:
             for k, p in list(self.store.items()):
                 if k[0] == "pods" and (self._controller_ref(p) or {}).get("uid") == uid:
                     self.store.pop(k, None)
+                    self._log("DELETED", p, bump=True)
         elif res.plural == "namespaces":
             for k in [k for k in self.store if k[1] == key[2] and RESOURCES[k[0]].namespaced]:
-                self.store.pop(k, None)
+                self._log("DELETED", self.store.pop(k), bump=True)
         self._sync_pdbs()
 
     def _kubelet_finish(self, gen, key, uid):
@@ -1112,6 +1141,7 @@ class KubeStandIn:
         md["deletionTimestamp"] = now_rfc3339(time.time() + grace)
         md["deletionGracePeriodSeconds"] = grace
         md["resourceVersion"] = self._next_rv()
+        self._log("MODIFIED", obj)
         self._schedule_finish(key, obj, grace)
         if first:
             self._pod_gone_or_terminating(obj, removed=False)
@@ -1173,6 +1203,7 @@ class KubeStandIn:
                 pst["disruptionsAllowed"] -= 1
                 pst.setdefault("disruptedPods", {})[name] = now_rfc3339()
                 pdb["metadata"]["resourceVersion"] = self._next_rv()
+                self._log("MODIFIED", pdb)
         self._delete(pods, ns, name, opts, dry)
         return 201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
@@ -1246,13 +1277,16 @@ class KubeStandIn:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if res.namespaced and ns is None and (name or method not in ("GET",)):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if name is None and method == "GET" and query.get("watch", [""])[0] in ("true", "1"):
-            raise ApiError(405, "MethodNotAllowed", "the stand-in does not implement watch")
+        watch = name is None and method == "GET" and query.get("watch", [""])[0] in ("true", "1")
         verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
                 "DELETE": "delete" if name else "deletecollection"}.get(method)
         if verb is None or (verb == "create" and name and sub != "eviction") or (verb in ("update", "patch") and not name):
             raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+        if watch:
+            verb = "watch"
         self._authorize(user, verb, res, sub, ns, name)
+        if watch:
+            raise _Watch(res, ns, query)
         dry = False
         if verb not in ("get", "list"):
             dr = query.get("dryRun") or []
@@ -1322,6 +1356,7 @@ class KubeStandIn:
             obj["metadata"].pop("resourceVersion", None)
             return 201, obj
         self.store[key] = obj
+        self._log("ADDED", obj)
         self._sync_pdbs()
         return 201, copy.deepcopy(obj)
 
@@ -1350,6 +1385,7 @@ class KubeStandIn:
             return 200, new
         self._next_rv()
         self.store[self._key(res, ns, name)] = new
+        self._log("MODIFIED", new)
         self._sync_pdbs()
         return 200, copy.deepcopy(new)
 
@@ -1435,6 +1471,52 @@ class KubeStandIn:
             return table
         return {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": meta,
                 "items": [{k: v for k, v in copy.deepcopy(o).items() if k not in ("kind", "apiVersion")} for o in items]}
+
+    def watch_open(self, w: "_Watch"):
+        """Validate a watch request (ApiError) and return an iterator of its events (dicts), which
+        ends at the request's timeoutSeconds, a reset() or close()."""
+        res, ns, q = w.res, w.ns, w.query
+        try:
+            preds = parse_selector(q.get("labelSelector", [""])[0])
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        fpred = parse_field_selector(res, q.get("fieldSelector", [""])[0])
+        timeout = float(q.get("timeoutSeconds", ["1800"])[0] or 1800)
+
+        def match(o):
+            return (o["kind"] == res.kind and (ns is None or o["metadata"].get("namespace") == ns)
+                    and all(p(o["metadata"].get("labels") or {}) for p in preds) and fpred(o))
+
+        rv = q.get("resourceVersion", [""])[0]
+        with self._lock:
+            gen = self._gen
+            if rv in ("", "0"):
+                cursor = self._rv
+                first = [{"type": "ADDED", "object": copy.deepcopy(o)} for k, o in sorted(self.store.items())
+                         if k[0] == res.plural and match(o)]
+            else:
+                try:
+                    cursor = int(rv)
+                except ValueError:
+                    raise bad_request(f"invalid resourceVersion {rv!r}") from None
+                if self._events and cursor < self._events[0][0] - 1 and cursor < self._rv:
+                    raise ApiError(410, "Expired", f"too old resource version: {cursor} ({self._events[0][0] - 1})")
+                first = []
+        return self._watch_iter(first, cursor, gen, match, timeout)
+
+    def _watch_iter(self, first, cursor, gen, match, timeout):
+        yield from first
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self._closed and gen == self._gen:
+            with self._lock:
+                evs = [(r, t, copy.deepcopy(o)) for r, t, o in self._events if r > cursor]
+                if gen != self._gen:
+                    return
+            for r, t, o in evs:
+                cursor = r
+                if match(o):
+                    yield {"type": t, "object": o}
+            time.sleep(0.02)
 
     @staticmethod
     def _sortkey(o):
@@ -1616,7 +1698,31 @@ class _Handler(BaseHTTPRequestHandler):
             code, out = srv.handle(self.command, u.path, query, body, user, self.headers.get("Accept", ""))
         except ApiError as e:
             return self._send(e.code, e.status(), e.retry_after, cut)
+        except _Watch as w:
+            return self._stream(srv, w)
         self._send(code, out, cut=cut)
+
+    def _stream(self, srv, w):
+        try:
+            events = srv.watch_open(w)
+        except ApiError as e:
+            return self._send(e.code, e.status())
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for ev in events:
+                data = json.dumps(ev).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        finally:
+            events.close()
+        self.close_connection = True
 
     def _run(self):
         try:

@@ -204,6 +204,20 @@ def test_kubectl_protobuf_bodies_decode(kube, kctl):
     assert r.returncode != 0 and "already exists" in r.stderr
 
 
+def test_kubectl_delete_waits_through_a_watch(kube, kctl):
+    """kubectl delete waits for the pod with a list+watch; the graceful deletion ends in DELETED."""
+    kube.add_node("n1")
+    kube.add_pod("p", node="n1")
+    kube.add_pod("stuck", node="n1", annotations={"test.katactl.io/stuck-terminating": "true"})
+    r = kctl("delete", "pod", "p", "--grace-period", "30")
+    assert r.returncode == 0 and 'pod "p" deleted' in r.stdout, r.stderr
+    assert kube.get_obj("Pod", "p") is None
+    assert any("watch=true" in q["path"] for q in kube.requests)
+    r = kctl("delete", "pod", "stuck", "--timeout", "1s")
+    assert r.returncode != 0 and "timed out" in r.stderr
+    assert kube.get_obj("Pod", "stuck")["metadata"]["deletionTimestamp"]
+
+
 # -- protobuf decoder units -----------------------------------------------------------------------
 
 
