@@ -73,7 +73,9 @@ def node_tree(root, *, dump_path=DUMP_PATH, via_dropin=True, pod_from="bundle"):
 
 def add_dump(root, sid=SID, *, ts=TS, size_segments=((0x100000, 1 << 20),), data=b"", pod=("default", "web-0"),
              bundle=True, ext="elf", content: bytes | None = None):
-    """A dump exactly as the runtime leaves it: state/ copy, hypervisor.conf/.version, vmcore."""
+    """A dump exactly as the Go runtime leaves it (virtcontainers/qemu.go dumpGuestMemory and
+    dumpSandboxMetaInfo): EnsureDir(state) then `cp -ar /run/vc/sbs/<id> state` (so
+    state/<id>/persist.json), hypervisor.conf (MarshalIndent, one space), .version, vmcore."""
     root = str(root)
     uid = "0d3c2b1a-1111-2222-3333-444455556666"
     sb = layout.write_go_sandbox(root, sid, pod_name=pod[1], pod_namespace=pod[0], pod_uid=uid,
@@ -81,12 +83,13 @@ def add_dump(root, sid=SID, *, ts=TS, size_segments=((0x100000, 1 << 20),), data
                                  bundle=bundle)
     d = os.path.join(root, DUMP_PATH.lstrip("/"), sid)
     os.makedirs(d, exist_ok=True)
-    if not os.path.exists(os.path.join(d, "state")):
-        subprocess.run(["cp", "-ar", sb.real(sb.state_dir_node), os.path.join(d, "state")], check=True)
-    with open(os.path.join(d, "state/persist.json")) as f:
+    os.makedirs(os.path.join(d, "state"), exist_ok=True)
+    subprocess.run(["cp", "-ar", sb.real(sb.state_dir_node), os.path.join(d, "state")], check=True)
+    with open(os.path.join(d, f"state/{sid}/persist.json")) as f:
         hv = json.load(f)["Config"]["HypervisorConfig"]
+    hv["GuestMemoryDumpPath"] = DUMP_PATH  # the runtime's in-memory config has it
     with open(os.path.join(d, "hypervisor.conf"), "w") as f:
-        json.dump(hv, f)
+        json.dump(hv, f, indent=1)
     with open(os.path.join(d, "hypervisor.version"), "w") as f:
         f.write("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright (c) 2003-2022\n")
     p = os.path.join(d, f"vmcore-{ts}.{ext}")
@@ -194,7 +197,9 @@ def test_go_timestamp_matches_go_format():
     assert vmcore.go_timestamp(t + 0.120, tz=utc) == "20240102030405.12"
     assert vmcore.go_timestamp(t, tz=utc) == "20240102030405"
     assert vmcore.go_timestamp(t + 0.5, tz=utc) == "20240102030405.5"
-    assert vmcore.go_timestamp(t + 0.9996, tz=utc) == "20240102030406"
+    # Go's .999 layout truncates (before: katactl rounded this up to ...06)
+    assert vmcore.go_timestamp(t + 0.9996, tz=utc) == "20240102030405.999"
+    assert vmcore.go_timestamp(t + 0.1239, tz=utc) == "20240102030405.123"
     assert vmcore.dump_timestamp("vmcore-20240102030405.elf") == "2024-01-02T03:04:05.000Z"
     # the lab plays the Go runtime: its names trim zeros too
     from katactl.lab import panic
@@ -274,11 +279,11 @@ def test_collect_copies_dump_metadata_and_manifest(cli, tree, tmp_path):
     assert it["verified"] is True and it["sha256"] == sha(src)
     copied = dest / f"vmcore-{TS}.elf"
     assert sha(copied) == sha(src)
-    for f in ("hypervisor.conf", "hypervisor.version", "state/persist.json", f"state/{SID}/persist.json",
-              "SHA256SUMS", "manifest.json"):
+    for f in ("hypervisor.conf", "hypervisor.version", f"state/{SID}/persist.json",
+              f"state/{SID}/{SID}/persist.json", "SHA256SUMS", "manifest.json"):
         assert (dest / f).is_file(), f
     assert stat.S_IMODE(os.stat(copied).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(dest / "state/persist.json").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(dest / f"state/{SID}/persist.json").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o700
     # the manifest checks with coreutils
     p = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest, capture_output=True, text=True)
@@ -665,3 +670,39 @@ def test_makedumpfile_failure_is_clear_and_leaves_nothing(cli, tree, tmp_path):
     d = os.path.join(tree, DUMP_PATH.lstrip("/"), SID)
     assert not [n for n in os.listdir(d) if n.startswith(".katactl-")]
     assert not list((tmp_path / "o").rglob("*.kdump"))
+
+
+def test_trigger_writes_the_runtimes_dump_layout(tmp_path):
+    """katactl's own trigger lays out <dump>/<id>/ as the Go runtime does: state/<id>/persist.json
+    (EnsureDir(state) before `cp -ar`), hypervisor.conf indented with one space. Before:
+    state/persist.json, and dumps written by the runtime never mapped to a pod."""
+    from katactl.backends.local import LocalTransport
+    from katactl.vmcore.capture import prepare_dump_dir
+
+    root = node_tree(tmp_path / "n")
+    layout.write_go_sandbox(root, SID, memory_mib=512, container_ids=(SID,))
+    d, _ = prepare_dump_dir(LocalTransport(root), SID, DUMP_PATH)
+    real = os.path.join(root, d.lstrip("/"))
+    assert os.path.isfile(os.path.join(real, "state", SID, "persist.json"))
+    assert not os.path.exists(os.path.join(real, "state", "persist.json"))
+    text = open(os.path.join(real, "hypervisor.conf")).read()
+    assert text.startswith('{\n "') and json.loads(text)["GuestMemoryDumpPath"] == DUMP_PATH
+
+
+def test_old_katactl_dump_layout_still_maps_to_the_pod(cli, tmp_path):
+    """Dumps katactl's trigger wrote before (state/persist.json) keep their pod."""
+    import shutil
+
+    root = node_tree(tmp_path / "n")
+    add_dump(root, bundle=False)
+    d = os.path.join(root, DUMP_PATH.lstrip("/"), SID, "state")
+    for name in os.listdir(os.path.join(d, SID)):
+        shutil.move(os.path.join(d, SID, name), os.path.join(d, name + ".x"))
+    os.rmdir(os.path.join(d, SID))
+    for name in os.listdir(d):
+        os.rename(os.path.join(d, name), os.path.join(d, name[:-2]))
+    assert os.path.isfile(os.path.join(d, "persist.json"))
+    os.makedirs(os.path.join(root, "var/log/pods/prod_api-7_0d3c2b1a-1111-2222-3333-444455556666"))
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    [it] = r.json()["items"]
+    assert it["pod"] == "prod/api-7"

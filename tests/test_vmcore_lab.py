@@ -60,7 +60,7 @@ def test_guest_panic_dump_is_what_the_runtime_writes(lab, panicked):
     d = os.path.dirname(real)
     assert open(os.path.join(d, "hypervisor.version")).read().startswith("QEMU emulator version")
     assert json.load(open(os.path.join(d, "hypervisor.conf")))["MemorySize"] == 256
-    assert os.path.isfile(os.path.join(d, "state", "persist.json"))
+    assert os.path.isfile(os.path.join(d, "state", sid, "persist.json"))  # EnsureDir(state), then cp -ar
 
 
 def test_guest_panic_dump_list_collect(cli, lab, panicked, tmp_path):
@@ -81,7 +81,7 @@ def test_guest_panic_dump_list_collect(cli, lab, panicked, tmp_path):
     dest = os.path.dirname(c["to"])
     p = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=dest, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert os.path.exists(os.path.join(dest, "state", "persist.json"))
+    assert os.path.exists(os.path.join(dest, "state", panicked["id"], "persist.json"))
     r = cli(lab.args("vmcore", "list", "-o", "json"))
     assert [i for i in r.json()["items"] if i["path"] == path][0]["collected"] is True
     r = cli(lab.args("vmcore", "collect", lab.pod("panic"), "--to", str(out), "-o", "json"))

@@ -2,9 +2,10 @@
 
 On QMP ``GUEST_PANICKED`` (with ``guest_memory_dump_path`` set), the Kata Go
 runtime (virtcontainers/qemu.go, reference/kata-node.md "Post-panic vmcore"):
-1. makes ``<dump_path>/<sandbox-id>/`` and copies ``/run/vc/sbs/<id>`` into
-   ``<dir>/state/``;
-2. writes ``<dir>/hypervisor.conf`` (JSON of the hypervisor config) and
+1. makes ``<dump_path>/<sandbox-id>/state/`` and runs ``cp -ar /run/vc/sbs/<id>
+   <dir>/state``, so the copy lands in ``<dir>/state/<id>/`` (qemu.go dumpGuestMemory);
+2. writes ``<dir>/hypervisor.conf`` (``json.MarshalIndent`` of the hypervisor config,
+   one-space indent) and
    ``<dir>/hypervisor.version`` (``qemu --version`` output);
 3. refuses to dump unless free space >= 2 x (default_memory + hotplugged);
 4. runs ``dump-guest-memory`` with ``protocol=file:<dir>/vmcore-<ts>.elf``,

@@ -51,8 +51,10 @@ def prepare_dump_dir(transport, sandbox_id: str, dump_path: str, *, persist: dic
     transport.mkdir(d, 0o755)
     src_state = f"{GO_SBS}/{sandbox_id}"
     if transport.is_dir(src_state):
-        # the runtime runs `/bin/cp -ar /run/vc/sbs/<id> <dir>/state` (so a second dump of the
-        # same sandbox lands in state/<id>/, as cp does when the target exists)
+        # virtcontainers/qemu.go dumpGuestMemory: EnsureDir(<dir>/state), then
+        # dumpSandboxMetaInfo runs `/bin/cp -ar /run/vc/sbs/<id> <dir>/state`: the target
+        # exists, so the copy lands in <dir>/state/<id>/ (persist.json there)
+        transport.mkdir(f"{d}/state", 0o750)
         copied = False
         try:
             r = transport.run(["/bin/cp", "-ar", real_path(transport, src_state), real_path(transport, f"{d}/state")],
@@ -61,10 +63,12 @@ def prepare_dump_dir(transport, sandbox_id: str, dump_path: str, *, persist: dic
         except (OSError, KatactlError):
             pass
         if not copied:
-            dst = f"{d}/state/{sandbox_id}" if transport.is_dir(f"{d}/state") else f"{d}/state"
-            _copy_tree(transport, src_state, dst)
-    hvconf = ((persist.get("Config") or {}).get("HypervisorConfig")) or {}
-    transport.write_bytes_atomic(f"{d}/hypervisor.conf", json.dumps(hvconf).encode(), mode=0o644)
+            _copy_tree(transport, src_state, f"{d}/state/{sandbox_id}")
+    # the runtime writes json.MarshalIndent(q.config, "", " "): its whole in-memory
+    # HypervisorConfig; persist.json's copy lacks the fields only the configuration holds
+    hvconf = dict(((persist.get("Config") or {}).get("HypervisorConfig")) or {})
+    hvconf.setdefault("GuestMemoryDumpPath", dump_path)
+    transport.write_bytes_atomic(f"{d}/hypervisor.conf", json.dumps(hvconf, indent=1).encode(), mode=0o644)
     exe = hypervisor_path or hvconf.get("HypervisorPath") or "qemu-system-x86_64"
     version = b""
     try:

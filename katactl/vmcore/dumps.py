@@ -176,12 +176,11 @@ def dump_timestamp(name: str, tz=None) -> str | None:
 
 
 def go_timestamp(t: float | None = None, tz=None) -> str:
-    """Go's ``time.Now().Format("20060102150405.999")``: trailing zeros (and a bare dot)
-    dropped; in tz (the node's zone, :func:`node_zone`), default this machine's local time."""
+    """Go's ``time.Now().Format("20060102150405.999")``: milliseconds *truncated* (Go's
+    fractional-second layouts never round), trailing zeros (and a bare dot) dropped; in
+    tz (the node's zone, :func:`node_zone`), default this machine's local time."""
     t = time.time() if t is None else t
-    ms = int(round((t - int(t)) * 1000))
-    if ms == 1000:
-        t, ms = int(t) + 1, 0
+    ms = int(round(t * 1_000_000)) // 1000 % 1000  # (microseconds first: no float drift)
     if tz is None:
         s = time.strftime("%Y%m%d%H%M%S", time.localtime(int(t)))
     else:
@@ -252,9 +251,15 @@ def pod_of(transport, dump_dir: str, sandbox_id: str) -> dict:
     bundle still exists), else the pod UID from the saved state's cgroup path
     mapped through /var/log/pods/<ns>_<name>_<uid>."""
     bundles = []
-    persist = read_json(transport, f"{dump_dir}/state/{sandbox_id}/persist.json")
-    if isinstance(persist, dict) and persist.get("BundlePath"):
-        bundles.append(str(persist["BundlePath"]))
+    # the runtime's layout: state/<id>/persist.json (sandbox), state/<id>/<cid>/persist.json
+    # (containers: the pause container's id is the sandbox id); katactl's own trigger
+    # used to write state/persist.json and state/<cid>/persist.json: still read
+    for p in (f"{dump_dir}/state/{sandbox_id}/{sandbox_id}/persist.json",
+              f"{dump_dir}/state/{sandbox_id}/persist.json"):
+        persist = read_json(transport, p)
+        if isinstance(persist, dict) and persist.get("BundlePath"):
+            bundles.append(str(persist["BundlePath"]))
+            break
     try:
         for ns in transport.listdir(CONTAINERD_TASK_DIR):
             bundles.append(f"{CONTAINERD_TASK_DIR}/{ns}/{sandbox_id}")
@@ -270,7 +275,11 @@ def pod_of(transport, dump_dir: str, sandbox_id: str) -> dict:
         if isinstance(ann, dict) and ann.get("io.kubernetes.cri-o.KubeName"):
             return {"namespace": ann.get("io.kubernetes.cri-o.Namespace"),
                     "name": ann.get("io.kubernetes.cri-o.KubeName"), "uid": None, "source": "bundle"}
-    state = read_json(transport, f"{dump_dir}/state/persist.json")
+    state = None
+    for p in (f"{dump_dir}/state/{sandbox_id}/persist.json", f"{dump_dir}/state/persist.json"):
+        state = read_json(transport, p)
+        if isinstance(state, dict) and "SandboxCgroupPath" in state:
+            break
     uid = None
     if isinstance(state, dict):
         m = _POD_UID_RE.search(str(state.get("SandboxCgroupPath") or ""))
