@@ -84,7 +84,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests import _protobuf
 
@@ -787,13 +787,12 @@ class KubeStandIn:
         return self.add({"apiVersion": "v1", "kind": "Pod", "metadata": md, "spec": spec,
                          "status": self._pod_status(phase, ready, node)})
 
-    @staticmethod
-    def _pod_status(phase, ready, node):
+    def _pod_status(self, phase, ready, node):
         ts = now_rfc3339()
         st: dict = {"phase": phase, "qosClass": "Burstable"}
         if node and phase != "Pending":
             st["hostIP"] = "10.0.0.1"
-            st["podIP"] = f"10.244.0.{random.randint(2, 250)}"
+            st["podIP"] = f"10.244.0.{self._rng.randint(2, 250)}"
             st["startTime"] = ts
         r = "True" if (ready and phase == "Running") else "False"
         st["conditions"] = [{"type": "PodScheduled", "status": "True" if node else "False", "lastTransitionTime": ts},
