@@ -103,13 +103,21 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return parse_duration(str(value), what=name)
         if kind is tuple:
             if isinstance(value, str):
-                return tuple(x.strip() for x in value.split(",") if x.strip())
+                names = tuple(x.strip() for x in value.split(",") if x.strip())
+                if not names and source.startswith("KATACTL_"):
+                    # KATACTL_NODES=, (or "$LIST" with LIST unset) must not mean "this host"
+                    raise UsageError(f"{source}={value!r} names no node (unset it, or give names)")
+                return names
             if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
                 if source == "flag" and not any(x.strip() for v in value for x in v.split(",")):
                     # -N "$NODE" with NODE unset must not mean "this host"
                     raise UsageError(f"--{name.rstrip('s')} needs a name, got an empty string")
                 return tuple(value)
             raise ValueError
+        if source.startswith("KATACTL_") and not value.strip():
+            # KATACTL_HOST_ROOT="$ROOT" with ROOT unset must not mean "this host",
+            # no more than the empty flag does
+            raise UsageError(f"{source} is set but empty (unset it, or give a value)")
         if not isinstance(value, str):
             raise ValueError
         if source == "flag" and not value.strip():
@@ -166,10 +174,18 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
         raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}", hint=_renamed_hint(unknown))
     if profile is not None and not profile.strip():
         raise UsageError("--profile needs a value, got an empty string")
+    if "KATACTL_PROFILE" in environ and not environ["KATACTL_PROFILE"].strip():
+        raise UsageError("KATACTL_PROFILE is set but empty (unset it, or give a value)")
+    if "profile" in data and not (isinstance(data["profile"], str) and data["profile"].strip()):
+        raise UsageError(f"{path}: profile must be a profile name (a string), not {data['profile']!r}")
     profile = profile or environ.get("KATACTL_PROFILE") or data.get("profile")
     profiles = data.get("profiles", {})
     if not isinstance(profiles, dict):
         raise UsageError(f"{path}: [profiles] must be a table")
+    for pname, ptable in profiles.items():
+        if not isinstance(ptable, dict):
+            raise UsageError(f"{path}: profiles.{pname} must be a table ([profiles.{pname}]), "
+                             f"not {type(ptable).__name__}")
     pdata: dict = {}
     if profile:
         if profile not in profiles:

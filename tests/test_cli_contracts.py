@@ -201,6 +201,26 @@ def test_bad_config_file_is_usage_error(cli, _isolated_home, content, needle):
     assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("env,needle", [
+    ({"KATACTL_HOST_ROOT": ""}, "KATACTL_HOST_ROOT is set but empty"),
+    ({"KATACTL_HOST_ROOT": "  "}, "KATACTL_HOST_ROOT is set but empty"),
+    ({"KATACTL_NODES": ","}, "KATACTL_NODES=',' names no node"),
+    ({"KATACTL_NODES": ""}, "KATACTL_NODES='' names no node"),
+    ({"KATACTL_NODES_FROM": ""}, "KATACTL_NODES_FROM is set but empty"),
+    ({"KATACTL_SELECTOR": ""}, "KATACTL_SELECTOR is set but empty"),
+    ({"KATACTL_PROFILE": ""}, "KATACTL_PROFILE is set but empty"),
+    ({"KATACTL_OUTPUT": ""}, "KATACTL_OUTPUT is set but empty"),
+])
+def test_empty_environment_values_are_refused_like_empty_flags(cli, monkeypatch, env, needle):
+    """KATACTL_HOST_ROOT="$ROOT" with ROOT unset must not act on this host, no more than
+    --host-root "" does (issue 16, finding 12)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = cli(["sandbox", "list"])
+    assert r.exit_code == 2, r.stderr
+    assert needle in r.stderr and r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr
+
+
 def test_node_group_selection(_isolated_home):
     from katactl import config, fleet
     from katactl.errors import UsageError
