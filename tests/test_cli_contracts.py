@@ -192,6 +192,10 @@ def test_config_precedence(cli, tmp_path, monkeypatch, _isolated_home):
     ("[node_groups]\ng = 'a'", "node group"),
     (b"\xff\xferequest_timeout = 1", "not UTF-8"), ("request_timeout = 1e400", "request_timeout"), ("request_timeout = nan", "request_timeout"),
     ("request_timeout = 99999999999", "request_timeout"), ("request_timeout = true", "request_timeout"), ("parallel = 1.5", "parallel"),
+    # issue 16, finding 13: wrong types where a name or a table belongs
+    ("profile = ['a']", "profile must be a profile name"), ("profile = ''", "profile must be a profile name"),
+    ("[profiles]\nprod = 5", "profiles.prod must be a table"),
+    ("profile = 'prod'\n[profiles]\nprod = 'x'", "profiles.prod must be a table"),
 ])
 def test_bad_config_file_is_usage_error(cli, _isolated_home, content, needle):
     cfg = _isolated_home / "config" / "katactl"
