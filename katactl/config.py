@@ -145,14 +145,34 @@ class Settings:
         return [{"name": n, "value": self.values[n], "source": self.sources[n]} for n in SETTINGS]
 
 
+#: the most katactl reads of an operator's input file (config, --nodes-from, a policy):
+#: real ones are KiBs; /dev/zero or a wrong path must not exhaust memory
+INPUT_LIMIT = 1 << 20
+
+
+def read_input(path: str, what: str, limit: int = INPUT_LIMIT) -> bytes:
+    """The bytes of an operator's input file, at most ``limit`` of them: a larger
+    file (or an endless one, /dev/zero) is a UsageError naming it and the cap.
+    OSError is the caller's to word."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise too_large(path, what, limit)
+    return data
+
+
+def too_large(path: str, what: str, limit: int = INPUT_LIMIT) -> UsageError:
+    return UsageError(f"{what} {path}: more than {limit >> 20} MiB, the limit for this file "
+                      f"(is it the right file?)")
+
+
 def load_file(path: str) -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_input(path, "config file").decode("utf-8"))
     except FileNotFoundError:
         return {}
     except tomllib.TOMLDecodeError as e:

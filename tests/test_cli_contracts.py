@@ -417,3 +417,25 @@ def test_an_error_keeps_its_exit_code_when_stdout_fails(redirect):
          sys.executable], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert p.stderr == "katactl: error: --host-root /nonexistent: no such directory\n"
+
+
+@pytest.mark.parametrize("args,env,needle", [
+    (["--nodes-from", "/dev/zero", "sandbox", "list"], {}, "--nodes-from /dev/zero: more than 1 MiB"),
+    (["sandbox", "list"], {"KATACTL_CONFIG": "/dev/zero"}, "config file /dev/zero: more than 1 MiB"),
+    (["--host-root", "/nonexistent", "audit", "--policy", "/dev/zero"], {}, "policy file /dev/zero: more than 1 MiB"),
+    (["--ssh-config", "/dev/zero", "-N", "n1", "sandbox", "list"], {}, "SSH config /dev/zero: more than 1 MiB"),
+    (["--known-hosts", "/dev/zero", "-N", "n1", "sandbox", "list"], {}, "known_hosts file /dev/zero: more than 64 MiB"),
+])
+def test_endless_input_files_are_capped(cli, monkeypatch, args, env, needle):
+    """/dev/zero (or a wrong, huge file) as an input file is refused at a cap, naming the
+    file and the cap, instead of reading until memory runs out (issue 16, finding 15)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = cli(args)
+    assert r.exit_code == 2, r.stderr
+    assert needle in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_endless_nodes_from_stdin_is_capped(cli):
+    r = cli(["--nodes-from", "-", "sandbox", "list"], stdin="n1\n" * (1 << 19))
+    assert r.exit_code == 2 and "--nodes-from -: more than 1 MiB" in r.stderr

@@ -89,6 +89,10 @@ def _glob(pat: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pat)
 
 
+#: a known_hosts line is ~100-800 bytes: 64 MiB is a fleet of 100,000s of keys
+KNOWN_HOSTS_LIMIT = 64 << 20
+
+
 def hash_name(name: str, salt: bytes | None = None) -> str:
     salt = salt or os.urandom(20)
     h = hmac.new(salt, name.encode(), hashlib.sha1).digest()
@@ -97,9 +101,10 @@ def hash_name(name: str, salt: bytes | None = None) -> str:
 
 def parse_file(path: str) -> list[Entry]:
     """Entries of one known_hosts file; bad lines are skipped (like ssh)."""
+    from katactl.config import read_input
+
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_input(path, "known_hosts file", KNOWN_HOSTS_LIMIT)
     except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError):
         return []
     out: list[Entry] = []

@@ -40,9 +40,10 @@ def expand_includes(path: str, depth: int = 0, base: str | None = None) -> str:
     base = base or os.path.expanduser("~/.ssh")
     if depth > _MAX_DEPTH:
         raise UsageError(f"{path}: Include nested too deeply")
+    from katactl.config import read_input
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_input(path, "SSH config").decode("utf-8")
     except (FileNotFoundError, NotADirectoryError):
         return ""
     except (OSError, UnicodeDecodeError) as e:

@@ -181,9 +181,10 @@ def load(path: str | None) -> Policy:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
+    from katactl.config import read_input
+
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_input(path, "policy file")
     except FileNotFoundError:
         raise UsageError(f"policy file {path}: no such file") from None
     except IsADirectoryError:
