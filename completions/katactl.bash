@@ -19,6 +19,7 @@ _katactl() {
             "katactl upgrade") path="katactl upgrade" ;;
             "katactl inspect") path="katactl inspect" ;;
             "katactl audit") path="katactl audit" ;;
+            "katactl node") path="katactl node" ;;
             "katactl config view") path="katactl config view" ;;
             "katactl sandbox list") path="katactl sandbox list" ;;
             "katactl sandbox inspect") path="katactl sandbox inspect" ;;
@@ -48,6 +49,11 @@ _katactl() {
             "katactl inspect memcg") path="katactl inspect memcg" ;;
             "katactl inspect rdt") path="katactl inspect rdt" ;;
             "katactl inspect threads") path="katactl inspect threads" ;;
+            "katactl node list") path="katactl node list" ;;
+            "katactl node cordon") path="katactl node cordon" ;;
+            "katactl node uncordon") path="katactl node uncordon" ;;
+            "katactl node drain") path="katactl node drain" ;;
+            "katactl node check") path="katactl node check" ;;
         esac
     done
     case "$prev" in
@@ -55,7 +61,7 @@ _katactl() {
         --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit node"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
         "katactl version") words=""; valopts=""; opts="-h --help" ;;
         "katactl config") words="view"; valopts=""; opts="-h --help" ;;
         "katactl config view") words=""; valopts=""; opts="-h --help" ;;
@@ -98,6 +104,12 @@ _katactl() {
         "katactl inspect rdt") words=""; valopts="--interval --decode --cbm-mask"; opts="--interval --decode --cbm-mask -h --help" ;;
         "katactl inspect threads") words=""; valopts="--pid"; opts="--pid -h --help" ;;
         "katactl audit") words=""; valopts="--policy -p --fail-on"; opts="--policy -p --fail-on --list-checks -h --help" ;;
+        "katactl node") words="list cordon uncordon drain check"; valopts=""; opts="-h --help" ;;
+        "katactl node list") words=""; valopts=""; opts="-h --help" ;;
+        "katactl node cordon") words=""; valopts="--reason"; opts="--reason --dry-run -h --help" ;;
+        "katactl node uncordon") words=""; valopts=""; opts="--force --dry-run -h --help" ;;
+        "katactl node drain") words=""; valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --reason --parallel"; opts="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --keep-cordoned --reason --parallel --dry-run -h --help" ;;
+        "katactl node check") words=""; valopts="--fail-on"; opts="--fail-on -h --help" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -41,6 +41,7 @@ REGISTRY: dict[str, Entry] = {
     "upgrade": Entry("katactl.commands.upgrade", "A/B upgrade of runtime and agent: stage, switch, rollback, status, gc."),
     "inspect": Entry("katactl.commands.inspect", "Host isolation as it is: cgroup, bvt, memcg, rdt, threads."),
     "audit": Entry("katactl.commands.audit", "Check the co-location isolation policy (exit 8 on findings)."),
+    "node": Entry("katactl.commands.node", "Kubernetes nodes: list, check, cordon, uncordon, drain (Kata-aware)."),
 }
 
 
@@ -222,6 +223,25 @@ def _leaf_option_names(rest: list[str]) -> set[str]:
     return names
 
 
+def expand_dry_run(args: list[str]) -> list[str]:
+    """kubectl's ``--dry-run=client|server|none`` on top of katactl's ``--dry-run`` flag:
+    =client is the flag, =server adds the hidden ``--dry-run-server`` of the commands
+    that can ask the API server to validate without storing (Typer has no options
+    with an optional value)."""
+    out: list[str] = []
+    for i, a in enumerate(args):
+        if a == "--":
+            return out + args[i:]
+        if a.startswith("--dry-run="):
+            mode = a.split("=", 1)[1]
+            if mode not in ("client", "server", "none"):
+                raise UsageError(f"invalid --dry-run value {mode!r}: client, server or none")
+            out += {"client": ["--dry-run"], "server": ["--dry-run", "--dry-run-server"], "none": []}[mode]
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, map every failure to one line + exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -336,7 +356,7 @@ def _run(args: list[str]) -> None:
     _output_format = None
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
     try:
-        args = hoist_global_options(args)
+        args = hoist_global_options(expand_dry_run(args))
         rc = command.main(args=args, prog_name="katactl", standalone_mode=False)
         if rc == ExitCode.INTERRUPTED:
             # Typer turns Ctrl-C into Exit(130) before it reaches us: still one line

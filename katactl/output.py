@@ -15,9 +15,11 @@ import json
 import re
 import os
 import sys
+import threading
 from typing import Any, Callable
 
 API_VERSION = "katactl/v1"
+_EVENT_LOCK = threading.Lock()
 FORMATS = ("table", "wide", "plain", "json", "yaml", "name", "jsonl", "markdown")
 #: the formats that show a command's human view (a table, or an object described)
 HUMAN_FORMATS = ("table", "plain", "wide", "markdown")
@@ -190,10 +192,14 @@ class Output:
             print(f"debug: {printable(msg)}", file=self.stderr)
 
     def event(self, kind: str, **data) -> None:
-        """One JSON-lines event on stdout (only with -o jsonl)."""
+        """One JSON-lines event on stdout (only with -o jsonl). Events come from worker
+        threads (a drain's evictions): each line is written whole, under a lock, so two
+        events never interleave on one line."""
         if self.fmt == "jsonl":
-            print(json.dumps({"apiVersion": API_VERSION, "kind": kind, **data}, default=_json_default),
-                  file=self.stdout, flush=True)
+            line = json.dumps({"apiVersion": API_VERSION, "kind": kind, **data}, default=_json_default) + "\n"
+            with _EVENT_LOCK:
+                self.stdout.write(line)
+                self.stdout.flush()
 
     def progress(self, description: str, total: float | None = None, unit: str = ""):
         """A progress context: a Rich bar on a TTY stderr, silent otherwise."""

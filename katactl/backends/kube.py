@@ -2,28 +2,84 @@
 HTTP through httpx for the calls themselves.
 
 The generated API classes of the kubernetes package cost ~0.6 s to import and
-touch (python-cli.md); katactl only needs a few list calls, so it borrows the
-client's kubeconfig handling (contexts, exec plugins, certificates) and sends
-plain requests. Paginated (limit/continue) and retried on 429/5xx.
+touch (python-cli.md); katactl needs a handful of verbs on a few kinds, so it
+borrows the client's kubeconfig handling (``KUBECONFIG`` lists merged,
+contexts, certificates, token files, exec plugins) and sends plain requests.
+
+Errors are mapped here once (kubectl's habits, design.md's exit codes):
+401/403 -> AuthError (7) naming the user and the verb; 404 -> NotFound (3);
+400/422 -> UsageError (2) with the server's message; 409 -> Conflict (callers
+re-read and retry through :meth:`KubeAPI.modify`); 429 and 5xx -> retried with
+backoff honouring Retry-After, then OperationFailed (1); no connection ->
+UnreachableError (7). Reads are retried on a cut connection; a mutation only
+when the request never left (connect failed).
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
+from typing import Any, Callable, Iterator
 
-from katactl.errors import AuthError, OperationFailed, UnreachableError, UsageError
+from katactl import __version__
+from katactl.errors import (AuthError, KatactlError, NotFound, OperationFailed, UnreachableError,
+                            UsageError)
 
 PAGE = 500
-RETRIES = 3
+RETRIES = 4
+#: longest wait katactl honours from a Retry-After header (a server asking for
+#: minutes is treated as "retry later" by the caller, not slept through)
+MAX_RETRY_AFTER = 10.0
+#: how often an update is re-read and retried after a 409 Conflict
+CONFLICT_RETRIES = 5
+
+PATCH_TYPES = {
+    "strategic": "application/strategic-merge-patch+json",
+    "merge": "application/merge-patch+json",
+    "json": "application/json-patch+json",
+}
+_RETRY_STATUS = (429, 500, 502, 503, 504)
+_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+class Conflict(OperationFailed):
+    """409: the object changed since it was read (or already exists)."""
+
+    code = "Conflict"
+
+
+class ApiStatusError(OperationFailed):
+    """A request the server refused with a status the caller interprets itself
+    (evictions: 429 from a PodDisruptionBudget, 500 for several PDBs)."""
+
+    code = "ApiError"
+
+    def __init__(self, message: str, status: int, body: dict, retry_after: float | None = None):
+        super().__init__(message, details={"httpStatus": status, "reason": body.get("reason")})
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
 
 
 class KubeAPI:
-    def __init__(self, host: str, headers: dict, verify, cert, timeout: float):
+    """A Kubernetes API client over httpx: one connection pool per instance.
+
+    ``user`` is the kubeconfig user (for error messages); ``namespace`` the
+    context's namespace (or "default")."""
+
+    def __init__(self, host: str, headers: dict, verify, cert, timeout: float, *,
+                 user: str = "", namespace: str = "default", sleep: Callable[[float], None] = time.sleep):
         import httpx
 
         self.host = host.rstrip("/")
+        self.user = user
+        self.namespace = namespace
+        self._sleep = sleep
         self._client = httpx.Client(base_url=self.host, headers=headers, verify=verify, cert=cert,
                                     timeout=timeout, trust_env=False)
 
+    # -- construction ------------------------------------------------------
     @classmethod
     def from_settings(cls, settings) -> "KubeAPI":
         try:
@@ -32,115 +88,292 @@ class KubeAPI:
         except ImportError:  # pragma: no cover - a declared dependency
             raise OperationFailed("the kubernetes package is not installed") from None
         cfg = Configuration()
+        # KUBECONFIG may list several files: the loader merges them as kubectl does. Read it
+        # here, not from the loader's import-time default, so the environment of this call counts.
+        path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         try:
-            kconfig.load_kube_config(config_file=settings.kubeconfig, context=settings.context,
+            contexts, active = kconfig.list_kube_config_contexts(config_file=path)
+            if settings.context:
+                active = next((c for c in contexts if c.get("name") == settings.context), None)
+                if active is None:
+                    known = ", ".join(sorted(str(c.get("name")) for c in contexts)) or "none"
+                    raise UsageError(f"kubeconfig: context {settings.context!r} not found (contexts: {known})")
+            kconfig.load_kube_config(config_file=path, context=settings.context,
                                      client_configuration=cfg, persist_config=False)
         except kconfig.ConfigException as e:
-            raise UsageError(f"kubeconfig: {e}") from None
+            raise UsageError(f"kubeconfig: {_one_line(e)}") from None
         except FileNotFoundError as e:
             raise UsageError(f"kubeconfig: {e.filename or e}: no such file") from None
-        headers = {"Accept": "application/json", "User-Agent": "katactl"}
-        token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            # not YAML, not a mapping, not text: the loader's own error says which
+            raise UsageError(f"kubeconfig {path or '(KUBECONFIG)'}: not a valid kubeconfig "
+                             f"({type(e).__name__}: {_one_line(e)})") from None
+        except OSError as e:
+            raise UsageError(f"kubeconfig: {e.filename or path}: {e.strerror}") from None
+        except Exception as e:  # noqa: BLE001 - yaml.YAMLError and friends from a foreign loader
+            if type(e).__module__.startswith("yaml"):
+                raise UsageError(f"kubeconfig {path or '(KUBECONFIG)'}: not YAML: {_one_line(e)}") from None
+            raise
+        ctx = (active or {}).get("context") or {}
+        headers = {"Accept": "application/json", "User-Agent": f"katactl/{__version__}"}
+        api_key = cfg.api_key or {}
+        token = api_key.get("authorization") or api_key.get("BearerToken")
         if token:
             headers["Authorization"] = token if token.lower().startswith("bearer ") else f"Bearer {token}"
-        verify = (cfg.ssl_ca_cert or True) if cfg.verify_ssl else False
-        cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
-        return cls(cfg.host, headers, verify, cert, settings.request_timeout)
+        namespace = settings.namespace or ctx.get("namespace") or "default"
+        try:
+            tls = _tls_context(cfg)
+        except (OSError, ValueError) as e:  # an unreadable or malformed CA or client certificate
+            raise UsageError(f"kubeconfig: certificate: {getattr(e, 'strerror', None) or e}") from None
+        return cls(cfg.host, headers, tls, None, settings.request_timeout,
+                   user=str(ctx.get("user") or ""), namespace=namespace)
 
-    def get(self, path: str, params: dict | None = None) -> dict:
+    # -- the one request path ----------------------------------------------
+    def request(self, method: str, path: str, *, params: dict | None = None, body: Any = None,
+                content_type: str = "application/json", retry: bool = True) -> dict:
+        """Send one request; the decoded JSON answer, or a mapped error.
+
+        With retry=False, 429 and 5xx answers raise ApiStatusError at once (for
+        callers that have their own policy, such as evictions)."""
         import httpx
 
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": content_type} if data is not None else None
+        q = {k: v for k, v in (params or {}).items() if v is not None}
+        err: KatactlError | None = None
         for attempt in range(RETRIES + 1):
+            delay = min(0.2 * 2 ** attempt, 2.0)
             try:
-                r = self._client.get(path, params=params)
+                r = self._client.request(method, path, params=q, content=data, headers=headers)
+            except httpx.ConnectError as e:
+                err = UnreachableError(f"Kubernetes API {self.host}: {_one_line(e) or 'cannot connect'}")
             except httpx.TimeoutException:
-                err: Exception = UnreachableError(f"Kubernetes API {self.host}: timed out")
+                err = UnreachableError(f"Kubernetes API {self.host}: {method} {path}: timed out")
+                if method != "GET":  # it may have been applied: never send a mutation twice
+                    raise err from None
             except httpx.TransportError as e:
-                err = UnreachableError(f"Kubernetes API {self.host}: {e}")
+                err = UnreachableError(f"Kubernetes API {self.host}: {method} {path}: {_one_line(e)}")
+                if method != "GET":
+                    raise err from None
             else:
-                if r.status_code == 200:
-                    return r.json()
-                msg = _status_message(r)
-                if r.status_code in (401, 403):
-                    raise AuthError(f"Kubernetes API {self.host}: {msg}")
-                if r.status_code == 400:
-                    raise UsageError(f"Kubernetes API rejected the request: {msg}")
-                if r.status_code == 410:  # continue token expired: the caller restarts
-                    raise OperationFailed(f"Kubernetes API: list expired while paging ({msg})")
-                if r.status_code not in (429, 500, 502, 503, 504):
-                    raise OperationFailed(f"Kubernetes API {path}: HTTP {r.status_code}: {msg}")
-                err = OperationFailed(f"Kubernetes API {path}: HTTP {r.status_code}: {msg}")
+                if r.status_code < 300:
+                    return _json(r)
+                status = _status_body(r)
+                retry_after = _retry_after(r)
+                if r.status_code in _RETRY_STATUS:
+                    msg = f"Kubernetes API {method} {path}: HTTP {r.status_code}: {status.get('message')}"
+                    if not retry:
+                        raise ApiStatusError(msg, r.status_code, status, retry_after)
+                    err = OperationFailed(msg, details={"httpStatus": r.status_code})
+                    if retry_after is not None:
+                        delay = min(retry_after, MAX_RETRY_AFTER)
+                else:
+                    raise self._error(method, path, r.status_code, status)
             if attempt == RETRIES:
-                raise err
-            time.sleep(min(0.2 * 2 ** attempt, 2.0))
-        raise AssertionError("unreachable")
+                break
+            self._sleep(delay)
+        assert err is not None
+        raise err
+
+    def _error(self, method: str, path: str, code: int, status: dict) -> KatactlError:
+        msg = status.get("message") or status.get("reason") or f"HTTP {code}"
+        details = {"httpStatus": code, "reason": status.get("reason")}
+        if code in (401, 403):
+            who = f"user {self.user!r}" if self.user else "this kubeconfig's user"
+            what = "Unauthorized" if code == 401 else "Forbidden"
+            return AuthError(f"Kubernetes API: {what}: {who} cannot {_VERBS.get(method, method)} "
+                             f"{path}: {msg}", details=details)
+        if code == 404:
+            return NotFound(msg, details=details)
+        if code in (400, 422):
+            return UsageError(f"Kubernetes API rejected the request: {msg}", details=details)
+        if code == 409:
+            return Conflict(msg, details=details)
+        if code == 410:
+            return ApiStatusError(f"Kubernetes API: {msg}", code, status)
+        return OperationFailed(f"Kubernetes API {method} {path}: HTTP {code}: {msg}", details=details)
+
+    # -- verbs ---------------------------------------------------------------
+    def get(self, path: str, params: dict | None = None) -> dict:
+        return self.request("GET", path, params=params)
+
+    def list_pages(self, path: str, *, limit: int = PAGE, **params) -> Iterator[list[dict]]:
+        """Pages of a list endpoint (limit/continue). Memory stays one page deep.
+        An expired continue token (410) restarts the list once from the top:
+        the caller sees items again only if it consumed a page before."""
+        cont = None
+        restarted = False
+        while True:
+            q = dict(params, limit=limit)
+            if cont:
+                q["continue"] = cont
+            try:
+                page = self.get(path, q)
+            except ApiStatusError as e:
+                if e.status != 410 or restarted:
+                    raise
+                restarted, cont = True, None
+                continue
+            yield page.get("items") or []
+            cont = (page.get("metadata") or {}).get("continue")
+            if not cont:
+                return
 
     def list(self, path: str, **params) -> list[dict]:
         """All items of a list endpoint, following ``continue`` tokens."""
         items: list[dict] = []
-        cont = None
-        while True:
-            q = {k: v for k, v in params.items() if v is not None}
-            q["limit"] = PAGE
-            if cont:
-                q["continue"] = cont
-            page = self.get(path, q)
-            items.extend(page.get("items") or [])
-            cont = (page.get("metadata") or {}).get("continue")
-            if not cont:
-                return items
+        for page in self.list_pages(path, **params):
+            items.extend(page)
+        return items
+
+    def create(self, path: str, obj: dict, *, dry_run: bool = False) -> dict:
+        return self.request("POST", path, body=obj, params=_dry(dry_run))
+
+    def update(self, path: str, obj: dict, *, dry_run: bool = False) -> dict:
+        """PUT; the object's metadata.resourceVersion makes it conditional."""
+        return self.request("PUT", path, body=obj, params=_dry(dry_run))
+
+    def patch(self, path: str, patch: Any, *, kind: str = "strategic", dry_run: bool = False) -> dict:
+        return self.request("PATCH", path, body=patch, content_type=PATCH_TYPES[kind], params=_dry(dry_run))
+
+    def delete(self, path: str, *, grace_period: int | None = None, uid: str | None = None,
+               propagation: str | None = None, dry_run: bool = False) -> dict:
+        opts: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        if grace_period is not None:
+            opts["gracePeriodSeconds"] = grace_period
+        if uid:
+            opts["preconditions"] = {"uid": uid}
+        if propagation:
+            opts["propagationPolicy"] = propagation
+        if dry_run:
+            opts["dryRun"] = ["All"]
+        return self.request("DELETE", path, body=opts)
+
+    def evict(self, namespace: str, name: str, *, grace_period: int | None = None,
+              dry_run: bool = False) -> dict:
+        """POST a policy/v1 Eviction. 429/5xx are not retried here: they carry the
+        PodDisruptionBudget's verdict, which the drain interprets (ApiStatusError)."""
+        ev: dict[str, Any] = {"apiVersion": "policy/v1", "kind": "Eviction",
+                              "metadata": {"name": name, "namespace": namespace}}
+        opts: dict[str, Any] = {}
+        if grace_period is not None:
+            opts["gracePeriodSeconds"] = grace_period
+        if dry_run:
+            opts["dryRun"] = ["All"]
+        if opts:
+            ev["deleteOptions"] = opts
+        return self.request("POST", f"/api/v1/namespaces/{seg(namespace)}/pods/{seg(name)}/eviction",
+                            body=ev, retry=False)
+
+    def modify(self, path: str, mutate: Callable[[dict], bool], *, dry_run: bool = False) -> tuple[dict, bool]:
+        """Read, change, write back with its resourceVersion; on 409 re-read and
+        retry (bounded). ``mutate(obj)`` edits in place and returns whether it
+        changed anything. Returns (object, changed)."""
+        for _ in range(CONFLICT_RETRIES):
+            obj = self.get(path)
+            if not mutate(obj):
+                return obj, False
+            try:
+                return self.update(path, obj, dry_run=dry_run), True
+            except Conflict:
+                continue
+        raise Conflict(f"{path}: still changing under us after {CONFLICT_RETRIES} attempts")
 
     def close(self) -> None:
         self._client.close()
 
+    def __enter__(self) -> "KubeAPI":
+        return self
 
-def _status_message(r) -> str:
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tls_context(cfg):
+    """The kubeconfig's CA (or none: insecure-skip-tls-verify) and client certificate."""
+    import ssl
+
+    if cfg.verify_ssl:
+        ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None)
+    else:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return ctx
+
+
+def _dry(dry_run: bool) -> dict:
+    return {"dryRun": "All"} if dry_run else {}
+
+
+def _json(r) -> dict:
     try:
         d = r.json()
-        return d.get("message") or d.get("reason") or r.text[:200]
     except ValueError:
-        return r.text[:200] or r.reason_phrase
+        from katactl.errors import ProtocolError
+
+        raise ProtocolError(f"Kubernetes API answered non-JSON ({r.headers.get('content-type')})") from None
+    if not isinstance(d, dict):
+        from katactl.errors import ProtocolError
+
+        raise ProtocolError("Kubernetes API answered JSON that is not an object")
+    return d
+
+
+def _status_body(r) -> dict:
+    try:
+        d = r.json()
+    except ValueError:
+        return {"message": (r.text[:200] or r.reason_phrase).strip()}
+    return d if isinstance(d, dict) else {"message": str(d)[:200]}
+
+
+def _retry_after(r) -> float | None:
+    v = r.headers.get("retry-after")
+    try:
+        return max(0.0, float(v)) if v is not None else None
+    except ValueError:
+        return None
+
+
+def _one_line(e: BaseException | str) -> str:
+    return " ".join(str(e).split())
+
+
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def seg(s: str) -> str:
+    """A Kubernetes name as one URL path segment (names are DNS subdomains; refuse anything else)."""
+    if not isinstance(s, str) or not _NAME_RE.fullmatch(s):
+        raise UsageError(f"invalid Kubernetes name {s!r}")
+    return s
+
+
+def client(settings) -> KubeAPI:
+    return KubeAPI.from_settings(settings)
 
 
 def node_names(settings) -> list[str]:
     """Names of the nodes matching settings.selector (-l)."""
-    api = KubeAPI.from_settings(settings)
-    try:
-        nodes = api.list("/api/v1/nodes", labelSelector=settings.selector)
-    finally:
-        api.close()
-    names = [n["metadata"]["name"] for n in nodes]
+    with client(settings) as api:
+        names = [n["metadata"]["name"] for page in api.list_pages("/api/v1/nodes", labelSelector=settings.selector)
+                 for n in page]
     if not names:
-        from katactl.errors import NotFound
-
         raise NotFound(f"no node matches selector {settings.selector!r}")
     return names
 
 
 def pod_location(settings, namespace: str, name: str) -> dict:
     """{node, uid, namespace, name} of a pod, for ``pod/NAMESPACE/NAME`` targets."""
-    api = KubeAPI.from_settings(settings)
-    try:
+    with client(settings) as api:
         try:
-            pod = api.get(f"/api/v1/namespaces/{_seg(namespace)}/pods/{_seg(name)}")
-        except OperationFailed as e:
-            if "HTTP 404" in e.message:
-                from katactl.errors import NotFound
-
-                raise NotFound(f"pod {namespace}/{name} not found") from None
-            raise
-    finally:
-        api.close()
+            pod = api.get(f"/api/v1/namespaces/{seg(namespace)}/pods/{seg(name)}")
+        except NotFound:
+            raise NotFound(f"pod {namespace}/{name} not found") from None
     node = (pod.get("spec") or {}).get("nodeName")
     if not node:
         raise OperationFailed(f"pod {namespace}/{name} is not scheduled on a node yet")
     return {"node": node, "uid": pod["metadata"].get("uid"), "namespace": namespace, "name": name}
-
-
-def _seg(s: str) -> str:
-    """A Kubernetes name as one URL path segment (names are DNS labels; refuse anything else)."""
-    import re
-
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", s or ""):
-        raise UsageError(f"invalid Kubernetes name {s!r}")
-    return s

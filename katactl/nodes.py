@@ -1,0 +1,728 @@
+"""Kubernetes node operations: list, cordon, uncordon, drain, check.
+
+Drain follows kubectl's pkg/drain exactly where kubectl has an answer
+(kubernetes-ops.md): the same pod filters in the same order, the same
+messages, policy/v1 evictions retried every 5 s while a PodDisruptionBudget
+forbids them, deletion confirmed by UID, one deadline. What kubectl cannot
+know is added on top: which pods are Kata sandboxes (their RuntimeClass's
+handler), and a record of who cordoned a node and whether it was cordoned
+before (annotation ``katactl.io/cordon``), so katactl never uncordons a node
+it did not find schedulable.
+
+Every function takes a :class:`katactl.backends.kube.KubeAPI`; nothing here
+prints. Long operations report through an ``events(kind, **data)`` callback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Callable
+
+from katactl.backends.kube import ApiStatusError, Conflict, KubeAPI, seg
+from katactl.errors import (AuthError, Interrupted, KatactlError, NotFound, OperationFailed, Refused, TimeoutExpired,
+                            )
+
+CORDON_ANNOTATION = "katactl.io/cordon"
+#: set by kata-deploy on nodes where it installed Kata
+KATA_LABEL = "katacontainers.io/kata-runtime"
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+#: kubectl drain's wait between evictions refused by a PodDisruptionBudget
+EVICTION_RETRY = 5.0
+#: kubectl drain polls each evicted pod this often until it is gone
+POLL = 1.0
+#: pods evicted and awaited at once per node (kubectl starts one goroutine per pod;
+#: a node runs at most 110 pods by default, so this is "all of them")
+EVICTION_WORKERS = 128
+
+Events = Callable[..., None]
+
+
+def _no_events(kind: str, **data) -> None:
+    pass
+
+
+# -- reading -----------------------------------------------------------------
+
+def get_node(api: KubeAPI, name: str) -> dict:
+    try:
+        return api.get(f"/api/v1/nodes/{seg(name)}")
+    except NotFound:
+        raise NotFound(f"node {name!r} not found") from None
+
+
+def node_pods(api: KubeAPI, node: str, pod_selector: str | None = None) -> list[dict]:
+    """Every pod bound to the node (kubectl drain's list: fieldSelector spec.nodeName)."""
+    return api.list("/api/v1/pods", fieldSelector=f"spec.nodeName={node}", labelSelector=pod_selector)
+
+
+def runtime_classes(api: KubeAPI) -> dict[str, dict]:
+    """RuntimeClass name -> object; {} when the API has none or we may not read them."""
+    try:
+        return {rc["metadata"]["name"]: rc for rc in api.list("/apis/node.k8s.io/v1/runtimeclasses")}
+    except (NotFound, AuthError):  # pods then count as Kata by their RuntimeClass's name
+        return {}
+
+
+def is_kata_handler(handler: str | None) -> bool:
+    """Kata's handlers are kata, kata-qemu, kata-clh, kata-fc, kata-dragonball, ... (kata-deploy)."""
+    return bool(handler) and (handler == "kata" or handler.startswith("kata-"))
+
+
+def pod_runtime_handler(pod: dict, rcs: dict[str, dict]) -> str | None:
+    rc = (pod.get("spec") or {}).get("runtimeClassName")
+    if not rc:
+        return None
+    obj = rcs.get(rc)
+    # an unknown RuntimeClass (deleted, or not readable): its name is the best evidence
+    return obj.get("handler") if obj else rc
+
+
+def is_kata_pod(pod: dict, rcs: dict[str, dict]) -> bool:
+    return is_kata_handler(pod_runtime_handler(pod, rcs))
+
+
+def node_status(node: dict) -> str:
+    ready = "Unknown"
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            ready = "Ready" if c.get("status") == "True" else "NotReady"
+    if (node.get("spec") or {}).get("unschedulable"):
+        ready += ",SchedulingDisabled"
+    return ready
+
+
+def cordon_record(node: dict) -> dict | None:
+    raw = ((node.get("metadata") or {}).get("annotations") or {}).get(CORDON_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return {"invalid": raw[:200]}
+    return rec if isinstance(rec, dict) else {"invalid": raw[:200]}
+
+
+def _kata_handlers_for(node: dict, rcs: dict[str, dict]) -> list[str]:
+    """Kata RuntimeClass handlers whose scheduling.nodeSelector admits this node."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    out = []
+    for rc in rcs.values():
+        if not is_kata_handler(rc.get("handler")):
+            continue
+        sel = ((rc.get("scheduling") or {}).get("nodeSelector")) or {}
+        if all(labels.get(k) == v for k, v in sel.items()):
+            out.append(rc["handler"])
+    return sorted(set(out))
+
+
+def _age(ts: str | None, now: dt.datetime) -> str:
+    if not ts:
+        return "-"
+    try:
+        t = dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return "-"
+    s = int((now - t).total_seconds())
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{max(s, 0)}s"
+
+
+def list_nodes(api: KubeAPI, names: list[str] | None = None, selector: str | None = None) -> list[dict]:
+    """One row per node: status, Kata capability, pod and Kata pod counts, the
+    katactl cordon record, and -o wide's node facts. Pods are counted page by
+    page (memory stays one page deep on 100,000-pod clusters)."""
+    if names:
+        nodes = [get_node(api, n) for n in names]
+    else:
+        nodes = api.list("/api/v1/nodes", labelSelector=selector)
+    rcs = runtime_classes(api)
+    wanted = {n["metadata"]["name"] for n in nodes}
+    pods: dict[str, int] = dict.fromkeys(wanted, 0)
+    kata: dict[str, int] = dict.fromkeys(wanted, 0)
+    # terminal pods hold no resources: kubectl describe node does not count them either
+    field = "status.phase!=Succeeded,status.phase!=Failed"
+    if len(wanted) == 1:
+        field += f",spec.nodeName={next(iter(wanted))}"
+    for page in api.list_pages("/api/v1/pods", fieldSelector=field):
+        for p in page:
+            n = (p.get("spec") or {}).get("nodeName")
+            if n in pods:
+                pods[n] += 1
+                if is_kata_pod(p, rcs):
+                    kata[n] += 1
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for node in nodes:
+        meta, st = node["metadata"], node.get("status") or {}
+        info = st.get("nodeInfo") or {}
+        name = meta["name"]
+        labels = meta.get("labels") or {}
+        rec = cordon_record(node)
+        ip = next((a.get("address") for a in st.get("addresses") or [] if a.get("type") == "InternalIP"), None)
+        rows.append({
+            "name": name,
+            "status": node_status(node),
+            "kata": labels.get(KATA_LABEL) == "true",
+            "kataHandlers": _kata_handlers_for(node, rcs) if labels.get(KATA_LABEL) == "true" else [],
+            "pods": pods[name],
+            "kataPods": kata[name],
+            "cordonedBy": (rec or {}).get("by"),
+            "cordon": rec,
+            "age": _age(meta.get("creationTimestamp"), now),
+            "kubeletVersion": info.get("kubeletVersion"),
+            "kernel": info.get("kernelVersion"),
+            "containerRuntime": info.get("containerRuntimeVersion"),
+            "internalIP": ip,
+            "taints": [f"{t.get('key')}{'=' + t['value'] if t.get('value') else ''}:{t.get('effect')}"
+                       for t in (node.get("spec") or {}).get("taints") or []],
+        })
+    return rows
+
+
+# -- cordon / uncordon ---------------------------------------------------------
+
+def _who() -> str:
+    import socket
+
+    from katactl.audit import current_user
+
+    return f"{current_user()}@{socket.gethostname()}"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _unschedulable_manager(node: dict) -> str | None:
+    """Who set spec.unschedulable, from the server's managedFields (kubectl cordon
+    shows up as manager "kubectl-cordon"); None when the server keeps none."""
+    for mf in (node.get("metadata") or {}).get("managedFields") or []:
+        spec = ((mf.get("fieldsV1") or {}).get("f:spec")) or {}
+        if "f:unschedulable" in spec:
+            return f"{mf.get('manager')} at {mf.get('time')}" if mf.get("time") else mf.get("manager")
+    return None
+
+
+def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool | str = False) -> dict:
+    """Mark the node unschedulable and record that katactl did, and whether it
+    already was. Idempotent: a node katactl already cordoned is ``changed: false``.
+
+    dry_run: False, "client" (read only) or "server" (the API validates the patch
+    and stores nothing)."""
+    for _ in range(5):
+        node = get_node(api, name)
+        was = bool((node.get("spec") or {}).get("unschedulable"))
+        rec = cordon_record(node)
+        if was and rec is not None and "invalid" not in rec:
+            return _cordon_result(name, False, dry_run, was, rec, "already cordoned by katactl")
+        new = {"by": _who(), "at": _now(), "reason": reason or "", "wasUnschedulable": was}
+        if was:
+            new["cordonedBefore"] = _unschedulable_manager(node) or "unknown"
+        patch = {"metadata": {"resourceVersion": node["metadata"].get("resourceVersion"),
+                              "annotations": {CORDON_ANNOTATION: json.dumps(new, sort_keys=True)}}}
+        if not was:
+            patch["spec"] = {"unschedulable": True}
+        if dry_run == "client" or dry_run is True:
+            return _cordon_result(name, True, dry_run, was, new, "would cordon" if not was else "would record")
+        try:
+            api.patch(f"/api/v1/nodes/{seg(name)}", patch, dry_run=dry_run == "server")
+        except Conflict:
+            continue  # changed between our read and our patch: judge again
+        note = "cordoned" if not was else "already cordoned (not by katactl): recorded, will not uncordon it"
+        return _cordon_result(name, True, dry_run, was, new, note)
+    raise Conflict(f"node {name}: changing too fast to cordon safely; try again")
+
+
+def _cordon_result(name, changed, dry_run, was, rec, message) -> dict:
+    return {"name": name, "changed": changed, "dryRun": bool(dry_run), "wasUnschedulable": was,
+            "record": rec, "message": message}
+
+
+def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | str = False) -> dict:
+    """Make the node schedulable again, unless katactl's record says it was
+    already cordoned before katactl cordoned it (Refused, exit 5, unless force).
+    Without a record it does what ``kubectl uncordon`` does."""
+    for _ in range(5):
+        node = get_node(api, name)
+        unsched = bool((node.get("spec") or {}).get("unschedulable"))
+        rec = cordon_record(node)
+        if unsched and rec and rec.get("wasUnschedulable") and not force:
+            first = rec.get("cordonedBefore") or "someone else"
+            raise Refused(f"node {name} was already cordoned (by {first}) before katactl cordoned it "
+                          f"(by {rec.get('by')} at {rec.get('at')}): leaving it cordoned",
+                          hint="use --force to uncordon it anyway")
+        if not unsched and rec is None:
+            return {"name": name, "changed": False, "dryRun": bool(dry_run), "message": "already schedulable"}
+        patch: dict[str, Any] = {"metadata": {"resourceVersion": node["metadata"].get("resourceVersion"),
+                                              "annotations": {CORDON_ANNOTATION: None}}}
+        if unsched:
+            patch["spec"] = {"unschedulable": None}
+        msg = "uncordoned" if unsched else "already schedulable: removed katactl's stale cordon record"
+        if dry_run == "client" or dry_run is True:
+            return {"name": name, "changed": True, "dryRun": True, "message": "would be " + msg}
+        try:
+            api.patch(f"/api/v1/nodes/{seg(name)}", patch, dry_run=dry_run == "server")
+        except Conflict:
+            continue
+        return {"name": name, "changed": True, "dryRun": bool(dry_run), "message": msg}
+    raise Conflict(f"node {name}: changing too fast to uncordon safely; try again")
+
+
+# -- drain -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DrainOptions:
+    ignore_daemonsets: bool = False
+    delete_emptydir_data: bool = False
+    force: bool = False
+    grace_period: int = -1               # -1: the pod's own
+    timeout: float = 0.0                 # 0: wait forever (kubectl's default)
+    pod_selector: str | None = None
+    skip_wait_for_delete_timeout: int = 0
+    disable_eviction: bool = False
+    dry_run: str | None = None           # None, "client", "server"
+    kata_only: bool = False
+    keep_cordoned: bool = False
+    #: pods (namespace, name) to evict among the Kata pods; None = all (for --stale-release)
+    only_pods: set[tuple[str, str]] | None = None
+    reason: str | None = None
+
+
+def _owner(pod: dict) -> dict | None:
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref
+    return None
+
+
+def _terminal(pod: dict) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _deleting_for(pod: dict, now: dt.datetime) -> float | None:
+    ts = (pod.get("metadata") or {}).get("deletionTimestamp")
+    if not ts:
+        return None
+    try:
+        return (now - dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))).total_seconds()
+    except ValueError:
+        return 0.0
+
+
+def _ref(pod: dict) -> str:
+    return f"{pod['metadata'].get('namespace')}/{pod['metadata']['name']}"
+
+
+def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, dict]):
+    """kubectl drain's filters, in kubectl's order (skip-deleted, DaemonSet, mirror,
+    local storage, unreplicated; the first that excludes a pod ends its chain),
+    after katactl's own selection (--kata-only, --stale-release).
+
+    Returns (to_evict, skipped [{pod, reason}], errors {message: [pods]}, warnings {message: [pods]})."""
+    now = dt.datetime.now(dt.timezone.utc)
+    evict: list[dict] = []
+    skipped: list[dict] = []
+    errors: dict[str, list[str]] = {}
+    warnings: dict[str, list[str]] = {}
+    ds_exists: dict[tuple[str, str], bool] = {}
+    for pod in pods:
+        ref = _ref(pod)
+        kata = is_kata_pod(pod, rcs)
+        if opts.kata_only and not kata:
+            skipped.append({"pod": ref, "reason": "not a Kata pod (--kata-only)"})
+            continue
+        if opts.only_pods is not None and (pod["metadata"].get("namespace"), pod["metadata"]["name"]) not in opts.only_pods:
+            skipped.append({"pod": ref, "reason": "its sandbox runs the current release (--stale-release)"})
+            continue
+        deleting = _deleting_for(pod, now)
+        if opts.skip_wait_for_delete_timeout > 0 and deleting is not None \
+                and deleting > opts.skip_wait_for_delete_timeout:
+            skipped.append({"pod": ref, "reason": "deleting for longer than --skip-wait-for-delete-timeout"})
+            continue
+        owner = _owner(pod)
+        if owner and owner.get("kind") == "DaemonSet" and not _terminal(pod):
+            ns = pod["metadata"].get("namespace")
+            key = (ns, owner.get("name"))
+            if key not in ds_exists:
+                try:
+                    api.get(f"/apis/apps/v1/namespaces/{seg(ns)}/daemonsets/{seg(owner.get('name'))}")
+                    ds_exists[key] = True
+                except NotFound:
+                    ds_exists[key] = False
+            if not ds_exists[key]:
+                if opts.force:
+                    warnings.setdefault("deleting Pods that declare no controller", []).append(ref)
+                    evict.append(pod)
+                else:
+                    errors.setdefault("Pods that declare no controller (use --force to override)", []).append(ref)
+                continue
+            if not opts.ignore_daemonsets:
+                errors.setdefault("DaemonSet-managed Pods (use --ignore-daemonsets to ignore)", []).append(ref)
+            else:
+                warnings.setdefault("ignoring DaemonSet-managed Pods", []).append(ref)
+                skipped.append({"pod": ref, "reason": "DaemonSet-managed"})
+            continue
+        if MIRROR_ANNOTATION in ((pod["metadata"].get("annotations")) or {}):
+            skipped.append({"pod": ref, "reason": "mirror pod (static pod of the kubelet)"})
+            continue
+        if any("emptyDir" in v for v in (pod.get("spec") or {}).get("volumes") or []) and not _terminal(pod):
+            if not opts.delete_emptydir_data:
+                errors.setdefault("Pods with local storage (use --delete-emptydir-data to override)", []).append(ref)
+                continue
+            warnings.setdefault("deleting Pods with local storage", []).append(ref)
+        if owner is None and not _terminal(pod):
+            if not opts.force:
+                errors.setdefault("Pods that declare no controller (use --force to override)", []).append(ref)
+                continue
+            warnings.setdefault("deleting Pods that declare no controller", []).append(ref)
+        evict.append(pod)
+    return evict, skipped, errors, warnings
+
+
+class _Deadline:
+    def __init__(self, seconds: float, stop: threading.Event):
+        self.end = time.monotonic() + seconds if seconds > 0 else None
+        self.stop = stop
+
+    def left(self) -> float | None:
+        return None if self.end is None else self.end - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, cut short by the deadline or a stop request."""
+        left = self.left()
+        self.stop.wait(seconds if left is None else max(0.0, min(seconds, left)))
+
+
+def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_events,
+          stop: threading.Event | None = None) -> dict:
+    """Cordon the node, then evict (or delete) its pods as kubectl drain does and
+    wait until they are gone. On a refusal, a failure, the deadline or Ctrl-C the
+    node's schedulability is restored to what it was before (unless
+    keep_cordoned), and the error is raised with the partial result in its details."""
+    stop = stop or threading.Event()
+    dry = opts.dry_run
+    node = get_node(api, name)
+    was_unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
+    result: dict[str, Any] = {"name": name, "changed": False, "dryRun": bool(dry), "evicted": [],
+                              "skipped": [], "blocked": [], "warnings": [], "wasUnschedulable": was_unschedulable}
+    cordoned_here = False
+    try:
+        c = cordon(api, name, reason=opts.reason or "katactl node drain", dry_run=dry or False)
+        cordoned_here = c["changed"] and not was_unschedulable and not dry
+        result["changed"] = c["changed"] and not dry
+        rcs = runtime_classes(api)
+        pods = node_pods(api, name, opts.pod_selector)
+        evict, skipped, errors, warnings = classify(api, pods, opts, rcs)
+        result["skipped"] = skipped
+        result["warnings"] = [f"{msg}: {', '.join(refs)}" for msg, refs in warnings.items()]
+        for w in result["warnings"]:
+            events("Warning", node=name, message=w)
+        if errors:
+            msg = "; ".join(f"cannot delete {m}: {', '.join(refs)}" for m, refs in errors.items())
+            raise Refused(f"node {name}: {msg}", details={"pods": sorted({r for v in errors.values() for r in v})})
+        result["toEvict"] = [_ref(p) for p in evict]
+        events("NodeDraining", node=name, pods=len(evict), dryRun=bool(dry))
+        if dry == "client" or not evict:
+            result["evicted"] = [_ref(p) for p in evict] if dry else []
+        else:
+            deadline = _Deadline(opts.timeout, stop)
+            _remove_pods(api, name, evict, opts, deadline, result, events)
+        result["changed"] = result["changed"] or bool(result["evicted"] and not dry)
+        events("NodeDrained", node=name, evicted=len(result["evicted"]), dryRun=bool(dry))
+        return result
+    except BaseException as e:
+        restored = False
+        if cordoned_here and not opts.keep_cordoned:
+            try:
+                uncordon(api, name, force=True)
+                restored = True
+                events("NodeRestored", node=name, unschedulable=False)
+            except Exception as re_err:  # noqa: BLE001 - report both, the first error wins
+                events("Warning", node=name, message=f"could not restore the node's cordon state: {re_err}")
+        result["restored"] = restored
+        if isinstance(e, KatactlError):
+            e.details = {**e.details, "drain": result}
+            if restored:
+                e.message += f" (node {name} uncordoned again: it was schedulable before)"
+        elif isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"interrupted while draining {name}"
+                              + (" (uncordoned again: it was schedulable before)" if restored else ""),
+                              details={"drain": result}) from None
+        raise
+
+
+def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, deadline: _Deadline,
+                 result: dict, events: Events) -> None:
+    """Evict (or delete) each pod concurrently and wait for it to go, as kubectl does."""
+    server_dry = opts.dry_run == "server"
+    grace = None if opts.grace_period < 0 else opts.grace_period
+    lock = threading.Lock()
+    failures: list[str] = []
+    blocked: dict[str, dict] = {}
+
+    def one(pod: dict) -> None:
+        ref = _ref(pod)
+        ns, pname, uid = pod["metadata"].get("namespace"), pod["metadata"]["name"], pod["metadata"].get("uid")
+        events("PodEvicting", node=node, pod=ref, eviction=not opts.disable_eviction)
+        while True:
+            if deadline.stop.is_set():
+                return
+            if deadline.expired():
+                with lock:
+                    failures.append(f"{ref}: timed out")
+                return
+            try:
+                if opts.disable_eviction:
+                    api.delete(f"/api/v1/namespaces/{seg(ns)}/pods/{seg(pname)}", grace_period=grace,
+                               dry_run=server_dry)
+                else:
+                    api.evict(ns, pname, grace_period=grace, dry_run=server_dry)
+                break
+            except NotFound:
+                break  # gone already: done
+            except ApiStatusError as e:
+                msg = (e.body.get("message") or "").strip()
+                causes = [c.get("message") for c in (e.body.get("details") or {}).get("causes") or []
+                          if c.get("message")]
+                if e.status == 429:
+                    info = {"pod": ref, "message": msg, "budget": "; ".join(causes) or None}
+                    with lock:
+                        first = ref not in blocked
+                        blocked[ref] = info
+                    if first:
+                        events("PodEvictionBlocked", node=node, **info)
+                    deadline.sleep(EVICTION_RETRY if e.retry_after is None else max(e.retry_after, 1.0))
+                    continue
+                with lock:
+                    failures.append(f"{ref}: {msg or e.message}")
+                return
+            except KatactlError as e:
+                if e.details.get("reason") == "NamespaceTerminating":
+                    deadline.sleep(EVICTION_RETRY)
+                    continue
+                with lock:
+                    failures.append(f"{ref}: {e.message}")
+                return
+        with lock:
+            blocked.pop(ref, None)
+        if server_dry:
+            with lock:
+                result["evicted"].append(ref)
+            return
+        if _wait_gone(api, ns, pname, uid, deadline, opts.skip_wait_for_delete_timeout):
+            with lock:
+                result["evicted"].append(ref)
+            events("PodDeleted", node=node, pod=ref)
+        elif not deadline.stop.is_set():
+            with lock:
+                failures.append(f"{ref}: still terminating")
+
+    workers = max(1, min(EVICTION_WORKERS, len(pods)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="katactl-evict") as ex:
+        futures = [ex.submit(one, p) for p in pods]
+        try:
+            pending = set(futures)
+            while pending:  # short waits: the main thread stays free to take Ctrl-C
+                _, pending = wait(pending, timeout=0.2)
+            for f in futures:
+                f.result()
+        except BaseException:
+            deadline.stop.set()
+            raise
+    result["evicted"].sort()
+    result["blocked"] = sorted(blocked.values(), key=lambda b: b["pod"])
+    if deadline.stop.is_set():
+        raise Interrupted(f"interrupted while draining {node}")
+    if failures and deadline.expired():
+        raise TimeoutExpired(f"node {node}: drain did not finish within {opts.timeout:g}s: "
+                             + "; ".join(sorted(failures))
+                             + (f" (blocked by a disruption budget: {', '.join(b['pod'] for b in result['blocked'])})"
+                                if result["blocked"] else ""))
+    if failures:
+        raise OperationFailed(f"node {node}: " + "; ".join(sorted(failures)))
+
+
+def _wait_gone(api: KubeAPI, ns: str, name: str, uid: str | None, deadline: _Deadline,
+               skip_after: int) -> bool:
+    """Poll until the pod is gone (404) or replaced (another UID). A pod deleting for
+    longer than skip_after (when > 0) counts as gone, as kubectl's waitForDelete."""
+    path = f"/api/v1/namespaces/{seg(ns)}/pods/{seg(name)}"
+    while True:
+        try:
+            p = api.get(path)
+        except NotFound:
+            return True
+        if p["metadata"].get("uid") != uid:
+            return True
+        if skip_after > 0:
+            d = _deleting_for(p, dt.datetime.now(dt.timezone.utc))
+            if d is not None and d > skip_after:
+                return True
+        if deadline.expired() or deadline.stop.is_set():
+            return False
+        deadline.sleep(POLL)
+
+
+# -- check -------------------------------------------------------------------
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+
+
+def selector_matches(selector: dict | None, labels: dict) -> bool:
+    """A metav1.LabelSelector (matchLabels, matchExpressions) against labels.
+    An empty selector matches everything (policy/v1 PDB semantics); None nothing."""
+    if selector is None:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, vals = e.get("key"), e.get("operator"), e.get("values") or []
+        if op == "In" and labels.get(key) not in vals:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in vals:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _finding(severity: str, check: str, target: str, message: str, **extra) -> dict:
+    return {"severity": severity, "check": check, "target": target, "message": message, **extra}
+
+
+def check(api: KubeAPI, name: str) -> list[dict]:
+    """A read-only maintenance preflight of one node: is it Ready, what would
+    block or complicate a drain right now (and why), and its Kata pods with
+    their RuntimeClass and declared overhead. Findings carry a severity."""
+    node = get_node(api, name)
+    out: list[dict] = []
+    status = node_status(node)
+    if not status.startswith("Ready"):
+        out.append(_finding("high", "node-ready", name, f"node is {status.split(',')[0]}: evicted pods "
+                            "may hang in Terminating (consider --skip-wait-for-delete-timeout)"))
+    if (node.get("spec") or {}).get("unschedulable"):
+        rec = cordon_record(node)
+        by = f"by katactl ({rec.get('by')}, {rec.get('reason') or 'no reason'})" if rec and rec.get("by") \
+            else "not by katactl"
+        out.append(_finding("info", "node-cordoned", name, f"node is already cordoned {by}"))
+    rcs = runtime_classes(api)
+    pods = node_pods(api, name)
+    try:
+        pdbs = api.list("/apis/policy/v1/poddisruptionbudgets")
+    except (NotFound, AuthError):
+        pdbs = []
+    _, _, errors, _ = classify(api, pods, DrainOptions(), rcs)
+    severity = {"DaemonSet": "info", "local storage": "medium", "no controller": "medium"}
+    for msg, refs in errors.items():
+        sev = next((v for k, v in severity.items() if k in msg), "medium")
+        for ref in refs:
+            out.append(_finding(sev, "drain-filter", ref, f"kubectl drain refuses: {msg}"))
+    now = dt.datetime.now(dt.timezone.utc)
+    for pod in pods:
+        ref, meta = _ref(pod), pod["metadata"]
+        labels = meta.get("labels") or {}
+        if _terminal(pod):
+            continue
+        deleting = _deleting_for(pod, now)
+        grace = meta.get("deletionGracePeriodSeconds") or 30
+        if deleting is not None and deleting > grace + 60:
+            out.append(_finding("high", "stuck-terminating", ref,
+                                f"terminating for {int(deleting)}s (grace {grace}s): a drain will wait for it"))
+        mine = [b for b in pdbs if b["metadata"].get("namespace") == meta.get("namespace")
+                and selector_matches((b.get("spec") or {}).get("selector"), labels)]
+        if len(mine) > 1:
+            out.append(_finding("high", "pdb-multiple", ref, "more than one PodDisruptionBudget covers this pod: "
+                                "the eviction API refuses it (HTTP 500) until one is removed",
+                                budgets=[b["metadata"]["name"] for b in mine]))
+        for b in mine:
+            st = b.get("status") or {}
+            if st.get("disruptionsAllowed", 0) <= 0 and (pod.get("status") or {}).get("phase") == "Running":
+                out.append(_finding(
+                    "high", "pdb-blocks", ref,
+                    f"PodDisruptionBudget {b['metadata']['name']} allows 0 disruptions now "
+                    f"({st.get('currentHealthy', '?')} healthy, {st.get('desiredHealthy', '?')} desired, "
+                    f"{st.get('expectedPods', '?')} expected): eviction will be refused until it allows one",
+                    budget=b["metadata"]["name"], currentHealthy=st.get("currentHealthy"),
+                    desiredHealthy=st.get("desiredHealthy"), expectedPods=st.get("expectedPods")))
+        if is_kata_pod(pod, rcs):
+            rc = (pod.get("spec") or {}).get("runtimeClassName")
+            overhead = (pod.get("spec") or {}).get("overhead")
+            if overhead:
+                out.append(_finding("info", "kata-pod", ref, f"Kata pod (RuntimeClass {rc}, handler "
+                                    f"{pod_runtime_handler(pod, rcs)}), overhead "
+                                    + ", ".join(f"{k}={v}" for k, v in sorted(overhead.items())),
+                                    runtimeClass=rc, overhead=overhead))
+            else:
+                out.append(_finding("low", "kata-overhead-missing", ref,
+                                    f"Kata pod (RuntimeClass {rc}) declares no overhead: the scheduler "
+                                    "does not reserve the VM's own memory and CPU", runtimeClass=rc))
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    out.sort(key=lambda f: (-order[f["severity"]], f["check"], f["target"]))
+    return out
+
+
+# -- many nodes, audited -------------------------------------------------------
+
+def audited(action: str, name: str, params: dict, fn: Callable[[], dict]) -> dict:
+    """Run a mutation of node ``name`` and log its final outcome in the audit log
+    (changes and failures; dry runs and no-ops change nothing and are not logged)."""
+    from katactl import audit
+
+    try:
+        res = fn()
+    except BaseException as e:
+        err = e if isinstance(e, KatactlError) else None
+        partial = (err.details.get("drain") if err else None) or {}
+        if not params.get("dryRun") and (partial.get("changed") or partial.get("evicted") or err is None
+                                         or action != "node.drain"):
+            audit.record(action, name, node=name, params=params, result="error",
+                         error=err.message if err else type(e).__name__,
+                         evicted=partial.get("evicted"), restored=partial.get("restored"))
+        raise
+    if res.get("changed") and not res.get("dryRun"):
+        audit.record(action, name, node=name, params=params, changed=True,
+                     **({"evicted": res["evicted"]} if "evicted" in res else {}))
+    return res
+
+
+def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int = 1):
+    """fn(name) for each node, ``parallel`` at a time; a fleet.FanOut of the outcomes
+    (one node's failure never stops the others)."""
+    from katactl.errors import as_katactl_error
+    from katactl.fleet import FanOut
+
+    values: dict[str, Any] = {}
+    errors: dict[str, KatactlError] = {}
+
+    def one(n: str) -> None:
+        try:
+            values[n] = fn(n)
+        except (KeyboardInterrupt, Interrupted):
+            raise
+        except Exception as e:  # noqa: BLE001 - per-node failures are data
+            errors[n] = as_katactl_error(e)
+
+    if parallel <= 1 or len(names) == 1:
+        for n in names:
+            one(n)
+    else:
+        with ThreadPoolExecutor(max_workers=min(parallel, len(names)), thread_name_prefix="katactl-node") as ex:
+            futures = [ex.submit(one, n) for n in names]
+            pending = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=0.2)
+            for f in futures:
+                f.result()
+    return FanOut(list(names), values, errors)
