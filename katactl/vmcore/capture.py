@@ -112,6 +112,63 @@ def check_free_space(transport, d: str, memory_bytes: int) -> None:
                       hint="free space under guest_memory_dump_path first")
 
 
+def _existing_ancestor(transport, path: str) -> str:
+    """``path`` or its nearest existing ancestor (what statvfs can ask before mkdir)."""
+    p = path
+    while p not in ("", "/") and not transport.exists(p):
+        p = posixpath.dirname(p)
+    return p or "/"
+
+
+def check_space_first(transport, d: str, memory_bytes: int) -> None:
+    """The runtime's 2 x guest memory rule, asked before anything is created under
+    ``d`` (a refusal leaves no directory behind); nothing to check when the guest's
+    memory is unknown."""
+    if memory_bytes:
+        check_free_space(transport, _existing_ancestor(transport, d), memory_bytes)
+
+
+class _DumpDirGuard:
+    """What one trigger adds under ``<dump_path>/<id>/`` (the directory and its
+    parents when new; else the entries it adds, state/ copies included), removed
+    again when the dump fails. Once the hypervisor is writing (``started``), a
+    timeout or an interrupt leaves it: the dump goes on without us."""
+
+    def __init__(self, transport, d: str):
+        self.t, self.d = transport, d
+        self.top = None  # the first directory this trigger creates
+        p = d
+        while p not in ("", "/") and not transport.exists(p):
+            self.top, p = p, posixpath.dirname(p)
+        self.before = set() if self.top else set(transport.listdir(d))
+        st = f"{d}/state"
+        self.state_before = set(transport.listdir(st)) if not self.top and transport.is_dir(st) else None
+        self.started = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        from katactl.errors import Interrupted, TimeoutExpired
+
+        if exc is None:
+            return False
+        if self.started and isinstance(exc, (TimeoutExpired, Interrupted, KeyboardInterrupt)):
+            return False
+        try:
+            if self.top:
+                self.t.remove(self.top, recursive=True)
+                return False
+            for n in set(self.t.listdir(self.d)) - self.before:
+                self.t.remove(f"{self.d}/{n}", recursive=True)
+            if self.state_before is not None:
+                for n in set(self.t.listdir(f"{self.d}/state")) - self.state_before:
+                    self.t.remove(f"{self.d}/state/{n}", recursive=True)
+        except (OSError, KatactlError):
+            pass  # the failure itself is what the user needs to read
+        return False
+
+
 def runtime_panic_dump(transport, sandbox, qmp_client, dump_path: str, paging: bool = False, *,
                        timeout: float = 3600.0) -> str:
     """Play the Go runtime's GUEST_PANICKED handler (kata-node.md steps 1-4).
@@ -210,13 +267,14 @@ def _trigger(transport, sb, opts: TriggerOptions) -> dict:
     shim = _shim_ext(transport, sb.shim_socket) if sb.shim_socket else None
     if shim is not None and "vmcore" in shim["capabilities"]:
         result["via"] = "shim-extension"
+        check_space_first(transport, d, mem)
         if opts.dry_run:
             return {**result, "changed": True, "dryRun": True}
-        # the metadata and the space check the runtime does, then the shim dumps
-        prepare_dump_dir(transport, sid, cfg.dump_path, persist=persist, hypervisor_path=sb.hypervisor_path)
-        if mem:
-            check_free_space(transport, d, mem)
-        return {**result, **_trigger_shim(transport, shim, sid, opts, paging), "changed": True}
+        # the metadata the runtime writes, then the shim dumps
+        with _DumpDirGuard(transport, d) as guard:
+            prepare_dump_dir(transport, sid, cfg.dump_path, persist=persist, hypervisor_path=sb.hypervisor_path)
+            guard.started = True
+            return {**result, **_trigger_shim(transport, shim, sid, opts, paging), "changed": True}
     reasons.append("the shim does not offer the vmcore extension" if shim is not None
                    else "no shim extension (/ext/v1/capabilities)")
     if hv_type in ("clh", "cloud-hypervisor", "cloud_hypervisor"):
@@ -286,12 +344,13 @@ def _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result) -> d
             raise OperationFailed("this Cloud Hypervisor build has no guest_debug feature (vmm.ping features: "
                                   + (",".join(feats) or "none") + "): vm.coredump is unavailable",
                                   hint="use a cloud-hypervisor built with --features guest_debug (x86_64)")
+        check_space_first(transport, d, mem)
         if opts.dry_run:
             return {**result, "changed": True, "dryRun": True}
-        prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
-        if mem:
-            check_free_space(transport, d, mem)
-        c.coredump(real_path(transport, path))
+        with _DumpDirGuard(transport, d) as guard:
+            prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
+            guard.started = True
+            c.coredump(real_path(transport, path))
     return {**result, "status": "completed", "changed": True}
 
 
@@ -326,32 +385,34 @@ def _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, r
         st = client.execute("query-dump")
         if (st or {}).get("status") == "active":
             raise Refused(f"sandbox {sid[:12]}: a dump is already in progress")
+        check_space_first(transport, d, mem)
         if opts.dry_run:
             return {**result, "changed": True, "dryRun": True}
-        prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
-        check_free_space(transport, d, mem)
-        client.events()  # forget old events: DUMP_COMPLETED below must be ours
-        args = {"paging": bool(paging), "protocol": "file:" + real_path(transport, path), "format": opts.format,
-                "detach": True}
-        client.execute("dump-guest-memory", args, timeout=opts.timeout)
-        if opts.detach:
-            return {**result, "status": "active", "changed": True}
-        deadline = time.monotonic() + opts.timeout
-        while True:
-            st = client.execute("query-dump") or {}
-            if opts.progress and st.get("total"):
-                opts.progress(int(st.get("completed", 0)), int(st["total"]))
-            if st.get("status") == "completed":
-                break
-            if st.get("status") == "failed":
-                ev = [e for e in client.events() if e.get("event") == "DUMP_COMPLETED"]
-                why = (ev[-1].get("data") or {}).get("error") if ev else None
-                raise OperationFailed(f"QEMU dump failed{': ' + why if why else ''}")
-            if time.monotonic() > deadline:
-                from katactl.errors import TimeoutExpired
+        with _DumpDirGuard(transport, d) as guard:
+            prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
+            client.events()  # forget old events: DUMP_COMPLETED below must be ours
+            args = {"paging": bool(paging), "protocol": "file:" + real_path(transport, path),
+                    "format": opts.format, "detach": True}
+            client.execute("dump-guest-memory", args, timeout=opts.timeout)
+            guard.started = True
+            if opts.detach:
+                return {**result, "status": "active", "changed": True}
+            deadline = time.monotonic() + opts.timeout
+            while True:
+                st = client.execute("query-dump") or {}
+                if opts.progress and st.get("total"):
+                    opts.progress(int(st.get("completed", 0)), int(st["total"]))
+                if st.get("status") == "completed":
+                    break
+                if st.get("status") == "failed":
+                    ev = [e for e in client.events() if e.get("event") == "DUMP_COMPLETED"]
+                    why = (ev[-1].get("data") or {}).get("error") if ev else None
+                    raise OperationFailed(f"QEMU dump failed{': ' + why if why else ''}")
+                if time.monotonic() > deadline:
+                    from katactl.errors import TimeoutExpired
 
-                raise TimeoutExpired(f"dump not finished within {opts.timeout:g}s (it continues in QEMU)")
-            time.sleep(opts.poll)
+                    raise TimeoutExpired(f"dump not finished within {opts.timeout:g}s (it continues in QEMU)")
+                time.sleep(opts.poll)
     try:
         size = transport.stat(path).size
     except OSError:

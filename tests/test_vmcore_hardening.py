@@ -1,0 +1,82 @@
+"""vmcore hardening (issue 16): a refused or failed trigger leaves nothing behind, a dry
+run makes the real run's checks, malformed node files and indexes are clear errors,
+multi-node rm names the node that failed."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from katactl.errors import OperationFailed
+from katactl.lab import layout
+from tests.test_vmcore import DUMP_PATH, _audit_entries, node_tree
+
+CLH_SID = "c1c1c1c1d2d2d2d2e3e3e3e3f4f4f4f4"
+
+
+@pytest.fixture
+def clh_node():
+    from katactl.lab.clh_server import ClhServer
+
+    root = node_tree(tempfile.mkdtemp(prefix="kc", dir="/tmp"))
+    servers = []
+
+    def make(memory_mib=256):
+        sb = layout.write_go_sandbox(root, CLH_SID, hypervisor="clh", memory_mib=memory_mib,
+                                     guest_memory_dump_path=DUMP_PATH)
+        servers.append(ClhServer(sb.real(sb.api_socket_node), 256 << 20, features=("kvm", "guest_debug")))
+        return root
+
+    yield make
+    for s in servers:
+        s.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _dump_root(root):
+    return os.path.join(root, DUMP_PATH.lstrip("/"))
+
+
+def test_trigger_space_refusal_leaves_nothing_and_dry_run_refuses_too(cli, clh_node, _isolated_home):
+    """issue 16 #9: exit 5 for space left <dump>/<id>/ with hypervisor.conf, .version and
+    state/; and --dry-run said 0. Both now refuse before creating anything."""
+    root = clh_node(memory_mib=1 << 40)  # 1 EiB of guest memory: never 2x free
+    for extra in (["--dry-run"], []):
+        r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], *extra, "-o", "json"])
+        assert r.exit_code == 5, (extra, r.stderr)
+        assert "2 x guest memory" in r.stderr and "Traceback" not in r.stderr
+        assert not os.path.exists(_dump_root(root)), os.listdir(os.path.dirname(_dump_root(root)))
+    [e] = _audit_entries(_isolated_home)  # the real run only
+    assert e["result"] == "error" and e["changed"] is False
+
+
+def test_trigger_failed_dump_cleans_up(cli, clh_node, monkeypatch):
+    """The hypervisor fails the dump after the metadata was written: the new <id>/ goes;
+    an existing one keeps what it had (an earlier dump) and loses only what was added."""
+    from katactl.backends import clh
+
+    root = clh_node()
+
+    def dead(self, url):
+        raise OperationFailed("Cloud Hypervisor: vm.coredump: the VM is not running")
+
+    monkeypatch.setattr(clh.ClhClient, "coredump", dead)
+    r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6]])
+    assert r.exit_code == 1 and "not running" in r.stderr, r.stderr
+    assert not os.path.exists(_dump_root(root))
+    # with an earlier dump in place
+    d = os.path.join(_dump_root(root), CLH_SID)
+    os.makedirs(os.path.join(d, "state", "old"))
+    for n in ("hypervisor.conf", "hypervisor.version", "vmcore-20240102030405.elf"):
+        with open(os.path.join(d, n), "w") as f:
+            f.write("earlier\n")
+    before = sorted(os.listdir(d)), sorted(os.listdir(os.path.join(d, "state")))
+    r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6]])
+    assert r.exit_code == 1, r.stderr
+    assert (sorted(os.listdir(d)), sorted(os.listdir(os.path.join(d, "state")))) == before
+    monkeypatch.undo()
+    r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert os.path.isfile(os.path.join(root, r.json()["path"].lstrip("/")))
