@@ -561,3 +561,39 @@ def test_stage_truncated_or_corrupt_archive_is_not_a_release(cli, node, tarballs
     # the intact ones still stage
     for fmt in ("tar", "gz", "xz"):
         assert J(cli, node, "stage", tarballs[fmt])["changed"] is True
+
+
+_DEEP = b"[" * 100000 + b"]" * 100000
+_CORRUPT_STATE = [
+    ("pending.json", b"{not json"),
+    ("pending.json", b"[1, 2]"),
+    ("pending.json", b'{"action": "switch", "to": "3.2.0"}'),
+    ("pending.json", b'{"action": "switch", "from": {"runtime": 5}}'),
+    ("pending.json", b'{"action": "switch", "configs": [{"path": "/etc/passwd", "tmp": "/tmp/x"}]}'),
+    ("pending.json", b"\xff\xfe\x00garbage"),
+    ("pending.json", _DEEP),
+    ("history.jsonl", b'{"action": "switch", "from": 5, "to": {"runtime": "3.1.0"}}\n'),
+    ("history.jsonl", b'"just a string"\n'),
+    ("history.jsonl", b'{"action": "switch", "from": {"runtime": ["x"]}}\n'),
+    ("history.jsonl", b"\xff\xfe\n"),
+    ("history.jsonl", _DEEP + b"\n"),
+]
+
+
+@pytest.mark.parametrize("name,data", _CORRUPT_STATE, ids=lambda x: x if isinstance(x, str) else None)
+def test_corrupt_journal_or_history_is_a_clear_error_and_dry_runs_agree(cli, staged, name, data):
+    """issue 16 #9/#13: a damaged pending.json or history.jsonl ended in 'unexpected
+    AttributeError/RecursionError', and switch --dry-run said 0 where the real run says 1.
+    Now every command that reads it exits 1 naming the file, and changes nothing."""
+    node = staged
+    J(cli, node, "switch", A)
+    before = current(node)
+    (rel(node, ".katactl") / name).write_bytes(data)
+    for args in (["switch", B, "--dry-run"], ["switch", B], ["rollback", "--dry-run"], ["rollback"],
+                 ["gc", "--dry-run"], ["gc", "--yes"], ["status"]):
+        r = K(cli, node, *args, "-o", "json")
+        assert r.exit_code == 1, (args, r.stdout, r.stderr)
+        assert name in r.stderr and "unexpected" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.json()["kind"] == "Error"
+        assert current(node) == before
+    assert os.path.exists("/etc/passwd") and (rel(node, ".katactl") / name).read_bytes() == data

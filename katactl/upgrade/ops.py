@@ -53,12 +53,60 @@ def _audit(action: str, target: str, transport, params: dict, changed: bool | No
 
 
 def _read_json(t, path: str):
+    """A node's JSON state file (journal, release record); None when absent. A file that is
+    not JSON (or nests deeper than the parser goes) is exit 1 naming it."""
     try:
-        return json.loads(t.read_bytes(path, limit=4 << 20))
+        data = t.read_bytes(path, limit=4 << 20)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except ValueError:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise OperationFailed(f"{path}: corrupt JSON") from None
+
+
+#: a journal's or history entry's keys holding {"runtime": str|None, "agent": str|None}
+_PAIR_KEYS = ("from", "to")
+
+
+def _check_entry(entry, where: str) -> dict:
+    """A journal or history entry as switch/rollback/status use it: an object whose
+    ``from``/``to`` are {runtime, agent} objects of strings, ``configs`` a list of
+    objects; anything else is OperationFailed naming the file and the key."""
+    if not isinstance(entry, dict):
+        raise OperationFailed(f"{where}: not a JSON object (a {type(entry).__name__})")
+    for k in _PAIR_KEYS:
+        v = entry.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, dict):
+            raise OperationFailed(f"{where}: {k!r} is not an object")
+        for role in ("runtime", "agent"):
+            if v.get(role) is not None and not isinstance(v.get(role), str):
+                raise OperationFailed(f"{where}: '{k}.{role}' is not a string")
+    for k in ("id", "action", "component", "time"):
+        if entry.get(k) is not None and not isinstance(entry.get(k), str):
+            raise OperationFailed(f"{where}: {k!r} is not a string")
+    configs = entry.get("configs")
+    if configs is not None and (not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs)):
+        raise OperationFailed(f"{where}: 'configs' is not a list of objects")
+    return entry
+
+
+def read_journal(t, L: Layout) -> dict | None:
+    """The pending journal (an interrupted switch/rollback), validated; None without one."""
+    j = _read_json(t, L.journal)
+    if j is None:
+        return None
+    _check_entry(j, L.journal)
+    for i, c in enumerate(j.get("configs") or []):
+        path = c.get("path")
+        # recovery renames tmp over path: only a release's own configuration file, ever
+        if not (isinstance(path, str) and posixpath.normpath(path) == path
+                and path.startswith(L.releases + "/") and c.get("tmp") == _config_tmp(path)):
+            raise OperationFailed(f"{L.journal}: 'configs[{i}]' is not a configuration file of a release "
+                                  "with its temp file beside it")
+    return j
 
 
 def _sync_entries(t, paths) -> None:
@@ -157,16 +205,24 @@ def _pair(s: dict) -> dict:
 
 
 def read_history(t, L: Layout) -> list[dict]:
+    """The switch history, oldest first. It is rewritten atomically, so a line that is
+    not an entry is damage, not a torn write: exit 1 naming the file and line (rollback
+    would otherwise pick the wrong target, status report a wrong previous release)."""
     try:
-        raw = t.read_text(L.history)
-    except FileNotFoundError:
+        raw = t.read_bytes(L.history)
+    except (FileNotFoundError, NotADirectoryError):
         return []
     out = []
-    for line in raw.splitlines():
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{L.history}: line {n}"
         try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a torn line is impossible (atomic rewrite), but never fail on history
+            entry = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise OperationFailed(f"{where}: not a JSON history entry",
+                                  hint="the switch history is damaged; repair or move the file aside") from None
+        out.append(_check_entry(entry, where))
     return out
 
 
@@ -322,6 +378,20 @@ def _recover(t, L: Layout) -> str | None:
     return "; ".join(notes) or None
 
 
+def _recover_or_check(t, L: Layout, dry_run: bool) -> str | None:
+    """switch/rollback/gc's first step: _recover for a real run; a dry run changes nothing
+    but reads the journal recovery would act on, so it fails where the real run would.
+    Both then read the history (switch appends to it, rollback and gc decide by it): a
+    damaged one stops the command before anything moves."""
+    if dry_run:
+        j = read_journal(t, L)
+        note = f"would first finish an interrupted {j.get('action')} ({L.journal})" if j else None
+    else:
+        note = _recover(t, L)
+    read_history(t, L)
+    return note
+
+
 def _recover_replaced(t, L: Layout) -> str | None:
     """A stage --force killed between its two renames left releases/<v> missing, the old
     tree in .replaced-<v>-<tok> and the new one in .staging-<v>-<tok>: roll forward when
@@ -357,7 +427,7 @@ def _recover_switch(t, L: Layout) -> str | None:
     for n in names:
         if n.startswith(".current.katactl-"):
             t.remove(f"{L.root}/{n}")
-    j = _read_json(t, L.journal)
+    j = read_journal(t, L)
     if j is None:
         return None
     to, frm = j.get("to") or {}, j.get("from") or {}
@@ -462,7 +532,7 @@ def _locked_audited(t, L: Layout, action: str, params: dict, body, *, target: st
 
 
 def _switch_locked(t, L, version, component, dry_run, force, run_binaries) -> dict:
-    recovered = None if dry_run else _recover(t, L)
+    recovered = _recover_or_check(t, L, dry_run)
     fault("switch:locked")
     staged = releases(t, L)
     if version not in staged or release_record(t, L, version) is None:
@@ -540,7 +610,7 @@ def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_bi
         raise e
 
     def body() -> dict:
-        recovered = None if dry_run else _recover(t, L)
+        recovered = _recover_or_check(t, L, dry_run)
         hist = read_history(t, L)
         cur = _pair(read_state(t, L))
         switches = [h for h in hist if h.get("action") in ("switch", "rollback")]
@@ -835,7 +905,7 @@ def status(t, L: Layout) -> dict:
     switch (a journal, and a configuration naming only the switch's old and new agent)
     reports agent "switching", not "mixed"; the next stage/switch/rollback/gc finishes it."""
     st = read_state(t, L)
-    pending = _read_json(t, L.journal)
+    pending = read_journal(t, L)
     progress = _in_progress(t, pending)
     switching = None
     if progress and st["agent"] == "mixed" and \
@@ -912,7 +982,7 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
         return res
 
     def body() -> dict:
-        recovered = None if dry_run else _recover(t, L)
+        recovered = _recover_or_check(t, L, dry_run)
         st = read_state(t, L)
         hist = read_history(t, L)
         protected: dict[str, str] = {}
