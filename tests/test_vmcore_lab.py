@@ -98,7 +98,7 @@ def test_trigger_healthy_guest_via_shim_extension(cli, lab):
     assert core["loads"] and core["size"] >= core["end"]
     assert sum(s[5] for s in core["loads"]) >= 512 << 20
     ddir = os.path.dirname(lab.real(d["path"]))
-    for f in ("hypervisor.conf", "hypervisor.version", "state/persist.json"):
+    for f in ("hypervisor.conf", "hypervisor.version", f"state/{sid}/persist.json"):
         assert os.path.isfile(os.path.join(ddir, f)), f
     # the guest keeps running after the dump
     with QMPClient.connect(lab.transport(), f"/run/vc/vm/{sid}/extra-monitor.sock", timeout=10) as q:

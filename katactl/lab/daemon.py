@@ -103,14 +103,9 @@ class LabSandbox:
                       hypervisor_path=self.lab.qemu)
         if self.hv == "fc":  # the Go runtime truncates the id to 32 chars for the jailer dir
             kw["api_socket"] = f"/run/vc/firecracker/{self.id[:32]}/root/run/firecracker.socket"
+        # the lab's extra monitor speaks QMP: the node's configuration says so
+        # (extra_monitor_socket = "qmp", write_kata_config); persist.json never holds it
         self.paths = L.write_go_sandbox(self.lab.root, self.id, **kw)
-        if self.hv == "qemu" and sp.get("extra_monitor", True):
-            # the lab's extra monitor speaks QMP (Kata: extra_monitor_socket = "qmp")
-            pf = self.paths.state_file
-            with open(pf) as f:
-                p = json.load(f)
-            p["Config"]["HypervisorConfig"]["ExtraMonitorSocket"] = "qmp"
-            _write_json(pf, p)
 
     def vm_dir(self) -> str:
         return self.lab.real(f"{L.GO_VM}/{self.id}")
