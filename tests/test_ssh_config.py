@@ -163,6 +163,20 @@ def test_resolve_proxyjump_setenv_and_overrides(tmp_path):
     assert sshconfig.resolve("n3", cfg).proxy_jump == ()
 
 
+def test_a_jump_through_itself_is_dropped(tmp_path):
+    """`Host *` + `ProxyJump bastion` matches bastion too: bastion is reached
+    directly, and a chain is cut where it reaches the host itself (issue 16, 14)."""
+    f = tmp_path / "config"
+    f.write_text("Host bastion\n  HostName 10.0.0.1\n  Port 2200\nHost inner\n  ProxyJump outer,inner,x\n"
+                 "Host *\n  ProxyJump bastion\n")
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
+    assert sshconfig.resolve("node1", cfg).proxy_jump == ("bastion",)
+    assert sshconfig.resolve("bastion", cfg).proxy_jump == ()
+    assert sshconfig.resolve("10.0.0.1:2200", cfg).proxy_jump == ("bastion",)  # another host's Host block
+    assert sshconfig.resolve("inner", cfg).proxy_jump == ("outer",)
+    assert sshconfig.resolve("bastion:22", cfg).proxy_jump == ("bastion",)  # another port: another host
+
+
 @pytest.mark.parametrize("bad", ["a b", "user@", "@host", "h:0", "h:70000", "h:x"])
 def test_split_node_rejects(bad):
     with pytest.raises(UsageError):

@@ -674,3 +674,44 @@ def test_sandbox_discovery_over_ssh_matches_local(ssh_open, sshd_lab):
     for ref in ("g1", "r2qemu", "prod/web", "pod/batch/b0"):
         a, b = sandbox.resolve(local, ref), sandbox.resolve(t, ref)
         assert shape([a]) == shape([b])
+
+
+# -- ssh_config loops (issue 16, finding 14) ------------------------------------------
+def _config_with(sshd_lab, tmp_path, extra: str) -> str:
+    """The lab's config with ``extra`` Host blocks in front (first obtained value wins)."""
+    f = tmp_path / "ssh_config"
+    f.write_text(extra + "\n" + sshd_lab.config.read_text())
+    return str(f)
+
+
+def test_host_star_proxyjump_does_not_jump_the_jump_host_through_itself(sshd_lab, tmp_path):
+    """`Host *` + `ProxyJump jump1` matches jump1 as well: jump1 is reached directly,
+    not through itself forever (RecursionError before)."""
+    from katactl.backends import ssh
+
+    f = tmp_path / "ssh_config"
+    f.write_text(sshd_lab.config.read_text() + "\nHost *\n  ProxyJump jump1\n")
+    t = ssh.SSHTransport.from_settings("node1", settings_for(sshd_lab, ssh_config=str(f)))
+    try:
+        assert t.read_text("/etc/hostname").strip() == "node1"
+        assert f"port {sshd_lab.nodes['node1'].port}" in sshd_lab.nodes["jump1"].log.read_text()
+    finally:
+        ssh.close_pool()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("Host node1\n  ProxyJump jump1\nHost jump1\n  ProxyJump jump2\nHost jump2\n  ProxyJump jump1\n",
+     "ProxyJump loop in the SSH config: node1 through jump1, jump1 through jump2, jump2 through jump1"),
+    ("Host jump1\n  ProxyJump jump2\nHost jump2\n  ProxyJump jump1\n",
+     "ProxyJump loop in the SSH config: jump1 through jump2, jump2 through jump1"),
+])
+def test_proxyjump_loop_is_a_clear_usage_error(sshd_lab, tmp_path, extra, needle):
+    from katactl.backends import ssh
+    from katactl.errors import UsageError
+
+    cfg = _config_with(sshd_lab, tmp_path, extra)
+    target = "node1" if extra.startswith("Host node1") else "jump1"
+    with pytest.raises(UsageError) as ei:
+        ssh.SSHTransport.from_settings(target, settings_for(sshd_lab, ssh_config=cfg)).read_text("/etc/hostname")
+    assert needle in str(ei.value)
+    ssh.close_pool()

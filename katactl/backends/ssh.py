@@ -490,19 +490,29 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
         raise
 
 
-def _connect_chain(target: sshconfig.Target, opts: _Options, cfg, name: str) -> _Conn:
+def _connect_chain(target: sshconfig.Target, opts: _Options, cfg, name: str,
+                   _path: tuple[str, ...] = ()) -> _Conn:
     """Connect to target through its ProxyJump hops. Every hop is pooled, so nodes
-    behind one jump host share one connection to it. Returns one reference."""
+    behind one jump host share one connection to it. Returns one reference.
+    A hop whose own ProxyJump leads back to a host on the way is a loop in the
+    SSH config: a UsageError naming the chain (a jump through itself is dropped
+    already by sshconfig.resolve)."""
     via: _Conn | None = None
     held: list[_Conn] = []
     created: list[bool] = []   # created[i]: held[i] is new and keeps a reference on held[i-1]
+    path = _path + (target.alias,)
     try:
         for i, hop in enumerate(target.proxy_jump):
             hop_t = sshconfig.resolve(hop.removeprefix("ssh://"), cfg, identity=opts.identity)
             if i > 0:  # a later hop is reached through the earlier ones, not its own ProxyJump
                 hop_t = _replace(hop_t, proxy_jump=())
             if hop_t.proxy_jump:
-                via, new = _connect_chain(hop_t, opts, cfg, f"jump host {hop}"), False
+                if hop_t.alias in path:
+                    hosts = path + (hop_t.alias, hop_t.proxy_jump[0])
+                    chain = ", ".join(f"{a} through {b}" for a, b in zip(hosts, hosts[1:]))
+                    raise UsageError(f"ProxyJump loop in the SSH config: {chain}",
+                                     hint=f"give {hop_t.alias} 'ProxyJump none' (or no ProxyJump) in its Host block")
+                via, new = _connect_chain(hop_t, opts, cfg, f"jump host {hop}", path), False
             else:
                 parent = via
                 via, new = POOL.get(_pool_key(hop_t, opts, parent),

@@ -165,8 +165,13 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     hops: tuple[str, ...] = ()
     if jump and jump.lower() != "none":
         hops = tuple(h.strip() for h in jump.split(",") if h.strip())
-        for h in hops:
-            split_node(_strip_ssh_url(h))
+        for i, h in enumerate(hops):
+            _, hhost, hport = split_node(_strip_ssh_url(h))
+            if hhost in (host, o.get("hostname", host)) and (hport or int(o.get("port", 22))) == port:
+                # A jump through itself: `Host *` + `ProxyJump bastion` also matches
+                # bastion. The hops before it are the way to it; the rest is moot.
+                hops = hops[:i]
+                break
     pc = o.get("proxycommand")
     if pc and pc.lower() == "none":
         pc = None
