@@ -16,11 +16,15 @@ from katactl.errors import KatactlError, UsageError, as_katactl_error, exit_code
 LOCAL = "localhost"
 # [user@]host[:port], host a DNS name, IPv4 or [IPv6]. Anything else (spaces,
 # quotes, $, ;, backticks, newlines) is refused before it reaches any backend.
-_NODE_RE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?(?:[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
+_NODE_RE = re.compile(r"(?:[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 
 
 def validate_node_name(name: str) -> str:
-    if not _NODE_RE.match(name or "") or len(name) > 255:
+    # fullmatch: "node1\n" is not node1 ($ would match before the newline)
+    m = _NODE_RE.fullmatch(name or "")
+    # a DNS name's labels are 1-63 characters: "a..b" would end in an IDNA UnicodeError
+    if (not m or len(name) > 255
+            or not all(0 < len(label) <= 63 for label in m.group("host").strip("[]").split("."))):
         raise UsageError(f"invalid node name {name!r}: expected [user@]host[:port]")
     return name
 
@@ -30,7 +34,7 @@ def select_nodes(settings) -> list[str]:
     names: list[str] = []
     for entry in settings.nodes:
         for n in str(entry).split(","):
-            n = n.strip()
+            n = n.strip(" ")  # "a, b"; a newline or tab stays, for validation to refuse
             if not n:
                 continue
             if n.startswith("@"):

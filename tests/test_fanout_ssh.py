@@ -121,7 +121,9 @@ def hostile(canary: str) -> list[str]:
 
 
 BAD_NODE_NAMES = ["node1; rm -rf /", "$(touch /tmp/x)", "`id`", "node1\nnode2", "nöde",
-                  "-oProxyCommand=sh", "node 1", "a'b", "user@@host", "host:99999x", "[::1", "../x"]
+                  "-oProxyCommand=sh", "node 1", "a'b", "user@@host", "host:99999x", "[::1", "../x",
+                  # issue 16, findings 4 and 14: a trailing newline, an empty or overlong DNS label
+                  "node1\n", "\tnode1", "a..b", "u@a..b:22", "x." + "a" * 64]
 
 
 @pytest.mark.parametrize("name", BAD_NODE_NAMES)
