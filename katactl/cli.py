@@ -170,37 +170,74 @@ def _global_opts() -> dict[str, bool]:
 
 
 def hoist_global_options(args: list[str]) -> list[str]:
-    """Move global options written after the subcommand to the front."""
+    """Move global options written after the subcommand to the front, in every
+    spelling the root accepts: ``--opt value``, ``--opt=value``, ``-o value``,
+    ``-ojson``, ``-o=json`` (kubectl's) and short clusters (``-vv``, ``-qy``).
+    A global option that needs a value and has none is a UsageError here, before
+    it could swallow the subcommand's name."""
     global_opts = _global_opts()
     head: list[str] = []
     i = 0
-    while i < len(args) and args[i].startswith("-"):  # options already in front
-        opt = args[i].split("=", 1)[0]
-        takes = global_opts.get(opt)
-        head.append(args[i])
-        if takes and "=" not in args[i] and i + 1 < len(args):
-            head.append(args[i + 1])
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":  # options already in front
+        toks, nxt = _take_global(args, i, global_opts, set())
+        if toks is None:  # not a root option (--help, a typo): Typer's to judge
+            head.append(args[i])
             i += 1
-        i += 1
+        else:
+            head += toks
+            i = nxt
     rest = args[i:]
     if not rest or "--" in rest:
-        return args
+        return head + rest
     local = _leaf_option_names(rest)
     hoisted, kept = [], []
     j = 0
     while j < len(rest):
-        tok = rest[j]
-        opt = tok.split("=", 1)[0]
-        short_cluster = opt.startswith("-") and not opt.startswith("--") and len(opt) > 2
-        if opt in global_opts and opt not in local and not short_cluster:
-            hoisted.append(tok)
-            if global_opts[opt] and "=" not in tok and j + 1 < len(rest):
-                hoisted.append(rest[j + 1])
-                j += 1
+        toks, nxt = _take_global(rest, j, global_opts, local)
+        if toks is None:
+            kept.append(rest[j])
+            j += 1
         else:
-            kept.append(tok)
-        j += 1
+            hoisted += toks
+            j = nxt
     return head + hoisted + kept
+
+
+def _take_global(args: list[str], k: int, global_opts: dict[str, bool], local: set[str]
+                 ) -> tuple[list[str] | None, int]:
+    """(the tokens of the root option at args[k], normalised, and the index after
+    it), or (None, k) when args[k] is not a root option (or the leaf command has
+    an option of that name itself, a command's own -n or -l)."""
+    tok = args[k]
+    if not tok.startswith("-") or tok in ("-", "--"):
+        return None, k
+
+    def value_of(opt: str) -> tuple[list[str], int]:
+        if k + 1 >= len(args):
+            raise UsageError(f"option {opt} needs a value (see 'katactl --help')")
+        return [opt, args[k + 1]], k + 2
+
+    if tok.startswith("--"):
+        opt, eq, _ = tok.partition("=")
+        takes = global_opts.get(opt)
+        if takes is None or opt in local:
+            return None, k
+        return ([tok], k + 1) if eq or not takes else value_of(opt)
+    out: list[str] = []
+    for pos in range(1, len(tok)):  # -v, -vv, -qy, -ojson, -o=json, -qo json
+        opt = "-" + tok[pos]
+        takes = global_opts.get(opt)
+        if takes is None or opt in local:
+            return None, k
+        if not takes:
+            out.append(opt)
+            continue
+        attached = tok[pos + 1:].removeprefix("=")
+        if attached:
+            return out + [opt, attached], k + 1
+        toks, nxt = value_of(opt)
+        return out + toks, nxt
+    return out, k + 1
 
 
 def _leaf_option_names(rest: list[str]) -> set[str]:

@@ -140,6 +140,35 @@ def test_hoist_keeps_leaf_options_and_positionals():
         ["--request-timeout", "5s"]
 
 
+def test_hoist_short_clusters_and_attached_values():
+    """-vv, -qy, -o=json and -ojson after the subcommand hoist like their long forms
+    (issue 16, finding 16)."""
+    assert hoist_global_options(["sandbox", "list", "-vv"]) == ["-v", "-v", "sandbox", "list"]
+    assert hoist_global_options(["sandbox", "list", "-qy"]) == ["-q", "-y", "sandbox", "list"]
+    for spelling in (["-o=json"], ["-ojson"], ["-o", "json"]):
+        assert hoist_global_options(["sandbox", "list", *spelling]) == ["-o", "json", "sandbox", "list"]
+    assert hoist_global_options(["-o=json", "version"]) == ["-o", "json", "version"]
+    assert hoist_global_options(["version", "-qojson"]) == ["-q", "-o", "json", "version"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sandbox", "list", "-N"], "option -N needs a value"),
+    (["sandbox", "list", "--node"], "option --node needs a value"),
+    (["version", "-qo"], "option -o needs a value"),
+])
+def test_global_option_without_value_at_the_end(cli, args, needle):
+    """`sandbox list -N` said "No such command 'list'" (-N took 'sandbox' as its value)."""
+    r = cli(args)
+    assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_short_clusters_and_attached_values_work_end_to_end(cli, tmp_path):
+    r = cli(["--host-root", str(tmp_path), "sandbox", "list", "-o=json"])
+    assert r.exit_code == 0 and r.json()["kind"] == "SandboxList", r.stderr
+    r = cli(["--host-root", str(tmp_path), "sandbox", "list", "-qy", "-ojson"])
+    assert r.exit_code == 0 and r.json()["kind"] == "SandboxList", r.stderr
+
+
 def test_renamed_timeout_setting_is_named_in_the_error(cli, _isolated_home, monkeypatch):
     """--timeout became --request-timeout (kubectl's name): an old config key or
     variable stops with the new name instead of silently doing nothing."""
