@@ -726,3 +726,64 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
             for f in futures:
                 f.result()
     return FanOut(list(names), values, errors)
+
+
+# -- what only the node knows ------------------------------------------------------
+
+def node_transport(settings, name: str):
+    """The transport to the node behind Kubernetes node ``name``: its root mounted at
+    --host-root (one node only: the root is that node's), else SSH to the same name
+    (ssh_config may map it)."""
+    from katactl.fleet import LOCAL, open_transport
+
+    return open_transport(LOCAL if settings.host_root else name, settings)
+
+
+def kata_facts(transport, kata_root: str = "/opt/kata") -> dict:
+    """The node's current Kata release, its sandboxes on other releases, and dumps not
+    yet collected (katactl.upgrade's attribution, katactl.vmcore's listing)."""
+    from katactl.upgrade import ops
+    from katactl.upgrade.layout import Layout
+
+    st = ops.status(transport, Layout(kata_root))
+    current = (st.get("current") or {}).get("runtime")
+    stale = [s for s in st.get("sandboxes") or []
+             if s.get("releases") and current and set(s["releases"]) != {current}]
+    facts: dict[str, Any] = {"current": current, "staleSandboxes": stale, "uncollectedVmcores": None}
+    try:
+        from katactl.vmcore import list_dumps
+
+        facts["uncollectedVmcores"] = [d for d in list_dumps(transport) if not d.get("collected")]
+    except (NotFound, OperationFailed) as e:  # no Kata configuration, no dump path: say so
+        facts["vmcoreError"] = e.message
+    return facts
+
+
+def stale_release_pods(transport, kata_root: str = "/opt/kata") -> set[tuple[str, str]]:
+    """(namespace, name) of the pods whose sandbox still runs a release other than current."""
+    out = set()
+    for s in kata_facts(transport, kata_root)["staleSandboxes"]:
+        if s.get("pod") and "/" in s["pod"]:
+            ns, name = s["pod"].split("/", 1)
+            out.add((ns, name))
+    return out
+
+
+def check_node_facts(name: str, facts: dict) -> list[dict]:
+    """node check findings from kata_facts()."""
+    out = [_finding("info", "kata-release", name, f"Kata release in use: {facts.get('current') or 'none'}")]
+    stale = facts.get("staleSandboxes") or []
+    if stale:
+        out.append(_finding("medium", "kata-stale-sandboxes", name,
+                            f"{len(stale)} sandbox(es) still run another release than {facts.get('current')}: "
+                            "node drain --kata-only --stale-release retires them",
+                            sandboxes=[{"id": s["id"], "pod": s.get("pod"), "releases": s["releases"]}
+                                       for s in stale]))
+    dumps = facts.get("uncollectedVmcores")
+    if dumps:
+        out.append(_finding("medium", "vmcore-uncollected", name,
+                            f"{len(dumps)} guest memory dump(s) not collected yet: vmcore collect before the "
+                            "node is reimaged", dumps=[d.get("path") for d in dumps]))
+    elif facts.get("vmcoreError"):
+        out.append(_finding("info", "vmcore-unknown", name, f"dumps not checked: {facts['vmcoreError']}"))
+    return out

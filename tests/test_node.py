@@ -501,3 +501,63 @@ def test_kubectl_and_katactl_drain_twins_alike(cli, kube, kc, kubectl_133):
     ev_b = {twin(q["path"].split("/")[-2], "twin-b") for q in kube.requests
             if q["path"].endswith("/eviction") and "twin-b" in q["path"]}
     assert ev_a == ev_b and ev_a
+
+
+# -- what only the node knows: releases, stale sandboxes, dumps ---------------------------
+
+def test_stale_release_drain_evicts_only_pods_on_the_old_release(cli, kube, kc, tmp_path):
+    """Release A and B staged on a node root whose /proc is this machine's; a sandbox
+    started on A keeps running across the switch to B, one started after runs B. Through
+    the stand-in, `drain --stale-release` evicts only the A pod; `check --node-facts`
+    names it."""
+    from katactl.lab import layout
+    from tests import upgrade_fixtures as fx
+    from tests.test_upgrade_procs import A, B, start_sandbox
+
+    node = tmp_path / "node"
+    node.mkdir()
+    os.symlink("/proc", node / "proc")
+    for v in (A, B):
+        tb = fx.make_tarball(str(tmp_path), v, str(tmp_path), compression="gz")
+        assert cli(["--host-root", str(node), "upgrade", "stage", tb]).exit_code == 0
+    procs: list = []
+    try:
+        assert cli(["--host-root", str(node), "upgrade", "switch", A]).exit_code == 0
+        sid_a = layout.sandbox_id_for(1)
+        start_sandbox(node, procs, A, sid_a)
+        assert cli(["--host-root", str(node), "upgrade", "switch", B]).exit_code == 0
+        sid_b = layout.sandbox_id_for(2)
+        start_sandbox(node, procs, B, sid_b)
+
+        kube.add_node("n1")
+        kube.add_node("spare")
+        kube.add_runtimeclass("kata", "kata", {"cpu": "250m", "memory": "160Mi"})
+        for sid in (sid_a, sid_b):
+            name = f"batch-{sid[:4]}"
+            kube.add_replicaset(name, "offline", 1, {"app": name})
+            kube.add_pod(name, "offline", "n1", {"app": name}, owner=("ReplicaSet", name), runtime_class="kata")
+        kube.add_replicaset("web", "online", 1, {"app": "web"})
+        kube.add_pod("web-0", "online", "n1", {"app": "web"}, owner=("ReplicaSet", "web"))
+
+        r = cli(["--kubeconfig", kc, "--host-root", str(node), "node", "check", "n1", "--node-facts",
+                 "--fail-on", "critical", "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        found = {f["check"]: f for f in r.json()["items"]}
+        assert found["kata-release"]["message"].endswith(B)
+        assert [s["id"] for s in found["kata-stale-sandboxes"]["sandboxes"]] == [sid_a]
+
+        r = cli(["--kubeconfig", kc, "--host-root", str(node), "node", "drain", "n1", "--stale-release",
+                 "--grace-period", "0", "--timeout", "30s", "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        item = r.json()["items"][0]
+        assert item["evicted"] == [f"offline/batch-{sid_a[:4]}"]
+        reasons = {s["pod"]: s["reason"] for s in item["skipped"]}
+        assert "current release" in reasons[f"offline/batch-{sid_b[:4]}"]
+        assert "not a Kata pod" in reasons["online/web-0"]
+        # --host-root is one node's root
+        r = cli(["--kubeconfig", kc, "--host-root", str(node), "node", "drain", "n1", "spare", "--stale-release"])
+        assert r.exit_code == 2 and "one node" in r.stderr
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -34,6 +34,15 @@ def _targets(app_ctx, names: Optional[List[str]], *, required: bool = True) -> l
     return list(out)
 
 
+def _one_root(app_ctx, targets: list[str], flag: str | None) -> None:
+    """--host-root is one node's root: it cannot stand for several nodes."""
+    from katactl.errors import UsageError
+
+    if flag and app_ctx.settings.host_root and len(targets) > 1:
+        raise UsageError(f"{flag} with --host-root reads one node's root: name one node, or reach "
+                         "several over SSH")
+
+
 def _render(app_ctx, fo, *, kind: str, columns, mutating: bool) -> None:
     """One node: its result (or its error, with its own exit code); several: a list
     with per-node errors and exit 4 on partial failure."""
@@ -167,6 +176,11 @@ def drain(
                                           help="Delete instead of evict: bypasses PodDisruptionBudgets."),
     kata_only: bool = typer.Option(False, "--kata-only",
                                    help="Evict only Kata pods; runc services stay where they are."),
+    stale_release: bool = typer.Option(False, "--stale-release",
+                                       help="Evict only Kata pods whose sandbox runs a release other than "
+                                            "'current' (reads the node over SSH, or --host-root)."),
+    kata_root: str = typer.Option("/opt/kata", "--kata-root", metavar="DIR",
+                                  help="Kata install root on the node, for --stale-release."),
     keep_cordoned: bool = typer.Option(False, "--keep-cordoned",
                                        help="On failure, leave the node cordoned (default: restore)."),
     reason: Optional[str] = typer.Option(None, "--reason", metavar="TEXT", help="Why (kept in the cordon record)."),
@@ -191,7 +205,9 @@ def drain(
       katactl node drain node-1 --ignore-daemonsets --timeout 10m
       katactl node drain node-1 --kata-only --ignore-daemonsets --dry-run
       katactl node drain -l pool=batch --ignore-daemonsets --delete-emptydir-data -o jsonl
+      katactl node drain node-1 --kata-only --stale-release    # after 'upgrade switch'
     """
+    import dataclasses
     import threading
 
     from katactl import nodes
@@ -209,11 +225,12 @@ def drain(
         raise UsageError(f"invalid --parallel {parallel}: 1 or more")
     deadline = parse_duration(timeout, what="--timeout", allow_zero=True)
     targets = _targets(app_ctx, names)
+    _one_root(app_ctx, targets, "--stale-release" if stale_release else None)
     opts = nodes.DrainOptions(ignore_daemonsets=ignore_daemonsets, delete_emptydir_data=delete_emptydir_data,
                               force=force, grace_period=grace_period, timeout=deadline,
                               pod_selector=pod_selector, skip_wait_for_delete_timeout=skip_wait,
                               disable_eviction=disable_eviction, dry_run=_dry_run(dry_run, dry_run_server),
-                              kata_only=kata_only, keep_cordoned=keep_cordoned, reason=reason)
+                              kata_only=kata_only or stale_release, keep_cordoned=keep_cordoned, reason=reason)
     out = app_ctx.out
     params = {k: v for k, v in vars(opts).items() if v not in (None, False, 0, -1) or k == "dryRun"}
     stop = threading.Event()
@@ -230,11 +247,17 @@ def drain(
         elif kind == "NodeRestored":
             out.info(f"node/{data['node']}: uncordoned again (it was schedulable before)")
 
+    def drain_one(api, n: str) -> dict:
+        node_opts = opts
+        if stale_release:
+            with nodes.node_transport(app_ctx.settings, n) as t:
+                node_opts = dataclasses.replace(opts, only_pods=nodes.stale_release_pods(t, kata_root))
+        return nodes.drain(api, n, node_opts, events=events, stop=stop)
+
     with kube.client(app_ctx.settings) as api:
         try:
             fo = nodes.for_each_node(targets, lambda n: nodes.audited(
-                "node.drain", n, params, lambda: nodes.drain(api, n, opts, events=events, stop=stop)),
-                parallel=parallel)
+                "node.drain", n, params, lambda: drain_one(api, n)), parallel=parallel)
         except KeyboardInterrupt:
             stop.set()
             raise
@@ -256,6 +279,10 @@ def check(
     fail_on: str = typer.Option("high", "--fail-on", metavar="SEVERITY",
                                 help="Exit 8 when a finding has this severity or higher: "
                                      "info, low, medium, high, critical."),
+    node_facts: bool = typer.Option(False, "--node-facts",
+                                    help="Also read the node itself (over SSH, or --host-root): Kata release, "
+                                         "sandboxes on other releases, uncollected vmcores."),
+    kata_root: str = typer.Option("/opt/kata", "--kata-root", metavar="DIR", help="Kata install root on the node."),
 ) -> None:
     """Read-only maintenance preflight: what would make a drain of these nodes fail.
 
@@ -263,7 +290,9 @@ def check(
     no controller) and why; PodDisruptionBudgets allowing 0 disruptions now,
     with their numbers; pods under several budgets (the eviction API refuses
     them); pods stuck terminating; Kata pods with their RuntimeClass and
-    declared overhead (or its absence). Changes nothing.
+    declared overhead (or its absence). With --node-facts, also the node's
+    Kata release, sandboxes still on another release, and guest memory dumps
+    not collected yet. Changes nothing.
 
     Exit codes: 0 no finding at or above --fail-on, 8 otherwise.
 
@@ -271,6 +300,7 @@ def check(
     Examples:
       katactl node check node-1
       katactl node check -l pool=batch --fail-on medium -o json
+      katactl node check node-1 --node-facts
     """
     from katactl import nodes
     from katactl.backends import kube
@@ -281,8 +311,17 @@ def check(
     if fail_on not in nodes.SEVERITIES:
         raise UsageError(f"invalid --fail-on {fail_on!r}: choose from {', '.join(nodes.SEVERITIES)}")
     targets = _targets(app_ctx, names)
+    _one_root(app_ctx, targets, "--node-facts" if node_facts else None)
+
+    def check_one(api, n: str) -> list[dict]:
+        findings = nodes.check(api, n)
+        if node_facts:
+            with nodes.node_transport(app_ctx.settings, n) as t:
+                findings += nodes.check_node_facts(n, nodes.kata_facts(t, kata_root))
+        return findings
+
     with kube.client(app_ctx.settings) as api:
-        fo = nodes.for_each_node(targets, lambda n: nodes.check(api, n))
+        fo = nodes.for_each_node(targets, lambda n: check_one(api, n))
     fo.raise_if_single_failure()
     items = [{"node": n, **f} for n in fo.nodes if n in fo.values for f in fo.values[n]]
     rank = nodes.SEVERITIES.index(fail_on)
