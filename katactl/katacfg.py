@@ -48,6 +48,29 @@ class KataConfig:
     dropins: list[str]        # applied, in order
     data: dict[str, Any]      # merged TOML
     runtime: str              # "go" | "rs"
+    #: dotted key -> the file that set it last (the base file or a drop-in)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def source(self, dotted: str) -> str:
+        """The file that set ``dotted`` (for messages about a bad value)."""
+        return self.sources.get(dotted, self.resolved)
+
+    def typed(self, dotted: str, kind: str, default: Any = None) -> Any:
+        """``get(dotted)`` checked against the type the runtime decodes it into:
+        ``"str"``, ``"bool"`` or ``"mib"`` (a whole number > 0; TOML integer). A value of
+        another type is exit 1 naming the file and the key, as the runtime refuses it."""
+        v = self.get(dotted, None)
+        if v is None:
+            return default
+        ok = {"str": isinstance(v, str), "bool": isinstance(v, bool),
+              "mib": isinstance(v, int) and not isinstance(v, bool) and 0 < v < (1 << 32)}[kind]
+        if not ok:
+            want = {"str": "a string", "bool": "true or false",
+                    "mib": "a whole number of MiB (1..4294967295)"}[kind]
+            section, _, key = dotted.rpartition(".")
+            shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+            raise OperationFailed(f"{self.source(dotted)}: [{section}] {key} = {shown}: expected {want}")
+        return v
 
     @property
     def hypervisor_name(self) -> str | None:
@@ -124,6 +147,31 @@ def parse_toml(text: str, where: str) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise OperationFailed(f"{where}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise OperationFailed(f"{where}: invalid TOML: nested too deeply") from None
+
+
+def _keys(data: dict, where: str) -> dict[str, str]:
+    """{dotted key: where} for every value in data (iterative: no depth limit to hit)."""
+    out: dict[str, str] = {}
+    stack = [("", data)]
+    while stack:
+        prefix, d = stack.pop()
+        for k, v in d.items():
+            dotted = f"{prefix}{k}"
+            if isinstance(v, dict):
+                stack.append((dotted + ".", v))
+            else:
+                out[dotted] = where
+    return out
+
+
+def _read_regular(transport, path: str, shown: str) -> str:
+    """A configuration file's text; only a regular file is opened (a FIFO would hang the read)."""
+    st = transport.stat(path)
+    if st.is_dir or (st.mode & 0o170000) != 0o100000:
+        raise OperationFailed(f"{shown}: not a regular file; a Kata configuration must be one")
+    return transport.read_text(path, limit=MAX_DROPIN)
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -179,10 +227,11 @@ def load(transport, path: str | None = None, runtime: str = "auto") -> KataConfi
         runtime = "rs" if "/runtime-rs/" in path else "go"
     resolved = realpath(transport, path)
     try:
-        text = transport.read_text(resolved, limit=MAX_DROPIN)
+        text = _read_regular(transport, resolved, path)
     except (FileNotFoundError, NotADirectoryError):
         raise NotFound(f"{path}: Kata configuration file not found on node {transport.node}") from None
     data = parse_toml(text, resolved)
+    sources = _keys(data, resolved)
     dropin_dir = posixpath.join(posixpath.dirname(resolved), "config.d")
     applied: list[str] = []
     try:
@@ -196,6 +245,12 @@ def load(transport, path: str | None = None, runtime: str = "auto") -> KataConfi
                 continue
         except (FileNotFoundError, NotADirectoryError):
             continue
-        data = merge(data, parse_toml(transport.read_text(realpath(transport, p), limit=MAX_DROPIN), p))
+        over = parse_toml(_read_regular(transport, realpath(transport, p), p), p)
+        try:
+            data = merge(data, over)
+        except RecursionError:
+            raise OperationFailed(f"{p}: tables nested too deeply to merge") from None
+        sources.update(_keys(over, p))
         applied.append(p)
-    return KataConfig(path=path, resolved=resolved, dropins=applied, data=data, runtime=runtime)
+    return KataConfig(path=path, resolved=resolved, dropins=applied, data=data, runtime=runtime,
+                      sources=sources)

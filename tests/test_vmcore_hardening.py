@@ -80,3 +80,57 @@ def test_trigger_failed_dump_cleans_up(cli, clh_node, monkeypatch):
     r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "-o", "json"])
     assert r.exit_code == 0, r.stderr
     assert os.path.isfile(os.path.join(root, r.json()["path"].lstrip("/")))
+
+
+def _config_node(tmp_path, body: str | None = None, dropin: str | None = None):
+    from tests.test_vmcore import add_dump
+
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    base = os.path.join(root, "usr/share/defaults/kata-containers")
+    if body is not None:
+        with open(os.path.join(base, "configuration.toml"), "w") as f:
+            f.write('[hypervisor.qemu]\npath = "/usr/bin/qemu-system-x86_64"\n' + body)
+    if dropin is not None:
+        with open(os.path.join(base, "config.d/50-vmcore.toml"), "w") as f:
+            f.write("[hypervisor.qemu]\n" + dropin)
+    return root, base
+
+
+@pytest.mark.parametrize("body,dropin,where,key", [
+    ('default_memory = "lots"\n', None, "configuration.toml", "default_memory"),
+    ("default_memory = inf\n", None, "configuration.toml", "default_memory"),
+    ("default_memory = [1, 2]\n", None, "configuration.toml", "default_memory"),
+    ("default_memory = -5\n", None, "configuration.toml", "default_memory"),
+    ("default_memory = 2048.5\n", None, "configuration.toml", "default_memory"),
+    ("default_memory = {a = {b = 1}}\n", None, "configuration.toml", "default_memory"),
+    (None, f'guest_memory_dump_path = "{DUMP_PATH}"\ndefault_memory = true\n', "50-vmcore.toml",
+     "default_memory"),                                                          # the drop-in is named
+    (None, "guest_memory_dump_path = 5\n", "50-vmcore.toml", "guest_memory_dump_path"),
+    (None, 'guest_memory_dump_path = "var/crash"\n', "50-vmcore.toml", "guest_memory_dump_path"),
+    (None, f'guest_memory_dump_path = "{DUMP_PATH}"\nguest_memory_dump_paging = "yes"\n', "50-vmcore.toml",
+     "guest_memory_dump_paging"),
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", None, "configuration.toml", "nested too deeply"),
+])
+def test_malformed_node_configuration_names_file_and_key(cli, tmp_path, body, dropin, where, key):
+    """issue 16 #13: values the runtime would refuse ended in 'unexpected ValueError/
+    OverflowError/TypeError/RecursionError'; a problem in a node's own file is exit 1
+    naming the file and the key."""
+    root, _ = _config_node(tmp_path, body, dropin)
+    r = cli(["--host-root", root, "vmcore", "list"])
+    assert r.exit_code == 1, r.stderr
+    assert where in r.stderr and key in r.stderr, r.stderr
+    assert "unexpected" not in r.stderr and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_fifo_configuration_is_refused_not_read(katactl_bin, tmp_path):
+    """A FIFO as configuration.toml (or a drop-in) hung every vmcore command."""
+    root, base = _config_node(tmp_path)
+    for name in ("config.d/60-fifo.toml", "configuration.toml"):
+        os.mkfifo(os.path.join(base, name + ".fifo"))
+        if name == "configuration.toml":
+            os.remove(os.path.join(base, name))
+        os.rename(os.path.join(base, name + ".fifo"), os.path.join(base, name))
+        r = katactl_bin(["--host-root", root, "vmcore", "list"], timeout=60)
+        assert r.exit_code == 1 and "not a regular file" in r.stderr and name in r.stderr, r.stderr
+

@@ -59,8 +59,12 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
         # no fallback to the sandboxes' state: the Go runtime never persists
         # GuestMemoryDumpPath (virtcontainers dumpConfig), runtime-rs has no dump at all
         cfg = katacfg.load(transport, kata_config)
-    hv = cfg.hypervisor if cfg else {}
-    path = dump_path or str(hv.get("guest_memory_dump_path") or "")
+    hv_key = f"hypervisor.{cfg.hypervisor_name}." if cfg and cfg.hypervisor_name else None
+
+    def typed(key: str, kind: str, default):
+        return cfg.typed(hv_key + key, kind, default) if hv_key else default
+
+    path = dump_path or typed("guest_memory_dump_path", "str", "")
     if not path:
         raise NotFound(
             f"guest_memory_dump_path is not set in {cfg.resolved}"
@@ -68,10 +72,13 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
             + f" on node {transport.node}: the runtime writes no vmcores",
             hint=f'set guest_memory_dump_path = "/var/crash/kata" in [hypervisor.{cfg.hypervisor_name or "qemu"}]'
                  " (or pass --dump-path)")
+    if not dump_path and not path.startswith("/"):
+        raise OperationFailed(f"{cfg.source(hv_key + 'guest_memory_dump_path')}: [{hv_key[:-1]}] "
+                              f"guest_memory_dump_path = {path!r}: must be an absolute path")
     check_abs(path, "guest_memory_dump_path")
-    return DumpConfig(dump_path=posixpath.normpath(path), paging=bool(hv.get("guest_memory_dump_paging", False)),
+    return DumpConfig(dump_path=posixpath.normpath(path), paging=typed("guest_memory_dump_paging", "bool", False),
                       hypervisor=cfg.hypervisor_name if cfg else None,
-                      default_memory_mib=int(hv.get("default_memory", 2048) or 2048),
+                      default_memory_mib=typed("default_memory", "mib", 2048),
                       config_path=cfg.resolved if cfg else None, dropins=list(cfg.dropins) if cfg else [])
 
 
