@@ -134,3 +134,12 @@ def test_fifo_configuration_is_refused_not_read(katactl_bin, tmp_path):
         r = katactl_bin(["--host-root", root, "vmcore", "list"], timeout=60)
         assert r.exit_code == 1 and "not a regular file" in r.stderr and name in r.stderr, r.stderr
 
+
+def test_trigger_kata_config_that_does_not_exist_is_not_ignored(cli, clh_node):
+    """issue 16 #19: with the dump path known from the sandbox, trigger ignored a
+    --kata-config naming nothing (list says 3)."""
+    root = clh_node()
+    for sub in (["trigger", CLH_SID[:6], "--dry-run"], ["list"]):
+        r = cli(["--host-root", root, "vmcore", *sub, "--kata-config", "/nonexistent.toml"])
+        assert r.exit_code == 3 and "/nonexistent.toml" in r.stderr, (sub, r.stderr)
+    assert not os.path.exists(_dump_root(root))

@@ -54,7 +54,8 @@ def dump_config(transport, *, dump_path: str | None = None, kata_config: str | N
         try:
             cfg = katacfg.load(transport, kata_config)
         except KatactlError:
-            pass
+            if kata_config is not None:
+                raise  # a --kata-config that cannot be read is never silently ignored
     else:
         # no fallback to the sandboxes' state: the Go runtime never persists
         # GuestMemoryDumpPath (virtcontainers dumpConfig), runtime-rs has no dump at all
