@@ -143,3 +143,28 @@ def test_trigger_kata_config_that_does_not_exist_is_not_ignored(cli, clh_node):
         r = cli(["--host-root", root, "vmcore", *sub, "--kata-config", "/nonexistent.toml"])
         assert r.exit_code == 3 and "/nonexistent.toml" in r.stderr, (sub, r.stderr)
     assert not os.path.exists(_dump_root(root))
+
+
+def test_damaged_local_index_and_manifest_do_not_break_list_or_collect(cli, tmp_path, _isolated_home):
+    """issue 16 #13: a non-UTF-8 line in the local collect index broke 'vmcore list'
+    entirely; a deeply nested manifest.json ended collect in 'unexpected RecursionError'.
+    Both are katactl's own records: a damaged part is skipped, the command goes on."""
+    from tests.test_vmcore import add_dump
+
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    index = _isolated_home / "state" / "katactl" / "vmcore-collected.jsonl"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_bytes(b"\xff\xfe not utf-8\n" + b"[" * 100000 + b"\n"
+                      + b'{"key": 5, "mtime": "x", "dir": [], "to": null}\n'
+                      + b'{"key": "k", "mtime": "later", "dir": "/x", "to": "/x/y"}\n')
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert [i["collected"] for i in r.json()["items"]] == [False]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(b'{"files": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(out), "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0 and [i["collected"] for i in r.json()["items"]] == [True], r.stderr

@@ -294,7 +294,7 @@ class _Sidecar:
             with open(self.path, encoding="utf-8") as f:
                 d = json.load(f)
             return d if isinstance(d, dict) else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def save(self, d: dict) -> None:

@@ -241,7 +241,7 @@ def elf_extent(head: bytes) -> tuple[int, int] | None:
 def read_json(transport, path: str, limit: int = 8 << 20) -> Any:
     try:
         return json.loads(transport.read_bytes(path, limit=limit))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a dump's state copy nested too deeply: no metadata
         return None
 
 

@@ -35,16 +35,19 @@ class CollectIndex:
         return f"{transport.node}|{transport.host_root}|{path}"
 
     def entries(self) -> list[dict]:
+        """The index's well-formed entries. It is only a hint of what was collected, so a
+        damaged line (not UTF-8, not JSON, nested too deeply, fields of the wrong type)
+        is skipped, never an error that stops ``vmcore list``."""
         if self._entries is None:
             self._entries = []
             try:
-                with open(self.path, encoding="utf-8") as f:
+                with open(self.path, "rb") as f:
                     for line in f:
                         try:
-                            e = json.loads(line)
-                        except ValueError:
+                            e = json.loads(line.decode("utf-8"))
+                        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
                             continue
-                        if isinstance(e, dict):
+                        if _valid_entry(e):
                             self._entries.append(e)
             except OSError:
                 pass
@@ -71,6 +74,14 @@ class CollectIndex:
             self._entries.append(entry)
 
 
+def _valid_entry(e) -> bool:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    return (isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("key", "to", "dir"))
+            and number(e.get("mtime")) and (e.get("size") is None or number(e.get("size"))))
+
+
 def same_mtime(a, b) -> bool:
     return a is not None and b is not None and abs(float(a) - float(b)) < 1e-3
 
@@ -80,8 +91,11 @@ def load_manifest(dest_dir: str) -> dict:
         with open(os.path.join(dest_dir, MANIFEST_JSON), encoding="utf-8") as f:
             m = json.load(f)
         if isinstance(m, dict) and isinstance(m.get("files"), dict):
+            # only entries write_manifest can write back (a damaged one is dropped, not fatal)
+            m["files"] = {k: v for k, v in m["files"].items()
+                          if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
             return m
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     return {"apiVersion": "katactl/v1", "kind": "VmcoreManifest", "files": {}}
 
