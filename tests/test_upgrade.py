@@ -145,7 +145,7 @@ def test_stage_manifest_mismatch_refused(cli, node, tmp_path):
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink-escape", "symlink-absolute",
                                   "symlink-write-through", "symlink-chain", "hardlink-escape",
-                                  "device", "fifo", "file-then-dir", "file-then-child"])
+                                  "device", "fifo", "file-then-dir", "file-then-child", "deep-path"])
 def test_evil_tarballs_refused_and_nothing_written(cli, node, tmp_path, kind):
     tb = fx.evil_tarball(str(tmp_path / "kata-static-6.6.6-amd64.tar.gz"), kind)
     before = set(os.listdir("/tmp"))

@@ -194,6 +194,8 @@ def evil_tarball(path: str, kind: str) -> str:
             tf.addfile(_dir_info("./opt/kata/share/l0"))
             for i in range(1, 60):
                 add_link(tf, f"./opt/kata/share/l{i}", f"l{i - 1}/../l{i - 1}")
+        elif kind == "deep-path":  # ended in 'unexpected RecursionError'
+            add_file(tf, "./opt/kata/share/" + "d/" * 2000 + "f", b"deep")
         elif kind == "hardlink-escape":
             add_link(tf, "./opt/kata/bin/passwd", "/etc/passwd", tarfile.LNKTYPE)
         elif kind == "device":

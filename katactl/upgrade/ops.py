@@ -828,13 +828,15 @@ def _extract(t, L, source, kind, sc, tmp, version) -> None:
     synced: list[str] = []
 
     def ensure_dir(d: str) -> None:
-        if d in made:
-            return
-        ensure_dir(posixpath.dirname(d))
-        if not t.exists(d):
-            t.mkdir(d, parents=False)
-            synced.append(d)
-        made.add(d)
+        missing = []
+        while d not in made:  # iterative: no recursion depth to run out of
+            missing.append(d)
+            d = posixpath.dirname(d)
+        for d in reversed(missing):
+            if not t.exists(d):
+                t.mkdir(d, parents=False)
+                synced.append(d)
+            made.add(d)
 
     for m in src.iter_members(source, kind):
         want = by_raw.get(m.raw)

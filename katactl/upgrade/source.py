@@ -322,6 +322,10 @@ def normalize(raw: str, where: str) -> str:
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise Refused(f"{where}: member {raw!r} climbs out with '..'; refusing the archive")
+    if len(parts) > MAX_DEPTH or len(raw) > MAX_NAME:
+        shown = raw if len(raw) <= 80 else raw[:77] + "..."
+        raise Refused(f"{where}: member {shown!r} is {len(parts)} levels deep and {len(raw)} bytes long "
+                      f"(a release path has at most {MAX_DEPTH} levels and {MAX_NAME} bytes)")
     return "/".join(parts)
 
 
@@ -340,6 +344,11 @@ def _strip_prefix(names: list[str]) -> str:
             return top
     return ""
 
+
+#: a member name's depth and length at most: far beyond any release (kata-static's deepest
+#: path has about ten levels), and short enough to stay under PATH_MAX below releases/<v>/
+MAX_DEPTH = 64
+MAX_NAME = 1024
 
 #: symlinks followed in one path resolution, at most (Linux's MAXSYMLINKS)
 MAX_SYMLINKS = 40
