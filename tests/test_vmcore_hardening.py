@@ -168,3 +168,42 @@ def test_damaged_local_index_and_manifest_do_not_break_list_or_collect(cli, tmp_
     assert r.exit_code == 0, r.stderr
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     assert r.exit_code == 0 and [i["collected"] for i in r.json()["items"]] == [True], r.stderr
+
+
+@pytest.mark.parametrize("sidecar,why", [
+    (None, "no readable record"),
+    ({"source": "another dump", "srcOffset": 0, "dstOffset": 0}, "another source"),
+    ("SAME:10:999999", "shorter than its last checkpoint"),
+    ("SAME:0:0", "no complete zstd segment"),
+    ("SAME:x:[]", "no complete zstd segment"),       # a damaged sidecar: start again, say so
+])
+def test_collect_says_why_a_partial_copy_was_not_resumed(cli, tmp_path, sidecar, why):
+    """issue 16 #19: a dropped zstd .partial reported resumed: false and nothing else."""
+    import json
+
+    from tests.test_vmcore import SID, TS, add_dump
+
+    if not shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    root = node_tree(tmp_path / "n")
+    add_dump(root, data=os.urandom(100_000))
+    out = tmp_path / "out"
+    final = out / "node-a" / SID / f"vmcore-{TS}.elf.zst"
+    final.parent.mkdir(parents=True)
+    (final.parent / (final.name + ".partial")).write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(5000))
+    if sidecar is not None:
+        if isinstance(sidecar, str) and sidecar.startswith("SAME:"):
+            # the record of this very copy, as collect writes it (source = the dump's identity)
+            r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+            [it] = r.json()["items"]
+            _, src_off, dst_off = sidecar.split(":")
+            num = (lambda v: int(v) if v.isdigit() else v)
+            sidecar = {"source": {"path": it["path"], "size": it["size"], "mtime": it["mtime"],
+                                  "compress": "zstd", "node": "localhost"},
+                       "srcOffset": num(src_off), "dstOffset": num(dst_off)}
+        (final.parent / (final.name + ".partial.json")).write_text(json.dumps(sidecar))
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(out), "--compress", "zstd", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["resumed"] is False and why in it.get("note", ""), it
+    assert "discarded" in it["note"] and final.exists()

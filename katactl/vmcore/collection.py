@@ -329,13 +329,26 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions, prepare=
     ident = _ident(transport, dump, opts)
     state = side.load()
     resume_src = resume_dst = 0
+    note = None
+    have = os.path.getsize(part) if os.path.exists(part) else 0
     if state and state.get("source") == ident and os.path.exists(part):
         if opts.compress == "none":
-            resume_src = resume_dst = min(os.path.getsize(part), size)
+            resume_src = resume_dst = min(have, size)
         else:
-            resume_src, resume_dst = int(state.get("srcOffset", 0)), int(state.get("dstOffset", 0))
-            if os.path.getsize(part) < resume_dst:
+            resume_src, resume_dst = _offset(state, "srcOffset"), _offset(state, "dstOffset")
+            if have < resume_dst:
                 resume_src = resume_dst = 0
+                note = (f"the partial copy ({have} bytes) is shorter than its last checkpoint "
+                        f"({state.get('dstOffset')} bytes)")
+            elif not resume_src and have:
+                note = (f"the partial copy had no complete {opts.compress} segment yet "
+                        f"(compressed copies resume at {SEGMENT >> 20} MiB boundaries)")
+    elif have:
+        note = ("the partial copy has no readable record (.partial.json)" if not state
+                else "the partial copy was made from another source or with other options "
+                     "(size, mtime or --compress differ)")
+    if note:
+        note += "; it was discarded: copied from the start"
     if opts.compress == "none":
         where = _existing_dir(os.path.dirname(final))
         free = shutil.disk_usage(where).free
@@ -417,7 +430,13 @@ def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions, prepare=
     stored_sha = source_sha if opts.compress == "none" else hash_file(part)
     stored_size = _commit(part, final, side)
     return {"size": stored_size, "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
-            "verification": verification, "resumed": resumed, "transferred": done - resume_src}
+            "verification": verification, "resumed": resumed, "transferred": done - resume_src, "note": note}
+
+
+def _offset(state: dict, key: str) -> int:
+    """A checkpoint offset from the sidecar; 0 (start again) for anything but a whole number >= 0."""
+    v = state.get(key, 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 def _open_partial(part: str, side: "_Sidecar", checkpoint: dict, prepare) -> int:
@@ -539,7 +558,7 @@ def _copy_dump_node(transport, dump: dict, final: str, opts: CollectOptions, too
     resume_dst, note = 0, None
     if state and os.path.exists(part):
         if state.get("source") == ident:
-            resume_dst = min(int(state.get("dstOffset", 0)), os.path.getsize(part))
+            resume_dst = min(_offset(state, "dstOffset"), os.path.getsize(part))
         elif {k: v for k, v in (state.get("source") or {}).items() if k != "compressor"} == _ident(transport, dump, opts):
             note = ("a partial copy made by another compressor (version, options or place) was discarded: "
                     "copied from the start")
