@@ -61,7 +61,7 @@ _katactl() {
         --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit node"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit node"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help" ;;
         "katactl version") words=""; valopts=""; opts="-h --help" ;;
         "katactl config") words="view"; valopts=""; opts="-h --help" ;;
         "katactl config view") words=""; valopts=""; opts="-h --help" ;;
@@ -108,8 +108,8 @@ _katactl() {
         "katactl node list") words=""; valopts=""; opts="-h --help" ;;
         "katactl node cordon") words=""; valopts="--reason"; opts="--reason --dry-run -h --help" ;;
         "katactl node uncordon") words=""; valopts=""; opts="--force --dry-run -h --help" ;;
-        "katactl node drain") words=""; valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --reason --parallel"; opts="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --keep-cordoned --reason --parallel --dry-run -h --help" ;;
-        "katactl node check") words=""; valopts="--fail-on"; opts="--fail-on -h --help" ;;
+        "katactl node drain") words=""; valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel"; opts="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help" ;;
+        "katactl node check") words=""; valopts="--fail-on --kata-root"; opts="--fail-on --node-facts --kata-root -h --help" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -16,20 +16,42 @@ import sys
 import time
 
 from katactl.config import state_dir
+from katactl.errors import Refused
 
 log = logging.getLogger(__name__)
 _configured: str | None = None
+_enabled = True
 
 
-def configure(path: str | None) -> None:
-    """Make ``path`` the default audit log of this process (None: the default)."""
-    global _configured
+def configure(path: str | None, *, enabled: bool = True) -> None:
+    """Make ``path`` the default audit log of this process (None: the default);
+    ``enabled=False`` (``--no-audit``) writes nothing and lets mutations go ahead
+    without a log."""
+    global _configured, _enabled
     _configured = path
+    _enabled = enabled
 
 
 def audit_path(override: str | None = None) -> str:
-    return (override or _configured or os.environ.get("KATACTL_AUDIT_LOG")
-            or os.path.join(state_dir(), "audit.log"))
+    p = (override or _configured or os.environ.get("KATACTL_AUDIT_LOG")
+         or os.path.join(state_dir(), "audit.log"))
+    return os.path.abspath(os.path.expanduser(p))
+
+
+def require_writable(path: str | None = None) -> None:
+    """Refuse (exit 5) a mutation whose audit entry could not be written, before it
+    starts: a change nobody can trace afterwards is what the log exists to prevent.
+    ``--no-audit`` (configure(enabled=False)) is the explicit way past it."""
+    if not _enabled:
+        return
+    p = audit_path(path)
+    try:
+        os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
+        os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+    except OSError as e:
+        raise Refused(f"cannot write the audit log {p}: {e.strerror or e}; nothing was changed",
+                      hint="fix the log's directory or permissions (audit_log setting, KATACTL_AUDIT_LOG), "
+                           "or give --no-audit to change without a record") from None
 
 
 def record(action: str, target: str, *, node: str = "localhost", params: dict | None = None,
@@ -51,6 +73,8 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
     if changed is not None:
         entry["changed"] = changed
     entry.update(extra)
+    if not _enabled:
+        return entry
     p = audit_path(path)
     try:
         os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)

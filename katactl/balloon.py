@@ -412,6 +412,8 @@ def set(transport, ref: str | Sandbox, *, target: int | None = None, reclaim: in
     for v, name in ((target, "--target"), (reclaim, "--reclaim")):
         if v is not None and (not isinstance(v, int) or v <= 0):
             raise UsageError(f"invalid {name} {v!r}: must be greater than zero")
+    if not dry_run:
+        audit.require_writable()  # no untraceable change (exit 5 unless --no-audit)
     sb = _resolve(transport, ref)
     path, attempts = open_path(transport, sb, via=via, timeout=timeout)
     try:
@@ -453,20 +455,27 @@ def set(transport, ref: str | Sandbox, *, target: int | None = None, reclaim: in
         if dry_run:
             view.update(changed=changed, dryRun=True)
             return view
+        params = {"targetBytes": want, "previousTargetBytes": current, "actualBytes": actual,
+                  "path": path.name, "force": force, "wait": wait}
         if changed:
             try:
                 path.set_target(want)
             except KatactlError as e:
                 audit.record("balloon.set", sb.id, node=transport.node, result="error",
-                              params={"targetBytes": want, "path": path.name}, error=e.message)
+                              params=params, error=e.message)
                 raise
-            audit.record("balloon.set", sb.id, node=transport.node, changed=True,
-                         params={"targetBytes": want, "previousTargetBytes": current,
-                                 "actualBytes": actual, "path": path.name, "force": force})
-        if wait:
-            st = _wait(path, want, tolerance, wait_timeout, progress, sb)
-        else:
-            st = path.state()
+        try:
+            if wait:
+                st = _wait(path, want, tolerance, wait_timeout, progress, sb)
+            else:
+                st = path.state()
+        except BaseException as e:
+            if changed:  # the target was set; the run's outcome is what the entry says
+                audit.record("balloon.set", sb.id, node=transport.node, changed=True, params=params,
+                             result=_outcome(e), error=getattr(e, "message", None) or type(e).__name__)
+            raise
+        if changed:
+            audit.record("balloon.set", sb.id, node=transport.node, changed=True, params=params)
         final = _view(sb, path, {**st, "guest": st.get("guest") or _guestback(view)}, attempts)
         if changed and final["guest"] is not None and not st.get("guest"):
             # measured before the change: what the guest itself uses still holds, its
@@ -486,6 +495,15 @@ def set(transport, ref: str | Sandbox, *, target: int | None = None, reclaim: in
         return final
     finally:
         path.close()
+
+
+def _outcome(exc: BaseException) -> str:
+    """The audit ``result`` of a run that ended in ``exc``."""
+    if isinstance(exc, TimeoutExpired):
+        return "timeout"
+    if isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130:
+        return "interrupted"
+    return "error"
 
 
 def _guestback(view: dict) -> dict | None:

@@ -129,6 +129,8 @@ def root(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only data and errors."),
     no_color: bool = typer.Option(False, "--no-color", help="No colour (also NO_COLOR=1)."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Assume yes; needed for destructive actions without a TTY."),
+    no_audit: bool = typer.Option(False, "--no-audit",
+                                  help="Change without an audit record (else an unwritable audit log refuses changes, exit 5)."),
 ):
     from katactl import config
     from katactl.context import AppContext
@@ -140,6 +142,7 @@ def root(
         ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, jump_host=jump_host,
         known_hosts=known_hosts, ssh_accept_new=ssh_accept_new,
         request_timeout=request_timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
+        no_audit=no_audit,
     ).items() if v is not None and v is not False and v != () and not (k == "verbose" and v == 0)}
     settings = config.resolve(flags, profile=profile)
     if settings.output is not None and settings.output not in FORMATS:

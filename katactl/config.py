@@ -50,6 +50,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("no_color", False, bool, "disable colour"),
     Setting("yes", False, bool, "assume yes for confirmations"),
     Setting("audit_log", None, str, "audit log file (JSON lines)"),
+    Setting("no_audit", False, bool, "change without an audit record (else an unwritable log refuses the change)"),
 ]}
 
 

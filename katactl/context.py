@@ -21,10 +21,10 @@ class AppContext:
         # Point the audit log at the audit_log setting. Read-only commands never
         # import katactl.audit: importing it just to say "default" would cost
         # start-up, and a module not yet imported holds no earlier path.
-        if settings.audit_log or "katactl.audit" in sys.modules:
+        if settings.audit_log or settings.no_audit or "katactl.audit" in sys.modules:
             from katactl import audit
 
-            audit.configure(settings.audit_log)
+            audit.configure(settings.audit_log, enabled=not settings.no_audit)
         return cls(settings, out)
 
     def confirm(self, question: str) -> bool:

@@ -116,6 +116,8 @@ def iptables_set(transport, sandbox, rules: bytes | str, *, v6: bool = False, dr
     from katactl import audit
 
     text = validate_rules(rules, source)
+    if not dry_run:
+        audit.require_writable()  # no untraceable change (exit 5 unless --no-audit)
     sandbox = _sandbox(transport, sandbox)
     node = transport.node
     action = "shim.iptables.set"  # params carry v6
@@ -209,6 +211,8 @@ def volume_resize(transport, sandbox, path: str, size: int, *, dry_run: bool = F
     check_volume_path(path)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise UsageError(f"invalid volume size {size!r}: must be a whole number of bytes greater than zero")
+    if not dry_run:
+        audit.require_writable()  # no untraceable change (exit 5 unless --no-audit)
     sandbox = _sandbox(transport, sandbox)
     node = transport.node
     params = {"path": path, "size": size}

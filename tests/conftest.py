@@ -64,6 +64,8 @@ def _isolated_home(tmp_path_factory, monkeypatch):
             monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "80")
+    if "katactl.audit" in sys.modules:  # an in-process run's --no-audit or audit_log must not leak
+        sys.modules["katactl.audit"].configure(None)
     yield home
 
 

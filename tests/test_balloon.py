@@ -126,6 +126,10 @@ def test_wait_timeout_exit_6(lab, cli):
                      "-o", "json"))
     assert r.exit_code == 6, r.stderr
     assert r.json()["code"] == "Timeout"
+    # the audit entry tells the run's outcome, not "ok" for a target set (issue 16, 18)
+    e = audit_entries("balloon.set")[-1]
+    assert e["result"] == "timeout" and e["changed"] is True and "not reached" in e["error"]
+    assert len([x for x in audit_entries("balloon.set") if x["params"].get("targetBytes") == 200 << 20]) == 1
 
 
 @pytest.mark.parametrize("hv", ["clh-0", "fc-0"])

@@ -586,3 +586,38 @@ def test_trickling_shim_is_bounded_per_call(katactl_bin, args, code):
         r = katactl_bin(["--host-root", n.root, "--request-timeout", "1.5s", *args, "-o", "json"], timeout=60)
     assert r.exit_code == code, r.stderr
     assert "no answer within 1.5s" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_unwritable_audit_log_refuses_the_change_unless_no_audit(cli, tree, tmp_path, monkeypatch):
+    """An audit log that cannot be written refuses a mutation before it starts (exit 5,
+    nothing sent); --no-audit is the explicit way past it (issue 16, finding 18)."""
+    rules = tmp_path / "rules"
+    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -s 10.9.9.9 -j DROP\nCOMMIT\n")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", str(blocker / "audit.log"))
+    srv = tree.server("go2222")
+    srv.requests.clear()
+    r = cli(["--host-root", tree.root, "-o", "json", "shim", "iptables", "set", "go2222", str(rules)])
+    assert r.exit_code == 5, r.stderr
+    assert "cannot write the audit log" in r.stderr and "nothing was changed" in r.stderr
+    assert not [m for m, _ in srv.requests if m == "PUT"]
+    r = cli(["--host-root", tree.root, "--no-audit", "-o", "json", "shim", "iptables", "set", "go2222",
+             str(rules)])
+    assert r.exit_code == 0, r.stderr
+    assert [m for m, _ in srv.requests if m == "PUT"] and not blocker.is_dir()
+    # a dry run changes nothing and needs no log
+    r = cli(["--host-root", tree.root, "-o", "json", "shim", "iptables", "set", "go2222", str(rules),
+             "--dry-run"])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_relative_audit_log_path_is_relative_to_the_working_directory(cli, tree, tmp_path, monkeypatch):
+    """KATACTL_AUDIT_LOG=audit.log failed with ENOENT (makedirs of ''; issue 16, 17)."""
+    rules = tmp_path / "rules"
+    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", "audit.log")
+    r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(rules)])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "audit.log").read_text().splitlines()[-1])["action"] == "shim.iptables.set"
