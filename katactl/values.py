@@ -39,7 +39,7 @@ def parse_size(text: str, *, allow_zero: bool = False, what: str = "size") -> in
     if not math.isfinite(value) or value > MAX_SIZE:
         raise UsageError(f"invalid {what} {text!r}: too large")
     result = int(round(value))
-    if "." in num and unit == "":
+    if "." in num and mult == 1:  # '1.5' and '1.5B' alike (1.5B became 2 bytes)
         raise UsageError(f"invalid {what} {text!r}: a byte count must be a whole number")
     if result == 0 and not allow_zero:
         raise UsageError(f"invalid {what} {text!r}: must be greater than zero")

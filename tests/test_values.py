@@ -73,3 +73,11 @@ def test_parsers_full_match_no_trailing_newline():
 
     assert vcpu_index("CPU 1/KVM", "qemu") == 1 and vcpu_index("CPU 1/KVM\n", "qemu") is None
     assert dump_timestamp("vmcore-20240101000000.elf") and dump_timestamp("vmcore-20240101000000.elf\n") is None
+
+
+@pytest.mark.parametrize("text", ["1.5B", "1.5b", "0.5B", "2.25"])
+def test_fractional_bytes_are_refused_with_or_without_b(text):
+    """issue 16 #19: '--target 1.5B' became 2 bytes while '1.5' was refused."""
+    with pytest.raises(UsageError, match="whole number"):
+        parse_size(text, what="--target")
+    assert parse_size("1.5Ki") == 1536 and parse_size("3B") == 3
