@@ -197,3 +197,10 @@ def test_rdt_interval_corpus(value, needle):
 
     with pytest.raises(UsageError, match=needle):
         report.rdt_interval(value)
+
+
+@pytest.mark.parametrize("lines", [[""], ["  "], ["", ""]])
+def test_rdt_decode_empty_is_a_usage_error(cli, lines):
+    """issue 16 #19: 'inspect rdt --decode ""' exited 0 with nothing."""
+    r = cli(["inspect", "rdt", *[a for ln in lines for a in ("--decode", ln)], "--cbm-mask", "7ff"])
+    assert r.exit_code == 2 and "empty --decode" in r.stderr and "Traceback" not in r.stderr, r.stderr

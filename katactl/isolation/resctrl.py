@@ -328,6 +328,8 @@ def decode_lines(lines: list[str], cbm_mask: str | int | None, min_cbm_bits: int
     (``{"resource": ..., "id": ..., "mask": ..., "ways": ..., ...}``). Bad input is a usage error."""
     if isinstance(cbm_mask, str):
         cbm_mask = parse_cbm_mask(cbm_mask)
+    if not any(ln.strip() for ln in lines):
+        raise UsageError("empty --decode: give a schemata line such as 'L3:0=7f0;1=ff'")
     try:
         parsed = parse_schemata("\n".join(lines))
     except SchemataError as e:
