@@ -624,8 +624,10 @@ def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_bi
                                "use 'upgrade switch VERSION' to move on"}
         to = last.get("from") or {}
         if not to.get("runtime"):
-            raise Refused("the last switch was the first one on this node; there is no earlier "
-                          "release to roll back to")
+            # nothing to go back to is "not found" (exit 3), as with no switch at all: no
+            # safety check refused anything (design.md's exit codes; docs/upgrade.md)
+            raise NotFound("the last switch was the first one on this node; there is no earlier "
+                           "release to roll back to")
         if cur != last.get("to") and not force:
             raise Refused(f"the node is on runtime {cur['runtime']}, agent {cur['agent']}, not where "
                           f"the last switch left it ({last['to']}); refusing to guess",
