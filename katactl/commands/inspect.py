@@ -7,7 +7,7 @@ import typer
 
 from katactl.commands._common import new_app, state
 
-app = new_app("Show host isolation settings: cgroups, BVT, memcg QoS, RDT, vCPU threads.")
+app = new_app("Show host isolation settings (cgroups, I/O, BVT, memcg QoS, RDT, vCPU threads) and live pressure.")
 
 
 def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
@@ -275,3 +275,199 @@ def threads_cmd(
 
     _node_report(state(ctx), lambda n: inspect_threads(n, sandbox, pid), kind="ThreadList", columns=cols,
                  summary_fn=summary)
+
+
+def _pressure_columns():
+    from katactl.output import Column
+    from katactl.values import format_size
+
+    def psi(res, line="some"):
+        return lambda i: ((((i.get("psi") or {}).get(res) or {}).get(line) or {}).get("stallPercent"))
+
+    def rate(v):
+        return format_size(int(v)) + "/s"
+
+    return [Column("TARGET", "target"), Column("ROLE", "role"), Column("CLASS", "class"),
+            Column("CPU-SOME%", psi("cpu")), Column("MEM-SOME%", psi("memory")), Column("IO-SOME%", psi("io")),
+            Column("MEM-FULL%", psi("memory", "full"), wide=True), Column("IO-FULL%", psi("io", "full"), wide=True),
+            Column("CPU-FULL%", psi("cpu", "full"), wide=True),
+            Column("THROTTLED%", "cpu.throttledPercent"), Column("CPUS", "cpu.usageCores"),
+            Column("DIRECT-SCAN/s", "memory.pgscanDirectPerSec"),
+            Column("REFAULT/s", lambda i: (i.get("memory") or {}).get("refaultFilePerSec"), wide=True),
+            Column("OOM", "memory.events.oomKill", wide=True), Column("MAX-HITS", "memory.events.max", wide=True),
+            Column("IO-READ", "io.readBytesPerSec", fmt=rate), Column("IO-WRITE", "io.writeBytesPerSec", fmt=rate),
+            Column("PATH", "path", wide=True)]
+
+
+@app.command("pressure")
+def pressure_cmd(
+    ctx: typer.Context,
+    targets: Optional[List[str]] = typer.Argument(None, metavar="[TARGET]...",
+                                                  help="node, a sandbox (id, prefix, NS/POD), a pod uid, a cgroup "
+                                                       "path or cgroupfs directory (default: the node, every online "
+                                                       "pod and every Kata sandbox)."),
+    interval: str = typer.Option("1s", "--interval", "-d", metavar="DURATION",
+                                 help="Time between the two samples (and between refreshes with --watch), "
+                                      "100ms to 60s."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every --interval until Ctrl-C (exit 0)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", metavar="N",
+                                             help="With --watch: stop after N refreshes."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", metavar="RULES",
+                                          help="Exit 8 when a rule holds for an online pod or the node (for any "
+                                               "target when TARGETs are given), e.g. 'cpu.some>10,memory.full>1'."),
+) -> None:
+    """Show live interference signals: PSI, CPU throttling, direct reclaim, OOM and I/O rates.
+
+    Two samples --interval apart, for the node (/proc/pressure, /proc/vmstat,
+    /proc/diskstats), every online pod, and every Kata sandbox's pod cgroup,
+    sandbox cgroup and kata_overhead/<id>: PSI some/full avg10/60/300 and the
+    % of the interval stalled (the rate of PSI "total"), cpu.stat throttled
+    periods and time, memory.events / failcnt / oom_kill deltas, direct
+    reclaim (pgscan_direct, pgsteal_direct) and refault rates, and I/O bytes
+    and IOPS per device (io.stat, blkio.throttle.io_service_bytes). Alinux
+    latency histograms (cpuacct.wait_latency, memory.direct_reclaim_*_latency)
+    are added where the kernel has them. Files a kernel lacks are listed under
+    "unsupported", never an error; a cgroup that vanishes mid-sample is marked
+    "gone".
+
+    The summary names the worst-hit online pods and the Kata sandboxes using
+    the most of the contended resource, with the evidence.
+
+    --fail-on metrics (numbers are % unless noted): cpu|memory|io.some|full
+    (stalled % of the interval), <res>.<some|full>.avg10|avg60|avg300,
+    cpu.throttled (% of periods), cpu.throttled-ms (per second),
+    memory.direct-reclaim (pages/s), memory.refault (/s), memory.oom (kills),
+    memory.max (limit hits). Operators: > >= < <=.
+
+    Exit codes: 0, 8 when a --fail-on rule holds, 2 bad input, 4 some nodes failed.
+
+    \b
+    Examples:
+      katactl inspect pressure                       # is it the batch VMs?
+      katactl inspect pressure --watch --interval 2s
+      katactl inspect pressure batch/spark-exec-1 node -o json
+      katactl -N node-1 inspect pressure --fail-on 'cpu.some>10,memory.full>1'
+    """
+    from katactl.commands._common import _progress_cb, finish
+    from katactl.errors import ExitCode, UsageError
+    from katactl.fleet import run_on_nodes
+    from katactl.isolation import pressure as lib
+    from katactl.output import Result
+
+    app_ctx = state(ctx)
+    ival = lib.parse_interval(interval)
+    rules = lib.parse_rules(fail_on)
+    if iterations is not None and (not watch or iterations < 1):
+        raise UsageError("--iterations N needs --watch and N >= 1")
+    refs = list(targets or [])
+    for r in refs:
+        if not r.strip() or "\0" in r:
+            raise UsageError(f"invalid TARGET {r!r}")
+    sessions: dict = {}
+    cols = _pressure_columns()
+
+    def one(t):
+        s = sessions.setdefault(t.node, lib.Session(ival, refs))
+        return s.refresh(t, rules)
+
+    def result(fo) -> tuple[Result, int]:
+        if not fo.multi:
+            v = fo.values[fo.nodes[0]]
+            res = Result(kind="PressureReport", items=v["items"], item=v["meta"], columns=cols, name_key="target",
+                         summary=lib.summary_line(v["meta"]))
+            metas = {fo.nodes[0]: v["meta"]}
+        else:
+            items, metas = [], {}
+            for n in fo.nodes:
+                if n in fo.values:
+                    metas[n] = fo.values[n]["meta"]
+                    items += [{"node": n, **i} for i in fo.values[n]["items"]]
+            res = Result(kind="PressureReport", items=items, item={"nodes": metas}, columns=cols,
+                         errors=fo.error_items(), multi_node=True, name_key="target",
+                         summary="; ".join(f"{n}: {lib.summary_line(m)}" for n, m in metas.items()))
+        code = fo.exit_code()
+        failed = any(not (m.get("failOn") or {}).get("passed", True) for m in metas.values())
+        if failed and code == ExitCode.OK:
+            code = ExitCode.CHECK_FAILED
+        return res, code
+
+    if not watch:
+        fo = run_on_nodes(app_ctx.settings, one, progress=_progress_cb(app_ctx))
+        fo.raise_if_single_failure()
+        res, code = result(fo)
+        finish(app_ctx, res, code)
+        return
+    _pressure_watch(app_ctx, one, result, ival, iterations)
+
+
+def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
+    """--watch: a Rich live table on a terminal, else one rendering per refresh (one
+    JSON line each with -o jsonl). Ctrl-C ends it with exit 0; the exit code is 8 if a
+    --fail-on rule held at any refresh (4 if a node failed)."""
+    import time
+
+    import typer as _typer
+
+    from katactl.errors import ExitCode
+    from katactl.fleet import run_on_nodes
+
+    out = app_ctx.out
+    live = out.stdout_tty and out.fmt in ("table", "wide")
+    worst = ExitCode.OK
+    n = 0
+    lv = None
+    try:
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+
+            lv = Live(console=Console(file=out.stdout, no_color=not out.color, highlight=False),
+                      auto_refresh=False, screen=False)
+            lv.start()
+        while iterations is None or n < iterations:
+            t0 = time.monotonic()
+            fo = run_on_nodes(app_ctx.settings, one)
+            if n == 0:
+                fo.raise_if_single_failure()
+            res, code = result(fo)
+            if code == ExitCode.CHECK_FAILED or (code and worst == ExitCode.OK):
+                worst = code
+            if live:
+                lv.update(_pressure_frame(app_ctx, res, ival), refresh=True)
+            else:
+                out.render(res)
+                out.stdout.flush()
+            n += 1
+            if iterations is not None and n >= iterations:
+                break
+            # the first refresh took its own two samples; later ones compare with the last
+            time.sleep(max(0.0, ival - (time.monotonic() - t0)) if n > 1 else ival)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if lv is not None:
+            lv.stop()
+    if worst:
+        raise _typer.Exit(int(worst))
+
+
+def _pressure_frame(app_ctx, res, ival: float):
+    import time
+
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from katactl.output import Column
+
+    cols = [c for c in res.columns if app_ctx.out.fmt == "wide" or not c.wide]
+    if res.multi_node:
+        cols = [Column("NODE", "node")] + cols
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
+              title=f"katactl inspect pressure - every {ival:g}s - {time.strftime('%H:%M:%S')}",
+              caption=Text(res.summary or ""))
+    for c in cols:
+        t.add_column(c.header, overflow="fold")
+    for r in res.items:
+        t.add_row(*[Text(c.value(r)) for c in cols])
+    return t

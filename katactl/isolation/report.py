@@ -9,7 +9,7 @@ import re
 
 from katactl.errors import NotFound, UsageError
 from katactl.isolation import cgroups as cg
-from katactl.isolation import resctrl, threads
+from katactl.isolation import io, resctrl, threads
 
 _UID_RE = re.compile(r"^[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}$")
 
@@ -25,6 +25,14 @@ class Node:
         self._fs = None
         self._sandboxes = None
         self._rdt = None
+        self._devices = None
+
+    @property
+    def devices(self) -> dict[str, str]:
+        """maj:min -> block device name (the node's /sys/dev/block)."""
+        if self._devices is None:
+            self._devices = io.block_devices(self.t)
+        return self._devices
 
     @property
     def fs(self) -> cg.CgroupFS:
@@ -82,6 +90,7 @@ def cgroup_entry(node: Node, path: str, role: str, members: bool = True) -> dict
     present = fs.exists(path)
     e = {"role": role, "path": path, "presentIn": present, **_layout(path)}
     e.update(knobs)
+    e["io"] = io.read_io(t, fs, path, node.devices, log)
     if members:
         e["members"] = cg.read_members(t, fs, path)
     e["unsupported"] = sorted(set(log.unsupported)) if present else []

@@ -1,0 +1,221 @@
+"""I/O isolation settings of a cgroup, per device, cgroup v1 ``blkio`` and v2 ``io``.
+
+File formats (as the kernel prints them; Documentation/admin-guide/cgroup-v2.rst
+"IO Interface Files", Documentation/admin-guide/cgroup-v1/blkio-controller.rst):
+
+v2 (``io`` controller)
+    io.weight / io.bfq.weight   ``default 100`` then ``8:16 200`` lines
+    io.max                      ``8:16 rbps=2097152 wbps=max riops=max wiops=120``
+    io.latency                  ``8:16 target=75`` (microseconds)
+    io.cost.qos (root only)     ``8:16 enable=1 ctrl=user rpct=95.00 rlat=75000 wpct=95.00 wlat=150000 min=50.00 max=150.00``
+    io.cost.model (root only)   ``8:16 ctrl=auto model=linear rbps=... rseqiops=... rrandiops=... wbps=... ...``
+    io.stat                     ``8:16 rbytes=1459200 wbytes=314773504 rios=192 wios=353 dbytes=0 dios=0``
+v1 (``blkio``)
+    blkio.weight                one number (CFQ, gone since 5.0; Alinux keeps it for iocost)
+    blkio.bfq.weight            like io.bfq.weight (``default 100`` + device lines)
+    blkio.weight_device         ``8:16 200`` lines
+    blkio.throttle.{read,write}_{bps,iops}_device   ``8:16 1048576`` lines (no line = no limit)
+    blkio.throttle.io_service_bytes[_recursive]      ``8:16 Read 1234`` ... and a last ``Total N``
+    blkio.throttle.io_serviced[_recursive]           same, in IOs
+    blkio.cost.qos / blkio.cost.model               Alinux's iocost on v1, same format as v2
+
+Devices are named from the node's ``/sys/dev/block/<maj:min>/uevent`` (``DEVNAME=``).
+A knob the kernel lacks is listed as unsupported, never raised.
+"""
+from __future__ import annotations
+
+import re
+
+from katactl.isolation import cgroups as cg
+
+_DEV = re.compile(r"^\d+:\d+$")
+
+
+def _num(v: str):
+    if v == "max":
+        return "max"
+    try:
+        return int(v)
+    except ValueError:
+        return float(v)  # "95.00": ValueError if not a number either
+
+
+def parse_nested(text: str) -> dict[str, dict]:
+    """``MAJ:MIN key=value ...`` lines -> {dev: {key: number|"max"|str}}."""
+    out: dict[str, dict] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if not _DEV.fullmatch(parts[0]):
+            raise ValueError(f"not a device line: {line[:40]!r}")
+        d: dict = {}
+        for kv in parts[1:]:
+            k, sep, v = kv.partition("=")
+            if not sep or not k:
+                raise ValueError(f"not key=value: {kv[:40]!r}")
+            try:
+                d[k] = _num(v)
+            except ValueError:
+                d[k] = v  # ctrl=auto, model=linear
+        out[parts[0]] = d
+    return out
+
+
+def parse_weight(text: str) -> dict:
+    """io.weight / io.bfq.weight / blkio.bfq.weight -> {"default": n, "devices": {dev: n}};
+    a bare number (blkio.weight) -> {"default": n, "devices": {}}."""
+    out: dict = {"default": None, "devices": {}}
+    s = text.strip()
+    if re.fullmatch(r"\d+", s):
+        out["default"] = int(s)
+        return out
+    for line in s.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise ValueError(line)
+        if parts[0] == "default":
+            out["default"] = int(parts[1])
+        elif _DEV.fullmatch(parts[0]):
+            out["devices"][parts[0]] = int(parts[1])
+        else:
+            raise ValueError(line)
+    return out
+
+
+def parse_dev_values(text: str) -> dict[str, int]:
+    """``8:16 1048576`` lines (blkio.weight_device, blkio.throttle.*_device)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not _DEV.fullmatch(parts[0]):
+            raise ValueError(line)
+        out[parts[0]] = int(parts[1])
+    return out
+
+
+def parse_blkio_stat(text: str) -> dict[str, dict[str, int]]:
+    """blkio.throttle.io_service_bytes / io_serviced -> {dev: {read, write, sync, async, discard, total}}
+    (the last ``Total N`` line, the sum over devices, is left out)."""
+    out: dict[str, dict[str, int]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts or parts[0] == "Total":
+            continue
+        if len(parts) != 3 or not _DEV.fullmatch(parts[0]):
+            raise ValueError(line)
+        out.setdefault(parts[0], {})[parts[1].lower()] = int(parts[2])
+    return out
+
+
+def block_devices(t) -> dict[str, str]:
+    """``maj:min`` -> device name, from the node's /sys/dev/block (one read_many)."""
+    try:
+        names = [n for n in t.listdir("/sys/dev/block") if _DEV.fullmatch(n)]
+    except OSError:
+        return {}
+    got = t.read_many([f"/sys/dev/block/{n}/uevent" for n in names], limit=4096)
+    out = {}
+    for n in names:
+        raw = got.get(f"/sys/dev/block/{n}/uevent")
+        if isinstance(raw, bytes):
+            m = re.search(r"^DEVNAME=(\S+)$", raw.decode("utf-8", "replace"), re.M)
+            if m:
+                out[n] = m.group(1)
+    return out
+
+
+#: (key in the report, v1 file, v2 file, parser)
+IO_KNOBS = [
+    ("weight", "blkio.weight", "io.weight", parse_weight),
+    ("bfqWeight", "blkio.bfq.weight", "io.bfq.weight", parse_weight),
+    ("weightDevice", "blkio.weight_device", None, parse_dev_values),
+    ("readBps", "blkio.throttle.read_bps_device", None, parse_dev_values),
+    ("writeBps", "blkio.throttle.write_bps_device", None, parse_dev_values),
+    ("readIops", "blkio.throttle.read_iops_device", None, parse_dev_values),
+    ("writeIops", "blkio.throttle.write_iops_device", None, parse_dev_values),
+    ("max", None, "io.max", parse_nested),
+    ("latency", None, "io.latency", parse_nested),
+]
+ROOT_KNOBS = [
+    ("costQos", "blkio.cost.qos", "io.cost.qos", parse_nested),
+    ("costModel", "blkio.cost.model", "io.cost.model", parse_nested),
+]
+_V2_MAX = {"rbps": "readBps", "wbps": "writeBps", "riops": "readIops", "wiops": "writeIops"}
+
+
+def read_io(t, fs: cg.CgroupFS, cgpath: str, devnames: dict[str, str] | None = None,
+            log: cg.ReadLog | None = None) -> dict | None:
+    """The I/O settings of one cgroup: {"version", "weight", "bfqWeight", "devices": [...],
+    and at the root "costQos"/"costModel"}. None when neither blkio nor io is mounted/enabled
+    or the cgroup does not exist there."""
+    ver = fs.version_of("blkio") or (2 if fs.v2 is not None and "io" in fs.v2_controllers else None)
+    if ver is None:
+        return None
+    d = fs.dir("blkio", cgpath) if ver == 1 else fs._join(fs.v2, cgpath)
+    try:
+        names = set(t.listdir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        names = None
+    log = log if log is not None else cg.ReadLog()
+    knobs = IO_KNOBS + (ROOT_KNOBS if cg.norm_cgpath(cgpath) == "/" else [])
+    raw: dict = {}
+    for key, f1, f2, parse in knobs:
+        fname = f1 if ver == 1 else f2
+        if fname is None:
+            continue
+        if names is not None and fname not in names:
+            log.unsupported.append(fname)
+            continue
+        raw[key] = cg.read_value(t, f"{d}/{fname}", parse, log, fname)
+    devnames = devnames if devnames is not None else block_devices(t)
+    devs: dict[str, dict] = {}
+
+    def dev(mm: str) -> dict:
+        return devs.setdefault(mm, {"device": mm, "name": devnames.get(mm)})
+
+    out: dict = {"version": ver}
+    for key in ("weight", "bfqWeight"):
+        w = raw.get(key)
+        out[key] = w["default"] if w else None
+        for mm, v in (w or {}).get("devices", {}).items():
+            dev(mm)[key] = v
+    for mm, v in (raw.get("weightDevice") or {}).items():
+        dev(mm)["weight"] = v
+    for key in ("readBps", "writeBps", "readIops", "writeIops"):
+        for mm, v in (raw.get(key) or {}).items():
+            dev(mm)[key] = v
+    for mm, kv in (raw.get("max") or {}).items():
+        for k, v in kv.items():
+            if k in _V2_MAX:
+                dev(mm)[_V2_MAX[k]] = v
+    for mm, kv in (raw.get("latency") or {}).items():
+        if "target" in kv:
+            dev(mm)["latencyTargetUs"] = kv["target"]
+    for e in devs.values():
+        e["throttled"] = any(isinstance(e.get(k), int) and e[k] > 0
+                             for k in ("readBps", "writeBps", "readIops", "writeIops"))
+    out["devices"] = sorted(devs.values(), key=lambda e: tuple(int(x) for x in e["device"].split(":")))
+    for key in ("costQos", "costModel"):
+        if key in raw and raw[key] is not None:
+            out[key] = [{"device": mm, "name": devnames.get(mm), **kv} for mm, kv in sorted(raw[key].items())]
+    return out
+
+
+def effective_weight(io: dict | None, device: str | None = None):
+    """The weight that applies to a device: its own line, else the default (bfq weight if
+    that is all there is)."""
+    if not io:
+        return None
+    if device:
+        for e in io.get("devices", []):
+            if e["device"] == device and isinstance(e.get("weight"), int):
+                return e["weight"]
+    w = io.get("weight")
+    return w if isinstance(w, int) else io.get("bfqWeight")
