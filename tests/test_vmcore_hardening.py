@@ -207,3 +207,28 @@ def test_collect_says_why_a_partial_copy_was_not_resumed(cli, tmp_path, sidecar,
     [it] = r.json()["items"]
     assert it["resumed"] is False and why in it.get("note", ""), it
     assert "discarded" in it["note"] and final.exists()
+
+
+def test_rm_across_nodes_names_a_node_that_failed_while_listing(cli, tmp_path, monkeypatch):
+    """issue 16 #20: with -N a,b where a failed while the dumps were listed, the result
+    omitted a and exited 0; upgrade gc said 4. Both go through katactl.planapply now."""
+    from katactl import fleet
+    from katactl.backends.local import LocalTransport
+    from tests.test_vmcore import SID, TS, add_dump
+
+    roots = {}
+    for n in ("node-a", "node-b"):
+        roots[n] = node_tree(tmp_path / n)
+        add_dump(roots[n])
+    with open(os.path.join(roots["node-a"], "usr/share/defaults/kata-containers/configuration.toml"), "a") as f:
+        f.write("[broken\n")  # node-a: its own configuration is broken
+    monkeypatch.setattr(fleet, "open_transport", lambda node, settings: LocalTransport(roots[node], node=node))
+    for extra in (["--dry-run"], ["--yes"]):
+        r = cli(["-N", "node-a,node-b", "vmcore", "rm", SID[:8], *extra, "-o", "json"])
+        assert r.exit_code == 4, (extra, r.stdout, r.stderr)
+        d = r.json()
+        assert [(e["node"], "configuration.toml" in e["error"]["message"]) for e in d["errors"]] == [
+            ("node-a", True)]
+        assert [(i["node"], i["changed"]) for i in d["items"]] == [("node-b", True)]
+    assert not os.path.exists(os.path.join(roots["node-b"], DUMP_PATH.lstrip("/"), SID))
+    assert os.path.exists(os.path.join(roots["node-a"], DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))

@@ -235,7 +235,8 @@ def gc(
       katactl -N @pool-a upgrade gc --yes -o json
     """
     from katactl import upgrade
-    from katactl.fleet import FanOut, run_on_nodes
+    from katactl.fleet import LOCAL
+    from katactl.planapply import plan_confirm_apply
 
     if dry_run:
         _mutate(ctx, kata_root, lock_timeout, "UpgradeGC", _gc_columns(),
@@ -243,30 +244,28 @@ def gc(
                                                    keep_previous=keep_previous, **kw))
         return
     app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
-    # 1. what would go, on every node (no lock, no change)
-    plan = run_on_nodes(app_ctx.settings, lambda t: upgrade.gc(t, layout, dry_run=True, force=force,
-                                                               keep_previous=keep_previous))
-    plan.raise_if_single_failure()
-    planned = {n: plan.values[n]["removed"] for n in plan.nodes if n in plan.values}
-    doomed = {n: v for n, v in planned.items() if v}
-    # 2. one question for all of it
-    if doomed:
-        count = sum(len(v) for v in doomed.values())
-        where = "; ".join(f"{n}: {', '.join(v)}" for n, v in doomed.items()) if plan.multi \
-            else ", ".join(next(iter(doomed.values())))
-        app_ctx.require_confirmation(f"Delete {count} release(s) ({where})?", f"deleting {count} release(s)",
-                                     hint="katactl upgrade gc --dry-run lists what would go")
-    # 3. remove at most what was shown (and the temp dirs of killed stages/gcs)
 
-    def fn(t):
-        r = upgrade.gc(t, layout, force=force, keep_previous=keep_previous, only=set(planned[t.node]),
+    def confirm(planned: dict) -> None:  # one question for all of it
+        doomed = {n: p["removed"] for n, p in planned.items() if p["removed"]}
+        if doomed:
+            count = sum(len(v) for v in doomed.values())
+            multi = list(planned) != [LOCAL]
+            where = "; ".join(f"{n}: {', '.join(v)}" for n, v in doomed.items()) if multi \
+                else ", ".join(next(iter(doomed.values())))
+            app_ctx.require_confirmation(f"Delete {count} release(s) ({where})?", f"deleting {count} release(s)",
+                                         hint="katactl upgrade gc --dry-run lists what would go")
+
+    def apply(t, p):  # remove at most what was shown (and the temp dirs of killed stages/gcs)
+        r = upgrade.gc(t, layout, force=force, keep_previous=keep_previous, only=set(p["removed"]),
                        lock_timeout=lt, on_wait=on_wait)
         if r.get("recovered"):
             app_ctx.out.warn(r["recovered"])
         return r
 
-    done = run_on_nodes(app_ctx.settings, fn, nodes=list(planned))
-    fo = FanOut(nodes=plan.nodes, values=done.values, errors={**plan.errors, **done.errors})
+    # what would go on every node (no lock, no change), asked once, then removed per node
+    fo = plan_confirm_apply(app_ctx.settings, lambda t: upgrade.gc(t, layout, dry_run=True, force=force,
+                                                                   keep_previous=keep_previous),
+                            confirm, apply)
     render_per_node(app_ctx, fo, kind="UpgradeGC", columns=_gc_columns(), mutating=True)
 
 

@@ -241,8 +241,8 @@ def rm_cmd(
     """
     from katactl import vmcore
     from katactl.errors import NotFound
-    from katactl.fleet import run_on_nodes
     from katactl.output import Column, Result
+    from katactl.planapply import plan_confirm_apply
     from katactl.values import format_size
 
     app_ctx = state(ctx)
@@ -256,29 +256,22 @@ def rm_cmd(
         except NotFound:
             return []
 
-    fo = run_on_nodes(app_ctx.settings, plan)
+    def confirm(planned: dict) -> None:
+        targets = [d for ds in planned.values() for d in ds]
+        if targets and not dry_run:
+            uncollected = sum(1 for d in targets if not d["collected"])
+            q = (f"Delete {len(targets)} vmcore(s) ({format_size(sum(d['size'] or 0 for d in targets))})"
+                 + (f", {uncollected} never collected" if uncollected else "") + "?")
+            app_ctx.require_confirmation(q, "deleting vmcores")
+
+    # a node that failed while the dumps were listed is part of the outcome (named, exit 4)
+    fo = plan_confirm_apply(app_ctx.settings, plan, confirm,
+                            lambda t, dumps: vmcore.remove_dumps(t, dumps, dry_run=dry_run), needs_apply=bool)
     fo.raise_if_single_failure()
-    targets = fo.items()
+    items = fo.items()
     cols = [Column("NAME", "name"), Column("SIZE", "size", fmt=format_size), Column("COLLECTED", "collected"),
             Column("CHANGED", "changed")]
-    if not targets:
-        finish(app_ctx, Result(kind="VmcoreRemoveList", items=[], columns=cols, changed=False, dry_run=dry_run,
-                               errors=fo.error_items(), summary="No matching vmcores: nothing to delete."),
-               fo.exit_code())
-        return
-    if not dry_run:
-        uncollected = sum(1 for d in targets if not d["collected"])
-        q = (f"Delete {len(targets)} vmcore(s) ({format_size(sum(d['size'] or 0 for d in targets))})"
-             + (f", {uncollected} never collected" if uncollected else "") + "?")
-        app_ctx.require_confirmation(q, "deleting vmcores")
-    by_node: dict = {}
-    for d in targets:
-        by_node.setdefault(d["node"], []).append(d)
-
-    fo2 = run_on_nodes(app_ctx.settings, lambda t: vmcore.remove_dumps(t, by_node.get(t.node, []), dry_run=dry_run),
-                       nodes=list(by_node))
-    fo2.raise_if_single_failure()
-    items = fo2.items()
-    finish(app_ctx, Result(kind="VmcoreRemoveList", items=items, columns=cols, errors=fo2.error_items(),
-                           multi_node=fo2.multi, changed=any(i.get("changed") for i in items), dry_run=dry_run),
-           fo2.exit_code())
+    finish(app_ctx, Result(kind="VmcoreRemoveList", items=items, columns=cols, errors=fo.error_items(),
+                           multi_node=fo.multi, changed=any(i.get("changed") for i in items), dry_run=dry_run,
+                           summary=None if items else "No matching vmcores: nothing to delete."),
+           fo.exit_code())
