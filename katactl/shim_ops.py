@@ -47,6 +47,8 @@ def read_rules(source: str, stdin: BinaryIO | TextIO | None = None, *, limit: in
 
     Reads at most limit+1 bytes (or characters, from a text stream): anything
     larger is refused, never truncated."""
+    if not isinstance(source, str) or not source.strip():
+        raise UsageError("empty FILE: give an iptables-save file, or - for standard input")
     name = "stdin" if source == "-" else source
     try:
         if source == "-":

@@ -621,3 +621,10 @@ def test_relative_audit_log_path_is_relative_to_the_working_directory(cli, tree,
     r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(rules)])
     assert r.exit_code == 0, r.stderr
     assert json.loads((tmp_path / "audit.log").read_text().splitlines()[-1])["action"] == "shim.iptables.set"
+
+
+@pytest.mark.parametrize("arg", ["", "  "])
+def test_iptables_set_empty_file_argument_says_so(cli, tree, arg):
+    """issue 16 #17: 'shim iptables set S ""' said ': No such file or directory'."""
+    r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go1111", arg])
+    assert r.exit_code == 2 and "empty FILE" in r.stderr and "Traceback" not in r.stderr, r.stderr
