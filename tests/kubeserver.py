@@ -549,6 +549,7 @@ class KubeStandIn:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            request_queue_size = 1024  # Go's listener takes the kernel's somaxconn, not Python's 5
 
             def get_request(self):
                 sock, addr = self.socket.accept()

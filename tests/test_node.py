@@ -561,3 +561,17 @@ def test_stale_release_drain_evicts_only_pods_on_the_old_release(cli, kube, kc, 
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_unwritable_audit_log_refuses_node_changes_unless_no_audit(cli, kube, kc, tmp_path, monkeypatch):
+    kube.add_node("n1")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", str(blocker / "audit.log"))  # under a regular file
+    r = node_cli(cli, kc, "cordon", "n1")
+    assert r.exit_code == 5 and "audit log" in r.stderr
+    assert not unschedulable(kube, "n1")
+    r = node_cli(cli, kc, "cordon", "n1", "--dry-run")  # a dry run changes nothing: allowed
+    assert r.exit_code == 0
+    r = cli(["--kubeconfig", kc, "--no-audit", "node", "cordon", "n1"])
+    assert r.exit_code == 0 and unschedulable(kube, "n1")

@@ -76,8 +76,11 @@ class KubeAPI:
         self.user = user
         self.namespace = namespace
         self._sleep = sleep
+        # a drain evicts a node's pods at once: a bounded pool keeps that from opening
+        # a hundred connections (kubectl multiplexes them over one HTTP/2 connection)
         self._client = httpx.Client(base_url=self.host, headers=headers, verify=verify, cert=cert,
-                                    timeout=timeout, trust_env=False)
+                                    timeout=timeout, trust_env=False,
+                                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -145,8 +148,9 @@ class KubeAPI:
             delay = min(0.2 * 2 ** attempt, 2.0)
             try:
                 r = self._client.request(method, path, params=q, content=data, headers=headers)
-            except httpx.ConnectError as e:
-                err = UnreachableError(f"Kubernetes API {self.host}: {_one_line(e) or 'cannot connect'}")
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+                # the request never left: safe to send again, even a mutation
+                err = UnreachableError(f"Kubernetes API {self.host}: {_one_line(e) or type(e).__name__}")
             except httpx.TimeoutException:
                 err = UnreachableError(f"Kubernetes API {self.host}: {method} {path}: timed out")
                 if method != "GET":  # it may have been applied: never send a mutation twice
