@@ -232,3 +232,20 @@ def test_rm_across_nodes_names_a_node_that_failed_while_listing(cli, tmp_path, m
         assert [(i["node"], i["changed"]) for i in d["items"]] == [("node-b", True)]
     assert not os.path.exists(os.path.join(roots["node-b"], DUMP_PATH.lstrip("/"), SID))
     assert os.path.exists(os.path.join(roots["node-a"], DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
+
+
+@pytest.mark.parametrize("which", ["", ".partial"])
+def test_collect_target_that_is_a_directory_names_it(cli, tmp_path, which):
+    """issue 16 #17: a directory where the copy goes said '....partial: Is a directory'."""
+    from tests.test_vmcore import SID, TS, add_dump
+
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    out = tmp_path / "out"
+    target = out / "node-a" / SID / f"vmcore-{TS}.elf{which}"
+    target.mkdir(parents=True)
+    for extra in (["--dry-run"], []):
+        r = cli(["--host-root", root, "vmcore", "collect", "--to", str(out), *extra])
+        assert r.exit_code == 1 and f"{target}: is a directory" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert target.is_dir() and sorted(os.listdir(target.parent)) == [target.name]

@@ -194,6 +194,10 @@ def _collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: 
         raise Refused(f"{dump['name']}: the dump is incomplete (size {dump['size']} is short of its "
                       "ELF segments): still being written, or truncated",
                       hint="wait for the dump to finish (katactl vmcore list shows its status)")
+    for p in (final, final + ".partial", final + ".partial.json"):
+        if os.path.isdir(p) or (os.path.lexists(p) and not os.path.isfile(p)):
+            raise OperationFailed(f"{p}: is a directory or special file where the copy of {dump['name']} "
+                                  "(or its partial copy) goes", hint="move it aside, or choose another --to")
     manifest = load_manifest(dest_dir)
     entry = manifest["files"].get(stored_name)
     if (entry and entry.get("source", {}).get("size") == dump["size"]
