@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import uuid
 
-V1_CONTROLLERS = ("cpu", "cpuset", "memory")
-MOUNT_OPTS = {"cpu": "cpu", "cpuset": "cpuset", "memory": "memory"}
+V1_CONTROLLERS = ("cpu", "cpuset", "memory", "blkio")
+MOUNT_OPTS = {"cpu": "cpu", "cpuset": "cpuset", "memory": "memory", "blkio": "blkio"}
 
 
 def _w(root: str, node_path: str, content) -> None:
@@ -253,3 +253,102 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
                    "mon_groups": {"batch": {"tasks": all_vcpus[:1]}}},
         }, cdp=cdp)
     return {"online": online, "sandboxes": sbs, "vcpu_tids": vcpu_tids}
+
+
+# -- I/O settings and pressure signals (cgroup v2 files, /proc, /sys/dev/block) -------------
+#
+# Formats as the kernel prints them: Documentation/admin-guide/cgroup-v2.rst ("IO Interface
+# Files": io.stat "8:16 rbytes=1459200 wbytes=314773504 rios=192 wios=353 dbytes=0 dios=0",
+# io.max "8:16 rbps=2097152 wbps=max riops=max wiops=120", io.weight "default 100" then
+# "8:16 200", io.latency "8:16 target=75", io.cost.qos "8:16 enable=1 ctrl=user rpct=95.00
+# rlat=75000 wpct=95.00 wlat=150000 min=50.00 max=150.00", io.cost.model "8:16 ctrl=auto
+# model=linear rbps=... rseqiops=... rrandiops=... wbps=... wseqiops=... wrandiops=...";
+# cpu.stat in usec; memory.events low/high/max/oom/oom_kill/oom_group_kill), and
+# Documentation/accounting/psi.rst ("some avg10=0.00 avg60=0.00 avg300=0.00 total=0" and a
+# "full" line, total in microseconds; the system-level cpu "full" line is all zeros).
+
+DEVICES = {"8:0": "sda", "8:16": "sdb", "7:0": "loop0"}
+
+
+def write_block_devices(root: str, devices: dict[str, str] = DEVICES, scheduler: str = "mq-deadline") -> None:
+    for mm, name in devices.items():
+        maj, mi = mm.split(":")
+        _w(root, f"/sys/dev/block/{mm}/uevent", f"MAJOR={maj}\nMINOR={mi}\nDEVNAME={name}\nDEVTYPE=disk\n")
+        scheds = ["mq-deadline", "kyber", "bfq", "none"]
+        _w(root, f"/sys/dev/block/{mm}/queue/scheduler",
+           " ".join(f"[{s}]" if s == scheduler else s for s in scheds) + "\n")
+
+
+def v2_dir(root: str, path: str) -> str:
+    rel = "" if path.strip("/") == "" else "/" + path.strip("/")
+    return os.path.join(root, f"sys/fs/cgroup{rel}".lstrip("/"))
+
+
+def write_v2_io(root: str, path: str, *, weight: int = 100, dev_weights: dict | None = None,
+                io_max: dict | None = None, latency: dict | None = None) -> None:
+    d = "/sys/fs/cgroup" + ("" if path.strip("/") == "" else "/" + path.strip("/"))
+    _w(root, f"{d}/io.weight", f"default {weight}\n" + "".join(f"{mm} {w}\n" for mm, w in (dev_weights or {}).items()))
+    _w(root, f"{d}/io.bfq.weight", "default 100\n")
+    _w(root, f"{d}/io.max", "".join(f"{mm} {v}\n" for mm, v in (io_max or {}).items()) or "")
+    _w(root, f"{d}/io.latency", "".join(f"{mm} target={v}\n" for mm, v in (latency or {}).items()) or "")
+
+
+def write_v2_root_io(root: str, qos_enable: int = 1) -> None:
+    _w(root, "/sys/fs/cgroup/io.cost.qos",
+       f"8:16 enable={qos_enable} ctrl=user rpct=95.00 rlat=75000 wpct=95.00 wlat=150000 min=50.00 max=150.00\n")
+    _w(root, "/sys/fs/cgroup/io.cost.model",
+       "8:16 ctrl=auto model=linear rbps=174019176 rseqiops=41708 rrandiops=370 wbps=178075866 "
+       "wseqiops=42705 wrandiops=378\n")
+
+
+def psi_text(some_total: int, full_total: int, avg10: float = 0.0, full: bool = True) -> str:
+    s = f"some avg10={avg10:.2f} avg60={avg10 / 2:.2f} avg300={avg10 / 10:.2f} total={some_total}\n"
+    if full:
+        s += f"full avg10={avg10 / 2:.2f} avg60={avg10 / 4:.2f} avg300={avg10 / 20:.2f} total={full_total}\n"
+    return s
+
+
+def write_v2_signals(root: str, path: str, k: int, *, cpu_stall: int = 0, mem_stall: int = 0, io_stall: int = 0,
+                     throttled: int = 0, periods: int = 0, usage_usec: int = 0, scan: int = 0,
+                     events: dict | None = None, io_bytes: dict | None = None, mem_current: int = 1 << 28) -> None:
+    """Sample ``k`` (0, 1, ...) of a cgroup's v2 signal files: every counter grows by its
+    argument per sample, so two samples show exactly that delta."""
+    d = "/sys/fs/cgroup" + ("" if path.strip("/") == "" else "/" + path.strip("/"))
+    base = 1_000_000
+    _w(root, f"{d}/cpu.pressure", psi_text(base + k * cpu_stall, base // 2 + k * cpu_stall // 2, 1.5 if cpu_stall else 0))
+    _w(root, f"{d}/memory.pressure", psi_text(base + k * mem_stall, base // 2 + k * mem_stall // 2))
+    _w(root, f"{d}/io.pressure", psi_text(base + k * io_stall, base // 2 + k * io_stall // 2))
+    _w(root, f"{d}/cpu.stat",
+       f"usage_usec {50_000_000 + k * usage_usec}\nuser_usec {40_000_000 + k * usage_usec}\n"
+       f"system_usec 10000000\nnr_periods {1000 + k * periods}\nnr_throttled {100 + k * throttled}\n"
+       f"throttled_usec {2_000_000 + k * throttled * 50_000}\nnr_bursts 0\nburst_usec 0\n")
+    ev = events or {}
+    _w(root, f"{d}/memory.events", "".join(f"{n} {10 + k * ev.get(n, 0)}\n"
+                                           for n in ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")))
+    _w(root, f"{d}/memory.current", mem_current)
+    _w(root, f"{d}/memory.stat",
+       f"anon 1000000\nfile 2000000\nkernel 100000\nshmem 0\npgscan {500 + k * scan * 2}\n"
+       f"pgsteal {400 + k * scan}\npgscan_kswapd {500 + k * scan}\npgscan_direct {0 + k * scan}\n"
+       f"pgsteal_kswapd 400\npgsteal_direct {0 + k * scan // 2}\nworkingset_refault_anon {k * scan // 4}\n"
+       f"workingset_refault_file {7 + k * scan // 4}\npgfault 123456\npgmajfault {12 + k}\n")
+    lines = []
+    for mm, per in (io_bytes or {"8:0": 0}).items():
+        lines.append(f"{mm} rbytes={4096 * 1000 + k * per} wbytes={8192 * 1000 + k * per} rios={1000 + k * per // 4096} "
+                     f"wios={2000 + k * per // 4096} dbytes=0 dios=0")
+    _w(root, f"{d}/io.stat", "\n".join(lines) + "\n")
+
+
+def write_node_signals(root: str, k: int, *, cpu_stall: int = 0, io_stall: int = 0, scan: int = 0) -> None:
+    base = 5_000_000
+    _w(root, "/proc/pressure/cpu", f"some avg10=2.00 avg60=1.00 avg300=0.20 total={base + k * cpu_stall}\n"
+                                   "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    _w(root, "/proc/pressure/memory", psi_text(base, base // 2))
+    _w(root, "/proc/pressure/io", psi_text(base + k * io_stall, base // 2 + k * io_stall // 2))
+    _w(root, "/proc/vmstat", f"nr_free_pages 100000\npgscan_kswapd 1000\npgscan_direct {10 + k * scan}\n"
+                             f"pgsteal_direct {5 + k * scan // 2}\nworkingset_refault_anon 0\n"
+                             f"workingset_refault_file {100 + k}\npgmajfault 50\nallocstall_normal {k * 2}\n"
+                             f"allocstall_movable {k}\noom_kill 0\n")
+    _w(root, "/proc/diskstats",
+       f"   8       0 sda {1000 + k * 10} 0 {8000 + k * 80} 500 {2000 + k * 20} 0 {16000 + k * 160} 900 0 1000 1400\n"
+       f"   8       1 sda1 10 0 80 5 20 0 160 9 0 10 14\n"
+       f"   7       0 loop0 5 0 40 1 0 0 0 0 0 2 1\n")

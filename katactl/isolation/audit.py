@@ -11,6 +11,7 @@ import math
 
 from katactl.errors import NotFound, UsageError
 from katactl.isolation import cgroups as cg
+from katactl.isolation import io as iomod
 from katactl.isolation import report, resctrl, threads, weights
 from katactl.isolation.policy import SEVERITIES, Policy
 from katactl.values import parse_cpulist
@@ -50,6 +51,7 @@ def run(t, pol: Policy) -> dict:
     _cpu_checks(f, pol, rows, root_cpus)
     _bvt_checks(f, pol, node, rows)
     _memcg_checks(f, pol, node, rows)
+    _io_checks(f, pol, node, rows)
     tid_group = _rdt_checks(f, pol, node)
     _kata_checks(f, pol, node, tid_group)
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -255,6 +257,108 @@ def _memcg_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
             if bad:
                 f.add("memcg.wmark", _target(r), f"{r['class']} pod async reclaim: " + "; ".join(bad), ev,
                       "set the pod's memory.wmark_ratio / memory.wmark_min_adj as koordinator's MemoryQoS does")
+
+
+# -- io ----------------------------------------------------------------------------
+
+def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
+    t, fs = node.t, node.fs
+    ver = fs.version_of("blkio") or (2 if fs.v2 is not None and "io" in fs.v2_controllers else None)
+    if ver is None:
+        f.add("io.unsupported", t.node, "I/O isolation unsupported: no blkio (v1) or io (v2) controller",
+              [{"file": fs.mount_list(), "value": "no blkio mount, no io in cgroup.controllers"}],
+              "mount the blkio controller (v1) or enable io in the parent's cgroup.subtree_control (v2)")
+        return
+    devn = node.devices
+    ios: dict[str, dict] = {}
+    for r in rows:
+        if r["level"] in ("pod", "sandbox", "overhead") and r["class"] in ("online", "offline"):
+            v = iomod.read_io(t, fs, r["path"], devn)
+            if v is not None:
+                ios[r["path"]] = v
+    d = fs.dir("blkio", "/") if ver == 1 else fs._join(fs.v2, "/")
+    weight_file = "blkio.weight" if ver == 1 else "io.weight"
+
+    def w_of(r, mm=None):
+        return iomod.effective_weight(ios.get(r["path"]), mm)
+
+    def ev(r, what, value):
+        return {"file": f"{fs.dir('blkio', r['path']) if ver == 1 else fs._join(fs.v2, r['path'])}/{what}",
+                "value": value}
+
+    pods = [r for r in rows if r["level"] == "pod" and r["path"] in ios]
+    online = [r for r in pods if r["class"] == "online" and isinstance(w_of(r), int)]
+    offline = [r for r in rows if r["class"] == "offline" and r["level"] in ("pod", "sandbox")
+               and isinstance(w_of(r), int)]
+    if pol.io.check_weight_order and online and offline:
+        lo = min(online, key=w_of)
+        for r in offline:
+            if w_of(r) >= w_of(lo):
+                f.add("io.offline-weight", _target(r),
+                      f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} I/O weight {w_of(r)} is not below "
+                      f"the lowest online pod's {w_of(lo)} ({_target(lo)})",
+                      [ev(r, weight_file, w_of(r)), ev(lo, weight_file, w_of(lo))],
+                      f"lower the offline cgroup's {weight_file} (e.g. 10; 1..10000 on v2, 10..1000 on v1) "
+                      "or raise the online pods'")
+    specs = [s.strip() for s in pol.io.offline_devices.split(",") if s.strip()]
+    off_pods = [r for r in rows if r["class"] == "offline" and r["level"] == "pod" and r["path"] in ios]
+    if specs:
+        targets = [mm for mm in devn if any(iomod.match_device(s, mm, devn) for s in specs)]
+        if not targets:
+            f.add("io.offline-throttle", t.node,
+                  f"none of the offline data devices {', '.join(specs)} exists on the node",
+                  [{"file": "/sys/dev/block", "value": sorted(devn.values())}],
+                  "fix [io] offline_devices in the policy (device names or MAJ:MIN)")
+        for r in off_pods:
+            for mm in targets:
+                if not _throttled_on(ios, r, mm):
+                    f.add("io.offline-throttle", _target(r),
+                          f"offline pod has no bps/iops throttle on the offline data device {devn.get(mm, mm)} ({mm})",
+                          [ev(r, "blkio.throttle.read_bps_device" if ver == 1 else "io.max",
+                              [e for e in ios[r["path"]]["devices"] if e["device"] == mm] or "no line")],
+                          (f"echo '{mm} <bytes/s>' > blkio.throttle.write_bps_device (and read_bps/iops)"
+                           if ver == 1 else f"echo '{mm} wbps=<bytes/s> rbps=<bytes/s>' > io.max")
+                          + " on the pod cgroup")
+    if pol.io.check_shared_devices and off_pods:
+        used = {r["path"]: iomod.devices_used(t, fs, r["path"]) for r in rows
+                if r["level"] == "pod" and r["class"] in ("online", "offline")}
+        for r in off_pods:
+            for mm in sorted(used.get(r["path"]) or {}):
+                if _throttled_on(ios, r, mm):
+                    continue
+                sharers = [o for o in pods if o["class"] == "online" and mm in (used.get(o["path"]) or {})]
+                if sharers:
+                    names = ", ".join(_target(o) for o in sharers[:3]) + (" ..." if len(sharers) > 3 else "")
+                    f.add("io.shared-device", _target(r),
+                          f"offline pod does unthrottled I/O on {devn.get(mm, mm)} ({mm}), which online "
+                          f"{'pods use' if len(sharers) > 1 else 'pod uses'} too: {names}",
+                          [ev(r, "blkio.throttle.io_service_bytes_recursive" if ver == 1 else "io.stat",
+                              f"{mm} {used[r['path']][mm]} bytes"),
+                           ev(sharers[0], "blkio.throttle.io_service_bytes_recursive" if ver == 1 else "io.stat",
+                              f"{mm} {used[sharers[0]['path']][mm]} bytes")],
+                          "give offline work its own data disk, or throttle it on this device "
+                          + ("(blkio.throttle.*_device)" if ver == 1 else "(io.max)"))
+    if pol.io.check_weight_effective and online and offline and {w_of(r) for r in online + offline} != {None}:
+        sched = iomod.schedulers(t, devn)
+        root = iomod.read_io(t, fs, "/", devn) or {}
+        qos_on = {e["device"] for e in root.get("costQos", []) if e.get("enable") == 1}
+        real = [mm for mm, name in devn.items() if not name.startswith(("loop", "ram", "zram", "dm-"))]
+        weighted = [mm for mm in real if sched.get(mm) == "bfq" or mm in qos_on]
+        if real and not weighted:
+            f.add("io.weight-ineffective", t.node,
+                  "I/O weights are set but no disk uses bfq or io.cost (iocost): they have no effect",
+                  [{"file": f"/sys/dev/block/{mm}/queue/scheduler", "value": sched.get(mm)} for mm in real[:4]]
+                  + [{"file": f"{d}/{'blkio.cost.qos' if ver == 1 else 'io.cost.qos'}",
+                      "value": sorted(qos_on) or "not enabled"}],
+                  "echo bfq > /sys/block/<disk>/queue/scheduler, or enable iocost: "
+                  f"echo '<maj:min> enable=1' > {d}/{'blkio.cost.qos' if ver == 1 else 'io.cost.qos'}")
+
+
+def _throttled_on(ios: dict, r: dict, mm: str) -> bool:
+    for e in ios.get(r["path"], {}).get("devices", []):
+        if e["device"] == mm and e.get("throttled"):
+            return True
+    return False
 
 
 # -- rdt ---------------------------------------------------------------------------

@@ -30,6 +30,11 @@ CHECKS: dict[str, tuple[str, str]] = {
     "rdt.be-l3": ("high", "the BE group's L3 share is at most the policy's percentage"),
     "rdt.be-mb": ("low", "the BE group's memory bandwidth is at most the policy's percentage"),
     "rdt.offline-threads": ("medium", "offline sandboxes' vCPU threads sit in the BE group"),
+    "io.unsupported": ("info", "neither the blkio (v1) nor the io (v2) controller is available"),
+    "io.offline-weight": ("medium", "offline Kata sandboxes / BE pods have a lower I/O weight than online pods"),
+    "io.offline-throttle": ("high", "offline pods are throttled (bps or iops) on the offline data devices"),
+    "io.shared-device": ("high", "no online pod shares a device with an offline sandbox that has no throttle there"),
+    "io.weight-ineffective": ("low", "I/O weights take effect (bfq scheduler or io.cost.qos enabled on the device)"),
     "kata.vcpu-cgroup": ("high", "every vCPU thread is inside its sandbox cgroup"),
     "kata.sandbox-cgroup-only": ("medium", "sandbox_cgroup_only=true keeps the VMM inside the offline limits"),
     "kata.unreadable": ("low", "a sandbox's threads or cgroups could be read"),
@@ -69,6 +74,14 @@ class RdtPolicy:
 
 
 @dataclasses.dataclass
+class IoPolicy:
+    check_weight_order: bool = True
+    offline_devices: str = ""     # comma list of names (vdb, /dev/vdb) or MAJ:MIN; "" = no such check
+    check_shared_devices: bool = True
+    check_weight_effective: bool = True
+
+
+@dataclasses.dataclass
 class KataPolicy:
     require_sandbox_cgroup_only: bool = True
     vcpus_in_sandbox_cgroup: bool = True
@@ -80,6 +93,7 @@ class Policy:
     bvt: BvtPolicy = dataclasses.field(default_factory=BvtPolicy)
     memcg: MemcgPolicy = dataclasses.field(default_factory=MemcgPolicy)
     rdt: RdtPolicy = dataclasses.field(default_factory=RdtPolicy)
+    io: IoPolicy = dataclasses.field(default_factory=IoPolicy)
     kata: KataPolicy = dataclasses.field(default_factory=KataPolicy)
     severity: dict[str, str] = dataclasses.field(default_factory=dict)
     disable: list[str] = dataclasses.field(default_factory=list)
@@ -126,6 +140,12 @@ def _check_value(where: str, key: str, value: Any, typ) -> Any:
             raise UsageError(f"policy key {name!r} must be between {lo:g} and {hi:g}, got {value!r}")
     if typ is str and not value.strip():
         raise UsageError(f"policy key {name!r} must not be empty")
+    if name == "io.offline_devices":
+        import re
+
+        for d in value.split(","):
+            if not re.fullmatch(r"(/dev/)?[A-Za-z0-9_.-]+|\d+:\d+", d.strip()):
+                raise UsageError(f"policy key {name!r}: {d.strip()!r} is not a device name or MAJ:MIN")
     return value
 
 

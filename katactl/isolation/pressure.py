@@ -43,6 +43,9 @@ from katactl.isolation import io as iomod
 RESOURCES = ("cpu", "memory", "io")
 MAX_INTERVAL = 60.0
 MIN_INTERVAL = 0.1
+#: the clock and the wait between samples (tests replace them to move counters between samples)
+_clock = time.monotonic
+_sleep = time.sleep
 ALINUX_CPU = ("cpuacct.wait_latency", "cpuacct.cgroup_wait_latency", "cpuacct.block_latency",
               "cpuacct.ioblock_latency")
 ALINUX_MEM = ("memory.direct_reclaim_global_latency", "memory.direct_reclaim_memcg_latency",
@@ -277,9 +280,9 @@ class Sample:
 
 
 def take_sample(t, paths: list[str]) -> Sample:
-    t0 = time.monotonic()
+    t0 = _clock()
     raw = t.read_many(paths, limit=1 << 20)
-    return Sample((t0 + time.monotonic()) / 2, raw)
+    return Sample((t0 + _clock()) / 2, raw)
 
 
 def _pick(sample: Sample, cands: list[tuple[str, str]]):
@@ -525,7 +528,7 @@ class Session:
         if self.prev is None or any(p not in self.prev.raw for p in paths):
             if self.prev is None:
                 s1 = take_sample(t, paths)
-                time.sleep(self.interval)
+                _sleep(self.interval)
             else:  # new targets since the last refresh: read what the last sample lacked
                 s1 = self.prev
                 missing = [p for p in paths if p not in s1.raw]

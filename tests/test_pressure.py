@@ -1,0 +1,359 @@
+"""inspect pressure and the I/O settings/audit on cgroup v2 fixture trees (formats in
+tests/fixtures_isolation.py, as Documentation/admin-guide/cgroup-v2.rst and
+Documentation/accounting/psi.rst print them).
+
+Counters move between the two samples because the wait between them
+(pressure._sleep) writes the second sample's files; the clock (pressure._clock)
+is a fake one second apart, so rates are exact without timing anything."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from katactl.isolation import pressure
+from tests import fixtures_isolation as fx
+
+
+def _node(root: str, **kw) -> dict:
+    built = fx.build_node(root, mode="v2", online_pods=2, sandboxes=2, resctrl=False, **kw)
+    fx.write_block_devices(root)
+    fx.write_v2_root_io(root)
+    return built
+
+
+def _paths(built):
+    online = [f"/kubepods/burstable/pod{u}" for u in built["online"]]
+    sbs = []
+    for i, sid in enumerate(built["vcpu_tids"]):
+        uid = fx.pod_uid(i, "offline")
+        sbs.append({"pod": f"/kubepods/besteffort/pod{uid}", "sandbox": f"/kubepods/besteffort/pod{uid}/kata_{sid}",
+                    "overhead": f"/kata_overhead/{sid}", "id": sid})
+    return online, sbs
+
+
+def _signals(root, built, k):
+    online, sbs = _paths(built)
+    # online pod 0 suffers: CPU stall 30 % of a second, throttled 5 of 10 periods, memory.high hits
+    fx.write_v2_signals(root, online[0], k, cpu_stall=300_000, throttled=5, periods=10, usage_usec=200_000,
+                        events={"high": 4}, io_bytes={"8:16": 1 << 20})
+    fx.write_v2_signals(root, online[1], k, usage_usec=100_000)
+    # sandbox 0 burns 1.5 CPUs and does direct reclaim; sandbox 1 does 0.25
+    for i, s in enumerate(sbs):
+        use = 1_500_000 if i == 0 else 250_000
+        fx.write_v2_signals(root, s["pod"], k, usage_usec=use, scan=1000 if i == 0 else 0,
+                            events={"max": 2, "oom_kill": 1} if i == 0 else None, io_bytes={"8:16": (i + 1) << 22})
+        fx.write_v2_signals(root, s["sandbox"], k, usage_usec=use - 100_000)
+        fx.write_v2_signals(root, s["overhead"], k, usage_usec=100_000)
+    fx.write_node_signals(root, k, cpu_stall=150_000, io_stall=10_000, scan=1000)
+
+
+@pytest.fixture
+def moving(monkeypatch):
+    """Make the two samples one fake second apart, with the second sample's files written
+    during the wait."""
+    state = {"now": 100.0, "between": None}
+
+    def clock():
+        return state["now"]
+
+    def sleep(secs):
+        state["now"] += 1.0
+        if state["between"]:
+            state["between"]()
+
+    monkeypatch.setattr(pressure, "_clock", clock)
+    monkeypatch.setattr(pressure, "_sleep", sleep)
+    return state
+
+
+@pytest.fixture
+def v2node(tmp_path, moving):
+    root = str(tmp_path / "node")
+    built = _node(root)
+    _signals(root, built, 0)
+    moving["between"] = lambda: _signals(root, built, 1)
+    return root, built
+
+
+def _run(cli, root, *args):
+    r = cli(["--host-root", root, "inspect", "pressure", "-o", "json", *args])
+    return r
+
+
+def test_pressure_v2_rates_summary_and_evidence(cli, v2node):
+    root, built = v2node
+    online, sbs = _paths(built)
+    r = _run(cli, root)
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["kind"] == "PressureReport" and d["interval"] == 1.0 and d["psi"] == "per cgroup"
+    rows = {(i["role"], i["path"]): i for i in d["items"]}
+    # the node, 2 online pods, 2 sandboxes x (pod, sandbox, overhead)
+    assert len(d["items"]) == 1 + 2 + 6 and d["onlinePods"] == 2 and d["sandboxes"] == 2
+    hit = rows[("pod", online[0])]
+    assert hit["class"] == "online"
+    cpu = hit["psi"]["cpu"]["some"]
+    assert cpu["stallPercent"] == 30.0 and cpu["avg10"] == 1.5 and isinstance(cpu["avg300"], float)
+    assert hit["psi"]["cpu"]["full"]["stallPercent"] == 15.0
+    assert hit["cpu"] == {"periods": 10, "throttledPeriods": 5, "throttledPercent": 50.0,
+                          "throttledMsPerSec": 250.0, "usageCores": 0.2}
+    assert hit["memory"]["events"] == {"low": 0, "high": 4, "max": 0, "oom": 0, "oomKill": 0}
+    assert hit["memory"]["usageBytes"] == 1 << 28
+    assert hit["io"]["devices"] == [{"device": "8:16", "name": "sdb", "readBytesPerSec": 1048576.0,
+                                     "writeBytesPerSec": 1048576.0, "readIops": 256.0, "writeIops": 256.0}]
+    sb0 = rows[("pod", sbs[0]["pod"])]
+    assert sb0["class"] == "offline" and sb0["sandbox"] == sbs[0]["id"] and sb0["pod"] == "batch/batch-0"
+    assert sb0["memory"]["pgscanDirectPerSec"] == 1000.0 and sb0["memory"]["pgstealDirectPerSec"] == 500.0
+    assert sb0["memory"]["events"]["oomKill"] == 1 and sb0["memory"]["events"]["max"] == 2
+    assert rows[("overhead", sbs[0]["overhead"])]["cpu"]["usageCores"] == 0.1
+    node = rows[("node", None)]
+    assert node["psi"]["cpu"]["some"]["stallPercent"] == 15.0 and node["psi"]["cpu"]["full"]["stallPercent"] == 0.0
+    assert node["memory"]["pgscanDirectPerSec"] == 1000.0 and node["memory"]["allocstallPerSec"] == 3.0
+    # diskstats: sectors x 512, partitions and loops left out
+    assert [x["name"] for x in node["io"]["devices"]] == ["sda"]
+    assert node["io"]["readBytesPerSec"] == 80 * 512 and node["io"]["readIops"] == 10.0
+    for it in d["items"]:  # numbers, never strings with units
+        for v in (it["psi"]["cpu"] or {}).get("some", {}).values():
+            assert isinstance(v, (int, float))
+    s = d["summary"]
+    assert s["contended"] == "cpu"
+    assert s["worstOnline"][0]["path"] == online[0] and s["worstOnline"][0]["evidence"]["metric"] == "cpu.throttled"
+    assert s["worstOnline"][0]["evidence"]["file"].endswith(online[0] + "/cpu.stat")
+    top = s["topSandboxes"]
+    # pod cgroup (which holds kata_<id>) + kata_overhead/<id>
+    assert [x["sandbox"] for x in top] == [sbs[0]["id"], sbs[1]["id"]]
+    assert top[0]["value"] == 1.6 and top[0]["unit"] == "cores" and top[0]["pod"] == "batch/batch-0"
+    _signals(root, built, 0)
+    r = cli(["--host-root", root, "inspect", "pressure"])  # the summary line (stderr) of the human view
+    assert r.exit_code == 0, r.stderr
+    assert "worst online: pod uid" in r.stderr and "cpu.throttled 50%" in r.stderr
+    assert "top Kata sandboxes by cpu: batch/batch-0 1.60 cores, batch/batch-1 0.35 cores" in r.stderr
+
+
+@pytest.mark.parametrize("rule,code,violations", [
+    ("cpu.some>10", 8, 2),             # the online pod (30 %) and the node (15 %)
+    ("cpu.some>20", 8, 1),
+    ("cpu.some>=30,memory.full>1", 8, 1),
+    ("cpu.some>50", 0, 0),
+    ("cpu.throttled>40", 8, 1),
+    ("memory.direct-reclaim>10", 8, 1),  # the node (sandbox 0's reclaim is not an online pod's)
+    ("memory.oom>0", 0, 0),              # only the sandbox had an OOM kill
+    ("cpu.some.avg10>1", 8, 2),
+])
+def test_fail_on(cli, v2node, rule, code, violations):
+    root, _ = v2node
+    r = _run(cli, root, "--fail-on", rule)
+    assert r.exit_code == code, r.stderr
+    fo = r.json()["failOn"]
+    assert len(fo["violations"]) == violations and fo["passed"] is (code == 0)
+
+
+def test_fail_on_explicit_targets_cover_sandboxes(cli, v2node):
+    root, built = v2node
+    _, sbs = _paths(built)
+    r = _run(cli, root, sbs[0]["id"][:10], "--fail-on", "memory.oom>0")
+    assert r.exit_code == 8, r.stderr
+    d = r.json()
+    assert {i["role"] for i in d["items"]} == {"pod", "sandbox", "overhead"}
+    assert [v["target"] for v in d["failOn"]["violations"]] == ["batch/batch-0 (pod)"]
+
+
+def test_targets_node_path_uid(cli, v2node):
+    root, built = v2node
+    online, _ = _paths(built)
+    r = _run(cli, root, "node", online[1], built["online"][0])
+    assert r.exit_code == 0, r.stderr
+    roles = [(i["role"], i["path"]) for i in r.json()["items"]]
+    assert roles == [("node", None), ("cgroup", online[1]), ("pod", online[0])]
+
+
+def test_table_and_wide(cli, v2node):
+    root, _ = v2node
+    r = cli(["--host-root", root, "inspect", "pressure", "-o", "wide"])
+    assert r.exit_code == 0, r.stderr
+    head = r.stdout.splitlines()[0].split()
+    assert head[:6] == ["TARGET", "ROLE", "CLASS", "CPU-SOME%", "MEM-SOME%", "IO-SOME%"] and "PATH" in head
+
+
+def test_vanishing_and_unreadable_cgroups(cli, tmp_path, moving):
+    root = str(tmp_path / "node")
+    built = _node(root)
+    online, sbs = _paths(built)
+    _signals(root, built, 0)
+
+    def between():
+        _signals(root, built, 1)
+        shutil.rmtree(fx.v2_dir(root, sbs[1]["overhead"]))       # the sandbox went away mid-sample
+        os.unlink(fx.v2_dir(root, online[1]) + "/memory.stat")   # a knob this kernel lacks
+        with open(fx.v2_dir(root, online[1]) + "/cpu.stat", "w") as f:
+            f.write("garbage without numbers\n")
+    moving["between"] = between
+    r = _run(cli, root)
+    assert r.exit_code == 0, r.stderr
+    rows = {(i["role"], i["path"]): i for i in r.json()["items"]}
+    assert rows[("overhead", sbs[1]["overhead"])]["gone"] is True
+    o1 = rows[("pod", online[1])]
+    assert "memory.stat" in o1["unsupported"]
+    assert o1["unreadable"][0]["file"].endswith("/cpu.stat") and o1["cpu"] is None
+    assert "Traceback" not in r.stderr
+
+
+def test_v1_fixture_without_psi_is_node_only(cli, tmp_path, moving):
+    root = str(tmp_path / "node")
+    fx.build_node(root, mode="v1", online_pods=1, sandboxes=1, resctrl=False)
+    fx.write_node_signals(root, 0, cpu_stall=100_000)
+    moving["between"] = lambda: fx.write_node_signals(root, 1, cpu_stall=100_000)
+    r = _run(cli, root)
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["psi"].startswith("node only")
+    pod = next(i for i in d["items"] if i["class"] == "online")
+    assert pod["psi"] == {"cpu": None, "memory": None, "io": None}
+    assert "psi.cpu" in pod["unsupported"] and "memory.pressure_level" in pod["memory"]["pressureLevel"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--interval", "0"], "greater than zero"),
+    (["--interval", "0s"], "greater than zero"),
+    (["--interval", "-1s"], "negative"),
+    (["--interval", "10ms"], "between 100ms and 60s"),
+    (["--interval", "2h"], "between 100ms and 60s"),
+    (["--interval", "99999999999999999999d"], "--interval"),
+    (["--interval", "1x"], "invalid --interval"),
+    (["--fail-on", ""], "empty --fail-on"),
+    (["--fail-on", "cpu.some"], "invalid --fail-on rule"),
+    (["--fail-on", "cpu.some>"], "invalid --fail-on rule"),
+    (["--fail-on", "cpu.some>ten"], "invalid --fail-on rule"),
+    (["--fail-on", "cpu.some=>10"], "invalid --fail-on rule"),
+    (["--fail-on", "cpu.sum>10"], "unknown --fail-on metric"),
+    (["--fail-on", "cpu.some>10,,io.full>1"], "invalid --fail-on rule"),
+    (["--fail-on", "cpu.some>-1"], "invalid --fail-on rule"),
+    (["--fail-on", "cpu.some>1e9"], "invalid --fail-on rule"),
+    (["--iterations", "2"], "--iterations N needs --watch"),
+    (["--watch", "--iterations", "0"], "--iterations N needs --watch"),
+    (["/proc/self"], "outside the cgroup mounts"),
+    (["node", "/sys/fs/cgroup/../../proc"], "outside the cgroup mounts"),
+])
+def test_bad_input_is_exit_2_one_line(cli, tmp_path, args, needle):
+    root = str(tmp_path / "node")
+    _node(root)
+    r = cli(["--host-root", root, "inspect", "pressure", *args])
+    assert r.exit_code == 2, (args, r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_bad_input_json_error_object(cli, tmp_path):
+    root = str(tmp_path / "node")
+    _node(root)
+    r = cli(["--host-root", root, "inspect", "pressure", "-o", "json", "--fail-on", "x>1"])
+    assert r.exit_code == 2 and r.json()["kind"] == "Error"
+
+
+def test_unknown_sandbox_is_not_found(cli, tmp_path, moving):
+    root = str(tmp_path / "node")
+    _node(root)
+    r = cli(["--host-root", root, "inspect", "pressure", "no-such-sandbox"])
+    assert r.exit_code == 3 and "Traceback" not in r.stderr
+
+
+def test_watch_jsonl_iterations(cli, v2node, moving):
+    root, built = v2node
+    k = {"n": 1}
+
+    def between():
+        _signals(root, built, k["n"])
+        k["n"] += 1
+    moving["between"] = between
+    r = cli(["--host-root", root, "inspect", "pressure", "--watch", "--iterations", "3", "-o", "jsonl",
+             "--interval", "100ms", "--fail-on", "cpu.some>20"])
+    assert r.exit_code == 8, r.stderr
+    import json
+
+    docs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(docs) == 3 and all(d["kind"] == "PressureReport" for d in docs)
+
+
+# -- I/O settings (inspect cgroup) and the I/O audit rules on v2 -----------------------------
+
+def test_inspect_cgroup_io_v2(cli, tmp_path):
+    root = str(tmp_path / "node")
+    built = _node(root)
+    online, sbs = _paths(built)
+    fx.write_v2_io(root, sbs[0]["pod"], weight=10, dev_weights={"8:16": 20},
+                   io_max={"8:16": "rbps=2097152 wbps=max riops=max wiops=120"}, latency={"8:0": 75})
+    r = cli(["--host-root", root, "inspect", "cgroup", sbs[0]["id"][:10], "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    pod = next(c for c in r.json()["cgroups"] if c["role"] == "pod")
+    assert pod["io"]["version"] == 2 and pod["io"]["weight"] == 10 and pod["io"]["bfqWeight"] == 100
+    devs = {e["device"]: e for e in pod["io"]["devices"]}
+    assert devs["8:16"] == {"device": "8:16", "name": "sdb", "weight": 20, "readBps": 2097152, "writeBps": "max",
+                            "readIops": "max", "writeIops": 120, "throttled": True}
+    assert devs["8:0"] == {"device": "8:0", "name": "sda", "latencyTargetUs": 75, "throttled": False}
+    sb = next(c for c in r.json()["cgroups"] if c["role"] == "sandbox")
+    assert "io.weight" in sb["unsupported"] and sb["io"]["weight"] is None
+    r = cli(["--host-root", root, "inspect", "cgroup", "/", "-o", "json"])
+    (e,) = r.json()["cgroups"]
+    assert e["io"]["costQos"] == [{"device": "8:16", "name": "sdb", "enable": 1, "ctrl": "user", "rpct": 95.0,
+                                   "rlat": 75000, "wpct": 95.0, "wlat": 150000, "min": 50.0, "max": 150.0}]
+    assert e["io"]["costModel"][0]["model"] == "linear" and e["io"]["costModel"][0]["rbps"] == 174019176
+
+
+def _audit(cli, root, *args):
+    r = cli(["--host-root", root, "audit", "-o", "json", "--fail-on", "info", *args])
+    assert r.stdout, r.stderr
+    return r, r.json()
+
+
+def test_audit_io_rules_v2(cli, tmp_path):
+    root = str(tmp_path / "node")
+    built = _node(root)
+    online, sbs = _paths(built)
+    for p in online:
+        fx.write_v2_io(root, p, weight=500)
+        fx.write_v2_signals(root, p, 0, io_bytes={"8:16": 1})
+    fx.write_v2_io(root, sbs[0]["pod"], weight=500)              # not below online: io.offline-weight
+    fx.write_v2_io(root, sbs[0]["sandbox"], weight=10)
+    fx.write_v2_io(root, sbs[1]["pod"], weight=10, io_max={"8:16": "rbps=max wbps=1048576 riops=max wiops=max"})
+    fx.write_v2_io(root, sbs[1]["sandbox"], weight=10)
+    fx.write_v2_signals(root, sbs[0]["pod"], 0, io_bytes={"8:16": 1})  # sda traffic shared, unthrottled
+    fx.write_v2_signals(root, sbs[1]["pod"], 0, io_bytes={"8:16": 1})  # throttled there: fine
+    fx.write_v2_root_io(root, qos_enable=0)
+    pol = tmp_path / "p.toml"
+    pol.write_text('[io]\noffline_devices = "sdb"\n')
+    r, d = _audit(cli, root, "--policy", str(pol))
+    assert r.exit_code == 8
+    got = {(i["check"], i["target"]) for i in d["items"] if i["check"].startswith("io.")}
+    assert got == {("io.offline-weight", "pod batch/batch-0"),
+                   ("io.offline-throttle", "pod batch/batch-0"),
+                   ("io.shared-device", "pod batch/batch-0"),
+                   ("io.weight-ineffective", "localhost")}, got
+    w = next(i for i in d["items"] if i["check"] == "io.offline-weight")
+    assert w["severity"] == "medium" and w["evidence"][0]["value"] == 500
+    assert w["evidence"][0]["file"].endswith(sbs[0]["pod"] + "/io.weight")
+    sh = next(i for i in d["items"] if i["check"] == "io.shared-device")
+    assert "sdb (8:16)" in sh["message"] and sh["severity"] == "high"
+    # bfq on the disks, or iocost enabled: weights take effect
+    fx.write_v2_root_io(root, qos_enable=1)
+    fx.write_block_devices(root, {"8:0": "sda"}, scheduler="bfq")
+    r, d = _audit(cli, root, "--policy", str(pol))
+    assert "io.weight-ineffective" not in {i["check"] for i in d["items"]}
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('[io]\noffline_devices = ""\n', "must not be empty"),
+    ('[io]\noffline_devices = "sd b"\n', "not a device name"),
+    ('[io]\noffline_devices = ["sdb"]\n', "must be a string"),
+    ('[io]\ncheck_weight_order = 1\n', "true or false"),
+    ('[io]\nmax_weight = 1\n', "unknown policy key"),
+    ('[severity]\n"io.shared-device" = "urgent"\n', "must be one of"),
+])
+def test_io_policy_errors(cli, tmp_path, body, needle):
+    root = str(tmp_path / "node")
+    _node(root)
+    pol = tmp_path / "p.toml"
+    pol.write_text(body)
+    r = cli(["--host-root", root, "audit", "--policy", str(pol)])
+    assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
