@@ -60,6 +60,10 @@ def _route_library_logs(out: Output) -> None:
         def emit(self, record: logging.LogRecord) -> None:
             msg = record.getMessage()
             (out.warn if record.levelno >= logging.WARNING else out.debug)(msg)
+            if record.exc_info and out.verbose:  # -v: the traceback behind a one-line error
+                import traceback
+
+                print("".join(traceback.format_exception(*record.exc_info)).rstrip(), file=out.stderr)
 
     logger = logging.getLogger("katactl")
     for h in [h for h in logger.handlers if type(h).__name__ == "ToOutput"]:

@@ -7,6 +7,7 @@ unreachable) behave the same everywhere.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable
@@ -14,6 +15,7 @@ from typing import Any, Callable
 from katactl.errors import KatactlError, UsageError, as_katactl_error, exit_code_for, outcome_exit_code
 
 LOCAL = "localhost"
+log = logging.getLogger(__name__)
 # [user@]host[:port], host a DNS name, IPv4 or [IPv6]. Anything else (spaces,
 # quotes, $, ;, backticks, newlines) is refused before it reaches any backend.
 _NODE_RE = re.compile(r"(?:[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
@@ -161,7 +163,12 @@ def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None 
         except KeyboardInterrupt:
             raise
         except Exception as e:  # each node's failure is data, not an abort
-            return node, None, as_katactl_error(e)
+            err = as_katactl_error(e)
+            if err is not e:
+                # keep the original: -v shows its traceback (the one line stays the default)
+                err.__cause__ = e
+                log.debug("node %s: %s", node, err.message, exc_info=e)
+            return node, None, err
 
     results: dict[str, tuple] = {}
     if len(nodes) == 1:
