@@ -1,0 +1,564 @@
+"""The rolling engine: batches of nodes through their steps under the policy,
+every transition persisted (store.save) before it is acted on.
+
+Threads: the caller's thread schedules (gate, max-unavailable, pause/abort
+requests, failure budget); one thread per node in progress runs its steps; one
+thread renews the lock. The state is a plain JSON-able dict (see
+docs/rollout.md, "State"); saves are group-committed: a node whose change was
+already written by another thread's save does not write again.
+
+Node lifecycle: pending -> running (steps; ``step`` = the next step to run)
+-> [soaking] -> done | failed | aborted. A node's cordon state is observed and
+recorded (``wasUnschedulable``) in the same save that marks it running, before
+any step acts. When its steps end (done, failed or aborted), a node the rollout
+cordoned is uncordoned; a node that was unschedulable before is never touched.
+
+kill -9 at any point, then resume: a running node re-runs from its recorded
+step (katactl's node steps are idempotent); a soaking node soaks the rest;
+failed/aborted nodes get their cordon state restored again (idempotent);
+done nodes are not redone.
+
+Test hook (documented for the kill -9 tests, inert unless set):
+``KATACTL_TEST_KILL_AT=save:N`` SIGKILLs this process right after the Nth
+state save of the run, ``step:N`` right after the Nth step acted and before
+its result is saved.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from katactl import audit
+from katactl.errors import (ExitCode, Interrupted, KatactlError, OperationFailed, Refused, TimeoutExpired,
+                            as_katactl_error, exit_code_for)
+from katactl.rollout import gate as gate_mod
+from katactl.rollout.plan import NodeInfo, Plan, info_of
+from katactl.rollout.steps import DEFAULT_FAIL_ON, StepContext, run_check
+
+#: phases of a rollout; the ones a rollout can be resumed from
+RESUMABLE = ("Running", "Interrupted", "Paused", "Stopped")
+FINAL = ("Succeeded", "CompletedWithFailures", "Aborted")
+NODE_ACTIVE = ("running", "soaking")
+
+
+def _now() -> str:
+    return audit.now_iso()
+
+
+def new_state(plan: Plan) -> dict:
+    return {"apiVersion": "katactl/v1", "kind": "RolloutState", "name": plan.name, "phase": "Running",
+            "reason": None, "createdAt": _now(), "updatedAt": _now(), "startedAt": time.time(),
+            "finishedAt": None, "batch": 0, "holder": None, "exitCode": None, "plan": plan.to_dict(),
+            "nodes": {n.name: {"phase": "pending", "batch": i, "step": 0, "attempts": 0, "wasUnschedulable": None,
+                               "results": [], "error": None, "startedAt": None, "finishedAt": None}
+                      for i, b in enumerate(plan.batches) for n in [NodeInfo(x) for x in b]}}
+
+
+class _KillHook:
+    def __init__(self):
+        spec = os.environ.get("KATACTL_TEST_KILL_AT", "")
+        kind, _, n = spec.partition(":")
+        self.kind, self.n = (kind, int(n)) if kind in ("save", "step") and n.isdigit() else (None, 0)
+        self.counts = {"save": 0, "step": 0}
+        self.lock = threading.Lock()
+
+    def hit(self, kind: str) -> None:
+        if self.kind != kind:
+            return
+        with self.lock:
+            self.counts[kind] += 1
+            if self.counts[kind] == self.n:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Engine:
+    def __init__(self, plan: Plan, store, state: dict, *, api, settings,
+                 events: Callable[..., None] = lambda kind, **d: None, clock=time.time):
+        self.plan, self.store, self.state = plan, store, state
+        self.api, self.settings, self.emit = api, settings, events
+        self.clock = clock
+        self.lock = threading.RLock()          # the state dict
+        self.save_lock = threading.Lock()      # one save at a time
+        self.seq = 0
+        self.persisted = 0
+        self.stop = threading.Event()          # Ctrl-C, abort --now: steps stop
+        self.wake = threading.Event()
+        self.threads: dict[str, threading.Thread] = {}
+        self.out_nodes: set[str] = set()       # nodes in their steps (out of service by us)
+        self.obs: dict[str, NodeInfo] = {}
+        self.obs_at = 0.0
+        self.obs_dirty = True
+        self.gate = gate_mod.GateState(True)
+        self.gate_at = 0.0
+        self.gate_closed_since: float | None = None
+        self.control_at = 0.0
+        self.stopping: tuple[str, int] | None = None   # (reason, exit code)
+        self.pausing: str | None = None
+        self.aborting = False
+        self.lost_lock = False
+        self.hook = _KillHook()
+        self._done = threading.Event()
+
+    # -- persistence --------------------------------------------------------------
+    def _mutate(self, fn=None) -> int:
+        with self.lock:
+            if fn:
+                fn()
+            self.seq += 1
+            self.state["updatedAt"] = _now()
+            return self.seq
+
+    def save(self, seq: int | None = None) -> None:
+        """Persist the state (at least up to change ``seq``)."""
+        seq = self.seq if seq is None else seq
+        with self.save_lock:
+            if self.persisted >= seq:
+                return  # another thread's save carried this change
+            with self.lock:
+                snap = copy.deepcopy(self.state)
+                upto = self.seq
+            with self.lock:  # the store's own caches (resourceVersion, control) are shared too
+                self.store.save(snap)
+            self.persisted = upto
+        self.hook.hit("save")
+
+    def transition(self, fn) -> None:
+        self.save(self._mutate(fn))
+
+    def ev(self, kind: str, **data) -> None:
+        self.emit(kind, rollout=self.plan.name, **data)
+
+    # -- observation ------------------------------------------------------------------
+    def observe(self, force: bool = False) -> None:
+        """Refresh the selected nodes' availability (one paged node list)."""
+        if self.api is None:
+            return
+        if not force and not self.obs_dirty and self.clock() - self.obs_at < self.plan.policy.poll:
+            return
+        names = set(self.state["nodes"])
+        sel = self.plan.selection.get("selector") if not self.plan.selection.get("nodes") else None
+        obs = {}
+        for page in self.api.list_pages("/api/v1/nodes", labelSelector=sel):
+            for n in page:
+                if n["metadata"]["name"] in names:
+                    obs[n["metadata"]["name"]] = info_of(n, None)
+        self.obs, self.obs_at, self.obs_dirty = obs, self.clock(), False
+
+    def unavailable(self) -> set[str]:
+        """Nodes of the selection out of service now: ours in their steps, and the
+        ones found unschedulable or not Ready (a node gone from the API counts too)."""
+        out = set(self.out_nodes)
+        if self.api is not None:
+            for n in self.state["nodes"]:
+                o = self.obs.get(n)
+                if o is None or o.out:
+                    out.add(n)
+        return out
+
+    def room_for(self, node: str) -> bool:
+        self.observe()
+        return len(self.unavailable() | {node}) <= self.plan.max_unavailable
+
+    def check_gate(self, force: bool = False) -> gate_mod.GateState:
+        pol = self.plan.policy
+        if not pol.windows and not pol.alert_gate:
+            return self.gate
+        if not force and self.clock() - self.gate_at < pol.poll:
+            return self.gate
+        g = gate_mod.check(pol, timeout=self.settings.request_timeout if self.settings else 10.0)
+        self.gate_at = self.clock()
+        if not g.open and (self.gate.open or g.message != self.gate.message):
+            self.gate_closed_since = self.gate_closed_since or self.clock()
+            self.state["gate"] = g.to_dict()
+            self.ev("GateClosed", reason=g.reason, message=g.message, alerts=g.alerts,
+                    windows=[str(w) for w in pol.windows] if g.reason == "window" else None)
+        elif g.open and not self.gate.open:
+            self.gate_closed_since = None
+            self.state["gate"] = g.to_dict()
+            self.ev("GateOpened")
+        self.gate = g
+        return g
+
+    def poll_control(self, force: bool = False) -> None:
+        if not force and self.clock() - self.control_at < self.plan.policy.poll:
+            return
+        self.control_at = self.clock()
+        with self.lock:
+            ctl = self.store.control(self.plan.name)
+        self.apply_control(ctl)
+
+    def apply_control(self, ctl: dict) -> None:
+        if ctl.get("abort") and not self.aborting:
+            self.aborting = True
+            self.ev("RolloutAborting", now=bool(ctl.get("now")), by=ctl.get("by"))
+            if ctl.get("now"):
+                self.stop.set()
+        elif ctl.get("pause") and not self.pausing and not self.aborting:
+            self.pausing = f"paused by {ctl.get('by') or 'rollout pause'}"
+            self.ev("RolloutPausing", by=ctl.get("by"))
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        st = self.state
+        resumed = st.get("startedRuns", 0) > 0
+        renewer = threading.Thread(target=self._renew_loop, name="katactl-rollout-lease", daemon=True)
+        renewer.start()
+        try:
+            self.transition(lambda: st.update(phase="Running", reason=None, startedRuns=st.get("startedRuns", 0) + 1,
+                                              finishedAt=None, exitCode=None))
+            self.ev("RolloutResumed" if resumed else "RolloutStarted", nodes=len(st["nodes"]),
+                    batches=len(self.plan.batches), maxUnavailable=self.plan.max_unavailable,
+                    failureBudget=self.plan.failure_budget, steps=[s.text for s in self.plan.steps],
+                    backend=self.store.kind)
+            self.poll_control(force=True)
+            self.reconcile()
+            self._check_budget()
+            while not (self.stopping or self.pausing or self.aborting) and st["batch"] < len(self.plan.batches):
+                bi = st["batch"]
+                self.run_batch(bi)
+                if self.stopping or self.pausing or self.aborting or self.lost_lock:
+                    break
+                self.transition(lambda: st.update(batch=bi + 1))
+                self.ev("BatchFinished", batch=bi + 1)
+                if self.plan.policy.canary and bi == 0 and st["batch"] < len(self.plan.batches):
+                    if self.plan.policy.canary_soak is None:
+                        self.pausing = "canary finished: 'katactl rollout resume' continues"
+                        break
+                    self.ev("CanarySoaking", seconds=self.plan.policy.canary_soak)
+                    self._sleep(self.plan.policy.canary_soak)
+            self._wait_all()
+            if self.lost_lock and not self.stopping:
+                self.stopping = ("lost the rollout lock to another katactl", int(ExitCode.REFUSED))
+            return self.finish()
+        except KeyboardInterrupt:
+            self.stop.set()
+            self._wait_all(interrupt_ok=True)
+            self.transition(lambda: st.update(phase="Interrupted", reason="interrupted (Ctrl-C or SIGTERM)",
+                                              exitCode=int(ExitCode.INTERRUPTED)))
+            self.ev("RolloutInterrupted")
+            audit.record("rollout.run", self.plan.name, params={"rollout": self.plan.name}, result="interrupted")
+            raise Interrupted(f"rollout {self.plan.name} interrupted: state saved, "
+                              f"'katactl rollout resume {self.plan.name}' continues it") from None
+        finally:
+            self._done.set()
+            self.store.release()
+
+    def _renew_loop(self) -> None:
+        period = max(0.5, self.plan.lock_ttl / 3)
+        while not self._done.wait(period):
+            try:
+                if not self.store.renew():
+                    self.lost_lock = True
+                    self.wake.set()
+                    return
+            except KatactlError as e:
+                self.ev("Warning", message=f"cannot renew the rollout lock: {e.message}")
+
+    def _sleep(self, seconds: float) -> None:
+        end = self.clock() + seconds
+        while self.clock() < end and not (self.stopping or self.aborting or self.stop.is_set()):
+            self.poll_control()
+            self.stop.wait(min(0.5, max(0.0, end - self.clock()), self.plan.policy.poll))
+
+    def reconcile(self) -> None:
+        """On resume: restore the cordon state of nodes that failed or were aborted (a
+        kill may have come between their save and their restore)."""
+        for n, rec in self.state["nodes"].items():
+            if rec["phase"] in ("failed", "aborted"):
+                self.restore(n, rec)
+
+    def run_batch(self, bi: int) -> None:
+        st = self.state
+        names = self.plan.batches[bi]
+        todo = [n for n in names if st["nodes"][n]["phase"] in ("pending",) + NODE_ACTIVE]
+        if not todo:
+            return
+        self.ev("BatchStarted", batch=bi + 1, batches=len(self.plan.batches), nodes=names)
+        # nodes a previous run left in progress first: they are out already
+        pending = collections.deque(sorted(todo, key=lambda n: st["nodes"][n]["phase"] == "pending"))
+        while pending or self._alive():
+            self.poll_control()
+            self._check_budget()
+            if self.stopping or self.pausing or self.aborting or self.lost_lock:
+                pending.clear()
+            if pending:
+                n = pending[0]
+                if st["nodes"][n]["phase"] in NODE_ACTIVE:
+                    self.start(pending.popleft())
+                    continue
+                g = self.check_gate()
+                if not g.open:
+                    gt = self.plan.policy.gate_timeout
+                    if gt and self.gate_closed_since and self.clock() - self.gate_closed_since > gt:
+                        self.stopping = (f"the gate stayed closed longer than --gate-timeout {gt:g}s: {g.message}",
+                                         int(ExitCode.TIMEOUT))
+                        continue
+                elif self.room_for(n):
+                    self.start(pending.popleft())
+                    continue
+            self.wake.wait(min(0.2, self.plan.policy.poll))
+            self.wake.clear()
+
+    def _alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads.values())
+
+    def _wait_all(self, interrupt_ok: bool = False) -> None:
+        while self._alive():
+            try:
+                self.wake.wait(0.2)
+                self.wake.clear()
+                if not interrupt_ok:
+                    self.poll_control()
+            except KeyboardInterrupt:
+                self.stop.set()
+                interrupt_ok = True
+        for t in self.threads.values():
+            t.join()
+
+    def _check_budget(self) -> None:
+        if self.stopping:
+            return
+        failed = [n for n, r in self.state["nodes"].items() if r["phase"] == "failed"]
+        if not failed:
+            return
+        codes = [self.state["nodes"][n].get("exitCode") for n in failed]
+        code = int(ExitCode.TIMEOUT) if int(ExitCode.TIMEOUT) in codes else int(ExitCode.FAILED)
+        if self.plan.policy.on_failure == "stop":
+            self.stopping = (f"node {failed[0]} failed (--on-failure stop)", code)
+        elif len(failed) > self.plan.failure_budget:
+            self.stopping = (f"{len(failed)} node(s) failed, more than the failure budget "
+                             f"({self.plan.failure_budget})", code)
+
+    # -- one node ------------------------------------------------------------------------------
+    def start(self, n: str) -> None:
+        self.out_nodes.add(n)
+        t = threading.Thread(target=self._node_thread, args=(n,), name=f"katactl-rollout-{n}", daemon=True)
+        self.threads[n] = t
+        t.start()
+
+    def _node_thread(self, n: str) -> None:
+        try:
+            self.run_node(n)
+        except BaseException as e:  # noqa: BLE001 - a node's failure is data
+            err = as_katactl_error(e) if not isinstance(e, KeyboardInterrupt) else Interrupted("interrupted")
+            if not (self.stop.is_set() and isinstance(err, Interrupted)):
+                rec = self.state["nodes"][n]
+                try:
+                    self.transition(lambda: rec.update(phase="failed", error=err.message,
+                                                       exitCode=int(err.exit_code), finishedAt=_now()))
+                except Exception:  # noqa: BLE001
+                    pass
+                self.ev("NodeFailed", node=n, error=err.to_dict())
+        finally:
+            self.out_nodes.discard(n)
+            self.obs_dirty = True
+            self.wake.set()
+
+    def run_node(self, n: str) -> None:
+        st, pol = self.state, self.plan.policy
+        rec = st["nodes"][n]
+
+        def begin():
+            if rec["phase"] == "pending":
+                obs = self.obs.get(n)
+                rec.update(phase="running", startedAt=_now(),
+                           wasUnschedulable=bool(obs.unschedulable) if obs else False)
+            rec["attempts"] += 1
+        self.transition(begin)
+        self._mark(n, rec)
+        if rec["phase"] == "running":
+            failure = self._steps(n, rec)
+            if failure == "interrupted":
+                return
+            if failure == "aborted":
+                self.transition(lambda: rec.update(phase="aborted", finishedAt=_now()))
+                self.restore(n, rec)
+                self._mark(n, rec)
+                return
+            if failure is not None:
+                self.transition(lambda: rec.update(phase="failed", error=failure.message,
+                                                   exitCode=int(failure.exit_code), finishedAt=_now()))
+                self.restore(n, rec)
+                self._mark(n, rec)
+                self.ev("NodeFailed", node=n, error=failure.to_dict())
+                return
+            self.restore(n, rec)
+            if pol.soak:
+                self.transition(lambda: rec.update(phase="soaking", soakStartedAt=time.time()))
+                self._mark(n, rec)
+        self.out_nodes.discard(n)
+        self.obs_dirty = True
+        self.wake.set()
+        if rec["phase"] == "soaking":
+            left = pol.soak - (time.time() - (rec.get("soakStartedAt") or time.time()))
+            self.ev("NodeSoaking", node=n, seconds=round(max(0.0, left), 1))
+            end = self.clock() + max(0.0, left)
+            while self.clock() < end:
+                if self.stop.wait(min(0.5, end - self.clock())):
+                    return  # interrupted: soak again on resume
+            if self.api is not None:
+                try:
+                    res = run_check(self.api, n, self._fail_on())
+                except KatactlError as e:
+                    self.transition(lambda: rec.update(phase="failed", error=f"after soak: {e.message}",
+                                                       exitCode=int(e.exit_code), finishedAt=_now()))
+                    self._mark(n, rec)
+                    self.ev("NodeFailed", node=n, error=e.to_dict(), afterSoak=True)
+                    return
+                self.ev("NodeSoaked", node=n, message=res["message"])
+        self.transition(lambda: rec.update(phase="done", finishedAt=_now(), error=None))
+        self._mark(n, rec)
+        self.ev("NodeFinished", node=n, attempts=rec["attempts"])
+
+    def _fail_on(self) -> str:
+        for s in self.plan.steps:
+            if s.name == "check":
+                return s.args.fail_on
+        return DEFAULT_FAIL_ON
+
+    def _steps(self, n: str, rec: dict):
+        """Run the node's remaining steps. Returns None (all done), a KatactlError (failed),
+        "aborted" or "interrupted"."""
+        pol = self.plan.policy
+        failure = None
+        ctx = StepContext(node=n, api=self.api, settings=self.settings, rollout=self.plan.name, stop=self.stop,
+                          events=lambda kind, **d: self.ev(kind, **d), timeout=pol.step_timeout,
+                          was_unschedulable=bool(rec.get("wasUnschedulable")))
+        while rec["step"] < len(self.plan.steps):
+            i = rec["step"]
+            if self.stop.is_set():
+                return "aborted" if self.aborting else "interrupted"
+            if self.aborting:
+                return "aborted"
+            step = self.plan.steps[i]
+            self.ev("NodeStepStarted", node=n, step=i + 1, steps=len(self.plan.steps), text=step.text)
+            t0 = time.monotonic()
+            err = None
+            try:
+                res = step.run(ctx)
+            except KeyboardInterrupt:
+                self.stop.set()
+                return "interrupted"
+            except Exception as e:  # noqa: BLE001 - a step's failure is the node's
+                err = as_katactl_error(e)
+                res = None
+            if err is not None and self.stop.is_set() and isinstance(err, Interrupted):
+                return "aborted" if self.aborting else "interrupted"
+            self.hook.hit("step")
+            took = round(time.monotonic() - t0, 3)
+            result = {"step": i + 1, "text": step.text, "ok": err is None, "seconds": took, "at": _now()}
+            if err is None:
+                result.update(changed=bool(res.get("changed")), message=res.get("message"))
+            else:
+                result.update(error=err.message, exitCode=int(err.exit_code))
+
+            def record():
+                rec["results"] = (rec["results"] + [result])[-20:]
+                if err is None or pol.on_failure == "continue":
+                    rec["step"] = i + 1
+            self.transition(record)
+            self.ev("NodeStepFinished", node=n, step=i + 1, text=step.text,
+                    result="ok" if err is None else "failed", **{k: v for k, v in result.items()
+                                                                  if k in ("changed", "message", "error",
+                                                                           "exitCode", "seconds")})
+            audit.record("rollout.step", n, node=n, params={"rollout": self.plan.name, "step": step.text},
+                         result="ok" if err is None else "error", changed=bool(res and res.get("changed")),
+                         **({"error": err.message} if err else {}))
+            if err is not None:
+                failure = failure or err
+                if pol.on_failure != "continue":
+                    return failure
+        return failure
+
+    def restore(self, n: str, rec: dict) -> None:
+        """Uncordon the node if this rollout cordoned it; never a node that was
+        unschedulable before the rollout touched it."""
+        if self.api is None or rec.get("wasUnschedulable") is not False:
+            return
+        from katactl import nodes
+
+        try:
+            node = nodes.get_node(self.api, n)
+            if not (node.get("spec") or {}).get("unschedulable"):
+                return
+            rec_c = nodes.cordon_record(node)
+            if not rec_c or rec_c.get("wasUnschedulable") or "invalid" in rec_c:
+                self.ev("Warning", node=n, message="cordoned during the rollout, not by katactl: left cordoned")
+                return
+            nodes.uncordon(self.api, n)
+            audit.record("rollout.uncordon", n, node=n, params={"rollout": self.plan.name}, changed=True)
+            self.ev("NodeUncordoned", node=n)
+        except KatactlError as e:
+            self.ev("Warning", node=n, message=f"could not restore the node's cordon state: {e.message}")
+
+    def _mark(self, n: str, rec: dict) -> None:
+        try:
+            self.store.mark_node(n, self.plan.name, {"phase": rec["phase"], "step": rec["step"],
+                                                     "steps": len(self.plan.steps), "batch": rec["batch"] + 1,
+                                                     "at": _now()})
+        except KatactlError as e:
+            self.ev("Warning", node=n, message=f"cannot record progress on the node: {e.message}")
+
+    # -- the end -----------------------------------------------------------------------------
+    def abort_all(self) -> None:
+        """Abort with nothing running: mark unfinished nodes aborted, restore every node
+        the rollout cordoned."""
+        for n, rec in self.state["nodes"].items():
+            if rec["phase"] in NODE_ACTIVE:
+                self.transition(lambda rec=rec: rec.update(phase="aborted", finishedAt=_now()))
+            if rec["phase"] in ("aborted", "failed"):
+                self.restore(n, rec)
+                self._mark(n, rec)
+
+    def finish(self) -> dict:
+        st = self.state
+        counts = collections.Counter(r["phase"] for r in st["nodes"].values())
+        if self.aborting:
+            self.abort_all()
+            phase, reason, code = "Aborted", "aborted by 'katactl rollout abort'", 0
+        elif self.stopping:
+            phase, (reason, code) = "Stopped", self.stopping
+        elif self.pausing:
+            phase, reason, code = "Paused", self.pausing, 0
+        elif counts.get("failed"):
+            phase, reason, code = "CompletedWithFailures", f"{counts['failed']} node(s) failed", int(ExitCode.PARTIAL)
+        else:
+            phase, reason, code = "Succeeded", None, 0
+        self.transition(lambda: st.update(phase=phase, reason=reason, exitCode=code,
+                                          finishedAt=_now() if phase in FINAL else None))
+        kind = {"Paused": "RolloutPaused"}.get(phase, "RolloutFinished")
+        self.ev(kind, phase=phase, reason=reason, counts=dict(collections.Counter(
+            r["phase"] for r in st["nodes"].values())))
+        audit.record("rollout.run", self.plan.name, params={"rollout": self.plan.name}, result=phase,
+                     changed=True, reason=reason)
+        return summary(st)
+
+
+def summary(st: dict) -> dict:
+    """The ``kind: Rollout`` view of a state."""
+    counts = collections.Counter(r["phase"] for r in st["nodes"].values())
+    plan = st.get("plan") or {}
+    nodes = []
+    for name, r in st["nodes"].items():
+        last = r["results"][-1] if r.get("results") else None
+        nodes.append({"name": name, "phase": r["phase"], "batch": r["batch"] + 1, "step": r["step"],
+                      "steps": len(plan.get("steps") or []), "attempts": r["attempts"],
+                      "wasUnschedulable": r.get("wasUnschedulable"), "error": r.get("error"),
+                      "lastStep": last, "startedAt": r.get("startedAt"), "finishedAt": r.get("finishedAt")})
+    nodes.sort(key=lambda x: (x["batch"], x["name"]))
+    return {"name": st["name"], "phase": st["phase"], "reason": st.get("reason"),
+            "backend": plan.get("backend"), "batch": min(st.get("batch", 0) + 1, len(plan.get("batches") or [])),
+            "batches": len(plan.get("batches") or []), "maxUnavailable": plan.get("maxUnavailable"),
+            "failureBudget": plan.get("failureBudget"), "steps": plan.get("steps"),
+            "counts": {k: counts.get(k, 0) for k in ("pending", "running", "soaking", "done", "failed", "aborted")},
+            "gate": st.get("gate") or {"open": True}, "createdAt": st.get("createdAt"),
+            "updatedAt": st.get("updatedAt"), "finishedAt": st.get("finishedAt"),
+            "elapsedSeconds": round((time.time() - st["startedAt"]) if st.get("startedAt") else 0, 1),
+            "exitCode": st.get("exitCode"), "nodes": nodes}

@@ -1,0 +1,254 @@
+"""A rollout plan: which nodes, in which batches, through which steps, under
+which policy. Computed once (``rollout plan`` prints it, ``rollout run`` stores
+it with the state) and never recomputed on resume, so a resumed rollout does
+exactly what was planned.
+
+Plan files (``-f PLAN.yaml``, YAML or JSON) carry the same fields as the flags;
+see docs/rollout.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from katactl.errors import UsageError
+from katactl.rollout.policy import Policy
+from katactl.rollout.steps import Step, parse_step
+
+NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?")
+BACKENDS = ("auto", "kube", "file")
+
+#: plan-file keys -> their flag
+FILE_KEYS = {
+    "apiVersion": None, "kind": None, "name": None,
+    "selector": "-l", "nodes": "-N", "nodesFrom": "--nodes-from", "steps": "--step",
+    "lockNamespace": "--lock-namespace", "stateBackend": "--state", "lockTTL": "--lock-ttl",
+    "policy": None,
+}
+POLICY_KEYS = {
+    "maxUnavailable": "--max-unavailable", "canary": "--canary", "canarySoak": "--canary-soak",
+    "batchGrowth": "--batch-growth", "soak": "--soak", "failureBudget": "--failure-budget",
+    "onFailure": "--on-failure", "windows": "--window", "alertGate": "--alert-gate",
+    "alertFilters": "--alert-filter", "spreadBy": "--spread-by", "stepTimeout": "--step-timeout",
+    "gateTimeout": "--gate-timeout", "poll": "--poll",
+}
+
+
+def check_name(name) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise UsageError(f"invalid rollout name {name!r}: lowercase letters, digits and '-', "
+                         "at most 40 characters, starting and ending with a letter or digit")
+    return name
+
+
+def load_file(path: str) -> dict:
+    """A plan file: a mapping with the keys above (unknown keys are exit 2, named)."""
+    from katactl.config import read_input
+
+    try:
+        raw = read_input(path, "-f") if path != "-" else __import__("sys").stdin.read(1 << 20).encode()
+    except OSError as e:
+        raise UsageError(f"-f {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"-f {path}: not UTF-8 text") from None
+    import yaml
+
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UsageError(f"-f {path}: not a valid YAML or JSON plan{where}: "
+                         f"{getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise UsageError(f"-f {path}: nested too deeply") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"-f {path}: a plan file is a mapping (apiVersion, kind, name, steps, policy, ...), "
+                         f"not {type(d).__name__}")
+    unknown = sorted(str(k) for k in d if k not in FILE_KEYS)
+    if unknown:
+        raise UsageError(f"-f {path}: unknown key(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(FILE_KEYS)})")
+    if d.get("kind") not in (None, "RolloutPlan"):
+        raise UsageError(f"-f {path}: kind must be RolloutPlan, not {d.get('kind')!r}")
+    if d.get("apiVersion") not in (None, "katactl/v1"):
+        raise UsageError(f"-f {path}: apiVersion must be katactl/v1, not {d.get('apiVersion')!r}")
+    pol = d.get("policy")
+    if pol is None:
+        d["policy"] = {}
+    elif not isinstance(pol, dict):
+        raise UsageError(f"-f {path}: policy must be a mapping")
+    else:
+        unknown = sorted(str(k) for k in pol if k not in POLICY_KEYS)
+        if unknown:
+            raise UsageError(f"-f {path}: unknown policy key(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(POLICY_KEYS)})")
+    steps = d.get("steps")
+    if steps is not None and (not isinstance(steps, list) or not all(isinstance(s, str) for s in steps)):
+        raise UsageError(f"-f {path}: steps must be a list of strings (each a step as typed)")
+    for k in ("selector", "nodesFrom", "lockNamespace", "stateBackend", "name"):
+        if d.get(k) is not None and not isinstance(d[k], str):
+            raise UsageError(f"-f {path}: {k} must be a string")
+    nodes = d.get("nodes")
+    if nodes is not None and (not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes)):
+        raise UsageError(f"-f {path}: nodes must be a list of node names")
+    return d
+
+
+def parse_steps(texts: list[str]) -> list[Step]:
+    if not texts:
+        raise UsageError("a rollout needs at least one --step (e.g. --step cordon --step 'upgrade switch 3.10.0')")
+    return [parse_step(t) for t in texts]
+
+
+def needs_kube(steps: list[Step]) -> bool:
+    return any(s.kind == "kube" for s in steps)
+
+
+@dataclasses.dataclass
+class NodeInfo:
+    name: str
+    zone: str | None = None
+    unschedulable: bool = False
+    ready: bool = True
+
+    @property
+    def out(self) -> bool:
+        """Out of service: unschedulable or not Ready."""
+        return self.unschedulable or not self.ready
+
+
+def node_infos(api, names: list[str] | None, selector: str | None, spread_by: str | None) -> list[NodeInfo]:
+    """Nodes of the selection with their zone and availability, from the API (one paged list)."""
+    from katactl.errors import NotFound
+
+    wanted = set(names or [])
+    out: dict[str, NodeInfo] = {}
+    for page in api.list_pages("/api/v1/nodes", labelSelector=selector if not names else None):
+        for n in page:
+            name = n["metadata"]["name"]
+            if names and name not in wanted:
+                continue
+            out[name] = info_of(n, spread_by)
+    if names:
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise NotFound(f"node(s) not found: {', '.join(missing)}")
+        return [out[n] for n in names]
+    if not out:
+        raise NotFound(f"no node matches selector {selector!r}" if selector else "the cluster has no nodes")
+    return [out[k] for k in sorted(out)]
+
+
+def info_of(node: dict, spread_by: str | None) -> NodeInfo:
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (node.get("status") or {}).get("conditions") or [])
+    return NodeInfo(node["metadata"]["name"], labels.get(spread_by) if spread_by else None,
+                    bool((node.get("spec") or {}).get("unschedulable")), ready)
+
+
+def batch_sizes(total: int, policy: Policy) -> list[int]:
+    """Sizes of the batches: the canary alone first, then max-unavailable at a time
+    (1, 2, 4, ... up to it with --batch-growth)."""
+    mu = policy.max_unavailable.of(total, at_least_one=True)
+    sizes: list[int] = []
+    left = total
+    if policy.canary and left:
+        sizes.append(min(policy.canary, left))
+        left -= sizes[-1]
+    size = 1 if policy.batch_growth else mu
+    while left > 0:
+        b = min(size, mu, left)
+        sizes.append(b)
+        left -= b
+        if policy.batch_growth:
+            size = min(size * 2, mu)
+    return sizes
+
+
+def make_batches(infos: list[NodeInfo], policy: Policy) -> list[list[str]]:
+    """Split the nodes into batches. Nodes already out of service go first (doing
+    them costs no availability); with --spread-by, a batch of b nodes takes at most
+    ceil(b * remaining-in-zone / remaining) from one zone."""
+    order = sorted(range(len(infos)), key=lambda i: (not infos[i].out, i))
+    pool = [infos[i] for i in order]
+    batches: list[list[str]] = []
+    for b in batch_sizes(len(pool), policy):
+        if not policy.spread_by:
+            batches.append([n.name for n in pool[:b]])
+            pool = pool[b:]
+            continue
+        zones: dict[str | None, int] = {}
+        for n in pool:
+            zones[n.zone] = zones.get(n.zone, 0) + 1
+        cap = {z: math.ceil(b * c / len(pool)) for z, c in zones.items()}
+        taken: list[NodeInfo] = []
+        for n in pool:
+            if len(taken) == b:
+                break
+            if cap[n.zone] > 0:
+                taken.append(n)
+                cap[n.zone] -= 1
+        ids = {id(n) for n in taken}
+        pool = [n for n in pool if id(n) not in ids]
+        batches.append([n.name for n in taken])
+    return batches
+
+
+@dataclasses.dataclass
+class Plan:
+    name: str
+    nodes: list[NodeInfo]
+    steps: list[Step]
+    policy: Policy
+    batches: list[list[str]]
+    backend: str                     # "kube" or "file"
+    lock_namespace: str = "kube-system"
+    lock_ttl: float = 60.0
+    selection: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def max_unavailable(self) -> int:
+        return self.policy.max_unavailable.of(len(self.nodes), at_least_one=True)
+
+    @property
+    def failure_budget(self) -> int:
+        return self.policy.failure_budget.of(len(self.nodes), at_least_one=False)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "lockNamespace": self.lock_namespace,
+                "lockTTL": self.lock_ttl, "selection": self.selection,
+                "steps": [s.text for s in self.steps], "policy": self.policy.to_dict(),
+                "maxUnavailable": self.max_unavailable, "failureBudget": self.failure_budget,
+                "batches": self.batches,
+                "nodes": {n.name: {"zone": n.zone, "unschedulable": n.unschedulable, "ready": n.ready}
+                          for n in self.nodes}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """A stored plan (resume): the same steps, policy and batches."""
+        p = d["policy"]
+        pol = Policy.from_dict({**p, "canarySoak": p.get("canarySoak"), "spreadBy": p.get("spreadBy") or ""})
+        nodes = [NodeInfo(k, v.get("zone"), v.get("unschedulable", False), v.get("ready", True))
+                 for k, v in d["nodes"].items()]
+        return cls(d["name"], nodes, [parse_step(s) for s in d["steps"]], pol, d["batches"], d["backend"],
+                   d.get("lockNamespace", "kube-system"), d.get("lockTTL", 60.0), d.get("selection") or {})
+
+    def describe_nodes(self) -> list[dict]:
+        """One row per node: batch, zone, state now, and what it will go through."""
+        where = {n: i for i, b in enumerate(self.batches) for n in b}
+        rows = []
+        for n in self.nodes:
+            b = where[n.name]
+            rows.append({"name": n.name, "batch": b + 1, "canary": bool(self.policy.canary) and b == 0,
+                         "zone": n.zone, "unschedulable": n.unschedulable, "ready": n.ready,
+                         "steps": [s.text for s in self.steps]
+                         + (["(uncordon if the rollout cordoned it)"] if any(s.definition.cordons for s in self.steps)
+                            and not n.unschedulable else [])
+                         + ([f"(soak {self.policy.soak:g}s, then node check)"] if self.policy.soak else [])})
+        rows.sort(key=lambda r: (r["batch"], self.batches[r["batch"] - 1].index(r["name"])))
+        return rows

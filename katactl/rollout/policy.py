@@ -1,0 +1,316 @@
+"""A rollout's policy: how many nodes at once, when, and when to stop.
+
+Parsing only (every bad value is a UsageError naming the option); the engine
+applies it. Values come from flags or a plan file, with the same names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import re
+
+from katactl.errors import UsageError
+from katactl.values import parse_duration
+
+ON_FAILURE = ("stop", "skip", "continue")
+DEFAULT_SPREAD = "topology.kubernetes.io/zone"
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+_COUNT = re.compile(r"(\d{1,9})(%?)", re.ASCII)
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """N nodes or P percent of the selected nodes."""
+
+    value: int
+    percent: bool = False
+
+    def of(self, total: int, *, at_least_one: bool) -> int:
+        n = math.floor(total * self.value / 100) if self.percent else self.value
+        return max(n, 1) if at_least_one and total else n
+
+    def __str__(self) -> str:
+        return f"{self.value}{'%' if self.percent else ''}"
+
+
+def parse_count(text, what: str, *, allow_zero: bool) -> Count:
+    s = str(text).strip() if text is not None else ""
+    m = _COUNT.fullmatch(s)
+    if not m or isinstance(text, bool):
+        raise UsageError(f"invalid {what} {text!r}: expected a number of nodes (N) or a percentage (P%)")
+    c = Count(int(m.group(1)), bool(m.group(2)))
+    if c.percent and c.value > 100:
+        raise UsageError(f"invalid {what} {text!r}: a percentage is at most 100%")
+    if c.value == 0 and not allow_zero:
+        raise UsageError(f"invalid {what} {text!r}: must be at least 1")
+    return c
+
+
+# -- maintenance windows ----------------------------------------------------------
+
+_TIME = re.compile(r"([01]\d|2[0-3]):([0-5]\d)|24:00", re.ASCII)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Days (0 = Monday), a start and end minute of the day, a time zone. A window
+    whose end is before its start crosses midnight and belongs to its start day."""
+
+    text: str
+    days: frozenset
+    start: int
+    end: int
+    tz: str
+
+    def contains(self, when: dt.datetime) -> bool:
+        from zoneinfo import ZoneInfo
+
+        local = when.astimezone(ZoneInfo(self.tz))
+        minute = local.hour * 60 + local.minute
+        day = local.weekday()
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        return (day in self.days and minute >= self.start) or \
+            ((day - 1) % 7 in self.days and minute < self.end)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _minute(s: str, text: str) -> int:
+    if not _TIME.fullmatch(s):
+        raise UsageError(f"invalid --window {text!r}: {s!r} is not a time HH:MM (00:00-24:00)")
+    h, m = s.split(":")
+    return int(h) * 60 + int(m)
+
+
+def _days(spec: str, text: str) -> frozenset:
+    spec = spec.lower()
+    if spec in ("*", "daily", "any", "all"):
+        return frozenset(range(7))
+    out: set[int] = set()
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        if a[:3] not in DAYS or (b and b[:3] not in DAYS) or len(a) < 3 or (b and len(b) < 3):
+            raise UsageError(f"invalid --window {text!r}: {part!r} is not a day or day range "
+                             "(Mon..Sun, Mon-Fri, Sat,Sun, daily)")
+        i = DAYS.index(a[:3])
+        j = DAYS.index(b[:3]) if b else i
+        while True:
+            out.add(i)
+            if i == j:
+                break
+            i = (i + 1) % 7
+    return frozenset(out)
+
+
+def parse_window(text: str) -> Window:
+    """'Mon-Fri 02:00-05:00 Europe/Paris' (time zone optional, UTC by default)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    parts = str(text or "").split()
+    if len(parts) not in (2, 3):
+        raise UsageError(f"invalid --window {text!r}: expected 'DAYS HH:MM-HH:MM [TIMEZONE]', "
+                         "e.g. 'Mon-Fri 02:00-05:00 Europe/Paris'")
+    days = _days(parts[0], text)
+    a, sep, b = parts[1].partition("-")
+    if not sep:
+        raise UsageError(f"invalid --window {text!r}: {parts[1]!r} is not a time range HH:MM-HH:MM")
+    start, end = _minute(a, text), _minute(b, text)
+    if start == end:
+        raise UsageError(f"invalid --window {text!r}: the window is empty (start = end)")
+    if start == 24 * 60:
+        raise UsageError(f"invalid --window {text!r}: a window cannot start at 24:00")
+    tz = parts[2] if len(parts) == 3 else "UTC"
+    try:
+        if tz.startswith("/") or ".." in tz:
+            raise ValueError
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise UsageError(f"invalid --window {text!r}: unknown time zone {tz!r} "
+                         "(an IANA name such as UTC, Europe/Paris, Asia/Shanghai)") from None
+    return Window(str(text), days, start, end % (24 * 60) if end != 24 * 60 else 24 * 60, tz)
+
+
+def in_windows(windows, when: dt.datetime | None = None) -> bool:
+    if not windows:
+        return True
+    when = when or dt.datetime.now(dt.timezone.utc)
+    return any(w.contains(when) for w in windows)
+
+
+# -- Alertmanager matchers ------------------------------------------------------------
+
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|([^"\s,{}]*))\s*')
+
+
+@dataclasses.dataclass(frozen=True)
+class Matcher:
+    name: str
+    op: str
+    value: str
+
+    def matches(self, labels: dict) -> bool:
+        v = str(labels.get(self.name, ""))
+        if self.op == "=":
+            return v == self.value
+        if self.op == "!=":
+            return v != self.value
+        hit = re.fullmatch(self.value, v) is not None
+        return hit if self.op == "=~" else not hit
+
+    def __str__(self) -> str:
+        value = self.value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'{self.name}{self.op}"{value}"'
+
+
+def parse_matcher(text: str) -> Matcher:
+    """Alertmanager matcher syntax: name=value, name!=value, name=~regex, name!~regex
+    (value optionally double-quoted)."""
+    m = _MATCHER.fullmatch(str(text or ""))
+    if not m:
+        raise UsageError(f"invalid --alert-filter {text!r}: expected an Alertmanager matcher such as "
+                         "severity=critical, alertname!=Watchdog or team=~\"db|storage\"")
+    name, op = m.group(1), m.group(2)
+    if m.group(3) is not None:
+        value = re.sub(r"\\(.)", r"\1", m.group(3))
+    else:
+        value = m.group(4)
+    if op in ("=~", "!~"):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise UsageError(f"invalid --alert-filter {text!r}: bad regular expression: {e}") from None
+    return Matcher(name, op, value)
+
+
+# -- the policy ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Policy:
+    max_unavailable: Count = Count(1)
+    canary: int = 0
+    canary_soak: float | None = None     # None: stop after the canary for 'rollout resume'
+    batch_growth: bool = False
+    soak: float = 0.0
+    failure_budget: Count = Count(0)
+    on_failure: str = "stop"
+    windows: list = dataclasses.field(default_factory=list)
+    alert_gate: str | None = None
+    alert_filters: list = dataclasses.field(default_factory=list)
+    spread_by: str | None = DEFAULT_SPREAD
+    step_timeout: float = 0.0            # 0: the steps' own bounds
+    gate_timeout: float = 0.0            # 0: wait for a closed gate forever
+    poll: float = 5.0                    # gate and pause/abort re-check interval
+
+    def to_dict(self) -> dict:
+        return {"maxUnavailable": str(self.max_unavailable), "canary": self.canary,
+                "canarySoak": self.canary_soak, "batchGrowth": self.batch_growth, "soak": self.soak,
+                "failureBudget": str(self.failure_budget), "onFailure": self.on_failure,
+                "windows": [str(w) for w in self.windows], "alertGate": self.alert_gate,
+                "alertFilters": [str(m) for m in self.alert_filters], "spreadBy": self.spread_by,
+                "stepTimeout": self.step_timeout, "gateTimeout": self.gate_timeout, "poll": self.poll}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        """Build and check a policy from plan-file / flag values (camelCase keys)."""
+        p = cls()
+        if d.get("maxUnavailable") is not None:
+            p.max_unavailable = parse_count(d["maxUnavailable"], "--max-unavailable", allow_zero=False)
+        if d.get("canary") is not None:
+            p.canary = _int(d["canary"], "--canary")
+        if d.get("canarySoak") is not None:
+            p.canary_soak = _dur(d["canarySoak"], "--canary-soak", allow_zero=True)
+        p.batch_growth = _bool(d.get("batchGrowth", False), "--batch-growth")
+        if d.get("soak") is not None:
+            p.soak = _dur(d["soak"], "--soak", allow_zero=True)
+        budget_given = d.get("failureBudget") is not None
+        if budget_given:
+            p.failure_budget = parse_count(d["failureBudget"], "--failure-budget", allow_zero=True)
+        on_failure = d.get("onFailure")
+        if on_failure is not None and on_failure not in ON_FAILURE:
+            raise UsageError(f"invalid --on-failure {on_failure!r}: choose from {', '.join(ON_FAILURE)}")
+        p.on_failure = on_failure or ("skip" if budget_given and p.failure_budget.value else "stop")
+        if p.on_failure == "stop" and budget_given and p.failure_budget.value:
+            raise UsageError(f"conflicting policy: --on-failure stop stops at the first failed node, "
+                             f"so --failure-budget {p.failure_budget} can never be used "
+                             "(use --on-failure skip or continue)")
+        p.windows = [parse_window(w) for w in _list(d.get("windows"), "--window")]
+        gate = d.get("alertGate")
+        if gate is not None:
+            p.alert_gate = check_gate_url(gate)
+        p.alert_filters = [parse_matcher(m) for m in _list(d.get("alertFilters"), "--alert-filter")]
+        if p.alert_filters and not p.alert_gate:
+            raise UsageError("conflicting policy: --alert-filter without --alert-gate URL")
+        if "spreadBy" in d:
+            sb = d["spreadBy"]
+            if sb is not None and (not isinstance(sb, str) or not re.fullmatch(r"[A-Za-z0-9./_-]{1,316}", sb)):
+                raise UsageError(f"invalid --spread-by {sb!r}: expected a node label key (or '' for none)")
+            p.spread_by = sb or None
+        if d.get("stepTimeout") is not None:
+            p.step_timeout = _dur(d["stepTimeout"], "--step-timeout", allow_zero=True)
+        if d.get("gateTimeout") is not None:
+            p.gate_timeout = _dur(d["gateTimeout"], "--gate-timeout", allow_zero=True)
+        if d.get("poll") is not None:
+            p.poll = _dur(d["poll"], "--poll", allow_zero=False)
+        if p.canary_soak is not None and not p.canary:
+            raise UsageError("conflicting policy: --canary-soak without --canary N")
+        if not p.max_unavailable.percent and p.canary > p.max_unavailable.value:
+            raise UsageError(f"conflicting policy: --canary {p.canary} takes more nodes out at once than "
+                             f"--max-unavailable {p.max_unavailable}")
+        return p
+
+
+def check_gate_url(url) -> str:
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or not url.strip():
+        raise UsageError("invalid --alert-gate: expected an Alertmanager URL such as http://alertmanager:9093")
+    u = urlsplit(url.strip())
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment \
+            or any(c.isspace() for c in url.strip()):
+        raise UsageError(f"invalid --alert-gate {url!r}: expected an Alertmanager URL such as "
+                         "http://alertmanager:9093")
+    try:
+        u.port
+    except ValueError:
+        raise UsageError(f"invalid --alert-gate {url!r}: bad port") from None
+    return url.strip().rstrip("/")
+
+
+def _list(v, what: str) -> list:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+        return list(v)
+    raise UsageError(f"invalid {what}: expected a string or a list of strings, got {v!r}")
+
+
+def _int(v, what: str) -> int:
+    if isinstance(v, bool):
+        raise UsageError(f"invalid {what} {v!r}: expected a whole number")
+    try:
+        n = int(str(v).strip()) if not isinstance(v, int) else v
+    except ValueError:
+        raise UsageError(f"invalid {what} {v!r}: expected a whole number") from None
+    if n < 0 or n > 10 ** 6:
+        raise UsageError(f"invalid {what} {v!r}: expected 0 or more")
+    return n
+
+
+def _bool(v, what: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise UsageError(f"invalid {what} {v!r}: expected true or false")
+
+
+def _dur(v, what: str, *, allow_zero: bool) -> float:
+    if isinstance(v, bool):
+        raise UsageError(f"invalid {what} {v!r}: expected a duration")
+    if isinstance(v, (int, float)):
+        v = repr(v) if v >= 0 else f"-{-v}"
+    return parse_duration(v, what=what, allow_zero=allow_zero)
