@@ -219,3 +219,44 @@ def effective_weight(io: dict | None, device: str | None = None):
                 return e["weight"]
     w = io.get("weight")
     return w if isinstance(w, int) else io.get("bfqWeight")
+
+
+def devices_used(t, fs: cg.CgroupFS, cgpath: str) -> dict[str, int] | None:
+    """Devices a cgroup (and its children) has done I/O on: {maj:min: bytes}, from io.stat
+    or blkio.throttle.io_service_bytes_recursive; None if the kernel does not say."""
+    if fs.version_of("blkio") == 1:
+        d = fs.dir("blkio", cgpath)
+        for fname in ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes"):
+            try:
+                st = parse_blkio_stat(t.read_text(f"{d}/{fname}"))
+            except (OSError, ValueError):
+                continue
+            return {mm: v.get("total", v.get("read", 0) + v.get("write", 0)) for mm, v in st.items()
+                    if v.get("total", v.get("read", 0) + v.get("write", 0))}
+        return None
+    if fs.v2 is None or "io" not in fs.v2_controllers:
+        return None
+    try:
+        st = parse_nested(t.read_text(fs._join(fs.v2, cgpath) + "/io.stat"))
+    except (OSError, ValueError):
+        return None
+    return {mm: v.get("rbytes", 0) + v.get("wbytes", 0) for mm, v in st.items()
+            if v.get("rbytes", 0) + v.get("wbytes", 0)}
+
+
+def schedulers(t, devices: dict[str, str]) -> dict[str, str | None]:
+    """maj:min -> the active I/O scheduler ([bfq] in queue/scheduler), None if unknown."""
+    paths = {mm: f"/sys/dev/block/{mm}/queue/scheduler" for mm in devices}
+    got = t.read_many(list(paths.values()), limit=4096)
+    out = {}
+    for mm, p in paths.items():
+        raw = got.get(p)
+        m = re.search(r"\[([^\]]+)\]", raw.decode("utf-8", "replace")) if isinstance(raw, bytes) else None
+        out[mm] = m.group(1) if m else None
+    return out
+
+
+def match_device(spec: str, mm: str, devnames: dict[str, str]) -> bool:
+    """A policy device spec (name like vdb or /dev/vdb, or MAJ:MIN) names this device."""
+    spec = spec.strip().removeprefix("/dev/")
+    return spec == mm or devnames.get(mm) == spec
