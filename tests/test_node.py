@@ -575,3 +575,27 @@ def test_unwritable_audit_log_refuses_node_changes_unless_no_audit(cli, kube, kc
     assert r.exit_code == 0
     r = cli(["--kubeconfig", kc, "--no-audit", "node", "cordon", "n1"])
     assert r.exit_code == 0 and unschedulable(kube, "n1")
+
+
+def test_exec_credential_plugin_and_token_file(cli, kube, tmp_path):
+    """kubeconfig users authenticated by an exec plugin (client.authentication.k8s.io/v1)
+    or a tokenFile, as kubectl reads them; a failing plugin is a clear error."""
+    kube.add_node("n1")
+    base = json.loads(open(kube.kubeconfig(tmp_path / "base")).read())
+    plugin = tmp_path / "cred.py"
+    plugin.write_text("import json, sys\nprint(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1',"
+                      " 'kind': 'ExecCredential', 'status': {'token': sys.argv[1]}}))\n")
+    for user, ok in (({"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+                                "args": [str(plugin), kube.tokens["admin"]], "interactiveMode": "Never"}}, 0),
+                     ({"tokenFile": str(tmp_path / "tok")}, 0),
+                     ({"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "/bin/false",
+                                "interactiveMode": "Never"}}, None)):
+        (tmp_path / "tok").write_text(kube.tokens["admin"])
+        base["users"][0]["user"] = user
+        (tmp_path / "kc").write_text(json.dumps(base))
+        r = node_cli(cli, str(tmp_path / "kc"), "list", "-o", "name")
+        if ok == 0:
+            assert r.exit_code == 0 and r.stdout.split() == ["n1"], r.stderr
+        else:
+            assert r.exit_code == 7 and "credential plugin failed" in r.stderr, r.stderr
+            assert r.stderr.count("\n") == 1 and "ERROR:root" not in r.stderr

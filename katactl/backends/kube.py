@@ -101,8 +101,13 @@ class KubeAPI:
                 if active is None:
                     known = ", ".join(sorted(str(c.get("name")) for c in contexts)) or "none"
                     raise UsageError(f"kubeconfig: context {settings.context!r} not found (contexts: {known})")
-            kconfig.load_kube_config(config_file=path, context=settings.context,
-                                     client_configuration=cfg, persist_config=False)
+            with _loader_errors() as plugin_errors:
+                kconfig.load_kube_config(config_file=path, context=settings.context,
+                                         client_configuration=cfg, persist_config=False)
+            if plugin_errors:
+                # the loader logs a failed exec plugin and goes on without credentials:
+                # stop here with its reason instead of a puzzling 401 later
+                raise AuthError(f"kubeconfig: credential plugin failed: {_one_line(plugin_errors[0])}")
         except kconfig.ConfigException as e:
             raise UsageError(f"kubeconfig: {_one_line(e)}") from None
         except FileNotFoundError as e:
@@ -291,6 +296,29 @@ class KubeAPI:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _loader_errors:
+    """Collect what the kubernetes config loader logs at ERROR on the root logger (a
+    failed exec credential plugin) instead of letting Python print it raw."""
+
+    def __enter__(self) -> list[str]:
+        import logging
+
+        self.found: list[str] = []
+        found = self.found
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                found.append(record.getMessage())
+
+        self.handler = Catch(logging.ERROR)
+        self.root = logging.getLogger()
+        self.root.addHandler(self.handler)
+        return found
+
+    def __exit__(self, *exc) -> None:
+        self.root.removeHandler(self.handler)
 
 
 def _tls_context(cfg):
