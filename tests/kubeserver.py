@@ -35,6 +35,9 @@ client. What it serves:
   cordoned one) or Pending without nodeName. DaemonSet controller: a removed DaemonSet pod is
   recreated on the same node.
 - Faults: ``inject``, ``delay``, ``cut``; request log in ``requests``.
+- pods/exec over WebSocket (v5/v4.channel.k8s.io) running the argv in a private mount namespace
+  with the pod's node root at /host, a mini kubelet for pods created with a nodeName, DaemonSet
+  pods per node: tests/kubeexec_server.py (its docstring lists its own differences).
 
 Known differences from the real kube-apiserver:
 - Watch is a polling loop over an in-memory event log (20000 events; older resourceVersions ->
@@ -87,6 +90,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests import _protobuf
+from tests.kubeexec_server import KubeExecMixin, is_exec, serve_exec
 
 STUCK = "test.katactl.io/stuck-terminating"
 MIRROR = "kubernetes.io/config.mirror"
@@ -516,8 +520,9 @@ class _Watch(Exception):
         self.res, self.ns, self.query = res, ns, query
 
 
-class KubeStandIn:
-    """See the module docstring. Thread-safe; one lock around the store."""
+class KubeStandIn(KubeExecMixin):
+    """See the module docstring. Thread-safe; one lock around the store. pods/exec over
+    WebSocket and the mini kubelet: tests/kubeexec_server.py."""
 
     def __init__(self, tokens: dict[str, str] | None = None, grace_scale: float = 1.0):
         self.tokens = tokens or {"admin": "admin-token", "readonly": "readonly-token"}
@@ -534,6 +539,7 @@ class KubeStandIn:
         self._timers: list[threading.Timer] = []
         self._events: list[tuple[int, str, dict]] = []  # (resourceVersion, type, object) for watches
         self._closed = False
+        self._exec_init()  # pods/exec (tests/kubeexec_server.py)
         ca, cert, key = _tls_material()
         self._dir = tempfile.mkdtemp(prefix="kubestandin-")
         self.ca_path = os.path.join(self._dir, "ca.crt")
@@ -571,6 +577,7 @@ class KubeStandIn:
         self._closed = True
         for t in self._timers:
             t.cancel()
+        self._exec_kill_all()
         self.server.shutdown()
         self.server.server_close()
 
@@ -588,6 +595,7 @@ class KubeStandIn:
             self.grace_scale = self.default_grace_scale
             self.pdb_controller_paused = False
             self._rng = random.Random(0)
+            self._exec_reset()
             self._seed_defaults()
 
     def _seed_defaults(self):
@@ -1357,6 +1365,7 @@ class KubeStandIn:
             return 201, obj
         self.store[key] = obj
         self._log("ADDED", obj)
+        self._exec_after_create(res, obj)  # mini kubelet / DaemonSet pods (kubeexec_server.py)
         self._sync_pdbs()
         return 201, copy.deepcopy(obj)
 
@@ -1694,6 +1703,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(401, ApiError(401, "Unauthorized", "Unauthorized").status(), cut=cut)
         if err is not None:
             return self._send(err.code, err.status(), cut=cut)
+        if is_exec(self.command, u.path):  # pods/exec over WebSocket: tests/kubeexec_server.py
+            return serve_exec(self, srv, user, u.path, query)
         try:
             code, out = srv.handle(self.command, u.path, query, body, user, self.headers.get("Accept", ""))
         except ApiError as e:

@@ -1,0 +1,477 @@
+"""pods/exec over WebSocket for the kube-apiserver stand-in (tests/kubeserver.py), and the bit of
+kubelet behaviour that katactl's node pods need.
+
+``KubeExecMixin`` is a base class of ``KubeStandIn``; ``serve_exec`` is called by its request
+handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What it does:
+
+- Authorization as kube-apiserver 1.35: the WebSocket upgrade needs ``create`` on ``pods/exec``
+  (the stand-in's "readonly" user is refused with the RBAC-format 403). A missing pod -> 404; a
+  pod that is not Running (or has no nodeName) -> 400 "container not found"; a pod on a node that
+  is NotReady or has no root mapped -> 500 "error dialing backend" (the kubelet is unreachable).
+  No ``command`` -> 400. A non-upgrade GET -> 400 "Upgrade request required".
+- Subprotocols: the client's ``Sec-WebSocket-Protocol`` list; the first it offers among
+  ``exec_protocols`` (default ``("v5.channel.k8s.io", "v4.channel.k8s.io")``: set
+  ``("v5.channel.k8s.io",)`` to act as the 1.30+ translator, ``("v4.channel.k8s.io",)`` as an old
+  kubelet) is chosen; none -> 400 (no upgrade).
+- Framing as k8s.io/apimachinery wsstream: after the 101 the server sends one "empty" binary
+  message, which is the channel byte of the lowest writable channel (stdout, else stderr, else
+  status) with no data (kubectl 1.33 fails with "read stream id: EOF" on a zero-length one); then every message is ``[channel byte] + data``: 0 stdin, 1 stdout, 2 stderr, 3 status
+  (a metav1.Status: ``Success``, or ``Failure`` with reason ``NonZeroExitCode`` and
+  ``details.causes[{reason: ExitCode, message: "<rc>"}]``), 4 resize (ignored), and with v5 only
+  ``[255, 0]`` closes stdin (half-close). After the status the server sends a close frame (1000).
+  Client frames must be masked (RFC 6455); pings are answered.
+- Execution: for a pod on node N (``node_roots[N]`` = a directory: a lab or a fixture tree) the
+  argv runs on this machine as root, cwd /, inside a private mount namespace
+  (``unshare --mount --propagation private``) in which that directory is rbind-mounted at ``/host``
+  (the directory /host is created on this machine if missing; it stays empty outside the
+  namespaces). The "container image" is this machine: python3, coreutils. A program that is not
+  found -> Failure status with the runtime's "executable file not found in $PATH" message and no
+  exit code (as runc's exec failure), not exit 127.
+- Back-pressure: stdout/stderr are read in ``exec_chunk`` pieces (default 32 KiB, io.Copy's
+  buffer) and written to the socket synchronously; a slow reader stops the process's pipe.
+- "kubelet": a pod created through the API with a nodeName on a Ready node that has a root becomes
+  Running after ``kubelet_start_delay`` seconds (``kubelet_starts_pods = False`` leaves it Pending,
+  with a Scheduled event and an ImagePullBackOff waiting state, for timeout tests). A DaemonSet
+  created through the API gets one pod per node (tolerations and selectors are not evaluated).
+- Faults: ``exec_cut(argv_regex, after_bytes, times)`` drops the connection (no close frame, no
+  status) after that many stdout bytes of an exec whose space-joined argv matches; the process is
+  killed. ``exec_log`` lists every exec (pod, node, argv, protocol, exit code).
+
+Known differences from the real kubelet/apiserver:
+- A dropped connection kills the exec'd process group at once (the kubelet leaves it running
+  until it touches its closed stdio).
+- No TTY, no resize, no ``channel.k8s.io``/v2/v3 (base64) protocols, no SPDY (kubectl with
+  ``KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`` gets a 400), no ``container`` validation beyond
+  existence of the name in the pod spec, no ephemeral containers, no exec timeout.
+- The process runs in this machine's PID, network and IPC namespaces (a hostPID,
+  hostNetwork pod); ``securityContext`` and ``hostPath`` volumes of the pod are not looked at: the
+  root mapping is the test's, not the pod spec's.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+STDIN, STDOUT, STDERR, STATUS, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
+
+
+class KubeExecMixin:
+    """State and knobs of the exec endpoint and the mini kubelet (see the module docstring)."""
+
+    def _exec_init(self):
+        self.node_roots: dict[str, str] = {}
+        self.exec_protocols: tuple[str, ...] = PROTOCOLS
+        self.exec_chunk = 32 << 10
+        self.exec_log: list[dict] = []
+        self.kubelet_starts_pods = True
+        self.kubelet_start_delay = 0.05
+        self._exec_cuts: list[dict] = []
+        self._exec_procs: set = set()
+
+    def _exec_reset(self):
+        self.node_roots = {}
+        self.exec_protocols = PROTOCOLS
+        self.exec_chunk = 32 << 10
+        self.exec_log = []
+        self.kubelet_starts_pods = True
+        self.kubelet_start_delay = 0.05
+        self._exec_cuts = []
+        self._exec_kill_all()
+
+    def _exec_kill_all(self):
+        for p in list(getattr(self, "_exec_procs", ())):
+            _kill(p)
+
+    def set_node_root(self, node: str, root: str):
+        """Exec into pods on ``node`` sees ``root`` at /host."""
+        self.node_roots[node] = os.path.abspath(root)
+
+    def exec_cut(self, argv_regex: str, after_bytes: int, times: int = 1):
+        with self._lock:
+            self._exec_cuts.append({"re": re.compile(argv_regex), "after": after_bytes, "times": times})
+
+    def _take_cut(self, argv) -> int | None:
+        joined = " ".join(argv)
+        with self._lock:
+            for c in self._exec_cuts:
+                if c["times"] > 0 and c["re"].search(joined):
+                    c["times"] -= 1
+                    return c["after"]
+        return None
+
+    # -- mini kubelet and DaemonSet controller ------------------------------------------------
+
+    def _exec_after_create(self, res, obj):
+        """Called under the store lock after an object was created through the API."""
+        if res.plural == "pods":
+            node = (obj.get("spec") or {}).get("nodeName")
+            if node:
+                self._kubelet_admit(obj["metadata"]["namespace"], obj["metadata"]["name"], node)
+        elif res.plural == "daemonsets":
+            tmpl = (obj.get("spec") or {}).get("template") or {}
+            for n in self.list_objs("Node"):
+                node = n["metadata"]["name"]
+                pod = {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": copy.deepcopy(tmpl.get("metadata") or {}),
+                       "spec": copy.deepcopy(tmpl.get("spec") or {})}
+                md = pod["metadata"]
+                base = obj["metadata"]["name"]
+                md["name"] = f"{base}-" + "".join(self._rng.choice("bcdfghjklmnpqrstvwxz2456789")
+                                                  for _ in range(5))
+                md["namespace"] = obj["metadata"]["namespace"]
+                md["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": base,
+                                          "uid": obj["metadata"]["uid"], "controller": True,
+                                          "blockOwnerDeletion": True}]
+                pod["spec"]["nodeName"] = node
+                pod["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
+                from tests.kubeserver import RESOURCES
+
+                self._stamp_new(RESOURCES["pods"], pod)
+                self.store[("pods", md["namespace"], md["name"])] = pod
+                self._log("ADDED", pod)
+                self._kubelet_admit(md["namespace"], md["name"], node)
+
+    def _kubelet_admit(self, ns, name, node):
+        ready = self._node_ready(node)
+        if not (self.kubelet_starts_pods and ready and node in self.node_roots):
+            self.add({"apiVersion": "v1", "kind": "Event",
+                      "metadata": {"name": f"{name}.{os.urandom(4).hex()}", "namespace": ns},
+                      "involvedObject": {"kind": "Pod", "name": name, "namespace": ns},
+                      "reason": "Scheduled", "type": "Normal",
+                      "message": f"Successfully assigned {ns}/{name} to {node}"})
+            pod = self.store.get(("pods", ns, name))
+            if pod is not None and ready:
+                cs = [{"name": c.get("name", "main"), "ready": False, "restartCount": 0,
+                       "image": c.get("image", ""),
+                       "state": {"waiting": {"reason": "ImagePullBackOff",
+                                             "message": f'Back-off pulling image "{c.get("image", "")}"'}}}
+                      for c in (pod.get("spec") or {}).get("containers") or []]
+                pod["status"] = {"phase": "Pending", "qosClass": "BestEffort", "containerStatuses": cs}
+            return
+        gen = self._gen
+
+        def start():
+            with self._lock:
+                if gen != self._gen:
+                    return
+                pod = self.store.get(("pods", ns, name))
+                if pod is None or (pod["metadata"].get("deletionTimestamp")):
+                    return
+                pod["status"] = self._pod_status("Running", True, node)
+                cs = pod["status"].get("containerStatuses") or []
+                names = [c.get("name", "main") for c in (pod.get("spec") or {}).get("containers") or []]
+                for c, n in zip(cs, names):
+                    c["name"] = n
+                pod["metadata"]["resourceVersion"] = self._next_rv()
+                self._log("MODIFIED", pod)
+
+        t = threading.Timer(self.kubelet_start_delay, start)
+        t.daemon = True
+        self._timers.append(t)
+        t.start()
+
+    def _node_ready(self, node) -> bool:
+        n = self.store.get(("nodes", "", node))
+        if n is None:
+            return False
+        return any(c.get("type") == "Ready" and c.get("status") == "True"
+                   for c in (n.get("status") or {}).get("conditions") or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# the endpoint
+
+
+class _WSClosed(Exception):
+    pass
+
+
+def is_exec(method: str, path: str) -> bool:
+    return method in ("GET", "POST") and re.fullmatch(r"/api/v1/namespaces/[^/]+/pods/[^/]+/exec", path) is not None
+
+
+def serve_exec(h, srv, user: str, path: str, query: dict):
+    """Serve one exec request on handler ``h`` (a _Handler). Errors are Status answers. POST (SPDY,
+    kubectl's fallback) is authorized like GET and then refused with 400."""
+    from tests.kubeserver import RESOURCES, ApiError
+
+    parts = path.strip("/").split("/")
+    ns, name = parts[3], parts[5]
+    try:
+        srv._authorize(user, "create", RESOURCES["pods"], "exec", ns, name)
+        with srv._lock:
+            pod = copy.deepcopy(srv.store.get(("pods", ns, name)))
+            if pod is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+            node = (pod.get("spec") or {}).get("nodeName")
+            containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+            container = (query.get("container") or [containers[0] if containers else ""])[0]
+            if container not in containers:
+                raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+            if (pod.get("status") or {}).get("phase") != "Running" or not node:
+                raise ApiError(400, "BadRequest", f'unable to upgrade connection: container not found ("{container}")')
+            root = srv.node_roots.get(node)
+            if not srv._node_ready(node) or root is None:
+                raise ApiError(500, "InternalError", "error dialing backend: dial tcp 10.0.0.1:10250: "
+                               "connect: connection refused")
+        argv = query.get("command") or []
+        if not argv:
+            raise ApiError(400, "BadRequest", "you must specify at least one command for the container")
+        if h.command == "POST" or (h.headers.get("Upgrade") or "").lower().startswith("spdy"):
+            raise ApiError(400, "BadRequest", "the stand-in does not serve SPDY (use WebSocket)")
+        if (h.headers.get("Upgrade") or "").lower() != "websocket":
+            raise ApiError(400, "BadRequest", "Upgrade request required")
+        offered = [p.strip() for v in h.headers.get_all("Sec-WebSocket-Protocol") or [] for p in v.split(",")]
+        proto = next((p for p in offered if p in srv.exec_protocols), None)
+        if proto is None:
+            raise ApiError(400, "BadRequest", "unable to upgrade connection: no supported subprotocol "
+                           f"(offered {offered}, served {list(srv.exec_protocols)})")
+    except ApiError as e:
+        return h._send(e.code, e.status())
+    want = {k: (query.get(k) or ["false"])[0] in ("true", "1") for k in ("stdin", "stdout", "stderr", "tty")}
+    key = h.headers.get("Sec-WebSocket-Key", "").encode()
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+    h.send_response(101, "Switching Protocols")
+    h.send_header("Upgrade", "websocket")
+    h.send_header("Connection", "Upgrade")
+    h.send_header("Sec-WebSocket-Accept", accept)
+    h.send_header("Sec-WebSocket-Protocol", proto)
+    h.end_headers()
+    h.wfile.flush()
+    h.close_connection = True
+    _Session(h, srv, pod, node, root, argv, proto, want).run()
+
+
+class _Session:
+    def __init__(self, h, srv, pod, node, root, argv, proto, want):
+        self.h, self.srv, self.pod, self.node, self.root = h, srv, pod, node, root
+        self.argv, self.proto, self.want = argv, proto, want
+        self.wlock = threading.Lock()
+        self.dead = False
+        self.sent_out = 0
+        self.cut_after = srv._take_cut(argv)
+        self.entry = {"pod": f"{pod['metadata']['namespace']}/{pod['metadata']['name']}", "node": node,
+                      "argv": list(argv), "protocol": proto, "exitCode": None, "cut": False}
+        with srv._lock:
+            srv.exec_log.append(self.entry)
+
+    # -- frames --------------------------------------------------------------------------------
+    def send(self, opcode: int, payload: bytes):
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, n])
+        elif n < 1 << 16:
+            head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
+        with self.wlock:
+            if self.dead:
+                raise _WSClosed()
+            try:
+                self.h.wfile.write(head + payload)
+            except OSError:
+                self.dead = True
+                raise _WSClosed() from None
+
+    def data(self, channel: int, payload: bytes):
+        self.send(0x2, bytes([channel]) + payload)
+
+    def read_frame(self):
+        r = self.h.rfile
+        b = r.read(2)
+        if len(b) < 2:
+            raise _WSClosed()
+        fin, op, masked, n = b[0] & 0x80, b[0] & 0x0F, b[1] & 0x80, b[1] & 0x7F
+        if n == 126:
+            n = int.from_bytes(r.read(2), "big")
+        elif n == 127:
+            n = int.from_bytes(r.read(8), "big")
+        if not masked:
+            raise _WSClosed()  # RFC 6455 5.1: the server closes on an unmasked client frame
+        mask = r.read(4)
+        payload = r.read(n)
+        if len(payload) < n:
+            raise _WSClosed()
+        if n:
+            m = (mask * (n // 4 + 1))[:n]
+            payload = (int.from_bytes(payload, "little") ^ int.from_bytes(m, "little")).to_bytes(n, "little")
+        return fin, op, payload
+
+    def kill_conn(self):
+        with self.wlock:
+            self.dead = True
+        try:
+            self.h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- the exec ----------------------------------------------------------------------------
+    def run(self):
+        status_ok = self.proto in PROTOCOLS
+        try:
+            # the first, empty message: the lowest writable channel's byte and no data
+            # (remotecommand's createWebSocketStreams writes []byte{} to stdout, else stderr, else error)
+            self.data(STDOUT if self.want["stdout"] else STDERR if self.want["stderr"] else STATUS, b"")
+        except _WSClosed:
+            return
+        prog = self.argv[0]
+        found = shutil.which(prog, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") \
+            if "/" not in prog else (prog if os.access(prog, os.X_OK) else None)
+        if not found:
+            msg = (f'OCI runtime exec failed: exec failed: unable to start container process: exec: "{prog}": '
+                   f"executable file not found in $PATH: unknown")
+            try:
+                if status_ok:
+                    self.data(STATUS, json.dumps({"metadata": {}, "status": "Failure", "message": msg,
+                                                  "reason": "InternalError",
+                                                  "details": {"causes": [{"message": msg}]}, "code": 500}).encode())
+                self.send(0x8, (1000).to_bytes(2, "big"))
+            except _WSClosed:
+                pass
+            self._drain_close()
+            return
+        os.makedirs("/host", exist_ok=True)
+        wrapper = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                   'mount --rbind -- "$0" /host && cd / && exec "$@"', self.root, *self.argv]
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOSTNAME": self.node,
+               "HOME": "/root", "LANG": "C.UTF-8"}
+        p = subprocess.Popen(wrapper, stdin=subprocess.PIPE if self.want["stdin"] else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/",
+                             start_new_session=True, bufsize=0)
+        self.srv._exec_procs.add(p)
+        pumps = [threading.Thread(target=self.pump, args=(p.stdout, STDOUT), daemon=True),
+                 threading.Thread(target=self.pump, args=(p.stderr, STDERR), daemon=True)]
+        for t in pumps:
+            t.start()
+        done = threading.Event()
+        reader = threading.Thread(target=self.reader, args=(p, done), daemon=True)
+        reader.start()
+        try:
+            for t in pumps:
+                t.join()
+            rc = p.wait()
+            self.entry["exitCode"] = rc
+            if self.dead:
+                return
+            try:
+                if status_ok:
+                    st = {"metadata": {}, "status": "Success"} if rc == 0 else {
+                        "metadata": {}, "status": "Failure",
+                        "message": f"command terminated with non-zero exit code: error executing command "
+                                   f"{json.dumps(self.argv)}, exit code {rc}",
+                        "reason": "NonZeroExitCode",
+                        "details": {"causes": [{"reason": "ExitCode", "message": str(rc)}]}}
+                    self.data(STATUS, json.dumps(st).encode())
+                self.send(0x8, (1000).to_bytes(2, "big"))
+            except _WSClosed:
+                return
+            reader.join(5)
+        finally:
+            _kill(p)
+            self.srv._exec_procs.discard(p)
+            for f in (p.stdin, p.stdout, p.stderr):
+                try:
+                    if f:
+                        f.close()
+                except OSError:
+                    pass
+            self.kill_conn()
+
+    def _drain_close(self):
+        try:
+            self.h.connection.settimeout(5)
+            while True:
+                _, op, _ = self.read_frame()
+                if op == 0x8:
+                    break
+        except (OSError, _WSClosed, ValueError):
+            pass
+        self.kill_conn()
+
+    def pump(self, f, channel):
+        try:
+            while True:
+                b = f.read(self.srv.exec_chunk)
+                if not b:
+                    return
+                if channel == STDOUT and not self.want["stdout"]:
+                    continue
+                if channel == STDERR and not self.want["stderr"]:
+                    continue
+                if channel == STDOUT and self.cut_after is not None:
+                    room = self.cut_after - self.sent_out
+                    if room <= len(b):
+                        if room > 0:
+                            self.data(STDOUT, b[:room])
+                        self.entry["cut"] = True
+                        self.kill_conn()
+                        return
+                self.data(channel, b)
+                if channel == STDOUT:
+                    self.sent_out += len(b)
+        except _WSClosed:
+            return
+        except (OSError, ValueError):
+            return
+
+    def reader(self, p, done):
+        stdin_open = p.stdin is not None
+        try:
+            while True:
+                fin, op, payload = self.read_frame()
+                if op == 0x8:
+                    try:
+                        self.send(0x8, payload[:2] or (1000).to_bytes(2, "big"))
+                    except _WSClosed:
+                        pass
+                    break
+                if op == 0x9:
+                    self.send(0xA, payload)
+                    continue
+                if op not in (0x1, 0x2, 0x0) or not payload:
+                    continue
+                ch, data = payload[0], payload[1:]
+                if ch == STDIN and stdin_open and data:
+                    try:
+                        p.stdin.write(data)
+                    except (OSError, ValueError):
+                        stdin_open = False
+                elif ch == CLOSE and self.proto == "v5.channel.k8s.io" and data[:1] == bytes([STDIN]):
+                    if stdin_open:
+                        stdin_open = False
+                        try:
+                            p.stdin.close()
+                        except OSError:
+                            pass
+        except (_WSClosed, OSError, ValueError):
+            pass
+        finally:
+            if stdin_open:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+            if p.poll() is None and self.entry["exitCode"] is None:
+                # the client went away: the stand-in kills the exec (see the docstring)
+                self.dead = True
+                _kill(p)
+            done.set()
+
+
+def _kill(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
