@@ -302,3 +302,236 @@ class TopFleet:
 
         fo = run_on_nodes(self.settings, one, nodes=self.nodes)
         return sort_rows(fo.items(), sort), dict(fo.errors)
+
+
+# -- one exposition of every sandbox, relabelled as kata-monitor does -------------------
+# kata-containers src/runtime/pkg/kata-monitor/metrics.go (parsePrometheusMetrics): every
+# sample of a shim's /metrics gets, appended in this order, sandbox_id, cri_uid, cri_name,
+# cri_namespace; the shim's go_* and process_* families become kata_shim_go_* and
+# kata_shim_process_*; families of every sandbox are merged by name (HELP/TYPE once).
+# katactl adds node="..." after them for fleets, and katactl_scrape_error per sandbox.
+MONITOR_LABELS = ("sandbox_id", "cri_uid", "cri_name", "cri_namespace")
+SCRAPE_ERROR = "katactl_scrape_error"
+_NAME_RE = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_SAMPLE_RE = None
+_LABEL_RE = None
+#: suffixes of a family's samples by type (text format 0.0.4)
+_SUFFIXES = {"counter": ("", "_total"), "histogram": ("_bucket", "_sum", "_count"),
+             "summary": ("", "_sum", "_count"), "gauge": ("",), "untyped": ("",)}
+_VALUE_WORDS = {"nan", "+inf", "-inf", "inf"}
+
+
+def _regexes():
+    global _SAMPLE_RE, _LABEL_RE
+    if _SAMPLE_RE is None:
+        import re
+
+        _SAMPLE_RE = re.compile(rf"({_NAME_RE})(?:\{{(.*)\}})?[ \t]+(\S+)(?:[ \t]+(-?[0-9]+))?[ \t]*")
+        _LABEL_RE = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\\n]|\\.)*)"[ \t]*(,|$)')
+    return _SAMPLE_RE, _LABEL_RE
+
+
+class Family:
+    __slots__ = ("name", "type", "help", "samples")
+
+    def __init__(self, name: str, type_: str = "untyped", help_: str | None = None):
+        self.name, self.type, self.help, self.samples = name, type_, help_, []
+
+
+def _labels(body: str) -> list[tuple[str, str]]:
+    _, lab = _regexes()
+    out, pos = [], 0
+    body = body.strip()
+    while pos < len(body):
+        m = lab.match(body, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"bad labels {{{body[:80]}}}")
+        out.append((m.group(1), m.group(2)))
+        pos = m.end()
+    names = [k for k, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate label in {{{body[:80]}}}")
+    return out
+
+
+def _check_value(v: str) -> None:
+    if v.lower() in _VALUE_WORDS:
+        return
+    float(v)  # ValueError for garbage
+
+
+def parse_families(text: str) -> list[Family]:
+    """A shim's Prometheus text as families of (name, labels, value, timestamp) samples,
+    strictly: a line that is not HELP, TYPE, a comment, blank or a valid sample is a
+    ProtocolError (the whole shim is then a scrape error, never half its families)."""
+    sample_re, _ = _regexes()
+    fams: dict[str, Family] = {}
+    order: list[Family] = []
+    cur: Family | None = None
+
+    def family(name: str) -> Family:
+        f = fams.get(name)
+        if f is None:
+            f = fams[name] = Family(name)
+            order.append(f)
+        return f
+
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("#"):
+                parts = line[1:].strip().split(None, 2)
+                if len(parts) >= 2 and parts[0] in ("HELP", "TYPE"):
+                    import re
+
+                    if not re.fullmatch(_NAME_RE, parts[1]):
+                        raise ValueError(f"bad metric name {parts[1]!r}")
+                    f = family(parts[1])
+                    if parts[0] == "TYPE":
+                        t = (parts[2] if len(parts) > 2 else "").strip()
+                        if t not in _SUFFIXES:
+                            raise ValueError(f"unknown type {t!r}")
+                        if f.samples:
+                            raise ValueError(f"TYPE of {f.name} after its samples")
+                        f.type = t
+                    else:
+                        f.help = parts[2] if len(parts) > 2 else ""
+                        if re.search(r"\\[^\\n]", f.help.replace("\\\\", "")):
+                            raise ValueError(f"invalid escape in the HELP of {f.name}")
+                    cur = f
+                continue
+            m = sample_re.fullmatch(line)
+            if not m:
+                raise ValueError("not a sample line")
+            name, body, value, ts = m.groups()
+            _check_value(value)
+            labels = _labels(body) if body else []
+            f = None
+            if cur is not None and any(name == cur.name + s for s in _SUFFIXES[cur.type]):
+                f = cur
+            else:
+                for s in ("_bucket", "_sum", "_count", "_total", ""):
+                    base = name[: len(name) - len(s)] if s and name.endswith(s) else (name if not s else None)
+                    if base and base in fams and any(name == base + x for x in _SUFFIXES[fams[base].type]):
+                        f = fams[base]
+                        break
+            if f is None:
+                f = family(name)
+            f.samples.append((name, labels, value, ts))
+        except ValueError as e:
+            raise ProtocolError(f"the shim's /metrics is not valid Prometheus text: line {n}: {e}") from None
+    return order
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _rename(name: str) -> str:
+    return "kata_shim_" + name if name.startswith(("go_", "process_")) else name
+
+
+def relabel(fams: list[Family], extra: list[tuple[str, str]]) -> list[Family]:
+    """kata-monitor's relabelling of one sandbox's families: ``extra`` (sandbox_id, cri_uid,
+    cri_name, cri_namespace[, node]) appended to every sample, before a histogram's ``le``
+    or a summary's ``quantile`` (where Go's text encoder writes those); go_*/process_*
+    renamed kata_shim_*. A shim's own label of the same name (runtime-rs labels some
+    samples sandbox_id) is replaced by ours, not duplicated (kata-monitor would emit it twice,
+    which Prometheus refuses)."""
+    enc = [(k, v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')) for k, v in extra]
+    names = {k for k, _ in extra}
+    out = []
+    for f in fams:
+        nf = Family(_rename(f.name), f.type, f.help)
+        for name, labels, value, ts in f.samples:
+            keep = [(k, v) for k, v in labels if k not in names and k not in ("le", "quantile")]
+            tail = [(k, v) for k, v in labels if k in ("le", "quantile") and k not in names]
+            nf.samples.append((_rename(name), keep + enc + tail, value, ts))
+        out.append(nf)
+    return out
+
+
+def sandbox_labels(sb, node: str | None = None) -> list[tuple[str, str]]:
+    pod = sb.pod or {}
+    out = [("sandbox_id", sb.id), ("cri_uid", pod.get("uid") or ""), ("cri_name", pod.get("name") or ""),
+           ("cri_namespace", pod.get("namespace") or "")]
+    if node is not None:
+        out.append(("node", node))
+    return out
+
+
+def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]],
+                      node_errors: list[tuple[str, KatactlError]] = ()) -> str:
+    """One text exposition: families merged by name (sorted), HELP/TYPE once (the first
+    sandbox's; a family another shim types differently keeps the first type and loses that
+    shim's samples), then katactl_scrape_error per sandbox (1: its shim did not answer or sent
+    garbage) and per failed node."""
+    merged: dict[str, Family] = {}
+    for _, fams in per_sandbox:
+        if isinstance(fams, KatactlError):
+            continue
+        for f in fams:
+            m = merged.get(f.name)
+            if m is None:
+                merged[f.name] = m = Family(f.name, f.type, f.help)
+            elif m.type != f.type:
+                continue
+            m.samples.extend(f.samples)
+    lines: list[str] = []
+    for name in sorted(merged):
+        f = merged[name]
+        if f.help is not None:
+            lines.append(f"# HELP {name} {f.help}")
+        lines.append(f"# TYPE {name} {f.type}")
+        for sname, labels, value, ts in f.samples:
+            lab = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(f"{sname}{{{lab}}} {value}" + (f" {ts}" if ts else "") if lab
+                         else f"{sname} {value}" + (f" {ts}" if ts else ""))
+    if per_sandbox or node_errors:
+        lines.append(f"# HELP {SCRAPE_ERROR} 1 when katactl could not scrape the sandbox's shim "
+                     "(no answer, or not Prometheus text), else 0.")
+        lines.append(f"# TYPE {SCRAPE_ERROR} gauge")
+        for labels, fams in per_sandbox:
+            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{SCRAPE_ERROR}{{{lab}}} {1 if isinstance(fams, KatactlError) else 0}")
+        for node, _ in node_errors:
+            lines.append(f'{SCRAPE_ERROR}{{sandbox_id="",cri_uid="",cri_name="",cri_namespace="",'
+                         f'node="{_escape(node)}"}} 1')
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def scrape_families(transport, sandboxes, *, timeout: float, workers: int = 32, prefixes=None) -> dict:
+    """{sandbox id: [Family] | KatactlError}: every shim scraped concurrently and parsed
+    strictly; prefixes keep the families (after renaming) that start with one of them."""
+    prefixes = tuple(prefixes or ())
+
+    def one(sb):
+        try:
+            fams = parse_families(scrape(transport, sb, timeout))
+            if prefixes:
+                fams = [f for f in fams if _rename(f.name).startswith(prefixes)]
+            return sb.id, fams
+        except Exception as e:  # one shim's failure is that sandbox's scrape error
+            return sb.id, as_katactl_error(e)
+
+    if not sandboxes:
+        return {}
+    ex = ThreadPoolExecutor(max_workers=max(1, min(workers, len(sandboxes))), thread_name_prefix="katactl-scrape")
+    try:
+        out = dict(ex.map(one, sandboxes))
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
+    return out
+
+
+def scrape_node(transport, *, timeout: float, prefixes=None, workers: int = 32) -> list[dict]:
+    """Every running sandbox of a node: [{sandbox, families | error}] (for metrics --all)."""
+    from katactl import sandbox
+
+    sbs = [s for s in sandbox.discover(transport, timeout=min(timeout, 1.0)) if s.state == "running"]
+    got = scrape_families(transport, sbs, timeout=timeout, workers=workers, prefixes=prefixes)
+    return [{"sandbox": sb, "result": got[sb.id]} for sb in sbs]

@@ -1,4 +1,4 @@
-"""katactl metrics SANDBOX."""
+"""katactl metrics SANDBOX | --all."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -7,23 +7,37 @@ import typer
 
 from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
 
-app = new_app("A sandbox's shim /metrics: parsed, filtered by family, or raw Prometheus text.",
-              single=True)
+app = new_app("A sandbox's shim /metrics (parsed, filtered, raw), or every sandbox's in one "
+              "relabelled Prometheus exposition (--all).", single=True)
 
 
 @app.command()
 def metrics(
     ctx: typer.Context,
-    target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
+    target: Optional[str] = typer.Argument(None, metavar="[SANDBOX]", help=SANDBOX_HELP),
+    all_: bool = typer.Option(False, "--all", "-A",
+                              help="Every running sandbox of the node(s), relabelled as kata-monitor does."),
     family: Optional[List[str]] = typer.Option(None, "--family", metavar="PREFIX",
                                                help="Keep metric families starting with PREFIX (repeatable)."),
     raw: bool = typer.Option(False, "--raw", help="Print the Prometheus text as the shim sent it."),
+    to: Optional[str] = typer.Option(None, "--to", metavar="FILE",
+                                     help="Write the exposition to FILE atomically (temp file + rename), "
+                                          "e.g. for node_exporter's textfile collector."),
 ) -> None:
-    """Scrape one sandbox's shim management socket (/metrics) and show the samples.
+    """Scrape one sandbox's shim management socket (/metrics) and show the samples,
+    or with --all every running sandbox of the node(s) concurrently.
 
     Families: kata_shim_*, kata_hypervisor_*, kata_agent_*, kata_guest_*
     (kata_guest_meminfo, kata_guest_vm_stat ...), and for the Go shim its
     own go_* and process_* families.
+
+    With -o prom (or --to FILE) the answer is one Prometheus text exposition in
+    kata-monitor's shape: every sample carries sandbox_id, cri_uid, cri_name
+    and cri_namespace (and node="..." with -N/-l), go_*/process_* become
+    kata_shim_go_*/kata_shim_process_*, HELP and TYPE appear once per family.
+    A shim that does not answer, or answers with something that is not
+    Prometheus text, is katactl_scrape_error{sandbox_id=...} 1 and a warning;
+    the others are still there, and the exit code is 4 (partial failure).
 
     \b
     Examples:
@@ -31,29 +45,175 @@ def metrics(
       katactl metrics batch/train-0 --family kata_guest_meminfo
       katactl metrics 3f2a --raw --family kata_hypervisor_ > hv.prom
       katactl metrics 3f2a -o json | jq '.items[] | select(.labels.item=="mem_available")'
+      katactl metrics --all -o prom
+      katactl metrics --all --to /var/lib/node_exporter/textfile/kata.prom
+      katactl -N node-1,node-2 metrics --all --family kata_guest_ -o prom
     """
     from katactl import metrics as m
     from katactl import sandbox
+    from katactl.errors import UsageError
     from katactl.output import Column, Result
 
     app_ctx = state(ctx)
     prefixes = m.validate_prefixes(family)
-    settings, ref = sandbox_ref(app_ctx, target)
+    if all_ and target is not None:
+        raise UsageError("give a SANDBOX or --all, not both")
+    if not all_ and target is None:
+        raise UsageError("missing SANDBOX (or --all for every sandbox)")
+    if raw and all_:
+        raise UsageError("--raw is one shim's text; with --all use -o prom (relabelled)")
+    if to is not None:
+        _check_to(to)
     timeout = float(app_ctx.settings.request_timeout)
-    node, sb, text = sandbox.on_sandbox(settings, ref, lambda t, s: m.scrape(t, s, timeout))
-    if raw:
-        app_ctx.out.text(m.filter_text(text, prefixes))
-        return
-    samples = m.parse(text, prefixes)
-    if prefixes and not samples:
-        app_ctx.out.warn(f"no metric family starts with {', '.join(prefixes)}")
+    prom = app_ctx.out.fmt == "prom" or to is not None
     cols = [Column("METRIC", "name"),
             Column("LABELS", lambda s: ",".join(f"{k}={v}" for k, v in s["labels"].items()) or None),
             Column("VALUE", "value", fmt=_fmt_value),
             Column("TYPE", "type", wide=True)]
+    if all_:
+        _all(app_ctx, prefixes, prom, to, min(timeout, 10.0))
+        return
+    settings, ref = sandbox_ref(app_ctx, target)
+    node, sb, text = sandbox.on_sandbox(settings, ref, lambda t, s: m.scrape(t, s, timeout))
+    if raw and not prom:
+        app_ctx.out.text(m.filter_text(text, prefixes))
+        return
+    if prom:
+        fams = m.parse_families(text)
+        if prefixes:
+            fams = [f for f in fams if m._rename(f.name).startswith(tuple(prefixes))]
+        labels = m.sandbox_labels(sb, node if node != "localhost" else None)
+        _emit(app_ctx, m.render_exposition([(labels, m.relabel(fams, labels))]), to)
+        return
+    samples = m.parse(text, prefixes)
+    if prefixes and not samples:
+        app_ctx.out.warn(f"no metric family starts with {', '.join(prefixes)}")
     finish(app_ctx, Result(kind="MetricSampleList", item={"node": node, "sandbox": sb.id},
                            items=samples, columns=cols, name_key="name",
                            summary=None))
+
+
+def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
+    from katactl import metrics as m
+    from katactl.commands._common import _progress_cb
+    from katactl.errors import ExitCode, KatactlError, outcome_exit_code
+    from katactl.fleet import run_on_nodes
+    from katactl.output import Column, Result
+    from katactl.sandbox import pod_ref
+
+    fo = run_on_nodes(app_ctx.settings, lambda t: m.scrape_node(t, timeout=timeout, prefixes=prefixes),
+                      progress=_progress_cb(app_ctx))
+    fo.raise_if_single_failure()
+    per: list = []
+    failed = 0
+    for node in fo.nodes:
+        for row in fo.values.get(node, []):
+            sb, res = row["sandbox"], row["result"]
+            labels = m.sandbox_labels(sb, node if fo.multi else None)
+            if isinstance(res, KatactlError):
+                failed += 1
+                app_ctx.out.warn(f"{node + ': ' if fo.multi else ''}sandbox {sb.id[:12]} "
+                                 f"({pod_ref(sb.pod) or 'no pod'}): {res.message}")
+                per.append((labels, res))
+            else:
+                per.append((labels, m.relabel(res, labels)))
+    code = fo.exit_code()
+    if not code and failed:
+        code = outcome_exit_code([ExitCode.FAILED] * failed, len(per) - failed)
+    if prom:
+        node_errors = list(fo.errors.items())
+        for n, e in node_errors:
+            app_ctx.out.error(f"{n}: {e.message}")
+        _emit(app_ctx, m.render_exposition(per, node_errors), to)
+    else:
+        items = []
+        for labels, fams in per:
+            if isinstance(fams, KatactlError):
+                continue
+            for f in fams:
+                for name, labs, value, ts in f.samples:
+                    items.append({"family": f.name, "type": f.type, "name": name,
+                                  "labels": {k: _unescape(v) for k, v in labs}, "value": _num(value)})
+        errs = fo.error_items() + [{"target": dict(labels)["sandbox_id"], "error": fams.to_dict()}
+                                   for labels, fams in per if isinstance(fams, KatactlError)]
+        cols = [Column("POD", lambda s: "/".join(x for x in (s["labels"].get("cri_namespace"),
+                                                              s["labels"].get("cri_name")) if x) or None),
+                Column("SANDBOX", lambda s: (s["labels"].get("sandbox_id") or "")[:13]),
+                Column("METRIC", "name"),
+                Column("LABELS", lambda s: ",".join(f"{k}={v}" for k, v in s["labels"].items()
+                                                    if k not in m.MONITOR_LABELS and k != "node") or None),
+                Column("VALUE", "value", fmt=_fmt_value),
+                Column("TYPE", "type", wide=True)]
+        app_ctx.out.render(Result(kind="MetricSampleList", items=items, columns=cols, name_key="name",
+                                  errors=errs, multi_node=False))
+    if code:
+        raise typer.Exit(int(code))
+
+
+def _check_to(path: str) -> None:
+    import os
+
+    from katactl.errors import UsageError
+
+    if not path or not path.strip() or "\0" in path:
+        raise UsageError(f"invalid --to {path!r}: give a file path")
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"invalid --to {path}: is a directory")
+    if not os.path.isdir(d):
+        raise UsageError(f"invalid --to {path}: {d} is not a directory")
+
+
+def _emit(app_ctx, text: str, to: str | None) -> None:
+    if to is None:
+        app_ctx.out.text(text)
+        return
+    write_atomic(to, text)
+    n = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    app_ctx.out.info(f"wrote {n} samples to {to}")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """FILE's new content appears whole or not at all (a textfile collector never reads half
+    a file): a temp file in the same directory, fsync, rename over FILE, mode 0644."""
+    import os
+    import tempfile
+
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".katactl-", suffix=".prom.tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _unescape(v: str) -> str:
+    if "\\" not in v:
+        return v
+    out, i = [], 0
+    while i < len(v):
+        c = v[i]
+        if c == "\\" and i + 1 < len(v):
+            nxt = v[i + 1]
+            out.append("\n" if nxt == "n" else nxt)
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _num(v: str) -> float:
+    return float(v)
 
 
 def _fmt_value(v) -> str:

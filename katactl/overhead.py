@@ -1,0 +1,686 @@
+"""Pod overhead accounting: what each Kata pod declares (RuntimeClass ``overhead.podFixed``,
+copied by admission into the pod's ``spec.overhead``) against what its sandbox really uses
+on the node.
+
+Declared: the pod's ``spec.overhead`` through the Kubernetes API, else its RuntimeClass's
+``overhead.podFixed``; without an API (or to ask "what if"), one ``cpu=250m,memory=160Mi``
+value from ``--runtime-class-overhead`` or the config file.
+
+Measured, per sandbox, over one sampling window (two samples ``interval`` apart):
+
+- the host processes of the sandbox: the shim (``<bundle>/shim.pid``), the VMM, virtiofsd
+  (``VirtiofsDaemonPid`` / ``virtiofs_daemon_pid``) and the helpers (other descendants of the
+  shim and VMM that belong to no other sandbox). A process shared by several sandboxes (a
+  Dragonball VMM inside its shim, one lab daemon) is divided between them. When the shim's
+  pid is unknown its figures come from its own ``/metrics`` (``kata_shim_proc_*``).
+  CPU is the processes' CPU time minus the VMM's vCPU threads (the guest's work, which the
+  pod's requests cover); memory is their RSS, the VMM's without the guest memory the guest
+  uses (``MemTotal - MemFree`` of ``kata_guest_meminfo``: the workload's, covered by the
+  requests). Without guest figures the VMM's whole RSS counts (noted on the item).
+- ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the cgroup where the runtime keeps
+  everything but the vCPU threads; its memory and CPU usage, when it can be read, is the
+  measured figure (the kernel's own accounting) and the processes are the breakdown.
+
+Nothing here prints; :func:`measure_node` is what a command fans out over nodes and
+:func:`report` turns the items of every node into findings, node sums and suggestions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import posixpath
+import re
+import threading
+import time
+from decimal import Decimal, InvalidOperation
+
+from katactl.errors import KatactlError, UsageError, as_katactl_error
+
+#: severities, as audit's (katactl.isolation.policy.SEVERITIES)
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+#: measured/declared ratio -> severity: above 1 low, above 1.25 medium, above 1.5 high, above 2 critical
+RATIO_SEVERITY = ((2.0, "critical"), (1.5, "high"), (1.25, "medium"), (1.0, "low"))
+USER_HZ = 100
+PROC_SCAN_LIMIT = 65536
+
+# -- Kubernetes quantities -------------------------------------------------------
+_QTY = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<suf>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?",
+                  re.ASCII)
+_SUFFIX = {"": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+           "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12,
+           "P": Decimal(10) ** 15, "E": Decimal(10) ** 18,
+           "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40,
+           "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
+QTY_HELP = "a Kubernetes quantity such as 250m, 0.5, 160Mi or 1G"
+
+
+def parse_quantity(text, *, what: str = "quantity") -> Decimal:
+    """A Kubernetes resource quantity (apimachinery's resource.Quantity syntax, no sign):
+    '250m' -> 0.25, '160Mi' -> 167772160, '1e3' -> 1000."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}")
+    s = str(text).strip(" ")  # a newline or tab is not a quantity
+    m = _QTY.fullmatch(s)
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}")
+    suf = m.group("suf") or ""
+    try:
+        mult = _SUFFIX[suf] if suf in _SUFFIX else Decimal(10) ** int(suf[1:])
+        v = Decimal(m.group("num")) * mult
+    except (InvalidOperation, ValueError, OverflowError):
+        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}") from None
+    if v > Decimal(2) ** 62:
+        raise UsageError(f"invalid {what} {text!r}: too large")
+    return v
+
+
+def cpu_millis(q) -> int:
+    """A CPU quantity in millicores, rounded up as the scheduler does ('0.1' -> 100)."""
+    return int(math.ceil(parse_quantity(q, what="CPU quantity") * 1000))
+
+
+def memory_bytes(q) -> int:
+    """A memory quantity in bytes, rounded up ('160Mi' -> 167772160)."""
+    return int(math.ceil(parse_quantity(q, what="memory quantity")))
+
+
+def parse_declared(text, *, what: str = "--runtime-class-overhead") -> dict:
+    """'cpu=250m,memory=160Mi' -> {cpuMillis: 250, memoryBytes: 167772160} (either may be left out)."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"empty {what}: expected cpu=QUANTITY,memory=QUANTITY (e.g. cpu=250m,memory=160Mi)")
+    out: dict = {"cpuMillis": None, "memoryBytes": None}
+    for part in text.split(","):
+        key, eq, val = part.strip(" ").partition("=")
+        key = key.strip(" ")
+        if not eq or key not in ("cpu", "memory"):
+            raise UsageError(f"invalid {what} {text!r}: expected cpu=QUANTITY,memory=QUANTITY "
+                             f"(e.g. cpu=250m,memory=160Mi), got {part!r}")
+        field = "cpuMillis" if key == "cpu" else "memoryBytes"
+        if out[field] is not None:
+            raise UsageError(f"invalid {what} {text!r}: {key} given twice")
+        try:
+            out[field] = cpu_millis(val) if key == "cpu" else memory_bytes(val)
+        except UsageError as e:
+            raise UsageError(f"invalid {what} {text!r}: {e.message}") from None
+    return out
+
+
+def parse_margin(text) -> float:
+    """'10%' or '10' (percent) -> 0.10; 0 to 1000 %."""
+    s = str(text).strip() if isinstance(text, (str, int, float)) and not isinstance(text, bool) else ""
+    num = s[:-1].strip() if s.endswith("%") else s
+    if not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", num, re.ASCII):
+        raise UsageError(f"invalid --margin {text!r}: expected a percentage such as 10% or 25")
+    v = float(num)
+    if v > 1000:
+        raise UsageError(f"invalid --margin {text!r}: at most 1000%")
+    return v / 100.0
+
+
+def check_fail_on(text) -> str:
+    if text not in SEVERITIES:
+        raise UsageError(f"invalid --fail-on {text!r}: choose from {', '.join(SEVERITIES)}")
+    return text
+
+
+# -- what the scheduler reserved ------------------------------------------------------
+class Declared:
+    """Where declared overheads come from: the Kubernetes API (pods and RuntimeClasses,
+    asked once per namespace and shared by every node's thread), else a fixed value."""
+
+    def __init__(self, *, api=None, fixed: dict | None = None, fixed_source: str | None = None):
+        self.api = api
+        self.fixed = fixed
+        self.fixed_source = fixed_source
+        self._lock = threading.Lock()
+        self._rcs: dict | None = None
+        self._pods: dict[str, dict] = {}   # namespace -> {name: pod}
+        self.warnings: list[str] = []
+
+    def _runtime_classes(self) -> dict:
+        if self._rcs is None:
+            from katactl.nodes import runtime_classes
+
+            self._rcs = runtime_classes(self.api)
+        return self._rcs
+
+    def _pod(self, ns: str, name: str) -> dict | None:
+        if ns not in self._pods:
+            pods = {}
+            for page in self.api.list_pages(f"/api/v1/namespaces/{_seg(ns)}/pods"):
+                for p in page:
+                    pods[(p.get("metadata") or {}).get("name")] = p
+            self._pods[ns] = pods
+        return self._pods[ns].get(name)
+
+    def lookup(self, pod: dict | None) -> tuple[str | None, dict]:
+        """(RuntimeClass name, {cpuMillis, memoryBytes, source}) of a sandbox's pod."""
+        if self.fixed is not None:
+            return None, {**self.fixed, "source": self.fixed_source}
+        none = {"cpuMillis": None, "memoryBytes": None, "source": None}
+        if self.api is None or not pod or not pod.get("name") or not pod.get("namespace"):
+            return None, none
+        with self._lock:
+            obj = self._pod(pod["namespace"], pod["name"])
+            rcs = self._runtime_classes() if obj is not None else {}
+        if obj is None:
+            return None, {**none, "source": "api", "note": f"pod {pod['namespace']}/{pod['name']} not found "
+                                                           "in the Kubernetes API"}
+        if pod.get("uid") and (obj.get("metadata") or {}).get("uid") not in (None, pod["uid"]):
+            return None, {**none, "source": "api", "note": "the API's pod of that name has another UID "
+                                                           "(recreated): its overhead is not this sandbox's"}
+        spec = obj.get("spec") or {}
+        rc = spec.get("runtimeClassName")
+        ov = spec.get("overhead")
+        src = "pod"
+        if not ov and rc and isinstance(rcs.get(rc), dict):
+            ov, src = ((rcs[rc].get("overhead") or {}).get("podFixed")), "runtimeclass"
+        if not isinstance(ov, dict) or not ov:
+            why = (f"RuntimeClass {rc} declares no overhead.podFixed" if rc else "the pod has no runtimeClassName")
+            return rc, {"cpuMillis": 0, "memoryBytes": 0, "source": src, "note": f"no Pod overhead declared ({why})"}
+        out = {"cpuMillis": None, "memoryBytes": None, "source": src}
+        for key, field, conv in (("cpu", "cpuMillis", cpu_millis), ("memory", "memoryBytes", memory_bytes)):
+            if key in ov:
+                try:
+                    out[field] = conv(ov[key])
+                except UsageError:
+                    out["note"] = f"unparsable overhead {key} {ov[key]!r}"
+            else:
+                out[field] = 0
+        return rc, out
+
+
+def _seg(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+def declared_source(settings, flag: str | None, configured: str | None, *, use_api: bool | None = None) -> Declared:
+    """The declared-overhead source for this run: the flag (a what-if, it wins), the Kubernetes
+    API when a kubeconfig is configured, else the config file's runtime_class_overhead."""
+    if flag is not None:
+        return Declared(fixed=parse_declared(flag), fixed_source="flag")
+    if use_api is None:
+        use_api = kube_configured(settings)
+    if use_api:
+        from katactl.backends import kube
+
+        return Declared(api=kube.client(settings))
+    if configured:
+        return Declared(fixed=parse_declared(configured, what="runtime_class_overhead (config)"),
+                        fixed_source="config")
+    return Declared()
+
+
+def kube_configured(settings) -> bool:
+    if getattr(settings, "kubeconfig", None) or os.environ.get("KUBECONFIG"):
+        return True
+    return os.path.isfile(os.path.expanduser("~/.kube/config"))
+
+
+# -- what the node spends ----------------------------------------------------------------
+@dataclasses.dataclass
+class _Proc:
+    pid: int
+    ppid: int | None
+    comm: str
+    ticks: int          # utime + stime
+    rss_pages: int
+
+
+def _parse_stat(raw: bytes) -> tuple[str, list[str]] | None:
+    text = raw.decode("utf-8", "replace")
+    head, sep, tail = text.rpartition(")")
+    fields = tail.split()
+    if not sep or len(fields) < 22:
+        return None
+    return head.partition("(")[2], fields
+
+
+def _proc_of(pid: int, raw) -> _Proc | None:
+    if not isinstance(raw, bytes):
+        return None
+    got = _parse_stat(raw)
+    if got is None:
+        return None
+    comm, f = got
+    try:
+        return _Proc(pid, int(f[1]), comm, int(f[11]) + int(f[12]), int(f[21]))
+    except (ValueError, IndexError):
+        return None
+
+
+def _proc_table(t) -> dict[int, _Proc]:
+    """Every process of the node from /proc/<pid>/stat (one batched read)."""
+    try:
+        pids = [int(p) for p in t.listdir("/proc") if p.isdigit()][:PROC_SCAN_LIMIT]
+    except OSError:
+        return {}
+    got = t.read_many([f"/proc/{p}/stat" for p in pids], limit=4096) if pids else {}
+    out = {}
+    for p in pids:
+        pr = _proc_of(p, got.get(f"/proc/{p}/stat"))
+        if pr is not None:
+            out[p] = pr
+    return out
+
+
+def _virtiofsd_pid(sb) -> int | None:
+    raw = sb.raw or {}
+    v = ((raw.get("HypervisorState") or {}).get("VirtiofsDaemonPid") if sb.runtime == "go"
+         else (raw.get("hypervisor") or {}).get("virtiofs_daemon_pid"))
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def members(sbs, table: dict[int, _Proc]) -> dict[str, dict[int, str]]:
+    """{sandbox id: {pid: role}}: shim, vmm (or shim+vmm), virtiofsd, helper."""
+    roots: dict[str, dict[int, str]] = {}
+    owned: dict[int, set[str]] = {}
+    for sb in sbs:
+        m: dict[int, str] = {}
+        if sb.shim_pid:
+            m[sb.shim_pid] = "shim"
+        if sb.hypervisor_pid:
+            m[sb.hypervisor_pid] = "shim+vmm" if sb.hypervisor_pid == sb.shim_pid else "vmm"
+        vfs = _virtiofsd_pid(sb)
+        if vfs and vfs not in m:
+            m[vfs] = "virtiofsd"
+        roots[sb.id] = m
+        for p in m:
+            owned.setdefault(p, set()).add(sb.id)
+    if table:
+        children: dict[int, list[int]] = {}
+        for p in table.values():
+            if p.ppid:
+                children.setdefault(p.ppid, []).append(p.pid)
+        for sb in sbs:
+            m = roots[sb.id]
+            stack = [p for p in m if len(owned.get(p, ())) == 1]  # never descend a shared process
+            seen = set(stack)
+            while stack:
+                for c in children.get(stack.pop(), ()):
+                    if c in seen or (c in owned and sb.id not in owned[c]):
+                        continue  # another sandbox's own process (and what hangs below it)
+                    seen.add(c)
+                    if c not in m:
+                        m[c] = "helper"
+                    stack.append(c)
+    return roots
+
+
+def _vcpu_tids(t, vmms: dict[int, str | None]) -> dict[int, list[int]]:
+    """{vmm pid: [vCPU thread ids]} from the names of /proc/<pid>/task/<tid>."""
+    from katactl.isolation.threads import vcpu_index
+
+    if not vmms:
+        return {}
+    dirs = t.scan_dirs([f"/proc/{p}/task" for p in vmms])
+    tids = {p: [n for n, _ in (dirs.get(f"/proc/{p}/task") or []) if n.isdigit()]
+            if not isinstance(dirs.get(f"/proc/{p}/task"), OSError) else [] for p in vmms}
+    got = t.read_many([f"/proc/{p}/task/{n}/stat" for p, ns in tids.items() for n in ns], limit=4096)
+    out: dict[int, list[int]] = {}
+    for p, ns in tids.items():
+        for n in ns:
+            raw = got.get(f"/proc/{p}/task/{n}/stat")
+            parsed = _parse_stat(raw) if isinstance(raw, bytes) else None
+            if parsed and vcpu_index(parsed[0], vmms[p]) is not None:
+                out.setdefault(p, []).append(int(n))
+    return out
+
+
+def _thread_ticks(t, threads: dict[int, list[int]]) -> dict[tuple[int, int], int]:
+    paths = {(p, n): f"/proc/{p}/task/{n}/stat" for p, ns in threads.items() for n in ns}
+    got = t.read_many(list(paths.values()), limit=4096) if paths else {}
+    out = {}
+    for k, path in paths.items():
+        pr = _proc_of(k[1], got.get(path))
+        if pr is not None:
+            out[k] = pr.ticks
+    return out
+
+
+def _cgroup_reader(t):
+    from katactl.isolation.cgroups import CgroupFS
+
+    try:
+        fs = CgroupFS(t)
+    except (OSError, KatactlError):
+        return None
+    if fs.mode == "none":
+        return None
+    return fs
+
+
+def _cgroup_paths(fs, cgpath: str) -> dict[str, str]:
+    """{memory: file, cpu: file} of a cgroup, v1 or v2 as the node mounts them."""
+    out = {}
+    mem_v = fs.version_of("memory")
+    if mem_v is not None:
+        out["memory"] = fs.dir("memory", cgpath) + ("/memory.current" if mem_v == 2 else "/memory.usage_in_bytes")
+    if "cpuacct" in fs.v1:
+        out["cpu"] = fs._join(fs.v1["cpuacct"], cgpath) + "/cpuacct.usage"
+    elif fs.v2 is not None:
+        out["cpu"] = fs._join(fs.v2, cgpath) + "/cpu.stat"
+    return out
+
+
+def _cpu_usage_ns(path: str, raw: bytes) -> int | None:
+    text = raw.decode("ascii", "replace")
+    try:
+        if path.endswith("cpu.stat"):
+            for line in text.splitlines():
+                k, _, v = line.partition(" ")
+                if k == "usage_usec":
+                    return int(v) * 1000
+            return None
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass
+class _Sample:
+    t: float
+    procs: dict            # pid -> procfacts.ProcStats | None
+    vcpu: dict             # (pid, tid) -> ticks
+    cgroup: dict           # path -> bytes | OSError
+
+
+def _sample(t, facts, pids, threads, cg_files) -> _Sample:
+    now = time.monotonic()
+    procs = facts.stats(sorted(pids)) if pids else {}
+    vcpu = _thread_ticks(t, threads)
+    cg = t.read_many(sorted(cg_files), limit=65536) if cg_files else {}
+    return _Sample(now, procs, vcpu, cg)
+
+
+def measure_node(t, *, interval: float = 1.0, refs=None, declared: Declared | None = None,
+                 timeout: float = 5.0, workers: int = 32, scrape: bool = True) -> list[dict]:
+    """One item per running Kata sandbox of the node (those matching refs: ids, id prefixes,
+    NAMESPACE/POD). CPU over ``interval`` seconds (two samples)."""
+    from katactl import metrics, procfacts, sandbox
+
+    sbs = [s for s in sandbox.discover(t, timeout=min(timeout, 1.0)) if s.state == "running"]
+    if refs:
+        sbs = [s for s in sbs if any(matches(s, r) for r in refs)]
+    if not sbs:
+        return []
+    declared = declared or Declared()
+    guest = metrics.scrape_all(t, sbs, timeout=timeout, workers=workers) if scrape else {}
+    need_tree = any(s.shim_pid or s.hypervisor_pid for s in sbs)
+    table = _proc_table(t) if need_tree else {}
+    mem = members(sbs, table)
+    sharers: dict[int, int] = {}
+    for m in mem.values():
+        for p in m:
+            sharers[p] = sharers.get(p, 0) + 1
+    vmms = {sb.hypervisor_pid: sb.hypervisor for sb in sbs if sb.hypervisor_pid}
+    threads = _vcpu_tids(t, vmms)
+    fs = _cgroup_reader(t) if any(s.overhead_cgroup_path and s.sandbox_cgroup_only is not True for s in sbs) else None
+    cg_of: dict[str, dict[str, str]] = {}
+    if fs is not None:
+        for s in sbs:
+            if s.overhead_cgroup_path and s.sandbox_cgroup_only is not True:
+                try:
+                    cg_of[s.id] = _cgroup_paths(fs, s.overhead_cgroup_path)
+                except KatactlError:
+                    pass
+    cg_files = {f for d in cg_of.values() for f in d.values()}
+    facts = procfacts.for_transport(t)
+    pids = set(sharers)
+    a = _sample(t, facts, pids, threads, cg_files)
+    if interval > 0:
+        time.sleep(interval)
+    b = _sample(t, facts, pids, threads, cg_files)
+    dt = b.t - a.t
+    items = []
+    for sb in sbs:
+        g = guest.get(sb.id)
+        items.append(_item(sb, mem[sb.id], sharers, threads, a, b, dt, g, cg_of.get(sb.id), declared, fs))
+    return items
+
+
+def matches(sb, ref: str) -> bool:
+    if "/" in ref:
+        parts = ref.split("/")
+        if len(parts) == 3:
+            parts = parts[1:]
+        ns, name = parts[-2], parts[-1]
+        return bool(sb.pod) and sb.pod.get("namespace") == ns and sb.pod.get("name") == name
+    return sb.id.startswith(ref)
+
+
+def _item(sb, mem: dict[int, str], sharers, threads, a: _Sample, b: _Sample, dt: float, g, cg: dict | None,
+          declared: Declared, fs) -> dict:
+    from katactl.sandbox import pod_ref
+
+    notes: list[str] = []
+    guest_err = g if isinstance(g, KatactlError) else None
+    g = g if isinstance(g, dict) else None
+    if guest_err is not None:
+        notes.append(f"shim /metrics: {guest_err.message}")
+    g_total = g.get("guestMemTotal") if g else None
+    g_free = g.get("guestMemFree") if g else None
+    guest_used = int(g_total - g_free) if g_total is not None and g_free is not None else None
+    procs = []
+    mem_total, cpu_total, cpu_known = 0, 0.0, dt > 0
+    for pid, role in sorted(mem.items(), key=lambda kv: (_ROLE_ORDER.get(kv[1], 9), kv[0])):
+        sa, sb_ = a.procs.get(pid), b.procs.get(pid)
+        share = sharers.get(pid, 1)
+        st = sb_ or sa
+        if st is None:
+            notes.append(f"{role} pid {pid} is not running (exited, or not visible)")
+            procs.append({"pid": pid, "role": role, "name": None, "rssBytes": None, "cpuMillis": None,
+                          "shared": share if share > 1 else None, "gone": True})
+            if role in ("vmm", "shim+vmm"):
+                cpu_known = False
+            continue
+        if sb_ is None:
+            notes.append(f"{role} pid {pid} exited while measured")
+        rss = st.rss
+        cpu = None
+        if sa is not None and sb_ is not None and dt > 0 and sa.create_time == sb_.create_time:
+            secs = max(0.0, sb_.cpu_seconds - sa.cpu_seconds)
+            if role in ("vmm", "shim+vmm") and pid in threads:
+                vt = sum(max(0, b.vcpu.get((pid, tid), 0) - a.vcpu.get((pid, tid), 0))
+                         for tid in threads[pid] if (pid, tid) in a.vcpu and (pid, tid) in b.vcpu)
+                secs = max(0.0, secs - vt / USER_HZ)
+            cpu = secs / dt * 1000.0
+        elif dt > 0:
+            cpu_known = False
+        own = rss
+        if role in ("vmm", "shim+vmm"):
+            if guest_used is not None:
+                own = max(0, rss - guest_used)
+            else:
+                notes.append("no guest memory figures: the VMM's RSS counts whole (guest memory included)")
+        own_share = own / share
+        procs.append({"pid": pid, "role": role, "name": st.name, "rssBytes": rss, "ownBytes": int(own_share),
+                      "cpuMillis": None if cpu is None else round(cpu / share, 1),
+                      "shared": share if share > 1 else None})
+        mem_total += own_share
+        if cpu is not None:
+            cpu_total += cpu / share
+    if not any(r in ("shim", "shim+vmm") for r in mem.values()) and g and g.get("shimRSS") is not None:
+        procs.insert(0, {"pid": None, "role": "shim", "name": "(from the shim's /metrics)",
+                         "rssBytes": int(g["shimRSS"]), "ownBytes": int(g["shimRSS"]), "cpuMillis": None,
+                         "shared": None})
+        mem_total += g["shimRSS"]
+        notes.append("shim pid unknown (no shim.pid in the bundle): its RSS is from its /metrics, its CPU not counted")
+    elif not any(r in ("shim", "shim+vmm") for r in mem.values()):
+        notes.append("shim pid unknown and its /metrics gave no RSS: the shim is not counted")
+    measured = {"memoryBytes": int(mem_total) if procs else None,
+                "cpuMillis": round(cpu_total) if procs and cpu_known else None, "source": "processes"}
+    cgroup = None
+    if sb.overhead_cgroup_path and sb.sandbox_cgroup_only is not True:
+        cgroup = _cgroup_item(sb.overhead_cgroup_path, cg, a, b, dt, fs)
+        if cgroup.get("memoryBytes") is not None:
+            measured = {"memoryBytes": cgroup["memoryBytes"],
+                        "cpuMillis": cgroup.get("cpuMillis") if cgroup.get("cpuMillis") is not None
+                        else measured["cpuMillis"], "source": "cgroup"}
+    rc, dec = declared.lookup(sb.pod)
+    if dec.get("note"):
+        notes.append(dec["note"])
+    dec_out = {"cpuMillis": dec.get("cpuMillis"), "memoryBytes": dec.get("memoryBytes"), "source": dec.get("source")}
+    ratio = {"cpu": _ratio(measured["cpuMillis"], dec_out["cpuMillis"]),
+             "memory": _ratio(measured["memoryBytes"], dec_out["memoryBytes"])}
+    known = [r for r in ratio.values() if r is not None]
+    ratio["max"] = max(known) if known else None
+    severity, message = _judge(dec_out, measured, ratio)
+    guest_mem = int(g_total) if g_total is not None else (
+        sb.total_memory_mib * (1 << 20) if sb.total_memory_mib is not None else None)
+    return {
+        "id": sb.id, "pod": sb.pod, "podRef": pod_ref(sb.pod), "runtimeClass": rc, "hypervisor": sb.hypervisor,
+        "declared": dec_out, "measured": measured, "ratio": ratio,
+        "guestMemoryBytes": guest_mem, "guestMemoryUsedBytes": guest_used,
+        "processes": procs, "cgroup": cgroup,
+        "severity": severity, "message": message, "notes": notes,
+    }
+
+
+_ROLE_ORDER = {"shim": 0, "shim+vmm": 0, "vmm": 1, "virtiofsd": 2, "helper": 3}
+
+
+def _cgroup_item(path: str, files: dict | None, a: _Sample, b: _Sample, dt: float, fs) -> dict:
+    out: dict = {"path": path, "memoryBytes": None, "cpuMillis": None}
+    if fs is None or not files:
+        out["error"] = "no cgroup filesystem visible on the node"
+        return out
+    mf, cf = files.get("memory"), files.get("cpu")
+    raw = b.cgroup.get(mf) if mf else None
+    if isinstance(raw, bytes):
+        try:
+            out["memoryBytes"] = int(raw.decode("ascii", "replace").strip())
+        except ValueError:
+            out["error"] = f"{mf}: unexpected content"
+    elif isinstance(raw, OSError):
+        out["error"] = (f"{posixpath.dirname(mf)}: no such cgroup" if isinstance(raw, FileNotFoundError)
+                        else f"{mf}: {raw.strerror or raw}")
+    ra, rb = (a.cgroup.get(cf), b.cgroup.get(cf)) if cf else (None, None)
+    if isinstance(ra, bytes) and isinstance(rb, bytes) and dt > 0:
+        ua, ub = _cpu_usage_ns(cf, ra), _cpu_usage_ns(cf, rb)
+        if ua is not None and ub is not None:
+            out["cpuMillis"] = round(max(0, ub - ua) / 1e9 / dt * 1000.0)
+    return out
+
+
+def _ratio(measured, declared) -> float | None:
+    if measured is None or not declared:
+        return None
+    return round(measured / declared, 3)
+
+
+def severity_for(ratio: float | None) -> str | None:
+    if ratio is None:
+        return None
+    for bound, sev in RATIO_SEVERITY:
+        if ratio > bound:
+            return sev
+    return None
+
+
+def _judge(dec: dict, meas: dict, ratio: dict) -> tuple[str | None, str]:
+    from katactl.values import format_size
+
+    if dec.get("source") is None:
+        return "info", ("declared overhead unknown: no Kubernetes API configured and no "
+                        "--runtime-class-overhead / runtime_class_overhead")
+    zero = [k for k, f in (("cpu", "cpuMillis"), ("memory", "memoryBytes"))
+            if dec.get(f) == 0 and (meas.get(f) or 0) > 0]
+    sev = severity_for(ratio["max"])
+    if zero:
+        sev = max((sev or "medium"), "medium", key=SEVERITIES.index)
+    if sev is None:
+        return None, "within the declared overhead"
+    parts = []
+    if ratio["memory"] is not None and ratio["memory"] > 1:
+        parts.append(f"memory {format_size(meas['memoryBytes'])} > declared {format_size(dec['memoryBytes'])} "
+                     f"({ratio['memory']:.2f}x)")
+    if ratio["cpu"] is not None and ratio["cpu"] > 1:
+        parts.append(f"cpu {meas['cpuMillis']}m > declared {dec['cpuMillis']}m ({ratio['cpu']:.2f}x)")
+    for k in zero:
+        parts.append(f"{k} used but none declared")
+    return sev, "over the declared overhead: " + "; ".join(parts)
+
+
+# -- the whole picture ----------------------------------------------------------------------
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100) of values; None for none."""
+    vs = sorted(v for v in values if v is not None)
+    if not vs:
+        return None
+    k = max(1, math.ceil(p / 100.0 * len(vs)))
+    return vs[k - 1]
+
+
+def node_summary(items: list[dict]) -> dict:
+    """Sums of one node: declared, measured, and under-reservation (measured over declared)."""
+    out = {"pods": len(items), "overDeclared": 0,
+           "declared": {"cpuMillis": 0, "memoryBytes": 0},
+           "measured": {"cpuMillis": 0, "memoryBytes": 0},
+           "underReserved": {"cpuMillis": 0, "memoryBytes": 0}}
+    for it in items:
+        if it.get("severity") not in (None, "info"):
+            out["overDeclared"] += 1
+        for f in ("cpuMillis", "memoryBytes"):
+            d, m = it["declared"].get(f), it["measured"].get(f)
+            out["declared"][f] += d or 0
+            out["measured"][f] += m or 0
+            if m is not None and d is not None:
+                out["underReserved"][f] += max(0, m - d)
+    return out
+
+
+def suggestions(items: list[dict], margin: float) -> list[dict]:
+    """Per RuntimeClass: p50/p95/max measured overhead and the podFixed covering p95 + margin
+    (memory rounded up to MiB, CPU to the millicore)."""
+    groups: dict[str, list[dict]] = {}
+    for it in items:
+        groups.setdefault(it.get("runtimeClass") or "-", []).append(it)
+    out = []
+    for rc, its in sorted(groups.items()):
+        row: dict = {"runtimeClass": rc, "pods": len(its), "margin": margin}
+        sug = {}
+        for f, key in (("memoryBytes", "memory"), ("cpuMillis", "cpu")):
+            vals = [it["measured"].get(f) for it in its if it["measured"].get(f) is not None]
+            p95 = percentile(vals, 95)
+            row[key] = {"p50": percentile(vals, 50), "p95": p95, "max": max(vals) if vals else None,
+                        "samples": len(vals)}
+            if p95 is not None:
+                want = round(p95 * (1 + margin), 6)  # 200 * 1.1 is 220.00000000000003
+                sug[f] = (int(math.ceil(want / (1 << 20))) << 20) if f == "memoryBytes" else int(math.ceil(want))
+            else:
+                sug[f] = None
+        declared = {(it["declared"].get("cpuMillis"), it["declared"].get("memoryBytes")) for it in its
+                    if it["declared"].get("source")}
+        row["declared"] = ([{"cpuMillis": c, "memoryBytes": m} for c, m in sorted(declared, key=str)])
+        row["suggestedPodFixed"] = {**sug, "cpu": None if sug["cpuMillis"] is None else f"{sug['cpuMillis']}m",
+                                    "memory": None if sug["memoryBytes"] is None else f"{sug['memoryBytes'] >> 20}Mi"}
+        out.append(row)
+    return out
+
+
+def report(by_node: dict[str, list[dict]], *, fail_on: str, margin: float) -> tuple[list[dict], dict, bool]:
+    """(items tagged with their node, {nodes, suggestions, counts, failOn}, failed?)."""
+    items = []
+    nodes = []
+    for node, its in by_node.items():
+        for it in its:
+            items.append({"node": node, **it})
+        nodes.append({"node": node, **node_summary(its)})
+    counts = {s: 0 for s in SEVERITIES}
+    for it in items:
+        if it.get("severity"):
+            counts[it["severity"]] += 1
+    threshold = SEVERITIES.index(fail_on)
+    failed = any(it.get("severity") and SEVERITIES.index(it["severity"]) >= threshold for it in items)
+    meta = {"failOn": fail_on, "failed": failed, "counts": counts, "nodes": nodes,
+            "suggestions": suggestions(items, margin)}
+    return items, meta, failed
+
+
+__all__ = ["Declared", "declared_source", "measure_node", "report", "parse_declared", "parse_margin",
+           "parse_quantity", "cpu_millis", "memory_bytes", "percentile", "suggestions", "node_summary",
+           "check_fail_on", "SEVERITIES", "as_katactl_error"]

@@ -1,0 +1,394 @@
+"""katactl overhead (issue 15): declared Pod overhead vs measured, on node trees with real
+processes, the machine's real cgroup v1 filesystem, the Kubernetes stand-in, the QEMU lab and sshd."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from katactl import overhead as lib
+from katactl.errors import UsageError
+from katactl.lab.shimserver import ShimState
+from tests._katanode import node
+
+MiB = 1 << 20
+
+
+def _proc():
+    """A real process standing in for a VMM (python holding some memory)."""
+    p = subprocess.Popen(["python3", "-c", "import time; b = bytearray(24 << 20); time.sleep(600)"])
+    time.sleep(0.3)
+    return p
+
+
+@pytest.fixture
+def tree():
+    procs = [_proc(), _proc()]
+    with node() as n:
+        n.go("ovh01", pod_name="web", pod_namespace="prod", pod_uid="uid-web", pid=procs[0].pid,
+             flavour_kw={"state": ShimState(sandbox_id="ovh01", guest_mem_total=2048 * MiB,
+                                            guest_mem_free=2040 * MiB)})
+        n.go("ovh02", pod_name="batch", pod_namespace="jobs", pod_uid="uid-batch", pid=procs[1].pid,
+             flavour_kw={"state": ShimState(sandbox_id="ovh02")})
+        n.procs = procs
+        yield n
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+# -- bad input, as a corpus -------------------------------------------------------------
+@pytest.mark.parametrize("value", ["", "cpu", "cpu=", "cpu=abc", "mem=1Gi", "cpu=1,cpu=2", "cpu=-1",
+                                   "cpu=250m;memory=1Gi", "memory=1.5.5Gi", "cpu=1e999", "memory=12XB",
+                                   "cpu=250m,,memory=1Gi", "cpu=\n1", "memory=1Gi\n"])
+def test_bad_runtime_class_overhead(cli, value):
+    r = cli(["overhead", "--runtime-class-overhead", value])
+    assert r.exit_code == 2, (value, r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--margin", "x"], ["--margin", "-5%"], ["--margin", "2000%"], ["--margin", ""],
+                                  ["--margin", "10%%"], ["--interval", "0"], ["--interval", "abc"],
+                                  ["--interval", "50ms"], ["--interval", "1h"], ["--interval", "-1s"],
+                                  ["--fail-on", "bad"], ["--fail-on", ""], ["--fail-on", "HIGH"],
+                                  ["../etc"], ["a/b/c/d"], ["-o", "prom"]])
+def test_bad_args_exit_2_one_line(cli, tmp_path, args):
+    r = cli(["--host-root", str(tmp_path), "overhead", *args])
+    assert r.exit_code == 2, (args, r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_quantities():
+    assert lib.cpu_millis("250m") == 250 and lib.cpu_millis("0.5") == 500 and lib.cpu_millis("2") == 2000
+    assert lib.cpu_millis("1u") == 1  # rounded up, as the scheduler does
+    assert lib.memory_bytes("160Mi") == 160 * MiB and lib.memory_bytes("1G") == 10 ** 9
+    assert lib.memory_bytes("1e3") == 1000 and lib.memory_bytes("128974848") == 128974848
+    assert lib.parse_declared("cpu=250m,memory=160Mi") == {"cpuMillis": 250, "memoryBytes": 160 * MiB}
+    assert lib.parse_declared(" memory = 1Gi ") == {"cpuMillis": None, "memoryBytes": 1 << 30}
+    assert lib.parse_margin("10%") == pytest.approx(0.1) and lib.parse_margin("25") == pytest.approx(0.25)
+    with pytest.raises(UsageError):
+        lib.parse_quantity(True)
+
+
+def test_percentiles_and_suggestion():
+    assert lib.percentile([], 95) is None
+    assert lib.percentile([1, 2, 3, 4], 50) == 2 and lib.percentile(list(range(1, 101)), 95) == 95
+    items = [{"runtimeClass": "kata", "declared": {"cpuMillis": 250, "memoryBytes": 160 * MiB, "source": "pod"},
+              "measured": {"cpuMillis": c, "memoryBytes": m * MiB}} for c, m in ((100, 100), (300, 200), (200, 150))]
+    (s,) = lib.suggestions(items, 0.10)
+    assert s["memory"]["p95"] == 200 * MiB and s["memory"]["max"] == 200 * MiB and s["cpu"]["p50"] == 200
+    assert s["suggestedPodFixed"]["memory"] == "220Mi" and s["suggestedPodFixed"]["cpu"] == "330m"
+    summ = lib.node_summary([{**it, "severity": None} for it in items])
+    assert summ["underReserved"] == {"cpuMillis": 50, "memoryBytes": 40 * MiB}
+
+
+def test_severity_ladder():
+    assert [lib.severity_for(r) for r in (0.5, 1.0, 1.1, 1.3, 1.6, 2.5, None)] == \
+        [None, None, "low", "medium", "high", "critical", None]
+
+
+# -- on a node tree: real processes, live shim servers ---------------------------------------
+def test_json_shape_and_exit_8(cli, tree):
+    r = cli(["--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.3s",
+             "--runtime-class-overhead", "cpu=1m,memory=1Ki"])
+    assert r.exit_code == 8, r.stderr
+    d = r.json()
+    assert d["kind"] == "OverheadReport" and d["failed"] is True
+    items = {i["id"]: i for i in d["items"]}
+    assert set(items) == {"ovh01", "ovh02"}
+    w = items["ovh01"]
+    assert w["declared"] == {"cpuMillis": 1, "memoryBytes": 1024, "source": "flag"}
+    assert isinstance(w["measured"]["memoryBytes"], int) and w["measured"]["memoryBytes"] > 0
+    assert isinstance(w["measured"]["cpuMillis"], int)
+    assert w["ratio"]["memory"] > 2 and w["severity"] == "critical"
+    vmm = [p for p in w["processes"] if p["role"] == "vmm"][0]
+    assert vmm["pid"] == tree.procs[0].pid and vmm["rssBytes"] > 20 * MiB
+    # the guest uses 8 MiB (2048 - 2040): the VMM's own memory is its RSS without them
+    assert vmm["ownBytes"] == vmm["rssBytes"] - 8 * MiB
+    assert w["guestMemoryBytes"] == 2048 * MiB and w["guestMemoryUsedBytes"] == 8 * MiB
+    assert w["podRef"] == "prod/web"
+    assert d["nodes"][0]["underReserved"]["memoryBytes"] > 0
+    assert d["suggestions"][0]["suggestedPodFixed"]["memory"].endswith("Mi")
+
+
+def test_within_declared_exit_0_and_plain_table(cli, tree):
+    r = cli(["--host-root", tree.root, "overhead", "--interval", "0.2s",
+             "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["POD", "RUNTIMECLASS", "DECL-CPU"]
+    assert any(line.startswith("prod/web") for line in lines)
+    assert "suggest RuntimeClass" in r.stderr and "0 over their declared overhead" in r.stderr
+
+
+def test_fail_on_threshold(cli, tree):
+    args = ["--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s",
+            "--runtime-class-overhead", "cpu=64,memory=1Ki"]
+    assert cli([*args, "--fail-on", "critical"]).exit_code == 8
+    # memory way over, but only info and above fail with... every severity counts at 'info'
+    r = cli([*args[:-1], "memory=64Gi", "--fail-on", "low"])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_unknown_declared_is_info(cli, tree):
+    r = cli(["--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s"])
+    assert r.exit_code == 0, r.stderr
+    it = r.json()["items"][0]
+    assert it["declared"] == {"cpuMillis": None, "memoryBytes": None, "source": None}
+    assert it["severity"] == "info" and it["ratio"]["max"] is None
+    assert cli(["--host-root", tree.root, "overhead", "--interval", "0.2s", "--fail-on", "info"]).exit_code == 8
+
+
+def test_config_file_declares(cli, tree, tmp_path, monkeypatch):
+    from katactl import config
+
+    if "runtime_class_overhead" not in config.SETTINGS:
+        pytest.skip("runtime_class_overhead setting not registered in katactl/config.py yet")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('runtime_class_overhead = "cpu=250m,memory=160Mi"\n')
+    monkeypatch.setenv("KATACTL_CONFIG", str(cfg))
+    r = cli(["--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s", "--fail-on", "critical"])
+    assert r.json()["items"][0]["declared"]["source"] == "config"
+
+
+def test_sandbox_filter_and_not_found(cli, tree):
+    r = cli(["--host-root", tree.root, "overhead", "jobs/batch", "-o", "json", "--interval", "0.2s"])
+    assert r.exit_code == 0, r.stderr
+    assert [i["id"] for i in r.json()["items"]] == ["ovh02"]
+    r = cli(["--host-root", tree.root, "overhead", "ovh01", "-o", "yaml", "--interval", "0.2s"])
+    assert r.exit_code == 0 and "ovh01" in r.stdout and "ovh02" not in r.stdout
+    r = cli(["--host-root", tree.root, "overhead", "nomatch", "--interval", "0.2s"])
+    assert r.exit_code == 3 and len(r.stderr.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("fmt", ["wide", "markdown", "name", "jsonl"])
+def test_every_output_format(cli, tree, fmt):
+    r = cli(["--host-root", tree.root, "overhead", "-o", fmt, "--interval", "0.2s",
+             "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    assert r.exit_code == 0, r.stderr
+    assert "prod/web" in r.stdout
+
+
+def test_process_vanishing_while_measured(cli, tree, monkeypatch):
+    """The VMM exits between the two samples: the item says so, nothing crashes."""
+    victim = tree.procs[1]
+    real_sleep = time.sleep
+
+    def sleep_and_kill(s):
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        real_sleep(s)
+
+    monkeypatch.setattr(lib.time, "sleep", sleep_and_kill)
+    r = cli(["--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s",
+             "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    assert r.exit_code == 0, r.stderr
+    it = {i["id"]: i for i in r.json()["items"]}["ovh02"]
+    assert any("exited while measured" in n for n in it["notes"])
+    assert it["measured"]["cpuMillis"] is None and it["measured"]["memoryBytes"] is not None
+
+
+def test_shim_garbage_metrics_is_a_note(cli, tree):
+    srv = tree.server("ovh01")
+    old = srv.metrics_text
+    srv.metrics_text = lambda: "this is {not prometheus\n"
+    try:
+        r = cli(["--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s",
+                 "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    finally:
+        srv.metrics_text = old
+    assert r.exit_code == 0, r.stderr
+    it = {i["id"]: i for i in r.json()["items"]}["ovh01"]
+    assert any("VMM's RSS counts whole" in n for n in it["notes"])
+    assert it["guestMemoryUsedBytes"] is None and it["guestMemoryBytes"] == 2048 * MiB  # from persist.json
+
+
+def test_empty_node(cli, tmp_path):
+    r = cli(["--host-root", str(tmp_path), "overhead", "-o", "json", "--interval", "0.1s"])
+    assert r.exit_code == 0 and r.json()["items"] == []
+
+
+# -- the real cgroup filesystem: kata_overhead/<id> ----------------------------------------------
+@pytest.fixture
+def overhead_cgroup():
+    base = "/sys/fs/cgroup/memory"
+    name = f"katactl-test-ovh-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(f"{base}/{name}/sb1")
+        os.makedirs(f"/sys/fs/cgroup/cpuacct/{name}/sb1")
+    except OSError as e:
+        pytest.skip(f"cannot create a cgroup here: {e.strerror}")
+    yield f"/{name}/sb1"
+    for c in ("memory", "cpuacct"):
+        for d in (f"/sys/fs/cgroup/{c}/{name}/sb1", f"/sys/fs/cgroup/{c}/{name}"):
+            try:
+                for pid in open(f"{d}/cgroup.procs").read().split():
+                    with open(f"/sys/fs/cgroup/{c}/cgroup.procs", "w") as f:
+                        f.write(pid)
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+def test_kata_overhead_cgroup_is_the_measured_figure(cli, overhead_cgroup):
+    if not os.path.exists("/sys/fs/cgroup/memory/cgroup.procs"):
+        pytest.skip("no cgroup v1 memory hierarchy")
+    p = subprocess.Popen(["python3", "-c", "import time\nwhile True:\n  b = bytearray(16 << 20); time.sleep(0.01)"])
+    try:
+        for c in ("memory", "cpuacct"):
+            with open(f"/sys/fs/cgroup/{c}{overhead_cgroup}/cgroup.procs", "w") as f:
+                f.write(str(p.pid))
+        time.sleep(0.3)
+        with node() as n:
+            os.makedirs(os.path.join(n.root, "sys/fs"), exist_ok=True)
+            os.symlink("/sys/fs/cgroup", os.path.join(n.root, "sys/fs/cgroup"))
+            n.go("cg01", pod_name="cg", pod_namespace="prod", pid=p.pid, overhead_cgroup_path=overhead_cgroup)
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.5s",
+                     "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    finally:
+        p.kill()
+        p.wait()
+    assert r.exit_code == 0, r.stderr
+    it = r.json()["items"][0]
+    cg = it["cgroup"]
+    assert cg["path"] == overhead_cgroup and cg.get("error") is None
+    usage = int(open(f"/sys/fs/cgroup/memory{overhead_cgroup}/memory.usage_in_bytes").read())
+    assert cg["memoryBytes"] > 0 and usage >= 0
+    assert cg["cpuMillis"] > 0  # the busy loop's CPU, from cpuacct.usage deltas
+    assert it["measured"]["source"] == "cgroup" and it["measured"]["memoryBytes"] == cg["memoryBytes"]
+
+
+def test_missing_overhead_cgroup_falls_back_to_processes(cli, tree):
+    r = cli(["--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s",
+             "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    it = r.json()["items"][0]
+    assert it["cgroup"]["path"].startswith("/kata_overhead/") and it["cgroup"]["memoryBytes"] is None
+    assert it["measured"]["source"] == "processes"
+
+
+# -- declared through the Kubernetes API ------------------------------------------------
+def test_declared_from_the_api(cli, kube, tmp_path):
+    kc = kube.kubeconfig(tmp_path / "kc")
+    kube.add_runtimeclass("kata-qemu", "kata-qemu", overhead={"cpu": "250m", "memory": "160Mi"})
+    kube.add_runtimeclass("kata-bare", "kata")                      # a RuntimeClass with no overhead
+    web = kube.add_pod("web", "prod", node="n1", runtime_class="kata-qemu",
+                       overhead={"cpu": "250m", "memory": "160Mi"})
+    batch = kube.add_pod("batch", "jobs", node="n1", runtime_class="kata-bare")  # a pod without one
+    kube.add_pod("old", "prod", node="n1", runtime_class="kata-qemu")  # created before the RC had overhead
+    procs = [_proc() for _ in range(3)]
+    try:
+        with node() as tree:
+            for sid, pod, p in (("api01", web, procs[0]), ("api02", batch, procs[1])):
+                tree.go(sid, pod_name=pod["metadata"]["name"], pod_namespace=pod["metadata"]["namespace"],
+                        pod_uid=pod["metadata"]["uid"], pid=p.pid)
+            tree.go("api03", pod_name="old", pod_namespace="prod", pod_uid="another-uid", pid=procs[2].pid)
+            r = cli(["--kubeconfig", kc, "--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--fail-on", "critical"])
+            assert r.exit_code in (0, 8), r.stderr
+            items = {i["id"]: i for i in r.json()["items"]}
+            w, b, o = items["api01"], items["api02"], items["api03"]
+            assert w["runtimeClass"] == "kata-qemu"
+            assert w["declared"] == {"cpuMillis": 250, "memoryBytes": 160 * MiB, "source": "pod"}
+            assert b["runtimeClass"] == "kata-bare" and b["declared"]["memoryBytes"] == 0
+            assert any("no Pod overhead declared" in n for n in b["notes"])
+            assert b["severity"] in ("medium", "high", "critical")
+            assert o["declared"]["memoryBytes"] is None and any("another UID" in n for n in o["notes"])
+            # the flag is a what-if that wins over the API
+            r = cli(["--kubeconfig", kc, "--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+            assert {i["declared"]["source"] for i in r.json()["items"]} == {"flag"}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_runtimeclass_overhead_when_the_pod_has_none(cli, kube, tmp_path):
+    kc = kube.kubeconfig(tmp_path / "kc")
+    kube.add_runtimeclass("kata-qemu", "kata-qemu", overhead={"cpu": "250m", "memory": "160Mi"})
+    pod = kube.add_pod("old", "prod", node="n1", runtime_class="kata-qemu")
+    p = _proc()
+    try:
+        with node() as tree:
+            tree.go("rc01", pod_name="old", pod_namespace="prod", pod_uid=pod["metadata"]["uid"], pid=p.pid)
+            r = cli(["--kubeconfig", kc, "--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--fail-on", "critical"])
+    finally:
+        p.kill()
+        p.wait()
+    (it,) = r.json()["items"]
+    assert it["declared"] == {"cpuMillis": 250, "memoryBytes": 160 * MiB, "source": "runtimeclass"}
+
+
+def test_pod_missing_from_the_api(cli, kube, tree, tmp_path):
+    kc = kube.kubeconfig(tmp_path / "kc")
+    r = cli(["--kubeconfig", kc, "--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s"])
+    assert r.exit_code == 0, r.stderr
+    it = r.json()["items"][0]
+    assert it["declared"]["cpuMillis"] is None and any("not found in the Kubernetes API" in n for n in it["notes"])
+
+
+# -- the QEMU lab ------------------------------------------------------------------------------
+def test_on_the_lab_real_qemu(cli, lab):
+    r = cli(lab.args("overhead", "-o", "json", "--interval", "0.5s", "--runtime-class-overhead",
+                     "cpu=250m,memory=160Mi", "--fail-on", "critical", lab.pod("qemu-0")))
+    assert r.exit_code in (0, 8), r.stderr
+    (it,) = r.json()["items"]
+    vmm = [p for p in it["processes"] if p["role"] == "vmm"][0]
+    assert vmm["pid"] == lab.sb("qemu-0")["qemuPid"] and vmm["name"].startswith("qemu")
+    assert vmm["rssBytes"] > 0 and vmm["cpuMillis"] is not None
+    assert it["guestMemoryBytes"] and it["measured"]["memoryBytes"] > 0
+    assert it["ratio"]["memory"] == pytest.approx(it["measured"]["memoryBytes"] / (160 * MiB), rel=1e-2)
+
+
+# -- over SSH --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ssh_nodes(tmp_path_factory):
+    """Its own sshd nodes (the session lab's trees have no /proc): 'ovh' serves a tree whose /proc
+    is this machine's, 'down' does not listen."""
+    import shutil
+
+    from tests.conftest_sshd import SSH_KEYGEN, SSHD, SshLab
+
+    if not (os.path.exists(SSHD) and SSH_KEYGEN and shutil.which("ssh")):
+        pytest.skip("OpenSSH (openssh-server, openssh-client) is not installed")
+    lab = SshLab(tmp_path_factory.mktemp("ovhssh"))
+    lab.add_node("ovh")
+    lab.add_unreachable("down")
+    os.symlink("/proc", os.path.join(str(lab.nodes["ovh"].root), "proc"))
+    lab.write_config()
+    lab.wait_ready()
+    yield lab
+    from katactl.backends import ssh
+
+    ssh.close_pool()
+    lab.stop()
+
+
+def test_over_ssh(cli, ssh_nodes):
+    from katactl.lab import layout
+    from katactl.lab.shimserver import ShimServer
+
+    p = _proc()
+    root = str(ssh_nodes.nodes["ovh"].root)
+    paths = layout.write_go_sandbox(root, "sshovh1", pid=p.pid, pod_name="remote", pod_namespace="prod")
+    srv = ShimServer(paths.shim_socket).start()
+    try:
+        r = cli(["--ssh-config", str(ssh_nodes.config), "-N", "ovh,down", "overhead", "-o", "json",
+                 "--interval", "0.3s", "--runtime-class-overhead", "cpu=64,memory=1Ki"])
+    finally:
+        srv.stop()
+        p.kill()
+        p.wait()
+    assert r.exit_code == 4, r.stderr
+    d = r.json()
+    (it,) = [i for i in d["items"] if i["id"] == "sshovh1"]
+    assert it["node"] == "ovh" and it["severity"] == "critical"
+    vmm = [q for q in it["processes"] if q["role"] == "vmm"][0]
+    assert vmm["pid"] == p.pid and vmm["rssBytes"] > 20 * MiB and vmm["cpuMillis"] is not None
+    assert [e["node"] for e in d["errors"]] == ["down"]
+    assert [n["node"] for n in d["nodes"]] == ["ovh"]

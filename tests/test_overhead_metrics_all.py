@@ -1,0 +1,215 @@
+"""katactl metrics --all / -o prom (issue 15): every sandbox's shim metrics in one exposition,
+relabelled as kata-monitor does (src/runtime/pkg/kata-monitor/metrics.go,
+parsePrometheusMetrics: sandbox_id, cri_uid, cri_name, cri_namespace appended to every
+sample; go_*/process_* renamed kata_shim_go_*/kata_shim_process_*), checked by promtool and
+prometheus_client's parser."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from katactl import metrics as m
+from katactl.errors import ProtocolError
+from katactl.lab.shimserver import ShimState
+from tests._katanode import node
+
+GO_FAMILIES = """# HELP go_katactl_test_goroutines Number of goroutines that currently exist.
+# TYPE go_katactl_test_goroutines gauge
+go_katactl_test_goroutines 42
+# HELP process_katactl_test_resident_bytes Resident memory size in bytes.
+# TYPE process_katactl_test_resident_bytes gauge
+process_katactl_test_resident_bytes 5.0331648e+07
+# HELP kata_shim_katactl_test_histogram_milliseconds RPC latency distributions.
+# TYPE kata_shim_katactl_test_histogram_milliseconds histogram
+kata_shim_katactl_test_histogram_milliseconds_bucket{action="create",le="1"} 0
+kata_shim_katactl_test_histogram_milliseconds_bucket{action="create",le="+Inf"} 3
+kata_shim_katactl_test_histogram_milliseconds_sum{action="create"} 12.5
+kata_shim_katactl_test_histogram_milliseconds_count{action="create"} 3
+# HELP kata_agent_katactl_test_total A counter with a backslash \\\\ and a \\n newline in its help.
+# TYPE kata_agent_katactl_test_total counter
+kata_agent_katactl_test_total{path="a\\"b\\\\c\\nd"} 7
+"""
+
+
+def promtool():
+    p = shutil.which("promtool")
+    if not p:
+        pytest.skip("promtool not installed")
+    return p
+
+
+@pytest.fixture
+def tree():
+    with node() as n:
+        n.go("mon01", pod_name="web", pod_namespace="prod", pod_uid="uid-1")
+        n.go("mon02", pod_name="batch", pod_namespace="jobs", pod_uid="uid-2")
+        n.go("mon03", pod_name="bad", pod_namespace="jobs", pod_uid="uid-3")
+        base = n.server("mon01").metrics_text
+        n.server("mon01").metrics_text = lambda: base() + GO_FAMILIES
+        n.server("mon03").metrics_text = lambda: "kata_shim_threads{oops 1\n"   # garbage
+        yield n
+
+
+def _check(text: str) -> None:
+    r = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    # promtool exits 1 for lint findings too (counter naming of upstream families): only
+    # parse errors fail us
+    assert "error while linting" not in r.stderr and "text format parsing error" not in (r.stdout + r.stderr), \
+        r.stdout + r.stderr
+
+
+def _parse_client(text: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return list(text_string_to_metric_families(text))
+
+
+def test_relabelled_exposition(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "--all", "-o", "prom"])
+    assert r.exit_code == 4, r.stderr   # mon03 answered garbage: partial
+    text = r.stdout
+    assert "mon03" in r.stderr and r.stderr.startswith("warning:")
+    _check(text)
+    fams = {f.name: f for f in _parse_client(text)}
+    # kata-monitor's labels, in its order, on every sample
+    for f in fams.values():
+        for s in f.samples:
+            if f.name == "katactl_scrape_error":
+                continue
+            keys = list(s.labels)
+            tail = [k for k in keys if k not in ("le", "quantile")][-4:]
+            assert tail == list(m.MONITOR_LABELS), (s.name, keys)
+    assert "kata_shim_go_katactl_test_goroutines" in fams and "kata_shim_process_katactl_test_resident_bytes" in fams
+    assert "go_katactl_test_goroutines" not in text.replace("kata_shim_go_katactl_test_goroutines", "")
+    g = fams["kata_shim_go_katactl_test_goroutines"].samples[0]
+    assert g.labels == {"sandbox_id": "mon01", "cri_uid": "uid-1", "cri_name": "web", "cri_namespace": "prod"}
+    # HELP/TYPE once per family, however many sandboxes
+    assert text.count("# TYPE kata_shim_threads ") == 1
+    assert {s.labels["sandbox_id"] for s in fams["kata_shim_threads"].samples} == {"mon01", "mon02"}
+    # le stays last in a bucket, as Go's text encoder writes it
+    assert ('kata_shim_katactl_test_histogram_milliseconds_bucket{action="create",sandbox_id="mon01",'
+            'cri_uid="uid-1",cri_name="web",cri_namespace="prod",le="+Inf"} 3') in text
+    # escapes survive
+    (agent,) = fams["kata_agent_katactl_test"].samples
+    assert agent.labels["path"] == 'a"b\\c\nd'
+    errs = {s.labels["sandbox_id"]: s.value for s in fams["katactl_scrape_error"].samples}
+    assert errs == {"mon01": 0, "mon02": 0, "mon03": 1}
+
+
+def test_to_file_atomic(cli, tree, tmp_path):
+    out = tmp_path / "kata.prom"
+    out.write_text("old\n")
+    r = cli(["--host-root", tree.root, "metrics", "--all", "--to", str(out), "--family", "kata_guest_"])
+    assert r.exit_code == 4 and r.stdout == ""
+    text = out.read_text()
+    _check(text)
+    assert "kata_shim_threads" not in text and "kata_guest_meminfo" in text
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in tmp_path.iterdir()] == ["kata.prom"]   # no temp file left
+
+
+def test_a_shim_that_does_not_answer(cli, tmp_path):
+    with node() as n:
+        n.go("ok01", pod_name="ok", pod_namespace="prod")
+        p = n.go("hung01", serve=False, pod_name="hung", pod_namespace="prod")
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(p.shim_socket)
+        s.listen(5)     # accepts, never answers
+        try:
+            r = cli(["--host-root", n.root, "--request-timeout", "1s", "metrics", "--all", "-o", "prom"])
+        finally:
+            s.close()
+    assert r.exit_code == 4, r.stderr
+    assert 'katactl_scrape_error{sandbox_id="hung01",cri_uid=' in r.stdout
+    assert 'kata_shim_threads{sandbox_id="ok01"' in r.stdout
+    _check(r.stdout)
+
+
+def test_json_and_table(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "--all", "-o", "json", "--family", "kata_guest_meminfo"])
+    assert r.exit_code == 4
+    d = r.json()
+    assert d["kind"] == "MetricSampleList" and d["items"]
+    assert {i["labels"]["sandbox_id"] for i in d["items"]} == {"mon01", "mon02"}
+    assert [e["target"] for e in d["errors"]] == ["mon03"]
+    r = cli(["--host-root", tree.root, "metrics", "--all", "--family", "kata_guest_meminfo"])
+    assert r.stdout.splitlines()[0].split()[:3] == ["POD", "SANDBOX", "METRIC"]
+
+
+def test_single_sandbox_prom(cli, tree):
+    r = cli(["--host-root", tree.root, "metrics", "mon01", "-o", "prom"])
+    assert r.exit_code == 0, r.stderr
+    _check(r.stdout)
+    assert 'sandbox_id="mon01",cri_uid="uid-1",cri_name="web",cri_namespace="prod"' in r.stdout
+
+
+def test_empty_node(cli, tmp_path):
+    r = cli(["--host-root", str(tmp_path), "metrics", "--all", "-o", "prom"])
+    assert r.exit_code == 0 and r.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["--all", "x1"], [], ["--all", "--raw"], ["--all", "--to", ""],
+                                  ["--all", "--to", "/nonexistent-dir/x.prom"], ["--all", "--to", "/tmp"],
+                                  ["--all", "--family", "bad-prefix"]])
+def test_bad_args(cli, tmp_path, args):
+    r = cli(["--host-root", str(tmp_path), "metrics", *args])
+    assert r.exit_code == 2, (args, r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text", ["foo{a=1} 2\n", "foo 1 2 3\n", "foo abc\n", "# TYPE foo nonsense\n",
+                                  'foo{a="1",a="2"} 1\n', "1foo 2\n", "foo{a=\"x} 1\n",
+                                  "# TYPE foo gauge\nfoo 1\n# TYPE foo counter\n"])
+def test_garbage_is_a_protocol_error(text):
+    with pytest.raises(ProtocolError):
+        m.parse_families(text)
+
+
+def test_shim_label_of_the_same_name_is_replaced_not_duplicated():
+    fams = m.parse_families('kata_shim_agent_rpc_durations_histogram_milliseconds_count{action="x",'
+                            'sandbox_id="abc"} 3\n')
+    out = m.render_exposition([(m.sandbox_labels(_Sb()), m.relabel(fams, m.sandbox_labels(_Sb())))])
+    assert out.count("sandbox_id=") == 2   # the sample and katactl_scrape_error
+    _parse_client(out)
+
+
+class _Sb:
+    id = "abc"
+    pod = {"name": "p", "namespace": "n", "uid": "u"}
+
+
+def test_fleet_node_label(cli, sshd_lab):
+    from katactl.lab import layout
+    from katactl.lab.shimserver import ShimServer
+
+    servers, ids = [], {}
+    for n in ("node3", "node4"):
+        root = str(sshd_lab.nodes[n].root)
+        p = layout.write_go_sandbox(root, f"fleet-{n}", pod_name=f"pod-{n}", pod_namespace="prod")
+        ids[n] = p.sandbox_id
+        servers.append(ShimServer(p.shim_socket, state=ShimState(sandbox_id=p.sandbox_id)).start())
+    try:
+        r = cli(["--ssh-config", str(sshd_lab.config), "-N", "node3,node4", "metrics", "--all", "-o", "prom",
+                 "--family", "kata_shim_threads"])
+    finally:
+        for s in servers:
+            s.stop()
+    assert r.exit_code in (0, 4), r.stderr
+    _check(r.stdout)
+    for n in ("node3", "node4"):
+        assert f'cri_namespace="prod",node="{n}"}}' in r.stdout
+
+
+def test_many_sandboxes_one_exposition(cli):
+    with node() as n:
+        for i in range(40):
+            n.go(f"many{i:03d}", pod_name=f"p{i}", pod_namespace="bulk")
+        r = cli(["--host-root", n.root, "metrics", "--all", "-o", "prom", "--family", "kata_shim_threads"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.count("katactl_scrape_error{") == 40
+    assert r.stdout.count("kata_shim_threads{") == 40 and r.stdout.count("# TYPE kata_shim_threads") == 1
+    _check(r.stdout)
