@@ -357,3 +357,18 @@ def test_io_policy_errors(cli, tmp_path, body, needle):
     pol.write_text(body)
     r = cli(["--host-root", root, "audit", "--policy", str(pol)])
     assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_alinux_latency_histograms_when_present(cli, v2node):
+    root, built = v2node
+    online, _ = _paths(built)
+    hist = "0-1ms: 10\n1-4ms: 2\n4-8ms: 0\n>=100ms: 0\ntotal(ms): 5\n"
+    for p in ("/kubepods", online[0]):
+        with open(fx.v2_dir(root, p) + "/memory.direct_reclaim_global_latency", "w") as f:
+            f.write(hist)
+    r = _run(cli, root, online[0], online[1])
+    assert r.exit_code == 0, r.stderr
+    a, b = r.json()["items"]
+    assert a["extras"]["memory.direct_reclaim_global_latency"] == {"0-1ms": 0, "1-4ms": 0, "4-8ms": 0,
+                                                                   ">=100ms": 0, "total(ms)": 0}
+    assert "extras" not in b and "memory.direct_reclaim_global_latency" in b["unsupported"]

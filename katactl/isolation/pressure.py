@@ -228,8 +228,26 @@ def resolve_targets(node, refs: list[str]) -> list[Target]:
 
 # -- files ---------------------------------------------------------------------
 
-def target_files(fs: cg.CgroupFS, tg: Target) -> dict[str, list[tuple[str, str]]]:
-    """signal -> candidate (node path, parser) list; the first that reads wins."""
+def kernel_extras(t, fs: cg.CgroupFS) -> frozenset:
+    """The Alinux extra files this kernel has, probed once per node in the kubepods cgroup
+    (the root memcg lacks some of them), so nodes without them pay no reads per cgroup."""
+    names: set = set()
+    for ctl in ("memory", "cpuacct"):
+        for p in ("/kubepods", "/kubepods.slice", "/"):
+            d = fs.dir(ctl, p) if ctl in fs.v1 or ctl == "memory" else None
+            if not d:
+                continue
+            try:
+                names |= set(t.listdir(d))
+                break
+            except OSError:
+                continue
+    return frozenset(n for n in ALINUX_CPU + ALINUX_MEM if n in names)
+
+
+def target_files(fs: cg.CgroupFS, tg: Target, extras: frozenset | None = None) -> dict[str, list[tuple[str, str]]]:
+    """signal -> candidate (node path, parser) list; the first that reads wins. ``extras``:
+    the Alinux files to look for (None = all of them)."""
     if tg.path is None:
         f = {f"psi.{r}": [(f"/proc/pressure/{r}", "psi")] for r in RESOURCES}
         f["vmstat"] = [("/proc/vmstat", "flat")]
@@ -258,10 +276,12 @@ def target_files(fs: cg.CgroupFS, tg: Target) -> dict[str, list[tuple[str, str]]
             f["memory.usage"] = [(mdir + "/memory.usage_in_bytes", "int")]
         f["memory.stat"] = [(mdir + "/memory.stat", "flat")]
         for name in ALINUX_MEM:
-            f["x." + name] = [(f"{mdir}/{name}", "hist")]
+            if extras is None or name in extras:
+                f["x." + name] = [(f"{mdir}/{name}", "hist")]
     if acct:
         for name in ALINUX_CPU:
-            f["x." + name] = [(f"{acct}/{name}", "hist")]
+            if extras is None or name in extras:
+                f["x." + name] = [(f"{acct}/{name}", "hist")]
     if fs.version_of("blkio") == 1:
         b = fs.dir("blkio", p)
         f["io.bytes"] = [(b + "/blkio.throttle.io_service_bytes_recursive", "blkio"),
@@ -523,7 +543,8 @@ class Session:
         node = Node(t)
         node.fs.require()
         tgs = resolve_targets(node, self.refs) if self.refs else default_targets(node)
-        files = [target_files(node.fs, tg) for tg in tgs]
+        extras = kernel_extras(t, node.fs)
+        files = [target_files(node.fs, tg, extras) for tg in tgs]
         paths = sorted({p for f in files for c in f.values() for p, _ in c})
         if self.prev is None or any(p not in self.prev.raw for p in paths):
             if self.prev is None:
