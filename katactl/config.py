@@ -50,6 +50,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("no_color", False, bool, "disable colour"),
     Setting("yes", False, bool, "assume yes for confirmations"),
     Setting("audit_log", None, str, "audit log file (JSON lines)"),
+    Setting("runtime_class_overhead", None, str, "declared Pod overhead for katactl overhead without a Kubernetes API (cpu=250m,memory=160Mi)"),
     Setting("no_audit", False, bool, "change without an audit record (else an unwritable log refuses the change)"),
 ]}
 

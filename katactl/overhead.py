@@ -197,11 +197,14 @@ def _seg(s: str) -> str:
     return quote(s, safe="")
 
 
-def declared_source(settings, flag: str | None, configured: str | None, *, use_api: bool | None = None) -> Declared:
+def declared_source(settings, flag: str | None, configured: str | None, *, use_api: bool | None = None,
+                    configured_from: str = "config") -> Declared:
     """The declared-overhead source for this run: the flag (a what-if, it wins), the Kubernetes
     API when a kubeconfig is configured, else the config file's runtime_class_overhead."""
     if flag is not None:
         return Declared(fixed=parse_declared(flag), fixed_source="flag")
+    if configured:  # a bad value is a usage error even when the API is the source this time
+        fixed = parse_declared(configured, what=f"runtime_class_overhead (from {configured_from})")
     if use_api is None:
         use_api = kube_configured(settings)
     if use_api:
@@ -209,8 +212,7 @@ def declared_source(settings, flag: str | None, configured: str | None, *, use_a
 
         return Declared(api=kube.client(settings))
     if configured:
-        return Declared(fixed=parse_declared(configured, what="runtime_class_overhead (config)"),
-                        fixed_source="config")
+        return Declared(fixed=fixed, fixed_source="config")
     return Declared()
 
 

@@ -392,3 +392,11 @@ def test_over_ssh(cli, ssh_nodes):
     assert vmm["pid"] == p.pid and vmm["rssBytes"] > 20 * MiB and vmm["cpuMillis"] is not None
     assert [e["node"] for e in d["errors"]] == ["down"]
     assert [n["node"] for n in d["nodes"]] == ["ovh"]
+
+
+@pytest.mark.parametrize("value", ["cpu=xx", "", "memory=1Gi\n", "gpu=1"])
+def test_bad_config_value_exit_2(cli, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("KATACTL_RUNTIME_CLASS_OVERHEAD", value)
+    r = cli(["--host-root", str(tmp_path), "overhead"])
+    assert r.exit_code == 2 and "KATACTL_RUNTIME_CLASS_OVERHEAD" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -111,7 +111,8 @@ def overhead(
     for r in refs:
         parse_ref(r)
     declared = lib.declared_source(settings, runtime_class_overhead,
-                                   getattr(settings, "runtime_class_overhead", None))
+                                   getattr(settings, "runtime_class_overhead", None),
+                                   configured_from=settings.sources.get("runtime_class_overhead", "config"))
     timeout = min(float(settings.request_timeout), 10.0)
     try:
         fo = run_on_nodes(settings, lambda t: lib.measure_node(t, interval=ival, refs=refs, declared=declared,
