@@ -186,13 +186,23 @@ def make_batches(infos: list[NodeInfo], policy: Policy) -> list[list[str]]:
         for n in pool:
             zones[n.zone] = zones.get(n.zone, 0) + 1
         cap = {z: math.ceil(b * c / len(pool)) for z, c in zones.items()}
-        taken: list[NodeInfo] = []
+        # round robin over the zones (largest first), each up to its cap
+        queues: dict[str | None, list[NodeInfo]] = {}
         for n in pool:
-            if len(taken) == b:
+            queues.setdefault(n.zone, []).append(n)
+        order_z = sorted(queues, key=lambda z: (not any(x.out for x in queues[z]), -len(queues[z]), str(z)))
+        taken: list[NodeInfo] = []
+        while len(taken) < b:
+            progressed = False
+            for z in order_z:
+                if len(taken) == b:
+                    break
+                if cap[z] > 0 and queues[z]:
+                    taken.append(queues[z].pop(0))
+                    cap[z] -= 1
+                    progressed = True
+            if not progressed:
                 break
-            if cap[n.zone] > 0:
-                taken.append(n)
-                cap[n.zone] -= 1
         ids = {id(n) for n in taken}
         pool = [n for n in pool if id(n) not in ids]
         batches.append([n.name for n in taken])

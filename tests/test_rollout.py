@@ -1,0 +1,367 @@
+"""katactl rollout against the kube-apiserver stand-in (tests/kubeserver.py), through the
+real CLI entry point: plans and batches, cordon bookkeeping, max-unavailable from the
+request log, the Lease, failure budget, windows, pause/resume/abort, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from katactl.rollout.store import LEASE, micro_time
+
+ZONE = "topology.kubernetes.io/zone"
+MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@pytest.fixture
+def kc(kube, tmp_path):
+    return kube.kubeconfig(tmp_path / "kubeconfig")
+
+
+def ro(cli, kc, *args):
+    return cli(["--kubeconfig", kc, "rollout", *args])
+
+
+def fleet(kube, n=6, cordoned=(), zones=3):
+    for i in range(n):
+        kube.add_node(f"n{i}", labels={ZONE: f"z{i % zones}", "pool": "batch"}, unschedulable=f"n{i}" in cordoned)
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def unschedulable(kube) -> dict[str, bool]:
+    return {n["metadata"]["name"]: bool(n["spec"].get("unschedulable")) for n in kube.list_objs("Node")}
+
+
+def max_out_from_requests(kube, initial: dict[str, bool]) -> int:
+    """Replay every node PATCH of the request log: the most nodes unschedulable at once."""
+    cur = dict(initial)
+    worst = sum(cur.values())
+    for r in kube.requests:
+        if r["method"] == "PATCH" and r["path"].startswith("/api/v1/nodes/") and "dryRun" not in r["path"]:
+            spec = (r["body"] or {}).get("spec") or {}
+            if "unschedulable" in spec:
+                cur[r["path"].split("/")[4].split("?")[0]] = bool(spec["unschedulable"])
+                worst = max(worst, sum(cur.values()))
+    return worst
+
+
+def lease(kube) -> dict | None:
+    return kube.get_obj("Lease", LEASE, "kube-system")
+
+
+def state_of(kube, name) -> dict:
+    return json.loads(kube.get_obj("ConfigMap", f"katactl-rollout-{name}", "kube-system")["data"]["state"])
+
+
+# -- plan -------------------------------------------------------------------------
+
+def test_plan_batches_canary_growth_spread_and_changes_nothing(cli, kube, kc):
+    fleet(kube, 9, cordoned=("n4",))
+    r = ro(cli, kc, "plan", "r1", "-l", "pool=batch", "--canary", "1", "--max-unavailable", "3",
+           "--batch-growth", "--step", "drain --ignore-daemonsets", "--step", "check", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["kind"] == "RolloutPlan" and d["maxUnavailable"] == 3 and d["alreadyUnavailable"] == ["n4"]
+    assert [len(b) for b in d["batches"]] == [1, 1, 2, 3, 2]
+    assert d["batches"][0] == ["n4"]  # already out: costs no availability
+    zones = {f"n{i}": f"z{i % 3}" for i in range(9)}
+    for b in d["batches"]:  # a batch of 3 over 3 zones takes one per zone
+        if len(b) == 3:
+            assert len({zones[n] for n in b}) == 3
+    assert sorted(n for b in d["batches"] for n in b) == sorted(zones)
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    plain = ro(cli, kc, "plan", "r1", "-l", "pool=batch", "--max-unavailable", "2", "--step", "cordon").stdout
+    assert plain.splitlines()[0].split()[:4] == ["NODE", "BATCH", "ZONE", "NOW"]
+
+
+def test_plan_file_with_every_field(cli, kube, kc, tmp_path):
+    fleet(kube, 4)
+    f = tmp_path / "plan.yaml"
+    f.write_text("""
+apiVersion: katactl/v1
+kind: RolloutPlan
+name: kata-3-10
+selector: pool=batch
+lockNamespace: kube-system
+lockTTL: 30s
+stateBackend: kube
+steps:
+  - cordon
+  - drain --ignore-daemonsets --delete-emptydir-data --timeout 10m
+  - check --fail-on high
+policy:
+  maxUnavailable: 50%
+  canary: 1
+  canarySoak: 1m
+  batchGrowth: false
+  soak: 5m
+  failureBudget: 1
+  onFailure: skip
+  windows: ["Mon-Sun 00:00-24:00 Europe/Paris"]
+  alertGate: http://127.0.0.1:9093
+  alertFilters: ["severity=critical", "alertname!=Watchdog"]
+  spreadBy: topology.kubernetes.io/zone
+  stepTimeout: 30m
+  gateTimeout: 1h
+  poll: 10s
+""")
+    r = ro(cli, kc, "plan", "-f", f, "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["name"] == "kata-3-10" and d["maxUnavailable"] == 2 and d["failureBudget"] == 1
+    assert d["policy"]["alertFilters"] == ['severity="critical"', 'alertname!="Watchdog"']
+    assert [len(b) for b in d["batches"]] == [1, 2, 1]
+    # flags override the file
+    assert ro(cli, kc, "plan", "-f", f, "--max-unavailable", "1", "-o", "json").json()["maxUnavailable"] == 1
+
+
+# -- run ---------------------------------------------------------------------------
+
+def test_run_restores_only_what_it_cordoned_and_releases_the_lock(cli, kube, kc, _isolated_home):
+    fleet(kube, 5, cordoned=("n3",))
+    initial = unschedulable(kube)
+    r = ro(cli, kc, "run", "r1", "-l", "pool=batch", "--max-unavailable", "2", "--step", "cordon",
+           "--step", "check", "--step", "uncordon", "--poll", "0.1", "-o", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    ev = events(r.stdout)
+    kinds = [e["kind"] for e in ev]
+    for k in ("RolloutStarted", "BatchStarted", "NodeStepStarted", "NodeStepFinished", "RolloutFinished"):
+        assert k in kinds
+    final = ev[-1]
+    assert final["kind"] == "Rollout" and final["phase"] == "Succeeded" and final["changed"] is True
+    assert final["counts"]["done"] == 5 and len(final["items"]) == 5
+    # n3 was cordoned before: it stays cordoned, its uncordon step is a no-op
+    assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n3": True, "n4": False}
+    n3_uncordon = [e for e in ev if e["kind"] == "NodeStepFinished" and e["node"] == "n3" and e["text"] == "uncordon"]
+    assert n3_uncordon[0]["changed"] is False and "before the rollout" in n3_uncordon[0]["message"]
+    assert max_out_from_requests(kube, initial) <= 2
+    spec = lease(kube)["spec"]
+    assert spec["holderIdentity"] == "" and spec["renewTime"].count(".") == 1
+    st = state_of(kube, "r1")
+    assert st["phase"] == "Succeeded" and st["nodes"]["n3"]["wasUnschedulable"] is True
+    node = kube.get_obj("Node", "n0")
+    assert node["metadata"]["labels"]["katactl.io/rollout-phase"] == "done"
+    assert json.loads(node["metadata"]["annotations"]["katactl.io/rollout"])["name"] == "r1"
+    log = [json.loads(x) for x in (_isolated_home / "state/katactl/audit.log").read_text().splitlines()]
+    assert {"rollout.start", "rollout.step", "rollout.run"} <= {e["action"] for e in log}
+    # re-running a finished rollout changes nothing
+    kube.requests.clear()
+    again = ro(cli, kc, "run", "r1", "-l", "pool=batch", "--max-unavailable", "2", "--step", "cordon",
+               "--step", "check", "-o", "json")
+    assert again.exit_code == 0 and again.json()["changed"] is False
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    st = ro(cli, kc, "status", "r1", "-o", "json").json()
+    assert st["kind"] == "Rollout" and st["phase"] == "Succeeded" and st["lock"] is None
+    lst = ro(cli, kc, "list", "--state", "kube", "-o", "json").json()
+    assert [i["name"] for i in lst["items"]] == ["r1"]
+
+
+def test_max_unavailable_counts_nodes_already_out(cli, kube, kc):
+    fleet(kube, 8, cordoned=("n5",))
+    kube.add_node("n9", labels={"pool": "batch"}, ready=False)
+    initial = unschedulable(kube)
+    r = ro(cli, kc, "run", "r2", "-l", "pool=batch", "--max-unavailable", "3", "--step", "cordon",
+           "--step", "wait-ready 1s", "--on-failure", "continue", "--failure-budget", "1", "--poll", "0.1",
+           "-o", "json")
+    assert r.exit_code == 4, r.stderr  # n9 never gets Ready: failed within the budget
+    d = r.json()
+    assert d["phase"] == "CompletedWithFailures" and d["counts"] == {**d["counts"], "done": 8, "failed": 1}
+    # n5 (cordoned) and n9 (NotReady) are out the whole time: at most one more at once
+    notready = {"n9": True}
+    worst = max_out_from_requests(kube, {k: v or notready.get(k, False) for k, v in initial.items()})
+    assert worst <= 3
+    assert unschedulable(kube)["n5"] is True and unschedulable(kube)["n0"] is False
+    assert unschedulable(kube)["n9"] is False  # it failed: the rollout restored its cordon
+
+
+def test_plan_exceeding_max_unavailable_from_the_start_is_refused(cli, kube, kc):
+    fleet(kube, 4, cordoned=("n0", "n1"))
+    r = ro(cli, kc, "run", "r3", "-l", "pool=batch", "--max-unavailable", "1", "--step", "cordon", "-o", "json")
+    assert r.exit_code == 5 and "exceed --max-unavailable 1 from the start" in r.stderr
+    assert r.json()["kind"] == "Error" and lease(kube) is None
+
+
+def test_lock_held_by_another_rollout_is_refused_and_expired_one_taken_over(cli, kube, kc):
+    fleet(kube, 2)
+    kube.add({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+              "metadata": {"name": LEASE, "namespace": "kube-system"},
+              "spec": {"holderIdentity": "alice@ops-1/other", "leaseDurationSeconds": 600,
+                       "acquireTime": micro_time(), "renewTime": micro_time(), "leaseTransitions": 3}})
+    r = ro(cli, kc, "run", "r4", "-l", "pool=batch", "--step", "check", "-o", "json")
+    assert r.exit_code == 5 and "alice@ops-1/other" in r.stderr
+    assert kube.get_obj("ConfigMap", "katactl-rollout-r4", "kube-system") is None
+    old = lease(kube)
+    old["spec"]["renewTime"] = micro_time(1_000_000)
+    kube.add(old)  # renewed long ago: expired
+    r = ro(cli, kc, "run", "r4", "-l", "pool=batch", "--step", "check", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert lease(kube)["spec"]["leaseTransitions"] == 4
+
+
+def test_failure_budget_stops_the_rollout(cli, kube, kc):
+    fleet(kube, 5, zones=1)
+    # a pod under two PDBs makes node check fail (high) on n0 and n1
+    for n in ("n0", "n1"):
+        kube.add_pod(f"p-{n}", "default", n, {"app": "x"}, owner=("ReplicaSet", "rs"))
+    kube.add_pdb("a", "default", {"matchLabels": {"app": "x"}}, min_available=1)
+    kube.add_pdb("b", "default", {"matchLabels": {"app": "x"}}, min_available=1)
+    r = ro(cli, kc, "run", "r5", "-N", "n0,n1,n2,n3,n4", "--step", "cordon", "--step", "check", "--on-failure",
+           "skip", "--failure-budget", "1", "--poll", "0.1", "-o", "json")
+    assert r.exit_code == 1, r.stderr
+    d = r.json()
+    assert d["phase"] == "Stopped" and "failure budget" in d["reason"]
+    assert d["counts"]["failed"] == 2 and d["counts"]["pending"] == 3
+    assert not any(unschedulable(kube).values())  # the failed nodes were uncordoned again
+    # on-failure stop: the first failure stops it
+    r = ro(cli, kc, "run", "r6", "-N", "n0,n2", "--step", "check", "-o", "json")
+    assert r.exit_code == 1 and r.json()["counts"]["failed"] == 1 and r.json()["counts"]["pending"] == 1
+
+
+def test_window_closed_times_out_and_resume_continues(cli, kube, kc):
+    import datetime as dt
+
+    fleet(kube, 2)
+    now = dt.datetime.now(dt.timezone.utc)
+    a = (now + dt.timedelta(hours=2)).strftime("%H:%M")
+    b = (now + dt.timedelta(hours=3)).strftime("%H:%M")
+    r = ro(cli, kc, "run", "r7", "-l", "pool=batch", "--step", "check", "--window", f"daily {a}-{b} UTC",
+           "--gate-timeout", "0.3s", "--poll", "0.1", "-o", "jsonl")
+    assert r.exit_code == 6, r.stderr
+    ev = events(r.stdout)
+    closed = [e for e in ev if e["kind"] == "GateClosed"]
+    assert closed and closed[0]["reason"] == "window" and closed[0]["windows"] == [f"daily {a}-{b} UTC"]
+    assert not [e for e in ev if e["kind"] == "NodeStepStarted"]
+    assert ev[-1]["phase"] == "Stopped" and lease(kube)["spec"]["holderIdentity"] == ""
+
+
+def test_canary_pauses_then_resume_pause_and_abort(cli, kube, kc):
+    fleet(kube, 4, zones=1)
+    r = ro(cli, kc, "run", "r8", "-l", "pool=batch", "--canary", "1", "--max-unavailable", "2",
+           "--step", "cordon", "--poll", "0.1", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["phase"] == "Paused" and d["counts"]["done"] == 1 and "canary" in d["reason"]
+    assert not any(unschedulable(kube).values())
+    assert ro(cli, kc, "resume", "r8", "-o", "json").json()["phase"] == "Succeeded"
+    assert ro(cli, kc, "resume", "r8", "-o", "json").json()["changed"] is False
+    # pause a rollout that is not running: resume continues it; abort ends it for good
+    fleet_more = ro(cli, kc, "run", "r9", "-N", "n0,n1", "--canary", "1", "--step", "cordon", "--poll", "0.1",
+                    "-o", "json")
+    assert fleet_more.json()["phase"] == "Paused"
+    p = ro(cli, kc, "pause", "r9", "-o", "json").json()
+    assert p["kind"] == "RolloutPause" and p["changed"] is True and p["running"] is False
+    assert ro(cli, kc, "pause", "r9", "-o", "json").json()["changed"] is False
+    a = ro(cli, kc, "abort", "r9", "-o", "json")
+    assert a.exit_code == 0 and a.json()["phase"] == "Aborted"
+    assert ro(cli, kc, "resume", "r9").exit_code == 5
+    assert lease(kube)["spec"]["holderIdentity"] == ""
+
+
+def test_abort_restores_nodes_a_killed_rollout_left_cordoned(cli, kube, kc):
+    """The state says a node is mid-steps (as after kill -9): abort uncordons it."""
+    fleet(kube, 3)
+    r = ro(cli, kc, "run", "r10", "-N", "n0,n1,n2", "--canary", "1", "--step", "cordon", "--step", "check",
+           "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused"
+    cm = kube.get_obj("ConfigMap", "katactl-rollout-r10", "kube-system")
+    st = json.loads(cm["data"]["state"])
+    st["phase"] = "Running"
+    st["nodes"]["n1"].update(phase="running", step=1, wasUnschedulable=False)
+    cm["data"]["state"] = json.dumps(st)
+    kube.add(cm)
+    assert cli(["--kubeconfig", kc, "node", "cordon", "n1"]).exit_code == 0
+    kube.add_node("n9", unschedulable=True)  # not in the rollout: untouched
+    a = ro(cli, kc, "abort", "r10", "-o", "json")
+    assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
+    assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n9": True}
+
+
+# -- bad input -------------------------------------------------------------------------
+
+BAD = [
+    (["--step", ""], "empty --step"),
+    (["--step", "frobnicate"], "unknown step"),
+    (["--step", "rollout run x"], "not a node-local step"),
+    (["--step", "node drain"], "not a node-local step"),
+    (["--step", "lab up"], "not a node-local step"),
+    (["--step", "vmcore trigger abc"], "not a node-local step"),
+    (["--step", "rm -rf / ; reboot"], "not shell command lines"),
+    (["--step", "cordon 'unterminated"], "No closing quotation"),
+    (["--step", "drain --bogus"], "unrecognized arguments"),
+    (["--step", "check --fail-on extreme"], "--fail-on"),
+    (["--step", "upgrade switch ../x"], "version"),
+    (["--step", "wait-ready forever"], "wait-ready TIMEOUT"),
+    (["--step", "cordon", "--window", "Mon-Fri 02:00-05:00 Mars/Olympus_Mons"], "unknown time zone"),
+    (["--step", "cordon", "--window", "Funday 02:00-03:00"], "not a day"),
+    (["--step", "cordon", "--window", "Mon 25:00-26:00"], "not a time"),
+    (["--step", "cordon", "--window", "Mon 02:00-02:00"], "empty"),
+    (["--step", "cordon", "--max-unavailable", "0"], "at least 1"),
+    (["--step", "cordon", "--max-unavailable", "lots"], "--max-unavailable"),
+    (["--step", "cordon", "--max-unavailable", "150%"], "at most 100%"),
+    (["--step", "cordon", "--canary", "3", "--max-unavailable", "2"], "conflicting policy"),
+    (["--step", "cordon", "--canary-soak", "1m"], "without --canary"),
+    (["--step", "cordon", "--failure-budget", "2", "--on-failure", "stop"], "conflicting policy"),
+    (["--step", "cordon", "--on-failure", "maybe"], "--on-failure"),
+    (["--step", "cordon", "--alert-filter", "sev~x", "--alert-gate", "http://a:9093"], "matcher"),
+    (["--step", "cordon", "--alert-filter", "severity=critical"], "without --alert-gate"),
+    (["--step", "cordon", "--alert-gate", "ftp://a"], "--alert-gate"),
+    (["--step", "cordon", "--alert-gate", "http://a:9093", "--alert-filter", "x=~\"(\""], "regular expression"),
+    (["--step", "cordon", "--soak", "-5s"], "negative"),
+    (["--step", "cordon", "--state", "file"], "need the Kubernetes API"),
+    (["--step", "cordon", "--state", "nowhere"], "--state"),
+    (["--step", "cordon", "--lock-namespace", "Bad_NS"], "invalid Kubernetes name"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_exit_2_and_touches_nothing(cli, kube, kc, args, needle):
+    fleet(kube, 2)
+    for verb in ("plan", "run"):
+        r = ro(cli, kc, verb, "r1", "-l", "pool=batch", *args, "-o", "json")
+        assert r.exit_code == 2, (verb, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert r.json()["kind"] == "Error"
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+
+
+BAD_FILES = [
+    ("steps: [cordon\n", "not a valid YAML"),
+    ("- cordon\n", "a plan file is a mapping"),
+    ("name: x\nsteps: [cordon]\nselektor: a=b\n", "unknown key(s) selektor"),
+    ("steps: [cordon]\npolicy: 5\n", "policy must be a mapping"),
+    ("steps: [cordon]\npolicy: {maxUnavaliable: 2}\n", "unknown policy key(s) maxUnavaliable"),
+    ("steps: cordon\n", "steps must be a list"),
+    ("kind: Deployment\nsteps: [cordon]\n", "kind must be RolloutPlan"),
+    ("steps: [cordon]\npolicy: {canary: yes}\n", "--canary"),
+    ("steps: [cordon]\npolicy: {windows: [5]}\n", "--window"),
+    ("steps: [cordon]\nnodes: n0\n", "nodes must be a list"),
+    ("steps: [[cordon]]\n", "steps must be a list of strings"),
+    ("\xff\xfe", "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("content,needle", BAD_FILES, ids=[n for _, n in BAD_FILES])
+def test_malformed_plan_files_are_exit_2(cli, kube, kc, tmp_path, content, needle):
+    fleet(kube, 1)
+    f = tmp_path / "plan.yaml"
+    f.write_bytes(content.encode("latin-1") if content.startswith("\xff") else content.encode())
+    r = ro(cli, kc, "run", "r1", "-l", "pool=batch", "-f", f)
+    assert r.exit_code == 2 and needle in r.stderr, r.stderr
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+
+
+@pytest.mark.parametrize("name", ["BadName", "a_b", "x-", "x" * 41, "a.b"])
+def test_bad_rollout_names(cli, kube, kc, name):
+    r = ro(cli, kc, "plan", name, "-l", "pool=batch", "--step", "cordon")
+    assert r.exit_code == 2 and "invalid rollout name" in r.stderr
+
+
+def test_selection_is_required_and_missing_nodes_are_not_found(cli, kube, kc):
+    fleet(kube, 1)
+    assert ro(cli, kc, "plan", "r1", "--step", "cordon").exit_code == 2
+    r = ro(cli, kc, "plan", "r1", "-N", "n0,ghost", "--step", "cordon")
+    assert r.exit_code == 3 and "ghost" in r.stderr
+    assert ro(cli, kc, "status", "nope").exit_code == 3
