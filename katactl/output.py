@@ -386,7 +386,7 @@ class _RichProgress:
         if unit == "bytes":
             cols += [BytesColumn()]
         else:
-            cols += [TextColumn("{task.completed:.0f}/{task.total:.0f}" if total else "")]
+            cols += [TextColumn("{task.completed:.0f}/{task.total:.0f}" if total is not None else "")]
         self._p = Progress(*cols, console=Console(file=stream), transient=True)
         self._desc, self._total = description, total
 

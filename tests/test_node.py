@@ -599,3 +599,18 @@ def test_exec_credential_plugin_and_token_file(cli, kube, tmp_path):
         else:
             assert r.exit_code == 7 and "credential plugin failed" in r.stderr, r.stderr
             assert r.stderr.count("\n") == 1 and "ERROR:root" not in r.stderr
+
+
+def test_drain_on_a_terminal_shows_progress_not_a_line_per_pod(kube, kc):
+    from tests._pty import run_on_pty
+
+    seed = kube.seed_twin_nodes(5)["twin-a"]
+    kube.add_node("spare")
+    kube.store.pop(("poddisruptionbudgets", "guarded-twin-a", "db-twin-a"), None)
+    rc, text = run_on_pty([sys.executable, "-m", "katactl", "--kubeconfig", kc, "node", "drain", "twin-a",
+                           "--ignore-daemonsets", "--delete-emptydir-data", "--force", "--grace-period", "0"],
+                          COLUMNS="120")
+    assert rc == 0, text
+    assert "evicting pods" in text
+    assert "pod/apps/" not in text  # the bar counts them
+    assert "EVICTED" in text and "twin-a" in text and seed["evictable"]

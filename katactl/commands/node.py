@@ -235,6 +235,9 @@ def drain(
     params = {k: v for k, v in vars(opts).items() if v not in (None, False, 0, -1) or k == "dryRun"}
     stop = threading.Event()
 
+    counts = {"done": 0, "total": 0}
+    bar = out.progress("evicting pods", total=0, unit="pods")
+
     def events(kind: str, **data) -> None:
         out.event(kind, **data)
         if kind == "Warning":
@@ -242,8 +245,14 @@ def drain(
         elif kind == "PodEvictionBlocked":
             out.info(f"node/{data['node']}: eviction of {data['pod']} blocked: "
                      f"{data.get('budget') or data['message']} (will retry after 5s)")
+        elif kind == "NodeDraining":
+            counts["total"] += data["pods"]
+            bar.update(total=counts["total"])
         elif kind == "PodDeleted":
-            out.info(f"node/{data['node']}: pod/{data['pod']} evicted")
+            counts["done"] += 1
+            bar.update(completed=counts["done"])
+            if not out.stderr_tty:  # on a terminal the bar counts them
+                out.info(f"node/{data['node']}: pod/{data['pod']} evicted")
         elif kind == "NodeRestored":
             out.info(f"node/{data['node']}: uncordoned again (it was schedulable before)")
 
@@ -254,7 +263,7 @@ def drain(
                 node_opts = dataclasses.replace(opts, only_pods=nodes.stale_release_pods(t, kata_root))
         return nodes.drain(api, n, node_opts, events=events, stop=stop)
 
-    with kube.client(app_ctx.settings) as api:
+    with kube.client(app_ctx.settings) as api, bar:
         try:
             fo = nodes.for_each_node(targets, lambda n: nodes.audited(
                 "node.drain", n, params, lambda: drain_one(api, n)), parallel=parallel)
