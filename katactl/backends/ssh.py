@@ -1,5 +1,10 @@
 """The SSH NodeTransport: a remote node's files, processes and unix sockets over paramiko.
 
+This module is the SSH half: keys, ssh_config, jump hosts, host-key trust, connection pooling,
+exec channels and pipelined SFTP. What katactl runs on the node through a channel (argv, file
+streams, the unix-socket relay, mkdir -p / rm -rf / ln -s) is katactl.backends.remote, shared
+with the Kubernetes pods/exec transport (kubeexec.py).
+
 Security model
   * Host keys are verified strictly (katactl.backends.knownhosts): the user's
     known_hosts files (UserKnownHostsFile, default ~/.ssh/known_hosts), the
@@ -52,57 +57,19 @@ import socket
 import stat as st
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from katactl.backends import knownhosts, sshconfig
-from katactl.backends.base import FileStat, NodeTransport, RunResult
+from katactl.backends.base import FileStat, RunResult
+from katactl.backends.remote import (RELAY, STREAM_CHUNK, ChannelSocket, RemoteTransport, _check_argv,
+                                     _check_root, _run_oserror)
 from katactl.errors import (AuthError, HostKeyError, KatactlError, TimeoutExpired, UnreachableError,
                             UsageError)
 
 WINDOW = 16 << 20          # channel window: bounds memory per streaming channel
 MAX_PACKET = 256 << 10     # large packets: far fewer per-packet Python round trips
-STREAM_CHUNK = 1 << 20
 MAX_IDLE = 32             # idle pooled connections kept for reuse
 MAX_SESSIONS = 8          # exec channels at once per connection (sshd MaxSessions 10: SFTP + margin)
-
-# The socket relay run on the node for connect_unix: connects, writes one NUL
-# byte ("connected"), then copies stdin->socket and socket->stdout until EOF.
-# Exit 3: no such socket; 4: refused; 5: other connect error.
-RELAY = r"""
-import os, select, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-d, b = os.path.split(sys.argv[1])
-try:
-    os.chdir(d or "/")  # a relative name: paths under a host root may exceed sun_path (108)
-    s.connect(b)
-except FileNotFoundError:
-    sys.stderr.write("no such socket\n"); sys.exit(3)
-except ConnectionRefusedError:
-    sys.stderr.write("connection refused\n"); sys.exit(4)
-except OSError as e:
-    sys.stderr.write("%s\n" % (e.strerror or e)); sys.exit(5)
-def put(fd, b):
-    while b:
-        b = b[os.write(fd, b):]
-put(1, b"\0")
-rd = [0, s]
-while rd:
-    r = select.select(rd, [], [])[0]
-    if 0 in r:
-        b = os.read(0, 65536)
-        if b:
-            s.sendall(b)
-        else:
-            rd.remove(0)
-            try: s.shutdown(socket.SHUT_WR)
-            except OSError: pass
-    if s in r:
-        b = s.recv(65536)
-        if not b:
-            break
-        put(1, b)
-""".strip()
-
 
 # -- connection pool ------------------------------------------------------------
 class _Conn:
@@ -983,56 +950,14 @@ class _SlotChannel:
             pass
 
 
-class _ChannelSocket:
-    """A socket-like object (sendall/recv/settimeout/close) over an SSH exec channel."""
-
-    def __init__(self, chan, path: str):
-        self._chan = chan
-        self.path = path
-
-    def sendall(self, data: bytes) -> None:
-        try:
-            self._chan.sendall(data)
-        except socket.timeout:
-            raise
-        except OSError as e:
-            raise BrokenPipeError(f"{self.path}: relay closed ({e})") from None
-
-    def send(self, data: bytes) -> int:
-        return self._chan.send(data)
-
-    def recv(self, n: int) -> bytes:
-        return self._chan.recv(n)
-
-    def settimeout(self, t: float | None) -> None:
-        self._chan.settimeout(t)
-
-    def gettimeout(self):
-        return self._chan.gettimeout()
-
-    def setblocking(self, flag: bool) -> None:
-        self._chan.setblocking(flag)
-
-    def fileno(self) -> int:
-        return self._chan.fileno()
-
-    def shutdown(self, how: int) -> None:
-        self._chan.shutdown(how)
-
-    def close(self) -> None:
-        self._chan.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+_ChannelSocket = ChannelSocket  # (moved to remote.py)
 
 
-class SSHTransport(NodeTransport):
-    """NodeTransport for one remote node. Build it with from_settings()."""
+class SSHTransport(RemoteTransport):
+    """NodeTransport for one remote node over SSH. Build it with from_settings(). The
+    node-side logic (argv, streams, the socket relay) is RemoteTransport's (remote.py); here:
+    the SSH channel, SFTP file access."""
 
-    is_remote = True
 
     def __init__(self, node: str, conn: _Conn, host_root: str = "", timeout: float = 30.0):
         self.node = node
@@ -1057,17 +982,6 @@ class SSHTransport(NodeTransport):
             raise
 
     # -- helpers ---------------------------------------------------------------------
-    def remote(self, path: str) -> str:
-        """The path on the remote machine for a node path (host_root applied there)."""
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise UsageError(f"internal: node path must be absolute: {path!r}")
-        if "\0" in path:
-            raise UsageError("path contains a NUL byte")
-        p = posixpath.normpath(path)
-        if p.startswith("//"):
-            p = "/" + p.lstrip("/")
-        return self.host_root + p if self.host_root else p
-
     def _sftp(self):
         try:
             return self._conn.sftp()
@@ -1265,66 +1179,6 @@ class SSHTransport(NodeTransport):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         return target
 
-    def open_stream(self, path: str, offset: int = 0, chunk_size: int = STREAM_CHUNK) -> Iterator[bytes]:
-        """Stream a file with ``cat`` (or ``tail -c +N``) over an exec channel.
-
-        Measured faster than pipelined SFTP reads with paramiko (bench/bench_ssh.py),
-        and memory is bounded by the SSH channel window (WINDOW bytes): the node
-        only sends more as we consume.
-        """
-        s = self.stat(path)  # fail now (FileNotFoundError) rather than mid-stream
-        if s.is_dir:
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        r = self.remote(path)
-        argv = ["cat", "--", r] if not offset else ["tail", "-c", f"+{int(offset) + 1}", "--", r]
-        return self._stream(argv, chunk_size, None, path, "reading failed on the node")
-
-    def run_stream(self, argv: Sequence[str], chunk_size: int = STREAM_CHUNK,
-                   timeout: float | None = None) -> Iterator[bytes]:
-        """Run argv on the node and stream its stdout over an exec channel (memory bounded
-        by the channel window, as open_stream). Closing the iterator early closes the
-        channel: the node's process gets SIGPIPE/EOF. Exit 127 raises FileNotFoundError,
-        any other non-zero exit OSError(EIO) with the end of its stderr, both once stdout
-        has ended. timeout: the longest wait for the next bytes (default: the transport's)."""
-        argv = _check_argv(argv)
-        return self._stream(argv, chunk_size, timeout, argv[0], f"{argv[0]} failed on {self.node}")
-
-    def _stream(self, argv, chunk_size: int, timeout: float | None, path: str, what: str) -> Iterator[bytes]:
-        timeout = self.timeout if timeout is None else timeout
-        chan = self._channel()
-        chan.settimeout(timeout)
-        _exec(chan, argv)
-        chan.shutdown_write()
-
-        def chunks():
-            try:
-                while True:
-                    try:
-                        b = chan.recv(chunk_size)
-                    except socket.timeout:
-                        raise TimeoutExpired(f"{path}: no data for {timeout:g}s") from None
-                    if not b:
-                        break
-                    yield b
-                rc = chan.recv_exit_status()
-                if rc != 0:
-                    err = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
-                    if rc == 127:
-                        raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found on {self.node}",
-                                                argv[0])
-                    raise OSError(errno.EIO, f"{what}: {err or f'exit {rc}'}", path)
-            finally:
-                chan.close()
-
-        return chunks()
-
-    def statvfs_free(self, path: str) -> int:
-        r = self.run(["stat", "-f", "-c", "%a %S", "--", self.remote(path)], raw=True)
-        if r.returncode != 0:
-            raise _run_oserror(r, path)
-        avail, bsize = r.stdout.split()
-        return int(avail) * int(bsize)
-
     # -- mutations ------------------------------------------------------------------
     def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self.write_stream_atomic(path, (data,), mode)
@@ -1363,54 +1217,29 @@ class SSHTransport(NodeTransport):
             if res.returncode != 0:
                 raise _run_oserror(res, path)
 
-    def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None:
-        r = self.remote(path)
-        if parents:
-            res = self.run(["mkdir", "-p", "-m", format(mode, "o"), "--", r], raw=True)
-            if res.returncode != 0:
-                raise _run_oserror(res, path)
-        else:
-            sftp = self._sftp()
-            if self.exists(path):
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-            self._sftp_call(sftp.mkdir, path, r, mode)
+    def _mkdir_one(self, path: str, remote: str, mode: int) -> None:
+        self._sftp_call(self._sftp().mkdir, path, remote, mode)
 
-    def remove(self, path: str, recursive: bool = False) -> None:
-        r = self.remote(path)
-        s = self.stat(path, follow_symlinks=False)
-        if recursive and s.is_dir:
-            res = self.run(["rm", "-rf", "--", r], raw=True)
-            if res.returncode != 0:
-                raise _run_oserror(res, path)
-            return
-        sftp = self._sftp()
-        if s.is_dir:
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        self._sftp_call(sftp.remove, path, r)
+    def _unlink(self, path: str, remote: str) -> None:
+        self._sftp_call(self._sftp().remove, path, remote)
 
     def rename(self, src: str, dst: str) -> None:
         """posix-rename, then an fsync of dst's directory (durable, as locally)."""
         self._piped(_pipe_rename, src, src, self.remote(src), self.remote(dst))
         self.fsync_dir(posixpath.dirname(posixpath.normpath(dst)) or "/")
 
-    def symlink(self, target: str, link: str) -> None:
-        # argv ln: OpenSSH's sftp-server swaps SSH_FXP_SYMLINK's arguments.
-        res = self.run(["ln", "-s", "--", target, self.remote(link)], raw=True)
-        if res.returncode != 0:
-            raise _run_oserror(res, link)
-
     # -- processes and sockets --------------------------------------------------
-    def run(self, argv: Sequence[str], timeout: float | None = None,
-            input: bytes | None = None, raw: bool = False) -> RunResult:
-        """Run argv on the node; each element is shell-quoted (shlex.join)."""
+    def _exec_channel(self, argv, timeout=None):
+        """A session channel running argv (each element shell-quoted: shlex.join)."""
+        chan = self._channel()
+        _exec(chan, argv)
+        return chan
+
+    def _communicate(self, chan, argv, input, timeout):
         import select
 
-        argv = _check_argv(argv)
-        timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        chan = self._channel()
         try:
-            _exec(chan, argv)
             if input:
                 chan.settimeout(timeout)
                 chan.sendall(input)
@@ -1444,48 +1273,7 @@ class SSHTransport(NodeTransport):
             rc = chan.recv_exit_status()
         except socket.timeout:
             raise TimeoutExpired(f"{argv[0]} did not finish within {timeout:g}s") from None
-        finally:
-            chan.close()
-        res = RunResult(argv, rc, b"".join(out), b"".join(err))
-        if rc == 127 and not raw:
-            # like subprocess locally: a missing program is FileNotFoundError
-            raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found on {self.node}", argv[0])
-        return res
-
-    def connect_unix(self, path: str, timeout: float):
-        """A socket-like stream to a unix socket on the node, through a python3 relay."""
-        r = self.remote(path)
-        # One SFTP round trip spares a relay process for the common "stale" case.
-        try:
-            mode = self.stat(path, follow_symlinks=True).mode
-        except (FileNotFoundError, NotADirectoryError):
-            raise UnreachableError(f"{path}: socket does not exist") from None
-        except PermissionError:
-            mode = st.S_IFSOCK  # let the relay (maybe another user's view) decide
-        if not st.S_ISSOCK(mode):
-            raise UnreachableError(f"{path}: not a unix socket")
-        chan = self._channel()
-        chan.settimeout(timeout)
-        try:
-            # -I: ignore PYTHON* variables and user site; -S: no site import (faster start)
-            _exec(chan, ["python3", "-I", "-S", "-c", RELAY, r])
-            first = chan.recv(1)
-        except socket.timeout:
-            chan.close()
-            raise TimeoutExpired(f"{path}: connect timed out after {timeout:g}s") from None
-        if first == b"\0":
-            return _ChannelSocket(chan, path)
-        rc = chan.recv_exit_status()
-        msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
-        chan.close()
-        if rc == 3:
-            raise UnreachableError(f"{path}: socket does not exist")
-        if rc == 4:
-            raise UnreachableError(f"{path}: nobody is listening on the socket")
-        if rc == 127:
-            raise UnreachableError(f"reaching {path} needs python3 on the node "
-                                   "(katactl relays unix sockets through it)")
-        raise UnreachableError(f"{path}: {msg or f'relay exited {rc}'}")
+        return b"".join(out), b"".join(err), rc
 
     def close(self) -> None:
         """Release this transport; the connection stays pooled (idle) for the next user."""
@@ -1493,15 +1281,6 @@ class SSHTransport(NodeTransport):
         if conn is not None and not getattr(self, "_did_release", False):
             self._did_release = True
             POOL.release(conn)
-
-
-def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
-    argv = tuple(str(a) for a in argv)
-    if not argv:
-        raise UsageError("internal: empty argv")
-    if any("\0" in a for a in argv):
-        raise UsageError("argument contains a NUL byte")
-    return argv
 
 
 def _exec(chan, argv: Sequence[str]) -> None:
@@ -1514,27 +1293,6 @@ def _exec(chan, argv: Sequence[str]) -> None:
     except paramiko.SSHException as e:
         chan.close()
         raise UnreachableError(f"the node refused to run {argv[0]}: {e}") from None
-
-
-def _check_root(root: str) -> str:
-    if not root.startswith("/") or "\0" in root:
-        raise UsageError(f"host root must be an absolute path on the node: {root!r}")
-    root = posixpath.normpath(root)
-    return "" if root == "/" else root
-
-
-def _run_oserror(r: RunResult, path: str) -> OSError:
-    text = r.stderr.decode("utf-8", "replace").strip()
-    low = text.lower()
-    if "no such file" in low:
-        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-    if "permission denied" in low or "operation not permitted" in low:
-        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-    if "file exists" in low:
-        return FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-    if "not a directory" in low:
-        return NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-    return OSError(errno.EIO, text.splitlines()[-1] if text else f"{r.argv[0]} exited {r.returncode}", path)
 
 
 __all__ = ["SSHTransport", "close_pool", "RELAY", "HostKeyError"]
