@@ -19,7 +19,9 @@ _katactl() {
             "katactl upgrade") path="katactl upgrade" ;;
             "katactl inspect") path="katactl inspect" ;;
             "katactl audit") path="katactl audit" ;;
+            "katactl overhead") path="katactl overhead" ;;
             "katactl node") path="katactl node" ;;
+            "katactl rollout") path="katactl rollout" ;;
             "katactl config view") path="katactl config view" ;;
             "katactl sandbox list") path="katactl sandbox list" ;;
             "katactl sandbox inspect") path="katactl sandbox inspect" ;;
@@ -49,26 +51,34 @@ _katactl() {
             "katactl inspect memcg") path="katactl inspect memcg" ;;
             "katactl inspect rdt") path="katactl inspect rdt" ;;
             "katactl inspect threads") path="katactl inspect threads" ;;
+            "katactl inspect pressure") path="katactl inspect pressure" ;;
             "katactl node list") path="katactl node list" ;;
             "katactl node cordon") path="katactl node cordon" ;;
             "katactl node uncordon") path="katactl node uncordon" ;;
             "katactl node drain") path="katactl node drain" ;;
             "katactl node check") path="katactl node check" ;;
+            "katactl rollout plan") path="katactl rollout plan" ;;
+            "katactl rollout run") path="katactl rollout run" ;;
+            "katactl rollout status") path="katactl rollout status" ;;
+            "katactl rollout list") path="katactl rollout list" ;;
+            "katactl rollout pause") path="katactl rollout pause" ;;
+            "katactl rollout resume") path="katactl rollout resume" ;;
+            "katactl rollout abort") path="katactl rollout abort" ;;
         esac
     done
     case "$prev" in
-        -o|--output) COMPREPLY=($(compgen -W "table wide plain json yaml name jsonl markdown" -- "$cur")); return ;;
-        --dump-path|--file|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        -o|--output) COMPREPLY=($(compgen -W "table wide plain json yaml name jsonl markdown prom" -- "$cur")); return ;;
+        --dump-path|--file|--filename|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit node"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit overhead node rollout"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help" ;;
         "katactl version") words=""; valopts=""; opts="-h --help" ;;
         "katactl config") words="view"; valopts=""; opts="-h --help" ;;
         "katactl config view") words=""; valopts=""; opts="-h --help" ;;
         "katactl sandbox") words="list inspect"; valopts=""; opts="-h --help" ;;
         "katactl sandbox list") words=""; valopts="--state"; opts="--state --no-check -h --help" ;;
         "katactl sandbox inspect") words=""; valopts=""; opts="--raw -h --help" ;;
-        "katactl metrics") words=""; valopts="--family"; opts="--family --raw -h --help" ;;
+        "katactl metrics") words=""; valopts="--family --to"; opts="--all -A --family --raw --to -h --help" ;;
         "katactl top") words=""; valopts="--interval -d --sort --iterations"; opts="--interval -d --sort --once --iterations -h --help" ;;
         "katactl pprof") words=""; valopts="--seconds -f --file"; opts="--seconds -f --file -h --help" ;;
         "katactl shim") words="agent-url iptables volume"; valopts=""; opts="-h --help" ;;
@@ -97,19 +107,29 @@ _katactl() {
         "katactl upgrade rollback") words=""; valopts="--kata-root --lock-timeout"; opts="--force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
         "katactl upgrade status") words=""; valopts="--kata-root"; opts="--sandboxes -s --kata-root -h --help" ;;
         "katactl upgrade gc") words=""; valopts="--kata-root --lock-timeout"; opts="--keep-previous --no-keep-previous --force --kata-root --lock-timeout --dry-run -h --help" ;;
-        "katactl inspect") words="cgroup bvt memcg rdt threads"; valopts=""; opts="-h --help" ;;
+        "katactl inspect") words="cgroup bvt memcg rdt threads pressure"; valopts=""; opts="-h --help" ;;
         "katactl inspect cgroup") words=""; valopts="--pid"; opts="--pid -h --help" ;;
         "katactl inspect bvt") words=""; valopts=""; opts="-h --help" ;;
         "katactl inspect memcg") words=""; valopts=""; opts="-h --help" ;;
         "katactl inspect rdt") words=""; valopts="--interval --decode --cbm-mask"; opts="--interval --decode --cbm-mask -h --help" ;;
         "katactl inspect threads") words=""; valopts="--pid"; opts="--pid -h --help" ;;
+        "katactl inspect pressure") words=""; valopts="--interval -d --iterations --fail-on"; opts="--interval -d --watch -w --iterations --fail-on -h --help" ;;
         "katactl audit") words=""; valopts="--policy -p --fail-on"; opts="--policy -p --fail-on --list-checks -h --help" ;;
+        "katactl overhead") words=""; valopts="--runtime-class-overhead --interval -d --margin --fail-on"; opts="--runtime-class-overhead --interval -d --margin --fail-on -h --help" ;;
         "katactl node") words="list cordon uncordon drain check"; valopts=""; opts="-h --help" ;;
         "katactl node list") words=""; valopts=""; opts="-h --help" ;;
         "katactl node cordon") words=""; valopts="--reason"; opts="--reason --dry-run -h --help" ;;
         "katactl node uncordon") words=""; valopts=""; opts="--force --dry-run -h --help" ;;
         "katactl node drain") words=""; valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel"; opts="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help" ;;
         "katactl node check") words=""; valopts="--fail-on --kata-root"; opts="--fail-on --node-facts --kata-root -h --help" ;;
+        "katactl rollout") words="plan run status list pause resume abort"; valopts=""; opts="-h --help" ;;
+        "katactl rollout plan") words=""; valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll"; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
+        "katactl rollout run") words=""; valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll"; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --dry-run --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
+        "katactl rollout status") words=""; valopts="--lock-namespace --state"; opts="--lock-namespace --state -h --help" ;;
+        "katactl rollout list") words=""; valopts="--lock-namespace --state"; opts="--lock-namespace --state -h --help" ;;
+        "katactl rollout pause") words=""; valopts="--lock-namespace --state"; opts="--lock-namespace --state -h --help" ;;
+        "katactl rollout resume") words=""; valopts="--lock-namespace --state"; opts="--retry-failed --lock-namespace --state -h --help" ;;
+        "katactl rollout abort") words=""; valopts="--timeout --lock-namespace --state"; opts="--now --timeout --lock-namespace --state -h --help" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

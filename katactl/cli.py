@@ -39,9 +39,11 @@ REGISTRY: dict[str, Entry] = {
     "lab": Entry("katactl.commands.lab", "A local Kata-like node with real QEMU micro-VMs: up, status, down."),
     "vmcore": Entry("katactl.commands.vmcore", "Guest memory dumps: list, collect, trigger, rm."),
     "upgrade": Entry("katactl.commands.upgrade", "A/B upgrade of runtime and agent: stage, switch, rollback, status, gc."),
-    "inspect": Entry("katactl.commands.inspect", "Host isolation as it is: cgroup, bvt, memcg, rdt, threads."),
+    "inspect": Entry("katactl.commands.inspect", "Host isolation as it is: cgroup, bvt, memcg, rdt, threads, pressure."),
     "audit": Entry("katactl.commands.audit", "Check the co-location isolation policy (exit 8 on findings)."),
+    "overhead": Entry("katactl.commands.overhead", "Pod overhead declared (RuntimeClass) vs measured (shim, VMM, helpers)."),
     "node": Entry("katactl.commands.node", "Kubernetes nodes: list, check, cordon, uncordon, drain (Kata-aware)."),
+    "rollout": Entry("katactl.commands.rollout", "Rolling node operations: batches, soak, alert gate, windows, resume."),
 }
 
 
@@ -93,7 +95,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
-OUTPUT_HELP = "Output format: table, wide, plain, json, yaml, name, jsonl, markdown."
+OUTPUT_HELP = "Output format: table, wide, plain, json, yaml, name, jsonl, markdown, prom (metrics)."
 
 
 @app.callback()
@@ -134,7 +136,7 @@ def root(
 ):
     from katactl import config
     from katactl.context import AppContext
-    from katactl.output import FORMATS
+    from katactl.output import FORMATS, PROM_COMMANDS
 
     flags = {k: v for k, v in dict(
         output=output, nodes=tuple(node or ()), nodes_from=nodes_from, selector=selector,
@@ -147,6 +149,8 @@ def root(
     settings = config.resolve(flags, profile=profile)
     if settings.output is not None and settings.output not in FORMATS:
         raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
+    if settings.output == "prom" and ctx.invoked_subcommand not in PROM_COMMANDS:
+        raise UsageError(f"-o prom is a Prometheus exposition: only {', '.join(PROM_COMMANDS)} answers in it")
     ctx.obj = AppContext.create(settings)
     global _output_format
     _output_format = settings.output  # errors honour -o from the config file and env too
