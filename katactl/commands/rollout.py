@@ -436,6 +436,7 @@ def run_cmd(
     store = _open_store(app_ctx, p, p.lock_namespace, p.lock_ttl, api)
     existing = store.load(p.name)
     if existing is not None and existing.get("phase") in ("Succeeded", "CompletedWithFailures"):
+        _release_stale(store, p.name)
         app_ctx.out.info(f"rollout {p.name} already finished ({existing['phase']}): nothing to do")
         summ = engine.summary(existing)
         summ["exitCode"] = 0
@@ -460,6 +461,21 @@ def run_cmd(
                                                   "policy": p.policy.to_dict(), "backend": p.backend},
                  changed=True)
     _run_engine(app_ctx, p, store, st, api)
+
+
+def _release_stale(store, name: str) -> None:
+    """A finished rollout whose process died after its last save (before it released the
+    lock): take the lock (only possible when its holder is gone) and release it."""
+    from katactl.errors import Refused
+
+    holder = store.lock_holder()
+    if not holder or not str(holder.get("holder", "")).endswith("/" + name):
+        return
+    try:
+        store.acquire(name)
+    except Refused:
+        return
+    store.release()
 
 
 def _state_opts():
@@ -623,6 +639,7 @@ def resume_cmd(
     app_ctx = state(ctx)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
     if st["phase"] in ("Succeeded", "CompletedWithFailures") and not retry_failed:
+        _release_stale(store, name)
         summ = engine.summary(st)
         summ["exitCode"] = 0
         app_ctx.out.info(f"rollout {name} already finished ({st['phase']}): nothing to do")
@@ -687,6 +704,7 @@ def abort_cmd(
     wait = parse_duration(timeout, what="--timeout", allow_zero=True)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
     if st["phase"] in ("Aborted", "Succeeded", "CompletedWithFailures"):
+        _release_stale(store, name)
         summ = engine.summary(st)
         summ["exitCode"] = 0
         _render_summary(app_ctx, summ, changed=False)
