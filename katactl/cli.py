@@ -112,6 +112,13 @@ def root(
     context: Optional[str] = typer.Option(None, "--context", metavar="NAME", help="kubeconfig context."),
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", metavar="FILE", help="kubeconfig file."),
     namespace: Optional[str] = typer.Option(None, "-n", "--namespace", metavar="NAMESPACE", help="Kubernetes namespace."),
+    via: Optional[str] = typer.Option(None, "--via", metavar="ssh|kube",
+                                      help="How named nodes are reached: ssh (default), or kube (pods/exec into a "
+                                           "privileged node pod; -N names Kubernetes nodes)."),
+    agent_namespace: Optional[str] = typer.Option(None, "--agent-namespace", metavar="NAMESPACE",
+                                                  help="Namespace of katactl's node pods for --via kube (default kube-system)."),
+    agent_image: Optional[str] = typer.Option(None, "--agent-image", metavar="IMAGE",
+                                              help="Image (with python3) for an ephemeral node pod where no node agent runs (--via kube)."),
     ssh_user: Optional[str] = typer.Option(None, "--ssh-user", metavar="USER", help="SSH user."),
     ssh_config: Optional[str] = typer.Option(None, "--ssh-config", metavar="FILE", help="OpenSSH config file."),
     identity: Optional[str] = typer.Option(None, "-i", "--identity", metavar="FILE", help="SSH private key."),
@@ -141,7 +148,7 @@ def root(
     flags = {k: v for k, v in dict(
         output=output, nodes=tuple(node or ()), nodes_from=nodes_from, selector=selector,
         host_root=host_root, context=context, kubeconfig=kubeconfig, namespace=namespace,
-        ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, jump_host=jump_host,
+        via=via, agent_namespace=agent_namespace, agent_image=agent_image, ssh_user=ssh_user, ssh_config=ssh_config, identity=identity, jump_host=jump_host,
         known_hosts=known_hosts, ssh_accept_new=ssh_accept_new,
         request_timeout=request_timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
         no_audit=no_audit,
@@ -151,9 +158,21 @@ def root(
         raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
     if settings.output == "prom" and ctx.invoked_subcommand not in PROM_COMMANDS:
         raise UsageError(f"-o prom is a Prometheus exposition: only {', '.join(PROM_COMMANDS)} answers in it")
+    if settings.via not in ("ssh", "kube"):
+        raise UsageError(f"invalid value {settings.via!r} for --via (choose from ssh, kube)")
+    if settings.via == "kube":
+        # ephemeral node pods this run creates are deleted when it ends (errors, Ctrl-C too)
+        ctx.call_on_close(_delete_node_pods)
     ctx.obj = AppContext.create(settings)
     global _output_format
     _output_format = settings.output  # errors honour -o from the config file and env too
+
+
+def _delete_node_pods() -> None:
+    import sys
+
+    if "katactl.nodeagent" in sys.modules:
+        sys.modules["katactl.nodeagent"].cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
 
 
 # The resolved -o of this invocation (None until the root callback ran), for main's

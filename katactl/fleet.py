@@ -100,6 +100,10 @@ def open_transport(node: str, settings):
             why = "not a directory" if os.path.exists(root) else "no such directory"
             raise UsageError(f"--host-root {root}: {why}")
         return LocalTransport(root, node=LOCAL)
+    if getattr(settings, "via", "ssh") == "kube":
+        from katactl.backends.kubeexec import KubeExecTransport  # lazy: httpx, websocket
+
+        return KubeExecTransport.from_settings(node, settings)
     from katactl.backends.ssh import SSHTransport  # lazy: paramiko
 
     return SSHTransport.from_settings(node, settings)

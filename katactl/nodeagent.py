@@ -1,0 +1,405 @@
+"""Node pods for ``--via kube``: find the pod through which a node is reached, or create an
+ephemeral one; the katactl node agent DaemonSet (``node agent install|status|uninstall|gc``).
+
+A node pod is privileged, hostPID/hostNetwork/hostIPC, has the host's / at /host
+(mountPropagation HostToContainer), tolerates every taint, is pinned with ``nodeName`` (so it
+runs on a cordoned node too) and runs an image with python3 sleeping. Pods are labelled
+``app.kubernetes.io/name=katactl-node-agent`` and ``katactl.io/agent-kind=daemonset|ephemeral``;
+an ephemeral pod is named ``katactl-node-<node>-<5 chars>`` and annotated with who created it and
+when, is deleted at the end of the katactl run (also on errors and Ctrl-C), and has an
+activeDeadlineSeconds so a leftover from a killed run stops by itself; ``node agent gc`` deletes
+leftovers.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import getpass
+import os
+import random
+import re
+import socket
+import threading
+import time
+
+from katactl.errors import NotFound, OperationFailed, TimeoutExpired, UnreachableError, UsageError
+
+APP_LABEL = "app.kubernetes.io/name"
+APP = "katactl-node-agent"
+KIND_LABEL = "katactl.io/agent-kind"
+CREATED_BY = "katactl.io/created-by"
+DS_NAME = "katactl-node-agent"
+CONTAINER = "agent"
+EPHEMERAL_DEADLINE = 6 * 3600   # seconds an ephemeral pod may live at most
+POLL = 0.1
+# The container's command: python3 (which the relays need anyway) waiting for SIGTERM.
+SLEEP = ["python3", "-c", "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+         "[signal.pause() for _ in iter(int, 1)]"]
+
+
+@dataclasses.dataclass
+class AgentPod:
+    namespace: str
+    name: str
+    node: str
+    kind: str                      # "daemonset" | "ephemeral"
+    container: str = CONTAINER
+    image: str | None = None
+
+
+# -- manifests ----------------------------------------------------------------------------------
+def pod_spec(image: str, node: str | None = None) -> dict:
+    spec = {
+        "hostPID": True, "hostNetwork": True, "hostIPC": True,
+        "automountServiceAccountToken": False, "enableServiceLinks": False,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "tolerations": [{"operator": "Exists"}],
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{
+            "name": CONTAINER, "image": image, "command": SLEEP,
+            "securityContext": {"privileged": True},
+            "volumeMounts": [{"name": "host", "mountPath": "/host", "mountPropagation": "HostToContainer"}],
+        }],
+        "volumes": [{"name": "host", "hostPath": {"path": "/", "type": "Directory"}}],
+    }
+    if node:
+        spec["nodeName"] = node
+    return spec
+
+
+def _dns_label(s: str, n: int) -> str:
+    s = re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")
+    return s[:n].rstrip("-") or "node"
+
+
+def ephemeral_manifest(node: str, image: str, namespace: str) -> dict:
+    suffix = "".join(random.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+    spec = pod_spec(image, node)
+    spec["restartPolicy"] = "Never"
+    spec["activeDeadlineSeconds"] = EPHEMERAL_DEADLINE
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"katactl-node-{_dns_label(node, 40)}-{suffix}", "namespace": namespace,
+                         "labels": {APP_LABEL: APP, KIND_LABEL: "ephemeral"},
+                         "annotations": {CREATED_BY: _who()}},
+            "spec": spec}
+
+
+def daemonset_manifest(image: str, namespace: str) -> dict:
+    labels = {APP_LABEL: APP, KIND_LABEL: "daemonset"}
+    return {"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": DS_NAME, "namespace": namespace, "labels": dict(labels),
+                         "annotations": {CREATED_BY: _who()}},
+            "spec": {"selector": {"matchLabels": dict(labels)},
+                     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%"}},
+                     "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec(image)}}}
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001
+        user = "unknown"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+
+
+# -- finding a node's pod -------------------------------------------------------------------------
+def _running(p: dict) -> bool:
+    st = p.get("status") or {}
+    return (st.get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+            and all(c.get("ready", True) or (c.get("state") or {}).get("running")
+                    for c in st.get("containerStatuses") or []))
+
+
+def find_pods(api, namespace: str, node: str | None = None) -> list[dict]:
+    from katactl.backends.kube import seg
+
+    params = {"labelSelector": f"{APP_LABEL}={APP}"}
+    if node:
+        params["fieldSelector"] = f"spec.nodeName={node}"
+    try:
+        return api.list(f"/api/v1/namespaces/{seg(namespace)}/pods", **params)
+    except NotFound:
+        return []
+
+
+def _check_node(api, node: str) -> None:
+    from katactl.backends.kube import seg
+
+    try:
+        n = api.get(f"/api/v1/nodes/{seg(node)}")
+    except NotFound:
+        raise NotFound(f"node {node!r} not found in the cluster (with --via kube, -N names Kubernetes nodes)") \
+            from None
+    ready = next((c for c in (n.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    if ready is None or ready.get("status") != "True":
+        why = (ready or {}).get("message") or (ready or {}).get("reason") or "no Ready condition"
+        raise UnreachableError(f"node {node} is NotReady: {why}")
+
+
+_EPHEMERAL: dict[tuple, AgentPod] = {}
+_EPHEMERAL_API: dict[tuple, object] = {}
+_LOCKS: dict[tuple, threading.Lock] = {}
+_GUARD = threading.Lock()
+
+
+def agent_pod(api, settings, node: str) -> AgentPod:
+    """The running node pod for ``node``: the agent DaemonSet's, an ephemeral one this run
+    created already, or a new ephemeral one (with --agent-image)."""
+    ns = settings.agent_namespace
+    _check_node(api, node)
+    key = (api.host, ns, node)
+    with _GUARD:
+        lock = _LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        mine = _EPHEMERAL.get(key)
+        pods = find_pods(api, ns, node)
+        running = [p for p in pods if _running(p)]
+        running.sort(key=lambda p: ((p["metadata"].get("labels") or {}).get(KIND_LABEL) != "daemonset",
+                                    p["metadata"]["name"] != (mine.name if mine else "")))
+        if running:
+            p = running[0]
+            kind = (p["metadata"].get("labels") or {}).get(KIND_LABEL) or "daemonset"
+            return AgentPod(ns, p["metadata"]["name"], node, kind)
+        if mine is not None and any(p["metadata"]["name"] == mine.name for p in pods):
+            return wait_running(api, mine, float(settings.request_timeout or 30.0))
+        image = settings.agent_image
+        if not image:
+            raise UsageError(f"node {node} has no running katactl node agent pod in namespace {ns}",
+                             hint="install the agent (katactl node agent install --image IMAGE) or give "
+                                  "--agent-image IMAGE for an ephemeral node pod (an image with python3)")
+        return _create_ephemeral(api, ns, node, image, float(settings.request_timeout or 30.0), key)
+
+
+def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) -> AgentPod:
+    from katactl.backends.kube import seg
+
+    man = ephemeral_manifest(node, image, ns)
+    try:
+        obj = api.create(f"/api/v1/namespaces/{seg(ns)}/pods", man)
+    except NotFound:
+        raise NotFound(f"namespace {ns} not found (--agent-namespace)") from None
+    pod = AgentPod(ns, obj["metadata"]["name"], node, "ephemeral", image=image)
+    _register(key, pod, api)
+    return wait_running(api, pod, timeout)
+
+
+def replace_agent_pod(api, pod: AgentPod) -> AgentPod:
+    """The pod went away mid-run: find its replacement (a DaemonSet's) or, for an ephemeral
+    pod, create a new one."""
+    from types import SimpleNamespace
+
+    key = (api.host, pod.namespace, pod.node)
+    with _GUARD:
+        if _EPHEMERAL.get(key) is pod:
+            del _EPHEMERAL[key]
+    deadline = time.monotonic() + float(getattr(api, "timeout", 30.0) or 30.0)
+    settings = SimpleNamespace(agent_namespace=pod.namespace, agent_image=pod.image,
+                               request_timeout=max(1.0, deadline - time.monotonic()))
+    while True:
+        try:
+            return agent_pod(api, settings, pod.node)
+        except UsageError:
+            # a DaemonSet pod is being replaced: wait for the new one
+            if time.monotonic() >= deadline:
+                raise UnreachableError(f"node pod {pod.namespace}/{pod.name} on {pod.node} went away and no "
+                                       "replacement is running") from None
+            time.sleep(POLL * 3)
+
+
+def wait_running(api, pod: AgentPod, timeout: float) -> AgentPod:
+    from katactl.backends.kube import seg
+
+    path = f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"
+    deadline = time.monotonic() + timeout
+    obj: dict = {}
+    while True:
+        try:
+            obj = api.get(path)
+        except NotFound:
+            raise OperationFailed(f"node pod {pod.namespace}/{pod.name} was deleted while starting") from None
+        if _running(obj):
+            return pod
+        phase = (obj.get("status") or {}).get("phase")
+        if phase in ("Failed", "Succeeded"):
+            raise OperationFailed(f"node pod {pod.namespace}/{pod.name} on {pod.node} ended ({phase}) "
+                                  f"{_describe(api, obj)}")
+        if time.monotonic() >= deadline:
+            raise TimeoutExpired(f"node pod {pod.namespace}/{pod.name} on {pod.node} not Running within "
+                                 f"{timeout:g}s: {_describe(api, obj)}")
+        time.sleep(POLL)
+
+
+def _describe(api, obj: dict) -> str:
+    """Phase, container waiting reasons and the pod's recent events, in one line."""
+    from katactl.backends.kube import seg
+
+    st = obj.get("status") or {}
+    parts = [f"phase {st.get('phase') or 'Unknown'}"]
+    for c in st.get("containerStatuses") or []:
+        w = (c.get("state") or {}).get("waiting") or (c.get("state") or {}).get("terminated")
+        if w:
+            parts.append(f"{c.get('name')}: {w.get('reason')}{': ' + w['message'] if w.get('message') else ''}")
+    try:
+        md = obj["metadata"]
+        evs = api.list(f"/api/v1/namespaces/{seg(md['namespace'])}/events",
+                       fieldSelector=f"involvedObject.name={md['name']}")
+        for e in evs[-5:]:
+            parts.append(f"event {e.get('reason')}: {e.get('message')}")
+    except Exception:  # noqa: BLE001 - the description is best effort
+        pass
+    return "; ".join(parts)
+
+
+# -- ephemeral pod lifetime ----------------------------------------------------------------------
+def _register(key, pod: AgentPod, api) -> None:
+    with _GUARD:
+        first = not _EPHEMERAL
+        _EPHEMERAL[key] = pod
+        _EPHEMERAL_API[key] = (api.host, api)
+    if first:
+        _install_sigterm()
+
+
+def cleanup(warn=None) -> list[str]:
+    """Delete every ephemeral pod this process created (grace 0). Returns the names that could
+    not be deleted (they are left for ``node agent gc``)."""
+    from katactl.backends.kube import KubeAPI, seg
+
+    with _GUARD:
+        items = list(_EPHEMERAL.items())
+        apis = dict(_EPHEMERAL_API)
+        _EPHEMERAL.clear()
+        _EPHEMERAL_API.clear()
+    left = []
+    for key, pod in items:
+        _, api = apis.get(key, (None, None))
+        try:
+            client = KubeAPI(api.host, dict(api.ws_headers), api.ssl_context, None, 10.0, user=api.user)
+            try:
+                client.delete(f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}", grace_period=0)
+            finally:
+                client.close()
+        except NotFound:
+            pass
+        except Exception as e:  # noqa: BLE001 - every pod gets its try
+            left.append(f"{pod.namespace}/{pod.name}")
+            if warn:
+                warn(f"could not delete ephemeral node pod {pod.namespace}/{pod.name}: {e} "
+                     "(katactl node agent gc removes it)")
+    return left
+
+
+def _install_sigterm() -> None:
+    """SIGTERM (Ansible timeouts, kill) ends the run through KeyboardInterrupt-like unwinding,
+    so the ephemeral pods are deleted as on Ctrl-C."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            def on_term(signum, frame):
+                raise SystemExit(143)
+            signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):
+        pass
+
+
+def _atexit() -> None:
+    import sys
+
+    cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
+
+
+atexit.register(_atexit)
+
+
+# -- the DaemonSet -------------------------------------------------------------------------------
+def install(api, namespace: str, image: str, *, dry_run: bool = False) -> dict:
+    from katactl.backends.kube import seg
+
+    base = f"/apis/apps/v1/namespaces/{seg(namespace)}/daemonsets"
+    want = daemonset_manifest(image, namespace)
+    try:
+        cur = api.get(f"{base}/{DS_NAME}")
+    except NotFound:
+        cur = None
+    if cur is None:
+        try:
+            api.create(base, want, dry_run=dry_run)
+        except NotFound:
+            raise NotFound(f"namespace {namespace} not found (--agent-namespace)") from None
+        return {"changed": True, "action": "created"}
+    tmpl = ((cur.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if tmpl == want["spec"]["template"]["spec"]:
+        return {"changed": False, "action": "unchanged"}
+    api.patch(f"{base}/{DS_NAME}", {"spec": {"template": want["spec"]["template"]}}, kind="merge", dry_run=dry_run)
+    return {"changed": True, "action": "updated"}
+
+
+def status(api, namespace: str) -> dict:
+    from katactl.backends.kube import seg
+
+    try:
+        ds = api.get(f"/apis/apps/v1/namespaces/{seg(namespace)}/daemonsets/{DS_NAME}")
+    except NotFound:
+        ds = None
+    pods = find_pods(api, namespace)
+    nodes = [n["metadata"]["name"] for n in api.list("/api/v1/nodes")]
+    by_node: dict[str, list[dict]] = {}
+    for p in pods:
+        by_node.setdefault((p.get("spec") or {}).get("nodeName") or "", []).append(p)
+    items = []
+    for n in nodes:
+        ps = by_node.get(n, [])
+        ds_pods = [p for p in ps if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset"]
+        eph = [p for p in ps if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "ephemeral"]
+        run = next((p for p in ds_pods if _running(p)), None)
+        items.append({"node": n, "pod": (run or (ds_pods[0] if ds_pods else {})).get("metadata", {}).get("name"),
+                      "ready": run is not None,
+                      "phase": ((run or (ds_pods[0] if ds_pods else {})).get("status") or {}).get("phase"),
+                      "ephemeral": [p["metadata"]["name"] for p in eph]})
+    image = None
+    if ds:
+        cs = (((ds.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+        image = cs[0].get("image") if cs else None
+    return {"namespace": namespace, "installed": ds is not None, "image": image,
+            "ready": sum(1 for i in items if i["ready"]), "nodes": len(items), "items": items}
+
+
+def uninstall(api, namespace: str, *, dry_run: bool = False) -> dict:
+    from katactl.backends.kube import seg
+
+    try:
+        api.delete(f"/apis/apps/v1/namespaces/{seg(namespace)}/daemonsets/{DS_NAME}",
+                   propagation="Background", dry_run=dry_run)
+    except NotFound:
+        return {"changed": False}
+    return {"changed": True}
+
+
+def gc_candidates(api, namespace: str) -> list[dict]:
+    """Ephemeral node pods left behind: every pod labelled ephemeral (a running katactl deletes
+    its own at its end; one still in use by another run is recreated there on its next call)."""
+    out = []
+    for p in find_pods(api, namespace):
+        if (p["metadata"].get("labels") or {}).get(KIND_LABEL) != "ephemeral":
+            continue
+        out.append({"name": p["metadata"]["name"], "node": (p.get("spec") or {}).get("nodeName"),
+                    "phase": (p.get("status") or {}).get("phase"),
+                    "createdBy": (p["metadata"].get("annotations") or {}).get(CREATED_BY),
+                    "created": p["metadata"].get("creationTimestamp")})
+    return out
+
+
+def gc(api, namespace: str, *, dry_run: bool = False) -> list[dict]:
+    from katactl.backends.kube import seg
+
+    done = []
+    for c in gc_candidates(api, namespace):
+        try:
+            api.delete(f"/api/v1/namespaces/{seg(namespace)}/pods/{seg(c['name'])}", grace_period=0, dry_run=dry_run)
+            done.append(c)
+        except NotFound:
+            pass
+    return done
