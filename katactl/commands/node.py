@@ -8,6 +8,7 @@ import typer
 from katactl.commands._common import finish, new_app, state
 
 app = new_app("Kubernetes nodes: list, check, cordon, uncordon, drain (kubectl drain's semantics, Kata-aware).")
+app.add_typer(__import__("katactl.commands.node_agent", fromlist=["app"]).app, name="agent")  # node agent install|status|uninstall|gc
 
 NODES_ARG = typer.Argument(None, metavar="NODE...", help="Kubernetes node names (also -N, --nodes-from, -l).")
 DRY_RUN_HELP = ("Change nothing. --dry-run (or =client) sends no change; --dry-run=server has the "

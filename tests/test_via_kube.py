@@ -1,0 +1,259 @@
+"""--via kube end to end: katactl reaches nodes through pods/exec (WebSocket) into node pods on the
+kube-apiserver stand-in (tests/kubeexec_server.py), whose node roots are the session's QEMU lab
+("lab-node") and a fixture tree ("tree-node"). The same commands with --host-root on the same
+trees are the reference: --via kube must give the same JSON."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_vmcore import SID, TS, add_dump, node_tree, sha
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
+
+IMAGE = "python:3.12-slim"
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "tree-node"
+    node_tree(str(root))
+    src = add_dump(str(root), size_segments=((0, 16 << 20),), data=os.urandom(12 << 20))
+    return {"root": str(root), "src": src}
+
+
+@pytest.fixture
+def cluster(kube, tree, tmp_path, monkeypatch):
+    kube.add_node("tree-node")
+    kube.set_node_root("tree-node", tree["root"])
+    kc = kube.kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", kc)
+    return {"kube": kube, "kc": kc, "tree": tree}
+
+
+def kube_args(*nodes, image=IMAGE):
+    a = ["--via", "kube", "-N", ",".join(nodes)]
+    return a + (["--agent-image", image] if image else [])
+
+
+def agent_pods(kube):
+    return sorted(p["metadata"]["name"] for p in kube.list_objs("Pod", "kube-system")
+                  if not p["metadata"].get("deletionTimestamp"))
+
+
+def strip_node(d):
+    """The JSON without the node's name (-N says tree-node, --host-root says localhost) and ages."""
+    if isinstance(d, dict):
+        return {k: strip_node(v) for k, v in d.items() if k not in ("node", "age", "ageSeconds")}
+    if isinstance(d, list):
+        return [strip_node(x) for x in d]
+    return d
+
+
+# -- the fixture-tree node -------------------------------------------------------------------------
+def test_ephemeral_pod_same_json_as_host_root_and_deleted_at_the_end(cli, cluster):
+    kube, tree = cluster["kube"], cluster["tree"]
+    for args in (["vmcore", "list"], ["sandbox", "list"]):
+        ref = cli(["--host-root", tree["root"], *args, "-o", "json"])
+        r = cli([*kube_args("tree-node"), *args, "-o", "json"])
+        assert r.exit_code == ref.exit_code, r.stderr
+        got, want = strip_node(r.json()), strip_node(ref.json())
+        assert got == want, [(k, a.get(k), b.get(k)) for a, b in zip(got["items"], want["items"])
+                             for k in set(a) | set(b) if a.get(k) != b.get(k)]
+    # each run created one ephemeral pod on the node, used it, and deleted it at its end
+    created = [q for q in kube.requests if q["method"] == "POST" and q["path"].startswith("/api/v1/namespaces/kube-system/pods")]
+    assert len(created) == 2
+    body = created[0]["body"]
+    assert body["metadata"]["name"].startswith("katactl-node-tree-node-")
+    spec = body["spec"]
+    assert spec["nodeName"] == "tree-node" and spec["hostPID"] is True
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["containers"][0]["securityContext"] == {"privileged": True}
+    assert spec["volumes"][0]["hostPath"]["path"] == "/"
+    assert spec["containers"][0]["volumeMounts"][0]["mountPath"] == "/host"
+    assert agent_pods(kube) == []
+    # every exec went to that pod, v5
+    assert kube.exec_log and all(e["protocol"] == "v5.channel.k8s.io" for e in kube.exec_log)
+    assert all(e["pod"].startswith("kube-system/katactl-node-tree-node-") for e in kube.exec_log)
+
+
+def test_vmcore_collect_verified_and_resumed_after_a_cut_stream(cli, cluster, tmp_path):
+    kube, tree = cluster["kube"], cluster["tree"]
+    out = tmp_path / "o"
+    kube.exec_cut(r"^(cat|tail) .*vmcore-", after_bytes=5 << 20)  # the dump's stream is cut at 5 MiB
+    r = cli([*kube_args("tree-node"), "vmcore", "collect", "--to", str(out), "--verify", "-o", "json"])
+    assert r.exit_code != 0
+    assert any(e["cut"] for e in kube.exec_log)
+    r = cli([*kube_args("tree-node"), "vmcore", "collect", "--to", str(out), "--verify", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [c] = r.json()["items"]
+    assert c["resumed"] is True
+    assert c["to"] == str(out / "tree-node" / SID / f"vmcore-{TS}.elf")
+    assert c["verified"] and c["verification"] == "node-sha256sum" and sha(c["to"]) == sha(tree["src"])
+    tails = [e for e in kube.exec_log if e["argv"][0] == "tail"]
+    assert tails, "the second run resumed with tail -c +N"
+    assert agent_pods(kube) == []
+
+
+def test_upgrade_stage_switch_status_like_host_root(cli, cluster, tmp_path):
+    from tests import upgrade_fixtures as fx
+
+    tree = cluster["tree"]
+    tbs = {v: fx.make_tarball(str(tmp_path), v, str(tmp_path), compression="gz") for v in ("3.1.0", "3.2.0")}
+    root = "/opt/kata-ut"
+
+    def run(*args):
+        r = cli([*kube_args("tree-node"), "upgrade", *args, "--kata-root", root, "-o", "json"])
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        return r.json()
+
+    for v in ("3.1.0", "3.2.0"):
+        assert run("stage", tbs[v])["changed"] is True
+    assert run("stage", tbs["3.1.0"])["changed"] is False
+    assert run("switch", "3.2.0")["changed"] is True
+    assert os.readlink(os.path.join(tree["root"], "opt/kata-ut/current")) == "releases/3.2.0"
+    shim = os.path.join(tree["root"], "opt/kata-ut/releases/3.1.0/bin/containerd-shim-kata-v2")
+    assert os.stat(shim).st_mode & 0o111 and os.path.getsize(shim) > 1000
+    st = run("status")
+    ref = cli(["--host-root", tree["root"], "upgrade", "status", "--kata-root", root, "-o", "json"])
+    # one named node answers as a list; --host-root is this host's one object
+    [item] = st["items"]
+    want = {k: v for k, v in ref.json().items() if k not in ("apiVersion", "kind")}
+    assert strip_node(item) == strip_node(want)
+
+
+def test_agent_install_status_then_commands_use_the_daemonset_pod(cli, cluster):
+    kube = cluster["kube"]
+    r = cli(["node", "agent", "status", "-o", "json"])
+    assert r.exit_code == 3
+    r = cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is True
+    assert cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"]).json()["changed"] is False
+    ds = kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system")
+    assert ds["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "katactl-node-agent"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        r = cli(["node", "agent", "status", "-o", "json"])
+        if r.exit_code == 0:
+            break
+        time.sleep(0.1)
+    assert r.exit_code == 0, r.stdout
+    [it] = r.json()["items"]
+    assert it["node"] == "tree-node" and it["ready"] is True and it["pod"].startswith("katactl-node-agent-")
+    # no --agent-image: the DaemonSet's pod is used, nothing is created or deleted
+    n_pods = agent_pods(kube)
+    r = cli([*kube_args("tree-node", image=None), "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert agent_pods(kube) == n_pods
+    assert {e["pod"] for e in kube.exec_log} == {f"kube-system/{it['pod']}"}
+    r = cli(["node", "agent", "uninstall", "--yes", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["changed"] is True
+    assert cli(["node", "agent", "uninstall", "--yes", "-o", "json"]).json()["changed"] is False
+
+
+def test_agent_pod_deleted_mid_run_is_replaced(cluster):
+    from katactl import config, nodeagent
+    from katactl.fleet import open_transport
+
+    kube = cluster["kube"]
+    settings = config.resolve({"via": "kube", "agent_image": IMAGE, "request_timeout": 10.0})
+    try:
+        with open_transport("tree-node", settings) as t:
+            first = t.agent.name
+            assert t.read_bytes("/usr/share/defaults/kata-containers/configuration.toml")
+            kube.handle("DELETE", f"/api/v1/namespaces/kube-system/pods/{first}", {"gracePeriodSeconds": ["0"]},
+                        None, "admin", "")
+            # the helper's stream ends with its pod; reads go on through a new pod
+            assert t.read_bytes("/usr/share/defaults/kata-containers/configuration.toml")
+            assert t.run(["true"]).returncode == 0
+            assert t.agent.name != first
+    finally:
+        nodeagent.cleanup()
+    assert agent_pods(kube) == []
+
+
+def test_v4_only_server(cluster):
+    from katactl import config, nodeagent
+    from katactl.fleet import open_transport
+
+    kube = cluster["kube"]
+    kube.exec_protocols = ("v4.channel.k8s.io",)
+    settings = config.resolve({"via": "kube", "agent_image": IMAGE})
+    try:
+        with open_transport("tree-node", settings) as t:
+            r = t.run(["sha256sum"], input=b"x" * 100_000)
+            import hashlib
+
+            assert r.stdout.split()[0].decode() == hashlib.sha256(b"x" * 100_000).hexdigest()
+            assert t.run(["sh", "-c", "exit 5"]).returncode == 5
+    finally:
+        nodeagent.cleanup()
+    assert {e["protocol"] for e in kube.exec_log} == {"v4.channel.k8s.io"}
+
+
+# -- errors --------------------------------------------------------------------------------------
+def test_no_agent_and_no_image_is_a_usage_error(cli, cluster):
+    r = cli([*kube_args("tree-node", image=None), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 2
+    assert "node agent install" in r.stdout and "--agent-image" in r.stdout
+
+
+def test_pod_not_running_in_time_is_exit_6_with_status_and_events(cli, cluster):
+    kube = cluster["kube"]
+    kube.kubelet_starts_pods = False
+    kube.set_node_root("tree-node", cluster["tree"]["root"])
+    r = cli(["--request-timeout", "1s", *kube_args("tree-node"), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 6, r.stdout
+    msg = r.json()["message"]
+    assert "not Running within 1s" in msg and "ImagePullBackOff" in msg and "Scheduled" in msg
+    assert agent_pods(kube) == []   # deleted even though the run failed
+
+
+def test_exec_forbidden_is_exit_7_naming_the_verb(cli, cluster, tmp_path, monkeypatch):
+    kube = cluster["kube"]
+    r = cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"])
+    assert r.exit_code == 0
+    time.sleep(0.3)
+    monkeypatch.setenv("KUBECONFIG", kube.kubeconfig(tmp_path / "ro", user="readonly"))
+    r = cli([*kube_args("tree-node", image=None), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 7, r.stdout
+    assert "create pods/exec" in r.json()["message"]
+
+
+def test_node_not_ready_is_that_nodes_error(cli, cluster):
+    kube = cluster["kube"]
+    kube.add_node("dead-node", ready=False)
+    r = cli([*kube_args("tree-node", "dead-node"), "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 4, r.stdout
+    errs = r.json()["errors"]
+    assert [e["node"] for e in errs] == ["dead-node"] and "NotReady" in errs[0]["error"]["message"]
+
+
+def test_api_down_is_exit_7(cli, cluster, tmp_path, monkeypatch):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    kc = json.loads(open(cluster["kc"]).read())
+    kc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
+    (tmp_path / "down").write_text(json.dumps(kc))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "down"))
+    r = cli(["--request-timeout", "2s", *kube_args("tree-node"), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 7, r.stdout
+
+
+def test_help_and_completion_import_no_websocket():
+    code = ("import sys; from katactl.cli import main\n"
+            "try:\n    main(['node', 'agent', '--help'])\nexcept SystemExit: pass\n"
+            "bad = [m for m in ('websocket', 'httpx', 'kubernetes', 'paramiko') if m in sys.modules]\n"
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip().splitlines()[-1] == "[]"
