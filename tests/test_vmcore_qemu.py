@@ -114,7 +114,8 @@ def test_trigger_elf_on_live_qemu_gives_valid_core(cli, qnode):
         assert json.load(f)["MemorySize"] == MEM_MIB
     with open(os.path.join(ddir, "hypervisor.version")) as f:
         assert f.read().startswith("QEMU emulator version")
-    assert os.path.isfile(os.path.join(ddir, "state", "persist.json"))
+    # the runtime copies its store dir: state/<sandbox-id>/persist.json (qemu.go dumpSandboxMetaInfo)
+    assert os.path.isfile(os.path.join(ddir, "state", SB, "persist.json"))
     # and list sees it, with the pod
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     it = [i for i in r.json()["items"] if i["path"] == d["path"]][0]
@@ -180,7 +181,10 @@ def test_runtime_panic_dump_writes_what_the_runtime_writes(cli, qnode, tmp_path)
     with open(os.path.join(root, f"run/vc/sbs/{SB}/persist.json")) as f:
         hvc = json.load(f)["Config"]["HypervisorConfig"]
     with open(os.path.join(ddir, "hypervisor.conf")) as f:
-        assert json.load(f) == hvc
+        conf = json.load(f)
+    # hypervisor.conf is the runtime's in-memory HypervisorConfig: persist.json's plus the
+    # settings persist does not keep, such as the dump path itself
+    assert conf.pop("GuestMemoryDumpPath") == DUMP_PATH and conf == hvc
     # list -> collect with a verified manifest
     r = cli(["--host-root", root, "vmcore", "collect", f"{SB}/{os.path.basename(path)}", "--to",
              str(tmp_path / "c"), "-o", "json"])
