@@ -257,3 +257,55 @@ def test_help_and_completion_import_no_websocket():
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+# -- the QEMU lab node ---------------------------------------------------------------------------
+@pytest.fixture
+def lab_cluster(cluster, lab):
+    kube = cluster["kube"]
+    kube.add_node("lab-node")
+    kube.set_node_root("lab-node", lab.root)
+    return {**cluster, "lab": lab}
+
+
+@pytest.mark.qemu
+def test_lab_same_json_as_host_root(cli, lab_cluster):
+    lab = lab_cluster["lab"]
+    for args, code in ((["sandbox", "list"], None), (["sandbox", "inspect", lab.pod("qemu-0")], None),
+                       (["audit"], None)):
+        ref = cli([*lab.args(*args), "-o", "json"])
+        r = cli([*kube_args("lab-node"), *args, "-o", "json"])
+        assert r.exit_code == ref.exit_code, (r.stdout[-2000:], r.stderr)
+        got, want = strip_node(r.json()), strip_node(ref.json())
+        if "items" in want and "items" in got and want.get("kind", "").endswith("List"):
+            assert got == want, [(k, a.get(k), b.get(k)) for a, b in zip(got["items"], want["items"])
+                                 for k in set(a) | set(b) if a.get(k) != b.get(k)]
+        elif want["kind"] != "AuditReport":
+            assert got == want, [(x, got.get(x), want.get(x)) for x in set(got) | set(want) if got.get(x) != want.get(x)]
+        else:  # audit: a named node answers in the fan-out shape (per-node metadata under "nodes")
+            assert got["kind"] == "AuditReport"
+            assert len(got["items"]) == len(want["items"]) > 0
+            for a, b in zip(got["items"], want["items"]):
+                a = {**a, "target": a["target"].replace("lab-node", "localhost")}  # a node-level finding
+                assert a == b, [(x, a.get(x), b.get(x)) for x in set(a) | set(b) if a.get(x) != b.get(x)]
+            assert got.get("counts") == want.get("counts")
+    assert agent_pods(lab_cluster["kube"]) == []
+
+
+@pytest.mark.qemu
+def test_lab_balloon_set_wait_moves_the_qemu_guest(cli, lab_cluster):
+    lab = lab_cluster["lab"]
+    ref = lab.pod("qemu-0")
+    try:
+        r = cli([*kube_args("lab-node"), "balloon", "set", ref, "--target", "384Mi", "--wait", "-o", "json"])
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        j = r.json()
+        assert j["node"] == "lab-node" and j["changed"] is True and j["converged"] is True
+        assert abs(j["actualBytes"] - (384 << 20)) <= 8 << 20
+        r = cli([*lab.args("balloon", "get", ref, "-o", "json")])   # seen locally too
+        assert abs(r.json()["actualBytes"] - (384 << 20)) <= 8 << 20
+        # the shim management socket and QMP were reached through the relay in the node pod
+        assert any(e["argv"][:2] == ["python3", "-I"] and "-c" in e["argv"] and e["argv"][-1].endswith(".sock")
+                   for e in lab_cluster["kube"].exec_log)
+    finally:
+        cli([*lab.args("balloon", "set", ref, "--target", "512Mi", "--wait", "-o", "json")])
