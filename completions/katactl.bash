@@ -57,6 +57,11 @@ _katactl() {
             "katactl node uncordon") path="katactl node uncordon" ;;
             "katactl node drain") path="katactl node drain" ;;
             "katactl node check") path="katactl node check" ;;
+            "katactl node agent") path="katactl node agent" ;;
+            "katactl node agent install") path="katactl node agent install" ;;
+            "katactl node agent status") path="katactl node agent status" ;;
+            "katactl node agent uninstall") path="katactl node agent uninstall" ;;
+            "katactl node agent gc") path="katactl node agent gc" ;;
             "katactl rollout plan") path="katactl rollout plan" ;;
             "katactl rollout run") path="katactl rollout run" ;;
             "katactl rollout status") path="katactl rollout status" ;;
@@ -71,7 +76,7 @@ _katactl() {
         --dump-path|--file|--filename|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit overhead node rollout"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit overhead node rollout"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help" ;;
         "katactl version") words=""; valopts=""; opts="-h --help" ;;
         "katactl config") words="view"; valopts=""; opts="-h --help" ;;
         "katactl config view") words=""; valopts=""; opts="-h --help" ;;
@@ -116,12 +121,17 @@ _katactl() {
         "katactl inspect pressure") words=""; valopts="--interval -d --iterations --fail-on"; opts="--interval -d --watch -w --iterations --fail-on -h --help" ;;
         "katactl audit") words=""; valopts="--policy -p --fail-on"; opts="--policy -p --fail-on --list-checks -h --help" ;;
         "katactl overhead") words=""; valopts="--runtime-class-overhead --interval -d --margin --fail-on"; opts="--runtime-class-overhead --interval -d --margin --fail-on -h --help" ;;
-        "katactl node") words="list cordon uncordon drain check"; valopts=""; opts="-h --help" ;;
+        "katactl node") words="list cordon uncordon drain check agent"; valopts=""; opts="-h --help" ;;
         "katactl node list") words=""; valopts=""; opts="-h --help" ;;
         "katactl node cordon") words=""; valopts="--reason"; opts="--reason --dry-run -h --help" ;;
         "katactl node uncordon") words=""; valopts=""; opts="--force --dry-run -h --help" ;;
         "katactl node drain") words=""; valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel"; opts="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help" ;;
         "katactl node check") words=""; valopts="--fail-on --kata-root"; opts="--fail-on --node-facts --kata-root -h --help" ;;
+        "katactl node agent") words="install status uninstall gc"; valopts=""; opts="-h --help" ;;
+        "katactl node agent install") words=""; valopts="--image"; opts="--image --dry-run -h --help" ;;
+        "katactl node agent status") words=""; valopts=""; opts="-h --help" ;;
+        "katactl node agent uninstall") words=""; valopts=""; opts="--dry-run -h --help" ;;
+        "katactl node agent gc") words=""; valopts=""; opts="--dry-run -h --help" ;;
         "katactl rollout") words="plan run status list pause resume abort"; valopts=""; opts="-h --help" ;;
         "katactl rollout plan") words=""; valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll"; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
         "katactl rollout run") words=""; valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll"; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --dry-run --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
