@@ -16,12 +16,15 @@ files are read, so nothing can block the listing).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import posixpath
 import re
 import stat as _stat
+import threading
 import time
 from typing import Any
 
@@ -56,7 +59,7 @@ def pod_ref(pod: dict | None) -> str | None:
     return f"{pod.get('namespace') or '-'}/{pod['name']}"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # slots: ~1.2 KiB less per sandbox than a 40-key __dict__
 class Sandbox:
     id: str
     runtime: str                       # "go" | "rs"
@@ -96,6 +99,13 @@ class Sandbox:
     #: the parsed state file (Go persist.json / RS state.json), for other modules
     raw: dict | None = dataclasses.field(default=None, repr=False, compare=False)
     annotations: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: the bytes ``raw`` / ``annotations`` are parsed from when first read (see _lazy_json)
+    _raw_src: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _annotations_src: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def has_state(self) -> bool:
+        """The state file was read and parsed (``raw is not None``, without parsing it again)."""
+        return self._raw_src is not None or _RAW_SLOT.__get__(self) is not None
 
     @property
     def total_memory_mib(self) -> int | None:
@@ -149,6 +159,66 @@ class Sandbox:
             "cri": self.cri,
             "stateFile": self.state_file,
         }
+
+
+# ``raw`` and ``annotations`` are kept as the bytes they were parsed from and parsed again
+# when first asked for: a parsed persist.json takes ~4x its bytes, and most callers (sandbox
+# list) never look at it. The bytes are the same ones, so the result is the same object tree.
+# The field's own slot holds the parsed value; _<name>_src the bytes not parsed yet.
+def _lazy_json(name: str, extract):
+    slot, src = getattr(Sandbox, name), getattr(Sandbox, f"_{name}_src")
+
+    def get(self):
+        data = src.__get__(self)
+        if data is not None:
+            slot.__set__(self, extract(_loads(data)))
+            src.__set__(self, None)
+        return slot.__get__(self)
+
+    def set_(self, value):
+        slot.__set__(self, value)
+        src.__set__(self, None)
+
+    return property(get, set_, doc=f"{name} (parsed when first read)"), slot
+
+
+def _annotations_of(spec) -> dict:
+    ann = spec.get("annotations") if isinstance(spec, dict) else None
+    return ann if isinstance(ann, dict) else {}
+
+
+Sandbox.raw, _RAW_SLOT = _lazy_json("raw", lambda obj: obj)
+Sandbox.annotations, _ANN_SLOT = _lazy_json("annotations", _annotations_of)
+
+
+def _set_lazy(sb: Sandbox, name: str, data: bytes) -> None:
+    (_RAW_SLOT if name == "raw" else _ANN_SLOT).__set__(sb, None)
+    setattr(sb, f"_{name}_src", data)
+
+
+_GC_LOCK = threading.Lock()
+_gc_pause = [0, False]  # [nesting depth, whether the GC was enabled before the outermost]
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """The cyclic GC paused while sandboxes are read. Discovery allocates many small
+    containers that never form cycles (parsed JSON, stats); every 700 of them the GC
+    would walk the young ones, and ever more often the whole, growing heap: at 5,000
+    sandboxes a third of the run. Nested and concurrent uses (fan-out threads) share
+    one pause; the GC is enabled again when the last one ends (if it was before)."""
+    with _GC_LOCK:
+        if _gc_pause[0] == 0:
+            _gc_pause[1] = gc.isenabled()
+            gc.disable()
+        _gc_pause[0] += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _gc_pause[0] -= 1
+            if _gc_pause[0] == 0 and _gc_pause[1]:
+                gc.enable()
 
 
 # -- validation ---------------------------------------------------------------
@@ -454,6 +524,20 @@ def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
     """Sandboxes for candidates, with all their files read in two batched transport
     calls (stat_many, then read_many of the regular files only: a few SSH round trips
     per node, however many sandboxes). Nothing but a regular file is ever opened."""
+    out: list[Sandbox] = []
+    for i in range(0, len(cands), _BATCH):  # bounds the batch's bytes, stats and errors in memory
+        out += _load_batch(transport, cands[i:i + _BATCH], bundles, quick)
+    find_rs_vmms(transport, out)
+    apply_config(transport, out)
+    return out
+
+
+#: sandboxes whose files are read in one batch (one stat_many + one read_many: over SSH a
+#: few round trips per batch). Nodes hold a few hundred at most; the bound is for memory.
+_BATCH = 1024
+
+
+def _load_batch(transport, cands: list[Candidate], bundles: _BundleIndex, quick: bool) -> list[Sandbox]:
     sbs = []
     for sid, runtime, _, _, state_file in cands:
         base = GO_SBS if runtime == "go" else RS_DIR
@@ -470,10 +554,7 @@ def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
     bad = {p: e for p in files if (e := _not_regular(p, stats.get(p))) is not None}
     data: dict = dict(bad)
     data.update(transport.read_many([p for p in files if p not in bad], limit=STATE_LIMIT + 1))
-    out = [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands)]
-    find_rs_vmms(transport, out)
-    apply_config(transport, out)
-    return out
+    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands)]
 
 
 def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
@@ -485,12 +566,15 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
         try:
             if isinstance(raw, OSError):
                 raise raw
-            spec = _loads(raw[:STATE_LIMIT])
-            ann = spec.get("annotations") if isinstance(spec, dict) else None
-            sb.annotations = ann if isinstance(ann, dict) else {}
-            sb.pod, sb.cri = _pod_from_annotations(sb.annotations)
-            if _parse_bool(sb.annotations.get("io.katacontainers.config.runtime.enable_pprof")):
+            raw = raw[:STATE_LIMIT]
+            ann = _annotations_of(_loads(raw))
+            sb.pod, sb.cri = _pod_from_annotations(ann)
+            if _parse_bool(ann.get("io.katacontainers.config.runtime.enable_pprof")):
                 sb.enable_pprof = True
+            if ann:
+                _set_lazy(sb, "annotations", raw)
+            else:
+                sb.annotations = ann
         except OSError as e:
             if e.errno is None and e.strerror is None:  # present but not a regular file
                 logging.getLogger(__name__).warning(
@@ -515,6 +599,9 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
         except Exception as e:  # a schema we do not know must not hide the sandbox
             sb.state, sb.reason = "unknown", f"unexpected {posixpath.basename(state_file)} shape: {e}"
             obj = None
+        else:
+            if _RAW_SLOT.__get__(sb) is obj:
+                _set_lazy(sb, "raw", data[state_file])  # parsed again (the same bytes) when asked for
     sb.created = created if created is not None else dir_mtime
     if runtime == "go" and sb.hypervisor == "qemu":
         em = f"{GO_VM}/{sid}/extra-monitor.sock"
@@ -546,7 +633,7 @@ def apply_config(transport, sbs: list[Sandbox]) -> None:
 
     cache: dict[str, Any] = {}
     for sb in sbs:
-        if sb.raw is None:
+        if not sb.has_state():
             continue
         if sb.runtime not in cache:
             try:
@@ -591,7 +678,7 @@ def find_rs_vmms(transport, sbs: list[Sandbox]) -> None:
     node's /proc (one listing plus one batched read of the stat files, then the
     candidates' cmdlines: a few SSH round trips whatever the number of sandboxes).
     Where no VMM is found, ``vmm_note`` says why."""
-    todo = [s for s in sbs if s.runtime == "rs" and s.raw is not None and not s.hypervisor_pid]
+    todo = [s for s in sbs if s.runtime == "rs" and s.has_state() and not s.hypervisor_pid]
     for s in todo:
         if s.shim_pid is None:
             s.vmm_note = ("runtime-rs persists no VMM pid, and the shim's pid is unknown "
@@ -673,7 +760,7 @@ _UNSET = object()
 def liveness(transport, sb: Sandbox, timeout: float = 0.5, *, _alive=_UNSET,
              _socket_missing: bool = False) -> Sandbox:
     """Set sb.state/reason: running (pid lives, socket answers), stale, or unknown."""
-    if sb.raw is None:
+    if not sb.has_state():
         return sb  # unreadable state file: stays unknown with its reason
     alive = pid_alive(transport, sb.hypervisor_pid) if _alive is _UNSET else _alive
     if alive is False:
@@ -746,12 +833,13 @@ def discover(transport, *, check: bool = True, timeout: float = 0.5, state: str 
     ``state`` keeps the sandboxes in that state (one of STATES), ``namespace`` those
     whose pod is in that namespace."""
     check_state(state)
-    top = _scan(transport, [GO_SBS, RS_DIR, RS_FC_JAIL, CRIO_DIR, CONTAINERD_TASK_DIR])
-    bundles = _BundleIndex(transport, top)
-    cands = _candidates(transport, top)
-    sbs = _load_many(transport, cands, bundles)
-    if check:
-        _check_all(transport, sbs, timeout)
+    with _gc_paused():
+        top = _scan(transport, [GO_SBS, RS_DIR, RS_FC_JAIL, CRIO_DIR, CONTAINERD_TASK_DIR])
+        bundles = _BundleIndex(transport, top)
+        cands = _candidates(transport, top)
+        sbs = _load_many(transport, cands, bundles)
+        if check:
+            _check_all(transport, sbs, timeout)
     sbs = [s for s in sbs if (not state or s.state == state)
            and (not namespace or (s.pod or {}).get("namespace") == namespace)]
     sbs.sort(key=lambda s: (s.pod_ref or "~", s.id))
@@ -761,7 +849,7 @@ def discover(transport, *, check: bool = True, timeout: float = 0.5, state: str 
 def _check_all(transport, sbs: list[Sandbox], timeout: float) -> None:
     """liveness() for many sandboxes: the /proc/<pid> and shim socket probes in one
     stat_many (one SSH round trip); only sockets that exist are connected to."""
-    todo = [s for s in sbs if s.raw is not None]
+    todo = [s for s in sbs if s.has_state()]
     if not todo:
         return
     pids = sorted({f"/proc/{s.hypervisor_pid}" for s in todo if s.hypervisor_pid})

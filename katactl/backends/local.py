@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import socket
+import stat as _st
 import subprocess
 import tempfile
 from typing import BinaryIO, Iterable, Iterator, Sequence
@@ -21,7 +22,35 @@ def check_node_path(path: str) -> str:
         raise UsageError(f"internal: node path must be absolute: {path!r}")
     if "\0" in path:
         raise UsageError("path contains a NUL byte")
-    return os.path.normpath(path)
+    if "//" in path or "/." in path or (path.endswith("/") and path != "/"):
+        return os.path.normpath(path)
+    return path  # already normal: normpath would return it unchanged
+
+
+#: the first read of a file whose size fstat cannot tell (procfs, sysfs), and the
+#: read size after the first one
+_CHUNK = 64 << 10
+
+
+def _read_upto(f, limit: int | None) -> bytes:
+    """At most ``limit`` bytes of an unbuffered binary file object (all without a limit).
+
+    Sized by fstat: a ``read(limit)`` would make Python allocate ``limit`` bytes (16 MiB
+    for a state file) and shrink the result, an mmap/mremap/munmap per file."""
+    if limit is None:
+        return f.readall()
+    size = os.fstat(f.fileno()).st_size
+    n = min(limit, size + 1 if size else _CHUNK)  # +1: a file that grew is read on
+    parts = []
+    total = 0
+    while total < limit:
+        b = f.read(min(n, limit - total))
+        if not b:
+            break
+        parts.append(b)
+        total += len(b)
+        n = _CHUNK
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class LocalTransport(NodeTransport):
@@ -35,8 +64,29 @@ class LocalTransport(NodeTransport):
         return self.host_root + p if self.host_root else p
 
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
-        with open(self.real(path), "rb") as f:
-            return f.read() if limit is None else f.read(limit)
+        with open(self.real(path), "rb", buffering=0) as f:
+            return _read_upto(f, limit)
+
+    def read_many(self, paths: Sequence[str], limit: int | None = None) -> dict[str, bytes | OSError]:
+        out: dict[str, bytes | OSError] = {}
+        real = self.real
+        for p in paths:
+            try:
+                with open(real(p), "rb", buffering=0) as f:
+                    out[p] = _read_upto(f, limit)
+            except OSError as e:
+                out[p] = _bare(e)
+        return out
+
+    def stat_many(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict[str, FileStat | OSError]:
+        out: dict[str, FileStat | OSError] = {}
+        real, stat = self.real, os.stat
+        for p in paths:
+            try:
+                out[p] = _file_stat(stat(real(p), follow_symlinks=follow_symlinks))
+            except OSError as e:
+                out[p] = _bare(e)
+        return out
 
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(self.real(path)))
@@ -198,10 +248,16 @@ _SUN_PATH_MAX = 108
 
 
 def _file_stat(s: os.stat_result) -> FileStat:
-    import stat as st
+    mode = s.st_mode
+    return FileStat(s.st_size, s.st_mtime, mode, _st.S_ISDIR(mode), _st.S_ISLNK(mode), s.st_uid)
 
-    return FileStat(size=s.st_size, mtime=s.st_mtime, mode=s.st_mode,
-                    is_dir=st.S_ISDIR(s.st_mode), is_link=st.S_ISLNK(s.st_mode), uid=s.st_uid)
+
+def _bare(e: OSError) -> OSError:
+    """e without its traceback: an error kept as a value (read_many, stat_many) must not
+    keep the frame that caught it, whose locals hold the dict holding the error (a
+    reference cycle per missing file, left to the cyclic GC)."""
+    e.__traceback__ = None
+    return e
 
 
 def fsync_dir(d: str) -> None:
