@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 import time
 
 from katactl.errors import HostKeyError
@@ -132,17 +133,93 @@ def parse_file(path: str) -> list[Entry]:
     return out
 
 
+class _Index:
+    """Where a name can match in a list of entries, built once: plain host patterns in a
+    dict (name -> positions); wildcard and negated fields in a list checked for every
+    name; hashed fields with their salt and hash decoded once (one HMAC-SHA1 per hashed
+    entry and name is unavoidable: each has its own salt), results kept per name."""
+
+    def __init__(self, entries: list[Entry]):
+        self.size = len(entries)
+        self.plain: dict[str, list[int]] = {}
+        self.general: list[tuple[int, str]] = []
+        self.hashed: list[tuple[int, bytes, bytes]] = []
+        self.memo: dict[str, tuple[int, ...]] = {}
+        for i, e in enumerate(entries):
+            field = e.patterns
+            if field.startswith("|1|"):
+                try:
+                    _, _, salt64, hash64 = field.split("|", 3)
+                    self.hashed.append((i, base64.b64decode(salt64), base64.b64decode(hash64)))
+                except (ValueError, TypeError):
+                    pass  # never matches (host_matches says False)
+                continue
+            pats = [p for p in (x.strip().lower() for x in field.split(",")) if p]
+            if any(p.startswith("!") or "*" in p or "?" in p for p in pats):
+                self.general.append((i, field))
+                continue
+            for p in dict.fromkeys(pats):
+                self.plain.setdefault(p, []).append(i)
+
+    def matching(self, name: str) -> tuple[int, ...]:
+        """Positions of the entries whose host field matches name (host_matches), in order."""
+        got = self.memo.get(name)
+        if got is None:
+            low = name.lower()
+            pos = set(self.plain.get(low, ()))
+            pos.update(i for i, field in self.general if host_matches(field, name))
+            if self.hashed:
+                key = low.encode()
+                digest = hmac.digest
+                pos.update(i for i, salt, want in self.hashed
+                           if hmac.compare_digest(digest(salt, key, "sha1"), want))
+            got = self.memo[name] = tuple(sorted(pos))
+        return got
+
+
+#: parsed files and their index, per (paths, their stat): several connections of one run
+#: (a fan-out over 1,000 nodes) read and index each known_hosts file once
+_LOADED: dict[tuple, tuple[list[Entry], _Index]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def _file_key(path: str):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return ("missing", e.errno)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _load(files: list[str]) -> tuple[list[Entry], _Index]:
+    key = tuple((f, _file_key(f)) for f in files)
+    with _LOAD_LOCK:
+        got = _LOADED.get(key)
+        if got is None:
+            entries: list[Entry] = []
+            for f in files:
+                entries.extend(parse_file(f))
+            if len(_LOADED) > 64:
+                _LOADED.clear()
+            got = _LOADED[key] = (entries, _Index(entries))
+    return got
+
+
 class KnownHosts:
     """All entries of several files, in order (user files first)."""
 
     def __init__(self, files: list[str]):
         self.files = [os.path.expanduser(f) for f in files]
-        self.entries: list[Entry] = []
-        for f in self.files:
-            self.entries.extend(parse_file(f))
+        entries, self._index = _load(self.files)
+        self.entries: list[Entry] = list(entries)
 
     def for_host(self, names: list[str], marker: str = "") -> list[Entry]:
-        return [e for e in self.entries if e.marker == marker and any(e.matches(n) for n in names)]
+        if self._index.size != len(self.entries):  # entries added since (verify's accept-new)
+            self._index = _Index(self.entries)
+        pos = set()
+        for n in names:
+            pos.update(self._index.matching(n))
+        return [e for e in (self.entries[i] for i in sorted(pos)) if e.marker == marker]
 
     def known_types(self, names: list[str]) -> list[str]:
         """Key types known for the host (order kept), for host-key-algorithm ordering."""

@@ -20,6 +20,7 @@ at /host, a lab tree, a mounted snapshot). A --host-root flag or setting wins.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import getpass
 import glob
@@ -154,7 +155,7 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
             jump_host: str | None = None) -> Target:
     """Apply the SSH config to a node name. Explicit arguments win over the file."""
     nuser, host, nport = split_node(node)
-    o = cfg.lookup(host)
+    o = lookup(cfg, host)
     port = nport or int(o.get("port", 22))
     who = nuser or user or o.get("user") or _local_user()
     ids = []
@@ -192,6 +193,54 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
                   hash_known_hosts=_yes(o.get("hashknownhosts", "no")),
                   connect_timeout=float(ct) if ct and str(ct).isdigit() else None,
                   host_root=root, forward_agent=_yes(o.get("forwardagent", "no")))
+
+
+def lookup(cfg, host: str):
+    """cfg.lookup(host), with only the blocks that can match host.
+
+    paramiko's lookup tries every block, and for each that is not a match calls
+    getpass.getuser() (for Match): ~28 ms per node with 1,024 ``Host`` blocks, 29 s for
+    a 1,024-node fleet. Blocks whose patterns are all literal names (no ``*``/``?``/``[``,
+    no ``!``) are indexed by name once per config; the others (wildcards, negations,
+    Match) are kept for every host, in their order, so the result is the same."""
+    idx = getattr(cfg, "_katactl_index", None)
+    contexts = getattr(cfg, "_config", None)
+    if not isinstance(contexts, list):
+        return cfg.lookup(host)
+    if idx is None or idx[0] != len(contexts):
+        idx = (len(contexts), _index_blocks(contexts))
+        try:
+            cfg._katactl_index = idx
+        except AttributeError:
+            pass
+    literal, always = idx[1]
+    if literal is None:  # canonicalization can look up another name: every block
+        return cfg.lookup(host)
+    picked = literal.get(host)
+    sub = copy.copy(cfg)
+    sub._config = [contexts[i] for i in (sorted(always + picked) if picked else always)]
+    return sub.lookup(host)
+
+
+def _index_blocks(contexts: list) -> tuple[dict[str, list[int]] | None, list[int]]:
+    literal: dict[str, list[int]] = {}
+    always: list[int] = []
+    for i, c in enumerate(contexts):
+        if not isinstance(c, dict):
+            return None, []
+        conf = c.get("config") or {}
+        if any(k.startswith("canonical") for k in conf):
+            return None, []
+        pats = c.get("host") or []
+        if isinstance(pats, str):
+            pats = pats.split(",")
+        if c.get("matches") or not pats or any(not isinstance(p, str) or p.startswith("!")
+                                               or any(ch in p for ch in "*?[") for p in pats):
+            always.append(i)
+            continue
+        for p in dict.fromkeys(pats):
+            literal.setdefault(p, []).append(i)
+    return literal, always
 
 
 def _strip_ssh_url(h: str) -> str:
