@@ -309,3 +309,24 @@ def test_lab_balloon_set_wait_moves_the_qemu_guest(cli, lab_cluster):
                    for e in lab_cluster["kube"].exec_log)
     finally:
         cli([*lab.args("balloon", "set", ref, "--target", "512Mi", "--wait", "-o", "json")])
+
+
+def test_rollout_node_steps_run_through_kube(cli, cluster, tmp_path):
+    """A rollout whose node-local steps (upgrade stage, switch) reach the node through
+    pods/exec: no SSH anywhere, the cordon/drain steps and the state in the same API."""
+    from tests import upgrade_fixtures as fx
+
+    kube, tree = cluster["kube"], cluster["tree"]
+    kube.add_node("spare")
+    tb = fx.make_tarball(str(tmp_path), "3.3.0", str(tmp_path), compression="gz")
+    root = "/opt/kata-rk"
+    r = cli([*kube_args("tree-node"), "rollout", "run", "via-kube", "--poll", "0.1",
+             "--step", f"upgrade stage {tb} --kata-root {root}", "--step", "cordon",
+             "--step", f"upgrade switch 3.3.0 --kata-root {root}", "--step", "uncordon", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["phase"] == "Succeeded" and d["counts"]["done"] == 1
+    assert os.readlink(os.path.join(tree["root"], "opt/kata-rk/current")) == "releases/3.3.0"
+    assert not kube.get_obj("Node", "tree-node")["spec"].get("unschedulable")
+    execs = [q for q in kube.requests if "/exec" in q["path"]]
+    assert execs and agent_pods(kube) == []  # the ephemeral pod went away with the run
