@@ -760,10 +760,9 @@ def node_transport(settings, name: str):
 def kata_facts(transport, kata_root: str = "/opt/kata") -> dict:
     """The node's current Kata release, its sandboxes on other releases, and dumps not
     yet collected (katactl.upgrade's attribution, katactl.vmcore's listing)."""
-    from katactl.upgrade import ops
-    from katactl.upgrade.layout import Layout
+    from katactl.upgrade import Layout, status
 
-    st = ops.status(transport, Layout(kata_root))
+    st = status(transport, Layout(kata_root))
     current = (st.get("current") or {}).get("runtime")
     stale = [s for s in st.get("sandboxes") or []
              if s.get("releases") and current and set(s["releases"]) != {current}]

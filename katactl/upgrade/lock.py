@@ -1,4 +1,4 @@
-"""One upgrade operation at a time per node.
+"""One upgrade operation at a time per node, and its audit record.
 
 Local transports (including --host-root) take ``fcntl.flock`` on
 ``releases/.katactl/lock``: the kernel drops it when katactl dies, even by
@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from katactl.audit import current_user, now_iso
+from katactl.audit import current_user, now_iso, record
 from katactl.errors import TimeoutExpired
 
 
@@ -37,6 +37,46 @@ def _describe(raw: bytes) -> str:
     if o is None:
         return "another katactl"
     return f"pid {o.get('pid')} on {o.get('host')} (user {o.get('user')}, since {o.get('since')})"
+
+
+def locked_audited(t, L, action: str, params: dict, body, *, target: str, dry_run: bool,
+                   lock_timeout: float, on_wait, target_of=None, prepare=None,
+                   unstaged: Exception | dict | None = None) -> dict:
+    """One mutating upgrade operation (stage, switch, rollback, gc) on a node: body() under
+    the node's upgrade lock, and an ``upgrade.<action>`` audit record of the outcome (an
+    error too). A dry run takes no lock and records nothing.
+
+    ``prepare()``, when given, runs first, without the lock (reading a local source, say);
+    body gets its result. ``unstaged``, when given, is the outcome on a node without a
+    releases directory (nothing was ever staged): an exception to raise or the result, the
+    lock not taken (that would create the directory). The record's target is ``target``,
+    or ``target_of(result)`` once the result is known."""
+    def run() -> dict:
+        if unstaged is not None and not t.is_dir(L.releases):
+            if isinstance(unstaged, Exception):
+                raise unstaged
+            return unstaged
+        args = (prepare(),) if prepare is not None else ()
+        if dry_run:
+            return body(*args)
+        with node_lock(t, L, timeout=lock_timeout, on_wait=on_wait):
+            return body(*args)
+
+    if dry_run:
+        return run()
+    try:
+        res = run()
+    except Exception as e:
+        _record(action, target, t, params, None, result=f"error: {e}")
+        raise
+    _record(action, target_of(res) if target_of else target, t, params, res["changed"])
+    return res
+
+
+def _record(action: str, target: str, transport, params: dict, changed: bool | None,
+            result: str = "ok") -> None:
+    record(f"upgrade.{action}", target, node=transport.node, params=params, result=result,
+                 changed=changed)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,74 @@
+"""gc: remove the releases nothing uses (never the current, the rollback target unless
+asked, nor one a running process or live sandbox uses)."""
+from __future__ import annotations
+
+import secrets
+
+from katactl.upgrade import configedit
+from katactl.upgrade.journal import recover_or_check
+from katactl.upgrade.layout import Layout, fault
+from katactl.upgrade.lock import locked_audited
+from katactl.upgrade.state import UNMANAGED, read_history, read_state, releases, walk_files
+from katactl.upgrade.status import release_users, who
+
+
+def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previous: bool = True,
+       only=None, lock_timeout: float = 30.0, on_wait=None) -> dict:
+    """Remove releases nothing uses. ``keep_previous`` keeps the last switch's ``from``
+    (the rollback target). ``only`` (a set of versions: what the user confirmed after a
+    dry run) limits the removal to those; a release that became removable since is
+    kept and reported, never deleted unconfirmed."""
+    def body() -> dict:
+        recovered = recover_or_check(t, L, dry_run)
+        st = read_state(t, L)
+        hist = read_history(t, L)
+        protected: dict[str, str] = {}
+        for role in ("runtime", "agent"):
+            if st[role] and st[role] not in (UNMANAGED, "mixed"):
+                protected.setdefault(st[role], f"current {role}")
+        if keep_previous and hist:
+            for v in (hist[-1].get("from") or {}).values():
+                if v:
+                    protected.setdefault(v, "previous (the rollback target; --no-keep-previous to remove)")
+        in_use, stats = release_users(t, L, force=force, verb="removed", escape="--force")
+        # the current runtime release's configs may point at another release's assets
+        if st["runtime"] and st["runtime"] != UNMANAGED:
+            for f in walk_files(t, L.config_dir(st["runtime"]), ".toml"):
+                for _s, _k, val in configedit.asset_refs(t.read_text(f)):
+                    v = L.version_of_path(val)
+                    if v:
+                        protected.setdefault(v, "referenced by the current configuration")
+        removed, kept = [], []
+        for v in releases(t, L):
+            if v in protected:
+                kept.append({"version": v, "reason": protected[v]})
+            elif v in in_use:
+                kept.append({"version": v, "reason": "in use: " + who(in_use[v])})
+            elif only is not None and v not in only:
+                kept.append({"version": v, "reason": "not in the confirmed plan (run gc again)"})
+            else:
+                removed.append(v)
+        stale = [n for n in (t.listdir(L.releases) if t.exists(L.releases) else [])
+                 if n.startswith((".staging-", ".trash-"))]
+        if not dry_run:
+            for v in removed:
+                trash = f"{L.releases}/.trash-{v}-{secrets.token_hex(4)}"
+                t.rename(L.release(v), trash)
+                fault("gc:after-trash")
+                t.remove(trash, recursive=True)
+                if t.exists(L.backups(v)):
+                    t.remove(L.backups(v), recursive=True)
+            for n in stale:
+                if t.exists(f"{L.releases}/{n}"):
+                    t.remove(f"{L.releases}/{n}", recursive=True)
+        return {"node": t.node, "removed": removed, "kept": kept, "staleTempDirs": stale,
+                "uninspectedProcesses": stats.get("unreadable", 0),
+                "recovered": recovered, "changed": bool(removed or stale), "dryRun": dry_run}
+
+    return locked_audited(t, L, "gc", {"force": force, "keepPrevious": keep_previous}, body, target="-",
+                          dry_run=dry_run, lock_timeout=lock_timeout, on_wait=on_wait,
+                          target_of=lambda r: ",".join(r["removed"]) or "-",
+                          # nothing to remove, and nothing to create (not even the lock)
+                          unstaged={"node": t.node, "removed": [], "kept": [], "staleTempDirs": [],
+                                    "uninspectedProcesses": 0, "recovered": None, "changed": False,
+                                    "dryRun": dry_run})

@@ -1,0 +1,302 @@
+"""The journal and crash recovery of switch and rollback (and of a killed stage --force).
+
+Crash safety. The only *live* changes are single atomic steps:
+- switch (``all`` or ``runtime``) first edits the *target* release's own
+  configuration (not live: nothing reads it until ``current`` points there),
+  then replaces ``current`` with rename(2) of a fresh temp symlink;
+- switch ``--component agent`` rewrites the current release's configuration
+  files. Several independent files cannot be replaced in one atomic step, so it
+  is done in two phases: every new file is first written next to its target as
+  a hidden temp file and fsynced (nothing live changes), the list is recorded in
+  the journal, and then the files are renamed into place back to back (each
+  rename(2) atomic, so every single file is always wholly old or wholly new).
+  Backups of the old files go to ``releases/.katactl/backups/``.
+A journal (``pending.json``) is written before the first live step and
+removed after the history entry; any later stage/switch/rollback/gc that takes
+the lock finds it and completes (or discards) the interrupted operation first
+(a recorded set of configuration renames is always finished: rolled forward),
+so the history always tells the truth; ``status`` reports such a node as
+"switching", not "mixed".
+- stage --force sets the old release aside (``releases/.replaced-<v>-<tok>``)
+  and renames the new one (``releases/.staging-<v>-<tok>``) into place; a run
+  killed between the two renames is finished by the next stage/switch/rollback/gc
+  (forward when the new tree is complete, else the old one is put back).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import secrets
+
+from katactl import audit
+from katactl.errors import OperationFailed, Refused
+from katactl.upgrade import configedit
+from katactl.upgrade.layout import INSTALL_PREFIX, RELEASE_RECORD, Layout, fault
+from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, walk, walk_files
+
+
+def read_journal(t, L: Layout) -> dict | None:
+    """The pending journal (an interrupted switch/rollback), validated; None without one."""
+    j = read_json(t, L.journal)
+    if j is None:
+        return None
+    check_entry(j, L.journal)
+    for i, c in enumerate(j.get("configs") or []):
+        path = c.get("path")
+        # recovery renames tmp over path: only a release's own configuration file, ever
+        if not (isinstance(path, str) and posixpath.normpath(path) == path
+                and path.startswith(L.releases + "/") and c.get("tmp") == _config_tmp(path)):
+            raise OperationFailed(f"{L.journal}: 'configs[{i}]' is not a configuration file of a release "
+                                  "with its temp file beside it")
+    return j
+
+
+def _append_history(t, L: Layout, entry: dict) -> None:
+    try:
+        old = t.read_bytes(L.history)
+    except FileNotFoundError:
+        old = b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    t.write_bytes_atomic(L.history, old + (json.dumps(entry, sort_keys=True) + "\n").encode())
+
+
+# -- configuration edits -------------------------------------------------------------
+def _agent_edits(t, L: Layout, in_release: str, agent: str) -> list[tuple[str, str, str]]:
+    """(file, old text, new text) pointing in_release's configs at agent's guest assets."""
+    edits = []
+    missing = []
+    target_root = L.release(agent)
+
+    def mapper(value: str):
+        v = L.version_of_path(value)
+        if v:
+            rel = value[len(L.release(v)) + 1:]
+        elif value.startswith(INSTALL_PREFIX + "/") and not value.startswith(L.releases + "/"):
+            rel = value[len(INSTALL_PREFIX) + 1:]
+        else:
+            return None  # an asset outside the releases: not ours to move
+        new = f"{target_root}/{rel}"
+        if new != value and not t.exists(new):
+            missing.append(f"{rel} (referenced by {f})")
+        return new
+
+    for f in walk_files(t, L.config_dir(in_release), ".toml"):
+        old = t.read_text(f)
+        new, _ = configedit.set_agent(old, mapper)
+        if new != old:
+            edits.append((f, old, new))
+    if missing:
+        raise Refused(f"release {agent} lacks guest asset(s) the configuration needs: "
+                      + ", ".join(sorted(set(missing))))
+    return edits
+
+
+#: a configuration file's next version, written beside it before the renames; hidden and
+#: not ending in .toml, so neither Kata nor katactl reads it as a configuration
+CONFIG_TMP_SUFFIX = ".katactl-new"
+
+
+def _config_tmp(f: str) -> str:
+    d, n = posixpath.split(f)
+    return f"{d}/.{n}{CONFIG_TMP_SUFFIX}"
+
+
+def _is_config_tmp(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(CONFIG_TMP_SUFFIX)
+                                     or (name.startswith(".katactl-") and name.endswith(".tmp")))
+
+
+def _write_edits(t, L: Layout, release: str, edits, journal: dict | None = None) -> None:
+    """Replace several configuration files as close to "all at once" as separate files allow.
+
+    Phase 1 changes nothing live: a backup of every old file, and every new file written
+    (temp file, fsync) beside its target. Then the plan is recorded in the journal, and
+    phase 2 renames the new files into place back to back. A run killed in phase 2 is
+    finished by recover from the journal (roll forward)."""
+    plan = []
+    for f, old, new in edits:
+        rel = f[len(L.release(release)) + 1:]
+        b = f"{L.backups(release)}/{rel}"
+        t.mkdir(posixpath.dirname(b))
+        t.write_bytes_atomic(b, old.encode())
+        mode = t.stat(f).mode & 0o777
+        data = new.encode()
+        tmp = _config_tmp(f)
+        t.write_bytes_atomic(tmp, data, mode=mode)
+        plan.append({"path": f, "tmp": tmp, "sha256": hashlib.sha256(data).hexdigest()})
+    if not plan:
+        return
+    fault("switch:after-config-tmp")
+    if journal is not None:
+        t.write_bytes_atomic(L.journal, json.dumps({**journal, "configs": plan}).encode())
+        fault("switch:after-intent")
+    for i, p in enumerate(plan, 1):
+        t.rename(p["tmp"], p["path"])
+        fault("switch:after-config-rename", i)
+
+
+def _finish_config_renames(t, journal: dict) -> int:
+    """Phase 2 of an interrupted _write_edits: rename the recorded temp files that are
+    still there (checked against their recorded sha256). Returns how many were renamed."""
+    n = 0
+    for p in journal.get("configs") or []:
+        tmp, path = p.get("tmp"), p.get("path")
+        if not (isinstance(tmp, str) and isinstance(path, str) and t.exists(tmp)):
+            continue
+        if hashlib.sha256(t.read_bytes(tmp)).hexdigest() != p.get("sha256"):
+            t.remove(tmp)  # not what was planned: apply recomputes the edit
+            continue
+        t.rename(tmp, path)
+        n += 1
+    return n
+
+
+def _clean_config_tmps(t, L: Layout, versions) -> None:
+    """Remove configuration temp files an interrupted run left (never read by anyone)."""
+    for v in versions:
+        if not v:
+            continue
+        # one walk (each directory listed once: over SSH every listdir is a round trip)
+        for p, s in list(walk(t, L.config_dir(v))):
+            if not s.is_dir and _is_config_tmp(posixpath.basename(p)):
+                t.remove(p)
+
+
+def _flip(t, L: Layout, version: str) -> None:
+    tmp = f"{L.root}/.current.katactl-{os.getpid()}-{secrets.token_hex(3)}"
+    t.symlink(L.link_target(version), tmp)
+    fault("switch:after-tmp-link")
+    t.rename(tmp, L.current)
+    fault("switch:after-flip")
+
+
+def apply(t, L: Layout, cur: dict, to: dict, dry_run: bool, journal: dict | None = None) -> list[str]:
+    """Move the node from state cur to state to; returns the steps (planned or done).
+    ``journal``: the pending entry, extended with the configuration renames before
+    the first one (so an interrupted set of renames is finished by recover)."""
+    steps: list[str] = []
+    if to["runtime"] != cur["runtime"]:
+        edits = _agent_edits(t, L, to["runtime"], to["agent"]) if to["agent"] else []
+        steps += [f"point {len(edits)} config file(s) of release {to['runtime']} at agent {to['agent']}"] \
+            if edits else []
+        steps.append(f"switch {L.current} -> {L.link_target(to['runtime'])}")
+        if dry_run:
+            return steps
+        _write_edits(t, L, to["runtime"], edits, journal)
+        fault("switch:after-prepare")
+        _flip(t, L, to["runtime"])
+    elif to["agent"] != cur["agent"]:
+        edits = _agent_edits(t, L, to["runtime"], to["agent"])
+        steps.append(f"point {len(edits)} live config file(s) of release {to['runtime']} "
+                     f"at agent {to['agent']}")
+        if dry_run:
+            return steps
+        _write_edits(t, L, to["runtime"], edits, journal)
+        fault("switch:after-config")
+    return steps
+
+
+# -- crash recovery ------------------------------------------------------------------
+def recover(t, L: Layout) -> str | None:
+    """Finish what a killed stage --force or switch/rollback left (lock held)."""
+    notes = [m for m in (_recover_replaced(t, L), _recover_switch(t, L)) if m]
+    return "; ".join(notes) or None
+
+
+def recover_or_check(t, L: Layout, dry_run: bool) -> str | None:
+    """switch/rollback/gc's first step: recover for a real run; a dry run changes nothing
+    but reads the journal recovery would act on, so it fails where the real run would.
+    Both then read the history (switch appends to it, rollback and gc decide by it): a
+    damaged one stops the command before anything moves."""
+    if dry_run:
+        j = read_journal(t, L)
+        note = f"would first finish an interrupted {j.get('action')} ({L.journal})" if j else None
+    else:
+        note = recover(t, L)
+    read_history(t, L)
+    return note
+
+
+def _recover_replaced(t, L: Layout) -> str | None:
+    """A stage --force killed between its two renames left releases/<v> missing, the old
+    tree in .replaced-<v>-<tok> and the new one in .staging-<v>-<tok>: roll forward when
+    the new tree is complete (its record is written last), else put the old one back."""
+    try:
+        names = t.listdir(L.releases)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    notes = []
+    for n in names:
+        if not n.startswith(".replaced-") or n.count("-") < 2:
+            continue
+        v, tok = n[len(".replaced-"):].rsplit("-", 1)
+        old, new, dest = f"{L.releases}/{n}", f"{L.releases}/.staging-{v}-{tok}", L.release(v)
+        if not t.exists(dest):
+            if t.exists(f"{new}/{RELEASE_RECORD}"):
+                t.rename(new, dest)
+                notes.append(f"completed an interrupted replacement of release {v}")
+            else:
+                t.rename(old, dest)
+                notes.append(f"restored release {v} (an interrupted replacement had not finished)")
+                continue
+        t.remove(old, recursive=True)
+    return "; ".join(notes) or None
+
+
+def _recover_switch(t, L: Layout) -> str | None:
+    """Finish what a killed switch/rollback left in the journal (lock held)."""
+    try:
+        names = t.listdir(L.root)
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for n in names:
+        if n.startswith(".current.katactl-"):
+            t.remove(f"{L.root}/{n}")
+    j = read_journal(t, L)
+    if j is None:
+        return None
+    to, frm = j.get("to") or {}, j.get("from") or {}
+    # a recorded set of configuration renames is finished first: all old or all new
+    finished = _finish_config_renames(t, j)
+    _clean_config_tmps(t, L, {to.get("runtime"), frm.get("runtime")})
+    cur = pair(read_state(t, L))
+    if j.get("id") and any(h.get("id") == j["id"] for h in read_history(t, L)[-50:]):
+        t.remove(L.journal)  # killed after the history entry: only the journal was left
+        return None
+    if cur == to:
+        outcome = "rolled forward" if finished else "completed"
+    elif cur == frm:
+        t.remove(L.journal)
+        return f"discarded an interrupted {j.get('action')} that had not switched anything"
+    else:
+        apply(t, L, cur, to, dry_run=False, journal=j)
+        outcome = "rolled forward"
+    entry = {k: v for k, v in j.items() if k != "configs"}
+    entry["recovered"] = True
+    _append_history(t, L, entry)
+    t.remove(L.journal)
+    return f"{outcome} an interrupted {j.get('action')} to runtime {to.get('runtime')}, agent {to.get('agent')}"
+
+
+# -- a switch, journaled -------------------------------------------------------------
+def commit(t, L: Layout, action: str, component: str | None, frm: dict, to: dict, **extra) -> dict:
+    """Move the node from ``frm`` to ``to``, crash-safe: journal, apply, history, drop
+    the journal (an interrupted switch is finished by recover). Returns the history entry."""
+    entry = {"id": secrets.token_hex(6), "time": audit.now_iso(), "user": audit.current_user(), "client": client(),
+             "node": t.node, "action": action, "component": component, "from": frm, "to": to, **extra}
+    t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
+    fault("switch:after-journal")
+    apply(t, L, frm, to, dry_run=False, journal=entry)
+    _append_history(t, L, entry)
+    fault("switch:after-history")
+    t.remove(L.journal)
+    return entry
+
+
+def client() -> str:
+    import socket
+
+    return socket.gethostname()

@@ -1,0 +1,307 @@
+"""stage: unpack and verify a release beside the others (``releases/<v>``), crash-safe.
+
+stage writes into ``releases/.staging-*`` and renames the finished, verified, fsynced
+tree to ``releases/<v>`` (the release record is inside before the rename, so a
+``releases/<v>`` dir is always complete). stage --force sets the old release aside and
+renames the new one into place (katactl.upgrade.journal finishes a run killed between
+the two renames); it never replaces a release a running process or live sandbox uses
+(checked before the extraction and again just before the set-aside), nor one it cannot
+prove unused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+import secrets
+
+from katactl import audit
+from katactl.errors import Refused, UsageError
+from katactl.upgrade import configedit, source as src
+from katactl.upgrade.journal import client, recover
+from katactl.upgrade.layout import CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD, SHIM_BINARIES, Layout, fault, \
+    validate_version
+from katactl.upgrade.lock import locked_audited
+from katactl.upgrade.state import read_state, release_record, walk_files
+from katactl.upgrade.status import release_users, who
+
+DEFAULT_RESERVE = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRequest:
+    """What ``upgrade stage`` was asked to do (its options, as given)."""
+    source: str                     # a kata-static tarball or an unpacked tree
+    version: str | None = None      # --as; else the source's VERSION file or its name
+    sha256: str | None = None
+    no_verify: bool = False
+    reserve: int = DEFAULT_RESERVE  # bytes to leave free beside the release
+    force: bool = False             # replace a release staged from another source
+    dry_run: bool = False
+
+    def audit_params(self) -> dict:
+        return {"source": self.source, "version": self.version, "sha256": self.sha256,
+                "noVerify": self.no_verify, "force": self.force}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A verified source, read before the node is locked."""
+    source: str                 # absolute
+    kind: str                   # src.check_source's: "dir" or an archive kind
+    scan: src.Scan
+    version: str
+    source_sha: str
+    base: dict                  # the result's common fields
+
+
+def stage(t, L: Layout, source: str, *, version: str | None = None, sha256: str | None = None,
+          no_verify: bool = False, reserve: int = DEFAULT_RESERVE, force: bool = False,
+          dry_run: bool = False, lock_timeout: float = 30.0, on_wait=None) -> dict:
+    src.check_source_arg(source)
+    req = StageRequest(source, version=version, sha256=sha256, no_verify=no_verify, reserve=reserve,
+                       force=force, dry_run=dry_run)
+    return locked_audited(t, L, "stage", req.audit_params(), lambda plan: _stage_locked(t, L, req, plan),
+                          target=version or source, target_of=lambda r: r["version"], dry_run=dry_run,
+                          lock_timeout=lock_timeout, on_wait=on_wait, prepare=lambda: _plan(t, L, req))
+
+
+def _plan(t, L: Layout, req: StageRequest) -> _Plan:
+    """Check and verify the source (a local file or tree: no node access, no lock)."""
+    version, sha256 = req.version, req.sha256
+    source = os.path.abspath(os.path.expanduser(req.source))
+    kind = src.check_source(source)
+    if version is not None:
+        validate_version(version, "--as")
+    if sha256 is not None:
+        if kind == "dir":
+            raise UsageError("--sha256 checks a tarball; a directory source needs a SHA256SUMS manifest")
+        if not src._HEX64.fullmatch(sha256):
+            raise UsageError(f"invalid --sha256 {sha256!r}: expected 64 hex digits")
+    verified: list[str] = []
+    source_sha = None
+    if kind != "dir":
+        source_sha = src.file_sha256(source)
+        for label, want in (("--sha256", sha256), ("sidecar", src.sidecar_sha256(source))):
+            if want is None:
+                continue
+            if want.lower() != source_sha:
+                raise Refused(f"{source}: sha256 mismatch ({label}): expected {want.lower()}, "
+                              f"got {source_sha}")
+            verified.append(f"sha256 ({label})")
+    sc = src.scan(source, kind)
+    if sc.manifest is not None:
+        files = {m.name for m in sc.members if m.kind in ("file", "hardlink")} - {sc.manifest_name}
+        unlisted = sorted(files - set(sc.manifest))
+        absent = sorted(set(sc.manifest) - files)
+        if unlisted or absent:
+            raise Refused(f"{source}: manifest {sc.manifest_name} does not match the content "
+                          f"(unlisted: {unlisted[:5]}, missing: {absent[:5]})")
+        verified.append(f"manifest {sc.manifest_name}")
+    if not verified and not req.no_verify:
+        raise Refused(f"{source}: nothing to verify it against",
+                      hint="pass --sha256 HEX, put SOURCE.sha256 next to it, ship a SHA256SUMS "
+                           "manifest inside, or --no-verify")
+    v = version or sc.version_file or src.version_from_filename(source)
+    if v is None:
+        raise UsageError(f"cannot tell the release version of {source}: no VERSION file and the "
+                         "name is not kata-static-<version>-<arch>.tar.*; pass --as VERSION")
+    validate_version(v, "release version")
+    if kind == "dir":
+        source_sha = _tree_digest(source)
+    shims = [b for b in SHIM_BINARIES if b in {m.name for m in sc.members}]
+    if not shims:
+        raise Refused(f"{source}: no {' or '.join(SHIM_BINARIES)} inside; not a Kata release")
+    base = {"node": t.node, "version": v, "path": L.release(v), "source": source, "sourceSha256": source_sha,
+            "verifiedBy": verified or ["nothing (--no-verify)"], "files": len(sc.members),
+            "bytes": sc.total_bytes}
+    return _Plan(source, kind, sc, v, source_sha, base)
+
+
+def _stage_locked(t, L: Layout, req: StageRequest, plan: _Plan) -> dict:
+    """Stage plan's release (under the lock unless a dry run)."""
+    dry_run, force, reserve = req.dry_run, req.force, req.reserve
+    source, kind, sc, v = plan.source, plan.kind, plan.scan, plan.version
+    source_sha, base = plan.source_sha, plan.base
+    dest = L.release(v)
+    recovered = None
+    if not dry_run:
+        fault("stage:locked")
+        recovered = recover(t, L)  # a killed stage --force, switch or rollback first
+        _clean_stale(t, L, (".staging-",))
+    existing = release_record(t, L, v) if t.exists(dest) else None
+    replace = False
+    if t.exists(dest):
+        if existing and existing.get("sourceSha256") == source_sha:
+            return {**base, "changed": False, "dryRun": dry_run, "recovered": recovered,
+                    "message": f"release {v} is already staged from the same source"}
+        if not force:
+            raise Refused(f"release {v} is already staged from a different source "
+                          f"({(existing or {}).get('source', 'unknown, no release record')})",
+                          hint="stage under another --as VERSION, or --force to replace it")
+        st = read_state(t, L)
+        if v == st["runtime"] or v in st["agents"]:
+            raise Refused(f"release {v} is in use as the current {'runtime' if v == st['runtime'] else 'agent'}; "
+                          "it cannot be replaced")
+        _refuse_if_running(t, L, v)
+        replace = True
+    t.mkdir(L.releases)
+    free = t.statvfs_free(L.releases)
+    need = sc.total_bytes + reserve
+    if free < need:
+        from katactl.values import format_size
+
+        raise Refused(f"not enough space in {L.releases} on {t.node}: release needs "
+                      f"{format_size(sc.total_bytes)} + {format_size(reserve)} reserve, "
+                      f"{format_size(free)} free", hint="run 'katactl upgrade gc' or lower --reserve")
+    if dry_run:
+        return {**base, "changed": True, "dryRun": True, "replace": replace}
+    fault("stage:after-scan")
+    tok = secrets.token_hex(4)
+    tmp = f"{L.releases}/.staging-{v}-{tok}"
+    aside = f"{L.releases}/.replaced-{v}-{tok}"  # _recover_replaced pairs them by tok
+    try:
+        _extract(t, L, source, kind, sc, tmp, v)
+        record = {"version": v, "source": os.path.basename(source), "sourceKind": kind,
+                  "sourceSha256": source_sha, "verifiedBy": base["verifiedBy"],
+                  "files": len(sc.members), "bytes": sc.total_bytes, "stagedAt": audit.now_iso(),
+                  "stagedBy": audit.current_user(), "client": client(), "stripPrefix": sc.strip,
+                  "installPrefix": INSTALL_PREFIX}
+        t.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
+        fault("stage:after-record")
+        if replace:
+            _refuse_if_running(t, L, v)  # again: a process may have started it meanwhile
+            t.rename(dest, aside)
+            fault("stage:after-set-aside")
+            t.rename(tmp, dest)
+            t.remove(aside, recursive=True)
+        else:
+            t.rename(tmp, dest)
+        fault("stage:after-rename")
+    except BaseException:
+        try:
+            if replace and t.exists(aside) and not t.exists(dest):
+                t.rename(aside, dest)  # failed between the renames: the old release back
+            if t.exists(tmp):
+                t.remove(tmp, recursive=True)
+        except OSError:
+            pass
+        raise
+    return {**base, "changed": True, "dryRun": False, "replaced": replace, "recovered": recovered}
+
+
+def _refuse_if_running(t, L: Layout, v: str) -> None:
+    """stage --force must not replace files under running shims, hypervisors or guests:
+    Refused when a running process or live sandbox uses release v, or when that cannot
+    be known (the same detection as gc)."""
+    escape = f"stage this source under another version (--as VERSION) instead of replacing {v}"
+    users = release_users(t, L, verb="replaced", escape=escape)[0].get(v)
+    if users:
+        raise Refused(f"release {v} is in use by running sandboxes or processes on {t.node}; "
+                      "replacing it would change files under them",
+                      hint=f"used by {who(users)}: wait until they end ('katactl upgrade status "
+                           f"--sandboxes' shows them), or {escape}",
+                      details={"release": v, "usedBy": users})
+
+
+def _tree_digest(path: str) -> str:
+    h = hashlib.sha256()
+    for m in src.iter_members(path, "dir"):
+        name = src.normalize(m.raw, path)
+        if m.kind == "file":
+            fh = hashlib.sha256()
+            for b in m.chunks():
+                fh.update(b)
+            h.update(f"F {name} {m.mode & 0o777:o} ".encode() + fh.hexdigest().encode())
+        elif m.kind == "symlink":
+            h.update(f"L {name} {m.linkname}".encode())
+        else:
+            h.update(f"D {name}".encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _extract(t, L, source, kind, sc, tmp, version) -> None:
+    t.mkdir(tmp, parents=False)
+    made = {tmp}
+    by_raw = {m.raw: m for m in sc.members}
+    files_total = sum(1 for m in sc.members if m.kind == "file") or 1
+    done = 0
+    synced: list[str] = []
+
+    def ensure_dir(d: str) -> None:
+        missing = []
+        while d not in made:  # iterative: no recursion depth to run out of
+            missing.append(d)
+            d = posixpath.dirname(d)
+        for d in reversed(missing):
+            if not t.exists(d):
+                t.mkdir(d, parents=False)
+                synced.append(d)
+            made.add(d)
+
+    for m in src.iter_members(source, kind):
+        want = by_raw.get(m.raw)
+        if want is None:
+            continue  # prefix dirs
+        dest = f"{tmp}/{want.name}"
+        ensure_dir(posixpath.dirname(dest))
+        if m.kind == "dir":
+            ensure_dir(dest)
+        elif m.kind == "file":
+            # streamed: one chunk in memory, not the whole member
+            chunks = m.chunks()
+            if sc.manifest is not None and want.name != sc.manifest_name:
+                chunks = _verified(chunks, sc.manifest.get(want.name),
+                                   f"{source}: {want.name}: sha256 mismatch with {sc.manifest_name}")
+            t.write_stream_atomic(dest, chunks, mode=(m.mode & 0o777) or 0o644)
+            done += 1
+            if done == files_total // 2 + 1:
+                fault("stage:mid-extract")
+        elif m.kind == "symlink":
+            t.symlink(m.linkname, dest)
+            synced.append(dest)
+        elif m.kind == "hardlink":
+            t.write_stream_atomic(dest, t.open_stream(f"{tmp}/{want.linkname}"),
+                                  mode=(m.mode & 0o777) or 0o644)
+    # configs name the release's own binaries and assets
+    for f in walk_files(t, f"{tmp}/{CONFIG_SUBDIR}", ".toml"):
+        text = t.read_text(f)
+        new = configedit.rebase(text, INSTALL_PREFIX, L.release(version))
+        if new != text:
+            t.write_bytes_atomic(f, new.encode(), mode=t.stat(f).mode & 0o777)
+    _sync_entries(t, synced)
+    fault("stage:after-extract")
+
+
+def _clean_stale(t, L: Layout, prefixes) -> list[str]:
+    removed = []
+    try:
+        names = t.listdir(L.releases)
+    except FileNotFoundError:
+        return removed
+    for n in names:
+        if n.startswith(prefixes):
+            t.remove(f"{L.releases}/{n}", recursive=True)
+            removed.append(n)
+    return removed
+
+
+def _sync_entries(t, paths) -> None:
+    """Make new directory entries (dirs, symlinks) durable: one fsync per parent directory."""
+    for d in sorted({posixpath.dirname(p) for p in paths}):
+        t.fsync_dir(d)
+
+
+def _verified(chunks, expect: str | None, what: str):
+    """Pass chunks through, hashing them; after the last one raise Refused on a sha256
+    mismatch, so write_stream_atomic never renames a bad file into place."""
+    h = hashlib.sha256()
+    for b in chunks:
+        h.update(b)
+        yield b
+    got = h.hexdigest()
+    if got != expect:
+        raise Refused(f"{what} (expected {expect}, got {got})")

@@ -1,0 +1,145 @@
+"""What an A/B Kata installation on a node is in, read-only: the releases, the
+current runtime and agent, the switch history. Every reader takes a NodeTransport and
+a Layout; a damaged state file is OperationFailed naming the file (and key)."""
+from __future__ import annotations
+
+import json
+import posixpath
+
+from katactl.errors import OperationFailed
+from katactl.upgrade import configedit
+from katactl.upgrade.layout import RELEASE_RECORD, Layout
+
+UNMANAGED = "<unmanaged>"
+
+
+def read_json(t, path: str):
+    """A node's JSON state file (journal, release record); None when absent. A file that is
+    not JSON (or nests deeper than the parser goes) is exit 1 naming it."""
+    try:
+        data = t.read_bytes(path, limit=4 << 20)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise OperationFailed(f"{path}: corrupt JSON") from None
+
+
+#: a journal's or history entry's keys holding {"runtime": str|None, "agent": str|None}
+_PAIR_KEYS = ("from", "to")
+
+
+def check_entry(entry, where: str) -> dict:
+    """A journal or history entry as switch/rollback/status use it: an object whose
+    ``from``/``to`` are {runtime, agent} objects of strings, ``configs`` a list of
+    objects; anything else is OperationFailed naming the file and the key."""
+    if not isinstance(entry, dict):
+        raise OperationFailed(f"{where}: not a JSON object (a {type(entry).__name__})")
+    for k in _PAIR_KEYS:
+        v = entry.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, dict):
+            raise OperationFailed(f"{where}: {k!r} is not an object")
+        for role in ("runtime", "agent"):
+            if v.get(role) is not None and not isinstance(v.get(role), str):
+                raise OperationFailed(f"{where}: '{k}.{role}' is not a string")
+    for k in ("id", "action", "component", "time"):
+        if entry.get(k) is not None and not isinstance(entry.get(k), str):
+            raise OperationFailed(f"{where}: {k!r} is not a string")
+    configs = entry.get("configs")
+    if configs is not None and (not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs)):
+        raise OperationFailed(f"{where}: 'configs' is not a list of objects")
+    return entry
+
+
+def walk(t, top: str):
+    """(path, stat) of everything below top, depth first, symlinks not followed."""
+    try:
+        names = t.listdir(top)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for n in names:
+        p = f"{top}/{n}"
+        s = t.stat(p, follow_symlinks=False)
+        yield p, s
+        if s.is_dir:
+            yield from walk(t, p)
+
+
+def walk_files(t, top: str, suffix: str = "") -> list[str]:
+    return [p for p, s in walk(t, top) if not s.is_dir and not s.is_link and p.endswith(suffix)]
+
+
+def releases(t, L: Layout) -> list[str]:
+    try:
+        names = t.listdir(L.releases)
+    except FileNotFoundError:
+        return []
+    return [n for n in names if not n.startswith(".") and t.is_dir(f"{L.releases}/{n}")]
+
+
+def release_record(t, L: Layout, v: str) -> dict | None:
+    return read_json(t, f"{L.release(v)}/{RELEASE_RECORD}")
+
+
+def read_state(t, L: Layout) -> dict:
+    """{"runtime": v|None|UNMANAGED, "agent": v|None|"mixed", "link": target}."""
+    runtime = None
+    link = None
+    try:
+        s = t.stat(L.current, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        s = None
+    if s is not None:
+        if not s.is_link:
+            return {"runtime": UNMANAGED, "agent": None, "agents": [], "link": None}
+        link = t.readlink(L.current)
+        absolute = posixpath.normpath(link if link.startswith("/") else posixpath.join(L.root, link))
+        runtime = L.version_of_path(absolute + "/") if absolute.startswith(L.releases + "/") else None
+        if runtime is None or "/" in absolute[len(L.releases) + 1:]:
+            runtime = UNMANAGED
+    agent = None
+    if runtime and runtime != UNMANAGED:
+        vs = set()
+        for f in walk_files(t, L.config_dir(runtime), ".toml"):
+            try:
+                text = t.read_text(f)
+            except OSError:
+                continue
+            for _sec, _key, value in configedit.asset_refs(text):
+                v = L.version_of_path(value)
+                if v:
+                    vs.add(v)
+        agents = sorted(vs)
+        agent = agents[0] if len(vs) == 1 else ("mixed" if vs else None)
+    else:
+        agents = []
+    return {"runtime": runtime, "agent": agent, "link": link, "agents": agents}
+
+
+def pair(s: dict) -> dict:
+    return {"runtime": s.get("runtime"), "agent": s.get("agent")}
+
+
+def read_history(t, L: Layout) -> list[dict]:
+    """The switch history, oldest first. It is rewritten atomically, so a line that is
+    not an entry is damage, not a torn write: exit 1 naming the file and line (rollback
+    would otherwise pick the wrong target, status report a wrong previous release)."""
+    try:
+        raw = t.read_bytes(L.history)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{L.history}: line {n}"
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise OperationFailed(f"{where}: not a JSON history entry",
+                                  hint="the switch history is damaged; repair or move the file aside") from None
+        out.append(check_entry(entry, where))
+    return out

@@ -1,0 +1,92 @@
+"""status (the read-only report of a node's releases and what uses them) and
+release_users (which releases running processes and live sandboxes use: gc, stage --force)."""
+from __future__ import annotations
+
+from katactl.errors import Refused
+from katactl.upgrade import procscan
+from katactl.upgrade.journal import read_journal
+from katactl.upgrade.layout import Layout
+from katactl.upgrade.state import pair, read_history, read_state, release_record, releases
+
+
+SWITCHING = "switching"
+
+
+def _in_progress(t, pending: dict | None) -> dict | None:
+    """What a pending journal says about the node, as status reports it: which switch
+    is under way (or was interrupted), and how many of its recorded configuration
+    renames are done. None without a journal."""
+    if not pending:
+        return None
+    frm, to = pending.get("from") or {}, pending.get("to") or {}
+    configs = pending.get("configs") or []
+    done = sum(1 for p in configs if isinstance(p.get("tmp"), str) and not t.exists(p["tmp"]))
+    return {"action": pending.get("action"), "component": pending.get("component"),
+            "from": frm, "to": to, "configFiles": len(configs), "configFilesRenamed": done}
+
+
+def status(t, L: Layout) -> dict:
+    """Read-only: never takes the lock nor changes anything. A node in the middle of a
+    switch (a journal, and a configuration naming only the switch's old and new agent)
+    reports agent "switching", not "mixed"; the next stage/switch/rollback/gc finishes it."""
+    st = read_state(t, L)
+    pending = read_journal(t, L)
+    progress = _in_progress(t, pending)
+    switching = None
+    if progress and st["agent"] == "mixed" and \
+            set(st["agents"]) <= {progress["from"].get("agent"), progress["to"].get("agent")}:
+        switching = progress
+        st = {**st, "agent": SWITCHING}
+    hist = read_history(t, L)
+    last = hist[-1] if hist else None
+    procs, stats = procscan.scan(t, L)
+    sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
+    rels = []
+    for v in releases(t, L):
+        rec = release_record(t, L, v) or {}
+        users = [p.pid for p in procs if v in p.releases]
+        sb_ids = [s["id"] for s in sbs if v in s["releases"]]
+        roles = [r for r, on in (("runtime", st["runtime"] == v), ("agent", st["agent"] == v)) if on]
+        if switching:
+            roles += [r for r, on in (("agent-old", switching["from"].get("agent") == v),
+                                      ("agent-new", switching["to"].get("agent") == v)) if on]
+        if last and (last.get("from") or {}).get("runtime") == v and not roles:
+            roles.append("previous")
+        rels.append({"version": v, "state": roles or (["incomplete"] if not rec else []),
+                     "stagedAt": rec.get("stagedAt"), "source": rec.get("source"),
+                     "processes": users, "sandboxes": sb_ids, "inUse": bool(users or sb_ids)})
+    return {"node": t.node, "kataRoot": L.root, "current": pair(st),
+            "previous": (last or {}).get("from"), "lastSwitch": last,
+            "pending": pending, "inProgress": progress, "releases": rels, "sandboxes": sbs,
+            "processes": [p.to_dict() for p in procs], "scan": stats}
+
+
+def release_users(t, L: Layout, *, force: bool = False, verb: str, escape: str) -> tuple[dict, dict]:
+    """Which releases running processes and live sandboxes use, for gc and stage --force:
+    ``{version: ["pid 81234 (containerd-shim)", "sandbox 4f1c...", ...]}`` and the scan
+    statistics. When that cannot be known (``/proc`` not listable, a Kata-looking process
+    not inspectable), Refused unless ``force``: nothing proves the release is unused.
+    ``verb`` says what would happen to such a release, ``escape`` ends the hint."""
+    procs, stats = procscan.scan(t, L)
+    if stats.get("error") and not force:
+        raise Refused(f"cannot list /proc on {t.node}: which releases running processes use is "
+                      "unknown", hint="with --host-root, the node's /proc must be visible under it; "
+                                      f"or {escape}")
+    hidden = stats.get("unreadableKata") or []
+    if hidden and not force:
+        raise Refused(f"cannot inspect {len(hidden)} Kata process(es) on {t.node} (pids "
+                      f"{', '.join(map(str, hidden[:5]))}; not root?); a release they run could be "
+                      f"{verb}", hint=f"run as root, or {escape}")
+    sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
+    in_use: dict[str, list] = {}
+    for p in procs:
+        for v in p.releases:
+            in_use.setdefault(v, []).append(f"pid {p.pid} ({p.comm})")
+    for s in sbs:
+        for v in s["releases"]:
+            in_use.setdefault(v, []).append(f"sandbox {s['id'][:12]}")
+    return in_use, stats
+
+
+def who(users: list[str], n: int = 5) -> str:
+    return ", ".join(users[:n]) + (f" and {len(users) - n} more" if len(users) > n else "")
