@@ -1,11 +1,21 @@
-"""Small helpers shared by bench scripts."""
+"""Small helpers shared by bench scripts.
+
+Every bench takes ``--smoke``: tiny sizes, one run, nothing written to RESULTS.md
+(tests/test_bench_smoke.py runs each one that way, so a bench cannot rot unnoticed).
+A tool a bench needs and cannot find ends it with exit 77 (SKIP) and "TOOL not
+installed" on stderr (see require()).
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+#: the exit code of a bench that cannot run here (a tool is missing)
+SKIP = 77
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KATACTL = [os.path.join(ROOT, ".venv", "bin", "katactl")] if os.path.exists(
@@ -40,7 +50,9 @@ def interleaved(cmds: dict[str, tuple[list[str], dict | None]], runs: int, warmu
         for name, (argv, env) in cmds.items():
             e = dict(os.environ, **(env or {}))
             t = time.perf_counter()
-            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e, check=False)
+            p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e, check=False)
+            if p.returncode != 0:  # a broken command must not be timed as a fast one
+                raise SystemExit(f"{name}: {argv[:6]} failed ({p.returncode}): {p.stderr.decode()[-300:]}")
             if i >= warmup:
                 out[name].append(time.perf_counter() - t)
     return out
@@ -69,3 +81,59 @@ def _heading_offsets(text: str):
     while i >= 0:
         yield i + 1
         i = text.find("\n## ", i + 1)
+
+
+def smoke_flag() -> bool:
+    """--smoke on the command line (removed from sys.argv, for scripts with their own parsing)."""
+    if "--smoke" in sys.argv:
+        sys.argv.remove("--smoke")
+        return True
+    return False
+
+
+def require(*tools: str) -> None:
+    """End the bench with exit SKIP and 'TOOL not installed' when a tool is missing."""
+    for t in tools:
+        if not (shutil.which(t) or (os.path.isabs(t) and os.access(t, os.X_OK))):
+            print(f"{os.path.basename(sys.argv[0])}: {t} not installed", file=sys.stderr)
+            raise SystemExit(SKIP)
+
+
+def precompile() -> str:
+    """Compile katactl's bytecode (python -m compileall), as an installed package has it:
+    with PYTHONDONTWRITEBYTECODE=1 an editable install would otherwise compile every
+    module on every start. Returns the sentence saying so, for the tables."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "katactl")],
+                   stdout=subprocess.DEVNULL, check=False)
+    flag = " (PYTHONDONTWRITEBYTECODE=1 is set here)" if os.environ.get("PYTHONDONTWRITEBYTECODE") else ""
+    return f"bytecode precompiled with `python -m compileall`{flag}"
+
+
+def context(precompiled: str | None = None) -> str:
+    """Date, machine and load average: every table states them."""
+    la = os.getloadavg()
+    s = (f"run of {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs shared with other jobs, "
+         f"load average {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} (1/5/15 min)")
+    return s + (f", {precompiled}" if precompiled else "")
+
+
+def fastest_sha256() -> list[str]:
+    """The fastest SHA-256 command here, argv prefix taking file names: openssl when
+    installed (OpenSSL's SHA-NI/AVX2 code: ~4x coreutils sha256sum on this CPU)."""
+    if shutil.which("openssl"):
+        return ["openssl", "dgst", "-sha256"]
+    return ["sha256sum"]
+
+
+def run_rss(argv, env=None, stdout=subprocess.DEVNULL) -> tuple[float, int]:
+    """(wall seconds, peak RSS KiB) of one whole process (os.wait4); a failure ends the bench."""
+    t = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t
+    rc = os.waitstatus_to_exitcode(status)
+    p.returncode = rc
+    if rc != 0:
+        raise SystemExit(f"{argv[:6]} failed ({rc}): {err.decode(errors='replace')[-600:]}")
+    return dt, ru.ru_maxrss

@@ -10,7 +10,8 @@ interleaved rounds, wall-clock and peak RSS of each whole process (os.wait4).
 - drain: a 110-pod node, grace 0, `--ignore-daemonsets --delete-emptydir-data --force`,
   kubectl drain on one twin and katactl node drain on the other, per round.
 
-Usage: .venv/bin/python bench/bench_node.py [--nodes 5000] [--pods 100000] [--runs 3] [--write]
+Usage: .venv/bin/python bench/bench_node.py [--nodes 5000] [--pods 100000] [--runs 3] [--write] [--smoke]
+(--smoke: 5 nodes, 50 pods, a 5-pod drain, one round, nothing written)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._util import KATACTL, write_section  # noqa: E402
+from bench._util import KATACTL, SKIP, write_section  # noqa: E402
 from tests.conftest_kube import find_kubectl_133  # noqa: E402
 from tests.kubeserver import KubeStandIn  # noqa: E402
 
@@ -70,10 +71,15 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=100000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="record the section in bench/RESULTS.md")
+    ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
+    drain_pods = 110
+    if a.smoke:
+        a.nodes, a.pods, a.runs, a.write, drain_pods = 5, 50, 1, False, 5
     kubectl = find_kubectl_133()
     if not kubectl:
-        raise SystemExit("kubectl 1.33 not installed")
+        print("bench_node.py: kubectl 1.33 not installed", file=sys.stderr)
+        raise SystemExit(SKIP)
     srv = KubeStandIn(grace_scale=0.0)
     tmp = tempfile.mkdtemp()
     kc = srv.kubeconfig(os.path.join(tmp, "kc"))
@@ -99,11 +105,14 @@ def main() -> None:
     drain_wall: dict[str, list[float]] = {"kubectl drain": [], "katactl node drain": []}
     flags = ["--ignore-daemonsets", "--delete-emptydir-data", "--force", "--grace-period", "0"]
     for r in range(a.runs):
-        n_kubectl, n_katactl = seed_drain_pair(srv, r)
+        n_kubectl, n_katactl = seed_drain_pair(srv, r, drain_pods)
         drain_wall["kubectl drain"].append(run([*k, "drain", n_kubectl, *flags])[0])
         drain_wall["katactl node drain"].append(
             run([*KATACTL, "--kubeconfig", kc, "node", "drain", n_katactl, *flags, "-o", "json"])[0])
     srv.close()
+    if a.smoke:
+        print(f"bench_node smoke ok: {len(wall)} list commands, {len(drain_wall)} drains")
+        return
 
     ref = statistics.median(wall["kubectl get nodes + get pods -A"])
     ref_rss = max(rss["kubectl get nodes + get pods -A"])

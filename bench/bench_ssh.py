@@ -9,16 +9,25 @@ katactl.lab.layout), then measures
    - a sequential loop of ``ssh NODE <reads>`` (one connection per node, the
      same files: directory listings + every persist.json + bundle config.json),
    - ``parallel-ssh -p N`` running the same reads on every node at once;
-2. streaming a 1 GiB file from a node to a local file: SSHTransport.open_stream
-   (``cat`` over an exec channel) against ``scp``, plus paramiko SFTP with
-   prefetch on a smaller file for reference; peak RSS of the katactl side.
+2. streaming a 1 GiB file from a node to a local file: a fresh Python process
+   that imports katactl, connects (SSHTransport) and streams (open_stream: ``cat``
+   over an exec channel) against ``scp``, both timed as whole processes (start-up
+   and connection included), plus paramiko SFTP with prefetch on a smaller file
+   for reference; peak RSS of the katactl side.
+
+Equal work: OpenSSH (ssh, parallel-ssh, scp) is given the key exchange and cipher
+katactl's paramiko negotiates with these sshds (the first of paramiko's kex list
+that OpenSSH knows: curve25519-sha256@libssh.org with OpenSSH 9.2, whose own
+default sntrup761x25519 costs ~0.1 s of CPU per connection; aes128-gcm, katactl's
+first cipher), and parallel-ssh runs with -p N as katactl runs N nodes at once.
 
 With ``--baseline REV`` the same fan-out also runs with the katactl of git
 revision REV (``git archive`` into a temp dir, run with the same interpreter):
 before/after in one run.
 
 Run: .venv/bin/python bench/bench_ssh.py [--nodes 32] [--sandboxes 10] [--gib 1] [--baseline REV]
-Prints a markdown section on stdout.
+     [--write] [--smoke]
+Prints a markdown section on stdout (--smoke: 2 nodes, a 4 MiB stream, one run, nothing written).
 """
 from __future__ import annotations
 
@@ -35,8 +44,20 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench._util import KATACTL  # noqa: E402
+from bench._util import KATACTL, context, precompile, require, write_section  # noqa: E402
 from tests.conftest_sshd import SshLab  # noqa: E402
+
+#: katactl's first cipher (katactl/backends/ssh.py: _T._preferred_ciphers)
+CIPHER = "aes128-gcm@openssh.com"
+
+
+def same_kex() -> str:
+    """The key exchange paramiko negotiates with this machine's OpenSSH: the first of
+    paramiko's preferences that OpenSSH knows (``ssh -Q kex``)."""
+    import paramiko
+
+    known = set(subprocess.run(["ssh", "-Q", "kex"], capture_output=True, text=True).stdout.split())
+    return next(k for k in paramiko.Transport._preferred_kex if k in known)
 
 READS = ("cd \"$KATACTL_HOST_ROOT\" && ls run/vc/sbs run/kata run/containerd/io.containerd.runtime.v2.task/k8s.io "
          "2>/dev/null; cat run/vc/sbs/*/persist.json "
@@ -66,7 +87,15 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--baseline", metavar="REV", help="also time katactl as of this git revision")
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
+    require("sshd" if shutil.which("sshd") else "/usr/sbin/sshd", "ssh", "scp", "ssh-keygen", "parallel-ssh")
+    if a.smoke:
+        a.nodes, a.sandboxes, a.gib, a.runs = 2, 2, 4 / 1024, 1
+    pre = None if a.smoke else precompile()
+    kex = same_kex()
+    eq = ["-o", f"KexAlgorithms={kex}", "-c", CIPHER]
 
     base = Path(tempfile.mkdtemp(prefix="katactl-bench-ssh-"))
     lab = SshLab(base)
@@ -94,13 +123,13 @@ def main() -> None:
 
         def loop():
             for n in names:
-                run(["ssh", "-F", str(lab.config), n, READS])
+                run(["ssh", "-F", str(lab.config), *eq, n, READS])
 
         pssh_out = base / "pssh-out"
 
         def pssh():
             run(["parallel-ssh", "-h", str(hosts), "-p", str(a.nodes), "-t", "60", "-o", str(pssh_out),
-                 "-x", f"-F {lab.config}", READS])
+                 "-x", f"-F {lab.config} {' '.join(eq)}", READS])
 
         cases = [
             ("katactl sandbox list -o json --no-check", lambda: run(kat + ["--no-check"], env=env)),
@@ -129,14 +158,18 @@ def main() -> None:
                 (f"katactl @ {rev} (baseline) with liveness check", lambda: run(old_kat, env=old_env)),
             ]
         runs = a.runs
-        rows = {}
-        for label, fn in [
-            *cases,
-            (f"parallel-ssh -p {a.nodes} (same reads)", pssh),
-            ("sequential ssh loop (same reads)", loop),
-        ]:
-            fn()  # warm-up (page cache, sshd)
-            rows[label] = statistics.median(timed(fn, runs if "loop" not in label else max(1, runs // 2)))
+        allcases = [*cases, (f"parallel-ssh -p {a.nodes} (same reads, same kex and cipher)", pssh),
+                    ("sequential ssh loop (same reads, same kex and cipher)", loop)]
+        samples: dict[str, list[float]] = {label: [] for label, _ in allcases}
+        for label, fn in allcases:
+            if not a.smoke:
+                fn()  # warm-up (page cache, sshd)
+        for r in range(runs):  # interleaved rounds; the slow ssh loop in every other round
+            for label, fn in allcases:
+                if "loop" in label and r % 2 and runs > 1:
+                    continue
+                samples[label].append(timed(fn, 1)[0])
+        rows = {label: statistics.median(v) for label, v in samples.items()}
 
         # -- streaming ------------------------------------------------------------
         node = names[0]
@@ -163,25 +196,28 @@ def main() -> None:
             "print(el, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0, "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
         )
-        st_runs = 3
-        kat_t, rss_delta, rss_peak = [], [], []
+        st_runs = 1 if a.smoke else 3
+        kat_t, kat_in, rss_delta, rss_peak = [], [], [], []
         scp_t = []
         for _ in range(st_runs):
+            t = time.perf_counter()
             out = run([sys.executable, "-c", child], env=env).stdout.decode().split()
-            kat_t.append(float(out[0]))
+            kat_t.append(time.perf_counter() - t)  # the whole process: start-up, imports, connect
+            kat_in.append(float(out[0]))
             rss_delta.append(int(out[1]))
             rss_peak.append(int(out[2]))
             assert dst.stat().st_size == size
             dst.unlink()
             t = time.perf_counter()
-            run(["scp", "-q", "-F", str(lab.config), f"{node}:{big}", str(dst)])
+            run(["scp", "-q", "-F", str(lab.config), *eq, f"{node}:{big}", str(dst)])
             scp_t.append(time.perf_counter() - t)
             assert dst.stat().st_size == size
             dst.unlink()
         # SFTP (paramiko, prefetch) on a 32 MiB slice, for reference
         small = lab.nodes[node].root / "var" / "crash" / "small.bin"
+        sftp_size = min(32 << 20, size)
         with open(big, "rb") as src, open(small, "wb") as out_f:
-            out_f.write(src.read(32 << 20))
+            out_f.write(src.read(sftp_size))
         sftp_child = (
             f"import sys,time\nsys.path.insert(0, {ROOT!r})\n"
             "from katactl import config\nfrom katactl.backends.ssh import SSHTransport\n"
@@ -193,41 +229,48 @@ def main() -> None:
         dst.unlink()
 
         # -- report ---------------------------------------------------------------------
+        if a.smoke:
+            print(f"bench_ssh smoke ok: {len(rows)} fan-out rows, stream {statistics.median(kat_t):.2f}s")
+            return
         ks = rows["katactl sandbox list -o json --no-check"]
-        loop_s = rows["sequential ssh loop (same reads)"]
-        pssh_s = rows[f"parallel-ssh -p {a.nodes} (same reads)"]
-        print("## SSH fan-out and streaming — bench/bench_ssh.py\n")
-        print(f"{a.nodes} real OpenSSH 9.2 sshd nodes on loopback (one machine, {os.cpu_count()} cores: the "
-              f"sshds, the clients and the bench share them), {a.sandboxes} Go-runtime sandboxes per node "
-              f"(katactl.lab.layout), each node serving its own tree. Median of {runs} runs after a warm-up "
-              f"(the ssh loop: {max(1, runs // 2)} runs). katactl runs as a fresh process each time "
-              "(start-up, imports and all connects included); ssh/parallel-ssh use the same ssh_config, "
-              "keys and known_hosts. The shell side reads the same files (directory listings, every "
-              "persist.json and bundle config.json) but parses nothing.\n")
-        print("| what | seconds | katactl (--no-check) speed-up |")
-        print("|---|---:|---:|")
-        for label, s in rows.items():
-            print(f"| {label} | {s:.3f} | {s / ks:.2f}x |")
-        print()
-        print(f"- vs the sequential ssh loop: **{loop_s / ks:.1f}x faster** (goal >= 8x)")
-        print(f"- vs parallel-ssh -p {a.nodes}: katactl takes **{ks / pssh_s:.2f}x** its time (goal <= 1.0x)")
-        print()
+        loop_s = rows["sequential ssh loop (same reads, same kex and cipher)"]
+        pssh_s = rows[f"parallel-ssh -p {a.nodes} (same reads, same kex and cipher)"]
+        lines = ["## SSH fan-out and streaming — bench/bench_ssh.py", "",
+                 f"{a.nodes} real OpenSSH 9.2 sshd nodes on loopback (one machine: the sshds, the clients and "
+                 f"the bench share its cores), {a.sandboxes} Go-runtime sandboxes per node "
+                 f"(katactl.lab.layout), each node serving its own tree. Median of {runs} interleaved rounds "
+                 f"after a warm-up (the ssh loop: every other round). Every row is a fresh process "
+                 "(start-up, imports and all connects included); ssh/parallel-ssh use the same ssh_config, "
+                 f"keys and known_hosts, and the key exchange and cipher paramiko negotiates (`-o "
+                 f"KexAlgorithms={kex} -c {CIPHER}`; OpenSSH's default sntrup761x25519 costs ~0.1 s of CPU "
+                 "per connection). The shell side reads the same files (directory listings, every "
+                 f"persist.json and bundle config.json) but parses nothing; {context(pre)}.", "",
+                 "| what | seconds | ratio to katactl --no-check |", "|---|---:|---:|"]
+        for label, v in rows.items():
+            lines.append(f"| {label} | {v:.3f} | {v / ks:.2f}x |")
+        lines += ["", f"- vs the sequential ssh loop: **{loop_s / ks:.1f}x faster**",
+                  f"- vs parallel-ssh -p {a.nodes}: katactl takes **{ks / pssh_s:.2f}x** its time (goal <= 1.0x)",
+                  ""]
         gib = size / (1 << 30)
-        kmed, smed = statistics.median(kat_t), statistics.median(scp_t)
-        print(f"Streaming a {gib:g} GiB file from a node into a local file, median of {st_runs} "
-              "(alternating runs, page cache warm on the node):\n")
-        print("| what | seconds | MiB/s | ratio to scp throughput |")
-        print("|---|---:|---:|---:|")
-        print(f"| SSHTransport.open_stream (`cat` over an exec channel, paramiko) | {kmed:.2f} | "
-              f"{size / kmed / (1 << 20):.0f} | {smed / kmed:.2f}x |")
-        print(f"| scp (OpenSSH, reference) | {smed:.2f} | {size / smed / (1 << 20):.0f} | 1.00x |")
-        print(f"| paramiko SFTP get with prefetch (32 MiB, for reference) | {sftp_s:.2f} | "
-              f"{(32 << 20) / sftp_s / (1 << 20):.0f} | {(size / smed) / ((32 << 20) / sftp_s):.2f}x slower "
-              "than scp |")
-        print()
-        print(f"Peak RSS of the streaming katactl process: {max(rss_peak) / 1024:.0f} MiB "
-              f"(grew by {max(rss_delta) / 1024:.0f} MiB while streaming {gib:g} GiB: bounded by the "
-              "16 MiB channel window and 1 MiB chunks).")
+        kmed, smed, kin = statistics.median(kat_t), statistics.median(scp_t), statistics.median(kat_in)
+        lines += [f"Streaming a {gib:g} GiB file from a node into a local file, median of {st_runs} "
+                  f"(alternating runs, page cache warm on the node), both as whole processes, cipher {CIPHER}, "
+                  f"kex {kex}:", "",
+                  "| what | seconds | MiB/s | ratio to scp throughput |", "|---|---:|---:|---:|",
+                  f"| python process: import katactl, SSHTransport connect, open_stream (`cat` over an exec "
+                  f"channel) to a file | {kmed:.2f} | {size / kmed / (1 << 20):.0f} | {smed / kmed:.2f}x |",
+                  f"| the same, the stream alone (timed in-process after connecting) | {kin:.2f} | "
+                  f"{size / kin / (1 << 20):.0f} | {smed / kin:.2f}x |",
+                  f"| scp (OpenSSH, reference) | {smed:.2f} | {size / smed / (1 << 20):.0f} | 1.00x |",
+                  f"| paramiko SFTP get with prefetch ({sftp_size >> 20} MiB, for reference) | {sftp_s:.2f} | "
+                  f"{sftp_size / sftp_s / (1 << 20):.0f} | {(sftp_size / sftp_s) / (size / smed):.2f}x |", "",
+                  f"Peak RSS of the streaming katactl process: {max(rss_peak) / 1024:.0f} MiB "
+                  f"(grew by {max(rss_delta) / 1024:.0f} MiB while streaming {gib:g} GiB: bounded by the "
+                  "16 MiB channel window and 1 MiB chunks)."]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if a.write:
+            write_section(text, "bench/bench_ssh.py")
     finally:
         lab.stop()
         shutil.rmtree(base, ignore_errors=True)
