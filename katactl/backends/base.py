@@ -114,6 +114,30 @@ class NodeTransport(abc.ABC):
             out.append((n, s))
         return out
 
+    def walk(self, top: str) -> list[tuple[str, "FileStat"]]:
+        """(path, lstat) of everything below top, symlinks not followed, in depth-first
+        order (a directory before its entries, names sorted). One scan_dirs() per depth
+        level: over SSH about two round trips for all the directories of a level, never one
+        per entry. A top that is missing or not a directory walks as []; a directory removed
+        meanwhile is skipped; other errors (PermissionError) are raised."""
+        out: list[tuple[str, FileStat]] = []
+        level = [top.rstrip("/") or "/"]
+        while level:
+            below = []
+            for d, entries in self.scan_dirs(level, follow_symlinks=False).items():
+                if isinstance(entries, (FileNotFoundError, NotADirectoryError)):
+                    continue
+                if isinstance(entries, OSError):
+                    raise entries
+                base = d.rstrip("/")
+                for n, s in entries:
+                    out.append((f"{base}/{n}", s))
+                    if s.is_dir:
+                        below.append(f"{base}/{n}")
+            level = below
+        out.sort(key=lambda e: e[0].split("/"))
+        return out
+
     @abc.abstractmethod
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat: ...
 

@@ -34,7 +34,7 @@ from katactl import audit
 from katactl.errors import OperationFailed, Refused
 from katactl.upgrade import configedit
 from katactl.upgrade.layout import INSTALL_PREFIX, RELEASE_RECORD, Layout, fault
-from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, walk, walk_files
+from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, walk_files
 
 
 def read_journal(t, L: Layout) -> dict | None:
@@ -159,8 +159,7 @@ def _clean_config_tmps(t, L: Layout, versions) -> None:
     for v in versions:
         if not v:
             continue
-        # one walk (each directory listed once: over SSH every listdir is a round trip)
-        for p, s in list(walk(t, L.config_dir(v))):
+        for p, s in t.walk(L.config_dir(v)):
             if not s.is_dir and _is_config_tmp(posixpath.basename(p)):
                 t.remove(p)
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import posixpath
 import re
+import stat
 import time
 from typing import Callable
 
@@ -22,18 +23,24 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _copy_tree(transport, src: str, dst: str) -> None:
-    """Copy a node directory into another node directory (regular files and dirs only)."""
+    """Copy a node directory into another node directory (regular files and dirs only):
+    one batched walk and one batched read of the (small) state files; a write each."""
     transport.mkdir(dst, 0o755)
-    for name in transport.listdir(src):
-        s, d = f"{src}/{name}", f"{dst}/{name}"
-        try:
-            st = transport.stat(s, follow_symlinks=False)
-        except OSError:
-            continue
+    entries = transport.walk(src)
+    regular = [p for p, st in entries if stat.S_ISREG(st.mode)]
+    got = transport.read_many(regular)
+    base = src.rstrip("/")
+    for p, st in entries:
+        d = dst + p[len(base):]
         if st.is_dir:
-            _copy_tree(transport, s, d)
-        elif (st.mode & 0o170000) == 0o100000:
-            transport.write_bytes_atomic(d, b"".join(transport.open_stream(s)), mode=st.mode & 0o777)
+            transport.mkdir(d, 0o755)
+        elif p in got:
+            data = got[p]
+            if isinstance(data, FileNotFoundError):
+                continue  # removed meanwhile
+            if isinstance(data, OSError):
+                raise data
+            transport.write_bytes_atomic(d, data, mode=st.mode & 0o777)
 
 
 def sandbox_persist(transport, sandbox_id: str) -> dict:

@@ -57,11 +57,11 @@ import re
 import shutil
 import time
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from katactl.backends.local import atomic_write, fsync_dir
 from katactl.errors import OperationFailed, Refused, UsageError, as_katactl_error
-from katactl.vmcore.dumps import node_name, real_path, remove_dumps, resolve_dumps
+from katactl.vmcore.dumps import node_name, real_path, regular_files, remove_dumps, resolve_dumps
 from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, write_manifest
 from katactl.vmcore.streams import (CHUNK, Hasher, Inflater, Prefetch, RateLimit, hash_file, iter_uncompressed,
                                     make_writer, zstd_backend)
@@ -258,29 +258,17 @@ def _collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: 
     return result
 
 
-def _walk(transport, path: str) -> Iterator[tuple[str, Any]]:
-    """(node path, stat) of every regular file under path (no symlinks followed)."""
-    for name in transport.listdir(path):
-        p = f"{path}/{name}"
-        try:
-            st = transport.stat(p, follow_symlinks=False)
-        except OSError:
-            continue
-        if st.is_dir:
-            yield from _walk(transport, p)
-        elif not st.is_link and (st.mode & 0o170000) == 0o100000:
-            yield p, st
-
-
 def _copy_metadata(transport, src_dir: str, dest_dir: str) -> dict:
     """hypervisor.conf, hypervisor.version and state/ (small files)."""
     entries: dict = {}
     files = [(f"{src_dir}/{m}", m) for m in METADATA if transport.exists(f"{src_dir}/{m}")]
     if transport.is_dir(f"{src_dir}/state"):
-        for p, _st in _walk(transport, f"{src_dir}/state"):
-            files.append((p, posixpath.relpath(p, src_dir)))
+        files += [(p, posixpath.relpath(p, src_dir)) for p in regular_files(transport, f"{src_dir}/state")]
+    got = transport.read_many([p for p, _ in files])  # batched: small files
     for src, rel in files:
-        data = b"".join(transport.open_stream(src))
+        data = got[src]
+        if isinstance(data, OSError):
+            raise data
         h = hashlib.sha256(data).hexdigest()
         dst = os.path.join(dest_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
