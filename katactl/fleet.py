@@ -88,6 +88,18 @@ def _read_nodes_file(path: str) -> list[str]:
     return out
 
 
+def _not_a_directory(path: str) -> str:
+    """Why path (not a directory) cannot be a node root."""
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        return {errno.ELOOP: "symlink loop", errno.EACCES: "permission denied"}.get(e.errno, "no such directory")
+    return "not a directory"
+
+
 def open_transport(node: str, settings):
     """The transport for one node name ('localhost' or [] -> local)."""
     if node == LOCAL:
@@ -97,8 +109,7 @@ def open_transport(node: str, settings):
 
         root = settings.host_root
         if root and not os.path.isdir(root):
-            why = "not a directory" if os.path.exists(root) else "no such directory"
-            raise UsageError(f"--host-root {root}: {why}")
+            raise UsageError(f"--host-root {root}: {_not_a_directory(root)}")
         return LocalTransport(root, node=LOCAL)
     if getattr(settings, "via", "ssh") == "kube":
         from katactl.backends.kubeexec import KubeExecTransport  # lazy: httpx, websocket
