@@ -84,6 +84,23 @@ def test_agent_url(cli, tree, ref):
     assert r.json()["kind"] == "AgentURL" and r.json()["agentURL"] == "vsock://1234567:1024"
 
 
+def test_agent_url_from_a_hostile_shim_is_printable_in_text_output(cli, tree):
+    """A shim answering /agent-url with terminal escapes: text output shows them escaped,
+    on one line (never raw to the terminal or a log); JSON keeps the value as sent
+    (issue 16, finding 17)."""
+    s = tree.server("go2222")
+    hostile = "vsock://1:1024\x1b]0;owned\x07\x1b[2J\r\nrm -rf /\x9b"
+    old, s.state.agent_url = s.state.agent_url, hostile
+    try:
+        r = cli(["--host-root", tree.root, "shim", "agent-url", "go2222"])
+        assert r.exit_code == 0, r.stderr
+        assert r.stdout == "vsock://1:1024\\x1b]0;owned\\x07\\x1b[2J\\r\\nrm -rf /\\x9b\n"
+        r = cli(["--host-root", tree.root, "shim", "agent-url", "go2222", "-o", "json"])
+        assert r.json()["agentURL"] == hostile
+    finally:
+        s.state.agent_url = old
+
+
 # -- iptables ---------------------------------------------------------------------------
 RULES = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\nCOMMIT\n"
 

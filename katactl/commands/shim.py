@@ -38,12 +38,13 @@ def agent_url(ctx: typer.Context,
       katactl shim agent-url batch/train-0 -o json
     """
     from katactl import shim_ops
-    from katactl.output import Result
+    from katactl.output import Result, printable
 
     app_ctx = state(ctx)
     res = _on_sandbox(app_ctx, target, shim_ops.agent_url)
     if _text_out(app_ctx):
-        app_ctx.out.text(res["agentURL"])
+        # one value from the shim, not a document read back by tools: escape what it sent
+        app_ctx.out.text(printable(res["agentURL"]))
         return
     finish(app_ctx, Result(kind="AgentURL", item=res))
 
