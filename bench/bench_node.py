@@ -116,7 +116,7 @@ def main() -> None:
 
     ref = statistics.median(wall["kubectl get nodes + get pods -A"])
     ref_rss = max(rss["kubectl get nodes + get pods -A"])
-    lines = [f"## Node list and drain vs kubectl — bench/bench_node.py", "",
+    lines = ["## Node list and drain vs kubectl — bench/bench_node.py", "",
              f"{a.nodes:,} nodes and {a.pods:,} pods served by the kube-apiserver stand-in "
              f"(tests/kubeserver.py, HTTPS, pages of 500, in the bench process) to both tools; "
              f"{a.runs} interleaved rounds, median wall-clock of whole processes, peak RSS per process "

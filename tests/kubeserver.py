@@ -72,6 +72,7 @@ Known differences from the real kube-apiserver:
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import datetime as _dt
 import ipaddress
@@ -520,6 +521,67 @@ class _Watch(Exception):
         self.res, self.ns, self.query = res, ns, query
 
 
+class _Store(dict):
+    """The object store: (plural, namespace, name) -> object, with the keys of each plural
+    indexed and kept in the real server's list order (etcd's key order, "namespace/name")
+    so that lists, controllers and seeding of 100,000 pods stay cheap. A plural's order is
+    built on first use, then kept up to date by bisection."""
+
+    def __init__(self):
+        super().__init__()
+        self._keys: dict[str, set] = {}
+        self._by_ns: dict[tuple[str, str], set] = {}
+        self._sorted: dict[str, list] = {}
+
+    @staticmethod
+    def _order(k) -> str:
+        return f"{k[1]}/{k[2]}"
+
+    def __setitem__(self, key, value):
+        if key not in self:
+            self._keys.setdefault(key[0], set()).add(key)
+            self._by_ns.setdefault(key[:2], set()).add(key)
+            if key[0] in self._sorted:
+                bisect.insort(self._sorted[key[0]], key, key=self._order)
+        super().__setitem__(key, value)
+
+    def _forget(self, key) -> None:
+        self._keys[key[0]].discard(key)
+        self._by_ns[key[:2]].discard(key)
+        order = self._sorted.get(key[0])
+        if order is not None:
+            i = bisect.bisect_left(order, self._order(key), key=self._order)
+            if i < len(order) and order[i] == key:
+                del order[i]
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._forget(key)
+
+    def pop(self, key, *default):
+        if key in self:
+            value = super().pop(key)
+            self._forget(key)
+            return value
+        return super().pop(key, *default)
+
+    def clear(self):
+        super().clear()
+        self._keys.clear()
+        self._by_ns.clear()
+        self._sorted.clear()
+
+    def in_namespace(self, plural: str, ns: str) -> set:
+        """The keys of one resource in one namespace (unordered; do not modify)."""
+        return self._by_ns.get((plural, ns), set())
+
+    def of(self, plural: str) -> list:
+        """The keys of one resource, in list order (do not modify)."""
+        if plural not in self._sorted:
+            self._sorted[plural] = sorted(self._keys.get(plural, ()), key=self._order)
+        return self._sorted[plural]
+
+
 class KubeStandIn(KubeExecMixin):
     """See the module docstring. Thread-safe; one lock around the store. pods/exec over
     WebSocket and the mini kubelet: tests/kubeexec_server.py."""
@@ -532,7 +594,7 @@ class KubeStandIn(KubeExecMixin):
         self._lock = threading.RLock()
         self._rv = 0
         self._gen = 0  # bumps on reset(): stale kubelet timers do nothing
-        self.store: dict[tuple[str, str, str], dict] = {}
+        self.store: _Store = _Store()
         self.requests: list[dict] = []
         self._faults: list[dict] = []
         self._rng = random.Random(0)
@@ -704,7 +766,7 @@ class KubeStandIn(KubeExecMixin):
             md.update(keep)
             if res.plural == "poddisruptionbudgets":
                 md.setdefault("generation", 1)
-            if res.namespaced and md["namespace"] not in {k[2] for k in self.store if k[0] == "namespaces"}:
+            if res.namespaced and ("namespaces", "", md["namespace"]) not in self.store:
                 self.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": md["namespace"]},
                           "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
             self.store[self._key(res, md.get("namespace"), md["name"])] = obj
@@ -721,8 +783,8 @@ class KubeStandIn(KubeExecMixin):
     def list_objs(self, kind: str, namespace: str | None = None) -> list[dict]:
         res = BY_KIND.get(kind) or RESOURCES[kind]
         with self._lock:
-            return [copy.deepcopy(o) for k, o in sorted(self.store.items())
-                    if k[0] == res.plural and (namespace is None or k[1] == namespace)]
+            return [copy.deepcopy(self.store[k]) for k in self.store.of(res.plural)
+                    if namespace is None or k[1] == namespace]
 
     def add_node(self, name, labels=None, unschedulable=False, ready=True, annotations=None, taints=None,
                  kubelet_version="v1.33.1", kernel="6.1.0-28-amd64", runtime="containerd://1.7.24",
@@ -916,7 +978,8 @@ class KubeStandIn(KubeExecMixin):
     # -- controllers --------------------------------------------------------------------------
 
     def _pods(self, ns=None):
-        return [o for k, o in self.store.items() if k[0] == "pods" and (ns is None or k[1] == ns)]
+        keys = self.store.of("pods") if ns is None else sorted(self.store.in_namespace("pods", ns))
+        return [self.store[k] for k in keys]
 
     @staticmethod
     def _ready(pod) -> bool:
@@ -1001,9 +1064,8 @@ class KubeStandIn(KubeExecMixin):
     def _sync_pdbs(self):
         if self.pdb_controller_paused:
             return
-        for k, pdb in list(self.store.items()):
-            if k[0] != "poddisruptionbudgets":
-                continue
+        for k in list(self.store.of("poddisruptionbudgets")):
+            pdb = self.store[k]
             st = self.pdb_status(pdb)
             old = dict(pdb.get("status") or {})
             if {a: b for a, b in old.items() if a != "conditions"} != {a: b for a, b in st.items() if a != "conditions"}:
@@ -1026,8 +1088,8 @@ class KubeStandIn(KubeExecMixin):
                       and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
             if len(active) >= int((rs.get("spec") or {}).get("replicas", 1)):
                 return
-            node = next((n["metadata"]["name"] for k, n in sorted(self.store.items()) if k[0] == "nodes"
-                         and not (n.get("spec") or {}).get("unschedulable") and self._ready(n)), None)
+            node = next((n["metadata"]["name"] for n in (self.store[k] for k in self.store.of("nodes"))
+                         if not (n.get("spec") or {}).get("unschedulable") and self._ready(n)), None)
             self._spawn(rs, pod, node)
         elif ref.get("kind") == "DaemonSet" and removed:
             ds = self.store.get(("daemonsets", ns, ref.get("name")))
@@ -1174,8 +1236,8 @@ class KubeStandIn(KubeExecMixin):
         if st.get("phase") in ("Succeeded", "Failed", "Pending") or md.get("deletionTimestamp"):
             self._delete(pods, ns, name, opts, dry)
             return 201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
-        pdbs = [p for k, p in sorted(self.store.items()) if k[0] == "poddisruptionbudgets" and k[1] == ns
-                and selector_matches((p.get("spec") or {}).get("selector"), md.get("labels") or {})]
+        pdbs = [p for p in (self.store[k] for k in self.store.of("poddisruptionbudgets") if k[1] == ns)
+                if selector_matches((p.get("spec") or {}).get("selector"), md.get("labels") or {})]
         if len(pdbs) > 1:
             return 500, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                          "message": "This pod has more than one PodDisruptionBudget, which the eviction subresource "
@@ -1289,7 +1351,7 @@ class KubeStandIn(KubeExecMixin):
         verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
                 "DELETE": "delete" if name else "deletecollection"}.get(method)
         if verb is None or (verb == "create" and name and sub != "eviction") or (verb in ("update", "patch") and not name):
-            raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         if watch:
             verb = "watch"
         self._authorize(user, verb, res, sub, ns, name)
@@ -1445,7 +1507,7 @@ class KubeStandIn(KubeExecMixin):
         return self._finish_update(res, ns, name, old, new, dry, sub)
 
     def _list(self, res, ns, query, accept):
-        items = [o for k, o in sorted(self.store.items()) if k[0] == res.plural and (ns is None or k[1] == ns)]
+        keys = self.store.of(res.plural)
         lsel = query.get("labelSelector", [""])[0]
         fsel = query.get("fieldSelector", [""])[0]
         try:
@@ -1453,7 +1515,11 @@ class KubeStandIn(KubeExecMixin):
         except ValueError as e:
             raise bad_request(str(e)) from None
         fpred = parse_field_selector(res, fsel)
-        items = [o for o in items if all(p(o["metadata"].get("labels") or {}) for p in preds) and fpred(o)]
+        try:
+            limit = int(query.get("limit", ["0"])[0] or 0)
+        except ValueError:
+            raise bad_request("limit must be an integer") from None
+        first = 0
         cont = query.get("continue", [""])[0]
         if cont:
             try:
@@ -1461,19 +1527,25 @@ class KubeStandIn(KubeExecMixin):
                 start = tok["start"]
             except (ValueError, KeyError, TypeError):
                 raise bad_request("continue key is not valid: invalid continue token") from None
-            items = [o for o in items if self._sortkey(o) >= start]
-        try:
-            limit = int(query.get("limit", ["0"])[0] or 0)
-        except ValueError:
-            raise bad_request("limit must be an integer") from None
+            first = bisect.bisect_left(keys, start, key=lambda k: f"{k[1]}/{k[2]}")
+        items, more = [], None
+        for i in range(first, len(keys)):
+            k = keys[i]
+            if ns is not None and k[1] != ns:
+                continue
+            o = self.store[k]
+            if all(p(o["metadata"].get("labels") or {}) for p in preds) and fpred(o):
+                if limit > 0 and len(items) == limit:
+                    more = o
+                    break
+                items.append(o)
         meta: dict = {"resourceVersion": str(self._rv)}
-        if limit > 0 and len(items) > limit:
-            nxt = self._sortkey(items[limit])
+        if more is not None:
+            nxt = self._sortkey(more)
             meta["continue"] = base64.urlsafe_b64encode(json.dumps(
                 {"v": "meta.k8s.io/v1", "rv": self._rv, "start": nxt}).encode()).decode().rstrip("=")
             if not lsel and not fsel:
-                meta["remainingItemCount"] = len(items) - limit
-            items = items[:limit]
+                meta["remainingItemCount"] = sum(1 for k in keys[first:] if ns is None or k[1] == ns) - limit
         table = self._maybe_table(res, items, accept)
         if table is not None:
             table["metadata"] = meta
@@ -1661,13 +1733,13 @@ class _Handler(BaseHTTPRequestHandler):
                 elif ctype in ("application/json", "") or ctype.endswith("+json"):
                     body = json.loads(raw)
                 elif ctype in ("application/yaml", "application/apply-patch+yaml"):
-                    err = ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                    err = ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
                                    "accepted media types include: application/json-patch+json, "
                                    "application/merge-patch+json, application/strategic-merge-patch+json")
                 else:
                     err = ApiError(415, "UnsupportedMediaType",
-                                   f'the body of the request was in an unknown format - accepted media types include: '
-                                   f'application/json, application/yaml, application/vnd.kubernetes.protobuf')
+                                   'the body of the request was in an unknown format - accepted media types include: '
+                                   'application/json, application/yaml, application/vnd.kubernetes.protobuf')
             except _protobuf.ProtobufError as e:
                 err = ApiError(415 if "no protobuf schema" in str(e) else 400,
                                "UnsupportedMediaType" if "no protobuf schema" in str(e) else "BadRequest", str(e))
