@@ -573,7 +573,10 @@ def _confirm_gone(api: KubeAPI, node: str, waiting: dict[str, str], result: dict
     waitForDelete)."""
     now = dt.datetime.now(dt.timezone.utc)
     live: dict[str, dict] = {}
-    for page in api.list_pages("/api/v1/pods", fieldSelector=f"spec.nodeName={node}"):
+    # resourceVersion=0: served from the API server's watch cache (indexed by node, as the
+    # kubelet's own list is) instead of a full read of every pod from etcd each second; a
+    # cache that lags can only show a pod as still there, never as gone too early
+    for page in api.list_pages("/api/v1/pods", fieldSelector=f"spec.nodeName={node}", resourceVersion="0"):
         for p in page:
             live[p["metadata"].get("uid")] = p
     gone = []
