@@ -50,6 +50,7 @@ from __future__ import annotations
 import atexit
 import logging
 import errno
+import itertools
 import os
 import posixpath
 import shlex
@@ -60,9 +61,8 @@ import time
 from typing import Sequence
 
 from katactl.backends import knownhosts, sshconfig
-from katactl.backends.base import FileStat, RunResult
-from katactl.backends.remote import (RELAY, STREAM_CHUNK, ChannelSocket, RemoteTransport, _check_argv,
-                                     _check_root, _run_oserror)
+from katactl.backends.base import FileStat
+from katactl.backends.remote import RELAY, ChannelSocket, RemoteTransport, _check_root, _run_oserror
 from katactl.errors import (AuthError, HostKeyError, KatactlError, TimeoutExpired, UnreachableError,
                             UsageError)
 
@@ -381,7 +381,7 @@ def _authenticate(t, target: sshconfig.Target, name: str) -> None:
             blobs = {k.asbytes() for _, k in candidates}
             agent_keys = [k for k in agent_keys if k.asbytes() in blobs]
         candidates.extend(("agent", k) for k in agent_keys)
-    for src, key in candidates:
+    for _src, key in candidates:
         tried += 1
         try:
             t.auth_publickey(target.user, key)
@@ -476,7 +476,7 @@ def _connect_chain(target: sshconfig.Target, opts: _Options, cfg, name: str,
             if hop_t.proxy_jump:
                 if hop_t.alias in path:
                     hosts = path + (hop_t.alias, hop_t.proxy_jump[0])
-                    chain = ", ".join(f"{a} through {b}" for a, b in zip(hosts, hosts[1:]))
+                    chain = ", ".join(f"{a} through {b}" for a, b in itertools.pairwise(hosts))
                     raise UsageError(f"ProxyJump loop in the SSH config: {chain}",
                                      hint=f"give {hop_t.alias} 'ProxyJump none' (or no ProxyJump) in its Host block")
                 via, new = _connect_chain(hop_t, opts, cfg, f"jump host {hop}", path), False
@@ -1019,8 +1019,10 @@ class SSHTransport(RemoteTransport):
                     delay = min(delay * 2, 0.2)
                     continue
                 sem.release()
-                raise UnreachableError(f"cannot open an SSH channel: {e.text or e}") from None
-            except (paramiko.SSHException, EOFError, OSError) as e:
+                # ChannelException carries sshd's reason in .text; a bare SSHException has none
+                text = e.text if isinstance(e, paramiko.ChannelException) else ""
+                raise UnreachableError(f"cannot open an SSH channel: {text or e}") from None
+            except (EOFError, OSError) as e:
                 sem.release()
                 raise UnreachableError(f"SSH connection lost: {e or type(e).__name__}") from None
             except BaseException:
