@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from katactl import audit
-from katactl.errors import (ExitCode, Interrupted, KatactlError, OperationFailed, Refused, TimeoutExpired,
-                            as_katactl_error, exit_code_for)
+from katactl.errors import ExitCode, Interrupted, KatactlError, as_katactl_error
 from katactl.rollout import gate as gate_mod
 from katactl.rollout.plan import NodeInfo, Plan, info_of
 from katactl.rollout.steps import DEFAULT_FAIL_ON, StepContext, run_check
@@ -225,7 +223,7 @@ class Engine:
                 self.run_batch(bi)
                 if self.stopping or self.pausing or self.aborting or self.lost_lock:
                     break
-                self.transition(lambda: st.update(batch=bi + 1))
+                self.transition(lambda bi=bi: st.update(batch=bi + 1))
                 self.ev("BatchFinished", batch=bi + 1)
                 if self.plan.policy.canary and bi == 0 and st["batch"] < len(self.plan.batches):
                     if self.plan.policy.canary_soak is None:
@@ -407,8 +405,8 @@ class Engine:
                 try:
                     res = run_check(self.api, n, self._fail_on())
                 except KatactlError as e:
-                    self.transition(lambda: rec.update(phase="failed", error=f"after soak: {e.message}",
-                                                       exitCode=int(e.exit_code), finishedAt=_now()))
+                    msg, code = f"after soak: {e.message}", int(e.exit_code)
+                    self.transition(lambda: rec.update(phase="failed", error=msg, exitCode=code, finishedAt=_now()))
                     self._mark(n, rec)
                     self.ev("NodeFailed", node=n, error=e.to_dict(), afterSoak=True)
                     return
@@ -459,9 +457,9 @@ class Engine:
             else:
                 result.update(error=err.message, exitCode=int(err.exit_code))
 
-            def record():
+            def record(result=result, advance=err is None or pol.on_failure == "continue", i=i):
                 rec["results"] = (rec["results"] + [result])[-20:]
-                if err is None or pol.on_failure == "continue":
+                if advance:
                     rec["step"] = i + 1
             self.transition(record)
             self.ev("NodeStepFinished", node=n, step=i + 1, text=step.text,

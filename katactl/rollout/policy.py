@@ -274,7 +274,7 @@ def check_gate_url(url) -> str:
         raise UsageError(f"invalid --alert-gate {url!r}: expected an Alertmanager URL such as "
                          "http://alertmanager:9093")
     try:
-        u.port
+        _ = u.port  # parsing the port raises for a bad one
     except ValueError:
         raise UsageError(f"invalid --alert-gate {url!r}: bad port") from None
     return url.strip().rstrip("/")

@@ -67,7 +67,7 @@ def scan(transport, layout) -> tuple[list[ProcRef], dict]:
         found: dict[str, set[str]] = {}
         denied = False
 
-        def note(path: str, via: str):
+        def note(path: str, via: str, found: dict[str, set[str]] = found) -> None:
             v = layout.version_of_path(_unroot(path, hr))
             if v:
                 found.setdefault(v, set()).add(via)
