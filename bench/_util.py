@@ -109,11 +109,16 @@ def precompile() -> str:
     return f"bytecode precompiled with `python -m compileall`{flag}"
 
 
+#: the load average when the bench started (the one at the end counts the bench's own processes)
+_LOAD_AT_START = os.getloadavg()
+
+
 def context(precompiled: str | None = None) -> str:
     """Date, machine and load average: every table states them."""
-    la = os.getloadavg()
+    la, la0 = os.getloadavg(), _LOAD_AT_START
     s = (f"run of {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs shared with other jobs, "
-         f"load average {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} (1/5/15 min)")
+         f"load average {la0[0]:.1f} / {la0[1]:.1f} / {la0[2]:.1f} (1/5/15 min) at the start, "
+         f"{la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} at the end (the bench's own processes count)")
     return s + (f", {precompiled}" if precompiled else "")
 
 
@@ -137,3 +142,24 @@ def run_rss(argv, env=None, stdout=subprocess.DEVNULL) -> tuple[float, int]:
     if rc != 0:
         raise SystemExit(f"{argv[:6]} failed ({rc}): {err.decode(errors='replace')[-600:]}")
     return dt, ru.ru_maxrss
+
+
+def katactl_at(rev: str, dest: str) -> tuple[list[str], dict, str]:
+    """(argv prefix, env additions, short rev) running katactl as of git revision rev, from a
+    `git archive` of its katactl/ in dest, with this interpreter (before/after in one run).
+    The editable install's import hook and the cwd would win over PYTHONPATH: both dropped."""
+    short = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    arch = subprocess.run(["git", "-C", ROOT, "archive", short, "katactl"], stdout=subprocess.PIPE,
+                          check=True).stdout
+    os.makedirs(dest, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", dest], input=arch, check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", dest], stdout=subprocess.DEVNULL, check=False)
+    boot = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if 'editable' not in getattr(f, '__module__', '')]; "
+            "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; ")
+    env = {"PYTHONPATH": dest}
+    where = subprocess.run([sys.executable, "-c", boot + "import katactl; print(katactl.__file__)"],
+                           capture_output=True, text=True, env=dict(os.environ, **env)).stdout
+    assert where.startswith(dest), where
+    return [sys.executable, "-c", boot + "from katactl.cli import main; sys.exit(main())"], env, short

@@ -169,7 +169,9 @@ def main() -> None:
             refout = os.path.join(work, "ref" + ext)
             rm_out()
             warm(src)
-            w_ref, r_ref, _ = timev(["sh", "-c", f'{" ".join(ref)} "$0" > "$1" && sync -f "$1"', src, refout], env=env)
+            # equal work: katactl hashes the original and the stored file, and fsyncs
+            w_ref, r_ref, _ = timev(["sh", "-c", f'{" ".join(ref)} "$0" > "$1" && {sha} "$0" "$1" >/dev/null '
+                                     '&& sync -f "$1"', src, refout], env=env)
             ref_size = os.path.getsize(refout)
             os.unlink(refout)
             warm(src)
@@ -217,7 +219,7 @@ def main() -> None:
     if zrows:
         import time as _time
 
-        ref = zrows["ssh node zstd -3 -T1 -c > file"][0]
+        ref = zrows[next(iter(zrows))][0]
         loc = zrows["katactl --compress zstd --compress-on local"][0]
         out(f"Over SSH with `--compress zstd` ({_time.strftime('%Y-%m-%d')}): compressed on the node "
               "(`zstd -q -c -3 -T1` under `ionice -c3 nice -n 19`, its stdout streamed; katactl decompresses "
@@ -234,7 +236,8 @@ def main() -> None:
         out("| compression | katactl wall s | katactl size MiB | katactl RSS MiB | reference | ref wall s | ref size MiB |")
         out("|---|---:|---:|---:|---|---:|---:|")
         for algo, (w, r, sz, wr, rr, rs, refname) in comp.items():
-            out(f"| {algo} | {w:.2f} | {sz / (1 << 20):.1f} | {r / 1024:.0f} | `{refname}` + sync | {wr:.2f} | "
+            out(f"| {algo} | {w:.2f} | {sz / (1 << 20):.1f} | {r / 1024:.0f} | `{refname}` + {sha.split()[0]} "
+                f"sha256 of both + sync | {wr:.2f} | "
                   f"{rs / (1 << 20):.1f} |")
         out()
     text = "".join(buf)
@@ -272,7 +275,7 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int, s
         dst = os.path.join(work, "scp.out")
         collect = [*kat, "-N", "vmnode", "--ssh-config", str(lab.config), "vmcore", "collect", "--to", out,
                    "-o", "json"]
-        zref = "ssh node zstd -3 -T1 -c > file"
+        zref = "ssh node zstd -3 -T1 -c | tee file | zstd -d | sha256, sha256 file, sync"
         samples: dict = {"scp": [], SSH_EQ: [], "katactl -N node vmcore collect": []}
         zsamples: dict = {zref: [], "katactl --compress zstd --compress-on local": [],
                           "katactl --compress zstd --compress-on node": []} if shutil.which("zstd") else {}
@@ -290,8 +293,8 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int, s
                     argv = ["sh", "-c", f'scp -q -F "$0" {opts} "$1" "$2" && {sha} "$2" >/dev/null && sync -f "$2"',
                             str(lab.config), f"vmnode:{src}", dst]
                 elif name == zref:
-                    argv = ["sh", "-c", f'ssh -F "$0" {opts} vmnode zstd -q -c -3 -T1 -- "$1" > "$2" && sync -f "$2"',
-                            str(lab.config), src, dst]
+                    argv = ["sh", "-c", f'ssh -F "$0" {opts} vmnode zstd -q -c -3 -T1 -- "$1" | tee "$2" | zstd -d -q '
+                            f'| {sha} >/dev/null && {sha} "$2" >/dev/null && sync -f "$2"', str(lab.config), src, dst]
                 elif name in zsamples:
                     argv = [*collect, "--compress", "zstd", "--compress-on", name.rsplit(" ", 1)[1]]
                 else:
