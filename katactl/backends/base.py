@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence, TypeVar
 
 
 class SocketLike(Protocol):
@@ -39,6 +39,9 @@ class RunResult:
     stderr: bytes
 
 
+_T = TypeVar("_T", bound="NodeTransport")
+
+
 class NodeTransport(abc.ABC):
     """Reach one node's files, processes and unix sockets.
 
@@ -54,6 +57,8 @@ class NodeTransport(abc.ABC):
     host_root: str
     #: True when the node is another machine (its processes do not run on this host)
     is_remote: bool = False
+    #: seconds one call may take (--request-timeout); a local transport does not enforce it
+    timeout: float = 30.0
 
     # -- files -------------------------------------------------------------
     @abc.abstractmethod
@@ -221,11 +226,11 @@ class NodeTransport(abc.ABC):
     def connect_unix(self, path: str, timeout: float) -> SocketLike:
         """Connect to a unix socket on the node (path is a node path)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract: most transports hold nothing
         """Release connections (no-op locally)."""
 
-    def __enter__(self):
+    def __enter__(self: _T) -> _T:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

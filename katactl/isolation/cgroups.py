@@ -82,7 +82,7 @@ def read_mounts(t) -> list[Mount]:
             continue
         if mounts:
             break
-    hr = (getattr(t, "host_root", "") or "").rstrip("/")
+    hr = t.host_root.rstrip("/")
     if hr:  # a DaemonSet reading /host: its own mountinfo shows /host/sys/fs/cgroup/...
         fixed = []
         for m in mounts:

@@ -52,8 +52,8 @@ def scan(transport, layout) -> tuple[list[ProcRef], dict]:
 
     prefix = layout.releases + "/"
     rx = re.compile(re.escape(prefix) + r"([^/\s,:=]+)")
-    me = os.getpid() if not getattr(transport, "host_root", None) else None
-    hr = getattr(transport, "host_root", "") or ""
+    hr = transport.host_root
+    me = os.getpid() if not hr and not transport.is_remote else None  # our own pid only means us here
     refs: list[ProcRef] = []
     stats = {"scanned": 0, "unreadable": 0}
     try:

@@ -579,7 +579,7 @@ def _copy_dump_node(transport, dump: dict, final: str, opts: CollectOptions, too
                 opts.progress(dump, min(inflater.out, size), size)
         run_argv = argv if not resume_dst else ["sh", "-c", SKIP_SCRIPT, "katactl-skip", str(resume_dst + 1), *argv]
         # the compressor may run for long before its first byte (idle priority; a resume's skipped prefix)
-        wait = max(float(getattr(transport, "timeout", 30.0)), 3600.0 if resume_dst else 300.0)
+        wait = max(transport.timeout, 3600.0 if resume_dst else 300.0)
         stream = Prefetch(_node_output(transport, run_argv, wait, NODE_COMPRESSOR[opts.compress][0], src))
         os.lseek(fd, resume_dst, os.SEEK_SET)
         limit = RateLimit(opts.bwlimit)
