@@ -394,9 +394,9 @@ class Output:
             Console(file=self.stdout, no_color=not self.color, highlight=False).print(t)
             return
         widths = [max(len(c.header), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-        lines = ["  ".join(c.header.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+        lines = ["  ".join(c.header.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
         for r in rows:
-            lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
         self._write("\n".join(lines) + "\n")
 
     def _markdown(self, result: Result) -> None:

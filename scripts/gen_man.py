@@ -35,7 +35,7 @@ EXIT_CODES = [
 
 def esc(text: str) -> str:
     text = text.replace("\\", "\\e").replace("-", "\\-")
-    return "\n".join(("\\&" + l) if l.startswith((".", "'")) else l for l in text.split("\n"))
+    return "\n".join(("\\&" + line) if line.startswith((".", "'")) else line for line in text.split("\n"))
 
 
 def paragraphs(help_text: str) -> tuple[list[str], list[str]]:
@@ -46,11 +46,11 @@ def paragraphs(help_text: str) -> tuple[list[str], list[str]]:
         if lines[0].strip() == "\b":
             lines = lines[1:]
         if lines and lines[0].strip().rstrip(":").lower() == "examples":
-            examples.extend(l.strip() for l in lines[1:] if l.strip())
+            examples.extend(line.strip() for line in lines[1:] if line.strip())
         elif block.strip() and block.strip() != "\b":
             if lines and lines[0] != "\b" and block.startswith("\b"):
                 lines = lines[1:]
-            prose.append(" ".join(l.strip() for l in lines if l.strip() != "\b"))
+            prose.append(" ".join(line.strip() for line in lines if line.strip() != "\b"))
     return prose, examples
 
 

@@ -60,7 +60,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
@@ -172,7 +171,7 @@ class KubeExecMixin:
                 pod["status"] = self._pod_status("Running", True, node)
                 cs = pod["status"].get("containerStatuses") or []
                 names = [c.get("name", "main") for c in (pod.get("spec") or {}).get("containers") or []]
-                for c, n in zip(cs, names):
+                for c, n in zip(cs, names, strict=False):  # a pod may report fewer statuses
                     c["name"] = n
                 pod["metadata"]["resourceVersion"] = self._next_rv()
                 self._log("MODIFIED", pod)

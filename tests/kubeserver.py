@@ -223,17 +223,17 @@ def parse_selector(sel: str):
             raise ValueError(f"unable to parse requirement: {part!r}")
         neg, key, op, val, setop, vals = m.groups()
         if op in ("=", "=="):
-            preds.append(lambda l, k=key, v=val: l.get(k) == v)
+            preds.append(lambda labels, k=key, v=val: labels.get(k) == v)
         elif op == "!=":
-            preds.append(lambda l, k=key, v=val: l.get(k) != v)
+            preds.append(lambda labels, k=key, v=val: labels.get(k) != v)
         elif setop:
             vs = {x.strip() for x in vals.split(",")}
-            preds.append((lambda l, k=key, vs=vs: l.get(k) in vs) if setop == "in"
-                         else (lambda l, k=key, vs=vs: l.get(k) not in vs))
+            preds.append((lambda labels, k=key, vs=vs: labels.get(k) in vs) if setop == "in"
+                         else (lambda labels, k=key, vs=vs: labels.get(k) not in vs))
         elif neg:
-            preds.append(lambda l, k=key: k not in l)
+            preds.append(lambda labels, k=key: k not in labels)
         else:
-            preds.append(lambda l, k=key: k in l)
+            preds.append(lambda labels, k=key: k in labels)
     return preds
 
 
@@ -1656,7 +1656,7 @@ class KubeStandIn(KubeExecMixin):
             rows = [[o["metadata"]["name"], self._age(o)] for o in items]
         return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(self._rv)},
                 "columnDefinitions": cols,
-                "rows": [{"cells": r, "object": copy.deepcopy(o)} for r, o in zip(rows, items)]}
+                "rows": [{"cells": r, "object": copy.deepcopy(o)} for r, o in zip(rows, items, strict=True)]}
 
     # -- discovery ----------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ def test_usage_errors_exit_2_in_one_line(katactl_bin, args, code):
     r = katactl_bin(args)
     assert r.exit_code == code, r.stderr
     assert "Traceback" not in r.stderr
-    assert len([l for l in r.stderr.splitlines() if l.strip()]) == 1, r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1, r.stderr
 
 
 def test_json_error_object_on_stdout(cli):
@@ -338,7 +338,7 @@ def test_audit_log_appends_json_lines(_isolated_home):
     audit.record("balloon.set", "sb1", params={"target": 1}, changed=True)
     audit.record("balloon.set", "sb1", params={"target": 1}, changed=False)
     lines = (_isolated_home / "state" / "katactl" / "audit.log").read_text().splitlines()
-    entries = [json.loads(l) for l in lines]
+    entries = [json.loads(line) for line in lines]
     assert [e["changed"] for e in entries] == [True, False]
     assert {"time", "user", "host", "command", "target", "action", "result"} <= set(entries[0])
     assert oct((_isolated_home / "state" / "katactl" / "audit.log").stat().st_mode & 0o777) == "0o600"
@@ -356,7 +356,7 @@ def test_audit_log_setting_is_honoured_by_mutating_commands(cli, _isolated_home,
     src = fx.build_tree(str(tmp_path / "src"), "4.0.0", version_file=True)
     r = cli(["--host-root", str(node), "-o", "json", "upgrade", "stage", src])
     assert r.exit_code == 0, r.stderr
-    entries = [json.loads(l) for l in custom.read_text().splitlines()]
+    entries = [json.loads(line) for line in custom.read_text().splitlines()]
     assert entries and entries[-1]["action"].startswith("upgrade")
     assert not (_isolated_home / "state" / "katactl" / "audit.log").exists()
     # the next invocation without the setting goes back to the default log

@@ -70,7 +70,7 @@ def test_all_unreachable_exit_7(cli, sshd_lab):
 def test_changed_host_key_cli_exit_7_names_line(cli, sshd_lab):
     port = sshd_lab.nodes["changed"].port
     lines = sshd_lab.known_hosts.read_text().splitlines()
-    n = next(i for i, l in enumerate(lines, 1) if l.startswith(f"[127.0.0.1]:{port} "))
+    n = next(i for i, line in enumerate(lines, 1) if line.startswith(f"[127.0.0.1]:{port} "))
     r = cli(ssh_args(sshd_lab, "-N", "changed", "version"))
     assert r.exit_code == 7
     assert f"{sshd_lab.known_hosts}:{n}" in r.stderr

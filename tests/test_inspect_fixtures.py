@@ -265,7 +265,7 @@ def test_permission_denied_knob_as_unprivileged_user(katactl_bin, tmp_path):
     info = build_node(str(root), online_pods=1, sandboxes=0, resctrl=False)
     uid = info["online"][0]
     os.chmod(base, 0o755)
-    for dp, dns, fns in os.walk(root):
+    for dp, _dns, fns in os.walk(root):
         os.chmod(dp, 0o755)
         for fn in fns:
             os.chmod(os.path.join(dp, fn), 0o644)

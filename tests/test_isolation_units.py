@@ -36,7 +36,7 @@ def test_koordinator_mask_from_percent():
 def test_schemata_parse_and_decode_cdp_and_gaps():
     text = "    L3DATA:0=7f0;2=00f\n    L3CODE:0=7ff;2=7ff\n      MB:0=100;2= 50\n"
     lines = resctrl.parse_schemata(text)
-    assert [l["resource"] for l in lines] == ["L3DATA", "L3CODE", "MB"]
+    assert [line["resource"] for line in lines] == ["L3DATA", "L3CODE", "MB"]
     assert sorted(lines[0]["domains"]) == [0, 2]            # gap in cache ids kept
     dec = resctrl.decode_schemata(lines, {"L3": {"cbmMask": 0x7ff, "minCbmBits": 1}})
     d0 = dec[0]["domains"][0]

@@ -54,7 +54,7 @@ def test_json_error_object_on_an_empty_node(tmp_path, cli, args, code):
     r = cli(["--host-root", str(tmp_path), "-o", "json", *args])
     assert r.exit_code == code, (r.exit_code, r.stderr)
     _check_json(r)
-    assert len([l for l in r.stderr.splitlines() if l.startswith("katactl: error:")]) == 1
+    assert len([line for line in r.stderr.splitlines() if line.startswith("katactl: error:")]) == 1
 
 
 def test_jsonl_every_stdout_line_is_one_json_object(lab, cli):

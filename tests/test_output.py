@@ -110,7 +110,7 @@ def test_table_on_a_real_tty():
     os.close(master)
     text = re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode())
     assert p.returncode == 0, p.stderr.read()
-    rows = [l for l in text.splitlines() if l.strip() and not set(l.strip()) <= set("─━ ")]
+    rows = [line for line in text.splitlines() if line.strip() and not set(line.strip()) <= set("─━ ")]
     assert rows[0].split() == ["NAME", "MEM"] and rows[1].split() == ["sb-1", "1"]
 
 

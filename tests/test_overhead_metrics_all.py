@@ -5,7 +5,6 @@ sample; go_*/process_* renamed kata_shim_go_*/kata_shim_process_*), checked by p
 prometheus_client's parser."""
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

@@ -81,7 +81,7 @@ def test_kill_9_at_every_transition_then_resume_converges(kube, kc, katactl_bin)
         return katactl_bin([*base, "resume", f"rc{i}", "--lock-namespace", f"lk{i}", "-o", "jsonl"])
 
     with ThreadPoolExecutor(8) as ex:
-        second = dict(zip(killed, ex.map(again, killed)))
+        second = dict(zip(killed, ex.map(again, killed), strict=True))
     for i, res in second.items():
         at = points[i]
         assert res.exit_code == 0, (at, res.stderr)

@@ -283,7 +283,7 @@ def test_prefix_found_while_another_node_is_unreachable_warns(cli, tmp_path, cap
     r = cli(args + [sid[:8], "-o", "json"])
     assert r.exit_code == 0 and r.json()["id"] == sid
     assert any("127.0.0.1:1 not searched" in m for m in caplog.messages)
-    assert [l for l in r.stderr.splitlines() if l.startswith("warning: 127.0.0.1:1 not searched")], r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("warning: 127.0.0.1:1 not searched")], r.stderr
     caplog.clear()
     r = cli(args + [sid, "-o", "json"])  # a full id cannot be ambiguous: no warning
     assert r.exit_code == 0 and not caplog.messages

@@ -52,7 +52,7 @@ def test_changed_host_key_refused_naming_the_line(ssh_open, sshd_lab):
     e = ei.value
     assert e.exit_code == 7
     lines = sshd_lab.known_hosts.read_text().splitlines()
-    lineno = next(i for i, l in enumerate(lines, 1) if l.startswith(f"[127.0.0.1]:{sshd_lab.nodes['changed'].port} "))
+    lineno = next(i for i, line in enumerate(lines, 1) if line.startswith(f"[127.0.0.1]:{sshd_lab.nodes['changed'].port} "))
     assert f"{sshd_lab.known_hosts}:{lineno}" in e.message
     assert "CHANGED" in e.message
     assert e.details["line"] == lineno

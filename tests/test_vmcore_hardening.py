@@ -197,7 +197,10 @@ def test_collect_says_why_a_partial_copy_was_not_resumed(cli, tmp_path, sidecar,
             r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
             [it] = r.json()["items"]
             _, src_off, dst_off = sidecar.split(":")
-            num = (lambda v: int(v) if v.isdigit() else v)
+
+            def num(v: str) -> int | str:
+                return int(v) if v.isdigit() else v
+
             sidecar = {"source": {"path": it["path"], "size": it["size"], "mtime": it["mtime"],
                                   "compress": "zstd", "node": "localhost"},
                        "srcOffset": num(src_off), "dstOffset": num(dst_off)}

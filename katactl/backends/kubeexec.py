@@ -52,7 +52,7 @@ from urllib.parse import quote
 from katactl.backends.base import FileStat
 from katactl.backends.kube import KubeAPI, seg
 from katactl.backends.remote import RemoteTransport, _check_argv, _check_root
-from katactl.errors import (AuthError, KatactlError, NotFound, OperationFailed, ProtocolError, TimeoutExpired,
+from katactl.errors import (AuthError, KatactlError, OperationFailed, ProtocolError, TimeoutExpired,
                             UnreachableError)
 
 PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
@@ -608,6 +608,15 @@ class KubeExecTransport(RemoteTransport):
                     raise
         raise AssertionError("unreachable")
 
+    def _answers(self, h: dict, items: list[str]) -> list[dict]:
+        """The helper's per-path answers, one per path asked (else a ProtocolError, never a
+        silently missing path)."""
+        r = h.get("r")
+        if not isinstance(r, list) or len(r) != len(items):
+            raise ProtocolError(f"node {self.node}: the file helper answered "
+                                f"{len(r) if isinstance(r, list) else 'no list'} results for {len(items)} paths")
+        return r
+
     @staticmethod
     def _oserr(r: dict, path: str) -> OSError:
         code = int(r.get("e") or errno.EIO)
@@ -625,7 +634,7 @@ class KubeExecTransport(RemoteTransport):
             return {}
         h, payload = self._call({"op": "read", "paths": [self.remote(p) for p in items], "limit": limit})
         out, pos = {}, 0
-        for p, r in zip(items, h["r"]):
+        for p, r in zip(items, self._answers(h, items), strict=True):
             if "e" in r:
                 out[p] = self._oserr(r, p)
             else:
@@ -652,7 +661,7 @@ class KubeExecTransport(RemoteTransport):
         if not items:
             return {}
         h, _ = self._call({"op": "stat", "paths": [self.remote(p) for p in items], "follow": follow_symlinks})
-        return {p: (self._oserr(r, p) if "e" in r else self._fs(r["s"])) for p, r in zip(items, h["r"])}
+        return {p: (self._oserr(r, p) if "e" in r else self._fs(r["s"])) for p, r in zip(items, self._answers(h, items), strict=True)}
 
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         v = self.stat_many([path], follow_symlinks)[path]
@@ -666,7 +675,7 @@ class KubeExecTransport(RemoteTransport):
             return {}
         h, _ = self._call({"op": "scan", "paths": [self.remote(p) for p in items], "follow": follow_symlinks})
         out = {}
-        for p, r in zip(items, h["r"]):
+        for p, r in zip(items, self._answers(h, items), strict=True):
             if "e" in r:
                 out[p] = self._oserr(r, p)
                 continue

@@ -127,11 +127,11 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
         _emit(app_ctx, m.render_exposition(per, node_errors), to)
     else:
         items = []
-        for labels, fams in per:
+        for _labels, fams in per:
             if isinstance(fams, KatactlError):
                 continue
             for f in fams:
-                for name, labs, value, ts in f.samples:
+                for name, labs, value, _ts in f.samples:
                     items.append({"family": f.name, "type": f.type, "name": name,
                                   "labels": {k: _unescape(v) for k, v in labs}, "value": _num(value)})
         errs = fo.error_items() + [{"target": dict(labels)["sandbox_id"], "error": fams.to_dict()}

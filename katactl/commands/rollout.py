@@ -268,7 +268,6 @@ class LiveView:
 def _run_engine(app_ctx, plan, store, state, api) -> None:
     import signal
 
-    from katactl.output import Column, Result
     from katactl.rollout.engine import Engine
 
     out = app_ctx.out

@@ -444,7 +444,7 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample) ->
     row["io"] = _io_rates(got, dt, tg)
     # Alinux extras
     extras = {}
-    for sig, (path, a, b) in got.items():
+    for sig, (_path, a, b) in got.items():
         if sig.startswith("x."):
             extras[sig[2:]] = {k: _delta((a or {}).get(k), v) for k, v in b.items()} if a else {k: None for k in b}
     if extras:
@@ -558,7 +558,7 @@ class Session:
             s1 = self.prev
         s2 = take_sample(t, paths)
         self.prev = s2
-        rows = [compute(node.fs, tg, f, s1, s2) for tg, f in zip(tgs, files)]
+        rows = [compute(node.fs, tg, f, s1, s2) for tg, f in zip(tgs, files, strict=True)]
         for r in rows:
             if r["role"] != "node" and r.get("io"):
                 for d in r["io"]["devices"]:
