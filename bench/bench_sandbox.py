@@ -5,7 +5,9 @@ timed (start-up included) with their peak RSS (os.wait4).
 
 RSS per sandbox = (peak RSS at N - peak RSS on an empty node) / N.
 
-Usage: .venv/bin/python bench/bench_sandbox.py [--sizes 1000,10000] [--runs 5] [--write] [--smoke]
+With --baseline REV, katactl as of git revision REV runs in the same rounds (before/after).
+
+Usage: .venv/bin/python bench/bench_sandbox.py [--sizes 1000,10000] [--runs 5] [--baseline REV] [--write] [--smoke]
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, context, precompile, require, run_rss, write_section  # noqa: E402
+from bench._util import KATACTL, context, katactl_at, precompile, require, run_rss, write_section  # noqa: E402
 from katactl.lab import layout  # noqa: E402
 
 BUNDLES = "run/containerd/io.containerd.runtime.v2.task"
@@ -28,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--baseline", metavar="REV", help="also time katactl as of this git revision")
     ap.add_argument("--write", action="store_true", help="record the section in bench/RESULTS.md")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one run, nothing written")
     a = ap.parse_args()
@@ -38,6 +41,10 @@ def main() -> None:
     env = dict(os.environ, NO_COLOR="1")
     rows = []
     empty = tempfile.mkdtemp(prefix="kb0-", dir="/tmp")
+    old = old_env = None
+    if a.baseline:
+        old, extra, rev = katactl_at(a.baseline, os.path.join(empty + "-old", "src"))
+        old_env = dict(env, **extra)
     try:
         base_rss = min(run_rss([*KATACTL, "--host-root", empty, "sandbox", "list", "-o", "json"], env)[1]
                        for _ in range(max(1, runs)))
@@ -48,10 +55,12 @@ def main() -> None:
                 kat = [*KATACTL, "--host-root", root, "sandbox", "list", "-o", "json"]
                 shell = (f"find {root}/run/vc/sbs {root}/{BUNDLES} -type f -print0 | xargs -0 cat")
                 cmds = {"kat": kat, "nc": kat + ["--no-check"], "find": ["sh", "-c", shell]}
+                if old:
+                    cmds["old"] = [*old, *kat[len(KATACTL):]]
                 res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
                 for i in range(warmup + runs):
                     for k, argv in cmds.items():
-                        r = run_rss(argv, env)
+                        r = run_rss(argv, old_env if k == "old" else env)
                         if i >= warmup:
                             res[k].append(r)
             finally:
@@ -61,6 +70,7 @@ def main() -> None:
             rows.append((n, med, rss))
     finally:
         shutil.rmtree(empty, ignore_errors=True)
+        shutil.rmtree(empty + "-old", ignore_errors=True)
     if a.smoke:
         print(f"bench_sandbox smoke ok: {rows[0][0]} sandboxes, katactl {rows[0][1]['kat']:.2f}s")
         return
@@ -78,7 +88,16 @@ def main() -> None:
         lines.append(f"| {n:,} | {med['kat']:.3f} | {med['nc']:.3f} | {med['find']:.3f} | "
                      f"{med['kat'] / med['find']:.2f}x | {med['nc'] / med['find']:.2f}x | "
                      f"{rss['kat'] / 1024:.0f} | {per:.1f} |")
-    lines += ["", f"Peak RSS on an empty node (the interpreter and imports): {base_rss / 1024:.0f} MiB."]
+    if old:
+        lines += ["", f"Before/after in the same rounds: katactl as of {rev} (`--baseline {a.baseline}`), same "
+                  "interpreter, bytecode precompiled too:", "",
+                  f"| sandboxes | {rev} -o json s | ratio to find | {rev} peak RSS MiB | RSS per sandbox KiB | "
+                  "now -o json s | speed-up |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, med, rss in rows:
+            lines.append(f"| {n:,} | {med['old']:.3f} | {med['old'] / med['find']:.2f}x | {rss['old'] / 1024:.0f} | "
+                         f"{(rss['old'] - base_rss) / n:.1f} | {med['kat']:.3f} | {med['old'] / med['kat']:.2f}x |")
+    lines += ["", f"Peak RSS on an empty node (the interpreter and imports): {base_rss / 1024:.0f} MiB; "
+              "RSS per sandbox = (peak RSS at N - that) / N."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write:

@@ -136,23 +136,11 @@ def main() -> None:
             ("katactl sandbox list -o json (with liveness check)", lambda: run(kat, env=env)),
         ]
         if a.baseline:
-            old = base / "baseline"
-            old.mkdir()
-            rev = run(["git", "-C", ROOT, "rev-parse", "--short", a.baseline]).stdout.decode().strip()
-            arch = subprocess.run(["git", "-C", ROOT, "archive", rev, "katactl"], stdout=subprocess.PIPE,
-                                  check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(old)], input=arch, check=True)
-            old_env = dict(env, PYTHONPATH=str(old))
-            # the editable install's import hook and the cwd ('' in sys.path with -c) would
-            # win over PYTHONPATH: drop both
-            boot = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
-                    "if 'editable' not in getattr(f, '__module__', '')]; "
-                    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; ")
-            old_kat = [sys.executable, "-c", boot + "from katactl.cli import main; sys.exit(main())",
-                       *kat[len(KATACTL):]]
-            where = run(old_kat[:2] + [boot + "import katactl; print(katactl.__file__)"],
-                        env=old_env).stdout.decode()
-            assert where.startswith(str(old)), where
+            from bench._util import katactl_at
+
+            prefix, extra, rev = katactl_at(a.baseline, str(base / "baseline"))
+            old_env = dict(env, **extra)
+            old_kat = [*prefix, *kat[len(KATACTL):]]
             cases += [
                 (f"katactl @ {rev} (baseline) --no-check", lambda: run(old_kat + ["--no-check"], env=old_env)),
                 (f"katactl @ {rev} (baseline) with liveness check", lambda: run(old_kat, env=old_env)),

@@ -229,7 +229,7 @@ def main() -> None:
               "CPU s (user+sys) | peak RSS MiB |")
         out("|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, (w, r, c, wire, stored) in zrows.items():
-            out(f"| {name} | {w:.2f} | {ref / w:.2f}x | {loc / w:.2f}x | {wire / (1 << 20):.1f} | "
+            out(f"| {name.replace('|', chr(92) + '|')} | {w:.2f} | {ref / w:.2f}x | {loc / w:.2f}x | {wire / (1 << 20):.1f} | "
                   f"{stored / (1 << 20):.1f} | {c:.2f} | {r / 1024:.0f} |")
         out()
     if comp:
