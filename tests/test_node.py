@@ -614,3 +614,29 @@ def test_drain_on_a_terminal_shows_progress_not_a_line_per_pod(kube, kc):
     assert "evicting pods" in text
     assert "pod/apps/" not in text  # the bar counts them
     assert "EVICTED" in text and "twin-a" in text and seed["evictable"]
+
+
+def test_nodes_drain_one_after_another_unless_parallel(cli, kube, kc):
+    """Several nodes: the second is cordoned only after the first finished, unless
+    --parallel overlaps them (read from the order of requests, not from the clock)."""
+    for n in ("n1", "n2"):
+        kube.add_node(n)
+        kube.add_replicaset(f"rs-{n}", "default", 1, {"app": n})
+        kube.add_pod(f"p-{n}", "default", n, {"app": n}, owner=("ReplicaSet", f"rs-{n}"))
+        kube.add_pdb(f"pdb-{n}", "default", {"app": n}, min_available=1)  # blocks until --timeout
+
+    def order(*extra):
+        n0 = len(kube.requests)
+        r = node_cli(cli, kc, "drain", "n1", "n2", "--timeout", "1s", *extra, "-o", "json")
+        assert r.exit_code == 6, r.stderr
+        assert [e["node"] for e in r.json()["errors"]] == ["n1", "n2"]
+        reqs = kube.requests[n0:]
+        cordon2 = next(i for i, q in enumerate(reqs) if q["method"] == "PATCH" and "/nodes/n2" in q["path"])
+        last1 = max(i for i, q in enumerate(reqs) if "p-n1" in q["path"] or "/nodes/n1" in q["path"])
+        return cordon2, last1
+
+    cordon2, last1 = order()
+    assert cordon2 > last1  # n1 was finished (and restored) before n2 was touched
+    cordon2, last1 = order("--parallel", "2")
+    assert cordon2 < last1  # overlapped
+    assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")
