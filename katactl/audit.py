@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from typing import Any
 
 from katactl.config import state_dir
 from katactl.errors import Refused
@@ -59,7 +60,7 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
     """Append one entry; returns it. Never raises for a log problem: a change
     that happened must not be reported as failed because the log is full;
     instead it is logged as a warning (the CLI shows it on stderr)."""
-    entry = {
+    entry: dict[str, Any] = {
         "time": now_iso(),
         "user": current_user(),
         "host": socket.gethostname(),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 from katactl.errors import (KatactlError, NotFound, OperationFailed, ProtocolError, Refused,
                             TimeoutExpired, UnreachableError, UsageError)
 from katactl.values import format_size
+from katactl.backends.base import NodeTransport
 
 if TYPE_CHECKING:
     from katactl.sandbox import Sandbox
@@ -203,7 +204,7 @@ def _extra_monitor_protocol(sb) -> str | None:
     return str(v) if v else None
 
 
-def open_path(transport, sb, *, via: str = "auto", timeout: float = 10.0) -> tuple[_Path, list[dict]]:
+def open_path(transport: NodeTransport, sb, *, via: str = "auto", timeout: float = 10.0) -> tuple[_Path, list[dict]]:
     """The first path that works, in design order; and the attempts made."""
     from katactl.backends.qmp import MonitorBusy, QMPClient
 
@@ -296,7 +297,7 @@ _MEMINFO = re.compile(r'^kata_guest_meminfo\{[^}]*item="(mem_total|mem_free|mem_
                       re.M)
 
 
-def _guest_from_metrics(transport, sb, timeout: float) -> dict | None:
+def _guest_from_metrics(transport: NodeTransport, sb, timeout: float) -> dict | None:
     if not sb.shim_socket:
         return None
     from katactl.backends.shim import ShimClient
@@ -352,7 +353,7 @@ def _view(sb, path: _Path, st: dict, attempts: list[dict]) -> dict:
     }
 
 
-def _state_with_guest(transport, sb, path: _Path, timeout: float) -> dict:
+def _state_with_guest(transport: NodeTransport, sb, path: _Path, timeout: float) -> dict:
     st = path.state()
     if isinstance(path, _QmpPath):
         # the agent's metrics read the guest's /proc/meminfo at scrape time; QEMU's balloon
@@ -364,7 +365,7 @@ def _state_with_guest(transport, sb, path: _Path, timeout: float) -> dict:
     return st
 
 
-def _resolve(transport, ref: str | Sandbox) -> Sandbox:
+def _resolve(transport: NodeTransport, ref: str | Sandbox) -> Sandbox:
     """ref: a Sandbox (already resolved, e.g. by katactl.sandbox.on_sandbox) or a reference string."""
     from katactl import sandbox
 
@@ -374,7 +375,7 @@ def _resolve(transport, ref: str | Sandbox) -> Sandbox:
     return sb
 
 
-def get(transport, ref: str | Sandbox, *, via: str = "auto", timeout: float = 10.0) -> dict:
+def get(transport: NodeTransport, ref: str | Sandbox, *, via: str = "auto", timeout: float = 10.0) -> dict:
     sb = _resolve(transport, ref)
     path, attempts = open_path(transport, sb, via=via, timeout=timeout)
     try:
@@ -398,7 +399,7 @@ def plan_target(st: dict, *, target: int | None, reclaim: int | None, release: b
     return int(base) - int(reclaim)
 
 
-def set(transport, ref: str | Sandbox, *, target: int | None = None, reclaim: int | None = None,  # noqa: A001
+def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = None, reclaim: int | None = None,  # noqa: A001
         release: bool = False, wait: bool = False, wait_timeout: float = 60.0,
         tolerance: int = DEFAULT_TOLERANCE, margin: int = DEFAULT_MARGIN, force: bool = False,
         dry_run: bool = False, via: str = "auto", timeout: float = 10.0,

@@ -96,7 +96,8 @@ def _not_a_directory(path: str) -> str:
     try:
         os.stat(path)
     except OSError as e:
-        return {errno.ELOOP: "symlink loop", errno.EACCES: "permission denied"}.get(e.errno, "no such directory")
+        reasons = {errno.ELOOP: "symlink loop", errno.EACCES: "permission denied"}
+        return reasons.get(e.errno, "no such directory") if e.errno is not None else "no such directory"
     return "not a directory"
 
 

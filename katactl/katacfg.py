@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+import sys
 from typing import Any
 
 from katactl.errors import NotFound, OperationFailed, UsageError
+from katactl.backends.base import NodeTransport
 
 GO_SEARCH = (
     "/etc/kata-containers/configuration.toml",
@@ -108,7 +110,7 @@ def search_paths(runtime: str = "go") -> tuple[str, ...]:
     raise UsageError(f"invalid runtime {runtime!r} (choose go or rs)")
 
 
-def realpath(transport, path: str, max_links: int = 40) -> str:
+def realpath(transport: NodeTransport, path: str, max_links: int = 40) -> str:
     """Resolve symlinks in a node path through the transport (like EvalSymlinks)."""
     parts = [p for p in path.split("/") if p]
     out = "/"
@@ -139,9 +141,9 @@ def realpath(transport, path: str, max_links: int = 40) -> str:
 
 
 def parse_toml(text: str, where: str) -> dict:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
     try:
         return tomllib.loads(text)
@@ -166,7 +168,7 @@ def _keys(data: dict, where: str) -> dict[str, str]:
     return out
 
 
-def _read_regular(transport, path: str, shown: str) -> str:
+def _read_regular(transport: NodeTransport, path: str, shown: str) -> str:
     """A configuration file's text; only a regular file is opened (a FIFO would hang the read)."""
     st = transport.stat(path)
     if st.is_dir or (st.mode & 0o170000) != 0o100000:
@@ -185,7 +187,7 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def exists(transport, path: str) -> bool:
+def exists(transport: NodeTransport, path: str) -> bool:
     """Whether a node path exists, symlinks resolved inside the node (not on the host)."""
     try:
         transport.stat(realpath(transport, path), follow_symlinks=False)
@@ -196,7 +198,7 @@ def exists(transport, path: str) -> bool:
         return True   # a symlink loop: exists, and load() reports the loop
 
 
-def find_config(transport, runtime: str = "go") -> str:
+def find_config(transport: NodeTransport, runtime: str = "go") -> str:
     for p in search_paths(runtime):
         if exists(transport, p):
             return p
@@ -205,7 +207,7 @@ def find_config(transport, runtime: str = "go") -> str:
                    hint="pass --kata-config PATH if the runtime is pointed elsewhere (ConfigPath in containerd)")
 
 
-def load(transport, path: str | None = None, runtime: str = "auto") -> KataConfig:
+def load(transport: NodeTransport, path: str | None = None, runtime: str = "auto") -> KataConfig:
     """The effective configuration: search (unless path), resolve, merge drop-ins.
 
     runtime "auto" tries the Go runtime's paths first, then runtime-rs.

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from katactl.errors import KatactlError, ProtocolError, UsageError, as_katactl_error
+from katactl.backends.base import NodeTransport
 
 USER_HZ = 100
 PAGE_SIZE = 4096
@@ -157,14 +158,14 @@ def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError 
     return row
 
 
-def scrape(transport, sb, timeout: float) -> str:
+def scrape(transport: NodeTransport, sb, timeout: float) -> str:
     from katactl.backends.shim import ShimClient
 
     with ShimClient.for_sandbox(transport, sb, timeout=timeout) as c:
         return c.metrics_text()
 
 
-def scrape_all(transport, sandboxes, *, timeout: float, workers: int = 32) -> dict:
+def scrape_all(transport: NodeTransport, sandboxes, *, timeout: float, workers: int = 32) -> dict:
     """{sandbox id: sample dict | KatactlError}, scraping concurrently."""
     def one(sb):
         try:
@@ -185,7 +186,7 @@ def scrape_all(transport, sandboxes, *, timeout: float, workers: int = 32) -> di
     return out
 
 
-def fill_from_processes(transport, sandboxes, samples: dict) -> None:
+def fill_from_processes(transport: NodeTransport, sandboxes, samples: dict) -> None:
     """Where a shim's metrics lack its hypervisor's RSS or CPU time (a shim that does not
     export ``kata_hypervisor_proc_*``), take them from the node's process facts
     (katactl.procfacts: psutil on this host, /proc through the transport on another)."""
@@ -212,7 +213,7 @@ def fill_from_processes(transport, sandboxes, samples: dict) -> None:
 class TopSession:
     """Keeps the previous scrape per sandbox so each refresh has CPU deltas."""
 
-    def __init__(self, transport, *, timeout: float, workers: int = 32, include_stale: bool = False):
+    def __init__(self, transport: NodeTransport, *, timeout: float, workers: int = 32, include_stale: bool = False):
         self.transport = transport
         self.timeout = timeout
         self.workers = workers
@@ -241,7 +242,7 @@ class TopSession:
         return rows
 
 
-def top_snapshot(transport, *, interval: float = 1.0, timeout: float = 10.0, workers: int = 32) -> list[dict]:
+def top_snapshot(transport: NodeTransport, *, interval: float = 1.0, timeout: float = 10.0, workers: int = 32) -> list[dict]:
     """Two scrapes ``interval`` apart (CPU % needs a delta); the second's rows."""
     s = TopSession(transport, timeout=timeout, workers=workers)
     sbs = s.sandboxes()
@@ -295,9 +296,9 @@ class TopFleet:
         """(rows of every node, tagged with its node and sorted; {node: error})."""
         from katactl.fleet import run_on_nodes
 
-        def one(t):
-            s = self._sessions[t.node]
-            s.transport = t  # this refresh's transport
+        def one(transport: NodeTransport):
+            s = self._sessions[transport.node]
+            s.transport = transport  # this refresh's transport
             return s.refresh()
 
         fo = run_on_nodes(self.settings, one, nodes=self.nodes)
@@ -502,7 +503,7 @@ def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def scrape_families(transport, sandboxes, *, timeout: float, workers: int = 32, prefixes=None) -> dict:
+def scrape_families(transport: NodeTransport, sandboxes, *, timeout: float, workers: int = 32, prefixes=None) -> dict:
     """{sandbox id: [Family] | KatactlError}: every shim scraped concurrently and parsed
     strictly; prefixes keep the families (after renaming) that start with one of them."""
     prefixes = tuple(prefixes or ())
@@ -528,7 +529,7 @@ def scrape_families(transport, sandboxes, *, timeout: float, workers: int = 32, 
     return out
 
 
-def scrape_node(transport, *, timeout: float, prefixes=None, workers: int = 32) -> list[dict]:
+def scrape_node(transport: NodeTransport, *, timeout: float, prefixes=None, workers: int = 32) -> list[dict]:
     """Every running sandbox of a node: [{sandbox, families | error}] (for metrics --all)."""
     from katactl import sandbox
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from katactl.backends.kube import ApiStatusError, Conflict, KubeAPI, seg
 from katactl.errors import (AuthError, Interrupted, KatactlError, NotFound, OperationFailed, Refused, TimeoutExpired,
                             )
+from katactl.backends.base import NodeTransport
 
 CORDON_ANNOTATION = "katactl.io/cordon"
 #: set by kata-deploy on nodes where it installed Kata
@@ -760,7 +761,7 @@ def node_transport(settings, name: str):
     return open_transport(LOCAL if settings.host_root else name, settings)
 
 
-def kata_facts(transport, kata_root: str = "/opt/kata") -> dict:
+def kata_facts(transport: NodeTransport, kata_root: str = "/opt/kata") -> dict:
     """The node's current Kata release, its sandboxes on other releases, and dumps not
     yet collected (katactl.upgrade's attribution, katactl.vmcore's listing)."""
     from katactl.upgrade import Layout, status
@@ -779,7 +780,7 @@ def kata_facts(transport, kata_root: str = "/opt/kata") -> dict:
     return facts
 
 
-def stale_release_pods(transport, kata_root: str = "/opt/kata") -> set[tuple[str, str]]:
+def stale_release_pods(transport: NodeTransport, kata_root: str = "/opt/kata") -> set[tuple[str, str]]:
     """(namespace, name) of the pods whose sandbox still runs a release other than current."""
     out = set()
     for s in kata_facts(transport, kata_root)["staleSandboxes"]:

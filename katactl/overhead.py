@@ -36,6 +36,7 @@ import time
 from decimal import Decimal, InvalidOperation
 
 from katactl.errors import KatactlError, UsageError, as_katactl_error
+from katactl.backends.base import NodeTransport
 
 #: severities, as audit's (katactl.isolation.policy.SEVERITIES)
 SEVERITIES = ("info", "low", "medium", "high", "critical")
@@ -254,13 +255,13 @@ def _proc_of(pid: int, raw) -> _Proc | None:
         return None
 
 
-def _proc_table(t) -> dict[int, _Proc]:
+def _proc_table(transport: NodeTransport) -> dict[int, _Proc]:
     """Every process of the node from /proc/<pid>/stat (one batched read)."""
     try:
-        pids = [int(p) for p in t.listdir("/proc") if p.isdigit()][:PROC_SCAN_LIMIT]
+        pids = [int(p) for p in transport.listdir("/proc") if p.isdigit()][:PROC_SCAN_LIMIT]
     except OSError:
         return {}
-    got = t.read_many([f"/proc/{p}/stat" for p in pids], limit=4096) if pids else {}
+    got = transport.read_many([f"/proc/{p}/stat" for p in pids], limit=4096) if pids else {}
     out = {}
     for p in pids:
         pr = _proc_of(p, got.get(f"/proc/{p}/stat"))
@@ -312,16 +313,16 @@ def members(sbs, table: dict[int, _Proc]) -> dict[str, dict[int, str]]:
     return roots
 
 
-def _vcpu_tids(t, vmms: dict[int, str | None]) -> dict[int, list[int]]:
+def _vcpu_tids(transport: NodeTransport, vmms: dict[int, str | None]) -> dict[int, list[int]]:
     """{vmm pid: [vCPU thread ids]} from the names of /proc/<pid>/task/<tid>."""
     from katactl.isolation.threads import vcpu_index
 
     if not vmms:
         return {}
-    dirs = t.scan_dirs([f"/proc/{p}/task" for p in vmms])
+    dirs = transport.scan_dirs([f"/proc/{p}/task" for p in vmms])
     tids = {p: [n for n, _ in (dirs.get(f"/proc/{p}/task") or []) if n.isdigit()]
             if not isinstance(dirs.get(f"/proc/{p}/task"), OSError) else [] for p in vmms}
-    got = t.read_many([f"/proc/{p}/task/{n}/stat" for p, ns in tids.items() for n in ns], limit=4096)
+    got = transport.read_many([f"/proc/{p}/task/{n}/stat" for p, ns in tids.items() for n in ns], limit=4096)
     out: dict[int, list[int]] = {}
     for p, ns in tids.items():
         for n in ns:
@@ -332,9 +333,9 @@ def _vcpu_tids(t, vmms: dict[int, str | None]) -> dict[int, list[int]]:
     return out
 
 
-def _thread_ticks(t, threads: dict[int, list[int]]) -> dict[tuple[int, int], int]:
+def _thread_ticks(transport: NodeTransport, threads: dict[int, list[int]]) -> dict[tuple[int, int], int]:
     paths = {(p, n): f"/proc/{p}/task/{n}/stat" for p, ns in threads.items() for n in ns}
-    got = t.read_many(list(paths.values()), limit=4096) if paths else {}
+    got = transport.read_many(list(paths.values()), limit=4096) if paths else {}
     out = {}
     for k, path in paths.items():
         pr = _proc_of(k[1], got.get(path))
@@ -343,11 +344,11 @@ def _thread_ticks(t, threads: dict[int, list[int]]) -> dict[tuple[int, int], int
     return out
 
 
-def _cgroup_reader(t):
+def _cgroup_reader(transport: NodeTransport):
     from katactl.isolation.cgroups import CgroupFS
 
     try:
-        fs = CgroupFS(t)
+        fs = CgroupFS(transport)
     except (OSError, KatactlError):
         return None
     if fs.mode == "none":
@@ -390,37 +391,37 @@ class _Sample:
     cgroup: dict           # path -> bytes | OSError
 
 
-def _sample(t, facts, pids, threads, cg_files) -> _Sample:
+def _sample(transport: NodeTransport, facts, pids, threads, cg_files) -> _Sample:
     now = time.monotonic()
     procs = facts.stats(sorted(pids)) if pids else {}
-    vcpu = _thread_ticks(t, threads)
-    cg = t.read_many(sorted(cg_files), limit=65536) if cg_files else {}
+    vcpu = _thread_ticks(transport, threads)
+    cg = transport.read_many(sorted(cg_files), limit=65536) if cg_files else {}
     return _Sample(now, procs, vcpu, cg)
 
 
-def measure_node(t, *, interval: float = 1.0, refs=None, declared: Declared | None = None,
+def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, declared: Declared | None = None,
                  timeout: float = 5.0, workers: int = 32, scrape: bool = True) -> list[dict]:
     """One item per running Kata sandbox of the node (those matching refs: ids, id prefixes,
     NAMESPACE/POD). CPU over ``interval`` seconds (two samples)."""
     from katactl import metrics, procfacts, sandbox
 
-    sbs = [s for s in sandbox.discover(t, timeout=min(timeout, 1.0)) if s.state == "running"]
+    sbs = [s for s in sandbox.discover(transport, timeout=min(timeout, 1.0)) if s.state == "running"]
     if refs:
         sbs = [s for s in sbs if any(matches(s, r) for r in refs)]
     if not sbs:
         return []
     declared = declared or Declared()
-    guest = metrics.scrape_all(t, sbs, timeout=timeout, workers=workers) if scrape else {}
+    guest = metrics.scrape_all(transport, sbs, timeout=timeout, workers=workers) if scrape else {}
     need_tree = any(s.shim_pid or s.hypervisor_pid for s in sbs)
-    table = _proc_table(t) if need_tree else {}
+    table = _proc_table(transport) if need_tree else {}
     mem = members(sbs, table)
     sharers: dict[int, int] = {}
     for m in mem.values():
         for p in m:
             sharers[p] = sharers.get(p, 0) + 1
     vmms = {sb.hypervisor_pid: sb.hypervisor for sb in sbs if sb.hypervisor_pid}
-    threads = _vcpu_tids(t, vmms)
-    fs = _cgroup_reader(t) if any(s.overhead_cgroup_path and s.sandbox_cgroup_only is not True for s in sbs) else None
+    threads = _vcpu_tids(transport, vmms)
+    fs = _cgroup_reader(transport) if any(s.overhead_cgroup_path and s.sandbox_cgroup_only is not True for s in sbs) else None
     cg_of: dict[str, dict[str, str]] = {}
     if fs is not None:
         for s in sbs:
@@ -430,12 +431,12 @@ def measure_node(t, *, interval: float = 1.0, refs=None, declared: Declared | No
                 except KatactlError:
                     pass
     cg_files = {f for d in cg_of.values() for f in d.values()}
-    facts = procfacts.for_transport(t)
+    facts = procfacts.for_transport(transport)
     pids = set(sharers)
-    a = _sample(t, facts, pids, threads, cg_files)
+    a = _sample(transport, facts, pids, threads, cg_files)
     if interval > 0:
         time.sleep(interval)
-    b = _sample(t, facts, pids, threads, cg_files)
+    b = _sample(transport, facts, pids, threads, cg_files)
     dt = b.t - a.t
     items = []
     for sb in sbs:

@@ -24,6 +24,7 @@ import dataclasses
 import os
 import threading
 from typing import Iterable, Sequence
+from katactl.backends.base import NodeTransport
 
 #: clock ticks per second in /proc/<pid>/stat (USER_HZ: 100 on every Linux ABI katactl meets)
 USER_HZ = 100
@@ -164,7 +165,7 @@ _STATE_LETTER = {"running": "R", "sleeping": "S", "disk-sleep": "D", "stopped": 
 class TransportProcessFacts(ProcessFacts):
     """A node's processes from its /proc text through a NodeTransport (pipelined reads)."""
 
-    def __init__(self, transport):
+    def __init__(self, transport: NodeTransport):
         self.transport = transport
 
     def _read(self, pids: Sequence[int], names: Sequence[str]) -> tuple[dict, float | None]:
@@ -241,7 +242,7 @@ def parse_stats(pid: int, stat: bytes, status: bytes, btime: float) -> ProcStats
         return None
 
 
-def for_transport(transport) -> ProcessFacts:
+def for_transport(transport: NodeTransport) -> ProcessFacts:
     """The process facts of transport's node: psutil when its processes run on this
     host (with its --host-root's /proc), its /proc through the transport otherwise."""
     if transport.is_remote:

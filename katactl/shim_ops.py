@@ -21,11 +21,12 @@ from typing import BinaryIO, TextIO
 from katactl.backends.shim import IPTABLES_LIMIT, PPROF_PROFILES, ShimClient
 from katactl.errors import KatactlError, NotFound, OperationFailed, UsageError
 from katactl.values import format_size
+from katactl.backends.base import NodeTransport
 
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
 
 
-def _sandbox(transport, ref):
+def _sandbox(transport: NodeTransport, ref):
     """A Sandbox as given (e.g. by katactl.sandbox.on_sandbox), or resolved (live-checked) from a reference."""
     from katactl import sandbox
 
@@ -33,7 +34,7 @@ def _sandbox(transport, ref):
 
 
 # -- agent-url ---------------------------------------------------------------------------
-def agent_url(transport, sandbox, *, timeout: float = 10.0) -> dict:
+def agent_url(transport: NodeTransport, sandbox, *, timeout: float = 10.0) -> dict:
     """The kata-agent URL the shim talks to (``vsock://CID:1024``, ``hvsock://...``)."""
     sandbox = _sandbox(transport, sandbox)
     with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
@@ -102,7 +103,7 @@ def normalize_rules(text: str) -> list[str]:
     return out
 
 
-def iptables_get(transport, sandbox, *, v6: bool = False, timeout: float = 10.0) -> dict:
+def iptables_get(transport: NodeTransport, sandbox, *, v6: bool = False, timeout: float = 10.0) -> dict:
     """The guest's (ip6)tables rules as iptables-save text (``rules``), as the shim sent it."""
     sandbox = _sandbox(transport, sandbox)
     with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
@@ -110,7 +111,7 @@ def iptables_get(transport, sandbox, *, v6: bool = False, timeout: float = 10.0)
     return {"node": transport.node, "sandbox": sandbox.id, "v6": v6, "rules": rules}
 
 
-def iptables_set(transport, sandbox, rules: bytes | str, *, v6: bool = False, dry_run: bool = False,
+def iptables_set(transport: NodeTransport, sandbox, rules: bytes | str, *, v6: bool = False, dry_run: bool = False,
                  timeout: float = 10.0, source: str = "rules") -> dict:
     """Make the guest's (ip6)tables exactly ``rules``; send nothing when they already are.
 
@@ -158,7 +159,7 @@ def _unit(u: dict):
     return unit
 
 
-def volume_stats(transport, sandbox, path: str, *, timeout: float = 10.0) -> dict:
+def volume_stats(transport: NodeTransport, sandbox, path: str, *, timeout: float = 10.0) -> dict:
     """Usage of direct volume ``path`` inside the guest: ``usage`` is a list of
     {unit: "bytes"|"inodes", total, used, available}; ``condition`` is the
     shim's volume_condition (or None)."""
@@ -188,7 +189,7 @@ def _fs_bytes_total(c: ShimClient, path: str) -> tuple[int | None, str | None]:
     return None, "the shim's volume statistics carry no byte usage"
 
 
-def volume_resize(transport, sandbox, path: str, size: int, *, dry_run: bool = False,
+def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dry_run: bool = False,
                   timeout: float = 10.0) -> dict:
     """Ask the guest to grow the filesystem on direct volume ``path`` to a ``size``-byte device.
 
@@ -320,7 +321,7 @@ class _WriteErrors:
             raise OperationFailed(f"-f {self.path}: {e.strerror or e}") from None
 
 
-def pprof_download(transport, sandbox, profile: str, dest: str | os.PathLike | BinaryIO | None = None, *,
+def pprof_download(transport: NodeTransport, sandbox, profile: str, dest: str | os.PathLike | BinaryIO | None = None, *,
                    seconds: int | None = None, timeout: float = 10.0) -> dict:
     """Stream the Go shim's /debug/pprof/``profile`` to ``dest``.
 

@@ -5,6 +5,7 @@ import platform
 import sys
 
 from katactl import __version__
+from katactl.backends.base import NodeTransport
 
 DEPENDENCIES = ("typer", "rich", "httpx", "kubernetes", "psutil", "tabulate", "paramiko", "PyYAML")
 
@@ -23,7 +24,7 @@ def client_versions() -> dict:
     """Versions without importing the dependencies (metadata only: fast)."""
     from importlib import metadata
 
-    deps = {}
+    deps: dict[str, str | None] = {}
     for d in DEPENDENCIES:
         try:
             deps[d] = metadata.version(d)
@@ -34,7 +35,7 @@ def client_versions() -> dict:
             "dependencies": deps}
 
 
-def node_versions(transport) -> dict:
+def node_versions(transport: NodeTransport) -> dict:
     """First line of ``<binary> --version`` for each Kata binary found on the node."""
     out: dict = {}
     for key, name in NODE_BINARIES.items():

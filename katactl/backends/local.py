@@ -27,29 +27,31 @@ def check_node_path(path: str) -> str:
     return path  # already normal: normpath would return it unchanged
 
 
-#: the first read of a file whose size fstat cannot tell (procfs, sysfs), and the
-#: read size after the first one
+#: read size: one read for a state file or a /proc file, bounded allocation for a large one
 _CHUNK = 64 << 10
 
 
-def _read_upto(f, limit: int | None) -> bytes:
-    """At most ``limit`` bytes of an unbuffered binary file object (all without a limit).
+def _read_file(real: str, limit: int | None) -> bytes:
+    """At most ``limit`` bytes of a local file (all of it without a limit).
 
-    Sized by fstat: a ``read(limit)`` would make Python allocate ``limit`` bytes (16 MiB
-    for a state file) and shrink the result, an mmap/mremap/munmap per file."""
-    if limit is None:
-        return f.readall()
-    size = os.fstat(f.fileno()).st_size
-    n = min(limit, size + 1 if size else _CHUNK)  # +1: a file that grew is read on
-    parts = []
-    total = 0
-    while total < limit:
-        b = f.read(min(n, limit - total))
-        if not b:
-            break
-        parts.append(b)
-        total += len(b)
-        n = _CHUNK
+    os.open/os.read in 64 KiB reads: ``open(...).read(limit)`` made Python allocate
+    ``limit`` bytes (16 MiB for a state file) and shrink the result, an mmap/mremap/munmap
+    per file; a file object adds two fstat calls and an object per file. Errors name the
+    path, as open() does (a directory fails at the first read: EISDIR)."""
+    fd = os.open(real, os.O_RDONLY)
+    try:
+        parts = []
+        total = 0
+        while limit is None or total < limit:
+            b = os.read(fd, _CHUNK if limit is None else min(_CHUNK, limit - total))
+            if not b:
+                break
+            parts.append(b)
+            total += len(b)
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, real) from None
+    finally:
+        os.close(fd)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -64,16 +66,14 @@ class LocalTransport(NodeTransport):
         return self.host_root + p if self.host_root else p
 
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
-        with open(self.real(path), "rb", buffering=0) as f:
-            return _read_upto(f, limit)
+        return _read_file(self.real(path), limit)
 
     def read_many(self, paths: Sequence[str], limit: int | None = None) -> dict[str, bytes | OSError]:
         out: dict[str, bytes | OSError] = {}
         real = self.real
         for p in paths:
             try:
-                with open(real(p), "rb", buffering=0) as f:
-                    out[p] = _read_upto(f, limit)
+                out[p] = _read_file(real(p), limit)
             except OSError as e:
                 out[p] = _bare(e)
         return out

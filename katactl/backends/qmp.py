@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from katactl.errors import OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
+from katactl.backends.base import NodeTransport
 
 DEFAULT_TIMEOUT = 5.0
 #: A free monitor greets within a few ms even under TCG; 0.5 s is generous.
@@ -81,7 +82,7 @@ class QMPClient:
 
     # -- connection -----------------------------------------------------------
     @classmethod
-    def connect(cls, transport, path: str, *, timeout: float = DEFAULT_TIMEOUT,
+    def connect(cls, transport: NodeTransport, path: str, *, timeout: float = DEFAULT_TIMEOUT,
                 greeting_timeout: float = DEFAULT_GREETING_TIMEOUT,
                 negotiate: bool = True) -> "QMPClient":
         """Connect to a node's QMP socket, read the greeting, negotiate capabilities."""

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from typing import IO
+from typing import IO, Protocol
 
 from katactl.errors import NotFound, OperationFailed, ProtocolError, UsageError
+from katactl.backends.base import NodeTransport
 
 METRICS_LIMIT = 16 << 20   # a real shim's /metrics is ~100 KiB; refuse absurd bodies
 TEXT_LIMIT = 4 << 20
@@ -28,10 +29,16 @@ PPROF_PROFILES = ("heap", "goroutine", "profile", "trace", "allocs", "block", "m
                   "threadcreate", "cmdline", "symbol")
 
 
+
+class BytesSink(Protocol):
+    """Where a streamed answer goes: a binary file, or anything with its write()."""
+
+    def write(self, b: bytes, /) -> int: ...
+
 class ShimClient:
     """Talk to one sandbox's shim. ``flavour`` is the sandbox runtime: "go" or "rs"."""
 
-    def __init__(self, transport, socket_path: str, flavour: str = "go", *, timeout: float = 10.0,
+    def __init__(self, transport: NodeTransport, socket_path: str, flavour: str = "go", *, timeout: float = 10.0,
                  sandbox_id: str | None = None):
         if flavour not in ("go", "rs"):
             raise ValueError(f"unknown shim flavour {flavour!r}")
@@ -43,7 +50,7 @@ class ShimClient:
         self._client = None
 
     @classmethod
-    def for_sandbox(cls, transport, sb, *, timeout: float = 10.0) -> "ShimClient":
+    def for_sandbox(cls, transport: NodeTransport, sb, *, timeout: float = 10.0) -> "ShimClient":
         return cls(transport, sb.shim_socket, sb.runtime, timeout=timeout, sandbox_id=sb.id)
 
     # -- plumbing ----------------------------------------------------------------
@@ -67,7 +74,7 @@ class ShimClient:
         self.close()
 
     def call(self, method: str, url: str, *, limit: int = TEXT_LIMIT, timeout: float | None = None,
-             sink: IO[bytes] | None = None, **kw) -> tuple[int, bytes]:
+             sink: BytesSink | None = None, **kw) -> tuple[int, bytes]:
         """(status, body) with the body capped at ``limit`` bytes, or, for a 2xx
         answer, streamed to ``sink`` (then body is empty)."""
         import httpx

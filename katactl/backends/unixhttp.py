@@ -16,6 +16,7 @@ import threading
 import time
 
 from katactl.errors import OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
+from katactl.backends.base import NodeTransport
 
 
 _deadline = threading.local()
@@ -45,7 +46,7 @@ def _left(timeout: float | None) -> float | None:
     return left if timeout is None else min(timeout, left)
 
 
-def unix_http_client(transport, socket_path: str, timeout: float):
+def unix_http_client(transport: NodeTransport, socket_path: str, timeout: float):
     """An httpx.Client talking to ``socket_path`` on the node, base URL http://localhost.
 
     Every request has ``timeout``; a peer that accepts and never answers
@@ -170,7 +171,7 @@ class JsonUnixClient:
     prefix = ""
     json_ok: tuple[int, ...] = (200,)
 
-    def __init__(self, transport, socket_path: str, timeout: float = 5.0):
+    def __init__(self, transport: NodeTransport, socket_path: str, timeout: float = 5.0):
         self.path = socket_path
         self._c = unix_http_client(transport, socket_path, timeout)
 

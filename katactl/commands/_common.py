@@ -92,21 +92,21 @@ def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
     render_per_node(app_ctx, fo, kind=kind, columns=columns, mutating=mutating)
 
 
-def render_per_node(app_ctx: AppContext, fo, *, kind: str, columns: list[Column] | None = None,
+def render_per_node(app_ctx: AppContext, fanout, *, kind: str, columns: list[Column] | None = None,
                     mutating: bool = False) -> None:
     """Render a FanOut of one object per node (see fan_out_one) and exit with its code."""
-    fo.raise_if_single_failure()
-    if not fo.multi:
-        item = {"node": fo.nodes[0], **fo.values[fo.nodes[0]]}
+    fanout.raise_if_single_failure()
+    if not fanout.multi:
+        item = {"node": fanout.nodes[0], **fanout.values[fanout.nodes[0]]}
         finish(app_ctx, Result.mutation(kind, item, name_key="node") if mutating
                else Result(kind=kind, item=item, name_key="node"))
         return
-    items = fo.items()
+    items = fanout.items()
     changed = any(i.get("changed") for i in items) if mutating else None
     dry = any(i.get("dryRun") for i in items) if mutating else None
-    result = Result(kind=kind + "List", items=items, columns=columns or [], errors=fo.error_items(),
+    result = Result(kind=kind + "List", items=items, columns=columns or [], errors=fanout.error_items(),
                     multi_node=True, changed=changed, dry_run=dry, name_key="node")
-    finish(app_ctx, result, fo.exit_code())
+    finish(app_ctx, result, fanout.exit_code())
 
 
 def _progress_cb(app_ctx: AppContext):

@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
+from katactl.backends.base import NodeTransport
 
 app = new_app("Memory elasticity: a sandbox's balloon (guest-visible memory target, or reclaim N).")
 
@@ -144,14 +145,14 @@ def set_(ctx: typer.Context,
     timeout = float(app_ctx.settings.request_timeout)
     out = app_ctx.out
 
-    def run(t, sb):
+    def run(transport: NodeTransport, sb):
         with out.progress(f"balloon {sb.id[:12]}", total=None, unit="bytes") as bar:
             def progress(ev):
                 out.event("BalloonProgress", sandbox=sb.id, **ev)
                 span = abs(ev["startBytes"] - ev["targetBytes"]) or 1
                 bar.update(completed=span - abs(ev["actualBytes"] - ev["targetBytes"]), total=span)
 
-            return balloon.set(t, sb, target=tgt, reclaim=rec, release=release, wait=wait, wait_timeout=wt,
+            return balloon.set(transport, sb, target=tgt, reclaim=rec, release=release, wait=wait, wait_timeout=wt,
                                tolerance=tol, margin=mar, force=force, dry_run=dry_run, via=via,
                                timeout=timeout, progress=progress)
 

@@ -6,6 +6,7 @@ from typing import List, Optional
 import typer
 
 from katactl.commands._common import new_app, state
+from katactl.backends.base import NodeTransport
 
 app = new_app("Show host isolation settings (cgroups, I/O, BVT, memcg QoS, RDT, vCPU threads) and live pressure.")
 
@@ -366,26 +367,26 @@ def pressure_cmd(
     sessions: dict = {}
     cols = _pressure_columns()
 
-    def one(t):
-        s = sessions.setdefault(t.node, lib.Session(ival, refs))
-        return s.refresh(t, rules)
+    def one(transport: NodeTransport):
+        s = sessions.setdefault(transport.node, lib.Session(ival, refs))
+        return s.refresh(transport, rules)
 
-    def result(fo) -> tuple[Result, int]:
-        if not fo.multi:
-            v = fo.values[fo.nodes[0]]
+    def result(fanout) -> tuple[Result, int]:
+        if not fanout.multi:
+            v = fanout.values[fanout.nodes[0]]
             res = Result(kind="PressureReport", items=v["items"], item=v["meta"], columns=cols, name_key="target",
                          summary=lib.summary_line(v["meta"]))
-            metas = {fo.nodes[0]: v["meta"]}
+            metas = {fanout.nodes[0]: v["meta"]}
         else:
             items, metas = [], {}
-            for n in fo.nodes:
-                if n in fo.values:
-                    metas[n] = fo.values[n]["meta"]
-                    items += [{"node": n, **i} for i in fo.values[n]["items"]]
+            for n in fanout.nodes:
+                if n in fanout.values:
+                    metas[n] = fanout.values[n]["meta"]
+                    items += [{"node": n, **i} for i in fanout.values[n]["items"]]
             res = Result(kind="PressureReport", items=items, item={"nodes": metas}, columns=cols,
-                         errors=fo.error_items(), multi_node=True, name_key="target",
+                         errors=fanout.error_items(), multi_node=True, name_key="target",
                          summary="; ".join(f"{n}: {lib.summary_line(m)}" for n, m in metas.items()))
-        code = fo.exit_code()
+        code = fanout.exit_code()
         failed = any(not (m.get("failOn") or {}).get("passed", True) for m in metas.values())
         if failed and code == ExitCode.OK:
             code = ExitCode.CHECK_FAILED

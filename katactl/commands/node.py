@@ -44,19 +44,19 @@ def _one_root(app_ctx, targets: list[str], flag: str | None) -> None:
                          "several over SSH")
 
 
-def _render(app_ctx, fo, *, kind: str, columns, mutating: bool) -> None:
+def _render(app_ctx, fanout, *, kind: str, columns, mutating: bool) -> None:
     """One node: its result (or its error, with its own exit code); several: a list
     with per-node errors and exit 4 on partial failure."""
     from katactl.output import Result
 
-    fo.raise_if_single_failure()
-    items = [{"name": n, **{k: v for k, v in fo.values[n].items() if k != "name"}}
-             for n in fo.nodes if n in fo.values]
+    fanout.raise_if_single_failure()
+    items = [{"name": n, **{k: v for k, v in fanout.values[n].items() if k != "name"}}
+             for n in fanout.nodes if n in fanout.values]
     changed = any(i.get("changed") for i in items) if mutating else None
     dry = any(i.get("dryRun") for i in items) if mutating else None
-    errors = [{"node": n, "error": fo.errors[n].to_dict()} for n in fo.nodes if n in fo.errors]
+    errors = [{"node": n, "error": fanout.errors[n].to_dict()} for n in fanout.nodes if n in fanout.errors]
     finish(app_ctx, Result(kind=kind, items=items, columns=columns, errors=errors, changed=changed,
-                           dry_run=dry), fo.exit_code())
+                           dry_run=dry), fanout.exit_code())
 
 
 @app.command("list")

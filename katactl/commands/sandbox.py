@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from katactl.commands._common import SANDBOX_HELP, fan_out_list, finish, new_app, sandbox_ref, state
+from katactl.backends.base import NodeTransport
 
 app = new_app("List and inspect Kata sandboxes on node(s), mapped to their pods.")
 
@@ -64,8 +65,8 @@ def list_(
     ns = app_ctx.settings.namespace
     timeout = min(float(app_ctx.settings.request_timeout), 1.0)
 
-    def fn(t):
-        return [sb.to_dict() for sb in sandbox.discover(t, check=not no_check, timeout=timeout,
+    def fn(transport: NodeTransport):
+        return [sb.to_dict() for sb in sandbox.discover(transport, check=not no_check, timeout=timeout,
                                                         state=state_filter, namespace=ns)]
 
     fan_out_list(app_ctx, fn, kind="SandboxList", columns=_columns(), name_key="id")

@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from katactl.commands._common import fan_out_list, new_app, state
+from katactl.backends.base import NodeTransport
 
 app = new_app("Live per-sandbox CPU and memory; one snapshot with -o json/yaml or in a pipe.", single=True)
 
@@ -75,8 +76,8 @@ def top(
     out = app_ctx.out
     live = out.stdout_tty and out.fmt in ("table", "wide") and not once
     if not live:
-        def fn(t):
-            return metrics.sort_rows(metrics.top_snapshot(t, interval=ival, timeout=timeout), sort)
+        def fn(transport: NodeTransport):
+            return metrics.sort_rows(metrics.top_snapshot(transport, interval=ival, timeout=timeout), sort)
 
         fan_out_list(app_ctx, fn, kind="SandboxTopList", columns=_columns(), name_key="id",
                      item_error=lambda row: row.get("error"))

@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from katactl.commands._common import fan_out_list, fan_out_one, new_app, render_per_node, state
+from katactl.backends.base import NodeTransport
 
 app = new_app("A/B upgrade of the Kata runtime and agent, without stopping sandboxes.")
 
@@ -36,8 +37,8 @@ def _mutate(ctx, kata_root: str, lock_timeout: Optional[str], kind: str, columns
     fan-out); warn when it first finished a switch an earlier run left half done."""
     app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
 
-    def fn(t):
-        r = op(t, layout, lock_timeout=lt, on_wait=on_wait)
+    def fn(transport: NodeTransport):
+        r = op(transport, layout, lock_timeout=lt, on_wait=on_wait)
         if isinstance(r, dict) and r.get("recovered"):
             app_ctx.out.warn(r["recovered"])
         return r
@@ -186,14 +187,14 @@ def status(
                              Column("ASSETS", "assetsRelease"), Column("RUNTIME", "runtime", wide=True)])
             return
 
-        def rows(t):
-            s = upgrade.status(t, layout)
+        def rows(transport: NodeTransport):
+            s = upgrade.status(transport, layout)
             p = s.get("inProgress")
             if p:
                 to = p.get("to") or {}
                 renamed = (f" ({p['configFilesRenamed']} of {p['configFiles']} configuration files renamed)"
                            if p.get("configFiles") else "")
-                app_ctx.out.warn(f"{t.node}: a {p.get('action')} to runtime {to.get('runtime')}, agent "
+                app_ctx.out.warn(f"{transport.node}: a {p.get('action')} to runtime {to.get('runtime')}, agent "
                                  f"{to.get('agent')} is in progress or was interrupted{renamed}; "
                                  "the next upgrade stage/switch/rollback/gc completes it")
             return [dict(r, nprocs=len(r["processes"]), nsbs=len(r["sandboxes"])) for r in s["releases"]]
@@ -255,8 +256,8 @@ def gc(
             app_ctx.require_confirmation(f"Delete {count} release(s) ({where})?", f"deleting {count} release(s)",
                                          hint="katactl upgrade gc --dry-run lists what would go")
 
-    def apply(t, p):  # remove at most what was shown (and the temp dirs of killed stages/gcs)
-        r = upgrade.gc(t, layout, force=force, keep_previous=keep_previous, only=set(p["removed"]),
+    def apply(transport: NodeTransport, p):  # remove at most what was shown (and the temp dirs of killed stages/gcs)
+        r = upgrade.gc(transport, layout, force=force, keep_previous=keep_previous, only=set(p["removed"]),
                        lock_timeout=lt, on_wait=on_wait)
         if r.get("recovered"):
             app_ctx.out.warn(r["recovered"])

@@ -6,6 +6,7 @@ from typing import List, Optional
 import typer
 
 from katactl.commands._common import SANDBOX_HELP, fan_out_list, finish, new_app, sandbox_ref, state
+from katactl.backends.base import NodeTransport
 
 app = new_app("Guest memory dumps (vmcores): list, collect, trigger, rm.")
 
@@ -130,8 +131,8 @@ def collect_cmd(
         vmcore.check_ref(ref)
     index = vmcore.CollectIndex()
 
-    def one_node(t):
-        return vmcore.collect(t, refs or [], opts, dump_path=dump_path, kata_config=kata_config, index=index,
+    def one_node(transport: NodeTransport):
+        return vmcore.collect(transport, refs or [], opts, dump_path=dump_path, kata_config=kata_config, index=index,
                               keep_going=True)
 
     with out.progress("collect", total=None, unit="bytes") as bar:
@@ -212,10 +213,10 @@ def trigger_cmd(
     opts = vmcore.TriggerOptions(format=fmt, detach=detach, paging=paging, dump_path=dump_path,
                                  kata_config=kata_config, dry_run=dry_run, timeout=timeout, progress=progress)
 
-    def fn(t, sb):
+    def fn(transport: NodeTransport, sb):
         with out.progress(f"dump {sb.id[:12]}", total=None, unit="bytes") as bar:
             holder["bar"] = bar
-            return vmcore.trigger(t, sb, opts)
+            return vmcore.trigger(transport, sb, opts)
 
     node, _sb, item = sbmod.on_sandbox(settings, ref, fn, require_live=False)
     finish(app_ctx, Result.mutation("VmcoreTrigger", {"node": node, **item}))
@@ -250,9 +251,9 @@ def rm_cmd(
     for ref in refs:
         vmcore.check_ref(ref)  # malformed: a usage error before any node is asked
 
-    def plan(t):
+    def plan(transport: NodeTransport):
         try:
-            return vmcore.resolve_dumps(t, refs, dump_path=dump_path, kata_config=kata_config)
+            return vmcore.resolve_dumps(transport, refs, dump_path=dump_path, kata_config=kata_config)
         except NotFound:
             return []
 

@@ -15,6 +15,7 @@ from katactl.isolation import io as iomod
 from katactl.isolation import report, resctrl, threads, weights
 from katactl.isolation.policy import SEVERITIES, Policy
 from katactl.values import parse_cpulist
+from katactl.backends.base import NodeTransport
 
 
 class Findings:
@@ -41,8 +42,8 @@ def _target(row: dict) -> str:
     return row["path"]
 
 
-def run(t, pol: Policy) -> dict:
-    node = report.Node(t)
+def run(transport: NodeTransport, pol: Policy) -> dict:
+    node = report.Node(transport)
     node.fs.require()
     f = Findings(pol)
     node.rdt_be_exists = False

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import re
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from katactl.errors import NotFound, UsageError
 from katactl.isolation import weights
+from katactl.backends.base import NodeTransport
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as a page-rounded LONG_MAX; anything above this
@@ -72,51 +73,51 @@ def parse_proc_mounts(text: str) -> list[Mount]:
     return out
 
 
-def read_mounts(t) -> list[Mount]:
+def read_mounts(transport: NodeTransport) -> list[Mount]:
     """cgroup/cgroup2/resctrl mounts of the node, as node paths."""
     mounts: list[Mount] = []
     for path, parser in (("/proc/self/mountinfo", parse_mountinfo), ("/proc/mounts", parse_proc_mounts)):
         try:
-            mounts = parser(t.read_text(path))
+            mounts = parser(transport.read_text(path))
         except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError):
             continue
         if mounts:
             break
-    hr = t.host_root.rstrip("/")
+    hr = transport.host_root.rstrip("/")
     if hr:  # a DaemonSet reading /host: its own mountinfo shows /host/sys/fs/cgroup/...
         fixed = []
         for m in mounts:
             if m.mountpoint == hr or m.mountpoint.startswith(hr + "/"):
                 fixed.append(dataclasses.replace(m, mountpoint=m.mountpoint[len(hr):] or "/"))
-            elif not t.exists(m.mountpoint):
+            elif not transport.exists(m.mountpoint):
                 continue  # a mount of the reader, not visible under the host root
             else:
                 fixed.append(m)
         mounts = fixed
     if not any(m.fstype in ("cgroup", "cgroup2") for m in mounts):
-        mounts += _probe_cgroup_layout(t)
-    if not any(m.fstype == "resctrl" for m in mounts) and t.exists("/sys/fs/resctrl/info"):
+        mounts += _probe_cgroup_layout(transport)
+    if not any(m.fstype == "resctrl" for m in mounts) and transport.exists("/sys/fs/resctrl/info"):
         mounts.append(Mount("/sys/fs/resctrl", "/", "resctrl", frozenset()))
     return mounts
 
 
-def _probe_cgroup_layout(t) -> list[Mount]:
+def _probe_cgroup_layout(transport: NodeTransport) -> list[Mount]:
     """No mount table (a collected snapshot): recognise the standard layout."""
-    if t.exists(CGROUP_ROOT + "/cgroup.controllers"):
+    if transport.exists(CGROUP_ROOT + "/cgroup.controllers"):
         return [Mount(CGROUP_ROOT, "/", "cgroup2")]
-    out = []
+    out: list[Mount] = []
     try:
-        names = t.listdir(CGROUP_ROOT)
+        names = transport.listdir(CGROUP_ROOT)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return out
     seen: set[str] = set()
     for name in sorted(names, key=lambda n: ("," not in n, n)):
         d = f"{CGROUP_ROOT}/{name}"
         if name == "unified":
-            if t.exists(d + "/cgroup.controllers"):
+            if transport.exists(d + "/cgroup.controllers"):
                 out.append(Mount(d, "/", "cgroup2"))
             continue
-        if not t.exists(d + "/cgroup.procs"):
+        if not transport.exists(d + "/cgroup.procs"):
             continue
         ctrls = set(name.split(",")) if name != "systemd" else {"name=systemd"}
         if ctrls <= seen:
@@ -138,9 +139,9 @@ class CgroupFS:
 
     PRIMARY = ("cpu", "cpuset", "memory")
 
-    def __init__(self, t, mounts: list[Mount] | None = None):
-        self.t = t
-        self.mounts = mounts if mounts is not None else read_mounts(t)
+    def __init__(self, transport: NodeTransport, mounts: list[Mount] | None = None):
+        self.t = transport
+        self.mounts = mounts if mounts is not None else read_mounts(transport)
         self.v1: dict[str, Mount] = {}
         self.v2: Mount | None = None
         for m in self.mounts:
@@ -152,7 +153,7 @@ class CgroupFS:
         self.v2_controllers: set[str] = set()
         if self.v2 is not None:
             try:
-                self.v2_controllers = set(t.read_text(self.v2.mountpoint + "/cgroup.controllers").split())
+                self.v2_controllers = set(transport.read_text(self.v2.mountpoint + "/cgroup.controllers").split())
             except OSError:
                 pass
         self.resctrl: Mount | None = next((m for m in self.mounts if m.fstype == "resctrl"), None)
@@ -274,10 +275,10 @@ def parse_proc_cgroup(text: str) -> dict[str, str]:
     return out
 
 
-def proc_cgroups(t, pid: int, tid: int | None = None) -> dict[str, str]:
+def proc_cgroups(transport: NodeTransport, pid: int, tid: int | None = None) -> dict[str, str]:
     p = f"/proc/{pid}/task/{tid}/cgroup" if tid is not None else f"/proc/{pid}/cgroup"
     try:
-        return parse_proc_cgroup(t.read_text(p))
+        return parse_proc_cgroup(transport.read_text(p))
     except FileNotFoundError:
         raise NotFound(f"process {pid}{'' if tid is None else f' thread {tid}'} does not exist") from None
 
@@ -358,11 +359,11 @@ class ReadLog:
     unsupported: list[str] = dataclasses.field(default_factory=list)
 
 
-def read_value(t, path: str, parse, log: ReadLog | None = None, key: str | None = None):
+def read_value(transport: NodeTransport, path: str, parse, log: ReadLog | None = None, key: str | None = None):
     """Read+parse one knob file. Missing -> None (and 'unsupported'); unreadable or
     malformed -> None with an entry in log.unreadable (never raised)."""
     try:
-        raw = t.read_text(path, limit=65536)
+        raw = transport.read_text(path, limit=65536)
     except (FileNotFoundError, NotADirectoryError):
         if log is not None and key:
             log.unsupported.append(key)
@@ -382,7 +383,7 @@ def read_value(t, path: str, parse, log: ReadLog | None = None, key: str | None 
     return v
 
 
-def read_knobs(t, fs: CgroupFS, cgpath: str, sections: Iterable[str] = SECTIONS,
+def read_knobs(transport: NodeTransport, fs: CgroupFS, cgpath: str, sections: Iterable[str] = SECTIONS,
                only: set[str] | None = None) -> tuple[dict, ReadLog]:
     """The cpu/cpuset/memory knobs of one cgroup (v1 or v2 file names as mounted)."""
     log = ReadLog()
@@ -398,7 +399,7 @@ def read_knobs(t, fs: CgroupFS, cgpath: str, sections: Iterable[str] = SECTIONS,
         if k.controller not in dirs:
             d = fs.dir(k.controller, cgpath)
             try:  # one listdir per directory instead of one failed open per absent knob
-                dirs[k.controller] = (d, set(t.listdir(d))) if d else None
+                dirs[k.controller] = (d, set(transport.listdir(d))) if d else None
             except (FileNotFoundError, NotADirectoryError):
                 dirs[k.controller] = None
             except OSError:
@@ -411,7 +412,7 @@ def read_knobs(t, fs: CgroupFS, cgpath: str, sections: Iterable[str] = SECTIONS,
             log.unsupported.append(fname)
             out[k.section][k.key] = None
             continue
-        v = read_value(t, f"{d}/{fname}", k.parse, log, fname)
+        v = read_value(transport, f"{d}/{fname}", k.parse, log, fname)
         out[k.section][k.key] = v
     _derive(out)
     return out, log
@@ -445,15 +446,15 @@ def _safe_int(s: str):
         return None
 
 
-def read_members(t, fs: CgroupFS, cgpath: str, limit: int = 64) -> dict:
+def read_members(transport: NodeTransport, fs: CgroupFS, cgpath: str, limit: int = 64) -> dict:
     """Processes and threads of a cgroup in each hierarchy."""
     out = {}
     for label, m in fs.hierarchies().items():
         d = fs._join(m, cgpath)
-        entry = {}
+        entry: dict[str, Any] = {}
         for key, fname in (("procs", "cgroup.procs"), ("threads", "tasks" if m.fstype == "cgroup" else "cgroup.threads")):
             try:
-                ids = [int(x) for x in t.read_text(f"{d}/{fname}").split()]
+                ids = [int(x) for x in transport.read_text(f"{d}/{fname}").split()]
             except (OSError, ValueError):
                 continue
             entry[key] = ids[:limit]
@@ -561,9 +562,9 @@ def pod_cgroup_path(cgpath: str) -> str | None:
     return None
 
 
-def _child_dirs(t, d: str) -> list[str]:
+def _child_dirs(transport: NodeTransport, d: str) -> list[str]:
     try:
-        names = t.listdir(d)
+        names = transport.listdir(d)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
     out = []
@@ -572,12 +573,12 @@ def _child_dirs(t, d: str) -> list[str]:
             continue
         if "." in n and not (n.endswith(".slice") or n.endswith(".scope")):
             continue
-        if t.is_dir(f"{d}/{n}"):
+        if transport.is_dir(f"{d}/{n}"):
             out.append(n)
     return out
 
 
-def kubepods_tree(t, fs: CgroupFS, controller: str = "cpu", max_depth: int = 3) -> list[dict]:
+def kubepods_tree(transport: NodeTransport, fs: CgroupFS, controller: str = "cpu", max_depth: int = 3) -> list[dict]:
     """Walk kubelet's tree in one hierarchy: kubepods root, QoS groups, pods,
     and the pods' children (containers, kata_<id>). Returns classify() dicts
     with a "path" key, parents before children."""
@@ -587,7 +588,7 @@ def kubepods_tree(t, fs: CgroupFS, controller: str = "cpu", max_depth: int = 3) 
     out: list[dict] = []
     for root in ("/kubepods", "/kubepods.slice"):
         d = fs._join(m, root)
-        if not t.is_dir(d):
+        if not transport.is_dir(d):
             continue
         stack = [(root, 0)]
         while stack:
@@ -597,13 +598,13 @@ def kubepods_tree(t, fs: CgroupFS, controller: str = "cpu", max_depth: int = 3) 
             out.append(info)
             if info["level"] in ("container", "sandbox") or depth >= max_depth:
                 continue
-            for n in _child_dirs(t, fs._join(m, cg)):
+            for n in _child_dirs(transport, fs._join(m, cg)):
                 stack.append((cg.rstrip("/") + "/" + n, depth + 1))
     return out
 
 
-def overhead_cgroups(t, fs: CgroupFS, controller: str = "cpu") -> list[str]:
+def overhead_cgroups(transport: NodeTransport, fs: CgroupFS, controller: str = "cpu") -> list[str]:
     m = fs.mount_for(controller) or fs.mount_for("unified")
     if m is None:
         return []
-    return [f"/kata_overhead/{n}" for n in _child_dirs(t, fs._join(m, "/kata_overhead"))]
+    return [f"/kata_overhead/{n}" for n in _child_dirs(transport, fs._join(m, "/kata_overhead"))]

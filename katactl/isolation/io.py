@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 
 from katactl.isolation import cgroups as cg
+from katactl.backends.base import NodeTransport
 
 _DEV = re.compile(r"^\d+:\d+$")
 
@@ -112,13 +113,13 @@ def parse_blkio_stat(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def block_devices(t) -> dict[str, str]:
+def block_devices(transport: NodeTransport) -> dict[str, str]:
     """``maj:min`` -> device name, from the node's /sys/dev/block (one read_many)."""
     try:
-        names = [n for n in t.listdir("/sys/dev/block") if _DEV.fullmatch(n)]
+        names = [n for n in transport.listdir("/sys/dev/block") if _DEV.fullmatch(n)]
     except OSError:
         return {}
-    got = t.read_many([f"/sys/dev/block/{n}/uevent" for n in names], limit=4096)
+    got = transport.read_many([f"/sys/dev/block/{n}/uevent" for n in names], limit=4096)
     out = {}
     for n in names:
         raw = got.get(f"/sys/dev/block/{n}/uevent")
@@ -148,7 +149,7 @@ ROOT_KNOBS = [
 _V2_MAX = {"rbps": "readBps", "wbps": "writeBps", "riops": "readIops", "wiops": "writeIops"}
 
 
-def read_io(t, fs: cg.CgroupFS, cgpath: str, devnames: dict[str, str] | None = None,
+def read_io(transport: NodeTransport, fs: cg.CgroupFS, cgpath: str, devnames: dict[str, str] | None = None,
             log: cg.ReadLog | None = None) -> dict | None:
     """The I/O settings of one cgroup: {"version", "weight", "bfqWeight", "devices": [...],
     and at the root "costQos"/"costModel"}. None when neither blkio nor io is mounted/enabled
@@ -158,7 +159,7 @@ def read_io(t, fs: cg.CgroupFS, cgpath: str, devnames: dict[str, str] | None = N
         return None
     d = fs.dir("blkio", cgpath) if ver == 1 else fs._join(fs.v2, cgpath)
     try:
-        names = set(t.listdir(d))
+        names = set(transport.listdir(d))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError:
@@ -173,8 +174,8 @@ def read_io(t, fs: cg.CgroupFS, cgpath: str, devnames: dict[str, str] | None = N
         if names is not None and fname not in names:
             log.unsupported.append(fname)
             continue
-        raw[key] = cg.read_value(t, f"{d}/{fname}", parse, log, fname)
-    devnames = devnames if devnames is not None else block_devices(t)
+        raw[key] = cg.read_value(transport, f"{d}/{fname}", parse, log, fname)
+    devnames = devnames if devnames is not None else block_devices(transport)
     devs: dict[str, dict] = {}
 
     def dev(mm: str) -> dict:
@@ -221,14 +222,14 @@ def effective_weight(io: dict | None, device: str | None = None):
     return w if isinstance(w, int) else io.get("bfqWeight")
 
 
-def devices_used(t, fs: cg.CgroupFS, cgpath: str) -> dict[str, int] | None:
+def devices_used(transport: NodeTransport, fs: cg.CgroupFS, cgpath: str) -> dict[str, int] | None:
     """Devices a cgroup (and its children) has done I/O on: {maj:min: bytes}, from io.stat
     or blkio.throttle.io_service_bytes_recursive; None if the kernel does not say."""
     if fs.version_of("blkio") == 1:
         d = fs.dir("blkio", cgpath)
         for fname in ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes"):
             try:
-                st = parse_blkio_stat(t.read_text(f"{d}/{fname}"))
+                st = parse_blkio_stat(transport.read_text(f"{d}/{fname}"))
             except (OSError, ValueError):
                 continue
             return {mm: v.get("total", v.get("read", 0) + v.get("write", 0)) for mm, v in st.items()
@@ -237,17 +238,17 @@ def devices_used(t, fs: cg.CgroupFS, cgpath: str) -> dict[str, int] | None:
     if fs.v2 is None or "io" not in fs.v2_controllers:
         return None
     try:
-        st = parse_nested(t.read_text(fs._join(fs.v2, cgpath) + "/io.stat"))
+        st = parse_nested(transport.read_text(fs._join(fs.v2, cgpath) + "/io.stat"))
     except (OSError, ValueError):
         return None
     return {mm: v.get("rbytes", 0) + v.get("wbytes", 0) for mm, v in st.items()
             if v.get("rbytes", 0) + v.get("wbytes", 0)}
 
 
-def schedulers(t, devices: dict[str, str]) -> dict[str, str | None]:
+def schedulers(transport: NodeTransport, devices: dict[str, str]) -> dict[str, str | None]:
     """maj:min -> the active I/O scheduler ([bfq] in queue/scheduler), None if unknown."""
     paths = {mm: f"/sys/dev/block/{mm}/queue/scheduler" for mm in devices}
-    got = t.read_many(list(paths.values()), limit=4096)
+    got = transport.read_many(list(paths.values()), limit=4096)
     out = {}
     for mm, p in paths.items():
         raw = got.get(p)

@@ -6,6 +6,7 @@ a policy never silently turns a check off. See docs/audit-policy.example.toml.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from katactl.errors import UsageError
@@ -197,9 +198,9 @@ def load(path: str | None) -> Policy:
     """Load a policy file from the *client* machine (the operator's file), or defaults."""
     if path is None:
         return Policy()
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
     from katactl.config import read_input
 

@@ -39,6 +39,7 @@ import time
 from katactl.errors import NotFound, UsageError
 from katactl.isolation import cgroups as cg
 from katactl.isolation import io as iomod
+from katactl.backends.base import NodeTransport
 
 RESOURCES = ("cpu", "memory", "io")
 MAX_INTERVAL = 60.0
@@ -228,7 +229,7 @@ def resolve_targets(node, refs: list[str]) -> list[Target]:
 
 # -- files ---------------------------------------------------------------------
 
-def kernel_extras(t, fs: cg.CgroupFS) -> frozenset:
+def kernel_extras(transport: NodeTransport, fs: cg.CgroupFS) -> frozenset:
     """The Alinux extra files this kernel has, probed once per node in the kubepods cgroup
     (the root memcg lacks some of them), so nodes without them pay no reads per cgroup."""
     names: set = set()
@@ -238,7 +239,7 @@ def kernel_extras(t, fs: cg.CgroupFS) -> frozenset:
             if not d:
                 continue
             try:
-                names |= set(t.listdir(d))
+                names |= set(transport.listdir(d))
                 break
             except OSError:
                 continue
@@ -299,9 +300,9 @@ class Sample:
     raw: dict  # node path -> bytes | OSError
 
 
-def take_sample(t, paths: list[str]) -> Sample:
+def take_sample(transport: NodeTransport, paths: list[str]) -> Sample:
     t0 = _clock()
-    raw = t.read_many(paths, limit=1 << 20)
+    raw = transport.read_many(paths, limit=1 << 20)
     return Sample((t0 + _clock()) / 2, raw)
 
 
@@ -537,26 +538,26 @@ class Session:
         self.refs = refs or []
         self.prev: Sample | None = None
 
-    def refresh(self, t, fail_rules: list | None = None) -> dict:
+    def refresh(self, transport: NodeTransport, fail_rules: list | None = None) -> dict:
         from katactl.isolation.report import Node
 
-        node = Node(t)
+        node = Node(transport)
         node.fs.require()
         tgs = resolve_targets(node, self.refs) if self.refs else default_targets(node)
-        extras = kernel_extras(t, node.fs)
+        extras = kernel_extras(transport, node.fs)
         files = [target_files(node.fs, tg, extras) for tg in tgs]
         paths = sorted({p for f in files for c in f.values() for p, _ in c})
         if self.prev is None or any(p not in self.prev.raw for p in paths):
             if self.prev is None:
-                s1 = take_sample(t, paths)
+                s1 = take_sample(transport, paths)
                 _sleep(self.interval)
             else:  # new targets since the last refresh: read what the last sample lacked
                 s1 = self.prev
                 missing = [p for p in paths if p not in s1.raw]
-                s1 = Sample(s1.at, {**s1.raw, **t.read_many(missing, limit=1 << 20)})
+                s1 = Sample(s1.at, {**s1.raw, **transport.read_many(missing, limit=1 << 20)})
         else:
             s1 = self.prev
-        s2 = take_sample(t, paths)
+        s2 = take_sample(transport, paths)
         self.prev = s2
         rows = [compute(node.fs, tg, f, s1, s2) for tg, f in zip(tgs, files, strict=True)]
         for r in rows:

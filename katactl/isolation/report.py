@@ -10,6 +10,7 @@ import re
 from katactl.errors import NotFound, UsageError
 from katactl.isolation import cgroups as cg
 from katactl.isolation import io, resctrl, threads
+from katactl.backends.base import NodeTransport
 
 _UID_RE = re.compile(r"^[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}$")
 
@@ -20,8 +21,8 @@ CORE_SCHED = "/proc/sys/kernel/sched_core"
 class Node:
     """Lazily read facts about one node, shared by the reports and the audit."""
 
-    def __init__(self, t):
-        self.t = t
+    def __init__(self, transport: NodeTransport):
+        self.t = transport
         self._fs = None
         self._sandboxes = None
         self._rdt = None
@@ -153,9 +154,9 @@ def find_pod_cgroup(node: Node, uid: str) -> str:
 
 # -- inspect bvt ----------------------------------------------------------------
 
-def _read_int(t, path: str):
+def _read_int(transport: NodeTransport, path: str):
     try:
-        return int(t.read_text(path).strip())
+        return int(transport.read_text(path).strip())
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):

@@ -16,6 +16,7 @@ import re
 import time
 
 from katactl.errors import UsageError
+from katactl.backends.base import NodeTransport
 
 SPECIAL = {"info", "mon_groups", "mon_data"}
 CACHE_RES = re.compile(r"^(L2|L3)(DATA|CODE)?$")
@@ -157,9 +158,9 @@ def max_cache_percent(decoded: list[dict]) -> tuple[float | None, str | None]:
 
 # -- reading a resctrl tree ---------------------------------------------------
 
-def _read(t, path: str) -> str | None:
+def _read(transport: NodeTransport, path: str) -> str | None:
     try:
-        return t.read_text(path)
+        return transport.read_text(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
 
@@ -174,21 +175,21 @@ def _int_or_none(s: str | None):
         return None
 
 
-def read_info(t, root: str) -> dict:
+def read_info(transport: NodeTransport, root: str) -> dict:
     info: dict = {}
     base = root + "/info"
     try:
-        names = t.listdir(base)
+        names = transport.listdir(base)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return info
     for res in names:
         d = f"{base}/{res}"
-        if not t.is_dir(d):
+        if not transport.is_dir(d):
             if res == "last_cmd_status":
-                info["lastCmdStatus"] = (_read(t, d) or "").strip()
+                info["lastCmdStatus"] = (_read(transport, d) or "").strip()
             continue
         e: dict = {}
-        cbm = _read(t, d + "/cbm_mask")
+        cbm = _read(transport, d + "/cbm_mask")
         if cbm is not None:
             try:
                 e["cbmMask"] = int(cbm.strip(), 16)
@@ -197,16 +198,16 @@ def read_info(t, root: str) -> dict:
         for fname, key in (("num_closids", "numClosids"), ("min_cbm_bits", "minCbmBits"),
                            ("min_bandwidth", "minBandwidth"), ("bandwidth_gran", "bandwidthGran"),
                            ("delay_linear", "delayLinear"), ("num_rmids", "numRmids")):
-            v = _int_or_none(_read(t, f"{d}/{fname}"))
+            v = _int_or_none(_read(transport, f"{d}/{fname}"))
             if v is not None:
                 e[key] = v
-        sb = _read(t, d + "/shareable_bits")
+        sb = _read(transport, d + "/shareable_bits")
         if sb is not None:
             e["shareableBits"] = ("0x" + sb.strip()) if sb.strip() else None
-        bu = _read(t, d + "/bit_usage")
+        bu = _read(transport, d + "/bit_usage")
         if bu is not None:
             e["bitUsage"] = bu.strip()
-        mf = _read(t, d + "/mon_features")
+        mf = _read(transport, d + "/mon_features")
         if mf is not None:
             e["monFeatures"] = mf.split()
         info[res] = e
@@ -216,75 +217,75 @@ def read_info(t, root: str) -> dict:
     return info
 
 
-def list_groups(t, root: str) -> list[tuple[str, str, str | None]]:
+def list_groups(transport: NodeTransport, root: str) -> list[tuple[str, str, str | None]]:
     """(name, node dir, parent ctrl group) for the default group, CTRL_MON and MON groups."""
     out = [("/", root, None)]
-    for ctrl_name, ctrl_dir in [("/", root)] + [(n, f"{root}/{n}") for n in _subdirs(t, root) if n not in SPECIAL]:
+    for ctrl_name, ctrl_dir in [("/", root)] + [(n, f"{root}/{n}") for n in _subdirs(transport, root) if n not in SPECIAL]:
         if ctrl_name != "/":
             out.append((ctrl_name, ctrl_dir, None))
-        for mon in _subdirs(t, ctrl_dir + "/mon_groups"):
+        for mon in _subdirs(transport, ctrl_dir + "/mon_groups"):
             label = f"{'' if ctrl_name == '/' else ctrl_name}/mon_groups/{mon}"
             out.append((label, f"{ctrl_dir}/mon_groups/{mon}", ctrl_name))
     return out
 
 
-def _subdirs(t, d: str) -> list[str]:
+def _subdirs(transport: NodeTransport, d: str) -> list[str]:
     try:
-        return [n for n in t.listdir(d) if t.is_dir(f"{d}/{n}")]
+        return [n for n in transport.listdir(d) if transport.is_dir(f"{d}/{n}")]
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
 
 
-def read_mon(t, gdir: str) -> dict:
+def read_mon(transport: NodeTransport, gdir: str) -> dict:
     """{domain: {llc_occupancy, mbm_total_bytes, mbm_local_bytes}} (None = Unavailable)."""
     out = {}
-    for dom in _subdirs(t, gdir + "/mon_data"):
+    for dom in _subdirs(transport, gdir + "/mon_data"):
         vals = {}
         for f in ("llc_occupancy", "mbm_total_bytes", "mbm_local_bytes"):
-            raw = _read(t, f"{gdir}/mon_data/{dom}/{f}")
+            raw = _read(transport, f"{gdir}/mon_data/{dom}/{f}")
             if raw is not None:
                 vals[f] = _int_or_none(raw)
         out[dom] = vals
     return out
 
 
-def read_tree(t, root: str, *, interval: float = 0.0, mba_mbps: bool = False) -> dict:
+def read_tree(transport: NodeTransport, root: str, *, interval: float = 0.0, mba_mbps: bool = False) -> dict:
     """The whole resctrl tree: info + groups with decoded schemata and monitoring.
 
     With interval > 0 the mon_data byte counters are read twice and rates
     (bytes/s) reported. Malformed files are reported per group, never raised.
     """
-    info = read_info(t, root)
+    info = read_info(transport, root)
     groups = []
-    for name, gdir, parent in list_groups(t, root):
+    for name, gdir, parent in list_groups(transport, root):
         g: dict = {"name": name, "type": "default" if name == "/" else ("mon" if parent is not None else "ctrl_mon"),
                    "dir": gdir, "errors": []}
         if parent is not None:
             g["parent"] = parent
-        tasks_raw = _read(t, gdir + "/tasks") or ""
+        tasks_raw = _read(transport, gdir + "/tasks") or ""
         try:
             g["tasks"] = [int(x) for x in tasks_raw.split()]
         except ValueError:
             g["tasks"] = []
             g["errors"].append(f"{gdir}/tasks: not a list of thread ids")
-        g["cpusList"] = (_read(t, gdir + "/cpus_list") or "").strip() or None
-        g["mode"] = (_read(t, gdir + "/mode") or "").strip() or None
+        g["cpusList"] = (_read(transport, gdir + "/cpus_list") or "").strip() or None
+        g["mode"] = (_read(transport, gdir + "/mode") or "").strip() or None
         if parent is None:
-            sch = _read(t, gdir + "/schemata")
+            sch = _read(transport, gdir + "/schemata")
             if sch is not None:
                 try:
                     g["schemata"] = decode_schemata(parse_schemata(sch), info, mba_mbps)
                 except SchemataError as e:
                     g["schemata"] = []
                     g["errors"].append(f"{gdir}/schemata: {e}")
-        g["mon"] = read_mon(t, gdir)
+        g["mon"] = read_mon(transport, gdir)
         groups.append(g)
     if interval > 0 and any(g["mon"] for g in groups):
         t0 = time.monotonic()
         time.sleep(interval)
         dt = time.monotonic() - t0
         for g in groups:
-            later = read_mon(t, g["dir"])
+            later = read_mon(transport, g["dir"])
             for dom, vals in g["mon"].items():
                 for f in ("mbm_total_bytes", "mbm_local_bytes"):
                     a, b = vals.get(f), later.get(dom, {}).get(f)
@@ -339,9 +340,9 @@ def decode_lines(lines: list[str], cbm_mask: str | int | None, min_cbm_bits: int
     return [{"resource": ln["resource"], **d} for ln in decode_schemata(parsed, info) for d in ln["domains"]]
 
 
-def cpu_has_rdt(t) -> dict:
+def cpu_has_rdt(transport: NodeTransport) -> dict:
     """RDT flags from /proc/cpuinfo (what the CPU could do, mounted or not)."""
-    raw = _read(t, "/proc/cpuinfo") or ""
+    raw = _read(transport, "/proc/cpuinfo") or ""
     flags: set[str] = set()
     for line in raw.splitlines():
         if line.startswith("flags"):

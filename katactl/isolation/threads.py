@@ -6,6 +6,7 @@ import re
 
 from katactl.errors import NotFound
 from katactl.isolation.cgroups import parse_proc_cgroup
+from katactl.backends.base import NodeTransport
 
 #: vCPU thread names per hypervisor (comm, 15 chars max)
 VCPU_PATTERNS = {
@@ -52,33 +53,33 @@ def _status_field(text: str, name: str) -> str | None:
     return None
 
 
-def _read(t, path: str) -> str | None:
+def _read(transport: NodeTransport, path: str) -> str | None:
     try:
-        return t.read_text(path)
+        return transport.read_text(path)
     except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
         return None
     except OSError:
         return None
 
 
-def list_threads(t, pid: int, *, hypervisor: str | None = None, tid_groups: dict[int, str] | None = None,
+def list_threads(transport: NodeTransport, pid: int, *, hypervisor: str | None = None, tid_groups: dict[int, str] | None = None,
                  controllers: tuple[str, ...] = ("cpu", "cpuset", "memory", "unified")) -> list[dict]:
     """Every thread of pid with its vCPU index (if any), affinity, cgroups,
     resctrl group, policy and nice. Threads that exit while we read are skipped."""
     try:
-        tids = sorted(int(x) for x in t.listdir(f"/proc/{pid}/task") if x.isdigit())
+        tids = sorted(int(x) for x in transport.listdir(f"/proc/{pid}/task") if x.isdigit())
     except (FileNotFoundError, NotADirectoryError):
         raise NotFound(f"process {pid} does not exist on the node") from None
     out = []
     for tid in tids:
         base = f"/proc/{pid}/task/{tid}"
-        comm = _read(t, base + "/comm")
+        comm = _read(transport, base + "/comm")
         if comm is None:
             continue
         comm = comm.rstrip("\n")
-        stat = parse_stat(_read(t, base + "/stat") or "")
-        status = _read(t, base + "/status") or ""
-        cg = parse_proc_cgroup(_read(t, base + "/cgroup") or "")
+        stat = parse_stat(_read(transport, base + "/stat") or "")
+        status = _read(transport, base + "/status") or ""
+        cg = parse_proc_cgroup(_read(transport, base + "/cgroup") or "")
         v = vcpu_index(comm, hypervisor)
         row = {
             "tid": tid,

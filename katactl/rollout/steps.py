@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 from katactl.errors import ExitCode, KatactlError, OperationFailed, TimeoutExpired, UsageError
+from katactl.backends.base import NodeTransport
 
 #: the check a soaked node gets when the plan has no 'check' step of its own
 DEFAULT_FAIL_ON = "high"
@@ -252,12 +253,12 @@ def _drain_events(ctx: StepContext):
     return ev
 
 
-def stale_pods(t, kata_root: str) -> tuple[set[tuple[str, str]], dict]:
+def stale_pods(transport: NodeTransport, kata_root: str) -> tuple[set[tuple[str, str]], dict]:
     """Pods whose sandbox runs a release other than the current runtime release
     (shim, hypervisor or guest assets): what ``recycle-stale`` evicts."""
     from katactl import upgrade
 
-    st = upgrade.status(t, upgrade.Layout(kata_root))
+    st = upgrade.status(transport, upgrade.Layout(kata_root))
     cur = (st.get("current") or {}).get("runtime")
     pods: set[tuple[str, str]] = set()
     for sb in st.get("sandboxes") or []:

@@ -10,18 +10,19 @@ from katactl.upgrade.layout import Layout, fault
 from katactl.upgrade.lock import locked_audited
 from katactl.upgrade.state import UNMANAGED, read_history, read_state, releases, walk_files
 from katactl.upgrade.status import release_users, who
+from katactl.backends.base import NodeTransport
 
 
-def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previous: bool = True,
+def gc(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force: bool = False, keep_previous: bool = True,
        only=None, lock_timeout: float = 30.0, on_wait=None) -> dict:
     """Remove releases nothing uses. ``keep_previous`` keeps the last switch's ``from``
     (the rollback target). ``only`` (a set of versions: what the user confirmed after a
     dry run) limits the removal to those; a release that became removable since is
     kept and reported, never deleted unconfirmed."""
     def body() -> dict:
-        recovered = recover_or_check(t, L, dry_run)
-        st = read_state(t, L)
-        hist = read_history(t, L)
+        recovered = recover_or_check(transport, layout, dry_run)
+        st = read_state(transport, layout)
+        hist = read_history(transport, layout)
         protected: dict[str, str] = {}
         for role in ("runtime", "agent"):
             if st[role] and st[role] not in (UNMANAGED, "mixed"):
@@ -30,16 +31,16 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
             for v in (hist[-1].get("from") or {}).values():
                 if v:
                     protected.setdefault(v, "previous (the rollback target; --no-keep-previous to remove)")
-        in_use, stats = release_users(t, L, force=force, verb="removed", escape="--force")
+        in_use, stats = release_users(transport, layout, force=force, verb="removed", escape="--force")
         # the current runtime release's configs may point at another release's assets
         if st["runtime"] and st["runtime"] != UNMANAGED:
-            for f in walk_files(t, L.config_dir(st["runtime"]), ".toml"):
-                for _s, _k, val in configedit.asset_refs(t.read_text(f)):
-                    v = L.version_of_path(val)
+            for f in walk_files(transport, layout.config_dir(st["runtime"]), ".toml"):
+                for _s, _k, val in configedit.asset_refs(transport.read_text(f)):
+                    v = layout.version_of_path(val)
                     if v:
                         protected.setdefault(v, "referenced by the current configuration")
         removed, kept = [], []
-        for v in releases(t, L):
+        for v in releases(transport, layout):
             if v in protected:
                 kept.append({"version": v, "reason": protected[v]})
             elif v in in_use:
@@ -48,27 +49,27 @@ def gc(t, L: Layout, *, dry_run: bool = False, force: bool = False, keep_previou
                 kept.append({"version": v, "reason": "not in the confirmed plan (run gc again)"})
             else:
                 removed.append(v)
-        stale = [n for n in (t.listdir(L.releases) if t.exists(L.releases) else [])
+        stale = [n for n in (transport.listdir(layout.releases) if transport.exists(layout.releases) else [])
                  if n.startswith((".staging-", ".trash-"))]
         if not dry_run:
             for v in removed:
-                trash = f"{L.releases}/.trash-{v}-{secrets.token_hex(4)}"
-                t.rename(L.release(v), trash)
+                trash = f"{layout.releases}/.trash-{v}-{secrets.token_hex(4)}"
+                transport.rename(layout.release(v), trash)
                 fault("gc:after-trash")
-                t.remove(trash, recursive=True)
-                if t.exists(L.backups(v)):
-                    t.remove(L.backups(v), recursive=True)
+                transport.remove(trash, recursive=True)
+                if transport.exists(layout.backups(v)):
+                    transport.remove(layout.backups(v), recursive=True)
             for n in stale:
-                if t.exists(f"{L.releases}/{n}"):
-                    t.remove(f"{L.releases}/{n}", recursive=True)
-        return {"node": t.node, "removed": removed, "kept": kept, "staleTempDirs": stale,
+                if transport.exists(f"{layout.releases}/{n}"):
+                    transport.remove(f"{layout.releases}/{n}", recursive=True)
+        return {"node": transport.node, "removed": removed, "kept": kept, "staleTempDirs": stale,
                 "uninspectedProcesses": stats.get("unreadable", 0),
                 "recovered": recovered, "changed": bool(removed or stale), "dryRun": dry_run}
 
-    return locked_audited(t, L, "gc", {"force": force, "keepPrevious": keep_previous}, body, target="-",
+    return locked_audited(transport, layout, "gc", {"force": force, "keepPrevious": keep_previous}, body, target="-",
                           dry_run=dry_run, lock_timeout=lock_timeout, on_wait=on_wait,
                           target_of=lambda r: ",".join(r["removed"]) or "-",
                           # nothing to remove, and nothing to create (not even the lock)
-                          unstaged={"node": t.node, "removed": [], "kept": [], "staleTempDirs": [],
+                          unstaged={"node": transport.node, "removed": [], "kept": [], "staleTempDirs": [],
                                     "uninspectedProcesses": 0, "recovered": None, "changed": False,
                                     "dryRun": dry_run})

@@ -35,56 +35,57 @@ from katactl.errors import OperationFailed, Refused
 from katactl.upgrade import configedit
 from katactl.upgrade.layout import INSTALL_PREFIX, RELEASE_RECORD, Layout, fault
 from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, walk_files
+from katactl.backends.base import NodeTransport
 
 
-def read_journal(t, L: Layout) -> dict | None:
+def read_journal(transport: NodeTransport, layout: Layout) -> dict | None:
     """The pending journal (an interrupted switch/rollback), validated; None without one."""
-    j = read_json(t, L.journal)
+    j = read_json(transport, layout.journal)
     if j is None:
         return None
-    check_entry(j, L.journal)
+    check_entry(j, layout.journal)
     for i, c in enumerate(j.get("configs") or []):
         path = c.get("path")
         # recovery renames tmp over path: only a release's own configuration file, ever
         if not (isinstance(path, str) and posixpath.normpath(path) == path
-                and path.startswith(L.releases + "/") and c.get("tmp") == _config_tmp(path)):
-            raise OperationFailed(f"{L.journal}: 'configs[{i}]' is not a configuration file of a release "
+                and path.startswith(layout.releases + "/") and c.get("tmp") == _config_tmp(path)):
+            raise OperationFailed(f"{layout.journal}: 'configs[{i}]' is not a configuration file of a release "
                                   "with its temp file beside it")
     return j
 
 
-def _append_history(t, L: Layout, entry: dict) -> None:
+def _append_history(transport: NodeTransport, layout: Layout, entry: dict) -> None:
     try:
-        old = t.read_bytes(L.history)
+        old = transport.read_bytes(layout.history)
     except FileNotFoundError:
         old = b""
     if old and not old.endswith(b"\n"):
         old += b"\n"
-    t.write_bytes_atomic(L.history, old + (json.dumps(entry, sort_keys=True) + "\n").encode())
+    transport.write_bytes_atomic(layout.history, old + (json.dumps(entry, sort_keys=True) + "\n").encode())
 
 
 # -- configuration edits -------------------------------------------------------------
-def _agent_edits(t, L: Layout, in_release: str, agent: str) -> list[tuple[str, str, str]]:
+def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agent: str) -> list[tuple[str, str, str]]:
     """(file, old text, new text) pointing in_release's configs at agent's guest assets."""
     edits = []
     missing = []
-    target_root = L.release(agent)
+    target_root = layout.release(agent)
 
     def mapper(value: str):
-        v = L.version_of_path(value)
+        v = layout.version_of_path(value)
         if v:
-            rel = value[len(L.release(v)) + 1:]
-        elif value.startswith(INSTALL_PREFIX + "/") and not value.startswith(L.releases + "/"):
+            rel = value[len(layout.release(v)) + 1:]
+        elif value.startswith(INSTALL_PREFIX + "/") and not value.startswith(layout.releases + "/"):
             rel = value[len(INSTALL_PREFIX) + 1:]
         else:
             return None  # an asset outside the releases: not ours to move
         new = f"{target_root}/{rel}"
-        if new != value and not t.exists(new):
+        if new != value and not transport.exists(new):
             missing.append(f"{rel} (referenced by {f})")
         return new
 
-    for f in walk_files(t, L.config_dir(in_release), ".toml"):
-        old = t.read_text(f)
+    for f in walk_files(transport, layout.config_dir(in_release), ".toml"):
+        old = transport.read_text(f)
         new, _ = configedit.set_agent(old, mapper)
         if new != old:
             edits.append((f, old, new))
@@ -109,7 +110,7 @@ def _is_config_tmp(name: str) -> bool:
                                      or (name.startswith(".katactl-") and name.endswith(".tmp")))
 
 
-def _write_edits(t, L: Layout, release: str, edits, journal: dict | None = None) -> None:
+def _write_edits(transport: NodeTransport, layout: Layout, release: str, edits, journal: dict | None = None) -> None:
     """Replace several configuration files as close to "all at once" as separate files allow.
 
     Phase 1 changes nothing live: a backup of every old file, and every new file written
@@ -118,113 +119,113 @@ def _write_edits(t, L: Layout, release: str, edits, journal: dict | None = None)
     finished by recover from the journal (roll forward)."""
     plan = []
     for f, old, new in edits:
-        rel = f[len(L.release(release)) + 1:]
-        b = f"{L.backups(release)}/{rel}"
-        t.mkdir(posixpath.dirname(b))
-        t.write_bytes_atomic(b, old.encode())
-        mode = t.stat(f).mode & 0o777
+        rel = f[len(layout.release(release)) + 1:]
+        b = f"{layout.backups(release)}/{rel}"
+        transport.mkdir(posixpath.dirname(b))
+        transport.write_bytes_atomic(b, old.encode())
+        mode = transport.stat(f).mode & 0o777
         data = new.encode()
         tmp = _config_tmp(f)
-        t.write_bytes_atomic(tmp, data, mode=mode)
+        transport.write_bytes_atomic(tmp, data, mode=mode)
         plan.append({"path": f, "tmp": tmp, "sha256": hashlib.sha256(data).hexdigest()})
     if not plan:
         return
     fault("switch:after-config-tmp")
     if journal is not None:
-        t.write_bytes_atomic(L.journal, json.dumps({**journal, "configs": plan}).encode())
+        transport.write_bytes_atomic(layout.journal, json.dumps({**journal, "configs": plan}).encode())
         fault("switch:after-intent")
     for i, p in enumerate(plan, 1):
-        t.rename(p["tmp"], p["path"])
+        transport.rename(p["tmp"], p["path"])
         fault("switch:after-config-rename", i)
 
 
-def _finish_config_renames(t, journal: dict) -> int:
+def _finish_config_renames(transport: NodeTransport, journal: dict) -> int:
     """Phase 2 of an interrupted _write_edits: rename the recorded temp files that are
     still there (checked against their recorded sha256). Returns how many were renamed."""
     n = 0
     for p in journal.get("configs") or []:
         tmp, path = p.get("tmp"), p.get("path")
-        if not (isinstance(tmp, str) and isinstance(path, str) and t.exists(tmp)):
+        if not (isinstance(tmp, str) and isinstance(path, str) and transport.exists(tmp)):
             continue
-        if hashlib.sha256(t.read_bytes(tmp)).hexdigest() != p.get("sha256"):
-            t.remove(tmp)  # not what was planned: apply recomputes the edit
+        if hashlib.sha256(transport.read_bytes(tmp)).hexdigest() != p.get("sha256"):
+            transport.remove(tmp)  # not what was planned: apply recomputes the edit
             continue
-        t.rename(tmp, path)
+        transport.rename(tmp, path)
         n += 1
     return n
 
 
-def _clean_config_tmps(t, L: Layout, versions) -> None:
+def _clean_config_tmps(transport: NodeTransport, layout: Layout, versions) -> None:
     """Remove configuration temp files an interrupted run left (never read by anyone)."""
     for v in versions:
         if not v:
             continue
-        for p, s in t.walk(L.config_dir(v)):
+        for p, s in transport.walk(layout.config_dir(v)):
             if not s.is_dir and _is_config_tmp(posixpath.basename(p)):
-                t.remove(p)
+                transport.remove(p)
 
 
-def _flip(t, L: Layout, version: str) -> None:
-    tmp = f"{L.root}/.current.katactl-{os.getpid()}-{secrets.token_hex(3)}"
-    t.symlink(L.link_target(version), tmp)
+def _flip(transport: NodeTransport, layout: Layout, version: str) -> None:
+    tmp = f"{layout.root}/.current.katactl-{os.getpid()}-{secrets.token_hex(3)}"
+    transport.symlink(layout.link_target(version), tmp)
     fault("switch:after-tmp-link")
-    t.rename(tmp, L.current)
+    transport.rename(tmp, layout.current)
     fault("switch:after-flip")
 
 
-def apply(t, L: Layout, cur: dict, to: dict, dry_run: bool, journal: dict | None = None) -> list[str]:
+def apply(transport: NodeTransport, layout: Layout, cur: dict, to: dict, dry_run: bool, journal: dict | None = None) -> list[str]:
     """Move the node from state cur to state to; returns the steps (planned or done).
     ``journal``: the pending entry, extended with the configuration renames before
     the first one (so an interrupted set of renames is finished by recover)."""
     steps: list[str] = []
     if to["runtime"] != cur["runtime"]:
-        edits = _agent_edits(t, L, to["runtime"], to["agent"]) if to["agent"] else []
+        edits = _agent_edits(transport, layout, to["runtime"], to["agent"]) if to["agent"] else []
         steps += [f"point {len(edits)} config file(s) of release {to['runtime']} at agent {to['agent']}"] \
             if edits else []
-        steps.append(f"switch {L.current} -> {L.link_target(to['runtime'])}")
+        steps.append(f"switch {layout.current} -> {layout.link_target(to['runtime'])}")
         if dry_run:
             return steps
-        _write_edits(t, L, to["runtime"], edits, journal)
+        _write_edits(transport, layout, to["runtime"], edits, journal)
         fault("switch:after-prepare")
-        _flip(t, L, to["runtime"])
+        _flip(transport, layout, to["runtime"])
     elif to["agent"] != cur["agent"]:
-        edits = _agent_edits(t, L, to["runtime"], to["agent"])
+        edits = _agent_edits(transport, layout, to["runtime"], to["agent"])
         steps.append(f"point {len(edits)} live config file(s) of release {to['runtime']} "
                      f"at agent {to['agent']}")
         if dry_run:
             return steps
-        _write_edits(t, L, to["runtime"], edits, journal)
+        _write_edits(transport, layout, to["runtime"], edits, journal)
         fault("switch:after-config")
     return steps
 
 
 # -- crash recovery ------------------------------------------------------------------
-def recover(t, L: Layout) -> str | None:
+def recover(transport: NodeTransport, layout: Layout) -> str | None:
     """Finish what a killed stage --force or switch/rollback left (lock held)."""
-    notes = [m for m in (_recover_replaced(t, L), _recover_switch(t, L)) if m]
+    notes = [m for m in (_recover_replaced(transport, layout), _recover_switch(transport, layout)) if m]
     return "; ".join(notes) or None
 
 
-def recover_or_check(t, L: Layout, dry_run: bool) -> str | None:
+def recover_or_check(transport: NodeTransport, layout: Layout, dry_run: bool) -> str | None:
     """switch/rollback/gc's first step: recover for a real run; a dry run changes nothing
     but reads the journal recovery would act on, so it fails where the real run would.
     Both then read the history (switch appends to it, rollback and gc decide by it): a
     damaged one stops the command before anything moves."""
     if dry_run:
-        j = read_journal(t, L)
-        note = f"would first finish an interrupted {j.get('action')} ({L.journal})" if j else None
+        j = read_journal(transport, layout)
+        note = f"would first finish an interrupted {j.get('action')} ({layout.journal})" if j else None
     else:
-        note = recover(t, L)
-    read_history(t, L)
+        note = recover(transport, layout)
+    read_history(transport, layout)
     return note
 
 
-def _recover_replaced(t, L: Layout) -> str | None:
+def _recover_replaced(transport: NodeTransport, layout: Layout) -> str | None:
     """A stage --force killed between its two renames left releases/<v> missing, the old
     tree in .replaced-<v>-<tok> and the new one in .staging-<v>-<tok>: roll forward when
     the new tree is complete (its record is written last), else put the old one back."""
     try:
-        names = t.listdir(L.releases)
+        names = transport.listdir(layout.releases)
     except (FileNotFoundError, NotADirectoryError):
         return None
     notes = []
@@ -232,66 +233,66 @@ def _recover_replaced(t, L: Layout) -> str | None:
         if not n.startswith(".replaced-") or n.count("-") < 2:
             continue
         v, tok = n[len(".replaced-"):].rsplit("-", 1)
-        old, new, dest = f"{L.releases}/{n}", f"{L.releases}/.staging-{v}-{tok}", L.release(v)
-        if not t.exists(dest):
-            if t.exists(f"{new}/{RELEASE_RECORD}"):
-                t.rename(new, dest)
+        old, new, dest = f"{layout.releases}/{n}", f"{layout.releases}/.staging-{v}-{tok}", layout.release(v)
+        if not transport.exists(dest):
+            if transport.exists(f"{new}/{RELEASE_RECORD}"):
+                transport.rename(new, dest)
                 notes.append(f"completed an interrupted replacement of release {v}")
             else:
-                t.rename(old, dest)
+                transport.rename(old, dest)
                 notes.append(f"restored release {v} (an interrupted replacement had not finished)")
                 continue
-        t.remove(old, recursive=True)
+        transport.remove(old, recursive=True)
     return "; ".join(notes) or None
 
 
-def _recover_switch(t, L: Layout) -> str | None:
+def _recover_switch(transport: NodeTransport, layout: Layout) -> str | None:
     """Finish what a killed switch/rollback left in the journal (lock held)."""
     try:
-        names = t.listdir(L.root)
+        names = transport.listdir(layout.root)
     except (FileNotFoundError, NotADirectoryError):
         names = []
     for n in names:
         if n.startswith(".current.katactl-"):
-            t.remove(f"{L.root}/{n}")
-    j = read_journal(t, L)
+            transport.remove(f"{layout.root}/{n}")
+    j = read_journal(transport, layout)
     if j is None:
         return None
     to, frm = j.get("to") or {}, j.get("from") or {}
     # a recorded set of configuration renames is finished first: all old or all new
-    finished = _finish_config_renames(t, j)
-    _clean_config_tmps(t, L, {to.get("runtime"), frm.get("runtime")})
-    cur = pair(read_state(t, L))
-    if j.get("id") and any(h.get("id") == j["id"] for h in read_history(t, L)[-50:]):
-        t.remove(L.journal)  # killed after the history entry: only the journal was left
+    finished = _finish_config_renames(transport, j)
+    _clean_config_tmps(transport, layout, {to.get("runtime"), frm.get("runtime")})
+    cur = pair(read_state(transport, layout))
+    if j.get("id") and any(h.get("id") == j["id"] for h in read_history(transport, layout)[-50:]):
+        transport.remove(layout.journal)  # killed after the history entry: only the journal was left
         return None
     if cur == to:
         outcome = "rolled forward" if finished else "completed"
     elif cur == frm:
-        t.remove(L.journal)
+        transport.remove(layout.journal)
         return f"discarded an interrupted {j.get('action')} that had not switched anything"
     else:
-        apply(t, L, cur, to, dry_run=False, journal=j)
+        apply(transport, layout, cur, to, dry_run=False, journal=j)
         outcome = "rolled forward"
     entry = {k: v for k, v in j.items() if k != "configs"}
     entry["recovered"] = True
-    _append_history(t, L, entry)
-    t.remove(L.journal)
+    _append_history(transport, layout, entry)
+    transport.remove(layout.journal)
     return f"{outcome} an interrupted {j.get('action')} to runtime {to.get('runtime')}, agent {to.get('agent')}"
 
 
 # -- a switch, journaled -------------------------------------------------------------
-def commit(t, L: Layout, action: str, component: str | None, frm: dict, to: dict, **extra) -> dict:
+def commit(transport: NodeTransport, layout: Layout, action: str, component: str | None, frm: dict, to: dict, **extra) -> dict:
     """Move the node from ``frm`` to ``to``, crash-safe: journal, apply, history, drop
     the journal (an interrupted switch is finished by recover). Returns the history entry."""
     entry = {"id": secrets.token_hex(6), "time": audit.now_iso(), "user": audit.current_user(), "client": client(),
-             "node": t.node, "action": action, "component": component, "from": frm, "to": to, **extra}
-    t.write_bytes_atomic(L.journal, json.dumps(entry).encode())
+             "node": transport.node, "action": action, "component": component, "from": frm, "to": to, **extra}
+    transport.write_bytes_atomic(layout.journal, json.dumps(entry).encode())
     fault("switch:after-journal")
-    apply(t, L, frm, to, dry_run=False, journal=entry)
-    _append_history(t, L, entry)
+    apply(transport, layout, frm, to, dry_run=False, journal=entry)
+    _append_history(transport, layout, entry)
     fault("switch:after-history")
-    t.remove(L.journal)
+    transport.remove(layout.journal)
     return entry
 
 

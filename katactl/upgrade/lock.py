@@ -14,9 +14,14 @@ import json
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from katactl.audit import current_user, now_iso, record
+from katactl.backends.base import NodeTransport
 from katactl.errors import TimeoutExpired
+
+if TYPE_CHECKING:
+    from katactl.backends.local import LocalTransport
 
 
 def _owner() -> dict:
@@ -39,7 +44,7 @@ def _describe(raw: bytes) -> str:
     return f"pid {o.get('pid')} on {o.get('host')} (user {o.get('user')}, since {o.get('since')})"
 
 
-def locked_audited(t, L, action: str, params: dict, body, *, target: str, dry_run: bool,
+def locked_audited(transport: NodeTransport, layout, action: str, params: dict, body, *, target: str, dry_run: bool,
                    lock_timeout: float, on_wait, target_of=None, prepare=None,
                    unstaged: Exception | dict | None = None) -> dict:
     """One mutating upgrade operation (stage, switch, rollback, gc) on a node: body() under
@@ -52,14 +57,14 @@ def locked_audited(t, L, action: str, params: dict, body, *, target: str, dry_ru
     lock not taken (that would create the directory). The record's target is ``target``,
     or ``target_of(result)`` once the result is known."""
     def run() -> dict:
-        if unstaged is not None and not t.is_dir(L.releases):
+        if unstaged is not None and not transport.is_dir(layout.releases):
             if isinstance(unstaged, Exception):
                 raise unstaged
             return unstaged
         args = (prepare(),) if prepare is not None else ()
         if dry_run:
             return body(*args)
-        with node_lock(t, L, timeout=lock_timeout, on_wait=on_wait):
+        with node_lock(transport, layout, timeout=lock_timeout, on_wait=on_wait):
             return body(*args)
 
     if dry_run:
@@ -67,20 +72,20 @@ def locked_audited(t, L, action: str, params: dict, body, *, target: str, dry_ru
     try:
         res = run()
     except Exception as e:
-        _record(action, target, t, params, None, result=f"error: {e}")
+        _record(action, target, transport, params, None, result=f"error: {e}")
         raise
-    _record(action, target_of(res) if target_of else target, t, params, res["changed"])
+    _record(action, target_of(res) if target_of else target, transport, params, res["changed"])
     return res
 
 
-def _record(action: str, target: str, transport, params: dict, changed: bool | None,
+def _record(action: str, target: str, transport: NodeTransport, params: dict, changed: bool | None,
             result: str = "ok") -> None:
     record(f"upgrade.{action}", target, node=transport.node, params=params, result=result,
                  changed=changed)
 
 
 @contextlib.contextmanager
-def node_lock(transport, layout, *, timeout: float, on_wait=None):
+def node_lock(transport: NodeTransport, layout, *, timeout: float, on_wait=None):
     transport.mkdir(layout.state)
     from katactl.backends.local import LocalTransport
 
@@ -93,7 +98,7 @@ def node_lock(transport, layout, *, timeout: float, on_wait=None):
 
 
 @contextlib.contextmanager
-def _flock(transport, layout, timeout, on_wait):
+def _flock(transport: LocalTransport, layout, timeout, on_wait):
     import fcntl
 
     real = transport.real(layout.lock)
@@ -127,7 +132,7 @@ def _flock(transport, layout, timeout, on_wait):
 
 
 @contextlib.contextmanager
-def _mkdir_lock(transport, layout, timeout, on_wait):
+def _mkdir_lock(transport: NodeTransport, layout, timeout, on_wait):
     d = layout.lock + ".d"
     deadline = time.monotonic() + timeout
     told = False

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
+from katactl.backends.base import NodeTransport
 
 _SHIM_NAMES = ("containerd-shim-kata-v2",)
 _KATA_LIKE = re.compile(r"^(containerd-shim-k|kata-|qemu|cloud-hyperviso|firecracker|jailer|virtiofsd)")
@@ -46,7 +48,7 @@ def role_of(p: ProcRef) -> str:
     return "other"
 
 
-def scan(transport, layout) -> tuple[list[ProcRef], dict]:
+def scan(transport: NodeTransport, layout) -> tuple[list[ProcRef], dict]:
     """Every process that references some release; plus scan statistics."""
     import os
 
@@ -55,7 +57,7 @@ def scan(transport, layout) -> tuple[list[ProcRef], dict]:
     hr = transport.host_root
     me = os.getpid() if not hr and not transport.is_remote else None  # our own pid only means us here
     refs: list[ProcRef] = []
-    stats = {"scanned": 0, "unreadable": 0}
+    stats: dict[str, Any] = {"scanned": 0, "unreadable": 0}
     try:
         pids = [int(p) for p in transport.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -142,7 +144,7 @@ def _unroot(path: str, host_root: str) -> str:
 
 
 # -- sandboxes ------------------------------------------------------------------
-def sandboxes(transport) -> list[dict]:
+def sandboxes(transport: NodeTransport) -> list[dict]:
     """Sandbox records from the shared discovery (katactl.sandbox): id, pod,
     hypervisor pid, and the configured hypervisor binary and guest assets."""
     from katactl.sandbox import discover
@@ -157,7 +159,7 @@ def sandboxes(transport) -> list[dict]:
     return out
 
 
-def attribute(transport, layout, procs: list[ProcRef], sbs: list[dict]) -> list[dict]:
+def attribute(transport: NodeTransport, layout, procs: list[ProcRef], sbs: list[dict]) -> list[dict]:
     """For each sandbox: release of its shim, its hypervisor, and its guest assets."""
     by_pid = {p.pid: p for p in procs}
     shims: dict[str, ProcRef] = {}

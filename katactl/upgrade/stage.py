@@ -26,6 +26,7 @@ from katactl.upgrade.layout import CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD
 from katactl.upgrade.lock import locked_audited
 from katactl.upgrade.state import read_state, release_record, walk_files
 from katactl.upgrade.status import release_users, who
+from katactl.backends.base import NodeTransport
 
 DEFAULT_RESERVE = 256 << 20
 
@@ -57,18 +58,18 @@ class _Plan:
     base: dict                  # the result's common fields
 
 
-def stage(t, L: Layout, source: str, *, version: str | None = None, sha256: str | None = None,
+def stage(transport: NodeTransport, layout: Layout, source: str, *, version: str | None = None, sha256: str | None = None,
           no_verify: bool = False, reserve: int = DEFAULT_RESERVE, force: bool = False,
           dry_run: bool = False, lock_timeout: float = 30.0, on_wait=None) -> dict:
     src.check_source_arg(source)
     req = StageRequest(source, version=version, sha256=sha256, no_verify=no_verify, reserve=reserve,
                        force=force, dry_run=dry_run)
-    return locked_audited(t, L, "stage", req.audit_params(), lambda plan: _stage_locked(t, L, req, plan),
+    return locked_audited(transport, layout, "stage", req.audit_params(), lambda plan: _stage_locked(transport, layout, req, plan),
                           target=version or source, target_of=lambda r: r["version"], dry_run=dry_run,
-                          lock_timeout=lock_timeout, on_wait=on_wait, prepare=lambda: _plan(t, L, req))
+                          lock_timeout=lock_timeout, on_wait=on_wait, prepare=lambda: _plan(transport, layout, req))
 
 
-def _plan(t, L: Layout, req: StageRequest) -> _Plan:
+def _plan(transport: NodeTransport, layout: Layout, req: StageRequest) -> _Plan:
     """Check and verify the source (a local file or tree: no node access, no lock)."""
     version, sha256 = req.version, req.sha256
     source = os.path.abspath(os.path.expanduser(req.source))
@@ -114,26 +115,26 @@ def _plan(t, L: Layout, req: StageRequest) -> _Plan:
     shims = [b for b in SHIM_BINARIES if b in {m.name for m in sc.members}]
     if not shims:
         raise Refused(f"{source}: no {' or '.join(SHIM_BINARIES)} inside; not a Kata release")
-    base = {"node": t.node, "version": v, "path": L.release(v), "source": source, "sourceSha256": source_sha,
+    base = {"node": transport.node, "version": v, "path": layout.release(v), "source": source, "sourceSha256": source_sha,
             "verifiedBy": verified or ["nothing (--no-verify)"], "files": len(sc.members),
             "bytes": sc.total_bytes}
     return _Plan(source, kind, sc, v, source_sha, base)
 
 
-def _stage_locked(t, L: Layout, req: StageRequest, plan: _Plan) -> dict:
+def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, plan: _Plan) -> dict:
     """Stage plan's release (under the lock unless a dry run)."""
     dry_run, force, reserve = req.dry_run, req.force, req.reserve
     source, kind, sc, v = plan.source, plan.kind, plan.scan, plan.version
     source_sha, base = plan.source_sha, plan.base
-    dest = L.release(v)
+    dest = layout.release(v)
     recovered = None
     if not dry_run:
         fault("stage:locked")
-        recovered = recover(t, L)  # a killed stage --force, switch or rollback first
-        _clean_stale(t, L, (".staging-",))
-    existing = release_record(t, L, v) if t.exists(dest) else None
+        recovered = recover(transport, layout)  # a killed stage --force, switch or rollback first
+        _clean_stale(transport, layout, (".staging-",))
+    existing = release_record(transport, layout, v) if transport.exists(dest) else None
     replace = False
-    if t.exists(dest):
+    if transport.exists(dest):
         if existing and existing.get("sourceSha256") == source_sha:
             return {**base, "changed": False, "dryRun": dry_run, "recovered": recovered,
                     "message": f"release {v} is already staged from the same source"}
@@ -141,65 +142,65 @@ def _stage_locked(t, L: Layout, req: StageRequest, plan: _Plan) -> dict:
             raise Refused(f"release {v} is already staged from a different source "
                           f"({(existing or {}).get('source', 'unknown, no release record')})",
                           hint="stage under another --as VERSION, or --force to replace it")
-        st = read_state(t, L)
+        st = read_state(transport, layout)
         if v == st["runtime"] or v in st["agents"]:
             raise Refused(f"release {v} is in use as the current {'runtime' if v == st['runtime'] else 'agent'}; "
                           "it cannot be replaced")
-        _refuse_if_running(t, L, v)
+        _refuse_if_running(transport, layout, v)
         replace = True
-    t.mkdir(L.releases)
-    free = t.statvfs_free(L.releases)
+    transport.mkdir(layout.releases)
+    free = transport.statvfs_free(layout.releases)
     need = sc.total_bytes + reserve
     if free < need:
         from katactl.values import format_size
 
-        raise Refused(f"not enough space in {L.releases} on {t.node}: release needs "
+        raise Refused(f"not enough space in {layout.releases} on {transport.node}: release needs "
                       f"{format_size(sc.total_bytes)} + {format_size(reserve)} reserve, "
                       f"{format_size(free)} free", hint="run 'katactl upgrade gc' or lower --reserve")
     if dry_run:
         return {**base, "changed": True, "dryRun": True, "replace": replace}
     fault("stage:after-scan")
     tok = secrets.token_hex(4)
-    tmp = f"{L.releases}/.staging-{v}-{tok}"
-    aside = f"{L.releases}/.replaced-{v}-{tok}"  # _recover_replaced pairs them by tok
+    tmp = f"{layout.releases}/.staging-{v}-{tok}"
+    aside = f"{layout.releases}/.replaced-{v}-{tok}"  # _recover_replaced pairs them by tok
     try:
-        _extract(t, L, source, kind, sc, tmp, v)
+        _extract(transport, layout, source, kind, sc, tmp, v)
         record = {"version": v, "source": os.path.basename(source), "sourceKind": kind,
                   "sourceSha256": source_sha, "verifiedBy": base["verifiedBy"],
                   "files": len(sc.members), "bytes": sc.total_bytes, "stagedAt": audit.now_iso(),
                   "stagedBy": audit.current_user(), "client": client(), "stripPrefix": sc.strip,
                   "installPrefix": INSTALL_PREFIX}
-        t.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
+        transport.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
         fault("stage:after-record")
         if replace:
-            _refuse_if_running(t, L, v)  # again: a process may have started it meanwhile
-            t.rename(dest, aside)
+            _refuse_if_running(transport, layout, v)  # again: a process may have started it meanwhile
+            transport.rename(dest, aside)
             fault("stage:after-set-aside")
-            t.rename(tmp, dest)
-            t.remove(aside, recursive=True)
+            transport.rename(tmp, dest)
+            transport.remove(aside, recursive=True)
         else:
-            t.rename(tmp, dest)
+            transport.rename(tmp, dest)
         fault("stage:after-rename")
     except BaseException:
         try:
-            if replace and t.exists(aside) and not t.exists(dest):
-                t.rename(aside, dest)  # failed between the renames: the old release back
-            if t.exists(tmp):
-                t.remove(tmp, recursive=True)
+            if replace and transport.exists(aside) and not transport.exists(dest):
+                transport.rename(aside, dest)  # failed between the renames: the old release back
+            if transport.exists(tmp):
+                transport.remove(tmp, recursive=True)
         except OSError:
             pass
         raise
     return {**base, "changed": True, "dryRun": False, "replaced": replace, "recovered": recovered}
 
 
-def _refuse_if_running(t, L: Layout, v: str) -> None:
+def _refuse_if_running(transport: NodeTransport, layout: Layout, v: str) -> None:
     """stage --force must not replace files under running shims, hypervisors or guests:
     Refused when a running process or live sandbox uses release v, or when that cannot
     be known (the same detection as gc)."""
     escape = f"stage this source under another version (--as VERSION) instead of replacing {v}"
-    users = release_users(t, L, verb="replaced", escape=escape)[0].get(v)
+    users = release_users(transport, layout, verb="replaced", escape=escape)[0].get(v)
     if users:
-        raise Refused(f"release {v} is in use by running sandboxes or processes on {t.node}; "
+        raise Refused(f"release {v} is in use by running sandboxes or processes on {transport.node}; "
                       "replacing it would change files under them",
                       hint=f"used by {who(users)}: wait until they end ('katactl upgrade status "
                            f"--sandboxes' shows them), or {escape}",
@@ -223,11 +224,11 @@ def _tree_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _extract(t, L, source, kind, sc, tmp, version) -> None:
-    t.mkdir(tmp, parents=False)
+def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, version) -> None:
+    transport.mkdir(tmp, parents=False)
     made = {tmp}
-    by_raw = {m.raw: m for m in sc.members}
-    files_total = sum(1 for m in sc.members if m.kind == "file") or 1
+    by_raw = {m.raw: m for m in scanner.members}
+    files_total = sum(1 for m in scanner.members if m.kind == "file") or 1
     done = 0
     synced: list[str] = []
 
@@ -237,8 +238,8 @@ def _extract(t, L, source, kind, sc, tmp, version) -> None:
             missing.append(d)
             d = posixpath.dirname(d)
         for d in reversed(missing):
-            if not t.exists(d):
-                t.mkdir(d, parents=False)
+            if not transport.exists(d):
+                transport.mkdir(d, parents=False)
                 synced.append(d)
             made.add(d)
 
@@ -253,46 +254,46 @@ def _extract(t, L, source, kind, sc, tmp, version) -> None:
         elif m.kind == "file":
             # streamed: one chunk in memory, not the whole member
             chunks = m.chunks()
-            if sc.manifest is not None and want.name != sc.manifest_name:
-                chunks = _verified(chunks, sc.manifest.get(want.name),
-                                   f"{source}: {want.name}: sha256 mismatch with {sc.manifest_name}")
-            t.write_stream_atomic(dest, chunks, mode=(m.mode & 0o777) or 0o644)
+            if scanner.manifest is not None and want.name != scanner.manifest_name:
+                chunks = _verified(chunks, scanner.manifest.get(want.name),
+                                   f"{source}: {want.name}: sha256 mismatch with {scanner.manifest_name}")
+            transport.write_stream_atomic(dest, chunks, mode=(m.mode & 0o777) or 0o644)
             done += 1
             if done == files_total // 2 + 1:
                 fault("stage:mid-extract")
         elif m.kind == "symlink":
-            t.symlink(m.linkname, dest)
+            transport.symlink(m.linkname, dest)
             synced.append(dest)
         elif m.kind == "hardlink":
-            t.write_stream_atomic(dest, t.open_stream(f"{tmp}/{want.linkname}"),
+            transport.write_stream_atomic(dest, transport.open_stream(f"{tmp}/{want.linkname}"),
                                   mode=(m.mode & 0o777) or 0o644)
     # configs name the release's own binaries and assets
-    for f in walk_files(t, f"{tmp}/{CONFIG_SUBDIR}", ".toml"):
-        text = t.read_text(f)
-        new = configedit.rebase(text, INSTALL_PREFIX, L.release(version))
+    for f in walk_files(transport, f"{tmp}/{CONFIG_SUBDIR}", ".toml"):
+        text = transport.read_text(f)
+        new = configedit.rebase(text, INSTALL_PREFIX, layout.release(version))
         if new != text:
-            t.write_bytes_atomic(f, new.encode(), mode=t.stat(f).mode & 0o777)
-    _sync_entries(t, synced)
+            transport.write_bytes_atomic(f, new.encode(), mode=transport.stat(f).mode & 0o777)
+    _sync_entries(transport, synced)
     fault("stage:after-extract")
 
 
-def _clean_stale(t, L: Layout, prefixes) -> list[str]:
+def _clean_stale(transport: NodeTransport, layout: Layout, prefixes) -> list[str]:
     removed = []
     try:
-        names = t.listdir(L.releases)
+        names = transport.listdir(layout.releases)
     except FileNotFoundError:
         return removed
     for n in names:
         if n.startswith(prefixes):
-            t.remove(f"{L.releases}/{n}", recursive=True)
+            transport.remove(f"{layout.releases}/{n}", recursive=True)
             removed.append(n)
     return removed
 
 
-def _sync_entries(t, paths) -> None:
+def _sync_entries(transport: NodeTransport, paths) -> None:
     """Make new directory entries (dirs, symlinks) durable: one fsync per parent directory."""
     for d in sorted({posixpath.dirname(p) for p in paths}):
-        t.fsync_dir(d)
+        transport.fsync_dir(d)
 
 
 def _verified(chunks, expect: str | None, what: str):

@@ -9,15 +9,16 @@ import posixpath
 from katactl.errors import OperationFailed
 from katactl.upgrade import configedit
 from katactl.upgrade.layout import RELEASE_RECORD, Layout
+from katactl.backends.base import NodeTransport
 
 UNMANAGED = "<unmanaged>"
 
 
-def read_json(t, path: str):
+def read_json(transport: NodeTransport, path: str):
     """A node's JSON state file (journal, release record); None when absent. A file that is
     not JSON (or nests deeper than the parser goes) is exit 1 naming it."""
     try:
-        data = t.read_bytes(path, limit=4 << 20)
+        data = transport.read_bytes(path, limit=4 << 20)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
@@ -54,50 +55,50 @@ def check_entry(entry, where: str) -> dict:
     return entry
 
 
-def walk_files(t, top: str, suffix: str = "") -> list[str]:
+def walk_files(transport: NodeTransport, top: str, suffix: str = "") -> list[str]:
     """The files (not directories, not symlinks) below top whose names end in suffix, in one
     batched walk (over SSH about two round trips per depth level)."""
-    return [p for p, s in t.walk(top) if not s.is_dir and not s.is_link and p.endswith(suffix)]
+    return [p for p, s in transport.walk(top) if not s.is_dir and not s.is_link and p.endswith(suffix)]
 
 
-def releases(t, L: Layout) -> list[str]:
+def releases(transport: NodeTransport, layout: Layout) -> list[str]:
     try:
-        names = t.listdir(L.releases)
+        names = transport.listdir(layout.releases)
     except FileNotFoundError:
         return []
-    return [n for n in names if not n.startswith(".") and t.is_dir(f"{L.releases}/{n}")]
+    return [n for n in names if not n.startswith(".") and transport.is_dir(f"{layout.releases}/{n}")]
 
 
-def release_record(t, L: Layout, v: str) -> dict | None:
-    return read_json(t, f"{L.release(v)}/{RELEASE_RECORD}")
+def release_record(transport: NodeTransport, layout: Layout, v: str) -> dict | None:
+    return read_json(transport, f"{layout.release(v)}/{RELEASE_RECORD}")
 
 
-def read_state(t, L: Layout) -> dict:
+def read_state(transport: NodeTransport, layout: Layout) -> dict:
     """{"runtime": v|None|UNMANAGED, "agent": v|None|"mixed", "link": target}."""
     runtime = None
     link = None
     try:
-        s = t.stat(L.current, follow_symlinks=False)
+        s = transport.stat(layout.current, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         s = None
     if s is not None:
         if not s.is_link:
             return {"runtime": UNMANAGED, "agent": None, "agents": [], "link": None}
-        link = t.readlink(L.current)
-        absolute = posixpath.normpath(link if link.startswith("/") else posixpath.join(L.root, link))
-        runtime = L.version_of_path(absolute + "/") if absolute.startswith(L.releases + "/") else None
-        if runtime is None or "/" in absolute[len(L.releases) + 1:]:
+        link = transport.readlink(layout.current)
+        absolute = posixpath.normpath(link if link.startswith("/") else posixpath.join(layout.root, link))
+        runtime = layout.version_of_path(absolute + "/") if absolute.startswith(layout.releases + "/") else None
+        if runtime is None or "/" in absolute[len(layout.releases) + 1:]:
             runtime = UNMANAGED
     agent = None
     if runtime and runtime != UNMANAGED:
         vs = set()
-        for f in walk_files(t, L.config_dir(runtime), ".toml"):
+        for f in walk_files(transport, layout.config_dir(runtime), ".toml"):
             try:
-                text = t.read_text(f)
+                text = transport.read_text(f)
             except OSError:
                 continue
             for _sec, _key, value in configedit.asset_refs(text):
-                v = L.version_of_path(value)
+                v = layout.version_of_path(value)
                 if v:
                     vs.add(v)
         agents = sorted(vs)
@@ -111,19 +112,19 @@ def pair(s: dict) -> dict:
     return {"runtime": s.get("runtime"), "agent": s.get("agent")}
 
 
-def read_history(t, L: Layout) -> list[dict]:
+def read_history(transport: NodeTransport, layout: Layout) -> list[dict]:
     """The switch history, oldest first. It is rewritten atomically, so a line that is
     not an entry is damage, not a torn write: exit 1 naming the file and line (rollback
     would otherwise pick the wrong target, status report a wrong previous release)."""
     try:
-        raw = t.read_bytes(L.history)
+        raw = transport.read_bytes(layout.history)
     except (FileNotFoundError, NotADirectoryError):
         return []
     out = []
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{L.history}: line {n}"
+        where = f"{layout.history}: line {n}"
         try:
             entry = json.loads(line.decode("utf-8"))
         except (ValueError, RecursionError):

@@ -7,12 +7,13 @@ from katactl.upgrade import procscan
 from katactl.upgrade.journal import read_journal
 from katactl.upgrade.layout import Layout
 from katactl.upgrade.state import pair, read_history, read_state, release_record, releases
+from katactl.backends.base import NodeTransport
 
 
 SWITCHING = "switching"
 
 
-def _in_progress(t, pending: dict | None) -> dict | None:
+def _in_progress(transport: NodeTransport, pending: dict | None) -> dict | None:
     """What a pending journal says about the node, as status reports it: which switch
     is under way (or was interrupted), and how many of its recorded configuration
     renames are done. None without a journal."""
@@ -20,30 +21,30 @@ def _in_progress(t, pending: dict | None) -> dict | None:
         return None
     frm, to = pending.get("from") or {}, pending.get("to") or {}
     configs = pending.get("configs") or []
-    done = sum(1 for p in configs if isinstance(p.get("tmp"), str) and not t.exists(p["tmp"]))
+    done = sum(1 for p in configs if isinstance(p.get("tmp"), str) and not transport.exists(p["tmp"]))
     return {"action": pending.get("action"), "component": pending.get("component"),
             "from": frm, "to": to, "configFiles": len(configs), "configFilesRenamed": done}
 
 
-def status(t, L: Layout) -> dict:
+def status(transport: NodeTransport, layout: Layout) -> dict:
     """Read-only: never takes the lock nor changes anything. A node in the middle of a
     switch (a journal, and a configuration naming only the switch's old and new agent)
     reports agent "switching", not "mixed"; the next stage/switch/rollback/gc finishes it."""
-    st = read_state(t, L)
-    pending = read_journal(t, L)
-    progress = _in_progress(t, pending)
+    st = read_state(transport, layout)
+    pending = read_journal(transport, layout)
+    progress = _in_progress(transport, pending)
     switching = None
     if progress and st["agent"] == "mixed" and \
             set(st["agents"]) <= {progress["from"].get("agent"), progress["to"].get("agent")}:
         switching = progress
         st = {**st, "agent": SWITCHING}
-    hist = read_history(t, L)
+    hist = read_history(transport, layout)
     last = hist[-1] if hist else None
-    procs, stats = procscan.scan(t, L)
-    sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
+    procs, stats = procscan.scan(transport, layout)
+    sbs = procscan.attribute(transport, layout, procs, procscan.sandboxes(transport))
     rels = []
-    for v in releases(t, L):
-        rec = release_record(t, L, v) or {}
+    for v in releases(transport, layout):
+        rec = release_record(transport, layout, v) or {}
         users = [p.pid for p in procs if v in p.releases]
         sb_ids = [s["id"] for s in sbs if v in s["releases"]]
         roles = [r for r, on in (("runtime", st["runtime"] == v), ("agent", st["agent"] == v)) if on]
@@ -55,29 +56,29 @@ def status(t, L: Layout) -> dict:
         rels.append({"version": v, "state": roles or (["incomplete"] if not rec else []),
                      "stagedAt": rec.get("stagedAt"), "source": rec.get("source"),
                      "processes": users, "sandboxes": sb_ids, "inUse": bool(users or sb_ids)})
-    return {"node": t.node, "kataRoot": L.root, "current": pair(st),
+    return {"node": transport.node, "kataRoot": layout.root, "current": pair(st),
             "previous": (last or {}).get("from"), "lastSwitch": last,
             "pending": pending, "inProgress": progress, "releases": rels, "sandboxes": sbs,
             "processes": [p.to_dict() for p in procs], "scan": stats}
 
 
-def release_users(t, L: Layout, *, force: bool = False, verb: str, escape: str) -> tuple[dict, dict]:
+def release_users(transport: NodeTransport, layout: Layout, *, force: bool = False, verb: str, escape: str) -> tuple[dict, dict]:
     """Which releases running processes and live sandboxes use, for gc and stage --force:
     ``{version: ["pid 81234 (containerd-shim)", "sandbox 4f1c...", ...]}`` and the scan
     statistics. When that cannot be known (``/proc`` not listable, a Kata-looking process
     not inspectable), Refused unless ``force``: nothing proves the release is unused.
     ``verb`` says what would happen to such a release, ``escape`` ends the hint."""
-    procs, stats = procscan.scan(t, L)
+    procs, stats = procscan.scan(transport, layout)
     if stats.get("error") and not force:
-        raise Refused(f"cannot list /proc on {t.node}: which releases running processes use is "
+        raise Refused(f"cannot list /proc on {transport.node}: which releases running processes use is "
                       "unknown", hint="with --host-root, the node's /proc must be visible under it; "
                                       f"or {escape}")
     hidden = stats.get("unreadableKata") or []
     if hidden and not force:
-        raise Refused(f"cannot inspect {len(hidden)} Kata process(es) on {t.node} (pids "
+        raise Refused(f"cannot inspect {len(hidden)} Kata process(es) on {transport.node} (pids "
                       f"{', '.join(map(str, hidden[:5]))}; not root?); a release they run could be "
                       f"{verb}", hint=f"run as root, or {escape}")
-    sbs = procscan.attribute(t, L, procs, procscan.sandboxes(t))
+    sbs = procscan.attribute(transport, layout, procs, procscan.sandboxes(transport))
     in_use: dict[str, list] = {}
     for p in procs:
         for v in p.releases:

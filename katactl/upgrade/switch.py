@@ -7,33 +7,34 @@ from katactl.upgrade.journal import apply, commit, recover_or_check
 from katactl.upgrade.layout import COMPONENTS, SHIM_BINARIES, Layout, fault, validate_version
 from katactl.upgrade.lock import locked_audited
 from katactl.upgrade.state import UNMANAGED, pair, read_history, read_state, release_record, releases, walk_files
+from katactl.backends.base import NodeTransport
 
 
-def switch(t, L: Layout, version: str, component: str = "all", *, dry_run: bool = False,
+def switch(transport: NodeTransport, layout: Layout, version: str, component: str = "all", *, dry_run: bool = False,
            force: bool = False, run_binaries: bool = True, lock_timeout: float = 30.0,
            on_wait=None) -> dict:
     validate_version(version)
     if component not in COMPONENTS:
         raise UsageError(f"invalid --component {component!r} (choose from {', '.join(COMPONENTS)})")
     return locked_audited(
-        t, L, "switch", {"version": version, "component": component, "force": force},
-        lambda: _switch_locked(t, L, version, component, dry_run, force, run_binaries),
+        transport, layout, "switch", {"version": version, "component": component, "force": force},
+        lambda: _switch_locked(transport, layout, version, component, dry_run, force, run_binaries),
         target=version, dry_run=dry_run, lock_timeout=lock_timeout, on_wait=on_wait,
-        unstaged=NotFound(f"release {version} is not staged on {t.node} (no {L.releases})",
+        unstaged=NotFound(f"release {version} is not staged on {transport.node} (no {layout.releases})",
                           hint=f"katactl upgrade stage SOURCE --as {version}"))
 
 
-def _switch_locked(t, L, version, component, dry_run, force, run_binaries) -> dict:
-    recovered = recover_or_check(t, L, dry_run)
+def _switch_locked(transport: NodeTransport, layout, version, component, dry_run, force, run_binaries) -> dict:
+    recovered = recover_or_check(transport, layout, dry_run)
     fault("switch:locked")
-    staged = releases(t, L)
-    if version not in staged or release_record(t, L, version) is None:
-        raise NotFound(f"release {version} is not staged on {t.node} "
+    staged = releases(transport, layout)
+    if version not in staged or release_record(transport, layout, version) is None:
+        raise NotFound(f"release {version} is not staged on {transport.node} "
                        f"(staged: {', '.join(staged) or 'none'})",
                        hint=f"katactl upgrade stage SOURCE --as {version}")
-    cur = read_state(t, L)
+    cur = read_state(transport, layout)
     if cur["runtime"] == UNMANAGED:
-        raise Refused(f"{L.current} exists but is not a symlink into {L.releases}; "
+        raise Refused(f"{layout.current} exists but is not a symlink into {layout.releases}; "
                       "katactl will not replace it", hint="move it aside or use another --kata-root")
     if component == "all":
         to = {"runtime": version, "agent": version}
@@ -47,25 +48,25 @@ def _switch_locked(t, L, version, component, dry_run, force, run_binaries) -> di
             raise Refused("no current runtime release yet; switch --component all first")
         to = {"runtime": cur["runtime"], "agent": version}
     frm = pair(cur)
-    base = {"node": t.node, "action": "switch", "component": component, "from": frm, "to": to,
+    base = {"node": transport.node, "action": "switch", "component": component, "from": frm, "to": to,
             "recovered": recovered}
     if to == frm:
         return {**base, "changed": False, "dryRun": dry_run, "steps": [], "preflight": [],
                 "message": f"already on runtime {to['runtime']}, agent {to['agent']}"}
-    checks = _checked_preflight(t, L, to, component, run_binaries, force,
+    checks = _checked_preflight(transport, layout, to, component, run_binaries, force,
                                 hint="fix the release, or --force to switch anyway")
-    steps = apply(t, L, frm, to, dry_run=True)
+    steps = apply(transport, layout, frm, to, dry_run=True)
     if dry_run:
         return {**base, "changed": True, "dryRun": True, "steps": steps, "preflight": checks}
-    entry = commit(t, L, "switch", component, frm, to)
+    entry = commit(transport, layout, "switch", component, frm, to)
     return {**base, "changed": True, "dryRun": False, "steps": steps, "preflight": checks,
             "historyId": entry["id"]}
 
 
-def _checked_preflight(t, L: Layout, to: dict, component: str, run_binaries: bool, force: bool,
+def _checked_preflight(transport: NodeTransport, layout: Layout, to: dict, component: str, run_binaries: bool, force: bool,
                        hint: str | None = None) -> list[dict]:
     """The preflight checks; Refused when one fails, unless force."""
-    checks = _preflight(t, L, to, component, run_binaries)
+    checks = _preflight(transport, layout, to, component, run_binaries)
     failed = [c for c in checks if not c["ok"]]
     if failed and not force:
         raise Refused("preflight failed: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed),
@@ -73,35 +74,35 @@ def _checked_preflight(t, L: Layout, to: dict, component: str, run_binaries: boo
     return checks
 
 
-def _preflight(t, L: Layout, to: dict, component: str, run_binaries: bool) -> list[dict]:
+def _preflight(transport: NodeTransport, layout: Layout, to: dict, component: str, run_binaries: bool) -> list[dict]:
     checks: list[dict] = []
-    rel = L.release(to["runtime"])
+    rel = layout.release(to["runtime"])
     if component in ("all", "runtime"):
-        shims = [f"{rel}/{b}" for b in SHIM_BINARIES if t.exists(f"{rel}/{b}")]
+        shims = [f"{rel}/{b}" for b in SHIM_BINARIES if transport.exists(f"{rel}/{b}")]
         checks.append({"check": "shim binary", "ok": bool(shims),
                        "detail": shims[0] if shims else f"none of {', '.join(SHIM_BINARIES)} in {rel}"})
-        cfgs = walk_files(t, L.config_dir(to["runtime"]), ".toml")
+        cfgs = walk_files(transport, layout.config_dir(to["runtime"]), ".toml")
         checks.append({"check": "configuration", "ok": bool(cfgs),
-                       "detail": f"{len(cfgs)} file(s) in {L.config_dir(to['runtime'])}"})
+                       "detail": f"{len(cfgs)} file(s) in {layout.config_dir(to['runtime'])}"})
         if not run_binaries:
             checks.append({"check": "binaries run", "ok": True, "skipped": True,
                            "detail": "not run (--no-preflight-exec)"})
-        elif t.host_root:
+        elif transport.host_root:
             checks.append({"check": "binaries run", "ok": True, "skipped": True,
                            "detail": "not run: --host-root (a mounted node's binaries are not executed here)"})
         else:
-            for b in [s for s in shims[:1]] + [p for p in (f"{rel}/bin/kata-runtime",) if t.exists(p)]:
-                checks.append(_run_check(t, [b, "--version"], required=True))
+            for b in [s for s in shims[:1]] + [p for p in (f"{rel}/bin/kata-runtime",) if transport.exists(p)]:
+                checks.append(_run_check(transport, [b, "--version"], required=True))
             kr = f"{rel}/bin/kata-runtime"
-            if t.exists(kr):
-                checks.append(_run_check(t, [kr, "check", "--check-version-only"], required=False))
+            if transport.exists(kr):
+                checks.append(_run_check(transport, [kr, "check", "--check-version-only"], required=False))
     return checks
 
 
-def _run_check(t, argv: list[str], required: bool) -> dict:
+def _run_check(transport: NodeTransport, argv: list[str], required: bool) -> dict:
     name = " ".join([argv[0].rsplit("/", 1)[-1], *argv[1:]])
     try:
-        r = t.run(argv, timeout=30)
+        r = transport.run(argv, timeout=30)
         text = (r.stdout or r.stderr).decode("utf-8", "replace").strip()
         ok = r.returncode == 0
         detail = (text.splitlines()[0] if text else "") if ok else \
@@ -115,17 +116,17 @@ def _run_check(t, argv: list[str], required: bool) -> dict:
     return d
 
 
-def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_binaries: bool = True,
+def rollback(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force: bool = False, run_binaries: bool = True,
              lock_timeout: float = 30.0, on_wait=None) -> dict:
     def body() -> dict:
-        recovered = recover_or_check(t, L, dry_run)
-        hist = read_history(t, L)
-        cur = pair(read_state(t, L))
+        recovered = recover_or_check(transport, layout, dry_run)
+        hist = read_history(transport, layout)
+        cur = pair(read_state(transport, layout))
         switches = [h for h in hist if h.get("action") in ("switch", "rollback")]
         if not switches:
-            raise NotFound(f"no switch history on {t.node}: nothing to roll back")
+            raise NotFound(f"no switch history on {transport.node}: nothing to roll back")
         last = switches[-1]
-        base = {"node": t.node, "action": "rollback", "recovered": recovered, "from": cur}
+        base = {"node": transport.node, "action": "rollback", "recovered": recovered, "from": cur}
         if last.get("action") == "rollback":
             return {**base, "to": cur, "changed": False, "dryRun": dry_run, "steps": [],
                     "message": f"the last switch was already rolled back (at {last.get('time')}); "
@@ -141,20 +142,20 @@ def rollback(t, L: Layout, *, dry_run: bool = False, force: bool = False, run_bi
                           f"the last switch left it ({last['to']}); refusing to guess",
                           hint="use 'upgrade switch VERSION', or --force")
         for v in {to["runtime"], to.get("agent")} - {None}:
-            if release_record(t, L, v) is None:
+            if release_record(transport, layout, v) is None:
                 raise NotFound(f"release {v} (the rollback target) is no longer staged")
-        checks = _checked_preflight(t, L, to, "runtime" if to["runtime"] != cur["runtime"] else "agent",
+        checks = _checked_preflight(transport, layout, to, "runtime" if to["runtime"] != cur["runtime"] else "agent",
                                     run_binaries, force, hint="fix the release, or --force to roll back anyway")
-        steps = apply(t, L, cur, to, dry_run=True)
+        steps = apply(transport, layout, cur, to, dry_run=True)
         if dry_run:
             return {**base, "to": to, "changed": True, "dryRun": True, "steps": steps,
                     "preflight": checks}
-        entry = commit(t, L, "rollback", last.get("component"), cur, to, rollbackOf=last.get("id"))
+        entry = commit(transport, layout, "rollback", last.get("component"), cur, to, rollbackOf=last.get("id"))
         return {**base, "to": to, "changed": True, "dryRun": False, "steps": steps,
                 "preflight": checks, "historyId": entry["id"]}
 
-    return locked_audited(t, L, "rollback", {"force": force}, body, target="-", dry_run=dry_run,
+    return locked_audited(transport, layout, "rollback", {"force": force}, body, target="-", dry_run=dry_run,
                           lock_timeout=lock_timeout, on_wait=on_wait,
                           target_of=lambda r: str((r.get("to") or {}).get("runtime")),
-                          unstaged=NotFound(f"no switch history on {t.node}: nothing to roll back "
-                                            f"(no {L.releases})"))
+                          unstaged=NotFound(f"no switch history on {transport.node}: nothing to roll back "
+                                            f"(no {layout.releases})"))

@@ -17,12 +17,13 @@ from katactl.errors import (KatactlError, OperationFailed, ProtocolError, Refuse
                             as_katactl_error)
 from katactl.sandbox import GO_SBS, GO_VM
 from katactl.vmcore.dumps import check_abs, dump_config, dump_name, node_zone, read_json, real_path
+from katactl.backends.base import NodeTransport
 
 FORMATS = ("elf", "kdump-zlib")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def _copy_tree(transport, src: str, dst: str) -> None:
+def _copy_tree(transport: NodeTransport, src: str, dst: str) -> None:
     """Copy a node directory into another node directory (regular files and dirs only):
     one batched walk and one batched read of the (small) state files; a write each."""
     transport.mkdir(dst, 0o755)
@@ -43,12 +44,12 @@ def _copy_tree(transport, src: str, dst: str) -> None:
             transport.write_bytes_atomic(d, data, mode=st.mode & 0o777)
 
 
-def sandbox_persist(transport, sandbox_id: str) -> dict:
+def sandbox_persist(transport: NodeTransport, sandbox_id: str) -> dict:
     p = read_json(transport, f"{GO_SBS}/{sandbox_id}/persist.json")
     return p if isinstance(p, dict) else {}
 
 
-def prepare_dump_dir(transport, sandbox_id: str, dump_path: str, *, persist: dict | None = None,
+def prepare_dump_dir(transport: NodeTransport, sandbox_id: str, dump_path: str, *, persist: dict | None = None,
                      hypervisor_path: str | None = None) -> tuple[str, dict]:
     """Steps 1-2 of the runtime's handler: <dump_path>/<id>/ with state/, hypervisor.conf,
     hypervisor.version. Returns (dir, persist)."""
@@ -111,7 +112,7 @@ def guest_memory_bytes(persist: dict, qmp_client=None) -> int:
     return 0
 
 
-def check_free_space(transport, d: str, memory_bytes: int) -> None:
+def check_free_space(transport: NodeTransport, d: str, memory_bytes: int) -> None:
     free = transport.statvfs_free(d)
     need = required_free(memory_bytes)
     if free < need:
@@ -119,7 +120,7 @@ def check_free_space(transport, d: str, memory_bytes: int) -> None:
                       hint="free space under guest_memory_dump_path first")
 
 
-def _existing_ancestor(transport, path: str) -> str:
+def _existing_ancestor(transport: NodeTransport, path: str) -> str:
     """``path`` or its nearest existing ancestor (what statvfs can ask before mkdir)."""
     p = path
     while p not in ("", "/") and not transport.exists(p):
@@ -127,7 +128,7 @@ def _existing_ancestor(transport, path: str) -> str:
     return p or "/"
 
 
-def check_space_first(transport, d: str, memory_bytes: int) -> None:
+def check_space_first(transport: NodeTransport, d: str, memory_bytes: int) -> None:
     """The runtime's 2 x guest memory rule, asked before anything is created under
     ``d`` (a refusal leaves no directory behind); nothing to check when the guest's
     memory is unknown."""
@@ -141,7 +142,7 @@ class _DumpDirGuard:
     again when the dump fails. Once the hypervisor is writing (``started``), a
     timeout or an interrupt leaves it: the dump goes on without us."""
 
-    def __init__(self, transport, d: str):
+    def __init__(self, transport: NodeTransport, d: str):
         self.t, self.d = transport, d
         self.top = None  # the first directory this trigger creates
         p = d
@@ -176,7 +177,7 @@ class _DumpDirGuard:
         return False
 
 
-def runtime_panic_dump(transport, sandbox, qmp_client, dump_path: str, paging: bool = False, *,
+def runtime_panic_dump(transport: NodeTransport, sandbox, qmp_client, dump_path: str, paging: bool = False, *,
                        timeout: float = 3600.0) -> str:
     """Play the Go runtime's GUEST_PANICKED handler (kata-node.md steps 1-4).
 
@@ -214,7 +215,7 @@ class TriggerOptions:
     poll: float = 0.2
 
 
-def trigger(transport, ref, opts: TriggerOptions) -> dict:
+def trigger(transport: NodeTransport, ref, opts: TriggerOptions) -> dict:
     """An on-demand dump of a live sandbox into Kata's layout.
 
     ref: a sandbox reference (id, prefix, NAMESPACE/POD) or a resolved
@@ -254,7 +255,7 @@ def trigger(transport, ref, opts: TriggerOptions) -> dict:
     return r
 
 
-def _trigger(transport, sb, opts: TriggerOptions) -> dict:
+def _trigger(transport: NodeTransport, sb, opts: TriggerOptions) -> dict:
     sid = sb.id
     cfg = dump_config(transport, dump_path=opts.dump_path if opts.dump_path is not None
                       else (sb.guest_memory_dump_path or None),
@@ -299,7 +300,7 @@ def _trigger(transport, sb, opts: TriggerOptions) -> dict:
                          list(dict.fromkeys(socks)))
 
 
-def _shim_ext(transport, sock: str) -> dict | None:
+def _shim_ext(transport: NodeTransport, sock: str) -> dict | None:
     """The shim's extension capabilities ({socket, capabilities, raw}); None without one."""
     from katactl.backends.shim import ShimClient
 
@@ -320,7 +321,7 @@ def _shim_ext(transport, sock: str) -> dict | None:
     return {"socket": sock, "capabilities": [str(c) for c in caps], "raw": body}
 
 
-def _trigger_shim(transport, shim: dict, sid: str, opts: TriggerOptions, paging: bool) -> dict:
+def _trigger_shim(transport: NodeTransport, shim: dict, sid: str, opts: TriggerOptions, paging: bool) -> dict:
     from katactl.backends.shim import ShimClient
 
     body = json.dumps({"format": opts.format, "paging": paging}).encode()
@@ -342,7 +343,7 @@ def _trigger_shim(transport, shim: dict, sid: str, opts: TriggerOptions, paging:
     return {"path": d["path"], "size": d.get("bytes"), "status": "completed"}
 
 
-def _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result) -> dict:
+def _trigger_clh(transport: NodeTransport, sock, sid, d, path, persist, mem, opts, result) -> dict:
     from katactl.backends.clh import ClhClient
 
     with ClhClient(transport, sock, opts.timeout) as c:
@@ -361,7 +362,7 @@ def _trigger_clh(transport, sock, sid, d, path, persist, mem, opts, result) -> d
     return {**result, "status": "completed", "changed": True}
 
 
-def _trigger_qemu(transport, sid, d, path, persist, mem, paging, opts, result, reasons, socks) -> dict:
+def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, opts, result, reasons, socks) -> dict:
     from katactl.backends.qmp import MonitorBusy, QMPClient
 
     client = None

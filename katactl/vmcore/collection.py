@@ -65,6 +65,7 @@ from katactl.vmcore.dumps import node_name, real_path, regular_files, remove_dum
 from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, write_manifest
 from katactl.vmcore.streams import (CHUNK, Hasher, Inflater, Prefetch, RateLimit, hash_file, iter_uncompressed,
                                     make_writer, zstd_backend)
+from katactl.backends.base import NodeTransport
 
 METADATA = ("hypervisor.conf", "hypervisor.version")
 SEGMENT = 256 << 20            # input bytes per gzip member / zstd frame (resume granularity)
@@ -129,7 +130,7 @@ def _dest_dir(opts: CollectOptions, node: str, sandbox: str) -> str:
     return os.path.join(os.path.abspath(opts.to), node, sandbox)
 
 
-def collect(transport, refs: list[str], opts: CollectOptions, *, dump_path: str | None = None,
+def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, dump_path: str | None = None,
             kata_config: str | None = None, index: CollectIndex | None = None,
             keep_going: bool = False) -> list[dict]:
     """Collect the dumps named by refs (all with none) into opts.to/<node>/<sandbox>/.
@@ -162,7 +163,7 @@ def _audit_params(opts: CollectOptions) -> dict:
             "makedumpfile": opts.makedumpfile, "deleteAfter": opts.delete_after}
 
 
-def collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
+def collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
     """Collect one dump (an item of :func:`resolve_dumps`); recorded in the audit log
     (``vmcore.collect``) on success and on failure, except for a dry run."""
     from katactl import audit
@@ -180,7 +181,7 @@ def collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: C
     return r
 
 
-def _collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
+def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
     src = dump["path"]
     src_dir = posixpath.dirname(src)
     dest_dir = _dest_dir(opts, node, dump["sandbox"])
@@ -258,7 +259,7 @@ def _collect_one(transport, dump: dict, node: str, opts: CollectOptions, index: 
     return result
 
 
-def _copy_metadata(transport, src_dir: str, dest_dir: str) -> dict:
+def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str) -> dict:
     """hypervisor.conf, hypervisor.version and state/ (small files)."""
     entries: dict = {}
     files = [(f"{src_dir}/{m}", m) for m in METADATA if transport.exists(f"{src_dir}/{m}")]
@@ -312,7 +313,7 @@ def _existing_dir(path: str) -> str:
     return path
 
 
-def _copy_dump(transport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
+def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
     """Stream one dump into final (via final.partial). ``prepare()`` runs once the space
     check passed and before anything is written: a refused copy leaves no file behind."""
     src, size, mtime = dump["path"], dump["size"], dump["mtime"]
@@ -453,13 +454,13 @@ def _open_partial(part: str, side: "_Sidecar", checkpoint: dict, prepare) -> int
     return fd
 
 
-def _ident(transport, dump: dict, opts: CollectOptions) -> dict:
+def _ident(transport: NodeTransport, dump: dict, opts: CollectOptions) -> dict:
     """What a partial copy was made from (kept in its sidecar; a resume needs the same)."""
     return {"path": dump["path"], "size": dump["size"], "mtime": dump["mtime"], "compress": opts.compress,
             "node": transport.node}
 
 
-def _check_unchanged(transport, src: str, size: int, mtime, part: str) -> None:
+def _check_unchanged(transport: NodeTransport, src: str, size: int, mtime, part: str) -> None:
     """After the copy: the source must still be there, unchanged (size, mtime)."""
     try:
         st = transport.stat(src)
@@ -484,7 +485,7 @@ def _commit(part: str, final: str, side: "_Sidecar") -> int:
 _TOOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def node_compressor(transport, algo: str) -> dict | None:
+def node_compressor(transport: NodeTransport, algo: str) -> dict | None:
     """``{"argv": [...], "version": ...}``: how algo's compressor runs on the node, at idle
     priority when ionice/nice are there; None when the node lacks it. Probed with argvs
     (``zstd --version``; the whole chain first, so usually one round trip), once per
@@ -495,7 +496,7 @@ def node_compressor(transport, algo: str) -> dict | None:
     return cache[algo]
 
 
-def _probe(transport, argv) -> str | None:
+def _probe(transport: NodeTransport, argv) -> str | None:
     """The first line of argv's output when it runs and exits 0, else None."""
     try:
         r = transport.run(list(argv), timeout=30)
@@ -507,7 +508,7 @@ def _probe(transport, argv) -> str | None:
     return text.splitlines()[0] if text else ""
 
 
-def _probe_compressor(transport, algo: str) -> dict | None:
+def _probe_compressor(transport: NodeTransport, algo: str) -> dict | None:
     tool = NODE_COMPRESSOR[algo]
     prefix = [a for p in IDLE_PRIORITY for a in p]
     version = _probe(transport, [*prefix, tool[0], "--version"])
@@ -519,7 +520,7 @@ def _probe_compressor(transport, algo: str) -> dict | None:
     return {"argv": [*prefix, *tool], "version": version}
 
 
-def _compress_where(transport, dump: dict, final: str, opts: CollectOptions) -> dict | None:
+def _compress_where(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions) -> dict | None:
     """The node's compressor (see node_compressor) when this copy compresses there, else
     None (here). auto: a remote node that has it, unless a partial copy compressed here
     is waiting to be resumed; node: a remote node must have it; local node: always here."""
@@ -538,7 +539,7 @@ def _compress_where(transport, dump: dict, final: str, opts: CollectOptions) -> 
     return tool
 
 
-def _copy_dump_node(transport, dump: dict, final: str, opts: CollectOptions, tool: dict, prepare=None) -> dict:
+def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, tool: dict, prepare=None) -> dict:
     """Stream the node's compressor output for one dump into final (via final.partial),
     decompressing it here on the fly to hash and count the original bytes."""
     src, size, mtime = dump["path"], dump["size"], dump["mtime"]
@@ -642,7 +643,7 @@ def _copy_dump_node(transport, dump: dict, final: str, opts: CollectOptions, too
             "note": note}
 
 
-def _node_output(transport, argv: list, wait: float, tool: str, src: str) -> Iterator[bytes]:
+def _node_output(transport: NodeTransport, argv: list, wait: float, tool: str, src: str) -> Iterator[bytes]:
     """The compressor's stdout; its failure (exit status, stderr) named as such."""
     try:
         yield from transport.run_stream(argv, CHUNK, timeout=wait)
@@ -682,7 +683,7 @@ def _prefix_hash_local(part: str, dst_len: int, compress: str) -> str:
     return h.hexdigest()
 
 
-def _node_sha256(transport, path: str, prefix_len: int) -> tuple[str, str]:
+def _node_sha256(transport: NodeTransport, path: str, prefix_len: int) -> tuple[str, str]:
     """('full', hex) from the node's sha256sum, else ('prefix', hex) by re-reading prefix_len bytes."""
     try:
         r = transport.run(["sha256sum", "--", real_path(transport, path)], timeout=3600)
@@ -703,7 +704,7 @@ def _node_sha256(transport, path: str, prefix_len: int) -> tuple[str, str]:
     return "prefix", h.hexdigest()
 
 
-def _verify_against_node(transport, src: str, source_sha: str | None) -> None:
+def _verify_against_node(transport: NodeTransport, src: str, source_sha: str | None) -> None:
     """Before deleting a node's dump: the node's own sha256 must equal our copy's."""
     if not source_sha:
         raise Refused(f"{src}: no source checksum recorded; not deleting it")
@@ -713,12 +714,12 @@ def _verify_against_node(transport, src: str, source_sha: str | None) -> None:
                       f"({source_sha[:12]}); not deleting it")
 
 
-def _delete_source(transport, dump: dict) -> None:
+def _delete_source(transport: NodeTransport, dump: dict) -> None:
     """Delete a verified dump on the node (its sandbox dir too once no dump is left)."""
     remove_dumps(transport, [dump])
 
 
-def _probe_makedumpfile(transport) -> None:
+def _probe_makedumpfile(transport: NodeTransport) -> None:
     try:
         r = transport.run(["makedumpfile", "-v"], timeout=30)
         ok = r.returncode != 127
@@ -729,7 +730,7 @@ def _probe_makedumpfile(transport) -> None:
                               hint="apt-get install makedumpfile on the node, or collect without --makedumpfile")
 
 
-def _collect_makedumpfile(transport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
+def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
     """Filter+compress on the node with makedumpfile -c -d LEVEL, then stream the result."""
     src = dump["path"]
     tmp = f"{posixpath.dirname(src)}/.katactl-{os.path.basename(final)}.tmp"

@@ -23,6 +23,7 @@ from katactl import sandbox as sbmod
 from katactl.errors import Ambiguous, KatactlError, NotFound, OperationFailed, UsageError, as_katactl_error
 from katactl.sandbox import CONTAINERD_TASK_DIR
 from katactl.vmcore.records import CollectIndex
+from katactl.backends.base import NodeTransport
 
 POD_LOG_DIR = "/var/log/pods"
 DUMP_RE = re.compile(r"^vmcore-(\d{14}(?:\.\d{1,3})?)\.(elf|kdump(?:-[a-z]+)?)$")
@@ -42,7 +43,7 @@ class DumpConfig:
     dropins: list[str]
 
 
-def dump_config(transport, *, dump_path: str | None = None, kata_config: str | None = None) -> DumpConfig:
+def dump_config(transport: NodeTransport, *, dump_path: str | None = None, kata_config: str | None = None) -> DumpConfig:
     """guest_memory_dump_path and friends from the node's effective Kata configuration."""
     from katactl import katacfg
 
@@ -122,7 +123,7 @@ def check_ref(ref: str) -> str:
     return ref
 
 
-def node_name(transport) -> str:
+def node_name(transport: NodeTransport) -> str:
     """The name used for DIR/<node>/: the transport's node, or the node's hostname locally."""
     if transport.node not in ("localhost", ""):
         return transport.node
@@ -136,7 +137,7 @@ def node_name(transport) -> str:
     return name or "localhost"
 
 
-def real_path(transport, node_path: str) -> str:
+def real_path(transport: NodeTransport, node_path: str) -> str:
     """The path the hypervisor (a process on the node) sees for a node path."""
     return (transport.host_root or "") + node_path
 
@@ -144,7 +145,7 @@ def real_path(transport, node_path: str) -> str:
 # ---------------------------------------------------------------------------
 # listing
 # ---------------------------------------------------------------------------
-def node_zone(transport):
+def node_zone(transport: NodeTransport):
     """The node's local time zone as the Kata runtime (Go, ``time.Local``) sees it:
     ``/etc/localtime`` on the node, UTC when it is missing or unreadable (Go's
     rule; a ``TZ`` variable in the runtime's environment cannot be seen from here)."""
@@ -238,20 +239,20 @@ def elf_extent(head: bytes) -> tuple[int, int] | None:
     return end, loads
 
 
-def read_json(transport, path: str, limit: int = 8 << 20) -> Any:
+def read_json(transport: NodeTransport, path: str, limit: int = 8 << 20) -> Any:
     try:
         return json.loads(transport.read_bytes(path, limit=limit))
     except (OSError, ValueError, RecursionError):  # a dump's state copy nested too deeply: no metadata
         return None
 
 
-def regular_files(transport, top: str) -> list[str]:
+def regular_files(transport: NodeTransport, top: str) -> list[str]:
     """Node paths of the regular files below top (symlinks not followed), in one batched
     walk: over SSH about two round trips per depth level, not one per entry."""
     return [p for p, st in transport.walk(top) if (st.mode & 0o170000) == 0o100000]
 
 
-def _read_first_line(transport, path: str) -> str | None:
+def _read_first_line(transport: NodeTransport, path: str) -> str | None:
     try:
         text = transport.read_text(path, limit=4096)
     except OSError:
@@ -260,7 +261,7 @@ def _read_first_line(transport, path: str) -> str | None:
     return line or None
 
 
-def pod_of(transport, dump_dir: str, sandbox_id: str) -> dict:
+def pod_of(transport: NodeTransport, dump_dir: str, sandbox_id: str) -> dict:
     """Pod identity of a dumped sandbox: the bundle's CRI annotations (while the
     bundle still exists), else the pod UID from the saved state's cgroup path
     mapped through /var/log/pods/<ns>_<name>_<uid>."""
@@ -311,7 +312,7 @@ def pod_of(transport, dump_dir: str, sandbox_id: str) -> dict:
     return {}
 
 
-def list_dumps(transport, *, dump_path: str | None = None, kata_config: str | None = None,
+def list_dumps(transport: NodeTransport, *, dump_path: str | None = None, kata_config: str | None = None,
                index: "CollectIndex | None" = None) -> list[dict]:
     """Every dump under the node's guest_memory_dump_path, oldest first."""
     cfg = dump_config(transport, dump_path=dump_path, kata_config=kata_config)
@@ -344,7 +345,7 @@ def list_dumps(transport, *, dump_path: str | None = None, kata_config: str | No
     return items
 
 
-def _describe(transport, d, sid, name, pod, version, hvconf, index, tz) -> dict:
+def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, index, tz) -> dict:
     path = f"{d}/{name}"
     try:
         st = transport.stat(path)
@@ -392,7 +393,7 @@ def _describe(transport, d, sid, name, pod, version, hvconf, index, tz) -> dict:
     }
 
 
-def resolve_dumps(transport, refs: list[str], *, dump_path: str | None = None,
+def resolve_dumps(transport: NodeTransport, refs: list[str], *, dump_path: str | None = None,
                   kata_config: str | None = None, index: "CollectIndex | None" = None) -> list[dict]:
     """Dumps named by refs: SANDBOX-ID/vmcore-X.elf, vmcore-X.elf, a sandbox id
     (or unique prefix: all of its dumps), NAMESPACE/POD, or a node path. No refs: all."""
@@ -428,7 +429,7 @@ def resolve_dumps(transport, refs: list[str], *, dump_path: str | None = None,
 # ---------------------------------------------------------------------------
 # removing
 # ---------------------------------------------------------------------------
-def remove_dumps(transport, dumps: list[dict], *, dry_run: bool = False) -> list[dict]:
+def remove_dumps(transport: NodeTransport, dumps: list[dict], *, dry_run: bool = False) -> list[dict]:
     """Delete dumps (and their sandbox dir once no dump is left in it).
 
     Each deletion (and each failed one) is recorded in the audit log (``vmcore.rm``);

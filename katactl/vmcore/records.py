@@ -12,6 +12,7 @@ import os
 import time
 
 from katactl.backends.local import atomic_write
+from katactl.backends.base import NodeTransport
 
 MANIFEST_JSON = "manifest.json"
 SHA256SUMS = "SHA256SUMS"
@@ -31,7 +32,7 @@ class CollectIndex:
         self._entries: list[dict] | None = None
 
     @staticmethod
-    def key(transport, path: str) -> str:
+    def key(transport: NodeTransport, path: str) -> str:
         return f"{transport.node}|{transport.host_root}|{path}"
 
     def entries(self) -> list[dict]:
@@ -53,7 +54,7 @@ class CollectIndex:
                 pass
         return self._entries
 
-    def lookup(self, transport, path: str, size: int | None, mtime: float | None) -> str | None:
+    def lookup(self, transport: NodeTransport, path: str, size: int | None, mtime: float | None) -> str | None:
         k = self.key(transport, path)
         for e in reversed(self.entries()):
             if e.get("key") == k and e.get("size") == size and same_mtime(e.get("mtime"), mtime):
@@ -61,7 +62,7 @@ class CollectIndex:
                     return e.get("to")
         return None
 
-    def add(self, transport, path: str, size: int, mtime: float, to: str, dest_dir: str, sha256: str) -> None:
+    def add(self, transport: NodeTransport, path: str, size: int, mtime: float, to: str, dest_dir: str, sha256: str) -> None:
         entry = {"key": self.key(transport, path), "size": size, "mtime": mtime, "to": to,
                  "dir": dest_dir, "sha256": sha256, "time": time.time()}
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
