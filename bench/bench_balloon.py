@@ -81,7 +81,7 @@ def main() -> None:
         sid = st["sandboxes"][0]["id"]
         em = os.path.join(root, f"run/vc/vm/{sid}/extra-monitor.sock")
         res: dict[str, list[float]] = {"raw": [], "ext": [], "em": []}
-        for i in range(RUNS):
+        for _ in range(RUNS):
             for target in targets:
                 res["raw"].append(run([sys.executable, "-c", RAW, em, str(target * MIB)]))
             for target in (512,) if a.smoke else targets:  # smoke: one real move each way

@@ -149,7 +149,7 @@ def main() -> None:
         allcases = [*cases, (f"parallel-ssh -p {a.nodes} (same reads, same kex and cipher)", pssh),
                     ("sequential ssh loop (same reads, same kex and cipher)", loop)]
         samples: dict[str, list[float]] = {label: [] for label, _ in allcases}
-        for label, fn in allcases:
+        for _label, fn in allcases:
             if not a.smoke:
                 fn()  # warm-up (page cache, sshd)
         for r in range(runs):  # interleaved rounds; the slow ssh loop in every other round

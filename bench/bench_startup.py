@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._util import KATACTL, context, interleaved, median_ms, precompile, smoke_flag, write_section  # noqa: E402

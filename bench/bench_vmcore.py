@@ -235,7 +235,7 @@ def main() -> None:
     if comp:
         out("| compression | katactl wall s | katactl size MiB | katactl RSS MiB | reference | ref wall s | ref size MiB |")
         out("|---|---:|---:|---:|---|---:|---:|")
-        for algo, (w, r, sz, wr, rr, rs, refname) in comp.items():
+        for algo, (w, r, sz, wr, _rr, rs, refname) in comp.items():
             out(f"| {algo} | {w:.2f} | {sz / (1 << 20):.1f} | {r / 1024:.0f} | `{refname}` + {sha.split()[0]} "
                 f"sha256 of both + sync | {wr:.2f} | "
                   f"{rs / (1 << 20):.1f} |")

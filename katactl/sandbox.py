@@ -554,7 +554,7 @@ def _load_batch(transport, cands: list[Candidate], bundles: _BundleIndex, quick:
     bad = {p: e for p in files if (e := _not_regular(p, stats.get(p))) is not None}
     data: dict = dict(bad)
     data.update(transport.read_many([p for p in files if p not in bad], limit=STATE_LIMIT + 1))
-    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands)]
+    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands, strict=True)]
 
 
 def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
