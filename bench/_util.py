@@ -91,11 +91,19 @@ def smoke_flag() -> bool:
     return False
 
 
+#: the Debian package of a tool whose name differs (scripts/setup installs them)
+_PACKAGES = {"parallel-ssh": "pssh", "sshd": "openssh-server", "/usr/sbin/sshd": "openssh-server",
+             "ssh": "openssh-client", "scp": "openssh-client", "ssh-keygen": "openssh-client",
+             "qemu-system-x86_64": "qemu-system-x86", "/usr/bin/time": "time", "unshare": "util-linux"}
+
+
 def require(*tools: str) -> None:
     """End the bench with exit SKIP and 'TOOL not installed' when a tool is missing."""
     for t in tools:
         if not (shutil.which(t) or (os.path.isabs(t) and os.access(t, os.X_OK))):
-            print(f"{os.path.basename(sys.argv[0])}: {t} not installed", file=sys.stderr)
+            pkg = _PACKAGES.get(t)
+            hint = f" (Debian package {pkg})" if pkg else ""
+            print(f"{os.path.basename(sys.argv[0])}: {t} not installed{hint}", file=sys.stderr)
             raise SystemExit(SKIP)
 
 
