@@ -34,6 +34,7 @@ import re
 import threading
 import time
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from katactl.errors import KatactlError, UsageError, as_katactl_error
 from katactl.backends.base import NodeTransport
@@ -180,7 +181,7 @@ class Declared:
         if not isinstance(ov, dict) or not ov:
             why = (f"RuntimeClass {rc} declares no overhead.podFixed" if rc else "the pod has no runtimeClassName")
             return rc, {"cpuMillis": 0, "memoryBytes": 0, "source": src, "note": f"no Pod overhead declared ({why})"}
-        out = {"cpuMillis": None, "memoryBytes": None, "source": src}
+        out: dict[str, Any] = {"cpuMillis": None, "memoryBytes": None, "source": src}
         for key, field, conv in (("cpu", "cpuMillis", cpu_millis), ("memory", "memoryBytes", memory_bytes)):
             if key in ov:
                 try:
@@ -295,9 +296,9 @@ def members(sbs, table: dict[int, _Proc]) -> dict[str, dict[int, str]]:
             owned.setdefault(p, set()).add(sb.id)
     if table:
         children: dict[int, list[int]] = {}
-        for p in table.values():
-            if p.ppid:
-                children.setdefault(p.ppid, []).append(p.pid)
+        for proc in table.values():
+            if proc.ppid:
+                children.setdefault(proc.ppid, []).append(proc.pid)
         for sb in sbs:
             m = roots[sb.id]
             stack = [p for p in m if len(owned.get(p, ())) == 1]  # never descend a shared process
@@ -320,8 +321,10 @@ def _vcpu_tids(transport: NodeTransport, vmms: dict[int, str | None]) -> dict[in
     if not vmms:
         return {}
     dirs = transport.scan_dirs([f"/proc/{p}/task" for p in vmms])
-    tids = {p: [n for n, _ in (dirs.get(f"/proc/{p}/task") or []) if n.isdigit()]
-            if not isinstance(dirs.get(f"/proc/{p}/task"), OSError) else [] for p in vmms}
+    tids: dict[int, list[str]] = {}
+    for p in vmms:
+        entries = dirs.get(f"/proc/{p}/task")
+        tids[p] = [n for n, _ in entries if n.isdigit()] if isinstance(entries, list) else []
     got = transport.read_many([f"/proc/{p}/task/{n}/stat" for p, ns in tids.items() for n in ns], limit=4096)
     out: dict[int, list[int]] = {}
     for p, ns in tids.items():
@@ -553,16 +556,16 @@ def _cgroup_item(path: str, files: dict | None, a: _Sample, b: _Sample, dt: floa
         return out
     mf, cf = files.get("memory"), files.get("cpu")
     raw = b.cgroup.get(mf) if mf else None
-    if isinstance(raw, bytes):
+    if mf and isinstance(raw, bytes):
         try:
             out["memoryBytes"] = int(raw.decode("ascii", "replace").strip())
         except ValueError:
             out["error"] = f"{mf}: unexpected content"
-    elif isinstance(raw, OSError):
+    elif mf and isinstance(raw, OSError):
         out["error"] = (f"{posixpath.dirname(mf)}: no such cgroup" if isinstance(raw, FileNotFoundError)
                         else f"{mf}: {raw.strerror or raw}")
     ra, rb = (a.cgroup.get(cf), b.cgroup.get(cf)) if cf else (None, None)
-    if isinstance(ra, bytes) and isinstance(rb, bytes) and dt > 0:
+    if cf and isinstance(ra, bytes) and isinstance(rb, bytes) and dt > 0:
         ua, ub = _cpu_usage_ns(cf, ra), _cpu_usage_ns(cf, rb)
         if ua is not None and ub is not None:
             out["cpuMillis"] = round(max(0, ub - ua) / 1e9 / dt * 1000.0)
@@ -620,7 +623,7 @@ def percentile(values: list[float], p: float) -> float | None:
 
 def node_summary(items: list[dict]) -> dict:
     """Sums of one node: declared, measured, and under-reservation (measured over declared)."""
-    out = {"pods": len(items), "overDeclared": 0,
+    out: dict[str, Any] = {"pods": len(items), "overDeclared": 0,
            "declared": {"cpuMillis": 0, "memoryBytes": 0},
            "measured": {"cpuMillis": 0, "memoryBytes": 0},
            "underReserved": {"cpuMillis": 0, "memoryBytes": 0}}
@@ -645,7 +648,7 @@ def suggestions(items: list[dict], margin: float) -> list[dict]:
     out = []
     for rc, its in sorted(groups.items()):
         row: dict = {"runtimeClass": rc, "pods": len(its), "margin": margin}
-        sug = {}
+        sug: dict[str, int | None] = {}
         for f, key in (("memoryBytes", "memory"), ("cpuMillis", "cpu")):
             vals = [it["measured"].get(f) for it in its if it["measured"].get(f) is not None]
             p95 = percentile(vals, 95)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from typing import Any
 
 from katactl.errors import NotFound, UsageError
 from katactl.isolation import cgroups as cg
@@ -157,7 +158,7 @@ class Target:
         if self.role in ("sandbox", "overhead") or (self.role == "pod" and self.sandbox):
             who = self.pod or (self.sandbox or "")[:12]
             return f"{who} ({self.role})"
-        return self.pod or (f"pod uid {self.pod_uid}" if self.pod_uid else self.path)
+        return self.pod or (f"pod uid {self.pod_uid}" if self.pod_uid else self.path or "")
 
 
 def default_targets(node) -> list[Target]:
@@ -249,13 +250,14 @@ def kernel_extras(transport: NodeTransport, fs: cg.CgroupFS) -> frozenset:
 def target_files(fs: cg.CgroupFS, tg: Target, extras: frozenset | None = None) -> dict[str, list[tuple[str, str]]]:
     """signal -> candidate (node path, parser) list; the first that reads wins. ``extras``:
     the Alinux files to look for (None = all of them)."""
+    f: dict[str, list[tuple[str, str]]]
     if tg.path is None:
         f = {f"psi.{r}": [(f"/proc/pressure/{r}", "psi")] for r in RESOURCES}
         f["vmstat"] = [("/proc/vmstat", "flat")]
         f["diskstats"] = [("/proc/diskstats", "diskstats")]
         return f
     p = tg.path
-    f: dict[str, list[tuple[str, str]]] = {}
+    f = {}
     uni = fs._join(fs.v2, p) if fs.v2 is not None else None
     acct = fs.dir("cpuacct", p) if "cpuacct" in fs.v1 else None
     for r in RESOURCES:
@@ -283,8 +285,8 @@ def target_files(fs: cg.CgroupFS, tg: Target, extras: frozenset | None = None) -
         for name in ALINUX_CPU:
             if extras is None or name in extras:
                 f["x." + name] = [(f"{acct}/{name}", "hist")]
-    if fs.version_of("blkio") == 1:
-        b = fs.dir("blkio", p)
+    b = fs.dir("blkio", p) if fs.version_of("blkio") == 1 else None
+    if b is not None:
         f["io.bytes"] = [(b + "/blkio.throttle.io_service_bytes_recursive", "blkio"),
                          (b + "/blkio.throttle.io_service_bytes", "blkio")]
         f["io.ios"] = [(b + "/blkio.throttle.io_serviced_recursive", "blkio"),
@@ -306,10 +308,10 @@ def take_sample(transport: NodeTransport, paths: list[str]) -> Sample:
     return Sample((t0 + _clock()) / 2, raw)
 
 
-def _pick(sample: Sample, cands: list[tuple[str, str]]):
+def _pick(sample: Sample, cands: list[tuple[str, str]]) -> tuple[str, Any] | None:
     """(path, parsed value) of the first candidate that reads; (path, OSError|ValueError) of
     the first failure that is not 'missing'; None if every candidate is missing."""
-    err = None
+    err: tuple[str, Exception] | None = None
     for path, kind in cands:
         v = sample.raw.get(path)
         if isinstance(v, bytes):
@@ -351,22 +353,22 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample) ->
     unsupported, unreadable, ev = [], [], {}
     got: dict[str, tuple] = {}
     for sig, cands in files.items():
-        a, b = _pick(s1, cands), _pick(s2, cands)
-        if b is None:
-            if a is None or not isinstance(a[1], Exception):
+        first, last = _pick(s1, cands), _pick(s2, cands)
+        if last is None:
+            if first is None or not isinstance(first[1], Exception):
                 unsupported.append(sig.removeprefix("x."))
             continue
-        if isinstance(b[1], Exception):
-            unreadable.append({"file": b[0], "error": getattr(b[1], "strerror", None) or str(b[1])})
+        if isinstance(last[1], Exception):
+            unreadable.append({"file": last[0], "error": getattr(last[1], "strerror", None) or str(last[1])})
             continue
-        if a is None or isinstance(a[1], Exception) or a[0] != b[0]:
-            got[sig] = (b[0], None, b[1])
+        if first is None or isinstance(first[1], Exception) or first[0] != last[0]:
+            got[sig] = (last[0], None, last[1])
         else:
-            got[sig] = (b[0], a[1], b[1])
-        ev[sig] = b[0]
+            got[sig] = (last[0], first[1], last[1])
+        ev[sig] = last[0]
     gone = tg.path is not None and not any(isinstance(s2.raw.get(p), bytes) for c in files.values() for p, _ in c)
     # PSI
-    psi = {}
+    psi: dict[str, Any] = {}
     for r in RESOURCES:
         g = got.get(f"psi.{r}")
         if not g:
@@ -522,7 +524,7 @@ def _io_rates(got: dict, dt: float, tg: Target) -> dict | None:
     rows = sorted(devs.values(), key=lambda e: tuple(int(x) for x in e["device"].split(":")))
     tot = {}
     for k in ("readBytesPerSec", "writeBytesPerSec", "readIops", "writeIops"):
-        vals = [d.get(k) for d in rows if isinstance(d.get(k), (int, float))]
+        vals = [v for d in rows if isinstance(v := d.get(k), (int, float))]
         tot[k] = round(sum(vals), 1) if vals else (0.0 if not rows else None)
     return {**tot, "devices": rows}
 
@@ -599,7 +601,7 @@ def _stall(r: dict, res: str):
 
 def _pressure_score(r: dict) -> tuple[float, str | None, dict]:
     """(score, resource, evidence) of the worst signal of one row."""
-    best = (0.0, None, {})
+    best: tuple[float, str | None, dict] = (0.0, None, {})
     for res in RESOURCES:
         s = _stall(r, res)
         if isinstance(s, (int, float)) and s > best[0]:
