@@ -6,11 +6,15 @@ resctrl tree) for one transport.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
 
 from katactl.errors import NotFound, UsageError
 from katactl.isolation import cgroups as cg
 from katactl.isolation import io, resctrl, threads
 from katactl.backends.base import NodeTransport
+
+if TYPE_CHECKING:
+    from katactl.sandbox import Sandbox
 
 _UID_RE = re.compile(r"^[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}$")
 
@@ -23,10 +27,10 @@ class Node:
 
     def __init__(self, transport: NodeTransport):
         self.t = transport
-        self._fs = None
-        self._sandboxes = None
-        self._rdt = None
-        self._devices = None
+        self._fs: cg.CgroupFS | None = None
+        self._sandboxes: list[Sandbox] | None = None
+        self._rdt: dict | None = None
+        self._devices: dict[str, str] | None = None
 
     @property
     def devices(self) -> dict[str, str]:
@@ -42,14 +46,14 @@ class Node:
         return self._fs
 
     @property
-    def sandboxes(self) -> list:
+    def sandboxes(self) -> list[Sandbox]:
         if self._sandboxes is None:
             from katactl import sandbox
 
             self._sandboxes = sandbox.discover(self.t, check=False)
         return self._sandboxes
 
-    def resolve_sandbox(self, ref: str):
+    def resolve_sandbox(self, ref: str) -> Sandbox:
         from katactl import sandbox
 
         return sandbox.resolve(self.t, ref, check=False)
@@ -60,9 +64,9 @@ class Node:
     def overhead_cgroup(self, sb) -> str | None:
         return cg.expand_systemd(sb.overhead_cgroup_path) if sb.overhead_cgroup_path else None
 
-    def sandbox_by_pod_cgroup(self) -> dict[str, object]:
+    def sandbox_by_pod_cgroup(self) -> dict[str, Sandbox]:
         """pod cgroup path -> sandbox (and pod uid -> sandbox under key 'uid:<uid>')."""
-        out: dict[str, object] = {}
+        out: dict[str, Sandbox] = {}
         for sb in self.sandboxes:
             p = self.sandbox_cgroup(sb)
             pod = cg.pod_cgroup_path(p) if p else None
@@ -122,6 +126,8 @@ def inspect_cgroup(node: Node, target: str | None, pid: int | None = None) -> di
             if p and p not in seen:
                 seen.append(p)
                 cgroups.append((f"process ({lab})" if len(seen) > 1 else "process", p))
+    elif target is None:
+        raise UsageError("give exactly one of TARGET or --pid PID")
     elif target.startswith("/"):
         cgroups.append(("path", fs.resolve_path(target)))
     elif target.startswith("pod/") and _UID_RE.fullmatch(target[4:]) or _UID_RE.fullmatch(target):
@@ -266,12 +272,16 @@ ALINUX_MEMCG = ("memory.use_priority_oom", "memory.priority", "memory.wmark_rati
 
 def memcg_support(node: Node) -> dict:
     t, fs = node.t, node.fs
-    d = next((fs.dir("memory", p) for p in ("/kubepods", "/kubepods.slice", "/")
-              if fs.dir("memory", p) and t.is_dir(fs.dir("memory", p))), None)
+    d = None
+    for p in ("/kubepods", "/kubepods.slice", "/"):
+        cand = fs.dir("memory", p)
+        if cand and t.is_dir(cand):
+            d = cand
+            break
     if d is None:
         return {"supported": False, "reason": "no memory controller mounted", "features": {}}
     feats = {f: t.exists(f"{d}/{f}") for f in ALINUX_MEMCG}
-    out = {"supported": True, "version": fs.version_of("memory"), "features": feats}
+    out: dict[str, Any] = {"supported": True, "version": fs.version_of("memory"), "features": feats}
     missing = [f for f, ok in feats.items() if not ok]
     if missing:
         out["unsupported"] = missing
@@ -318,6 +328,7 @@ def inspect_rdt(node: Node, interval: str | float = 0.0, with_sandboxes: bool = 
                          "reason": "resctrl is not mounted (mount -t resctrl resctrl /sys/fs/resctrl)",
                          "cpuFlags": resctrl.cpu_has_rdt(node.t)}, "items": []}
     tree = node.rdt(interval)
+    assert tree is not None  # resctrl is mounted (checked above)
     meta = {"supported": True, "root": tree["root"], "options": sorted(fs.resctrl.options - {"rw", "relatime"}),
             "info": _info_json(tree["info"])}
     if with_sandboxes:

@@ -13,14 +13,24 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Iterator
+from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from katactl.errors import OperationFailed
+
+if TYPE_CHECKING:
+    import gzip
 
 CHUNK = 4 << 20                # streaming chunk; memory stays ~ (4 read-ahead + 8 hash queue) chunks
 ZBLOCK = 64 << 10              # hole granularity of uncompressed copies
 ZERO_BLOCK = bytes(ZBLOCK)
 ZERO_CHUNK = bytes(CHUNK)
+
+
+def _pipe(f: IO[bytes] | None) -> IO[bytes]:
+    """A stream of a Popen asked for with PIPE (never None then)."""
+    if f is None:
+        raise RuntimeError("internal: the subprocess was started without this pipe")
+    return f
 
 
 class RateLimit:
@@ -86,6 +96,7 @@ def iter_uncompressed(part: str, dst_len: int, compress: str) -> Iterator[bytes]
                 yield b
         else:
             p = subprocess.Popen([mod, "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            stdin, stdout = _pipe(p.stdin), _pipe(p.stdout)
             import threading
 
             def feed():
@@ -94,14 +105,14 @@ def iter_uncompressed(part: str, dst_len: int, compress: str) -> Iterator[bytes]
                         b = lim.read(CHUNK)
                         if not b:
                             break
-                        p.stdin.write(b)
+                        stdin.write(b)
                 finally:
-                    p.stdin.close()
+                    stdin.close()
 
             t = threading.Thread(target=feed, daemon=True)
             t.start()
             while True:
-                b = p.stdout.read(CHUNK)
+                b = stdout.read(CHUNK)
                 if not b:
                     break
                 yield b
@@ -110,10 +121,10 @@ def iter_uncompressed(part: str, dst_len: int, compress: str) -> Iterator[bytes]
 
 
 class _Limited:
-    def __init__(self, f, n):
+    def __init__(self, f: IO[bytes], n: int):
         self.f, self.left = f, n
 
-    def read(self, n=-1):
+    def read(self, n: int | None = -1) -> bytes:
         if self.left <= 0:
             return b""
         n = self.left if n is None or n < 0 else min(n, self.left)
@@ -121,8 +132,13 @@ class _Limited:
         self.left -= len(b)
         return b
 
-    def readable(self):
+    def readable(self) -> bool:
         return True
+
+    def seek(self, n: int, whence: int = 0) -> int:  # gzip seeks only to rewind, which reading never does
+        import io
+
+        raise io.UnsupportedOperation("seek")
 
 
 # -- pipeline: read ahead and hash on their own threads (hashlib and os I/O release the GIL)
@@ -313,7 +329,7 @@ class _GzipWriter(_FramedWriter):
 
         super().__init__(fd, level)
         self._gzip = gzip
-        self.g = None
+        self.g: gzip.GzipFile | None = None
 
     def write(self, b: bytes) -> None:
         if self.g is None:
@@ -330,33 +346,30 @@ class _ZstdWriter(_FramedWriter):
     def __init__(self, fd: int, level: int = 3):
         super().__init__(fd, level)
         self.kind, self.mod = zstd_backend()
-        self.c = None
-
-    def _start(self):
-        if self.kind == "module":
-            self.c = self.mod.ZstdCompressor(level=self.level, threads=-1).stream_writer(
-                self.f, closefd=False)
-        else:
-            self.f.flush()
-            self.c = subprocess.Popen([self.mod, "-q", "-c", f"-{self.level}", "-T0"], stdin=subprocess.PIPE,
-                                      stdout=self.f.fileno(), stderr=subprocess.PIPE)
+        self.c: Any = None                                 # the open frame: a zstandard stream writer
+        self.proc: subprocess.Popen[bytes] | None = None  # or the zstd binary writing it
 
     def write(self, b: bytes) -> None:
-        if self.c is None:
-            self._start()
         if self.kind == "module":
+            if self.c is None:
+                self.c = self.mod.ZstdCompressor(level=self.level, threads=-1).stream_writer(
+                    self.f, closefd=False)
             self.c.write(b)
-        else:
-            try:
-                self.c.stdin.write(b)
-            except BrokenPipeError:
-                self._check()
-                raise
+            return
+        if self.proc is None:
+            self.f.flush()
+            self.proc = subprocess.Popen([self.mod, "-q", "-c", f"-{self.level}", "-T0"], stdin=subprocess.PIPE,
+                                         stdout=self.f.fileno(), stderr=subprocess.PIPE)
+        try:
+            _pipe(self.proc.stdin).write(b)
+        except BrokenPipeError:
+            self._check(self.proc)
+            raise
 
-    def _check(self):
-        err = self.c.stderr.read().decode(errors="replace") if self.c.stderr else ""
-        rc = self.c.wait()
-        self.c = None
+    def _check(self, proc: subprocess.Popen[bytes]) -> None:
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        rc = proc.wait()
+        self.proc = None
         if rc != 0:
             if "space" in err.lower():
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -364,18 +377,17 @@ class _ZstdWriter(_FramedWriter):
 
     def _close_frame(self) -> None:
         if self.c is not None:
-            if self.kind == "module":
-                self.c.flush(self.mod.FLUSH_FRAME)
-                self.c = None
-            else:
-                self.c.stdin.close()
-                self._check()
+            self.c.flush(self.mod.FLUSH_FRAME)
+            self.c = None
+        if self.proc is not None:
+            _pipe(self.proc.stdin).close()
+            self._check(self.proc)
 
     def close(self) -> None:
-        if self.c is not None and self.kind != "module":
+        if self.proc is not None:
             try:
-                self.c.kill()
-                self.c.wait()
+                self.proc.kill()
+                self.proc.wait()
             except OSError:
                 pass
         super().close()
@@ -415,6 +427,7 @@ class Inflater:
     def __init__(self, compress: str, sink):
         self.out = 0
         self._sink = sink
+        self._impl: _GzipInflate | _ZstdModuleInflate | _ZstdProcInflate
         if compress == "gzip":
             self._impl = _GzipInflate(self._emit)
         elif compress == "zstd":
@@ -517,6 +530,7 @@ class _ZstdProcInflate:
         self._emit = emit
         self._p = subprocess.Popen([exe, "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
+        self._stdin, self._stdout, self._stderr = _pipe(self._p.stdin), _pipe(self._p.stdout), _pipe(self._p.stderr)
         self._err: BaseException | None = None
         self._t = threading.Thread(target=self._read, name="vmcore-unzstd", daemon=True)
         self._t.start()
@@ -524,7 +538,7 @@ class _ZstdProcInflate:
     def _read(self) -> None:
         try:
             while True:
-                b = self._p.stdout.read(CHUNK)
+                b = self._stdout.read(CHUNK)
                 if not b:
                     return
                 self._emit(b)
@@ -537,18 +551,18 @@ class _ZstdProcInflate:
         if self._err is not None:
             return self._err
         rc = self._p.wait()
-        err = self._p.stderr.read().decode("utf-8", "replace").strip()
+        err = self._stderr.read().decode("utf-8", "replace").strip()
         return _corrupt("zstd", err[-300:] or f"zstd -d exited {rc}")
 
     def feed(self, data: bytes) -> None:
         try:
-            self._p.stdin.write(data)
+            self._stdin.write(data)
         except (BrokenPipeError, ValueError):
             raise self._failed() from None
 
     def finish(self) -> None:
         try:
-            self._p.stdin.close()
+            self._stdin.close()
         except BrokenPipeError:
             pass
         self._t.join()
@@ -560,10 +574,10 @@ class _ZstdProcInflate:
         if self._p.poll() is None:
             self._p.kill()
         try:
-            self._p.stdin.close()
+            self._stdin.close()
         except (BrokenPipeError, OSError, ValueError):
             pass
         self._t.join(timeout=5)
         self._p.wait()
-        for f in (self._p.stdout, self._p.stderr):
+        for f in (self._stdout, self._stderr):
             f.close()
