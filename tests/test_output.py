@@ -273,3 +273,36 @@ def test_markdown_is_an_output_format():
     from katactl.output import FORMATS
 
     assert "markdown" in FORMATS and "markdown" in OUTPUT_HELP
+
+
+def test_json_chunks_is_json_dumps_text():
+    """-o json's fast encoder (json_chunks) writes exactly what json.dumps(indent=2) writes,
+    for the awkward cases too: empty containers, non-str keys, escapes, enums, dataclasses,
+    sets and bytes through the default hook, deep nesting."""
+    import dataclasses
+    import enum
+
+    from katactl.output import _json_default, json_chunks
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    @dataclasses.dataclass
+    class Row:
+        x: int
+        y: list
+
+    cases = [
+        {}, [], {"a": {}}, {"a": []}, [[], {}], {"k": [1, 2.5, -0.0, 1e-7, 1e22, 12345678901234567890]},
+        {"s": "é\u2028\n\t\"\\ \x00\x1b ☃ 𝄞"}, {"t": True, "f": False, "n": None},
+        {1: "int key", 2.5: "float key", True: "bool key", None: "none key"},
+        {"e": Level.HIGH}, {"d": Row(1, [{"z": {3, 1, 2}}])}, {"b": b"bytes\xff"},
+        {"nested": [[[[{"deep": [1]}]]]]}, "top-level string", 5, None, [None, True],
+        {"items": [{"id": f"{i:032x}", "vcpus": i, "pod": {"name": f"p{i}"}} for i in range(3000)]},
+    ]
+    for case in cases:
+        assert "".join(json_chunks(case)) == json.dumps(case, indent=2, ensure_ascii=False, default=_json_default)
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(ValueError):
+        json_chunks(loop)
