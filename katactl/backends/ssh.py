@@ -58,7 +58,7 @@ import socket
 import stat as st
 import threading
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from katactl.backends import knownhosts, sshconfig
 from katactl.backends.base import FileStat
@@ -66,10 +66,14 @@ from katactl.backends.remote import RELAY, ChannelSocket, RemoteTransport, _chec
 from katactl.errors import (AuthError, HostKeyError, KatactlError, TimeoutExpired, UnreachableError,
                             UsageError)
 
+if TYPE_CHECKING:
+    from paramiko import SFTPClient
+
 WINDOW = 16 << 20          # channel window: bounds memory per streaming channel
 MAX_PACKET = 256 << 10     # large packets: far fewer per-packet Python round trips
 MAX_IDLE = 32             # idle pooled connections kept for reuse
 MAX_SESSIONS = 8          # exec channels at once per connection (sshd MaxSessions 10: SFTP + margin)
+
 
 # -- connection pool ------------------------------------------------------------
 class _Conn:
@@ -83,7 +87,7 @@ class _Conn:
         # paramiko's SFTPClient is not safe for concurrent requests (two threads
         # reading responses off one channel hang): one SFTP call at a time.
         self.sftp_lock = threading.RLock()
-        self._sftp = None
+        self._sftp: SFTPClient | None = None
         self._pipe: _Pipe | None = None
         self.trust = ""
         # sshd's MaxSessions defaults to 10 per connection (SFTP takes one):
@@ -94,15 +98,22 @@ class _Conn:
         self.last_used = time.monotonic()
         self.closed = False
 
-    def sftp(self):
+    def _session(self) -> "tuple[SFTPClient, _Pipe]":
+        """This connection's SFTP session and its pipe, opened when there is none or its
+        channel closed: both are read under the lock that reset_sftp() takes."""
         with self.lock:
-            if self._sftp is None or self._sftp.sock.closed:
+            if self._sftp is None or self._pipe is None or self._sftp.sock.closed:
                 import paramiko
 
-                self._sftp = paramiko.SFTPClient.from_transport(
+                sftp = paramiko.SFTPClient.from_transport(
                     self.t, window_size=WINDOW, max_packet_size=MAX_PACKET)
-                self._pipe = _Pipe(self._sftp)
-            return self._sftp
+                if sftp is None:  # paramiko: the transport could not open the channel
+                    raise UnreachableError(f"{self.name}: cannot open an SFTP session")
+                self._sftp, self._pipe = sftp, _Pipe(sftp)
+            return self._sftp, self._pipe
+
+    def sftp(self) -> "SFTPClient":
+        return self._session()[0]
 
     def reset_sftp(self) -> None:
         """Drop the SFTP session (after a failure mid-exchange); the next call opens a new one."""
@@ -117,8 +128,7 @@ class _Conn:
     def pipe(self) -> "_Pipe":
         """The pipelined-request layer of this connection's SFTP session
         (use it under sftp_lock)."""
-        self.sftp()
-        return self._pipe
+        return self._session()[1]
 
     def alive(self) -> bool:
         return self.t.is_active()
@@ -222,7 +232,8 @@ def _import_paramiko(need_invoke: bool):
             return sys.modules["paramiko"]
         block = not need_invoke and "invoke" not in sys.modules
         if block:
-            sys.modules["invoke"] = None  # makes "import invoke" raise ImportError
+            # makes "import invoke" raise ImportError (typeshed's sys.modules does not admit None)
+            sys.modules["invoke"] = None  # type: ignore[assignment]
         try:
             import paramiko
         finally:
@@ -379,7 +390,7 @@ def _authenticate(t, target: sshconfig.Target, name: str) -> None:
             agent_keys = ()
         if target.identities_only:
             blobs = {k.asbytes() for _, k in candidates}
-            agent_keys = [k for k in agent_keys if k.asbytes() in blobs]
+            agent_keys = tuple(k for k in agent_keys if k.asbytes() in blobs)
         candidates.extend(("agent", k) for k in agent_keys)
     for _src, key in candidates:
         tried += 1
@@ -578,7 +589,7 @@ class _Pipe:
                 elif isinstance(a, int):
                     msg.add_int(a)
                 elif isinstance(a, SFTPAttributes):
-                    a._pack(msg)
+                    a._pack(msg)  # type: ignore[attr-defined]  # private: not in the stubs
                 else:
                     msg.add_string(a)
             sftp._expecting[num] = self
@@ -722,7 +733,7 @@ def _pipe_read(pipe: _Pipe, items: list[tuple[str, str]], limit: int | None) -> 
                     t, msg = pipe.wait(f.fstat)
                     f.fstat = None
                     if t == CMD_ATTRS:
-                        a = SFTPAttributes._from_msg(msg)
+                        a = SFTPAttributes._from_msg(msg)  # type: ignore[attr-defined]  # private: not in the stubs
                         if st.S_ISDIR(a.st_mode or 0):
                             f.err = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), f.path)
                         elif st.S_ISREG(a.st_mode or 0):
@@ -761,7 +772,7 @@ def _pipe_stat(pipe: _Pipe, items: list[tuple[str, str]], follow_symlinks: bool)
         for k, num in sent:
             t, msg = pipe.wait(num)
             if t == CMD_ATTRS:
-                out[k] = _file_stat(SFTPAttributes._from_msg(msg))
+                out[k] = _file_stat(SFTPAttributes._from_msg(msg))  # type: ignore[attr-defined]  # private: not in the stubs
             else:
                 out[k] = _status_error(t, msg, k) or OSError(errno.EIO, "SFTP stat failed", k)
     return out
@@ -793,7 +804,7 @@ def _pipe_scandirs(pipe: _Pipe, items: list[tuple[str, str]]) -> dict:
                 for _ in range(msg.get_int()):
                     name = msg.get_text()
                     msg.get_text()  # longname
-                    a = SFTPAttributes._from_msg(msg)
+                    a = SFTPAttributes._from_msg(msg)  # type: ignore[attr-defined]  # private: not in the stubs
                     if name not in (".", ".."):
                         entries.append((name, _file_stat(a)))
                 if not eof:
@@ -886,7 +897,7 @@ def _pipe_fsync(pipe: _Pipe, path: str, remote: str, want_dir: bool) -> OSError 
     n_sync = pipe.send(CMD_EXTENDED, "fsync@openssh.com", h)
     n_close = pipe.send(CMD_CLOSE, h)
     t, msg = pipe.wait(n_stat)
-    is_dir = t == CMD_ATTRS and st.S_ISDIR(SFTPAttributes._from_msg(msg).st_mode or 0)
+    is_dir = t == CMD_ATTRS and st.S_ISDIR(SFTPAttributes._from_msg(msg).st_mode or 0)  # type: ignore[attr-defined]  # private: not in the stubs
     t, msg = pipe.wait(n_sync)
     err = _status_error(t, msg, path)
     pipe.wait(n_close)
