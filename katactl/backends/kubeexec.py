@@ -524,33 +524,9 @@ class KubeExecTransport(RemoteTransport):
             raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found on {self.node}", argv[0])
         return RunResult(argv, rc, out, err)
 
-    def _stream(self, argv, chunk_size, timeout, path, what):
+    def _stream_channel(self, argv, timeout: float):
         # no stdin for a stream: nothing is sent, and v4 needs no half-close
-        timeout = self.timeout if timeout is None else timeout
-        chan = self._exec_channel(argv, timeout, stdin=False)
-        chan.settimeout(timeout)
-        node = self.node
-
-        def chunks():
-            try:
-                while True:
-                    try:
-                        b = chan.recv(chunk_size)
-                    except socket.timeout:
-                        raise TimeoutExpired(f"{path}: no data for {timeout:g}s") from None
-                    if not b:
-                        break
-                    yield b
-                rc = chan.recv_exit_status()
-                if rc != 0:
-                    err = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
-                    if rc == 127:
-                        raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found on {node}", argv[0])
-                    raise OSError(errno.EIO, f"{what}: {err or f'exit {rc}'}", path)
-            finally:
-                chan.close()
-
-        return chunks()
+        return self._exec_channel(argv, timeout, stdin=False)
 
     # -- the file helper -----------------------------------------------------------------
     def _helper_chan(self) -> WSChannel:

@@ -140,11 +140,16 @@ class RemoteTransport(NodeTransport):
         argv = _check_argv(argv)
         return self._stream(argv, chunk_size, timeout, argv[0], f"{argv[0]} failed on {self.node}")
 
+    def _stream_channel(self, argv, timeout: float):
+        """An exec channel for a stream: stdout read, stdin closed at once."""
+        chan = self._exec_channel(argv, timeout)
+        chan.shutdown_write()
+        return chan
+
     def _stream(self, argv, chunk_size: int, timeout: float | None, path: str, what: str) -> Iterator[bytes]:
         timeout = self.timeout if timeout is None else timeout
-        chan = self._exec_channel(argv, timeout)
+        chan = self._stream_channel(argv, timeout)
         chan.settimeout(timeout)
-        chan.shutdown_write()
 
         def chunks():
             try:
