@@ -173,13 +173,19 @@ def scrape_all(transport: NodeTransport, sandboxes, *, timeout: float, workers: 
         except Exception as e:  # one shim's failure is that row's data
             return sb.id, as_katactl_error(e)
 
+    return _each_sandbox(one, sandboxes, workers)
+
+
+def _each_sandbox(one, sandboxes, workers: int) -> dict:
+    """dict(one(sb) for sb in sandboxes), ``workers`` shims at a time. On Ctrl-C the pool
+    is abandoned, never awaited: a scrape stuck on a shim must not hold the exit (the CLI
+    leaves without it)."""
     if not sandboxes:
         return {}
     ex = ThreadPoolExecutor(max_workers=max(1, min(workers, len(sandboxes))), thread_name_prefix="katactl-scrape")
     try:
         out = dict(ex.map(one, sandboxes))
     except BaseException:
-        # Ctrl-C: never wait for a scrape stuck on a shim (the CLI exits without it)
         ex.shutdown(wait=False, cancel_futures=True)
         raise
     ex.shutdown(wait=True)
@@ -517,16 +523,7 @@ def scrape_families(transport: NodeTransport, sandboxes, *, timeout: float, work
         except Exception as e:  # one shim's failure is that sandbox's scrape error
             return sb.id, as_katactl_error(e)
 
-    if not sandboxes:
-        return {}
-    ex = ThreadPoolExecutor(max_workers=max(1, min(workers, len(sandboxes))), thread_name_prefix="katactl-scrape")
-    try:
-        out = dict(ex.map(one, sandboxes))
-    except BaseException:
-        ex.shutdown(wait=False, cancel_futures=True)
-        raise
-    ex.shutdown(wait=True)
-    return out
+    return _each_sandbox(one, sandboxes, workers)
 
 
 def scrape_node(transport: NodeTransport, *, timeout: float, prefixes=None, workers: int = 32) -> list[dict]:

@@ -659,15 +659,6 @@ class KubeExecTransport(RemoteTransport):
             out[p] = sorted(((e[0], self._fs(e[1:5])) for e in r["d"]), key=lambda x: x[0])
         return out
 
-    def scan_dir(self, path: str, follow_symlinks: bool = True) -> list:
-        r = self.scan_dirs([path], follow_symlinks)[path]
-        if isinstance(r, OSError):
-            raise r
-        return r
-
-    def listdir(self, path: str) -> list[str]:
-        return [n for n, _ in self.scan_dir(path, follow_symlinks=False)]
-
     def readlink(self, path: str) -> str:
         return self._one({"op": "readlink", "path": self.remote(path)}, path)["v"]
 

@@ -140,6 +140,16 @@ class RemoteTransport(NodeTransport):
         argv = _check_argv(argv)
         return self._stream(argv, chunk_size, timeout, argv[0], f"{argv[0]} failed on {self.node}")
 
+    def scan_dir(self, path: str, follow_symlinks: bool = True) -> list:
+        """One directory through the batched scan_dirs the channel implements."""
+        r = self.scan_dirs([path], follow_symlinks)[path]
+        if isinstance(r, OSError):
+            raise r
+        return r
+
+    def listdir(self, path: str) -> list[str]:
+        return [n for n, _ in self.scan_dir(path, follow_symlinks=False)]
+
     def _stream_channel(self, argv, timeout: float):
         """An exec channel for a stream: stdout read, stdin closed at once."""
         chan = self._exec_channel(argv, timeout)
