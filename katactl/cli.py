@@ -290,7 +290,9 @@ def expand_dry_run(args: list[str]) -> list[str]:
     """kubectl's ``--dry-run=client|server|none`` on top of katactl's ``--dry-run`` flag:
     =client is the flag, =server adds the hidden ``--dry-run-server`` of the commands
     that can ask the API server to validate without storing (Typer has no options
-    with an optional value)."""
+    with an optional value); other commands refuse =server with a clear message."""
+    if not any(a.startswith("--dry-run=") for a in args):
+        return args
     out: list[str] = []
     for i, a in enumerate(args):
         if a == "--":
@@ -299,6 +301,10 @@ def expand_dry_run(args: list[str]) -> list[str]:
             mode = a.split("=", 1)[1]
             if mode not in ("client", "server", "none"):
                 raise UsageError(f"invalid --dry-run value {mode!r}: client, server or none")
+            if mode == "server" and "--dry-run-server" not in _leaf_option_names(
+                    args[next((j for j, x in enumerate(args) if x in REGISTRY), len(args)):]):
+                raise UsageError("--dry-run=server is for commands that change Kubernetes objects "
+                                 "(node cordon, uncordon, drain); use --dry-run here")
             out += {"client": ["--dry-run"], "server": ["--dry-run", "--dry-run-server"], "none": []}[mode]
         else:
             out.append(a)

@@ -640,3 +640,10 @@ def test_nodes_drain_one_after_another_unless_parallel(cli, kube, kc):
     cordon2, last1 = order("--parallel", "2")
     assert cordon2 < last1  # overlapped
     assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")
+
+
+def test_dry_run_server_only_where_the_api_can_validate(cli):
+    r = cli(["vmcore", "trigger", "x", "--dry-run=server"])
+    assert r.exit_code == 2 and "--dry-run=server is for commands" in r.stderr
+    r = cli(["upgrade", "switch", "1.0", "--dry-run=maybe"])
+    assert r.exit_code == 2 and "client, server or none" in r.stderr
