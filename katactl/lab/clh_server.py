@@ -32,9 +32,9 @@ class _H(httpunix.Handler):
     server_version = "cloud-hypervisor"
 
     def _err(self, msgs: list[str]) -> None:
-        srv = self.server
-        code = 400 if srv.major >= 53 else 500
-        if srv.major >= 47:
+        major: int = self.server.major  # type: ignore[attr-defined]  # set by httpunix.serve(major=...)
+        code = 400 if major >= 53 else 500
+        if major >= 47:
             self.send(code, msgs)
         else:
             self.send(code, "\n".join(msgs), "text/plain")

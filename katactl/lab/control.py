@@ -132,7 +132,7 @@ def _daemon(root: str, st: dict | None) -> tuple[str, "ProcIdentity | None"]:
     return ("running" if ours else "foreign"), now
 
 
-def _foreign_message(root: str, pid: int, now: "ProcIdentity | None") -> str:
+def _foreign_message(root: str, pid: object, now: "ProcIdentity | None") -> str:
     return (f"pid {pid} in {os.path.join(root, LAB_DIR, 'state.json')} is not the lab daemon katactl "
             f"started (it is now: {now.describe() if now else '?'}): the daemon is gone and its pid reused, "
             "or the state file was edited")
@@ -339,8 +339,11 @@ def _our_qemus(st: dict | None) -> list[tuple[dict, int]]:
     match the process at the pid (an older state without them: its argv names qemu)."""
     from katactl.procfacts import LocalProcessFacts, ProcIdentity
 
-    cands = [(s, s.get("qemuPid")) for s in (st or {}).get("sandboxes", []) if isinstance(s, dict)]
-    cands = [(s, q) for s, q in cands if isinstance(q, int) and not isinstance(q, bool) and q > 0]
+    cands: list[tuple[dict, int]] = []
+    for s in (st or {}).get("sandboxes", []):
+        q = s.get("qemuPid") if isinstance(s, dict) else None
+        if isinstance(q, int) and not isinstance(q, bool) and q > 0:
+            cands.append((s, q))
     now = LocalProcessFacts().identities([q for _, q in cands])
     out = []
     for s, q in cands:
@@ -416,8 +419,8 @@ def _down(root: str, timeout: float, dry_run: bool, force: bool) -> dict:
         if daemon != "running":
             result["status"] = "dead"
         return result
-    if daemon == "running":
-        _stop_pid(pid, timeout, identity=now)
+    if daemon == "running" and now is not None:  # running: now is the daemon, at pid
+        _stop_pid(now.pid, timeout, identity=now)
     _cleanup(root)
     if os.path.exists(root):
         raise OperationFailed(f"could not remove {root}")

@@ -34,9 +34,17 @@ import sys
 import threading
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from katactl import procfacts
 from katactl.lab import layout as L
+
+if TYPE_CHECKING:
+    from katactl.backends.qmp import QMPClient
+    from katactl.lab.clh_server import ClhServer
+    from katactl.lab.fc_server import FcServer
+    from katactl.lab.shimserver import ShimServer
+    from katactl.lab.vm import GuestAssets
 
 LAB_DIR = ".katactl-lab"
 EXT_API = "katactl.io/shim-ext/v1"
@@ -78,9 +86,9 @@ class LabSandbox:
         self.error: str | None = None
         self.proc: subprocess.Popen | None = None
         self.qemu_identity: procfacts.ProcIdentity | None = None
-        self.qmp = None
-        self.api = None
-        self.shim = None
+        self.qmp: QMPClient | None = None
+        self.api: ClhServer | FcServer | None = None
+        self.shim: ShimServer | None = None
         self.target: int | None = None
         #: wall time the balloon last moved (BALLOON_CHANGE) or was asked to
         self.moved_at: float = 0.0
@@ -107,6 +115,30 @@ class LabSandbox:
         # (extra_monitor_socket = "qmp", write_kata_config); persist.json never holds it
         self.paths = L.write_go_sandbox(self.lab.root, self.id, **kw)
 
+    def laid_out(self) -> L.SandboxPaths:
+        """The sandbox's paths (lay_out() has run: every later step needs them)."""
+        if self.paths is None:
+            raise RuntimeError(f"internal: sandbox {self.name} is not laid out yet")
+        return self.paths
+
+    def qemu_proc(self) -> subprocess.Popen:
+        """The QEMU process (start_qemu() has run)."""
+        if self.proc is None:
+            raise RuntimeError(f"internal: QEMU of sandbox {self.name} is not started")
+        return self.proc
+
+    def monitor(self) -> QMPClient:
+        """The QMP connection the shim holds (what _need_running() checked for)."""
+        if self.qmp is None:
+            raise ExtError(503, "MonitorUnavailable", "the shim holds no monitor connection")
+        return self.qmp
+
+    def api_server(self) -> ClhServer | FcServer:
+        """The Cloud Hypervisor / Firecracker API server (start_api_server() has run)."""
+        if self.api is None:
+            raise ExtError(503, "HypervisorGone", "the VM is not running")
+        return self.api
+
     def vm_dir(self) -> str:
         return self.lab.real(f"{L.GO_VM}/{self.id}")
 
@@ -116,6 +148,8 @@ class LabSandbox:
         d = self.vm_dir()
         os.makedirs(d, exist_ok=True)
         sp = self.spec
+        if self.lab.assets is None:
+            raise RuntimeError("internal: the lab's guest assets are not prepared")
         argv = vm.qemu_argv(self.lab.assets, d, name=self.id, memory_mib=self.memory // MIB,
                             balloon=sp.get("balloon", True), pvpanic=True,
                             extra_monitor=sp.get("extra_monitor", True), qemu=self.lab.qemu)
@@ -133,26 +167,28 @@ class LabSandbox:
         from katactl.backends.qmp import QMPClient
 
         sock = os.path.join(self.vm_dir(), "qmp.sock")
+        proc = self.qemu_proc()
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu exited with {self.proc.returncode}: {self._qemu_log()}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"qemu exited with {proc.returncode}: {self._qemu_log()}")
             if os.path.exists(sock):
                 try:
                     if not self.spec.get("hold_qmp", True):
                         return
-                    self.qmp = QMPClient.connect(LocalTransport(), sock, timeout=10, greeting_timeout=2)
+                    qmp = QMPClient.connect(LocalTransport(), sock, timeout=10, greeting_timeout=2)
                     break
                 except Exception:
                     pass
             if time.monotonic() > deadline:
                 raise RuntimeError("qmp.sock never answered")
             time.sleep(0.05)
-        self.qmp.on_event = self._on_event
-        self.qmp.start_reader()
+        self.qmp = qmp
+        qmp.on_event = self._on_event
+        qmp.start_reader()
         if self.spec.get("balloon", True):
             try:
-                self.qmp.execute("qom-set", {"path": "/machine/peripheral/balloon0",
+                qmp.execute("qom-set", {"path": "/machine/peripheral/balloon0",
                                              "property": "guest-stats-polling-interval", "value": 1})
             except Exception:
                 pass
@@ -170,9 +206,10 @@ class LabSandbox:
         if not self.spec.get("guest", True) or self.hv != "qemu":
             return
         deadline = time.monotonic() + timeout
+        proc = self.qemu_proc()
         while not vm.console_ready(self.vm_dir()):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu exited with {self.proc.returncode}: {self._qemu_log()}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"qemu exited with {proc.returncode}: {self._qemu_log()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"guest did not boot within {timeout:g}s (see {self.vm_dir()}/console.log)")
             time.sleep(0.1)
@@ -181,7 +218,9 @@ class LabSandbox:
         from katactl.lab.clh_server import ClhServer
         from katactl.lab.fc_server import FcServer
 
-        sock = self.paths.api_socket
+        sock = self.laid_out().api_socket
+        if sock is None:
+            raise RuntimeError(f"internal: sandbox {self.name} ({self.hv}) has no API socket")
         os.makedirs(os.path.dirname(sock), exist_ok=True)
         bal = self.spec.get("balloon", True)
         if self.hv == "clh":
@@ -210,11 +249,12 @@ class LabSandbox:
     def _panic_dump(self, ev: dict) -> None:
         from katactl.lab import panic
 
-        with open(self.paths.state_file) as f:
+        paths = self.laid_out()
+        with open(paths.state_file) as f:
             hc = json.load(f)["Config"]["HypervisorConfig"]
         ctx = panic.PanicContext(root=self.lab.root, sandbox_id=self.id, qmp=self.qmp,
-                                 dump_path_node=DUMP_PATH, state_dir_node=self.paths.state_dir_node,
-                                 hypervisor_config=hc, qemu_path=self.lab.qemu, memory_bytes=self.memory,
+                                 dump_path_node=DUMP_PATH, state_dir_node=paths.state_dir_node,
+                                 hypervisor_config=hc, qemu_path=self.lab.qemu or "", memory_bytes=self.memory,
                                  paging=False, event=ev)
         try:
             self.panic = {"status": "dumping", "event": ev}
@@ -242,22 +282,22 @@ class LabSandbox:
         guest = None
         if self.hv == "qemu":
             try:
-                actual = int(self.qmp.execute("query-balloon")["actual"])
+                actual = int(self.monitor().execute("query-balloon")["actual"])
                 self.observe_actual(actual)
-                mem = self.qmp.execute("query-memory-size-summary")
+                mem = self.monitor().execute("query-memory-size-summary")
                 memory = int(mem.get("base-memory", 0)) + int(mem.get("plugged-memory", 0))
             except QMPError as e:
                 raise ExtError(409, e.error_class, e.desc) from None
             guest = self._qemu_guest_stats(fresh_wait) if with_guest else None
         else:
-            g = self.api.guest
+            g = self.api_server().guest
             memory = g.memory
             actual = memory - g.balloon_actual()
             st = g.guest_stats()
             guest = {"totalBytes": st["total"], "freeBytes": st["free"], "availableBytes": st["available"]}
         target = self.target if self.target is not None else memory
         if self.hv != "qemu":
-            target = self.api.guest.memory - self.api.guest.balloon_target()
+            target = self.api_server().guest.memory - self.api_server().guest.balloon_target()
         return {"hypervisor": self.hv, "memoryBytes": memory, "targetBytes": target,
                 "actualBytes": actual, "guest": guest}
 
@@ -275,9 +315,13 @@ class LabSandbox:
         QEMU keeps the last sample (``last-update``, whole seconds); a sample taken
         before the balloon moved would count the balloon's pages wrongly: then the
         answer is None and a fresh sample is requested for the next call."""
+        qmp = self.qmp
+        if qmp is None:
+            return None
+
         def read():
             try:
-                return self.qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0",
+                return qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0",
                                                     "property": "guest-stats"})
             except Exception:
                 return None
@@ -288,7 +332,7 @@ class LabSandbox:
             # answer "unknown" rather than wrong; a later call gets the fresh one
             try:
                 for v in (0, 1):
-                    self.qmp.execute("qom-set", {"path": "/machine/peripheral/balloon0",
+                    qmp.execute("qom-set", {"path": "/machine/peripheral/balloon0",
                                                  "property": "guest-stats-polling-interval", "value": v})
             except Exception:
                 pass
@@ -317,12 +361,13 @@ class LabSandbox:
             raise ExtError(400, "BadTarget", f"targetBytes must be in 1..{self.memory}")
         if self.hv == "qemu":
             try:
-                self.qmp.execute("balloon", {"value": int(target)})
+                self.monitor().execute("balloon", {"value": int(target)})
             except QMPError as e:
                 raise ExtError(409, e.error_class, e.desc) from None
             self.target = int(target)
         else:
-            self.api.guest.set_balloon(self.api.guest.memory - int(target))
+            guest = self.api_server().guest
+            guest.set_balloon(guest.memory - int(target))
         return self.balloon_get(fresh_wait=0.0)  # the answer must not wait for statistics
 
     def vmcore(self, fmt: str = "elf", paging: bool = False) -> dict:
@@ -337,7 +382,7 @@ class LabSandbox:
         os.makedirs(d, exist_ok=True)
         name = panic.vmcore_name(fmt=fmt)
         try:
-            self.qmp.execute("dump-guest-memory", {"paging": bool(paging), "format": fmt,
+            self.monitor().execute("dump-guest-memory", {"paging": bool(paging), "format": fmt,
                                                    "protocol": f"file:{os.path.join(d, name)}"}, timeout=600)
         except QMPError as e:
             raise ExtError(409, e.error_class, e.desc) from None
@@ -415,7 +460,8 @@ def make_shim(sb: "LabSandbox"):
             except Exception as e:  # noqa: BLE001
                 return _json_response(500, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
 
-    with open(sb.paths.state_file) as f:
+    paths = sb.laid_out()
+    with open(paths.state_file) as f:
         url = json.load(f).get("AgentState", {}).get("URL", "")
     st = ShimState(sandbox_id=sb.id, hypervisor=sb.hv, shim_pid=os.getpid(),
                    hypervisor_pid=sb.proc.pid if sb.proc else os.getpid(), agent_url=url,
@@ -424,7 +470,7 @@ def make_shim(sb: "LabSandbox"):
     total, used, inodes = ext4_statfs_total(LAB_VOLUME_DEVICE), 48 << 20, LAB_VOLUME_DEVICE // 16384
     st.volumes[sb.volume_path()] = {"total": total, "used": used, "available": total - used,
                                     "inodes": inodes, "inodes_used": 11, "inodes_free": inodes - 11}
-    return LabShim(sb.paths.shim_socket, flavour="go", state=st).start()
+    return LabShim(paths.shim_socket, flavour="go", state=st).start()
 
 
 def ext_route(sb: "LabSandbox", method: str, ep: str | None, raw: bytes, query: dict | None = None):
@@ -505,8 +551,8 @@ class Lab:
     def __init__(self, root: str, cfg: dict):
         self.root = os.path.abspath(root)
         self.cfg = cfg
-        self.assets = None
-        self.qemu = cfg.get("qemu")
+        self.assets: GuestAssets | None = None
+        self.qemu: str | None = cfg.get("qemu")
         self.sandboxes = [LabSandbox(self, s) for s in cfg["sandboxes"]]
         self.status = "starting"
         self.error: str | None = None

@@ -4,13 +4,14 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import socketserver
 import threading
 
 
-class UnixHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    address_family = socket.AF_UNIX
+class UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+    """http.server.HTTPServer on a unix socket (HTTPServer adds only a server_bind for
+    (host, port) addresses, replaced here)."""
+
     daemon_threads = True
     allow_reuse_address = False
 
@@ -27,6 +28,7 @@ class UnixHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "katactl-lab"
+    _body: bytes | None = None
 
     def address_string(self):  # unix sockets have no peer address
         return "unix"
@@ -35,7 +37,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def body(self) -> bytes:
-        if getattr(self, "_body", None) is None:
+        if self._body is None:
             try:
                 n = int(self.headers.get("Content-Length") or 0)
             except ValueError:
@@ -104,7 +106,9 @@ def serve(path: str, handler_cls, **attrs) -> UnixHTTPServer:
 def shutdown(srv: UnixHTTPServer) -> None:
     srv.shutdown()
     srv.server_close()
-    try:
-        os.unlink(srv.server_address)
-    except (FileNotFoundError, TypeError):
-        pass
+    path = srv.server_address
+    if isinstance(path, (str, bytes)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

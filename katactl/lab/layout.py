@@ -81,7 +81,7 @@ class SandboxPaths:
 
     @property
     def shim_socket(self) -> str:
-        return self.real(self.shim_socket_node)
+        return _join(self.root, self.shim_socket_node)
 
     @property
     def api_socket(self) -> str | None:
@@ -93,11 +93,11 @@ class SandboxPaths:
 
     @property
     def state_file(self) -> str:
-        return self.real(self.state_file_node)
+        return _join(self.root, self.state_file_node)
 
     @property
     def state_dir(self) -> str:
-        return self.real(self.state_dir_node)
+        return _join(self.root, self.state_dir_node)
 
     @property
     def bundle(self) -> str | None:
@@ -417,8 +417,8 @@ def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonbal
     pod_name = pod_name or f"pod-{sandbox_id[:8]}"
     pod_uid = pod_uid or str(_uuid.uuid5(_uuid.NAMESPACE_URL, "pod/" + sandbox_id))
     d = f"{RS_DIR}/{sandbox_id}"
-    bundle_node = (f"{CRIO_DIR}/{sandbox_id}/userdata" if cri == "crio"
-                   else f"{CONTAINERD_TASK_DIR}/{containerd_namespace}/{sandbox_id}")
+    bundle_node: str | None = (f"{CRIO_DIR}/{sandbox_id}/userdata" if cri == "crio"
+                               else f"{CONTAINERD_TASK_DIR}/{containerd_namespace}/{sandbox_id}")
     jailed = (hv == "fc") if jailed is None else bool(jailed and hv == "fc")
     state_dir = d
     vm_path, run_dir, jailer_root = d, d, ""

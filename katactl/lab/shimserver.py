@@ -198,7 +198,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _dispatch(self):
-        srv: ShimServer = self.server.owner  # type: ignore[attr-defined]
+        srv: ShimServer = self.server.owner
         if srv.fault == "hang":
             srv._hung.append(self.connection)
             srv._stop.wait()
