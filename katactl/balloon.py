@@ -113,7 +113,7 @@ class _QmpPath(_Path):  # noqa: D101
     def __init__(self, name: str, qmp):
         self.name = name
         self.qmp = qmp
-        self.memory = None
+        self.memory: int | None = None
 
     def _x(self, cmd, args=None):
         from katactl.backends.qmp import MonitorClosed, QMPError
@@ -246,14 +246,14 @@ def open_path(transport: NodeTransport, sb, *, via: str = "auto", timeout: float
                     if hv == "clh":
                         from katactl.backends.clh import ClhClient
 
-                        c = ClhClient(transport, sb.api_socket, timeout)
-                        c.ping()
-                        return _ClhPath(c), attempts
+                        clh = ClhClient(transport, sb.api_socket, timeout)
+                        clh.ping()
+                        return _ClhPath(clh), attempts
                     from katactl.backends.fc import FcClient
 
-                    c = FcClient(transport, sb.api_socket, timeout)
-                    c.machine_config()
-                    return _FcPath(c), attempts
+                    fc = FcClient(transport, sb.api_socket, timeout)
+                    fc.machine_config()
+                    return _FcPath(fc), attempts
                 except KatactlError as e:
                     tried("hypervisor-api", e.message)
         else:
@@ -393,9 +393,12 @@ def plan_target(st: dict, *, target: int | None, reclaim: int | None, release: b
         return mem
     if target is not None:
         return int(target)
+    assert reclaim is not None  # exactly one of the three was given (checked above)
     base = st.get("target")
     if base is None:
-        base = st.get("actual") if st.get("actual") is not None else mem
+        base = st.get("actual")
+    if base is None:
+        base = mem
     return int(base) - int(reclaim)
 
 

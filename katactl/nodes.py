@@ -70,7 +70,7 @@ def runtime_classes(api: KubeAPI) -> dict[str, dict]:
 
 def is_kata_handler(handler: str | None) -> bool:
     """Kata's handlers are kata, kata-qemu, kata-clh, kata-fc, kata-dragonball, ... (kata-deploy)."""
-    return bool(handler) and (handler == "kata" or handler.startswith("kata-"))
+    return handler is not None and (handler == "kata" or handler.startswith("kata-"))
 
 
 def pod_runtime_handler(pod: dict, rcs: dict[str, dict]) -> str | None:
@@ -348,11 +348,11 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
             continue
         owner = _owner(pod)
         if owner and owner.get("kind") == "DaemonSet" and not _terminal(pod):
-            ns = pod["metadata"].get("namespace")
-            key = (ns, owner.get("name"))
+            ns, ds_name = pod["metadata"].get("namespace"), owner["name"]  # name: required in an ownerReference
+            key = (ns, ds_name)
             if key not in ds_exists:
                 try:
-                    api.get(f"/apis/apps/v1/namespaces/{seg(ns)}/daemonsets/{seg(owner.get('name'))}")
+                    api.get(f"/apis/apps/v1/namespaces/{seg(ns)}/daemonsets/{seg(ds_name)}")
                     ds_exists[key] = True
                 except NotFound:
                     ds_exists[key] = False
@@ -583,8 +583,8 @@ def _confirm_gone(api: KubeAPI, node: str, waiting: dict[str, str], result: dict
     gone = []
     with lock:
         for uid, ref in list(waiting.items()):
-            p = live.get(uid)
-            if p is None or (skip_after > 0 and (_deleting_for(p, now) or 0) > skip_after):
+            pod = live.get(uid)
+            if pod is None or (skip_after > 0 and (_deleting_for(pod, now) or 0) > skip_after):
                 gone.append(ref)
                 del waiting[uid]
                 result["evicted"].append(ref)

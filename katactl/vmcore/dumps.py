@@ -64,19 +64,24 @@ def dump_config(transport: NodeTransport, *, dump_path: str | None = None, kata_
     hv_key = f"hypervisor.{cfg.hypervisor_name}." if cfg and cfg.hypervisor_name else None
 
     def typed(key: str, kind: str, default):
-        return cfg.typed(hv_key + key, kind, default) if hv_key else default
+        return cfg.typed(hv_key + key, kind, default) if cfg and hv_key else default
 
-    path = dump_path or typed("guest_memory_dump_path", "str", "")
-    if not path:
-        raise NotFound(
-            f"guest_memory_dump_path is not set in {cfg.resolved}"
-            + (f" (drop-ins: {', '.join(cfg.dropins)})" if cfg.dropins else "")
-            + f" on node {transport.node}: the runtime writes no vmcores",
-            hint=f'set guest_memory_dump_path = "/var/crash/kata" in [hypervisor.{cfg.hypervisor_name or "qemu"}]'
-                 " (or pass --dump-path)")
-    if not dump_path and not path.startswith("/"):
-        raise OperationFailed(f"{cfg.source(hv_key + 'guest_memory_dump_path')}: [{hv_key[:-1]}] "
-                              f"guest_memory_dump_path = {path!r}: must be an absolute path")
+    if dump_path:
+        path = dump_path
+    else:
+        assert cfg is not None  # loaded above: there is no --dump-path
+        path = typed("guest_memory_dump_path", "str", "")
+        if not path:
+            raise NotFound(
+                f"guest_memory_dump_path is not set in {cfg.resolved}"
+                + (f" (drop-ins: {', '.join(cfg.dropins)})" if cfg.dropins else "")
+                + f" on node {transport.node}: the runtime writes no vmcores",
+                hint=f'set guest_memory_dump_path = "/var/crash/kata" in [hypervisor.{cfg.hypervisor_name or "qemu"}]'
+                     " (or pass --dump-path)")
+        if not path.startswith("/"):  # a value was read: from [hypervisor.<name>]
+            section = f"hypervisor.{cfg.hypervisor_name}"
+            raise OperationFailed(f"{cfg.source(section + '.guest_memory_dump_path')}: [{section}] "
+                                  f"guest_memory_dump_path = {path!r}: must be an absolute path")
     check_abs(path, "guest_memory_dump_path")
     return DumpConfig(dump_path=posixpath.normpath(path), paging=typed("guest_memory_dump_paging", "bool", False),
                       hypervisor=cfg.hypervisor_name if cfg else None,
