@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import posixpath
@@ -50,6 +51,24 @@ class Member:
     name: str = ""  # normalized, prefix-stripped path inside the release
     #: the content in 1 MiB chunks (bounded memory); like read(), valid until the next member
     chunks: Callable[[], Iterator[bytes]] | None = None
+
+    def content(self) -> bytes:
+        """read() of a file member."""
+        if self.read is None:
+            raise OperationFailed(f"internal: member {self.raw!r} ({self.kind}) has no content to read")
+        return self.read()
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        """chunks() of a file member."""
+        if self.chunks is None:
+            raise OperationFailed(f"internal: member {self.raw!r} ({self.kind}) has no content to read")
+        return self.chunks()
+
+    def target(self) -> str:
+        """The linkname of a symlink or hard link member."""
+        if self.linkname is None:
+            raise OperationFailed(f"internal: member {self.raw!r} ({self.kind}) is not a link")
+        return self.linkname
 
 
 @dataclasses.dataclass
@@ -164,10 +183,14 @@ class _TarReader:
         stream ends cleanly after it."""
         import tarfile
 
+        # tarfile's header errors are public at run time but missing from typeshed
+        eof_header = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+        truncated_header = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+        empty_header = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
         end = self.ends[-1] if self.ends else None
-        if not isinstance(end, tarfile.EOFHeaderError):
-            why = ("cut inside a member header" if isinstance(end, tarfile.TruncatedHeaderError)
-                   else "no end-of-archive marker" if end is None or isinstance(end, tarfile.EmptyHeaderError)
+        if not isinstance(end, eof_header):
+            why = ("cut inside a member header" if isinstance(end, truncated_header)
+                   else "no end-of-archive marker" if end is None or isinstance(end, empty_header)
                    else f"invalid member header ({end})")
             zstd_err = self._close_stream()
             raise self.corrupt(zstd_err or why)
@@ -273,8 +296,7 @@ def _iter_dir(root: str) -> Iterator[Member]:
                 yield Member(rel, "dir", s.st_mode & 0o7777, 0, None)
             elif st.S_ISREG(s.st_mode):
                 yield Member(rel, "file", s.st_mode & 0o7777, s.st_size, None,
-                             read=(lambda full=full: _read_file(full)),
-                             chunks=(lambda full=full: _iter_file(full)))
+                             read=functools.partial(_read_file, full), chunks=functools.partial(_iter_file, full))
             else:
                 raise Refused(f"{full}: not a regular file, directory or symlink")
 
@@ -396,7 +418,7 @@ def scan(path: str, kind: str) -> Scan:
         if m.kind == "file":
             base = m.name.rsplit("/", 1)[-1]
             if base in MANIFEST_NAMES or base == "VERSION":
-                manifest_raw[m.name] = m.read()[:1 << 20]
+                manifest_raw[m.name] = m.content()[:1 << 20]
         m.read = None
         members.append(m)
         raws.append(m.name)
@@ -447,7 +469,7 @@ def scan(path: str, kind: str) -> Scan:
         if parent and _resolve(parent, {}, path) != _resolve(parent, links, path):
             raise Refused(f"{path}: member {m.raw!r} would be written through a symlink")
         if m.kind == "symlink":
-            _resolve(posixpath.join(parent, m.linkname) if parent else m.linkname, links, path)
+            _resolve(posixpath.join(parent, m.target()) if parent else m.target(), links, path)
     manifest = None
     manifest_name = None
     version_file = None

@@ -82,15 +82,15 @@ def _plan(transport: NodeTransport, layout: Layout, req: StageRequest) -> _Plan:
         if not src._HEX64.fullmatch(sha256):
             raise UsageError(f"invalid --sha256 {sha256!r}: expected 64 hex digits")
     verified: list[str] = []
-    source_sha = None
+    file_sha = None
     if kind != "dir":
-        source_sha = src.file_sha256(source)
+        file_sha = src.file_sha256(source)
         for label, want in (("--sha256", sha256), ("sidecar", src.sidecar_sha256(source))):
             if want is None:
                 continue
-            if want.lower() != source_sha:
+            if want.lower() != file_sha:
                 raise Refused(f"{source}: sha256 mismatch ({label}): expected {want.lower()}, "
-                              f"got {source_sha}")
+                              f"got {file_sha}")
             verified.append(f"sha256 ({label})")
     sc = src.scan(source, kind)
     if sc.manifest is not None:
@@ -110,8 +110,7 @@ def _plan(transport: NodeTransport, layout: Layout, req: StageRequest) -> _Plan:
         raise UsageError(f"cannot tell the release version of {source}: no VERSION file and the "
                          "name is not kata-static-<version>-<arch>.tar.*; pass --as VERSION")
     validate_version(v, "release version")
-    if kind == "dir":
-        source_sha = _tree_digest(source)
+    source_sha = _tree_digest(source) if file_sha is None else file_sha  # None: a directory
     shims = [b for b in SHIM_BINARIES if b in {m.name for m in sc.members}]
     if not shims:
         raise Refused(f"{source}: no {' or '.join(SHIM_BINARIES)} inside; not a Kata release")
@@ -213,7 +212,7 @@ def _tree_digest(path: str) -> str:
         name = src.normalize(m.raw, path)
         if m.kind == "file":
             fh = hashlib.sha256()
-            for b in m.chunks():
+            for b in m.iter_chunks():
                 fh.update(b)
             h.update(f"F {name} {m.mode & 0o777:o} ".encode() + fh.hexdigest().encode())
         elif m.kind == "symlink":
@@ -253,7 +252,7 @@ def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, versi
             ensure_dir(dest)
         elif m.kind == "file":
             # streamed: one chunk in memory, not the whole member
-            chunks = m.chunks()
+            chunks = m.iter_chunks()
             if scanner.manifest is not None and want.name != scanner.manifest_name:
                 chunks = _verified(chunks, scanner.manifest.get(want.name),
                                    f"{source}: {want.name}: sha256 mismatch with {scanner.manifest_name}")
@@ -262,7 +261,7 @@ def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, versi
             if done == files_total // 2 + 1:
                 fault("stage:mid-extract")
         elif m.kind == "symlink":
-            transport.symlink(m.linkname, dest)
+            transport.symlink(m.target(), dest)
             synced.append(dest)
         elif m.kind == "hardlink":
             transport.write_stream_atomic(dest, transport.open_stream(f"{tmp}/{want.linkname}"),
@@ -278,7 +277,7 @@ def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, versi
 
 
 def _clean_stale(transport: NodeTransport, layout: Layout, prefixes) -> list[str]:
-    removed = []
+    removed: list[str] = []
     try:
         names = transport.listdir(layout.releases)
     except FileNotFoundError:
