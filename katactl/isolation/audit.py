@@ -46,7 +46,6 @@ def run(transport: NodeTransport, pol: Policy) -> dict:
     node = report.Node(transport)
     node.fs.require()
     f = Findings(pol)
-    node.rdt_be_exists = False
     rows = report.kube_rows(node, ("cpu", "cpuset", "memory"))
     root_cpus = _root_cpus(node)
     _cpu_checks(f, pol, rows, root_cpus)
@@ -324,7 +323,8 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
         used = {r["path"]: iomod.devices_used(t, fs, r["path"]) for r in rows
                 if r["level"] == "pod" and r["class"] in ("online", "offline")}
         for r in off_pods:
-            for mm in sorted(used.get(r["path"]) or {}):
+            mine = used.get(r["path"]) or {}
+            for mm in sorted(mine):
                 if _throttled_on(ios, r, mm):
                     continue
                 sharers = [o for o in pods if o["class"] == "online" and mm in (used.get(o["path"]) or {})]
@@ -334,9 +334,9 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                           f"offline pod does unthrottled I/O on {devn.get(mm, mm)} ({mm}), which online "
                           f"{'pods use' if len(sharers) > 1 else 'pod uses'} too: {names}",
                           [ev(r, "blkio.throttle.io_service_bytes_recursive" if ver == 1 else "io.stat",
-                              f"{mm} {used[r['path']][mm]} bytes"),
+                              f"{mm} {mine[mm]} bytes"),
                            ev(sharers[0], "blkio.throttle.io_service_bytes_recursive" if ver == 1 else "io.stat",
-                              f"{mm} {used[sharers[0]['path']][mm]} bytes")],
+                              f"{mm} {(used.get(sharers[0]['path']) or {})[mm]} bytes")],
                           "give offline work its own data disk, or throttle it on this device "
                           + ("(blkio.throttle.*_device)" if ver == 1 else "(io.max)"))
     if pol.io.check_weight_effective and online and offline and {w_of(r) for r in online + offline} != {None}:
@@ -376,7 +376,6 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
               "mount -t resctrl resctrl /sys/fs/resctrl where the CPU has cat_l3/mba")
         return None
     groups = {g["name"]: g for g in tree["groups"]}
-    node.rdt_be_exists = pol.rdt.be_group in groups
     for g in tree["groups"]:
         for err in g.get("errors", []):
             f.add("kata.unreadable", f"resctrl group {g['name']}", err, [{"file": g["dir"], "value": None}],
@@ -425,6 +424,8 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
 # -- kata --------------------------------------------------------------------------
 
 def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | None) -> None:
+    tree = node.rdt() if tid_group is not None else None  # the tree _rdt_checks read (cached)
+    be_exists = tree is not None and any(g["name"] == pol.rdt.be_group for g in tree["groups"])
     for sb in node.sandboxes:
         tgt = f"sandbox {sb.id[:12]}" + (f" (pod {sb.pod_ref})" if sb.pod_ref else "")
         sp, op = node.sandbox_cgroup(sb), node.overhead_cgroup(sb)
@@ -471,7 +472,7 @@ def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | Non
                       "the runtime moves vCPU threads after boot; check the shim log, or restart the pod")
         if tid_group is not None and pol.rdt.check_threads and vcpus:
             wrong = [th for th in vcpus if th.get("resctrlGroup") != pol.rdt.be_group]
-            if wrong and node.rdt_be_exists:
+            if wrong and be_exists:
                 f.add("rdt.offline-threads", tgt,
                       f"{len(wrong)} of {len(vcpus)} vCPU threads are not in resctrl group {pol.rdt.be_group!r}",
                       [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}", "value":

@@ -157,7 +157,10 @@ def read_io(transport: NodeTransport, fs: cg.CgroupFS, cgpath: str, devnames: di
     ver = fs.version_of("blkio") or (2 if fs.v2 is not None and "io" in fs.v2_controllers else None)
     if ver is None:
         return None
-    d = fs.dir("blkio", cgpath) if ver == 1 else fs._join(fs.v2, cgpath)
+    mount = fs.mount_for("blkio") if ver == 1 else fs.v2
+    if mount is None:  # ver says which one is mounted
+        return None
+    d = fs._join(mount, cgpath)
     try:
         names = set(transport.listdir(d))
     except (FileNotFoundError, NotADirectoryError):

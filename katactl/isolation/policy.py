@@ -185,8 +185,9 @@ def from_dict(data: dict, source: str = "<dict>") -> Policy:
             if k not in fields:
                 raise UsageError(f"{source}: unknown policy key {sec + '.' + k!r} "
                                  f"(known in [{sec}]: {', '.join(fields)})")
-            typ = {"int": int, "float": float, "bool": bool, "str": str}[fields[k].type] \
-                if isinstance(fields[k].type, str) else fields[k].type
+            declared = fields[k].type
+            typ = {"int": int, "float": float, "bool": bool, "str": str}[declared] \
+                if isinstance(declared, str) else declared
             try:
                 setattr(obj, k, _check_value(sec, k, v, typ))
             except UsageError as e:

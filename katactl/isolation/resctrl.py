@@ -219,7 +219,7 @@ def read_info(transport: NodeTransport, root: str) -> dict:
 
 def list_groups(transport: NodeTransport, root: str) -> list[tuple[str, str, str | None]]:
     """(name, node dir, parent ctrl group) for the default group, CTRL_MON and MON groups."""
-    out = [("/", root, None)]
+    out: list[tuple[str, str, str | None]] = [("/", root, None)]
     for ctrl_name, ctrl_dir in [("/", root)] + [(n, f"{root}/{n}") for n in _subdirs(transport, root) if n not in SPECIAL]:
         if ctrl_name != "/":
             out.append((ctrl_name, ctrl_dir, None))

@@ -33,7 +33,7 @@ def vcpu_index(comm: str, hypervisor: str | None) -> int | None:
 def parse_stat(text: str) -> dict:
     """/proc/<pid>/task/<tid>/stat -> {nice, policy, processor, rtPriority} (comm may hold ') ')."""
     rest = text[text.rfind(")") + 2:].split()
-    out = {}
+    out: dict[str, str | int] = {}
     try:
         out["state"] = rest[0]
         out["nice"] = int(rest[16])
