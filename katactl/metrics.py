@@ -8,6 +8,7 @@ ticks (USER_HZ = 100 on Linux), so CPU % comes from deltas between scrapes.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from katactl.errors import KatactlError, ProtocolError, UsageError, as_katactl_error
@@ -219,23 +220,31 @@ def fill_from_processes(transport: NodeTransport, sandboxes, samples: dict) -> N
 class TopSession:
     """Keeps the previous scrape per sandbox so each refresh has CPU deltas."""
 
-    def __init__(self, transport: NodeTransport, *, timeout: float, workers: int = 32, include_stale: bool = False):
+    def __init__(self, transport: NodeTransport | None, *, timeout: float, workers: int = 32,
+                 include_stale: bool = False):
+        """transport: None for a fleet's session, which is given each refresh's transport."""
         self.transport = transport
         self.timeout = timeout
         self.workers = workers
         self.include_stale = include_stale
-        self.prev: dict[str, dict] = {}
+        self.prev: dict[str, dict | None] = {}
+
+    def _transport(self) -> NodeTransport:
+        if self.transport is None:
+            raise RuntimeError("internal: TopSession refreshed before it was given a transport")
+        return self.transport
 
     def sandboxes(self):
         from katactl import sandbox
 
-        sbs = sandbox.discover(self.transport, timeout=min(self.timeout, 1.0))
+        sbs = sandbox.discover(self._transport(), timeout=min(self.timeout, 1.0))
         return [s for s in sbs if s.state == "running" or self.include_stale]
 
     def refresh(self, sbs=None) -> list[dict]:
         sbs = self.sandboxes() if sbs is None else sbs
-        res = scrape_all(self.transport, sbs, timeout=self.timeout, workers=self.workers)
-        fill_from_processes(self.transport, sbs, res)
+        transport = self._transport()
+        res = scrape_all(transport, sbs, timeout=self.timeout, workers=self.workers)
+        fill_from_processes(transport, sbs, res)
         rows = []
         for sb in sbs:
             r = res.get(sb.id)
@@ -342,7 +351,9 @@ class Family:
     __slots__ = ("name", "type", "help", "samples")
 
     def __init__(self, name: str, type_: str = "untyped", help_: str | None = None):
-        self.name, self.type, self.help, self.samples = name, type_, help_, []
+        self.name, self.type, self.help = name, type_, help_
+        #: (name, labels, value, timestamp) in the shim's order
+        self.samples: list[tuple[str, list[tuple[str, str]], str, str | None]] = []
 
 
 def _labels(body: str) -> list[tuple[str, str]]:
@@ -375,6 +386,7 @@ def parse_families(text: str) -> list[Family]:
     fams: dict[str, Family] = {}
     order: list[Family] = []
     cur: Family | None = None
+    f: Family | None
 
     def family(name: str) -> Family:
         f = fams.get(name)
@@ -470,7 +482,7 @@ def sandbox_labels(sb, node: str | None = None) -> list[tuple[str, str]]:
 
 
 def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]],
-                      node_errors: list[tuple[str, KatactlError]] = ()) -> str:
+                      node_errors: Sequence[tuple[str, KatactlError]] = ()) -> str:
     """One text exposition: families merged by name (sorted), HELP/TYPE once (the first
     sandbox's; a family another shim types differently keeps the first type and loses that
     shim's samples), then katactl_scrape_error per sandbox (1: its shim did not answer or sent

@@ -73,6 +73,7 @@ def metrics(
     if all_:
         _all(app_ctx, prefixes, prom, to, min(timeout, 10.0))
         return
+    assert target is not None  # without --all a SANDBOX is required (checked above)
     settings, ref = sandbox_ref(app_ctx, target)
     node, sb, text = sandbox.on_sandbox(settings, ref, lambda t, s: m.scrape(t, s, timeout))
     if raw and not prom:
