@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any
+import sys
+from typing import Any, Mapping
 
 from katactl.errors import UsageError
 from katactl.values import parse_duration
@@ -172,9 +173,9 @@ def too_large(path: str, what: str, limit: int = INPUT_LIMIT) -> UsageError:
 
 
 def load_file(path: str) -> dict:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
     try:
         return tomllib.loads(read_input(path, "config file").decode("utf-8"))
@@ -188,10 +189,10 @@ def load_file(path: str) -> dict:
         raise UsageError(f"{path}: cannot read config: {e.strerror}") from None
 
 
-def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
+def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
             profile: str | None = None) -> Settings:
     """Merge the four layers. ``flags`` holds only options the user gave."""
-    environ = os.environ if environ is None else environ
+    environment: Mapping[str, str] = os.environ if environ is None else environ
     path = config_path()
     data = load_file(path)
     unknown = set(data) - set(SETTINGS) - {"profile", "profiles", "node_groups"}
@@ -199,11 +200,11 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
         raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}", hint=_renamed_hint(unknown))
     if profile is not None and not profile.strip():
         raise UsageError("--profile needs a value, got an empty string")
-    if "KATACTL_PROFILE" in environ and not environ["KATACTL_PROFILE"].strip():
+    if "KATACTL_PROFILE" in environment and not environment["KATACTL_PROFILE"].strip():
         raise UsageError("KATACTL_PROFILE is set but empty (unset it, or give a value)")
     if "profile" in data and not (isinstance(data["profile"], str) and data["profile"].strip()):
         raise UsageError(f"{path}: profile must be a profile name (a string), not {data['profile']!r}")
-    profile = profile or environ.get("KATACTL_PROFILE") or data.get("profile")
+    profile = profile or environment.get("KATACTL_PROFILE") or data.get("profile")
     profiles = data.get("profiles", {})
     if not isinstance(profiles, dict):
         raise UsageError(f"{path}: [profiles] must be a table")
@@ -224,7 +225,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
 
     for old, new in RENAMED.items():
         # a runbook's old variable silently doing nothing would be worse than stopping
-        if "KATACTL_" + old.upper() in environ:
+        if "KATACTL_" + old.upper() in environment:
             raise UsageError(f"KATACTL_{old.upper()} was renamed to KATACTL_{new.upper()}")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -232,8 +233,8 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None,
         env = "KATACTL_" + name.upper()
         if name in flags:
             values[name], sources[name] = _coerce(name, flags[name], "flag"), "flag"
-        elif env in environ:
-            values[name], sources[name] = _coerce(name, environ[env], env), f"env {env}"
+        elif env in environment:
+            values[name], sources[name] = _coerce(name, environment[env], env), f"env {env}"
         elif name in pdata:
             values[name], sources[name] = _coerce(name, pdata[name], path), f"{path} [profiles.{profile}]"
         elif name in data:
