@@ -77,7 +77,7 @@ def _merge_plan_input(app_ctx, plan_file, steps, opts: dict) -> dict:
     return d
 
 
-def _build_plan(app_ctx, name: str, d: dict, lock_namespace, lock_ttl, backend_opt):
+def _build_plan(app_ctx, name: str | None, d: dict, lock_namespace, lock_ttl, backend_opt):
     """(Plan, api or None)."""
     import dataclasses
 
@@ -228,7 +228,7 @@ class LiveView:
         return self._live.__exit__(*exc)
 
     def event(self, kind: str, data: dict) -> None:
-        n = data.get("node")
+        n: str = data.get("node") or ""  # the Node* events always name their node
         if kind == "BatchStarted":
             self.batch = f"{data['batch']}/{data['batches']}"
         elif kind == "NodeStepStarted":
@@ -293,7 +293,7 @@ def _run_engine(app_ctx, plan, store, state, api) -> None:
     _render_summary(app_ctx, summ, changed=True)
 
 
-def _render_summary(app_ctx, summ: dict, *, changed: bool) -> None:
+def _render_summary(app_ctx, summ: dict, *, changed: bool | None) -> None:
     from katactl.output import Column, Result
 
     items = summ.pop("nodes")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import Any
 
 from katactl.rollout.policy import Policy, in_windows
 
@@ -24,7 +25,7 @@ class GateState:
     alerts: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = {"open": self.open}
+        d: dict[str, Any] = {"open": self.open}
         if not self.open:
             d.update(reason=self.reason, message=self.message)
             if self.alerts:
@@ -36,7 +37,7 @@ def firing_alerts(url: str, matchers, timeout: float = 10.0) -> list[dict]:
     """The matching firing alerts (labels, fingerprint, startsAt, state)."""
     import httpx
 
-    params = [("active", "true"), ("silenced", "false"), ("inhibited", "false"), ("unprocessed", "true")]
+    params: list[tuple[str, str | int | float | bool | None]] = [("active", "true"), ("silenced", "false"), ("inhibited", "false"), ("unprocessed", "true")]
     params += [("filter", str(m)) for m in matchers]
     r = httpx.get(f"{url}/api/v2/alerts", params=params, timeout=timeout, trust_env=False,
                   headers={"Accept": "application/json"})

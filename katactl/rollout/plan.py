@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any
 
 from katactl.errors import UsageError
 from katactl.rollout.policy import Policy
@@ -251,7 +252,7 @@ class Plan:
     def describe_nodes(self) -> list[dict]:
         """One row per node: batch, zone, state now, and what it will go through."""
         where = {n: i for i, b in enumerate(self.batches) for n in b}
-        rows = []
+        rows: list[dict[str, Any]] = []
         for n in self.nodes:
             b = where[n.name]
             rows.append({"name": n.name, "batch": b + 1, "canary": bool(self.policy.canary) and b == 0,
