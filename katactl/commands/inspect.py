@@ -40,9 +40,9 @@ def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
     code = fo.exit_code()
     # an item that could not be read (e.g. a malformed schemata file): one warning each,
     # and the command fails unless something worse already decides its exit code
-    bad = [(i.get("node"), e) for i in res.items for e in i.get("errors") or []]
-    for n, e in bad:
-        app_ctx.out.warn(f"{n}: {e}" if n else e)
+    bad = [(i.get("node"), e) for i in res.items or [] for e in i.get("errors") or []]
+    for node, e in bad:
+        app_ctx.out.warn(f"{node}: {e}" if node else e)
     if code == ExitCode.OK and bad:
         code = ExitCode.FAILED
     finish(app_ctx, res, code)
@@ -433,7 +433,7 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
             res, code = result(fo)
             if code == ExitCode.CHECK_FAILED or (code and worst == ExitCode.OK):
                 worst = code
-            if live:
+            if lv is not None:  # live
                 lv.update(_pressure_frame(app_ctx, res, ival), refresh=True)
             else:
                 out.render(res)

@@ -1,7 +1,7 @@
 """katactl pprof SANDBOX PROFILE."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, BinaryIO, Optional
 
 import typer
 
@@ -43,8 +43,11 @@ def pprof(
     shim_ops.check_pprof_request(profile, seconds, None if to_stdout else file)
     if to_stdout and app_ctx.out.stdout_tty:
         raise UsageError("refusing to write a binary profile to a terminal; give -f FILE or redirect")
-    stdout = app_ctx.out.stdout
-    dest = getattr(stdout, "buffer", stdout) if to_stdout else file
+    dest: str | BinaryIO | None = file
+    if to_stdout:
+        # a text stream (its .buffer takes the bytes), or a bytes stream a caller gave as stdout
+        stdout: Any = app_ctx.out.stdout
+        dest = getattr(stdout, "buffer", stdout)
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.request_timeout)
     _, _, res = sandbox.on_sandbox(settings, ref, lambda t, sb: shim_ops.pprof_download(
