@@ -20,11 +20,14 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from katactl import __version__
 from katactl.errors import (AuthError, KatactlError, NotFound, OperationFailed, UnreachableError,
                             UsageError)
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11
 
 PAGE = 500
 RETRIES = 4
@@ -84,7 +87,7 @@ class KubeAPI:
 
     # -- construction ------------------------------------------------------
     @classmethod
-    def from_settings(cls, settings) -> "KubeAPI":
+    def from_settings(cls, settings) -> Self:
         try:
             from kubernetes import config as kconfig
             from kubernetes.client import Configuration

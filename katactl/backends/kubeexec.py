@@ -246,7 +246,7 @@ class WSChannel:
         self._ended = False
         self._closed = False
         self._wclosed = False
-        self._timeout = None
+        self._timeout: float | None = None
         self._lock = threading.Lock()
 
     # -- reading -----------------------------------------------------------------------
@@ -609,7 +609,8 @@ class KubeExecTransport(RemoteTransport):
         if not items:
             return {}
         h, payload = self._call({"op": "read", "paths": [self.remote(p) for p in items], "limit": limit})
-        out, pos = {}, 0
+        out: dict[str, bytes | OSError] = {}
+        pos = 0
         for p, r in zip(items, self._answers(h, items), strict=True):
             if "e" in r:
                 out[p] = self._oserr(r, p)
@@ -650,7 +651,7 @@ class KubeExecTransport(RemoteTransport):
         if not items:
             return {}
         h, _ = self._call({"op": "scan", "paths": [self.remote(p) for p in items], "follow": follow_symlinks})
-        out = {}
+        out: dict[str, list[tuple[str, FileStat]] | OSError] = {}
         for p, r in zip(items, self._answers(h, items), strict=True):
             if "e" in r:
                 out[p] = self._oserr(r, p)
