@@ -216,7 +216,7 @@ class KnownHosts:
     def for_host(self, names: list[str], marker: str = "") -> list[Entry]:
         if self._index.size != len(self.entries):  # entries added since (verify's accept-new)
             self._index = _Index(self.entries)
-        pos = set()
+        pos: set[int] = set()
         for n in names:
             pos.update(self._index.matching(n))
         return [e for e in (self.entries[i] for i in sorted(pos)) if e.marker == marker]
@@ -428,8 +428,11 @@ def verify_signature(ca_blob: bytes, data: bytes, sig: bytes) -> bool:
     import paramiko
     from paramiko.message import Message
 
+    ktype = _blob_type(ca_blob)
+    if ktype is None:  # not a key blob: nothing to verify with
+        return False
     try:
-        ca = paramiko.PKey.from_type_string(_blob_type(ca_blob), ca_blob)
+        ca = paramiko.PKey.from_type_string(ktype, ca_blob)
         return bool(ca.verify_ssh_sig(data, Message(sig)))
     except Exception:  # noqa: BLE001 - any failure means "not verified"
         return False
