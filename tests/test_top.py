@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -232,6 +233,7 @@ def test_top_fleet_library_without_cli(tree):
     assert [(r["node"], r["id"]) for r in rows] == [("localhost", "busy01"), ("localhost", "idle02")]
     assert rows[0]["cpuPercent"]["total"] is None  # one scrape: no delta yet
     assert list(errors) == ["127.0.0.1:1"] and isinstance(errors["127.0.0.1:1"], UnreachableError)
+    time.sleep(0.3)  # the simulated shim's CPU counters advance with the clock: give them time
     rows, errors = fleet.refresh()  # cpu: busiest first
     assert rows[0]["id"] == "busy01" and rows[0]["cpuPercent"]["total"] > 0
     assert list(errors) == ["127.0.0.1:1"]
