@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -44,9 +45,9 @@ STATES = ("running", "stale", "unknown")
 STATE_LIMIT = 16 << 20  # a persist.json is a few KiB; refuse to slurp anything absurd
 
 # Kata's VerifyContainerID: ^[a-zA-Z0-9][a-zA-Z0-9_.-]+$ (we also accept 1-char prefixes)
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_NS_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_POD_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # used with fullmatch: "$" admits a trailing newline
+_NS_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_POD_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 _HV_NAMES = {"qemu": "qemu", "clh": "clh", "cloud_hypervisor": "clh", "cloud-hypervisor": "clh",
              "ch": "clh", "firecracker": "fc", "fc": "fc", "dragonball": "dragonball"}
@@ -187,8 +188,9 @@ def _annotations_of(spec) -> dict:
     return ann if isinstance(ann, dict) else {}
 
 
-Sandbox.raw, _RAW_SLOT = _lazy_json("raw", lambda obj: obj)
-Sandbox.annotations, _ANN_SLOT = _lazy_json("annotations", _annotations_of)
+# the lazy properties take the place of the slots' descriptors on purpose (parsed on first read)
+Sandbox.raw, _RAW_SLOT = _lazy_json("raw", lambda obj: obj)  # type: ignore[misc]
+Sandbox.annotations, _ANN_SLOT = _lazy_json("annotations", _annotations_of)  # type: ignore[misc]
 
 
 def _set_lazy(sb: Sandbox, name: str, data: bytes) -> None:
@@ -232,7 +234,7 @@ def validate_id(ref: str, what: str = "sandbox id") -> str:
         raise UsageError(f"invalid {what} {ref!r}: contains '..'")
     if "/" in ref:
         raise UsageError(f"invalid {what} {ref!r}: contains '/'")
-    if len(ref) > 253 or not _ID_RE.match(ref):
+    if len(ref) > 253 or not _ID_RE.fullmatch(ref):
         raise UsageError(f"invalid {what} {ref!r}: expected letters, digits, '_', '.', '-' "
                          "(starting with a letter or digit)")
     return ref
@@ -253,9 +255,9 @@ def parse_ref(ref: str) -> tuple[str, str | tuple[str, str]]:
         raise UsageError(f"invalid sandbox reference {ref!r}: expected an id, an id prefix, "
                          "NAMESPACE/POD or pod/NAMESPACE/NAME")
     ns, name = parts
-    if not _NS_RE.match(ns) or len(ns) > 63:
+    if not _NS_RE.fullmatch(ns) or len(ns) > 63:
         raise UsageError(f"invalid namespace {ns!r} in {ref!r}")
-    if not _POD_RE.match(name) or len(name) > 253:
+    if not _POD_RE.fullmatch(name) or len(name) > 253:
         raise UsageError(f"invalid pod name {name!r} in {ref!r}")
     return "pod", (ns, name)
 
@@ -566,6 +568,8 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
         try:
             if isinstance(raw, OSError):
                 raise raw
+            if raw is None:  # read_many answers every path it was asked: say so if not
+                raise FileNotFoundError(errno.ENOENT, "not read", spec_file)
             raw = raw[:STATE_LIMIT]
             ann = _annotations_of(_loads(raw))
             sb.pod, sb.cri = _pod_from_annotations(ann)
@@ -694,7 +698,7 @@ def find_rs_vmms(transport, sbs: list[Sandbox]) -> None:
         for s in todo:
             s.vmm_note = f"runtime-rs persists no VMM pid, and the node's /proc cannot be listed ({e})"
         return
-    shims = {s.shim_pid for s in todo}
+    shims = {s.shim_pid for s in todo if s.shim_pid}
     stats = transport.read_many([f"/proc/{p}/stat" for p in pids], limit=1024)
     children: dict[int, list[int]] = {}
     for p in pids:
@@ -708,7 +712,7 @@ def find_rs_vmms(transport, sbs: list[Sandbox]) -> None:
     argv = {c: [a.decode("utf-8", "replace") for a in b.split(b"\0") if a]
             for c in kids if isinstance(b := cmds.get(f"/proc/{c}/cmdline"), bytes)}
     for s in todo:
-        naming = [c for c in children.get(s.shim_pid, []) if any(s.id in a for a in argv.get(c, []))]
+        naming = [c for c in children.get(s.shim_pid or 0, []) if any(s.id in a for a in argv.get(c, []))]
         vmms = [c for c in naming if posixpath.basename(argv[c][0]).startswith(_VMM_NAMES)]
         others = [c for c in naming if "virtiofsd" not in posixpath.basename(argv[c][0])]
         pick = vmms or others
@@ -766,6 +770,7 @@ def liveness(transport, sb: Sandbox, timeout: float = 0.5, *, _alive=_UNSET,
     if alive is False:
         sb.state, sb.reason = "stale", f"hypervisor pid {sb.hypervisor_pid} is not running"
         return sb
+    why: str | None
     if _socket_missing:
         ok, why = False, "shim socket does not exist"
     else:
@@ -794,13 +799,13 @@ def _candidates(transport, top: dict[str, list] | None = None) -> list[Candidate
         got = top.get(RS_FC_JAIL)
         if got is None:
             got = _scan(transport, [RS_FC_JAIL])[RS_FC_JAIL]
-        jailed = {n: st for n, st in got if st.is_dir and _ID_RE.match(n) and ".." not in n}
+        jailed = {n: st for n, st in got if st.is_dir and _ID_RE.fullmatch(n) and ".." not in n}
     rs_entries = [(n, st) for n, st in top[RS_DIR] if n != "firecracker"]
     rs_names = {n for n, _ in rs_entries}
     rs_entries += sorted((n, st) for n, st in jailed.items() if n not in rs_names)
     for base, rt, entries in ((GO_SBS, "go", top[GO_SBS]), (RS_DIR, "rs", rs_entries)):
         for name, st in entries:
-            if name in seen or not _ID_RE.match(name) or ".." in name:
+            if name in seen or not _ID_RE.fullmatch(name) or ".." in name:
                 continue
             problem = None
             if not st.is_dir:
@@ -899,6 +904,7 @@ def resolve(transport, ref: str, *, check: bool = True, timeout: float = 0.5) ->
         if check:
             liveness(transport, sb, timeout)
         return sb
+    assert isinstance(val, tuple)  # parse_ref: ("pod", (namespace, name))
     ns, name = val
     matches = [s for s in discover(transport, check=False)
                if s.pod and s.pod.get("namespace") == ns and s.pod.get("name") == name]

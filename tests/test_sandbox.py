@@ -579,3 +579,13 @@ def test_pprof_annotation_is_go_parsebool(tmp_path, value, want):
     _write_config(root, "[hypervisor.qemu]\n[runtime]\nenable_pprof = false\n")
     [sb] = sandbox.discover(LocalTransport(root), check=False)
     assert sb.enable_pprof is want
+
+
+@pytest.mark.parametrize("ref", ["abc123\n", "abc123\r\n", "ns/pod\n", "ns\n/pod", "pod/ns/pod\n"])
+def test_sandbox_refs_with_a_trailing_newline_are_refused(ref):
+    """issue 16, finding 4: '$' in a pattern admits a trailing newline; refs are matched whole."""
+    from katactl.errors import UsageError
+    from katactl.sandbox import parse_ref
+
+    with pytest.raises(UsageError):
+        parse_ref(ref)

@@ -1165,15 +1165,6 @@ class SSHTransport(RemoteTransport):
                               else (n, got[f"{base}/{n}"]) for n, s in v]
         return {p: (v if isinstance(v, OSError) else sorted(v, key=lambda e: e[0])) for p, v in out.items()}
 
-    def scan_dir(self, path: str, follow_symlinks: bool = True) -> list:
-        r = self.scan_dirs([path], follow_symlinks)[path]
-        if isinstance(r, OSError):
-            raise r
-        return r
-
-    def listdir(self, path: str) -> list[str]:
-        return [n for n, _ in self.scan_dir(path, follow_symlinks=False)]
-
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         sftp = self._sftp()
         r = self.remote(path)
