@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional
 
 import typer
+from typer._click import Context as ClickContext
 from typer.core import TyperGroup
 
 from katactl.errors import ExitCode, Interrupted, KatactlError, UsageError, exit_code_for
@@ -141,10 +142,6 @@ def root(
     no_audit: bool = typer.Option(False, "--no-audit",
                                   help="Change without an audit record (else an unwritable audit log refuses changes, exit 5)."),
 ):
-    from katactl import config
-    from katactl.context import AppContext
-    from katactl.output import FORMATS, PROM_COMMANDS
-
     flags = {k: v for k, v in dict(
         output=output, nodes=tuple(node or ()), nodes_from=nodes_from, selector=selector,
         host_root=host_root, context=context, kubeconfig=kubeconfig, namespace=namespace,
@@ -153,6 +150,23 @@ def root(
         request_timeout=request_timeout, parallel=parallel, verbose=verbose, quiet=quiet, no_color=no_color, yes=yes,
         no_audit=no_audit,
     ).items() if v is not None and v is not False and v != () and not (k == "verbose" and v == 0)}
+    if _help_only:
+        # a subcommand's --help needs no settings (no config file read, no logging set up):
+        # built on first use instead, should a command run after all (-h as an option's value)
+        ctx.meta[_DEFERRED] = (flags, profile)
+        return
+    build_context(ctx, flags, profile)
+
+
+_DEFERRED = "katactl.deferred-settings"
+
+
+def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str | None) -> None:
+    """Resolve the settings of this invocation and put its AppContext on the root context."""
+    from katactl import config
+    from katactl.context import AppContext
+    from katactl.output import FORMATS, PROM_COMMANDS
+
     settings = config.resolve(flags, profile=profile)
     if settings.output is not None and settings.output not in FORMATS:
         raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
@@ -174,6 +188,10 @@ def _delete_node_pods() -> None:
     if "katactl.nodeagent" in sys.modules:
         sys.modules["katactl.nodeagent"].cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
 
+
+# True when this invocation only asks for help (-h/--help before any "--"): the root
+# callback then builds no settings (no config file read, no logging set up).
+_help_only = False
 
 # The resolved -o of this invocation (None until the root callback ran), for main's
 # error report: it runs after Typer has unwound the context that held the settings.
@@ -421,8 +439,10 @@ def _exit_without_abandoned_threads(done: SystemExit) -> None:
 
 def _run(args: list[str]) -> None:
     command = typer.main.get_command(app)
-    global _output_format
+    global _output_format, _help_only
     _output_format = None
+    head = args[:args.index("--")] if "--" in args else args
+    _help_only = any(a in ("-h", "--help") for a in head)
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
     try:
         args = hoist_global_options(expand_dry_run(args))

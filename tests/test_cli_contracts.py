@@ -468,3 +468,17 @@ def test_endless_input_files_are_capped(cli, monkeypatch, args, env, needle):
 def test_endless_nodes_from_stdin_is_capped(cli):
     r = cli(["--nodes-from", "-", "sandbox", "list"], stdin="n1\n" * (1 << 19))
     assert r.exit_code == 2 and "--nodes-from -: more than 1 MiB" in r.stderr
+
+
+def test_leaf_help_builds_no_settings_and_a_help_value_still_runs(cli):
+    """A subcommand's --help reads no config file (tomllib, katactl.config stay unloaded); a
+    '--help' that is an option's value does not leave the command without its settings."""
+    code = ("import sys; from katactl.cli import main\n"
+            "try:\n    main(['sandbox', 'list', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e\n"
+            "heavy = [m for m in ('tomllib', 'katactl.config', 'katactl.context') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "Usage: katactl sandbox list" in p.stdout
+    r = cli(["config", "view", "-o", "json", "--profile", "--help"])  # --help is the profile's name here
+    assert r.exit_code == 2 and "unknown profile '--help'" in r.stderr and "Traceback" not in r.stderr

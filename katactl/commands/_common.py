@@ -1,12 +1,13 @@
 """Helpers shared by command modules (thin: no I/O logic here)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import typer
 
-from katactl.context import AppContext
-from katactl.output import Column, Result
+if TYPE_CHECKING:  # at run time imported where used: --help of a command loads neither
+    from katactl.context import AppContext
+    from katactl.output import Column, Result
 
 
 #: the help of every SANDBOX argument resolved through sandbox_ref
@@ -31,6 +32,10 @@ def new_app(help: str, *, single: bool = False) -> typer.Typer:
 
 def state(ctx: typer.Context) -> AppContext:
     root = ctx.find_root()
+    if root.obj is None:  # settings deferred by a --help that turned out to be a value
+        from katactl.cli import _DEFERRED, build_context
+
+        build_context(root, *root.meta.pop(_DEFERRED))
     return root.obj
 
 
@@ -65,6 +70,7 @@ def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: 
     """
     from katactl.errors import ExitCode, outcome_exit_code
     from katactl.fleet import run_on_nodes
+    from katactl.output import Result
 
     fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
@@ -95,6 +101,8 @@ def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
 def render_per_node(app_ctx: AppContext, fanout, *, kind: str, columns: list[Column] | None = None,
                     mutating: bool = False) -> None:
     """Render a FanOut of one object per node (see fan_out_one) and exit with its code."""
+    from katactl.output import Result
+
     fanout.raise_if_single_failure()
     if not fanout.multi:
         item = {"node": fanout.nodes[0], **fanout.values[fanout.nodes[0]]}
