@@ -34,7 +34,7 @@ client. What it serves:
   new name/uid, same labels and ownerReference, on the first schedulable Ready node (never a
   cordoned one) or Pending without nodeName. DaemonSet controller: a removed DaemonSet pod is
   recreated on the same node.
-- Faults: ``inject``, ``delay``, ``cut``; request log in ``requests``.
+- Faults: ``inject``, ``delay``, ``cut``, ``drop`` (close without an answer); request log in ``requests``.
 - pods/exec over WebSocket (v5/v4.channel.k8s.io) running the argv in a private mount namespace
   with the pod's node root at /host, a mini kubelet for pods created with a nodeName, DaemonSet
   pods per node: tests/kubeexec_server.py (its docstring lists its own differences).
@@ -698,6 +698,12 @@ class KubeStandIn(KubeExecMixin):
         """Close the connection after sending the headers and half the body."""
         with self._lock:
             self._faults.append({"type": "cut", "method": method, "re": re.compile(path_regex), "times": times})
+
+    def drop(self, path_regex: str, times: int = 1, method: str | None = None):
+        """Close the connection without any answer and without acting on the request (what a
+        client sees when the server closed an idle keep-alive connection as it was reused)."""
+        with self._lock:
+            self._faults.append({"type": "drop", "method": method, "re": re.compile(path_regex), "times": times})
 
     def _take_faults(self, method: str, path: str) -> list[dict]:
         out = []
@@ -1758,6 +1764,10 @@ class _Handler(BaseHTTPRequestHandler):
             if f["type"] == "delay":
                 time.sleep(f["seconds"])
         for f in faults:
+            if f["type"] == "drop":
+                self.close_connection = True
+                self.connection.close()
+                return
             if f["type"] == "cut":
                 cut = True
             elif f["type"] == "status":

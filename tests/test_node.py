@@ -647,3 +647,23 @@ def test_dry_run_server_only_where_the_api_can_validate(cli):
     assert r.exit_code == 2 and "--dry-run=server is for commands" in r.stderr
     r = cli(["upgrade", "switch", "1.0", "--dry-run=maybe"])
     assert r.exit_code == 2 and "client, server or none" in r.stderr
+
+
+def test_a_change_the_server_dropped_unanswered_is_resent_only_when_harmless(cli, kube, kc):
+    """A server closing a reused connection without an answer (idle keep-alive): the cordon
+    PATCH (sets the same values again) is resent; an eviction POST is not (it could evict twice)."""
+    kube.add_node("n1")
+    kube.drop(r"^/api/v1/nodes/n1", method="PATCH")
+    r = node_cli(cli, kc, "cordon", "n1", "-o", "json")
+    assert r.exit_code == 0 and r.json()["changed"] is True, r.stderr
+    assert unschedulable(kube, "n1")
+    assert len([q for q in kube.requests if q["method"] == "PATCH"]) == 2  # dropped, then resent
+
+    kube.add_replicaset("rs", "default", 1, {"app": "a"})
+    kube.add_pod("a-0", "default", "n1", {"app": "a"}, owner=("ReplicaSet", "rs"))
+    node_cli(cli, kc, "uncordon", "n1")
+    kube.drop(r"/eviction$", method="POST")
+    r = node_cli(cli, kc, "drain", "n1", "--grace-period", "0", "--timeout", "20s")
+    assert r.exit_code == 1 and "default/a-0" in r.stderr and "without sending a response" in r.stderr, r.stderr
+    assert len([q for q in kube.requests if q["path"].endswith("/eviction")]) == 1
+    assert not unschedulable(kube, "n1")  # restored after the failure

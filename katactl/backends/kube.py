@@ -165,7 +165,10 @@ class KubeAPI:
                     raise err from None
             except httpx.TransportError as e:
                 err = UnreachableError(f"Kubernetes API {self.host}: {method} {path}: {_one_line(e)}")
-                if method != "GET":
+                # a server that closed the (reused) connection without answering: safe to send
+                # again when the change cannot apply twice (a duplicate meets 409 or changes nothing)
+                closed_unanswered = isinstance(e, httpx.RemoteProtocolError)
+                if method != "GET" and not (closed_unanswered and _replayable(method, content_type, body)):
                     raise err from None
             else:
                 if r.status_code < 300:
@@ -322,6 +325,17 @@ class _loader_errors:
 
     def __exit__(self, *exc) -> None:
         self.root.removeHandler(self.handler)
+
+
+def _replayable(method: str, content_type: str, body: Any) -> bool:
+    """Whether sending this change twice is harmless: a PUT conditional on its
+    resourceVersion (the second meets 409 Conflict) or a merge/strategic-merge PATCH (it
+    sets the same values again). POSTs (creates, evictions) and JSON patches are not."""
+    if method == "PUT":
+        return isinstance(body, dict) and bool((body.get("metadata") or {}).get("resourceVersion"))
+    if method == "PATCH":
+        return content_type != PATCH_TYPES["json"]
+    return False
 
 
 def _tls_context(cfg):
