@@ -717,3 +717,19 @@ def test_proxyjump_loop_is_a_clear_usage_error(sshd_lab, tmp_path, extra, needle
         ssh.SSHTransport.from_settings(target, settings_for(sshd_lab, ssh_config=cfg)).read_text("/etc/hostname")
     assert needle in str(ei.value)
     ssh.close_pool()
+
+
+def test_pipe_refuses_a_paramiko_without_the_internals_it_needs():
+    """The pipelined SFTP reader depends on SFTPClient internals: a paramiko that renamed them
+    is a clear error, not a hang."""
+    from katactl.backends.ssh import _Pipe
+    from katactl.errors import OperationFailed
+
+    from paramiko import SFTPClient
+
+    class Renamed(SFTPClient):  # a paramiko whose SFTPClient no longer has these names
+        def __init__(self):
+            pass
+
+    with pytest.raises(OperationFailed, match="paramiko .* lacks .*_expecting"):
+        _Pipe(Renamed())

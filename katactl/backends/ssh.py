@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Sequence
 from katactl.backends import knownhosts, sshconfig
 from katactl.backends.base import FileStat
 from katactl.backends.remote import RELAY, ChannelSocket, RemoteTransport, _check_root, _run_oserror
-from katactl.errors import (AuthError, HostKeyError, KatactlError, TimeoutExpired, UnreachableError,
+from katactl.errors import (AuthError, HostKeyError, KatactlError, OperationFailed, TimeoutExpired, UnreachableError,
                             UsageError)
 
 if TYPE_CHECKING:
@@ -266,7 +266,12 @@ def _transport_class():
     import paramiko
 
     class _T(paramiko.Transport):
-        """A Transport whose host-key algorithm order we set per host (like ssh does)."""
+        """A Transport whose host-key algorithm order we set per host (like ssh does).
+
+        A subclass, not Transport.get_security_options(): its key_types cannot put a
+        certificate type first (paramiko appends the -cert-v01 variants after every plain
+        type, and doubles the suffix of a cert name given to it), which hosts known only
+        through an @cert-authority line need."""
 
         host_key_order: tuple[str, ...] = ()
         # AES-GCM first: one AEAD pass in OpenSSL instead of CTR + a separate
@@ -550,7 +555,23 @@ class _Pipe:
     next. Callers hold the connection's sftp_lock.
     """
 
+    #: paramiko internals this depends on (SFTPClient's request table; SFTPAttributes' wire
+    #: format): checked when a pipe is made on a real SFTPClient, so a paramiko that renamed
+    #: them fails loudly instead of hanging on replies nobody dispatches
+    NEEDS = ("_lock", "request_number", "_expecting")
+
     def __init__(self, sftp):
+        from paramiko import SFTPAttributes, SFTPClient
+
+        if isinstance(sftp, SFTPClient):
+            missing = [n for n in self.NEEDS if not hasattr(sftp, n)]
+            missing += [f"SFTPAttributes.{n}" for n in ("_from_msg", "_pack") if not hasattr(SFTPAttributes, n)]
+            if missing:
+                import paramiko
+
+                raise OperationFailed(f"paramiko {paramiko.__version__} lacks what katactl's pipelined SFTP "
+                                      f"uses ({', '.join(missing)}): install a paramiko version that "
+                                      "pyproject.toml allows")
         self.sftp = sftp
         self.got: dict[int, tuple] = {}
         self.forgotten: set[int] = set()
