@@ -595,6 +595,8 @@ def _confirm_gone(api: KubeAPI, node: str, waiting: dict[str, str], result: dict
 # -- check -------------------------------------------------------------------
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
+#: seconds past its grace period after which a terminating pod counts as stuck
+STUCK_AFTER = 60
 
 
 def selector_matches(selector: dict | None, labels: dict) -> bool:
@@ -655,11 +657,12 @@ def check(api: KubeAPI, name: str) -> list[dict]:
         labels = meta.get("labels") or {}
         if _terminal(pod):
             continue
-        deleting = _deleting_for(pod, now)
-        grace = meta.get("deletionGracePeriodSeconds") or 30
-        if deleting is not None and deleting > grace + 60:
+        # deletionTimestamp is when the grace period ends (the request's time + grace)
+        overdue = _deleting_for(pod, now)
+        if overdue is not None and overdue > STUCK_AFTER:
             out.append(_finding("high", "stuck-terminating", ref,
-                                f"terminating for {int(deleting)}s (grace {grace}s): a drain will wait for it"))
+                                f"still terminating {int(overdue)}s after its grace period ended: a drain "
+                                "waits for it (--skip-wait-for-delete-timeout)"))
         mine = [b for b in pdbs if b["metadata"].get("namespace") == meta.get("namespace")
                 and selector_matches((b.get("spec") or {}).get("selector"), labels)]
         if len(mine) > 1:
@@ -696,24 +699,24 @@ def check(api: KubeAPI, name: str) -> list[dict]:
 # -- many nodes, audited -------------------------------------------------------
 
 def audited(action: str, name: str, params: dict, fn: Callable[[], dict]) -> dict:
-    """Run a mutation of node ``name`` and log its final outcome in the audit log
-    (changes and failures; dry runs and no-ops change nothing and are not logged)."""
+    """Run a mutation of node ``name`` and log its final outcome in the audit log: a change,
+    or a failure with what it did before failing (a drain's evicted pods, whether the node
+    was restored). Dry runs (``params["dryRun"]``) and no-ops change nothing: not logged."""
     from katactl import audit
 
-    if not params.get("dryRun"):
-        audit.require_writable()  # no untraceable change (exit 5 unless --no-audit)
+    if params.get("dryRun"):
+        return fn()
+    audit.require_writable()  # no untraceable change (exit 5 unless --no-audit)
     try:
         res = fn()
     except BaseException as e:
         err = e if isinstance(e, KatactlError) else None
         partial = (err.details.get("drain") if err else None) or {}
-        if not params.get("dryRun") and (partial.get("changed") or partial.get("evicted") or err is None
-                                         or action != "node.drain"):
-            audit.record(action, name, node=name, params=params, result="error",
-                         error=err.message if err else type(e).__name__,
-                         evicted=partial.get("evicted"), restored=partial.get("restored"))
+        audit.record(action, name, node=name, params=params, result="error",
+                     error=err.message if err else type(e).__name__,
+                     evicted=partial.get("evicted"), restored=partial.get("restored"))
         raise
-    if res.get("changed") and not res.get("dryRun"):
+    if res.get("changed"):
         audit.record(action, name, node=name, params=params, changed=True,
                      **({"evicted": res["evicted"]} if "evicted" in res else {}))
     return res

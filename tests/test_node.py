@@ -667,3 +667,36 @@ def test_a_change_the_server_dropped_unanswered_is_resent_only_when_harmless(cli
     assert r.exit_code == 1 and "default/a-0" in r.stderr and "without sending a response" in r.stderr, r.stderr
     assert len([q for q in kube.requests if q["path"].endswith("/eviction")]) == 1
     assert not unschedulable(kube, "n1")  # restored after the failure
+
+
+def test_drain_dry_runs_need_no_audit_log_and_write_none(cli, kube, kc, tmp_path, monkeypatch, _isolated_home):
+    """A dry run changes nothing: it neither needs a writable audit log nor writes to it
+    (the drain's params named it dry_run, so the audit wrapper took it for a real run)."""
+    kube.add_node("n1")
+    kube.add_replicaset("rs", "default", 1, {"app": "a"})
+    kube.add_pod("a-0", "default", "n1", {"app": "a"}, owner=("ReplicaSet", "rs"))
+    for mode in ("--dry-run", "--dry-run=server"):
+        r = node_cli(cli, kc, "drain", "n1", mode, "-o", "json")
+        assert r.exit_code == 0 and r.json()["dryRun"] is True, r.stderr
+    assert audit_entries(_isolated_home) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", str(blocker / "audit.log"))
+    assert node_cli(cli, kc, "drain", "n1", "--dry-run").exit_code == 0
+    assert node_cli(cli, kc, "drain", "n1").exit_code == 5  # the real one is refused
+    assert not unschedulable(kube, "n1")
+
+
+def test_check_flags_a_pod_stuck_past_its_grace_period(cli, kube, kc):
+    import datetime as dt
+
+    kube.add_node("n1")
+    kube.add_replicaset("rs", "default", 2, {"app": "a"})
+    for name, ago in (("stuck", 300), ("leaving", 5)):
+        kube.add_pod(name, "default", "n1", {"app": "a"}, owner=("ReplicaSet", "rs"))
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=ago)
+        kube.store[("pods", "default", name)]["metadata"].update(
+            deletionTimestamp=past.strftime("%Y-%m-%dT%H:%M:%SZ"), deletionGracePeriodSeconds=30)
+    r = node_cli(cli, kc, "check", "n1", "-o", "json")
+    stuck = [f["target"] for f in r.json()["items"] if f["check"] == "stuck-terminating"]
+    assert stuck == ["default/stuck"] and r.exit_code == 8, r.stdout

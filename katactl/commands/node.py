@@ -233,7 +233,8 @@ def drain(
                               disable_eviction=disable_eviction, dry_run=_dry_run(dry_run, dry_run_server),
                               kata_only=kata_only or stale_release, keep_cordoned=keep_cordoned, reason=reason)
     out = app_ctx.out
-    params = {k: v for k, v in vars(opts).items() if v not in (None, False, 0, -1) or k == "dryRun"}
+    params = {**{k: v for k, v in vars(opts).items() if v not in (None, False, 0, -1) and k != "dry_run"},
+              "dryRun": opts.dry_run}
     stop = threading.Event()
 
     counts = {"done": 0, "total": 0}
