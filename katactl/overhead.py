@@ -38,12 +38,12 @@ from typing import Any
 
 from katactl.errors import KatactlError, UsageError, as_katactl_error
 from katactl.backends.base import NodeTransport
+from katactl.procfacts import USER_HZ
 
 #: severities, as audit's (katactl.isolation.policy.SEVERITIES)
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 #: measured/declared ratio -> severity: above 1 low, above 1.25 medium, above 1.5 high, above 2 critical
 RATIO_SEVERITY = ((2.0, "critical"), (1.5, "high"), (1.25, "medium"), (1.0, "low"))
-USER_HZ = 100
 PROC_SCAN_LIMIT = 65536
 
 # -- Kubernetes quantities -------------------------------------------------------
@@ -150,7 +150,9 @@ class Declared:
     def _pod(self, ns: str, name: str) -> dict | None:
         if ns not in self._pods:
             pods = {}
-            for page in self.api.list_pages(f"/api/v1/namespaces/{_seg(ns)}/pods"):
+            from katactl.backends.kube import seg
+
+            for page in self.api.list_pages(f"/api/v1/namespaces/{seg(ns)}/pods"):
                 for p in page:
                     pods[(p.get("metadata") or {}).get("name")] = p
             self._pods[ns] = pods
@@ -191,12 +193,6 @@ class Declared:
             else:
                 out[field] = 0
         return rc, out
-
-
-def _seg(s: str) -> str:
-    from urllib.parse import quote
-
-    return quote(s, safe="")
 
 
 def declared_source(settings, flag: str | None, configured: str | None, *, use_api: bool | None = None,
