@@ -349,6 +349,7 @@ def write_node_signals(root: str, k: int, *, cpu_stall: int = 0, io_stall: int =
                              f"workingset_refault_file {100 + k}\npgmajfault 50\nallocstall_normal {k * 2}\n"
                              f"allocstall_movable {k}\noom_kill 0\n")
     _w(root, "/proc/diskstats",
-       f"   8       0 sda {1000 + k * 10} 0 {8000 + k * 80} 500 {2000 + k * 20} 0 {16000 + k * 160} 900 0 1000 1400\n"
-       f"   8       1 sda1 10 0 80 5 20 0 160 9 0 10 14\n"
-       f"   7       0 loop0 5 0 40 1 0 0 0 0 0 2 1\n")
+       f"   8       0 sda {1000 + k * 10} 0 {8000 + k * 80} 500 {2000 + k * 20} 0 {16000 + k * 160} 900 0 1000 1400"
+       " 0 0 0 0 40 2\n"
+       f"   8       1 sda1 10 0 80 5 20 0 160 9 0 10 14 0 0 0 0 0 0\n"
+       f"   7       0 loop0 5 0 40 1 0 0 0 0 0 2 1 0 0 0 0 0 0\n")
