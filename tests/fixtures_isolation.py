@@ -328,7 +328,7 @@ def write_v2_signals(root: str, path: str, k: int, *, cpu_stall: int = 0, mem_st
     _w(root, f"{d}/memory.current", mem_current)
     _w(root, f"{d}/memory.stat",
        f"anon 1000000\nfile 2000000\nkernel 100000\nshmem 0\npgscan {500 + k * scan * 2}\n"
-       f"pgsteal {400 + k * scan}\npgscan_kswapd {500 + k * scan}\npgscan_direct {0 + k * scan}\n"
+       f"pgsteal {400 + k * scan // 2}\npgscan_kswapd {500 + k * scan}\npgscan_direct {0 + k * scan}\n"
        f"pgsteal_kswapd 400\npgsteal_direct {0 + k * scan // 2}\nworkingset_refault_anon {k * scan // 4}\n"
        f"workingset_refault_file {7 + k * scan // 4}\npgfault 123456\npgmajfault {12 + k}\n")
     lines = []
