@@ -355,16 +355,28 @@ def _wait_ready():
 # -- node-local katactl commands ------------------------------------------------------------
 
 def _upgrade_parser(name: str, positional: str | None) -> _Parser:
+    """The flags every ``upgrade`` step takes: --kata-root, --lock-timeout, --force."""
     p = _Parser(name)
     if positional:
         p.add_argument(positional)
     p.add_argument("--kata-root", default="/opt/kata")
     p.add_argument("--lock-timeout", type=_duration_type("--lock-timeout"), default=None)
+    p.add_argument("--force", action="store_true")
     return p
 
 
-def _lt(ctx, a) -> float:
-    return a.lock_timeout if a.lock_timeout is not None else ctx.settings.request_timeout
+def _upgrade(ctx: StepContext, a, action: Callable[..., dict], *args, **kw) -> dict:
+    """``action`` (a katactl.upgrade function) on the node with the step's --kata-root,
+    --force and lock timeout (the settings' request timeout unless --lock-timeout)."""
+    from katactl.upgrade import Layout
+
+    lock_timeout = a.lock_timeout if a.lock_timeout is not None else ctx.settings.request_timeout
+    with ctx.transport() as t:
+        return action(t, Layout(a.kata_root), *args, force=a.force, lock_timeout=lock_timeout, **kw)
+
+
+def _already(r: dict) -> str:
+    return "" if r.get("changed") else " (already)"
 
 
 @_register("upgrade stage", "node", "Stage a release on the node (upgrade stage SOURCE ...).")
@@ -375,7 +387,6 @@ def _stage():
         p.add_argument("--sha256")
         p.add_argument("--no-verify", action="store_true")
         p.add_argument("--reserve", default="256Mi")
-        p.add_argument("--force", action="store_true")
 
         def check(a, text):
             from katactl.upgrade.source import check_source_arg
@@ -389,11 +400,9 @@ def _stage():
     def run(ctx, a):
         from katactl import upgrade
 
-        with ctx.transport() as t:
-            r = upgrade.stage(t, upgrade.Layout(a.kata_root), a.source, version=a.as_version, sha256=a.sha256,
-                              no_verify=a.no_verify, reserve=a.reserve, force=a.force, lock_timeout=_lt(ctx, a))
-        return {"changed": r.get("changed", False), "message": f"release {r.get('version')} staged"
-                + ("" if r.get("changed") else " (already)")}
+        r = _upgrade(ctx, a, upgrade.stage, a.source, version=a.as_version, sha256=a.sha256, no_verify=a.no_verify,
+                     reserve=a.reserve)
+        return {"changed": r.get("changed", False), "message": f"release {r.get('version')} staged{_already(r)}"}
     return parser, run
 
 
@@ -402,7 +411,6 @@ def _switch():
     def parser():
         p = _upgrade_parser("upgrade switch", "version")
         p.add_argument("--component", "-c", default="all", choices=("all", "runtime", "agent"))
-        p.add_argument("--force", action="store_true")
         p.add_argument("--no-preflight-exec", action="store_true")
 
         def check(a, text):
@@ -415,13 +423,10 @@ def _switch():
     def run(ctx, a):
         from katactl import upgrade
 
-        with ctx.transport() as t:
-            r = upgrade.switch(t, upgrade.Layout(a.kata_root), a.version, a.component, force=a.force,
-                               run_binaries=not a.no_preflight_exec, lock_timeout=_lt(ctx, a))
+        r = _upgrade(ctx, a, upgrade.switch, a.version, a.component, run_binaries=not a.no_preflight_exec)
         to = r.get("to") or {}
         return {"changed": r.get("changed", False),
-                "message": f"runtime {to.get('runtime')}, agent {to.get('agent')}"
-                + ("" if r.get("changed") else " (already)")}
+                "message": f"runtime {to.get('runtime')}, agent {to.get('agent')}{_already(r)}"}
     return parser, run
 
 
@@ -429,16 +434,13 @@ def _switch():
 def _rollback():
     def parser():
         p = _upgrade_parser("upgrade rollback", None)
-        p.add_argument("--force", action="store_true")
         p.add_argument("--no-preflight-exec", action="store_true")
         return p
 
     def run(ctx, a):
         from katactl import upgrade
 
-        with ctx.transport() as t:
-            r = upgrade.rollback(t, upgrade.Layout(a.kata_root), force=a.force,
-                                 run_binaries=not a.no_preflight_exec, lock_timeout=_lt(ctx, a))
+        r = _upgrade(ctx, a, upgrade.rollback, run_binaries=not a.no_preflight_exec)
         to = r.get("to") or {}
         return {"changed": r.get("changed", False), "message": f"back to runtime {to.get('runtime')}"}
     return parser, run
@@ -449,15 +451,12 @@ def _gc():
     def parser():
         p = _upgrade_parser("upgrade gc", None)
         p.add_argument("--no-keep-previous", action="store_true")
-        p.add_argument("--force", action="store_true")
         return p
 
     def run(ctx, a):
         from katactl import upgrade
 
-        with ctx.transport() as t:
-            r = upgrade.gc(t, upgrade.Layout(a.kata_root), force=a.force, keep_previous=not a.no_keep_previous,
-                           lock_timeout=_lt(ctx, a))
+        r = _upgrade(ctx, a, upgrade.gc, keep_previous=not a.no_keep_previous)
         return {"changed": r.get("changed", False), "message": f"removed {', '.join(r.get('removed') or []) or 'nothing'}"}
     return parser, run
 
