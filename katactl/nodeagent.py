@@ -274,7 +274,7 @@ def cleanup(warn=None) -> list[str]:
     for key, pod in items:
         _, api = apis.get(key, (None, None))
         try:
-            client = KubeAPI(api.host, dict(api.ws_headers), api.ssl_context, None, 10.0, user=api.user)
+            client = KubeAPI(api.host, api.headers, api.tls, 10.0, user=api.user)
             try:
                 client.delete(f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}", grace_period=0)
             finally:
@@ -392,11 +392,13 @@ def gc_candidates(api, namespace: str) -> list[dict]:
     return out
 
 
-def gc(api, namespace: str, *, dry_run: bool = False) -> list[dict]:
+def gc(api, namespace: str, *, dry_run: bool = False, candidates: list[dict] | None = None) -> list[dict]:
+    """Delete the ephemeral node pods: candidates (what gc_candidates listed and the user
+    confirmed), else those gc_candidates lists now."""
     from katactl.backends.kube import seg
 
     done = []
-    for c in gc_candidates(api, namespace):
+    for c in gc_candidates(api, namespace) if candidates is None else candidates:
         try:
             api.delete(f"/api/v1/namespaces/{seg(namespace)}/pods/{seg(c['name'])}", grace_period=0, dry_run=dry_run)
             done.append(c)

@@ -329,3 +329,21 @@ def test_rollout_node_steps_run_through_kube(cli, cluster, tmp_path):
     assert not kube.get_obj("Node", "tree-node")["spec"].get("unschedulable")
     execs = [q for q in kube.requests if "/exec" in q["path"]]
     assert execs and agent_pods(kube) == []  # the ephemeral pod went away with the run
+
+
+def test_agent_gc_deletes_the_pods_listed_not_ones_made_since(cluster):
+    """node agent gc deletes what it listed (and the user confirmed), not a pod created since."""
+    from katactl import config, nodeagent
+    from katactl.backends import kube as kubeapi
+
+    settings = config.resolve({})
+    with kubeapi.client(settings) as api:
+        base = "/api/v1/namespaces/kube-system/pods"
+        old = api.create(base, nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system"))["metadata"]["name"]
+        listed = nodeagent.gc_candidates(api, "kube-system")
+        assert [c["name"] for c in listed] == [old]
+        new = api.create(base, nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system"))["metadata"]["name"]
+        assert [c["name"] for c in nodeagent.gc(api, "kube-system", candidates=listed)] == [old]
+        assert agent_pods(cluster["kube"]) == [new]
+        assert [c["name"] for c in nodeagent.gc(api, "kube-system")] == [new]
+    assert agent_pods(cluster["kube"]) == []

@@ -147,7 +147,7 @@ def gc(
             app_ctx.require_confirmation(f"Delete {len(found)} ephemeral node pod(s) in {ns}?", "node agent gc")
         items = found if dry_run else _audited(
             "node.agent.gc", ns, {"namespace": ns, "pods": [c["name"] for c in found], "dryRun": False},
-            lambda: {"changed": bool(found), "deleted": nodeagent.gc(api, ns)})["deleted"] if found else []
+            lambda: {"changed": bool(found), "deleted": nodeagent.gc(api, ns, candidates=found)})["deleted"] if found else []
     cols = [Column("NAME", "name"), Column("NODE", "node"), Column("PHASE", "phase"),
             Column("CREATED-BY", "createdBy")]
     finish(app_ctx, Result(kind="NodeAgentGC", items=items, columns=cols, changed=bool(items) and not dry_run,
