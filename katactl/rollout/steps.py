@@ -301,12 +301,18 @@ def _recycle():
     return (lambda: _drain_parser("recycle-stale")), run
 
 
+def _at_or_above(findings: list[dict], fail_on: str) -> list[dict]:
+    from katactl.nodes import SEVERITIES
+
+    rank = SEVERITIES.index(fail_on)
+    return [f for f in findings if SEVERITIES.index(f["severity"]) >= rank]
+
+
 def run_check(api, node: str, fail_on: str) -> dict:
     from katactl import nodes
 
     findings = nodes.check(api, node)
-    rank = nodes.SEVERITIES.index(fail_on)
-    bad = [f for f in findings if nodes.SEVERITIES.index(f["severity"]) >= rank]
+    bad = _at_or_above(findings, fail_on)
     if bad:
         raise CheckFailed(f"node check found {len(bad)} problem(s) at or above {fail_on}: "
                           + "; ".join(f"{f['check']} {f['target']}: {f['message']}" for f in bad[:3]),
@@ -482,10 +488,7 @@ def _audit():
             res = lib.run(t, a.policy_obj)
         items, meta, failed = lib.merge({ctx.node: res}, a.fail_on, a.policy_obj, multi=False)
         if failed:
-            from katactl import nodes
-
-            rank = nodes.SEVERITIES.index(a.fail_on)
-            bad = [i for i in items if nodes.SEVERITIES.index(i["severity"]) >= rank]
+            bad = _at_or_above(items, a.fail_on)
             raise CheckFailed(f"audit found {len(bad)} finding(s) at or above {a.fail_on}: "
                               + "; ".join(f"{i['check']}: {i['message']}" for i in bad[:3]))
         return {"changed": False, "message": f"audit passed ({len(items)} finding(s) below {a.fail_on})"}
