@@ -71,17 +71,18 @@ class KubeAPI:
     ``user`` is the kubeconfig user (for error messages); ``namespace`` the
     context's namespace (or "default")."""
 
-    def __init__(self, host: str, headers: dict, verify, cert, timeout: float, *,
-                 user: str = "", namespace: str = "default", sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, host: str, headers: dict, tls, timeout: float, *,
+                 user: str = "", namespace: str = "default"):
         import httpx
 
         self.host = host.rstrip("/")
         self.user = user
         self.namespace = namespace
-        self._sleep = sleep
+        # kept for connections httpx does not make (the kube transport's WebSockets)
+        self.headers, self.tls, self.timeout = dict(headers), tls, timeout
         # a drain evicts a node's pods at once: a bounded pool keeps that from opening
         # a hundred connections (kubectl multiplexes them over one HTTP/2 connection)
-        self._client = httpx.Client(base_url=self.host, headers=headers, verify=verify, cert=cert,
+        self._client = httpx.Client(base_url=self.host, headers=headers, verify=tls,
                                     timeout=timeout, trust_env=False,
                                     limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
 
@@ -136,7 +137,7 @@ class KubeAPI:
             tls = _tls_context(cfg)
         except (OSError, ValueError) as e:  # an unreadable or malformed CA or client certificate
             raise UsageError(f"kubeconfig: certificate: {getattr(e, 'strerror', None) or e}") from None
-        return cls(cfg.host, headers, tls, None, settings.request_timeout,
+        return cls(cfg.host, headers, tls, settings.request_timeout,
                    user=str(ctx.get("user") or ""), namespace=namespace)
 
     # -- the one request path ----------------------------------------------
@@ -186,7 +187,7 @@ class KubeAPI:
                     raise self._error(method, path, r.status_code, status)
             if attempt == RETRIES:
                 break
-            self._sleep(delay)
+            time.sleep(delay)
         assert err is not None
         raise err
 

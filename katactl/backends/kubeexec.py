@@ -209,16 +209,6 @@ while True:
 """.strip()
 
 
-class _ExecAPI(KubeAPI):
-    """KubeAPI that keeps what a WebSocket connection needs (TLS context, headers)."""
-
-    def __init__(self, host, headers, verify, cert, timeout, **kw):
-        super().__init__(host, headers, verify, cert, timeout, **kw)
-        self.ws_headers = dict(headers)
-        self.ssl_context = verify
-        self.timeout = timeout
-
-
 def _status_rc(status: dict) -> int | None:
     """The exit code a v4/v5 status message carries (None: an exec failure without one)."""
     if status.get("status") == "Success":
@@ -398,7 +388,7 @@ class WSChannel:
 class KubeExecTransport(RemoteTransport):
     """NodeTransport for a Kubernetes node through pods/exec into its node pod."""
 
-    def __init__(self, node: str, api: _ExecAPI, agent, host_root: str = "/host", timeout: float = 30.0):
+    def __init__(self, node: str, api: KubeAPI, agent, host_root: str = "/host", timeout: float = 30.0):
         self.node = node
         self.api = api
         self.agent = agent                # katactl.nodeagent.AgentPod (namespace, name, container)
@@ -412,7 +402,7 @@ class KubeExecTransport(RemoteTransport):
     def from_settings(cls, node: str, settings) -> "KubeExecTransport":
         from katactl import nodeagent
 
-        api = _ExecAPI.from_settings(settings)
+        api = KubeAPI.from_settings(settings)
         try:
             agent = nodeagent.agent_pod(api, settings, node)
             root = settings.host_root or "/host"
@@ -446,8 +436,8 @@ class KubeExecTransport(RemoteTransport):
         host = self.api.host
         url = ("wss://" + host[len("https://"):] if host.startswith("https://")
                else "ws://" + host[len("http://"):] if host.startswith("http://") else host) + path
-        headers = [f"{k}: {v}" for k, v in self.api.ws_headers.items() if k.lower() == "authorization"]
-        ws = websocket.WebSocket(sslopt={"context": self.api.ssl_context}, skip_utf8_validation=True,
+        headers = [f"{k}: {v}" for k, v in self.api.headers.items() if k.lower() == "authorization"]
+        ws = websocket.WebSocket(sslopt={"context": self.api.tls}, skip_utf8_validation=True,
                                  enable_multithread=True)
         try:
             ws.connect(url, header=headers, subprotocols=list(PROTOCOLS), timeout=timeout,
