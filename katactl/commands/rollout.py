@@ -361,11 +361,7 @@ def plan_cmd(
       katactl rollout plan -f kata-3.10.yaml -o json
     """
     app_ctx = state(ctx)
-    d = _merge_plan_input(app_ctx, plan_file, step, dict(
-        max_unavailable=max_unavailable, canary=canary, canary_soak=canary_soak, batch_growth=batch_growth,
-        soak=soak, failure_budget=failure_budget, on_failure=on_failure, window=window, alert_gate=alert_gate,
-        alert_filter=alert_filter, spread_by=spread_by, step_timeout=step_timeout, gate_timeout=gate_timeout,
-        poll=poll))
+    d = _merge_plan_input(app_ctx, plan_file, step, {k: v for k, v in locals().items() if k in _P})
     p, api = _build_plan(app_ctx, name, d, lock_namespace, lock_ttl, state_backend)
     if api is not None:
         api.close()
@@ -423,11 +419,7 @@ def run_cmd(
     from katactl.rollout import engine
 
     app_ctx = state(ctx)
-    d = _merge_plan_input(app_ctx, plan_file, step, dict(
-        max_unavailable=max_unavailable, canary=canary, canary_soak=canary_soak, batch_growth=batch_growth,
-        soak=soak, failure_budget=failure_budget, on_failure=on_failure, window=window, alert_gate=alert_gate,
-        alert_filter=alert_filter, spread_by=spread_by, step_timeout=step_timeout, gate_timeout=gate_timeout,
-        poll=poll))
+    d = _merge_plan_input(app_ctx, plan_file, step, {k: v for k, v in locals().items() if k in _P})
     p, api = _build_plan(app_ctx, name, d, lock_namespace, lock_ttl, state_backend)
     if dry_run:
         _plan_result(app_ctx, p, dry_run=True)
