@@ -459,8 +459,9 @@ def _release_stale(store, name: str) -> None:
     lock): take the lock (only possible when its holder is gone) and release it."""
     from katactl.errors import Refused
 
-    holder = store.lock_holder()
-    if not holder or not str(holder.get("holder", "")).endswith("/" + name):
+    from katactl.rollout.store import held_by
+
+    if not held_by(store.lock_holder(), name):
         return
     try:
         store.acquire(name)
@@ -509,20 +510,22 @@ def status_cmd(
     """
     from katactl.errors import NotFound
     from katactl.rollout import engine
+    from katactl.rollout.store import held_by
 
     app_ctx = state(ctx)
     if name:
         store, st = _load(app_ctx, name, state_backend, lock_namespace)
+        holder = store.lock_holder()
     else:
         store = _find_store(app_ctx, None, state_backend, lock_namespace)
         all_ = store.list()
         if not all_:
             raise NotFound("no rollouts")
         holder = store.lock_holder()
-        held = (holder or {}).get("holder", "").rsplit("/", 1)[-1] if holder else None
-        st = next((s for s in all_ if s["name"] == held), None) or max(all_, key=lambda s: s.get("updatedAt") or "")
+        st = next((s for s in all_ if held_by(holder, s["name"])), None) \
+            or max(all_, key=lambda s: s.get("updatedAt") or "")
     summ = engine.summary(st)
-    summ["lock"] = store.lock_holder()
+    summ["lock"] = holder
     summ["exitCode"] = 0
     _render_summary(app_ctx, summ, changed=None)
 
@@ -562,7 +565,7 @@ def list_cmd(ctx: typer.Context, lock_namespace: str = _LNS, state_backend: str 
             items.append({"name": summ["name"], "state": s.kind, "phase": summ["phase"],
                           "batch": f"{summ['batch']}/{summ['batches']}", "done": c["done"], "failed": c["failed"],
                           "nodes": len(summ["nodes"]), "updatedAt": summ["updatedAt"], "reason": summ["reason"],
-                          "locked": bool(holder and holder.get("holder", "").endswith("/" + summ["name"]))})
+                          "locked": store_mod.held_by(holder, summ["name"])})
     cols = [Column("NAME", "name"), Column("PHASE", "phase"), Column("BATCH", "batch"), Column("DONE", "done"),
             Column("FAILED", "failed"), Column("NODES", "nodes"), Column("STATE", "state"),
             Column("LOCKED", "locked"), Column("UPDATED", "updatedAt", wide=True), Column("REASON", "reason", wide=True)]
@@ -582,7 +585,7 @@ def pause_cmd(ctx: typer.Context, name: str = NAME_ARG, lock_namespace: str = _L
     """
     from katactl import audit
     from katactl.output import Result
-    from katactl.rollout.store import holder_identity
+    from katactl.rollout.store import held_by, holder_identity
 
     app_ctx = state(ctx)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
@@ -595,7 +598,7 @@ def pause_cmd(ctx: typer.Context, name: str = NAME_ARG, lock_namespace: str = _L
     store.set_control(name, {"pause": True, "by": holder_identity(name).rsplit("/", 1)[0]})
     if changed:
         audit.record("rollout.pause", name, params={"rollout": name}, changed=True)
-    running = bool((store.lock_holder() or {}).get("holder", "").endswith("/" + name))
+    running = held_by(store.lock_holder(), name)
     msg = ("pause requested: the running rollout starts no new node and stops when its running nodes finish"
            if running else "paused: the rollout is not running; 'rollout resume' continues it")
     finish(app_ctx, Result.mutation("RolloutPause", {"name": name, "changed": changed, "dryRun": False,
@@ -688,7 +691,7 @@ def abort_cmd(
     from katactl.errors import TimeoutExpired
     from katactl.rollout import engine
     from katactl.rollout.plan import Plan
-    from katactl.rollout.store import holder_identity
+    from katactl.rollout.store import held_by, holder_identity
     from katactl.values import parse_duration
 
     app_ctx = state(ctx)
@@ -711,7 +714,7 @@ def abort_cmd(
         while True:
             st = store.load(name)
             if st and st["phase"] in ("Aborted", "Succeeded", "CompletedWithFailures") and \
-                    not (store.lock_holder() or {}).get("holder", "").endswith("/" + name):
+                    not held_by(store.lock_holder(), name):
                 break
             if end is not None and time.monotonic() > end:
                 raise TimeoutExpired(f"rollout {name} has not finished aborting after {timeout}") from None

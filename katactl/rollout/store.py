@@ -41,6 +41,11 @@ def holder_identity(name: str) -> str:
     return f"{current_user()}@{socket.gethostname()}/{name}"
 
 
+def held_by(holder: dict | None, name: str) -> bool:
+    """Whether ``holder`` (a lock_holder() answer) is rollout ``name``'s (see holder_identity)."""
+    return bool(holder) and str((holder or {}).get("holder", "")).endswith("/" + name)
+
+
 def session() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
 
