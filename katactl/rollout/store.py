@@ -228,19 +228,6 @@ class KubeStore(Store):
             except NotFound:
                 return
 
-    def force_release(self, name: str) -> None:
-        """abort with no live holder: release a lock this rollout's dead process left."""
-        holder = self.lock_holder()
-        if holder and holder["holder"].endswith("/" + name):
-            try:
-                lease = self.api.get(self._lease_path)
-            except NotFound:
-                return
-            lease["spec"]["holderIdentity"] = ""
-            lease["spec"]["renewTime"] = micro_time()
-            lease["spec"]["leaseDurationSeconds"] = 1
-            self.api.update(self._lease_path, lease)
-
     # state ------------------------------------------------------------------
     def _cm_path(self, name: str) -> str:
         return f"/api/v1/namespaces/{self.ns}/configmaps/{CM_PREFIX}{name}"
@@ -447,9 +434,6 @@ class FileStore(Store):
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-    def force_release(self, name: str) -> None:
-        pass  # a flock dies with its process
 
     def load(self, name: str) -> dict | None:
         try:
