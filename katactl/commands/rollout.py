@@ -427,11 +427,8 @@ def run_cmd(
     store = _open_store(app_ctx, p, p.lock_namespace, p.lock_ttl, api)
     existing = store.load(p.name)
     if existing is not None and existing.get("phase") in ("Succeeded", "CompletedWithFailures"):
-        _release_stale(store, p.name)
         app_ctx.out.info(f"rollout {p.name} already finished ({existing['phase']}): nothing to do")
-        summ = engine.summary(existing)
-        summ["exitCode"] = 0
-        _render_summary(app_ctx, summ, changed=False)
+        _render_finished(app_ctx, store, existing)
         return
     if existing is not None:
         from katactl.errors import Refused
@@ -468,6 +465,17 @@ def _release_stale(store, name: str) -> None:
     except Refused:
         return
     store.release()
+
+
+def _render_finished(app_ctx, store, st: dict) -> None:
+    """A rollout that already ended: release a lock its dead process left, and show it
+    (exit 0, changed: false)."""
+    from katactl.rollout import engine
+
+    _release_stale(store, st["name"])
+    summ = engine.summary(st)
+    summ["exitCode"] = 0
+    _render_summary(app_ctx, summ, changed=False)
 
 
 def _state_opts():
@@ -627,17 +635,13 @@ def resume_cmd(
     """
     from katactl import audit
     from katactl.errors import Refused
-    from katactl.rollout import engine
     from katactl.rollout.plan import Plan
 
     app_ctx = state(ctx)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
     if st["phase"] in ("Succeeded", "CompletedWithFailures") and not retry_failed:
-        _release_stale(store, name)
-        summ = engine.summary(st)
-        summ["exitCode"] = 0
         app_ctx.out.info(f"rollout {name} already finished ({st['phase']}): nothing to do")
-        _render_summary(app_ctx, summ, changed=False)
+        _render_finished(app_ctx, store, st)
         return
     if st["phase"] == "Aborted":
         raise Refused(f"rollout {name} was aborted: start a new rollout (another NAME) instead")
@@ -698,10 +702,7 @@ def abort_cmd(
     wait = parse_duration(timeout, what="--timeout", allow_zero=True)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
     if st["phase"] in ("Aborted", "Succeeded", "CompletedWithFailures"):
-        _release_stale(store, name)
-        summ = engine.summary(st)
-        summ["exitCode"] = 0
-        _render_summary(app_ctx, summ, changed=False)
+        _render_finished(app_ctx, store, st)
         return
     store.set_control(name, {"abort": True, "now": now or None, "by": holder_identity(name).rsplit("/", 1)[0]})
     audit.record("rollout.abort", name, params={"rollout": name, "now": now}, changed=True)
