@@ -767,12 +767,7 @@ def node_transport(settings, name: str):
 def kata_facts(transport: NodeTransport, kata_root: str = "/opt/kata") -> dict:
     """The node's current Kata release, its sandboxes on other releases, and dumps not
     yet collected (katactl.upgrade's attribution, katactl.vmcore's listing)."""
-    from katactl.upgrade import Layout, status
-
-    st = status(transport, Layout(kata_root))
-    current = (st.get("current") or {}).get("runtime")
-    stale = [s for s in st.get("sandboxes") or []
-             if s.get("releases") and current and set(s["releases"]) != {current}]
+    current, stale = stale_sandboxes(transport, kata_root)
     facts: dict[str, Any] = {"current": current, "staleSandboxes": stale, "uncollectedVmcores": None}
     try:
         from katactl.vmcore import list_dumps
@@ -783,14 +778,25 @@ def kata_facts(transport: NodeTransport, kata_root: str = "/opt/kata") -> dict:
     return facts
 
 
-def stale_release_pods(transport: NodeTransport, kata_root: str = "/opt/kata") -> set[tuple[str, str]]:
-    """(namespace, name) of the pods whose sandbox still runs a release other than current."""
-    out = set()
-    for s in kata_facts(transport, kata_root)["staleSandboxes"]:
-        if s.get("pod") and "/" in s["pod"]:
-            ns, name = s["pod"].split("/", 1)
-            out.add((ns, name))
-    return out
+def stale_sandboxes(transport: NodeTransport, kata_root: str = "/opt/kata") -> tuple[str | None, list[dict]]:
+    """(the current runtime release, the sandboxes whose shim, hypervisor or guest assets
+    still come from another release), from katactl.upgrade's attribution."""
+    from katactl.upgrade import Layout, status
+
+    st = status(transport, Layout(kata_root))
+    current = (st.get("current") or {}).get("runtime")
+    return current, [s for s in st.get("sandboxes") or []
+                     if s.get("releases") and current and set(s["releases"]) != {current}]
+
+
+def stale_release_pods(transport: NodeTransport, kata_root: str = "/opt/kata"
+                       ) -> tuple[set[tuple[str, str]], str | None]:
+    """((namespace, name) of the pods whose sandbox runs a release other than current,
+    the current release): what ``drain --stale-release`` and ``recycle-stale`` evict."""
+    current, stale = stale_sandboxes(transport, kata_root)
+    pods = {(s["pod"].split("/", 1)[0], s["pod"].split("/", 1)[1]) for s in stale
+            if s.get("pod") and "/" in s["pod"]}
+    return pods, current
 
 
 def check_node_facts(name: str, facts: dict) -> list[dict]:

@@ -262,7 +262,7 @@ def drain(
         node_opts = opts
         if stale_release:
             with nodes.node_transport(app_ctx.settings, n) as t:
-                node_opts = dataclasses.replace(opts, only_pods=nodes.stale_release_pods(t, kata_root))
+                node_opts = dataclasses.replace(opts, only_pods=nodes.stale_release_pods(t, kata_root)[0])
         return nodes.drain(api, n, node_opts, events=events, stop=stop)
 
     with kube.client(app_ctx.settings) as api, bar:

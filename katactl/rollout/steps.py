@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable
 
 from katactl.errors import ExitCode, KatactlError, OperationFailed, TimeoutExpired, UsageError
-from katactl.backends.base import NodeTransport
 
 #: the check a soaked node gets when the plan has no 'check' step of its own
 DEFAULT_FAIL_ON = "high"
@@ -253,31 +252,15 @@ def _drain_events(ctx: StepContext):
     return ev
 
 
-def stale_pods(transport: NodeTransport, kata_root: str) -> tuple[set[tuple[str, str]], dict]:
-    """Pods whose sandbox runs a release other than the current runtime release
-    (shim, hypervisor or guest assets): what ``recycle-stale`` evicts."""
-    from katactl import upgrade
-
-    st = upgrade.status(transport, upgrade.Layout(kata_root))
-    cur = (st.get("current") or {}).get("runtime")
-    pods: set[tuple[str, str]] = set()
-    for sb in st.get("sandboxes") or []:
-        rels = set(sb.get("releases") or [])
-        if cur and rels and rels != {cur} and sb.get("pod") and "/" in sb["pod"]:
-            ns, name = sb["pod"].split("/", 1)
-            pods.add((ns, name))
-    return pods, {"current": cur}
-
-
 def _run_drain(ctx: StepContext, a, *, kata_only: bool, stale: bool) -> dict:
     from katactl import nodes
 
     only = None
     if stale:
         with ctx.transport() as t:
-            only, info = stale_pods(t, a.kata_root)
+            only, current = nodes.stale_release_pods(t, a.kata_root)
         if not only:
-            return {"changed": False, "message": f"no sandbox runs a release other than {info['current']}",
+            return {"changed": False, "message": f"no sandbox runs a release other than {current}",
                     "evicted": []}
         kata_only = True
     r = nodes.drain(_need_api(ctx), ctx.node, _drain_opts(ctx, a, kata_only=kata_only, only_pods=only),
