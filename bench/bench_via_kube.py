@@ -103,7 +103,8 @@ def main() -> None:
         for argv in (ssh, kub):  # sanity: every sandbox of every node
             p = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, **env))
             doc = json.loads(p.stdout)
-            assert len(doc["items"]) == a.nodes * a.sandboxes, (len(doc["items"]), p.stderr[-500:])
+            assert len(doc["items"]) == a.nodes * a.sandboxes, (len(doc["items"]), p.returncode, doc.get("errors"),
+                                                                p.stderr[-500:])
         t = interleaved({"ssh": (ssh, env), "kube": (kub, env)}, a.runs, warmup=0 if a.smoke else 2)
         ms = {k: median_ms(v) for k, v in t.items()}
 
