@@ -68,7 +68,22 @@ class TimeoutExpired(KatactlError):
 
 
 class UnreachableError(KatactlError):
+    """An endpoint could not be reached. ``reason`` says what was found where a caller
+    decides on it, so that no caller reads the wording: for a unix socket
+    (NodeTransport.connect_unix, on every transport) SOCKET_MISSING (no such path),
+    SOCKET_REFUSED (a socket nobody listens on) or NOT_A_SOCKET; None for anything else
+    (the transport failed, permission denied...)."""
+
     exit_code, code = ExitCode.UNREACHABLE, "Unreachable"
+
+    def __init__(self, message: str, *, reason: str | None = None, hint: str | None = None,
+                 details: dict | None = None):
+        super().__init__(message, hint=hint, details=details)
+        self.reason = reason
+
+
+#: UnreachableError.reason values of connect_unix
+SOCKET_MISSING, SOCKET_REFUSED, NOT_A_SOCKET = "socket-missing", "socket-refused", "not-a-socket"
 
 
 class AuthError(UnreachableError):

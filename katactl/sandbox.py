@@ -29,7 +29,8 @@ import threading
 import time
 from typing import Any
 
-from katactl.errors import Ambiguous, NotFound, UsageError, UnreachableError, TimeoutExpired
+from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, TimeoutExpired,
+                            UnreachableError, UsageError)
 
 GO_SBS = "/run/vc/sbs"
 GO_VM = "/run/vc/vm"
@@ -737,20 +738,28 @@ def pid_alive(transport, pid: int | None) -> bool | None:
     return False
 
 
-def socket_answers(transport, path: str | None, timeout: float = 0.5) -> tuple[bool, str | None]:
+#: what connect_unix's UnreachableError.reason says when it shows that nobody serves the
+#: shim socket (the sandbox is stale); decided on the reason, never on the message's wording
+_SOCKET_GONE = {SOCKET_MISSING: "shim socket does not exist",
+                SOCKET_REFUSED: "nobody is listening on the shim socket",
+                NOT_A_SOCKET: "the shim socket's path is not a socket"}
+
+
+def socket_answers(transport, path: str | None, timeout: float = 0.5) -> tuple[bool | None, str | None]:
+    """(True, None): the shim socket accepts a connection; (False, why): nobody serves it
+    (missing, refused, not a socket); (None, why): the check could not tell (it timed
+    out, or the transport failed on the way)."""
     if not path:
         return False, "no shim socket"
     try:
         s = transport.connect_unix(path, timeout)
-    except (UnreachableError, TimeoutExpired) as e:
-        msg = e.message
-        if "does not exist" in msg:
-            return False, "shim socket does not exist"
-        if "nobody is listening" in msg:
-            return False, "nobody is listening on the shim socket"
-        return False, msg
+    except UnreachableError as e:
+        gone = _SOCKET_GONE.get(e.reason or "")
+        return (False, gone) if gone else (None, f"shim socket not checked: {e.message}")
+    except TimeoutExpired as e:
+        return None, f"shim socket not checked: {e.message}"
     except OSError as e:
-        return False, f"shim socket: {e.strerror or e}"
+        return None, f"shim socket not checked: {e.strerror or e}"
     try:
         s.close()
     except OSError:
@@ -763,16 +772,19 @@ _UNSET = object()
 
 def liveness(transport, sb: Sandbox, timeout: float = 0.5, *, _alive=_UNSET,
              _socket_missing: bool = False) -> Sandbox:
-    """Set sb.state/reason: running (pid lives, socket answers), stale, or unknown."""
+    """Set sb.state/reason: running (pid lives, socket answers), stale (the pid is gone, or
+    nobody serves the shim socket), or unknown (the check could not tell: a timeout, a
+    transport failure; a state file that cannot be read stays unknown too)."""
     if not sb.has_state():
         return sb  # unreadable state file: stays unknown with its reason
     alive = pid_alive(transport, sb.hypervisor_pid) if _alive is _UNSET else _alive
     if alive is False:
         sb.state, sb.reason = "stale", f"hypervisor pid {sb.hypervisor_pid} is not running"
         return sb
+    ok: bool | None
     why: str | None
     if _socket_missing:
-        ok, why = False, "shim socket does not exist"
+        ok, why = False, _SOCKET_GONE[SOCKET_MISSING]
     else:
         ok, why = socket_answers(transport, sb.shim_socket, timeout)
     if ok:
@@ -780,7 +792,7 @@ def liveness(transport, sb: Sandbox, timeout: float = 0.5, *, _alive=_UNSET,
         if alive is None and sb.hypervisor_pid:
             sb.reason = "pid not checked: the node's /proc is not visible"
         return sb
-    sb.state, sb.reason = "stale", why
+    sb.state, sb.reason = ("stale" if ok is False else "unknown"), why
     return sb
 
 

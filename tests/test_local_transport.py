@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from katactl.backends.local import LocalTransport
-from katactl.errors import TimeoutExpired, UnreachableError, UsageError
+from katactl.errors import SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
 
 
 def _listen(path):
@@ -43,14 +43,33 @@ def test_connect_unix_with_a_path_longer_than_sun_path(tmp_path):
 
 
 def test_connect_errors(tmp_path):
+    """Each failure carries its reason (what sandbox liveness decides on), not only words."""
     t = LocalTransport(str(tmp_path))
-    with pytest.raises(UnreachableError, match="does not exist"):
+    with pytest.raises(UnreachableError, match="does not exist") as e:
         t.connect_unix("/nope.sock", 1)
+    assert e.value.reason == SOCKET_MISSING
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UnreachableError, match="does not exist") as e:
+        t.connect_unix("/file/under-a-file.sock", 1)  # ENOTDIR: no such socket either
+    assert e.value.reason == SOCKET_MISSING
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(tmp_path / "dead.sock"))
     s.close()  # the file stays, nobody listens
-    with pytest.raises(UnreachableError, match="nobody is listening"):
+    with pytest.raises(UnreachableError, match="nobody is listening") as e:
         t.connect_unix("/dead.sock", 1)
+    assert e.value.reason == SOCKET_REFUSED
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "busy.sock"))
+    srv.listen(0)
+    held = socket.socket(socket.AF_UNIX)
+    held.connect(str(tmp_path / "busy.sock"))  # fills the backlog: the next connect gets EAGAIN
+    try:
+        with pytest.raises(UnreachableError) as e:
+            t.connect_unix("/busy.sock", 1)
+        assert e.value.reason is None  # someone listens: neither missing nor refused
+    finally:
+        held.close()
+        srv.close()
 
 
 def test_host_root_cannot_be_escaped(tmp_path):

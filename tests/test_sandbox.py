@@ -78,6 +78,31 @@ def test_states_and_reasons(tree):
     assert running == {"aaa111", "aab222", "fc3333", "rs4444", "rs5555", "rs6666", "cr7777"}
 
 
+def test_a_shim_whose_accept_backlog_is_full_is_unknown_not_stale():
+    """Stale is decided on connect_unix's reason (missing, refused), never on its wording: a
+    shim that is alive but accepts nothing right now (its listen backlog full: connect() says
+    EAGAIN) cannot be told apart from a slow one, so the sandbox is unknown, with why."""
+    with node() as n:
+        p = n.go("busy01", serve=False, pod_name="busy", pod_namespace="prod")
+        n.go("deaf02", serve=False, pod_name="deaf", pod_namespace="prod")
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(n.paths["deaf02"].shim_socket)
+        s.close()  # the file stays, nobody listens: refused
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(p.shim_socket)
+        srv.listen(0)
+        held = socket.socket(socket.AF_UNIX)
+        held.connect(p.shim_socket)  # never accepted: the backlog (0) is full
+        try:
+            sbs = {x.id: x for x in sandbox.discover(LocalTransport(n.root))}
+        finally:
+            held.close()
+            srv.close()
+    assert sbs["busy01"].state == "unknown"
+    assert sbs["busy01"].reason.startswith("shim socket not checked: /run/vc/sbs/busy01/shim-monitor.sock: ")
+    assert (sbs["deaf02"].state, sbs["deaf02"].reason) == ("stale", "nobody is listening on the shim socket")
+
+
 def test_discover_filters_by_state_and_namespace(tree):
     t = LocalTransport(tree.root)
     assert [s.id for s in sandbox.discover(t, state="stale")] == ["deaf00", "dead88"]  # by pod: deaf, gone

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from katactl import config
-from katactl.errors import AuthError, HostKeyError, TimeoutExpired, UnreachableError
+from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, AuthError, HostKeyError, TimeoutExpired,
+                            UnreachableError)
 
 
 def settings_for(lab, **kw):
@@ -264,13 +265,19 @@ def test_connect_unix_relay(t1, sshd_lab):
             got += s.recv(65536)
         assert got == payload.upper()
         s.close()
-        with pytest.raises(UnreachableError, match="does not exist"):
+        with pytest.raises(UnreachableError, match="does not exist") as e:
             t1.connect_unix("/run/vc/vm/abc/missing.sock", timeout=5)
+        assert e.value.reason == SOCKET_MISSING
     finally:
         srv.shutdown(socket.SHUT_RDWR)
         srv.close()
-    with pytest.raises(UnreachableError, match="nobody is listening"):
-        t1.connect_unix("/run/vc/vm/abc/qmp.sock", timeout=5)
+    with pytest.raises(UnreachableError, match="nobody is listening") as e:
+        t1.connect_unix("/run/vc/vm/abc/qmp.sock", timeout=5)  # the relay's exit 4
+    assert e.value.reason == SOCKET_REFUSED
+    (root / "run/vc/vm/abc/plain").write_text("")
+    with pytest.raises(UnreachableError, match="not a unix socket") as e:
+        t1.connect_unix("/run/vc/vm/abc/plain", timeout=5)
+    assert e.value.reason == NOT_A_SOCKET
 
 
 def test_shim_http_over_ssh(t1, sshd_lab):

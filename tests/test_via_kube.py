@@ -197,6 +197,38 @@ def test_v4_only_server(cluster):
     assert {e["protocol"] for e in kube.exec_log} == {"v4.channel.k8s.io"}
 
 
+def test_connect_unix_reasons_through_the_exec_relay(cluster, tmp_path):
+    """The socket relay over pods/exec says missing / refused / not a socket as a reason
+    (UnreachableError.reason), as the local and SSH transports do: discovery decides stale on it."""
+    import socket
+
+    from katactl import config, nodeagent
+    from katactl.errors import NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, UnreachableError
+    from katactl.fleet import open_transport
+
+    d = os.path.join(cluster["tree"]["root"], "run/relay")
+    os.makedirs(d)
+    cwd = os.getcwd()
+    os.chdir(d)  # a relative bind: the tmp path may exceed sun_path
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind("dead.sock")
+        s.close()  # the file stays, nobody listens
+    finally:
+        os.chdir(cwd)
+    open(os.path.join(d, "plain"), "w").close()
+    settings = config.resolve({"via": "kube", "agent_image": IMAGE, "request_timeout": 10.0})
+    try:
+        with open_transport("tree-node", settings) as t:
+            for path, reason in (("/run/relay/missing.sock", SOCKET_MISSING), ("/run/relay/dead.sock", SOCKET_REFUSED),
+                                 ("/run/relay/plain", NOT_A_SOCKET)):
+                with pytest.raises(UnreachableError) as e:
+                    t.connect_unix(path, 5)
+                assert e.value.reason == reason, (path, e.value.message)
+    finally:
+        nodeagent.cleanup()
+
+
 # -- errors --------------------------------------------------------------------------------------
 def test_no_agent_and_no_image_is_a_usage_error(cli, cluster):
     r = cli([*kube_args("tree-node", image=None), "sandbox", "list", "-o", "json"])

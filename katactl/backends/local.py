@@ -12,7 +12,7 @@ import tempfile
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from katactl.backends.base import FileStat, NodeTransport, RunResult
-from katactl.errors import TimeoutExpired, UnreachableError, UsageError
+from katactl.errors import SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
 
 
 def check_node_path(path: str) -> str:
@@ -226,12 +226,12 @@ class LocalTransport(NodeTransport):
                 dirfd = os.open(os.path.dirname(real), os.O_RDONLY | os.O_DIRECTORY)
                 real = f"/proc/self/fd/{dirfd}/{os.path.basename(real)}"
             s.connect(real)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             s.close()
-            raise UnreachableError(f"{path}: socket does not exist") from None
+            raise UnreachableError(f"{path}: socket does not exist", reason=SOCKET_MISSING) from None
         except ConnectionRefusedError:
-            s.close()
-            raise UnreachableError(f"{path}: nobody is listening on the socket") from None
+            s.close()  # also what connect() says of a file that is not a socket
+            raise UnreachableError(f"{path}: nobody is listening on the socket", reason=SOCKET_REFUSED) from None
         except socket.timeout:
             s.close()
             raise TimeoutExpired(f"{path}: connect timed out after {timeout:g}s") from None

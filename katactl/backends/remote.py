@@ -34,7 +34,7 @@ import stat as st
 from typing import Iterator, Sequence
 
 from katactl.backends.base import NodeTransport, RunResult
-from katactl.errors import TimeoutExpired, UnreachableError, UsageError
+from katactl.errors import NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
 
 STREAM_CHUNK = 1 << 20
 
@@ -243,11 +243,11 @@ class RemoteTransport(NodeTransport):
         try:
             mode = self.stat(path, follow_symlinks=True).mode
         except (FileNotFoundError, NotADirectoryError):
-            raise UnreachableError(f"{path}: socket does not exist") from None
+            raise UnreachableError(f"{path}: socket does not exist", reason=SOCKET_MISSING) from None
         except PermissionError:
             mode = st.S_IFSOCK  # let the relay (maybe another user's view) decide
         if not st.S_ISSOCK(mode):
-            raise UnreachableError(f"{path}: not a unix socket")
+            raise UnreachableError(f"{path}: not a unix socket", reason=NOT_A_SOCKET)
         try:
             # -I: ignore PYTHON* variables and user site; -S: no site import (faster start)
             chan = self._exec_channel(("python3", "-I", "-S", "-c", RELAY, r), timeout)
@@ -265,9 +265,9 @@ class RemoteTransport(NodeTransport):
         msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
         chan.close()
         if rc == 3:
-            raise UnreachableError(f"{path}: socket does not exist")
+            raise UnreachableError(f"{path}: socket does not exist", reason=SOCKET_MISSING)
         if rc == 4:
-            raise UnreachableError(f"{path}: nobody is listening on the socket")
+            raise UnreachableError(f"{path}: nobody is listening on the socket", reason=SOCKET_REFUSED)
         if rc == 127:
             raise UnreachableError(f"reaching {path} needs python3 on the node "
                                    "(katactl relays unix sockets through it)")

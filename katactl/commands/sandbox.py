@@ -48,7 +48,9 @@ def list_(
 
     STATE is 'running' when the hypervisor PID lives and the shim socket
     answers, 'stale' when either is gone, 'unknown' (with a REASON, see -o wide)
-    when the state file cannot be read. -n NAMESPACE keeps one pod namespace.
+    when the state file cannot be read or the check cannot tell (the socket did
+    not accept in time, the node could not be asked). -n NAMESPACE keeps one pod
+    namespace.
 
     \b
     Examples:
