@@ -1,44 +1,78 @@
-"""The node's *effective* Kata configuration, found and merged as the runtime does.
+"""The Kata configuration a runtime really uses, found and merged as the runtime does.
 
-Facts (reference/kata-node.md, checked against the Go runtime's
-``katautils.decodeConfig``/``decodeDropIns``):
+Which file (upstream, checked against kata-containers main and 3.x/4.x):
 
-- Go runtime search order: ``/etc/kata-containers/configuration.toml``, then
-  ``/usr/share/defaults/kata-containers/configuration.toml``; kata-deploy
-  installs under ``/opt/kata/share/defaults/kata-containers/`` (searched last
-  here, because containerd points the shim at it explicitly there).
-- runtime-rs: the same directories with a ``runtime-rs/`` subfolder.
-- The chosen file is resolved through symlinks first (kata-deploy links
-  ``configuration.toml`` -> ``configuration-qemu.toml``); drop-ins are every
-  file in ``<dir of the resolved file>/config.d/``, applied in lexical order;
-  a drop-in replaces values and merges tables key by key.
+- Go shim (``src/runtime/pkg/containerd-shim-v2/create.go`` ``loadRuntimeConfig``): the
+  sandbox annotation ``io.katacontainers.config_path``, else the ``ConfigPath`` containerd
+  passes in the runtime handler's options, else the shim's ``KATA_CONF_FILE``
+  environment variable, else ``katautils.GetDefaultConfigFilePaths()``:
+  ``/etc/kata-containers/configuration.toml`` then ``<PREFIX>/share/defaults/
+  kata-containers/configuration.toml`` for the one PREFIX the build was made with
+  (``src/runtime/Makefile``: ``/usr`` by default, the shim then in ``/usr/local/bin``;
+  kata-deploy builds with ``/opt/kata``). Never both prefixes.
+- runtime-rs (``src/runtime-rs/crates/runtimes/src/manager.rs`` ``load_config``): the
+  annotation (releases before the 2026 rewrite of that function), else
+  ``KATA_CONF_FILE``, else the handler's ``ConfigPath``, else kata-types'
+  ``DEFAULT_RUNTIME_CONFIGURATIONS`` (``src/libs/kata-types/src/config/default.rs``),
+  which really lists ``/etc``, ``/usr/share/defaults`` and ``/opt/kata/share/defaults``
+  (``kata-containers/runtime-rs/configuration.toml`` under each), in that order.
+- kata-deploy (``tools/packaging/kata-deploy/binary/src/runtime/containerd.rs``) writes,
+  per shim, ``[plugins.<cri>.containerd.runtimes.kata-<shim>]`` with ``runtime_type =
+  "io.containerd.kata-<shim>.v2"``, ``runtime_path`` (``/opt/kata/bin/containerd-shim-kata-v2``,
+  runtime-rs ``/opt/kata/runtime-rs/bin/...``) and ``options.ConfigPath`` =
+  ``/opt/kata/share/defaults/kata-containers[/runtime-rs]/runtimes/<shim>/configuration-<shim>.toml``
+  (a *copy*, so that its own ``config.d`` applies: ``artifacts/install.rs``
+  ``setup_runtime_directory``), into ``/opt/kata/containerd/config.d/kata-deploy.toml``,
+  which it appends to ``imports`` of containerd's ``config.toml``. ``<cri>`` is
+  ``"io.containerd.cri.v1.runtime"`` in config version 3 (containerd 2.x),
+  ``"io.containerd.grpc.v1.cri"`` in version 2, ``cri`` in version 1.
 
-Everything goes through a NodeTransport (node paths), so --host-root and SSH
-work unchanged. Small and dependency-free on purpose: vmcore and upgrade use it.
+Drop-ins: the chosen file is resolved through symlinks (Go ``ResolvePath``, RS
+``fs::canonicalize``) and every entry of ``<its dir>/config.d/`` is applied in byte order of
+the names, tables merged key by key. An entry that is not a file is an error in both, and
+the runtime refuses to start the sandbox: Go ``katautils.decodeDropIns`` reads each entry
+with ``os.ReadFile`` (``error reading file "<p>": read <p>: is a directory``; a symlink to
+a file is followed); runtime-rs ``kata-types/src/config/drop_in.rs`` checks
+``DirEntry::file_type().is_file()``, which does not follow symlinks, so it refuses a
+directory *and* a symlinked drop-in ("drop-in cfg file can only be a regular file or a
+symlink").
+
+Everything goes through a NodeTransport (node paths), so --host-root and SSH work
+unchanged. Small and dependency-free on purpose: vmcore, upgrade and sandbox use it.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import posixpath
 import sys
-from typing import Any
+from typing import Any, Iterable
 
-from katactl.errors import NotFound, OperationFailed, UsageError
+from katactl.errors import KatactlError, NotFound, OperationFailed, UsageError
 from katactl.backends.base import NodeTransport
 
-GO_SEARCH = (
-    "/etc/kata-containers/configuration.toml",
-    "/usr/share/defaults/kata-containers/configuration.toml",
-    "/opt/kata/share/defaults/kata-containers/configuration.toml",
-)
+GO_SYSCONF = "/etc/kata-containers/configuration.toml"
+DEFAULTS_SUBPATH = "share/defaults/kata-containers/configuration.toml"
+#: src/runtime/Makefile: PREFIX when none is given (its shim then lives in /usr/local/bin)
+DEFAULT_PREFIX = "/usr"
+#: kata-types default.rs DEFAULT_RUNTIME_CONFIGURATIONS (runtime-rs searches all three)
 RS_SEARCH = (
     "/etc/kata-containers/runtime-rs/configuration.toml",
     "/usr/share/defaults/kata-containers/runtime-rs/configuration.toml",
     "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration.toml",
 )
+SHIM_BINARY = "containerd-shim-kata-v2"
+#: where containerd finds a shim binary by name (its PATH on common distros), then kata-deploy's
+BINARY_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+SHIM_LOCATIONS = tuple(f"{d}/{SHIM_BINARY}" for d in BINARY_DIRS) + (f"/opt/kata/bin/{SHIM_BINARY}",)
+CONFIG_PATH_ANNOTATION = "io.katacontainers.config_path"
 HYPERVISORS = ("qemu", "clh", "cloud-hypervisor", "fc", "firecracker", "dragonball", "stratovirt",
                "remote")
+#: a hypervisor table's name -> katactl's short name (Sandbox.hypervisor)
+HV_SHORT = {"cloud-hypervisor": "clh", "cloud_hypervisor": "clh", "ch": "clh", "firecracker": "fc"}
 MAX_DROPIN = 4 << 20
+#: where the choice of file came from (KataConfig.origin)
+ORIGINS = ("explicit", "annotation", "containerd", "KATA_CONF_FILE", "etc", "build-default")
 
 
 @dataclasses.dataclass
@@ -52,6 +86,9 @@ class KataConfig:
     runtime: str              # "go" | "rs"
     #: dotted key -> the file that set it last (the base file or a drop-in)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: why this file: one of ORIGINS, and the detail (which handler, which env, which prefix)
+    origin: str = "explicit"
+    origin_detail: str | None = None
 
     def source(self, dotted: str) -> str:
         """The file that set ``dotted`` (for messages about a bad value)."""
@@ -99,15 +136,48 @@ class KataConfig:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "resolved": self.resolved, "dropins": list(self.dropins),
-                "runtime": self.runtime, "hypervisor": self.hypervisor_name}
+                "runtime": self.runtime, "hypervisor": self.hypervisor_name,
+                "origin": self.origin, "originDetail": self.origin_detail}
 
 
-def search_paths(runtime: str = "go") -> tuple[str, ...]:
+def build_prefix(binary: str | None) -> str | None:
+    """The PREFIX a shim binary (symlinks resolved) was built with: ``<PREFIX>/bin/...``,
+    and ``/usr/local/bin`` for the Makefile's default PREFIX ``/usr``; None otherwise."""
+    if not binary:
+        return None
+    bindir = posixpath.dirname(posixpath.normpath(binary))
+    if posixpath.basename(bindir) != "bin":
+        return None
+    prefix = posixpath.dirname(bindir) or "/"
+    return DEFAULT_PREFIX if prefix == "/usr/local" else prefix
+
+
+def search_paths(runtime: str = "go", prefix: str = DEFAULT_PREFIX) -> tuple[str, ...]:
+    """The files a runtime tries when nothing names one (Go: for the build's PREFIX)."""
     if runtime == "go":
-        return GO_SEARCH
+        return (GO_SYSCONF, f"{prefix.rstrip('/')}/{DEFAULTS_SUBPATH}")
     if runtime == "rs":
         return RS_SEARCH
     raise UsageError(f"invalid runtime {runtime!r} (choose go or rs)")
+
+
+def node_prefix(transport: NodeTransport) -> tuple[str, str | None]:
+    """(PREFIX, the shim binary it was read from) for a node-wide answer without a sandbox:
+    the first Go shim found where containerd would look (PATH, then kata-deploy's
+    /opt/kata/bin), symlinks resolved; the Makefile's default without one."""
+    for b in SHIM_LOCATIONS:
+        if exists(transport, b):
+            try:
+                p = build_prefix(realpath(transport, b))
+            except OperationFailed:
+                continue
+            if p:
+                return p, b
+    return DEFAULT_PREFIX, None
+
+
+def _origin_of_default(path: str) -> str:
+    return "etc" if path.startswith("/etc/") else "build-default"
 
 
 def realpath(transport: NodeTransport, path: str, max_links: int = 40) -> str:
@@ -168,14 +238,6 @@ def _keys(data: dict, where: str) -> dict[str, str]:
     return out
 
 
-def _read_regular(transport: NodeTransport, path: str, shown: str) -> str:
-    """A configuration file's text; only a regular file is opened (a FIFO would hang the read)."""
-    st = transport.stat(path)
-    if st.is_dir or (st.mode & 0o170000) != 0o100000:
-        raise OperationFailed(f"{shown}: not a regular file; a Kata configuration must be one")
-    return transport.read_text(path, limit=MAX_DROPIN)
-
-
 def merge(base: dict, over: dict) -> dict:
     """Drop-in semantics: tables merge key by key, every other value replaces."""
     out = dict(base)
@@ -198,56 +260,74 @@ def exists(transport: NodeTransport, path: str) -> bool:
         return True   # a symlink loop: exists, and load() reports the loop
 
 
-def find_config(transport: NodeTransport, runtime: str = "go") -> str:
-    for p in search_paths(runtime):
+def _read_regular(transport: NodeTransport, path: str, shown: str) -> str:
+    """A configuration file's text; only a regular file is opened (a FIFO would hang the read)."""
+    st = transport.stat(path)
+    if st.is_dir or (st.mode & 0o170000) != 0o100000:
+        raise OperationFailed(f"{shown}: not a regular file; a Kata configuration must be one")
+    return transport.read_text(path, limit=MAX_DROPIN)
+
+
+def find_config(transport: NodeTransport, runtime: str = "go", prefix: str | None = None) -> str:
+    paths = search_paths(runtime, prefix or node_prefix(transport)[0])
+    for p in paths:
         if exists(transport, p):
             return p
-    raise NotFound(f"no Kata configuration on node {transport.node} (looked for "
-                   + ", ".join(search_paths(runtime)) + ")",
+    raise NotFound(f"no Kata configuration on node {transport.node} (looked for " + ", ".join(paths) + ")",
                    hint="pass --kata-config PATH if the runtime is pointed elsewhere (ConfigPath in containerd)")
 
 
-def load(transport: NodeTransport, path: str | None = None, runtime: str = "auto") -> KataConfig:
-    """The effective configuration: search (unless path), resolve, merge drop-ins.
+def load(transport: NodeTransport, path: str | None = None, runtime: str = "auto", *,
+         prefix: str | None = None) -> KataConfig:
+    """The node's effective configuration without a sandbox: ``path``, else the runtime's
+    own search (Go: /etc, then the build's PREFIX, found from the installed shim when
+    ``prefix`` is None; runtime-rs: its list), then drop-ins as that runtime applies them.
 
-    runtime "auto" tries the Go runtime's paths first, then runtime-rs.
-    """
+    runtime "auto" tries the Go runtime's paths first, then runtime-rs."""
+    origin, detail = "explicit", None
     if path is None:
+        if prefix is None:
+            prefix, shim = node_prefix(transport)
+            detail = f"PREFIX {prefix} of " + (shim or "the upstream Makefile (no shim binary found)")
+        else:
+            detail = f"PREFIX {prefix}"
         if runtime == "auto":
             try:
-                path, runtime = find_config(transport, "go"), "go"
+                path, runtime = find_config(transport, "go", prefix), "go"
             except NotFound:
                 try:
                     path, runtime = find_config(transport, "rs"), "rs"
                 except NotFound:
                     raise NotFound(f"no Kata configuration on node {transport.node} (looked for "
-                                   + ", ".join(GO_SEARCH + RS_SEARCH) + ")",
+                                   + ", ".join(search_paths("go", prefix) + RS_SEARCH) + ")",
                                    hint="pass --kata-config PATH (the file containerd's ConfigPath names)") from None
         else:
-            path = find_config(transport, runtime)
+            path = find_config(transport, runtime, prefix)
+        origin = _origin_of_default(path)
+        if origin == "etc" or runtime == "rs":
+            detail = None
     elif runtime == "auto":
         runtime = "rs" if "/runtime-rs/" in path else "go"
+    return load_file(transport, path, runtime, origin=origin, origin_detail=detail)
+
+
+def load_file(transport: NodeTransport, path: str, runtime: str, *, origin: str = "explicit",
+              origin_detail: str | None = None) -> KataConfig:
+    """One named configuration file, resolved through symlinks, with its ``config.d``
+    applied as ``runtime`` ("go" or "rs") applies it (see the module docstring).
+    Raises NotFound (no such file) or OperationFailed (the runtime would refuse it)."""
     resolved = realpath(transport, path)
     try:
         text = _read_regular(transport, resolved, path)
     except (FileNotFoundError, NotADirectoryError):
         raise NotFound(f"{path}: Kata configuration file not found on node {transport.node}") from None
+    except PermissionError:
+        raise OperationFailed(f"{path}: permission denied") from None
     data = parse_toml(text, resolved)
     sources = _keys(data, resolved)
-    dropin_dir = posixpath.join(posixpath.dirname(resolved), "config.d")
     applied: list[str] = []
-    try:
-        names = sorted(transport.listdir(realpath(transport, dropin_dir)))
-    except (FileNotFoundError, NotADirectoryError):
-        names = []
-    for name in names:
-        p = posixpath.join(dropin_dir, name)
-        try:
-            if transport.stat(realpath(transport, p), follow_symlinks=False).is_dir:
-                continue
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        over = parse_toml(_read_regular(transport, realpath(transport, p), p), p)
+    for p, text in _dropins(transport, resolved, runtime):
+        over = parse_toml(text, p)
         try:
             data = merge(data, over)
         except RecursionError:
@@ -255,4 +335,386 @@ def load(transport: NodeTransport, path: str | None = None, runtime: str = "auto
         sources.update(_keys(over, p))
         applied.append(p)
     return KataConfig(path=path, resolved=resolved, dropins=applied, data=data, runtime=runtime,
-                      sources=sources)
+                      sources=sources, origin=origin, origin_detail=origin_detail)
+
+
+def _dropins(transport: NodeTransport, resolved: str, runtime: str) -> Iterable[tuple[str, str]]:
+    """(node path, text) of each drop-in of the configuration file ``resolved``, in the
+    order the runtime applies them; what the runtime refuses raises OperationFailed with
+    the runtime's own words."""
+    d = posixpath.join(posixpath.dirname(resolved), "config.d")
+    try:
+        entries = transport.scan_dir(realpath(transport, d), follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        # Go: 'error reading "<dir>" directory'; runtime-rs: read_dir's io::Error
+        raise OperationFailed(f'error reading "{d}" directory: {e.strerror or e}') from None
+    for name, st in sorted(entries, key=lambda e: e[0].encode("utf-8", "surrogateescape")):
+        p = posixpath.join(d, name)
+        if runtime == "rs":
+            if st.is_dir or st.is_link or (st.mode & 0o170000) != 0o100000:
+                raise OperationFailed(f"{p}: drop-in cfg file can only be a regular file or a symlink"
+                                      + (" (runtime-rs does not follow a symlinked drop-in)"
+                                         if st.is_link else ""))
+            target = p
+        else:
+            try:
+                target = realpath(transport, p)
+                tst = transport.stat(target, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                raise OperationFailed(f'error reading file "{p}": open {p}: no such file or directory') from None
+            if tst.is_dir:
+                raise OperationFailed(f'error reading file "{p}": read {p}: is a directory')
+        try:
+            yield p, _read_regular(transport, target, p)
+        except (FileNotFoundError, NotADirectoryError):
+            raise OperationFailed(f'error reading file "{p}": open {p}: no such file or directory') from None
+        except PermissionError:
+            raise OperationFailed(f'error reading file "{p}": open {p}: permission denied') from None
+
+
+# -- containerd's runtime handlers ------------------------------------------------
+#: containerd's main configuration (the first that exists: plain containerd, k3s, RKE2)
+CONTAINERD_CONFIGS = ("/etc/containerd/config.toml",
+                      "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+                      "/var/lib/rancher/rke2/agent/etc/containerd/config.toml")
+#: the CRI plugin holding containerd.runtimes, per config file version
+CRI_RUNTIME_PLUGINS = {3: "io.containerd.cri.v1.runtime", 2: "io.containerd.grpc.v1.cri", 1: "cri"}
+MAX_CONTAINERD_FILES = 256
+
+
+@dataclasses.dataclass
+class RuntimeHandler:
+    """One ``containerd.runtimes.<name>`` table (a RuntimeClass handler)."""
+
+    name: str
+    runtime_type: str | None = None
+    runtime_path: str | None = None
+    config_path: str | None = None   # options.ConfigPath
+    defined_in: str | None = None    # the containerd file that set ConfigPath (else the table)
+
+    @property
+    def binary_name(self) -> str | None:
+        """containerd's ``shim.BinaryName``: ``io.containerd.kata-qemu.v2`` ->
+        ``containerd-shim-kata-qemu-v2`` (the binary looked up when runtime_path is unset)."""
+        parts = (self.runtime_type or "").split(".")
+        if len(parts) < 2 or not parts[0]:
+            return None
+        return f"containerd-shim-{parts[-2]}-{parts[-1]}"
+
+
+@dataclasses.dataclass
+class ContainerdConfig:
+    path: str | None                  # the main file, None when there is none
+    files: list[str]                  # every file read (imports included), in containerd's order
+    handlers: dict[str, RuntimeHandler]
+    error: str | None = None          # why it could not be read (handlers then empty)
+
+
+def containerd_config(transport: NodeTransport, path: str | None = None) -> ContainerdConfig:
+    """containerd's runtime handlers, read as containerd's ``LoadConfig`` does
+    (``cmd/containerd/server/config/config.go``): the main file, then its ``imports``
+    (absolute, or relative to the importing file; ``*`` globs, matches sorted), breadth
+    first, each file once; a handler table set in several files is merged key by key, the
+    later file winning (recent containerd merges plugin tables with mergo; old releases
+    replaced a whole plugin table). Each file's own ``version`` says which plugin holds
+    ``containerd.runtimes`` (CRI_RUNTIME_PLUGINS), as containerd 2 migrates older imports.
+    Nothing readable: an empty result (with ``error`` when a file was there but bad)."""
+    if path is None:
+        path = next((p for p in CONTAINERD_CONFIGS if exists(transport, p)), None)
+        if path is None:
+            return ContainerdConfig(None, [], {})
+    tables: dict[str, dict] = {}
+    where: dict[str, str] = {}
+    files: list[str] = []
+    pending, seen = [path], set[str]()
+    try:
+        while pending and len(seen) < MAX_CONTAINERD_FILES:
+            p = pending.pop(0)
+            if p in seen:
+                continue
+            seen.add(p)
+            try:
+                data = parse_toml(_read_regular(transport, realpath(transport, p), p), p)
+            except (FileNotFoundError, NotADirectoryError):
+                if p == path:
+                    raise OperationFailed(f"{p}: not found") from None
+                continue  # containerd skips an import that does not exist
+            files.append(p)
+            version = data.get("version", 1)
+            plugin = CRI_RUNTIME_PLUGINS.get(version) if isinstance(version, int) else None
+            runtimes = _dig(data, "plugins", plugin or "", "containerd", "runtimes")
+            for name, tbl in (runtimes or {}).items():
+                if isinstance(tbl, dict):
+                    tables[name] = merge(tables.get(name, {}), tbl)
+                    if _dig(tbl, "options", "ConfigPath") is not None or name not in where:
+                        where[name] = p
+            imports = data.get("imports") or []
+            if isinstance(imports, list):
+                pending += _resolve_imports(transport, p, [i for i in imports if isinstance(i, str)])
+    except (OperationFailed, PermissionError, RecursionError) as e:
+        msg = getattr(e, "message", None) or (f"{path}: permission denied" if isinstance(e, PermissionError)
+                                              else str(e))
+        return ContainerdConfig(path, files, {}, error=msg)
+    handlers = {}
+    for name, t in tables.items():
+        handlers[name] = RuntimeHandler(
+            name=name, runtime_type=_s(t.get("runtime_type")), runtime_path=_s(t.get("runtime_path")),
+            config_path=_s(_dig(t, "options", "ConfigPath")), defined_in=where.get(name))
+    return ContainerdConfig(path, files, handlers)
+
+
+def _s(v) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _resolve_imports(transport: NodeTransport, parent: str, imports: list[str]) -> list[str]:
+    """containerd's resolveImports: Clean, relative to the parent's dir, globs expanded."""
+    out: list[str] = []
+    for imp in imports:
+        p = posixpath.normpath(imp)
+        if not p.startswith("/"):
+            p = posixpath.normpath(posixpath.join(posixpath.dirname(parent), p))
+        out += _glob(transport, p) if "*" in p else [p]
+    return out
+
+
+def _glob(transport: NodeTransport, pattern: str) -> list[str]:
+    """filepath.Glob over the node's files: every component may hold a pattern; sorted."""
+    found = ["/"]
+    for part in [x for x in pattern.split("/") if x]:
+        nxt = []
+        for base in found:
+            if not any(c in part for c in "*?["):
+                nxt.append(posixpath.join(base, part))
+                continue
+            try:
+                names = sorted(transport.listdir(realpath(transport, base)))
+            except (OSError, OperationFailed):
+                continue
+            nxt += [posixpath.join(base, n) for n in names if fnmatch.fnmatchcase(n, part)]
+        found = nxt
+    return [p for p in found if exists(transport, p)]
+
+
+# -- the configuration one sandbox's runtime used ---------------------------------
+@dataclasses.dataclass
+class SandboxFacts:
+    """What a sandbox tells about the configuration its shim read."""
+
+    runtime: str                        # "go" | "rs"
+    hypervisor: str | None = None       # katactl's short name: qemu, clh, fc, dragonball
+    bundle: str | None = None           # node path of its OCI bundle
+    shim_pid: int | None = None
+    annotation_path: str | None = None  # io.katacontainers.config_path on its spec
+    #: persisted kernel/image/initrd/path, to tell apart handlers sharing one shim binary
+    assets: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SandboxConfig:
+    """The configuration a sandbox's runtime used, or why it cannot be told."""
+
+    config: KataConfig | None
+    path: str | None = None             # the file chosen (named even when it is broken)
+    handler: str | None = None          # containerd runtime handler (RuntimeClass handler)
+    origin: str | None = None           # one of ORIGINS
+    origin_detail: str | None = None
+    error: str | None = None            # the runtime would refuse it (or it cannot be told)
+
+    def to_dict(self) -> dict:
+        c = self.config
+        return {"file": c.resolved if c else self.path, "path": self.path,
+                "dropIns": list(c.dropins) if c else [], "source": self.origin,
+                "sourceDetail": self.origin_detail, "runtimeHandler": self.handler, "error": self.error}
+
+
+def _short_hv(name: str | None) -> str | None:
+    return HV_SHORT.get(name, name) if name else None
+
+
+class Resolver:
+    """Resolves many sandboxes' configurations on one node: containerd's handlers read
+    once, files fetched in a few batched reads, each configuration loaded once per
+    resolved file (and runtime: the two apply drop-ins differently)."""
+
+    def __init__(self, transport: NodeTransport):
+        self.t = transport
+        self._cd: ContainerdConfig | None = None
+        self._real: dict[str, str] = {}
+        self._files: dict[tuple[str, str], KataConfig | KatactlError] = {}
+        self._hbin: dict[str, str | None] = {}
+        self._node_prefix: tuple[str, str | None] | None = None
+
+    def containerd(self) -> ContainerdConfig:
+        if self._cd is None:
+            self._cd = containerd_config(self.t)
+        return self._cd
+
+    def _realpath(self, path: str) -> str:
+        if path not in self._real:
+            try:
+                self._real[path] = realpath(self.t, path)
+            except OperationFailed:
+                self._real[path] = path  # a loop: load_file reports it
+        return self._real[path]
+
+    def load(self, path: str, runtime: str) -> KataConfig:
+        """load_file, once per resolved file and runtime (a failure is cached too)."""
+        key = (self._realpath(path), runtime)
+        hit = self._files.get(key)
+        if hit is None:
+            try:
+                hit = load_file(self.t, path, runtime)
+            except KatactlError as e:
+                hit = e
+            self._files[key] = hit
+        if isinstance(hit, KatactlError):
+            raise hit
+        return hit
+
+    def resolve_many(self, facts: list[SandboxFacts]) -> list[SandboxConfig]:
+        cd = self.containerd()
+        # the binary containerd started: <bundle>/shim-binary-path (containerd >= 1.6 writes it)
+        sbp: dict[str, bytes | OSError] = {}
+        if cd.handlers:
+            want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle]
+            sbp = self.t.read_many(want, limit=4096) if want else {}
+        binaries: list[str | None] = []
+        matched = []
+        for f in facts:
+            raw = sbp.get(f"{f.bundle}/shim-binary-path") if f.bundle else None
+            b = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) and raw.strip() else None
+            binaries.append(b)
+            matched.append(self._match(f, b) if cd.handlers and not f.annotation_path else (None, []))
+        # the shim's environment (KATA_CONF_FILE) and argv[0] (its binary, for the build's
+        # PREFIX), read only for sandboxes whose runtime would get that far
+        need = [f.shim_pid for f, (h, _) in zip(facts, matched, strict=True)
+                if f.shim_pid and not f.annotation_path and (f.runtime == "rs" or not (h and h.config_path))]
+        procs = self.t.read_many([f"/proc/{p}/{n}" for p in sorted(set(need)) for n in ("environ", "cmdline")],
+                                 limit=1 << 20) if need else {}
+        return [self._one(f, b, h, amb, procs) for f, b, (h, amb) in zip(facts, binaries, matched, strict=True)]
+
+    def _one(self, f: SandboxFacts, binary: str | None, h: RuntimeHandler | None, ambiguous: list[str],
+             procs: dict) -> SandboxConfig:
+        env, env_note = None, None
+        if f.shim_pid:
+            raw = procs.get(f"/proc/{f.shim_pid}/environ")
+            if isinstance(raw, bytes):
+                for kv in raw.split(b"\0"):
+                    if kv.startswith(b"KATA_CONF_FILE="):
+                        env = kv.split(b"=", 1)[1].decode("utf-8", "replace") or None
+            elif isinstance(raw, OSError):
+                env_note = f"KATA_CONF_FILE not checked: /proc/{f.shim_pid}/environ is not readable"
+        handler = h.name if h else None
+        cp = h.config_path if h else None
+        cpd = f"ConfigPath of runtime handler {h.name} in {h.defined_in}" if h else None
+        pid_d = f"environment of shim pid {f.shim_pid}"
+        chain: list[tuple[str, str, str | None]] = []
+        if f.annotation_path:
+            chain.append((f.annotation_path, "annotation", CONFIG_PATH_ANNOTATION))
+        elif f.runtime == "go":
+            chain += [(cp, "containerd", cpd)] if cp else []
+            chain += [(env, "KATA_CONF_FILE", pid_d)] if env else []
+        else:
+            chain += [(env, "KATA_CONF_FILE", pid_d)] if env else []
+            chain += [(cp, "containerd", cpd)] if cp else []
+        if ambiguous and not (f.runtime == "rs" and env):  # else KATA_CONF_FILE wins anyway
+            return SandboxConfig(None, error=(
+                f"cannot tell which runtime handler started this sandbox: {', '.join(ambiguous)} run "
+                f"{binary} and their configurations all match it"))
+        path: str | None
+        if chain:
+            path, origin, detail = chain[0]
+        else:
+            search, detail = self._defaults(f, binary, procs)
+            path = next((p for p in search if exists(self.t, p)), None)
+            if env_note:
+                detail = f"{detail}; {env_note}" if detail else env_note
+            if path is None:
+                return SandboxConfig(None, handler=handler, origin=None, origin_detail=detail, error=(
+                    f"no Kata configuration on node {self.t.node} (looked for {', '.join(search)})"))
+            origin = _origin_of_default(path)
+        try:
+            cfg = self.load(path, f.runtime)
+        except KatactlError as e:
+            return SandboxConfig(None, path=path, handler=handler, origin=origin, origin_detail=detail,
+                                 error=e.message)
+        cfg = dataclasses.replace(cfg, path=path, origin=origin, origin_detail=detail)
+        return SandboxConfig(cfg, path=path, handler=handler, origin=origin, origin_detail=detail)
+
+    def _defaults(self, f: SandboxFacts, binary: str | None, procs: dict) -> tuple[tuple[str, ...], str | None]:
+        """The runtime's own search list and, for Go, where the build's PREFIX was read."""
+        if f.runtime == "rs":
+            return RS_SEARCH, None
+        argv0 = None
+        raw = procs.get(f"/proc/{f.shim_pid}/cmdline") if f.shim_pid else None
+        if isinstance(raw, bytes) and raw:
+            argv0 = raw.split(b"\0", 1)[0].decode("utf-8", "replace") or None
+        for b in (binary, argv0):  # the re-executed shim's argv[0] is already resolved
+            prefix = build_prefix(self._realpath(b)) if b and b.startswith("/") else None
+            if prefix:
+                return search_paths("go", prefix), f"PREFIX {prefix} of {b}"
+        if self._node_prefix is None:
+            self._node_prefix = node_prefix(self.t)
+        prefix, shim = self._node_prefix
+        return search_paths("go", prefix), f"PREFIX {prefix} of " + (shim or "the upstream Makefile")
+
+    def _handler_binary(self, h: RuntimeHandler) -> str | None:
+        """The binary containerd starts for h, symlinks resolved: runtime_path, else
+        BinaryName(runtime_type) looked up in BINARY_DIRS."""
+        if h.name not in self._hbin:
+            b = h.runtime_path
+            if not b and h.binary_name:
+                b = next((c for d in BINARY_DIRS if exists(self.t, c := f"{d}/{h.binary_name}")), None)
+            self._hbin[h.name] = self._realpath(b) if b else None
+        return self._hbin[h.name]
+
+    def _match(self, f: SandboxFacts, binary: str | None) -> tuple[RuntimeHandler | None, list[str]]:
+        """The handler that started the sandbox: those whose binary is the one containerd
+        recorded (by name first, then symlinks resolved), narrowed, when several share it
+        (kata-deploy gives every Go handler one runtime_path), to those whose
+        configuration has the sandbox's hypervisor and its persisted assets. ([], names)
+        when still several with different configurations."""
+        if not binary:
+            return None, []
+        hs = list(self.containerd().handlers.values())
+        cands = [h for h in hs if h.runtime_path == binary
+                 or (not h.runtime_path and h.binary_name == posixpath.basename(binary))]
+        if not cands:
+            real = self._realpath(binary)
+            cands = [h for h in hs if self._handler_binary(h) == real]
+        if len(cands) > 1:
+            cands = self._narrow(f, cands)
+        if len(cands) == 1:
+            return cands[0], []
+        if cands and len({h.config_path for h in cands}) == 1:
+            return dataclasses.replace(cands[0], name=" or ".join(h.name for h in cands)), []
+        return None, sorted(h.name for h in cands)
+
+    def _narrow(self, f: SandboxFacts, cands: list[RuntimeHandler]) -> list[RuntimeHandler]:
+        def hv_of(h: RuntimeHandler) -> KataConfig | None:
+            try:
+                return self.load(h.config_path, f.runtime) if h.config_path else None
+            except KatactlError:
+                return None
+
+        cfgs = {h.name: hv_of(h) for h in cands}
+        if f.hypervisor:
+            same = [h for h in cands if (c := cfgs[h.name]) is None or _short_hv(c.hypervisor_name) == f.hypervisor]
+            cands = same or cands
+        known = {k: v for k, v in f.assets.items() if v}
+        if len(cands) > 1 and known:
+            same = [h for h in cands if (c := cfgs[h.name]) is not None
+                    and all(c.hypervisor.get(k) in (None, "", v) for k, v in known.items())]
+            cands = same or cands
+        return cands

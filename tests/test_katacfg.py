@@ -37,12 +37,44 @@ def test_etc_wins_over_usr_share(tmp_path):
     assert cfg.hypervisor["default_memory"] == 4096 and cfg.runtime == "go"
 
 
-def test_usr_share_then_kata_deploy(tmp_path):
-    _w(tmp_path, "/opt/kata/share/defaults/kata-containers/configuration.toml", BASE)
+def _shim(root, node_path):
+    """A placeholder shim binary at node_path (its location tells the build's PREFIX)."""
+    p = _w(root, node_path, "#!/bin/sh\n")
+    os.chmod(p, 0o755)
+    return p
+
+
+def test_build_default_is_the_installed_shims_prefix_only(tmp_path):
+    """Before: /usr/share/defaults and /opt/kata/share/defaults were both searched, whichever
+    build the node ran. The Go runtime knows one PREFIX (src/runtime/Makefile)."""
     t = LocalTransport(str(tmp_path))
-    assert katacfg.load(t).path.startswith("/opt/kata/")
-    _w(tmp_path, "/usr/share/defaults/kata-containers/configuration.toml", BASE)
-    assert katacfg.load(t).path.startswith("/usr/share/")
+    _w(tmp_path, "/usr/share/defaults/kata-containers/configuration.toml", BASE.replace("2048", "1"))
+    _w(tmp_path, "/opt/kata/share/defaults/kata-containers/configuration.toml", BASE)
+    _shim(tmp_path, "/opt/kata/bin/containerd-shim-kata-v2")
+    cfg = katacfg.load(t)
+    assert cfg.path.startswith("/opt/kata/") and cfg.origin == "build-default"
+    assert cfg.origin_detail == "PREFIX /opt/kata of /opt/kata/bin/containerd-shim-kata-v2"
+
+
+@pytest.mark.parametrize("shim,prefix", [("/usr/local/bin/containerd-shim-kata-v2", "/usr"),
+                                         ("/usr/bin/containerd-shim-kata-v2", "/usr"),
+                                         (None, "/usr")])
+def test_a_usr_build_never_reads_opt_kata(tmp_path, shim, prefix):
+    t = LocalTransport(str(tmp_path))
+    _w(tmp_path, "/opt/kata/share/defaults/kata-containers/configuration.toml", BASE)
+    if shim:
+        _shim(tmp_path, shim)
+    assert katacfg.node_prefix(t)[0] == prefix
+    with pytest.raises(NotFound, match="/usr/share/defaults") as e:
+        katacfg.load(t, runtime="go")
+    assert "/opt/kata" not in e.value.message
+
+
+def test_build_prefix():
+    assert katacfg.build_prefix("/opt/kata/bin/containerd-shim-kata-v2") == "/opt/kata"
+    assert katacfg.build_prefix("/usr/local/bin/containerd-shim-kata-v2") == "/usr"  # Makefile default
+    assert katacfg.build_prefix("/opt/kata/releases/3.1.0/bin/containerd-shim-kata-v2") == "/opt/kata/releases/3.1.0"
+    assert katacfg.build_prefix("/containerd-shim-kata-v2") is None
 
 
 def test_dropins_lexical_order_and_table_merge(tmp_path):
@@ -52,7 +84,6 @@ def test_dropins_lexical_order_and_table_merge(tmp_path):
     _w(tmp_path, f"{d}/10-dump.toml", '[hypervisor.qemu]\nguest_memory_dump_path = "/var/crash/a"\n'
                                         'guest_memory_dump_paging = true\n')
     _w(tmp_path, f"{d}/30-runtime.toml", '[runtime]\nenable_pprof = true\n')
-    os.makedirs(os.path.join(tmp_path, d.lstrip("/"), "subdir"))
     cfg = katacfg.load(LocalTransport(str(tmp_path)))
     assert [os.path.basename(p) for p in cfg.dropins] == ["10-dump.toml", "20-dump.toml", "30-runtime.toml"]
     hv = cfg.hypervisor
@@ -121,3 +152,98 @@ def test_symlink_loop(tmp_path):
 def test_merge_semantics():
     assert katacfg.merge({"a": {"x": 1, "y": 2}, "l": [1]}, {"a": {"y": 3}, "l": [2]}) == \
         {"a": {"x": 1, "y": 3}, "l": [2]}
+
+
+# -- config.d as each runtime reads it --------------------------------------------
+def test_a_directory_in_config_d_is_the_go_runtimes_error(tmp_path):
+    """Before: skipped silently. Go katautils.decodeDropIns os.ReadFile()s every entry."""
+    _w(tmp_path, "/etc/kata-containers/configuration.toml", BASE)
+    _w(tmp_path, "/etc/kata-containers/config.d/10-ok.toml", "[runtime]\nenable_pprof = true\n")
+    os.makedirs(os.path.join(tmp_path, "etc/kata-containers/config.d/20-sub"))
+    p = "/etc/kata-containers/config.d/20-sub"
+    with pytest.raises(OperationFailed) as e:
+        katacfg.load(LocalTransport(str(tmp_path)))
+    assert e.value.message == f'error reading file "{p}": read {p}: is a directory'
+
+
+def test_a_directory_in_config_d_is_runtime_rs_error_too(tmp_path):
+    """kata-types drop_in.rs: DirEntry::file_type().is_file() or the load fails."""
+    d = "/etc/kata-containers/runtime-rs"
+    _w(tmp_path, f"{d}/configuration.toml", "[hypervisor.dragonball]\ndefault_memory = 256\n")
+    os.makedirs(os.path.join(tmp_path, d.lstrip("/"), "config.d/sub"))
+    with pytest.raises(OperationFailed, match="config.d/sub: drop-in cfg file can only be a regular file"):
+        katacfg.load(LocalTransport(str(tmp_path)), runtime="rs")
+
+
+def test_a_symlinked_dropin_go_follows_runtime_rs_refuses(tmp_path):
+    """Go reads through the link; runtime-rs's DirEntry::file_type() does not follow it."""
+    for base, table in (("/etc/kata-containers", "qemu"), ("/etc/kata-containers/runtime-rs", "dragonball")):
+        _w(tmp_path, f"{base}/configuration.toml", f"[hypervisor.{table}]\ndefault_memory = 256\n")
+        _w(tmp_path, f"/srv/{table}.toml", f"[hypervisor.{table}]\ndefault_memory = 512\n")
+        os.makedirs(os.path.join(tmp_path, base.lstrip("/"), "config.d"))
+        os.symlink(f"/srv/{table}.toml", os.path.join(tmp_path, base.lstrip("/"), "config.d/50.toml"))
+    t = LocalTransport(str(tmp_path))
+    assert katacfg.load(t, runtime="go").hypervisor["default_memory"] == 512
+    with pytest.raises(OperationFailed, match="does not follow a symlinked drop-in"):
+        katacfg.load(t, runtime="rs")
+
+
+def test_a_dangling_dropin_is_an_error(tmp_path):
+    _w(tmp_path, "/etc/kata-containers/configuration.toml", BASE)
+    os.makedirs(os.path.join(tmp_path, "etc/kata-containers/config.d"))
+    os.symlink("/nowhere.toml", os.path.join(tmp_path, "etc/kata-containers/config.d/50.toml"))
+    with pytest.raises(OperationFailed, match="no such file or directory"):
+        katacfg.load(LocalTransport(str(tmp_path)))
+
+
+# -- containerd's runtime handlers --------------------------------------------------
+V3_KATA = """
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.kata-qemu]
+runtime_type = "io.containerd.kata-qemu.v2"
+runtime_path = "/opt/kata/bin/containerd-shim-kata-v2"
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.kata-qemu.options]
+ConfigPath = "/opt/kata/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml"
+"""
+
+
+def test_containerd_v3_imports_glob_relative_and_later_file_wins(tmp_path):
+    _w(tmp_path, "/etc/containerd/config.toml",
+       'version = 3\nimports = ["conf.d/*.toml", "/opt/kata/containerd/config.d/kata-deploy.toml"]\n'
+       '[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]\n'
+       'runtime_type = "io.containerd.runc.v2"\n')
+    _w(tmp_path, "/opt/kata/containerd/config.d/kata-deploy.toml", "version = 3\n" + V3_KATA)
+    # an import in the v2 layout: containerd 2 migrates it, so its runtimes count too
+    _w(tmp_path, "/etc/containerd/conf.d/10-old.toml",
+       'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata-clh]\n'
+       'runtime_type = "io.containerd.kata-clh.v2"\n')
+    # loaded after conf.d (imports in order), so its ConfigPath for kata-clh wins
+    _w(tmp_path, "/etc/containerd/conf.d/20-path.toml",
+       'version = 3\n[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.kata-clh.options]\n'
+       'ConfigPath = "/etc/kata-clh.toml"\n')
+    cd = katacfg.containerd_config(LocalTransport(str(tmp_path)))
+    assert cd.error is None and cd.path == "/etc/containerd/config.toml"
+    assert cd.files == ["/etc/containerd/config.toml", "/etc/containerd/conf.d/10-old.toml",
+                        "/etc/containerd/conf.d/20-path.toml", "/opt/kata/containerd/config.d/kata-deploy.toml"]
+    q, c = cd.handlers["kata-qemu"], cd.handlers["kata-clh"]
+    assert q.config_path.endswith("runtimes/qemu/configuration-qemu.toml") and q.binary_name == "containerd-shim-kata-qemu-v2"
+    assert q.defined_in == "/opt/kata/containerd/config.d/kata-deploy.toml"
+    assert (c.runtime_type, c.config_path, c.defined_in) == ("io.containerd.kata-clh.v2", "/etc/kata-clh.toml",
+                                                            "/etc/containerd/conf.d/20-path.toml")
+
+
+def test_containerd_table_of_another_version_is_not_read(tmp_path):
+    """A version 2 file's runtimes live under io.containerd.grpc.v1.cri, not the v3 plugin."""
+    _w(tmp_path, "/etc/containerd/config.toml", "version = 2\n" + V3_KATA)
+    assert katacfg.containerd_config(LocalTransport(str(tmp_path))).handlers == {}
+
+
+@pytest.mark.parametrize("text", ["version = 3\nimports = [", "\x00"])
+def test_containerd_config_broken_is_reported_not_raised(tmp_path, text):
+    _w(tmp_path, "/etc/containerd/config.toml", text)
+    cd = katacfg.containerd_config(LocalTransport(str(tmp_path)))
+    assert cd.handlers == {} and "invalid TOML" in cd.error
+
+
+def test_no_containerd_config(tmp_path):
+    cd = katacfg.containerd_config(LocalTransport(str(tmp_path)))
+    assert (cd.path, cd.handlers, cd.error) == (None, {}, None)

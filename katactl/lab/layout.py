@@ -637,3 +637,89 @@ def write_many(root: str, count: int, *, runtime: str = "go", hypervisor: str = 
     return [writer(root, sandbox_id_for(i), hypervisor=hypervisor, pid=pid,
                    pod_name=f"batch-{i}", pod_namespace="batch", created=created, **kw)
             for i in range(count)]
+
+
+# -- kata-deploy's configuration layout and containerd's runtime handlers ----------
+#: kata-deploy's shims that run runtime-rs (kata-deploy binary src/utils: is_rust_shim)
+RUST_SHIMS = ("cloud-hypervisor", "dragonball", "qemu-runtime-rs", "qemu-coco-dev-runtime-rs",
+              "qemu-se-runtime-rs")
+#: the CRI plugin holding containerd.runtimes, per containerd config version
+CONTAINERD_CRI_PLUGINS = {3: "io.containerd.cri.v1.runtime", 2: "io.containerd.grpc.v1.cri"}
+
+
+@dataclasses.dataclass
+class KataDeployHandler:
+    """One runtime handler kata-deploy configured (node paths)."""
+
+    name: str            # kata-<shim>: the RuntimeClass handler
+    shim: str
+    runtime: str         # "go" | "rs"
+    runtime_path: str    # the shim binary containerd starts (runtime_path)
+    config_path: str     # options.ConfigPath: the per-shim copy
+    config_dir: str      # its directory (config.d lives here)
+    pristine: str        # the installed original the copy was made from
+
+
+def write_kata_deploy(root: str, shims: dict[str, str], *, dropins: dict[str, dict[str, str]] | None = None,
+                      dest_dir: str = "/opt/kata", containerd_version: int = 3,
+                      containerd_config: str = "/etc/containerd/config.toml") -> dict[str, KataDeployHandler]:
+    """Lay out what kata-deploy installs for ``shims`` ({shim: configuration TOML}), as its
+    ``tools/packaging/kata-deploy/binary`` does: the installed
+    ``<dest>/share/defaults/kata-containers[/runtime-rs]/configuration-<shim>.toml``, the
+    per-shim copy containerd points at, ``.../runtimes/<shim>/configuration-<shim>.toml``
+    with its own ``config.d/`` (``dropins[shim]``: {file name: TOML};
+    ``artifacts/install.rs`` setup_runtime_directory copies rather than links so that this
+    config.d applies), the shim binaries (``<dest>/bin/containerd-shim-kata-v2``, runtime-rs
+    ``<dest>/runtime-rs/bin/...``; placeholders), and containerd's side
+    (``runtime/containerd.rs``): ``<dest>/containerd/config.d/kata-deploy.toml`` with one
+    ``[plugins.<cri>.containerd.runtimes.kata-<shim>]`` table per shim (runtime_type
+    ``io.containerd.kata-<shim>.v2``, runtime_path, privileged_without_host_devices,
+    pod_annotations, options.ConfigPath), named in ``imports`` of containerd's main config
+    (``version = containerd_version``: 3 for containerd 2.x, 2 for 1.x).
+    Returns {handler: KataDeployHandler}."""
+    plugin = CONTAINERD_CRI_PLUGINS[containerd_version]
+    dropin_file = f"{dest_dir}/containerd/config.d/kata-deploy.toml"
+    out: dict[str, KataDeployHandler] = {}
+    tables = []
+    for shim, text in shims.items():
+        rs = shim in RUST_SHIMS
+        base = f"{dest_dir}/share/defaults/kata-containers" + ("/runtime-rs" if rs else "")
+        h = KataDeployHandler(
+            name=f"kata-{shim}", shim=shim, runtime="rs" if rs else "go",
+            runtime_path=f"{dest_dir}/runtime-rs/bin/containerd-shim-kata-v2" if rs
+            else f"{dest_dir}/bin/containerd-shim-kata-v2",
+            config_path=f"{base}/runtimes/{shim}/configuration-{shim}.toml",
+            config_dir=f"{base}/runtimes/{shim}", pristine=f"{base}/configuration-{shim}.toml")
+        for p in (h.pristine, h.config_path):
+            _write_text(_join(root, p), text)
+        os.makedirs(_join(root, f"{h.config_dir}/config.d"), exist_ok=True)
+        for name, body in sorted((dropins or {}).get(shim, {}).items()):
+            _write_text(_join(root, f"{h.config_dir}/config.d/{name}"), body)
+        binary = _join(root, h.runtime_path)
+        if not os.path.exists(binary):
+            _write_text(binary, "#!/bin/sh\n")
+            os.chmod(binary, 0o755)
+        t = f'[plugins."{plugin}".containerd.runtimes.{h.name}]'
+        tables.append(f'{t}\nruntime_type = "io.containerd.{h.name}.v2"\n'
+                      f"runtime_path = {json.dumps(h.runtime_path)}\n"
+                      'privileged_without_host_devices = true\npod_annotations = ["io.katacontainers.*"]\n\n'
+                      f"{t[:-1]}.options]\nConfigPath = {json.dumps(h.config_path)}\n")
+        out[h.name] = h
+    _write_text(_join(root, dropin_file), "\n".join(tables))
+    _write_text(_join(root, containerd_config), (
+        f"version = {containerd_version}\nimports = [{json.dumps(dropin_file)}]\n\n"
+        f'[plugins."{plugin}".containerd.runtimes.runc]\nruntime_type = "io.containerd.runc.v2"\n'))
+    return out
+
+
+def write_shim_binary_path(root: str, bundle_node: str, binary: str) -> None:
+    """``<bundle>/shim-binary-path``: the shim binary containerd (>= 1.6) started for the
+    sandbox, as ``runtime/v2/binary.go`` Start writes it (the runtime_path, or the
+    ``containerd-shim-<name>-<version>`` it looked up; no newline)."""
+    _write_text(_join(root, f"{bundle_node}/shim-binary-path"), binary)
+
+
+def _write_text(real_path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(real_path), exist_ok=True)
+    with open(real_path, "w", encoding="utf-8") as f:
+        f.write(text)
