@@ -19,7 +19,7 @@ import stat
 from typing import BinaryIO, TextIO
 
 from katactl.backends.shim import IPTABLES_LIMIT, PPROF_PROFILES, ShimClient
-from katactl.errors import KatactlError, NotFound, OperationFailed, UsageError
+from katactl.errors import KatactlError, NotFound, OperationFailed, ProtocolError, UsageError
 from katactl.values import format_size
 from katactl.backends.base import NodeTransport
 
@@ -147,8 +147,63 @@ def check_volume_path(path: str) -> str:
     return path
 
 
+#: where ``kata-runtime``/``kata-ctl direct-volume add`` register a volume (both runtimes)
+DIRECT_VOLUMES = "/run/kata-containers/shared/direct-volumes"
+#: mountInfo.json's limit: a few hundred bytes of JSON
+_MOUNT_INFO_LIMIT = 1 << 20
+
+
+def direct_volume_dirs(path: str, flavour: str = "go") -> list[str]:
+    """The node directories that may register host volume ``path``, the sandbox runtime's own first.
+
+    The Go runtime names it ``base64.URLEncoding(path)`` (src/runtime/pkg/direct-volume/utils.go);
+    runtime-rs and kata-ctl ``base64::encode(path)``, the standard alphabet, whose ``/`` makes
+    subdirectories (src/libs/kata-types/src/mount.rs join_path). Both padded; for most paths the
+    two names are the same."""
+    import base64
+
+    raw = path.encode("utf-8", "surrogateescape")
+    names = [base64.urlsafe_b64encode(raw).decode(), base64.b64encode(raw).decode()]
+    if flavour != "go":
+        names.reverse()
+    return [f"{DIRECT_VOLUMES}/{n}" for n in dict.fromkeys(names)]
+
+
+def direct_volume_device(transport: NodeTransport, path: str, flavour: str = "go") -> str:
+    """The device the shim knows host volume ``path`` by: ``device`` of its
+    ``mountInfo.json``, read through the node's transport.
+
+    Both runtimes' tools send that device, never the host path, to the shim's stats and
+    resize endpoints (src/runtime/cmd/kata-runtime/kata-volume.go Stats/Resize,
+    src/tools/kata-ctl/src/ops/volume_ops.rs stats/resize); the Go shim then finds the
+    container mount whose Source is that device. NotFound (exit 3) when the volume is not
+    registered on the node."""
+    files = [f"{d}/mountInfo.json" for d in direct_volume_dirs(path, flavour)]
+    got = transport.read_many(files, limit=_MOUNT_INFO_LIMIT)
+    for f in files:
+        data = got.get(f)
+        if isinstance(data, bytes):
+            break
+        if isinstance(data, OSError) and not isinstance(data, (FileNotFoundError, NotADirectoryError)):
+            raise OperationFailed(f"direct volume {path}: cannot read {f}: {data.strerror or data}")
+    else:
+        raise NotFound(f"direct volume {path} is not registered on node {transport.node}: no {files[0]} "
+                       "(kata-runtime direct-volume add writes it); VOLUME_PATH is the volume's path on "
+                       "the host, as the CSI driver published it")
+    import json
+
+    try:
+        info = json.loads(data)
+    except ValueError:
+        info = None
+    device = info.get("device") if isinstance(info, dict) else None
+    if not isinstance(device, str) or not device:
+        raise ProtocolError(f"direct volume {path}: {f} has no device (not a mountInfo.json)")
+    return device
+
+
 #: the shim's usage units: the Go shim sends the CSI enum's number, runtime-rs its name
-_UNITS = {1: "bytes", 2: "inodes", "BYTES": "bytes", "INODES": "inodes"}
+_UNITS = {0: "unknown", 1: "bytes", 2: "inodes", "UNKNOWN": "unknown", "BYTES": "bytes", "INODES": "inodes"}
 
 
 def _unit(u: dict):
@@ -160,25 +215,27 @@ def _unit(u: dict):
 
 
 def volume_stats(transport: NodeTransport, sandbox, path: str, *, timeout: float = 10.0) -> dict:
-    """Usage of direct volume ``path`` inside the guest: ``usage`` is a list of
-    {unit: "bytes"|"inodes", total, used, available}; ``condition`` is the
-    shim's volume_condition (or None)."""
+    """Usage of the direct volume published at host path ``path``, inside the guest:
+    ``device`` is what the shim was asked about (see :func:`direct_volume_device`);
+    ``usage`` is a list of {unit: "bytes"|"inodes", total, used, available};
+    ``condition`` is the shim's volume_condition (or None)."""
     check_volume_path(path)
     sandbox = _sandbox(transport, sandbox)
+    device = direct_volume_device(transport, path, sandbox.runtime)
     with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
-        st = c.volume_stats(path)
+        st = c.volume_stats(device)
     usage = [{"unit": _unit(u), "total": u.get("total"), "used": u.get("used"), "available": u.get("available")}
              for u in st.get("usage") or [] if isinstance(u, dict)]
-    return {"node": transport.node, "sandbox": sandbox.id, "path": path,
+    return {"node": transport.node, "sandbox": sandbox.id, "path": path, "device": device,
             "condition": st.get("volume_condition"), "usage": usage}
 
 
-def _fs_bytes_total(c: ShimClient, path: str) -> tuple[int | None, str | None]:
+def _fs_bytes_total(c: ShimClient, device: str) -> tuple[int | None, str | None]:
     """The guest filesystem's statfs total in bytes, or (None, why) when the shim
     cannot say. A timeout or an unreachable shim is not swallowed: the resize
     would meet the same fate."""
     try:
-        st = c.volume_stats(path)
+        st = c.volume_stats(device)
     except (OperationFailed, NotFound) as e:
         return None, e.message
     for u in st.get("usage") or []:
@@ -191,7 +248,8 @@ def _fs_bytes_total(c: ShimClient, path: str) -> tuple[int | None, str | None]:
 
 def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dry_run: bool = False,
                   timeout: float = 10.0) -> dict:
-    """Ask the guest to grow the filesystem on direct volume ``path`` to a ``size``-byte device.
+    """Ask the guest to grow the filesystem on the direct volume published at host path
+    ``path`` (translated to its device, :func:`direct_volume_device`) to a ``size``-byte device.
 
     Why "changed" is decided this way: the shim's direct-volume stats are the
     guest filesystem's statfs, never the block device's size, and a
@@ -221,9 +279,12 @@ def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dr
     params = {"path": path, "size": size}
     result = {"node": node, "sandbox": sandbox.id, "path": path, "size": size}
     notes: list[str] = []
+    device = None
     try:
+        device = direct_volume_device(transport, path, sandbox.runtime)
+        result["device"] = device
         with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
-            before, why = _fs_bytes_total(c, path)
+            before, why = _fs_bytes_total(c, device)
             if why:
                 notes.append(f"filesystem size before unknown: {why}")
             after = before
@@ -234,19 +295,19 @@ def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dr
             elif dry_run:
                 changed = True
             else:
-                c.volume_resize(path, size)
-                after, why = _fs_bytes_total(c, path)
+                c.volume_resize(device, size)
+                after, why = _fs_bytes_total(c, device)
                 if why:
                     notes.append(f"filesystem size after unknown: {why}")
                 changed = before is None or after is None or after > before
     except KatactlError as e:
         if not dry_run:
             audit.record("shim.volume.resize", sandbox.id, node=node, params=params, result="error",
-                         error=e.message)
+                         error=e.message, device=device)
         raise
     if not dry_run:
         audit.record("shim.volume.resize", sandbox.id, node=node, params=params, changed=changed,
-                     sizeBefore=before, sizeAfter=after)
+                     sizeBefore=before, sizeAfter=after, device=device)
     return {**result, "sizeBefore": before, "sizeAfter": after, "notes": notes,
             "changed": changed, "dryRun": dry_run}
 

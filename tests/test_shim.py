@@ -13,10 +13,16 @@ import pytest
 from katactl.backends.local import LocalTransport
 from katactl.backends.shim import IPTABLES_LIMIT, ShimClient
 from katactl.errors import NotFound, ProtocolError, TimeoutExpired
+from katactl.lab import layout
 from katactl.lab.shimserver import Response, ShimServer, ext4_statfs_total
 from tests._katanode import node
 
-VOL = "/dev/mapper/vol-1"
+#: a direct volume as a CSI driver publishes it: its path on the host (what the user gives),
+#: and the block device its mountInfo.json names (what the shim is asked about)
+VOL = "/var/lib/kubelet/pods/7d1c2e0a/volumes/kubernetes.io~csi/pvc-1/mount"
+DEV = "/dev/mapper/vol-1"
+#: registered, but its device is not in the guest
+GONE = "/mnt/gone"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,9 @@ def tree():
         n.go("huge55", pod_name="fat", pod_namespace="prod", flavour_kw={"fault": "huge"})
         n.go("junk66", pod_name="junk", pod_namespace="prod", flavour_kw={"fault": "garbage"})
         for s in n.servers:
-            s.state.volumes[VOL] = {"total": 10 << 30, "used": 1 << 30, "available": 9 << 30}
+            s.state.volumes[DEV] = {"total": 10 << 30, "used": 1 << 30, "available": 9 << 30}
+            layout.write_direct_volume(n.root, VOL, sandbox_id=s.state.sandbox_id, device=DEV)
+            layout.write_direct_volume(n.root, GONE, sandbox_id=s.state.sandbox_id, device="/dev/nope")
         yield n
 
 
@@ -62,6 +70,18 @@ def raw_http(path, request: bytes) -> bytes:
     ("go", "DELETE", "/iptables", 501, b""),
     ("go", "GET", "/direct-volume/stats", 400, None),
     ("rs", "GET", "/direct-volume/stats?path=x", 404, b"URL NOT FOUND"),
+    # runtime-rs parses the query with Url::parse(req.uri()): only an absolute-form target works
+    ("rs", "POST", "http://localhost/direct-volume/stats?path=%2Fdev%2Fmapper%2Fvol-1", 200,
+     b"Usage: [VolumeUsage { available: 9663676416, total: 10737418240, used: 1073741824, unit: BYTES, "
+     b"special_fields: SpecialFields { unknown_fields: UnknownFields { fields: None }, cached_size: "
+     b"CachedSize { size: 0 } } }, VolumeUsage { available: 0, total: 0, used: 0, unit: INODES, "
+     b"special_fields: SpecialFields { unknown_fields: UnknownFields { fields: None }, cached_size: "
+     b"CachedSize { size: 0 } } }] Volume Condition: VolumeCondition { abnormal: false, message: \"OK\", "
+     b"special_fields: SpecialFields { unknown_fields: UnknownFields { fields: None }, cached_size: "
+     b"CachedSize { size: 0 } } }"),
+    ("go", "GET", "/direct-volume/stats?path=%2Fdev%2Fmapper%2Fvol-1", 200,
+     b'{"usage":[{"available":9663676416,"total":10737418240,"used":1073741824,"unit":1},{"unit":2}],'
+     b'"volume_condition":{"message":"OK"}}'),
     ("go", "GET", "/debug/pprof/heap", 404, None),      # go2222: pprof disabled
     ("rs", "GET", "/debug/pprof/heap", 404, b"URL NOT FOUND"),
 ])
@@ -72,6 +92,21 @@ def test_server_dialects(tree, flavour, method, path, status, body):
     assert out.startswith(f"HTTP/1.1 {status}".encode()), out[:80]
     if body is not None:
         assert out.partition(b"\r\n\r\n")[2] == body
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/direct-volume/stats?path=%2Fdev%2Fmapper%2Fvol-1", b""),     # origin-form: Url::parse fails
+    ("POST", "http://localhost/direct-volume/stats", b""),                  # no path parameter
+    ("POST", "http://localhost/direct-volume/stats?path=%2Fdev%2Fnope", b""),  # the agent fails
+    ("POST", "/direct-volume/resize", b"{not json"),
+    ("POST", "/direct-volume/resize", b'{"volume_guest_path": "/dev/nope", "size": 1}'),
+    ("PUT", "/iptables", b"\xff\xfe"),
+])
+def test_runtime_rs_handler_errors_drop_the_connection(tree, method, path, body):
+    """hyper drops the connection when a runtime-rs handler returns Err: no status line at all."""
+    req = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+           "Connection: close\r\n\r\n").encode() + body
+    assert raw_http(tree.paths["rs3333"].shim_socket, req) == b""
 
 
 # -- agent-url -------------------------------------------------------------------------
@@ -265,9 +300,9 @@ def test_read_ops_library_without_cli(tree):
                    "rules": tree.server("go1111").state.ip6tables}
     for sid in ("go1111", "rs3333"):  # Go sends the unit as a number, runtime-rs as a name
         st = shim_ops.volume_stats(t, sid, VOL)
-        assert (st["sandbox"], st["path"]) == (sid, VOL)
+        assert (st["sandbox"], st["path"], st["device"]) == (sid, VOL, DEV)
         assert [u["unit"] for u in st["usage"]] == ["bytes", "inodes"], st
-        assert st["usage"][0]["total"] == tree.server(sid).state.volumes[VOL]["total"]
+        assert st["usage"][0]["total"] == tree.server(sid).state.volumes[DEV]["total"]
     with pytest.raises(NotFound):
         shim_ops.volume_stats(t, "nosuch", VOL)
 
@@ -279,6 +314,7 @@ def test_volume_stats_odd_units(cli, unit, shown):
     body = json.dumps({"usage": [{"unit": unit, "total": 5, "used": 1, "available": 4}, "junk"]})
     with node() as n:
         p = n.go("odd001", serve=False)
+        layout.write_direct_volume(n.root, VOL, device=DEV)
         n.serve(p, "go", extra_routes={(None, "/direct-volume/stats"):
                                        lambda srv, req: Response(200, body, "application/json")})
         r = cli(["--host-root", n.root, "shim", "volume", "stats", "odd001", VOL, "-o", "json"])
@@ -310,17 +346,21 @@ def test_volume_stats_and_resize(cli, tree, sid):
     r = cli(["--host-root", tree.root, "shim", "volume", "stats", sid, VOL, "-o", "json"])
     assert r.exit_code == 0, r.stderr
     d = r.json()
-    assert d["kind"] == "VolumeStats" and d["path"] == VOL
+    assert d["kind"] == "VolumeStats" and (d["path"], d["device"]) == (VOL, DEV)
     assert d["items"][0] == {"unit": "bytes", "total": 10 << 30, "used": 1 << 30, "available": 9 << 30}
+    assert d["condition"] == {"abnormal": False, "message": "OK"}
+    assert srv.requests[-1] == ("GET" if sid.startswith("go") else "POST",
+                                f"{'' if sid.startswith('go') else 'http://localhost'}"
+                                "/direct-volume/stats?path=%2Fdev%2Fmapper%2Fvol-1")
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", sid, VOL, "20Gi", "--dry-run", "-o", "json"])
-    assert r.json()["changed"] is True and srv.state.volumes[VOL]["total"] == 10 << 30
+    assert r.json()["changed"] is True and srv.state.volumes[DEV]["total"] == 10 << 30
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", sid, VOL, "20Gi", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     grown = ext4_statfs_total(20 << 30)
     assert r.json()["changed"] is True and r.json()["sizeBefore"] == 10 << 30 and r.json()["sizeAfter"] == grown
     # the server only accepts its flavour's body keys: the resize really arrived; like a real
     # guest, the filesystem's total is below the device size
-    assert srv.state.volumes[VOL]["total"] == grown < 20 << 30
+    assert srv.state.volumes[DEV]["total"] == grown < 20 << 30
     sent = _resizes(srv)
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", sid, VOL, "20Gi", "-o", "json"])
     assert r.exit_code == 0 and r.json()["changed"] is False, r.stderr
@@ -340,15 +380,16 @@ def test_volume_resize_fs_overhead_not_treated_as_pending(cli, tmp_path, _isolat
     success must say changed: false, and a further grow must say changed: true."""
     with node() as n:
         n.go("vol777")
+        layout.write_direct_volume(n.root, VOL, sandbox_id="vol777", device=DEV)
         srv = n.server("vol777")
         dev = 8 << 30
-        srv.state.volumes[VOL] = {"total": ext4_statfs_total(dev), "used": 1 << 30, "available": 0}
+        srv.state.volumes[DEV] = {"total": ext4_statfs_total(dev), "used": 1 << 30, "available": 0}
         base = ["--host-root", n.root, "shim", "volume", "resize", "vol777", VOL]
         for _ in range(2):
             r = cli(base + ["8Gi", "-o", "json"])
             assert r.exit_code == 0 and r.json()["changed"] is False, r.stderr
         r = cli(base + ["12Gi", "-o", "json"])
-        assert r.json()["changed"] is True and srv.state.volumes[VOL]["total"] == ext4_statfs_total(12 << 30)
+        assert r.json()["changed"] is True and srv.state.volumes[DEV]["total"] == ext4_statfs_total(12 << 30)
         # a SIZE the filesystem already holds: nothing is sent
         sent = _resizes(srv)
         r = cli(base + ["4Gi", "-o", "json"])
@@ -375,27 +416,84 @@ def _audit(home, action, target) -> list[dict]:
 
 
 def test_volume_resize_failure_audited(cli, tree, _isolated_home):
-    r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", "/dev/nope", "1Gi", "-o", "json"])
+    r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", GONE, "1Gi", "-o", "json"])
     assert r.exit_code == 1 and r.json()["kind"] == "Error" and "not found in the guest" in r.json()["message"]
     (e,) = _audit(_isolated_home, "shim.volume.resize", "go2222")
     assert e["result"] == "error" and "not found in the guest" in e["error"]
-    assert e["params"] == {"path": "/dev/nope", "size": 1 << 30}
+    assert e["params"] == {"path": GONE, "size": 1 << 30} and e["device"] == "/dev/nope"
     # a dry run changes nothing and is not audited
-    r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", "/dev/nope", "1Gi", "--dry-run"])
+    r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", GONE, "1Gi", "--dry-run"])
     assert r.exit_code == 0
     assert len(_audit(_isolated_home, "shim.volume.resize", "go2222")) == 1
 
 
 def test_volume_unknown_path(cli, tree):
-    r = cli(["--host-root", tree.root, "shim", "volume", "stats", "go2222", "/dev/nope"])
+    r = cli(["--host-root", tree.root, "shim", "volume", "stats", "go2222", GONE])
     assert r.exit_code == 1 and "not found in the guest" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["stats"], ["resize", "1Gi"]])
+@pytest.mark.parametrize("sid", ["go2222", "rs3333"])
+def test_volume_not_registered_is_not_found(cli, tree, sid, cmd, _isolated_home):
+    """issue 18 item 5: VOLUME_PATH is the host path kata-runtime direct-volume registered;
+    one that is not registered on the node is exit 3, naming it, and the shim is not asked."""
+    srv = tree.server(sid)
+    asked = len(srv.requests)
+    r = cli(["--host-root", tree.root, "shim", "volume", cmd[0], sid, DEV, *cmd[1:]])
+    assert r.exit_code == 3, r.stderr
+    assert DEV in r.stderr and "not registered" in r.stderr and r.stderr.count("\n") == 1
+    assert len(srv.requests) == asked
+
+
+def test_volume_registered_by_kata_ctl_for_runtime_rs(cli, tree):
+    """runtime-rs and kata-ctl name the directory with standard base64 (its '/' makes a
+    subdirectory) and write serde's field names; the Go runtime uses base64url."""
+    import base64
+
+    path = "/srv/\u00e9"   # standard base64 L3Nydi/DqQ==, base64url L3Nydi_DqQ==
+    d = tree.root + layout.DIRECT_VOLUMES + "/" + base64.b64encode(path.encode()).decode()
+    os.makedirs(d)
+    with open(d + "/mountInfo.json", "w") as f:
+        json.dump({"volume_type": "block", "device": DEV, "fs_type": "ext4", "metadata": {}, "options": []}, f)
+    r = cli(["--host-root", tree.root, "shim", "volume", "stats", "rs3333", path, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["device"] == DEV
+    assert r.json()["items"][0]["total"] == tree.server("rs3333").state.volumes[DEV]["total"]
+
+
+def test_runtime_rs_handler_failure_is_named(cli, tree, _isolated_home):
+    """runtime-rs answers a failing handler by dropping the connection (no 500): one line
+    saying so, exit 1, audited like any failure."""
+    r = cli(["--host-root", tree.root, "shim", "volume", "stats", "rs3333", GONE])
+    assert r.exit_code == 1, r.stderr
+    assert "closed the connection without answering: its handler failed" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = cli(["--host-root", tree.root, "shim", "volume", "resize", "rs3333", GONE, "1Gi", "-o", "json"])
+    assert r.exit_code == 1 and "its handler failed" in r.json()["message"]
+    (e,) = _audit(_isolated_home, "shim.volume.resize", "rs3333")
+    assert e["result"] == "error" and "its handler failed" in e["error"]
+
+
+def test_go_stats_json_omits_zero_fields(cli):
+    """The Go shim's JSON drops zero values (csi.pb.go omitempty): a volume with nothing used
+    reads used: 0, not null."""
+    with node() as n:
+        p = n.go("empty1")
+        layout.write_direct_volume(n.root, VOL, sandbox_id="empty1", device=DEV)
+        srv = n.server("empty1")
+        srv.state.volumes[DEV] = {"total": 5 << 30, "used": 0, "available": 5 << 30}
+        assert p.shim_socket
+        r = cli(["--host-root", n.root, "shim", "volume", "stats", "empty1", VOL, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["items"][0] == {"unit": "bytes", "total": 5 << 30, "used": 0, "available": 5 << 30}
+    assert r.json()["items"][1] == {"unit": "inodes", "total": 0, "used": 0, "available": 0}
 
 
 @pytest.mark.parametrize("size", ["", "-1", "0", "10Qi", "abc", "1.5", "1e9", "99999999999999Ei"])
 def test_volume_resize_bad_size(cli, tree, size):
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", VOL, size])
     assert r.exit_code == 2, (size, r.stderr)
-    assert tree.server("go2222").state.volumes[VOL]["total"] in (10 << 30, ext4_statfs_total(20 << 30))
+    assert tree.server("go2222").state.volumes[DEV]["total"] in (10 << 30, ext4_statfs_total(20 << 30))
 
 
 @pytest.mark.parametrize("cmd", [["stats"], ["resize"]])
@@ -645,3 +743,68 @@ def test_iptables_set_empty_file_argument_says_so(cli, tree, arg):
     """issue 16 #17: 'shim iptables set S ""' said ': No such file or directory'."""
     r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go1111", arg])
     assert r.exit_code == 2 and "empty FILE" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- runtime-rs's Debug text ------------------------------------------------------------------
+_SF = ("special_fields: SpecialFields { unknown_fields: UnknownFields { fields: None }, "
+       "cached_size: CachedSize { size: 0 } }")
+
+
+def test_parse_volume_stats_debug_upstream_shape():
+    from katactl.backends.shim import parse_volume_stats_debug
+    from katactl.lab.shimserver import volume_stats_debug
+
+    text = (f"Usage: [VolumeUsage {{ available: 966367641, total: 1020702720, used: 54335079, unit: BYTES, {_SF} }}, "
+            f"VolumeUsage {{ available: 65525, total: 65536, used: 11, unit: INODES, {_SF} }}] "
+            f'Volume Condition: VolumeCondition {{ abnormal: false, message: "OK", {_SF} }}')
+    assert text == volume_stats_debug([(966367641, 1020702720, 54335079, 1), (65525, 65536, 11, 2)], False, "OK")
+    assert parse_volume_stats_debug(text) == {
+        "usage": [{"available": 966367641, "total": 1020702720, "used": 54335079, "unit": "BYTES"},
+                  {"available": 65525, "total": 65536, "used": 11, "unit": "INODES"}],
+        "volume_condition": {"abnormal": False, "message": "OK"}}
+    # an enum value this build does not know prints as its number; unknown fields a newer
+    # agent sent print as a map; escapes in the message are Rust's
+    odd = ("Usage: [VolumeUsage { available: 1, total: 2, used: 1, unit: 7, special_fields: SpecialFields { "
+           "unknown_fields: UnknownFields { fields: Some({5: UnknownValues { fixed32: [], fixed64: [], "
+           "varint: [1], length_delimited: [] }}) }, cached_size: CachedSize { size: 0 } } }] "
+           'Volume Condition: VolumeCondition { abnormal: true, message: "fs \\"x\\" is \\u{1b}bad\\n", '
+           + _SF + " }")
+    assert parse_volume_stats_debug(odd) == {"usage": [{"available": 1, "total": 2, "used": 1, "unit": 7}],
+                                             "volume_condition": {"abnormal": True, "message": 'fs "x" is \x1bbad\n'}}
+    assert parse_volume_stats_debug(volume_stats_debug([], True, 'q"\\\x07')) == {
+        "usage": [], "volume_condition": {"abnormal": True, "message": 'q"\\\x07'}}
+
+
+@pytest.mark.parametrize("text", [
+    "", "{}", '{"usage": []}', "Usage: []", "Usage: [] Volume Condition: x",
+    "Usage: [1] Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
+    "Usage: [] Volume Condition: VolumeCondition { abnormal: false }",
+    "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"\" } trailing",
+    "Usage: [VolumeUsage { available: 1, total: 2, used: 3 }] Volume Condition: "
+    "VolumeCondition { abnormal: false, message: \"\" }",
+    "Usage: [VolumeUsage { available: 1, total: 2, used: -3, unit: BYTES }] Volume Condition: "
+    "VolumeCondition { abnormal: false, message: \"\" }",
+    "Usage: [VolumeUsage { available: 1, total: 2, used: 3, unit: PETABYTES }] Volume Condition: "
+    "VolumeCondition { abnormal: false, message: \"\" }",
+    "Usage: [Other { available: 1 }] Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
+    "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"\\q\" }",
+    "Usage: " + "[" * 50000 + " Volume Condition: x",
+    "Usage: [\x00] Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
+])
+def test_parse_volume_stats_debug_refuses_other_shapes(text):
+    from katactl.backends.shim import parse_volume_stats_debug
+
+    with pytest.raises(ProtocolError) as e:
+        parse_volume_stats_debug(text, "shim of sandbox x")
+    assert "\n" not in e.value.message and "Debug format" in e.value.message
+
+
+def test_runtime_rs_stats_in_another_shape_is_a_protocol_error(cli):
+    with node() as n:
+        p = n.rs("odd002", serve=False)
+        layout.write_direct_volume(n.root, VOL, device=DEV)
+        n.serve(p, "rs", extra_routes={("POST", "/direct-volume/stats"):
+                                       lambda srv, req: Response(200, '{"usage": []}')})
+        r = cli(["--host-root", n.root, "shim", "volume", "stats", "odd002", VOL])
+    assert r.exit_code == 1 and "not runtime-rs's VolumeStatsResponse Debug format" in r.stderr
+    assert r.stderr.count("\n") == 1

@@ -9,15 +9,21 @@ imported), a timeout on every call. It speaks each flavour's dialect:
   ``/direct-volume/stats`` without ``path``, 501 on a wrong iptables method,
   and serves ``/debug/pprof`` only with ``enable_pprof``;
 - resize bodies differ: Go ``{"VolumePath", "Size"}``, RS
-  ``{"volume_guest_path", "size"}``.
+  ``{"volume_guest_path", "size"}``;
+- ``/direct-volume/stats`` answers differ: Go the agent's VolumeStatsResponse
+  as JSON, runtime-rs as Rust ``{:?}`` Debug text (:func:`parse_volume_stats_debug`);
+- a failing runtime-rs handler answers nothing: its hyper service returns Err
+  and hyper drops the connection (no 500), which :meth:`ShimClient.call`
+  reports as the handler's failure, not as a transport fault.
 """
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from typing import IO, Protocol
 
-from katactl.errors import NotFound, OperationFailed, ProtocolError, UsageError
+from katactl.errors import NotFound, OperationFailed, ProtocolError, UnreachableError, UsageError
 from katactl.backends.base import NodeTransport
 
 METRICS_LIMIT = 16 << 20   # a real shim's /metrics is ~100 KiB; refuse absurd bodies
@@ -74,9 +80,13 @@ class ShimClient:
         self.close()
 
     def call(self, method: str, url: str, *, limit: int = TEXT_LIMIT, timeout: float | None = None,
-             sink: BytesSink | None = None, **kw) -> tuple[int, bytes]:
+             sink: BytesSink | None = None, absolute_target: bool = False, **kw) -> tuple[int, bytes]:
         """(status, body) with the body capped at ``limit`` bytes, or, for a 2xx
-        answer, streamed to ``sink`` (then body is empty)."""
+        answer, streamed to ``sink`` (then body is empty).
+
+        ``absolute_target`` sends the request line in absolute form
+        (``POST http://localhost/path?query``), which runtime-rs's stats handler
+        needs (see :meth:`volume_stats`)."""
         import httpx
 
         from katactl.backends.unixhttp import call_deadline, http_errors
@@ -84,25 +94,39 @@ class ShimClient:
         t = self.timeout if timeout is None else timeout
         hint = ("the shim accepts connections but does not answer in time; is it stuck? "
                 "(--request-timeout raises the limit)")
-        with http_errors(f"{self.what}: {method} {url}", t, hint=hint), call_deadline(t), \
-                self.client.stream(method, url, timeout=httpx.Timeout(t), **kw) as r:
-            declared = r.headers.get("content-length")
-            if sink is None and declared and declared.isdigit() and int(declared) > limit:
-                raise ProtocolError(f"{self.what}: {url} answered {int(declared)} bytes, "
-                                    f"more than the {limit >> 20} MiB limit")
-            chunks, n = [], 0
-            if not 200 <= r.status_code < 300:
-                sink = None  # an error page is the answer's reason, never the caller's data
-            for chunk in r.iter_raw():
-                n += len(chunk)
-                if sink is not None:
-                    sink.write(chunk)
-                    continue
-                if n > limit:
-                    raise ProtocolError(f"{self.what}: {url} answered more than the "
-                                        f"{limit >> 20} MiB limit")
-                chunks.append(chunk)
-            return r.status_code, b"".join(chunks)
+        if absolute_target:
+            kw["extensions"] = {"target": ("http://localhost" + url).encode()}
+        answered = False
+        try:
+            with http_errors(f"{self.what}: {method} {url}", t, hint=hint), call_deadline(t), \
+                    self.client.stream(method, url, timeout=httpx.Timeout(t), **kw) as r:
+                answered = True
+                declared = r.headers.get("content-length")
+                if sink is None and declared and declared.isdigit() and int(declared) > limit:
+                    raise ProtocolError(f"{self.what}: {url} answered {int(declared)} bytes, "
+                                        f"more than the {limit >> 20} MiB limit")
+                chunks, n = [], 0
+                if not 200 <= r.status_code < 300:
+                    sink = None  # an error page is the answer's reason, never the caller's data
+                for chunk in r.iter_raw():
+                    n += len(chunk)
+                    if sink is not None:
+                        sink.write(chunk)
+                        continue
+                    if n > limit:
+                        raise ProtocolError(f"{self.what}: {url} answered more than the "
+                                            f"{limit >> 20} MiB limit")
+                    chunks.append(chunk)
+                return r.status_code, b"".join(chunks)
+        except (ProtocolError, UnreachableError) as e:
+            # runtime-rs answers a failing handler by dropping the connection (hyper closes it
+            # when the service returns Err: shim_mgmt/server.rs serve_connection + handlers.rs)
+            if self.flavour == "rs" and not answered and _dropped(e):
+                raise OperationFailed(
+                    f"{self.what}: {method} {url}: the runtime-rs shim closed the connection without "
+                    "answering: its handler failed (runtime-rs answers errors this way, not with a 500); "
+                    "the shim's log says why") from None
+            raise
 
     def _check(self, status: int, body: bytes, url: str, ok=(200,)) -> bytes:
         if status in ok:
@@ -140,26 +164,47 @@ class ShimClient:
                                  headers={"Content-Type": "text/plain"})
         self._check(status, body, url, ok=(200, 204))
 
-    def volume_stats(self, volume_path: str) -> dict:
-        if not volume_path:
+    def volume_stats(self, device: str) -> dict:
+        """The guest's statistics of the direct volume backed by ``device`` (mountInfo.json's
+        ``device``, what ``kata-runtime``/``kata-ctl direct-volume stats`` send):
+        ``{"usage": [{"available", "total", "used", "unit"}], "volume_condition": {...} | None}``,
+        the same for both runtimes (proto3 defaults filled in: Go's JSON omits zero fields).
+
+        Go (src/runtime/pkg/containerd-shim-v2/shim_management.go serveVolumeStats) answers
+        ``json.Marshal`` of the agent's VolumeStatsResponse. runtime-rs
+        (src/runtime-rs/crates/runtimes/src/shim_mgmt/handlers.rs direct_volume_stats_handler)
+        is POST-only, answers the Debug text (:func:`parse_volume_stats_debug`), and reads the
+        query through ``Url::parse(&req.uri().to_string())``, which fails on an origin-form
+        request target (a relative URL): only an absolute-form target reaches the agent."""
+        if not device:
             raise UsageError("empty volume path")
-        url = "/direct-volume/stats?path=" + urllib.parse.quote(volume_path, safe="")
-        method = "GET" if self.flavour == "go" else "POST"
-        status, body = self.call(method, url)
+        url = "/direct-volume/stats?path=" + urllib.parse.quote(device, safe="")
+        go = self.flavour == "go"
+        status, body = self.call("GET" if go else "POST", url, absolute_target=not go)
         body = self._check(status, body, "/direct-volume/stats")
+        if not go:
+            return parse_volume_stats_debug(body.decode("utf-8", "replace"), self.what)
         try:
             obj = json.loads(body)
         except ValueError:
             raise ProtocolError(f"{self.what}: /direct-volume/stats did not answer JSON") from None
         if not isinstance(obj, dict):
             raise ProtocolError(f"{self.what}: /direct-volume/stats answered {type(obj).__name__}")
-        return obj
+        # encoding/json with the generated ``omitempty`` tags drops zero values (csi.pb.go)
+        usage = [{"available": 0, "total": 0, "used": 0, "unit": 0, **u} if isinstance(u, dict) else u
+                 for u in obj.get("usage") or []]
+        cond = obj.get("volume_condition")
+        if isinstance(cond, dict):
+            cond = {"abnormal": False, "message": "", **cond}
+        return {**obj, "usage": usage, "volume_condition": cond}
 
-    def volume_resize(self, volume_path: str, size: int) -> None:
+    def volume_resize(self, device: str, size: int) -> None:
+        """Ask the guest to grow the filesystem on the direct volume backed by ``device``
+        (mountInfo.json's ``device``, as kata-volume.go Resize and kata-ctl volume_ops.rs send)."""
         if self.flavour == "go":
-            payload = {"VolumePath": volume_path, "Size": int(size)}
+            payload = {"VolumePath": device, "Size": int(size)}
         else:
-            payload = {"volume_guest_path": volume_path, "size": int(size)}
+            payload = {"volume_guest_path": device, "size": int(size)}
         status, body = self.call("POST", "/direct-volume/resize", content=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
         self._check(status, body, "/direct-volume/resize", ok=(200, 204))
@@ -207,3 +252,177 @@ class _CountingSink:
     def write(self, b: bytes) -> int:
         self.n += len(b)
         return self.sink.write(b)
+
+
+def _dropped(e: Exception) -> bool:
+    """Whether a transport error is the peer closing the connection before any answer."""
+    text = str(e).lower()
+    return ("disconnected without sending a response" in text or "connection lost" in text
+            or "reset by peer" in text)
+
+
+# -- runtime-rs's Debug text -----------------------------------------------------------------
+_DEBUG_TOKEN = re.compile(r"""\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>-?\d+)|(?P<id>[A-Za-z_]\w*)|(?P<p>[{}\[\](),:]))""")
+_RUST_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
+_UNIT_NAMES = ("UNKNOWN", "BYTES", "INODES")
+
+
+class _DebugStruct(dict):
+    """A parsed ``Name { field: value, .. }``: its fields, and its type name."""
+
+    def __init__(self, name: str, fields: dict):
+        super().__init__(fields)
+        self.name = name
+
+
+def _rust_str(lit: str) -> str:
+    out, i, body = [], 0, lit[1:-1]
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        nxt = body[i + 1]
+        if nxt == "u":  # \u{1f600}
+            end = body.index("}", i)
+            out.append(chr(int(body[i + 3:end], 16)))
+            i = end + 1
+            continue
+        if nxt not in _RUST_ESCAPES:
+            raise ValueError(f"unknown escape \\{nxt}")
+        out.append(_RUST_ESCAPES[nxt])
+        i += 2
+    return "".join(out)
+
+
+class _DebugParser:
+    """Recursive descent over Rust's compact ``{:?}``: structs, lists, maps, strings, integers,
+    identifiers (enum variants, true/false/None) and tuple variants (``Some(x)``)."""
+
+    def __init__(self, text: str):
+        self.toks: list[tuple[str, str, int]] = []
+        pos, end = 0, len(text.rstrip())
+        while pos < end:
+            m = _DEBUG_TOKEN.match(text, pos)
+            if not m:
+                raise ValueError(f"unexpected {text[pos:pos + 12]!r} at offset {pos}")
+            kind = m.lastgroup or "p"
+            self.toks.append((kind, m.group(kind), m.start(kind)))
+            pos = m.end()
+        self.i = 0
+
+    def peek(self) -> tuple[str, str, int]:
+        return self.toks[self.i] if self.i < len(self.toks) else ("end", "", -1)
+
+    def take(self, kind: str, value: str | None = None) -> str:
+        k, v, at = self.peek()
+        if k != kind or (value is not None and v != value):
+            want = value or kind
+            raise ValueError(f"expected {want!r}, found {v or 'the end'!r}" + (f" at offset {at}" if at >= 0 else ""))
+        self.i += 1
+        return v
+
+    def value(self):
+        k, v, _ = self.peek()
+        if k == "str":
+            self.i += 1
+            return _rust_str(v)
+        if k == "num":
+            self.i += 1
+            return int(v)
+        if k == "p" and v == "[":
+            self.i += 1
+            items = []
+            while self.peek()[1] != "]":
+                items.append(self.value())
+                if self.peek()[1] != "]":
+                    self.take("p", ",")
+            self.take("p", "]")
+            return items
+        if k == "p" and v == "{":  # a map (HashMap's Debug), e.g. unknown fields a newer agent sent
+            self.i += 1
+            entries = {}
+            while self.peek()[1] != "}":
+                key = self.value()
+                self.take("p", ":")
+                entries[repr(key)] = self.value()
+                if self.peek()[1] != "}":
+                    self.take("p", ",")
+            self.take("p", "}")
+            return entries
+        name = self.take("id")
+        nk, nv, _ = self.peek()
+        if nk == "p" and nv == "{":
+            self.i += 1
+            fields = {}
+            while self.peek()[1] != "}":
+                key = self.take("id")
+                self.take("p", ":")
+                fields[key] = self.value()
+                if self.peek()[1] != "}":
+                    self.take("p", ",")
+            self.take("p", "}")
+            return _DebugStruct(name, fields)
+        if nk == "p" and nv == "(":
+            self.i += 1
+            inner = self.value()
+            self.take("p", ")")
+            return inner if name == "Some" else (name, inner)
+        return {"true": True, "false": False, "None": None}.get(name, name)
+
+
+def parse_volume_stats_debug(text: str, what: str = "shim") -> dict:
+    """runtime-rs's ``/direct-volume/stats`` answer as the same dict the Go shim's JSON gives.
+
+    runtime-rs formats the agent's answer with ``format!("Usage: {:?} Volume Condition: {:?}",
+    result.usage(), result.volume_condition())`` (crates/runtimes/virt_container/src/sandbox.rs
+    direct_volume_stats; before 3.x it was the agent crate's ``From<csi::VolumeStatsResponse>``
+    in crates/agent/src/kata/trans.rs, same text). The types are rust-protobuf 3 messages
+    generated from src/libs/protocols/protos/csi.proto with accessors (protocols/build.rs):
+    derived Debug, so each message ends with its ``special_fields``, and the enum prints its
+    variant name (``BYTES``), or its number when unknown (EnumOrUnknown's Debug)::
+
+        Usage: [VolumeUsage { available: 966367641, total: 1020702720, used: 54335079,
+        unit: BYTES, special_fields: SpecialFields { unknown_fields: UnknownFields { fields: None },
+        cached_size: CachedSize { size: 0 } } }] Volume Condition: VolumeCondition { abnormal:
+        false, message: "", special_fields: SpecialFields { .. } }
+
+    Fields the messages do not have are ignored (a newer csi.proto); a missing field, a wrong
+    type or any other shape is a ProtocolError naming what was wrong."""
+    try:
+        head, sep, rest = text.partition("Usage:")
+        if head.strip() or not sep:
+            raise ValueError("does not start with 'Usage:'")
+        usage_text, sep, cond_text = rest.partition(" Volume Condition:")
+        if not sep:
+            raise ValueError("has no 'Volume Condition:'")
+        usage_p, cond_p = _DebugParser(usage_text), _DebugParser(cond_text)
+        usage, cond = usage_p.value(), cond_p.value()
+        for p in (usage_p, cond_p):
+            p.take("end")
+        if not isinstance(usage, list):
+            raise ValueError("Usage is not a list")
+        out = []
+        for u in usage:
+            if not isinstance(u, _DebugStruct) or u.name != "VolumeUsage":
+                raise ValueError(f"a usage entry is not a VolumeUsage: {u!r}")
+            entry = {}
+            for key in ("available", "total", "used"):
+                v = u.get(key)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise ValueError(f"VolumeUsage.{key} is {v!r}, not a count")
+                entry[key] = v
+            unit = u.get("unit")
+            if isinstance(unit, bool) or not (isinstance(unit, int) or unit in _UNIT_NAMES):
+                raise ValueError(f"VolumeUsage.unit is {unit!r}")
+            entry["unit"] = unit
+            out.append(entry)
+        if not isinstance(cond, _DebugStruct) or cond.name != "VolumeCondition":
+            raise ValueError("Volume Condition is not a VolumeCondition")
+        if not isinstance(cond.get("abnormal"), bool) or not isinstance(cond.get("message"), str):
+            raise ValueError("VolumeCondition needs abnormal (bool) and message (string)")
+    except (ValueError, IndexError, RecursionError) as e:
+        raise ProtocolError(f"{what}: /direct-volume/stats answered text that is not runtime-rs's "
+                            f"VolumeStatsResponse Debug format ({e}): {text[:120]!r}") from None
+    return {"usage": out, "volume_condition": {"abnormal": cond["abnormal"], "message": cond["message"]}}

@@ -103,17 +103,26 @@ def iptables_set(ctx: typer.Context,
     finish(app_ctx, Result.mutation("IPTablesSet", res))
 
 
+#: what VOLUME_PATH is, for both volume commands
+VOLUME_PATH_HELP = ("The volume's path on the host, as the CSI driver published it and registered it with "
+                    "'kata-runtime direct-volume add' (not the device, not the guest path).")
+
+
 @volume_app.command("stats")
 def volume_stats(ctx: typer.Context,
                  target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
-                 path: str = typer.Argument(..., metavar="VOLUME_PATH",
-                                            help="The direct volume's path (as passed to the shim).")) -> None:
+                 path: str = typer.Argument(..., metavar="VOLUME_PATH", help=VOLUME_PATH_HELP)) -> None:
     """Usage of a direct-assigned volume inside the guest (bytes and inodes).
+
+    Like 'kata-runtime direct-volume stats', katactl reads the volume's
+    mountInfo.json (under /run/kata-containers/shared/direct-volumes on the
+    node, in a directory named by VOLUME_PATH in base64) and asks the shim
+    about its device; exit 3 when the volume is not registered there.
 
     \b
     Examples:
-      katactl shim volume stats 3f2a /dev/mapper/vol-1
-      katactl shim volume stats 3f2a /dev/mapper/vol-1 -o json
+      katactl shim volume stats 3f2a /mnt/disks/pvc-1
+      katactl shim volume stats batch/train-0 /mnt/disks/pvc-1 -o json
     """
     from katactl import shim_ops
     from katactl.output import Column, Result
@@ -130,12 +139,13 @@ def volume_stats(ctx: typer.Context,
 @volume_app.command("resize")
 def volume_resize(ctx: typer.Context,
                   target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
-                  path: str = typer.Argument(..., metavar="VOLUME_PATH", help="The direct volume's path."),
+                  path: str = typer.Argument(..., metavar="VOLUME_PATH", help=VOLUME_PATH_HELP),
                   size: str = typer.Argument(..., metavar="SIZE", help="New size: 10Gi, 500M, bytes."),
                   dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; change nothing.")) -> None:
     """Resize a direct-assigned volume in the guest to SIZE (after growing it on the host).
 
-    The guest only reports its filesystem's size, which is always smaller
+    VOLUME_PATH is translated to the volume's device through its mountInfo.json,
+    as for 'shim volume stats'. The guest only reports its filesystem's size, which is always smaller
     than the device (metadata, journal), so the resize is sent unless the
     filesystem already holds SIZE; changed says whether it grew (re-running
     after success reports changed: false). With --dry-run, changed says
@@ -143,8 +153,8 @@ def volume_resize(ctx: typer.Context,
 
     \b
     Examples:
-      katactl shim volume resize 3f2a /dev/mapper/vol-1 20Gi
-      katactl shim volume resize 3f2a /dev/mapper/vol-1 20Gi --dry-run -o json
+      katactl shim volume resize 3f2a /mnt/disks/pvc-1 20Gi
+      katactl shim volume resize 3f2a /mnt/disks/pvc-1 20Gi --dry-run -o json
     """
     from katactl import shim_ops
     from katactl.output import Result

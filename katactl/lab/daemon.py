@@ -232,8 +232,12 @@ class LabSandbox:
         """The direct-assigned volume the lab gives this sandbox (``shim volume`` tries it)."""
         return f"{LAB_VOLUMES}/{self.name}"
 
+    def volume_device(self) -> str:
+        """Its block device (mountInfo.json's ``device``): what the shim is asked about."""
+        return f"/dev/mapper/lab-{self.name}"
+
     def start_shim(self) -> None:
-        L.write_direct_volume(self.lab.root, self.volume_path(), sandbox_id=self.id)
+        L.write_direct_volume(self.lab.root, self.volume_path(), sandbox_id=self.id, device=self.volume_device())
         self.shim = make_shim(self)
 
     def _on_event(self, ev: dict) -> None:
@@ -468,7 +472,7 @@ def make_shim(sb: "LabSandbox"):
                    guest_mem_total=sb.memory, guest_mem_free=sb.memory, guest_mem_available=sb.memory)
     # one direct-assigned volume (the guest's statfs of an ext4 on a 1 GiB device)
     total, used, inodes = ext4_statfs_total(LAB_VOLUME_DEVICE), 48 << 20, LAB_VOLUME_DEVICE // 16384
-    st.volumes[sb.volume_path()] = {"total": total, "used": used, "available": total - used,
+    st.volumes[sb.volume_device()] = {"total": total, "used": used, "available": total - used,
                                     "inodes": inodes, "inodes_used": 11, "inodes_free": inodes - 11}
     return LabShim(paths.shim_socket, flavour="go", state=st).start()
 

@@ -8,8 +8,10 @@ path                        Go                               runtime-rs
 =========================== ================================ ==========================
 /metrics                    any method                       GET only
 /agent-url                  any method                       GET only
-/direct-volume/stats?path=  any method, 400 without ``path``  POST only
+/direct-volume/stats?path=  any method, 400 without ``path``, POST only, absolute-form target,
+                            JSON (``omitempty``)              Rust ``{:?}`` Debug text
 /direct-volume/resize       any, ``{"VolumePath","Size"}``    POST, ``{"volume_guest_path","size"}``
+a failing handler           500 and the error text           the connection dropped, no answer
 /iptables, /ip6tables       GET / PUT, else 501              GET / PUT
 /policy                     PUT                              PUT
 /debug/vars, /debug/pprof/* only when ``enable_pprof``        never
@@ -40,8 +42,10 @@ Known differences from the real shims:
 - pprof answers are small gzip blobs (the pprof magic, not a real profile);
   ``profile``/``trace`` do sleep ``seconds`` like the real handlers;
 - ``/policy`` is accepted and stored, not handed to an agent;
-- ``/direct-volume/*`` answers from ``state.volumes`` (guest path -> statfs
-  of the volume's filesystem), and a resize is not run by an agent: it sets
+- ``/direct-volume/*`` answers from ``state.volumes`` (the device both runtimes'
+  tools send, mountInfo.json's ``device`` -> statfs of the volume's filesystem;
+  the Go shim really maps it to the guest mount, runtime-rs hands it to the agent
+  as is), and a resize is not run by an agent: it sets
   the filesystem's total to what a fresh ext4 of that device size reports,
   :func:`ext4_statfs_total` (the device size minus inode tables, bitmaps and
   the journal, ~2-3%, as ``mkfs.ext4`` defaults and ``df`` show; the
@@ -125,7 +129,8 @@ class ShimState:
     iptables: str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
     ip6tables: str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
     policy: str = ""
-    #: guest volume path -> {"total", "used", "available"} bytes
+    #: volume device (what the shim is asked about) -> {"total", "used", "available"} bytes,
+    #: and optionally {"inodes", "inodes_used", "inodes_free"}
     volumes: dict = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.time)
     scrapes: int = 0
@@ -147,6 +152,9 @@ class Response:
     body: bytes | str = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: dict = dataclasses.field(default_factory=dict)
+    #: answer nothing and close the connection: what hyper does when a runtime-rs
+    #: handler returns Err (shim_mgmt/server.rs serve_connection)
+    drop: bool = False
 
     def data(self) -> bytes:
         return self.body.encode() if isinstance(self.body, str) else self.body
@@ -232,6 +240,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             resp = srv.route(req)
         except Exception as e:  # a bug in a test route must still answer
             resp = Response(500, f"internal error: {e}\n")
+        if resp.drop:
+            self.close_connection = True
+            return
         data = resp.data()
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)
@@ -352,7 +363,7 @@ class ShimServer:
                 try:
                     text = req.body.decode("utf-8")
                 except UnicodeDecodeError:
-                    return Response(400, "iptables rules are not UTF-8 text\n")
+                    return Response(400, "iptables rules are not UTF-8 text\n") if go else _HANDLER_ERR
                 with self.lock:
                     setattr(self.state, attr, text)
                 return Response(200, "")
@@ -369,39 +380,50 @@ class ShimServer:
 
     # -- endpoints ---------------------------------------------------------------
     def _volume_stats(self, req: Request) -> Response:
+        go = self.flavour == "go"
+        # runtime-rs: Url::parse(&req.uri().to_string()) fails on an origin-form target
+        # (a relative URL), and the handler's Err drops the connection (handlers.rs)
+        if not go and not req.raw_path.startswith(("http://", "https://")):
+            return _HANDLER_ERR
         path = req.query.get("path")
         if not path:
-            return Response(400, "missing path\n") if self.flavour == "go" else Response(500, "empty volume path")
+            return Response(400, "Required parameter path not found") if go else _HANDLER_ERR
         with self.lock:
             v = self.state.volumes.get(path)
         if v is None:
-            return Response(500, f"volume {path} not found in the guest\n")
-        body = {"usage": [{"available": v.get("available", 0), "total": v.get("total", 0),
-                           "used": v.get("used", 0), "unit": 1},
-                          {"available": v.get("inodes_free", 0), "total": v.get("inodes", 0),
-                           "used": v.get("inodes_used", 0), "unit": 2}],
-                "volume_condition": {"abnormal": False, "message": ""}}
-        return Response(200, json.dumps(body), "application/json")
+            return Response(500, f"volume {path} not found in the guest\n") if go else _HANDLER_ERR
+        usage = [(v.get("available", 0), v.get("total", 0), v.get("used", 0), 1),
+                 (v.get("inodes_free", 0), v.get("inodes", 0), v.get("inodes_used", 0), 2)]
+        # the agent answers bytes then inodes, and condition {abnormal: false, message: "OK"}
+        # (src/agent/src/rpc.rs get_volume_stats)
+        if not go:
+            return Response(200, volume_stats_debug(usage, False, "OK"))
+        # json.Marshal of the agent's VolumeStatsResponse: csi.pb.go tags every field omitempty
+        keys = ("available", "total", "used", "unit")
+        body = {"usage": [{k: x for k, x in zip(keys, u, strict=True) if x} for u in usage],
+                "volume_condition": {"message": "OK"}}
+        return Response(200, json.dumps(body, separators=(",", ":")))
 
     def _volume_resize(self, req: Request) -> Response:
+        go = self.flavour == "go"
         try:
             obj = json.loads(req.body or b"{}")
         except ValueError:
-            return Response(400, "invalid JSON body\n")
-        if not isinstance(obj, dict):
-            return Response(400, "invalid JSON body\n")
-        pk, sk = ("VolumePath", "Size") if self.flavour == "go" else ("volume_guest_path", "size")
-        path, size = obj.get(pk), obj.get(sk)
+            obj = None
+        pk, sk = ("VolumePath", "Size") if go else ("volume_guest_path", "size")
+        path, size = (obj.get(pk), obj.get(sk)) if isinstance(obj, dict) else (None, None)
         if not isinstance(path, str) or not isinstance(size, int) or isinstance(size, bool):
-            return Response(400, f"body needs {pk} (string) and {sk} (integer)\n")
+            # Go: json.Unmarshal's error, 500; runtime-rs: serde fails, the handler's Err drops it
+            return Response(500, f"body needs {pk} (string) and {sk} (integer)\n") if go else _HANDLER_ERR
         with self.lock:
             v = self.state.volumes.get(path)
             if v is None:
-                return Response(500, f"volume {path} not found in the guest\n")
+                return Response(500, f"volume {path} not found in the guest\n") if go else _HANDLER_ERR
             total = ext4_statfs_total(size)
             if total < v.get("total", 0):
                 # online resize2fs cannot shrink
-                return Response(500, f"resize volume {path}: on-line shrinking not supported\n")
+                return (Response(500, f"resize volume {path}: on-line shrinking not supported\n") if go
+                        else _HANDLER_ERR)
             v["total"] = total
             v["available"] = max(0, total - v.get("used", 0))
         return Response(200, "")
@@ -519,6 +541,41 @@ class ShimServer:
         fam("kata_guest_diskstat", "gauge", "Disks statistics in system.",
             [({"disk": "vda", "item": "reads"}, 120)])
         return "\n".join(out) + "\n"
+
+
+#: a runtime-rs handler's Err: hyper closes the connection without an answer
+_HANDLER_ERR = Response(drop=True)
+
+_SPECIAL_FIELDS = ("special_fields: SpecialFields { unknown_fields: UnknownFields { fields: None }, "
+                   "cached_size: CachedSize { size: 0 } }")
+_UNIT_NAMES = {0: "UNKNOWN", 1: "BYTES", 2: "INODES"}
+
+
+def _rust_debug_str(s: str) -> str:
+    """``format!("{:?}", s)`` for a Rust str: quotes, backslash escapes, \\u{..} for controls."""
+    out = []
+    for c in s:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c in "\n\r\t\0":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7f:
+            out.append(f"\\u{{{ord(c):x}}}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def volume_stats_debug(usage: list[tuple[int, int, int, int]], abnormal: bool = False, message: str = "") -> str:
+    """runtime-rs's ``/direct-volume/stats`` body: ``format!("Usage: {:?} Volume Condition: {:?}",
+    result.usage(), result.volume_condition())`` over rust-protobuf 3 messages (derived Debug,
+    ``special_fields`` last; an unset volume_condition prints its default instance).
+    ``usage`` holds (available, total, used, unit number) tuples."""
+    entries = ", ".join(
+        f"VolumeUsage {{ available: {a}, total: {t}, used: {u}, unit: {_UNIT_NAMES.get(unit, unit)}, "
+        f"{_SPECIAL_FIELDS} }}" for a, t, u, unit in usage)
+    return (f"Usage: [{entries}] Volume Condition: VolumeCondition {{ abnormal: {str(bool(abnormal)).lower()}, "
+            f"message: {_rust_debug_str(message)}, {_SPECIAL_FIELDS} }}")
 
 
 def _num(v) -> str:
