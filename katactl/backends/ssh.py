@@ -292,6 +292,165 @@ def _transport_class():
     return _T
 
 
+class _SockReader:
+    """The TCP socket as paramiko's Packetizer reads it: one recv(2) of up to READ_SIZE
+    bytes, handed out in the pieces the Packetizer asks for (a 16-byte header, then the
+    rest of the packet), instead of two or more recv(2) calls per SSH packet. Everything
+    else (send, settimeout, close) is the socket's own. Only for a real socket: paramiko's
+    ProxyCommand.recv(n) waits until it has n bytes."""
+
+    READ_SIZE = 256 << 10
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            out = buf[pos:pos + n]
+            self._pos = pos + len(out)
+            return out
+        data = self._sock.recv(max(n, self.READ_SIZE))  # timeouts and errors as the socket's
+        if len(data) <= n:
+            return data
+        self._buf, self._pos = data, n
+        return data[:n]
+
+    def send(self, data) -> int:
+        return self._sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _ChunkPipe:
+    """A drop-in for paramiko's BufferedPipe (a channel's in_buffer) that keeps received
+    packets as they came, in a deque. BufferedPipe appends every packet to an array and
+    answers recv(n) with a slice, a copy to bytes and a ``del`` that moves the rest of the
+    buffer (up to the 16 MiB window) down: 3-4 copies of every byte; here a packet is kept
+    as is and recv(n) joins whole packets (one copy; none when one packet fits). Same
+    contract: feed/read/read_ready/empty/close/set_event/len, read(n, timeout) blocks
+    until data or close and raises PipeTimeout after timeout seconds."""
+
+    def __init__(self):
+        from collections import deque
+
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._parts: deque[bytes] = deque()
+        self._len = 0
+        self._closed = False
+        self._event: threading.Event | None = None
+
+    def set_event(self, event: threading.Event) -> None:
+        with self._lock:
+            self._event = event
+            if self._closed or self._len > 0:
+                event.set()
+            else:
+                event.clear()
+
+    def feed(self, data) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with self._lock:
+            if self._event is not None:
+                self._event.set()
+            if data:
+                self._parts.append(bytes(data))
+                self._len += len(data)
+            self._cv.notify_all()
+
+    def read_ready(self) -> bool:
+        with self._lock:
+            return self._len > 0
+
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+        from paramiko.buffered_pipe import PipeTimeout
+
+        with self._lock:
+            if self._len == 0:
+                if self._closed:
+                    return b""
+                if timeout == 0.0:
+                    raise PipeTimeout()
+                while self._len == 0 and not self._closed:
+                    then = time.time()
+                    self._cv.wait(timeout)
+                    if timeout is not None:
+                        timeout -= time.time() - then
+                        if timeout <= 0.0:
+                            raise PipeTimeout()
+                if self._len == 0:
+                    return b""
+            parts, out, got = self._parts, [], 0
+            while parts and got + len(parts[0]) <= nbytes:
+                b = parts.popleft()
+                out.append(b)
+                got += len(b)
+            if not out:  # the first packet is larger than nbytes: split it
+                b = parts[0]
+                out.append(b[:nbytes])
+                parts[0] = b[nbytes:]
+                got = nbytes
+            self._len -= got
+            if self._len == 0 and self._event is not None and not self._closed:
+                self._event.clear()
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def empty(self) -> bytes:
+        with self._lock:
+            out = b"".join(self._parts)
+            self._parts.clear()
+            self._len = 0
+            if self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cv.notify_all()
+            if self._event is not None:
+                self._event.set()
+
+    def __len__(self) -> int:
+        return self._len
+
+
+def _chunk_pipe(chan) -> None:
+    """Give a new channel (no data can have come yet) a _ChunkPipe for its stdout, when
+    it has paramiko's BufferedPipe there (another paramiko keeps its own)."""
+    from paramiko.buffered_pipe import BufferedPipe
+
+    with chan.lock:  # paramiko closes in_buffer (EOF, close, lost connection) under it
+        if type(getattr(chan, "in_buffer", None)) is BufferedPipe:
+            pipe = _ChunkPipe()
+            if chan.closed or chan.eof_received:
+                pipe.close()
+            chan.in_buffer = pipe
+
+
+_PCLASS = None
+
+
+def _packetizer_class():
+    """paramiko's Packetizer reading the socket through a _SockReader (Transport's
+    ``packetizer_class``, paramiko >= 3.4)."""
+    global _PCLASS
+    if _PCLASS is None:
+        import paramiko
+
+        class _P(paramiko.Packetizer):
+            def __init__(self, sock):
+                super().__init__(_SockReader(sock))
+
+        _PCLASS = _P
+    return _PCLASS
+
+
 _ALGS = {
     "ssh-ed25519": ("ssh-ed25519",),
     "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256"),
@@ -435,7 +594,7 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
 
     sock = _open_sock(target, timeout, via, name)
     T = _transport_class()
-    t = T(sock)
+    t = T(sock, packetizer_class=_packetizer_class() if isinstance(sock, socket.socket) else None)
     t.host_key_order = tuple(order)
     t.banner_timeout = timeout
     t.handshake_timeout = timeout
@@ -1036,6 +1195,7 @@ class SSHTransport(RemoteTransport):
             try:
                 chan = self._conn.t.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
                                                  timeout=self.timeout)
+                _chunk_pipe(chan)
                 break
             except (paramiko.ChannelException, paramiko.SSHException) as e:
                 # sshd frees a closed session's slot asynchronously: a refusal right
