@@ -240,6 +240,26 @@ def test_resume_without_sha256sum_on_node_rehashes_the_prefix(tmp_path, big, mon
     assert sha(res["to"]) == sha(src)
 
 
+@pytest.mark.parametrize("program", ["openssl", "python3"])
+def test_resume_hashes_on_the_node_with_openssl_or_python3_without_sha256sum(tmp_path, big, monkeypatch, program):
+    """The node's fastest SHA-256 (OpenSSL's, ~4x coreutils here) serves a node that has
+    no sha256sum: a full node-side hash, not a prefix re-read through the transport."""
+    root, src = big
+    t = LocalTransport(root)
+
+    _interrupted_collect(t, tmp_path, 8 << 20)
+    only = tmp_path / "bin"
+    only.mkdir()
+    # (python3 on PATH may be a pyenv shim, a shell script: link the interpreter itself)
+    real = os.path.realpath(sys.executable) if program == "python3" else shutil.which(program)
+    assert real, f"{program} is installed here (.ci/run)"
+    (only / program).symlink_to(real)
+    monkeypatch.setenv("PATH", str(only))          # the node has this program and no sha256sum
+    [res] = vmcore.collect(t, [], _opts(tmp_path), index=_idx(tmp_path))
+    assert res["resumed"] is True and res["verification"] == "node-sha256sum" and res["verified"] is True
+    assert sha(res["to"]) == sha(src) == res["sha256"]
+
+
 def test_verify_flag_checks_fresh_copy_against_node(cli, tmp_path, big):
     root, src = big
     r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "--verify", "-o", "json"])
