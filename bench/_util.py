@@ -171,3 +171,24 @@ def katactl_at(rev: str, dest: str) -> tuple[list[str], dict, str]:
                            capture_output=True, text=True, env=dict(os.environ, **env)).stdout
     assert where.startswith(dest), where
     return [sys.executable, "-c", boot + "from katactl.cli import main; sys.exit(main())"], env, short
+
+
+def start_shims(root: str, n: int, prefix: str, servers: list, pids=None, **sandbox_kw) -> list:
+    """``n`` running Go sandboxes ``<prefix><i:04d>`` under ``root`` (katactl.lab.layout, pods
+    ``p<i>`` in namespace ``bench`` with uid ``uid-<sandbox id>``), each with a live lab shim server (katactl.lab.shimserver: real
+    unix sockets, threaded, in this process). ``pids[i]`` is sandbox i's VMM pid (default:
+    this process, so every sandbox is running). Each server is appended to ``servers`` as it
+    starts (the caller stops them, even after a failure here); returns [(SandboxPaths,
+    socket path)]."""
+    from katactl.lab import layout
+    from katactl.lab.shimserver import ShimServer, ShimState
+
+    out = []
+    for i in range(n):
+        sid = f"{prefix}{i:04d}"
+        p = layout.write_go_sandbox(root, sid, pid=pids[i] if pids else os.getpid(), pod_name=f"p{i}",
+                                    pod_namespace="bench", pod_uid=f"uid-{sid}", **sandbox_kw)
+        servers.append(ShimServer(p.shim_socket, flavour="go",
+                                  state=ShimState(sandbox_id=sid, hypervisor_cpu_percent=i % 100)).start())
+        out.append((p, p.shim_socket if p.shim_socket.startswith(root) else root + p.shim_socket))
+    return out

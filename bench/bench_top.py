@@ -15,9 +15,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, context, interleaved, precompile, require, write_section  # noqa: E402
-from katactl.lab import layout  # noqa: E402
-from katactl.lab.shimserver import ShimServer, ShimState  # noqa: E402
+from bench._util import KATACTL, context, interleaved, precompile, require, start_shims, write_section  # noqa: E402
 
 INTERVAL = 0.1
 PAR = 32
@@ -38,13 +36,8 @@ def main() -> None:
     os.symlink("/proc", f"{root}/proc")
     servers = []
     try:
-        socks = []
-        for i in range(n):
-            sid = f"top{i:04d}"
-            p = layout.write_go_sandbox(root, sid, pid=os.getpid(), pod_name=f"p{i}", pod_namespace="bench")
-            servers.append(ShimServer(p.shim_socket, flavour="go",
-                                      state=ShimState(sandbox_id=sid, hypervisor_cpu_percent=i % 100)).start())
-            socks.append(root + p.shim_socket if not p.shim_socket.startswith(root) else p.shim_socket)
+        shims = start_shims(root, n, "top", servers)
+        socks = [s for _, s in shims]
         listfile = f"{root}/socks"
         with open(listfile, "w") as f:
             f.write("\n".join(socks) + "\n")
