@@ -429,6 +429,7 @@ def containerd_config(transport: NodeTransport, path: str | None = None) -> Cont
     where: dict[str, str] = {}
     files: list[str] = []
     pending, seen = [path], set[str]()
+    root_version: Any = 1
     try:
         while pending and len(seen) < MAX_CONTAINERD_FILES:
             p = pending.pop(0)
@@ -442,7 +443,11 @@ def containerd_config(transport: NodeTransport, path: str | None = None) -> Cont
                     raise OperationFailed(f"{p}: not found") from None
                 continue  # containerd skips an import that does not exist
             files.append(p)
-            version = data.get("version", 1)
+            # an import without its own version is read as the main file's (kata-deploy's
+            # drop-in has none, and serves containerd 1.x and 2.x alike)
+            version = data.get("version", root_version if files[1:] else 1)
+            if not files[1:]:
+                root_version = version
             plugin = CRI_RUNTIME_PLUGINS.get(version) if isinstance(version, int) else None
             runtimes = _dig(data, "plugins", plugin or "", "containerd", "runtimes")
             for name, tbl in (runtimes or {}).items():
@@ -585,10 +590,9 @@ class Resolver:
     def resolve_many(self, facts: list[SandboxFacts]) -> list[SandboxConfig]:
         cd = self.containerd()
         # the binary containerd started: <bundle>/shim-binary-path (containerd >= 1.6 writes it)
-        sbp: dict[str, bytes | OSError] = {}
-        if cd.handlers:
-            want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle]
-            sbp = self.t.read_many(want, limit=4096) if want else {}
+        # (it also tells the build's PREFIX for the Go defaults)
+        want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle and not f.annotation_path]
+        sbp = self.t.read_many(want, limit=4096) if want else {}
         binaries: list[str | None] = []
         matched = []
         for f in facts:
@@ -714,7 +718,7 @@ class Resolver:
             cands = same or cands
         known = {k: v for k, v in f.assets.items() if v}
         if len(cands) > 1 and known:
-            same = [h for h in cands if (c := cfgs[h.name]) is not None
-                    and all(c.hypervisor.get(k) in (None, "", v) for k, v in known.items())]
+            same = [h for h in cands if (c := cfgs[h.name]) is None  # unreadable: cannot rule it out
+                    or all(c.hypervisor.get(k) in (None, "", v) for k, v in known.items())]
             cands = same or cands
         return cands

@@ -31,6 +31,7 @@ from typing import Any
 
 from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, TimeoutExpired,
                             UnreachableError, UsageError)
+from katactl.values import format_duration
 
 GO_SBS = "/run/vc/sbs"
 GO_VM = "/run/vc/vm"
@@ -92,6 +93,9 @@ class Sandbox:
     virtio_mem: bool | None = None
     reclaim_guest_freed_memory: bool | None = None
     enable_pprof: bool | None = None
+    #: the Kata configuration the sandbox's runtime used (katacfg.SandboxConfig.to_dict():
+    #: file, path, dropIns, source, sourceDetail, runtimeHandler, error); None when not resolved
+    kata_config: dict | None = dataclasses.field(default=None, repr=False, compare=False)
     state: str = "unknown"             # running | stale | unknown
     reason: str | None = None
     created: float | None = None       # epoch seconds (bundle config.json mtime, else state file)
@@ -125,8 +129,13 @@ class Sandbox:
 
     def to_dict(self) -> dict:
         """The stable JSON shape (``katactl sandbox list -o json`` items)."""
-        from katactl.values import format_duration
-
+        created = self.created
+        if created is None:
+            when = age_text = age_s = None
+        else:  # one clock reading for both fields (age would read it once per use)
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+            age = max(0.0, time.time() - created)
+            age_text, age_s = format_duration(age), int(age)
         return {
             "id": self.id,
             "runtime": self.runtime,
@@ -153,10 +162,10 @@ class Sandbox:
             "runtimeState": self.runtime_state,
             "guestMemoryDumpPath": self.guest_memory_dump_path,
             "pprofEnabled": self.enable_pprof,
-            "created": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
-                        if self.created is not None else None),
-            "age": format_duration(self.age) if self.age is not None else None,
-            "ageSeconds": int(self.age) if self.age is not None else None,
+            "kataConfig": self.kata_config,
+            "created": when,
+            "age": age_text,
+            "ageSeconds": age_s,
             "bundle": self.bundle,
             "cri": self.cri,
             "stateFile": self.state_file,
@@ -630,22 +639,31 @@ def _parse_bool(v) -> bool | None:
 def apply_config(transport, sbs: list[Sandbox]) -> None:
     """Fill what only the configuration file holds: guest_memory_dump_path,
     reclaim_guest_freed_memory, enable_pprof (the annotation wins when it says true) and
-    the extra monitor's protocol, from the node's effective configuration for the
-    sandbox's runtime (katactl.katacfg: search order and config.d drop-ins). The Go
-    runtime never persists them. An HMP extra monitor is not offered as a QMP socket.
-    An unreadable configuration leaves them unknown (None)."""
+    the extra monitor's protocol, from the configuration the sandbox's own runtime used
+    (:class:`katactl.katacfg.Resolver`: the ``io.katacontainers.config_path`` annotation,
+    containerd's ``ConfigPath`` for the runtime handler that started it, the shim's
+    ``KATA_CONF_FILE``, ``/etc``, then the build's own defaults; ``config.d`` applied as
+    that runtime applies it). The Go runtime never persists them. ``kata_config`` says
+    which file, which drop-ins and why; a configuration the runtime refuses (a directory
+    in ``config.d``) leaves the fields unknown (None) and its error there.
+    An HMP extra monitor is not offered as a QMP socket."""
     from katactl import katacfg
 
-    cache: dict[str, Any] = {}
-    for sb in sbs:
-        if not sb.has_state():
-            continue
-        if sb.runtime not in cache:
-            try:
-                cache[sb.runtime] = katacfg.load(transport, runtime=sb.runtime)
-            except Exception:  # noqa: BLE001 - a missing/broken config must not hide sandboxes
-                cache[sb.runtime] = None
-        cfg = cache[sb.runtime]
+    todo = [sb for sb in sbs if sb.has_state()]
+    if not todo:
+        return
+    facts = [katacfg.SandboxFacts(
+        runtime=sb.runtime, hypervisor=sb.hypervisor, bundle=sb.bundle, shim_pid=sb.shim_pid,
+        annotation_path=_config_path_annotation(sb),
+        assets={"kernel": sb.kernel, "image": sb.image, "initrd": sb.initrd, "path": sb.hypervisor_path})
+        for sb in todo]
+    try:
+        results = katacfg.Resolver(transport).resolve_many(facts)
+    except Exception as e:  # noqa: BLE001 - the node's files failing to read must not hide sandboxes
+        results = [katacfg.SandboxConfig(None, error=f"configuration not resolved: {e}") for _ in todo]
+    for sb, res in zip(todo, results, strict=True):
+        sb.kata_config = res.to_dict()
+        cfg = res.config
         if cfg is None:
             continue
         hv = cfg.hypervisor
@@ -659,6 +677,16 @@ def apply_config(transport, sbs: list[Sandbox]) -> None:
         mon = hv.get("extra_monitor_socket") or hv.get("dbg_monitor_socket")
         if sb.extra_monitor_socket and mon not in ("qmp", "qmp-pretty"):
             sb.extra_monitor_socket = None  # HMP (or not configured): not a QMP monitor
+
+
+def _config_path_annotation(sb: Sandbox) -> str | None:
+    """io.katacontainers.config_path on the sandbox's spec, without parsing config.json
+    when its bytes do not even mention it (most never do)."""
+    src = sb._annotations_src
+    if src is not None and b"io.katacontainers.config_path" not in src:
+        return None
+    v = (sb.annotations or {}).get("io.katacontainers.config_path")
+    return v if isinstance(v, str) and v.startswith("/") else None
 
 
 # -- the VMM of a runtime-rs sandbox --------------------------------------------

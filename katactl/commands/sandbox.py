@@ -32,6 +32,9 @@ def _columns():
         Column("FULL-ID", "id", wide=True),
         Column("API-SOCKET", "sockets.api", wide=True),
         Column("CGROUP", "cgroup.sandbox", wide=True),
+        Column("HANDLER", "kataConfig.runtimeHandler", wide=True),
+        Column("KATA-CONFIG", lambda it: (it.get("kataConfig") or {}).get("error") and "broken"
+               or (it.get("kataConfig") or {}).get("file"), wide=True),
         Column("REASON", "reason", wide=True),
     ]
 
@@ -81,6 +84,11 @@ def inspect(
     raw: bool = typer.Option(False, "--raw", help="Include the runtime's state file (persist.json/state.json)."),
 ) -> None:
     """Show everything known about one sandbox: pod, hypervisor, sockets, memory, cgroups.
+
+    kataConfig is the Kata configuration its runtime used: the file, its config.d
+    drop-ins, and where the choice came from (source: annotation, containerd (the
+    runtime handler's ConfigPath), KATA_CONF_FILE (the shim's environment), etc, or
+    build-default); error says why the runtime would refuse it, or why it cannot be told.
 
     \b
     Examples:
