@@ -808,3 +808,38 @@ def test_runtime_rs_stats_in_another_shape_is_a_protocol_error(cli):
         r = cli(["--host-root", n.root, "shim", "volume", "stats", "odd002", VOL])
     assert r.exit_code == 1 and "not runtime-rs's VolumeStatsResponse Debug format" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_runtime_rs_volume_over_ssh(sshd_lab):
+    """Through a real SSH transport: mountInfo.json is read on the node, the absolute-form
+    stats request and runtime-rs's dropped connection cross the SSH unix-socket relay intact."""
+    import base64
+
+    from katactl import shim_ops
+    from katactl.backends.ssh import SSHTransport
+    from katactl.errors import OperationFailed
+    from tests.test_ssh_transport import settings_for
+
+    t = SSHTransport.from_settings("node1", settings_for(sshd_lab))
+    root = sshd_lab.nodes["node1"].root
+    reg = root / layout.DIRECT_VOLUMES.lstrip("/") / base64.b64encode(VOL.encode()).decode()
+    reg.mkdir(parents=True, exist_ok=True)
+    (reg / "mountInfo.json").write_text(json.dumps({"volume_type": "block", "device": DEV, "fs_type": "ext4",
+                                                    "metadata": {}, "options": []}))
+    d = root / "run/test-rs-shim"
+    d.mkdir(parents=True, exist_ok=True)
+    with ShimServer(str(d / "shim-monitor.sock"), flavour="rs") as srv:
+        srv.state.volumes[DEV] = {"total": 3 << 30, "used": 1 << 30, "available": 2 << 30}
+        assert shim_ops.direct_volume_device(t, VOL, "rs") == DEV
+        c = ShimClient(t, "/run/test-rs-shim/shim-monitor.sock", "rs", timeout=5)
+        try:
+            st = c.volume_stats(DEV)
+            assert st["usage"][0] == {"available": 2 << 30, "total": 3 << 30, "used": 1 << 30, "unit": "BYTES"}
+            with pytest.raises(OperationFailed) as e:
+                c.volume_stats("/dev/nope")
+            assert "its handler failed" in e.value.message
+        finally:
+            c.close()
+    with pytest.raises(NotFound) as e:
+        shim_ops.direct_volume_device(t, "/mnt/not-there", "rs")
+    assert "/mnt/not-there is not registered on node node1" in e.value.message
