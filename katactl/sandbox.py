@@ -31,7 +31,6 @@ from typing import Any
 
 from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, TimeoutExpired,
                             UnreachableError, UsageError)
-from katactl.values import format_duration
 
 GO_SBS = "/run/vc/sbs"
 GO_VM = "/run/vc/vm"
@@ -129,13 +128,8 @@ class Sandbox:
 
     def to_dict(self) -> dict:
         """The stable JSON shape (``katactl sandbox list -o json`` items)."""
-        created = self.created
-        if created is None:
-            when = age_text = age_s = None
-        else:  # one clock reading for both fields (age would read it once per use)
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
-            age = max(0.0, time.time() - created)
-            age_text, age_s = format_duration(age), int(age)
+        from katactl.values import format_duration
+
         return {
             "id": self.id,
             "runtime": self.runtime,
@@ -163,9 +157,10 @@ class Sandbox:
             "guestMemoryDumpPath": self.guest_memory_dump_path,
             "pprofEnabled": self.enable_pprof,
             "kataConfig": self.kata_config,
-            "created": when,
-            "age": age_text,
-            "ageSeconds": age_s,
+            "created": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+                        if self.created is not None else None),
+            "age": format_duration(self.age) if self.age is not None else None,
+            "ageSeconds": int(self.age) if self.age is not None else None,
             "bundle": self.bundle,
             "cri": self.cri,
             "stateFile": self.state_file,
