@@ -789,6 +789,8 @@ def test_parse_volume_stats_debug_upstream_shape():
     "Usage: [Other { available: 1 }] Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
     "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"\\q\" }",
     "Usage: " + "[" * 50000 + " Volume Condition: x",
+    "Usage: " + "[" * 17 + "]" * 17 + " Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
+    "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"" + "x" * (64 << 10) + "\" }",
     "Usage: [\x00] Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
 ])
 def test_parse_volume_stats_debug_refuses_other_shapes(text):

@@ -265,6 +265,9 @@ def _dropped(e: Exception) -> bool:
 _DEBUG_TOKEN = re.compile(r"""\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>-?\d+)|(?P<id>[A-Za-z_]\w*)|(?P<p>[{}\[\](),:]))""")
 _RUST_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
 _UNIT_NAMES = ("UNKNOWN", "BYTES", "INODES")
+#: a real answer is under 1 KiB (two usage entries); refuse a body or a nesting far beyond that
+_DEBUG_LIMIT = 64 << 10
+_DEBUG_DEPTH = 16
 
 
 class _DebugStruct(dict):
@@ -311,6 +314,7 @@ class _DebugParser:
             self.toks.append((kind, m.group(kind), m.start(kind)))
             pos = m.end()
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> tuple[str, str, int]:
         return self.toks[self.i] if self.i < len(self.toks) else ("end", "", -1)
@@ -324,6 +328,15 @@ class _DebugParser:
         return v
 
     def value(self):
+        self.depth += 1
+        try:
+            if self.depth > _DEBUG_DEPTH:
+                raise ValueError(f"nested deeper than {_DEBUG_DEPTH} levels")
+            return self._value()
+        finally:
+            self.depth -= 1
+
+    def _value(self):
         k, v, _ = self.peek()
         if k == "str":
             self.i += 1
@@ -391,6 +404,8 @@ def parse_volume_stats_debug(text: str, what: str = "shim") -> dict:
     Fields the messages do not have are ignored (a newer csi.proto); a missing field, a wrong
     type or any other shape is a ProtocolError naming what was wrong."""
     try:
+        if len(text) > _DEBUG_LIMIT:
+            raise ValueError(f"{len(text)} bytes, more than the {_DEBUG_LIMIT >> 10} KiB a stats answer can be")
         head, sep, rest = text.partition("Usage:")
         if head.strip() or not sep:
             raise ValueError("does not start with 'Usage:'")
@@ -422,7 +437,7 @@ def parse_volume_stats_debug(text: str, what: str = "shim") -> dict:
             raise ValueError("Volume Condition is not a VolumeCondition")
         if not isinstance(cond.get("abnormal"), bool) or not isinstance(cond.get("message"), str):
             raise ValueError("VolumeCondition needs abnormal (bool) and message (string)")
-    except (ValueError, IndexError, RecursionError) as e:
+    except (ValueError, IndexError) as e:
         raise ProtocolError(f"{what}: /direct-volume/stats answered text that is not runtime-rs's "
                             f"VolumeStatsResponse Debug format ({e}): {text[:120]!r}") from None
     return {"usage": out, "volume_condition": {"abnormal": cond["abnormal"], "message": cond["message"]}}
