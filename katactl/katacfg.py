@@ -535,12 +535,17 @@ class SandboxConfig:
     origin: str | None = None           # one of ORIGINS
     origin_detail: str | None = None
     error: str | None = None            # the runtime would refuse it (or it cannot be told)
+    _dict: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        c = self.config
-        return {"file": c.resolved if c else self.path, "path": self.path,
-                "dropIns": list(c.dropins) if c else [], "source": self.origin,
-                "sourceDetail": self.origin_detail, "runtimeHandler": self.handler, "error": self.error}
+        """The JSON shape (``kataConfig``); one dict per answer, shared: do not modify it."""
+        if self._dict is None:
+            c = self.config
+            self._dict = {"file": c.resolved if c else self.path, "path": self.path,
+                          "dropIns": list(c.dropins) if c else [], "source": self.origin,
+                          "sourceDetail": self.origin_detail, "runtimeHandler": self.handler,
+                          "error": self.error}
+        return self._dict
 
 
 def _short_hv(name: str | None) -> str | None:
@@ -559,6 +564,9 @@ class Resolver:
         self._files: dict[tuple[str, str], KataConfig | KatactlError] = {}
         self._hbin: dict[str, str | None] = {}
         self._node_prefix: tuple[str, str | None] | None = None
+        self._exists: dict[str, bool] = {}
+        #: one answer (and one dict) shared by the sandboxes that got the same one
+        self._answers: dict[tuple, SandboxConfig] = {}
 
     def containerd(self) -> ContainerdConfig:
         if self._cd is None:
@@ -590,8 +598,9 @@ class Resolver:
     def resolve_many(self, facts: list[SandboxFacts]) -> list[SandboxConfig]:
         cd = self.containerd()
         # the binary containerd started: <bundle>/shim-binary-path (containerd >= 1.6 writes it)
-        # (it also tells the build's PREFIX for the Go defaults)
-        want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle and not f.annotation_path]
+        # (it also tells the build's PREFIX for the Go defaults: read when that can matter)
+        want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle and not f.annotation_path
+                and (cd.handlers or (f.runtime == "go" and self._prefix_matters()))]
         sbp = self.t.read_many(want, limit=4096) if want else {}
         binaries: list[str | None] = []
         matched = []
@@ -641,20 +650,41 @@ class Resolver:
             path, origin, detail = chain[0]
         else:
             search, detail = self._defaults(f, binary, procs)
-            path = next((p for p in search if exists(self.t, p)), None)
+            path = next((p for p in search if self._exists_cached(p)), None)
             if env_note:
                 detail = f"{detail}; {env_note}" if detail else env_note
             if path is None:
                 return SandboxConfig(None, handler=handler, origin=None, origin_detail=detail, error=(
                     f"no Kata configuration on node {self.t.node} (looked for {', '.join(search)})"))
             origin = _origin_of_default(path)
-        try:
-            cfg = self.load(path, f.runtime)
-        except KatactlError as e:
-            return SandboxConfig(None, path=path, handler=handler, origin=origin, origin_detail=detail,
-                                 error=e.message)
-        cfg = dataclasses.replace(cfg, path=path, origin=origin, origin_detail=detail)
-        return SandboxConfig(cfg, path=path, handler=handler, origin=origin, origin_detail=detail)
+        key = (path, f.runtime, handler, origin, detail)
+        if key not in self._answers:
+            try:
+                cfg = dataclasses.replace(self.load(path, f.runtime), path=path, origin=origin, origin_detail=detail)
+                self._answers[key] = SandboxConfig(cfg, path=path, handler=handler, origin=origin,
+                                                   origin_detail=detail)
+            except KatactlError as e:
+                self._answers[key] = SandboxConfig(None, path=path, handler=handler, origin=origin,
+                                                   origin_detail=detail, error=e.message)
+        return self._answers[key]
+
+    def _prefix_matters(self) -> bool:
+        """Whether a Go sandbox's build PREFIX can change its answer: no /etc file (which
+        comes first), and some build's defaults exist (none: the answer is 'none found')."""
+        if self._exists_cached(GO_SYSCONF):
+            return False
+        prefixes = {DEFAULT_PREFIX, "/opt/kata", self._node_prefix_cached()[0]}
+        return any(self._exists_cached(search_paths("go", p)[1]) for p in prefixes)
+
+    def _node_prefix_cached(self) -> tuple[str, str | None]:
+        if self._node_prefix is None:
+            self._node_prefix = node_prefix(self.t)
+        return self._node_prefix
+
+    def _exists_cached(self, path: str) -> bool:
+        if path not in self._exists:
+            self._exists[path] = exists(self.t, path)
+        return self._exists[path]
 
     def _defaults(self, f: SandboxFacts, binary: str | None, procs: dict) -> tuple[tuple[str, ...], str | None]:
         """The runtime's own search list and, for Go, where the build's PREFIX was read."""
@@ -668,9 +698,7 @@ class Resolver:
             prefix = build_prefix(self._realpath(b)) if b and b.startswith("/") else None
             if prefix:
                 return search_paths("go", prefix), f"PREFIX {prefix} of {b}"
-        if self._node_prefix is None:
-            self._node_prefix = node_prefix(self.t)
-        prefix, shim = self._node_prefix
+        prefix, shim = self._node_prefix_cached()
         return search_paths("go", prefix), f"PREFIX {prefix} of " + (shim or "the upstream Makefile")
 
     def _handler_binary(self, h: RuntimeHandler) -> str | None:
