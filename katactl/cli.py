@@ -48,6 +48,19 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
+_BUILT: dict[int, tuple[typer.Typer, object]] = {}
+
+
+def _built(typer_app: typer.Typer):
+    """typer.main.get_command(typer_app), built once per process: Typer rebuilds every
+    parameter from the function signatures on each call (2-4 ms for the root), and one
+    run needs the root and its leaf's group more than once (option hoisting, Click)."""
+    hit = _BUILT.get(id(typer_app))
+    if hit is None or hit[0] is not typer_app:
+        hit = _BUILT[id(typer_app)] = (typer_app, typer.main.get_command(typer_app))
+    return hit[1]
+
+
 class LazyGroup(TyperGroup):
     """A Typer group whose subcommands live in REGISTRY and load on first use."""
 
@@ -59,7 +72,7 @@ class LazyGroup(TyperGroup):
         if entry is None:
             return None
         module = importlib.import_module(entry.module)
-        cmd = typer.main.get_command(module.app)
+        cmd = _built(module.app)
         cmd.name = name
         return cmd
 
@@ -205,7 +218,7 @@ _output_format: str | None = None
 def _global_opts() -> dict[str, bool]:
     """Root option name -> takes a value, read from the root command itself."""
     opts: dict[str, bool] = {}
-    for p in typer.main.get_command(app).params:
+    for p in _built(app).params:
         takes_value = not (getattr(p, "is_flag", False) or getattr(p, "count", False))
         for name in list(getattr(p, "opts", [])) + list(getattr(p, "secondary_opts", [])):
             if name.startswith("-"):
@@ -333,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, map every failure to one line + exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     completing = any(k.startswith("_KATACTL_COMPLETE") for k in os.environ)
-    command = typer.main.get_command(app)
+    command = _built(app)
     if completing:
         # Each TAB press runs us again: keep this path as light as --help.
         from typer._completion_classes import completion_init
@@ -438,7 +451,7 @@ def _exit_without_abandoned_threads(done: SystemExit) -> None:
 
 
 def _run(args: list[str]) -> None:
-    command = typer.main.get_command(app)
+    command = _built(app)
     global _output_format, _help_only
     _output_format = None
     head = args[:args.index("--")] if "--" in args else args

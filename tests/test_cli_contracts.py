@@ -53,6 +53,20 @@ def test_every_leaf_help_imports_no_heavy_module():
     assert heavy == "" and out.count("Usage:") == len(leaves)
 
 
+def test_no_leaf_help_imports_a_backend():
+    """A leaf's --help loads its command module and nothing of katactl.backends (the
+    command modules name NodeTransport for annotations only): start-up, issue 17."""
+    leaves = _leaf_paths()
+    code = ("import io, contextlib, sys\nfrom katactl.cli import main\n"
+            f"for argv in {[[*p, '--help'] for p in leaves]!r}:\n"
+            "    try:\n        with contextlib.redirect_stdout(io.StringIO()): main(argv)\n"
+            "    except SystemExit: pass\n"
+            "print(','.join(sorted(m for m in sys.modules if m.startswith('katactl.backends'))))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("words,cword,expect", [
     ("katactl sa", 1, "sandbox"),
     ("katactl balloon ", 2, "set"),

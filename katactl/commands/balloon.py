@@ -1,12 +1,14 @@
 """katactl balloon get | set SANDBOX."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
-from katactl.backends.base import NodeTransport
+
+if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
+    from katactl.backends.base import NodeTransport
 
 app = new_app("Memory elasticity: a sandbox's balloon (guest-visible memory target, or reclaim N).")
 

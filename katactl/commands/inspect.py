@@ -1,12 +1,14 @@
 """katactl inspect cgroup|bvt|memcg|rdt|threads: host isolation as it really is."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from katactl.commands._common import new_app, state
-from katactl.backends.base import NodeTransport
+
+if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
+    from katactl.backends.base import NodeTransport
 
 app = new_app("Show host isolation settings (cgroups, I/O, BVT, memcg QoS, RDT, vCPU threads) and live pressure.")
 

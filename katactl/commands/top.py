@@ -1,12 +1,14 @@
 """katactl top."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from katactl.commands._common import fan_out_list, new_app, state
-from katactl.backends.base import NodeTransport
+
+if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
+    from katactl.backends.base import NodeTransport
 
 app = new_app("Live per-sandbox CPU and memory; one snapshot with -o json/yaml or in a pipe.", single=True)
 

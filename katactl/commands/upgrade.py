@@ -1,12 +1,14 @@
 """katactl upgrade stage | switch | rollback | status | gc."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from katactl.commands._common import fan_out_list, fan_out_one, new_app, render_per_node, state
-from katactl.backends.base import NodeTransport
+
+if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
+    from katactl.backends.base import NodeTransport
 
 app = new_app("A/B upgrade of the Kata runtime and agent, without stopping sandboxes.")
 

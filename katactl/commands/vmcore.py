@@ -1,12 +1,14 @@
 """katactl vmcore list | collect | trigger | rm."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from katactl.commands._common import SANDBOX_HELP, fan_out_list, finish, new_app, sandbox_ref, state
-from katactl.backends.base import NodeTransport
+
+if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
+    from katactl.backends.base import NodeTransport
 
 app = new_app("Guest memory dumps (vmcores): list, collect, trigger, rm.")
 
