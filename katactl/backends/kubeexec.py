@@ -385,6 +385,13 @@ class WSChannel:
             pass
 
 
+#: one kubeconfig load at a time: the kubernetes loader registers certificate-authority-data's
+#: temp file in its per-process cache before writing it (kube_config.py,
+#: _create_temp_file_with_content), so a node's transport opened concurrently with another
+#: could read the empty file ("[X509: NO_CERTIFICATE_OR_CRL_FOUND]": that node failed)
+_KUBECONFIG_LOCK = threading.Lock()
+
+
 class KubeExecTransport(RemoteTransport):
     """NodeTransport for a Kubernetes node through pods/exec into its node pod."""
 
@@ -402,7 +409,8 @@ class KubeExecTransport(RemoteTransport):
     def from_settings(cls, node: str, settings) -> "KubeExecTransport":
         from katactl import nodeagent
 
-        api = KubeAPI.from_settings(settings)
+        with _KUBECONFIG_LOCK:
+            api = KubeAPI.from_settings(settings)
         try:
             agent = nodeagent.agent_pod(api, settings, node)
             root = settings.host_root or "/host"
