@@ -557,8 +557,9 @@ class Resolver:
     once, files fetched in a few batched reads, each configuration loaded once per
     resolved file (and runtime: the two apply drop-ins differently)."""
 
-    def __init__(self, transport: NodeTransport):
+    def __init__(self, transport: NodeTransport, containerd_path: str | None = None):
         self.t = transport
+        self._cd_path = containerd_path   # None: the first of CONTAINERD_CONFIGS
         self._cd: ContainerdConfig | None = None
         self._real: dict[str, str] = {}
         self._files: dict[tuple[str, str], KataConfig | KatactlError] = {}
@@ -570,7 +571,7 @@ class Resolver:
 
     def containerd(self) -> ContainerdConfig:
         if self._cd is None:
-            self._cd = containerd_config(self.t)
+            self._cd = containerd_config(self.t, self._cd_path)
         return self._cd
 
     def _realpath(self, path: str) -> str:
