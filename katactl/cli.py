@@ -7,12 +7,11 @@ import a command module, so they never load kubernetes, paramiko or httpx.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import os
 import sys
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import typer
 from typer._click import Context as ClickContext
@@ -21,8 +20,7 @@ from typer.core import TyperGroup
 from katactl.errors import ExitCode, Interrupted, KatactlError, UsageError, exit_code_for
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     module: str
     help: str
 
