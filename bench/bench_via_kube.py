@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--sandboxes", type=int, default=10)
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--stream-rounds", type=int, default=5, help="interleaved rounds of the stream comparison")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="2 nodes, a 4 MiB stream, one run, nothing written")
     a = ap.parse_args()
@@ -120,7 +121,7 @@ def main() -> None:
         scp = shutil.which("scp")
         # rounds interleaved (kube, ssh, scp in each), medians: a burst of load hits all three
         rounds: dict[str, list] = {"kube": [], "ssh": [], "scp": []}
-        for _ in range(1 if a.smoke else 3):
+        for _ in range(1 if a.smoke else a.stream_rounds):
             for via in ("kube", "ssh"):
                 t0 = time.perf_counter()
                 p = subprocess.run([sys.executable, "-c", STREAM, via, n0, str(out), str(lab.config)],
@@ -139,7 +140,11 @@ def main() -> None:
                 rounds["scp"].append(size / (time.perf_counter() - t0) / (1 << 20))
                 out.unlink()
         res = {via: tuple(statistics.median(r[i] for r in rounds[via]) for i in range(3)) for via in ("kube", "ssh")}
+        spread = {via: f"{min(r[0] for r in rounds[via]):.0f}-{max(r[0] for r in rounds[via]):.0f}"
+                  for via in ("kube", "ssh")}
         scp_mibs = statistics.median(rounds["scp"]) if rounds["scp"] else None
+        if rounds["scp"]:
+            spread["scp"] = f"{min(rounds['scp']):.0f}-{max(rounds['scp']):.0f}"
         if a.smoke:
             print(f"bench_via_kube smoke ok: kube {ms['kube']:.0f} ms, ssh {ms['ssh']:.0f} ms")
             return
@@ -147,17 +152,18 @@ def main() -> None:
               f"{a.nodes} nodes x {a.sandboxes} sandboxes, median of {a.runs} interleaved runs, fresh process each;"
               " the kube-apiserver stand-in (Python, with pods/exec in a private mount namespace per exec)"
               f" runs on the same 2 cores; {context(pre)}. Streams are timed as whole processes (start-up and"
-              f" connection included), medians of 3 interleaved rounds, scp with katactl's key exchange and cipher (`{' '.join(eq)}`).", "",
+              f" connection included), medians of {a.stream_rounds} interleaved rounds (kube, SSH, scp in each), scp with katactl's key exchange and cipher (`{' '.join(eq)}`).", "",
               "| sandbox list | ms | ratio to SSH |", "|---|---|---|",
               f"| --via kube | {ms['kube']:.0f} | {ms['kube'] / ms['ssh']:.2f}x (target <= 1.5x) |",
               f"| over SSH | {ms['ssh']:.0f} | 1.00x |", "",
-              f"| stream {a.gib:g} GiB to a local file | MiB/s (whole process) | MiB/s (stream alone) "
-              "| peak RSS MiB |", "|---|---|---|---|",
-              f"| --via kube (cat over the exec WebSocket) | {res['kube'][0]:.0f} | {res['kube'][2]:.0f} "
-              f"| {res['kube'][1]:.0f} |",
-              f"| SSH (cat over an exec channel) | {res['ssh'][0]:.0f} | {res['ssh'][2]:.0f} | {res['ssh'][1]:.0f} |"]
+              f"| stream {a.gib:g} GiB to a local file | MiB/s (whole process) | min-max | MiB/s (stream alone) "
+              "| peak RSS MiB |", "|---|---|---|---|---|",
+              f"| --via kube (cat over the exec WebSocket) | {res['kube'][0]:.0f} | {spread['kube']} "
+              f"| {res['kube'][2]:.0f} | {res['kube'][1]:.0f} |",
+              f"| SSH (cat over an exec channel) | {res['ssh'][0]:.0f} | {spread['ssh']} | {res['ssh'][2]:.0f} "
+              f"| {res['ssh'][1]:.0f} |"]
         if scp_mibs:
-            md.append(f"| scp | {scp_mibs:.0f} | - | - |")
+            md.append(f"| scp | {scp_mibs:.0f} | {spread['scp']} | - | - |")
             md += ["", f"kube/scp throughput: {res['kube'][0] / scp_mibs:.2f}x (target >= 0.8x)"]
         text = "\n".join(md) + "\n"
         print(text)
