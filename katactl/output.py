@@ -154,6 +154,7 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
     parts: list[str] = []
     app = parts.append
     markers: dict[int, Any] = {}
+    key_texts: dict[str, dict[str, str]] = {}
 
     def mark(o) -> int:
         i = id(o)
@@ -205,28 +206,36 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
             i = mark(o)
             inner = nl + pad
             sep = "," + inner
-            app("{" + inner)
+            # the text of ',<newline+indent>"key": ' per indent and key: a list's items
+            # repeat the same keys (sandbox list: 10,000 dicts, 37 keys)
+            texts = key_texts.get(inner)
+            if texts is None:
+                texts = key_texts[inner] = {}
+            app("{")
             first = True
             for k, v in o.items():
-                if isinstance(k, str):
-                    pass
-                elif isinstance(k, float):
-                    k = _floatstr(k)
-                elif k is True:
-                    k = "true"
-                elif k is False:
-                    k = "false"
-                elif k is None:
-                    k = "null"
-                elif isinstance(k, int):
-                    k = int.__repr__(k)
-                else:
-                    raise TypeError(f"keys must be str, int, float, bool or None, not {k.__class__.__name__}")
+                key = texts.get(k) if type(k) is str else None
+                if key is None:
+                    if isinstance(k, str):
+                        pass
+                    elif isinstance(k, float):
+                        k = _floatstr(k)
+                    elif k is True:
+                        k = "true"
+                    elif k is False:
+                        k = "false"
+                    elif k is None:
+                        k = "null"
+                    elif isinstance(k, int):
+                        k = int.__repr__(k)
+                    else:
+                        raise TypeError(f"keys must be str, int, float, bool or None, not {k.__class__.__name__}")
+                    key = sep + enc_str(k) + ": "
+                    if len(texts) < 4096:  # bounded: a map of unique keys repeats none
+                        texts[k] = key
                 if first:
                     first = False
-                    key = enc_str(k) + ": "
-                else:
-                    key = sep + enc_str(k) + ": "
+                    key = key[1:]  # no "," before the first key
                 if isinstance(v, str):
                     app(key + enc_str(v))
                 elif v is None:
