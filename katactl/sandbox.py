@@ -27,10 +27,10 @@ import re
 import stat as _stat
 import threading
 import time
-from typing import Any
 
 from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, TimeoutExpired,
                             UnreachableError, UsageError)
+from katactl.values import format_duration
 
 GO_SBS = "/run/vc/sbs"
 GO_VM = "/run/vc/vm"
@@ -128,8 +128,13 @@ class Sandbox:
 
     def to_dict(self) -> dict:
         """The stable JSON shape (``katactl sandbox list -o json`` items)."""
-        from katactl.values import format_duration
-
+        created = self.created
+        if created is None:
+            when = age_text = age_s = None
+        else:  # one clock reading for both fields (age would read it once per use)
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+            age = max(0.0, time.time() - created)
+            age_text, age_s = format_duration(age), int(age)
         return {
             "id": self.id,
             "runtime": self.runtime,
@@ -157,10 +162,9 @@ class Sandbox:
             "guestMemoryDumpPath": self.guest_memory_dump_path,
             "pprofEnabled": self.enable_pprof,
             "kataConfig": self.kata_config,
-            "created": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
-                        if self.created is not None else None),
-            "age": format_duration(self.age) if self.age is not None else None,
-            "ageSeconds": int(self.age) if self.age is not None else None,
+            "created": when,
+            "age": age_text,
+            "ageSeconds": age_s,
             "bundle": self.bundle,
             "cri": self.cri,
             "stateFile": self.state_file,
@@ -343,13 +347,10 @@ def _short_json_error(e: ValueError) -> str:
     return msg[:80]
 
 
-def _d(obj: Any, *keys, default=None):
-    cur = obj
-    for k in keys:
-        if not isinstance(cur, dict):
-            return default
-        cur = cur.get(k)
-    return default if cur is None else cur
+def _obj(v) -> dict:
+    """v when it is a JSON object, else {}: a section that is missing, null or of another
+    type reads as empty (each field then None), as a mistyped state file must not fail."""
+    return v if isinstance(v, dict) else {}
 
 
 def _int(v) -> int | None:
@@ -381,35 +382,35 @@ def _hv_name(t) -> str | None:
 
 
 def _fill_go(sb: Sandbox, p: dict) -> None:
-    hs = _d(p, "HypervisorState", default={})
-    cfg = _d(p, "Config", default={})
-    hc = _d(cfg, "HypervisorConfig", default={})
+    hs = _obj(p.get("HypervisorState"))
+    cfg = _obj(p.get("Config"))
+    hc = _obj(cfg.get("HypervisorConfig"))
     sb.raw = p
-    sb.runtime_state = _str(_d(p, "State")) if not isinstance(_d(p, "State"), dict) \
-        else _str(_d(p, "State", "State"))
-    sb.hypervisor = _hv_name(_d(hs, "Type")) or _hv_name(_d(cfg, "HypervisorType"))
-    pid = _int(_d(hs, "Pid"))
+    state = p.get("State")
+    sb.runtime_state = _str(state.get("State") if isinstance(state, dict) else state)
+    sb.hypervisor = _hv_name(hs.get("Type")) or _hv_name(cfg.get("HypervisorType"))
+    pid = _int(hs.get("Pid"))
     sb.hypervisor_pid = pid if pid and pid > 0 else None
-    sb.hotplugged_memory_mib = _int(_d(hs, "HotpluggedMemory")) or 0
-    vcpus = _float(_d(hc, "NumVCPUsF"))
+    sb.hotplugged_memory_mib = _int(hs.get("HotpluggedMemory")) or 0
+    vcpus = _float(hc.get("NumVCPUsF"))
     if vcpus is None:
-        vcpus = _float(_d(hc, "NumVCPUs"))
+        vcpus = _float(hc.get("NumVCPUs"))
     sb.vcpus = vcpus
-    sb.max_vcpus = _int(_d(hc, "DefaultMaxVCPUs"))
-    sb.memory_mib = _int(_d(hc, "MemorySize"))
-    sb.kernel = _str(_d(hc, "KernelPath"))
-    sb.image = _str(_d(hc, "ImagePath"))
-    sb.initrd = _str(_d(hc, "InitrdPath"))
-    sb.hypervisor_path = _str(_d(hc, "HypervisorPath"))
+    sb.max_vcpus = _int(hc.get("DefaultMaxVCPUs"))
+    sb.memory_mib = _int(hc.get("MemorySize"))
+    sb.kernel = _str(hc.get("KernelPath"))
+    sb.image = _str(hc.get("ImagePath"))
+    sb.initrd = _str(hc.get("InitrdPath"))
+    sb.hypervisor_path = _str(hc.get("HypervisorPath"))
     # GuestMemoryDumpPath, ReclaimGuestFreedMemory, EnablePprof and ExtraMonitorSocket are
     # not in persist.json (virtcontainers/sandbox.go dumpConfig does not write them): they
     # come from the configuration the shim used (apply_config)
-    sb.virtio_mem = _d(hc, "VirtioMem")
-    sb.sandbox_cgroup_path = _str(_d(p, "SandboxCgroupPath"))
-    sb.overhead_cgroup_path = _str(_d(p, "OverheadCgroupPath"))
-    sb.sandbox_cgroup_only = _bool(_d(cfg, "SandboxCgroupOnly"))
-    sb.agent_url = _str(_d(p, "AgentState", "URL"))
-    api = _str(_d(hs, "APISocket"))
+    sb.virtio_mem = hc.get("VirtioMem")
+    sb.sandbox_cgroup_path = _str(p.get("SandboxCgroupPath"))
+    sb.overhead_cgroup_path = _str(p.get("OverheadCgroupPath"))
+    sb.sandbox_cgroup_only = _bool(cfg.get("SandboxCgroupOnly"))
+    sb.agent_url = _str(_obj(p.get("AgentState")).get("URL"))
+    api = _str(hs.get("APISocket"))
     if api is None:
         vm = f"{GO_VM}/{sb.id}"
         if sb.hypervisor == "qemu":
@@ -435,31 +436,31 @@ def _fill_rs(sb: Sandbox, s: dict) -> None:
     release wrote them nested. Every runtime-rs hypervisor persists ``pid: null`` and
     ``api_socket: ""``: the VMM is found through the shim (see :func:`find_rs_vmms`),
     and the control socket from the hypervisor and ``run_dir``."""
-    hv = _d(s, "hypervisor", default={})
-    cfg = _d(hv, "config", default={})
+    hv = _obj(s.get("hypervisor"))
+    cfg = _obj(hv.get("config"))
     sb.raw = s
     sb.runtime_state = None
-    sb.hypervisor = _hv_name(_d(hv, "hypervisor_type"))
-    pid = _int(_d(hv, "pid"))
+    sb.hypervisor = _hv_name(hv.get("hypervisor_type"))
+    pid = _int(hv.get("pid"))
     sb.hypervisor_pid = pid if pid and pid > 0 else None
-    sb.vcpus = _float(_d(cfg, "default_vcpus"))
-    sb.max_vcpus = _int(_d(cfg, "default_maxvcpus"))
-    sb.memory_mib = _int(_d(cfg, "default_memory"))
-    sb.virtio_mem = _d(cfg, "enable_virtio_mem")
-    sb.reclaim_guest_freed_memory = _d(cfg, "reclaim_guest_freed_memory")
-    sb.guest_memory_dump_path = _str(_d(cfg, "guest_memory_dump_path"))
-    sb.kernel = _str(_d(cfg, "kernel"))
-    sb.image = _str(_d(cfg, "image"))
-    sb.initrd = _str(_d(cfg, "initrd"))
-    sb.hypervisor_path = _str(_d(cfg, "path"))
-    cg = _d(s, "resource", "cgroup_state", default={})
-    sb.sandbox_cgroup_path = _str(_d(cg, "path"))
-    sb.overhead_cgroup_path = _str(_d(cg, "overhead_path"))
-    sb.sandbox_cgroup_only = _bool(_d(cg, "sandbox_cgroup_only"))
-    api = _str(_d(hv, "api_socket"))
+    sb.vcpus = _float(cfg.get("default_vcpus"))
+    sb.max_vcpus = _int(cfg.get("default_maxvcpus"))
+    sb.memory_mib = _int(cfg.get("default_memory"))
+    sb.virtio_mem = cfg.get("enable_virtio_mem")
+    sb.reclaim_guest_freed_memory = cfg.get("reclaim_guest_freed_memory")
+    sb.guest_memory_dump_path = _str(cfg.get("guest_memory_dump_path"))
+    sb.kernel = _str(cfg.get("kernel"))
+    sb.image = _str(cfg.get("image"))
+    sb.initrd = _str(cfg.get("initrd"))
+    sb.hypervisor_path = _str(cfg.get("path"))
+    cg = _obj(_obj(s.get("resource")).get("cgroup_state"))
+    sb.sandbox_cgroup_path = _str(cg.get("path"))
+    sb.overhead_cgroup_path = _str(cg.get("overhead_path"))
+    sb.sandbox_cgroup_only = _bool(cg.get("sandbox_cgroup_only"))
+    api = _str(hv.get("api_socket"))
     if api is None:
         d = f"{RS_DIR}/{sb.id}"
-        run_dir = _str(_d(hv, "run_dir"))
+        run_dir = _str(hv.get("run_dir"))
         if sb.hypervisor == "clh":
             api = f"{d}/ch-api.sock"
         elif sb.hypervisor == "fc":
@@ -878,6 +879,9 @@ def discover(transport, *, check: bool = True, timeout: float = 0.5, state: str 
         bundles = _BundleIndex(transport, top)
         cands = _candidates(transport, top)
         sbs = _load_many(transport, cands, bundles)
+        # the listings (a tuple and a FileStat per entry) go before the GC resumes: its
+        # first collections walk whatever was made during the pause and is still alive
+        del top, bundles, cands
         if check:
             _check_all(transport, sbs, timeout)
     sbs = [s for s in sbs if (not state or s.state == state)
