@@ -430,7 +430,9 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
                 except KatactlError:
                     pass
     cg_files = {f for d in cg_of.values() for f in d.values()}
-    facts = procfacts.for_transport(transport)
+    # the members' /proc/<pid>/stat and status in one batched read per sample, on this host
+    # too: psutil's per-process calls cost 2-3x as much (400 processes: 0.04-0.05 s a sample)
+    facts = procfacts.TransportProcessFacts(transport)
     pids = set(sharers)
     a = _sample(transport, facts, pids, threads, cg_files)
     if interval > 0:
