@@ -115,12 +115,12 @@ class SshLab:
     # -- nodes ------------------------------------------------------------------
     def add_node(self, name: str, *, known: str = "plain", cert: bool = False, debug: bool = False,
                  proxy_jump: str | None = None, proxy_command: str | None = None,
-                 tree: bool = True, env: dict | None = None) -> Node:
+                 tree: bool = True, env: dict | None = None, sshd_options: tuple[str, ...] = ()) -> Node:
         """known: plain | hashed | global | changed | revoked | none | ca
 
         env: variables sshd sets for every session on this node (sshd_config
         ``SetEnv``, applied after sshd's own PATH), e.g. ``{"PATH": dir}`` for a
-        node that lacks some programs."""
+        node that lacks some programs. sshd_options: more sshd_config lines."""
         setenv = {"HOME": str(self.base / "home"), **(env or {})}
         if any(" " in f"{k}{v}" or '"' in f"{k}{v}" for k, v in setenv.items()):
             raise ValueError(f"SetEnv values must not contain spaces or quotes: {setenv}")
@@ -143,7 +143,7 @@ class SshLab:
                  # only its first SetEnv line: every variable goes on this one.)
                  "SetEnv " + " ".join(f"{k}={v}" for k, v in setenv.items()),
                  # so `ssh node` / parallel-ssh see the same per-node root as katactl
-                 "AcceptEnv KATACTL_HOST_ROOT"]
+                 "AcceptEnv KATACTL_HOST_ROOT", *sshd_options]
         if cert:
             subprocess.run([SSH_KEYGEN, "-q", "-s", str(self.ca_key), "-I", f"{name}-host", "-h",
                             "-n", "127.0.0.1,localhost", "-V", "-5m:+1d", str(hk) + ".pub"],
@@ -287,6 +287,7 @@ def build_standard_lab(base: Path) -> SshLab:
     lab.add_node("revoked", known="revoked")
     lab.add_node("certnode", known="ca", cert=True)
     lab.add_node("unknown", known="none")
+    lab.add_node("rekeying", known="hashed", sshd_options=("RekeyLimit 1M",))  # sshd rekeys every MiB
     lab.add_unreachable("unreachable")
     lab.add_silent("slow")
     lab.write_config()

@@ -174,6 +174,21 @@ def test_streaming_bounded_and_exact(t1, sshd_lab):
         t1.open_stream("/nope.bin")
 
 
+def test_stream_across_server_rekeys(ssh_open, sshd_lab):
+    """sshd rekeys every MiB on this node (RekeyLimit): a 24 MiB stream crosses ~24 key
+    changes, each a NEWKEYS amid the socket bytes read ahead in 256 KiB reads (_SockReader)
+    and the packets queued on the channel (_ChunkPipe): every byte arrives, in order; the
+    connection stays usable after the stream (katactl itself rekeys only at OpenSSH's limits)."""
+    t = ssh_open("rekeying")
+    data = os.urandom(24 << 20)
+    (sshd_lab.nodes["rekeying"].root / "big.bin").write_bytes(data)
+    h = hashlib.sha256()
+    for chunk in t.open_stream("/big.bin"):
+        h.update(chunk)
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert t.run(["echo", "ok"]).stdout == b"ok\n"
+
+
 def test_mutations(t1, sshd_lab):
     root = sshd_lab.nodes["node1"].root
     t1.mkdir("/var/lib/katactl/x/y", mode=0o750)

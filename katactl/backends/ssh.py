@@ -437,15 +437,23 @@ _PCLASS = None
 
 
 def _packetizer_class():
-    """paramiko's Packetizer reading the socket through a _SockReader (Transport's
-    ``packetizer_class``, paramiko >= 3.4)."""
+    """paramiko's Packetizer (Transport's ``packetizer_class``, paramiko >= 3.4) reading a
+    TCP socket through a _SockReader, and rekeying when OpenSSH does."""
     global _PCLASS
     if _PCLASS is None:
         import paramiko
 
         class _P(paramiko.Packetizer):
+            # OpenSSH's limits (RFC 4344 3.2: 2^32 blocks of a 16-byte cipher, 64 GiB; 2^31
+            # packets), not paramiko's 512 MiB; sshd also rekeys by its own RekeyLimit. A
+            # rekey we start that meets the server's CHANNEL_CLOSE blocks paramiko's transport
+            # thread for 30 s and fails the stream (paramiko issue #822): a 1 GiB stream ends
+            # right after paramiko's second rekey starts.
+            REKEY_BYTES = 1 << 36
+            REKEY_PACKETS = 1 << 31
+
             def __init__(self, sock):
-                super().__init__(_SockReader(sock))
+                super().__init__(_SockReader(sock) if isinstance(sock, socket.socket) else sock)
 
         _PCLASS = _P
     return _PCLASS
@@ -594,7 +602,7 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
 
     sock = _open_sock(target, timeout, via, name)
     T = _transport_class()
-    t = T(sock, packetizer_class=_packetizer_class() if isinstance(sock, socket.socket) else None)
+    t = T(sock, packetizer_class=_packetizer_class())
     t.host_key_order = tuple(order)
     t.banner_timeout = timeout
     t.handshake_timeout = timeout
