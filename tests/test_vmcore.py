@@ -706,3 +706,72 @@ def test_old_katactl_dump_layout_still_maps_to_the_pod(cli, tmp_path):
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     [it] = r.json()["items"]
     assert it["pod"] == "prod/api-7"
+
+
+# -- a kata-deploy node: each runtime handler has its own configuration and config.d ----------
+KD_QEMU = '[hypervisor.qemu]\npath = "/opt/kata/bin/qemu-system-x86_64"\nguest_memory_dump_path = ""\n'
+KD_CLH = '[hypervisor.clh]\npath = "/opt/kata/bin/cloud-hypervisor"\n'
+KD_DROPIN = f'[hypervisor.qemu]\nguest_memory_dump_path = "{DUMP_PATH}"\n'
+
+
+def kata_deploy_node(root, *, sandbox=True):
+    """kata-deploy's layout (layout.write_kata_deploy) where guest_memory_dump_path is set only
+    in the kata-qemu handler's runtimes/qemu/config.d drop-in, with kata-static's default
+    configuration.toml (no dump path) where the node-wide search looks, and a dump."""
+    root = str(root)
+    hs = layout.write_kata_deploy(root, {"qemu": KD_QEMU, "clh": KD_CLH},
+                                  dropins={"qemu": {"50-dump.toml": KD_DROPIN}})
+    default = os.path.join(root, "opt/kata/share/defaults/kata-containers/configuration.toml")
+    os.symlink("configuration-qemu.toml", default)  # kata-static's link (the pristine copy)
+    add_dump(root)
+    bundle = f"/run/containerd/io.containerd.runtime.v2.task/k8s.io/{SID}"
+    layout.write_shim_binary_path(root, bundle, hs["kata-qemu"].runtime_path)
+    if not sandbox:  # the sandbox is gone; its dump stays
+        shutil.rmtree(os.path.join(root, f"run/vc/sbs/{SID}"))
+    return root, hs
+
+
+@pytest.mark.parametrize("sandbox", [True, False])
+def test_list_on_kata_deploy_reads_the_handlers_config_d(cli, tmp_path, sandbox):
+    """issue 18 item 10: the node-wide search (/etc, then the build's defaults) misses a
+    dump path set in a handler's runtimes/<shim>/config.d; the sandbox's own configuration
+    (and, once it is gone, its handler's ConfigPath) has it."""
+    root, hs = kata_deploy_node(tmp_path / "n", sandbox=sandbox)
+    r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["path"] == f"{DUMP_PATH}/{SID}/vmcore-{TS}.elf" and it["pod"] == "default/web-0"
+    # --kata-config FILE stays the explicit override: that file (with its config.d) only
+    r = cli(["--host-root", root, "vmcore", "list", "--kata-config", hs["kata-clh"].config_path])
+    assert r.exit_code == 3 and "guest_memory_dump_path is not set in" in r.stderr
+    assert "configuration-clh.toml" in r.stderr
+    r = cli(["--host-root", root, "vmcore", "list", "--kata-config", hs["kata-qemu"].config_path, "-o", "json"])
+    assert r.exit_code == 0 and len(r.json()["items"]) == 1, r.stderr
+
+
+def test_list_collects_every_handlers_dump_path(tmp_path):
+    """Two handlers with different dump directories: the dumps of both are listed."""
+    root, _ = kata_deploy_node(tmp_path / "n")
+    other = "/var/crash/kata-clh"
+    base = os.path.join(root, "opt/kata/share/defaults/kata-containers/runtimes/clh/config.d")
+    with open(os.path.join(base, "50-dump.toml"), "w") as f:
+        f.write(f'[hypervisor.clh]\nguest_memory_dump_path = "{other}"\n')
+    os.makedirs(os.path.join(root, other.lstrip("/"), SID2))
+    shutil.copy(os.path.join(root, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"),
+                os.path.join(root, other.lstrip("/"), SID2, f"vmcore-{TS}.elf"))
+    items = vmcore.list_dumps(LocalTransport(root))
+    assert sorted(i["path"] for i in items) == sorted([f"{DUMP_PATH}/{SID}/vmcore-{TS}.elf",
+                                                       f"{other}/{SID2}/vmcore-{TS}.elf"])
+
+
+def test_runtime_rs_sandboxes_are_said_to_write_no_panic_dump(cli, tmp_path):
+    """runtime-rs accepts guest_memory_dump_path and never uses it (no GUEST_PANICKED
+    handler): a node whose only dump path is a runtime-rs one says so."""
+    root = str(tmp_path / "n")
+    layout.write_kata_deploy(root, {"dragonball": '[hypervisor.dragonball]\n'
+                                    f'guest_memory_dump_path = "{DUMP_PATH}"\n'})
+    layout.write_rs_sandbox(root, SID, hypervisor="dragonball", pid=os.getpid(), guest_memory_dump_path=DUMP_PATH)
+    r = cli(["--host-root", root, "vmcore", "list"])
+    assert r.exit_code == 3, r.stderr
+    assert "runtime-rs writes no vmcore when a guest panics" in r.stderr
+    assert f"sandbox {SID[:12]}" in r.stderr and "runtime handler kata-dragonball" in r.stderr

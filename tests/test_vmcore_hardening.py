@@ -252,3 +252,39 @@ def test_collect_target_that_is_a_directory_names_it(cli, tmp_path, which):
         assert r.exit_code == 1 and f"{target}: is a directory" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     assert target.is_dir() and sorted(os.listdir(target.parent)) == [target.name]
+
+
+def test_trigger_on_runtime_rs_says_no_panic_dump(cli, _isolated_home):
+    """issue 18: runtime-rs accepts guest_memory_dump_path but writes no vmcore on a guest
+    panic (no GUEST_PANICKED handler): a trigger on a runtime-rs sandbox says its dump is
+    katactl's own."""
+    from katactl.lab.clh_server import ClhServer
+
+    root = node_tree(tempfile.mkdtemp(prefix="kc", dir="/tmp"))
+    try:
+        sb = layout.write_rs_sandbox(root, CLH_SID, hypervisor="clh", memory_mib=256, pid=os.getpid(),
+                                     guest_memory_dump_path=DUMP_PATH)
+        srv = ClhServer(sb.real(sb.api_socket_node), 256 << 20, features=("kvm", "guest_debug"))
+        try:
+            r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "-o", "json"])
+        finally:
+            srv.close()
+        assert r.exit_code == 0, r.stderr
+        assert "runtime-rs writes no vmcore when a guest panics" in r.json()["note"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_trigger_uses_the_sandboxs_own_configuration(cli, tmp_path):
+    """On a kata-deploy node the node-wide search finds kata-static's default (here with a
+    dump path) while the sandbox's handler (kata-clh) sets none: the trigger says so about
+    the sandbox's file instead of dumping where its runtime never would."""
+    root = str(tmp_path / "n")
+    hs = layout.write_kata_deploy(root, {"clh": '[hypervisor.clh]\npath = "/opt/kata/bin/cloud-hypervisor"\n'})
+    with open(os.path.join(root, "opt/kata/share/defaults/kata-containers/configuration.toml"), "w") as f:
+        f.write(f'[hypervisor.qemu]\nguest_memory_dump_path = "{DUMP_PATH}"\n')
+    sb = layout.write_go_sandbox(root, CLH_SID, hypervisor="clh", memory_mib=256)
+    layout.write_shim_binary_path(root, sb.bundle_node, hs["kata-clh"].runtime_path)
+    r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "--dry-run"])
+    assert r.exit_code == 3, r.stderr
+    assert "guest_memory_dump_path is not set in" in r.stderr and "configuration-clh.toml" in r.stderr

@@ -12,8 +12,10 @@ if TYPE_CHECKING:  # annotations only: a command's --help does not import the ba
 
 app = new_app("Guest memory dumps (vmcores): list, collect, trigger, rm.")
 
-DUMP_PATH_HELP = "Dump directory (default: guest_memory_dump_path from the node's Kata configuration)."
-KATA_CONFIG_HELP = "Kata configuration file (default: the runtime's search order, drop-ins merged)."
+DUMP_PATH_HELP = ("Dump directory (default: guest_memory_dump_path of the Kata configurations in use: "
+                  "each sandbox's, each runtime handler's ConfigPath, the node's default).")
+KATA_CONFIG_HELP = ("Kata configuration file (default: each sandbox's and runtime handler's own, "
+                    "as the runtime finds it; drop-ins merged).")
 
 
 def _columns():

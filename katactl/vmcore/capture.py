@@ -16,7 +16,7 @@ from katactl import sandbox as sbmod
 from katactl.errors import (KatactlError, OperationFailed, ProtocolError, Refused, UsageError,
                             as_katactl_error)
 from katactl.sandbox import GO_SBS, GO_VM
-from katactl.vmcore.dumps import check_abs, dump_config, dump_name, node_zone, read_json, real_path
+from katactl.vmcore.dumps import RS_NO_PANIC_DUMP, check_abs, dump_config, dump_name, node_zone, read_json, real_path
 from katactl.backends.base import NodeTransport
 
 FORMATS = ("elf", "kdump-zlib")
@@ -257,9 +257,14 @@ def trigger(transport: NodeTransport, ref, opts: TriggerOptions) -> dict:
 
 def _trigger(transport: NodeTransport, sb, opts: TriggerOptions) -> dict:
     sid = sb.id
+    kc = sb.kata_config or {}
+    # the configuration this sandbox's runtime read (not the node's default search: on a
+    # kata-deploy node each runtime handler has its own file and config.d)
+    kata_config = opts.kata_config if opts.kata_config is not None else (
+        kc.get("path") if sb.runtime == "go" and not kc.get("error") else None)
     cfg = dump_config(transport, dump_path=opts.dump_path if opts.dump_path is not None
                       else (sb.guest_memory_dump_path or None),
-                      kata_config=opts.kata_config)
+                      kata_config=kata_config)
     persist = sb.raw if (sb.runtime == "go" and isinstance(sb.raw, dict)) else sandbox_persist(transport, sid)
     hv_type = sb.hypervisor or cfg.hypervisor or "qemu"
     paging = cfg.paging if opts.paging is None else opts.paging
@@ -269,6 +274,8 @@ def _trigger(transport: NodeTransport, sb, opts: TriggerOptions) -> dict:
     path = f"{d}/{dump_name(opts.format, tz=node_zone(transport))}"
     result = {"sandbox": sid, "pod": sb.pod_ref, "path": path, "format": opts.format, "hypervisor": hv_type,
               "detached": opts.detach}
+    if sb.runtime == "rs":
+        result["note"] = f"{RS_NO_PANIC_DUMP}; this dump is katactl's own"
     mem = (sb.total_memory_mib or 0) << 20 or guest_memory_bytes(persist)
     reasons: list[str] = []
     # 1. the shim extension

@@ -5,8 +5,11 @@ runtime dumps a panicked QEMU guest into
 ``<guest_memory_dump_path>/<sandbox-id>/vmcore-<YYYYMMDDhhmmss.fff>.elf``
 next to ``hypervisor.conf`` (JSON of the hypervisor config),
 ``hypervisor.version`` (``qemu --version``) and ``state/`` (a copy of
-``/run/vc/sbs/<id>``). ``guest_memory_dump_path`` comes from the node's
-effective Kata configuration (:mod:`katactl.katacfg`: search order and drop-ins).
+``/run/vc/sbs/<id>``). ``guest_memory_dump_path`` comes from the Kata
+configuration each runtime really reads (:mod:`katactl.katacfg`: per sandbox and per
+containerd runtime handler, drop-ins applied; :func:`dump_configs`). runtime-rs never
+dumps: it parses ``guest_memory_dump_path`` but has no GUEST_PANICKED handler (its QMP
+client, ``src/runtime-rs/crates/hypervisor/src/qemu/qmp.rs``, only sends commands).
 """
 from __future__ import annotations
 
@@ -61,6 +64,22 @@ def dump_config(transport: NodeTransport, *, dump_path: str | None = None, kata_
         # no fallback to the sandboxes' state: the Go runtime never persists
         # GuestMemoryDumpPath (virtcontainers dumpConfig), runtime-rs has no dump at all
         cfg = katacfg.load(transport, kata_config)
+    d = _from_config(cfg, dump_path)
+    if d is None:
+        assert cfg is not None  # loaded above: there is no --dump-path
+        raise NotFound(
+            f"guest_memory_dump_path is not set in {cfg.resolved}"
+            + (f" (drop-ins: {', '.join(cfg.dropins)})" if cfg.dropins else "")
+            + f" on node {transport.node}: the runtime writes no vmcores",
+            hint=f'set guest_memory_dump_path = "/var/crash/kata" in [hypervisor.{cfg.hypervisor_name or "qemu"}]'
+                 " (or pass --dump-path)")
+    return d
+
+
+def _from_config(cfg, dump_path: str | None) -> DumpConfig | None:
+    """The DumpConfig of one configuration (and/or an explicit dump path); None when
+    neither names a dump directory. A value the runtime would refuse is exit 1 naming
+    the file and the key."""
     hv_key = f"hypervisor.{cfg.hypervisor_name}." if cfg and cfg.hypervisor_name else None
 
     def typed(key: str, kind: str, default):
@@ -69,15 +88,9 @@ def dump_config(transport: NodeTransport, *, dump_path: str | None = None, kata_
     if dump_path:
         path = dump_path
     else:
-        assert cfg is not None  # loaded above: there is no --dump-path
         path = typed("guest_memory_dump_path", "str", "")
         if not path:
-            raise NotFound(
-                f"guest_memory_dump_path is not set in {cfg.resolved}"
-                + (f" (drop-ins: {', '.join(cfg.dropins)})" if cfg.dropins else "")
-                + f" on node {transport.node}: the runtime writes no vmcores",
-                hint=f'set guest_memory_dump_path = "/var/crash/kata" in [hypervisor.{cfg.hypervisor_name or "qemu"}]'
-                     " (or pass --dump-path)")
+            return None
         if not path.startswith("/"):  # a value was read: from [hypervisor.<name>]
             section = f"hypervisor.{cfg.hypervisor_name}"
             raise OperationFailed(f"{cfg.source(section + '.guest_memory_dump_path')}: [{section}] "
@@ -87,6 +100,105 @@ def dump_config(transport: NodeTransport, *, dump_path: str | None = None, kata_
                       hypervisor=cfg.hypervisor_name if cfg else None,
                       default_memory_mib=typed("default_memory", "mib", 2048),
                       config_path=cfg.resolved if cfg else None, dropins=list(cfg.dropins) if cfg else [])
+
+
+#: why runtime-rs sandboxes never leave a dump, whatever their configuration says
+RS_NO_PANIC_DUMP = ("runtime-rs writes no vmcore when a guest panics: it accepts guest_memory_dump_path "
+                    "but never uses it (no GUEST_PANICKED handler in src/runtime-rs/crates/hypervisor)")
+
+
+def _kata_shim(h) -> bool:
+    """Whether a containerd runtime handler runs a Kata shim (containerd-shim-kata[-<x>]-v2)."""
+    name = posixpath.basename(h.runtime_path) if h.runtime_path else h.binary_name
+    return bool(name and name.startswith("containerd-shim-kata"))
+
+
+def _rs_handler(h) -> bool:
+    """kata-deploy installs runtime-rs under <dest>/runtime-rs/ and its configurations under
+    .../kata-containers/runtime-rs/ (katactl.lab.layout.write_kata_deploy)."""
+    return any("/runtime-rs/" in (p or "") for p in (h.runtime_path, h.config_path))
+
+
+def dump_configs(transport: NodeTransport, *, dump_path: str | None = None,
+                 kata_config: str | None = None) -> list[DumpConfig]:
+    """Every dump directory of the node, one DumpConfig per distinct path.
+
+    ``--dump-path`` or ``--kata-config`` name one (:func:`dump_config`). Otherwise, as each
+    Go runtime reads its own configuration (katacfg.Resolver: a kata-deploy node gives every
+    runtime handler its own ``runtimes/<shim>/configuration-<shim>.toml`` and ``config.d``),
+    the paths are collected from the configuration every live Go sandbox used, from every
+    Kata runtime handler's ``ConfigPath`` in containerd's configuration (dumps outlive their
+    sandboxes), and from the node's default search (a handler without ``ConfigPath``, or
+    nothing else to go by). runtime-rs configurations are skipped: RS_NO_PANIC_DUMP."""
+    from katactl import katacfg
+
+    if dump_path is not None or kata_config is not None:
+        return [dump_config(transport, dump_path=dump_path, kata_config=kata_config)]
+    res = katacfg.Resolver(transport)
+    paths: list[str] = []
+    rs_set: list[str] = []   # runtime-rs sandboxes/handlers that set a dump path, for the message
+    try:
+        sbs = sbmod.discover(transport, check=False)
+    except (KatactlError, OSError):
+        sbs = []  # the handlers' and the default configurations still say where dumps go
+    for sb in sbs:
+        kc = sb.kata_config or {}
+        if sb.runtime == "rs":
+            if sb.guest_memory_dump_path:
+                rs_set.append(f"sandbox {sb.id[:12]}")
+        elif kc.get("path") and not kc.get("error"):
+            paths.append(kc["path"])  # (a configuration the runtime refuses: the default search reports it)
+    handlers = [h for h in res.containerd().handlers.values() if _kata_shim(h)]
+    need_default = False
+    for h in handlers:
+        if _rs_handler(h):
+            try:
+                if h.config_path and res.load(h.config_path, "rs").hypervisor.get("guest_memory_dump_path"):
+                    rs_set.append(f"runtime handler {h.name}")
+            except KatactlError:
+                pass
+        elif h.config_path:
+            paths.append(h.config_path)
+        else:
+            need_default = True
+    cfgs: list[katacfg.KataConfig] = []
+    errors: list[KatactlError] = []
+    for p in dict.fromkeys(paths):
+        try:
+            cfgs.append(res.load(p, "go"))
+        except KatactlError as e:
+            errors.append(e)  # a ConfigPath that is gone or broken: its runtime cannot start either
+    if need_default or not cfgs:
+        try:
+            cfgs.append(katacfg.load(transport))
+        except KatactlError as e:
+            errors.append(e)
+    out: dict[str, DumpConfig] = {}
+    seen: set[tuple] = set()
+    for c in cfgs:
+        if (c.resolved, tuple(c.dropins)) in seen:
+            continue
+        seen.add((c.resolved, tuple(c.dropins)))
+        if c.runtime == "rs":
+            if c.hypervisor.get("guest_memory_dump_path"):
+                rs_set.append(c.resolved)
+            continue
+        d = _from_config(c, None)
+        if d is not None:
+            out.setdefault(d.dump_path, d)
+    if out:
+        return list(out.values())
+    if errors and not rs_set:
+        raise errors[0]
+    shown = "; ".join(dict.fromkeys(c.resolved + (f" (drop-ins: {', '.join(c.dropins)})" if c.dropins else "")
+                                    for c in cfgs))
+    hv = next((c.hypervisor_name for c in cfgs if c.hypervisor_name), None) or "qemu"
+    raise NotFound(
+        f"guest_memory_dump_path is not set in {shown or 'any Kata configuration'} on node {transport.node}: "
+        "the runtime writes no vmcores"
+        + (f" ({', '.join(rs_set)} set it, but {RS_NO_PANIC_DUMP})" if rs_set else ""),
+        hint=f'set guest_memory_dump_path = "/var/crash/kata" in [hypervisor.{hv}]'
+             " (or pass --dump-path)")
 
 
 def check_abs(path: str, what: str) -> None:
@@ -319,19 +431,26 @@ def pod_of(transport: NodeTransport, dump_dir: str, sandbox_id: str) -> dict:
 
 def list_dumps(transport: NodeTransport, *, dump_path: str | None = None, kata_config: str | None = None,
                index: "CollectIndex | None" = None) -> list[dict]:
-    """Every dump under the node's guest_memory_dump_path, oldest first."""
-    cfg = dump_config(transport, dump_path=dump_path, kata_config=kata_config)
+    """Every dump under the node's guest_memory_dump_path(s) (:func:`dump_configs`), oldest first."""
     index = index if index is not None else CollectIndex()
     items: list[dict] = []
-    try:
-        sandboxes = transport.listdir(cfg.dump_path)
-    except FileNotFoundError:
-        return []
-    except NotADirectoryError:
-        raise OperationFailed(f"{cfg.dump_path}: guest_memory_dump_path is not a directory") from None
     tz = None
+    for cfg in dump_configs(transport, dump_path=dump_path, kata_config=kata_config):
+        try:
+            sandboxes = transport.listdir(cfg.dump_path)
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            raise OperationFailed(f"{cfg.dump_path}: guest_memory_dump_path is not a directory") from None
+        tz = _list_dir(transport, cfg.dump_path, sandboxes, index, items, tz)
+    items.sort(key=lambda i: (i["time"] or "", i["name"]))
+    return items
+
+
+def _list_dir(transport: NodeTransport, top: str, sandboxes: list[str], index: CollectIndex, items: list[dict], tz):
+    """Append the dumps of one dump directory to items; returns the node's zone (read once)."""
     for sid in sandboxes:
-        d = f"{cfg.dump_path}/{sid}"
+        d = f"{top}/{sid}"
         try:
             names = transport.listdir(d)
         except (NotADirectoryError, FileNotFoundError, PermissionError):
@@ -346,8 +465,7 @@ def list_dumps(transport: NodeTransport, *, dump_path: str | None = None, kata_c
             tz = node_zone(transport)
         for name in dumps:
             items.append(_describe(transport, d, sid, name, pod, version, hvconf, index, tz))
-    items.sort(key=lambda i: (i["time"] or "", i["name"]))
-    return items
+    return tz
 
 
 def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, index, tz) -> dict:
