@@ -3,9 +3,15 @@ every transition persisted (store.save) before it is acted on.
 
 Threads: the caller's thread schedules (gate, max-unavailable, pause/abort
 requests, failure budget); one thread per node in progress runs its steps; one
-thread renews the lock. The state is a plain JSON-able dict (see
-docs/rollout.md, "State"); saves are group-committed: a node whose change was
-already written by another thread's save does not write again.
+thread renews the lock; a few write the nodes' progress labels (write-behind:
+they only show progress, so a newer phase replaces one not yet written). The
+state is a plain JSON-able dict (see docs/rollout.md, "State"); saves are
+group-committed: the state is serialized under the state lock (only the node
+records changed since the last save are serialized again) and written outside
+it, so other threads go on changing the state meanwhile, and a change that
+another thread's save already carried is not written again. The nodes the
+scheduler starts together are marked running in one save, before any of their
+steps runs.
 
 Node lifecycle: pending -> running (steps; ``step`` = the next step to run)
 -> [soaking] -> done | failed | aborted. A node's cordon state is observed and
@@ -26,7 +32,7 @@ its result is saved.
 from __future__ import annotations
 
 import collections
-import copy
+import json
 import os
 import threading
 import time
@@ -37,11 +43,14 @@ from katactl.errors import ExitCode, Interrupted, KatactlError, as_katactl_error
 from katactl.rollout import gate as gate_mod
 from katactl.rollout.plan import NodeInfo, Plan, info_of
 from katactl.rollout.steps import DEFAULT_FAIL_ON, StepContext, run_check
+from katactl.rollout.store import dumps as _dumps
 
 #: phases of a rollout; the ones a rollout can be resumed from
 RESUMABLE = ("Running", "Interrupted", "Paused", "Stopped")
 FINAL = ("Succeeded", "CompletedWithFailures", "Aborted")
 NODE_ACTIVE = ("running", "soaking")
+#: threads writing the nodes' progress labels (a round trip each; the store's client has 16 connections)
+MARKERS = 4
 
 
 def _now() -> str:
@@ -84,8 +93,17 @@ class Engine:
         self.clock = clock
         self.lock = threading.RLock()          # the state dict
         self.save_lock = threading.Lock()      # one save at a time
+        self.store_lock = threading.Lock()     # the store's caches (resourceVersion, control)
         self.seq = 0
         self.persisted = 0
+        self._frag: dict[str, str] = {}        # node -> its record's JSON as last serialized
+        self._dirty: set[str] = set(state["nodes"])
+        self._keys = sorted((json.dumps(n) + ":", n) for n in state["nodes"])
+        self._plan_json = _dumps(state["plan"])
+        self._marks: dict[str, dict] = {}      # node -> progress label not yet written (newest wins)
+        self._marks_cv = threading.Condition()
+        self._marking: set[str] = set()        # nodes whose label is being written
+        self._markers: list[threading.Thread] = []
         self.stop = threading.Event()          # Ctrl-C, abort --now: steps stop
         self.wake = threading.Event()
         self.threads: dict[str, threading.Thread] = {}
@@ -102,16 +120,32 @@ class Engine:
         self.aborting = False
         self.lost_lock = False
         self.hook = _KillHook()
+        self.cordons = any(s.definition.cordons for s in plan.steps)
         self._done = threading.Event()
 
     # -- persistence --------------------------------------------------------------
-    def _mutate(self, fn=None) -> int:
+    def _mutate(self, fn=None, nodes=None) -> int:
+        """Apply ``fn`` to the state; ``nodes``: the node records it changes (None: any)."""
         with self.lock:
             if fn:
                 fn()
+            self._dirty.update(self.state["nodes"] if nodes is None else nodes)
             self.seq += 1
             self.state["updatedAt"] = _now()
             return self.seq
+
+    def _serialize(self) -> str:
+        """The state as json.dumps(state, sort_keys=True) would write it, re-serializing
+        only the node records changed since the last call (a save used to copy and
+        encode all of them: O(nodes) per node transition). Called under self.lock."""
+        st = self.state
+        for n in self._dirty:
+            self._frag[n] = _dumps(st["nodes"][n])
+        self._dirty.clear()
+        parts = {k: _dumps(v) for k, v in st.items() if k not in ("nodes", "plan")}
+        parts["plan"] = self._plan_json  # a run never changes its plan
+        parts["nodes"] = "{" + ",".join(k + self._frag[n] for k, n in self._keys) + "}"
+        return "{" + ",".join(f"{json.dumps(k)}:{parts[k]}" for k in sorted(parts)) + "}"
 
     def save(self, seq: int | None = None) -> None:
         """Persist the state (at least up to change ``seq``)."""
@@ -120,15 +154,18 @@ class Engine:
             if self.persisted >= seq:
                 return  # another thread's save carried this change
             with self.lock:
-                snap = copy.deepcopy(self.state)
+                text = self._serialize()
                 upto = self.seq
-            with self.lock:  # the store's own caches (resourceVersion, control) are shared too
-                self.store.save(snap)
+            # the round trip holds only the store: the state goes on changing meanwhile,
+            # and those changes wait for the next save (one for all of them)
+            with self.store_lock:
+                self.store.save(self.plan.name, text)
             self.persisted = upto
         self.hook.hit("save")
 
-    def transition(self, fn) -> None:
-        self.save(self._mutate(fn))
+    def transition(self, fn, nodes=None) -> None:
+        """Change the state and make the change durable before returning."""
+        self.save(self._mutate(fn, nodes))
 
     def ev(self, kind: str, **data) -> None:
         self.emit(kind, rollout=self.plan.name, **data)
@@ -188,7 +225,7 @@ class Engine:
         if not force and self.clock() - self.control_at < self.plan.policy.poll:
             return
         self.control_at = self.clock()
-        with self.lock:
+        with self.store_lock:
             ctl = self.store.control(self.plan.name)
         self.apply_control(ctl)
 
@@ -210,7 +247,7 @@ class Engine:
         renewer.start()
         try:
             self.transition(lambda: st.update(phase="Running", reason=None, startedRuns=st.get("startedRuns", 0) + 1,
-                                              finishedAt=None, exitCode=None))
+                                              finishedAt=None, exitCode=None), ())
             self.ev("RolloutResumed" if resumed else "RolloutStarted", nodes=len(st["nodes"]),
                     batches=len(self.plan.batches), maxUnavailable=self.plan.max_unavailable,
                     failureBudget=self.plan.failure_budget, steps=[s.text for s in self.plan.steps],
@@ -223,7 +260,7 @@ class Engine:
                 self.run_batch(bi)
                 if self.stopping or self.pausing or self.aborting or self.lost_lock:
                     break
-                self.transition(lambda bi=bi: st.update(batch=bi + 1))
+                self.transition(lambda bi=bi: st.update(batch=bi + 1), ())
                 self.ev("BatchFinished", batch=bi + 1)
                 if self.plan.policy.canary and bi == 0 and st["batch"] < len(self.plan.batches):
                     if self.plan.policy.canary_soak is None:
@@ -239,8 +276,9 @@ class Engine:
             self.stop.set()
             self._wait_all(interrupt_ok=True)
             self.transition(lambda: st.update(phase="Interrupted", reason="interrupted (Ctrl-C or SIGTERM)",
-                                              exitCode=int(ExitCode.INTERRUPTED)))
+                                              exitCode=int(ExitCode.INTERRUPTED)), ())
             self.ev("RolloutInterrupted")
+            self.flush_marks(timeout=5.0)
             audit.record("rollout.run", self.plan.name, params={"rollout": self.plan.name}, result="interrupted")
             raise Interrupted(f"rollout {self.plan.name} interrupted: state saved, "
                               f"'katactl rollout resume {self.plan.name}' continues it") from None
@@ -286,21 +324,26 @@ class Engine:
             self._check_budget()
             if self.stopping or self.pausing or self.aborting or self.lost_lock:
                 pending.clear()
-            if pending:
+            starting: list[str] = []
+            while pending:
                 n = pending[0]
-                if st["nodes"][n]["phase"] in NODE_ACTIVE:
-                    self.start(pending.popleft())
-                    continue
-                g = self.check_gate()
-                if not g.open:
-                    gt = self.plan.policy.gate_timeout
-                    if gt and self.gate_closed_since and self.clock() - self.gate_closed_since > gt:
-                        self.stopping = (f"the gate stayed closed longer than --gate-timeout {gt:g}s: {g.message}",
-                                         int(ExitCode.TIMEOUT))
-                        continue
-                elif self.room_for(n):
-                    self.start(pending.popleft())
-                    continue
+                if st["nodes"][n]["phase"] not in NODE_ACTIVE:
+                    g = self.check_gate()
+                    if not g.open:
+                        gt = self.plan.policy.gate_timeout
+                        if gt and self.gate_closed_since and self.clock() - self.gate_closed_since > gt:
+                            self.stopping = (f"the gate stayed closed longer than --gate-timeout {gt:g}s: "
+                                             f"{g.message}", int(ExitCode.TIMEOUT))
+                        break
+                    if not self.room_for(n):
+                        break
+                starting.append(pending.popleft())
+                self.out_nodes.add(n)  # counted by room_for for the next one
+            if starting:
+                self.start(starting)
+                continue
+            if self.stopping:
+                continue
             self.wake.wait(min(0.2, self.plan.policy.poll))
             self.wake.clear()
 
@@ -335,11 +378,35 @@ class Engine:
                              f"({self.plan.failure_budget})", code)
 
     # -- one node ------------------------------------------------------------------------------
-    def start(self, n: str) -> None:
-        self.out_nodes.add(n)
-        t = threading.Thread(target=self._node_thread, args=(n,), name=f"katactl-rollout-{n}", daemon=True)
-        self.threads[n] = t
-        t.start()
+    def start(self, names: list[str]) -> None:
+        """Mark these nodes running in one save, then start their threads: no step runs
+        before its node's record says so durably."""
+        nodes = self.state["nodes"]
+        before = {n: dict(nodes[n]) for n in names}
+
+        def begin():
+            for n in names:
+                rec = nodes[n]
+                if rec["phase"] == "pending":
+                    obs = self.obs.get(n)
+                    rec.update(phase="running", startedAt=_now(),
+                               wasUnschedulable=bool(obs.unschedulable) if obs else False)
+                rec["attempts"] += 1
+        try:
+            self.transition(begin, names)
+        except KatactlError as e:  # none of them started: leave them as they were, and stop
+            with self.lock:
+                for n in names:
+                    nodes[n].clear()
+                    nodes[n].update(before[n])
+                self._dirty.update(names)
+            self.out_nodes.difference_update(names)
+            self.stopping = (f"cannot save the rollout state: {e.message}", int(e.exit_code))
+            return
+        for n in names:
+            t = threading.Thread(target=self._node_thread, args=(n,), name=f"katactl-rollout-{n}", daemon=True)
+            self.threads[n] = t
+            t.start()
 
     def _node_thread(self, n: str) -> None:
         try:
@@ -350,7 +417,7 @@ class Engine:
                 rec = self.state["nodes"][n]
                 try:
                     self.transition(lambda: rec.update(phase="failed", error=err.message,
-                                                       exitCode=int(err.exit_code), finishedAt=_now()))
+                                                       exitCode=int(err.exit_code), finishedAt=_now()), (n,))
                 except Exception:  # noqa: BLE001
                     pass
                 self.ev("NodeFailed", node=n, error=err.to_dict())
@@ -360,36 +427,29 @@ class Engine:
             self.wake.set()
 
     def run_node(self, n: str) -> None:
+        """A started node (marked running by start()) through its steps, soak and end."""
         st, pol = self.state, self.plan.policy
         rec = st["nodes"][n]
-
-        def begin():
-            if rec["phase"] == "pending":
-                obs = self.obs.get(n)
-                rec.update(phase="running", startedAt=_now(),
-                           wasUnschedulable=bool(obs.unschedulable) if obs else False)
-            rec["attempts"] += 1
-        self.transition(begin)
         self._mark(n, rec)
         if rec["phase"] == "running":
             failure = self._steps(n, rec)
             if failure == "interrupted":
                 return
             if failure == "aborted":
-                self.transition(lambda: rec.update(phase="aborted", finishedAt=_now()))
+                self.transition(lambda: rec.update(phase="aborted", finishedAt=_now()), (n,))
                 self.restore(n, rec)
                 self._mark(n, rec)
                 return
             if failure is not None:
                 self.transition(lambda: rec.update(phase="failed", error=failure.message,
-                                                   exitCode=int(failure.exit_code), finishedAt=_now()))
+                                                   exitCode=int(failure.exit_code), finishedAt=_now()), (n,))
                 self.restore(n, rec)
                 self._mark(n, rec)
                 self.ev("NodeFailed", node=n, error=failure.to_dict())
                 return
             self.restore(n, rec)
             if pol.soak:
-                self.transition(lambda: rec.update(phase="soaking", soakStartedAt=time.time()))
+                self.transition(lambda: rec.update(phase="soaking", soakStartedAt=time.time()), (n,))
                 self._mark(n, rec)
         self.out_nodes.discard(n)
         self.obs_dirty = True
@@ -406,12 +466,13 @@ class Engine:
                     res = run_check(self.api, n, self._fail_on())
                 except KatactlError as e:
                     msg, code = f"after soak: {e.message}", int(e.exit_code)
-                    self.transition(lambda: rec.update(phase="failed", error=msg, exitCode=code, finishedAt=_now()))
+                    self.transition(lambda: rec.update(phase="failed", error=msg, exitCode=code, finishedAt=_now()),
+                                    (n,))
                     self._mark(n, rec)
                     self.ev("NodeFailed", node=n, error=e.to_dict(), afterSoak=True)
                     return
                 self.ev("NodeSoaked", node=n, message=res["message"])
-        self.transition(lambda: rec.update(phase="done", finishedAt=_now(), error=None))
+        self.transition(lambda: rec.update(phase="done", finishedAt=_now(), error=None), (n,))
         self._mark(n, rec)
         self.ev("NodeFinished", node=n, attempts=rec["attempts"])
 
@@ -461,7 +522,7 @@ class Engine:
                 rec["results"] = (rec["results"] + [result])[-20:]
                 if advance:
                     rec["step"] = i + 1
-            self.transition(record)
+            self.transition(record, (n,))
             self.ev("NodeStepFinished", node=n, step=i + 1, text=step.text,
                     result="ok" if err is None else "failed", **{k: v for k, v in result.items()
                                                                   if k in ("changed", "message", "error",
@@ -477,8 +538,9 @@ class Engine:
 
     def restore(self, n: str, rec: dict) -> None:
         """Uncordon the node if this rollout cordoned it; never a node that was
-        unschedulable before the rollout touched it."""
-        if self.api is None or rec.get("wasUnschedulable") is not False:
+        unschedulable before the rollout touched it. A plan without a step that cordons
+        (cordon, drain, recycle-stale) cordoned nothing: no request then."""
+        if self.api is None or rec.get("wasUnschedulable") is not False or not self.cordons:
             return
         from katactl import nodes
 
@@ -497,12 +559,44 @@ class Engine:
             self.ev("Warning", node=n, message=f"could not restore the node's cordon state: {e.message}")
 
     def _mark(self, n: str, rec: dict) -> None:
-        try:
-            self.store.mark_node(n, self.plan.name, {"phase": rec["phase"], "step": rec["step"],
-                                                     "steps": len(self.plan.steps), "batch": rec["batch"] + 1,
-                                                     "at": _now()})
-        except KatactlError as e:
-            self.ev("Warning", node=n, message=f"cannot record progress on the node: {e.message}")
+        """Queue the node's progress label/annotation for the marker threads: they are
+        for people (kubectl get nodes -L), the state is what resume reads, so they are
+        not worth a round trip on the node's path, and a phase not yet written when a
+        newer one comes is never written."""
+        info = {"phase": rec["phase"], "step": rec["step"], "steps": len(self.plan.steps),
+                "batch": rec["batch"] + 1, "at": _now()}
+        with self._marks_cv:
+            self._marks[n] = info
+            if len(self._markers) < min(MARKERS, len(self._marks) + len(self._marking)):
+                t = threading.Thread(target=self._mark_loop, name="katactl-rollout-marks", daemon=True)
+                self._markers.append(t)
+                t.start()
+            self._marks_cv.notify_all()
+
+    def _mark_loop(self) -> None:
+        while True:
+            with self._marks_cv:
+                # one writer per node at a time, so its labels are written in order
+                while not (n := next((m for m in self._marks if m not in self._marking), None)):
+                    self._marks_cv.wait()
+                info = self._marks.pop(n)
+                self._marking.add(n)
+            try:
+                self.store.mark_node(n, self.plan.name, info)
+            except KatactlError as e:
+                self.ev("Warning", node=n, message=f"cannot record progress on the node: {e.message}")
+            finally:
+                with self._marks_cv:
+                    self._marking.discard(n)
+                    self._marks_cv.notify_all()
+
+    def flush_marks(self, timeout: float = 30.0) -> None:
+        """Wait until every queued progress label is written (at most ``timeout``: they
+        are not worth holding up the end of a run whose API went away)."""
+        end = time.monotonic() + timeout
+        with self._marks_cv:
+            while (self._marks or self._marking) and time.monotonic() < end:
+                self._marks_cv.wait(max(0.0, end - time.monotonic()))
 
     # -- the end -----------------------------------------------------------------------------
     def abort_all(self) -> None:
@@ -510,7 +604,7 @@ class Engine:
         the rollout cordoned."""
         for n, rec in self.state["nodes"].items():
             if rec["phase"] in NODE_ACTIVE:
-                self.transition(lambda rec=rec: rec.update(phase="aborted", finishedAt=_now()))
+                self.transition(lambda rec=rec: rec.update(phase="aborted", finishedAt=_now()), (n,))
             if rec["phase"] in ("aborted", "failed"):
                 self.restore(n, rec)
                 self._mark(n, rec)
@@ -530,12 +624,13 @@ class Engine:
         else:
             phase, reason, code = "Succeeded", None, 0
         self.transition(lambda: st.update(phase=phase, reason=reason, exitCode=code,
-                                          finishedAt=_now() if phase in FINAL else None))
+                                          finishedAt=_now() if phase in FINAL else None), ())
         kind = {"Paused": "RolloutPaused"}.get(phase, "RolloutFinished")
         self.ev(kind, phase=phase, reason=reason, counts=dict(collections.Counter(
             r["phase"] for r in st["nodes"].values())))
         audit.record("rollout.run", self.plan.name, params={"rollout": self.plan.name}, result=phase,
                      changed=True, reason=reason)
+        self.flush_marks()
         return summary(st)
 
 

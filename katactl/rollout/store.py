@@ -86,7 +86,7 @@ class Store:
     def lock_holder(self) -> dict | None: ...
     def load(self, name: str) -> dict | None: ...
     def create(self, state: dict) -> None: ...
-    def save(self, state: dict) -> None: ...
+    def save(self, name: str, text: str) -> None: ...  # text: the state, JSON-encoded
     def control(self, name: str) -> dict: raise NotImplementedError
     def set_control(self, name: str, control: dict) -> None: ...
     def list(self) -> list[dict]: raise NotImplementedError
@@ -248,19 +248,17 @@ class KubeStore(Store):
             return None
         return self._decode(cm, name)
 
-    def _obj(self, state: dict, control: dict) -> dict:
-        name = state["name"]
+    def _obj(self, name: str, text: str, control: dict) -> dict:
         return {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": CM_PREFIX + name, "namespace": self.ns,
                              "labels": {**MANAGED, NODE_LABEL: name},
                              "resourceVersion": self._cm_rv.get(name)},
-                "data": {"state": json.dumps(state, separators=(",", ":"), sort_keys=True),
-                         "control": json.dumps(control, sort_keys=True)}}
+                "data": {"state": text, "control": json.dumps(control, sort_keys=True)}}
 
     def create(self, state: dict) -> None:
         from katactl.backends.kube import Conflict
 
-        obj = self._obj(state, {})
+        obj = self._obj(state["name"], dumps(state), {})
         obj["metadata"].pop("resourceVersion")
         try:
             cm = self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
@@ -270,15 +268,14 @@ class KubeStore(Store):
         self._cm_rv[state["name"]] = cm["metadata"]["resourceVersion"]
         self._cm_control[state["name"]] = {}
 
-    def save(self, state: dict) -> None:
+    def save(self, name: str, text: str) -> None:
         """PUT with the last resourceVersion (one request); on 409 (a pause/abort wrote
         the control key) re-read, keep its control, and write again."""
         from katactl.backends.kube import Conflict
 
-        name = state["name"]
         for _ in range(5):
             try:
-                cm = self.api.update(self._cm_path(name), self._obj(state, self._cm_control.get(name, {})))
+                cm = self.api.update(self._cm_path(name), self._obj(name, text, self._cm_control.get(name, {})))
                 self._cm_rv[name] = cm["metadata"]["resourceVersion"]
                 return
             except Conflict:
@@ -345,6 +342,11 @@ class KubeStore(Store):
 
     def close(self) -> None:
         pass
+
+
+def dumps(obj) -> str:
+    """The state files' and ConfigMaps' JSON (compact, sorted keys)."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
 
 
 def _session_of(lease: dict) -> dict:
@@ -444,11 +446,11 @@ class FileStore(Store):
         except ValueError:
             raise OperationFailed(f"{self._path(name)}: corrupt JSON") from None
 
-    def _write(self, path: str, obj: dict) -> None:
+    def _write(self, path: str, text: str) -> None:
         from katactl.backends.local import atomic_write
 
         self._mkdir()
-        atomic_write(path, json.dumps(obj, separators=(",", ":"), sort_keys=True).encode(), mode=0o600)
+        atomic_write(path, text.encode(), mode=0o600)
 
     def create(self, state: dict) -> None:
         if os.path.exists(self._path(state["name"])):
@@ -458,10 +460,10 @@ class FileStore(Store):
             os.unlink(self._path(state["name"], ".control.json"))
         except FileNotFoundError:
             pass
-        self._write(self._path(state["name"]), state)
+        self._write(self._path(state["name"]), dumps(state))
 
-    def save(self, state: dict) -> None:
-        self._write(self._path(state["name"]), state)
+    def save(self, name: str, text: str) -> None:
+        self._write(self._path(name), text)
 
     def control(self, name: str) -> dict:
         try:
@@ -477,7 +479,7 @@ class FileStore(Store):
         if not os.path.exists(self._path(name)):
             raise NotFound(f"no rollout named {name!r} ({self._path(name)})")
         new = {k: v for k, v in {**self.control(name), **control}.items() if v is not None}
-        self._write(self._path(name, ".control.json"), new)
+        self._write(self._path(name, ".control.json"), dumps(new))
 
     def list(self) -> list[dict]:
         out = []
