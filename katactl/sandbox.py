@@ -25,6 +25,7 @@ import logging
 import posixpath
 import re
 import stat as _stat
+import sys
 import threading
 import time
 
@@ -171,9 +172,11 @@ class Sandbox:
         }
 
 
-# ``raw`` and ``annotations`` are kept as the bytes they were parsed from and parsed again
-# when first asked for: a parsed persist.json takes ~4x its bytes, and most callers (sandbox
-# list) never look at it. The bytes are the same ones, so the result is the same object tree.
+# ``raw`` and ``annotations`` are kept as JSON bytes and parsed again when first asked for:
+# a parsed persist.json takes ~4x its bytes, and most callers (sandbox list) never look at
+# it. ``raw`` keeps the state file's own bytes; ``annotations`` the annotations alone, as
+# compact ASCII JSON (the bundle's config.json is mostly mounts, namespaces and a seccomp
+# profile: 5-20 KiB on a real node). Either way parsing gives back the same object tree.
 # The field's own slot holds the parsed value; _<name>_src the bytes not parsed yet.
 def _lazy_json(name: str, extract):
     slot, src = getattr(Sandbox, name), getattr(Sandbox, f"_{name}_src")
@@ -199,7 +202,9 @@ def _annotations_of(spec) -> dict:
 
 # the lazy properties take the place of the slots' descriptors on purpose (parsed on first read)
 Sandbox.raw, _RAW_SLOT = _lazy_json("raw", lambda obj: obj)  # type: ignore[misc]
-Sandbox.annotations, _ANN_SLOT = _lazy_json("annotations", _annotations_of)  # type: ignore[misc]
+Sandbox.annotations, _ANN_SLOT = _lazy_json("annotations", lambda obj: obj)  # type: ignore[misc]
+#: annotations -> the bytes kept for them (ensure_ascii: a lone surrogate escape survives)
+_compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 def _set_lazy(sb: Sandbox, name: str, data: bytes) -> None:
@@ -371,6 +376,13 @@ def _str(v) -> str | None:
     return v if isinstance(v, str) and v != "" else None
 
 
+def _common(v) -> str | None:
+    """_str(v), one shared object for equal values: the fields that most sandboxes of a
+    node have alike (asset paths, the runtime's state, the pod namespace) would otherwise
+    be one string per sandbox, about 400 bytes each (json.loads makes new strings)."""
+    return sys.intern(v) if isinstance(v, str) and v != "" else None
+
+
 def _bool(v) -> bool | None:
     return bool(v) if v is not None else None
 
@@ -387,7 +399,7 @@ def _fill_go(sb: Sandbox, p: dict) -> None:
     hc = _obj(cfg.get("HypervisorConfig"))
     sb.raw = p
     state = p.get("State")
-    sb.runtime_state = _str(state.get("State") if isinstance(state, dict) else state)
+    sb.runtime_state = _common(state.get("State") if isinstance(state, dict) else state)
     sb.hypervisor = _hv_name(hs.get("Type")) or _hv_name(cfg.get("HypervisorType"))
     pid = _int(hs.get("Pid"))
     sb.hypervisor_pid = pid if pid and pid > 0 else None
@@ -398,10 +410,10 @@ def _fill_go(sb: Sandbox, p: dict) -> None:
     sb.vcpus = vcpus
     sb.max_vcpus = _int(hc.get("DefaultMaxVCPUs"))
     sb.memory_mib = _int(hc.get("MemorySize"))
-    sb.kernel = _str(hc.get("KernelPath"))
-    sb.image = _str(hc.get("ImagePath"))
-    sb.initrd = _str(hc.get("InitrdPath"))
-    sb.hypervisor_path = _str(hc.get("HypervisorPath"))
+    sb.kernel = _common(hc.get("KernelPath"))
+    sb.image = _common(hc.get("ImagePath"))
+    sb.initrd = _common(hc.get("InitrdPath"))
+    sb.hypervisor_path = _common(hc.get("HypervisorPath"))
     # GuestMemoryDumpPath, ReclaimGuestFreedMemory, EnablePprof and ExtraMonitorSocket are
     # not in persist.json (virtcontainers/sandbox.go dumpConfig does not write them): they
     # come from the configuration the shim used (apply_config)
@@ -448,11 +460,11 @@ def _fill_rs(sb: Sandbox, s: dict) -> None:
     sb.memory_mib = _int(cfg.get("default_memory"))
     sb.virtio_mem = cfg.get("enable_virtio_mem")
     sb.reclaim_guest_freed_memory = cfg.get("reclaim_guest_freed_memory")
-    sb.guest_memory_dump_path = _str(cfg.get("guest_memory_dump_path"))
-    sb.kernel = _str(cfg.get("kernel"))
-    sb.image = _str(cfg.get("image"))
-    sb.initrd = _str(cfg.get("initrd"))
-    sb.hypervisor_path = _str(cfg.get("path"))
+    sb.guest_memory_dump_path = _common(cfg.get("guest_memory_dump_path"))
+    sb.kernel = _common(cfg.get("kernel"))
+    sb.image = _common(cfg.get("image"))
+    sb.initrd = _common(cfg.get("initrd"))
+    sb.hypervisor_path = _common(cfg.get("path"))
     cg = _obj(_obj(s.get("resource")).get("cgroup_state"))
     sb.sandbox_cgroup_path = _str(cg.get("path"))
     sb.overhead_cgroup_path = _str(cg.get("overhead_path"))
@@ -477,13 +489,13 @@ def _pod_from_annotations(ann: dict) -> tuple[dict | None, str | None]:
         return None, None
     if "io.kubernetes.cri.sandbox-name" in ann or "io.kubernetes.cri.container-type" in ann:
         return {"name": _str(ann.get("io.kubernetes.cri.sandbox-name")),
-                "namespace": _str(ann.get("io.kubernetes.cri.sandbox-namespace")),
+                "namespace": _common(ann.get("io.kubernetes.cri.sandbox-namespace")),
                 "uid": _str(ann.get("io.kubernetes.cri.sandbox-uid"))}, "containerd"
     if "io.kubernetes.cri-o.KubeName" in ann or "io.kubernetes.cri-o.ContainerType" in ann:
         return {"name": _str(ann.get("io.kubernetes.cri-o.KubeName"))
                 or _str(ann.get("io.kubernetes.pod.name")),
-                "namespace": _str(ann.get("io.kubernetes.cri-o.Namespace"))
-                or _str(ann.get("io.kubernetes.pod.namespace")),
+                "namespace": _common(ann.get("io.kubernetes.cri-o.Namespace"))
+                or _common(ann.get("io.kubernetes.pod.namespace")),
                 "uid": _str(ann.get("io.kubernetes.pod.uid"))}, "crio"
     return None, None
 
@@ -582,7 +594,7 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
             if _parse_bool(ann.get("io.katacontainers.config.runtime.enable_pprof")):
                 sb.enable_pprof = True
             if ann:
-                _set_lazy(sb, "annotations", raw)
+                _set_lazy(sb, "annotations", _compact_json(ann).encode("ascii"))
             else:
                 sb.annotations = ann
         except OSError as e:

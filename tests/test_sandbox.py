@@ -103,6 +103,37 @@ def test_a_shim_whose_accept_backlog_is_full_is_unknown_not_stale():
     assert (sbs["deaf02"].state, sbs["deaf02"].reason) == ("stale", "nobody is listening on the shim socket")
 
 
+def test_a_listed_sandbox_keeps_its_annotations_not_the_whole_bundle_spec():
+    """A real bundle config.json is mostly mounts, namespaces and a seccomp profile (5-20 KiB);
+    what a listed sandbox keeps of it is its annotations (parsed when first asked for), so
+    memory per sandbox does not grow with the spec. tracemalloc counts bytes, not time."""
+    import tracemalloc
+
+    seccomp = {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": [f"syscall_{i:04d}"], "action": "SCMP_ACT_ALLOW"} for i in range(400)]}
+    with node() as n:
+        for i in range(40):
+            p = n.go(f"spec{i:03d}", serve=False, pod_name=f"p{i}", pod_namespace="ns")
+            spec_file = p.real(f"{p.bundle_node}/config.json")
+            with open(spec_file) as f:
+                spec = json.load(f)
+            spec.setdefault("linux", {})["seccomp"] = seccomp
+            with open(spec_file, "w") as f:
+                json.dump(spec, f, indent=1)
+            assert os.path.getsize(spec_file) > 20 << 10
+        t = LocalTransport(n.root)
+        sandbox.discover(t, check=False)  # imports and caches made once, before counting
+        tracemalloc.start()
+        try:
+            sbs = sandbox.discover(t, check=False)
+            kept = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    assert kept / len(sbs) < 8 << 10, f"{kept / len(sbs):.0f} bytes kept per sandbox"
+    ann = sbs[0].annotations
+    assert ann["io.kubernetes.cri.sandbox-name"] == sbs[0].pod["name"] and "linux" not in ann
+
+
 def test_discover_filters_by_state_and_namespace(tree):
     t = LocalTransport(tree.root)
     assert [s.id for s in sandbox.discover(t, state="stale")] == ["deaf00", "dead88"]  # by pod: deaf, gone
