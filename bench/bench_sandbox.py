@@ -25,6 +25,44 @@ from katactl.lab import layout  # noqa: E402
 
 BUNDLES = "run/containerd/io.containerd.runtime.v2.task"
 
+# Where the ratio cannot go below with CPython: a plain loop (no katactl, no objects kept, no
+# output) making discovery's system calls and parses for each sandbox: the two directory
+# listings with their stats, the four stats before reading (state file, bundle config.json,
+# shim.pid, extra-monitor.sock), the two reads to EOF, the two json.loads, the two liveness
+# stats (/proc/<pid>, the shim socket).
+FLOOR = r"""
+import gc, json, os, sys
+gc.disable()
+root = sys.argv[1]
+sbs, bnd = root + "/run/vc/sbs", root + "/run/containerd/io.containerd.runtime.v2.task/k8s.io"
+def stat(p):
+    try:
+        return os.stat(p)
+    except OSError as e:
+        return e
+def read(p):
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        parts = []
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                return b"".join(parts)
+            parts.append(b)
+    finally:
+        os.close(fd)
+names = [e.name for e in os.scandir(sbs) if e.stat()]
+[e.stat() for e in os.scandir(bnd)]
+for n in names:
+    files = [f"{sbs}/{n}/persist.json", f"{bnd}/{n}/config.json"]
+    for p in files + [f"{bnd}/{n}/shim.pid", f"{root}/run/vc/vm/{n}/extra-monitor.sock"]:
+        stat(p)
+    st = json.loads(read(files[0]).decode("utf-8", "replace"))
+    json.loads(read(files[1]).decode("utf-8", "replace"))
+    stat(f"{root}/proc/{st['HypervisorState']['Pid']}")
+    stat(f"{sbs}/{n}/shim-monitor.sock")
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -54,7 +92,9 @@ def main() -> None:
                 layout.write_many(root, n)
                 kat = [*KATACTL, "--host-root", root, "sandbox", "list", "-o", "json"]
                 shell = (f"find {root}/run/vc/sbs {root}/{BUNDLES} -type f -print0 | xargs -0 cat")
-                cmds = {"kat": kat, "nc": kat + ["--no-check"], "find": ["sh", "-c", shell]}
+                cmds = {"kat": kat, "nc": kat + ["--no-check"], "find": ["sh", "-c", shell],
+                        "empty": [*KATACTL, "--host-root", empty, "sandbox", "list", "-o", "json"],
+                        "floor": [sys.executable, "-c", FLOOR, root]}
                 if old:
                     cmds["old"] = [*old, *kat[len(KATACTL):]]
                 res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
@@ -79,15 +119,18 @@ def main() -> None:
              f"sandbox, no live shims: liveness is a stat of /proc/<pid> and of the shim socket). Median of "
              f"{runs} interleaved runs after a warm-up, whole processes (start-up included), peak RSS from "
              f"os.wait4; {context(pre)}. Reference: `find <sbs> <bundles> -type f -print0 | xargs -0 cat` "
-             "(the same files, read once, nothing parsed). Both write to /dev/null.", "",
+             "(the same files, read once, nothing parsed). Both write to /dev/null. Start-up: the same "
+             "command on an empty node. Python floor: a plain CPython loop making discovery's system calls "
+             "and json.loads per sandbox, nothing kept, nothing written (FLOOR in the script). All in the "
+             "same rounds.", "",
              "| sandboxes | katactl -o json s | --no-check s | find \\| xargs cat s | ratio | ratio --no-check "
-             "| katactl peak RSS MiB | RSS per sandbox KiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| start-up s | Python floor s (ratio) | katactl peak RSS MiB | RSS per sandbox KiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, med, rss in rows:
         per = (rss["kat"] - base_rss) / n
         lines.append(f"| {n:,} | {med['kat']:.3f} | {med['nc']:.3f} | {med['find']:.3f} | "
-                     f"{med['kat'] / med['find']:.2f}x | {med['nc'] / med['find']:.2f}x | "
-                     f"{rss['kat'] / 1024:.0f} | {per:.1f} |")
+                     f"{med['kat'] / med['find']:.2f}x | {med['nc'] / med['find']:.2f}x | {med['empty']:.3f} | "
+                     f"{med['floor']:.3f} ({med['floor'] / med['find']:.2f}x) | {rss['kat'] / 1024:.0f} | {per:.1f} |")
     if old:
         lines += ["", f"Before/after in the same rounds: katactl as of {rev} (`--baseline {a.baseline}`), same "
                   "interpreter, bytecode precompiled too:", "",
