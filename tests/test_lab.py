@@ -110,7 +110,7 @@ def test_layout_is_katas(lab):
     p = json.load(open(lab.real(f"/run/vc/sbs/{sid}/persist.json")))
     hc = p["Config"]["HypervisorConfig"]
     # upstream's persist.json (virtcontainers dumpConfig) holds none of these: the
-    # configuration file does (test_kata_configuration_names_the_dump_path)
+    # configuration file does (test_kata_configuration_is_kata_deploys)
     assert not {"ReclaimGuestFreedMemory", "GuestMemoryDumpPath", "ExtraMonitorSocket"} & set(hc)
     assert hc["MemorySize"] == 512
     for name in ("qmp.sock", "extra-monitor.sock", "pid"):
@@ -121,14 +121,37 @@ def test_layout_is_katas(lab):
     assert ann["io.kubernetes.cri.sandbox-namespace"] == "lab"
 
 
-def test_kata_configuration_names_the_dump_path(lab):
-    """vmcore list finds guest_memory_dump_path through the node's configuration, as on a real node."""
+def test_kata_configuration_is_kata_deploys(lab, cli):
+    """The lab holds what a kata-deploy node holds (issue 18 item 10): containerd's config
+    importing kata-deploy.toml, one handler per hypervisor with its own configuration and
+    config.d, and the bundle files containerd and the Go shim write (shim-binary-path,
+    shim.pid). sandbox inspect finds each sandbox's handler file and drop-ins through
+    containerd; vmcore finds guest_memory_dump_path in the kata-qemu handler's config.d,
+    which the node-wide search (/etc, then the build's defaults) never reads."""
     from katactl import katacfg
     from katactl.backends.local import LocalTransport
 
-    cfg = katacfg.load(LocalTransport(lab.root))
-    assert cfg.path == "/etc/kata-containers/configuration.toml"
-    assert cfg.hypervisor_name == "qemu" and cfg.hypervisor["guest_memory_dump_path"] == "/var/crash/kata"
+    assert not os.path.exists(lab.real("/etc/kata-containers/configuration.toml"))
+    rt = "/opt/kata/share/defaults/kata-containers/runtimes"
+    for name, hv in (("qemu-0", "qemu"), ("clh-0", "clh"), ("fc-0", "fc")):
+        sid = lab.id(name)
+        bundle = lab.real(f"/run/containerd/io.containerd.runtime.v2.task/k8s.io/{sid}")
+        assert open(f"{bundle}/shim-binary-path").read() == "/opt/kata/bin/containerd-shim-kata-v2"
+        assert open(f"{bundle}/shim.pid").read() == str(lab.state["pid"])  # the daemon plays the shim
+        r = cli(lab.args("sandbox", "inspect", sid, "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+        kc = r.json()["kataConfig"]
+        assert kc["source"] == "containerd" and kc["runtimeHandler"] == f"kata-{hv}" and kc["error"] is None, kc
+        assert kc["file"] == f"{rt}/{hv}/configuration-{hv}.toml"
+        assert kc["dropIns"] == [f"{rt}/{hv}/config.d/50-lab.toml"]
+        assert r.json()["shimPid"] == lab.state["pid"]
+    r = cli(lab.args("sandbox", "inspect", lab.id("qemu-0"), "-o", "json"))
+    assert r.json()["guestMemoryDumpPath"] == "/var/crash/kata"
+    node_wide = katacfg.load(LocalTransport(lab.root))  # kata-static's configuration.toml link
+    assert node_wide.resolved.endswith("/configuration-qemu.toml")
+    assert not node_wide.hypervisor.get("guest_memory_dump_path")
+    r = cli(lab.args("vmcore", "list", "-o", "json"))
+    assert r.exit_code == 0, r.stderr
 
 
 def test_metrics_are_real_guest_numbers(lab, cli):

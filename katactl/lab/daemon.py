@@ -5,8 +5,14 @@ ROOT``); reads ``ROOT/.katactl-lab/config.json``; writes
 ``ROOT/.katactl-lab/state.json``; stops on SIGTERM/SIGINT, killing its VMs
 and removing the whole lab tree.
 
+The node's Kata configuration is kata-deploy's (Lab.write_kata_config): containerd's
+config importing ``/opt/kata/containerd/config.d/kata-deploy.toml``, handlers kata-qemu,
+kata-clh and kata-fc with their own ``runtimes/<shim>/configuration-<shim>.toml`` and
+``config.d`` (where the dump path lives), no ``/etc/kata-containers``.
+
 For each sandbox it:
-- lays out the Go runtime's node state under ROOT (katactl.lab.layout);
+- lays out the Go runtime's node state under ROOT (katactl.lab.layout), and the
+  bundle's ``shim-binary-path`` (containerd) and ``shim.pid`` (the shim: this daemon);
 - QEMU: starts a real micro-VM (katactl.lab.vm) and, like the runtime, holds
   ``qmp.sock`` for the VM's whole life (reader thread; ``GUEST_PANICKED`` runs
   the runtime's panic handler, katactl.lab.panic);
@@ -98,7 +104,12 @@ class LabSandbox:
         self.lock = threading.Lock()
 
     # layout + hypervisor
-    def lay_out(self, pid: int) -> None:
+    def lay_out(self, pid: int, handler: L.KataDeployHandler) -> None:
+        """The Go runtime's state for this sandbox, and the bundle files containerd and the
+        shim write: ``shim-binary-path`` (the handler's runtime_path: containerd's
+        ``runtime/v2/binary.go``) and ``shim.pid`` (the Go shim's ``StartShim`` in
+        ``src/runtime/pkg/containerd-shim-v2/service.go``: ``WritePidFile("shim.pid", ...)``
+        in its cwd, the bundle; the lab daemon plays every sandbox's shim)."""
         sp = self.spec
         kw = dict(hypervisor=self.hv, pid=pid, pod_name=sp.get("pod", self.name),
                   pod_namespace=sp.get("namespace", "lab"), memory_mib=self.memory // MIB, vcpus=1,
@@ -111,9 +122,13 @@ class LabSandbox:
                       hypervisor_path=self.lab.qemu)
         if self.hv == "fc":  # the Go runtime truncates the id to 32 chars for the jailer dir
             kw["api_socket"] = f"/run/vc/firecracker/{self.id[:32]}/root/run/firecracker.socket"
-        # the lab's extra monitor speaks QMP: the node's configuration says so
+        # the lab's extra monitor speaks QMP: the kata-qemu handler's config.d says so
         # (extra_monitor_socket = "qmp", write_kata_config); persist.json never holds it
         self.paths = L.write_go_sandbox(self.lab.root, self.id, **kw)
+        bundle = self.laid_out().bundle_node
+        if bundle:
+            L.write_shim_binary_path(self.lab.root, bundle, handler.runtime_path)
+            L.write_shim_pid(self.lab.root, bundle, os.getpid())
 
     def laid_out(self) -> L.SandboxPaths:
         """The sandbox's paths (lay_out() has run: every later step needs them)."""
@@ -580,31 +595,50 @@ class Lab:
                 "hostViews": self.host_views,
                 "sandboxes": [s.to_dict() for s in self.sandboxes]})
 
-    def write_kata_config(self) -> None:
-        """The node's Kata configuration, as the runtime would read it (vmcore list needs
-        guest_memory_dump_path from here, like on a real node)."""
-        kernel = self.assets.kernel if self.assets else ""
+    def write_kata_config(self) -> dict[str, L.KataDeployHandler]:
+        """The node's Kata configuration as kata-deploy leaves it (layout.write_kata_deploy):
+        one runtime handler per hypervisor (kata-qemu, kata-clh, kata-fc, all the Go shim)
+        with its own ``runtimes/<shim>/configuration-<shim>.toml``, containerd's config
+        importing ``kata-deploy.toml``, and kata-static's ``configuration.toml`` link to the
+        QEMU file. Each handler's dump path (and QEMU's extra monitor) is set in its own
+        ``config.d`` (kata-deploy copies each shim's file so that its config.d applies):
+        vmcore and sandbox inspect read them there, as on a real node. Returns the handlers."""
+        kernel = self.assets.kernel if self.assets else L.DEFAULT_KERNEL
         initrd = self.assets.initrd if self.assets else ""
         mem_mib = max((s.memory // MIB for s in self.sandboxes), default=512)
-        text = (
-            "# Written by katactl lab: the Kata configuration of this lab node.\n"
-            "[hypervisor.qemu]\n"
-            f"path = {json.dumps(self.qemu or '/usr/bin/qemu-system-x86_64')}\n"
-            f"kernel = {json.dumps(kernel)}\n"
-            f"initrd = {json.dumps(initrd)}\n"
-            f"default_memory = {mem_mib}\n"
-            "default_vcpus = 1\n"
-            "reclaim_guest_freed_memory = true\n"
-            'extra_monitor_socket = "qmp"\n'
-            f"guest_memory_dump_path = {json.dumps(DUMP_PATH)}\n"
-            "guest_memory_dump_paging = false\n\n"
-            "[runtime]\n"
-            "sandbox_cgroup_only = false\n"
-        )
-        path = self.real("/etc/kata-containers/configuration.toml")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
+
+        def base(hv: str, path: str, kernel_: str, initrd_: str) -> str:
+            return (f"# Written by katactl lab: kata-deploy's configuration for the {hv} shim.\n"
+                    f"[hypervisor.{hv}]\n"
+                    f"path = {json.dumps(path)}\n"
+                    f"kernel = {json.dumps(kernel_)}\n"
+                    + (f"initrd = {json.dumps(initrd_)}\n" if initrd_ else
+                       f"image = {json.dumps(L.DEFAULT_IMAGE)}\n")
+                    + f"default_memory = {mem_mib}\n"
+                    "default_vcpus = 1\n"
+                    "reclaim_guest_freed_memory = true\n\n"
+                    "[runtime]\n"
+                    "sandbox_cgroup_only = false\n")
+
+        shims = {"qemu": base("qemu", self.qemu or L.DEFAULT_HYPERVISOR_PATHS["qemu"], kernel, initrd),
+                 "clh": base("clh", L.DEFAULT_HYPERVISOR_PATHS["clh"], L.DEFAULT_KERNEL, ""),
+                 "fc": base("fc", L.DEFAULT_HYPERVISOR_PATHS["fc"], L.DEFAULT_KERNEL, "")}
+        # per handler: its dump directory (the Go runtime dumps QEMU guests on panic; for
+        # Cloud Hypervisor and Firecracker only katactl's trigger uses it), and for QEMU the
+        # extra monitor the lab's tests use
+        dropins = {hv: {"50-lab.toml": (
+            "# katactl lab: this handler's own settings (kata-deploy applies this config.d)\n"
+            f"[hypervisor.{hv}]\n"
+            + ('extra_monitor_socket = "qmp"\n' if hv == "qemu" else "")
+            + f"guest_memory_dump_path = {json.dumps(DUMP_PATH)}\n"
+            "guest_memory_dump_paging = false\n")} for hv in shims}
+        handlers = L.write_kata_deploy(self.root, shims, dropins=dropins)
+        # kata-static ships share/defaults/kata-containers/configuration.toml -> configuration-qemu.toml
+        pristine = handlers["kata-qemu"].pristine
+        link = self.real(os.path.join(os.path.dirname(pristine), "configuration.toml"))
+        if not os.path.lexists(link):
+            os.symlink(os.path.basename(pristine), link)
+        return handlers
 
     def start(self) -> None:
         from katactl.lab import vm
@@ -622,9 +656,9 @@ class Lab:
                                             kernel=self.cfg.get("kernel"))
         for s in qemus:
             s.start_qemu()
+        handlers = self.write_kata_config()
         for s in self.sandboxes:
-            s.lay_out(s.proc.pid if s.proc else os.getpid())
-        self.write_kata_config()
+            s.lay_out(s.proc.pid if s.proc else os.getpid(), handlers[f"kata-{s.hv}"])
         for s in self.sandboxes:
             if s.hv == "qemu":
                 s.connect_qmp()
