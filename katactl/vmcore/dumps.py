@@ -147,7 +147,9 @@ def dump_configs(transport: NodeTransport, *, dump_path: str | None = None,
             if sb.guest_memory_dump_path:
                 rs_set.append(f"sandbox {sb.id[:12]}")
         elif kc.get("path") and not kc.get("error"):
-            paths.append(kc["path"])  # (a file its runtime now refuses is skipped, as its ConfigPath's error)
+            # (a file its runtime now refuses is skipped here; read again below as a handler's
+            # ConfigPath or by the default search, its error is reported when nothing else is found)
+            paths.append(kc["path"])
     handlers = [h for h in res.containerd().handlers.values() if _kata_shim(h)]
     need_default = False
     for h in handlers:
