@@ -599,3 +599,34 @@ def test_corrupt_journal_or_history_is_a_clear_error_and_dry_runs_agree(cli, sta
         assert current(node) == before
     assert os.path.exists("/etc/passwd") and (rel(node, ".katactl") / name).read_bytes() == data
 
+
+
+def test_status_names_handlers_whose_configuration_does_not_follow_current(cli, staged):
+    """A switch replaces <root>/current only: a kata-deploy handler pointed at its own copy
+    under /opt/kata/share/... keeps its configuration, and status says so (json + warning)."""
+    J(cli, staged, "switch", A)
+    cfg = staged / "etc" / "containerd"
+    cfg.mkdir(parents=True, exist_ok=True)
+    cri = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+    (cfg / "config.toml").write_text(
+        "version = 2\n"
+        f'[{cri}.runc]\nruntime_type = "io.containerd.runc.v2"\n'
+        f'[{cri}.kata]\nruntime_type = "io.containerd.kata.v2"\n'
+        f'[{cri}.kata.options]\nConfigPath = "/opt/kata/current/share/defaults/kata-containers/configuration-qemu.toml"\n'
+        f'[{cri}.kata-qemu]\nruntime_type = "io.containerd.kata-qemu.v2"\n'
+        f'[{cri}.kata-qemu.options]\n'
+        'ConfigPath = "/opt/kata/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml"\n'
+        f'[{cri}.kata-pinned]\nruntime_type = "io.containerd.kata-pinned.v2"\n'
+        f'[{cri}.kata-pinned.options]\nConfigPath = "/opt/kata/releases/{B}/share/defaults/kata-containers/configuration.toml"\n'
+        f'[{cri}.kata-search]\nruntime_type = "io.containerd.kata-search.v2"\n')
+    d = J(cli, staged, "status")
+    rows = {h["handler"]: h for h in d["runtimeHandlers"]}
+    assert set(rows) == {"kata", "kata-qemu", "kata-pinned", "kata-search"}  # runc is not Kata
+    assert rows["kata"]["follows"] == "current"
+    assert rows["kata-qemu"]["follows"] == "outside"
+    assert (rows["kata-pinned"]["follows"], rows["kata-pinned"]["release"]) == ("release", B)
+    assert rows["kata-search"]["follows"] == "default-search" and rows["kata-search"]["configPath"] is None
+    r = K(cli, staged, "status")
+    assert r.exit_code == 0
+    warned = [ln for ln in r.stderr.splitlines() if "upgrade switch does not change" in ln]
+    assert len(warned) == 2 and any("kata-qemu" in w for w in warned) and any(f"release {B} only" in w for w in warned)

@@ -199,6 +199,12 @@ def status(
                 app_ctx.out.warn(f"{transport.node}: a {p.get('action')} to runtime {to.get('runtime')}, agent "
                                  f"{to.get('agent')} is in progress or was interrupted{renamed}; "
                                  "the next upgrade stage/switch/rollback/gc completes it")
+            for h in s["runtimeHandlers"]:
+                if h["follows"] in ("outside", "release"):
+                    where = f"release {h['release']} only" if h["release"] else f"outside {layout.current}"
+                    app_ctx.out.warn(f"{transport.node}: runtime handler {h['handler']} reads {h['configPath']} "
+                                     f"({where}): upgrade switch does not change what it runs; point its "
+                                     f"ConfigPath under {layout.current}/ (docs/upgrade.md)")
             return [dict(r, nprocs=len(r["processes"]), nsbs=len(r["sandboxes"])) for r in s["releases"]]
 
         fan_out_list(app_ctx, rows, kind="UpgradeStatus", name_key="version", columns=[

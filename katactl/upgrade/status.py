@@ -2,6 +2,8 @@
 release_users (which releases running processes and live sandboxes use: gc, stage --force)."""
 from __future__ import annotations
 
+import posixpath
+
 from katactl.errors import Refused
 from katactl.upgrade import procscan
 from katactl.upgrade.journal import read_journal
@@ -24,6 +26,39 @@ def _in_progress(transport: NodeTransport, pending: dict | None) -> dict | None:
     done = sum(1 for p in configs if isinstance(p.get("tmp"), str) and not transport.exists(p["tmp"]))
     return {"action": pending.get("action"), "component": pending.get("component"),
             "from": frm, "to": to, "configFiles": len(configs), "configFilesRenamed": done}
+
+
+def _under(path: str, d: str) -> bool:
+    return path == d or path.startswith(d.rstrip("/") + "/")
+
+
+def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
+    """Which configuration each Kata runtime handler in containerd's config reads, and
+    whether a switch changes it. A switch replaces ``<root>/current`` only, so a handler
+    whose ``ConfigPath`` lies elsewhere (kata-deploy's default,
+    ``/opt/kata/share/defaults/kata-containers/runtimes/<shim>/...``) keeps reading the same
+    file, and an agent switch edits files that handler never reads. ``follows``:
+    ``current`` (through the link), ``release`` (pinned to one release: ``release`` names
+    it), ``outside`` (neither), ``default-search`` (no ConfigPath: the runtime's own search
+    applies, see katacfg). Nothing readable in containerd's config: an empty list."""
+    from katactl import katacfg
+
+    cc = katacfg.containerd_config(transport)
+    out = []
+    for h in sorted(cc.handlers.values(), key=lambda h: h.name):
+        kata = "kata" in (h.runtime_type or "") or "kata" in posixpath.basename(h.runtime_path or "")
+        if not kata:
+            continue
+        row: dict = {"handler": h.name, "configPath": h.config_path, "definedIn": h.defined_in,
+                     "follows": "default-search", "release": None}
+        path = posixpath.normpath(h.config_path) if h.config_path else None
+        if path and _under(path, layout.current):
+            row["follows"] = "current"
+        elif path:
+            v = layout.version_of_path(path)
+            row["follows"], row["release"] = ("release", v) if v else ("outside", None)
+        out.append(row)
+    return out
 
 
 def status(transport: NodeTransport, layout: Layout) -> dict:
@@ -59,7 +94,8 @@ def status(transport: NodeTransport, layout: Layout) -> dict:
     return {"node": transport.node, "kataRoot": layout.root, "current": pair(st),
             "previous": (last or {}).get("from"), "lastSwitch": last,
             "pending": pending, "inProgress": progress, "releases": rels, "sandboxes": sbs,
-            "processes": [p.to_dict() for p in procs], "scan": stats}
+            "processes": [p.to_dict() for p in procs], "scan": stats,
+            "runtimeHandlers": handler_configs(transport, layout)}
 
 
 def release_users(transport: NodeTransport, layout: Layout, *, force: bool = False, verb: str, escape: str) -> tuple[dict, dict]:
