@@ -161,18 +161,23 @@ def test_run_restores_only_what_it_cordoned_and_releases_the_lock(cli, kube, kc,
 
 def test_a_batch_is_marked_running_in_one_save_before_any_of_its_steps(cli, kube, kc):
     """The nodes started together are recorded running in one state save (not one
-    whole-state save each), and that save is answered before any of their steps' requests."""
+    whole-state save each), and that save is answered before any of their steps' requests;
+    with nothing to restore, a node's last step result and its done phase are one save."""
     fleet(kube, 6)
     r = ro(cli, kc, "run", "rb", "-l", "pool=batch", "--max-unavailable", "3", "--step", "check",
            "--poll", "0.1", "-o", "jsonl")
     assert r.exit_code == 0, r.stderr
     log = list(kube.requests)
     started: dict[str, int] = {}  # node -> request index of the first save that has it running
+    result: dict[str, str] = {}   # node -> its phase in the first save with its step's result
     for i, q in enumerate(log):
         if q["method"] == "PUT" and "/configmaps/katactl-rollout-rb" in q["path"]:
             for n, rec in json.loads(q["body"]["data"]["state"])["nodes"].items():
                 if rec["phase"] != "pending":
                     started.setdefault(n, i)
+                if rec["results"]:
+                    result.setdefault(n, rec["phase"])
+    assert result == {n: "done" for n in started}
     assert len(started) == 6 and len(set(started.values())) == 2  # two batches of three, one save each
     for n, i in started.items():
         step = [j for j, q in enumerate(log) if q["method"] == "GET" and f"spec.nodeName%3D{n}&" in q["path"]]

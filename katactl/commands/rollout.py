@@ -265,13 +265,6 @@ class LiveView:
         return t
 
 
-def _sibling(api):
-    """Another client to the same API server, with the same credentials."""
-    from katactl.backends.kube import KubeAPI
-
-    return KubeAPI(api.host, api.headers, api.tls, api.timeout, user=api.user, namespace=api.namespace)
-
-
 def _run_engine(app_ctx, plan, store, state, api) -> None:
     import signal
 
@@ -287,12 +280,8 @@ def _run_engine(app_ctx, plan, store, state, api) -> None:
         old = signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread (in-process test runners)
         old = None
-    # the steps (max-unavailable nodes at once) get a connection pool of their own: the
-    # state saves and lease renewals never queue behind their requests
-    steps_api = _sibling(api) if api is not None and getattr(store, "api", None) is api else api
     try:
-        engine = Engine(plan, store, state, api=steps_api, settings=app_ctx.settings,
-                        events=_events(app_ctx, live))
+        engine = Engine(plan, store, state, api=api, settings=app_ctx.settings, events=_events(app_ctx, live))
         if live:
             with live:
                 summ = engine.run()
@@ -301,8 +290,6 @@ def _run_engine(app_ctx, plan, store, state, api) -> None:
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-        if steps_api is not api:
-            steps_api.close()
     _render_summary(app_ctx, summ, changed=True)
 
 

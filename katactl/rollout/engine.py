@@ -120,6 +120,9 @@ class Engine:
         self.aborting = False
         self.lost_lock = False
         self.hook = _KillHook()
+        self._apis: list = []                  # the node threads' clients (see _take_api)
+        self._free_apis: list = []
+        self._apis_lock = threading.Lock()
         self.cordons = any(s.definition.cordons for s in plan.steps)
         self._done = threading.Event()
 
@@ -260,7 +263,9 @@ class Engine:
                 self.run_batch(bi)
                 if self.stopping or self.pausing or self.aborting or self.lost_lock:
                     break
-                self.transition(lambda bi=bi: st.update(batch=bi + 1), ())
+                # no save of its own: the next one (the next batch's start, or the end) carries
+                # it, and a resume that misses it finds that batch finished and moves on
+                self._mutate(lambda bi=bi: st.update(batch=bi + 1), ())
                 self.ev("BatchFinished", batch=bi + 1)
                 if self.plan.policy.canary and bi == 0 and st["batch"] < len(self.plan.batches):
                     if self.plan.policy.canary_soak is None:
@@ -285,6 +290,8 @@ class Engine:
         finally:
             self._done.set()
             self.store.release()
+            for c in self._apis:
+                c.close()
 
     def _renew_loop(self) -> None:
         period = max(0.5, self.plan.lock_ttl / 3)
@@ -342,8 +349,8 @@ class Engine:
             if starting:
                 self.start(starting)
                 continue
-            if self.stopping:
-                continue
+            if self.stopping and pending:
+                continue  # drop them at once
             self.wake.wait(min(0.2, self.plan.policy.poll))
             self.wake.clear()
 
@@ -408,9 +415,28 @@ class Engine:
             self.threads[n] = t
             t.start()
 
+    def _take_api(self):
+        """A client of the node thread's own (None without the API), kept for the next node:
+        threads sharing one connection pool queue for its 16 connections, and httpcore's pool
+        can close a connection under a request another thread was just given (the request
+        then hangs for its whole timeout: encode/httpcore#1110)."""
+        if self.api is None:
+            return None
+        with self._apis_lock:
+            if self._free_apis:
+                return self._free_apis.pop()
+        from katactl.backends.kube import KubeAPI
+
+        a = self.api
+        c = KubeAPI(a.host, a.headers, a.tls, a.timeout, user=a.user, namespace=a.namespace)
+        with self._apis_lock:
+            self._apis.append(c)
+        return c
+
     def _node_thread(self, n: str) -> None:
+        api = self._take_api()
         try:
-            self.run_node(n)
+            self.run_node(n, api)
         except BaseException as e:  # noqa: BLE001 - a node's failure is data
             err = as_katactl_error(e) if not isinstance(e, KeyboardInterrupt) else Interrupted("interrupted")
             if not (self.stop.is_set() and isinstance(err, Interrupted)):
@@ -422,32 +448,35 @@ class Engine:
                     pass
                 self.ev("NodeFailed", node=n, error=err.to_dict())
         finally:
+            if api is not None:
+                with self._apis_lock:
+                    self._free_apis.append(api)
             self.out_nodes.discard(n)
             self.obs_dirty = True
             self.wake.set()
 
-    def run_node(self, n: str) -> None:
+    def run_node(self, n: str, api=None) -> None:
         """A started node (marked running by start()) through its steps, soak and end."""
         st, pol = self.state, self.plan.policy
         rec = st["nodes"][n]
         self._mark(n, rec)
         if rec["phase"] == "running":
-            failure = self._steps(n, rec)
+            failure = self._steps(n, rec, api)
             if failure == "interrupted":
                 return
             if failure == "aborted":
                 self.transition(lambda: rec.update(phase="aborted", finishedAt=_now()), (n,))
-                self.restore(n, rec)
+                self.restore(n, rec, api)
                 self._mark(n, rec)
                 return
             if failure is not None:
                 self.transition(lambda: rec.update(phase="failed", error=failure.message,
                                                    exitCode=int(failure.exit_code), finishedAt=_now()), (n,))
-                self.restore(n, rec)
+                self.restore(n, rec, api)
                 self._mark(n, rec)
                 self.ev("NodeFailed", node=n, error=failure.to_dict())
                 return
-            self.restore(n, rec)
+            self.restore(n, rec, api)
             if pol.soak:
                 self.transition(lambda: rec.update(phase="soaking", soakStartedAt=time.time()), (n,))
                 self._mark(n, rec)
@@ -461,9 +490,9 @@ class Engine:
             while self.clock() < end:
                 if self.stop.wait(min(0.5, end - self.clock())):
                     return  # interrupted: soak again on resume
-            if self.api is not None:
+            if api is not None:
                 try:
-                    res = run_check(self.api, n, self._fail_on())
+                    res = run_check(api, n, self._fail_on())
                 except KatactlError as e:
                     msg, code = f"after soak: {e.message}", int(e.exit_code)
                     self.transition(lambda: rec.update(phase="failed", error=msg, exitCode=code, finishedAt=_now()),
@@ -472,7 +501,8 @@ class Engine:
                     self.ev("NodeFailed", node=n, error=e.to_dict(), afterSoak=True)
                     return
                 self.ev("NodeSoaked", node=n, message=res["message"])
-        self.transition(lambda: rec.update(phase="done", finishedAt=_now(), error=None), (n,))
+        if rec["phase"] != "done":  # (else the last step's save said so)
+            self.transition(lambda: rec.update(phase="done", finishedAt=_now(), error=None), (n,))
         self._mark(n, rec)
         self.ev("NodeFinished", node=n, attempts=rec["attempts"])
 
@@ -482,12 +512,12 @@ class Engine:
                 return s.args.fail_on
         return DEFAULT_FAIL_ON
 
-    def _steps(self, n: str, rec: dict):
+    def _steps(self, n: str, rec: dict, api):
         """Run the node's remaining steps. Returns None (all done), a KatactlError (failed),
         "aborted" or "interrupted"."""
         pol = self.plan.policy
         failure = None
-        ctx = StepContext(node=n, api=self.api, settings=self.settings, rollout=self.plan.name, stop=self.stop,
+        ctx = StepContext(node=n, api=api, settings=self.settings, rollout=self.plan.name, stop=self.stop,
                           events=lambda kind, **d: self.ev(kind, **d), timeout=pol.step_timeout,
                           was_unschedulable=bool(rec.get("wasUnschedulable")))
         while rec["step"] < len(self.plan.steps):
@@ -518,10 +548,17 @@ class Engine:
             else:
                 result.update(error=err.message, exitCode=int(err.exit_code))
 
-            def record(result=result, advance=err is None or pol.on_failure == "continue", i=i):
+            # the last step done and nothing to do before the node counts as done (no cordon to
+            # restore, no soak): one save records both
+            finished = err is None and failure is None and i + 1 == len(self.plan.steps) \
+                and not self.cordons and not pol.soak
+
+            def record(result=result, advance=err is None or pol.on_failure == "continue", i=i, finished=finished):
                 rec["results"] = (rec["results"] + [result])[-20:]
                 if advance:
                     rec["step"] = i + 1
+                if finished:
+                    rec.update(phase="done", finishedAt=_now(), error=None)
             self.transition(record, (n,))
             self.ev("NodeStepFinished", node=n, step=i + 1, text=step.text,
                     result="ok" if err is None else "failed", **{k: v for k, v in result.items()
@@ -536,23 +573,24 @@ class Engine:
                     return failure
         return failure
 
-    def restore(self, n: str, rec: dict) -> None:
+    def restore(self, n: str, rec: dict, api=None) -> None:
         """Uncordon the node if this rollout cordoned it; never a node that was
         unschedulable before the rollout touched it. A plan without a step that cordons
         (cordon, drain, recycle-stale) cordoned nothing: no request then."""
-        if self.api is None or rec.get("wasUnschedulable") is not False or not self.cordons:
+        api = api or self.api
+        if api is None or rec.get("wasUnschedulable") is not False or not self.cordons:
             return
         from katactl import nodes
 
         try:
-            node = nodes.get_node(self.api, n)
+            node = nodes.get_node(api, n)
             if not (node.get("spec") or {}).get("unschedulable"):
                 return
             rec_c = nodes.cordon_record(node)
             if not rec_c or rec_c.get("wasUnschedulable") or "invalid" in rec_c:
                 self.ev("Warning", node=n, message="cordoned during the rollout, not by katactl: left cordoned")
                 return
-            nodes.uncordon(self.api, n)
+            nodes.uncordon(api, n)
             audit.record("rollout.uncordon", n, node=n, params={"rollout": self.plan.name}, changed=True)
             self.ev("NodeUncordoned", node=n)
         except KatactlError as e:
