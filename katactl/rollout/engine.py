@@ -49,8 +49,9 @@ from katactl.rollout.store import dumps as _dumps
 RESUMABLE = ("Running", "Interrupted", "Paused", "Stopped")
 FINAL = ("Succeeded", "CompletedWithFailures", "Aborted")
 NODE_ACTIVE = ("running", "soaking")
-#: threads writing the nodes' progress labels (a round trip each; the store's client has 16 connections)
-MARKERS = 4
+#: threads writing the nodes' progress labels (a round trip each; with the saver, the scheduler and the
+#: lease renewal they stay within the store client's 16 connections)
+MARKERS = 8
 
 
 def _now() -> str:
