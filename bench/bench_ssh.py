@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -169,36 +170,55 @@ def main() -> None:
             for _ in range(size >> 20):
                 f.write(chunk)
         dst = base / "copy.bin"
-        child = (
-            "import sys,resource,time\n"
-            f"sys.path.insert(0, {ROOT!r})\n"
-            "from katactl import config\n"
-            "from katactl.backends.ssh import SSHTransport\n"
-            f"t = SSHTransport.from_settings({node!r}, config.resolve({{'ssh_config': {str(lab.config)!r}}}))\n"
-            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "t0 = time.perf_counter()\n"
-            f"with open({str(dst)!r}, 'wb') as f:\n"
-            "    for b in t.open_stream('/var/crash/vmcore.bin'):\n"
-            "        f.write(b)\n"
-            "el = time.perf_counter() - t0\n"
-            "print(el, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0, "
-            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-        )
-        st_runs = 1 if a.smoke else 3
-        kat_t, kat_in, rss_delta, rss_peak = [], [], [], []
-        scp_t = []
+        def child(where: str, boot: str = "") -> str:
+            return (
+                "import sys,resource,time\n" + boot +
+                f"sys.path.insert(0, {where!r})\n"
+                "from katactl import config\n"
+                "from katactl.backends.ssh import SSHTransport\n"
+                f"t = SSHTransport.from_settings({node!r}, config.resolve({{'ssh_config': {str(lab.config)!r}}}))\n"
+                "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                "t0 = time.perf_counter()\n"
+                f"with open({str(dst)!r}, 'wb') as f:\n"
+                "    for b in t.open_stream('/var/crash/vmcore.bin'):\n"
+                "        f.write(b)\n"
+                "el = time.perf_counter() - t0\n"
+                "print(el, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0, "
+                "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            )
+
+        def cpu() -> float:
+            r = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped processes, their own children included
+            return r.ru_utime + r.ru_stime
+
+        streamers = [("katactl", [sys.executable, "-c", child(ROOT)], env)]
+        if a.baseline:
+            # the baseline's tree first on sys.path, the editable install's finder dropped (katactl_at)
+            boot = ("sys.meta_path[:] = [f for f in sys.meta_path "
+                    "if 'editable' not in getattr(f, '__module__', '')]\n")
+            streamers.append((rev, [sys.executable, "-c", child(str(base / "baseline"), boot)], old_env))
+        st_runs = 1 if a.smoke else 5
+        kat_t: dict[str, list[float]] = {k: [] for k, _, _ in streamers}
+        kat_in: dict[str, list[float]] = {k: [] for k, _, _ in streamers}
+        kat_cpu: dict[str, list[float]] = {k: [] for k, _, _ in streamers}
+        rss_delta, rss_peak = [], []
+        scp_t, scp_cpu = [], []
         for _ in range(st_runs):
-            t = time.perf_counter()
-            out = run([sys.executable, "-c", child], env=env).stdout.decode().split()
-            kat_t.append(time.perf_counter() - t)  # the whole process: start-up, imports, connect
-            kat_in.append(float(out[0]))
-            rss_delta.append(int(out[1]))
-            rss_peak.append(int(out[2]))
-            assert dst.stat().st_size == size
-            dst.unlink()
-            t = time.perf_counter()
+            for key, argv, e in streamers:
+                c, t = cpu(), time.perf_counter()
+                out = run(argv, env=e).stdout.decode().split()
+                kat_t[key].append(time.perf_counter() - t)  # the whole process: start-up, imports, connect
+                kat_cpu[key].append(cpu() - c)
+                kat_in[key].append(float(out[0]))
+                if key == "katactl":
+                    rss_delta.append(int(out[1]))
+                    rss_peak.append(int(out[2]))
+                assert dst.stat().st_size == size
+                dst.unlink()
+            c, t = cpu(), time.perf_counter()
             run(["scp", "-q", "-F", str(lab.config), *eq, f"{node}:{big}", str(dst)])
             scp_t.append(time.perf_counter() - t)
+            scp_cpu.append(cpu() - c)
             assert dst.stat().st_size == size
             dst.unlink()
         # SFTP (paramiko, prefetch) on a 32 MiB slice, for reference
@@ -218,7 +238,7 @@ def main() -> None:
 
         # -- report ---------------------------------------------------------------------
         if a.smoke:
-            print(f"bench_ssh smoke ok: {len(rows)} fan-out rows, stream {statistics.median(kat_t):.2f}s")
+            print(f"bench_ssh smoke ok: {len(rows)} fan-out rows, stream {statistics.median(kat_t['katactl']):.2f}s")
             return
         ks = rows["katactl sandbox list -o json --no-check"]
         loop_s = rows["sequential ssh loop (same reads, same kex and cipher)"]
@@ -240,18 +260,25 @@ def main() -> None:
                   f"- vs parallel-ssh -p {a.nodes}: katactl takes **{ks / pssh_s:.2f}x** its time (goal <= 1.0x)",
                   ""]
         gib = size / (1 << 30)
-        kmed, smed, kin = statistics.median(kat_t), statistics.median(scp_t), statistics.median(kat_in)
+        med = statistics.median
+        smed = med(scp_t)
         lines += [f"Streaming a {gib:g} GiB file from a node into a local file, median of {st_runs} "
-                  f"(alternating runs, page cache warm on the node), both as whole processes, cipher {CIPHER}, "
-                  f"kex {kex}:", "",
-                  "| what | seconds | MiB/s | ratio to scp throughput |", "|---|---:|---:|---:|",
-                  f"| python process: import katactl, SSHTransport connect, open_stream (`cat` over an exec "
-                  f"channel) to a file | {kmed:.2f} | {size / kmed / (1 << 20):.0f} | {smed / kmed:.2f}x |",
-                  f"| the same, the stream alone (timed in-process after connecting) | {kin:.2f} | "
-                  f"{size / kin / (1 << 20):.0f} | {smed / kin:.2f}x |",
-                  f"| scp (OpenSSH, reference) | {smed:.2f} | {size / smed / (1 << 20):.0f} | 1.00x |",
+                  f"(interleaved runs, page cache warm on the node), all as whole processes, cipher {CIPHER}, "
+                  f"kex {kex}; CPU: user+sys of the process and its children (scp's includes its ssh; sshd's "
+                  "encryption on the node side is in neither):", "",
+                  "| what | seconds | MiB/s | ratio to scp throughput | CPU s |", "|---|---:|---:|---:|---:|"]
+        for key, _, _ in streamers:
+            kmed, kin = med(kat_t[key]), med(kat_in[key])
+            who = "" if key == "katactl" else f" (katactl @ {key}, baseline)"
+            lines += [f"| python process{who}: import katactl, SSHTransport connect, open_stream (`cat` over an "
+                      f"exec channel) to a file | {kmed:.2f} | {size / kmed / (1 << 20):.0f} | {smed / kmed:.2f}x | "
+                      f"{med(kat_cpu[key]):.2f} |",
+                      f"| the same{who}, the stream alone (timed in-process after connecting) | {kin:.2f} | "
+                      f"{size / kin / (1 << 20):.0f} | {smed / kin:.2f}x | - |"]
+        lines += [f"| scp (OpenSSH, reference) | {smed:.2f} | {size / smed / (1 << 20):.0f} | 1.00x | "
+                  f"{med(scp_cpu):.2f} |",
                   f"| paramiko SFTP get with prefetch ({sftp_size >> 20} MiB, for reference) | {sftp_s:.2f} | "
-                  f"{sftp_size / sftp_s / (1 << 20):.0f} | {(sftp_size / sftp_s) / (size / smed):.2f}x |", "",
+                  f"{sftp_size / sftp_s / (1 << 20):.0f} | {(sftp_size / sftp_s) / (size / smed):.2f}x | - |", "",
                   f"Peak RSS of the streaming katactl process: {max(rss_peak) / 1024:.0f} MiB "
                   f"(grew by {max(rss_delta) / 1024:.0f} MiB while streaming {gib:g} GiB: bounded by the "
                   "16 MiB channel window and 1 MiB chunks)."]
