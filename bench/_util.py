@@ -7,11 +7,14 @@ installed" on stderr (see require()).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 #: the exit code of a bench that cannot run here (a tool is missing)
@@ -74,6 +77,13 @@ def write_section(markdown: str, script: str) -> None:
         f.write(text)
 
 
+def publish(text: str, script: str, write: bool) -> None:
+    """Print a bench's markdown section; with --write also put it into bench/RESULTS.md."""
+    print(text)
+    if write:
+        write_section(text, script)
+
+
 def _heading_offsets(text: str):
     if text.startswith("## "):
         yield 0
@@ -81,6 +91,16 @@ def _heading_offsets(text: str):
     while i >= 0:
         yield i + 1
         i = text.find("\n## ", i + 1)
+
+
+def bench_parser(smoke: str, runs: int = 5) -> argparse.ArgumentParser:
+    """The options every bench takes: --runs, --write (into RESULTS.md), --smoke (``smoke``
+    says what it shrinks to)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=runs)
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help=smoke)
+    return ap
 
 
 def smoke_flag() -> bool:
@@ -192,3 +212,27 @@ def start_shims(root: str, n: int, prefix: str, servers: list, pids=None, **sand
                                   state=ShimState(sandbox_id=sid, hypervisor_cpu_percent=i % 100)).start())
         out.append((p, p.shim_socket if p.shim_socket.startswith(root) else root + p.shim_socket))
     return out
+
+
+@contextlib.contextmanager
+def shim_node(n: int, prefix: str, pids=None, host_views: bool = False, **sandbox_kw):
+    """A node root in /tmp (short: the shim socket paths must fit curl's sun_path) with
+    :func:`start_shims`' sandboxes and live shims: yields (root, [(SandboxPaths, socket
+    path)]). The host's /proc is linked into it (``host_views``: /proc, /sys/fs/cgroup and
+    resctrl, katactl.lab.layout.link_host_views); all is stopped and removed after."""
+    from katactl.lab import layout
+
+    root = tempfile.mkdtemp(prefix="k", dir="/tmp")
+    if host_views:
+        layout.link_host_views(root)
+    else:
+        os.symlink("/proc", f"{root}/proc")
+    servers: list = []
+    try:
+        yield root, start_shims(root, n, prefix, servers, pids, **sandbox_kw)
+    finally:
+        for s in servers:
+            s.stop()
+        if host_views:
+            layout.unlink_host_views(root)
+        shutil.rmtree(root, ignore_errors=True)

@@ -12,17 +12,14 @@ Usage: .venv/bin/python bench/bench_metrics.py [--shims 200] [--runs 5] [--write
 """
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, context, interleaved, precompile, require, start_shims, write_section  # noqa: E402
+from bench._util import KATACTL, bench_parser, context, interleaved, precompile, publish, require, shim_node  # noqa: E402
 
 PAR = 32  # katactl scrapes 32 shims at a time: the same concurrency for xargs -P
 
@@ -66,21 +63,14 @@ END {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = bench_parser("5 shims, one run, nothing written")
     ap.add_argument("--shims", type=int, default=200)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="5 shims, one run, nothing written")
     a = ap.parse_args()
     require("curl", "xargs", "awk")
     n = 5 if a.smoke else a.shims
     runs, warmup = (1, 0) if a.smoke else (a.runs, 1)
     pre = None if a.smoke else precompile()
-    root = tempfile.mkdtemp(prefix="km", dir="/tmp")
-    os.symlink("/proc", f"{root}/proc")
-    servers: list = []
-    try:
-        shims = start_shims(root, n, "met", servers)
+    with shim_node(n, "met") as (root, shims):
         scraped = f"{root}/scraped"
         os.mkdir(scraped)
         with open(f"{root}/labels", "w") as f:
@@ -105,10 +95,6 @@ def main() -> None:
                                                         set(samples[0]) ^ set(samples[1]))
         cmds = {"katactl": (kat, None), "loop": (["sh", "-c", loop], None), "par": (["sh", "-c", par], None)}
         med = {k: statistics.median(v) for k, v in interleaved(cmds, runs, warmup=warmup).items()}
-    finally:
-        for s in servers:
-            s.stop()
-        shutil.rmtree(root, ignore_errors=True)
     if a.smoke:
         print(f"bench_metrics smoke ok: {n} shims, {len(samples[0])} samples each way")
         return
@@ -129,9 +115,7 @@ def main() -> None:
         f"| `xargs -P {PAR} curl` + awk relabelling (same concurrency) | {med['par']:.3f} | "
         f"{med['par'] / ref:.2f}x (katactl {med['katactl'] / med['par']:.2f}x its time) |",
     ]) + "\n"
-    print(text)
-    if a.write:
-        write_section(text, "bench/bench_metrics.py")
+    publish(text, "bench/bench_metrics.py", a.write)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,15 @@ Usage: .venv/bin/python bench/bench_overhead.py [--sandboxes 200] [--runs 5] [--
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, context, interleaved, precompile, require, start_shims, write_section  # noqa: E402
+from bench._util import KATACTL, bench_parser, context, interleaved, precompile, publish, require, shim_node  # noqa: E402
 from katactl.lab import layout  # noqa: E402
 
 INTERVAL = 0.1  # overhead's smallest --interval
@@ -51,53 +48,42 @@ def make_cgroups(sids, pids) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = bench_parser("3 sandboxes, one run, nothing written")
     ap.add_argument("--sandboxes", type=int, default=200)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="3 sandboxes, one run, nothing written")
     a = ap.parse_args()
     require("ps", "cat", "curl", "xargs", "sleep")
     n = 3 if a.smoke else a.sandboxes
     runs, warmup = (1, 0) if a.smoke else (a.runs, 1)
     pre = None if a.smoke else precompile()
-    root = tempfile.mkdtemp(prefix="ko", dir="/tmp")
-    layout.link_host_views(root)
-    servers: list = []
-    procs: list[subprocess.Popen] = []
+    procs = [subprocess.Popen(["sleep", "3600"], start_new_session=True) for _ in range(2 * n)]  # shim, VMM
+    shims, vmms = procs[:n], procs[n:]
     cgroups: list[str] = []
-    prefix = f"bo{os.getpid()}-"
     try:
-        for _ in range(2 * n):  # a shim and a VMM per sandbox
-            procs.append(subprocess.Popen(["sleep", "3600"], start_new_session=True))
-        shims, vmms = procs[:n], procs[n:]
-        sbs = start_shims(root, n, prefix, servers, pids=[p.pid for p in vmms])
-        for (p, _), shim in zip(sbs, shims, strict=True):
-            layout.write_shim_pid(root, p.bundle_node, shim.pid)
-        cgroups = make_cgroups([p.sandbox_id for p, _ in sbs], [p.pid for p in vmms])
-        files = [f"{CG}/{c}/kata_overhead/{p.sandbox_id}/{f}" for p, _ in sbs
-                 for c, f in (("memory", "memory.usage_in_bytes"), ("cpuacct", "cpuacct.usage"))]
-        if not all(os.path.isdir(os.path.dirname(f)) for f in files):
-            files = []
-        with open(f"{root}/cgfiles", "w") as f:
-            f.write("\n".join(files) + "\n")
-        with open(f"{root}/socks", "w") as f:
-            f.writelines(f"{s}\n" for _, s in sbs)
-        kat = [*KATACTL, "--host-root", root, "overhead", "-o", "json", "--interval", f"{INTERVAL}s",
-               "--runtime-class-overhead", "cpu=4,memory=8Gi"]
-        one = f"ps -eLo pid,ppid,tid,rss,time,comm && xargs cat < {root}/cgfiles" if files else \
-            "ps -eLo pid,ppid,tid,rss,time,comm"
-        psref = f"{one} && sleep {INTERVAL} && {one}"
-        curl = f"xargs -P {PAR} -I{{}} curl -sf --unix-socket {{}} http://localhost/metrics < {root}/socks"
-        doc = json.loads(subprocess.run(kat, capture_output=True, text=True, check=True).stdout)
-        measured = {it["measured"]["source"] for it in doc["items"]}
-        assert len(doc["items"]) == n and all(len(it["processes"]) == 2 for it in doc["items"]), doc["items"][:1]
-        cmds = {"katactl": (kat, None), "ps": (["sh", "-c", psref], None),
-                "eq": (["sh", "-c", f"{psref} && {curl}"], None)}
-        med = {k: statistics.median(v) for k, v in interleaved(cmds, runs, warmup=warmup).items()}
+        with shim_node(n, f"bo{os.getpid()}-", pids=[p.pid for p in vmms], host_views=True) as (root, sbs):
+            for (p, _), shim in zip(sbs, shims, strict=True):
+                layout.write_shim_pid(root, p.bundle_node, shim.pid)
+            cgroups = make_cgroups([p.sandbox_id for p, _ in sbs], [p.pid for p in vmms])
+            files = [f"{CG}/{c}/kata_overhead/{p.sandbox_id}/{f}" for p, _ in sbs
+                     for c, f in (("memory", "memory.usage_in_bytes"), ("cpuacct", "cpuacct.usage"))]
+            if not all(os.path.isdir(os.path.dirname(f)) for f in files):
+                files = []
+            with open(f"{root}/cgfiles", "w") as f:
+                f.write("\n".join(files) + "\n")
+            with open(f"{root}/socks", "w") as f:
+                f.writelines(f"{s}\n" for _, s in sbs)
+            kat = [*KATACTL, "--host-root", root, "overhead", "-o", "json", "--interval", f"{INTERVAL}s",
+                   "--runtime-class-overhead", "cpu=4,memory=8Gi"]
+            one = f"ps -eLo pid,ppid,tid,rss,time,comm && xargs cat < {root}/cgfiles" if files else \
+                "ps -eLo pid,ppid,tid,rss,time,comm"
+            psref = f"{one} && sleep {INTERVAL} && {one}"
+            curl = f"xargs -P {PAR} -I{{}} curl -sf --unix-socket {{}} http://localhost/metrics < {root}/socks"
+            doc = json.loads(subprocess.run(kat, capture_output=True, text=True, check=True).stdout)
+            measured = {it["measured"]["source"] for it in doc["items"]}
+            assert len(doc["items"]) == n and all(len(it["processes"]) == 2 for it in doc["items"]), doc["items"][:1]
+            cmds = {"katactl": (kat, None), "ps": (["sh", "-c", psref], None),
+                    "eq": (["sh", "-c", f"{psref} && {curl}"], None)}
+            med = {k: statistics.median(v) for k, v in interleaved(cmds, runs, warmup=warmup).items()}
     finally:
-        for s in servers:
-            s.stop()
         for p in procs:
             p.kill()
             p.wait()
@@ -106,8 +92,6 @@ def main() -> None:
                 os.rmdir(d)
             except OSError:
                 pass
-        layout.unlink_host_views(root)
-        shutil.rmtree(root, ignore_errors=True)
     if a.smoke:
         print(f"bench_overhead smoke ok: {n} sandboxes, measured from {sorted(measured)}")
         return
@@ -130,9 +114,7 @@ def main() -> None:
         f"| the same + `xargs -P {PAR} curl` of every shim (equal work) | {med['eq']:.3f} | "
         f"{med['eq'] / ref:.2f}x (katactl {med['katactl'] / med['eq']:.2f}x its time) |",
     ]) + "\n"
-    print(text)
-    if a.write:
-        write_section(text, "bench/bench_overhead.py")
+    publish(text, "bench/bench_overhead.py", a.write)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Usage: .venv/bin/python bench/bench_pressure.py [--online 300] [--sandboxes 200]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, context, interleaved, precompile, require, write_section  # noqa: E402
+from bench._util import KATACTL, bench_parser, context, interleaved, precompile, publish, require  # noqa: E402
 from tests import fixtures_isolation as fx  # noqa: E402
 
 INTERVAL = 0.1  # the smallest --interval: the comparison is about the work, not the wait
@@ -56,12 +55,9 @@ def sampled_files(root: str) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = bench_parser("5 pods, one run, nothing written")
     ap.add_argument("--online", type=int, default=300)
     ap.add_argument("--sandboxes", type=int, default=200)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="5 pods, one run, nothing written")
     a = ap.parse_args()
     require("xargs", "cat", "sleep")
     if a.smoke:
@@ -104,9 +100,7 @@ def main() -> None:
         f"{med['katactl'] / r:.2f}x (target <= 1.5x) |",
         f"| `xargs cat` of the same files, 2 samples + sleep {INTERVAL:g}s (reference) | {r:.3f} | 1.00x |",
     ]) + "\n"
-    print(text)
-    if a.write:
-        write_section(text, "bench/bench_pressure.py")
+    publish(text, "bench/bench_pressure.py", a.write)
 
 
 if __name__ == "__main__":

@@ -6,41 +6,30 @@ Usage: .venv/bin/python bench/bench_top.py [--shims 200] [--runs 5] [--write] [-
 """
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, context, interleaved, precompile, require, start_shims, write_section  # noqa: E402
+from bench._util import KATACTL, bench_parser, context, interleaved, precompile, publish, require, shim_node  # noqa: E402
 
 INTERVAL = 0.1
 PAR = 32
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = bench_parser("5 shims, one run, nothing written")
     ap.add_argument("--shims", type=int, default=200)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="5 shims, one run, nothing written")
     a = ap.parse_args()
     require("curl", "xargs")
     n = 5 if a.smoke else a.shims
     runs, warmup = (1, 0) if a.smoke else (a.runs, 1)
     pre = None if a.smoke else precompile()
-    root = tempfile.mkdtemp(prefix="kt", dir="/tmp")
-    os.symlink("/proc", f"{root}/proc")
-    servers = []
-    try:
-        shims = start_shims(root, n, "top", servers)
-        socks = [s for _, s in shims]
+    with shim_node(n, "top") as (root, shims):
         listfile = f"{root}/socks"
         with open(listfile, "w") as f:
-            f.write("\n".join(socks) + "\n")
+            f.write("\n".join(s for _, s in shims) + "\n")
         top = [*KATACTL, "--host-root", root, "top", "-o", "json", "--interval", f"{INTERVAL}s"]
         one = f"xargs -P {PAR} -I{{}} curl -sf --unix-socket {{}} http://localhost/metrics < {listfile}"
         two = f"{one} && sleep {INTERVAL} && {one}"
@@ -48,10 +37,6 @@ def main() -> None:
         cmds = {"top": (top, None), "two": (["sh", "-c", two], None), "one": (["sh", "-c", one], None),
                 "serial": (["sh", "-c", f"({serial}) && sleep {INTERVAL} && ({serial})"], None)}
         med = {k: statistics.median(v) for k, v in interleaved(cmds, runs, warmup=warmup).items()}
-    finally:
-        for s in servers:
-            s.stop()
-        shutil.rmtree(root, ignore_errors=True)
     if a.smoke:
         print(f"bench_top smoke ok: {n} shims, top {med['top']:.2f}s")
         return
@@ -69,10 +54,7 @@ def main() -> None:
              f"| `xargs -P {PAR} curl`, 1 pass | {med['one']:.3f} | {med['one'] / ref:.2f}x |",
              f"| serial curl loop, 2 passes + sleep (the old reference) | {med['serial']:.3f} | "
              f"{med['serial'] / ref:.2f}x |"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.write:
-        write_section(text, "bench/bench_top.py")
+    publish("\n".join(lines) + "\n", "bench/bench_top.py", a.write)
 
 
 if __name__ == "__main__":
