@@ -133,7 +133,7 @@ complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subco
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l makedumpfile -d 'Filter and compress on the node with makedumpfile -c -d LEVE'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l dump-level -r -d 'makedumpfile dump level (0-31)'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l delete-after -d 'Delete the node\'s dump once the copy is verified against the'
-complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l verify -d 'Also check every copy against the node\'s own sha256sum'
+complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l verify -d 'Also check every copy against a SHA-256 computed on the node'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l bwlimit -r -d 'Limit read rate, bytes/s (e'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l dry-run -d 'Show what would be collected'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l dump-path -r -F -d 'Dump directory (default: guest_memory_dump_path of the Kata '

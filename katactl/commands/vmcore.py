@@ -79,7 +79,7 @@ def collect_cmd(
     makedumpfile: bool = typer.Option(False, "--makedumpfile", help="Filter and compress on the node with makedumpfile -c -d LEVEL first."),
     dump_level: int = typer.Option(31, "--dump-level", metavar="N", help="makedumpfile dump level (0-31)."),
     delete_after: bool = typer.Option(False, "--delete-after", help="Delete the node's dump once the copy is verified against the node's sha256."),
-    verify: bool = typer.Option(False, "--verify", help="Also check every copy against the node's own sha256sum."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every copy against a SHA-256 computed on the node (openssl, python3 or sha256sum)."),
     bwlimit: Optional[str] = typer.Option(None, "--bwlimit", metavar="RATE", help="Limit read rate, bytes/s (e.g. 50Mi)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be collected."),
     dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
