@@ -481,15 +481,23 @@ def relabel(fams: list[Family], extra: list[tuple[str, str]]) -> list[Family]:
     renamed kata_shim_*. A shim's own label of the same name (runtime-rs labels some
     samples sandbox_id) is replaced by ours, not duplicated (kata-monitor would emit it twice,
     which Prometheus refuses)."""
-    enc = [(k, v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')) for k, v in extra]
+    enc = tuple((k, v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')) for k, v in extra)
     names = {k for k, _ in extra}
+    special = names | {"le", "quantile"}
     out = []
     for f in fams:
         nf = Family(_rename(f.name), f.type, f.help)
+        renamed = nf.name != f.name  # go_*/process_*: every sample name of the family too
+        add = nf.samples.append
         for name, labels, value, ts in f.samples:
+            if renamed:
+                name = "kata_shim_" + name
+            if not any(k in special for k, _ in labels):  # the common case: ours appended
+                add((name, (*labels, *enc), value, ts))
+                continue
             keep = [(k, v) for k, v in labels if k not in names and k not in ("le", "quantile")]
             tail = [(k, v) for k, v in labels if k in ("le", "quantile") and k not in names]
-            nf.samples.append((_rename(name), keep + enc + tail, value, ts))
+            add((name, (*keep, *enc, *tail), value, ts))
         out.append(nf)
     return out
 
