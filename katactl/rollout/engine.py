@@ -52,6 +52,8 @@ NODE_ACTIVE = ("running", "soaking")
 #: threads writing the nodes' progress labels (a round trip each; with the saver, the scheduler and the
 #: lease renewal they stay within the store client's 16 connections)
 MARKERS = 8
+#: seconds a progress label waits before it is written (a newer phase meanwhile replaces it)
+MARK_DELAY = 0.5
 
 
 def _now() -> str:
@@ -101,7 +103,8 @@ class Engine:
         self._dirty: set[str] = set(state["nodes"])
         self._keys = sorted((json.dumps(n) + ":", n) for n in state["nodes"])
         self._plan_json = _dumps(state["plan"])
-        self._marks: dict[str, dict] = {}      # node -> progress label not yet written (newest wins)
+        self._marks: dict[str, tuple[dict, float]] = {}  # node -> (label not yet written, when due)
+        self._flushing = False
         self._marks_cv = threading.Condition()
         self._marking: set[str] = set()        # nodes whose label is being written
         self._markers: list[threading.Thread] = []
@@ -110,6 +113,8 @@ class Engine:
         self.threads: dict[str, threading.Thread] = {}
         self.out_nodes: set[str] = set()       # nodes in their steps (out of service by us)
         self.obs: dict[str, NodeInfo] = {}
+        # out of service as last observed: worked out once per list, not for each node started
+        self.obs_out: set[str] = set(state["nodes"])
         self.obs_at = 0.0
         self.obs_dirty = True
         self.gate = gate_mod.GateState(True)
@@ -188,18 +193,13 @@ class Engine:
             for n in page:
                 if n["metadata"]["name"] in names:
                     obs[n["metadata"]["name"]] = info_of(n, None)
-        self.obs, self.obs_at, self.obs_dirty = obs, self.clock(), False
+        out = {n for n in names if n not in obs or obs[n].out}
+        self.obs, self.obs_out, self.obs_at, self.obs_dirty = obs, out, self.clock(), False
 
     def unavailable(self) -> set[str]:
         """Nodes of the selection out of service now: ours in their steps, and the
         ones found unschedulable or not Ready (a node gone from the API counts too)."""
-        out = set(self.out_nodes)
-        if self.api is not None:
-            for n in self.state["nodes"]:
-                o = self.obs.get(n)
-                if o is None or o.out:
-                    out.add(n)
-        return out
+        return self.out_nodes | self.obs_out if self.api is not None else set(self.out_nodes)
 
     def room_for(self, node: str) -> bool:
         self.observe()
@@ -600,12 +600,15 @@ class Engine:
     def _mark(self, n: str, rec: dict) -> None:
         """Queue the node's progress label/annotation for the marker threads: they are
         for people (kubectl get nodes -L), the state is what resume reads, so they are
-        not worth a round trip on the node's path, and a phase not yet written when a
-        newer one comes is never written."""
+        not worth a round trip on the node's path. A label waits MARK_DELAY before it is
+        written, and one replaced by a newer phase meanwhile is never written (a node
+        whose steps take less than that gets one label, not two)."""
         info = {"phase": rec["phase"], "step": rec["step"], "steps": len(self.plan.steps),
                 "batch": rec["batch"] + 1, "at": _now()}
         with self._marks_cv:
-            self._marks[n] = info
+            # a replaced label keeps its place and time: the queue stays in time order
+            due = self._marks[n][1] if n in self._marks else time.monotonic() + MARK_DELAY
+            self._marks[n] = (info, due)
             if len(self._markers) < min(MARKERS, len(self._marks) + len(self._marking)):
                 t = threading.Thread(target=self._mark_loop, name="katactl-rollout-marks", daemon=True)
                 self._markers.append(t)
@@ -616,9 +619,16 @@ class Engine:
         while True:
             with self._marks_cv:
                 # one writer per node at a time, so its labels are written in order
-                while not (n := next((m for m in self._marks if m not in self._marking), None)):
-                    self._marks_cv.wait()
-                info = self._marks.pop(n)
+                while True:
+                    n = next((m for m in self._marks if m not in self._marking), None)
+                    if n is None:
+                        self._marks_cv.wait()
+                        continue
+                    wait = self._marks[n][1] - time.monotonic()
+                    if wait <= 0 or self._flushing:
+                        break
+                    self._marks_cv.wait(wait)
+                info = self._marks.pop(n)[0]
                 self._marking.add(n)
             try:
                 self.store.mark_node(n, self.plan.name, info)
@@ -634,8 +644,11 @@ class Engine:
         are not worth holding up the end of a run whose API went away)."""
         end = time.monotonic() + timeout
         with self._marks_cv:
+            self._flushing = True
+            self._marks_cv.notify_all()
             while (self._marks or self._marking) and time.monotonic() < end:
                 self._marks_cv.wait(max(0.0, end - time.monotonic()))
+            self._flushing = False
 
     # -- the end -----------------------------------------------------------------------------
     def abort_all(self) -> None:
