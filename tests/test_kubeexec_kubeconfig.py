@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES = 8
 
@@ -61,3 +63,22 @@ def test_concurrent_transports_load_the_kubeconfig_whole(kube, tmp_path):
                        cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout) == [], p.stdout
+
+
+def test_a_changed_kubeconfig_is_loaded_again(kube, tmp_path, monkeypatch):
+    """The transports of one fan-out share a kubeconfig load; a kubeconfig rewritten since (a
+    rotated token) is read again at once, not after the shared load expires."""
+    from katactl import config
+    from katactl.backends.kubeexec import KubeExecTransport
+    from katactl.errors import AuthError
+
+    kube.add_node("n00")
+    kube.add_pod("katactl-node-agent-n00", "kube-system", node="n00",
+                 labels={"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"})
+    path = tmp_path / "kubeconfig"
+    monkeypatch.setenv("KUBECONFIG", kube.kubeconfig(path))
+    settings = config.resolve({"via": "kube"})
+    KubeExecTransport.from_settings("n00", settings).close()
+    kube.kubeconfig(path, token="revoked-token")
+    with pytest.raises(AuthError):
+        KubeExecTransport.from_settings("n00", settings).close()
