@@ -1,9 +1,12 @@
 """Shim metrics: parsing (prometheus_client's text parser, imported lazily),
 family filtering, and the per-sandbox figures ``katactl top`` shows.
 
-Sizes from ``*_proc_status`` and ``kata_guest_meminfo`` are bytes (procfs
-libraries convert the kernel's kB); ``*_proc_stat`` utime/stime are clock
-ticks (USER_HZ = 100 on Linux), so CPU % comes from deltas between scrapes.
+Sizes: ``kata_guest_meminfo`` is bytes (the agent's procfs crate converts the
+kernel's kB); ``*_proc_status`` is bytes from the Go shim (prometheus/procfs
+converts) but kB from runtime-rs, which sets the Rust procfs crate's ``Status``
+fields unconverted (runtime-rs ``crates/shim/src/shim_metrics.rs``,
+``hypervisor_metrics``); ``*_proc_stat`` utime/stime are clock ticks
+(USER_HZ = 100 on Linux), so CPU % comes from deltas between scrapes.
 """
 from __future__ import annotations
 
@@ -90,13 +93,19 @@ def _index(text: str) -> dict:
     return idx
 
 
-def top_sample(text: str) -> dict:
-    """The figures top needs from one scrape (None where a family is missing)."""
+def top_sample(text: str, runtime: str | None = "go") -> dict:
+    """The figures top needs from one scrape (None where a family is missing).
+    ``runtime``: the shim's ("go" or "rs"), for the unit of ``*_proc_status``."""
     idx = _index(text)
+    status_unit = 1024.0 if runtime == "rs" else 1.0
 
     def g(name, item):
         v = idx.get((name, item))
         return None if v is None else float(v)
+
+    def kb(name, item):
+        v = g(name, item)
+        return None if v is None else v * status_unit
 
     def ticks(prefix):
         u, s = g(f"{prefix}_proc_stat", "utime"), g(f"{prefix}_proc_stat", "stime")
@@ -113,8 +122,8 @@ def top_sample(text: str) -> dict:
         "guestMemUsed": (total - avail) if total is not None and avail is not None else None,
         "balloonInflatePages": inflate,
         "balloonDeflatePages": deflate,
-        "shimRSS": g("kata_shim_proc_status", "vmrss"),
-        "hypervisorRSS": g("kata_hypervisor_proc_status", "vmrss"),
+        "shimRSS": kb("kata_shim_proc_status", "vmrss"),
+        "hypervisorRSS": kb("kata_hypervisor_proc_status", "vmrss"),
         "_shimTicks": ticks("kata_shim"),
         "_hvTicks": ticks("kata_hypervisor"),
     }
@@ -172,7 +181,7 @@ def scrape_all(transport: NodeTransport, sandboxes, *, timeout: float, workers: 
     """{sandbox id: sample dict | KatactlError}, scraping concurrently."""
     def one(sb):
         try:
-            return sb.id, top_sample(scrape(transport, sb, timeout))
+            return sb.id, top_sample(scrape(transport, sb, timeout), sb.runtime)
         except Exception as e:  # one shim's failure is that row's data
             return sb.id, as_katactl_error(e)
 

@@ -301,3 +301,24 @@ def test_hypervisor_figures_from_the_node_when_the_shim_lacks_them(cli):
     finally:
         hv.kill()
         hv.wait()
+
+
+def test_runtime_rs_proc_status_is_kib(cli):
+    """runtime-rs exports *_proc_status as the Rust procfs crate reads /proc (kB, unconverted;
+    crates/shim/src/shim_metrics.rs); the Go shim's prometheus/procfs converts to bytes. The
+    same RSS must read the same in top for both runtimes, and a literal runtime-rs line of
+    51200 is 50 MiB, not 50 KiB."""
+    from katactl import metrics
+
+    line = '# TYPE kata_shim_proc_status gauge\nkata_shim_proc_status{item="vmrss"} 51200\n'
+    assert metrics.top_sample(line, "rs")["shimRSS"] == 50 << 20
+    assert metrics.top_sample(line, "go")["shimRSS"] == 51200
+    with node() as n:
+        for make, sid in ((n.go, "gorss01"), (n.rs, "rsrss02")):
+            make(sid, flavour_kw={"state": ShimState(sandbox_id=sid, shim_rss=40 << 20, hypervisor_rss=700 << 20,
+                                                     shim_cpu_percent=0.0, hypervisor_cpu_percent=0.0)})
+        r = cli(["--host-root", n.root, "top", "-o", "json", "--interval", "0.1s"])
+        assert r.exit_code == 0, r.stderr
+        rows = {i["id"]: i for i in r.json()["items"]}
+        for sid in ("gorss01", "rsrss02"):
+            assert (rows[sid]["shimRSS"], rows[sid]["hypervisorRSS"]) == (40 << 20, 700 << 20), (sid, rows[sid])

@@ -473,12 +473,18 @@ class ShimServer:
                 lab = ",".join(f'{k}="{val}"' for k, val in labels.items())
                 out.append(f"{name}{{{lab}}} {_num(v)}" if lab else f"{name} {_num(v)}")
 
+        # *_proc_status sizes: the Go shim's prometheus/procfs converts /proc's kB to bytes;
+        # runtime-rs (and the Rust agent, under either runtime) sets the Rust procfs crate's
+        # Status fields as they are, in kB (runtime-rs crates/shim/src/shim_metrics.rs,
+        # src/agent/src/metrics.rs set_gauge_vec_proc_status)
+        status_unit = 1 if self.flavour == "go" else 1024
+
         def proc(prefix: str, who: str, rss: int, pct: float, threads: int, fds: int):
             fam(f"{prefix}_threads", "gauge", f"{who} process threads.", [({}, threads)])
             fam(f"{prefix}_proc_status", "gauge", f"{who} process status.",
-                [({"item": "vmrss"}, rss), ({"item": "vmhwm"}, rss + (4 << 20)),
-                 ({"item": "rssanon"}, rss * 3 // 4), ({"item": "rssfile"}, rss // 4),
-                 ({"item": "vmswap"}, 0), ({"item": "vmsize"}, rss * 4)])
+                [({"item": k}, v // status_unit) for k, v in (
+                    ("vmrss", rss), ("vmhwm", rss + (4 << 20)), ("rssanon", rss * 3 // 4),
+                    ("rssfile", rss // 4), ("vmswap", 0), ("vmsize", rss * 4))])
             t = ticks(pct)
             fam(f"{prefix}_proc_stat", "gauge", f"{who} process statistics.",
                 [({"item": "utime"}, t * 2 // 3), ({"item": "stime"}, t - t * 2 // 3),
@@ -520,7 +526,7 @@ class ShimServer:
         fam("kata_agent_threads", "gauge", "Agent process threads", [({}, 5)])
         fam("kata_agent_total_rss", "gauge", "Agent process total rss size", [({}, s.agent_rss)])
         fam("kata_agent_proc_status", "gauge", "Agent process status.",
-            [({"item": "vmrss"}, s.agent_rss), ({"item": "vmhwm"}, s.agent_rss)])
+            [({"item": "vmrss"}, s.agent_rss >> 10), ({"item": "vmhwm"}, s.agent_rss >> 10)])
         fam("kata_guest_load", "gauge", "Guest system load.",
             [({"item": "load1"}, s.guest_load1), ({"item": "load5"}, s.guest_load1),
              ({"item": "load15"}, s.guest_load1)])
