@@ -656,7 +656,7 @@ class Resolver:
                 detail = f"{detail}; {env_note}" if detail else env_note
             if path is None:
                 return SandboxConfig(None, handler=handler, origin=None, origin_detail=detail, error=(
-                    f"no Kata configuration on node {self.t.node} (looked for {', '.join(search)})"))
+                    f"no Kata configuration (looked for {', '.join(search)})"))
             origin = _origin_of_default(path)
         key = (path, f.runtime, handler, origin, detail)
         if key not in self._answers:
