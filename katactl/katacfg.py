@@ -46,7 +46,7 @@ import dataclasses
 import fnmatch
 import posixpath
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from katactl.errors import KatactlError, NotFound, OperationFailed, UsageError
 from katactl.backends.base import NodeTransport
@@ -165,8 +165,9 @@ def node_prefix(transport: NodeTransport) -> tuple[str, str | None]:
     """(PREFIX, the shim binary it was read from) for a node-wide answer without a sandbox:
     the first Go shim found where containerd would look (PATH, then kata-deploy's
     /opt/kata/bin), symlinks resolved; the Makefile's default without one."""
+    found = exists_many(transport, SHIM_LOCATIONS)
     for b in SHIM_LOCATIONS:
-        if exists(transport, b):
+        if found[b]:
             try:
                 p = build_prefix(realpath(transport, b))
             except OperationFailed:
@@ -182,32 +183,51 @@ def _origin_of_default(path: str) -> str:
 
 def realpath(transport: NodeTransport, path: str, max_links: int = 40) -> str:
     """Resolve symlinks in a node path through the transport (like EvalSymlinks)."""
+    return _resolve(transport, path, max_links)[0]
+
+
+def _resolve(transport: NodeTransport, path: str, max_links: int = 40) -> tuple[str, bool]:
+    """(the path with symlinks resolved, whether it exists). The components up to the
+    next ``.``/``..`` are lstat'ed in one ``stat_many`` call (one pipelined SFTP round
+    trip over SSH for the whole path, not one per component: a node's configuration
+    lookup resolves some 30 paths), then walked in order."""
     parts = [p for p in path.split("/") if p]
     out = "/"
     links = 0
     while parts:
-        part = parts.pop(0)
-        if part == ".":
+        if parts[0] == ".":
+            parts.pop(0)
             continue
-        if part == "..":
+        if parts[0] == "..":
+            parts.pop(0)
             out = posixpath.dirname(out) or "/"
             continue
-        cand = posixpath.join(out, part)
-        try:
-            st = transport.stat(cand, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            return posixpath.normpath(posixpath.join(cand, *parts))
-        if st.is_link:
-            links += 1
-            if links > max_links:
-                raise OperationFailed(f"{path}: too many levels of symbolic links")
-            target = transport.readlink(cand)
-            if target.startswith("/"):
-                out = "/"
-            parts = [p for p in target.split("/") if p] + parts
-            continue
-        out = cand
-    return out
+        run: list[str] = []
+        for part in parts:
+            if part in (".", ".."):
+                break
+            run.append(posixpath.join(run[-1] if run else out, part))
+        stats = transport.stat_many(run, follow_symlinks=False)
+        for cand in run:
+            parts.pop(0)
+            st = stats.get(cand)
+            if isinstance(st, (FileNotFoundError, NotADirectoryError, PermissionError)):
+                return posixpath.normpath(posixpath.join(cand, *parts)), False
+            if isinstance(st, OSError):
+                raise st
+            if st is None:
+                raise OperationFailed(f"{cand}: no answer from the node's stat")
+            if st.is_link:
+                links += 1
+                if links > max_links:
+                    raise OperationFailed(f"{path}: too many levels of symbolic links")
+                target = transport.readlink(cand)
+                if target.startswith("/"):
+                    out = "/"
+                parts[:0] = [p for p in target.split("/") if p]
+                break
+            out = cand
+    return out, True
 
 
 def parse_toml(text: str, where: str) -> dict:
@@ -252,12 +272,44 @@ def merge(base: dict, over: dict) -> dict:
 def exists(transport: NodeTransport, path: str) -> bool:
     """Whether a node path exists, symlinks resolved inside the node (not on the host)."""
     try:
-        transport.stat(realpath(transport, path), follow_symlinks=False)
-        return True
+        return _resolve(transport, path)[1]
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return False
     except OperationFailed:
         return True   # a symlink loop: exists, and load() reports the loop
+
+
+def exists_many(transport: NodeTransport, paths: Sequence[str]) -> dict[str, bool]:
+    """{path: exists(transport, path)} with one ``stat_many`` of every path's components
+    for all of them (one round trip over SSH for a whole search list); only a path with a
+    symlink on its way is resolved on its own afterwards."""
+    prefixes: dict[str, None] = {}
+    chains: dict[str, list[str] | None] = {}
+    for path in paths:
+        parts = [q for q in path.split("/") if q]
+        if not path.startswith("/") or any(q in (".", "..") for q in parts):
+            chains[path] = None  # not a plain absolute path: the careful walk
+            continue
+        walk = ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))]
+        chains[path] = walk
+        prefixes.update(dict.fromkeys(walk))
+    stats = transport.stat_many(list(prefixes), follow_symlinks=False) if prefixes else {}
+    out: dict[str, bool] = {}
+    for path, chain in chains.items():
+        if chain is None:
+            out[path] = exists(transport, path)
+            continue
+        answer: bool | None = True
+        for c in chain:
+            st = stats.get(c)
+            if isinstance(st, (FileNotFoundError, NotADirectoryError, PermissionError)):
+                answer = False
+                break
+            if isinstance(st, OSError) or st is None or st.is_link:
+                answer = None  # a link (or an odd error) on the way: resolve this one alone
+                break
+        out[path] = exists(transport, path) if answer is None else answer
+    return out
 
 
 def _read_regular(transport: NodeTransport, path: str, shown: str) -> str:
@@ -270,8 +322,9 @@ def _read_regular(transport: NodeTransport, path: str, shown: str) -> str:
 
 def find_config(transport: NodeTransport, runtime: str = "go", prefix: str | None = None) -> str:
     paths = search_paths(runtime, prefix or node_prefix(transport)[0])
+    found = exists_many(transport, paths)
     for p in paths:
-        if exists(transport, p):
+        if found[p]:
             return p
     raise NotFound(f"no Kata configuration on node {transport.node} (looked for " + ", ".join(paths) + ")",
                    hint="pass --kata-config PATH if the runtime is pointed elsewhere (ConfigPath in containerd)")
@@ -422,7 +475,8 @@ def containerd_config(transport: NodeTransport, path: str | None = None) -> Cont
     ``containerd.runtimes`` (CRI_RUNTIME_PLUGINS), as containerd 2 migrates older imports.
     Nothing readable: an empty result (with ``error`` when a file was there but bad)."""
     if path is None:
-        path = next((p for p in CONTAINERD_CONFIGS if exists(transport, p)), None)
+        found = exists_many(transport, CONTAINERD_CONFIGS)
+        path = next((p for p in CONTAINERD_CONFIGS if found[p]), None)
         if path is None:
             return ContainerdConfig(None, [], {})
     tables: dict[str, dict] = {}
@@ -508,7 +562,8 @@ def _glob(transport: NodeTransport, pattern: str) -> list[str]:
                 continue
             nxt += [posixpath.join(base, n) for n in names if fnmatch.fnmatchcase(n, part)]
         found = nxt
-    return [p for p in found if exists(transport, p)]
+    there = exists_many(transport, found)
+    return [p for p in found if there[p]]
 
 
 # -- the configuration one sandbox's runtime used ---------------------------------
@@ -683,6 +738,11 @@ class Resolver:
         return self._node_prefix
 
     def _exists_cached(self, path: str) -> bool:
+        if not self._exists:
+            # every default search path in one round trip: most sandboxes ask about them
+            prefixes = (DEFAULT_PREFIX, "/opt/kata", self._node_prefix_cached()[0])
+            self._exists.update(exists_many(self.t, [GO_SYSCONF, *RS_SEARCH, *(
+                search_paths("go", p)[1] for p in prefixes)]))
         if path not in self._exists:
             self._exists[path] = exists(self.t, path)
         return self._exists[path]
@@ -708,7 +768,9 @@ class Resolver:
         if h.name not in self._hbin:
             b = h.runtime_path
             if not b and h.binary_name:
-                b = next((c for d in BINARY_DIRS if exists(self.t, c := f"{d}/{h.binary_name}")), None)
+                cands = [f"{d}/{h.binary_name}" for d in BINARY_DIRS]
+                there = exists_many(self.t, cands)
+                b = next((c for c in cands if there[c]), None)
             self._hbin[h.name] = self._realpath(b) if b else None
         return self._hbin[h.name]
 

@@ -247,3 +247,58 @@ def test_containerd_config_broken_is_reported_not_raised(tmp_path, text):
 def test_no_containerd_config(tmp_path):
     cd = katacfg.containerd_config(LocalTransport(str(tmp_path)))
     assert (cd.path, cd.handlers, cd.error) == (None, {}, None)
+
+
+class _CountingTransport(LocalTransport):
+    """Counts the node round trips a remote transport would make for stats."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.trips = 0
+
+    def stat(self, *a, **k):
+        self.trips += 1
+        return super().stat(*a, **k)
+
+    def stat_many(self, *a, **k):
+        self.trips += 1
+        return super().stat_many(*a, **k)
+
+
+def test_exists_many_agrees_with_exists_through_links(tmp_path):
+    """exists_many answers a whole search list from one stat_many, and falls back to the
+    careful walk where a symlink lies on a path's way: same answers as exists()."""
+    _w(tmp_path, "/opt/kata/releases/3.1/share/defaults/kata-containers/configuration.toml", BASE)
+    os.symlink("releases/3.1", tmp_path / "opt/kata/current")
+    os.makedirs(tmp_path / "etc", exist_ok=True)
+    os.symlink("/opt/kata/current/share", tmp_path / "etc/kshare")        # absolute, inside the node
+    os.symlink("nowhere", tmp_path / "etc/dangling")
+    os.symlink("loop", tmp_path / "etc/loop")
+    os.symlink("loop", tmp_path / "etc/loop2")
+    os.replace(tmp_path / "etc/loop2", tmp_path / "etc/loop")               # a link to itself
+    paths = ["/opt/kata/current/share/defaults/kata-containers/configuration.toml",
+             "/etc/kshare/defaults/kata-containers/configuration.toml",
+             "/opt/kata/releases/3.1/share/defaults/kata-containers/configuration.toml",
+             "/opt/kata/releases/3.2/share/defaults/kata-containers/configuration.toml",
+             "/etc/dangling", "/etc/loop", "/etc/loop/x", "/etc/../opt/kata/current", "/", "/etc",
+             "/opt/kata/releases/3.1/share/defaults/kata-containers/configuration.toml/below"]
+    t = LocalTransport(str(tmp_path))
+    assert katacfg.exists_many(t, paths) == {p: katacfg.exists(t, p) for p in paths}
+    assert katacfg.exists_many(t, paths)[paths[1]] is True and katacfg.exists_many(t, paths)[paths[3]] is False
+
+
+def test_resolution_costs_a_few_round_trips_not_one_per_path_component(tmp_path):
+    """A node's configuration lookup (containerd's config, the shim binary's prefix, each
+    runtime's search list) is answered in batches: over SSH every stat call is a round
+    trip, and a fan-out of 32 nodes paid some 33 sequential ones per node."""
+    from tests._katanode import node
+    from katactl import sandbox
+
+    with node() as n:
+        for i in range(4):
+            n.go(f"g{i}", serve=False, pid=2 ** 22 + i)
+        n.rs("r0", serve=False, pid=2 ** 22 + 9)
+        t = _CountingTransport(n.root)
+        sbs = sandbox.discover(t, check=False)
+        assert len(sbs) == 5 and all("kataConfig" in s.to_dict() for s in sbs)
+        assert t.trips <= 6, t.trips
