@@ -154,7 +154,7 @@ def analyse(run: dict, n_nodes: int, max_unavail: int, check_kinds: collections.
             "sum": sum(secs), "batches": batches, "ideal": ideal, "overhead": run["wall"] - ideal,
             "startup": t_started, "to_first_step": t_first_step, "tail": t_end - t_last_fin,
             "after_exit_wait": run["wall"] - t_end, "batch_spans": batch_spans, "critical": critical,
-            "cpu": run["cpu"], "stalled": sum(1 for x in secs if x > 5.0),
+            "cpu": run["cpu"], "stalled": sum(1 for x in secs if x > 5.0), "slack": run["wall"] - critical,
             "total_req": total, "steps_req": own, "rollout_req": total - own, "kinds": kinds,
             "rollout_kinds": rollout_kinds, "check_per_node": check_per_node}
 
@@ -252,14 +252,17 @@ def main() -> None:
         if v:
             lines.append(f"| {k} | {v:,} | {v / a.nodes:.2f} |")
     if a.baseline:
+        def finished(tree):
+            return [x for x in results if x["tree"] == tree and x["rc"] == 0 and x["n_steps"] == a.nodes]
+
         def med(tree, k):
-            return statistics.median(x[k] for x in results if x["tree"] == tree)
-        b = min((x for x in results if x["tree"] == "baseline"), key=lambda x: x["wall"])
-        lines += ["", "Medians, baseline -> this tree: wall "
+            return statistics.median(x[k] for x in finished(tree) or [x for x in results if x["tree"] == tree])
+        b = min(finished("baseline") or [x for x in results if x["tree"] == "baseline"], key=lambda x: x["wall"])
+        lines += ["", f"Medians of the runs that finished ({len(finished('baseline'))} of {a.runs} baseline, "
+                  f"{len(finished('current'))} of {a.runs} this tree), baseline -> this tree: wall "
                   f"{med('baseline', 'wall'):.2f} -> {med('current', 'wall'):.2f} s, katactl CPU "
                   f"{med('baseline', 'cpu'):.2f} -> {med('current', 'cpu'):.2f} s, wall - critical path "
-                  f"{med('baseline', 'wall') - med('baseline', 'critical'):.2f} -> "
-                  f"{med('current', 'wall') - med('current', 'critical'):.2f} s; the baseline's fastest run sent "
+                  f"{med('baseline', 'slack'):.2f} -> {med('current', 'slack'):.2f} s; the baseline's fastest run sent "
                   f"{b['rollout_req'] / a.nodes:.1f} requests per node of its own ("
                   + ", ".join(f"{v / a.nodes:.2f} {k}" for k, v in b["rollout_kinds"].most_common(4) if v) + ")."]
     text = "\n".join(lines)
