@@ -1,25 +1,38 @@
-"""Rollout steps: parsed with shlex into argv, looked up in a small registry,
-run through the library: built-in Kubernetes steps with the KubeAPI client,
-node-local katactl commands over the node's transport (SSH today). Never a
-shell, never a katactl subprocess.
+"""Rollout steps: typed as the katactl command they run (``upgrade stage SRC --sha256
+HEX``, ``drain --ignore-daemonsets``) and parsed by that command's own click definition,
+so a step takes exactly the options the command takes and cannot drift from it. The
+built-in Kubernetes steps are parsed by ``node cordon|uncordon|drain|check`` (without
+the NODE arguments: the rollout names the node), ``wait-ready`` by its own definition.
+A step runs through the library, with the Kubernetes API client or over the node's
+transport (SSH today): never a shell, never a katactl subprocess.
 
-Each step definition has an argparse parser (errors are UsageError, exit 2,
-naming the step) and a ``run(ctx, args) -> dict`` returning
-``{"changed": bool, "message": str, ...}`` or raising a KatactlError.
+Each step definition names the command parameters its library call uses and the ones
+it refuses (with why: ``--dry-run`` is the rollout's own, ``--parallel`` is
+--max-unavailable's); any other parameter typed in a step is refused too, so a new
+option of a command is never silently ignored. Parsing never invokes the command, and
+never reads the environment variables the command's options honour (a plan is stored
+and may be resumed from another machine: a step means what its text says).
+``run(ctx, args) -> dict`` returns ``{"changed": bool, "message": str, ...}`` or raises
+a KatactlError.
 """
 from __future__ import annotations
 
-import argparse
+import copy
 import dataclasses
+import functools
 import shlex
 import threading
 import time
+import types
 from typing import Any, Callable
 
 from katactl.errors import ExitCode, KatactlError, OperationFailed, TimeoutExpired, UsageError
 
 #: the check a soaked node gets when the plan has no 'check' step of its own
 DEFAULT_FAIL_ON = "high"
+
+DRY_RUN = "is the rollout's own: 'rollout plan' (or 'rollout run --dry-run') shows what would be done"
+NODES = "is not for a step: the rollout names the node (select nodes with -N, -l or --nodes-from)"
 
 
 class CheckFailed(KatactlError):
@@ -28,13 +41,10 @@ class CheckFailed(KatactlError):
     exit_code, code = ExitCode.CHECK_FAILED, "CheckFailed"
 
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, step: str, **kw):
-        super().__init__(prog=step, add_help=False, allow_abbrev=False, exit_on_error=False, **kw)
-        self.step = step
-
-    def error(self, message):  # never exit, never print
-        raise UsageError(f"step {self.step!r}: {message}")
+class Args(types.SimpleNamespace):
+    """A parsed step: every parameter of its command by name (the command's default when
+    not typed), ``typed_`` (the names of those typed), plus what the step's check derived
+    from them (parsed sizes, a policy)."""
 
 
 @dataclasses.dataclass
@@ -60,9 +70,16 @@ class StepContext:
 class StepDef:
     name: str
     kind: str                      # "kube" (needs the Kubernetes API) or "node" (node-local)
-    parser: Callable[[], _Parser]
-    run: Callable[[StepContext, argparse.Namespace], dict]
+    #: the katactl command whose definition parses the step (None: wait-ready's own)
+    command: tuple[str, ...] | None
+    run: Callable[[StepContext, Args], dict]
     help: str
+    #: the command's parameters the step's library call uses ...
+    uses: frozenset[str]
+    #: ... and those it refuses when typed, with why (any other typed parameter is refused too)
+    refuses: dict[str, str]
+    #: checks and derives values at plan time (exit 2 before any node is touched)
+    check: Callable[[Args], None] | None = None
     #: a step after which the node is out of service (it cordons)
     cordons: bool = False
 
@@ -71,7 +88,7 @@ class StepDef:
 class Step:
     text: str
     definition: StepDef
-    args: argparse.Namespace
+    args: Args
 
     @property
     def name(self) -> str:
@@ -109,11 +126,11 @@ NOT_NODE_LOCAL = {
 }
 
 
-def _register(name, kind, help, cordons=False):
-    def deco(fn):
-        parser_fn, run_fn = fn()
-        REGISTRY[name] = StepDef(name, kind, parser_fn, run_fn, help, cordons)
-        return fn
+def _register(name, kind, command, help, *, uses, refuses=None, check=None, cordons=False):
+    def deco(run):
+        REGISTRY[name] = StepDef(name, kind, command, run, help, frozenset(uses), dict(refuses or {}), check,
+                                 cordons)
+        return run
     return deco
 
 
@@ -143,10 +160,12 @@ def parse_step(text: str) -> Step:
             raise UsageError(f"step {text!r}: steps are katactl commands, not shell command lines",
                              hint=steps_hint())
         raise UsageError(f"step {text!r}: unknown step {argv[0]!r}", hint=steps_hint())
-    args = d.parser().parse_args(rest)
-    check = getattr(args, "_check", None)
-    if check:
-        check(args, text)
+    args = _parse_args(d, rest, text)
+    if d.check is not None:
+        try:
+            d.check(args)
+        except UsageError as e:
+            raise UsageError(f"step {text!r}: {e.message}", hint=e.hint) from None
     return Step(text, d, args)
 
 
@@ -156,20 +175,102 @@ def steps_hint() -> str:
     return f"built-in steps: {', '.join(kube)}; node-local steps: {', '.join(node)}"
 
 
-def _sev(v: str) -> str:
+# -- parsing by the command's own definition ------------------------------------------
+
+@functools.cache
+def step_command(name: str):
+    """The click command that parses step ``name``: the katactl command's own, with its
+    parameters' environment variables dropped (a step means what its text says, on
+    whichever machine plans or resumes it). Only that command's module is imported."""
+    path = REGISTRY[name].command
+    return _wait_ready_command() if path is None else _without_envvars(path)
+
+
+@functools.cache
+def _without_envvars(path: tuple[str, ...]):
+    from katactl.cli import command_at
+
+    cmd = copy.copy(command_at(path))
+    cmd.params = [copy.copy(p) for p in cmd.params]
+    for p in cmd.params:
+        p.envvar = None
+    return cmd
+
+
+def _parse_args(d: StepDef, argv: list[str], text: str) -> Args:
+    """The step's words after its name, parsed by the command's definition without
+    invoking it; click's errors reworded into one-line UsageErrors naming the step."""
+    from typer._click import exceptions as cx
+    from typer._click.core import ParameterSource
+
+    cmd = step_command(d.name)
+    where = f"katactl {' '.join(d.command)}" if d.command else None
+    hint = f"see '{where} --help' for its options" if where else None
+    try:
+        # no --help option: it would print and exit; typed in a step it is an unknown option
+        ctx = cmd.make_context(d.name, list(argv), resilient_parsing=False, help_option_names=[])
+    except cx.NoSuchOption as e:
+        raise UsageError(f"step {text!r}: {_unknown_option(e, where)}", hint=hint) from None
+    except cx.ClickException as e:
+        msg = " ".join(e.format_message().split()).rstrip(".")
+        if msg.startswith(EXTRA):
+            msg = "unrecognized arguments: " + msg[len(EXTRA):].removesuffix(")")
+        raise UsageError(f"step {text!r}: {msg[:1].lower()}{msg[1:]}", hint=hint) from None
+    for p in cmd.params:
+        if p.name not in d.uses and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE:
+            why = d.refuses.get(p.name, "is not supported in a rollout step")
+            raise UsageError(f"step {text!r}: {_spelling(p)} {why}", hint=hint)
+    return Args(**ctx.params, typed_=frozenset(p.name for p in cmd.params if p.name in ctx.params and
+                                               ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE))
+
+
+EXTRA = "Got unexpected extra argument(s) ("  # click's (typer._click.core.Command.parse_args)
+
+
+def _spelling(p) -> str:
+    """How a parameter is typed: its longest option name, or an argument's metavar."""
+    opts = list(getattr(p, "opts", None) or []) if getattr(p, "param_type_name", "") == "option" else []
+    return max(opts, key=len) if opts else (p.metavar or p.name.upper())
+
+
+def _unknown_option(e, where: str | None) -> str:
+    from katactl.cli import _global_opts
+
+    opt = e.option_name
+    if opt in ("-h", "--help"):
+        return f"{opt} is not a step option"
+    if opt in _global_opts():
+        return (f"{opt} is one of katactl's global options, not an option of '{where}': give it to "
+                "'katactl rollout' itself (it applies to the whole rollout)")
+    return f"unrecognized arguments: {opt}" + (f" (did you mean {', '.join(e.possibilities)}?)"
+                                               if getattr(e, "possibilities", None) else "")
+
+
+def _wait_ready_command():
+    """wait-ready's definition: a step only, no katactl command of its own."""
+    import typer
+
+    app = typer.Typer(add_completion=False)
+
+    @app.command("wait-ready")
+    def wait_ready(timeout: str = typer.Argument("5m", metavar="[TIMEOUT]")) -> None:
+        """Wait until the node is Ready."""
+    return typer.main.get_command(app)
+
+
+# -- shared checks -----------------------------------------------------------------------------
+
+def _check_sev(v: str) -> None:
     from katactl.nodes import SEVERITIES
 
     if v not in SEVERITIES:
         raise UsageError(f"invalid --fail-on {v!r}: choose from {', '.join(SEVERITIES)}")
-    return v
 
 
-def _duration_type(what: str, allow_zero: bool = True):
-    def conv(s: str) -> float:
-        from katactl.values import parse_duration
+def _duration(text: str, what: str, allow_zero: bool = True) -> float:
+    from katactl.values import parse_duration
 
-        return parse_duration(s, what=what, allow_zero=allow_zero)
-    return conv
+    return parse_duration(text, what=what, allow_zero=allow_zero)
 
 
 # -- built-in Kubernetes steps --------------------------------------------------------
@@ -180,69 +281,56 @@ def _need_api(ctx: StepContext):
     return ctx.api
 
 
-@_register("cordon", "kube", "Mark the node unschedulable (recorded in katactl.io/cordon).", cordons=True)
-def _cordon():
-    def parser():
-        p = _Parser("cordon")
-        p.add_argument("--reason")
-        return p
-
-    def run(ctx, a):
-        from katactl import nodes
-
-        r = nodes.cordon(_need_api(ctx), ctx.node, reason=a.reason or f"katactl rollout {ctx.rollout}")
-        return {"changed": r["changed"], "message": r["message"]}
-    return parser, run
+_NODE_CMD = {"names": NODES, "dry_run": DRY_RUN, "dry_run_server": DRY_RUN}
 
 
-@_register("uncordon", "kube", "Make the node schedulable again, unless it was cordoned before the rollout.")
-def _uncordon():
-    def parser():
-        return _Parser("uncordon")
-
-    def run(ctx, a):
-        from katactl import nodes
-
-        if ctx.was_unschedulable:
-            return {"changed": False, "message": "left cordoned: it was unschedulable before the rollout"}
-        r = nodes.uncordon(_need_api(ctx), ctx.node)
-        return {"changed": r["changed"], "message": r["message"]}
-    return parser, run
-
-
-def _drain_parser(name: str) -> _Parser:
-    p = _Parser(name)
-    p.add_argument("--ignore-daemonsets", action="store_true")
-    p.add_argument("--delete-emptydir-data", action="store_true")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--grace-period", type=int, default=-1)
-    p.add_argument("--timeout", type=_duration_type("drain --timeout"), default=None)
-    p.add_argument("--pod-selector")
-    p.add_argument("--skip-wait-for-delete-timeout", type=int, default=0)
-    p.add_argument("--disable-eviction", action="store_true")
-    p.add_argument("--kata-root", default="/opt/kata")
-    if name == "drain":
-        p.add_argument("--kata-only", action="store_true")
-        p.add_argument("--stale-release", action="store_true")
-
-    def check(a, text):
-        if a.grace_period < -1:
-            raise UsageError(f"step {text!r}: invalid --grace-period {a.grace_period}: -1 (the pod's own) or more")
-        if a.skip_wait_for_delete_timeout < 0:
-            raise UsageError(f"step {text!r}: invalid --skip-wait-for-delete-timeout: 0 or more")
-    p.set_defaults(_check=check)
-    return p
-
-
-def _drain_opts(ctx: StepContext, a, *, kata_only: bool, only_pods=None):
+@_register("cordon", "kube", ("node", "cordon"), "Mark the node unschedulable (recorded in katactl.io/cordon).",
+           uses={"reason"}, refuses=_NODE_CMD, cordons=True)
+def _cordon(ctx, a):
     from katactl import nodes
 
-    timeout = a.timeout if a.timeout is not None else ctx.timeout
+    r = nodes.cordon(_need_api(ctx), ctx.node, reason=a.reason or f"katactl rollout {ctx.rollout}")
+    return {"changed": r["changed"], "message": r["message"]}
+
+
+@_register("uncordon", "kube", ("node", "uncordon"),
+           "Make the node schedulable again, unless it was cordoned before the rollout.",
+           uses=(), refuses={**_NODE_CMD, "force": "is not for a step: the rollout never uncordons a node that "
+                                                  "was unschedulable before it"})
+def _uncordon(ctx, a):
+    from katactl import nodes
+
+    if ctx.was_unschedulable:
+        return {"changed": False, "message": "left cordoned: it was unschedulable before the rollout"}
+    r = nodes.uncordon(_need_api(ctx), ctx.node)
+    return {"changed": r["changed"], "message": r["message"]}
+
+
+_DRAIN_USES = {"ignore_daemonsets", "delete_emptydir_data", "force", "grace_period", "timeout", "pod_selector",
+               "skip_wait", "disable_eviction", "kata_only", "stale_release", "kata_root", "reason"}
+_DRAIN_REFUSES = {**_NODE_CMD,
+                  "keep_cordoned": "is not for a step: the rollout restores the cordon state of its nodes itself",
+                  "parallel": "is not for a step: --max-unavailable sets how many nodes the rollout takes at once"}
+
+
+def _check_drain(a: Args) -> None:
+    """node drain's own checks; --timeout: the policy's --step-timeout when not typed."""
+    if a.grace_period < -1:
+        raise UsageError(f"invalid --grace-period {a.grace_period}: -1 (the pod's own) or more")
+    if a.skip_wait < 0:
+        raise UsageError(f"invalid --skip-wait-for-delete-timeout {a.skip_wait}: 0 or more")
+    a.deadline = _duration(a.timeout, "drain --timeout") if "timeout" in a.typed_ else None
+
+
+def _drain_opts(ctx: StepContext, a: Args, *, kata_only: bool, only_pods=None):
+    from katactl import nodes
+
+    timeout = a.deadline if a.deadline is not None else ctx.timeout
     return nodes.DrainOptions(ignore_daemonsets=a.ignore_daemonsets, delete_emptydir_data=a.delete_emptydir_data,
                               force=a.force, grace_period=a.grace_period, timeout=timeout or 0.0,
-                              pod_selector=a.pod_selector, skip_wait_for_delete_timeout=a.skip_wait_for_delete_timeout,
+                              pod_selector=a.pod_selector, skip_wait_for_delete_timeout=a.skip_wait,
                               disable_eviction=a.disable_eviction, kata_only=kata_only, only_pods=only_pods,
-                              reason=f"katactl rollout {ctx.rollout}")
+                              reason=a.reason or f"katactl rollout {ctx.rollout}")
 
 
 def _drain_events(ctx: StepContext):
@@ -252,7 +340,7 @@ def _drain_events(ctx: StepContext):
     return ev
 
 
-def _run_drain(ctx: StepContext, a, *, kata_only: bool, stale: bool) -> dict:
+def _run_drain(ctx: StepContext, a: Args, *, kata_only: bool, stale: bool) -> dict:
     from katactl import nodes
 
     only = None
@@ -269,19 +357,18 @@ def _run_drain(ctx: StepContext, a, *, kata_only: bool, stale: bool) -> dict:
             "evicted": r["evicted"]}
 
 
-@_register("drain", "kube", "Cordon and evict pods, with kubectl drain's semantics and flags.", cordons=True)
-def _drain():
-    def run(ctx, a):
-        return _run_drain(ctx, a, kata_only=a.kata_only, stale=a.stale_release)
-    return (lambda: _drain_parser("drain")), run
+@_register("drain", "kube", ("node", "drain"), "Cordon and evict pods, with kubectl drain's semantics and flags.",
+           uses=_DRAIN_USES, refuses=_DRAIN_REFUSES, check=_check_drain, cordons=True)
+def _drain(ctx, a):
+    return _run_drain(ctx, a, kata_only=a.kata_only, stale=a.stale_release)
 
 
-@_register("recycle-stale", "kube", "= drain --kata-only --stale-release: move sandboxes still on an old release.",
-           cordons=True)
-def _recycle():
-    def run(ctx, a):
-        return _run_drain(ctx, a, kata_only=True, stale=True)
-    return (lambda: _drain_parser("recycle-stale")), run
+# --kata-only and --stale-release are what recycle-stale is: typed again, they change nothing
+@_register("recycle-stale", "kube", ("node", "drain"),
+           "= drain --kata-only --stale-release: move sandboxes still on an old release.",
+           uses=_DRAIN_USES, refuses=_DRAIN_REFUSES, check=_check_drain, cordons=True)
+def _recycle(ctx, a):
+    return _run_drain(ctx, a, kata_only=True, stale=True)
 
 
 def _at_or_above(findings: list[dict], fail_on: str) -> list[dict]:
@@ -291,10 +378,12 @@ def _at_or_above(findings: list[dict], fail_on: str) -> list[dict]:
     return [f for f in findings if SEVERITIES.index(f["severity"]) >= rank]
 
 
-def run_check(api, node: str, fail_on: str) -> dict:
+def run_check(api, node: str, fail_on: str, findings: list[dict] | None = None) -> dict:
+    """node check on ``node`` (plus ``findings`` already made, --node-facts'): CheckFailed
+    when any is at or above ``fail_on``."""
     from katactl import nodes
 
-    findings = nodes.check(api, node)
+    findings = nodes.check(api, node) + (findings or [])
     bad = _at_or_above(findings, fail_on)
     if bad:
         raise CheckFailed(f"node check found {len(bad)} problem(s) at or above {fail_on}: "
@@ -303,63 +392,60 @@ def run_check(api, node: str, fail_on: str) -> dict:
     return {"changed": False, "message": f"node check passed ({len(findings)} finding(s) below {fail_on})"}
 
 
-@_register("check", "kube", "= node check: fail the node on findings at or above --fail-on (default high).")
-def _check():
-    def parser():
-        p = _Parser("check")
-        p.add_argument("--fail-on", type=_sev, default=DEFAULT_FAIL_ON)
-        return p
-
-    def run(ctx, a):
-        return run_check(_need_api(ctx), ctx.node, a.fail_on)
-    return parser, run
-
-
-@_register("wait-ready", "kube", "Wait until the node is Ready (default timeout 5m).")
-def _wait_ready():
-    def parser():
-        p = _Parser("wait-ready")
-        p.add_argument("timeout", nargs="?", type=_duration_type("wait-ready TIMEOUT", allow_zero=False),
-                       default=300.0)
-        return p
-
-    def run(ctx, a):
+@_register("check", "kube", ("node", "check"),
+           "= node check: fail the node on findings at or above --fail-on (default high).",
+           uses={"fail_on", "node_facts", "kata_root"}, refuses={"names": NODES},
+           check=lambda a: _check_sev(a.fail_on))
+def _check(ctx, a):
+    facts = None
+    if a.node_facts:
         from katactl import nodes
 
-        api = _need_api(ctx)
-        end = time.monotonic() + a.timeout
-        while True:
-            status = nodes.node_status(nodes.get_node(api, ctx.node))
-            if status.startswith("Ready"):
-                return {"changed": False, "message": "node is Ready"}
-            if time.monotonic() >= end:
-                raise TimeoutExpired(f"node {ctx.node} not Ready after {a.timeout:g}s (status {status})")
-            if ctx.stop.wait(min(1.0, max(0.0, end - time.monotonic()))):
-                from katactl.errors import Interrupted
+        with ctx.transport() as t:
+            facts = nodes.check_node_facts(ctx.node, nodes.kata_facts(t, a.kata_root))
+    return run_check(_need_api(ctx), ctx.node, a.fail_on, facts)
 
-                raise Interrupted(f"interrupted while waiting for {ctx.node} to be Ready")
-    return parser, run
+
+def _check_wait_ready(a: Args) -> None:
+    a.seconds = _duration(a.timeout, "wait-ready TIMEOUT", allow_zero=False)
+
+
+@_register("wait-ready", "kube", None, "Wait until the node is Ready (default timeout 5m).",
+           uses={"timeout"}, check=_check_wait_ready)
+def _wait_ready(ctx, a):
+    from katactl import nodes
+
+    api = _need_api(ctx)
+    end = time.monotonic() + a.seconds
+    while True:
+        status = nodes.node_status(nodes.get_node(api, ctx.node))
+        if status.startswith("Ready"):
+            return {"changed": False, "message": "node is Ready"}
+        if time.monotonic() >= end:
+            raise TimeoutExpired(f"node {ctx.node} not Ready after {a.seconds:g}s (status {status})")
+        if ctx.stop.wait(min(1.0, max(0.0, end - time.monotonic()))):
+            from katactl.errors import Interrupted
+
+            raise Interrupted(f"interrupted while waiting for {ctx.node} to be Ready")
 
 
 # -- node-local katactl commands ------------------------------------------------------------
 
-def _upgrade_parser(name: str, positional: str | None) -> _Parser:
-    """The flags every ``upgrade`` step takes: --kata-root, --lock-timeout, --force."""
-    p = _Parser(name)
-    if positional:
-        p.add_argument(positional)
-    p.add_argument("--kata-root", default="/opt/kata")
-    p.add_argument("--lock-timeout", type=_duration_type("--lock-timeout"), default=None)
-    p.add_argument("--force", action="store_true")
-    return p
+_UPGRADE_USES = {"force", "kata_root", "lock_timeout"}
+_UPGRADE_REFUSES = {"dry_run": DRY_RUN}
 
 
-def _upgrade(ctx: StepContext, a, action: Callable[..., dict], *args, **kw) -> dict:
+def _check_upgrade(a: Args) -> None:
+    """--lock-timeout as the command reads it (none typed: the settings' request timeout)."""
+    a.lock_seconds = _duration(a.lock_timeout, "--lock-timeout") if a.lock_timeout else None
+
+
+def _upgrade(ctx: StepContext, a: Args, action: Callable[..., dict], *args, **kw) -> dict:
     """``action`` (a katactl.upgrade function) on the node with the step's --kata-root,
     --force and lock timeout (the settings' request timeout unless --lock-timeout)."""
     from katactl.upgrade import Layout
 
-    lock_timeout = a.lock_timeout if a.lock_timeout is not None else ctx.settings.request_timeout
+    lock_timeout = a.lock_seconds if a.lock_seconds is not None else ctx.settings.request_timeout
     with ctx.transport() as t:
         return action(t, Layout(a.kata_root), *args, force=a.force, lock_timeout=lock_timeout, **kw)
 
@@ -368,149 +454,123 @@ def _already(r: dict) -> str:
     return "" if r.get("changed") else " (already)"
 
 
-@_register("upgrade stage", "node", "Stage a release on the node (upgrade stage SOURCE ...).")
-def _stage():
-    def parser():
-        p = _upgrade_parser("upgrade stage", "source")
-        p.add_argument("--as", dest="as_version")
-        p.add_argument("--sha256")
-        p.add_argument("--no-verify", action="store_true")
-        p.add_argument("--reserve", default="256Mi")
+def _check_stage(a: Args) -> None:
+    from katactl.upgrade.source import check_source_arg
+    from katactl.values import parse_size
 
-        def check(a, text):
-            from katactl.upgrade.source import check_source_arg
-            from katactl.values import parse_size
-
-            check_source_arg(a.source)
-            a.reserve = parse_size(a.reserve, allow_zero=True, what="--reserve")
-        p.set_defaults(_check=check)
-        return p
-
-    def run(ctx, a):
-        from katactl import upgrade
-
-        r = _upgrade(ctx, a, upgrade.stage, a.source, version=a.as_version, sha256=a.sha256, no_verify=a.no_verify,
-                     reserve=a.reserve)
-        return {"changed": r.get("changed", False), "message": f"release {r.get('version')} staged{_already(r)}"}
-    return parser, run
+    check_source_arg(a.source)
+    a.reserve_bytes = parse_size(a.reserve, allow_zero=True, what="--reserve")
+    _check_upgrade(a)
 
 
-@_register("upgrade switch", "node", "Switch the node to a staged release (upgrade switch VERSION ...).")
-def _switch():
-    def parser():
-        p = _upgrade_parser("upgrade switch", "version")
-        p.add_argument("--component", "-c", default="all", choices=("all", "runtime", "agent"))
-        p.add_argument("--no-preflight-exec", action="store_true")
+@_register("upgrade stage", "node", ("upgrade", "stage"), "Stage a release on the node (upgrade stage SOURCE ...).",
+           uses={*_UPGRADE_USES, "source", "as_version", "sha256", "no_verify", "reserve"},
+           refuses=_UPGRADE_REFUSES, check=_check_stage)
+def _stage(ctx, a):
+    from katactl import upgrade
 
-        def check(a, text):
-            from katactl.upgrade.layout import validate_version
-
-            validate_version(a.version)
-        p.set_defaults(_check=check)
-        return p
-
-    def run(ctx, a):
-        from katactl import upgrade
-
-        r = _upgrade(ctx, a, upgrade.switch, a.version, a.component, run_binaries=not a.no_preflight_exec)
-        to = r.get("to") or {}
-        return {"changed": r.get("changed", False),
-                "message": f"runtime {to.get('runtime')}, agent {to.get('agent')}{_already(r)}"}
-    return parser, run
+    r = _upgrade(ctx, a, upgrade.stage, a.source, version=a.as_version, sha256=a.sha256, no_verify=a.no_verify,
+                 reserve=a.reserve_bytes)
+    return {"changed": r.get("changed", False), "message": f"release {r.get('version')} staged{_already(r)}"}
 
 
-@_register("upgrade rollback", "node", "Undo the node's last switch.")
-def _rollback():
-    def parser():
-        p = _upgrade_parser("upgrade rollback", None)
-        p.add_argument("--no-preflight-exec", action="store_true")
-        return p
+def _check_switch(a: Args) -> None:
+    from katactl.upgrade.layout import COMPONENTS, validate_version
 
-    def run(ctx, a):
-        from katactl import upgrade
-
-        r = _upgrade(ctx, a, upgrade.rollback, run_binaries=not a.no_preflight_exec)
-        to = r.get("to") or {}
-        return {"changed": r.get("changed", False), "message": f"back to runtime {to.get('runtime')}"}
-    return parser, run
+    validate_version(a.version)
+    if a.component not in COMPONENTS:
+        raise UsageError(f"invalid --component {a.component!r} (choose from {', '.join(COMPONENTS)})")
+    _check_upgrade(a)
 
 
-@_register("upgrade gc", "node", "Remove releases nothing on the node uses (the plan is the confirmation).")
-def _gc():
-    def parser():
-        p = _upgrade_parser("upgrade gc", None)
-        p.add_argument("--no-keep-previous", action="store_true")
-        return p
+@_register("upgrade switch", "node", ("upgrade", "switch"),
+           "Switch the node to a staged release (upgrade switch VERSION ...).",
+           uses={*_UPGRADE_USES, "version", "component", "no_preflight_exec"}, refuses=_UPGRADE_REFUSES,
+           check=_check_switch)
+def _switch(ctx, a):
+    from katactl import upgrade
 
-    def run(ctx, a):
-        from katactl import upgrade
-
-        r = _upgrade(ctx, a, upgrade.gc, keep_previous=not a.no_keep_previous)
-        return {"changed": r.get("changed", False), "message": f"removed {', '.join(r.get('removed') or []) or 'nothing'}"}
-    return parser, run
+    r = _upgrade(ctx, a, upgrade.switch, a.version, a.component, run_binaries=not a.no_preflight_exec)
+    to = r.get("to") or {}
+    return {"changed": r.get("changed", False),
+            "message": f"runtime {to.get('runtime')}, agent {to.get('agent')}{_already(r)}"}
 
 
-@_register("audit", "node", "Co-location isolation audit on the node; fails it on findings at or above --fail-on.")
-def _audit():
-    def parser():
-        p = _Parser("audit")
-        p.add_argument("--policy", "-p")
-        p.add_argument("--fail-on", type=_sev, default="medium")
+@_register("upgrade rollback", "node", ("upgrade", "rollback"), "Undo the node's last switch.",
+           uses={*_UPGRADE_USES, "no_preflight_exec"}, refuses=_UPGRADE_REFUSES, check=_check_upgrade)
+def _rollback(ctx, a):
+    from katactl import upgrade
 
-        def check(a, text):
-            from katactl.isolation import policy as pol_mod
-
-            a.policy_obj = pol_mod.load(a.policy)  # a bad policy file is exit 2 before anything runs
-        p.set_defaults(_check=check)
-        return p
-
-    def run(ctx, a):
-        from katactl.isolation import audit as lib
-
-        with ctx.transport() as t:
-            res = lib.run(t, a.policy_obj)
-        items, meta, failed = lib.merge({ctx.node: res}, a.fail_on, a.policy_obj, multi=False)
-        if failed:
-            bad = _at_or_above(items, a.fail_on)
-            raise CheckFailed(f"audit found {len(bad)} finding(s) at or above {a.fail_on}: "
-                              + "; ".join(f"{i['check']}: {i['message']}" for i in bad[:3]))
-        return {"changed": False, "message": f"audit passed ({len(items)} finding(s) below {a.fail_on})"}
-    return parser, run
+    r = _upgrade(ctx, a, upgrade.rollback, run_binaries=not a.no_preflight_exec)
+    to = r.get("to") or {}
+    return {"changed": r.get("changed", False), "message": f"back to runtime {to.get('runtime')}"}
 
 
-@_register("vmcore collect", "node", "Copy the node's guest dumps here (vmcore collect --to DIR ...).")
-def _vmcore():
-    def parser():
-        p = _Parser("vmcore collect")
-        p.add_argument("refs", nargs="*")
-        p.add_argument("--to", required=True)
-        p.add_argument("--compress", default="none")
-        p.add_argument("--compress-on", default="auto")
-        p.add_argument("--delete-after", action="store_true")
-        p.add_argument("--verify", action="store_true")
-        p.add_argument("--dump-path")
-        p.add_argument("--kata-config")
+@_register("upgrade gc", "node", ("upgrade", "gc"),
+           "Remove releases nothing on the node uses (the plan is the confirmation).",
+           uses={*_UPGRADE_USES, "keep_previous"}, refuses=_UPGRADE_REFUSES, check=_check_upgrade)
+def _gc(ctx, a):
+    from katactl import upgrade
 
-        def check(a, text):
-            from katactl import vmcore
+    r = _upgrade(ctx, a, upgrade.gc, keep_previous=a.keep_previous)
+    return {"changed": r.get("changed", False), "message": f"removed {', '.join(r.get('removed') or []) or 'nothing'}"}
 
-            a.opts = vmcore.CollectOptions(to=a.to, compress=a.compress, compress_on=a.compress_on,
-                                           delete_after=a.delete_after, verify_source=a.verify)
-            a.opts.validate()
-            for ref in a.refs:
-                vmcore.check_ref(ref)
-        p.set_defaults(_check=check)
-        return p
 
-    def run(ctx, a):
-        from katactl import vmcore
+def _check_audit(a: Args) -> None:
+    from katactl.isolation import policy as pol_mod
 
-        with ctx.transport() as t:
-            items = vmcore.collect(t, a.refs, a.opts, dump_path=a.dump_path, kata_config=a.kata_config,
-                                   keep_going=True)
-        errs = [i for i in items if i.get("error")]
-        if errs:
-            raise OperationFailed(f"{len(errs)} of {len(items)} dump(s) not collected: "
-                                  + "; ".join(f"{i['name']}: {i['error']['message']}" for i in errs[:3]))
-        return {"changed": any(i.get("changed") for i in items), "message": f"{len(items)} dump(s) collected"}
-    return parser, run
+    _check_sev(a.fail_on)
+    a.policy_obj = pol_mod.load(a.policy)  # a bad policy file is exit 2 before anything runs
+
+
+@_register("audit", "node", ("audit",),
+           "Co-location isolation audit on the node; fails it on findings at or above --fail-on.",
+           uses={"policy", "fail_on"}, refuses={"list_checks": "is not for a step: it lists the checks, "
+                                                              "it checks no node ('katactl audit --list-checks')"},
+           check=_check_audit)
+def _audit(ctx, a):
+    from katactl.isolation import audit as lib
+
+    with ctx.transport() as t:
+        res = lib.run(t, a.policy_obj)
+    items, meta, failed = lib.merge({ctx.node: res}, a.fail_on, a.policy_obj, multi=False)
+    if failed:
+        bad = _at_or_above(items, a.fail_on)
+        raise CheckFailed(f"audit found {len(bad)} finding(s) at or above {a.fail_on}: "
+                          + "; ".join(f"{i['check']}: {i['message']}" for i in bad[:3]))
+    return {"changed": False, "message": f"audit passed ({len(items)} finding(s) below {a.fail_on})"}
+
+
+def _check_collect(a: Args) -> None:
+    """vmcore collect's own checks, in its order: the options (--to too), the paths, the refs."""
+    from katactl import vmcore
+    from katactl.values import parse_size
+
+    a.opts = vmcore.CollectOptions(
+        to=a.to, compress=a.compress, compress_on=a.compress_on, makedumpfile=a.makedumpfile,
+        dump_level=a.dump_level, delete_after=a.delete_after, verify_source=a.verify,
+        bwlimit=parse_size(a.bwlimit, what="--bwlimit") if a.bwlimit is not None else None)
+    a.opts.validate()
+    for path, what in ((a.dump_path, "--dump-path"), (a.kata_config, "--kata-config")):
+        if path is not None:
+            vmcore.check_abs(path, what)
+    a.refs = list(a.refs or ())
+    for ref in a.refs:
+        vmcore.check_ref(ref)
+
+
+@_register("vmcore collect", "node", ("vmcore", "collect"),
+           "Copy the node's guest dumps here (vmcore collect --to DIR ...).",
+           uses={"refs", "to", "compress", "compress_on", "makedumpfile", "dump_level", "delete_after", "verify",
+                 "bwlimit", "dump_path", "kata_config"},
+           refuses={"dry_run": DRY_RUN}, check=_check_collect)
+def _vmcore(ctx, a):
+    from katactl import vmcore
+
+    with ctx.transport() as t:
+        items = vmcore.collect(t, a.refs, a.opts, dump_path=a.dump_path, kata_config=a.kata_config, keep_going=True)
+    errs = [i for i in items if i.get("error")]
+    if errs:
+        raise OperationFailed(f"{len(errs)} of {len(items)} dump(s) not collected: "
+                              + "; ".join(f"{i['name']}: {i['error']['message']}" for i in errs[:3]))
+    return {"changed": any(i.get("changed") for i in items), "message": f"{len(items)} dump(s) collected"}
