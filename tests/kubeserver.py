@@ -56,7 +56,10 @@ Known differences from the real kube-apiserver:
   ``$patch``/``$retainKeys``/``$setElementOrder`` directives are mostly ignored.
 - Validation is minimal: names (DNS subdomain), Lease MicroTime (exactly 6 fractional digits),
   PDB (minAvailable xor maxUnavailable), DeleteOptions (propagationPolicy value, not with
-  orphanDependents). Other invalid objects are stored.
+  orphanDependents), ConfigMap size (data + binaryData values at most 1 MiB: 422 with the real
+  message; a bad base64 binaryData value is reported at byte 0, not at its real offset).
+  Other invalid objects are stored. No etcd request size limit (1.5 MiB by default: the
+  ConfigMap limit comes first), no request body limit (3 MiB).
 - Controllers are synchronous and instant: replacement pods are Running and Ready at once; the
   ReplicaSet controller never scales down; no scheduler (first schedulable node by name), no
   taints/affinity/resources in placement. The disruption controller has no 2-minute expiry of
@@ -136,6 +139,8 @@ BY_KIND = {r.kind: r for r in RESOURCES.values()}
 GROUPS = {"": "v1", "apps": "v1", "policy": "v1", "coordination.k8s.io": "v1", "node.k8s.io": "v1"}
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+#: a ConfigMap's data + binaryData values (binaryData decoded) at most this: core.MaxSecretSize
+MAX_CONFIGMAP_BYTES = 1024 * 1024
 _MICRO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
 
 
@@ -1299,6 +1304,27 @@ class KubeStandIn(KubeExecMixin):
             spec = obj.get("spec") or {}
             if spec.get("minAvailable") is not None and spec.get("maxUnavailable") is not None:
                 raise invalid(res, name, "spec", spec, "minAvailable and maxUnavailable cannot be both set")
+        if res.plural == "configmaps":
+            self._validate_configmap_size(res, obj, name)
+
+    def _validate_configmap_size(self, res: Res, obj: dict, name: str):
+        """ValidateConfigMap (kubernetes pkg/apis/core/validation/validation.go): the values
+        of data and binaryData (decoded: []byte) may total core.MaxSecretSize (1 MiB); more
+        is field.TooLong(field.NewPath(""), ...) on the whole object (apimachinery
+        pkg/util/validation/field/errors.go: "must have at most %d bytes"; an empty path
+        prints "[]"), e.g. 'ConfigMap "chi-storage-core" is invalid: []: Too long: must have
+        at most 1048576 bytes' in Altinity/clickhouse-operator#1710."""
+        total = sum(len(str(v).encode()) for v in (obj.get("data") or {}).values())
+        for v in (obj.get("binaryData") or {}).values():
+            try:
+                total += len(base64.b64decode(v if isinstance(v, (str, bytes)) else "", validate=True))
+            except ValueError:
+                raise bad_request('ConfigMap in version "v1" cannot be handled as a ConfigMap: '
+                                  'illegal base64 data at input byte 0') from None
+        if total > MAX_CONFIGMAP_BYTES:
+            why = f"Too long: must have at most {MAX_CONFIGMAP_BYTES} bytes"
+            raise ApiError(422, "Invalid", f'ConfigMap "{name}" is invalid: []: {why}', _details(
+                res, name, kind=res.kind, causes=[{"reason": "FieldValueTooLong", "message": why, "field": "[]"}]))
 
     # -- request dispatch ---------------------------------------------------------------------
 
