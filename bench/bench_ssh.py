@@ -162,7 +162,7 @@ def main() -> None:
 
         # -- streaming ------------------------------------------------------------
         node = names[0]
-        size = int(a.gib * (1 << 30))
+        size = (int(a.gib * (1 << 30)) >> 20) << 20  # whole MiB: the file is written 1 MiB at a time
         big = lab.nodes[node].root / "var" / "crash" / "vmcore.bin"
         big.parent.mkdir(parents=True, exist_ok=True)
         with open(big, "wb") as f:
