@@ -3,11 +3,13 @@ real CLI entry point: plans and batches, cordon bookkeeping, max-unavailable fro
 request log, the Lease, failure budget, windows, pause/resume/abort, bad input."""
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 
 import pytest
 
-from katactl.rollout.store import LEASE, micro_time
+from katactl.rollout.store import LEASE, STATE_KEY, micro_time, state_of_configmap
 
 ZONE = "topology.kubernetes.io/zone"
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
@@ -53,7 +55,7 @@ def lease(kube) -> dict | None:
 
 
 def state_of(kube, name) -> dict:
-    return json.loads(kube.get_obj("ConfigMap", f"katactl-rollout-{name}", "kube-system")["data"]["state"])
+    return state_of_configmap(kube.get_obj("ConfigMap", f"katactl-rollout-{name}", "kube-system"))
 
 
 # -- plan -------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def test_a_batch_is_marked_running_in_one_save_before_any_of_its_steps(cli, kube
     result: dict[str, str] = {}   # node -> its phase in the first save with its step's result
     for i, q in enumerate(log):
         if q["method"] == "PUT" and "/configmaps/katactl-rollout-rb" in q["path"]:
-            for n, rec in json.loads(q["body"]["data"]["state"])["nodes"].items():
+            for n, rec in state_of_configmap(q["body"])["nodes"].items():
                 if rec["phase"] != "pending":
                     started.setdefault(n, i)
                 if rec["results"]:
@@ -292,10 +294,10 @@ def test_abort_restores_nodes_a_killed_rollout_left_cordoned(cli, kube, kc):
            "--poll", "0.1", "-o", "json")
     assert r.json()["phase"] == "Paused"
     cm = kube.get_obj("ConfigMap", "katactl-rollout-r10", "kube-system")
-    st = json.loads(cm["data"]["state"])
+    st = state_of_configmap(cm)
     st["phase"] = "Running"
     st["nodes"]["n1"].update(phase="running", step=1, wasUnschedulable=False)
-    cm["data"]["state"] = json.dumps(st)
+    cm["binaryData"][STATE_KEY] = base64.b64encode(gzip.compress(json.dumps(st).encode())).decode()
     kube.add(cm)
     assert cli(["--kubeconfig", kc, "node", "cordon", "n1"]).exit_code == 0
     kube.add_node("n9", unschedulable=True)  # not in the rollout: untouched

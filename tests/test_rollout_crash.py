@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from katactl.rollout.store import LEASE
+from katactl.rollout.store import LEASE, state_of_configmap
 
 MAX_SAVES = 24
 
@@ -72,7 +72,7 @@ def test_kill_9_at_every_transition_then_resume_converges(kube, kc, katactl_bin)
     for i in killed:
         cm = kube.get_obj("ConfigMap", f"katactl-rollout-rc{i}", f"lk{i}")
         done_before[i] = set() if cm is None else \
-            {n for n, v in json.loads(cm["data"]["state"])["nodes"].items() if v["phase"] == "done"}
+            {n for n, v in state_of_configmap(cm)["nodes"].items() if v["phase"] == "done"}
 
     def again(i):
         cm = kube.get_obj("ConfigMap", f"katactl-rollout-rc{i}", f"lk{i}")
@@ -93,5 +93,5 @@ def test_kill_9_at_every_transition_then_resume_converges(kube, kc, katactl_bin)
         assert got == {a: False, b: False, c: True}, (at, got)
         assert _max_out(kube, nodes[i]) <= 2, at
         assert kube.get_obj("Lease", LEASE, f"lk{i}")["spec"]["holderIdentity"] == "", at
-        st = json.loads(kube.get_obj("ConfigMap", f"katactl-rollout-rc{i}", f"lk{i}")["data"]["state"])
+        st = state_of_configmap(kube.get_obj("ConfigMap", f"katactl-rollout-rc{i}", f"lk{i}"))
         assert all(v["phase"] == "done" for v in st["nodes"].values()), at

@@ -7,9 +7,10 @@ thread renews the lock; a few write the nodes' progress labels (write-behind:
 they only show progress, so a newer phase replaces one not yet written). The
 state is a plain JSON-able dict (see docs/rollout.md, "State"); saves are
 group-committed: the state is serialized under the state lock (only the node
-records changed since the last save are serialized again) and written outside
-it, so other threads go on changing the state meanwhile, and a change that
-another thread's save already carried is not written again. The nodes the
+records changed since the last save are serialized again: store.StateWriter)
+and compressed and written outside it (only the chunks of records that changed
+are compressed again), so other threads go on changing the state meanwhile, and
+a change that another thread's save already carried is not written again. The nodes the
 scheduler starts together are marked running in one save, before any of their
 steps runs.
 
@@ -32,7 +33,6 @@ its result is saved.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import threading
 import time
@@ -43,7 +43,7 @@ from katactl.errors import ExitCode, Interrupted, KatactlError, as_katactl_error
 from katactl.rollout import gate as gate_mod
 from katactl.rollout.plan import NodeInfo, Plan, info_of
 from katactl.rollout.steps import DEFAULT_FAIL_ON, StepContext, run_check
-from katactl.rollout.store import dumps as _dumps
+from katactl.rollout.store import StateWriter
 
 #: phases of a rollout; the ones a rollout can be resumed from
 RESUMABLE = ("Running", "Interrupted", "Paused", "Stopped")
@@ -99,10 +99,8 @@ class Engine:
         self.store_lock = threading.Lock()     # the store's caches (resourceVersion, control)
         self.seq = 0
         self.persisted = 0
-        self._frag: dict[str, str] = {}        # node -> its record's JSON as last serialized
-        self._dirty: set[str] = set(state["nodes"])
-        self._keys = sorted((json.dumps(n) + ":", n) for n in state["nodes"])
-        self._plan_json = _dumps(state["plan"])
+        self._dirty: set[str] = set(state["nodes"])  # records changed since the last save's snapshot
+        self._writer = StateWriter(state)
         self._marks: dict[str, tuple[dict, float]] = {}  # node -> (label not yet written, when due)
         self._flushing = False
         self._marks_cv = threading.Condition()
@@ -143,19 +141,6 @@ class Engine:
             self.state["updatedAt"] = _now()
             return self.seq
 
-    def _serialize(self) -> str:
-        """The state as json.dumps(state, sort_keys=True) would write it, re-serializing
-        only the node records changed since the last call (a save used to copy and
-        encode all of them: O(nodes) per node transition). Called under self.lock."""
-        st = self.state
-        for n in self._dirty:
-            self._frag[n] = _dumps(st["nodes"][n])
-        self._dirty.clear()
-        parts = {k: _dumps(v) for k, v in st.items() if k not in ("nodes", "plan")}
-        parts["plan"] = self._plan_json  # a run never changes its plan
-        parts["nodes"] = "{" + ",".join(k + self._frag[n] for k, n in self._keys) + "}"
-        return "{" + ",".join(f"{json.dumps(k)}:{parts[k]}" for k in sorted(parts)) + "}"
-
     def save(self, seq: int | None = None) -> None:
         """Persist the state (at least up to change ``seq``)."""
         seq = self.seq if seq is None else seq
@@ -163,12 +148,12 @@ class Engine:
             if self.persisted >= seq:
                 return  # another thread's save carried this change
             with self.lock:
-                text = self._serialize()
+                snap = self._writer.snapshot(self.state, self._dirty)
                 upto = self.seq
-            # the round trip holds only the store: the state goes on changing meanwhile,
-            # and those changes wait for the next save (one for all of them)
+            # compression and the round trip hold only the store: the state goes on changing
+            # meanwhile, and those changes wait for the next save (one for all of them)
             with self.store_lock:
-                self.store.save(self.plan.name, text)
+                self.store.save(self.plan.name, snap)
             self.persisted = upto
         self.hook.hit("save")
 

@@ -6,23 +6,39 @@ KubeStore (clusters): the lock is a coordination.k8s.io/v1 Lease
 from its renewTime against this machine's clock) or when its holder is this
 same user@host/NAME whose process is gone (kill -9, then resume here); a 409
 means another katactl won the race. The state is a ConfigMap
-``katactl-rollout-NAME`` next to the Lease (data: ``state``, ``control``), so
-``rollout resume`` works from another machine; node progress is also written
+``katactl-rollout-NAME`` next to the Lease (binaryData ``state.json.gz``: the
+state, gzip; data ``control``), so ``rollout resume`` works from another machine; node progress is also written
 on the nodes (label ``katactl.io/rollout-phase``, annotation
 ``katactl.io/rollout``) for ``kubectl get nodes -L katactl.io/rollout-phase``.
 
 FileStore (SSH-only fleets): ``$XDG_STATE_HOME/katactl/rollouts/NAME.json``
 (atomic rename), ``NAME.control.json``, and ``rollout.lock`` held with flock
 (released by the kernel if katactl dies) holding the holder's identity.
+
+The state in a ConfigMap is gzip-compressed JSON in binaryData: kube-apiserver refuses a
+ConfigMap whose data + binaryData values exceed 1 MiB (ValidateConfigMap in
+pkg/apis/core/validation/validation.go: ``ConfigMap "NAME" is invalid: []: Too long: must
+have at most 1048576 bytes``, 422), and the plain JSON (~360-1,300 bytes a node) passed it
+at ~2,900 nodes; gzip brings a node to ~30-100 bytes (docs/rollout.md, "State"). It stays
+one object written by one PUT, so a save is atomic as before. StateWriter encodes it
+incrementally: the gzip stream is a concatenation of members (RFC 1952, 2.2: a gzip file is
+a series of members; gunzip and Go's gzip.Reader read them as one stream), one for the plan
+(written once), one for the rollout's own fields, and one per CHUNK node records in batch
+order, so a save compresses again only the chunks whose records changed (a batch's nodes
+are contiguous). A ConfigMap written by an earlier katactl (JSON in data ``state``) is read
+as well, and replaced by the new form at its next save.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import gzip
 import json
 import os
 import socket
 import threading
 import time
+import zlib
 
 from katactl.errors import NotFound, OperationFailed, Refused
 
@@ -33,6 +49,17 @@ PHASE_LABEL = "katactl.io/rollout-phase"
 NODE_ANNOTATION = "katactl.io/rollout"
 SESSION_ANNOTATION = "katactl.io/rollout-session"
 MANAGED = {"app.kubernetes.io/managed-by": "katactl"}
+#: binaryData key of the gzip state; ``state`` (data) is the form written before it
+STATE_KEY = "state.json.gz"
+LEGACY_STATE_KEY = "state"
+#: kube-apiserver's limit on a ConfigMap's data + binaryData values (core.MaxSecretSize)
+MAX_CONFIGMAP_BYTES = 1024 * 1024
+#: node records per gzip member (~50-330 KB of JSON: deflate's window is 32 KB, so larger
+#: members would compress no better, and smaller ones would be compressed again more often)
+CHUNK = 256
+#: zlib level: 6 (the default) is ~25% smaller than 1 at ~2x the time, and a save compresses
+#: only its changed chunks
+GZIP_LEVEL = 6
 
 
 def holder_identity(name: str) -> str:
@@ -86,7 +113,7 @@ class Store:
     def lock_holder(self) -> dict | None: ...
     def load(self, name: str) -> dict | None: ...
     def create(self, state: dict) -> None: ...
-    def save(self, name: str, text: str) -> None: ...  # text: the state, JSON-encoded
+    def save(self, name: str, snap: "Snapshot") -> None: ...  # see StateWriter
     def control(self, name: str) -> dict: raise NotImplementedError
     def set_control(self, name: str, control: dict) -> None: ...
     def list(self) -> list[dict]: raise NotImplementedError
@@ -237,9 +264,12 @@ class KubeStore(Store):
         self._cm_rv[name] = cm["metadata"].get("resourceVersion")
         try:
             self._cm_control[name] = json.loads(data.get("control") or "{}")
-            return json.loads(data["state"]) if data.get("state") else None
         except ValueError:
-            raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name}: 'state' is not JSON") from None
+            self._cm_control[name] = {}
+        try:
+            return state_of_configmap(cm)
+        except ValueError as e:
+            raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name}: {e}") from None
 
     def load(self, name: str) -> dict | None:
         try:
@@ -248,39 +278,67 @@ class KubeStore(Store):
             return None
         return self._decode(cm, name)
 
-    def _obj(self, name: str, text: str, control: dict) -> dict:
+    def _obj(self, name: str, blob: bytes, control: dict) -> dict:
+        ctl = json.dumps(control, sort_keys=True)
+        if len(blob) + len(ctl) > MAX_CONFIGMAP_BYTES:  # values only, as ValidateConfigMap counts
+            raise OperationFailed(
+                f"rollout {name}: the state is {len(blob):,} bytes compressed, more than a ConfigMap "
+                f"holds ({MAX_CONFIGMAP_BYTES:,} bytes)",
+                hint="split the fleet into several rollouts (-l SELECTOR), or use fewer steps per rollout")
+        # data "state" (the form before) is left out: a PUT replaces the object, so it goes
         return {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": CM_PREFIX + name, "namespace": self.ns,
                              "labels": {**MANAGED, NODE_LABEL: name},
                              "resourceVersion": self._cm_rv.get(name)},
-                "data": {"state": text, "control": json.dumps(control, sort_keys=True)}}
+                "data": {CONTROL_KEY: ctl},
+                "binaryData": {STATE_KEY: base64.b64encode(blob).decode()}}
+
+    def _refused(self, name: str, e: Exception) -> OperationFailed:
+        """A 422 (UsageError) on a state write is no usage error of the user's: exit 1."""
+        return OperationFailed(f"cannot save the state of rollout {name} (ConfigMap {self.ns}/{CM_PREFIX}{name}): "
+                               f"{getattr(e, 'message', e)}")
 
     def create(self, state: dict) -> None:
         from katactl.backends.kube import Conflict
+        from katactl.errors import UsageError
 
-        obj = self._obj(state["name"], dumps(state), {})
+        # refused before anything runs, not when a save in the middle of the fleet is refused
+        end = projected_size(state)
+        if end > MAX_CONFIGMAP_BYTES - CONTROL_ROOM:
+            n = len(state["nodes"])
+            raise Refused(f"rollout {state['name']}: its state, once {n:,} nodes have run "
+                          f"{len((state.get('plan') or {}).get('steps') or [])} step(s), would be about {end:,} bytes "
+                          f"compressed; a ConfigMap holds {MAX_CONFIGMAP_BYTES:,}",
+                          hint="split the fleet into several rollouts (-l SELECTOR), one after the other")
+        obj = self._obj(state["name"], StateWriter(state).snapshot(state).gzip(), {})
         obj["metadata"].pop("resourceVersion")
         try:
             cm = self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
         except Conflict:
             raise Refused(f"rollout {state['name']} already exists (ConfigMap {self.ns}/{CM_PREFIX}{state['name']})",
                           hint=f"'katactl rollout resume {state['name']}' continues it") from None
+        except UsageError as e:
+            raise self._refused(state["name"], e) from None
         self._cm_rv[state["name"]] = cm["metadata"]["resourceVersion"]
         self._cm_control[state["name"]] = {}
 
-    def save(self, name: str, text: str) -> None:
+    def save(self, name: str, snap: "Snapshot") -> None:
         """PUT with the last resourceVersion (one request); on 409 (a pause/abort wrote
         the control key) re-read, keep its control, and write again."""
         from katactl.backends.kube import Conflict
+        from katactl.errors import UsageError
 
+        blob = snap.gzip()
         for _ in range(5):
             try:
-                cm = self.api.update(self._cm_path(name), self._obj(name, text, self._cm_control.get(name, {})))
+                cm = self.api.update(self._cm_path(name), self._obj(name, blob, self._cm_control.get(name, {})))
                 self._cm_rv[name] = cm["metadata"]["resourceVersion"]
                 return
             except Conflict:
                 cur = self.api.get(self._cm_path(name))
                 self._decode(cur, name)
+            except UsageError as e:
+                raise self._refused(name, e) from None
         raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name} keeps changing: cannot save the state")
 
     def control(self, name: str) -> dict:
@@ -292,7 +350,7 @@ class KubeStore(Store):
         # keep our resourceVersion: a newer one would let a save overwrite a control we never read
         data = cm.get("data") or {}
         try:
-            ctl = json.loads(data.get("control") or "{}")
+            ctl = json.loads(data.get(CONTROL_KEY) or "{}")
         except ValueError:
             ctl = {}
         if cm["metadata"].get("resourceVersion") != self._cm_rv.get(name):
@@ -325,7 +383,7 @@ class KubeStore(Store):
                                 labelSelector="app.kubernetes.io/managed-by=katactl," + NODE_LABEL):
             name = (cm["metadata"].get("labels") or {}).get(NODE_LABEL)
             try:
-                st = json.loads((cm.get("data") or {}).get("state") or "null")
+                st = state_of_configmap(cm)
             except ValueError:
                 st = None
             if name and isinstance(st, dict):
@@ -347,6 +405,134 @@ class KubeStore(Store):
 def dumps(obj) -> str:
     """The state files' and ConfigMaps' JSON (compact, sorted keys)."""
     return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+CONTROL_KEY = "control"
+
+
+def state_of_configmap(cm: dict) -> dict | None:
+    """The state a rollout ConfigMap holds: binaryData ``state.json.gz``, or data
+    ``state`` (plain JSON) as katactl wrote it before. ValueError when it is corrupt."""
+    raw = (cm.get("binaryData") or {}).get(STATE_KEY)
+    text: str | bytes | None
+    if raw:
+        try:
+            text = gzip.decompress(base64.b64decode(raw, validate=True))
+        except (ValueError, OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"binaryData {STATE_KEY!r} is not base64 gzip: {e}") from None
+    else:
+        text = (cm.get("data") or {}).get(LEGACY_STATE_KEY)
+        if not text:
+            return None
+    try:
+        st = json.loads(text)
+    except ValueError:
+        raise ValueError(f"the state ({STATE_KEY if raw else LEGACY_STATE_KEY}) is not JSON") from None
+    if not isinstance(st, dict):
+        raise ValueError("the state is not a JSON object")
+    return st
+
+
+#: room kept in the ConfigMap for the control record and a state's growth beyond the projection
+CONTROL_ROOM = 16 * 1024
+
+
+def projected_size(state: dict) -> int:
+    """The compressed size of ``state`` once every node has run every step (the most it
+    holds: one result per step; retries replace nothing but add up to 20 results): each
+    node done, times to the second, durations to the millisecond, a message with a count,
+    as the engine records them (engine.Engine._steps). Messages of real steps are about as
+    long and as alike (docs/rollout.md, "State")."""
+    import random
+
+    rnd = random.Random(0)
+    plan = state.get("plan") or {}
+    steps = plan.get("steps") or []
+    t0 = time.time()
+    nodes = {}
+    for i, (n, rec) in enumerate(state["nodes"].items()):
+        at = time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(t0 + i * 0.5 + rnd.random() * 30))
+        nodes[n] = {**rec, "phase": "done", "step": len(steps), "attempts": 1, "wasUnschedulable": False,
+                    "startedAt": at, "finishedAt": at, "error": None,
+                    "results": [{"step": k + 1, "text": text, "ok": True, "seconds": round(rnd.uniform(0.1, 900), 3),
+                                 "at": at, "changed": True,
+                                 "message": f"{text.split()[0]}: {rnd.randint(0, 999)} item(s) ok"}
+                                for k, text in enumerate(steps)]}
+    end = {**state, "nodes": nodes}
+    return len(StateWriter(end).snapshot(end).gzip())
+
+
+def _gz(text: str) -> bytes:
+    """One gzip member (header with mtime 0: the same state gives the same bytes)."""
+    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    return c.compress(text.encode()) + c.flush()
+
+
+class StateWriter:
+    """Encodes one rollout's state for its saves, incrementally.
+
+    The JSON is ``{"plan":PLAN,<the other fields, sorted>,"nodes":{<records>}}`` with the
+    node records in batch order, in chunks of CHUNK. ``snapshot(state, dirty)`` (under the
+    caller's state lock) encodes again only the records named in ``dirty`` and the small
+    top-level fields; the Snapshot's ``gzip()`` (outside that lock, one save at a time)
+    compresses again only the chunks those records are in and concatenates the cached
+    members of the others. A run never changes its plan: it is encoded once."""
+
+    def __init__(self, state: dict):
+        order = [n for b in (state.get("plan") or {}).get("batches") or [] for n in b]
+        seen = set(order)
+        order += sorted(n for n in state["nodes"] if n not in seen)  # (a plan always has them all)
+        order = [n for n in order if n in state["nodes"]]
+        self._keys = {n: json.dumps(n) + ":" for n in order}
+        self._chunks = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
+        self._chunk_of = {n: i for i, c in enumerate(self._chunks) for n in c}
+        self._frag: dict[str, str] = {}
+        self._text: list[str] = [""] * len(self._chunks)
+        self._gz: list[bytes | None] = [None] * len(self._chunks)
+        self._stale: set[int] = set(range(len(self._chunks)))  # chunks whose _gz is out of date
+        self._plan = '{"plan":' + dumps(state.get("plan")) + ","
+        self._plan_gz: bytes | None = None
+        self._all = set(order)
+
+    def snapshot(self, state: dict, dirty=None) -> "Snapshot":
+        """``dirty``: the node records changed since the last snapshot (None: all); it is
+        emptied."""
+        nodes = state["nodes"]
+        changed = set(self._all) if dirty is None else set(dirty)
+        chunks = set()
+        for n in changed:
+            self._frag[n] = dumps(nodes[n])
+            chunks.add(self._chunk_of[n])
+        for i in chunks:
+            self._text[i] = ("," if i else "") + ",".join(self._keys[n] + self._frag[n] for n in self._chunks[i])
+        self._stale |= chunks
+        if dirty is not None:
+            dirty.clear()
+        head = ",".join(f"{json.dumps(k)}:{dumps(v)}" for k, v in sorted(state.items()) if k not in ("nodes", "plan"))
+        return Snapshot(self, head + ("," if head else "") + '"nodes":{', {i: self._text[i] for i in chunks})
+
+
+class Snapshot:
+    """A state as of one snapshot(): ``gzip()`` for the ConfigMap, ``text()`` for a file."""
+
+    def __init__(self, writer: StateWriter, head: str, chunks: dict[int, str]):
+        self.w, self.head, self.chunks = writer, head, chunks
+
+    def gzip(self) -> bytes:
+        w = self.w
+        if w._plan_gz is None:
+            w._plan_gz = _gz(w._plan)
+        for i, text in self.chunks.items():
+            w._gz[i] = _gz(text)
+            w._stale.discard(i)
+        for i in list(w._stale):  # chunks of an earlier snapshot that was only written as text
+            w._gz[i] = _gz(w._text[i])
+            w._stale.discard(i)
+        return b"".join([w._plan_gz, _gz(self.head), *(g or b"" for g in w._gz), _gz("}}")])
+
+    def text(self) -> str:
+        w = self.w
+        return "".join([w._plan, self.head, *w._text, "}}"])
 
 
 def _session_of(lease: dict) -> dict:
@@ -462,8 +648,9 @@ class FileStore(Store):
             pass
         self._write(self._path(state["name"]), dumps(state))
 
-    def save(self, name: str, text: str) -> None:
-        self._write(self._path(name), text)
+    def save(self, name: str, snap: "Snapshot") -> None:
+        # plain JSON: a file has no size limit, and stays readable with jq
+        self._write(self._path(name), snap.text())
 
     def control(self, name: str) -> dict:
         try:
