@@ -5,7 +5,7 @@ Threads: the caller's thread schedules (gate, max-unavailable, pause/abort
 requests, failure budget); one thread per node in progress runs its steps; one
 thread renews the lock; a few write the nodes' progress labels (write-behind:
 they only show progress, so a newer phase replaces one not yet written). The
-state is a plain JSON-able dict (see docs/rollout.md, "State"); saves are
+state is a plain JSON-able dict (see docs/rollout.md, "Lock and state"); saves are
 group-committed: the state is serialized under the state lock (only the node
 records changed since the last save are serialized again: store.StateWriter)
 and compressed and written outside it (only the chunks of records that changed

@@ -18,8 +18,9 @@ FileStore (SSH-only fleets): ``$XDG_STATE_HOME/katactl/rollouts/NAME.json``
 The state in a ConfigMap is gzip-compressed JSON in binaryData: kube-apiserver refuses a
 ConfigMap whose data + binaryData values exceed 1 MiB (ValidateConfigMap in
 pkg/apis/core/validation/validation.go: ``ConfigMap "NAME" is invalid: []: Too long: must
-have at most 1048576 bytes``, 422), and the plain JSON (~360-1,300 bytes a node) passed it
-at ~2,900 nodes; gzip brings a node to ~30-100 bytes (docs/rollout.md, "State"). It stays
+have at most 1048576 bytes``, 422), and the plain JSON (~350-1,200 bytes a node, by steps
+and node names) passed it at 850-2,900 nodes; gzip brings a node to ~27-66 bytes
+(docs/rollout.md, "State in the ConfigMap"). It stays
 one object written by one PUT, so a save is atomic as before. StateWriter encodes it
 incrementally: the gzip stream is a concatenation of members (RFC 1952, 2.2: a gzip file is
 a series of members; gunzip and Go's gzip.Reader read them as one stream), one for the plan
@@ -441,8 +442,8 @@ def projected_size(state: dict) -> int:
     """The compressed size of ``state`` once every node has run every step (the most it
     holds: one result per step; retries replace nothing but add up to 20 results): each
     node done, times to the second, durations to the millisecond, a message with a count,
-    as the engine records them (engine.Engine._steps). Messages of real steps are about as
-    long and as alike (docs/rollout.md, "State")."""
+    as the engine records them (engine.Engine._steps), with more varied durations and
+    messages than real steps give (docs/rollout.md, "State in the ConfigMap")."""
     import random
 
     rnd = random.Random(0)
