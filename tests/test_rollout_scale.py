@@ -18,7 +18,7 @@ import pytest
 
 from katactl.backends.kube import KubeAPI
 from katactl.config import resolve
-from katactl.errors import Refused
+from katactl.errors import OperationFailed, Refused
 from katactl.rollout import engine
 from katactl.rollout.plan import NodeInfo, Plan, make_batches, parse_steps
 from katactl.rollout.policy import Policy, parse_count
@@ -139,6 +139,23 @@ def test_a_plan_whose_state_could_not_hold_every_nodes_results_is_refused_before
         KubeStore(api, NS).create(st)
     assert "split the fleet" in e.value.hint
     assert kube.get_obj("ConfigMap", CM_PREFIX + plan.name, NS) is None
+
+
+def test_a_state_that_outgrows_its_configmap_is_a_save_error_not_a_usage_error(kube, api):
+    """Should a state outgrow the projection (steps with long, varied messages), its save
+    fails with exit 1 and the reason; the ConfigMap keeps the last state that fit."""
+    plan = plan_of(2_000, ["check"])
+    st = engine.new_state(plan)
+    store = KubeStore(api, NS)
+    store.create(st)
+    e = engine.Engine(plan, store, st, api=None, settings=None)
+    rnd = random.Random(1)
+    noise = {n: rnd.randbytes(600).hex() for n in st["nodes"]}  # incompressible: 1,200 bytes a node
+    with pytest.raises(OperationFailed, match=r"the state is [\d,]+ bytes compressed, more than a ConfigMap "
+                                              r"holds \(1,048,576 bytes\)") as err:
+        e.transition(lambda: [r.update(phase="failed", error=noise[n]) for n, r in st["nodes"].items()])
+    assert err.value.exit_code == 1
+    assert all(r["phase"] == "pending" for r in KubeStore(api, NS).load(plan.name)["nodes"].values())
 
 
 def test_a_rollout_whose_state_an_earlier_katactl_wrote_resumes(cli, kube, kc):

@@ -260,13 +260,17 @@ class KubeStore(Store):
     def _cm_path(self, name: str) -> str:
         return f"/api/v1/namespaces/{self.ns}/configmaps/{CM_PREFIX}{name}"
 
-    def _decode(self, cm: dict, name: str) -> dict | None:
-        data = cm.get("data") or {}
+    def _note(self, cm: dict, name: str) -> None:
+        """Remember the ConfigMap's resourceVersion and control record (not its state)."""
         self._cm_rv[name] = cm["metadata"].get("resourceVersion")
         try:
-            self._cm_control[name] = json.loads(data.get("control") or "{}")
+            ctl = json.loads((cm.get("data") or {}).get(CONTROL_KEY) or "{}")
         except ValueError:
-            self._cm_control[name] = {}
+            ctl = {}
+        self._cm_control[name] = ctl if isinstance(ctl, dict) else {}
+
+    def _decode(self, cm: dict, name: str) -> dict | None:
+        self._note(cm, name)
         try:
             return state_of_configmap(cm)
         except ValueError as e:
@@ -336,8 +340,8 @@ class KubeStore(Store):
                 self._cm_rv[name] = cm["metadata"]["resourceVersion"]
                 return
             except Conflict:
-                cur = self.api.get(self._cm_path(name))
-                self._decode(cur, name)
+                # our state is what counts: only the control and resourceVersion are needed
+                self._note(self.api.get(self._cm_path(name)), name)
             except UsageError as e:
                 raise self._refused(name, e) from None
         raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name} keeps changing: cannot save the state")
