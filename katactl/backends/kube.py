@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 PAGE = 500
 RETRIES = 4
+#: connections per KubeAPI (and requests in flight through it; see KubeAPI.__init__)
+POOL_SIZE = 16
 #: longest wait katactl honours from a Retry-After header (a server asking for
 #: minutes is treated as "retry later" by the caller, not slept through)
 MAX_RETRY_AFTER = 10.0
@@ -84,7 +87,13 @@ class KubeAPI:
         # a hundred connections (kubectl multiplexes them over one HTTP/2 connection)
         self._client = httpx.Client(base_url=self.host, headers=headers, verify=tls,
                                     timeout=timeout, trust_env=False,
-                                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+                                    limits=httpx.Limits(max_connections=POOL_SIZE,
+                                                        max_keepalive_connections=POOL_SIZE))
+        # at most POOL_SIZE requests inside httpcore's pool at once: a request queued there
+        # can be handed a connection that another thread's pass then closes under it
+        # (encode/httpcore#1110, 1.0.9): a 30 s hang or EBADF. Drains evict with up to
+        # EVICTION_WORKERS threads; they wait here instead of in the pool.
+        self._slots = threading.BoundedSemaphore(POOL_SIZE)
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -156,7 +165,8 @@ class KubeAPI:
         for attempt in range(RETRIES + 1):
             delay = min(0.2 * 2 ** attempt, 2.0)
             try:
-                r = self._client.request(method, path, params=q, content=data, headers=headers)
+                with self._slots:
+                    r = self._client.request(method, path, params=q, content=data, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
                 # the request never left: safe to send again, even a mutation
                 err = UnreachableError(f"Kubernetes API {self.host}: {_one_line(e) or type(e).__name__}")
