@@ -443,11 +443,11 @@ CONTROL_ROOM = 16 * 1024
 
 
 def projected_size(state: dict) -> int:
-    """The compressed size of ``state`` once every node has run every step (the most it
-    holds: one result per step; retries replace nothing but add up to 20 results): each
-    node done, times to the second, durations to the millisecond, a message with a count,
-    as the engine records them (engine.Engine._steps), with more varied durations and
-    messages than real steps give (docs/rollout.md, "State in the ConfigMap")."""
+    """The compressed size of ``state`` once every node has run every step once (retried
+    steps add results, up to 20 a node: a save that no longer fits is still refused, exit
+    1): each node done, times to the second, durations to the millisecond, a message with
+    a count, as the engine records them (engine.Engine._steps), with more varied durations
+    and messages than real steps give (docs/rollout.md, "State in the ConfigMap")."""
     import random
 
     rnd = random.Random(0)
