@@ -157,11 +157,16 @@ INPUT_LIMIT = 1 << 20
 
 
 def read_input(path: str, what: str, limit: int = INPUT_LIMIT) -> bytes:
-    """The bytes of an operator's input file, at most ``limit`` of them: a larger
-    file (or an endless one, /dev/zero) is a UsageError naming it and the cap.
-    OSError is the caller's to word."""
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+    """The bytes of an operator's input file (``-``: standard input), at most ``limit``
+    of them: a larger file (or an endless one, /dev/zero) is a UsageError naming it
+    and the cap, never a silently cut one. OSError is the caller's to word."""
+    if path == "-":
+        stdin = sys.stdin
+        raw = getattr(stdin, "buffer", None)  # text-only when a caller replaced sys.stdin
+        data = raw.read(limit + 1) if raw is not None else stdin.read(limit + 1).encode()
+    else:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     if len(data) > limit:
         raise too_large(path, what, limit)
     return data

@@ -65,17 +65,10 @@ def select_nodes(settings) -> list[str]:
 
 
 def _read_nodes_file(path: str) -> list[str]:
-    from katactl.config import INPUT_LIMIT, read_input, too_large
+    from katactl.config import read_input
 
     try:
-        if path == "-":
-            import sys
-
-            text = sys.stdin.read(INPUT_LIMIT + 1)
-            if len(text) > INPUT_LIMIT:
-                raise too_large("-", "--nodes-from")
-        else:
-            text = read_input(path, "--nodes-from").decode("utf-8")
+        text = read_input(path, "--nodes-from").decode("utf-8")
     except OSError as e:
         raise UsageError(f"--nodes-from {path}: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -176,3 +176,15 @@ def test_parsing_every_step_imports_no_heavy_module():
             "('kubernetes', 'paramiko', 'httpx', 'yaml', 'psutil'))))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == ""
+
+
+def test_a_plan_on_stdin_over_the_input_limit_is_refused_not_cut(katactl_bin, tmp_path):
+    """`rollout plan -f -` read at most 1 MiB of standard input and parsed what it got: a
+    longer plan was silently cut (here, the cut would fall inside a comment and leave a valid
+    plan). Now it is exit 2 naming the cap, as for a file."""
+    plan = "name: big\nsteps: [audit]\nnodes: [n1]\n#" + "x" * (1 << 20) + "\n"
+    ok = katactl_bin(["rollout", "plan", "-f", "-", "--state", "file"], input=plan[:4096] + "\n")
+    assert ok.exit_code == 0, ok.stderr  # the same plan, short: valid
+    r = katactl_bin(["rollout", "plan", "-f", "-", "--state", "file"], input=plan)
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert "more than 1 MiB" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -48,7 +48,7 @@ def load_file(path: str) -> dict:
     from katactl.config import read_input
 
     try:
-        raw = read_input(path, "-f") if path != "-" else __import__("sys").stdin.read(1 << 20).encode()
+        raw = read_input(path, "-f")
     except OSError as e:
         raise UsageError(f"-f {path}: {e.strerror}") from None
     try:
