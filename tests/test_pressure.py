@@ -372,3 +372,45 @@ def test_alinux_latency_histograms_when_present(cli, v2node):
     assert a["extras"]["memory.direct_reclaim_global_latency"] == {"0-1ms": 0, "1-4ms": 0, "4-8ms": 0,
                                                                    ">=100ms": 0, "total(ms)": 0}
     assert "extras" not in b and "memory.direct_reclaim_global_latency" in b["unsupported"]
+
+
+def _stacked_diskstats(root, k):
+    """A node as LVM + zram leave it: sda and its partition, dm-0 (LVM on sda2: the same
+    I/O again), zram0 (compressed swap in memory), mmcblk0 and its partition, loop0.
+    Field layout of Documentation/admin-guide/iostats.rst (sectors of 512 bytes)."""
+    def line(maj, mi, name, rios, rsect, wios, wsect):
+        return f"{maj:4d} {mi:7d} {name} {rios} 0 {rsect} 1 {wios} 0 {wsect} 1 0 1 2 0 0 0 0 0 0\n"
+    fx._w(root, "/proc/diskstats", "".join([
+        line(8, 0, "sda", 100 + 10 * k, 800 + 80 * k, 0, 0),
+        line(8, 2, "sda2", 100 + 10 * k, 800 + 80 * k, 0, 0),
+        line(253, 0, "dm-0", 100 + 10 * k, 800 + 80 * k, 0, 0),
+        line(252, 0, "zram0", 1000 + 500 * k, 8000 + 4000 * k, 0, 0),
+        line(179, 0, "mmcblk0", 5 + 1 * k, 40 + 8 * k, 0, 0),
+        line(179, 1, "mmcblk0p1", 5 + 1 * k, 40 + 8 * k, 0, 0),
+        line(7, 0, "loop0", 5 + 5 * k, 40 + 40 * k, 0, 0)]))
+
+
+@pytest.mark.parametrize("with_sys", [True, False], ids=["sysfs", "names-only"])
+def test_node_io_counts_each_physical_disk_once(cli, tmp_path, moving, with_sys):
+    """The node's I/O rate is the sum over its physical disks: a partition is counted by its
+    disk, dm/md by the disks under them, zram is memory. With /sys/dev/block the kernel says
+    which is which (DEVTYPE, the `device` link); without it, device names decide."""
+    root = str(tmp_path / "node")
+    fx.build_node(root, mode="v2", online_pods=1, sandboxes=1, resctrl=False)
+    if with_sys:
+        for mm, name, kind, backed in (("8:0", "sda", "disk", True), ("8:2", "sda2", "partition", False),
+                                       ("253:0", "dm-0", "disk", False), ("252:0", "zram0", "disk", False),
+                                       ("179:0", "mmcblk0", "disk", True), ("179:1", "mmcblk0p1", "partition", False),
+                                       ("7:0", "loop0", "disk", False)):
+            maj, mi = mm.split(":")
+            fx._w(root, f"/sys/dev/block/{mm}/uevent", f"MAJOR={maj}\nMINOR={mi}\nDEVNAME={name}\nDEVTYPE={kind}\n")
+            if backed:  # as in sysfs: a link to the device the disk sits on
+                os.makedirs(os.path.join(root, "sys/devices/fake", name), exist_ok=True)
+                os.symlink(f"../../../devices/fake/{name}", os.path.join(root, f"sys/dev/block/{mm}/device"))
+    _stacked_diskstats(root, 0)
+    moving["between"] = lambda: _stacked_diskstats(root, 1)
+    r = _run(cli, root, "node")
+    assert r.exit_code == 0, r.stderr
+    node = next(i for i in r.json()["items"] if i["role"] == "node")
+    assert [d["name"] for d in node["io"]["devices"]] == ["sda", "mmcblk0"]  # by maj:min
+    assert node["io"]["readIops"] == 11.0 and node["io"]["readBytesPerSec"] == 88 * 512

@@ -130,6 +130,24 @@ def block_devices(transport: NodeTransport) -> dict[str, str]:
     return out
 
 
+def physical_disks(transport: NodeTransport) -> set[str] | None:
+    """``maj:min`` of the node's whole disks backed by a device (sd, nvme, vd, xvd, mmcblk):
+    the kernel's ``DEVTYPE=disk`` in /sys/dev/block/<maj:min>/uevent with a ``device`` link.
+    Partitions (``DEVTYPE=partition``) are counted by their disk; dm, md, loop, zram, ram and
+    nbd have no ``device``: dm/md stack on disks already counted and zram is memory, so
+    summing them would count one I/O twice or count none. None when /sys is not readable
+    (the caller falls back to device names). Two batched reads, any number of devices."""
+    try:
+        names = [n for n in transport.listdir("/sys/dev/block") if _DEV.fullmatch(n)]
+    except OSError:
+        return None
+    events = transport.read_many([f"/sys/dev/block/{n}/uevent" for n in names], limit=4096)
+    disks = [n for n in names if isinstance(raw := events.get(f"/sys/dev/block/{n}/uevent"), bytes)
+             and re.search(rb"^DEVTYPE=disk$", raw, re.M)]
+    linked = transport.stat_many([f"/sys/dev/block/{n}/device" for n in disks], follow_symlinks=False)
+    return {n for n in disks if not isinstance(linked.get(f"/sys/dev/block/{n}/device"), (OSError, type(None)))}
+
+
 #: (key in the report, v1 file, v2 file, parser)
 IO_KNOBS = [
     ("weight", "blkio.weight", "io.weight", parse_weight),

@@ -346,7 +346,10 @@ def _delta(a, b):
     return b - a
 
 
-def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample) -> dict:
+def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample,
+            disks: set[str] | None = None) -> dict:
+    """One target's row. ``disks``: the node's physical disks (io.physical_disks), which
+    alone make the node row's I/O (None: judged by device name)."""
     dt = s2.at - s1.at
     row: dict = {"target": tg.label, "role": tg.role, "class": tg.cls, "pod": tg.pod, "podUid": tg.pod_uid,
                  "sandbox": tg.sandbox, "path": tg.path}
@@ -444,7 +447,7 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample) ->
             mem["pressureLevel"] = "eventfd notifier only (memory.pressure_level via cgroup.event_control)"
     row["memory"] = mem or None
     # I/O
-    row["io"] = _io_rates(got, dt, tg)
+    row["io"] = _io_rates(got, dt, tg, disks)
     # Alinux extras
     extras = {}
     for sig, (_path, a, b) in got.items():
@@ -483,7 +486,7 @@ def _sum_rate(a: dict, b: dict, dt: float, keys: list[str]):
         return None
 
 
-def _io_rates(got: dict, dt: float, tg: Target) -> dict | None:
+def _io_rates(got: dict, dt: float, tg: Target, disks: set[str] | None = None) -> dict | None:
     devs: dict[str, dict] = {}
     if tg.path is None:
         g = got.get("diskstats")
@@ -491,9 +494,12 @@ def _io_rates(got: dict, dt: float, tg: Target) -> dict | None:
             return None
         a, b = g[1] or {}, g[2]
         for mm, v in b.items():
-            if v["name"].startswith(("loop", "ram")) or re.fullmatch(r"(sd[a-z]+|vd[a-z]+|xvd[a-z]+)\d+|nvme\d+n\d+p\d+",
-                                                                    v["name"]):
-                continue  # loops, ramdisks and partitions (their disk counts them)
+            if disks is not None:
+                if mm not in disks:
+                    continue  # partitions, dm/md stacks, loops, zram: see io.physical_disks
+            elif v["name"].startswith(("loop", "ram", "zram", "dm-", "md", "nbd")) or re.fullmatch(
+                    r"(sd[a-z]+|vd[a-z]+|xvd[a-z]+)\d+|(nvme\d+n\d+|mmcblk\d+)p\d+", v["name"]):
+                continue  # no /sys: judged by name (partitions are counted by their disk)
             p = a.get(mm, {})
             devs[mm] = {"device": mm, "name": v["name"], "readBytesPerSec": _rate(p.get("rbytes"), v["rbytes"], dt, nd=1),
                         "writeBytesPerSec": _rate(p.get("wbytes"), v["wbytes"], dt, nd=1),
@@ -539,6 +545,8 @@ class Session:
         self.interval = interval
         self.refs = refs or []
         self.prev: Sample | None = None
+        self.disks: set[str] | None = None  # the node's physical disks, read once
+        self._disks_read = False
 
     def refresh(self, transport: NodeTransport, fail_rules: list | None = None) -> dict:
         from katactl.isolation.report import Node
@@ -561,7 +569,10 @@ class Session:
             s1 = self.prev
         s2 = take_sample(transport, paths)
         self.prev = s2
-        rows = [compute(node.fs, tg, f, s1, s2) for tg, f in zip(tgs, files, strict=True)]
+        if not self._disks_read and any(tg.path is None for tg in tgs):
+            self._disks_read = True
+            self.disks = iomod.physical_disks(transport) or None  # none found: judged by name
+        rows = [compute(node.fs, tg, f, s1, s2, self.disks) for tg, f in zip(tgs, files, strict=True)]
         for r in rows:
             if r["role"] != "node" and r.get("io"):
                 for d in r["io"]["devices"]:
