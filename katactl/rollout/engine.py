@@ -214,8 +214,15 @@ class Engine:
         if not force and self.clock() - self.control_at < self.plan.policy.poll:
             return
         self.control_at = self.clock()
-        with self.store_lock:
-            ctl = self.store.control(self.plan.name)
+        try:
+            with self.store_lock:
+                ctl = self.store.control(self.plan.name)
+        except KatactlError as e:
+            if force:
+                raise
+            # a pause or abort is seen at the next poll; one failed read must not end the run
+            self.ev("Warning", message=f"cannot read the rollout's control record: {e.message}")
+            return
         self.apply_control(ctl)
 
     def apply_control(self, ctl: dict) -> None:
@@ -274,7 +281,15 @@ class Engine:
             raise Interrupted(f"rollout {self.plan.name} interrupted: state saved, "
                               f"'katactl rollout resume {self.plan.name}' continues it") from None
         finally:
+            if self._alive():
+                # left by an error: no step may outlive the lock or the clients it uses (a
+                # zombie step would go on saving state another 'rollout resume' then owns)
+                self.stop.set()
+                self._wait_all(interrupt_ok=True)
+                self.flush_marks(timeout=5.0)
             self._done.set()
+            with self._marks_cv:
+                self._marks_cv.notify_all()  # the label writers leave once nothing is queued
             self.store.release()
             for c in self._apis:
                 c.close()
@@ -607,6 +622,8 @@ class Engine:
                 while True:
                     n = next((m for m in self._marks if m not in self._marking), None)
                     if n is None:
+                        if self._done.is_set():
+                            return  # the run is over and nothing is queued
                         self._marks_cv.wait()
                         continue
                     wait = self._marks[n][1] - time.monotonic()
