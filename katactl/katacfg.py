@@ -317,7 +317,10 @@ def _read_regular(transport: NodeTransport, path: str, shown: str) -> str:
     st = transport.stat(path)
     if st.is_dir or (st.mode & 0o170000) != 0o100000:
         raise OperationFailed(f"{shown}: not a regular file; a Kata configuration must be one")
-    return transport.read_text(path, limit=MAX_DROPIN)
+    raw = transport.read_bytes(path, MAX_DROPIN + 1)
+    if len(raw) > MAX_DROPIN:  # never parse a cut file: the keys past the cut would vanish
+        raise OperationFailed(f"{shown}: larger than {MAX_DROPIN >> 20} MiB; not read as a configuration")
+    return raw.decode("utf-8", errors="replace")
 
 
 def find_config(transport: NodeTransport, runtime: str = "go", prefix: str | None = None) -> str:
@@ -396,8 +399,9 @@ def _dropins(transport: NodeTransport, resolved: str, runtime: str) -> Iterable[
     order the runtime applies them; what the runtime refuses raises OperationFailed with
     the runtime's own words."""
     d = posixpath.join(posixpath.dirname(resolved), "config.d")
+    rd = realpath(transport, d)  # resolved inside the node: an absolute link must not reach the host
     try:
-        entries = transport.scan_dir(realpath(transport, d), follow_symlinks=False)
+        entries = transport.scan_dir(rd, follow_symlinks=False)
     except FileNotFoundError:
         return
     except OSError as e:
@@ -410,7 +414,7 @@ def _dropins(transport: NodeTransport, resolved: str, runtime: str) -> Iterable[
                 raise OperationFailed(f"{p}: drop-in cfg file can only be a regular file or a symlink"
                                       + (" (runtime-rs does not follow a symlinked drop-in)"
                                          if st.is_link else ""))
-            target = p
+            target = posixpath.join(rd, name)  # a regular file in the resolved directory
         else:
             try:
                 target = realpath(transport, p)
@@ -512,6 +516,9 @@ def containerd_config(transport: NodeTransport, path: str | None = None) -> Cont
             imports = data.get("imports") or []
             if isinstance(imports, list):
                 pending += _resolve_imports(transport, p, [i for i in imports if isinstance(i, str)])
+        if any(q not in seen for q in pending):
+            raise OperationFailed(f"{path}: imports reach more than {MAX_CONTAINERD_FILES} files; "
+                                  "not read (an import cycle through globs?)")
     except (OperationFailed, PermissionError, RecursionError) as e:
         msg = getattr(e, "message", None) or (f"{path}: permission denied" if isinstance(e, PermissionError)
                                               else str(e))

@@ -302,3 +302,39 @@ def test_resolution_costs_a_few_round_trips_not_one_per_path_component(tmp_path)
         sbs = sandbox.discover(t, check=False)
         assert len(sbs) == 5 and all("kataConfig" in s.to_dict() for s in sbs)
         assert t.trips <= 6, t.trips
+
+
+@pytest.mark.parametrize("runtime", ["go", "rs"])
+def test_an_absolute_config_d_link_is_resolved_inside_the_node(tmp_path, runtime):
+    """config.d -> /srv/kata-dropins: a node path. Its drop-ins are read from the node's
+    /srv, never from the host's (runtime-rs read <dir>/config.d/<name> unresolved, so the
+    host followed the absolute link)."""
+    node = tmp_path / "node"
+    host_dir = tmp_path / "host-dropins"  # what the absolute link names on the host
+    _w(node, "/etc/kata-containers/configuration.toml", BASE)
+    _w(node, f"{host_dir}/10-x.toml", '[hypervisor.qemu]\ndefault_memory = 111\n')  # the node's copy
+    host_dir.mkdir()
+    (host_dir / "10-x.toml").write_text('[hypervisor.qemu]\ndefault_memory = 999\n')  # the host's
+    os.symlink(str(host_dir), node / "etc/kata-containers/config.d")
+    cfg = katacfg.load_file(LocalTransport(str(node)), "/etc/kata-containers/configuration.toml", runtime)
+    assert cfg.hypervisor["default_memory"] == 111
+
+
+def test_an_oversized_configuration_is_refused_not_cut(tmp_path):
+    """A 5 MiB comment before the real keys: read up to the cap and parsed, the keys after
+    the cut were silently lost. Now the file is reported as too large."""
+    _w(tmp_path, "/etc/kata-containers/configuration.toml",
+       "#" + "x" * (5 << 20) + "\n" + BASE)
+    with pytest.raises(OperationFailed, match="larger than 4 MiB"):
+        katacfg.load(LocalTransport(str(tmp_path)))
+
+
+def test_containerd_imports_past_the_file_cap_are_an_error_not_a_silent_cut(tmp_path):
+    """More files through imports than katactl reads: the handlers defined past the cap
+    would be missing without a word; now the configuration says why it was not read."""
+    n = katacfg.MAX_CONTAINERD_FILES + 5
+    _w(tmp_path, "/etc/containerd/config.toml", 'version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n')
+    for i in range(n):
+        _w(tmp_path, f"/etc/containerd/conf.d/{i:04d}.toml", "version = 2\n")
+    cc = katacfg.containerd_config(LocalTransport(str(tmp_path)))
+    assert cc.handlers == {} and cc.error and "more than" in cc.error
