@@ -13,6 +13,8 @@ and report ``changed`` and ``dryRun``.
 """
 from __future__ import annotations
 
+import errno
+
 import os
 import re
 import stat
@@ -184,7 +186,8 @@ def direct_volume_device(transport: NodeTransport, path: str, flavour: str = "go
         data = got.get(f)
         if isinstance(data, bytes):
             break
-        if isinstance(data, OSError) and not isinstance(data, (FileNotFoundError, NotADirectoryError)):
+        if isinstance(data, OSError) and not isinstance(data, (FileNotFoundError, NotADirectoryError)) \
+                and data.errno != errno.ENAMETOOLONG:  # a long path's base64 name cannot be registered
             raise OperationFailed(f"direct volume {path}: cannot read {f}: {data.strerror or data}")
     else:
         raise NotFound(f"direct volume {path} is not registered on node {transport.node}: no {files[0]} "

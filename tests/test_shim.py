@@ -439,9 +439,11 @@ def test_volume_not_registered_is_not_found(cli, tree, sid, cmd, _isolated_home)
     one that is not registered on the node is exit 3, naming it, and the shim is not asked."""
     srv = tree.server(sid)
     asked = len(srv.requests)
-    r = cli(["--host-root", tree.root, "shim", "volume", cmd[0], sid, DEV, *cmd[1:]])
-    assert r.exit_code == 3, r.stderr
-    assert DEV in r.stderr and "not registered" in r.stderr and r.stderr.count("\n") == 1
+    long_path = "/var/lib/kubelet/pods/" + "p" * 300  # its base64 name is over NAME_MAX: never registered
+    for path in (DEV, long_path):
+        r = cli(["--host-root", tree.root, "shim", "volume", cmd[0], sid, path, *cmd[1:]])
+        assert r.exit_code == 3, r.stderr
+        assert path in r.stderr and "not registered" in r.stderr and r.stderr.count("\n") == 1
     assert len(srv.requests) == asked
 
 
@@ -792,6 +794,9 @@ def test_parse_volume_stats_debug_upstream_shape():
     "Usage: " + "[" * 17 + "]" * 17 + " Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
     "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"" + "x" * (64 << 10) + "\" }",
     "Usage: [\x00] Volume Condition: VolumeCondition { abnormal: false, message: \"\" }",
+    "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"\\u{99999999999999999999}\" }",
+    "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"\\u{110000}\" }",
+    "Usage: [] Volume Condition: VolumeCondition { abnormal: false, message: \"\\u{}\" }",
 ])
 def test_parse_volume_stats_debug_refuses_other_shapes(text):
     from katactl.backends.shim import parse_volume_stats_debug

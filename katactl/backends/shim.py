@@ -289,7 +289,10 @@ def _rust_str(lit: str) -> str:
         nxt = body[i + 1]
         if nxt == "u":  # \u{1f600}
             end = body.index("}", i)
-            out.append(chr(int(body[i + 3:end], 16)))
+            digits = body[i + 3:end]
+            if not 1 <= len(digits) <= 6:  # Rust's \u{...} takes at most six hex digits
+                raise ValueError(f"bad unicode escape \\u{{{digits[:8]}}}")
+            out.append(chr(int(digits, 16)))  # over 0x10FFFF: ValueError, as Rust refuses it too
             i = end + 1
             continue
         if nxt not in _RUST_ESCAPES:
