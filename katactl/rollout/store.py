@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import gzip
 import json
 import os
 import socket
@@ -415,6 +414,29 @@ def dumps(obj) -> str:
 CONTROL_KEY = "control"
 
 
+#: the most JSON a stored state may inflate to: ~40x what the largest state that fits a
+#: ConfigMap decompresses to; anyone who may write the ConfigMap must not make every
+#: 'rollout status' inflate a gzip bomb (1 MiB of gzip can hold ~1 GiB)
+MAX_STATE_JSON = 256 << 20
+
+
+def _gunzip_capped(data: bytes, cap: int) -> bytes:
+    """gzip.decompress of a series of members, refusing more than ``cap`` bytes out."""
+    out: list[bytes] = []
+    size = 0
+    while data:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        chunk = d.decompress(data, cap - size + 1)
+        size += len(chunk)
+        if size > cap or d.unconsumed_tail:
+            raise ValueError(f"inflates to more than {cap >> 20} MiB")
+        if not d.eof:
+            raise EOFError("compressed data ended before the end-of-stream marker")
+        out.append(chunk)
+        data = d.unused_data
+    return b"".join(out)
+
+
 def state_of_configmap(cm: dict) -> dict | None:
     """The state a rollout ConfigMap holds: binaryData ``state.json.gz``, or data
     ``state`` (plain JSON) as katactl wrote it before. ValueError when it is corrupt."""
@@ -422,7 +444,7 @@ def state_of_configmap(cm: dict) -> dict | None:
     text: str | bytes | None
     if raw:
         try:
-            text = gzip.decompress(base64.b64decode(raw, validate=True))
+            text = _gunzip_capped(base64.b64decode(raw, validate=True), MAX_STATE_JSON)
         except (ValueError, OSError, EOFError, zlib.error) as e:
             raise ValueError(f"binaryData {STATE_KEY!r} is not base64 gzip: {e}") from None
     else:
