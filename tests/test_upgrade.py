@@ -618,10 +618,18 @@ def test_status_names_handlers_whose_configuration_does_not_follow_current(cli, 
         'ConfigPath = "/opt/kata/share/defaults/kata-containers/runtimes/qemu/configuration-qemu.toml"\n'
         f'[{cri}.kata-pinned]\nruntime_type = "io.containerd.kata-pinned.v2"\n'
         f'[{cri}.kata-pinned.options]\nConfigPath = "/opt/kata/releases/{B}/share/defaults/kata-containers/configuration.toml"\n'
-        f'[{cri}.kata-search]\nruntime_type = "io.containerd.kata-search.v2"\n')
+        f'[{cri}.kata-search]\nruntime_type = "io.containerd.kata-search.v2"\n'
+        f'[{cri}.kata-linked]\nruntime_type = "io.containerd.kata-linked.v2"\n'
+        f'[{cri}.kata-linked.options]\nConfigPath = "/etc/kata-containers/configuration.toml"\n')
+    etc = staged / "etc" / "kata-containers"
+    etc.mkdir(parents=True, exist_ok=True)
+    # a link into current (absolute, a node path): follows current, though fully resolved
+    # it names one release
+    (etc / "configuration.toml").symlink_to("/opt/kata/current/share/defaults/kata-containers/configuration-qemu.toml")
     d = J(cli, staged, "status")
     rows = {h["handler"]: h for h in d["runtimeHandlers"]}
-    assert set(rows) == {"kata", "kata-qemu", "kata-pinned", "kata-search"}  # runc is not Kata
+    assert set(rows) == {"kata", "kata-qemu", "kata-pinned", "kata-search", "kata-linked"}  # runc is not Kata
+    assert rows["kata-linked"]["follows"] == "current"
     assert rows["kata"]["follows"] == "current"
     assert rows["kata-qemu"]["follows"] == "outside"
     assert (rows["kata-pinned"]["follows"], rows["kata-pinned"]["release"]) == ("release", B)

@@ -51,14 +51,42 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
             continue
         row: dict = {"handler": h.name, "configPath": h.config_path, "definedIn": h.defined_in,
                      "follows": "default-search", "release": None}
-        path = posixpath.normpath(h.config_path) if h.config_path else None
-        if path and _under(path, layout.current):
-            row["follows"] = "current"
-        elif path:
-            v = layout.version_of_path(path)
-            row["follows"], row["release"] = ("release", v) if v else ("outside", None)
+        if h.config_path:
+            row["follows"], row["release"] = _follows(transport, layout, h.config_path)
         out.append(row)
     return out
+
+
+def _follows(transport: NodeTransport, layout: Layout, path: str, max_links: int = 40) -> tuple[str, str | None]:
+    """("current" | "release" | "outside", the release) for a node path, its symlinks
+    followed one at a time (inside the node) until one step lands under ``current`` or a
+    release: /etc/kata-containers/configuration.toml -> /opt/kata/current/... follows
+    current, though fully resolved it would name one release."""
+    path = posixpath.normpath(path)
+    for _ in range(max_links + 1):
+        if _under(path, layout.current):
+            return "current", None
+        v = layout.version_of_path(path)
+        if v:
+            return "release", v
+        parts = [q for q in path.split("/") if q]
+        prefixes = ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))]
+        stats = transport.stat_many(prefixes, follow_symlinks=False)
+        link = None
+        for q in prefixes:
+            st = stats.get(q)
+            if st is not None and not isinstance(st, OSError) and st.is_link:
+                link = q
+                break
+        if link is None:
+            return "outside", None
+        try:
+            target = transport.readlink(link)
+        except OSError:
+            return "outside", None
+        rest = path[len(link):]
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(link), target) + rest)
+    return "outside", None
 
 
 def status(transport: NodeTransport, layout: Layout) -> dict:
