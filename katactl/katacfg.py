@@ -55,6 +55,8 @@ GO_SYSCONF = "/etc/kata-containers/configuration.toml"
 DEFAULTS_SUBPATH = "share/defaults/kata-containers/configuration.toml"
 #: src/runtime/Makefile: PREFIX when none is given (its shim then lives in /usr/local/bin)
 DEFAULT_PREFIX = "/usr"
+#: kata-static's (kata-deploy's) build PREFIX
+KATA_STATIC_PREFIX = "/opt/kata"
 #: kata-types default.rs DEFAULT_RUNTIME_CONFIGURATIONS (runtime-rs searches all three)
 RS_SEARCH = (
     "/etc/kata-containers/runtime-rs/configuration.toml",
@@ -142,13 +144,18 @@ class KataConfig:
 
 def build_prefix(binary: str | None) -> str | None:
     """The PREFIX a shim binary (symlinks resolved) was built with: ``<PREFIX>/bin/...``,
-    and ``/usr/local/bin`` for the Makefile's default PREFIX ``/usr``; None otherwise."""
+    and ``/usr/local/bin`` for the Makefile's default PREFIX ``/usr``; None otherwise.
+    A release of katactl's A/B layout (``<kata-root>/releases/<v>/bin``) is a kata-static
+    tarball, built with PREFIX ``/opt/kata`` wherever it is unpacked: the defaults path is
+    compiled in (DEFAULTSDIR), so that shim searches ``/opt/kata/share/defaults``."""
     if not binary:
         return None
     bindir = posixpath.dirname(posixpath.normpath(binary))
     if posixpath.basename(bindir) != "bin":
         return None
     prefix = posixpath.dirname(bindir) or "/"
+    if posixpath.basename(posixpath.dirname(prefix)) == "releases":
+        return KATA_STATIC_PREFIX
     return DEFAULT_PREFIX if prefix == "/usr/local" else prefix
 
 

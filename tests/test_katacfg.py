@@ -73,7 +73,9 @@ def test_a_usr_build_never_reads_opt_kata(tmp_path, shim, prefix):
 def test_build_prefix():
     assert katacfg.build_prefix("/opt/kata/bin/containerd-shim-kata-v2") == "/opt/kata"
     assert katacfg.build_prefix("/usr/local/bin/containerd-shim-kata-v2") == "/usr"  # Makefile default
-    assert katacfg.build_prefix("/opt/kata/releases/3.1.0/bin/containerd-shim-kata-v2") == "/opt/kata/releases/3.1.0"
+    # a kata-static release in katactl's A/B layout: its compiled-in PREFIX, wherever it lives
+    assert katacfg.build_prefix("/opt/kata/releases/3.1.0/bin/containerd-shim-kata-v2") == "/opt/kata"
+    assert katacfg.build_prefix("/srv/kata/releases/3.1.0/bin/containerd-shim-kata-v2") == "/opt/kata"
     assert katacfg.build_prefix("/containerd-shim-kata-v2") is None
 
 
