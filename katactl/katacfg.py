@@ -576,6 +576,8 @@ def _glob(transport: NodeTransport, pattern: str) -> list[str]:
                 continue
             nxt += [posixpath.join(base, n) for n in names if fnmatch.fnmatchcase(n, part)]
         found = nxt
+        if len(found) > MAX_CONTAINERD_FILES:  # '/*/*/*.toml' would walk the whole node
+            raise OperationFailed(f"import {pattern!r} matches more than {MAX_CONTAINERD_FILES} paths; not read")
     there = exists_many(transport, found)
     return [p for p in found if there[p]]
 

@@ -340,3 +340,13 @@ def test_containerd_imports_past_the_file_cap_are_an_error_not_a_silent_cut(tmp_
         _w(tmp_path, f"/etc/containerd/conf.d/{i:04d}.toml", "version = 2\n")
     cc = katacfg.containerd_config(LocalTransport(str(tmp_path)))
     assert cc.handlers == {} and cc.error and "more than" in cc.error
+
+
+def test_a_containerd_import_glob_matching_too_much_is_an_error(tmp_path):
+    """An import like '/*/*/*.toml' would list the whole node (one round trip per directory
+    over SSH): past the cap of paths it is an error on containerd's configuration."""
+    _w(tmp_path, "/etc/containerd/config.toml", 'version = 2\nimports = ["/srv/*/*.toml"]\n')
+    for i in range(katacfg.MAX_CONTAINERD_FILES + 10):
+        os.makedirs(tmp_path / f"srv/d{i:04d}", exist_ok=True)
+    cc = katacfg.containerd_config(LocalTransport(str(tmp_path)))
+    assert cc.handlers == {} and cc.error and "matches more than" in cc.error
