@@ -5,7 +5,6 @@ in-memory one (these are the engine's rules, not a backend's); steps are made sl
 failure lands while they run."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -61,8 +60,9 @@ def _engine(store, n=2, events=None):
     return e
 
 
-def _rollout_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith("katactl-rollout")]
+def _threads_of(e):
+    """The engine's own threads still alive (other tests' engines may have theirs)."""
+    return [t.name for t in [*e._markers, *e.threads.values()] if t.is_alive()]
 
 
 def test_a_failed_control_read_mid_run_is_a_warning(slow_steps):
@@ -93,13 +93,13 @@ def test_an_error_in_the_main_loop_waits_for_running_steps_before_releasing(slow
     ended = [i for i, x in enumerate(slow_steps) if x.startswith("end")]
     assert started and len(ended) == len(started) and max(ended) < released, slow_steps
     time.sleep(0.2)
-    assert _rollout_threads() == []
+    assert _threads_of(e) == []
 
 
 def test_label_writers_leave_with_the_run(slow_steps):
     e = _engine(_Store(slow_steps), n=3)
     e.run()
     deadline = time.monotonic() + 2
-    while _rollout_threads() and time.monotonic() < deadline:
+    while _threads_of(e) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _rollout_threads() == []
+    assert e._markers and _threads_of(e) == []
