@@ -729,7 +729,10 @@ def abort_cmd(
         e = engine.Engine(plan, store, st, api=getattr(store, "api", None), settings=app_ctx.settings,
                           events=_events(app_ctx))
         e.aborting = True
-        summ = e.finish()
+        try:
+            summ = e.finish()
+        finally:
+            e.close()
     finally:
         store.release()
     summ["exitCode"] = 0

@@ -287,12 +287,17 @@ class Engine:
                 self.stop.set()
                 self._wait_all(interrupt_ok=True)
                 self.flush_marks(timeout=5.0)
-            self._done.set()
-            with self._marks_cv:
-                self._marks_cv.notify_all()  # the label writers leave once nothing is queued
+            self.close()
             self.store.release()
             for c in self._apis:
                 c.close()
+
+    def close(self) -> None:
+        """The run is over: the lease renewer and the label writers leave (the writers once
+        nothing is queued)."""
+        self._done.set()
+        with self._marks_cv:
+            self._marks_cv.notify_all()
 
     def _renew_loop(self) -> None:
         period = max(0.5, self.plan.lock_ttl / 3)
