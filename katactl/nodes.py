@@ -767,23 +767,31 @@ def node_transport(settings, name: str):
 def kata_facts(transport: NodeTransport, kata_root: str = "/opt/kata") -> dict:
     """The node's current Kata release, its sandboxes on other releases, and dumps not
     yet collected (katactl.upgrade's attribution, katactl.vmcore's listing)."""
-    current, stale = stale_sandboxes(transport, kata_root)
+    from katactl.sandbox import discover
+
+    try:  # once for both: the release attribution and the dump directories' configurations
+        found: list | None = discover(transport, check=False)
+    except (KatactlError, OSError):
+        found = None  # each reports its own failure as before
+    current, stale = stale_sandboxes(transport, kata_root, found)
     facts: dict[str, Any] = {"current": current, "staleSandboxes": stale, "uncollectedVmcores": None}
     try:
         from katactl.vmcore import list_dumps
 
-        facts["uncollectedVmcores"] = [d for d in list_dumps(transport) if not d.get("collected")]
+        facts["uncollectedVmcores"] = [d for d in list_dumps(transport, sandboxes=found) if not d.get("collected")]
     except (NotFound, OperationFailed) as e:  # no Kata configuration, no dump path: say so
         facts["vmcoreError"] = e.message
     return facts
 
 
-def stale_sandboxes(transport: NodeTransport, kata_root: str = "/opt/kata") -> tuple[str | None, list[dict]]:
+def stale_sandboxes(transport: NodeTransport, kata_root: str = "/opt/kata",
+                    sandboxes: list | None = None) -> tuple[str | None, list[dict]]:
     """(the current runtime release, the sandboxes whose shim, hypervisor or guest assets
-    still come from another release), from katactl.upgrade's attribution."""
+    still come from another release), from katactl.upgrade's attribution. ``sandboxes``:
+    the node's, when the caller discovered them already."""
     from katactl.upgrade import Layout, status
 
-    st = status(transport, Layout(kata_root))
+    st = status(transport, Layout(kata_root), sandboxes)
     current = (st.get("current") or {}).get("runtime")
     return current, [s for s in st.get("sandboxes") or []
                      if s.get("releases") and current and set(s["releases"]) != {current}]

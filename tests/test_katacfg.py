@@ -350,3 +350,27 @@ def test_a_containerd_import_glob_matching_too_much_is_an_error(tmp_path):
         os.makedirs(tmp_path / f"srv/d{i:04d}", exist_ok=True)
     cc = katacfg.containerd_config(LocalTransport(str(tmp_path)))
     assert cc.handlers == {} and cc.error and "matches more than" in cc.error
+
+
+def test_node_facts_discover_the_sandboxes_once(tmp_path):
+    """node check --node-facts wants the release attribution and the dump directories; both
+    need the node's sandboxes, and each used to discover them again (every persist.json read
+    twice, twice the round trips over SSH)."""
+    from tests._katanode import node
+    from katactl import nodes
+
+    reads: dict[str, int] = {}
+
+    class Counting(LocalTransport):
+        def read_many(self, paths, limit=None):
+            for p in paths:
+                reads[p] = reads.get(p, 0) + 1
+            return super().read_many(paths, limit)
+
+    with node() as n:
+        for i in range(3):
+            n.go(f"f{i}", serve=False, pid=2 ** 22 + i)
+        facts = nodes.kata_facts(Counting(n.root))
+    assert "staleSandboxes" in facts
+    persist = {p: c for p, c in reads.items() if p.endswith("/persist.json")}
+    assert len(persist) == 3 and set(persist.values()) == {1}, persist

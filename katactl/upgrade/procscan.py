@@ -144,13 +144,14 @@ def _unroot(path: str, host_root: str) -> str:
 
 
 # -- sandboxes ------------------------------------------------------------------
-def sandboxes(transport: NodeTransport) -> list[dict]:
+def sandboxes(transport: NodeTransport, found: list | None = None) -> list[dict]:
     """Sandbox records from the shared discovery (katactl.sandbox): id, pod,
-    hypervisor pid, and the configured hypervisor binary and guest assets."""
+    hypervisor pid, and the configured hypervisor binary and guest assets.
+    ``found``: the node's sandboxes when the caller discovered them already."""
     from katactl.sandbox import discover
 
     out: list[dict] = []
-    for s in discover(transport, check=False):
+    for s in found if found is not None else discover(transport, check=False):
         pod = s.pod or {}
         out.append({"id": s.id, "runtime": s.runtime,
                     "pod": f"{pod.get('namespace')}/{pod.get('name')}" if pod.get("name") else None,

@@ -89,7 +89,7 @@ def _follows(transport: NodeTransport, layout: Layout, path: str, max_links: int
     return "outside", None
 
 
-def status(transport: NodeTransport, layout: Layout) -> dict:
+def status(transport: NodeTransport, layout: Layout, sandboxes: list | None = None) -> dict:
     """Read-only: never takes the lock nor changes anything. A node in the middle of a
     switch (a journal, and a configuration naming only the switch's old and new agent)
     reports agent "switching", not "mixed"; the next stage/switch/rollback/gc finishes it."""
@@ -104,7 +104,7 @@ def status(transport: NodeTransport, layout: Layout) -> dict:
     hist = read_history(transport, layout)
     last = hist[-1] if hist else None
     procs, stats = procscan.scan(transport, layout)
-    sbs = procscan.attribute(transport, layout, procs, procscan.sandboxes(transport))
+    sbs = procscan.attribute(transport, layout, procs, procscan.sandboxes(transport, sandboxes))
     rels = []
     for v in releases(transport, layout):
         rec = release_record(transport, layout, v) or {}

@@ -120,7 +120,7 @@ def _rs_handler(h) -> bool:
 
 
 def dump_configs(transport: NodeTransport, *, dump_path: str | None = None,
-                 kata_config: str | None = None) -> list[DumpConfig]:
+                 kata_config: str | None = None, sandboxes: list | None = None) -> list[DumpConfig]:
     """Every dump directory of the node, one DumpConfig per distinct path.
 
     ``--dump-path`` or ``--kata-config`` name one (:func:`dump_config`). Otherwise, as each
@@ -137,8 +137,8 @@ def dump_configs(transport: NodeTransport, *, dump_path: str | None = None,
     res = katacfg.Resolver(transport)
     paths: list[str] = []
     rs_set: list[str] = []   # runtime-rs sandboxes/handlers that set a dump path, for the message
-    try:
-        sbs = sbmod.discover(transport, check=False)
+    try:  # ``sandboxes``: the node's, when the caller discovered them already
+        sbs = sandboxes if sandboxes is not None else sbmod.discover(transport, check=False)
     except (KatactlError, OSError):
         sbs = []  # the handlers' and the default configurations still say where dumps go
     for sb in sbs:
@@ -432,12 +432,12 @@ def pod_of(transport: NodeTransport, dump_dir: str, sandbox_id: str) -> dict:
 
 
 def list_dumps(transport: NodeTransport, *, dump_path: str | None = None, kata_config: str | None = None,
-               index: "CollectIndex | None" = None) -> list[dict]:
+               index: "CollectIndex | None" = None, sandboxes: list | None = None) -> list[dict]:
     """Every dump under the node's guest_memory_dump_path(s) (:func:`dump_configs`), oldest first."""
     index = index if index is not None else CollectIndex()
     items: list[dict] = []
     tz = None
-    for cfg in dump_configs(transport, dump_path=dump_path, kata_config=kata_config):
+    for cfg in dump_configs(transport, dump_path=dump_path, kata_config=kata_config, sandboxes=sandboxes):
         try:
             sandboxes = transport.listdir(cfg.dump_path)
         except FileNotFoundError:
