@@ -25,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._util import KATACTL, SKIP, write_section  # noqa: E402
+from bench._util import KATACTL, SKIP, publish  # noqa: E402
 from tests.conftest_kube import find_kubectl_133  # noqa: E402
 from tests.kubeserver import KubeStandIn  # noqa: E402
 
@@ -140,10 +140,7 @@ def main() -> None:
               "", "The stand-in is Python: at this size its JSON encoding dominates every row, so the list "
               "ratios say mostly that katactl asks for no more than kubectl does; the RSS column is "
               "the client's own."]
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        write_section(text, "bench/bench_node.py")
+    publish("\n".join(lines), "bench/bench_node.py", a.write)
 
 
 if __name__ == "__main__":

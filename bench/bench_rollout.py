@@ -41,7 +41,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._util import KATACTL, context, precompile, write_section  # noqa: E402
+from bench._util import KATACTL, context, precompile, publish  # noqa: E402
 from tests.kubeserver import KubeStandIn  # noqa: E402
 
 
@@ -265,10 +265,7 @@ def main() -> None:
                   f"{med('baseline', 'slack'):.2f} -> {med('current', 'slack'):.2f} s; the baseline's fastest run sent "
                   f"{b['rollout_req'] / a.nodes:.1f} requests per node of its own ("
                   + ", ".join(f"{v / a.nodes:.2f} {k}" for k, v in b["rollout_kinds"].most_common(4) if v) + ")."]
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        write_section(text, "bench/bench_rollout.py")
+    publish("\n".join(lines), "bench/bench_rollout.py", a.write)
 
 
 if __name__ == "__main__":
