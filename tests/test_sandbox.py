@@ -276,6 +276,33 @@ def test_corrupt_state_files_listed_unknown(cli, tmp_path, raw):
         assert items["bad002"]["state"] == "unknown" and items["bad002"]["reason"]
 
 
+#: documents where a fast JSON parser could read other values than json.loads of the text
+#: decoded with errors replaced, or fail with other words: integers beyond 64 bits (orjson
+#: makes floats of them), NaN/Infinity/1e400, lone surrogate escapes, invalid UTF-8, a BOM,
+#: nesting past orjson's limit, duplicate keys, floats that need correct rounding
+JSON_EDGES = [b'{"x": 18446744073709551616}', b'{"x": -9223372036854775809}', b'{"Pid": 123456789012345678901234}',
+              b'{"x": 18446744073709551615, "y": -9223372036854775808}', b'{"x": NaN, "y": Infinity, "z": -Infinity}',
+              b'{"x": 1e400}', b'{"x": "\\ud800"}', b'{"x": "\\udc00\\ud800 \\ud83d\\ude00"}', b'{"x": "caf\xe9"}',
+              b'{"x": "\xed\xa0\x80"}', b'\xef\xbb\xbf{"x": 1}', b'{"a": 1, "a": 2, "b": 3}',
+              b'{"x": 0.30000000000000004, "y": 9007199254740993.0, "z": 2.5e-324, "w": -0.0}',
+              b'{"x": [' * 1100 + b']}' * 1100, b'{"x": "a\x01b"}', b'{"x": 01}', b'{"x": 1}{', b'{"x": tru}']
+
+
+@pytest.mark.parametrize("raw", JSON_EDGES)
+def test_state_files_read_as_json_reads_them(raw):
+    """_loads gives what json.loads gave (values and their types), or fails with json's message."""
+    def parse(f):
+        try:
+            return "ok", repr(f())
+        except (ValueError, RecursionError) as e:
+            return "error", str(e)
+
+    want = parse(lambda: json.loads(raw.decode("utf-8", errors="replace")))
+    if want[1].startswith("maximum recursion depth"):
+        want = ("error", "nested too deeply")
+    assert parse(lambda: sandbox._loads(raw)) == want
+
+
 def test_non_utf8_annotations(cli, tmp_path):
     root = str(tmp_path)
     layout.write_go_sandbox(root, "utf8ok", pid=None)
