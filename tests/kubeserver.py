@@ -40,9 +40,17 @@ client. What it serves:
   pods per node: tests/kubeexec_server.py (its docstring lists its own differences).
 
 Known differences from the real kube-apiserver:
-- Watch is a polling loop over an in-memory event log (20000 events; older resourceVersions ->
-  410 Expired): no bookmarks, no sendInitialEvents/watch-list, events arrive up to 20 ms late,
-  one JSON event per chunk. No server-side apply (apply-patch+yaml -> 415), no
+- Watch is a polling loop over an in-memory event log (20000 events), events up to 20 ms late,
+  one JSON event per chunk, no sendInitialEvents/watch-list. As the real server (cacher.go Watch,
+  cache_watcher.go convertToWatchEvent): a resourceVersion older than the log is a 200 stream with
+  one ERROR event (Status 410 Expired, "too old resource version: X (Y)") that then ends; with a
+  label/field selector, an object that stops matching comes as DELETED (its previous content at
+  the event's resourceVersion) and one that starts matching as ADDED; with
+  allowWatchBookmarks=true a BOOKMARK (the kind, apiVersion and metadata.resourceVersion only)
+  every ``bookmark_interval`` s (60, the real bookmarkFrequency) and 2 s before timeoutSeconds,
+  at the last resourceVersion the watch has passed (the real one may be newer: etcd progress
+  notifications); no initial-events-end annotation. ``cut_watches()`` drops the open watch
+  connections without the final chunk; ``compact()`` forgets the history (etcd compaction). No server-side apply (apply-patch+yaml -> 415), no
   deletecollection, no openapi (/openapi/* -> 404), no aggregated discovery, no admission
   plugins or webhooks, no field validation beyond what is listed, no managedFields.
 - Protobuf is accepted only for the kinds above (others -> 415); responses are never protobuf.
@@ -604,7 +612,12 @@ class KubeStandIn(KubeExecMixin):
         self._faults: list[dict] = []
         self._rng = random.Random(0)
         self._timers: list[threading.Timer] = []
-        self._events: list[tuple[int, str, dict]] = []  # (resourceVersion, type, object) for watches
+        # (resourceVersion, type, object, the object's previous logged state or None) for watches
+        self._events: list[tuple[int, str, dict, dict | None]] = []
+        self._last: dict[tuple, dict] = {}  # (kind, namespace, name) -> its last logged state
+        self.bookmark_interval = 60.0
+        self._watch_cuts = 0  # cut_watches() bumps it: open watches drop their connection
+        self._compacted = 0  # compact(): the history starts after this resourceVersion
         self._closed = False
         self._exec_init()  # pods/exec (tests/kubeexec_server.py)
         ca, cert, key = _tls_material()
@@ -661,6 +674,9 @@ class KubeStandIn(KubeExecMixin):
             self._timers = []
             self.store.clear()
             self._events.clear()
+            self._last.clear()
+            self._compacted = 0
+            self.bookmark_interval = 60.0
             self.requests.clear()
             self._faults.clear()
             self.grace_scale = self.default_grace_scale
@@ -714,6 +730,25 @@ class KubeStandIn(KubeExecMixin):
         with self._lock:
             self._faults.append({"type": "drop", "method": method, "re": re.compile(path_regex), "times": times})
 
+    def cut_watches(self):
+        """Drop every open watch connection (no final chunk), as a restarting server or a
+        load balancer does: clients see the stream end without its terminating chunk."""
+        with self._lock:
+            self._watch_cuts += 1
+
+    def compact(self, cut: bool = False):
+        """Forget the watch history up to now, as an etcd compaction does: a watch from an
+        older resourceVersion gets the ERROR event with a 410 Status (open watches go on).
+        ``cut``: and drop the open watches at once, before they deliver anything newer, as a
+        restarted server whose new watch cache starts later does: any watch from before gets
+        the 410 (the resourceVersion moves on by one, so that even the newest is older)."""
+        with self._lock:
+            if cut:
+                self._next_rv()
+                self._watch_cuts += 1
+            self._compacted = self._rv
+            self._events.clear()
+
     def _take_faults(self, method: str, path: str) -> list[dict]:
         out = []
         with self._lock:
@@ -742,7 +777,12 @@ class KubeStandIn(KubeExecMixin):
         o = copy.deepcopy(obj)
         if bump:
             o["metadata"]["resourceVersion"] = self._next_rv()
-        self._events.append((int(o["metadata"]["resourceVersion"]), typ, o))
+        md = o["metadata"]
+        k = (o.get("kind"), md.get("namespace"), md.get("name"))
+        prev = self._last.pop(k, None) if typ == "DELETED" else self._last.get(k)
+        if typ != "DELETED":
+            self._last[k] = o
+        self._events.append((int(md["resourceVersion"]), typ, o, prev))
         if len(self._events) > self.EVENT_LOG:
             del self._events[:len(self._events) - self.EVENT_LOG]
 
@@ -1605,8 +1645,9 @@ class KubeStandIn(KubeExecMixin):
                     and all(p(o["metadata"].get("labels") or {}) for p in preds) and fpred(o))
 
         rv = q.get("resourceVersion", [""])[0]
+        bookmarks = q.get("allowWatchBookmarks", [""])[0] == "true"
         with self._lock:
-            gen = self._gen
+            gen, cuts = self._gen, self._watch_cuts
             if rv in ("", "0"):
                 cursor = self._rv
                 first = [{"type": "ADDED", "object": copy.deepcopy(o)} for k, o in sorted(self.store.items())
@@ -1616,23 +1657,52 @@ class KubeStandIn(KubeExecMixin):
                     cursor = int(rv)
                 except ValueError:
                     raise bad_request(f"invalid resourceVersion {rv!r}") from None
-                if self._events and cursor < self._events[0][0] - 1 and cursor < self._rv:
-                    raise ApiError(410, "Expired", f"too old resource version: {cursor} ({self._events[0][0] - 1})")
+                oldest = max(self._events[0][0] - 1 if self._events else 0, self._compacted)
+                if cursor < oldest and cursor < self._rv:
+                    # past authn/authz and a parsed resourceVersion, the real server reports it
+                    # inside the stream (cacher.go Watch: newErrWatcher), which then ends
+                    err = ApiError(410, "Expired", f"too old resource version: {cursor} ({oldest})")
+                    return iter([{"type": "ERROR", "object": err.status()}])
                 first = []
-        return self._watch_iter(first, cursor, gen, match, timeout)
+        return self._watch_iter(first, cursor, gen, cuts, match, timeout, res if bookmarks else None)
 
-    def _watch_iter(self, first, cursor, gen, match, timeout):
+    def _watch_iter(self, first, cursor, gen, cuts, match, timeout, bookmark_res):
         yield from first
-        end = time.monotonic() + timeout
+        start = time.monotonic()
+        end = start + timeout
+
+        def next_bookmark(now):  # cache_watcher.go nextBookmarkTime: every bookmarkFrequency, and 2 s before the end
+            t = min(now + self.bookmark_interval, end - 2)
+            return t if t >= now else None
+        bm = next_bookmark(start) if bookmark_res is not None else None
         while time.monotonic() < end and not self._closed and gen == self._gen:
             with self._lock:
-                evs = [(r, t, copy.deepcopy(o)) for r, t, o in self._events if r > cursor]
                 if gen != self._gen:
                     return
-            for r, t, o in evs:
+                if cuts != self._watch_cuts:
+                    raise _Cut()
+                i = bisect.bisect_right(self._events, cursor, key=lambda e: e[0])
+                evs = self._events[i:]
+            for r, t, o, prev in evs:
                 cursor = r
-                if match(o):
-                    yield {"type": t, "object": o}
+                # cache_watcher.go convertToWatchEvent: the object's match before and after
+                if t == "DELETED":
+                    cur, old = False, match(o)
+                else:
+                    cur = match(o)
+                    old = t == "MODIFIED" and (match(prev) if prev is not None else cur)
+                if cur:
+                    yield {"type": "MODIFIED" if old else "ADDED", "object": copy.deepcopy(o)}
+                elif old:
+                    gone = copy.deepcopy(o if t == "DELETED" else prev)
+                    gone["metadata"]["resourceVersion"] = str(r)
+                    yield {"type": "DELETED", "object": gone}
+            now = time.monotonic()
+            if bm is not None and now >= bm:
+                yield {"type": "BOOKMARK", "object": {
+                    "kind": bookmark_res.kind, "apiVersion": bookmark_res.api_version,
+                    "metadata": {"resourceVersion": str(cursor), "creationTimestamp": None}}}
+                bm = next_bookmark(now)
             time.sleep(0.02)
 
     @staticmethod
@@ -1844,7 +1914,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         finally:
-            events.close()
+            if hasattr(events, "close"):
+                events.close()
         self.close_connection = True
 
     def _run(self):

@@ -12,7 +12,9 @@ Errors are mapped here once (kubectl's habits, design.md's exit codes):
 re-read and retry through :meth:`KubeAPI.modify`); 429 and 5xx -> retried with
 backoff honouring Retry-After, then OperationFailed (1); no connection ->
 UnreachableError (7). Reads are retried on a cut connection; a mutation only
-when the request never left (connect failed).
+when the request never left (connect failed). Watches (:meth:`KubeAPI.watch`) are not
+retried here: the caller re-watches from the last resourceVersion it saw, or lists again
+after :class:`WatchExpired`.
 """
 from __future__ import annotations
 
@@ -68,6 +70,13 @@ class ApiStatusError(OperationFailed):
         self.retry_after = retry_after
 
 
+class WatchExpired(ApiStatusError):
+    """410 from a watch: its resourceVersion is older than the server's history (etcd
+    compaction, the watch cache's window). The caller lists again for a fresh one."""
+
+    code = "Expired"
+
+
 class KubeAPI:
     """A Kubernetes API client over httpx: one connection pool per instance.
 
@@ -94,6 +103,9 @@ class KubeAPI:
         # (encode/httpcore#1110, 1.0.9): a 30 s hang or EBADF. Drains evict with up to
         # EVICTION_WORKERS threads; they wait here instead of in the pool.
         self._slots = threading.BoundedSemaphore(POOL_SIZE)
+        self._watches: set = set()  # the network streams of the watches being read (abort_watches)
+        self._watches_lock = threading.Lock()
+        self._watches_aborted = False
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -223,10 +235,13 @@ class KubeAPI:
     def get(self, path: str, params: dict | None = None) -> dict:
         return self.request("GET", path, params=params)
 
-    def list_pages(self, path: str, *, limit: int = PAGE, **params) -> Iterator[list[dict]]:
+    def list_pages(self, path: str, *, limit: int = PAGE, meta: dict | None = None,
+                   **params) -> Iterator[list[dict]]:
         """Pages of a list endpoint (limit/continue). Memory stays one page deep.
         An expired continue token (410) restarts the list once from the top:
-        the caller sees items again only if it consumed a page before."""
+        the caller sees items again only if it consumed a page before. ``meta`` (a dict)
+        receives the first page's metadata: its resourceVersion is the list's (the real
+        server serves every page from that snapshot), where a watch starts."""
         cont = None
         restarted = False
         while True:
@@ -240,6 +255,9 @@ class KubeAPI:
                     raise
                 restarted, cont = True, None
                 continue
+            if meta is not None and cont is None:
+                meta.clear()
+                meta.update(page.get("metadata") or {})
             yield page.get("items") or []
             cont = (page.get("metadata") or {}).get("continue")
             if not cont:
@@ -251,6 +269,93 @@ class KubeAPI:
         for page in self.list_pages(path, **params):
             items.extend(page)
         return items
+
+    def watch(self, path: str, *, resource_version: str, timeout_seconds: int = 60,
+              on_open: Callable[[], None] | None = None, **params) -> Iterator[dict]:
+        """The watch events of a list endpoint after ``resource_version``, as they come:
+        ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK, "object": {...}}`` (line-delimited JSON
+        over one streamed response; ``allowWatchBookmarks=true``, so a BOOKMARK now and then
+        carries a newer resourceVersion and nothing else). Ends (returns) when the server
+        ends the watch at ``timeoutSeconds``: watch again from the last resourceVersion seen.
+
+        The real kube-apiserver answers a resourceVersion older than its history with a 200
+        stream holding one ERROR event, a Status with code 410 (cacher.go Watch: "errors
+        must fail with a watch event of type ERROR, rather than a directly returned error";
+        the etcd3 watcher does the same on a compacted revision): that, or a plain HTTP 410,
+        raises :class:`WatchExpired`. Other statuses and ERROR events map like any answer
+        (:meth:`_error`; 429/5xx -> OperationFailed); a connection lost or silent for
+        ``timeout_seconds`` plus the request timeout -> UnreachableError. No retries here.
+        ``on_open()`` is called when the server accepted the watch (200, before any event).
+        :meth:`abort_watches` (from another thread) ends the read at once."""
+        import httpx
+
+        from katactl.errors import ProtocolError
+
+        q = {k: v for k, v in params.items() if v is not None}
+        q.update(watch="true", resourceVersion=resource_version, timeoutSeconds=str(int(timeout_seconds)),
+                 allowWatchBookmarks="true")
+        # the server may stay silent until it ends the watch: the read waits that long, plus the
+        # request timeout for the end to arrive
+        timeout = httpx.Timeout(self.timeout, read=int(timeout_seconds) + self.timeout)
+        try:
+            with self._slots, self._client.stream("GET", path, params=q, timeout=timeout) as r:
+                if r.status_code >= 300:
+                    r.read()
+                    status = _status_body(r)
+                    if r.status_code == 410:
+                        raise WatchExpired(f"Kubernetes API: {status.get('message') or 'Gone'}", 410, status)
+                    raise self._error("GET", path, r.status_code, status)
+                stream = r.extensions.get("network_stream")
+                with self._watches_lock:
+                    if self._watches_aborted:
+                        raise UnreachableError(f"Kubernetes API {self.host}: watch {path}: aborted")
+                    self._watches.add(stream)
+                try:
+                    if on_open is not None:
+                        on_open()
+                    for line in r.iter_lines():
+                        if not line.strip():
+                            continue
+                        try:
+                            ev = json.loads(line)
+                        except ValueError:
+                            raise ProtocolError(f"Kubernetes API watch {path}: not a JSON event: "
+                                                f"{line[:80]!r}") from None
+                        if not isinstance(ev, dict) or not isinstance(ev.get("object"), dict):
+                            raise ProtocolError(f"Kubernetes API watch {path}: not a watch event: {line[:80]!r}")
+                        if ev.get("type") == "ERROR":
+                            st = ev["object"]
+                            code = st.get("code") if isinstance(st.get("code"), int) else 500
+                            if code == 410:
+                                raise WatchExpired(f"Kubernetes API: {st.get('message') or 'Expired'}", 410, st)
+                            raise self._error("GET", path, code, st)
+                        yield ev
+                finally:
+                    with self._watches_lock:
+                        self._watches.discard(stream)
+        except httpx.TimeoutException:
+            raise UnreachableError(f"Kubernetes API {self.host}: watch {path}: no answer within "
+                                   f"{int(timeout_seconds) + self.timeout:g}s") from None
+        except httpx.TransportError as e:
+            raise UnreachableError(f"Kubernetes API {self.host}: watch {path}: "
+                                   f"{_one_line(e) or type(e).__name__}") from None
+
+    def abort_watches(self) -> None:
+        """End the watches being read and refuse new ones (another thread's :meth:`watch`
+        then raises UnreachableError): a socket shut down wakes a blocked read, which closing
+        it does not."""
+        import socket
+
+        with self._watches_lock:
+            self._watches_aborted = True
+            streams = list(self._watches)
+        for s in streams:
+            sock = s.get_extra_info("socket") if s is not None else None
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def create(self, path: str, obj: dict, *, dry_run: bool = False) -> dict:
         return self.request("POST", path, body=obj, params=_dry(dry_run))

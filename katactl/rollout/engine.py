@@ -3,8 +3,10 @@ every transition persisted (store.save) before it is acted on.
 
 Threads: the caller's thread schedules (gate, max-unavailable, pause/abort
 requests, failure budget); one thread per node in progress runs its steps; one
-thread renews the lock; a few write the nodes' progress labels (write-behind:
-they only show progress, so a newer phase replaces one not yet written). The
+thread renews the lock; one watches the selected nodes (nodeview.NodeView: what
+max-unavailable counts, without a node list per batch); a few write the nodes'
+progress labels (write-behind: they only show progress, so a newer phase
+replaces one not yet written). The
 state is a plain JSON-able dict (see docs/rollout.md, "Lock and state"); saves are
 group-committed: the state is serialized under the state lock (only the node
 records changed since the last save are serialized again: store.StateWriter)
@@ -41,6 +43,7 @@ from typing import Callable
 from katactl import audit
 from katactl.errors import ExitCode, Interrupted, KatactlError, as_katactl_error
 from katactl.rollout import gate as gate_mod
+from katactl.rollout.nodeview import NodeView
 from katactl.rollout.plan import NodeInfo, Plan, info_of
 from katactl.rollout.steps import DEFAULT_FAIL_ON, StepContext, run_check
 from katactl.rollout.store import StateWriter
@@ -115,6 +118,7 @@ class Engine:
         self.obs_out: set[str] = set(state["nodes"])
         self.obs_at = 0.0
         self.obs_dirty = True
+        self.view: NodeView | None = None     # the watched selection (started by run())
         self.gate = gate_mod.GateState(True)
         self.gate_at = 0.0
         self.gate_closed_since: float | None = None
@@ -165,14 +169,23 @@ class Engine:
         self.emit(kind, rollout=self.plan.name, **data)
 
     # -- observation ------------------------------------------------------------------
+    def _selector(self) -> str | None:
+        return self.plan.selection.get("selector") if not self.plan.selection.get("nodes") else None
+
     def observe(self, force: bool = False) -> None:
-        """Refresh the selected nodes' availability (one paged node list)."""
+        """Refresh the selected nodes' availability: from the watched view while it is
+        fresh (NodeView.fresh), else with one paged node list (at most every poll interval,
+        and after the run's own changes)."""
         if self.api is None:
+            return
+        if self.view is not None and self.view.fresh():
+            self.obs, self.obs_out = self.view.snapshot()
+            self.obs_at, self.obs_dirty = self.clock(), False
             return
         if not force and not self.obs_dirty and self.clock() - self.obs_at < self.plan.policy.poll:
             return
         names = set(self.state["nodes"])
-        sel = self.plan.selection.get("selector") if not self.plan.selection.get("nodes") else None
+        sel = self._selector()
         obs = {}
         for page in self.api.list_pages("/api/v1/nodes", labelSelector=sel):
             for n in page:
@@ -242,6 +255,11 @@ class Engine:
         renewer = threading.Thread(target=self._renew_loop, name="katactl-rollout-lease", daemon=True)
         renewer.start()
         try:
+            if self.api is not None:
+                self.view = NodeView(self._new_api, set(st["nodes"]), self._selector(), self.plan.policy.poll,
+                                     on_change=self.wake.set,
+                                     on_warning=lambda m: self.ev("Warning", message=m))
+                self.view.start()
             self.transition(lambda: st.update(phase="Running", reason=None, startedRuns=st.get("startedRuns", 0) + 1,
                                               finishedAt=None, exitCode=None), ())
             self.ev("RolloutResumed" if resumed else "RolloutStarted", nodes=len(st["nodes"]),
@@ -294,10 +312,12 @@ class Engine:
 
     def close(self) -> None:
         """The run is over: the lease renewer and the label writers leave (the writers once
-        nothing is queued)."""
+        nothing is queued); the node watch ends (its thread is joined)."""
         self._done.set()
         with self._marks_cv:
             self._marks_cv.notify_all()
+        if self.view is not None:
+            self.view.stop()
 
     def _renew_loop(self) -> None:
         period = max(0.5, self.plan.lock_ttl / 3)
@@ -431,13 +451,17 @@ class Engine:
         with self._apis_lock:
             if self._free_apis:
                 return self._free_apis.pop()
-        from katactl.backends.kube import KubeAPI
-
-        a = self.api
-        c = KubeAPI(a.host, a.headers, a.tls, a.timeout, user=a.user, namespace=a.namespace)
+        c = self._new_api()
         with self._apis_lock:
             self._apis.append(c)
         return c
+
+    def _new_api(self):
+        """A client like the engine's, with its own connection pool."""
+        from katactl.backends.kube import KubeAPI
+
+        a = self.api
+        return KubeAPI(a.host, a.headers, a.tls, a.timeout, user=a.user, namespace=a.namespace)
 
     def _node_thread(self, n: str) -> None:
         api = self._take_api()
