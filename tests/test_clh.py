@@ -70,10 +70,8 @@ def test_unknown_endpoint_and_coredump_without_guest_debug(clh, tmp_path):
 
 
 def test_wrong_method_is_400(clh):
-    from katactl.backends.unixhttp import request
-
     s, c = clh()
-    r = request(c._c, "GET", "/api/v1/vm.resize", what="t")
+    r = c._c.request("GET", "/api/v1/vm.resize", what="t")
     assert r.status_code == 400
 
 

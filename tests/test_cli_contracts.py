@@ -9,7 +9,7 @@ import pytest
 
 from katactl.cli import REGISTRY, hoist_global_options
 
-HEAVY = ("kubernetes", "paramiko", "httpx", "psutil", "tabulate")
+HEAVY = ("kubernetes", "paramiko", "httpx", "h11", "psutil", "tabulate")
 ANSI = re.compile(r"\x1b\[")
 
 

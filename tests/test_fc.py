@@ -7,7 +7,6 @@ import time
 import pytest
 
 from katactl.backends.fc import FcClient, FcError
-from katactl.backends.unixhttp import request
 from katactl.lab.fc_server import FcServer
 from tests._apiservers import server_factory
 
@@ -42,11 +41,11 @@ def test_errors_are_fault_messages(fc):
     with pytest.raises(FcError) as ei:
         c.patch_balloon(4096)
     assert ei.value.status == 400 and "too large" in ei.value.fault
-    r = request(c._c, "PATCH", "/balloon", what="t", content=json.dumps({"amount_mib": 1, "bogus": 1}))
+    r = c._c.request("PATCH", "/balloon", what="t", content=json.dumps({"amount_mib": 1, "bogus": 1}))
     assert r.status_code == 400 and "unknown field" in r.json()["fault_message"]
-    r = request(c._c, "PUT", "/balloon", what="t", content=json.dumps({"amount_mib": 1, "deflate_on_oom": True}))
+    r = c._c.request("PUT", "/balloon", what="t", content=json.dumps({"amount_mib": 1, "deflate_on_oom": True}))
     assert r.status_code == 400 and "after starting" in r.json()["fault_message"]
-    r = request(c._c, "GET", "/nonsense", what="t")
+    r = c._c.request("GET", "/nonsense", what="t")
     assert r.status_code == 400 and "Invalid request method and/or path" in r.json()["fault_message"]
 
 

@@ -109,7 +109,7 @@ def test_filter_text_keeps_histogram_series():
 def test_help_does_not_load_heavy_modules():
     code = ("import sys, katactl.commands.metrics, katactl.commands.top, katactl.commands.sandbox, "
             "katactl.commands.shim, katactl.commands.pprof, katactl.sandbox, katactl.metrics;"
-            "bad=[m for m in ('httpx','prometheus_client','rich','yaml') if m in sys.modules];"
+            "bad=[m for m in ('httpx','h11','prometheus_client','rich','yaml') if m in sys.modules];"
             "print(','.join(bad))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr

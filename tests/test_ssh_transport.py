@@ -297,17 +297,17 @@ def test_connect_unix_relay(t1, sshd_lab):
 
 def test_shim_http_over_ssh(t1, sshd_lab):
     """The unix-socket HTTP client (shim/CLH/FC) works unchanged through the SSH relay."""
-    from katactl.backends.unixhttp import request, unix_http_client
+    from katactl.backends.unixhttp import UnixHttpClient
     from katactl.lab.shimserver import ShimServer
 
     root = sshd_lab.nodes["node1"].root
     d = root / "run/test-shim"
     d.mkdir(parents=True, exist_ok=True)
     with ShimServer(str(d / "shim-monitor.sock")):
-        with unix_http_client(t1, "/run/test-shim/shim-monitor.sock", timeout=5) as c:
-            r = request(c, "GET", "/metrics", what="shim")
+        with UnixHttpClient(t1, "/run/test-shim/shim-monitor.sock", timeout=5) as c:
+            r = c.request("GET", "/metrics", what="shim")
             assert r.status_code == 200 and "kata_shim" in r.text
-            r = request(c, "GET", "/agent-url", what="shim")
+            r = c.request("GET", "/agent-url", what="shim")
             assert r.status_code == 200
 
 

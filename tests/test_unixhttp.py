@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from katactl.backends.local import LocalTransport
-from katactl.backends.unixhttp import request, unix_http_client
+from katactl.backends.unixhttp import UnixHttpClient
 from katactl.errors import ProtocolError, TimeoutExpired, UnreachableError
 
 
@@ -45,9 +45,9 @@ def test_reuses_nothing_after_server_closed_keepalive(tmp_path):
         c.close()  # closes although it said nothing about Connection: close
 
     srv = _server(str(tmp_path / "s.sock"), handler)
-    client = unix_http_client(LocalTransport(str(tmp_path)), "/s.sock", 2)
+    client = UnixHttpClient(LocalTransport(str(tmp_path)), "/s.sock", 2)
     for _ in range(40):
-        assert request(client, "GET", "/x", what="test").text == "ok"
+        assert client.request("GET", "/x", what="test").text == "ok"
     srv.close()
 
 
@@ -62,9 +62,9 @@ def test_reset_and_silence_map_to_exit_codes(tmp_path):
     srv2 = _server(str(tmp_path / "hang.sock"), hang_conns.append)
     t = LocalTransport(str(tmp_path))
     with pytest.raises((ProtocolError, UnreachableError)):
-        request(unix_http_client(t, "/reset.sock", 2), "GET", "/", what="shim")
+        UnixHttpClient(t, "/reset.sock", 2).request("GET", "/", what="shim")
     with pytest.raises(TimeoutExpired):
-        request(unix_http_client(t, "/hang.sock", 0.3), "GET", "/", what="shim")
+        UnixHttpClient(t, "/hang.sock", 0.3).request("GET", "/", what="shim")
     srv1.close()
     srv2.close()
 
@@ -107,7 +107,7 @@ def test_trickling_peer_is_bounded_per_call_not_per_read(tmp_path):
     srv = _server(str(tmp_path / "slow.sock"), _trickle)
     t = LocalTransport(str(tmp_path))
     calls = [
-        lambda: request(unix_http_client(t, "/slow.sock", 1), "GET", "/", what="shim"),
+        lambda: UnixHttpClient(t, "/slow.sock", 1).request("GET", "/", what="shim"),
         lambda: ClhClient(t, "/slow.sock", timeout=1).ping(),
         lambda: FcClient(t, "/slow.sock", timeout=1).balloon(),
         lambda: ShimClient(t, "/slow.sock", timeout=1).metrics_text(),
@@ -116,4 +116,122 @@ def test_trickling_peer_is_bounded_per_call_not_per_read(tmp_path):
     for call in calls:
         box = _bounded(call)
         assert isinstance(box.get("error"), TimeoutExpired), box
+    srv.close()
+
+
+def _raw_get(path, target="/metrics"):
+    """The raw bytes a server answers to one GET (it closes after: Connection: close)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    return data
+
+
+def test_go_shim_chunked_metrics_on_one_kept_alive_connection(tmp_path):
+    """The Go shim's /metrics is written without a length, so net/http sends it chunked
+    (the lab server does as net/http does); the client decodes it and reuses the connection."""
+    from katactl.backends.shim import ShimClient
+    from katactl.lab.shimserver import ShimServer
+
+    path = str(tmp_path / "shim-monitor.sock")
+    with ShimServer(path, flavour="go") as srv:
+        head = _raw_get(path).split(b"\r\n\r\n", 1)[0].lower()
+        assert b"transfer-encoding: chunked" in head and b"content-length" not in head
+        accepted = []
+        srv._srv.get_request = lambda real=srv._srv.get_request: accepted.append(1) or real()
+        with ShimClient(LocalTransport(), path) as c:
+            texts = [c.metrics_text() for _ in range(5)]
+        want = srv.metrics_text()
+    assert len(want) > 4096 and all("kata_shim_threads" in t for t in texts)
+    assert texts[-1].splitlines()[0] == want.splitlines()[0]
+    assert len(accepted) == 1
+
+
+def _answer(head: bytes, body: bytes, *, then=None):
+    def handler(c):
+        _read_request(c)
+        c.sendall(head + b"\r\n\r\n" + body)
+        if then:
+            then(c)
+        c.close()
+    return handler
+
+
+@pytest.mark.parametrize("head,body,said", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100", b"kata_x 1\n", "received 9 bytes, expected 100"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", b"800\r\nkata_x 1\n", "incomplete chunked read"),
+])
+def test_peer_closing_mid_body_is_a_protocol_error(tmp_path, head, body, said):
+    from katactl.backends.fc import FcClient
+    from katactl.backends.shim import ShimClient
+
+    srv = _server(str(tmp_path / "s.sock"), _answer(head, body))
+    t = LocalTransport(str(tmp_path))
+    for call in (lambda: ShimClient(t, "/s.sock", timeout=5).metrics_text(),
+                 lambda: ShimClient(t, "/s.sock", "rs", timeout=5).metrics_text(),
+                 lambda: FcClient(t, "/s.sock", timeout=5).balloon()):
+        with pytest.raises(ProtocolError, match="the peer broke the HTTP exchange: peer closed "
+                                                "connection without sending complete message body") as e:
+            call()
+        assert said in str(e.value)
+    srv.close()
+
+
+def _trickle_body(c):
+    """A complete head, then the body a byte every 0.2 s: every read gets data in time."""
+    _read_request(c)
+    try:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(10_000):
+            c.sendall(b"k")
+            time.sleep(0.2)
+    except OSError:
+        pass
+
+
+def test_trickling_body_is_bounded_by_the_call_deadline(tmp_path):
+    import io
+
+    from katactl.backends.shim import ShimClient
+
+    srv = _server(str(tmp_path / "slow.sock"), _trickle_body)
+    t = LocalTransport(str(tmp_path))
+    sink = io.BytesIO()
+    for call in (lambda: ShimClient(t, "/slow.sock", timeout=1).metrics_text(),
+                 lambda: ShimClient(t, "/slow.sock", timeout=1).call("GET", "/debug/pprof/heap", sink=sink),
+                 lambda: UnixHttpClient(t, "/slow.sock", 1).request("GET", "/", what="fc")):
+        box = _bounded(call)
+        assert isinstance(box.get("error"), TimeoutExpired), box
+        assert "no answer within 1s" in str(box["error"])
+    assert sink.getvalue().startswith(b"k")  # streamed as it came, then cut by the deadline
+    srv.close()
+
+
+def test_get_is_replayed_when_a_kept_alive_connection_drops_it(tmp_path):
+    """The server answers one request per connection, keeps it open, and drops the next
+    request unanswered (a server closing an idle connection as we reuse it). A GET is sent
+    again on a fresh connection; a PUT never is (it may have been applied)."""
+    seen = []
+
+    def one_per_connection(c):
+        req = _read_request(c)
+        seen.append(req.split(b" ", 1)[0])
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nkata_x 1\n")
+        seen.append(_read_request(c).split(b" ", 1)[0])  # read, never answered
+        c.close()
+
+    from katactl.backends.shim import ShimClient
+
+    srv = _server(str(tmp_path / "s.sock"), one_per_connection)
+    with ShimClient(LocalTransport(str(tmp_path)), "/s.sock", timeout=5) as c:
+        assert c.metrics_text() == "kata_x 1\n"
+        assert c.metrics_text() == "kata_x 1\n"
+        assert seen[:3] == [b"GET", b"GET", b"GET"]
+        with pytest.raises(ProtocolError, match="disconnected without sending a response"):
+            c.iptables_set("*filter\nCOMMIT\n")
+    assert seen.count(b"PUT") == 1
     srv.close()

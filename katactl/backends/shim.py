@@ -1,7 +1,8 @@
 """Client for the Kata shim management API (``shim-monitor.sock``), both runtimes.
 
-HTTP/1.1 over the node's unix socket through any NodeTransport (httpx, lazily
-imported), a timeout on every call. It speaks each flavour's dialect:
+HTTP/1.1 over the node's unix socket through any NodeTransport
+(katactl.backends.unixhttp, lazily imported), a timeout on every call. It speaks
+each flavour's dialect:
 
 - runtime-rs is method-strict (GET /metrics, /agent-url; POST
   /direct-volume/*) and answers everything else ``404 URL NOT FOUND``;
@@ -63,9 +64,9 @@ class ShimClient:
     @property
     def client(self):
         if self._client is None:
-            from katactl.backends.unixhttp import unix_http_client
+            from katactl.backends.unixhttp import UnixHttpClient
 
-            self._client = unix_http_client(self.transport, self.socket_path, self.timeout)
+            self._client = UnixHttpClient(self.transport, self.socket_path, self.timeout)
         return self._client
 
     def close(self) -> None:
@@ -82,24 +83,19 @@ class ShimClient:
     def call(self, method: str, url: str, *, limit: int = TEXT_LIMIT, timeout: float | None = None,
              sink: BytesSink | None = None, absolute_target: bool = False, **kw) -> tuple[int, bytes]:
         """(status, body) with the body capped at ``limit`` bytes, or, for a 2xx
-        answer, streamed to ``sink`` (then body is empty).
+        answer, streamed to ``sink`` (then body is empty). ``timeout`` bounds the whole
+        call, not each read.
 
         ``absolute_target`` sends the request line in absolute form
         (``POST http://localhost/path?query``), which runtime-rs's stats handler
         needs (see :meth:`volume_stats`)."""
-        import httpx
-
-        from katactl.backends.unixhttp import call_deadline, http_errors
-
         t = self.timeout if timeout is None else timeout
         hint = ("the shim accepts connections but does not answer in time; is it stuck? "
                 "(--request-timeout raises the limit)")
-        if absolute_target:
-            kw["extensions"] = {"target": ("http://localhost" + url).encode()}
         answered = False
         try:
-            with http_errors(f"{self.what}: {method} {url}", t, hint=hint), call_deadline(t), \
-                    self.client.stream(method, url, timeout=httpx.Timeout(t), **kw) as r:
+            with self.client.stream(method, url, what=f"{self.what}: {method} {url}", timeout=t, hint=hint,
+                                    absolute_target=absolute_target, **kw) as r:
                 answered = True
                 declared = r.headers.get("content-length")
                 if sink is None and declared and declared.isdigit() and int(declared) > limit:

@@ -1,183 +1,310 @@
 """HTTP/1.1 over a node's unix socket, through any NodeTransport.
 
-httpx is given a httpcore NetworkBackend whose "unix socket" is whatever
-NodeTransport.connect_unix returns: a local socket, or an SSH-relayed stream
-on a remote node. The shim, Cloud Hypervisor and Firecracker clients all
-build on this one function (the last two through JsonUnixClient), so they
-work remotely without knowing it.
+The socket is whatever NodeTransport.connect_unix returns (a local socket, an
+SSH-relayed stream on a remote node, the relay through a pod with --via kube),
+and HTTP/1.1 is spoken on it with h11, the sans-IO parser httpcore itself uses:
+this module only moves bytes and keeps the kept-alive connections. The shim,
+Cloud Hypervisor and Firecracker clients all build on :class:`UnixHttpClient`
+(the last two through :class:`JsonUnixClient`), so they work remotely without
+knowing it. Not httpx: its client/transport/pool layers cost ~0.75 ms of CPU per
+request (``metrics --all``, ``top`` and ``overhead`` make one client per shim)
+and ~60 ms of import, for features (TLS, proxies, cookies, redirects, decoding)
+a unix socket never uses.
 
-Imported lazily: httpx must not load for --help or completion.
+What the peers send (checked against their sources):
+
+- the Go shim (src/runtime/pkg/containerd-shim-v2/shim_management.go) answers
+  through net/http, which sends ``Transfer-Encoding: chunked`` for any body a
+  handler writes past its 2 KiB buffer without a length: /metrics, pprof;
+- runtime-rs's hyper server (crates/runtimes/src/shim_mgmt/server.rs) sends full
+  bodies with Content-Length, and drops the connection unanswered when a handler
+  fails;
+- Cloud Hypervisor and Firecracker (micro_http) always send Content-Length.
+
+Imported lazily by its users; h11 itself only when a request is made, so that
+neither loads for --help or completion.
 """
 from __future__ import annotations
 
 import contextlib
+import json as _json
+import re
+import select
 import socket
 import threading
 import time
+from typing import Iterator
 
+from katactl import __version__
 from katactl.errors import OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
-from katactl.backends.base import NodeTransport
+from katactl.backends.base import NodeTransport, SocketLike
+
+#: idempotent and body-less: safe to send again when a kept-alive connection turns out closed
+_REPLAYABLE = ("GET", "HEAD")
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+_RECV = 65536
+_CHARSET = re.compile(r"""charset\s*=\s*["']?([\w.:-]+)""", re.I)
+_USER_AGENT = f"katactl/{__version__}"
 
 
-_deadline = threading.local()
+class _Timeout(Exception):
+    """The call's deadline passed."""
 
 
-@contextlib.contextmanager
-def call_deadline(seconds: float):
-    """Bound everything this thread reads or writes on unix_http_client sockets
-    inside the block to ``seconds`` in all (an inner block never extends an outer
-    one). httpx's timeouts bound each read: a peer trickling a byte at a time
-    would otherwise hold a call forever."""
-    prev = getattr(_deadline, "at", None)
-    at = time.monotonic() + seconds
-    _deadline.at = at if prev is None else min(prev, at)
-    try:
-        yield
-    finally:
-        _deadline.at = prev
+class _Broken(Exception):
+    """The peer broke HTTP/1.1 (or closed before a complete answer)."""
 
 
-def _left(timeout: float | None) -> float | None:
-    """``timeout`` cut to what the call's deadline leaves; 0 when it has passed."""
-    at = getattr(_deadline, "at", None)
-    if at is None:
-        return timeout
-    left = max(0.0, at - time.monotonic())
-    return left if timeout is None else min(timeout, left)
-
-
-_tls_lock = threading.Lock()
-_tls_ctx = None
-
-
-def _no_tls():
-    """One SSLContext for every unix-socket client of the process: httpx's transport builds
-    one per client (verify=False still makes a new ssl.SSLContext, ~0.7 ms of CPU) although
-    plain HTTP over a unix socket never uses it; ``metrics --all`` makes a client per shim."""
-    global _tls_ctx
-    with _tls_lock:
-        if _tls_ctx is None:
-            import ssl
-
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            _tls_ctx = ctx
-        return _tls_ctx
-
-
-def unix_http_client(transport: NodeTransport, socket_path: str, timeout: float):
-    """An httpx.Client talking to ``socket_path`` on the node, base URL http://localhost.
-
-    Every request has ``timeout``; a peer that accepts and never answers
-    raises katactl.errors.TimeoutExpired via ``request()`` below. Inside
-    :func:`call_deadline` (``request()`` and ShimClient.call) the whole
-    exchange is bounded too, not only each read.
-    """
-    import httpcore
-    import httpx
-
-    class _Stream(httpcore.NetworkStream):
-        def __init__(self, sock):
-            self._sock = sock
-
-        def read(self, max_bytes, timeout=None):
-            timeout = _left(timeout)
-            if timeout == 0:
-                raise httpcore.ReadTimeout("the call's deadline passed")
-            self._sock.settimeout(timeout)
-            try:
-                return self._sock.recv(max_bytes)
-            except (socket.timeout, TimeoutError) as e:
-                raise httpcore.ReadTimeout(str(e) or "read timed out") from e
-            except OSError as e:  # reset, broken pipe: the peer went away
-                raise httpcore.ReadError(str(e) or type(e).__name__) from e
-
-        def write(self, buffer, timeout=None):
-            timeout = _left(timeout)
-            if timeout == 0:
-                raise httpcore.WriteTimeout("the call's deadline passed")
-            self._sock.settimeout(timeout)
-            try:
-                self._sock.sendall(buffer)
-            except (socket.timeout, TimeoutError) as e:
-                raise httpcore.WriteTimeout(str(e) or "write timed out") from e
-            except OSError as e:
-                raise httpcore.WriteError(str(e) or type(e).__name__) from e
-
-        def close(self):
-            self._sock.close()
-
-        def get_extra_info(self, info):
-            # httpcore asks "is_readable" before reusing a pooled connection: an idle
-            # connection that is readable has been closed by the server (EOF).
-            if info == "is_readable":
-                try:
-                    import select
-
-                    return bool(select.select([self._sock], [], [], 0)[0])
-                except (OSError, TypeError, ValueError):  # no fileno (some relays)
-                    return False
-            return None
-
-    class _Backend(httpcore.NetworkBackend):
-        def connect_unix_socket(self, path, timeout=None, socket_options=None):
-            left = _left(timeout or 5.0)
-            if left == 0:
-                raise httpcore.ConnectTimeout("the call's deadline passed")
-            return _Stream(transport.connect_unix(socket_path, left))
-
-        def connect_tcp(self, *a, **kw):  # pragma: no cover - never used
-            raise httpcore.ConnectError("only unix sockets are supported")
-
-    class _Transport(httpx.HTTPTransport):
-        def __init__(self):
-            super().__init__(verify=_no_tls(), trust_env=False)
-            # httpx does not take a network backend; give its pool ours.
-            self._pool = httpcore.ConnectionPool(uds=socket_path, network_backend=_Backend(),
-                                                 max_connections=4)
-
-    return httpx.Client(transport=_Transport(), base_url="http://localhost",
-                        timeout=timeout, trust_env=False)
+class _Lost(Exception):
+    """The connection failed under a read or a write (reset, broken pipe)."""
 
 
 @contextlib.contextmanager
-def http_errors(what: str, timeout: float, *, hint: str | None = None):
-    """Map httpx/httpcore failures inside the block to katactl errors (one place)."""
-    import httpx
-
+def _errors(what: str, timeout: float, hint: str | None):
+    """This module's failures as katactl errors (exit codes 6, 7, 1): the one mapping place.
+    Only its own exceptions: a caller's sink failing inside a stream block passes unchanged."""
     try:
         yield
-    except httpx.TimeoutException:
+    except _Timeout:
         raise TimeoutExpired(f"{what}: no answer within {timeout:g}s", hint=hint) from None
-    except httpx.ConnectError as e:
-        raise UnreachableError(f"{what}: {e}") from None
-    except (httpx.RemoteProtocolError, httpx.LocalProtocolError) as e:
+    except _Broken as e:
         raise ProtocolError(f"{what}: the peer broke the HTTP exchange: {e}") from None
-    except (httpx.ReadError, httpx.WriteError) as e:
+    except _Lost as e:
         raise UnreachableError(f"{what}: connection lost: {e}") from None
-    except httpx.TransportError as e:
-        raise UnreachableError(f"{what}: {e}") from None
 
 
-def request(client, method: str, url: str, *, what: str, **kw):
-    """client.request with katactl's error mapping (timeouts -> exit 6, refused -> 7).
+class _Conn:
+    """One connection: the socket and its h11 state. Every read and write is cut to what the
+    call's deadline leaves, so a peer trickling a byte at a time cannot hold a call past it."""
 
-    A GET on a pooled keep-alive connection can race the server closing it
-    (the FIN arrives after we reused it); such a request is retried once on a
-    fresh connection. Non-idempotent methods are never retried.
-    """
-    import httpx
+    __slots__ = ("sock", "h", "deadline")
 
-    retryable = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-    t = client.timeout.read or 0
-    with http_errors(what, t), call_deadline(t) if t else contextlib.nullcontext():
-        if method.upper() in ("GET", "HEAD"):
+    def __init__(self, sock: SocketLike):
+        import h11
+
+        self.sock = sock
+        self.h = h11.Connection(h11.CLIENT)
+        self.deadline = 0.0
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _Timeout()
+        return left
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(self._left())
+        try:
+            self.sock.sendall(data)
+        except (socket.timeout, TimeoutError):
+            raise _Timeout() from None
+        except OSError as e:
+            raise _Lost(str(e) or type(e).__name__) from None
+
+    def next_event(self):
+        import h11
+
+        h = self.h
+        while True:
             try:
-                return client.request(method, url, **kw)
-            except retryable:
-                pass
-        return client.request(method, url, **kw)
+                ev = h.next_event()
+            except h11.RemoteProtocolError as e:
+                raise _Broken(str(e)) from None
+            if ev is not h11.NEED_DATA:
+                return ev
+            self.sock.settimeout(self._left())
+            try:
+                data = self.sock.recv(_RECV)
+            except (socket.timeout, TimeoutError):
+                raise _Timeout() from None
+            except OSError as e:
+                raise _Lost(str(e) or type(e).__name__) from None
+            if not data and h.their_state is h11.SEND_RESPONSE:
+                # httpcore's words: ShimClient tells runtime-rs's dropped handler by them
+                raise _Broken("Server disconnected without sending a response.")
+            h.receive_data(data)
+
+    def stale(self) -> bool:
+        """Whether an idle kept-alive connection became readable: the server closed it (EOF)
+        or sent what nobody asked for. Relays without a file descriptor are trusted."""
+        fileno = getattr(self.sock, "fileno", None)
+        if fileno is None:
+            return False
+        try:
+            return bool(select.select([fileno()], [], [], 0)[0])
+        except (OSError, TypeError, ValueError):
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Response:
+    """An answer: ``status_code``, ``headers`` (lower-case names), then the body through
+    :meth:`iter_raw` (as it arrives, transfer coding removed) or :meth:`read`."""
+
+    def __init__(self, status_code: int, headers: dict[str, str], conn: _Conn):
+        self.status_code = status_code
+        self.headers = headers
+        self._conn = conn
+        self.complete = False
+        self._content: bytes | None = None
+
+    def iter_raw(self) -> Iterator[bytes]:
+        import h11
+
+        while not self.complete:
+            ev = self._conn.next_event()
+            t = type(ev)
+            if t is h11.Data:
+                yield bytes(ev.data)
+            elif t is h11.EndOfMessage:
+                self.complete = True
+
+    def read(self) -> bytes:
+        if self._content is None:
+            self._content = b"".join(self.iter_raw())
+        return self._content
+
+    @property
+    def content(self) -> bytes:
+        return self.read()
+
+    @property
+    def text(self) -> str:
+        m = _CHARSET.search(self.headers.get("content-type", ""))
+        try:
+            return self.content.decode(m.group(1) if m else "utf-8", "replace")
+        except LookupError:  # a charset Python does not know
+            return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        """The body as JSON; ValueError when it is not."""
+        return _json.loads(self.content)
+
+
+class UnixHttpClient:
+    """HTTP/1.1 to ``socket_path`` on the node, ``timeout`` seconds per call (connect, send
+    and the whole answer together). Kept-alive connections are reused; one that fails before
+    any answer is retried once on a fresh connection when the request is replayable (the server
+    may close an idle connection just as we reuse it). Safe to share between threads."""
+
+    def __init__(self, transport: NodeTransport, socket_path: str, timeout: float):
+        self.transport = transport
+        self.path = socket_path
+        self.timeout = float(timeout)
+        self._idle: list[_Conn] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _take(self, deadline: float, fresh: bool) -> tuple[_Conn, bool]:
+        """(a connection, whether it was kept alive from an earlier call)."""
+        while not fresh:
+            with self._lock:
+                c = self._idle.pop() if self._idle else None
+            if c is None:
+                break
+            if not c.stale():
+                c.deadline = deadline
+                return c, True
+            c.close()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Timeout()
+        # the transport's own errors (no socket, nobody listening: exit 7) pass as they are
+        c = _Conn(self.transport.connect_unix(self.path, left))
+        c.deadline = deadline
+        return c, False
+
+    def _give_back(self, c: _Conn, r: Response) -> None:
+        import h11
+
+        h = c.h
+        if r.complete and h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(c)
+                    return
+        c.close()
+
+    @contextlib.contextmanager
+    def stream(self, method: str, url: str, *, what: str, timeout: float | None = None,
+               hint: str | None = None, content: bytes | str | None = None, json=None,
+               headers: dict[str, str] | None = None, absolute_target: bool = False
+               ) -> Iterator[Response]:
+        """The answer's head; its body is read inside the block. ``url`` is the path (and
+        query); ``absolute_target`` sends it in absolute form (``http://localhost/path``).
+        Failures inside the block (reading the body included) are katactl errors naming
+        ``what``: timeouts exit 6 (with ``hint``), a lost connection 7, a broken answer 1."""
+        import h11
+
+        t = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        if json is not None:
+            content = _json.dumps(json, separators=(",", ":")).encode()
+        elif isinstance(content, str):
+            content = content.encode()
+        hdrs = [("Host", "localhost"), ("User-Agent", _USER_AGENT), ("Accept", "*/*")]
+        if json is not None:
+            hdrs.append(("Content-Type", "application/json"))
+        if content is not None or method in _BODY_METHODS:
+            hdrs.append(("Content-Length", str(len(content or b""))))
+        hdrs.extend((headers or {}).items())
+        target = ("http://localhost" + url) if absolute_target else url
+        with _errors(what, t, hint):
+            for attempt in (0, 1):
+                c, reused = self._take(deadline, fresh=attempt > 0)
+                try:
+                    try:
+                        h = c.h
+                        data = h.send(h11.Request(method=method, target=target, headers=hdrs))
+                        if content:
+                            data += h.send(h11.Data(data=content))
+                        data += h.send(h11.EndOfMessage())
+                    except h11.LocalProtocolError as e:  # a request h11 refuses to write
+                        raise _Broken(str(e)) from None
+                    c.send(data)
+                    ev = c.next_event()
+                    while type(ev) is h11.InformationalResponse:  # 1xx: the answer follows
+                        ev = c.next_event()
+                    break
+                except (_Broken, _Lost):
+                    c.close()
+                    if attempt or not reused or method not in _REPLAYABLE:
+                        raise
+                except BaseException:
+                    c.close()
+                    raise
+            r = Response(ev.status_code, {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers}, c)
+            try:
+                yield r
+            except BaseException:
+                c.close()
+                raise
+            self._give_back(c, r)
+
+    def request(self, method: str, url: str, *, what: str, **kw) -> Response:
+        """:meth:`stream` with the whole body read."""
+        with self.stream(method, url, what=what, **kw) as r:
+            r.read()
+        return r
 
 
 class JsonUnixClient:
@@ -193,7 +320,7 @@ class JsonUnixClient:
 
     def __init__(self, transport: NodeTransport, socket_path: str, timeout: float = 5.0):
         self.path = socket_path
-        self._c = unix_http_client(transport, socket_path, timeout)
+        self._c = UnixHttpClient(transport, socket_path, timeout)
 
     def close(self):
         self._c.close()
@@ -206,8 +333,7 @@ class JsonUnixClient:
 
     def _call(self, method: str, ep: str, body: dict | None = None):
         what = f"{self.path} {method} {ep}"
-        kw = {"json": body} if body is not None else {}
-        r = request(self._c, method, self.prefix + ep, what=what, **kw)
+        r = self._c.request(method, self.prefix + ep, what=what, json=body)
         if r.status_code == 204:
             return None
         if r.status_code in self.json_ok:
@@ -217,5 +343,5 @@ class JsonUnixClient:
                 raise ProtocolError(f"{what}: answer is not JSON") from None
         self._fail(what, r)
 
-    def _fail(self, what: str, r) -> None:
+    def _fail(self, what: str, r: Response) -> None:
         raise OperationFailed(f"{what}: answered {r.status_code}")

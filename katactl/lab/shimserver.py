@@ -52,6 +52,10 @@ Known differences from the real shims:
   reserved-blocks share of ``available`` is not modelled). Like online
   ``resize2fs`` it refuses to shrink and the same size again is a no-op;
   real guests may run XFS or other filesystems with other overheads;
+- Go answers past 2 KiB (``/metrics``, pprof) are chunked as net/http sends them,
+  one chunk per 2 KiB buffer flush (the real shim's chunks follow its encoder's
+  writes, so their sizes vary); runtime-rs (hyper, full bodies) always sends
+  Content-Length;
 - Go's ``/metrics`` never gzips (the real one does not either unless asked by
   kata-monitor's client; we never ask);
 - the socket is bound under a short temporary name and renamed into place, so
@@ -72,6 +76,9 @@ import urllib.parse
 from typing import Callable
 
 USER_HZ = 100
+#: net/http's bufferBeforeChunkingSize (src/net/http/server.go): a Go handler's answer longer
+#: than this, written without a Content-Length, goes out with Transfer-Encoding: chunked
+GO_BUFFER_BEFORE_CHUNKING = 2048
 _EXT4_BLOCK = 4096
 
 
@@ -261,6 +268,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     sent += len(part)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
+            return
+        if (srv.flavour == "go" and len(data) > GO_BUFFER_BEFORE_CHUNKING and self.command != "HEAD"
+                and not any(k.lower() == "content-length" for k in resp.headers)):
+            # net/http (server.go chunkWriter): a handler that writes past the response buffer
+            # without setting Content-Length is answered chunked, a chunk per buffer flush
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (
+                data[i:i + GO_BUFFER_BEFORE_CHUNKING] for i in range(0, len(data), GO_BUFFER_BEFORE_CHUNKING)))
+                + b"0\r\n\r\n")
             return
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
