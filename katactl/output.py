@@ -16,6 +16,8 @@ import re
 import os
 import sys
 import threading
+from itertools import chain, compress, repeat
+from operator import is_
 from typing import Any, Callable
 
 API_VERSION = "katactl/v1"
@@ -146,7 +148,17 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
     chain of generators: for 10,000 sandboxes 1.6 million yields and as many small
     strings alive at once (1 s, ~100 MiB). This one appends to a list that is joined
     every few thousand pieces, and is done before anything is written (an error
-    midway writes nothing)."""
+    midway writes nothing).
+
+    At indent 2 (``-o json``) a value orjson writes with the same characters is handed to
+    it (see _orjson_text: ~15x faster than this encoder); anything else takes this one."""
+    if indent == 2:
+        from katactl.gcpause import paused
+
+        with paused():  # the walk's lists and views are no cycles (see gcpause)
+            text = _orjson_text(obj)
+        if text is not None:
+            return [text]
     from json.encoder import encode_basestring as enc_str  # the C one, as json.dumps uses
 
     pad = " " * indent
@@ -261,6 +273,77 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
     enc(obj, "\n")
     chunks.append("".join(parts))
     return chunks
+
+
+#: the types orjson writes as json.dumps does (exact types: a subclass of one, an Enum, a
+#: dataclass, a datetime... differ or go through _json_default, which orjson would not call
+#: the same way); floats only where _orjson_float says
+_ORJSON_SCALARS = frozenset({str, int, bool, type(None)})
+_ORJSON_TYPES = _ORJSON_SCALARS | {float, dict, list, tuple}
+_CONTAINERS = (dict, list, tuple)
+_SEQUENCES = frozenset({list, tuple})
+#: orjson refuses deeper values (json.dumps does not)
+_ORJSON_DEPTH = 254
+
+
+def _orjson_text(obj) -> str | None:
+    """``json.dumps(obj, indent=2, ensure_ascii=False)``'s text made by orjson, or None
+    when orjson's could differ. orjson writes the same characters (indentation, ": ",
+    string escapes, float repr) except for floats below 1e-4 (``1e-05`` is ``0.00001``
+    there) and NaN/Infinity (``null``), which _orjson_plain refuses with any type not in
+    _ORJSON_TYPES; orjson itself refuses (TypeError) integers beyond 64 bits, non-str
+    keys, lone surrogates and cycles, which json's path writes or refuses as before."""
+    if not _orjson_plain(obj):
+        return None
+    import orjson  # lazy: only -o json pays for it
+
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return None
+
+
+def _orjson_plain(obj) -> bool:
+    """Every value in obj is of _ORJSON_TYPES, and every float _orjson_float.
+
+    One level at a time, in C loops (map, zip, compress: a Python loop per value would
+    cost most of what orjson saves), by column: a level's dicts of one size are read as
+    the column of their first values, of their second... (a list of records has one kind
+    of value per column: a column of scalars is done with one set(map(type, col)))."""
+    cols: list = [(obj,)]
+    for _ in range(_ORJSON_DEPTH + 1):
+        found: list[tuple[list, list]] = []  # each column's (dicts, lists and tuples)
+        for col in cols:
+            kinds = set(map(type, col))
+            if kinds <= _ORJSON_SCALARS:
+                continue
+            if not kinds <= _ORJSON_TYPES:
+                return False
+            if float in kinds and not all(map(_orjson_float, compress(col, map(is_, map(type, col), repeat(float))))):
+                return False
+            if kinds.isdisjoint(_CONTAINERS):
+                continue
+            if kinds.isdisjoint(_SEQUENCES):
+                found.append((list(compress(col, map(is_, map(type, col), repeat(dict)))), []))
+            else:
+                found.append(([o for o in col if type(o) is dict], [o for o in col if type(o) in _SEQUENCES]))
+        if not found:
+            return True
+        cols = []
+        for dicts, seqs in found:
+            if len(set(map(len, dicts))) == 1:
+                cols += zip(*map(dict.values, dicts), strict=True)  # one size: checked above
+            elif dicts:
+                cols.append([*chain.from_iterable(map(dict.values, dicts))])
+            if seqs:
+                cols.append([*chain.from_iterable(seqs)])
+    return False  # deeper than orjson goes, or a cycle
+
+
+def _orjson_float(v: float) -> bool:
+    """orjson writes v as float.__repr__ does: finite, and 0 or at least 1e-4 in magnitude
+    (below, repr's exponent has two digits, orjson's one; checked on 10^6 random floats)."""
+    return v == 0 or 1e-4 <= abs(v) < float("inf")
 
 
 def _floatstr(o: float) -> str:

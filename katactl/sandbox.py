@@ -16,21 +16,19 @@ files are read, so nothing can block the listing).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import gc
 import json
 import logging
 import posixpath
 import re
 import stat as _stat
 import sys
-import threading
 import time
 
 from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, TimeoutExpired,
                             UnreachableError, UsageError)
+from katactl.gcpause import paused as _gc_paused
 from katactl.values import format_duration
 
 GO_SBS = "/run/vc/sbs"
@@ -210,31 +208,6 @@ _compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).en
 def _set_lazy(sb: Sandbox, name: str, data: bytes) -> None:
     (_RAW_SLOT if name == "raw" else _ANN_SLOT).__set__(sb, None)
     setattr(sb, f"_{name}_src", data)
-
-
-_GC_LOCK = threading.Lock()
-_gc_pause = [0, False]  # [nesting depth, whether the GC was enabled before the outermost]
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """The cyclic GC paused while sandboxes are read. Discovery allocates many small
-    containers that never form cycles (parsed JSON, stats); every 700 of them the GC
-    would walk the young ones, and ever more often the whole, growing heap: at 5,000
-    sandboxes a third of the run. Nested and concurrent uses (fan-out threads) share
-    one pause; the GC is enabled again when the last one ends (if it was before)."""
-    with _GC_LOCK:
-        if _gc_pause[0] == 0:
-            _gc_pause[1] = gc.isenabled()
-            gc.disable()
-        _gc_pause[0] += 1
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            _gc_pause[0] -= 1
-            if _gc_pause[0] == 0 and _gc_pause[1]:
-                gc.enable()
 
 
 # -- validation ---------------------------------------------------------------

@@ -66,6 +66,7 @@ def list_(
       katactl -N node-1,node-2 sandbox list
     """
     from katactl import sandbox
+    from katactl.gcpause import paused
 
     app_ctx = state(ctx)
     sandbox.check_state(state_filter)  # a usage error once, before any node is asked
@@ -73,8 +74,9 @@ def list_(
     timeout = min(float(app_ctx.settings.request_timeout), 1.0)
 
     def fn(transport: NodeTransport):
-        return [sb.to_dict() for sb in sandbox.discover(transport, check=not no_check, timeout=timeout,
-                                                        state=state_filter, namespace=ns)]
+        with paused():  # one pause for discovery and the items (katactl.gcpause says why)
+            return [sb.to_dict() for sb in sandbox.discover(transport, check=not no_check, timeout=timeout,
+                                                            state=state_filter, namespace=ns)]
 
     fan_out_list(app_ctx, fn, kind="SandboxList", columns=_columns(), name_key="id")
 
