@@ -66,7 +66,8 @@ def kind_of(method: str, path: str) -> str:
     if re.match(r"^/api/v1/nodes/[^/]+$", p):
         return f"{method} node (one)"
     if p == "/api/v1/nodes":
-        return f"{method} nodes (list{', selector' if 'labelSelector' in q else ''})"
+        what = "watch" if "watch=true" in q else "list"
+        return f"{method} nodes ({what}{', selector' if 'labelSelector' in q else ''})"
     if p.endswith("/pods"):
         return f"{method} pods (list{', fieldSelector' if 'fieldSelector' in q else ''})"
     if "runtimeclasses" in p:
