@@ -125,3 +125,25 @@ def test_batched_reads_stats_and_scans(tmp_path):
     many = t.scan_dirs(["/d", "/nope", "/d/a"])
     assert isinstance(many["/nope"], FileNotFoundError) and isinstance(many["/d/a"], NotADirectoryError)
     assert [n for n, _ in many["/d"]] == ["a", "dangling", "ln", "sub"]
+
+
+def test_list_dirs_names_without_stats_as_scan_dirs_lists_them(tmp_path):
+    """list_dirs (the bundle index's listing) gives scan_dirs' names, sorted, and its errors
+    as values; the local one makes no stat per entry, the default (SSH, kube) reads the
+    names off scan_dirs."""
+    from katactl.backends.base import NodeTransport
+
+    t = LocalTransport(str(tmp_path))
+    (tmp_path / "d").mkdir()
+    for name in ("b", "a", "c"):
+        (tmp_path / "d" / name).write_bytes(b"x")
+    (tmp_path / "d/sub").mkdir()
+    (tmp_path / "d/dangling").symlink_to("nowhere")
+    (tmp_path / "empty").mkdir()
+    paths = ["/d", "/empty", "/nope", "/d/a", "/d//sub/"]
+    for got in (t.list_dirs(paths), NodeTransport.list_dirs(t, paths)):
+        assert got["/d"] == ["a", "b", "c", "dangling", "sub"] == [n for n, _ in t.scan_dir("/d")]
+        assert got["/empty"] == [] and got["/d//sub/"] == []
+        assert isinstance(got["/nope"], FileNotFoundError) and isinstance(got["/d/a"], NotADirectoryError)
+    with pytest.raises(UsageError):
+        t.list_dirs(["relative"])

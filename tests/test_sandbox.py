@@ -303,6 +303,16 @@ def test_state_files_read_as_json_reads_them(raw):
     assert parse(lambda: sandbox._loads(raw)) == want
 
 
+@pytest.mark.parametrize("ann", [{"a": "b", "caf\u00e9": "\u2028 \U0001d11e"}, {"lone": "\ud800"}, {"\udc00": "key"},
+                                 {"n": float("nan"), "i": float("inf")}, {"big": 2 ** 70, "small": 1e-05},
+                                 {"nested": [1, {"b": None, "t": True}]}, {}])
+def test_kept_annotations_parse_back_to_the_same_dict(ann):
+    """The bytes a sandbox keeps for its annotations (orjson for a map of strings, json for
+    anything else or what orjson refuses) parse back to the same dict (what they cost in
+    memory: test_a_listed_sandbox_keeps_its_annotations_not_the_whole_bundle_spec)."""
+    assert repr(sandbox._loads(sandbox._compact(ann))) == repr(ann)
+
+
 def test_non_utf8_annotations(cli, tmp_path):
     root = str(tmp_path)
     layout.write_go_sandbox(root, "utf8ok", pid=None)

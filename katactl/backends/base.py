@@ -98,6 +98,13 @@ class NodeTransport(abc.ABC):
                 out[p] = e
         return out
 
+    def list_dirs(self, paths: Sequence[str]) -> dict[str, "list[str] | OSError"]:
+        """The names in several directories, sorted: {path: names, or the OSError listing
+        raised}, for callers that need no stats. Here scan_dirs() (over SSH its stats come
+        with the listing at no cost); the local transport lists without a stat per entry."""
+        return {p: v if isinstance(v, OSError) else [n for n, _ in v]
+                for p, v in self.scan_dirs(paths, follow_symlinks=False).items()}
+
     def scan_dir(self, path: str, follow_symlinks: bool = True) -> list[tuple[str, "FileStat"]]:
         """(name, stat) of every entry of a directory, sorted by name: listdir + stat
         in one call (over SSH the stats come with the listing). Raises like

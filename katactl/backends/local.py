@@ -98,6 +98,17 @@ class LocalTransport(NodeTransport):
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(self.real(path)))
 
+    def list_dirs(self, paths: Sequence[str]) -> dict[str, list[str] | OSError]:
+        """os.listdir: one getdents per few hundred entries, no stat per entry (scan_dirs
+        makes one each: 10,000 on a node of 10,000 sandboxes for the bundle index)."""
+        out: dict[str, list[str] | OSError] = {}
+        for p in paths:
+            try:
+                out[p] = sorted(os.listdir(self.real(p)))
+            except OSError as e:
+                out[p] = _bare(e)
+        return out
+
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         return _file_stat(os.stat(self.real(path), follow_symlinks=follow_symlinks))
 
