@@ -730,6 +730,11 @@ class KubeStandIn(KubeExecMixin):
         with self._lock:
             self._faults.append({"type": "drop", "method": method, "re": re.compile(path_regex), "times": times})
 
+    def clear_faults(self):
+        """Forget the faults not yet used up (inject, delay, cut, drop)."""
+        with self._lock:
+            self._faults.clear()
+
     def cut_watches(self):
         """Drop every open watch connection (no final chunk), as a restarting server or a
         load balancer does: clients see the stream end without its terminating chunk."""

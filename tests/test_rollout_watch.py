@@ -141,6 +141,36 @@ def test_node_view_follows_the_selection_and_stops(kube, api):
     assert not v.alive()
 
 
+def test_node_view_is_not_fresh_once_broken_longer_than_poll_or_silent(kube, api):
+    """The safety rule: the view may be used only while the watch is healthy. A break noticed
+    makes it stale after --poll; a server not heard from (a connection dead without a word)
+    makes it stale after max(poll, T + 1); a watch opened again makes it fresh again."""
+    fleet(kube, 2)
+    now = [1000.0]
+    v = nodeview.NodeView(lambda: KubeAPI(api.host, api.headers, api.tls, api.timeout), {"n0", "n1"}, "pool=batch",
+                          poll=5.0, clock=lambda: now[0])
+    assert (v.seconds, v.stale_after) == (2, 5.0)
+    assert not v.fresh()  # not listed yet
+    kube.inject("GET", r"watch=true", status=503, times=10**6)
+    v.start()
+    try:
+        kube.cut_watches()
+        while v.stats["errors"] < 1:  # the watch again, refused: a break noticed
+            threading.Event().wait(0.02)
+        now[0] += 4.9
+        assert v.fresh()  # broken for less than --poll: as old as a list could be
+        now[0] += 0.2
+        assert not v.fresh()
+        kube.clear_faults()
+        while not v.fresh():  # watching again (the backoff is at most 5 s)
+            threading.Event().wait(0.02)
+        now[0] += 5.1  # nothing heard since (the server's end of a 2 s watch would have been)
+        assert not v.fresh()
+    finally:
+        v.stop()
+    assert not v.alive()
+
+
 def test_engine_close_leaves_no_watch_thread(kube, api):
     plan = plan_of(2, ["check"])
     for n in plan.nodes:
