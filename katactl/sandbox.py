@@ -945,6 +945,9 @@ def _check_all(transport, sbs: list[Sandbox], timeout: float) -> None:
             alive = True if not isinstance(st[f"/proc/{s.hypervisor_pid}"], OSError) else \
                 (False if proc_visible else None)
         missing = bool(s.shim_socket) and isinstance(st[s.shim_socket], (FileNotFoundError, NotADirectoryError))
+        if missing and alive is not False:  # what liveness() says then, without its call
+            s.state, s.reason = "stale", _SOCKET_GONE[SOCKET_MISSING]
+            return
         liveness(transport, s, timeout, _alive=alive, _socket_missing=missing)
 
     connects = [s for s in todo if not (s.shim_socket and isinstance(st[s.shim_socket], OSError))]

@@ -147,3 +147,24 @@ def test_list_dirs_names_without_stats_as_scan_dirs_lists_them(tmp_path):
         assert isinstance(got["/nope"], FileNotFoundError) and isinstance(got["/d/a"], NotADirectoryError)
     with pytest.raises(UsageError):
         t.list_dirs(["relative"])
+
+
+def test_file_stats_are_the_dataclass_made_as_usual(tmp_path):
+    """LocalTransport builds FileStat without its __init__ (speed): every field, same values,
+    equal and hashable like one made the usual way."""
+    import dataclasses
+
+    from katactl.backends.base import FileStat
+
+    (tmp_path / "f").write_bytes(b"abc")
+    (tmp_path / "ln").symlink_to("f")
+    t = LocalTransport(str(tmp_path))
+    for path, follow in (("/f", True), ("/ln", False), ("/", True)):
+        got = t.stat_many([path], follow_symlinks=follow)[path]
+        s = os.stat(str(tmp_path) + path, follow_symlinks=follow)
+        want = FileStat(s.st_size, s.st_mtime, s.st_mode, os.path.isdir(str(tmp_path) + path) and follow,
+                        not follow, s.st_uid)
+        assert dataclasses.asdict(got) == dataclasses.asdict(want) and got == want and hash(got) == hash(want)
+        assert list(vars(got)) == [f.name for f in dataclasses.fields(FileStat)]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.size = 0  # type: ignore[misc]
