@@ -309,7 +309,7 @@ def test_json_chunks_is_json_dumps_text():
 
 
 def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
-    """-o json hands plain data to orjson (_orjson_text) and everything it would write
+    """-o json hands plain data to orjson (_orjson_chunks) and everything it would write
     otherwise to json's path: floats below 1e-4 ("1e-05" is "0.00001" there), NaN and
     Infinity ("null"), an Enum (its value), subclasses, integers beyond 64 bits, non-str
     keys, lone surrogates, nesting deeper than orjson's 254 levels. The text is
@@ -317,7 +317,7 @@ def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
     import collections
     import enum
 
-    from katactl.output import _json_default, _orjson_text, json_chunks
+    from katactl.output import _json_default, _orjson_chunks, json_chunks
 
     class Color(enum.Enum):
         RED = "red"
@@ -336,15 +336,19 @@ def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
 
     plain = [{}, [], {"a": []}, [[], {}], (1, 2), "s", 0.0, -0.0, 1e-4, 1e16, 1.7976931348623157e308,
              2 ** 64 - 1, -2 ** 63, {"s": "é\u2028\n\t\"\\ \x00\x1b\x7f ☃ 𝄞"}, [record(i) for i in range(50)],
-             [record(1), {"other": "shape"}, record(2, extra=[1, 2.5])], nest({"x": 1.25}, 200)]
+             [record(1), {"other": "shape"}, record(2, extra=[1, 2.5])], nest({"x": 1.25}, 200),
+             # a result: its long list goes to orjson in batches, indented as json indents it
+             {"apiVersion": "v1", "kind": "SandboxList", "items": [record(i) for i in range(1100)],
+              "empty": [], "none": {}, "meta": {"n": [1, {"a": []}]}, "few": [record(1)], "last": "x"},
+             {"items": [record(i) for i in range(1024)]}, {"items": [[i, [i]] for i in range(513)]}]
     other = [1e-5, -2.5e-7, 5e-324, float("nan"), float("inf"), float("-inf"), 2 ** 64, -2 ** 63 - 1,
              {1: "int key"}, "\ud800", Color.RED, Text("x"), collections.OrderedDict(a=1), {"d": {"x"}},
              [record(i) for i in range(50)] + [record(50, vcpus=1e-5)], [record(1), record(2, vcpus=float("nan"))],
              [record(1, pod={"name": Color.RED})], nest({"x": 1}, 300), nest(1e-6, 3)]
     for case in plain + other:
         assert "".join(json_chunks(case)) == json.dumps(case, indent=2, ensure_ascii=False, default=_json_default)
-    assert [_orjson_text(c) is not None for c in plain] == [True] * len(plain)
-    assert [_orjson_text(c) is not None for c in other] == [False] * len(other)
+    assert [_orjson_chunks(c) is not None for c in plain] == [True] * len(plain)
+    assert [_orjson_chunks(c) is not None for c in other] == [False] * len(other)
     cycle: dict = {}
     cycle["self"] = cycle
     with pytest.raises(ValueError):

@@ -80,7 +80,7 @@ class NodeTransport(abc.ABC):
             try:
                 out[p] = self.read_bytes(p, limit)
             except OSError as e:
-                out[p] = e
+                out[p] = e.with_traceback(None)  # its frame holds out: a cycle the GC must free
         return out
 
     @abc.abstractmethod
@@ -95,7 +95,7 @@ class NodeTransport(abc.ABC):
             try:
                 out[p] = self.scan_dir(p, follow_symlinks)
             except OSError as e:
-                out[p] = e
+                out[p] = e.with_traceback(None)  # its frame holds out: a cycle the GC must free
         return out
 
     def list_dirs(self, paths: Sequence[str]) -> dict[str, "list[str] | OSError"]:
@@ -160,7 +160,7 @@ class NodeTransport(abc.ABC):
             try:
                 out[p] = self.stat(p, follow_symlinks=follow_symlinks)
             except OSError as e:
-                out[p] = e
+                out[p] = e.with_traceback(None)  # its frame holds out: a cycle the GC must free
         return out
 
     def exists(self, path: str) -> bool:
