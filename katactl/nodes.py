@@ -150,7 +150,12 @@ def list_nodes(api: KubeAPI, names: list[str] | None = None, selector: str | Non
     field = "status.phase!=Succeeded,status.phase!=Failed"
     if len(wanted) == 1:
         field += f",spec.nodeName={next(iter(wanted))}"
-    for page in api.list_pages("/api/v1/pods", fieldSelector=field):
+
+    def restart() -> None:  # an expired continue token: a full list follows, count afresh
+        pods.update(dict.fromkeys(wanted, 0))
+        kata.update(dict.fromkeys(wanted, 0))
+
+    for page in api.list_pages("/api/v1/pods", on_restart=restart, fieldSelector=field):
         for p in page:
             n = (p.get("spec") or {}).get("nodeName")
             if n in pods:
@@ -474,6 +479,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
     failures: list[str] = []
     blocked: dict[str, dict] = {}
     waiting: dict[str, str] = {}  # uid -> ns/name: evicted, not gone yet
+    denied: list[AuthError] = []  # 401/403 to an eviction: the drain fails with exit 7, not 1
 
     def evict_one(pod: dict) -> None:
         ref = _ref(pod)
@@ -519,6 +525,8 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                     continue
                 with lock:
                     failures.append(f"{ref}: {e.message}")
+                    if isinstance(e, AuthError):
+                        denied.append(e)
                 return
         with lock:
             blocked.pop(ref, None)
@@ -564,6 +572,8 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                              + (f" (blocked by a disruption budget: {', '.join(b['pod'] for b in result['blocked'])})"
                                 if result["blocked"] else ""))
     if failures:
+        if denied:
+            raise AuthError(f"node {node}: " + "; ".join(sorted(failures)), details=denied[0].details)
         raise OperationFailed(f"node {node}: " + "; ".join(sorted(failures)))
 
 

@@ -707,12 +707,14 @@ class KubeStandIn(KubeExecMixin):
     # -- faults -------------------------------------------------------------------------------
 
     def inject(self, method: str | None, path_regex: str, status: int = 503, times: int = 1,
-               retry_after: int | None = None, body=None):
+               retry_after: int | None = None, body=None, applied: bool = False):
         """The next ``times`` requests matching (method or None for any, regex searched in the path
-        with its query) are answered with ``status`` (a Status object unless ``body`` is given)."""
+        with its query) are answered with ``status`` (a Status object unless ``body`` is given).
+        ``applied``: the request is carried out first, then answered so (kube-apiserver's timeout
+        filter answers 504 while the handler goes on and the write lands)."""
         with self._lock:
             self._faults.append({"type": "status", "method": method, "re": re.compile(path_regex), "times": times,
-                                 "status": status, "retry_after": retry_after, "body": body})
+                                 "status": status, "retry_after": retry_after, "body": body, "applied": applied})
 
     def delay(self, path_regex: str, seconds: float, times: int | None = None, method: str | None = None):
         with self._lock:
@@ -1865,6 +1867,7 @@ class _Handler(BaseHTTPRequestHandler):
             srv.requests.append(entry)
         faults = srv._take_faults(self.command, self.path)
         cut = False
+        late = None  # an ``applied`` status fault: answered once the request is carried out
         for f in faults:
             if f["type"] == "delay":
                 time.sleep(f["seconds"])
@@ -1875,6 +1878,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if f["type"] == "cut":
                 cut = True
+            elif f["type"] == "status" and f.get("applied"):
+                late = f
             elif f["type"] == "status":
                 b = f["body"] if f["body"] is not None else ApiError(
                     f["status"], {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
@@ -1898,6 +1903,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(e.code, e.status(), e.retry_after, cut)
         except _Watch as w:
             return self._stream(srv, w)
+        if late is not None:
+            code, out = late["status"], ApiError(late["status"], "Timeout", "injected fault after the request "
+                                                 f"was carried out ({late['status']})").status()
         self._send(code, out, cut=cut)
 
     def _stream(self, srv, w):

@@ -18,6 +18,7 @@ after :class:`WatchExpired`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -70,6 +71,13 @@ class ApiStatusError(OperationFailed):
         self.retry_after = retry_after
 
 
+class MaybeApplied(ApiStatusError):
+    """A POST (create) answered 5xx: the server may have applied it or not. Not sent again:
+    the caller reads the object and tells its own from someone else's (or its absence)."""
+
+    code = "MaybeApplied"
+
+
 class WatchExpired(ApiStatusError):
     """410 from a watch: its resourceVersion is older than the server's history (etcd
     compaction, the watch cache's window). The caller lists again for a fresh one."""
@@ -90,12 +98,17 @@ class KubeAPI:
         self.host = host.rstrip("/")
         self.user = user
         self.namespace = namespace
-        # kept for connections httpx does not make (the kube transport's WebSockets)
-        self.headers, self.tls, self.timeout = dict(headers), tls, timeout
+        # kept for connections httpx does not make (the kube transport's WebSockets); the same
+        # object when it carries refreshable credentials (_Headers), so that copies share them
+        self.headers = headers if isinstance(headers, _Headers) else _Headers(headers)
+        self.tls, self.timeout = tls, timeout
+        self._creds = self.headers.creds
+        self.proxy = self.headers.proxy
         # a drain evicts a node's pods at once: a bounded pool keeps that from opening
         # a hundred connections (kubectl multiplexes them over one HTTP/2 connection)
-        self._client = httpx.Client(base_url=self.host, headers=headers, verify=tls,
-                                    timeout=timeout, trust_env=False,
+        self._client = httpx.Client(base_url=self.host, verify=tls, timeout=timeout, trust_env=False,
+                                    headers={k: v for k, v in self.headers.items() if k.lower() != "authorization"},
+                                    proxy=self.proxy,
                                     limits=httpx.Limits(max_connections=POOL_SIZE,
                                                         max_keepalive_connections=POOL_SIZE))
         # at most POOL_SIZE requests inside httpcore's pool at once: a request queued there
@@ -116,48 +129,58 @@ class KubeAPI:
         except ImportError:  # pragma: no cover - a declared dependency
             raise OperationFailed("the kubernetes package is not installed") from None
         cfg = Configuration()
-        # KUBECONFIG may list several files: the loader merges them as kubectl does. Read it
-        # here, not from the loader's import-time default, so the environment of this call counts.
-        path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        # --kubeconfig is one file; KUBECONFIG a list, merged here by client-go's rules (the
+        # official Python loader lets the last file's current-context win). Read the environment
+        # of this call, not the loader's import-time default.
+        merged = load_kubeconfig(settings.kubeconfig)
+        name = settings.context or merged.get("current-context")
+        contexts = {c["name"]: c for c in merged["contexts"]}
+        if not name:
+            raise UsageError("kubeconfig: no current-context set (and no --context)"
+                             f" in {', '.join(merged['_files']) or 'no file'}")
+        if name not in contexts:
+            known = ", ".join(sorted(contexts)) or "none"
+            raise UsageError(f"kubeconfig: context {name!r} not found (contexts: {known})")
+        ctx = contexts[name].get("context") or {}
+        users = {u["name"]: u.get("user") or {} for u in merged["users"]}
+        clusters = {c["name"]: c.get("cluster") or {} for c in merged["clusters"]}
+        user = users.get(str(ctx.get("user") or ""), {})
+        cluster = clusters.get(str(ctx.get("cluster") or ""))
+        if cluster is None:
+            raise UsageError(f"kubeconfig: context {name!r}: cluster {ctx.get('cluster')!r} not found")
+        # the bearer-token sources that expire (exec plugin, tokenFile) are katactl's own
+        # (_Credentials, refreshed as client-go does); the loader keeps the server, TLS files,
+        # auth-provider and basic auth
+        loader_user = {k: v for k, v in user.items() if k not in ("exec", "token", "tokenFile")}
+        loader_cfg = {**merged, "users": [{"name": "user", "user": loader_user}],
+                      "contexts": [{"name": name, "context": {**ctx, "user": "user"}}],
+                      "current-context": name}
+        loader_cfg.pop("_files", None)
         try:
-            contexts, active = kconfig.list_kube_config_contexts(config_file=path)
-            if settings.context:
-                active = next((c for c in contexts if c.get("name") == settings.context), None)
-                if active is None:
-                    known = ", ".join(sorted(str(c.get("name")) for c in contexts)) or "none"
-                    raise UsageError(f"kubeconfig: context {settings.context!r} not found (contexts: {known})")
-            with _loader_errors() as plugin_errors:
-                kconfig.load_kube_config(config_file=path, context=settings.context,
-                                         client_configuration=cfg, persist_config=False)
-            if plugin_errors:
-                # the loader logs a failed exec plugin and goes on without credentials:
-                # stop here with its reason instead of a puzzling 401 later
-                raise AuthError(f"kubeconfig: credential plugin failed: {_one_line(plugin_errors[0])}")
+            kconfig.load_kube_config_from_dict(loader_cfg, context=name, client_configuration=cfg,
+                                               persist_config=False)
+            creds = _Credentials.from_user(user, cluster)
         except kconfig.ConfigException as e:
             raise UsageError(f"kubeconfig: {_one_line(e)}") from None
-        except FileNotFoundError as e:
-            raise UsageError(f"kubeconfig: {e.filename or e}: no such file") from None
-        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            # not YAML, not a mapping, not text: the loader's own error says which
-            raise UsageError(f"kubeconfig {path or '(KUBECONFIG)'}: not a valid kubeconfig "
-                             f"({type(e).__name__}: {_one_line(e)})") from None
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            raise UsageError(f"kubeconfig: not a valid kubeconfig ({type(e).__name__}: {_one_line(e)})") from None
         except OSError as e:
-            raise UsageError(f"kubeconfig: {e.filename or path}: {e.strerror}") from None
-        except Exception as e:  # noqa: BLE001 - yaml.YAMLError and friends from a foreign loader
-            if type(e).__module__.startswith("yaml"):
-                raise UsageError(f"kubeconfig {path or '(KUBECONFIG)'}: not YAML: {_one_line(e)}") from None
-            raise
-        ctx = (active or {}).get("context") or {}
-        headers = {"Accept": "application/json", "User-Agent": f"katactl/{__version__}"}
+            raise UsageError(f"kubeconfig: {e.filename or ''}: {e.strerror}") from None
+        headers = _Headers({"Accept": "application/json", "User-Agent": f"katactl/{__version__}"})
         api_key = cfg.api_key or {}
-        token = api_key.get("authorization") or api_key.get("BearerToken")
+        token = api_key.get("authorization") or api_key.get("BearerToken")  # auth-provider, basic auth
         if token:
-            headers["Authorization"] = token if token.lower().startswith("bearer ") else f"Bearer {token}"
+            headers["Authorization"] = token if token.lower().startswith(("bearer ", "basic ")) else f"Bearer {token}"
         namespace = settings.namespace or ctx.get("namespace") or "default"
         try:
             tls = _tls_context(cfg)
         except (OSError, ValueError) as e:  # an unreadable or malformed CA or client certificate
             raise UsageError(f"kubeconfig: certificate: {getattr(e, 'strerror', None) or e}") from None
+        headers.proxy = _proxy_url(cluster.get("proxy-url"))
+        if creds is not None:
+            headers.creds = creds
+            creds.attach(headers, tls)
+            creds.authorization()  # a failing plugin stops here, before any request
         return cls(cfg.host, headers, tls, settings.request_timeout,
                    user=str(ctx.get("user") or ""), namespace=namespace)
 
@@ -177,8 +200,7 @@ class KubeAPI:
         for attempt in range(RETRIES + 1):
             delay = min(0.2 * 2 ** attempt, 2.0)
             try:
-                with self._slots:
-                    r = self._client.request(method, path, params=q, content=data, headers=headers)
+                r = self._send(method, path, params=q, content=data, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
                 # the request never left: safe to send again, even a mutation
                 err = UnreachableError(f"Kubernetes API {self.host}: {_one_line(e) or type(e).__name__}")
@@ -202,6 +224,12 @@ class KubeAPI:
                     msg = f"Kubernetes API {method} {path}: HTTP {r.status_code}: {status.get('message')}"
                     if not retry:
                         raise ApiStatusError(msg, r.status_code, status, retry_after)
+                    if method == "POST" and r.status_code != 429:
+                        # a create answered 5xx may have landed (kube-apiserver's timeout filter
+                        # answers 504 while the handler goes on): sending it again could make a
+                        # second object or meet our own as 409. The caller re-reads and decides.
+                        # 429 comes from admission before any handler: safe to send again.
+                        raise MaybeApplied(msg, r.status_code, status, retry_after)
                     err = OperationFailed(msg, details={"httpStatus": r.status_code})
                     if retry_after is not None:
                         delay = min(retry_after, MAX_RETRY_AFTER)
@@ -212,6 +240,30 @@ class KubeAPI:
             time.sleep(delay)
         assert err is not None
         raise err
+
+    def _authorization(self) -> str | None:
+        return self._creds.authorization() if self._creds is not None else self.headers.get("Authorization")
+
+    def _send(self, method: str, path: str, *, stream: bool = False, slot: bool = True,
+              headers: dict | None = None, **kw):
+        """One exchange, with the current credentials; a 401 to credentials that can be obtained
+        again (exec plugin, tokenFile) is answered by obtaining them and sending once more (a
+        401 means the server did nothing). ``stream=True``: the response is open (close it)."""
+        for again in (False, True):
+            auth = self._authorization()
+            h = dict(headers or {})
+            if auth:
+                h["Authorization"] = auth
+            req = self._client.build_request(method, path, headers=h, **kw)
+            if slot:
+                with self._slots:
+                    r = self._client.send(req, stream=stream)
+            else:  # the caller holds one (a watch holds it while it reads)
+                r = self._client.send(req, stream=stream)
+            if r.status_code != 401 or again or self._creds is None or not self._creds.renew(auth):
+                return r
+            r.close()
+        raise AssertionError("unreachable")
 
     def _error(self, method: str, path: str, code: int, status: dict) -> KatactlError:
         msg = status.get("message") or status.get("reason") or f"HTTP {code}"
@@ -236,14 +288,17 @@ class KubeAPI:
         return self.request("GET", path, params=params)
 
     def list_pages(self, path: str, *, limit: int = PAGE, meta: dict | None = None,
-                   **params) -> Iterator[list[dict]]:
-        """Pages of a list endpoint (limit/continue). Memory stays one page deep.
-        An expired continue token (410) restarts the list once from the top:
-        the caller sees items again only if it consumed a page before. ``meta`` (a dict)
-        receives the first page's metadata: its resourceVersion is the list's (the real
-        server serves every page from that snapshot), where a watch starts."""
+                   on_restart: Callable[[], None] | None = None, **params) -> Iterator[list[dict]]:
+        """Pages of a list endpoint (limit/continue). Memory stays one page deep. ``meta`` (a
+        dict) receives the first page's metadata: its resourceVersion is the list's (the real
+        server serves every page from that snapshot), where a watch starts.
+
+        An expired continue token (410 Gone: the snapshot left etcd's history) is answered as
+        client-go's pager does (tools/pager/pager.go, FullListIfExpired): one full list without
+        limit, a new snapshot. Its items include those of the pages already yielded:
+        ``on_restart()`` is called first, for a caller that adds up what it sees to forget
+        it. Without ``on_restart`` the items come again (harmless to a caller keyed by name)."""
         cont = None
-        restarted = False
         while True:
             q = dict(params, limit=limit)
             if cont:
@@ -251,10 +306,16 @@ class KubeAPI:
             try:
                 page = self.get(path, q)
             except ApiStatusError as e:
-                if e.status != 410 or restarted:
+                if e.status != 410 or not cont:
                     raise
-                restarted, cont = True, None
-                continue
+                if on_restart is not None:
+                    on_restart()
+                page = self.get(path, dict(params))
+                if meta is not None:
+                    meta.clear()
+                    meta.update(page.get("metadata") or {})
+                yield page.get("items") or []
+                return
             if meta is not None and cont is None:
                 meta.clear()
                 meta.update(page.get("metadata") or {})
@@ -264,9 +325,10 @@ class KubeAPI:
                 return
 
     def list(self, path: str, **params) -> list[dict]:
-        """All items of a list endpoint, following ``continue`` tokens."""
+        """All items of a list endpoint, following ``continue`` tokens (an expired token: the
+        full list replaces the pages read, as in client-go's ListPager.List)."""
         items: list[dict] = []
-        for page in self.list_pages(path, **params):
+        for page in self.list_pages(path, on_restart=items.clear, **params):
             items.extend(page)
         return items
 
@@ -298,7 +360,8 @@ class KubeAPI:
         # request timeout for the end to arrive
         timeout = httpx.Timeout(self.timeout, read=int(timeout_seconds) + self.timeout)
         try:
-            with self._slots, self._client.stream("GET", path, params=q, timeout=timeout) as r:
+            with self._slots, contextlib.closing(self._send("GET", path, params=q, timeout=timeout,
+                                                           stream=True, slot=False)) as r:
                 if r.status_code >= 300:
                     r.read()
                     status = _status_body(r)
@@ -420,27 +483,275 @@ class KubeAPI:
         self.close()
 
 
-class _loader_errors:
-    """Collect what the kubernetes config loader logs at ERROR on the root logger (a
-    failed exec credential plugin) instead of letting Python print it raw."""
+class _Headers(dict):
+    """A KubeAPI's request headers, carrying the kubeconfig's credential source and proxy: the
+    clients made from another's (host, headers, tls, ...) -- the rollout engine's per-node
+    pools, the kube exec transport -- refresh the same credentials and use the same proxy.
+    ``Authorization`` is kept current here (the exec transport's WebSockets read it)."""
 
-    def __enter__(self) -> list[str]:
-        import logging
+    creds: "_Credentials | None" = None
+    proxy: str | None = None
 
-        self.found: list[str] = []
-        found = self.found
 
-        class Catch(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                found.append(record.getMessage())
+#: client-go's cached file token source: a tokenFile is read again once its copy is a minute
+#: old, less 10 s of leeway (client-go transport/token_source.go NewCachedFileTokenSource)
+TOKEN_FILE_PERIOD = 60.0 - 10.0
 
-        self.handler = Catch(logging.ERROR)
-        self.root = logging.getLogger()
-        self.root.addHandler(self.handler)
-        return found
 
-    def __exit__(self, *exc) -> None:
-        self.root.removeHandler(self.handler)
+class _Credentials:
+    """Bearer tokens that expire: an exec credential plugin's (client.authentication.k8s.io
+    ExecCredential) or a tokenFile's, obtained again as client-go does.
+
+    - exec: run again once ``status.expirationTimestamp`` has passed (client-go
+      plugin/pkg/client/auth/exec/exec.go credsExpired: no skew), and after a 401 answered to
+      the current token (maybeRefreshCreds). A plugin's client certificate
+      (clientCertificateData/clientKeyData) is loaded into the TLS context: new connections
+      present it.
+    - tokenFile: read again every 50 s (client-go's cached file token source) and after a 401.
+
+    After a 401, :meth:`renew` says whether the credentials changed: the request is then sent
+    once more (client-go only refreshes for the next request; a drain that outlives a
+    15-minute token would lose the request)."""
+
+    def __init__(self, *, exec_cfg: dict | None = None, token_file: str | None = None,
+                 cluster: dict | None = None):
+        self.exec_cfg, self.token_file, self.cluster = exec_cfg, token_file, cluster
+        self._lock = threading.Lock()
+        self._auth: str | None = None
+        self._expires: float | None = None  # epoch seconds (an exec plugin's expirationTimestamp)
+        self._read_at = 0.0  # monotonic time of the last tokenFile read
+        self._headers: dict | None = None
+        self._tls = None
+        self.runs = 0  # how often the plugin ran / the file was read
+
+    @classmethod
+    def from_user(cls, user: dict, cluster: dict) -> "_Credentials | None":
+        """The refreshable source of a kubeconfig user (exec > tokenFile), or None. A static
+        ``token`` wins over a tokenFile only until the first refresh (client-go reads the
+        file when the token is rejected or the file's copy is old); here the file is used."""
+        if isinstance(user.get("exec"), dict):
+            return cls(exec_cfg=user["exec"], cluster=cluster)
+        if user.get("tokenFile") and not user.get("token"):
+            return cls(token_file=str(user["tokenFile"]))
+        if user.get("token"):
+            c = cls()
+            c._auth = f"Bearer {user['token']}"
+            return c
+        return None
+
+    def attach(self, headers: dict, tls) -> None:
+        self._headers, self._tls = headers, tls
+        if self._auth:
+            headers["Authorization"] = self._auth
+
+    def _stale(self) -> bool:
+        if self._auth is None:
+            return bool(self.exec_cfg or self.token_file)
+        if self.exec_cfg is not None:
+            return self._expires is not None and time.time() > self._expires
+        if self.token_file:
+            return time.monotonic() - self._read_at >= TOKEN_FILE_PERIOD
+        return False
+
+    def authorization(self) -> str | None:
+        """The Authorization header to send now (obtained again if expired)."""
+        with self._lock:
+            if self._stale():
+                self._load()
+            return self._auth
+
+    def renew(self, used: str | None) -> bool:
+        """After a 401 answered to ``used``: obtain the credentials again unless another request
+        already did; whether they differ from ``used`` (worth one more attempt)."""
+        if not (self.exec_cfg or self.token_file):
+            return False
+        with self._lock:
+            if self._auth == used:
+                self._load()
+            return self._auth != used
+
+    def _load(self) -> None:
+        self.runs += 1
+        if self.exec_cfg is not None:
+            self._auth, self._expires = self._run_plugin()
+        else:
+            assert self.token_file
+            try:
+                with open(self.token_file, encoding="utf-8") as f:
+                    tok = f.read().strip()
+            except OSError as e:
+                raise AuthError(f"kubeconfig: tokenFile {self.token_file}: {e.strerror}") from None
+            self._read_at = time.monotonic()
+            self._auth = f"Bearer {tok}" if tok else None
+        if self._headers is not None:
+            if self._auth:
+                self._headers["Authorization"] = self._auth
+            else:
+                self._headers.pop("Authorization", None)
+
+    def _run_plugin(self) -> tuple[str | None, float | None]:
+        from kubernetes.config.config_exception import ConfigException
+        from kubernetes.config.exec_provider import ExecProvider
+        from kubernetes.config.kube_config import ConfigNode
+
+        try:
+            status = ExecProvider(ConfigNode("exec", self.exec_cfg), None,
+                                  ConfigNode("cluster", self.cluster or {})).run()
+        except (ConfigException, OSError) as e:
+            raise AuthError(f"kubeconfig: credential plugin failed: {_one_line(e)}") from None
+        if not isinstance(status, dict):
+            raise AuthError("kubeconfig: credential plugin failed: status is not an object")
+        expires = None
+        if status.get("expirationTimestamp"):
+            try:
+                expires = _rfc3339(str(status["expirationTimestamp"]))
+            except ValueError:
+                raise AuthError("kubeconfig: credential plugin failed: bad expirationTimestamp "
+                                f"{status['expirationTimestamp']!r}") from None
+        if status.get("token"):
+            return f"Bearer {status['token']}", expires
+        if status.get("clientCertificateData") and status.get("clientKeyData"):
+            self._load_cert(status["clientCertificateData"], status["clientKeyData"])
+            return None, expires
+        raise AuthError("kubeconfig: credential plugin failed: no token or clientCertificateData in its status")
+
+    def _load_cert(self, cert: str, key: str) -> None:
+        import tempfile
+
+        if self._tls is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="katactl-cred-") as d:
+            c, k = os.path.join(d, "cert"), os.path.join(d, "key")
+            for path, text in ((c, cert), (k, key)):
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                    f.write(text)
+            self._tls.load_cert_chain(c, k)
+
+
+def _rfc3339(s: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def _proxy_url(url: str | None) -> str | None:
+    """A cluster's proxy-url as client-go accepts it: http, https or socks5
+    (client-go tools/clientcmd/client_config.go parseProxyURL); the proxy then carries every
+    request (HTTP CONNECT for an https server)."""
+    if not url:
+        return None
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(str(url)).scheme
+    if scheme not in ("http", "https", "socks5"):
+        raise UsageError(f"kubeconfig: proxy-url {url!r}: unsupported scheme {scheme!r} "
+                         "(http, https or socks5)")
+    if scheme == "socks5":
+        import importlib.util
+
+        if importlib.util.find_spec("socksio") is None:  # httpx's SOCKS support
+            raise UsageError(f"kubeconfig: proxy-url {url!r}: SOCKS5 proxies need the socksio "
+                             "package (pip install 'httpx[socks]'); an HTTP CONNECT proxy works as is")
+    return str(url)
+
+
+#: the entries of a kubeconfig that name local files, resolved against the directory of the
+#: file that set them (client-go loader.go GetClusterFileReferences, GetAuthInfoFileReferences)
+_CLUSTER_FILES = ("certificate-authority",)
+_USER_FILES = ("client-certificate", "client-key", "tokenFile")
+
+
+def load_kubeconfig(explicit: str | None = None) -> dict:
+    """The kubeconfig in effect, merged as kubectl merges it (client-go
+    tools/clientcmd/loader.go ClientConfigLoadingRules.Load):
+
+    - ``explicit`` (--kubeconfig) is one file, which must exist; else ``KUBECONFIG`` is a list
+      (duplicates dropped, missing files skipped), else ~/.kube/config;
+    - clusters, contexts and users by name: the first file to set a name wins, whole (a later
+      file's entry of that name is ignored, even its other fields);
+    - current-context: the first file that sets it;
+    - relative paths (certificate-authority, client-certificate, client-key, tokenFile, an exec
+      command containing a '/') resolve against the directory of the file they come from.
+
+    Returns {"clusters": [...], "contexts": [...], "users": [...], "current-context": ...,
+    "_files": [the files read]}."""
+    import yaml
+
+    if explicit:
+        files = [os.path.expanduser(explicit)]
+    elif os.environ.get("KUBECONFIG"):
+        files = list(dict.fromkeys(f for f in os.environ["KUBECONFIG"].split(os.pathsep) if f))
+        files = [os.path.expanduser(f) for f in files]
+    else:
+        files = [os.path.expanduser("~/.kube/config")]
+    out: dict[str, Any] = {"clusters": [], "contexts": [], "users": [], "current-context": None,
+                           "_files": []}
+    seen: dict[str, set] = {"clusters": set(), "contexts": set(), "users": set()}
+    for path in files:
+        try:
+            with open(path, "rb") as fb:
+                raw = fb.read()
+        except FileNotFoundError:
+            if explicit:
+                raise UsageError(f"kubeconfig: {path}: no such file") from None
+            continue
+        except OSError as e:
+            raise UsageError(f"kubeconfig: {path}: {e.strerror}") from None
+        try:
+            doc = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else {}
+        except UnicodeDecodeError:
+            raise UsageError(f"kubeconfig {path}: not a valid kubeconfig (not UTF-8 text)") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"kubeconfig {path}: not YAML: {_one_line(e)}") from None
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise UsageError(f"kubeconfig {path}: not a valid kubeconfig (a {type(doc).__name__}, "
+                             "not a mapping)")
+        out["_files"].append(path)
+        base = os.path.dirname(os.path.abspath(path))
+        for key in ("clusters", "contexts", "users"):
+            entries = doc.get(key) or []
+            if not isinstance(entries, list):
+                raise UsageError(f"kubeconfig {path}: {key} is not a list")
+            mine: dict[str, dict] = {}  # within one file the last entry of a name counts (a map)
+            for ent in entries:
+                if not isinstance(ent, dict) or not isinstance(ent.get("name"), str):
+                    raise UsageError(f"kubeconfig {path}: an entry of {key} without a name")
+                mine[ent["name"]] = ent
+            for n, ent in mine.items():
+                if n in seen[key]:
+                    continue
+                seen[key].add(n)
+                out[key].append(_resolved(key, ent, base, path))
+        if not out["current-context"] and doc.get("current-context"):
+            out["current-context"] = str(doc["current-context"])
+    if not out["_files"]:
+        raise UsageError(f"kubeconfig: no configuration: {', '.join(files)}: no such file")
+    return out
+
+
+def _resolved(key: str, entry: dict, base: str, path: str) -> dict:
+    """A copy of a cluster or user entry with its relative file paths made absolute against
+    ``base`` (its file's directory)."""
+    import copy
+
+    entry = copy.deepcopy(entry)
+    inner_key = {"clusters": "cluster", "users": "user"}.get(key)
+    inner = entry.get(inner_key) if inner_key else None
+    if not isinstance(inner, dict):
+        if inner_key and inner is not None:
+            raise UsageError(f"kubeconfig {path}: {key} {entry['name']!r}: not a mapping")
+        return entry
+    for f in _CLUSTER_FILES if key == "clusters" else _USER_FILES:
+        v = inner.get(f)
+        if isinstance(v, str) and v and not os.path.isabs(v):
+            inner[f] = os.path.join(base, v)
+    ex = inner.get("exec") if key == "users" else None
+    if isinstance(ex, dict) and isinstance(ex.get("command"), str) and os.sep in ex["command"] \
+            and not os.path.isabs(ex["command"]):
+        ex["command"] = os.path.join(base, ex["command"])
+    return entry
 
 
 def _replayable(method: str, content_type: str, body: Any) -> bool:

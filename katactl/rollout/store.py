@@ -164,26 +164,32 @@ class KubeStore(Store):
                 "acquireTime": acquire or now, "renewTime": now, "leaseTransitions": transitions}
 
     def acquire(self, name: str) -> None:
-        from katactl.backends.kube import Conflict
+        from katactl.backends.kube import Conflict, MaybeApplied
 
         me = holder_identity(name)
+        mine = session()  # a Lease carrying this very session is one this call wrote
         for _ in range(3):
             try:
                 lease = self.api.get(self._lease_path)
             except NotFound:
                 obj = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                        "metadata": {"name": LEASE, "namespace": self.ns, "labels": dict(MANAGED),
-                                    "annotations": {SESSION_ANNOTATION: json.dumps(session())}},
+                                    "annotations": {SESSION_ANNOTATION: json.dumps(mine)}},
                        "spec": self._spec(name, 0)}
                 try:
                     self._lease = self.api.create(f"/apis/coordination.k8s.io/v1/namespaces/{self.ns}/leases", obj)
                 except Conflict:
                     continue  # created by someone else meanwhile: judge it
+                except MaybeApplied:
+                    continue  # answered 5xx: it may have landed; read it and judge
                 self.name = name
                 return
             spec = lease.get("spec") or {}
             holder = spec.get("holderIdentity") or ""
             sess = _session_of(lease)
+            if holder == me and sess == mine:
+                self._lease, self.name = lease, name  # our own create landed, its answer lost
+                return
             renew = parse_time(spec.get("renewTime")) or 0
             dur = spec.get("leaseDurationSeconds") or 0
             expired = renew + dur < time.time()
@@ -303,7 +309,7 @@ class KubeStore(Store):
                                f"{getattr(e, 'message', e)}")
 
     def create(self, state: dict) -> None:
-        from katactl.backends.kube import Conflict
+        from katactl.backends.kube import Conflict, MaybeApplied
         from katactl.errors import UsageError
 
         # refused before anything runs, not when a save in the middle of the fleet is refused
@@ -317,7 +323,18 @@ class KubeStore(Store):
         obj = self._obj(state["name"], StateWriter(state).snapshot(state).gzip(), {})
         obj["metadata"].pop("resourceVersion")
         try:
-            cm = self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
+            try:
+                cm = self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
+            except MaybeApplied:
+                # answered 5xx: it may have landed. Ours if it holds exactly what we sent;
+                # absent: send it again; anything else is another's rollout of that name
+                try:
+                    cm = self.api.get(self._cm_path(state["name"]))
+                except NotFound:
+                    cm = self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
+                else:
+                    if cm.get("binaryData") != obj["binaryData"] or cm.get("data") != obj["data"]:
+                        raise Conflict(f"ConfigMap {CM_PREFIX}{state['name']} exists") from None
         except Conflict:
             raise Refused(f"rollout {state['name']} already exists (ConfigMap {self.ns}/{CM_PREFIX}{state['name']})",
                           hint=f"'katactl rollout resume {state['name']}' continues it") from None
