@@ -671,8 +671,15 @@ class Resolver:
         cd = self.containerd()
         # the binary containerd started: <bundle>/shim-binary-path (containerd >= 1.6 writes it)
         # (it also tells the build's PREFIX for the Go defaults: read when that can matter)
+        matters: list[bool] = []  # _prefix_matters(), asked once (it is the same for all)
+
+        def prefix_matters() -> bool:
+            if not matters:
+                matters.append(self._prefix_matters())
+            return matters[0]
+
         want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle and not f.annotation_path
-                and (cd.handlers or (f.runtime == "go" and self._prefix_matters()))]
+                and (cd.handlers or (f.runtime == "go" and prefix_matters()))]
         sbp = self.t.read_many(want, limit=4096) if want else {}
         binaries: list[str | None] = []
         matched = []
@@ -725,9 +732,13 @@ class Resolver:
             path = next((p for p in search if self._exists_cached(p)), None)
             if env_note:
                 detail = f"{detail}; {env_note}" if detail else env_note
-            if path is None:
-                return SandboxConfig(None, handler=handler, origin=None, origin_detail=detail, error=(
-                    f"no Kata configuration (looked for {', '.join(search)})"))
+            if path is None:  # one answer for the sandboxes that looked in the same places
+                none_key = (None, tuple(search), handler, detail)
+                if none_key not in self._answers:
+                    self._answers[none_key] = SandboxConfig(
+                        None, handler=handler, origin=None, origin_detail=detail,
+                        error=f"no Kata configuration (looked for {', '.join(search)})")
+                return self._answers[none_key]
             origin = _origin_of_default(path)
         key = (path, f.runtime, handler, origin, detail)
         if key not in self._answers:

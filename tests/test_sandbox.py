@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -587,7 +588,15 @@ def _child(argv0: str, *args: str):
     import subprocess
     import sys
 
-    return subprocess.Popen([argv0, "-c", "import time; time.sleep(60)", *args], executable=sys.executable)
+    p = subprocess.Popen([argv0, "-c", "import time; time.sleep(60)", *args], executable=sys.executable)
+    # Popen returns once the child is past vfork's hold in execve, a moment before the kernel
+    # sets its argv: /proc/<pid>/cmdline can still read empty (fast discovery saw that)
+    for _ in range(500):
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            if f.read().startswith(argv0.encode() + b"\0"):
+                return p
+        time.sleep(0.01)
+    raise AssertionError(f"{argv0}: argv not set after 5 s")
 
 
 def test_runtime_rs_vmm_found_through_the_shim(tmp_path):
