@@ -1,0 +1,40 @@
+"""SIGTERM and SIGHUP as Ctrl-C, for commands that change things and must restore them.
+
+Ansible's timeouts, ``timeout(1)``, systemd and ``kill`` send SIGTERM; a closed terminal or a
+dropped SSH session sends SIGHUP. Both end Python at once by default, skipping every
+``finally`` and ``except``: a cordoned node stays cordoned, no audit entry is written. Made a
+KeyboardInterrupt in the main thread instead, they take Ctrl-C's path (restore, audit, exit 130).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread; the
+    previous handlers come back after. A signal already ignored (``nohup``: SIGHUP) stays
+    ignored; in other threads (in-process test runners) nothing changes."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                old[sig] = signal.signal(sig, on_signal)
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
