@@ -193,7 +193,8 @@ def test_token_file_is_read_again_after_a_401(private_kube, tmp_path):
     srv.add_node("n1")
     doc = json.loads(open(srv.kubeconfig(tmp_path / "kc")).read())
     (tmp_path / "token").write_text("t1\n")
-    doc["users"][0]["user"] = {"tokenFile": "token"}  # relative to the kubeconfig's directory
+    # relative to the kubeconfig's directory; the file's token is sent, not "token" (client-go)
+    doc["users"][0]["user"] = {"tokenFile": "token", "token": "stale"}
     kc = _write(tmp_path / "kc", doc)
     with KubeAPI.from_settings(settings(kc)) as api:
         api.get("/api/v1/nodes/n1")

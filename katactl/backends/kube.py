@@ -1,20 +1,24 @@
-"""Kubernetes API access: kubeconfig loading from the official client, raw
-HTTP through httpx for the calls themselves.
+"""Kubernetes API access: kubeconfig loading as kubectl does, raw HTTP through httpx for
+the calls themselves.
 
 The generated API classes of the kubernetes package cost ~0.6 s to import and
-touch (python-cli.md); katactl needs a handful of verbs on a few kinds, so it
-borrows the client's kubeconfig handling (``KUBECONFIG`` lists merged,
-contexts, certificates, token files, exec plugins) and sends plain requests.
+touch (python-cli.md); katactl needs a handful of verbs on a few kinds, so it sends plain
+requests. The kubeconfig: files merged here by client-go's rules (:func:`load_kubeconfig`);
+the official client's loader then reads the chosen context's server, certificates,
+auth-provider and basic auth; bearer tokens that expire (exec plugins, tokenFile) are
+:class:`_Credentials`, obtained again as client-go does; a cluster's proxy-url carries the
+requests.
 
 Errors are mapped here once (kubectl's habits, design.md's exit codes):
-401/403 -> AuthError (7) naming the user and the verb; 404 -> NotFound (3);
-400/422 -> UsageError (2) with the server's message; 409 -> Conflict (callers
-re-read and retry through :meth:`KubeAPI.modify`); 429 and 5xx -> retried with
-backoff honouring Retry-After, then OperationFailed (1); no connection ->
-UnreachableError (7). Reads are retried on a cut connection; a mutation only
-when the request never left (connect failed). Watches (:meth:`KubeAPI.watch`) are not
-retried here: the caller re-watches from the last resourceVersion it saw, or lists again
-after :class:`WatchExpired`.
+401/403 -> AuthError (7) naming the user and the verb (a 401 first renews refreshable
+credentials and sends the request once more); 404 -> NotFound (3); 400/422 -> UsageError
+(2) with the server's message; 409 -> Conflict (callers re-read and retry through
+:meth:`KubeAPI.modify`); 429 and 5xx -> retried with backoff honouring Retry-After, then
+OperationFailed (1) -- except a POST answered 5xx, which may have been applied:
+:class:`MaybeApplied` at once, the caller reads back; no connection -> UnreachableError (7).
+Reads are retried on a cut connection; a mutation only when the request never left (connect
+failed). Watches (:meth:`KubeAPI.watch`) are not retried here: the caller re-watches from the
+last resourceVersion it saw, or lists again after :class:`WatchExpired`.
 """
 from __future__ import annotations
 
@@ -190,7 +194,8 @@ class KubeAPI:
         """Send one request; the decoded JSON answer, or a mapped error.
 
         With retry=False, 429 and 5xx answers raise ApiStatusError at once (for
-        callers that have their own policy, such as evictions)."""
+        callers that have their own policy, such as evictions). A POST answered 5xx (not
+        429) raises MaybeApplied at once: a create is never sent twice."""
         import httpx
 
         data = None if body is None else json.dumps(body).encode()
@@ -229,7 +234,8 @@ class KubeAPI:
                         # answers 504 while the handler goes on): sending it again could make a
                         # second object or meet our own as 409. The caller re-reads and decides.
                         # 429 comes from admission before any handler: safe to send again.
-                        raise MaybeApplied(msg, r.status_code, status, retry_after)
+                        raise MaybeApplied(f"{msg} (it may have been applied)", r.status_code, status,
+                                           retry_after)
                     err = OperationFailed(msg, details={"httpStatus": r.status_code})
                     if retry_after is not None:
                         delay = min(retry_after, MAX_RETRY_AFTER)
@@ -522,17 +528,20 @@ class _Credentials:
         self._read_at = 0.0  # monotonic time of the last tokenFile read
         self._headers: dict | None = None
         self._tls = None
-        self.runs = 0  # how often the plugin ran / the file was read
+        self._fallback: str | None = None  # a user's token beside its unreadable tokenFile
+        self._loaded = False
 
     @classmethod
     def from_user(cls, user: dict, cluster: dict) -> "_Credentials | None":
-        """The refreshable source of a kubeconfig user (exec > tokenFile), or None. A static
-        ``token`` wins over a tokenFile only until the first refresh (client-go reads the
-        file when the token is rejected or the file's copy is old); here the file is used."""
+        """The bearer-token source of a kubeconfig user (exec > tokenFile > token), or None.
+        With both tokenFile and token, the file's token is sent while the file can be read
+        (client-go transport/round_trippers.go NewBearerAuthWithRefreshRoundTripper)."""
         if isinstance(user.get("exec"), dict):
             return cls(exec_cfg=user["exec"], cluster=cluster)
-        if user.get("tokenFile") and not user.get("token"):
-            return cls(token_file=str(user["tokenFile"]))
+        if user.get("tokenFile"):
+            c = cls(token_file=str(user["tokenFile"]))
+            c._fallback = f"Bearer {user['token']}" if user.get("token") else None
+            return c
         if user.get("token"):
             c = cls()
             c._auth = f"Bearer {user['token']}"
@@ -545,7 +554,7 @@ class _Credentials:
             headers["Authorization"] = self._auth
 
     def _stale(self) -> bool:
-        if self._auth is None:
+        if not self._loaded:
             return bool(self.exec_cfg or self.token_file)
         if self.exec_cfg is not None:
             return self._expires is not None and time.time() > self._expires
@@ -571,7 +580,7 @@ class _Credentials:
             return self._auth != used
 
     def _load(self) -> None:
-        self.runs += 1
+        self._loaded = True
         if self.exec_cfg is not None:
             self._auth, self._expires = self._run_plugin()
         else:
@@ -580,9 +589,11 @@ class _Credentials:
                 with open(self.token_file, encoding="utf-8") as f:
                     tok = f.read().strip()
             except OSError as e:
-                raise AuthError(f"kubeconfig: tokenFile {self.token_file}: {e.strerror}") from None
+                if self._fallback is None:
+                    raise UsageError(f"kubeconfig: tokenFile {self.token_file}: {e.strerror}") from None
+                tok = None
             self._read_at = time.monotonic()
-            self._auth = f"Bearer {tok}" if tok else None
+            self._auth = f"Bearer {tok}" if tok else self._fallback
         if self._headers is not None:
             if self._auth:
                 self._headers["Authorization"] = self._auth
