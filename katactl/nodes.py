@@ -19,12 +19,13 @@ import datetime as dt
 import json
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable
 
 from katactl.backends.kube import ApiStatusError, Conflict, KubeAPI, seg
 from katactl.errors import (AuthError, Interrupted, KatactlError, NotFound, OperationFailed, Refused, TimeoutExpired,
-                            )
+                            UsageError)
 from katactl.backends.base import NodeTransport
 
 CORDON_ANNOTATION = "katactl.io/cordon"
@@ -219,17 +220,31 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
     """Mark the node unschedulable and record that katactl did, and whether it
     already was. Idempotent: a node katactl already cordoned is ``changed: false``.
 
+    Whether this call cordoned the node is decided from the node, never from whether
+    the PATCH answered: the record carries an ``id`` made here, and after a lost
+    answer (replayed -> 409), a timeout or a 5xx the node is read again. Our id on it
+    means our patch landed (``changed: true``, ``wasUnschedulable`` as we recorded).
+
     dry_run: False, "client" (read only) or "server" (the API validates the patch
     and stores nothing)."""
+    op_id = uuid.uuid4().hex
+    sent: dict | None = None  # the record of the last patch we sent, if its fate is unknown
+    last_err: KatactlError | None = None
     for _ in range(5):
         node = get_node(api, name)
-        was = bool((node.get("spec") or {}).get("unschedulable"))
         rec = cordon_record(node)
+        if sent is not None and rec is not None and rec.get("id") == op_id:
+            was = bool(rec.get("wasUnschedulable"))  # what the send that landed recorded
+            return _cordon_result(name, True, dry_run, was, rec, "cordoned" if not was else
+                                  "already cordoned (not by katactl): recorded, will not uncordon it")
+        was = bool((node.get("spec") or {}).get("unschedulable"))
         if was and rec is not None and "invalid" not in rec:
             return _cordon_result(name, False, dry_run, was, rec, "already cordoned by katactl")
-        new = {"by": _who(), "at": _now(), "reason": reason or "", "wasUnschedulable": was}
+        new = {"by": _who(), "at": _now(), "reason": reason or "", "wasUnschedulable": was, "id": op_id}
         if was:
             new["cordonedBefore"] = _unschedulable_manager(node) or "unknown"
+        # conditional on the resourceVersion: of several sends (a retry after a timeout) at
+        # most one lands, the others meet 409
         patch = {"metadata": {"resourceVersion": node["metadata"].get("resourceVersion"),
                               "annotations": {CORDON_ANNOTATION: json.dumps(new, sort_keys=True)}}}
         if not was:
@@ -238,10 +253,26 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
             return _cordon_result(name, True, dry_run, was, new, "would cordon" if not was else "would record")
         try:
             api.patch(f"/api/v1/nodes/{seg(name)}", patch, dry_run=dry_run == "server")
-        except Conflict:
-            continue  # changed between our read and our patch: judge again
+        except Conflict as e:
+            # changed between our read and our patch, or our own patch replayed after its
+            # answer was lost: the next read tells which
+            sent, last_err = (new, e) if not dry_run else (None, e)
+            continue
+        except (UsageError, AuthError, NotFound) as e:
+            if sent is not None:  # this one did not land; an earlier one still may
+                e.details = {**e.details, "cordonRecordId": op_id}
+            raise  # the server answered no: nothing landed
+        except KatactlError as e:
+            if dry_run:
+                raise
+            sent, last_err = new, e  # timed out, cut, 5xx: it may have landed; read again
+            continue
         note = "cordoned" if not was else "already cordoned (not by katactl): recorded, will not uncordon it"
         return _cordon_result(name, True, dry_run, was, new, note)
+    if last_err is not None and not isinstance(last_err, Conflict):
+        # a send may still land: its record carries this id (drain restores by it)
+        last_err.details = {**last_err.details, "cordonRecordId": op_id}
+        raise last_err
     raise Conflict(f"node {name}: changing too fast to cordon safely; try again")
 
 
@@ -250,14 +281,22 @@ def _cordon_result(name, changed, dry_run, was, rec, message) -> dict:
             "record": rec, "message": message}
 
 
-def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | str = False) -> dict:
+def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | str = False,
+             record_id: str | None = None) -> dict:
     """Make the node schedulable again, unless katactl's record says it was
     already cordoned before katactl cordoned it (Refused, exit 5, unless force).
-    Without a record it does what ``kubectl uncordon`` does."""
+    Without a record it does what ``kubectl uncordon`` does.
+
+    record_id: undo one cordon() only: act only while the node still carries that
+    call's record (``changed: false`` otherwise: someone cordoned it since)."""
     for _ in range(5):
         node = get_node(api, name)
         unsched = bool((node.get("spec") or {}).get("unschedulable"))
         rec = cordon_record(node)
+        if record_id is not None and (rec is None or rec.get("id") != record_id or rec.get("wasUnschedulable")):
+            return {"name": name, "changed": False, "dryRun": bool(dry_run),
+                    "message": "left as it is: katactl's cordon record on it is not this run's any more"
+                    if rec is None or rec.get("id") != record_id else "left cordoned: it was cordoned before"}
         if unsched and rec and rec.get("wasUnschedulable") and not force:
             first = rec.get("cordonedBefore") or "someone else"
             raise Refused(f"node {name} was already cordoned (by {first}) before katactl cordoned it "
@@ -300,6 +339,29 @@ class DrainOptions:
     reason: str | None = None
 
 
+#: DeleteOptions.gracePeriodSeconds is an int64, and kubectl's int flags are Go ints (64 bits)
+INT64_MAX = 2 ** 63 - 1
+
+
+def check_drain_values(*, grace_period: int, skip_wait: int, pod_selector: str | None) -> None:
+    """node drain's values checked before anything is touched (UsageError, exit 2), as
+    kubectl's flag parsing and its drain Complete() do: a value the API server would
+    refuse must not first cost a cordon."""
+    from katactl import labelselector
+
+    if not -1 <= grace_period <= INT64_MAX:
+        raise UsageError(f"invalid --grace-period {grace_period}: -1 (the pod's own) to {INT64_MAX}")
+    if not 0 <= skip_wait <= INT64_MAX:
+        raise UsageError(f"invalid --skip-wait-for-delete-timeout {skip_wait}: 0 to {INT64_MAX}")
+    if pod_selector:
+        try:
+            labelselector.check(pod_selector)
+        except ValueError as e:
+            # kubectl: "--pod-selector=<pod_selector> must be a valid label selector"
+            # (staging/src/k8s.io/kubectl/pkg/cmd/drain/drain.go Complete)
+            raise UsageError(f"invalid --pod-selector {pod_selector!r}: must be a valid label selector: {e}") from None
+
+
 def _owner(pod: dict) -> dict | None:
     for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
@@ -326,9 +388,17 @@ def _ref(pod: dict) -> str:
 
 
 def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, dict]):
-    """kubectl drain's filters, in kubectl's order (skip-deleted, DaemonSet, mirror,
-    local storage, unreplicated; the first that excludes a pod ends its chain),
-    after katactl's own selection (--kata-only, --stale-release).
+    """kubectl drain's filter chain after katactl's own selection (--kata-only,
+    --stale-release): skip-deleted, DaemonSet, mirror, local storage, unreplicated, as
+    kubernetes staging/src/k8s.io/kubectl/pkg/drain/filters.go makeFilters(). A filter
+    either stops the chain (skip, refusal, an ignored DaemonSet pod) or lets the pod go on
+    to the next one (drain.go filterPods breaks only when !status.Delete): an orphaned
+    DaemonSet pod allowed by --force still meets the local storage filter. Messages are
+    kubectl's (an orphan's is the API's NotFound message, as err.Error() there).
+
+    kubectl keeps only the last filter's status, so a warning from an earlier filter is
+    lost when a later one passes the pod (filters.go's own TODO); katactl reports every
+    warning a pod earned, in kubectl's words.
 
     Returns (to_evict, skipped [{pod, reason}], errors {message: [pods]}, warnings {message: [pods]})."""
     now = dt.datetime.now(dt.timezone.utc)
@@ -336,11 +406,33 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
     skipped: list[dict] = []
     errors: dict[str, list[str]] = {}
     warnings: dict[str, list[str]] = {}
-    ds_exists: dict[tuple[str, str], bool] = {}
+    ds_missing: dict[tuple[str, str], str | None] = {}  # -> the NotFound message, None: it exists
+
+    def daemonset_filter(pod: dict, ref: str) -> bool:
+        owner = _owner(pod)
+        if not owner or owner.get("kind") != "DaemonSet" or _terminal(pod):
+            return True
+        key = (pod["metadata"].get("namespace"), owner["name"])  # name: required in an ownerReference
+        if key not in ds_missing:
+            try:
+                api.get(f"/apis/apps/v1/namespaces/{seg(key[0])}/daemonsets/{seg(key[1])}")
+                ds_missing[key] = None
+            except NotFound as e:
+                ds_missing[key] = e.message or f'daemonsets.apps "{key[1]}" not found'
+        missing = ds_missing[key]
+        if missing is not None:  # orphaned: deleted only with --force, and the chain goes on
+            (warnings if opts.force else errors).setdefault(missing, []).append(ref)
+            return opts.force
+        if not opts.ignore_daemonsets:
+            errors.setdefault("DaemonSet-managed Pods (use --ignore-daemonsets to ignore)", []).append(ref)
+        else:
+            warnings.setdefault("ignoring DaemonSet-managed Pods", []).append(ref)
+            skipped.append({"pod": ref, "reason": "DaemonSet-managed"})
+        return False
+
     for pod in pods:
         ref = _ref(pod)
-        kata = is_kata_pod(pod, rcs)
-        if opts.kata_only and not kata:
+        if opts.kata_only and not is_kata_pod(pod, rcs):
             skipped.append({"pod": ref, "reason": "not a Kata pod (--kata-only)"})
             continue
         if opts.only_pods is not None and (pod["metadata"].get("namespace"), pod["metadata"]["name"]) not in opts.only_pods:
@@ -351,28 +443,7 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
                 and deleting > opts.skip_wait_for_delete_timeout:
             skipped.append({"pod": ref, "reason": "deleting for longer than --skip-wait-for-delete-timeout"})
             continue
-        owner = _owner(pod)
-        if owner and owner.get("kind") == "DaemonSet" and not _terminal(pod):
-            ns, ds_name = pod["metadata"].get("namespace"), owner["name"]  # name: required in an ownerReference
-            key = (ns, ds_name)
-            if key not in ds_exists:
-                try:
-                    api.get(f"/apis/apps/v1/namespaces/{seg(ns)}/daemonsets/{seg(ds_name)}")
-                    ds_exists[key] = True
-                except NotFound:
-                    ds_exists[key] = False
-            if not ds_exists[key]:
-                if opts.force:
-                    warnings.setdefault("deleting Pods that declare no controller", []).append(ref)
-                    evict.append(pod)
-                else:
-                    errors.setdefault("Pods that declare no controller (use --force to override)", []).append(ref)
-                continue
-            if not opts.ignore_daemonsets:
-                errors.setdefault("DaemonSet-managed Pods (use --ignore-daemonsets to ignore)", []).append(ref)
-            else:
-                warnings.setdefault("ignoring DaemonSet-managed Pods", []).append(ref)
-                skipped.append({"pod": ref, "reason": "DaemonSet-managed"})
+        if not daemonset_filter(pod, ref):
             continue
         if MIRROR_ANNOTATION in ((pod["metadata"].get("annotations")) or {}):
             skipped.append({"pod": ref, "reason": "mirror pod (static pod of the kubelet)"})
@@ -382,9 +453,10 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
                 errors.setdefault("Pods with local storage (use --delete-emptydir-data to override)", []).append(ref)
                 continue
             warnings.setdefault("deleting Pods with local storage", []).append(ref)
-        if owner is None and not _terminal(pod):
+        if _owner(pod) is None and not _terminal(pod):
             if not opts.force:
-                errors.setdefault("Pods that declare no controller (use --force to override)", []).append(ref)
+                errors.setdefault("cannot delete Pods that declare no controller (use --force to override)",
+                                  []).append(ref)
                 continue
             warnings.setdefault("deleting Pods that declare no controller", []).append(ref)
         evict.append(pod)
@@ -416,15 +488,18 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
     keep_cordoned), and the error is raised with the partial result in its details."""
     stop = stop or threading.Event()
     dry = opts.dry_run
-    node = get_node(api, name)
-    was_unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
     result: dict[str, Any] = {"name": name, "changed": False, "dryRun": bool(dry), "evicted": [],
-                              "skipped": [], "blocked": [], "warnings": [], "wasUnschedulable": was_unschedulable}
-    cordoned_here = False
+                              "skipped": [], "blocked": [], "warnings": [], "wasUnschedulable": None}
+    # the record of the cordon this drain made (restored on failure), None when the node
+    # was unschedulable when cordon() read it: that one stays as it is
+    mine: dict | None = None
     try:
         c = cordon(api, name, reason=opts.reason or "katactl node drain", dry_run=dry or False)
-        cordoned_here = c["changed"] and not was_unschedulable and not dry
+        result["wasUnschedulable"] = c["wasUnschedulable"]
+        if c["changed"] and not c["wasUnschedulable"] and not dry:
+            mine = c["record"]
         result["changed"] = c["changed"] and not dry
+        _stopped(stop, name)
         rcs = runtime_classes(api)
         pods = node_pods(api, name, opts.pod_selector)
         evict, skipped, errors, warnings = classify(api, pods, opts, rcs)
@@ -433,8 +508,10 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         for w in result["warnings"]:
             events("Warning", node=name, message=w)
         if errors:
-            msg = "; ".join(f"cannot delete {m}: {', '.join(refs)}" for m, refs in errors.items())
+            msg = "; ".join(f"cannot delete {m}: {', '.join(refs)}" if not m.startswith("cannot delete")
+                            else f"{m}: {', '.join(refs)}" for m, refs in errors.items())
             raise Refused(f"node {name}: {msg}", details={"pods": sorted({r for v in errors.values() for r in v})})
+        _stopped(stop, name)
         result["toEvict"] = [_ref(p) for p in evict]
         events("NodeDraining", node=name, pods=len(evict), dryRun=bool(dry))
         if dry == "client" or not evict:
@@ -447,11 +524,18 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         return result
     except BaseException as e:
         restored = False
-        if cordoned_here and not opts.keep_cordoned:
+        rec_id = mine.get("id") if mine is not None else \
+            (e.details.get("cordonRecordId") if isinstance(e, KatactlError) and not dry else None)
+        if rec_id and not opts.keep_cordoned:
             try:
-                uncordon(api, name, force=True)
-                restored = True
-                events("NodeRestored", node=name, unschedulable=False)
+                # only our own cordon, and only while our record is on it: never force, never a
+                # node someone cordoned since (their kubectl cordon finds it cordoned and says so)
+                r = uncordon(api, name, record_id=rec_id)
+                restored = r["changed"]
+                if restored:
+                    events("NodeRestored", node=name, unschedulable=False)
+                elif mine is not None:
+                    events("Warning", node=name, message=r["message"])
             except Exception as re_err:  # noqa: BLE001 - report both, the first error wins
                 events("Warning", node=name, message=f"could not restore the node's cordon state: {re_err}")
         result["restored"] = restored
@@ -459,11 +543,20 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
             e.details = {**e.details, "drain": result}
             if restored:
                 e.message += f" (node {name} uncordoned again: it was schedulable before)"
+            elif mine is None and rec_id and not opts.keep_cordoned:
+                e.message += (f" (the cordon may still land: 'katactl node uncordon {name}' undoes it if "
+                              f"katactl.io/cordon shows id {rec_id})")
         elif isinstance(e, KeyboardInterrupt):
             raise Interrupted(f"interrupted while draining {name}"
                               + (" (uncordoned again: it was schedulable before)" if restored else ""),
                               details={"drain": result}) from None
         raise
+
+
+def _stopped(stop: threading.Event, name: str) -> None:
+    """A stop request (Ctrl-C, SIGTERM, another node's interrupt) ends the drain between steps."""
+    if stop.is_set():
+        raise Interrupted(f"interrupted while draining {name}")
 
 
 def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, deadline: _Deadline,
@@ -520,8 +613,23 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                     failures.append(f"{ref}: {msg or e.message}")
                 return
             except KatactlError as e:
-                if e.details.get("reason") == "NamespaceTerminating":
+                if _namespace_terminating(e):
+                    # kubectl (pkg/drain/drain.go evictPods): a pod already deleting is waited
+                    # for; otherwise retried every 5 s, with the pod read again each time
+                    if (pod["metadata"].get("deletionTimestamp")):
+                        break
+                    events("Warning", node=node, message=f'error when evicting pod "{pname}" from terminating '
+                           f'namespace "{ns}" (will retry after 5s)')
                     deadline.sleep(EVICTION_RETRY)
+                    try:
+                        fresh = api.get(f"/api/v1/namespaces/{seg(ns)}/pods/{seg(pname)}")
+                    except NotFound:
+                        break  # gone: the namespace's deletion took it
+                    except KatactlError:
+                        continue  # kubectl too evicts the pod it had
+                    if fresh["metadata"].get("uid") != uid:
+                        break  # another pod with its name: ours is gone
+                    pod = fresh
                     continue
                 with lock:
                     failures.append(f"{ref}: {e.message}")
@@ -575,6 +683,24 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
         if denied:
             raise AuthError(f"node {node}: " + "; ".join(sorted(failures)), details=denied[0].details)
         raise OperationFailed(f"node {node}: " + "; ".join(sorted(failures)))
+
+
+#: the StatusCause kube-apiserver's NamespaceLifecycle admission adds to its 403
+#: (staging/src/k8s.io/apiserver/pkg/admission/plugin/namespace/lifecycle/admission.go)
+NAMESPACE_TERMINATING = "NamespaceTerminating"
+
+
+def _namespace_terminating(e: KatactlError) -> bool:
+    """A 403 carrying details.causes[].reason NamespaceTerminating (kubectl:
+    apierrors.HasStatusCause(err, corev1.NamespaceTerminatingCause)). The kube client keeps
+    the Status's causes in details when it has them; without them, the admission's fixed
+    message says the same."""
+    if e.details.get("httpStatus") != 403:
+        return False
+    causes = e.details.get("causes")
+    if causes is not None:
+        return any(isinstance(c, dict) and c.get("reason") == NAMESPACE_TERMINATING for c in causes)
+    return "because it is being terminated" in e.message
 
 
 def _confirm_gone(api: KubeAPI, node: str, waiting: dict[str, str], result: dict, events: Events,
@@ -732,9 +858,16 @@ def audited(action: str, name: str, params: dict, fn: Callable[[], dict]) -> dic
     return res
 
 
-def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int = 1):
+def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int = 1,
+                  stop: threading.Event | None = None):
     """fn(name) for each node, ``parallel`` at a time; a fleet.FanOut of the outcomes
-    (one node's failure never stops the others)."""
+    (one node's failure never stops the others).
+
+    With ``stop`` (the event fn's operations watch), fn runs in worker threads even one at
+    a time, and the calling thread only waits: a Ctrl-C (or SIGTERM made one) there sets
+    ``stop`` at once, starts no further node, and waits until every running fn has
+    wound down (restored its node, written its audit entry) before it goes on up;
+    further interrupts meanwhile do not cut a restore short."""
     from katactl.errors import as_katactl_error
     from katactl.fleet import FanOut
 
@@ -742,6 +875,8 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
     errors: dict[str, KatactlError] = {}
 
     def one(n: str) -> None:
+        if stop is not None and stop.is_set():
+            return  # interrupted before this node's turn: not touched
         try:
             values[n] = fn(n)
         except (KeyboardInterrupt, Interrupted):
@@ -749,17 +884,32 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
         except Exception as e:  # noqa: BLE001 - per-node failures are data
             errors[n] = as_katactl_error(e)
 
-    if parallel <= 1 or len(names) == 1:
+    if stop is None and (parallel <= 1 or len(names) == 1):
         for n in names:
             one(n)
-    else:
-        with ThreadPoolExecutor(max_workers=min(parallel, len(names)), thread_name_prefix="katactl-node") as ex:
-            futures = [ex.submit(one, n) for n in names]
-            pending = set(futures)
-            while pending:
-                _, pending = wait(pending, timeout=0.2)
-            for f in futures:
-                f.result()
+        return FanOut(list(names), values, errors)
+    ex = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(names))), thread_name_prefix="katactl-node")
+    futures = [ex.submit(one, n) for n in names]
+    try:
+        pending = set(futures)
+        while pending:  # short waits keep this thread free for Ctrl-C
+            _, pending = wait(pending, timeout=0.2)
+    except BaseException:
+        if stop is not None:
+            stop.set()
+        for f in futures:
+            f.cancel()
+        while True:
+            try:
+                wait(futures)
+                break
+            except KeyboardInterrupt:
+                continue  # the nodes are being restored: let them
+        raise
+    finally:
+        ex.shutdown(wait=False)
+    for f in futures:
+        f.result()
     return FanOut(list(names), values, errors)
 
 

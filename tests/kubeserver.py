@@ -52,7 +52,7 @@ Known differences from the real kube-apiserver:
   notifications); no initial-events-end annotation. ``cut_watches()`` drops the open watch
   connections without the final chunk; ``compact()`` forgets the history (etcd compaction). No server-side apply (apply-patch+yaml -> 415), no
   deletecollection, no openapi (/openapi/* -> 404), no aggregated discovery, no admission
-  plugins or webhooks, no field validation beyond what is listed, no managedFields.
+  plugins (but NamespaceLifecycle's Terminating check, below) or webhooks, no field validation beyond what is listed, no managedFields.
 - Protobuf is accepted only for the kinds above (others -> 415); responses are never protobuf.
 - Table output (``as=Table``) is served for nodes and pods only, with the standard columns;
   other kinds get a NAME/AGE table; row objects are always the full object.
@@ -73,7 +73,9 @@ Known differences from the real kube-apiserver:
   taints/affinity/resources in placement. The disruption controller has no 2-minute expiry of
   disruptedPods (entries go when the pod is gone or terminating).
 - Deleting a ReplicaSet/DaemonSet removes its pods at once unless propagationPolicy=Orphan
-  (the real garbage collector is asynchronous). Namespaces are deleted at once (no Terminating).
+  (the real garbage collector is asynchronous). Namespaces are deleted at once (no Terminating);
+  a Namespace stored with status.phase Terminating refuses creates and evictions in it as
+  NamespaceLifecycle admission does (403, cause NamespaceTerminating); no other admission.
 - Mirror pods are plain stored pods: they can be deleted or evicted (as on the real server) but
   no kubelet recreates them afterwards.
 - DELETE answers the object for pods (like the real pod store) and a Success Status otherwise.
@@ -1456,6 +1458,9 @@ class KubeStandIn(KubeExecMixin):
                 return 200, self._list(res, ns, query, accept)
             if verb == "deletecollection":
                 raise ApiError(405, "MethodNotAllowed", "the stand-in does not implement deletecollection")
+            if verb == "create" and ns:
+                self._namespace_lifecycle(res, ns, name or (body.get("metadata") or {}).get("name")
+                                          if isinstance(body, dict) else name)
             if sub == "eviction":
                 if not isinstance(body, dict):
                     raise bad_request("an Eviction body is required")
@@ -1475,6 +1480,18 @@ class KubeStandIn(KubeExecMixin):
                 dry = dry or (opts.get("dryRun") or []) == ["All"]
                 return self._delete(res, ns, name, opts, dry)
         raise AssertionError(verb)
+
+    def _namespace_lifecycle(self, res, ns, name):
+        """NamespaceLifecycle admission (apiserver/pkg/admission/plugin/namespace/lifecycle/
+        admission.go): no create (an eviction is one) in a Terminating namespace; 403 with the
+        NamespaceTerminating cause."""
+        nso = self.store.get(self._key(RESOURCES["namespaces"], None, ns))
+        if nso is not None and (nso.get("status") or {}).get("phase") == "Terminating":
+            raise ApiError(403, "Forbidden", f'{res.qualified} "{name}" is forbidden: unable to create new content in '
+                           f"namespace {ns} because it is being terminated",
+                           {"name": name, "kind": res.plural, "causes": [
+                               {"reason": "NamespaceTerminating", "message": f"namespace {ns} is being terminated",
+                                "field": "metadata.namespace"}]})
 
     def _create(self, res, ns, body, dry):
         if not isinstance(body, dict):

@@ -142,6 +142,7 @@ def uncordon(
 def _cordon_cmd(ctx, names, action: str, dry_run: bool, dry_run_server: bool, **kw) -> None:
     from katactl import nodes
     from katactl.backends import kube
+    from katactl.interrupt import terminate_as_interrupt
     from katactl.output import Column
 
     app_ctx = state(ctx)
@@ -149,7 +150,7 @@ def _cordon_cmd(ctx, names, action: str, dry_run: bool, dry_run_server: bool, **
     dry = _dry_run(dry_run, dry_run_server)
     op = getattr(nodes, action)
     params = {**{k: v for k, v in kw.items() if v}, "dryRun": dry}
-    with kube.client(app_ctx.settings) as api:
+    with terminate_as_interrupt(), kube.client(app_ctx.settings) as api:
         fo = nodes.for_each_node(targets, lambda n: nodes.audited(
             f"node.{action}", n, params, lambda: op(api, n, dry_run=dry or False, **kw)))
     cols = [Column("NAME", "name"), Column("CHANGED", "changed"), Column("MESSAGE", "message")]
@@ -197,9 +198,10 @@ def drain(
     refusal lists every offending pod (exit 5) and changes nothing. Evictions
     go through policy/v1, concurrently; a PodDisruptionBudget's refusal is
     retried every 5 s until --timeout (exit 6). A pod is gone when the API
-    answers 404 or another UID. On failure, timeout or Ctrl-C the node is
-    uncordoned again if it was schedulable before (--keep-cordoned to keep it).
-    Several nodes go one after another (--parallel N to overlap).
+    answers 404 or another UID. On failure, timeout, Ctrl-C, SIGTERM or SIGHUP
+    the node is uncordoned again if this drain cordoned it (--keep-cordoned to
+    keep it), and the audit log says so (exit 130 when interrupted). Several
+    nodes go one after another (--parallel N to overlap; one Ctrl-C stops all).
 
     \b
     Examples:
@@ -214,14 +216,12 @@ def drain(
     from katactl import nodes
     from katactl.backends import kube
     from katactl.errors import UsageError
+    from katactl.interrupt import terminate_as_interrupt
     from katactl.output import Column
     from katactl.values import parse_duration
 
     app_ctx = state(ctx)
-    if grace_period < -1:
-        raise UsageError(f"invalid --grace-period {grace_period}: -1 (the pod's own) or more")
-    if skip_wait < 0:
-        raise UsageError(f"invalid --skip-wait-for-delete-timeout {skip_wait}: 0 or more")
+    nodes.check_drain_values(grace_period=grace_period, skip_wait=skip_wait, pod_selector=pod_selector)
     if parallel < 1:
         raise UsageError(f"invalid --parallel {parallel}: 1 or more")
     deadline = parse_duration(timeout, what="--timeout", allow_zero=True)
@@ -265,13 +265,10 @@ def drain(
                 node_opts = dataclasses.replace(opts, only_pods=nodes.stale_release_pods(t, kata_root)[0])
         return nodes.drain(api, n, node_opts, events=events, stop=stop)
 
-    with kube.client(app_ctx.settings) as api, bar:
-        try:
-            fo = nodes.for_each_node(targets, lambda n: nodes.audited(
-                "node.drain", n, params, lambda: drain_one(api, n)), parallel=parallel)
-        except KeyboardInterrupt:
-            stop.set()
-            raise
+    # Ctrl-C, SIGTERM or SIGHUP: every drain stops, restores its node and audits it, then exit 130
+    with terminate_as_interrupt(), kube.client(app_ctx.settings) as api, bar:
+        fo = nodes.for_each_node(targets, lambda n: nodes.audited(
+            "node.drain", n, params, lambda: drain_one(api, n)), parallel=parallel, stop=stop)
     for n in fo.nodes:
         if n in fo.values:
             r = fo.values[n]

@@ -314,11 +314,11 @@ _DRAIN_REFUSES = {**_NODE_CMD,
 
 
 def _check_drain(a: Args) -> None:
-    """node drain's own checks; --timeout: the policy's --step-timeout when not typed."""
-    if a.grace_period < -1:
-        raise UsageError(f"invalid --grace-period {a.grace_period}: -1 (the pod's own) or more")
-    if a.skip_wait < 0:
-        raise UsageError(f"invalid --skip-wait-for-delete-timeout {a.skip_wait}: 0 or more")
+    """node drain's own checks (at plan time: a bad selector or grace period must not wait
+    for a node to be cordoned); --timeout: the policy's --step-timeout when not typed."""
+    from katactl import nodes
+
+    nodes.check_drain_values(grace_period=a.grace_period, skip_wait=a.skip_wait, pod_selector=a.pod_selector)
     a.deadline = _duration(a.timeout, "drain --timeout") if "timeout" in a.typed_ else None
 
 

@@ -1,0 +1,288 @@
+"""node cordon/drain keep the safety contract through faults, races, signals and bad input:
+whether katactl cordoned a node is read from the node (its record), a node katactl did not
+find schedulable is never uncordoned, Ctrl-C/SIGTERM/SIGHUP restore and audit, kubectl's
+filter chain and eviction retries, values checked before anything is touched. Against the
+kube-apiserver stand-in (tests/kubeserver.py) over HTTPS, real katactl, and kubectl 1.33
+where it is the reference."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from katactl import labelselector
+from tests.conftest import CliResult
+
+
+@pytest.fixture
+def kc(kube, tmp_path):
+    return kube.kubeconfig(tmp_path / "kubeconfig")
+
+
+def node_cli(cli, kc, *args) -> CliResult:
+    return cli(["--kubeconfig", kc, "node", *args])
+
+
+def unschedulable(kube, name) -> bool:
+    return bool(kube.get_obj("Node", name)["spec"].get("unschedulable"))
+
+
+def record(kube, name) -> dict | None:
+    raw = (kube.get_obj("Node", name)["metadata"].get("annotations") or {}).get("katactl.io/cordon")
+    return json.loads(raw) if raw else None
+
+
+def audit_entries(home) -> list[dict]:
+    p = home / "state" / "katactl" / "audit.log"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def ds_blocked_node(kube, name="n1"):
+    """A node whose drain is refused (a DaemonSet pod, no --ignore-daemonsets) after the cordon."""
+    kube.add_node(name)
+    kube.add_daemonset("ds", "default", {"app": "ds"})
+    kube.add_pod(f"ds-{name}", "default", name, {"app": "ds"}, owner=("DaemonSet", "ds"))
+
+
+# -- the cordon decision comes from the node ------------------------------------------------
+
+def test_cordon_whose_answer_was_lost_reports_changed_and_audits(cli, kube, kc, _isolated_home):
+    """The PATCH lands, its answer is cut, the client resends it and meets 409: the node
+    carries this run's record, so this run cordoned it."""
+    kube.add_node("n1")
+    kube.cut(r"^/api/v1/nodes/n1", method="PATCH", times=1)
+    r = node_cli(cli, kc, "cordon", "n1", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is True and r.json()["items"][0]["wasUnschedulable"] is False
+    assert unschedulable(kube, "n1") and record(kube, "n1")["id"]
+    assert [(e["action"], e.get("changed")) for e in audit_entries(_isolated_home)] == [("node.cordon", True)]
+
+
+def test_drain_restores_a_cordon_whose_answer_was_lost(cli, kube, kc, _isolated_home):
+    ds_blocked_node(kube)
+    kube.cut(r"^/api/v1/nodes/n1", method="PATCH", times=1)
+    r = node_cli(cli, kc, "drain", "n1")
+    assert r.exit_code == 5, r.stderr
+    assert not unschedulable(kube, "n1") and record(kube, "n1") is None
+    [entry] = audit_entries(_isolated_home)
+    assert entry["result"] == "error" and entry["restored"] is True
+
+
+def test_drain_restores_a_cordon_answered_after_the_request_timeout(cli, kube, kc):
+    """The server holds the PATCH past --request-timeout and applies it later: the drain
+    sends it again (conditional on the resourceVersion: one of the two lands), and restores
+    the node when the drain is refused. The late one meets 409 and changes nothing."""
+    ds_blocked_node(kube)
+    kube.delay(r"^/api/v1/nodes/n1", 2, times=1, method="PATCH")
+    r = cli(["--kubeconfig", kc, "--request-timeout", "1s", "node", "drain", "n1"])
+    assert r.exit_code == 5, r.stderr
+    time.sleep(2.5)  # the held PATCH is answered by now
+    patches = [q for q in kube.requests if q["method"] == "PATCH" and q["path"].startswith("/api/v1/nodes/n1")]
+    assert len(patches) >= 3  # held, resent, restore
+    assert not unschedulable(kube, "n1") and record(kube, "n1") is None
+
+
+def test_drain_never_uncordons_a_node_cordoned_between_its_read_and_its_patch(cli, kube, kc, monkeypatch):
+    """Another SRE's kubectl cordon lands after cordon() read the node schedulable: our
+    PATCH meets 409, the node is read again and found cordoned: recorded, left cordoned."""
+    ds_blocked_node(kube)
+    orig = kube.handle
+    done = []
+
+    def handle(method, path, query, body, user, accept):
+        if method == "PATCH" and path == "/api/v1/nodes/n1" and not done:
+            done.append(1)
+            orig("PATCH", path, {}, ("application/strategic-merge-patch+json", {"spec": {"unschedulable": True}}),
+                 "admin", "")
+        return orig(method, path, query, body, user, accept)
+
+    monkeypatch.setattr(kube, "handle", handle)
+    r = node_cli(cli, kc, "drain", "n1", "-o", "json")
+    assert r.exit_code == 5, r.stderr
+    assert unschedulable(kube, "n1")
+    assert record(kube, "n1")["wasUnschedulable"] is True
+    assert r.json()["details"]["drain"]["restored"] is False
+
+
+def test_drain_leaves_a_node_whose_record_is_no_longer_its_own(cli, kube, kc, monkeypatch):
+    """Between the drain's cordon and its restore, another katactl run records its own cordon
+    on the node: the restore is not this drain's to make."""
+    ds_blocked_node(kube)
+    orig = kube.handle
+
+    def handle(method, path, query, body, user, accept):
+        out = orig(method, path, query, body, user, accept)
+        if method == "GET" and path.startswith("/api/v1/pods") and "spec.nodeName" in str(query):
+            rec = json.dumps({"by": "other@host", "at": "2026-01-01T00:00:00Z", "reason": "", "id": "other",
+                              "wasUnschedulable": False})
+            orig("PATCH", "/api/v1/nodes/n1", {}, ("application/strategic-merge-patch+json",
+                 {"metadata": {"annotations": {"katactl.io/cordon": rec}}}), "admin", "")
+        return out
+
+    monkeypatch.setattr(kube, "handle", handle)
+    r = node_cli(cli, kc, "drain", "n1")
+    assert r.exit_code == 5, r.stderr
+    assert unschedulable(kube, "n1") and record(kube, "n1")["id"] == "other"
+    assert "not this run's" in r.stderr
+
+
+# -- signals --------------------------------------------------------------------------------
+
+def _start_drain(kc, *nodes_, extra=()):
+    return subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "-o", "jsonl", "node", "drain",
+                             *nodes_, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _blocked_pods(kube, *nodes_):
+    for n in nodes_:
+        kube.add_node(n)
+        kube.add_replicaset(f"rs-{n}", "default", 1, {"app": n})
+        kube.add_pod(f"{n}-pod", "default", n, {"app": n}, owner=("ReplicaSet", f"rs-{n}"))
+        kube.add_pdb(f"pdb-{n}", "default", {"app": n}, min_available=1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_mid_drain_restore_audit_and_exit_130(kube, kc, _isolated_home, sig):
+    _blocked_pods(kube, "n1")
+    p = _start_drain(kc, "n1")
+    try:
+        for line in p.stdout:
+            if json.loads(line)["kind"] == "PodEvictionBlocked":
+                break
+        assert unschedulable(kube, "n1")
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert not unschedulable(kube, "n1") and "Traceback" not in err
+    [entry] = audit_entries(_isolated_home)
+    assert entry["action"] == "node.drain" and entry["result"] == "error" and entry["restored"] is True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_first_interrupt_stops_every_parallel_drain_and_restores_every_node(kube, kc, _isolated_home, sig):
+    _blocked_pods(kube, "n1", "n2")
+    kube.add_node("n3")  # replacements go there
+    p = _start_drain(kc, "n1", "n2", extra=("--parallel", "2"))
+    try:
+        seen = set()
+        for line in p.stdout:
+            ev = json.loads(line)
+            if ev["kind"] == "PodEvictionBlocked":
+                seen.add(ev["node"])
+                if len(seen) == 2:
+                    break
+        p.send_signal(sig)  # once
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")
+    entries = audit_entries(_isolated_home)
+    assert sorted(e["target"] for e in entries) == ["n1", "n2"]
+    assert all(e["result"] == "error" and e["restored"] is True for e in entries)
+
+
+# -- kubectl's filter chain --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [
+    ["--force", "--ignore-daemonsets"],                           # refused: the orphan has an emptyDir
+    ["--ignore-daemonsets"],                                      # refused: orphaned, no --force
+    ["--force", "--ignore-daemonsets", "--delete-emptydir-data"],  # evicted
+])
+def test_orphaned_daemonset_pod_goes_through_the_chain_as_with_kubectl(cli, kube, kc, kubectl_133, flags):
+    """An orphaned DaemonSet pod allowed by --force meets the local storage filter next
+    (kubectl drain.go filterPods stops only on !Delete): kubectl 1.33 on twin-a, katactl on
+    twin-b, same verdict, same message, same pods left."""
+    for n in ("twin-a", "twin-b"):
+        kube.add_node(n)
+        kube.add_pod(f"orphan-{n}", "default", n, {"app": "gone"}, owner=("DaemonSet", "deleted-ds"), empty_dir=True)
+    kube.add_node("spare")
+    p = subprocess.run([kubectl_133, "--kubeconfig", kc, "drain", "twin-a", *flags, "--timeout", "20s"],
+                       capture_output=True, text=True, timeout=60)
+    r = node_cli(cli, kc, "drain", "twin-b", *flags, "--timeout", "20s")
+    left = {n: [o["metadata"]["name"].replace(n, "N") for o in kube.list_objs("Pod")
+                if o["spec"].get("nodeName") == n] for n in ("twin-a", "twin-b")}
+    assert left["twin-a"] == left["twin-b"]
+    if p.returncode == 0:
+        assert r.exit_code == 0, r.stderr
+        assert left["twin-b"] == []
+    else:
+        assert r.exit_code == 5, r.stderr
+        want = [ln for ln in p.stderr.splitlines() if ln.startswith("cannot delete")]
+        assert want and all(w.replace("twin-a", "twin-b") in r.stderr for w in want), (p.stderr, r.stderr)
+
+
+# -- evictions in a terminating namespace -------------------------------------------------------
+
+def test_eviction_in_a_terminating_namespace_is_retried_until_the_pod_goes(cli, kube, kc):
+    """NamespaceLifecycle admission answers 403 with details.causes[].reason
+    NamespaceTerminating: kubectl retries every 5 s (reading the pod again) until the
+    namespace's deletion takes the pod; not a permission error."""
+    kube.add_node("n1")
+    kube.add_node("n2")
+    kube.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"},
+              "status": {"phase": "Terminating"}})
+    kube.add_replicaset("rs", "team", 1, {"app": "a"})
+    kube.add_pod("a-1", "team", "n1", {"app": "a"}, owner=("ReplicaSet", "rs"))
+    # the namespace controller deletes the namespace's pods a little later
+    timer = threading.Timer(1.0, lambda: kube.handle("DELETE", "/api/v1/namespaces/team/pods/a-1", {}, None,
+                                                     "admin", ""))
+    timer.start()
+    try:
+        r = node_cli(cli, kc, "drain", "n1", "--timeout", "60s", "-o", "json")
+    finally:
+        timer.cancel()
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["items"][0]["evicted"] == ["team/a-1"]
+    assert 'from terminating namespace "team" (will retry after 5s)' in r.stderr
+    evictions = [q for q in kube.requests if q["path"].endswith("/pods/a-1/eviction")]
+    assert len(evictions) == 1  # then the pod was read again: gone
+
+
+# -- values checked before anything is touched --------------------------------------------------
+
+SELECTORS = ["a=b", "a in (b)", "a in (b", "===", "a=b\n", "!a", "!a=b", "x in (foo,,baz),y,z notin ()",
+             "a in ()", "a>1", "a>x", "a notin (in, notin)", "a==b,c!=d", "a=b,", "Bad Key!", "a=b c",
+             "example.com/x=y", "Example.com/x=y", "a=" + "v" * 64, "a=-b", "a,,b", "a=(b)", "x in (a) y",
+             "a/b/c", "/a", "a" * 64, "a!", "a=b=c", "!", "a in b", "a notin", "a<1,b>-2", "k in (a,)"]
+
+
+def test_label_selector_syntax_as_kubectl_1_33_parses_it(kube, kc, kubectl_133):
+    """kubectl drain --pod-selector runs labels.Parse in Complete(): its verdict on each
+    selector is katactl's."""
+    kube.add_node("n1")
+    for sel in SELECTORS:
+        p = subprocess.run([kubectl_133, "--kubeconfig", kc, "drain", "n1", "--pod-selector", sel,
+                            "--dry-run=client"], capture_output=True, text=True, timeout=60)
+        kubectl_ok = "must be a valid label selector" not in p.stderr
+        try:
+            labelselector.check(sel)
+            ours = True
+        except ValueError:
+            ours = False
+        assert ours == kubectl_ok, (sel, p.stderr)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--pod-selector", "a in (b"], "must be a valid label selector"),
+    (["--pod-selector", "===", "--dry-run"], "must be a valid label selector"),
+    (["--grace-period", "9223372036854775808"], "invalid --grace-period"),
+    (["--grace-period", "-2"], "invalid --grace-period"),
+    (["--skip-wait-for-delete-timeout", "99999999999999999999"], "invalid --skip-wait-for-delete-timeout"),
+])
+def test_bad_drain_values_touch_nothing_and_audit_nothing(cli, kube, kc, _isolated_home, args, needle):
+    kube.add_node("n1")
+    r = node_cli(cli, kc, "drain", "n1", *args)
+    assert r.exit_code == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not any(q["method"] != "GET" for q in kube.requests) and not unschedulable(kube, "n1")
+    assert audit_entries(_isolated_home) == []
