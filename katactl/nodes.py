@@ -849,7 +849,8 @@ def audited(action: str, name: str, params: dict, fn: Callable[[], dict]) -> dic
         err = e if isinstance(e, KatactlError) else None
         partial = (err.details.get("drain") if err else None) or {}
         audit.record(action, name, node=name, params=params, result="error",
-                     error=err.message if err else type(e).__name__,
+                     error=err.message if err else "interrupted" if isinstance(e, KeyboardInterrupt)
+                     else type(e).__name__,
                      evicted=partial.get("evicted"), restored=partial.get("restored"))
         raise
     if res.get("changed"):
@@ -907,7 +908,7 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
                 continue  # the nodes are being restored: let them
         raise
     finally:
-        ex.shutdown(wait=False)
+        ex.shutdown(wait=True)  # every future is done by now: the workers end (no thread outlives us)
     for f in futures:
         f.result()
     return FanOut(list(names), values, errors)

@@ -167,6 +167,28 @@ def test_sigterm_and_sighup_mid_drain_restore_audit_and_exit_130(kube, kc, _isol
     assert entry["action"] == "node.drain" and entry["result"] == "error" and entry["restored"] is True
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_mid_cordon_audit_and_exit_130(kube, kc, _isolated_home, sig):
+    """Signalled while its PATCH is in flight: exit 130 and an audit entry saying so (the
+    change may land: the node's record tells, and node uncordon undoes it)."""
+    kube.add_node("n1")
+    kube.delay(r"^/api/v1/nodes/n1", 3, times=1, method="PATCH")
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "node", "cordon", "n1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not any(q["method"] == "PATCH" for q in kube.requests):
+            assert p.poll() is None
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    [entry] = audit_entries(_isolated_home)
+    assert entry["action"] == "node.cordon" and entry["result"] == "error" and entry["error"] == "interrupted"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_first_interrupt_stops_every_parallel_drain_and_restores_every_node(kube, kc, _isolated_home, sig):
     _blocked_pods(kube, "n1", "n2")
