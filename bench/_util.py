@@ -103,6 +103,24 @@ def bench_parser(smoke: str, runs: int = 5) -> argparse.ArgumentParser:
     return ap
 
 
+def add_rev_options(ap: argparse.ArgumentParser) -> None:
+    """--at REV (time katactl as of a commit, not the working tree others may be editing) and
+    --baseline REV (also time katactl as of that commit, interleaved: before/after in one run)."""
+    ap.add_argument("--at", metavar="REV", help="time katactl as of this git revision, not the working tree")
+    ap.add_argument("--baseline", metavar="REV", help="also time katactl as of this git revision")
+
+
+def katactl_revs(a: argparse.Namespace, dest: str) -> dict[str, tuple[list[str], dict | None, str]]:
+    """{"katactl": (argv prefix, env, label)} and, with --baseline, the same under "baseline",
+    from :func:`add_rev_options`' options; archives are unpacked under ``dest``."""
+    out: dict[str, tuple[list[str], dict | None, str]] = {"katactl": (KATACTL, None, "katactl")}
+    for key, rev in (("katactl", a.at), ("baseline", a.baseline)):
+        if rev:
+            argv, env, short = katactl_at(rev, os.path.join(dest, key))
+            out[key] = (argv, env, f"katactl at {short}")
+    return out
+
+
 def smoke_flag() -> bool:
     """--smoke on the command line (removed from sys.argv, for scripts with their own parsing)."""
     if "--smoke" in sys.argv:

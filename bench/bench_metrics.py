@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, bench_parser, context, interleaved, precompile, publish, require, shim_node  # noqa: E402
+from bench._util import add_rev_options, katactl_revs, bench_parser, context, interleaved, precompile, publish, require, shim_node  # noqa: E402
 
 PAR = 32  # katactl scrapes 32 shims at a time: the same concurrency for xargs -P
 
@@ -65,6 +65,7 @@ END {
 def main() -> None:
     ap = bench_parser("5 shims, one run, nothing written")
     ap.add_argument("--shims", type=int, default=200)
+    add_rev_options(ap)
     a = ap.parse_args()
     require("curl", "xargs", "awk")
     n = 5 if a.smoke else a.shims
@@ -86,14 +87,20 @@ def main() -> None:
         loop = (f'while read s id; do curl -sf --unix-socket "$s" -o {scraped}/"$id" {url} || exit 1; '
                 f"done < {root}/loop && {awk}")
         par = f"xargs -P {PAR} -L 1 curl -sf {url} < {root}/xargs && {awk}"
-        kat = [*KATACTL, "--host-root", root, "metrics", "--all", "-o", "prom"]
+        revs = katactl_revs(a, f"{root}/revs")
+        args = ["--host-root", root, "metrics", "--all", "-o", "prom"]
+        kat = [*revs["katactl"][0], *args]
         # equal output first: the same samples (name and labels; values move between scrapes), in any order
-        outs = [subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        outs = [subprocess.run(argv, capture_output=True, text=True, check=True,
+                               env=dict(os.environ, **(revs["katactl"][1] or {}))).stdout
                 for argv in (kat, ["sh", "-c", loop], ["sh", "-c", par])]
         samples = [sorted(x.rsplit(" ", 1)[0] for x in o.splitlines() if x and not x.startswith("#")) for o in outs]
         assert samples[0] == samples[1] == samples[2], (len(samples[0]), len(samples[1]), len(samples[2]),
                                                         set(samples[0]) ^ set(samples[1]))
-        cmds = {"katactl": (kat, None), "loop": (["sh", "-c", loop], None), "par": (["sh", "-c", par], None)}
+        cmds = {"katactl": (kat, revs["katactl"][1]), "loop": (["sh", "-c", loop], None),
+                "par": (["sh", "-c", par], None)}
+        if "baseline" in revs:
+            cmds["base"] = ([*revs["baseline"][0], *args], revs["baseline"][1])
         med = {k: statistics.median(v) for k, v in interleaved(cmds, runs, warmup=warmup).items()}
     if a.smoke:
         print(f"bench_metrics smoke ok: {n} shims, {len(samples[0])} samples each way")
@@ -109,8 +116,10 @@ def main() -> None:
         "are given the sandbox -> pod table and do not sort families. Servers: lab shim servers "
         "(threaded, one Python process, in the bench process).", "",
         "| what | seconds | ratio to the curl loop |", "|---|---:|---:|",
-        f"| `katactl metrics --all -o prom` | {med['katactl']:.3f} | {med['katactl'] / ref:.2f}x "
+        f"| `{revs['katactl'][2]} metrics --all -o prom` | {med['katactl']:.3f} | {med['katactl'] / ref:.2f}x "
         f"({ref / med['katactl']:.1f}x faster; target >= 4x) |",
+        *([f"| `{revs['baseline'][2]} metrics --all -o prom` (before) | {med['base']:.3f} | "
+           f"{med['base'] / ref:.2f}x ({ref / med['base']:.1f}x faster) |"] if "base" in med else []),
         f"| `curl --unix-socket` loop + awk relabelling (reference) | {ref:.3f} | 1.00x |",
         f"| `xargs -P {PAR} curl` + awk relabelling (same concurrency) | {med['par']:.3f} | "
         f"{med['par'] / ref:.2f}x (katactl {med['katactl'] / med['par']:.2f}x its time) |",

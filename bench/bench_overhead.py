@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench._util import KATACTL, bench_parser, context, interleaved, precompile, publish, require, shim_node  # noqa: E402
+from bench._util import add_rev_options, katactl_revs, bench_parser, context, interleaved, precompile, publish, require, shim_node  # noqa: E402
 from katactl.lab import layout  # noqa: E402
 
 INTERVAL = 0.1  # overhead's smallest --interval
@@ -50,6 +50,7 @@ def make_cgroups(sids, pids) -> list[str]:
 def main() -> None:
     ap = bench_parser("3 sandboxes, one run, nothing written")
     ap.add_argument("--sandboxes", type=int, default=200)
+    add_rev_options(ap)
     a = ap.parse_args()
     require("ps", "cat", "curl", "xargs", "sleep")
     n = 3 if a.smoke else a.sandboxes
@@ -71,17 +72,22 @@ def main() -> None:
                 f.write("\n".join(files) + "\n")
             with open(f"{root}/socks", "w") as f:
                 f.writelines(f"{s}\n" for _, s in sbs)
-            kat = [*KATACTL, "--host-root", root, "overhead", "-o", "json", "--interval", f"{INTERVAL}s",
-                   "--runtime-class-overhead", "cpu=4,memory=8Gi"]
+            revs = katactl_revs(a, f"{root}/revs")
+            args = ["--host-root", root, "overhead", "-o", "json", "--interval", f"{INTERVAL}s",
+                    "--runtime-class-overhead", "cpu=4,memory=8Gi"]
+            kat = [*revs["katactl"][0], *args]
             one = f"ps -eLo pid,ppid,tid,rss,time,comm && xargs cat < {root}/cgfiles" if files else \
                 "ps -eLo pid,ppid,tid,rss,time,comm"
             psref = f"{one} && sleep {INTERVAL} && {one}"
             curl = f"xargs -P {PAR} -I{{}} curl -sf --unix-socket {{}} http://localhost/metrics < {root}/socks"
-            doc = json.loads(subprocess.run(kat, capture_output=True, text=True, check=True).stdout)
+            doc = json.loads(subprocess.run(kat, capture_output=True, text=True, check=True,
+                                            env=dict(os.environ, **(revs["katactl"][1] or {}))).stdout)
             measured = {it["measured"]["source"] for it in doc["items"]}
             assert len(doc["items"]) == n and all(len(it["processes"]) == 2 for it in doc["items"]), doc["items"][:1]
-            cmds = {"katactl": (kat, None), "ps": (["sh", "-c", psref], None),
+            cmds = {"katactl": (kat, revs["katactl"][1]), "ps": (["sh", "-c", psref], None),
                     "eq": (["sh", "-c", f"{psref} && {curl}"], None)}
+            if "baseline" in revs:
+                cmds["base"] = ([*revs["baseline"][0], *args], revs["baseline"][1])
             med = {k: statistics.median(v) for k, v in interleaved(cmds, runs, warmup=warmup).items()}
     finally:
         for p in procs:
@@ -108,8 +114,10 @@ def main() -> None:
         f"{', '.join(sorted(measured))}. The reference: `ps -eLo pid,ppid,tid,rss,time,comm` and `cat` of "
         f"the same cgroup files, twice, {INTERVAL:g} s apart; the equal-work row also curls every shim.", "",
         "| what | seconds | ratio to ps + cat |", "|---|---:|---:|",
-        f"| `katactl overhead -o json --interval {INTERVAL:g}s` | {med['katactl']:.3f} | "
+        f"| `{revs['katactl'][2]} overhead -o json --interval {INTERVAL:g}s` | {med['katactl']:.3f} | "
         f"{med['katactl'] / ref:.2f}x (target <= 2x) |",
+        *([f"| `{revs['baseline'][2]} overhead ...` (before) | {med['base']:.3f} | {med['base'] / ref:.2f}x |"]
+          if "base" in med else []),
         f"| `ps -eLo ...` + `cat` cgroup files, 2 samples + sleep {INTERVAL:g}s (reference) | {ref:.3f} | 1.00x |",
         f"| the same + `xargs -P {PAR} curl` of every shim (equal work) | {med['eq']:.3f} | "
         f"{med['eq'] / ref:.2f}x (katactl {med['katactl'] / med['eq']:.2f}x its time) |",
