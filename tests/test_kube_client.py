@@ -318,6 +318,59 @@ def test_proxy_url_carries_the_requests_like_kubectl(cli, kube, tmp_path, kubect
         proxy.close()
 
 
+def test_https_proxy_environment_is_used_like_kubectl(cli, kube, tmp_path, monkeypatch, kubectl_133):
+    """No proxy-url: HTTPS_PROXY / NO_PROXY as kubectl reads them (Go's ProxyFromEnvironment);
+    a loopback server is never proxied."""
+    kube.add_node("n1")
+    name = f"kubeapi.test:{kube.port}"  # only the proxy knows this name
+    proxy = ConnectProxy({name: ("127.0.0.1", kube.port)})
+    try:
+        doc = json.loads(open(kube.kubeconfig(tmp_path / "kc")).read())
+        loopback = _write(tmp_path / "loopback", doc)
+        del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+        doc["clusters"][0]["cluster"].update({"server": f"https://{name}", "insecure-skip-tls-verify": True})
+        kc = _write(tmp_path / "kc", doc)
+        for k in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        r = cli(["--kubeconfig", kc, "node", "list", "-o", "name"])
+        assert r.exit_code == 0 and r.stdout.split() == ["n1"], r.stderr
+        assert proxy.log and set(proxy.log) == {f"CONNECT {name} HTTP/1.1"}
+        p = subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "nodes", "-o", "name"], capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ))
+        assert p.returncode == 0 and p.stdout.split() == ["node/n1"], p.stderr
+        proxy.log.clear()
+        r = cli(["--kubeconfig", loopback, "node", "list", "-o", "name"])
+        assert r.exit_code == 0 and r.stdout.split() == ["n1"] and proxy.log == [], r.stderr
+        monkeypatch.setenv("NO_PROXY", "example.com,.test")
+        r = cli(["--kubeconfig", kc, "--request-timeout", "3s", "node", "list", "-o", "name"])
+        assert r.exit_code == 7 and proxy.log == [], r.stderr
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("server,no_proxy,proxied", [
+    ("https://api.example.com", "", True),
+    ("https://api.example.com", "example.com", False),      # a domain: itself and subdomains
+    ("https://example.com", ".example.com", True),           # ".domain": subdomains only
+    ("https://api.example.com", "*.example.com", False),
+    ("https://example.com", "*.example.com", True),
+    ("https://api.example.com:6443", "api.example.com:443", True),   # another port
+    ("https://api.example.com:6443", "api.example.com:6443", False),
+    ("https://10.1.2.3:6443", "10.0.0.0/8", False),          # CIDR
+    ("https://10.1.2.3:6443", "10.1.2.4", True),
+    ("https://[::1]:6443", "", False),                       # loopback: never
+    ("https://localhost:6443", "", False),
+    ("https://api.example.com", "*", False),
+])
+def test_no_proxy_matching_follows_go(monkeypatch, server, no_proxy, proxied):
+    from katactl.backends.kube import _environment_proxy
+
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    assert _environment_proxy(server) == ("http://proxy.corp:3128" if proxied else None)
+
+
 @pytest.mark.parametrize("url,needle", [
     ("socks5://127.0.0.1:1080", "socksio"),
     ("ftp://127.0.0.1:21", "unsupported scheme"),

@@ -180,7 +180,8 @@ class KubeAPI:
             tls = _tls_context(cfg)
         except (OSError, ValueError) as e:  # an unreadable or malformed CA or client certificate
             raise UsageError(f"kubeconfig: certificate: {getattr(e, 'strerror', None) or e}") from None
-        headers.proxy = _proxy_url(cluster.get("proxy-url"))
+        headers.proxy = (_proxy_url(cluster["proxy-url"], "kubeconfig: proxy-url") if cluster.get("proxy-url")
+                         else _proxy_url(_environment_proxy(cfg.host), "HTTPS_PROXY/HTTP_PROXY"))
         if creds is not None:
             headers.creds = creds
             creds.attach(headers, tls)
@@ -645,7 +646,7 @@ def _rfc3339(s: str) -> float:
     return dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
-def _proxy_url(url: str | None) -> str | None:
+def _proxy_url(url: str | None, source: str) -> str | None:
     """A cluster's proxy-url as client-go accepts it: http, https or socks5
     (client-go tools/clientcmd/client_config.go parseProxyURL); the proxy then carries every
     request (HTTP CONNECT for an https server)."""
@@ -655,15 +656,65 @@ def _proxy_url(url: str | None) -> str | None:
 
     scheme = urlsplit(str(url)).scheme
     if scheme not in ("http", "https", "socks5"):
-        raise UsageError(f"kubeconfig: proxy-url {url!r}: unsupported scheme {scheme!r} "
+        raise UsageError(f"{source} {url!r}: unsupported scheme {scheme!r} "
                          "(http, https or socks5)")
     if scheme == "socks5":
         import importlib.util
 
         if importlib.util.find_spec("socksio") is None:  # httpx's SOCKS support
-            raise UsageError(f"kubeconfig: proxy-url {url!r}: SOCKS5 proxies need the socksio "
+            raise UsageError(f"{source} {url!r}: SOCKS5 proxies need the socksio "
                              "package (pip install 'httpx[socks]'); an HTTP CONNECT proxy works as is")
     return str(url)
+
+
+def _environment_proxy(server: str) -> str | None:
+    """The proxy the environment names for ``server`` when the cluster sets no proxy-url, as
+    kubectl finds it (client-go uses Go's http.ProxyFromEnvironment, golang.org/x/net/http/
+    httpproxy): HTTPS_PROXY (https) or HTTP_PROXY (http), either case; a value without a
+    scheme is http://; never for localhost or a loopback address; NO_PROXY "*", or an entry
+    matching the host (the name or a parent domain, ".name" only subdomains; an IP; a CIDR;
+    with ":port", that port only) means none."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server)
+    env = os.environ
+    keys = ("HTTPS_PROXY", "https_proxy") if u.scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    proxy = next((env[k] for k in keys if env.get(k)), None)
+    host = (u.hostname or "").lower()
+    if not proxy or not host:
+        return None
+    port = u.port or (443 if u.scheme == "https" else 80)
+    ip = None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if host == "localhost" or (ip is not None and ip.is_loopback):
+        return None
+    for entry in (env.get("NO_PROXY") or env.get("no_proxy") or "").split(","):
+        entry = entry.strip().lower()
+        if entry.startswith("*."):
+            entry = entry[1:]  # "*.example.com" is ".example.com": subdomains only
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        if ip is not None:
+            try:
+                if ip in ipaddress.ip_network(entry, strict=False):
+                    return None
+            except ValueError:
+                pass
+        name, _, eport = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if eport and eport != str(port):
+            continue
+        if name.startswith("."):
+            if host.endswith(name):
+                return None
+        elif host == name or host.endswith("." + name):
+            return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 #: the entries of a kubeconfig that name local files, resolved against the directory of the
