@@ -268,10 +268,11 @@ def parse_ref(ref: str) -> tuple[str, str | tuple[str, str]]:
 
 
 # -- reading ------------------------------------------------------------------
-def _scan(transport, paths: list[str]) -> dict[str, list]:
-    """{dir: [(name, FileStat), ...]} in one batched call; a missing dir lists as []."""
+def _kinds(transport, paths: list[str]) -> dict[str, list]:
+    """{dir: [(name, is_dir, is_link, mtime or None), ...]} (transport.list_kinds, symlinks
+    followed as scan_dir follows them); a missing dir lists as []."""
     out = {}
-    for p, v in transport.scan_dirs(paths).items():
+    for p, v in transport.list_kinds(paths).items():
         if isinstance(v, (FileNotFoundError, NotADirectoryError)):
             v = []
         elif isinstance(v, OSError):
@@ -524,8 +525,8 @@ def _pod_from_annotations(ann: dict) -> tuple[dict | None, str | None]:
 
 
 class _BundleIndex:
-    """sandbox id -> bundle node path, built with two batched directory scans
-    (``top``: listings of CRIO_DIR and CONTAINERD_TASK_DIR when already made)."""
+    """sandbox id -> bundle node path, built with two batched directory listings
+    (``top``: _kinds listings of CRIO_DIR and CONTAINERD_TASK_DIR when already made)."""
 
     def __init__(self, transport, top: dict[str, list] | None = None):
         self.t = transport
@@ -534,10 +535,10 @@ class _BundleIndex:
 
     def _build(self) -> dict[str, str]:
         m: dict[str, str] = {}
-        top = self.top if self.top is not None else _scan(self.t, [CRIO_DIR, CONTAINERD_TASK_DIR])
-        for cid, _ in top[CRIO_DIR]:
+        top = self.top if self.top is not None else _kinds(self.t, [CRIO_DIR, CONTAINERD_TASK_DIR])
+        for cid, *_ in top[CRIO_DIR]:
             m.setdefault(cid, f"{CRIO_DIR}/{cid}/userdata")
-        nss = [n for n, _ in top[CONTAINERD_TASK_DIR]]
+        nss = [n for n, *_ in top[CONTAINERD_TASK_DIR]]
         # k8s.io wins over other containerd namespaces
         nss = sorted(nss, key=lambda n: n != "k8s.io", reverse=True)
         # names only: a bundle is found by its config.json's stat (_load_batch)
@@ -558,9 +559,9 @@ class _BundleIndex:
         return self._map.get(sid)
 
 
-#: a candidate: (id, runtime, state dir mtime, why the state dir itself is unusable or None,
-#: the state file's node path)
-Candidate = tuple[str, str, "float | None", "str | None", str]
+#: a candidate: (id, runtime, state dir mtime (None: not had with the listing), why the state
+#: dir itself is unusable or None, the state file's node path, the node path it was listed as)
+Candidate = tuple[str, str, "float | None", "str | None", str, str]
 
 
 def _load_many(transport, cands: list[Candidate], bundles: _BundleIndex,
@@ -583,7 +584,7 @@ _BATCH = 1024
 
 def _load_batch(transport, cands: list[Candidate], bundles: _BundleIndex, quick: bool) -> list[Sandbox]:
     sbs = []
-    for sid, runtime, _, _, state_file in cands:
+    for sid, runtime, _, _, state_file, _ in cands:
         base = GO_SBS if runtime == "go" else RS_DIR
         sb = Sandbox(id=sid, runtime=runtime, state_file=state_file,
                      shim_socket=f"{base}/{sid}/{SHIM_SOCKET_NAME}")
@@ -598,7 +599,18 @@ def _load_batch(transport, cands: list[Candidate], bundles: _BundleIndex, quick:
     bad = {p: e for p in files if (e := _not_regular(p, stats.get(p))) is not None}
     data: dict = dict(bad)
     data.update(transport.read_many([p for p in files if p not in bad], limit=STATE_LIMIT + 1))
-    return [_fill_one(sb, data, stats, mtime, why) for sb, (_, _, mtime, why, _) in zip(sbs, cands, strict=True)]
+    # created: the bundle config.json's mtime, else the state dir's; a local listing leaves
+    # the latter out (no stat per entry), so it is stat()ed here for the sandboxes needing it
+    mtimes = [c[2] for c in cands]
+    need = {i: c[5] for i, (sb, c) in enumerate(zip(sbs, cands, strict=True))
+            if c[2] is None and not (sb.bundle and not isinstance(stats.get(f"{sb.bundle}/config.json"),
+                                                                      (OSError, type(None))))}
+    if need:
+        dirs = transport.stat_many(list(need.values()))
+        for i, d in need.items():
+            st = dirs.get(d)
+            mtimes[i] = None if isinstance(st, OSError) or st is None else st.mtime
+    return [_fill_one(sb, data, stats, mtime, c[3]) for sb, c, mtime in zip(sbs, cands, mtimes, strict=True)]
 
 
 def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
@@ -865,23 +877,24 @@ def _candidates(transport, top: dict[str, list] | None = None) -> list[Candidate
     out: list[Candidate] = []
     seen: set[str] = set()
     if top is None:
-        top = _scan(transport, [GO_SBS, RS_DIR])
+        top = _kinds(transport, [GO_SBS, RS_DIR])
     jailed = {}
-    if any(n == "firecracker" and st.is_dir for n, st in top[RS_DIR]):
+    if any(n == "firecracker" and is_dir for n, is_dir, _, _ in top[RS_DIR]):
         got = top.get(RS_FC_JAIL)
         if got is None:
-            got = _scan(transport, [RS_FC_JAIL])[RS_FC_JAIL]
-        jailed = {n: st for n, st in got if st.is_dir and _ID_RE.fullmatch(n) and ".." not in n}
-    rs_entries = [(n, st) for n, st in top[RS_DIR] if n != "firecracker"]
-    rs_names = {n for n, _ in rs_entries}
-    rs_entries += sorted((n, st) for n, st in jailed.items() if n not in rs_names)
-    for base, rt, entries in ((GO_SBS, "go", top[GO_SBS]), (RS_DIR, "rs", rs_entries)):
-        for name, st in entries:
+            got = _kinds(transport, [RS_FC_JAIL])[RS_FC_JAIL]
+        jailed = {e[0]: e for e in got if e[1] and _ID_RE.fullmatch(e[0]) and ".." not in e[0]}
+    rs_entries = [(*e, RS_DIR) for e in top[RS_DIR] if e[0] != "firecracker"]
+    rs_names = {e[0] for e in rs_entries}
+    rs_entries += sorted(((*e, RS_FC_JAIL) for n, e in jailed.items() if n not in rs_names), key=lambda e: e[0])
+    go_entries = [(*e, GO_SBS) for e in top[GO_SBS]]
+    for base, rt, entries in ((GO_SBS, "go", go_entries), (RS_DIR, "rs", rs_entries)):
+        for name, is_dir, is_link, mtime, listed_in in entries:
             if name in seen or not _ID_RE.fullmatch(name) or ".." in name:
                 continue
             problem = None
-            if not st.is_dir:
-                if not st.is_link:
+            if not is_dir:
+                if not is_link:
                     continue
                 problem = (f"{base}/{name} is a symlink that does not resolve to a directory "
                            "(dangling, or a symlink loop)")
@@ -892,7 +905,7 @@ def _candidates(transport, top: dict[str, list] | None = None) -> list[Candidate
                 state_file = f"{RS_FC_JAIL}/{name}/root/state.json"
             else:
                 state_file = f"{RS_DIR}/{name}/state.json"
-            out.append((name, rt, st.mtime, problem, state_file))
+            out.append((name, rt, mtime, problem, state_file, f"{listed_in}/{name}"))
     return out
 
 
@@ -911,7 +924,7 @@ def discover(transport, *, check: bool = True, timeout: float = 0.5, state: str 
     whose pod is in that namespace."""
     check_state(state)
     with _gc_paused():
-        top = _scan(transport, [GO_SBS, RS_DIR, RS_FC_JAIL, CRIO_DIR, CONTAINERD_TASK_DIR])
+        top = _kinds(transport, [GO_SBS, RS_DIR, RS_FC_JAIL, CRIO_DIR, CONTAINERD_TASK_DIR])
         bundles = _BundleIndex(transport, top)
         cands = _candidates(transport, top)
         sbs = _load_many(transport, cands, bundles)

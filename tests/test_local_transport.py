@@ -168,3 +168,27 @@ def test_file_stats_are_the_dataclass_made_as_usual(tmp_path):
         assert list(vars(got)) == [f.name for f in dataclasses.fields(FileStat)]
         with pytest.raises(dataclasses.FrozenInstanceError):
             got.size = 0  # type: ignore[misc]
+
+
+def test_list_kinds_tells_what_scan_dirs_tells(tmp_path):
+    """list_kinds: (name, is_dir, is_link, mtime) with scan_dirs' kinds (a symlink described
+    by its target, a dangling one by itself); locally mtime is None but for symlinks (no
+    stat per entry); the default (SSH, kube) has scan_dirs' mtime."""
+    from katactl.backends.base import NodeTransport
+
+    t = LocalTransport(str(tmp_path))
+    (tmp_path / "d/sub").mkdir(parents=True)
+    (tmp_path / "d/file").write_bytes(b"x")
+    (tmp_path / "d/ln").symlink_to("sub")
+    (tmp_path / "d/lnfile").symlink_to("file")
+    (tmp_path / "d/dangling").symlink_to("nowhere")
+    (tmp_path / "d/loop").symlink_to("loop")
+    paths = ["/d", "/nope", "/d/file"]
+    scan = t.scan_dirs(paths)
+    for got in (t.list_kinds(paths), NodeTransport.list_kinds(t, paths)):
+        assert [(n, d, k) for n, d, k, _ in got["/d"]] == [(n, s.is_dir, s.is_link) for n, s in scan["/d"]]
+        assert isinstance(got["/nope"], FileNotFoundError) and isinstance(got["/d/file"], NotADirectoryError)
+    local = {n: m for n, _, _, m in t.list_kinds(["/d"])["/d"]}
+    full = {n: s.mtime for n, s in scan["/d"]}
+    assert local == {n: (full[n] if n in ("ln", "lnfile", "dangling", "loop") else None) for n in full}
+    assert {n: m for n, _, _, m in NodeTransport.list_kinds(t, ["/d"])["/d"]} == full

@@ -725,3 +725,35 @@ def test_discovery_leaves_no_cyclic_garbage(tmp_path):
         if was:
             gc.enable()
     assert len(sbs) == 30 and found == 0
+
+
+def test_created_is_the_state_dirs_mtime_without_a_bundle_spec(tmp_path):
+    """created: the bundle config.json's mtime, else the state dir's: the local listing has
+    no mtime (it stats no entry), so discovery stats the state dir of those sandboxes; the
+    SSH and kube transports list it with the entry (the transport default here)."""
+    from katactl.backends.base import NodeTransport
+
+    root = str(tmp_path)
+    layout.write_go_sandbox(root, "withspec", pid=None)
+    layout.write_go_sandbox(root, "nobundle", pid=None, bundle=False)
+    layout.write_rs_sandbox(root, "rsnobndl", bundle=False)
+    layout.write_go_sandbox(root, "nospec", pid=None)
+    os.unlink(f"{root}/run/containerd/io.containerd.runtime.v2.task/k8s.io/nospec/config.json")
+    layout.write_rs_sandbox(root, "jailfc", hypervisor="fc", jailed=True, bundle=False)
+    when = {"withspec": 1700000000, "nobundle": 1600000000, "rsnobndl": 1500000000, "nospec": 1400000000,
+            "jailfc": 1300000000}
+    os.utime(f"{root}/run/containerd/io.containerd.runtime.v2.task/k8s.io/withspec/config.json", (1, when["withspec"]))
+    for sid, d in (("nobundle", "run/vc/sbs"), ("rsnobndl", "run/kata"), ("nospec", "run/vc/sbs"),
+                   ("jailfc", "run/kata")):
+        os.utime(f"{root}/{d}/{sid}", (1, when[sid]))
+    # jailed: listed as /run/kata/<id> (its shim's directory) before the jail's directory
+    os.utime(f"{root}/run/kata/firecracker/jailfc", (1, 1200000000))
+
+    class Listed(LocalTransport):
+        """The transport default: kinds and mtimes read off scan_dirs."""
+
+        list_kinds = NodeTransport.list_kinds
+
+    for t in (LocalTransport(root), Listed(root)):
+        got = {s.id: s.created for s in sandbox.discover(t, check=False)}
+        assert got == when, type(t).__name__

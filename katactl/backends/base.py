@@ -98,6 +98,14 @@ class NodeTransport(abc.ABC):
                 out[p] = e.with_traceback(None)  # its frame holds out: a cycle the GC must free
         return out
 
+    def list_kinds(self, paths: Sequence[str]) -> dict[str, "list[tuple[str, bool, bool, float | None]] | OSError"]:
+        """scan_dirs() (symlinks followed) as (name, is_dir, is_link, mtime) per entry, for
+        callers that need an entry's kind and only sometimes its mtime: mtime may be None
+        (the local transport stats only symlinks; over SSH the attributes come with the
+        listing, mtime included)."""
+        return {p: v if isinstance(v, OSError) else [(n, st.is_dir, st.is_link, st.mtime) for n, st in v]
+                for p, v in self.scan_dirs(paths).items()}
+
     def list_dirs(self, paths: Sequence[str]) -> dict[str, "list[str] | OSError"]:
         """The names in several directories, sorted: {path: names, or the OSError listing
         raised}, for callers that need no stats. Here scan_dirs() (over SSH its stats come
