@@ -692,15 +692,12 @@ NAMESPACE_TERMINATING = "NamespaceTerminating"
 
 def _namespace_terminating(e: KatactlError) -> bool:
     """A 403 carrying details.causes[].reason NamespaceTerminating (kubectl:
-    apierrors.HasStatusCause(err, corev1.NamespaceTerminatingCause)). The kube client keeps
-    the Status's causes in details when it has them; without them, the admission's fixed
-    message says the same."""
+    apierrors.HasStatusCause(err, corev1.NamespaceTerminatingCause); the NamespaceLifecycle
+    admission, apiserver/pkg/admission/plugin/namespace/lifecycle/admission.go, sets it)."""
     if e.details.get("httpStatus") != 403:
         return False
-    causes = e.details.get("causes")
-    if causes is not None:
-        return any(isinstance(c, dict) and c.get("reason") == NAMESPACE_TERMINATING for c in causes)
-    return "because it is being terminated" in e.message
+    return any(isinstance(c, dict) and c.get("reason") == NAMESPACE_TERMINATING
+               for c in e.details.get("causes") or [])
 
 
 def _confirm_gone(api: KubeAPI, node: str, waiting: dict[str, str], result: dict, events: Events,

@@ -275,6 +275,9 @@ class KubeAPI:
     def _error(self, method: str, path: str, code: int, status: dict) -> KatactlError:
         msg = status.get("message") or status.get("reason") or f"HTTP {code}"
         details = {"httpStatus": code, "reason": status.get("reason")}
+        causes = (status.get("details") or {}).get("causes") if isinstance(status.get("details"), dict) else None
+        if isinstance(causes, list):
+            details["causes"] = causes  # e.g. NamespaceTerminating under a 403 (HasStatusCause)
         if code in (401, 403):
             who = f"user {self.user!r}" if self.user else "this kubeconfig's user"
             what = "Unauthorized" if code == 401 else "Forbidden"
