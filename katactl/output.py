@@ -327,8 +327,9 @@ def _orjson_chunks(obj) -> list[str] | None:
         return None
 
 
-#: items per orjson call in a long list (~1 MiB of text for sandboxes)
-_ORJSON_BATCH = 512
+#: items per orjson call in a long list (~0.3 MiB of text for sandboxes: its buffer, its str
+#: and the str indented are alive at once)
+_ORJSON_BATCH = 128
 
 
 def _orjson_plain(obj) -> bool:
