@@ -284,10 +284,14 @@ class ConnectProxy:
                     if not r:
                         return
                     for x in r:
-                        data = x.recv(65536)
+                        try:
+                            data = x.recv(65536)
+                            if data:
+                                (up if x is c else c).sendall(data)
+                        except OSError:  # a side reset: the tunnel ends, as a real proxy's would
+                            data = b""
                         if not data:
                             return
-                        (up if x is c else c).sendall(data)
 
     def close(self):
         self.sock.close()

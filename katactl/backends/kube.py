@@ -180,8 +180,7 @@ class KubeAPI:
             tls = _tls_context(cfg)
         except (OSError, ValueError) as e:  # an unreadable or malformed CA or client certificate
             raise UsageError(f"kubeconfig: certificate: {getattr(e, 'strerror', None) or e}") from None
-        headers.proxy = (_proxy_url(cluster["proxy-url"], "kubeconfig: proxy-url") if cluster.get("proxy-url")
-                         else _proxy_url(_environment_proxy(cfg.host), "HTTPS_PROXY/HTTP_PROXY"))
+        headers.proxy = proxy_for(cluster, cfg.host)
         if creds is not None:
             headers.creds = creds
             creds.attach(headers, tls)
@@ -647,6 +646,15 @@ def _rfc3339(s: str) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def proxy_for(cluster: dict, server: str) -> str | None:
+    """The proxy kubectl would reach ``server`` through: the cluster's proxy-url, else the
+    environment's (:func:`_environment_proxy`), else none. The one decision for every connection
+    to the API server: httpx's requests and the exec transport's WebSockets (kubeexec.py)."""
+    if cluster.get("proxy-url"):
+        return _proxy_url(cluster["proxy-url"], "kubeconfig: proxy-url")
+    return _proxy_url(_environment_proxy(server), "HTTPS_PROXY/HTTP_PROXY")
 
 
 def _proxy_url(url: str | None, source: str) -> str | None:

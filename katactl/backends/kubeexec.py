@@ -31,6 +31,9 @@ httpx-ws:
   already installed as a dependency of the kubernetes package (declared explicitly in
   pyproject.toml because katactl imports it). It is imported only when a node is contacted.
 
+Each WebSocket's socket is katactl's own (:func:`_dial`), through the kube client's proxy
+decision (kube.proxy_for), as kubectl's exec connects: an HTTP CONNECT tunnel, TLS inside it.
+
 Errors: 403 on the upgrade -> AuthError (exit 7) naming ``create pods/exec``; the pod gone (404)
 or not running -> the pod is looked up again (a DaemonSet replaces it; an ephemeral pod is
 recreated) and the exec retried once; the API unreachable -> UnreachableError (7); an exec
@@ -53,7 +56,7 @@ from katactl.backends.base import FileStat
 from katactl.backends.kube import KubeAPI, seg
 from katactl.backends.remote import RemoteTransport, _check_argv, _check_root
 from katactl.errors import (AuthError, KatactlError, OperationFailed, ProtocolError, TimeoutExpired,
-                            UnreachableError)
+                            UnreachableError, UsageError)
 
 PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 STDIN, STDOUT, STDERR, STATUS, CLOSE = 0, 1, 2, 3, 255
@@ -425,6 +428,66 @@ def _api(settings) -> KubeAPI:
         return api
 
 
+def _check_proxy(proxy: str) -> str:
+    scheme = proxy.partition("://")[0]
+    if scheme != "http":
+        # TLS to the proxy would put TLS inside TLS, which a socket cannot carry; SOCKS5 needs a
+        # client katactl does not ship: the API client's requests (httpx) can use both
+        raise UsageError(f"proxy {proxy!r}: --via kube reaches pods/exec through an http:// "
+                         f"(HTTP CONNECT) proxy only, not {scheme}://")
+    return proxy
+
+
+def _dial(server: str, proxy: str | None, tls, timeout: float) -> socket.socket:
+    """A socket to the API server for one pods/exec WebSocket, dialled as kubectl dials it.
+    ``proxy`` is the kube client's decision (kube.proxy_for: the cluster's proxy-url, else
+    HTTPS_PROXY/HTTP_PROXY less NO_PROXY and loopback). client-go's WebSocket executor dials
+    through gorilla/websocket, whose proxy dialer (gorilla/websocket proxy.go httpProxyDialer)
+    opens an HTTP CONNECT tunnel to the server's host:port whatever the scheme, with the proxy
+    URL's user as Proxy-Authorization Basic; TLS to the API server then runs inside the tunnel,
+    its certificate checked against the server's own name."""
+    from urllib.parse import unquote, urlsplit
+
+    u = urlsplit(server)
+    host = u.hostname or ""
+    port = u.port or (443 if u.scheme == "https" else 80)
+    if proxy is None:
+        sock = socket.create_connection((host, port), timeout)
+    else:
+        p = urlsplit(_check_proxy(proxy))
+        sock = socket.create_connection((p.hostname or "", p.port or 80), timeout)
+        try:
+            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            req = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+            if p.username is not None:
+                import base64
+
+                cred = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+                req += f"Proxy-Authorization: Basic {base64.b64encode(cred).decode()}\r\n"
+            sock.sendall((req + "\r\n").encode())
+            head = b""
+            while b"\r\n\r\n" not in head:  # the proxy says nothing more until we do (TLS or the upgrade)
+                chunk = sock.recv(4096)
+                if not chunk or len(head) > 65536:
+                    raise UnreachableError(f"proxy {p.hostname}:{p.port or 80}: CONNECT {target}: "
+                                           "connection closed before an answer")
+                head += chunk
+            status = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = status.split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].startswith("2"):
+                raise UnreachableError(f"proxy {p.hostname}:{p.port or 80}: CONNECT {target}: {status}")
+        except BaseException:
+            sock.close()
+            raise
+    if u.scheme == "https":
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
 class KubeExecTransport(RemoteTransport):
     """NodeTransport for a Kubernetes node through pods/exec into its node pod."""
 
@@ -444,6 +507,8 @@ class KubeExecTransport(RemoteTransport):
 
         api = _api(settings)
         try:
+            if api.proxy:
+                _check_proxy(api.proxy)  # before any node is touched: exit 2, not a per-node error
             agent = nodeagent.agent_pod(api, settings, node)
             root = settings.host_root or "/host"
             return cls(node, api, agent, root, float(settings.request_timeout or 30.0))
@@ -477,17 +542,22 @@ class KubeExecTransport(RemoteTransport):
         url = ("wss://" + host[len("https://"):] if host.startswith("https://")
                else "ws://" + host[len("http://"):] if host.startswith("http://") else host) + path
         headers = [f"{k}: {v}" for k, v in self.api.headers.items() if k.lower() == "authorization"]
-        ws = websocket.WebSocket(sslopt={"context": self.api.tls}, skip_utf8_validation=True,
-                                 enable_multithread=True)
+        ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
         try:
+            # our socket: websocket-client would otherwise apply its own reading of the proxy
+            # environment, not the kube client's (kubectl's) decision
+            sock = _dial(host, self.api.proxy, self.api.tls, timeout)
             ws.connect(url, header=headers, subprotocols=list(PROTOCOLS), timeout=timeout,
-                       suppress_origin=True)
+                       suppress_origin=True, socket=sock)
         except websocket.WebSocketBadStatusException as e:
             ws.shutdown()
             raise self._upgrade_error(e) from None
-        except websocket.WebSocketTimeoutException:
+        except (websocket.WebSocketTimeoutException, TimeoutError):
             ws.shutdown()
             raise TimeoutExpired(f"Kubernetes API {host}: pods/exec did not answer within {timeout:g}s") from None
+        except KatactlError:
+            ws.shutdown()
+            raise
         except (OSError, websocket.WebSocketException) as e:
             ws.shutdown()
             raise UnreachableError(f"Kubernetes API {host}: pods/exec: {e or type(e).__name__}") from None
