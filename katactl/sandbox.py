@@ -602,9 +602,11 @@ def _load_batch(transport, cands: list[Candidate], bundles: _BundleIndex, quick:
     # created: the bundle config.json's mtime, else the state dir's; a local listing leaves
     # the latter out (no stat per entry), so it is stat()ed here for the sandboxes needing it
     mtimes = [c[2] for c in cands]
-    need = {i: c[5] for i, (sb, c) in enumerate(zip(sbs, cands, strict=True))
-            if c[2] is None and not (sb.bundle and not isinstance(stats.get(f"{sb.bundle}/config.json"),
-                                                                      (OSError, type(None))))}
+    need = {}
+    for i, (sb, c) in enumerate(zip(sbs, cands, strict=True)):
+        spec = stats.get(f"{sb.bundle}/config.json") if sb.bundle else None
+        if c[2] is None and (spec is None or isinstance(spec, OSError)):
+            need[i] = c[5]
     if need:
         dirs = transport.stat_many(list(need.values()))
         for i, d in need.items():
