@@ -34,6 +34,7 @@ def paused():
                 # the first collections after it walk all of it (at 10,000 sandboxes ~40 ms
                 # of the run) to learn what the pause already knew, that it is no garbage.
                 # Cyclic garbage among it waits for a full collection, as any old object's.
+                # (unfreeze would also thaw what someone froze before: katactl freezes nothing)
                 gc.freeze()
                 gc.unfreeze()
                 gc.enable()
