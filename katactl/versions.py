@@ -7,7 +7,7 @@ import sys
 from katactl import __version__
 from katactl.backends.base import NodeTransport
 
-DEPENDENCIES = ("typer", "rich", "httpx", "h11", "kubernetes", "psutil", "tabulate", "paramiko", "PyYAML")
+DEPENDENCIES = ("typer", "rich", "httpx", "h11", "kubernetes", "psutil", "tabulate", "paramiko", "PyYAML", "orjson")
 
 # Binaries whose --version tells a node's Kata story; looked for in these dirs.
 NODE_BINARIES = {
