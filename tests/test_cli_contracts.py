@@ -205,9 +205,11 @@ def test_piped_output_has_no_ansi_and_no_wrapping(katactl_bin):
     assert not ANSI.search(r.stdout)
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["SETTING", "VALUE", "SOURCE"]
-    # one record per line, whatever the width: every setting on exactly one line
+    # one record per line, whatever the width: every setting on exactly one line, then the
+    # Kubernetes context's rows (kube.*: one, "none", without a kubeconfig)
     from katactl.config import SETTINGS
-    assert len(lines) == 1 + len(SETTINGS)
+    kube = [line for line in lines if line.startswith("kube.")]
+    assert kube and len(lines) == 1 + len(SETTINGS) + len(kube)
 
 
 def test_config_precedence(cli, tmp_path, monkeypatch, _isolated_home):

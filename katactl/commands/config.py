@@ -11,7 +11,9 @@ app = new_app("Show effective settings and where each came from.")
 
 @app.command("view")
 def view(ctx: typer.Context) -> None:
-    """Show every effective setting and its source (flag, env KATACTL_*, config file, default).
+    """Show every effective setting and its source (flag, env KATACTL_*, config file, default),
+    and the Kubernetes context in use: context, cluster, server, user, namespace and proxy,
+    with the kubeconfig file each comes from (read from the files only: no API request).
 
     The config file is $XDG_CONFIG_HOME/katactl/config.toml (override with
     KATACTL_CONFIG). Precedence: flags > environment > file (active profile,
@@ -24,15 +26,28 @@ def view(ctx: typer.Context) -> None:
       katactl --profile prod config view
     """
     from katactl import config
+    from katactl.backends import kube
 
     app_ctx = state(ctx)
     s = app_ctx.settings
     items = s.view()
+    k8s = kube.context_in_use(s)
     item = {"configFile": config.config_path(), "profile": s.profile,
-            "nodeGroups": {k: list(v) for k, v in s.node_groups.items()}, "settings": items}
+            "nodeGroups": {k: list(v) for k, v in s.node_groups.items()}, "settings": items,
+            "kubernetes": k8s}
+    if k8s["error"]:
+        app_ctx.out.warn(f"kubeconfig: {k8s['error']}")
     if app_ctx.out.human or app_ctx.out.fmt == "name":
-        finish(app_ctx, Result(kind="Config", items=items, columns=[
+        # the context as rows of the same table: one record per line, its source beside it
+        if not k8s["files"] and not k8s["error"]:
+            rows = [{"name": "kube.context", "value": None, "source": f"none ({k8s['sources']['files']})"}]
+        else:
+            rows = [{"name": f"kube.{part}", "value": k8s[part], "source": k8s["sources"].get(part, "-")}
+                    for part in ("context", "cluster", "server", "user", "namespace", "proxy")]
+        finish(app_ctx, Result(kind="Config", items=items + rows, columns=[
             Column("SETTING", "name"), Column("VALUE", "value"), Column("SOURCE", "source")]))
         app_ctx.out.info(f"config file: {item['configFile']}" + (f" (profile {s.profile})" if s.profile else ""))
+        if k8s["files"]:
+            app_ctx.out.info(f"kubeconfig: {', '.join(k8s['files'])} ({k8s['sources']['files']})")
         return
     finish(app_ctx, Result(kind="Config", item=item))
