@@ -709,14 +709,16 @@ class KubeStandIn(KubeExecMixin):
     # -- faults -------------------------------------------------------------------------------
 
     def inject(self, method: str | None, path_regex: str, status: int = 503, times: int = 1,
-               retry_after: int | None = None, body=None, applied: bool = False):
+               retry_after: int | None = None, body=None, applied: bool = False, match=None):
         """The next ``times`` requests matching (method or None for any, regex searched in the path
         with its query) are answered with ``status`` (a Status object unless ``body`` is given).
         ``applied``: the request is carried out first, then answered so (kube-apiserver's timeout
-        filter answers 504 while the handler goes on and the write lands)."""
+        filter answers 504 while the handler goes on and the write lands). ``match``: only
+        requests whose decoded body it returns true for (a patch's body without its type)."""
         with self._lock:
             self._faults.append({"type": "status", "method": method, "re": re.compile(path_regex), "times": times,
-                                 "status": status, "retry_after": retry_after, "body": body, "applied": applied})
+                                 "status": status, "retry_after": retry_after, "body": body, "applied": applied,
+                                 "match": match})
 
     def delay(self, path_regex: str, seconds: float, times: int | None = None, method: str | None = None):
         with self._lock:
@@ -758,7 +760,7 @@ class KubeStandIn(KubeExecMixin):
             self._compacted = self._rv
             self._events.clear()
 
-    def _take_faults(self, method: str, path: str) -> list[dict]:
+    def _take_faults(self, method: str, path: str, body=None) -> list[dict]:
         out = []
         with self._lock:
             for f in self._faults:
@@ -767,6 +769,8 @@ class KubeStandIn(KubeExecMixin):
                 if f["method"] and f["method"].upper() != method:
                     continue
                 if not f["re"].search(path):
+                    continue
+                if f.get("match") is not None and not f["match"](body):
                     continue
                 if f["times"] is not None:
                     f["times"] -= 1
@@ -1882,7 +1886,7 @@ class _Handler(BaseHTTPRequestHandler):
         entry["body"] = body[1] if isinstance(body, tuple) else body
         with srv._lock:
             srv.requests.append(entry)
-        faults = srv._take_faults(self.command, self.path)
+        faults = srv._take_faults(self.command, self.path, entry["body"])
         cut = False
         late = None  # an ``applied`` status fault: answered once the request is carried out
         for f in faults:

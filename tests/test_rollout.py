@@ -299,11 +299,181 @@ def test_abort_restores_nodes_a_killed_rollout_left_cordoned(cli, kube, kc):
     st["nodes"]["n1"].update(phase="running", step=1, wasUnschedulable=False)
     cm["binaryData"][STATE_KEY] = base64.b64encode(gzip.compress(json.dumps(st).encode())).decode()
     kube.add(cm)
-    assert cli(["--kubeconfig", kc, "node", "cordon", "n1"]).exit_code == 0
+    # the record the rollout's cordon step writes
+    assert cli(["--kubeconfig", kc, "node", "cordon", "n1", "--reason", "katactl rollout r10"]).exit_code == 0
     kube.add_node("n9", unschedulable=True)  # not in the rollout: untouched
     a = ro(cli, kc, "abort", "r10", "-o", "json")
     assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
     assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n9": True}
+
+
+def _edit_state(kube, name, fn):
+    cm = kube.get_obj("ConfigMap", f"katactl-rollout-{name}", "kube-system")
+    st = state_of_configmap(cm)
+    fn(st)
+    cm["binaryData"][STATE_KEY] = base64.b64encode(gzip.compress(json.dumps(st).encode())).decode()
+    kube.add(cm)
+
+
+def _uncordon_patch(body) -> bool:
+    return "unschedulable" in ((body or {}).get("spec") or {}) and body["spec"]["unschedulable"] is None
+
+
+@pytest.mark.parametrize("verb", ["abort", "resume"])
+def test_abort_and_resume_restore_what_the_rollout_cordoned_whatever_its_phase(cli, kube, kc, verb):
+    """A node the state calls done (or failed, or soaking) but that carries the rollout's
+    own cordon record is uncordoned; a node an operator cordoned meanwhile is not."""
+    fleet(kube, 4)
+    r = ro(cli, kc, "run", "r11", "-N", "n0,n1,n2,n3", "--canary", "1", "--max-unavailable", "2", "--step", "cordon",
+           "--poll", "0.1",
+           "-o", "json")
+    assert r.json()["phase"] == "Paused"
+    done = r.json()["items"][0]["name"]
+    others = [n for n in ("n0", "n1", "n2", "n3") if n != done]
+    # as a restore that failed (or was cut by kill -9) leaves them: still cordoned by r11
+    for n in (done, others[0]):
+        assert cli(["--kubeconfig", kc, "node", "cordon", n, "--reason", "katactl rollout r11"]).exit_code == 0
+    # an operator cordoned a done node after the rollout had finished it: not ours
+    assert cli(["--kubeconfig", kc, "node", "cordon", others[1], "--reason", "disk"]).exit_code == 0
+    _edit_state(kube, "r11", lambda st: [st["nodes"][n].update(phase=p, step=1, wasUnschedulable=False)
+                                         for n, p in ((others[0], "soaking"), (others[1], "done"))])
+    kube.requests.clear()
+    a = ro(cli, kc, verb, "r11", "-o", "json")
+    assert a.exit_code == 0, a.stderr
+    assert a.json()["phase"] == ("Aborted" if verb == "abort" else "Succeeded")
+    assert unschedulable(kube) == {**{n: False for n in (done, others[0], others[2])}, others[1]: True}
+    lists = [q for q in kube.requests if q["method"] == "GET" and q["path"].startswith("/api/v1/nodes?")]
+    assert lists, "the restore reads the records from a node list"
+
+
+def test_a_failed_uncordon_is_retried_with_backoff(cli, kube, kc):
+    """The API answers 503 to the uncordon for longer than the client's own retries (5 sends):
+    the restore tries again."""
+    fleet(kube, 2, zones=1)
+    kube.inject("PATCH", r"^/api/v1/nodes/n\d", 503, times=7, match=_uncordon_patch)
+    r = ro(cli, kc, "run", "r12", "-N", "n0,n1", "--step", "cordon", "--step", "check", "--poll", "0.1",
+           "-o", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    ev = events(r.stdout)
+    assert [e for e in ev if e["kind"] == "Warning" and "cannot uncordon the node yet" in e["message"]]
+    assert ev[-1]["phase"] == "Succeeded" and ev[-1]["counts"]["done"] == 2
+    assert not any(unschedulable(kube).values())
+
+
+def test_an_uncordon_that_keeps_failing_fails_the_node_and_resume_restores_it(cli, kube, kc):
+    fleet(kube, 3, zones=1)
+    kube.inject("PATCH", r"^/api/v1/nodes/n0", 503, times=None, match=_uncordon_patch)
+    r = ro(cli, kc, "run", "r13", "-N", "n0,n1,n2", "--max-unavailable", "2", "--step", "cordon", "--step",
+           "check", "--step-timeout", "1s", "--poll", "0.1", "-o", "jsonl")
+    assert r.exit_code == 1, r.stderr
+    ev = events(r.stdout)
+    final = ev[-1]
+    assert final["phase"] == "Stopped" and "left cordoned (the uncordon failed): n0" in final["reason"]
+    n0 = next(i for i in final["items"] if i["name"] == "n0")
+    assert n0["phase"] == "failed" and "could not uncordon it" in n0["error"] and "503" in n0["error"]
+    assert [e for e in ev if e["kind"] == "NodeFailed" and e["node"] == "n0" and e.get("leftCordoned")]
+    assert unschedulable(kube)["n0"] is True and lease(kube)["spec"]["holderIdentity"] == ""
+    # the API is back: resume uncordons it (its steps had finished: it is done) and goes on
+    kube.clear_faults()
+    r = ro(cli, kc, "resume", "r13", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["phase"] == "Succeeded" and r.json()["counts"]["done"] == 3
+    assert not any(unschedulable(kube).values())
+
+
+def test_a_node_left_cordoned_that_holds_the_rollout_back_is_said_and_tried_again(kube, kc, katactl_bin):
+    """max-unavailable 1: the node the rollout could not uncordon holds back the next one;
+    the run says so and tries it again every --poll (a subprocess: before, this hung)."""
+    fleet(kube, 2, zones=1)
+    # the node's own restore (one try: 5 sends by the client) and the scheduler's first try fail
+    kube.inject("PATCH", r"^/api/v1/nodes/n\d", 503, times=10, match=_uncordon_patch)
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r14", "-N", "n0,n1", "--step", "cordon", "--step",
+                     "check", "--step-timeout", "1s", "--on-failure", "skip", "--failure-budget", "1",
+                     "--poll", "0.2", "-o", "jsonl"], timeout=60)
+    assert r.exit_code == 0, r.stderr
+    ev = events(r.stdout)
+    held = [e for e in ev if e["kind"] == "Warning" and "holds the rollout back" in e["message"]]
+    assert len(held) == 1 and "katactl node uncordon" in held[0]["message"]
+    assert ev[-1]["phase"] == "Succeeded" and ev[-1]["counts"]["done"] == 2
+    assert not any(unschedulable(kube).values())
+
+
+def test_abort_that_cannot_uncordon_says_so_and_aborting_again_tries_again(cli, kube, kc):
+    fleet(kube, 2)
+    r = ro(cli, kc, "run", "r15", "-N", "n0,n1", "--canary", "1", "--step", "cordon", "--step-timeout", "1s",
+           "--poll", "0.1", "-o", "json")
+    first = r.json()["items"][0]["name"]
+    other = "n1" if first == "n0" else "n0"
+    _edit_state(kube, "r15", lambda st: st["nodes"][other].update(phase="running", step=1, wasUnschedulable=False))
+    assert cli(["--kubeconfig", kc, "node", "cordon", other, "--reason", "katactl rollout r15"]).exit_code == 0
+    kube.inject("PATCH", rf"^/api/v1/nodes/{other}", 503, times=None, match=_uncordon_patch)
+    a = ro(cli, kc, "abort", "r15", "-o", "json")
+    assert a.exit_code == 1, a.stderr
+    assert a.json()["phase"] == "Aborted" and f"could not uncordon {other}" in a.json()["reason"]
+    assert unschedulable(kube)[other] is True
+    kube.clear_faults()
+    a = ro(cli, kc, "abort", "r15", "-o", "json")
+    assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
+    assert not any(unschedulable(kube).values())
+    assert ro(cli, kc, "abort", "r15", "-o", "json").json()["changed"] is False
+
+
+def test_abort_tells_a_rollout_alive_elsewhere_from_another_holding_the_lock(kube, kc, katactl_bin, cli):
+    """r16 was killed (-9) after its cordon and r17 holds the cluster lock: 'abort r16'
+    restores r16's nodes from their records, without the lock (r17 keeps it). r18 runs
+    elsewhere: 'abort r18' asks it and waits until it has aborted."""
+    import subprocess
+    import sys
+    import time
+
+    kube.add_node("a0", labels={"pool": "a"})
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r16", "-N", "a0", "--step", "cordon", "--step", "check"],
+                    env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9 and unschedulable(kube)["a0"] is True
+    other = lease(kube)
+    other["spec"].update(holderIdentity="alice@ops-1/r17", renewTime=micro_time(), leaseDurationSeconds=600)
+    other["metadata"]["annotations"] = {}
+    kube.add(other)
+    a = ro(cli, kc, "abort", "r16", "--timeout", "2s", "-o", "json")
+    assert a.exit_code == 0, a.stderr
+    assert a.json()["phase"] == "Aborted" and "alice@ops-1/r17" in a.stderr and "not running" in a.stderr
+    assert unschedulable(kube)["a0"] is False
+    assert lease(kube)["spec"]["holderIdentity"] == "alice@ops-1/r17"
+
+    other["spec"].update(holderIdentity="")  # r17 finished
+    kube.add(other)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "run", "r18", "-N", "a0",
+                          "--step", "cordon", "--soak", "60s", "--poll", "0.1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if lease(kube)["spec"]["holderIdentity"].endswith("/r18"):
+                break
+            time.sleep(0.05)
+        a = ro(cli, kc, "abort", "r18", "--now", "--timeout", "30s", "-o", "json")
+        assert a.exit_code == 0 and "running elsewhere" in a.stderr, a.stderr
+        assert a.json()["phase"] == "Aborted" and unschedulable(kube)["a0"] is False
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("verb", ["run", "resume", "pause", "abort"])
+def test_an_unwritable_audit_log_refuses_before_the_lock(cli, kube, kc, tmp_path, monkeypatch, verb):
+    fleet(kube, 2, zones=1)
+    r = ro(cli, kc, "run", "r19", "-N", "n0,n1", "--canary", "1", "--step", "cordon", "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused"
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", str(tmp_path / "afile" / "audit.log"))
+    kube.requests.clear()
+    args = ["run", "r20", "-N", "n0,n1", "--step", "cordon"] if verb == "run" else [verb, "r19"]
+    r = ro(cli, kc, *args, "-o", "json")
+    assert r.exit_code == 5 and "nothing was changed" in r.stderr, r.stderr
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    r = cli(["--kubeconfig", kc, "--no-audit", "rollout", *args, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
 
 
 # -- bad input -------------------------------------------------------------------------
@@ -323,6 +493,9 @@ BAD = [
     (["--step", "wait-ready forever"], "wait-ready TIMEOUT"),
     (["--step", "cordon", "--window", "Mon-Fri 02:00-05:00 Mars/Olympus_Mons"], "unknown time zone"),
     (["--step", "cordon", "--window", "Funday 02:00-03:00"], "not a day"),
+    (["--step", "cordon", "--window", "Monkey 02:00-03:00"], "not a day"),
+    (["--step", "cordon", "--window", "Sunny-Satan 02:00-03:00 UTC"], "not a day"),
+    (["--step", "cordon", "--alert-gate", "http://[::1"], "Invalid IPv6 URL"),
     (["--step", "cordon", "--window", "Mon 25:00-26:00"], "not a time"),
     (["--step", "cordon", "--window", "Mon 02:00-02:00"], "empty"),
     (["--step", "cordon", "--max-unavailable", "0"], "at least 1"),

@@ -43,7 +43,9 @@ def _policy_options():
                                help="A batch takes at most its share of each value of this node label "
                                     "(default topology.kubernetes.io/zone; '' for none)."),
         step_timeout=typer.Option(None, "--step-timeout", metavar="DURATION",
-                                  help="Deadline of a drain step without its own --timeout (0: none)."),
+                                  help="Deadline of a drain step without its own --timeout (0: none); also "
+                                       "how long a failing uncordon of a node the rollout cordoned is retried "
+                                       "(default 1m)."),
         gate_timeout=typer.Option(None, "--gate-timeout", metavar="DURATION",
                                   help="Stop (exit 6) when the gate stays closed this long (default 0: wait)."),
         poll=typer.Option(None, "--poll", metavar="DURATION",
@@ -412,6 +414,7 @@ def run_cmd(
     if dry_run:
         _plan_result(app_ctx, p, dry_run=True)
         return
+    audit.require_writable()  # no untraceable change (exit 5 unless --no-audit), before the lock
     store = _open_store(app_ctx, p, p.lock_namespace, p.lock_ttl, api)
     existing = store.load(p.name)
     if existing is not None and existing.get("phase") in ("Succeeded", "CompletedWithFailures"):
@@ -589,6 +592,7 @@ def pause_cmd(ctx: typer.Context, name: str = NAME_ARG, lock_namespace: str = _L
         from katactl.errors import Refused
 
         raise Refused(f"rollout {name} is {st['phase']}: nothing to pause")
+    audit.require_writable()
     before = store.control(name)
     changed = not before.get("pause")
     store.set_control(name, {"pause": True, "by": holder_identity(name).rsplit("/", 1)[0]})
@@ -627,6 +631,7 @@ def resume_cmd(
 
     app_ctx = state(ctx)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
+    audit.require_writable()  # before the lock
     if st["phase"] in ("Succeeded", "CompletedWithFailures") and not retry_failed:
         app_ctx.out.info(f"rollout {name} already finished ({st['phase']}): nothing to do")
         _render_finished(app_ctx, store, st)
@@ -670,7 +675,9 @@ def abort_cmd(
 
     When the rollout is running elsewhere, the request is written to its state
     and this waits until it has aborted. When nothing runs it (killed, paused,
-    stopped), abort does the restoring itself.
+    stopped), abort does the restoring itself, even while another rollout holds
+    the cluster lock. Exit 1 when a node it cordoned could not be uncordoned
+    (aborting again tries again).
 
     \b
     Examples:
@@ -689,15 +696,15 @@ def abort_cmd(
     app_ctx = state(ctx)
     wait = parse_duration(timeout, what="--timeout", allow_zero=True)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
-    if st["phase"] in ("Aborted", "Succeeded", "CompletedWithFailures"):
+    if st["phase"] in ("Succeeded", "CompletedWithFailures") or (st["phase"] == "Aborted" and not _left(st)):
         _render_finished(app_ctx, store, st)
         return
+    audit.require_writable()  # before the request and the lock
     store.set_control(name, {"abort": True, "now": now or None, "by": holder_identity(name).rsplit("/", 1)[0]})
     audit.record("rollout.abort", name, params={"rollout": name, "now": now}, changed=True)
     plan = Plan.from_dict(st["plan"])
-    try:
-        store.acquire(name)
-    except Exception:  # noqa: BLE001 - a live process holds it: it aborts itself
+    lock, holder = _abort_lock(store, name)
+    if lock == "alive":  # its own process holds the lock: it aborts itself
         app_ctx.out.info(f"rollout {name} is running elsewhere: abort requested, waiting for it")
         end = time.monotonic() + wait if wait else None
         while True:
@@ -709,9 +716,14 @@ def abort_cmd(
                 raise TimeoutExpired(f"rollout {name} has not finished aborting after {timeout}") from None
             time.sleep(0.3)
         summ = engine.summary(st)
-        summ["exitCode"] = 0
+        summ["exitCode"] = 1 if _left(st) else 0
         _render_summary(app_ctx, summ, changed=True)
         return
+    if lock == "other":
+        # another rollout holds the cluster lock, so NAME runs nowhere (a process of it that
+        # lost the lock starts no node): its nodes are restored from their own records
+        app_ctx.out.info(f"rollout {name} is not running (the cluster lock is held by {holder}): "
+                         "restoring its nodes without the lock")
     try:
         st = store.load(name)
         e = engine.Engine(plan, store, st, api=getattr(store, "api", None), settings=app_ctx.settings,
@@ -722,6 +734,31 @@ def abort_cmd(
         finally:
             e.close()
     finally:
-        store.release()
-    summ["exitCode"] = 0
+        if lock == "locked":
+            store.release()
+    summ["exitCode"] = 1 if e.left_cordoned() else 0
     _render_summary(app_ctx, summ, changed=True)
+
+
+def _left(st: dict) -> list[str]:
+    """The nodes a rollout cordoned and could not uncordon (see engine.Engine.restore)."""
+    return [n for n, r in st["nodes"].items() if r.get("leftCordoned")]
+
+
+def _abort_lock(store, name: str) -> tuple[str, str | None]:
+    """Take the lock to abort rollout NAME: ("locked", None); ("alive", None) when NAME's
+    own process holds it; ("other", holder) when another rollout does (NAME runs nowhere)."""
+    from katactl.errors import Refused
+    from katactl.rollout.store import held_by
+
+    for _ in range(3):
+        try:
+            store.acquire(name)
+            return "locked", None
+        except Refused as e:
+            holder = store.lock_holder()
+            if holder is None:
+                err = e
+                continue  # released meanwhile: try again
+            return ("alive", None) if held_by(holder, name) else ("other", str(holder.get("holder") or "?"))
+    raise err

@@ -21,11 +21,20 @@ Node lifecycle: pending -> running (steps; ``step`` = the next step to run)
 recorded (``wasUnschedulable``) in the same save that marks it running, before
 any step acts. When its steps end (done, failed or aborted), a node the rollout
 cordoned is uncordoned; a node that was unschedulable before is never touched.
+"The rollout cordoned it" is read from the node: katactl's cordon record
+(katactl/nodes.py cordon: ``reason`` "katactl rollout NAME" or the step's
+--reason, ``wasUnschedulable`` false). An uncordon that fails is retried with
+backoff (for --step-timeout, else RESTORE_WINDOW); then the node is failed
+(``leftCordoned`` says why; it counts against the failure budget), and the
+scheduler, while such a node holds back the rollout, says so and tries again
+every --poll (a node whose only failure that was is done once uncordoned). A
+rollout does not finish (Succeeded, CompletedWithFailures) while a node it
+cordoned stays cordoned: it stops, and resume tries again.
 
 kill -9 at any point, then resume: a running node re-runs from its recorded
 step (katactl's node steps are idempotent); a soaking node soaks the rest;
-failed/aborted nodes get their cordon state restored again (idempotent);
-done nodes are not redone.
+done nodes are not redone; every other node whose record says this rollout
+cordoned it is uncordoned (idempotent), as abort does for every node.
 
 Test hook (documented for the kill -9 tests, inert unless set):
 ``KATACTL_TEST_KILL_AT=save:N`` SIGKILLs this process right after the Nth
@@ -41,7 +50,7 @@ import time
 from typing import Callable
 
 from katactl import audit
-from katactl.errors import ExitCode, Interrupted, KatactlError, as_katactl_error
+from katactl.errors import ExitCode, Interrupted, KatactlError, OperationFailed, as_katactl_error
 from katactl.rollout import gate as gate_mod
 from katactl.rollout.nodeview import NodeView
 from katactl.rollout.plan import NodeInfo, Plan, info_of
@@ -57,6 +66,8 @@ NODE_ACTIVE = ("running", "soaking")
 MARKERS = 8
 #: seconds a progress label waits before it is written (a newer phase meanwhile replaces it)
 MARK_DELAY = 0.5
+#: seconds a failing uncordon of a node the rollout cordoned is retried (without --step-timeout)
+RESTORE_WINDOW = 60.0
 
 
 def _now() -> str:
@@ -110,6 +121,7 @@ class Engine:
         self._marking: set[str] = set()        # nodes whose label is being written
         self._markers: list[threading.Thread] = []
         self.stop = threading.Event()          # Ctrl-C, abort --now: steps stop
+        self.hurry = threading.Event()         # Ctrl-C: no more waiting to retry an uncordon either
         self.wake = threading.Event()
         self.threads: dict[str, threading.Thread] = {}
         self.out_nodes: set[str] = set()       # nodes in their steps (out of service by us)
@@ -132,6 +144,10 @@ class Engine:
         self._free_apis: list = []
         self._apis_lock = threading.Lock()
         self.cordons = any(s.definition.cordons for s in plan.steps)
+        #: the reasons this rollout's cordons write in katactl's cordon record
+        self.reasons = {getattr(s.args, "reason", None) or f"katactl rollout {plan.name}"
+                        for s in plan.steps if s.definition.cordons}
+        self._left_tried: dict[str, float] = {}  # node left cordoned -> when the scheduler last tried it
         self._done = threading.Event()
 
     # -- persistence --------------------------------------------------------------
@@ -290,6 +306,7 @@ class Engine:
             return self.finish()
         except KeyboardInterrupt:
             self.stop.set()
+            self.hurry.set()
             self._wait_all(interrupt_ok=True)
             self.transition(lambda: st.update(phase="Interrupted", reason="interrupted (Ctrl-C or SIGTERM)",
                                               exitCode=int(ExitCode.INTERRUPTED)), ())
@@ -337,11 +354,10 @@ class Engine:
             self.stop.wait(min(0.5, max(0.0, end - self.clock()), self.plan.policy.poll))
 
     def reconcile(self) -> None:
-        """On resume: restore the cordon state of nodes that failed or were aborted (a
-        kill may have come between their save and their restore)."""
-        for n, rec in self.state["nodes"].items():
-            if rec["phase"] in ("failed", "aborted"):
-                self.restore(n, rec)
+        """On resume: uncordon every node this rollout cordoned whose steps are not going
+        on (a kill may have come between a node's save and its restore, or its restore
+        failed): any phase but running (those go on, and are restored when they end)."""
+        self.restore_all(skip=("running",))
 
     def run_batch(self, bi: int) -> None:
         st = self.state
@@ -369,6 +385,7 @@ class Engine:
                                              f"{g.message}", int(ExitCode.TIMEOUT))
                         break
                     if not self.room_for(n):
+                        self._left_cordoned_blocking()
                         break
                 starting.append(pending.popleft())
                 self.out_nodes.add(n)  # counted by room_for for the next one
@@ -392,6 +409,7 @@ class Engine:
                     self.poll_control()
             except KeyboardInterrupt:
                 self.stop.set()
+                self.hurry.set()
                 interrupt_ok = True
         for t in self.threads.values():
             t.join()
@@ -496,17 +514,26 @@ class Engine:
                 return
             if failure == "aborted":
                 self.transition(lambda: rec.update(phase="aborted", finishedAt=_now()), (n,))
-                self.restore(n, rec, api)
+                self.restore_or_record(n, rec, api)
                 self._mark(n, rec)
                 return
             if failure is not None:
                 self.transition(lambda: rec.update(phase="failed", error=failure.message,
                                                    exitCode=int(failure.exit_code), finishedAt=_now()), (n,))
-                self.restore(n, rec, api)
+                self.restore_or_record(n, rec, api)
                 self._mark(n, rec)
                 self.ev("NodeFailed", node=n, error=failure.to_dict())
                 return
-            self.restore(n, rec, api)
+            why = self.restore(n, rec, api)
+            if why is not None:
+                if self.hurry.is_set():
+                    return  # interrupted: still running, its restore is tried again on resume
+                msg = f"its steps finished, but {why}"
+                self.transition(lambda: rec.update(phase="failed", error=msg, exitCode=int(ExitCode.FAILED),
+                                                   leftCordoned=why, restoreOnly=True, finishedAt=_now()), (n,))
+                self._mark(n, rec)
+                self.ev("NodeFailed", node=n, error=OperationFailed(msg).to_dict(), leftCordoned=True)
+                return
             if pol.soak:
                 self.transition(lambda: rec.update(phase="soaking", soakStartedAt=time.time()), (n,))
                 self._mark(n, rec)
@@ -603,28 +630,133 @@ class Engine:
                     return failure
         return failure
 
-    def restore(self, n: str, rec: dict, api=None) -> None:
-        """Uncordon the node if this rollout cordoned it; never a node that was
-        unschedulable before the rollout touched it. A plan without a step that cordons
-        (cordon, drain, recycle-stale) cordoned nothing: no request then."""
+    def ours(self, node: dict) -> bool:
+        """Whether the node's cordon record says this rollout cordoned it (the record
+        katactl/nodes.py cordon writes: ``reason`` as this rollout's cordoning steps give
+        it, ``wasUnschedulable`` false: it was schedulable when we cordoned it)."""
+        from katactl import nodes
+
+        rec_c = nodes.cordon_record(node) or {}
+        return "invalid" not in rec_c and rec_c.get("wasUnschedulable") is False \
+            and rec_c.get("reason") in self.reasons
+
+    def restore(self, n: str, rec: dict, api=None, *, until: float | None = None) -> str | None:
+        """Uncordon the node if this rollout cordoned it (its record says so, and the
+        rollout found it schedulable); never a node that was unschedulable before the
+        rollout touched it. A plan without a step that cordons (cordon, drain,
+        recycle-stale) cordoned nothing: no request then. A failing uncordon is tried
+        again with backoff until ``until`` (monotonic; default: --step-timeout, else
+        RESTORE_WINDOW from now) or Ctrl-C. Returns None when the node is as it should
+        be, else why it is left cordoned."""
         api = api or self.api
         if api is None or rec.get("wasUnschedulable") is not False or not self.cordons:
-            return
+            return None
+        if until is None:
+            until = time.monotonic() + (self.plan.policy.step_timeout or RESTORE_WINDOW)
+        delay = 0.5
+        while True:
+            try:
+                self._restore_once(n, rec, api)
+                return None
+            except KatactlError as e:
+                err = e
+            if self.hurry.is_set() or time.monotonic() + delay > until:
+                break
+            self.ev("Warning", node=n, message=f"cannot uncordon the node yet ({err.message}): "
+                                               f"trying again in {delay:g}s")
+            if self.hurry.wait(delay):
+                break
+            delay = min(delay * 2, 8.0)
+        return f"left cordoned: the rollout cordoned it and could not uncordon it ({err.message})"
+
+    def _restore_once(self, n: str, rec: dict, api) -> None:
         from katactl import nodes
+        from katactl.errors import NotFound
 
         try:
             node = nodes.get_node(api, n)
-            if not (node.get("spec") or {}).get("unschedulable"):
-                return
-            rec_c = nodes.cordon_record(node)
-            if not rec_c or rec_c.get("wasUnschedulable") or "invalid" in rec_c:
-                self.ev("Warning", node=n, message="cordoned during the rollout, not by katactl: left cordoned")
-                return
-            nodes.uncordon(api, n)
+        except NotFound:
+            return  # gone: nothing to restore
+        if not (node.get("spec") or {}).get("unschedulable"):
+            self._restored(n, rec, changed=False)
+            return
+        if not self.ours(node):
+            self.ev("Warning", node=n, message="cordoned during the rollout, not by it: left cordoned")
+            self._restored(n, rec, changed=False)
+            return
+        rid = (nodes.cordon_record(node) or {}).get("id")
+        r = nodes.uncordon(api, n, record_id=rid) if rid else nodes.uncordon(api, n)
+        if r.get("changed"):
             audit.record("rollout.uncordon", n, node=n, params={"rollout": self.plan.name}, changed=True)
             self.ev("NodeUncordoned", node=n)
-        except KatactlError as e:
-            self.ev("Warning", node=n, message=f"could not restore the node's cordon state: {e.message}")
+        self._restored(n, rec, changed=bool(r.get("changed")))
+
+    def _restored(self, n: str, rec: dict, *, changed: bool) -> None:
+        """A node once left cordoned is not any more: a node that failed only for that is done."""
+        if not rec.get("leftCordoned"):
+            return
+
+        def clear():
+            rec.pop("leftCordoned", None)
+            if rec.pop("restoreOnly", None) and rec["phase"] == "failed":
+                rec.update(phase="done", error=None, exitCode=None)
+        self.transition(clear, (n,))
+        self._mark(n, rec)
+
+    def restore_or_record(self, n: str, rec: dict, api=None, *, until: float | None = None) -> bool:
+        """restore(); a node left cordoned gets why in its record (and an event). True when restored."""
+        left = self.restore(n, rec, api, until=until)
+        if left is None:
+            return True
+
+        def note():
+            err, old = rec.get("error") or "", rec.get("leftCordoned")
+            rec.update(leftCordoned=left, error=err.replace(old, left) if old and old in err
+                       else "; ".join(x for x in (err, left) if x))
+        self.transition(note, (n,))
+        self.ev("Warning", node=n, message=left)
+        return False
+
+    def cordoned_by_us(self) -> list[str]:
+        """The rollout's nodes its cordon record says it cordoned, from one node list
+        (all nodes: one whose labels changed since may have left the selector)."""
+        names = self.state["nodes"]
+        return [node["metadata"]["name"] for page in self.api.list_pages("/api/v1/nodes") for node in page
+                if node["metadata"]["name"] in names and (node.get("spec") or {}).get("unschedulable")
+                and self.ours(node)] if self.api is not None and self.cordons else []
+
+    def restore_all(self, skip=()) -> list[str]:
+        """Uncordon every node of the rollout whose cordon record says this rollout
+        cordoned it, whatever its phase but ``skip``; the ones left cordoned get why in
+        their record. Returns those restored."""
+        restored = []
+        until = time.monotonic() + (self.plan.policy.step_timeout or RESTORE_WINDOW)
+        for n in self.cordoned_by_us():
+            rec = self.state["nodes"][n]
+            if rec["phase"] in skip:
+                continue
+            if self.restore_or_record(n, rec, until=until):
+                restored.append(n)
+        return restored
+
+    def _left_cordoned_blocking(self) -> None:
+        """No room for the next node: if nodes the rollout failed to uncordon are what
+        holds it back, say so (once each) and try them again every --poll."""
+        for n in sorted(self.unavailable()):
+            rec = self.state["nodes"].get(n)
+            if not rec or not rec.get("leftCordoned") or n in self.out_nodes:
+                continue
+            last = self._left_tried.get(n)
+            if last is None:
+                self.ev("Warning", node=n, message=f"{rec['leftCordoned']}: it counts as unavailable and holds "
+                                                   f"the rollout back; trying again every {self.plan.policy.poll:g}s "
+                                                   f"('katactl node uncordon {n}' lets the rollout go on)")
+            elif time.monotonic() - last < self.plan.policy.poll:
+                continue
+            self._left_tried[n] = time.monotonic()
+            if self.restore(n, rec, until=time.monotonic()) is None:
+                self.obs_dirty = True
+                self.wake.set()
 
     def _mark(self, n: str, rec: dict) -> None:
         """Queue the node's progress label/annotation for the marker threads: they are
@@ -684,13 +816,15 @@ class Engine:
     # -- the end -----------------------------------------------------------------------------
     def abort_all(self) -> None:
         """Abort with nothing running: mark unfinished nodes aborted, restore every node
-        the rollout cordoned."""
+        the rollout cordoned, whatever its phase."""
         for n, rec in self.state["nodes"].items():
             if rec["phase"] in NODE_ACTIVE:
                 self.transition(lambda rec=rec: rec.update(phase="aborted", finishedAt=_now()), (n,))
-            if rec["phase"] in ("aborted", "failed"):
-                self.restore(n, rec)
                 self._mark(n, rec)
+        self.restore_all()
+
+    def left_cordoned(self) -> list[str]:
+        return sorted(n for n, r in self.state["nodes"].items() if r.get("leftCordoned"))
 
     def finish(self) -> dict:
         st = self.state
@@ -698,6 +832,11 @@ class Engine:
         if self.aborting:
             self.abort_all()
             phase, reason, code = "Aborted", "aborted by 'katactl rollout abort'", 0
+            left = self.left_cordoned()
+            if left:
+                reason += (f"; could not uncordon {', '.join(left)}: 'katactl rollout abort "
+                           f"{self.plan.name}' again tries again")
+                code = int(ExitCode.FAILED)
         elif self.stopping:
             phase, (reason, code) = "Stopped", self.stopping
         elif self.pausing:
@@ -706,6 +845,14 @@ class Engine:
             phase, reason, code = "CompletedWithFailures", f"{counts['failed']} node(s) failed", int(ExitCode.PARTIAL)
         else:
             phase, reason, code = "Succeeded", None, 0
+        left = self.left_cordoned()
+        if left and phase != "Aborted":
+            # not finished while a node it cordoned stays cordoned: resume tries them again
+            if phase in FINAL:
+                phase, reason, code = "Stopped", None, int(ExitCode.FAILED)
+            reason = (f"{reason}; " if reason else "") + (
+                f"left cordoned (the uncordon failed): {', '.join(left)}: 'katactl rollout resume "
+                f"{self.plan.name}' tries again")
         self.transition(lambda: st.update(phase=phase, reason=reason, exitCode=code,
                                           finishedAt=_now() if phase in FINAL else None), ())
         kind = {"Paused": "RolloutPaused"}.get(phase, "RolloutFinished")

@@ -16,6 +16,7 @@ from katactl.values import parse_duration
 ON_FAILURE = ("stop", "skip", "continue")
 DEFAULT_SPREAD = "topology.kubernetes.io/zone"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 _COUNT = re.compile(r"(\d{1,9})(%?)", re.ASCII)
 
@@ -86,18 +87,24 @@ def _minute(s: str, text: str) -> int:
     return int(h) * 60 + int(m)
 
 
+def _day(name: str) -> int | None:
+    """0 = Monday, for an exact day name: Mon..Sun or Monday..Sunday (any case)."""
+    for i, d in enumerate(DAYS):
+        if name in (d, FULL_DAYS[i]):
+            return i
+    return None
+
+
 def _days(spec: str, text: str) -> frozenset:
-    spec = spec.lower()
-    if spec in ("*", "daily", "any", "all"):
+    if spec.lower() in ("*", "daily", "any", "all"):
         return frozenset(range(7))
     out: set[int] = set()
     for part in spec.split(","):
-        a, _, b = part.partition("-")
-        if a[:3] not in DAYS or (b and b[:3] not in DAYS) or len(a) < 3 or (b and len(b) < 3):
+        a, sep, b = part.lower().partition("-")
+        i, j = _day(a), _day(b) if sep else _day(a)
+        if i is None or j is None:
             raise UsageError(f"invalid --window {text!r}: {part!r} is not a day or day range "
-                             "(Mon..Sun, Mon-Fri, Sat,Sun, daily)")
-        i = DAYS.index(a[:3])
-        j = DAYS.index(b[:3]) if b else i
+                             "(Mon..Sun or Monday..Sunday, Mon-Fri, Sat,Sun, daily)")
         while True:
             out.add(i)
             if i == j:
@@ -268,7 +275,10 @@ def check_gate_url(url) -> str:
 
     if not isinstance(url, str) or not url.strip():
         raise UsageError("invalid --alert-gate: expected an Alertmanager URL such as http://alertmanager:9093")
-    u = urlsplit(url.strip())
+    try:
+        u = urlsplit(url.strip())
+    except ValueError as e:  # an unclosed IPv6 bracket: "Invalid IPv6 URL"
+        raise UsageError(f"invalid --alert-gate {url!r}: {e}") from None
     if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment \
             or any(c.isspace() for c in url.strip()):
         raise UsageError(f"invalid --alert-gate {url!r}: expected an Alertmanager URL such as "
