@@ -283,7 +283,8 @@ class Engine:
                     failureBudget=self.plan.failure_budget, steps=[s.text for s in self.plan.steps],
                     backend=self.store.kind)
             self.poll_control(force=True)
-            self.reconcile()
+            if resumed:  # a new run has cordoned nothing yet
+                self.reconcile()
             self._check_budget()
             while not (self.stopping or self.pausing or self.aborting) and st["batch"] < len(self.plan.batches):
                 bi = st["batch"]
