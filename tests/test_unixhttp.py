@@ -235,3 +235,58 @@ def test_get_is_replayed_when_a_kept_alive_connection_drops_it(tmp_path):
             c.iptables_set("*filter\nCOMMIT\n")
     assert seen.count(b"PUT") == 1
     srv.close()
+
+
+def test_surplus_after_a_complete_answer_is_never_the_next_answer(tmp_path):
+    """A peer writes more than its Content-Length in one write: the surplus looks like a
+    second answer. The kept-alive connection is closed, not reused: the next request goes on
+    a fresh connection and gets its own answer (review2 u2.py)."""
+    conns = []
+    after = []
+
+    def handler(c):
+        conns.append(c)
+        _read_request(c)
+        if len(conns) == 1:
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+                      b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
+            after.append(_read_request(c))  # b"": we closed it rather than ask again
+        else:
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+            _read_request(c)
+        c.close()
+
+    srv = _server(str(tmp_path / "s.sock"), handler)
+    with UnixHttpClient(LocalTransport(str(tmp_path)), "/s.sock", 5) as client:
+        assert client.request("GET", "/metrics", what="t").content == b"first"
+        assert client.request("GET", "/agent-url", what="t").content == b"second"
+    assert len(conns) == 2
+    srv.close()
+
+
+def test_limit_counts_a_body_without_content_length(tmp_path):
+    """request(limit=): a chunked answer (no length to check first) is counted as it comes
+    and cut past the limit: exit 1 naming the limit, the connection not reused."""
+    served = []
+
+    def chunked(c):
+        served.append(c)
+        _read_request(c)
+        try:
+            c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(64):
+                c.sendall(b"400\r\n" + b"x" * 1024 + b"\r\n")
+            c.sendall(b"0\r\n\r\n")
+            _read_request(c)
+        except OSError:
+            pass
+        c.close()
+
+    srv = _server(str(tmp_path / "s.sock"), chunked)
+    with UnixHttpClient(LocalTransport(str(tmp_path)), "/s.sock", 5) as client:
+        with pytest.raises(ProtocolError, match=r"^t: answered more than the 32 KiB limit$") as e:
+            client.request("GET", "/", what="t", limit=32 << 10)
+        assert e.value.exit_code == 1
+        assert len(client.request("GET", "/", what="t", limit=64 << 10).content) == 64 << 10
+    assert len(served) == 2
+    srv.close()

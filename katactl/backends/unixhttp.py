@@ -236,7 +236,10 @@ class UnixHttpClient:
         import h11
 
         h = c.h
-        if r.complete and h.our_state is h11.DONE and h.their_state is h11.DONE:
+        # bytes past the complete answer (trailing_data: h11's unparsed buffer, and whether EOF
+        # came) would be read as the next request's answer: such a connection is not reused
+        if (r.complete and h.our_state is h11.DONE and h.their_state is h11.DONE
+                and not h.trailing_data[0] and not h.trailing_data[1]):
             h.start_next_cycle()
             with self._lock:
                 if not self._closed:
@@ -300,11 +303,28 @@ class UnixHttpClient:
                 raise
             self._give_back(c, r)
 
-    def request(self, method: str, url: str, *, what: str, **kw) -> Response:
-        """:meth:`stream` with the whole body read."""
+    def request(self, method: str, url: str, *, what: str, limit: int | None = None, **kw) -> Response:
+        """:meth:`stream` with the whole body read; more than ``limit`` bytes (declared by
+        Content-Length, or as they come) is a ProtocolError (exit 1) and the connection closed."""
         with self.stream(method, url, what=what, **kw) as r:
-            r.read()
+            if limit is None:
+                r.read()
+                return r
+            declared = r.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ProtocolError(f"{what}: answered {int(declared)} bytes, more than the {_size(limit)} limit")
+            chunks, n = [], 0
+            for chunk in r.iter_raw():
+                n += len(chunk)
+                if n > limit:
+                    raise ProtocolError(f"{what}: answered more than the {_size(limit)} limit")
+                chunks.append(chunk)
+            r._content = b"".join(chunks)
         return r
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
 class JsonUnixClient:
@@ -317,6 +337,13 @@ class JsonUnixClient:
 
     prefix = ""
     json_ok: tuple[int, ...] = (200,)
+    #: the most an answer may be, error bodies included. The largest real one is Cloud
+    #: Hypervisor's vm.info (vmm/src/api/mod.rs VmInfoResponse: the whole VmConfig and the
+    #: device_tree, ~220 bytes a device: a few KiB, ~100 KiB with hundreds of devices);
+    #: Firecracker's are under 1 KiB. micro_http (src/response.rs) declares any length up to
+    #: 2 GiB (an i32 Content-Length), so the cap is ours; it also bounds what is parsed after
+    #: the deadline-bounded read.
+    answer_limit = 16 << 20
 
     def __init__(self, transport: NodeTransport, socket_path: str, timeout: float = 5.0):
         self.path = socket_path
@@ -333,7 +360,7 @@ class JsonUnixClient:
 
     def _call(self, method: str, ep: str, body: dict | None = None):
         what = f"{self.path} {method} {ep}"
-        r = self._c.request(method, self.prefix + ep, what=what, json=body)
+        r = self._c.request(method, self.prefix + ep, what=what, json=body, limit=self.answer_limit)
         if r.status_code == 204:
             return None
         if r.status_code in self.json_ok:
