@@ -7,8 +7,11 @@ import time
 import pytest
 
 from katactl.backends.fc import FcClient, FcError
+from katactl.backends.local import LocalTransport
+from katactl.errors import ProtocolError
 from katactl.lab.fc_server import FcServer
 from tests._apiservers import server_factory
+from tests._microhttp import micro_http
 
 MIB = 1 << 20
 
@@ -64,3 +67,24 @@ def test_no_driver_and_no_stats(fc):
 def test_balloon_not_configured(fc):
     s, c = fc(balloon=False)
     assert c.balloon_state()["hasBalloon"] is False
+
+
+def test_answers_are_capped(tmp_path):
+    """Firecracker's answers are under 1 KiB; one past the 16 MiB limit (declared by
+    micro_http's Content-Length) is a ProtocolError (exit 1) naming the limit, its connection
+    closed, never the JSON it would take 16 MiB and more to hold."""
+    stats = {"target_pages": 0, "actual_pages": 0, "target_mib": 0, "actual_mib": 0,
+             "swap_in": 0, "swap_out": 0, "major_faults": 0, "minor_faults": 0, "free_memory": 1 << 29,
+             "total_memory": 1 << 30, "available_memory": 1 << 29, "disk_caches": 0,
+             "hugetlb_allocations": 0, "hugetlb_failures": 0, "padding": " " * (16 << 20)}
+    body = json.dumps(stats).encode()
+    accepted, srv = micro_http(str(tmp_path / "fc.sock"), "Firecracker API", body)
+    with FcClient(LocalTransport(), str(tmp_path / "fc.sock"), timeout=5) as c:
+        for _ in range(2):
+            with pytest.raises(ProtocolError) as e:
+                c.balloon_statistics()
+            assert str(e.value) == (f"{tmp_path}/fc.sock GET /balloon/statistics: answered {len(body)} bytes, "
+                                    "more than the 16 MiB limit")
+            assert e.value.exit_code == 1
+    assert len(accepted) == 2
+    srv.close()
