@@ -371,6 +371,7 @@ def test_an_uncordon_that_keeps_failing_fails_the_node_and_resume_restores_it(cl
     assert final["phase"] == "Stopped" and "left cordoned (the uncordon failed): n0" in final["reason"]
     n0 = next(i for i in final["items"] if i["name"] == "n0")
     assert n0["phase"] == "failed" and "could not uncordon it" in n0["error"] and "503" in n0["error"]
+    assert n0["leftCordoned"].startswith("left cordoned: the rollout cordoned it")
     assert [e for e in ev if e["kind"] == "NodeFailed" and e["node"] == "n0" and e.get("leftCordoned")]
     assert unschedulable(kube)["n0"] is True and lease(kube)["spec"]["holderIdentity"] == ""
     # the API is back: resume uncordons it (its steps had finished: it is done) and goes on

@@ -875,6 +875,7 @@ def summary(st: dict) -> dict:
         nodes.append({"name": name, "phase": r["phase"], "batch": r["batch"] + 1, "step": r["step"],
                       "steps": len(plan.get("steps") or []), "attempts": r["attempts"],
                       "wasUnschedulable": r.get("wasUnschedulable"), "error": r.get("error"),
+                      "leftCordoned": r.get("leftCordoned"),
                       "lastStep": last, "startedAt": r.get("startedAt"), "finishedAt": r.get("finishedAt")})
     nodes.sort(key=lambda x: (x["batch"], x["name"]))
     return {"name": st["name"], "phase": st["phase"], "reason": st.get("reason"),
