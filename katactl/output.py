@@ -296,7 +296,8 @@ def _orjson_chunks(obj) -> list[str] | None:
     non-str keys, lone surrogates and cycles, which json's path writes or refuses as before.
 
     A dict's long lists (a result's items) go to orjson _ORJSON_BATCH items at a time, each
-    batch's text indented two more spaces (no raw newline can be inside a JSON string): one
+    batch's text indented two more spaces (no raw newline can be inside a JSON string), the
+    dict's keys (str only) one by one: one
     orjson text of a whole 10,000-sandbox list is a 30 MiB buffer, on top of the str it
     decodes to; the pieces are no more than the text itself."""
     if not _orjson_plain(obj):
@@ -310,6 +311,10 @@ def _orjson_chunks(obj) -> list[str] | None:
     try:
         if type(obj) is not dict or not any(type(v) is list and len(v) > _ORJSON_BATCH for v in obj.values()):
             return [text(obj)]
+        if not all(type(k) is str for k in obj):
+            # orjson refuses a non-str key in a dict it writes, but writes a bare key as a
+            # value (1 for "1", null for "null"): only json's path writes these keys right
+            return None
         out = []
         for i, (k, v) in enumerate(obj.items()):
             out.append(("{" if i == 0 else ",") + "\n  " + text(k) + ": ")

@@ -312,7 +312,8 @@ def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
     """-o json hands plain data to orjson (_orjson_chunks) and everything it would write
     otherwise to json's path: floats below 1e-4 ("1e-05" is "0.00001" there), NaN and
     Infinity ("null"), an Enum (its value), subclasses, integers beyond 64 bits, non-str
-    keys, lone surrogates, nesting deeper than orjson's 254 levels. The text is
+    keys (at the top too, beside a list long enough to be batched), lone surrogates, nesting
+    deeper than orjson's 254 levels. The text is
     json.dumps(indent=2)'s either way."""
     import collections
     import enum
@@ -344,7 +345,10 @@ def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
     other = [1e-5, -2.5e-7, 5e-324, float("nan"), float("inf"), float("-inf"), 2 ** 64, -2 ** 63 - 1,
              {1: "int key"}, "\ud800", Color.RED, Text("x"), collections.OrderedDict(a=1), {"d": {"x"}},
              [record(i) for i in range(50)] + [record(50, vcpus=1e-5)], [record(1), record(2, vcpus=float("nan"))],
-             [record(1, pod={"name": Color.RED})], nest({"x": 1}, 300), nest(1e-6, 3)]
+             [record(1, pod={"name": Color.RED})], nest({"x": 1}, 300), nest(1e-6, 3),
+             # a result's long list (written in batches) beside a non-str key: 1 is "1" there
+             {1: list(range(200)), "a": 1}, {"a": list(range(200)), None: 1, 2.5: True, False: 0},
+             {Text("items"): [record(i) for i in range(129)]}]
     for case in plain + other:
         assert "".join(json_chunks(case)) == json.dumps(case, indent=2, ensure_ascii=False, default=_json_default)
     assert [_orjson_chunks(c) is not None for c in plain] == [True] * len(plain)
