@@ -271,20 +271,18 @@ def parse_ref(ref: str) -> tuple[str, str | tuple[str, str]]:
 def _kinds(transport, paths: list[str]) -> dict[str, list]:
     """{dir: [(name, is_dir, is_link, mtime or None), ...]} (transport.list_kinds, symlinks
     followed as scan_dir follows them); a missing dir lists as []."""
-    out = {}
-    for p, v in transport.list_kinds(paths).items():
-        if isinstance(v, (FileNotFoundError, NotADirectoryError)):
-            v = []
-        elif isinstance(v, OSError):
-            raise v
-        out[p] = v
-    return out
+    return _listings(transport.list_kinds(paths))
 
 
 def _names(transport, paths: list[str]) -> dict[str, list[str]]:
     """{dir: sorted names} (transport.list_dirs, no stat per entry); a missing dir lists as []."""
+    return _listings(transport.list_dirs(paths))
+
+
+def _listings(results: dict) -> dict:
+    """A batch listing's results with a missing dir as [] and any other error raised."""
     out = {}
-    for p, v in transport.list_dirs(paths).items():
+    for p, v in results.items():
         if isinstance(v, (FileNotFoundError, NotADirectoryError)):
             v = []
         elif isinstance(v, OSError):
