@@ -151,3 +151,67 @@ def test_reads_the_files_only(home, tmp_path):
     assert json.loads(p.stdout)["kubernetes"]["files"] == [kc]
     assert p.stderr.strip().splitlines()[-1] == "[]"
     assert not marker.exists()
+
+
+# -- malformed URLs: the server's, proxy-url's, HTTPS_PROXY's ------------------------------------
+
+def _url_kubeconfig(tmp_path, server, proxy_url=None) -> str:
+    cluster = {"server": server, **({"proxy-url": proxy_url} if proxy_url else {})}
+    return _write(tmp_path / "kc", {
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": cluster}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "x"}}]})
+
+
+BAD_URLS = [  # server, proxy-url, HTTPS_PROXY, the one-line error
+    ("https://a", "http://[::1", None, "invalid 'proxy-url' \"http://[::1\" for cluster \"k\": could not parse"),
+    ("https://a", "http://proxy:abc", None,
+     "invalid 'proxy-url' \"http://proxy:abc\" for cluster \"k\": could not parse"),
+    ("https://a", "http://proxy:99999", None,
+     "invalid 'proxy-url' \"http://proxy:99999\" for cluster \"k\": port out of range"),
+    ("https://a", "ftp://proxy:21", None, "invalid 'proxy-url' \"ftp://proxy:21\" for cluster \"k\": "
+                                          "unsupported scheme \"ftp\", must be http, https, or socks5"),
+    ("https://a", "http://", None, "invalid 'proxy-url' \"http://\" for cluster \"k\": could not parse"),
+    ("https://example.com:abc", None, "http://proxy:3128",
+     "cluster \"k\": host must be a URL or a host:port pair: \"https://example.com:abc\""),
+    ("https://example.com:abc", None, None, "host must be a URL or a host:port pair"),
+    ("https://example.com:99999", None, "http://proxy:3128", "port out of range 0-65535"),
+    ("https://[::1", None, None, "cluster \"k\": host must be a URL or a host:port pair: \"https://[::1\""),
+    ("https://[fd00::1", None, "http://proxy:3128", "host must be a URL or a host:port pair"),
+    ("ftp://example.com", None, None, "unsupported protocol scheme \"ftp\""),
+    ("https://example.com", None, "http://[::1", "invalid proxy address \"http://[::1\""),
+    ("https://example.com", None, "http://proxy:abc", "invalid proxy address"),
+]
+
+
+@pytest.mark.parametrize("server,proxy_url,env_proxy,needle", BAD_URLS)
+def test_a_malformed_url_is_a_usage_error_and_shown_by_config_view(cli, home, tmp_path, monkeypatch,
+                                                                   server, proxy_url, env_proxy, needle):
+    """A malformed server, proxy-url or HTTPS_PROXY (bad IPv6 literal, port not a number or out
+    of range, unsupported scheme): a command says so in one line, exit 2; config view shows
+    it with one warning and succeeds, as for any broken kubeconfig (kubectl config view
+    --minify exits 0 too)."""
+    if env_proxy:
+        monkeypatch.setenv("HTTPS_PROXY", env_proxy)
+    kc = _url_kubeconfig(tmp_path, server, proxy_url)
+    r = cli(["--kubeconfig", kc, "--request-timeout", "2s", "node", "list"])
+    assert r.exit_code == 2, r.stderr
+    assert needle in r.stderr and r.stderr.count("\n") == 1 and "unexpected" not in r.stderr, r.stderr
+    r = cli(["--kubeconfig", kc, "config", "view", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    k = r.json()["kubernetes"]
+    assert needle in k["error"] and k["server"] == server and k["proxy"] is None
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("warning: kubeconfig: ") and needle in r.stderr
+    r = cli(["--kubeconfig", kc, "config", "view"])
+    assert r.exit_code == 0 and r.stderr.count("warning") == 1, r.stderr
+
+
+@pytest.mark.parametrize("proxy_url", ["http://[::1", "http://proxy:abc", "ftp://proxy:21"])
+def test_a_malformed_proxy_url_is_refused_in_kubectls_words(cli, home, tmp_path, proxy_url, kubectl_133):
+    kc = _url_kubeconfig(tmp_path, "https://a", proxy_url)
+    p = _kubectl(kubectl_133, "--kubeconfig", kc, "get", "--raw", "/version", env=dict(os.environ))
+    assert p.returncode == 1 and p.stderr.startswith("error: invalid 'proxy-url'"), p.stderr
+    r = cli(["--kubeconfig", kc, "node", "list"])
+    assert r.exit_code == 2
+    assert r.stderr.strip().split("error: ", 1)[1] == p.stderr.strip().split("error: ", 1)[1]

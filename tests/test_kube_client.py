@@ -203,6 +203,46 @@ def test_token_file_is_read_again_after_a_401(private_kube, tmp_path):
         assert api.get("/api/v1/nodes/n1")["metadata"]["name"] == "n1"
 
 
+def test_token_file_that_cannot_be_read_again_keeps_the_token_held(private_kube, tmp_path):
+    """client-go's cachingTokenSource (transport/token_source.go): a periodic re-read that fails
+    (the file gone) or reads nothing (a rotation truncates, then writes) keeps the token held
+    while the server accepts it; a new token is taken once the file has one; only the first
+    read failing is a usage error. The 50 s period is shortened to 0 (every request reads)."""
+    from katactl.backends.kube import KubeAPI
+    from katactl.errors import AuthError, UsageError
+
+    srv = private_kube
+    srv.add_node("n1")
+    doc = json.loads(open(srv.kubeconfig(tmp_path / "kc")).read())
+    token = tmp_path / "token"
+    doc["users"][0]["user"] = {"tokenFile": str(token)}
+    kc = _write(tmp_path / "kc", doc)
+    with pytest.raises(UsageError, match="tokenFile .*token: No such file"):
+        KubeAPI.from_settings(settings(kc), token_file_period=0)
+    token.write_text("  \n")
+    with pytest.raises(UsageError, match="read an empty token"):
+        KubeAPI.from_settings(settings(kc), token_file_period=0)
+
+    def sent():
+        return srv.requests[-1]["headers"].get("Authorization")
+
+    token.write_text("t1\n")
+    with KubeAPI.from_settings(settings(kc), token_file_period=0) as api:
+        api.get("/api/v1/nodes/n1")
+        token.unlink()
+        assert api.get("/api/v1/nodes/n1")["metadata"]["name"] == "n1" and sent() == "Bearer t1"
+        token.write_text("")
+        assert api.get("/api/v1/nodes/n1")["metadata"]["name"] == "n1" and sent() == "Bearer t1"
+        token.write_text("t2\n")
+        srv.tokens["admin"] = "t2"
+        assert api.get("/api/v1/nodes/n1")["metadata"]["name"] == "n1" and sent() == "Bearer t2"
+        # revoked, and no new token to read: the 401 stands (exit 7), no usage error mid-run
+        token.unlink()
+        srv.tokens["admin"] = "t3"
+        with pytest.raises(AuthError, match="Unauthorized"):
+            api.get("/api/v1/nodes/n1")
+
+
 def test_drain_outlives_its_exec_credential(cli, private_kube, tmp_path):
     """r12: a token rotated in the middle of a drain (evicted pod still terminating): the drain
     goes on with the plugin's new token and finishes."""
@@ -373,6 +413,87 @@ def test_no_proxy_matching_follows_go(monkeypatch, server, no_proxy, proxied):
     monkeypatch.setenv("HTTPS_PROXY", "proxy.corp:3128")
     monkeypatch.setenv("NO_PROXY", no_proxy)
     assert _environment_proxy(server) == ("http://proxy.corp:3128" if proxied else None)
+
+
+#: (server, NO_PROXY, proxied?) as kubectl 1.33 decides (Go's golang.org/x/net/http/httpproxy
+#: config.init / useProxy), observed by test_no_proxy_corpus_is_kubectls
+NO_PROXY_CORPUS = [
+    ("https://api.example.invalid", "", True),
+    ("https://api.example.invalid", "*", False),
+    ("https://api.example.invalid", "example.invalid", False),      # a domain: itself and below
+    ("https://apiexample.invalid", "example.invalid", True),        # not a label boundary
+    ("https://example.invalid", ".example.invalid", True),           # ".d": below only
+    ("https://api.example.invalid", "*.example.invalid", False),
+    ("https://example.invalid", "*.example.invalid", True),
+    ("https://api.example.invalid", "*example.invalid", True),      # "*x" is a name, no wildcard
+    ("https://api.example.invalid", "EXAMPLE.invalid", False),      # lowercased
+    ("https://api.example.invalid", " foo , example.invalid", False),
+    ("https://api.example.invalid.", "example.invalid", True),      # a trailing dot is another name
+    ("https://api.example.invalid:6443", "api.example.invalid:6443", False),
+    ("https://api.example.invalid:6443", "api.example.invalid:443", True),
+    ("https://api.example.invalid", "api.example.invalid:443", False),  # the scheme's port
+    ("https://api.example.invalid:6443", "api.example.invalid:", False),  # empty port: any
+    ("https://api.example.invalid", "[api.example.invalid]:443", False),  # brackets stripped
+    ("https://api.example.invalid", "api.example.invalid:6443:1", True),
+    ("https://api.example.invalid", ":6443", True),                # no host: ignored
+    ("https://10.0.0.1:6443", "10.0.0.1", False),
+    ("https://10.0.0.1:6443", "10.0.0.2", True),
+    ("https://10.0.0.1:6443", "10.0.0.1:6443", False),
+    ("https://10.0.0.1:6443", "10.0.0.1:443", True),
+    ("https://10.0.0.1", "10.0.0.1:443", False),
+    ("https://10.0.0.1:6443", "10.0.0.0/8", False),
+    ("https://10.0.0.1:6443", "10.0.0.1/255.0.0.0", True),          # no netmask form
+    ("https://10.0.0.1:6443", "0.1", True),                         # names never match an IP
+    ("https://10.0.0.1:6443", ".0.0.1", True),
+    ("https://10.0.0.1:6443", "0.0.1", True),
+    ("https://[fd00::1]:6443", "fd00::1", False),
+    ("https://[fd00::1]:6443", "[fd00::1]:6443", False),
+    ("https://[fd00::1]:6443", "[fd00::1]", True),                  # no port: a name, not an IP
+    ("https://[fd00::1]:6443", "fd00::/16", False),
+    ("https://[::ffff:10.0.0.1]:6443", "10.0.0.1", False),          # IPv4-mapped is the IPv4
+    ("https://10.0.0.1:6443", "::ffff:10.0.0.1", False),
+    ("https://localhost:6443", "", False),                          # loopback: never
+    ("https://[::1]:6443", "", False),
+    ("https://127.0.0.2:6443", "", False),
+]
+
+
+@pytest.mark.parametrize("server,no_proxy,proxied", NO_PROXY_CORPUS)
+def test_no_proxy_corpus(monkeypatch, server, no_proxy, proxied):
+    from katactl.backends.kube import _environment_proxy
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    assert _environment_proxy(server) == ("http://proxy.corp:3128" if proxied else None)
+
+
+def test_no_proxy_corpus_is_kubectls(tmp_path, kubectl_133):
+    """kubectl 1.33's own decision for every case of NO_PROXY_CORPUS: whether it sends CONNECT
+    to a proxy on loopback (HTTPS_PROXY) or dials the server itself."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
+    seen: dict[int, bool] = {}
+
+    def one(i, server, no_proxy):
+        proxy = ConnectProxy({})  # answers 403 to every CONNECT: kubectl fails either way
+        try:
+            kc = _write(tmp_path / f"kc{i}", {
+                "apiVersion": "v1", "kind": "Config", "current-context": "c",
+                "clusters": [{"name": "k", "cluster": {"server": server, "insecure-skip-tls-verify": True}}],
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+                "users": [{"name": "u", "user": {"token": "x"}}]})
+            subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "--raw", "/version", "--request-timeout", "1s"],
+                           env={**env, "HTTPS_PROXY": proxy.url, "NO_PROXY": no_proxy}, capture_output=True,
+                           timeout=60)
+            seen[i] = any(line.startswith("CONNECT ") for line in proxy.log)
+        finally:
+            proxy.close()
+
+    threads = [threading.Thread(target=one, args=(i, s, n)) for i, (s, n, _) in enumerate(NO_PROXY_CORPUS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [(s, n, seen[i]) for i, (s, n, _) in enumerate(NO_PROXY_CORPUS)] == NO_PROXY_CORPUS
 
 
 @pytest.mark.parametrize("url,needle", [

@@ -46,6 +46,9 @@ POOL_SIZE = 16
 MAX_RETRY_AFTER = 10.0
 #: how often an update is re-read and retried after a 409 Conflict
 CONFLICT_RETRIES = 5
+#: client-go's cached file token source: a tokenFile is read again once its copy is a minute
+#: old, less 10 s of leeway (client-go transport/token_source.go NewCachedFileTokenSource)
+TOKEN_FILE_PERIOD = 60.0 - 10.0
 
 PATCH_TYPES = {
     "strategic": "application/strategic-merge-patch+json",
@@ -126,7 +129,9 @@ class KubeAPI:
 
     # -- construction ------------------------------------------------------
     @classmethod
-    def from_settings(cls, settings) -> Self:
+    def from_settings(cls, settings, *, token_file_period: float = TOKEN_FILE_PERIOD) -> Self:
+        """The client of the kubeconfig context in effect. ``token_file_period``: how often a
+        tokenFile is read again (client-go's 50 s; tests shorten it)."""
         try:
             from kubernetes import config as kconfig
             from kubernetes.client import Configuration
@@ -152,6 +157,8 @@ class KubeAPI:
         cluster = clusters.get(str(ctx.get("cluster") or ""))
         if cluster is None:
             raise UsageError(f"kubeconfig: context {name!r}: cluster {ctx.get('cluster')!r} not found")
+        # a malformed server URL is a usage error here, not a ValueError of the loader's or httpx's
+        server_url(str(cluster.get("server") or ""), str(ctx.get("cluster") or ""))
         # the bearer-token sources that expire (exec plugin, tokenFile) are katactl's own
         # (_Credentials, refreshed as client-go does); the loader keeps the server, TLS files,
         # auth-provider and basic auth
@@ -164,7 +171,7 @@ class KubeAPI:
         try:
             kconfig.load_kube_config_from_dict(loader_cfg, context=name, client_configuration=cfg,
                                                persist_config=False)
-            creds = _Credentials.from_user(user, cluster)
+            creds = _Credentials.from_user(user, cluster, token_file_period=token_file_period)
         except kconfig.ConfigException as e:
             raise UsageError(f"kubeconfig: {_one_line(e)}") from None
         except (ValueError, TypeError, AttributeError, KeyError) as e:
@@ -181,7 +188,7 @@ class KubeAPI:
             tls = _tls_context(cfg)
         except (OSError, ValueError) as e:  # an unreadable or malformed CA or client certificate
             raise UsageError(f"kubeconfig: certificate: {getattr(e, 'strerror', None) or e}") from None
-        headers.proxy = proxy_for(cluster, cfg.host)
+        headers.proxy = proxy_for(cluster, cfg.host, str(ctx.get("cluster") or ""))
         if creds is not None:
             headers.creds = creds
             creds.attach(headers, tls)
@@ -204,7 +211,7 @@ class KubeAPI:
         q = {k: v for k, v in (params or {}).items() if v is not None}
         err: KatactlError | None = None
         for attempt in range(RETRIES + 1):
-            delay = min(0.2 * 2 ** attempt, 2.0)
+            delay = backoff(attempt)
             try:
                 r = self._send(method, path, params=q, content=data, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
@@ -238,8 +245,7 @@ class KubeAPI:
                         raise MaybeApplied(f"{msg} (it may have been applied)", r.status_code, status,
                                            retry_after)
                     err = OperationFailed(msg, details={"httpStatus": r.status_code})
-                    if retry_after is not None:
-                        delay = min(retry_after, MAX_RETRY_AFTER)
+                    delay = backoff(attempt, retry_after)
                 else:
                     raise self._error(method, path, r.status_code, status)
             if attempt == RETRIES:
@@ -503,11 +509,6 @@ class _Headers(dict):
     proxy: str | None = None
 
 
-#: client-go's cached file token source: a tokenFile is read again once its copy is a minute
-#: old, less 10 s of leeway (client-go transport/token_source.go NewCachedFileTokenSource)
-TOKEN_FILE_PERIOD = 60.0 - 10.0
-
-
 class _Credentials:
     """Bearer tokens that expire: an exec credential plugin's (client.authentication.k8s.io
     ExecCredential) or a tokenFile's, obtained again as client-go does.
@@ -517,15 +518,21 @@ class _Credentials:
       the current token (maybeRefreshCreds). A plugin's client certificate
       (clientCertificateData/clientKeyData) is loaded into the TLS context: new connections
       present it.
-    - tokenFile: read again every 50 s (client-go's cached file token source) and after a 401.
+    - tokenFile: read again every 50 s and after a 401, as client-go's cachingTokenSource
+      (transport/token_source.go): a read that fails or finds the file empty (a rotation that
+      truncates, then writes) keeps the token held ("Unable to rotate token", at -v) and is
+      tried again at the next request; only the first read failing is an error (exit 2),
+      unless the user also has a ``token`` (sent while the file cannot be read, client-go
+      round_trippers.go NewBearerAuthWithRefreshRoundTripper).
 
     After a 401, :meth:`renew` says whether the credentials changed: the request is then sent
     once more (client-go only refreshes for the next request; a drain that outlives a
     15-minute token would lose the request)."""
 
     def __init__(self, *, exec_cfg: dict | None = None, token_file: str | None = None,
-                 cluster: dict | None = None):
+                 cluster: dict | None = None, token_file_period: float = TOKEN_FILE_PERIOD):
         self.exec_cfg, self.token_file, self.cluster = exec_cfg, token_file, cluster
+        self.token_file_period = token_file_period
         self._lock = threading.Lock()
         self._auth: str | None = None
         self._expires: float | None = None  # epoch seconds (an exec plugin's expirationTimestamp)
@@ -533,17 +540,20 @@ class _Credentials:
         self._headers: dict | None = None
         self._tls = None
         self._fallback: str | None = None  # a user's token beside its unreadable tokenFile
+        self._file_token: str | None = None  # the tokenFile's last good read
+        self._rotate_failed = False  # warned that a re-read failed (once until one succeeds)
         self._loaded = False
 
     @classmethod
-    def from_user(cls, user: dict, cluster: dict) -> "_Credentials | None":
+    def from_user(cls, user: dict, cluster: dict, *,
+                  token_file_period: float = TOKEN_FILE_PERIOD) -> "_Credentials | None":
         """The bearer-token source of a kubeconfig user (exec > tokenFile > token), or None.
         With both tokenFile and token, the file's token is sent while the file can be read
         (client-go transport/round_trippers.go NewBearerAuthWithRefreshRoundTripper)."""
         if isinstance(user.get("exec"), dict):
             return cls(exec_cfg=user["exec"], cluster=cluster)
         if user.get("tokenFile"):
-            c = cls(token_file=str(user["tokenFile"]))
+            c = cls(token_file=str(user["tokenFile"]), token_file_period=token_file_period)
             c._fallback = f"Bearer {user['token']}" if user.get("token") else None
             return c
         if user.get("token"):
@@ -562,8 +572,8 @@ class _Credentials:
             return bool(self.exec_cfg or self.token_file)
         if self.exec_cfg is not None:
             return self._expires is not None and time.time() > self._expires
-        if self.token_file:
-            return time.monotonic() - self._read_at >= TOKEN_FILE_PERIOD
+        if self.token_file:  # a failed read is tried again at the next request (no _read_at)
+            return self._file_token is None or time.monotonic() - self._read_at >= self.token_file_period
         return False
 
     def authorization(self) -> str | None:
@@ -588,21 +598,33 @@ class _Credentials:
         if self.exec_cfg is not None:
             self._auth, self._expires = self._run_plugin()
         else:
-            assert self.token_file
-            try:
-                with open(self.token_file, encoding="utf-8") as f:
-                    tok = f.read().strip()
-            except OSError as e:
-                if self._fallback is None:
-                    raise UsageError(f"kubeconfig: tokenFile {self.token_file}: {e.strerror}") from None
-                tok = None
-            self._read_at = time.monotonic()
-            self._auth = f"Bearer {tok}" if tok else self._fallback
+            self._read_token_file()
+            self._auth = f"Bearer {self._file_token}" if self._file_token else self._fallback
         if self._headers is not None:
             if self._auth:
                 self._headers["Authorization"] = self._auth
             else:
                 self._headers.pop("Authorization", None)
+
+    def _read_token_file(self) -> None:
+        assert self.token_file
+        try:
+            with open(self.token_file, encoding="utf-8") as f:
+                tok = f.read().strip()
+            why = "" if tok else "read an empty token"
+        except (OSError, UnicodeDecodeError) as e:
+            tok, why = "", getattr(e, "strerror", None) or "not UTF-8 text"
+        if tok:
+            self._file_token, self._read_at, self._rotate_failed = tok, time.monotonic(), False
+            return
+        if self._file_token is None and self._fallback is None:  # nothing held yet: the first read
+            raise UsageError(f"kubeconfig: tokenFile {self.token_file}: {why}")
+        if not self._rotate_failed:
+            self._rotate_failed = True
+            import logging
+
+            logging.getLogger(__name__).debug(f"kubeconfig: tokenFile {self.token_file}: {why}: "
+                                              "unable to rotate the token, keeping the one held")
 
     def _run_plugin(self) -> tuple[str | None, float | None]:
         from kubernetes.config.config_exception import ConfigException
@@ -643,90 +665,185 @@ class _Credentials:
             self._tls.load_cert_chain(c, k)
 
 
+def backoff(attempt: int, retry_after: float | None = None) -> float:
+    """Seconds to wait before sending again after failed attempt ``attempt`` (0, 1, ...):
+    the server's Retry-After (at most MAX_RETRY_AFTER), else 0.2 s doubling up to 2 s."""
+    if retry_after is not None:
+        return min(retry_after, MAX_RETRY_AFTER)
+    return min(0.2 * 2 ** attempt, 2.0)
+
+
 def _rfc3339(s: str) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
-def proxy_for(cluster: dict, server: str) -> str | None:
+def proxy_for(cluster: dict, server: str, name: str = "") -> str | None:
     """The proxy kubectl would reach ``server`` through: the cluster's proxy-url, else the
     environment's (:func:`_environment_proxy`), else none. The one decision for every connection
-    to the API server: httpx's requests and the exec transport's WebSockets (kubeexec.py)."""
+    to the API server: httpx's requests and the exec transport's WebSockets (kubeexec.py).
+    ``name`` is the cluster's name, for the error of a malformed URL (UsageError)."""
+    server_url(server, name)
     if cluster.get("proxy-url"):
-        return _proxy_url(cluster["proxy-url"], "kubeconfig: proxy-url")
-    return _proxy_url(_environment_proxy(server), "HTTPS_PROXY/HTTP_PROXY")
+        return _proxy_url(str(cluster["proxy-url"]), f"invalid 'proxy-url' \"{cluster['proxy-url']}\" "
+                                                      f"for cluster \"{name}\"")
+    proxy = _environment_proxy(server)
+    return _proxy_url(proxy, f"invalid proxy address \"{proxy}\" (HTTPS_PROXY/HTTP_PROXY)")
 
 
-def _proxy_url(url: str | None, source: str) -> str | None:
-    """A cluster's proxy-url as client-go accepts it: http, https or socks5
-    (client-go tools/clientcmd/client_config.go parseProxyURL); the proxy then carries every
-    request (HTTP CONNECT for an https server)."""
+def server_url(server: str, name: str = ""):
+    """A cluster's server URL, split (urllib.parse.SplitResult), or a UsageError in kubectl's
+    words where it has them (client-go rest/url_utils.go DefaultServerURL: "host must be a URL
+    or a host:port pair"; net/http: "unsupported protocol scheme"). A server without a scheme
+    is left to the request to refuse."""
+    from urllib.parse import urlsplit
+
+    where = f"kubeconfig: cluster \"{name}\"" if name else "kubeconfig"
+    try:
+        u = urlsplit(server)
+        u.port  # noqa: B018 - raises ValueError on a port that is not a number, or out of range
+    except ValueError as e:
+        if "out of range" in str(e):
+            raise UsageError(f"{where}: server \"{server}\": port out of range 0-65535") from None
+        raise UsageError(f"{where}: host must be a URL or a host:port pair: \"{server}\"") from None
+    if "://" in server and u.scheme not in ("http", "https"):
+        raise UsageError(f"{where}: server \"{server}\": unsupported protocol scheme \"{u.scheme}\"")
+    return u
+
+
+def _proxy_url(url: str | None, what: str) -> str | None:
+    """A proxy URL as client-go accepts it: http, https or socks5, parseable, its port a number
+    in range (client-go tools/clientcmd/client_config.go parseProxyURL: "invalid 'proxy-url'
+    ... could not parse", "unsupported scheme ..."); the proxy then carries every request (HTTP
+    CONNECT for an https server). ``what`` starts the one-line UsageError."""
     if not url:
         return None
     from urllib.parse import urlsplit
 
-    scheme = urlsplit(str(url)).scheme
-    if scheme not in ("http", "https", "socks5"):
-        raise UsageError(f"{source} {url!r}: unsupported scheme {scheme!r} "
-                         "(http, https or socks5)")
-    if scheme == "socks5":
+    try:
+        u = urlsplit(url)
+        u.port  # noqa: B018 - raises ValueError on a port that is not a number, or out of range
+    except ValueError as e:
+        why = "port out of range 0-65535" if "out of range" in str(e) else f"could not parse: {url}"
+        raise UsageError(f"{what}: {why}") from None
+    if u.scheme not in ("http", "https", "socks5"):
+        raise UsageError(f"{what}: unsupported scheme \"{u.scheme}\", must be http, https, or socks5")
+    if not u.hostname:
+        raise UsageError(f"{what}: could not parse: {url}")
+    if u.scheme == "socks5":
         import importlib.util
 
         if importlib.util.find_spec("socksio") is None:  # httpx's SOCKS support
-            raise UsageError(f"{source} {url!r}: SOCKS5 proxies need the socksio "
+            raise UsageError(f"{what}: SOCKS5 proxies need the socksio "
                              "package (pip install 'httpx[socks]'); an HTTP CONNECT proxy works as is")
-    return str(url)
+    return url
 
 
 def _environment_proxy(server: str) -> str | None:
     """The proxy the environment names for ``server`` when the cluster sets no proxy-url, as
     kubectl finds it (client-go uses Go's http.ProxyFromEnvironment, golang.org/x/net/http/
     httpproxy): HTTPS_PROXY (https) or HTTP_PROXY (http), either case; a value without a
-    scheme is http://; never for localhost or a loopback address; NO_PROXY "*", or an entry
-    matching the host (the name or a parent domain, ".name" only subdomains; an IP; a CIDR;
-    with ":port", that port only) means none."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    u = urlsplit(server)
+    scheme is http://; never for localhost or a loopback address, nor when NO_PROXY exempts
+    the host (:func:`_no_proxy_matches`)."""
+    u = server_url(server)
     env = os.environ
     keys = ("HTTPS_PROXY", "https_proxy") if u.scheme == "https" else ("HTTP_PROXY", "http_proxy")
     proxy = next((env[k] for k in keys if env.get(k)), None)
     host = (u.hostname or "").lower()
     if not proxy or not host:
         return None
-    port = u.port or (443 if u.scheme == "https" else 80)
-    ip = None
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
+    port = str(u.port or (443 if u.scheme == "https" else 80))
+    ip = _go_ip(host)
     if host == "localhost" or (ip is not None and ip.is_loopback):
         return None
-    for entry in (env.get("NO_PROXY") or env.get("no_proxy") or "").split(","):
-        entry = entry.strip().lower()
-        if entry.startswith("*."):
-            entry = entry[1:]  # "*.example.com" is ".example.com": subdomains only
-        if not entry:
-            continue
-        if entry == "*":
-            return None
-        if ip is not None:
-            try:
-                if ip in ipaddress.ip_network(entry, strict=False):
-                    return None
-            except ValueError:
-                pass
-        name, _, eport = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if eport and eport != str(port):
-            continue
-        if name.startswith("."):
-            if host.endswith(name):
-                return None
-        elif host == name or host.endswith("." + name):
-            return None
+    if _no_proxy_matches(env.get("NO_PROXY") or env.get("no_proxy") or "", host, port):
+        return None
     return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _go_ip(s: str):
+    """Go's net.ParseIP: an IPv4 or IPv6 literal without a zone; IPv4-mapped IPv6 is the IPv4
+    address (net.IP.Equal and IPNet.Contains treat them as one), or None."""
+    import ipaddress
+
+    if not s or "%" in s:
+        return None
+    try:
+        ip = ipaddress.ip_address(s)
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def _go_split_host_port(s: str) -> tuple[str, str] | None:
+    """Go's net.SplitHostPort: (host without brackets, port) or None (no port, stray colons
+    or brackets). The port may be empty ("host:")."""
+    i = s.rfind(":")
+    if i < 0:
+        return None
+    j = k = 0
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0 or end + 1 != i:
+            return None
+        host, j, k = s[1:end], 1, end + 1
+    else:
+        host = s[:i]
+        if ":" in host:
+            return None
+    if "[" in s[j:] or "]" in s[k:]:
+        return None
+    return host, s[i + 1:]
+
+
+def _no_proxy_matches(no_proxy: str, host: str, port: str) -> bool:
+    """Whether NO_PROXY exempts host:port, as golang.org/x/net/http/httpproxy (proxy.go,
+    config.init and useProxy) decides for kubectl: entries split at commas, trimmed and
+    lowercased; "*" exempts all; a CIDR or an IP (":port" or "[v6]:port" limits it to that
+    port) matches IP hosts only; anything else is a name ("*.d" is ".d"): "d" matches d and its
+    subdomains, ".d" subdomains only (by suffix), never an IP host; an entry with an empty
+    host part is ignored. Compared with kubectl 1.33 in tests/test_kube_client.py."""
+    import ipaddress
+
+    ip = _go_ip(host)
+    for p in no_proxy.split(","):
+        p = p.strip().lower()
+        if not p:
+            continue
+        if p == "*":
+            return True
+        addr, _, bits = p.partition("/")
+        if bits:  # net.ParseCIDR: ADDR/DECIMAL only (no netmask form, no zone)
+            net_ip = _go_ip(addr) if bits.isdigit() else None
+            if net_ip is not None:
+                try:
+                    net = ipaddress.ip_network(f"{net_ip}/{int(bits)}", strict=False)
+                except ValueError:
+                    net = None
+                if net is not None:
+                    if ip is not None and ip.version == net.version and ip in net:
+                        return True
+                    continue
+        hp = _go_split_host_port(p)
+        phost, pport = hp if hp is not None else (p, "")
+        if hp is not None and not phost:
+            continue
+        pip = _go_ip(phost)
+        if pip is not None:
+            if ip is not None and pip == ip and pport in ("", port):
+                return True
+            continue
+        if not phost or ip is not None:
+            continue
+        if phost.startswith("*."):
+            phost = phost[1:]
+        exact = not phost.startswith(".")
+        if exact:
+            phost = "." + phost
+        if (host.endswith(phost) or (exact and host == phost[1:])) and pport in ("", port):
+            return True
+    return False
 
 
 #: the entries of a kubeconfig that name local files, resolved against the directory of the
@@ -865,7 +982,7 @@ def context_in_use(settings) -> dict:
         out["server"] = cluster.get("server")
         out["sources"]["cluster"] = out["sources"]["server"] = src["clusters"][cname]
         try:
-            out["proxy"] = proxy_for(cluster, str(cluster.get("server") or ""))
+            out["proxy"] = proxy_for(cluster, str(cluster.get("server") or ""), cname or "")
         except KatactlError as e:
             out["error"] = e.message
         if out["proxy"]:

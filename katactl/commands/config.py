@@ -36,7 +36,8 @@ def view(ctx: typer.Context) -> None:
             "nodeGroups": {k: list(v) for k, v in s.node_groups.items()}, "settings": items,
             "kubernetes": k8s}
     if k8s["error"]:
-        app_ctx.out.warn(f"kubeconfig: {k8s['error']}")
+        err = k8s["error"]  # most errors name the kubeconfig already
+        app_ctx.out.warn(err if err.startswith("kubeconfig") else f"kubeconfig: {err}")
     if app_ctx.out.human or app_ctx.out.fmt == "name":
         # the context as rows of the same table: one record per line, its source beside it
         if not k8s["files"] and not k8s["error"]:
