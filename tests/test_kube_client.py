@@ -551,6 +551,80 @@ def test_rollout_accepts_its_own_create_answered_504(cli, kube, tmp_path, what):
         other.release()
 
 
+@pytest.mark.parametrize("what", ["leases", "configmaps"])
+def test_rollout_outlasts_creates_answered_503(cli, kube, tmp_path, what):
+    """An overloaded server answers the Lease (or the state ConfigMap) create 503 three times,
+    landing nothing: the rollout reads back, sends it again after a backoff (Retry-After
+    honoured) and runs; it is no other holder (exit 5)."""
+    for i in range(2):
+        kube.add_node(f"n{i}", labels={"pool": "b"})
+    kube.inject("POST", rf"/{what}", status=503, times=3, retry_after=0)
+    kc = kube.kubeconfig(tmp_path / "kc")
+    r = cli(["--kubeconfig", kc, "rollout", "run", "r1", "-l", "pool=b", "--step", "cordon", "--poll", "0.1"])
+    assert r.exit_code == 0, r.stderr
+    assert sum(q["method"] == "POST" and f"/{what}" in q["path"] for q in kube.requests) == 4
+
+
+@pytest.mark.parametrize("what", ["leases", "configmaps"])
+def test_rollout_fails_with_the_servers_message_when_creates_keep_failing(cli, kube, tmp_path, what):
+    """A server that keeps answering 503: exit 1 with its message after a bounded number of
+    attempts, never "another katactl holds it" (5); nothing was cordoned."""
+    kube.add_node("n0", labels={"pool": "b"})
+    kube.inject("POST", rf"/{what}", status=503, times=100)
+    kc = kube.kubeconfig(tmp_path / "kc")
+    r = cli(["--kubeconfig", kc, "rollout", "run", "r1", "-l", "pool=b", "--step", "cordon", "--poll", "0.1"])
+    assert r.exit_code == 1, r.stderr
+    assert "HTTP 503: injected fault (503)" in r.stderr and "another" not in r.stderr, r.stderr
+    from katactl.backends.kube import RETRIES
+
+    # read back after each 5xx, sent again after a backoff, a bounded number of times
+    assert sum(q["method"] == "POST" and f"/{what}" in q["path"] for q in kube.requests) == RETRIES + 1
+    assert not kube.get_obj("Node", "n0")["spec"].get("unschedulable")
+
+
+def test_rollout_knows_its_own_configmap_landing_after_a_504(cli, kube, tmp_path):
+    """kube-apiserver's timeout filter answers 504 while the create goes on: the read-back GET
+    finds nothing yet, the create lands, the create sent again meets 409. Re-read, it holds
+    what was sent: ours, the rollout runs (not "already exists", exit 5)."""
+    from tests import kubeserver as ks
+
+    for i in range(2):
+        kube.add_node(f"n{i}", labels={"pool": "b"})
+    handle, pending = kube.handle, []
+
+    def late_landing(method, path, query, body, user, accept):  # the stand-in's handler, delayed
+        if method == "POST" and path.endswith("/configmaps") and "katactl-rollout-" in json.dumps(body):
+            if not pending:
+                pending.append((method, path, query, body, user, accept))
+                raise ks.ApiError(504, "Timeout", "Timeout: request did not complete within the allotted timeout")
+            if pending[-1] is not None:
+                handle(*pending[-1])
+                pending.append(None)
+        return handle(method, path, query, body, user, accept)
+
+    kube.handle = late_landing
+    kc = kube.kubeconfig(tmp_path / "kc")
+    r = cli(["--kubeconfig", kc, "rollout", "run", "r1", "-l", "pool=b", "--step", "cordon", "--poll", "0.1"])
+    assert r.exit_code == 0, r.stderr
+    assert "Succeeded" in r.stderr + r.stdout
+    # another's ConfigMap of that name landing between: still refused (exit 5)
+    def foreign_landing(method, path, query, body, user, accept):
+        if method == "POST" and path.endswith("/configmaps") and "katactl-rollout-" in json.dumps(body):
+            if not pending:
+                pending.append(True)
+                raise ks.ApiError(504, "Timeout", "Timeout: request did not complete within the allotted timeout")
+            if len(pending) == 1:
+                pending.append(True)
+                kube.add({"apiVersion": "v1", "kind": "ConfigMap", "data": {"control": "{}"},
+                          "metadata": {"name": "katactl-rollout-r2", "namespace": "kube-system"}})
+        return handle(method, path, query, body, user, accept)
+
+    pending.clear()
+    kube.handle = foreign_landing
+    r = cli(["--kubeconfig", kc, "rollout", "run", "r2", "-l", "pool=b", "--step", "cordon", "--poll", "0.1"])
+    assert r.exit_code == 5 and "rollout r2 already exists" in r.stderr, r.stderr
+
+
 # -- expired continue tokens ---------------------------------------------------------------------
 
 GONE = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410,

@@ -123,6 +123,14 @@ class Store:
 
 # -- Kubernetes ----------------------------------------------------------------------
 
+def _server_failed(what: str, e) -> OperationFailed:
+    """A create the server kept answering 5xx (a MaybeApplied read back and found absent):
+    exit 1 with the server's own message, not a safety refusal."""
+    msg = (e.body or {}).get("message") or f"HTTP {e.status}"
+    return OperationFailed(f"{what}: the Kubernetes API keeps failing: HTTP {e.status}: {msg}",
+                           details={"httpStatus": e.status})
+
+
 class KubeStore(Store):
     kind = "kube"
 
@@ -164,11 +172,17 @@ class KubeStore(Store):
                 "acquireTime": acquire or now, "renewTime": now, "leaseTransitions": transitions}
 
     def acquire(self, name: str) -> None:
-        from katactl.backends.kube import Conflict, MaybeApplied
+        """Take the cluster lock for rollout ``name``, or Refused (exit 5) when another holds
+        it. A create answered 5xx (MaybeApplied) is read back: our own Lease is ours; absent, it
+        is sent again after a backoff (Retry-After honoured), at most RETRIES times, then
+        OperationFailed with the server's message: an overloaded server is no other holder."""
+        from katactl.backends.kube import RETRIES, Conflict, MaybeApplied, backoff
 
         me = holder_identity(name)
         mine = session()  # a Lease carrying this very session is one this call wrote
-        for _ in range(3):
+        races = failed = 0
+        pause = 0.0  # before sending the create again, after a 5xx
+        while races < 3:
             try:
                 lease = self.api.get(self._lease_path)
             except NotFound:
@@ -176,12 +190,19 @@ class KubeStore(Store):
                        "metadata": {"name": LEASE, "namespace": self.ns, "labels": dict(MANAGED),
                                     "annotations": {SESSION_ANNOTATION: json.dumps(mine)}},
                        "spec": self._spec(name, 0)}
+                time.sleep(pause)
                 try:
                     self._lease = self.api.create(f"/apis/coordination.k8s.io/v1/namespaces/{self.ns}/leases", obj)
                 except Conflict:
+                    races += 1
                     continue  # created by someone else meanwhile: judge it
-                except MaybeApplied:
-                    continue  # answered 5xx: it may have landed; read it and judge
+                except MaybeApplied as e:
+                    # answered 5xx: it may have landed; read it back and judge, or send it again
+                    if failed == RETRIES:
+                        raise _server_failed(f"cannot take the cluster lock (Lease {self.ns}/{LEASE})", e) from None
+                    pause = backoff(failed, e.retry_after)
+                    failed += 1
+                    continue
                 self.name = name
                 return
             spec = lease.get("spec") or {}
@@ -309,7 +330,7 @@ class KubeStore(Store):
                                f"{getattr(e, 'message', e)}")
 
     def create(self, state: dict) -> None:
-        from katactl.backends.kube import Conflict, MaybeApplied
+        from katactl.backends.kube import Conflict
         from katactl.errors import UsageError
 
         # refused before anything runs, not when a save in the middle of the fleet is refused
@@ -323,18 +344,7 @@ class KubeStore(Store):
         obj = self._obj(state["name"], StateWriter(state).snapshot(state).gzip(), {})
         obj["metadata"].pop("resourceVersion")
         try:
-            try:
-                cm = self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
-            except MaybeApplied:
-                # answered 5xx: it may have landed. Ours if it holds exactly what we sent;
-                # absent: send it again; anything else is another's rollout of that name
-                try:
-                    cm = self.api.get(self._cm_path(state["name"]))
-                except NotFound:
-                    cm = self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
-                else:
-                    if cm.get("binaryData") != obj["binaryData"] or cm.get("data") != obj["data"]:
-                        raise Conflict(f"ConfigMap {CM_PREFIX}{state['name']} exists") from None
+            cm = self._create_configmap(state["name"], obj)
         except Conflict:
             raise Refused(f"rollout {state['name']} already exists (ConfigMap {self.ns}/{CM_PREFIX}{state['name']})",
                           hint=f"'katactl rollout resume {state['name']}' continues it") from None
@@ -342,6 +352,49 @@ class KubeStore(Store):
             raise self._refused(state["name"], e) from None
         self._cm_rv[state["name"]] = cm["metadata"]["resourceVersion"]
         self._cm_control[state["name"]] = {}
+
+    def _create_configmap(self, name: str, obj: dict) -> dict:
+        """POST the state ConfigMap. A 5xx answer (MaybeApplied) may hide a create that
+        landed, or lands later (kube-apiserver's timeout filter answers 504 while the handler
+        goes on): read back; one holding exactly what we sent is ours, another's is Conflict;
+        absent, send again after a backoff (Retry-After honoured), at most RETRIES times, then
+        OperationFailed with the server's message. A 409 to a create sent again after a 5xx
+        is judged the same way (our first one may have landed between)."""
+        from katactl.backends.kube import RETRIES, Conflict, MaybeApplied, backoff
+
+        def ours() -> dict | None:
+            try:
+                cm = self.api.get(self._cm_path(name))
+            except NotFound:
+                return None
+            if cm.get("binaryData") != obj["binaryData"] or cm.get("data") != obj["data"]:
+                raise Conflict(f"ConfigMap {CM_PREFIX}{name} exists")
+            return cm
+
+        failed = 0
+        while True:
+            try:
+                return self.api.create(f"/api/v1/namespaces/{self.ns}/configmaps", obj)
+            except Conflict:
+                if not failed:
+                    raise
+                cm = ours()
+                if cm is not None:
+                    return cm
+                if failed > RETRIES:  # one that keeps coming and going is not ours
+                    raise
+                failed += 1  # deleted since: nobody's, send it again
+                continue
+            except MaybeApplied as e:
+                err = e
+            cm = ours()
+            if cm is not None:
+                return cm
+            if failed == RETRIES:
+                raise _server_failed(f"cannot create the state of rollout {name} "
+                                     f"(ConfigMap {self.ns}/{CM_PREFIX}{name})", err) from None
+            time.sleep(backoff(failed, err.retry_after))
+            failed += 1
 
     def save(self, name: str, snap: "Snapshot") -> None:
         """PUT with the last resourceVersion (one request); on 409 (a pause/abort wrote
