@@ -394,8 +394,8 @@ def test_a_node_left_cordoned_that_holds_the_rollout_back_is_said_and_tried_agai
     assert r.exit_code == 0, r.stderr
     ev = events(r.stdout)
     held = [e for e in ev if e["kind"] == "Warning" and "holds the rollout back" in e["message"]]
-    assert len(held) == 1 and "katactl node uncordon" in held[0]["message"]
-    assert ev[-1]["phase"] == "Succeeded" and ev[-1]["counts"]["done"] == 2
+    assert len(held) == 1 and "katactl node uncordon" in held[0]["message"], r.stdout
+    assert ev[-1]["phase"] == "Succeeded" and ev[-1]["counts"]["done"] == 2, r.stdout
     assert not any(unschedulable(kube).values())
 
 
