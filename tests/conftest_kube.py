@@ -4,6 +4,8 @@
   loopback, pod grace periods scaled by 0.01 (a 30 s grace takes 0.3 s).
 - ``kube`` (function): the same server after ``reset()`` (empty store but the default
   namespaces, no faults, empty request log, default knobs).
+- ``kc`` (function): a kubeconfig file for ``kube`` (admin), in the test's tmp_path.
+- ``kube_api`` (function): a KubeAPI on that kubeconfig, closed after the test.
 - ``kubectl_133``: path of a real kubectl 1.33, or skip "kubectl 1.33 not installed".
 """
 from __future__ import annotations
@@ -45,6 +47,21 @@ def kube(kube_server):
     kube_server.reset()
     yield kube_server
     kube_server.reset()
+
+
+@pytest.fixture
+def kc(kube, tmp_path):
+    return kube.kubeconfig(tmp_path / "kubeconfig")
+
+
+@pytest.fixture
+def kube_api(kc):
+    from katactl.backends.kube import KubeAPI
+    from katactl.config import resolve
+
+    api = KubeAPI.from_settings(resolve({"kubeconfig": kc}, environ={}))
+    yield api
+    api.close()
 
 
 @pytest.fixture(scope="session")

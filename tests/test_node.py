@@ -16,11 +16,6 @@ import pytest
 from tests.conftest import CliResult
 
 
-@pytest.fixture
-def kc(kube, tmp_path):
-    return kube.kubeconfig(tmp_path / "kubeconfig")
-
-
 def node_cli(cli, kc, *args) -> CliResult:
     return cli(["--kubeconfig", kc, "node", *args])
 

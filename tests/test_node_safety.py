@@ -20,11 +20,6 @@ from katactl import labelselector
 from tests.conftest import CliResult
 
 
-@pytest.fixture
-def kc(kube, tmp_path):
-    return kube.kubeconfig(tmp_path / "kubeconfig")
-
-
 def node_cli(cli, kc, *args) -> CliResult:
     return cli(["--kubeconfig", kc, "node", *args])
 

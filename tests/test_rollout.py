@@ -15,11 +15,6 @@ ZONE = "topology.kubernetes.io/zone"
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
-@pytest.fixture
-def kc(kube, tmp_path):
-    return kube.kubeconfig(tmp_path / "kubeconfig")
-
-
 def ro(cli, kc, *args):
     return cli(["--kubeconfig", kc, "rollout", *args])
 

@@ -12,16 +12,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from katactl.rollout.store import LEASE, state_of_configmap
 
 MAX_SAVES = 24
-
-
-@pytest.fixture
-def kc(kube, tmp_path):
-    return kube.kubeconfig(tmp_path / "kubeconfig")
 
 
 def _setup(kube, i: int) -> list[str]:

@@ -16,8 +16,6 @@ import ssl
 import httpx
 import pytest
 
-from katactl.backends.kube import KubeAPI
-from katactl.config import resolve
 from katactl.errors import OperationFailed, Refused
 from katactl.rollout import engine
 from katactl.rollout.plan import NodeInfo, Plan, make_batches, parse_steps
@@ -31,15 +29,8 @@ STEPS_5 = ["cordon", "upgrade stage /srv/kata/kata-static-3.10.0-amd64.tar.zst -
 
 
 @pytest.fixture
-def kc(kube, tmp_path):
-    return kube.kubeconfig(tmp_path / "kubeconfig")
-
-
-@pytest.fixture
-def api(kc):
-    a = KubeAPI.from_settings(resolve({"kubeconfig": kc}, environ={}))
-    yield a
-    a.close()
+def api(kube_api):
+    return kube_api
 
 
 def _raw(kube) -> httpx.Client:

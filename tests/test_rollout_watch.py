@@ -13,7 +13,6 @@ import threading
 import pytest
 
 from katactl.backends.kube import KubeAPI, WatchExpired
-from katactl.config import resolve
 from katactl.errors import UnreachableError
 from katactl.rollout import engine, nodeview
 from tests.test_rollout import fleet
@@ -22,15 +21,8 @@ from tests.test_rollout_scale import plan_of
 
 
 @pytest.fixture
-def kc(kube, tmp_path):
-    return kube.kubeconfig(tmp_path / "kubeconfig")
-
-
-@pytest.fixture
-def api(kc):
-    a = KubeAPI.from_settings(resolve({"kubeconfig": kc}, environ={}))
-    yield a
-    a.close()
+def api(kube_api):
+    return kube_api
 
 
 def _rv(api, selector=None) -> str:
