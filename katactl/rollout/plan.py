@@ -8,6 +8,7 @@ see docs/rollout.md.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -178,20 +179,23 @@ def make_batches(infos: list[NodeInfo], policy: Policy) -> list[list[str]]:
     order = sorted(range(len(infos)), key=lambda i: (not infos[i].out, i))
     pool = [infos[i] for i in order]
     batches: list[list[str]] = []
+    if not policy.spread_by:
+        at = 0
+        for b in batch_sizes(len(pool), policy):
+            batches.append([n.name for n in pool[at:at + b]])
+            at += b
+        return batches
+    # each zone's remaining nodes in pool order (out-of-service ones first), kept across the
+    # batches: a batch takes from their fronts (linear, where rebuilding them per batch was
+    # quadratic: 35 s for 120,000 nodes)
+    queues: dict[str | None, collections.deque[NodeInfo]] = {}
+    for n in pool:
+        queues.setdefault(n.zone, collections.deque()).append(n)
+    left = len(pool)
     for b in batch_sizes(len(pool), policy):
-        if not policy.spread_by:
-            batches.append([n.name for n in pool[:b]])
-            pool = pool[b:]
-            continue
-        zones: dict[str | None, int] = {}
-        for n in pool:
-            zones[n.zone] = zones.get(n.zone, 0) + 1
-        cap = {z: math.ceil(b * c / len(pool)) for z, c in zones.items()}
+        cap = {z: math.ceil(b * len(q) / left) for z, q in queues.items()}
         # round robin over the zones (largest first), each up to its cap
-        queues: dict[str | None, list[NodeInfo]] = {}
-        for n in pool:
-            queues.setdefault(n.zone, []).append(n)
-        order_z = sorted(queues, key=lambda z: (not any(x.out for x in queues[z]), -len(queues[z]), str(z)))
+        order_z = sorted(queues, key=lambda z: (not queues[z][0].out, -len(queues[z]), str(z)))
         taken: list[NodeInfo] = []
         while len(taken) < b:
             progressed = False
@@ -199,13 +203,14 @@ def make_batches(infos: list[NodeInfo], policy: Policy) -> list[list[str]]:
                 if len(taken) == b:
                     break
                 if cap[z] > 0 and queues[z]:
-                    taken.append(queues[z].pop(0))
+                    taken.append(queues[z].popleft())
                     cap[z] -= 1
                     progressed = True
             if not progressed:
                 break
-        ids = {id(n) for n in taken}
-        pool = [n for n in pool if id(n) not in ids]
+        for z in [z for z, q in queues.items() if not q]:
+            del queues[z]
+        left -= len(taken)
         batches.append([n.name for n in taken])
     return batches
 
