@@ -13,7 +13,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 
-from katactl.rollout.store import LEASE, state_of_configmap
+from katactl.rollout.store import LEASE, SHARD_BYTES_ENV
+from tests.test_rollout_scale import load_state
 
 MAX_SAVES = 24
 
@@ -46,33 +47,48 @@ def _max_out(kube, names) -> int:
 
 def test_kill_9_at_every_transition_then_resume_converges(kube, kc, katactl_bin):
     points = [f"save:{n}" for n in range(1, MAX_SAVES + 1)] + [f"step:{s}" for s in range(1, 7)]
+    killed = _kill_then_resume(kube, kc, katactl_bin, points, {})
+    saves_killed = [points[i] for i in killed if points[i].startswith("save:")]
+    assert len(saves_killed) > 8 and f"save:{MAX_SAVES}" not in saves_killed  # every save was a kill point
+    assert all(f"step:{s}" in [points[i] for i in killed] for s in range(1, 7))
+
+
+def test_kill_9_between_the_shard_writes_of_a_save_then_resume_converges(kube, kc, katactl_bin):
+    """A sharded state (one node record a shard: KATACTL_ROLLOUT_SHARD_BYTES=1) killed right
+    after each shard write, before the rest of that save (other shards, the main
+    ConfigMap): each record is whole, the state loads (the main ConfigMap never claims
+    more than its shards hold), and resume converges with the same invariants."""
+    points = [f"shard:{n}" for n in range(1, MAX_SAVES + 1)]
+    killed = _kill_then_resume(kube, kc, katactl_bin, points, {SHARD_BYTES_ENV: "1"})
+    assert len(killed) > 8 and f"shard:{MAX_SAVES}" not in [points[i] for i in killed]
+
+
+def _kill_then_resume(kube, kc, katactl_bin, points: list[str], env: dict) -> list[int]:
+    """Run one rollout per kill point (killed there), then resume each: the invariants hold.
+    Returns the indexes of the points that killed their run."""
     nodes = {i: _setup(kube, i) for i in range(len(points))}
     base = ["--kubeconfig", kc, "rollout"]
 
     def kill(i):
         return katactl_bin([*base, "run", f"rc{i}", *_args(i, nodes[i]), "-o", "jsonl"],
-                           env={"KATACTL_TEST_KILL_AT": points[i]})
+                           env={**env, "KATACTL_TEST_KILL_AT": points[i]})
 
     with ThreadPoolExecutor(8) as ex:
         first = list(ex.map(kill, range(len(points))))
     killed = [i for i, r in enumerate(first) if r.exit_code != 0]
     for i in killed:
         assert first[i].exit_code == -9, (points[i], first[i].exit_code, first[i].stderr)
-    saves_killed = [points[i] for i in killed if points[i].startswith("save:")]
-    assert len(saves_killed) > 8 and f"save:{MAX_SAVES}" not in saves_killed  # every save was a kill point
-    assert all(f"step:{s}" in [points[i] for i in killed] for s in range(1, 7))
 
     done_before = {}
     for i in killed:
-        cm = kube.get_obj("ConfigMap", f"katactl-rollout-rc{i}", f"lk{i}")
-        done_before[i] = set() if cm is None else \
-            {n for n, v in state_of_configmap(cm)["nodes"].items() if v["phase"] == "done"}
+        st = load_state(kube, f"rc{i}", f"lk{i}")
+        done_before[i] = set() if st is None else {n for n, v in st["nodes"].items() if v["phase"] == "done"}
 
     def again(i):
         cm = kube.get_obj("ConfigMap", f"katactl-rollout-rc{i}", f"lk{i}")
         if cm is None:  # killed before the state existed: nothing to resume, run again
-            return katactl_bin([*base, "run", f"rc{i}", *_args(i, nodes[i]), "-o", "jsonl"])
-        return katactl_bin([*base, "resume", f"rc{i}", "--lock-namespace", f"lk{i}", "-o", "jsonl"])
+            return katactl_bin([*base, "run", f"rc{i}", *_args(i, nodes[i]), "-o", "jsonl"], env=env)
+        return katactl_bin([*base, "resume", f"rc{i}", "--lock-namespace", f"lk{i}", "-o", "jsonl"], env=env)
 
     with ThreadPoolExecutor(8) as ex:
         second = dict(zip(killed, ex.map(again, killed), strict=True))
@@ -87,5 +103,6 @@ def test_kill_9_at_every_transition_then_resume_converges(kube, kc, katactl_bin)
         assert got == {a: False, b: False, c: True}, (at, got)
         assert _max_out(kube, nodes[i]) <= 2, at
         assert kube.get_obj("Lease", LEASE, f"lk{i}")["spec"]["holderIdentity"] == "", at
-        st = state_of_configmap(kube.get_obj("ConfigMap", f"katactl-rollout-rc{i}", f"lk{i}"))
+        st = load_state(kube, f"rc{i}", f"lk{i}")
         assert all(v["phase"] == "done" for v in st["nodes"].values()), at
+    return killed

@@ -9,6 +9,7 @@ whose state an earlier katactl wrote (plain JSON in data "state") resumes."""
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import random
 import ssl
@@ -20,8 +21,8 @@ from katactl.errors import OperationFailed, Refused
 from katactl.rollout import engine
 from katactl.rollout.plan import NodeInfo, Plan, make_batches, parse_steps
 from katactl.rollout.policy import Policy, parse_count
-from katactl.rollout.store import (CM_PREFIX, MAX_CONFIGMAP_BYTES, STATE_KEY, KubeStore, dumps,
-                                   state_of_configmap)
+from katactl.rollout.store import (CM_PREFIX, MAX_CONFIGMAP_BYTES, NODE_LABEL, PART_LABEL, SHARD_BYTES, STATE_KEY,
+                                   SHARD_BYTES_ENV, KubeStore, dumps, state_of_configmap, state_of_configmaps)
 
 NS = "kube-system"
 STEPS_5 = ["cordon", "upgrade stage /srv/kata/kata-static-3.10.0-amd64.tar.zst --sha256 " + "3f" * 32,
@@ -90,12 +91,38 @@ def finish_all(st: dict, plan: Plan) -> None:
                             for k, s in enumerate(plan.steps)])
 
 
-@pytest.mark.parametrize("nodes,steps", [(10_000, STEPS_5), (20_000, ["check"])], ids=["10000x5steps", "20000x1step"])
+def load_state(kube, name: str, ns: str = NS) -> dict | None:
+    """A rollout's state as the stand-in holds it: one ConfigMap, or a sharded one's parts."""
+    main = kube.get_obj("ConfigMap", CM_PREFIX + name, ns)
+    if main is None:
+        return None
+    parts = [cm for cm in kube.list_objs("ConfigMap", ns) if (cm["metadata"].get("labels") or {}).get(NODE_LABEL) == name
+             and PART_LABEL in cm["metadata"]["labels"]]
+    return state_of_configmaps(main, parts)
+
+
+def _parts(kube, name: str, ns: str = NS) -> dict[str, dict]:
+    """The parts of a sharded state, by their part label."""
+    return {cm["metadata"]["labels"][PART_LABEL]: cm for cm in kube.list_objs("ConfigMap", ns)
+            if (cm["metadata"].get("labels") or {}).get(NODE_LABEL) == name
+            and PART_LABEL in cm["metadata"]["labels"]}
+
+
+def _state_puts(kube, since: int) -> list[str]:
+    """The names of the state ConfigMaps PUT since request ``since``."""
+    return [q["path"].rsplit("/", 1)[1] for q in kube.requests[since:]
+            if q["method"] == "PUT" and "/configmaps/" in q["path"]]
+
+
+@pytest.mark.parametrize("nodes,steps", [(20_000, STEPS_5), (2_000, ["check"])], ids=["20000x5steps", "2000x1step"])
 def test_a_large_rollouts_state_saves_and_loads_back(kube, api, nodes, steps):
-    """The state of a 10,000-node rollout of five steps, and of a 20,000-node rollout of
-    one, from its creation to every node done, fits its ConfigMap (before: 422 at
-    creation, ~260 bytes a node of JSON before any step ran); saves that change a few
-    records leave the rest as they were."""
+    """The state of a 20,000-node rollout of five steps (~1.3 MB compressed once every node
+    has its results: more than one ConfigMap holds; before: refused at the start) is
+    sharded: the plan in one ConfigMap, the node records in shards under SHARD_BYTES,
+    the rollout's own fields in the main one; it saves through the real KubeStore over
+    HTTPS from its creation to every node done and loads back as it was. A save PUTs
+    only the shards whose records changed, then the main ConfigMap. A small rollout
+    keeps its state in one ConfigMap, as before."""
     plan = plan_of(nodes, steps)
     st = engine.new_state(plan)
     store = KubeStore(api, NS)
@@ -104,32 +131,74 @@ def test_a_large_rollouts_state_saves_and_loads_back(kube, api, nodes, steps):
     e = engine.Engine(plan, store, st, api=None, settings=None)
     e.transition(lambda: finish_all(st, plan))  # the largest the state gets
     cm = kube.get_obj("ConfigMap", CM_PREFIX + plan.name, NS)
-    size = len(base64.b64decode(cm["binaryData"][STATE_KEY]))
-    assert size < 0.8 * MAX_CONFIGMAP_BYTES, size
-    assert "state" not in cm["data"]
+    parts = _parts(kube, plan.name)
     assert KubeStore(api, NS).load(plan.name) == st
+    if nodes == 2_000:
+        assert not parts and "state" not in cm["data"]
+        assert len(base64.b64decode(cm["binaryData"][STATE_KEY])) < SHARD_BYTES
+        return
+    shards = sorted((k for k in parts if k.startswith("nodes-")), key=lambda k: int(k[6:]))
+    assert len(shards) >= 10 and set(parts) == {"plan", *shards}
+    assert "binaryData" not in cm and set(cm["data"]) == {"control", "head", "shards"}
+    sizes = [len(base64.b64decode(parts[k]["binaryData"]["nodes.json.gz"])) for k in shards]
+    assert sum(sizes) > MAX_CONFIGMAP_BYTES and max(sizes) < 1.2 * SHARD_BYTES, sizes
+    for k, p in parts.items():
+        assert p["metadata"]["name"] == f"{CM_PREFIX}{plan.name}.{k}"
+        assert p["metadata"]["labels"][NODE_LABEL] == plan.name
 
     # a batch in the middle fails, one node of the first batch is retried, the rollout's
-    # own fields change: only their chunks are encoded again, the others are kept
+    # own fields change: only the shards of those records are written again
+    shard_of = {n: k for k in shards for n in json.loads(gzip.decompress(
+        base64.b64decode(parts[k]["binaryData"]["nodes.json.gz"])))["nodes"]}
     mid = plan.batches[len(plan.batches) // 2]
+    before = len(kube.requests)
     e.transition(lambda: [st["nodes"][n].update(phase="failed", error="boom", exitCode=1) for n in mid], mid)
+    puts = _state_puts(kube, before)
+    assert puts[-1] == CM_PREFIX + plan.name
+    assert sorted(puts[:-1]) == sorted(f"{CM_PREFIX}{plan.name}.{k}" for k in {shard_of[n] for n in mid})
     first = plan.batches[0][0]
+    before = len(kube.requests)
     e.transition(lambda: st["nodes"][first].update(attempts=2), [first])
+    assert _state_puts(kube, before) == [f"{CM_PREFIX}{plan.name}.nodes-0", CM_PREFIX + plan.name]
+    before = len(kube.requests)
     e.transition(lambda: st.update(phase="CompletedWithFailures", batch=len(plan.batches)), ())
+    assert _state_puts(kube, before) == [CM_PREFIX + plan.name]
     assert KubeStore(api, NS).load(plan.name) == json.loads(dumps(st))
     assert engine.summary(KubeStore(api, NS).load(plan.name))["counts"]["failed"] == len(mid)
 
 
-def test_a_plan_whose_state_could_not_hold_every_nodes_results_is_refused_before_it_starts(kube, api):
-    """15,000 nodes of five steps: the state fits at first (~20 bytes a node), but would
-    not once every node has its results: refused (exit 5) before anything runs, not by a
-    save in the middle of the fleet."""
-    plan = plan_of(15_000, STEPS_5)
+def test_a_save_that_fails_between_two_shard_writes_leaves_whole_records_and_the_next_save_completes_it(kube, api):
+    """Two shards' records change in one save; the second shard's PUT is refused: the first
+    shard holds its new records, the second and the main ConfigMap the old ones (each record
+    whole, the state loads). The next save, whatever it changes, writes the shard left out."""
+    plan = plan_of(6, ["check"])
     st = engine.new_state(plan)
-    with pytest.raises(Refused, match=r"would be about [\d,]+ bytes compressed; a ConfigMap holds 1,048,576") as e:
+    store = KubeStore(api, NS, shard_bytes=1)  # one record a shard
+    store.create(st)
+    e = engine.Engine(plan, store, st, api=None, settings=None)
+    e.transition(lambda: None)
+    a, b = [n for batch in plan.batches for n in batch][:2]
+    kube.inject("PUT", rf"/configmaps/{CM_PREFIX}{plan.name}\.nodes-1$", status=422)
+    with pytest.raises(OperationFailed):
+        e.transition(lambda: [st["nodes"][n].update(phase="running", attempts=1) for n in (a, b)] and
+                     st.update(batch=1), (a, b))
+    got = load_state(kube, plan.name)
+    assert got["nodes"][a]["phase"] == "running" and got["nodes"][b]["phase"] == "pending"
+    assert got["batch"] == 0  # the main ConfigMap: not ahead of its shards
+    e.transition(lambda: st.update(reason="next"), ())
+    assert load_state(kube, plan.name) == json.loads(dumps(st))
+
+
+def test_a_plan_too_large_even_for_shards_is_refused_before_it_starts(kube, api):
+    """120,000 nodes: the plan alone (every node's name, zone and batch: ~9.5 bytes a node
+    compressed) would not fit its ConfigMap: refused (exit 5) before anything is written."""
+    plan = plan_of(120_000, ["check"])
+    st = engine.new_state(plan)
+    with pytest.raises(Refused, match=r"its plan of 120,000 nodes is [\d,]+ bytes compressed; a ConfigMap "
+                                      r"holds 1,048,576") as e:
         KubeStore(api, NS).create(st)
     assert "split the fleet" in e.value.hint
-    assert kube.get_obj("ConfigMap", CM_PREFIX + plan.name, NS) is None
+    assert not [cm for cm in kube.list_objs("ConfigMap", NS) if cm["metadata"]["name"].startswith(CM_PREFIX)]
 
 
 def test_a_state_that_outgrows_its_configmap_is_a_save_error_not_a_usage_error(kube, api):
@@ -190,3 +259,86 @@ def test_a_corrupt_state_is_one_error_line(cli, kube, kc):
     assert r.exit_code == 1, (r.exit_code, r.stderr)
     assert f"ConfigMap {NS}/{CM_PREFIX}bad: binaryData 'state.json.gz' is not base64 gzip" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _fleet(kube, n: int) -> None:
+    for i in range(n):
+        kube.add_node(f"s{i}", labels={"pool": "batch", "topology.kubernetes.io/zone": f"z{i % 2}"})
+
+
+def _ro(cli, kc, *args):
+    return cli(["--kubeconfig", kc, "rollout", *args])
+
+
+def test_a_sharded_rollout_runs_shows_in_status_and_list_and_resumes(cli, kube, kc, monkeypatch):
+    """With a small shard size (KATACTL_ROLLOUT_SHARD_BYTES; the default shards a state
+    projected past 128 KiB), five nodes are sharded as a large fleet is: a canary run
+    pauses, status and list read the state from its parts, resume finishes it without
+    redoing the canary, and every node the rollout cordoned is uncordoned."""
+    monkeypatch.setenv(SHARD_BYTES_ENV, "150")
+    _fleet(kube, 5)
+    r = _ro(cli, kc, "run", "big", "-l", "pool=batch", "--canary", "1", "--max-unavailable", "2",
+            "--step", "cordon", "--step", "check", "--poll", "0.1", "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Paused", r.stderr
+    main = kube.get_obj("ConfigMap", CM_PREFIX + "big", NS)
+    layout = json.loads(main["data"]["shards"])
+    assert "binaryData" not in main and layout["count"] == -(-5 // layout["nodes"]) > 1, layout
+    assert set(_parts(kube, "big")) == {"plan", *(f"nodes-{k}" for k in range(layout["count"]))}
+    canary = [n for n, v in load_state(kube, "big")["nodes"].items() if v["phase"] == "done"]
+    assert len(canary) == 1
+
+    s = _ro(cli, kc, "status", "big", "-o", "json")
+    assert s.exit_code == 0, s.stderr
+    assert s.json()["counts"] == {"pending": 4, "running": 0, "soaking": 0, "done": 1, "failed": 0, "aborted": 0}
+    assert len(s.json()["items"]) == 5
+    s = _ro(cli, kc, "status", "-o", "json")
+    assert s.exit_code == 0 and s.json()["name"] == "big", s.stderr
+    ls = _ro(cli, kc, "list", "--state", "kube", "-o", "json")
+    assert ls.exit_code == 0, ls.stderr
+    assert [(i["name"], i["nodes"], i["done"], i["phase"]) for i in ls.json()["items"]] == [("big", 5, 1, "Paused")]
+
+    r = _ro(cli, kc, "resume", "big", "-o", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    ev = [json.loads(x) for x in r.stdout.splitlines()]
+    assert ev[-1]["phase"] == "Succeeded" and ev[-1]["counts"]["done"] == 5
+    assert canary[0] not in {x["node"] for x in ev if x["kind"] == "NodeStepStarted"}
+    assert all(v["phase"] == "done" for v in load_state(kube, "big")["nodes"].values())
+    assert not any(n["spec"].get("unschedulable") for n in kube.list_objs("Node"))
+
+
+def test_a_rollout_started_in_one_configmap_resumes_in_it(cli, kube, kc, monkeypatch):
+    """A rollout the previous katactl started (its whole state in one ConfigMap) resumes in
+    that form, even where a new one of its size would be sharded: the layout is the state's."""
+    _fleet(kube, 3)
+    r = _ro(cli, kc, "run", "old", "-l", "pool=batch", "--canary", "1", "--step", "check", "--poll", "0.1",
+            "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Paused", r.stderr
+    monkeypatch.setenv(SHARD_BYTES_ENV, "1")
+    r = _ro(cli, kc, "resume", "old", "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
+    assert not _parts(kube, "old")
+    cm = kube.get_obj("ConfigMap", CM_PREFIX + "old", NS)
+    assert all(v["phase"] == "done" for v in state_of_configmap(cm)["nodes"].values())
+
+
+def test_parts_a_killed_create_left_are_written_over(cli, kube, kc, monkeypatch):
+    """kill -9 in the middle of a sharded create leaves parts without their main ConfigMap
+    (it is written last): 'rollout run' again writes over them; a main ConfigMap whose
+    shard is gone is one error line (exit 1), not a rollout of fewer nodes."""
+    monkeypatch.setenv(SHARD_BYTES_ENV, "1")
+    _fleet(kube, 3)
+    kube.add(_cm(f"{CM_PREFIX}k.nodes-1", {}, {"nodes.json.gz": b"left by a killed create"})
+             | {"metadata": {"name": f"{CM_PREFIX}k.nodes-1", "namespace": NS,
+                             "labels": {"app.kubernetes.io/managed-by": "katactl", NODE_LABEL: "k",
+                                        PART_LABEL: "nodes-1"}}})
+    r = _ro(cli, kc, "run", "k", "-l", "pool=batch", "--step", "check", "--poll", "0.1", "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
+    assert set(_parts(kube, "k")) == {"plan", "nodes-0", "nodes-1", "nodes-2"}
+    assert all(v["phase"] == "done" for v in load_state(kube, "k")["nodes"].values())
+
+    with _raw(kube) as c:
+        assert c.delete(f"/api/v1/namespaces/{NS}/configmaps/{CM_PREFIX}k.nodes-2").status_code == 200
+    s = _ro(cli, kc, "status", "k")
+    assert s.exit_code == 1, s.stderr
+    assert f"ConfigMap {NS}/{CM_PREFIX}k: ConfigMap {CM_PREFIX}k.nodes-2 is missing: the state is incomplete" \
+        in s.stderr and "Traceback" not in s.stderr

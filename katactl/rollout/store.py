@@ -7,31 +7,48 @@ from its renewTime against this machine's clock) or when its holder is this
 same user@host/NAME whose process is gone (kill -9, then resume here); a 409
 means another katactl won the race. The state is a ConfigMap
 ``katactl-rollout-NAME`` next to the Lease (binaryData ``state.json.gz``: the
-state, gzip; data ``control``), so ``rollout resume`` works from another machine; node progress is also written
+state, gzip; data ``control``; or sharded, below), so ``rollout resume`` works from
+another machine; node progress is also written
 on the nodes (label ``katactl.io/rollout-phase``, annotation
 ``katactl.io/rollout``) for ``kubectl get nodes -L katactl.io/rollout-phase``.
 
 FileStore (SSH-only fleets): ``$XDG_STATE_HOME/katactl/rollouts/NAME.json``
 (atomic rename), ``NAME.control.json``, and ``rollout.lock`` held with flock
-(released by the kernel if katactl dies) holding the holder's identity.
+(released by the kernel if katactl dies) holding the holder's identity. A file has no
+size limit: it is never sharded.
 
 The state in a ConfigMap is gzip-compressed JSON in binaryData: kube-apiserver refuses a
 ConfigMap whose data + binaryData values exceed 1 MiB (ValidateConfigMap in
 pkg/apis/core/validation/validation.go: ``ConfigMap "NAME" is invalid: []: Too long: must
 have at most 1048576 bytes``, 422), and the plain JSON (~350-1,200 bytes a node, by steps
 and node names) passed it at 850-2,900 nodes; gzip brings a node to ~27-66 bytes
-(docs/rollout.md, "State in the ConfigMap"). It stays
-one object written by one PUT, so a save is atomic as before. StateWriter encodes it
-incrementally: the gzip stream is a concatenation of members (RFC 1952, 2.2: a gzip file is
-a series of members; gunzip and Go's gzip.Reader read them as one stream), one for the plan
-(written once), one for the rollout's own fields, and one per CHUNK node records in batch
-order, so a save compresses again only the chunks whose records changed (a batch's nodes
-are contiguous). A ConfigMap written by an earlier katactl (JSON in data ``state``) is read
-as well, and replaced by the new form at its next save.
+(docs/rollout.md, "State in the ConfigMap"). StateWriter encodes it incrementally: the gzip
+stream is a concatenation of members (RFC 1952, 2.2: a gzip file is a series of members;
+gunzip and Go's gzip.Reader read them as one stream), one for the plan (written once), one
+for the rollout's own fields, and one per CHUNK node records in batch order, so a save
+compresses again only the chunks whose records changed (a batch's nodes are contiguous).
+
+A state projected (projected at the start: every node through every step) past SHARD_BYTES
+is sharded, so a fleet is not bounded by one ConfigMap: the main ConfigMap
+``katactl-rollout-NAME`` keeps the control record, the rollout's own fields (data ``head``,
+JSON) and the layout (data ``shards``: records a shard, shards); ``katactl-rollout-NAME.plan``
+holds the plan (written once), ``katactl-rollout-NAME.nodes-K`` the node records K*n to
+K*n+n-1 in batch order (binaryData ``nodes.json.gz``), all labelled ``katactl.io/rollout=NAME``
+and ``katactl.io/rollout-part``. A save PUTs the shards whose records changed, then the main
+ConfigMap: a record is in one shard (always whole), and the main ConfigMap never says more
+than its shards hold (a kill between two writes leaves shards newer than it, as if the rest
+of that save had not happened; resume reconciles from the nodes' own cordon records as
+always). A create writes the parts first and the main ConfigMap last (parts a killed create
+left without one are written over by the next). A state that fits stays in one ConfigMap
+(binaryData ``state.json.gz``), written by one PUT, as katactl wrote it before shards; a
+ConfigMap written by an earlier katactl still (JSON in data ``state``) is read as well, and
+replaced by the new form at its next save; the layout of a stored state is the state's own
+(a rollout resumes as it started).
 """
 from __future__ import annotations
 
 import base64
+import collections
 import datetime as dt
 import json
 import os
@@ -57,6 +74,17 @@ MAX_CONFIGMAP_BYTES = 1024 * 1024
 #: node records per gzip member (~50-330 KB of JSON: deflate's window is 32 KB, so larger
 #: members would compress no better, and smaller ones would be compressed again more often)
 CHUNK = 256
+#: a sharded state (see KubeStore): the plan, the node records and the rollout's own fields
+PART_LABEL = "katactl.io/rollout-part"
+PLAN_KEY = "plan.json.gz"
+NODES_KEY = "nodes.json.gz"
+HEAD_KEY = "head"
+SHARDS_KEY = "shards"
+#: a state projected larger than this is sharded, into node shards projected at most this
+#: large: an eighth of a ConfigMap keeps a save's request small (a save PUTs only the
+#: shards whose records changed) and leaves room for retried steps' results (up to 20 a node)
+SHARD_BYTES = 128 * 1024
+SHARD_BYTES_ENV = "KATACTL_ROLLOUT_SHARD_BYTES"
 #: zlib level: 6 (the default) is ~25% smaller than 1 at ~2x the time, and a save compresses
 #: only its changed chunks
 GZIP_LEVEL = 6
@@ -113,7 +141,11 @@ class Store:
     def lock_holder(self) -> dict | None: ...
     def load(self, name: str) -> dict | None: ...
     def create(self, state: dict) -> None: ...
-    def save(self, name: str, snap: "Snapshot") -> None: ...  # see StateWriter
+    def save(self, name: str, snap: "Snapshot", written=None) -> None: ...  # see StateWriter
+
+    def writer(self, state: dict) -> "StateWriter":
+        """The StateWriter for ``state``'s saves (as this store lays it out)."""
+        return StateWriter(state)
     def control(self, name: str) -> dict: raise NotImplementedError
     def set_control(self, name: str, control: dict) -> None: ...
     def list(self) -> list[dict]: raise NotImplementedError
@@ -134,12 +166,16 @@ def _server_failed(what: str, e) -> OperationFailed:
 class KubeStore(Store):
     kind = "kube"
 
-    def __init__(self, api, namespace: str = "kube-system", ttl: float = 60.0):
+    def __init__(self, api, namespace: str = "kube-system", ttl: float = 60.0, shard_bytes: int | None = None):
         from katactl.backends.kube import seg
 
         self.api = api
         self.ns = seg(namespace)
         self.ttl = ttl
+        self.shard_bytes = shard_bytes_setting() if shard_bytes is None else shard_bytes
+        self._layout: dict[str, int] = {}      # rollout -> node records per shard (0: one ConfigMap)
+        self._part_rv: dict[str, str] = {}     # shard ConfigMap -> resourceVersion
+        self._part_sent: dict[str, bytes] = {}  # shard ConfigMap -> the state it holds (skip a same PUT)
         self._lease: dict | None = None
         self._cm_rv: dict[str, str] = {}
         self._cm_control: dict[str, dict] = {}
@@ -286,6 +322,9 @@ class KubeStore(Store):
     def _cm_path(self, name: str) -> str:
         return f"/api/v1/namespaces/{self.ns}/configmaps/{CM_PREFIX}{name}"
 
+    def _part_path(self, cm_name: str) -> str:
+        return f"/api/v1/namespaces/{self.ns}/configmaps/{cm_name}"
+
     def _note(self, cm: dict, name: str) -> None:
         """Remember the ConfigMap's resourceVersion and control record (not its state)."""
         self._cm_rv[name] = cm["metadata"].get("resourceVersion")
@@ -295,34 +334,74 @@ class KubeStore(Store):
             ctl = {}
         self._cm_control[name] = ctl if isinstance(ctl, dict) else {}
 
-    def _decode(self, cm: dict, name: str) -> dict | None:
-        self._note(cm, name)
-        try:
-            return state_of_configmap(cm)
-        except ValueError as e:
-            raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name}: {e}") from None
-
     def load(self, name: str) -> dict | None:
+        """The state: one ConfigMap, or (sharded) the main one and then its parts, listed by
+        label in one request; parts written after the main one are newer, never older
+        (KubeStore.save writes them first)."""
         try:
             cm = self.api.get(self._cm_path(name))
         except NotFound:
             return None
-        return self._decode(cm, name)
+        self._note(cm, name)
+        parts = None
+        if SHARDS_KEY in (cm.get("data") or {}):
+            parts = self.api.list(f"/api/v1/namespaces/{self.ns}/configmaps",
+                                  labelSelector=f"{NODE_LABEL}={name},{PART_LABEL}")
+        try:
+            st = state_of_configmaps(cm, parts)
+            self._layout[name] = layout_of(cm)
+        except ValueError as e:
+            raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name}: {e}") from None
+        for p in parts or ():
+            self._part_rv[p["metadata"]["name"]] = p["metadata"].get("resourceVersion")
+            raw = (p.get("binaryData") or {}).get(NODES_KEY)
+            if raw:
+                self._part_sent[p["metadata"]["name"]] = base64.b64decode(raw)
+        return st
 
-    def _obj(self, name: str, blob: bytes, control: dict) -> dict:
-        ctl = json.dumps(control, sort_keys=True)
-        if len(blob) + len(ctl) > MAX_CONFIGMAP_BYTES:  # values only, as ValidateConfigMap counts
+    def writer(self, state: dict) -> "StateWriter":
+        return StateWriter(state, self._layout.get(state["name"], 0))
+
+    def _check_size(self, what: str, size: int) -> None:
+        if size > MAX_CONFIGMAP_BYTES:  # values only, as ValidateConfigMap counts
             raise OperationFailed(
-                f"rollout {name}: the state is {len(blob):,} bytes compressed, more than a ConfigMap "
-                f"holds ({MAX_CONFIGMAP_BYTES:,} bytes)",
+                f"rollout {what} is {size:,} bytes compressed, more than a ConfigMap holds "
+                f"({MAX_CONFIGMAP_BYTES:,} bytes)",
                 hint="split the fleet into several rollouts (-l SELECTOR), or use fewer steps per rollout")
-        # data "state" (the form before) is left out: a PUT replaces the object, so it goes
-        return {"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": CM_PREFIX + name, "namespace": self.ns,
-                             "labels": {**MANAGED, NODE_LABEL: name},
-                             "resourceVersion": self._cm_rv.get(name)},
-                "data": {CONTROL_KEY: ctl},
-                "binaryData": {STATE_KEY: base64.b64encode(blob).decode()}}
+
+    def _meta(self, name: str, cm_name: str, rv: str | None, part: str | None = None) -> dict:
+        md: dict = {"name": cm_name, "namespace": self.ns, "labels": {**MANAGED, NODE_LABEL: name}, "resourceVersion": rv}
+        if part is not None:
+            # no ownerReference to the main one: parts are written before it exists (its uid
+            # unknown); they are found by these labels (kubectl delete cm -l katactl.io/rollout=NAME)
+            md["labels"][PART_LABEL] = part
+        return md
+
+    def _obj(self, name: str, blob: bytes | None, control: dict, head: str | None = None,
+             w: StateWriter | None = None) -> dict:
+        """The main ConfigMap: the whole state (``blob``), or a sharded state's own fields
+        (``head``) and its layout (``w``'s)."""
+        ctl = json.dumps(control, sort_keys=True)
+        if head is None:
+            assert blob is not None
+            self._check_size(f"{name}: the state", len(blob) + len(ctl))
+            # data "state" (the form before) is left out: a PUT replaces the object, so it goes
+            return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": self._meta(name, CM_PREFIX + name,
+                                                                                    self._cm_rv.get(name)),
+                    "data": {CONTROL_KEY: ctl}, "binaryData": {STATE_KEY: base64.b64encode(blob).decode()}}
+        assert w is not None
+        layout = dumps({"nodes": w.shard_nodes, "count": len(w.shard_chunks)})
+        self._check_size(f"{name}: the rollout's own fields", len(head) + len(ctl) + len(layout))
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": self._meta(name, CM_PREFIX + name,
+                                                                                self._cm_rv.get(name)),
+                "data": {CONTROL_KEY: ctl, HEAD_KEY: head, SHARDS_KEY: layout}}
+
+    def _part_obj(self, name: str, part: str, key: str, blob: bytes) -> dict:
+        cm_name = part_name(name, part)
+        self._check_size(f"{name}: ConfigMap {cm_name}", len(blob))
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": self._meta(name, cm_name,
+                                                                                self._part_rv.get(cm_name), part),
+                "binaryData": {key: base64.b64encode(blob).decode()}}
 
     def _refused(self, name: str, e: Exception) -> OperationFailed:
         """A 422 (UsageError) on a state write is no usage error of the user's: exit 1."""
@@ -330,31 +409,79 @@ class KubeStore(Store):
                                f"{getattr(e, 'message', e)}")
 
     def create(self, state: dict) -> None:
+        """Write a new rollout's state. Sharded (its projected size passes shard_bytes):
+        the plan's and every shard's ConfigMap first, the main one last, so that a main
+        ConfigMap always has its parts (a kill in between leaves parts without one: the
+        next create of that name writes over them)."""
         from katactl.backends.kube import Conflict
         from katactl.errors import UsageError
 
+        name = state["name"]
         # refused before anything runs, not when a save in the middle of the fleet is refused
-        end = projected_size(state)
-        if end > MAX_CONFIGMAP_BYTES - CONTROL_ROOM:
-            n = len(state["nodes"])
-            raise Refused(f"rollout {state['name']}: its state, once {n:,} nodes have run "
-                          f"{len((state.get('plan') or {}).get('steps') or [])} step(s), would be about {end:,} bytes "
-                          f"compressed; a ConfigMap holds {MAX_CONFIGMAP_BYTES:,}",
+        size, fig = shard_layout(state, self.shard_bytes)
+        if size and fig["plan"] > MAX_CONFIGMAP_BYTES - CONTROL_ROOM:
+            raise Refused(f"rollout {name}: its plan of {fig['nodes']:,} nodes is {fig['plan']:,} bytes compressed; "
+                          f"a ConfigMap holds {MAX_CONFIGMAP_BYTES:,}",
                           hint="split the fleet into several rollouts (-l SELECTOR), one after the other")
-        obj = self._obj(state["name"], StateWriter(state).snapshot(state).gzip(), {})
-        obj["metadata"].pop("resourceVersion")
+        self._layout[name] = size
+        w = StateWriter(state, size)
+        snap = w.snapshot(state)
+        exists = Refused(f"rollout {name} already exists (ConfigMap {self.ns}/{CM_PREFIX}{name})",
+                         hint=f"'katactl rollout resume {name}' continues it")
         try:
-            cm = self._create_configmap(state["name"], obj)
+            if size:
+                try:
+                    self.api.get(self._cm_path(name))
+                    raise exists  # its parts are not to be written over
+                except NotFound:
+                    pass
+                self._put_part(name, "plan", PLAN_KEY, w.plan_gzip(), create=True)
+                for k, blob in snap.shards().items():
+                    self._put_part(name, f"nodes-{k}", NODES_KEY, blob, create=True)
+                    snap.sent(k)
+                obj = self._obj(name, None, {}, snap.head(), w)
+            else:
+                obj = self._obj(name, snap.gzip(), {})
+            obj["metadata"].pop("resourceVersion")
+            cm = self._create_configmap(CM_PREFIX + name, obj)
         except Conflict:
-            raise Refused(f"rollout {state['name']} already exists (ConfigMap {self.ns}/{CM_PREFIX}{state['name']})",
-                          hint=f"'katactl rollout resume {state['name']}' continues it") from None
+            raise exists from None
         except UsageError as e:
-            raise self._refused(state["name"], e) from None
-        self._cm_rv[state["name"]] = cm["metadata"]["resourceVersion"]
-        self._cm_control[state["name"]] = {}
+            raise self._refused(name, e) from None
+        self._cm_rv[name] = cm["metadata"]["resourceVersion"]
+        self._cm_control[name] = {}
 
-    def _create_configmap(self, name: str, obj: dict) -> dict:
-        """POST the state ConfigMap. A 5xx answer (MaybeApplied) may hide a create that
+    def _put_part(self, name: str, part: str, key: str, blob: bytes, *, create: bool = False) -> None:
+        """Write one part of a sharded state (created as needed: by create(), or again if
+        someone deleted it). Nobody else writes parts: a 409 is a stale resourceVersion
+        (one left by an interrupted create, or a write of ours whose answer was lost)."""
+        from katactl.backends.kube import Conflict
+
+        cm_name = part_name(name, part)
+        if self._part_sent.get(cm_name) == blob:
+            return
+        obj = self._part_obj(name, part, key, blob)
+        for _ in range(5):
+            try:
+                if create or not obj["metadata"].get("resourceVersion"):
+                    obj["metadata"].pop("resourceVersion", None)
+                    cm = self._create_configmap(cm_name, obj)
+                else:
+                    cm = self.api.update(self._part_path(cm_name), obj)
+                break
+            except Conflict:
+                create = False
+                obj["metadata"]["resourceVersion"] = self.api.get(self._part_path(cm_name))["metadata"].get(
+                    "resourceVersion")
+            except NotFound:
+                create = True
+        else:
+            raise OperationFailed(f"ConfigMap {self.ns}/{cm_name} keeps changing: cannot save the state")
+        self._part_rv[cm_name] = cm["metadata"]["resourceVersion"]
+        self._part_sent[cm_name] = blob
+
+    def _create_configmap(self, cm_name: str, obj: dict) -> dict:
+        """POST a state ConfigMap. A 5xx answer (MaybeApplied) may hide a create that
         landed, or lands later (kube-apiserver's timeout filter answers 504 while the handler
         goes on): read back; one holding exactly what we sent is ours, another's is Conflict;
         absent, send again after a backoff (Retry-After honoured), at most RETRIES times, then
@@ -364,11 +491,11 @@ class KubeStore(Store):
 
         def ours() -> dict | None:
             try:
-                cm = self.api.get(self._cm_path(name))
+                cm = self.api.get(self._part_path(cm_name))
             except NotFound:
                 return None
-            if cm.get("binaryData") != obj["binaryData"] or cm.get("data") != obj["data"]:
-                raise Conflict(f"ConfigMap {CM_PREFIX}{name} exists")
+            if cm.get("binaryData") != obj.get("binaryData") or cm.get("data") != obj.get("data"):
+                raise Conflict(f"ConfigMap {cm_name} exists")
             return cm
 
         failed = 0
@@ -391,28 +518,42 @@ class KubeStore(Store):
             if cm is not None:
                 return cm
             if failed == RETRIES:
-                raise _server_failed(f"cannot create the state of rollout {name} "
-                                     f"(ConfigMap {self.ns}/{CM_PREFIX}{name})", err) from None
+                raise _server_failed(f"cannot create the state (ConfigMap {self.ns}/{cm_name})", err) from None
             time.sleep(backoff(failed, err.retry_after))
             failed += 1
 
-    def save(self, name: str, snap: "Snapshot") -> None:
+    def save(self, name: str, snap: "Snapshot", written=None) -> None:
         """PUT with the last resourceVersion (one request); on 409 (a pause/abort wrote
-        the control key) re-read, keep its control, and write again."""
+        the control key) re-read, keep its control, and write again. Sharded: first the
+        shards whose records changed (``written()`` after each), then the main ConfigMap:
+        it never says more than its shards hold, and a kill between two shard writes leaves
+        each node record whole (a record is in one shard)."""
         from katactl.backends.kube import Conflict
         from katactl.errors import UsageError
 
-        blob = snap.gzip()
-        for _ in range(5):
-            try:
-                cm = self.api.update(self._cm_path(name), self._obj(name, blob, self._cm_control.get(name, {})))
-                self._cm_rv[name] = cm["metadata"]["resourceVersion"]
-                return
-            except Conflict:
-                # our state is what counts: only the control and resourceVersion are needed
-                self._note(self.api.get(self._cm_path(name)), name)
-            except UsageError as e:
-                raise self._refused(name, e) from None
+        head: str | None = None
+        blob: bytes | None = None
+        try:
+            if snap.w.shard_nodes:
+                for k, blob in snap.shards().items():
+                    self._put_part(name, f"nodes-{k}", NODES_KEY, blob)
+                    snap.sent(k)
+                    if written is not None:
+                        written()
+                head = snap.head()
+            else:
+                blob = snap.gzip()
+            for _ in range(5):
+                try:
+                    cm = self.api.update(self._cm_path(name),
+                                         self._obj(name, blob, self._cm_control.get(name, {}), head, snap.w))
+                    self._cm_rv[name] = cm["metadata"]["resourceVersion"]
+                    return
+                except Conflict:
+                    # our state is what counts: only the control and resourceVersion are needed
+                    self._note(self.api.get(self._cm_path(name)), name)
+        except UsageError as e:
+            raise self._refused(name, e) from None
         raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name} keeps changing: cannot save the state")
 
     def control(self, name: str) -> dict:
@@ -452,15 +593,25 @@ class KubeStore(Store):
             raise NotFound(f"no rollout named {name!r} (ConfigMap {self.ns}/{CM_PREFIX}{name})") from None
 
     def list(self) -> list[dict]:
-        out = []
+        """Every rollout's state, from one list of the ConfigMaps (main ones and parts)."""
+        mains, parts = {}, collections.defaultdict(list)
         for cm in self.api.list(f"/api/v1/namespaces/{self.ns}/configmaps",
                                 labelSelector="app.kubernetes.io/managed-by=katactl," + NODE_LABEL):
-            name = (cm["metadata"].get("labels") or {}).get(NODE_LABEL)
+            labels = cm["metadata"].get("labels") or {}
+            name = labels.get(NODE_LABEL)
+            if not name:
+                continue
+            if PART_LABEL in labels:
+                parts[name].append(cm)
+            elif cm["metadata"].get("name") == CM_PREFIX + name:
+                mains[name] = cm
+        out = []
+        for name, cm in mains.items():
             try:
-                st = state_of_configmap(cm)
+                st = state_of_configmaps(cm, parts.get(name, []))
             except ValueError:
                 st = None
-            if name and isinstance(st, dict):
+            if isinstance(st, dict):
                 out.append(st)
         return out
 
@@ -530,16 +681,91 @@ def state_of_configmap(cm: dict) -> dict | None:
     return st
 
 
+def part_name(name: str, part: str) -> str:
+    """A sharded state's ConfigMap ``part`` ("plan", "nodes-K"): the dot keeps it apart
+    from every rollout's own name (rollout names have none; ConfigMap names are DNS
+    subdomains, ValidateConfigMapName)."""
+    return f"{CM_PREFIX}{name}.{part}"
+
+
+def shard_bytes_setting(environ=None) -> int:
+    """SHARD_BYTES, or KATACTL_ROLLOUT_SHARD_BYTES (bytes: smaller shards, cheaper saves,
+    more ConfigMaps; tests use a small one to shard a small fleet)."""
+    from katactl.errors import UsageError
+
+    raw = (os.environ if environ is None else environ).get(SHARD_BYTES_ENV)
+    if not raw:
+        return SHARD_BYTES
+    top = MAX_CONFIGMAP_BYTES - CONTROL_ROOM
+    if not raw.isdigit() or not 0 < int(raw) <= top:
+        raise UsageError(f"invalid {SHARD_BYTES_ENV}={raw!r}: bytes, from 1 to {top}")
+    return int(raw)
+
+
+def layout_of(cm: dict) -> int:
+    """Node records per shard of the state a main ConfigMap describes (0: not sharded)."""
+    raw = (cm.get("data") or {}).get(SHARDS_KEY)
+    if raw is None:
+        return 0
+    d = json.loads(raw)
+    return int(d["nodes"])
+
+
+def _gunzip_json(cm: dict | None, key: str, what: str, cap: int) -> tuple[object, int]:
+    if cm is None:
+        raise ValueError(f"ConfigMap {what} is missing: the state is incomplete")
+    raw = (cm.get("binaryData") or {}).get(key)
+    try:
+        text = _gunzip_capped(base64.b64decode(raw or "", validate=True), cap)
+        return json.loads(text), len(text)
+    except (ValueError, OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"ConfigMap {cm['metadata'].get('name')}: binaryData {key!r} is not base64 gzip "
+                         f"JSON: {e}") from None
+
+
+def state_of_configmaps(cm: dict, parts: list[dict] | None) -> dict | None:
+    """The state of a main ConfigMap and its parts (see KubeStore): the plan's, and one per
+    shard of node records. ValueError when one is missing or corrupt, or when the shards do
+    not hold exactly the plan's nodes. A ConfigMap that is not sharded: state_of_configmap."""
+    data = cm.get("data") or {}
+    if SHARDS_KEY not in data:
+        return state_of_configmap(cm)
+    name = ((cm.get("metadata") or {}).get("labels") or {}).get(NODE_LABEL) or \
+        cm["metadata"]["name"][len(CM_PREFIX):]
+    try:
+        layout = json.loads(data[SHARDS_KEY])
+        count = int(layout["count"])
+        head = json.loads(data.get(HEAD_KEY) or "")
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"data {SHARDS_KEY!r}/{HEAD_KEY!r} is not the layout and fields JSON") from None
+    if not isinstance(head, dict):
+        raise ValueError(f"data {HEAD_KEY!r} is not a JSON object")
+    by = {((p.get("metadata") or {}).get("labels") or {}).get(PART_LABEL): p for p in parts or ()}
+    left = MAX_STATE_JSON
+    plan, size = _gunzip_json(by.get("plan"), PLAN_KEY, part_name(name, "plan"), left)
+    left -= size
+    nodes: dict = {}
+    for k in range(count):
+        d, size = _gunzip_json(by.get(f"nodes-{k}"), NODES_KEY, part_name(name, f"nodes-{k}"), left)
+        left -= size
+        if not isinstance(d, dict) or not isinstance(d.get("nodes"), dict):
+            raise ValueError(f"ConfigMap {part_name(name, f'nodes-{k}')}: no node records")
+        nodes.update(d["nodes"])
+    if not isinstance(plan, dict) or set(nodes) != set(plan.get("nodes") or ()):
+        raise ValueError(f"its {count} shard(s) do not hold the plan's nodes: the state is incomplete")
+    return {"plan": plan, **head, "nodes": nodes}
+
+
 #: room kept in the ConfigMap for the control record and a state's growth beyond the projection
 CONTROL_ROOM = 16 * 1024
 
 
-def projected_size(state: dict) -> int:
-    """The compressed size of ``state`` once every node has run every step once (retried
-    steps add results, up to 20 a node: a save that no longer fits is still refused, exit
-    1): each node done, times to the second, durations to the millisecond, a message with
-    a count, as the engine records them (engine.Engine._steps), with more varied durations
-    and messages than real steps give (docs/rollout.md, "State in the ConfigMap")."""
+def _projected_end(state: dict) -> dict:
+    """``state`` once every node has run every step once (retried steps add results, up to
+    20 a node: a save that no longer fits is still refused, exit 1): each node done, times
+    to the second, durations to the millisecond, a message with a count, as the engine
+    records them (engine.Engine._steps), with more varied durations and messages than real
+    steps give (docs/rollout.md, "State in the ConfigMap")."""
     import random
 
     rnd = random.Random(0)
@@ -555,8 +781,32 @@ def projected_size(state: dict) -> int:
                                  "at": at, "changed": True,
                                  "message": f"{text.split()[0]}: {rnd.randint(0, 999)} item(s) ok"}
                                 for k, text in enumerate(steps)]}
-    end = {**state, "nodes": nodes}
+    return {**state, "nodes": nodes}
+
+
+def projected_size(state: dict) -> int:
+    """The compressed size of ``state`` in one ConfigMap once every node has run every step."""
+    end = _projected_end(state)
     return len(StateWriter(end).snapshot(end).gzip())
+
+
+def shard_layout(state: dict, shard_bytes: int = SHARD_BYTES) -> tuple[int, dict]:
+    """(node records per shard, the projection's figures) for ``state``: 0 (one ConfigMap,
+    as before shards) when its projected size is at most ``shard_bytes``; else as many
+    records as ``shard_bytes`` holds at the projected bytes a record, a multiple of CHUNK
+    (so a shard's chunks are the unsharded state's: its projected size is their sum)."""
+    end = _projected_end(state)
+    w = StateWriter(end)
+    total = len(w.snapshot(end).gzip())
+    n = len(end["nodes"])
+    per = sum(len(g or b"") for g in w._gz) / max(1, n)
+    figures = {"total": total, "perNode": per, "plan": len(_gz(w._plan_json)), "nodes": n}
+    if total <= shard_bytes:
+        return 0, figures
+    size = max(1, int(shard_bytes / per))
+    if size >= CHUNK:
+        size -= size % CHUNK
+    return size, figures
 
 
 def _gz(text: str) -> bytes:
@@ -573,21 +823,37 @@ class StateWriter:
     caller's state lock) encodes again only the records named in ``dirty`` and the small
     top-level fields; the Snapshot's ``gzip()`` (outside that lock, one save at a time)
     compresses again only the chunks those records are in and concatenates the cached
-    members of the others. A run never changes its plan: it is encoded once."""
+    members of the others. A run never changes its plan: it is encoded once.
 
-    def __init__(self, state: dict):
+    ``shard_nodes`` > 0: the records in batch order are cut into shards of that many (a
+    chunk never spans two), each its own gzip stream ``{"nodes":{...}}`` (Snapshot.shards:
+    only the shards of changed chunks), the plan its own (plan_gzip), and the other fields
+    plain JSON (Snapshot.head)."""
+
+    def __init__(self, state: dict, shard_nodes: int = 0):
         order = [n for b in (state.get("plan") or {}).get("batches") or [] for n in b]
         seen = set(order)
         order += sorted(n for n in state["nodes"] if n not in seen)  # (a plan always has them all)
         order = [n for n in order if n in state["nodes"]]
         self._keys = {n: json.dumps(n) + ":" for n in order}
-        self._chunks = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
+        self.shard_nodes = shard_nodes
+        groups = [order[i:i + shard_nodes] for i in range(0, len(order), shard_nodes)] if shard_nodes else [order]
+        self._chunks: list[list[str]] = []
+        self.shard_chunks: list[list[int]] = []  # shard -> its chunks
+        for g in groups:
+            first = len(self._chunks)
+            self._chunks += [g[i:i + CHUNK] for i in range(0, len(g), CHUNK)]
+            self.shard_chunks.append(list(range(first, len(self._chunks))))
+        self._first = {c[0] for c in self.shard_chunks if c}  # chunks that open their stream
+        self._shard_of = {i: k for k, c in enumerate(self.shard_chunks) for i in c}
         self._chunk_of = {n: i for i, c in enumerate(self._chunks) for n in c}
         self._frag: dict[str, str] = {}
         self._text: list[str] = [""] * len(self._chunks)
         self._gz: list[bytes | None] = [None] * len(self._chunks)
         self._stale: set[int] = set(range(len(self._chunks)))  # chunks whose _gz is out of date
-        self._plan = '{"plan":' + dumps(state.get("plan")) + ","
+        self._unsent: set[int] = set()  # shards changed and not yet written (a failed save's)
+        self._plan_json = dumps(state.get("plan"))
+        self._plan = '{"plan":' + self._plan_json + ","
         self._plan_gz: bytes | None = None
         self._all = set(order)
 
@@ -601,35 +867,70 @@ class StateWriter:
             self._frag[n] = dumps(nodes[n])
             chunks.add(self._chunk_of[n])
         for i in chunks:
-            self._text[i] = ("," if i else "") + ",".join(self._keys[n] + self._frag[n] for n in self._chunks[i])
+            self._text[i] = ("" if i in self._first else ",") + \
+                ",".join(self._keys[n] + self._frag[n] for n in self._chunks[i])
         self._stale |= chunks
         if dirty is not None:
             dirty.clear()
-        head = ",".join(f"{json.dumps(k)}:{dumps(v)}" for k, v in sorted(state.items()) if k not in ("nodes", "plan"))
-        return Snapshot(self, head + ("," if head else "") + '"nodes":{', {i: self._text[i] for i in chunks})
+        fields = ",".join(f"{json.dumps(k)}:{dumps(v)}" for k, v in sorted(state.items()) if k not in ("nodes", "plan"))
+        return Snapshot(self, fields, {i: self._text[i] for i in chunks})
+
+    def plan_gzip(self) -> bytes:
+        """The plan's ConfigMap of a sharded state: the plan alone."""
+        return _gz(self._plan_json)
+
+
+#: what opens and closes a node shard's stream
+_NODES_OPEN, _CLOSE = '{"nodes":{', "}}"
 
 
 class Snapshot:
-    """A state as of one snapshot(): ``gzip()`` for the ConfigMap, ``text()`` for a file."""
+    """A state as of one snapshot(): ``gzip()`` for one ConfigMap, ``text()`` for a file,
+    ``head()`` and ``shards()`` for a sharded one."""
 
-    def __init__(self, writer: StateWriter, head: str, chunks: dict[int, str]):
-        self.w, self.head, self.chunks = writer, head, chunks
+    def __init__(self, writer: StateWriter, fields: str, chunks: dict[int, str]):
+        self.w, self.fields, self.chunks = writer, fields, chunks
+        self.head_text = fields + ("," if fields else "") + '"nodes":{'
 
-    def gzip(self) -> bytes:
+    def _compress(self) -> set[int]:
+        """Compress the chunks this snapshot changed and the ones left stale; their indexes."""
         w = self.w
-        if w._plan_gz is None:
-            w._plan_gz = _gz(w._plan)
+        done = set(self.chunks)
         for i, text in self.chunks.items():
             w._gz[i] = _gz(text)
             w._stale.discard(i)
         for i in list(w._stale):  # chunks of an earlier snapshot that was only written as text
             w._gz[i] = _gz(w._text[i])
             w._stale.discard(i)
-        return b"".join([w._plan_gz, _gz(self.head), *(g or b"" for g in w._gz), _gz("}}")])
+            done.add(i)
+        return done
+
+    def gzip(self) -> bytes:
+        w = self.w
+        if w._plan_gz is None:
+            w._plan_gz = _gz(w._plan)
+        self._compress()
+        return b"".join([w._plan_gz, _gz(self.head_text), *(g or b"" for g in w._gz), _gz(_CLOSE)])
 
     def text(self) -> str:
         w = self.w
-        return "".join([w._plan, self.head, *w._text, "}}"])
+        return "".join([w._plan, self.head_text, *w._text, _CLOSE])
+
+    def head(self) -> str:
+        """The rollout's own fields, JSON (a sharded state's main ConfigMap)."""
+        return "{" + self.fields + "}"
+
+    def shards(self) -> dict[int, bytes]:
+        """shard -> its gzip stream, for the shards whose records changed and were not
+        written since (``sent``): a save that failed half-way leaves its other shards to
+        the next one."""
+        w = self.w
+        w._unsent |= {w._shard_of[i] for i in self._compress()}
+        return {k: b"".join([_gz(_NODES_OPEN), *(w._gz[i] or b"" for i in w.shard_chunks[k]), _gz(_CLOSE)])
+                for k in sorted(w._unsent)}
+
+    def sent(self, shard: int) -> None:
+        self.w._unsent.discard(shard)
 
 
 def _session_of(lease: dict) -> dict:
@@ -745,8 +1046,8 @@ class FileStore(Store):
             pass
         self._write(self._path(state["name"]), dumps(state))
 
-    def save(self, name: str, snap: "Snapshot") -> None:
-        # plain JSON: a file has no size limit, and stays readable with jq
+    def save(self, name: str, snap: "Snapshot", written=None) -> None:
+        # plain JSON, unsharded: a file has no size limit, and stays readable with jq
         self._write(self._path(name), snap.text())
 
     def control(self, name: str) -> dict:
