@@ -130,11 +130,14 @@ def _build_plan(app_ctx, name: str | None, d: dict, lock_namespace, lock_ttl, ba
         api = kube.client(settings)
         for n in names:
             kube.seg(n)
-        infos = plan_mod.node_infos(api, names or None, selector, policy.spread_by)
+        meta: dict = {}
+        infos = plan_mod.node_infos(api, names or None, selector, policy.spread_by, meta)
     else:
         infos = [plan_mod.NodeInfo(n) for n in names]
     p = plan_mod.Plan(name, infos, steps, policy, plan_mod.make_batches(infos, policy), backend, lock_ns, ttl,
                       {"selector": selector, "nodes": names or None})
+    if api is not None:
+        p.listed_at = meta.get("resourceVersion")
     out_now = [n.name for n in infos if n.out]
     todo = [n.name for n in infos if not n.out]
     if len(out_now) > p.max_unavailable or (out_now and todo and len(out_now) >= p.max_unavailable):

@@ -274,9 +274,11 @@ class Engine:
         renewer.start()
         try:
             if self.api is not None:
+                # a plan just listed (rollout run) seeds the view: no second list of the nodes
+                seed = (self.plan.listed_at, self.plan.nodes) if self.plan.listed_at and not resumed else None
                 self.view = NodeView(self._new_api, set(st["nodes"]), self._selector(), self.plan.policy.poll,
                                      on_change=self.wake.set,
-                                     on_warning=lambda m: self.ev("Warning", message=m))
+                                     on_warning=lambda m: self.ev("Warning", message=m), seed=seed)
                 self.view.start()
             self.transition(lambda: st.update(phase="Running", reason=None, startedRuns=st.get("startedRuns", 0) + 1,
                                               finishedAt=None, exitCode=None), ())

@@ -1,6 +1,7 @@
 """The selected nodes' availability, kept current by a watch (an informer of one kind).
 
-One paged list of the selection gives the nodes and a resourceVersion; a thread then watches
+One paged list of the selection gives the nodes and a resourceVersion (or the list the
+rollout's plan was just made from: ``seed``); a thread then watches
 the nodes from there (its own client: threads sharing one httpcore pool can be handed a
 connection another thread closes, encode/httpcore#1110) and applies ADDED/MODIFIED/DELETED
 to the view, as client-go's reflector does:
@@ -51,7 +52,7 @@ class NodeView:
 
     def __init__(self, make_api: Callable[[], Any], names: set[str], selector: str | None, poll: float, *,
                  on_change: Callable[[], None] = lambda: None, on_warning: Callable[[str], None] = lambda m: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, seed: tuple[str, list[NodeInfo]] | None = None):
         self._make_api = make_api
         self.names = set(names)
         self.selector = selector
@@ -70,16 +71,28 @@ class NodeView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._api: Any = None
+        self._seed = seed
 
     # -- the engine's side ----------------------------------------------------------
     def start(self) -> None:
-        """List once (here: the first max-unavailable check can use it), then watch in a
-        thread. A failed list is retried by the thread; meanwhile the engine lists."""
+        """List once (here: the first max-unavailable check can use it), or take the seed
+        (resourceVersion, NodeInfos) of a list just made, then watch in a thread from its
+        resourceVersion (too old by then: 410, a list). A failed list is retried by the
+        thread; meanwhile the engine lists."""
         self._api = self._make_api()
-        try:
-            self._relist()
-        except KatactlError:
-            pass
+        if self._seed is not None:
+            rv, infos = self._seed
+            nodes = {i.name: i for i in infos if i.name in self.names}
+            with self.lock:
+                self.nodes, self.rv = nodes, rv
+                self.out = {n for n in self.names if n not in nodes or nodes[n].out}
+                self.synced, self.heard, self.broken_since = True, self.clock(), None
+            self.on_change()
+        else:
+            try:
+                self._relist()
+            except KatactlError:
+                pass
         self._thread = threading.Thread(target=self._loop, name="katactl-rollout-nodewatch", daemon=True)
         self._thread.start()
 

@@ -123,13 +123,15 @@ class NodeInfo:
         return self.unschedulable or not self.ready
 
 
-def node_infos(api, names: list[str] | None, selector: str | None, spread_by: str | None) -> list[NodeInfo]:
-    """Nodes of the selection with their zone and availability, from the API (one paged list)."""
+def node_infos(api, names: list[str] | None, selector: str | None, spread_by: str | None,
+               meta: dict | None = None) -> list[NodeInfo]:
+    """Nodes of the selection with their zone and availability, from the API (one paged list;
+    ``meta`` receives its metadata: the resourceVersion a watch of them can start from)."""
     from katactl.errors import NotFound
 
     wanted = set(names or [])
     out: dict[str, NodeInfo] = {}
-    for page in api.list_pages("/api/v1/nodes", labelSelector=selector if not names else None):
+    for page in api.list_pages("/api/v1/nodes", meta=meta, labelSelector=selector if not names else None):
         for n in page:
             name = n["metadata"]["name"]
             if names and name not in wanted:
@@ -226,6 +228,9 @@ class Plan:
     lock_namespace: str = "kube-system"
     lock_ttl: float = 60.0
     selection: dict = dataclasses.field(default_factory=dict)
+    #: the resourceVersion of the node list ``nodes`` came from (None: a stored plan): the
+    #: run's node view watches from there instead of listing them again (engine.Engine.run)
+    listed_at: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def max_unavailable(self) -> int:
