@@ -1,5 +1,6 @@
-"""katactl rollout: the size of a rollout's state and the CPU of one state save, by fleet size
-(issue 13: a 10,000-node rollout must fit its ConfigMap, and saves happen per batch).
+"""katactl rollout: the size of a rollout's state, its layout over ConfigMaps and the CPU and
+request bytes of one state save, by fleet size (issue 13: rollouts of tens of thousands of
+nodes; saves happen per batch).
 
 States: the plan of N nodes (names as a managed cluster gives them, three zones,
 max-unavailable 50) and every node's record after its steps (tests/test_rollout_scale.py's
@@ -7,16 +8,19 @@ plan_of/finish_all: one result per step, with times and messages), a one-step pl
 and a five-step one (cordon, upgrade stage, upgrade switch, recycle-stale, check). That is
 the largest the state gets.
 
-- JSON: the state as katactl wrote it before (plain JSON in ConfigMap data "state"); it
-  does not fit a ConfigMap (1,048,576 bytes) past ~2,000-2,900 nodes.
-- gzip: what it writes now (binaryData "state.json.gz", katactl/rollout/store.py StateWriter).
+- before: the whole state gzip-compressed in one ConfigMap (binaryData "state.json.gz", one
+  PUT a save; katactl/rollout/store.py StateWriter without shards, as katactl still writes a
+  state projected under SHARD_BYTES); it does not fit a ConfigMap (1,048,576 bytes) past
+  ~12,000 nodes of five steps, and `rollout run` refused such plans at the start.
+- now: the layout KubeStore.create picks (store.shard_layout): past SHARD_BYTES projected,
+  the plan in its own ConfigMap, the node records in shards of a fixed number of records
+  (batch order), the rollout's own fields in the main ConfigMap; a save PUTs the shards whose
+  records changed, then the main ConfigMap.
 - CPU per save (the saving thread's process time, median of the repetitions): encoding the
-  state and the ConfigMap request body as the client sends it (json.dumps of the object),
-  not the round trip. "before" = the engine's previous save path (only changed records
-  encoded again, the whole JSON joined, then the request body); "now" = StateWriter
-  (changed records encoded again, only their chunks compressed again, base64, request body).
-  Two kinds of save: a batch start (50 records change) and one node's transition (1 record).
-  The first save (create: everything encoded and compressed) and a load (decode) too.
+  state and the request bodies as the client sends them (json.dumps of each object), not
+  the round trips. Two kinds of save: a batch start (50 records change) and one node's
+  transition (1 record). Request bytes: the bodies of that save. The first save (create:
+  everything encoded and compressed) and a load (decode) too.
 
 Usage: .venv/bin/python bench/bench_rollout_state.py [--reps 15] [--write] [--smoke]
 """
@@ -33,48 +37,45 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._util import context, publish  # noqa: E402
 from katactl.rollout import engine  # noqa: E402
-from katactl.rollout.store import (CONTROL_ROOM, MAX_CONFIGMAP_BYTES, STATE_KEY, StateWriter,  # noqa: E402
-                                   dumps, projected_size, state_of_configmap)
+from katactl.rollout.store import (MAX_CONFIGMAP_BYTES, NODES_KEY, PART_LABEL, PLAN_KEY,  # noqa: E402
+                                   SHARD_BYTES, STATE_KEY, KubeStore, StateWriter, dumps, shard_layout,
+                                   state_of_configmap, state_of_configmaps)
 from tests.test_rollout_scale import STEPS_5, finish_all, plan_of  # noqa: E402
 
-
-class _OldSave:
-    """The engine's save path before (commit 6670cd3, Engine._serialize): changed node
-    records encoded again, the whole state JSON joined; the ConfigMap's data "state"."""
-
-    def __init__(self, st: dict):
-        self.st = st
-        self.frag: dict[str, str] = {}
-        self.dirty = set(st["nodes"])
-        self.keys = sorted((json.dumps(n) + ":", n) for n in st["nodes"])
-        self.plan = dumps(st["plan"])
-
-    def save(self, dirty) -> bytes:
-        st = self.st
-        self.dirty |= set(dirty)
-        for n in self.dirty:
-            self.frag[n] = dumps(st["nodes"][n])
-        self.dirty.clear()
-        parts = {k: dumps(v) for k, v in st.items() if k not in ("nodes", "plan")}
-        parts["plan"] = self.plan
-        parts["nodes"] = "{" + ",".join(k + self.frag[n] for k, n in self.keys) + "}"
-        text = "{" + ",".join(f"{json.dumps(k)}:{parts[k]}" for k in sorted(parts)) + "}"
-        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "kube-system"},
-                "data": {"state": text, "control": "{}"}}
-        return json.dumps(body).encode()  # as KubeAPI sends it
+NS = "kube-system"
 
 
-class _NewSave:
-    def __init__(self, st: dict):
-        self.st = st
-        self.w = StateWriter(st)
+class _Save:
+    """One rollout's saves as KubeStore.save builds them (its objects, without the round
+    trips): ``shard_nodes`` 0 is the one-ConfigMap form."""
 
-    def save(self, dirty) -> bytes:
+    def __init__(self, st: dict, shard_nodes: int):
+        self.st, self.name = st, st["name"]
+        self.store = KubeStore(None, NS, shard_bytes=SHARD_BYTES)
+        self.store._layout[self.name] = shard_nodes
+        self.w = StateWriter(st, shard_nodes)
+
+    def save(self, dirty) -> list[bytes]:
+        """The request bodies of one save (``dirty`` None: the first, everything)."""
         snap = self.w.snapshot(self.st, None if dirty is None else set(dirty))
-        # KubeStore._obj's ConfigMap (without its size check: the largest states here do not fit)
-        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "kube-system"},
-                "data": {"control": "{}"}, "binaryData": {STATE_KEY: base64.b64encode(snap.gzip()).decode()}}
-        return json.dumps(body).encode()
+        s, name = self.store, self.name
+        if not self.w.shard_nodes:
+            # KubeStore._obj's ConfigMap, without its size check: the largest states here do not fit
+            return [json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": s._meta(name, "x", None),
+                                "data": {"control": "{}"},
+                                "binaryData": {STATE_KEY: base64.b64encode(snap.gzip()).decode()}}).encode()]
+        bodies = [json.dumps(s._part_obj(name, "plan", PLAN_KEY, self.w.plan_gzip())).encode()] if dirty is None else []
+        for k, blob in snap.shards().items():
+            bodies.append(json.dumps(s._part_obj(name, f"nodes-{k}", NODES_KEY, blob)).encode())
+            snap.sent(k)
+        return bodies + [json.dumps(s._obj(name, None, {}, snap.head(), self.w)).encode()]
+
+    def objects(self) -> tuple[dict, list[dict]]:
+        """The ConfigMaps as stored (main, parts) after a first save."""
+        bodies = [json.loads(b) for b in self.save(None)]
+        for b in bodies:
+            b["metadata"].setdefault("labels", {})
+        return bodies[-1], bodies[:-1]
 
 
 def _cpu(fn, reps: int) -> float:
@@ -89,71 +90,79 @@ def _cpu(fn, reps: int) -> float:
 def measure(nodes: int, steps: list[str], reps: int) -> dict:
     plan = plan_of(nodes, steps)
     st = engine.new_state(plan)
-    projected = projected_size(st)  # what 'rollout run' checks before it starts
+    t = time.process_time()
+    size, fig = shard_layout(st)  # what 'rollout run' works out before it starts
+    layout_ms = (time.process_time() - t) * 1000
     finish_all(st, plan)
     batch = plan.batches[len(plan.batches) // 2]
     one = batch[:1]
-    text = dumps(st)
-    gz = StateWriter(st).snapshot(st).gzip()
-    old, new = _OldSave(st), _NewSave(st)
-    old.save(()), new.save(None)  # caches filled, as after the first save of a run
-    cm = {"binaryData": {STATE_KEY: base64.b64encode(gz).decode()}}
+    old, new = _Save(st, 0), _Save(st, size)
+    one_cm = len(base64.b64decode(json.loads(old.save(None)[0])["binaryData"][STATE_KEY]))
+    main, parts = new.objects()
+    shard_sizes = [len(base64.b64decode(p["binaryData"][NODES_KEY])) for p in parts
+                   if p["metadata"]["labels"].get(PART_LABEL, "").startswith("nodes-")]
+    plan_size = next((len(base64.b64decode(p["binaryData"][PLAN_KEY])) for p in parts
+                      if p["metadata"]["labels"].get(PART_LABEL) == "plan"), 0)
+    old_cm = json.loads(old.save(None)[0])
+    assert state_of_configmaps(main, parts) == state_of_configmap(old_cm) == json.loads(dumps(st))  # read back
+    sent = {k: sum(len(b) for b in v) for k, v in
+            (("batch_old", old.save(batch)), ("batch_new", new.save(batch)),
+             ("one_old", old.save(one)), ("one_new", new.save(one)))}
     return {
-        "nodes": nodes, "steps": len(steps), "json": len(text.encode()), "gz": len(gz), "projected": projected,
-        "first_old": _cpu(lambda: _OldSave(st).save(()), max(3, reps // 5)),
-        "first_new": _cpu(lambda: _NewSave(st).save(None), max(3, reps // 5)),
-        "batch_old": _cpu(lambda: old.save(batch), reps), "batch_new": _cpu(lambda: new.save(batch), reps),
-        "one_old": _cpu(lambda: old.save(one), reps), "one_new": _cpu(lambda: new.save(one), reps),
-        "load_old": _cpu(lambda: json.loads(text), max(3, reps // 5)),
-        "load_new": _cpu(lambda: state_of_configmap(cm), max(3, reps // 5)),
+        "nodes": nodes, "steps": len(steps), "one_cm": one_cm, "projected": fig["total"], "layout_ms": layout_ms,
+        "shard_nodes": size, "shards": len(shard_sizes), "largest_shard": max(shard_sizes, default=0),
+        "plan": plan_size, "main": sum(len(v) for v in (main.get("data") or {}).values()), **sent,
+        "first_old": _cpu(lambda: _Save(st, 0).save(None), max(3, reps // 5)),
+        "first_new": _cpu(lambda: _Save(st, size).save(None), max(3, reps // 5)),
+        "batch_old_ms": _cpu(lambda: old.save(batch), reps), "batch_new_ms": _cpu(lambda: new.save(batch), reps),
+        "one_old_ms": _cpu(lambda: old.save(one), reps), "one_new_ms": _cpu(lambda: new.save(one), reps),
+        "load_old": _cpu(lambda: state_of_configmap(old_cm), max(3, reps // 5)),
+        "load_new": _cpu(lambda: state_of_configmaps(main, parts), max(3, reps // 5)),
     }
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1000:,.0f} KB" if n >= 10_000 else f"{n:,} B"
 
 
 def render(rows: list[dict], ctx: str) -> str:
     out = ["## Rollout state size and CPU per save — bench/bench_rollout_state.py", "",
            "The state of a rollout with every node's steps recorded (the largest it gets; one result per step "
-           "per node, names `cn-hangzhou.10.x.y.z`, three zones, max-unavailable 50), encoded as katactl wrote it "
-           "before (JSON in ConfigMap `data.state`) and as it writes it now (gzip in `binaryData`, "
-           "katactl/rollout/store.py StateWriter). A ConfigMap holds 1,048,576 bytes (data + binaryData values, "
-           "binaryData decoded). CPU = the saving thread's process time to encode the state and the request "
-           "body (not the round trip), median; \"before\" is the previous engine save path (changed records "
-           f"encoded again, the whole JSON joined). {ctx}.", "",
-           "| nodes | steps | JSON bytes (per node) | fits before | gzip bytes (per node) | fits now "
-           "| projected at start (per node) "
-           "| first save ms before / now | batch-start save (50 records) ms before / now "
-           "| one-node save ms before / now | load ms before / now |",
-           "|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+           "per node, names `cn-hangzhou.10.x.y.z`, three zones, max-unavailable 50). \"before\": the whole state "
+           "gzip-compressed in one ConfigMap (`binaryData.state.json.gz`, one PUT a save), the only form before "
+           "shards (and still the form of a state projected under 128 KiB); \"now\": the layout katactl picks "
+           "(katactl/rollout/store.py shard_layout: past 128 KiB projected, the plan in its own ConfigMap, the node "
+           "records in shards of a fixed number of records, the rollout's own fields in the main ConfigMap; a save "
+           "PUTs the changed shards, then the main one). A ConfigMap holds 1,048,576 bytes (data + binaryData "
+           "values, binaryData decoded). CPU = the saving thread's process time to encode the state and the "
+           "request bodies (not the round trips), median; sent = the bytes of that save's request bodies. "
+           f"{ctx}.", "",
+           "| nodes | steps | one ConfigMap (before) | layout now: records a shard × shards | largest shard "
+           "| plan ConfigMap | layout at start ms | first save ms before / now "
+           "| batch-start save (50 records) ms before / now | sent before / now "
+           "| one-node save ms before / now | sent before / now | load ms before / now |",
+           "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        n = r["nodes"]
+        fits = "fits" if r["one_cm"] <= MAX_CONFIGMAP_BYTES else "**does not fit**"
+        pct = 100 * r["one_cm"] / MAX_CONFIGMAP_BYTES
+        lay = (f"{r['shard_nodes']:,} × {r['shards']}" if r["shard_nodes"] else "one ConfigMap (as before)")
+        shard = f"{_kb(r['largest_shard'])} ({100 * r['largest_shard'] / MAX_CONFIGMAP_BYTES:.0f}%)" \
+            if r["shard_nodes"] else "-"
         out.append(
-            f"| {n:,} | {r['steps']} | {r['json']:,} ({r['json'] / n:.0f}) | "
-            f"{'yes' if r['json'] <= MAX_CONFIGMAP_BYTES else 'no'} | {r['gz']:,} ({r['gz'] / n:.0f}) | "
-            f"{'yes' if r['gz'] <= MAX_CONFIGMAP_BYTES else 'no'} ({100 * r['gz'] / MAX_CONFIGMAP_BYTES:.0f}%) | "
-            f"{r['projected']:,} ({r['projected'] / n:.0f}) | "
-            f"{r['first_old']:.1f} / {r['first_new']:.1f} | {r['batch_old']:.1f} / {r['batch_new']:.1f} | "
-            f"{r['one_old']:.1f} / {r['one_new']:.1f} | {r['load_old']:.1f} / {r['load_new']:.1f} |")
-    big = {r["steps"]: r for r in sorted(rows, key=lambda r: r["nodes"])}  # the largest size of each
-    room = MAX_CONFIGMAP_BYTES - CONTROL_ROOM
-    out += ["", "Capacity now (1 MiB less the 16 KiB kept for the control record and the rollout's own fields): "
-            "what fits, at the bytes per node measured at the largest size, "
-            + "; ".join(f"~{int(room / (r['gz'] / r['nodes'])):,} nodes with {s} step(s)" for s, r in sorted(big.items()))
-            + "; what `rollout run` accepts (its projection at the start, more varied than these states: it refuses "
-            "a larger plan with exit 5), "
-            + "; ".join(f"~{int(room / (r['projected'] / r['nodes'])):,} nodes with {s} step(s)"
-                        for s, r in sorted(big.items())) + "."]
-    r10 = [r for r in rows if r["nodes"] == 10_000]
-    if r10:
-        lo, hi = min(r10, key=lambda r: r["steps"]), max(r10, key=lambda r: r["steps"])
-        out += ["", "Per rollout: the 500-node bench above sends 0.15-0.19 state PUTs per node, so a 10,000-node "
-                f"rollout saves ~1,500-1,900 times: ~{1.9 * lo['batch_new']:.0f}-{1.9 * hi['batch_new']:.0f} s of "
-                "katactl CPU for "
-                f"its saves now ({lo['batch_new']:.1f}-{hi['batch_new']:.1f} ms each, batch starts), where the JSON "
-                f"would have cost ~{1.9 * lo['batch_old']:.0f}-{1.9 * hi['batch_old']:.0f} s had a ConfigMap taken "
-                "it; the request body is the compressed state in base64 (~4/3 of the gzip bytes) instead of the "
-                "escaped JSON. At 500 nodes a save costs what it did. Only the first save (the ConfigMap's "
-                "creation) compresses everything, and `rollout run` projects the finished state's size once "
-                "before it (tenths of a second at 10,000 nodes). A load (`status`, `resume`) is gunzip + JSON "
-                "decoding, a little slower than the JSON alone."]
+            f"| {r['nodes']:,} | {r['steps']} | {_kb(r['one_cm'])} ({pct:.0f}%, {fits}) | {lay} | {shard} | "
+            f"{_kb(r['plan']) if r['plan'] else '-'} | {r['layout_ms']:.0f} | "
+            f"{r['first_old']:.1f} / {r['first_new']:.1f} | {r['batch_old_ms']:.1f} / {r['batch_new_ms']:.1f} | "
+            f"{_kb(r['batch_old'])} / {_kb(r['batch_new'])} | {r['one_old_ms']:.1f} / {r['one_new_ms']:.1f} | "
+            f"{_kb(r['one_old'])} / {_kb(r['one_new'])} | {r['load_old']:.1f} / {r['load_new']:.1f} |")
+    big = max(rows, key=lambda r: r["nodes"])
+    per_plan = big["plan"] / big["nodes"] if big["plan"] else 0
+    if per_plan:
+        out += ["", f"Capacity now: the node records have no ceiling (shards are added as the fleet grows, each "
+                f"projected under 128 KiB, 12% of a ConfigMap: room for retried steps' results); the plan "
+                f"(every node's name, zone and batch: {per_plan:.1f} bytes a node compressed at "
+                f"{big['nodes']:,} nodes) must fit one ConfigMap, so `rollout run` refuses (exit 5) a plan of "
+                f"more than ~{int((MAX_CONFIGMAP_BYTES - 16 * 1024) / per_plan):,} nodes (names like these); before "
+                "shards it refused ~31,500 nodes with one step and ~12,300 with five."]
     return "\n".join(out) + "\n"
 
 
@@ -161,13 +170,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="500 nodes, 3 repetitions, nothing written")
+    ap.add_argument("--smoke", action="store_true", help="2,000 nodes, 3 repetitions, nothing written")
     a = ap.parse_args()
-    sizes = [500] if a.smoke else [500, 10_000, 20_000]
+    sizes = [2_000] if a.smoke else [500, 10_000, 20_000, 40_000]
     reps = 3 if a.smoke else a.reps
     rows = [measure(n, steps, reps) for n in sizes for steps in (["check"], STEPS_5)]
     if a.smoke:  # the code paths ran; no figures from a smoke run
         render(rows, context())
+        assert any(r["shard_nodes"] for r in rows)
         print(f"bench_rollout_state smoke ok: {len(rows)} states encoded and read back")
         return
     publish(render(rows, context()), "bench/bench_rollout_state.py", a.write)

@@ -22,7 +22,7 @@ ConfigMap whose data + binaryData values exceed 1 MiB (ValidateConfigMap in
 pkg/apis/core/validation/validation.go: ``ConfigMap "NAME" is invalid: []: Too long: must
 have at most 1048576 bytes``, 422), and the plain JSON (~350-1,200 bytes a node, by steps
 and node names) passed it at 850-2,900 nodes; gzip brings a node to ~27-66 bytes
-(docs/rollout.md, "State in the ConfigMap"). StateWriter encodes it incrementally: the gzip
+(docs/rollout.md, "State in ConfigMaps"). StateWriter encodes it incrementally: the gzip
 stream is a concatenation of members (RFC 1952, 2.2: a gzip file is a series of members;
 gunzip and Go's gzip.Reader read them as one stream), one for the plan (written once), one
 for the rollout's own fields, and one per CHUNK node records in batch order, so a save
@@ -765,7 +765,7 @@ def _projected_end(state: dict) -> dict:
     20 a node: a save that no longer fits is still refused, exit 1): each node done, times
     to the second, durations to the millisecond, a message with a count, as the engine
     records them (engine.Engine._steps), with more varied durations and messages than real
-    steps give (docs/rollout.md, "State in the ConfigMap")."""
+    steps give (docs/rollout.md, "State in ConfigMaps")."""
     import random
 
     rnd = random.Random(0)
