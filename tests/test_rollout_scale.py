@@ -342,3 +342,11 @@ def test_parts_a_killed_create_left_are_written_over(cli, kube, kc, monkeypatch)
     assert s.exit_code == 1, s.stderr
     assert f"ConfigMap {NS}/{CM_PREFIX}k: ConfigMap {CM_PREFIX}k.nodes-2 is missing: the state is incomplete" \
         in s.stderr and "Traceback" not in s.stderr
+
+
+def test_a_bad_shard_size_is_one_error_line(cli, kube, kc, monkeypatch):
+    monkeypatch.setenv(SHARD_BYTES_ENV, "2MiB")
+    r = _ro(cli, kc, "list", "--state", "kube")
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert "invalid KATACTL_ROLLOUT_SHARD_BYTES='2MiB': bytes, from 1 to 1032192" in r.stderr
+    assert "Traceback" not in r.stderr

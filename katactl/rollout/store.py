@@ -451,15 +451,16 @@ class KubeStore(Store):
         self._cm_rv[name] = cm["metadata"]["resourceVersion"]
         self._cm_control[name] = {}
 
-    def _put_part(self, name: str, part: str, key: str, blob: bytes, *, create: bool = False) -> None:
+    def _put_part(self, name: str, part: str, key: str, blob: bytes, *, create: bool = False) -> bool:
         """Write one part of a sharded state (created as needed: by create(), or again if
-        someone deleted it). Nobody else writes parts: a 409 is a stale resourceVersion
-        (one left by an interrupted create, or a write of ours whose answer was lost)."""
+        someone deleted it); False when it already holds ``blob``. Nobody else writes parts:
+        a 409 is a stale resourceVersion (one left by an interrupted create, or a write of
+        ours whose answer was lost)."""
         from katactl.backends.kube import Conflict
 
         cm_name = part_name(name, part)
         if self._part_sent.get(cm_name) == blob:
-            return
+            return False
         obj = self._part_obj(name, part, key, blob)
         for _ in range(5):
             try:
@@ -479,6 +480,7 @@ class KubeStore(Store):
             raise OperationFailed(f"ConfigMap {self.ns}/{cm_name} keeps changing: cannot save the state")
         self._part_rv[cm_name] = cm["metadata"]["resourceVersion"]
         self._part_sent[cm_name] = blob
+        return True
 
     def _create_configmap(self, cm_name: str, obj: dict) -> dict:
         """POST a state ConfigMap. A 5xx answer (MaybeApplied) may hide a create that
@@ -536,9 +538,9 @@ class KubeStore(Store):
         try:
             if snap.w.shard_nodes:
                 for k, blob in snap.shards().items():
-                    self._put_part(name, f"nodes-{k}", NODES_KEY, blob)
+                    wrote = self._put_part(name, f"nodes-{k}", NODES_KEY, blob)
                     snap.sent(k)
-                    if written is not None:
+                    if wrote and written is not None:
                         written()
                 head = snap.head()
             else:
