@@ -142,15 +142,16 @@ class Store:
     def load(self, name: str) -> dict | None: ...
     def create(self, state: dict) -> None: ...
     def save(self, name: str, snap: "Snapshot", written=None) -> None: ...  # see StateWriter
-
-    def writer(self, state: dict) -> "StateWriter":
-        """The StateWriter for ``state``'s saves (as this store lays it out)."""
-        return StateWriter(state)
     def control(self, name: str) -> dict: raise NotImplementedError
     def set_control(self, name: str, control: dict) -> None: ...
     def list(self) -> list[dict]: raise NotImplementedError
     def mark_node(self, node: str, name: str, info: dict) -> None: ...
     def close(self) -> None: ...
+
+    def writer(self, state: dict) -> "StateWriter":
+        """The StateWriter for ``state``'s saves (as this store lays it out; ``save``'s
+        ``written()`` is called after each shard it writes)."""
+        return StateWriter(state)
 
 
 # -- Kubernetes ----------------------------------------------------------------------
