@@ -400,7 +400,13 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
     lost when a later one passes the pod (filters.go's own TODO); katactl reports every
     warning a pod earned, in kubectl's words.
 
+    katactl's own node agent pods (label app.kubernetes.io/name=katactl-node-agent) are skipped
+    before the DaemonSet filter, with a warning like ignored DaemonSet pods: a drain through
+    ``--via kube`` runs in one of them.
+
     Returns (to_evict, skipped [{pod, reason}], errors {message: [pods]}, warnings {message: [pods]})."""
+    from katactl import nodeagent
+
     now = dt.datetime.now(dt.timezone.utc)
     evict: list[dict] = []
     skipped: list[dict] = []
@@ -442,6 +448,12 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
         if opts.skip_wait_for_delete_timeout > 0 and deleting is not None \
                 and deleting > opts.skip_wait_for_delete_timeout:
             skipped.append({"pod": ref, "reason": "deleting for longer than --skip-wait-for-delete-timeout"})
+            continue
+        if (pod["metadata"].get("labels") or {}).get(nodeagent.APP_LABEL) == nodeagent.APP:
+            # katactl's own node pod (--via kube: the drain step may run through it), reported
+            # as kubectl reports the DaemonSet pods it ignores
+            warnings.setdefault("ignoring katactl node agent Pods", []).append(ref)
+            skipped.append({"pod": ref, "reason": "katactl node agent"})
             continue
         if not daemonset_filter(pod, ref):
             continue
