@@ -5,8 +5,10 @@ A node pod is privileged, hostPID/hostNetwork/hostIPC, has the host's / at /host
 (mountPropagation HostToContainer), tolerates every taint, is pinned with ``nodeName`` (so it
 runs on a cordoned node too) and runs an image with python3 sleeping. Pods are labelled
 ``app.kubernetes.io/name=katactl-node-agent`` and ``katactl.io/agent-kind=daemonset|ephemeral``;
-an ephemeral pod is named ``katactl-node-<node>-<5 chars>`` and annotated with who created it and
-when, is deleted at the end of the katactl run (also on errors and Ctrl-C), and has an
+an ephemeral pod is named ``katactl-node-<node>-<5 chars>`` (chosen here, registered for deletion
+before its create is sent: a create answered 5xx or timed out may have landed) and annotated with
+who created it and when, is deleted at the end of the katactl run (also on errors, Ctrl-C, SIGTERM
+and SIGHUP: the CLI runs every ``--via kube`` command under katactl.interrupt), and has an
 activeDeadlineSeconds so a leftover from a killed run stops by itself; ``node agent gc`` deletes
 leftovers.
 """
@@ -21,8 +23,10 @@ import re
 import socket
 import threading
 import time
+import weakref
 
-from katactl.errors import NotFound, OperationFailed, TimeoutExpired, UnreachableError, UsageError
+from katactl.errors import (AuthError, Interrupted, KatactlError, NotFound, OperationFailed, TimeoutExpired, UnreachableError,
+                             UsageError)
 
 APP_LABEL = "app.kubernetes.io/name"
 APP = "katactl-node-agent"
@@ -32,6 +36,7 @@ DS_NAME = "katactl-node-agent"
 CONTAINER = "agent"
 EPHEMERAL_DEADLINE = 6 * 3600   # seconds an ephemeral pod may live at most
 POLL = 0.1
+PRIVILEGED = "privileged"
 # The container's command: python3 (which the relays need anyway) waiting for SIGTERM.
 SLEEP = ["python3", "-c", "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
          "[signal.pause() for _ in iter(int, 1)]"]
@@ -171,16 +176,58 @@ def agent_pod(api, settings, node: str) -> AgentPod:
 
 
 def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) -> AgentPod:
-    from katactl.backends.kube import seg
+    from katactl.backends.kube import Conflict, seg
 
     man = ephemeral_manifest(node, image, ns)
+    pod = AgentPod(ns, man["metadata"]["name"], node, "ephemeral", image=image)
+    # registered under its (client-chosen) name before the create is sent: a create answered
+    # 5xx or timed out may have landed, and the cleanup must delete it all the same
+    done = _register(key, pod, api)
     try:
-        obj = api.create(f"/api/v1/namespaces/{seg(ns)}/pods", man)
+        _create(api, f"/api/v1/namespaces/{seg(ns)}/pods", man, key, timeout)
+    except Conflict:
+        _unregister(key, pod)  # the name is someone else's pod: never delete it
+        raise
+    finally:
+        done.set()
+    return wait_running(api, pod, timeout)
+
+
+def _create(api, path: str, man: dict, key, timeout: float) -> None:
+    """POST the pod. An unknown outcome (5xx, timeout) is not sent again: the name is looked
+    for until ``timeout`` (found: it landed, it is ours); not found, the error stands and the
+    cleanup watches a while for the create landing late (kube-apiserver's timeout filter
+    answers 504 while the handler goes on)."""
+    from katactl.backends.kube import MaybeApplied, seg
+
+    ns = man["metadata"]["namespace"]
+    try:
+        api.create(path, man)
     except NotFound:
         raise NotFound(f"namespace {ns} not found (--agent-namespace)") from None
-    pod = AgentPod(ns, obj["metadata"]["name"], node, "ephemeral", image=image)
-    _register(key, pod, api)
-    return wait_running(api, pod, timeout)
+    except AuthError as e:
+        if "violates PodSecurity" in e.message:
+            # admission (Pod Security Admission), not RBAC: the user may create pods, the
+            # namespace's policy level forbids this privileged one
+            raise OperationFailed(
+                f"the node pod was refused by admission, not RBAC: namespace {ns}'s Pod Security level "
+                f"forbids a privileged pod: {e.details.get('message') or e.message}",
+                hint=f"give --agent-namespace NS, a namespace labelled pod-security.kubernetes.io/enforce={PRIVILEGED}",
+                details=e.details) from None
+        raise
+    except (MaybeApplied, UnreachableError):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                api.get(f"{path}/{seg(man['metadata']['name'])}")
+                return
+            except KatactlError:
+                pass
+            if time.monotonic() >= deadline:
+                with _GUARD:
+                    _UNSEEN.add(key)
+                raise
+            time.sleep(POLL * 3)
 
 
 def replace_agent_pod(api, pod: AgentPod) -> AgentPod:
@@ -213,6 +260,8 @@ def wait_running(api, pod: AgentPod, timeout: float) -> AgentPod:
     deadline = time.monotonic() + timeout
     obj: dict = {}
     while True:
+        if threading.current_thread() in _STALE:  # interrupted: the cleanup deletes it
+            raise Interrupted("interrupted")
         try:
             obj = api.get(path)
         except NotFound:
@@ -251,13 +300,32 @@ def _describe(api, obj: dict) -> str:
 
 
 # -- ephemeral pod lifetime ----------------------------------------------------------------------
-def _register(key, pod: AgentPod, api) -> None:
+# threads alive when cleanup() ran: workers an interrupt left behind (fleet's fan-out does not
+# wait for them) must not create a pod nobody deletes; later runs' threads are new ones
+_STALE: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_IN_FLIGHT: dict[tuple, threading.Event] = {}   # set once the pod's create has been answered
+_UNSEEN: set[tuple] = set()        # creates of unknown outcome whose pod was never seen
+LATE_CREATE_WATCH = 5.0            # seconds the cleanup watches for such a create landing late
+
+
+def _register(key, pod: AgentPod, api) -> threading.Event:
+    """Register ``pod`` for cleanup; the event is to be set when its create was answered."""
+    done = threading.Event()
     with _GUARD:
-        first = not _EPHEMERAL
+        if threading.current_thread() in _STALE:  # a worker starting a node after an interrupt
+            raise Interrupted("interrupted")
         _EPHEMERAL[key] = pod
         _EPHEMERAL_API[key] = (api.host, api)
-    if first:
-        _install_sigterm()
+        _IN_FLIGHT[key] = done
+    return done
+
+
+def _unregister(key, pod: AgentPod) -> None:
+    with _GUARD:
+        if _EPHEMERAL.get(key) is pod:
+            del _EPHEMERAL[key]
+            _EPHEMERAL_API.pop(key, None)
+            _IN_FLIGHT.pop(key, None)
 
 
 def cleanup(warn=None) -> list[str]:
@@ -266,17 +334,33 @@ def cleanup(warn=None) -> list[str]:
     from katactl.backends.kube import KubeAPI, seg
 
     with _GUARD:
+        _STALE.update(t for t in threading.enumerate() if t is not threading.current_thread())
         items = list(_EPHEMERAL.items())
         apis = dict(_EPHEMERAL_API)
+        flights = dict(_IN_FLIGHT)
+        unseen = set(_UNSEEN)
+        _UNSEEN.clear()
         _EPHEMERAL.clear()
         _EPHEMERAL_API.clear()
+        _IN_FLIGHT.clear()
     left = []
     for key, pod in items:
         _, api = apis.get(key, (None, None))
+        # a worker thread's create still on its way (an interrupt): deleting before it lands
+        # would find nothing and leave the pod behind
+        ev = flights.get(key)
+        if ev is not None:
+            ev.wait(float(getattr(api, "timeout", 30.0) or 30.0) + 1.0)
         try:
             client = KubeAPI(api.host, api.headers, api.tls, 10.0, user=api.user)
+            path = f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"
             try:
-                client.delete(f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}", grace_period=0)
+                try:
+                    client.delete(path, grace_period=0)
+                except NotFound:
+                    if key not in unseen:
+                        raise
+                    _delete_late(client, path)
             finally:
                 client.close()
         except NotFound:
@@ -289,20 +373,18 @@ def cleanup(warn=None) -> list[str]:
     return left
 
 
-def _install_sigterm() -> None:
-    """SIGTERM (Ansible timeouts, kill) ends the run through KeyboardInterrupt-like unwinding,
-    so the ephemeral pods are deleted as on Ctrl-C."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            def on_term(signum, frame):
-                raise SystemExit(143)
-            signal.signal(signal.SIGTERM, on_term)
-    except (ValueError, OSError):
-        pass
+def _delete_late(client, path: str) -> None:
+    """A create of unknown outcome never seen: delete the pod should it land in the next
+    LATE_CREATE_WATCH seconds (later, activeDeadlineSeconds and ``node agent gc`` remain)."""
+    deadline = time.monotonic() + LATE_CREATE_WATCH
+    while time.monotonic() < deadline:
+        time.sleep(POLL * 3)
+        try:
+            client.delete(path, grace_period=0)
+            return
+        except NotFound:
+            continue
+    raise NotFound(path)
 
 
 def _atexit() -> None:

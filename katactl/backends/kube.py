@@ -257,6 +257,16 @@ class KubeAPI:
     def _authorization(self) -> str | None:
         return self._creds.authorization() if self._creds is not None else self.headers.get("Authorization")
 
+    def authorization(self) -> str | None:
+        """The Authorization value to send now (exec plugin / tokenFile obtained again when
+        expired), for a connection made outside this client: the pods/exec WebSocket."""
+        return self._authorization()
+
+    def renew_authorization(self, used: str | None) -> bool:
+        """After a 401 answered to ``used`` outside this client: obtain the credentials again;
+        whether they changed (worth one more attempt, as :meth:`_send` does)."""
+        return self._creds is not None and self._creds.renew(used)
+
     def _send(self, method: str, path: str, *, stream: bool = False, slot: bool = True,
               headers: dict | None = None, **kw):
         """One exchange, with the current credentials; a 401 to credentials that can be obtained

@@ -541,26 +541,35 @@ class KubeExecTransport(RemoteTransport):
         host = self.api.host
         url = ("wss://" + host[len("https://"):] if host.startswith("https://")
                else "ws://" + host[len("http://"):] if host.startswith("http://") else host) + path
-        headers = [f"{k}: {v}" for k, v in self.api.headers.items() if k.lower() == "authorization"]
-        ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
-        try:
-            # our socket: websocket-client would otherwise apply its own reading of the proxy
-            # environment, not the kube client's (kubectl's) decision
-            sock = _dial(host, self.api.proxy, self.api.tls, timeout)
-            ws.connect(url, header=headers, subprotocols=list(PROTOCOLS), timeout=timeout,
-                       suppress_origin=True, socket=sock)
-        except websocket.WebSocketBadStatusException as e:
-            ws.shutdown()
-            raise self._upgrade_error(e) from None
-        except (websocket.WebSocketTimeoutException, TimeoutError):
-            ws.shutdown()
-            raise TimeoutExpired(f"Kubernetes API {host}: pods/exec did not answer within {timeout:g}s") from None
-        except KatactlError:
-            ws.shutdown()
-            raise
-        except (OSError, websocket.WebSocketException) as e:
-            ws.shutdown()
-            raise UnreachableError(f"Kubernetes API {host}: pods/exec: {e or type(e).__name__}") from None
+        # current credentials on every upgrade and, after a 401, renewed ones once: client-go's
+        # tools/remotecommand/websocket.go RoundTripperFor wraps the exec-auth round tripper
+        # (plugin/pkg/client/auth/exec/exec.go) the same way as every other request
+        for again in (False, True):
+            auth = self.api.authorization()
+            headers = [f"Authorization: {auth}"] if auth else []
+            ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
+            try:
+                # our socket: websocket-client would otherwise apply its own reading of the proxy
+                # environment, not the kube client's (kubectl's) decision
+                sock = _dial(host, self.api.proxy, self.api.tls, timeout)
+                ws.connect(url, header=headers, subprotocols=list(PROTOCOLS), timeout=timeout,
+                           suppress_origin=True, socket=sock)
+                break
+            except websocket.WebSocketBadStatusException as e:
+                ws.shutdown()
+                if e.status_code == 401 and not again and self.api.renew_authorization(auth):
+                    continue  # a 401 means the server did nothing: safe to upgrade again
+                raise self._upgrade_error(e) from None
+            except (websocket.WebSocketTimeoutException, TimeoutError):
+                ws.shutdown()
+                raise TimeoutExpired(f"Kubernetes API {host}: pods/exec did not answer within {timeout:g}s") \
+                    from None
+            except KatactlError:
+                ws.shutdown()
+                raise
+            except (OSError, websocket.WebSocketException) as e:
+                ws.shutdown()
+                raise UnreachableError(f"Kubernetes API {host}: pods/exec: {e or type(e).__name__}") from None
         if ws.subprotocol not in PROTOCOLS:
             ws.shutdown()
             raise ProtocolError(f"Kubernetes API {host}: pods/exec answered subprotocol {ws.subprotocol!r} "

@@ -1,0 +1,160 @@
+"""--via kube leaves nothing behind and says what went wrong: SIGTERM/SIGHUP while node pods
+start (several nodes, pods created in worker threads), a node-pod create answered 5xx or timed
+out, a drain meeting katactl's own node pod, an exec-plugin token renewed for the pods/exec
+upgrade, a PodSecurity refusal. Real processes and signals, the kube-apiserver stand-in
+(tests/kubeserver.py with tests/kubeexec_server.py) over real sockets."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_via_kube import IMAGE, agent_pods, kube_args
+from tests.test_vmcore import node_tree
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
+
+POD_CREATE = r"/namespaces/kube-system/pods$"
+
+
+@pytest.fixture
+def cluster(kube, tmp_path, monkeypatch):
+    for n in ("node-a", "node-b"):
+        node_tree(str(tmp_path / n))
+        kube.add_node(n)
+        kube.set_node_root(n, str(tmp_path / n))
+    kc = kube.kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", kc)
+    return {"kube": kube, "kc": kc}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("nodes", [("node-a",), ("node-a", "node-b")])
+def test_sigterm_and_sighup_while_node_pods_start_delete_them_exit_130_json(cluster, sig, nodes):
+    kube = cluster["kube"]
+    kube.kubelet_start_delay = 60  # the pods stay Pending (an image pull) until the signal
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", cluster["kc"], *kube_args(*nodes),
+                          "sandbox", "list", "-o", "json", "--request-timeout", "60s"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while len(agent_pods(kube)) < len(nodes):  # every worker thread created its pod
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert json.loads(out)["code"] == "Interrupted" and json.loads(out)["exitCode"] == 130
+    assert agent_pods(kube) == []
+
+
+def test_pod_create_answered_504_but_applied_is_used_and_deleted(cli, cluster):
+    kube = cluster["kube"]
+    kube.inject("POST", POD_CREATE, status=504, applied=True)
+    r = cli([*kube_args("node-a"), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    posts = [q for q in kube.requests if q["method"] == "POST" and q["path"].endswith("/pods")]
+    assert len(posts) == 1  # never sent twice: the name was looked for and found
+    assert kube.list_objs("Pod", "kube-system") == []
+
+
+def test_pod_create_landing_after_the_client_gave_up_is_deleted(cli, cluster):
+    kube = cluster["kube"]
+    kube.delay(POD_CREATE, 3, times=1, method="POST")  # lands after our 1 s + 1 s look
+    start = time.monotonic()
+    r = cli([*kube_args("node-a"), "sandbox", "list", "-o", "json", "--request-timeout", "1s"])
+    assert r.exit_code == 7, r.stderr
+    assert "timed out" in r.json()["message"]
+    # once the stand-in carried the create out (3 s after it came), nothing of it is left:
+    # the cleanup watched for it and deleted it
+    time.sleep(max(0.0, start + 3.5 - time.monotonic()))
+    assert agent_pods(kube) == []
+
+
+def test_drain_skips_katactl_node_pods_with_a_warning(cli, kube, kc):
+    kube.add_node("n1")
+    kube.add_pod("katactl-node-n1-abcde", "kube-system", "n1",
+                 {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "ephemeral"})
+    kube.add_pod("katactl-node-agent-x7k2p", "kube-system", "n1",
+                 {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"},
+                 owner=("DaemonSet", "katactl-node-agent"))
+    for force in ([], ["--force"]):
+        r = cli(["--kubeconfig", kc, "node", "drain", "n1", "--timeout", "10s", *force, "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        item = r.json()["items"][0] if "items" in r.json() else r.json()
+        assert {s["pod"] for s in item["skipped"]} == {"kube-system/katactl-node-n1-abcde",
+                                                       "kube-system/katactl-node-agent-x7k2p"}
+        assert ("warning: node/n1: ignoring katactl node agent Pods: kube-system/katactl-node-agent-x7k2p, "
+                "kube-system/katactl-node-n1-abcde") in r.stderr
+        assert len(kube.list_objs("Pod", "kube-system")) == 2  # neither evicted
+        cli(["--kubeconfig", kc, "node", "uncordon", "n1"])
+
+
+def test_exec_upgrade_renews_a_plugin_token_answered_401(cluster, tmp_path):
+    from katactl import config, nodeagent
+    from katactl.backends.kubeexec import KubeExecTransport
+
+    kube = cluster["kube"]
+    tok = tmp_path / "token"
+    tok.write_text("t1")
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text('#!/bin/sh\necho "{\\"apiVersion\\":\\"client.authentication.k8s.io/v1\\",'
+                      '\\"kind\\":\\"ExecCredential\\",\\"status\\":{\\"token\\":\\"$(cat %s)\\"}}"\n' % tok)
+    plugin.chmod(0o755)
+    old = kube.tokens["admin"]
+    kube.tokens["admin"] = "t1"
+    d = json.loads(open(cluster["kc"]).read())
+    d["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+                                      "interactiveMode": "Never"}}
+    open(cluster["kc"], "w").write(json.dumps(d))
+    settings = config.resolve({"kubeconfig": cluster["kc"], "agent_image": IMAGE, "via": "kube"}, environ={})
+    t = KubeExecTransport.from_settings("node-a", settings)
+    try:
+        assert t.run(["true"]).returncode == 0
+        # the cluster now takes only a new token (revoked, rotated): the upgrade meets 401
+        kube.tokens["admin"] = "t2"
+        tok.write_text("t2")
+        assert t.run(["true"]).returncode == 0
+    finally:
+        t.close()
+        nodeagent.cleanup()
+        kube.tokens["admin"] = old
+    assert agent_pods(kube) == []
+
+
+def test_podsecurity_refusal_is_admission_with_the_namespace_hint(cli, cluster):
+    kube = cluster["kube"]
+    msg = ('pods "katactl-node-node-a-abcde" is forbidden: violates PodSecurity "baseline:latest": host '
+           'namespaces (hostNetwork=true, hostPID=true, hostIPC=true)')
+    kube.inject("POST", POD_CREATE, status=403, times=1,
+                body={"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": msg,
+                      "reason": "Forbidden", "code": 403})
+    r = cli([*kube_args("node-a"), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 1, r.stderr
+    e = r.json()
+    assert "refused by admission, not RBAC" in e["message"] and "violates PodSecurity" in e["message"]
+    assert "--agent-namespace" in e["hint"] and "pod-security.kubernetes.io/enforce=privileged" in e["hint"]
+    assert "\n" not in e["message"]
+
+
+def test_rollout_drain_step_through_kube_skips_its_own_node_pod(cli, cluster, tmp_path):
+    from tests import upgrade_fixtures as fx
+
+    kube = cluster["kube"]
+    tb = fx.make_tarball(str(tmp_path), "3.3.0", str(tmp_path), compression="gz")
+    for drain in ("drain", "drain --force"):
+        r = cli([*kube_args("node-a"), "rollout", "run", f"rk{len(drain)}", "--poll", "0.1",
+                 "--step", f"upgrade stage {tb} --kata-root /opt/kata-rk", "--step", drain,
+                 "--step", "upgrade switch 3.3.0 --kata-root /opt/kata-rk", "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        assert r.json()["phase"] == "Succeeded"
+        assert "ignoring katactl node agent Pods: kube-system/katactl-node-node-a-" in r.stderr
+        assert not [q for q in kube.requests if q["path"].endswith("/eviction")]  # its own pod stayed
+        assert agent_pods(kube) == []
