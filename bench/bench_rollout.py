@@ -22,7 +22,7 @@ katactl runs as a subprocess with `-o jsonl`; the bench reads its events as they
   tree's alternate (baseline, current, baseline, ...) so that the machine's load hits both alike.
 
 Usage: .venv/bin/python bench/bench_rollout.py [--nodes 500] [--max-unavailable 50] [--poll 0.1]
-       [--pods-per-node 0] [--runs 3] [--baseline DIR] [--write] [--dump FILE] [--smoke]
+       [--pods-per-node 0] [--runs 3] [--baseline DIR] [--step STEP ...] [--write] [--dump FILE] [--smoke]
 (--smoke: 6 nodes, max-unavailable 2, one run, nothing written)
 """
 from __future__ import annotations
@@ -101,8 +101,8 @@ def check_alone(srv: KubeStandIn, kc: str, node: str, env: dict) -> collections.
 
 def one_rollout(srv: KubeStandIn, kc: str, name: str, a, env: dict) -> dict:
     srv.requests.clear()
-    argv = [*KATACTL, "--kubeconfig", kc, "rollout", "run", name, "-l", "pool=bench", "--step", "check",
-            "--max-unavailable", str(a.max_unavailable), "--poll", str(a.poll), "-o", "jsonl"]
+    argv = [*KATACTL, "--kubeconfig", kc, "rollout", "run", name, "-l", "pool=bench",
+            *[x for s in a.step for x in ("--step", s)], "--max-unavailable", str(a.max_unavailable), "--poll", str(a.poll), "-o", "jsonl"]
     events: list[tuple[float, dict]] = []
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -170,8 +170,12 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="DIR", help="an earlier katactl checkout, run alternately with this one")
     ap.add_argument("--write", action="store_true", help="record the section in bench/RESULTS.md")
     ap.add_argument("--dump", metavar="FILE", help="write the last run's events and request log (JSON) there")
+    ap.add_argument("--step", action="append", metavar="STEP",
+                    help="a step (repeatable; default check; the requests counted as the step's own are "
+                         "still those of `node check`)")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
+    a.step = a.step or ["check"]
     if a.smoke:
         a.nodes, a.max_unavailable, a.runs, a.write, a.pods_per_node, a.baseline = 6, 2, 1, False, 1, None
     pre = None if a.smoke else precompile()
@@ -202,7 +206,7 @@ def main() -> None:
                     json.dump(run, f)
     srv.close()
     if a.smoke:
-        if results[0]["rc"] != 0 or results[0]["n_steps"] != a.nodes:
+        if results[0]["rc"] != 0 or results[0]["n_steps"] != a.nodes * len(a.step):
             raise SystemExit(f"rollout run exited {results[0]['rc']}: {results[0]['errors'][-3:]}")
         x = results[0]
         print(f"bench_rollout smoke ok: {a.nodes} nodes in {x['wall']:.1f}s, "
@@ -210,13 +214,14 @@ def main() -> None:
         return
 
     cur = [x for x in results if x["tree"] == "current"]
-    ok = [x for x in cur if x["rc"] == 0 and x["n_steps"] == a.nodes]
+    ok = [x for x in cur if x["rc"] == 0 and x["n_steps"] == a.nodes * len(a.step)]
     best = min(ok or cur, key=lambda x: x["wall"])
     trees_txt = (f"{a.runs} run(s) of this tree alternating with {a.runs} of the baseline (commit {base_rev}, "
                  "before the change measured)" if a.baseline else f"{a.runs} run(s)")
     lines = [
         "## Rollout overhead and API requests per node — bench/bench_rollout.py", "",
-        f"`katactl rollout run -l pool=bench --step check --max-unavailable {a.max_unavailable} "
+        "`katactl rollout run -l pool=bench " + " ".join(f"--step '{x}'" for x in a.step)
+        + f" --max-unavailable {a.max_unavailable} "
         f"--poll {a.poll} -o jsonl` over {a.nodes} nodes ({a.pods_per_node} pods per node) of the kube-apiserver "
         f"stand-in (tests/kubeserver.py, HTTPS on loopback, in the bench process: its CPU is on the same "
         f"2 cores as katactl's). `--poll {a.poll}`: the scheduling loop re-checks its pause/abort "
@@ -231,7 +236,7 @@ def main() -> None:
         "start-up to RolloutStarted s | after last NodeFinished s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, x in enumerate(results, 1):
-        outcome = (f"ok, {x['n_steps']} nodes" if x["rc"] == 0 else
+        outcome = (f"ok, {x['n_steps'] // len(a.step)} nodes" if x["rc"] == 0 else
                    f"exit {x['rc']} after {x['n_steps']} steps: " + (x["errors"][0][:160] if x["errors"] else "?"))
         lines.append(f"| {i} | {x['tree']} | {outcome} | {x['wall']:.2f} | {x['cpu']:.2f} | "
                      f"{x['median']:.3f} / {x['p90']:.3f} / {x['max']:.3f} | {x['stalled']} | "
@@ -254,7 +259,7 @@ def main() -> None:
             lines.append(f"| {k} | {v:,} | {v / a.nodes:.2f} |")
     if a.baseline:
         def finished(tree):
-            return [x for x in results if x["tree"] == tree and x["rc"] == 0 and x["n_steps"] == a.nodes]
+            return [x for x in results if x["tree"] == tree and x["rc"] == 0 and x["n_steps"] == a.nodes * len(a.step)]
 
         def med(tree, k):
             return statistics.median(x[k] for x in finished(tree) or [x for x in results if x["tree"] == tree])
