@@ -36,7 +36,6 @@ DS_NAME = "katactl-node-agent"
 CONTAINER = "agent"
 EPHEMERAL_DEADLINE = 6 * 3600   # seconds an ephemeral pod may live at most
 POLL = 0.1
-PRIVILEGED = "privileged"
 # The container's command: python3 (which the relays need anyway) waiting for SIGTERM.
 SLEEP = ["python3", "-c", "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
          "[signal.pause() for _ in iter(int, 1)]"]
@@ -188,6 +187,10 @@ def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) 
     except Conflict:
         _unregister(key, pod)  # the name is someone else's pod: never delete it
         raise
+    except KeyboardInterrupt:  # the create may be on its way: the cleanup watches for it
+        with _GUARD:
+            _UNSEEN.add(key)
+        raise
     finally:
         done.set()
     return wait_running(api, pod, timeout)
@@ -209,10 +212,11 @@ def _create(api, path: str, man: dict, key, timeout: float) -> None:
         if "violates PodSecurity" in e.message:
             # admission (Pod Security Admission), not RBAC: the user may create pods, the
             # namespace's policy level forbids this privileged one
+            why = e.message[e.message.index("violates PodSecurity"):]
             raise OperationFailed(
                 f"the node pod was refused by admission, not RBAC: namespace {ns}'s Pod Security level "
-                f"forbids a privileged pod: {e.details.get('message') or e.message}",
-                hint=f"give --agent-namespace NS, a namespace labelled pod-security.kubernetes.io/enforce={PRIVILEGED}",
+                f"forbids a privileged pod ({why})",
+                hint="give --agent-namespace NS, a namespace labelled pod-security.kubernetes.io/enforce=privileged",
                 details=e.details) from None
         raise
     except (MaybeApplied, UnreachableError):
@@ -221,9 +225,11 @@ def _create(api, path: str, man: dict, key, timeout: float) -> None:
             try:
                 api.get(f"{path}/{seg(man['metadata']['name'])}")
                 return
-            except KatactlError:
-                pass
-            if time.monotonic() >= deadline:
+            except NotFound:
+                gone = time.monotonic() >= deadline
+            except KatactlError:  # the API does not answer either: nothing more to learn
+                gone = True
+            if gone:
                 with _GUARD:
                     _UNSEEN.add(key)
                 raise

@@ -158,3 +158,23 @@ def test_rollout_drain_step_through_kube_skips_its_own_node_pod(cli, cluster, tm
         assert "ignoring katactl node agent Pods: kube-system/katactl-node-node-a-" in r.stderr
         assert not [q for q in kube.requests if q["path"].endswith("/eviction")]  # its own pod stayed
         assert agent_pods(kube) == []
+
+
+def test_sigterm_while_the_pod_create_is_held_deletes_it_when_it_lands(cluster):
+    kube = cluster["kube"]
+    kube.delay(POD_CREATE, 2, times=1, method="POST")
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", cluster["kc"], *kube_args("node-a"),
+                          "sandbox", "list", "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not any(q["method"] == "POST" for q in kube.requests):
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        sent = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert json.loads(out)["code"] == "Interrupted"
+    time.sleep(max(0.0, sent + 2.5 - time.monotonic()))  # the stand-in has carried the create out
+    assert agent_pods(kube) == []
