@@ -541,9 +541,10 @@ class KubeExecTransport(RemoteTransport):
         host = self.api.host
         url = ("wss://" + host[len("https://"):] if host.startswith("https://")
                else "ws://" + host[len("http://"):] if host.startswith("http://") else host) + path
-        # current credentials on every upgrade and, after a 401, renewed ones once: client-go's
-        # tools/remotecommand/websocket.go RoundTripperFor wraps the exec-auth round tripper
-        # (plugin/pkg/client/auth/exec/exec.go) the same way as every other request
+        # current credentials on every upgrade, as client-go's tools/remotecommand/websocket.go
+        # RoundTripperFor wraps the exec-auth round tripper (plugin/pkg/client/auth/exec/exec.go,
+        # which renews after a 401 for the next request); a 401 is then tried once more with the
+        # renewed ones, as KubeAPI._send does for every API request
         for again in (False, True):
             auth = self.api.authorization()
             headers = [f"Authorization: {auth}"] if auth else []
