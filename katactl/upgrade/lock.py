@@ -2,23 +2,33 @@
 
 Local transports (including --host-root) take ``fcntl.flock`` on
 ``releases/.katactl/lock``: the kernel drops it when katactl dies, even by
-SIGKILL, so a crashed run never leaves a stale lock. Other transports (SSH)
-use a mkdir lock (``lock.d``, atomic on every POSIX filesystem) with an owner
-file; a lock whose owner is a dead process *of this client host* is broken
-by renaming it away (one breaker wins the rename).
+SIGKILL, so a crashed run never leaves a stale lock. Other transports (SSH,
+--via kube) have no lock the node's kernel drops for them: the lock is the
+directory ``lock.d`` holding an ``owner.json``. It appears *with* its owner:
+katactl makes a private ``.lock-new-<token>/owner.json`` and renames that
+directory to ``lock.d`` (rename(2) of a directory fails onto a non-empty one,
+so one of two racing clients wins), never a bare mkdir followed by a write
+that a cut stream can separate. If the outcome of a step is unknown (the
+exec/SSH stream was cut), katactl removes its temp directory and ``lock.d``
+if ``lock.d`` names its token. A lock is broken by renaming it away (one
+breaker wins the rename) when its owner is a dead process *of this client
+host*, or when it has no readable owner and is older than
+``OWNERLESS_STALE`` (by the node's clock: a lock of an older katactl between
+its mkdir and its owner write is that young).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import socket
 import time
 from typing import TYPE_CHECKING
 
 from katactl.audit import current_user, now_iso, record
 from katactl.backends.base import NodeTransport
-from katactl.errors import TimeoutExpired
+from katactl.errors import KatactlError, TimeoutExpired
 
 if TYPE_CHECKING:
     from katactl.backends.local import LocalTransport
@@ -131,43 +141,123 @@ def _flock(transport: LocalTransport, layout, timeout, on_wait):
         os.close(fd)
 
 
+#: an owner-less lock younger than this (or twice --request-timeout) may be an older katactl
+#: between its mkdir and its owner write (one round trip), so it blocks; an older one is the
+#: leftover of a cut stream or a crash there, and nothing else would ever remove it
+OWNERLESS_STALE = 60.0
+
+
 @contextlib.contextmanager
 def _mkdir_lock(transport: NodeTransport, layout, timeout, on_wait):
     d = layout.lock + ".d"
-    deadline = time.monotonic() + timeout
-    told = False
-    while True:
-        try:
-            transport.mkdir(d, parents=False)
-            break
-        except OSError as e:
-            # a racing client may win between the transport's exists-check and its mkdir
-            if not isinstance(e, FileExistsError) and not transport.exists(d):
-                raise
-            try:
-                raw = transport.read_bytes(d + "/owner.json", limit=4096)
-            except OSError:
-                raw = b""
-            if _stale(raw):
-                with contextlib.suppress(OSError):
-                    gone = f"{layout.state}/.lock-stale-{os.getpid()}-{time.monotonic_ns()}"
-                    transport.rename(d, gone)
-                    transport.remove(gone, recursive=True)
-                continue
-            if time.monotonic() >= deadline:
-                raise TimeoutExpired(
-                    f"another upgrade operation holds the lock on {transport.node} ({_describe(raw)})",
-                    hint=f"wait for it to finish; a lock left by a crashed client is {d}") from None
-            if on_wait and not told:
-                on_wait(_describe(raw))
-                told = True
-            time.sleep(0.2)
-    transport.write_bytes_atomic(d + "/owner.json", json.dumps(_owner()).encode())
+    token = secrets.token_hex(8)
+    tmp = f"{layout.state}/.lock-new-{token}"
+    try:
+        transport.mkdir(tmp, parents=False)
+        transport.write_bytes_atomic(tmp + "/owner.json", json.dumps({**_owner(), "token": token}).encode())
+        _take(transport, layout, d, tmp, timeout, on_wait)
+    except BaseException:
+        # the outcome of the failed step is unknown (a cut stream may have hidden a done
+        # mkdir or rename): undo what is ours, on a new stream where the transport has one
+        with contextlib.suppress(Exception):
+            _release(transport, layout, d, token)
+        with contextlib.suppress(Exception):
+            transport.remove(tmp, recursive=True)
+        raise
     try:
         yield
     finally:
+        try:
+            _release(transport, layout, d, token)
+        except OSError:
+            pass
+        except KatactlError:
+            # a cut stream: its step may or may not have happened; once more on a new one
+            with contextlib.suppress(OSError):
+                _release(transport, layout, d, token)
+
+
+def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on_wait) -> None:
+    """Rename tmp (our owner.json inside) to d once d is free or stale, within timeout."""
+    deadline = time.monotonic() + timeout
+    bound = max(OWNERLESS_STALE, 2 * transport.timeout)
+    told = False
+    clock: tuple[float, float] | None = None  # (node time, monotonic time) when tmp was written
+    while True:
+        st = transport.stat_many([d, tmp], follow_symlinks=False)
+        cur, mine = st[d], st[tmp]
+        if isinstance(mine, OSError):
+            raise mine
+        if clock is None:
+            clock = (mine.mtime, time.monotonic())
+        if isinstance(cur, FileNotFoundError):
+            # not rename-if-absent: rename(2) would replace an *empty* d (an older katactl
+            # between its mkdir and its owner write), hence the stat first
+            try:
+                transport.rename(tmp, d)
+                return
+            except OSError:
+                if not transport.exists(d):
+                    raise
+                continue  # a racing client renamed first: look at its lock
+        elif isinstance(cur, OSError):
+            raise cur
+        try:
+            raw = transport.read_bytes(d + "/owner.json", limit=4096)
+        except OSError:
+            raw = b""
+        if _owner_of(raw) is None:
+            # ages on the node's clock: tmp's mtime is the node's "now" when it was written
+            stale = clock[0] + (time.monotonic() - clock[1]) - cur.mtime > bound
+        else:
+            stale = _stale(raw)
+        if stale:
+            _break(transport, layout, d, raw)
+            continue
+        if time.monotonic() >= deadline:
+            raise TimeoutExpired(
+                f"another upgrade operation holds the lock on {transport.node} ({_describe(raw)})",
+                hint=f"wait for it to finish; a lock left by a crashed client is {d}") from None
+        if on_wait and not told:
+            on_wait(_describe(raw))
+            told = True
+        time.sleep(0.2)
+
+
+def _break(transport: NodeTransport, layout, d: str, raw: bytes) -> None:
+    """Rename the stale lock d away (one breaker wins) and remove it. If what was renamed
+    is no longer the lock judged stale (another breaker freed d and a live client took it
+    in between), put it back."""
+    gone = f"{layout.state}/.lock-stale-{secrets.token_hex(8)}"
+    try:
+        transport.rename(d, gone)
+    except OSError:
+        return
+    try:
+        now = transport.read_bytes(gone + "/owner.json", limit=4096)
+    except OSError:
+        now = b""
+    if now != raw:
         with contextlib.suppress(OSError):
-            transport.remove(d, recursive=True)
+            transport.rename(gone, d)
+        return
+    with contextlib.suppress(OSError):
+        transport.remove(gone, recursive=True)
+
+
+def _release(transport: NodeTransport, layout, d: str, token: str) -> None:
+    """Remove d if it is our lock (its owner has our token): renamed away first, so d never
+    stands empty (an owner-less lock that others would wait on). Idempotent: a second call
+    finishes what a cut stream interrupted."""
+    gone = f"{layout.state}/.lock-old-{token}"
+    try:
+        o = _owner_of(transport.read_bytes(d + "/owner.json", limit=4096))
+    except (FileNotFoundError, NotADirectoryError):
+        o = None
+    if o is not None and o.get("token") == token:  # else not ours (any more): broken as stale, retaken
+        transport.rename(d, gone)
+    with contextlib.suppress(FileNotFoundError):
+        transport.remove(gone, recursive=True)
 
 
 def _stale(raw: bytes) -> bool:

@@ -1,0 +1,116 @@
+"""The node upgrade lock of remote transports (katactl/upgrade/lock.py): a stream cut at any
+byte of the lock's helper requests leaves no lock behind (--via kube, on the pods/exec
+stand-in), and an owner-less lock is waited on while young and broken once old (real sshd)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+
+import pytest
+
+A = "3.1.0"
+
+
+def test_a_cut_exec_stream_during_the_lock_leaves_no_lock(kube, kc, tmp_path):
+    """Every cut point of the file helper's replies while the lock is taken (the helper exec
+    serves nothing else here): the call fails or succeeds, and afterwards the node has no
+    lock.d and no temp directory of the lock, so the next operation takes it at once."""
+    if os.geteuid() != 0:
+        pytest.skip("the exec stand-in needs root (unshare --mount)")
+    from katactl import nodeagent
+    from katactl.backends.kubeexec import KubeExecTransport
+    from katactl.config import resolve
+    from katactl.errors import KatactlError
+    from katactl.upgrade.layout import Layout
+    from katactl.upgrade.lock import node_lock
+    from tests.test_vmcore import node_tree
+
+    root = tmp_path / "tree-node"
+    node_tree(str(root))
+    kube.add_node("tree-node")
+    kube.set_node_root("tree-node", str(root))
+    layout = Layout("/opt/kata-lock")
+    state = root / layout.state.lstrip("/")
+    settings = resolve({"kubeconfig": kc, "agent_image": "python:3.12-slim", "request_timeout": 10.0}, environ={})
+    t = KubeExecTransport.from_settings("tree-node", settings)
+    try:
+        outcomes = set()
+        for n in range(4, 900, 6):
+            kube.exec_cut(r"import errno, json", after_bytes=n)
+            t._drop_helper()  # the next helper request starts the exec that is cut
+            try:
+                with node_lock(t, layout, timeout=0.5):
+                    outcomes.add("held")
+            except KatactlError as e:
+                outcomes.add(type(e).__name__)
+            left = sorted(x for x in os.listdir(state) if x.startswith(("lock.d", ".lock-")))
+            assert left == [], (n, left)
+        assert outcomes == {"UnreachableError", "held"}  # cut inside the lock, and past its end
+        with node_lock(t, layout, timeout=0.5):
+            assert json.loads((state / "lock.d/owner.json").read_text())["pid"] == os.getpid()
+    finally:
+        t.close()
+        nodeagent.cleanup()
+
+
+@pytest.fixture
+def ssh_node(sshd_lab, katactl_bin):
+    root = f"/opt/kata-ut-{secrets.token_hex(3)}"  # private to this test inside the shared tree
+    state = sshd_lab.nodes["node4"].root / root.lstrip("/") / "releases/.katactl"
+    state.mkdir(parents=True)
+
+    def run(*args):
+        return katactl_bin(["--ssh-config", str(sshd_lab.config), "-N", "node4", "upgrade", *args,
+                            "--kata-root", root, "-o", "json"])
+    return state, run
+
+
+def test_an_old_ownerless_lock_is_broken_a_young_one_waited_on(ssh_node, tbs_lock):
+    """An empty lock.d (an older katactl cut between its mkdir and its owner write) blocks
+    while it may still be that katactl at work, and is broken once older than the bound."""
+    state, run = ssh_node
+    lockd = state / "lock.d"
+    lockd.mkdir()
+    r = run("stage", tbs_lock, "--lock-timeout", "0.5")
+    assert r.exit_code == 6 and "holds the lock on node4 (another katactl)" in r.stderr, r.stderr
+    old = time.time() - 3600
+    os.utime(lockd, (old, old))
+    r = run("stage", tbs_lock, "--lock-timeout", "0.5")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(x for x in os.listdir(state) if x.startswith(("lock.d", ".lock-"))) == []
+    # an unreadable owner (not JSON) counts as none: old, it is broken too
+    lockd.mkdir()
+    (lockd / "owner.json").write_bytes(b"\xff{")
+    os.utime(lockd, (old, old))
+    r = run("gc", "--force", "--yes", "--lock-timeout", "0.5")
+    assert r.exit_code == 0, r.stderr
+    assert not lockd.exists()
+
+
+def test_an_old_lock_of_a_live_owner_still_blocks(ssh_node, tbs_lock):
+    """A lock written by an older katactl (owner.json without a token) of a live process:
+    however old, it blocks; its owner gone, it is broken."""
+    state, run = ssh_node
+    lockd = state / "lock.d"
+    lockd.mkdir()
+    (lockd / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "user": "x",
+                                                  "since": "2020-01-01T00:00:00Z"}))
+    old = time.time() - 3600
+    os.utime(lockd, (old, old))
+    r = run("stage", tbs_lock, "--lock-timeout", "0.5")
+    assert r.exit_code == 6 and f"holds the lock on node4 (pid {os.getpid()}" in r.stderr, r.stderr
+    (lockd / "owner.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(), "user": "x"}))
+    r = run("stage", tbs_lock, "--lock-timeout", "0.5")
+    assert r.exit_code == 0, r.stderr
+    assert not lockd.exists()
+
+
+@pytest.fixture(scope="module")
+def tbs_lock(tmp_path_factory):
+    from tests import upgrade_fixtures as fx
+
+    d = tmp_path_factory.mktemp("lock-tarballs")
+    return fx.make_tarball(str(d), A, str(d), compression="gz")
