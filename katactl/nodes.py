@@ -216,7 +216,8 @@ def _unschedulable_manager(node: dict) -> str | None:
     return None
 
 
-def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool | str = False) -> dict:
+def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool | str = False,
+           op_id: str | None = None) -> dict:
     """Mark the node unschedulable and record that katactl did, and whether it
     already was. Idempotent: a node katactl already cordoned is ``changed: false``.
 
@@ -226,8 +227,9 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
     means our patch landed (``changed: true``, ``wasUnschedulable`` as we recorded).
 
     dry_run: False, "client" (read only) or "server" (the API validates the patch
-    and stores nothing)."""
-    op_id = uuid.uuid4().hex
+    and stores nothing). op_id: the record's id, chosen by a caller that saved it first
+    (a rollout: its state then names the record even if it dies before the answer)."""
+    op_id = op_id or uuid.uuid4().hex
     sent: dict | None = None  # the record of the last patch we sent, if its fate is unknown
     last_err: KatactlError | None = None
     for _ in range(5):
@@ -337,6 +339,7 @@ class DrainOptions:
     #: pods (namespace, name) to evict among the Kata pods; None = all (for --stale-release)
     only_pods: set[tuple[str, str]] | None = None
     reason: str | None = None
+    cordon_id: str | None = None         # the cordon record's id (see cordon's op_id)
 
 
 #: DeleteOptions.gracePeriodSeconds is an int64, and kubectl's int flags are Go ints (64 bits)
@@ -506,7 +509,8 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
     # was unschedulable when cordon() read it: that one stays as it is
     mine: dict | None = None
     try:
-        c = cordon(api, name, reason=opts.reason or "katactl node drain", dry_run=dry or False)
+        c = cordon(api, name, reason=opts.reason or "katactl node drain", dry_run=dry or False,
+                   op_id=opts.cordon_id)
         result["wasUnschedulable"] = c["wasUnschedulable"]
         if c["changed"] and not c["wasUnschedulable"] and not dry:
             mine = c["record"]

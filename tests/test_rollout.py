@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from katactl.nodes import CORDON_ANNOTATION
 from katactl.rollout.store import LEASE, STATE_KEY, micro_time, state_of_configmap
 
 ZONE = "topology.kubernetes.io/zone"
@@ -294,8 +295,7 @@ def test_abort_restores_nodes_a_killed_rollout_left_cordoned(cli, kube, kc):
     st["nodes"]["n1"].update(phase="running", step=1, wasUnschedulable=False)
     cm["binaryData"][STATE_KEY] = base64.b64encode(gzip.compress(json.dumps(st).encode())).decode()
     kube.add(cm)
-    # the record the rollout's cordon step writes
-    assert cli(["--kubeconfig", kc, "node", "cordon", "n1", "--reason", "katactl rollout r10"]).exit_code == 0
+    _cordon_as_rollout(kube, "r10", "n1")
     kube.add_node("n9", unschedulable=True)  # not in the rollout: untouched
     a = ro(cli, kc, "abort", "r10", "-o", "json")
     assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
@@ -308,6 +308,19 @@ def _edit_state(kube, name, fn):
     fn(st)
     cm["binaryData"][STATE_KEY] = base64.b64encode(gzip.compress(json.dumps(st).encode())).decode()
     kube.add(cm)
+
+
+def _cordon_as_rollout(kube, name, node, reason=None):
+    """What the rollout's cordon step leaves on a node (cut before its restore): cordoned, with
+    katactl's cordon record carrying the id the node's state record saved (cordonId)."""
+    cid = f"cid-{name}-{node}"
+    _edit_state(kube, name, lambda st: st["nodes"][node].update(cordonId=cid))
+    obj = kube.get_obj("Node", node)
+    obj["spec"]["unschedulable"] = True
+    obj["metadata"].setdefault("annotations", {})[CORDON_ANNOTATION] = json.dumps(
+        {"by": "t@h", "at": "2026-01-01T00:00:00Z", "reason": reason or f"katactl rollout {name}",
+         "wasUnschedulable": False, "id": cid})
+    kube.add(obj)
 
 
 def _uncordon_patch(body) -> bool:
@@ -327,7 +340,7 @@ def test_abort_and_resume_restore_what_the_rollout_cordoned_whatever_its_phase(c
     others = [n for n in ("n0", "n1", "n2", "n3") if n != done]
     # as a restore that failed (or was cut by kill -9) leaves them: still cordoned by r11
     for n in (done, others[0]):
-        assert cli(["--kubeconfig", kc, "node", "cordon", n, "--reason", "katactl rollout r11"]).exit_code == 0
+        _cordon_as_rollout(kube, "r11", n)
     # an operator cordoned a done node after the rollout had finished it: not ours
     assert cli(["--kubeconfig", kc, "node", "cordon", others[1], "--reason", "disk"]).exit_code == 0
     _edit_state(kube, "r11", lambda st: [st["nodes"][n].update(phase=p, step=1, wasUnschedulable=False)
@@ -401,7 +414,7 @@ def test_abort_that_cannot_uncordon_says_so_and_aborting_again_tries_again(cli, 
     first = r.json()["items"][0]["name"]
     other = "n1" if first == "n0" else "n0"
     _edit_state(kube, "r15", lambda st: st["nodes"][other].update(phase="running", step=1, wasUnschedulable=False))
-    assert cli(["--kubeconfig", kc, "node", "cordon", other, "--reason", "katactl rollout r15"]).exit_code == 0
+    _cordon_as_rollout(kube, "r15", other)
     kube.inject("PATCH", rf"^/api/v1/nodes/{other}", 503, times=None, match=_uncordon_patch)
     a = ro(cli, kc, "abort", "r15", "-o", "json")
     assert a.exit_code == 1, a.stderr
@@ -454,6 +467,76 @@ def test_abort_tells_a_rollout_alive_elsewhere_from_another_holding_the_lock(kub
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_a_cordon_with_the_rollouts_reason_text_is_not_the_rollouts(cli, kube, kc):
+    """'The rollout cordoned it' is the cordon record's id the node's state saved, not the
+    reason: an operator's 'node cordon --reason kata-upgrade' on a node the rollout finished
+    (and uncordoned) stays; a node of a state from before cordon ids is left, with a warning."""
+    fleet(kube, 3)
+    r = ro(cli, kc, "run", "r20", "-N", "n0,n1,n2", "--canary", "1", "--step", "cordon --reason kata-upgrade",
+           "--step", "check", "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused", r.stderr
+    done = r.json()["items"][0]["name"]
+    assert not any(unschedulable(kube).values())
+    cid = state_of(kube, "r20")["nodes"][done]["cordonId"]
+    assert json.loads(kube.get_obj("Node", done)["metadata"]["annotations"].get(CORDON_ANNOTATION, "{}")) == {} \
+        and len(cid) == 32  # saved before the cordon that carried it; the restore removed the record
+    assert cli(["--kubeconfig", kc, "node", "cordon", done, "--reason", "kata-upgrade"]).exit_code == 0
+    old = next(n for n in ("n0", "n1", "n2") if n != done)
+    _cordon_as_rollout(kube, "r20", old, reason="kata-upgrade")
+    _edit_state(kube, "r20", lambda st: st["nodes"][old].update(phase="aborted", step=1, wasUnschedulable=False,
+                                                                cordonId=None))
+    a = ro(cli, kc, "abort", "r20", "-o", "json")
+    assert a.exit_code == 0, a.stderr
+    assert unschedulable(kube)[done] is True and unschedulable(kube)[old] is True
+    assert "names no cordon record" in a.stderr and f"katactl node uncordon {old}" in a.stderr
+
+
+def test_a_rollout_that_cannot_renew_its_lease_stops_before_it_expires(kube, kc, katactl_bin, cli):
+    """Every lease renewal answered 503: within two thirds of --lock-ttl the run stops
+    acting as the holder (the drain held by a PDB is interrupted and uncordons its node),
+    saves its state and exits 1 'lost the cluster lock'; resume then finishes."""
+    kube.add_node("n0")
+    kube.add({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "rs", "namespace": "default"},
+              "spec": {}})
+    kube.add_pod("p0", node="n0", labels={"app": "a"}, owner=("ReplicaSet", "rs"))
+    kube.add_pdb("pdb", "default", {"matchLabels": {"app": "a"}}, min_available=1)
+    kube.inject("PUT", r"/leases/", 503, times=None)
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r21", "-N", "n0", "--step", "drain --timeout 60s",
+                     "--lock-ttl", "3s", "--poll", "0.2", "-o", "jsonl"], timeout=50)
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    final = events(r.stdout)[-1]
+    assert final["phase"] == "Stopped" and final["reason"].startswith("lost the cluster lock"), final
+    assert "'katactl rollout resume r21' continues" in final["reason"]
+    assert unschedulable(kube)["n0"] is False
+    st = state_of(kube, "r21")
+    assert st["phase"] == "Stopped" and st["nodes"]["n0"]["phase"] == "running"
+    kube.clear_faults()
+    kube.add_pdb("pdb", "default", {"matchLabels": {"app": "a"}}, min_available=0)
+    r = ro(cli, kc, "resume", "r21", "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
+    assert unschedulable(kube)["n0"] is False
+
+
+def test_abort_takes_over_once_the_lease_of_a_rollout_dead_elsewhere_expires(kube, kc, katactl_bin, cli):
+    """r22 killed (-9) on another machine after its cordon: 'abort r22' first waits for it,
+    then, its lease expired unrenewed, takes the lock and restores the node."""
+    kube.add_node("a0")
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r22", "-N", "a0", "--step", "cordon", "--step", "check",
+                     "--lock-ttl", "3s"], env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9 and unschedulable(kube)["a0"] is True
+    lk = lease(kube)
+    ann = lk["metadata"]["annotations"]
+    key = next(k for k in ann if "session" in k)
+    ann[key] = json.dumps({**json.loads(ann[key]), "host": "ops-host-1"})
+    lk["spec"]["renewTime"] = micro_time()
+    kube.add(lk)
+    a = ro(cli, kc, "abort", "r22", "--timeout", "40s", "-o", "json")
+    assert a.exit_code == 0, a.stderr
+    assert "running elsewhere" in a.stderr and "expired" in a.stderr
+    assert a.json()["phase"] == "Aborted" and unschedulable(kube)["a0"] is False
+    assert lease(kube)["spec"]["holderIdentity"] == ""
 
 
 @pytest.mark.parametrize("verb", ["run", "resume", "pause", "abort"])

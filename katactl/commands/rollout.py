@@ -677,7 +677,8 @@ def abort_cmd(
     with --now); every node the rollout cordoned is uncordoned; the lock is released.
 
     When the rollout is running elsewhere, the request is written to its state
-    and this waits until it has aborted. When nothing runs it (killed, paused,
+    and this waits until it has aborted, or until its lease expires unrenewed (its
+    process died elsewhere): abort then takes the lock over. When nothing runs it (killed, paused,
     stopped), abort does the restoring itself, even while another rollout holds
     the cluster lock. Exit 1 when a node it cordoned could not be uncordoned
     (aborting again tries again).
@@ -710,18 +711,24 @@ def abort_cmd(
     if lock == "alive":  # its own process holds the lock: it aborts itself
         app_ctx.out.info(f"rollout {name} is running elsewhere: abort requested, waiting for it")
         end = time.monotonic() + wait if wait else None
-        while True:
+        while lock == "alive":
             st = store.load(name)
-            if st and st["phase"] in ("Aborted", "Succeeded", "CompletedWithFailures") and \
-                    not held_by(store.lock_holder(), name):
-                break
+            cur = store.lock_holder()
+            if st and st["phase"] in ("Aborted", "Succeeded", "CompletedWithFailures") and not held_by(cur, name):
+                summ = engine.summary(st)
+                summ["exitCode"] = 1 if _left(st) else 0
+                _render_summary(app_ctx, summ, changed=True)
+                return
+            if not held_by(cur, name) or (cur or {}).get("expiresIn", 1) < 0:
+                # its lease expired (a holder dead on another machine renews no more: store.acquire
+                # takes an expired lease) or was let go unfinished: abort does the restoring itself
+                lock, holder = _abort_lock(store, name)
+                if lock != "alive":
+                    app_ctx.out.info(f"rollout {name}'s lock was let go or expired unfinished: aborting it here")
+                    break
             if end is not None and time.monotonic() > end:
                 raise TimeoutExpired(f"rollout {name} has not finished aborting after {timeout}") from None
             time.sleep(0.3)
-        summ = engine.summary(st)
-        summ["exitCode"] = 1 if _left(st) else 0
-        _render_summary(app_ctx, summ, changed=True)
-        return
     if lock == "other":
         # another rollout holds the cluster lock, so NAME runs nowhere (a process of it that
         # lost the lock starts no node): its nodes are restored from their own records

@@ -22,8 +22,13 @@ recorded (``wasUnschedulable``) in the same save that marks it running, before
 any step acts. When its steps end (done, failed or aborted), a node the rollout
 cordoned is uncordoned; a node that was unschedulable before is never touched.
 "The rollout cordoned it" is read from the node: katactl's cordon record
-(katactl/nodes.py cordon: ``reason`` "katactl rollout NAME" or the step's
---reason, ``wasUnschedulable`` false). An uncordon that fails is retried with
+(katactl/nodes.py cordon) carries the ``id`` the node's state record holds in
+``cordonId`` (made and saved when the node is marked running, before any step, and
+given to cordon(): a kill between the cordon PATCH and the next save leaves a
+record the state already names), with ``wasUnschedulable`` false. Never the
+record's reason text: an operator's cordon may carry the same words. A state saved
+before cordon ids (no ``cordonId``) names no record: its nodes count as not ours
+(left cordoned, with a warning). An uncordon that fails is retried with
 backoff (for --step-timeout, else RESTORE_WINDOW); then the node is failed
 (``leftCordoned`` says why; it counts against the failure budget), and the
 scheduler, while such a node holds back the rollout, says so and tries again
@@ -35,6 +40,16 @@ kill -9 at any point, then resume: a running node re-runs from its recorded
 step (katactl's node steps are idempotent); a soaking node soaks the rest;
 done nodes are not redone; every other node whose record says this rollout
 cordoned it is uncordoned (idempotent), as abort does for every node.
+
+The lock: renewed every third of --lock-ttl. When no renewal has succeeded for
+two thirds of it (client-go tools/leaderelection/leaderelection.go renew(): stop
+leading when renewal fails within RenewDeadline), or the lease is found to be
+another's, the run stops acting as the holder before the lease can expire: no node
+starts, running steps are interrupted (as abort --now: a drain restores its own
+cordon), nodes whose steps were cut are uncordoned while their record is still this
+rollout's and the lease not yet expired (their next run starts again at the step
+that cordons), the state is saved if the API lets it, and the run ends Stopped,
+exit 1 ("lost the cluster lock"); resume continues.
 
 Test hook (documented for the kill -9 tests, inert unless set):
 ``KATACTL_TEST_KILL_AT=save:N`` SIGKILLs this process right after the Nth
@@ -48,6 +63,7 @@ import collections
 import os
 import threading
 import time
+import uuid
 from typing import Callable
 
 from katactl import audit
@@ -141,14 +157,18 @@ class Engine:
         self.pausing: str | None = None
         self.aborting = False
         self.lost_lock = False
+        self.lost_why = ""
+        # when the last renewal that succeeded was sent (the acquire: just before the engine)
+        self._renewed = time.monotonic()
+        #: renewals failing this long (client-go's RenewDeadline, 10s of a 15s lease): the lock is lost
+        self.renew_deadline = plan.lock_ttl * 2 / 3
         self.hook = _KillHook()
         self._apis: list = []                  # the node threads' clients (see _take_api)
         self._free_apis: list = []
         self._apis_lock = threading.Lock()
         self.cordons = any(s.definition.cordons for s in plan.steps)
-        #: the reasons this rollout's cordons write in katactl's cordon record
-        self.reasons = {getattr(s.args, "reason", None) or f"katactl rollout {plan.name}"
-                        for s in plan.steps if s.definition.cordons}
+        #: the first step that cordons (a node uncordoned after losing the lock starts again there)
+        self.first_cordon = next((i for i, s in enumerate(plan.steps) if s.definition.cordons), 0)
         self._left_tried: dict[str, float] = {}  # node left cordoned -> when the scheduler last tried it
         self._done = threading.Event()
 
@@ -306,8 +326,8 @@ class Engine:
                     self.ev("CanarySoaking", seconds=self.plan.policy.canary_soak)
                     self._sleep(self.plan.policy.canary_soak)
             self._wait_all()
-            if self.lost_lock and not self.stopping:
-                self.stopping = ("lost the rollout lock to another katactl", int(ExitCode.REFUSED))
+            if self.lost_lock:
+                return self._lost_lock_finish()
             return self.finish()
         except KeyboardInterrupt:
             self.stop.set()
@@ -328,7 +348,11 @@ class Engine:
                 self._wait_all(interrupt_ok=True)
                 self.flush_marks(timeout=5.0)
             self.close()
-            self.store.release()
+            try:
+                self.store.release()
+            except KatactlError as e:  # the lease expires by itself: the run's own outcome stands
+                self.ev("Warning", message=f"cannot release the rollout lock (it expires after --lock-ttl): "
+                                           f"{e.message}")
             for c in self._apis:
                 c.close()
 
@@ -343,18 +367,69 @@ class Engine:
 
     def _renew_loop(self) -> None:
         period = max(0.5, self.plan.lock_ttl / 3)
-        while not self._done.wait(period):
+        wait = period
+        while not self._done.wait(wait):
+            sent = time.monotonic()
             try:
-                if not self.store.renew():
-                    self.lost_lock = True
-                    self.wake.set()
-                    return
+                ok = self.store.renew()
             except KatactlError as e:
-                self.ev("Warning", message=f"cannot renew the rollout lock: {e.message}")
+                if self.lease_lost():
+                    return
+                left = self.renew_deadline - (time.monotonic() - self._renewed)
+                self.ev("Warning", message=f"cannot renew the rollout lock: {e.message} (the run stops in "
+                                           f"{max(0.0, left):.1f}s unless a renewal succeeds)")
+                wait = max(0.1, min(period / 3, left))  # client-go's RetryPeriod: sooner than a renewal
+                continue
+            if not ok:
+                self._lose_lock("another katactl took it")
+                return
+            self._renewed, wait = sent, period
+
+    def lease_lost(self) -> bool:
+        """Whether the run must stop acting as the lock's holder (see the module's docstring)."""
+        if not self.lost_lock and time.monotonic() - self._renewed > self.renew_deadline:
+            self._lose_lock(f"no renewal succeeded for {self.renew_deadline:.3g}s "
+                            f"(of its --lock-ttl {self.plan.lock_ttl:g}s)")
+        return self.lost_lock
+
+    def _lose_lock(self, why: str) -> None:
+        with self.lock:
+            if self.lost_lock:
+                return
+            self.lost_lock, self.lost_why = True, why
+        self.ev("Warning", message=f"lost the cluster lock: {why}: stopping (running steps are interrupted)")
+        self.stop.set()
+        self.wake.set()
+
+    def _lost_lock_finish(self) -> dict:
+        """The lock is lost and no step runs: restore the nodes whose steps were cut (only while
+        the lease cannot have been taken yet), then stop, saving the state if the API lets us."""
+        expires = self._renewed + self.plan.lock_ttl
+        for n in [n for n in self.threads if self.state["nodes"][n]["phase"] == "running"]:
+            rec = self.state["nodes"][n]
+            if time.monotonic() >= expires:
+                self.ev("Warning", node=n, message="the lease has expired: left as it is ('katactl rollout "
+                                                   f"resume|abort {self.plan.name}' restores it)")
+                continue
+            if self.restore(n, rec, until=expires) is None and rec["step"] > self.first_cordon:
+                # no longer cordoned by us: its next run starts again at the step that cordons
+                self._mutate(lambda rec=rec: rec.update(step=self.first_cordon), (n,))
+        self.aborting = False  # an abort asked meanwhile: 'rollout abort' takes over once the lease is free
+        why = (f"lost the cluster lock: {self.lost_why}; 'katactl rollout resume {self.plan.name}' continues"
+               + (f" ({self.stopping[0]})" if self.stopping else ""))
+        self.stopping = (why, int(ExitCode.FAILED))
+        try:
+            return self.finish()
+        except KatactlError as e:
+            raise OperationFailed(f"rollout {self.plan.name}: {why}; the state could not be saved: {e.message}",
+                                  hint="the nodes' records still say what to restore: resume or abort it "
+                                       "once the API answers") from None
 
     def _sleep(self, seconds: float) -> None:
         end = self.clock() + seconds
         while self.clock() < end and not (self.stopping or self.aborting or self.stop.is_set()):
+            if self.lease_lost():
+                return
             self.poll_control()
             self.stop.wait(min(0.5, max(0.0, end - self.clock()), self.plan.policy.poll))
 
@@ -374,7 +449,8 @@ class Engine:
         # nodes a previous run left in progress first: they are out already
         pending = collections.deque(sorted(todo, key=lambda n: st["nodes"][n]["phase"] == "pending"))
         while pending or self._alive():
-            self.poll_control()
+            if not self.lease_lost():
+                self.poll_control()
             self._check_budget()
             if self.stopping or self.pausing or self.aborting or self.lost_lock:
                 pending.clear()
@@ -410,7 +486,7 @@ class Engine:
             try:
                 self.wake.wait(0.2)
                 self.wake.clear()
-                if not interrupt_ok:
+                if not interrupt_ok and not self.lease_lost():
                     self.poll_control()
             except KeyboardInterrupt:
                 self.stop.set()
@@ -447,6 +523,8 @@ class Engine:
                     obs = self.obs.get(n)
                     rec.update(phase="running", startedAt=_now(),
                                wasUnschedulable=bool(obs.unschedulable) if obs else False)
+                if self.cordons and not rec.get("cordonId"):
+                    rec["cordonId"] = uuid.uuid4().hex  # saved before the cordon that writes it
                 rec["attempts"] += 1
         try:
             self.transition(begin, names)
@@ -581,7 +659,7 @@ class Engine:
         failure = None
         ctx = StepContext(node=n, api=api, settings=self.settings, rollout=self.plan.name, stop=self.stop,
                           events=lambda kind, **d: self.ev(kind, **d), timeout=pol.step_timeout,
-                          was_unschedulable=bool(rec.get("wasUnschedulable")))
+                          was_unschedulable=bool(rec.get("wasUnschedulable")), cordon_id=rec.get("cordonId"))
         while rec["step"] < len(self.plan.steps):
             i = rec["step"]
             if self.stop.is_set():
@@ -635,15 +713,25 @@ class Engine:
                     return failure
         return failure
 
-    def ours(self, node: dict) -> bool:
-        """Whether the node's cordon record says this rollout cordoned it (the record
-        katactl/nodes.py cordon writes: ``reason`` as this rollout's cordoning steps give
-        it, ``wasUnschedulable`` false: it was schedulable when we cordoned it)."""
+    @staticmethod
+    def ours(node: dict, rec: dict) -> bool:
+        """Whether the node's cordon record (katactl/nodes.py cordon) is the one this rollout's
+        cordon wrote: its ``id`` is the node's ``cordonId``, and ``wasUnschedulable`` false (it
+        was schedulable when we cordoned it). A state without a cordonId names no record."""
         from katactl import nodes
 
         rec_c = nodes.cordon_record(node) or {}
-        return "invalid" not in rec_c and rec_c.get("wasUnschedulable") is False \
-            and rec_c.get("reason") in self.reasons
+        return bool(rec.get("cordonId")) and rec_c.get("id") == rec["cordonId"] \
+            and rec_c.get("wasUnschedulable") is False
+
+    @staticmethod
+    def _legacy(node: dict, rec: dict) -> bool:
+        """A node of a state saved before cordon ids that carries a katactl cordon record made
+        while it was schedulable: maybe ours, maybe not; restore() leaves it, saying so."""
+        from katactl import nodes
+
+        rec_c = nodes.cordon_record(node) or {}
+        return not rec.get("cordonId") and rec_c.get("wasUnschedulable") is False
 
     def restore(self, n: str, rec: dict, api=None, *, until: float | None = None) -> str | None:
         """Uncordon the node if this rollout cordoned it (its record says so, and the
@@ -685,12 +773,14 @@ class Engine:
         if not (node.get("spec") or {}).get("unschedulable"):
             self._restored(n, rec, changed=False)
             return
-        if not self.ours(node):
-            self.ev("Warning", node=n, message="cordoned during the rollout, not by it: left cordoned")
+        if not self.ours(node, rec):
+            self.ev("Warning", node=n, message="cordoned during the rollout, not by it: left cordoned"
+                    if rec.get("cordonId") else "the rollout's state (saved by an older katactl) names no cordon "
+                    f"record: left cordoned ('katactl node uncordon {n}' if the rollout cordoned it)")
             self._restored(n, rec, changed=False)
             return
-        rid = (nodes.cordon_record(node) or {}).get("id")
-        r = nodes.uncordon(api, n, record_id=rid) if rid else nodes.uncordon(api, n)
+        # conditional on our record still being on it: a cordon since is not undone
+        r = nodes.uncordon(api, n, record_id=rec["cordonId"])
         if r.get("changed"):
             audit.record("rollout.uncordon", n, node=n, params={"rollout": self.plan.name}, changed=True)
             self.ev("NodeUncordoned", node=n)
@@ -724,11 +814,12 @@ class Engine:
 
     def cordoned_by_us(self) -> list[str]:
         """The rollout's nodes its cordon record says it cordoned, from one node list
-        (all nodes: one whose labels changed since may have left the selector)."""
+        (all nodes: one whose labels changed since may have left the selector); and the
+        ones of an older state that may be (restore() leaves those, saying so)."""
         names = self.state["nodes"]
         return [node["metadata"]["name"] for page in self.api.list_pages("/api/v1/nodes") for node in page
                 if node["metadata"]["name"] in names and (node.get("spec") or {}).get("unschedulable")
-                and self.ours(node)] if self.api is not None and self.cordons else []
+                and (self.ours(node, names[node["metadata"]["name"]]) or self._legacy(node, names[node["metadata"]["name"]]))] if self.api is not None and self.cordons else []
 
     def restore_all(self, skip=()) -> list[str]:
         """Uncordon every node of the rollout whose cordon record says this rollout

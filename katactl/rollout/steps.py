@@ -59,6 +59,8 @@ class StepContext:
     events: Callable[..., None]
     timeout: float = 0.0           # the policy's --step-timeout (0: none)
     was_unschedulable: bool = False
+    #: the id the rollout saved for this node's cordon record (see engine: "the rollout cordoned it")
+    cordon_id: str | None = None
 
     def transport(self):
         from katactl.fleet import open_transport, validate_node_name
@@ -289,7 +291,8 @@ _NODE_CMD = {"names": NODES, "dry_run": DRY_RUN, "dry_run_server": DRY_RUN}
 def _cordon(ctx, a):
     from katactl import nodes
 
-    r = nodes.cordon(_need_api(ctx), ctx.node, reason=a.reason or f"katactl rollout {ctx.rollout}")
+    r = nodes.cordon(_need_api(ctx), ctx.node, reason=a.reason or f"katactl rollout {ctx.rollout}",
+                     op_id=ctx.cordon_id)
     return {"changed": r["changed"], "message": r["message"]}
 
 
@@ -302,7 +305,8 @@ def _uncordon(ctx, a):
 
     if ctx.was_unschedulable:
         return {"changed": False, "message": "left cordoned: it was unschedulable before the rollout"}
-    r = nodes.uncordon(_need_api(ctx), ctx.node)
+    # only the rollout's own cordon (by its record's id), never one made by someone else since
+    r = nodes.uncordon(_need_api(ctx), ctx.node, record_id=ctx.cordon_id)
     return {"changed": r["changed"], "message": r["message"]}
 
 
@@ -330,7 +334,7 @@ def _drain_opts(ctx: StepContext, a: Args, *, kata_only: bool, only_pods=None):
                               force=a.force, grace_period=a.grace_period, timeout=timeout or 0.0,
                               pod_selector=a.pod_selector, skip_wait_for_delete_timeout=a.skip_wait,
                               disable_eviction=a.disable_eviction, kata_only=kata_only, only_pods=only_pods,
-                              reason=a.reason or f"katactl rollout {ctx.rollout}")
+                              reason=a.reason or f"katactl rollout {ctx.rollout}", cordon_id=ctx.cordon_id)
 
 
 def _drain_events(ctx: StepContext):
