@@ -21,6 +21,8 @@ from katactl.errors import OperationFailed, Refused
 from katactl.rollout import engine
 from katactl.rollout.plan import NodeInfo, Plan, make_batches, parse_steps
 from katactl.rollout.policy import Policy, parse_count
+from katactl.backends.kube import KubeAPI
+from katactl.config import resolve
 from katactl.rollout.store import (CM_PREFIX, MAX_CONFIGMAP_BYTES, NODE_LABEL, PART_LABEL, SHARD_BYTES, STATE_KEY,
                                    SHARD_BYTES_ENV, KubeStore, dumps, state_of_configmap, state_of_configmaps)
 
@@ -296,6 +298,14 @@ def test_a_sharded_rollout_runs_shows_in_status_and_list_and_resumes(cli, kube, 
     ls = _ro(cli, kc, "list", "--state", "kube", "-o", "json")
     assert ls.exit_code == 0, ls.stderr
     assert [(i["name"], i["nodes"], i["done"], i["phase"]) for i in ls.json()["items"]] == [("big", 5, 1, "Paused")]
+
+    # what 'rollout abort' polls while it waits: the main ConfigMap alone, no shard read
+    store = KubeStore(KubeAPI.from_settings(resolve({"kubeconfig": kc}, environ={})), NS)
+    before = len(kube.requests)
+    assert store.phase("big") == "Paused" and store.phase("nope") is None
+    assert [q["method"] + " " + q["path"].rsplit("/", 1)[1] for q in kube.requests[before:]] == \
+        [f"GET {CM_PREFIX}big", f"GET {CM_PREFIX}nope"]
+    store.api.close()
 
     r = _ro(cli, kc, "resume", "big", "-o", "jsonl")
     assert r.exit_code == 0, r.stderr

@@ -712,9 +712,10 @@ def abort_cmd(
         app_ctx.out.info(f"rollout {name} is running elsewhere: abort requested, waiting for it")
         end = time.monotonic() + wait if wait else None
         while lock == "alive":
-            st = store.load(name)
+            phase = store.phase(name)  # the main record alone: a sharded state's shards are not read
             cur = store.lock_holder()
-            if st and st["phase"] in ("Aborted", "Succeeded", "CompletedWithFailures") and not held_by(cur, name):
+            if phase in ("Aborted", "Succeeded", "CompletedWithFailures") and not held_by(cur, name) \
+                    and (st := store.load(name)):
                 summ = engine.summary(st)
                 summ["exitCode"] = 1 if _left(st) else 0
                 _render_summary(app_ctx, summ, changed=True)

@@ -140,6 +140,12 @@ class Store:
     def release(self) -> None: ...
     def lock_holder(self) -> dict | None: ...
     def load(self, name: str) -> dict | None: ...
+
+    def phase(self, name: str) -> str | None:
+        """The rollout's phase alone (None: no such rollout), for a caller that polls it."""
+        st = self.load(name)
+        return st.get("phase") if st else None
+
     def create(self, state: dict) -> None: ...
     def save(self, name: str, snap: "Snapshot", written=None) -> None: ...  # see StateWriter
     def control(self, name: str) -> dict: raise NotImplementedError
@@ -359,6 +365,20 @@ class KubeStore(Store):
             if raw:
                 self._part_sent[p["metadata"]["name"]] = base64.b64decode(raw)
         return st
+
+    def phase(self, name: str) -> str | None:
+        """The phase from the main ConfigMap alone: a sharded state's fields are there
+        (``data.head``), so polling it reads no shard."""
+        try:
+            cm = self.api.get(self._cm_path(name))
+        except NotFound:
+            return None
+        data = cm.get("data") or {}
+        try:
+            st = json.loads(data[HEAD_KEY]) if SHARDS_KEY in data else state_of_configmap(cm)
+        except (ValueError, KeyError, TypeError) as e:
+            raise OperationFailed(f"ConfigMap {self.ns}/{CM_PREFIX}{name}: {e}") from None
+        return st.get("phase") if isinstance(st, dict) else None
 
     def writer(self, state: dict) -> "StateWriter":
         return StateWriter(state, self._layout.get(state["name"], 0))
