@@ -88,6 +88,21 @@ def ephemeral_manifest(node: str, image: str, namespace: str) -> dict:
             "spec": spec}
 
 
+def is_agent_pod(pod: dict, namespace: str) -> bool:
+    """katactl's own node pod, not merely a pod wearing its label: in the agent namespace,
+    labelled with a kind, and either owned by katactl's DaemonSet or an ephemeral pod
+    carrying katactl's created-by annotation (and no controller)."""
+    md = pod.get("metadata") or {}
+    labels = md.get("labels") or {}
+    if md.get("namespace") != namespace or labels.get(APP_LABEL) != APP:
+        return False
+    owners = [o for o in md.get("ownerReferences") or [] if o.get("controller")]
+    kind = labels.get(KIND_LABEL)
+    if kind == "daemonset":
+        return [(o.get("kind"), o.get("name")) for o in owners] == [("DaemonSet", DS_NAME)]
+    return kind == "ephemeral" and not owners and CREATED_BY in (md.get("annotations") or {})
+
+
 def daemonset_manifest(image: str, namespace: str) -> dict:
     labels = {APP_LABEL: APP, KIND_LABEL: "daemonset"}
     return {"apiVersion": "apps/v1", "kind": "DaemonSet",

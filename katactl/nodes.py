@@ -340,6 +340,7 @@ class DrainOptions:
     only_pods: set[tuple[str, str]] | None = None
     reason: str | None = None
     cordon_id: str | None = None         # the cordon record's id (see cordon's op_id)
+    agent_namespace: str = "kube-system"  # where katactl's own node pods run (skipped, not evicted)
 
 
 #: DeleteOptions.gracePeriodSeconds is an int64, and kubectl's int flags are Go ints (64 bits)
@@ -452,7 +453,7 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
                 and deleting > opts.skip_wait_for_delete_timeout:
             skipped.append({"pod": ref, "reason": "deleting for longer than --skip-wait-for-delete-timeout"})
             continue
-        if (pod["metadata"].get("labels") or {}).get(nodeagent.APP_LABEL) == nodeagent.APP:
+        if nodeagent.is_agent_pod(pod, opts.agent_namespace):
             # katactl's own node pod (--via kube: the drain step may run through it), reported
             # as kubectl reports the DaemonSet pods it ignores
             warnings.setdefault("ignoring katactl node agent Pods", []).append(ref)

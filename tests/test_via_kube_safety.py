@@ -81,7 +81,8 @@ def test_pod_create_landing_after_the_client_gave_up_is_deleted(cli, cluster):
 def test_drain_skips_katactl_node_pods_with_a_warning(cli, kube, kc):
     kube.add_node("n1")
     kube.add_pod("katactl-node-n1-abcde", "kube-system", "n1",
-                 {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "ephemeral"})
+                 {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "ephemeral"},
+                 annotations={"katactl.io/created-by": "sre@bastion"})
     kube.add_pod("katactl-node-agent-x7k2p", "kube-system", "n1",
                  {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"},
                  owner=("DaemonSet", "katactl-node-agent"))
@@ -95,6 +96,27 @@ def test_drain_skips_katactl_node_pods_with_a_warning(cli, kube, kc):
                 "kube-system/katactl-node-n1-abcde") in r.stderr
         assert len(kube.list_objs("Pod", "kube-system")) == 2  # neither evicted
         cli(["--kubeconfig", kc, "node", "uncordon", "n1"])
+
+
+def test_drain_does_not_skip_pods_that_only_wear_the_agent_label(cli, kube, kc):
+    """Only katactl's own node pods are skipped: in the agent namespace, and owned by its
+    DaemonSet or an ephemeral pod with katactl's created-by annotation. A workload that
+    merely carries the label is drained (or refused) like any other pod."""
+    kube.add_node("n1")
+    agent = {"app.kubernetes.io/name": "katactl-node-agent"}
+    kube.add_pod("payments-7d9f", "prod", "n1", agent)  # bare, elsewhere
+    kube.add_pod("lookalike", "kube-system", "n1", {**agent, "katactl.io/agent-kind": "ephemeral"})  # no annotation
+    kube.add_pod("ds-lookalike", "kube-system", "n1", {**agent, "katactl.io/agent-kind": "daemonset"},
+                 owner=("ReplicaSet", "other"))
+    r = cli(["--kubeconfig", kc, "node", "drain", "n1", "--timeout", "10s", "-o", "json"])
+    assert r.exit_code == 5, r.stderr
+    assert "cannot delete Pods that declare no controller (use --force to override): " \
+        "kube-system/lookalike, prod/payments-7d9f" in r.stderr
+    assert "ignoring katactl node agent Pods" not in r.stderr
+    r = cli(["--kubeconfig", kc, "node", "drain", "n1", "--timeout", "10s", "--force", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert not [p for ns in ("prod", "kube-system") for p in kube.list_objs("Pod", ns)
+                if p["spec"].get("nodeName") == "n1" and not p["metadata"].get("deletionTimestamp")]
 
 
 def test_exec_upgrade_renews_a_plugin_token_answered_401(cluster, tmp_path):

@@ -231,9 +231,10 @@ def drain(
                               force=force, grace_period=grace_period, timeout=deadline,
                               pod_selector=pod_selector, skip_wait_for_delete_timeout=skip_wait,
                               disable_eviction=disable_eviction, dry_run=_dry_run(dry_run, dry_run_server),
-                              kata_only=kata_only or stale_release, keep_cordoned=keep_cordoned, reason=reason)
+                              kata_only=kata_only or stale_release, keep_cordoned=keep_cordoned, reason=reason,
+                              agent_namespace=app_ctx.settings.agent_namespace)
     out = app_ctx.out
-    params = {**{k: v for k, v in vars(opts).items() if v not in (None, False, 0, -1) and k != "dry_run"},
+    params = {**{k: v for k, v in vars(opts).items() if v not in (None, False, 0, -1) and k not in ("dry_run", "agent_namespace")},
               "dryRun": opts.dry_run}
     stop = threading.Event()
 

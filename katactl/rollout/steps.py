@@ -334,7 +334,8 @@ def _drain_opts(ctx: StepContext, a: Args, *, kata_only: bool, only_pods=None):
                               force=a.force, grace_period=a.grace_period, timeout=timeout or 0.0,
                               pod_selector=a.pod_selector, skip_wait_for_delete_timeout=a.skip_wait,
                               disable_eviction=a.disable_eviction, kata_only=kata_only, only_pods=only_pods,
-                              reason=a.reason or f"katactl rollout {ctx.rollout}", cordon_id=ctx.cordon_id)
+                              reason=a.reason or f"katactl rollout {ctx.rollout}", cordon_id=ctx.cordon_id,
+                              agent_namespace=ctx.settings.agent_namespace if ctx.settings else "kube-system")
 
 
 def _drain_events(ctx: StepContext):
