@@ -155,7 +155,9 @@ def _check_node(api, node: str) -> None:
         raise UnreachableError(f"node {node} is NotReady: {why}")
 
 
-_EPHEMERAL: dict[tuple, AgentPod] = {}
+# every ephemeral pod this run created per (host, namespace, node), not only the latest: a
+# create of unknown outcome may land after the next call created another for the node
+_EPHEMERAL: dict[tuple, list[AgentPod]] = {}
 _EPHEMERAL_API: dict[tuple, object] = {}
 _LOCKS: dict[tuple, threading.Lock] = {}
 _GUARD = threading.Lock()
@@ -170,17 +172,19 @@ def agent_pod(api, settings, node: str) -> AgentPod:
     with _GUARD:
         lock = _LOCKS.setdefault(key, threading.Lock())
     with lock:
-        mine = _EPHEMERAL.get(key)
+        with _GUARD:
+            mine = {p.name: p for p in _EPHEMERAL.get(key, [])}
         pods = find_pods(api, ns, node)
         running = [p for p in pods if _running(p)]
         running.sort(key=lambda p: ((p["metadata"].get("labels") or {}).get(KIND_LABEL) != "daemonset",
-                                    p["metadata"]["name"] != (mine.name if mine else "")))
+                                    p["metadata"]["name"] not in mine))
         if running:
             p = running[0]
             kind = (p["metadata"].get("labels") or {}).get(KIND_LABEL) or "daemonset"
             return AgentPod(ns, p["metadata"]["name"], node, kind)
-        if mine is not None and any(p["metadata"]["name"] == mine.name for p in pods):
-            return wait_running(api, mine, float(settings.request_timeout or 30.0))
+        listed = next((mine[p["metadata"]["name"]] for p in pods if p["metadata"]["name"] in mine), None)
+        if listed is not None:
+            return wait_running(api, listed, float(settings.request_timeout or 30.0))
         image = settings.agent_image
         if not image:
             raise UsageError(f"node {node} has no running katactl node agent pod in namespace {ns}",
@@ -198,20 +202,20 @@ def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) 
     # 5xx or timed out may have landed, and the cleanup must delete it all the same
     done = _register(key, pod, api)
     try:
-        _create(api, f"/api/v1/namespaces/{seg(ns)}/pods", man, key, timeout)
+        _create(api, f"/api/v1/namespaces/{seg(ns)}/pods", man, (key, pod.name), timeout)
     except Conflict:
         _unregister(key, pod)  # the name is someone else's pod: never delete it
         raise
     except KeyboardInterrupt:  # the create may be on its way: the cleanup watches for it
         with _GUARD:
-            _UNSEEN.add(key)
+            _UNSEEN.add((key, pod.name))
         raise
     finally:
         done.set()
     return wait_running(api, pod, timeout)
 
 
-def _create(api, path: str, man: dict, key, timeout: float) -> None:
+def _create(api, path: str, man: dict, pkey, timeout: float) -> None:
     """POST the pod. An unknown outcome (5xx, timeout) is not sent again: the name is looked
     for until ``timeout`` (found: it landed, it is ours); not found, the error stands and the
     cleanup watches a while for the create landing late (kube-apiserver's timeout filter
@@ -246,7 +250,7 @@ def _create(api, path: str, man: dict, key, timeout: float) -> None:
                 gone = True
             if gone:
                 with _GUARD:
-                    _UNSEEN.add(key)
+                    _UNSEEN.add(pkey)
                 raise
             time.sleep(POLL * 3)
 
@@ -256,10 +260,7 @@ def replace_agent_pod(api, pod: AgentPod) -> AgentPod:
     pod, create a new one."""
     from types import SimpleNamespace
 
-    key = (api.host, pod.namespace, pod.node)
-    with _GUARD:
-        if _EPHEMERAL.get(key) is pod:
-            del _EPHEMERAL[key]
+    _unregister((api.host, pod.namespace, pod.node), pod)
     deadline = time.monotonic() + float(getattr(api, "timeout", 30.0) or 30.0)
     settings = SimpleNamespace(agent_namespace=pod.namespace, agent_image=pod.image,
                                request_timeout=max(1.0, deadline - time.monotonic()))
@@ -324,6 +325,7 @@ def _describe(api, obj: dict) -> str:
 # threads alive when cleanup() ran: workers an interrupt left behind (fleet's fan-out does not
 # wait for them) must not create a pod nobody deletes; later runs' threads are new ones
 _STALE: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+# by (key, pod name): one entry per create, as _EPHEMERAL keeps every pod of a node
 _IN_FLIGHT: dict[tuple, threading.Event] = {}   # set once the pod's create has been answered
 _UNSEEN: set[tuple] = set()        # creates of unknown outcome whose pod was never seen
 LATE_CREATE_WATCH = 5.0            # seconds the cleanup watches for such a create landing late
@@ -335,18 +337,22 @@ def _register(key, pod: AgentPod, api) -> threading.Event:
     with _GUARD:
         if threading.current_thread() in _STALE:  # a worker starting a node after an interrupt
             raise Interrupted("interrupted")
-        _EPHEMERAL[key] = pod
+        _EPHEMERAL.setdefault(key, []).append(pod)
         _EPHEMERAL_API[key] = (api.host, api)
-        _IN_FLIGHT[key] = done
+        _IN_FLIGHT[(key, pod.name)] = done
     return done
 
 
 def _unregister(key, pod: AgentPod) -> None:
     with _GUARD:
-        if _EPHEMERAL.get(key) is pod:
-            del _EPHEMERAL[key]
-            _EPHEMERAL_API.pop(key, None)
-            _IN_FLIGHT.pop(key, None)
+        pods = _EPHEMERAL.get(key, [])
+        if any(p is pod for p in pods):
+            pods[:] = [p for p in pods if p is not pod]
+            _IN_FLIGHT.pop((key, pod.name), None)
+            _UNSEEN.discard((key, pod.name))
+            if not pods:
+                del _EPHEMERAL[key]
+                _EPHEMERAL_API.pop(key, None)
 
 
 def cleanup(warn=None) -> list[str]:
@@ -356,7 +362,7 @@ def cleanup(warn=None) -> list[str]:
 
     with _GUARD:
         _STALE.update(t for t in threading.enumerate() if t is not threading.current_thread())
-        items = list(_EPHEMERAL.items())
+        items = [(key, pod) for key, pods in _EPHEMERAL.items() for pod in pods]
         apis = dict(_EPHEMERAL_API)
         flights = dict(_IN_FLIGHT)
         unseen = set(_UNSEEN)
@@ -369,7 +375,7 @@ def cleanup(warn=None) -> list[str]:
         _, api = apis.get(key, (None, None))
         # a worker thread's create still on its way (an interrupt): deleting before it lands
         # would find nothing and leave the pod behind
-        ev = flights.get(key)
+        ev = flights.get((key, pod.name))
         if ev is not None:
             ev.wait(float(getattr(api, "timeout", 30.0) or 30.0) + 1.0)
         try:
@@ -379,7 +385,7 @@ def cleanup(warn=None) -> list[str]:
                 try:
                     client.delete(path, grace_period=0)
                 except NotFound:
-                    if key not in unseen:
+                    if (key, pod.name) not in unseen:
                         raise
                     _delete_late(client, path)
             finally:

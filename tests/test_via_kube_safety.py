@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from katactl.errors import UnreachableError
 from tests.test_via_kube import IMAGE, agent_pods, kube_args
 from tests.test_vmcore import node_tree
 
@@ -199,4 +200,33 @@ def test_sigterm_while_the_pod_create_is_held_deletes_it_when_it_lands(cluster):
     assert p.returncode == 130, err
     assert json.loads(out)["code"] == "Interrupted"
     time.sleep(max(0.0, sent + 2.5 - time.monotonic()))  # the stand-in has carried the create out
+    assert agent_pods(kube) == []
+
+
+def test_a_second_node_pod_after_a_create_of_unknown_outcome_deletes_both(cluster):
+    """A create timed out and not found; the same run asks for the node's pod again (a next
+    step) and creates another: the first one landing late is deleted too, not only the latest."""
+    from types import SimpleNamespace
+
+    from katactl import nodeagent
+    from katactl.backends.kube import KubeAPI
+
+    kube = cluster["kube"]
+    settings = SimpleNamespace(kubeconfig=cluster["kc"], context=None, request_timeout=1.0,
+                               agent_namespace="kube-system", agent_image=IMAGE, namespace=None)
+    api = KubeAPI.from_settings(settings)
+    kube.delay(POD_CREATE, 4, times=1, method="POST")  # lands after our 1 s + 1 s look
+    try:
+        with pytest.raises(UnreachableError, match="timed out"):
+            nodeagent.agent_pod(api, settings, "node-a")
+        second = nodeagent.agent_pod(api, settings, "node-a")
+        for _ in range(200):  # until the stand-in carried the first create out
+            if len(agent_pods(kube)) == 2:
+                break
+            time.sleep(0.05)
+        assert second.name in agent_pods(kube) and len(agent_pods(kube)) == 2
+    finally:
+        left = nodeagent.cleanup()
+        api.close()
+    assert left == []
     assert agent_pods(kube) == []
