@@ -10,7 +10,7 @@ import json
 import pytest
 
 from katactl.nodes import CORDON_ANNOTATION
-from katactl.rollout.store import LEASE, STATE_KEY, micro_time, state_of_configmap
+from katactl.rollout.store import LEASE, SHARD_BYTES_ENV, STATE_KEY, micro_time, state_of_configmap
 
 ZONE = "topology.kubernetes.io/zone"
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
@@ -514,6 +514,54 @@ def test_a_rollout_that_cannot_renew_its_lease_stops_before_it_expires(kube, kc,
     kube.add_pdb("pdb", "default", {"matchLabels": {"app": "a"}}, min_available=0)
     r = ro(cli, kc, "resume", "r21", "-o", "json")
     assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
+    assert unschedulable(kube)["n0"] is False
+
+
+@pytest.mark.parametrize("shard_bytes", [None, "1"], ids=["whole", "sharded"])
+def test_a_run_that_lost_its_lease_does_not_overwrite_the_state_abort_wrote_since(kube, kc, cli, shard_bytes):
+    """r23 stalls (SIGSTOP: a paused VM) with its node cordoned until its lease expires;
+    'abort r23' takes over, restores the node and saves Aborted. r23, continued, finds its
+    lock lost and the lease expired: its final save, conditional on the resourceVersion it
+    last wrote, meets the abort's state and gives up (exit 1): Aborted stays (a sharded
+    state's parts included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kube.add_node("n0")
+    kube.add({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "rs", "namespace": "default"},
+              "spec": {}})
+    kube.add_pod("p0", node="n0", labels={"app": "a"}, owner=("ReplicaSet", "rs"))
+    kube.add_pdb("pdb", "default", {"matchLabels": {"app": "a"}}, min_available=1)  # the drain waits
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "run", "r23", "-N", "n0",
+                          "--step", "cordon", "--step", "drain --timeout 120s", "--lock-ttl", "3s", "--poll", "0.2"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **({SHARD_BYTES_ENV: shard_bytes} if shard_bytes else {})})
+
+    def status() -> dict:
+        return ro(cli, kc, "status", "r23", "-o", "json").json()
+
+    try:
+        while not (unschedulable(kube)["n0"] and status()["items"][0]["step"] >= 1):  # cordoned, saved
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGSTOP)
+        a = ro(cli, kc, "abort", "r23", "--timeout", "60s", "-o", "json")
+        assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
+        assert unschedulable(kube)["n0"] is False
+        p.send_signal(signal.SIGCONT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 1, err
+        assert "its state was not saved: another katactl has written it" in err, err
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
+    st = status()
+    assert st["phase"] == "Aborted" and st["items"][0]["phase"] == "aborted", st
     assert unschedulable(kube)["n0"] is False
 
 

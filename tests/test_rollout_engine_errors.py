@@ -23,7 +23,7 @@ class _Store:
     def mark_node(self, node, name, info):
         pass
 
-    def save(self, name, snap, written=None):
+    def save(self, name, snap, written=None, taken=None):
         pass
 
     def renew(self):

@@ -72,7 +72,7 @@ from katactl.rollout import gate as gate_mod
 from katactl.rollout.nodeview import NodeView
 from katactl.rollout.plan import NodeInfo, Plan, info_of
 from katactl.rollout.steps import DEFAULT_FAIL_ON, StepContext, run_check
-from katactl.rollout.store import StateWriter
+from katactl.rollout.store import StaleState, StateWriter
 
 #: phases of a rollout; the ones a rollout can be resumed from
 RESUMABLE = ("Running", "Interrupted", "Paused", "Stopped")
@@ -195,7 +195,8 @@ class Engine:
             # compression and the round trip hold only the store: the state goes on changing
             # meanwhile, and those changes wait for the next save (one for all of them)
             with self.store_lock:
-                self.store.save(self.plan.name, snap, written=lambda: self.hook.hit("shard"))
+                self.store.save(self.plan.name, snap, written=lambda: self.hook.hit("shard"),
+                                taken=self.lease_may_be_taken)
             self.persisted = upto
         self.hook.hit("save")
 
@@ -392,6 +393,11 @@ class Engine:
                             f"(of its --lock-ttl {self.plan.lock_ttl:g}s)")
         return self.lost_lock
 
+    def lease_may_be_taken(self) -> bool:
+        """Whether another katactl may hold the lock by now (ours lost, its lease maybe expired):
+        then no node is restored and no save overwrites a state written since."""
+        return self.lost_lock and time.monotonic() >= self._renewed + self.plan.lock_ttl
+
     def _lose_lock(self, why: str) -> None:
         with self.lock:
             if self.lost_lock:
@@ -407,7 +413,7 @@ class Engine:
         expires = self._renewed + self.plan.lock_ttl
         for n in [n for n in self.threads if self.state["nodes"][n]["phase"] == "running"]:
             rec = self.state["nodes"][n]
-            if time.monotonic() >= expires:
+            if self.lease_may_be_taken():
                 self.ev("Warning", node=n, message="the lease has expired: left as it is ('katactl rollout "
                                                    f"resume|abort {self.plan.name}' restores it)")
                 continue
@@ -420,6 +426,11 @@ class Engine:
         self.stopping = (why, int(ExitCode.FAILED))
         try:
             return self.finish()
+        except StaleState:
+            # another katactl's state (a 'rollout abort' took over): it is the one that counts
+            raise OperationFailed(f"rollout {self.plan.name}: lost the cluster lock: {self.lost_why}; its state "
+                                  "was not saved: another katactl has written it since the lease may have expired",
+                                  hint=f"'katactl rollout status {self.plan.name}' shows it") from None
         except KatactlError as e:
             raise OperationFailed(f"rollout {self.plan.name}: {why}; the state could not be saved: {e.message}",
                                   hint="the nodes' records still say what to restore: resume or abort it "

@@ -147,7 +147,7 @@ class Store:
         return st.get("phase") if st else None
 
     def create(self, state: dict) -> None: ...
-    def save(self, name: str, snap: "Snapshot", written=None) -> None: ...  # see StateWriter
+    def save(self, name: str, snap: "Snapshot", written=None, taken=None) -> None: ...  # see StateWriter
     def control(self, name: str) -> dict: raise NotImplementedError
     def set_control(self, name: str, control: dict) -> None: ...
     def list(self) -> list[dict]: raise NotImplementedError
@@ -168,6 +168,10 @@ def _server_failed(what: str, e) -> OperationFailed:
     msg = (e.body or {}).get("message") or f"HTTP {e.status}"
     return OperationFailed(f"{what}: the Kubernetes API keeps failing: HTTP {e.status}: {msg}",
                            details={"httpStatus": e.status})
+
+
+class StaleState(OperationFailed):
+    """A save refused because another katactl may have written the state since (see KubeStore.save)."""
 
 
 class KubeStore(Store):
@@ -472,11 +476,13 @@ class KubeStore(Store):
         self._cm_rv[name] = cm["metadata"]["resourceVersion"]
         self._cm_control[name] = {}
 
-    def _put_part(self, name: str, part: str, key: str, blob: bytes, *, create: bool = False) -> bool:
+    def _put_part(self, name: str, part: str, key: str, blob: bytes, *, create: bool = False,
+                  taken=None) -> bool:
         """Write one part of a sharded state (created as needed: by create(), or again if
-        someone deleted it); False when it already holds ``blob``. Nobody else writes parts:
-        a 409 is a stale resourceVersion (one left by an interrupted create, or a write of
-        ours whose answer was lost)."""
+        someone deleted it); False when it already holds ``blob``. Nobody else writes parts
+        while we hold the lock: a 409 is a stale resourceVersion (one left by an interrupted
+        create, or a write of ours whose answer was lost); once ``taken()`` (see save) it is
+        StaleState."""
         from katactl.backends.kube import Conflict
 
         cm_name = part_name(name, part)
@@ -492,6 +498,9 @@ class KubeStore(Store):
                     cm = self.api.update(self._part_path(cm_name), obj)
                 break
             except Conflict:
+                if taken is not None and taken():
+                    raise StaleState(f"ConfigMap {self.ns}/{cm_name} was written by another katactl since "
+                                     "the lease may have expired: not overwriting it") from None
                 create = False
                 obj["metadata"]["resourceVersion"] = self.api.get(self._part_path(cm_name))["metadata"].get(
                     "resourceVersion")
@@ -545,21 +554,33 @@ class KubeStore(Store):
             time.sleep(backoff(failed, err.retry_after))
             failed += 1
 
-    def save(self, name: str, snap: "Snapshot", written=None) -> None:
+    def save(self, name: str, snap: "Snapshot", written=None, taken=None) -> None:
         """PUT with the last resourceVersion (one request); on 409 (a pause/abort wrote
         the control key) re-read, keep its control, and write again. Sharded: first the
         shards whose records changed (``written()`` after each), then the main ConfigMap:
         it never says more than its shards hold, and a kill between two shard writes leaves
-        each node record whole (a record is in one shard)."""
+        each node record whole (a record is in one shard).
+
+        ``taken()`` True: another katactl may hold the lock by now (ours was lost and its
+        lease may have expired), so a 409 may be its state, not a control write: StaleState,
+        nothing re-read or overwritten (a sharded state's main is read first, and a part's
+        409 is the same refusal)."""
         from katactl.backends.kube import Conflict
         from katactl.errors import UsageError
+
+        def stale(what: str) -> StaleState:
+            return StaleState(f"ConfigMap {self.ns}/{what} was written by another katactl since the lease "
+                              "may have expired: not overwriting it")
 
         head: str | None = None
         blob: bytes | None = None
         try:
             if snap.w.shard_nodes:
+                if taken is not None and taken() and self.api.get(self._cm_path(name))["metadata"].get(
+                        "resourceVersion") != self._cm_rv.get(name):
+                    raise stale(CM_PREFIX + name)
                 for k, blob in snap.shards().items():
-                    wrote = self._put_part(name, f"nodes-{k}", NODES_KEY, blob)
+                    wrote = self._put_part(name, f"nodes-{k}", NODES_KEY, blob, taken=taken)
                     snap.sent(k)
                     if wrote and written is not None:
                         written()
@@ -573,6 +594,8 @@ class KubeStore(Store):
                     self._cm_rv[name] = cm["metadata"]["resourceVersion"]
                     return
                 except Conflict:
+                    if taken is not None and taken():
+                        raise stale(CM_PREFIX + name) from None
                     # our state is what counts: only the control and resourceVersion are needed
                     self._note(self.api.get(self._cm_path(name)), name)
         except UsageError as e:
@@ -1069,7 +1092,8 @@ class FileStore(Store):
             pass
         self._write(self._path(state["name"]), dumps(state))
 
-    def save(self, name: str, snap: "Snapshot", written=None) -> None:
+    def save(self, name: str, snap: "Snapshot", written=None, taken=None) -> None:
+        # a file's lock (flock) cannot be lost while the process lives: ``taken`` is moot;
         # plain JSON, unsharded: a file has no size limit, and stays readable with jq
         self._write(self._path(name), snap.text())
 
