@@ -8,43 +8,17 @@ import pytest
 from katactl.backends.local import LocalTransport
 from katactl.backends.unixhttp import UnixHttpClient
 from katactl.errors import ProtocolError, TimeoutExpired, UnreachableError
-
-
-def _server(path, handler):
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(8)
-
-    def loop():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=handler, args=(c,), daemon=True).start()
-
-    threading.Thread(target=loop, daemon=True).start()
-    return srv
-
-
-def _read_request(c):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = c.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
+from tests._microhttp import read_request, unix_server
 
 
 def test_reuses_nothing_after_server_closed_keepalive(tmp_path):
     """The server answers keep-alive, then closes without telling: the next request must still work."""
     def handler(c):
-        _read_request(c)
+        read_request(c)
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         c.close()  # closes although it said nothing about Connection: close
 
-    srv = _server(str(tmp_path / "s.sock"), handler)
+    srv = unix_server(str(tmp_path / "s.sock"), handler)
     client = UnixHttpClient(LocalTransport(str(tmp_path)), "/s.sock", 2)
     for _ in range(40):
         assert client.request("GET", "/x", what="test").text == "ok"
@@ -53,13 +27,13 @@ def test_reuses_nothing_after_server_closed_keepalive(tmp_path):
 
 def test_reset_and_silence_map_to_exit_codes(tmp_path):
     def reset(c):
-        _read_request(c)
+        read_request(c)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         c.close()
 
     hang_conns = []
-    srv1 = _server(str(tmp_path / "reset.sock"), reset)
-    srv2 = _server(str(tmp_path / "hang.sock"), hang_conns.append)
+    srv1 = unix_server(str(tmp_path / "reset.sock"), reset)
+    srv2 = unix_server(str(tmp_path / "hang.sock"), hang_conns.append)
     t = LocalTransport(str(tmp_path))
     with pytest.raises((ProtocolError, UnreachableError)):
         UnixHttpClient(t, "/reset.sock", 2).request("GET", "/", what="shim")
@@ -72,7 +46,7 @@ def test_reset_and_silence_map_to_exit_codes(tmp_path):
 def _trickle(c):
     """A peer that answers one byte every 0.2 s, forever: every read gets data in
     time, the answer never ends (issue 16, finding 5)."""
-    _read_request(c)
+    read_request(c)
     try:
         for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
             c.sendall(bytes([b]))
@@ -104,7 +78,7 @@ def test_trickling_peer_is_bounded_per_call_not_per_read(tmp_path):
     from katactl.backends.fc import FcClient
     from katactl.backends.shim import ShimClient
 
-    srv = _server(str(tmp_path / "slow.sock"), _trickle)
+    srv = unix_server(str(tmp_path / "slow.sock"), _trickle)
     t = LocalTransport(str(tmp_path))
     calls = [
         lambda: UnixHttpClient(t, "/slow.sock", 1).request("GET", "/", what="shim"),
@@ -153,7 +127,7 @@ def test_go_shim_chunked_metrics_on_one_kept_alive_connection(tmp_path):
 
 def _answer(head: bytes, body: bytes, *, then=None):
     def handler(c):
-        _read_request(c)
+        read_request(c)
         c.sendall(head + b"\r\n\r\n" + body)
         if then:
             then(c)
@@ -169,7 +143,7 @@ def test_peer_closing_mid_body_is_a_protocol_error(tmp_path, head, body, said):
     from katactl.backends.fc import FcClient
     from katactl.backends.shim import ShimClient
 
-    srv = _server(str(tmp_path / "s.sock"), _answer(head, body))
+    srv = unix_server(str(tmp_path / "s.sock"), _answer(head, body))
     t = LocalTransport(str(tmp_path))
     for call in (lambda: ShimClient(t, "/s.sock", timeout=5).metrics_text(),
                  lambda: ShimClient(t, "/s.sock", "rs", timeout=5).metrics_text(),
@@ -183,7 +157,7 @@ def test_peer_closing_mid_body_is_a_protocol_error(tmp_path, head, body, said):
 
 def _trickle_body(c):
     """A complete head, then the body a byte every 0.2 s: every read gets data in time."""
-    _read_request(c)
+    read_request(c)
     try:
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
         for _ in range(10_000):
@@ -198,7 +172,7 @@ def test_trickling_body_is_bounded_by_the_call_deadline(tmp_path):
 
     from katactl.backends.shim import ShimClient
 
-    srv = _server(str(tmp_path / "slow.sock"), _trickle_body)
+    srv = unix_server(str(tmp_path / "slow.sock"), _trickle_body)
     t = LocalTransport(str(tmp_path))
     sink = io.BytesIO()
     for call in (lambda: ShimClient(t, "/slow.sock", timeout=1).metrics_text(),
@@ -218,15 +192,15 @@ def test_get_is_replayed_when_a_kept_alive_connection_drops_it(tmp_path):
     seen = []
 
     def one_per_connection(c):
-        req = _read_request(c)
+        req = read_request(c)
         seen.append(req.split(b" ", 1)[0])
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nkata_x 1\n")
-        seen.append(_read_request(c).split(b" ", 1)[0])  # read, never answered
+        seen.append(read_request(c).split(b" ", 1)[0])  # read, never answered
         c.close()
 
     from katactl.backends.shim import ShimClient
 
-    srv = _server(str(tmp_path / "s.sock"), one_per_connection)
+    srv = unix_server(str(tmp_path / "s.sock"), one_per_connection)
     with ShimClient(LocalTransport(str(tmp_path)), "/s.sock", timeout=5) as c:
         assert c.metrics_text() == "kata_x 1\n"
         assert c.metrics_text() == "kata_x 1\n"
@@ -246,17 +220,17 @@ def test_surplus_after_a_complete_answer_is_never_the_next_answer(tmp_path):
 
     def handler(c):
         conns.append(c)
-        _read_request(c)
+        read_request(c)
         if len(conns) == 1:
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
                       b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
-            after.append(_read_request(c))  # b"": we closed it rather than ask again
+            after.append(read_request(c))  # b"": we closed it rather than ask again
         else:
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
-            _read_request(c)
+            read_request(c)
         c.close()
 
-    srv = _server(str(tmp_path / "s.sock"), handler)
+    srv = unix_server(str(tmp_path / "s.sock"), handler)
     with UnixHttpClient(LocalTransport(str(tmp_path)), "/s.sock", 5) as client:
         assert client.request("GET", "/metrics", what="t").content == b"first"
         assert client.request("GET", "/agent-url", what="t").content == b"second"
@@ -271,18 +245,18 @@ def test_limit_counts_a_body_without_content_length(tmp_path):
 
     def chunked(c):
         served.append(c)
-        _read_request(c)
+        read_request(c)
         try:
             c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             for _ in range(64):
                 c.sendall(b"400\r\n" + b"x" * 1024 + b"\r\n")
             c.sendall(b"0\r\n\r\n")
-            _read_request(c)
+            read_request(c)
         except OSError:
             pass
         c.close()
 
-    srv = _server(str(tmp_path / "s.sock"), chunked)
+    srv = unix_server(str(tmp_path / "s.sock"), chunked)
     with UnixHttpClient(LocalTransport(str(tmp_path)), "/s.sock", 5) as client:
         with pytest.raises(ProtocolError, match=r"^t: answered more than the 32 KiB limit$") as e:
             client.request("GET", "/", what="t", limit=32 << 10)
