@@ -362,6 +362,21 @@ def test_proxy_url_carries_the_requests_like_kubectl(cli, kube, tmp_path, kubect
         proxy.close()
 
 
+def proxied_kubeconfigs(kube, tmp_path, name: str, proxy, monkeypatch) -> tuple[str, str]:
+    """(a kubeconfig of the stand-in on loopback, one naming it ``https://NAME``: a name only
+    ``proxy`` knows, TLS unchecked as the name is not the certificate's); HTTPS_PROXY is the
+    proxy and no other proxy variable is set."""
+    doc = json.loads(open(kube.kubeconfig(tmp_path / "kc0")).read())
+    loopback = _write(tmp_path / "loopback", doc)
+    del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+    doc["clusters"][0]["cluster"].update({"server": f"https://{name}", "insecure-skip-tls-verify": True})
+    named = _write(tmp_path / "named", doc)
+    for k in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    return loopback, named
+
+
 def test_https_proxy_environment_is_used_like_kubectl(cli, kube, tmp_path, monkeypatch, kubectl_133):
     """No proxy-url: HTTPS_PROXY / NO_PROXY as kubectl reads them (Go's ProxyFromEnvironment);
     a loopback server is never proxied."""
@@ -369,14 +384,7 @@ def test_https_proxy_environment_is_used_like_kubectl(cli, kube, tmp_path, monke
     name = f"kubeapi.test:{kube.port}"  # only the proxy knows this name
     proxy = ConnectProxy({name: ("127.0.0.1", kube.port)})
     try:
-        doc = json.loads(open(kube.kubeconfig(tmp_path / "kc")).read())
-        loopback = _write(tmp_path / "loopback", doc)
-        del doc["clusters"][0]["cluster"]["certificate-authority-data"]
-        doc["clusters"][0]["cluster"].update({"server": f"https://{name}", "insecure-skip-tls-verify": True})
-        kc = _write(tmp_path / "kc", doc)
-        for k in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.delenv(k, raising=False)
-        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        loopback, kc = proxied_kubeconfigs(kube, tmp_path, name, proxy, monkeypatch)
         r = cli(["--kubeconfig", kc, "node", "list", "-o", "name"])
         assert r.exit_code == 0 and r.stdout.split() == ["n1"], r.stderr
         assert proxy.log and set(proxy.log) == {f"CONNECT {name} HTTP/1.1"}

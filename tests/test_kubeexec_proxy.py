@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.test_kube_client import ConnectProxy, _write
+from tests.test_kube_client import ConnectProxy, _write, proxied_kubeconfigs
 from tests.test_via_kube import IMAGE, strip_node
 from tests.test_vmcore import add_dump, node_tree
 
@@ -100,14 +100,7 @@ def test_via_kube_takes_the_environment_proxy_as_kubectl_does(cli, kube, tmp_pat
     name = f"kubeapi.test:{kube.port}"
     proxy = ConnectProxy({name: ("127.0.0.1", kube.port)})  # refuses any other target
     try:
-        doc = json.loads(open(kube.kubeconfig(tmp_path / "kc0")).read())
-        loopback = _write(tmp_path / "loopback", doc)
-        del doc["clusters"][0]["cluster"]["certificate-authority-data"]
-        doc["clusters"][0]["cluster"].update({"server": f"https://{name}", "insecure-skip-tls-verify": True})
-        named = _write(tmp_path / "named", doc)
-        for k in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.delenv(k, raising=False)
-        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        loopback, named = proxied_kubeconfigs(kube, tmp_path, name, proxy, monkeypatch)
         args = ["--via", "kube", "-N", "tree-node", "--agent-image", IMAGE, "sandbox", "list", "-o", "json"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
         env["HOME"] = str(tmp_path)
