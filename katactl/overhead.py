@@ -33,7 +33,7 @@ import posixpath
 import re
 import threading
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException
 from typing import Any
 
 from katactl.errors import KatactlError, UsageError, as_katactl_error
@@ -70,7 +70,7 @@ def parse_quantity(text, *, what: str = "quantity") -> Decimal:
     try:
         mult = _SUFFIX[suf] if suf in _SUFFIX else Decimal(10) ** int(suf[1:])
         v = Decimal(m.group("num")) * mult
-    except (InvalidOperation, ValueError, OverflowError):
+    except (DecimalException, ValueError, OverflowError):  # decimal.Overflow past Emax (1e99999999)
         raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}") from None
     if v > Decimal(2) ** 62:
         raise UsageError(f"invalid {what} {text!r}: too large")

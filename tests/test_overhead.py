@@ -44,7 +44,9 @@ def tree():
 # -- bad input, as a corpus -------------------------------------------------------------
 @pytest.mark.parametrize("value", ["", "cpu", "cpu=", "cpu=abc", "mem=1Gi", "cpu=1,cpu=2", "cpu=-1",
                                    "cpu=250m;memory=1Gi", "memory=1.5.5Gi", "cpu=1e999", "memory=12XB",
-                                   "cpu=250m,,memory=1Gi", "cpu=\n1", "memory=1Gi\n"])
+                                   "cpu=250m,,memory=1Gi", "cpu=\n1", "memory=1Gi\n",
+                                   # past decimal's Emax: decimal.Overflow, not ValueError
+                                   "cpu=1e99999999", "memory=1e99999999", "memory=0e99999999"])
 def test_bad_runtime_class_overhead(cli, value):
     r = cli(["overhead", "--runtime-class-overhead", value])
     assert r.exit_code == 2, (value, r.stdout, r.stderr)
@@ -72,6 +74,10 @@ def test_quantities():
     assert lib.parse_margin("10%") == pytest.approx(0.1) and lib.parse_margin("25") == pytest.approx(0.25)
     with pytest.raises(UsageError):
         lib.parse_quantity(True)
+    for huge in ("1e99999999", "1E999999999999"):  # an API spec.overhead too: Declared.lookup catches UsageError
+        with pytest.raises(UsageError):
+            lib.cpu_millis(huge)
+    assert lib.memory_bytes("1e-99999999") == 0  # underflows (not trapped): nothing
 
 
 def test_percentiles_and_suggestion():
@@ -390,7 +396,7 @@ def test_over_ssh(cli, ssh_nodes):
     assert [n["node"] for n in d["nodes"]] == ["ovh"]
 
 
-@pytest.mark.parametrize("value", ["cpu=xx", "", "memory=1Gi\n", "gpu=1"])
+@pytest.mark.parametrize("value", ["cpu=xx", "", "memory=1Gi\n", "gpu=1", "memory=1e99999999"])
 def test_bad_config_value_exit_2(cli, tmp_path, monkeypatch, value):
     monkeypatch.setenv("KATACTL_RUNTIME_CLASS_OVERHEAD", value)
     r = cli(["--host-root", str(tmp_path), "overhead"])
