@@ -84,6 +84,41 @@ def test_offline_vcpu_identity_note_and_fix_hint(cli, tmp_path):
     assert "does not inherit" in f["message"] and f["fix"].startswith("echo -1 > /sys/fs/cgroup/cpu/kubepods/")
 
 
+@pytest.mark.parametrize("kw", [{"sandbox_bvt": -2}, {"offline_bvt": -2}])
+def test_bvt_minus_2_is_underclass_a_low_policy_mismatch(cli, tmp_path, kw):
+    """-1 and -2 are both underclass (colocation-host.md): -2 where the policy says -1 is the
+    right class, a low 'differs from the policy' finding, never 'is not underclass' (high)."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, **kw)
+    r, d = _audit(cli, root)
+    assert r.exit_code == 0, d["items"]
+    fs = [i for i in d["items"] if i["check"].startswith("bvt.")]
+    assert fs and all(i["severity"] == "low" for i in fs), fs
+    assert all("not underclass" not in i["message"] for i in fs)
+    assert all("-2 (underclass, as the policy's -1), not the policy's value" in i["message"] for i in fs), fs
+
+
+def test_bvt_class_by_sign_online_1_is_high_class(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    pol = tmp_path / "p.toml"
+    pol.write_text("[bvt]\nonline = 1\n")  # the fixture's online pods sit at 2: high class too
+    r, d = _audit(cli, root, "--policy", str(pol))
+    fs = [i for i in d["items"] if i["check"] == "bvt.online"]
+    assert r.exit_code == 0 and fs and {i["severity"] for i in fs} == {"low"}, d["items"]
+    assert "2 (high class, as the policy's 1)" in fs[0]["message"]
+
+
+@pytest.mark.parametrize("offline_bvt", [-1, -2])
+def test_core_sched_conflicts_with_any_underclass(cli, tmp_path, offline_bvt):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, offline_bvt=offline_bvt, core_sched=1)
+    r, d = _audit(cli, root)
+    f = [i for i in d["items"] if i["check"] == "bvt.core-sched"]
+    assert f and f[0]["severity"] == "medium" and r.exit_code == 8, d["items"]
+    assert "underclass" in f[0]["message"]
+
+
 def test_be_l3_fix_gives_koordinator_mask(cli, tmp_path):
     root = str(tmp_path)
     build_node(root, online_pods=0, sandboxes=1, sandbox_cgroup_only=True, be_l3="7f", cdp=True)

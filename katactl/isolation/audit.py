@@ -23,10 +23,15 @@ class Findings:
         self.pol = pol
         self.items: list[dict] = []
 
-    def add(self, check: str, target: str, message: str, evidence: list[dict], fix: str) -> None:
+    def add(self, check: str, target: str, message: str, evidence: list[dict], fix: str, *,
+            at_most: str | None = None) -> None:
+        """``at_most`` caps the check's (policy) severity for a milder case of it."""
         if not self.pol.enabled(check):
             return
-        self.items.append({"check": check, "severity": self.pol.severity_of(check), "target": target,
+        sev = self.pol.severity_of(check)
+        if at_most is not None:
+            sev = min(sev, at_most, key=SEVERITIES.index)
+        self.items.append({"check": check, "severity": sev, "target": target,
                            "message": message, "evidence": evidence, "fix": fix})
 
 
@@ -181,14 +186,13 @@ def _bvt_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
         f.add("bvt.switch", node.t.node, "group identity is switched off: bvt values have no effect",
               [{"file": sw["file"], "value": sw["value"]}],
               "sysctl -w kernel.sched_group_identity_enabled=1 (and persist it in /etc/sysctl.d)")
-    any_offline_bvt = False
+    underclass = False
     for r in rows:
         v = r.get("bvtWarpNs")
         if v is None:
             continue
+        underclass = underclass or v < 0
         exp = report.expected_bvt(r, pol)
-        if r["class"] == "offline" and v == pol.bvt.offline:
-            any_offline_bvt = True
         if exp is None or v == exp:
             continue
         if r["level"] in ("kubepods", "qos"):
@@ -197,18 +201,30 @@ def _bvt_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
             check = "bvt.offline"
         else:
             check = "bvt.online"
-        what = {"bvt.offline": "offline (Kata) cgroup is not underclass",
-                "bvt.online": "online pod is not high class", "bvt.tree": "QoS-level cgroup"}[check]
         note = " (identity does not inherit: the cgroup holding the vCPU threads needs it itself)" \
             if r["level"] == "sandbox" else ""
-        f.add(check, _target(r), f"{what}: cpu.bvt_warp_ns is {v}, policy wants {exp}{note}",
-              [_ev(r, "cpu.bvt_warp_ns", v)],
+        same = bvt_class(v) == bvt_class(exp)
+        if same:  # -2 where the policy says -1 (or 1 for 2): the class the policy wants, another value
+            msg = (f"cpu.bvt_warp_ns is {v} ({bvt_class(v)}, as the policy's {exp}), not the policy's value"
+                   + ("" if check != "bvt.tree" else " at the QoS level"))
+        else:
+            what = {"bvt.offline": "offline (Kata) cgroup is not underclass",
+                    "bvt.online": "online pod is not high class", "bvt.tree": "QoS-level cgroup"}[check]
+            msg = f"{what}: cpu.bvt_warp_ns is {v} ({bvt_class(v)}), policy wants {exp} ({bvt_class(exp)})"
+        f.add(check, _target(r), msg + note, [_ev(r, "cpu.bvt_warp_ns", v)],
               f"echo {exp} > {r.get('_files', {}).get('cpu.bvt_warp_ns', 'cpu.bvt_warp_ns')} "
-              "(koordinator's CPUQoS plugin does this for every pod)")
+              "(koordinator's CPUQoS plugin does this for every pod)", at_most="low" if same else None)
     core = sup.get("coreSched")
-    if core and core["value"] == 1 and any_offline_bvt:
-        f.add("bvt.core-sched", node.t.node, "core scheduling is on while offline cgroups use bvt -1 (they conflict)",
+    if core and core["value"] == 1 and underclass:
+        f.add("bvt.core-sched", node.t.node,
+              "core scheduling is on while cgroups use underclass bvt (-1 or -2): they conflict",
               [{"file": core["file"], "value": 1}], "sysctl -w kernel.sched_core=0 on co-location nodes")
+
+
+def bvt_class(v: int) -> str:
+    """cpu.bvt_warp_ns by sign: 2 and 1 high class, 0 normal, -1 and -2 underclass
+    (Alibaba Cloud Linux / Anolis group identity)."""
+    return "high class" if v > 0 else "underclass" if v < 0 else "normal"
 
 
 # -- memcg ---------------------------------------------------------------------------
