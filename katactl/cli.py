@@ -205,13 +205,14 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
     if settings.via not in ("ssh", "kube"):
         raise UsageError(f"invalid value {settings.via!r} for --via (choose from ssh, kube)")
     if settings.via == "kube":
-        from katactl.interrupt import terminate_as_interrupt
-
-        # ephemeral node pods this run creates are deleted when it ends (errors, Ctrl-C too);
-        # SIGTERM and SIGHUP take Ctrl-C's path (exit 130, the JSON error object) instead of
-        # ending Python where it stands with privileged pods left on the nodes
+        # ephemeral node pods this run creates are deleted when it ends (errors, Ctrl-C too)
         ctx.call_on_close(_delete_node_pods)
-        ctx.with_resource(terminate_as_interrupt())
+    from katactl.interrupt import terminate_as_interrupt
+
+    # SIGTERM (Ansible's timeout, timeout(1), systemd) and SIGHUP (a dropped session) take
+    # Ctrl-C's path in every command: its cleanup (a node lock, a temp file, node pods), its
+    # audit record and exit 130 with the JSON error, not Python ending where it stands
+    ctx.with_resource(terminate_as_interrupt())
     ctx.obj = AppContext.create(settings)
     global _output_format
     _output_format = settings.output  # errors honour -o from the config file and env too

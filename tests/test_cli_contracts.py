@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -498,3 +500,31 @@ def test_leaf_help_builds_no_settings_and_a_help_value_still_runs(cli):
     assert "Usage: katactl sandbox list" in p.stdout
     r = cli(["config", "view", "-o", "json", "--profile", "--help"])  # --help is the profile's name here
     assert r.exit_code == 2 and "unknown profile '--help'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_take_ctrl_c_path_in_every_command(sig):
+    """Ansible's timeout and timeout(1) send SIGTERM, a dropped session SIGHUP: any command
+    (here one blocked reading --nodes-from -) ends as Ctrl-C does: exit 130, the JSON error."""
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--nodes-from", "-", "-o", "json", "version"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_handler(p.pid, sig)  # a signal before the handler would be the default's death
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert json.loads(out)["code"] == "Interrupted" and "Traceback" not in err
+
+
+def _wait_for_handler(pid: int, sig: int, timeout: float = 60) -> None:
+    """Until the process catches sig (SigCgt in /proc/PID/status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} never caught signal {sig}")

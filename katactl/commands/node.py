@@ -142,7 +142,6 @@ def uncordon(
 def _cordon_cmd(ctx, names, action: str, dry_run: bool, dry_run_server: bool, **kw) -> None:
     from katactl import nodes
     from katactl.backends import kube
-    from katactl.interrupt import terminate_as_interrupt
     from katactl.output import Column
 
     app_ctx = state(ctx)
@@ -150,7 +149,7 @@ def _cordon_cmd(ctx, names, action: str, dry_run: bool, dry_run_server: bool, **
     dry = _dry_run(dry_run, dry_run_server)
     op = getattr(nodes, action)
     params = {**{k: v for k, v in kw.items() if v}, "dryRun": dry}
-    with terminate_as_interrupt(), kube.client(app_ctx.settings) as api:
+    with kube.client(app_ctx.settings) as api:
         fo = nodes.for_each_node(targets, lambda n: nodes.audited(
             f"node.{action}", n, params, lambda: op(api, n, dry_run=dry or False, **kw)))
     cols = [Column("NAME", "name"), Column("CHANGED", "changed"), Column("MESSAGE", "message")]
@@ -216,7 +215,6 @@ def drain(
     from katactl import nodes
     from katactl.backends import kube
     from katactl.errors import UsageError
-    from katactl.interrupt import terminate_as_interrupt
     from katactl.output import Column
     from katactl.values import parse_duration
 
@@ -266,8 +264,8 @@ def drain(
                 node_opts = dataclasses.replace(opts, only_pods=nodes.stale_release_pods(t, kata_root)[0])
         return nodes.drain(api, n, node_opts, events=events, stop=stop)
 
-    # Ctrl-C, SIGTERM or SIGHUP: every drain stops, restores its node and audits it, then exit 130
-    with terminate_as_interrupt(), kube.client(app_ctx.settings) as api, bar:
+    # Ctrl-C, SIGTERM or SIGHUP (cli.py): every drain stops, restores its node and audits it, then exit 130
+    with kube.client(app_ctx.settings) as api, bar:
         fo = nodes.for_each_node(targets, lambda n: nodes.audited(
             "node.drain", n, params, lambda: drain_one(api, n)), parallel=parallel, stop=stop)
     for n in fo.nodes:

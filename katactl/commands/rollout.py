@@ -271,18 +271,17 @@ class LiveView:
 
 
 def _run_engine(app_ctx, plan, store, state, api) -> None:
-    from katactl.interrupt import terminate_as_interrupt
     from katactl.rollout.engine import Engine
 
     out = app_ctx.out
     live = LiveView(out, plan.name, len(plan.nodes)) if (out.stderr_tty and out.human and not out.quiet) else None
-    with terminate_as_interrupt():  # SIGTERM/SIGHUP: the engine's Ctrl-C path
-        engine = Engine(plan, store, state, api=api, settings=app_ctx.settings, events=_events(app_ctx, live))
-        if live:
-            with live:
-                summ = engine.run()
-        else:
+    # SIGTERM/SIGHUP arrive as Ctrl-C (cli.py): the engine's Ctrl-C path
+    engine = Engine(plan, store, state, api=api, settings=app_ctx.settings, events=_events(app_ctx, live))
+    if live:
+        with live:
             summ = engine.run()
+    else:
+        summ = engine.run()
     _render_summary(app_ctx, summ, changed=True)
 
 
