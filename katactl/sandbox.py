@@ -1032,8 +1032,9 @@ def require_running(sb: Sandbox) -> Sandbox:
 def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
     """(node, sandbox) for a node-local ref across the selected node(s).
 
-    On one node, its own error is raised as is. On many, exactly one node must
-    hold the sandbox: none -> NotFound, several -> Ambiguous (exit 3).
+    On one node, its own error is raised as is. On many, exactly one sandbox in the
+    whole selection must match: none -> NotFound, several -> Ambiguous (exit 3) listing
+    node:id, where a node on which the ref is itself ambiguous adds all its candidates.
     """
     from katactl.fleet import run_on_nodes
 
@@ -1042,7 +1043,22 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
     fo = run_on_nodes(settings, lambda t: resolve(t, ref, check=check, timeout=timeout))
     fo.raise_if_single_failure()
     found = [(n, fo.values[n]) for n in fo.nodes if n in fo.values]
-    if len(found) == 1:
+    matches = []  # (node, id) of every sandbox the ref matches, in node order
+    for n in fo.nodes:
+        e = fo.errors.get(n)
+        if n in fo.values:
+            matches.append((n, fo.values[n].id))
+        elif isinstance(e, Ambiguous):
+            matches += [(n, i) for i in e.details.get("candidates", [])]
+    if len({n for n, _ in matches}) == 1 and len(matches) > 1:
+        raise fo.errors[matches[0][0]]  # one node's own ambiguity: its error, as on one node
+    if len(matches) > 1:
+        where = ", ".join(f"{n}:{i[:12]}" for n, i in matches[:10])
+        where += f", ... ({len(matches)} in all)" if len(matches) > 10 else ""
+        raise Ambiguous(f"{ref!r} matches {len(matches)} sandboxes on several nodes: {where}",
+                        hint="give more characters of the id, or narrow the node selection with -N NODE",
+                        details={"candidates": [{"node": n, "id": i} for n, i in matches]})
+    if found:
         node, sb = found[0]
         if sb.id != ref:  # a prefix or pod: a node we could not ask may hold another match
             for n, e in fo.errors.items():
@@ -1050,15 +1066,7 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
                     logging.getLogger(__name__).warning(
                         "%s not searched for %r (%s); using %s:%s", n, ref, e.message, node, sb.id[:12])
         return node, sb
-    if len(found) > 1:
-        where = ", ".join(f"{n}:{sb.id[:12]}" for n, sb in found)
-        raise Ambiguous(f"{ref!r} matches sandboxes on several nodes: {where}",
-                        hint="narrow the node selection with -N NODE",
-                        details={"candidates": [{"node": n, "id": sb.id} for n, sb in found]})
     errs = [e for e in fo.errors.values() if not isinstance(e, NotFound)]
-    ambiguous = [e for e in fo.errors.values() if isinstance(e, Ambiguous)]
-    if ambiguous:
-        raise ambiguous[0]
     if errs and len(errs) == len(fo.nodes):
         raise errs[0]
     raise NotFound(f"no sandbox matches {ref!r} on {len(fo.nodes)} node(s)"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -757,3 +758,51 @@ def test_created_is_the_state_dirs_mtime_without_a_bundle_spec(tmp_path):
     for t in (LocalTransport(root), Listed(root)):
         got = {s.id: s.created for s in sandbox.discover(t, check=False)}
         assert got == when, type(t).__name__
+
+
+# -- one sandbox ref over a node selection (sandbox.locate) -----------------------------
+@pytest.fixture(scope="module")
+def fleet2(tmp_path_factory):
+    """Two real sshd nodes of their own (the session lab's trees are shared): node1 holds
+    abc1…, abc2…; node2 holds abc3… and pod p/solo."""
+    from tests.conftest_sshd import SSHD, SshLab
+
+    if not (os.path.exists(SSHD) and shutil.which("ssh")):
+        pytest.skip("OpenSSH (openssh-server, openssh-client) is not installed")
+    lab = SshLab(tmp_path_factory.mktemp("fleet2"))
+    try:
+        lab.add_node("node1")
+        lab.add_node("node2")
+        lab.add_unreachable("down")
+        lab.write_config()
+        lab.wait_ready()
+        for n, ids in (("node1", ["abc1", "abc2"]), ("node2", ["abc3"])):
+            for sid in ids:
+                layout.write_go_sandbox(str(lab.nodes[n].root), sid + "0" * 60, pod_name=f"pod-{sid}",
+                                        pod_namespace="p")
+        layout.write_go_sandbox(str(lab.nodes["node2"].root), "d" * 64, pod_name="solo", pod_namespace="p")
+        yield lab
+    finally:
+        from katactl.backends import ssh
+
+        ssh.close_pool()
+        lab.stop()
+
+
+def test_a_prefix_ambiguous_on_one_node_is_ambiguous_over_the_selection(cli, fleet2):
+    """abc is ambiguous on node1 and unique on node2: three sandboxes match, so no node's
+    single match may be picked (exit 3, node:id candidates), for reads and writes alike."""
+    base = ["--ssh-config", str(fleet2.config), "-N", "node1,node2"]
+    want = [{"node": "node1", "id": "abc1" + "0" * 60}, {"node": "node1", "id": "abc2" + "0" * 60},
+            {"node": "node2", "id": "abc3" + "0" * 60}]
+    for cmd in (["sandbox", "inspect", "abc"], ["balloon", "get", "abc"]):
+        r = cli([*base, *cmd, "-o", "json"])
+        assert r.exit_code == 3, (cmd, r.exit_code, r.stdout, r.stderr)
+        err = r.json()
+        assert err["code"] == "Ambiguous" and err["details"]["candidates"] == want, err
+    r = cli([*base, "sandbox", "inspect", "abc"])
+    assert r.exit_code == 3 and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    assert "node1:abc10000" in r.stderr and "node2:abc30000" in r.stderr
+    # a prefix unique over the whole selection still resolves
+    r = cli([*base, "sandbox", "inspect", "abc3", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["id"] == "abc3" + "0" * 60, r.stderr
