@@ -266,3 +266,28 @@ def test_verify_flag_checks_fresh_copy_against_node(cli, tmp_path, big):
     assert r.exit_code == 0, r.stderr
     [it] = r.json()["items"]
     assert it["verification"] == "node-sha256sum" and it["sha256"] == sha(src)
+
+
+def test_ctrl_c_is_in_the_audit_log(tmp_path, big, _isolated_home):
+    """review5 #7: Ctrl-C (SIGINT to a real katactl mid-copy) exited 130 and kept the partial,
+    but wrote no audit entry (KeyboardInterrupt is no Exception)."""
+    from tests.test_vmcore import _audit_entries
+
+    root, _ = big
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", root, "vmcore", "collect", "--to",
+                             str(out), "--bwlimit", "8Mi", "-o", "json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    part = out / "node-a" / SID / f"vmcore-{TS}.elf.partial"
+    try:
+        assert _wait_partial(part, proc, 3 << 20), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and part.exists()
+    [e] = _audit_entries(_isolated_home)
+    assert e["action"] == "vmcore.collect" and e["target"] == f"{SID}/vmcore-{TS}.elf"
+    assert e["result"] == "interrupted" and e["changed"] is False

@@ -166,15 +166,19 @@ def _audit_params(opts: CollectOptions) -> dict:
 
 def collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
     """Collect one dump (an item of :func:`resolve_dumps`); recorded in the audit log
-    (``vmcore.collect``) on success and on failure, except for a dry run."""
+    (``vmcore.collect``) on success, on failure and when interrupted (``result:
+    interrupted``), except for a dry run."""
     from katactl import audit
 
     try:
         r = _collect_one(transport, dump, node, opts, index)
-    except Exception as e:
+    except BaseException as e:
         if not opts.dry_run:
+            # Ctrl-C (KeyboardInterrupt, a BaseException) too: the partial copy it leaves is a change
+            interrupted = isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 130
             audit.record("vmcore.collect", dump["name"], node=transport.node, params=_audit_params(opts),
-                         result="error", changed=False, error=as_katactl_error(e).message)
+                         result="interrupted" if interrupted else "error", changed=False,
+                         error="interrupted" if interrupted else as_katactl_error(e).message)
         raise
     if not opts.dry_run:
         audit.record("vmcore.collect", dump["name"], node=transport.node, params=_audit_params(opts),
