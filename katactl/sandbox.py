@@ -26,8 +26,8 @@ import stat as _stat
 import sys
 import time
 
-from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, TimeoutExpired,
-                            UnreachableError, UsageError)
+from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, Refused,
+                            TimeoutExpired, UnreachableError, UsageError)
 from katactl.gcpause import paused as _gc_paused
 from katactl.values import format_duration
 
@@ -1035,6 +1035,7 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
     On one node, its own error is raised as is. On many, exactly one sandbox in the
     whole selection must match: none -> NotFound, several -> Ambiguous (exit 3) listing
     node:id, where a node on which the ref is itself ambiguous adds all its candidates.
+    A prefix or pod matched while other nodes could not be searched is Refused (exit 5).
     """
     from katactl.fleet import run_on_nodes
 
@@ -1060,11 +1061,16 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
                         details={"candidates": [{"node": n, "id": i} for n, i in matches]})
     if found:
         node, sb = found[0]
-        if sb.id != ref:  # a prefix or pod: a node we could not ask may hold another match
-            for n, e in fo.errors.items():
-                if not isinstance(e, NotFound):
-                    logging.getLogger(__name__).warning(
-                        "%s not searched for %r (%s); using %s:%s", n, ref, e.message, node, sb.id[:12])
+        failed = {n: e.message for n, e in fo.errors.items() if not isinstance(e, NotFound)}
+        # A prefix or pod may also match on a node that could not be asked: acting on the
+        # one match seen could hit a sandbox the user never singled out (vmcore trigger
+        # panics the guest), so only a full id, or a selection that was all searched, goes.
+        if failed and sb.id != ref:
+            down = ", ".join(f"{n} ({m})" for n, m in failed.items())
+            raise Refused(f"{ref!r} matches {node}:{sb.id[:12]}, but {len(failed)} node(s) could not be"
+                          f" searched for another match: {down}",
+                          hint=f"give the full sandbox id, or select the node alone (-N {node})",
+                          details={"match": {"node": node, "id": sb.id}, "notSearched": failed})
         return node, sb
     errs = [e for e in fo.errors.values() if not isinstance(e, NotFound)]
     if errs and len(errs) == len(fo.nodes):

@@ -380,18 +380,26 @@ def test_firecracker_socket_uses_the_runtimes_truncated_id(tmp_path):
     assert os.path.isdir(tmp_path / "run/vc/firecracker" / ("f" * 32) / "root/run")
 
 
-def test_prefix_found_while_another_node_is_unreachable_warns(cli, tmp_path, caplog):
-    """A node that could not be asked may hold another match for a prefix: say so."""
+def test_prefix_found_while_another_node_is_unreachable_is_refused(cli, tmp_path, caplog):
+    """A node that could not be asked may hold another match for a prefix or a pod: acting
+    on the one match found could hit a sandbox the user never singled out, so it is refused
+    (exit 5) naming the match and the node not searched; a full id is unique and goes ahead."""
     layout.write_many(str(tmp_path), 1)
     sid = cli(["--host-root", str(tmp_path), "sandbox", "list", "-o", "json", "--no-check"]).json()["items"][0]["id"]
     args = ["--host-root", str(tmp_path), "-N", "localhost,127.0.0.1:1", "sandbox", "inspect"]
     r = cli(args + [sid[:8], "-o", "json"])
-    assert r.exit_code == 0 and r.json()["id"] == sid
-    assert any("127.0.0.1:1 not searched" in m for m in caplog.messages)
-    assert [line for line in r.stderr.splitlines() if line.startswith("warning: 127.0.0.1:1 not searched")], r.stderr
+    assert r.exit_code == 5, (r.exit_code, r.stdout, r.stderr)
+    err = r.json()
+    assert err["code"] == "Refused" and err["details"]["match"] == {"node": "localhost", "id": sid}
+    assert list(err["details"]["notSearched"]) == ["127.0.0.1:1"]
+    r = cli(args + [sid[:8]])
+    assert r.exit_code == 5 and len(r.stderr.strip().splitlines()) == 2, r.stderr  # one line + hint
+    assert f"localhost:{sid[:12]}" in r.stderr and "127.0.0.1:1" in r.stderr and "full sandbox id" in r.stderr
     caplog.clear()
-    r = cli(args + [sid, "-o", "json"])  # a full id cannot be ambiguous: no warning
-    assert r.exit_code == 0 and not caplog.messages
+    r = cli(args + [sid, "-o", "json"])  # a full id cannot be ambiguous
+    assert r.exit_code == 0 and r.json()["id"] == sid and not caplog.messages
+    r = cli(["--host-root", str(tmp_path), "-N", "localhost", "sandbox", "inspect", sid[:8], "-o", "json"])
+    assert r.exit_code == 0 and r.json()["id"] == sid  # naming the node alone
 
 
 # -- issue 16 finding 8: one bad entry never breaks or hangs the list ------------------
@@ -806,3 +814,15 @@ def test_a_prefix_ambiguous_on_one_node_is_ambiguous_over_the_selection(cli, fle
     # a prefix unique over the whole selection still resolves
     r = cli([*base, "sandbox", "inspect", "abc3", "-o", "json"])
     assert r.exit_code == 0 and r.json()["id"] == "abc3" + "0" * 60, r.stderr
+
+
+def test_a_pod_or_prefix_with_a_node_not_searched_is_refused_for_writes_too(cli, fleet2):
+    """balloon set (a mutating command) refuses the same way, over real SSH; nothing is set."""
+    base = ["--ssh-config", str(fleet2.config), "-N", "node2,down"]
+    for ref in ("abc3", "p/pod-abc3"):
+        r = cli([*base, "balloon", "set", ref, "--target", "1Gi", "-o", "json"])
+        assert r.exit_code == 5, (ref, r.exit_code, r.stdout, r.stderr)
+        assert r.json()["details"]["match"] == {"node": "node2", "id": "abc3" + "0" * 60}
+        assert list(r.json()["details"]["notSearched"]) == ["down"]
+    r = cli([*base, "sandbox", "inspect", "d" * 64, "-o", "json"])
+    assert r.exit_code == 0 and r.json()["node"] == "node2"
