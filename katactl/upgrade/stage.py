@@ -147,8 +147,11 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
                           "it cannot be replaced")
         _refuse_if_running(transport, layout, v)
         replace = True
-    transport.mkdir(layout.releases)
-    free = transport.statvfs_free(layout.releases)
+    if dry_run:
+        free = transport.statvfs_free(_nearest_dir(transport, layout.releases))  # creates nothing
+    else:
+        transport.mkdir(layout.releases)
+        free = transport.statvfs_free(layout.releases)
     need = sc.total_bytes + reserve
     if free < need:
         from katactl.values import format_size
@@ -190,6 +193,13 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
             pass
         raise
     return {**base, "changed": True, "dryRun": False, "replaced": replace, "recovered": recovered}
+
+
+def _nearest_dir(transport: NodeTransport, path: str) -> str:
+    """path, or its nearest existing ancestor: the filesystem path would be created on."""
+    while path != "/" and not transport.is_dir(path):
+        path = posixpath.dirname(path)
+    return path
 
 
 def _refuse_if_running(transport: NodeTransport, layout: Layout, v: str) -> None:
