@@ -322,6 +322,26 @@ def test_volume_stats_odd_units(cli, unit, shown):
     assert r.json()["items"] == [{"unit": shown, "total": 5, "used": 1, "available": 4}]
 
 
+@pytest.mark.parametrize("body", [{"usage": 5}, {"usage": True}, {"usage": "bytes"}, {"usage": {"unit": 0}},
+                                  {"usage": [], "volume_condition": 3}, {"volume_condition": [True]},
+                                  {"volume_condition": "abnormal"}])
+def test_volume_stats_garbage_shape_is_a_protocol_error(cli, body):
+    """usage that is not a list, or a volume_condition that is not an object (csi.pb.go's
+    VolumeStatsResponse: repeated VolumeUsage, a VolumeCondition message or null): one line
+    naming the shim, the documented exit code, never 'unexpected TypeError' or the value
+    passed on as if it were the guest's answer."""
+    with node() as n:
+        p = n.go("bad001", serve=False)
+        layout.write_direct_volume(n.root, VOL, device=DEV)
+        n.serve(p, "go", extra_routes={(None, "/direct-volume/stats"):
+                                       lambda srv, req: Response(200, json.dumps(body), "application/json")})
+        r = cli(["--host-root", n.root, "shim", "volume", "stats", "bad001", VOL, "-o", "json"])
+        rt = cli(["--host-root", n.root, "shim", "volume", "stats", "bad001", VOL])
+    assert r.exit_code == 1 and r.json()["code"] == "ProtocolError", (body, r.stdout, r.stderr)
+    assert "shim of sandbox bad001" in r.json()["message"] and "/direct-volume/stats" in r.json()["message"]
+    assert rt.exit_code == 1 and len(rt.stderr.strip().splitlines()) == 1 and "unexpected" not in rt.stderr, rt.stderr
+
+
 def test_iptables_get_escapes_control_characters_only_on_a_terminal(cli):
     import sys
 

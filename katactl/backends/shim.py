@@ -32,6 +32,9 @@ TEXT_LIMIT = 4 << 20
 #: one limit for iptables rules in both directions: what ``set`` accepts, ``get``
 #: must be able to read back (a guest ruleset is KiBs; a node's kube-proxy dump is MiBs)
 IPTABLES_LIMIT = 8 << 20
+#: JSON's names for what json.loads returns, for messages about a peer's answer
+_JSON_TYPE: dict[type, str] = {dict: "an object", list: "an array", str: "a string", int: "a number",
+                               float: "a number", bool: "a boolean"}
 PPROF_PROFILES = ("heap", "goroutine", "profile", "trace", "allocs", "block", "mutex",
                   "threadcreate", "cmdline", "symbol")
 
@@ -186,11 +189,16 @@ class ShimClient:
             raise ProtocolError(f"{self.what}: /direct-volume/stats did not answer JSON") from None
         if not isinstance(obj, dict):
             raise ProtocolError(f"{self.what}: /direct-volume/stats answered {type(obj).__name__}")
+        # csi.pb.go: usage is a repeated VolumeUsage, volume_condition a message or null
+        raw, cond = obj.get("usage"), obj.get("volume_condition")
+        for key, v, want in (("usage", raw, list), ("volume_condition", cond, dict)):
+            if not isinstance(v, want | None):
+                raise ProtocolError(f"{self.what}: /direct-volume/stats answered a {key} that is "
+                                    f"{_JSON_TYPE.get(type(v), type(v).__name__)}, not {_JSON_TYPE[want]}")
         # encoding/json with the generated ``omitempty`` tags drops zero values (csi.pb.go)
         usage = [{"available": 0, "total": 0, "used": 0, "unit": 0, **u} if isinstance(u, dict) else u
-                 for u in obj.get("usage") or []]
-        cond = obj.get("volume_condition")
-        if isinstance(cond, dict):
+                 for u in raw or []]
+        if cond is not None:
             cond = {"abnormal": False, "message": "", **cond}
         return {**obj, "usage": usage, "volume_condition": cond}
 
