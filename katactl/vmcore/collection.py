@@ -761,17 +761,54 @@ def _probe_makedumpfile(transport: NodeTransport) -> None:
                               hint="apt-get install makedumpfile on the node, or collect without --makedumpfile")
 
 
-def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
-    """Filter+compress on the node with makedumpfile -c -d LEVEL, then stream the result."""
-    src = dump["path"]
-    tmp = f"{posixpath.dirname(src)}/.katactl-{os.path.basename(final)}.tmp"
+#: a makedumpfile temp file older than this is stale (left by a collect killed with -9, an SSH
+#: drop, or an older katactl); a younger one may still be written by another collect's makedumpfile
+STALE_TMP_AGE = 600.0
+
+
+def makedumpfile_tmp(dump_path: str, final: str) -> str:
+    """The node path makedumpfile writes the filtered copy of dump_path to (beside it, one
+    per dump and stored name: collects of one dump share it, see :func:`_sweep_tmp`)."""
+    return f"{posixpath.dirname(dump_path)}/.katactl-{os.path.basename(final)}.tmp"
+
+
+def _sweep_tmp(transport: NodeTransport, tmp: str) -> None:
+    """Before filtering: a temp file of ours for this dump left by an earlier collect goes.
+    It must: makedumpfile refuses an existing output file ("check_dump_file: Can't open
+    the dump file ... File exists", makedumpfile.c), so every later --makedumpfile collect of
+    that dump would fail, and it takes room on the crash disk. One modified in the last
+    STALE_TMP_AGE seconds may belong to a collect still running: refused, not removed."""
     try:
-        r = transport.run(["makedumpfile", "-c", "-d", str(opts.dump_level), real_path(transport, src),
-                           real_path(transport, tmp)], timeout=3600)
+        st = transport.stat(tmp, follow_symlinks=False)
     except FileNotFoundError:
-        raise OperationFailed(f"makedumpfile is not installed on node {transport.node}",
-                              hint="apt-get install makedumpfile on the node, or collect without --makedumpfile") from None
+        return
+    if st.is_dir or st.is_link or (st.mode & 0o170000) != 0o100000:
+        raise OperationFailed(f"{tmp}: not a regular file where makedumpfile writes the filtered copy",
+                              hint="move it aside on the node")
+    age = time.time() - st.mtime
+    if age < STALE_TMP_AGE:
+        raise Refused(f"{tmp}: another collect's makedumpfile may be writing it (modified {max(age, 0):.0f}s ago)",
+                      hint=f"run collect again once it is over; a temp file left for {STALE_TMP_AGE / 60:.0f} "
+                           "minutes is removed by the next collect")
+    transport.remove(tmp)
+
+
+def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
+    """Filter+compress on the node with makedumpfile -c -d LEVEL, then stream the result.
+
+    The temp file on the node goes whatever happens once makedumpfile may have started
+    (failure, Ctrl-C, the run's timeout, SSH dropped): the crash disk is short of space."""
+    src = dump["path"]
+    tmp = makedumpfile_tmp(src, final)
+    _sweep_tmp(transport, tmp)
     try:
+        try:
+            r = transport.run(["makedumpfile", "-c", "-d", str(opts.dump_level), real_path(transport, src),
+                               real_path(transport, tmp)], timeout=3600)
+        except FileNotFoundError:
+            raise OperationFailed(f"makedumpfile is not installed on node {transport.node}",
+                                  hint="apt-get install makedumpfile on the node, or collect without "
+                                       "--makedumpfile") from None
         if r.returncode == 127:
             raise OperationFailed(f"makedumpfile is not installed on node {transport.node}")
         if r.returncode != 0:
