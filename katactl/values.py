@@ -100,15 +100,23 @@ def parse_cpulist(text: str) -> list[int]:
         part = part.strip()
         m = _CPU_RANGE.fullmatch(part)
         if not m:
-            raise UsageError(f"invalid CPU list {text!r}: bad element {part!r} (expected N or N-M, e.g. 0-3,8)")
+            raise UsageError(f"invalid CPU list {_clip(s)}: bad element {_clip(part)} (expected N or N-M, e.g. 0-3,8)")
+        if max(len(g) for g in m.groups("")) > len(str(MAX_CPU)):
+            # beyond MAX_CPU anyway, and int() refuses a run of over 4300 digits (ValueError)
+            raise UsageError(f"invalid CPU list {_clip(s)}: CPU {_clip(part)} exceeds {MAX_CPU}")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise UsageError(f"invalid CPU list {text!r}: range {part!r} runs backwards")
+            raise UsageError(f"invalid CPU list {_clip(s)}: range {_clip(part)} runs backwards")
         if hi > MAX_CPU:
-            raise UsageError(f"invalid CPU list {text!r}: CPU {hi} exceeds {MAX_CPU}")
+            raise UsageError(f"invalid CPU list {_clip(s)}: CPU {hi} exceeds {MAX_CPU}")
         cpus.update(range(lo, hi + 1))
     return sorted(cpus)
+
+
+def _clip(s: str, n: int = 40) -> str:
+    """s quoted for a one-line message, a long one cut short."""
+    return repr(s) if len(s) <= n else repr(s[:n]) + f"... ({len(s)} characters)"
 
 
 def format_cpulist(cpus) -> str:

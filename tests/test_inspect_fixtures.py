@@ -131,7 +131,28 @@ def test_rdt_malformed_schemata_in_tree(cli, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_rdt_and_audit_survive_a_5000_digit_schemata_and_cpuset(cli, tmp_path):
+    """Past Python's 4300-digit int() limit a node file was a ValueError that ended the whole
+    node's inspect rdt / audit (exit 1, "unexpected ValueError"): now it is that file's problem."""
+    root = str(tmp_path)
+    build_node(root, sandboxes=1, online_pods=1)
+    write_resctrl(root, {"/": {"schemata": "L3:0=7ff\n"}, "BE": {"schemata": "L3:" + "9" * 5000 + "=7ff\n"}})
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 1, r.stderr   # as for any malformed schemata: the report, then fail
+    g = {x["name"]: x for x in r.json()["items"]}
+    assert "cache id" in g["BE"]["errors"][0] and "too large" in g["BE"]["errors"][0]
+    assert "ValueError" not in r.stderr and "Traceback" not in r.stderr
+    r = cli(["--host-root", root, "audit", "-o", "json"])
+    assert r.exit_code in (0, 8) and r.json()["kind"] != "Error", r.stdout + r.stderr
+    with open(os.path.join(root, "sys/fs/cgroup/cpuset/cpuset.effective_cpus"), "w") as f:
+        f.write("9" * 5000 + "\n")
+    r = cli(["--host-root", root, "audit", "-o", "json"])
+    assert r.exit_code in (0, 8) and r.json()["kind"] != "Error", r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("args,code,needle", [
+    (["--decode", "L3:" + "9" * 5000 + "=ff", "--cbm-mask", "7ff"], 2, "too large"),
+    (["--decode", "MB:0=" + "9" * 5000, "--cbm-mask", "7ff"], 2, "at most 9 digits"),
     (["--decode", "L3:0=fg"], 2, "not hexadecimal"),
     (["--decode", "L3"], 2, "expected RESOURCE:ID=VALUE"),
     (["--decode", "L3:0=f", "--cbm-mask", "xyz"], 2, "--cbm-mask"),
@@ -143,6 +164,7 @@ def test_rdt_malformed_schemata_in_tree(cli, tmp_path):
 def test_rdt_bad_input(cli, args, code, needle):
     r = cli(["inspect", "rdt", *args])
     assert r.exit_code == code and needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and len(r.stderr) < 400
 
 
 def test_rdt_decode_offline(cli):

@@ -21,7 +21,10 @@ from katactl.backends.base import NodeTransport
 SPECIAL = {"info", "mon_groups", "mon_data"}
 CACHE_RES = re.compile(r"^(L2|L3)(DATA|CODE)?$")
 _LINE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:\s*(.*?)\s*$")
-_DOM = re.compile(r"^\s*(\d+)\s*=\s*([0-9A-Za-z]+)\s*$")
+_DOM = re.compile(r"^\s*([0-9]+)\s*=\s*([0-9A-Za-z]+)\s*$")
+#: digits in a cache id or a bandwidth value: the kernel's are u32 and percent/MBps; a
+#: longer run is garbage, and past 4300 digits int() itself refuses it (ValueError)
+_MAX_DIGITS = 9
 
 
 class SchemataError(ValueError):
@@ -39,27 +42,35 @@ def parse_schemata(text: str) -> list[dict]:
             continue
         m = _LINE.fullmatch(raw)
         if not m:
-            raise SchemataError(f"line {n} {raw.strip()!r}: expected RESOURCE:ID=VALUE;ID=VALUE")
+            raise SchemataError(f"line {n} {_clip(raw)}: expected RESOURCE:ID=VALUE;ID=VALUE")
         res, body = m.group(1).upper(), m.group(2)
         if not body:
-            raise SchemataError(f"line {n} {raw.strip()!r}: no domains after '{m.group(1)}:'")
+            raise SchemataError(f"line {n} {_clip(raw)}: no domains after '{m.group(1)}:'")
         doms: dict[int, str] = {}
         for part in body.split(";"):
             dm = _DOM.fullmatch(part)
             if not dm:
-                raise SchemataError(f"line {n} {raw.strip()!r}: bad domain {part.strip()!r} (expected ID=VALUE)")
+                raise SchemataError(f"line {n} {_clip(raw)}: bad domain {_clip(part)} (expected ID=VALUE)")
+            if len(dm.group(1)) > _MAX_DIGITS:
+                raise SchemataError(f"line {n} {_clip(raw)}: cache id {_clip(dm.group(1))} is too large")
             did, val = int(dm.group(1)), dm.group(2)
             if did in doms:
-                raise SchemataError(f"line {n} {raw.strip()!r}: cache id {did} appears twice")
+                raise SchemataError(f"line {n} {_clip(raw)}: cache id {did} appears twice")
             if CACHE_RES.fullmatch(res):
                 if not re.fullmatch(r"[0-9a-fA-F]+", val):
-                    raise SchemataError(f"line {n} {raw.strip()!r}: mask {val!r} for id {did} is not hexadecimal")
+                    raise SchemataError(f"line {n} {_clip(raw)}: mask {_clip(val)} for id {did} is not hexadecimal")
             elif res.startswith("MB") or res == "SMBA":
-                if not val.isdigit():
-                    raise SchemataError(f"line {n} {raw.strip()!r}: bandwidth {val!r} for id {did} is not a number")
+                if not (val.isascii() and val.isdigit() and len(val) <= _MAX_DIGITS):
+                    raise SchemataError(f"line {n} {_clip(raw)}: bandwidth {_clip(val)} for id {did} is not a number of at most {_MAX_DIGITS} digits")
             doms[did] = val
         out.append({"resource": res, "domains": doms, "line": raw.strip()})
     return out
+
+
+def _clip(s: str, n: int = 40) -> str:
+    """s for a one-line message: quoted, and a long run (a 5000-digit id) cut short."""
+    s = s.strip()
+    return repr(s) if len(s) <= n else repr(s[:n]) + f"... ({len(s)} characters)"
 
 
 def bits_of(mask: int) -> list[int]:
@@ -120,7 +131,9 @@ def decode_schemata(lines: list[dict], info: dict, mba_mbps: bool = False) -> li
             kind = "cache"
         else:
             for did in sorted(ln["domains"]):
-                v = int(ln["domains"][did]) if ln["domains"][did].isdigit() else ln["domains"][did]
+                raw = ln["domains"][did]
+                # a resource katactl does not know keeps its text unless it is a small number
+                v = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_DIGITS else raw
                 doms.append({"id": did, ("mbps" if mba_mbps else "percent"): v})
             kind = "bandwidth" if res.startswith("MB") or res == "SMBA" else "other"
         out.append({"resource": res, "kind": kind, "cdp": res.endswith(("DATA", "CODE")), "domains": doms})
