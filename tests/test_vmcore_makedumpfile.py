@@ -1,4 +1,4 @@
-"""vmcore collect --makedumpfile: the node's temp file.
+"""vmcore collect --makedumpfile: the node's temp file, --delete-after.
 
 The real makedumpfile (installed here) cannot filter the test dumps (they have no
 usable VMCOREINFO; the lab's QEMU 7.2 dumps neither), so these tests put a stand-in
@@ -10,6 +10,7 @@ take its time after writing, like the filtering of a big dump.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import time
 
 import pytest
 
-from tests.test_vmcore import TS, add_dump, node_tree
+from tests.test_vmcore import DUMP_PATH, SID, TS, _audit_entries, add_dump, node_tree, sha
 
 STAND_IN = r"""#!/bin/sh
 [ "$1" = "-v" ] && { echo "makedumpfile: version 1.7.2 (stand-in)"; exit 0; }
@@ -95,3 +96,32 @@ def test_stale_temp_file_is_swept_a_fresh_one_refused(cli, tmp_path, mdf):
     assert it["changed"] is True and os.path.getsize(it["to"]) == 1 << 20
     assert _tmps(src) == []
 
+
+def test_delete_after_works_with_makedumpfile(cli, tmp_path, mdf, _isolated_home):
+    """review5 #4: --makedumpfile --delete-after filtered and copied, then refused (exit 5,
+    'no source checksum recorded') on every run: the node now hashes the original first."""
+    root, src = mdf
+    want = sha(src)
+    out = tmp_path / "o"
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(out), "--makedumpfile", "--delete-after",
+             "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["deleted"] is True and it["changed"] is True and not os.path.exists(src)
+    d = out / "node-a" / SID
+    entry = json.loads((d / "manifest.json").read_text())["files"][f"vmcore-{TS}.kdump"]
+    assert entry["source"]["sha256"] == want and entry["compress"] == "makedumpfile"
+    assert not os.path.exists(os.path.join(root, DUMP_PATH.lstrip("/"), SID))
+    [e] = [e for e in _audit_entries(_isolated_home) if e["action"] == "vmcore.collect"]
+    assert e["result"] == "ok" and e["deleted"] is True
+
+
+def test_delete_after_a_plain_makedumpfile_collect_says_why_not(cli, tmp_path, mdf):
+    """A dump collected with --makedumpfile alone has no checksum of the original: a later
+    --delete-after cannot tie the copy to it and says so (and what to do), keeping the dump."""
+    root, src = mdf
+    out = str(tmp_path / "o")
+    assert cli(["--host-root", root, "vmcore", "collect", "--to", out, "--makedumpfile"]).exit_code == 0
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", out, "--makedumpfile", "--delete-after"])
+    assert r.exit_code == 5 and "no checksum of the original" in r.stderr and "vmcore rm" in r.stderr, r.stderr
+    assert os.path.exists(src)

@@ -738,7 +738,9 @@ def _node_sha256(transport: NodeTransport, path: str, prefix_len: int) -> tuple[
 def _verify_against_node(transport: NodeTransport, src: str, source_sha: str | None) -> None:
     """Before deleting a node's dump: the node's own sha256 must equal our copy's."""
     if not source_sha:
-        raise Refused(f"{src}: no source checksum recorded; not deleting it")
+        # a copy filtered by makedumpfile without --delete-after/--verify: nothing ties it to the original
+        raise Refused(f"{src}: no checksum of the original was recorded when it was collected; not deleting it",
+                      hint="check the copy, then delete the dump with katactl vmcore rm")
     r = _node_sha256(transport, src, 1 << 62)
     if r[1] != source_sha:
         raise Refused(f"{src}: the node's sha256 ({r[1][:12]}) differs from the collected copy "
@@ -797,10 +799,16 @@ def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts
     """Filter+compress on the node with makedumpfile -c -d LEVEL, then stream the result.
 
     The temp file on the node goes whatever happens once makedumpfile may have started
-    (failure, Ctrl-C, the run's timeout, SSH dropped): the crash disk is short of space."""
+    (failure, Ctrl-C, the run's timeout, SSH dropped): the crash disk is short of space.
+    The filtered copy has no checksum relation to the original, so for --delete-after
+    (and --verify) the node hashes the original first: that is ``source.sha256``, what the
+    delete check compares the node's dump against."""
     src = dump["path"]
     tmp = makedumpfile_tmp(src, final)
     _sweep_tmp(transport, tmp)
+    source_sha = None
+    if opts.delete_after or opts.verify_source:
+        source_sha = _node_sha256(transport, src, dump["size"])[1]
     try:
         try:
             r = transport.run(["makedumpfile", "-c", "-d", str(opts.dump_level), real_path(transport, src),
@@ -818,7 +826,7 @@ def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts
         st = transport.stat(tmp)
         filtered = dict(dump, path=tmp, size=st.size, mtime=st.mtime)
         info = _copy_dump(transport, filtered, final, dataclasses.replace(opts, compress="none"), prepare)
-        info["source_sha256"] = None
+        info["source_sha256"] = source_sha
         return info
     finally:
         try:
