@@ -106,6 +106,45 @@ def test_stage_directory_with_version_file(cli, node, tmp_path):
     assert J(cli, node, "stage", root)["changed"] is False
 
 
+def _hardlinked_tarball(tmp_path, version, link, target, *, same_content=False):
+    """A manifest-carrying kata-static tarball whose member ``link`` is a hard link to ``target``;
+    the manifest lists ``link``'s own content: the fixture's, or ``target``'s (``same_content``)."""
+    import tarfile
+
+    root = fx.build_tree(str(tmp_path / "t"), version)
+    if same_content:
+        shutil.copy(f"{root}/{target}", f"{root}/{link}")
+        fx.write_manifest(root)
+    out = str(tmp_path / f"kata-static-{version}-amd64.tar.gz")
+    with tarfile.open(out, "w:gz") as tf:
+        for d, dirs, files in os.walk(tmp_path / "t/opt"):
+            dirs.sort()
+            for n in sorted(files):
+                arc = "./" + os.path.relpath(os.path.join(d, n), tmp_path / "t")
+                if arc != f"./opt/kata/{link}":
+                    tf.add(os.path.join(d, n), arcname=arc, recursive=False)
+        ti = tarfile.TarInfo(f"./opt/kata/{link}")
+        ti.type, ti.linkname = tarfile.LNKTYPE, f"./opt/kata/{target}"
+        tf.addfile(ti)
+    return out
+
+
+def test_stage_checks_a_hard_link_against_its_own_manifest_line(cli, node, tmp_path):
+    """A hard link whose target's content is not what SHA256SUMS lists for the link itself
+    is refused (it is not "verified by the manifest"); one with the listed content is staged."""
+    link, target = "bin/kata-runtime", "bin/qemu-system-x86_64"
+    tb = _hardlinked_tarball(tmp_path / "bad", "7.0.0", link, target)
+    r = K(cli, node, "stage", tb, "-o", "json")
+    assert r.exit_code == 5, (r.stdout, r.stderr)
+    assert f"{link}: sha256 mismatch with SHA256SUMS" in r.stderr and r.stderr.count("\n") == 1
+    assert nothing_staged(node)
+    assert not [n for n in os.listdir(rel(node)) if n.startswith(".staging")]
+    tb = _hardlinked_tarball(tmp_path / "good", "7.0.1", link, target, same_content=True)
+    d = J(cli, node, "stage", tb)
+    assert d["verifiedBy"] == ["manifest SHA256SUMS"]
+    assert (rel(node, "7.0.1") / link).read_bytes() == (rel(node, "7.0.1") / target).read_bytes()
+
+
 def test_stage_sha256_option_and_sidecar(cli, node, tarballs, tmp_path):
     tb = tarballs["nomanifest"]
     r = K(cli, node, "stage", tb)

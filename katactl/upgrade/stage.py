@@ -252,6 +252,13 @@ def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, versi
                 synced.append(d)
             made.add(d)
 
+    def checked(chunks, name: str):
+        """chunks, checked against name's manifest line (when there is a manifest)"""
+        if scanner.manifest is None or name == scanner.manifest_name:
+            return chunks
+        return _verified(chunks, scanner.manifest.get(name),
+                         f"{source}: {name}: sha256 mismatch with {scanner.manifest_name}")
+
     for m in src.iter_members(source, kind):
         want = by_raw.get(m.raw)
         if want is None:
@@ -262,11 +269,7 @@ def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, versi
             ensure_dir(dest)
         elif m.kind == "file":
             # streamed: one chunk in memory, not the whole member
-            chunks = m.iter_chunks()
-            if scanner.manifest is not None and want.name != scanner.manifest_name:
-                chunks = _verified(chunks, scanner.manifest.get(want.name),
-                                   f"{source}: {want.name}: sha256 mismatch with {scanner.manifest_name}")
-            transport.write_stream_atomic(dest, chunks, mode=(m.mode & 0o777) or 0o644)
+            transport.write_stream_atomic(dest, checked(m.iter_chunks(), want.name), mode=(m.mode & 0o777) or 0o644)
             done += 1
             if done == files_total // 2 + 1:
                 fault("stage:mid-extract")
@@ -274,8 +277,9 @@ def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, versi
             transport.symlink(m.target(), dest)
             synced.append(dest)
         elif m.kind == "hardlink":
-            transport.write_stream_atomic(dest, transport.open_stream(f"{tmp}/{want.linkname}"),
-                                  mode=(m.mode & 0o777) or 0o644)
+            # a copy of its (verified) target, checked against the link's *own* manifest line
+            transport.write_stream_atomic(dest, checked(transport.open_stream(f"{tmp}/{want.linkname}"), want.name),
+                                          mode=(m.mode & 0o777) or 0o644)
     # configs name the release's own binaries and assets
     for f in walk_files(transport, f"{tmp}/{CONFIG_SUBDIR}", ".toml"):
         text = transport.read_text(f)
