@@ -130,6 +130,22 @@ def test_trigger_kdump_zlib(cli, qnode):
     with open(p, "rb") as f:
         assert f.read(12) in (b"makedumpfile", b"KDUMP   \x01\x00\x00\x00"[:12])
     assert os.path.getsize(p) < MEM_MIB << 20          # compressed, mostly zero pages
+    # QEMU ends the flattened stream with the end header (dump.c write_end_flat_header): ok;
+    # the same dump cut short (QEMU killed, ENOSPC) is incomplete
+    r = cli(["--host-root", qnode["root"], "vmcore", "list", "-o", "json"])
+    [it] = [i for i in r.json()["items"] if i["path"] == r_path(p, qnode)]
+    assert (it["format"], it["status"]) == ("kdump-flat", "ok")
+    os.chmod(p, 0o600)
+    os.truncate(p, os.path.getsize(p) - 4096)
+    r = cli(["--host-root", qnode["root"], "vmcore", "list", "-o", "json"])
+    [it] = [i for i in r.json()["items"] if i["path"] == r_path(p, qnode)]
+    assert it["status"] == "incomplete"
+    os.remove(p)
+
+
+def r_path(p, qnode):
+    """The node path of a file under the node's root."""
+    return "/" + os.path.relpath(p, qnode["root"])
 
 
 def test_trigger_dry_run_dumps_nothing(cli, qnode):

@@ -197,8 +197,10 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
     result = {"name": dump["name"], "node": node, "source": src, "to": final, "size": dump["size"],
               "compress": "makedumpfile" if opts.makedumpfile else opts.compress, "compressedOn": None}
     if dump["status"] == "incomplete":
-        raise Refused(f"{dump['name']}: the dump is incomplete (size {dump['size']} is short of its "
-                      "ELF segments): still being written, or truncated",
+        why = ("has no end marker of a flattened kdump stream" if dump["format"] == "kdump-flat"
+               else "is short of its ELF segments")
+        raise Refused(f"{dump['name']}: the dump is incomplete (size {dump['size']} {why}): "
+                      "still being written, or truncated",
                       hint="wait for the dump to finish (katactl vmcore list shows its status)")
     for p in (final, final + ".partial", final + ".partial.json"):
         if os.path.isdir(p) or (os.path.lexists(p) and not os.path.isfile(p)):

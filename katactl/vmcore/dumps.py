@@ -358,6 +358,35 @@ def elf_extent(head: bytes) -> tuple[int, int] | None:
     return end, loads
 
 
+#: the end of a complete makedumpfile flattened stream: a ``makedumpfile_data_header`` whose
+#: offset and buf_size are both END_FLAG_FLAT_HEADER (-1). QEMU dump/dump.c
+#: ``write_end_flat_header()`` (kdump-zlib/-lzo/-snappy) and makedumpfile.c's own
+#: ``write_end_flat_header()`` (-F) write it last; makedumpfile's reader refuses a stream
+#: without it ("Can't get valid end header of flattened format").
+FLAT_END = b"\xff" * 16
+
+
+def flat_stream_complete(transport: NodeTransport, path: str, size: int) -> bool:
+    """A kdump-flat dump ends with :data:`FLAT_END` (one 16-byte read at its end).
+
+    A raw ``KDUMP   `` file (QEMU's kdump-raw-* formats, makedumpfile without -F) has no end
+    marker; its extent is the last page descriptor's, which needs the population count of
+    its whole dump bitmap (MiBs for a large guest): not checked by ``list``."""
+    if size < 4096 + 16:                    # the 4 KiB flat header (MAX_SIZE_MDF_HEADER) and the marker
+        return False
+    try:
+        it = transport.open_stream(path, offset=size - 16, chunk_size=16)
+        try:
+            tail = next(iter(it), b"")
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+    except OSError:
+        return False
+    return tail[:16] == FLAT_END
+
+
 def read_json(transport: NodeTransport, path: str, limit: int = 8 << 20) -> Any:
     try:
         return json.loads(transport.read_bytes(path, limit=limit))
@@ -492,6 +521,9 @@ def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, inde
             end, loads = ext
             if st is not None and st.size < end:
                 status = "incomplete"   # still being written, or truncated
+    elif fmt == "kdump-flat":
+        if st is None or not flat_stream_complete(transport, path, st.size):
+            status = "incomplete"   # still being written, or cut (QEMU killed, ENOSPC)
     elif fmt in ("empty", "unknown"):
         status = "incomplete" if fmt == "empty" else "unknown-format"
     coll = index.lookup(transport, path, st.size if st else None, st.mtime if st else None)
