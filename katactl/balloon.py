@@ -61,18 +61,32 @@ class _Path:
         """{memory, target (guest bytes or None), actual (guest bytes), guest {total,free,available}|None}"""
         raise NotImplementedError
 
-    def set_target(self, target: int) -> None:
+    def effective_target(self, want: int, memory: int) -> int:
+        """The guest-visible target this path really sets for ``want`` (what the hypervisor
+        then reports as its target, and what the guest's memory converges to)."""
+        return want
+
+    def set_target(self, target: int) -> int | None:
+        """Ask for ``target``; return the target the hypervisor recorded when it says so."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
 
+def fc_effective_target(want: int, memory: int) -> int:
+    """Firecracker's ``amount_mib`` is whole MiB of balloon (firecracker
+    src/vmm/src/vmm_config/balloon.rs ``BalloonUpdateConfig { amount_mib: u32 }``): rounded
+    up, so the guest keeps at most ``want``."""
+    return memory - -(-(memory - int(want)) // MIB) * MIB
+
+
 class _ExtensionPath(_Path):
     name = "extension"
 
-    def __init__(self, shim):
+    def __init__(self, shim, hypervisor: str | None = None):
         self.shim = shim
+        self.hypervisor = hypervisor
 
     def _call(self, method: str, body: dict | None = None, url: str = "/ext/v1/balloon") -> dict:
         kw = {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}} \
@@ -102,8 +116,13 @@ class _ExtensionPath(_Path):
                 "guest": ({"total": g.get("totalBytes"), "free": g.get("freeBytes"),
                            "available": g.get("availableBytes")} if g else None)}
 
-    def set_target(self, target: int) -> None:
-        self._call("PUT", {"targetBytes": int(target)})
+    def effective_target(self, want: int, memory: int) -> int:
+        # docs/shim-extension.md: the shim converts for Firecracker as _FcPath does
+        return fc_effective_target(want, memory) if self.hypervisor == "fc" else want
+
+    def set_target(self, target: int) -> int | None:
+        t = self._call("PUT", {"targetBytes": int(target)}).get("targetBytes")
+        return int(t) if isinstance(t, int) else None
 
     def close(self):
         self.shim.close()
@@ -146,8 +165,9 @@ class _QmpPath(_Path):  # noqa: D101
         # QEMU cannot report the target: only what the guest has now
         return {"memory": self.memory, "target": None, "actual": actual, "guest": g}
 
-    def set_target(self, target: int) -> None:
+    def set_target(self, target: int) -> int | None:
         self._x("balloon", {"value": int(target)})
+        return None
 
     def close(self):
         self.qmp.close()
@@ -178,9 +198,10 @@ class _ClhPath(_ApiPath):
         return {"memory": mem, "target": mem - s["balloonTarget"], "actual": mem - s["balloonActual"],
                 "guest": None}
 
-    def set_target(self, target: int) -> None:
+    def set_target(self, target: int) -> int | None:
         s = self._balloon()
         self.c.resize(desired_balloon=max(0, s["memory"] - int(target)))
+        return None
 
 
 class _FcPath(_ApiPath):
@@ -190,10 +211,14 @@ class _FcPath(_ApiPath):
         actual = None if s["balloonActual"] is None else mem - s["balloonActual"]
         return {"memory": mem, "target": mem - s["balloonTarget"], "actual": actual, "guest": s.get("guest")}
 
-    def set_target(self, target: int) -> None:
+    def effective_target(self, want: int, memory: int) -> int:
+        return fc_effective_target(want, memory)
+
+    def set_target(self, target: int) -> int | None:
         mem = self._balloon()["memory"]
-        # amount_mib is whole MiB of balloon: round up so the guest keeps <= target
-        self.c.patch_balloon(max(0, -(-(mem - int(target)) // MIB)))
+        eff = fc_effective_target(target, mem)
+        self.c.patch_balloon(max(0, (mem - eff) // MIB))
+        return eff
 
 
 def _extra_monitor_protocol(sb) -> str | None:
@@ -233,7 +258,7 @@ def open_path(transport: NodeTransport, sb, *, via: str = "auto", timeout: float
                     tried("extension", "the shim's extension has no balloon feature")
                     shim.close()
                 else:
-                    return _ExtensionPath(shim), attempts
+                    return _ExtensionPath(shim, hv), attempts
             except KatactlError as e:
                 tried("extension", e.message)
                 shim.close()
@@ -432,45 +457,52 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
                               hint="the balloon can only take memory away; --release gives all of it back")
             warnings.append(f"target {format_size(want)} above the VM's memory: clamped to {format_size(mem)}")
             want = mem
-        if want <= 0:
-            raise Refused(f"target {format_size(want)} leaves the guest no memory")
+        # what the path really sets (Firecracker: whole MiB of balloon): every check and
+        # comparison is made against it, or a target that is not a whole MiB never converges
+        eff = path.effective_target(want, mem)
+        if eff <= 0:
+            raise Refused(f"target {format_size(eff)} leaves the guest no memory")
         if used is not None:
             floor = used + margin
-            if want < floor and not force:
-                raise Refused(f"target {format_size(want)} is below the guest's used memory {format_size(used)} plus a "
+            if eff < floor and not force:
+                raise Refused(f"target {format_size(eff)} is below the guest's used memory {format_size(used)} plus a "
                               f"margin of {format_size(margin)} (= {format_size(floor)})",
                               hint="use --force to go below it (the guest may OOM or thrash)")
-        elif want < min(mem, BLIND_FLOOR):
+        elif eff < min(mem, BLIND_FLOOR):
             if not force:
-                raise Refused(f"target {format_size(want)}: the guest's memory usage is unknown and the target is "
+                raise Refused(f"target {format_size(eff)}: the guest's memory usage is unknown and the target is "
                               f"below {format_size(min(mem, BLIND_FLOOR))}", hint="use --force to go below it")
         if used is None:
             warnings.append("guest memory usage unknown: the used+margin check was not made")
         current = st.get("target")
         actual = st.get("actual")
         # already there = the target is what we want *and* the guest got there; a target
-        # set but not reached (or set by another client meanwhile) is requested again
-        at_target = current is None or int(current) == want
-        reached = actual is not None and abs(int(actual) - want) <= tolerance
+        # set but not reached (or set by another client meanwhile) is requested again.
+        # (A shim may record the requested or the effective target: either is "there".)
+        at_target = current is None or int(current) in (want, eff)
+        goal = int(current) if current is not None and at_target else eff
+        reached = actual is not None and abs(int(actual) - goal) <= tolerance
         changed = not (at_target and reached)
         view = _view(sb, path, st, attempts)
-        view.update({"requestedTargetBytes": want, "previousTargetBytes": current, "warnings": warnings,
-                     "waited": False, "converged": None})
+        view.update({"requestedTargetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
+                     "warnings": warnings, "waited": False, "converged": None})
         if dry_run:
             view.update(changed=changed, dryRun=True)
+            warnings.extend(_rounded(want, goal))
             return view
-        params = {"targetBytes": want, "previousTargetBytes": current, "actualBytes": actual,
-                  "path": path.name, "force": force, "wait": wait}
+        params = {"targetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
+                  "actualBytes": actual, "path": path.name, "force": force, "wait": wait}
         if changed:
             try:
-                path.set_target(want)
+                recorded = path.set_target(want)
+                goal = goal if recorded is None else recorded
             except KatactlError as e:
                 audit.record("balloon.set", sb.id, node=transport.node, result="error",
                               params=params, error=e.message)
                 raise
         try:
             if wait:
-                st = _wait(path, want, tolerance, wait_timeout, progress, sb)
+                st = _wait(path, goal, tolerance, wait_timeout, progress, sb)
             else:
                 st = path.state()
         except BaseException as e:
@@ -491,14 +523,22 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             # measurement made before the change
             final["guest"]["usedBytes"] = used
         if final["targetBytes"] is None:
-            final["targetBytes"] = want
-        final.update({"requestedTargetBytes": want, "previousTargetBytes": current, "warnings": warnings,
-                      "waited": wait, "converged": (abs(int(st["actual"]) - want) <= tolerance)
+            final["targetBytes"] = goal
+        warnings.extend(_rounded(want, goal))
+        final.update({"requestedTargetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
+                      "warnings": warnings, "waited": wait, "converged": (abs(int(st["actual"]) - goal) <= tolerance)
                       if st.get("actual") is not None else None,
                       "changed": changed, "dryRun": False})
         return final
     finally:
         path.close()
+
+
+def _rounded(want: int, goal: int) -> list[str]:
+    if goal == want:
+        return []
+    return [f"the hypervisor sets whole units (Firecracker: MiB of balloon): the target is {format_size(goal)} "
+            f"({goal} bytes), not the requested {want} bytes"]
 
 
 def _outcome(exc: BaseException) -> str:

@@ -275,3 +275,50 @@ def test_wait_progress_on_a_terminal_only(lab, katactl_bin):
         r = katactl_bin(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert clh_view(lab) == {"balloon": 0, "guest": 1024 * MIB}
+
+
+# -- Firecracker: amount_mib is whole MiB of balloon (review 5, finding 2) ---------------------
+def fc_amount_mib(lab, name: str = "fc-0") -> int:
+    """Firecracker's own number: the balloon size it was asked for, in whole MiB."""
+    from katactl.backends.fc import FcClient
+
+    with FcClient(lab.transport(), lab.sb(name)["apiSocket"]) as c:
+        return c.balloon()["amount_mib"]
+
+
+def test_fc_target_not_whole_mib_is_idempotent_and_converges(lab, cli):
+    """A target that is not a whole MiB is compared and waited on as the target Firecracker
+    really gets (the request rounded down to whole MiB of guest memory): the first run
+    converges even with --tolerance 0, a re-run is changed:false and writes no audit entry."""
+    pod, sid = lab.pod("fc-0"), lab.id("fc-0")
+    want = 300_000_000
+    eff = 1024 * MIB - 738 * MIB  # ceil((1Gi - want) / MiB) = 738 MiB of balloon
+    base = ("balloon", "set", pod, "--target", str(want), "--via", "hypervisor-api", "--wait", "--timeout", "10s")
+    try:
+        r = cli(lab.args(*base, "--dry-run", "-o", "json"))
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        j = r.json()
+        assert j["changed"] is True and j["requestedTargetBytes"] == want and j["effectiveTargetBytes"] == eff
+
+        r = cli(lab.args(*base, "--tolerance", "0", "-o", "json"))
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        j = r.json()
+        assert j["changed"] is True and j["converged"] is True
+        assert j["requestedTargetBytes"] == want and j["effectiveTargetBytes"] == eff
+        assert j["targetBytes"] == eff and j["actualBytes"] == eff
+        assert any("not the requested 300000000 bytes" in w for w in j["warnings"]), j["warnings"]
+        assert fc_amount_mib(lab) == 738
+
+        for tol in ("64Ki", "0"):  # again: nothing to do, whatever the tolerance
+            r = cli(lab.args(*base, "--tolerance", tol, "-o", "json"))
+            assert r.exit_code == 0, (r.stdout, r.stderr)
+            j = r.json()
+            assert j["changed"] is False and j["converged"] is True and j["effectiveTargetBytes"] == eff
+        entries = audit_entries("balloon.set", sid)
+        assert len(entries) == 1, entries
+        assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
+    finally:
+        r = cli(lab.args("balloon", "set", pod, "--release", "--via", "hypervisor-api", "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+    assert fc_amount_mib(lab) == 0
+

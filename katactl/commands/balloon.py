@@ -116,6 +116,8 @@ def set_(ctx: typer.Context,
     memory plus --margin or above the VM's memory, unless --force. When the
     guest's usage is unknown (no guest statistics), it refuses targets below
     128Mi unless --force, and warns that the used+margin check was not made.
+    Firecracker takes whole MiB of balloon: the target really set (reported as
+    effectiveTargetBytes) is the request rounded down to it.
     Re-running after success is a no-op (changed: false). Every change goes to
     the audit log.
 
