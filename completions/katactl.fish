@@ -92,7 +92,7 @@ complete -c katactl -n '__fish_seen_subcommand_from balloon' -s h -l help -d 'Sh
 complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from get' -l via -r -F -d 'Force one path: extension, hypervisor-api, extra-monitor, qm'
 complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from get' -s h -l help -d 'Show help and exit'
 complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from set' -l target -s t -r -d 'Guest-visible memory to keep, e'
-complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from set' -l reclaim -r -d 'Take SIZE more memory away from the guest'
+complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from set' -l reclaim -r -d 'Take SIZE more from the current target'
 complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from set' -l release -d 'Deflate the balloon: give all memory back'
 complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from set' -l wait -s w -d 'Wait until the guest\'s memory reaches the target'
 complete -c katactl -n '__fish_seen_subcommand_from balloon and __fish_seen_subcommand_from set' -l timeout -r -d 'How long --wait waits (exit 6 when exceeded)'

@@ -322,3 +322,29 @@ def test_fc_target_not_whole_mib_is_idempotent_and_converges(lab, cli):
         assert r.exit_code == 0, r.stderr
     assert fc_amount_mib(lab) == 0
 
+
+# -- --reclaim is relative (review 5, finding 8) ------------------------------------------------
+def test_reclaim_is_relative_documented_and_warned(lab, cli):
+    """--reclaim takes SIZE from the current target on every run: the help says so (it is
+    not the idempotent kind), a non-interactive run warns; --target stays idempotent."""
+    r = cli(["balloon", "set", "--help"])
+    text = " ".join(r.stdout.replace("│", " ").split())
+    assert "Re-running after success is a no-op" not in text
+    assert "--reclaim is not: it is relative to the current target and takes SIZE again on every run" in text
+    assert "not idempotent; use --target in automation" in text
+    pod, sid = lab.pod("clh-0"), lab.id("clh-0")
+    try:
+        for n in (1, 2):  # stdin is not a terminal here, as under Ansible
+            r = cli(lab.args("balloon", "set", pod, "--reclaim", "64Mi", "--wait", "-o", "json"))
+            assert r.exit_code == 0, (r.stdout, r.stderr)
+            j = r.json()
+            assert j["changed"] is True and j["requestedTargetBytes"] == (1024 - 64 * n) * MIB
+            assert "warning: --reclaim is relative: every run takes 64Mi more (not idempotent)" in r.stderr
+        r = cli(lab.args("balloon", "set", pod, "--target", "896Mi", "--wait", "-o", "json"))
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        assert r.json()["changed"] is False and "--reclaim" not in r.stderr
+        assert len(audit_entries("balloon.set", sid)) == 2
+    finally:
+        r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+    assert clh_view(lab) == {"balloon": 0, "guest": 1024 * MIB}

@@ -1,6 +1,7 @@
 """katactl balloon get | set SANDBOX."""
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -95,7 +96,8 @@ def set_(ctx: typer.Context,
          size: Optional[str] = typer.Option(None, "--target", "-t", metavar="SIZE",
                                             help="Guest-visible memory to keep, e.g. 1Gi, 768Mi."),
          reclaim: Optional[str] = typer.Option(None, "--reclaim", metavar="SIZE",
-                                               help="Take SIZE more memory away from the guest."),
+                                               help="Take SIZE more from the current target. Relative: every run takes SIZE "
+                                                    "again (not idempotent; use --target in automation)."),
          release: bool = typer.Option(False, "--release", help="Deflate the balloon: give all memory back."),
          wait: bool = typer.Option(False, "--wait", "-w", help="Wait until the guest's memory reaches the target."),
          wait_timeout: str = typer.Option("60s", "--timeout", metavar="DURATION",
@@ -118,8 +120,10 @@ def set_(ctx: typer.Context,
     128Mi unless --force, and warns that the used+margin check was not made.
     Firecracker takes whole MiB of balloon: the target really set (reported as
     effectiveTargetBytes) is the request rounded down to it.
-    Re-running after success is a no-op (changed: false). Every change goes to
-    the audit log.
+    Re-running --target or --release after success is a no-op (changed:
+    false). --reclaim is not: it is relative to the current target and takes
+    SIZE again on every run (use --target in scripts and Ansible). Every change
+    goes to the audit log.
 
     \b
     Examples:
@@ -148,6 +152,10 @@ def set_(ctx: typer.Context,
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.request_timeout)
     out = app_ctx.out
+    if rec is not None and not dry_run and not sys.stdin.isatty():
+        # a script or Ansible re-run would shrink the guest again each time
+        out.warn(f"--reclaim is relative: every run takes {reclaim} more (not idempotent); "
+                 "use --target SIZE in automation")
 
     def run(transport: NodeTransport, sb):
         with out.progress(f"balloon {sb.id[:12]}", total=None, unit="bytes") as bar:
