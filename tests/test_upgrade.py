@@ -145,6 +145,75 @@ def test_stage_checks_a_hard_link_against_its_own_manifest_line(cli, node, tmp_p
     assert (rel(node, "7.0.1") / link).read_bytes() == (rel(node, "7.0.1") / target).read_bytes()
 
 
+def _stage_while_source_changes(node, change, *args):
+    """``upgrade stage *args`` with the source changed by change() after stage has read and
+    checked it, while it waits for the node lock we hold (as a tree still being rsynced,
+    or a tarball replaced in place, would change under it); returns (exit code, stderr)."""
+    state = rel(node, ".katactl")
+    state.mkdir(parents=True)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", str(node), "upgrade", "stage",
+                              *map(str, args), "--lock-timeout", "120"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = p.stderr.readline()
+        assert "waiting for the upgrade lock" in line, line
+        change()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, line + err
+
+
+def test_stage_refuses_a_directory_source_that_changes_after_its_check(node, tmp_path):
+    """The symlink target written is the one validated: a tree whose symlink now escapes the
+    release is refused, not staged as "verified by the manifest"."""
+    root = fx.build_tree(str(tmp_path / "src"), "7.1.0")
+    link = f"{root}/share/kata-containers/vmlinux.container"
+
+    def change():
+        os.remove(link)
+        os.symlink("/etc/shadow", link)
+
+    code, err = _stage_while_source_changes(node, change, root, "--as", "7.1.0")
+    assert code == 5, err
+    assert "changed while it was being staged" in err and "vmlinux.container" in err
+    assert nothing_staged(node)
+    assert not [n for n in os.listdir(rel(node)) if n.startswith(".staging")]
+
+
+def test_stage_refuses_a_tarball_replaced_after_its_sha256_check(node, tmp_path):
+    """The archive extracted is the one whose sha256 was verified: the extracting read is
+    hashed too, so a tarball rewritten in place (same members and sizes, other bytes) is
+    refused before the release is renamed into place."""
+    import hashlib
+    import tarfile
+
+    tree = tmp_path / "t"
+    fx.build_tree(str(tree), "7.2.0", manifest=False)
+    tb = tmp_path / "kata-static-7.2.0-amd64.tar.gz"
+
+    def pack():
+        with tarfile.open(tb, "w:gz") as tf:
+            tf.add(str(tree / "opt"), arcname="./opt")
+
+    pack()
+    sha = hashlib.sha256(tb.read_bytes()).hexdigest()
+    kernel = tree / "opt/kata/share/kata-containers/vmlinux-6.1.62-7.2.0"
+
+    def change():
+        kernel.write_bytes(b"X" * kernel.stat().st_size)
+        pack()
+
+    code, err = _stage_while_source_changes(node, change, tb, "--sha256", sha)
+    assert code == 5, err
+    assert "changed while it was being staged" in err and f"verified {sha}" in err
+    assert nothing_staged(node)
+    assert not [n for n in os.listdir(rel(node)) if n.startswith(".staging")]
+
+
 def test_stage_sha256_option_and_sidecar(cli, node, tarballs, tmp_path):
     tb = tarballs["nomanifest"]
     r = K(cli, node, "stage", tb)

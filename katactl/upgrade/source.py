@@ -29,6 +29,7 @@ import posixpath
 import re
 import stat as st
 import subprocess
+import threading
 from typing import Callable, Iterator
 
 from katactl.errors import OperationFailed, Refused, UsageError
@@ -129,11 +130,14 @@ class _TarReader:
     corrupt header or plain end of data for the end too) and, after it, the
     compressor's own end (trailer and checksum; zstd's exit status)."""
 
-    def __init__(self, path: str, kind: str):
+    def __init__(self, path: str, kind: str, digest=None):
         import tarfile
 
         self.path, self.kind = path, kind
         self.proc: subprocess.Popen | None = None
+        # with a digest: the file is read (and hashed) here, zstd fed by a pump thread
+        self.raw: _Hashing | None = _Hashing(open(path, "rb"), digest) if digest is not None else None
+        self.pump: threading.Thread | None = None
         self.ends: list[BaseException] = []
         ends = self.ends
 
@@ -147,14 +151,20 @@ class _TarReader:
                     raise
 
         self._info = _Info
-        self.src = self._open_stream()
+        try:
+            self.src = self._open_stream()
+        except BaseException:
+            self.close_raw()
+            raise
         try:
             self.tf = tarfile.open(fileobj=self.src, mode="r|", tarinfo=_Info)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             zstd_err = self._close_stream()
+            self.close_raw()
             raise self.corrupt(zstd_err or e) from None
         except BaseException:
             self._close_stream()
+            self.close_raw()
             raise
 
     def _open_stream(self):
@@ -164,16 +174,29 @@ class _TarReader:
             if not shutil.which("zstd"):
                 raise OperationFailed(f"{self.path}: zstd-compressed, but the zstd program is not installed",
                                       hint="apt-get install zstd")
-            self.proc = subprocess.Popen(["zstd", "-dcq", "--", self.path], stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
+            if self.raw is None:
+                self.proc = subprocess.Popen(["zstd", "-dcq", "--", self.path], stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE)
+            else:
+                self.proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE)
+                self.pump = threading.Thread(target=_pump, args=(self.raw, self.proc.stdin), daemon=True)
+                self.pump.start()
             return self.proc.stdout
+        f = self.raw if self.raw is not None else open(self.path, "rb")
         if self.kind == "tar":
-            return open(self.path, "rb")
+            return f
         import bz2
         import gzip
         import lzma
 
-        return {"gz": gzip.GzipFile, "xz": lzma.LZMAFile, "bz2": bz2.BZ2File}[self.kind](self.path, "rb")
+        if self.kind == "gz":
+            return gzip.GzipFile(fileobj=f, mode="rb")
+        return {"xz": lzma.LZMAFile, "bz2": bz2.BZ2File}[self.kind](f, "rb")
+
+    def close_raw(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
 
     def corrupt(self, why) -> OperationFailed:
         return OperationFailed(f"{self.path}: corrupt or truncated archive: {why}")
@@ -199,30 +222,38 @@ class _TarReader:
         zstd_err = self._close_stream()
         if zstd_err:
             raise self.corrupt(zstd_err)
+        if self.raw is not None:
+            while self.raw.read(1 << 20):  # what the decompressor left: the digest covers the file
+                pass
 
     def _close_stream(self) -> str:
         """Close the source; for zstd, its complaint ('' when it succeeded or was cut off by us)."""
         with contextlib.suppress(OSError):
-            if self.proc is None:
+            if self.proc is None and self.src is not self.raw:  # raw: closed by close_raw, after its digest
                 self.src.close()
         if self.proc is None:
             return ""
         proc, self.proc = self.proc, None
         err = _reap(proc)
+        if self.pump is not None:
+            self.pump.join()  # ends with zstd's stdin: read to the end, or a broken pipe
         if proc.returncode not in (0, None, -13):
-            # zstd says "<path> : Read error (39) : premature end"; the path is already in the message
-            err = err.split(" : ", 1)[1] if err.startswith(self.path + " : ") else err
+            # zstd says "<path> : Read error (39) : premature end" (or "/*stdin*\ : ..."); the path is
+            # already in the message
+            for prefix in (self.path + " : ", "/*stdin*\\ : "):
+                if err.startswith(prefix):
+                    err = err[len(prefix):]
             return f"zstd: {err or f'exit status {proc.returncode}'}"
         return ""
 
 
 @contextlib.contextmanager
-def _open_tar(path: str, kind: str):
+def _open_tar(path: str, kind: str, digest=None):
     import lzma
     import tarfile
     import zlib
 
-    reader = _TarReader(path, kind)
+    reader = _TarReader(path, kind, digest)
     try:
         yield reader
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
@@ -236,6 +267,34 @@ def _open_tar(path: str, kind: str):
     finally:
         reader.tf.close()
         reader._close_stream()
+        reader.close_raw()
+
+
+class _Hashing:
+    """A file read through a digest: every byte read updates it."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.digest.update(b)
+        return b
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _pump(src: _Hashing, dst) -> None:
+    """Copy src into zstd's stdin until either ends (zstd exits early on a corrupt stream)."""
+    try:
+        while b := src.read(1 << 20):
+            dst.write(b)
+    except (OSError, ValueError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            dst.close()
 
 
 def _reap(proc) -> str:
@@ -255,12 +314,13 @@ def _reap(proc) -> str:
     return err.splitlines()[0] if err else ""
 
 
-def iter_members(path: str, kind: str) -> Iterator[Member]:
-    """Raw members in archive order; ``read()`` is valid until the next one."""
+def iter_members(path: str, kind: str, digest=None) -> Iterator[Member]:
+    """Raw members in archive order; ``read()`` is valid until the next one. ``digest``
+    (a hashlib object, archives only) is fed the whole archive file, as read for them."""
     if kind == "dir":
         yield from _iter_dir(path)
         return
-    with _open_tar(path, kind) as reader:
+    with _open_tar(path, kind, digest) as reader:
         tf = reader.tf
         for ti in tf:
             if ti.isreg():

@@ -166,7 +166,7 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
     tmp = f"{layout.releases}/.staging-{v}-{tok}"
     aside = f"{layout.releases}/.replaced-{v}-{tok}"  # _recover_replaced pairs them by tok
     try:
-        _extract(transport, layout, source, kind, sc, tmp, v)
+        _extract(transport, layout, plan, tmp)
         record = {"version": v, "source": os.path.basename(source), "sourceKind": kind,
                   "sourceSha256": source_sha, "verifiedBy": base["verifiedBy"],
                   "files": len(sc.members), "bytes": sc.total_bytes, "stagedAt": audit.now_iso(),
@@ -216,30 +216,60 @@ def _refuse_if_running(transport: NodeTransport, layout: Layout, v: str) -> None
                       details={"release": v, "usedBy": users})
 
 
-def _tree_digest(path: str) -> str:
-    h = hashlib.sha256()
-    for m in src.iter_members(path, "dir"):
-        name = src.normalize(m.raw, path)
+class _TreeDigest:
+    """A directory source's sourceSha256: each member's name, kind, file mode and content
+    hash, or symlink target, in walk order."""
+
+    def __init__(self, root: str):
+        self.root, self.h = root, hashlib.sha256()
+
+    def add(self, m: src.Member, file_sha: str | None = None) -> None:
+        name = src.normalize(m.raw, self.root)
         if m.kind == "file":
-            fh = hashlib.sha256()
-            for b in m.iter_chunks():
-                fh.update(b)
-            h.update(f"F {name} {m.mode & 0o777:o} ".encode() + fh.hexdigest().encode())
+            self.h.update(f"F {name} {m.mode & 0o777:o} ".encode() + (file_sha or "").encode())
         elif m.kind == "symlink":
-            h.update(f"L {name} {m.linkname}".encode())
+            self.h.update(f"L {name} {m.linkname}".encode())
         else:
-            h.update(f"D {name}".encode())
-        h.update(b"\n")
-    return h.hexdigest()
+            self.h.update(f"D {name}".encode())
+        self.h.update(b"\n")
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
 
 
-def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, version) -> None:
+def _tree_digest(path: str) -> str:
+    t = _TreeDigest(path)
+    for m in src.iter_members(path, "dir"):
+        fh = None
+        if m.kind == "file":
+            h = hashlib.sha256()
+            for b in m.iter_chunks():
+                h.update(b)
+            fh = h.hexdigest()
+        t.add(m, fh)
+    return t.hexdigest()
+
+
+def _extract(transport: NodeTransport, layout: Layout, plan: _Plan, tmp: str) -> None:
+    """Write plan's release into tmp from a second read of the source, which must be the
+    source plan verified: each member as scanned (its validated kind, target and mode;
+    refused when this read differs), and the whole read hashing to plan.source_sha (the
+    archive file's sha256, or a directory's tree digest), checked before tmp is renamed
+    into place (a tree still being written, a tarball replaced in place)."""
+    source, kind, scanner = plan.source, plan.kind, plan.scan
     transport.mkdir(tmp, parents=False)
     made = {tmp}
     by_raw = {m.raw: m for m in scanner.members}
+    pending = set(by_raw)
     files_total = sum(1 for m in scanner.members if m.kind == "file") or 1
     done = 0
     synced: list[str] = []
+    archive_sha = hashlib.sha256() if kind != "dir" else None
+    tree = _TreeDigest(source) if kind == "dir" else None
+
+    def changed(what: str) -> Refused:
+        return Refused(f"{source} changed while it was being staged ({what}); nothing was staged",
+                       hint="stage it again once nothing writes to it")
 
     def ensure_dir(d: str) -> None:
         missing = []
@@ -252,38 +282,62 @@ def _extract(transport: NodeTransport, layout, source, kind, scanner, tmp, versi
                 synced.append(d)
             made.add(d)
 
-    def checked(chunks, name: str):
-        """chunks, checked against name's manifest line (when there is a manifest)"""
-        if scanner.manifest is None or name == scanner.manifest_name:
+    def checked(chunks, want: src.Member, digest=None):
+        """chunks, exactly want.size of them (a file), and checked against want's manifest line"""
+        if want.kind == "file":
+            chunks = _counted(chunks, want.size, digest, lambda: changed(f"{want.raw!r} is no longer {want.size} bytes"))
+        if scanner.manifest is None or want.name == scanner.manifest_name:
             return chunks
-        return _verified(chunks, scanner.manifest.get(name),
-                         f"{source}: {name}: sha256 mismatch with {scanner.manifest_name}")
+        return _verified(chunks, scanner.manifest.get(want.name),
+                         f"{source}: {want.name}: sha256 mismatch with {scanner.manifest_name}")
 
-    for m in src.iter_members(source, kind):
+    for m in src.iter_members(source, kind, archive_sha):
         want = by_raw.get(m.raw)
         if want is None:
-            continue  # prefix dirs
+            if m.kind != "dir":  # the scan dropped only the prefix dirs ("./", "opt", "opt/kata")
+                raise changed(f"{m.raw!r} is new")
+            if tree is not None:
+                tree.add(m)
+            continue
+        if m.raw not in pending:
+            raise changed(f"{m.raw!r} appears twice")
+        pending.discard(m.raw)
+        if m.kind != want.kind or (m.kind == "symlink" and m.linkname != want.linkname) \
+                or (m.kind == "file" and m.size != want.size):
+            raise changed(f"{m.raw!r} is not the {want.kind} that was checked")
         dest = f"{tmp}/{want.name}"
         ensure_dir(posixpath.dirname(dest))
-        if m.kind == "dir":
+        mode = (want.mode & 0o777) or 0o644
+        if want.kind == "dir":
             ensure_dir(dest)
-        elif m.kind == "file":
+        elif want.kind == "file":
             # streamed: one chunk in memory, not the whole member
-            transport.write_stream_atomic(dest, checked(m.iter_chunks(), want.name), mode=(m.mode & 0o777) or 0o644)
+            fh = hashlib.sha256() if tree is not None else None
+            transport.write_stream_atomic(dest, checked(m.iter_chunks(), want, fh), mode=mode)
+            if tree is not None and fh is not None:
+                tree.add(m, fh.hexdigest())
             done += 1
             if done == files_total // 2 + 1:
                 fault("stage:mid-extract")
-        elif m.kind == "symlink":
-            transport.symlink(m.target(), dest)
+            continue
+        elif want.kind == "symlink":
+            transport.symlink(want.target(), dest)
             synced.append(dest)
-        elif m.kind == "hardlink":
+        elif want.kind == "hardlink":
             # a copy of its (verified) target, checked against the link's *own* manifest line
-            transport.write_stream_atomic(dest, checked(transport.open_stream(f"{tmp}/{want.linkname}"), want.name),
-                                          mode=(m.mode & 0o777) or 0o644)
+            transport.write_stream_atomic(dest, checked(transport.open_stream(f"{tmp}/{want.linkname}"), want),
+                                          mode=mode)
+        if tree is not None:
+            tree.add(m)
+    if pending:
+        raise changed(f"{sorted(pending)[0]!r} is gone")
+    got = archive_sha.hexdigest() if archive_sha is not None else tree.hexdigest() if tree is not None else None
+    if got != plan.source_sha:
+        raise changed(f"sha256 {got}, verified {plan.source_sha}")
     # configs name the release's own binaries and assets
     for f in walk_files(transport, f"{tmp}/{CONFIG_SUBDIR}", ".toml"):
         text = transport.read_text(f)
-        new = configedit.rebase(text, INSTALL_PREFIX, layout.release(version))
+        new = configedit.rebase(text, INSTALL_PREFIX, layout.release(plan.version))
         if new != text:
             transport.write_bytes_atomic(f, new.encode(), mode=transport.stat(f).mode & 0o777)
     _sync_entries(transport, synced)
@@ -307,6 +361,20 @@ def _sync_entries(transport: NodeTransport, paths) -> None:
     """Make new directory entries (dirs, symlinks) durable: one fsync per parent directory."""
     for d in sorted({posixpath.dirname(p) for p in paths}):
         transport.fsync_dir(d)
+
+
+def _counted(chunks, size: int, digest, short):
+    """Pass chunks through (into digest, when given); short() is raised unless they are size bytes."""
+    n = 0
+    for b in chunks:
+        n += len(b)
+        if n > size:
+            raise short()
+        if digest is not None:
+            digest.update(b)
+        yield b
+    if n != size:
+        raise short()
 
 
 def _verified(chunks, expect: str | None, what: str):
