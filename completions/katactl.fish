@@ -129,7 +129,7 @@ complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subco
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from list' -s h -l help -d 'Show help and exit'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l to -r -F -d 'Local directory; dumps go to DIR/<node>/<sandbox-id>/'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l compress -r -d 'none, gzip or zstd'
-complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l compress-on -r -d 'Where --compress runs: auto (on a remote node that has the c'
+complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l compress-on -r -d 'Where --compress runs: auto (on the node when it has the com'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l makedumpfile -d 'Filter and compress on the node with makedumpfile -c -d LEVE'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l dump-level -r -d 'makedumpfile dump level (0-31)'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l delete-after -d 'Delete the node\'s dump once the copy is verified against the'

@@ -255,14 +255,66 @@ def test_dry_run_says_where(cli, cnodes, tmp_path):
     assert it["compressedOn"] == "node" and it["dryRun"] is True and not (tmp_path / "o").exists()
 
 
-def test_local_node_compresses_here_whatever_compress_on_says(cli, tmp_path):
+@pytest.fixture
+def watched(tmp_path, monkeypatch):
+    """zstd, gzip and openssl first on PATH as wrappers that log the priority they really
+    run at (their own nice value and ionice class, inherited from whoever started them)
+    and their arguments, then exec the real program."""
+    wrap = tmp_path / "wrap"
+    wrap.mkdir()
+    log = tmp_path / "prio.log"
+    for prog in ("zstd", "gzip", "openssl"):
+        real = shutil.which(prog)
+        assert real, f"{prog} is installed here (.ci/run)"
+        (wrap / prog).write_text(f'#!/bin/sh\necho "{prog} nice=$(nice) io=$(ionice) args=$*" >> {log}\n'
+                                 f'exec {real} "$@"\n')
+        (wrap / prog).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrap}:{os.environ['PATH']}")
+
+    def runs(prog):
+        lines = log.read_text().splitlines() if log.exists() else []
+        # the compressing runs: not version probes, not decompressions (-d, -dc)
+        return [ln for ln in lines if ln.startswith(prog + " ") and "--version" not in ln
+                and not any(a.startswith("-d") for a in ln.split("args=", 1)[1].split())]
+    return runs
+
+
+@pytest.mark.parametrize("compress_on", ["auto", "node"])
+@pytest.mark.parametrize("algo", ["zstd", "gzip"])
+def test_local_node_compresses_at_idle_priority(cli, tmp_path, watched, algo, compress_on):
+    """review5 #6: katactl on the node itself (--host-root, the DaemonSet) compressed with
+    zstd -T0 at normal priority (NI 0, ionice none) on every core, and hashed the dump
+    (--verify) the same way; a remote node got ionice -c3 nice -n 19, one thread. Observed
+    on the real processes."""
     root = node_tree(tmp_path / "n")
     src = add_dump(root, size_segments=((0, 4 << 20),), data=os.urandom(1 << 20))
-    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "--compress", "gzip",
-             "--compress-on", "node", "-o", "json"])
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "--compress", algo,
+             "--compress-on", compress_on, "--verify", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["compressedOn"] == "node" and _content(it["to"]) == open(src, "rb").read()
+    [run] = watched(algo)
+    assert "nice=19 io=idle" in run and (algo != "zstd" or "-T1" in run.split()), run
+    [h] = watched("openssl")
+    assert "nice=19 io=idle" in h and "dgst -sha256" in h, h
+
+
+def test_local_node_in_process_compression_uses_one_core(cli, tmp_path, watched):
+    """--compress-on local on the node itself: katactl's own process compresses (here
+    with the zstd binary: no zstandard package), on one core, not -T0."""
+    from katactl.vmcore.streams import zstd_backend
+
+    if zstd_backend()[0] != "binary":
+        pytest.skip("the zstandard package compresses in-process here")
+    root = node_tree(tmp_path / "n")
+    src = add_dump(root, size_segments=((0, 4 << 20),), data=os.urandom(1 << 20))
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "--compress", "zstd",
+             "--compress-on", "local", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     [it] = r.json()["items"]
     assert it["compressedOn"] == "local" and _content(it["to"]) == open(src, "rb").read()
+    [run] = watched("zstd")
+    assert "-T1" in run.split() and "-T0" not in run.split(), run
 
 
 # -- the transport piece: run_stream ------------------------------------------------

@@ -74,8 +74,9 @@ def collect_cmd(
     to: str = typer.Option(..., "--to", metavar="DIR", help="Local directory; dumps go to DIR/<node>/<sandbox-id>/."),
     compress: str = typer.Option("none", "--compress", metavar="ALGO", help="none, gzip or zstd."),
     compress_on: str = typer.Option("auto", "--compress-on", metavar="WHERE",
-                                    help="Where --compress runs: auto (on a remote node that has the compressor, "
-                                         "else here), node (fail if it cannot) or local (here, while streaming)."),
+                                    help="Where --compress runs: auto (on the node when it has the compressor, "
+                                         "else in katactl), node (fail if it cannot) or local (in katactl, "
+                                         "while streaming)."),
     makedumpfile: bool = typer.Option(False, "--makedumpfile", help="Filter and compress on the node with makedumpfile -c -d LEVEL first."),
     dump_level: int = typer.Option(31, "--dump-level", metavar="N", help="makedumpfile dump level (0-31)."),
     delete_after: bool = typer.Option(False, "--delete-after", help="Delete the node's dump once the copy is verified against the node's sha256."),
@@ -93,13 +94,16 @@ def collect_cmd(
     again (a partial file is kept as NAME.partial and never presented as
     complete). Collecting an already collected dump changes nothing.
 
-    With --compress, a node reached over SSH compresses its own dump when it
-    has zstd/gzip (--compress-on auto, the default): zstd -3 -T1 or gzip -1
-    under ionice -c3 and nice -n 19 (so online pods keep CPU and disk), about
-    3x fewer bytes on the wire, nothing written on the node. katactl
+    With --compress, the node compresses its own dump when it has zstd/gzip
+    (--compress-on auto, the default): zstd -3 -T1 or gzip -1 under ionice
+    -c3 and nice -n 19 (so online pods keep CPU and disk), about 3x fewer
+    bytes on the wire, nothing written on the node. That holds where katactl
+    runs on the node itself too (--host-root, the node agent). katactl
     decompresses the stream on the fly to record the original's sha256 as
     well; --bwlimit then limits the compressed bytes. An interrupted copy
     resumes: the node re-runs the compressor and sends only the missing end.
+    The node's sha256 (--verify, --delete-after, a resume) runs at idle
+    priority too.
 
     \b
     Examples:

@@ -20,17 +20,20 @@ The guarantees:
   re-hashed locally); a compressed one is written as independent gzip
   members / zstd frames of 256 MiB of input, checkpointed in the sidecar, and
   resumes at the last complete frame.
-- compression (``--compress-on``): on a remote node that has the compressor
+- compression (``--compress-on``): on a node that has the compressor
   (``auto``, ``node``), the node runs ``zstd -q -c -3 -T1`` / ``gzip -c -1 -n``
   at idle priority (``ionice -c3 nice -n 19`` when present, so online pods
   keep the CPU and the disk) and its stdout streams here
   (``transport.run_stream``): ~3x fewer bytes on the wire, nothing written on
-  the node's (often full) crash disk. The stored file is the compressor's
-  output as is; it is decompressed on the fly here (:class:`streams.Inflater`)
-  to hash the original content, so the manifest records the same two
-  checksums as a local compression. Otherwise (a local node, ``local``, or
-  the node lacks the program in ``auto``) compression happens here, while
-  streaming (Python's gzip, the ``zstandard`` package or the local ``zstd``).
+  the node's (often full) crash disk. The local node too (katactl on the node,
+  ``--host-root``): the same idle, one-core process, on this machine. The
+  stored file is the compressor's output as is; it is decompressed on the fly
+  here (:class:`streams.Inflater`) to hash the original content, so the
+  manifest records the same two checksums as an in-process compression.
+  Otherwise (``local``, or the node lacks the program in ``auto``) compression
+  happens in katactl's process, while streaming (Python's gzip, the
+  ``zstandard`` package or the local ``zstd``; on one core when the node is
+  this machine). The node's SHA-256 programs run at idle priority too.
 - resume of a node-compressed copy: the compressor's output is deterministic
   for one program version and argv (both kept in the sidecar), so a resume
   re-runs it on the node and skips the bytes already stored there, on the node
@@ -363,7 +366,7 @@ def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOp
         if resume_src:
             _hash_prefix(part, resume_dst, opts.compress, src_hash)
         os.lseek(fd, resume_dst, os.SEEK_SET)
-        writer = make_writer(opts.compress, fd)
+        writer = make_writer(opts.compress, fd, one_core=not transport.is_remote)
         limit = RateLimit(opts.bwlimit)
         done = resume_src
         seg_left = SEGMENT - (resume_src % SEGMENT) if opts.compress != "none" else None
@@ -515,23 +518,35 @@ def _probe(transport: NodeTransport, argv) -> str | None:
     return text.splitlines()[0] if text else ""
 
 
+def idle_prefix(transport: NodeTransport) -> list[str]:
+    """``ionice -c3 nice -n 19`` (what of it the node has): the argv prefix that runs a
+    program over a whole dump (compressor, SHA-256) at idle CPU and disk priority. Probed
+    once per transport (one round trip when both are there)."""
+    cache = _TOOLS.setdefault(transport, {})
+    if "idle" not in cache:
+        full = [a for p in IDLE_PRIORITY for a in p]
+        cache["idle"] = full if _probe(transport, [*full, "true"]) is not None else [
+            a for p in IDLE_PRIORITY if _probe(transport, [*p, "true"]) is not None for a in p]
+    return cache["idle"]
+
+
 def _probe_compressor(transport: NodeTransport, algo: str) -> dict | None:
     tool = NODE_COMPRESSOR[algo]
-    prefix = [a for p in IDLE_PRIORITY for a in p]
+    prefix = idle_prefix(transport)
     version = _probe(transport, [*prefix, tool[0], "--version"])
     if version is None:
-        version = _probe(transport, [tool[0], "--version"])
-        if version is None:
-            return None
-        prefix = [a for p in IDLE_PRIORITY if _probe(transport, [*p, "true"]) is not None for a in p]
+        return None
     return {"argv": [*prefix, *tool], "version": version}
 
 
 def _compress_where(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions) -> dict | None:
     """The node's compressor (see node_compressor) when this copy compresses there, else
-    None (here). auto: a remote node that has it, unless a partial copy compressed here
-    is waiting to be resumed; node: a remote node must have it; local node: always here."""
-    if opts.compress_on == "local" or not transport.is_remote:
+    None (in katactl's process). auto: a node that has it, unless a partial copy compressed
+    in-process is waiting to be resumed; node: the node must have it. The local node too
+    (katactl on the node, --host-root): there the compressor is a process of this machine,
+    at idle priority and on one core like on a remote node, so online pods keep the CPU and
+    the disk."""
+    if opts.compress_on == "local":
         return None
     if opts.compress_on == "auto":
         state = _Sidecar(final).load()
@@ -556,12 +571,18 @@ def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: Coll
     ident = dict(_ident(transport, dump, opts), compressor={"argv": argv, "version": tool["version"]})
     state = side.load()
     resume_dst, note = 0, None
-    if state and os.path.exists(part):
-        if state.get("source") == ident:
-            resume_dst = min(_offset(state, "dstOffset"), os.path.getsize(part))
-        elif {k: v for k, v in (state.get("source") or {}).items() if k != "compressor"} == _ident(transport, dump, opts):
-            note = ("a partial copy made by another compressor (version, options or place) was discarded: "
-                    "copied from the start")
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    source = state.get("source") if state else None
+    if state and os.path.exists(part) and source == ident:
+        resume_dst = min(_offset(state, "dstOffset"), have)
+    elif (isinstance(source, dict) and os.path.exists(part)
+          and {k: v for k, v in source.items() if k != "compressor"} == _ident(transport, dump, opts)):
+        note = ("a partial copy made by another compressor (version, options or place) was discarded: "
+                "copied from the start")
+    elif have:
+        note = (("the partial copy has no readable record (.partial.json)" if not state
+                 else "the partial copy was made from another source or with other options "
+                      "(size, mtime or --compress differ)") + "; it was discarded: copied from the start")
     fd = _open_partial(part, side, {"source": ident, "dstOffset": resume_dst}, prepare)
     stored_hash, src_hash = Hasher(), Hasher()
     inflater = Inflater(opts.compress, src_hash.update)
@@ -718,7 +739,9 @@ def _node_hashers(path: str) -> list[list[str]]:
 def _node_sha256(transport: NodeTransport, path: str, prefix_len: int) -> tuple[str, str]:
     """('full', hex) from the node's fastest SHA-256 program (_node_hashers), else
     ('prefix', hex) by re-reading prefix_len bytes."""
+    prefix = idle_prefix(transport)     # a full read of the dump: not at the online pods' expense
     for argv in _node_hashers(real_path(transport, path)):
+        argv = [*prefix, *argv]
         try:
             r = transport.run(argv, timeout=3600)
         except OSError:

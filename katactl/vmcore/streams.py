@@ -343,8 +343,11 @@ class _GzipWriter(_FramedWriter):
 
 
 class _ZstdWriter(_FramedWriter):
-    def __init__(self, fd: int, level: int = 3):
+    def __init__(self, fd: int, level: int = 3, one_core: bool = False):
         super().__init__(fd, level)
+        # on the node itself (one_core): its online pods keep the other cores
+        self.threads = 0 if one_core else -1
+        self.tflag = "-T1" if one_core else "-T0"
         self.kind, self.mod = zstd_backend()
         self.c: Any = None                                 # the open frame: a zstandard stream writer
         self.proc: subprocess.Popen[bytes] | None = None  # or the zstd binary writing it
@@ -352,13 +355,13 @@ class _ZstdWriter(_FramedWriter):
     def write(self, b: bytes) -> None:
         if self.kind == "module":
             if self.c is None:
-                self.c = self.mod.ZstdCompressor(level=self.level, threads=-1).stream_writer(
+                self.c = self.mod.ZstdCompressor(level=self.level, threads=self.threads).stream_writer(
                     self.f, closefd=False)
             self.c.write(b)
             return
         if self.proc is None:
             self.f.flush()
-            self.proc = subprocess.Popen([self.mod, "-q", "-c", f"-{self.level}", "-T0"], stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([self.mod, "-q", "-c", f"-{self.level}", self.tflag], stdin=subprocess.PIPE,
                                          stdout=self.f.fileno(), stderr=subprocess.PIPE)
         try:
             _pipe(self.proc.stdin).write(b)
@@ -393,11 +396,13 @@ class _ZstdWriter(_FramedWriter):
         super().close()
 
 
-def make_writer(compress: str, fd: int):
+def make_writer(compress: str, fd: int, one_core: bool = False):
+    """The writer of a copy compressed in katactl's process; one_core: zstd on one core
+    (katactl runs on the node; gzip here is single-threaded anyway)."""
     if compress == "gzip":
         return _GzipWriter(fd)
     if compress == "zstd":
-        return _ZstdWriter(fd)
+        return _ZstdWriter(fd, one_core=one_core)
     return _PlainWriter(fd)
 
 
