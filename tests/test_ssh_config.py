@@ -209,3 +209,67 @@ def test_match_exec_detection():
     assert sshconfig.uses_match_exec('Host a\nMatch exec "test -f /x"\n  User b\n')
     assert sshconfig.uses_match_exec("  match host a exec true\n")
     assert not sshconfig.uses_match_exec("Host exec\n  User b\n")
+
+
+# -- names are compared and written lower-cased, as OpenSSH does ---------------------------
+@pytest.mark.parametrize("hashed", [False, True])
+def test_add_entry_writes_the_name_lowercased_as_openssh_does(tmp_path, hashed):
+    """OpenSSH hostfile.c write_host_entry() lowercases the host before host_hash() or
+    writing it; an entry hashed from 'Kata-Node-1' would match no lookup (they hash the
+    lower-cased name), neither katactl's nor ssh-keygen -F's."""
+    f = tmp_path / "known_hosts"
+    kh.add_entry(str(f), "Kata-Node-1", ED, BLOB, hashed=hashed)
+    kh.add_entry(str(f), "[Node-2.Example]:2222", ED, BLOB, hashed=hashed)
+    field1, field2 = (line.split()[0] for line in f.read_text().splitlines())
+    assert kh.host_matches(field1, "kata-node-1") and kh.host_matches(field2, "[node-2.example]:2222")
+    if not hashed:
+        assert (field1, field2) == ("kata-node-1", "[node-2.example]:2222")
+    if shutil.which("ssh-keygen"):
+        for name in ("kata-node-1", "[node-2.example]:2222"):
+            r = subprocess.run(["ssh-keygen", "-F", name, "-f", str(f)], capture_output=True, text=True)
+            assert r.returncode == 0 and B64 in r.stdout, (name, r.stdout, r.stderr)
+
+
+#: Host blocks with capitals in their patterns, HostName and HostKeyAlias: OpenSSH
+#: matches Host patterns case-sensitively, then lowercases the host it connects to
+#: (HostName, or the name given) unless it is an address, and the HostKeyAlias
+#: (ssh.c main(): "Don't lowercase addresses"; lowercase(options.host_key_alias)).
+CASE_CONFIG = """\
+Host node1
+  Port 2201
+Host NODE2
+  Port 2202
+  HostKeyAlias Kata-Node-2
+Host Mixed3
+  HostName Real-Host.Example
+Host v6
+  HostName FE80::ABCD
+Host pct
+  HostName %h.Example.COM
+"""
+
+
+@pytest.mark.parametrize("node", ["NODE1", "node1", "NODE2", "node2", "Mixed3", "mixed3", "v6", "pct",
+                                  "10.0.0.1", "[FE80::1]", "Upper.Example", "User@Upper:2200"])
+def test_resolve_canonicalises_case_like_ssh_G(tmp_path, node):
+    """sshconfig.resolve gives what `ssh -G` prints for hostname, port, user, hostkeyalias."""
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    f = tmp_path / "config"
+    f.write_text(CASE_CONFIG)
+    t = sshconfig.resolve(node, sshconfig.load(sshconfig.config_text(str(f))))
+    g = _ssh_G(f, node)
+    assert (t.hostname, str(t.port), t.user, t.host_key_alias) == \
+        (g["hostname"], g["port"], g["user"], g.get("hostkeyalias")), (node, g)
+
+
+def _ssh_G(config, node: str) -> dict:
+    """`ssh -G` for node under config alone (-F): its keys, first value each."""
+    user, host, port = sshconfig.split_node(node)
+    argv = ["ssh", "-G", "-F", str(config)] + (["-l", user] if user else []) + (["-p", str(port)] if port else [])
+    r = subprocess.run([*argv, host], capture_output=True, text=True, stdin=subprocess.DEVNULL, check=True)
+    out: dict = {}
+    for line in r.stdout.splitlines():
+        k, _, v = line.partition(" ")
+        out.setdefault(k, v)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 import threading
 
 import pytest
@@ -84,6 +85,33 @@ def test_unknown_key_refused_by_default_then_accepted_on_opt_in(ssh_open, tmp_pa
     t2 = ssh_open("unknown")  # now known, no opt-in needed
     assert "known key" in t2._conn.trust and str(kh) in t2._conn.trust
 
+
+
+@pytest.mark.parametrize("name,alias", [("Kata-Node-1", "Kata-Node-1"), ("LOCALHOST", None)])
+def test_accept_new_with_capitals_writes_one_entry_openssh_finds(katactl_bin, sshd_lab, tmp_path, name, alias):
+    """--ssh-accept-new with HashKnownHosts yes (Debian's ssh_config) for a HostKeyAlias or
+    a node name (no HostName) with capitals: one line, lower-cased before hashing as
+    OpenSSH writes it, that the next run (without the flag), ssh and ssh-keygen -F find."""
+    n = sshd_lab.nodes["unknown"]
+    kh = tmp_path / "known_hosts"
+    cfg = tmp_path / "config"
+    cfg.write_text(f"Host {name}\n  Port {n.port}\n"  # LOCALHOST: ssh connects to 'localhost'
+                   + (f"  HostName 127.0.0.1\n  HostKeyAlias {alias}\n" if alias else "")
+                   + f"  User {sshd_lab.user}\n  IdentityFile {sshd_lab.user_key}\n  IdentitiesOnly yes\n"
+                   f"  UserKnownHostsFile {kh}\n  GlobalKnownHostsFile /dev/null\n  HashKnownHosts yes\n"
+                   f"  SetEnv KATACTL_HOST_ROOT={n.root}\n")
+    base = ["--ssh-config", cfg, "-N", name]
+    for extra in (["--ssh-accept-new"], ["--ssh-accept-new"], []):
+        r = katactl_bin([*base, *extra, "version", "-o", "json"])
+        assert r.exit_code == 0, (extra, r.stderr)
+    [line] = kh.read_text().splitlines()
+    assert line.startswith("|1|")
+    lookup = alias.lower() if alias else f"[localhost]:{n.port}"
+    r = subprocess.run(["ssh-keygen", "-F", lookup, "-f", str(kh)], capture_output=True, text=True)
+    assert r.returncode == 0, (lookup, r.stdout, r.stderr)
+    r = subprocess.run(["ssh", "-F", str(cfg), "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+                        name, "true"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert r.returncode == 0, r.stderr
 
 def test_multi_hop_proxyjump(ssh_open, sshd_lab):
     t = ssh_open("behind")

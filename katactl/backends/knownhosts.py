@@ -291,13 +291,18 @@ def _same_family(a: str, b: str) -> bool:
 
 
 def add_entry(path: str, name: str, keytype: str, blob: bytes, *, hashed: bool = False) -> None:
-    """Append one line (flock'ed; the directory is created 0700 like ~/.ssh)."""
+    """Append one line (flock'ed; the directory is created 0700 like ~/.ssh).
+
+    The name is written lower-cased, hashed or not, as OpenSSH's write_host_entry()
+    (openssh-portable hostfile.c) does: lookups (host_matches, ssh, ssh-keygen -F) hash
+    the lower-cased name, so a hash of 'Node-1' would never match again."""
     import fcntl
 
     path = os.path.expanduser(path)
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, mode=0o700, exist_ok=True)
+    name = name.lower()
     host = hash_name(name) if hashed else name
     line = f"{host} {keytype} {base64.b64encode(blob).decode()}\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -27,6 +27,7 @@ import glob
 import os
 import re
 import shlex
+import socket
 
 from katactl.backends.knownhosts import DEFAULT_GLOBAL_FILES, DEFAULT_USER_FILES
 from katactl.errors import UsageError
@@ -185,14 +186,28 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     for env in _multi(o.get("setenv")):
         if env.startswith("KATACTL_HOST_ROOT="):
             root = env.split("=", 1)[1]
-    return Target(alias=host, hostname=o.get("hostname", host), port=port, user=who,
+    hka = o.get("hostkeyalias")
+    return Target(alias=host, hostname=_canonical_case(o.get("hostname", host)), port=port, user=who,
                   identity_files=tuple(dict.fromkeys(ids)), identities_only=_yes(o.get("identitiesonly", "no")),
-                  proxy_command=pc, proxy_jump=hops, host_key_alias=o.get("hostkeyalias"),
+                  proxy_command=pc, proxy_jump=hops, host_key_alias=hka.lower() if hka else None,
                   user_known_hosts=ukh or DEFAULT_USER_FILES,
                   global_known_hosts=gkh or DEFAULT_GLOBAL_FILES,
                   hash_known_hosts=_yes(o.get("hashknownhosts", "no")),
                   connect_timeout=float(ct) if ct and str(ct).isdigit() else None,
                   host_root=root, forward_agent=_yes(o.get("forwardagent", "no")))
+
+
+def _canonical_case(host: str) -> str:
+    """The host ssh connects to and looks up in known_hosts: lower-cased unless it is an
+    address (openssh-portable ssh.c main(): "Don't lowercase addresses", with is_addr():
+    a '%' or ':' in it, only digits and dots, or a numeric address to getaddrinfo)."""
+    if "%" in host or ":" in host or not host.strip("0123456789."):
+        return host
+    try:
+        socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):
+        return host.lower()
+    return host
 
 
 def lookup(cfg, host: str):
