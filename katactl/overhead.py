@@ -14,7 +14,9 @@ Measured, per sandbox, over one sampling window (two samples ``interval`` apart)
   Dragonball VMM inside its shim, one lab daemon) is divided between them. When the shim's
   pid is unknown its figures come from its own ``/metrics`` (``kata_shim_proc_*``).
   CPU is the processes' CPU time minus the VMM's vCPU threads (the guest's work, which the
-  pod's requests cover); memory is their RSS, the VMM's without the guest memory the guest
+  pod's requests cover; a QEMU without debug-threads=on names none: see
+  :func:`katactl.isolation.threads.identify_vcpus`; where they stay unknown the CPU is not
+  measured, never the guest's counted as overhead); memory is their RSS, the VMM's without the guest memory the guest
   uses (``MemTotal - MemFree`` of ``kata_guest_meminfo``: the workload's, covered by the
   requests). Without guest figures the VMM's whole RSS counts (noted on the item).
 - ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the cgroup where the runtime keeps
@@ -310,12 +312,16 @@ def members(sbs, table: dict[int, _Proc]) -> dict[str, dict[int, str]]:
     return roots
 
 
-def _vcpu_tids(transport: NodeTransport, vmms: dict[int, str | None]) -> dict[int, list[int]]:
-    """{vmm pid: [vCPU thread ids]} from the names of /proc/<pid>/task/<tid>."""
-    from katactl.isolation.threads import vcpu_index
+def _vcpu_tids(transport: NodeTransport, sbs) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """({vmm pid: [vCPU thread ids]}, {vmm pid: why its vCPUs are unknown}). By the names of
+    /proc/<pid>/task/<tid>; a QEMU without debug-threads=on names none: then as
+    :func:`katactl.isolation.threads.identify_vcpus` (QMP query-cpus-fast, else the sandbox
+    cgroup where the runtime moved them)."""
+    from katactl.isolation import threads as th
 
+    vmms = {sb.hypervisor_pid: sb for sb in sbs if sb.hypervisor_pid}
     if not vmms:
-        return {}
+        return {}, {}
     dirs = transport.scan_dirs([f"/proc/{p}/task" for p in vmms])
     tids: dict[int, list[str]] = {}
     for p in vmms:
@@ -327,9 +333,34 @@ def _vcpu_tids(transport: NodeTransport, vmms: dict[int, str | None]) -> dict[in
         for n in ns:
             raw = got.get(f"/proc/{p}/task/{n}/stat")
             parsed = _parse_stat(raw) if isinstance(raw, bytes) else None
-            if parsed and vcpu_index(parsed[0], vmms[p]) is not None:
+            if parsed and th.vcpu_index(parsed[0], vmms[p].hypervisor) is not None:
                 out.setdefault(p, []).append(int(n))
-    return out
+    # a VMM that is gone (no threads) is noted as such by _item, not as unknown vCPUs
+    todo = [sb for p, sb in vmms.items() if tids[p] and th.needs_identity(sb.hypervisor, len(out.get(p, ())))]
+    if not todo:
+        return out, {}
+    qmp = th.qmp_vcpus_many(transport, todo)
+    cg = transport.read_many([f"/proc/{sb.hypervisor_pid}/task/{n}/cgroup" for sb in todo
+                              if th.sandbox_cgroup_of(sb) for n in tids[sb.hypervisor_pid]], limit=4096)
+    unknown: dict[int, str] = {}
+    for sb in todo:
+        p = sb.hypervisor_pid
+        rows: list[dict[str, Any]] = [
+            {"tid": int(n), "role": "other", "vcpu": None, "cgroups": _cgroups_of(cg.get(f"/proc/{p}/task/{n}/cgroup"))}
+            for n in tids[p]]
+        ident = th.identify_vcpus(transport, sb, rows, qmp=qmp[sb.id])
+        if ident["by"] is None:
+            unknown[p] = ident["note"]
+        else:
+            out[p] = [r["tid"] for r in rows if r["role"] == "vcpu"]
+    return out, unknown
+
+
+def _cgroups_of(raw) -> dict[str, str]:
+    from katactl.isolation.cgroups import parse_proc_cgroup
+
+    c = parse_proc_cgroup(raw.decode("utf-8", "replace")) if isinstance(raw, bytes) else {}
+    return {k: c[k] for k in ("cpu", "unified") if k in c}
 
 
 def _thread_ticks(transport: NodeTransport, threads: dict[int, list[int]]) -> dict[tuple[int, int], int]:
@@ -418,8 +449,7 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
     for m in mem.values():
         for p in m:
             sharers[p] = sharers.get(p, 0) + 1
-    vmms = {sb.hypervisor_pid: sb.hypervisor for sb in sbs if sb.hypervisor_pid}
-    threads = _vcpu_tids(transport, vmms)
+    threads, vcpus_unknown = _vcpu_tids(transport, sbs)
     fs = _cgroup_reader(transport) if any(s.overhead_cgroup_path and s.sandbox_cgroup_only is not True for s in sbs) else None
     cg_of: dict[str, dict[str, str]] = {}
     if fs is not None:
@@ -442,7 +472,8 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
     items = []
     for sb in sbs:
         g = guest.get(sb.id)
-        items.append(_item(sb, mem[sb.id], sharers, threads, a, b, dt, g, cg_of.get(sb.id), declared, fs))
+        items.append(_item(sb, mem[sb.id], sharers, threads, vcpus_unknown, a, b, dt, g, cg_of.get(sb.id),
+                           declared, fs))
     return items
 
 
@@ -456,8 +487,8 @@ def matches(sb, ref: str) -> bool:
     return sb.id.startswith(ref)
 
 
-def _item(sb, mem: dict[int, str], sharers, threads, a: _Sample, b: _Sample, dt: float, g, cg: dict | None,
-          declared: Declared, fs) -> dict:
+def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, str], a: _Sample, b: _Sample,
+          dt: float, g, cg: dict | None, declared: Declared, fs) -> dict:
     from katactl.sandbox import pod_ref
 
     notes: list[str] = []
@@ -485,7 +516,13 @@ def _item(sb, mem: dict[int, str], sharers, threads, a: _Sample, b: _Sample, dt:
             notes.append(f"{role} pid {pid} exited while measured")
         rss = st.rss
         cpu = None
-        if sa is not None and sb_ is not None and dt > 0 and sa.create_time == sb_.create_time:
+        if role in ("vmm", "shim+vmm") and pid in vcpus_unknown:
+            # its CPU time is the guest's too, and which threads run the guest is unknown:
+            # never counted as overhead (a false over-declared finding)
+            notes.append(f"CPU not measured: the VMM's (pid {pid}) includes the guest's vCPU time, "
+                         f"vCPU threads unknown: {vcpus_unknown[pid]}")
+            cpu_known = False
+        elif sa is not None and sb_ is not None and dt > 0 and sa.create_time == sb_.create_time:
             secs = max(0.0, sb_.cpu_seconds - sa.cpu_seconds)
             if role in ("vmm", "shim+vmm") and pid in threads:
                 vt = sum(max(0, b.vcpu.get((pid, tid), 0) - a.vcpu.get((pid, tid), 0))
@@ -533,13 +570,16 @@ def _item(sb, mem: dict[int, str], sharers, threads, a: _Sample, b: _Sample, dt:
     known = [r for r in ratio.values() if r is not None]
     ratio["max"] = max(known) if known else None
     severity, message = _judge(dec_out, measured, ratio)
+    vcpus_note = vcpus_unknown.get(sb.hypervisor_pid) if sb.hypervisor_pid else None
+    if vcpus_note and measured["cpuMillis"] is None and dec_out.get("source") is not None:
+        message += "; CPU not measured (the VMM's vCPU threads are unknown: guest CPU is not overhead)"
     guest_mem = int(g_total) if g_total is not None else (
         sb.total_memory_mib * (1 << 20) if sb.total_memory_mib is not None else None)
     return {
         "id": sb.id, "pod": sb.pod, "podRef": pod_ref(sb.pod), "runtimeClass": rc, "hypervisor": sb.hypervisor,
         "declared": dec_out, "measured": measured, "ratio": ratio,
         "guestMemoryBytes": guest_mem, "guestMemoryUsedBytes": guest_used,
-        "processes": procs, "cgroup": cgroup,
+        "processes": procs, "cgroup": cgroup, "vcpusUnknown": vcpus_note,
         "severity": severity, "message": message, "notes": notes,
     }
 

@@ -5,8 +5,10 @@ Cloud Hypervisor / Firecracker servers, shared by every integration test that
 needs a guest. Sandboxes (by name; ``lab.sb(name)`` gives the state entry,
 ``lab.id(name)`` the sandbox id, ``lab.pod(name)`` the NAMESPACE/POD ref):
 
-- ``qemu-0``: booted guest, balloon, shim extension, extra-monitor.sock (QMP)
-- ``qemu-em``: booted guest, balloon, *no* shim extension, extra-monitor.sock
+- ``qemu-0``: booted guest, balloon, shim extension, extra-monitor.sock (QMP),
+  ``debug-threads=on`` (named vCPU threads, as Kata's enable_debug gives)
+- ``qemu-em``: booted guest, balloon, *no* shim extension, extra-monitor.sock; like every
+  other QEMU here, no debug-threads (Kata's default): unnamed vCPU threads
 - ``panic``: booted guest (256 MiB) reserved for the vmcore tests' guest panic; the
   first test to ``inject-nmi`` it consumes it (check ``lab.sb("panic")["status"]``)
 - ``panic-lab``: booted guest (192 MiB) for test_lab's panic-handler test
@@ -30,7 +32,8 @@ import tempfile
 import pytest
 
 LAB_SPECS = [
-    {"name": "qemu-0", "hypervisor": "qemu", "memory_mib": 512, "pod": "qemu-0", "namespace": "lab"},
+    {"name": "qemu-0", "hypervisor": "qemu", "memory_mib": 512, "pod": "qemu-0", "namespace": "lab",
+     "debug_threads": True},
     {"name": "qemu-em", "hypervisor": "qemu", "memory_mib": 512, "pod": "qemu-em", "namespace": "lab",
      "extension": False},
     {"name": "panic", "hypervisor": "qemu", "memory_mib": 256, "pod": "panic", "namespace": "lab"},

@@ -174,8 +174,10 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
                offline_bvt: int = -1, sandbox_bvt: int | None = None, offline_shares: int = 2,
                online_shares: int = 1024, online_priority: int = 12, offline_priority: int = 0,
                be_l3: str = "f", sandbox_cgroup_only: bool = False, vcpus: int = 2,
-               vcpu_outside: bool = False, vcpus_in_be: bool = True, hypervisor: str = "qemu") -> dict:
+               vcpu_outside: bool = False, vcpus_in_be: bool = True, hypervisor: str = "qemu",
+               named_vcpus: bool = True) -> dict:
     """A co-location node: online burstable pods (runc) and offline Kata sandboxes in besteffort.
+    ``named_vcpus=False``: QEMU's vCPU threads keep its comm, as without debug-threads=on.
 
     Returns {"online": [pod uids], "sandboxes": [SandboxPaths], "vcpu_tids": {sid: [tids]}}.
     """
@@ -227,7 +229,8 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
         sbs.append(sp)
         vals = {**base, **cpu(offline_shares), **bvt(offline_bvt), **ali,
                 **({"memory.priority": offline_priority, "memory.wmark_min_adj": 50} if alinux else {})}
-        names = {"qemu": "CPU {}/KVM", "clh": "vcpu{}", "fc": "fc_vcpu {}"}[hypervisor]
+        names = {"qemu": "CPU {}/KVM" if named_vcpus else "qemu-system-x86", "clh": "vcpu{}",
+                 "fc": "fc_vcpu {}"}[hypervisor]
         vt = [pid + 1 + k for k in range(vcpus)]
         vcpu_tids[sid] = vt
         in_sb = ov_cg if vcpu_outside else sb_cg

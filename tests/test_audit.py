@@ -119,6 +119,44 @@ def test_core_sched_conflicts_with_any_underclass(cli, tmp_path, offline_bvt):
     assert "underclass" in f[0]["message"]
 
 
+def test_unnamed_qemu_vcpus_are_unreadable_not_passed(cli, tmp_path):
+    """Kata's QEMU without debug-threads=on (enable_debug off, the default) leaves its vCPU threads
+    unnamed; no QMP monitor answers on the fixture and sandbox_cgroup_only = true: which threads
+    are the vCPUs is unknown, and the misplaced ones may be among them: kata.unreadable, not a pass."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, named_vcpus=False, vcpu_outside=True)
+    r, d = _audit(cli, root, "--fail-on", "low")
+    un = [i for i in d["items"] if i["check"] == "kata.unreadable"]
+    assert r.exit_code == 8 and len(un) == 1, d["items"]
+    assert "vCPU threads not identified" in un[0]["message"] and "debug-threads" in un[0]["message"]
+    # the I/O thread sits in the sandbox cgroup, the vCPUs outside; the vCPUs in BE, the I/O thread not
+    assert "in the sandbox cgroup" in un[0]["message"] and "resctrl group 'BE'" in un[0]["message"]
+    assert "extra_monitor_socket" in un[0]["fix"]
+    assert not {"kata.vcpu-cgroup", "rdt.offline-threads"} & _checks(d)
+    # no thread of the VMM in BE: its vCPUs are not, whichever they are
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, named_vcpus=False, vcpus_in_be=False)
+    r, d = _audit(cli, root)
+    f = [i for i in d["items"] if i["check"] == "rdt.offline-threads"]
+    assert r.exit_code == 8 and f and "none of the VMM's 3 other threads" in f[0]["message"], d["items"]
+
+
+def test_unnamed_qemu_vcpus_by_the_sandbox_cgroup(cli, tmp_path):
+    """sandbox_cgroup_only = false: the runtime moves exactly the vCPU threads into the sandbox
+    cgroup, so those are the vCPUs: their resctrl group is checked as named ones are."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, named_vcpus=False, vcpus_in_be=False)
+    r, d = _audit(cli, root)
+    f = [i for i in d["items"] if i["check"] == "rdt.offline-threads"]
+    assert f and f[0]["message"].startswith("2 of 2 vCPU threads"), d["items"]
+    assert "kata.unreadable" not in _checks(d) and "kata.vcpu-cgroup" not in _checks(d)
+    # every thread outside the sandbox cgroup (none moved): the vCPUs are outside, whichever they are
+    root2 = str(tmp_path / "n2")
+    build_node(root2, online_pods=1, sandboxes=1, named_vcpus=False, vcpu_outside=True)
+    r, d = _audit(cli, root2)
+    f = [i for i in d["items"] if i["check"] == "kata.vcpu-cgroup"]
+    assert r.exit_code == 8 and f and "none of the VMM's 3 other threads" in f[0]["message"], d["items"]
+
+
 def test_be_l3_fix_gives_koordinator_mask(cli, tmp_path):
     root = str(tmp_path)
     build_node(root, online_pods=0, sandboxes=1, sandbox_cgroup_only=True, be_l3="7f", cdp=True)

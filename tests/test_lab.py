@@ -54,13 +54,14 @@ def test_lab_looks_like_a_node_to_every_command(lab, cli):
     assert r.exit_code == 0, r.stderr
     main = [t for t in r.json()["items"] if t["role"] == "main"]
     assert [t["tid"] for t in main] == [q["qemuPid"]]
-    # QEMU runs with Kata's "-name sandbox-<id>,debug-threads=on": its vCPU threads are named
-    # "CPU <n>/TCG" (or /KVM), and inspect threads finds them through the lab's view of /proc
+    # qemu-0 runs as Kata's QEMU with enable_debug: "-name sandbox-<id>,debug-threads=on" names
+    # its vCPU threads "CPU <n>/TCG" (or /KVM); inspect threads finds them through the lab's /proc
     with open(f"/proc/{q['qemuPid']}/cmdline", "rb") as f:
         assert f"sandbox-{q['id']},debug-threads=on".encode() in f.read().split(b"\0")
     assert r.json()["vcpuThreads"] >= 1, r.json()
     vcpus = [t for t in r.json()["items"] if t["role"] == "vcpu"]
     assert vcpus and all(t["vcpu"] == 0 for t in vcpus), vcpus
+    assert r.json()["vcpusBy"] == "names"
     for args in (["inspect", "bvt"], ["inspect", "memcg"]):
         r = cli(lab.args(*args, "-o", "json"))
         assert r.exit_code == 0, (args, r.stderr)
@@ -68,6 +69,73 @@ def test_lab_looks_like_a_node_to_every_command(lab, cli):
     assert r.exit_code in (0, 8), r.stderr  # it ran: clean, or found problems on this host
     r = cli(lab.args("upgrade", "gc", "--dry-run", "-o", "json"))
     assert r.exit_code == 0, r.stderr  # /proc is visible: not refused
+
+
+def _comms(pid: int) -> dict[int, str]:
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/comm") as f:
+            out[int(t)] = f.read().strip()
+    return out
+
+
+def test_unnamed_vcpus_of_a_real_qemu(lab, cli):
+    """qemu-em runs as Kata starts QEMU by default ('-name sandbox-<id>', no debug-threads=on):
+    its vCPU thread keeps QEMU's own comm. katactl asks QMP query-cpus-fast on its
+    extra-monitor.sock for the thread ids, as Kata's runtime (GetThreadIDs) does."""
+    from katactl.backends.qmp import QMPClient
+    from katactl.lab import layout
+
+    q = lab.sb("qemu-em")
+    with open(f"/proc/{q['qemuPid']}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert f"sandbox-{q['id']}".encode() in argv and not any(b"debug-threads" in a for a in argv)
+    comms = _comms(q["qemuPid"])
+    assert not any(c.startswith("CPU ") for c in comms.values()), comms
+    c = QMPClient.connect(lab.transport(), f"{layout.GO_VM}/{q['id']}/extra-monitor.sock")
+    try:
+        want = {cpu["thread-id"] for cpu in c.execute("query-cpus-fast")}
+    finally:
+        c.close()
+    r = cli(lab.args("inspect", "threads", lab.pod("qemu-em"), "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["vcpusBy"] == "qmp" and d["vcpuThreads"] == 1, d
+    (v,) = [t for t in d["items"] if t["role"] == "vcpu"]
+    assert {v["tid"]} == want and v["vcpu"] == 0 and comms[v["tid"]] == v["name"] != "CPU 0/TCG"
+    # overhead subtracts that thread: the VMM's CPU is measured, nothing is unknown
+    r = cli(lab.args("overhead", "-o", "json", "--interval", "0.3s", "--runtime-class-overhead",
+                     "cpu=250m,memory=160Mi", "--fail-on", "critical", lab.pod("qemu-em")))
+    assert r.exit_code in (0, 8), r.stderr
+    (it,) = r.json()["items"]
+    assert it["vcpusUnknown"] is None and it["measured"]["cpuMillis"] is not None, it
+
+
+def test_unknown_vcpus_of_a_real_qemu(lab, cli):
+    """'held': no debug-threads, no extra monitor, qmp.sock held by the lab (as the runtime holds
+    it), and its threads are not in its sandbox cgroup: the vCPUs are unknown, and every command
+    says so instead of taking the guest's CPU for the VMM's (overhead) or passing (audit)."""
+    q = lab.sb("held")
+    r = cli(lab.args("inspect", "threads", lab.pod("held"), "-o", "json"))
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["vcpuThreads"] is None and d["vcpusBy"] is None, d
+    assert "debug-threads" in d["vcpuNote"] and "qmp.sock" in d["vcpuNote"]
+    assert not [t for t in d["items"] if t["role"] == "vcpu"]
+    r = cli(lab.args("inspect", "threads", lab.pod("held")))
+    assert "vCPUs unknown (" in r.stderr + r.stdout
+    r = cli(lab.args("overhead", "-o", "json", "--interval", "0.3s", "--runtime-class-overhead",
+                     "cpu=1m,memory=64Gi", lab.pod("held")))
+    assert r.exit_code == 0, r.stderr  # a CPU ratio of guest time would be 'critical' (exit 8)
+    (it,) = r.json()["items"]
+    assert it["measured"]["cpuMillis"] is None and it["vcpusUnknown"] and it["severity"] is None, it
+    vmm = [p for p in it["processes"] if p["role"] == "vmm"][0]
+    assert vmm["pid"] == q["qemuPid"] and vmm["cpuMillis"] is None
+    # audit: none of its threads is in its sandbox cgroup (the lab makes none), so neither are its
+    # vCPUs, whichever they are: found, where a name-only search saw no vCPU and passed
+    r = cli(lab.args("audit", "-o", "json", "--fail-on", "critical"))
+    held = {i["check"]: i for i in r.json()["items"] if q["id"][:12] in i["target"]}
+    assert "none of the VMM's" in held["kata.vcpu-cgroup"]["message"], r.json()["items"]
 
 
 def test_shim_volume_on_the_lab(lab, cli):

@@ -18,9 +18,25 @@ from tests._katanode import node
 MiB = 1 << 20
 
 
-def _proc():
-    """A real process standing in for a VMM (python holding some memory)."""
-    p = subprocess.Popen(["python3", "-c", "import time; b = bytearray(24 << 20); time.sleep(600)"])
+#: a VMM stand-in: python holding some memory; named_vcpu: one idle thread named as QEMU names
+#: its vCPU threads with debug-threads=on ("CPU 0/KVM"), else none (Kata's default QEMU)
+_VMM = """import threading, time
+def vcpu():
+    if NAMED:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write("CPU 0/KVM")
+    while SPIN:  # a busy guest
+        pass
+    time.sleep(600)
+threading.Thread(target=vcpu, daemon=True).start()
+b = bytearray(24 << 20)
+time.sleep(600)
+"""
+
+
+def _proc(named_vcpu: bool = True, spin: bool = False):
+    """A real process standing in for a VMM."""
+    p = subprocess.Popen(["python3", "-c", f"NAMED = {named_vcpu}\nSPIN = {spin}\n" + _VMM])
     time.sleep(0.3)
     return p
 
@@ -192,6 +208,64 @@ def test_process_vanishing_while_measured(cli, tree, monkeypatch):
     it = {i["id"]: i for i in r.json()["items"]}["ovh02"]
     assert any("exited while measured" in n for n in it["notes"])
     assert it["measured"]["cpuMillis"] is None and it["measured"]["memoryBytes"] is not None
+
+
+def test_unnamed_vcpus_never_count_the_guest_as_overhead(cli):
+    """A QEMU-like VMM whose vCPU thread is unnamed (no debug-threads=on, Kata's default), no QMP
+    monitor, sandbox_cgroup_only = true: which threads run the guest is unknown, so the CPU is not
+    measured (null, a note, '?vcpu' in the table), and no CPU ratio makes it over-declared."""
+    p = _proc(named_vcpu=False)
+    try:
+        with node() as n:
+            n.go("unn01", pod_name="batch", pod_namespace="jobs", pid=p.pid, sandbox_cgroup_only=True,
+                 flavour_kw={"state": ShimState(sandbox_id="unn01", guest_mem_total=2048 * MiB,
+                                                guest_mem_free=2040 * MiB)})
+            args = ["--host-root", n.root, "overhead", "--interval", "0.2s", "--runtime-class-overhead",
+                    "cpu=1m,memory=64Gi"]
+            r = cli([*args, "-o", "json"])
+            t = cli(args)
+    finally:
+        p.kill()
+        p.wait()
+    assert r.exit_code == 0, r.stdout
+    (it,) = r.json()["items"]
+    assert it["measured"]["cpuMillis"] is None and it["ratio"]["cpu"] is None and it["severity"] is None
+    assert "debug-threads" in it["vcpusUnknown"] and "sandbox_cgroup_only = true" in it["vcpusUnknown"]
+    assert any(n.startswith("CPU not measured") for n in it["notes"]) and "CPU not measured" in it["message"]
+    vmm = [q for q in it["processes"] if q["role"] == "vmm"][0]
+    assert vmm["cpuMillis"] is None and vmm["rssBytes"] > 20 * MiB
+    assert t.exit_code == 0 and "?vcpu" in t.stdout.splitlines()[1].split(), t.stdout
+
+
+def test_unnamed_vcpus_from_the_sandbox_cgroup(cli):
+    """sandbox_cgroup_only = false: the runtime moves exactly the vCPU threads into the sandbox
+    cgroup (the rest stays in kata_overhead). A busy unnamed vCPU thread moved into a real cgroup
+    v1 'cpu' group is the guest's CPU, not the VMM's: subtracted, never 'critical'."""
+    name = f"katactl-test-vcpu-{uuid.uuid4().hex[:8]}"
+    d = f"/sys/fs/cgroup/cpu/{name}"
+    try:
+        os.makedirs(d)
+    except OSError as e:
+        pytest.skip(f"cannot create a cgroup here: {e.strerror}")
+    p = _proc(named_vcpu=False, spin=True)
+    try:
+        (tid,) = [int(t) for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid]
+        with open(f"{d}/tasks", "w") as f:
+            f.write(str(tid))
+        with node() as n:
+            n.go("cgv01", pod_name="batch", pod_namespace="jobs", pid=p.pid, sandbox_cgroup_only=False,
+                 cgroup_path=f"/{name}", flavour_kw={"state": ShimState(sandbox_id="cgv01")})
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.5s",
+                     "--runtime-class-overhead", "cpu=250m,memory=64Gi"])
+    finally:
+        p.kill()
+        p.wait()
+        os.rmdir(d)
+    assert r.exit_code == 0, r.stdout
+    (it,) = r.json()["items"]
+    assert it["vcpusUnknown"] is None and it["measured"]["source"] == "processes"
+    # the spinning thread alone runs ~1000m; the VMM's own (python asleep) is far below 250m
+    assert it["measured"]["cpuMillis"] < 250 and it["severity"] is None, it
 
 
 def test_shim_garbage_metrics_is_a_note(cli, tree):

@@ -274,7 +274,9 @@ def threads_cmd(
     def summary(meta, items):
         sb = meta.get("sandbox")
         head = f"sandbox {sb['id'][:12]} ({sb['hypervisor']}) " if sb else ""
-        return f"{head}pid {meta['pid']}: {meta['threads']} threads, {meta['vcpuThreads']} vCPU; resctrl {meta['resctrl']}"
+        vc = (f"{meta['vcpuThreads']} vCPU" if meta["vcpuThreads"] is not None
+              else f"vCPUs unknown ({meta.get('vcpuNote')})")
+        return f"{head}pid {meta['pid']}: {meta['threads']} threads, {vc}; resctrl {meta['resctrl']}"
 
     _node_report(state(ctx), lambda n: inspect_threads(n, sandbox, pid), kind="ThreadList", columns=cols,
                  summary_fn=summary)

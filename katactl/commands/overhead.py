@@ -20,6 +20,8 @@ def _columns():
     def cpu(key):
         def f(it):
             v = (it.get(key) or {}).get("cpuMillis")
+            if v is None and key == "measured" and it.get("vcpusUnknown"):
+                return "?vcpu"  # guest CPU cannot be told apart: not measured (see notes)
             return None if v is None else f"{v}m"
         return f
 
@@ -71,7 +73,11 @@ def overhead(
     threads' CPU and without the guest memory the guest uses) and virtiofsd and
     other helpers of the sandbox; where sandbox_cgroup_only = false, the
     kata_overhead/<id> cgroup's memory and CPU usage is the figure and the
-    processes its breakdown. CPU is a rate over --interval.
+    processes its breakdown. CPU is a rate over --interval. QEMU names its vCPU
+    threads only with debug-threads=on (Kata's enable_debug); otherwise they are
+    asked over QMP (query-cpus-fast on extra-monitor.sock, or a free qmp.sock),
+    else taken from the sandbox cgroup (sandbox_cgroup_only = false); where they
+    stay unknown the CPU is not measured (MEAS-CPU ?vcpu, a note on the item).
 
     Severity by measured/declared: low above 1x, medium above 1.25x, high above
     1.5x, critical above 2x; a pod using what it declares none of is at least

@@ -442,6 +442,16 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
 def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | None) -> None:
     tree = node.rdt() if tid_group is not None else None  # the tree _rdt_checks read (cached)
     be_exists = tree is not None and any(g["name"] == pol.rdt.be_group for g in tree["groups"])
+    vmm_threads: dict[str, list[dict]] = {}
+    for sb in node.sandboxes:
+        if sb.hypervisor_pid:
+            try:
+                vmm_threads[sb.id] = threads.list_threads(node.t, sb.hypervisor_pid, hypervisor=sb.hypervisor,
+                                                          tid_groups=tid_group, controllers=("cpu", "unified"))
+            except NotFound:
+                pass
+    qmp = threads.qmp_vcpus_many(node.t, [sb for sb in node.sandboxes if sb.id in vmm_threads and threads.needs_identity(
+        sb.hypervisor, sum(th["role"] == "vcpu" for th in vmm_threads[sb.id]))])
     for sb in node.sandboxes:
         tgt = f"sandbox {sb.id[:12]}" + (f" (pod {sb.pod_ref})" if sb.pod_ref else "")
         sp, op = node.sandbox_cgroup(sb), node.overhead_cgroup(sb)
@@ -470,35 +480,48 @@ def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | Non
                       "run katactl where the node's /proc is visible (a host-root without /proc cannot "
                       "show processes)")
             continue
-        try:
-            ths = threads.list_threads(node.t, sb.hypervisor_pid, hypervisor=sb.hypervisor,
-                                       tid_groups=tid_group, controllers=("cpu", "unified"))
-        except NotFound:
+        ths = vmm_threads.get(sb.id)
+        if ths is None:
             f.add("kata.unreadable", tgt, f"hypervisor pid {sb.hypervisor_pid} is not running: threads not checked",
                   [{"file": f"/proc/{sb.hypervisor_pid}", "value": "missing"}], "katactl sandbox list (stale state?)")
             continue
+        ident = threads.identify_vcpus(node.t, sb, ths, qmp=qmp.get(sb.id))
         vcpus = [th for th in ths if th["role"] == "vcpu"]
+        if ident["by"] is None:
+            # which threads are the vCPUs is unknown: a check every thread passes (or fails) holds
+            # for the vCPUs too; anything else is unknown, said so, never passed
+            vcpus = [th for th in ths if th["tid"] != sb.hypervisor_pid]
+        unknown: list[str] = []
         if pol.kata.vcpus_in_sandbox_cgroup and sp:
-            outside = [th for th in vcpus if not _inside(threads.primary_cgroup(th), sp)]
-            if outside:
+            outside = [th for th in vcpus if not threads.inside(threads.primary_cgroup(th), sp)]
+            if ident["by"] is None and outside and len(outside) < len(vcpus):
+                unknown.append(f"whether they are in the sandbox cgroup {sp}")
+            elif outside:
                 f.add("kata.vcpu-cgroup", tgt,
-                      f"{len(outside)} of {len(vcpus)} vCPU threads are outside the sandbox cgroup {sp}",
+                      (f"{len(outside)} of {len(vcpus)} vCPU threads are outside the sandbox cgroup {sp}"
+                       if ident["by"] is not None else
+                       f"none of the VMM's {len(vcpus)} other threads (its vCPU threads among them) is in the sandbox "
+                       f"cgroup {sp}"),
                       [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}/cgroup",
                         "value": f"{th['name']}: {threads.primary_cgroup(th)}"} for th in outside[:8]],
                       "the runtime moves vCPU threads after boot; check the shim log, or restart the pod")
-        if tid_group is not None and pol.rdt.check_threads and vcpus:
+        if tid_group is not None and pol.rdt.check_threads and vcpus and be_exists:
             wrong = [th for th in vcpus if th.get("resctrlGroup") != pol.rdt.be_group]
-            if wrong and be_exists:
+            if ident["by"] is None and wrong and len(wrong) < len(vcpus):
+                unknown.append(f"whether they are in resctrl group {pol.rdt.be_group!r}")
+            elif wrong:
                 f.add("rdt.offline-threads", tgt,
-                      f"{len(wrong)} of {len(vcpus)} vCPU threads are not in resctrl group {pol.rdt.be_group!r}",
+                      (f"{len(wrong)} of {len(vcpus)} vCPU threads are not in resctrl group {pol.rdt.be_group!r}"
+                       if ident["by"] is not None else
+                       f"none of the VMM's {len(vcpus)} other threads (its vCPU threads among them) is in resctrl "
+                       f"group {pol.rdt.be_group!r}"),
                       [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}", "value":
                         f"{th['name']}: resctrl group {th.get('resctrlGroup')}"} for th in wrong[:8]],
                       f"echo TID > /sys/fs/resctrl/{pol.rdt.be_group}/tasks for each vCPU thread "
                       "(koordinator's resctrl reconciler does this for BE pods)")
-
-
-def _inside(path: str | None, parent: str) -> bool:
-    if not path:
-        return False
-    p, q = cg.norm_cgpath(path), cg.norm_cgpath(parent)
-    return p == q or p.startswith(q.rstrip("/") + "/")
+        if unknown:
+            f.add("kata.unreadable", tgt,
+                  f"vCPU threads not identified ({ident['note']}): not checked " + " nor ".join(unknown),
+                  [{"file": f"/proc/{sb.hypervisor_pid}/task", "value": sorted({th["name"] for th in vcpus})}],
+                  'set extra_monitor_socket = "qmp" in [hypervisor.qemu] (katactl asks QMP query-cpus-fast '
+                  "for the vCPU thread ids, as the runtime does), or enable_debug = true (named vCPU threads)")

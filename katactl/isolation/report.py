@@ -356,19 +356,28 @@ def _info_json(info: dict) -> dict:
 def _attach_sandboxes(node: Node, tree: dict) -> None:
     tg = resctrl.tid_groups(tree)
     by_group: dict[str, list] = {}
+    listed: dict[str, list[dict]] = {}
     for sb in node.sandboxes:
         if not sb.hypervisor_pid:
             continue
         try:
-            ths = threads.list_threads(node.t, sb.hypervisor_pid, hypervisor=sb.hypervisor, tid_groups=tg,
-                                       controllers=())
+            listed[sb.id] = threads.list_threads(node.t, sb.hypervisor_pid, hypervisor=sb.hypervisor, tid_groups=tg,
+                                                 controllers=())
         except NotFound:
             continue
+    qmp = threads.qmp_vcpus_many(node.t, [sb for sb in node.sandboxes if sb.id in listed and threads.needs_identity(
+        sb.hypervisor, sum(th["role"] == "vcpu" for th in listed[sb.id]))])
+    for sb in node.sandboxes:
+        ths = listed.get(sb.id)
+        if ths is None:
+            continue
+        known = threads.identify_vcpus(node.t, sb, ths, qmp=qmp.get(sb.id))["by"] is not None
         counts: dict[str, dict] = {}
         for th in ths:
-            c = counts.setdefault(th["resctrlGroup"], {"threads": 0, "vcpus": 0})
+            c = counts.setdefault(th["resctrlGroup"], {"threads": 0, "vcpus": 0 if known else None})
             c["threads"] += 1
-            c["vcpus"] += th["role"] == "vcpu"
+            if known:
+                c["vcpus"] += th["role"] == "vcpu"
         for gname, c in counts.items():
             by_group.setdefault(gname, []).append({"id": sb.id, "pod": sb.pod_ref, **c})
     for g in tree["groups"]:
@@ -398,5 +407,11 @@ def inspect_threads(node: Node, ref: str | None, pid: int | None = None) -> dict
     meta["pid"] = pid
     meta["resctrl"] = "mounted" if rdt else "unsupported (resctrl not mounted)"
     meta["vcpuThreads"] = sum(r["role"] == "vcpu" for r in rows)
+    if ref is not None:  # an unnamed QEMU's vCPUs: over QMP, or by the sandbox cgroup (threads.identify_vcpus)
+        ident = threads.identify_vcpus(node.t, sb, rows)
+        meta["vcpusBy"] = ident["by"]
+        meta["vcpuThreads"] = sum(r["role"] == "vcpu" for r in rows) if ident["by"] else None
+        if ident["note"]:
+            meta["vcpuNote"] = ident["note"]
     meta["threads"] = len(rows)
     return {"meta": meta, "items": rows}

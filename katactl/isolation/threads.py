@@ -1,11 +1,23 @@
 """A process's threads as the scheduler sees them: vCPU identity, affinity,
-cgroup, resctrl group, scheduling policy and nice, from /proc on the node."""
+cgroup, resctrl group, scheduling policy and nice, from /proc on the node.
+
+vCPU threads by name: Cloud Hypervisor always names them ``vcpu<n>`` (vmm/src/cpu.rs,
+``thread::Builder::new().name(format!("vcpu{cpu_id}"))``), Firecracker ``fc_vcpu <n>``
+(src/vmm/src/vstate/vcpu). QEMU names them ``CPU <n>/KVM`` only with ``-name
+...,debug-threads=on``, which Kata's Go runtime adds only when ``[hypervisor.qemu]
+enable_debug = true`` (kata-containers src/runtime/pkg/govmm/qemu/qemu.go ``appendName``:
+``if config.Debug { nameParams = append(nameParams, "debug-threads=on") }``): a production
+QEMU's vCPU threads carry its default comm. For those, :func:`identify_vcpus` does what Kata
+does (src/runtime/virtcontainers/qemu.go ``GetThreadIDs``: QMP ``query-cpus-fast``, each
+CPU's ``thread-id``), else, with ``sandbox_cgroup_only = false``, takes the threads the
+runtime moved into the sandbox cgroup (only the vCPUs go there), else says it cannot tell.
+"""
 from __future__ import annotations
 
 import re
 
-from katactl.errors import NotFound
-from katactl.isolation.cgroups import parse_proc_cgroup
+from katactl.errors import KatactlError, NotFound, UsageError
+from katactl.isolation.cgroups import expand_systemd, norm_cgpath, parse_proc_cgroup
 from katactl.backends.base import NodeTransport
 
 #: vCPU thread names per hypervisor (comm, 15 chars max)
@@ -103,3 +115,121 @@ def list_threads(transport: NodeTransport, pid: int, *, hypervisor: str | None =
 def primary_cgroup(row: dict) -> str | None:
     c = row.get("cgroups", {})
     return c.get("cpu") or c.get("unified")
+
+
+# -- vCPUs of an unnamed QEMU ----------------------------------------------------------------
+#: how long a QMP monitor may take to answer; the runtime's qmp.sock never greets (held)
+QMP_TIMEOUT = 2.0
+
+
+def needs_identity(hypervisor: str | None, named: int) -> bool:
+    """QEMU without named vCPU threads (no debug-threads=on): the names say nothing."""
+    return hypervisor == "qemu" and named == 0
+
+
+def qmp_vcpus(transport: NodeTransport, sb, *, timeout: float = QMP_TIMEOUT) -> tuple[dict[int, int | None] | None, str]:
+    """({tid: cpu index}, socket) of a QEMU sandbox's vCPUs from QMP ``query-cpus-fast``
+    (``thread-id`` > 0, as Kata's GetThreadIDs), over its extra monitor, else ``qmp.sock``
+    when it greets (the runtime normally holds it); (None, why) when neither answers."""
+    from katactl.backends.qmp import QMPClient
+
+    tried = []
+    for path in (sb.extra_monitor_socket, sb.api_socket):
+        if not path or path in tried:
+            continue
+        tried.append(path)
+        try:
+            c = QMPClient.connect(transport, path, timeout=timeout)
+        except (KatactlError, OSError):
+            continue
+        try:
+            cpus = c.execute("query-cpus-fast")
+        except (KatactlError, OSError):
+            continue
+        finally:
+            c.close()
+        out: dict[int, int | None] = {}
+        for cpu in cpus if isinstance(cpus, list) else []:
+            tid = cpu.get("thread-id") if isinstance(cpu, dict) else None
+            idx = cpu.get("cpu-index")
+            if isinstance(tid, int) and not isinstance(tid, bool) and tid > 0:
+                out[tid] = idx if isinstance(idx, int) and not isinstance(idx, bool) else None
+        if out:
+            return out, path
+    return None, ("no QMP monitor answered (" + ", ".join(tried) + ")" if tried else "no QMP socket recorded")
+
+
+def qmp_vcpus_many(transport: NodeTransport, sbs, *, timeout: float = QMP_TIMEOUT,
+                   workers: int = 16) -> dict[str, tuple[dict[int, int | None] | None, str]]:
+    """:func:`qmp_vcpus` of many sandboxes at once ({sandbox id: result}): a held qmp.sock
+    costs its greeting timeout, so they wait side by side, not one after another."""
+    sbs = list(sbs)
+    if len(sbs) <= 1:
+        return {sb.id: qmp_vcpus(transport, sb, timeout=timeout) for sb in sbs}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(sbs))) as ex:
+        got = list(ex.map(lambda sb: qmp_vcpus(transport, sb, timeout=timeout), sbs))
+    return {sb.id: g for sb, g in zip(sbs, got, strict=True)}
+
+
+def sandbox_cgroup_of(sb) -> str | None:
+    """The sandbox cgroup that holds exactly the vCPU threads (sandbox_cgroup_only = false)."""
+    if sb.sandbox_cgroup_only is not False or not sb.sandbox_cgroup_path:
+        return None
+    try:
+        return expand_systemd(sb.sandbox_cgroup_path)
+    except UsageError:
+        return None
+
+
+def inside(path: str | None, parent: str) -> bool:
+    """A cgroup path at or below parent."""
+    if not path:
+        return False
+    try:
+        p, q = norm_cgpath(path), norm_cgpath(parent)
+    except UsageError:
+        return False
+    return p == q or p.startswith(q.rstrip("/") + "/")
+
+
+def unknown_note(sb, qmp_why: str) -> str:
+    return (f"QEMU's vCPU threads are unnamed (no debug-threads=on: Kata's enable_debug is off), {qmp_why}"
+            + (" and sandbox_cgroup_only = true (every thread in one cgroup)" if sb.sandbox_cgroup_only
+               else " and no sandbox cgroup is recorded" if not sb.sandbox_cgroup_path
+               else " and none of its threads is in the sandbox cgroup"))
+
+
+def identify_vcpus(transport: NodeTransport, sb, rows: list[dict], *, qmp: tuple | None = None,
+                   timeout: float = QMP_TIMEOUT) -> dict:
+    """Mark the vCPU rows of a sandbox's VMM (:func:`list_threads` rows) when the names did
+    not: {"by": "names" | "qmp" | "cgroup" | None, "note": why unknown (by None)}.
+    ``qmp``: its :func:`qmp_vcpus` result when already asked (:func:`qmp_vcpus_many`)."""
+    if not needs_identity(sb.hypervisor, sum(r["role"] == "vcpu" for r in rows)):
+        return {"by": "names", "note": None}
+    got, why = qmp if qmp is not None else qmp_vcpus(transport, sb, timeout=timeout)
+    if got:
+        for r in rows:
+            if r["tid"] in got:
+                r["role"], r["vcpu"] = "vcpu", got[r["tid"]]
+        by = "qmp"
+    else:
+        sp = sandbox_cgroup_of(sb)
+        hits = []
+        if sp is not None:
+            for r in rows:
+                if r["tid"] == sb.hypervisor_pid:
+                    continue  # the main thread runs no vCPU
+                c = primary_cgroup(r) if r.get("cgroups") else primary_cgroup(
+                    {"cgroups": parse_proc_cgroup(_read(transport, f"/proc/{sb.hypervisor_pid}/task/{r['tid']}/cgroup")
+                                                  or "")})
+                if inside(c, sp):
+                    hits.append(r)
+        if not hits:
+            return {"by": None, "note": unknown_note(sb, why)}
+        for r in hits:
+            r["role"], r["vcpu"] = "vcpu", None
+        by = "cgroup"
+    rows.sort(key=lambda r: (r["role"] != "main", r["role"] != "vcpu", r["vcpu"] or 0, r["tid"]))
+    return {"by": by, "note": None}

@@ -167,7 +167,8 @@ class LabSandbox:
             raise RuntimeError("internal: the lab's guest assets are not prepared")
         argv = vm.qemu_argv(self.lab.assets, d, name=self.id, memory_mib=self.memory // MIB,
                             balloon=sp.get("balloon", True), pvpanic=True,
-                            extra_monitor=sp.get("extra_monitor", True), qemu=self.lab.qemu)
+                            extra_monitor=sp.get("extra_monitor", True),
+                            debug_threads=sp.get("debug_threads", False), qemu=self.lab.qemu)
         if not sp.get("guest", True):
             argv.append("-S")  # no guest: prelaunch, QMP still answers
         self.argv = argv
@@ -444,6 +445,7 @@ class LabSandbox:
             d["panic"] = self.panic
         d["features"] = {k: self.spec.get(k, True) for k in
                          ("guest", "balloon", "extra_monitor", "hold_qmp", "extension")}
+        d["features"]["debug_threads"] = bool(self.spec.get("debug_threads", False))
         return d
 
 

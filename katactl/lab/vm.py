@@ -8,8 +8,10 @@
 - a busybox initramfs written here in the cpio "newc" format: its init loads
   the modules, sets ``kernel.unknown_nmi_panic=1`` (so QMP ``inject-nmi``
   panics the guest) and idles;
-- the QEMU argv Kata uses for these features: ``-name sandbox-<id>,debug-threads=on``
-  (named vCPU threads), ``virtio-balloon-pci`` as
+- the QEMU argv Kata uses for these features: ``-name sandbox-<id>`` (``,debug-threads=on``,
+  which names the vCPU threads ``CPU <n>/TCG``, only where asked: Kata adds it only with
+  ``enable_debug = true``, kata-containers src/runtime/pkg/govmm/qemu/qemu.go ``appendName``),
+  ``virtio-balloon-pci`` as
   ``balloon0`` with deflate-on-oom and free-page-reporting, ``pvpanic`` with
   ``-no-shutdown``, ``qmp.sock`` plus ``extra-monitor.sock``, TCG.
 """
@@ -263,12 +265,13 @@ def prepare_assets(workdir: str, kernel: str | None = None, modules_dir: str | N
 # -- QEMU -----------------------------------------------------------------------
 def qemu_argv(assets: GuestAssets, vm_dir: str, *, name: str, memory_mib: int = 512,
               balloon: bool = True, pvpanic: bool = True, extra_monitor: bool = True,
-              qemu: str | None = None) -> list[str]:
+              debug_threads: bool = False, qemu: str | None = None) -> list[str]:
     """The QEMU command line of one lab micro-VM (sockets and logs in vm_dir)."""
     qemu = qemu or qemu_binary() or "qemu-system-x86_64"
     argv = [
-        # as Kata's Go runtime: debug-threads=on names the vCPU threads "CPU <n>/TCG" (or /KVM)
-        qemu, "-name", f"sandbox-{name},debug-threads=on", "-uuid", _uuid_for(name),
+        # as Kata's Go runtime: debug-threads=on (its enable_debug) names the vCPU threads
+        # "CPU <n>/TCG" (or /KVM); without it they keep QEMU's own comm
+        qemu, "-name", f"sandbox-{name}" + (",debug-threads=on" if debug_threads else ""), "-uuid", _uuid_for(name),
         "-machine", "pc", "-accel", "tcg", "-cpu", "qemu64",
         "-m", f"{memory_mib}M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-vga", "none", "-net", "none",
