@@ -35,8 +35,6 @@ MIB = 1 << 20
 PATHS = ("extension", "hypervisor-api", "extra-monitor", "qmp")
 DEFAULT_MARGIN = 64 * MIB
 DEFAULT_TOLERANCE = 4 * MIB
-#: without guest statistics, never go below this without --force
-BLIND_FLOOR = 128 * MIB
 
 EXTRA_MONITOR_HINT = ('set extra_monitor_socket = "qmp" in [hypervisor.qemu] of the Kata configuration '
                       "(new sandboxes get a second QMP monitor, extra-monitor.sock)")
@@ -344,6 +342,22 @@ def _guest_from_metrics(transport: NodeTransport, sb, timeout: float) -> dict | 
             "source": "metrics"}
 
 
+def _guest_now(st: dict) -> int:
+    """The guest-visible memory now: what the guest has, else its target, else the VM's size."""
+    for k in ("actual", "target", "memory"):
+        if st.get(k) is not None:
+            return int(st[k])
+    return 0
+
+
+def _usage_unknown_reason(st: dict) -> str:
+    g = st.get("guest")
+    if not g or g.get("total") is None or g.get("available") is None:
+        return "no guest statistics"
+    # guest_used() gave up: the sample counts pages the balloon has taken since
+    return "the guest statistics predate the balloon's last move"
+
+
 def guest_used(state: dict) -> int | None:
     """Memory the guest really uses (excluding pages held by the balloon)."""
     g = state.get("guest")
@@ -462,18 +476,6 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         eff = path.effective_target(want, mem)
         if eff <= 0:
             raise Refused(f"target {format_size(eff)} leaves the guest no memory")
-        if used is not None:
-            floor = used + margin
-            if eff < floor and not force:
-                raise Refused(f"target {format_size(eff)} is below the guest's used memory {format_size(used)} plus a "
-                              f"margin of {format_size(margin)} (= {format_size(floor)})",
-                              hint="use --force to go below it (the guest may OOM or thrash)")
-        elif eff < min(mem, BLIND_FLOOR):
-            if not force:
-                raise Refused(f"target {format_size(eff)}: the guest's memory usage is unknown and the target is "
-                              f"below {format_size(min(mem, BLIND_FLOOR))}", hint="use --force to go below it")
-        if used is None:
-            warnings.append("guest memory usage unknown: the used+margin check was not made")
         current = st.get("target")
         actual = st.get("actual")
         # already there = the target is what we want *and* the guest got there; a target
@@ -483,6 +485,23 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         goal = int(current) if current is not None and at_target else eff
         reached = actual is not None and abs(int(actual) - goal) <= tolerance
         changed = not (at_target and reached)
+        if used is not None:
+            floor = used + margin
+            if eff < floor and not force:
+                raise Refused(f"target {format_size(eff)} is below the guest's used memory {format_size(used)} plus a "
+                              f"margin of {format_size(margin)} (= {format_size(floor)})",
+                              hint="use --force to go below it (the guest may OOM or thrash)")
+        elif changed and eff < _guest_now(st):
+            # a shrink with no usage figure: the used+margin check cannot be made, and a
+            # safety check must not skip itself quietly
+            why = _usage_unknown_reason(st)
+            if not force:
+                raise Refused(f"target {format_size(eff)} shrinks the guest (it has {format_size(_guest_now(st))}) "
+                              f"but its memory usage is unknown ({why}): the used+margin check cannot be made",
+                              hint="retry when the guest's statistics are fresh, or use --force to shrink "
+                                   "without the check (the guest may OOM or thrash)")
+            warnings.append(f"guest memory usage unknown ({why}): shrinking without the used+margin "
+                            "check (--force)")
         view = _view(sb, path, st, attempts)
         view.update({"requestedTargetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
                      "warnings": warnings, "waited": False, "converged": None})

@@ -191,8 +191,9 @@ def test_unknown_sandbox(lab, cli, ref, code):
 
 def test_vm_exits_mid_wait(lab):
     sb = lab.sb("doomed")
+    # --force: a guest that never booted has no statistics, so shrinking it needs --force
     p = subprocess.Popen([sys.executable, "-m", "katactl", *lab.args(
-        "balloon", "set", sb["pod"], "--target", "200Mi", "--wait", "--timeout", "60s", "-o", "jsonl")],
+        "balloon", "set", sb["pod"], "--target", "200Mi", "--force", "--wait", "--timeout", "60s", "-o", "jsonl")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # kill QEMU once the wait has started (the balloon is pending: no guest driver); the first
     # progress event says so (the audit entry is written with the final outcome, at the end)

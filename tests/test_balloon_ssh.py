@@ -65,17 +65,19 @@ def test_get_and_set_wait_over_ssh(cli, bnode):
     assert j["hypervisor"] == "clh" and j["path"] == "hypervisor-api" and j["memoryBytes"] == 1024 * MIB
     assert j["actualBytes"] == 1024 * MIB - srv.guest.balloon_actual()
     try:
-        r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "700Mi", "--wait", "-o", "json"))
+        # no guest statistics here: a shrink needs --force (test_unknown_guest_usage_shrink_needs_force)
+        r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "700Mi", "--force", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
         j = r.json()
         assert j["node"] == NODE and j["changed"] is True and j["converged"] is True
         assert abs(j["actualBytes"] - 700 * MIB) <= TOL
         assert hv_balloon(srv) == 324 * MIB
-        # again: already there, nothing asked of the hypervisor, nothing audited
+        # again (without --force: nothing to shrink): already there, nothing asked of the
+        # hypervisor, nothing audited
         r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "700Mi", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
         j = r.json()
-        assert j["node"] == NODE and j["changed"] is False and j["converged"] is True
+        assert j["node"] == NODE and j["changed"] is False and j["converged"] is True and j["warnings"] == []
         entries = audit_entries("balloon.set", sid)
         assert len(entries) == 1, entries
         assert entries[0]["node"] == NODE and entries[0]["params"]["targetBytes"] == 700 * MIB
@@ -85,40 +87,40 @@ def test_get_and_set_wait_over_ssh(cli, bnode):
     assert hv_balloon(srv) == 0 and srv.guest.balloon_actual() == 0
 
 
-def test_unknown_guest_usage_blind_floor(cli, bnode):
-    """No guest statistics: the used+margin check cannot be made. A target below the
-    blind floor (min(VM memory, 128Mi)) is refused without --force; at or above it, and
-    with --force below it, the change is made with a warning that the check was skipped."""
-    from katactl.balloon import BLIND_FLOOR
-
-    assert BLIND_FLOOR == 128 * MIB
+def test_unknown_guest_usage_shrink_needs_force(cli, bnode):
+    """No guest statistics: the used+margin check cannot be made, so any shrink is refused
+    (exit 5) without --force, however small (the check must not skip itself); with --force
+    it is made and says the check was not. Growing the guest needs no --force."""
     r = cli(["balloon", "set", "--help"])  # the rule as documented
-    assert "usage is unknown (no guest statistics), it refuses targets below 128Mi unless --force" in \
-        " ".join(r.stdout.replace("│", " ").split()), r.stdout
+    assert "it refuses to shrink the guest unless --force" in " ".join(r.stdout.replace("│", " ").split()), r.stdout
     lab, sid, srv = bnode
     r = cli(over_ssh(lab, "balloon", "get", sid[:8], "-o", "json"))
     assert r.exit_code == 0, r.stderr
     assert r.json()["guest"] is None
-    unknown = "guest memory usage unknown: the used+margin check was not made"
     try:
-        r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "100Mi", "--wait", "-o", "json"))
-        assert r.exit_code == 5, (r.stdout, r.stderr)
-        j = r.json()
-        assert j["code"] == "Refused" and "memory usage is unknown" in j["message"] and "128Mi" in j["message"]
-        assert "--force" in j["hint"]
+        for tgt in ("1000Mi", "200Mi", "100Mi"):
+            r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", tgt, "--wait", "-o", "json"))
+            assert r.exit_code == 5, (tgt, r.stdout, r.stderr)
+            j = r.json()
+            assert j["code"] == "Refused" and "shrinks the guest (it has 1Gi)" in j["message"]
+            assert "memory usage is unknown (no guest statistics)" in j["message"] and "--force" in j["hint"]
         assert hv_balloon(srv) == 0 and audit_entries("balloon.set", sid) == []
 
-        r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "200Mi", "--wait", "-o", "json"))
-        assert r.exit_code == 0, r.stderr
-        assert r.json()["warnings"] == [unknown] and f"warning: {unknown}" in r.stderr
-        assert hv_balloon(srv) == 824 * MIB
-
-        r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "100Mi", "--force", "--wait", "-o", "json"))
+        r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "200Mi", "--force", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
         j = r.json()
-        assert j["changed"] is True and j["converged"] is True and j["warnings"] == [unknown]
-        assert hv_balloon(srv) == 924 * MIB
-        assert [e["params"]["targetBytes"] for e in audit_entries("balloon.set", sid)] == [200 * MIB, 100 * MIB]
+        assert j["changed"] is True and j["converged"] is True
+        unknown = "guest memory usage unknown (no guest statistics): shrinking without the used+margin check (--force)"
+        assert j["warnings"] == [unknown] and f"warning: {unknown}" in r.stderr
+        assert hv_balloon(srv) == 824 * MIB
+
+        r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--target", "600Mi", "--wait", "-o", "json"))  # grows
+        assert r.exit_code == 0, r.stderr
+        assert r.json()["changed"] is True and r.json()["warnings"] == []
+        assert hv_balloon(srv) == 424 * MIB
+        entries = audit_entries("balloon.set", sid)
+        assert [(e["params"]["targetBytes"], e["params"]["force"]) for e in entries] == \
+            [(200 * MIB, True), (600 * MIB, False)]
     finally:
         r = cli(over_ssh(lab, "balloon", "set", sid[:8], "--release", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr

@@ -116,8 +116,8 @@ def set_(ctx: typer.Context,
     size). --reclaim takes memory away from the current target; --release
     gives everything back. Refuses (exit 5) a target below the guest's used
     memory plus --margin or above the VM's memory, unless --force. When the
-    guest's usage is unknown (no guest statistics), it refuses targets below
-    128Mi unless --force, and warns that the used+margin check was not made.
+    guest's usage is unknown (no guest statistics, or statistics older than
+    the balloon's last move), it refuses to shrink the guest unless --force.
     Firecracker takes whole MiB of balloon: the target really set (reported as
     effectiveTargetBytes) is the request rounded down to it.
     Re-running --target or --release after success is a no-op (changed:
