@@ -345,23 +345,36 @@ _LABEL_RE = None
 #: suffixes of a family's samples by type (text format 0.0.4)
 _SUFFIXES = {"counter": ("", "_total"), "histogram": ("_bucket", "_sum", "_count"),
              "summary": ("", "_sum", "_count"), "gauge": ("",), "untyped": ("",)}
-_VALUE_WORDS = {"nan", "+inf", "-inf", "inf"}
+#: the sample names a family of a type takes from the names of other families. Go's text
+#: parser (prometheus/common expfmt/text_parse.go, setOrCreateCurrentMF) reads a HELP, TYPE
+#: or sample of X_sum/X_count as summary or histogram X's and X_bucket as histogram X's, so
+#: a family X_count next to summary X is a "second TYPE line" (or samples filed under the
+#: wrong family); a counter's X_total sample makes a family X_total of its own, and a TYPE
+#: X_total after it is refused the same way.
+_TAKES = {"summary": ("_sum", "_count"), "histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",)}
 
 
 def _regexes():
-    global _SAMPLE_RE, _LABEL_RE, _FULLNAME_RE, _BAD_ESCAPE_RE
+    global _SAMPLE_RE, _LABEL_RE, _FULLNAME_RE, _BAD_ESCAPE_RE, _LOOSE_RE
     if _SAMPLE_RE is None:
         import re
 
-        _SAMPLE_RE = re.compile(rf"({_NAME_RE})(?:\{{(.*)\}})?[ \t]+(\S+)(?:[ \t]+(-?[0-9]+))?[ \t]*")
-        _LABEL_RE = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\\n]|\\.)*)"[ \t]*(,|$)')
+        # the value in Go's grammar (see _GO_FLOAT_TEXT) right here: one pass over the line
+        _SAMPLE_RE = re.compile(rf"({_NAME_RE})(?:\{{(.*)\}})?[ \t]+({_GO_FLOAT_TEXT})(?:[ \t]+([+-]?[0-9]+))?[ \t]*")
+        _LOOSE_RE = re.compile(rf"({_NAME_RE})(?:\{{(.*)\}})?[ \t]+(\S+)(?:[ \t]+(\S+))?[ \t]*")
+        # label values: the escapes Go's readTokenAsLabelValue takes (\\ \" \n), no other
+        _LABEL_RE = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\\n]|\\[\\"n])*)"[ \t]*(,|$)')
         _FULLNAME_RE = re.compile(_NAME_RE)
-        _BAD_ESCAPE_RE = re.compile(r"\\[^\\n]")
+        # HELP: readTokenUntilNewline(true) takes \\ and \n (\" too since expfmt's UTF-8 names,
+        # not in the parsers in the field: promtool 2.42 refuses it); a lone \ at the end neither
+        _BAD_ESCAPE_RE = re.compile(r"\\(?:[^\\n]|$)")
     return _SAMPLE_RE, _LABEL_RE
 
 
 _FULLNAME_RE = None
 _BAD_ESCAPE_RE = None
+#: a sample line with any value and timestamp: which part of a line _SAMPLE_RE refused
+_LOOSE_RE = None
 
 
 class Family:
@@ -395,24 +408,101 @@ def _labels(body: str) -> tuple[tuple[str, str], ...]:
     names = [k for k, _ in out]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate label in {{{text[:80]}}}")
+    if "__name__" in names:
+        raise ValueError('label name "__name__" is reserved')
     if len(_LABEL_CACHE) >= _LABEL_CACHE_MAX:
         _LABEL_CACHE.clear()
     got = _LABEL_CACHE[body] = tuple(out)
     return got
 
 
+#: a sample value as Go's text parser reads it (expfmt text_parse.go parseFloat: no 'p',
+#: 'P' or '_', then strconv.ParseFloat(s, 64)): ASCII decimal digits with an optional
+#: sign, fraction and exponent, or inf/infinity with an optional sign, or nan (no sign), in
+#: any case (strconv atof.go special). Python's float() also takes '1_000', Unicode digits
+#: ('\u0661'), '-nan' and surrounding space, which the exposition must never carry.
+_GO_FLOAT_TEXT = (r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                  r"|[iI][nN][fF](?:[iI][nN][iI][tT][yY])?)|[nN][aA][nN]")
+_GO_FLOAT = None
+_INT64 = 1 << 63
+
+
+def _go_float(v: str) -> bool:
+    global _GO_FLOAT
+    if _GO_FLOAT is None:
+        import re
+
+        _GO_FLOAT = re.compile(_GO_FLOAT_TEXT)
+    return bool(_GO_FLOAT.fullmatch(v)) and _in_range(v)
+
+
+def _in_range(v: str) -> bool:
+    """Not ParseFloat's ErrRange: a finite literal beyond float64 (both round correctly, so
+    Python's float() is inf exactly where Go's overflows; underflow to 0 is no error). Only
+    an exponent or 309 digits can get there."""
+    if len(v) < 309 and "e" not in v and "E" not in v:
+        return True
+    return v[-1] not in "0123456789." or abs(float(v)) != float("inf")
+
+
 def _check_value(v: str) -> None:
-    if v.lower() in _VALUE_WORDS:
-        return
-    float(v)  # ValueError for garbage
+    if not _go_float(v):
+        raise ValueError(f"expected float as value, got {_clip(v)}")
+
+
+def _check_timestamp(ts: str) -> None:
+    """strconv.ParseInt(ts, 10, 64), as Go's text parser reads a timestamp."""
+    digits = ts.lstrip("+-")
+    if len(digits) > 19 or not -_INT64 <= int(ts) < _INT64:
+        raise ValueError(f"expected integer as timestamp, got {_clip(ts)}")
+
+
+def _clip(s: str, n: int = 40) -> str:
+    return repr(s) if len(s) <= n else repr(s[:n]) + f"... ({len(s)} characters)"
+
+
+def _clash(name: str, type_: str, types: dict[str, tuple[str, str]]) -> str | None:
+    """The family of ``types`` ({name: (type, whose)}) whose sample names ``name`` (a family of
+    ``type_``) takes or gives (see _TAKES), else None."""
+    for s in _TAKES.get(type_, ()):
+        if name + s in types:
+            return name + s
+    for s in ("_sum", "_count", "_bucket", "_total"):
+        if name.endswith(s):
+            got = types.get(name[: -len(s)])
+            if got is not None and s in _TAKES.get(got[0], ()):
+                return name[: -len(s)]
+    return None
+
+
+def _check_names(fams: list[Family]) -> None:
+    """One shim's families, by the names they are rendered under (go_*/process_* renamed),
+    must not take each other's samples (see _TAKES), nor be katactl's own family."""
+    types: dict[str, tuple[str, str]] = {}
+    for f in fams:
+        name = _rename(f.name)
+        if name == SCRAPE_ERROR:
+            raise ValueError(f"family {name} is katactl's own (the scrape error of each sandbox)")
+        if name in types:
+            continue
+        other = _clash(name, f.type, types)
+        if other is not None:
+            raise ValueError(f"family {name} ({f.type}) and family {other} ({types[other][0]}) take each "
+                             "other's sample names (Go's text parser refuses the pair)")
+        types[name] = (f.type, "")
 
 
 def parse_families(text: str) -> list[Family]:
     """A shim's Prometheus text as families of (name, labels, value, timestamp) samples,
     strictly: a line that is not HELP, TYPE, a comment, blank or a valid sample is a
-    ProtocolError (the whole shim is then a scrape error, never half its families)."""
+    ProtocolError (the whole shim is then a scrape error, never half its families).
+
+    Valid is what Go's text parser takes (prometheus/common expfmt/text_parse.go: kata-monitor
+    decodes each shim with it, node_exporter and promtool read our exposition with it), for
+    everything passed through as written: values, timestamps, label values, HELP; and no two
+    families that would take each other's sample names once rendered (_check_names)."""
     sample_re, _ = _regexes()
-    assert _FULLNAME_RE is not None and _BAD_ESCAPE_RE is not None
+    assert _FULLNAME_RE is not None and _BAD_ESCAPE_RE is not None and _LOOSE_RE is not None
     fams: dict[str, Family] = {}
     order: list[Family] = []
     cur: Family | None = None
@@ -453,9 +543,16 @@ def parse_families(text: str) -> list[Family]:
                 continue
             m = sample_re.fullmatch(line)
             if not m:
-                raise ValueError("not a sample line")
+                loose = _LOOSE_RE.fullmatch(line)
+                if loose is None:
+                    raise ValueError("not a sample line")
+                _check_value(loose.group(3))
+                raise ValueError(f"expected integer as timestamp, got {_clip(loose.group(4) or '')}")
             name, body, value, ts = m.groups()
-            _check_value(value)
+            if not _in_range(value):
+                _check_value(value)
+            if ts is not None:
+                _check_timestamp(ts)
             labels = _labels(body) if body else ()
             if name in cur_names:
                 f = cur
@@ -469,9 +566,19 @@ def parse_families(text: str) -> list[Family]:
                 if f is None:
                     f = family(name)
             assert f is not None
+            if f.type in ("summary", "histogram") and labels:
+                # Go's parser reads a summary's quantile and a histogram's le as floats too
+                special = "quantile" if f.type == "summary" else "le"
+                for k, v in labels:
+                    if k == special and not _go_float(v):  # an escape is no float either
+                        raise ValueError(f"expected float as value for {special!r} label, got {_clip(v)}")
             f.samples.append((name, labels, value, ts))
         except ValueError as e:
             raise ProtocolError(f"the shim's /metrics is not valid Prometheus text: line {n}: {e}") from None
+    try:
+        _check_names(order)
+    except ValueError as e:
+        raise ProtocolError(f"the shim's /metrics is not valid Prometheus text: {e}") from None
     return order
 
 
@@ -517,6 +624,38 @@ def sandbox_labels(sb, node: str | None = None) -> list[tuple[str, str]]:
            ("cri_namespace", pod.get("namespace") or "")]
     if node is not None:
         out.append(("node", node))
+    return out
+
+
+def refuse_clashes(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]]
+                   ) -> list[tuple[list[tuple[str, str]], list[Family] | KatactlError]]:
+    """``per_sandbox`` (relabelled families) with a sandbox whose family would take the sample
+    names of an earlier sandbox's other family, or give its own to it (summary X here, a
+    family X_count there: see _TAKES), made a ProtocolError, its scrape error: merged, the two
+    would make the whole exposition unparseable. (A family another shim types differently is
+    no clash: render_exposition keeps the first type.)"""
+    types: dict[str, tuple[str, str]] = {}
+    out: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]] = []
+    for labels, fams in per_sandbox:
+        if isinstance(fams, KatactlError):
+            out.append((labels, fams))
+            continue
+        sid = dict(labels).get("sandbox_id", "")
+        mine: dict[str, tuple[str, str]] = {}
+        err: KatactlError | None = None
+        for f in fams:
+            if f.name in types or f.name in mine:
+                continue
+            other = _clash(f.name, f.type, types)
+            if other is not None:
+                err = ProtocolError(f"its family {f.name} ({f.type}) and family {other} ({types[other][0]}) of "
+                                    f"sandbox {types[other][1][:12]} take each other's sample names "
+                                    "(Go's text parser refuses the pair): left out")
+                break
+            mine[f.name] = (f.type, sid)
+        if err is None:
+            types.update(mine)
+        out.append((labels, fams if err is None else err))
     return out
 
 

@@ -106,18 +106,20 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
                       progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
     per: list = []
-    failed = 0
+    where: list = []
     for node in fo.nodes:
         for row in fo.values.get(node, []):
             sb, res = row["sandbox"], row["result"]
             labels = m.sandbox_labels(sb, node if fo.multi else None)
-            if isinstance(res, KatactlError):
-                failed += 1
-                app_ctx.out.warn(f"{node + ': ' if fo.multi else ''}sandbox {sb.id[:12]} "
-                                 f"({pod_ref(sb.pod) or 'no pod'}): {res.message}")
-                per.append((labels, res))
-            else:
-                per.append((labels, m.relabel(res, labels)))
+            per.append((labels, res if isinstance(res, KatactlError) else m.relabel(res, labels)))
+            where.append((node, sb))
+    per = m.refuse_clashes(per)
+    failed = 0
+    for (node, sb), (_labels, res) in zip(where, per, strict=True):
+        if isinstance(res, KatactlError):
+            failed += 1
+            app_ctx.out.warn(f"{node + ': ' if fo.multi else ''}sandbox {sb.id[:12]} "
+                             f"({pod_ref(sb.pod) or 'no pod'}): {res.message}")
     code = fo.exit_code()
     if not code and failed:
         code = outcome_exit_code([ExitCode.FAILED] * failed, len(per) - failed)
