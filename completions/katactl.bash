@@ -103,7 +103,7 @@ _katactl() {
         "katactl lab down") words=""; valopts="--root"; opts="--root --dry-run --force -h --help" ;;
         "katactl vmcore") words="list collect trigger rm"; valopts=""; opts="-h --help" ;;
         "katactl vmcore list") words=""; valopts="--dump-path --kata-config"; opts="--dump-path --kata-config -h --help" ;;
-        "katactl vmcore collect") words=""; valopts="--to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config"; opts="--to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --dump-path --kata-config -h --help" ;;
+        "katactl vmcore collect") words=""; valopts="--to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config"; opts="--to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --force --dump-path --kata-config -h --help" ;;
         "katactl vmcore trigger") words=""; valopts="--format --dump-path --kata-config --timeout"; opts="--format --detach --paging --no-paging --dry-run --dump-path --kata-config --timeout -h --help" ;;
         "katactl vmcore rm") words=""; valopts="--dump-path --kata-config"; opts="--dry-run --dump-path --kata-config -h --help" ;;
         "katactl upgrade") words="stage switch rollback status gc"; valopts=""; opts="-h --help" ;;

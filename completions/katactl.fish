@@ -136,6 +136,7 @@ complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subco
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l verify -d 'Also check every copy against a SHA-256 computed on the node'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l bwlimit -r -d 'Limit read rate, bytes/s (e'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l dry-run -d 'Show what would be collected'
+complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l force -d 'Copy even when the destination may not have the room (zero p'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l dump-path -r -F -d 'Dump directory (default: guest_memory_dump_path of the Kata '
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -l kata-config -r -F -d 'Kata configuration file (default: each sandbox\'s and runtime'
 complete -c katactl -n '__fish_seen_subcommand_from vmcore and __fish_seen_subcommand_from collect' -s h -l help -d 'Show help and exit'

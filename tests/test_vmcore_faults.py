@@ -292,3 +292,36 @@ def test_ctrl_c_is_in_the_audit_log(tmp_path, big, _isolated_home):
     [e] = _audit_entries(_isolated_home)
     assert e["action"] == "vmcore.collect" and e["target"] == f"{SID}/vmcore-{TS}.elf"
     assert e["result"] == "interrupted" and e["changed"] is False
+
+
+def test_sparse_source_that_fits_is_copied(cli, tmp_path, small_fs):
+    """review5 #9: the check compared the apparent size (24 MiB) with the free space although
+    the copy is written sparse: a dump whose data fits (1 MiB on disk here) was refused with
+    a false 'needs 25165824 more'. The need is now the source's allocated size."""
+    root = node_tree(tmp_path / "n")
+    src = add_dump(root, size_segments=((0, 24 << 20),), data=os.urandom(1 << 20))
+    assert os.stat(src).st_blocks * 512 < 2 << 20                  # sparse on the node
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs), "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert sha(it["to"]) == sha(src) and os.stat(it["to"]).st_blocks * 512 < 2 << 20
+
+
+def test_allocated_zero_pages_are_refused_then_forced(cli, tmp_path, small_fs):
+    """A dump QEMU wrote in full (zero pages allocated, as dump.c writes them): its allocated
+    size does not fit, so it is refused with a need stated as an upper bound; --force copies
+    it anyway, and the copy (zero pages as holes) fits."""
+    root = node_tree(tmp_path / "n")
+    src = add_dump(root, size_segments=((0, 24 << 20),), data=os.urandom(1 << 20))
+    os.chmod(src, 0o600)
+    with open(src, "r+b") as f:                                     # allocate every zero page
+        f.seek(1 << 20)
+        f.write(bytes(os.path.getsize(src) - (1 << 20) - f.tell() + (1 << 20)))
+    assert os.stat(src).st_blocks * 512 >= 24 << 20
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs)])
+    assert r.exit_code == 5 and "may need up to" in r.stderr and "zero pages become holes" in r.stderr, r.stderr
+    assert "--force" in r.stderr and list(small_fs.rglob("*")) == []
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs), "--force", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert sha(it["to"]) == sha(src)

@@ -83,6 +83,8 @@ def collect_cmd(
     verify: bool = typer.Option(False, "--verify", help="Also check every copy against a SHA-256 computed on the node (openssl, python3 or sha256sum)."),
     bwlimit: Optional[str] = typer.Option(None, "--bwlimit", metavar="RATE", help="Limit read rate, bytes/s (e.g. 50Mi)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be collected."),
+    force: bool = typer.Option(False, "--force", help="Copy even when the destination may not have the room "
+                                                      "(zero pages become holes: a copy often takes far less)."),
     dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
     kata_config: Optional[str] = typer.Option(None, "--kata-config", metavar="FILE", help=KATA_CONFIG_HELP),
 ) -> None:
@@ -93,6 +95,9 @@ def collect_cmd(
     Streams with bounded memory; an interrupted collect resumes when run
     again (a partial file is kept as NAME.partial and never presented as
     complete). Collecting an already collected dump changes nothing.
+    Zero pages are written as holes; an uncompressed copy is refused (exit
+    5) when the destination has less free space than the dump's allocated
+    size on the node, which is an upper bound: --force copies anyway.
 
     With --compress, the node compresses its own dump when it has zstd/gzip
     (--compress-on auto, the default): zstd -3 -T1 or gzip -1 under ionice
@@ -132,7 +137,7 @@ def collect_cmd(
     opts = vmcore.CollectOptions(to=to, compress=compress, compress_on=compress_on, makedumpfile=makedumpfile,
                                  dump_level=dump_level,
                                  delete_after=delete_after, dry_run=dry_run, bwlimit=bps,
-                                 verify_source=verify, progress=progress)
+                                 verify_source=verify, force=force, progress=progress)
     opts.validate()  # --to too: before any node is asked
     _check_paths(dump_path, kata_config)
     for ref in refs or []:

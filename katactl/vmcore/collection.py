@@ -97,6 +97,7 @@ class CollectOptions:
     bwlimit: int | None = None          # bytes per second
     verify_source: bool = False         # always compare with the node's sha256sum
     compress_on: str = "auto"           # auto | node | local
+    force: bool = False                 # skip the free-space check of an uncompressed copy
     progress: Callable[[dict, int, int], None] | None = None   # (dump, done, total)
 
     def validate(self) -> None:
@@ -352,12 +353,8 @@ def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOp
                      "(size, mtime or --compress differ)")
     if note:
         note += "; it was discarded: copied from the start"
-    if opts.compress == "none":
-        where = _existing_dir(os.path.dirname(final))
-        free = shutil.disk_usage(where).free
-        if free < size - resume_dst:
-            raise Refused(f"destination {where} has {free} bytes free; the dump needs "
-                          f"{size - resume_dst} more", hint="free space, choose another --to, or use --compress")
+    if opts.compress == "none" and not opts.force:
+        _check_space(transport, src, size, resume_dst, final)
     fd = _open_partial(part, side, {"source": ident, "srcOffset": resume_src, "dstOffset": resume_dst},
                        prepare)
     try:
@@ -434,6 +431,38 @@ def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOp
     stored_size = _commit(part, final, side)
     return {"size": stored_size, "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
             "verification": verification, "resumed": resumed, "transferred": done - resume_src, "note": note}
+
+
+def _allocated(transport: NodeTransport, path: str) -> int | None:
+    """The bytes the node's filesystem allocates to path (``stat -c '%b %B'``: st_blocks
+    times their unit; SFTP attributes carry no block count), None when unknown."""
+    try:
+        r = transport.run(["stat", "-L", "-c", "%b %B", "--", real_path(transport, path)], timeout=30)
+        blocks, unit = r.stdout.split() if r.returncode == 0 else (b"", b"")
+        return int(blocks) * int(unit)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_space(transport: NodeTransport, src: str, size: int, done: int, final: str) -> None:
+    """An uncompressed copy must fit. All-zero 64 KiB blocks are written as holes, so it
+    takes at most the source's allocated size (less on a sparse source) and the rest of the
+    apparent size, but possibly far less (QEMU writes zero pages, dumps are mostly zero):
+    the need is an upper bound, and --force copies anyway (a full disk stops the copy,
+    the partial is kept and resumed). A compressed copy has no check: its size is unknown
+    until it is written, and the same full-disk stop applies."""
+    where = _existing_dir(os.path.dirname(final))
+    free = shutil.disk_usage(where).free
+    need = size - done
+    alloc = _allocated(transport, src)
+    if alloc is not None:
+        need = min(need, alloc)
+    if free < need:
+        raise Refused(f"destination {where} has {free} bytes free; the copy of {src} may need up to {need} "
+                      f"more ({'its allocated size on the node' if need == alloc else 'the rest of its size'}; "
+                      "zero pages become holes, so it may take less)",
+                      hint="free space, choose another --to, use --compress, or --force to copy anyway "
+                           "(a full disk stops the copy and keeps it for a resume)")
 
 
 def _offset(state: dict, key: str) -> int:
