@@ -273,3 +273,71 @@ def _ssh_G(config, node: str) -> dict:
         k, _, v = line.partition(" ")
         out.setdefault(k, v)
     return out
+
+
+# -- Include is scoped to the block it is in (readconf.c oInclude), checked against ssh -G ----
+def _include_corpus(d) -> dict[str, str]:
+    """Included files, and configs that include them at top level, inside a matching and a
+    non-matching Host, inside Match, nested, by glob, and matching no file."""
+    files = {
+        "inc-any.conf": "Host *\n  User intruder\n  Port 2222\n",
+        "inc-other.conf": "Host other\n  User bob\n",
+        "inc-top.conf": "User topuser\nConnectTimeout 9\nHost *\n  Port 2223\n",
+        "inc-match.conf": "Match host node1\n  ConnectTimeout 7\nMatch originalhost node2\n  User m2\n",
+        "inc-nested.conf": f"HostKeyAlias nested-top\nInclude {d}/inc-other.conf\nUser nested-after\n",
+        "inc-nested-host.conf": f"Host node1\n  Include {d}/inc-top.conf\n  HostKeyAlias n1-after\n"
+                                f"Host node2\n  Include {d}/inc-top.conf\n",
+        "g/10-a.conf": "Host other\n  User g-a\n",
+        "g/20-b.conf": "Port 2299\n",
+    }
+    for name, text in files.items():
+        (d / name).parent.mkdir(exist_ok=True)
+        (d / name).write_text(text)
+    return {
+        "review": f"Host jumpbox-only\n  Include {d}/inc-any.conf\n\n"
+                  f"Host node1\n  Include {d}/inc-other.conf\n  Port 2200\n  User alice\n",
+        "top": f"Include {d}/inc-other.conf\nUser after-top\nHost node2\n  Port 2202\n",
+        "in-host": f"Host node1\n  Include {d}/inc-top.conf\n  HostKeyAlias afterinc\n"
+                   f"Host node2\n  Include {d}/inc-top.conf\n",
+        "in-match": f"Match host node1\n  Include {d}/inc-match.conf\n  User after-m\n"
+                    f"Host *\n  Include {d}/inc-match.conf\n",
+        "nested": f"Host node*\n  Include {d}/inc-nested.conf\n  Port 2201\n",
+        "nested-host": f"Include {d}/inc-nested-host.conf\nHost *\n  User last\n",
+        "glob": f"Host node1\n  Include {d}/g/*.conf\n  HostKeyAlias g-after\nHost zzz\n  Include {d}/g/*.conf\n",
+        "no-file": f"Host node1\n  Include {d}/none-*.conf\n  User still-n1\n",
+        "inactive-top": f"Host zzz\n  Include {d}/inc-top.conf\n  User z\nHost *\n  User everyone\n",
+    }
+
+
+@pytest.mark.parametrize("case", ["review", "top", "in-host", "in-match", "nested", "nested-host", "glob",
+                                  "no-file", "inactive-top"])
+def test_include_scope_matches_ssh_G(tmp_path, case):
+    """What OpenSSH reads from an Include depends on the block around it: inside an
+    inactive block nothing in the file applies (SSHCONF_NEVERMATCH), and the enclosing
+    block's state is restored after it ("don't let Match in includes clobber the
+    containing file's Match state"); inlining the text let the file's blocks leak."""
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    f = tmp_path / "config"
+    f.write_text(_include_corpus(tmp_path)[case])
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
+    for node in ("node1", "node2", "node3", "other"):
+        t = sshconfig.resolve(node, cfg)
+        g = _ssh_G(f, node)
+        ct = g["connecttimeout"]
+        assert (t.user, t.hostname, str(t.port), t.host_key_alias, t.connect_timeout) == \
+            (g["user"], g["hostname"], g["port"], g.get("hostkeyalias"), None if ct == "none" else float(ct)), \
+            (case, node, f.read_text())
+
+
+def test_the_system_file_starts_outside_the_user_files_last_block(tmp_path, monkeypatch):
+    """ssh reads ~/.ssh/config and then /etc/ssh/ssh_config as two files, each starting
+    with every line active: the system file's top lines are not the user file's last Host's."""
+    system = tmp_path / "ssh_config"
+    system.write_text("User sysuser\nHost *\n  Port 2201\n")
+    monkeypatch.setattr(sshconfig, "SYSTEM_CONFIG", str(system))
+    user = tmp_path / "user_config"
+    user.write_text("Host other\n  User me\n")
+    cfg = sshconfig.load(sshconfig.config_text(str(user), system=True))
+    assert (sshconfig.resolve("n1", cfg).user, sshconfig.resolve("n1", cfg).port) == ("sysuser", 2201)
+    assert sshconfig.resolve("other", cfg).user == "me"

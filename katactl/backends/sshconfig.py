@@ -1,12 +1,14 @@
 """~/.ssh/config for katactl: paramiko's parser plus what it lacks.
 
 paramiko.SSHConfig ignores ``Include`` and returns ProxyJump as a raw string.
-This module inlines Include files (globs, paths relative to ~/.ssh, nested up
-to 16 levels, like OpenSSH), appends /etc/ssh/ssh_config unless a config file
+This module reads Include files (globs, paths relative to ~/.ssh, nested up
+to 16 levels) scoped as OpenSSH scopes them: a file included inside a Host or
+Match block applies only when that block does, and cannot end the block it is
+in (see _contexts); it appends /etc/ssh/ssh_config unless a config file
 was chosen explicitly (``ssh -F`` semantics; --ssh-config/KATACTL_SSH_CONFIG/
 the config file count as explicit), resolves one node name
-``[user@]host[:port]`` into the parameters a connection needs, and splits
-ProxyJump into hops. Honoured: HostName, Port, User, IdentityFile,
+``[user@]host[:port]`` into the parameters a connection needs (host names in
+the case ``ssh -G`` prints them), and splits ProxyJump into hops. Honoured: HostName, Port, User, IdentityFile,
 IdentitiesOnly, ProxyCommand, ProxyJump (multi-hop), HostKeyAlias,
 UserKnownHostsFile, GlobalKnownHostsFile, HashKnownHosts, ConnectTimeout,
 Match (``exec`` loads paramiko's invoke dependency). StrictHostKeyChecking is
@@ -34,10 +36,14 @@ from katactl.errors import UsageError
 
 _INCLUDE = re.compile(r"^\s*include(?:\s*=\s*|\s+)(.*)$", re.I)
 _MAX_DEPTH = 16
+# Structure markers in config_text's text, read back by load(). Real comment lines are
+# dropped when a file is read, so no line of a config can be taken for one.
+_FILE, _BEGIN, _END = "#>file", "#>include", "#<include"
 
 
 def expand_includes(path: str, depth: int = 0, base: str | None = None) -> str:
-    """The config text with every Include replaced by the files it names."""
+    """The config text with every Include replaced by the files it names, each between
+    _BEGIN/_END markers: load() scopes a file to the block its Include is in."""
     path = os.path.expanduser(path)
     base = base or os.path.expanduser("~/.ssh")
     if depth > _MAX_DEPTH:
@@ -52,6 +58,8 @@ def expand_includes(path: str, depth: int = 0, base: str | None = None) -> str:
         raise UsageError(f"SSH config {path}: {getattr(e, 'strerror', None) or e}") from None
     out = []
     for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
         m = _INCLUDE.match(line)
         if not m:
             out.append(line)
@@ -65,7 +73,7 @@ def expand_includes(path: str, depth: int = 0, base: str | None = None) -> str:
             if not os.path.isabs(name):
                 name = os.path.join(base, name)
             for inc in sorted(glob.glob(name)):
-                out.append(expand_includes(inc, depth + 1, base))
+                out += [f"{_BEGIN} {inc}", expand_includes(inc, depth + 1, base), _END]
     return "\n".join(out) + "\n"
 
 
@@ -77,11 +85,11 @@ SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 
 def config_text(path: str | None, *, system: bool = False) -> str:
     """The effective config text: the user file, then (like ssh without -F) the
-    system-wide file, each with its Includes inlined (relative to ~/.ssh and
+    system-wide file, each with its Includes expanded (relative to ~/.ssh and
     /etc/ssh respectively). First obtained value wins, as in OpenSSH."""
-    text = expand_includes(path) if path else ""
+    text = f"{_FILE} {path}\n" + expand_includes(path) if path else ""
     if system:
-        text += "\n" + expand_includes(SYSTEM_CONFIG, base="/etc/ssh")
+        text += f"{_FILE} {SYSTEM_CONFIG}\n" + expand_includes(SYSTEM_CONFIG, base="/etc/ssh")
     return text
 
 
@@ -95,17 +103,116 @@ _CACHE: dict[int, object] = {}
 
 def load(text: str):
     """A paramiko.SSHConfig for config text (see config_text), cached by content."""
-    import paramiko
-
     key = hash(text)
     cfg = _CACHE.get(key)
     if cfg is None:
         try:
-            cfg = paramiko.SSHConfig.from_text(text)
+            cfg = _scoped_class()()
+            cfg._config = _contexts(text)
+        except UsageError:
+            raise
         except Exception as e:  # noqa: BLE001 - paramiko raises several types
             raise UsageError(f"SSH config: {e}") from None
         _CACHE[key] = cfg
     return cfg
+
+
+def _contexts(text: str) -> list[dict]:
+    """paramiko's blocks for config text, tagged with OpenSSH's Include scoping
+    (openssh-portable readconf.c, oInclude and read_config_file_depth):
+
+    - a file starts with its lines active: a top-level file always, an included one
+      when the block its Include is in is active (else it is read with
+      SSHCONF_NEVERMATCH: nothing in it applies). Every block of an included file is
+      tagged ``_guard``: that enclosing block, which must be active too;
+    - after each included file the enclosing block's state is restored (``*activep =
+      oactive``): the lines that follow form a block tagged ``_same_as`` the one the
+      Include was in, active exactly when it was, whatever the file ended with.
+    """
+    import paramiko
+
+    out: list[dict] = []
+    stack: list[tuple[dict | None, dict]] = []  # per open include: (its guard, the block it is in)
+    guard: dict | None = None
+    resume: dict | None = None  # the next chunk continues this block (after an include)
+    chunk: list[str] = []
+
+    def flush() -> None:
+        # paramiko's parser, for the blocks (the stubs do not declare _config)
+        blocks = paramiko.SSHConfig.from_text("\n".join(chunk))._config  # type: ignore[attr-defined]
+        chunk.clear()
+        first = blocks[0]  # paramiko's implicit block: the lines before any Host/Match
+        if resume is not None:
+            first["_same_as"] = resume
+            root = resume
+            while "_same_as" in root:
+                root = root["_same_as"]
+            # the same host/matches as the block it continues: lookup() indexes it alike
+            first.pop("host", None)
+            first.update({k: root[k] for k in ("host", "matches") if k in root})
+        for b in blocks:
+            if guard is not None:
+                b["_guard"] = guard
+        out.extend(blocks)
+
+    for line in text.splitlines():
+        if line.startswith(_FILE):
+            flush()
+            stack, guard, resume = [], None, None
+        elif line.startswith(_BEGIN):
+            flush()
+            stack.append((guard, out[-1]))
+            guard, resume = out[-1], None
+        elif line.startswith(_END):
+            flush()
+            guard, resume = stack.pop()
+        else:
+            chunk.append(line)
+    flush()
+    return out
+
+
+_SCOPED = None
+
+
+def _scoped_class():
+    """paramiko.SSHConfig whose lookup honours _contexts' Include tags (made on first use:
+    paramiko is imported only when SSH is)."""
+    global _SCOPED
+    if _SCOPED is None:
+        import paramiko
+        from paramiko.config import SSHConfigDict
+
+        class ScopedSSHConfig(paramiko.SSHConfig):
+            def _lookup(self, hostname, options=None, canonical=False, final=False):
+                # paramiko's own _lookup, with a block's activity remembered for the
+                # blocks that depend on it (evaluated once, as OpenSSH keeps oactive)
+                if options is None:
+                    options = SSHConfigDict()
+                active: dict[int, bool] = {}
+                for c in self._config:
+                    g = c.get("_guard")
+                    if g is not None and not active.get(id(g), False):
+                        on = False
+                    elif "_same_as" in c:
+                        on = active.get(id(c["_same_as"]), False)
+                    else:
+                        on = bool(self._pattern_matches(c.get("host", []), hostname)
+                                  or self._does_match(c.get("matches", []), hostname, canonical, final, options))
+                    active[id(c)] = on
+                    if not on:
+                        continue
+                    for key, value in c["config"].items():
+                        if key not in options:
+                            options[key] = value[:] if value is not None else value
+                        elif key == "identityfile":
+                            options[key].extend(x for x in value if x not in options[key])
+                if final:
+                    options = self._expand_variables(options, hostname)
+                return options
+
+        _SCOPED = ScopedSSHConfig
+    return _SCOPED
 
 
 @dataclasses.dataclass(frozen=True)
