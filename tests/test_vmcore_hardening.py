@@ -9,7 +9,6 @@ import tempfile
 
 import pytest
 
-from katactl.errors import OperationFailed
 from katactl.lab import layout
 from tests.test_vmcore import DUMP_PATH, _audit_entries, node_tree
 
@@ -29,6 +28,7 @@ def clh_node():
         servers.append(ClhServer(sb.real(sb.api_socket_node), 256 << 20, features=("kvm", "guest_debug")))
         return root
 
+    make.servers = servers  # type: ignore[attr-defined]
     yield make
     for s in servers:
         s.close()
@@ -52,19 +52,18 @@ def test_trigger_space_refusal_leaves_nothing_and_dry_run_refuses_too(cli, clh_n
     assert e["result"] == "error" and e["changed"] is False
 
 
-def test_trigger_failed_dump_cleans_up(cli, clh_node, monkeypatch):
+def test_trigger_failed_dump_cleans_up(cli, clh_node):
     """The hypervisor fails the dump after the metadata was written: the new <id>/ goes;
-    an existing one keeps what it had (an earlier dump) and loses only what was added."""
-    from katactl.backends import clh
-
+    an existing one keeps what it had (an earlier dump) and loses only what was added.
+    The failure is the server's real answer (500, a JSON array of messages) read by our
+    Cloud Hypervisor client, not a patched client."""
     root = clh_node()
-
-    def dead(self, url):
-        raise OperationFailed("Cloud Hypervisor: vm.coredump: the VM is not running")
-
-    monkeypatch.setattr(clh.ClhClient, "coredump", dead)
+    [srv] = clh_node.servers
+    srv.fail_coredump(["Error from API", "Failed to coredump the VM", "the VM is not running"])
     r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6]])
-    assert r.exit_code == 1 and "not running" in r.stderr, r.stderr
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert ("Cloud Hypervisor answered 500: Error from API; Failed to coredump the VM; the VM is not running"
+            in r.stderr), r.stderr
     assert not os.path.exists(_dump_root(root))
     # with an earlier dump in place
     d = os.path.join(_dump_root(root), CLH_SID)
@@ -76,7 +75,7 @@ def test_trigger_failed_dump_cleans_up(cli, clh_node, monkeypatch):
     r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6]])
     assert r.exit_code == 1, r.stderr
     assert (sorted(os.listdir(d)), sorted(os.listdir(os.path.join(d, "state")))) == before
-    monkeypatch.undo()
+    srv.fail_coredump(None)
     r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "-o", "json"])
     assert r.exit_code == 0, r.stderr
     assert os.path.isfile(os.path.join(root, r.json()["path"].lstrip("/")))
@@ -212,29 +211,36 @@ def test_collect_says_why_a_partial_copy_was_not_resumed(cli, tmp_path, sidecar,
     assert "discarded" in it["note"] and final.exists()
 
 
-def test_rm_across_nodes_names_a_node_that_failed_while_listing(cli, tmp_path, monkeypatch):
+def test_rm_across_nodes_names_a_node_that_failed_while_listing(cli, sshd_lab):
     """issue 16 #20: with -N a,b where a failed while the dumps were listed, the result
-    omitted a and exited 0; upgrade gc said 4. Both go through katactl.planapply now."""
-    from katactl import fleet
-    from katactl.backends.local import LocalTransport
+    omitted a and exited 0; upgrade gc said 4. Both go through katactl.planapply now.
+    Two real nodes (sshd on loopback, each serving its own tree), reached as -N names."""
     from tests.test_vmcore import SID, TS, add_dump
 
+    names = ("vmrm-a", "vmrm-b")
+    for n in names:
+        if n not in sshd_lab.nodes:
+            sshd_lab.add_node(n, known="plain")
+    sshd_lab.write_config()
+    sshd_lab.wait_ready()
     roots = {}
-    for n in ("node-a", "node-b"):
-        roots[n] = node_tree(tmp_path / n)
+    for n in names:
+        roots[n] = str(sshd_lab.nodes[n].root)
+        shutil.rmtree(os.path.join(roots[n], DUMP_PATH.lstrip("/")), ignore_errors=True)
+        node_tree(roots[n])
         add_dump(roots[n])
-    with open(os.path.join(roots["node-a"], "usr/share/defaults/kata-containers/configuration.toml"), "a") as f:
-        f.write("[broken\n")  # node-a: its own configuration is broken
-    monkeypatch.setattr(fleet, "open_transport", lambda node, settings: LocalTransport(roots[node], node=node))
+    with open(os.path.join(roots["vmrm-a"], "usr/share/defaults/kata-containers/configuration.toml"), "a") as f:
+        f.write("[broken\n")  # vmrm-a: its own configuration is broken
     for extra in (["--dry-run"], ["--yes"]):
-        r = cli(["-N", "node-a,node-b", "vmcore", "rm", SID[:8], *extra, "-o", "json"])
+        r = cli(["-N", ",".join(names), "--ssh-config", str(sshd_lab.config), "vmcore", "rm", SID[:8], *extra,
+                 "-o", "json"])
         assert r.exit_code == 4, (extra, r.stdout, r.stderr)
         d = r.json()
         assert [(e["node"], "configuration.toml" in e["error"]["message"]) for e in d["errors"]] == [
-            ("node-a", True)]
-        assert [(i["node"], i["changed"]) for i in d["items"]] == [("node-b", True)]
-    assert not os.path.exists(os.path.join(roots["node-b"], DUMP_PATH.lstrip("/"), SID))
-    assert os.path.exists(os.path.join(roots["node-a"], DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
+            ("vmrm-a", True)]
+        assert [(i["node"], i["changed"]) for i in d["items"]] == [("vmrm-b", True)]
+    assert not os.path.exists(os.path.join(roots["vmrm-b"], DUMP_PATH.lstrip("/"), SID))
+    assert os.path.exists(os.path.join(roots["vmrm-a"], DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
 
 
 @pytest.mark.parametrize("which", ["", ".partial"])

@@ -18,6 +18,8 @@ Known differences from the real Cloud Hypervisor:
 - ``vm.coredump`` writes a tiny ELF header, not guest memory;
 - no 429 (no vCPU removal ever pends); no other endpoints (``vm.create``,
   ``vm.boot``, ``vm.add-*``, ``vm.snapshot`` ...): they answer 404.
+- a fault hook for tests: :meth:`ClhServer.fail_coredump` makes ``vm.coredump``
+  fail as an API error does (the status and body above) with given messages.
 """
 from __future__ import annotations
 
@@ -113,6 +115,8 @@ class _H(httpunix.Handler):
             p = dest[len("file://"):]
             if os.path.exists(p):
                 return self._err(["Error from API", "Failed to coredump the VM", "File exists"])
+            if srv.coredump_error:                              # ClhServer.fail_coredump()
+                return self._err(list(srv.coredump_error))
             with open(p, "wb") as f:
                 f.write(b"\x7fELF\x02\x01\x01" + b"\0" * 57)
             return self.send(204)
@@ -126,7 +130,13 @@ class ClhServer:
         self.path = socket_path
         self.guest = SimGuest(memory_bytes, guest_used)
         self._srv = httpunix.serve(socket_path, _H, guest=self.guest, major=version, features=tuple(features),
-                                   balloon=balloon, vcpus=vcpus, state="Running", kernel=kernel)
+                                   balloon=balloon, vcpus=vcpus, state="Running", kernel=kernel,
+                                   coredump_error=None)
+
+    def fail_coredump(self, messages: list[str] | None) -> None:
+        """From now on ``vm.coredump`` answers an API error with these messages (after the
+        request was read and its URL checked, writing nothing); None: it works again."""
+        self._srv.coredump_error = list(messages) if messages else None  # type: ignore[attr-defined]
 
     def close(self) -> None:
         httpunix.shutdown(self._srv)
