@@ -133,13 +133,18 @@ class Declared:
     """Where declared overheads come from: the Kubernetes API (pods and RuntimeClasses,
     asked once per namespace and shared by every node's thread), else a fixed value."""
 
-    def __init__(self, *, api=None, fixed: dict | None = None, fixed_source: str | None = None):
+    def __init__(self, *, api=None, fixed: dict | None = None, fixed_source: str | None = None,
+                 fallback: dict | None = None):
         self.api = api
         self.fixed = fixed
         self.fixed_source = fixed_source
+        #: the configured runtime_class_overhead, used when the API fails
+        self.fallback = fallback
         self._lock = threading.Lock()
         self._rcs: dict | None = None
         self._pods: dict[str, dict] = {}   # namespace -> {name: pod}
+        #: the API's failure, once: every later lookup falls back without asking again
+        self.api_error: KatactlError | None = None
         self.warnings: list[str] = []
 
     def _runtime_classes(self) -> dict:
@@ -168,8 +173,22 @@ class Declared:
         if self.api is None or not pod or not pod.get("name") or not pod.get("namespace"):
             return None, none
         with self._lock:
-            obj = self._pod(pod["namespace"], pod["name"])
-            rcs = self._runtime_classes() if obj is not None else {}
+            if self.api_error is None:
+                try:
+                    obj = self._pod(pod["namespace"], pod["name"])
+                    rcs = self._runtime_classes() if obj is not None else {}
+                except KatactlError as e:
+                    # the node-local measurement still stands (design: a per-target note, not an abort)
+                    self.api_error = e
+                    self.warnings.append(f"{e.message}: declared overhead "
+                                         + ("from runtime_class_overhead (config)" if self.fallback
+                                            else "unknown"))
+            if self.api_error is not None:
+                note = f"declared overhead not read from the Kubernetes API ({self.api_error.message})"
+                if self.fallback is not None:
+                    return None, {**self.fallback, "source": "config",
+                                  "note": note + ": runtime_class_overhead from the config used"}
+                return None, {**none, "note": note}
         if obj is None:
             return None, {**none, "source": "api", "note": f"pod {pod['namespace']}/{pod['name']} not found "
                                                            "in the Kubernetes API"}
@@ -200,7 +219,8 @@ class Declared:
 def declared_source(settings, flag: str | None, configured: str | None, *, use_api: bool | None = None,
                     configured_from: str = "config") -> Declared:
     """The declared-overhead source for this run: the flag (a what-if, it wins), the Kubernetes
-    API when a kubeconfig is configured, else the config file's runtime_class_overhead."""
+    API when a kubeconfig is configured (the config file's runtime_class_overhead, when set,
+    where the API fails), else the config file's runtime_class_overhead."""
     if flag is not None:
         return Declared(fixed=parse_declared(flag), fixed_source="flag")
     if configured:  # a bad value is a usage error even when the API is the source this time
@@ -210,7 +230,7 @@ def declared_source(settings, flag: str | None, configured: str | None, *, use_a
     if use_api:
         from katactl.backends import kube
 
-        return Declared(api=kube.client(settings))
+        return Declared(api=kube.client(settings), fallback=fixed if configured else None)
     if configured:
         return Declared(fixed=fixed, fixed_source="config")
     return Declared()
@@ -569,7 +589,7 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
              "memory": _ratio(measured["memoryBytes"], dec_out["memoryBytes"])}
     known = [r for r in ratio.values() if r is not None]
     ratio["max"] = max(known) if known else None
-    severity, message = _judge(dec_out, measured, ratio)
+    severity, message = _judge({**dec_out, "note": dec.get("note")}, measured, ratio)
     vcpus_note = vcpus_unknown.get(sb.hypervisor_pid) if sb.hypervisor_pid else None
     if vcpus_note and measured["cpuMillis"] is None and dec_out.get("source") is not None:
         message += "; CPU not measured (the VMM's vCPU threads are unknown: guest CPU is not overhead)"
@@ -629,8 +649,8 @@ def _judge(dec: dict, meas: dict, ratio: dict) -> tuple[str | None, str]:
     from katactl.values import format_size
 
     if dec.get("source") is None:
-        return "info", ("declared overhead unknown: no Kubernetes API configured and no "
-                        "--runtime-class-overhead / runtime_class_overhead")
+        return "info", "declared overhead unknown: " + (dec.get("note") or (
+            "no Kubernetes API configured and no --runtime-class-overhead / runtime_class_overhead"))
     zero = [k for k, f in (("cpu", "cpuMillis"), ("memory", "memoryBytes"))
             if dec.get(f) == 0 and (meas.get(f) or 0) > 0]
     sev = severity_for(ratio["max"])

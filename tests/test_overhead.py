@@ -400,6 +400,39 @@ def test_runtimeclass_overhead_when_the_pod_has_none(cli, kube, tmp_path):
     assert it["declared"] == {"cpuMillis": 250, "memoryBytes": 160 * MiB, "source": "runtimeclass"}
 
 
+@pytest.mark.parametrize("configured", [True, False])
+def test_api_down_keeps_the_measurement(cli, tree, tmp_path, monkeypatch, configured):
+    """A kubeconfig whose API server is down (a real refused connection on 127.0.0.1:1): the
+    node-local measurement stands; declared comes from runtime_class_overhead (source noted)
+    or is unknown with the API's error as a note, one warning; never exit 7 for the node."""
+    kc = tmp_path / "down.kubeconfig"
+    kc.write_text("apiVersion: v1\nkind: Config\n"
+                  "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}}]\n"
+                  "users: [{name: u, user: {token: x}}]\n"
+                  "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n")
+    if configured:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('runtime_class_overhead = "cpu=64,memory=64Gi"\n')
+        monkeypatch.setenv("KATACTL_CONFIG", str(cfg))
+    r = cli(["--kubeconfig", str(kc), "--request-timeout", "2s", "--host-root", tree.root, "overhead", "-o", "json",
+             "--interval", "0.2s"])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    items = r.json()["items"]
+    assert {i["id"] for i in items} == {"ovh01", "ovh02"}
+    for it in items:
+        assert it["measured"]["memoryBytes"] > 0 and it["measured"]["cpuMillis"] is not None
+        assert any("https://127.0.0.1:1" in n for n in it["notes"]), it["notes"]
+        if configured:
+            assert it["declared"] == {"cpuMillis": 64000, "memoryBytes": 64 << 30, "source": "config"}
+            assert it["severity"] is None
+        else:
+            assert it["declared"] == {"cpuMillis": None, "memoryBytes": None, "source": None}
+            assert it["severity"] == "info" and "https://127.0.0.1:1" in it["message"]
+    warn = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warn) == 1 and "127.0.0.1:1" in warn[0], r.stderr
+    assert ("runtime_class_overhead" in warn[0]) == configured
+
+
 def test_pod_missing_from_the_api(cli, kube, tree, tmp_path):
     kc = kube.kubeconfig(tmp_path / "kc")
     r = cli(["--kubeconfig", kc, "--host-root", tree.root, "overhead", "-o", "json", "--interval", "0.2s"])

@@ -67,7 +67,10 @@ def overhead(
 
     Declared: the pod's spec.overhead (else its RuntimeClass's overhead.podFixed)
     through the Kubernetes API when a kubeconfig is configured; else
-    --runtime-class-overhead or runtime_class_overhead in the config file.
+    --runtime-class-overhead or runtime_class_overhead in the config file. An API
+    that fails (down, refused, forbidden) is a warning, not a failure: declared
+    then comes from runtime_class_overhead when set (noted on each item), else
+    is unknown; the measurement stands.
 
     Measured: the RSS and CPU of the shim, the hypervisor (without the vCPU
     threads' CPU and without the guest memory the guest uses) and virtiofsd and
@@ -127,6 +130,8 @@ def overhead(
     finally:
         if declared.api is not None:
             declared.api.close()
+    for w in declared.warnings:
+        app_ctx.out.warn(w)
     fo.raise_if_single_failure()
     by_node = {n: fo.values[n] for n in fo.nodes if n in fo.values}
     if refs:
