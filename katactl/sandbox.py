@@ -1051,12 +1051,12 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
             matches.append((n, fo.values[n].id))
         elif isinstance(e, Ambiguous):
             matches += [(n, i) for i in e.details.get("candidates", [])]
-    if len({n for n, _ in matches}) == 1 and len(matches) > 1:
-        raise fo.errors[matches[0][0]]  # one node's own ambiguity: its error, as on one node
     if len(matches) > 1:
+        nodes = list(dict.fromkeys(n for n, _ in matches))
         where = ", ".join(f"{n}:{i[:12]}" for n, i in matches[:10])
         where += f", ... ({len(matches)} in all)" if len(matches) > 10 else ""
-        raise Ambiguous(f"{ref!r} matches {len(matches)} sandboxes on several nodes: {where}",
+        on = "several nodes" if len(nodes) > 1 else nodes[0]
+        raise Ambiguous(f"{ref!r} matches {len(matches)} sandboxes on {on}: {where}",
                         hint="give more characters of the id, or narrow the node selection with -N NODE",
                         details={"candidates": [{"node": n, "id": i} for n, i in matches]})
     if found:

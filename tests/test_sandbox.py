@@ -772,7 +772,7 @@ def test_created_is_the_state_dirs_mtime_without_a_bundle_spec(tmp_path):
 @pytest.fixture(scope="module")
 def fleet2(tmp_path_factory):
     """Two real sshd nodes of their own (the session lab's trees are shared): node1 holds
-    abc1…, abc2…; node2 holds abc3… and pod p/solo."""
+    abc1…, abc2…, abd1…, abd2…; node2 holds abc3… and dddd…; an unreachable node 'down'."""
     from tests.conftest_sshd import SSHD, SshLab
 
     if not (os.path.exists(SSHD) and shutil.which("ssh")):
@@ -784,7 +784,7 @@ def fleet2(tmp_path_factory):
         lab.add_unreachable("down")
         lab.write_config()
         lab.wait_ready()
-        for n, ids in (("node1", ["abc1", "abc2"]), ("node2", ["abc3"])):
+        for n, ids in (("node1", ["abc1", "abc2", "abd1", "abd2"]), ("node2", ["abc3"])):
             for sid in ids:
                 layout.write_go_sandbox(str(lab.nodes[n].root), sid + "0" * 60, pod_name=f"pod-{sid}",
                                         pod_namespace="p")
@@ -811,6 +811,11 @@ def test_a_prefix_ambiguous_on_one_node_is_ambiguous_over_the_selection(cli, fle
     r = cli([*base, "sandbox", "inspect", "abc"])
     assert r.exit_code == 3 and len(r.stderr.strip().splitlines()) <= 2, r.stderr
     assert "node1:abc10000" in r.stderr and "node2:abc30000" in r.stderr
+    # ambiguous on one node only: the same node:id candidates, naming that node
+    r = cli([*base, "sandbox", "inspect", "abd", "-o", "json"])
+    assert r.exit_code == 3 and r.json()["details"]["candidates"] == [
+        {"node": "node1", "id": "abd1" + "0" * 60}, {"node": "node1", "id": "abd2" + "0" * 60}], r.stdout
+    assert "on node1:" in r.json()["message"]
     # a prefix unique over the whole selection still resolves
     r = cli([*base, "sandbox", "inspect", "abc3", "-o", "json"])
     assert r.exit_code == 0 and r.json()["id"] == "abc3" + "0" * 60, r.stderr
