@@ -384,3 +384,27 @@ def test_a_failed_forced_restage_puts_the_old_release_back(katactl_bin, tmp_path
 def fx_sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("args,point,done,pending", [
+    (("gc", "--yes", "--no-keep-previous"), "gc:after-trash", [f"removed release {A}"], False),
+    (("switch", A), "switch:after-journal", [], True),
+    (("switch", A), "switch:after-flip", [f"switched /opt/kata/current to releases/{A}"], True),
+    (("stage", "@A@", "--as", "9.0.0"), "stage:mid-extract", [], False),
+])
+def test_an_interrupted_operation_is_audited_with_what_it_did(katactl_bin, tmp_path, templates, tbs, args, point,
+                                                              done, pending):
+    """Ctrl-C (a real SIGINT at the step; SIGTERM and SIGHUP take the same path) ends the
+    run with exit 130 and an ``interrupted`` audit record saying whether the node changed
+    (the live steps done) and whether the switch's journal is left for the next run."""
+    node = node_on(templates, tmp_path, B)
+    log = tmp_path / "audit.log"
+    args = tuple(tbs[A] if a == "@A@" else a for a in args)
+    r = katactl_bin(["--host-root", str(node), "upgrade", *args, "-o", "json"],
+                    env={"KATACTL_FAULT": point, "KATACTL_FAULT_SIGNAL": "INT", "KATACTL_AUDIT_LOG": str(log)})
+    assert r.exit_code == 130, (r.stdout, r.stderr)
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["action"] == f"upgrade.{args[0]}" and entry["result"] == "interrupted"
+    assert entry["changed"] is bool(done) and entry.get("done", []) == done
+    assert entry.get("pendingJournal") == ("/opt/kata/releases/.katactl/pending.json" if pending else None)
+    assert (journal(node) is not None) is pending

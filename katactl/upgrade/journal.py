@@ -33,6 +33,7 @@ import secrets
 from katactl import audit
 from katactl.errors import OperationFailed, Refused
 from katactl.upgrade import configedit
+from katactl.upgrade.lock import done, journal_on_node
 from katactl.upgrade.layout import INSTALL_PREFIX, RELEASE_RECORD, Layout, fault
 from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, walk_files
 from katactl.backends.base import NodeTransport
@@ -136,6 +137,7 @@ def _write_edits(transport: NodeTransport, layout: Layout, release: str, edits, 
         fault("switch:after-intent")
     for i, p in enumerate(plan, 1):
         transport.rename(p["tmp"], p["path"])
+        done(f"replaced {p['path']}")
         fault("switch:after-config-rename", i)
 
 
@@ -170,6 +172,7 @@ def _flip(transport: NodeTransport, layout: Layout, version: str) -> None:
     transport.symlink(layout.link_target(version), tmp)
     fault("switch:after-tmp-link")
     transport.rename(tmp, layout.current)
+    done(f"switched {layout.current} to {layout.link_target(version)}")
     fault("switch:after-flip")
 
 
@@ -241,7 +244,9 @@ def _recover_replaced(transport: NodeTransport, layout: Layout) -> str | None:
             else:
                 transport.rename(old, dest)
                 notes.append(f"restored release {v} (an interrupted replacement had not finished)")
+                done(notes[-1])
                 continue
+            done(notes[-1])
         transport.remove(old, recursive=True)
     return "; ".join(notes) or None
 
@@ -278,7 +283,9 @@ def _recover_switch(transport: NodeTransport, layout: Layout) -> str | None:
     entry["recovered"] = True
     _append_history(transport, layout, entry)
     transport.remove(layout.journal)
-    return f"{outcome} an interrupted {j.get('action')} to runtime {to.get('runtime')}, agent {to.get('agent')}"
+    note = f"{outcome} an interrupted {j.get('action')} to runtime {to.get('runtime')}, agent {to.get('agent')}"
+    done(note)
+    return note
 
 
 # -- a switch, journaled -------------------------------------------------------------
@@ -288,11 +295,13 @@ def commit(transport: NodeTransport, layout: Layout, action: str, component: str
     entry = {"id": secrets.token_hex(6), "time": audit.now_iso(), "user": audit.current_user(), "client": client(),
              "node": transport.node, "action": action, "component": component, "from": frm, "to": to, **extra}
     transport.write_bytes_atomic(layout.journal, json.dumps(entry).encode())
+    journal_on_node(True)
     fault("switch:after-journal")
     apply(transport, layout, frm, to, dry_run=False, journal=entry)
     _append_history(transport, layout, entry)
     fault("switch:after-history")
     transport.remove(layout.journal)
+    journal_on_node(False)
     return entry
 
 

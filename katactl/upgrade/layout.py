@@ -56,13 +56,14 @@ def fault(point: str, n: int | None = None) -> None:
 
     Only active when KATACTL_FAULT names the point (``point@n`` for the n-th pass of a
     repeated point); a real crash, not an exception, so no finally-block or atexit
-    handler runs."""
+    handler runs. KATACTL_FAULT_SIGNAL=INT sends SIGINT instead: a Ctrl-C at that step."""
     want = os.environ.get("KATACTL_FAULT")
     if not want:
         return
     names = want.split(",")
     if (point in names and n in (None, 1)) or (n is not None and f"{point}@{n}" in names):
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = signal.SIGINT if os.environ.get("KATACTL_FAULT_SIGNAL") == "INT" else signal.SIGKILL
+        os.kill(os.getpid(), sig)
 
 
 def validate_version(v: str | None, what: str = "version") -> str:

@@ -19,6 +19,8 @@ its mkdir and its owner write is that young).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import json
 import os
 import secrets
@@ -79,19 +81,58 @@ def locked_audited(transport: NodeTransport, layout, action: str, params: dict, 
 
     if dry_run:
         return run()
+    progress = Progress()
+    token = _progress.set(progress)
     try:
         res = run()
-    except Exception as e:
-        _record(action, target, transport, params, None, result=f"error: {e}")
+    except BaseException as e:
+        # what was done before the failure: a Ctrl-C (SIGTERM, SIGHUP) after a live step
+        # leaves a changed node, which the log must say
+        extra: dict = {"done": progress.done} if progress.done else {}
+        if progress.journal:
+            extra["pendingJournal"] = layout.journal  # the next stage/switch/rollback/gc finishes it
+        if isinstance(e, KeyboardInterrupt):
+            _record(action, target, transport, params, bool(progress.done), result="interrupted", **extra)
+        else:
+            _record(action, target, transport, params, True if progress.done else None, result=f"error: {e}",
+                    **extra)
         raise
+    finally:
+        _progress.reset(token)
     _record(action, target_of(res) if target_of else target, transport, params, res["changed"])
     return res
 
 
 def _record(action: str, target: str, transport: NodeTransport, params: dict, changed: bool | None,
-            result: str = "ok") -> None:
+            result: str = "ok", **extra) -> None:
     record(f"upgrade.{action}", target, node=transport.node, params=params, result=result,
-                 changed=changed)
+           changed=changed, **extra)
+
+
+@dataclasses.dataclass
+class Progress:
+    """The live steps of the running operation so far, for its audit record should it stop
+    midway (its result tells them otherwise)."""
+    done: list[str] = dataclasses.field(default_factory=list)
+    journal: bool = False  # its journal is on the node
+
+
+_progress: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("upgrade_progress", default=None)
+
+
+def done(step: str) -> None:
+    """Note a live step of the running locked_audited operation (a release renamed into or
+    out of place, ``current`` flipped, a live configuration file replaced)."""
+    p = _progress.get()
+    if p is not None:
+        p.done.append(step)
+
+
+def journal_on_node(present: bool) -> None:
+    """Note that the running operation's journal was written to (or removed from) the node."""
+    p = _progress.get()
+    if p is not None:
+        p.journal = present
 
 
 @contextlib.contextmanager
