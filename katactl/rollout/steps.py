@@ -553,7 +553,7 @@ def _check_collect(a: Args) -> None:
 
     a.opts = vmcore.CollectOptions(
         to=a.to, compress=a.compress, compress_on=a.compress_on, makedumpfile=a.makedumpfile,
-        dump_level=a.dump_level, delete_after=a.delete_after, verify_source=a.verify,
+        dump_level=a.dump_level, delete_after=a.delete_after, verify_source=a.verify, force=a.force,
         bwlimit=parse_size(a.bwlimit, what="--bwlimit") if a.bwlimit is not None else None)
     a.opts.validate()
     for path, what in ((a.dump_path, "--dump-path"), (a.kata_config, "--kata-config")):
@@ -567,7 +567,7 @@ def _check_collect(a: Args) -> None:
 @_register("vmcore collect", "node", ("vmcore", "collect"),
            "Copy the node's guest dumps here (vmcore collect --to DIR ...).",
            uses={"refs", "to", "compress", "compress_on", "makedumpfile", "dump_level", "delete_after", "verify",
-                 "bwlimit", "dump_path", "kata_config"},
+                 "bwlimit", "dump_path", "kata_config", "force"},
            refuses={"dry_run": DRY_RUN}, check=_check_collect)
 def _vmcore(ctx, a):
     from katactl import vmcore
