@@ -157,6 +157,27 @@ def test_unnamed_qemu_vcpus_by_the_sandbox_cgroup(cli, tmp_path):
     assert r.exit_code == 8 and f and "none of the VMM's 3 other threads" in f[0]["message"], d["items"]
 
 
+def test_qmp_thread_ids_mark_the_vcpus_only_when_they_are_the_vmms(tmp_path):
+    """identify_vcpus with a QMP query-cpus-fast answer: its thread-ids become the vCPU rows (with
+    their cpu-index); ids that are no thread of the VMM (another pid namespace) mark nothing."""
+    from katactl import sandbox
+    from katactl.backends.local import LocalTransport
+    from katactl.isolation import threads
+
+    info = build_node(str(tmp_path), online_pods=0, sandboxes=1, sandbox_cgroup_only=True, named_vcpus=False)
+    t = LocalTransport(host_root=str(tmp_path))
+    (sb,) = sandbox.discover(t, check=False)
+    (vt,) = info["vcpu_tids"].values()
+    rows = threads.list_threads(t, sb.hypervisor_pid, hypervisor="qemu")
+    assert threads.identify_vcpus(t, sb, rows, qmp=({vt[1]: 1, vt[0]: 0}, "extra-monitor.sock")) == \
+        {"by": "qmp", "note": None}
+    assert [(r["tid"], r["vcpu"]) for r in rows if r["role"] == "vcpu"] == [(vt[0], 0), (vt[1], 1)]
+    rows = threads.list_threads(t, sb.hypervisor_pid, hypervisor="qemu")
+    got = threads.identify_vcpus(t, sb, rows, qmp=({4242: 0}, "extra-monitor.sock"))
+    assert got["by"] is None and "are no threads of pid" in got["note"], got
+    assert not [r for r in rows if r["role"] == "vcpu"]
+
+
 def test_be_l3_fix_gives_koordinator_mask(cli, tmp_path):
     root = str(tmp_path)
     build_node(root, online_pods=0, sandboxes=1, sandbox_cgroup_only=True, be_l3="7f", cdp=True)

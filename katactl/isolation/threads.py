@@ -197,6 +197,7 @@ def inside(path: str | None, parent: str) -> bool:
 def unknown_note(sb, qmp_why: str) -> str:
     return (f"QEMU's vCPU threads are unnamed (no debug-threads=on: Kata's enable_debug is off), {qmp_why}"
             + (" and sandbox_cgroup_only = true (every thread in one cgroup)" if sb.sandbox_cgroup_only
+               else " and sandbox_cgroup_only is not recorded" if sb.sandbox_cgroup_only is None
                else " and no sandbox cgroup is recorded" if not sb.sandbox_cgroup_path
                else " and none of its threads is in the sandbox cgroup"))
 
@@ -209,6 +210,10 @@ def identify_vcpus(transport: NodeTransport, sb, rows: list[dict], *, qmp: tuple
     if not needs_identity(sb.hypervisor, sum(r["role"] == "vcpu" for r in rows)):
         return {"by": "names", "note": None}
     got, why = qmp if qmp is not None else qmp_vcpus(transport, sb, timeout=timeout)
+    if got and not any(r["tid"] in got for r in rows):
+        # another pid namespace's ids (or another QEMU behind that socket): not these threads
+        why = f"QMP's vCPU thread ids {sorted(got)[:4]} are no threads of pid {sb.hypervisor_pid}"
+        got = None
     if got:
         for r in rows:
             if r["tid"] in got:
