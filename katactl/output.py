@@ -135,14 +135,44 @@ def _plural_noun(kind: str) -> str:
 
 
 def to_json(obj, indent: int | None = 2) -> str:
-    if indent is None:  # json's C encoder
-        return json.dumps(obj, sort_keys=False, default=_json_default, ensure_ascii=False)
+    """obj as JSON text. A NaN or an infinite float is ``null`` (see _floatval)."""
+    if indent is None:
+        return _dumps_line(obj, ensure_ascii=False)
     return "".join(json_chunks(obj, indent))
+
+
+def _dumps_line(obj, *, ensure_ascii: bool) -> str:
+    """json.dumps(obj) on one line by json's C encoder, which writes NaN/Infinity or raises,
+    never null: where it raises, again over _finite(obj)."""
+    try:
+        return json.dumps(obj, default=_json_default, ensure_ascii=ensure_ascii, allow_nan=False)
+    except ValueError as e:
+        if not str(e).startswith("Out of range float"):
+            raise  # a cycle
+    return json.dumps(_finite(obj), default=_json_default, ensure_ascii=ensure_ascii, allow_nan=False)
+
+
+def _finite(o):
+    """o with each non-finite float value None and each such key its text ("NaN"), as
+    json_chunks writes them (for json's C encoder; containers and the default hook's
+    objects are walked, anything else is left to json)."""
+    t = type(o)
+    if t is float:
+        return o if o - o == 0 else None  # inf - inf and nan - nan are nan
+    if t is dict or isinstance(o, dict):
+        return {(_floatstr(k) if type(k) is float and k - k != 0 else k): _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, float):
+        return _finite(float(o))
+    if isinstance(o, (set, frozenset)) or (dataclasses.is_dataclass(o) and not isinstance(o, type)):
+        return _finite(_json_default(o))
+    return o
 
 
 def json_chunks(obj, indent: int = 2) -> list[str]:
     """The text of ``json.dumps(obj, indent=indent, ensure_ascii=False, default=...)``, the
-    same characters, as a list of pieces of a few dozen KiB (write them in order).
+    same characters but null for a NaN or infinite value (_floatval), as a list of pieces of a few dozen KiB (write them in order).
 
     json's C encoder cannot indent, and its pure-Python one runs every value through a
     chain of generators: for 10,000 sandboxes 1.6 million yields and as many small
@@ -190,7 +220,7 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
         elif isinstance(o, int):
             app(int.__repr__(o))
         elif isinstance(o, float):
-            app(_floatstr(o))
+            app(_floatval(o))
         elif isinstance(o, (list, tuple)):
             if not o:
                 app("[]")
@@ -260,7 +290,7 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
                 elif t is int:
                     app(key + int.__repr__(v))
                 elif t is float:
-                    app(key + _floatstr(v))
+                    app(key + _floatval(v))
                 else:
                     app(key)
                     enc(v, inner)
@@ -288,11 +318,11 @@ _ORJSON_DEPTH = 254
 
 
 def _orjson_chunks(obj) -> list[str] | None:
-    """``json.dumps(obj, indent=2, ensure_ascii=False)``'s text made by orjson, in pieces,
-    or None when orjson's could differ. orjson writes the same characters (indentation,
-    ": ", string escapes, float repr) except for floats below 1e-4 (``1e-05`` is
-    ``0.00001`` there) and NaN/Infinity (``null``), which _orjson_plain refuses with any
-    type not in _ORJSON_TYPES; orjson itself refuses (TypeError) integers beyond 64 bits,
+    """json_chunks' text (``json.dumps(obj, indent=2, ensure_ascii=False)``'s, NaN and
+    Infinity null) made by orjson, in pieces, or None when orjson's could differ. orjson
+    writes the same characters (indentation, ": ", string escapes, float repr, null for
+    NaN/Infinity) except for floats below 1e-4 (``1e-05`` is ``0.00001`` there), which
+    _orjson_plain refuses with any type not in _ORJSON_TYPES; orjson itself refuses (TypeError) integers beyond 64 bits,
     non-str keys, lone surrogates and cycles, which json's path writes or refuses as before.
 
     A dict's long lists (a result's items) go to orjson _ORJSON_BATCH items at a time, each
@@ -375,13 +405,24 @@ def _orjson_plain(obj) -> bool:
 
 
 def _orjson_float(v: float) -> bool:
-    """orjson writes v as float.__repr__ does: finite, and 0 or at least 1e-4 in magnitude
-    (below, repr's exponent has two digits, orjson's one; checked on 10^6 random floats)."""
-    return v == 0 or 1e-4 <= abs(v) < float("inf")
+    """orjson writes v as _floatval does: 0, at least 1e-4 in magnitude (below, repr's
+    exponent has two digits, orjson's one; checked on 10^6 random floats), or NaN or
+    infinite (null)."""
+    return not abs(v) < 1e-4 or v == 0
+
+
+def _floatval(o: float) -> str:
+    """A float value's JSON text: NaN, Infinity and -Infinity are ``null``. RFC 8259 has no
+    such numbers (json's NaN/Infinity fail JSON.parse, Go's encoding/json, serde_json);
+    null is what JSON.stringify, serde_json, orjson and jq write for them, and keeps the field
+    a number-or-null (docs/output.md)."""
+    if o - o == 0:  # finite (inf - inf and nan - nan are nan)
+        return float.__repr__(o)
+    return "null"
 
 
 def _floatstr(o: float) -> str:
-    """json's float text (allow_nan: NaN, Infinity, -Infinity)."""
+    """json's float text for a key (a string there: "NaN", "Infinity", "-Infinity")."""
     if o != o:
         return "NaN"
     if o == float("inf"):
@@ -453,7 +494,7 @@ class Output:
         threads (a drain's evictions): each line is written whole, under a lock, so two
         events never interleave on one line."""
         if self.fmt == "jsonl":
-            line = json.dumps({"apiVersion": API_VERSION, "kind": kind, **data}, default=_json_default) + "\n"
+            line = _dumps_line({"apiVersion": API_VERSION, "kind": kind, **data}, ensure_ascii=True) + "\n"
             with _EVENT_LOCK:
                 self.stdout.write(line)
                 self.stdout.flush()

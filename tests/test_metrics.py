@@ -1,6 +1,7 @@
 """katactl metrics and the metrics library (issue 3)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -113,3 +114,31 @@ def test_help_does_not_load_heavy_modules():
             "print(','.join(bad))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr
+
+
+def test_nan_and_inf_samples_are_null_in_json(cli):
+    """A Go shim's summary without observations has quantiles NaN (client_golang writes
+    'NaN'): -o json printed "value": NaN, which no strict JSON parser takes (docs/output.md:
+    null). -o prom keeps the shim's text."""
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+
+    with node() as n:
+        n.go("nan01", pod_name="web", pod_namespace="prod")
+        base = n.server("nan01").metrics_text
+        n.server("nan01").metrics_text = lambda: base() + (
+            "# HELP kata_x_seconds x\n# TYPE kata_x_seconds summary\n"
+            'kata_x_seconds{quantile="0.5"} NaN\nkata_x_seconds_sum 0\nkata_x_seconds_count 0\n'
+            "# TYPE kata_x_max gauge\nkata_x_max +Inf\n")
+        for args in (["nan01"], ["--all"]):
+            for fmt in ("json", "jsonl", "yaml"):
+                r = cli(["--host-root", n.root, "metrics", *args, "--family", "kata_x", "-o", fmt])
+                assert r.exit_code == 0, r.stderr
+                assert "NaN" not in r.stdout and "Infinity" not in r.stdout and ".nan" not in r.stdout
+                if fmt != "yaml":
+                    d = json.loads(r.stdout.splitlines()[-1] if fmt == "jsonl" else r.stdout, parse_constant=refuse)
+                    values = {s["name"]: s["value"] for s in d["items"]}
+                    assert values == {"kata_x_seconds": None, "kata_x_seconds_sum": 0, "kata_x_seconds_count": 0,
+                                      "kata_x_max": None}, (args, fmt)
+        r = cli(["--host-root", n.root, "metrics", "nan01", "--family", "kata_x", "-o", "prom"])
+        assert "} NaN\n" in r.stdout and "} +Inf\n" in r.stdout

@@ -282,7 +282,7 @@ def test_json_chunks_is_json_dumps_text():
     import dataclasses
     import enum
 
-    from katactl.output import _json_default, json_chunks
+    from katactl.output import json_chunks
 
     class Level(enum.IntEnum):
         HIGH = 3
@@ -301,24 +301,42 @@ def test_json_chunks_is_json_dumps_text():
         {"items": [{"id": f"{i:032x}", "vcpus": i, "pod": {"name": f"p{i}"}} for i in range(3000)]},
     ]
     for case in cases:
-        assert "".join(json_chunks(case)) == json.dumps(case, indent=2, ensure_ascii=False, default=_json_default)
+        assert "".join(json_chunks(case)) == _dumps(case)
     loop: list = []
     loop.append(loop)
     with pytest.raises(ValueError):
         json_chunks(loop)
 
 
+def _nulls(o):
+    """o with each NaN or infinite float value None, keys as they are (json.dumps writes a
+    key NaN as "NaN"): what -o json writes for them."""
+    if isinstance(o, float):
+        return o if o - o == 0 else None
+    if isinstance(o, dict):
+        return {k: _nulls(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nulls(v) for v in o]
+    return o
+
+
+def _dumps(case) -> str:
+    from katactl.output import _json_default
+
+    return json.dumps(_nulls(case), indent=2, ensure_ascii=False, default=_json_default)
+
+
 def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
     """-o json hands plain data to orjson (_orjson_chunks) and everything it would write
-    otherwise to json's path: floats below 1e-4 ("1e-05" is "0.00001" there), NaN and
-    Infinity ("null"), an Enum (its value), subclasses, integers beyond 64 bits, non-str
+    otherwise to json's path: floats below 1e-4 ("1e-05" is "0.00001" there), an Enum (its
+    value), subclasses, integers beyond 64 bits, non-str
     keys (at the top too, beside a list long enough to be batched), lone surrogates, nesting
     deeper than orjson's 254 levels. The text is
     json.dumps(indent=2)'s either way."""
     import collections
     import enum
 
-    from katactl.output import _json_default, _orjson_chunks, json_chunks
+    from katactl.output import _orjson_chunks, json_chunks
 
     class Color(enum.Enum):
         RED = "red"
@@ -336,24 +354,63 @@ def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
                 "dropIns": [f"/etc/{i}.toml"], "sockets": {"shim": "/run/s", "api": None}, **kw}
 
     plain = [{}, [], {"a": []}, [[], {}], (1, 2), "s", 0.0, -0.0, 1e-4, 1e16, 1.7976931348623157e308,
+             float("nan"), float("inf"), float("-inf"), [record(1), record(2, vcpus=float("nan"))],
              2 ** 64 - 1, -2 ** 63, {"s": "é\u2028\n\t\"\\ \x00\x1b\x7f ☃ 𝄞"}, [record(i) for i in range(50)],
              [record(1), {"other": "shape"}, record(2, extra=[1, 2.5])], nest({"x": 1.25}, 200),
              # a result: its long list goes to orjson in batches, indented as json indents it
              {"apiVersion": "v1", "kind": "SandboxList", "items": [record(i) for i in range(1100)],
               "empty": [], "none": {}, "meta": {"n": [1, {"a": []}]}, "few": [record(1)], "last": "x"},
              {"items": [record(i) for i in range(1024)]}, {"items": [[i, [i]] for i in range(513)]}]
-    other = [1e-5, -2.5e-7, 5e-324, float("nan"), float("inf"), float("-inf"), 2 ** 64, -2 ** 63 - 1,
+    other = [1e-5, -2.5e-7, 5e-324, 2 ** 64, -2 ** 63 - 1,
              {1: "int key"}, "\ud800", Color.RED, Text("x"), collections.OrderedDict(a=1), {"d": {"x"}},
-             [record(i) for i in range(50)] + [record(50, vcpus=1e-5)], [record(1), record(2, vcpus=float("nan"))],
+             [record(i) for i in range(50)] + [record(50, vcpus=1e-5)],
              [record(1, pod={"name": Color.RED})], nest({"x": 1}, 300), nest(1e-6, 3),
              # a result's long list (written in batches) beside a non-str key: 1 is "1" there
              {1: list(range(200)), "a": 1}, {"a": list(range(200)), None: 1, 2.5: True, False: 0},
              {Text("items"): [record(i) for i in range(129)]}]
     for case in plain + other:
-        assert "".join(json_chunks(case)) == json.dumps(case, indent=2, ensure_ascii=False, default=_json_default)
+        assert "".join(json_chunks(case)) == _dumps(case)
     assert [_orjson_chunks(c) is not None for c in plain] == [True] * len(plain)
     assert [_orjson_chunks(c) is not None for c in other] == [False] * len(other)
     cycle: dict = {}
     cycle["self"] = cycle
     with pytest.raises(ValueError):
         json_chunks(cycle)
+
+
+def _strict_json(text: str):
+    """json.loads refusing NaN, Infinity and -Infinity, as RFC 8259, Go's encoding/json,
+    JSON.parse and serde_json do."""
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("path", ["orjson", "json"])
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "yaml"])
+def test_nan_and_infinity_are_null_in_every_data_format(fmt, path):
+    """A shim summary without observations has quantiles NaN: -o json printed a bare NaN,
+    which no strict JSON parser takes. Both of -o json's encoders (orjson for plain data,
+    json's for the rest: here a set), the long list's batches, -o jsonl's events and
+    result, and -o yaml (from the same JSON) write null."""
+    nan, inf = float("nan"), float("inf")
+    items = [{"name": f"s{i}", "value": [nan, inf, -inf, 1.5][i % 4]} for i in range(300)]
+    if path == "json":
+        items[0]["tags"] = {"x"}
+    out = io.StringIO()
+    o = Output(fmt, stdout=out, stderr=io.StringIO(), color=False)
+    o.event("Progress", value=nan, nested={"v": [-inf]})
+    o.render(Result(kind="MetricSampleList", items=items, item={"sum": inf}))
+    text = out.getvalue()
+    if fmt == "yaml":
+        assert ".nan" not in text and ".inf" not in text
+        docs = [yaml.safe_load(text)]
+    elif fmt == "jsonl":
+        docs = [_strict_json(line) for line in text.splitlines()]
+        assert docs[0]["value"] is None and docs[0]["nested"] == {"v": [None]}
+        docs = docs[1:]
+    else:
+        docs = [_strict_json(text)]
+    (d,) = docs
+    assert [i["value"] for i in d["items"][:4]] == [None, None, None, 1.5] and d["sum"] is None
+    assert sum(i["value"] is None for i in d["items"]) == 225
