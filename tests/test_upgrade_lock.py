@@ -114,3 +114,93 @@ def tbs_lock(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("lock-tarballs")
     return fx.make_tarball(str(d), A, str(d), compression="gz")
+
+
+def test_a_breaker_judging_from_an_old_read_never_moves_a_live_lock(sshd_lab):
+    """A deterministic interleaving over real sshd (node4). Breaker B read lock S (its owner a
+    dead katactl of this host: stale). Before B acts, client C breaks S itself and takes the
+    lock. Then B breaks "S", and after every step of B's break a third client D tries to take
+    the lock. C must stay the only holder: B never moves C's lock away (it did: renamed it to
+    .lock-stale-*, D took the free lock.d, and B's put-back failed onto D's lock)."""
+    import contextlib
+
+    from katactl import config
+    from katactl.backends.ssh import SSHTransport
+    from katactl.errors import TimeoutExpired
+    from katactl.upgrade import lock
+    from katactl.upgrade.layout import Layout
+
+    holders: list[str] = []
+    stack = contextlib.ExitStack()
+
+    def try_take(name, t):
+        try:
+            stack.enter_context(lock._mkdir_lock(t, layout, 0, None))
+            holders.append(name)
+        except TimeoutExpired:
+            pass  # held by another: the right outcome for D
+
+    class SteppedSSH(SSHTransport):
+        """node4 over SSH; while stepping, D tries to take the lock after each step."""
+        stepping = False
+
+        def _step(self, op, *a, **kw):
+            try:
+                return getattr(super(), op)(*a, **kw)
+            finally:
+                if self.stepping:
+                    try_take("D", td)
+
+        def rename(self, *a, **kw):
+            return self._step("rename", *a, **kw)
+
+        def mkdir(self, *a, **kw):
+            return self._step("mkdir", *a, **kw)
+
+        def read_bytes(self, *a, **kw):
+            return self._step("read_bytes", *a, **kw)
+
+        def remove(self, *a, **kw):
+            return self._step("remove", *a, **kw)
+
+    settings = config.resolve({"ssh_config": str(sshd_lab.config)})
+    layout = Layout(f"/opt/kata-ut-{secrets.token_hex(3)}")
+    state = sshd_lab.nodes["node4"].root / layout.state.lstrip("/")
+    (state / "lock.d").mkdir(parents=True)
+    (state / "lock.d/owner.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(),
+                                                         "user": "x", "token": "dead"}))
+    tb, tc, td = (cls.from_settings("node4", settings) for cls in (SteppedSSH, SSHTransport, SSHTransport))
+    try:
+        with stack:
+            raw = tb.read_bytes(f"{layout.lock}.d/owner.json")  # B's read: S, judged stale
+            assert lock._stale(raw)
+            try_take("C", tc)  # breaks S and takes the lock
+            c_owner = (state / "lock.d/owner.json").read_bytes()
+            assert holders == ["C"]
+            tb.stepping = True
+            lock._break(tb, layout, f"{layout.lock}.d", raw)
+            tb.stepping = False
+            assert holders == ["C"]
+            assert (state / "lock.d/owner.json").read_bytes() == c_owner
+            assert sorted(os.listdir(state / "lock.d")) == ["owner.json"]  # B's claim withdrawn
+        assert sorted(os.listdir(state)) == []  # C released its lock; nothing left behind
+    finally:
+        for t in (tb, tc, td):
+            t.close()
+
+
+def test_a_break_claim_left_by_a_killed_breaker_is_cleared_once_old(ssh_node, tbs_lock):
+    """A breaker killed between its claim (lock.d/.break) and its rename leaves a claimed
+    stale lock: while the claim is young it is another breaker at work (wait); once older
+    than the bound it is cleared and the lock broken."""
+    state, run = ssh_node
+    lockd = state / "lock.d"
+    (lockd / ".break").mkdir(parents=True)
+    (lockd / "owner.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(), "user": "x"}))
+    r = run("stage", tbs_lock, "--lock-timeout", "0.5")
+    assert r.exit_code == 6 and "holds the lock on node4" in r.stderr, r.stderr
+    old = time.time() - 3600
+    os.utime(lockd / ".break", (old, old))
+    r = run("stage", tbs_lock, "--lock-timeout", "0.5")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(x for x in os.listdir(state) if x.startswith(("lock.d", ".lock-"))) == []

@@ -10,8 +10,8 @@ directory to ``lock.d`` (rename(2) of a directory fails onto a non-empty one,
 so one of two racing clients wins), never a bare mkdir followed by a write
 that a cut stream can separate. If the outcome of a step is unknown (the
 exec/SSH stream was cut), katactl removes its temp directory and ``lock.d``
-if ``lock.d`` names its token. A lock is broken by renaming it away (one
-breaker wins the rename) when its owner is a dead process *of this client
+if ``lock.d`` names its token. A lock is broken (claimed by one breaker, then
+renamed away: ``_break``) when its owner is a dead process *of this client
 host*, or when it has no readable owner and is older than
 ``OWNERLESS_STALE`` (by the node's clock: a lock of an older katactl between
 its mkdir and its owner write is that young).
@@ -224,6 +224,12 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
     bound = max(OWNERLESS_STALE, 2 * transport.timeout)
     told = False
     clock: tuple[float, float] | None = None  # (node time, monotonic time) when tmp was written
+
+    def older(mtime: float) -> bool:
+        """Older than bound on the node's clock (tmp's mtime was its "now" when tmp was written)."""
+        assert clock is not None
+        return clock[0] + (time.monotonic() - clock[1]) - mtime > bound
+
     while True:
         st = transport.stat_many([d, tmp], follow_symlinks=False)
         cur, mine = st[d], st[tmp]
@@ -247,14 +253,9 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
             raw = transport.read_bytes(d + "/owner.json", limit=4096)
         except OSError:
             raw = b""
-        if _owner_of(raw) is None:
-            # ages on the node's clock: tmp's mtime is the node's "now" when it was written
-            stale = clock[0] + (time.monotonic() - clock[1]) - cur.mtime > bound
-        else:
-            stale = _stale(raw)
-        if stale:
-            _break(transport, layout, d, raw)
-            continue
+        stale = older(cur.mtime) if _owner_of(raw) is None else _stale(raw)
+        if stale and _break(transport, layout, d, raw, older):
+            continue  # broken: look again at once
         if time.monotonic() >= deadline:
             raise TimeoutExpired(
                 f"another upgrade operation holds the lock on {transport.node} ({_describe(raw)})",
@@ -265,25 +266,52 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
         time.sleep(0.2)
 
 
-def _break(transport: NodeTransport, layout, d: str, raw: bytes) -> None:
-    """Rename the stale lock d away (one breaker wins) and remove it. If what was renamed
-    is no longer the lock judged stale (another breaker freed d and a live client took it
-    in between), put it back."""
-    gone = f"{layout.state}/.lock-stale-{secrets.token_hex(8)}"
+#: a breaker's claim on a lock it is about to break: a directory inside the lock
+BREAK_CLAIM = ".break"
+
+
+def _break(transport: NodeTransport, layout, d: str, raw: bytes, older=None) -> bool:
+    """Rename the stale lock d (whose owner.json read ``raw``) away, and remove it. True when
+    d should be looked at again at once (broken, or no longer the lock judged stale); False
+    while another breaker holds its claim.
+
+    d is judged stale from an earlier read: meanwhile another breaker may have freed it and
+    a live client taken it, so renaming d at once could move a live lock away (and putting
+    it back races with a third client taking the freed d: two holders). Instead a breaker
+    first claims d with mkdir ``d/.break`` (mkdir(2) is exclusive; and rename(2) cannot
+    replace the now non-empty d), then reads the owner again: only while d still holds the
+    stale owner it judged is d renamed away, and nothing else moves a claimed lock. A live
+    lock is left as it was (claim removed). A claim older than ``older`` allows (its
+    breaker died or was cut off between its steps) is moved away, so another can claim."""
+    claim = f"{d}/{BREAK_CLAIM}"
     try:
-        transport.rename(d, gone)
+        transport.mkdir(claim, parents=False)
     except OSError:
-        return
+        # claimed by another breaker (or d is gone: the caller looks again)
+        with contextlib.suppress(OSError):
+            if older is not None and older(transport.stat(claim, follow_symlinks=False).mtime):
+                dead = f"{layout.state}/.lock-stale-{secrets.token_hex(8)}"
+                transport.rename(claim, dead)  # one wins
+                transport.remove(dead, recursive=True)
+        return False
     try:
-        now = transport.read_bytes(gone + "/owner.json", limit=4096)
+        now = transport.read_bytes(d + "/owner.json", limit=4096)
     except OSError:
         now = b""
-    if now != raw:
+    if now != raw:  # not the lock judged stale any more: leave it
         with contextlib.suppress(OSError):
-            transport.rename(gone, d)
-        return
+            transport.remove(claim, recursive=True)
+        return True  # changed since it was read: look again at once
+    gone = f"{layout.state}/.lock-stale-{secrets.token_hex(8)}"
+    try:
+        transport.rename(d, gone)  # with our claim inside: still the stale lock
+    except OSError:
+        with contextlib.suppress(OSError):
+            transport.remove(claim, recursive=True)
+        return False
     with contextlib.suppress(OSError):
         transport.remove(gone, recursive=True)
+    return True
 
 
 def _release(transport: NodeTransport, layout, d: str, token: str) -> None:
