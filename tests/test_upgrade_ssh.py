@@ -93,3 +93,22 @@ def test_concurrent_switches_and_stale_lock_over_ssh(sshd_lab, tbs, katactl_bin)
     r = run("switch", final, "--lock-timeout", "0.5")
     assert r.exit_code == 6 and "holds the lock" in r.stderr
     assert os.readlink(tree / "current") == f"releases/{other}"
+
+
+def test_an_interrupted_stage_over_ssh_is_audited_and_leaves_no_lock(sshd_lab, tbs, katactl_bin, tmp_path):
+    """Ctrl-C (a real SIGINT) in the middle of the extraction to a real sshd node: exit 130,
+    an ``interrupted`` audit record (nothing changed), and neither the node lock nor the
+    staging tree left behind."""
+    root = f"/opt/kata-ut-{secrets.token_hex(3)}"
+    tree = sshd_lab.nodes["node2"].root / root.lstrip("/")
+    log = tmp_path / "audit.log"
+    r = katactl_bin(["--ssh-config", str(sshd_lab.config), "-N", "node2", "upgrade", "stage", tbs[A],
+                     "--kata-root", root, "-o", "json"],
+                    env={"KATACTL_FAULT": "stage:mid-extract", "KATACTL_FAULT_SIGNAL": "INT",
+                         "KATACTL_AUDIT_LOG": str(log)})
+    assert r.exit_code == 130, (r.stdout, r.stderr)
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert (entry["action"], entry["node"], entry["result"], entry["changed"]) == \
+        ("upgrade.stage", "node2", "interrupted", False)
+    assert sorted(os.listdir(tree / "releases")) == [".katactl"]
+    assert [n for n in os.listdir(tree / "releases/.katactl") if n.startswith(("lock", ".lock-"))] == []
