@@ -214,6 +214,20 @@ def test_stage_refuses_a_tarball_replaced_after_its_sha256_check(node, tmp_path)
     assert not [n for n in os.listdir(rel(node)) if n.startswith(".staging")]
 
 
+def test_stage_a_tarball_listing_a_directory_twice(cli, node, tmp_path):
+    """tar archives may list a directory again (appending, incremental dumps): it is one
+    directory, not a source that changed between the check and the extraction."""
+    import tarfile
+
+    fx.build_tree(str(tmp_path / "t"), "7.3.0")
+    tb = tmp_path / "kata-static-7.3.0-amd64.tar.gz"
+    with tarfile.open(tb, "w:gz") as tf:
+        tf.add(str(tmp_path / "t/opt"), arcname="./opt")
+        tf.add(str(tmp_path / "t/opt/kata/bin"), arcname="./opt/kata/bin", recursive=False)
+    d = J(cli, node, "stage", tb)
+    assert d["changed"] is True and d["verifiedBy"] == ["manifest SHA256SUMS"]
+
+
 def test_stage_sha256_option_and_sidecar(cli, node, tarballs, tmp_path):
     tb = tarballs["nomanifest"]
     r = K(cli, node, "stage", tb)

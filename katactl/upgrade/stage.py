@@ -301,7 +301,7 @@ def _extract(transport: NodeTransport, layout: Layout, plan: _Plan, tmp: str) ->
             if tree is not None:
                 tree.add(m)
             continue
-        if m.raw not in pending:
+        if m.raw not in pending and want.kind != "dir":  # (a directory may be listed twice)
             raise changed(f"{m.raw!r} appears twice")
         pending.discard(m.raw)
         if m.kind != want.kind or (m.kind == "symlink" and m.linkname != want.linkname) \
