@@ -8,8 +8,9 @@ prints; the CLI renders.
 
 The mutating ones (iptables set, volume resize) read the current state, change
 only what differs, append to the audit log (a change, a no-op and a failure
-alike: an attempted mutation that failed is audited with ``result: "error"``)
-and report ``changed`` and ``dryRun``.
+alike: an attempted mutation that failed is audited with ``result: "error"``, one
+cut short by Ctrl-C, SIGTERM or SIGHUP with ``result: "interrupted"``) and report
+``changed`` and ``dryRun``.
 """
 from __future__ import annotations
 
@@ -21,11 +22,25 @@ import stat
 from typing import BinaryIO, TextIO
 
 from katactl.backends.shim import IPTABLES_LIMIT, PPROF_PROFILES, ShimClient
-from katactl.errors import KatactlError, NotFound, OperationFailed, ProtocolError, UsageError
+from katactl.errors import NotFound, OperationFailed, ProtocolError, UsageError, as_katactl_error
 from katactl.values import format_size
 from katactl.backends.base import NodeTransport
 
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
+
+
+def _audit_unfinished(action: str, target: str, node: str, params: dict, exc: BaseException, sent: bool,
+                      **extra) -> None:
+    """Audit a mutation that ended in ``exc`` before it reported: ``result: "interrupted"``
+    for Ctrl-C (SIGTERM and SIGHUP arrive as the same KeyboardInterrupt, katactl.interrupt),
+    else ``"error"``. ``requestSent`` says whether the change request had gone to the shim:
+    when it had, the change may have landed although no answer came (design.md "Safety":
+    every mutating action is audited, and this outcome most of all)."""
+    from katactl import audit
+
+    interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
+    audit.record(action, target, node=node, params=params, result="interrupted" if interrupted else "error",
+                 error="interrupted" if interrupted else as_katactl_error(exc).message, requestSent=sent, **extra)
 
 
 def _sandbox(transport: NodeTransport, ref):
@@ -128,14 +143,16 @@ def iptables_set(transport: NodeTransport, sandbox, rules: bytes | str, *, v6: b
     action = "shim.iptables.set"  # params carry v6
     params = {"v6": v6, "bytes": len(text.encode("utf-8"))}
     result = {"node": node, "sandbox": sandbox.id, "v6": v6, "bytes": params["bytes"]}
+    sent = False
     try:
         with ShimClient.for_sandbox(transport, sandbox, timeout=timeout) as c:
             changed = normalize_rules(c.iptables_get(v6)) != normalize_rules(text)
             if changed and not dry_run:
+                sent = True
                 c.iptables_set(text, v6)
-    except KatactlError as e:
+    except BaseException as e:
         if not dry_run:
-            audit.record(action, sandbox.id, node=node, params=params, result="error", error=e.message)
+            _audit_unfinished(action, sandbox.id, node, params, e, sent)
         raise
     if not dry_run:
         audit.record(action, sandbox.id, node=node, params=params, changed=changed)
@@ -283,6 +300,7 @@ def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dr
     result = {"node": node, "sandbox": sandbox.id, "path": path, "size": size}
     notes: list[str] = []
     device = None
+    sent = False
     try:
         device = direct_volume_device(transport, path, sandbox.runtime)
         result["device"] = device
@@ -298,15 +316,15 @@ def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dr
             elif dry_run:
                 changed = True
             else:
+                sent = True
                 c.volume_resize(device, size)
                 after, why = _fs_bytes_total(c, device)
                 if why:
                     notes.append(f"filesystem size after unknown: {why}")
                 changed = before is None or after is None or after > before
-    except KatactlError as e:
+    except BaseException as e:
         if not dry_run:
-            audit.record("shim.volume.resize", sandbox.id, node=node, params=params, result="error",
-                         error=e.message, device=device)
+            _audit_unfinished("shim.volume.resize", sandbox.id, node, params, e, sent, device=device)
         raise
     if not dry_run:
         audit.record("shim.volume.resize", sandbox.id, node=node, params=params, changed=changed,

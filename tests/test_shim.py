@@ -447,6 +447,57 @@ def test_volume_resize_failure_audited(cli, tree, _isolated_home):
     assert len(_audit(_isolated_home, "shim.volume.resize", "go2222")) == 1
 
 
+@pytest.mark.parametrize("cmd,route,sig", [
+    (["iptables", "set"], ("PUT", "/iptables"), "SIGTERM"),
+    (["volume", "resize"], ("POST", "/direct-volume/resize"), "SIGINT"),
+])
+def test_mutation_interrupted_mid_request_is_audited(tmp_path, _isolated_home, cmd, route, sig):
+    """Review 5 finding 2: Ctrl-C (or SIGTERM, SIGHUP: katactl.interrupt) while the shim holds
+    the change request: the change may have landed, so the audit log says interrupted, with
+    the parameters and that the request went out; exit 130. A real process, a real signal."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    arrived, release = threading.Event(), threading.Event()
+
+    def applied_then_slow(srv, req):
+        if route[1] == "/iptables":
+            srv.state.iptables = req.body.decode()   # the guest has the new rules...
+        arrived.set()
+        release.wait(60)                              # ...and the answer is late
+        return Response(200, "")
+
+    rules = tmp_path / "rules"
+    rules.write_text(RULES)
+    args = [str(rules)] if cmd[0] == "iptables" else [VOL, "20Gi"]
+    with node() as n:
+        n.go("int001", pod_name="web", pod_namespace="prod")
+        layout.write_direct_volume(n.root, VOL, sandbox_id="int001", device=DEV)
+        srv = n.server("int001")
+        srv.state.volumes[DEV] = {"total": 10 << 30, "used": 1 << 30, "available": 9 << 30}
+        srv.extra_routes[route] = applied_then_slow
+        p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", n.root, "shim", *cmd, "int001",
+                              *args, "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert arrived.wait(60), "the change request never reached the shim"
+            p.send_signal(getattr(signal, sig))
+            out, err = p.communicate(timeout=60)
+        finally:
+            release.set()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 130, err
+    assert json.loads(out)["code"] == "Interrupted"
+    action = "shim.iptables.set" if cmd[0] == "iptables" else "shim.volume.resize"
+    (e,) = _audit(_isolated_home, action, "int001")
+    assert e["result"] == "interrupted" and e["requestSent"] is True and "changed" not in e, e
+    want = {"v6": False, "bytes": len(RULES)} if cmd[0] == "iptables" else {"path": VOL, "size": 20 << 30}
+    assert e["params"] == want
+
+
 def test_volume_unknown_path(cli, tree):
     r = cli(["--host-root", tree.root, "shim", "volume", "stats", "go2222", GONE])
     assert r.exit_code == 1 and "not found in the guest" in r.stderr
