@@ -604,3 +604,123 @@ def test_down_never_kills_a_reused_qemu_pid(tmp_path, bystander, _isolated_home)
     assert r["stopped"] == [] and not tmp_path.exists()
     time.sleep(0.2)
     assert bystander.poll() is None
+
+
+# -- the QEMU's identity is the one it was started with (review 5, finding 1) -------------
+def test_launched_identity_waits_for_the_exec():
+    """A child stopped between fork and exec shows its parent's command line (and, inside
+    exec, an empty one): the daemon records a QEMU's identity only once /proc shows the
+    argv it launched, so the record matches the running process."""
+    import signal
+    import threading
+
+    from katactl.lab.daemon import launched_identity
+    from katactl.procfacts import local_identity
+
+    argv = [shutil.which("sleep") or "/bin/sleep", "300"]
+    pid = os.fork()
+    if pid == 0:  # the child: freeze before exec, as a just-forked QEMU would be
+        try:
+            os.kill(os.getpid(), signal.SIGSTOP)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    try:
+        os.waitpid(pid, os.WUNTRACED)  # stopped, not yet exec'd
+        early = local_identity(pid)  # what the daemon used to record right after Popen
+        assert early is not None and early.cmdline != tuple(argv)
+        with pytest.raises(RuntimeError, match="command line it was started with"):
+            launched_identity(pid, argv, timeout=0.1)
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(launched_identity(pid, argv, timeout=60)))
+        t.start()
+        os.kill(pid, signal.SIGCONT)
+        t.join()
+        (ident,) = got
+        assert ident.cmdline == tuple(argv) and ident.create_time == early.create_time
+        now = local_identity(pid)
+        assert ident.same_process(now) and not early.same_process(now)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_down_kills_a_qemu_recorded_mid_exec(tmp_path, _isolated_home):
+    """A state written by an older daemon holds the QEMU's identity with an empty argv (read
+    mid-exec): 'lab down' still knows its QEMU by its start time and its name."""
+    import subprocess
+
+    from katactl.lab import control
+    from katactl.procfacts import local_identity
+
+    fake = tmp_path / "bin" / "qemu-system-x86_64"  # a QEMU by name: sleep under that name
+    fake.parent.mkdir()
+    os.symlink(shutil.which("sleep") or "/bin/sleep", fake)
+    q = subprocess.Popen([str(fake), "300"], start_new_session=True)
+    try:
+        me = local_identity(q.pid)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        root = tmp_path / "lab"
+        root.mkdir()
+        _state_naming(root, gone.pid, sandboxes=[
+            {"name": "qemu-0", "qemuPid": q.pid, "qemu": {"pid": q.pid, "createTime": me.create_time, "cmdline": []}}])
+        r = control.down(str(root))
+        assert r["stopped"] == [{"pid": q.pid, "what": "qemu (qemu-0)"}] and not root.exists()
+        assert q.wait(30) == -9
+    finally:
+        q.kill()
+        q.wait()
+
+
+def _gone(pid: int, bound: float = 60) -> bool:
+    """Whether pid ends within a (generous) bound: a SIGKILLed orphan goes once init reaps it."""
+    from katactl.lab.control import _alive
+
+    deadline = time.monotonic() + bound
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def test_down_after_the_daemon_was_killed_stops_its_qemus(cli, monkeypatch, _isolated_home):
+    """kill -9 of the lab daemon leaves its QEMUs running: 'lab down' stops every one of
+    them (each recorded with the argv it was started with) and removes the lab."""
+    import signal
+    import tempfile
+
+    from katactl.lab import control
+    from katactl.procfacts import ProcIdentity, local_identity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("KATACTL_TEST_CACHE") or "/tmp/katactl-test-cache")
+    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
+    os.rmdir(root)
+    # guestless QEMUs (-S): each start is a fresh chance for the identity race, no boot to wait for
+    specs = [{"name": f"q{i}", "hypervisor": "qemu", "memory_mib": 64, "pod": f"q{i}", "namespace": "lab",
+              "guest": False, "balloon": False, "extension": False, "extra_monitor": False} for i in range(4)]
+    qemus: dict[int, ProcIdentity] = {}
+    try:
+        st = control.up(root, specs=specs, timeout=120)
+        for s in st["sandboxes"]:
+            rec = ProcIdentity.from_dict(s["qemu"])
+            with open(f"/proc/{s['qemuPid']}/cmdline", "rb") as f:
+                argv = tuple(a.decode() for a in f.read().split(b"\0")[:-1])
+            assert rec is not None and rec.cmdline == argv and rec.cmdline[0].endswith("qemu-system-x86_64")
+            qemus[s["qemuPid"]] = rec
+        assert len(qemus) == 4
+        os.kill(st["pid"], signal.SIGKILL)
+        assert _gone(st["pid"])
+        assert all(rec.same_process(local_identity(pid)) for pid, rec in qemus.items())  # orphaned, running
+        r = cli(["lab", "down", "--root", root, "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        assert sorted(s["pid"] for s in r.json()["stopped"]) == sorted(qemus)
+        assert not os.path.lexists(root)
+        assert [pid for pid in qemus if not _gone(pid)] == []
+    finally:
+        for pid, rec in qemus.items():  # never leave a VM behind, whatever failed above
+            if rec.same_process(local_identity(pid)):
+                os.kill(pid, signal.SIGKILL)
+        control.down(root, force=True)

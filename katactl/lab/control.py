@@ -336,8 +336,13 @@ def _stop_pid(pid: int, timeout: float, identity: "ProcIdentity | None" = None) 
 
 def _our_qemus(st: dict | None) -> list[tuple[dict, int]]:
     """(sandbox, pid) of the lab's QEMUs that still run: the recorded start time and argv
-    match the process at the pid (an older state without them: its argv names qemu)."""
-    from katactl.procfacts import LocalProcessFacts, ProcIdentity
+    (the argv the daemon launched) match the process at the pid. An older state without
+    them: its argv names qemu; one whose argv was recorded empty (read mid-exec by an
+    older daemon): the start time, and an argv naming qemu."""
+    from katactl.procfacts import CREATE_TIME_SLACK, LocalProcessFacts, ProcIdentity
+
+    def is_qemu(p: ProcIdentity) -> bool:
+        return bool(p.cmdline) and "qemu" in os.path.basename(p.cmdline[0])
 
     cands: list[tuple[dict, int]] = []
     for s in (st or {}).get("sandboxes", []):
@@ -350,8 +355,13 @@ def _our_qemus(st: dict | None) -> list[tuple[dict, int]]:
         cur, recorded = now.get(q), ProcIdentity.from_dict(s.get("qemu"))
         if cur is None:
             continue
-        if recorded.same_process(cur) if recorded is not None else \
-                bool(cur.cmdline) and "qemu" in os.path.basename(cur.cmdline[0]):
+        if recorded is None:
+            ours = is_qemu(cur)
+        elif not recorded.cmdline:
+            ours = abs(cur.create_time - recorded.create_time) <= CREATE_TIME_SLACK and is_qemu(cur)
+        else:
+            ours = recorded.same_process(cur)
+        if ours:
             out.append((s, q))
     return out
 

@@ -79,6 +79,27 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def launched_identity(pid: int, argv: list[str], timeout: float = 10.0) -> procfacts.ProcIdentity | None:
+    """The identity (start time, argv) of a process just started with argv, taken only once
+    ``/proc/PID/cmdline`` shows that argv: None when the process is already gone.
+
+    ``Popen`` returns when exec closes its CLOEXEC pipe (``begin_new_exec`` in the kernel's
+    fs/exec.c), before ``create_elf_tables`` (fs/binfmt_elf.c) sets the new image's argv:
+    read at once, the command line can still be empty (before exec, the parent's). Recorded
+    so, it never matches the running process and 'lab down' after a lost daemon would take
+    its own QEMU for a stranger. RuntimeError when the argv does not show within timeout."""
+    want = tuple(argv)
+    deadline = time.monotonic() + timeout
+    while True:
+        now = procfacts.local_identity(pid)
+        if now is None or now.cmdline == want:
+            return now
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} did not show the command line it was started with within "
+                               f"{timeout:g}s (it shows: {now.describe()[:200]})")
+        time.sleep(0.002)
+
+
 # -- one sandbox ----------------------------------------------------------------
 class LabSandbox:
     def __init__(self, lab: "Lab", spec: dict):
@@ -176,7 +197,7 @@ class LabSandbox:
                                      stdout=open(os.path.join(d, "qemu.log"), "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         # who this QEMU is (start time + argv), so 'lab down' never signals a reused pid
-        self.qemu_identity = procfacts.local_identity(self.proc.pid)
+        self.qemu_identity = launched_identity(self.proc.pid, argv)
 
     def connect_qmp(self, timeout: float = 30) -> None:
         from katactl.backends.local import LocalTransport
