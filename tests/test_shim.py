@@ -168,6 +168,32 @@ def test_iptables_set_idempotent_dry_run_audited(cli, tree, tmp_path, sid, _isol
     assert [e["changed"] for e in mine] == [True, False, True]
 
 
+def _fields(text: str) -> dict:
+    """describe()'s 'key: value' lines."""
+    return dict(ln.split(": ", 1) for ln in text.splitlines() if ": " in ln)
+
+
+@pytest.mark.parametrize("fmt", [[], ["-o", "markdown"]])
+def test_mutations_say_changed_and_dry_run_in_human_output(cli, tmp_path, fmt, _isolated_home):
+    """Review 5 finding 7: on a terminal a dry run, a change and a no-op must read differently
+    (design.md "Safety": every mutating command reports changed and dryRun)."""
+    f = tmp_path / "rules"
+    f.write_text(RULES)
+    with node() as n:
+        n.go("hum001")
+        layout.write_direct_volume(n.root, VOL, sandbox_id="hum001", device=DEV)
+        n.server("hum001").state.volumes[DEV] = {"total": 10 << 30, "used": 1 << 30, "available": 9 << 30}
+        ipt = ["--host-root", n.root, "shim", "iptables", "set", "hum001", str(f), *fmt]
+        vol = ["--host-root", n.root, "shim", "volume", "resize", "hum001", VOL, "20Gi", *fmt]
+        seen = []
+        for args in (ipt + ["--dry-run"], ipt, ipt, vol + ["--dry-run"], vol, vol):
+            r = cli(args)
+            assert r.exit_code == 0, r.stderr
+            d = _fields(r.stdout)
+            seen.append((d.get("changed"), d.get("dryRun")))
+    assert seen == [("true", "true"), ("true", None), ("false", None)] * 2
+
+
 @pytest.mark.parametrize("content", [b"", b"   \n", b"\xff\xfe rules", b"*filter\n-A INPUT -j DROP\n",
                                      b"-A INPUT -j DROP\nCOMMIT\n", b"*filter\x00\nCOMMIT\n"])
 def test_iptables_bad_rules_corpus(cli, tree, tmp_path, content):

@@ -22,6 +22,21 @@ def _on_sandbox(app_ctx, target: str, op, *args, **kw) -> dict:
     return sandbox.on_sandbox(settings, ref, lambda t, sb: op(t, sb, *args, timeout=timeout, **kw))[2]
 
 
+def _finish_mutation(app_ctx, kind: str, res: dict) -> None:
+    """A change's result. Result.mutation lifts changed/dryRun to the top level, which the
+    human view (describe) does not print: there they go back into the item, as balloon does,
+    so a dry run, a change and a no-op read differently on a terminal."""
+    from katactl.output import Result
+
+    result = Result.mutation(kind, res)
+    if app_ctx.out.human:
+        item = {**(result.item or {}), "changed": result.changed}
+        if result.dry_run:
+            item["dryRun"] = True
+        result = Result(kind=kind, item=item)
+    finish(app_ctx, result)
+
+
 def _text_out(app_ctx) -> bool:
     """Text output (not json/yaml): the endpoint's own text is the data."""
     return app_ctx.out.human or app_ctx.out.fmt == "name"
@@ -93,14 +108,13 @@ def iptables_set(ctx: typer.Context,
     import sys
 
     from katactl import shim_ops
-    from katactl.output import Result
 
     app_ctx = state(ctx)
     src = "stdin" if file == "-" else file
     data = shim_ops.read_rules(file, getattr(sys.stdin, "buffer", sys.stdin))
     shim_ops.validate_rules(data, src)  # usage errors before resolving the sandbox
     res = _on_sandbox(app_ctx, target, shim_ops.iptables_set, data, v6=v6, dry_run=dry_run, source=src)
-    finish(app_ctx, Result.mutation("IPTablesSet", res))
+    _finish_mutation(app_ctx, "IPTablesSet", res)
 
 
 #: what VOLUME_PATH is, for both volume commands
@@ -157,11 +171,10 @@ def volume_resize(ctx: typer.Context,
       katactl shim volume resize 3f2a /mnt/disks/pvc-1 20Gi --dry-run -o json
     """
     from katactl import shim_ops
-    from katactl.output import Result
     from katactl.values import parse_size
 
     app_ctx = state(ctx)
     shim_ops.check_volume_path(path)
     nbytes = parse_size(size, what="volume size")
     res = _on_sandbox(app_ctx, target, shim_ops.volume_resize, path, nbytes, dry_run=dry_run)
-    finish(app_ctx, Result.mutation("VolumeResize", res))
+    _finish_mutation(app_ctx, "VolumeResize", res)
