@@ -348,6 +348,35 @@ def test_volume_stats_odd_units(cli, unit, shown):
     assert r.json()["items"] == [{"unit": shown, "total": 5, "used": 1, "available": 4}]
 
 
+def test_volume_stats_human_output_shows_device_and_condition(cli):
+    """Review 5 finding 6: the human view shows the device and the volume condition (stderr,
+    after the usage table); an abnormal one is a warning with the guest's message, escaped,
+    and the exit code stays 0 in every format (kubelet: an event, not a failed stats call)."""
+    bad = {"usage": [{"unit": 1, "total": 100, "used": 90, "available": 10}],
+           "volume_condition": {"abnormal": True, "message": "I/O error on /dev/vdb\x1b[2J: read-only"}}
+    with node() as n:
+        n.go("cond01")
+        layout.write_direct_volume(n.root, VOL, sandbox_id="cond01", device=DEV)
+        n.server("cond01").state.volumes[DEV] = {"total": 10 << 30, "used": 1 << 30, "available": 9 << 30}
+        ok = cli(["--host-root", n.root, "shim", "volume", "stats", "cond01", VOL])
+        p = n.go("cond02", serve=False)
+        layout.write_direct_volume(n.root, VOL, sandbox_id="cond02", device=DEV)
+        n.serve(p, "go", extra_routes={(None, "/direct-volume/stats"):
+                                       lambda srv, req: Response(200, json.dumps(bad), "application/json")})
+        plain = cli(["--host-root", n.root, "shim", "volume", "stats", "cond02", VOL])
+        js = cli(["--host-root", n.root, "shim", "volume", "stats", "cond02", VOL, "-o", "json"])
+    assert ok.exit_code == 0, ok.stderr
+    assert ok.stderr == f"device {DEV}, condition normal (OK)\n"
+    assert plain.exit_code == 0 and plain.stdout.split() == ["UNIT", "TOTAL", "USED", "AVAILABLE",
+                                                             "bytes", "100", "90", "10"]
+    warning, summary = plain.stderr.splitlines()
+    assert warning.startswith(f"warning: volume {VOL} (device {DEV}) is abnormal: I/O error on /dev/vdb")
+    assert "read-only" in warning and "\x1b" not in plain.stderr
+    assert summary == f"device {DEV}, condition abnormal"
+    assert js.exit_code == 0 and js.json()["condition"]["abnormal"] is True
+    assert js.stderr.startswith("warning: ") and js.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("body", [{"usage": 5}, {"usage": True}, {"usage": "bytes"}, {"usage": {"unit": 0}},
                                   {"usage": [], "volume_condition": 3}, {"volume_condition": [True]},
                                   {"volume_condition": "abnormal"}])

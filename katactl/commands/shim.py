@@ -133,6 +133,11 @@ def volume_stats(ctx: typer.Context,
     node, in a directory named by VOLUME_PATH in base64) and asks the shim
     about its device; exit 3 when the volume is not registered there.
 
+    The device and the guest's volume condition (CSI VolumeCondition) follow
+    the table on stderr. An abnormal condition is a warning and the exit code
+    stays 0, as kubelet makes it an event and keeps the stats: in scripts,
+    test .condition.abnormal in -o json.
+
     \b
     Examples:
       katactl shim volume stats 3f2a /mnt/disks/pvc-1
@@ -147,7 +152,30 @@ def volume_stats(ctx: typer.Context,
     usage = res.pop("usage")
     cols = [Column("UNIT", "unit"), Column("TOTAL", "total"), Column("USED", "used"),
             Column("AVAILABLE", "available")]
-    finish(app_ctx, Result(kind="VolumeStats", item=res, items=usage, columns=cols, name_key="unit"))
+    cond = res.get("condition")
+    if isinstance(cond, dict) and cond.get("abnormal") is True:
+        app_ctx.out.warn(f"volume {path} (device {res['device']}) is abnormal: {cond.get('message') or 'no message'}")
+    # the table holds usage only: where the device and the condition are said in human formats
+    summary = f"device {res['device']}, condition {_condition_text(cond)}"
+    finish(app_ctx, Result(kind="VolumeStats", item=res, items=usage, columns=cols, name_key="unit",
+                           summary=summary))
+
+
+def _condition_text(cond) -> str:
+    """A shim's volume_condition in words. An abnormal one's message is in the warning.
+
+    CSI VolumeCondition (container-storage-interface spec.md, NodeGetVolumeStats):
+    abnormal false is "available for use and operating optimally"; kubelet
+    (pkg/kubelet/server/stats/volume_stat_calculator.go) turns abnormal into a
+    VolumeConditionAbnormal Warning event on the pod and keeps the stats."""
+    if not isinstance(cond, dict):
+        return "not reported"
+    ab, msg = cond.get("abnormal"), cond.get("message")
+    if ab is True:
+        return "abnormal"
+    if ab is False:
+        return f"normal ({msg})" if msg else "normal"
+    return f"unknown (abnormal: {ab!r})"
 
 
 @volume_app.command("resize")
