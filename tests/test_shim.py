@@ -976,3 +976,16 @@ def test_runtime_rs_volume_over_ssh(sshd_lab):
     with pytest.raises(NotFound) as e:
         shim_ops.direct_volume_device(t, "/mnt/not-there", "rs")
     assert "/mnt/not-there is not registered on node node1" in e.value.message
+
+
+def test_pprof_profile_help_names_every_accepted_profile():
+    """Review 5 finding 11(c): the PROFILE help listed all but 'symbol'."""
+    import typer
+
+    from katactl.backends.shim import PPROF_PROFILES
+    from katactl.commands.pprof import app
+
+    cmd = typer.main.get_command(app)
+    helptext = next(p for p in cmd.params if p.name == "profile").help or ""
+    named = {w.strip(" .,()") for w in helptext.split()}
+    assert set(PPROF_PROFILES) <= named, set(PPROF_PROFILES) - named

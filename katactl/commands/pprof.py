@@ -15,7 +15,8 @@ def pprof(
     ctx: typer.Context,
     target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
     profile: str = typer.Argument(..., metavar="PROFILE",
-                                  help="heap, goroutine, profile (CPU), trace, allocs, block, mutex, threadcreate, cmdline."),
+                                  help="heap, goroutine, profile (CPU), trace, allocs, block, mutex, threadcreate, cmdline, "
+                                       "symbol."),
     seconds: Optional[int] = typer.Option(None, "--seconds", metavar="N",
                                           help="Duration for 'profile' and 'trace' (default 30 and 1)."),
     file: Optional[str] = typer.Option(None, "-f", "--file", metavar="FILE",
