@@ -64,7 +64,7 @@ complete -c katactl -n '__fish_seen_subcommand_from top' -l sort -r -d 'cpu, mem
 complete -c katactl -n '__fish_seen_subcommand_from top' -l once -d 'One snapshot even on a terminal'
 complete -c katactl -n '__fish_seen_subcommand_from top' -l iterations -r -d 'Stop after N refreshes (live mode)'
 complete -c katactl -n '__fish_seen_subcommand_from top' -s h -l help -d 'Show help and exit'
-complete -c katactl -n '__fish_seen_subcommand_from pprof' -l seconds -r -d 'Duration for \'profile\' and \'trace\' (default 30 and 1)'
+complete -c katactl -n '__fish_seen_subcommand_from pprof' -l seconds -r -d 'Duration in seconds'
 complete -c katactl -n '__fish_seen_subcommand_from pprof' -s f -l file -r -F -d 'Write to FILE (\'-\' = stdout)'
 complete -c katactl -n '__fish_seen_subcommand_from pprof' -s h -l help -d 'Show help and exit'
 complete -c katactl -n '__fish_seen_subcommand_from shim; and not __fish_seen_subcommand_from agent-url iptables volume' -a agent-url -d 'Print the kata-agent URL the shim talks to (vsock://CID:1024'

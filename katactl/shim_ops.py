@@ -334,6 +334,16 @@ def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dr
 
 
 # -- pprof (Go shim only) ------------------------------------------------------------------
+#: the profiles Go's net/http/pprof answers over ``seconds=N`` with a delta (the change over N
+#: seconds, not a snapshot): src/net/http/pprof/pprof.go handler.ServeHTTP -> serveDeltaProfile,
+#: its profileSupportsDelta map. The Go shim mounts pprof.Index for /debug/pprof/, which serves
+#: every named profile through that handler (shim_management.go mountPprofHandle) and sets no
+#: WriteTimeout, so any N is served. cmdline and symbol are handlers of their own, with no seconds.
+PPROF_DELTA = ("heap", "allocs", "goroutine", "block", "mutex", "threadcreate")
+#: the profiles --seconds applies to: profile and trace record for N seconds, the others are deltas
+PPROF_TIMED = ("profile", "trace", *PPROF_DELTA)
+
+
 def check_pprof_request(profile: str, seconds: int | None = None, dest=None) -> None:
     """Usage errors of a pprof download, found without contacting any node (a CPU
     profile would otherwise take --seconds to fail). ``dest`` as for pprof_download."""
@@ -342,8 +352,8 @@ def check_pprof_request(profile: str, seconds: int | None = None, dest=None) -> 
     if seconds is not None:
         if isinstance(seconds, bool) or not isinstance(seconds, int) or not 1 <= seconds <= 3600:
             raise UsageError(f"invalid --seconds {seconds}: expected 1..3600")
-        if profile not in ("profile", "trace"):
-            raise UsageError("--seconds applies to 'profile' and 'trace' only")
+        if profile not in PPROF_TIMED:
+            raise UsageError(f"--seconds does not apply to {profile!r} (it does to {', '.join(PPROF_TIMED)})")
     if isinstance(dest, (str, os.PathLike)):
         f = os.fspath(dest)
         if not f.strip():

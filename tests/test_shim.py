@@ -675,7 +675,19 @@ def test_pprof_runtime_rs(cli, tree, tmp_path):
     assert r.exit_code == 3 and "runtime-rs" in r.stderr
 
 
-@pytest.mark.parametrize("args", [["heapp"], ["heap", "--seconds", "5"], ["profile", "--seconds", "0"],
+@pytest.mark.parametrize("profile", ["heap", "allocs", "goroutine", "block", "mutex", "threadcreate"])
+def test_pprof_delta_profile_seconds(cli, tree, tmp_path, profile):
+    """Review 5 finding 12: Go's net/http/pprof answers ?seconds=N for these with a delta
+    profile (pprof.go serveDeltaProfile, profileSupportsDelta): --seconds is passed on."""
+    out = tmp_path / f"{profile}.pprof"
+    r = cli(["--host-root", tree.root, "pprof", "go1111", profile, "--seconds", "1", "-f", str(out), "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert ("GET", f"/debug/pprof/{profile}?seconds=1") in tree.server("go1111").requests
+    assert r.json()["bytes"] == out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("args", [["heapp"], ["cmdline", "--seconds", "5"], ["symbol", "--seconds", "1"],
+                                  ["profile", "--seconds", "0"], ["heap", "--seconds", "3601"],
                                   ["profile", "--seconds", "x"], ["heap", "-f", "/nonexistent/dir/f"]])
 def test_pprof_bad_args(cli, tree, args):
     r = cli(["--host-root", tree.root, "pprof", "go1111", *args])
@@ -705,7 +717,7 @@ def test_pprof_download_library_without_cli(tree, tmp_path, monkeypatch):
         shim_ops.pprof_download(t, "go22", "heap", tmp_path / "x.pprof")
     assert buf.getvalue() == b"" and sorted(os.listdir(tmp_path)) == ["go1111-heap.pprof"]
     # usage errors come before the sandbox is looked up
-    for args, kw in [(("heapp",), {}), (("heap",), {"seconds": 5}), (("profile",), {"seconds": 0}),
+    for args, kw in [(("heapp",), {}), (("cmdline",), {"seconds": 5}), (("profile",), {"seconds": 0}),
                      (("trace",), {"seconds": True}), (("heap", str(tmp_path)), {}),
                      (("heap", str(tmp_path / "no" / "f")), {}), (("heap", " "), {})]:
         with pytest.raises(UsageError):

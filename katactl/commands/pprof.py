@@ -18,7 +18,9 @@ def pprof(
                                   help="heap, goroutine, profile (CPU), trace, allocs, block, mutex, threadcreate, cmdline, "
                                        "symbol."),
     seconds: Optional[int] = typer.Option(None, "--seconds", metavar="N",
-                                          help="Duration for 'profile' and 'trace' (default 30 and 1)."),
+                                          help="Duration in seconds. 'profile' and 'trace' record for N (default 30 and 1); heap, allocs, "
+                                               "goroutine, block, mutex and threadcreate answer the change over N "
+                                               "(a delta profile) instead of a snapshot."),
     file: Optional[str] = typer.Option(None, "-f", "--file", metavar="FILE",
                                        help="Write to FILE ('-' = stdout). Default: <id12>-<PROFILE>.pprof"),
 ) -> None:
@@ -33,6 +35,7 @@ def pprof(
     Examples:
       katactl pprof 3f2a heap -f heap.pprof
       katactl pprof batch/train-0 profile --seconds 10 -f cpu.pprof
+      katactl pprof 3f2a heap --seconds 60 -f heap-growth.pprof
       katactl pprof 3f2a goroutine -f - | go tool pprof -top -
     """
     from katactl import sandbox, shim_ops
