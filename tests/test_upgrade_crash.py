@@ -408,3 +408,27 @@ def test_an_interrupted_operation_is_audited_with_what_it_did(katactl_bin, tmp_p
     assert entry["changed"] is bool(done) and entry.get("done", []) == done
     assert entry.get("pendingJournal") == ("/opt/kata/releases/.katactl/pending.json" if pending else None)
     assert (journal(node) is not None) is pending
+
+
+def test_an_interruption_during_a_live_step_is_audited_as_unknown(tmp_path, monkeypatch):
+    """Ctrl-C while a live step's call is under way (a rename's round trip to the node): it
+    may have landed, so the record names it (maybeDone) and has no changed (unknown), never false."""
+    from katactl.backends.local import LocalTransport
+    from katactl.upgrade.layout import Layout
+    from katactl.upgrade.lock import live, locked_audited
+
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KATACTL_AUDIT_LOG", str(log))
+    node = tmp_path / "node"
+    (node / "opt/kata/releases").mkdir(parents=True)
+
+    def body():
+        with live("switched /opt/kata/current to releases/9.9.9"):
+            raise KeyboardInterrupt  # arriving while the step's call runs
+
+    with pytest.raises(KeyboardInterrupt):
+        locked_audited(LocalTransport(str(node)), Layout(), "switch", {}, body, target="9.9.9", dry_run=False,
+                       lock_timeout=1, on_wait=None)
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert (entry["result"], entry["maybeDone"]) == ("interrupted", "switched /opt/kata/current to releases/9.9.9")
+    assert "changed" not in entry and "done" not in entry

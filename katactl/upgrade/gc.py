@@ -7,7 +7,7 @@ import secrets
 from katactl.upgrade import configedit
 from katactl.upgrade.journal import recover_or_check
 from katactl.upgrade.layout import Layout, fault
-from katactl.upgrade.lock import done, locked_audited
+from katactl.upgrade.lock import live, locked_audited
 from katactl.upgrade.state import UNMANAGED, read_history, read_state, releases, walk_files
 from katactl.upgrade.status import release_users, who
 from katactl.backends.base import NodeTransport
@@ -54,8 +54,8 @@ def gc(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force
         if not dry_run:
             for v in removed:
                 trash = f"{layout.releases}/.trash-{v}-{secrets.token_hex(4)}"
-                transport.rename(layout.release(v), trash)
-                done(f"removed release {v}")
+                with live(f"removed release {v}"):
+                    transport.rename(layout.release(v), trash)
                 fault("gc:after-trash")
                 transport.remove(trash, recursive=True)
                 if transport.exists(layout.backups(v)):

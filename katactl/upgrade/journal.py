@@ -33,7 +33,7 @@ import secrets
 from katactl import audit
 from katactl.errors import OperationFailed, Refused
 from katactl.upgrade import configedit
-from katactl.upgrade.lock import done, journal_on_node
+from katactl.upgrade.lock import done, journal_on_node, live
 from katactl.upgrade.layout import INSTALL_PREFIX, RELEASE_RECORD, Layout, fault
 from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, walk_files
 from katactl.backends.base import NodeTransport
@@ -136,8 +136,8 @@ def _write_edits(transport: NodeTransport, layout: Layout, release: str, edits, 
         transport.write_bytes_atomic(layout.journal, json.dumps({**journal, "configs": plan}).encode())
         fault("switch:after-intent")
     for i, p in enumerate(plan, 1):
-        transport.rename(p["tmp"], p["path"])
-        done(f"replaced {p['path']}")
+        with live(f"replaced {p['path']}"):
+            transport.rename(p["tmp"], p["path"])
         fault("switch:after-config-rename", i)
 
 
@@ -171,8 +171,8 @@ def _flip(transport: NodeTransport, layout: Layout, version: str) -> None:
     tmp = f"{layout.root}/.current.katactl-{os.getpid()}-{secrets.token_hex(3)}"
     transport.symlink(layout.link_target(version), tmp)
     fault("switch:after-tmp-link")
-    transport.rename(tmp, layout.current)
-    done(f"switched {layout.current} to {layout.link_target(version)}")
+    with live(f"switched {layout.current} to {layout.link_target(version)}"):
+        transport.rename(tmp, layout.current)
     fault("switch:after-flip")
 
 
@@ -239,14 +239,14 @@ def _recover_replaced(transport: NodeTransport, layout: Layout) -> str | None:
         old, new, dest = f"{layout.releases}/{n}", f"{layout.releases}/.staging-{v}-{tok}", layout.release(v)
         if not transport.exists(dest):
             if transport.exists(f"{new}/{RELEASE_RECORD}"):
-                transport.rename(new, dest)
                 notes.append(f"completed an interrupted replacement of release {v}")
+                with live(notes[-1]):
+                    transport.rename(new, dest)
             else:
-                transport.rename(old, dest)
                 notes.append(f"restored release {v} (an interrupted replacement had not finished)")
-                done(notes[-1])
+                with live(notes[-1]):
+                    transport.rename(old, dest)
                 continue
-            done(notes[-1])
         transport.remove(old, recursive=True)
     return "; ".join(notes) or None
 
@@ -294,8 +294,8 @@ def commit(transport: NodeTransport, layout: Layout, action: str, component: str
     the journal (an interrupted switch is finished by recover). Returns the history entry."""
     entry = {"id": secrets.token_hex(6), "time": audit.now_iso(), "user": audit.current_user(), "client": client(),
              "node": transport.node, "action": action, "component": component, "from": frm, "to": to, **extra}
-    transport.write_bytes_atomic(layout.journal, json.dumps(entry).encode())
     journal_on_node(True)
+    transport.write_bytes_atomic(layout.journal, json.dumps(entry).encode())
     fault("switch:after-journal")
     apply(transport, layout, frm, to, dry_run=False, journal=entry)
     _append_history(transport, layout, entry)

@@ -89,13 +89,15 @@ def locked_audited(transport: NodeTransport, layout, action: str, params: dict, 
         # what was done before the failure: a Ctrl-C (SIGTERM, SIGHUP) after a live step
         # leaves a changed node, which the log must say
         extra: dict = {"done": progress.done} if progress.done else {}
+        if progress.unsure:
+            extra["maybeDone"] = progress.unsure
         if progress.journal:
             extra["pendingJournal"] = layout.journal  # the next stage/switch/rollback/gc finishes it
+        changed = True if progress.done else None if progress.unsure else False
         if isinstance(e, KeyboardInterrupt):
-            _record(action, target, transport, params, bool(progress.done), result="interrupted", **extra)
+            _record(action, target, transport, params, changed, result="interrupted", **extra)
         else:
-            _record(action, target, transport, params, True if progress.done else None, result=f"error: {e}",
-                    **extra)
+            _record(action, target, transport, params, changed or None, result=f"error: {e}", **extra)
         raise
     finally:
         _progress.reset(token)
@@ -114,7 +116,8 @@ class Progress:
     """The live steps of the running operation so far, for its audit record should it stop
     midway (its result tells them otherwise)."""
     done: list[str] = dataclasses.field(default_factory=list)
-    journal: bool = False  # its journal is on the node
+    unsure: str | None = None  # a step stopped in mid-call: done or not, unknown
+    journal: bool = False  # its journal may be on the node
 
 
 _progress: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("upgrade_progress", default=None)
@@ -128,8 +131,28 @@ def done(step: str) -> None:
         p.done.append(step)
 
 
+@contextlib.contextmanager
+def live(step: str):
+    """Around the one call that takes a live step: done once it returns; unsure when it is
+    interrupted (a Ctrl-C during a rename's round trip: it may have landed; the record then
+    has no ``changed``); not done when the node refused it (OSError)."""
+    p = _progress.get()
+    if p is not None:
+        p.unsure = step
+    try:
+        yield
+    except OSError:
+        if p is not None:
+            p.unsure = None
+        raise
+    if p is not None:
+        p.unsure = None
+        p.done.append(step)
+
+
 def journal_on_node(present: bool) -> None:
-    """Note that the running operation's journal was written to (or removed from) the node."""
+    """Note that the running operation's journal may be on the node (set before it is
+    written), or is no longer (after it is removed)."""
     p = _progress.get()
     if p is not None:
         p.journal = present

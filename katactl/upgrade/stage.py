@@ -23,7 +23,7 @@ from katactl.upgrade import configedit, source as src
 from katactl.upgrade.journal import client, recover
 from katactl.upgrade.layout import CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD, SHIM_BINARIES, Layout, fault, \
     validate_version
-from katactl.upgrade.lock import done, locked_audited
+from katactl.upgrade.lock import live, locked_audited
 from katactl.upgrade.state import read_state, release_record, walk_files
 from katactl.upgrade.status import release_users, who
 from katactl.backends.base import NodeTransport
@@ -178,12 +178,12 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
             _refuse_if_running(transport, layout, v)  # again: a process may have started it meanwhile
             transport.rename(dest, aside)
             fault("stage:after-set-aside")
-            transport.rename(tmp, dest)
-            done(f"replaced release {v}")
+            with live(f"replaced release {v}"):
+                transport.rename(tmp, dest)
             transport.remove(aside, recursive=True)
         else:
-            transport.rename(tmp, dest)
-            done(f"staged release {v}")
+            with live(f"staged release {v}"):
+                transport.rename(tmp, dest)
         fault("stage:after-rename")
     except BaseException:
         try:
