@@ -1001,3 +1001,17 @@ def test_pprof_profile_help_names_every_accepted_profile():
     helptext = next(p for p in cmd.params if p.name == "profile").help or ""
     named = {w.strip(" .,()") for w in helptext.split()}
     assert set(PPROF_PROFILES) <= named, set(PPROF_PROFILES) - named
+
+
+def test_pprof_help_examples_give_go_tool_pprof_a_file():
+    """Review 5 suspicion 1: 'katactl pprof ... -f - | go tool pprof -top -' cannot work:
+    google/pprof (internal/driver/fetch.go fetch) opens a non-URL source with os.Open, so '-'
+    is a file named '-', and /dev/stdin from a pipe loses up to 8 bytes to isPerfFile's
+    header check before the real open. Every example hands it the file -f wrote."""
+    from katactl.commands.pprof import pprof
+
+    lines = [ln.strip() for ln in (pprof.__doc__ or "").splitlines() if "go tool pprof" in ln and "katactl" in ln]
+    assert lines
+    for ln in lines:
+        src = ln.split()[-1]
+        assert "| go tool pprof" not in ln and src not in ("-", "/dev/stdin") and f"-f {src}" in ln, ln

@@ -29,14 +29,15 @@ def pprof(
     The shim serves pprof only with enable_pprof = true in the [runtime]
     section of the Kata configuration (or the pod annotation
     io.katacontainers.config.runtime.enable_pprof=true). runtime-rs has none.
-    Read the result with 'go tool pprof FILE'.
+    Read the result with 'go tool pprof FILE': a file, not a pipe ('-' is a
+    file name to it, and /dev/stdin from a pipe loses its first bytes).
 
     \b
     Examples:
       katactl pprof 3f2a heap -f heap.pprof
       katactl pprof batch/train-0 profile --seconds 10 -f cpu.pprof
       katactl pprof 3f2a heap --seconds 60 -f heap-growth.pprof
-      katactl pprof 3f2a goroutine -f - | go tool pprof -top -
+      katactl pprof 3f2a goroutine -f goroutine.pprof && go tool pprof -top goroutine.pprof
     """
     from katactl import sandbox, shim_ops
     from katactl.errors import UsageError
