@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -724,3 +725,101 @@ def test_down_after_the_daemon_was_killed_stops_its_qemus(cli, monkeypatch, _iso
             if rec.same_process(local_identity(pid)):
                 os.kill(pid, signal.SIGKILL)
         control.down(root, force=True)
+
+
+# -- an interrupted 'lab up' undoes its start; a re-run waits for a starting lab (review 5, 3) ---
+def _lab_up_process(root: str) -> subprocess.Popen:
+    """'katactl lab up' of one booting QEMU sandbox, as a real process (real signals)."""
+    return subprocess.Popen([sys.executable, "-m", "katactl", "lab", "up", "--root", root, "--sandboxes", "1",
+                             "--memory", "96Mi", "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _frozen_starting_qemu(root: str, up: subprocess.Popen, bound: float = 120) -> int:
+    """Wait until the lab's state names its QEMU, then SIGSTOP it: the guest cannot boot,
+    so the lab stays 'starting' however fast this machine is. Its pid."""
+    import signal
+
+    from katactl.lab import control
+
+    deadline = time.monotonic() + bound
+    while True:
+        st = control.read_state(root) or {}
+        q = next((s.get("qemuPid") for s in st.get("sandboxes", []) if s.get("qemuPid")), None)
+        if q:
+            assert st["status"] == "starting", st
+            os.kill(q, signal.SIGSTOP)
+            return q
+        assert up.poll() is None and time.monotonic() < deadline, (up.poll(), st)
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_up_stops_what_it_started(sig, monkeypatch, _isolated_home):
+    """Ctrl-C or SIGTERM while 'lab up' waits for a booting lab: exit 130 with the JSON error,
+    the daemon and its QEMU stopped, the directory removed, and an audit record saying so."""
+    import signal
+    import tempfile
+
+    from katactl.lab import control
+
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("KATACTL_TEST_CACHE") or "/tmp/katactl-test-cache")
+    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
+    os.rmdir(root)
+    up = _lab_up_process(root)
+    try:
+        q = _frozen_starting_qemu(root, up)
+        daemon = control.read_state(root)["pid"]
+        up.send_signal(getattr(signal, sig))
+        os.kill(q, signal.SIGCONT)
+        out, err = up.communicate(timeout=120)
+        assert up.returncode == 130, (out, err)
+        assert json.loads(out)["code"] == "Interrupted"
+        assert _gone(daemon) and _gone(q)
+        assert not os.path.lexists(root)
+        log = _isolated_home / "state" / "katactl" / "audit.log"
+        (entry,) = [json.loads(x) for x in log.read_text().splitlines()]
+        assert (entry["action"], entry["result"], entry["target"]) == ("lab.up", "interrupted", root)
+        assert entry["daemonPid"] == daemon and entry["undone"] is True and entry["changed"] is False
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+        control.down(root)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def test_up_again_while_starting_waits_for_ready(monkeypatch, _isolated_home):
+    """A second 'lab up' that finds the lab starting does not report it as done: it waits for
+    ready (changed: false) as the first one does, and gives up after its timeout without
+    touching a lab another 'lab up' is starting."""
+    import signal
+    import tempfile
+
+    from katactl.errors import TimeoutExpired
+    from katactl.lab import control
+
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("KATACTL_TEST_CACHE") or "/tmp/katactl-test-cache")
+    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")
+    os.rmdir(root)
+    up = _lab_up_process(root)
+    try:
+        q = _frozen_starting_qemu(root, up)
+        again = dict(sandboxes=1, hypervisor="qemu", memory_mib=96)
+        with pytest.raises(TimeoutExpired, match="still starting"):
+            control.up(root, **again, timeout=0.5)  # frozen: it cannot become ready meanwhile
+        assert control.read_state(root)["status"] == "starting" and up.poll() is None
+        assert control.up(root, **again, dry_run=True)["changed"] is False  # a dry run never waits
+        os.kill(q, signal.SIGCONT)
+        st = control.up(root, **again, timeout=120)
+        assert st["status"] == "ready" and st["changed"] is False
+        assert [s["status"] for s in st["sandboxes"]] == ["running"]
+        out, err = up.communicate(timeout=120)
+        assert up.returncode == 0, err
+        assert json.loads(out)["changed"] is True and json.loads(out)["pid"] == st["pid"]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+        control.down(root)

@@ -3,7 +3,10 @@
 ``up`` writes ``ROOT/.katactl-lab/config.json``, starts the lab daemon
 detached (own session, stdio to ``ROOT/.katactl-lab/daemon.log``) and waits
 until it reports ``ready`` (or failed: then it cleans up and raises with the
-daemon's error). ``down`` sends SIGTERM, waits for the daemon to exit (it kills
+daemon's error). Interrupted (Ctrl-C, SIGTERM, SIGHUP) while it waits, it stops
+the daemon it started and removes the lab: nothing keeps booting unseen. A
+second ``up`` that finds the lab still ``starting`` waits for it the same way.
+``down`` sends SIGTERM, waits for the daemon to exit (it kills
 its VMs and removes the tree), then removes whatever is left: no process and
 no file stays behind. Only processes the lab started are ever signalled: the
 daemon and each QEMU record their start time and argv (katactl.procfacts), and
@@ -11,11 +14,13 @@ a pid that no longer matches them is never signalled.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from typing import TYPE_CHECKING
@@ -202,8 +207,16 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
     ``die_with_parent`` (tests): the lab stops and cleans up when this process dies,
     even by SIGKILL.
 
-    A start (or a failed attempt to start) goes to the audit log; a dry run, a
-    no-op, and an input refused before anything was touched do not."""
+    A lab there still ``starting`` (another ``up`` is booting it) is waited for as a
+    first start is: ``changed: false`` once ready, its error if it fails; it is left
+    alone if it is not ready within timeout, and on an interrupt (it is not ours).
+
+    Interrupted (KeyboardInterrupt: Ctrl-C, and SIGTERM/SIGHUP in the CLI) after it
+    touched anything, it stops the daemon it started and removes the lab, audits
+    ``result: interrupted`` and re-raises.
+
+    A start (or a failed or interrupted attempt to start) goes to the audit log; a dry
+    run, a no-op, and an input refused before anything was touched do not."""
     params = ({"sandboxes": sandboxes, "hypervisor": hypervisor, "kernel": kernel, "memoryMiB": memory_mib}
               if specs is None else {"specs": [s.get("name") for s in specs], "kernel": kernel})
     root, specs, kernel = plan(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel,
@@ -212,6 +225,10 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
         st = _up(root, specs, kernel, timeout=timeout, die_with_parent=die_with_parent, dry_run=dry_run)
     except (UsageError, Refused):
         raise  # nothing was started or changed
+    except _StartInterrupted as e:
+        _audit("lab.up", root, params, result="interrupted", changed=e.removed_dead_lab, daemonPid=e.daemon_pid,
+               undone=e.undone)
+        raise
     except Exception as e:
         if not dry_run:
             _audit("lab.up", root, params, result=f"error: {e}")
@@ -241,6 +258,8 @@ def _up(root: str, specs: list[dict], kernel: str | None, *, timeout: float, die
             want = _describe(specs) + (f", kernel {kernel}" if kernel else "")
             raise Refused(f"a lab with another spec already runs at {root} ({what}; asked for {want})",
                           hint=f"katactl lab down --root {root} first, or another --root")
+        if st.get("status") != "ready" and not dry_run:
+            st = _wait_ready(root, timeout)  # still starting: as a first start waits
         return {**st, "changed": False, "dryRun": dry_run}
     if os.path.exists(root) and os.listdir(root) and not os.path.isdir(p["dir"]):
         raise Refused(f"{root} exists and is not empty: the lab needs its own directory",
@@ -254,30 +273,96 @@ def _up(root: str, specs: list[dict], kernel: str | None, *, timeout: float, die
                                "pod": f"{s.get('namespace', 'lab')}/{s.get('pod', s['name'])}"}
                               for s in specs],
                 "changed": True, "dryRun": True}
-    if leftovers:
-        _cleanup(root)
-    os.makedirs(p["dir"], mode=0o755, exist_ok=True)
-    with open(p["config"], "w") as f:
-        json.dump({"root": root, "kernel": kernel, "sandboxes": specs,
-                   "parentPid": os.getpid() if die_with_parent else None,
-                   "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
-    env = dict(os.environ)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(p["log"], "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "katactl.lab.daemon", "--root", root],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True, env=env, cwd="/")
+    proc: subprocess.Popen | None = None
+    try:
+        if leftovers:
+            _cleanup(root)
+        os.makedirs(p["dir"], mode=0o755, exist_ok=True)
+        with open(p["config"], "w") as f:
+            json.dump({"root": root, "kernel": kernel, "sandboxes": specs,
+                       "parentPid": os.getpid() if die_with_parent else None,
+                       "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
+        env = dict(os.environ)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with open(p["log"], "wb") as log, _interrupts_held():
+            proc = subprocess.Popen([sys.executable, "-m", "katactl.lab.daemon", "--root", root],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True, env=env, cwd="/")
+        st = _wait_ready(root, timeout, proc)
+    except KeyboardInterrupt:
+        # the daemon leads its own session: Ctrl-C on the terminal never reaches it, so
+        # stop what this run started rather than leave a lab booting that nobody waits for
+        undone = False
+        try:
+            if proc is not None:
+                _stop_pid(proc.pid, 10)
+                proc.poll()
+            _cleanup(root)
+            undone = not os.path.isdir(p["dir"])
+        finally:
+            raise _StartInterrupted(proc.pid if proc else None, undone, leftovers) from None
+    return {**st, "changed": True, "dryRun": False, "removedDeadLab": leftovers}
+
+
+class _StartInterrupted(KeyboardInterrupt):
+    """A start interrupted after it touched something (still a KeyboardInterrupt: exit 130)."""
+
+    def __init__(self, daemon_pid: int | None, undone: bool, removed_dead_lab: bool):
+        super().__init__()
+        self.daemon_pid, self.undone, self.removed_dead_lab = daemon_pid, undone, removed_dead_lab
+
+
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT, SIGTERM and SIGHUP held back (in this thread) while the daemon is forked:
+    an interrupt raised inside Popen would lose the child's pid, leaving a daemon that
+    nobody stops; held, it arrives once ``proc`` is known. The daemon inherits the mask
+    and unblocks them itself (katactl.lab.daemon.main)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals run their handlers in the main thread only
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _wait_ready(root: str, timeout: float, proc: subprocess.Popen | None = None) -> dict:
+    """The lab's state once its daemon reports ``ready``.
+
+    proc: the daemon this run started; when it fails or is not ready within timeout, it
+    is stopped and the lab removed. Without proc (a lab another ``up`` is starting): a
+    failure is cleaned up the same way (the failed daemon waits for an ``up`` to read its
+    error and remove it), but a lab merely slow is left to the ``up`` that started it."""
+    p = _paths(root)
     deadline = time.monotonic() + timeout
     while True:
         st = read_state(root)
         if st and st.get("status") == "ready":
-            return {**st, "changed": True, "dryRun": False, "removedDeadLab": leftovers}
-        failed = (st and st.get("status") == "failed") or proc.poll() is not None
+            return st
+        if proc is not None:
+            daemon, now = ("gone", None) if proc.poll() is not None else ("running", None)
+        else:
+            daemon, now = _daemon(root, st)
+        failed = bool(st and st.get("status") == "failed") or daemon != "running"
         if failed or time.monotonic() > deadline:
             err = (st or {}).get("error") or _log_tail(p["log"])
-            _stop_pid(proc.pid, 10)
-            proc.poll()
+            if st is None and proc is None:
+                raise OperationFailed(f"the lab at {root} went away while it was starting "
+                                      "(its 'lab up' was interrupted, or 'lab down' ran)")
+            if not failed and proc is None:
+                raise TimeoutExpired(f"the lab at {root} is still starting after {timeout:g}s (another "
+                                     "'lab up' started it)", hint=f"katactl lab down --root {root} stops it")
+            if proc is not None:
+                _stop_pid(proc.pid, 10)
+                proc.poll()
+            elif daemon == "running" and now is not None:
+                _stop_pid(now.pid, 10, identity=now)
             _cleanup(root)
             if not failed:
                 raise TimeoutExpired(f"the lab did not become ready within {timeout:g}s: {err}")

@@ -207,6 +207,7 @@ class LabSandbox:
         proc = self.qemu_proc()
         deadline = time.monotonic() + timeout
         while True:
+            self.lab.check_stop()
             if proc.poll() is not None:
                 raise RuntimeError(f"qemu exited with {proc.returncode}: {self._qemu_log()}")
             if os.path.exists(sock):
@@ -245,6 +246,7 @@ class LabSandbox:
         deadline = time.monotonic() + timeout
         proc = self.qemu_proc()
         while not vm.console_ready(self.vm_dir()):
+            self.lab.check_stop()
             if proc.poll() is not None:
                 raise RuntimeError(f"qemu exited with {proc.returncode}: {self._qemu_log()}")
             if time.monotonic() > deadline:
@@ -589,9 +591,15 @@ def refresh_shim_state(sb: "LabSandbox", st) -> None:
 
 
 # -- the lab ---------------------------------------------------------------------
+class StopRequested(Exception):
+    """SIGTERM/SIGINT while the lab was starting ('lab up' interrupted, or 'lab down')."""
+
+
 class Lab:
-    def __init__(self, root: str, cfg: dict):
+    def __init__(self, root: str, cfg: dict, stop: threading.Event | None = None):
         self.root = os.path.abspath(root)
+        #: set by SIGTERM/SIGINT: the start gives up at its next step (check_stop)
+        self.stop_requested = stop or threading.Event()
         self.cfg = cfg
         self.assets: GuestAssets | None = None
         self.qemu: str | None = cfg.get("qemu")
@@ -605,6 +613,12 @@ class Lab:
 
     def real(self, node_path: str) -> str:
         return os.path.join(self.root, node_path.lstrip("/"))
+
+    def check_stop(self) -> None:
+        """Raise StopRequested when asked to stop: a boot takes seconds (TCG), and an
+        interrupted 'lab up' waits for this daemon to end before it removes the lab."""
+        if self.stop_requested.is_set():
+            raise StopRequested("asked to stop while starting")
 
     def write_state(self) -> None:
         with self._state_lock:
@@ -678,11 +692,14 @@ class Lab:
             self.assets = vm.prepare_assets(os.path.join(self.root, LAB_DIR, "assets"),
                                             kernel=self.cfg.get("kernel"))
         for s in qemus:
+            self.check_stop()
             s.start_qemu()
+            self.write_state()  # its pid and identity on record before anything can go wrong
         handlers = self.write_kata_config()
         for s in self.sandboxes:
             s.lay_out(s.proc.pid if s.proc else os.getpid(), handlers[f"kata-{s.hv}"])
         for s in self.sandboxes:
+            self.check_stop()
             if s.hv == "qemu":
                 s.connect_qmp()
             else:
@@ -758,10 +775,21 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    lab = Lab(root, cfg)
+    # 'lab up' forks us with these held (control._interrupts_held): ours are installed now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    lab = Lab(root, cfg, stop)
+    # "starting" on record from the first moment: a second 'lab up' waits for this one
+    # instead of taking the directory for a dead lab's leftovers
+    lab.write_state()
     try:
         lab.start()
     except Exception as e:  # noqa: BLE001 - reported through state.json
+        if stop.is_set():  # stopped while starting: nothing failed, leave nothing behind
+            lab.status = "stopping"
+            lab.write_state()
+            lab.stop()
+            remove_tree(root)
+            return 0
         lab.status, lab.error = "failed", str(e)
         traceback.print_exc()
         try:
