@@ -823,3 +823,24 @@ def test_up_again_while_starting_waits_for_ready(monkeypatch, _isolated_home):
             up.kill()
             up.communicate()
         control.down(root)
+
+
+def test_root_help_tells_every_users_default(cli, monkeypatch):
+    """--root's help states the default a non-root user gets (/tmp/katactl-lab-UID), and no
+    example reaches a lab through the default root's path: it differs per user."""
+    import re
+
+    from katactl.lab import control
+
+    for sub in ("up", "status", "down"):
+        r = cli(["lab", sub, "--help"])
+        assert r.exit_code == 0, r.stderr
+        text = " ".join(r.stdout.split())
+        assert "default /tmp/katactl-lab-UID with your numeric uid, /tmp/katactl-lab for root" in text
+        assert "KATACTL_LAB_ROOT" in text
+        hosts = re.findall(r"--host-root (\S+)", r.stdout)
+        assert all(f"--root {h}" in r.stdout for h in hosts), (sub, hosts)  # a lab the example started
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    assert control.default_root() == "/tmp/katactl-lab-1000"
+    monkeypatch.setattr(os, "getuid", lambda: 0)
+    assert control.default_root() == "/tmp/katactl-lab"

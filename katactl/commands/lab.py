@@ -9,7 +9,8 @@ from katactl.commands._common import finish, new_app, state
 
 app = new_app("A local Kata-like node (real QEMU micro-VMs where installed) to try every command on.")
 
-ROOT_HELP = "Directory the lab node lives under (default /tmp/katactl-lab, or KATACTL_LAB_ROOT)."
+ROOT_HELP = ("Lab directory (default /tmp/katactl-lab-UID with your numeric uid, /tmp/katactl-lab "
+             "for root; KATACTL_LAB_ROOT when set).")
 
 
 def _columns():
@@ -71,9 +72,10 @@ def up(ctx: typer.Context,
       katactl lab up
       katactl lab up --sandboxes 3 --hypervisor mixed
       katactl lab up --dry-run -o json
-      katactl --host-root /tmp/katactl-lab sandbox list
-      katactl --host-root /tmp/katactl-lab balloon set lab/batch-qemu-0 --target 256Mi --wait
-      katactl lab down
+      katactl lab up --root /tmp/mylab
+      katactl --host-root /tmp/mylab sandbox list
+      katactl --host-root /tmp/mylab balloon set lab/batch-qemu-0 --target 256Mi --wait
+      katactl lab down --root /tmp/mylab
     """
     from katactl.errors import UsageError
     from katactl.lab import control
