@@ -528,3 +528,22 @@ def _wait_for_handler(pid: int, sig: int, timeout: float = 60) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"process {pid} never caught signal {sig}")
+
+
+def test_python_m_exits_with_katactls_code_after_an_interrupt_inside_a_string_exec(tmp_path):
+    """A Ctrl-C or SIGTERM that lands while a dataclass is being defined (an exec() of a
+    string) made `python -m katactl` die by SIGINT (-2) after printing its 130: CPython
+    keeps a flag for it. Here the interrupt inside exec() is made on purpose, then
+    katactl runs as `python -m` would run it and must exit with its own code."""
+    (tmp_path / "run_after_exec_interrupt.py").write_text(
+        "import runpy, sys\n"
+        "from katactl.cli import main\n"
+        "try:  # a first run in-process imports what the command needs: no string exec after ours\n"
+        "    main(['version', '-o', 'json'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    exec('raise KeyboardInterrupt', {})\nexcept KeyboardInterrupt:\n    pass\n"
+        "sys.argv = ['katactl', 'version', '-o', 'json']\n"
+        "runpy.run_module('katactl', run_name='__main__', alter_sys=True)\n")
+    p = subprocess.run([sys.executable, "-m", "run_after_exec_interrupt"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    assert p.stdout.count('"kind": "Version"') == 2
