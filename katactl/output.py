@@ -563,13 +563,14 @@ class Output:
 
             t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
             for c in cols:
-                t.add_column(c.header, overflow="fold")
+                t.add_column(Text(printable(c.header)), overflow="fold")
             for r in rows:
                 t.add_row(*map(Text, r))  # Text, not str: Rich would read "[...]" in data as markup
             Console(file=self.stdout, no_color=not self.color, highlight=False).print(t)
             return
-        widths = [max(len(c.header), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-        lines = ["  ".join(c.header.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
+        headers = [printable(c.header) for c in cols]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
         for r in rows:
             lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
         self._write("\n".join(lines) + "\n")
@@ -586,7 +587,7 @@ class Output:
             return
         from tabulate import tabulate  # lazy: only -o markdown pays for it
 
-        self._write(tabulate(rows, headers=[markdown_cell(c.header) for c in cols], tablefmt="github",
+        self._write(tabulate(rows, headers=[markdown_cell(printable(c.header)) for c in cols], tablefmt="github",
                              disable_numparse=True) + "\n")
 
     def text(self, s: str) -> None:
@@ -626,10 +627,12 @@ def markdown_block(text: str) -> str:
 
 
 def describe(d: dict, indent: int = 0) -> str:
-    """kubectl-describe-like text for one object: 'Key: value' lines, nested indented."""
+    """kubectl-describe-like text for one object: 'Key: value' lines, nested indented.
+    Keys are data as much as values (a bundle's annotation keys): both are printable()."""
     out: list[str] = []
     pad = "  " * indent
-    for k, v in d.items():
+    for key, v in d.items():
+        k = printable(str(key))
         if isinstance(v, dict):
             if v:
                 out.append(f"{pad}{k}:\n{describe(v, indent + 1)}".rstrip("\n"))

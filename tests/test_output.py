@@ -138,6 +138,9 @@ def test_name_output_of_one_object_commands(cli, tmp_path):
 
 
 HOSTILE_PODS = {"mark01": "web[/]0", "mark02": "a[bold]b[/bold]", "esc003": "evil\x1b[31mRED\x1b]0;title\x07"}
+#: an annotation key is node data too (containerd and most CRI clients do not validate keys):
+#: `sandbox inspect --raw` prints the bundle's annotations, keys and values
+HOSTILE_KEY = "key\x1b]0;PWNED\x07\x1b[2J\x1b[31mred"
 
 
 @contextlib.contextmanager
@@ -146,7 +149,8 @@ def _hostile_node():
 
     with node() as tree:
         for sid, pod in HOSTILE_PODS.items():
-            tree.go(sid, serve=False, pod_name=pod, pod_namespace="ns")
+            tree.go(sid, serve=False, pod_name=pod, pod_namespace="ns",
+                    extra_annotations={HOSTILE_KEY: "v"} if sid == "esc003" else None)
         yield tree
 
 
@@ -169,6 +173,37 @@ def test_control_characters_in_data_never_reach_piped_output(cli):
             assert r.exit_code == 0, r.stderr
             assert "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
             assert "evil\\x1b[31mRED\\x1b]0;title\\x07" in r.stdout
+
+
+@pytest.mark.parametrize("fmt", ["plain", "wide", "markdown"])
+def test_control_characters_in_keys_never_reach_the_output(cli, fmt):
+    """describe() printed dict keys raw: a hostile annotation key set the window title,
+    cleared the screen and turned the text red (review 5, finding 5)."""
+    with _hostile_node() as tree:
+        r = cli(["--host-root", tree.root, "sandbox", "inspect", "esc003", "--raw", "-o", fmt])
+    assert r.exit_code == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+    assert "key\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mred: v" in r.stdout
+
+
+def test_control_characters_in_keys_never_reach_a_terminal():
+    from tests._pty import run_on_pty
+
+    with _hostile_node() as tree:
+        rc, text = run_on_pty([sys.executable, "-m", "katactl", "--host-root", tree.root, "sandbox", "inspect",
+                               "esc003", "--raw"], COLUMNS="200")
+    assert rc == 0, text
+    assert "\x1b]0;PWNED" not in text and "\x1b[2J" not in text and "\\x1b]0;PWNED\\x07" in text
+
+
+def test_describe_and_table_headers_escape_keys():
+    from katactl.output import describe
+
+    key = "k\x1b[2J"
+    assert describe({key: {key: [{key: 1}]}}) == "k\\x1b[2J:\n  k\\x1b[2J:\n    - k\\x1b[2J: 1\n"
+    for fmt in ("plain", "markdown"):  # a header made of data, should a command make one
+        text, _ = render(fmt, Result(kind="X", items=[{"a": 1}], columns=[Column(key, "a")]))
+        assert "\x1b" not in text and "x1b" in text, text
 
 
 def test_native_text_is_exact_in_a_pipe_and_escaped_on_a_terminal():
