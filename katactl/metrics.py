@@ -119,7 +119,6 @@ def top_sample(text: str, runtime: str | None = "go") -> dict:
         "guestMemTotal": total,
         "guestMemAvailable": avail,
         "guestMemFree": free,
-        "guestMemUsed": (total - avail) if total is not None and avail is not None else None,
         "balloonInflatePages": inflate,
         "balloonDeflatePages": deflate,
         "shimRSS": kb("kata_shim_proc_status", "vmrss"),
@@ -133,6 +132,24 @@ def _pct(a, b, dt) -> float | None:
     if a is None or b is None or dt <= 0:
         return None
     return max(0.0, (b - a) / USER_HZ / dt * 100.0)
+
+
+def _guest_used(sb, cur: dict, balloon: int | None) -> int | None:
+    """Guest memory used, by the rule ``balloon get`` reports (katactl.balloon.guest_used):
+    with VIRTIO_BALLOON_F_DEFLATE_ON_OOM the guest driver leaves ballooned pages in MemTotal
+    (linux drivers/virtio/virtio_balloon.c fill_balloon calls adjust_managed_page_count only
+    without it), so MemTotal - MemAvailable counts them as used and they are subtracted.
+    The VM's memory comes from the sandbox's state (persist.json MemorySize + HotpluggedMemory,
+    runtime-rs default_memory); unknown, nothing is subtracted."""
+    from katactl.balloon import guest_used
+
+    total, avail = cur["guestMemTotal"], cur["guestMemAvailable"]
+    if total is None or avail is None:
+        return None
+    mib = sb.total_memory_mib
+    mem = mib << 20 if mib and balloon is not None else None
+    return guest_used({"guest": {"total": int(total), "available": int(avail)},
+                       "memory": mem, "actual": None if mem is None else mem - balloon})
 
 
 def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError | None = None) -> dict:
@@ -149,12 +166,13 @@ def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError 
     balloon = None
     if inflate is not None:
         balloon = max(0, int(inflate - (deflate or 0))) * PAGE_SIZE
+    used = _guest_used(sb, cur, balloon)
     dt = (cur["t"] - prev["t"]) if prev else 0.0
     shim_cpu = _pct(prev and prev["_shimTicks"], cur["_shimTicks"], dt) if prev else None
     hv_cpu = _pct(prev and prev["_hvTicks"], cur["_hvTicks"], dt) if prev else None
     row.update({
         "guestMemTotal": i(cur["guestMemTotal"]),
-        "guestMemUsed": i(cur["guestMemUsed"]),
+        "guestMemUsed": used,
         "guestMemAvailable": i(cur["guestMemAvailable"]),
         "balloonInflatePages": i(inflate),
         "balloonBytes": balloon,

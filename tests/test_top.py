@@ -18,9 +18,10 @@ from tests._pty import read_some, run_on_pty, start_on_pty
 @pytest.fixture(scope="module")
 def tree():
     with node() as n:
-        n.go("busy01", pod_name="busy", pod_namespace="prod", flavour_kw={"state": ShimState(
+        # a 4Gi VM with a 1Gi balloon the guest still counts in MemTotal (deflate-on-oom)
+        n.go("busy01", pod_name="busy", pod_namespace="prod", memory_mib=4096, flavour_kw={"state": ShimState(
             sandbox_id="busy01", hypervisor_cpu_percent=80.0, shim_cpu_percent=5.0,
-            guest_mem_total=4096 << 20, guest_mem_available=1024 << 20, balloon_inflate=2560,
+            guest_mem_total=4096 << 20, guest_mem_available=1024 << 20, balloon_inflate=262144,
             shim_rss=50 << 20, hypervisor_rss=900 << 20)})
         n.rs("idle02", pod_name="idle", pod_namespace="batch", flavour_kw={"state": ShimState(
             sandbox_id="idle02", hypervisor_cpu_percent=0.0, shim_cpu_percent=0.0)})
@@ -38,8 +39,9 @@ def test_snapshot_json(cli, tree):
     b = rows["busy01"]
     assert b["guestMemTotal"] == 4096 << 20
     assert b["guestMemAvailable"] == 1024 << 20
-    assert b["guestMemUsed"] == 3072 << 20
-    assert b["balloonInflatePages"] == 2560 and b["balloonBytes"] == 2560 * 4096
+    # MemTotal - MemAvailable less the balloon's pages, as `balloon get` counts them
+    assert b["guestMemUsed"] == 2048 << 20
+    assert b["balloonInflatePages"] == 262144 and b["balloonBytes"] == 1024 << 20
     assert (b["shimRSS"], b["hypervisorRSS"]) == (50 << 20, 900 << 20)
     assert b["pod"]["name"] == "busy"
     # CPU % is computed from proc_stat tick deltas between two scrapes
@@ -56,7 +58,26 @@ def test_snapshot_plain_when_piped(cli, tree):
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["ID", "POD", "CPU%"]
     assert [ln.split()[0] for ln in lines[1:]] == ["busy01", "idle02"]
-    assert "3Gi" in lines[1]  # guest used
+    assert lines[1].split()[3:5] == ["2Gi", "1Gi"]  # guest used (balloon excluded), available
+
+
+def test_guest_used_balloon_shrunk_memtotal(cli):
+    """Without deflate-on-oom the guest driver takes ballooned pages out of MemTotal
+    (virtio_balloon.c fill_balloon, adjust_managed_page_count): MemTotal - MemAvailable is
+    then already the guest's use, and nothing more is subtracted. A sandbox whose VM size
+    is unknown (no MemorySize in its state) keeps MemTotal - MemAvailable."""
+    with node() as n:
+        n.go("shrunk01", memory_mib=4096, flavour_kw={"state": ShimState(
+            sandbox_id="shrunk01", guest_mem_total=3000 << 20, guest_mem_available=1000 << 20,
+            balloon_inflate=262144)})
+        n.go("nosize02", memory_mib=0, flavour_kw={"state": ShimState(
+            sandbox_id="nosize02", guest_mem_total=4096 << 20, guest_mem_available=1024 << 20,
+            balloon_inflate=262144)})
+        r = cli(["--host-root", n.root, "top", "-o", "json", "--interval", "0.1s"])
+    assert r.exit_code == 0, r.stderr
+    rows = {i["id"]: i for i in r.json()["items"]}
+    assert rows["shrunk01"]["guestMemUsed"] == 2000 << 20
+    assert rows["nosize02"]["guestMemUsed"] == 3072 << 20
 
 
 def test_scrapes_run_concurrently(cli):
