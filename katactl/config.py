@@ -69,8 +69,12 @@ def _renamed_hint(names) -> str | None:
 
 
 def config_path() -> str:
-    if os.environ.get("KATACTL_CONFIG"):
-        return os.environ["KATACTL_CONFIG"]
+    explicit = os.environ.get("KATACTL_CONFIG")
+    if explicit is not None:
+        if not explicit.strip():
+            # KATACTL_CONFIG="$CFG" with CFG unset must not quietly mean the default file
+            raise UsageError("KATACTL_CONFIG is set but empty (unset it, or give a file)")
+        return explicit
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return os.path.join(base, "katactl", "config.toml")
 
@@ -177,7 +181,10 @@ def too_large(path: str, what: str, limit: int = INPUT_LIMIT) -> UsageError:
                       f"(is it the right file?)")
 
 
-def load_file(path: str) -> dict:
+def load_file(path: str, *, explicit: bool = False) -> dict:
+    """The config file's settings; ``{}`` when the default file does not exist. A file
+    named explicitly (KATACTL_CONFIG) must exist, as kubectl's --kubeconfig must: a typo
+    would otherwise run with every setting at its default (other SSH user, timeouts)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # Python 3.10
@@ -185,6 +192,8 @@ def load_file(path: str) -> dict:
     try:
         return tomllib.loads(read_input(path, "config file").decode("utf-8"))
     except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"config file {path} (KATACTL_CONFIG) does not exist") from None
         return {}
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: invalid TOML: {e}") from None
@@ -199,7 +208,7 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
     """Merge the four layers. ``flags`` holds only options the user gave."""
     environment: Mapping[str, str] = os.environ if environ is None else environ
     path = config_path()
-    data = load_file(path)
+    data = load_file(path, explicit="KATACTL_CONFIG" in os.environ)
     unknown = set(data) - set(SETTINGS) - {"profile", "profiles", "node_groups"}
     if unknown:
         raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}", hint=_renamed_hint(unknown))

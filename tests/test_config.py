@@ -1,0 +1,39 @@
+"""katactl.config: where the config file comes from, and `config view`'s human table."""
+from __future__ import annotations
+
+import pytest
+
+
+def test_explicit_config_file_that_does_not_exist_is_a_usage_error(cli, tmp_path, monkeypatch):
+    """KATACTL_CONFIG naming a missing file (a runbook's typo) ran with every setting at its
+    default, SSH user and timeouts lost, exit 0 (review 5, finding 9). As kubectl with a
+    missing --kubeconfig: exit 2, one line naming the file."""
+    missing = tmp_path / "typo.toml"
+    monkeypatch.setenv("KATACTL_CONFIG", str(missing))
+    for args in (["config", "view"], ["config", "view", "-o", "json"], ["version"]):
+        r = cli(args)
+        assert r.exit_code == 2, (args, r.stdout, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("katactl: error:")]
+        assert len(lines) == 1 and str(missing) in lines[0] and "KATACTL_CONFIG" in lines[0], r.stderr
+    assert r.exit_code == 2
+    # the file there: read as before
+    missing.write_text('ssh_user = "sre"\n')
+    r = cli(["config", "view", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert {s["name"]: s["value"] for s in r.json()["settings"]}["ssh_user"] == "sre"
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_katactl_config_is_a_usage_error(cli, monkeypatch, value):
+    """KATACTL_CONFIG="$CFG" with CFG unset must not quietly mean the default file, no more
+    than an empty KATACTL_HOST_ROOT means this host."""
+    monkeypatch.setenv("KATACTL_CONFIG", value)
+    r = cli(["config", "view"])
+    assert r.exit_code == 2 and "KATACTL_CONFIG is set but empty" in r.stderr, r.stderr
+
+
+def test_default_config_file_may_be_missing(cli, _isolated_home):
+    assert not (_isolated_home / "config" / "katactl" / "config.toml").exists()
+    r = cli(["config", "view", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["configFile"].endswith("katactl/config.toml")
