@@ -36,7 +36,10 @@ def client_versions() -> dict:
 
 
 def node_versions(transport: NodeTransport) -> dict:
-    """First line of ``<binary> --version`` for each Kata binary found on the node."""
+    """First line of ``<binary> --version`` for each Kata binary found on the node, e.g. the Go
+    shim's ``Kata Containers containerd shim (Golang): id: "io.containerd.kata.v2", version:
+    3.x.y, commit: ...`` (kata-containers src/runtime/cmd/containerd-shim-kata-v2/main.go).
+    Under a host root nothing is run: a binary found is ``present at PATH``."""
     out: dict = {}
     for key, name in NODE_BINARIES.items():
         out[key] = None

@@ -13,7 +13,10 @@ def version(ctx: typer.Context) -> None:
     """Show the katactl client version, Python and dependency versions.
 
     With -N NODE or --host-root, also the node's Kata runtime, shim and
-    hypervisor versions (read from their --version output).
+    hypervisor versions, each the first line of its --version output, with
+    the client's versions alongside (client). Under --host-root
+    the node's binaries are another machine's programs and are not run: each
+    found is reported as "present at PATH" instead of a version.
 
     \b
     Examples:
@@ -28,7 +31,8 @@ def version(ctx: typer.Context) -> None:
     if not s.nodes and not s.nodes_from and not s.selector and not s.host_root:
         app_ctx.out.render(_client_result())
         return
-    fan_out_one(app_ctx, versions.node_versions, kind="NodeVersion",
+    client = versions.client_versions()
+    fan_out_one(app_ctx, lambda t: {"client": client, **versions.node_versions(t)}, kind="NodeVersion",
                 columns=_node_columns())
 
 
@@ -42,5 +46,5 @@ def _client_result():
 def _node_columns():
     from katactl.output import Column
 
-    return [Column("RUNTIME", "runtime"), Column("SHIM", "shim"), Column("QEMU", "qemu"),
+    return [Column("CLIENT", "client.client"), Column("RUNTIME", "runtime"), Column("SHIM", "shim"), Column("QEMU", "qemu"),
             Column("CLOUD-HYPERVISOR", "cloudHypervisor")]
