@@ -144,6 +144,8 @@ class Settings:
     sources: dict[str, str]
     profile: str | None
     node_groups: dict[str, tuple[str, ...]]
+    #: group -> where it was defined (the file, or the file's active profile)
+    node_group_sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __getattr__(self, name):
         try:
@@ -153,6 +155,11 @@ class Settings:
 
     def view(self) -> list[dict]:
         return [{"name": n, "value": self.values[n], "source": self.sources[n]} for n in SETTINGS]
+
+    def group_view(self) -> list[dict]:
+        """One row per node group (``node_groups.NAME``), as view()'s rows."""
+        return [{"name": f"node_groups.{g}", "value": list(m), "source": self.node_group_sources.get(g, "-")}
+                for g, m in self.node_groups.items()]
 
 
 #: the most katactl reads of an operator's input file (config, --nodes-from, a policy):
@@ -256,11 +263,14 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
         else:
             values[name], sources[name] = s.default, "default"
     groups: dict[str, tuple[str, ...]] = {}
-    for src in (data.get("node_groups", {}), pdata.get("node_groups", {})):
+    group_sources: dict[str, str] = {}
+    for src, where in ((data.get("node_groups", {}), path),
+                       (pdata.get("node_groups", {}), f"{path} [profiles.{profile}]")):
         if not isinstance(src, dict):
             raise UsageError(f"{path}: node_groups must be a table of name = [nodes]")
         for g, members in src.items():
             if not (isinstance(members, list) and all(isinstance(m, str) for m in members)):
                 raise UsageError(f"{path}: node group {g!r} must be a list of node names")
             groups[g] = tuple(members)
-    return Settings(values, sources, profile, groups)
+            group_sources[g] = where
+    return Settings(values, sources, profile, groups, group_sources)

@@ -37,3 +37,22 @@ def test_default_config_file_may_be_missing(cli, _isolated_home):
     r = cli(["config", "view", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     assert r.json()["configFile"].endswith("katactl/config.toml")
+
+
+def test_config_view_table_shows_node_groups_and_where_each_comes_from(cli, _isolated_home, monkeypatch):
+    """-N @rack1's expansion was in -o json's nodeGroups only (review 5, finding 11d): the
+    table has one row per group, its members and its source (a profile's group over the
+    top-level one of the same name)."""
+    cfg = _isolated_home / "config" / "katactl"
+    cfg.mkdir(parents=True)
+    path = cfg / "config.toml"
+    path.write_text('profile = "prod"\n[node_groups]\nrack1 = ["a", "b"]\nall = ["a", "b", "c"]\n'
+                    '[profiles.prod.node_groups]\nrack1 = ["n1", "n2"]\nempty = []\n')
+    r = cli(["config", "view"])
+    assert r.exit_code == 0, r.stderr
+    rows = {ln.split()[0]: ln.split()[1:] for ln in r.stdout.splitlines()[1:]}
+    assert rows["node_groups.rack1"] == ["n1,n2", f"{path}", "[profiles.prod]"]
+    assert rows["node_groups.all"] == ["a,b,c", f"{path}"]
+    assert rows["node_groups.empty"] == ["-", f"{path}", "[profiles.prod]"]
+    r = cli(["config", "view", "-o", "json"])  # the JSON is as it was
+    assert r.json()["nodeGroups"] == {"rack1": ["n1", "n2"], "all": ["a", "b", "c"], "empty": []}

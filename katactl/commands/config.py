@@ -45,7 +45,8 @@ def view(ctx: typer.Context) -> None:
         else:
             rows = [{"name": f"kube.{part}", "value": k8s[part], "source": k8s["sources"].get(part, "-")}
                     for part in ("context", "cluster", "server", "user", "namespace", "proxy")]
-        finish(app_ctx, Result(kind="Config", items=items + rows, columns=[
+        # node groups as rows too: -N @group's expansion, checkable on a terminal
+        finish(app_ctx, Result(kind="Config", items=items + s.group_view() + rows, columns=[
             Column("SETTING", "name"), Column("VALUE", "value"), Column("SOURCE", "source")]))
         app_ctx.out.info(f"config file: {item['configFile']}" + (f" (profile {s.profile})" if s.profile else ""))
         if k8s["files"]:
