@@ -2,9 +2,86 @@
 
 _katactl() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
-    local path="katactl" i w words valopts
+    local path="katactl" i w words opts valopts
+    # --opt=value: bash splits at '=' (COMP_WORDBREAKS), so '=' is a word of its own
+    if [[ "$cur" == "=" ]]; then cur=""
+    elif [[ "$prev" == "=" && COMP_CWORD -ge 2 ]]; then prev="${COMP_WORDS[COMP_CWORD-2]}"; fi
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"
+        if [[ "$w" == -* ]]; then
+            # an option's value is not a subcommand: skip it (and the '=' before it)
+            case "$path" in
+                "katactl") valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile" ;;
+                "katactl version") valopts="" ;;
+                "katactl config") valopts="" ;;
+                "katactl config view") valopts="" ;;
+                "katactl sandbox") valopts="" ;;
+                "katactl sandbox list") valopts="--state" ;;
+                "katactl sandbox inspect") valopts="" ;;
+                "katactl metrics") valopts="--family --to" ;;
+                "katactl top") valopts="--interval -d --sort --iterations" ;;
+                "katactl pprof") valopts="--seconds -f --file" ;;
+                "katactl shim") valopts="" ;;
+                "katactl shim agent-url") valopts="" ;;
+                "katactl shim iptables") valopts="" ;;
+                "katactl shim iptables get") valopts="" ;;
+                "katactl shim iptables set") valopts="" ;;
+                "katactl shim volume") valopts="" ;;
+                "katactl shim volume stats") valopts="" ;;
+                "katactl shim volume resize") valopts="" ;;
+                "katactl balloon") valopts="" ;;
+                "katactl balloon get") valopts="--via" ;;
+                "katactl balloon set") valopts="--target -t --reclaim --timeout --tolerance --margin --via" ;;
+                "katactl lab") valopts="" ;;
+                "katactl lab up") valopts="--sandboxes -s --hypervisor --root --kernel --memory" ;;
+                "katactl lab status") valopts="--root" ;;
+                "katactl lab down") valopts="--root" ;;
+                "katactl vmcore") valopts="" ;;
+                "katactl vmcore list") valopts="--dump-path --kata-config" ;;
+                "katactl vmcore collect") valopts="--to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config" ;;
+                "katactl vmcore trigger") valopts="--format --dump-path --kata-config --timeout" ;;
+                "katactl vmcore rm") valopts="--dump-path --kata-config" ;;
+                "katactl upgrade") valopts="" ;;
+                "katactl upgrade stage") valopts="--as --sha256 --reserve --kata-root --lock-timeout" ;;
+                "katactl upgrade switch") valopts="--component -c --kata-root --lock-timeout" ;;
+                "katactl upgrade rollback") valopts="--kata-root --lock-timeout" ;;
+                "katactl upgrade status") valopts="--kata-root" ;;
+                "katactl upgrade gc") valopts="--kata-root --lock-timeout" ;;
+                "katactl inspect") valopts="" ;;
+                "katactl inspect cgroup") valopts="--pid" ;;
+                "katactl inspect bvt") valopts="" ;;
+                "katactl inspect memcg") valopts="" ;;
+                "katactl inspect rdt") valopts="--interval --decode --cbm-mask" ;;
+                "katactl inspect threads") valopts="--pid" ;;
+                "katactl inspect pressure") valopts="--interval -d --iterations --fail-on" ;;
+                "katactl audit") valopts="--policy -p --fail-on" ;;
+                "katactl overhead") valopts="--runtime-class-overhead --interval -d --margin --fail-on" ;;
+                "katactl node") valopts="" ;;
+                "katactl node list") valopts="" ;;
+                "katactl node cordon") valopts="--reason" ;;
+                "katactl node uncordon") valopts="" ;;
+                "katactl node drain") valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel" ;;
+                "katactl node check") valopts="--fail-on --kata-root" ;;
+                "katactl node agent") valopts="" ;;
+                "katactl node agent install") valopts="--image" ;;
+                "katactl node agent status") valopts="" ;;
+                "katactl node agent uninstall") valopts="" ;;
+                "katactl node agent gc") valopts="" ;;
+                "katactl rollout") valopts="" ;;
+                "katactl rollout plan") valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll" ;;
+                "katactl rollout run") valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll" ;;
+                "katactl rollout status") valopts="--lock-namespace --state" ;;
+                "katactl rollout list") valopts="--lock-namespace --state" ;;
+                "katactl rollout pause") valopts="--lock-namespace --state" ;;
+                "katactl rollout resume") valopts="--lock-namespace --state" ;;
+                "katactl rollout abort") valopts="--timeout --lock-namespace --state" ;;
+            esac
+            if [[ " $valopts " == *" $w "* ]]; then
+                ((i++))
+                [[ "${COMP_WORDS[i]}" == "=" ]] && ((i++))
+            fi
+            continue
+        fi
         case "$path $w" in
             "katactl version") path="katactl version" ;;
             "katactl config") path="katactl config" ;;
@@ -71,75 +148,81 @@ _katactl() {
             "katactl rollout abort") path="katactl rollout abort" ;;
         esac
     done
-    case "$prev" in
-        -o|--output) COMPREPLY=($(compgen -W "table wide plain json yaml name jsonl markdown prom" -- "$cur")); return ;;
-        --dump-path|--file|--filename|--host-root|--identity|--kata-config|--kata-root|--kernel|--known-hosts|--kubeconfig|--nodes-from|--policy|--root|--ssh-config|--to|--via|-f|-i|-p) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+    case "$path $prev" in
+        "katactl -o"|"katactl --output") COMPREPLY=($(compgen -W "table wide plain json yaml name jsonl markdown prom" -- "$cur")); return ;;
+        "katactl -N"|"katactl --node"|"katactl -l"|"katactl --selector"|"katactl --context"|"katactl -n"|"katactl --namespace"|"katactl --agent-namespace"|"katactl --agent-image"|"katactl --ssh-user"|"katactl -J"|"katactl --jump-host"|"katactl --request-timeout"|"katactl --parallel"|"katactl --profile"|"katactl sandbox list --state"|"katactl metrics --family"|"katactl top --interval"|"katactl top -d"|"katactl top --iterations"|"katactl pprof --seconds"|"katactl balloon get --via"|"katactl balloon set --target"|"katactl balloon set -t"|"katactl balloon set --reclaim"|"katactl balloon set --timeout"|"katactl balloon set --tolerance"|"katactl balloon set --margin"|"katactl balloon set --via"|"katactl lab up --sandboxes"|"katactl lab up -s"|"katactl lab up --hypervisor"|"katactl lab up --memory"|"katactl vmcore collect --compress"|"katactl vmcore collect --compress-on"|"katactl vmcore collect --dump-level"|"katactl vmcore collect --bwlimit"|"katactl vmcore trigger --format"|"katactl vmcore trigger --timeout"|"katactl upgrade stage --as"|"katactl upgrade stage --sha256"|"katactl upgrade stage --reserve"|"katactl upgrade stage --lock-timeout"|"katactl upgrade switch --lock-timeout"|"katactl upgrade rollback --lock-timeout"|"katactl upgrade gc --lock-timeout"|"katactl inspect cgroup --pid"|"katactl inspect rdt --interval"|"katactl inspect rdt --decode"|"katactl inspect rdt --cbm-mask"|"katactl inspect threads --pid"|"katactl inspect pressure --interval"|"katactl inspect pressure -d"|"katactl inspect pressure --iterations"|"katactl inspect pressure --fail-on"|"katactl audit --fail-on"|"katactl overhead --runtime-class-overhead"|"katactl overhead --interval"|"katactl overhead -d"|"katactl overhead --margin"|"katactl overhead --fail-on"|"katactl node cordon --reason"|"katactl node drain --grace-period"|"katactl node drain --timeout"|"katactl node drain --pod-selector"|"katactl node drain --skip-wait-for-delete-timeout"|"katactl node drain --reason"|"katactl node drain --parallel"|"katactl node check --fail-on"|"katactl node agent install --image"|"katactl rollout plan --step"|"katactl rollout plan -s"|"katactl rollout plan --lock-namespace"|"katactl rollout plan --lock-ttl"|"katactl rollout plan --max-unavailable"|"katactl rollout plan --canary"|"katactl rollout plan --canary-soak"|"katactl rollout plan --soak"|"katactl rollout plan --failure-budget"|"katactl rollout plan --window"|"katactl rollout plan --alert-gate"|"katactl rollout plan --alert-filter"|"katactl rollout plan --spread-by"|"katactl rollout plan --step-timeout"|"katactl rollout plan --gate-timeout"|"katactl rollout plan --poll"|"katactl rollout run --step"|"katactl rollout run -s"|"katactl rollout run --lock-namespace"|"katactl rollout run --lock-ttl"|"katactl rollout run --max-unavailable"|"katactl rollout run --canary"|"katactl rollout run --canary-soak"|"katactl rollout run --soak"|"katactl rollout run --failure-budget"|"katactl rollout run --window"|"katactl rollout run --alert-gate"|"katactl rollout run --alert-filter"|"katactl rollout run --spread-by"|"katactl rollout run --step-timeout"|"katactl rollout run --gate-timeout"|"katactl rollout run --poll"|"katactl rollout status --lock-namespace"|"katactl rollout list --lock-namespace"|"katactl rollout pause --lock-namespace"|"katactl rollout resume --lock-namespace"|"katactl rollout abort --timeout"|"katactl rollout abort --lock-namespace") compopt +o default 2>/dev/null; COMPREPLY=(); return ;;
+        "katactl --nodes-from"|"katactl --host-root"|"katactl --kubeconfig"|"katactl --ssh-config"|"katactl -i"|"katactl --identity"|"katactl --known-hosts"|"katactl metrics --to"|"katactl pprof -f"|"katactl pprof --file"|"katactl lab up --root"|"katactl lab up --kernel"|"katactl lab status --root"|"katactl lab down --root"|"katactl vmcore list --dump-path"|"katactl vmcore list --kata-config"|"katactl vmcore collect --to"|"katactl vmcore collect --dump-path"|"katactl vmcore collect --kata-config"|"katactl vmcore trigger --dump-path"|"katactl vmcore trigger --kata-config"|"katactl vmcore rm --dump-path"|"katactl vmcore rm --kata-config"|"katactl upgrade stage --kata-root"|"katactl upgrade switch --kata-root"|"katactl upgrade rollback --kata-root"|"katactl upgrade status --kata-root"|"katactl upgrade gc --kata-root"|"katactl audit --policy"|"katactl audit -p"|"katactl node drain --kata-root"|"katactl node check --kata-root"|"katactl rollout plan -f"|"katactl rollout plan --filename"|"katactl rollout run -f"|"katactl rollout run --filename") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "katactl --via") COMPREPLY=($(compgen -W "ssh kube" -- "$cur")); return ;;
+        "katactl top --sort") COMPREPLY=($(compgen -W "cpu mem rss id pod" -- "$cur")); return ;;
+        "katactl upgrade switch --component"|"katactl upgrade switch -c") COMPREPLY=($(compgen -W "runtime agent all" -- "$cur")); return ;;
+        "katactl rollout plan --state"|"katactl rollout run --state"|"katactl rollout status --state"|"katactl rollout list --state"|"katactl rollout pause --state"|"katactl rollout resume --state"|"katactl rollout abort --state") COMPREPLY=($(compgen -W "auto kube file" -- "$cur")); return ;;
+        "katactl rollout plan --on-failure"|"katactl rollout run --on-failure") COMPREPLY=($(compgen -W "stop skip continue" -- "$cur")); return ;;
     esac
     case "$path" in
-        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit overhead node rollout"; valopts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help" ;;
-        "katactl version") words=""; valopts=""; opts="-h --help" ;;
-        "katactl config") words="view"; valopts=""; opts="-h --help" ;;
-        "katactl config view") words=""; valopts=""; opts="-h --help" ;;
-        "katactl sandbox") words="list inspect"; valopts=""; opts="-h --help" ;;
-        "katactl sandbox list") words=""; valopts="--state"; opts="--state --no-check -h --help" ;;
-        "katactl sandbox inspect") words=""; valopts=""; opts="--raw -h --help" ;;
-        "katactl metrics") words=""; valopts="--family --to"; opts="--all -A --family --raw --to -h --help" ;;
-        "katactl top") words=""; valopts="--interval -d --sort --iterations"; opts="--interval -d --sort --once --iterations -h --help" ;;
-        "katactl pprof") words=""; valopts="--seconds -f --file"; opts="--seconds -f --file -h --help" ;;
-        "katactl shim") words="agent-url iptables volume"; valopts=""; opts="-h --help" ;;
-        "katactl shim agent-url") words=""; valopts=""; opts="-h --help" ;;
-        "katactl shim iptables") words="get set"; valopts=""; opts="-h --help" ;;
-        "katactl shim iptables get") words=""; valopts=""; opts="--v6 -h --help" ;;
-        "katactl shim iptables set") words=""; valopts=""; opts="--v6 --dry-run -h --help" ;;
-        "katactl shim volume") words="stats resize"; valopts=""; opts="-h --help" ;;
-        "katactl shim volume stats") words=""; valopts=""; opts="-h --help" ;;
-        "katactl shim volume resize") words=""; valopts=""; opts="--dry-run -h --help" ;;
-        "katactl balloon") words="get set"; valopts=""; opts="-h --help" ;;
-        "katactl balloon get") words=""; valopts="--via"; opts="--via -h --help" ;;
-        "katactl balloon set") words=""; valopts="--target -t --reclaim --timeout --tolerance --margin --via"; opts="--target -t --reclaim --release --wait -w --timeout --tolerance --margin --force --dry-run --via -h --help" ;;
-        "katactl lab") words="up status down"; valopts=""; opts="-h --help" ;;
-        "katactl lab up") words=""; valopts="--sandboxes -s --hypervisor --root --kernel --memory"; opts="--sandboxes -s --hypervisor --root --kernel --memory --dry-run -h --help" ;;
-        "katactl lab status") words=""; valopts="--root"; opts="--root -h --help" ;;
-        "katactl lab down") words=""; valopts="--root"; opts="--root --dry-run --force -h --help" ;;
-        "katactl vmcore") words="list collect trigger rm"; valopts=""; opts="-h --help" ;;
-        "katactl vmcore list") words=""; valopts="--dump-path --kata-config"; opts="--dump-path --kata-config -h --help" ;;
-        "katactl vmcore collect") words=""; valopts="--to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config"; opts="--to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --force --dump-path --kata-config -h --help" ;;
-        "katactl vmcore trigger") words=""; valopts="--format --dump-path --kata-config --timeout"; opts="--format --detach --paging --no-paging --dry-run --dump-path --kata-config --timeout -h --help" ;;
-        "katactl vmcore rm") words=""; valopts="--dump-path --kata-config"; opts="--dry-run --dump-path --kata-config -h --help" ;;
-        "katactl upgrade") words="stage switch rollback status gc"; valopts=""; opts="-h --help" ;;
-        "katactl upgrade stage") words=""; valopts="--as --sha256 --reserve --kata-root --lock-timeout"; opts="--as --sha256 --no-verify --reserve --force --kata-root --lock-timeout --dry-run -h --help" ;;
-        "katactl upgrade switch") words=""; valopts="--component -c --kata-root --lock-timeout"; opts="--component -c --force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
-        "katactl upgrade rollback") words=""; valopts="--kata-root --lock-timeout"; opts="--force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
-        "katactl upgrade status") words=""; valopts="--kata-root"; opts="--sandboxes -s --kata-root -h --help" ;;
-        "katactl upgrade gc") words=""; valopts="--kata-root --lock-timeout"; opts="--keep-previous --no-keep-previous --force --kata-root --lock-timeout --dry-run -h --help" ;;
-        "katactl inspect") words="cgroup bvt memcg rdt threads pressure"; valopts=""; opts="-h --help" ;;
-        "katactl inspect cgroup") words=""; valopts="--pid"; opts="--pid -h --help" ;;
-        "katactl inspect bvt") words=""; valopts=""; opts="-h --help" ;;
-        "katactl inspect memcg") words=""; valopts=""; opts="-h --help" ;;
-        "katactl inspect rdt") words=""; valopts="--interval --decode --cbm-mask"; opts="--interval --decode --cbm-mask -h --help" ;;
-        "katactl inspect threads") words=""; valopts="--pid"; opts="--pid -h --help" ;;
-        "katactl inspect pressure") words=""; valopts="--interval -d --iterations --fail-on"; opts="--interval -d --watch -w --iterations --fail-on -h --help" ;;
-        "katactl audit") words=""; valopts="--policy -p --fail-on"; opts="--policy -p --fail-on --list-checks -h --help" ;;
-        "katactl overhead") words=""; valopts="--runtime-class-overhead --interval -d --margin --fail-on"; opts="--runtime-class-overhead --interval -d --margin --fail-on -h --help" ;;
-        "katactl node") words="list cordon uncordon drain check agent"; valopts=""; opts="-h --help" ;;
-        "katactl node list") words=""; valopts=""; opts="-h --help" ;;
-        "katactl node cordon") words=""; valopts="--reason"; opts="--reason --dry-run -h --help" ;;
-        "katactl node uncordon") words=""; valopts=""; opts="--force --dry-run -h --help" ;;
-        "katactl node drain") words=""; valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel"; opts="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help" ;;
-        "katactl node check") words=""; valopts="--fail-on --kata-root"; opts="--fail-on --node-facts --kata-root -h --help" ;;
-        "katactl node agent") words="install status uninstall gc"; valopts=""; opts="-h --help" ;;
-        "katactl node agent install") words=""; valopts="--image"; opts="--image --dry-run -h --help" ;;
-        "katactl node agent status") words=""; valopts=""; opts="-h --help" ;;
-        "katactl node agent uninstall") words=""; valopts=""; opts="--dry-run -h --help" ;;
-        "katactl node agent gc") words=""; valopts=""; opts="--dry-run -h --help" ;;
-        "katactl rollout") words="plan run status list pause resume abort"; valopts=""; opts="-h --help" ;;
-        "katactl rollout plan") words=""; valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll"; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
-        "katactl rollout run") words=""; valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll"; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --dry-run --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
-        "katactl rollout status") words=""; valopts="--lock-namespace --state"; opts="--lock-namespace --state -h --help" ;;
-        "katactl rollout list") words=""; valopts="--lock-namespace --state"; opts="--lock-namespace --state -h --help" ;;
-        "katactl rollout pause") words=""; valopts="--lock-namespace --state"; opts="--lock-namespace --state -h --help" ;;
-        "katactl rollout resume") words=""; valopts="--lock-namespace --state"; opts="--retry-failed --lock-namespace --state -h --help" ;;
-        "katactl rollout abort") words=""; valopts="--timeout --lock-namespace --state"; opts="--now --timeout --lock-namespace --state -h --help" ;;
+        "katactl") words="version config sandbox metrics top pprof shim balloon lab vmcore upgrade inspect audit overhead node rollout"; opts="-o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help" ;;
+        "katactl version") words=""; opts="-h --help" ;;
+        "katactl config") words="view"; opts="-h --help" ;;
+        "katactl config view") words=""; opts="-h --help" ;;
+        "katactl sandbox") words="list inspect"; opts="-h --help" ;;
+        "katactl sandbox list") words=""; opts="--state --no-check -h --help" ;;
+        "katactl sandbox inspect") words=""; opts="--raw -h --help" ;;
+        "katactl metrics") words=""; opts="--all -A --family --raw --to -h --help" ;;
+        "katactl top") words=""; opts="--interval -d --sort --once --iterations -h --help" ;;
+        "katactl pprof") words=""; opts="--seconds -f --file -h --help" ;;
+        "katactl shim") words="agent-url iptables volume"; opts="-h --help" ;;
+        "katactl shim agent-url") words=""; opts="-h --help" ;;
+        "katactl shim iptables") words="get set"; opts="-h --help" ;;
+        "katactl shim iptables get") words=""; opts="--v6 -h --help" ;;
+        "katactl shim iptables set") words=""; opts="--v6 --dry-run -h --help" ;;
+        "katactl shim volume") words="stats resize"; opts="-h --help" ;;
+        "katactl shim volume stats") words=""; opts="-h --help" ;;
+        "katactl shim volume resize") words=""; opts="--dry-run -h --help" ;;
+        "katactl balloon") words="get set"; opts="-h --help" ;;
+        "katactl balloon get") words=""; opts="--via -h --help" ;;
+        "katactl balloon set") words=""; opts="--target -t --reclaim --release --wait -w --timeout --tolerance --margin --force --dry-run --via -h --help" ;;
+        "katactl lab") words="up status down"; opts="-h --help" ;;
+        "katactl lab up") words=""; opts="--sandboxes -s --hypervisor --root --kernel --memory --dry-run -h --help" ;;
+        "katactl lab status") words=""; opts="--root -h --help" ;;
+        "katactl lab down") words=""; opts="--root --dry-run --force -h --help" ;;
+        "katactl vmcore") words="list collect trigger rm"; opts="-h --help" ;;
+        "katactl vmcore list") words=""; opts="--dump-path --kata-config -h --help" ;;
+        "katactl vmcore collect") words=""; opts="--to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --force --dump-path --kata-config -h --help" ;;
+        "katactl vmcore trigger") words=""; opts="--format --detach --paging --no-paging --dry-run --dump-path --kata-config --timeout -h --help" ;;
+        "katactl vmcore rm") words=""; opts="--dry-run --dump-path --kata-config -h --help" ;;
+        "katactl upgrade") words="stage switch rollback status gc"; opts="-h --help" ;;
+        "katactl upgrade stage") words=""; opts="--as --sha256 --no-verify --reserve --force --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl upgrade switch") words=""; opts="--component -c --force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl upgrade rollback") words=""; opts="--force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl upgrade status") words=""; opts="--sandboxes -s --kata-root -h --help" ;;
+        "katactl upgrade gc") words=""; opts="--keep-previous --no-keep-previous --force --kata-root --lock-timeout --dry-run -h --help" ;;
+        "katactl inspect") words="cgroup bvt memcg rdt threads pressure"; opts="-h --help" ;;
+        "katactl inspect cgroup") words=""; opts="--pid -h --help" ;;
+        "katactl inspect bvt") words=""; opts="-h --help" ;;
+        "katactl inspect memcg") words=""; opts="-h --help" ;;
+        "katactl inspect rdt") words=""; opts="--interval --decode --cbm-mask -h --help" ;;
+        "katactl inspect threads") words=""; opts="--pid -h --help" ;;
+        "katactl inspect pressure") words=""; opts="--interval -d --watch -w --iterations --fail-on -h --help" ;;
+        "katactl audit") words=""; opts="--policy -p --fail-on --list-checks -h --help" ;;
+        "katactl overhead") words=""; opts="--runtime-class-overhead --interval -d --margin --fail-on -h --help" ;;
+        "katactl node") words="list cordon uncordon drain check agent"; opts="-h --help" ;;
+        "katactl node list") words=""; opts="-h --help" ;;
+        "katactl node cordon") words=""; opts="--reason --dry-run -h --help" ;;
+        "katactl node uncordon") words=""; opts="--force --dry-run -h --help" ;;
+        "katactl node drain") words=""; opts="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help" ;;
+        "katactl node check") words=""; opts="--fail-on --node-facts --kata-root -h --help" ;;
+        "katactl node agent") words="install status uninstall gc"; opts="-h --help" ;;
+        "katactl node agent install") words=""; opts="--image --dry-run -h --help" ;;
+        "katactl node agent status") words=""; opts="-h --help" ;;
+        "katactl node agent uninstall") words=""; opts="--dry-run -h --help" ;;
+        "katactl node agent gc") words=""; opts="--dry-run -h --help" ;;
+        "katactl rollout") words="plan run status list pause resume abort"; opts="-h --help" ;;
+        "katactl rollout plan") words=""; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
+        "katactl rollout run") words=""; opts="-f --filename --step -s --lock-namespace --lock-ttl --state --dry-run --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help" ;;
+        "katactl rollout status") words=""; opts="--lock-namespace --state -h --help" ;;
+        "katactl rollout list") words=""; opts="--lock-namespace --state -h --help" ;;
+        "katactl rollout pause") words=""; opts="--lock-namespace --state -h --help" ;;
+        "katactl rollout resume") words=""; opts="--retry-failed --lock-namespace --state -h --help" ;;
+        "katactl rollout abort") words=""; opts="--now --timeout --lock-namespace --state -h --help" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -39,7 +39,9 @@ def top(
     ctx: typer.Context,
     interval: str = typer.Option("2s", "--interval", "-d", metavar="DURATION",
                                  help="Refresh interval; also the CPU sampling window of a snapshot."),
-    sort: str = typer.Option("cpu", "--sort", metavar="KEY", help="cpu, mem, rss, id or pod."),
+    # the metavar lists metrics.TOP_SORTS (tests keep them in step; completions read it)
+    sort: str = typer.Option("cpu", "--sort", metavar="cpu|mem|rss|id|pod",
+                             help="Sort order: CPU %, guest memory used, shim+hypervisor RSS, id or pod."),
     once: bool = typer.Option(False, "--once", help="One snapshot even on a terminal."),
     iterations: Optional[int] = typer.Option(None, "--iterations", metavar="N",
                                              help="Stop after N refreshes (live mode)."),
