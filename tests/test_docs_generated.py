@@ -48,3 +48,16 @@ def test_other_shells_parse(shell, name):
         pytest.skip(f"{shell} not installed")
     p = subprocess.run([shell, "-n", os.path.join(ROOT, "completions", name)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_help_examples_do_not_reach_the_lab_by_its_root_only_default():
+    """/tmp/katactl-lab is the lab's default for root only (lab.control.default_root: a
+    non-root user's is /tmp/katactl-lab-UID), so an example reaching a lab with --host-root
+    names the --root it was started with (review 5, 11b's leftover in balloon get)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import cmdtree
+        bad = [n.name for n in cmdtree.walk(cmdtree.tree()) if "--host-root /tmp/katactl-lab " in n.help]
+    finally:
+        sys.path.pop(0)
+    assert bad == []

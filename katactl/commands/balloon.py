@@ -60,7 +60,8 @@ def get(ctx: typer.Context,
     Examples:
       katactl balloon get 3f2a
       katactl balloon get batch/train-0 -o json
-      katactl --host-root /tmp/katactl-lab balloon get qemu-0-pod --via extra-monitor
+      # a lab started with: katactl lab up --root /tmp/mylab
+      katactl --host-root /tmp/mylab balloon get lab/batch-qemu-0 --via extra-monitor
     """
     from katactl import balloon, sandbox
     from katactl.output import Result
