@@ -40,7 +40,13 @@ Known differences from the real shims:
 - the values are synthetic (a settable state object), not read from /proc or
   from the agent; the guest families are a representative subset;
 - pprof answers are small gzip blobs (the pprof magic, not a real profile);
-  ``profile``/``trace`` do sleep ``seconds`` like the real handlers;
+  ``profile``/``trace`` do sleep ``seconds`` like the real handlers, but the
+  named profiles (heap, allocs, block, mutex, goroutine, threadcreate) ignore
+  ``seconds`` and answer at once: Go's net/http/pprof (pprof.go
+  ``handler.serveDeltaProfile``) serves them a delta profile taken over that
+  many seconds, so the real shim answers only ``seconds`` later, and it
+  answers 400 where the lab does not check: ``seconds`` not a positive integer,
+  or given with ``debug``;
 - ``/policy`` is accepted and stored, not handed to an agent;
 - ``/direct-volume/*`` answers from ``state.volumes`` (the device both runtimes'
   tools send, mountInfo.json's ``device`` -> statfs of the volume's filesystem;
