@@ -49,6 +49,7 @@ def top(
     """Per-sandbox CPU % (shim + hypervisor, from proc_stat deltas), guest memory
     used/available (kata_guest_meminfo), balloon size (kata_guest_vm_stat
     balloon_inflate) and shim/hypervisor RSS. All shims are scraped concurrently.
+    Guest used leaves out the pages the balloon holds, as 'balloon get' does.
 
     On a terminal the view refreshes every --interval until Ctrl-C, which ends
     it at once and quietly with exit 0 (its normal stop, as procps top and watch
