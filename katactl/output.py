@@ -110,15 +110,49 @@ def _cell(v) -> str:
     return printable(str(v)) or "-"
 
 
-# C0 controls, DEL and C1 controls: a pod annotation or a shim's answer must neither break
+#: Code points that must not reach a terminal or a reader raw, beyond C0: DEL and C1 (U+009B is
+#: a one-byte CSI to many terminals, U+0085 a line end to some); the bidi controls (ALM, LRM,
+#: RLM, U+202A-202E embeddings and overrides, U+2066-2069 isolates: "Trojan Source",
+#: CVE-2021-42574, where `batch-\u202eexe.gnp` displays as batch-png.exe); the line and
+#: paragraph separators (they split a record for Unicode-aware readers); and the invisible
+#: zero-width ones (U+200B-200D, U+2060, U+FEFF), which make two names look alike.
+_UNSAFE = "\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff"
+# C0 controls and the above: a pod annotation or a shim's answer must neither break
 # "one record per line" nor reach the terminal as an escape sequence (colours, titles, ...).
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS = re.compile(f"[\\x00-\\x1f{_UNSAFE}]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": " "}
 
 
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    o = ord(c)
+    return _NAMED.get(c) or (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+
+
 def printable(s: str) -> str:
-    """s with control characters shown as escapes (\\n, \\r, \\x1b); tabs become spaces."""
-    return _CONTROLS.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), s)
+    """s with control, bidi and separator characters shown as escapes (\\n, \\x1b, \\u202e);
+    tabs become spaces."""
+    return _CONTROLS.sub(_escape, s)
+
+
+#: the same code points in JSON text: written as \\uXXXX (the same JSON value). Outside its
+#: strings JSON text is ASCII, so replacing them anywhere in the text is exact.
+_JSON_UNSAFE = re.compile(f"[{_UNSAFE}]")
+
+
+def json_safe(text: str) -> str:
+    """JSON text (json's or orjson's, ensure_ascii=False) with DEL, C1, bidi, separator and
+    zero-width code points as \\uXXXX escapes: no option of either encoder does it. An ASCII
+    text (the common case: Kubernetes names, ids, paths) costs str.isascii(), which CPython
+    answers from the string's header, and a memchr for DEL: 0.1 ms for 10 MiB, where the
+    regex scan of other text takes 30 ms (10,000 sandboxes; orjson itself takes 40)."""
+    if text.isascii():
+        return text.replace("\x7f", "\\u007f") if "\x7f" in text else text
+    return _JSON_UNSAFE.sub(_json_escape, text)
+
+
+def _json_escape(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
 
 
 def _plural_noun(kind: str) -> str:
@@ -135,7 +169,8 @@ def _plural_noun(kind: str) -> str:
 
 
 def to_json(obj, indent: int | None = 2) -> str:
-    """obj as JSON text. A NaN or an infinite float is ``null`` (see _floatval)."""
+    """obj as JSON text. A NaN or an infinite float is ``null`` (see _floatval); unsafe
+    code points are escapes (json_safe)."""
     if indent is None:
         return _dumps_line(obj, ensure_ascii=False)
     return "".join(json_chunks(obj, indent))
@@ -143,13 +178,13 @@ def to_json(obj, indent: int | None = 2) -> str:
 
 def _dumps_line(obj, *, ensure_ascii: bool) -> str:
     """json.dumps(obj) on one line by json's C encoder, which writes NaN/Infinity or raises,
-    never null: where it raises, again over _finite(obj)."""
+    never null: where it raises, again over _finite(obj). json_safe() either way."""
     try:
-        return json.dumps(obj, default=_json_default, ensure_ascii=ensure_ascii, allow_nan=False)
+        return json_safe(json.dumps(obj, default=_json_default, ensure_ascii=ensure_ascii, allow_nan=False))
     except ValueError as e:
         if not str(e).startswith("Out of range float"):
             raise  # a cycle
-    return json.dumps(_finite(obj), default=_json_default, ensure_ascii=ensure_ascii, allow_nan=False)
+    return json_safe(json.dumps(_finite(obj), default=_json_default, ensure_ascii=ensure_ascii, allow_nan=False))
 
 
 def _finite(o):
@@ -189,7 +224,7 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
         with paused():  # the walk's lists and views are no cycles (see gcpause)
             fast = _orjson_chunks(obj)
         if fast is not None:
-            return fast
+            return list(map(json_safe, fast))
     from json.encoder import encode_basestring as enc_str  # the C one, as json.dumps uses
 
     pad = " " * indent
@@ -303,7 +338,7 @@ def json_chunks(obj, indent: int = 2) -> list[str]:
 
     enc(obj, "\n")
     chunks.append("".join(parts))
-    return chunks
+    return list(map(json_safe, chunks))
 
 
 #: the types orjson writes as json.dumps does (exact types: a subclass of one, an Enum, a
@@ -517,8 +552,8 @@ class Output:
         elif fmt == "yaml":
             import yaml  # lazy: only for -o yaml
 
-            self._write(yaml.safe_dump(json.loads(to_json(result.to_dict())), sort_keys=False,
-                                       allow_unicode=True))
+            self._write(yaml.dump(json.loads(to_json(result.to_dict())), Dumper=_yaml_dumper(), sort_keys=False,
+                                  allow_unicode=True))
         elif fmt == "name":
             rows = result.items if result.items is not None else ([result.item] if result.item else [])
             for it in rows:
@@ -606,6 +641,40 @@ class Output:
     def _write(self, s: str) -> None:
         self.stdout.write(s)
         self.stdout.flush()
+
+
+def _yaml_dumper():
+    """yaml's SafeDumper, but a scalar holding an unsafe code point (_UNSAFE) is written
+    double-quoted with escapes. With allow_unicode, PyYAML (emitter.py, analyze_scalar and
+    write_double_quoted) writes bidi controls and zero-width characters raw in any style, and
+    U+2028/U+2029 raw in a single-quoted or block scalar; it escapes DEL and C1 only in a
+    double-quoted one. Such a scalar is written as allow_unicode=False writes it (\\u202E,
+    and \\xE9 for é in that scalar only): the same value to any YAML parser."""
+    import yaml
+
+    global _YAML_DUMPER
+    if _YAML_DUMPER is None:
+        class Dumper(yaml.SafeDumper):
+            def analyze_scalar(self, scalar):
+                a = super().analyze_scalar(scalar)
+                if _JSON_UNSAFE.search(scalar):
+                    a.allow_flow_plain = a.allow_block_plain = a.allow_single_quoted = a.allow_block = False
+                return a
+
+            def write_double_quoted(self, text, split=True):
+                if not _JSON_UNSAFE.search(text):
+                    return super().write_double_quoted(text, split)
+                self.allow_unicode = False
+                try:
+                    return super().write_double_quoted(text, split)
+                finally:
+                    self.allow_unicode = True
+
+        _YAML_DUMPER = Dumper
+    return _YAML_DUMPER
+
+
+_YAML_DUMPER: Any = None
 
 
 # Markdown: a backslash escapes any ASCII punctuation (CommonMark), and "\|" is GFM's way to put

@@ -358,7 +358,8 @@ def _nulls(o):
 def _dumps(case) -> str:
     from katactl.output import _json_default
 
-    return json.dumps(_nulls(case), indent=2, ensure_ascii=False, default=_json_default)
+    # DEL, C1, bidi, separator and zero-width code points: \uXXXX escapes, the same JSON value
+    return _escape_unsafe(json.dumps(_nulls(case), indent=2, ensure_ascii=False, default=_json_default))
 
 
 def test_json_by_orjson_only_where_its_text_is_json_dumps_text():
@@ -449,3 +450,83 @@ def test_nan_and_infinity_are_null_in_every_data_format(fmt, path):
     (d,) = docs
     assert [i["value"] for i in d["items"][:4]] == [None, None, None, 1.5] and d["sum"] is None
     assert sum(i["value"] is None for i in d["items"]) == 225
+
+
+# -- DEL, C1 controls, bidi overrides, line separators (review 5, finding 8) ----------------
+#: DEL, C1 (U+009B is a one-byte CSI to many terminals, U+0085 a line end to some), the Trojan
+#: Source bidi controls (CVE-2021-42574: U+202A-202E, U+2066-2069, LRM/RLM/ALM), line and
+#: paragraph separators, and the invisible zero-width ones
+UNSAFE = "\x7f\x80\x85\x9b\x9f\u061c\u200b\u200c\u200d\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e" \
+         "\u2060\u2066\u2067\u2068\u2069\ufeff"
+SPOOF = "batch-\u202eexe.gnp\u202c-\u200bclh\u2028x\x9b2J\x7fy\x85z é ☃"
+
+
+def _raw_unsafe(text: str) -> set[str]:
+    return set(text) & set(UNSAFE)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "wide", "markdown", "name", "table"])
+def test_bidi_and_separators_are_escaped_in_human_output(fmt):
+    """A pod name with U+202E displayed as batch-png.exe (reversed), U+2028 split the row:
+    every human format shows them as escapes, as it shows C0 controls."""
+    items = [{"name": SPOOF, "pod": {"name": "p", "namespace": "n"}, "mem": 1, "note": SPOOF}]
+    text, _ = render(fmt, Result(kind="SandboxList", items=items, columns=COLS), tty=(fmt == "table"))
+    assert not _raw_unsafe(text), [hex(ord(c)) for c in _raw_unsafe(text)]
+    shown = text.replace("\\\\", "\\") if fmt == "markdown" else text  # markdown_cell doubles each backslash
+    if fmt != "table":  # Rich may fold a long cell
+        assert "\\u202eexe.gnp\\u202c" in shown and "\\u2028" in shown and "\\x9b2J\\x7fy\\x85z é ☃" in shown
+    text, _ = render(fmt, Result(kind="Sandbox", item={SPOOF: SPOOF}), tty=(fmt == "table"))
+    assert not _raw_unsafe(text)
+
+
+def test_printable_escapes_every_unsafe_code_point():
+    from katactl.output import printable
+
+    assert printable(UNSAFE) == "".join(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                                        for c in UNSAFE)
+    assert printable("é ☃ 𝄞 \u00a0") == "é ☃ 𝄞 \u00a0"  # other text is left alone
+
+
+@pytest.mark.parametrize("path", ["orjson", "json"])
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "yaml"])
+def test_unsafe_code_points_are_escapes_in_every_data_format(fmt, path):
+    """-o json/jsonl wrote DEL, C1 controls (U+009B, a CSI) and bidi overrides raw (ensure_ascii=
+    False escapes only U+0000-001F; orjson has no option): they are \\uXXXX escapes now, the
+    same JSON value. Both encoders (orjson for plain data, json's for the rest: here a set),
+    the batched long list, keys, events; -o yaml writes such a scalar double-quoted with escapes."""
+    items = [{"name": f"s{i}", "pod": SPOOF if i % 50 == 0 else "p", SPOOF: i} for i in range(300)]
+    if path == "json":
+        items[1]["tags"] = {"x"}
+    out = io.StringIO()
+    o = Output(fmt, stdout=out, stderr=io.StringIO(), color=False)
+    o.event("Progress", pod=SPOOF)
+    o.render(Result(kind="SandboxList", items=items, item={"note": UNSAFE, "other": "é ☃"}))
+    text = out.getvalue()
+    assert not _raw_unsafe(text), [hex(ord(c)) for c in _raw_unsafe(text)]
+    assert "é ☃" in text  # other non-ASCII text stays as it is (not \u00e9)
+    docs = [yaml.safe_load(text)] if fmt == "yaml" else [json.loads(line) for line in text.splitlines()] \
+        if fmt == "jsonl" else [json.loads(text)]
+    d = docs[-1]
+    assert d["note"] == UNSAFE and d["items"][0]["pod"] == SPOOF and d["items"][3][SPOOF] == 3
+    if fmt == "json":
+        from katactl.output import json_chunks
+
+        plain = [json.dumps(v, indent=2, ensure_ascii=False) for v in ({"k": SPOOF}, [UNSAFE, 1])]
+        assert ["".join(json_chunks(v)) for v in ({"k": SPOOF}, [UNSAFE, 1])] == list(map(_escape_unsafe, plain))
+
+
+def _escape_unsafe(text: str) -> str:
+    for c in UNSAFE:
+        text = text.replace(c, f"\\u{ord(c):04x}")
+    return text
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_del_in_ascii_only_output_is_an_escape(fmt):
+    """DEL is ASCII: an all-ASCII text is not thereby safe (both encoders, long list too)."""
+    for item in ({"pod": "x\x7fy"}, {"set": {"a"}, "pod": "x\x7fy"},
+                 {"items": [{"pod": f"p{i}\x7f"} for i in range(300)]}):
+        out = io.StringIO()
+        Output(fmt, stdout=out, stderr=io.StringIO()).render(Result(kind="X", item=item))
+        assert "\x7f" not in out.getvalue() and "\\u007f" in out.getvalue()
+        assert json.loads(out.getvalue())["kind"] == "X"
