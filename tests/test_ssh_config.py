@@ -341,3 +341,15 @@ def test_the_system_file_starts_outside_the_user_files_last_block(tmp_path, monk
     cfg = sshconfig.load(sshconfig.config_text(str(user), system=True))
     assert (sshconfig.resolve("n1", cfg).user, sshconfig.resolve("n1", cfg).port) == ("sysuser", 2201)
     assert sshconfig.resolve("other", cfg).user == "me"
+
+
+def test_an_explicit_ssh_config_that_does_not_exist_is_a_usage_error(cli, tmp_path):
+    """Like `ssh -F missing`: a chosen file that is not there stops the run (exit 2, one
+    line) instead of connecting with no configuration at all; the default
+    ~/.ssh/config may be missing."""
+    missing = tmp_path / "typo" / "ssh_config"
+    r = cli(["--ssh-config", str(missing), "-N", "node1", "version"])
+    assert r.exit_code == 2
+    assert f"SSH config {missing}: no such file" in r.stderr and "Traceback" not in r.stderr
+    text = sshconfig.config_text(str(missing), system=True)  # the default path: no error
+    assert str(missing) in text

@@ -86,7 +86,13 @@ SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 def config_text(path: str | None, *, system: bool = False) -> str:
     """The effective config text: the user file, then (like ssh without -F) the
     system-wide file, each with its Includes expanded (relative to ~/.ssh and
-    /etc/ssh respectively). First obtained value wins, as in OpenSSH."""
+    /etc/ssh respectively). First obtained value wins, as in OpenSSH.
+
+    Without the system file the user file was chosen (--ssh-config, like `ssh -F`):
+    missing, it is an error as for ssh, not a silent run with no config at all."""
+    if path and not system and not os.path.exists(os.path.expanduser(path)):
+        raise UsageError(f"SSH config {path}: no such file (given as ssh_config: --ssh-config, "
+                         "KATACTL_SSH_CONFIG or the config file)")
     text = f"{_FILE} {path}\n" + expand_includes(path) if path else ""
     if system:
         text += f"{_FILE} {SYSTEM_CONFIG}\n" + expand_includes(SYSTEM_CONFIG, base="/etc/ssh")
