@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from katactl.errors import KatactlError, ProtocolError, UsageError, as_katactl_error
 from katactl.backends.base import NodeTransport
+# imported with the module, not inside a live top's refresh (where a Ctrl-C may land)
+from katactl.balloon import guest_used
 
 USER_HZ = 100
 PAGE_SIZE = 4096
@@ -141,8 +143,6 @@ def _guest_used(sb, cur: dict, balloon: int | None) -> int | None:
     without it), so MemTotal - MemAvailable counts them as used and they are subtracted.
     The VM's memory comes from the sandbox's state (persist.json MemorySize + HotpluggedMemory,
     runtime-rs default_memory); unknown, nothing is subtracted."""
-    from katactl.balloon import guest_used
-
     total, avail = cur["guestMemTotal"], cur["guestMemAvailable"]
     if total is None or avail is None:
         return None
