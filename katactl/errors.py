@@ -71,7 +71,9 @@ class UnreachableError(KatactlError):
     """An endpoint could not be reached. ``reason`` says what was found where a caller
     decides on it, so that no caller reads the wording: for a unix socket
     (NodeTransport.connect_unix, on every transport) SOCKET_MISSING (no such path),
-    SOCKET_REFUSED (a socket nobody listens on) or NOT_A_SOCKET; None for anything else
+    SOCKET_REFUSED (a socket nobody listens on), SOCKET_BUSY (its connection queue is full:
+    the server accepts nobody, e.g. a QEMU monitor another client holds) or NOT_A_SOCKET;
+    None for anything else
     (the transport failed, permission denied...)."""
 
     exit_code, code = ExitCode.UNREACHABLE, "Unreachable"
@@ -84,6 +86,7 @@ class UnreachableError(KatactlError):
 
 #: UnreachableError.reason values of connect_unix
 SOCKET_MISSING, SOCKET_REFUSED, NOT_A_SOCKET = "socket-missing", "socket-refused", "not-a-socket"
+SOCKET_BUSY = "socket-busy"
 
 
 class AuthError(UnreachableError):

@@ -213,3 +213,26 @@ def test_rdt_decode_empty_is_a_usage_error(cli, lines):
     """issue 16 #19: 'inspect rdt --decode ""' exited 0 with nothing."""
     r = cli(["inspect", "rdt", *[a for ln in lines for a in ("--decode", ln)], "--cbm-mask", "7ff"])
     assert r.exit_code == 2 and "empty --decode" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_vcpu_identification_never_connects_to_the_runtimes_qmp_sock(tmp_path):
+    """qmp.sock is the runtime's for the sandbox's life and QEMU accepts nobody else
+    meanwhile: a connection would stay queued (filling its one-deep backlog) however soon
+    katactl closed it. Read-only commands ask only the extra monitor."""
+    import select
+    import socket
+    import types
+
+    from katactl.backends.local import LocalTransport
+    from katactl.isolation import threads
+
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held.bind(str(tmp_path / "qmp.sock"))
+    held.listen(1)  # like QEMU's monitor: never accepts while its client holds it
+    try:
+        sb = types.SimpleNamespace(id="x", extra_monitor_socket=None, api_socket="/qmp.sock")
+        got, why = threads.qmp_vcpus(LocalTransport(str(tmp_path)), sb)
+        assert got is None and "extra_monitor_socket" in why
+        assert select.select([held], [], [], 0)[0] == []  # nobody queued on qmp.sock
+    finally:
+        held.close()

@@ -137,6 +137,36 @@ def test_trigger_held_monitor_is_refused(cli, lab):
     assert r.exit_code == 5 and "held by another client" in r.stderr
 
 
+def test_a_held_monitor_whose_queue_is_full_is_held_not_unreachable(cli, lab):
+    """QEMU's monitor listens with a backlog of one: clients queued behind its holder (closing
+    does not dequeue them) fill it, and connect() then fails with EAGAIN. That is the
+    monitor being held (exit 5, the same words), not 'Resource temporarily unavailable'."""
+    import socket
+
+    d = os.open(lab.real(f"/run/vc/vm/{lab.id('held')}"), os.O_RDONLY | os.O_DIRECTORY)
+    fillers = []
+    try:
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(f"/proc/self/fd/{d}/qmp.sock")  # sun_path is too short for the lab's path
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+        else:
+            pytest.fail("the held monitor's connection queue never filled")
+        r = cli(lab.args("vmcore", "trigger", lab.id("held")))
+        assert r.exit_code == 5 and "held by another client" in r.stderr, r.stderr
+        r = cli(lab.args("balloon", "get", lab.pod("held"), "-o", "json"))
+        assert "held by another client" in r.json()["details"]["attempts"][-1]["result"]
+    finally:
+        for s in fillers:
+            s.close()
+        os.close(d)
+
+
 def test_trigger_clh_without_guest_debug(cli, lab):
     r = cli(lab.args("vmcore", "trigger", lab.id("clh-0")))
     assert r.exit_code == 1 and "guest_debug" in r.stderr

@@ -12,7 +12,7 @@ import tempfile
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from katactl.backends.base import FileStat, NodeTransport, RunResult
-from katactl.errors import SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
+from katactl.errors import SOCKET_BUSY, SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
 
 
 def check_node_path(path: str) -> str:
@@ -256,6 +256,10 @@ class LocalTransport(NodeTransport):
         except socket.timeout:
             s.close()
             raise TimeoutExpired(f"{path}: connect timed out after {timeout:g}s") from None
+        except BlockingIOError:  # EAGAIN: the listen queue is full (a timeout makes connect non-blocking)
+            s.close()
+            raise UnreachableError(f"{path}: the socket's connection queue is full (its server accepts "
+                                   "nobody now)", reason=SOCKET_BUSY) from None
         except OSError as e:
             s.close()
             raise UnreachableError(f"{path}: {e.strerror or e}") from None

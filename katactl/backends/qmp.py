@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from katactl.errors import OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
+from katactl.errors import SOCKET_BUSY, OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
 from katactl.backends.base import NodeTransport
 
 DEFAULT_TIMEOUT = 5.0
@@ -41,9 +41,14 @@ MAX_LINE = 16 << 20
 
 
 class MonitorBusy(UnreachableError):
-    """The monitor accepted the connection but did not greet: another client holds it."""
+    """Another client holds the monitor: it did not greet us, or its connection queue is full."""
 
     code = "MonitorBusy"
+
+
+def _busy(message: str) -> MonitorBusy:
+    return MonitorBusy(message, hint="use the shim extension, or configure extra_monitor_socket in the "
+                                     "Kata [hypervisor.qemu] section for a second monitor")
 
 
 class MonitorClosed(UnreachableError):
@@ -86,7 +91,16 @@ class QMPClient:
                 greeting_timeout: float = DEFAULT_GREETING_TIMEOUT,
                 negotiate: bool = True) -> "QMPClient":
         """Connect to a node's QMP socket, read the greeting, negotiate capabilities."""
-        sock = transport.connect_unix(path, timeout)
+        try:
+            sock = transport.connect_unix(path, timeout)
+        except UnreachableError as e:
+            if e.reason != SOCKET_BUSY:
+                raise
+            # QEMU listens with a backlog of one: clients that queued behind the holder
+            # (closing does not dequeue them) fill it, and then connect() says EAGAIN
+            raise _busy(f"{path}: the QEMU monitor's connection queue is full: another client "
+                        "holds it (a monitor serves one client at a time; on a live Kata sandbox "
+                        "the Kata runtime keeps qmp.sock open)") from None
         c = cls(sock, path=path, timeout=timeout)
         try:
             c._handshake(greeting_timeout, negotiate)
@@ -99,12 +113,10 @@ class QMPClient:
         try:
             msg = self._read_message(time.monotonic() + greeting_timeout)
         except TimeoutExpired:
-            raise MonitorBusy(
+            raise _busy(
                 f"{self.path}: the QEMU monitor accepted the connection but sent no greeting within "
                 f"{greeting_timeout:g}s: another client holds it (a monitor serves one client at a "
-                f"time; on a live Kata sandbox the Kata runtime keeps qmp.sock open)",
-                hint="use the shim extension, or configure extra_monitor_socket in the Kata "
-                     "[hypervisor.qemu] section for a second monitor") from None
+                f"time; on a live Kata sandbox the Kata runtime keeps qmp.sock open)") from None
         if "QMP" not in msg:
             raise ProtocolError(f"{self.path}: expected a QMP greeting, got {_short(msg)}")
         self.greeting = msg["QMP"]

@@ -78,7 +78,7 @@ def overhead(
     kata_overhead/<id> cgroup's memory and CPU usage is the figure and the
     processes its breakdown. CPU is a rate over --interval. QEMU names its vCPU
     threads only with debug-threads=on (Kata's enable_debug); otherwise they are
-    asked over QMP (query-cpus-fast on extra-monitor.sock, or a free qmp.sock),
+    asked over QMP (query-cpus-fast on extra-monitor.sock; never the runtime's qmp.sock),
     else taken from the sandbox cgroup (sandbox_cgroup_only = false); where they
     stay unknown the CPU is not measured (MEAS-CPU ?vcpu, a note on the item).
 

@@ -8,7 +8,7 @@ vCPU threads by name: Cloud Hypervisor always names them ``vcpu<n>`` (vmm/src/cp
 enable_debug = true`` (kata-containers src/runtime/pkg/govmm/qemu/qemu.go ``appendName``:
 ``if config.Debug { nameParams = append(nameParams, "debug-threads=on") }``): a production
 QEMU's vCPU threads carry its default comm. For those, :func:`identify_vcpus` does what Kata
-does (src/runtime/virtcontainers/qemu.go ``GetThreadIDs``: QMP ``query-cpus-fast``, each
+does (src/runtime/virtcontainers/qemu.go ``GetThreadIDs``: QMP ``query-cpus-fast`` (on the extra monitor: qmp.sock is the runtime's), each
 CPU's ``thread-id``), else, with ``sandbox_cgroup_only = false``, takes the threads the
 runtime moved into the sandbox cgroup (only the vCPUs go there), else says it cannot tell.
 """
@@ -118,7 +118,7 @@ def primary_cgroup(row: dict) -> str | None:
 
 
 # -- vCPUs of an unnamed QEMU ----------------------------------------------------------------
-#: how long a QMP monitor may take to answer; the runtime's qmp.sock never greets (held)
+#: how long the extra monitor may take to greet and answer
 QMP_TIMEOUT = 2.0
 
 
@@ -129,40 +129,43 @@ def needs_identity(hypervisor: str | None, named: int) -> bool:
 
 def qmp_vcpus(transport: NodeTransport, sb, *, timeout: float = QMP_TIMEOUT) -> tuple[dict[int, int | None] | None, str]:
     """({tid: cpu index}, socket) of a QEMU sandbox's vCPUs from QMP ``query-cpus-fast``
-    (``thread-id`` > 0, as Kata's GetThreadIDs), over its extra monitor, else ``qmp.sock``
-    when it greets (the runtime normally holds it); (None, why) when neither answers."""
+    (``thread-id`` > 0, as Kata's GetThreadIDs) over its extra monitor; (None, why) else.
+
+    Never qmp.sock: the runtime holds it for the sandbox's life, and QEMU's monitor
+    listens with a backlog of one and accepts nobody else meanwhile, so a connection to
+    it stays queued until the runtime lets go (closing ours does not dequeue it): one
+    inspection would fill the queue, and every later client (katactl's balloon or
+    vmcore fallback, the runtime reconnecting) would be refused with EAGAIN."""
     from katactl.backends.qmp import QMPClient
 
-    tried = []
-    for path in (sb.extra_monitor_socket, sb.api_socket):
-        if not path or path in tried:
-            continue
-        tried.append(path)
-        try:
-            c = QMPClient.connect(transport, path, timeout=timeout)
-        except (KatactlError, OSError):
-            continue
-        try:
-            cpus = c.execute("query-cpus-fast")
-        except (KatactlError, OSError):
-            continue
-        finally:
-            c.close()
-        out: dict[int, int | None] = {}
-        for cpu in cpus if isinstance(cpus, list) else []:
-            tid = cpu.get("thread-id") if isinstance(cpu, dict) else None
-            idx = cpu.get("cpu-index")
-            if isinstance(tid, int) and not isinstance(tid, bool) and tid > 0:
-                out[tid] = idx if isinstance(idx, int) and not isinstance(idx, bool) else None
-        if out:
-            return out, path
-    return None, ("no QMP monitor answered (" + ", ".join(tried) + ")" if tried else "no QMP socket recorded")
+    path = sb.extra_monitor_socket
+    if not path:
+        return None, "no extra monitor (extra_monitor_socket in [hypervisor.qemu]; qmp.sock is the runtime's)"
+    try:
+        c = QMPClient.connect(transport, path, timeout=timeout)
+    except (KatactlError, OSError) as e:
+        return None, f"the extra monitor {path} did not answer ({getattr(e, 'message', e)})"
+    try:
+        cpus = c.execute("query-cpus-fast")
+    except (KatactlError, OSError) as e:
+        return None, f"the extra monitor {path} did not answer ({getattr(e, 'message', e)})"
+    finally:
+        c.close()
+    out: dict[int, int | None] = {}
+    for cpu in cpus if isinstance(cpus, list) else []:
+        tid = cpu.get("thread-id") if isinstance(cpu, dict) else None
+        idx = cpu.get("cpu-index")
+        if isinstance(tid, int) and not isinstance(tid, bool) and tid > 0:
+            out[tid] = idx if isinstance(idx, int) and not isinstance(idx, bool) else None
+    if out:
+        return out, path
+    return None, f"the extra monitor {path} named no vCPU thread"
 
 
 def qmp_vcpus_many(transport: NodeTransport, sbs, *, timeout: float = QMP_TIMEOUT,
                    workers: int = 16) -> dict[str, tuple[dict[int, int | None] | None, str]]:
-    """:func:`qmp_vcpus` of many sandboxes at once ({sandbox id: result}): a held qmp.sock
-    costs its greeting timeout, so they wait side by side, not one after another."""
+    """:func:`qmp_vcpus` of many sandboxes at once ({sandbox id: result}): a monitor held
+    by another client costs its greeting timeout, so they wait side by side."""
     sbs = list(sbs)
     if len(sbs) <= 1:
         return {sb.id: qmp_vcpus(transport, sb, timeout=timeout) for sb in sbs}
