@@ -51,7 +51,7 @@ def bash_complete(cwd, *words: str) -> list[str]:
     (("katactl", "-o", "json", "-N", "node", "la"), ["lab"]),
     (("katactl", "-N", "lab", "lab", ""), ["up", "status", "down"]),
     (("katactl", "top", "--sort", ""), ["cpu", "mem", "rss", "id", "pod"]),
-    (("katactl", "balloon", "get", "--via", ""), []),   # no fixed list in its params: no files either
+    (("katactl", "balloon", "get", "--via", ""), ["auto", "extension", "hypervisor-api", "extra-monitor", "qmp"]),
     (("katactl", "top", "--interval", ""), []),
 ])
 def test_bash(cwd, words, expect):
@@ -86,6 +86,18 @@ def test_top_sort_metavar_is_the_accepted_list():
     assert next(o for o in top.options if "--sort" in o.names).metavar == "|".join(metrics.TOP_SORTS)
 
 
+def test_balloon_via_and_lab_hypervisor_metavars_are_the_accepted_lists():
+    from katactl import balloon
+    from katactl.lab import control
+
+    tree = {n.name: n for n in _tree()}
+    for name in ("katactl balloon get", "katactl balloon set"):
+        via = next(o for o in tree[name].options if "--via" in o.names)
+        assert via.metavar == "|".join(("auto", *balloon.PATHS))
+    hv = next(o for o in tree["katactl lab up"].options if "--hypervisor" in o.names)
+    assert hv.metavar == "|".join(control.HYPERVISORS)
+
+
 @pytest.mark.skipif(not shutil.which("fish"), reason="fish not installed")
 @pytest.mark.parametrize("line, expect", [
     ("katactl --via ", ["kube", "ssh"]),
@@ -93,7 +105,7 @@ def test_top_sort_metavar_is_the_accepted_list():
     ("katactl --context=lab sandbox ", ["inspect", "list"]),
     ("katactl -n top sandbox ", ["inspect", "list"]),
     ("katactl top --sort ", ["cpu", "id", "mem", "pod", "rss"]),
-    ("katactl balloon get x --via ", []),
+    ("katactl balloon get x --via ", ["auto", "extension", "extra-monitor", "hypervisor-api", "qmp"]),
     ("katactl --kubeconfig dec", ["decoy-file"]),
 ])
 def test_fish(cwd, line, expect):
@@ -127,7 +139,7 @@ def test_zsh_and_fish_text():
     z = open(os.path.join(COMPLETIONS, "_katactl")).read()
     assert ":ssh or kube:(ssh kube)'" in z and ":cpu or mem or rss or id or pod:(cpu mem rss id pod)'" in z
     balloon_via = [ln for ln in z.splitlines() if "'--via[Force one path" in ln]
-    assert balloon_via and all("]:path: '" in ln for ln in balloon_via)  # a value, not a file
+    assert balloon_via and all("(auto extension hypervisor-api extra-monitor qmp)'" in ln for ln in balloon_via)
     f = open(os.path.join(COMPLETIONS, "katactl.fish")).read()
     assert "-l via -x -a 'ssh kube'" in f
     assert not [ln for ln in f.splitlines() if "-l via" in ln and " -F" in ln]

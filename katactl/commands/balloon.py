@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # annotations only: a command's --help does not import the ba
 
 app = new_app("Memory elasticity: a sandbox's balloon (guest-visible memory target, or reclaim N).")
 
+VIA_METAVAR = "auto|extension|hypervisor-api|extra-monitor|qmp"  # balloon.PATHS: a test keeps them equal
 VIA_HELP = "Force one path: extension, hypervisor-api, extra-monitor, qmp (default: the first that works)."
 
 
@@ -50,7 +51,7 @@ def _human(item: dict) -> dict:
 @app.command("get")
 def get(ctx: typer.Context,
         target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
-        via: str = typer.Option("auto", "--via", metavar="PATH", help=VIA_HELP)) -> None:
+        via: str = typer.Option("auto", "--via", metavar=VIA_METAVAR, help=VIA_HELP)) -> None:
     """Show a sandbox's balloon: target, actual guest memory, guest used/available, and the path used.
 
     Paths, in order: the shim's katactl extension, the hypervisor's API (Cloud
@@ -109,7 +110,7 @@ def set_(ctx: typer.Context,
                                     help="Refuse targets below the guest's used memory plus SIZE."),
          force: bool = typer.Option(False, "--force", help="Skip the used+margin and VM-size safety checks."),
          dry_run: bool = typer.Option(False, "--dry-run", help="Check and report; change nothing."),
-         via: str = typer.Option("auto", "--via", metavar="PATH", help=VIA_HELP)) -> None:
+         via: str = typer.Option("auto", "--via", metavar=VIA_METAVAR, help=VIA_HELP)) -> None:
     """Set the memory a sandbox's guest keeps (one meaning on every hypervisor).
 
     --target is the guest-visible memory; katactl converts it per hypervisor

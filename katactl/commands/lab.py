@@ -46,7 +46,7 @@ def _render(app_ctx, st: dict, *, mutating: bool = False) -> None:
 @app.command("up")
 def up(ctx: typer.Context,
        sandboxes: int = typer.Option(2, "--sandboxes", "-s", metavar="N", help="How many sandboxes (1-16)."),
-       hypervisor: str = typer.Option("qemu", "--hypervisor", metavar="HV",
+       hypervisor: str = typer.Option("qemu", "--hypervisor", metavar="qemu|clh|fc|mixed",
                                       help="qemu, clh, fc, or mixed (one of each in turn)."),
        root: Optional[str] = typer.Option(None, "--root", metavar="DIR", help=ROOT_HELP),
        kernel: Optional[str] = typer.Option(None, "--kernel", metavar="FILE",
