@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from katactl.backends.local import LocalTransport
-from katactl.errors import SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
+from katactl.errors import SOCKET_BUSY, SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
 
 
 def _listen(path):
@@ -66,7 +66,7 @@ def test_connect_errors(tmp_path):
     try:
         with pytest.raises(UnreachableError) as e:
             t.connect_unix("/busy.sock", 1)
-        assert e.value.reason is None  # someone listens: neither missing nor refused
+        assert e.value.reason == SOCKET_BUSY  # someone listens (not missing, not refused), accepts nobody
     finally:
         held.close()
         srv.close()
