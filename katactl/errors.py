@@ -59,6 +59,13 @@ class Ambiguous(NotFound):
     code = "Ambiguous"
 
 
+class Incomplete(KatactlError):
+    """A search over several nodes found nothing on those that answered, and others could
+    not be asked: 'not found' (3) would tell a script the thing does not exist."""
+
+    exit_code, code = ExitCode.PARTIAL, "Incomplete"
+
+
 class Refused(KatactlError):
     exit_code, code = ExitCode.REFUSED, "Refused"
 

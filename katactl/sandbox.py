@@ -26,7 +26,7 @@ import stat as _stat
 import sys
 import time
 
-from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, NotFound, Refused,
+from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, Ambiguous, Incomplete, NotFound, Refused,
                             TimeoutExpired, UnreachableError, UsageError)
 from katactl.gcpause import paused as _gc_paused
 from katactl.values import format_duration
@@ -1072,11 +1072,15 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
                           hint=f"give the full sandbox id, or select the node alone (-N {node})",
                           details={"match": {"node": node, "id": sb.id}, "notSearched": failed})
         return node, sb
-    errs = [e for e in fo.errors.values() if not isinstance(e, NotFound)]
-    if errs and len(errs) == len(fo.nodes):
-        raise errs[0]
-    raise NotFound(f"no sandbox matches {ref!r} on {len(fo.nodes)} node(s)"
-                   + (f" ({len(errs)} node(s) failed)" if errs else ""))
+    unsearched = {n: e for n, e in fo.errors.items() if not isinstance(e, NotFound)}
+    if unsearched and len(unsearched) == len(fo.nodes):
+        raise next(iter(unsearched.values()))
+    if unsearched:  # the sandbox may be on a node that could not be asked
+        down = ", ".join(f"{n} ({e.message})" for n, e in unsearched.items())
+        raise Incomplete(f"no sandbox matches {ref!r} on the {len(fo.nodes) - len(unsearched)} node(s) that "
+                         f"answered; {len(unsearched)} could not be searched: {down}",
+                         details={"notSearched": {n: e.message for n, e in unsearched.items()}})
+    raise NotFound(f"no sandbox matches {ref!r} on {len(fo.nodes)} node(s)")
 
 
 def on_sandbox(settings, ref: str, fn, *, require_live: bool = True):

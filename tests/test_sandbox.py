@@ -380,6 +380,20 @@ def test_firecracker_socket_uses_the_runtimes_truncated_id(tmp_path):
     assert os.path.isdir(tmp_path / "run/vc/firecracker" / ("f" * 32) / "root/run")
 
 
+def test_no_match_while_another_node_is_unreachable_is_incomplete_not_not_found(cli, tmp_path):
+    """Nothing matched on the nodes that answered, but one could not be asked: the sandbox
+    may be there, so not 'not found' (3, what a script reads as 'it does not exist') but
+    exit 4, naming the node not searched."""
+    layout.write_many(str(tmp_path), 1)
+    args = ["--host-root", str(tmp_path), "-N", "localhost,127.0.0.1:1", "sandbox", "inspect"]
+    r = cli(args + ["ffffffff", "-o", "json"])
+    assert r.exit_code == 4, (r.exit_code, r.stdout, r.stderr)
+    err = r.json()
+    assert err["code"] == "Incomplete" and list(err["details"]["notSearched"]) == ["127.0.0.1:1"]
+    r = cli(["--host-root", str(tmp_path), "-N", "localhost", "sandbox", "inspect", "ffffffff"])
+    assert r.exit_code == 3  # every node searched: not found
+
+
 def test_prefix_found_while_another_node_is_unreachable_is_refused(cli, tmp_path, caplog):
     """A node that could not be asked may hold another match for a prefix or a pod: acting
     on the one match found could hit a sandbox the user never singled out, so it is refused
