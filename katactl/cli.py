@@ -219,10 +219,27 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
 
 
 def _delete_node_pods() -> None:
+    import signal
     import sys
+    import threading
 
-    if "katactl.nodeagent" in sys.modules:
+    if "katactl.nodeagent" not in sys.modules:
+        return
+    # A second SIGTERM or SIGHUP (systemd, a supervisor repeating it) must not end us halfway
+    # through deleting privileged pods: both are ignored until the deletion is done (its calls
+    # are bounded); SIGKILL still ends it, and Ctrl-C stays the user's way out.
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                held[sig] = signal.signal(sig, signal.SIG_IGN)
+            except (ValueError, OSError):
+                pass
+    try:
         sys.modules["katactl.nodeagent"].cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
 
 
 # True when this invocation only asks for help (-h/--help before any "--"): the root

@@ -56,6 +56,31 @@ def test_sigterm_and_sighup_while_node_pods_start_delete_them_exit_130_json(clus
     assert agent_pods(kube) == []
 
 
+def test_a_second_sigterm_while_node_pods_are_deleted_does_not_leave_them(cluster):
+    """systemd and supervisors repeat SIGTERM: one landing while katactl deletes its node pods
+    (after the first) must not end it halfway, with privileged pods left on the nodes."""
+    kube = cluster["kube"]
+    kube.kubelet_start_delay = 60
+    kube.delay(r"/namespaces/kube-system/pods/", 2, times=1, method="DELETE")
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", cluster["kc"], *kube_args("node-a"),
+                          "sandbox", "list", "-o", "json", "--request-timeout", "60s"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not agent_pods(kube):
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        while not any(q["method"] == "DELETE" for q in kube.requests):  # the deletion is under way
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert agent_pods(kube) == []
+
+
 def test_pod_create_answered_504_but_applied_is_used_and_deleted(cli, cluster):
     kube = cluster["kube"]
     kube.inject("POST", POD_CREATE, status=504, applied=True)
