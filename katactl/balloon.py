@@ -480,9 +480,10 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         actual = st.get("actual")
         # already there = the target is what we want *and* the guest got there; a target
         # set but not reached (or set by another client meanwhile) is requested again.
-        # (A shim may record the requested or the effective target: either is "there".)
-        at_target = current is None or int(current) in (want, eff)
-        goal = int(current) if current is not None and at_target else eff
+        # A shim records the request (docs/shim-extension.md), a hypervisor what it set:
+        # either is "there", and either way the guest converges to the effective target.
+        at_target = current is None or path.effective_target(int(current), mem) == eff
+        goal = eff
         reached = actual is not None and abs(int(actual) - goal) <= tolerance
         changed = not (at_target and reached)
         if used is not None:
@@ -514,7 +515,8 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         if changed:
             try:
                 recorded = path.set_target(want)
-                goal = goal if recorded is None else recorded
+                if recorded is not None:  # (a shim may have clamped it)
+                    goal = path.effective_target(recorded, mem)
             except KatactlError as e:
                 audit.record("balloon.set", sb.id, node=transport.node, result="error",
                               params=params, error=e.message)

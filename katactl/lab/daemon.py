@@ -341,6 +341,10 @@ class LabSandbox:
         target = self.target if self.target is not None else memory
         if self.hv != "qemu":
             target = self.api_server().guest.memory - self.api_server().guest.balloon_target()
+            if self.hv == "fc" and self.target is not None and _fc_amount(memory, self.target) * MIB == memory - target:
+                # docs/shim-extension.md: the last target requested (un-rounded), while
+                # Firecracker still has what it asked for (not moved by another client since)
+                target = self.target
         return {"hypervisor": self.hv, "memoryBytes": memory, "targetBytes": target,
                 "actualBytes": actual, "guest": guest}
 
@@ -407,6 +411,11 @@ class LabSandbox:
                 self.monitor().execute("balloon", {"value": int(target)})
             except QMPError as e:
                 raise ExtError(409, e.error_class, e.desc) from None
+            self.target = int(target)
+        elif self.hv == "fc":
+            # as the spec's shim does: PATCH /balloon {"amount_mib": ceil((memory - target) / MiB)}
+            # (Firecracker takes whole MiB of balloon) and remember the request
+            self.api_server().guest.set_balloon(_fc_amount(self.memory, int(target)) * MIB)
             self.target = int(target)
         else:
             guest = self.api_server().guest
@@ -479,6 +488,12 @@ class ExtError(Exception):
 
 
 # -- the lab shim (Go flavour, katactl.lab.shimserver + the /ext/v1 extension) ---
+def _fc_amount(memory: int, target: int) -> int:
+    """docs/shim-extension.md: Firecracker's ``amount_mib`` for a guest-visible target,
+    ⌈(memory − target) / MiB⌉ (whole MiB of balloon: the guest keeps at most ``target``)."""
+    return -(-(memory - target) // MIB)
+
+
 def _json_response(status: int, obj) -> "object":
     from katactl.lab.shimserver import Response
 
