@@ -98,6 +98,24 @@ def test_stage_dry_run_writes_nothing(cli, node, tarballs):
     assert not (node / "opt").exists()
 
 
+@pytest.mark.parametrize("blocker", ["opt", "opt/kata", "opt/kata/releases"])
+def test_stage_dry_run_fails_like_the_run_when_the_kata_root_is_blocked_by_a_file(cli, node, tarballs, blocker):
+    """review5 diffA #5: a file where a directory of the kata root would be made the real run
+    fail ('Not a directory', exit 1) while the dry run walked past it and said 0. The dry run
+    now stops at the first existing component and fails the same way (and writes nothing)."""
+    f = node / blocker
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(b"")
+    before = sorted(p.relative_to(node) for p in node.rglob("*"))
+    dry = K(cli, node, "stage", tarballs["xz"], "--dry-run", "-o", "json")
+    assert sorted(p.relative_to(node) for p in node.rglob("*")) == before
+    real = K(cli, node, "stage", tarballs["xz"], "-o", "json")
+    assert real.exit_code == 1, real.stderr
+    assert dry.exit_code == 1, dry.stdout
+    assert dry.json()["message"] == real.json()["message"], (dry.stderr, real.stderr)
+    assert "Traceback" not in dry.stderr + real.stderr
+
+
 def test_stage_directory_with_version_file(cli, node, tmp_path):
     root = fx.build_tree(str(tmp_path / "src"), "4.0.0-dev", version_file=True)
     d = J(cli, node, "stage", root)

@@ -11,6 +11,7 @@ prove unused.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -148,7 +149,8 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
         _refuse_if_running(transport, layout, v)
         replace = True
     if dry_run:
-        free = transport.statvfs_free(_nearest_dir(transport, layout.releases))  # creates nothing
+        # creates nothing; layout.state (under releases): the real run's first mkdir, the lock's
+        free = transport.statvfs_free(_nearest_dir(transport, layout.state))
     else:
         transport.mkdir(layout.releases)
         free = transport.statvfs_free(layout.releases)
@@ -198,10 +200,24 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
 
 
 def _nearest_dir(transport: NodeTransport, path: str) -> str:
-    """path, or its nearest existing ancestor: the filesystem path would be created on."""
-    while path != "/" and not transport.is_dir(path):
-        path = posixpath.dirname(path)
-    return path
+    """path, or its nearest existing ancestor: the filesystem path would be created on. The
+    walk stops at the first component that exists (following symlinks, as mkdir does); when
+    that is not a directory the real run's mkdir fails there, and so does this: the
+    transport's own error for the component below it (ENOTDIR, exit 1), or for path itself."""
+    below: OSError | None = None
+    while True:
+        try:
+            st = transport.stat(path)
+        except (FileNotFoundError, NotADirectoryError) as e:  # missing, or under a non-directory
+            if path == "/":
+                raise
+            below, path = e, posixpath.dirname(path)
+            continue
+        if st.is_dir:
+            return path
+        if below is None:  # path itself is a file: mkdir -p says it exists
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+        raise below
 
 
 def _refuse_if_running(transport: NodeTransport, layout: Layout, v: str) -> None:
