@@ -791,9 +791,9 @@ def test_interrupted_up_stops_what_it_started(sig, monkeypatch, _isolated_home):
 
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
 def test_up_again_while_starting_waits_for_ready(monkeypatch, _isolated_home):
-    """A second 'lab up' that finds the lab starting does not report it as done: it waits for
-    ready (changed: false) as the first one does, and gives up after its timeout without
-    touching a lab another 'lab up' is starting."""
+    """A second 'lab up' while the first is starting the lab does not report it as done: it
+    waits for ready (changed: false) as the first one does, and gives up after its timeout
+    without touching a lab another 'lab up' is starting."""
     import signal
     import tempfile
 
@@ -807,7 +807,7 @@ def test_up_again_while_starting_waits_for_ready(monkeypatch, _isolated_home):
     try:
         q = _frozen_starting_qemu(root, up)
         again = dict(sandboxes=1, hypervisor="qemu", memory_mib=96)
-        with pytest.raises(TimeoutExpired, match="still starting"):
+        with pytest.raises(TimeoutExpired, match="another 'katactl lab up' or 'lab down' is still at work"):
             control.up(root, **again, timeout=0.5)  # frozen: it cannot become ready meanwhile
         assert control.read_state(root)["status"] == "starting" and up.poll() is None
         assert control.up(root, **again, dry_run=True)["changed"] is False  # a dry run never waits
@@ -844,3 +844,102 @@ def test_root_help_tells_every_users_default(cli, monkeypatch):
     assert control.default_root() == "/tmp/katactl-lab-1000"
     monkeypatch.setattr(os, "getuid", lambda: 0)
     assert control.default_root() == "/tmp/katactl-lab"
+
+
+# -- two 'lab up' together start one daemon (review diffB, finding 2) ---------------------
+_GATE = '''\
+import os, time
+_gate = os.environ.get("KATACTL_TEST_DAEMON_GATE")
+if _gate:
+    with open("/proc/self/cmdline", "rb") as _f:
+        if b"katactl.lab.daemon" in _f.read().split(b"\\0"):
+            open(_gate + ".waiting", "w").close()
+            while not os.path.exists(_gate):
+                time.sleep(0.01)
+'''
+
+
+def _daemons_for(root: str) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"katactl.lab.daemon" in argv and root.encode() in argv:
+            out.append(int(d))
+    return out
+
+
+def test_two_ups_together_start_one_daemon(tmp_path, _isolated_home):
+    """A second 'lab up' landing after the first wrote config.json but before its daemon's
+    first state.json (interpreter start and imports) took the lab for a dead one: it removed
+    it and started a second daemon, and 'lab down' left one running. Now it waits for the
+    first (saying so), then finds its lab ready: one daemon, changed: false.
+
+    The first up's daemon is held in that window by a sitecustomize gate (real processes,
+    no clock): the gate opens only once the second up has said it waits, or has ended."""
+    import tempfile
+
+    from katactl.lab import control
+
+    gatedir = tmp_path / "gate"
+    gatedir.mkdir()
+    (gatedir / "sitecustomize.py").write_text(_GATE)
+    gate = str(tmp_path / "open")
+    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
+    os.rmdir(root)
+    argv = [sys.executable, "-m", "katactl", "-o", "json", "lab", "up", "--root", root, "--hypervisor", "clh",
+            "-s", "1"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, str(gatedir)]),
+               KATACTL_TEST_DAEMON_GATE=gate)
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        while not os.path.exists(gate + ".waiting"):  # the first daemon, in its window
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.01)
+        assert os.path.exists(os.path.join(root, ".katactl-lab", "config.json"))
+        assert control.read_state(root) is None
+        second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert second.stderr is not None
+        said = second.stderr.readline()  # '' once it ended without waiting
+        open(gate, "w").close()
+        out1, err1 = first.communicate(timeout=120)
+        out2, err2 = second.communicate(timeout=120)
+        assert "waiting for another 'katactl lab up' or 'lab down'" in said, (said, err2)
+        assert first.returncode == 0 and second.returncode == 0, (err1, said + err2)
+        j1, j2 = json.loads(out1), json.loads(out2)
+        assert (j1["changed"], j1["removedDeadLab"], j2["changed"]) == (True, False, False)
+        assert j1["status"] == j2["status"] == "ready" and j1["pid"] == j2["pid"]
+        assert _daemons_for(root) == [j1["pid"]]
+        r = control.down(root)
+        assert r["stopped"][0]["pid"] == j1["pid"] and _gone(j1["pid"])
+        assert _daemons_for(root) == []
+    finally:
+        open(gate, "w").close()
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+        for pid in _daemons_for(root):
+            os.kill(pid, 9)
+        control.down(root, force=True)
+
+
+def test_down_waits_for_an_up_at_work(tmp_path, _isolated_home):
+    """'lab down' waits (saying so) while an 'up' holds the root's lock, then decides."""
+    from katactl.lab import control
+
+    root = str(tmp_path / "lab")
+    with control.root_lock(root, 10, create=True):
+        down = subprocess.Popen([sys.executable, "-m", "katactl", "-o", "json", "lab", "down", "--root", root],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert down.stderr is not None
+        said = down.stderr.readline()  # '' had it ended without waiting
+        assert down.poll() is None
+    out, err = down.communicate(timeout=60)
+    assert "waiting for another 'katactl lab up' or 'lab down'" in said, (said, err)
+    assert down.returncode == 0 and json.loads(out)["changed"] is False, err

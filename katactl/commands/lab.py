@@ -43,6 +43,10 @@ def _render(app_ctx, st: dict, *, mutating: bool = False) -> None:
     finish(app_ctx, res)
 
 
+def _busy(root: str) -> str:
+    return f"waiting for another 'katactl lab up' or 'lab down' at {root} to finish..."
+
+
 @app.command("up")
 def up(ctx: typer.Context,
        sandboxes: int = typer.Option(2, "--sandboxes", "-s", metavar="N", help="How many sandboxes (1-16)."),
@@ -95,7 +99,8 @@ def up(ctx: typer.Context,
         return
     if not app_ctx.out.machine and not control.is_running(root):
         app_ctx.out.info("starting the lab (the first run downloads a Debian cloud kernel)...")
-    st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20)
+    st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20,
+                    on_wait=lambda: app_ctx.out.info(_busy(root)))
     _render(app_ctx, st, mutating=True)
 
 
@@ -148,7 +153,8 @@ def down(ctx: typer.Context,
     from katactl.output import Result
 
     app_ctx = state(ctx)
-    r = control.down(root, dry_run=dry_run, force=force)
+    root = control.lab_root(root)
+    r = control.down(root, dry_run=dry_run, force=force, on_wait=lambda: app_ctx.out.info(_busy(root)))
     res = Result.mutation("LabDown", r)
     res.summary = (f"no lab at {r['root']}: nothing to do" if not res.changed else
                    f"dry run: would stop {len(r['stopped'])} process(es) and remove {r['root']}" if res.dry_run

@@ -4,8 +4,11 @@
 detached (own session, stdio to ``ROOT/.katactl-lab/daemon.log``) and waits
 until it reports ``ready`` (or failed: then it cleans up and raises with the
 daemon's error). Interrupted (Ctrl-C, SIGTERM, SIGHUP) while it waits, it stops
-the daemon it started and removes the lab: nothing keeps booting unseen. A
-second ``up`` that finds the lab still ``starting`` waits for it the same way.
+the daemon it started and removes the lab: nothing keeps booting unseen. ``up``
+and ``down`` on one root run one at a time (a flock on the root directory:
+:func:`root_lock`), so a second ``up`` waits for the first and then finds its
+lab ready (``changed: false``); one that finds a lab still ``starting`` without
+its ``up`` (killed) waits for it the same way.
 ``down`` sends SIGTERM, waits for the daemon to exit (it kills
 its VMs and removes the tree), then removes whatever is left: no process and
 no file stays behind. Only processes the lab started are ever signalled: the
@@ -23,7 +26,7 @@ import sys
 import threading
 import time
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from katactl.errors import NotFound, OperationFailed, Refused, TimeoutExpired, UsageError
 
@@ -195,7 +198,7 @@ def plan(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu
 
 def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu", kernel: str | None = None,
        memory_mib: int = 512, specs: list[dict] | None = None, timeout: float = 180,
-       die_with_parent: bool = False, dry_run: bool = False) -> dict:
+       die_with_parent: bool = False, dry_run: bool = False, on_wait: Callable[[], None] | None = None) -> dict:
     """Start a lab; return its state.
 
     A lab already running there with the same spec (sandboxes, hypervisors, memory,
@@ -215,6 +218,11 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
     touched anything, it stops the daemon it started and removes the lab, audits
     ``result: interrupted`` and re-raises.
 
+    ``up`` and ``down`` on one root run one at a time (:func:`root_lock`): an ``up`` that
+    finds another ``up`` or ``down`` at work there waits for it (up to timeout) and then
+    decides, so two starts together end with one daemon (the other: ``changed: false``);
+    on_wait is called when it starts waiting so.
+
     A start (or a failed or interrupted attempt to start) goes to the audit log; a dry
     run, a no-op, and an input refused before anything was touched do not."""
     params = ({"sandboxes": sandboxes, "hypervisor": hypervisor, "kernel": kernel, "memoryMiB": memory_mib}
@@ -222,7 +230,11 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
     root, specs, kernel = plan(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel,
                                memory_mib=memory_mib, specs=specs)
     try:
-        st = _up(root, specs, kernel, timeout=timeout, die_with_parent=die_with_parent, dry_run=dry_run)
+        if dry_run:  # reads only: no lock (it would create the root)
+            st = _up(root, specs, kernel, timeout=timeout, die_with_parent=die_with_parent, dry_run=True)
+        else:
+            with root_lock(root, timeout, create=True, on_wait=on_wait):
+                st = _up(root, specs, kernel, timeout=timeout, die_with_parent=die_with_parent, dry_run=False)
     except (UsageError, Refused):
         raise  # nothing was started or changed
     except _StartInterrupted as e:
@@ -238,6 +250,64 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
                qemuPids=[s["qemuPid"] for s in st.get("sandboxes", []) if s.get("qemuPid")],
                removedDeadLab=st.get("removedDeadLab", False))
     return st
+
+
+#: how long 'lab down' waits for an 'up' at work on the root: longer than up's default timeout,
+#: so a start being waited for ends (ready, failed or timed out) first
+DOWN_LOCK_WAIT = 240.0
+
+
+@contextlib.contextmanager
+def root_lock(root: str, timeout: float, *, create: bool, on_wait: Callable[[], None] | None = None):
+    """Hold the exclusive flock(2) on the lab root directory itself while checking and then
+    starting or stopping the lab there: without it, a second ``up`` landing between the first
+    one's config.json and its daemon's first state.json took the lab for a dead one, removed
+    it and started a second daemon (``down`` then stopped only one).
+
+    The root directory, not a file: every user who can use the root can lock it (no writable
+    parent needed), and nothing is left behind. ``down`` (and a failed ``up``) remove the root,
+    so a waiter may get the lock of a removed directory: it then checks that the path still
+    names the inode it locked, and retries on the new one. create: make the root first (``up``);
+    without it a missing root is not locked (``down``: no lab, nothing to serialise).
+    on_wait: called once when another holder makes this one wait. TimeoutExpired when the
+    other holder keeps it past timeout."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if create:
+            os.makedirs(root, mode=0o755, exist_ok=True)
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if create:
+                continue  # removed (by the holder) between makedirs and open
+            yield
+            return
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if on_wait is not None:
+                        on_wait()
+                        on_wait = None
+                    if time.monotonic() > deadline:
+                        raise TimeoutExpired(
+                            f"another 'katactl lab up' or 'lab down' is still at work on the lab at {root} "
+                            f"after {timeout:g}s") from None
+                    time.sleep(0.05)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(root)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                yield
+                return
+        finally:
+            os.close(fd)  # releases the lock
 
 
 def _audit(action: str, root: str, params: dict, *, changed=None, result: str = "ok", **extra) -> None:
@@ -466,7 +536,8 @@ def _cleanup(root: str) -> None:
     remove_tree(root)
 
 
-def down(root: str | None = None, timeout: float = 30, dry_run: bool = False, force: bool = False) -> dict:
+def down(root: str | None = None, timeout: float = 30, dry_run: bool = False, force: bool = False,
+         on_wait: Callable[[], None] | None = None) -> dict:
     """Stop the lab at root and remove its directory; return what was (with ``dry_run``:
     what would be) stopped and removed. No lab there: ``changed: false``.
 
@@ -475,10 +546,17 @@ def down(root: str | None = None, timeout: float = 30, dry_run: bool = False, fo
     is touched; ``force`` then removes the lab's files without signalling that process.
     A QEMU pid that is no longer the lab's QEMU is left alone.
 
+    An ``up`` at work on root (:func:`root_lock`) is waited for first (up to DOWN_LOCK_WAIT;
+    on_wait is called when it starts waiting).
+
     A removal (or a failed attempt) goes to the audit log; a dry run and a no-op do not."""
     root = lab_root(root)
     try:
-        r = _down(root, timeout, dry_run, force)
+        if dry_run:
+            r = _down(root, timeout, dry_run, force)
+        else:
+            with root_lock(root, DOWN_LOCK_WAIT, create=False, on_wait=on_wait):
+                r = _down(root, timeout, dry_run, force)
     except Exception as e:
         if not dry_run:
             _audit("lab.down", root, {}, result=f"error: {e}")
