@@ -6,7 +6,8 @@ program named makedumpfile first on the node's PATH. It behaves as the real one 
 where katactl depends on it: ``-v`` prints a version; ``-c -d LEVEL IN OUT`` refuses an
 existing OUT (makedumpfile.c check_dump_file: "Can't open the dump file (OUT). File
 exists", exit 1), then writes OUT (here: a copy of the first MiB of IN); SLOW=1 makes it
-take its time after writing, like the filtering of a big dump.
+take its time after writing, like the filtering of a big dump; GO=FILE makes it wait, after
+writing, until FILE exists.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
+
+import katactl.vmcore.collection as collection
 
 from tests.test_vmcore import DUMP_PATH, SID, TS, _audit_entries, add_dump, node_tree, sha
 
@@ -30,6 +34,7 @@ if [ -e "$5" ]; then
 fi
 head -c 1048576 "$4" > "$5"
 [ -n "$SLOW" ] && exec sleep 60
+if [ -n "$GO" ]; then while [ ! -e "$GO" ]; do sleep 0.05; done; fi
 exit 0
 """
 
@@ -75,26 +80,100 @@ def test_interrupted_filter_leaves_no_temp_file_on_the_node(tmp_path, mdf, monke
     assert _tmps(src) == []
 
 
-def test_stale_temp_file_is_swept_a_fresh_one_refused(cli, tmp_path, mdf):
-    """A temp file left by a collect killed with -9 (or an SSH drop) made every later
-    --makedumpfile collect of that dump fail (makedumpfile refuses an existing output) and
-    took room on the crash disk: the next collect removes it once it is stale; a fresh one
-    may belong to a collect still running, and is refused (exit 5), not removed."""
+def test_stale_temp_files_are_swept_by_the_node_clock_young_ones_left_alone(cli, tmp_path, mdf, monkeypatch):
+    """review5 diffA #1: a temp file (all collects of a dump shared one name) younger than 10
+    minutes was refused (exit 5) though its collect may be long dead, and its age was this
+    client's clock minus the node's mtime: a client clock 15 minutes ahead removed a file
+    another collect's makedumpfile was writing. Each collect has its own name now: a young
+    foreign one is left alone and blocks nothing; old ones (by the node's clock) go, with a
+    node-clock probe left by a killed collect. The client's clock runs 15 minutes ahead here."""
     root, src = mdf
+    d = os.path.dirname(src)
     name = f"vmcore-{TS}.kdump"
-    tmp = os.path.join(os.path.dirname(src), f".katactl-{name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"left by a collect killed with -9")
-    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "--makedumpfile"])
-    assert r.exit_code == 5 and "may be writing it" in r.stderr, r.stderr
-    assert os.path.exists(tmp)
-    old = time.time() - 3600
-    os.utime(tmp, (old, old))
+    young = os.path.join(d, f".katactl-{name}.tmp")            # an older katactl's name, 5 minutes old
+    old = os.path.join(d, f".katactl-{name}.0123456789ab.tmp")
+    probe = os.path.join(d, f".katactl-{name}.0123456789ab.clock")
+    for p in (young, old):
+        with open(p, "wb") as f:
+            f.write(b"left by a collect killed with -9")
+    os.mkdir(probe)
+    t = time.time()
+    os.utime(young, (t - 300, t - 300))
+    os.utime(old, (t - 3600, t - 3600))
+    os.utime(probe, (t - 3600, t - 3600))
+    ahead = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+    ahead.time = lambda: time.time() + 900
+    monkeypatch.setattr(collection, "time", ahead)
     r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "o"), "--makedumpfile", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     [it] = r.json()["items"]
     assert it["changed"] is True and os.path.getsize(it["to"]) == 1 << 20
+    assert _tmps(src) == [os.path.basename(young)]
+
+
+def test_a_long_copy_keeps_its_temp_file_from_another_collect(cli, tmp_path, mdf):
+    """review5 diffA #1 (a): collect A copies its filtered temp file slowly (--bwlimit; reading
+    does not modify it), so after 10 minutes it looked stale; collect B of the same dump removed
+    it and wrote its own there, and A's cleanup removed B's. A collect now touches its own
+    temp file while it uses it (HEARTBEAT, lowered in A's process; the file's backdated mtime
+    stands for "A's copy has run for more than 10 minutes"), and B uses its own."""
+    root, src = mdf
+    code = ("import sys, katactl.vmcore.collection as c; c.HEARTBEAT = 0.05; "
+            "from katactl.__main__ import main; sys.argv = ['katactl', *sys.argv[1:]]; main()")
+    a = subprocess.Popen([sys.executable, "-c", code, "--host-root", root, "vmcore", "collect", "--to",
+                          str(tmp_path / "a"), "--makedumpfile", "--bwlimit", "100Ki", "-o", "json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        tmp = None
+        deadline = time.monotonic() + 60
+        while a.poll() is None and time.monotonic() < deadline:
+            names = _tmps(src)
+            # makedumpfile done (the stand-in writes 1 MiB and exits): A copies at 100 KiB/s
+            if names and names[0].endswith(".tmp") and os.path.getsize(os.path.join(os.path.dirname(src), names[0])) == 1 << 20:
+                tmp = os.path.join(os.path.dirname(src), names[0])
+                break
+            time.sleep(0.02)
+        assert tmp, a.communicate()
+        os.utime(tmp, (time.time() - 3600, time.time() - 3600))
+        while a.poll() is None and time.monotonic() < deadline and os.stat(tmp).st_mtime < time.time() - 600:
+            time.sleep(0.02)
+        assert os.stat(tmp).st_mtime >= time.time() - 600, "A's temp file was not touched while in use"
+        r = cli(["--host-root", root, "vmcore", "collect", "--to", str(tmp_path / "b"), "--makedumpfile"])
+        out, err = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert r.exit_code == 0, r.stderr
+    assert a.returncode == 0, err
+    assert json.loads(out)["items"][0]["changed"] is True
     assert _tmps(src) == []
+
+
+def test_a_temp_file_removed_under_a_collect_is_a_failure_not_not_found(tmp_path, mdf):
+    """review5 diffA #1: a collect whose temp file was removed on the node (by another collect
+    of the same dump, then sharing its name) failed with exit 3, "target not found", and the raw
+    ENOENT of the temp path: the dump is there, the collect lost a race (exit 1)."""
+    root, src = mdf
+    go = tmp_path / "go"
+    env = dict(os.environ, GO=str(go))
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", root, "vmcore", "collect", "--to",
+                          str(tmp_path / "o"), "--makedumpfile"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not [n for n in _tmps(src) if n.endswith(".tmp")] and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [name] = [n for n in _tmps(src) if n.endswith(".tmp")]
+        os.unlink(os.path.join(os.path.dirname(src), name))
+        go.touch()
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, err
+    assert "was removed on node" in err and "no such file" not in err.lower(), err
 
 
 def test_delete_after_works_with_makedumpfile(cli, tmp_path, mdf, _isolated_home):

@@ -114,3 +114,50 @@ def test_trigger_pod_ref_goes_to_the_pods_node(cli, two_nodes, tmp_path, _isolat
     [e] = [json.loads(line) for line in log.read_text().splitlines()]
     assert e["action"] == "vmcore.trigger" and e["node"] == "vmt2" and e["target"] == v["sid"]
     assert e["result"] == "ok" and e["dump"] == d["path"]
+
+
+def test_makedumpfile_temp_sweep_and_heartbeat_over_ssh(vnode, monkeypatch):
+    """review5 diffA #1 over real sshd: the sweep ages temp files on the node's clock (a
+    directory made there) and removes only stale ones (an older katactl's shared name, another
+    collect's, a node-clock probe left by a killed collect); the heartbeat touches the
+    collect's own temp file through the node (``touch -c``)."""
+    import time
+
+    from katactl.backends.ssh import SSHTransport
+    from katactl.vmcore import collection
+
+    d = os.path.dirname(vnode["src"])
+    name = f"vmcore-{TS}.kdump"
+    t0 = time.time()
+    made = {}
+    for n, age in ((f".katactl-{name}.tmp", 3600), (f".katactl-{name}.aaaaaaaaaaaa.tmp", 3600),
+                   (f".katactl-{name}.bbbbbbbbbbbb.tmp", 300)):
+        with open(os.path.join(d, n), "wb") as f:
+            f.write(b"x")
+        made[n] = age
+    os.mkdir(os.path.join(d, f".katactl-{name}.cccccccccccc.clock"))
+    made[f".katactl-{name}.cccccccccccc.clock"] = 3600
+    for n, age in made.items():
+        os.utime(os.path.join(d, n), (t0 - age, t0 - age))
+    settings = config.resolve({"ssh_config": str(vnode["lab"].config), "request_timeout": 10.0})
+    node_dir = "/" + os.path.relpath(d, vnode["root"])
+    mine = collection.makedumpfile_tmp(f"{node_dir}/vmcore-{TS}.elf", f"/o/{name}", "dddddddddddd")
+    monkeypatch.setattr(collection, "HEARTBEAT", 0.05)
+    try:
+        with SSHTransport.from_settings("vmc", settings) as t:
+            collection._sweep_tmp(t, mine)
+            assert sorted(n for n in os.listdir(d) if n.startswith(".katactl-")) == [f".katactl-{name}.bbbbbbbbbbbb.tmp"]
+            young = os.path.join(d, f".katactl-{name}.bbbbbbbbbbbb.tmp")
+            beat = collection._Heartbeat(t, f"{node_dir}/.katactl-{name}.bbbbbbbbbbbb.tmp")
+            try:
+                deadline = time.monotonic() + 30
+                while os.stat(young).st_mtime < t0 - 60 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            finally:
+                beat.stop()
+            assert os.stat(young).st_mtime >= t0 - 60
+    finally:
+        for n in os.listdir(d):
+            if n.startswith(".katactl-"):
+                p = os.path.join(d, n)
+                os.rmdir(p) if os.path.isdir(p) else os.unlink(p)

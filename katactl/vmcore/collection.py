@@ -58,7 +58,9 @@ import json
 import os
 import posixpath
 import re
+import secrets
 import shutil
+import threading
 import time
 import weakref
 from typing import Callable, Iterator
@@ -500,13 +502,13 @@ def _ident(transport: NodeTransport, dump: dict, opts: CollectOptions) -> dict:
 
 
 def _check_unchanged(transport: NodeTransport, src: str, size: int, mtime, part: str) -> None:
-    """After the copy: the source must still be there, unchanged (size, mtime)."""
+    """After the copy: the source must still be there, unchanged (size, and mtime unless None)."""
     try:
         st = transport.stat(src)
     except FileNotFoundError:
         raise OperationFailed(f"{src}: the source dump vanished during the copy; the partial copy is "
                               f"kept as {part} and is not a verified dump") from None
-    if st.size != size or not same_mtime(st.mtime, mtime):
+    if st.size != size or (mtime is not None and not same_mtime(st.mtime, mtime)):
         raise OperationFailed(f"{src}: the source dump changed during the copy (size/mtime); "
                               "run collect again to copy it afresh")
 
@@ -817,36 +819,81 @@ def _probe_makedumpfile(transport: NodeTransport) -> None:
                               hint="apt-get install makedumpfile on the node, or collect without --makedumpfile")
 
 
-#: a makedumpfile temp file older than this is stale (left by a collect killed with -9, an SSH
-#: drop, or an older katactl); a younger one may still be written by another collect's makedumpfile
+#: a makedumpfile temp file not modified for this long, by the node's clock, is stale: left by a
+#: collect killed with -9, an SSH drop, or an older katactl. A live collect touches its own
+#: every HEARTBEAT seconds (reading it for the copy does not modify it), so it never looks that old.
 STALE_TMP_AGE = 600.0
+HEARTBEAT = 60.0
+
+#: temp files of (any) collect's makedumpfile in a dump's directory, with the node-clock probes
+#: of :func:`_sweep_tmp` (".katactl-<name>.tmp" without a token: an older katactl's)
+_OURS = re.compile(r"\.katactl-.+\.(tmp|clock)")
 
 
-def makedumpfile_tmp(dump_path: str, final: str) -> str:
-    """The node path makedumpfile writes the filtered copy of dump_path to (beside it, one
-    per dump and stored name: collects of one dump share it, see :func:`_sweep_tmp`)."""
-    return f"{posixpath.dirname(dump_path)}/.katactl-{os.path.basename(final)}.tmp"
+def makedumpfile_tmp(dump_path: str, final: str, token: str) -> str:
+    """The node path makedumpfile writes the filtered copy of dump_path to: beside it, one per
+    collect (token), so no collect ever uses, or removes, another's; makedumpfile refuses an
+    existing output file ("check_dump_file: Can't open the dump file ... File exists",
+    makedumpfile.c), which a fresh name never is."""
+    return f"{posixpath.dirname(dump_path)}/.katactl-{os.path.basename(final)}.{token}.tmp"
 
 
 def _sweep_tmp(transport: NodeTransport, tmp: str) -> None:
-    """Before filtering: a temp file of ours for this dump left by an earlier collect goes.
-    It must: makedumpfile refuses an existing output file ("check_dump_file: Can't open
-    the dump file ... File exists", makedumpfile.c), so every later --makedumpfile collect of
-    that dump would fail, and it takes room on the crash disk. One modified in the last
-    STALE_TMP_AGE seconds may belong to a collect still running: refused, not removed."""
+    """Before filtering: the stale temp files of other collects in this dump's directory go
+    (the crash disk is short of room). A younger one belongs to a collect that may still run
+    (it touches it every HEARTBEAT s): left alone, it blocks nothing. Ages are taken on the
+    node's clock, never this client's (which may run ahead of it): the mtime of a directory
+    made on the node just now is the node's "now" (as katactl/upgrade/lock.py does). Best
+    effort: another collect sweeping the same file at once, or a file that cannot be read,
+    never fails this collect."""
+    d = posixpath.dirname(tmp)
+    clock = tmp[:-len(".tmp")] + ".clock"
     try:
-        st = transport.stat(tmp, follow_symlinks=False)
-    except FileNotFoundError:
+        names = [f"{d}/{n}" for n in transport.listdir(d) if _OURS.fullmatch(n)]
+        transport.mkdir(clock, mode=0o700, parents=False)
+        try:
+            st = transport.stat_many([clock, *names], follow_symlinks=False)
+        finally:
+            transport.remove(clock, recursive=True)
+    except OSError:
         return
-    if st.is_dir or st.is_link or (st.mode & 0o170000) != 0o100000:
-        raise OperationFailed(f"{tmp}: not a regular file where makedumpfile writes the filtered copy",
-                              hint="move it aside on the node")
-    age = time.time() - st.mtime
-    if age < STALE_TMP_AGE:
-        raise Refused(f"{tmp}: another collect's makedumpfile may be writing it (modified {max(age, 0):.0f}s ago)",
-                      hint=f"run collect again once it is over; a temp file left for {STALE_TMP_AGE / 60:.0f} "
-                           "minutes is removed by the next collect")
-    transport.remove(tmp)
+    now = st[clock]
+    if isinstance(now, OSError):
+        return
+    for path in names:
+        s = st[path]
+        if isinstance(s, OSError) or now.mtime - s.mtime <= STALE_TMP_AGE:
+            continue
+        kind = s.mode & 0o170000
+        if (kind == 0o100000 and path.endswith(".tmp")) or (kind == 0o040000 and path.endswith(".clock")):
+            try:
+                transport.remove(path, recursive=kind == 0o040000)
+            except OSError:
+                pass    # gone already: another collect swept it first
+
+
+class _Heartbeat:
+    """Touches this collect's temp file on the node every HEARTBEAT s while the collect uses it:
+    once makedumpfile is done, the copy only reads it (a slow link, --bwlimit), and an
+    unmodified file would look stale to another collect's :func:`_sweep_tmp` after
+    STALE_TMP_AGE. ``touch -c`` never creates it (makedumpfile refuses an existing output)."""
+
+    def __init__(self, transport: NodeTransport, path: str):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(transport, real_path(transport, path)),
+                                        name="katactl-vmcore-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, transport: NodeTransport, path: str) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                transport.run(["touch", "-c", "--", path], timeout=30)
+            except Exception:   # noqa: BLE001 - a missed beat only shortens the file's protection
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
 
 
 def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
@@ -858,11 +905,12 @@ def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts
     (and --verify) the node hashes the original first: that is ``source.sha256``, what the
     delete check compares the node's dump against."""
     src = dump["path"]
-    tmp = makedumpfile_tmp(src, final)
+    tmp = makedumpfile_tmp(src, final, secrets.token_hex(6))
     _sweep_tmp(transport, tmp)
     source_sha = None
     if opts.delete_after or opts.verify_source:
         source_sha = _node_sha256(transport, src, dump["size"])[1]
+    beat = _Heartbeat(transport, tmp)
     try:
         try:
             r = transport.run(["makedumpfile", "-c", "-d", str(opts.dump_level), real_path(transport, src),
@@ -877,13 +925,24 @@ def _collect_makedumpfile(transport: NodeTransport, dump: dict, final: str, opts
             raise OperationFailed(f"makedumpfile failed (exit {r.returncode}): "
                                   f"{r.stderr.decode(errors='replace').strip()[-300:]}",
                                   hint="the dump needs VMCOREINFO (QEMU -device vmcoreinfo) for filtering")
-        st = transport.stat(tmp)
-        filtered = dict(dump, path=tmp, size=st.size, mtime=st.mtime)
+        try:
+            st = transport.stat(tmp)
+        except FileNotFoundError:
+            raise _tmp_gone(transport, tmp) from None
+        # mtime None: the heartbeat modifies it; nobody else writes a file named with our token
+        filtered = dict(dump, path=tmp, size=st.size, mtime=None)
         info = _copy_dump(transport, filtered, final, dataclasses.replace(opts, compress="none"), prepare)
         info["source_sha256"] = source_sha
         return info
     finally:
+        beat.stop()
         try:
             transport.remove(tmp)
         except OSError:
             pass
+
+
+def _tmp_gone(transport: NodeTransport, tmp: str) -> OperationFailed:
+    return OperationFailed(f"{tmp}: the filtered copy was removed on node {transport.node} during the collect",
+                           hint="run collect again (a collect suspended for 10 minutes or more looks "
+                                "dead to the others, which remove its temp file)")
