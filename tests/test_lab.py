@@ -610,8 +610,8 @@ def test_down_never_kills_a_reused_qemu_pid(tmp_path, bystander, _isolated_home)
 # -- the QEMU's identity is the one it was started with (review 5, finding 1) -------------
 def test_launched_identity_waits_for_the_exec():
     """A child stopped between fork and exec shows its parent's command line (and, inside
-    exec, an empty one): the daemon records a QEMU's identity only once /proc shows the
-    argv it launched, so the record matches the running process."""
+    exec, an empty one): the daemon records a QEMU's identity only once the child is past
+    exec, so the record matches the running process."""
     import signal
     import threading
 
@@ -630,10 +630,10 @@ def test_launched_identity_waits_for_the_exec():
         os.waitpid(pid, os.WUNTRACED)  # stopped, not yet exec'd
         early = local_identity(pid)  # what the daemon used to record right after Popen
         assert early is not None and early.cmdline != tuple(argv)
-        with pytest.raises(RuntimeError, match="command line it was started with"):
-            launched_identity(pid, argv, timeout=0.1)
+        with pytest.raises(RuntimeError, match="did not get past exec"):
+            launched_identity(pid, timeout=0.1)
         got: list = []
-        t = threading.Thread(target=lambda: got.append(launched_identity(pid, argv, timeout=60)))
+        t = threading.Thread(target=lambda: got.append(launched_identity(pid, timeout=60)))
         t.start()
         os.kill(pid, signal.SIGCONT)
         t.join()
@@ -646,9 +646,12 @@ def test_launched_identity_waits_for_the_exec():
         os.waitpid(pid, 0)
 
 
-def test_down_kills_a_qemu_recorded_mid_exec(tmp_path, _isolated_home):
-    """A state written by an older daemon holds the QEMU's identity with an empty argv (read
-    mid-exec): 'lab down' still knows its QEMU by its start time and its name."""
+@pytest.mark.parametrize("recorded", [[], ["/bin/sh", "/usr/local/bin/qemu-system-x86_64", "300"]],
+                         ids=["mid-exec", "wrapper"])
+def test_down_kills_a_qemu_recorded_mid_exec(recorded, tmp_path, _isolated_home):
+    """A state holds the QEMU's identity with an argv QEMU never showed: empty (read mid-exec
+    by an older daemon), or a wrapper script's interpreter (the daemon lost before QEMU's own
+    argv was recorded): 'lab down' still knows its QEMU by its start time and its name."""
     import subprocess
 
     from katactl.lab import control
@@ -665,7 +668,8 @@ def test_down_kills_a_qemu_recorded_mid_exec(tmp_path, _isolated_home):
         root = tmp_path / "lab"
         root.mkdir()
         _state_naming(root, gone.pid, sandboxes=[
-            {"name": "qemu-0", "qemuPid": q.pid, "qemu": {"pid": q.pid, "createTime": me.create_time, "cmdline": []}}])
+            {"name": "qemu-0", "qemuPid": q.pid,
+             "qemu": {"pid": q.pid, "createTime": me.create_time, "cmdline": recorded}}])
         r = control.down(str(root))
         assert r["stopped"] == [{"pid": q.pid, "what": "qemu (qemu-0)"}] and not root.exists()
         assert q.wait(30) == -9
@@ -943,3 +947,46 @@ def test_down_waits_for_an_up_at_work(tmp_path, _isolated_home):
     out, err = down.communicate(timeout=60)
     assert "waiting for another 'katactl lab up' or 'lab down'" in said, (said, err)
     assert down.returncode == 0 and json.loads(out)["changed"] is False, err
+
+
+# -- qemu-system-x86_64 on PATH may be a wrapper script (review diffB, finding 3) --------------
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def test_up_through_a_qemu_wrapper_script(cli, tmp_path, monkeypatch, _isolated_home):
+    """A site wrapper on PATH (``exec /usr/bin/qemu-system-x86_64 "$@"``) shows /bin/sh, then
+    the real binary, never the argv the daemon launched: 'lab up' used to wait 10 s for that
+    argv and fail. The lab comes up, records the QEMU as /proc shows it, and 'lab down' after
+    the daemon was killed still knows that QEMU as the lab's and stops it."""
+    import signal
+    import tempfile
+
+    from katactl.lab import control
+    from katactl.procfacts import ProcIdentity, local_identity
+
+    real = os.path.realpath(shutil.which("qemu-system-x86_64") or "")
+    wrapper = tmp_path / "bin" / "qemu-system-x86_64"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\n# a site wrapper (logging, accel flags)\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("KATACTL_TEST_CACHE") or "/tmp/katactl-test-cache")
+    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
+    os.rmdir(root)
+    specs = [{"name": "q0", "hypervisor": "qemu", "memory_mib": 64, "pod": "q0", "namespace": "lab",
+              "guest": False, "balloon": False, "extension": False, "extra_monitor": False}]
+    rec = None
+    try:
+        st = control.up(root, specs=specs, timeout=120)
+        (sb,) = st["sandboxes"]
+        rec = ProcIdentity.from_dict(sb["qemu"])
+        assert rec is not None and rec.same_process(local_identity(sb["qemuPid"]))
+        assert rec.cmdline[0] == real  # the binary the wrapper exec'd, as /proc shows it
+        os.kill(st["pid"], signal.SIGKILL)
+        assert _gone(st["pid"])
+        r = cli(["lab", "down", "--root", root, "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        assert [s["pid"] for s in r.json()["stopped"]] == [sb["qemuPid"]]
+        assert _gone(sb["qemuPid"]) and not os.path.lexists(root)
+    finally:
+        if rec is not None and rec.same_process(local_identity(rec.pid)):
+            os.kill(rec.pid, signal.SIGKILL)
+        control.down(root, force=True)

@@ -491,9 +491,10 @@ def _stop_pid(pid: int, timeout: float, identity: "ProcIdentity | None" = None) 
 
 def _our_qemus(st: dict | None) -> list[tuple[dict, int]]:
     """(sandbox, pid) of the lab's QEMUs that still run: the recorded start time and argv
-    (the argv the daemon launched) match the process at the pid. An older state without
-    them: its argv names qemu; one whose argv was recorded empty (read mid-exec by an
-    older daemon): the start time, and an argv naming qemu."""
+    match the process at the pid. An older state without them: its argv names qemu. One
+    whose argv was recorded before QEMU's showed (empty: read mid-exec by an older daemon;
+    a wrapper script's interpreter, the daemon lost before it recorded QEMU's own): the
+    start time, and an argv naming qemu."""
     from katactl.procfacts import CREATE_TIME_SLACK, LocalProcessFacts, ProcIdentity
 
     def is_qemu(p: ProcIdentity) -> bool:
@@ -512,10 +513,10 @@ def _our_qemus(st: dict | None) -> list[tuple[dict, int]]:
             continue
         if recorded is None:
             ours = is_qemu(cur)
-        elif not recorded.cmdline:
+        elif recorded.same_process(cur):
+            ours = True
+        else:  # argv recorded before QEMU's own showed: the same start time, and QEMU now
             ours = abs(cur.create_time - recorded.create_time) <= CREATE_TIME_SLACK and is_qemu(cur)
-        else:
-            ours = recorded.same_process(cur)
         if ours:
             out.append((s, q))
     return out

@@ -79,24 +79,28 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def launched_identity(pid: int, argv: list[str], timeout: float = 10.0) -> procfacts.ProcIdentity | None:
-    """The identity (start time, argv) of a process just started with argv, taken only once
-    ``/proc/PID/cmdline`` shows that argv: None when the process is already gone.
+def launched_identity(pid: int, timeout: float = 10.0) -> procfacts.ProcIdentity | None:
+    """The identity (start time, argv) of a child this process just started, taken once it is
+    past exec: None when the process is already gone.
 
     ``Popen`` returns when exec closes its CLOEXEC pipe (``begin_new_exec`` in the kernel's
     fs/exec.c), before ``create_elf_tables`` (fs/binfmt_elf.c) sets the new image's argv:
-    read at once, the command line can still be empty (before exec, the parent's). Recorded
-    so, it never matches the running process and 'lab down' after a lost daemon would take
-    its own QEMU for a stranger. RuntimeError when the argv does not show within timeout."""
-    want = tuple(argv)
+    read at once, the command line can still be empty, or (before exec) this process's own,
+    the fork's. Recorded so, it never matches the running process and 'lab down' after a lost
+    daemon would take its own QEMU for a stranger. Any other command line is the launched
+    program's, whatever it shows: a wrapper script on PATH (``exec /usr/bin/qemu-system-x86_64
+    "$@"``) shows its interpreter first, then the binary it execs (LabSandbox.settle_identity
+    records that one). RuntimeError when the child does not get past exec within timeout."""
+    me = procfacts.local_identity(os.getpid())
+    pre_exec = me.cmdline if me is not None else ()
     deadline = time.monotonic() + timeout
     while True:
         now = procfacts.local_identity(pid)
-        if now is None or now.cmdline == want:
+        if now is None or (now.cmdline and now.cmdline != pre_exec):
             return now
         if time.monotonic() > deadline:
-            raise RuntimeError(f"pid {pid} did not show the command line it was started with within "
-                               f"{timeout:g}s (it shows: {now.describe()[:200]})")
+            raise RuntimeError(f"pid {pid} did not get past exec within {timeout:g}s (it shows: "
+                               f"{now.describe()[:200]})")
         time.sleep(0.002)
 
 
@@ -197,7 +201,17 @@ class LabSandbox:
                                      stdout=open(os.path.join(d, "qemu.log"), "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         # who this QEMU is (start time + argv), so 'lab down' never signals a reused pid
-        self.qemu_identity = launched_identity(self.proc.pid, argv)
+        self.qemu_identity = launched_identity(self.proc.pid)
+
+    def settle_identity(self) -> None:
+        """Record the QEMU's identity again once its monitor answers: a wrapper script (or
+        its interpreter) seen at launch has exec'd the QEMU binary by then, and 'lab down'
+        compares the command line the process shows now."""
+        if self.proc is None or self.qemu_identity is None:
+            return
+        now = procfacts.local_identity(self.proc.pid)
+        if now is not None and abs(now.create_time - self.qemu_identity.create_time) <= procfacts.CREATE_TIME_SLACK:
+            self.qemu_identity = now
 
     def connect_qmp(self, timeout: float = 30) -> None:
         from katactl.backends.local import LocalTransport
@@ -213,6 +227,7 @@ class LabSandbox:
             if os.path.exists(sock):
                 try:
                     if not self.spec.get("hold_qmp", True):
+                        self.settle_identity()
                         return
                     qmp = QMPClient.connect(LocalTransport(), sock, timeout=10, greeting_timeout=2)
                     break
@@ -222,6 +237,7 @@ class LabSandbox:
                 raise RuntimeError("qmp.sock never answered")
             time.sleep(0.05)
         self.qmp = qmp
+        self.settle_identity()
         qmp.on_event = self._on_event
         qmp.start_reader()
         if self.spec.get("balloon", True):
