@@ -2,144 +2,213 @@
 function __katactl_path
     set -l path katactl
     set -l skip 0
+    set -l gvalopts -o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile
     for w in (commandline -opc)[2..-1]
         if test $skip = 1
             set skip 0
             continue
         end
         if string match -q -- '-*' $w
+            set -l own
             set -l valopts
             switch $path
                 case 'katactl'
+                    set own -o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --ssh-accept-new --request-timeout --parallel --profile -v --verbose -q --quiet --no-color -y --yes --no-audit -h --help
                     set valopts -o --output -N --node --nodes-from -l --selector --host-root --context --kubeconfig -n --namespace --via --agent-namespace --agent-image --ssh-user --ssh-config -i --identity -J --jump-host --known-hosts --request-timeout --parallel --profile
                 case 'katactl version'
+                    set own -h --help
                     set valopts 
                 case 'katactl config'
+                    set own -h --help
                     set valopts 
                 case 'katactl config view'
+                    set own -h --help
                     set valopts 
                 case 'katactl sandbox'
+                    set own -h --help
                     set valopts 
                 case 'katactl sandbox list'
+                    set own --state --no-check -h --help
                     set valopts --state
                 case 'katactl sandbox inspect'
+                    set own --raw -h --help
                     set valopts 
                 case 'katactl metrics'
+                    set own --all -A --family --raw --to -h --help
                     set valopts --family --to
                 case 'katactl top'
+                    set own --interval -d --sort --once --iterations -h --help
                     set valopts --interval -d --sort --iterations
                 case 'katactl pprof'
+                    set own --seconds -f --file -h --help
                     set valopts --seconds -f --file
                 case 'katactl shim'
+                    set own -h --help
                     set valopts 
                 case 'katactl shim agent-url'
+                    set own -h --help
                     set valopts 
                 case 'katactl shim iptables'
+                    set own -h --help
                     set valopts 
                 case 'katactl shim iptables get'
+                    set own --v6 -h --help
                     set valopts 
                 case 'katactl shim iptables set'
+                    set own --v6 --dry-run -h --help
                     set valopts 
                 case 'katactl shim volume'
+                    set own -h --help
                     set valopts 
                 case 'katactl shim volume stats'
+                    set own -h --help
                     set valopts 
                 case 'katactl shim volume resize'
+                    set own --dry-run -h --help
                     set valopts 
                 case 'katactl balloon'
+                    set own -h --help
                     set valopts 
                 case 'katactl balloon get'
+                    set own --via -h --help
                     set valopts --via
                 case 'katactl balloon set'
+                    set own --target -t --reclaim --release --wait -w --timeout --tolerance --margin --force --dry-run --via -h --help
                     set valopts --target -t --reclaim --timeout --tolerance --margin --via
                 case 'katactl lab'
+                    set own -h --help
                     set valopts 
                 case 'katactl lab up'
+                    set own --sandboxes -s --hypervisor --root --kernel --memory --dry-run -h --help
                     set valopts --sandboxes -s --hypervisor --root --kernel --memory
                 case 'katactl lab status'
+                    set own --root -h --help
                     set valopts --root
                 case 'katactl lab down'
+                    set own --root --dry-run --force -h --help
                     set valopts --root
                 case 'katactl vmcore'
+                    set own -h --help
                     set valopts 
                 case 'katactl vmcore list'
+                    set own --dump-path --kata-config -h --help
                     set valopts --dump-path --kata-config
                 case 'katactl vmcore collect'
+                    set own --to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --force --dump-path --kata-config -h --help
                     set valopts --to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config
                 case 'katactl vmcore trigger'
+                    set own --format --detach --paging --no-paging --dry-run --dump-path --kata-config --timeout -h --help
                     set valopts --format --dump-path --kata-config --timeout
                 case 'katactl vmcore rm'
+                    set own --dry-run --dump-path --kata-config -h --help
                     set valopts --dump-path --kata-config
                 case 'katactl upgrade'
+                    set own -h --help
                     set valopts 
                 case 'katactl upgrade stage'
+                    set own --as --sha256 --no-verify --reserve --force --kata-root --lock-timeout --dry-run -h --help
                     set valopts --as --sha256 --reserve --kata-root --lock-timeout
                 case 'katactl upgrade switch'
+                    set own --component -c --force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help
                     set valopts --component -c --kata-root --lock-timeout
                 case 'katactl upgrade rollback'
+                    set own --force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help
                     set valopts --kata-root --lock-timeout
                 case 'katactl upgrade status'
+                    set own --sandboxes -s --kata-root -h --help
                     set valopts --kata-root
                 case 'katactl upgrade gc'
+                    set own --keep-previous --no-keep-previous --force --kata-root --lock-timeout --dry-run -h --help
                     set valopts --kata-root --lock-timeout
                 case 'katactl inspect'
+                    set own -h --help
                     set valopts 
                 case 'katactl inspect cgroup'
+                    set own --pid -h --help
                     set valopts --pid
                 case 'katactl inspect bvt'
+                    set own -h --help
                     set valopts 
                 case 'katactl inspect memcg'
+                    set own -h --help
                     set valopts 
                 case 'katactl inspect rdt'
+                    set own --interval --decode --cbm-mask -h --help
                     set valopts --interval --decode --cbm-mask
                 case 'katactl inspect threads'
+                    set own --pid -h --help
                     set valopts --pid
                 case 'katactl inspect pressure'
+                    set own --interval -d --watch -w --iterations --fail-on -h --help
                     set valopts --interval -d --iterations --fail-on
                 case 'katactl audit'
+                    set own --policy -p --fail-on --list-checks -h --help
                     set valopts --policy -p --fail-on
                 case 'katactl overhead'
+                    set own --runtime-class-overhead --interval -d --margin --fail-on -h --help
                     set valopts --runtime-class-overhead --interval -d --margin --fail-on
                 case 'katactl node'
+                    set own -h --help
                     set valopts 
                 case 'katactl node list'
+                    set own -h --help
                     set valopts 
                 case 'katactl node cordon'
+                    set own --reason --dry-run -h --help
                     set valopts --reason
                 case 'katactl node uncordon'
+                    set own --force --dry-run -h --help
                     set valopts 
                 case 'katactl node drain'
+                    set own --ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help
                     set valopts --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel
                 case 'katactl node check'
+                    set own --fail-on --node-facts --kata-root -h --help
                     set valopts --fail-on --kata-root
                 case 'katactl node agent'
+                    set own -h --help
                     set valopts 
                 case 'katactl node agent install'
+                    set own --image --dry-run -h --help
                     set valopts --image
                 case 'katactl node agent status'
+                    set own -h --help
                     set valopts 
                 case 'katactl node agent uninstall'
+                    set own --dry-run -h --help
                     set valopts 
                 case 'katactl node agent gc'
+                    set own --dry-run -h --help
                     set valopts 
                 case 'katactl rollout'
+                    set own -h --help
                     set valopts 
                 case 'katactl rollout plan'
+                    set own -f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help
                     set valopts -f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll
                 case 'katactl rollout run'
+                    set own -f --filename --step -s --lock-namespace --lock-ttl --state --dry-run --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help
                     set valopts -f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll
                 case 'katactl rollout status'
+                    set own --lock-namespace --state -h --help
                     set valopts --lock-namespace --state
                 case 'katactl rollout list'
+                    set own --lock-namespace --state -h --help
                     set valopts --lock-namespace --state
                 case 'katactl rollout pause'
+                    set own --lock-namespace --state -h --help
                     set valopts --lock-namespace --state
                 case 'katactl rollout resume'
+                    set own --retry-failed --lock-namespace --state -h --help
                     set valopts --lock-namespace --state
                 case 'katactl rollout abort'
+                    set own --now --timeout --lock-namespace --state -h --help
                     set valopts --timeout --lock-namespace --state
             end
-            contains -- $w $valopts; and set skip 1
+            # a global option's value too, unless the command has an option of that name
+            if contains -- $w $valopts; or begin; not contains -- $w $own; and contains -- $w $gvalopts; end
+                set skip 1
+            end
             continue
         end
         switch "$path $w"
@@ -290,32 +359,6 @@ complete -c katactl -n "test (__katactl_path) = 'katactl'" -a audit -d 'Check th
 complete -c katactl -n "test (__katactl_path) = 'katactl'" -a overhead -d 'Pod overhead declared (RuntimeClass) vs measured (shim, VMM,'
 complete -c katactl -n "test (__katactl_path) = 'katactl'" -a node -d 'Kubernetes nodes: list, check, cordon, uncordon, drain (Kata'
 complete -c katactl -n "test (__katactl_path) = 'katactl'" -a rollout -d 'Rolling node operations: batches, soak, alert gate, windows,'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s o -l output -x -a 'table wide plain json yaml name jsonl markdown prom' -d 'Output format: table, wide, plain, json, yaml, name, jsonl, '
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s N -l node -x -d 'Act on NODE over SSH (repeatable; a,b,c; @group)'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l nodes-from -r -F -d 'Read node names from FILE (\'-\' = stdin)'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s l -l selector -x -d 'Kubernetes node label selector'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l host-root -r -F -d 'The node\'s root filesystem is mounted at DIR'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l context -x -d 'kubeconfig context'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l kubeconfig -r -F -d 'kubeconfig file'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s n -l namespace -x -d 'Kubernetes namespace'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l via -x -a 'ssh kube' -d 'How named nodes are reached: ssh (default), or kube (pods/ex'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l agent-namespace -x -d 'Namespace of katactl\'s node pods for --via kube (default kub'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l agent-image -x -d 'Image (with python3) for an ephemeral node pod where no node'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l ssh-user -x -d 'SSH user'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l ssh-config -r -F -d 'OpenSSH config file'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s i -l identity -r -F -d 'SSH private key'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s J -l jump-host -x -d 'Reach nodes through this SSH jump host (ProxyJump syntax)'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l known-hosts -r -F -d 'Extra known_hosts file to verify host keys against'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l ssh-accept-new -d 'Trust unknown SSH host keys on first use (changed keys are s'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l request-timeout -x -d 'Bound on each connect, request and call, as kubectl\'s (defau'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l parallel -x -d 'Nodes worked on at once'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l profile -x -d 'Config profile to use'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s v -l verbose -d 'More detail; tracebacks on errors'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s q -l quiet -d 'Only data and errors'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l no-color -d 'No colour (also NO_COLOR=1)'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s y -l yes -d 'Assume yes; needed for destructive actions without a TTY'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -l no-audit -d 'Change without an audit record (else an unwritable audit log'
-complete -c katactl -n "test (__katactl_path) = 'katactl'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl version'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl config'" -a view -d 'Show every effective setting and its source (flag, env KATAC'
 complete -c katactl -n "test (__katactl_path) = 'katactl config'" -s h -l help -d 'Show help and exit'
@@ -608,3 +651,29 @@ complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l time
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l lock-namespace -x -d 'Namespace of the Lease and state ConfigMaps'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l state -x -a 'auto kube file' -d 'Where to look: auto (a local state file for NAME, else the c'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -s h -l help -d 'Show help and exit'
+complete -c katactl -s o -l output -x -a 'table wide plain json yaml name jsonl markdown prom' -d 'Output format: table, wide, plain, json, yaml, name, jsonl, '
+complete -c katactl -s N -l node -x -d 'Act on NODE over SSH (repeatable; a,b,c; @group)'
+complete -c katactl -l nodes-from -r -F -d 'Read node names from FILE (\'-\' = stdin)'
+complete -c katactl -s l -l selector -x -d 'Kubernetes node label selector'
+complete -c katactl -l host-root -r -F -d 'The node\'s root filesystem is mounted at DIR'
+complete -c katactl -l context -x -d 'kubeconfig context'
+complete -c katactl -l kubeconfig -r -F -d 'kubeconfig file'
+complete -c katactl -s n -l namespace -x -d 'Kubernetes namespace'
+complete -c katactl -n "not contains -- (__katactl_path) 'katactl balloon get' 'katactl balloon set'" -l via -x -a 'ssh kube' -d 'How named nodes are reached: ssh (default), or kube (pods/ex'
+complete -c katactl -l agent-namespace -x -d 'Namespace of katactl\'s node pods for --via kube (default kub'
+complete -c katactl -l agent-image -x -d 'Image (with python3) for an ephemeral node pod where no node'
+complete -c katactl -l ssh-user -x -d 'SSH user'
+complete -c katactl -l ssh-config -r -F -d 'OpenSSH config file'
+complete -c katactl -s i -l identity -r -F -d 'SSH private key'
+complete -c katactl -s J -l jump-host -x -d 'Reach nodes through this SSH jump host (ProxyJump syntax)'
+complete -c katactl -l known-hosts -r -F -d 'Extra known_hosts file to verify host keys against'
+complete -c katactl -l ssh-accept-new -d 'Trust unknown SSH host keys on first use (changed keys are s'
+complete -c katactl -l request-timeout -x -d 'Bound on each connect, request and call, as kubectl\'s (defau'
+complete -c katactl -n "not contains -- (__katactl_path) 'katactl node drain'" -l parallel -x -d 'Nodes worked on at once'
+complete -c katactl -l profile -x -d 'Config profile to use'
+complete -c katactl -s v -l verbose -d 'More detail; tracebacks on errors'
+complete -c katactl -s q -l quiet -d 'Only data and errors'
+complete -c katactl -l no-color -d 'No colour (also NO_COLOR=1)'
+complete -c katactl -s y -l yes -d 'Assume yes; needed for destructive actions without a TTY'
+complete -c katactl -l no-audit -d 'Change without an audit record (else an unwritable audit log'
+complete -c katactl -n "test (__katactl_path) = 'katactl'" -s h -l help -d 'Show help and exit'

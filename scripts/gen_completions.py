@@ -3,7 +3,9 @@
 
 The scripts are static: command and option names are baked in, so TAB costs
 no Python start-up (~200 ms saved per press). Values that depend on a node
-(sandbox ids) are not completed. Re-run after changing commands; the test
+(sandbox ids) are not completed. The root's options (and their values) complete
+after any subcommand too, since katactl takes them there (cli.hoist_global_options),
+except where the command has an option of the same name. Re-run after changing commands; the test
 suite fails when the committed files differ from what this generates.
 Usage: python scripts/gen_completions.py [--check]
 """
@@ -33,6 +35,20 @@ def _value_opts(node):
     return [n for o in node.options if o.metavar for n in o.names]
 
 
+def _names(node) -> str:
+    return " ".join(x for o in node.options for x in o.names)
+
+
+def _shadowed(nodes) -> dict[str, list]:
+    """Root option name -> the commands that define an option of that name themselves.
+    Everywhere else katactl takes the root's options after a subcommand too
+    (cli.hoist_global_options moves them in front), so the completions offer them and
+    their values at every depth; a command's own option of that name wins, as there."""
+    root = nodes[0]
+    return {x: [n for n in nodes[1:] if any(x in o.names for o in n.options)]
+            for o in root.options for x in o.names}
+
+
 def _values(o):
     """What an option's value completes to: a list of its fixed choices (a Click Choice,
     or a metavar such as ``ssh|kube``), "file", or None (nothing: a name, size, duration)."""
@@ -46,21 +62,27 @@ def _values(o):
 
 
 def bash(nodes) -> str:
-    lines = [HEADER, "_katactl() {",
-             '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
-             '    local path="katactl" i w words opts valopts',
-             "    # --opt=value: bash splits at '=' (COMP_WORDBREAKS), so '=' is a word of its own",
-             '    if [[ "$cur" == "=" ]]; then cur=""',
-             '    elif [[ "$prev" == "=" && COMP_CWORD -ge 2 ]]; then prev="${COMP_WORDS[COMP_CWORD-2]}"; fi',
-             "    for ((i = 1; i < COMP_CWORD; i++)); do",
-             '        w="${COMP_WORDS[i]}"',
-             '        if [[ "$w" == -* ]]; then',
-             "            # an option's value is not a subcommand: skip it (and the '=' before it)",
-             '            case "$path" in']
+    root = nodes[0]
+    lines = [HEADER, "# the command at $path: its subcommands, its own option names and value options",
+             "_katactl_at() {", '    case "$1" in']
     for n in nodes:
-        lines.append(f'                "{n.name}") valopts="{" ".join(_value_opts(n))}" ;;')
-    lines += ["            esac",
-              '            if [[ " $valopts " == *" $w "* ]]; then',
+        subs = " ".join(c.path[-1] for c in n.children)
+        lines.append(f'        "{n.name}") words="{subs}"; own="{_names(n)}"; valopts="{" ".join(_value_opts(n))}" ;;')
+    lines += ["    esac", "}", "", "_katactl() {",
+              '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
+              '    local path="katactl" i w words own valopts opts',
+              "    # the root's options, which katactl also takes after a subcommand (it hoists them)",
+              f'    local global="{_names(root)}" gvalopts="{" ".join(_value_opts(root))}"',
+              "    # --opt=value: bash splits at '=' (COMP_WORDBREAKS), so '=' is a word of its own",
+              '    if [[ "$cur" == "=" ]]; then cur=""',
+              '    elif [[ "$prev" == "=" && COMP_CWORD -ge 2 ]]; then prev="${COMP_WORDS[COMP_CWORD-2]}"; fi',
+              "    for ((i = 1; i < COMP_CWORD; i++)); do",
+              '        w="${COMP_WORDS[i]}"',
+              '        if [[ "$w" == -* ]]; then',
+              "            # an option's value is not a subcommand: skip it (and the '=' before it);",
+              "            # a global option's too, unless the command has an option of that name",
+              '            _katactl_at "$path"',
+              '            if [[ " $valopts " == *" $w "* || ( " $own " != *" $w "* && " $gvalopts " == *" $w "* ) ]]; then',
               "                ((i++))",
               '                [[ "${COMP_WORDS[i]}" == "=" ]] && ((i++))',
               "            fi",
@@ -71,27 +93,37 @@ def bash(nodes) -> str:
         for c in n.children:
             lines.append(f'            "{c.name}") path="{c.name}" ;;')
     lines += ["        esac", "    done", '    case "$path $prev" in']
-    by_action: dict[str, list[str]] = {}
-    for n in nodes:
+
+    def add(by_action, o, keys):
+        v = _values(o) if o.metavar else None
+        if not o.metavar:  # a command's own flag of a global value option's name: no value follows
+            action = ";;"
+        elif v == "file":
+            action = 'COMPREPLY=($(compgen -f -- "$cur")); return ;;'
+        elif v:
+            action = f'COMPREPLY=($(compgen -W "{" ".join(v)}" -- "$cur")); return ;;'
+        else:  # a name, size or duration: no local file is a candidate
+            action = "compopt +o default 2>/dev/null; COMPREPLY=(); return ;;"
+        by_action.setdefault(action, []).extend(keys)
+
+    own: dict[str, list[str]] = {}
+    global_with_value = {x for o in root.options if o.metavar for x in o.names}
+    for n in nodes[1:]:
         for o in n.options:
-            if not o.metavar:
-                continue
-            v = _values(o)
-            if v == "file":
-                action = 'COMPREPLY=($(compgen -f -- "$cur")); return ;;'
-            elif v:
-                action = f'COMPREPLY=($(compgen -W "{" ".join(v)}" -- "$cur")); return ;;'
-            else:  # a name, size or duration: no local file is a candidate
-                action = "compopt +o default 2>/dev/null; COMPREPLY=(); return ;;"
-            by_action.setdefault(action, []).extend(f'"{n.name} {x}"' for x in o.names)
-    for action, keys in by_action.items():
+            if o.metavar or global_with_value & set(o.names):
+                add(own, o, [f'"{n.name} {x}"' for x in o.names])
+    # then the root's value options at any depth (bash takes the first match, so a
+    # command's own option of the same name, above, wins)
+    anywhere: dict[str, list[str]] = {}
+    for o in root.options:
+        if o.metavar:
+            add(anywhere, o, [f'*" {x}"' for x in o.names])
+    for action, keys in [*own.items(), *anywhere.items()]:
         lines.append(f'        {"|".join(keys)}) {action}')
-    lines += ["    esac", '    case "$path" in']
-    for n in nodes:
-        subs = " ".join(c.path[-1] for c in n.children)
-        opts = " ".join(x for o in n.options for x in o.names)
-        lines.append(f'        "{n.name}") words="{subs}"; opts="{opts}" ;;')
     lines += ["    esac",
+              '    _katactl_at "$path"',
+              '    opts="$own"',
+              '    for w in $global; do [[ " $own " == *" $w "* ]] || opts+=" $w"; done',
               '    if [[ "$cur" == -* ]]; then',
               '        COMPREPLY=($(compgen -W "$opts" -- "$cur"))',
               "    else",
@@ -106,39 +138,53 @@ def _esc(s: str) -> str:
     return s.replace("\\", "\\\\").replace("'", "'\\''").replace("[", "\\[").replace("]", "\\]").replace(":", "\\:")
 
 
+def _zsh_specs(o) -> list[str]:
+    desc = _esc(o.help.split(".")[0][:60])
+    action = ""
+    if o.metavar:
+        v = _values(o)
+        label = "format" if "--output" in o.names else o.metavar.lower().strip("<>").replace("|", " or ")
+        if v == "file":
+            action = f":{label}:_files"
+        elif v:
+            action = f":{label}:({' '.join(v)})"
+        else:
+            action = f":{label}: "
+    return [f"'{name}[{desc}]{action}'" for name in o.names]
+
+
 def zsh(nodes) -> str:
-    out = ["#compdef katactl", HEADER, "_katactl() {", "    local path=katactl w i valopts",
+    root = nodes[0]
+    out = ["#compdef katactl", HEADER, "_katactl() {", "    local path=katactl w i own valopts start=1",
+           f'    local gvalopts="{" ".join(_value_opts(root))}"',
+           "    # the root's options: katactl also takes them after a subcommand (it hoists them)",
+           "    local -a globals; globals=(" + " ".join(s for o in root.options for s in _zsh_specs(o)) + ")",
            "    for ((i = 2; i < CURRENT; i++)); do", '        w="${words[i]}"',
            '        if [[ "$w" == -* ]]; then',
-           "            # an option's value is not a subcommand: skip it",
+           "            # an option's value is not a subcommand: skip it (a global option's too,",
+           "            # unless the command has an option of that name)",
            '            case "$path" in']
     for n in nodes:
-        out.append(f'                "{n.name}") valopts="{" ".join(_value_opts(n))}" ;;')
+        out.append(f'                "{n.name}") own="{_names(n)}"; valopts="{" ".join(_value_opts(n))}" ;;')
     out += ["            esac",
-            '            [[ " $valopts " == *" $w "* ]] && ((i++))',
+            '            [[ " $valopts " == *" $w "* || ( " $own " != *" $w "* && " $gvalopts " == *" $w "* ) ]] && ((i++))',
             "            continue",
             "        fi",
             '        case "$path $w" in']
     for n in nodes:
         for c in n.children:
-            out.append(f'            "{c.name}") path="{c.name}" ;;')
-    out += ["        esac", "    done", '    case "$path" in']
+            out.append(f'            "{c.name}") path="{c.name}"; start=$i ;;')
+    out += ["        esac", "    done",
+            "    # _arguments reads the line from the command's own word on (what comes before is its parents')",
+            '    words=("${(@)words[start,-1]}"); (( CURRENT -= start - 1 ))',
+            '    case "$path" in']
     for n in nodes:
-        specs = []
-        for o in n.options:
-            desc = _esc(o.help.split(".")[0][:60])
-            action = ""
-            if o.metavar:
-                v = _values(o)
-                label = "format" if "--output" in o.names else o.metavar.lower().strip("<>").replace("|", " or ")
-                if v == "file":
-                    action = f":{label}:_files"
-                elif v:
-                    action = f":{label}:({' '.join(v)})"
-                else:
-                    action = f":{label}: "
-            for name in o.names:
-                specs.append(f"'{name}[{desc}]{action}'")
+        if n is root:
+            specs = ['"${(@)globals}"']
+        else:
+            own = [x for o in n.options for x in o.names if x in {y for r in root.options for y in r.names}]
+            specs = [s for o in n.options for s in _zsh_specs(o)]
+            specs.append('"${(@)globals:#(' + "|".join(own) + ')\\[*}"' if own else '"${(@)globals}"')
         subs = " ".join(_sq(f"{c.path[-1]}:{c.short[:60]}") for c in n.children)
         out.append(f'        "{n.name}")')
         if n.children:
@@ -158,22 +204,29 @@ def _sq(s: str) -> str:
 def fish(nodes) -> str:
     # __katactl_path walks the words typed so far as bash's function does: an option's value
     # is skipped, never taken for a subcommand (fish's __fish_seen_subcommand_from would)
+    root = nodes[0]
     out = [HEADER.rstrip(), "function __katactl_path",
            "    set -l path katactl",
            "    set -l skip 0",
+           f"    set -l gvalopts {' '.join(_value_opts(root))}",
            "    for w in (commandline -opc)[2..-1]",
            "        if test $skip = 1",
            "            set skip 0",
            "            continue",
            "        end",
            "        if string match -q -- '-*' $w",
+           "            set -l own",
            "            set -l valopts",
            "            switch $path"]
     for n in nodes:
         out.append(f"                case '{n.name}'")
+        out.append(f"                    set own {_names(n)}")
         out.append(f"                    set valopts {' '.join(_value_opts(n))}")
     out += ["            end",
-            "            contains -- $w $valopts; and set skip 1",
+            "            # a global option's value too, unless the command has an option of that name",
+            "            if contains -- $w $valopts; or begin; not contains -- $w $own; and contains -- $w $gvalopts; end",
+            "                set skip 1",
+            "            end",
             "            continue",
             "        end",
             '        switch "$path $w"']
@@ -186,16 +239,31 @@ def fish(nodes) -> str:
         cond = f"test (__katactl_path) = '{n.name}'"
         for c in n.children:
             out.append(f'complete -c katactl -n "{cond}" -a {c.path[-1]} -d \'{_fesc(c.short[:60])}\'')
-        for o in n.options:
-            parts = []
-            for name in o.names:
-                parts.append(f"-l {name[2:]}" if name.startswith("--") else f"-s {name[1:]}")
-            extra = ""
-            if o.metavar:
-                v = _values(o)
-                extra = " -r -F" if v == "file" else (f" -x -a '{' '.join(v)}'" if v else " -x")
-            out.append(f"complete -c katactl -n \"{cond}\" {' '.join(parts)}{extra} -d '{_fesc(o.help.split('.')[0][:60])}'")
+        if n is root:
+            continue
+        out += [_fish_opt(o, f' -n "{cond}"') for o in n.options]
+    # the root's options at every depth, except where a command has its own of that name
+    shadowed, others = _shadowed(nodes), [n.name for n in nodes[1:]]
+    for o in root.options:
+        for where in dict.fromkeys(tuple(x.name for x in shadowed[name]) for name in o.names):
+            names = [x for x in o.names if tuple(y.name for y in shadowed[x]) == where]
+            if list(where) == others:  # every command has one (-h/--help)
+                cond = " -n \"test (__katactl_path) = 'katactl'\""
+            elif where:
+                cond = " -n \"not contains -- (__katactl_path) " + " ".join(f"'{w}'" for w in where) + '"'
+            else:
+                cond = ""
+            out.append(_fish_opt(o, cond, names))
     return "\n".join(out) + "\n"
+
+
+def _fish_opt(o, cond: str, names=None) -> str:
+    parts = [f"-l {x[2:]}" if x.startswith("--") else f"-s {x[1:]}" for x in names or o.names]
+    extra = ""
+    if o.metavar:
+        v = _values(o)
+        extra = " -r -F" if v == "file" else (f" -x -a '{' '.join(v)}'" if v else " -x")
+    return f"complete -c katactl{cond} {' '.join(parts)}{extra} -d '{_fesc(o.help.split('.')[0][:60])}'"
 
 
 def _fesc(s: str) -> str:

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from katactl.output import FORMATS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPLETIONS = os.path.join(ROOT, "completions")
 
@@ -32,13 +34,26 @@ def cwd(tmp_path):
     return tmp_path
 
 
-def bash_complete(cwd, *words: str) -> list[str]:
-    arr = " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
-    prog = (f"source {COMPLETIONS}/katactl.bash; COMP_WORDS=({arr}); COMP_CWORD={len(words) - 1}; "
-            'COMPREPLY=(); _katactl; printf "%s\\n" "${COMPREPLY[@]}"')
-    p = subprocess.run(["bash", "-c", prog], capture_output=True, text=True, cwd=cwd)
+def _q(w: str) -> str:
+    return "'" + w.replace("'", "'\\''") + "'"
+
+
+def bash_complete_many(cwd, lines: list[tuple[str, ...]]) -> list[list[str]]:
+    """What bash's function offers for each list of words (the last one being completed),
+    in one bash process."""
+    prog = [f"source {COMPLETIONS}/katactl.bash"]
+    for words in lines:
+        prog.append(f"COMP_WORDS=({' '.join(map(_q, words))}); COMP_CWORD={len(words) - 1}; "
+                    'COMPREPLY=(); _katactl; printf "%s\\n" "${COMPREPLY[@]}" "--end--"')
+    p = subprocess.run(["bash", "-s"], input="\n".join(prog), capture_output=True, text=True, cwd=cwd)
     assert p.returncode == 0, p.stderr
-    return [x for x in p.stdout.splitlines() if x]
+    out = [[x for x in chunk.split("\n") if x] for chunk in p.stdout.split("--end--\n")]
+    assert len(out) == len(lines) + 1 and out[-1] == []
+    return out[:-1]
+
+
+def bash_complete(cwd, *words: str) -> list[str]:
+    return bash_complete_many(cwd, [words])[0]
 
 
 @pytest.mark.parametrize("words, expect", [
@@ -56,6 +71,52 @@ def bash_complete(cwd, *words: str) -> list[str]:
 ])
 def test_bash(cwd, words, expect):
     assert bash_complete(cwd, *words) == expect
+
+
+@pytest.mark.parametrize("words, expect", [
+    # katactl takes the root's options after a subcommand too (cli.hoist_global_options)
+    (("katactl", "sandbox", "list", "-o", ""), list(FORMATS)),
+    (("katactl", "sandbox", "inspect", "x", "--output", ""), list(FORMATS)),
+    (("katactl", "sandbox", "inspect", "x", "--output", "=", "j"), ["json", "jsonl"]),  # --output=j
+    (("katactl", "node", "agent", "install", "--via", ""), ["ssh", "kube"]),
+    (("katactl", "top", "--kubeconfig", "dec"), ["decoy-file"]),
+    (("katactl", "sandbox", "list", "--nodes-from", "=", "dec"), ["decoy-file"]),
+    (("katactl", "rollout", "plan", "--ssh-config", ""), ["decoy-file"]),
+    (("katactl", "sandbox", "list", "-N", ""), []),                 # a node name: no files
+    (("katactl", "sandbox", "-o", "json", ""), ["list", "inspect"]),
+    (("katactl", "node", "-n", "agent", "a"), ["agent"]),           # -n's value is not a subcommand
+    (("katactl", "sandbox", "list", "--no"), ["--no-check", "--node", "--nodes-from", "--no-color", "--no-audit"]),
+    # a command's own option of a global's name wins, as in hoist_global_options
+    (("katactl", "balloon", "set", "x", "--via", "e"), ["extension", "extra-monitor"]),
+    (("katactl", "node", "drain", "n1", "--parallel", ""), []),
+])
+def test_bash_global_options_after_the_subcommand(cwd, words, expect):
+    assert bash_complete(cwd, *words) == expect
+
+
+def test_every_global_value_option_completes_at_every_depth(cwd):
+    """Each of the root's value options completes as it does at the root after every command
+    that has no option of that name (as `-o X` and `-o=X`), and its value is never taken for
+    a subcommand."""
+    nodes = _tree()
+    valopts = [x for o in nodes[0].options if o.metavar for x in o.names]
+    at_root = dict(zip(valopts, bash_complete_many(cwd, [("katactl", x, "") for x in valopts]), strict=True))
+    assert at_root["-o"] == list(FORMATS) and at_root["--via"] == ["ssh", "kube"]
+    assert at_root["--ssh-config"] == at_root["-i"] == ["decoy-file"] and at_root["--context"] == []
+    cases, want = [], []
+    for n in nodes[1:]:
+        own = {x for o in n.options for x in o.names}
+        for x in valopts:
+            if x in own:
+                continue
+            cases += [(*n.path, x, ""), (*n.path, x, "=", "")]
+            want += [at_root[x], at_root[x]]
+            if n.children:
+                cases.append((*n.path, x, n.children[-1].path[-1], ""))
+                want.append([c.path[-1] for c in n.children])
+    got = bash_complete_many(cwd, cases)
+    assert len(cases) > 1000
+    assert [(c, g) for c, g, w in zip(cases, got, want, strict=True) if g != w] == []
 
 
 def test_bash_file_options_still_complete_files(cwd):
@@ -98,7 +159,25 @@ def test_balloon_via_and_lab_hypervisor_metavars_are_the_accepted_lists():
     assert hv.metavar == "|".join(control.HYPERVISORS)
 
 
-@pytest.mark.skipif(not shutil.which("fish"), reason="fish not installed")
+def fish_complete_many(cwd, lines: list[str]) -> list[list[str]]:
+    """What fish's `complete -C` offers for each command line, in one fish process."""
+    prog = [f"source {COMPLETIONS}/katactl.fish"]
+    prog += [f"complete -C {_fq(line)}; echo --end--" for line in lines]
+    p = subprocess.run(["fish", "--no-config"], input="\n".join(prog), capture_output=True, text=True, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    out = [sorted(x.split("\t")[0] for x in chunk.split("\n") if x) for chunk in p.stdout.split("--end--\n")]
+    assert len(out) == len(lines) + 1 and out[-1] == []
+    return out[:-1]
+
+
+def _fq(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+needs_fish = pytest.mark.skipif(not shutil.which("fish"), reason="fish not installed")
+
+
+@needs_fish
 @pytest.mark.parametrize("line, expect", [
     ("katactl --via ", ["kube", "ssh"]),
     ("katactl --context lab sandbox ", ["inspect", "list"]),
@@ -107,12 +186,39 @@ def test_balloon_via_and_lab_hypervisor_metavars_are_the_accepted_lists():
     ("katactl top --sort ", ["cpu", "id", "mem", "pod", "rss"]),
     ("katactl balloon get x --via ", ["auto", "extension", "extra-monitor", "hypervisor-api", "qmp"]),
     ("katactl --kubeconfig dec", ["decoy-file"]),
+    # the root's options after a subcommand (cli.hoist_global_options)
+    ("katactl sandbox list -o ", sorted(FORMATS)),
+    ("katactl sandbox inspect x --output=j", ["--output=json", "--output=jsonl"]),
+    ("katactl sandbox list --nodes-from dec", ["decoy-file"]),
+    ("katactl top --kubeconfig=dec", ["--kubeconfig=decoy-file"]),
+    ("katactl node agent install --via ", ["kube", "ssh"]),
+    ("katactl sandbox list -N ", []),
+    ("katactl sandbox -o json ", ["inspect", "list"]),
+    ("katactl node -n agent a", ["agent"]),
+    ("katactl balloon set x --via e", ["extension", "extra-monitor"]),
 ])
 def test_fish(cwd, line, expect):
-    p = subprocess.run(["fish", "--no-config", "-c", f"source {COMPLETIONS}/katactl.fish; complete -C '{line}'"],
-                       capture_output=True, text=True, cwd=cwd)
-    assert p.returncode == 0, p.stderr
-    assert sorted(x.split("\t")[0] for x in p.stdout.splitlines()) == expect
+    assert fish_complete_many(cwd, [line]) == [expect]
+
+
+@needs_fish
+def test_fish_every_global_value_option_completes_at_every_depth(cwd):
+    nodes = _tree()
+    valopts = [x for o in nodes[0].options if o.metavar for x in o.names]
+    at_root = dict(zip(valopts, fish_complete_many(cwd, [f"katactl {x} " for x in valopts]), strict=True))
+    assert at_root["-o"] == sorted(FORMATS) and at_root["--kubeconfig"] == ["decoy-file"]
+    cases, want = [], []
+    for n in nodes[1:]:
+        own = {x for o in n.options for x in o.names}
+        for x in valopts:
+            if x not in own:
+                cases.append(f"{n.name} {x} ")
+                want.append(at_root[x])
+                if n.children:
+                    cases.append(f"{n.name} {x} {n.children[-1].path[-1]} ")
+                    want.append(sorted(c.path[-1] for c in n.children))
+    got = fish_complete_many(cwd, cases)
+    assert [(c, g) for c, g, w in zip(cases, got, want, strict=True) if g != w] == []
 
 
 ZSH_DRIVER = """
@@ -133,6 +239,37 @@ def test_zsh_walk_skips_option_values(cwd):
         return p.stdout
     assert "CMDS list inspect\n" in run("katactl", "--context", "lab", "sandbox", "")
     assert "CMDS list inspect\n" in run("katactl", "-n", "top", "sandbox", "")
+
+
+ZSH_ARGS_DRIVER = """
+_arguments() { print -rl -- "WORDS ${words[*]} CURRENT $CURRENT" "$@" }
+_describe() { :; }
+words=("$@"); CURRENT=$#
+source COMPLETIONS/_katactl || :
+"""
+
+
+@pytest.mark.skipif(not shutil.which("zsh"), reason="zsh not installed")
+def test_zsh_global_options_after_the_subcommand(cwd):
+    """_arguments gets the root's option specs at every depth (less those the command
+    defines itself), and the line from the command's own word on."""
+    def specs(*words):
+        p = subprocess.run(["zsh", "-f", "-c", ZSH_ARGS_DRIVER.replace("COMPLETIONS", COMPLETIONS), "zsh", *words],
+                           capture_output=True, text=True, cwd=cwd)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.splitlines()
+    out = specs("katactl", "-N", "n1", "sandbox", "list", "-o", "")
+    assert out[0] == "WORDS list -o  CURRENT 3"
+    assert any(x.startswith("-o[") and x.endswith(":format:(" + " ".join(FORMATS) + ")") for x in out)
+    assert any(x.startswith("--kubeconfig[") and x.endswith(":file:_files") for x in out)
+    out = specs("katactl", "balloon", "get", "x", "--via", "")
+    assert out[0] == "WORDS get x --via  CURRENT 4"
+    assert [x for x in out if x.startswith("--via[")] == [
+        "--via[Force one path\\: extension, hypervisor-api, extra-monitor, qm]:auto or extension or "
+        "hypervisor-api or extra-monitor or qmp:(auto extension hypervisor-api extra-monitor qmp)"]
+    assert len([x for x in out if x.startswith("-h[")]) == 1
+    out = specs("katactl", "node", "-n", "agent", "")
+    assert out[0] == "WORDS node -n agent  CURRENT 4"  # -n's value is not the subcommand
 
 
 def test_zsh_and_fish_text():
