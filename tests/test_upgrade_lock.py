@@ -195,7 +195,7 @@ def test_a_break_claim_left_by_a_killed_breaker_is_cleared_once_old(ssh_node, tb
     than the bound it is cleared and the lock broken."""
     state, run = ssh_node
     lockd = state / "lock.d"
-    (lockd / ".break").mkdir(parents=True)
+    (lockd / ".break/0123456789abcdef").mkdir(parents=True)  # its breaker's token inside
     (lockd / "owner.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(), "user": "x"}))
     r = run("stage", tbs_lock, "--lock-timeout", "0.5")
     assert r.exit_code == 6 and "holds the lock on node4" in r.stderr, r.stderr
@@ -204,3 +204,79 @@ def test_a_break_claim_left_by_a_killed_breaker_is_cleared_once_old(ssh_node, tb
     r = run("stage", tbs_lock, "--lock-timeout", "0.5")
     assert r.exit_code == 0, r.stderr
     assert sorted(x for x in os.listdir(state) if x.startswith(("lock.d", ".lock-"))) == []
+
+
+def _dead_stale_lock(tmp_path):
+    """A node tree (for a LocalTransport) whose lock.d is owned by a dead katactl of this host."""
+    from katactl.upgrade.layout import Layout
+
+    layout = Layout("/opt/kata")
+    lockd = tmp_path / layout.state.lstrip("/") / "lock.d"
+    lockd.mkdir(parents=True)
+    (lockd / "owner.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(),
+                                                  "user": "x", "token": "dead"}))
+    return layout, lockd
+
+
+@pytest.mark.parametrize("stall_after", ["owner re-read", "claim re-check"])
+def test_a_breaker_stalled_past_the_bound_never_moves_a_live_lock(tmp_path, stall_after):
+    """review5 diffA #2, a deterministic interleaving over a LocalTransport node tree: breaker
+    B claims the stale lock S, then stalls (Ctrl-Z, slow calls) longer than the bound after
+    one of its calls: B's own clock jumps an hour, its claim looks an hour old on the node,
+    and client C meanwhile clears that claim, breaks S and takes the lock. B resumes: it must
+    not rename C's lock away (it did, and a client D then took the free lock.d: two holders).
+    After the owner re-read B finds its token gone from the claim; after the claim re-check
+    its own clock says it is too late to be sure."""
+    import contextlib
+
+    from katactl.backends.local import LocalTransport
+    from katactl.errors import TimeoutExpired
+    from katactl.upgrade import lock
+
+    layout, lockd = _dead_stale_lock(tmp_path)
+    holders: list[str] = []
+    stack = contextlib.ExitStack()
+    b_clock = [0.0]
+
+    def try_take(name):
+        try:
+            # C's first look finds B's claim (old: cleared), the next one breaks S
+            stack.enter_context(lock._mkdir_lock(LocalTransport(str(tmp_path)), layout, 1.0, None))
+            holders.append(name)
+        except TimeoutExpired:
+            pass  # held by another: the right outcome for D
+
+    class StalledB(LocalTransport):
+        """B's node; the first call after the named step returns an hour late."""
+        stalled = False
+
+        def _stall(self, now: bool) -> None:
+            if now and not self.stalled:
+                self.stalled = True
+                b_clock[0] += 3600
+                old = time.time() - 3600
+                os.utime(lockd / lock.BREAK_CLAIM, (old, old))
+                try_take("C")
+
+        def read_bytes(self, path, *a, **kw):
+            r = super().read_bytes(path, *a, **kw)
+            self._stall(stall_after == "owner re-read" and (lockd / lock.BREAK_CLAIM).is_dir())
+            return r
+
+        def stat(self, path, *a, **kw):
+            r = super().stat(path, *a, **kw)
+            self._stall(stall_after == "claim re-check" and path.startswith(f"{layout.lock}.d/{lock.BREAK_CLAIM}/"))
+            return r
+
+    b = StalledB(str(tmp_path))
+    d = f"{layout.lock}.d"
+    raw = b.read_bytes(f"{d}/owner.json")  # B's read: S, judged stale
+    assert lock._stale(raw)
+    with stack:
+        lock._break(b, layout, d, raw, lambda mtime: time.time() - mtime > 60, bound=60, clock=lambda: b_clock[0])
+        assert b.stalled
+        c_owner = (lockd / "owner.json").read_bytes()
+        try_take("D")
+        assert holders == ["C"]
+        assert (lockd / "owner.json").read_bytes() == c_owner
+    assert sorted(os.listdir(lockd.parent)) == []  # C released its lock; nothing of B's left behind

@@ -205,9 +205,10 @@ def _flock(transport: LocalTransport, layout, timeout, on_wait):
         os.close(fd)
 
 
-#: an owner-less lock younger than this (or twice --request-timeout) may be an older katactl
+#: an owner-less lock younger than this (or four --request-timeout) may be an older katactl
 #: between its mkdir and its owner write (one round trip), so it blocks; an older one is the
-#: leftover of a cut stream or a crash there, and nothing else would ever remove it
+#: leftover of a cut stream or a crash there, and nothing else would ever remove it. The same
+#: bound ages a breaker's claim (_break: its round trips must fit in half of it)
 OWNERLESS_STALE = 60.0
 
 
@@ -244,7 +245,7 @@ def _mkdir_lock(transport: NodeTransport, layout, timeout, on_wait):
 def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on_wait) -> None:
     """Rename tmp (our owner.json inside) to d once d is free or stale, within timeout."""
     deadline = time.monotonic() + timeout
-    bound = max(OWNERLESS_STALE, 2 * transport.timeout)
+    bound = max(OWNERLESS_STALE, 4 * transport.timeout)  # a breaker's round trips fit in bound/2
     told = False
     clock: tuple[float, float] | None = None  # (node time, monotonic time) when tmp was written
 
@@ -277,7 +278,7 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
         except OSError:
             raw = b""
         stale = older(cur.mtime) if _owner_of(raw) is None else _stale(raw)
-        if stale and _break(transport, layout, d, raw, older):
+        if stale and _break(transport, layout, d, raw, older, bound=bound):
             continue  # broken: look again at once
         if time.monotonic() >= deadline:
             raise TimeoutExpired(
@@ -289,27 +290,49 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
         time.sleep(0.2)
 
 
-#: a breaker's claim on a lock it is about to break: a directory inside the lock
+#: a breaker's claim on a lock it is about to break: a directory inside the lock, holding one
+#: entry named by its breaker's token
 BREAK_CLAIM = ".break"
 
 
-def _break(transport: NodeTransport, layout, d: str, raw: bytes, older=None) -> bool:
+def _break(transport: NodeTransport, layout, d: str, raw: bytes, older=None, *, bound: float = OWNERLESS_STALE,
+           clock=time.monotonic) -> bool:
     """Rename the stale lock d (whose owner.json read ``raw``) away, and remove it. True when
     d should be looked at again at once (broken, or no longer the lock judged stale); False
-    while another breaker holds its claim.
+    while a breaker's claim (another's, or ours left behind) stands.
 
     d is judged stale from an earlier read: meanwhile another breaker may have freed it and
     a live client taken it, so renaming d at once could move a live lock away (and putting
     it back races with a third client taking the freed d: two holders). Instead a breaker
-    first claims d with mkdir ``d/.break`` (mkdir(2) is exclusive; and rename(2) cannot
-    replace the now non-empty d), then reads the owner again: only while d still holds the
-    stale owner it judged is d renamed away, and nothing else moves a claimed lock. A live
-    lock is left as it was (claim removed). A claim older than ``older`` allows (its
-    breaker died or was cut off between its steps) is moved away, so another can claim."""
+    first claims d: it renames a private ``.lock-claim-<token>/<token>`` to ``d/.break``
+    (rename(2) of a directory fails onto a non-empty one, so one breaker wins; and rename(2)
+    cannot replace the now non-empty d), then reads the owner again: only while d still
+    holds the stale owner it judged is d renamed away, and nothing else moves a claimed
+    lock. A live lock is left as it was (claim removed). A claim older than ``older``
+    allows (its breaker died or was cut off between its steps) is moved away, so another
+    can claim.
+
+    A breaker that is slow, not dead (Ctrl-Z, a suspended laptop, calls near the request
+    timeout) may have had its claim cleared as stale, and d broken and retaken by a live
+    client since. So, right before the rename, it checks that ``d/.break/<token>`` is still
+    there, and that no more than ``bound``/2 has passed on its own monotonic clock since
+    just before it made the claim (the claim cannot be older than that, so nobody could
+    clear it yet; others clear a claim only once it is older than ``bound``, by the node's
+    clock). Past bound/2 it gives up and leaves its claim to age out: removing it then
+    could remove a successor's claim. What remains is the window between those checks and
+    the rename landing on the node: one request, well inside the other bound/2 (``bound``
+    is at least four request timeouts) unless the client stalls in that instant or the
+    request sits undelivered for longer; and a node clock stepped forward."""
     claim = f"{d}/{BREAK_CLAIM}"
+    token = secrets.token_hex(8)
+    prep = f"{layout.state}/.lock-claim-{token}"
+    t0 = clock()  # before the claim's entry exists: its age never exceeds clock() - t0
     try:
-        transport.mkdir(claim, parents=False)
+        transport.mkdir(f"{prep}/{token}")
+        transport.rename(prep, claim)
     except OSError:
+        with contextlib.suppress(OSError):
+            transport.remove(prep, recursive=True)
         # claimed by another breaker (or d is gone: the caller looks again)
         with contextlib.suppress(OSError):
             if older is not None and older(transport.stat(claim, follow_symlinks=False).mtime):
@@ -317,20 +340,33 @@ def _break(transport: NodeTransport, layout, d: str, raw: bytes, older=None) -> 
                 transport.rename(claim, dead)  # one wins
                 transport.remove(dead, recursive=True)
         return False
+    except BaseException:
+        with contextlib.suppress(Exception):
+            transport.remove(prep, recursive=True)
+        raise
+
+    def drop_claim() -> None:
+        """Remove our claim while it is certainly still ours (young); else leave it to age out."""
+        if clock() - t0 <= bound / 2:
+            with contextlib.suppress(OSError):
+                transport.remove(claim, recursive=True)
+
     try:
         now = transport.read_bytes(d + "/owner.json", limit=4096)
     except OSError:
         now = b""
     if now != raw:  # not the lock judged stale any more: leave it
-        with contextlib.suppress(OSError):
-            transport.remove(claim, recursive=True)
+        drop_claim()
         return True  # changed since it was read: look again at once
+    if not transport.exists(f"{claim}/{token}"):
+        return True  # our claim was cleared (we were that slow): d may be a live lock now
+    if clock() - t0 > bound / 2:
+        return False  # too slow to be sure nobody cleared our claim by the time the rename lands
     gone = f"{layout.state}/.lock-stale-{secrets.token_hex(8)}"
     try:
         transport.rename(d, gone)  # with our claim inside: still the stale lock
     except OSError:
-        with contextlib.suppress(OSError):
-            transport.remove(claim, recursive=True)
+        drop_claim()
         return False
     with contextlib.suppress(OSError):
         transport.remove(gone, recursive=True)
