@@ -161,3 +161,58 @@ def test_makedumpfile_temp_sweep_and_heartbeat_over_ssh(vnode, monkeypatch):
             if n.startswith(".katactl-"):
                 p = os.path.join(d, n)
                 os.rmdir(p) if os.path.isdir(p) else os.unlink(p)
+
+
+TAIL = r"""#!/bin/sh
+# tail as katactl's remote open_stream runs it (tail -c +N -- FILE); FILE.stall / FILE.split steer it
+f="$4"
+[ -e "$f.stall" ] && exec sleep 20
+if [ -e "$f.split" ]; then
+  REAL "$@" | head -c 8; sleep 1; REAL "$@" | REAL -c +9; exit 0
+fi
+exec REAL "$@"
+"""
+
+
+@pytest.fixture(scope="module")
+def flatnode(sshd_lab, tmp_path_factory):
+    """Node 'vmflat' (real sshd) whose PATH starts with a stand-in tail: three complete
+    kdump-flat dumps; the end of one arrives in two pieces a second apart, the end of another
+    never (the read stalls)."""
+    import shutil
+
+    from tests.test_vmcore import flat_kdump
+
+    b = tmp_path_factory.mktemp("flatbin")
+    (b / "tail").write_text(TAIL.replace("REAL", shutil.which("tail")))
+    (b / "tail").chmod(0o755)
+    if "vmflat" not in sshd_lab.nodes:
+        sshd_lab.add_node("vmflat", known="plain", env={"PATH": f"{b}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"})
+        sshd_lab.write_config()
+        sshd_lab.wait_ready()
+    root = str(sshd_lab.nodes["vmflat"].root)
+    node_tree(root)
+    sids = {k: (k * 32)[:32] for k in ("a", "b", "c")}
+    for i, (k, sid) in enumerate(sids.items()):
+        p = add_dump(root, sid=sid, ts=f"2024010203040{i}", ext="kdump", content=flat_kdump())
+        if k == "a":
+            open(p + ".split", "w").close()
+        if k == "b":
+            open(p + ".stall", "w").close()
+    return {"lab": sshd_lab, "sids": sids}
+
+
+def test_flat_end_marker_read_in_pieces_or_stalled_over_ssh(cli, flatnode, tmp_path):
+    """review5 diffA suspicion: the kdump-flat end check took the first recv of the 16-byte
+    tail as all of it (a dump whose end arrived in two pieces was 'incomplete'), and caught
+    only OSError: one dump's stalled read (TimeoutExpired) failed the node's whole list. Now
+    the read loops to 16 bytes, and a failed one marks that dump 'unreadable'."""
+    args = ["-N", "vmflat", "--ssh-config", str(flatnode["lab"].config), "--request-timeout", "3"]
+    r = cli([*args, "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    got = {it["sandbox"]: it["status"] for it in r.json()["items"]}
+    s = flatnode["sids"]
+    assert got == {s["a"]: "ok", s["b"]: "unreadable", s["c"]: "ok"}
+    r = cli([*args, "vmcore", "collect", s["b"], "--to", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "could not be read" in r.stderr and "not known to be complete" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -208,6 +208,10 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
         raise Refused(f"{dump['name']}: the dump is incomplete (size {dump['size']} {why}): "
                       "still being written, or truncated",
                       hint="wait for the dump to finish (katactl vmcore list shows its status)")
+    if dump["status"] == "unreadable":
+        # not known to be complete: a copy could take a dump still being written for a whole one
+        raise OperationFailed(f"{dump['name']}: the end of the dump could not be read on node {transport.node}, "
+                              "so it is not known to be complete", hint="run collect again")
     for p in (final, final + ".partial", final + ".partial.json"):
         if os.path.isdir(p) or (os.path.lexists(p) and not os.path.isfile(p)):
             raise OperationFailed(f"{p}: is a directory or special file where the copy of {dump['name']} "

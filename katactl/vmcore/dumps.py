@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 from katactl import sandbox as sbmod
-from katactl.errors import Ambiguous, KatactlError, NotFound, OperationFailed, UsageError, as_katactl_error
+from katactl.errors import (Ambiguous, Interrupted, KatactlError, NotFound, OperationFailed, UsageError,
+                            as_katactl_error)
 from katactl.sandbox import CONTAINERD_TASK_DIR
 from katactl.vmcore.records import CollectIndex
 from katactl.backends.base import NodeTransport
@@ -366,25 +367,35 @@ def elf_extent(head: bytes) -> tuple[int, int] | None:
 FLAT_END = b"\xff" * 16
 
 
-def flat_stream_complete(transport: NodeTransport, path: str, size: int) -> bool:
-    """A kdump-flat dump ends with :data:`FLAT_END` (one 16-byte read at its end).
+def flat_stream_status(transport: NodeTransport, path: str, size: int) -> str:
+    """``ok`` when a kdump-flat dump of this size ends with :data:`FLAT_END`, ``incomplete``
+    when it does not (or the file ends before), ``unreadable`` when its last 16 bytes could
+    not be read (the node's read failed, its stream was cut, or stalled past the request
+    timeout): that one dump's status is unknown, the rest of the list stands. A stream may
+    deliver the 16 bytes in more than one piece (a short recv on an SSH channel).
 
     A raw ``KDUMP   `` file (QEMU's kdump-raw-* formats, makedumpfile without -F) has no end
     marker; its extent is the last page descriptor's, which needs the population count of
     its whole dump bitmap (MiBs for a large guest): not checked by ``list``."""
     if size < 4096 + 16:                    # the 4 KiB flat header (MAX_SIZE_MDF_HEADER) and the marker
-        return False
+        return "incomplete"
+    tail = b""
     try:
         it = transport.open_stream(path, offset=size - 16, chunk_size=16)
         try:
-            tail = next(iter(it), b"")
+            for b in it:
+                tail += b
+                if len(tail) >= 16:
+                    break
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
-    except OSError:
-        return False
-    return tail[:16] == FLAT_END
+    except Interrupted:
+        raise
+    except (OSError, KatactlError):
+        return "unreadable"
+    return "ok" if tail[:16] == FLAT_END else "incomplete"
 
 
 def read_json(transport: NodeTransport, path: str, limit: int = 8 << 20) -> Any:
@@ -522,8 +533,8 @@ def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, inde
             if st is not None and st.size < end:
                 status = "incomplete"   # still being written, or truncated
     elif fmt == "kdump-flat":
-        if st is None or not flat_stream_complete(transport, path, st.size):
-            status = "incomplete"   # still being written, or cut (QEMU killed, ENOSPC)
+        # incomplete: still being written, or cut (QEMU killed, ENOSPC)
+        status = "incomplete" if st is None else flat_stream_status(transport, path, st.size)
     elif fmt in ("empty", "unknown"):
         status = "incomplete" if fmt == "empty" else "unknown-format"
     coll = index.lookup(transport, path, st.size if st else None, st.mtime if st else None)
