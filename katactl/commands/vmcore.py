@@ -47,8 +47,9 @@ def list_cmd(
 
     Each <sandbox-id>/vmcore-*.elf (or .kdump) with its size, time, pod (from
     the saved state/ and the bundle's CRI annotations, or /var/log/pods),
-    hypervisor version, status (ok, or incomplete while still being written)
-    and whether this machine has collected it.
+    hypervisor version, status (ok; incomplete while still being written, or cut
+    short; unreadable when a flattened dump's end could not be read) and whether
+    this machine has collected it.
 
     \b
     Examples:
