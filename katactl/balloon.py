@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from katactl.sandbox import Sandbox
 
 MIB = 1 << 20
+#: virtio-balloon's page (VIRTIO_BALLOON_PFN_SHIFT = 12, linux include/uapi/linux/virtio_balloon.h)
+BALLOON_PAGE = 4096
 PATHS = ("extension", "hypervisor-api", "extra-monitor", "qmp")
 DEFAULT_MARGIN = 64 * MIB
 DEFAULT_TOLERANCE = 4 * MIB
@@ -54,6 +56,8 @@ class VMGone(OperationFailed):
 # -- paths ----------------------------------------------------------------------
 class _Path:
     name = "?"
+    #: the unit the hypervisor sets the balloon in (for the "rounded" warning)
+    unit = "its own units"
 
     def state(self, guest: bool = True) -> dict:
         """{memory, target (guest bytes or None), actual (guest bytes), guest {total,free,available}|None}"""
@@ -72,6 +76,20 @@ class _Path:
         pass
 
 
+def page_effective_target(want: int, memory: int) -> int:
+    """virtio-balloon asks the guest for whole 4 KiB pages of balloon, rounded down, so the
+    guest keeps at least ``want``: QEMU (qemu hw/virtio/virtio-balloon.c
+    ``virtio_balloon_to_target``: ``num_pages = (ram_size - target) >> VIRTIO_BALLOON_PFN_SHIFT``)
+    and Cloud Hypervisor (cloud-hypervisor virtio-devices/src/balloon.rs ``Balloon::resize``:
+    ``num_pages = size >> VIRTIO_BALLOON_PFN_SHIFT``). ``query-balloon``'s ``actual`` and CLH's
+    ``memory_actual_size`` count whole pages too."""
+    return memory - (memory - int(want)) // BALLOON_PAGE * BALLOON_PAGE
+
+
+UNITS = {"fc": "Firecracker: MiB of balloon", "qemu": "QEMU: 4 KiB pages of balloon",
+         "clh": "Cloud Hypervisor: 4 KiB pages of balloon"}
+
+
 def fc_effective_target(want: int, memory: int) -> int:
     """Firecracker's ``amount_mib`` is whole MiB of balloon (firecracker
     src/vmm/src/vmm_config/balloon.rs ``BalloonUpdateConfig { amount_mib: u32 }``): rounded
@@ -85,6 +103,7 @@ class _ExtensionPath(_Path):
     def __init__(self, shim, hypervisor: str | None = None):
         self.shim = shim
         self.hypervisor = hypervisor
+        self.unit = UNITS.get(hypervisor or "", _Path.unit)
 
     def _call(self, method: str, body: dict | None = None, url: str = "/ext/v1/balloon") -> dict:
         kw = {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}} \
@@ -115,8 +134,13 @@ class _ExtensionPath(_Path):
                            "available": g.get("availableBytes")} if g else None)}
 
     def effective_target(self, want: int, memory: int) -> int:
-        # docs/shim-extension.md: the shim converts for Firecracker as _FcPath does
-        return fc_effective_target(want, memory) if self.hypervisor == "fc" else want
+        # docs/shim-extension.md: the shim converts for Firecracker as _FcPath does; QEMU and
+        # Cloud Hypervisor then round to pages as they do for any client
+        if self.hypervisor == "fc":
+            return fc_effective_target(want, memory)
+        if self.hypervisor in ("qemu", "clh"):
+            return page_effective_target(want, memory)
+        return want
 
     def set_target(self, target: int) -> int | None:
         t = self._call("PUT", {"targetBytes": int(target)}).get("targetBytes")
@@ -127,6 +151,8 @@ class _ExtensionPath(_Path):
 
 
 class _QmpPath(_Path):  # noqa: D101
+    unit = UNITS["qemu"]
+
     def __init__(self, name: str, qmp):
         self.name = name
         self.qmp = qmp
@@ -163,6 +189,9 @@ class _QmpPath(_Path):  # noqa: D101
         # QEMU cannot report the target: only what the guest has now
         return {"memory": self.memory, "target": None, "actual": actual, "guest": g}
 
+    def effective_target(self, want: int, memory: int) -> int:
+        return page_effective_target(want, memory)
+
     def set_target(self, target: int) -> int | None:
         self._x("balloon", {"value": int(target)})
         return None
@@ -190,6 +219,13 @@ class _ApiPath(_Path):
 
 
 class _ClhPath(_ApiPath):
+    unit = UNITS["clh"]
+
+    def effective_target(self, want: int, memory: int) -> int:
+        # config.balloon.size keeps the un-rounded desired_balloon (cloud-hypervisor
+        # vmm/src/vm.rs Vm::resize), the guest gets whole pages
+        return page_effective_target(want, memory)
+
     def state(self, guest: bool = True) -> dict:
         s = self._balloon()
         mem = s["memory"]
@@ -203,6 +239,8 @@ class _ClhPath(_ApiPath):
 
 
 class _FcPath(_ApiPath):
+    unit = UNITS["fc"]
+
     def state(self, guest: bool = True) -> dict:
         s = self._balloon()
         mem = s["memory"]
@@ -508,7 +546,7 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
                      "warnings": warnings, "waited": False, "converged": None})
         if dry_run:
             view.update(changed=changed, dryRun=True)
-            warnings.extend(_rounded(want, goal))
+            warnings.extend(_rounded(want, goal, path.unit))
             return view
         params = {"targetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
                   "actualBytes": actual, "path": path.name, "force": force, "wait": wait}
@@ -545,7 +583,7 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             final["guest"]["usedBytes"] = used
         if final["targetBytes"] is None:
             final["targetBytes"] = goal
-        warnings.extend(_rounded(want, goal))
+        warnings.extend(_rounded(want, goal, path.unit))
         final.update({"requestedTargetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
                       "warnings": warnings, "waited": wait, "converged": (abs(int(st["actual"]) - goal) <= tolerance)
                       if st.get("actual") is not None else None,
@@ -555,10 +593,10 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         path.close()
 
 
-def _rounded(want: int, goal: int) -> list[str]:
+def _rounded(want: int, goal: int, unit: str) -> list[str]:
     if goal == want:
         return []
-    return [f"the hypervisor sets whole units (Firecracker: MiB of balloon): the target is {format_size(goal)} "
+    return [f"the hypervisor sets whole units ({unit}): the target is {format_size(goal)} "
             f"({goal} bytes), not the requested {want} bytes"]
 
 

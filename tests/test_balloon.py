@@ -330,6 +330,53 @@ def test_fc_target_not_whole_mib_is_idempotent_and_converges(lab, cli, via):
     assert fc_amount_mib(lab) == 0
 
 
+# -- virtio-balloon: 4 KiB pages (review 5 diffA, unverified suspicion 2) --------------------------
+@pytest.mark.parametrize("via", ["extension", "extra-monitor"])
+def test_qemu_target_not_whole_page_is_idempotent_and_converges(lab, cli, via):
+    """QEMU asks the guest for whole 4 KiB pages of balloon, rounded down (qemu
+    hw/virtio/virtio-balloon.c virtio_balloon_to_target): a target that is not a whole page
+    converges, with --tolerance 0, to the page-rounded target query-balloon then reports, and
+    a re-run is changed:false with no audit entry."""
+    pod, sid = lab.pod("qemu-0"), lab.id("qemu-0")
+    want = 300_000_000
+    eff = 512 * MIB - ((512 * MIB - want) >> 12 << 12)  # 57829 pages of balloon
+    assert eff == 300_003_328
+    base = ("balloon", "set", pod, "--target", str(want), "--via", via, "--wait", "--timeout", "30s",
+            "--tolerance", "0", "-o", "json")
+    try:
+        r = cli(lab.args(*base))
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        j = r.json()
+        assert j["path"] == via and j["changed"] is True and j["converged"] is True
+        assert j["requestedTargetBytes"] == want and j["effectiveTargetBytes"] == eff and j["actualBytes"] == eff
+        assert any("4 KiB pages" in w and "not the requested 300000000 bytes" in w for w in j["warnings"])
+        assert query_balloon(lab, "qemu-0") == eff
+
+        r = cli(lab.args(*base))
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        j = r.json()
+        assert j["changed"] is False and j["converged"] is True and j["effectiveTargetBytes"] == eff
+        entries = audit_entries("balloon.set", sid)
+        assert len(entries) == 1, entries
+        assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
+    finally:
+        r = cli(lab.args("balloon", "set", pod, "--release", "--via", via, "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+    assert query_balloon(lab, "qemu-0") == 512 * MIB
+
+
+@pytest.mark.parametrize("via", ["hypervisor-api", "extension"])
+def test_clh_effective_target_is_whole_pages(lab, cli, via):
+    """Cloud Hypervisor too sets whole 4 KiB pages of balloon (cloud-hypervisor
+    virtio-devices/src/balloon.rs Balloon::resize): the effective target says so."""
+    r = cli(lab.args("balloon", "set", lab.pod("clh-0"), "--target", "300000000", "--via", via, "--dry-run",
+                     "-o", "json"))
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    j = r.json()
+    assert j["requestedTargetBytes"] == 300_000_000 and j["effectiveTargetBytes"] == 300_003_328
+    assert any("Cloud Hypervisor: 4 KiB pages" in w for w in j["warnings"]), j["warnings"]
+
+
 # -- --reclaim is relative (review 5, finding 8) ------------------------------------------------
 def test_reclaim_is_relative_documented_and_warned(lab, cli):
     """--reclaim takes SIZE from the current target on every run: the help says so (it is

@@ -120,8 +120,9 @@ def set_(ctx: typer.Context,
     memory plus --margin or above the VM's memory, unless --force. When the
     guest's usage is unknown (no guest statistics, or statistics older than
     the balloon's last move), it refuses to shrink the guest unless --force.
-    Firecracker takes whole MiB of balloon: the target really set (reported as
-    effectiveTargetBytes) is the request rounded down to it.
+    The balloon moves in whole units (Firecracker: MiB; QEMU and Cloud
+    Hypervisor: 4 KiB pages): the target really set, reported as
+    effectiveTargetBytes and waited for, is the request rounded to them.
     Re-running --target or --release after success is a no-op (changed:
     false). --reclaim is not: it is relative to the current target and takes
     SIZE again on every run (use --target in scripts and Ansible). Every change
