@@ -280,3 +280,20 @@ def test_a_breaker_stalled_past_the_bound_never_moves_a_live_lock(tmp_path, stal
         assert holders == ["C"]
         assert (lockd / "owner.json").read_bytes() == c_owner
     assert sorted(os.listdir(lockd.parent)) == []  # C released its lock; nothing of B's left behind
+
+
+def test_an_old_ownerless_lock_with_a_killed_breakers_claim_is_broken_in_one_run(ssh_node, tbs_lock):
+    """review5 diffA #4: an owner-less lock.d and the claim of a breaker killed right after
+    claiming it, both hours old. Clearing the claim (moved out of lock.d) set lock.d's mtime,
+    by which an owner-less lock is aged, to now: the run that cleared it, and every run for
+    the next 60 s, said 'held by another katactl' (exit 6). The claim is now taken over in
+    place, lock.d's age stays, and the first run breaks it."""
+    state, run = ssh_node
+    lockd = state / "lock.d"
+    (lockd / ".break/0123456789abcdef").mkdir(parents=True)
+    old = time.time() - 3 * 3600
+    for p in (lockd / ".break", lockd):
+        os.utime(p, (old, old))
+    r = run("stage", tbs_lock, "--lock-timeout", "0.5")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(x for x in os.listdir(state) if x.startswith(("lock.d", ".lock-"))) == []

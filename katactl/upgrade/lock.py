@@ -309,41 +309,43 @@ def _break(transport: NodeTransport, layout, d: str, raw: bytes, older=None, *, 
     cannot replace the now non-empty d), then reads the owner again: only while d still
     holds the stale owner it judged is d renamed away, and nothing else moves a claimed
     lock. A live lock is left as it was (claim removed). A claim older than ``older``
-    allows (its breaker died or was cut off between its steps) is moved away, so another
-    can claim.
+    allows (its breaker died or was cut off between its steps, or gave up) is taken over in
+    place (_take_over), so d's mtime, the age of an owner-less lock, stays what it was.
 
     A breaker that is slow, not dead (Ctrl-Z, a suspended laptop, calls near the request
-    timeout) may have had its claim cleared as stale, and d broken and retaken by a live
+    timeout) may have had its claim taken over as stale, and d broken and retaken by a live
     client since. So, right before the rename, it checks that ``d/.break/<token>`` is still
     there, and that no more than ``bound``/2 has passed on its own monotonic clock since
     just before it made the claim (the claim cannot be older than that, so nobody could
-    clear it yet; others clear a claim only once it is older than ``bound``, by the node's
-    clock). Past bound/2 it gives up and leaves its claim to age out: removing it then
-    could remove a successor's claim. What remains is the window between those checks and
-    the rename landing on the node: one request, well inside the other bound/2 (``bound``
-    is at least four request timeouts) unless the client stalls in that instant or the
-    request sits undelivered for longer; and a node clock stepped forward."""
+    take it over yet; others take a claim over only once it is older than ``bound``, by the
+    node's clock). Past bound/2 it gives up and leaves its claim to age out: removing it
+    then could remove a successor's claim. What remains is the window between those checks
+    and the rename landing on the node: one request, well inside the other bound/2
+    (``bound`` is at least four request timeouts) unless the client stalls in that instant
+    or the request sits undelivered for longer; and a node clock stepped forward.
+
+    An empty ``d/.break`` (a katactl before claims carried a token) is replaced by the
+    claim's rename, without waiting for it to age."""
     claim = f"{d}/{BREAK_CLAIM}"
     token = secrets.token_hex(8)
     prep = f"{layout.state}/.lock-claim-{token}"
     t0 = clock()  # before the claim's entry exists: its age never exceeds clock() - t0
+    left = prep  # ours to remove, until renamed to the claim
     try:
         transport.mkdir(f"{prep}/{token}")
-        transport.rename(prep, claim)
+        try:
+            transport.rename(prep, claim)
+            left = ""
+        except OSError:
+            # claimed by another breaker (or d is gone: the caller looks again)
+            if not _take_over(transport, claim, token, older):
+                return False
     except OSError:
-        with contextlib.suppress(OSError):
-            transport.remove(prep, recursive=True)
-        # claimed by another breaker (or d is gone: the caller looks again)
-        with contextlib.suppress(OSError):
-            if older is not None and older(transport.stat(claim, follow_symlinks=False).mtime):
-                dead = f"{layout.state}/.lock-stale-{secrets.token_hex(8)}"
-                transport.rename(claim, dead)  # one wins
-                transport.remove(dead, recursive=True)
         return False
-    except BaseException:
-        with contextlib.suppress(Exception):
-            transport.remove(prep, recursive=True)
-        raise
+    finally:
+        if left:
+            with contextlib.suppress(Exception):
+                transport.remove(left, recursive=True)
 
     def drop_claim() -> None:
         """Remove our claim while it is certainly still ours (young); else leave it to age out."""
@@ -359,9 +361,9 @@ def _break(transport: NodeTransport, layout, d: str, raw: bytes, older=None, *, 
         drop_claim()
         return True  # changed since it was read: look again at once
     if not transport.exists(f"{claim}/{token}"):
-        return True  # our claim was cleared (we were that slow): d may be a live lock now
+        return True  # our claim was taken over (we were that slow): d may be a live lock now
     if clock() - t0 > bound / 2:
-        return False  # too slow to be sure nobody cleared our claim by the time the rename lands
+        return False  # too slow to be sure nobody took our claim over by the time the rename lands
     gone = f"{layout.state}/.lock-stale-{secrets.token_hex(8)}"
     try:
         transport.rename(d, gone)  # with our claim inside: still the stale lock
@@ -370,6 +372,20 @@ def _break(transport: NodeTransport, layout, d: str, raw: bytes, older=None, *, 
         return False
     with contextlib.suppress(OSError):
         transport.remove(gone, recursive=True)
+    return True
+
+
+def _take_over(transport: NodeTransport, claim: str, token: str, older) -> bool:
+    """Make a claim older than ``older`` allows (its breaker died, or stalled and gives up:
+    _break) ours, in place: its token entry renamed to ours (rename(2): one of two takers
+    wins). Not moved out of the lock: that would change d's mtime, by which an owner-less
+    d is aged, and make an hours-old leftover look young again. True once it is ours."""
+    if older is None or not older(transport.stat(claim, follow_symlinks=False).mtime):
+        return False  # young: its breaker may be at work
+    entries = transport.listdir(claim)
+    if len(entries) != 1:
+        return False  # not a claim we know how to take (by hand?): left for a human
+    transport.rename(f"{claim}/{entries[0]}", f"{claim}/{token}")
     return True
 
 
