@@ -112,3 +112,20 @@ def test_an_interrupted_stage_over_ssh_is_audited_and_leaves_no_lock(sshd_lab, t
         ("upgrade.stage", "node2", "interrupted", False)
     assert sorted(os.listdir(tree / "releases")) == [".katactl"]
     assert [n for n in os.listdir(tree / "releases/.katactl") if n.startswith(("lock", ".lock-"))] == []
+
+
+def test_stage_dry_run_fails_like_the_run_over_ssh_when_the_kata_root_is_a_file(cli, sshd_lab, tbs):
+    """review5 diffA #5 over SFTP, whose stat reports a path under a file as 'no such file'
+    (sftp-server maps ENOTDIR to SSH2_FX_NO_SUCH_FILE): the dry run still fails as the run
+    does (exit 1, 'Not a directory'), not 0, and not 'not found' (exit 3)."""
+    base = f"/opt/kata-ut-{secrets.token_hex(3)}"
+    (sshd_lab.nodes["node1"].root / base.lstrip("/")).write_bytes(b"")
+    try:
+        out = []
+        for extra in (["--dry-run"], []):
+            r = cli(["--ssh-config", str(sshd_lab.config), "-N", "node1", "upgrade", "stage", tbs[A], *extra,
+                     "--kata-root", f"{base}/kata", "-o", "json"])
+            out.append((r.exit_code, "Not a directory" in r.stderr, r.stderr))
+        assert out[0][:2] == out[1][:2] == (1, True), out
+    finally:
+        (sshd_lab.nodes["node1"].root / base.lstrip("/")).unlink()

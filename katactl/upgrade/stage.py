@@ -202,8 +202,8 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
 def _nearest_dir(transport: NodeTransport, path: str) -> str:
     """path, or its nearest existing ancestor: the filesystem path would be created on. The
     walk stops at the first component that exists (following symlinks, as mkdir does); when
-    that is not a directory the real run's mkdir fails there, and so does this: the
-    transport's own error for the component below it (ENOTDIR, exit 1), or for path itself."""
+    that is not a directory the real run's mkdir fails there, and so does this: ENOTDIR
+    (exit 1) for the component below it, or EEXIST for path itself."""
     below: OSError | None = None
     while True:
         try:
@@ -217,7 +217,9 @@ def _nearest_dir(transport: NodeTransport, path: str) -> str:
             return path
         if below is None:  # path itself is a file: mkdir -p says it exists
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-        raise below
+        # below's name as the transport gives it (a --host-root path); ENOTDIR even where the
+        # transport said ENOENT (sftp-server maps ENOTDIR to SSH2_FX_NO_SUCH_FILE)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), below.filename)
 
 
 def _refuse_if_running(transport: NodeTransport, layout: Layout, v: str) -> None:
