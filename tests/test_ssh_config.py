@@ -353,3 +353,69 @@ def test_an_explicit_ssh_config_that_does_not_exist_is_a_usage_error(cli, tmp_pa
     assert f"SSH config {missing}: no such file" in r.stderr and "Traceback" not in r.stderr
     text = sshconfig.config_text(str(missing), system=True)  # the default path: no error
     assert str(missing) in text
+
+
+# -- the case of the name in Match host/originalhost and OpenSSH's final pass, against ssh -G ----
+#: OpenSSH lower-cases the name and the patterns for Match host/originalhost (readconf.c
+#: match_cfg_line -> match.c match_hostname), and with CanonicalizeHostname or a Match final
+#: it reads the config again, matching Host patterns against the host lower-cased, HostName
+#: applied (ssh.c main()); paramiko compares case-sensitively and re-reads with the name given.
+CASE_MATCH_CONFIGS = {
+    "m-orig": "Match originalhost node1\n  Port 2001\n",
+    "m-host": "Match host node1\n  User ops\n",
+    "m-host-upper-pat": "Match host NODE1,Other\n  User up\n",
+    "canon-nodomain": "CanonicalizeHostname yes\nHost node1\n  Port 2002\n",
+    "canon-jump": "CanonicalizeHostname yes\nHost Node1\n  ProxyJump bastion\nHost node1\n  Port 2002\n",
+    "final": "Match final\n  ConnectTimeout 5\nHost node1\n  Port 2003\n",
+    "final-mixed": "Host Node1\n  Port 2004\nMatch final\nHost node1\n  User fin\n",
+    "final-hostname": "Match final\nHost alias1\n  HostName Real.Example\nHost real.example\n  Port 2005\n"
+                      "Host Real.Example\n  User realup\n",
+    "final-ip": "Match final\nHost 10.0.0.1\n  Port 2006\nHost FE80::1\n  User v6\nHost fe80::1\n  User v6l\n",
+    "m-host-ip": "Match host 10.0.0.*\n  User ipu\nMatch host fe80::*\n  Port 2010\n",
+    "m-host-hostname": "Host *\n  HostName %h.Example.COM\nMatch host node1.example.com\n  Port 2007\n",
+    "m-orig-neg": "Match originalhost NODE1,!other\n  User neg\n",
+    "m-not-host": "Match !host node1\n  User notn1\n",
+    "m-canonical": "Match canonical host node1\n  Port 2008\nHost *\n  User u\n",
+    "m-canonical-final": "Match canonical host node1\n  Port 2008\nMatch final\n  User f\n",
+    "host-upper": "Host NODE1 Other\n  Port 2009\n",
+    "host-glob": "Match final\nHost n*1\n  Port 2011\nHost N*\n  User cap\n",
+    "m-user": "Match user ROOT\n  Port 2012\nMatch localuser root\n  User lu\n",
+    "m-canonical-all": "Match canonical all\n  Port 2013\nMatch final\n  User f\n",
+    "final-match-host": "Host Node1\n  HostName Target.Example\nMatch final host target.example\n  User tf\n",
+}
+CASE_MATCH_NAMES = ["Node1", "NODE1", "node1", "node2", "Other", "10.0.0.1", "[FE80::1]", "[fe80::1]", "alias1", "ALIAS1"]
+
+
+@pytest.mark.parametrize("case, node, want", [
+    ("m-orig", "Node1", ("node1", 2001, "root")),           # the review's four (ssh -G's answers)
+    ("m-host", "Node1", ("node1", 22, "ops")),
+    ("canon-nodomain", "Node1", ("node1", 2002, "root")),   # was a KeyError: no CanonicalDomains
+    ("final", "Node1", ("node1", 2003, "root")),
+    ("final-mixed", "Node1", ("node1", 2004, "fin")),        # Host Node1 first, Host node1 finally
+    ("final-hostname", "ALIAS1", ("alias1", 22, "root")),   # Host alias1 never matches ALIAS1
+    ("final-hostname", "alias1", ("real.example", 2005, "root")),  # the final pass sees HostName, lower-cased
+    ("final-ip", "[FE80::1]", ("FE80::1", 22, "v6")),       # an address keeps its case
+    ("m-host-hostname", "Node1", ("node1.example.com", 2007, "root")),
+    ("m-canonical", "Node1", ("node1", 22, "u")),           # Match canonical alone: no final pass
+])
+def test_match_host_and_the_final_pass_use_openssh_case(tmp_path, case, node, want):
+    """("root" = the local user, ssh's default.)"""
+    f = tmp_path / "config"
+    f.write_text(CASE_MATCH_CONFIGS[case])
+    t = sshconfig.resolve(node, sshconfig.load(sshconfig.config_text(str(f))))
+    assert (t.hostname, t.port, t.user) == (want[0], want[1], sshconfig._local_user() if want[2] == "root" else want[2])
+
+
+@pytest.mark.parametrize("case", sorted(CASE_MATCH_CONFIGS))
+def test_case_and_final_pass_corpus_matches_ssh_G(tmp_path, case):
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    f = tmp_path / "config"
+    f.write_text(CASE_MATCH_CONFIGS[case])
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
+    for node in CASE_MATCH_NAMES:
+        t = sshconfig.resolve(node, cfg)
+        g = _ssh_G(f, node)
+        ct = g["connecttimeout"]
+        assert (t.hostname, str(t.port), t.user, t.connect_timeout) == \
+            (g["hostname"], g["port"], g["user"], None if ct == "none" else float(ct)), (case, node)

@@ -190,9 +190,38 @@ def _scoped_class():
         from paramiko.config import SSHConfigDict
 
         class ScopedSSHConfig(paramiko.SSHConfig):
+            _original = ""  # the name as given, for Match originalhost and %n (set per lookup)
+
+            def lookup(self, hostname):
+                """OpenSSH's passes (openssh-portable ssh.c main()), not paramiko's: the
+                first matches Host patterns against the name as given; then the host is
+                HostName (%h expanded) or that name, lower-cased unless an address, and
+                canonicalized if asked. Only with CanonicalizeHostname or a ``Match final``
+                does a final pass run, matching Host patterns against that host: ``Host
+                node1`` applies to ``Node1`` only there (paramiko always re-reads, with
+                the name as given)."""
+                run = copy.copy(self)
+                run._original = hostname
+                options = run._lookup(hostname)
+                host = _canonical_case(_expand_h(options.get("hostname"), hostname) or hostname)
+                canon = str(options.get("canonicalizehostname", "no")).lower()
+                if canon in ("yes", "always") and not _is_addr(host) and not host.endswith(".") \
+                        and host.count(".") <= int(options.get("canonicalizemaxdots", 1)) \
+                        and (canon == "always" or not (options.get("proxycommand") or options.get("proxyjump"))):
+                    domains = str(options.get("canonicaldomains", "")).split()
+                    if domains:
+                        host = self.canonicalize(host, options, domains)
+                if canon in ("yes", "always") or _wants_final_pass(self._config):
+                    options["hostname"] = host
+                    options = run._lookup(host, options, canonical=True, final=True)
+                else:
+                    options.setdefault("hostname", hostname)
+                return run._expand_variables(options, hostname)
+
             def _lookup(self, hostname, options=None, canonical=False, final=False):
                 # paramiko's own _lookup, with a block's activity remembered for the
-                # blocks that depend on it (evaluated once, as OpenSSH keeps oactive)
+                # blocks that depend on it (evaluated once, as OpenSSH keeps oactive);
+                # %-tokens are expanded once, by lookup
                 if options is None:
                     options = SSHConfigDict()
                 active: dict[int, bool] = {}
@@ -213,9 +242,33 @@ def _scoped_class():
                             options[key] = value[:] if value is not None else value
                         elif key == "identityfile":
                             options[key].extend(x for x in value if x not in options[key])
-                if final:
-                    options = self._expand_variables(options, hostname)
                 return options
+
+            def _does_match(self, match_list, target_hostname, canonical, final, options):
+                """paramiko's, with OpenSSH's case rule: ``Match host`` and ``originalhost``
+                compare the name and the patterns lower-cased (readconf.c match_cfg_line ->
+                match.c match_hostname, which lowercase()s the host and matches with
+                dolower=1), against HostName with %h expanded (or the name) and the name as
+                given; the final pass's ``host`` is the lower-cased host lookup set."""
+                original = self._original or target_hostname
+                host = options.get("hostname")
+                host = (host if final else _expand_h(host, original)) if host else original
+                plain, cased = [], []
+                for m in match_list:
+                    if m["type"] in ("host", "originalhost"):
+                        cased.append(m)
+                    else:
+                        plain.append(m)
+                for m in cased:
+                    name = host if m["type"] == "host" else original
+                    pats = m["param"].split(",") if isinstance(m["param"], str) else m["param"]
+                    if self._should_fail(self._pattern_matches([p.lower() for p in pats], name.lower()), m):
+                        return False
+                if not plain:
+                    return cased
+                # the rest (user, localuser, exec, canonical, final, all) as paramiko has them
+                rest = super()._does_match(plain, original, canonical, final, options)
+                return cased + rest if isinstance(rest, list) else rest  # True for Match all
 
         _SCOPED = ScopedSSHConfig
     return _SCOPED
@@ -310,17 +363,36 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
                   host_root=root, forward_agent=_yes(o.get("forwardagent", "no")))
 
 
-def _canonical_case(host: str) -> str:
-    """The host ssh connects to and looks up in known_hosts: lower-cased unless it is an
-    address (openssh-portable ssh.c main(): "Don't lowercase addresses", with is_addr():
-    a '%' or ':' in it, only digits and dots, or a numeric address to getaddrinfo)."""
+def _expand_h(value, host: str):
+    """HostName's tokens: %h (the name) and %% only (ssh.c main(), percent_expand)."""
+    if not value:
+        return value
+    return re.sub(r"%([%h])", lambda m: host if m.group(1) == "h" else "%", value)
+
+
+def _wants_final_pass(contexts) -> bool:
+    """A ``Match final`` anywhere asks OpenSSH for the final pass (readconf.c
+    match_cfg_line sets want_final_pass; ``Match canonical`` alone does not)."""
+    return any(isinstance(c, dict) and any(m.get("type") == "final" for m in c.get("matches") or [])
+               for c in contexts)
+
+
+def _is_addr(host: str) -> bool:
+    """openssh-portable ssh.c is_addr(): a '%' or ':' in it, only digits and dots, or a
+    numeric address to getaddrinfo."""
     if "%" in host or ":" in host or not host.strip("0123456789."):
-        return host
+        return True
     try:
         socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
     except (OSError, UnicodeError):
-        return host.lower()
-    return host
+        return False
+    return True
+
+
+def _canonical_case(host: str) -> str:
+    """The host ssh connects to and looks up in known_hosts: lower-cased unless it is an
+    address (openssh-portable ssh.c main(): "Don't lowercase addresses")."""
+    return host if _is_addr(host) else host.lower()
 
 
 def lookup(cfg, host: str):
@@ -342,7 +414,7 @@ def lookup(cfg, host: str):
         except AttributeError:
             pass
     literal, always = idx[1]
-    if literal is None:  # canonicalization can look up another name: every block
+    if literal is None:  # a final pass looks up another name: every block
         return cfg.lookup(host)
     picked = literal.get(host)
     sub = copy.copy(cfg)
@@ -353,6 +425,8 @@ def lookup(cfg, host: str):
 def _index_blocks(contexts: list) -> tuple[dict[str, list[int]] | None, list[int]]:
     literal: dict[str, list[int]] = {}
     always: list[int] = []
+    if _wants_final_pass(contexts):  # its Host patterns see another name (lower-cased, HostName)
+        return None, []
     for i, c in enumerate(contexts):
         if not isinstance(c, dict):
             return None, []
