@@ -377,6 +377,23 @@ def test_clh_effective_target_is_whole_pages(lab, cli, via):
     assert any("Cloud Hypervisor: 4 KiB pages" in w for w in j["warnings"]), j["warnings"]
 
 
+def test_clh_page_rounded_target_converges_and_reruns_are_no_ops(lab, cli):
+    """The lab's Cloud Hypervisor rounds the balloon to whole pages as the real one does
+    (config.balloon.size keeps the request): waiting on the effective target converges even
+    with --tolerance 0, and a re-run changes nothing."""
+    pod = lab.pod("clh-0")
+    before = cli(lab.args("balloon", "get", pod, "-o", "json")).json()["targetBytes"]
+    try:
+        for changed in (True, False):
+            r = cli(lab.args("balloon", "set", pod, "--target", "300000000", "--via", "hypervisor-api",
+                             "--wait", "--tolerance", "0", "--timeout", "30s", "-o", "json"))
+            assert r.exit_code == 0, (r.stdout, r.stderr)
+            j = r.json()
+            assert j["changed"] is changed and j["effectiveTargetBytes"] == 300_003_328, j
+    finally:
+        cli(lab.args("balloon", "set", pod, "--target", str(before), "--wait", "--timeout", "30s"))
+
+
 # -- --reclaim is relative (review 5, finding 8) ------------------------------------------------
 def test_reclaim_is_relative_documented_and_warned(lab, cli):
     """--reclaim takes SIZE from the current target on every run: the help says so (it is

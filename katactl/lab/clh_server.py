@@ -15,6 +15,9 @@ Known differences from the real Cloud Hypervisor:
 - there is no VM: the guest is :class:`katactl.lab.simguest.SimGuest`; the
   balloon moves at a fixed rate, the guest uses a fixed amount of memory;
 - ``vm.counters`` is empty, ``device_tree`` is ``{}``;
+- as the real one, the balloon takes whole 4 KiB pages, rounded down (virtio-devices
+  src/balloon.rs ``Balloon::resize``: ``num_pages = size >> VIRTIO_BALLOON_PFN_SHIFT``) while
+  ``config.balloon.size`` keeps the size asked for (vmm/src/vm.rs ``Vm::resize``);
 - ``vm.coredump`` writes a tiny ELF header, not guest memory;
 - no 429 (no vCPU removal ever pends); no other endpoints (``vm.create``,
   ``vm.boot``, ``vm.add-*``, ``vm.snapshot`` ...): they answer 404.
@@ -28,6 +31,8 @@ import os
 
 from katactl.lab import httpunix
 from katactl.lab.simguest import SimGuest
+
+PAGE = 4096  # VIRTIO_BALLOON_PFN_SHIFT 12
 
 
 class _H(httpunix.Handler):
@@ -56,7 +61,8 @@ class _H(httpunix.Handler):
         if ep == "vm.info":
             if method != "GET":
                 return self.send(400, b"", "text/plain")
-            bal = ({"size": g.balloon_target(), "deflate_on_oom": False, "free_page_reporting": True}
+            asked = srv.balloon_size if srv.balloon_size is not None else g.balloon_target()
+            bal = ({"size": asked, "deflate_on_oom": False, "free_page_reporting": True}
                    if srv.balloon else None)
             return self.send(200, {
                 "config": {"cpus": {"boot_vcpus": srv.vcpus, "max_vcpus": srv.vcpus},
@@ -99,7 +105,8 @@ class _H(httpunix.Handler):
                     return self._err(["Error from API", "The VM could not be resized",
                                       "Failed resizing balloon",
                                       "Balloon size exceeds guest memory size"])
-                g.set_balloon(size)
+                srv.balloon_size = size
+                g.set_balloon(size - size % PAGE)
             return self.send(204)
         if ep == "vm.coredump":
             if "guest_debug" not in srv.features:
@@ -131,7 +138,7 @@ class ClhServer:
         self.guest = SimGuest(memory_bytes, guest_used)
         self._srv = httpunix.serve(socket_path, _H, guest=self.guest, major=version, features=tuple(features),
                                    balloon=balloon, vcpus=vcpus, state="Running", kernel=kernel,
-                                   coredump_error=None)
+                                   coredump_error=None, balloon_size=None)
 
     def fail_coredump(self, messages: list[str] | None) -> None:
         """From now on ``vm.coredump`` answers an API error with these messages (after the
