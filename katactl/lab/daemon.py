@@ -196,7 +196,6 @@ class LabSandbox:
                             debug_threads=sp.get("debug_threads", False), qemu=self.lab.qemu)
         if not sp.get("guest", True):
             argv.append("-S")  # no guest: prelaunch, QMP still answers
-        self.argv = argv
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=open(os.path.join(d, "qemu.log"), "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
