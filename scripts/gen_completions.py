@@ -150,7 +150,8 @@ def _zsh_specs(o) -> list[str]:
             action = f":{label}:({' '.join(v)})"
         else:
             action = f":{label}: "
-    return [f"'{name}[{desc}]{action}'" for name in o.names]
+    # a long option's value may follow '=' too (_arguments' "--opt=": --output=json or --output json)
+    return [f"'{name}{'=' if action and name.startswith('--') else ''}[{desc}]{action}'" for name in o.names]
 
 
 def zsh(nodes) -> str:
@@ -184,7 +185,7 @@ def zsh(nodes) -> str:
         else:
             own = [x for o in n.options for x in o.names if x in {y for r in root.options for y in r.names}]
             specs = [s for o in n.options for s in _zsh_specs(o)]
-            specs.append('"${(@)globals:#(' + "|".join(own) + ')\\[*}"' if own else '"${(@)globals}"')
+            specs.append('"${(@)globals:#(' + "|".join(own) + ')(=|)\\[*}"' if own else '"${(@)globals}"')
         subs = " ".join(_sq(f"{c.path[-1]}:{c.short[:60]}") for c in n.children)
         out.append(f'        "{n.name}")')
         if n.children:

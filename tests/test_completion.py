@@ -6,6 +6,7 @@ function with _arguments/_describe stubs that print what they would offer."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -261,21 +262,62 @@ def test_zsh_global_options_after_the_subcommand(cwd):
     out = specs("katactl", "-N", "n1", "sandbox", "list", "-o", "")
     assert out[0] == "WORDS list -o  CURRENT 3"
     assert any(x.startswith("-o[") and x.endswith(":format:(" + " ".join(FORMATS) + ")") for x in out)
-    assert any(x.startswith("--kubeconfig[") and x.endswith(":file:_files") for x in out)
+    assert any(x.startswith("--kubeconfig=[") and x.endswith(":file:_files") for x in out)
     out = specs("katactl", "balloon", "get", "x", "--via", "")
     assert out[0] == "WORDS get x --via  CURRENT 4"
-    assert [x for x in out if x.startswith("--via[")] == [
-        "--via[Force one path\\: extension, hypervisor-api, extra-monitor, qm]:auto or extension or "
+    assert [x for x in out if x.startswith("--via")] == [
+        "--via=[Force one path\\: extension, hypervisor-api, extra-monitor, qm]:auto or extension or "
         "hypervisor-api or extra-monitor or qmp:(auto extension hypervisor-api extra-monitor qmp)"]
     assert len([x for x in out if x.startswith("-h[")]) == 1
     out = specs("katactl", "node", "-n", "agent", "")
     assert out[0] == "WORDS node -n agent  CURRENT 4"  # -n's value is not the subcommand
 
 
+#: zsh's own completion system in a pseudo-terminal (zsh/zpty): each line is typed with a TAB,
+#: then a marker command, and the output is read up to the marker (no sleeps)
+ZSH_PTY_DRIVER = r"""
+zmodload zsh/zpty || exit 3
+dir=$1; shift
+zpty z 'zsh -f -i'
+zpty -w z "PROMPT='%% '; fpath=($dir \$fpath); autoload -U compinit; compinit -u -D; zstyle ':completion:*' list-prompt ''; LISTMAX=100000; unsetopt beep; print SET''UP-DONE"
+zpty -r z junk '*SETUP-DONE*'
+n=0
+for line in "$@"; do
+  (( n++ ))
+  zpty -n -w z "$line"$'\t'$'\C-e\C-u'"print M''ARK-$n"$'\n'
+  zpty -r z out "*MARK-$n*"
+  print -r -- "${out//$'\r'/}"
+  print -r -- "--end--"
+done
+zpty -d z
+"""
+
+
+@pytest.mark.skipif(not shutil.which("zsh"), reason="zsh not installed")
+def test_zsh_real_completion_after_the_subcommand(cwd):
+    cases = {
+        "katactl sandbox list -o ": set(FORMATS),
+        "katactl sandbox inspect x --output=": set(FORMATS),
+        "katactl sandbox inspect x --output ": set(FORMATS),
+        "katactl top --kubeconfig=dec": {"--kubeconfig=decoy-file"},   # one match: completed in place
+        "katactl node agent install --via ": {"ssh", "kube"},
+        "katactl balloon get x --via=": {"auto", "extension", "hypervisor-api", "extra-monitor", "qmp"},
+        "katactl --context=lab sandbox ": {"list", "inspect"},
+        "katactl -o json sandbox ": {"list", "inspect"},
+    }
+    p = subprocess.run(["zsh", "-f", "-c", ZSH_PTY_DRIVER, "zsh", COMPLETIONS, *cases, "katactl sandbox list -N "],
+                       capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert p.returncode == 0, p.stderr
+    chunks = [re.sub(r"\x1b(\[[0-9;?]*[a-zA-Z]|[=>])|.\x08", " ", c) for c in p.stdout.split("--end--\n")]
+    for (line, want), chunk in zip(cases.items(), chunks, strict=False):
+        assert want <= set(chunk.split()), (line, chunk)
+    assert "decoy-file" not in chunks[len(cases)]  # a node name is no file
+
+
 def test_zsh_and_fish_text():
     z = open(os.path.join(COMPLETIONS, "_katactl")).read()
     assert ":ssh or kube:(ssh kube)'" in z and ":cpu or mem or rss or id or pod:(cpu mem rss id pod)'" in z
-    balloon_via = [ln for ln in z.splitlines() if "'--via[Force one path" in ln]
+    balloon_via = [ln for ln in z.splitlines() if "'--via=[Force one path" in ln]
     assert balloon_via and all("(auto extension hypervisor-api extra-monitor qmp)'" in ln for ln in balloon_via)
     f = open(os.path.join(COMPLETIONS, "katactl.fish")).read()
     assert "-l via -x -a 'ssh kube'" in f
