@@ -378,7 +378,7 @@ def _regexes():
         import re
 
         # the value in Go's grammar (see _GO_FLOAT_TEXT) right here: one pass over the line
-        _SAMPLE_RE = re.compile(rf"({_NAME_RE})(?:\{{(.*)\}})?[ \t]+({_GO_FLOAT_TEXT})(?:[ \t]+([+-]?[0-9]+))?[ \t]*")
+        sample = re.compile(rf"({_NAME_RE})(?:\{{(.*)\}})?[ \t]+({_GO_FLOAT_TEXT})(?:[ \t]+([+-]?[0-9]+))?[ \t]*")
         _LOOSE_RE = re.compile(rf"({_NAME_RE})(?:\{{(.*)\}})?[ \t]+(\S+)(?:[ \t]+(\S+))?[ \t]*")
         # label values: the escapes Go's readTokenAsLabelValue takes (\\ \" \n), no other
         _LABEL_RE = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\\n]|\\[\\"n])*)"[ \t]*(,|$)')
@@ -386,6 +386,9 @@ def _regexes():
         # HELP: readTokenUntilNewline(true) takes \\ and \n (\" too since expfmt's UTF-8 names,
         # not in the parsers in the field: promtool 2.42 refuses it); a lone \ at the end neither
         _BAD_ESCAPE_RE = re.compile(r"\\(?:[^\\n]|$)")
+        # the sentinel last: scrapes parse on 32 threads, and one that saw _SAMPLE_RE set
+        # before the others were would fail (an AssertionError as that shim's scrape error)
+        _SAMPLE_RE = sample
     return _SAMPLE_RE, _LABEL_RE
 
 

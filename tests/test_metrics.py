@@ -142,3 +142,40 @@ def test_nan_and_inf_samples_are_null_in_json(cli):
                                       "kata_x_max": None}, (args, fmt)
         r = cli(["--host-root", n.root, "metrics", "nan01", "--family", "kata_x", "-o", "prom"])
         assert "} NaN\n" in r.stdout and "} +Inf\n" in r.stdout
+
+
+def test_the_parsers_lazy_regexes_are_safe_to_build_from_many_threads():
+    """metrics --all and top parse 32 shims' answers at once: a thread that found the first
+    regex built while the others were still being compiled failed that shim's scrape with an
+    AssertionError (seen as a flaky benchmark). Fresh state, regex cache purged, threads
+    switching often: no round may fail."""
+    import re
+    import sys
+    import threading
+
+    from katactl import metrics as m
+
+    text = '# TYPE a gauge\na{x="1"} 1\n# HELP b h\\\\n\n# TYPE b counter\nb_total 2\n'
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(30):
+            re.purge()
+            m._SAMPLE_RE = m._LABEL_RE = m._FULLNAME_RE = m._BAD_ESCAPE_RE = m._LOOSE_RE = None
+            start, errors = threading.Barrier(16), []
+
+            def parse(start=start, errors=errors):
+                start.wait()
+                try:
+                    m.parse_families(text)
+                except AssertionError as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=parse) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors
+    finally:
+        sys.setswitchinterval(old)
