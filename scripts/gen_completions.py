@@ -144,6 +144,9 @@ def _zsh_specs(o) -> list[str]:
     if o.metavar:
         v = _values(o)
         label = "format" if "--output" in o.names else o.metavar.lower().strip("<>").replace("|", " or ")
+        # quoted for the spec: a ' in it (rollout --window's metavar is "[TZ]'") broke the
+        # quoting of every spec after it, and a ':' would end the message
+        label = label.replace("'", "'\\''").replace(":", "\\:")
         if v == "file":
             action = f":{label}:_files"
         elif v:

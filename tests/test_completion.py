@@ -6,7 +6,6 @@ function with _arguments/_describe stubs that print what they would offer."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -273,45 +272,71 @@ def test_zsh_global_options_after_the_subcommand(cwd):
     assert out[0] == "WORDS node -n agent  CURRENT 4"  # -n's value is not the subcommand
 
 
-#: zsh's own completion system in a pseudo-terminal (zsh/zpty): each line is typed with a TAB,
-#: then a marker command, and the output is read up to the marker (no sleeps)
+#: zsh's own completion system (compinit, _arguments, _describe) in a pseudo-terminal
+#: (zsh/zpty): each line is typed with a TAB; a completer around _complete prints what
+#: compadd was given (read up to its marker, so no sleeps and no typeahead), then ^E^U.
 ZSH_PTY_DRIVER = r"""
 zmodload zsh/zpty || exit 3
-dir=$1; shift
+dir=$1 rec=$2; shift 2
 zpty z 'zsh -f -i'
-zpty -w z "PROMPT='%% '; fpath=($dir \$fpath); autoload -U compinit; compinit -u -D; zstyle ':completion:*' list-prompt ''; LISTMAX=100000; unsetopt beep; print SET''UP-DONE"
+zpty -w z "PROMPT='%% '; fpath=($dir \$fpath); autoload -U compinit; compinit -u -D; source $rec; print SET''UP-DONE"
 zpty -r z junk '*SETUP-DONE*'
-n=0
 for line in "$@"; do
-  (( n++ ))
-  zpty -n -w z "$line"$'\t'$'\C-e\C-u'"print M''ARK-$n"$'\n'
-  zpty -r z out "*MARK-$n*"
-  print -r -- "${out//$'\r'/}"
-  print -r -- "--end--"
+  zpty -n -w z "$line"$'\t'
+  zpty -r z out '*<<END>>*'
+  print -r -- "${${out##*<<CANDS>>}%%<<END>>*}"
+  zpty -n -w z $'\C-e\C-u'
 done
 zpty -d z
+"""
+ZSH_RECORDER = r"""
+compadd() {  # record the matches added (not when compadd only reads them: -O/-A/-D)
+  if (( ${@[(I)-[OAD]]} )); then builtin compadd "$@"; return; fi
+  local -a m; builtin compadd -O m "$@"; _rec+=("${m[@]}"); builtin compadd "$@"
+}
+_rec_complete() { _rec=(); _complete; local r=$?; print -rn -- "<<CANDS>>${(j: :)_rec}<<END>>" >/dev/tty; return r }
+zstyle ':completion:*' completer _rec_complete
 """
 
 
 @pytest.mark.skipif(not shutil.which("zsh"), reason="zsh not installed")
-def test_zsh_real_completion_after_the_subcommand(cwd):
+def test_zsh_real_completion_after_the_subcommand(cwd, tmp_path):
     cases = {
-        "katactl sandbox list -o ": set(FORMATS),
-        "katactl sandbox inspect x --output=": set(FORMATS),
-        "katactl sandbox inspect x --output ": set(FORMATS),
-        "katactl top --kubeconfig=dec": {"--kubeconfig=decoy-file"},   # one match: completed in place
-        "katactl node agent install --via ": {"ssh", "kube"},
-        "katactl balloon get x --via=": {"auto", "extension", "hypervisor-api", "extra-monitor", "qmp"},
-        "katactl --context=lab sandbox ": {"list", "inspect"},
-        "katactl -o json sandbox ": {"list", "inspect"},
+        "katactl sandbox list -o ": list(FORMATS),
+        "katactl sandbox inspect x --output=": list(FORMATS),
+        "katactl sandbox inspect x --output j": ["json", "jsonl"],
+        "katactl top --kubeconfig=dec": ["decoy-file"],
+        "katactl rollout plan --ssh-config dec": ["decoy-file"],
+        "katactl sandbox list -N ": [],                      # a node name: no files
+        "katactl node agent install --via ": ["ssh", "kube"],
+        "katactl balloon get x --via=": ["auto", "extension", "hypervisor-api", "extra-monitor", "qmp"],
+        "katactl --context=lab sandbox ": ["list", "inspect"],
+        "katactl -o json sandbox ": ["list", "inspect"],
+        "katactl node -n agent a": ["agent"],
     }
-    p = subprocess.run(["zsh", "-f", "-c", ZSH_PTY_DRIVER, "zsh", COMPLETIONS, *cases, "katactl sandbox list -N "],
+    rec = tmp_path / "rec.zsh"
+    rec.write_text(ZSH_RECORDER)
+    p = subprocess.run(["zsh", "-f", "-c", ZSH_PTY_DRIVER, "zsh", COMPLETIONS, str(rec), *cases],
                        capture_output=True, text=True, cwd=cwd, timeout=120)
     assert p.returncode == 0, p.stderr
-    chunks = [re.sub(r"\x1b(\[[0-9;?]*[a-zA-Z]|[=>])|.\x08", " ", c) for c in p.stdout.split("--end--\n")]
-    for (line, want), chunk in zip(cases.items(), chunks, strict=False):
-        assert want <= set(chunk.split()), (line, chunk)
-    assert "decoy-file" not in chunks[len(cases)]  # a node name is no file
+    got = [ln.split() for ln in p.stdout.splitlines()]
+    assert dict(zip(cases, got, strict=True)) == cases
+
+
+@pytest.mark.skipif(not shutil.which("zsh"), reason="zsh not installed")
+def test_zsh_real_every_command_completes_global_options(cwd, tmp_path):
+    """After every command, -o completes to the formats and --kubeconfig= to files in
+    zsh's own completion system: a spec _arguments cannot parse loses the command's options."""
+    nodes = _tree()[1:]
+    lines = [f"{n.name} -o " for n in nodes] + [f"{n.name} --kubeconfig=dec" for n in nodes]
+    rec = tmp_path / "rec.zsh"
+    rec.write_text(ZSH_RECORDER)
+    p = subprocess.run(["zsh", "-f", "-c", ZSH_PTY_DRIVER, "zsh", COMPLETIONS, str(rec), *lines],
+                       capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = [ln.split() for ln in p.stdout.splitlines()]
+    want = [list(FORMATS)] * len(nodes) + [["decoy-file"]] * len(nodes)
+    assert [(line, g) for line, g, w in zip(lines, got, want, strict=True) if g != w] == []
 
 
 def test_zsh_and_fish_text():
