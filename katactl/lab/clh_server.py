@@ -61,7 +61,9 @@ class _H(httpunix.Handler):
         if ep == "vm.info":
             if method != "GET":
                 return self.send(400, b"", "text/plain")
-            asked = srv.balloon_size if srv.balloon_size is not None else g.balloon_target()
+            asked = srv.balloon_size  # the request, while the balloon is still the one it set
+            if asked is None or asked - asked % PAGE != g.balloon_target():  # moved by the lab's shim
+                asked = g.balloon_target()
             bal = ({"size": asked, "deflate_on_oom": False, "free_page_reporting": True}
                    if srv.balloon else None)
             return self.send(200, {
