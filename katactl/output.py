@@ -89,6 +89,15 @@ class Result:
         return d
 
 
+def _shown(result: Result) -> dict:
+    """The one object a human view describes: a mutation's changed (and dryRun when it was
+    one) go back in, so a dry run, a change and a no-op read differently on a terminal."""
+    item = result.item or {}
+    if result.changed is None and not result.dry_run:
+        return item
+    return {**item, "changed": result.changed, **({"dryRun": True} if result.dry_run else {})}
+
+
 def _dig(item: dict, key: str):
     cur: Any = item
     for part in key.split("."):
@@ -562,14 +571,14 @@ class Output:
             if result.items is not None:
                 self._markdown(result)
             elif result.item is not None:
-                self._write(markdown_block(describe(result.item)))
+                self._write(markdown_block(describe(_shown(result))))
             if result.summary:
                 self.info(result.summary)
         else:
             if result.items is not None:
                 self._table(result, wide=(fmt == "wide"))
             elif result.item is not None:
-                self._write(describe(result.item))
+                self._write(describe(_shown(result)))
             if result.summary:
                 self.info(result.summary)
         if fmt not in ("json", "yaml", "jsonl"):

@@ -530,3 +530,13 @@ def test_del_in_ascii_only_output_is_an_escape(fmt):
         Output(fmt, stdout=out, stderr=io.StringIO()).render(Result(kind="X", item=item))
         assert "\x7f" not in out.getvalue() and "\\u007f" in out.getvalue()
         assert json.loads(out.getvalue())["kind"] == "X"
+
+
+def test_a_mutations_human_view_says_whether_it_changed_anything(cli, tmp_path):
+    """Every mutating command's one-object result reads `changed` (and `dryRun` when it was
+    one) on a terminal too, as in JSON: here `lab down` of a lab that is not there."""
+    r = cli(["lab", "down", "--root", str(tmp_path / "nolab")])
+    assert r.exit_code == 0, r.stderr
+    assert "changed: false" in r.stdout.splitlines()
+    r = cli(["lab", "down", "--root", str(tmp_path / "nolab"), "-o", "json"])
+    assert r.json()["changed"] is False

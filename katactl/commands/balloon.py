@@ -82,12 +82,7 @@ def _render(app_ctx, res) -> None:
     for w in res.item.get("warnings") or []:
         app_ctx.out.warn(w)
     if app_ctx.out.human:
-        h = _human(res.item)
-        if res.changed is not None:
-            h["changed"] = res.changed
-        if res.dry_run:
-            h["dryRun"] = res.dry_run
-        finish(app_ctx, Result(kind=res.kind, item=h))
+        finish(app_ctx, Result(kind=res.kind, item=_human(res.item), changed=res.changed, dry_run=res.dry_run))
         return
     finish(app_ctx, res)
 

@@ -23,18 +23,9 @@ def _on_sandbox(app_ctx, target: str, op, *args, **kw) -> dict:
 
 
 def _finish_mutation(app_ctx, kind: str, res: dict) -> None:
-    """A change's result. Result.mutation lifts changed/dryRun to the top level, which the
-    human view (describe) does not print: there they go back into the item, as balloon does,
-    so a dry run, a change and a no-op read differently on a terminal."""
     from katactl.output import Result
 
-    result = Result.mutation(kind, res)
-    if app_ctx.out.human:
-        item = {**(result.item or {}), "changed": result.changed}
-        if result.dry_run:
-            item["dryRun"] = True
-        result = Result(kind=kind, item=item)
-    finish(app_ctx, result)
+    finish(app_ctx, Result.mutation(kind, res))
 
 
 def _text_out(app_ctx) -> bool:
