@@ -20,8 +20,16 @@ Measured, per sandbox, over one sampling window (two samples ``interval`` apart)
   uses (``MemTotal - MemFree`` of ``kata_guest_meminfo``: the workload's, covered by the
   requests). Without guest figures the VMM's whole RSS counts (noted on the item).
 - ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the cgroup where the runtime keeps
-  everything but the vCPU threads; its memory and CPU usage, when it can be read, is the
-  measured figure (the kernel's own accounting) and the processes are the breakdown.
+  everything but the vCPU threads. Its CPU usage, when it can be read, is the measured CPU
+  (the kernel's own accounting; the processes are the breakdown): the runtime starts in it,
+  so the VMM does too, and only the vCPU *threads* are moved to the sandbox cgroup
+  (kata-containers ``src/runtime/virtcontainers/sandbox.go``: ``setupResourceController``,
+  ``constrainHypervisor`` -> ``AddThread``). Its memory is not overhead: memcg charges a page
+  to the cgroup of the mm's owner, the VMM's thread-group leader (linux ``mm/memcontrol.c``
+  ``get_mem_cgroup_from_mm``: ``mem_cgroup_from_task(mm->owner)``), so all the guest's RAM is
+  charged there. Memory always comes from the processes; the cgroup's is shown on the item
+  (``cgroup.memoryBytes``, for information). ``measured.sources`` says where each figure
+  came from, ``measured.source`` joins them (``cgroup+processes``).
 
 Nothing here prints; :func:`measure_node` is what a command fans out over nodes and
 :func:`report` turns the items of every node into findings, node sums and suggestions.
@@ -572,15 +580,18 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
         notes.append("shim pid unknown (no shim.pid in the bundle): its RSS is from its /metrics, its CPU not counted")
     elif not any(r in ("shim", "shim+vmm") for r in mem.values()):
         notes.append("shim pid unknown and its /metrics gave no RSS: the shim is not counted")
-    measured = {"memoryBytes": int(mem_total) if procs else None,
-                "cpuMillis": round(cpu_total) if procs and cpu_known else None, "source": "processes"}
+    mem_meas = int(mem_total) if procs else None
+    cpu_meas = round(cpu_total) if procs and cpu_known else None
+    sources = {"memoryBytes": "processes" if mem_meas is not None else None,
+               "cpuMillis": "processes" if cpu_meas is not None else None}
     cgroup = None
     if sb.overhead_cgroup_path and sb.sandbox_cgroup_only is not True:
         cgroup = _cgroup_item(sb.overhead_cgroup_path, cg, a, b, dt, fs)
-        if cgroup.get("memoryBytes") is not None:
-            measured = {"memoryBytes": cgroup["memoryBytes"],
-                        "cpuMillis": cgroup.get("cpuMillis") if cgroup.get("cpuMillis") is not None
-                        else measured["cpuMillis"], "source": "cgroup"}
+        # CPU only: the cgroup's memory holds the guest's RAM (see the module docstring)
+        if cgroup.get("cpuMillis") is not None:
+            cpu_meas, sources["cpuMillis"] = cgroup["cpuMillis"], "cgroup"
+    measured = {"memoryBytes": mem_meas, "cpuMillis": cpu_meas,
+                "source": "+".join(sorted({v for v in sources.values() if v})) or None, "sources": sources}
     rc, dec = declared.lookup(sb.pod)
     if dec.get("note"):
         notes.append(dec["note"])

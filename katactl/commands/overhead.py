@@ -75,8 +75,9 @@ def overhead(
     Measured: the RSS and CPU of the shim, the hypervisor (without the vCPU
     threads' CPU and without the guest memory the guest uses) and virtiofsd and
     other helpers of the sandbox; where sandbox_cgroup_only = false, the
-    kata_overhead/<id> cgroup's memory and CPU usage is the figure and the
-    processes its breakdown. CPU is a rate over --interval. QEMU names its vCPU
+    kata_overhead/<id> cgroup's CPU usage is the CPU figure and the processes
+    its breakdown (its memory holds the guest's RAM: shown, not counted).
+    CPU is a rate over --interval. QEMU names its vCPU
     threads only with debug-threads=on (Kata's enable_debug); otherwise they are
     asked over QMP (query-cpus-fast on extra-monitor.sock; never the runtime's qmp.sock),
     else taken from the sandbox cgroup (sandbox_cgroup_only = false); where they
