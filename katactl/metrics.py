@@ -136,14 +136,22 @@ def _pct(a, b, dt) -> float | None:
     return max(0.0, (b - a) / USER_HZ / dt * 100.0)
 
 
-def _guest_used(sb, cur: dict, balloon: int | None) -> int | None:
+def balloon_bytes(cur: dict) -> int | None:
+    """The balloon's size from a sample's kata_guest_vm_stat (inflated minus deflated pages)."""
+    inflate, deflate = cur["balloonInflatePages"], cur["balloonDeflatePages"]
+    return None if inflate is None else max(0, int(inflate - (deflate or 0))) * PAGE_SIZE
+
+
+def sandbox_guest_used(sb, cur: dict, balloon: int | None, *, resident: bool = False) -> int | None:
     """Guest memory used, by the rule ``balloon get`` reports (katactl.balloon.guest_used):
     with VIRTIO_BALLOON_F_DEFLATE_ON_OOM the guest driver leaves ballooned pages in MemTotal
     (linux drivers/virtio/virtio_balloon.c fill_balloon calls adjust_managed_page_count only
     without it), so MemTotal - MemAvailable counts them as used and they are subtracted.
     The VM's memory comes from the sandbox's state (persist.json MemorySize + HotpluggedMemory,
-    runtime-rs default_memory); unknown, nothing is subtracted."""
-    total, avail = cur["guestMemTotal"], cur["guestMemAvailable"]
+    runtime-rs default_memory); unknown, nothing is subtracted.
+    ``resident``: MemTotal - MemFree instead (page cache counted: it is resident in the VMM
+    too), the figure overhead takes out of the VMM's RSS."""
+    total, avail = cur["guestMemTotal"], cur["guestMemFree" if resident else "guestMemAvailable"]
     if total is None or avail is None:
         return None
     mib = sb.total_memory_mib
@@ -162,11 +170,9 @@ def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError 
     def i(v):
         return None if v is None else int(v)
 
-    inflate, deflate = cur["balloonInflatePages"], cur["balloonDeflatePages"]
-    balloon = None
-    if inflate is not None:
-        balloon = max(0, int(inflate - (deflate or 0))) * PAGE_SIZE
-    used = _guest_used(sb, cur, balloon)
+    inflate = cur["balloonInflatePages"]
+    balloon = balloon_bytes(cur)
+    used = sandbox_guest_used(sb, cur, balloon)
     dt = (cur["t"] - prev["t"]) if prev else 0.0
     shim_cpu = _pct(prev and prev["_shimTicks"], cur["_shimTicks"], dt) if prev else None
     hv_cpu = _pct(prev and prev["_hvTicks"], cur["_hvTicks"], dt) if prev else None

@@ -17,8 +17,8 @@ Measured, per sandbox, over one sampling window (two samples ``interval`` apart)
   pod's requests cover; a QEMU without debug-threads=on names none: see
   :func:`katactl.isolation.threads.identify_vcpus`; where they stay unknown the CPU is not
   measured, never the guest's counted as overhead); memory is their RSS, the VMM's without the guest memory the guest
-  uses (``MemTotal - MemFree`` of ``kata_guest_meminfo``: the workload's, covered by the
-  requests). Without guest figures the VMM's whole RSS counts (noted on the item).
+  uses (``MemTotal - MemFree`` of ``kata_guest_meminfo`` without the balloon's pages, as
+  :func:`katactl.balloon.guest_used`: the workload's, covered by the requests). Without guest figures the VMM's whole RSS counts (noted on the item).
 - ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the cgroup where the runtime keeps
   everything but the vCPU threads. Its CPU usage, when it can be read, is the measured CPU
   (the kernel's own accounting; the processes are the breakdown): the runtime starts in it,
@@ -517,6 +517,7 @@ def matches(sb, ref: str) -> bool:
 
 def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, str], a: _Sample, b: _Sample,
           dt: float, g, cg: dict | None, declared: Declared, fs) -> dict:
+    from katactl import metrics
     from katactl.sandbox import pod_ref
 
     notes: list[str] = []
@@ -525,8 +526,9 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
     if guest_err is not None:
         notes.append(f"shim /metrics: {guest_err.message}")
     g_total = g.get("guestMemTotal") if g else None
-    g_free = g.get("guestMemFree") if g else None
-    guest_used = int(g_total - g_free) if g_total is not None and g_free is not None else None
+    # as top's, with the deflate-on-oom balloon's pages (in MemTotal, not in MemFree, and not
+    # resident in the VMM) taken out; None where the statistics predate the balloon's last move
+    guest_used = metrics.sandbox_guest_used(sb, g, metrics.balloon_bytes(g), resident=True) if g else None
     procs = []
     mem_total, cpu_total, cpu_known = 0, 0.0, dt > 0
     for pid, role in sorted(mem.items(), key=lambda kv: (_ROLE_ORDER.get(kv[1], 9), kv[0])):

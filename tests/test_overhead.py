@@ -210,6 +210,31 @@ def test_process_vanishing_while_measured(cli, tree, monkeypatch):
     assert it["measured"]["cpuMillis"] is None and it["measured"]["memoryBytes"] is not None
 
 
+def test_inflated_balloon_is_not_guest_memory(cli):
+    """Kata's QEMU balloon is deflate-on-oom=on: its pages stay in the guest's MemTotal, are not
+    MemFree, and are not resident in the VMM. The guest uses 60 MiB with a 512 MiB balloon: 60
+    MiB comes out of the VMM's RSS (as top and balloon get count it), not 572 MiB."""
+    p = subprocess.Popen(["python3", "-c", "b = bytearray(100 << 20)\nimport time; time.sleep(600)"])
+    try:
+        time.sleep(0.5)
+        with node() as n:
+            n.go("bal01", pod_name="web", pod_namespace="prod", pid=p.pid, memory_mib=2048,
+                 flavour_kw={"state": ShimState(sandbox_id="bal01", guest_mem_total=2048 * MiB,
+                                                guest_mem_free=(2048 - 60 - 512) * MiB,
+                                                guest_mem_available=(2048 - 60 - 512) * MiB,
+                                                balloon_inflate=(512 * MiB) // 4096)})
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    finally:
+        p.kill()
+        p.wait()
+    assert r.exit_code == 0, r.stdout
+    (it,) = r.json()["items"]
+    assert it["guestMemoryUsedBytes"] == 60 * MiB
+    vmm = [q for q in it["processes"] if q["role"] == "vmm"][0]
+    assert vmm["rssBytes"] > 100 * MiB and vmm["ownBytes"] == vmm["rssBytes"] - 60 * MiB
+
+
 def test_unnamed_vcpus_never_count_the_guest_as_overhead(cli):
     """A QEMU-like VMM whose vCPU thread is unnamed (no debug-threads=on, Kata's default), no QMP
     monitor, sandbox_cgroup_only = true: which threads run the guest is unknown, so the CPU is not
