@@ -516,14 +516,25 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             raise Refused(f"target {format_size(eff)} leaves the guest no memory")
         current = st.get("target")
         actual = st.get("actual")
-        # already there = the target is what we want *and* the guest got there; a target
-        # set but not reached (or set by another client meanwhile) is requested again.
-        # A shim records the request (docs/shim-extension.md), a hypervisor what it set:
-        # either is "there", and either way the guest converges to the effective target.
-        at_target = current is None or path.effective_target(int(current), mem) == eff
         goal = eff
-        reached = actual is not None and abs(int(actual) - goal) <= tolerance
-        changed = not (at_target and reached)
+        if current is None:
+            # QEMU cannot report its target (qapi/machine.json: query-balloon gives only
+            # ``actual``), and a pending one (guest paused, driver not loaded, another
+            # client's request) is not visible in ``actual``: the request is always sent
+            # (harmless, qemu hw/virtio/virtio-balloon.c virtio_balloon_to_target only
+            # recomputes num_pages), and ``changed`` says whether the guest's memory was
+            # not already the target: a re-run after success stays changed:false
+            changed = actual is None or int(actual) != goal
+            send = True
+        else:
+            # already there = the target is what we want *and* the guest got there; a target
+            # set but not reached (or set by another client meanwhile) is requested again.
+            # A shim records the request (docs/shim-extension.md), a hypervisor what it set:
+            # either is "there", and either way the guest converges to the effective target.
+            at_target = path.effective_target(int(current), mem) == eff
+            reached = actual is not None and abs(int(actual) - goal) <= tolerance
+            changed = not (at_target and reached)
+            send = changed
         if used is not None:
             floor = used + margin
             if eff < floor and not force:
@@ -550,7 +561,7 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             return view
         params = {"targetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
                   "actualBytes": actual, "path": path.name, "force": force, "wait": wait}
-        if changed:
+        if send:
             try:
                 recorded = path.set_target(want)
                 if recorded is not None:  # (a shim may have clamped it)
@@ -565,12 +576,12 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             else:
                 st = path.state()
         except BaseException as e:
-            if changed:  # the target was set; the run's outcome is what the entry says
-                audit.record("balloon.set", sb.id, node=transport.node, changed=True, params=params,
+            if send:  # the target was set; the run's outcome is what the entry says
+                audit.record("balloon.set", sb.id, node=transport.node, changed=changed, params=params,
                              result=_outcome(e), error=getattr(e, "message", None) or type(e).__name__)
             raise
-        if changed:
-            audit.record("balloon.set", sb.id, node=transport.node, changed=True, params=params)
+        if send:
+            audit.record("balloon.set", sb.id, node=transport.node, changed=changed, params=params)
         final = _view(sb, path, {**st, "guest": st.get("guest") or _guestback(view)}, attempts)
         if changed and final["guest"] is not None and not st.get("guest"):
             # measured before the change: what the guest itself uses still holds, its
@@ -581,8 +592,8 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             # guest statistics lag the balloon by their polling interval: keep the
             # measurement made before the change
             final["guest"]["usedBytes"] = used
-        if final["targetBytes"] is None:
-            final["targetBytes"] = goal
+        if final["targetBytes"] is None and send:
+            final["targetBytes"] = goal  # (QEMU: the target is what was just requested)
         warnings.extend(_rounded(want, goal, path.unit))
         final.update({"requestedTargetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
                       "warnings": warnings, "waited": wait, "converged": (abs(int(st["actual"]) - goal) <= tolerance)
