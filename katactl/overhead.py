@@ -16,9 +16,16 @@ Measured, per sandbox, over one sampling window (two samples ``interval`` apart)
   CPU is the processes' CPU time minus the VMM's vCPU threads (the guest's work, which the
   pod's requests cover; a QEMU without debug-threads=on names none: see
   :func:`katactl.isolation.threads.identify_vcpus`; where they stay unknown the CPU is not
-  measured, never the guest's counted as overhead); memory is their RSS, the VMM's without the guest memory the guest
-  uses (``MemTotal - MemFree`` of ``kata_guest_meminfo`` without the balloon's pages, as
-  :func:`katactl.balloon.guest_used`: the workload's, covered by the requests). Without guest figures the VMM's whole RSS counts (noted on the item).
+  measured, never the guest's counted as overhead). Memory is their RSS without its shared
+  memory (``RssShmem`` of ``/proc/<pid>/status``): with virtio-fs Kata backs the guest's RAM
+  with shared memory (kata-containers ``src/runtime/virtcontainers/qemu.go`` ``setupFileBackedMem``:
+  ``/dev/shm``, ``MemShared``), which the VMM and virtiofsd (a vhost-user back-end, it maps the guest's
+  regions: qemu ``docs/interop/vhost-user.rst`` ``VHOST_USER_SET_MEM_TABLE``) both hold
+  resident; the guest's memory, covered by the pod's requests. The guest memory the guest uses
+  (``MemTotal - MemFree`` of ``kata_guest_meminfo`` without the balloon's pages, as
+  :func:`katactl.balloon.guest_used`) beyond that shared memory is taken out of the VMM's
+  private memory (an anonymous backing). Without guest figures the VMM's private memory
+  counts whole (noted on the item). Limits: docs/overhead.md.
 - ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the cgroup where the runtime keeps
   everything but the vCPU threads. Its CPU usage, when it can be read, is the measured CPU
   (the kernel's own accounting; the processes are the breakdown): the runtime starts in it,
@@ -561,14 +568,21 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
             cpu = secs / dt * 1000.0
         elif dt > 0:
             cpu_known = False
-        own = rss
+        # a shared guest backing (virtio-fs: memory-backend-file share=on) is RssShmem in every
+        # process that touched it (the VMM, virtiofsd mapping it for vhost-user): never overhead
+        shmem = min(rss, st.rss_shmem or 0)
+        own = rss - shmem
         if role in ("vmm", "shim+vmm"):
             if guest_used is not None:
-                own = max(0, rss - guest_used)
+                # what the guest uses beyond its shared backing is in the VMM's private memory
+                # (an anonymous backing, Kata's default without virtio-fs)
+                own = max(0, own - max(0, guest_used - shmem))
             else:
-                notes.append("no guest memory figures: the VMM's RSS counts whole (guest memory included)")
+                notes.append("no guest memory figures: the VMM's private memory counts whole "
+                             "(the guest's included, unless its backing is shared)")
         own_share = own / share
-        procs.append({"pid": pid, "role": role, "name": st.name, "rssBytes": rss, "ownBytes": int(own_share),
+        procs.append({"pid": pid, "role": role, "name": st.name, "rssBytes": rss, "shmemBytes": st.rss_shmem,
+                      "ownBytes": int(own_share),
                       "cpuMillis": None if cpu is None else round(cpu / share, 1),
                       "shared": share if share > 1 else None})
         mem_total += own_share

@@ -76,6 +76,8 @@ class ProcStats:
     cpu_system: float     # seconds
     rss: int              # bytes
     threads: int
+    #: RssShmem (bytes): the shared memory (tmpfs, memfd, SysV) in rss; None where not known
+    rss_shmem: int | None = None
 
     @property
     def cpu_seconds(self) -> float:
@@ -83,7 +85,8 @@ class ProcStats:
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "name": self.name, "state": self.state, "createTime": self.create_time,
-                "cpuUser": self.cpu_user, "cpuSystem": self.cpu_system, "rss": self.rss, "threads": self.threads}
+                "cpuUser": self.cpu_user, "cpuSystem": self.cpu_system, "rss": self.rss, "threads": self.threads,
+                "rssShmem": self.rss_shmem}
 
 
 class ProcessFacts(abc.ABC):
@@ -146,8 +149,17 @@ class LocalProcessFacts(ProcessFacts):
             t = p.cpu_times()
             return ProcStats(pid=p.pid, name=p.name(), state=_STATE_LETTER.get(p.status(), "?"),
                              create_time=p.create_time(), cpu_user=t.user, cpu_system=t.system,
-                             rss=p.memory_info().rss, threads=p.num_threads())
+                             rss=p.memory_info().rss, threads=p.num_threads(),
+                             rss_shmem=self._rss_shmem(p.pid))
         return self._each(pids, one)
+
+    def _rss_shmem(self, pid: int) -> int | None:
+        # psutil has no RssShmem (its "shared" adds file pages): status, as TransportProcessFacts
+        try:
+            with open(f"{self.procfs}/{pid}/status", "rb") as f:
+                return _status_kb(_status_fields(f.read()), "RssShmem")
+        except OSError:
+            return None
 
     def identities(self, pids: Iterable[int]) -> dict[int, ProcIdentity | None]:
         def one(p):
@@ -228,17 +240,31 @@ def parse_stats(pid: int, stat: bytes, status: bytes, btime: float) -> ProcStats
     fields = _stat_fields(stat)
     if fields is None:
         return None
-    st: dict[str, str] = {}
-    for line in status.decode("utf-8", "replace").splitlines():
-        k, _, v = line.partition(":")
-        st[k] = v.strip()
+    st = _status_fields(status)
     try:
         rss_kb = int(st.get("VmRSS", "0 kB").split()[0])  # kernel threads have none
         name = st.get("Name") or stat.decode("utf-8", "replace").partition("(")[2].rpartition(")")[0]
         return ProcStats(pid=pid, name=name, state=fields[0], create_time=btime + int(fields[19]) / USER_HZ,
                          cpu_user=int(fields[11]) / USER_HZ, cpu_system=int(fields[12]) / USER_HZ,
-                         rss=rss_kb * 1024, threads=int(fields[17]))
+                         rss=rss_kb * 1024, threads=int(fields[17]),
+                         rss_shmem=_status_kb(st, "RssShmem") if "VmRSS" in st else 0)
     except (IndexError, ValueError):
+        return None
+
+
+def _status_fields(status: bytes) -> dict[str, str]:
+    st: dict[str, str] = {}
+    for line in status.decode("utf-8", "replace").splitlines():
+        k, _, v = line.partition(":")
+        st[k] = v.strip()
+    return st
+
+
+def _status_kb(st: dict[str, str], key: str) -> int | None:
+    """A "<n> kB" field of /proc/<pid>/status in bytes (None: absent, as before Linux 4.5's RssShmem)."""
+    try:
+        return int(st[key].split()[0]) * 1024
+    except (KeyError, IndexError, ValueError):
         return None
 
 

@@ -2,6 +2,7 @@
 processes, the machine's real cgroup v1 filesystem, the Kubernetes stand-in, the QEMU lab and sshd."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,7 +131,7 @@ def test_json_shape_and_exit_8(cli, tree):
     vmm = [p for p in w["processes"] if p["role"] == "vmm"][0]
     assert vmm["pid"] == tree.procs[0].pid and vmm["rssBytes"] > 20 * MiB
     # the guest uses 8 MiB (2048 - 2040): the VMM's own memory is its RSS without them
-    assert vmm["ownBytes"] == vmm["rssBytes"] - 8 * MiB
+    assert vmm["ownBytes"] == vmm["rssBytes"] - vmm["shmemBytes"] - 8 * MiB
     assert w["guestMemoryBytes"] == 2048 * MiB and w["guestMemoryUsedBytes"] == 8 * MiB
     assert w["podRef"] == "prod/web"
     assert d["nodes"][0]["underReserved"]["memoryBytes"] > 0
@@ -232,7 +233,56 @@ def test_inflated_balloon_is_not_guest_memory(cli):
     (it,) = r.json()["items"]
     assert it["guestMemoryUsedBytes"] == 60 * MiB
     vmm = [q for q in it["processes"] if q["role"] == "vmm"][0]
-    assert vmm["rssBytes"] > 100 * MiB and vmm["ownBytes"] == vmm["rssBytes"] - 60 * MiB
+    assert vmm["rssBytes"] > 100 * MiB and vmm["ownBytes"] == vmm["rssBytes"] - vmm["shmemBytes"] - 60 * MiB
+
+
+_TOUCH = """import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+os.ftruncate(fd, 64 << 20)
+m = mmap.mmap(fd, 64 << 20, mmap.MAP_SHARED)
+for off in range(0, int(sys.argv[2]) << 20, 4096):
+    m[off] = 1
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_shared_guest_backing_is_nobodys_overhead(cli):
+    """virtio-fs: the guest's RAM is shared memory (/dev/shm), mapped by the VMM and by virtiofsd
+    (vhost-user), and resident in both where touched. The VMM touched all 64 MiB (the guest uses
+    them), virtiofsd 48 MiB (I/O buffers): neither is overhead, in any member."""
+    shm = f"/dev/shm/katactl-test-{uuid.uuid4().hex[:8]}"
+    vmm = subprocess.Popen(["python3", "-c", _TOUCH, shm, "64"], stdout=subprocess.PIPE, text=True)
+    vfs = None
+    try:
+        assert vmm.stdout.readline() == "ready\n"
+        vfs = subprocess.Popen(["python3", "-c", _TOUCH, shm, "48"], stdout=subprocess.PIPE, text=True)
+        assert vfs.stdout.readline() == "ready\n"
+        with node() as n:
+            p = n.go("vfs01", pod_name="io", pod_namespace="prod", pid=vmm.pid,
+                     flavour_kw={"state": ShimState(sandbox_id="vfs01", guest_mem_total=2048 * MiB,
+                                                    guest_mem_free=(2048 - 64) * MiB)})
+            st = os.path.join(n.root, p.state_file_node.lstrip("/"))
+            with open(st) as f:
+                d = json.load(f)
+            d["HypervisorState"]["VirtiofsDaemonPid"] = vfs.pid
+            with open(st, "w") as f:
+                json.dump(d, f)
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    finally:
+        for q in (vmm, vfs):
+            if q is not None:
+                q.kill()
+                q.wait()
+        os.unlink(shm)
+    assert r.exit_code == 0, r.stdout
+    (it,) = r.json()["items"]
+    procs = {q["role"]: q for q in it["processes"]}
+    assert procs["virtiofsd"]["pid"] == vfs.pid and procs["virtiofsd"]["shmemBytes"] >= 48 * MiB
+    assert procs["vmm"]["shmemBytes"] >= 64 * MiB
+    for role in ("vmm", "virtiofsd"):  # a python interpreter's own memory, not the guest's
+        assert procs[role]["ownBytes"] < 32 * MiB, procs[role]
 
 
 def test_unnamed_vcpus_never_count_the_guest_as_overhead(cli):
@@ -304,7 +354,7 @@ def test_shim_garbage_metrics_is_a_note(cli, tree):
         srv.metrics_text = old
     assert r.exit_code == 0, r.stderr
     it = {i["id"]: i for i in r.json()["items"]}["ovh01"]
-    assert any("VMM's RSS counts whole" in n for n in it["notes"])
+    assert any("VMM's private memory counts whole" in n for n in it["notes"])
     assert it["guestMemoryUsedBytes"] is None and it["guestMemoryBytes"] == 2048 * MiB  # from persist.json
 
 

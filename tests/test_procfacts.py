@@ -121,3 +121,26 @@ def test_for_transport_picks_by_where_processes_run():
         is_remote = True
 
     assert isinstance(procfacts.for_transport(Remote()), TransportProcessFacts)
+
+
+def test_rss_shmem_of_a_shared_mapping(tmp_path):
+    """RssShmem (/proc/<pid>/status): the shared memory in a process's RSS (what overhead leaves
+    out: a virtio-fs guest's RAM), from psutil's side and the transport's alike."""
+    import uuid
+
+    shm = f"/dev/shm/katactl-test-{uuid.uuid4().hex[:8]}"
+    p = subprocess.Popen([sys.executable, "-c", "import mmap, os, sys, time\n"
+                          "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); os.ftruncate(fd, 16 << 20)\n"
+                          "m = mmap.mmap(fd, 16 << 20, mmap.MAP_SHARED)\n"
+                          "for off in range(0, 16 << 20, 4096): m[off] = 1\n"
+                          "print('ready', flush=True); time.sleep(300)", shm], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        local, remote = _pair()
+        a, b = local.stats([p.pid])[p.pid], remote.stats([p.pid])[p.pid]
+    finally:
+        p.kill()
+        p.wait()
+        os.unlink(shm)
+    assert a is not None and b is not None
+    assert a.rss_shmem == b.rss_shmem and 16 << 20 <= b.rss_shmem <= b.rss
