@@ -1,6 +1,7 @@
 """balloon get/set on the session lab: real QEMU guests, CLH/FC API servers, every path."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -473,3 +474,39 @@ def test_qemu_move_under_tolerance_is_sent(lab, cli):
         r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert query_balloon(lab, "qemu-em") == 512 * MIB
+
+
+@contextlib.contextmanager
+def stand_in(lab, name: str, make):
+    """``make(path)``'s server in place of the sandbox's API socket (a hypervisor the lab's
+    stand-in does not play); the lab's socket back afterwards."""
+    real = lab.real(lab.sb(name)["apiSocket"])
+    os.rename(real, real + ".lab")
+    srv = None
+    try:
+        srv = make(real)
+        yield srv
+    finally:
+        if srv is not None:
+            srv.close()
+        if os.path.exists(real):
+            os.unlink(real)
+        os.rename(real + ".lab", real)
+
+
+def test_fc_without_statistics_is_idempotent_from_its_target(lab, cli):
+    """Firecracker reports no actual size without balloon statistics (its default: enabled
+    only by stats_polling_interval_s > 0 before boot): a re-run is decided on GET /balloon's
+    amount_mib, changed:false with nothing sent and nothing audited (review 6, finding 3)."""
+    from katactl.lab.fc_server import FcServer
+
+    pod, sid = lab.pod("fc-0"), lab.id("fc-0")
+    with stand_in(lab, "fc-0", lambda p: FcServer(p, 1024 * MIB, stats_interval=0)):
+        base = ("balloon", "set", pod, "--target", "300Mi", "--force", "--via", "hypervisor-api", "-o", "json")
+        for changed in (True, False, False):
+            r = cli(lab.args(*base))
+            assert r.exit_code == 0, (r.stdout, r.stderr)
+            j = r.json()
+            assert j["changed"] is changed and j["actualBytes"] is None and j["targetBytes"] == 300 * MIB
+        assert [e["changed"] for e in audit_entries("balloon.set", sid)] == [True]
+        assert fc_amount_mib(lab) == 724
