@@ -687,11 +687,14 @@ def refuse_clashes(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] |
 
 
 def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]],
-                      node_errors: Sequence[tuple[str, KatactlError]] = ()) -> str:
+                      node_errors: Sequence[tuple[str, KatactlError]] = (), *, timestamps: bool = True) -> str:
     """One text exposition: families merged by name (sorted), HELP/TYPE once (the first
     sandbox's; a family another shim types differently keeps the first type and loses that
     shim's samples), then katactl_scrape_error per sandbox (1: its shim did not answer or sent
-    garbage) and per failed node."""
+    garbage) and per failed node. A sample's timestamp is kept as the shim wrote it (kata-monitor's
+    expfmt round trip keeps ``TimestampMs``: src/runtime/pkg/kata-monitor/metrics.go), or dropped
+    (``timestamps=False``, for node_exporter's textfile collector, which skips a whole file with
+    one: node_exporter collector/textfile.go ``hasTimestamps``)."""
     merged: dict[str, Family] = {}
     for _, fams in per_sandbox:
         if isinstance(fams, KatactlError):
@@ -710,6 +713,7 @@ def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family
             lines.append(f"# HELP {name} {f.help}")
         lines.append(f"# TYPE {name} {f.type}")
         for sname, labels, value, ts in f.samples:
+            ts = ts if timestamps else None
             lab = ",".join(f'{k}="{v}"' for k, v in labels)
             lines.append(f"{sname}{{{lab}}} {value}" + (f" {ts}" if ts else "") if lab
                          else f"{sname} {value}" + (f" {ts}" if ts else ""))

@@ -124,3 +124,32 @@ def test_a_clash_between_two_shims_refuses_the_later_one(cli):
     assert "# TYPE kata_pair summary" in r.stdout and "# TYPE kata_pair_count" not in r.stdout
     assert 'katactl_scrape_error{sandbox_id="evil01",cri_uid="u2",cri_name="evil",cri_namespace="b"} 1' in r.stdout
     assert j.exit_code == 4 and [e["target"] for e in j.json()["errors"]] == ["evil01"]
+
+
+def _node_exporter_takes(text: str) -> bool:
+    """node_exporter's textfile collector (collector/textfile.go processFile/hasTimestamps):
+    a file whose text does not parse, or with any sample's client-side timestamp, is skipped whole."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        fams = list(text_string_to_metric_families(text))
+    except ValueError:
+        return False
+    return not any(s.timestamp is not None for f in fams for s in f.samples)
+
+
+def test_to_file_drops_timestamps_that_node_exporter_refuses(cli, tmp_path):
+    """One shim timestamps a sample: the textfile must still be taken (every sandbox's metrics),
+    with the sample, without its timestamp; -o prom keeps it as kata-monitor does."""
+    out = tmp_path / "kata.prom"
+    with node() as tree:
+        _shims(tree, "# TYPE kata_custom_ts gauge\nkata_custom_ts 1 1700000000000\n")
+        r = cli(["--host-root", tree.root, "metrics", "--all", "--to", str(out)])
+        one = cli(["--host-root", tree.root, "metrics", "evil01", "--to", str(tmp_path / "one.prom")])
+        p = cli(["--host-root", tree.root, "metrics", "--all", "-o", "prom"])
+    assert r.exit_code == 0 and one.exit_code == 0 and p.exit_code == 0, (r.stderr, one.stderr, p.stderr)
+    for f in (out, tmp_path / "one.prom"):
+        text = f.read_text()
+        assert 'kata_custom_ts{sandbox_id="evil01",cri_uid="u2",cri_name="evil",cri_namespace="b"} 1\n' in text
+        assert _node_exporter_takes(text), text
+    assert "} 1 1700000000000\n" in p.stdout and not _node_exporter_takes(p.stdout)

@@ -35,6 +35,8 @@ def metrics(
     kata-monitor's shape: every sample carries sandbox_id, cri_uid, cri_name
     and cri_namespace (and node="..." with -N/-l), go_*/process_* become
     kata_shim_go_*/kata_shim_process_*, HELP and TYPE appear once per family.
+    --to FILE leaves out the samples' timestamps (node_exporter's textfile
+    collector skips a whole file that has one); -o prom keeps them.
     A shim that does not answer, or answers with something that is not
     Prometheus text, is katactl_scrape_error{sandbox_id=...} 1 and a warning;
     the others are still there, and the exit code is 4 (partial failure).
@@ -84,7 +86,7 @@ def metrics(
         if prefixes:
             fams = [f for f in fams if m._rename(f.name).startswith(tuple(prefixes))]
         labels = m.sandbox_labels(sb, node if node != "localhost" else None)
-        _emit(app_ctx, m.render_exposition([(labels, m.relabel(fams, labels))]), to)
+        _emit(app_ctx, m.render_exposition([(labels, m.relabel(fams, labels))], timestamps=to is None), to)
         return
     samples = m.parse(text, prefixes)
     if prefixes and not samples:
@@ -127,7 +129,7 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
         node_errors = list(fo.errors.items())
         for n, e in node_errors:
             app_ctx.out.error(f"{n}: {e.message}")
-        _emit(app_ctx, m.render_exposition(per, node_errors), to)
+        _emit(app_ctx, m.render_exposition(per, node_errors, timestamps=to is None), to)
     else:
         items = []
         for _labels, fams in per:
