@@ -659,8 +659,9 @@ def refuse_clashes(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] |
     """``per_sandbox`` (relabelled families) with a sandbox whose family would take the sample
     names of an earlier sandbox's other family, or give its own to it (summary X here, a
     family X_count there: see _TAKES), made a ProtocolError, its scrape error: merged, the two
-    would make the whole exposition unparseable. (A family another shim types differently is
-    no clash: render_exposition keeps the first type.)"""
+    would make the whole exposition unparseable; so is a sandbox that types an earlier
+    sandbox's family differently (one family has one TYPE: its samples would be lost unseen,
+    e.g. old and new shims side by side during an upgrade)."""
     types: dict[str, tuple[str, str]] = {}
     out: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]] = []
     for labels, fams in per_sandbox:
@@ -671,6 +672,10 @@ def refuse_clashes(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] |
         mine: dict[str, tuple[str, str]] = {}
         err: KatactlError | None = None
         for f in fams:
+            if f.name in types and types[f.name][0] != f.type:
+                err = ProtocolError(f"its family {f.name} is a {f.type}, sandbox {types[f.name][1][:12]}'s a "
+                                    f"{types[f.name][0]} (one family has one TYPE): left out")
+                break
             if f.name in types or f.name in mine:
                 continue
             other = _clash(f.name, f.type, types)
@@ -690,7 +695,7 @@ def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family
                       node_errors: Sequence[tuple[str, KatactlError]] = (), *, timestamps: bool = True) -> str:
     """One text exposition: families merged by name (sorted), HELP/TYPE once (the first
     sandbox's; a family another shim types differently keeps the first type and loses that
-    shim's samples), then katactl_scrape_error per sandbox (1: its shim did not answer or sent
+    shim's samples: refuse_clashes makes that shim a scrape error first), then katactl_scrape_error per sandbox (1: its shim did not answer or sent
     garbage) and per failed node. A sample's timestamp is kept as the shim wrote it (kata-monitor's
     expfmt round trip keeps ``TimestampMs``: src/runtime/pkg/kata-monitor/metrics.go), or dropped
     (``timestamps=False``, for node_exporter's textfile collector, which skips a whole file with

@@ -153,3 +153,17 @@ def test_to_file_drops_timestamps_that_node_exporter_refuses(cli, tmp_path):
         assert 'kata_custom_ts{sandbox_id="evil01",cri_uid="u2",cri_name="evil",cri_namespace="b"} 1\n' in text
         assert _node_exporter_takes(text), text
     assert "} 1 1700000000000\n" in p.stdout and not _node_exporter_takes(p.stdout)
+
+
+def test_a_family_two_shims_type_differently_is_the_later_ones_scrape_error(cli):
+    """A gauge here, a counter there (old and new shims side by side): one family has one TYPE,
+    so the later shim is a scrape error with a warning (exit 4), never silently short."""
+    with node() as tree:
+        _shims(tree, "# TYPE kata_custom_x counter\nkata_custom_x 2\n", "# TYPE kata_custom_x gauge\nkata_custom_x 1\n")
+        r = cli(["--host-root", tree.root, "metrics", "--all", "-o", "prom"])
+    assert r.exit_code == 4, r.stderr
+    warn = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warn) == 1 and "evil01" in warn[0] and "kata_custom_x" in warn[0] and "good01" in warn[0], r.stderr
+    assert _promtool_parses(r.stdout), r.stdout
+    assert "# TYPE kata_custom_x gauge" in r.stdout and 'kata_custom_x{sandbox_id="good01"' in r.stdout
+    assert 'katactl_scrape_error{sandbox_id="evil01",cri_uid="u2",cri_name="evil",cri_namespace="b"} 1' in r.stdout
