@@ -458,7 +458,9 @@ class _Sample:
 
 def _sample(transport: NodeTransport, facts, pids, threads, cg_files) -> _Sample:
     now = time.monotonic()
-    procs = facts.stats(sorted(pids)) if pids else {}
+    # a zombie (state Z) has exited, only its parent's wait is missing: gone, as identities() says
+    procs = {p: None if st is not None and st.state == "Z" else st
+             for p, st in (facts.stats(sorted(pids)) if pids else {}).items()}
     vcpu = _thread_ticks(transport, threads)
     cg = transport.read_many(sorted(cg_files), limit=65536) if cg_files else {}
     return _Sample(now, procs, vcpu, cg)
@@ -617,7 +619,8 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
     known = [r for r in ratio.values() if r is not None]
     ratio["max"] = max(known) if known else None
     severity, message = _judge({**dec_out, "note": dec.get("note")}, measured, ratio)
-    vcpus_note = vcpus_unknown.get(sb.hypervisor_pid) if sb.hypervisor_pid else None
+    vmm_gone = any(p.get("gone") for p in procs if p["role"] in ("vmm", "shim+vmm"))
+    vcpus_note = vcpus_unknown.get(sb.hypervisor_pid) if sb.hypervisor_pid and not vmm_gone else None
     if vcpus_note and measured["cpuMillis"] is None and dec_out.get("source") is not None:
         message += "; CPU not measured (the VMM's vCPU threads are unknown: guest CPU is not overhead)"
     guest_mem = int(g_total) if g_total is not None else (

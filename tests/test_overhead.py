@@ -285,6 +285,30 @@ def test_shared_guest_backing_is_nobodys_overhead(cli):
         assert procs[role]["ownBytes"] < 32 * MiB, procs[role]
 
 
+def test_zombie_vmm_is_not_running(cli):
+    """A VMM that has exited but is not reaped yet (state Z, its parent has not waited) is gone,
+    not a live process with no memory and no CPU."""
+    z = subprocess.Popen(["true"])
+    try:
+        for _ in range(100):  # exited, never waited for: a zombie
+            if open(f"/proc/{z.pid}/stat").read().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        with node() as n:
+            n.go("zom01", pod_name="web", pod_namespace="prod", pid=z.pid,
+                 flavour_kw={"state": ShimState(sandbox_id="zom01")})
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--runtime-class-overhead", "cpu=250m,memory=160Mi"])
+    finally:
+        z.wait()
+    assert r.exit_code == 0, r.stdout
+    (it,) = r.json()["items"]
+    vmm = [q for q in it["processes"] if q["role"] == "vmm"][0]
+    assert vmm["pid"] == z.pid and vmm.get("gone") is True and vmm["rssBytes"] is None
+    assert any(f"vmm pid {z.pid} is not running" in note for note in it["notes"]), it["notes"]
+    assert it["measured"]["cpuMillis"] is None and it["vcpusUnknown"] is None
+
+
 def test_unnamed_vcpus_never_count_the_guest_as_overhead(cli):
     """A QEMU-like VMM whose vCPU thread is unnamed (no debug-threads=on, Kata's default), no QMP
     monitor, sandbox_cgroup_only = true: which threads run the guest is unknown, so the CPU is not
