@@ -89,6 +89,22 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
     return entry
 
 
+def record_unfinished(action: str, target: str, *, node: str, params: dict, exc: BaseException, sent: bool,
+                      result: str | None = None, **extra) -> dict:
+    """Audit a mutation that ended in ``exc`` before it reported: ``result: "interrupted"``
+    for Ctrl-C (SIGTERM and SIGHUP arrive as the same KeyboardInterrupt, katactl.interrupt),
+    else ``"error"`` (or the caller's ``result``, e.g. a wait's ``"timeout"``). ``requestSent``
+    says whether the change request had gone out: when it had, the change may have landed
+    although no answer came (design.md "Safety": every mutating action is audited, and this
+    outcome most of all)."""
+    from katactl.errors import as_katactl_error
+
+    interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
+    return record(action, target, node=node, params=params,
+                  result=result or ("interrupted" if interrupted else "error"),
+                  error="interrupted" if interrupted else as_katactl_error(exc).message, requestSent=sent, **extra)
+
+
 def now_iso() -> str:
     """Local time with its UTC offset, as audit records, upgrade history and lock owners write it."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")

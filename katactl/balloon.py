@@ -564,23 +564,23 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         params = {"targetBytes": want, "effectiveTargetBytes": goal, "previousTargetBytes": current,
                   "actualBytes": actual, "path": path.name, "force": force, "wait": wait}
         if send:
-            try:
+            # before the request: a change that lands is in the log whatever ends this run
+            # (Ctrl-C in flight, kill -9 during --wait); the outcome follows it
+            audit.record("balloon.set", sb.id, node=transport.node, changed=changed, params=params,
+                         result="requested", requestSent=True)
+        try:
+            if send:
                 recorded = path.set_target(want)
                 if recorded is not None:  # (a shim may have clamped it)
                     goal = path.effective_target(recorded, mem)
-            except KatactlError as e:
-                audit.record("balloon.set", sb.id, node=transport.node, result="error",
-                              params=params, error=e.message)
-                raise
-        try:
             if wait:
                 st = _wait(path, goal, tolerance, wait_timeout, progress, sb)
             else:
                 st = path.state()
         except BaseException as e:
-            if send:  # the target was set; the run's outcome is what the entry says
-                audit.record("balloon.set", sb.id, node=transport.node, changed=changed, params=params,
-                             result=_outcome(e), error=getattr(e, "message", None) or type(e).__name__)
+            if send:
+                audit.record_unfinished("balloon.set", sb.id, node=transport.node, params=params, exc=e, sent=True,
+                                        result=_outcome(e), changed=changed)
             raise
         if send:
             audit.record("balloon.set", sb.id, node=transport.node, changed=changed, params=params)

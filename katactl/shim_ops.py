@@ -22,25 +22,11 @@ import stat
 from typing import BinaryIO, TextIO
 
 from katactl.backends.shim import IPTABLES_LIMIT, PPROF_PROFILES, ShimClient
-from katactl.errors import NotFound, OperationFailed, ProtocolError, UsageError, as_katactl_error
+from katactl.errors import NotFound, OperationFailed, ProtocolError, UsageError
 from katactl.values import format_size
 from katactl.backends.base import NodeTransport
 
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
-
-
-def _audit_unfinished(action: str, target: str, node: str, params: dict, exc: BaseException, sent: bool,
-                      **extra) -> None:
-    """Audit a mutation that ended in ``exc`` before it reported: ``result: "interrupted"``
-    for Ctrl-C (SIGTERM and SIGHUP arrive as the same KeyboardInterrupt, katactl.interrupt),
-    else ``"error"``. ``requestSent`` says whether the change request had gone to the shim:
-    when it had, the change may have landed although no answer came (design.md "Safety":
-    every mutating action is audited, and this outcome most of all)."""
-    from katactl import audit
-
-    interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
-    audit.record(action, target, node=node, params=params, result="interrupted" if interrupted else "error",
-                 error="interrupted" if interrupted else as_katactl_error(exc).message, requestSent=sent, **extra)
 
 
 def _sandbox(transport: NodeTransport, ref):
@@ -152,7 +138,7 @@ def iptables_set(transport: NodeTransport, sandbox, rules: bytes | str, *, v6: b
                 c.iptables_set(text, v6)
     except BaseException as e:
         if not dry_run:
-            _audit_unfinished(action, sandbox.id, node, params, e, sent)
+            audit.record_unfinished(action, sandbox.id, node=node, params=params, exc=e, sent=sent)
         raise
     if not dry_run:
         audit.record(action, sandbox.id, node=node, params=params, changed=changed)
@@ -324,7 +310,8 @@ def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dr
                 changed = before is None or after is None or after > before
     except BaseException as e:
         if not dry_run:
-            _audit_unfinished("shim.volume.resize", sandbox.id, node, params, e, sent, device=device)
+            audit.record_unfinished("shim.volume.resize", sandbox.id, node=node, params=params, exc=e, sent=sent,
+                                    device=device)
         raise
     if not dry_run:
         audit.record("shim.volume.resize", sandbox.id, node=node, params=params, changed=changed,

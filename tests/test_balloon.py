@@ -19,6 +19,15 @@ MIB = 1 << 20
 TOL = 4 * MIB
 
 
+def outcomes(target: str | None = None) -> list[dict]:
+    """balloon.set's outcome entries; each follows the "requested" one written before the
+    request was sent (review 6, finding 2)."""
+    es = audit_entries("balloon.set", target)
+    assert [e["result"] == "requested" for e in es] == [True, False] * (len(es) // 2), es
+    assert all(e["requestSent"] is True for e in es[::2])
+    return es[1::2]
+
+
 def query_balloon(lab, name: str) -> int:
     """Ground truth from QEMU itself, over the sandbox's extra monitor."""
     sid = lab.id(name)
@@ -49,7 +58,7 @@ def test_set_target_wait_then_idempotent_then_release(lab, cli):
     assert r.exit_code == 0, r.stderr
     assert r.json()["changed"] is False
     # the audit log has the change (and only one balloon.set for the two runs)
-    sets = audit_entries("balloon.set")
+    sets = outcomes()
     assert len(sets) == 1 and sets[0]["params"]["targetBytes"] == 256 * MIB and sets[0]["target"] == lab.id("qemu-0")
     # release gives everything back
     r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
@@ -130,7 +139,7 @@ def test_wait_timeout_exit_6(lab, cli):
     # the audit entry tells the run's outcome, not "ok" for a target set (issue 16, 18)
     e = audit_entries("balloon.set")[-1]
     assert e["result"] == "timeout" and e["changed"] is True and "not reached" in e["error"]
-    assert len([x for x in audit_entries("balloon.set") if x["params"].get("targetBytes") == 200 << 20]) == 1
+    assert len([x for x in outcomes() if x["params"].get("targetBytes") == 200 << 20]) == 1
 
 
 @pytest.mark.parametrize("hv", ["clh-0", "fc-0"])
@@ -242,7 +251,7 @@ def test_force_below_used_plus_margin(lab, cli):
         assert j["changed"] is True and j["converged"] is True and j["requestedTargetBytes"] == 128 * MIB
         # Cloud Hypervisor is asked for the balloon size (1Gi - 128Mi) and the guest got there
         assert clh_view(lab) == {"balloon": 896 * MIB, "guest": 128 * MIB}
-        entries = audit_entries("balloon.set", sid)
+        entries = outcomes(sid)
         assert len(entries) == 1, entries
         e = entries[0]
         assert e["changed"] is True and e["result"] == "ok"
@@ -322,7 +331,7 @@ def test_fc_target_not_whole_mib_is_idempotent_and_converges(lab, cli, via):
             j = r.json()
             assert j["changed"] is False and j["converged"] is True and j["effectiveTargetBytes"] == eff
             assert j["targetBytes"] == recorded
-        entries = audit_entries("balloon.set", sid)
+        entries = outcomes(sid)
         assert len(entries) == 1, entries
         assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
     finally:
@@ -357,7 +366,7 @@ def test_qemu_target_not_whole_page_is_idempotent_and_converges(lab, cli, via):
         assert r.exit_code == 0, (r.stdout, r.stderr)
         j = r.json()
         assert j["changed"] is False and j["converged"] is True and j["effectiveTargetBytes"] == eff
-        entries = audit_entries("balloon.set", sid)
+        entries = outcomes(sid)
         # a QEMU monitor cannot tell the target: the re-run sends it again, and says so (changed: false)
         assert [e["changed"] for e in entries] == ([True] if via == "extension" else [True, False]), entries
         assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
@@ -416,7 +425,7 @@ def test_reclaim_is_relative_documented_and_warned(lab, cli):
         r = cli(lab.args("balloon", "set", pod, "--target", "896Mi", "--wait", "-o", "json"))
         assert r.exit_code == 0, (r.stdout, r.stderr)
         assert r.json()["changed"] is False and "--reclaim" not in r.stderr
-        assert len(audit_entries("balloon.set", sid)) == 2
+        assert len(outcomes(sid)) == 2
     finally:
         r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
@@ -443,7 +452,7 @@ def test_qemu_release_overrides_a_pending_target(lab, cli):
         j = r.json()
         # the guest already had it all: nothing changed in what it has, but the request was sent
         assert j["changed"] is False and j["targetBytes"] == 512 * MIB and j["previousTargetBytes"] is None
-        [e] = [x for x in audit_entries("balloon.set", sid) if x["result"] == "ok"]
+        [e] = outcomes(sid)
         assert e["changed"] is False
     finally:
         qmp_run(lab, "qemu-em", ("cont", None))
@@ -508,5 +517,96 @@ def test_fc_without_statistics_is_idempotent_from_its_target(lab, cli):
             assert r.exit_code == 0, (r.stdout, r.stderr)
             j = r.json()
             assert j["changed"] is changed and j["actualBytes"] is None and j["targetBytes"] == 300 * MIB
-        assert [e["changed"] for e in audit_entries("balloon.set", sid)] == [True]
+        assert [e["changed"] for e in outcomes(sid)] == [True]
         assert fc_amount_mib(lab) == 724
+
+
+# -- the audit entry of a change that may have landed (review 6, finding 2) --------------------
+def test_kill_9_during_wait_leaves_the_request_in_the_log(lab):
+    """The entry is written before the request is sent: kill -9 during --wait (nothing of
+    katactl runs after it) still leaves the change QEMU got in the log."""
+    sb = lab.sb("free")  # no guest: the request stays pending, the wait never ends by itself
+    p = subprocess.Popen([sys.executable, "-m", "katactl", *lab.args(
+        "balloon", "set", sb["pod"], "--target", "150Mi", "--force", "--wait", "--timeout", "60s", "-o", "jsonl")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()
+        assert first and json.loads(first)["kind"] == "BalloonProgress", (first, p.stderr.read())
+    finally:
+        p.kill()
+        p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    e = audit_entries("balloon.set", sb["id"])[-1]
+    assert e["result"] == "requested" and e["requestSent"] is True and e["params"]["targetBytes"] == 150 * MIB
+
+
+def _scripted_http(path: str, answer):
+    """A unix-socket HTTP/1.1 peer: ``answer(method, url)`` gives (status, JSON-able body), or
+    None to leave that request unanswered (the connection held open)."""
+    from tests._microhttp import read_request, unix_server
+
+    def serve(c):
+        try:
+            while True:
+                head = read_request(c)
+                if b"\r\n\r\n" not in head:
+                    return
+                method, url = head.split(b" ", 2)[:2]
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = head.split(b"\r\n\r\n", 1)[1]
+                while len(body) < length:
+                    body += c.recv(length - len(body))
+                a = answer(method.decode(), url.decode())
+                if a is None:
+                    c.recv(1)  # until the client goes
+                    return
+                status, obj = a
+                data = json.dumps(obj).encode() if obj is not None else b""
+                c.sendall(b"HTTP/1.1 %d \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(data), data))
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    srv = unix_server(path, serve)
+    return srv
+
+
+def _clh_info(memory: int, balloon: int, actual: int) -> dict:
+    return {"config": {"memory": {"size": memory}, "balloon": {"size": balloon}}, "state": "Running",
+            "memory_actual_size": actual, "device_tree": {}}
+
+
+def test_ctrl_c_while_the_set_request_is_in_flight_is_audited(lab):
+    """Ctrl-C while Cloud Hypervisor has the vm.resize and has not answered: the change may
+    have landed, so the log has it (requested, then interrupted with requestSent)."""
+    import threading
+
+    pod, sid = lab.pod("clh-0"), lab.id("clh-0")
+    got = threading.Event()
+
+    def answer(method, url):
+        if url.endswith("vm.resize"):
+            got.set()
+            return None
+        return (200, {"version": "48.0"} if url.endswith("vmm.ping") else _clh_info(1024 * MIB, 0, 1024 * MIB))
+
+    with stand_in(lab, "clh-0", lambda p: _scripted_http(p, answer)):
+        p = subprocess.Popen([sys.executable, "-m", "katactl", *lab.args(
+            "balloon", "set", pod, "--target", "300Mi", "--force", "--via", "hypervisor-api", "-o", "json")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert got.wait(60), p.communicate(timeout=60)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 130, (out, err)
+    es = audit_entries("balloon.set", sid)
+    assert [(e["result"], e["requestSent"]) for e in es] == [("requested", True), ("interrupted", True)], es
+    assert es[1]["params"]["targetBytes"] == 300 * MIB

@@ -78,7 +78,7 @@ def test_get_and_set_wait_over_ssh(cli, bnode):
         assert r.exit_code == 0, r.stderr
         j = r.json()
         assert j["node"] == NODE and j["changed"] is False and j["converged"] is True and j["warnings"] == []
-        entries = audit_entries("balloon.set", sid)
+        entries = [e for e in audit_entries("balloon.set", sid) if e["result"] != "requested"]
         assert len(entries) == 1, entries
         assert entries[0]["node"] == NODE and entries[0]["params"]["targetBytes"] == 700 * MIB
     finally:
@@ -118,7 +118,7 @@ def test_unknown_guest_usage_shrink_needs_force(cli, bnode):
         assert r.exit_code == 0, r.stderr
         assert r.json()["changed"] is True and r.json()["warnings"] == []
         assert hv_balloon(srv) == 424 * MIB
-        entries = audit_entries("balloon.set", sid)
+        entries = [e for e in audit_entries("balloon.set", sid) if e["result"] != "requested"]
         assert [(e["params"]["targetBytes"], e["params"]["force"]) for e in entries] == \
             [(200 * MIB, True), (600 * MIB, False)]
     finally:

@@ -349,10 +349,11 @@ def test_up_down_leaves_nothing(cli, _isolated_home):
     assert r.json()["changed"] is True
     assert not os.path.exists(root)
     assert not _alive(pid)
-    assert audit_actions(_isolated_home) == ["lab.up", "balloon.set", "lab.down"]
+    # balloon.set twice: "requested" before the request is sent, then the outcome
+    assert audit_actions(_isolated_home) == ["lab.up", "balloon.set", "balloon.set", "lab.down"]
     r = cli(["lab", "down", "--root", root, "-o", "json"])
     assert r.exit_code == 0 and r.json()["changed"] is False
-    assert audit_actions(_isolated_home)[-1] == "lab.down" and len(audit_actions(_isolated_home)) == 3
+    assert audit_actions(_isolated_home)[-1] == "lab.down" and len(audit_actions(_isolated_home)) == 4
     r = cli(["lab", "status", "--root", root])
     assert r.exit_code == 3
 
