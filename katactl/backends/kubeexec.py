@@ -31,6 +31,11 @@ httpx-ws:
   already installed as a dependency of the kubernetes package (declared explicitly in
   pyproject.toml because katactl imports it). It is imported only when a node is contacted.
 
+Every WebSocket is pinged every 5 s (PING_PERIOD, as client-go's executor): a quiet command
+(makedumpfile, a helper idle between calls) outlives a load balancer's idle timeout. A helper
+stream found closed before a request is written is replaced, for a mutation too (nothing of it
+was sent).
+
 Each WebSocket's socket is katactl's own (:func:`_dial`), through the kube client's proxy
 decision (kube.proxy_for), as kubectl's exec connects: an HTTP CONNECT tunnel, TLS inside it.
 
@@ -45,6 +50,7 @@ import errno
 import json
 import os
 import posixpath
+import select
 import socket
 import struct
 import threading
@@ -63,6 +69,9 @@ STDIN, STDOUT, STDERR, STATUS, CLOSE = 0, 1, 2, 3, 255
 SEND_CHUNK = 256 << 10          # stdin bytes per WebSocket message
 STDERR_KEEP = 64 << 10          # stderr bytes kept per exec (the end of it)
 CONTAINER = "agent"
+# client-go's WebSocket executor pings every 5 s (tools/remotecommand/websocket.go pingPeriod,
+# heartbeat): an exec quiet for longer than a load balancer's idle timeout is not cut
+PING_PERIOD = 5.0
 
 # Runs argv with exactly N bytes of our stdin as its stdin, then EOF (v4 has no half-close).
 FEED = r"""
@@ -241,6 +250,38 @@ class WSChannel:
         self._wclosed = False
         self._timeout: float | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, name="katactl-ws-ping", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        # the WebSocket sends under its own lock (enable_multithread); the pong is read and
+        # dropped by whichever recv comes next
+        while not self._stop.wait(PING_PERIOD):
+            try:
+                self.ws.ping()
+            except Exception:  # noqa: BLE001 - the reading side reports a dead stream
+                return
+
+    def idle_dead(self) -> bool:
+        """Whether this stream, with no request outstanding, has ended (the server or a hop
+        closed it): anything but a ping/pong arriving unasked means it is unusable. Nothing
+        of ours was sent on it since, so a request may go on a new one, a mutation too."""
+        import websocket
+
+        if self._ended or self._closed or self._status is not None or self._out:
+            return True
+        while True:
+            sock = self.ws.sock
+            if sock is None:
+                return True
+            try:
+                if not ((hasattr(sock, "pending") and sock.pending()) or select.select([sock], [], [], 0)[0]):
+                    return False
+                op, _ = self.ws.recv_data_frame(True)
+            except (websocket.WebSocketException, OSError, ValueError):
+                return True
+            if op not in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+                return True
 
     # -- reading -----------------------------------------------------------------------
     def _read_message(self) -> None:
@@ -376,6 +417,7 @@ class WSChannel:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
         try:
             if self.ws.connected:
                 self.ws.settimeout(1.0)
@@ -640,7 +682,9 @@ class KubeExecTransport(RemoteTransport):
 
     # -- the file helper -----------------------------------------------------------------
     def _helper_chan(self) -> WSChannel:
-        if self._helper is None or self._helper._ended or self._helper._closed:
+        if self._helper is not None and self._helper.idle_dead():
+            self._drop_helper()  # cut while idle: nothing was sent on it, a new one is safe
+        if self._helper is None:
             self._helper = self._exec_channel(("python3", "-I", "-S", "-c", HELPER), self.timeout)
             self._helper.settimeout(self.timeout)
         return self._helper
@@ -806,7 +850,9 @@ class KubeExecTransport(RemoteTransport):
             self._one({"op": "wopen", "id": wid, "tmp": tmp}, path, idempotent=False)
             n = 0
             try:
-                chan = self._helper_chan()
+                chan = self._helper  # the one wopen just answered on (not a new one)
+                if chan is None:
+                    raise UnreachableError(f"the file helper on {self.node} stopped")
                 for chunk in chunks:
                     mv = memoryview(chunk)
                     for off in range(0, len(mv), SEND_CHUNK):

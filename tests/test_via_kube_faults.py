@@ -1,0 +1,143 @@
+"""--via kube against the faults of a real path to kube-apiserver: an idle-cutting hop (a cloud
+load balancer), kube-apiserver >= 1.30's v5 stream translator reporting kubelet-side failures
+after the upgrade, foreign and shared node pods. The stand-in (tests/kubeserver.py with
+tests/kubeexec_server.py) over real sockets; the hop is a small loopback TCP proxy."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.test_via_kube import IMAGE
+from tests.test_vmcore import node_tree
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
+
+
+@pytest.fixture
+def cluster(kube, tmp_path, monkeypatch):
+    root = str(tmp_path / "tree-node")
+    node_tree(root)
+    kube.add_node("tree-node")
+    kube.set_node_root("tree-node", root)
+    kc = kube.kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", kc)
+    return {"kube": kube, "kc": kc, "root": root}
+
+
+class IdleCutProxy:
+    """A TCP hop that closes a connection idle (no byte either way) for ``idle`` seconds, as an
+    ELB/Azure LB does; ``cut()`` closes every open connection now."""
+
+    def __init__(self, target: tuple[str, int], idle: float):
+        self.target, self.idle = target, idle
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(64)
+        self.port = self.ls.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(c,), daemon=True).start()
+
+    def _pipe(self, c):
+        u = socket.create_connection(self.target)
+        self.conns += [c, u]
+        last = time.monotonic()
+        try:
+            while True:
+                r, _, _ = select.select([c, u], [], [], 0.1)
+                if not r and time.monotonic() - last > self.idle:
+                    break
+                for s in r:
+                    b = s.recv(65536)
+                    if not b:
+                        raise OSError
+                    (u if s is c else c).sendall(b)
+                    last = time.monotonic()
+        except OSError:
+            pass
+        for s in (c, u):
+            self._close(s)
+
+    @staticmethod
+    def _close(s):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+    def cut(self):
+        for s in list(self.conns):
+            self._close(s)
+
+    def close(self):
+        self.ls.close()
+        self.cut()
+
+
+@pytest.fixture
+def hop(cluster, tmp_path, monkeypatch):
+    """The cluster reached through an idle-cutting hop (7 s: above client-go's 5 s ping)."""
+    kube = cluster["kube"]
+    p = IdleCutProxy(("127.0.0.1", kube.port), idle=7.0)
+    doc = json.load(open(cluster["kc"]))
+    doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{p.port}"
+    (tmp_path / "kc-hop").write_text(json.dumps(doc))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc-hop"))
+    yield p
+    p.close()
+
+
+def _transport(**extra):
+    from katactl import config
+    from katactl.backends.kubeexec import KubeExecTransport
+
+    return KubeExecTransport.from_settings("tree-node", config.resolve({"via": "kube", "agent_image": IMAGE,
+                                                                        "request_timeout": 10.0, **extra}))
+
+
+def test_a_quiet_exec_outlives_an_idle_cutting_hop(cluster, hop):
+    """Pings (client-go's heartbeat) keep a command that prints nothing for longer than the
+    hop's idle timeout alive, as kubectl exec survives it."""
+    from katactl import nodeagent
+
+    t = _transport()
+    try:
+        r = t.run(["sh", "-c", "sleep 9; echo done"], timeout=60)
+        assert (r.returncode, r.stdout) == (0, b"done\n")
+    finally:
+        t.close()
+        nodeagent.cleanup()
+
+
+def test_a_mutation_after_the_helper_stream_was_cut_while_idle_is_done(cluster, hop):
+    """A helper stream found closed before the request was written: the rename goes on a new
+    helper (nothing was sent on the dead one, so it cannot have happened twice)."""
+    from katactl import nodeagent
+
+    root = cluster["root"]
+    os.makedirs(os.path.join(root, "kt"))
+    open(os.path.join(root, "kt/a"), "w").close()
+    t = _transport()
+    try:
+        assert t.stat("/kt").is_dir   # the helper is up
+        hop.cut()                      # ... and its connection goes away while it sits idle
+        time.sleep(0.2)
+        t.rename("/kt/a", "/kt/b")
+        assert os.path.exists(os.path.join(root, "kt/b"))
+    finally:
+        t.close()
+        nodeagent.cleanup()
