@@ -18,6 +18,7 @@ Library only: functions return dicts; nothing prints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -71,6 +72,21 @@ class _Path:
     def set_target(self, target: int) -> int | None:
         """Ask for ``target``; return the target the hypervisor recorded when it says so."""
         raise NotImplementedError
+
+    def _client(self):
+        """The client whose ``timeout`` bounds each call (read at call time)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def timeout_at_most(self, seconds: float):
+        """Calls made inside take at most ``seconds`` (a wait's deadline bounds its polls)."""
+        c = self._client()
+        saved = c.timeout
+        c.timeout = min(saved, seconds)
+        try:
+            yield
+        finally:
+            c.timeout = saved
 
     def close(self) -> None:
         pass
@@ -146,6 +162,9 @@ class _ExtensionPath(_Path):
         t = self._call("PUT", {"targetBytes": int(target)}).get("targetBytes")
         return int(t) if isinstance(t, int) else None
 
+    def _client(self):
+        return self.shim
+
     def close(self):
         self.shim.close()
 
@@ -196,6 +215,9 @@ class _QmpPath(_Path):  # noqa: D101
         self._x("balloon", {"value": int(target)})
         return None
 
+    def _client(self):
+        return self.qmp
+
     def close(self):
         self.qmp.close()
 
@@ -213,6 +235,9 @@ class _ApiPath(_Path):
         if not s["hasBalloon"]:
             raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=NO_BALLOON_HINT)
         return s
+
+    def _client(self):
+        return self.c._c  # the JsonUnixClient's UnixHttpClient
 
     def close(self):
         self.c.close()
@@ -631,11 +656,31 @@ def _guestback(view: dict) -> dict | None:
 
 
 def _wait(path: _Path, want: int, tolerance: int, wait_timeout: float, progress, sb) -> dict:
+    """Poll until the guest has ``want`` (within ``tolerance``). ``wait_timeout`` is a deadline
+    (design.md "Timeouts"): each poll gets at most the time left, and a poll cut short by it is
+    the wait's own timeout."""
     deadline = time.monotonic() + wait_timeout
-    start_actual = None
+    start_actual = actual = None
+
+    def timed_out() -> TimeoutExpired:
+        now = "at an unknown size" if actual is None else f"at {format_size(actual)}"
+        return TimeoutExpired(f"sandbox {sb.id[:12]}: balloon {now}, target {format_size(want)} "
+                              f"not reached within {wait_timeout:g}s",
+                              hint="the guest may lack a balloon driver, or refuse to give memory back",
+                              details={"actualBytes": actual, "targetBytes": want})
+
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out()
+        capped = left < path._client().timeout
         try:
-            st = path.state(guest=False)
+            with path.timeout_at_most(left):
+                st = path.state(guest=False)
+        except TimeoutExpired:
+            if capped:
+                raise timed_out() from None
+            raise
         except (VMGone, UnreachableError) as e:
             raise VMGone(f"sandbox {sb.id[:12]}: the VM went away while waiting for the balloon "
                          f"({e.message})") from None
@@ -649,12 +694,7 @@ def _wait(path: _Path, want: int, tolerance: int, wait_timeout: float, progress,
             progress({"actualBytes": actual, "targetBytes": want, "startBytes": start_actual})
         if abs(int(actual) - want) <= tolerance:
             return st
-        if time.monotonic() >= deadline:
-            raise TimeoutExpired(f"sandbox {sb.id[:12]}: balloon at {format_size(actual)}, target {format_size(want)} "
-                                 f"not reached within {wait_timeout:g}s",
-                                 hint="the guest may lack a balloon driver, or refuse to give memory back",
-                                 details={"actualBytes": actual, "targetBytes": want})
-        time.sleep(0.1)
+        time.sleep(max(0.0, min(0.1, deadline - time.monotonic())))
 
 
 __all__ = ["get", "set", "open_path", "guest_used", "plan_target", "NoBalloon", "VMGone", "PATHS", "NotFound"]
