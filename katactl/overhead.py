@@ -598,8 +598,9 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
         notes.append("shim pid unknown (no shim.pid in the bundle): its RSS is from its /metrics, its CPU not counted")
     elif not any(r in ("shim", "shim+vmm") for r in mem.values()):
         notes.append("shim pid unknown and its /metrics gave no RSS: the shim is not counted")
-    mem_meas = int(mem_total) if procs else None
-    cpu_meas = round(cpu_total) if procs and cpu_known else None
+    live = any(not p.get("gone") for p in procs)  # the shim's /metrics row counts: it answered
+    mem_meas = int(mem_total) if live else None
+    cpu_meas = round(cpu_total) if live and cpu_known else None
     sources = {"memoryBytes": "processes" if mem_meas is not None else None,
                "cpuMillis": "processes" if cpu_meas is not None else None}
     cgroup = None
@@ -608,20 +609,28 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
         # CPU only: the cgroup's memory holds the guest's RAM (see the module docstring)
         if cgroup.get("cpuMillis") is not None:
             cpu_meas, sources["cpuMillis"] = cgroup["cpuMillis"], "cgroup"
-    measured = {"memoryBytes": mem_meas, "cpuMillis": cpu_meas,
-                "source": "+".join(sorted({v for v in sources.values() if v})) or None, "sources": sources}
+    # nothing measured (the sandbox stopped between discovery and the samples) is not "no overhead":
+    # null, left out of the node sums and the suggestions
+    measured = None if mem_meas is None and cpu_meas is None else {
+        "memoryBytes": mem_meas, "cpuMillis": cpu_meas,
+        "source": "+".join(sorted({v for v in sources.values() if v})) or None, "sources": sources}
     rc, dec = declared.lookup(sb.pod)
     if dec.get("note"):
         notes.append(dec["note"])
     dec_out = {"cpuMillis": dec.get("cpuMillis"), "memoryBytes": dec.get("memoryBytes"), "source": dec.get("source")}
-    ratio = {"cpu": _ratio(measured["cpuMillis"], dec_out["cpuMillis"]),
-             "memory": _ratio(measured["memoryBytes"], dec_out["memoryBytes"])}
+    meas = measured or {}
+    ratio = {"cpu": _ratio(meas.get("cpuMillis"), dec_out["cpuMillis"]),
+             "memory": _ratio(meas.get("memoryBytes"), dec_out["memoryBytes"])}
     known = [r for r in ratio.values() if r is not None]
     ratio["max"] = max(known) if known else None
-    severity, message = _judge({**dec_out, "note": dec.get("note")}, measured, ratio)
+    severity: str | None
+    if measured is None:
+        severity, message = "info", "not measured: none of the sandbox's processes was running (see notes)"
+    else:
+        severity, message = _judge({**dec_out, "note": dec.get("note")}, measured, ratio)
     vmm_gone = any(p.get("gone") for p in procs if p["role"] in ("vmm", "shim+vmm"))
     vcpus_note = vcpus_unknown.get(sb.hypervisor_pid) if sb.hypervisor_pid and not vmm_gone else None
-    if vcpus_note and measured["cpuMillis"] is None and dec_out.get("source") is not None:
+    if vcpus_note and measured is not None and measured["cpuMillis"] is None and dec_out.get("source") is not None:
         message += "; CPU not measured (the VMM's vCPU threads are unknown: guest CPU is not overhead)"
     guest_mem = int(g_total) if g_total is not None else (
         sb.total_memory_mib * (1 << 20) if sb.total_memory_mib is not None else None)
@@ -710,14 +719,18 @@ def percentile(values: list[float], p: float) -> float | None:
 
 
 def node_summary(items: list[dict]) -> dict:
-    """Sums of one node: declared, measured, and under-reservation (measured over declared)."""
-    out: dict[str, Any] = {"pods": len(items), "overDeclared": 0,
+    """Sums of one node: declared, measured, and under-reservation (measured over declared),
+    over the pods measured (the others are counted in notMeasured)."""
+    out: dict[str, Any] = {"pods": len(items), "overDeclared": 0, "notMeasured": 0,
            "declared": {"cpuMillis": 0, "memoryBytes": 0},
            "measured": {"cpuMillis": 0, "memoryBytes": 0},
            "underReserved": {"cpuMillis": 0, "memoryBytes": 0}}
     for it in items:
         if it.get("severity") not in (None, "info"):
             out["overDeclared"] += 1
+        if it["measured"] is None:  # its declared would be compared with nothing
+            out["notMeasured"] += 1
+            continue
         for f in ("cpuMillis", "memoryBytes"):
             d, m = it["declared"].get(f), it["measured"].get(f)
             out["declared"][f] += d or 0
@@ -732,7 +745,8 @@ def suggestions(items: list[dict], margin: float) -> list[dict]:
     (memory rounded up to MiB, CPU to the millicore)."""
     groups: dict[str, list[dict]] = {}
     for it in items:
-        groups.setdefault(it.get("runtimeClass") or "-", []).append(it)
+        if it["measured"] is not None:
+            groups.setdefault(it.get("runtimeClass") or "-", []).append(it)
     out = []
     for rc, its in sorted(groups.items()):
         row: dict = {"runtimeClass": rc, "pods": len(its), "margin": margin}

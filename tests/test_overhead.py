@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -307,6 +308,42 @@ def test_zombie_vmm_is_not_running(cli):
     assert vmm["pid"] == z.pid and vmm.get("gone") is True and vmm["rssBytes"] is None
     assert any(f"vmm pid {z.pid} is not running" in note for note in it["notes"]), it["notes"]
     assert it["measured"]["cpuMillis"] is None and it["vcpusUnknown"] is None
+
+
+def test_nothing_measured_is_null_not_zero(cli):
+    """A sandbox still listed as running whose VMM has exited (a zombie) and whose shim does not
+    answer: nothing of it was measured. measured is null (not 0 B "within the declared
+    overhead"), and it is no sample of the suggestion nor part of the node's sums."""
+    ok = _proc()
+    z = subprocess.Popen(["true"])
+    try:
+        for _ in range(100):
+            if open(f"/proc/{z.pid}/stat").read().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        with node() as n:
+            n.go("ok01", pod_name="ok", pod_namespace="prod", pid=ok.pid)
+            p = n.go("gone01", pod_name="gone", pod_namespace="prod", pid=z.pid, serve=False)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(p.shim_socket)
+                s.listen(5)  # accepts (listed as running), never answers
+                r = cli(["--host-root", n.root, "--request-timeout", "1s", "overhead", "-o", "json",
+                         "--interval", "0.2s", "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    finally:
+        z.wait()
+        ok.kill()
+        ok.wait()
+    assert r.exit_code == 0, r.stdout
+    d = r.json()
+    items = {i["id"]: i for i in d["items"]}
+    gone, live = items["gone01"], items["ok01"]
+    assert gone["measured"] is None and gone["ratio"]["max"] is None
+    assert gone["severity"] == "info" and gone["message"].startswith("not measured"), gone
+    assert live["measured"]["memoryBytes"] > 0
+    (s,) = d["suggestions"]
+    assert s["pods"] == 1 and s["memory"]["samples"] == 1 and s["memory"]["p50"] == live["measured"]["memoryBytes"]
+    (nd,) = d["nodes"]
+    assert nd["pods"] == 2 and nd["notMeasured"] == 1 and nd["declared"]["memoryBytes"] == 64 << 30
 
 
 def test_unnamed_vcpus_never_count_the_guest_as_overhead(cli):
