@@ -111,6 +111,26 @@ def test_to_file_atomic(cli, tree, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["kata.prom"]   # no temp file left
 
 
+def test_to_file_when_every_shim_fails(cli, tmp_path):
+    """No shim answered: exit 1 (nothing succeeded), and the file is still replaced, every
+    sandbox's katactl_scrape_error 1: the collector must not keep serving the last figures
+    as if current (docs/metrics-textfile.md)."""
+    out = tmp_path / "kata.prom"
+    out.write_text("kata_old_metric 1\n")
+    with node() as n:
+        for sid in ("aaa01", "bbb01"):
+            n.go(sid, pod_name=sid, pod_namespace="ns")
+            n.server(sid).metrics_text = lambda: "garbage{\n"
+        r = cli(["--host-root", n.root, "metrics", "--all", "--to", str(out)])
+    assert r.exit_code == 1, r.stderr
+    text = out.read_text()
+    _check(text)
+    assert "kata_old_metric" not in text
+    assert [line.split("{")[1].split(",")[0] for line in text.splitlines() if not line.startswith("#")] == \
+        ['sandbox_id="aaa01"', 'sandbox_id="bbb01"']
+    assert all(line.endswith("} 1") for line in text.splitlines() if not line.startswith("#"))
+
+
 def test_a_shim_that_does_not_answer(cli, tmp_path):
     with node() as n:
         n.go("ok01", pod_name="ok", pod_namespace="prod")
