@@ -256,3 +256,59 @@ def test_trickling_reply_is_bounded_per_command(fake_peer):
     th.join(60)
     assert not th.is_alive(), "QMP read a trickling reply forever"
     assert isinstance(box.get("error"), TimeoutExpired), box
+
+
+def _answering_peer(flood):
+    """A monitor that greets, answers qmp_capabilities, then sends ``flood(id)``'s bytes
+    (events) before its reply to any other command."""
+    import json
+
+    def peer(c):
+        c.sendall(GREETING)
+        buf = b""
+        try:
+            while True:
+                data = c.recv(4096)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    req = json.loads(line)
+                    if req["execute"] != "qmp_capabilities":
+                        for chunk in flood():
+                            c.sendall(chunk)
+                    c.sendall(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\r\n")
+        except OSError:
+            pass
+
+    return peer
+
+
+def _event(n: int, pad: int) -> bytes:
+    return (b'{"event": "BALLOON_CHANGE", "data": {"actual": %d, "pad": "%s"}, '
+            b'"timestamp": {"seconds": 1, "microseconds": 2}}\r\n' % (n, b"x" * pad))
+
+
+def test_events_kept_are_bounded_in_bytes(fake_peer):
+    """Events instead of the reply (6 MiB of them here) are kept up to 1 MiB, the oldest
+    dropped: memory stays bounded whatever the monitor sends until the timeout (review 6,
+    finding 5)."""
+    path = fake_peer(_answering_peer(lambda: (_event(i, 64 << 10) for i in range(96))))
+    with QMPClient.connect(LocalTransport(), path) as q:
+        for _ in range(2):
+            assert q.execute("query-balloon") == {}
+            kept = q.events(clear=False)
+            # 64 KiB and a little each: 15 fit in 1 MiB, the newest
+            assert [e["data"]["actual"] for e in kept] == list(range(81, 96))
+        assert q.wait_event("BALLOON_CHANGE", timeout=0.1)["data"]["actual"] == 81
+        q.events()
+        assert q.execute("query-balloon") == {} and len(q.events()) == 15
+
+
+def test_a_line_over_1_mib_is_refused(fake_peer):
+    path = fake_peer(_answering_peer(lambda: [_event(0, 2 << 20)]))
+    with QMPClient.connect(LocalTransport(), path) as q:
+        with pytest.raises(ProtocolError) as ei:
+            q.execute("query-balloon")
+    assert "QMP line longer than 1048576 bytes" in str(ei.value)

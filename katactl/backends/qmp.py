@@ -37,7 +37,12 @@ from katactl.backends.base import NodeTransport
 DEFAULT_TIMEOUT = 5.0
 #: A free monitor greets within a few ms even under TCG; 0.5 s is generous.
 DEFAULT_GREETING_TIMEOUT = 0.5
-MAX_LINE = 16 << 20
+#: the longest message read. Real ones are small: the largest a katactl command asks for is a
+#: few KiB (query-cpus-fast with hundreds of vCPUs: ~60 KiB); events are tiny (qapi/*.json)
+MAX_LINE = 1 << 20
+#: events kept for :meth:`events`/:meth:`wait_event`, in bytes, the oldest dropped first: a
+#: monitor sending events instead of the reply must not fill memory until the timeout
+MAX_EVENT_BYTES = 1 << 20
 
 
 class MonitorBusy(UnreachableError):
@@ -79,7 +84,9 @@ class QMPClient:
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._replies: dict[Any, dict] = {}
-        self._events: collections.deque[dict] = collections.deque(maxlen=10000)
+        self._events: collections.deque[tuple[int, dict]] = collections.deque()  # (size, event)
+        self._event_bytes = 0
+        self._last_size = 0
         self._send_lock = threading.Lock()
         self._closed: BaseException | None = None
         self._reader: threading.Thread | None = None
@@ -160,6 +167,7 @@ class QMPClient:
                     raise ProtocolError(f"{self.path}: not QMP (bad JSON line {line[:80]!r})") from None
                 if not isinstance(msg, dict):
                     raise ProtocolError(f"{self.path}: not QMP (JSON line is not an object)")
+                self._last_size = len(line)
                 return msg
             if len(self._buf) > MAX_LINE:
                 raise ProtocolError(f"{self.path}: QMP line longer than {MAX_LINE} bytes")
@@ -183,7 +191,10 @@ class QMPClient:
     def _dispatch(self, msg: dict) -> None:
         if "event" in msg:
             with self._cond:
-                self._events.append(msg)
+                self._events.append((self._last_size, msg))
+                self._event_bytes += self._last_size
+                while self._event_bytes > MAX_EVENT_BYTES:
+                    self._event_bytes -= self._events.popleft()[0]
                 self._cond.notify_all()
             cb = self.on_event
             if cb is not None:
@@ -275,9 +286,10 @@ class QMPClient:
     def events(self, clear: bool = True) -> list[dict]:
         """Events received so far (and, with clear, forget them)."""
         with self._cond:
-            out = list(self._events)
+            out = [ev for _, ev in self._events]
             if clear:
                 self._events.clear()
+                self._event_bytes = 0
             return out
 
     def wait_event(self, names: str | Iterable[str] | None = None, *, timeout: float | None = None,
@@ -289,9 +301,11 @@ class QMPClient:
         t = self.timeout if timeout is None else timeout
 
         def find():
-            for ev in self._events:
+            for item in self._events:
+                ev = item[1]
                 if (wanted is None or ev.get("event") in wanted) and (predicate is None or predicate(ev)):
-                    self._events.remove(ev)
+                    self._events.remove(item)
+                    self._event_bytes -= item[0]
                     return ev
             return None
 
