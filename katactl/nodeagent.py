@@ -129,6 +129,11 @@ def _running(p: dict) -> bool:
                     for c in st.get("containerStatuses") or []))
 
 
+def _ended(p: dict) -> bool:
+    """A pod that will not run again (terminal, or being deleted)."""
+    return bool((p.get("status") or {}).get("phase") in ("Failed", "Succeeded") or p["metadata"].get("deletionTimestamp"))
+
+
 def find_pods(api, namespace: str, node: str | None = None) -> list[dict]:
     from katactl.backends.kube import seg
 
@@ -163,9 +168,10 @@ _LOCKS: dict[tuple, threading.Lock] = {}
 _GUARD = threading.Lock()
 
 
-def agent_pod(api, settings, node: str) -> AgentPod:
+def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> AgentPod:
     """The running node pod for ``node``: the agent DaemonSet's, an ephemeral one this run
-    created already, or a new ephemeral one (with --agent-image)."""
+    created already, or a new ephemeral one (with --agent-image). Pods named in ``avoid``
+    (one found not running) are not taken."""
     ns = settings.agent_namespace
     _check_node(api, node)
     key = (api.host, ns, node)
@@ -174,15 +180,18 @@ def agent_pod(api, settings, node: str) -> AgentPod:
     with lock:
         with _GUARD:
             mine = {p.name: p for p in _EPHEMERAL.get(key, [])}
-        pods = find_pods(api, ns, node)
+        pods = [p for p in find_pods(api, ns, node) if p["metadata"]["name"] not in avoid]
         running = [p for p in pods if _running(p)]
         running.sort(key=lambda p: ((p["metadata"].get("labels") or {}).get(KIND_LABEL) != "daemonset",
                                     p["metadata"]["name"] not in mine))
         if running:
             p = running[0]
+            if p["metadata"]["name"] in mine:
+                return mine[p["metadata"]["name"]]  # with its image: a replacement is made alike
             kind = (p["metadata"].get("labels") or {}).get(KIND_LABEL) or "daemonset"
-            return AgentPod(ns, p["metadata"]["name"], node, kind)
-        listed = next((mine[p["metadata"]["name"]] for p in pods if p["metadata"]["name"] in mine), None)
+            return AgentPod(ns, p["metadata"]["name"], node, kind, image=settings.agent_image)
+        listed = next((mine[p["metadata"]["name"]] for p in pods if p["metadata"]["name"] in mine
+                       and not _ended(p)), None)
         if listed is not None:
             return wait_running(api, listed, float(settings.request_timeout or 30.0))
         image = settings.agent_image
@@ -260,13 +269,14 @@ def replace_agent_pod(api, pod: AgentPod) -> AgentPod:
     pod, create a new one."""
     from types import SimpleNamespace
 
-    _unregister((api.host, pod.namespace, pod.node), pod)
+    # an ephemeral pod stays registered: one that ended (Failed, past activeDeadlineSeconds)
+    # is still there to delete at the end of the run
     deadline = time.monotonic() + float(getattr(api, "timeout", 30.0) or 30.0)
     settings = SimpleNamespace(agent_namespace=pod.namespace, agent_image=pod.image,
                                request_timeout=max(1.0, deadline - time.monotonic()))
     while True:
         try:
-            return agent_pod(api, settings, pod.node)
+            return agent_pod(api, settings, pod.node, frozenset({pod.name}))
         except UsageError:
             # a DaemonSet pod is being replaced: wait for the new one
             if time.monotonic() >= deadline:

@@ -6,8 +6,12 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
 
 - Authorization as kube-apiserver 1.35: the WebSocket upgrade needs ``create`` on ``pods/exec``
   (the stand-in's "readonly" user is refused with the RBAC-format 403). A missing pod -> 404; a
-  pod that is not Running (or has no nodeName) -> 400 "container not found"; a pod on a node that
-  is NotReady or has no root mapped -> 500 "error dialing backend" (the kubelet is unreachable).
+  pod without a nodeName -> 400. What the kubelet side answers -- a pod that is not Running:
+  "container not found"; a node that is NotReady or has no root mapped: "error dialing backend"
+  (the kubelet is unreachable) -- comes as the server generation does: with v4 (an old
+  apiserver's upgrade-aware proxy hands the upgrade to the kubelet) as an HTTP 400 / 500 before
+  any upgrade; with v5 (1.30+'s StreamTranslatorHandler, streamtranslator.go) after the 101, as
+  an ``InternalError`` Status on channel 3 ("Internal error occurred: ...") and a close.
   No ``command`` -> 400. A non-upgrade GET -> 400 "Upgrade request required".
 - Subprotocols: the client's ``Sec-WebSocket-Protocol`` list; the first it offers among
   ``exec_protocols`` (default ``("v5.channel.k8s.io", "v4.channel.k8s.io")``: set
@@ -219,12 +223,17 @@ def serve_exec(h, srv, user: str, path: str, query: dict):
             container = (query.get("container") or [containers[0] if containers else ""])[0]
             if container not in containers:
                 raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
-            if (pod.get("status") or {}).get("phase") != "Running" or not node:
-                raise ApiError(400, "BadRequest", f'unable to upgrade connection: container not found ("{container}")')
+            if not node:
+                raise ApiError(400, "BadRequest", f"pod {name} does not have a host assigned")
+            # what the kubelet (or the dial to it) answers; before the upgrade on v4, after it on v5
+            kubelet_err = None
             root = srv.node_roots.get(node)
             if not srv._node_ready(node) or root is None:
-                raise ApiError(500, "InternalError", "error dialing backend: dial tcp 10.0.0.1:10250: "
-                               "connect: connection refused")
+                kubelet_err = ApiError(500, "InternalError", "error dialing backend: dial tcp 10.0.0.1:10250: "
+                                       "connect: connection refused")
+            elif (pod.get("status") or {}).get("phase") != "Running":
+                kubelet_err = ApiError(400, "BadRequest",
+                                       f'unable to upgrade connection: container not found ("{container}")')
         argv = query.get("command") or []
         if not argv:
             raise ApiError(400, "BadRequest", "you must specify at least one command for the container")
@@ -237,6 +246,8 @@ def serve_exec(h, srv, user: str, path: str, query: dict):
         if proto is None:
             raise ApiError(400, "BadRequest", "unable to upgrade connection: no supported subprotocol "
                            f"(offered {offered}, served {list(srv.exec_protocols)})")
+        if kubelet_err is not None and proto != "v5.channel.k8s.io":
+            raise kubelet_err
     except ApiError as e:
         return h._send(e.code, e.status())
     want = {k: (query.get(k) or ["false"])[0] in ("true", "1") for k in ("stdin", "stdout", "stderr", "tty")}
@@ -250,7 +261,27 @@ def serve_exec(h, srv, user: str, path: str, query: dict):
     h.end_headers()
     h.wfile.flush()
     h.close_connection = True
+    if kubelet_err is not None:
+        return _translator_failure(h, want, kubelet_err.status()["message"])
     _Session(h, srv, pod, node, root, argv, proto, want).run()
+
+
+def _translator_failure(h, want, err: str):
+    """kube-apiserver >= 1.30's StreamTranslatorHandler (staging/src/k8s.io/apiserver/pkg/util/
+    proxy/streamtranslator.go ServeHTTP): the client's WebSocket is accepted first
+    (webSocketServerStreams, with its empty first message), then the SPDY exec to the kubelet is
+    dialled; its failure is written as apierrors.NewInternalError(err) on the status channel."""
+    st = {"metadata": {}, "status": "Failure", "message": f"Internal error occurred: {err}",
+          "reason": "InternalError", "details": {"causes": [{"message": err}]}, "code": 500}
+    sess = _Session.__new__(_Session)
+    sess.h, sess.wlock, sess.dead = h, threading.Lock(), False
+    try:
+        sess.data(STDOUT if want["stdout"] else STDERR if want["stderr"] else STATUS, b"")
+        sess.data(STATUS, json.dumps(st).encode())
+        sess.send(0x8, (1000).to_bytes(2, "big"))
+    except _WSClosed:
+        pass
+    sess._drain_close()
 
 
 class _Session:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_via_kube import IMAGE
+from tests.test_via_kube import IMAGE, agent_pods
 from tests.test_vmcore import node_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
@@ -141,3 +141,64 @@ def test_a_mutation_after_the_helper_stream_was_cut_while_idle_is_done(cluster, 
     finally:
         t.close()
         nodeagent.cleanup()
+
+
+# -- kube-apiserver >= 1.30: kubelet-side failures after the 101 (the v5 stream translator) -------
+APP = {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"}
+
+
+def ds_pod(kube, node, name=None, phase="Running"):
+    """A pod of katactl's agent DaemonSet on ``node`` (its container named "agent")."""
+    if kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system") is None:
+        kube.add_daemonset("katactl-node-agent", "kube-system", APP)
+    o = kube.add_pod(name or f"katactl-node-agent-{node}", "kube-system", node=node, labels=APP,
+                     owner=("DaemonSet", "katactl-node-agent"), phase=phase)
+    o["spec"]["containers"][0]["name"] = "agent"
+    for c in o["status"].get("containerStatuses") or []:
+        c["name"] = "agent"
+    return kube.add(o)
+
+
+def test_kubelet_unreachable_behind_the_v5_translator_is_exit_7(cli, cluster):
+    kube = cluster["kube"]
+    kube.add_node("down-node")      # Ready, but its kubelet cannot be dialled (no root)
+    ds_pod(kube, "down-node")
+    r = cli(["--via", "kube", "-N", "down-node", "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 7, r.stdout
+    assert "cannot reach its kubelet" in r.json()["message"] and "error dialing backend" in r.json()["message"]
+    r = cli(["--via", "kube", "-N", "down-node", "vmcore", "list", "-o", "json"])  # through the file helper
+    assert r.exit_code == 7 and "error dialing backend" in r.json()["message"], r.stdout
+
+
+def test_a_failed_node_pod_behind_the_v5_translator_is_replaced(cluster):
+    """The pod's container ended (Failed: still in storage, no 404): the translator says
+    "container not found" after the 101; the exec, a helper read and a mutation go on through a
+    new pod, and the failed one is deleted at the end."""
+    from katactl import nodeagent
+
+    kube, root = cluster["kube"], cluster["root"]
+    os.makedirs(os.path.join(root, "kt"))
+    open(os.path.join(root, "kt/a"), "w").close()
+
+    def fail(name):
+        o = kube.get_obj("Pod", name, "kube-system")
+        o["status"]["phase"] = "Failed"
+        kube.add(o)
+
+    try:
+        t = _transport()
+        first = t.agent.name
+        fail(first)
+        assert t.run(["true"]).returncode == 0
+        assert t.agent.name != first
+        t.close()
+        t = _transport()
+        second = t.agent.name
+        fail(second)
+        t.rename("/kt/a", "/kt/b")     # the helper's first request, on a pod that ended
+        assert os.path.exists(os.path.join(root, "kt/b")) and t.agent.name != second
+        t.close()
+    finally:
+        nodeagent.cleanup()
+    assert agent_pods(kube) == []
+    assert {e["protocol"] for e in kube.exec_log} == {"v5.channel.k8s.io"}

@@ -42,7 +42,11 @@ decision (kube.proxy_for), as kubectl's exec connects: an HTTP CONNECT tunnel, T
 Errors: 403 on the upgrade -> AuthError (exit 7) naming ``create pods/exec``; the pod gone (404)
 or not running -> the pod is looked up again (a DaemonSet replaces it; an ephemeral pod is
 recreated) and the exec retried once; the API unreachable -> UnreachableError (7); an exec
-stream cut before its status -> UnreachableError (7) for that call.
+stream cut before its status -> UnreachableError (7) for that call. What the kubelet side
+answers comes before the upgrade (v4: 400 "container not found", 500 "error dialing backend")
+or, from kube-apiserver >= 1.30's v5 translator, after it as an InternalError status on channel
+3 (_kubelet_failure): the same two cases are told apart there -- the exec never started, so it
+is sent again on the replacement pod, a helper mutation too.
 """
 from __future__ import annotations
 
@@ -221,6 +225,26 @@ while True:
 """.strip()
 
 
+def _kubelet_failure(status: dict) -> str | None:
+    """Why an exec never started, from a status without an exit code: "gone" (the pod's
+    container is not running: the pod is looked up again), "unreachable" (the API server cannot
+    reach the kubelet), else None. kube-apiserver >= 1.30's v5 StreamTranslatorHandler answers
+    the 101 first and only then execs at the kubelet over SPDY; that failing is written as
+    apierrors.NewInternalError(err) on channel 3 (staging/src/k8s.io/apiserver/pkg/util/proxy/
+    streamtranslator.go ServeHTTP), where older servers answered the upgrade with a 400 / 500."""
+    if _status_rc(status) is not None or status.get("reason") != "InternalError":
+        return None
+    msg = str(status.get("message") or "")
+    if "executable file not found" in msg:
+        return None
+    if "container not found" in msg or "not running" in msg or ('pods "' in msg and "not found" in msg):
+        return "gone"
+    if any(w in msg for w in ("error dialing backend", "dial tcp", "connection refused", "no route to host",
+                              "i/o timeout")):
+        return "unreachable"
+    return None
+
+
 def _status_rc(status: dict) -> int | None:
     """The exit code a v4/v5 status message carries (None: an exec failure without one)."""
     if status.get("status") == "Success":
@@ -237,11 +261,17 @@ def _status_rc(status: dict) -> int | None:
 class WSChannel:
     """One exec over a WebSocket, with paramiko Channel's interface (see remote.py)."""
 
-    def __init__(self, ws, argv, what: str):
+    def __init__(self, ws, argv, what: str, node: str = "", reopen=None):
         self.ws = ws
         self.argv = argv
         self.what = what
+        self.node = node
         self.protocol = ws.subprotocol or ""
+        # a new WebSocket for the same exec on the replacement pod: used once, when the exec
+        # is found never to have started (the pod's container is gone) before anything was sent
+        self._reopen = reopen
+        self._got_data = False
+        self._sent = False
         self._out = b""
         self._err = bytearray()
         self._status: dict | None = None
@@ -310,8 +340,10 @@ class WSChannel:
         ch = data[0]
         if ch == STDOUT:
             if len(data) > 1:
+                self._got_data = True
                 self._out = data[1:] if not self._out else self._out + data[1:]
         elif ch == STDERR:
+            self._got_data = self._got_data or len(data) > 1
             self._err += data[1:]
             if len(self._err) > STDERR_KEEP:
                 del self._err[:-STDERR_KEEP]
@@ -320,6 +352,27 @@ class WSChannel:
                 self._status = json.loads(data[1:])
             except ValueError:
                 self._status = {"status": "Failure", "message": data[1:200].decode("utf-8", "replace")}
+            if (self._reopen is not None and not self._got_data and not self._sent
+                    and _kubelet_failure(self._status) == "gone"):
+                self._adopt()
+
+    def _adopt(self) -> None:
+        """The same exec again on a new WebSocket (the replacement pod's): nothing was sent or
+        received on this one, and the command never started."""
+        reopen, self._reopen = self._reopen, None
+        ws = reopen()
+        old, self.ws = self.ws, ws
+        try:
+            old.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        self.protocol = ws.subprotocol or ""
+        self._status = None
+        self._ended = False
+        ws.settimeout(self._timeout)
+        if self._wclosed and self.protocol.startswith("v5"):
+            self._wclosed = False
+            self.shutdown_write()
 
     def recv(self, n: int) -> bytes:
         while not self._out:
@@ -357,6 +410,11 @@ class WSChannel:
         rc = _status_rc(self._status)
         if rc is None:
             msg = str(self._status.get("message") or "exec failed")
+            why = _kubelet_failure(self._status)
+            if why == "gone":
+                raise _PodGone(f"{self.what}: the node pod's container is not running: {msg}")
+            if why == "unreachable":
+                raise UnreachableError(f"node {self.node}: the API server cannot reach its kubelet: {msg}")
             if "executable file not found" in msg or "no such file or directory" in msg.lower():
                 self._err += (msg + "\n").encode()
                 return 127
@@ -373,6 +431,7 @@ class WSChannel:
         import websocket
 
         mv = memoryview(data)
+        self._sent = self._sent or len(mv) > 0
         try:
             for off in range(0, len(mv), SEND_CHUNK):
                 self.ws.send_bytes(b"\x00" + bytes(mv[off:off + SEND_CHUNK]))
@@ -559,19 +618,32 @@ class KubeExecTransport(RemoteTransport):
             raise
 
     # -- the channel ---------------------------------------------------------------------
-    def _exec_channel(self, argv, timeout=None, *, stdin: bool = True, _retry: bool = True) -> WSChannel:
+    def _exec_channel(self, argv, timeout=None, *, stdin: bool = True) -> WSChannel:
+        try:
+            ws = self._open_ws(argv, timeout, stdin)
+        except _PodGone:
+            ws = self._reopen_ws(argv, timeout, stdin)
+            reopen = None
+        else:
+            def reopen():
+                return self._reopen_ws(argv, timeout, stdin)
+        return WSChannel(ws, argv, f"{argv[0]} on {self.node}", self.node, reopen)
+
+    def _replace_pod(self) -> None:
+        from katactl import nodeagent
+
+        self.agent = nodeagent.replace_agent_pod(self.api, self.agent)
+
+    def _reopen_ws(self, argv, timeout, stdin: bool):
+        """The exec's WebSocket on the node pod's replacement (the pod is gone or not running)."""
+        self._replace_pod()
         try:
             return self._open_ws(argv, timeout, stdin)
         except _PodGone:
-            if not _retry:
-                raise UnreachableError(f"the node pod {self.agent.namespace}/{self.agent.name} on {self.node} "
-                                       "went away and its replacement did not answer") from None
-            from katactl import nodeagent
+            raise UnreachableError(f"the node pod {self.agent.namespace}/{self.agent.name} on {self.node} "
+                                   "went away and its replacement did not answer") from None
 
-            self.agent = nodeagent.replace_agent_pod(self.api, self.agent)
-            return self._exec_channel(argv, timeout, stdin=stdin, _retry=False)
-
-    def _open_ws(self, argv, timeout, stdin: bool) -> WSChannel:
+    def _open_ws(self, argv, timeout, stdin: bool):
         import websocket
 
         timeout = self.timeout if timeout is None else timeout
@@ -617,7 +689,7 @@ class KubeExecTransport(RemoteTransport):
             ws.shutdown()
             raise ProtocolError(f"Kubernetes API {host}: pods/exec answered subprotocol {ws.subprotocol!r} "
                                 f"(katactl speaks {', '.join(PROTOCOLS)})")
-        return WSChannel(ws, argv, f"{argv[0]} on {self.node}")
+        return ws
 
     def _upgrade_error(self, e) -> KatactlError:
         code = e.status_code
@@ -660,9 +732,19 @@ class KubeExecTransport(RemoteTransport):
         return super().run(argv, timeout, None, raw)
 
     def _run_with_input(self, argv, timeout, input: bytes, raw: bool):
+        timeout = self.timeout if timeout is None else timeout
+        for attempt in (0, 1):
+            try:
+                return self._run_input_once(argv, timeout, input, raw)
+            except _PodGone:
+                if attempt:
+                    raise
+                self._replace_pod()  # the command never started: its input went nowhere
+        raise AssertionError("unreachable")
+
+    def _run_input_once(self, argv, timeout, input: bytes, raw: bool):
         from katactl.backends.base import RunResult
 
-        timeout = self.timeout if timeout is None else timeout
         chan = self._exec_channel(argv, timeout)
         if not chan.protocol.startswith("v5"):
             # no half-close on v4: a feeder gives the command exactly these bytes, then EOF
@@ -704,6 +786,11 @@ class KubeExecTransport(RemoteTransport):
         while got < n:
             b = chan.recv(n - got)
             if not b:
+                if chan._status is not None:
+                    rc = chan.recv_exit_status()  # raises what the status says went wrong
+                    err = chan.recv_stderr(STDERR_KEEP).decode("utf-8", "replace").strip()
+                    raise UnreachableError(f"the file helper on {self.node} stopped (exit {rc}"
+                                           f"{': ' + err[-500:] if err else ''})")
                 raise UnreachableError(f"the file helper on {self.node} stopped")
             parts.append(b)
             got += len(b)
@@ -719,10 +806,18 @@ class KubeExecTransport(RemoteTransport):
         replaced pod); a mutation is not (it may have happened)."""
         with self._helper_lock:
             for attempt in (0, 1):
+                chan = None
                 try:
                     chan = self._helper_chan()
                     self._send_req(chan, header, payload)
                     return self._reply(chan)
+                except _PodGone:
+                    # the helper never started (its pod's container is gone): nothing was done,
+                    # so the request goes to the replacement pod's helper, a mutation too
+                    self._drop_helper()
+                    if attempt or (not idempotent and chan is not None and chan._got_data):
+                        raise
+                    self._replace_pod()
                 except socket.timeout:
                     self._drop_helper()
                     raise TimeoutExpired(f"node {self.node}: the file helper did not answer within "
