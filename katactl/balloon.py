@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 from katactl.errors import (KatactlError, NotFound, OperationFailed, ProtocolError, Refused,
                             TimeoutExpired, UnreachableError, UsageError)
 from katactl.values import format_size
+from katactl.backends import shape
 from katactl.backends.base import NodeTransport
 
 if TYPE_CHECKING:
@@ -130,9 +131,12 @@ class _ExtensionPath(_Path):
         except ValueError:
             raise ProtocolError(f"{self.shim.what}: /ext/v1/balloon did not answer JSON") from None
         if status == 200:
-            return obj
-        err = (obj.get("error") or {}) if isinstance(obj, dict) else {}
-        msg = err.get("message") or raw[:200].decode(errors="replace")
+            return shape.obj(obj, f"{self.shim.what}: {method} {url}")
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, str):  # a shim's plain {"error": "..."}: its words, not ours
+            err = {"message": err}
+        err = err if isinstance(err, dict) else {}
+        msg = str(err.get("message") or raw[:200].decode(errors="replace"))
         code = err.get("code")
         if code == "NoBalloon" or (status == 409 and code == "DeviceNotActive"):
             raise NoBalloon(f"{self.shim.what}: {msg}", hint=NO_BALLOON_HINT)
@@ -143,11 +147,17 @@ class _ExtensionPath(_Path):
         raise OperationFailed(f"{self.shim.what}: extension answered {status}: {msg}")
 
     def state(self, guest: bool = True) -> dict:
-        o = self._call("GET", url="/ext/v1/balloon" if guest else "/ext/v1/balloon?guest=0")
+        url = "/ext/v1/balloon" if guest else "/ext/v1/balloon?guest=0"
+        o = self._call("GET", url=url)
+        what = f"{self.shim.what}: GET {url}"  # fields as docs/shim-extension.md gives them
         g = o.get("guest")
-        return {"memory": o.get("memoryBytes"), "target": o.get("targetBytes"), "actual": o.get("actualBytes"),
-                "guest": ({"total": g.get("totalBytes"), "free": g.get("freeBytes"),
-                           "available": g.get("availableBytes")} if g else None)}
+        if g is not None:
+            g = shape.obj(g, what, "guest")
+            g = {k: shape.opt_integer(g.get(f"{k}Bytes"), what, f"guest.{k}Bytes")
+                 for k in ("total", "free", "available")}
+        return {"memory": shape.integer(o.get("memoryBytes"), what, "memoryBytes"),
+                "target": shape.opt_integer(o.get("targetBytes"), what, "targetBytes"),
+                "actual": shape.opt_integer(o.get("actualBytes"), what, "actualBytes"), "guest": g}
 
     def effective_target(self, want: int, memory: int) -> int:
         # docs/shim-extension.md: the shim converts for Firecracker as _FcPath does; QEMU and
@@ -160,7 +170,7 @@ class _ExtensionPath(_Path):
 
     def set_target(self, target: int) -> int | None:
         t = self._call("PUT", {"targetBytes": int(target)}).get("targetBytes")
-        return int(t) if isinstance(t, int) else None
+        return shape.opt_integer(t, f"{self.shim.what}: PUT /ext/v1/balloon", "targetBytes")
 
     def _client(self):
         return self.shim
@@ -190,10 +200,14 @@ class _QmpPath(_Path):  # noqa: D101
             raise
 
     def state(self, guest: bool = True) -> dict:
+        # qapi/machine.json MemoryInfo (plugged-memory optional), BalloonInfo
         if self.memory is None:
-            m = self._x("query-memory-size-summary")
-            self.memory = int(m.get("base-memory", 0)) + int(m.get("plugged-memory", 0))
-        actual = int(self._x("query-balloon")["actual"])
+            what = f"{self.qmp.path}: query-memory-size-summary"
+            m = shape.obj(self._x("query-memory-size-summary"), what)
+            self.memory = shape.integer(m.get("base-memory"), what, "base-memory") \
+                + (shape.opt_integer(m.get("plugged-memory"), what, "plugged-memory") or 0)
+        what = f"{self.qmp.path}: query-balloon"
+        actual = shape.integer(shape.obj(self._x("query-balloon"), what).get("actual"), what, "actual")
         if not guest:
             return {"memory": self.memory, "target": None, "actual": actual, "guest": None}
         g = None

@@ -486,10 +486,10 @@ def test_qemu_move_under_tolerance_is_sent(lab, cli):
 
 
 @contextlib.contextmanager
-def stand_in(lab, name: str, make):
-    """``make(path)``'s server in place of the sandbox's API socket (a hypervisor the lab's
-    stand-in does not play); the lab's socket back afterwards."""
-    real = lab.real(lab.sb(name)["apiSocket"])
+def stand_in(lab, name: str, make, socket: str = "apiSocket"):
+    """``make(path)``'s server in place of the sandbox's API (or shim) socket (a peer the
+    lab's stand-ins do not play); the lab's socket back afterwards."""
+    real = lab.real(lab.sb(name)[socket])
     os.rename(real, real + ".lab")
     srv = None
     try:
@@ -637,3 +637,56 @@ def test_wait_timeout_is_a_deadline_for_each_poll(lab, cli):
     assert j["code"] == "Timeout" and "balloon at an unknown size, target 400Mi not reached within 1s" in j["message"]
     assert j["details"] == {"actualBytes": None, "targetBytes": 400 * MIB}
     assert [e["result"] for e in audit_entries("balloon.set", sid)] == ["requested", "timeout"]
+
+
+# -- valid JSON of the wrong shape (review 6, finding 6) -----------------------------------------
+def _routes(table: dict):
+    """answer() for _scripted_http: the first (status, body) whose URL suffix matches."""
+    def answer(method, url):
+        for suffix, a in table.items():
+            if url.split("?")[0].endswith(suffix):
+                return a
+        return (404, None)
+    return answer
+
+
+CLH_OK = {"vmm.ping": (200, {"version": "48.0"})}
+FC_OK = {"/machine-config": (200, {"vcpu_count": 1, "mem_size_mib": 1024}),
+         "/balloon": (200, {"amount_mib": 0, "deflate_on_oom": False, "stats_polling_interval_s": 1})}
+
+
+@pytest.mark.parametrize("name,socket,table,needle", [
+    ("clh-0", "apiSocket", {**CLH_OK, "vm.info": (200, [])}, "GET vm.info: the answer is list, not an object"),
+    ("clh-0", "apiSocket", {**CLH_OK, "vm.info": (200, {"config": {"memory": {"size": "512M"}}})},
+     "GET vm.info: config.memory.size is str '512M', not an integer"),
+    ("clh-0", "apiSocket", {**CLH_OK, "vm.info": (200, {"config": {"memory": None, "balloon": {"size": 0}},
+                                                        "memory_actual_size": 0})},
+     "GET vm.info: config.memory is null, not an object"),
+    ("fc-0", "apiSocket", {"/machine-config": (200, [1])}, "GET /machine-config: the answer is list, not an object"),
+    ("fc-0", "apiSocket", {**FC_OK, "/balloon/statistics": (200, [])},
+     "GET /balloon/statistics: the answer is list, not an object"),
+    ("qemu-0", "shimSocket", {"/ext/v1/capabilities": (200, {"features": ["balloon"]}),
+                              "/ext/v1/balloon": (200, {"memoryBytes": "1G"})},
+     "GET /ext/v1/balloon: memoryBytes is str '1G', not an integer"),
+])
+def test_wrong_shape_answers_are_protocol_errors(lab, cli, name, socket, table, needle):
+    """The peer's bad answer is a ProtocolError (exit 1) naming the endpoint and the field,
+    never katactl's "unexpected" internal-bug message, nor a 0-byte VM reported as fact."""
+    via = "extension" if socket == "shimSocket" else "hypervisor-api"
+    with stand_in(lab, name, lambda p: _scripted_http(p, _routes(table)), socket):
+        r = cli(lab.args("balloon", "get", lab.pod(name), "--via", via, "-o", "json"))
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    j = r.json()
+    assert j["code"] == "ProtocolError" and needle in j["message"], j
+
+
+def test_extension_error_string_is_the_message(lab, cli):
+    """A shim answering {"error": "..."} (a string, not docs/shim-extension.md's object): its
+    words are the error, not an internal-bug message."""
+    table = {"/ext/v1/capabilities": (200, {"features": ["balloon"]}),
+             "/ext/v1/balloon": (500, {"error": "hypervisor exploded"})}
+    with stand_in(lab, "qemu-0", lambda p: _scripted_http(p, _routes(table)), "shimSocket"):
+        r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--via", "extension", "-o", "json"))
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    j = r.json()
+    assert j["code"] == "Failed" and j["message"].endswith("extension answered 500: hypervisor exploded"), j

@@ -7,6 +7,7 @@ text before; most API errors are 500 before v53.
 """
 from __future__ import annotations
 
+from katactl.backends import shape
 from katactl.backends.unixhttp import JsonUnixClient
 from katactl.errors import NotFound, OperationFailed
 
@@ -52,16 +53,22 @@ class ClhClient(JsonUnixClient):
 
     # -- balloon in katactl's terms ------------------------------------------
     def balloon_state(self) -> dict:
-        """{memory, balloonTarget, balloonActual, hasBalloon} in bytes."""
-        info = self.info()
-        cfg = info.get("config") or {}
-        mem = cfg.get("memory") or {}
-        total = int(mem.get("size") or 0) + int(mem.get("hotplugged_size") or 0)
+        """{memory, balloonTarget, balloonActual, hasBalloon} in bytes (cloud-hypervisor
+        vmm/src/api/mod.rs VmInfoResponse: memory_actual_size is optional; vmm/src/vm_config.rs
+        MemoryConfig.size and BalloonConfig.size are not)."""
+        what = f"{self.path} GET vm.info"
+        info = shape.obj(self.info(), what)
+        cfg = shape.obj(info.get("config"), what, "config")
+        mem = shape.obj(cfg.get("memory"), what, "config.memory")
+        total = shape.integer(mem.get("size"), what, "config.memory.size") \
+            + (shape.opt_integer(mem.get("hotplugged_size"), what, "config.memory.hotplugged_size") or 0)
         bal = cfg.get("balloon")
-        actual_size = info.get("memory_actual_size")
-        balloon_actual = (total - int(actual_size)) if actual_size is not None and bal else 0
-        return {"memory": total, "hasBalloon": bal is not None,
-                "balloonTarget": int(bal.get("size") or 0) if bal else None,
+        target = None
+        if bal is not None:
+            target = shape.integer(shape.obj(bal, what, "config.balloon").get("size"), what, "config.balloon.size")
+        actual_size = shape.opt_integer(info.get("memory_actual_size"), what, "memory_actual_size")
+        balloon_actual = (total - actual_size) if actual_size is not None and bal else 0
+        return {"memory": total, "hasBalloon": bal is not None, "balloonTarget": target,
                 "balloonActual": max(0, balloon_actual), "state": info.get("state")}
 
 

@@ -6,6 +6,7 @@ Balloon semantics: ``amount_mib`` is the balloon size (memory taken away).
 """
 from __future__ import annotations
 
+from katactl.backends import shape
 from katactl.backends.unixhttp import JsonUnixClient
 from katactl.errors import OperationFailed
 
@@ -46,23 +47,30 @@ class FcClient(JsonUnixClient):
 
     # -- balloon in katactl's terms ------------------------------------------
     def balloon_state(self) -> dict:
-        """{memory, balloonTarget, balloonActual, hasBalloon, guest} in bytes."""
-        mc = self.machine_config()
-        memory = int(mc.get("mem_size_mib") or 0) * MIB
+        """{memory, balloonTarget, balloonActual, hasBalloon, guest} in bytes (firecracker
+        src/vmm/src/vmm_config/machine_config.rs, balloon.rs: mem_size_mib, amount_mib and
+        actual_mib are integers; the guest's memory figures are optional)."""
+        mc = shape.obj(self.machine_config(), f"{self.path} GET /machine-config")
+        memory = shape.integer(mc.get("mem_size_mib"), f"{self.path} GET /machine-config", "mem_size_mib") * MIB
         try:
             b = self.balloon()
         except FcError:
             return {"memory": memory, "hasBalloon": False, "balloonTarget": None, "balloonActual": None,
                     "guest": None}
-        target = int(b.get("amount_mib") or 0) * MIB
+        what = f"{self.path} GET /balloon"
+        target = shape.integer(shape.obj(b, what).get("amount_mib"), what, "amount_mib") * MIB
         actual, guest = None, None
         try:
             st = self.balloon_statistics()
-            actual = int(st.get("actual_mib") or 0) * MIB
-            if st.get("total_memory") is not None:
-                guest = {"total": st.get("total_memory"), "free": st.get("free_memory"),
-                         "available": st.get("available_memory")}
         except FcError:
-            pass  # statistics not enabled: actual unknown
+            st = None  # statistics not enabled: actual unknown
+        if st is not None:
+            what = f"{self.path} GET /balloon/statistics"
+            st = shape.obj(st, what)
+            actual = shape.integer(st.get("actual_mib"), what, "actual_mib") * MIB
+            figures = {k: shape.opt_integer(st.get(f"{k}_memory"), what, f"{k}_memory")
+                       for k in ("total", "free", "available")}
+            if figures["total"] is not None:
+                guest = figures
         return {"memory": memory, "hasBalloon": True, "balloonTarget": target, "balloonActual": actual,
                 "guest": guest}
