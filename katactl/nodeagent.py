@@ -181,7 +181,12 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
         with _GUARD:
             mine = {p.name: p for p in _EPHEMERAL.get(key, [])}
         pods = [p for p in find_pods(api, ns, node) if p["metadata"]["name"] not in avoid]
-        running = [p for p in pods if _running(p)]
+        # a DaemonSet pod, or an ephemeral pod of this run: another run's ephemeral pod is
+        # deleted at that run's end, whoever still execs in it (kubectl debug node and
+        # node-shell never share theirs either)
+        running = [p for p in pods if _running(p)
+                   and ((p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset"
+                        or p["metadata"]["name"] in mine)]
         running.sort(key=lambda p: ((p["metadata"].get("labels") or {}).get(KIND_LABEL) != "daemonset",
                                     p["metadata"]["name"] not in mine))
         if running:

@@ -202,3 +202,28 @@ def test_a_failed_node_pod_behind_the_v5_translator_is_replaced(cluster):
         nodeagent.cleanup()
     assert agent_pods(kube) == []
     assert {e["protocol"] for e in kube.exec_log} == {"v5.channel.k8s.io"}
+
+
+# -- which node pods are used -------------------------------------------------------------------
+def test_another_runs_ephemeral_pod_is_not_used(cluster):
+    """Run B does not exec in run A's ephemeral pod (A deletes it at its end): B makes its own."""
+    from katactl import config, nodeagent
+    from katactl.backends import kube as kubeapi
+
+    kube = cluster["kube"]
+    with kubeapi.client(config.resolve({})) as api:
+        other = api.create("/api/v1/namespaces/kube-system/pods",
+                           nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system"))["metadata"]["name"]
+    deadline = time.monotonic() + 10
+    while kube.get_obj("Pod", other, "kube-system")["status"]["phase"] != "Running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        t = _transport()
+        assert t.run(["true"]).returncode == 0
+        assert t.agent.name != other
+        t.close()
+    finally:
+        nodeagent.cleanup()
+    assert agent_pods(kube) == [other]   # A's pod is A's to delete
+    assert all(e["pod"] != f"kube-system/{other}" for e in kube.exec_log)
