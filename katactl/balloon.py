@@ -45,6 +45,14 @@ EXTRA_MONITOR_HINT = ('set extra_monitor_socket = "qmp" in [hypervisor.qemu] of 
 EXTENSION_HINT = "run a shim that implements the katactl shim extension (docs/shim-extension.md)"
 NO_BALLOON_HINT = ("Kata adds the virtio-balloon device only with reclaim_guest_freed_memory = true "
                    "in the [hypervisor.*] section; new sandboxes get it")
+#: neither Kata runtime configures a Firecracker balloon (src/runtime/virtcontainers/fc.go,
+#: src/runtime-rs/crates/hypervisor/src/firecracker/fc_api.rs: no PUT /balloon), whatever the setting
+FC_NO_BALLOON_HINT = ("Kata's Firecracker drivers add no balloon device (reclaim_guest_freed_memory does not "
+                      "apply to Firecracker): only a Firecracker given PUT /balloon before boot has one")
+
+
+def no_balloon_hint(hypervisor: str | None) -> str:
+    return FC_NO_BALLOON_HINT if hypervisor == "fc" else NO_BALLOON_HINT
 
 
 class NoBalloon(OperationFailed):
@@ -139,7 +147,7 @@ class _ExtensionPath(_Path):
         msg = str(err.get("message") or raw[:200].decode(errors="replace"))
         code = err.get("code")
         if code == "NoBalloon" or (status == 409 and code == "DeviceNotActive"):
-            raise NoBalloon(f"{self.shim.what}: {msg}", hint=NO_BALLOON_HINT)
+            raise NoBalloon(f"{self.shim.what}: {msg}", hint=no_balloon_hint(self.hypervisor))
         if code in ("HypervisorGone", "MonitorUnavailable") or status == 503:
             raise VMGone(f"{self.shim.what}: {msg}")
         if status == 400:
@@ -240,6 +248,7 @@ class _ApiPath(_Path):
     """A hypervisor HTTP API client (ClhClient / FcClient) and its balloon_state()."""
 
     name = "hypervisor-api"
+    hypervisor = "?"
 
     def __init__(self, client):
         self.c = client
@@ -247,7 +256,7 @@ class _ApiPath(_Path):
     def _balloon(self) -> dict:
         s = self.c.balloon_state()
         if not s["hasBalloon"]:
-            raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=NO_BALLOON_HINT)
+            raise NoBalloon(f"{self.c.path}: the VM has no balloon device", hint=no_balloon_hint(self.hypervisor))
         return s
 
     def _client(self):
@@ -259,6 +268,7 @@ class _ApiPath(_Path):
 
 class _ClhPath(_ApiPath):
     unit = UNITS["clh"]
+    hypervisor = "clh"
 
     def effective_target(self, want: int, memory: int) -> int:
         # config.balloon.size keeps the un-rounded desired_balloon (cloud-hypervisor
@@ -279,6 +289,7 @@ class _ClhPath(_ApiPath):
 
 class _FcPath(_ApiPath):
     unit = UNITS["fc"]
+    hypervisor = "fc"
 
     def state(self, guest: bool = True) -> dict:
         s = self._balloon()

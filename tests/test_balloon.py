@@ -690,3 +690,16 @@ def test_extension_error_string_is_the_message(lab, cli):
     assert r.exit_code == 1, (r.stdout, r.stderr)
     j = r.json()
     assert j["code"] == "Failed" and j["message"].endswith("extension answered 500: hypervisor exploded"), j
+
+
+def test_fc_without_balloon_hint_is_firecrackers(lab, cli):
+    """Neither Kata runtime gives Firecracker a balloon (fc.go, runtime-rs fc_api.rs send no
+    PUT /balloon): the hint must not send the SRE to reclaim_guest_freed_memory, which
+    Firecracker ignores (review 6, unverified suspicion 2)."""
+    from katactl.lab.fc_server import FcServer
+
+    with stand_in(lab, "fc-0", lambda p: FcServer(p, 1024 * MIB, balloon=False)):
+        r = cli(lab.args("balloon", "get", lab.pod("fc-0"), "--via", "hypervisor-api", "-o", "json"))
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    j = r.json()
+    assert j["code"] == "NoBalloon" and "reclaim_guest_freed_memory does not apply to Firecracker" in j["hint"], j
