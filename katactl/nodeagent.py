@@ -180,7 +180,8 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
     with lock:
         with _GUARD:
             mine = {p.name: p for p in _EPHEMERAL.get(key, [])}
-        pods = [p for p in find_pods(api, ns, node) if p["metadata"]["name"] not in avoid]
+        # katactl's own pods only: a pod merely wearing the label may be anything
+        pods = [p for p in find_pods(api, ns, node) if p["metadata"]["name"] not in avoid and is_agent_pod(p, ns)]
         # a DaemonSet pod, or an ephemeral pod of this run: another run's ephemeral pod is
         # deleted at that run's end, whoever still execs in it (kubectl debug node and
         # node-shell never share theirs either)
@@ -193,8 +194,7 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
             p = running[0]
             if p["metadata"]["name"] in mine:
                 return mine[p["metadata"]["name"]]  # with its image: a replacement is made alike
-            kind = (p["metadata"].get("labels") or {}).get(KIND_LABEL) or "daemonset"
-            return AgentPod(ns, p["metadata"]["name"], node, kind, image=settings.agent_image)
+            return AgentPod(ns, p["metadata"]["name"], node, "daemonset", image=settings.agent_image)
         listed = next((mine[p["metadata"]["name"]] for p in pods if p["metadata"]["name"] in mine
                        and not _ended(p)), None)
         if listed is not None:

@@ -227,3 +227,16 @@ def test_another_runs_ephemeral_pod_is_not_used(cluster):
         nodeagent.cleanup()
     assert agent_pods(kube) == [other]   # A's pod is A's to delete
     assert all(e["pod"] != f"kube-system/{other}" for e in kube.exec_log)
+
+
+@pytest.mark.parametrize("kind", ["daemonset", None])
+def test_a_pod_only_wearing_the_agent_label_is_not_execd_into(cli, cluster, kind):
+    kube = cluster["kube"]
+    labels = {"app.kubernetes.io/name": "katactl-node-agent"} | ({"katactl.io/agent-kind": kind} if kind else {})
+    o = kube.add_pod("impostor", "kube-system", node="tree-node", labels=labels)
+    o["spec"]["containers"][0]["name"] = "agent"
+    kube.add(o)
+    r = cli(["--via", "kube", "-N", "tree-node", "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 2, r.stdout     # no katactl node pod and no --agent-image
+    assert not kube.exec_log
+
