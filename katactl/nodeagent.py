@@ -200,11 +200,20 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
         if listed is not None:
             return wait_running(api, listed, float(settings.request_timeout or 30.0))
         image = settings.agent_image
+        down = next((p for p in pods if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset"), None)
+        if not image and down is not None:
+            # installed, but its pod on this node does not run: the node is unreachable, not a bad flag
+            raise AgentPodDown(f"node {node}: the katactl node agent pod {ns}/{down['metadata']['name']} is not "
+                               f"running: {_describe(api, down)}")
         if not image:
             raise UsageError(f"node {node} has no running katactl node agent pod in namespace {ns}",
                              hint="install the agent (katactl node agent install --image IMAGE) or give "
                                   "--agent-image IMAGE for an ephemeral node pod (an image with python3)")
         return _create_ephemeral(api, ns, node, image, float(settings.request_timeout or 30.0), key)
+
+
+class AgentPodDown(UnreachableError):
+    """The node's agent DaemonSet pod exists but is not running."""
 
 
 def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) -> AgentPod:
@@ -282,7 +291,7 @@ def replace_agent_pod(api, pod: AgentPod) -> AgentPod:
     while True:
         try:
             return agent_pod(api, settings, pod.node, frozenset({pod.name}))
-        except UsageError:
+        except (UsageError, AgentPodDown):
             # a DaemonSet pod is being replaced: wait for the new one
             if time.monotonic() >= deadline:
                 raise UnreachableError(f"node pod {pod.namespace}/{pod.name} on {pod.node} went away and no "

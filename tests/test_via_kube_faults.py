@@ -240,3 +240,14 @@ def test_a_pod_only_wearing_the_agent_label_is_not_execd_into(cli, cluster, kind
     assert r.exit_code == 2, r.stdout     # no katactl node pod and no --agent-image
     assert not kube.exec_log
 
+
+def test_an_installed_agent_whose_pod_does_not_run_is_exit_7_with_its_state(cli, cluster):
+    kube = cluster["kube"]
+    o = ds_pod(kube, "tree-node", phase="Pending")
+    o["status"]["containerStatuses"] = [{"name": "agent", "ready": False, "restartCount": 0, "image": IMAGE,
+                                         "state": {"waiting": {"reason": "ImagePullBackOff"}}}]
+    kube.add(o)
+    r = cli(["--via", "kube", "-N", "tree-node", "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 7, r.stdout
+    msg = r.json()["message"]
+    assert "is not running" in msg and "phase Pending" in msg and "ImagePullBackOff" in msg
