@@ -474,7 +474,7 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
 
     sbs = [s for s in sandbox.discover(transport, timeout=min(timeout, 1.0)) if s.state == "running"]
     if refs:
-        sbs = [s for s in sbs if any(matches(s, r) for r in refs)]
+        sbs = select(transport, sbs, refs)
     if not sbs:
         return []
     declared = declared or Declared()
@@ -514,14 +514,30 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
     return items
 
 
-def matches(sb, ref: str) -> bool:
-    if "/" in ref:
-        parts = ref.split("/")
-        if len(parts) == 3:
-            parts = parts[1:]
-        ns, name = parts[-2], parts[-1]
-        return bool(sb.pod) and sb.pod.get("namespace") == ns and sb.pod.get("name") == name
-    return sb.id.startswith(ref)
+def select(transport: NodeTransport, sbs, refs) -> list:
+    """The sandboxes of sbs that refs name: an id or id prefix as every command resolves one
+    (:func:`katactl.sandbox.resolve`: the exact id wins, a prefix of several sandboxes is
+    Ambiguous, exit 3), NAMESPACE/POD every sandbox of that pod."""
+    from katactl.errors import Ambiguous, NotFound
+    from katactl.sandbox import resolve
+
+    ids = set()
+    for r in refs:
+        if "/" in r:
+            continue
+        try:
+            ids.add(resolve(transport, r, check=False).id)
+        except Ambiguous:
+            raise
+        except NotFound:
+            pass  # on another node, or none: the command says which refs matched nothing
+    return [s for s in sbs if s.id in ids or any("/" in r and _pod_matches(s, r) for r in refs)]
+
+
+def _pod_matches(sb, ref: str) -> bool:
+    parts = ref.split("/")
+    ns, name = parts[-2], parts[-1]
+    return bool(sb.pod) and sb.pod.get("namespace") == ns and sb.pod.get("name") == name
 
 
 def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, str], a: _Sample, b: _Sample,

@@ -39,7 +39,14 @@ time.sleep(600)
 def _proc(named_vcpu: bool = True, spin: bool = False):
     """A real process standing in for a VMM."""
     p = subprocess.Popen(["python3", "-c", f"NAMED = {named_vcpu}\nSPIN = {spin}\n" + _VMM])
-    time.sleep(0.3)
+    for _ in range(200):  # its vCPU thread named, its memory held: a loaded machine starts python slowly
+        tids = [t for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid]
+        with open(f"/proc/{p.pid}/status") as f:
+            rss = [int(x.split()[1]) for x in f if x.startswith("VmRSS:")]
+        if tids and rss and rss[0] >= 24 << 10 and (
+                not named_vcpu or open(f"/proc/{p.pid}/task/{tids[0]}/comm").read().strip() == "CPU 0/KVM"):
+            break
+        time.sleep(0.05)
     return p
 
 
@@ -183,6 +190,17 @@ def test_sandbox_filter_and_not_found(cli, tree):
     assert r.exit_code == 0 and "ovh01" in r.stdout and "ovh02" not in r.stdout
     r = cli(["--host-root", tree.root, "overhead", "nomatch", "--interval", "0.2s"])
     assert r.exit_code == 3 and len(r.stderr.strip().splitlines()) <= 2
+
+
+def test_ambiguous_prefix_is_exit_3(cli, tree):
+    """SANDBOX is a unique id prefix, as for metrics: 'ovh0' names ovh01 and ovh02."""
+    r = cli(["--host-root", tree.root, "overhead", "ovh0", "--interval", "0.2s"])
+    m = cli(["--host-root", tree.root, "metrics", "ovh0"])
+    assert r.exit_code == m.exit_code == 3, (r.stdout, r.stderr)
+    assert "ambiguous" in r.stderr and "ovh01" in r.stderr and "ovh02" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2
+    r = cli(["--host-root", tree.root, "overhead", "ovh02", "-o", "json", "--interval", "0.2s"])
+    assert r.exit_code == 0 and [i["id"] for i in r.json()["items"]] == ["ovh02"]
 
 
 @pytest.mark.parametrize("fmt", ["wide", "markdown", "name", "jsonl"])
@@ -567,7 +585,7 @@ def test_api_down_keeps_the_measurement(cli, tree, tmp_path, monkeypatch, config
     items = r.json()["items"]
     assert {i["id"] for i in items} == {"ovh01", "ovh02"}
     for it in items:
-        assert it["measured"]["memoryBytes"] > 0 and it["measured"]["cpuMillis"] is not None
+        assert it["measured"]["memoryBytes"] > 0 and it["measured"]["cpuMillis"] is not None, it["notes"]
         assert any("https://127.0.0.1:1" in n for n in it["notes"]), it["notes"]
         if configured:
             assert it["declared"] == {"cpuMillis": 64000, "memoryBytes": 64 << 30, "source": "config"}

@@ -49,7 +49,7 @@ def _columns():
 def overhead(
     ctx: typer.Context,
     targets: Optional[List[str]] = typer.Argument(None, metavar="[SANDBOX]...",
-                                                  help="Sandbox ids, id prefixes or NAMESPACE/POD (default: all)."),
+                                                  help="Sandbox ids, unique id prefixes or NAMESPACE/POD (default: all)."),
     runtime_class_overhead: Optional[str] = typer.Option(
         None, "--runtime-class-overhead", metavar="cpu=Q,memory=Q",
         help="Declared overhead to compare with (e.g. cpu=250m,memory=160Mi); wins over the "
@@ -90,7 +90,7 @@ def overhead(
     is the podFixed covering the fleet's p95 plus --margin.
 
     Exit codes: 0 nothing at or above --fail-on, 8 otherwise, 4 some nodes failed,
-    2 bad input.
+    3 a SANDBOX matches none or (an id prefix) several, 2 bad input.
 
     \b
     Examples:
@@ -136,6 +136,7 @@ def overhead(
     fo.raise_if_single_failure()
     by_node = {n: fo.values[n] for n in fo.nodes if n in fo.values}
     if refs:
+        _refuse_ambiguous(fo, by_node, refs)
         from katactl.errors import NotFound
 
         found = [it for its in by_node.values() for it in its]
@@ -166,6 +167,25 @@ def overhead(
                                  f"memory={p['memory'] or '-'} (p95 of {s['pods']} pod(s) + {margin})")
     if code:
         raise typer.Exit(int(code))
+
+
+def _refuse_ambiguous(fo, by_node: dict, refs: list[str]) -> None:
+    """An id prefix names one sandbox, as for every command (katactl.sandbox.locate): several
+    on one node (that node's Ambiguous) or on several nodes is exit 3."""
+    from katactl.errors import Ambiguous
+
+    for n, e in fo.errors.items():
+        if isinstance(e, Ambiguous):
+            raise Ambiguous(f"{n}: {e.message}", hint=e.hint, details=e.details)
+    for r in refs:
+        if "/" in r:
+            continue
+        hits = [(n, it["id"]) for n, its in by_node.items() for it in its if it["id"].startswith(r)]
+        if len({n for n, _ in hits}) > 1 and not any(i == r for _, i in hits):
+            where = ", ".join(f"{n}:{i[:12]}" for n, i in hits[:10])
+            raise Ambiguous(f"{r!r} matches {len(hits)} sandboxes on several nodes: {where}",
+                            hint="give more characters of the id, or narrow the node selection with -N NODE",
+                            details={"candidates": [{"node": n, "id": i} for n, i in hits]})
 
 
 def _match(it: dict, ref: str) -> bool:
