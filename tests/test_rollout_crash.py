@@ -106,3 +106,32 @@ def _kill_then_resume(kube, kc, katactl_bin, points: list[str], env: dict) -> li
         st = load_state(kube, f"rc{i}", f"lk{i}")
         assert all(v["phase"] == "done" for v in st["nodes"].values()), at
     return killed
+
+
+# -- kills with a change by an operator between the kill and the resume ----------------------
+
+def _ro(katactl_bin, kc, *args, env=None):
+    return katactl_bin(["--kubeconfig", kc, "rollout", *args], env=env or {})
+
+
+def _record(kube, node) -> dict | None:
+    raw = (kube.get_obj("Node", node)["metadata"].get("annotations") or {}).get("katactl.io/cordon")
+    return json.loads(raw) if raw else None
+
+
+def test_resume_uncordons_a_node_its_cordon_found_schedulable_though_it_was_cordoned_when_started(
+        kube, kc, kube_api, katactl_bin):
+    """n0 was cordoned by an operator when the rollout marked it running; killed after the first
+    step, the operator uncordons n0; the resumed run's cordon finds it schedulable and cordons it:
+    it must uncordon it at the end (its cordon record says so), not go by the stale observation."""
+    kube.add_node("n0", unschedulable=True)
+    steps = ["--step", "check", "--step", "cordon", "--step", "check"]
+    r = _ro(katactl_bin, kc, "run", "r1", "-N", "n0", *steps, "--poll", "0.05", "--lock-ttl", "3s",
+            env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9, r.stderr
+    kube_api.patch("/api/v1/nodes/n0", {"spec": {"unschedulable": None}})  # the operator's kubectl uncordon
+    r = _ro(katactl_bin, kc, "resume", "r1", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["phase"] == "Succeeded"
+    assert not kube.get_obj("Node", "n0")["spec"].get("unschedulable")
+    assert _record(kube, "n0") is None

@@ -704,8 +704,13 @@ class Engine:
             finished = err is None and failure is None and i + 1 == len(self.plan.steps) \
                 and not self.cordons and not pol.soak
 
-            def record(result=result, advance=err is None or pol.on_failure == "continue", i=i, finished=finished):
+            found = res.get("wasUnschedulable") if res and step.definition.cordons else None
+
+            def record(result=result, advance=err is None or pol.on_failure == "continue", i=i, finished=finished,
+                       found=found):
                 rec["results"] = (rec["results"] + [result])[-20:]
+                if found is not None:  # what the cordon itself found (the node may have changed since start)
+                    rec["wasUnschedulable"] = bool(found)
                 if advance:
                     rec["step"] = i + 1
                 if finished:
@@ -753,7 +758,10 @@ class Engine:
         RESTORE_WINDOW from now) or Ctrl-C. Returns None when the node is as it should
         be, else why it is left cordoned."""
         api = api or self.api
-        if api is None or rec.get("wasUnschedulable") is not False or not self.cordons:
+        # decided from the node's cordon record, not from ``wasUnschedulable``: that is what was
+        # observed when the node started, and the node may have been uncordoned since (before our
+        # cordon found it schedulable and cordoned it)
+        if api is None or not self.cordons:
             return None
         if until is None:
             until = time.monotonic() + (self.plan.policy.step_timeout or RESTORE_WINDOW)
@@ -785,6 +793,12 @@ class Engine:
             self._restored(n, rec, changed=False)
             return
         if not self.ours(node, rec):
+            rec_c = nodes.cordon_record(node) or {}
+            if (rec.get("cordonId") and rec_c.get("id") == rec["cordonId"]) or \
+                    (rec.get("wasUnschedulable") and rec_c.get("wasUnschedulable") is not False):
+                # our cordon found it cordoned, or it was when it started and no katactl cordon since
+                self._restored(n, rec, changed=False)
+                return
             self.ev("Warning", node=n, message="cordoned during the rollout, not by it: left cordoned"
                     if rec.get("cordonId") else "the rollout's state (saved by an older katactl) names no cordon "
                     f"record: left cordoned ('katactl node uncordon {n}' if the rollout cordoned it)")

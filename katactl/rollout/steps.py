@@ -293,7 +293,7 @@ def _cordon(ctx, a):
 
     r = nodes.cordon(_need_api(ctx), ctx.node, reason=a.reason or f"katactl rollout {ctx.rollout}",
                      op_id=ctx.cordon_id)
-    return {"changed": r["changed"], "message": r["message"]}
+    return {"changed": r["changed"], "message": r["message"], "wasUnschedulable": r["wasUnschedulable"]}
 
 
 @_register("uncordon", "kube", ("node", "uncordon"),
@@ -303,10 +303,12 @@ def _cordon(ctx, a):
 def _uncordon(ctx, a):
     from katactl import nodes
 
-    if ctx.was_unschedulable:
+    if ctx.cordon_id is None and ctx.was_unschedulable:  # (with an id, its cordon record decides)
         return {"changed": False, "message": "left cordoned: it was unschedulable before the rollout"}
     # only the rollout's own cordon (by its record's id), never one made by someone else since
     r = nodes.uncordon(_need_api(ctx), ctx.node, record_id=ctx.cordon_id)
+    if not r["changed"] and r["message"].startswith("left cordoned"):  # our cordon found it cordoned
+        return {"changed": False, "message": "left cordoned: it was unschedulable before the rollout"}
     return {"changed": r["changed"], "message": r["message"]}
 
 
@@ -359,7 +361,7 @@ def _run_drain(ctx: StepContext, a: Args, *, kata_only: bool, stale: bool) -> di
     r = nodes.drain(_need_api(ctx), ctx.node, _drain_opts(ctx, a, kata_only=kata_only, only_pods=only),
                     events=_drain_events(ctx), stop=ctx.stop)
     return {"changed": r["changed"], "message": f"{len(r['evicted'])} pod(s) evicted, {len(r['skipped'])} skipped",
-            "evicted": r["evicted"]}
+            "evicted": r["evicted"], "wasUnschedulable": r["wasUnschedulable"]}
 
 
 @_register("drain", "kube", ("node", "drain"), "Cordon and evict pods, with kubectl drain's semantics and flags.",
