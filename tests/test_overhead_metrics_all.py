@@ -131,6 +131,21 @@ def test_to_file_when_every_shim_fails(cli, tmp_path):
     assert all(line.endswith("} 1") for line in text.splitlines() if not line.startswith("#"))
 
 
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_to_file_that_cannot_be_written_is_exit_1_naming_it(cli, fmt):
+    """/proc takes no new file: an operation failure (exit 1) about FILE, not "not found" (exit 3)
+    about katactl's temporary file."""
+    with node() as n:
+        n.go("ok01", pod_name="ok", pod_namespace="prod")
+        r = cli(["--host-root", n.root, "-o", fmt, "metrics", "--all", "--to", "/proc/kata.prom"])
+    assert r.exit_code == 1, r.stderr
+    assert "/proc/kata.prom" in r.stderr and ".katactl-" not in r.stderr and "Traceback" not in r.stderr
+    if fmt == "json":
+        assert r.json()["code"] == "Failed", r.stdout
+    else:
+        assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
+
+
 def test_a_shim_that_does_not_answer(cli, tmp_path):
     with node() as n:
         n.go("ok01", pod_name="ok", pod_namespace="prod")

@@ -184,8 +184,13 @@ def write_atomic(path: str, text: str) -> None:
     import os
     import tempfile
 
+    from katactl.errors import OperationFailed
+
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".katactl-", suffix=".prom.tmp", dir=d)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".katactl-", suffix=".prom.tmp", dir=d)
+    except OSError as e:  # the user's FILE, not our temp file's name; never "not found" (exit 3)
+        raise OperationFailed(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -193,11 +198,13 @@ def write_atomic(path: str, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise OperationFailed(f"cannot write {path}: {e.strerror or e} (the old file is kept)") from None
         raise
 
 
