@@ -24,8 +24,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Callable
 
-from katactl.errors import (KatactlError, NotFound, OperationFailed, ProtocolError, Refused,
-                            TimeoutExpired, UnreachableError, UsageError)
+from katactl.errors import (SOCKET_MISSING, SOCKET_REFUSED, KatactlError, NotFound, OperationFailed, ProtocolError,
+                            Refused, TimeoutExpired, UnreachableError, UsageError)
 from katactl.values import format_size
 from katactl.backends import shape
 from katactl.backends.base import NodeTransport
@@ -707,8 +707,16 @@ def _wait(path: _Path, want: int, tolerance: int, wait_timeout: float, progress,
                 raise timed_out() from None
             raise
         except (VMGone, UnreachableError) as e:
-            raise VMGone(f"sandbox {sb.id[:12]}: the VM went away while waiting for the balloon "
-                         f"({e.message})") from None
+            # the VM is known gone when the path says so (a QEMU monitor closed, the shim's
+            # HypervisorGone) or its hypervisor's own API socket went with its process; a shim
+            # or a relay to the node that stops answering says nothing about the VM
+            if isinstance(e, VMGone) or (isinstance(path, _ApiPath)
+                                         and getattr(e, "reason", None) in (SOCKET_MISSING, SOCKET_REFUSED)):
+                raise VMGone(f"sandbox {sb.id[:12]}: the VM went away while waiting for the balloon "
+                             f"({e.message})") from None
+            raise UnreachableError(f"sandbox {sb.id[:12]}: lost the {path.name} path while waiting for the "
+                                   f"balloon ({e.message}); the target was sent, the VM may still be running",
+                                   hint="katactl balloon get shows where the balloon is") from None
         actual = st.get("actual")
         if actual is None:
             raise OperationFailed(f"sandbox {sb.id[:12]}: the hypervisor does not report the balloon's actual "

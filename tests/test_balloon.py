@@ -541,8 +541,9 @@ def test_kill_9_during_wait_leaves_the_request_in_the_log(lab):
 
 
 def _scripted_http(path: str, answer):
-    """A unix-socket HTTP/1.1 peer: ``answer(method, url)`` gives (status, JSON-able body), or
-    None to leave that request unanswered (the connection held open)."""
+    """A unix-socket HTTP/1.1 peer: ``answer(method, url)`` gives (status, JSON-able body),
+    None to leave that request unanswered (the connection held open), or "close" to close
+    the connection unanswered."""
     from tests._microhttp import read_request, unix_server
 
     def serve(c):
@@ -560,6 +561,8 @@ def _scripted_http(path: str, answer):
                 while len(body) < length:
                     body += c.recv(length - len(body))
                 a = answer(method.decode(), url.decode())
+                if a == "close":
+                    return
                 if a is None:
                     c.recv(1)  # until the client goes
                     return
@@ -703,3 +706,38 @@ def test_fc_without_balloon_hint_is_firecrackers(lab, cli):
     assert r.exit_code == 1, (r.stdout, r.stderr)
     j = r.json()
     assert j["code"] == "NoBalloon" and "reclaim_guest_freed_memory does not apply to Firecracker" in j["hint"], j
+
+
+def test_shim_gone_mid_wait_is_not_the_vm_gone(lab, cli):
+    """The shim's socket goes away during --wait (the shim restarted, or a relay to the node
+    dropped): katactl lost its path to the balloon (exit 7); it must not say the VM went
+    away, which it cannot know (review 6, unverified suspicion 3)."""
+    pod = lab.pod("qemu-0")
+    state = {"memoryBytes": 512 * MIB, "targetBytes": 512 * MIB, "actualBytes": 512 * MIB, "guest": None}
+    box = {}
+
+    def answer(method, url):
+        if url.endswith("/ext/v1/capabilities"):
+            return (200, {"features": ["balloon"]})
+        if not url.startswith("/ext/v1/balloon"):
+            return (404, None)
+        if method == "PUT":
+            box["put"] = True
+            return (200, {**state, "targetBytes": 300 * MIB})
+        if box.get("put"):  # the shim goes away: its socket with it
+            os.unlink(box["path"])
+            box["srv"].close()
+            return "close"
+        return (200, state)
+
+    def make(path):
+        box["path"], box["srv"] = path, _scripted_http(path, answer)
+        return box["srv"]
+
+    with stand_in(lab, "qemu-0", make, "shimSocket"):
+        r = cli(lab.args("balloon", "set", pod, "--target", "300Mi", "--force", "--via", "extension", "--wait",
+                         "--timeout", "30s", "-o", "json"))
+    assert r.exit_code == 7, (r.stdout, r.stderr)
+    j = r.json()
+    assert j["code"] != "VMGone" and "went away" not in j["message"], j
+    assert "lost the extension path while waiting for the balloon" in j["message"], j
