@@ -354,6 +354,28 @@ def test_abort_and_resume_restore_what_the_rollout_cordoned_whatever_its_phase(c
     assert lists, "the restore reads the records from a node list"
 
 
+def test_retry_failed_starts_a_restored_node_again_at_its_cordon(cli, kube, kc, kube_api):
+    """A node that failed after its drain was uncordoned (restored): pods land on it again, so
+    --retry-failed must cordon and drain it again, not go on with the steps after the drain."""
+    kube.add_node("n0", ready=False)
+    kube.add_replicaset("web", "default", 1, {"app": "web"})
+    kube.add_pod("web-1", node="n0", labels={"app": "web"}, owner=("ReplicaSet", "web"))
+    steps = ["--step", "cordon", "--step", "drain --ignore-daemonsets", "--step", "wait-ready 0.2s",
+             "--step", "check"]
+    r = ro(cli, kc, "run", "r1", "-N", "n0", *steps, "--poll", "0.05", "-o", "json")
+    assert r.exit_code in (4, 6) and r.json()["counts"]["failed"] == 1, r.stderr  # (budget seen or not)
+    assert not unschedulable(kube)["n0"]
+    kube_api.patch("/api/v1/nodes/n0/status", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    kube.add_pod("web-2", node="n0", labels={"app": "web"}, owner=("ReplicaSet", "web"))
+    kube.requests.clear()
+    r = ro(cli, kc, "resume", "r1", "--retry-failed", "-o", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    started = [e["text"] for e in events(r.stdout) if e["kind"] == "NodeStepStarted"]
+    assert started == ["cordon", "drain --ignore-daemonsets", "wait-ready 0.2s", "check"]
+    assert [q for q in kube.requests if q["method"] == "POST" and q["path"].endswith("/web-2/eviction")]
+    assert not unschedulable(kube)["n0"]
+
+
 def test_a_failed_uncordon_is_retried_with_backoff(cli, kube, kc):
     """The API answers 503 to the uncordon for longer than the client's own retries (5 sends):
     the restore tries again."""

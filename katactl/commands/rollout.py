@@ -649,9 +649,15 @@ def resume_cmd(
         store.set_control(name, {"pause": None, "by": None})
         st.setdefault("startedRuns", 1)
         if retry_failed:
+            # a failed node was restored (uncordoned) when it failed: pods may be back on it, so
+            # its steps start again at the first one that cordons (a cordon or drain again is a no-op
+            # on a node still cordoned and drained)
+            cordon_at = next((i for i, s in enumerate(plan.steps) if s.definition.cordons), None)
             for rec in st["nodes"].values():
                 if rec["phase"] == "failed":
                     rec.update(phase="running", error=None, exitCode=None)
+                    if cordon_at is not None:
+                        rec["step"] = min(rec["step"], cordon_at)
             first = min((r["batch"] for r in st["nodes"].values() if r["phase"] == "running"), default=st["batch"])
             st["batch"] = min(st["batch"], first)
         api = getattr(store, "api", None)
