@@ -552,6 +552,10 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         mem = int(st["memory"])
         want = plan_target(st, target=target, reclaim=reclaim, release=release)
         warnings: list[str] = []
+        if reclaim is not None and st.get("target") is None and st.get("actual") is not None:
+            # a pending target (another client's, one the guest has not acted on) is invisible
+            warnings.append(f"the hypervisor does not report its target: --reclaim counted from the guest's "
+                            f"current memory ({format_size(int(st['actual']))})")
         used = guest_used(st)
         if want > mem:
             if not force:

@@ -741,3 +741,20 @@ def test_shim_gone_mid_wait_is_not_the_vm_gone(lab, cli):
     j = r.json()
     assert j["code"] != "VMGone" and "went away" not in j["message"], j
     assert "lost the extension path while waiting for the balloon" in j["message"], j
+
+
+def test_qemu_reclaim_says_what_it_counted_from(lab, cli):
+    """Through a QEMU monitor the target is unknown: --reclaim counts from the guest's current
+    memory and says so (a pending target would not show), and the request is sent."""
+    pod = lab.pod("qemu-em")
+    try:
+        r = cli(lab.args("balloon", "set", pod, "--reclaim", "2Mi", "--via", "extra-monitor", "--wait",
+                         "--tolerance", "0", "-o", "json"))
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        j = r.json()
+        assert j["changed"] is True and j["requestedTargetBytes"] == 510 * MIB and j["targetBytes"] == 510 * MIB
+        assert "--reclaim counted from the guest's current memory (512Mi)" in " ".join(j["warnings"]), j["warnings"]
+        assert query_balloon(lab, "qemu-em") == 510 * MIB
+    finally:
+        r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
