@@ -178,8 +178,8 @@ function __katactl_path
                     set own --dry-run -h --help
                     set valopts 
                 case 'katactl node agent gc'
-                    set own --dry-run -h --help
-                    set valopts 
+                    set own --older-than --dry-run -h --help
+                    set valopts --older-than
                 case 'katactl rollout'
                     set own -h --help
                     set valopts 
@@ -582,6 +582,7 @@ complete -c katactl -n "test (__katactl_path) = 'katactl node agent install'" -s
 complete -c katactl -n "test (__katactl_path) = 'katactl node agent status'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl node agent uninstall'" -l dry-run -d 'Change nothing; say what would change'
 complete -c katactl -n "test (__katactl_path) = 'katactl node agent uninstall'" -s h -l help -d 'Show help and exit'
+complete -c katactl -n "test (__katactl_path) = 'katactl node agent gc'" -l older-than -x -d 'Only pods older than this (pods that ended go at any age)'
 complete -c katactl -n "test (__katactl_path) = 'katactl node agent gc'" -l dry-run -d 'Change nothing; say what would change'
 complete -c katactl -n "test (__katactl_path) = 'katactl node agent gc'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout'" -a plan -d 'Compute and print the batches, their order, and each node\'s '

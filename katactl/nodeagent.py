@@ -511,27 +511,63 @@ def uninstall(api, namespace: str, *, dry_run: bool = False) -> dict:
     return {"changed": True}
 
 
-def gc_candidates(api, namespace: str) -> list[dict]:
-    """Ephemeral node pods left behind: every pod labelled ephemeral (a running katactl deletes
-    its own at its end; one still in use by another run is recreated there on its next call)."""
+GC_MIN_AGE = 3 * 3600    # node agent gc --older-than's default: below EPHEMERAL_DEADLINE
+
+
+def _creator_alive(created_by: str | None) -> bool:
+    """Whether the annotation names a katactl process on this host that is still running
+    ("user@host pid N at ...", _who)."""
+    m = re.fullmatch(r"[^@]*@(\S+) pid (\d+) at .*", created_by or "")
+    if not m or m.group(1) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(2)), 0)
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def _age(p: dict, now: float) -> float | None:
+    import calendar
+
+    ts = p["metadata"].get("creationTimestamp")
+    try:
+        return now - calendar.timegm(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ"))
+    except (TypeError, ValueError):
+        return None
+
+
+def gc_candidates(api, namespace: str, older_than: float = GC_MIN_AGE) -> list[dict]:
+    """Ephemeral node pods left behind: katactl's own (is_agent_pod, not a pod wearing its
+    label) that ended, or are older than ``older_than`` seconds and whose creator is not a
+    katactl still running on this host (a live run uses its pod and deletes it at its end)."""
     out = []
+    now = time.time()
     for p in find_pods(api, namespace):
-        if (p["metadata"].get("labels") or {}).get(KIND_LABEL) != "ephemeral":
+        if (p["metadata"].get("labels") or {}).get(KIND_LABEL) != "ephemeral" or not is_agent_pod(p, namespace):
             continue
+        created_by = (p["metadata"].get("annotations") or {}).get(CREATED_BY)
+        if (p.get("status") or {}).get("phase") not in ("Failed", "Succeeded"):
+            age = _age(p, now)
+            if age is None or age < older_than or _creator_alive(created_by):
+                continue
         out.append({"name": p["metadata"]["name"], "node": (p.get("spec") or {}).get("nodeName"),
                     "phase": (p.get("status") or {}).get("phase"),
-                    "createdBy": (p["metadata"].get("annotations") or {}).get(CREATED_BY),
+                    "createdBy": created_by,
                     "created": p["metadata"].get("creationTimestamp")})
     return out
 
 
-def gc(api, namespace: str, *, dry_run: bool = False, candidates: list[dict] | None = None) -> list[dict]:
+def gc(api, namespace: str, *, dry_run: bool = False, candidates: list[dict] | None = None,
+       older_than: float = GC_MIN_AGE) -> list[dict]:
     """Delete the ephemeral node pods: candidates (what gc_candidates listed and the user
     confirmed), else those gc_candidates lists now."""
     from katactl.backends.kube import seg
 
     done = []
-    for c in gc_candidates(api, namespace) if candidates is None else candidates:
+    for c in gc_candidates(api, namespace, older_than) if candidates is None else candidates:
         try:
             api.delete(f"/api/v1/namespaces/{seg(namespace)}/pods/{seg(c['name'])}", grace_period=0, dry_run=dry_run)
             done.append(c)

@@ -368,14 +368,19 @@ def test_agent_gc_deletes_the_pods_listed_not_ones_made_since(cluster):
     from katactl import config, nodeagent
     from katactl.backends import kube as kubeapi
 
+    def left_behind():  # by a run on another host (no age threshold below)
+        m = nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system")
+        m["metadata"]["annotations"][nodeagent.CREATED_BY] = "root@gone-host pid 4242 at 2026-01-01T00:00:00Z"
+        return m
+
     settings = config.resolve({})
     with kubeapi.client(settings) as api:
         base = "/api/v1/namespaces/kube-system/pods"
-        old = api.create(base, nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system"))["metadata"]["name"]
-        listed = nodeagent.gc_candidates(api, "kube-system")
+        old = api.create(base, left_behind())["metadata"]["name"]
+        listed = nodeagent.gc_candidates(api, "kube-system", older_than=0)
         assert [c["name"] for c in listed] == [old]
-        new = api.create(base, nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system"))["metadata"]["name"]
+        new = api.create(base, left_behind())["metadata"]["name"]
         assert [c["name"] for c in nodeagent.gc(api, "kube-system", candidates=listed)] == [old]
         assert agent_pods(cluster["kube"]) == [new]
-        assert [c["name"] for c in nodeagent.gc(api, "kube-system")] == [new]
+        assert [c["name"] for c in nodeagent.gc(api, "kube-system", older_than=0)] == [new]
     assert agent_pods(cluster["kube"]) == []

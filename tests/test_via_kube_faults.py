@@ -251,3 +251,41 @@ def test_an_installed_agent_whose_pod_does_not_run_is_exit_7_with_its_state(cli,
     assert r.exit_code == 7, r.stdout
     msg = r.json()["message"]
     assert "is not running" in msg and "phase Pending" in msg and "ImagePullBackOff" in msg
+
+
+# -- node agent gc ------------------------------------------------------------------------------
+def test_agent_gc_leaves_pods_in_use_and_pods_not_katactls(cli, cluster):
+    from katactl import config, nodeagent
+    from katactl.backends import kube as kubeapi
+
+    kube = cluster["kube"]
+    base = "/api/v1/namespaces/kube-system/pods"
+    with kubeapi.client(config.resolve({})) as api:
+        def pod(created_by=None):
+            m = nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system")
+            if created_by:
+                m["metadata"]["annotations"][nodeagent.CREATED_BY] = created_by
+            return api.create(base, m)["metadata"]["name"]
+
+        live = pod()   # this process: a live katactl on this host
+        dead = pod(f"root@{socket.gethostname()} pid {2**22 + 7} at 2026-01-01T00:00:00Z")
+        ended = pod()
+        deadline = time.monotonic() + 10
+        while kube.get_obj("Pod", ended, "kube-system")["status"]["phase"] != "Running":  # the kubelet started it
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        o = kube.get_obj("Pod", ended, "kube-system")
+        o["status"]["phase"] = "Failed"
+        kube.add(o)
+    impostor = kube.add_pod("impostor", "kube-system", node="tree-node",
+                            labels={"app.kubernetes.io/name": "katactl-node-agent",
+                                    "katactl.io/agent-kind": "ephemeral"})["metadata"]["name"]
+    r = cli(["node", "agent", "gc", "--dry-run", "-o", "json"])   # default --older-than 3h: all are young
+    assert r.exit_code == 0, r.stdout
+    assert [i["name"] for i in r.json()["items"]] == [ended]
+    r = cli(["node", "agent", "gc", "--older-than", "0s", "--yes", "-o", "json"])
+    assert r.exit_code == 0, r.stdout
+    assert sorted(i["name"] for i in r.json()["items"]) == sorted([ended, dead])
+    assert agent_pods(kube) == sorted([live, impostor])
+    r = cli(["node", "agent", "gc", "--older-than", "soon", "--yes", "-o", "json"])
+    assert r.exit_code == 2 and "--older-than" in r.json()["message"]

@@ -125,24 +125,33 @@ def uninstall(
 @app.command()
 def gc(
     ctx: typer.Context,
+    older_than: str = typer.Option("3h", "--older-than", metavar="DURATION",
+                                   help="Only pods older than this (pods that ended go at any age)."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
     """Delete ephemeral node pods (katactl-node-<node>-xxxxx) left behind by runs
     that were killed before they could delete their own.
 
+    Only katactl's own pods (a pod merely wearing the label is left alone), and
+    not one a run may still be using: it must have ended, or be older than
+    --older-than (default 3h; a pod stops by itself after 6h) and not be from
+    a katactl still running on this host.
+
     \b
     Examples:
       katactl node agent gc --dry-run
-      katactl --agent-namespace ops node agent gc --yes -o json
+      katactl --agent-namespace ops node agent gc --older-than 30m --yes -o json
     """
     from katactl import nodeagent
     from katactl.backends import kube
     from katactl.output import Column, Result
+    from katactl.values import parse_duration
 
     app_ctx = state(ctx)
     ns = _ns(app_ctx)
+    age = parse_duration(older_than, what="--older-than", allow_zero=True)
     with kube.client(app_ctx.settings) as api:
-        found = nodeagent.gc_candidates(api, ns)
+        found = nodeagent.gc_candidates(api, ns, age)
         if found and not dry_run:
             app_ctx.require_confirmation(f"Delete {len(found)} ephemeral node pod(s) in {ns}?", "node agent gc")
         items = found if dry_run else _audited(
