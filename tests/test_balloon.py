@@ -414,6 +414,7 @@ def test_reclaim_is_relative_documented_and_warned(lab, cli):
     assert "Re-running after success is a no-op" not in text
     assert "--reclaim is not: it is relative to the current target and takes SIZE again on every run" in text
     assert "not idempotent; use --target in automation" in text
+    assert "through a QEMU monitor, which cannot report its target, the request is sent again" in text
     pod, sid = lab.pod("clh-0"), lab.id("clh-0")
     try:
         for n in (1, 2):  # stdin is not a terminal here, as under Ansible

@@ -118,10 +118,12 @@ def set_(ctx: typer.Context,
     The balloon moves in whole units (Firecracker: MiB; QEMU and Cloud
     Hypervisor: 4 KiB pages): the target really set, reported as
     effectiveTargetBytes and waited for, is the request rounded to them.
-    Re-running --target or --release after success is a no-op (changed:
-    false). --reclaim is not: it is relative to the current target and takes
-    SIZE again on every run (use --target in scripts and Ansible). Every change
-    goes to the audit log.
+    Re-running --target or --release after success reports changed: false
+    and sends nothing (through a QEMU monitor, which cannot report its
+    target, the request is sent again: harmless). --reclaim is not: it is
+    relative to the current target and takes SIZE again on every run (use
+    --target in scripts and Ansible). Every request sent goes to the audit
+    log, before it is sent and again with its outcome.
 
     \b
     Examples:
