@@ -162,7 +162,7 @@ class _ExtensionPath(_Path):
         if g is not None:
             g = shape.obj(g, what, "guest")
             g = {k: shape.opt_integer(g.get(f"{k}Bytes"), what, f"guest.{k}Bytes")
-                 for k in ("total", "free", "available")}
+                 for k in ("total", "free", "available")} if g else None
         return {"memory": shape.integer(o.get("memoryBytes"), what, "memoryBytes"),
                 "target": shape.opt_integer(o.get("targetBytes"), what, "targetBytes"),
                 "actual": shape.opt_integer(o.get("actualBytes"), what, "actualBytes"), "guest": g}

@@ -759,3 +759,13 @@ def test_qemu_reclaim_says_what_it_counted_from(lab, cli):
     finally:
         r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
+
+
+def test_extension_empty_guest_is_no_statistics(lab, cli):
+    table = {"/ext/v1/capabilities": (200, {"features": ["balloon"]}),
+             "/ext/v1/balloon": (200, {"memoryBytes": 512 * MIB, "targetBytes": 512 * MIB,
+                                       "actualBytes": 512 * MIB, "guest": {}})}
+    with stand_in(lab, "qemu-0", lambda p: _scripted_http(p, _routes(table)), "shimSocket"):
+        r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--via", "extension", "-o", "json"))
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert r.json()["guest"] is None and r.json()["targetBytes"] == 512 * MIB
