@@ -463,11 +463,22 @@ def install(api, namespace: str, image: str, *, dry_run: bool = False) -> dict:
         except NotFound:
             raise NotFound(f"namespace {namespace} not found (--agent-namespace)") from None
         return {"changed": True, "action": "created"}
-    tmpl = ((cur.get("spec") or {}).get("template") or {}).get("spec") or {}
-    if tmpl == want["spec"]["template"]["spec"]:
+    if _sets(want["spec"]["template"], (cur.get("spec") or {}).get("template")):
         return {"changed": False, "action": "unchanged"}
     api.patch(f"{base}/{DS_NAME}", {"spec": {"template": want["spec"]["template"]}}, kind="merge", dry_run=dry_run)
     return {"changed": True, "action": "updated"}
+
+
+def _sets(want, have) -> bool:
+    """Whether ``have`` (as stored) holds every field of ``want`` (as katactl sends it): the
+    API server adds defaults to a stored pod template (pkg/apis/core/v1/defaults.go
+    SetDefaults_PodSpec, SetDefaults_Container), which are not a difference; lists must match
+    item by item (another container or volume is one)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(_sets(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(map(_sets, want, have))
+    return want == have
 
 
 def status(api, namespace: str) -> dict:

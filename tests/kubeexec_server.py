@@ -33,6 +33,10 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
   exit code (as runc's exec failure), not exit 127.
 - Back-pressure: stdout/stderr are read in ``exec_chunk`` pieces (default 32 KiB, io.Copy's
   buffer) and written to the socket synchronously; a slow reader stops the process's pipe.
+- Defaulting: a DaemonSet's pod template is stored with kube-apiserver's defaults
+  (imagePullPolicy, terminationMessagePath/Policy, resources, restartPolicy, dnsPolicy,
+  schedulerName, securityContext, terminationGracePeriodSeconds, enableServiceLinks); other
+  objects and bare pods are stored as sent.
 - "kubelet": a pod created through the API with a nodeName on a Ready node that has a root becomes
   Running after ``kubelet_start_delay`` seconds (``kubelet_starts_pods = False`` leaves it Pending,
   with a Scheduled event and an ImagePullBackOff waiting state, for timeout tests). A DaemonSet
@@ -113,6 +117,34 @@ class KubeExecMixin:
                     c["times"] -= 1
                     return c["after"]
         return None
+
+    # -- defaulting ---------------------------------------------------------------------------
+
+    def _exec_default(self, res, obj):
+        """kube-apiserver's defaulting of a DaemonSet's pod template, as stored and returned
+        (pkg/apis/core/v1/defaults.go SetDefaults_PodSpec and SetDefaults_Container, the
+        fields a client that compares its manifest with the stored object trips over)."""
+        if res.plural != "daemonsets":
+            return
+        spec = ((obj.get("spec") or {}).get("template") or {}).get("spec")
+        if not isinstance(spec, dict):
+            return
+        spec.setdefault("dnsPolicy", "ClusterFirst")
+        spec.setdefault("restartPolicy", "Always")
+        spec.setdefault("terminationGracePeriodSeconds", 30)
+        spec.setdefault("securityContext", {})
+        spec.setdefault("schedulerName", "default-scheduler")
+        spec.setdefault("enableServiceLinks", True)
+        for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+            if not isinstance(c, dict):
+                continue
+            image = str(c.get("image") or "")
+            tag = image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
+            c.setdefault("imagePullPolicy", "Always" if tag in ("", "latest") and "@" not in image
+                         else "IfNotPresent")
+            c.setdefault("terminationMessagePath", "/dev/termination-log")
+            c.setdefault("terminationMessagePolicy", "File")
+            c.setdefault("resources", {})
 
     # -- mini kubelet and DaemonSet controller ------------------------------------------------
 

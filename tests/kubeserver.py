@@ -1513,6 +1513,7 @@ class KubeStandIn(KubeExecMixin):
         name = md.get("name")
         if not name:
             raise invalid(res, "", "metadata.name", "", "name or generateName is required")
+        self._exec_default(res, obj)  # kubeexec_server.py: pod-template defaulting
         self._validate(res, obj, name)
         key = self._key(res, ns, name)
         if key in self.store:
@@ -1552,6 +1553,7 @@ class KubeStandIn(KubeExecMixin):
             new["status"] = copy.deepcopy(old.get("status"))
             if new.get("spec") != old.get("spec"):
                 md["generation"] = omd.get("generation", 1) + 1
+        self._exec_default(res, new)
         self._validate(res, new, name)
         if new == old:
             return 200, copy.deepcopy(old)

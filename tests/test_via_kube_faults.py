@@ -289,3 +289,15 @@ def test_agent_gc_leaves_pods_in_use_and_pods_not_katactls(cli, cluster):
     assert agent_pods(kube) == sorted([live, impostor])
     r = cli(["node", "agent", "gc", "--older-than", "soon", "--yes", "-o", "json"])
     assert r.exit_code == 2 and "--older-than" in r.json()["message"]
+
+
+# -- node agent install against a defaulting API server -------------------------------------------
+def test_agent_install_again_is_a_no_op_though_the_server_defaults_the_template(cli, cluster):
+    kube = cluster["kube"]
+    assert cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"]).json()["action"] == "created"
+    tmpl = kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system")["spec"]["template"]["spec"]
+    assert tmpl["containers"][0]["imagePullPolicy"] == "IfNotPresent" and tmpl["schedulerName"]  # defaulted
+    for image, action in ((IMAGE, "unchanged"), ("python:3.13-slim", "updated"), ("python:3.13-slim", "unchanged")):
+        r = cli(["node", "agent", "install", "--image", image, "-o", "json"])
+        assert r.exit_code == 0 and (r.json()["action"], r.json()["changed"]) == (action, action == "updated"), r.stdout
+    assert len([q for q in kube.requests if q["method"] == "PATCH"]) == 1
