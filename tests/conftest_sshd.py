@@ -17,6 +17,9 @@ Session fixture ``sshd_lab`` has these nodes:
   changed        known_hosts holds a different key for it (refused, exit 7)
   revoked        its key is listed @revoked
   certnode       only a host certificate signed by a CA listed @cert-authority
+  expcert        an expired host certificate from that CA, and its plain key known too
+  freeze         normal; tests SIGSTOP its sshd session processes (a node that stops
+                 answering): nothing else may use it
   unknown        not in any known_hosts file (--ssh-accept-new)
   unreachable    a port nobody listens on
   slow           accepts TCP, never speaks SSH (handshake timeout)
@@ -115,8 +118,10 @@ class SshLab:
     # -- nodes ------------------------------------------------------------------
     def add_node(self, name: str, *, known: str = "plain", cert: bool = False, debug: bool = False,
                  proxy_jump: str | None = None, proxy_command: str | None = None,
-                 tree: bool = True, env: dict | None = None, sshd_options: tuple[str, ...] = ()) -> Node:
-        """known: plain | hashed | global | changed | revoked | none | ca
+                 tree: bool = True, env: dict | None = None, sshd_options: tuple[str, ...] = (),
+                 cert_validity: str = "-5m:+1d") -> Node:
+        """known: plain | hashed | global | changed | revoked | none | ca, or a
+        comma list of them (``plain,ca``: the plain key and the CA both known)
 
         env: variables sshd sets for every session on this node (sshd_config
         ``SetEnv``, applied after sshd's own PATH), e.g. ``{"PATH": dir}`` for a
@@ -146,7 +151,7 @@ class SshLab:
                  "AcceptEnv KATACTL_HOST_ROOT", *sshd_options]
         if cert:
             subprocess.run([SSH_KEYGEN, "-q", "-s", str(self.ca_key), "-I", f"{name}-host", "-h",
-                            "-n", "127.0.0.1,localhost", "-V", "-5m:+1d", str(hk) + ".pub"],
+                            "-n", "127.0.0.1,localhost", "-V", cert_validity, str(hk) + ".pub"],
                            check=True, stdin=subprocess.DEVNULL)
             lines.append(f"HostCertificate {hk}-cert.pub")
         cfg = self.base / "run" / f"{name}.sshd_config"
@@ -155,7 +160,8 @@ class SshLab:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent)
-        self._known(name, port, hk, known)
+        for k in known.split(","):
+            self._known(name, port, hk, k)
         self._block(name, port, root if tree else None, proxy_jump, proxy_command)
         self.nodes[name] = node
         return node
@@ -256,6 +262,19 @@ class SshLab:
                     raise RuntimeError(f"sshd for {n.name} not ready")
                 time.sleep(0.02)
 
+    def session_pids(self, name: str) -> list[int]:
+        """The node's per-connection sshd processes and their children (not the listener)."""
+        def kids(pid: int) -> list[int]:
+            out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+            return [int(p) for p in out.split()]
+
+        todo, found = kids(self.nodes[name].proc.pid), []
+        while todo:
+            p = todo.pop()
+            found.append(p)
+            todo.extend(kids(p))
+        return found
+
     def ssh_argv(self, node: str, *argv: str) -> list[str]:
         return ["ssh", "-F", str(self.config), node, "--", *argv]
 
@@ -286,6 +305,8 @@ def build_standard_lab(base: Path) -> SshLab:
     lab.add_node("changed", known="changed")
     lab.add_node("revoked", known="revoked")
     lab.add_node("certnode", known="ca", cert=True)
+    lab.add_node("expcert", known="plain,ca", cert=True, cert_validity="-2d:-1d")
+    lab.add_node("freeze", known="plain")
     lab.add_node("unknown", known="none")
     lab.add_node("rekeying", known="hashed", sshd_options=("RekeyLimit 1M",))  # sshd rekeys every MiB
     lab.add_unreachable("unreachable")

@@ -4,14 +4,12 @@ from __future__ import annotations
 import threading
 import types
 
-import paramiko
-
 from katactl.backends import ssh
 
 
 class _FakeSFTP:
     def __init__(self):
-        self.sock = types.SimpleNamespace(closed=False)
+        self.sock = types.SimpleNamespace(closed=False, settimeout=lambda t: None)
 
     def close(self) -> None:
         self.sock.closed = True
@@ -41,8 +39,7 @@ class _ResetAfterFirstRelease:
 def test_pipe_survives_a_reset_right_after_the_session_opens(monkeypatch):
     # pipe() used to open the session under the lock, then read _pipe after releasing it:
     # a reset_sftp() in between made it return None (an AttributeError in the caller)
-    monkeypatch.setattr(paramiko.SFTPClient, "from_transport",
-                        classmethod(lambda cls, t, **kw: _FakeSFTP()))
+    monkeypatch.setattr(ssh, "_open_sftp", lambda t, timeout: _FakeSFTP())
     conn = ssh._Conn(object(), "node1")
     conn.lock = _ResetAfterFirstRelease(conn)  # type: ignore[assignment]  # a lock that interleaves
     pipe = conn.pipe()

@@ -98,22 +98,23 @@ class _Conn:
         self.last_used = time.monotonic()
         self.closed = False
 
-    def _session(self) -> "tuple[SFTPClient, _Pipe]":
+    def _session(self, timeout: float | None = None) -> "tuple[SFTPClient, _Pipe]":
         """This connection's SFTP session and its pipe, opened when there is none or its
-        channel closed: both are read under the lock that reset_sftp() takes."""
+        channel closed: both are read under the lock that reset_sftp() takes.
+
+        timeout bounds every wait for a reply on the session (--request-timeout): the
+        channel's recv raises socket.timeout, which the callers map to TimeoutExpired.
+        Keepalives cannot do it (paramiko's ask for no reply), and without it a node
+        that stops answering (a hung kernel, a black-holed link) hangs the call forever."""
         with self.lock:
             if self._sftp is None or self._pipe is None or self._sftp.sock.closed:
-                import paramiko
-
-                sftp = paramiko.SFTPClient.from_transport(
-                    self.t, window_size=WINDOW, max_packet_size=MAX_PACKET)
-                if sftp is None:  # paramiko: the transport could not open the channel
-                    raise UnreachableError(f"{self.name}: cannot open an SFTP session")
+                sftp = _open_sftp(self.t, timeout)
                 self._sftp, self._pipe = sftp, _Pipe(sftp)
+            self._sftp.sock.settimeout(timeout)
             return self._sftp, self._pipe
 
-    def sftp(self) -> "SFTPClient":
-        return self._session()[0]
+    def sftp(self, timeout: float | None = None) -> "SFTPClient":
+        return self._session(timeout)[0]
 
     def reset_sftp(self) -> None:
         """Drop the SFTP session (after a failure mid-exchange); the next call opens a new one."""
@@ -125,10 +126,10 @@ class _Conn:
             except Exception:  # noqa: BLE001
                 pass
 
-    def pipe(self) -> "_Pipe":
+    def pipe(self, timeout: float | None = None) -> "_Pipe":
         """The pipelined-request layer of this connection's SFTP session
         (use it under sftp_lock)."""
-        return self._session()[1]
+        return self._session(timeout)[1]
 
     def alive(self) -> bool:
         return self.t.is_active()
@@ -200,6 +201,50 @@ class _Pool:
                 c.close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _open_sftp(t, timeout: float | None) -> "SFTPClient":
+    """paramiko's SFTPClient.from_transport, with every wait bounded by timeout (its
+    subsystem request and version exchange wait forever on a node that stopped answering)."""
+    import paramiko
+
+    chan = t.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET, timeout=timeout)
+    try:
+        chan.settimeout(timeout)
+        _chan_request(chan, "subsystem", b"sftp", timeout=timeout)
+        return paramiko.SFTPClient(chan)
+    except BaseException:
+        chan.close()
+        raise
+
+
+def _chan_request(chan, kind: str, arg: bytes, *, timeout: float | None = None,
+                  want_reply: bool = True) -> None:
+    """An RFC 4254 channel request with one string argument (exec, subsystem, signal).
+
+    paramiko's exec_command/invoke_subsystem wait for the reply without a timeout, take
+    only text (a command or path that is not UTF-8 cannot be sent), and it has no call
+    for "signal" at all: the request is built the way those methods build theirs.
+    Raises socket.timeout when the reply does not come within timeout."""
+    import paramiko
+    from paramiko.common import cMSG_CHANNEL_REQUEST
+    from paramiko.message import Message
+
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_REQUEST)
+    m.add_int(chan.remote_chanid)
+    m.add_string(kind)
+    m.add_boolean(want_reply)
+    m.add_string(arg)
+    if not want_reply:
+        chan.transport._send_user_message(m)
+        return
+    chan._event_pending()
+    chan.transport._send_user_message(m)
+    if not chan.event.wait(timeout):
+        raise socket.timeout(f"no reply to the {kind} request within {timeout:g}s")
+    if not chan.event_ready:
+        raise chan.transport.get_exception() or paramiko.SSHException("Channel closed.")
 
 
 # paramiko logs transport-thread failures at ERROR; without a handler Python's
@@ -1183,7 +1228,7 @@ class SSHTransport(RemoteTransport):
     # -- helpers ---------------------------------------------------------------------
     def _sftp(self):
         try:
-            return self._conn.sftp()
+            return self._conn.sftp(self.timeout)
         except KatactlError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -1238,7 +1283,8 @@ class SSHTransport(RemoteTransport):
                 return fn(*args)
         except OSError as e:
             if isinstance(e, socket.timeout):
-                raise TimeoutExpired(f"SFTP call on {path} timed out") from None
+                self._conn.reset_sftp()  # a late reply would answer the next request
+                raise TimeoutExpired(f"no SFTP reply about {path} within {self.timeout:g}s") from None
             raise _oserror(e, path) from None
         except (paramiko.SSHException, EOFError) as e:
             raise UnreachableError(f"SFTP on {path}: {e or type(e).__name__}") from None
@@ -1253,6 +1299,8 @@ class SSHTransport(RemoteTransport):
             try:
                 try:
                     return f.read(limit) if limit is not None else f.read()
+                except socket.timeout:
+                    raise
                 except OSError:
                     # sftp-server opens a directory fine and then answers the READ with a
                     # bare SSH_FX_FAILURE ("Failure"): say EISDIR as open(2)+read(2) do
@@ -1285,7 +1333,7 @@ class SSHTransport(RemoteTransport):
         import paramiko
 
         try:
-            pipe = self._conn.pipe()
+            pipe = self._conn.pipe(self.timeout)
         except KatactlError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -1298,7 +1346,7 @@ class SSHTransport(RemoteTransport):
         def mapped(e: BaseException) -> KatactlError:
             self._conn.reset_sftp()
             if isinstance(e, socket.timeout):
-                return TimeoutExpired(f"SFTP requests on {path} timed out")
+                return TimeoutExpired(f"no SFTP reply about {path} within {self.timeout:g}s")
             return UnreachableError(f"SFTP on {path}: {e or type(e).__name__}")
 
         with self._conn.sftp_lock:

@@ -1,0 +1,64 @@
+"""SSHTransport under a node that stops answering, large outputs, interrupted commands,
+odd names and host certificates: real OpenSSH sshd (tests/conftest_sshd.py)."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from katactl import config
+from katactl.errors import TimeoutExpired, UnreachableError
+
+
+def settings_for(lab, **kw):
+    flags = {"ssh_config": str(lab.config), "request_timeout": kw.pop("timeout", 10.0)}
+    flags.update(kw)
+    return config.resolve(flags)
+
+
+@pytest.fixture
+def ssh_open(sshd_lab):
+    from katactl.backends.ssh import SSHTransport
+
+    def open_(node, **kw):
+        return SSHTransport.from_settings(node, settings_for(sshd_lab, **kw))
+
+    return open_
+
+
+@pytest.fixture
+def frozen(sshd_lab, ssh_open):
+    """A transport to node 'freeze' whose sshd session processes are then stopped
+    (SIGSTOP: a hung kernel, a black-holed link); SIGCONT and a fresh pool after."""
+    from katactl.backends import ssh
+
+    ssh.close_pool()
+    t = ssh_open("freeze", timeout=1.0)
+    assert t.read_bytes("/etc/hostname") == b"freeze\n"  # the SFTP session is open
+    pids = sshd_lab.session_pids("freeze")
+    assert pids
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        yield t
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+        ssh.close_pool()
+
+
+@pytest.mark.parametrize("call", ["read_bytes", "stat", "read_many", "scan_dir"])
+def test_sftp_call_to_a_frozen_node_times_out(frozen, call):
+    fn = {"read_bytes": lambda: frozen.read_bytes("/etc/hostname"),
+          "stat": lambda: frozen.stat("/etc/hostname"),
+          "read_many": lambda: frozen.read_many(["/etc/hostname"]),
+          "scan_dir": lambda: frozen.scan_dir("/etc")}[call]
+    with pytest.raises(TimeoutExpired) as ei:
+        fn()
+    assert ei.value.exit_code == 6
+    assert "/etc" in ei.value.message
+    assert frozen._conn._sftp is None  # the session was dropped: its replies are out of step
+    # the next call opens a new session on the still frozen node: bounded as well
+    with pytest.raises((TimeoutExpired, UnreachableError)):
+        fn()
