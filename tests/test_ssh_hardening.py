@@ -62,3 +62,13 @@ def test_sftp_call_to_a_frozen_node_times_out(frozen, call):
     # the next call opens a new session on the still frozen node: bounded as well
     with pytest.raises((TimeoutExpired, UnreachableError)):
         fn()
+
+
+def test_run_collects_all_output_of_a_fast_exit(ssh_open):
+    # sshd sends exit-status when it reaps the child, possibly before the last of the
+    # child's output (session.c session_exit_message): run() waits for EOF as well
+    t = ssh_open("node1")
+    n = 3_000_000
+    for _ in range(15):
+        r = t.run(["head", "-c", str(n), "/dev/zero"])
+        assert (r.returncode, len(r.stdout)) == (0, n)

@@ -1497,7 +1497,10 @@ class SSHTransport(RemoteTransport):
                     got = True
                 if got:
                     continue
-                if chan.exit_status_ready() or chan.closed:
+                # exit-status can come before the last output: sshd sends it when it
+                # reaps the child, with data maybe still in the pipe (openssh session.c
+                # session_exit_message). The end is exit-status *and* EOF (or a close).
+                if (chan.exit_status_ready() and chan.eof_received) or chan.closed:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -1506,7 +1509,7 @@ class SSHTransport(RemoteTransport):
                     chan.status_event.wait(min(left, 1.0))
                 else:
                     select.select([fd], [], [], min(left, 1.0))
-            # all data precedes exit-status on the wire; drain what is buffered
+            # EOF (or close) seen: what is buffered is the rest
             while chan.recv_ready():
                 out.append(chan.recv(1 << 20))
             while chan.recv_stderr_ready():
