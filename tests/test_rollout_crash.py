@@ -10,6 +10,8 @@ runs go in parallel (the invariants are per cluster = per lock namespace here)."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -135,3 +137,39 @@ def test_resume_uncordons_a_node_its_cordon_found_schedulable_though_it_was_cord
     assert r.json()["phase"] == "Succeeded"
     assert not kube.get_obj("Node", "n0")["spec"].get("unschedulable")
     assert _record(kube, "n0") is None
+
+
+def _run_until(kc, args: list[str], kind: str) -> subprocess.CompletedProcess:
+    """'rollout run' (-o jsonl) killed -9 right after its first event of ``kind``."""
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "run", *args,
+                          "-o", "jsonl"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            if json.loads(line).get("kind") == kind:
+                break
+    finally:
+        p.kill()
+        p.wait()
+    return p
+
+
+def test_resume_that_stops_at_once_restores_the_nodes_it_does_not_continue(kube, kc, katactl_bin):
+    """Killed after n0 failed (--on-failure stop) while n1's drain was held by a PDB (cordoned by
+    the rollout): the resumed run stops at once, and must uncordon n1 rather than leave it
+    cordoned for good; n1 starts again at the cordon when the rollout is resumed after that."""
+    kube.add_node("n0", ready=False)
+    kube.add_node("n1")
+    kube.add_replicaset("web", "default", 1, {"app": "web"})
+    kube.add_pod("web-1", node="n1", labels={"app": "web"}, owner=("ReplicaSet", "web"))
+    kube.add_pdb("web", "default", {"matchLabels": {"app": "web"}}, min_available=1)
+    _run_until(kc, ["r1", "-N", "n0,n1", "--max-unavailable", "2", "--step", "cordon", "--step",
+                    "drain --ignore-daemonsets", "--step", "wait-ready 0.2s", "--poll", "0.05", "--lock-ttl", "3s"],
+               "NodeFailed")
+    assert kube.get_obj("Node", "n1")["spec"].get("unschedulable")
+    r = _ro(katactl_bin, kc, "resume", "r1", "-o", "json")
+    assert r.exit_code == 6 and r.json()["phase"] == "Stopped", r.stderr
+    assert not kube.get_obj("Node", "n1")["spec"].get("unschedulable")
+    assert _record(kube, "n1") is None
+    st = load_state(kube, "r1", "kube-system")
+    assert st["nodes"]["n1"]["phase"] == "running" and st["nodes"]["n1"]["step"] == 0

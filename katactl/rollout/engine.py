@@ -447,8 +447,21 @@ class Engine:
     def reconcile(self) -> None:
         """On resume: uncordon every node this rollout cordoned whose steps are not going
         on (a kill may have come between a node's save and its restore, or its restore
-        failed): any phase but running (those go on, and are restored when they end)."""
-        self.restore_all(skip=("running",))
+        failed): any phase but running (those go on, and are restored when they end),
+        unless this run stops, pauses or aborts before starting any node: then the running
+        ones are restored too. A running node past its cordon that is not (any more) cordoned
+        by this rollout starts again at the step that cordons: what follows a drain assumes a
+        cordoned, drained node."""
+        ours = self.cordoned_by_us()
+        self.restore_all(skip=("running",), among=ours)
+        self._check_budget()  # (after that restore: a node failed only for its cordon is done once restored)
+        goes_on = not (self.stopping or self.pausing or self.aborting)
+        if not goes_on:
+            self.restore_all(among=[n for n in ours if self.state["nodes"][n]["phase"] == "running"])
+        for n, rec in self.state["nodes"].items():
+            if self.cordons and rec["phase"] == "running" and rec["step"] > self.first_cordon \
+                    and (not goes_on or n not in ours):
+                self._mutate(lambda rec=rec: rec.update(step=self.first_cordon), (n,))
 
     def run_batch(self, bi: int) -> None:
         st = self.state
@@ -846,13 +859,13 @@ class Engine:
                 if node["metadata"]["name"] in names and (node.get("spec") or {}).get("unschedulable")
                 and (self.ours(node, names[node["metadata"]["name"]]) or self._legacy(node, names[node["metadata"]["name"]]))] if self.api is not None and self.cordons else []
 
-    def restore_all(self, skip=()) -> list[str]:
+    def restore_all(self, skip=(), among: list[str] | None = None) -> list[str]:
         """Uncordon every node of the rollout whose cordon record says this rollout
-        cordoned it, whatever its phase but ``skip``; the ones left cordoned get why in
-        their record. Returns those restored."""
+        cordoned it (``among``: cordoned_by_us() already listed), whatever its phase but
+        ``skip``; the ones left cordoned get why in their record. Returns those restored."""
         restored = []
         until = time.monotonic() + (self.plan.policy.step_timeout or RESTORE_WINDOW)
-        for n in self.cordoned_by_us():
+        for n in self.cordoned_by_us() if among is None else among:
             rec = self.state["nodes"][n]
             if rec["phase"] in skip:
                 continue
