@@ -32,7 +32,8 @@ def cluster(kube, tmp_path, monkeypatch):
 
 class IdleCutProxy:
     """A TCP hop that closes a connection idle (no byte either way) for ``idle`` seconds, as an
-    ELB/Azure LB does; ``cut()`` closes every open connection now."""
+    ELB/Azure LB does; ``cut()`` closes every open connection now; a new connection is
+    accepted but not answered for ``hold`` seconds (an API server that does not answer)."""
 
     def __init__(self, target: tuple[str, int], idle: float):
         self.target, self.idle = target, idle
@@ -41,6 +42,7 @@ class IdleCutProxy:
         self.ls.listen(64)
         self.port = self.ls.getsockname()[1]
         self.conns: list[socket.socket] = []
+        self.hold = 0.0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -52,6 +54,8 @@ class IdleCutProxy:
             threading.Thread(target=self._pipe, args=(c,), daemon=True).start()
 
     def _pipe(self, c):
+        if self.hold:
+            time.sleep(self.hold)
         u = socket.create_connection(self.target)
         self.conns += [c, u]
         last = time.monotonic()
@@ -301,3 +305,23 @@ def test_agent_install_again_is_a_no_op_though_the_server_defaults_the_template(
         r = cli(["node", "agent", "install", "--image", image, "-o", "json"])
         assert r.exit_code == 0 and (r.json()["action"], r.json()["changed"]) == (action, action == "updated"), r.stdout
     assert len([q for q in kube.requests if q["method"] == "PATCH"]) == 1
+
+
+# -- timeouts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("timeout", [None])
+def test_the_exec_upgrade_is_bounded_by_the_request_timeout_and_is_unreachable(cluster, hop, timeout):
+    """The API server not answering the upgrade within --request-timeout is exit 7, as a REST
+    call; a command's own long timeout (makedumpfile's hour) is not the upgrade's."""
+    from katactl import nodeagent
+    from katactl.errors import UnreachableError
+
+    t = _transport(request_timeout=2.0)
+    try:
+        hop.hold = 30.0
+        with pytest.raises(UnreachableError) as e:
+            t.run(["true"], timeout=timeout)
+        assert "pods/exec did not answer within 2s" in e.value.message
+    finally:
+        hop.hold = 0.0
+        t.close()
+        nodeagent.cleanup()

@@ -627,7 +627,9 @@ class KubeExecTransport(RemoteTransport):
         else:
             def reopen():
                 return self._reopen_ws(argv, timeout, stdin)
-        return WSChannel(ws, argv, f"{argv[0]} on {self.node}", self.node, reopen)
+        chan = WSChannel(ws, argv, f"{argv[0]} on {self.node}", self.node, reopen)
+        chan.settimeout(self.timeout if timeout is None else timeout)
+        return chan
 
     def _replace_pod(self) -> None:
         from katactl import nodeagent
@@ -677,7 +679,8 @@ class KubeExecTransport(RemoteTransport):
                 raise self._upgrade_error(e) from None
             except (websocket.WebSocketTimeoutException, TimeoutError):
                 ws.shutdown()
-                raise TimeoutExpired(f"Kubernetes API {host}: pods/exec did not answer within {timeout:g}s") \
+                # the API server silent: unreachable (7), as KubeAPI says of a REST call
+                raise UnreachableError(f"Kubernetes API {host}: pods/exec did not answer within {timeout:g}s") \
                     from None
             except KatactlError:
                 ws.shutdown()
