@@ -308,7 +308,7 @@ def test_agent_install_again_is_a_no_op_though_the_server_defaults_the_template(
 
 
 # -- timeouts ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("timeout", [None])
+@pytest.mark.parametrize("timeout", [None, 3600])
 def test_the_exec_upgrade_is_bounded_by_the_request_timeout_and_is_unreachable(cluster, hop, timeout):
     """The API server not answering the upgrade within --request-timeout is exit 7, as a REST
     call; a command's own long timeout (makedumpfile's hour) is not the upgrade's."""

@@ -648,7 +648,9 @@ class KubeExecTransport(RemoteTransport):
     def _open_ws(self, argv, timeout, stdin: bool):
         import websocket
 
-        timeout = self.timeout if timeout is None else timeout
+        # the dial and the upgrade are API requests: --request-timeout bounds them, whatever
+        # the command's own (longer) wait; the stream then runs under the command's timeout
+        timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         q = [("command", a) for a in argv] + [("container", self.agent.container),
                                                ("stdin", "true" if stdin else "false"),
                                                ("stdout", "true"), ("stderr", "true"), ("tty", "false")]
