@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_via_kube import IMAGE, agent_pods
+from tests.test_via_kube import IMAGE, agent_pods, kube_args
 from tests.test_vmcore import node_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
@@ -325,3 +325,14 @@ def test_the_exec_upgrade_is_bounded_by_the_request_timeout_and_is_unreachable(c
         hop.hold = 0.0
         t.close()
         nodeagent.cleanup()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("root, why", [("/hots", "no such directory"), ("/host/etc/hostname", "not a directory")])
+def test_a_host_root_that_is_no_directory_in_the_node_pod_is_exit_2(cli, cluster, root, why):
+    open(os.path.join(cluster["root"], "etc/hostname"), "w").close()
+    for args in (["sandbox", "list"], ["vmcore", "list"]):
+        r = cli([*kube_args("tree-node"), "--host-root", root, *args, "-o", "json"])
+        assert r.exit_code == 2, r.stdout
+        assert r.json()["message"].startswith(f"--host-root {root}: {why} in node pod kube-system/")
+    assert agent_pods(cluster["kube"]) == []

@@ -612,10 +612,33 @@ class KubeExecTransport(RemoteTransport):
                 _check_proxy(api.proxy)  # before any node is touched: exit 2, not a per-node error
             agent = nodeagent.agent_pod(api, settings, node)
             root = settings.host_root or "/host"
-            return cls(node, api, agent, root, float(settings.request_timeout or 30.0))
+            t = cls(node, api, agent, root, float(settings.request_timeout or 30.0))
         except BaseException:
             api.close()
             raise
+        if settings.host_root:
+            try:
+                t._check_host_root()
+            except BaseException:
+                t.close()
+                raise
+        return t
+
+    def _check_host_root(self) -> None:
+        """A --host-root that is not a directory in the node pod is a usage error (exit 2), as
+        the local transport says (fleet.open_transport), not an empty answer."""
+        import stat as st
+
+        h, _ = self._call({"op": "stat", "paths": [self.host_root], "follow": True})
+        [r] = self._answers(h, [self.host_root])
+        if "e" in r:
+            why = os.strerror(int(r["e"])) if r["e"] != errno.ENOENT else "no such directory"
+        elif not st.S_ISDIR(r["s"][2]):
+            why = "not a directory"
+        else:
+            return
+        raise UsageError(f"--host-root {self.host_root}: {why} in node pod "
+                         f"{self.agent.namespace}/{self.agent.name} on {self.node}")
 
     # -- the channel ---------------------------------------------------------------------
     def _exec_channel(self, argv, timeout=None, *, stdin: bool = True) -> WSChannel:
