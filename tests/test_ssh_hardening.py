@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 
 import pytest
 
@@ -72,3 +74,42 @@ def test_run_collects_all_output_of_a_fast_exit(ssh_open):
     for _ in range(15):
         r = t.run(["head", "-c", str(n), "/dev/zero"])
         assert (r.returncode, len(r.stdout)) == (0, n)
+
+
+def _running(pattern: str) -> bool:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
+
+def _gone(pattern: str) -> bool:
+    """Polls until no process matches (the node ends it asynchronously)."""
+    for _ in range(200):
+        if not _running(pattern):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_run_timeout_ends_the_command_on_the_node(ssh_open):
+    t = ssh_open("node1")
+    with pytest.raises(TimeoutExpired):
+        t.run(["sleep", "4242.1"], timeout=0.5)
+    assert _gone("^sleep 4242.1$")
+    assert t.run(["true"]).returncode == 0  # connection still usable
+
+
+def test_stream_closed_early_ends_the_command_on_the_node(ssh_open):
+    t = ssh_open("node1")
+    it = t.run_stream(["sh", "-c", "echo go; exec sleep 4242.2"])
+    assert next(it) == b"go\n"
+    it.close()
+    assert _gone("^sleep 4242.2$")
+
+
+def test_closing_the_pool_ends_unfinished_commands(ssh_open):
+    from katactl.backends import ssh
+
+    t = ssh_open("node1")
+    it = t.run_stream(["sh", "-c", "echo go; exec sleep 4242.3"])
+    assert next(it) == b"go\n"
+    ssh.close_pool()  # atexit does this: nothing must keep running on the node
+    assert _gone("^sleep 4242.3$")

@@ -96,6 +96,11 @@ class RemoteTransport(NodeTransport):
         status, within timeout (TimeoutExpired)."""
         raise NotImplementedError
 
+    def _run_channel(self, argv: tuple[str, ...], timeout: float, input: bytes | None):
+        """The channel run() waits on (_communicate sends input, then EOF). Default: the
+        plain exec channel; a transport may run argv under a guard instead."""
+        return self._exec_channel(argv, timeout)
+
     def _mkdir_one(self, path: str, remote: str, mode: int) -> None:
         """mkdir(2) of one directory (FileExistsError when it exists)."""
         raise NotImplementedError
@@ -225,7 +230,7 @@ class RemoteTransport(NodeTransport):
         """Run argv on the node (argv words passed literally by the channel)."""
         argv = _check_argv(argv)
         timeout = self.timeout if timeout is None else timeout
-        chan = self._exec_channel(argv, timeout)
+        chan = self._run_channel(argv, timeout, input)
         try:
             out, err, rc = self._communicate(chan, argv, input, timeout)
         finally:

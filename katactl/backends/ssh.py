@@ -15,7 +15,9 @@ Security model
   * Commands are argv lists. Each element is quoted with shlex.quote and the
     quoted words joined: the remote login shell (which sshd always uses) sees
     only literal words, never a string built from input. The node's login shell
-    must be POSIX (sh, dash, bash, zsh, ksh).
+    must be POSIX (sh, dash, bash, zsh, ksh). run() and streams run the argv
+    under GUARD (a fixed sh script; the words are its positional parameters),
+    which ends the command when the channel closes before it finished.
   * File access uses SFTP (no shell at all).
 
 Batched file access (read_many, stat_many, scan_dirs, write_stream_atomic)
@@ -218,14 +220,10 @@ def _open_sftp(t, timeout: float | None) -> "SFTPClient":
         raise
 
 
-def _chan_request(chan, kind: str, arg: bytes, *, timeout: float | None = None,
-                  want_reply: bool = True) -> None:
-    """An RFC 4254 channel request with one string argument (exec, subsystem, signal).
-
-    paramiko's exec_command/invoke_subsystem wait for the reply without a timeout, take
-    only text (a command or path that is not UTF-8 cannot be sent), and it has no call
-    for "signal" at all: the request is built the way those methods build theirs.
-    Raises socket.timeout when the reply does not come within timeout."""
+def _chan_request(chan, kind: str, arg: bytes, *, timeout: float | None = None) -> None:
+    """An RFC 4254 channel request with one string argument (subsystem, exec), waiting
+    for its reply at most timeout seconds (socket.timeout): paramiko's invoke_subsystem
+    and exec_command wait without a bound, and take only text."""
     import paramiko
     from paramiko.common import cMSG_CHANNEL_REQUEST
     from paramiko.message import Message
@@ -234,11 +232,8 @@ def _chan_request(chan, kind: str, arg: bytes, *, timeout: float | None = None,
     m.add_byte(cMSG_CHANNEL_REQUEST)
     m.add_int(chan.remote_chanid)
     m.add_string(kind)
-    m.add_boolean(want_reply)
+    m.add_boolean(True)
     m.add_string(arg)
-    if not want_reply:
-        chan.transport._send_user_message(m)
-        return
     chan._event_pending()
     chan.transport._send_user_message(m)
     if not chan.event.wait(timeout):
@@ -1168,6 +1163,8 @@ def _oserror(e: OSError, path: str) -> OSError:
 class _SlotChannel:
     """A paramiko Channel that releases its session slot exactly once on close()."""
 
+    hold_stdin = False  # True: the command runs under GUARD, stdin is its lifeline
+
     def __init__(self, chan, sem):
         self._c = chan
         self._sem = sem
@@ -1195,6 +1192,28 @@ class _SlotChannel:
 
 
 _ChannelSocket = ChannelSocket  # (moved to remote.py)
+
+# Runs a command (the positional arguments, never parsed as shell text) with stdin from
+# /dev/null, and SIGTERMs it when our stdin reaches EOF: when katactl closes the channel
+# before the command ended (a timeout, Ctrl-C, a stream closed early) or its connection
+# drops, even by kill -9. sshd alone leaves a non-pty command running when its channel
+# closes ("delay detach of session", openssh session.c session_close_by_channel), and
+# refuses the RFC 4254 "signal" request for root logins ("session signalling requires
+# privilege separation", session.c session_signal_req). After a normal end sshd closes
+# our stdin itself (session_exit_message), which ends the watcher. The watcher's output
+# goes to /dev/null: it must not hold the channel's stdout/stderr open.
+GUARD = (
+    'exec 3<&0 </dev/null\n'
+    '"$@" 3<&- &\n'
+    'p=$!\n'
+    '{ cat <&3; kill -TERM "$p"; } >/dev/null 2>&1 &\n'
+    'w=$!\n'
+    'exec 3<&-\n'
+    'wait "$p"\n'
+    'rc=$?\n'
+    'kill "$w" 2>/dev/null\n'
+    'exit "$rc"\n'
+)
 
 
 class SSHTransport(RemoteTransport):
@@ -1476,6 +1495,21 @@ class SSHTransport(RemoteTransport):
         _exec(chan, argv)
         return chan
 
+    def _guarded_channel(self, argv, timeout):
+        """argv under GUARD: stdin stays open (hold_stdin), so that the command is
+        ended when the channel closes before it finished."""
+        chan = self._exec_channel(("sh", "-c", GUARD, "sh", *argv), timeout)
+        chan.hold_stdin = True
+        return chan
+
+    def _run_channel(self, argv, timeout, input):
+        # a command given input reads it on stdin: it runs unguarded (no caller does
+        # that for a long command)
+        return self._exec_channel(argv, timeout) if input is not None else self._guarded_channel(argv, timeout)
+
+    def _stream_channel(self, argv, timeout):
+        return self._guarded_channel(argv, timeout)
+
     def _communicate(self, chan, argv, input, timeout):
         import select
 
@@ -1484,7 +1518,8 @@ class SSHTransport(RemoteTransport):
             if input:
                 chan.settimeout(timeout)
                 chan.sendall(input)
-            chan.shutdown_write()
+            if not getattr(chan, "hold_stdin", False):
+                chan.shutdown_write()
             out, err = [], []
             fd = chan.fileno()
             while True:
