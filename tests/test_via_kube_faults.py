@@ -336,3 +336,20 @@ def test_a_host_root_that_is_no_directory_in_the_node_pod_is_exit_2(cli, cluster
         assert r.exit_code == 2, r.stdout
         assert r.json()["message"].startswith(f"--host-root {root}: {why} in node pod kube-system/")
     assert agent_pods(cluster["kube"]) == []
+
+
+def test_v4_only_server_runs_a_command_given_input_once(cluster):
+    from katactl import nodeagent
+
+    kube = cluster["kube"]
+    kube.exec_protocols = ("v4.channel.k8s.io",)
+    t = _transport()
+    try:
+        for i in range(5):
+            r = t.run(["sh", "-c", f"echo call{i} >> /host/runs.log; cat"], input=b"x" * 10)
+            assert (r.returncode, r.stdout) == (0, b"x" * 10)
+    finally:
+        t.close()
+        nodeagent.cleanup()
+    assert open(os.path.join(cluster["root"], "runs.log")).read().split() == [f"call{i}" for i in range(5)]
+    assert [e["argv"][:1] for e in kube.exec_log if e["argv"][0] == "sh"] == []   # only under the feeder

@@ -601,6 +601,7 @@ class KubeExecTransport(RemoteTransport):
         self._helper: WSChannel | None = None
         self._helper_lock = threading.RLock()
         self._wid = 0
+        self._protocol: str | None = None  # the subprotocol the server chose (v5 or v4)
 
     @classmethod
     def from_settings(cls, node: str, settings) -> "KubeExecTransport":
@@ -651,6 +652,7 @@ class KubeExecTransport(RemoteTransport):
             def reopen():
                 return self._reopen_ws(argv, timeout, stdin)
         chan = WSChannel(ws, argv, f"{argv[0]} on {self.node}", self.node, reopen)
+        self._protocol = chan.protocol
         chan.settimeout(self.timeout if timeout is None else timeout)
         return chan
 
@@ -773,11 +775,17 @@ class KubeExecTransport(RemoteTransport):
     def _run_input_once(self, argv, timeout, input: bytes, raw: bool):
         from katactl.backends.base import RunResult
 
-        chan = self._exec_channel(argv, timeout)
-        if not chan.protocol.startswith("v5"):
-            # no half-close on v4: a feeder gives the command exactly these bytes, then EOF
-            chan.close()
-            chan = self._exec_channel(("python3", "-I", "-S", "-c", FEED, str(len(input)), *argv), timeout)
+        if self._protocol is None:
+            with self._helper_lock:
+                self._helper_chan()  # learns the server's subprotocol on an exec that is kept
+        feed = ("python3", "-I", "-S", "-c", FEED, str(len(input)), *argv)
+        # no half-close on v4: a feeder gives the command exactly these bytes, then EOF; argv
+        # is never started bare first (it would run twice)
+        chan = self._exec_channel(argv if (self._protocol or "").startswith("v5") else feed, timeout)
+        if not chan.protocol.startswith("v5") and chan.argv is not feed:
+            chan.close()  # the server changed to v4 since: stdin could never end, nothing is done
+            raise UnreachableError(f"node {self.node}: the API server changed to {chan.protocol} "
+                                   "during the run; try again")
         try:
             out, err, rc = self._communicate(chan, argv, input, timeout)
         finally:
