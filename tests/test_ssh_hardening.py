@@ -113,3 +113,46 @@ def test_closing_the_pool_ends_unfinished_commands(ssh_open):
     assert next(it) == b"go\n"
     ssh.close_pool()  # atexit does this: nothing must keep running on the node
     assert _gone("^sleep 4242.3$")
+
+
+def test_non_utf8_names_agree_with_local(ssh_open, sshd_lab):
+    # os.listdir gives undecodable bytes as surrogates (surrogateescape): so must SFTP, and
+    # such a name must go back out to the node (SFTP paths, argv) as the same bytes
+    from katactl.backends.local import LocalTransport
+
+    root = sshd_lab.nodes["node1"].root
+    d = os.path.join(os.fsencode(root), b"nonutf8")
+    os.makedirs(os.path.join(d, b"sub\xfe"), exist_ok=True)
+    with open(os.path.join(d, b"bad\xff"), "wb") as f:
+        f.write(b"payload")
+    os.symlink(b"bad\xff", os.path.join(d, b"link\xfd"))
+    t, local = ssh_open("node1"), LocalTransport(str(root))
+    for follow in (True, False):
+        got, want = t.scan_dir("/nonutf8", follow), local.scan_dir("/nonutf8", follow)
+        assert [(n, s.is_dir, s.is_link) for n, s in got] == [(n, s.is_dir, s.is_link) for n, s in want]
+    names = t.listdir("/nonutf8")
+    assert names == local.listdir("/nonutf8") == sorted(["bad\udcff", "link\udcfd", "sub\udcfe"])
+    for name in ("bad\udcff", "link\udcfd"):
+        p = f"/nonutf8/{name}"
+        assert t.read_bytes(p) == local.read_bytes(p) == b"payload"
+        assert t.read_many([p]) == {p: b"payload"}
+        assert t.stat(p).size == local.stat(p).size == 7
+        assert b"".join(t.open_stream(p)) == b"payload"
+        assert t.run(["cat", "--", t.remote(p)]).stdout == b"payload"
+    assert t.readlink("/nonutf8/link\udcfd") == local.readlink("/nonutf8/link\udcfd") == "bad\udcff"
+    t.write_bytes_atomic("/nonutf8/new\udcfc", b"new")
+    assert open(os.path.join(d, b"new\xfc"), "rb").read() == b"new"
+    t.remove("/nonutf8/new\udcfc")
+    assert not os.path.exists(os.path.join(d, b"new\xfc"))
+
+
+def test_sandbox_list_with_a_non_utf8_name_agrees_with_local(cli, sshd_lab):
+    root = sshd_lab.nodes["freeze"].root
+    bad = os.path.join(os.fsencode(root), b"run/vc/sbs/bad\xff")
+    os.makedirs(bad)
+    try:
+        local = cli(["--host-root", str(root), "sandbox", "list", "-o", "json"])
+        remote = cli(["--ssh-config", str(sshd_lab.config), "-N", "freeze", "sandbox", "list", "-o", "json"])
+        assert (remote.exit_code, remote.json()["items"]) == (local.exit_code, local.json()["items"]), remote.stderr
+    finally:
+        os.rmdir(bad)

@@ -818,6 +818,8 @@ class _Pipe:
                     msg.add_int(a)
                 elif isinstance(a, SFTPAttributes):
                     a._pack(msg)  # type: ignore[attr-defined]  # private: not in the stubs
+                elif isinstance(a, str):
+                    msg.add_string(_wire(a))
                 else:
                     msg.add_string(a)
             sftp._expecting[num] = self
@@ -884,6 +886,18 @@ class _Pipe:
         self.flush()
         while self.buf:
             self._pump()
+
+
+def _wire(s: str) -> bytes:
+    """A node path or command as the node's bytes: names read from the node that are not
+    UTF-8 carry surrogates (_name), which go back as the original bytes."""
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _name(b: bytes) -> str:
+    """A name from the node as os.listdir gives it: bytes that are not UTF-8 as
+    surrogates (surrogateescape), so that local and SSH transports agree."""
+    return b.decode("utf-8", "surrogateescape")
 
 
 def _status_error(t, msg, path: str) -> OSError | None:
@@ -1030,8 +1044,8 @@ def _pipe_scandirs(pipe: _Pipe, items: list[tuple[str, str]]) -> dict:
             t, msg = pipe.wait(pending.popleft())
             if t == CMD_NAME:
                 for _ in range(msg.get_int()):
-                    name = msg.get_text()
-                    msg.get_text()  # longname
+                    name = _name(msg.get_string())
+                    msg.get_string()  # longname (ls -l text: ignored)
                     a = SFTPAttributes._from_msg(msg)  # type: ignore[attr-defined]  # private: not in the stubs
                     if name not in (".", ".."):
                         entries.append((name, _file_stat(a)))
@@ -1314,7 +1328,7 @@ class SSHTransport(RemoteTransport):
         sftp = self._sftp()
 
         def read():
-            f = sftp.open(r, "rb")
+            f = sftp.open(_wire(r), "rb")
             try:
                 try:
                     return f.read(limit) if limit is not None else f.read()
@@ -1424,7 +1438,7 @@ class SSHTransport(RemoteTransport):
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         sftp = self._sftp()
         r = self.remote(path)
-        a = self._sftp_call(sftp.stat if follow_symlinks else sftp.lstat, path, r)
+        a = self._sftp_call(sftp.stat if follow_symlinks else sftp.lstat, path, _wire(r))
         mode = a.st_mode or 0
         return FileStat(size=a.st_size or 0, mtime=float(a.st_mtime or 0), mode=mode,
                         is_dir=st.S_ISDIR(mode), is_link=st.S_ISLNK(mode), uid=a.st_uid or 0)
@@ -1434,10 +1448,11 @@ class SSHTransport(RemoteTransport):
         r = self.remote(path)
         if not st.S_ISLNK(self.stat(path, follow_symlinks=False).mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
-        target = self._sftp_call(sftp.readlink, path, r)
+        target = self._sftp_call(sftp.readlink, path, _wire(r))
         if target is None:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
-        return target
+        # paramiko gives bytes for a name that is not UTF-8: surrogates, as os.readlink
+        return _name(target) if isinstance(target, bytes) else target
 
     # -- mutations ------------------------------------------------------------------
     def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
@@ -1461,7 +1476,7 @@ class SSHTransport(RemoteTransport):
         except BaseException:
             try:
                 with self._conn.sftp_lock:
-                    self._sftp().remove(tmp)
+                    self._sftp().remove(_wire(tmp))
             except Exception:  # noqa: BLE001
                 pass
             raise
@@ -1478,10 +1493,10 @@ class SSHTransport(RemoteTransport):
                 raise _run_oserror(res, path)
 
     def _mkdir_one(self, path: str, remote: str, mode: int) -> None:
-        self._sftp_call(self._sftp().mkdir, path, remote, mode)
+        self._sftp_call(self._sftp().mkdir, path, _wire(remote), mode)
 
     def _unlink(self, path: str, remote: str) -> None:
-        self._sftp_call(self._sftp().remove, path, remote)
+        self._sftp_call(self._sftp().remove, path, _wire(remote))
 
     def rename(self, src: str, dst: str) -> None:
         """posix-rename, then an fsync of dst's directory (durable, as locally)."""
@@ -1492,7 +1507,7 @@ class SSHTransport(RemoteTransport):
     def _exec_channel(self, argv, timeout=None):
         """A session channel running argv (each element shell-quoted: shlex.join)."""
         chan = self._channel()
-        _exec(chan, argv)
+        _exec(chan, argv, self.timeout)
         return chan
 
     def _guarded_channel(self, argv, timeout):
@@ -1562,13 +1577,17 @@ class SSHTransport(RemoteTransport):
             POOL.release(conn)
 
 
-def _exec(chan, argv: Sequence[str]) -> None:
-    """exec_command with every argv element quoted (shlex.join): the remote login
-    shell only ever sees literal words."""
+def _exec(chan, argv: Sequence[str], timeout: float) -> None:
+    """exec with every argv element quoted (shlex.join): the remote login shell only
+    ever sees literal words. Sent as bytes (_wire): a word may be a name that is not
+    UTF-8."""
     import paramiko
 
     try:
-        chan.exec_command(shlex.join(argv))
+        _chan_request(chan, "exec", _wire(shlex.join(argv)), timeout=timeout)
+    except socket.timeout:
+        chan.close()
+        raise TimeoutExpired(f"the node did not start {argv[0]} within {timeout:g}s") from None
     except paramiko.SSHException as e:
         chan.close()
         raise UnreachableError(f"the node refused to run {argv[0]}: {e}") from None
