@@ -10,7 +10,7 @@ import time
 import pytest
 
 from katactl import config
-from katactl.errors import TimeoutExpired, UnreachableError
+from katactl.errors import HostKeyError, TimeoutExpired, UnreachableError
 
 
 def settings_for(lab, **kw):
@@ -156,3 +156,28 @@ def test_sandbox_list_with_a_non_utf8_name_agrees_with_local(cli, sshd_lab):
         assert (remote.exit_code, remote.json()["items"]) == (local.exit_code, local.json()["items"]), remote.stderr
     finally:
         os.rmdir(bad)
+
+
+def test_expired_host_cert_falls_back_to_the_pinned_plain_key(ssh_open):
+    # as OpenSSH's check_host_key (sshconnect.c): an invalid certificate is retried as
+    # the plain key, and expcert's plain key is in known_hosts
+    t = ssh_open("expcert")
+    assert t.read_bytes("/etc/hostname") == b"expcert\n"
+    assert t._conn.trust.startswith("known key (")
+    assert "expired" in t._conn.trust
+
+
+def test_expired_host_cert_with_an_unknown_plain_key_is_refused_naming_why(sshd_lab, tmp_path):
+    from katactl.backends.ssh import SSHTransport
+
+    ca = next(ln for ln in sshd_lab.known_hosts.read_text().splitlines() if ln.startswith("@cert-authority"))
+    kh = tmp_path / "known_hosts"
+    kh.write_text(ca + "\n")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host expcert\n  HostName 127.0.0.1\n  Port {sshd_lab.nodes['expcert'].port}\n"
+                   f"  User {sshd_lab.user}\n  IdentityFile {sshd_lab.user_key}\n  IdentitiesOnly yes\n"
+                   f"  UserKnownHostsFile {kh}\n  GlobalKnownHostsFile /dev/null\n")
+    with pytest.raises(HostKeyError) as ei:
+        SSHTransport.from_settings("expcert", config.resolve({"ssh_config": str(cfg)}))
+    assert ei.value.exit_code == 7
+    assert "unknown host key" in ei.value.message and "expired" in ei.value.message

@@ -237,10 +237,15 @@ class KnownHosts:
 
         names: lookup names, the first is the canonical one ([host]:port or HostKeyAlias).
         node: a message prefix ("" or "jump host X: ").
-        Raises HostKeyError (exit 7) when revoked, changed, invalid, or unknown
-        without accept_new_file.
+        Raises HostKeyError (exit 7) when revoked, changed, or unknown without
+        accept_new_file. A certificate that is not valid (expired, wrong principal) is
+        checked again as its plain key, as OpenSSH's check_host_key does (sshconnect.c:
+        "No matching CA found. Retry with plain key"; only a revoked key is final): a
+        lapse in host-certificate rotation does not lock out hosts whose key is pinned.
+        Its problem is then named in the trust text, and in the error if that fails too.
         """
         cert = None
+        cert_problem = ""
         plain_type, plain_blob = keytype, blob
         if keytype.endswith("-cert-v01@openssh.com"):
             cert = parse_cert(blob)
@@ -255,21 +260,21 @@ class KnownHosts:
             cas = [e for e in self.for_host(names, "@cert-authority") if e.blob == cert.ca_blob]
             if cas:
                 problem = cert.problem(principal)
-                if problem:
-                    raise HostKeyError(f"{node}host certificate signed by the CA in {cas[0].where} "
-                                       f"is not valid: {problem}")
-                return f"certificate signed by CA {fingerprint(cert.ca_blob)} ({cas[0].where})"
-            # No trusted CA: fall back to the plain key inside the certificate (as ssh does).
+                if not problem:
+                    return f"certificate signed by CA {fingerprint(cert.ca_blob)} ({cas[0].where})"
+                cert_problem = (f"; its host certificate signed by the CA in {cas[0].where} "
+                                f"is not valid: {problem}")
+            # No trusted CA, or an invalid certificate: fall back to the plain key inside it.
         known = self.for_host(names)
         for e in known:
             if e.blob == plain_blob:
-                return f"known key ({e.where})"
+                return f"known key ({e.where}){cert_problem}"
         if known:
             e = next((k for k in known if _same_family(k.keytype, plain_type)), known[0])
             raise HostKeyError(
                 f"{node}REMOTE HOST KEY CHANGED: the server offered {plain_type} "
                 f"{fingerprint(plain_blob)} but {e.where} has {e.keytype} {fingerprint(e.blob)} "
-                f"for {names[0]}; refusing to connect",
+                f"for {names[0]}; refusing to connect{cert_problem}",
                 hint=f"if the change is expected, remove the old key: ssh-keygen -R '{names[0]}' "
                      f"-f {e.file} (offending line {e.line})",
                 details={"knownHostsFile": e.file, "line": e.line, "host": names[0],
@@ -278,7 +283,7 @@ class KnownHosts:
             where = ", ".join(self.files) or "no known_hosts file"
             raise HostKeyError(
                 f"{node}unknown host key {plain_type} {fingerprint(plain_blob)} for {names[0]} "
-                f"(not in {where})",
+                f"(not in {where}){cert_problem}",
                 hint="add it with ssh-keyscan after checking its fingerprint, or pass "
                      "--ssh-accept-new to trust it on first use")
         add_entry(accept_new_file, names[0], plain_type, plain_blob, hashed=hash_new)
