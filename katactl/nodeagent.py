@@ -217,7 +217,7 @@ class AgentPodDown(UnreachableError):
 
 
 def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) -> AgentPod:
-    from katactl.backends.kube import Conflict, seg
+    from katactl.backends.kube import Conflict, MaybeApplied, seg
 
     man = ephemeral_manifest(node, image, ns)
     pod = AgentPod(ns, man["metadata"]["name"], node, "ephemeral", image=image)
@@ -228,6 +228,14 @@ def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) 
         _create(api, f"/api/v1/namespaces/{seg(ns)}/pods", man, (key, pod.name), timeout)
     except Conflict:
         _unregister(key, pod)  # the name is someone else's pod: never delete it
+        raise
+    except (NotFound, AuthError, UsageError, OperationFailed) as e:
+        # a definitive 4xx (403 RBAC or admission, 404 namespace, 400/422 invalid): nothing
+        # was created, so nothing to delete nor to warn about at the end
+        code = e.details.get("httpStatus")
+        if isinstance(e, NotFound) or (isinstance(code, int) and 400 <= code < 500 and code != 408
+                                       and not isinstance(e, MaybeApplied)):
+            _unregister(key, pod)
         raise
     except KeyboardInterrupt:  # the create may be on its way: the cleanup watches for it
         with _GUARD:

@@ -353,3 +353,18 @@ def test_v4_only_server_runs_a_command_given_input_once(cluster):
         nodeagent.cleanup()
     assert open(os.path.join(cluster["root"], "runs.log")).read().split() == [f"call{i}" for i in range(5)]
     assert [e["argv"][:1] for e in kube.exec_log if e["argv"][0] == "sh"] == []   # only under the feeder
+
+
+@pytest.mark.parametrize("refusal", ["forbidden", "no-namespace"])
+def test_a_node_pod_create_refused_outright_sends_no_delete_and_no_warning(cli, cluster, tmp_path, monkeypatch,
+                                                                        refusal):
+    kube = cluster["kube"]
+    args = [*kube_args("tree-node"), "sandbox", "list", "-o", "json"]
+    if refusal == "forbidden":
+        monkeypatch.setenv("KUBECONFIG", kube.kubeconfig(tmp_path / "ro", user="readonly"))
+    else:
+        args = ["--agent-namespace", "nosuch", *args]
+    r = cli(args)
+    assert (r.exit_code, r.json()["code"]) == ((7, "AuthFailed") if refusal == "forbidden" else (3, "NotFound")), r.stdout
+    assert "could not delete" not in r.stderr and "warning" not in r.stderr, r.stderr
+    assert not [q for q in kube.requests if q["method"] == "DELETE"]
