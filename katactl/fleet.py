@@ -134,9 +134,17 @@ class FanOut:
                                  len(self.nodes) - len(self.errors))
 
     def raise_if_single_failure(self) -> None:
-        """With one node, its error *is* the command's error."""
+        """With one node, its error *is* the command's error: named after the node (a -N
+        alias whose HostName is an address is otherwise unrecognisable), as fan-out
+        output names each node; -o json carries it as details.node."""
         if len(self.nodes) == 1 and self.errors:
-            raise next(iter(self.errors.values()))
+            node = self.nodes[0]
+            err = self.errors[node]
+            if node != LOCAL and not err.details.get("node"):
+                err.message = f"{node}: {err.message}"
+                err.args = (err.message, *err.args[1:])
+                err.details = {**err.details, "node": node}
+            raise err
 
     def items(self) -> list[dict]:
         """Flatten list results, tagging each item with its node."""

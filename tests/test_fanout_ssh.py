@@ -241,3 +241,21 @@ def test_fan_out_progress_line_on_a_terminal_only(sshd_lab, katactl_bin):
     assert r.exit_code == 0, r.stderr
     assert "nodes" not in r.stderr and "\r" not in r.stderr
     assert [i["node"] for i in r.json()["items"]] == ["node1", "node2", "node3"]
+
+
+@pytest.mark.parametrize("cmd", [["version"], ["sandbox", "list"]])
+def test_single_node_error_names_the_node(cli, sshd_lab, cmd):
+    r = cli(ssh_args(sshd_lab, "--request-timeout", "0.5s", "-N", "unreachable", *cmd))
+    assert r.exit_code == 7
+    assert r.stderr.strip().splitlines()[-1].startswith("katactl: error: unreachable: cannot connect to 127.0.0.1:")
+    doc = cli(ssh_args(sshd_lab, "--request-timeout", "0.5s", "-N", "unreachable", *cmd, "-o", "json")).json()
+    assert doc["kind"] == "Error" and doc["details"]["node"] == "unreachable"
+    assert doc["message"].startswith("unreachable: ")
+
+
+def test_ipv6_address_in_brackets(cli, sshd_lab):
+    from tests.conftest_sshd import free_port
+
+    r = cli(ssh_args(sshd_lab, "--request-timeout", "0.5s", "-N", f"[::1]:{free_port()}", "version"))
+    assert r.exit_code == 7
+    assert "cannot connect to [::1]:" in r.stderr, r.stderr

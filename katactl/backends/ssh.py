@@ -512,7 +512,7 @@ def _open_sock(target: sshconfig.Target, timeout: float, via: _Conn | None, name
     """The byte stream to the target: TCP, a ProxyCommand, or a direct-tcpip channel."""
     import paramiko
 
-    where = f"{target.hostname}:{target.port}"
+    where = _hostport(target.hostname, target.port)
     if via is not None:
         try:
             return via.t.open_channel("direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0),
@@ -537,6 +537,11 @@ def _open_sock(target: sshconfig.Target, timeout: float, via: _Conn | None, name
         raise UnreachableError(f"{_pfx(name)}cannot resolve {target.hostname}: {e.strerror}") from None
     except OSError as e:
         raise UnreachableError(f"{_pfx(name)}cannot connect to {where}: {e.strerror or e}") from None
+
+
+def _hostport(host: str, port: int) -> str:
+    """host:port, an IPv6 address in brackets ([::1]:22) as ssh and URLs write it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _pfx(name: str) -> str:
@@ -655,13 +660,13 @@ def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: 
         except paramiko.SSHException as e:
             msg = str(e)
             if "timeout" in msg.lower() or "banner" in msg.lower():
-                raise UnreachableError(f"{_pfx(name)}no SSH handshake from {target.hostname}:{target.port} "
+                raise UnreachableError(f"{_pfx(name)}no SSH handshake from {_hostport(target.hostname, target.port)} "
                                        f"within {timeout:g}s ({msg})") from None
             raise UnreachableError(f"{_pfx(name)}SSH negotiation failed: {msg}") from None
         except (EOFError, OSError) as e:
             raise UnreachableError(f"{_pfx(name)}connection closed during SSH handshake ({e or type(e).__name__})") from None
         if not t.is_active() or t.host_key is None:
-            raise UnreachableError(f"{_pfx(name)}no SSH handshake from {target.hostname}:{target.port} "
+            raise UnreachableError(f"{_pfx(name)}no SSH handshake from {_hostport(target.hostname, target.port)} "
                                    f"within {timeout:g}s")
         key = t.get_remote_server_key()
         keytype = key.public_blob.key_type if key.public_blob else key.get_name()
