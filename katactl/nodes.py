@@ -206,6 +206,22 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: the field manager of katactl's writes: the API server's default, the User-Agent
+#: ("katactl/VERSION", katactl/backends/kube.py) up to its first "/" (apiserver
+#: pkg/endpoints/handlers/rest.go prefixFromUserAgent)
+FIELD_MANAGER = "katactl"
+
+
+def unschedulable_set_by_katactl(node: dict) -> bool | None:
+    """Whether the last write that set spec.unschedulable was katactl's, from managedFields
+    (None when the server keeps none for it). A cordon record left behind by ``kubectl
+    uncordon`` (spec only) says nothing of a later ``kubectl cordon``: this does."""
+    for mf in (node.get("metadata") or {}).get("managedFields") or []:
+        if "f:unschedulable" in (((mf.get("fieldsV1") or {}).get("f:spec")) or {}):
+            return mf.get("manager") == FIELD_MANAGER
+    return None
+
+
 def _unschedulable_manager(node: dict) -> str | None:
     """Who set spec.unschedulable, from the server's managedFields (kubectl cordon
     shows up as manager "kubectl-cordon"); None when the server keeps none."""
@@ -299,6 +315,10 @@ def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | st
             return {"name": name, "changed": False, "dryRun": bool(dry_run),
                     "message": "left as it is: katactl's cordon record on it is not this run's any more"
                     if rec is None or rec.get("id") != record_id else "left cordoned: it was cordoned before"}
+        if record_id is not None and unsched and unschedulable_set_by_katactl(node) is False:
+            # uncordoned and cordoned again since by someone else (kubectl leaves our record): theirs
+            return {"name": name, "changed": False, "dryRun": bool(dry_run),
+                    "message": f"left cordoned: cordoned again since by {_unschedulable_manager(node)}"}
         if unsched and rec and rec.get("wasUnschedulable") and not force:
             first = rec.get("cordonedBefore") or "someone else"
             raise Refused(f"node {name} was already cordoned (by {first}) before katactl cordoned it "

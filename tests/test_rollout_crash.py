@@ -14,6 +14,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 
 from katactl.rollout.store import LEASE, SHARD_BYTES_ENV
 from tests.test_rollout_scale import load_state
@@ -173,3 +175,45 @@ def test_resume_that_stops_at_once_restores_the_nodes_it_does_not_continue(kube,
     assert _record(kube, "n1") is None
     st = load_state(kube, "r1", "kube-system")
     assert st["nodes"]["n1"]["phase"] == "running" and st["nodes"]["n1"]["step"] == 0
+
+
+def _kubectl_cordon(kube_api, node: str, on: bool) -> None:
+    """What kubectl cordon|uncordon sends: spec only (katactl's cordon record stays), under its
+    own field manager."""
+    from katactl.backends.kube import PATCH_TYPES
+
+    kube_api.request("PATCH", f"/api/v1/nodes/{node}", params={"fieldManager": "kubectl-cordon"},
+                     body={"spec": {"unschedulable": True if on else None}}, content_type=PATCH_TYPES["strategic"])
+
+
+@pytest.mark.parametrize("verb", ["abort", "resume"])
+def test_a_stale_cordon_record_does_not_make_an_operators_later_cordon_the_rollouts(kube, kc, kube_api,
+                                                                                     katactl_bin, verb):
+    """Killed after n0's cordon; the operator uncordons n0 with kubectl (katactl's record stays on
+    it), then cordons it for their own maintenance: abort and resume leave it cordoned (the
+    server says who set spec.unschedulable last: not katactl)."""
+    kube.add_node("n0")
+    kube.add_node("n1")
+    r = _ro(katactl_bin, kc, "run", "r1", "-N", "n0,n1", "--max-unavailable", "2", "--step", "cordon", "--step",
+            "check", "--poll", "0.05", env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9, r.stderr
+    assert _record(kube, "n0") is not None
+    _kubectl_cordon(kube_api, "n0", False)
+    _kubectl_cordon(kube_api, "n0", True)
+    r = _ro(katactl_bin, kc, verb, "r1")
+    assert r.exit_code == 0, r.stderr
+    assert kube.get_obj("Node", "n0")["spec"].get("unschedulable") is True
+    assert "node/n0: uncordoned" not in r.stderr
+
+
+def test_a_node_found_schedulable_loses_the_rollouts_stale_cordon_record(kube, kc, kube_api, katactl_bin):
+    """Killed after n0's cordon; the operator uncordons it with kubectl: abort removes the rollout's
+    record left on it (by its id), so nothing later takes a cordon for the rollout's."""
+    kube.add_node("n0")
+    r = _ro(katactl_bin, kc, "run", "r1", "-N", "n0", "--step", "cordon", "--step", "check", "--poll", "0.05",
+            env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9, r.stderr
+    _kubectl_cordon(kube_api, "n0", False)
+    r = _ro(katactl_bin, kc, "abort", "r1")
+    assert r.exit_code == 0, r.stderr
+    assert _record(kube, "n0") is None and not kube.get_obj("Node", "n0")["spec"].get("unschedulable")

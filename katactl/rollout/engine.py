@@ -452,15 +452,15 @@ class Engine:
         ones are restored too. A running node past its cordon that is not (any more) cordoned
         by this rollout starts again at the step that cordons: what follows a drain assumes a
         cordoned, drained node."""
-        ours = self.cordoned_by_us()
-        self.restore_all(skip=("running",), among=ours)
+        found = self.cordoned_by_us()
+        self.restore_all(skip=("running",), among=found)
         self._check_budget()  # (after that restore: a node failed only for its cordon is done once restored)
         goes_on = not (self.stopping or self.pausing or self.aborting)
         if not goes_on:
-            self.restore_all(among=[n for n in ours if self.state["nodes"][n]["phase"] == "running"])
+            self.restore_all(among=[n for n in found if self.state["nodes"][n]["phase"] == "running"])
         for n, rec in self.state["nodes"].items():
             if self.cordons and rec["phase"] == "running" and rec["step"] > self.first_cordon \
-                    and (not goes_on or n not in ours):
+                    and (not goes_on or not found.get(n)):
                 self._mutate(lambda rec=rec: rec.update(step=self.first_cordon), (n,))
 
     def run_batch(self, bi: int) -> None:
@@ -750,8 +750,10 @@ class Engine:
         from katactl import nodes
 
         rec_c = nodes.cordon_record(node) or {}
+        # and the server does not say someone else set spec.unschedulable since (a kubectl
+        # uncordon + cordon leaves our record on the node)
         return bool(rec.get("cordonId")) and rec_c.get("id") == rec["cordonId"] \
-            and rec_c.get("wasUnschedulable") is False
+            and rec_c.get("wasUnschedulable") is False and nodes.unschedulable_set_by_katactl(node) is not False
 
     @staticmethod
     def _legacy(node: dict, rec: dict) -> bool:
@@ -803,6 +805,11 @@ class Engine:
         except NotFound:
             return  # gone: nothing to restore
         if not (node.get("spec") or {}).get("unschedulable"):
+            rec_c = nodes.cordon_record(node) or {}
+            if rec.get("cordonId") and rec_c.get("id") == rec["cordonId"]:
+                # our record outlived our cordon (kubectl uncordon keeps it): removed, by its id,
+                # so that no later cordon is taken for ours
+                nodes.uncordon(api, n, record_id=rec["cordonId"])
             self._restored(n, rec, changed=False)
             return
         if not self.ours(node, rec):
@@ -850,18 +857,31 @@ class Engine:
         self.ev("Warning", node=n, message=left)
         return False
 
-    def cordoned_by_us(self) -> list[str]:
-        """The rollout's nodes its cordon record says it cordoned, from one node list
-        (all nodes: one whose labels changed since may have left the selector); and the
-        ones of an older state that may be (restore() leaves those, saying so)."""
-        names = self.state["nodes"]
-        return [node["metadata"]["name"] for page in self.api.list_pages("/api/v1/nodes") for node in page
-                if node["metadata"]["name"] in names and (node.get("spec") or {}).get("unschedulable")
-                and (self.ours(node, names[node["metadata"]["name"]]) or self._legacy(node, names[node["metadata"]["name"]]))] if self.api is not None and self.cordons else []
+    def cordoned_by_us(self) -> dict[str, bool]:
+        """The rollout's nodes its cordon record says it cordoned (True), from one node list
+        (all nodes: one whose labels changed since may have left the selector); the ones of
+        an older state that may be (True: restore() leaves those, saying so); and the
+        schedulable ones still carrying this rollout's record (False: restore() removes it)."""
+        from katactl import nodes
 
-    def restore_all(self, skip=(), among: list[str] | None = None) -> list[str]:
+        if self.api is None or not self.cordons:
+            return {}
+        names, found = self.state["nodes"], {}
+        for page in self.api.list_pages("/api/v1/nodes"):
+            for node in page:
+                n = node["metadata"]["name"]
+                if n not in names:
+                    continue
+                if (node.get("spec") or {}).get("unschedulable"):
+                    if self.ours(node, names[n]) or self._legacy(node, names[n]):
+                        found[n] = True
+                elif names[n].get("cordonId") and (nodes.cordon_record(node) or {}).get("id") == names[n]["cordonId"]:
+                    found[n] = False
+        return found
+
+    def restore_all(self, skip=(), among=None) -> list[str]:
         """Uncordon every node of the rollout whose cordon record says this rollout
-        cordoned it (``among``: cordoned_by_us() already listed), whatever its phase but
+        cordoned it (``among``: of cordoned_by_us(), already listed), whatever its phase but
         ``skip``; the ones left cordoned get why in their record. Returns those restored."""
         restored = []
         until = time.monotonic() + (self.plan.policy.step_timeout or RESTORE_WINDOW)
