@@ -181,3 +181,21 @@ def test_expired_host_cert_with_an_unknown_plain_key_is_refused_naming_why(sshd_
         SSHTransport.from_settings("expcert", config.resolve({"ssh_config": str(cfg)}))
     assert ei.value.exit_code == 7
     assert "unknown host key" in ei.value.message and "expired" in ei.value.message
+
+
+def test_atomic_write_sweeps_stale_temp_files_of_killed_writes(ssh_open, sshd_lab):
+    d = sshd_lab.nodes["node1"].root / "litter"
+    d.mkdir()
+    old = os.path.getmtime(d) - 2 * 3600
+    stale, fresh = d / ".katactl-0123456789ab.tmp", d / ".katactl-ba9876543210.tmp"
+    other, a_dir = d / ".katactl-notours.tmp", d / ".katactl-aaaaaaaaaaaa.tmp"
+    for f in (stale, fresh, other):
+        f.write_bytes(b"half")
+    a_dir.mkdir()
+    for f in (stale, other, a_dir):
+        os.utime(f, (old, old))
+    t = ssh_open("node1")
+    t.write_bytes_atomic("/litter/conf.toml", b"x = 1\n")
+    assert (d / "conf.toml").read_bytes() == b"x = 1\n"
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [fresh.name, other.name, a_dir.name, "conf.toml"])  # only the stale one of ours went

@@ -55,6 +55,7 @@ import errno
 import itertools
 import os
 import posixpath
+import re
 import shlex
 import socket
 import stat as st
@@ -746,6 +747,9 @@ PIPE_FILES = 32          # files in flight per read batch: bounds buffered repli
 PIPE_STATS = 256         # STAT requests in flight per batch
 PIPE_WRITES = 32         # WRITE requests in flight while streaming a file up (~4 MiB)
 
+STALE_TMP_AGE = 3600     # s: a write's temp file untouched this long is a killed write's
+_TMP_NAME = re.compile(r"\.katactl-[0-9a-f]{12}\.tmp")  # write_stream_atomic's temp files
+
 _FX_EOF, _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED, _FX_OP_UNSUPPORTED = 1, 2, 3, 8
 
 
@@ -1155,6 +1159,14 @@ def _pipe_fsync(pipe: _Pipe, path: str, remote: str, want_dir: bool) -> OSError 
     return err
 
 
+def _pipe_remove(pipe: _Pipe, paths: list[str]) -> None:
+    """REMOVE every path at once; their errors are ignored (best effort)."""
+    from paramiko.sftp import CMD_REMOVE
+
+    for num in [pipe.send(CMD_REMOVE, r) for r in paths]:
+        pipe.wait(num)
+
+
 def _pipe_rename(pipe: _Pipe, path: str, src: str, dst: str) -> None:
     from paramiko.sftp import CMD_EXTENDED
 
@@ -1470,7 +1482,7 @@ class SSHTransport(RemoteTransport):
         import secrets
 
         real = self.remote(path)
-        tmp = posixpath.join(posixpath.dirname(real), f".katactl-{secrets.token_hex(6)}.tmp")
+        tmp = posixpath.join(posixpath.dirname(real), f".katactl-{secrets.token_hex(6)}.tmp")  # _TMP_NAME
         n, synced = self._piped(_pipe_write, path, path, tmp, chunks, mode)
         try:
             if not synced:
@@ -1486,7 +1498,31 @@ class SSHTransport(RemoteTransport):
                 pass
             raise
         self.fsync_dir(posixpath.dirname(posixpath.normpath(path)) or "/")
+        self._sweep_stale_tmps(path, real)
         return n
+
+    def _sweep_stale_tmps(self, path: str, real: str) -> None:
+        """Remove the temp files that killed writes (kill -9, a dropped connection: the
+        cleanup above never ran) left beside path: ``.katactl-<12 hex>.tmp`` regular files
+        of our user, last written over STALE_TMP_AGE ago (a live write touches its file
+        with every WRITE). Done after our rename, so that the file just written gives
+        our uid and the node's "now" (its mtime: never this client's clock), from the
+        same listing. Best effort: the write is already done."""
+        d, base = posixpath.split(real)
+        try:
+            listing = self._piped(_pipe_scandirs, path, [(d, d)])[d]
+            if isinstance(listing, OSError):
+                return
+            me = dict(listing).get(base)
+            if me is None:
+                return
+            stale = [posixpath.join(d, n) for n, s in listing
+                     if _TMP_NAME.fullmatch(n) and st.S_ISREG(s.mode) and s.uid == me.uid
+                     and me.mtime - s.mtime > STALE_TMP_AGE]
+            if stale:
+                self._piped(_pipe_remove, path, stale)
+        except (OSError, KatactlError):
+            pass
 
     def fsync_dir(self, path: str) -> None:
         """fsync a directory on the node (makes renames and new entries in it durable):
