@@ -48,6 +48,9 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
 Known differences from the real kubelet/apiserver:
 - A dropped connection kills the exec'd process group at once (the kubelet leaves it running
   until it touches its closed stdio).
+- A pod's execs are killed when the pod leaves storage (grace 0 at once, else at the end of
+  its grace period), not at the deletionTimestamp's SIGTERM; a DaemonSet's pods removed by
+  the cascade of the DaemonSet's deletion keep theirs.
 - No TTY, no resize, no ``channel.k8s.io``/v2/v3 (base64) protocols, no SPDY (kubectl with
   ``KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`` gets a 400), no ``container`` validation beyond
   existence of the name in the pod spec, no ephemeral containers, no exec timeout.
@@ -100,6 +103,14 @@ class KubeExecMixin:
     def _exec_kill_all(self):
         for p in list(getattr(self, "_exec_procs", ())):
             _kill(p)
+
+    def _exec_pod_removed(self, pod):
+        """The kubelet stops a deleted pod's containers (at the end of its grace period, when
+        the stand-in removes it): every process exec'd in them is killed, its stream ends."""
+        md = pod.get("metadata") or {}
+        for p in list(self._exec_procs):
+            if getattr(p, "katactl_pod", None) == (md.get("namespace"), md.get("name"), md.get("uid")):
+                _kill(p)
 
     def set_node_root(self, node: str, root: str):
         """Exec into pods on ``node`` sees ``root`` at /host."""
@@ -412,6 +423,8 @@ class _Session:
         p = subprocess.Popen(wrapper, stdin=subprocess.PIPE if self.want["stdin"] else subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/",
                              start_new_session=True, bufsize=0)
+        md = self.pod["metadata"]
+        p.katactl_pod = (md.get("namespace"), md.get("name"), md.get("uid"))  # type: ignore[attr-defined]
         self.srv._exec_procs.add(p)
         pumps = [threading.Thread(target=self.pump, args=(p.stdout, STDOUT), daemon=True),
                  threading.Thread(target=self.pump, args=(p.stderr, STDERR), daemon=True)]

@@ -171,6 +171,8 @@ def test_agent_pod_deleted_mid_run_is_replaced(cluster):
                         None, "admin", "")
             # the helper's stream ends with its pod; reads go on through a new pod
             assert t.read_bytes("/usr/share/defaults/kata-containers/configuration.toml")
+            old = [e for e in kube.exec_log if e["pod"] == f"kube-system/{first}"]
+            assert old and all(e["exitCode"] is not None for e in old)   # killed with the pod
             assert t.run(["true"]).returncode == 0
             assert t.agent.name != first
     finally:
