@@ -52,7 +52,8 @@ Known differences from the real kube-apiserver:
   notifications); no initial-events-end annotation. ``cut_watches()`` drops the open watch
   connections without the final chunk; ``compact()`` forgets the history (etcd compaction). No server-side apply (apply-patch+yaml -> 415), no
   deletecollection, no openapi (/openapi/* -> 404), no aggregated discovery, no admission
-  plugins (but NamespaceLifecycle's Terminating check, below) or webhooks, no field validation beyond what is listed, no managedFields.
+  plugins (but NamespaceLifecycle's Terminating check, below) or webhooks, no field validation beyond what is listed, no managedFields
+  but a node's spec.unschedulable owner (the manager of the last Update that changed it, and its time).
 - Protobuf is accepted only for the kinds above (others -> 415); responses are never protobuf.
 - Table output (``as=Table``) is served for nodes and pods only, with the standard columns;
   other kinds get a NAME/AGE table; row objects are always the full object.
@@ -524,6 +525,10 @@ def _tls_material():
 
 # ---------------------------------------------------------------------------------------------
 # the server
+
+
+#: the request this handler thread serves (its field manager)
+_request = threading.local()
 
 
 class _Cut(Exception):
@@ -1556,6 +1561,9 @@ class KubeStandIn(KubeExecMixin):
                 md["generation"] = omd.get("generation", 1) + 1
         self._exec_default(res, new)
         self._validate(res, new, name)
+        if res.plural == "nodes" and sub is None and \
+                (new.get("spec") or {}).get("unschedulable") != (old.get("spec") or {}).get("unschedulable"):
+            self._manage_unschedulable(md, "unschedulable" in (new.get("spec") or {}))
         if new == old:
             return 200, copy.deepcopy(old)
         md["resourceVersion"] = str(self._rv + 1)
@@ -1566,6 +1574,22 @@ class KubeStandIn(KubeExecMixin):
         self._log("MODIFIED", new)
         self._sync_pdbs()
         return 200, copy.deepcopy(new)
+
+    def _manage_unschedulable(self, md: dict, present: bool) -> None:
+        """managedFields for a node's spec.unschedulable only: an Update that changes it makes
+        the request's manager (?fieldManager, else the User-Agent up to its first '/': apiserver
+        handlers/rest.go prefixFromUserAgent) its owner, at this time; one that removes it leaves
+        it unowned."""
+        entries = []
+        for mf in md.get("managedFields") or []:
+            spec = {k: v for k, v in ((mf.get("fieldsV1") or {}).get("f:spec") or {}).items() if k != "f:unschedulable"}
+            if spec or set(mf.get("fieldsV1") or {}) - {"f:spec"}:
+                entries.append({**mf, "fieldsV1": {**mf["fieldsV1"], "f:spec": spec}})
+        if present:
+            entries.append({"manager": getattr(_request, "manager", "") or "unknown", "operation": "Update",
+                            "apiVersion": "v1", "time": now_rfc3339(), "fieldsType": "FieldsV1",
+                            "fieldsV1": {"f:spec": {"f:unschedulable": {}}}})
+        md["managedFields"] = entries
 
     def _update(self, res, ns, name, body, dry, sub):
         if not isinstance(body, dict):
@@ -1922,6 +1946,7 @@ class _Handler(BaseHTTPRequestHandler):
         if is_exec(self.command, u.path):  # pods/exec over WebSocket: tests/kubeexec_server.py
             return serve_exec(self, srv, user, u.path, query)
         try:
+            _request.manager = (query.get("fieldManager") or [""])[0] or self.headers.get("User-Agent", "").split("/")[0]
             code, out = srv.handle(self.command, u.path, query, body, user, self.headers.get("Accept", ""))
         except ApiError as e:
             return self._send(e.code, e.status(), e.retry_after, cut)
