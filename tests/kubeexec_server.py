@@ -437,6 +437,8 @@ class _Session:
             for t in pumps:
                 t.join()
             rc = p.wait()
+            if rc < 0:  # killed by a signal: containerd's reaper reports 128 + signal (exitSignalOffset)
+                rc = 128 - rc
             self.entry["exitCode"] = rc
             if self.dead:
                 return

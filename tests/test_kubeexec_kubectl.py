@@ -91,3 +91,9 @@ def test_exec_pod_not_running_and_missing(kx, kube):
     assert r.returncode != 0
     r = kx("exec", "nosuch", "--", "true")
     assert r.returncode != 0 and b'pods "nosuch" not found' in r.stderr
+
+
+def test_exec_killed_by_a_signal_is_128_plus_the_signal(kx):
+    """containerd's reaper reports 128 + signal; kubectl (errorDecoderV4: ParseUint) takes only that."""
+    r = kx("exec", "agent", "--", "sh", "-c", "kill -9 $$")
+    assert r.returncode == 137, r.stderr
