@@ -199,3 +199,45 @@ def test_atomic_write_sweeps_stale_temp_files_of_killed_writes(ssh_open, sshd_la
     assert (d / "conf.toml").read_bytes() == b"x = 1\n"
     assert sorted(p.name for p in d.iterdir()) == sorted(
         [fresh.name, other.name, a_dir.name, "conf.toml"])  # only the stale one of ours went
+
+
+def _err(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return type(e), e.errno
+    except Exception as e:  # noqa: BLE001
+        return type(e), None
+    return None
+
+
+def test_symlink_loop_and_not_a_directory_agree_with_local(ssh_open, sshd_lab):
+    # sftp-server maps ELOOP and ENOTDIR to SSH_FX_NO_SUCH_FILE (errno_to_portable)
+    from katactl.backends.local import LocalTransport
+
+    root = sshd_lab.nodes["node1"].root
+    e = root / "errmap"
+    (e / "dir").mkdir(parents=True)
+    (e / "file").write_text("x")
+    os.symlink("loopb", e / "loopa")
+    os.symlink("loopa", e / "loopb")
+    os.symlink("nowhere", e / "dangling")
+    os.symlink("file", e / "tofile")
+    os.symlink("dir", e / "todir")
+    os.symlink("todir/../loopa", e / "viadir")
+    os.symlink("file/x", e / "throughfile")
+    t, local = ssh_open("node1"), LocalTransport(str(root))
+    paths = ["/errmap/loopa", "/errmap/loopa/x", "/errmap/file/x", "/errmap/file/x/y", "/errmap/tofile/x",
+             "/errmap/dangling", "/errmap/dangling/x", "/errmap/missing", "/errmap/missing/x",
+             "/errmap/todir/missing", "/errmap/viadir", "/errmap/throughfile"]
+    for p in paths:
+        want = _err(local.stat, p)
+        assert want is not None, p
+        assert _err(t.stat, p) == want, p
+        assert _err(t.read_bytes, p) == _err(local.read_bytes, p), p
+        assert _err(t.scan_dir, p) == _err(local.scan_dir, p), p
+    for name, fn in (("read_many", lambda x: x.read_many(paths)), ("stat_many", lambda x: x.stat_many(paths))):
+        got, want = fn(t), fn(local)
+        assert {p: (type(v), v.errno) for p, v in got.items()} == \
+               {p: (type(v), v.errno) for p, v in want.items()}, name
+    assert _err(t.scan_dir, "/errmap/file") == _err(local.scan_dir, "/errmap/file")

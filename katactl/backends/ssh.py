@@ -1167,6 +1167,91 @@ def _pipe_remove(pipe: _Pipe, paths: list[str]) -> None:
         pipe.wait(num)
 
 
+MAX_SYMLINKS = 40  # Linux's limit on symlinks followed in one lookup (ELOOP beyond)
+
+
+def _prefixes(r: str) -> list[str]:
+    """/a/b/c -> [/a, /a/b, /a/b/c]."""
+    parts = [c for c in r.split("/") if c]
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool) -> dict:
+    """{node path: the OSError the kernel gave} for (node path, remote path) items that SFTP
+    answered SSH_FX_NO_SUCH_FILE: OpenSSH's sftp-server maps ELOOP and ENOTDIR to it too
+    (sftp-server.c errno_to_portable), where the local transport says which. Only on that
+    error path: an LSTAT and a STAT of every prefix of every path, all in one round trip
+    (prefixes shared between paths asked once); a symlink that does not resolve is read
+    (READLINK) and the walk goes on from its target, one more round trip per link, until
+    a component is missing (ENOENT), a non-directory is walked through (ENOTDIR), or a
+    link comes back or MAX_SYMLINKS are followed (ELOOP). want_dir: the call opened the
+    path as a directory (OPENDIR of a file is ENOTDIR)."""
+    from paramiko.sftp import CMD_ATTRS, CMD_LSTAT, CMD_NAME, CMD_READLINK, CMD_STAT
+    from paramiko.sftp_attr import SFTPAttributes
+
+    def mode(num: int) -> int | None:
+        t, msg = pipe.wait(num)
+        return (SFTPAttributes._from_msg(msg).st_mode or 0) if t == CMD_ATTRS else None  # type: ignore[attr-defined]
+
+    def err(code: int, key: str) -> OSError:
+        cls = {errno.ENOENT: FileNotFoundError, errno.ENOTDIR: NotADirectoryError}.get(code, OSError)
+        return cls(code, os.strerror(code), key)
+
+    out: dict = {}
+    # The common case first, in fewer requests: the parent is a directory and the name
+    # is not there (ENOENT), or the parent is not a directory (ENOTDIR).
+    hard: list[tuple[str, str]] = []
+    parents = {d: pipe.send(CMD_STAT, d) for d in dict.fromkeys(posixpath.dirname(r) for _, r in items)}
+    finals = [(k, r, pipe.send(CMD_LSTAT, r)) for k, r in items]
+    pmodes = {d: mode(n) for d, n in parents.items()}
+    for k, r, n in finals:
+        pmode, lmode = pmodes[posixpath.dirname(r)], mode(n)
+        if pmode is not None and not st.S_ISDIR(pmode):
+            out[k] = err(errno.ENOTDIR, k)
+        elif pmode is not None and lmode is None:
+            out[k] = err(errno.ENOENT, k)
+        else:
+            hard.append((k, r))
+    # remote path now, links followed, links seen
+    todo: dict[str, tuple[str, int, frozenset]] = {k: (r, 0, frozenset()) for k, r in hard}
+    while todo:
+        asked = {p: (pipe.send(CMD_LSTAT, p), pipe.send(CMD_STAT, p))
+                 for p in dict.fromkeys(p for r, _, _ in todo.values() for p in _prefixes(r))}
+        modes = {p: (mode(n1), mode(n2)) for p, (n1, n2) in asked.items()}
+        links: dict[str, list] = {}
+        for k, (r, hops, seen) in todo.items():
+            ps = _prefixes(r)
+            code = errno.ENOENT
+            for i, p in enumerate(ps):
+                lmode, smode = modes[p]
+                last = i == len(ps) - 1
+                if lmode is None:
+                    break  # this component is missing: ENOENT
+                if st.S_ISLNK(lmode) and smode is None:
+                    if p in seen or hops >= MAX_SYMLINKS:
+                        code = errno.ELOOP
+                        break
+                    links.setdefault(p, []).append((k, r[len(p):], hops, seen | {p}))
+                    code = 0
+                    break
+                if (not last or want_dir) and not st.S_ISDIR(smode if smode is not None else lmode):
+                    code = errno.ENOTDIR
+                    break
+            if code:
+                out[k] = err(code, k)
+        todo = {}
+        for p, t_num in [(p, pipe.send(CMD_READLINK, p)) for p in links]:
+            t, msg = pipe.wait(t_num)
+            target = _name(msg.get_string()) if t == CMD_NAME and msg.get_int() > 0 else None
+            for k, rest, hops, seen in links[p]:
+                if target is None:
+                    out[k] = err(errno.ENOENT, k)
+                else:
+                    nxt = posixpath.normpath(posixpath.join(posixpath.dirname(p), target) + rest)
+                    todo[k] = ("/" + nxt.lstrip("/"), hops + 1, seen)
+    return out
+
+
 def _pipe_rename(pipe: _Pipe, path: str, src: str, dst: str) -> None:
     from paramiko.sftp import CMD_EXTENDED
 
@@ -1335,9 +1420,20 @@ class SSHTransport(RemoteTransport):
             if isinstance(e, socket.timeout):
                 self._conn.reset_sftp()  # a late reply would answer the next request
                 raise TimeoutExpired(f"no SFTP reply about {path} within {self.timeout:g}s") from None
-            raise _oserror(e, path) from None
+            err = _oserror(e, path)
         except (paramiko.SSHException, EOFError) as e:
             raise UnreachableError(f"SFTP on {path}: {e or type(e).__name__}") from None
+        if isinstance(err, FileNotFoundError):
+            err = self._why_missing({path: err})[path]
+        raise err
+
+    def _why_missing(self, errs: dict, want_dir: bool = False) -> dict:
+        """errs ({node path: error}) with every FileNotFoundError told apart from ELOOP and
+        ENOTDIR, as the local transport reports them (_pipe_why_missing)."""
+        items = [(p, self.remote(p)) for p, e in errs.items() if isinstance(e, FileNotFoundError)]
+        if not items:
+            return errs
+        return {**errs, **self._piped(_pipe_why_missing, items[0][0], items, want_dir)}
 
     # -- files -----------------------------------------------------------------------
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
@@ -1425,14 +1521,14 @@ class SSHTransport(RemoteTransport):
         if not items:
             return {}
         pairs = [(p, self.remote(p)) for p in items]
-        return self._piped(_pipe_read, items[0], pairs, limit)
+        return self._why_missing(self._piped(_pipe_read, items[0], pairs, limit))
 
     def stat_many(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict:
         items = list(dict.fromkeys(paths))
         if not items:
             return {}
         pairs = [(p, self.remote(p)) for p in items]
-        return self._piped(_pipe_stat, items[0], pairs, follow_symlinks)
+        return self._why_missing(self._piped(_pipe_stat, items[0], pairs, follow_symlinks))
 
     def scan_dirs(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict:
         """Pipelined directory listings with their entries' attributes (READDIR
@@ -1440,11 +1536,13 @@ class SSHTransport(RemoteTransport):
         items = list(dict.fromkeys(paths))
         if not items:
             return {}
-        out = self._piped(_pipe_scandirs, items[0], [(p, self.remote(p)) for p in items])
+        out = self._why_missing(self._piped(_pipe_scandirs, items[0], [(p, self.remote(p)) for p in items]),
+                                want_dir=True)
         if follow_symlinks:
             links = [f"{p.rstrip('/')}/{n}" for p, v in out.items() if not isinstance(v, OSError)
                      for n, s in v if s.is_link]
-            got = self.stat_many(links, follow_symlinks=True) if links else {}
+            # (their errors are not reported, only that they are errors: no _why_missing)
+            got = self._piped(_pipe_stat, links[0], [(x, self.remote(x)) for x in links], True) if links else {}
             for p, v in out.items():
                 if not isinstance(v, OSError) and got:
                     base = p.rstrip("/")
