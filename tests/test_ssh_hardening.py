@@ -241,3 +241,22 @@ def test_symlink_loop_and_not_a_directory_agree_with_local(ssh_open, sshd_lab):
         assert {p: (type(v), v.errno) for p, v in got.items()} == \
                {p: (type(v), v.errno) for p, v in want.items()}, name
     assert _err(t.scan_dir, "/errmap/file") == _err(local.scan_dir, "/errmap/file")
+
+
+def test_killed_client_leaves_no_command_running_on_the_node(sshd_lab):
+    import sys
+
+    code = ("import sys; from katactl import config; from katactl.backends.ssh import SSHTransport; "
+            "t = SSHTransport.from_settings('node1', config.resolve({'ssh_config': sys.argv[1]})); "
+            "t.run(['sleep', '4242.4'], timeout=600)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(sshd_lab.config)])
+    try:
+        for _ in range(400):
+            if _running("^sleep 4242.4$"):
+                break
+            time.sleep(0.05)
+        assert _running("^sleep 4242.4$")
+    finally:
+        p.kill()  # no cleanup runs in the client: only the dropped connection tells the node
+        p.wait()
+    assert _gone("^sleep 4242.4$")
