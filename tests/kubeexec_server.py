@@ -277,7 +277,11 @@ def serve_exec(h, srv, user: str, path: str, query: dict):
             elif (pod.get("status") or {}).get("phase") != "Running":
                 kubelet_err = ApiError(400, "BadRequest",
                                        f'unable to upgrade connection: container not found ("{container}")')
-        argv = query.get("command") or []
+        # argv words are bytes (Go's url.ParseQuery keeps any byte; the runtime execs them as
+        # they are): decoded as the OS does file names, not with U+FFFD replacements
+        from urllib.parse import parse_qs, urlsplit
+
+        argv = parse_qs(urlsplit(h.path).query, errors="surrogateescape").get("command") or []
         if not argv:
             raise ApiError(400, "BadRequest", "you must specify at least one command for the container")
         if h.command == "POST" or (h.headers.get("Upgrade") or "").lower().startswith("spdy"):

@@ -368,3 +368,22 @@ def test_a_node_pod_create_refused_outright_sends_no_delete_and_no_warning(cli, 
     assert (r.exit_code, r.json()["code"]) == ((7, "AuthFailed") if refusal == "forbidden" else (3, "NotFound")), r.stdout
     assert "could not delete" not in r.stderr and "warning" not in r.stderr, r.stderr
     assert not [q for q in kube.requests if q["method"] == "DELETE"]
+
+
+def test_a_non_utf8_path_streams_through_an_exec_argv(cluster):
+    """A name the helper lists (surrogate-escaped, as os.listdir gives it) streams through
+    ``cat`` too: the argv goes to the query as its bytes, percent-encoded."""
+    from katactl import nodeagent
+
+    d = os.path.join(os.fsencode(cluster["root"]), b"d")
+    os.makedirs(d)
+    with open(os.path.join(d, b"f\xff.bin"), "wb") as f:
+        f.write(b"payload")
+    t = _transport()
+    try:
+        [name] = t.listdir("/d")
+        assert name == "f\udcff.bin"
+        assert b"".join(t.open_stream(f"/d/{name}")) == b"payload"
+    finally:
+        t.close()
+        nodeagent.cleanup()

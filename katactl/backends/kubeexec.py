@@ -680,7 +680,7 @@ class KubeExecTransport(RemoteTransport):
                                                ("stdin", "true" if stdin else "false"),
                                                ("stdout", "true"), ("stderr", "true"), ("tty", "false")]
         path = (f"/api/v1/namespaces/{seg(self.agent.namespace)}/pods/{seg(self.agent.name)}/exec?"
-                + "&".join(f"{k}={quote(v, safe='')}" for k, v in q))
+                + "&".join(f"{k}={quote(os.fsencode(v), safe=b'')}" for k, v in q))
         host = self.api.host
         url = ("wss://" + host[len("https://"):] if host.startswith("https://")
                else "ws://" + host[len("http://"):] if host.startswith("http://") else host) + path
