@@ -363,6 +363,10 @@ class TopFleet:
 # katactl adds node="..." after them for fleets, and katactl_scrape_error per sandbox.
 MONITOR_LABELS = ("sandbox_id", "cri_uid", "cri_name", "cri_namespace")
 SCRAPE_ERROR = "katactl_scrape_error"
+#: 1 per (sandbox, family) whose samples the exposition left out: the shim types the family
+#: differently from an earlier shim. Not katactl_scrape_error: the shim answered and its other
+#: families are there (an alert on scrape errors would call a hot upgrade a dead shim).
+FAMILY_CONFLICT = "katactl_family_conflict"
 _NAME_RE = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 _SAMPLE_RE = None
 _LABEL_RE = None
@@ -508,8 +512,8 @@ def _check_names(fams: list[Family]) -> None:
     types: dict[str, tuple[str, str]] = {}
     for f in fams:
         name = _rename(f.name)
-        if name == SCRAPE_ERROR:
-            raise ValueError(f"family {name} is katactl's own (the scrape error of each sandbox)")
+        if name in (SCRAPE_ERROR, FAMILY_CONFLICT):
+            raise ValueError(f"family {name} is katactl's own")
         if name in types:
             continue
         other = _clash(name, f.type, types)
@@ -659,9 +663,8 @@ def refuse_clashes(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] |
     """``per_sandbox`` (relabelled families) with a sandbox whose family would take the sample
     names of an earlier sandbox's other family, or give its own to it (summary X here, a
     family X_count there: see _TAKES), made a ProtocolError, its scrape error: merged, the two
-    would make the whole exposition unparseable; so is a sandbox that types an earlier
-    sandbox's family differently (one family has one TYPE: its samples would be lost unseen,
-    e.g. old and new shims side by side during an upgrade)."""
+    would make the whole exposition unparseable. (A family another shim types differently is
+    no clash: see type_conflicts.)"""
     types: dict[str, tuple[str, str]] = {}
     out: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]] = []
     for labels, fams in per_sandbox:
@@ -672,10 +675,6 @@ def refuse_clashes(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] |
         mine: dict[str, tuple[str, str]] = {}
         err: KatactlError | None = None
         for f in fams:
-            if f.name in types and types[f.name][0] != f.type:
-                err = ProtocolError(f"its family {f.name} is a {f.type}, sandbox {types[f.name][1][:12]}'s a "
-                                    f"{types[f.name][0]} (one family has one TYPE): left out")
-                break
             if f.name in types or f.name in mine:
                 continue
             other = _clash(f.name, f.type, types)
@@ -691,12 +690,33 @@ def refuse_clashes(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] |
     return out
 
 
+def type_conflicts(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]]
+                   ) -> list[tuple[int, str, str, str, str]]:
+    """(index in ``per_sandbox``, family, its type there, the type an earlier sandbox gave it,
+    that sandbox's id) for each family a shim types differently from an earlier shim (old and
+    new shims side by side during an upgrade). Only an exposition has to resolve it (one family
+    has one TYPE: render_exposition keeps the first and leaves the later shim's samples of that
+    family out); a JSON sample carries its own type."""
+    first: dict[str, tuple[str, str]] = {}
+    out: list[tuple[int, str, str, str, str]] = []
+    for i, (labels, fams) in enumerate(per_sandbox):
+        if isinstance(fams, KatactlError):
+            continue
+        sid = dict(labels).get("sandbox_id", "")
+        for f in fams:
+            got = first.setdefault(f.name, (f.type, sid))
+            if got[0] != f.type:
+                out.append((i, f.name, f.type, got[0], got[1]))
+    return out
+
+
 def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]],
                       node_errors: Sequence[tuple[str, KatactlError]] = (), *, timestamps: bool = True) -> str:
     """One text exposition: families merged by name (sorted), HELP/TYPE once (the first
     sandbox's; a family another shim types differently keeps the first type and loses that
-    shim's samples: refuse_clashes makes that shim a scrape error first), then katactl_scrape_error per sandbox (1: its shim did not answer or sent
-    garbage) and per failed node. A sample's timestamp is kept as the shim wrote it (kata-monitor's
+    shim's samples of it: see type_conflicts), then katactl_scrape_error per sandbox (1: its
+    shim did not answer or sent garbage) and per failed node, then katactl_family_conflict 1
+    per (sandbox, family) left out. A sample's timestamp is kept as the shim wrote it (kata-monitor's
     expfmt round trip keeps ``TimestampMs``: src/runtime/pkg/kata-monitor/metrics.go), or dropped
     (``timestamps=False``, for node_exporter's textfile collector, which skips a whole file with
     one: node_exporter collector/textfile.go ``hasTimestamps``)."""
@@ -732,6 +752,14 @@ def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family
         for node, _ in node_errors:
             lines.append(f'{SCRAPE_ERROR}{{sandbox_id="",cri_uid="",cri_name="",cri_namespace="",'
                          f'node="{_escape(node)}"}} 1')
+    conflicts = type_conflicts(per_sandbox)
+    if conflicts:
+        lines.append(f"# HELP {FAMILY_CONFLICT} 1 for a family left out of this sandbox's samples: its shim "
+                     "types it differently from an earlier sandbox's (one family has one TYPE).")
+        lines.append(f"# TYPE {FAMILY_CONFLICT} gauge")
+        for i, name, *_ in conflicts:
+            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in [*per_sandbox[i][0], ("family", name)])
+            lines.append(f"{FAMILY_CONFLICT}{{{lab}}} 1")
     return "\n".join(lines) + ("\n" if lines else "")
 
 

@@ -155,15 +155,28 @@ def test_to_file_drops_timestamps_that_node_exporter_refuses(cli, tmp_path):
     assert "} 1 1700000000000\n" in p.stdout and not _node_exporter_takes(p.stdout)
 
 
-def test_a_family_two_shims_type_differently_is_the_later_ones_scrape_error(cli):
+def test_a_family_two_shims_type_differently_loses_only_that_family_in_prom(cli):
     """A gauge here, a counter there (old and new shims side by side): one family has one TYPE,
-    so the later shim is a scrape error with a warning (exit 4), never silently short."""
+    so the exposition drops the later shim's samples of that family only, with a warning, its
+    katactl_family_conflict 1 and exit 4; its other families are still there. JSON items carry
+    their own type: every sample, exit 0."""
     with node() as tree:
         _shims(tree, "# TYPE kata_custom_x counter\nkata_custom_x 2\n", "# TYPE kata_custom_x gauge\nkata_custom_x 1\n")
         r = cli(["--host-root", tree.root, "metrics", "--all", "-o", "prom"])
+        j = cli(["--host-root", tree.root, "metrics", "--all", "-o", "json"])
     assert r.exit_code == 4, r.stderr
     warn = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warn) == 1 and "evil01" in warn[0] and "kata_custom_x" in warn[0] and "good01" in warn[0], r.stderr
     assert _promtool_parses(r.stdout), r.stdout
     assert "# TYPE kata_custom_x gauge" in r.stdout and 'kata_custom_x{sandbox_id="good01"' in r.stdout
-    assert 'katactl_scrape_error{sandbox_id="evil01",cri_uid="u2",cri_name="evil",cri_namespace="b"} 1' in r.stdout
+    assert 'kata_custom_x{sandbox_id="evil01"' not in r.stdout
+    evil = '{sandbox_id="evil01",cri_uid="u2",cri_name="evil",cri_namespace="b"'
+    assert f"katactl_scrape_error{evil}}} 0" in r.stdout
+    assert f'katactl_family_conflict{evil},family="kata_custom_x"}} 1' in r.stdout
+    assert "katactl_family_conflict{sandbox_id=\"good01\"" not in r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("kata_") and "sandbox_id=" in ln]
+    per = {sid: sum(f'sandbox_id="{sid}"' in ln for ln in lines) for sid in ("good01", "evil01")}
+    assert per["evil01"] == per["good01"] - 1 > 10, per
+    assert j.exit_code == 0 and not j.stderr and not j.json().get("errors"), j.stderr
+    got = {(i["labels"]["sandbox_id"], i["type"]) for i in j.json()["items"] if i["family"] == "kata_custom_x"}
+    assert got == {("good01", "gauge"), ("evil01", "counter")}

@@ -122,6 +122,15 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
             failed += 1
             app_ctx.out.warn(f"{node + ': ' if fo.multi else ''}sandbox {sb.id[:12]} "
                              f"({pod_ref(sb.pod) or 'no pod'}): {res.message}")
+    if prom:  # JSON samples carry their own type: only an exposition loses a family
+        short = set()
+        for i, family, typ, first, first_sid in m.type_conflicts(per):
+            short.add(i)
+            node, sb = where[i]
+            app_ctx.out.warn(f"{node + ': ' if fo.multi else ''}sandbox {sb.id[:12]} ({pod_ref(sb.pod) or 'no pod'}): "
+                             f"its family {family} is a {typ}, sandbox {first_sid[:12]}'s a {first} (one family "
+                             f"has one TYPE): its samples of it left out ({m.FAMILY_CONFLICT} 1)")
+        failed += len(short)
     code = fo.exit_code()
     if not code and failed:
         code = outcome_exit_code([ExitCode.FAILED] * failed, len(per) - failed)
