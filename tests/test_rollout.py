@@ -217,11 +217,45 @@ def test_lock_held_by_another_rollout_is_refused_and_expired_one_taken_over(cli,
     assert r.exit_code == 5 and "alice@ops-1/other" in r.stderr
     assert kube.get_obj("ConfigMap", "katactl-rollout-r4", "kube-system") is None
     old = lease(kube)
-    old["spec"]["renewTime"] = micro_time(1_000_000)
-    kube.add(old)  # renewed long ago: expired
+    old["spec"].update(renewTime=micro_time(1_000_000), leaseDurationSeconds=1)
+    kube.add(old)  # renewed long ago: expired once seen unrenewed for its duration
     r = ro(cli, kc, "run", "r4", "-l", "pool=batch", "--step", "check", "-o", "json")
     assert r.exit_code == 0, r.stderr
+    assert "looks expired" in r.stderr
     assert lease(kube)["spec"]["leaseTransitions"] == 4
+
+
+def test_a_live_lease_whose_renew_time_is_behind_this_clock_is_not_taken(cli, kube, kc, kube_api):
+    """The holder's clock is 120 s behind ours (or ours ahead): its renewTime looks expired
+    here, but it renews: client-go judges expiry by when this client saw the record change
+    (leaderelection.go isLeaseValid), so run refuses (exit 5) instead of taking it."""
+    import threading
+    import time
+
+    fleet(kube, 2)
+    path = f"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{LEASE}"
+    kube.add({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+              "metadata": {"name": LEASE, "namespace": "kube-system"},
+              "spec": {"holderIdentity": "alice@ops-1/other", "leaseDurationSeconds": 2,
+                       "acquireTime": micro_time(time.time() - 120), "renewTime": micro_time(time.time() - 120),
+                       "leaseTransitions": 3}})
+    done = threading.Event()
+
+    def holder():  # renews every half second, with its own (late) clock
+        while not done.wait(0.5):
+            cur = kube_api.get(path)
+            cur["spec"]["renewTime"] = micro_time(time.time() - 120)
+            kube_api.update(path, cur)
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        r = ro(cli, kc, "run", "r4", "-l", "pool=batch", "--step", "check", "-o", "json")
+    finally:
+        done.set()
+        t.join()
+    assert r.exit_code == 5, r.stderr
+    assert "renewed while we waited" in r.stderr
+    assert lease(kube)["spec"]["holderIdentity"] == "alice@ops-1/other"
 
 
 def test_failure_budget_stops_the_rollout(cli, kube, kc):

@@ -156,7 +156,9 @@ def _open_store(app_ctx, plan_or_backend, lock_ns: str = "kube-system", ttl: flo
         return store_mod.FileStore()
     from katactl.backends import kube
 
-    return store_mod.KubeStore(api or kube.client(app_ctx.settings), lock_ns, ttl)
+    store = store_mod.KubeStore(api or kube.client(app_ctx.settings), lock_ns, ttl)
+    store.on_wait = app_ctx.out.info
+    return store
 
 
 def _find_store(app_ctx, name: str | None, backend: str, lock_ns: str):
@@ -454,7 +456,7 @@ def _release_stale(store, name: str) -> None:
     if not held_by(store.lock_holder(), name):
         return
     try:
-        store.acquire(name)
+        store.acquire(name, wait=False)
     except Refused:
         return
     store.release()
@@ -726,8 +728,9 @@ def abort_cmd(
                 _render_summary(app_ctx, summ, changed=True)
                 return
             if not held_by(cur, name) or (cur or {}).get("expiresIn", 1) < 0:
-                # its lease expired (a holder dead on another machine renews no more: store.acquire
-                # takes an expired lease) or was let go unfinished: abort does the restoring itself
+                # its lease looks expired (a holder dead on another machine renews no more: store.acquire
+                # takes it once seen unrenewed for its duration here) or was let go unfinished: abort
+                # does the restoring itself
                 lock, holder = _abort_lock(store, name)
                 if lock != "alive":
                     app_ctx.out.info(f"rollout {name}'s lock was let go or expired unfinished: aborting it here")
@@ -769,7 +772,7 @@ def _abort_lock(store, name: str) -> tuple[str, str | None]:
 
     for _ in range(3):
         try:
-            store.acquire(name)
+            store.acquire(name, wait=False)  # (abort's own loop waits, reading its progress)
             return "locked", None
         except Refused as e:
             holder = store.lock_holder()

@@ -56,6 +56,7 @@ import socket
 import threading
 import time
 import zlib
+from typing import Callable
 
 from katactl.errors import NotFound, OperationFailed, Refused
 
@@ -135,7 +136,7 @@ class Store:
 
     kind = "?"
 
-    def acquire(self, name: str) -> None: ...
+    def acquire(self, name: str, wait: bool = True) -> None: ...
     def renew(self) -> bool: raise NotImplementedError
     def release(self) -> None: ...
     def lock_holder(self) -> dict | None: ...
@@ -192,8 +193,27 @@ class KubeStore(Store):
         self._cm_control: dict[str, dict] = {}
         self._lock = threading.Lock()
         self.name: str | None = None
+        #: the lease record as last seen and the local monotonic time it was first seen so
+        #: (client-go leaderelection.go observedRecord/observedTime)
+        self._seen: tuple[tuple, float] | None = None
+        #: told when acquire waits for a lease to expire unrenewed (a message)
+        self.on_wait: Callable[[str], None] = lambda msg: None
 
     # lock -------------------------------------------------------------
+    def observed_left(self, lease: dict) -> float:
+        """Seconds until the lease expires as this client sees it: leaseDurationSeconds after
+        the local monotonic time at which it first saw the record as it is now. Never the
+        holder's renewTime against the local clock: a machine whose clock is ahead would take
+        a live holder's lease (client-go tools/leaderelection/leaderelection.go isLeaseValid:
+        observedTime + LeaseDuration)."""
+        spec = lease.get("spec") or {}
+        key = ((lease.get("metadata") or {}).get("resourceVersion"), spec.get("holderIdentity"),
+               spec.get("renewTime"))
+        now = time.monotonic()
+        if self._seen is None or self._seen[0] != key:
+            self._seen = (key, now)
+        return self._seen[1] + (spec.get("leaseDurationSeconds") or 0) - now
+
     @property
     def _lease_path(self) -> str:
         return f"/apis/coordination.k8s.io/v1/namespaces/{self.ns}/leases/{LEASE}"
@@ -218,11 +238,18 @@ class KubeStore(Store):
         return {"holderIdentity": holder_identity(name), "leaseDurationSeconds": max(1, int(self.ttl)),
                 "acquireTime": acquire or now, "renewTime": now, "leaseTransitions": transitions}
 
-    def acquire(self, name: str) -> None:
+    def acquire(self, name: str, wait: bool = True) -> None:
         """Take the cluster lock for rollout ``name``, or Refused (exit 5) when another holds
         it. A create answered 5xx (MaybeApplied) is read back: our own Lease is ours; absent, it
         is sent again after a backoff (Retry-After honoured), at most RETRIES times, then
-        OperationFailed with the server's message: an overloaded server is no other holder."""
+        OperationFailed with the server's message: an overloaded server is no other holder.
+
+        A held lease is taken once this client has seen it unchanged for its
+        leaseDurationSeconds (observed_left): with ``wait``, when its renewTime says it has
+        expired, acquire watches it that long (a holder that renews meanwhile is alive:
+        Refused); without, it refuses, and a later call goes on with the same observation.
+        A lease of this rollout's own process on this host that is gone (kill -9) is taken
+        at once."""
         from katactl.backends.kube import RETRIES, Conflict, MaybeApplied, backoff
 
         me = holder_identity(name)
@@ -260,18 +287,21 @@ class KubeStore(Store):
                 return
             renew = parse_time(spec.get("renewTime")) or 0
             dur = spec.get("leaseDurationSeconds") or 0
-            expired = renew + dur < time.time()
-            if holder and not expired:
-                if holder != me:
-                    raise Refused(f"another rollout holds the cluster lock (Lease {self.ns}/{LEASE}): {holder}, "
-                                  f"renewed {spec.get('renewTime')}, expires in {int(renew + dur - time.time())}s",
-                                  hint="one rollout per cluster: wait for it, or 'katactl rollout abort' it")
-                if sess.get("host") != socket.gethostname() or _pid_alive(sess.get("pid")):
-                    where = f"pid {sess.get('pid')}" if sess.get("host") == socket.gethostname() \
-                        else f"on {sess.get('host')}"
-                    raise Refused(f"rollout {name} is already running ({where}); the lock is "
-                                  f"{self.ns}/{LEASE}, renewed {spec.get('renewTime')}",
-                                  hint="'katactl rollout pause|abort NAME' talks to it")
+            # this rollout's own process on this host, gone (kill -9): nothing to wait for
+            gone = holder == me and sess.get("host") == socket.gethostname() and not _pid_alive(sess.get("pid"))
+            left = self.observed_left(lease)
+            if holder and not gone and left > 0:
+                if wait and renew + dur < time.time():
+                    # expired by its renewTime and our clock (which may be ahead): watch it
+                    # unrenewed for its whole duration before taking it
+                    self.on_wait(f"the cluster lock (Lease {self.ns}/{LEASE}) held by {holder} looks expired: "
+                                 f"taking it if it stays unrenewed for {left:.0f}s")
+                    self._watch_unrenewed(lease)
+                    races += 1
+                    continue  # read again: unchanged for its duration, it is taken; freed or gone, too
+                else:
+                    self._refuse_held(name, holder, sess, spec, left)
+            holder = spec.get("holderIdentity") or ""
             transitions = int(spec.get("leaseTransitions") or 0) + (1 if holder != me else 0)
             lease.setdefault("metadata", {}).setdefault("annotations", {})[SESSION_ANNOTATION] = json.dumps(session())
             lease["spec"] = self._spec(name, transitions)
@@ -283,6 +313,40 @@ class KubeStore(Store):
             self.name = name
             return
         raise Refused(f"the cluster lock (Lease {self.ns}/{LEASE}) keeps changing: another katactl is taking it")
+
+    def _refuse_held(self, name: str, holder: str, sess: dict, spec: dict, left: float):
+        if holder == holder_identity(name):
+            where = f"pid {sess.get('pid')}" if sess.get("host") == socket.gethostname() else f"on {sess.get('host')}"
+            raise Refused(f"rollout {name} is already running ({where}); the lock is "
+                          f"{self.ns}/{LEASE}, renewed {spec.get('renewTime')}",
+                          hint="'katactl rollout pause|abort NAME' talks to it")
+        raise Refused(f"another rollout holds the cluster lock (Lease {self.ns}/{LEASE}): {holder}, "
+                      f"renewed {spec.get('renewTime')}, expires in {max(0, int(left + 0.999))}s unless renewed",
+                      hint="one rollout per cluster: wait for it, or 'katactl rollout abort' it")
+
+    def _watch_unrenewed(self, lease: dict) -> dict:
+        """Read the lease until this client has seen it unchanged for its duration (returned as
+        last read: a free lease, or one to take); Refused when its holder renews it meanwhile."""
+        from katactl.errors import Refused
+
+        first = self._seen
+        while True:
+            left = self.observed_left(lease)
+            if self._seen is not first or not (lease.get("spec") or {}).get("holderIdentity"):
+                if (lease.get("spec") or {}).get("holderIdentity"):
+                    spec = lease["spec"]
+                    raise Refused(f"another katactl holds the cluster lock (Lease {self.ns}/{LEASE}): "
+                                  f"{spec.get('holderIdentity')}, renewed while we waited (its renewTime "
+                                  f"{spec.get('renewTime')} is behind this machine's clock)",
+                                  hint="one rollout per cluster: wait for it, or 'katactl rollout abort' it")
+                return lease
+            if left <= 0:
+                return lease
+            time.sleep(min(1.0, left))
+            try:
+                lease = self.api.get(self._lease_path)
+            except NotFound:
+                return {}  # deleted: free
 
     def renew(self) -> bool:
         """Renew the lease; False when it is no longer ours."""
@@ -1031,7 +1095,7 @@ class FileStore(Store):
         finally:
             os.close(fd)
 
-    def acquire(self, name: str) -> None:
+    def acquire(self, name: str, wait: bool = True) -> None:
         import fcntl
 
         self._mkdir()
