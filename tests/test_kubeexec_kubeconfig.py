@@ -51,12 +51,20 @@ print(json.dumps(errors))
 """
 
 
+def agent_pod(kube, node):
+    """A pod of katactl's node agent DaemonSet on ``node`` (nodeagent.is_agent_pod holds)."""
+    labels = {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"}
+    if kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system") is None:
+        kube.add_daemonset("katactl-node-agent", "kube-system", labels)
+    kube.add_pod(f"katactl-node-agent-{node}", "kube-system", node=node, labels=labels,
+                 owner=("DaemonSet", "katactl-node-agent"))
+
+
 def test_concurrent_transports_load_the_kubeconfig_whole(kube, tmp_path):
     names = [f"n{i:02d}" for i in range(NODES)]
     for n in names:
         kube.add_node(n)
-        kube.add_pod(f"katactl-node-agent-{n}", "kube-system", node=n,
-                     labels={"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"})
+        agent_pod(kube, n)
     env = dict(os.environ, KUBECONFIG=kube.kubeconfig(tmp_path / "kubeconfig"),
                XDG_CONFIG_HOME=str(tmp_path / "xdg"), XDG_STATE_HOME=str(tmp_path / "state"))
     p = subprocess.run([sys.executable, "-c", OPEN_ALL, *names], capture_output=True, text=True, env=env,
@@ -73,8 +81,7 @@ def test_a_changed_kubeconfig_is_loaded_again(kube, tmp_path, monkeypatch):
     from katactl.errors import AuthError
 
     kube.add_node("n00")
-    kube.add_pod("katactl-node-agent-n00", "kube-system", node="n00",
-                 labels={"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"})
+    agent_pod(kube, "n00")
     path = tmp_path / "kubeconfig"
     monkeypatch.setenv("KUBECONFIG", kube.kubeconfig(path))
     settings = config.resolve({"via": "kube"})
