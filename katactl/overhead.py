@@ -23,8 +23,9 @@ Measured, per sandbox, over one sampling window (two samples ``interval`` apart)
   regions: qemu ``docs/interop/vhost-user.rst`` ``VHOST_USER_SET_MEM_TABLE``) both hold
   resident; the guest's memory, covered by the pod's requests. The guest memory the guest uses
   (``MemTotal - MemFree`` of ``kata_guest_meminfo`` without the balloon's pages, as
-  :func:`katactl.balloon.guest_used`) beyond that shared memory is taken out of the VMM's
-  private memory (an anonymous backing). Without guest figures the VMM's private memory
+  :func:`katactl.balloon.guest_used`) beyond that shared memory and the VMM's hugepages
+  (``HugetlbPages``, never in RSS: ``enable_hugepages``) is taken out of the VMM's private
+  memory (an anonymous backing). Without guest figures the VMM's private memory
   counts whole (noted on the item). Limits: docs/overhead.md.
 - ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the cgroup where the runtime keeps
   everything but the vCPU threads. Its CPU usage, when it can be read, is the measured CPU
@@ -593,13 +594,17 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
         if role in ("vmm", "shim+vmm"):
             if guest_used is not None:
                 # what the guest uses beyond its shared backing is in the VMM's private memory
-                # (an anonymous backing, Kata's default without virtio-fs)
-                own = max(0, own - max(0, guest_used - shmem))
+                # (an anonymous backing, Kata's default without virtio-fs), beyond its hugepage
+                # backing too: HugetlbPages are not in VmRSS (linux fs/proc/task_mmu.c task_mem;
+                # enable_hugepages: mem-path=/dev/hugepages, kata-containers
+                # src/runtime/pkg/govmm/qemu/qemu.go appendMemoryKnobs)
+                own = max(0, own - max(0, guest_used - shmem - (st.hugetlb or 0)))
             else:
                 notes.append("no guest memory figures: the VMM's private memory counts whole "
                              "(the guest's included, unless its backing is shared)")
         own_share = own / share
         procs.append({"pid": pid, "role": role, "name": st.name, "rssBytes": rss, "shmemBytes": st.rss_shmem,
+                      "hugetlbBytes": st.hugetlb,
                       "ownBytes": int(own_share),
                       "cpuMillis": None if cpu is None else round(cpu / share, 1),
                       "shared": share if share > 1 else None})

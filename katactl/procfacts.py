@@ -78,6 +78,9 @@ class ProcStats:
     threads: int
     #: RssShmem (bytes): the shared memory (tmpfs, memfd, SysV) in rss; None where not known
     rss_shmem: int | None = None
+    #: HugetlbPages (bytes): hugetlbfs pages mapped, which VmRSS (anon + file + shmem) leaves out
+    #: (linux fs/proc/task_mmu.c task_mem, hugetlb_report_usage); None where not known
+    hugetlb: int | None = None
 
     @property
     def cpu_seconds(self) -> float:
@@ -86,7 +89,7 @@ class ProcStats:
     def to_dict(self) -> dict:
         return {"pid": self.pid, "name": self.name, "state": self.state, "createTime": self.create_time,
                 "cpuUser": self.cpu_user, "cpuSystem": self.cpu_system, "rss": self.rss, "threads": self.threads,
-                "rssShmem": self.rss_shmem}
+                "rssShmem": self.rss_shmem, "hugetlb": self.hugetlb}
 
 
 class ProcessFacts(abc.ABC):
@@ -150,16 +153,18 @@ class LocalProcessFacts(ProcessFacts):
             return ProcStats(pid=p.pid, name=p.name(), state=_STATE_LETTER.get(p.status(), "?"),
                              create_time=p.create_time(), cpu_user=t.user, cpu_system=t.system,
                              rss=p.memory_info().rss, threads=p.num_threads(),
-                             rss_shmem=self._rss_shmem(p.pid))
+                             **self._status_kbs(p.pid))
         return self._each(pids, one)
 
-    def _rss_shmem(self, pid: int) -> int | None:
-        # psutil has no RssShmem (its "shared" adds file pages): status, as TransportProcessFacts
+    def _status_kbs(self, pid: int) -> dict[str, int | None]:
+        # psutil has neither RssShmem (its "shared" adds file pages) nor HugetlbPages: status,
+        # as TransportProcessFacts
         try:
             with open(f"{self.procfs}/{pid}/status", "rb") as f:
-                return _status_kb(_status_fields(f.read()), "RssShmem")
+                st = _status_fields(f.read())
         except OSError:
-            return None
+            return {"rss_shmem": None, "hugetlb": None}
+        return {"rss_shmem": _status_kb(st, "RssShmem"), "hugetlb": _status_kb(st, "HugetlbPages")}
 
     def identities(self, pids: Iterable[int]) -> dict[int, ProcIdentity | None]:
         def one(p):
@@ -247,7 +252,8 @@ def parse_stats(pid: int, stat: bytes, status: bytes, btime: float) -> ProcStats
         return ProcStats(pid=pid, name=name, state=fields[0], create_time=btime + int(fields[19]) / USER_HZ,
                          cpu_user=int(fields[11]) / USER_HZ, cpu_system=int(fields[12]) / USER_HZ,
                          rss=rss_kb * 1024, threads=int(fields[17]),
-                         rss_shmem=_status_kb(st, "RssShmem") if "VmRSS" in st else 0)
+                         rss_shmem=_status_kb(st, "RssShmem") if "VmRSS" in st else 0,
+                         hugetlb=_status_kb(st, "HugetlbPages") if "VmRSS" in st else 0)
     except (IndexError, ValueError):
         return None
 
@@ -261,7 +267,8 @@ def _status_fields(status: bytes) -> dict[str, str]:
 
 
 def _status_kb(st: dict[str, str], key: str) -> int | None:
-    """A "<n> kB" field of /proc/<pid>/status in bytes (None: absent, as before Linux 4.5's RssShmem)."""
+    """A "<n> kB" field of /proc/<pid>/status in bytes (None: absent, as before Linux 4.5's
+    RssShmem, or HugetlbPages without CONFIG_HUGETLB_PAGE)."""
     try:
         return int(st[key].split()[0]) * 1024
     except (KeyError, IndexError, ValueError):

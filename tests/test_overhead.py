@@ -255,6 +255,57 @@ def test_inflated_balloon_is_not_guest_memory(cli):
     assert vmm["rssBytes"] > 100 * MiB and vmm["ownBytes"] == vmm["rssBytes"] - vmm["shmemBytes"] - 60 * MiB
 
 
+def _status_with(root: str, pid: int, line: bytes) -> None:
+    """The node's /proc (under ``root``) as this machine's, but ``pid``'s status with ``line``
+    written where the kernel writes it (HugetlbPages after VmSwap: linux fs/proc/task_mmu.c
+    task_mem). For what this machine cannot have: it has no hugepage pool, and a test must not
+    reserve one on a shared machine."""
+    proc = os.path.join(root, "proc")
+    os.unlink(proc)
+    os.makedirs(os.path.join(proc, str(pid)))
+    for e in os.listdir("/proc"):
+        if e != str(pid):
+            os.symlink(f"/proc/{e}", os.path.join(proc, e))
+    for e in os.listdir(f"/proc/{pid}"):
+        if e != "status":
+            os.symlink(f"/proc/{pid}/{e}", os.path.join(proc, str(pid), e))
+    key = line.split(b":")[0]
+    status = b"".join(ln for ln in open(f"/proc/{pid}/status", "rb").read().splitlines(True)
+                      if not ln.startswith(key + b":"))
+    with open(os.path.join(proc, str(pid), "status"), "wb") as f:
+        for ln in status.splitlines(True):
+            f.write(ln)
+            if ln.startswith(b"VmSwap:"):
+                f.write(line + b"\n")
+
+
+def test_hugepage_backed_guest_is_not_taken_out_of_the_vmm(cli):
+    """enable_hugepages: Kata backs the guest's RAM with memory-backend-file mem-path=/dev/hugepages
+    (kata-containers src/runtime/pkg/govmm/qemu/qemu.go appendMemoryKnobs), preallocated. Those
+    pages are HugetlbPages, not in VmRSS: the guest's 200 MiB in use are not resident in the
+    VMM's RSS, so nothing of it comes out of the VMM's own memory (24 MiB of a python stand-in,
+    not 0)."""
+    vmm = _proc()
+    try:
+        with node() as n:
+            n.go("hp01", pod_name="web", pod_namespace="prod", pid=vmm.pid, memory_mib=2048,
+                 flavour_kw={"state": ShimState(sandbox_id="hp01", guest_mem_total=2048 * MiB,
+                                                guest_mem_free=(2048 - 200) * MiB,
+                                                guest_mem_available=(2048 - 200) * MiB)})
+            _status_with(n.root, vmm.pid, b"HugetlbPages:\t 2097152 kB")
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    finally:
+        vmm.kill()
+        vmm.wait()
+    assert r.exit_code == 0, r.stdout
+    (it,) = r.json()["items"]
+    assert it["guestMemoryUsedBytes"] == 200 * MiB
+    (q,) = [q for q in it["processes"] if q["role"] == "vmm"]
+    assert q["hugetlbBytes"] == 2048 * MiB and q["rssBytes"] > 24 * MiB
+    assert q["ownBytes"] == q["rssBytes"] - q["shmemBytes"] > 24 * MiB
+
+
 _TOUCH = """import mmap, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
 os.ftruncate(fd, 64 << 20)
