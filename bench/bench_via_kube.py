@@ -80,15 +80,17 @@ def main() -> None:
     kube = KubeStandIn()
     try:
         names = [f"n{i:02d}" for i in range(a.nodes)]
+        agent = {"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "daemonset"}
+        kube.add_daemonset("katactl-node-agent", "kube-system", agent)
         for n in names:
             lab.add_node(n)
             root = str(lab.nodes[n].root)
             layout.write_many(root, a.sandboxes)
             kube.add_node(n)
             kube.set_node_root(n, root)
-            kube.add_pod(f"katactl-node-agent-{n}", "kube-system", node=n,
-                         labels={"app.kubernetes.io/name": "katactl-node-agent",
-                                 "katactl.io/agent-kind": "daemonset"})
+            # the agent DaemonSet's pod (--via kube uses no pod merely wearing its label)
+            kube.add_pod(f"katactl-node-agent-{n}", "kube-system", node=n, labels=agent,
+                         owner=("DaemonSet", "katactl-node-agent"))
             spec = kube.store[("pods", "kube-system", f"katactl-node-agent-{n}")]["spec"]
             spec["containers"][0]["name"] = "agent"
         lab.write_config()
