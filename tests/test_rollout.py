@@ -258,6 +258,37 @@ def test_a_live_lease_whose_renew_time_is_behind_this_clock_is_not_taken(cli, ku
     assert lease(kube)["spec"]["holderIdentity"] == "alice@ops-1/other"
 
 
+def test_a_wall_clock_step_back_does_not_stretch_a_soak(kube, kc, tmp_path):
+    """The wall clock steps back an hour (NTP) while n0 soaks 1.5 s: intervals are timed with
+    the monotonic clock, so the soak still ends (it would last an hour longer by time.time())."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    kube.add_node("n0")
+    step = tmp_path / "clock-step"
+    step.write_text("0")
+    env = {**os.environ, "KATACTL_TEST_CLOCK_STEP_FILE": str(step),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "clockstep"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "run", "r1", "-N", "n0",
+                          "--step", "check", "--soak", "1.5s", "--poll", "0.1", "-o", "jsonl"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            if json.loads(line).get("kind") == "NodeSoaking":
+                time.sleep(0.5)  # (the soak is under way)
+                step.write_text("-3600")
+                break
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert events(out)[-1]["phase"] == "Succeeded"
+
+
 def test_failure_budget_stops_the_rollout(cli, kube, kc):
     fleet(kube, 5, zones=1)
     # a pod under two PDBs makes node check fail (high) on n0 and n1

@@ -121,9 +121,12 @@ class _KillHook:
 
 class Engine:
     def __init__(self, plan: Plan, store, state: dict, *, api, settings,
-                 events: Callable[..., None] = lambda kind, **d: None, clock=time.time):
+                 events: Callable[..., None] = lambda kind, **d: None, clock=time.monotonic):
         self.plan, self.store, self.state = plan, store, state
         self.api, self.settings, self.emit = api, settings, events
+        #: times every interval and deadline (gate and control polls, soaks, --gate-timeout): a
+        #: wall-clock step (NTP, a VM resumed) must not stretch or skip them; time.time() only
+        #: for the timestamps written to the state
         self.clock = clock
         self.lock = threading.RLock()          # the state dict
         self.save_lock = threading.Lock()      # one save at a time
