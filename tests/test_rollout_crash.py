@@ -216,3 +216,38 @@ def test_a_node_found_schedulable_loses_the_rollouts_stale_cordon_record(kube, k
     r = _ro(katactl_bin, kc, "abort", "r1")
     assert r.exit_code == 0, r.stderr
     assert _record(kube, "n0") is None and not kube.get_obj("Node", "n0")["spec"].get("unschedulable")
+
+
+def test_resume_of_a_node_killed_before_its_cordon_waits_for_room(kube, kc, kube_api, katactl_bin):
+    """Killed right after m0 was marked running, before its cordon; an operator cordons m2
+    (of the same selection): with --max-unavailable 1 the resumed run must not cordon m0
+    until m2 is back (m0 is not out yet: it needs room like a pending node)."""
+    names = ["m0", "m1", "m2"]
+    for n in names:
+        kube.add_node(n)
+    args = ["-N", ",".join(names), "--max-unavailable", "1", "--step", "cordon", "--step", "check", "--poll", "0.05"]
+    r = _ro(katactl_bin, kc, "run", "r1", *args, env={"KATACTL_TEST_KILL_AT": "save:2"})
+    assert r.exit_code == -9, r.stderr
+    st = load_state(kube, "r1", "kube-system")
+    assert st["nodes"]["m0"]["phase"] == "running" and st["nodes"]["m0"]["step"] == 0
+    _kubectl_cordon(kube_api, "m2", True)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "resume", "r1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+
+        time.sleep(1.0)  # (the resumed run is under way, waiting for room)
+        _kubectl_cordon(kube_api, "m2", False)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    cur = {n: False for n in names}
+    worst = 0
+    for q in kube.requests:
+        if q["method"] == "PATCH" and q["path"].startswith("/api/v1/nodes/"):
+            spec = (q["body"] or {}).get("spec") or {}
+            if "unschedulable" in spec:
+                cur[q["path"].split("/")[4].split("?")[0]] = bool(spec["unschedulable"])
+                worst = max(worst, sum(cur.values()))
+    assert worst <= 1

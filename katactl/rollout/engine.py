@@ -473,7 +473,7 @@ class Engine:
         if not todo:
             return
         self.ev("BatchStarted", batch=bi + 1, batches=len(self.plan.batches), nodes=names)
-        # nodes a previous run left in progress first: they are out already
+        # nodes a previous run left in progress first: most are out already
         pending = collections.deque(sorted(todo, key=lambda n: st["nodes"][n]["phase"] == "pending"))
         while pending or self._alive():
             if not self.lease_lost():
@@ -484,7 +484,7 @@ class Engine:
             starting: list[str] = []
             while pending:
                 n = pending[0]
-                if st["nodes"][n]["phase"] not in NODE_ACTIVE:
+                if not self._out_already(n):
                     g = self.check_gate()
                     if not g.open:
                         gt = self.plan.policy.gate_timeout
@@ -504,6 +504,19 @@ class Engine:
                 continue  # drop them at once
             self.wake.wait(min(0.2, self.plan.policy.poll))
             self.wake.clear()
+
+    def _out_already(self, n: str) -> bool:
+        """Whether starting node ``n`` takes nothing more out of service: a soaking one (its
+        steps are over), or a running one (left by a previous run) that is out now. A running
+        node killed before its cordon is not: it waits for room and the gate like a pending one
+        (keeping its cordonId)."""
+        phase = self.state["nodes"][n]["phase"]
+        if phase == "soaking":
+            return True
+        if phase != "running":
+            return False
+        self.observe()
+        return n in self.unavailable()
 
     def _alive(self) -> bool:
         return any(t.is_alive() for t in self.threads.values())
