@@ -289,6 +289,33 @@ def test_a_wall_clock_step_back_does_not_stretch_a_soak(kube, kc, tmp_path):
     assert events(out)[-1]["phase"] == "Succeeded"
 
 
+@pytest.mark.parametrize("bad", ['{"pause": tru', '["abort"]'])
+def test_a_hand_edited_control_record_is_ignored_with_a_warning_and_abort_still_works(kube, kc, kube_api,
+                                                                                       katactl_bin, cli, bad):
+    """The state ConfigMap's control key edited by hand into something not a JSON object:
+    pause and abort replace it (a warning says so), and abort restores what the killed run
+    cordoned; a running rollout whose control turns bad goes on."""
+    kube.add_node("n0")
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r1", "-N", "n0", "--step", "cordon", "--step", "check",
+                     "--poll", "0.05"], env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9 and unschedulable(kube)["n0"] is True
+    path = "/api/v1/namespaces/kube-system/configmaps/katactl-rollout-r1"
+    kube_api.patch(path, {"data": {"control": bad}})
+    r = ro(cli, kc, "pause", "r1")
+    assert r.exit_code == 0 and "not a JSON object" in r.stderr, r.stderr
+    kube_api.patch(path, {"data": {"control": bad}})
+    r = ro(cli, kc, "abort", "r1", "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Aborted", r.stderr
+    assert unschedulable(kube)["n0"] is False
+    # while running: a soak polls the control record
+    kube.add_node("n1")
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r2", "-N", "n1", "--step", "check", "--soak", "1s",
+                     "--poll", "0.05"], env={"KATACTL_TEST_KILL_AT": "step:1"})
+    kube_api.patch(path.replace("r1", "r2"), {"data": {"control": bad}})
+    r = ro(cli, kc, "resume", "r2", "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
+
+
 def test_failure_budget_stops_the_rollout(cli, kube, kc):
     fleet(kube, 5, zones=1)
     # a pod under two PDBs makes node check fail (high) on n0 and n1

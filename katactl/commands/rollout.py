@@ -152,12 +152,15 @@ def _open_store(app_ctx, plan_or_backend, lock_ns: str = "kube-system", ttl: flo
     from katactl.rollout import store as store_mod
 
     backend = plan_or_backend if isinstance(plan_or_backend, str) else plan_or_backend.backend
+    store: store_mod.Store
     if backend == "file":
-        return store_mod.FileStore()
-    from katactl.backends import kube
+        store = store_mod.FileStore()
+    else:
+        from katactl.backends import kube
 
-    store = store_mod.KubeStore(api or kube.client(app_ctx.settings), lock_ns, ttl)
-    store.on_wait = app_ctx.out.info
+        store = store_mod.KubeStore(api or kube.client(app_ctx.settings), lock_ns, ttl)
+        store.on_wait = app_ctx.out.info
+    store.on_warning = app_ctx.out.warn
     return store
 
 

@@ -135,6 +135,8 @@ class Store:
     """The interface the engine and the commands use."""
 
     kind = "?"
+    #: told about what is wrong but not fatal (a hand-edited control record)
+    on_warning: Callable[[str], None] = staticmethod(lambda msg: None)
 
     def acquire(self, name: str, wait: bool = True) -> None: ...
     def renew(self) -> bool: raise NotImplementedError
@@ -400,14 +402,14 @@ class KubeStore(Store):
     def _part_path(self, cm_name: str) -> str:
         return f"/api/v1/namespaces/{self.ns}/configmaps/{cm_name}"
 
+    def _control_of(self, cm: dict, name: str) -> dict:
+        return parse_control((cm.get("data") or {}).get(CONTROL_KEY),
+                             f"ConfigMap {self.ns}/{CM_PREFIX}{name}", self.on_warning)
+
     def _note(self, cm: dict, name: str) -> None:
         """Remember the ConfigMap's resourceVersion and control record (not its state)."""
         self._cm_rv[name] = cm["metadata"].get("resourceVersion")
-        try:
-            ctl = json.loads((cm.get("data") or {}).get(CONTROL_KEY) or "{}")
-        except ValueError:
-            ctl = {}
-        self._cm_control[name] = ctl if isinstance(ctl, dict) else {}
+        self._cm_control[name] = self._control_of(cm, name)
 
     def load(self, name: str) -> dict | None:
         """The state: one ConfigMap, or (sharded) the main one and then its parts, listed by
@@ -673,11 +675,7 @@ class KubeStore(Store):
         except NotFound:
             return {}
         # keep our resourceVersion: a newer one would let a save overwrite a control we never read
-        data = cm.get("data") or {}
-        try:
-            ctl = json.loads(data.get(CONTROL_KEY) or "{}")
-        except ValueError:
-            ctl = {}
+        ctl = self._control_of(cm, name)
         if cm["metadata"].get("resourceVersion") != self._cm_rv.get(name):
             self._cm_control[name] = ctl
             self._cm_rv[name] = cm["metadata"].get("resourceVersion")
@@ -690,12 +688,13 @@ class KubeStore(Store):
     def set_control(self, name: str, control: dict) -> None:
         def mutate(cm: dict) -> bool:
             data = cm.setdefault("data", {})
-            cur = json.loads(data.get("control") or "{}")
+            raw = data.get(CONTROL_KEY)
+            cur = self._control_of(cm, name)  # one not a JSON object is replaced
             new = {**cur, **control}
             new = {k: v for k, v in new.items() if v is not None}
-            if new == cur:
+            if new == cur and (cur or not raw or raw.strip() == "{}"):  # (a malformed one is replaced)
                 return False
-            data["control"] = json.dumps(new, sort_keys=True)
+            data[CONTROL_KEY] = json.dumps(new, sort_keys=True)
             return True
         try:
             self.api.modify(self._cm_path(name), mutate)
@@ -766,6 +765,23 @@ def _gunzip_capped(data: bytes, cap: int) -> bytes:
         out.append(chunk)
         data = d.unused_data
     return b"".join(out)
+
+
+def parse_control(raw: str | None, where: str, warn: Callable[[str], None]) -> dict:
+    """A rollout's control record (pause/abort requests); one that is not a JSON object
+    (hand-edited) counts as none, with a warning: the next pause/abort replaces it, and
+    abort, the operator's way out, never depends on its syntax."""
+    if not raw:
+        return {}
+    try:
+        ctl = json.loads(raw)
+    except ValueError:
+        ctl = None
+    if not isinstance(ctl, dict):
+        warn(f"{where}: the rollout's control record is not a JSON object ({raw[:60]!r}): ignored "
+             "(the next 'rollout pause|abort' replaces it)")
+        return {}
+    return ctl
 
 
 def state_of_configmap(cm: dict) -> dict | None:
@@ -1164,10 +1180,10 @@ class FileStore(Store):
     def control(self, name: str) -> dict:
         try:
             with open(self._path(name, ".control.json"), "rb") as f:
-                d = json.loads(f.read())
-            return d if isinstance(d, dict) else {}
-        except (FileNotFoundError, ValueError):
+                raw = f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
             return {}
+        return parse_control(raw, self._path(name, ".control.json"), self.on_warning)
 
     known_control = control
 
