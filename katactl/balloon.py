@@ -446,15 +446,28 @@ def _usage_unknown_reason(st: dict) -> str:
     return "the guest statistics predate the balloon's last move"
 
 
-def guest_used(state: dict) -> int | None:
-    """Memory the guest really uses (excluding pages held by the balloon)."""
+#: whether Kata's balloon on this hypervisor has VIRTIO_BALLOON_F_DEFLATE_ON_OOM. QEMU's always
+#: has (kata-containers src/runtime/virtcontainers/qemu.go CreateVM: BalloonDev DeflateOnOOM true,
+#: the only balloon Kata adds); the others are left to guest_used's MemTotal rule.
+DEFLATE_ON_OOM = {"qemu": True}
+
+
+def guest_used(state: dict, hypervisor: str | None = None) -> int | None:
+    """Memory the guest really uses (excluding pages held by the balloon). With deflate-on-oom
+    the guest driver leaves the balloon's pages in MemTotal (linux drivers/virtio/virtio_balloon.c:
+    adjust_managed_page_count only without it), and they are not free: they are taken out.
+    Where the hypervisor does not say (DEFLATE_ON_OOM), a MemTotal above the guest's memory
+    less the balloon means it did not shrink; this misses a balloon smaller than what the
+    guest's kernel reserves (MemTotal is below the VM's memory by that much)."""
     g = state.get("guest")
     if not g or g.get("total") is None or g.get("available") is None:
         return None
     used = int(g["total"]) - int(g["available"])
     mem, actual = state.get("memory"), state.get("actual")
-    if mem and actual is not None and int(g["total"]) > int(actual) + DEFAULT_TOLERANCE:
-        # the balloon did not shrink the guest's MemTotal (deflate-on-oom): its pages count as used
+    deflate = DEFLATE_ON_OOM.get(hypervisor or "")
+    if deflate is None and mem and actual is not None:
+        deflate = int(g["total"]) > int(actual) + DEFAULT_TOLERANCE
+    if deflate and mem and actual is not None:
         used -= int(mem) - int(actual)
     if used < 0:
         return None  # statistics older than the balloon's last move: not usable
@@ -463,7 +476,7 @@ def guest_used(state: dict) -> int | None:
 
 # -- public API -------------------------------------------------------------------
 def _view(sb, path: _Path, st: dict, attempts: list[dict]) -> dict:
-    used = guest_used(st)
+    used = guest_used(st, sb.hypervisor)
     g = st.get("guest")
     return {
         "sandbox": sb.id,
@@ -556,7 +569,7 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             # a pending target (another client's, one the guest has not acted on) is invisible
             warnings.append(f"the hypervisor does not report its target: --reclaim counted from the guest's "
                             f"current memory ({format_size(int(st['actual']))})")
-        used = guest_used(st)
+        used = guest_used(st, sb.hypervisor)
         if want > mem:
             if not force:
                 raise Refused(f"target {format_size(want)} is above the VM's memory {format_size(mem)}",

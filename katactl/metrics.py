@@ -144,9 +144,10 @@ def balloon_bytes(cur: dict) -> int | None:
 
 def sandbox_guest_used(sb, cur: dict, balloon: int | None, *, resident: bool = False) -> int | None:
     """Guest memory used, by the rule ``balloon get`` reports (katactl.balloon.guest_used):
-    with VIRTIO_BALLOON_F_DEFLATE_ON_OOM the guest driver leaves ballooned pages in MemTotal
-    (linux drivers/virtio/virtio_balloon.c fill_balloon calls adjust_managed_page_count only
-    without it), so MemTotal - MemAvailable counts them as used and they are subtracted.
+    with VIRTIO_BALLOON_F_DEFLATE_ON_OOM (always, on Kata's QEMU) the guest driver leaves
+    ballooned pages in MemTotal (linux drivers/virtio/virtio_balloon.c fill_balloon calls
+    adjust_managed_page_count only without it), so MemTotal - MemAvailable counts them as used
+    and they are subtracted.
     The VM's memory comes from the sandbox's state (persist.json MemorySize + HotpluggedMemory,
     runtime-rs default_memory); unknown, nothing is subtracted.
     ``resident``: MemTotal - MemFree instead (page cache counted: it is resident in the VMM
@@ -157,7 +158,7 @@ def sandbox_guest_used(sb, cur: dict, balloon: int | None, *, resident: bool = F
     mib = sb.total_memory_mib
     mem = mib << 20 if mib and balloon is not None else None
     return guest_used({"guest": {"total": int(total), "available": int(avail)},
-                       "memory": mem, "actual": None if mem is None else mem - balloon})
+                       "memory": mem, "actual": None if mem is None else mem - balloon}, sb.hypervisor)
 
 
 def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError | None = None) -> dict:

@@ -306,6 +306,36 @@ def test_hugepage_backed_guest_is_not_taken_out_of_the_vmm(cli):
     assert q["ownBytes"] == q["rssBytes"] - q["shmemBytes"] > 24 * MiB
 
 
+def test_small_balloon_is_not_guest_memory_when_memtotal_is_below_the_vm(cli):
+    """A real guest's MemTotal is below the VM's memory (kernel image, struct pages: 1990 of
+    2048 MiB). Kata's QEMU balloon is always deflate-on-oom=on (kata-containers
+    src/runtime/virtcontainers/qemu.go: BalloonDev DeflateOnOOM true), so a 48 MiB balloon, smaller
+    than that gap, is still in MemTotal and not MemFree: overhead and top take it out of the
+    guest's used memory (60 MiB), whatever MemTotal says."""
+    p = subprocess.Popen(["python3", "-c", "b = bytearray(100 << 20)\nimport time; time.sleep(600)"])
+    try:
+        time.sleep(0.5)
+        with node() as n:
+            n.go("bal01", pod_name="web", pod_namespace="prod", pid=p.pid, memory_mib=2048,
+                 flavour_kw={"state": ShimState(sandbox_id="bal01", guest_mem_total=1990 * MiB,
+                                                guest_mem_free=(1990 - 60 - 48) * MiB,
+                                                guest_mem_available=(1990 - 60 - 48) * MiB,
+                                                balloon_inflate=(48 * MiB) // 4096)})
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+            t = cli(["--host-root", n.root, "top", "-o", "json", "--interval", "0.2s"])
+    finally:
+        p.kill()
+        p.wait()
+    assert r.exit_code == 0 and t.exit_code == 0, (r.stdout, t.stdout)
+    (it,) = r.json()["items"]
+    assert it["hypervisor"] == "qemu" and it["guestMemoryUsedBytes"] == 60 * MiB
+    vmm = [q for q in it["processes"] if q["role"] == "vmm"][0]
+    assert vmm["ownBytes"] == vmm["rssBytes"] - vmm["shmemBytes"] - 60 * MiB
+    (row,) = t.json()["items"]
+    assert row["guestMemUsed"] == 60 * MiB and row["balloonBytes"] == 48 * MiB
+
+
 _TOUCH = """import mmap, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
 os.ftruncate(fd, 64 << 20)
