@@ -316,6 +316,42 @@ def test_a_hand_edited_control_record_is_ignored_with_a_warning_and_abort_still_
     assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
 
 
+def _hand_edit_state(kube_api, name: str, fn) -> None:
+    path = f"/api/v1/namespaces/kube-system/configmaps/katactl-rollout-{name}"
+    st = state_of_configmap(kube_api.get(path))
+    fn(st)
+    kube_api.patch(path, {"binaryData": {STATE_KEY: base64.b64encode(gzip.compress(json.dumps(st).encode())).decode()}})
+
+
+@pytest.mark.parametrize("edit", [
+    lambda st: st["nodes"]["n0"].pop("phase"),
+    lambda st: st.update(nodes=[]),
+    lambda st: st.update(plan=None),
+    lambda st: st.update(batch="2"),
+    lambda st: st["nodes"]["n0"].update(step="1"),
+], ids=["no-phase", "nodes-list", "plan-null", "batch-string", "step-string"])
+def test_a_hand_edited_state_of_the_wrong_shape_is_one_error_line(kube, kc, kube_api, katactl_bin, cli, edit):
+    """Valid JSON of the wrong shape: status, resume and abort exit 1 with one line naming the
+    ConfigMap (abort never 'Aborted' with n0 still cordoned); list leaves it out with a
+    warning and still shows the others."""
+    kube.add_node("n0")
+    kube.add_node("n9")
+    assert ro(cli, kc, "run", "r2", "-N", "n9", "--step", "check").exit_code == 0
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r1", "-N", "n0", "--step", "cordon", "--step", "check",
+                     "--poll", "0.05"], env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9
+    _hand_edit_state(kube_api, "r1", edit)
+    for verb in ("status", "resume", "abort"):
+        r = ro(cli, kc, verb, "r1")
+        assert r.exit_code == 1, (verb, r.exit_code, r.stderr)
+        assert "ConfigMap kube-system/katactl-rollout-r1: " in r.stderr and "unexpected" not in r.stderr, r.stderr
+    assert unschedulable(kube)["n0"] is True
+    r = ro(cli, kc, "list", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["name"] for i in r.json()["items"]] == ["r2"]
+    assert "katactl-rollout-r1" in r.stderr and "left out" in r.stderr
+
+
 def test_failure_budget_stops_the_rollout(cli, kube, kc):
     fleet(kube, 5, zones=1)
     # a pod under two PDBs makes node check fail (high) on n0 and n1

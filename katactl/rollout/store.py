@@ -718,7 +718,8 @@ class KubeStore(Store):
         for name, cm in mains.items():
             try:
                 st = state_of_configmaps(cm, parts.get(name, []))
-            except ValueError:
+            except ValueError as e:
+                self.on_warning(f"ConfigMap {self.ns}/{CM_PREFIX}{name}: {e}: left out")
                 st = None
             if isinstance(st, dict):
                 out.append(st)
@@ -767,6 +768,41 @@ def _gunzip_capped(data: bytes, cap: int) -> bytes:
     return b"".join(out)
 
 
+NODE_PHASES = ("pending", "running", "soaking", "done", "failed", "aborted")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_state(st: dict) -> dict:
+    """``st`` (a loaded state, a JSON object) has the shape every command relies on, else
+    ValueError saying what is wrong (a hand-edited state): the fields the engine and the
+    summary index, a plan whose nodes are the node records', each record's phase, step,
+    batch and attempts."""
+    for k in ("name", "phase"):
+        if not isinstance(st.get(k), str):
+            raise ValueError(f"the state's {k!r} is not a string")
+    if not _int(st.get("batch", 0)):
+        raise ValueError("the state's 'batch' is not a whole number")
+    plan, nodes = st.get("plan"), st.get("nodes")
+    if not isinstance(plan, dict) or not isinstance(plan.get("nodes"), dict) \
+            or not isinstance(plan.get("batches"), list) or not isinstance(plan.get("steps"), list) \
+            or not isinstance(plan.get("policy"), dict):
+        raise ValueError("the state's 'plan' is not a rollout plan (nodes, batches, steps, policy)")
+    if not isinstance(nodes, dict) or set(nodes) != set(plan["nodes"]):
+        raise ValueError("the state's 'nodes' are not a record for each node of its plan")
+    for n, rec in nodes.items():
+        if not isinstance(rec, dict) or rec.get("phase") not in NODE_PHASES:
+            raise ValueError(f"node {n}'s record has no valid 'phase' (one of {', '.join(NODE_PHASES)})")
+        for k in ("step", "batch", "attempts"):
+            if not _int(rec.get(k)):
+                raise ValueError(f"node {n}'s record: {k!r} is not a whole number")
+        if not isinstance(rec.get("results", []), list):
+            raise ValueError(f"node {n}'s record: 'results' is not a list")
+    return st
+
+
 def parse_control(raw: str | None, where: str, warn: Callable[[str], None]) -> dict:
     """A rollout's control record (pause/abort requests); one that is not a JSON object
     (hand-edited) counts as none, with a warning: the next pause/abort replaces it, and
@@ -804,7 +840,7 @@ def state_of_configmap(cm: dict) -> dict | None:
         raise ValueError(f"the state ({STATE_KEY if raw else LEGACY_STATE_KEY}) is not JSON") from None
     if not isinstance(st, dict):
         raise ValueError("the state is not a JSON object")
-    return st
+    return check_state(st)
 
 
 def part_name(name: str, part: str) -> str:
@@ -833,8 +869,14 @@ def layout_of(cm: dict) -> int:
     raw = (cm.get("data") or {}).get(SHARDS_KEY)
     if raw is None:
         return 0
-    d = json.loads(raw)
-    return int(d["nodes"])
+    try:
+        d = json.loads(raw)
+        per = d["nodes"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"data {SHARDS_KEY!r} is not the layout JSON") from None
+    if not _int(per) or not per:
+        raise ValueError(f"data {SHARDS_KEY!r}: 'nodes' is not a positive whole number")
+    return per
 
 
 def _gunzip_json(cm: dict | None, key: str, what: str, cap: int) -> tuple[object, int]:
@@ -879,7 +921,7 @@ def state_of_configmaps(cm: dict, parts: list[dict] | None) -> dict | None:
         nodes.update(d["nodes"])
     if not isinstance(plan, dict) or set(nodes) != set(plan.get("nodes") or ()):
         raise ValueError(f"its {count} shard(s) do not hold the plan's nodes: the state is incomplete")
-    return {"plan": plan, **head, "nodes": nodes}
+    return check_state({**head, "plan": plan, "nodes": nodes})
 
 
 #: room kept in the ConfigMap for the control record and a state's growth beyond the projection
@@ -1150,11 +1192,17 @@ class FileStore(Store):
     def load(self, name: str) -> dict | None:
         try:
             with open(self._path(name), "rb") as f:
-                return json.loads(f.read())
+                st = json.loads(f.read())
         except FileNotFoundError:
             return None
         except ValueError:
             raise OperationFailed(f"{self._path(name)}: corrupt JSON") from None
+        try:
+            if not isinstance(st, dict):
+                raise ValueError("the state is not a JSON object")
+            return check_state(st)
+        except ValueError as e:
+            raise OperationFailed(f"{self._path(name)}: {e}") from None
 
     def _write(self, path: str, text: str) -> None:
         from katactl.backends.local import atomic_write
@@ -1203,7 +1251,8 @@ class FileStore(Store):
             if f.endswith(".json") and not f.endswith(".control.json"):
                 try:
                     st = self.load(f[:-5])
-                except OperationFailed:
+                except OperationFailed as e:
+                    self.on_warning(f"{e.message}: left out")
                     continue
                 if isinstance(st, dict):
                     out.append(st)
