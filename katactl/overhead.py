@@ -619,7 +619,10 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
         notes.append("shim pid unknown (no shim.pid in the bundle): its RSS is from its /metrics, its CPU not counted")
     elif not any(r in ("shim", "shim+vmm") for r in mem.values()):
         notes.append("shim pid unknown and its /metrics gave no RSS: the shim is not counted")
-    live = any(not p.get("gone") for p in procs)  # the shim's /metrics row counts: it answered
+    # a sandbox without its VMM is being torn down: the shim alone is no sample of a running
+    # pod's overhead (it would pull the suggestions down), so nothing of it is measured
+    vmm_gone = any(p.get("gone") for p in procs if p["role"] in ("vmm", "shim+vmm"))
+    live = not vmm_gone and any(not p.get("gone") for p in procs)  # the shim's /metrics row counts
     mem_meas = int(mem_total) if live else None
     cpu_meas = round(cpu_total) if live and cpu_known else None
     sources = {"memoryBytes": "processes" if mem_meas is not None else None,
@@ -630,9 +633,9 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
         # CPU only: the cgroup's memory holds the guest's RAM (see the module docstring)
         if cgroup.get("cpuMillis") is not None:
             cpu_meas, sources["cpuMillis"] = cgroup["cpuMillis"], "cgroup"
-    # nothing measured (the sandbox stopped between discovery and the samples) is not "no overhead":
+    # nothing measured (the sandbox stopped between discovery and the samples, or its VMM did) is not "no overhead":
     # null, left out of the node sums and the suggestions
-    measured = None if mem_meas is None and cpu_meas is None else {
+    measured = None if vmm_gone or (mem_meas is None and cpu_meas is None) else {
         "memoryBytes": mem_meas, "cpuMillis": cpu_meas,
         "source": "+".join(sorted({v for v in sources.values() if v})) or None, "sources": sources}
     rc, dec = declared.lookup(sb.pod)
@@ -646,10 +649,10 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
     ratio["max"] = max(known) if known else None
     severity: str | None
     if measured is None:
-        severity, message = "info", "not measured: none of the sandbox's processes was running (see notes)"
+        severity, message = "info", ("not measured: its VMM was not running (see notes)" if vmm_gone else
+                                     "not measured: none of the sandbox's processes was running (see notes)")
     else:
         severity, message = _judge({**dec_out, "note": dec.get("note")}, measured, ratio)
-    vmm_gone = any(p.get("gone") for p in procs if p["role"] in ("vmm", "shim+vmm"))
     vcpus_note = vcpus_unknown.get(sb.hypervisor_pid) if sb.hypervisor_pid and not vmm_gone else None
     if vcpus_note and measured is not None and measured["cpuMillis"] is None and dec_out.get("source") is not None:
         message += "; CPU not measured (the VMM's vCPU threads are unknown: guest CPU is not overhead)"

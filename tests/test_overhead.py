@@ -406,7 +406,45 @@ def test_zombie_vmm_is_not_running(cli):
     vmm = [q for q in it["processes"] if q["role"] == "vmm"][0]
     assert vmm["pid"] == z.pid and vmm.get("gone") is True and vmm["rssBytes"] is None
     assert any(f"vmm pid {z.pid} is not running" in note for note in it["notes"]), it["notes"]
-    assert it["measured"]["cpuMillis"] is None and it["vcpusUnknown"] is None
+    assert it["measured"] is None and it["vcpusUnknown"] is None
+
+
+def test_sandbox_without_its_vmm_is_not_measured(cli):
+    """The VMM has exited (a zombie here, not yet reaped) while the shim still answers: the
+    sandbox is being torn down, and the shim alone is no sample of a running pod's overhead.
+    measured is null (info, not "within the declared overhead"), out of the suggestion and the
+    node sums (notMeasured)."""
+    ok = _proc()
+    z = subprocess.Popen(["true"])
+    try:
+        for _ in range(100):
+            if open(f"/proc/{z.pid}/stat").read().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        with node() as n:
+            n.go("ok01", pod_name="ok", pod_namespace="prod", pid=ok.pid,
+                 flavour_kw={"state": ShimState(sandbox_id="ok01", guest_mem_total=2048 * MiB,
+                                                guest_mem_free=2040 * MiB)})
+            n.go("zom01", pod_name="gone", pod_namespace="prod", pid=z.pid,
+                 flavour_kw={"state": ShimState(sandbox_id="zom01")})
+            r = cli(["--host-root", n.root, "overhead", "-o", "json", "--interval", "0.2s",
+                     "--runtime-class-overhead", "cpu=64,memory=64Gi"])
+    finally:
+        z.wait()
+        ok.kill()
+        ok.wait()
+    assert r.exit_code == 0, r.stdout
+    d = r.json()
+    items = {i["id"]: i for i in d["items"]}
+    gone, live = items["zom01"], items["ok01"]
+    assert [q["role"] for q in gone["processes"] if q.get("gone")] == ["vmm"]
+    assert any(q["role"] == "shim" and not q.get("gone") for q in gone["processes"]), gone["processes"]
+    assert gone["measured"] is None and gone["ratio"]["max"] is None
+    assert gone["severity"] == "info" and gone["message"].startswith("not measured"), gone
+    (s,) = d["suggestions"]
+    assert s["memory"]["samples"] == 1 and s["memory"]["p50"] == live["measured"]["memoryBytes"]
+    (nd,) = d["nodes"]
+    assert nd["pods"] == 2 and nd["notMeasured"] == 1
 
 
 def test_nothing_measured_is_null_not_zero(cli):
