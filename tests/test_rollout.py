@@ -352,6 +352,31 @@ def test_a_hand_edited_state_of_the_wrong_shape_is_one_error_line(kube, kc, kube
     assert "katactl-rollout-r1" in r.stderr and "left out" in r.stderr
 
 
+def test_abort_ends_a_soak_at_once(kube, kc, cli):
+    """A soak is no step: 'rollout abort' (without --now) of a rollout soaking n0 for 10m does
+    not wait for the soak (it timed out, exit 6, when the soak outlasted --timeout)."""
+    import subprocess
+    import sys
+
+    kube.add_node("n0")
+    kube.add_node("n1")
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "run", "r1", "-N", "n0,n1",
+                          "--step", "cordon", "--step", "check", "--soak", "10m", "--poll", "0.05", "-o", "jsonl"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            if json.loads(line).get("kind") == "NodeSoaking":
+                break
+        a = ro(cli, kc, "abort", "r1", "--timeout", "5s", "-o", "json")
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
+    assert p.returncode == 0, err
+    assert not any(unschedulable(kube).values())
+
+
 def test_failure_budget_stops_the_rollout(cli, kube, kc):
     fleet(kube, 5, zones=1)
     # a pod under two PDBs makes node check fail (high) on n0 and n1

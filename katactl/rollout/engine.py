@@ -670,6 +670,8 @@ class Engine:
             while self.clock() < end:
                 if self.stop.wait(min(0.5, end - self.clock())):
                     return  # interrupted: soak again on resume
+                if self.aborting:
+                    return  # a soak is no step: abort does not wait for it (finish() marks it aborted)
             if api is not None:
                 try:
                     res = run_check(api, n, self._fail_on())
