@@ -251,3 +251,28 @@ def test_resume_of_a_node_killed_before_its_cordon_waits_for_room(kube, kc, kube
                 cur[q["path"].split("/")[4].split("?")[0]] = bool(spec["unschedulable"])
                 worst = max(worst, sum(cur.values()))
     assert worst <= 1
+
+
+@pytest.mark.parametrize("step", ["600", "-3600"])
+def test_a_soak_resumed_on_a_machine_whose_clock_is_off_soaks_the_rest(kube, kc, tmp_path, step):
+    """Killed -9 while n0 soaks 300 s; resumed where the wall clock is 10 min ahead (or an hour
+    behind): the soak left is what the first run had not soaked (elapsed seconds are saved),
+    not 0 s (skipped) nor an hour more."""
+    import os
+    from pathlib import Path
+
+    kube.add_node("n0")
+    _run_until(kc, ["r1", "-N", "n0", "--step", "check", "--soak", "300s", "--poll", "0.05"], "NodeSoaking")
+    clock = tmp_path / "clock-step"
+    clock.write_text(step)
+    env = {**os.environ, "KATACTL_TEST_CLOCK_STEP_FILE": str(clock),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "clockstep"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "resume", "r1", "-o", "jsonl"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert p.stdout is not None
+        soak = next(e for e in map(json.loads, p.stdout) if e.get("kind") == "NodeSoaking")
+    finally:
+        p.kill()
+        p.wait()
+    assert 250 <= soak["seconds"] <= 300, soak

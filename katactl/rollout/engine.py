@@ -83,6 +83,8 @@ NODE_ACTIVE = ("running", "soaking")
 MARKERS = 8
 #: seconds a progress label waits before it is written (a newer phase meanwhile replaces it)
 MARK_DELAY = 0.5
+#: seconds between the saves of a soaking node's progress (soakedSeconds)
+SOAK_SAVE_EVERY = 30.0
 #: seconds a failing uncordon of a node the rollout cordoned is retried (without --step-timeout)
 RESTORE_WINDOW = 60.0
 
@@ -658,20 +660,31 @@ class Engine:
                 self.ev("NodeFailed", node=n, error=OperationFailed(msg).to_dict(), leftCordoned=True)
                 return
             if pol.soak:
-                self.transition(lambda: rec.update(phase="soaking", soakStartedAt=time.time()), (n,))
+                self.transition(lambda: rec.update(phase="soaking", soakStartedAt=time.time(), soakedSeconds=0.0),
+                                (n,))
                 self._mark(n, rec)
         self.out_nodes.discard(n)
         self.obs_dirty = True
         self.wake.set()
         if rec["phase"] == "soaking":
-            left = pol.soak - (time.time() - (rec.get("soakStartedAt") or time.time()))
-            self.ev("NodeSoaking", node=n, seconds=round(max(0.0, left), 1))
-            end = self.clock() + max(0.0, left)
+            # the soak is measured as elapsed seconds (monotonic, saved as it goes): a resume on a
+            # machine whose clock is ahead or behind neither skips nor stretches it
+            soaked = rec.get("soakedSeconds")
+            if not isinstance(soaked, (int, float)):  # (a state saved before soakedSeconds)
+                soaked = time.time() - (rec.get("soakStartedAt") or time.time())
+            left = min(pol.soak, max(0.0, pol.soak - soaked))
+            self.ev("NodeSoaking", node=n, seconds=round(left, 1))
+            start, end = self.clock(), self.clock() + left
+            saved = start
             while self.clock() < end:
                 if self.stop.wait(min(0.5, end - self.clock())):
-                    return  # interrupted: soak again on resume
+                    self._soaked(n, rec, pol.soak - left + self.clock() - start)
+                    return  # interrupted: soak the rest on resume
                 if self.aborting:
                     return  # a soak is no step: abort does not wait for it (finish() marks it aborted)
+                if self.clock() - saved >= SOAK_SAVE_EVERY:
+                    saved = self.clock()
+                    self._soaked(n, rec, pol.soak - left + saved - start)
             if api is not None:
                 try:
                     res = run_check(api, n, self._fail_on())
@@ -687,6 +700,13 @@ class Engine:
             self.transition(lambda: rec.update(phase="done", finishedAt=_now(), error=None), (n,))
         self._mark(n, rec)
         self.ev("NodeFinished", node=n, attempts=rec["attempts"])
+
+    def _soaked(self, n: str, rec: dict, seconds: float) -> None:
+        """Save how long the node has soaked (a kill loses at most SOAK_SAVE_EVERY of it)."""
+        try:
+            self.transition(lambda: rec.update(soakedSeconds=round(seconds, 1)), (n,))
+        except KatactlError as e:  # the soak goes on; resume soaks a little longer
+            self.ev("Warning", node=n, message=f"cannot save the soak's progress: {e.message}")
 
     def _fail_on(self) -> str:
         for s in self.plan.steps:
