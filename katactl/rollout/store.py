@@ -138,6 +138,13 @@ class Store:
     #: told about what is wrong but not fatal (a hand-edited control record)
     on_warning: Callable[[str], None] = staticmethod(lambda msg: None)
 
+    def _warn_once(self, msg: str) -> None:
+        """on_warning, once per message: not at every poll of a running rollout."""
+        seen = self.__dict__.setdefault("_warned", set())
+        if msg not in seen:
+            seen.add(msg)
+            self.on_warning(msg)
+
     def acquire(self, name: str, wait: bool = True) -> None: ...
     def renew(self) -> bool: raise NotImplementedError
     def release(self) -> None: ...
@@ -404,7 +411,7 @@ class KubeStore(Store):
 
     def _control_of(self, cm: dict, name: str) -> dict:
         return parse_control((cm.get("data") or {}).get(CONTROL_KEY),
-                             f"ConfigMap {self.ns}/{CM_PREFIX}{name}", self.on_warning)
+                             f"ConfigMap {self.ns}/{CM_PREFIX}{name}", self._warn_once)
 
     def _note(self, cm: dict, name: str) -> None:
         """Remember the ConfigMap's resourceVersion and control record (not its state)."""
@@ -1231,7 +1238,7 @@ class FileStore(Store):
                 raw = f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return {}
-        return parse_control(raw, self._path(name, ".control.json"), self.on_warning)
+        return parse_control(raw, self._path(name, ".control.json"), self._warn_once)
 
     known_control = control
 
