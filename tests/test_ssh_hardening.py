@@ -243,6 +243,38 @@ def test_symlink_loop_and_not_a_directory_agree_with_local(ssh_open, sshd_lab):
     assert _err(t.scan_dir, "/errmap/file") == _err(local.scan_dir, "/errmap/file")
 
 
+def test_batch_errors_told_from_the_batch_own_answers_agree_with_local(ssh_open, sshd_lab):
+    # the batch's answers (a sibling found, a file, a missing parent also asked) decide
+    # most misses without a request (_settled): they must still say what the kernel says
+    from katactl.backends.local import LocalTransport
+
+    root = sshd_lab.nodes["node1"].root
+    e = root / "errmap2"
+    (e / "dir" / "sub").mkdir(parents=True)
+    (e / "file").write_text("x")
+    (e / "dir" / "f").write_text("y")
+    os.symlink("loopb", e / "dir" / "loopa")
+    os.symlink("loopa", e / "dir" / "loopb")
+    os.symlink("nowhere", e / "dir" / "dangling")
+    os.symlink("../file/x", e / "dir" / "throughfile")
+    os.symlink("dir", e / "todir")
+    t, local = ssh_open("node1"), LocalTransport(str(root))
+    paths = ["/errmap2/file", "/errmap2/dir/f", "/errmap2/dir/sub", "/errmap2/todir/sub",
+             "/errmap2/dir/missing", "/errmap2/dir/missing/x/y", "/errmap2/file/x", "/errmap2/file/x/y",
+             "/errmap2/dir/f/x", "/errmap2/dir/loopa", "/errmap2/dir/loopa/x", "/errmap2/dir/dangling",
+             "/errmap2/dir/dangling/x", "/errmap2/dir/throughfile", "/errmap2/todir/loopb/x",
+             "/errmap2/nope/a", "/errmap2/nope/b", "/errmap2/todir/missing"]
+
+    def shape(got):
+        return {p: (type(v), v.errno) if isinstance(v, OSError) else "ok" for p, v in got.items()}
+
+    for name, fn in (("read_many", lambda x: x.read_many(paths)),
+                     ("stat_many", lambda x: x.stat_many(paths)),
+                     ("stat_many lstat", lambda x: x.stat_many(paths, follow_symlinks=False)),
+                     ("scan_dirs", lambda x: x.scan_dirs(paths))):
+        assert shape(fn(t)) == shape(fn(local)), name
+
+
 def test_killed_client_leaves_no_command_running_on_the_node(sshd_lab):
     import sys
 

@@ -1176,51 +1176,98 @@ def _prefixes(r: str) -> list[str]:
     return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool) -> dict:
+def _why_err(code: int, key: str) -> OSError:
+    cls = {errno.ENOENT: FileNotFoundError, errno.ENOTDIR: NotADirectoryError}.get(code, OSError)
+    return cls(code, os.strerror(code), key)
+
+
+def _settled(items: list[tuple[str, str]], lstat: bool, known: dict) -> tuple[dict, list, list]:
+    """What _pipe_why_missing needs no request for: (answers, [(key, remote path, the remote
+    path of the missing item it fails as)], the items left to ask about). known ({remote
+    path: resolves to a directory}, "/" in it) is what the same call's answers proved
+    (_known_dirs): a path under a known non-directory is ENOTDIR; under another missing
+    item it fails as that item does (the lookup stops there); an LSTAT miss in a known
+    directory is ENOENT."""
+    missing = {r for _, r in items}
+    out: dict = {}
+    under: list[tuple[str, str, str]] = []
+    fresh: list[tuple[str, str]] = []
+    for k, r in items:
+        d = posixpath.dirname(r)
+        while d not in missing and d not in known:
+            d = posixpath.dirname(d)
+        if d in missing and d != r:
+            under.append((k, r, d))
+        elif known.get(d) is False:
+            out[k] = _why_err(errno.ENOTDIR, k)
+        elif lstat and d == posixpath.dirname(r):
+            out[k] = _why_err(errno.ENOENT, k)
+        else:
+            fresh.append((k, r))
+    return out, under, fresh
+
+
+def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool, lstat: bool,
+                      known: dict) -> dict:
     """{node path: the OSError the kernel gave} for (node path, remote path) items that SFTP
     answered SSH_FX_NO_SUCH_FILE: OpenSSH's sftp-server maps ELOOP and ENOTDIR to it too
     (sftp-server.c errno_to_portable), where the local transport says which. Only on that
-    error path: an LSTAT and a STAT of every prefix of every path, all in one round trip
+    error path, and for what _settled could not tell: an LSTAT and a STAT of every prefix
+    below the deepest known directory (known, as in _settled), all in one round trip
     (prefixes shared between paths asked once); a symlink that does not resolve is read
     (READLINK) and the walk goes on from its target, one more round trip per link, until
     a component is missing (ENOENT), a non-directory is walked through (ENOTDIR), or a
     link comes back or MAX_SYMLINKS are followed (ELOOP). want_dir: the call opened the
-    path as a directory (OPENDIR of a file is ENOTDIR)."""
+    path as a directory (OPENDIR of a file is ENOTDIR); lstat: it did not follow a final
+    symlink (LSTAT: its miss is the final LSTAT's answer, not asked again)."""
     from paramiko.sftp import CMD_ATTRS, CMD_LSTAT, CMD_NAME, CMD_READLINK, CMD_STAT
     from paramiko.sftp_attr import SFTPAttributes
 
-    def mode(num: int) -> int | None:
+    known = dict(known)
+    err = _why_err
+
+    def mode(num: int | None) -> int | None:
+        if num is None:
+            return None
         t, msg = pipe.wait(num)
         return (SFTPAttributes._from_msg(msg).st_mode or 0) if t == CMD_ATTRS else None  # type: ignore[attr-defined]
-
-    def err(code: int, key: str) -> OSError:
-        cls = {errno.ENOENT: FileNotFoundError, errno.ENOTDIR: NotADirectoryError}.get(code, OSError)
-        return cls(code, os.strerror(code), key)
 
     out: dict = {}
     # The common case first, in fewer requests: the parent is a directory and the name
     # is not there (ENOENT), or the parent is not a directory (ENOTDIR).
     hard: list[tuple[str, str]] = []
-    parents = {d: pipe.send(CMD_STAT, d) for d in dict.fromkeys(posixpath.dirname(r) for _, r in items)}
-    finals = [(k, r, pipe.send(CMD_LSTAT, r)) for k, r in items]
+    parents = {d: pipe.send(CMD_STAT, d) for d in dict.fromkeys(posixpath.dirname(r) for _, r in items)
+               if d not in known}
+    finals = [(k, r, None if lstat else pipe.send(CMD_LSTAT, r)) for k, r in items]
     pmodes = {d: mode(n) for d, n in parents.items()}
+    known.update((d, True) for d, m in pmodes.items() if m is not None and st.S_ISDIR(m))
     for k, r, n in finals:
-        pmode, lmode = pmodes[posixpath.dirname(r)], mode(n)
+        d, lmode = posixpath.dirname(r), mode(n)
+        pmode = pmodes[d] if d in pmodes else (st.S_IFDIR if known[d] else st.S_IFREG)
         if pmode is not None and not st.S_ISDIR(pmode):
             out[k] = err(errno.ENOTDIR, k)
         elif pmode is not None and lmode is None:
             out[k] = err(errno.ENOENT, k)
         else:
             hard.append((k, r))
+
+    def walk(r: str) -> list[str]:
+        """The prefixes of r the walk asks about: those below its deepest known directory."""
+        ps = _prefixes(r)
+        for i in range(len(ps) - 2, -1, -1):
+            if known.get(ps[i]) is True:
+                return ps[i + 1:]
+        return ps
+
     # remote path now, links followed, links seen
     todo: dict[str, tuple[str, int, frozenset]] = {k: (r, 0, frozenset()) for k, r in hard}
     while todo:
         asked = {p: (pipe.send(CMD_LSTAT, p), pipe.send(CMD_STAT, p))
-                 for p in dict.fromkeys(p for r, _, _ in todo.values() for p in _prefixes(r))}
+                 for p in dict.fromkeys(p for r, _, _ in todo.values() for p in walk(r))}
         modes = {p: (mode(n1), mode(n2)) for p, (n1, n2) in asked.items()}
         links: dict[str, list] = {}
         for k, (r, hops, seen) in todo.items():
-            ps = _prefixes(r)
+            ps = walk(r)
             code = errno.ENOENT
             for i, p in enumerate(ps):
                 lmode, smode = modes[p]
@@ -1249,6 +1296,32 @@ def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool)
                 else:
                     nxt = posixpath.normpath(posixpath.join(posixpath.dirname(p), target) + rest)
                     todo[k] = ("/" + nxt.lstrip("/"), hops + 1, seen)
+    return out
+
+
+def _known_dirs(results: dict, remote, follow: bool) -> dict:
+    """{remote path: True for a directory, False for anything else} of what a batch's
+    answers prove about the paths it walked (for _pipe_why_missing): every prefix of a path
+    answered resolves to a directory, and a stat answer's own type is known (a symlink's
+    only when it was followed)."""
+    out: dict = {}
+    for k, v in results.items():
+        if isinstance(v, BaseException):
+            continue
+        r = remote(k)
+        d = r
+        while d != "/":
+            d = posixpath.dirname(d)
+            if out.get(d) is True:
+                break
+            out[d] = True
+        if isinstance(v, FileStat):
+            if v.is_dir or follow or not v.is_link:
+                out[r] = v.is_dir
+        elif isinstance(v, list):  # a listing
+            out[r] = True
+        elif isinstance(v, bytes):  # read: open(2) of a non-directory
+            out[r] = False
     return out
 
 
@@ -1424,16 +1497,25 @@ class SSHTransport(RemoteTransport):
         except (paramiko.SSHException, EOFError) as e:
             raise UnreachableError(f"SFTP on {path}: {e or type(e).__name__}") from None
         if isinstance(err, FileNotFoundError):
-            err = self._why_missing({path: err})[path]
+            err = self._why_missing({path: err}, lstat=fn.__name__ == "lstat")[path]
         raise err
 
-    def _why_missing(self, errs: dict, want_dir: bool = False) -> dict:
-        """errs ({node path: error}) with every FileNotFoundError told apart from ELOOP and
-        ENOTDIR, as the local transport reports them (_pipe_why_missing)."""
+    def _why_missing(self, errs: dict, want_dir: bool = False, lstat: bool = False) -> dict:
+        """errs ({node path: answer or error}, one call's) with every FileNotFoundError told
+        apart from ELOOP and ENOTDIR, as the local transport reports them (_pipe_why_missing,
+        helped by what the call's other answers prove: _known_dirs)."""
         items = [(p, self.remote(p)) for p, e in errs.items() if isinstance(e, FileNotFoundError)]
         if not items:
             return errs
-        return {**errs, **self._piped(_pipe_why_missing, items[0][0], items, want_dir)}
+        known = _known_dirs(errs, self.remote, not lstat) if len(items) < len(errs) else {}
+        known["/"] = True
+        out, under, fresh = _settled(items, lstat, known)
+        if fresh:
+            out.update(self._piped(_pipe_why_missing, fresh[0][0], fresh, want_dir, lstat, known))
+        keys = {r: k for k, r in items}
+        for k, _, d in sorted(under, key=lambda u: len(u[1])):  # shallower first: they may chain
+            out[k] = _why_err(out[keys[d]].errno, k)
+        return {**errs, **out}
 
     # -- files -----------------------------------------------------------------------
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
@@ -1528,7 +1610,8 @@ class SSHTransport(RemoteTransport):
         if not items:
             return {}
         pairs = [(p, self.remote(p)) for p in items]
-        return self._why_missing(self._piped(_pipe_stat, items[0], pairs, follow_symlinks))
+        return self._why_missing(self._piped(_pipe_stat, items[0], pairs, follow_symlinks),
+                                 lstat=not follow_symlinks)
 
     def scan_dirs(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict:
         """Pipelined directory listings with their entries' attributes (READDIR
