@@ -1212,8 +1212,10 @@ def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool,
     """{node path: the OSError the kernel gave} for (node path, remote path) items that SFTP
     answered SSH_FX_NO_SUCH_FILE: OpenSSH's sftp-server maps ELOOP and ENOTDIR to it too
     (sftp-server.c errno_to_portable), where the local transport says which. Only on that
-    error path, and for what _settled could not tell: an LSTAT and a STAT of every prefix
-    below the deepest known directory (known, as in _settled), all in one round trip
+    error path, and for what _settled could not tell: the parent's STAT and the name's LSTAT;
+    then, where that does not tell (a symlink, or a parent that does not resolve: its
+    own walk tells for all its children), an LSTAT and a STAT of every prefix below the
+    deepest known directory (known, as in _settled), all in one round trip
     (prefixes shared between paths asked once); a symlink that does not resolve is read
     (READLINK) and the walk goes on from its target, one more round trip per link, until
     a component is missing (ENOENT), a non-directory is walked through (ENOTDIR), or a
@@ -1235,7 +1237,7 @@ def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool,
     out: dict = {}
     # The common case first, in fewer requests: the parent is a directory and the name
     # is not there (ENOENT), or the parent is not a directory (ENOTDIR).
-    hard: list[tuple[str, str]] = []
+    hard: list[tuple[str, str, bool]] = []  # (key, remote path to walk, it must be a directory)
     parents = {d: pipe.send(CMD_STAT, d) for d in dict.fromkeys(posixpath.dirname(r) for _, r in items)
                if d not in known}
     finals = [(k, r, None if lstat else pipe.send(CMD_LSTAT, r)) for k, r in items]
@@ -1248,8 +1250,10 @@ def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool,
             out[k] = err(errno.ENOTDIR, k)
         elif pmode is not None and lmode is None:
             out[k] = err(errno.ENOENT, k)
+        elif pmode is None:  # the lookup fails in the parent: walk that, as a directory
+            hard.append((k, d, True))
         else:
-            hard.append((k, r))
+            hard.append((k, r, want_dir))
 
     def walk(r: str) -> list[str]:
         """The prefixes of r the walk asks about: those below its deepest known directory."""
@@ -1259,14 +1263,14 @@ def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool,
                 return ps[i + 1:]
         return ps
 
-    # remote path now, links followed, links seen
-    todo: dict[str, tuple[str, int, frozenset]] = {k: (r, 0, frozenset()) for k, r in hard}
+    # remote path now, links followed, links seen, it must be a directory
+    todo: dict[str, tuple[str, int, frozenset, bool]] = {k: (r, 0, frozenset(), d) for k, r, d in hard}
     while todo:
         asked = {p: (pipe.send(CMD_LSTAT, p), pipe.send(CMD_STAT, p))
-                 for p in dict.fromkeys(p for r, _, _ in todo.values() for p in walk(r))}
+                 for p in dict.fromkeys(p for r, _, _, _ in todo.values() for p in walk(r))}
         modes = {p: (mode(n1), mode(n2)) for p, (n1, n2) in asked.items()}
         links: dict[str, list] = {}
-        for k, (r, hops, seen) in todo.items():
+        for k, (r, hops, seen, as_dir) in todo.items():
             ps = walk(r)
             code = errno.ENOENT
             for i, p in enumerate(ps):
@@ -1278,10 +1282,10 @@ def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool,
                     if p in seen or hops >= MAX_SYMLINKS:
                         code = errno.ELOOP
                         break
-                    links.setdefault(p, []).append((k, r[len(p):], hops, seen | {p}))
+                    links.setdefault(p, []).append((k, r[len(p):], hops, seen | {p}, as_dir))
                     code = 0
                     break
-                if (not last or want_dir) and not st.S_ISDIR(smode if smode is not None else lmode):
+                if (not last or as_dir) and not st.S_ISDIR(smode if smode is not None else lmode):
                     code = errno.ENOTDIR
                     break
             if code:
@@ -1290,12 +1294,12 @@ def _pipe_why_missing(pipe: _Pipe, items: list[tuple[str, str]], want_dir: bool,
         for p, t_num in [(p, pipe.send(CMD_READLINK, p)) for p in links]:
             t, msg = pipe.wait(t_num)
             target = _name(msg.get_string()) if t == CMD_NAME and msg.get_int() > 0 else None
-            for k, rest, hops, seen in links[p]:
+            for k, rest, hops, seen, as_dir in links[p]:
                 if target is None:
                     out[k] = err(errno.ENOENT, k)
                 else:
                     nxt = posixpath.normpath(posixpath.join(posixpath.dirname(p), target) + rest)
-                    todo[k] = ("/" + nxt.lstrip("/"), hops + 1, seen)
+                    todo[k] = ("/" + nxt.lstrip("/"), hops + 1, seen, as_dir)
     return out
 
 
