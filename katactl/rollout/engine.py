@@ -19,13 +19,16 @@ steps runs.
 Node lifecycle: pending -> running (steps; ``step`` = the next step to run)
 -> [soaking] -> done | failed | aborted. A node's cordon state is observed and
 recorded (``wasUnschedulable``) in the same save that marks it running, before
-any step acts. When its steps end (done, failed or aborted), a node the rollout
-cordoned is uncordoned; a node that was unschedulable before is never touched.
-"The rollout cordoned it" is read from the node: katactl's cordon record
-(katactl/nodes.py cordon) carries the ``id`` the node's state record holds in
-``cordonId`` (made and saved when the node is marked running, before any step, and
-given to cordon(): a kill between the cordon PATCH and the next save leaves a
-record the state already names), with ``wasUnschedulable`` false. Never the
+any step acts, and replaced by what the rollout's cordon itself found. When its
+steps end (done, failed or aborted), a node the rollout cordoned is uncordoned; a
+node that was unschedulable before is never touched.
+"The rollout cordoned it" is read from the node, never from ``wasUnschedulable``:
+katactl's cordon record (katactl/nodes.py cordon) carries the ``id`` the node's state
+record holds in ``cordonId`` (made and saved when the node is marked running, before
+any step, and given to cordon(): a kill between the cordon PATCH and the next save
+leaves a record the state already names), with ``wasUnschedulable`` false, and the
+server's managedFields (when it keeps them) do not say someone else set
+spec.unschedulable since (kubectl uncordon + cordon leave our record). Never the
 record's reason text: an operator's cordon may carry the same words. A state saved
 before cordon ids (no ``cordonId``) names no record: its nodes count as not ours
 (left cordoned, with a warning). An uncordon that fails is retried with
@@ -37,9 +40,11 @@ rollout does not finish (Succeeded, CompletedWithFailures) while a node it
 cordoned stays cordoned: it stops, and resume tries again.
 
 kill -9 at any point, then resume: a running node re-runs from its recorded
-step (katactl's node steps are idempotent); a soaking node soaks the rest;
-done nodes are not redone; every other node whose record says this rollout
-cordoned it is uncordoned (idempotent), as abort does for every node.
+step (katactl's node steps are idempotent), or from the step that cordons when it
+is not cordoned by the rollout any more; a soaking node soaks the rest
+(``soakedSeconds``); done nodes are not redone; every other node whose record says
+this rollout cordoned it is uncordoned (idempotent), as abort does for every node,
+and the running ones too when the resumed run stops before starting any node.
 
 The lock: renewed every third of --lock-ttl. When no renewal has succeeded for
 two thirds of it (client-go tools/leaderelection/leaderelection.go renew(): stop
