@@ -15,6 +15,7 @@ leftovers.
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import getpass
 import os
@@ -471,22 +472,74 @@ def install(api, namespace: str, image: str, *, dry_run: bool = False) -> dict:
         except NotFound:
             raise NotFound(f"namespace {namespace} not found (--agent-namespace)") from None
         return {"changed": True, "action": "created"}
-    if _sets(want["spec"]["template"], (cur.get("spec") or {}).get("template")):
+    have = (cur.get("spec") or {}).get("template")
+    if _undefaulted(want["spec"]["template"]) == _undefaulted(have):
         return {"changed": False, "action": "unchanged"}
-    api.patch(f"{base}/{DS_NAME}", {"spec": {"template": want["spec"]["template"]}}, kind="merge", dry_run=dry_run)
+    api.patch(f"{base}/{DS_NAME}", {"spec": {"template": _replacing(want["spec"]["template"], have)}},
+              kind="merge", dry_run=dry_run)
     return {"changed": True, "action": "updated"}
 
 
-def _sets(want, have) -> bool:
-    """Whether ``have`` (as stored) holds every field of ``want`` (as katactl sends it): the
-    API server adds defaults to a stored pod template (pkg/apis/core/v1/defaults.go
-    SetDefaults_PodSpec, SetDefaults_Container), which are not a difference; lists must match
-    item by item (another container or volume is one)."""
-    if isinstance(want, dict):
-        return isinstance(have, dict) and all(_sets(v, have.get(k)) for k, v in want.items())
-    if isinstance(want, list):
-        return isinstance(have, list) and len(want) == len(have) and all(map(_sets, want, have))
-    return want == have
+# What kube-apiserver fills in on a pod template that leaves it unset, and so the only way a stored
+# template may differ from katactl's and still be katactl's (pkg/apis/core/v1/defaults.go:
+# SetDefaults_PodSpec, SetDefaults_Container, SetDefaults_HostPathVolumeSource; "resources" and the
+# template's "creationTimestamp" are Go's encoding of an empty struct and a zero time, not defaults).
+_POD_DEFAULTS = {"dnsPolicy": "ClusterFirst", "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
+                 "securityContext": {}, "schedulerName": "default-scheduler", "enableServiceLinks": True}
+_CONTAINER_DEFAULTS = {"terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+                       "resources": {}}
+
+
+def _pull_policy(image: str) -> str:
+    """SetDefaults_Container's imagePullPolicy: Always for the tag "latest", which an image with
+    neither tag nor digest has (ParseImageName), else IfNotPresent."""
+    name, _, digest = image.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    tag = last.partition(":")[2]
+    return "Always" if tag == "latest" or (not tag and not digest) else "IfNotPresent"
+
+
+def _undefaulted(tmpl):
+    """A pod template without the fields that hold the API server's default for them: two
+    templates are the same to the server exactly when these are equal."""
+    if not isinstance(tmpl, dict):
+        return tmpl
+    t = copy.deepcopy(tmpl)
+    md = t.get("metadata")
+    if isinstance(md, dict) and "creationTimestamp" in md and md["creationTimestamp"] is None:
+        del md["creationTimestamp"]
+    spec = t.get("spec")
+    if not isinstance(spec, dict):
+        return t
+    _drop_defaults(spec, _POD_DEFAULTS)
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        if isinstance(c, dict):
+            _drop_defaults(c, {**_CONTAINER_DEFAULTS, "imagePullPolicy": _pull_policy(str(c.get("image") or ""))})
+    for v in spec.get("volumes") or []:
+        hp = v.get("hostPath") if isinstance(v, dict) else None
+        if isinstance(hp, dict):
+            _drop_defaults(hp, {"type": ""})
+    return t
+
+
+def _drop_defaults(d: dict, defaults: dict) -> None:
+    for k, v in defaults.items():
+        if k in d and d[k] == v:
+            del d[k]
+
+
+def _replacing(want: dict, have) -> dict:
+    """A JSON merge patch (RFC 7386) that turns ``have`` into ``want``: ``want`` with every key
+    only ``have`` holds set to null (a merge patch keeps a map's other keys; lists it replaces
+    whole). A nulled server-defaulted field is defaulted again."""
+    out = dict(want)
+    if isinstance(have, dict):
+        for k, v in have.items():
+            if k not in want:
+                out[k] = None
+            elif isinstance(want[k], dict):
+                out[k] = _replacing(want[k], v)
+    return out
 
 
 def status(api, namespace: str) -> dict:

@@ -35,8 +35,8 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
   buffer) and written to the socket synchronously; a slow reader stops the process's pipe.
 - Defaulting: a DaemonSet's pod template is stored with kube-apiserver's defaults
   (imagePullPolicy, terminationMessagePath/Policy, resources, restartPolicy, dnsPolicy,
-  schedulerName, securityContext, terminationGracePeriodSeconds, enableServiceLinks); other
-  objects and bare pods are stored as sent.
+  schedulerName, securityContext, terminationGracePeriodSeconds, enableServiceLinks, hostPath
+  type); other objects and bare pods are stored as sent.
 - "kubelet": a pod created through the API with a nodeName on a Ready node that has a root becomes
   Running after ``kubelet_start_delay`` seconds (``kubelet_starts_pods = False`` leaves it Pending,
   with a Scheduled event and an ImagePullBackOff waiting state, for timeout tests). A DaemonSet
@@ -149,13 +149,16 @@ class KubeExecMixin:
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             if not isinstance(c, dict):
                 continue
-            image = str(c.get("image") or "")
-            tag = image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
-            c.setdefault("imagePullPolicy", "Always" if tag in ("", "latest") and "@" not in image
-                         else "IfNotPresent")
+            # ParseImageName: no tag and no digest is the tag "latest"; "latest" is pulled Always
+            name, _, digest = str(c.get("image") or "").partition("@")
+            tag = name.rsplit("/", 1)[-1].partition(":")[2]
+            c.setdefault("imagePullPolicy", "Always" if tag == "latest" or not (tag or digest) else "IfNotPresent")
             c.setdefault("terminationMessagePath", "/dev/termination-log")
             c.setdefault("terminationMessagePolicy", "File")
             c.setdefault("resources", {})
+        for v in spec.get("volumes") or []:
+            if isinstance(v, dict) and isinstance(v.get("hostPath"), dict):
+                v["hostPath"].setdefault("type", "")  # SetDefaults_HostPathVolumeSource
 
     # -- mini kubelet and DaemonSet controller ------------------------------------------------
 

@@ -307,6 +307,50 @@ def test_agent_install_again_is_a_no_op_though_the_server_defaults_the_template(
     assert len([q for q in kube.requests if q["method"] == "PATCH"]) == 1
 
 
+NARROWINGS = {  # an operator's or a policy controller's edit of the stored template
+    "readonly-host": lambda s: s["containers"][0]["volumeMounts"][0].update(readOnly=True),
+    "subpath-host": lambda s: s["containers"][0]["volumeMounts"][0].update(subPath="etc"),
+    "one-taint-effect": lambda s: s["tolerations"][0].update(effect="NoSchedule"),
+    "unprivileged": lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=False,
+                                                                           capabilities={"drop": ["ALL"]}),
+    "node-selector": lambda s: s.update(nodeSelector={"pool": "gpu"}),
+    "pull-policy": lambda s: s["containers"][0].update(imagePullPolicy="Never"),
+}
+
+
+@pytest.mark.parametrize("image,policy", [("busybox", "Always"), ("busybox:latest", "Always"),
+                                          ("reg:5000/busybox", "Always"), ("busybox:1.36", "IfNotPresent"),
+                                          ("busybox@sha256:" + "a" * 64, "IfNotPresent"),
+                                          ("busybox:latest@sha256:" + "a" * 64, "Always")])
+def test_the_image_pull_policy_default_is_the_servers(kube, image, policy):
+    """ParseImageName's tag decides imagePullPolicy's default; install sees it as no change."""
+    from katactl import nodeagent
+    from tests.kubeserver import RESOURCES
+
+    want = nodeagent.daemonset_manifest(image, "kube-system")
+    stored = json.loads(json.dumps(want))
+    kube._exec_default(RESOURCES["daemonsets"], stored)
+    assert stored["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == policy
+    assert nodeagent._undefaulted(stored["spec"]["template"]) == nodeagent._undefaulted(want["spec"]["template"])
+
+
+@pytest.mark.parametrize("edit", sorted(NARROWINGS))
+def test_agent_install_again_repairs_a_template_narrowed_since(cli, cluster, edit):
+    """Only what the API server defaults may differ from katactl's template: anything else
+    (here a narrowing that breaks the agent) is put back by the next install, which is then
+    a no-op again."""
+    kube = cluster["kube"]
+    assert cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"]).json()["action"] == "created"
+    fresh = kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system")["spec"]["template"]
+    ds = kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system")
+    NARROWINGS[edit](ds["spec"]["template"]["spec"])
+    kube.add(ds)
+    for action in ("updated", "unchanged"):
+        r = cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"])
+        assert r.exit_code == 0 and r.json()["action"] == action, r.stdout
+    assert kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system")["spec"]["template"] == fresh
+
+
 # -- timeouts ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("timeout", [None, 3600])
 def test_the_exec_upgrade_is_bounded_by_the_request_timeout_and_is_unreachable(cluster, hop, timeout):
