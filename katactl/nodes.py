@@ -208,7 +208,7 @@ def _now() -> str:
 
 #: the field manager of katactl's writes: the API server's default, the User-Agent
 #: ("katactl/VERSION", katactl/backends/kube.py) up to its first "/" (apiserver
-#: pkg/endpoints/handlers/rest.go prefixFromUserAgent)
+#: pkg/endpoints/handlers/create.go managerOrUserAgent)
 FIELD_MANAGER = "katactl"
 
 

@@ -1578,7 +1578,7 @@ class KubeStandIn(KubeExecMixin):
     def _manage_unschedulable(self, md: dict, present: bool) -> None:
         """managedFields for a node's spec.unschedulable only: an Update that changes it makes
         the request's manager (?fieldManager, else the User-Agent up to its first '/': apiserver
-        handlers/rest.go prefixFromUserAgent) its owner, at this time; one that removes it leaves
+        pkg/endpoints/handlers/create.go managerOrUserAgent) its owner, at this time; one that removes it leaves
         it unowned."""
         entries = []
         for mf in md.get("managedFields") or []:
