@@ -127,6 +127,40 @@ def test_a_quiet_exec_outlives_an_idle_cutting_hop(cluster, hop):
         nodeagent.cleanup()
 
 
+def _pingers() -> set:
+    return {t for t in threading.enumerate() if t.name == "katactl-ws-ping"}
+
+
+def test_a_stream_dropped_unread_ends_its_exec_and_its_pinger(cluster):
+    """The pinger does not keep a channel alive: a stream generator dropped before its first
+    read (its caller failed first) is collected, its WebSocket shut, its node command ended."""
+    import gc
+
+    from katactl import nodeagent
+
+    kube = cluster["kube"]
+    argv = ["sh", "-c", "sleep 60; echo late"]
+    t = _transport()
+    try:
+        before = _pingers()
+        g = t.run_stream(argv, timeout=120)
+        [pinger] = _pingers() - before
+        [entry] = [e for e in kube.exec_log if e["argv"] == argv]
+        assert entry["exitCode"] is None
+        del g
+        gc.collect()
+        pinger.join(30)
+        assert not pinger.is_alive()
+        for _ in range(300):  # the stand-in kills an exec whose client went away, as it sees it go
+            if entry["exitCode"] is not None:
+                break
+            time.sleep(0.1)
+        assert entry["exitCode"] == 137
+    finally:
+        t.close()
+        nodeagent.cleanup()
+
+
 def test_a_mutation_after_the_helper_stream_was_cut_while_idle_is_done(cluster, hop):
     """A helper stream found closed before the request was written: the rename goes on a new
     helper (nothing was sent on the dead one, so it cannot have happened twice)."""

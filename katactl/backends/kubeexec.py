@@ -32,9 +32,10 @@ httpx-ws:
   pyproject.toml because katactl imports it). It is imported only when a node is contacted.
 
 Every WebSocket is pinged every 5 s (PING_PERIOD, as client-go's executor): a quiet command
-(makedumpfile, a helper idle between calls) outlives a load balancer's idle timeout. A helper
-stream found closed before a request is written is replaced, for a mutation too (nothing of it
-was sent).
+(makedumpfile, a helper idle between calls) outlives a load balancer's idle timeout. The pinger
+holds its channel weakly: a channel dropped without close() (a stream never read) is still
+collected, which shuts its socket and so ends its node command. A helper stream found closed
+before a request is written is replaced, for a mutation too (nothing of it was sent).
 
 Each WebSocket's socket is katactl's own (:func:`_dial`), through the kube client's proxy
 decision (kube.proxy_for), as kubectl's exec connects: an HTTP CONNECT tunnel, TLS inside it.
@@ -59,6 +60,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from typing import Iterable, Sequence
 from urllib.parse import quote
 
@@ -281,16 +283,17 @@ class WSChannel:
         self._timeout: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        threading.Thread(target=self._heartbeat, name="katactl-ws-ping", daemon=True).start()
+        # The pinger holds the channel only weakly: a channel nobody closed (a stream generator
+        # dropped unread) is still collected, which stops the pinger and shuts the socket, so
+        # the exec ends (the kubelet sees the connection go) rather than being kept alive.
+        self._fin = self._finalizer(ws)
+        threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop), name="katactl-ws-ping",
+                         daemon=True).start()
 
-    def _heartbeat(self) -> None:
-        # the WebSocket sends under its own lock (enable_multithread); the pong is read and
-        # dropped by whichever recv comes next
-        while not self._stop.wait(PING_PERIOD):
-            try:
-                self.ws.ping()
-            except Exception:  # noqa: BLE001 - the reading side reports a dead stream
-                return
+    def _finalizer(self, ws) -> weakref.finalize:
+        fin = weakref.finalize(self, _release, self._stop, ws)
+        fin.atexit = False
+        return fin
 
     def idle_dead(self) -> bool:
         """Whether this stream, with no request outstanding, has ended (the server or a hop
@@ -362,6 +365,8 @@ class WSChannel:
         reopen, self._reopen = self._reopen, None
         ws = reopen()
         old, self.ws = self.ws, ws
+        self._fin.detach()
+        self._fin = self._finalizer(ws)
         try:
             old.shutdown()
         except Exception:  # noqa: BLE001
@@ -487,6 +492,31 @@ class WSChannel:
             self.ws.shutdown()
         except Exception:  # noqa: BLE001
             pass
+        self._fin.detach()
+
+
+def _heartbeat(ref, stop: threading.Event) -> None:
+    # the WebSocket sends under its own lock (enable_multithread); the pong is read and dropped
+    # by whichever recv comes next. Between pings only the weak reference is held.
+    while not stop.wait(PING_PERIOD):
+        chan = ref()
+        if chan is None:
+            return
+        ws = chan.ws
+        del chan
+        try:
+            ws.ping()
+        except Exception:  # noqa: BLE001 - the reading side reports a dead stream
+            return
+
+
+def _release(stop: threading.Event, ws) -> None:
+    """A WSChannel collected without close(): stop its pinger, shut its socket."""
+    stop.set()
+    try:
+        ws.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 #: one kubeconfig load at a time: the kubernetes loader registers certificate-authority-data's
