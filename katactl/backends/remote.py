@@ -261,13 +261,16 @@ class RemoteTransport(NodeTransport):
         try:
             chan.settimeout(timeout)
             first = chan.recv(1)
+            if first == b"\0":
+                return ChannelSocket(chan, path)
+            rc = chan.recv_exit_status()
+            msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
         except socket.timeout:
             chan.close()
             raise TimeoutExpired(f"{path}: connect timed out after {timeout:g}s") from None
-        if first == b"\0":
-            return ChannelSocket(chan, path)
-        rc = chan.recv_exit_status()
-        msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
+        except BaseException:
+            chan.close()  # a failed connect (a cut stream, Ctrl-C) must not keep its channel open
+            raise
         chan.close()
         if rc == 3:
             raise UnreachableError(f"{path}: socket does not exist", reason=SOCKET_MISSING)
