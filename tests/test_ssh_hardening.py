@@ -40,13 +40,18 @@ def frozen(sshd_lab, ssh_open):
     assert t.read_bytes("/etc/hostname") == b"freeze\n"  # the SFTP session is open
     pids = sshd_lab.session_pids("freeze")
     assert pids
-    for p in pids:
-        os.kill(p, signal.SIGSTOP)
+    def signal_all(sig: int) -> None:
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass  # a session process of an earlier connection, ended since it was listed
+
+    signal_all(signal.SIGSTOP)
     try:
         yield t
     finally:
-        for p in pids:
-            os.kill(p, signal.SIGCONT)
+        signal_all(signal.SIGCONT)
         ssh.close_pool()
 
 
@@ -95,6 +100,24 @@ def test_run_timeout_ends_the_command_on_the_node(ssh_open):
         t.run(["sleep", "4242.1"], timeout=0.5)
     assert _gone("^sleep 4242.1$")
     assert t.run(["true"]).returncode == 0  # connection still usable
+
+
+def test_a_command_given_up_on_ends_with_its_children(ssh_open):
+    # the guard signals the command's whole process group: a pipeline's or a script's
+    # children (a resumed dump's compressor feeding tail) must not run on either
+    t = ssh_open("node1")
+    with pytest.raises(TimeoutExpired):
+        t.run(["sh", "-c", "sleep 4242.5 | sleep 4242.6; echo never"], timeout=0.5)
+    assert _gone("^sleep 4242.5$") and _gone("^sleep 4242.6$")
+    it = t.run_stream(["sh", "-c", "echo go; sleep 4242.7 | sleep 4242.8"])
+    assert next(it) == b"go\n"
+    it.close()
+    assert _gone("^sleep 4242.7$") and _gone("^sleep 4242.8$")
+    # exit codes and output are the command's own, as without the guard
+    r = t.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    with pytest.raises(FileNotFoundError):  # rc 127, as a missing program locally
+        t.run(["katactl-no-such-command"])
 
 
 def test_stream_closed_early_ends_the_command_on_the_node(ssh_open):

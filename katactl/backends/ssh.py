@@ -1394,12 +1394,17 @@ _ChannelSocket = ChannelSocket  # (moved to remote.py)
 # refuses the RFC 4254 "signal" request for root logins ("session signalling requires
 # privilege separation", session.c session_signal_req). After a normal end sshd closes
 # our stdin itself (session_exit_message), which ends the watcher. The watcher's output
-# goes to /dev/null: it must not hold the channel's stdout/stderr open.
+# goes to /dev/null: it must not hold the channel's stdout/stderr open. The command runs
+# in its own process group (setsid, where the node has it: util-linux, busybox) and the
+# whole group is signalled: a command's own children (a resumed dump's compressor
+# feeding tail) must end with it. A non-interactive sh has no job control, so the
+# background child is no group leader and setsid execs the command without forking:
+# $! is the command itself, its pid its group's id.
 GUARD = (
     'exec 3<&0 </dev/null\n'
-    '"$@" 3<&- &\n'
+    'if command -v setsid >/dev/null 2>&1; then setsid "$@" 3<&- & else "$@" 3<&- & fi\n'
     'p=$!\n'
-    '{ cat <&3; kill -TERM "$p"; } >/dev/null 2>&1 &\n'
+    '{ cat <&3; kill -TERM -"$p" || kill -TERM "$p"; } >/dev/null 2>&1 &\n'
     'w=$!\n'
     'exec 3<&-\n'
     'wait "$p"\n'
