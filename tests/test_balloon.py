@@ -512,7 +512,8 @@ def test_qemu_move_under_tolerance_is_sent(lab, cli):
         assert r.exit_code == 0, (r.stdout, r.stderr)
         assert r.json()["changed"] is False and r.json()["targetBytes"] == 510 * MIB
     finally:
-        r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "-o", "json"))
+        # --tolerance 0: the wait must see the guest's last MiB back before the check below
+        r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "--tolerance", "0", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert query_balloon(lab, "qemu-em") == 512 * MIB
 
