@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import subprocess
 
@@ -115,6 +116,23 @@ def test_certificate_checks(tmp_path, extra, principal, problem):
         assert "signature" in forged.problem(principal)
     ca_t, ca_b64 = (tmp_path / "ca.pub").read_text().split()[:2]
     assert forged.ca_blob == base64.b64decode(ca_b64)
+
+
+@needs_keygen
+def test_a_revoked_ca_is_named_as_the_ca(tmp_path):
+    """@revoked on the CA refuses its certificates, and the error names the CA's key, not
+    the host's (which is not the one revoked)."""
+    for n in ("ca", "host"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / n)], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(tmp_path / "ca"), "-I", "t", "-h", "-n", "node1",
+                    str(tmp_path / "host.pub")], check=True)
+    ctype, b64 = (tmp_path / "host-cert.pub").read_text().split()[:2]
+    ca_t, ca_b64 = (tmp_path / "ca.pub").read_text().split()[:2]
+    (tmp_path / "kh").write_text(f"@cert-authority * {ca_t} {ca_b64}\n@revoked * {ca_t} {ca_b64}\n")
+    ca_fp = kh.fingerprint(base64.b64decode(ca_b64))
+    with pytest.raises(HostKeyError, match=f"CA that signed the host certificate \\({re.escape(ca_fp)}\\) is marked @revoked"):
+        kh.KnownHosts([str(tmp_path / "kh")]).verify(["node1"], ctype, base64.b64decode(b64), node="",
+                                                     principal="node1")
 
 
 def test_parse_cert_garbage():

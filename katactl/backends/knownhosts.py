@@ -251,11 +251,16 @@ class KnownHosts:
             cert = parse_cert(blob)
             plain_type, plain_blob = cert.key_type, cert.key_blob
         for e in self.entries:
-            if e.marker == "@revoked" and (e.blob in (plain_blob, blob)
-                                           or (cert is not None and e.blob == cert.ca_blob)):
+            if e.marker != "@revoked":
+                continue
+            if e.blob in (plain_blob, blob):
                 raise HostKeyError(
                     f"{node}the host key ({plain_type} {fingerprint(plain_blob)}) is marked "
                     f"@revoked in {e.where}; refusing to connect")
+            if cert is not None and e.blob == cert.ca_blob:
+                raise HostKeyError(
+                    f"{node}the CA that signed the host certificate ({fingerprint(cert.ca_blob)}) "
+                    f"is marked @revoked in {e.where}; refusing to connect")
         if cert is not None:
             cas = [e for e in self.for_host(names, "@cert-authority") if e.blob == cert.ca_blob]
             if cas:
