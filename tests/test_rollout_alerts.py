@@ -88,3 +88,29 @@ def test_unreachable_alertmanager_closes_the_gate(cli, kube, tmp_path):
     assert r.exit_code == 6
     ev = [json.loads(x) for x in r.stdout.splitlines()]
     assert ev[[e["kind"] for e in ev].index("GateClosed")]["reason"] == "alertmanager-error"
+
+
+def test_the_first_gate_check_is_made_on_a_machine_up_for_less_than_poll():
+    """The engine's clock is monotonic (it counts from boot): on a machine up for 5 s with
+    --poll 60s the gate must still be asked before the first node starts. Here it is closed
+    (Alertmanager unreachable): nothing starts, and --gate-timeout ends the run."""
+    from katactl.rollout import engine
+    from tests.test_rollout_engine_errors import _Store
+    from tests.test_rollout_scale import plan_of
+
+    plan = plan_of(2, ["check"])
+    plan.policy.poll, plan.policy.gate_timeout = 60.0, 0.5
+    plan.policy.alert_gate = f"http://127.0.0.1:{free_port()}"
+    now = [5.0]  # booted 5 s ago
+
+    def clock():
+        now[0] += 0.01
+        return now[0]
+
+    ev: list[tuple[str, dict]] = []
+    e = engine.Engine(plan, _Store([]), engine.new_state(plan), api=None, settings=None, clock=clock,
+                      events=lambda kind, **d: ev.append((kind, d)))
+    out = e.run()
+    kinds = [k for k, _ in ev]
+    assert "GateClosed" in kinds and "NodeStepStarted" not in kinds, kinds
+    assert out["phase"] == "Stopped" and out["exitCode"] == 6, out

@@ -156,13 +156,15 @@ class Engine:
         self.obs: dict[str, NodeInfo] = {}
         # out of service as last observed: worked out once per list, not for each node started
         self.obs_out: set[str] = set(state["nodes"])
-        self.obs_at = 0.0
+        # "never": -inf, not 0.0 (the monotonic clock counts from boot: a machine up for less
+        # than --poll would skip the first gate check and control read)
+        self.obs_at = float("-inf")
         self.obs_dirty = True
         self.view: NodeView | None = None     # the watched selection (started by run())
         self.gate = gate_mod.GateState(True)
-        self.gate_at = 0.0
+        self.gate_at = float("-inf")
         self.gate_closed_since: float | None = None
-        self.control_at = 0.0
+        self.control_at = float("-inf")
         self.stopping: tuple[str, int] | None = None   # (reason, exit code)
         self.pausing: str | None = None
         self.aborting = False
@@ -261,7 +263,8 @@ class Engine:
         g = gate_mod.check(pol, timeout=self.settings.request_timeout if self.settings else 10.0)
         self.gate_at = self.clock()
         if not g.open and (self.gate.open or g.message != self.gate.message):
-            self.gate_closed_since = self.gate_closed_since or self.clock()
+            if self.gate_closed_since is None:
+                self.gate_closed_since = self.clock()
             self.state["gate"] = g.to_dict()
             self.ev("GateClosed", reason=g.reason, message=g.message, alerts=g.alerts,
                     windows=[str(w) for w in pol.windows] if g.reason == "window" else None)
@@ -495,7 +498,8 @@ class Engine:
                     g = self.check_gate()
                     if not g.open:
                         gt = self.plan.policy.gate_timeout
-                        if gt and self.gate_closed_since and self.clock() - self.gate_closed_since > gt:
+                        if gt and self.gate_closed_since is not None \
+                                and self.clock() - self.gate_closed_since > gt:
                             self.stopping = (f"the gate stayed closed longer than --gate-timeout {gt:g}s: "
                                              f"{g.message}", int(ExitCode.TIMEOUT))
                         break
