@@ -212,24 +212,41 @@ def _now() -> str:
 FIELD_MANAGER = "katactl"
 
 
+#: managers that name nobody: the oldest Update entries merged once there are more than 10
+#: (k8s.io/apimachinery pkg/util/managedfields/internal/capmanagers.go oldUpdatesManagerName),
+#: and what the first server-side apply finds already set (internal/skipnonapplied.go)
+UNNAMED_MANAGERS = ("ancient-changes", "before-first-apply")
+
+
+def _unschedulable_owners(node: dict) -> list[dict]:
+    return [mf for mf in (node.get("metadata") or {}).get("managedFields") or []
+            if "f:unschedulable" in (((mf.get("fieldsV1") or {}).get("f:spec")) or {})]
+
+
 def unschedulable_set_by_katactl(node: dict) -> bool | None:
-    """Whether the last write that set spec.unschedulable was katactl's, from managedFields
-    (None when the server keeps none for it). A cordon record left behind by ``kubectl
-    uncordon`` (spec only) says nothing of a later ``kubectl cordon``: this does."""
-    for mf in (node.get("metadata") or {}).get("managedFields") or []:
-        if "f:unschedulable" in (((mf.get("fieldsV1") or {}).get("f:spec")) or {}):
-            return mf.get("manager") == FIELD_MANAGER
-    return None
+    """Whether spec.unschedulable is katactl's, from managedFields: True when katactl's manager
+    owns it (alone or with others: a server-side apply of the same value shares the field, and
+    Apply entries are listed first); False when another named manager owns it and katactl does
+    not (an Update that changes a field takes it from every other owner: ``kubectl uncordon``
+    then ``kubectl cordon`` leaves it kubectl-cordon's, while katactl's cordon record stays);
+    None when nobody named does (only "ancient-changes": katactl's entry may be among those
+    merged; or a server that keeps none): the caller trusts the cordon record then."""
+    owners = {mf.get("manager") for mf in _unschedulable_owners(node)}
+    if FIELD_MANAGER in owners:
+        return True
+    return False if owners - set(UNNAMED_MANAGERS) else None
 
 
-def _unschedulable_manager(node: dict) -> str | None:
-    """Who set spec.unschedulable, from the server's managedFields (kubectl cordon
-    shows up as manager "kubectl-cordon"); None when the server keeps none."""
-    for mf in (node.get("metadata") or {}).get("managedFields") or []:
-        spec = ((mf.get("fieldsV1") or {}).get("f:spec")) or {}
-        if "f:unschedulable" in spec:
-            return f"{mf.get('manager')} at {mf.get('time')}" if mf.get("time") else mf.get("manager")
-    return None
+def unschedulable_manager(node: dict) -> str | None:
+    """Who set spec.unschedulable, from the server's managedFields (kubectl cordon shows up
+    as manager "kubectl-cordon"): a named manager other than katactl if there is one; None
+    when the server keeps none."""
+    owners = _unschedulable_owners(node)
+    mf = next((m for m in owners if m.get("manager") not in (FIELD_MANAGER, *UNNAMED_MANAGERS)),
+              owners[0] if owners else None)
+    if mf is None:
+        return None
+    return f"{mf.get('manager')} at {mf.get('time')}" if mf.get("time") else mf.get("manager")
 
 
 def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool | str = False,
@@ -260,7 +277,7 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
             return _cordon_result(name, False, dry_run, was, rec, "already cordoned by katactl")
         new = {"by": _who(), "at": _now(), "reason": reason or "", "wasUnschedulable": was, "id": op_id}
         if was:
-            new["cordonedBefore"] = _unschedulable_manager(node) or "unknown"
+            new["cordonedBefore"] = unschedulable_manager(node) or "unknown"
         # conditional on the resourceVersion: of several sends (a retry after a timeout) at
         # most one lands, the others meet 409
         patch = {"metadata": {"resourceVersion": node["metadata"].get("resourceVersion"),
@@ -318,7 +335,7 @@ def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | st
         if record_id is not None and unsched and unschedulable_set_by_katactl(node) is False:
             # uncordoned and cordoned again since by someone else (kubectl leaves our record): theirs
             return {"name": name, "changed": False, "dryRun": bool(dry_run),
-                    "message": f"left cordoned: cordoned again since by {_unschedulable_manager(node)}"}
+                    "message": f"left cordoned: cordoned again since by {unschedulable_manager(node)}"}
         if unsched and rec and rec.get("wasUnschedulable") and not force:
             first = rec.get("cordonedBefore") or "someone else"
             raise Refused(f"node {name} was already cordoned (by {first}) before katactl cordoned it "

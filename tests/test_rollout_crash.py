@@ -203,6 +203,36 @@ def test_a_stale_cordon_record_does_not_make_an_operators_later_cordon_the_rollo
     assert r.exit_code == 0, r.stderr
     assert kube.get_obj("Node", "n0")["spec"].get("unschedulable") is True
     assert "node/n0: uncordoned" not in r.stderr
+    assert "cordoned again since the rollout cordoned it, by kubectl-cordon" in r.stderr  # not silently
+
+
+@pytest.mark.parametrize("verb", ["abort", "resume"])
+@pytest.mark.parametrize("mode", ["ancient-changes", "apply"])
+def test_the_rollouts_cordon_is_undone_whoever_else_the_server_lists_for_it(kube, kc, katactl_bin, verb, mode):
+    """Killed after n0's cordon; nobody touched spec.unschedulable since, but the server lists
+    another manager for it first: katactl's Update entry merged into "ancient-changes" (more
+    than 10 Update managers: apimachinery managedfields/internal/capmanagers.go), or a
+    server-side apply of the same value sharing the field (Apply entries sort first). The
+    rollout cordoned n0: abort and resume uncordon it."""
+    kube.add_node("n0")
+    r = _ro(katactl_bin, kc, "run", "r1", "-N", "n0", "--step", "cordon", "--step", "check", "--poll", "0.05",
+            env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9, r.stderr
+    with kube._lock:
+        md = kube.store[("nodes", "", "n0")]["metadata"]
+        mfs = md.get("managedFields") or []
+        assert [m["manager"] for m in mfs] == ["katactl"], mfs
+        if mode == "ancient-changes":
+            mfs[0]["manager"] = "ancient-changes"
+        else:
+            mfs.insert(0, {"manager": "node-gitops", "operation": "Apply", "apiVersion": "v1",
+                           "time": "2026-12-05T06:00:00Z", "fieldsType": "FieldsV1",
+                           "fieldsV1": {"f:spec": {"f:unschedulable": {}}}})
+        md["managedFields"] = mfs
+    r = _ro(katactl_bin, kc, verb, "r1")
+    assert r.exit_code == 0, r.stderr
+    assert not kube.get_obj("Node", "n0")["spec"].get("unschedulable"), r.stderr
+    assert _record(kube, "n0") is None
 
 
 def test_a_node_found_schedulable_loses_the_rollouts_stale_cordon_record(kube, kc, kube_api, katactl_bin):

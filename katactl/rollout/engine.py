@@ -181,6 +181,7 @@ class Engine:
         self.cordons = any(s.definition.cordons for s in plan.steps)
         #: the first step that cordons (a node uncordoned after losing the lock starts again there)
         self.first_cordon = next((i for i, s in enumerate(plan.steps) if s.definition.cordons), 0)
+        self._theirs_told: set[str] = set()     # nodes _theirs() warned about
         self._left_tried: dict[str, float] = {}  # node left cordoned -> when the scheduler last tried it
         self._done = threading.Event()
 
@@ -861,6 +862,10 @@ class Engine:
             return
         if not self.ours(node, rec):
             rec_c = nodes.cordon_record(node) or {}
+            if rec.get("cordonId") and rec_c.get("id") == rec["cordonId"] and rec_c.get("wasUnschedulable") is False:
+                self._theirs(n, node)
+                self._restored(n, rec, changed=False)
+                return
             if (rec.get("cordonId") and rec_c.get("id") == rec["cordonId"]) or \
                     (rec.get("wasUnschedulable") and rec_c.get("wasUnschedulable") is not False):
                 # our cordon found it cordoned, or it was when it started and no katactl cordon since
@@ -922,9 +927,23 @@ class Engine:
                 if (node.get("spec") or {}).get("unschedulable"):
                     if self.ours(node, names[n]) or self._legacy(node, names[n]):
                         found[n] = True
+                    elif names[n].get("cordonId") and (c := nodes.cordon_record(node) or {}).get("id") == \
+                            names[n]["cordonId"] and c.get("wasUnschedulable") is False:
+                        self._theirs(n, node)  # our record, another's cordon since (see ours)
                 elif names[n].get("cordonId") and (nodes.cordon_record(node) or {}).get("id") == names[n]["cordonId"]:
                     found[n] = False
         return found
+
+    def _theirs(self, n: str, node: dict) -> None:
+        """Say (once) that a node carrying this rollout's cordon record is left cordoned: the
+        server says another manager set spec.unschedulable since (kubectl uncordon + cordon
+        keeps our record), so the cordon is theirs to undo."""
+        from katactl import nodes
+
+        if n not in self._theirs_told:
+            self._theirs_told.add(n)
+            self.ev("Warning", node=n, message=f"cordoned again since the rollout cordoned it, by "
+                    f"{nodes.unschedulable_manager(node)}: left cordoned (theirs to undo)")
 
     def restore_all(self, skip=(), among=None) -> list[str]:
         """Uncordon every node of the rollout whose cordon record says this rollout
