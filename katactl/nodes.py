@@ -550,6 +550,7 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         c = cordon(api, name, reason=opts.reason or "katactl node drain", dry_run=dry or False,
                    op_id=opts.cordon_id)
         result["wasUnschedulable"] = c["wasUnschedulable"]
+        result["cordon"] = c["record"]  # katactl's cordon record on the node now (a rollout's step reads it)
         if c["changed"] and not c["wasUnschedulable"] and not dry:
             mine = c["record"]
         result["changed"] = c["changed"] and not dry

@@ -157,6 +157,19 @@ def test_run_restores_only_what_it_cordoned_and_releases_the_lock(cli, kube, kc,
     assert [i["name"] for i in lst["items"]] == ["r1"]
 
 
+def test_was_cordoned_is_what_was_found_before_the_rollout_touched_the_node(cli, kube, kc):
+    """cordon then drain: the drain's cordon finds n0 unschedulable (the rollout's own cordon);
+    the state (status -o wide WAS-CORDONED) says what the first one found: schedulable. n3,
+    cordoned before, stays true."""
+    fleet(kube, 4, cordoned=("n3",))
+    r = ro(cli, kc, "run", "r1", "-N", "n0,n3", "--max-unavailable", "2", "--step", "cordon", "--step", "drain --ignore-daemonsets",
+           "--step", "check", "--poll", "0.05")
+    assert r.exit_code == 0, r.stderr
+    st = state_of(kube, "r1")
+    assert st["nodes"]["n0"]["wasUnschedulable"] is False and st["nodes"]["n3"]["wasUnschedulable"] is True
+    assert unschedulable(kube)["n0"] is False
+
+
 def test_a_batch_is_marked_running_in_one_save_before_any_of_its_steps(cli, kube, kc):
     """The nodes started together are recorded running in one state save (not one
     whole-state save each), and that save is answered before any of their steps' requests;

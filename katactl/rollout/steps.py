@@ -293,7 +293,17 @@ def _cordon(ctx, a):
 
     r = nodes.cordon(_need_api(ctx), ctx.node, reason=a.reason or f"katactl rollout {ctx.rollout}",
                      op_id=ctx.cordon_id)
-    return {"changed": r["changed"], "message": r["message"], "wasUnschedulable": r["wasUnschedulable"]}
+    return {"changed": r["changed"], "message": r["message"], "wasUnschedulable": _found(ctx, r)}
+
+
+def _found(ctx, r: dict) -> bool | None:
+    """Whether the node was unschedulable before the rollout touched it: a cordon of a node
+    this rollout already cordoned (a drain after a cordon step, a resumed cordon) finds it
+    unschedulable, but its own record (the node's cordonId) says what the first one found."""
+    rec = r.get("record", r.get("cordon")) or {}
+    if ctx.cordon_id is not None and rec.get("id") == ctx.cordon_id:
+        return bool(rec.get("wasUnschedulable"))
+    return r["wasUnschedulable"]
 
 
 @_register("uncordon", "kube", ("node", "uncordon"),
@@ -361,7 +371,7 @@ def _run_drain(ctx: StepContext, a: Args, *, kata_only: bool, stale: bool) -> di
     r = nodes.drain(_need_api(ctx), ctx.node, _drain_opts(ctx, a, kata_only=kata_only, only_pods=only),
                     events=_drain_events(ctx), stop=ctx.stop)
     return {"changed": r["changed"], "message": f"{len(r['evicted'])} pod(s) evicted, {len(r['skipped'])} skipped",
-            "evicted": r["evicted"], "wasUnschedulable": r["wasUnschedulable"]}
+            "evicted": r["evicted"], "wasUnschedulable": _found(ctx, r)}
 
 
 @_register("drain", "kube", ("node", "drain"), "Cordon and evict pods, with kubectl drain's semantics and flags.",
