@@ -306,3 +306,46 @@ def test_a_soak_resumed_on_a_machine_whose_clock_is_off_soaks_the_rest(kube, kc,
         p.kill()
         p.wait()
     assert 250 <= soak["seconds"] <= 300, soak
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_a_legacy_node_left_cordoned_that_holds_the_resumed_rollout_back_is_said(kube, kc, katactl_bin, step):
+    """A state saved before cordon ids, killed with n1 cordoned (katactl's record on it has no id),
+    before its state saved the cordon step done (step 0: the resume runs it again) or after: the resumed run leaves n1 cordoned (it cannot tell it is the rollout's) with the
+    older-katactl message, and since n1 fills --max-unavailable 1 and n2 waits for room, says
+    that n1 holds the rollout back and how to free it (the run would wait without a word)."""
+    import queue
+    import threading
+
+    from tests.test_rollout import _edit_state
+
+    for n in ("n0", "n1", "n2"):
+        kube.add_node(n)
+    r = _ro(katactl_bin, kc, "run", "r1", "-N", "n0,n1,n2", "--canary", "1", "--step", "cordon", "--step", "check",
+            "--poll", "0.05")
+    assert r.exit_code == 0 and "Paused" in r.stderr, r.stderr
+    _edit_state(kube, "r1", lambda st: st["nodes"]["n1"].update(phase="running", step=step, wasUnschedulable=False,
+                                                                attempts=1, cordonId=None))
+    obj = kube.get_obj("Node", "n1")
+    obj["spec"]["unschedulable"] = True
+    obj["metadata"].setdefault("annotations", {})["katactl.io/cordon"] = json.dumps(
+        {"by": "t@h", "at": "2026-01-01T00:00:00Z", "reason": "katactl rollout r1", "wasUnschedulable": False})
+    kube.add(obj)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "resume", "r1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in p.stderr], daemon=True).start()  # type: ignore[union-attr]
+    seen = []
+    try:
+        while not any("holds the rollout back" in x for x in seen):
+            seen.append(lines.get(timeout=20))
+    except queue.Empty:
+        pass
+    finally:
+        p.kill()
+        p.wait()
+    err = "".join(seen)
+    assert "names no cordon record" in err and "cordoned during the rollout, not by it" not in err, err
+    held = next(x for x in seen if "holds the rollout back" in x)
+    assert held.startswith("warning: node/n1: the rollout's state") and "katactl node uncordon n1" in held, err
+    assert kube.get_obj("Node", "n1")["spec"].get("unschedulable") is True  # what is restored is unchanged

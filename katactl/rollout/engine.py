@@ -182,6 +182,10 @@ class Engine:
         #: the first step that cordons (a node uncordoned after losing the lock starts again there)
         self.first_cordon = next((i for i, s in enumerate(plan.steps) if s.definition.cordons), 0)
         self._theirs_told: set[str] = set()     # nodes _theirs() warned about
+        #: nodes restore() left cordoned by design (not the rollout's cordon, as far as it can
+        #: tell) -> why; those holding the rollout back are said once (_left_cordoned_blocking)
+        self._kept: dict[str, str] = {}
+        self._kept_told: set[str] = set()
         self._left_tried: dict[str, float] = {}  # node left cordoned -> when the scheduler last tried it
         self._done = threading.Event()
 
@@ -871,9 +875,13 @@ class Engine:
                 # our cordon found it cordoned, or it was when it started and no katactl cordon since
                 self._restored(n, rec, changed=False)
                 return
-            self.ev("Warning", node=n, message="cordoned during the rollout, not by it: left cordoned"
-                    if rec.get("cordonId") else "the rollout's state (saved by an older katactl) names no cordon "
-                    f"record: left cordoned ('katactl node uncordon {n}' if the rollout cordoned it)")
+            # a record without an id was written by a katactl from before cordon ids (a state of
+            # then, resumed: the cordon step run again finds it, under a cordonId of now)
+            legacy = not rec.get("cordonId") or (rec_c and "id" not in rec_c and rec_c.get("wasUnschedulable") is False)
+            self._kept[n] = "the rollout's state (saved by an older katactl) names no cordon record" if legacy \
+                else "cordoned during the rollout, not by it"
+            self.ev("Warning", node=n, message=f"{self._kept[n]}: left cordoned ('katactl node uncordon {n}' if the "
+                    "rollout cordoned it)" if legacy else f"{self._kept[n]}: left cordoned")
             self._restored(n, rec, changed=False)
             return
         # conditional on our record still being on it: a cordon since is not undone
@@ -940,10 +948,10 @@ class Engine:
         keeps our record), so the cordon is theirs to undo."""
         from katactl import nodes
 
+        self._kept[n] = f"cordoned again since the rollout cordoned it, by {nodes.unschedulable_manager(node)}"
         if n not in self._theirs_told:
             self._theirs_told.add(n)
-            self.ev("Warning", node=n, message=f"cordoned again since the rollout cordoned it, by "
-                    f"{nodes.unschedulable_manager(node)}: left cordoned (theirs to undo)")
+            self.ev("Warning", node=n, message=f"{self._kept[n]}: left cordoned (theirs to undo)")
 
     def restore_all(self, skip=(), among=None) -> list[str]:
         """Uncordon every node of the rollout whose cordon record says this rollout
@@ -964,6 +972,14 @@ class Engine:
         holds it back, say so (once each) and try them again every --poll."""
         for n in sorted(self.unavailable()):
             rec = self.state["nodes"].get(n)
+            if rec and n in self._kept and n not in self.out_nodes and not rec.get("leftCordoned"):
+                # left cordoned by design: it may stay so for good, and the rollout with it
+                if n not in self._kept_told:
+                    self._kept_told.add(n)
+                    self.ev("Warning", node=n, message=f"{self._kept[n]}; left cordoned, it counts as "
+                            "unavailable and holds the rollout back until it is uncordoned "
+                            f"('katactl node uncordon {n}' if nobody needs it cordoned)")
+                continue
             if not rec or not rec.get("leftCordoned") or n in self.out_nodes:
                 continue
             last = self._left_tried.get(n)
