@@ -164,7 +164,7 @@ def _json_escape(m: re.Match) -> str:
     return f"\\u{ord(m.group()):04x}"
 
 
-def _plural_noun(kind: str) -> str:
+def plural_noun(kind: str) -> str:
     """'SandboxList' -> 'sandboxes', 'MetricSampleList' -> 'metric samples'."""
     words = [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z0-9]*|[a-z0-9]+", kind.removesuffix("List"))] or ["item"]
     last = words[-1]
@@ -597,7 +597,7 @@ class Output:
         rows = [[c.value(it) for c in cols] for it in result.items or []]
         if not rows:
             if result.summary is None:
-                self.info(f"No {_plural_noun(result.kind)} found.")
+                self.info(f"No {plural_noun(result.kind)} found.")
             return
         if self.stdout_tty:
             from rich.console import Console
@@ -627,7 +627,7 @@ class Output:
         rows = [[markdown_cell(c.value(it)) for c in cols] for it in result.items or []]
         if not rows:
             if result.summary is None:
-                self.info(f"No {_plural_noun(result.kind)} found.")
+                self.info(f"No {plural_noun(result.kind)} found.")
             return
         from tabulate import tabulate  # lazy: only -o markdown pays for it
 

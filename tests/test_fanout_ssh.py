@@ -67,6 +67,19 @@ def test_all_unreachable_exit_7(cli, sshd_lab):
     assert "Traceback" not in r.stderr
 
 
+def test_an_empty_list_names_only_the_nodes_that_answered(cli, sshd_lab, tmp_path):
+    """'No sandboxes found.' must not be said of nodes that failed: with one node answering
+    an empty list it says so of that one; with none answering, only the errors are shown."""
+    empty = tmp_path / "empty-node"
+    empty.mkdir()
+    r = cli(ssh_args(sshd_lab, "--host-root", str(empty), "-N", "node1,unreachable", "sandbox", "list"))
+    assert r.exit_code == 4, r.stderr
+    assert "No sandboxes found on the 1 node(s) that answered." in r.stderr
+    r = cli(ssh_args(sshd_lab, "--host-root", str(empty), "-N", "unreachable,changed", "sandbox", "list"))
+    assert r.exit_code == 7, r.stderr
+    assert "No sandboxes found" not in r.stderr and "unreachable" in r.stderr
+
+
 def test_changed_host_key_cli_exit_7_names_line(cli, sshd_lab):
     port = sshd_lab.nodes["changed"].port
     lines = sshd_lab.known_hosts.read_text().splitlines()

@@ -119,9 +119,9 @@ def test_table_on_a_real_tty():
     ("MetricSampleList", "metric samples"), ("Policy", "policies"), ("AgentURL", "agent urls"),
 ])
 def test_empty_list_message_names_the_things_in_plural(kind, noun):
-    from katactl.output import _plural_noun
+    from katactl.output import plural_noun
 
-    assert _plural_noun(kind) == noun
+    assert plural_noun(kind) == noun
 
 
 def test_empty_sandbox_list_says_so_on_stderr(cli, tmp_path):

@@ -75,6 +75,13 @@ def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: 
     fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
     fo.raise_if_single_failure()
     items = fo.items()
+    if not items and fo.errors and summary is None:
+        # "No sandboxes found." would claim it of the nodes that failed too: say which
+        # answered, and nothing when none did (their errors are the whole story)
+        from katactl.output import plural_noun
+
+        answered = len(fo.nodes) - len(fo.errors)
+        summary = f"No {plural_noun(kind)} found on the {answered} node(s) that answered." if answered else ""
     result = Result(kind=kind, items=items, columns=columns, errors=fo.error_items(),
                     multi_node=fo.multi, name_key=name_key, summary=summary)
     code = fo.exit_code()
