@@ -316,6 +316,16 @@ def build_standard_lab(base: Path) -> SshLab:
     return lab
 
 
+def settings_for(lab: SshLab, **kw):
+    """Resolved settings for the lab's ssh_config (timeout= sets --request-timeout, 10 s by
+    default; any other keyword is a settings flag)."""
+    from katactl import config
+
+    flags = {"ssh_config": str(lab.config), "request_timeout": kw.pop("timeout", 10.0)}
+    flags.update(kw)
+    return config.resolve(flags)
+
+
 try:
     import pytest
 except ImportError:  # pragma: no cover - bench use without pytest
@@ -332,3 +342,13 @@ if pytest is not None:
 
         ssh.close_pool()
         lab.stop()
+
+    @pytest.fixture
+    def ssh_open(sshd_lab):
+        """open_(node, **settings_for keywords): an SSHTransport to a lab node."""
+        from katactl.backends.ssh import SSHTransport
+
+        def open_(node, **kw):
+            return SSHTransport.from_settings(node, settings_for(sshd_lab, **kw))
+
+        return open_

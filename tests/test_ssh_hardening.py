@@ -13,22 +13,6 @@ from katactl import config
 from katactl.errors import HostKeyError, TimeoutExpired, UnreachableError
 
 
-def settings_for(lab, **kw):
-    flags = {"ssh_config": str(lab.config), "request_timeout": kw.pop("timeout", 10.0)}
-    flags.update(kw)
-    return config.resolve(flags)
-
-
-@pytest.fixture
-def ssh_open(sshd_lab):
-    from katactl.backends.ssh import SSHTransport
-
-    def open_(node, **kw):
-        return SSHTransport.from_settings(node, settings_for(sshd_lab, **kw))
-
-    return open_
-
-
 @pytest.fixture
 def frozen(sshd_lab, ssh_open):
     """A transport to node 'freeze' whose sshd session processes are then stopped

@@ -9,25 +9,10 @@ import threading
 
 import pytest
 
+from tests.conftest_sshd import settings_for
 from katactl import config
 from katactl.errors import (NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, AuthError, HostKeyError, TimeoutExpired,
                             UnreachableError)
-
-
-def settings_for(lab, **kw):
-    flags = {"ssh_config": str(lab.config), "request_timeout": kw.pop("timeout", 10.0)}
-    flags.update(kw)
-    return config.resolve(flags)
-
-
-@pytest.fixture
-def ssh_open(sshd_lab):
-    from katactl.backends.ssh import SSHTransport
-
-    def open_(node, **kw):
-        return SSHTransport.from_settings(node, settings_for(sshd_lab, **kw))
-
-    return open_
 
 
 @pytest.fixture
