@@ -195,27 +195,38 @@ def test_reply_timeout(fake_peer):
     assert ei.value.exit_code == 6
 
 
-def test_event_before_reply_fake(fake_peer):
-    """An event written before the reply of the command that caused it is kept."""
+def _answering_peer(flood):
+    """A monitor that greets, answers qmp_capabilities, then sends the bytes of ``flood()``
+    (events) before its reply to any other command."""
     import json
 
     def peer(c):
         c.sendall(GREETING)
         buf = b""
-        while True:
-            data = c.recv(4096)
-            if not data:
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                req = json.loads(line)
-                if req["execute"] == "dump-guest-memory":
-                    c.sendall(b'{"event": "DUMP_COMPLETED", "data": {"result": {"status": "completed"}}, '
-                              b'"timestamp": {"seconds": 1, "microseconds": 2}}\r\n')
-                c.sendall(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\r\n")
+        try:
+            while True:
+                data = c.recv(4096)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    req = json.loads(line)
+                    if req["execute"] != "qmp_capabilities":
+                        for chunk in flood():
+                            c.sendall(chunk)
+                    c.sendall(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\r\n")
+        except OSError:
+            pass
 
-    path = fake_peer(peer)
+    return peer
+
+
+def test_event_before_reply_fake(fake_peer):
+    """An event written before the reply of the command that caused it is kept."""
+    done = (b'{"event": "DUMP_COMPLETED", "data": {"result": {"status": "completed"}}, '
+            b'"timestamp": {"seconds": 1, "microseconds": 2}}\r\n')
+    path = fake_peer(_answering_peer(lambda: [done]))
     with QMPClient.connect(LocalTransport(), path) as q:
         assert q.execute("dump-guest-memory", {"paging": False, "protocol": "file:/x"}) == {}
         ev = q.wait_event("DUMP_COMPLETED", timeout=0.1)
@@ -256,33 +267,6 @@ def test_trickling_reply_is_bounded_per_command(fake_peer):
     th.join(60)
     assert not th.is_alive(), "QMP read a trickling reply forever"
     assert isinstance(box.get("error"), TimeoutExpired), box
-
-
-def _answering_peer(flood):
-    """A monitor that greets, answers qmp_capabilities, then sends ``flood(id)``'s bytes
-    (events) before its reply to any other command."""
-    import json
-
-    def peer(c):
-        c.sendall(GREETING)
-        buf = b""
-        try:
-            while True:
-                data = c.recv(4096)
-                if not data:
-                    return
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    req = json.loads(line)
-                    if req["execute"] != "qmp_capabilities":
-                        for chunk in flood():
-                            c.sendall(chunk)
-                    c.sendall(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\r\n")
-        except OSError:
-            pass
-
-    return peer
 
 
 def _event(n: int, pad: int) -> bytes:
