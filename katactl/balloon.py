@@ -260,7 +260,7 @@ class _ApiPath(_Path):
         return s
 
     def _client(self):
-        return self.c._c  # the JsonUnixClient's UnixHttpClient
+        return self.c
 
     def close(self):
         self.c.close()

@@ -349,6 +349,15 @@ class JsonUnixClient:
         self.path = socket_path
         self._c = UnixHttpClient(transport, socket_path, timeout)
 
+    @property
+    def timeout(self) -> float:
+        """Each call's bound (--request-timeout); a wait may lower it for its last polls."""
+        return self._c.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._c.timeout = seconds
+
     def close(self):
         self._c.close()
 
