@@ -319,6 +319,7 @@ def test_evil_tarballs_refused_and_nothing_written(cli, node, tmp_path, kind):
     (["@XZ@", "--reserve", "-1Gi"], 2, "--reserve"),
     (["@XZ@", "--reserve", "1000Ti"], 5, "not enough space"),
     (["@XZ@", "--lock-timeout", "soon"], 2, "--lock-timeout"),
+    (["@XZ@", "--lock-timeout="], 2, "empty --lock-timeout"),  # not "the default"
     (["@TRUNC@"], 1, "corrupt or truncated"),
 ])
 def test_stage_bad_input_corpus(cli, node, tarballs, tmp_path, args, code, msg):
@@ -412,6 +413,8 @@ def test_switch_all_runtime_agent_and_rollback(cli, staged):
     (["rollback"], 3, "nothing to roll back"),
     (["switch", A, "--kata-root", "relative/dir"], 2, "absolute"),
     (["switch", A, "--kata-root", "/"], 2, "must not be /"),
+    (["switch", A, "--lock-timeout="], 2, "empty --lock-timeout"),
+    (["rollback", "--lock-timeout= "], 2, "empty --lock-timeout"),
 ])
 def test_switch_bad_input_corpus(cli, staged, args, code, msg):
     r = K(cli, staged, *args)

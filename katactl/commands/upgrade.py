@@ -25,7 +25,8 @@ def _common(ctx, kata_root: str, lock_timeout: Optional[str]):
 
     app_ctx = state(ctx)
     layout = Layout(kata_root)
-    lt = parse_duration(lock_timeout, what="--lock-timeout", allow_zero=True) if lock_timeout \
+    # "" is a bad value (exit 2), not "not given"
+    lt = parse_duration(lock_timeout, what="--lock-timeout", allow_zero=True) if lock_timeout is not None \
         else app_ctx.settings.request_timeout
 
     def on_wait(holder: str) -> None:
