@@ -746,6 +746,26 @@ def test_corrupt_journal_or_history_is_a_clear_error_and_dry_runs_agree(cli, sta
 
 
 
+@pytest.mark.parametrize("data", [b"[1, 2]", b'"3.1.0"', b"null", b"7"])
+def test_a_release_record_that_is_not_an_object_is_a_clear_error(cli, staged, tarballs, data):
+    """review 7 #8: a record that is JSON but not an object ended in "AttributeError: 'list'
+    object has no attribute 'get'". Every reader exits 1 naming the file; stage --force
+    replaces such a release (its source is unknown)."""
+    node = staged
+    record = rel(node, A) / ".katactl-release.json"
+    record.write_bytes(data)
+    for args in (["status"], ["switch", A], ["switch", A, "--dry-run"], ["stage", tarballs["xz"]],
+                 ["stage", tarballs["xz"], "--dry-run"]):
+        r = K(cli, node, *args, "-o", "json")
+        assert r.exit_code == 1, (args, r.stdout, r.stderr)
+        assert f"{record.relative_to(node).as_posix()}: not a JSON object" in r.stderr, (args, r.stderr)
+        assert "Error:" not in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 2
+        assert r.json()["kind"] == "Error"
+        assert current(node) is None and record.read_bytes() == data
+    d = J(cli, node, "stage", tarballs["xz"], "--force")
+    assert d["changed"] is True and d["replaced"] is True
+    assert json.loads(record.read_text())["version"] == A
+
 def test_status_names_handlers_whose_configuration_does_not_follow_current(cli, staged):
     """A switch replaces <root>/current only: a kata-deploy handler pointed at its own copy
     under /opt/kata/share/... keeps its configuration, and status says so (json + warning)."""

@@ -19,7 +19,7 @@ import posixpath
 import secrets
 
 from katactl import audit
-from katactl.errors import Refused, UsageError
+from katactl.errors import OperationFailed, Refused, UsageError
 from katactl.upgrade import configedit, source as src
 from katactl.upgrade.journal import client, recover
 from katactl.upgrade.layout import CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD, SHIM_BINARIES, Layout, fault, \
@@ -132,7 +132,12 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
         fault("stage:locked")
         recovered = recover(transport, layout)  # a killed stage --force, switch or rollback first
         _clean_stale(transport, layout, (".staging-",))
-    existing = release_record(transport, layout, v) if transport.exists(dest) else None
+    try:
+        existing = release_record(transport, layout, v) if transport.exists(dest) else None
+    except OperationFailed:
+        if not force:
+            raise
+        existing = None  # a damaged record: what --force replaces, as a release of unknown source
     replace = False
     if transport.exists(dest):
         if existing and existing.get("sourceSha256") == source_sha:

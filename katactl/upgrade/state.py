@@ -70,7 +70,22 @@ def releases(transport: NodeTransport, layout: Layout) -> list[str]:
 
 
 def release_record(transport: NodeTransport, layout: Layout, v: str) -> dict | None:
-    return read_json(transport, f"{layout.release(v)}/{RELEASE_RECORD}")
+    """A release's record; None when it has none (not staged by katactl, or incomplete). JSON
+    that is not an object (``[1,2]``, ``null``) is exit 1 naming the file: callers read keys."""
+    path = f"{layout.release(v)}/{RELEASE_RECORD}"
+    try:
+        data = transport.read_bytes(path, limit=4 << 20)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        rec = json.loads(data)
+    except (ValueError, RecursionError):
+        raise OperationFailed(f"{path}: corrupt JSON") from None
+    if not isinstance(rec, dict):
+        raise OperationFailed(f"{path}: not a JSON object (a {type(rec).__name__})",
+                              hint="the release record is damaged; replace the release with "
+                                   "'katactl upgrade stage SOURCE --force'")
+    return rec
 
 
 def read_state(transport: NodeTransport, layout: Layout) -> dict:
