@@ -336,6 +336,26 @@ def test_stage_bad_input_corpus(cli, node, tarballs, tmp_path, args, code, msg):
     assert nothing_staged(node)
 
 
+@pytest.mark.parametrize("version", [b"\x01" * (512 << 10), b"v" * 5000, b"../../etc\n"])
+def test_stage_an_invalid_version_file_is_one_short_line_naming_it(cli, node, tmp_path, version):
+    """review 7 #6: a VERSION of 2 MiB of \\x01 was echoed whole, repr'd: one 4 MB line on
+    stderr (and in -o json, and the audit log). The error shows at most a short excerpt and
+    says the value came from the archive's VERSION file."""
+    import tarfile
+
+    tree = fx.build_tree(str(tmp_path / "t"), "6.0.0", manifest=False, version_file=True)
+    with open(os.path.join(tree, "VERSION"), "wb") as f:
+        f.write(version)
+    tb = str(tmp_path / "kata.tar.gz")
+    with tarfile.open(tb, "w:gz") as tf:
+        tf.add(str(tmp_path / "t"), arcname=".")
+    for args in ((), ("--dry-run",)):
+        r = K(cli, node, "stage", tb, "--no-verify", *args, "-o", "json")
+        assert r.exit_code == 2, (r.stdout[:300], r.stderr[:300])
+        assert "invalid release version in the VERSION file of " + tb in r.stderr, r.stderr[:300]
+        assert len(r.stderr) < 500 and len(r.stdout) < 1000, (len(r.stderr), len(r.stdout))
+    assert nothing_staged(node)
+
 def test_stage_same_version_other_source_refused_then_forced(cli, node, tarballs):
     J(cli, node, "stage", tarballs["xz"])
     r = K(cli, node, "stage", tarballs["gz"], "--as", A)

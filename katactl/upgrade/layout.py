@@ -66,9 +66,19 @@ def fault(point: str, n: int | None = None) -> None:
         os.kill(os.getpid(), sig)
 
 
+#: how much of a bad value an error shows: a VERSION file may hold a megabyte
+SHOWN_VALUE = 80
+
+
+def shown(v: object) -> str:
+    """repr(v), cut to SHOWN_VALUE characters: an error stays one readable line."""
+    r = repr(v)
+    return r if len(r) <= SHOWN_VALUE else f"{r[:SHOWN_VALUE]}… ({len(str(v))} characters)"
+
+
 def validate_version(v: str | None, what: str = "version") -> str:
     if v is None or not _VERSION_RE.fullmatch(v) or v in _RESERVED or v in (".", ".."):
-        raise UsageError(f"invalid {what} {v!r}: expected 1-64 characters of A-Z a-z 0-9 . _ + ~ -, "
+        raise UsageError(f"invalid {what} {shown(v)}: expected 1-64 characters of A-Z a-z 0-9 . _ + ~ -, "
                          "starting with a letter or digit")
     return v
 

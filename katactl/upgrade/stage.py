@@ -110,7 +110,13 @@ def _plan(transport: NodeTransport, layout: Layout, req: StageRequest) -> _Plan:
     if v is None:
         raise UsageError(f"cannot tell the release version of {source}: no VERSION file and the "
                          "name is not kata-static-<version>-<arch>.tar.*; pass --as VERSION")
-    validate_version(v, "release version")
+    if version:
+        origin = "--as"
+    elif sc.version_file:
+        origin = f"release version in the VERSION file of {source}"
+    else:
+        origin = f"release version in the file name {os.path.basename(source)!r}"
+    validate_version(v, origin)
     source_sha = _tree_digest(source) if file_sha is None else file_sha  # None: a directory
     shims = [b for b in SHIM_BINARIES if b in {m.name for m in sc.members}]
     if not shims:
