@@ -356,6 +356,59 @@ def test_stage_an_invalid_version_file_is_one_short_line_naming_it(cli, node, tm
         assert len(r.stderr) < 500 and len(r.stdout) < 1000, (len(r.stderr), len(r.stdout))
     assert nothing_staged(node)
 
+def _stage_rss(node, *args) -> tuple[int, int, str]:
+    """Exit code, peak RSS in bytes (wait4's ru_maxrss) and stderr of a katactl stage subprocess."""
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", str(node), "upgrade", "stage", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read().decode()
+    _pid, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, ru.ru_maxrss * 1024, err
+
+
+@pytest.mark.parametrize("where", ["share/kata-containers/VERSION", "VERSION", "SHA256SUMS"])
+def test_stage_reads_at_most_a_megabyte_of_version_or_manifest(node, tmp_path, where):
+    """review 7 #4: a member called VERSION or SHA256SUMS was read whole into memory, anywhere
+    in the archive: a 92 KB sparse tarball took katactl to 3 GiB RSS, even with --dry-run.
+    Now a nested one is an ordinary file, never read (the dry run passes), and one at the
+    release root larger than 1 MiB is refused (exit 5) without being read."""
+    tree = fx.build_tree(str(tmp_path / "t"), "6.0.0", manifest=False, version_file=True)
+    with open(os.path.join(tree, where), "ab") as f:
+        f.truncate(1 << 30)  # a hole: GNU tar --sparse stores it in a few blocks
+    tb = str(tmp_path / "kata-static-6.0.0-amd64.tar")
+    subprocess.run(["tar", "-C", str(tmp_path / "t"), "--sparse", "-cf", tb, "."], check=True)
+    assert os.path.getsize(tb) < 1 << 20
+    code, rss, err = _stage_rss(node, tb, "--no-verify", "--reserve", "0", "--dry-run")
+    if "/" in where:
+        assert code == 0, err
+    else:
+        assert code == 5 and f"opt/kata/{where} is larger than 1 MiB" in err, err
+        assert len(err.splitlines()) == 1
+    assert rss < 256 << 20, rss
+    assert nothing_staged(node)
+
+
+def test_stage_refuses_a_root_manifest_just_over_a_megabyte(cli, node, tmp_path):
+    """The limit is exact: a manifest of 1 MiB + 1 bytes is refused, not silently cut (the
+    cut manifest would then have blamed files that it does list)."""
+    import tarfile
+
+    tree = fx.build_tree(str(tmp_path / "t"), "6.0.0", manifest=True, version_file=True)
+    sums = os.path.join(tree, "SHA256SUMS")
+    with open(sums, "ab") as f:
+        f.write(b"#" * ((1 << 20) + 1 - os.path.getsize(sums) - 1) + b"\n")
+    assert os.path.getsize(sums) == (1 << 20) + 1
+    tb = str(tmp_path / "kata-static-6.0.0-amd64.tar.gz")
+    with tarfile.open(tb, "w:gz") as tf:
+        tf.add(str(tmp_path / "t"), arcname=".")
+    r = K(cli, node, "stage", tb)
+    assert r.exit_code == 5 and "SHA256SUMS is larger than 1 MiB; a release's manifest" in r.stderr, r.stderr
+    with open(sums, "r+b") as f:
+        f.truncate(1 << 20)  # comment lines only past the entries: exactly the limit is read
+    with tarfile.open(tb, "w:gz") as tf:
+        tf.add(str(tmp_path / "t"), arcname=".")
+    assert J(cli, node, "stage", tb)["verifiedBy"] == ["manifest SHA256SUMS"]
+
 def test_stage_same_version_other_source_refused_then_forced(cli, node, tarballs):
     J(cli, node, "stage", tarballs["xz"])
     r = K(cli, node, "stage", tarballs["gz"], "--as", A)

@@ -411,6 +411,30 @@ def normalize(raw: str, where: str) -> str:
     return "/".join(parts)
 
 
+#: the largest VERSION file or SHA256SUMS manifest read (kata-static's manifest of a few
+#: hundred files is about 40 KiB)
+MAX_META = 1 << 20
+
+
+def _may_be_root(parent: str, tops: set[str]) -> bool:
+    """Whether directory ``parent`` can still turn out to be the release root, that is the
+    prefix _strip_prefix picks, given the top-level names seen so far."""
+    return parent in ("", "opt/kata") or ("/" not in parent and tops == {parent})
+
+
+def _head(m: Member, limit: int) -> bytes | None:
+    """A file member's content when it is at most ``limit`` bytes, else None (not read: a
+    directory source's file that grew since its stat is cut off after limit + 1 bytes)."""
+    if m.size > limit:
+        return None
+    buf = bytearray()
+    for b in m.iter_chunks():
+        buf += b
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
+
+
 def _strip_prefix(names: list[str]) -> str:
     """kata-static tarballs hold ./opt/kata/...; a release dir holds what is under it."""
     real = [n for n in names if n]
@@ -472,13 +496,22 @@ def scan(path: str, kind: str) -> Scan:
     """First pass: validate every member, learn the prefix, size, manifest and VERSION."""
     members: list[Member] = []
     raws: list[str] = []
-    manifest_raw: dict[str, bytes] = {}
+    # the VERSION and manifest files that may lie at the release root (the prefix to strip
+    # is known only at the end): at most three names in each of three directories, each
+    # read up to MAX_META bytes (None: larger), so a huge or repeated one costs no memory
+    manifest_raw: dict[str, bytes | None] = {}
+    tops: set[str] = set()
     for m in iter_members(path, kind):
         m.name = normalize(m.raw, path)
+        if m.name:
+            tops.add(m.name.split("/", 1)[0])
         if m.kind == "file":
-            base = m.name.rsplit("/", 1)[-1]
-            if base in MANIFEST_NAMES or base == "VERSION":
-                manifest_raw[m.name] = m.content()[:1 << 20]
+            parent, _, base = m.name.rpartition("/")
+            if (base in MANIFEST_NAMES or base == "VERSION") and _may_be_root(parent, tops):
+                manifest_raw[m.name] = _head(m, MAX_META)
+        if len(tops) > 1:  # no single top directory: only "" and opt/kata may still be the root
+            for n in [n for n in manifest_raw if not _may_be_root(n.rpartition("/")[0], tops)]:
+                del manifest_raw[n]
         m.read = None
         members.append(m)
         raws.append(m.name)
@@ -535,6 +568,11 @@ def scan(path: str, kind: str) -> Scan:
     version_file = None
     for raw_name, data in manifest_raw.items():
         rel = raw_name[len(strip) + 1:] if strip and raw_name.startswith(strip + "/") else raw_name
+        if rel not in MANIFEST_NAMES and rel != "VERSION":
+            continue  # not at the release root: an ordinary file
+        if data is None:
+            raise Refused(f"{path}: {raw_name} is larger than {MAX_META >> 20} MiB; a release's "
+                          f"{'manifest' if rel in MANIFEST_NAMES else 'VERSION file'} is far smaller")
         if rel in MANIFEST_NAMES:
             manifest = parse_manifest(data, f"{path}:{rel}")
             manifest_name = rel
