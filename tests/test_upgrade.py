@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -162,6 +163,20 @@ def test_stage_checks_a_hard_link_against_its_own_manifest_line(cli, node, tmp_p
     assert d["verifiedBy"] == ["manifest SHA256SUMS"]
     assert (rel(node, "7.0.1") / link).read_bytes() == (rel(node, "7.0.1") / target).read_bytes()
 
+
+def test_stage_counts_a_hard_link_as_the_copy_it_writes(cli, node, tmp_path):
+    """review 7 #5: hard-link members counted 0 bytes in the space check (and "bytes"), but
+    each is written as a full copy of its target, so --reserve did not hold: the releases
+    filesystem filled up. Now "bytes" (dry run, run and record alike) is what is written."""
+    link, target = "bin/kata-runtime", "bin/qemu-system-x86_64"
+    tb = _hardlinked_tarball(tmp_path, "7.0.2", link, target, same_content=True)
+    tree = tmp_path / "t/opt/kata"
+    assert os.path.getsize(tree / target) > 0
+    sizes = [os.lstat(os.path.join(d, n)) for d, _, fs in os.walk(tree) for n in fs]
+    want = sum(st.st_size for st in sizes if stat.S_ISREG(st.st_mode))  # the link: as its copy
+    assert J(cli, node, "stage", tb, "--dry-run")["bytes"] == want
+    assert J(cli, node, "stage", tb)["bytes"] == want
+    assert json.loads((rel(node, "7.0.2") / ".katactl-release.json").read_text())["bytes"] == want
 
 def _stage_while_source_changes(node, change, *args):
     """``upgrade stage *args`` with the source changed by change() after stage has read and

@@ -518,7 +518,7 @@ def scan(path: str, kind: str) -> Scan:
     strip = _strip_prefix(raws)
     kept: list[Member] = []
     links: dict[str, str] = {}
-    files: set[str] = set()
+    files: dict[str, int] = {}  # name -> size
     seen: dict[str, str] = {}  # name -> kind
     for m in members:
         if not m.name:
@@ -551,8 +551,9 @@ def scan(path: str, kind: str) -> Scan:
                 raise Refused(f"{path}: hard link {m.raw!r} -> {m.linkname!r} does not point to a "
                               "file inside the release")
             m.linkname = t
+            m.size = files[t]  # _extract writes a copy of its target: the space check counts it
         elif m.kind == "file":
-            files.add(m.name)
+            files[m.name] = m.size
         kept.append(m)
     for m in kept:
         parent = m.name.rsplit("/", 1)[0] if "/" in m.name else ""
