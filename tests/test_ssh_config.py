@@ -437,3 +437,129 @@ def test_case_and_final_pass_corpus_matches_ssh_G(tmp_path, case):
         ct = g["connecttimeout"]
         assert (t.hostname, str(t.port), t.user, t.connect_timeout) == \
             (g["hostname"], g["port"], g["user"], None if ct == "none" else float(ct)), (case, node)
+
+
+# -- ProxyCommand vs ProxyJump: the first one obtained wins, `none` included ----------------
+#: ssh_config(5) ProxyJump: "this option will compete with the ProxyCommand option - whichever
+#: is specified first will prevent later instances of the other option from taking effect"
+#: (readconf.c oProxyCommand skips when jump_host is set; parse_jump when proxy_command is).
+PROXY_CONFIGS = {
+    "command-first": ("Host node1\n  ProxyCommand nc -x socks:1080 %h %p\nHost *\n  ProxyJump bastion\n",
+                      (), "nc -x socks:1080 node1 22"),
+    "command-none-first": ("Host node1\n  ProxyCommand none\nHost *\n  ProxyJump bastion\n", (), None),
+    # `ProxyJump none` sets jump_host alone: a later ProxyJump is out, a later ProxyCommand is not
+    "jump-none-first": ("Host node1\n  ProxyJump none\nHost *\n  ProxyCommand nc %h %p\n", (), "nc node1 22"),
+    "jump-none-then-jump": ("Host node1\n  ProxyJump none\nHost *\n  ProxyJump b\n", (), None),
+    "jump-first": ("Host node1\n  ProxyJump j1,j2\nHost *\n  ProxyCommand nc %h %p\n", ("j1", "j2"), None),
+    "same-block-jump-first": ("Host node1\n  ProxyJump j1\n  ProxyCommand nc %h %p\n", ("j1",), None),
+    "same-block-command-first": ("Host node1\n  ProxyCommand nc %h %p\n  ProxyJump j1\n", (), "nc node1 22"),
+    "match-command-first": ("Match originalhost node1\n  ProxyCommand nc %h %p\nHost *\n  ProxyJump b\n",
+                            (), "nc node1 22"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROXY_CONFIGS))
+def test_proxycommand_and_proxyjump_the_first_obtained_wins_like_ssh_G(tmp_path, case):
+    """A `Host node1 / ProxyCommand none` before `Host * / ProxyJump bastion` means "connect
+    directly": katactl went through bastion, a route the operator's config rules out."""
+    text, hops, command = PROXY_CONFIGS[case]
+    f = tmp_path / "config"
+    f.write_text(text)
+    t = sshconfig.resolve("node1", sshconfig.load(sshconfig.config_text(str(f))))
+    assert (t.proxy_jump, t.proxy_command) == (hops, command)
+    if shutil.which("ssh"):
+        g = _ssh_G(f, "node1")
+        assert ",".join(t.proxy_jump) == g.get("proxyjump", "")
+        assert (t.proxy_command is not None) == ("proxycommand" in g), g
+    # -J (jump_host) is given before the config is read: it wins over both
+    t = sshconfig.resolve("node1", sshconfig.load(sshconfig.config_text(str(f))), jump_host="other")
+    assert (t.proxy_jump, t.proxy_command) == (("other",), None)
+
+
+# -- Match user tests the remote user: user@ in the node name, else --ssh-user ---------------
+def _match_user_configs() -> dict[str, str]:
+    me = sshconfig._local_user()
+    return {
+        "deploy": "Match user deploy\n  Port 2601\n  IdentityFile ~/.ssh/deploy_key\n",
+        "local-name": f"Match user {me}\n  Port 2602\n",
+        "negated": "Match !user deploy\n  Port 2603\n",
+        "user-line-first": "Host node1\n  User deploy\nMatch user deploy\n  Port 2604\n",
+        "cmdline-beats-user-line": "Host node1\n  User deploy\nMatch user bob\n  Port 2605\n",
+        "localuser": f"Match localuser {me}\n  Port 2606\n",
+        "pattern": "Match user dep*,!root\n  Port 2607\n  User ignored\n",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_match_user_configs()))
+@pytest.mark.parametrize("node, ssh_user", [("deploy@node1", None), ("node1", "deploy"), ("bob@node1", None),
+                                            ("node1", None), ("deploy@node1", "bob")])
+def test_match_user_tests_the_remote_user_like_ssh_G(tmp_path, case, node, ssh_user):
+    """ssh_config(5): "The user keyword matches against the target username on the remote
+    host"; readconf.c match_cfg_line: ruser = options->user, which `user@host` or -l set before
+    the config is read (else the local user). katactl's user@ wins over --ssh-user."""
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    f = tmp_path / "config"
+    f.write_text(_match_user_configs()[case])
+    t = sshconfig.resolve(node, sshconfig.load(sshconfig.config_text(str(f))), user=ssh_user)
+    nuser, host, _ = sshconfig.split_node(node)
+    g = _ssh_G(f, f"{nuser or ssh_user}@{host}" if (nuser or ssh_user) else host)
+    ids = [i for i in g.get("identityfile", "").split() if "deploy_key" in i]
+    assert (t.user, str(t.port), any("deploy_key" in i for i in t.identity_files)) == \
+        (g["user"], g["port"], bool(ids)), (case, node, ssh_user)
+
+
+def test_match_user_expected_answers(tmp_path):
+    """The review's case, without ssh: `-N deploy@node1` and `--ssh-user deploy` both get port 2601."""
+    f = tmp_path / "config"
+    f.write_text(_match_user_configs()["deploy"])
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
+    for node, user in (("deploy@node1", None), ("node1", "deploy")):
+        t = sshconfig.resolve(node, cfg, user=user)
+        assert (t.user, t.port) == ("deploy", 2601)
+        assert t.identity_files and t.identity_files[0].endswith("/.ssh/deploy_key")
+    assert sshconfig.resolve("bob@node1", cfg).port == 22
+    # %r is that user too (ssh_config(5) TOKENS: "the remote user name"), not the local one
+    f.write_text("Host node1\n  ProxyCommand nc -u %r %h %p\n")
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
+    assert sshconfig.resolve("deploy@node1", cfg).proxy_command == "nc -u deploy node1 22"
+    assert sshconfig.resolve("node1", cfg, user="ops").proxy_command == "nc -u ops node1 22"
+
+
+# -- ConnectTimeout: sshd_config(5) TIME FORMATS, and only when --request-timeout was not given --
+@pytest.mark.parametrize("value, want", [
+    ("90", 90.0), ("1m", 60.0), ("1m30s", 90.0), ("1M", 60.0), ("10S", 10.0), ("1h1h", 7200.0),
+    ("2d", 172800.0), ("1w", 604800.0), ("+5", 5.0), ("07", 7.0), ("1m+1", 61.0),
+    ("0", None), ("none", None),   # 0 is no timeout for ssh (timeout_connect), none is unset
+])
+def test_connect_timeout_time_formats_like_ssh_G(tmp_path, value, want):
+    """readconf.c parse_time -> misc.c convtime: `ConnectTimeout 1m` is 60 s (it was ignored)."""
+    f = tmp_path / "config"
+    f.write_text(f"Host *\n  ConnectTimeout {value}\n")
+    t = sshconfig.resolve("node1", sshconfig.load(sshconfig.config_text(str(f))))
+    assert t.connect_timeout == want
+    if shutil.which("ssh"):
+        ct = _ssh_G(f, "node1")["connecttimeout"]
+        assert t.connect_timeout == (None if ct in ("none", "0") else float(ct))
+
+
+def test_connect_timeout_none_leaves_it_unset_for_a_later_block(tmp_path):
+    """parse_time stores `none` as -1, the "unset" value: a later block's ConnectTimeout applies."""
+    f = tmp_path / "config"
+    f.write_text("Host node1\n  ConnectTimeout none\nHost *\n  ConnectTimeout 5\n")
+    assert sshconfig.resolve("node1", sshconfig.load(sshconfig.config_text(str(f)))).connect_timeout == 5.0
+    if shutil.which("ssh"):
+        assert _ssh_G(f, "node1")["connecttimeout"] == "5"
+
+
+@pytest.mark.parametrize("value", ["1.5", "1ms", "-5", "5x", "99999999999", "1m 30s"])
+def test_a_bad_connect_timeout_is_a_usage_error_as_ssh_refuses_it(tmp_path, value):
+    f = tmp_path / "config"
+    f.write_text(f"Host *\n  ConnectTimeout {value}\n")
+    with pytest.raises(UsageError, match="ConnectTimeout"):
+        sshconfig.resolve("node1", sshconfig.load(sshconfig.config_text(str(f))))
+    if shutil.which("ssh"):
+        r = subprocess.run(["ssh", "-G", "-F", str(f), "node1"], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode != 0
+

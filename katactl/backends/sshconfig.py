@@ -181,6 +181,19 @@ def _contexts(text: str) -> list[dict]:
 _SCOPED = None
 
 
+def _claimed_by_rival(key: str, options) -> bool:
+    """Whether a ProxyCommand/ProxyJump line comes too late: whichever is obtained first
+    wins (ssh_config(5) ProxyJump). openssh-portable readconf.c parse_jump ignores a
+    ProxyJump once proxy_command is set (``ProxyCommand none`` included), and a jump it
+    takes sets proxy_command to "none", which shuts out a later ProxyCommand; ``ProxyJump
+    none`` sets jump_host alone, so a later ProxyCommand still applies (as ``ssh -G``)."""
+    if key == "proxyjump":
+        return "proxycommand" in options
+    if key == "proxycommand":
+        return str(options.get("proxyjump", "none")).lower() != "none"
+    return False
+
+
 def _scoped_class():
     """paramiko.SSHConfig whose lookup honours _contexts' Include tags (made on first use:
     paramiko is imported only when SSH is)."""
@@ -192,17 +205,22 @@ def _scoped_class():
         class ScopedSSHConfig(paramiko.SSHConfig):
             _original = ""  # the name as given, for Match originalhost and %n (set per lookup)
 
-            def lookup(self, hostname):
+            def lookup(self, hostname, user=None):
                 """OpenSSH's passes (openssh-portable ssh.c main()), not paramiko's: the
                 first matches Host patterns against the name as given; then the host is
                 HostName (%h expanded) or that name, lower-cased unless an address, and
                 canonicalized if asked. Only with CanonicalizeHostname or a ``Match final``
                 does a final pass run, matching Host patterns against that host: ``Host
                 node1`` applies to ``Node1`` only there (paramiko always re-reads, with
-                the name as given)."""
+                the name as given).
+
+                user is the command line's (``user@host``, ``ssh -l``): ssh sets
+                options.user before reading the config, so ``Match user`` and ``%r`` see
+                it and no ``User`` line replaces it (readconf.c match_cfg_line: ``ruser =
+                options->user == NULL ? pw->pw_name : options->user``)."""
                 run = copy.copy(self)
                 run._original = hostname
-                options = run._lookup(hostname)
+                options = run._lookup(hostname, SSHConfigDict(user=user) if user else None)
                 host = _canonical_case(_expand_h(options.get("hostname"), hostname) or hostname)
                 canon = str(options.get("canonicalizehostname", "no")).lower()
                 if canon in ("yes", "always") and not _is_addr(host) and not host.endswith(".") \
@@ -238,10 +256,15 @@ def _scoped_class():
                     if not on:
                         continue
                     for key, value in c["config"].items():
-                        if key not in options:
+                        if key in options:
+                            if key == "identityfile":
+                                options[key].extend(x for x in value if x not in options[key])
+                        elif _claimed_by_rival(key, options):
+                            continue
+                        elif key == "connecttimeout" and value == "none":
+                            continue  # parse_time stores `none` as -1, "unset": a later value applies
+                        else:
                             options[key] = value[:] if value is not None else value
-                        elif key == "identityfile":
-                            options[key].extend(x for x in value if x not in options[key])
                 return options
 
             def _does_match(self, match_list, target_hostname, canonical, final, options):
@@ -320,11 +343,14 @@ def _yes(v) -> bool:
 
 def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = None,
             jump_host: str | None = None) -> Target:
-    """Apply the SSH config to a node name. Explicit arguments win over the file."""
+    """Apply the SSH config to a node name. Explicit arguments win over the file.
+
+    The node's ``user@``, else user (--ssh-user), is the command line's user: the config
+    is read with it, as ssh reads it with ``user@host``/``-l`` (Match user, %r)."""
     nuser, host, nport = split_node(node)
-    o = lookup(cfg, host)
+    o = lookup(cfg, host, nuser or user)
     port = nport or int(o.get("port", 22))
-    who = nuser or user or o.get("user") or _local_user()
+    who = o.get("user") or _local_user()
     ids = []
     if identity:
         ids.append(os.path.expanduser(identity))
@@ -340,11 +366,11 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
                 # bastion. The hops before it are the way to it; the rest is moot.
                 hops = hops[:i]
                 break
-    pc = o.get("proxycommand")
+    # the lookup kept only the first of ProxyCommand/ProxyJump; -J, given before the config
+    # is read (ssh.c sets jump_host and proxy_command "none"), overrides both
+    pc = None if jump_host and jump_host.lower() != "none" else o.get("proxycommand")
     if pc and pc.lower() == "none":
         pc = None
-    if hops:
-        pc = None  # OpenSSH: the first of ProxyJump/ProxyCommand wins; jump_host is explicit
     ukh = tuple(os.path.expanduser(p) for p in _multi(o.get("userknownhostsfile")))
     gkh = tuple(os.path.expanduser(p) for p in _multi(o.get("globalknownhostsfile")))
     ct = o.get("connecttimeout")
@@ -359,8 +385,34 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
                   user_known_hosts=ukh or DEFAULT_USER_FILES,
                   global_known_hosts=gkh or DEFAULT_GLOBAL_FILES,
                   hash_known_hosts=_yes(o.get("hashknownhosts", "no")),
-                  connect_timeout=float(ct) if ct and str(ct).isdigit() else None,
+                  connect_timeout=float(convtime(ct, "ConnectTimeout")) or None if ct else None,
                   host_root=root, forward_agent=_yes(o.get("forwardagent", "no")))
+
+
+_TIME = re.compile(r"([+-]?[0-9]+)([smhdwSMHDW]?)")
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_INT_MAX = 2**31 - 1
+
+
+def convtime(text: str, what: str) -> int:
+    """Seconds in sshd_config(5) TIME FORMATS (``90``, ``1m30s``, ``1h``, ``2w``), read as
+    openssh-portable misc.c convtime() reads them: integers, each with an optional unit, the
+    total at most INT_MAX; anything else is an error, as for ssh ("invalid time value").
+    (katactl.values.parse_duration is another grammar: it takes ``1.5``/``500ms``, no ``w``.)"""
+    total, pos = 0, 0
+    for m in _TIME.finditer(text):
+        n = int(m.group(1))
+        if m.start() != pos or n < 0:
+            break
+        total += n * _TIME_UNITS[m.group(2).lower()]
+        pos = m.end()
+        if total > _INT_MAX:
+            break
+    else:
+        if pos == len(text) and pos:
+            return total
+    raise UsageError(f"SSH config: {what} {text!r}: invalid time value "
+                     "(sshd_config(5) TIME FORMATS: 90, 1m30s, 1h)")
 
 
 def _expand_h(value, host: str):
@@ -395,8 +447,8 @@ def _canonical_case(host: str) -> str:
     return host if _is_addr(host) else host.lower()
 
 
-def lookup(cfg, host: str):
-    """cfg.lookup(host), with only the blocks that can match host.
+def lookup(cfg, host: str, user: str | None = None):
+    """cfg.lookup(host, user), with only the blocks that can match host.
 
     paramiko's lookup tries every block, and for each that is not a match calls
     getpass.getuser() (for Match): ~28 ms per node with 1,024 ``Host`` blocks, 29 s for
@@ -406,7 +458,7 @@ def lookup(cfg, host: str):
     idx = getattr(cfg, "_katactl_index", None)
     contexts = getattr(cfg, "_config", None)
     if not isinstance(contexts, list):
-        return cfg.lookup(host)
+        return cfg.lookup(host, user)
     if idx is None or idx[0] != len(contexts):
         idx = (len(contexts), _index_blocks(contexts))
         try:
@@ -415,11 +467,11 @@ def lookup(cfg, host: str):
             pass
     literal, always = idx[1]
     if literal is None:  # a final pass looks up another name: every block
-        return cfg.lookup(host)
+        return cfg.lookup(host, user)
     picked = literal.get(host)
     sub = copy.copy(cfg)
     sub._config = [contexts[i] for i in (sorted(always + picked) if picked else always)]
-    return sub.lookup(host)
+    return sub.lookup(host, user)
 
 
 def _index_blocks(contexts: list) -> tuple[dict[str, list[int]] | None, list[int]]:
