@@ -75,13 +75,19 @@ def config_path() -> str:
             # KATACTL_CONFIG="$CFG" with CFG unset must not quietly mean the default file
             raise UsageError("KATACTL_CONFIG is set but empty (unset it, or give a file)")
         return explicit
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return os.path.join(base, "katactl", "config.toml")
+    return os.path.join(xdg_dir("XDG_CONFIG_HOME", "~/.config"), "katactl", "config.toml")
 
 
 def state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "katactl")
+    return os.path.join(xdg_dir("XDG_STATE_HOME", "~/.local/state"), "katactl")
+
+
+def xdg_dir(variable: str, default: str) -> str:
+    """$variable, or ``default`` when it is unset, empty or relative: the XDG Base Directory
+    spec says a relative path there "should be considered invalid and ignored", and one
+    relative to the current directory would split the audit trail (and the config) per cwd."""
+    base = os.environ.get(variable) or ""
+    return base if os.path.isabs(base) else os.path.expanduser(default)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -117,11 +123,17 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 if not names and source.startswith("KATACTL_"):
                     # KATACTL_NODES=, (or "$LIST" with LIST unset) must not mean "this host"
                     raise UsageError(f"{source}={value!r} names no node (unset it, or give names)")
+                if not names and source != "flag":  # the config file: a template rendered empty
+                    raise UsageError(f"{source}: {name} = {value!r} names no node "
+                                     "(remove the key to act on this host, or give names)")
                 return names
             if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
-                if source == "flag" and not any(x.strip() for v in value for x in v.split(",")):
-                    # -N "$NODE" with NODE unset must not mean "this host"
-                    raise UsageError(f"--{name.rstrip('s')} needs a name, got an empty string")
+                if not any(x.strip() for v in value for x in v.split(",")):
+                    if source == "flag":
+                        # -N "$NODE" with NODE unset must not mean "this host"
+                        raise UsageError(f"--{name.rstrip('s')} needs a name, got an empty string")
+                    raise UsageError(f"{source}: {name} = {list(value)!r} names no node "
+                                     "(remove the key to act on this host, or give names)")
                 return tuple(value)
             raise ValueError
         if source.startswith("KATACTL_") and not value.strip():
@@ -130,9 +142,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise UsageError(f"{source} is set but empty (unset it, or give a value)")
         if not isinstance(value, str):
             raise ValueError
-        if source == "flag" and not value.strip():
-            # --host-root "$ROOT" with ROOT unset must not mean "this host"
-            raise UsageError(f"--{name.replace('_', '-')} needs a value, got an empty string")
+        if not value.strip():
+            if source == "flag":
+                # --host-root "$ROOT" with ROOT unset must not mean "this host"
+                raise UsageError(f"--{name.replace('_', '-')} needs a value, got an empty string")
+            # the config file is one more layer of the same settings (selector = "" from a
+            # template must not mean "no selection", i.e. this host)
+            raise UsageError(f"{source}: {name} is empty (remove the key, or give a value)")
         return value
     except (ValueError, TypeError):
         raise UsageError(f"invalid value {value!r} for {name} (from {source})") from None
@@ -257,7 +273,8 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
         elif env in environment:
             values[name], sources[name] = _coerce(name, environment[env], env), f"env {env}"
         elif name in pdata:
-            values[name], sources[name] = _coerce(name, pdata[name], path), f"{path} [profiles.{profile}]"
+            where = f"{path} [profiles.{profile}]"
+            values[name], sources[name] = _coerce(name, pdata[name], where), where
         elif name in data:
             values[name], sources[name] = _coerce(name, data[name], path), path
         else:

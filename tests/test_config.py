@@ -56,3 +56,42 @@ def test_config_view_table_shows_node_groups_and_where_each_comes_from(cli, _iso
     assert rows["node_groups.empty"] == ["-", f"{path}", "[profiles.prod]"]
     r = cli(["config", "view", "-o", "json"])  # the JSON is as it was
     assert r.json()["nodeGroups"] == {"rack1": ["n1", "n2"], "all": ["a", "b", "c"], "empty": []}
+
+
+@pytest.mark.parametrize("body", ['nodes = ""', 'nodes = [""]', 'nodes = [" , "]', "nodes = []", 'selector = ""',
+                                  'nodes_from = ""', 'via = ""', 'host_root = "  "',
+                                  'profile = "prod"\n[profiles.prod]\nnodes = ""',
+                                  'profile = "prod"\n[profiles.prod]\nselector = ""'])
+def test_empty_selection_in_the_config_file_is_a_usage_error(cli, _isolated_home, body):
+    """An empty node selection in the config file ran every command on this host, exit 0
+    (review 7, finding 3), where the same empty value as a flag or KATACTL_* is refused:
+    a template whose node list rendered empty must not act on the operator's machine."""
+    cfg = _isolated_home / "config" / "katactl"
+    cfg.mkdir(parents=True)
+    (cfg / "config.toml").write_text(body + "\n")
+    r = cli(["-o", "json", "version"])
+    assert r.exit_code == 2, (body, r.stdout, r.stderr)
+    assert r.json()["kind"] == "Error" and "config.toml" in r.json()["message"], r.stdout
+    if "profiles" in body:
+        assert "[profiles.prod]" in r.json()["message"]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("katactl: error:")]
+    assert len(lines) == 1, r.stderr
+
+
+@pytest.mark.parametrize("variable", ["XDG_STATE_HOME", "XDG_CONFIG_HOME"])
+def test_relative_xdg_directory_is_ignored(tmp_path, monkeypatch, variable):
+    """A relative $XDG_STATE_HOME put the audit log under the current directory, one trail
+    per cwd (review 7, finding 14): the XDG spec says to ignore a relative value."""
+    from katactl import audit, config
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv(variable, "rel")
+    monkeypatch.chdir(tmp_path)
+    if variable == "XDG_STATE_HOME":
+        assert audit.audit_path() == str(home / ".local" / "state" / "katactl" / "audit.log")
+    else:
+        assert config.config_path() == str(home / ".config" / "katactl" / "config.toml")
+    monkeypatch.setenv(variable, str(tmp_path / "abs"))  # an absolute one is used as it is
+    assert (audit.audit_path() if variable == "XDG_STATE_HOME" else config.config_path()).startswith(
+        str(tmp_path / "abs" / "katactl"))
