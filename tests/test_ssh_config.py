@@ -563,3 +563,55 @@ def test_a_bad_connect_timeout_is_a_usage_error_as_ssh_refuses_it(tmp_path, valu
                            stdin=subprocess.DEVNULL)
         assert r.returncode != 0
 
+
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts and never sends an SSH banner (a wedged sshd)."""
+    import socket
+    import threading
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    held = []
+
+    def serve():
+        while True:
+            try:
+                held.append(s.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield s.getsockname()[1]
+    s.close()
+    for c in held:
+        c.close()
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "config"])
+def test_an_explicit_request_timeout_beats_connect_timeout(cli, tmp_path, monkeypatch, silent_port, how):
+    """Like `ssh -o ConnectTimeout=N` over the config file: a --request-timeout the user gave
+    (flag, KATACTL_REQUEST_TIMEOUT or katactl's config file) bounds the handshake; ssh_config's
+    ConnectTimeout 3 used to win (the flag's 0.5 s became 3 s)."""
+    f = tmp_path / "ssh_config"
+    f.write_text("Host *\n  ConnectTimeout 3\n")
+    args = ["--ssh-config", str(f), "-N", f"127.0.0.1:{silent_port}", "version"]
+    if how == "flag":
+        args = ["--request-timeout", "500ms", *args]
+    elif how == "env":
+        monkeypatch.setenv("KATACTL_REQUEST_TIMEOUT", "500ms")
+    else:
+        cfg = tmp_path / "katactl.toml"
+        cfg.write_text('request_timeout = "500ms"\n')
+        monkeypatch.setenv("KATACTL_CONFIG", str(cfg))
+    r = cli(args)
+    assert r.exit_code == 7, r.stderr
+    assert "within 0.5s" in r.stderr, r.stderr
+
+
+def test_connect_timeout_applies_when_no_request_timeout_was_given(cli, tmp_path, silent_port):
+    f = tmp_path / "ssh_config"
+    f.write_text("Host *\n  ConnectTimeout 1\n")
+    r = cli(["--ssh-config", str(f), "-N", f"127.0.0.1:{silent_port}", "version"])
+    assert r.exit_code == 7 and "within 1s" in r.stderr, r.stderr

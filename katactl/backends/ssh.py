@@ -295,6 +295,9 @@ class _Options:
         self.accept_new = bool(settings.ssh_accept_new)
         self.extra_known_hosts = settings.known_hosts
         self.timeout = float(settings.request_timeout or 30.0)
+        # a --request-timeout the user gave (flag, env, config file) beats ssh_config's
+        # ConnectTimeout, as `ssh -o ConnectTimeout=` beats the file; the default does not
+        self.timeout_given = sources.get("request_timeout", "default") != "default"
 
 
 _TCLASS = None
@@ -629,7 +632,7 @@ def _authenticate(t, target: sshconfig.Target, name: str) -> None:
 def _connect(target: sshconfig.Target, opts: _Options, via: _Conn | None, name: str) -> _Conn:
     import paramiko
 
-    timeout = target.connect_timeout or opts.timeout
+    timeout = opts.timeout if opts.timeout_given else (target.connect_timeout or opts.timeout)
     kh_files = list(target.user_known_hosts) + list(target.global_known_hosts)
     if opts.extra_known_hosts:
         kh_files.insert(0, opts.extra_known_hosts)
