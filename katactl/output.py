@@ -495,6 +495,9 @@ class Output:
         self.stderr = stderr or sys.stderr
         self.stdout_tty = _isatty(self.stdout)
         self.stderr_tty = _isatty(self.stderr)
+        #: colour switched off by the user (--no-color, no_color, KATACTL_NO_COLOR): the
+        #: progress bar on stderr must honour it too, not only NO_COLOR (which Rich reads)
+        self.no_color = color is False
         if color is None:
             color = self.stdout_tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
         self.color = color
@@ -546,7 +549,7 @@ class Output:
     def progress(self, description: str, total: float | None = None, unit: str = ""):
         """A progress context: a Rich bar on a TTY stderr, silent otherwise."""
         if self.stderr_tty and not self.quiet and self.fmt != "jsonl":
-            return _RichProgress(self.stderr, description, total, unit)
+            return _RichProgress(self.stderr, description, total, unit, no_color=self.no_color)
         return _NullProgress()
 
     # -- results (stdout) ---------------------------------------------------
@@ -747,7 +750,7 @@ class _NullProgress:
 
 
 class _RichProgress:
-    def __init__(self, stream, description, total, unit):
+    def __init__(self, stream, description, total, unit, *, no_color: bool = False):
         from rich.console import Console
         from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
         from rich.text import Text
@@ -768,7 +771,8 @@ class _RichProgress:
             cols += [BytesColumn()]
         else:
             cols += [TextColumn("{task.completed:.0f}/{task.total:.0f}" if total is not None else "")]
-        self._p = Progress(*cols, console=Console(file=stream), transient=True)
+        self._p = Progress(*cols, console=Console(file=stream, no_color=no_color or None),
+                           transient=True)
         self._desc, self._total = description, total
 
     def __enter__(self):

@@ -540,3 +540,39 @@ def test_a_mutations_human_view_says_whether_it_changed_anything(cli, tmp_path):
     assert "changed: false" in r.stdout.splitlines()
     r = cli(["lab", "down", "--root", str(tmp_path / "nolab"), "-o", "json"])
     assert r.json()["changed"] is False
+
+
+def test_no_color_reaches_the_progress_bar(monkeypatch):
+    """--no-color (Output(color=False)) left the Rich progress bar on a TTY stderr in colour:
+    only NO_COLOR, which Rich reads itself, turned it off (review 7, finding 6)."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+
+    def screen(color):
+        master, slave = pty.openpty()
+        with os.fdopen(slave, "w") as err:
+            out = Output("table", color=color, stderr=err, stdout=io.StringIO())
+            with out.progress("collect", total=4) as bar:
+                for i in range(5):
+                    bar.update(completed=i)
+            err.flush()
+        data = b""
+        while chunk := _read_ready(master):
+            data += chunk
+        os.close(master)
+        return data
+
+    colour = re.compile(rb"\x1b\[(?:[0-9;]*;)?(?:3[0-8]|9[0-7])[;m]")
+    assert colour.search(screen(None)), "the bar is coloured on a terminal by default"
+    assert not colour.search(screen(False))
+
+
+def _read_ready(fd: int) -> bytes:
+    import select
+
+    if not select.select([fd], [], [], 0)[0]:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
