@@ -673,7 +673,7 @@ complete -c katactl -l request-timeout -x -d 'Bound on each connect, request and
 complete -c katactl -n "not contains -- (__katactl_path) 'katactl node drain'" -l parallel -x -d 'Nodes worked on at once'
 complete -c katactl -l profile -x -d 'Config profile to use'
 complete -c katactl -s v -l verbose -d 'More detail; tracebacks on errors'
-complete -c katactl -s q -l quiet -d 'Only data and errors'
+complete -c katactl -s q -l quiet -d 'Only data, warnings and errors: no info messages or progress'
 complete -c katactl -l no-color -d 'No colour (also NO_COLOR=1)'
 complete -c katactl -s y -l yes -d 'Assume yes; needed for destructive actions without a TTY'
 complete -c katactl -l no-audit -d 'Change without an audit record (else an unwritable audit log'

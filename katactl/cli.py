@@ -166,7 +166,7 @@ def root(
     parallel: Optional[int] = typer.Option(None, "--parallel", metavar="N", help="Nodes worked on at once."),
     profile: Optional[str] = typer.Option(None, "--profile", metavar="NAME", help="Config profile to use."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="More detail; tracebacks on errors."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only data and errors."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only data, warnings and errors: no info messages or progress."),
     no_color: bool = typer.Option(False, "--no-color", help="No colour (also NO_COLOR=1)."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Assume yes; needed for destructive actions without a TTY."),
     no_audit: bool = typer.Option(False, "--no-audit",
@@ -214,8 +214,9 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
     # audit record and exit 130 with the JSON error, not Python ending where it stands
     ctx.with_resource(terminate_as_interrupt())
     ctx.obj = AppContext.create(settings)
-    global _output_format
+    global _output_format, _verbose
     _output_format = settings.output  # errors honour -o from the config file and env too
+    _verbose = settings.verbose  # and KATACTL_VERBOSE / verbose = 1 give -v's traceback
 
 
 def _delete_node_pods() -> None:
@@ -249,6 +250,8 @@ _help_only = False
 # The resolved -o of this invocation (None until the root callback ran), for main's
 # error report: it runs after Typer has unwound the context that held the settings.
 _output_format: str | None = None
+#: the resolved verbosity (0 until the root callback ran), for the same reason
+_verbose = 0
 
 
 # -- global options may follow the subcommand (kubectl habit) ------------------
@@ -492,8 +495,8 @@ def _exit_without_abandoned_threads(done: SystemExit) -> None:
 
 def _run(args: list[str]) -> None:
     command = _built(app)
-    global _output_format, _help_only
-    _output_format = None
+    global _output_format, _help_only, _verbose
+    _output_format, _verbose = None, 0
     head = args[:args.index("--")] if "--" in args else args
     _help_only = any(a in ("-h", "--help") for a in head)
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
@@ -509,13 +512,13 @@ def _run(args: list[str]) -> None:
         raise
     except BrokenPipeError as exc:
         if not _stdout_closed():  # a socket's peer, not our reader: a real error
-            sys.exit(_report(exc, _error_format(args), verbose))
+            sys.exit(_report(exc, _error_format(args), verbose or bool(_verbose)))
         _quiet_exit_on_closed_stdout()
     except KeyboardInterrupt:
         sys.exit(_report(Interrupted("interrupted"), _error_format(args), False))
     except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exits
         try:
-            sys.exit(_report(exc, _error_format(args), verbose))
+            sys.exit(_report(exc, _error_format(args), verbose or bool(_verbose)))
         except BrokenPipeError:
             _quiet_exit_on_closed_stdout()
 
@@ -602,10 +605,35 @@ def _one_line(text: str) -> str:
 
 
 def _sniff_output(args: list[str]) -> str | None:
-    """-o from argv (or KATACTL_OUTPUT) when the settings never resolved (bad flags)."""
+    """-o from argv, else KATACTL_OUTPUT, else the config file's, when the settings never
+    resolved (a bad flag, a config value refused): `output = "json"` there must still give
+    Ansible the JSON error object."""
     for i, a in enumerate(args):
         if a in ("-o", "--output") and i + 1 < len(args):
             return args[i + 1]
         if a.startswith("--output=") or (a.startswith("-o") and len(a) > 2):
             return a.split("=", 1)[-1].removeprefix("-o")
-    return os.environ.get("KATACTL_OUTPUT")
+    if "KATACTL_OUTPUT" in os.environ:
+        return os.environ["KATACTL_OUTPUT"]
+    return _config_file_output(args)
+
+
+def _config_file_output(args: list[str]) -> str | None:
+    """`output` of the config file (its active profile's first), best effort: the file
+    may be the very thing that failed, and then there is no format to honour."""
+    try:
+        from katactl import config
+
+        data = config.load_file(config.config_path())
+        profile = None
+        for i, a in enumerate(args):
+            if a == "--profile" and i + 1 < len(args):
+                profile = args[i + 1]
+            elif a.startswith("--profile="):
+                profile = a.split("=", 1)[1]
+        profile = profile or os.environ.get("KATACTL_PROFILE") or data.get("profile")
+        table = data.get("profiles", {}).get(profile, {}) if isinstance(profile, str) else {}
+        value = table.get("output", data.get("output")) if isinstance(table, dict) else data.get("output")
+        return value if isinstance(value, str) else None
+    except Exception:  # noqa: BLE001 - only a guess at the format of an error being reported
+        return None

@@ -547,3 +547,57 @@ def test_python_m_exits_with_katactls_code_after_an_interrupt_inside_a_string_ex
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert p.stdout.count('"kind": "Version"') == 2
+
+
+def test_quiet_help_says_what_it_keeps(cli, tmp_path):
+    """-q's help said "Only data and errors." while warnings still print (review 7,
+    finding 10): they do, on purpose (a warning is not chatter), and the help says so."""
+    r = cli(["--help"])
+    line = " ".join(r.stdout.split("-q, --quiet", 1)[1].split("\n  -", 1)[0].split())
+    assert "warnings and errors" in line, line
+    r = cli(["-q", "--host-root", str(tmp_path), "balloon", "set", "abc", "--reclaim", "1G"])
+    assert "warning: --reclaim is relative" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("how", ["env", "config"])
+def test_verbose_from_env_or_config_gives_the_traceback(cli, monkeypatch, _isolated_home, how):
+    """KATACTL_VERBOSE=1 and `verbose = 1` are -v's setting, yet only -v printed the
+    traceback the error line asks for (review 7, finding 8)."""
+    import katactl.versions as v
+
+    monkeypatch.setattr(v, "client_versions", lambda: 1 / 0)
+    if how == "env":
+        monkeypatch.setenv("KATACTL_VERBOSE", "1")
+    else:
+        (_isolated_home / "config" / "katactl").mkdir(parents=True)
+        (_isolated_home / "config" / "katactl" / "config.toml").write_text("verbose = 1\n")
+    r = cli(["version"])
+    assert r.exit_code == 1
+    assert "Traceback" in r.stderr and "re-run with -v" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("body,args", [
+    ('output = "json"\n', ["--parallel", "abc", "version"]),
+    ('output = "json"\n', ["sandbox", "list", "--bogus"]),
+    ('output = "json"\nparallel = 0\n', ["version"]),
+    ('profile = "p"\n[profiles.p]\noutput = "json"\nparallel = 0\n', ["version"]),
+    ('output = "yaml"\n[profiles.p]\noutput = "json"\nparallel = 0\n', ["--profile", "p", "version"]),
+])
+def test_config_file_output_json_gives_the_error_object_before_settings_resolve(cli, _isolated_home, body, args):
+    """`output = "json"` in the config file printed no JSON error object for a failure before
+    the settings resolved (a bad flag, a refused config value), where -o json and
+    KATACTL_OUTPUT=json do (review 7, finding 7)."""
+    (_isolated_home / "config" / "katactl").mkdir(parents=True)
+    (_isolated_home / "config" / "katactl" / "config.toml").write_text(body)
+    r = cli(args)
+    assert r.exit_code == 2, r.stderr
+    d = r.json()
+    assert d["kind"] == "Error" and d["exitCode"] == 2, r.stdout
+
+
+def test_unreadable_config_file_still_reports_one_line(cli, _isolated_home):
+    (_isolated_home / "config" / "katactl").mkdir(parents=True)
+    (_isolated_home / "config" / "katactl" / "config.toml").write_text('output = "json\n')
+    r = cli(["--parallel", "abc", "version"])
+    assert r.exit_code == 2 and r.stdout == "", r.stdout
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("katactl: error:")]) == 1, r.stderr
