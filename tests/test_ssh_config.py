@@ -526,6 +526,20 @@ def test_match_user_expected_answers(tmp_path):
     assert sshconfig.resolve("node1", cfg, user="ops").proxy_command == "nc -u ops node1 22"
 
 
+@pytest.mark.parametrize("node", ["node1:2222", "node1", "ops@node1:2022", "other:2400"])
+def test_the_node_port_is_the_command_line_port_for_percent_p_and_port_lines(tmp_path, node):
+    """`-N host:port` is ssh -p: no Port line replaces it and %p in ProxyCommand is it
+    (it expanded to the config's Port, 22 by default)."""
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    f = tmp_path / "config"
+    f.write_text("Host node1\n  Port 2100\n  ProxyCommand nc %h %p\nHost *\n  ProxyCommand nc -v %h %p\n")
+    t = sshconfig.resolve(node, sshconfig.load(sshconfig.config_text(str(f))))
+    g = _ssh_G(f, node)  # ssh -G prints ProxyCommand unexpanded
+    want = g["proxycommand"].replace("%h", g["hostname"]).replace("%p", g["port"])
+    assert (str(t.port), t.proxy_command) == (g["port"], want), g
+
+
 # -- ConnectTimeout: sshd_config(5) TIME FORMATS, and only when --request-timeout was not given --
 @pytest.mark.parametrize("value, want", [
     ("90", 90.0), ("1m", 60.0), ("1m30s", 90.0), ("1M", 60.0), ("10S", 10.0), ("1h1h", 7200.0),

@@ -205,7 +205,7 @@ def _scoped_class():
         class ScopedSSHConfig(paramiko.SSHConfig):
             _original = ""  # the name as given, for Match originalhost and %n (set per lookup)
 
-            def lookup(self, hostname, user=None):
+            def lookup(self, hostname, user=None, port=None):
                 """OpenSSH's passes (openssh-portable ssh.c main()), not paramiko's: the
                 first matches Host patterns against the name as given; then the host is
                 HostName (%h expanded) or that name, lower-cased unless an address, and
@@ -217,10 +217,12 @@ def _scoped_class():
                 user is the command line's (``user@host``, ``ssh -l``): ssh sets
                 options.user before reading the config, so ``Match user`` and ``%r`` see
                 it and no ``User`` line replaces it (readconf.c match_cfg_line: ``ruser =
-                options->user == NULL ? pw->pw_name : options->user``)."""
+                options->user == NULL ? pw->pw_name : options->user``). port likewise
+                (``host:port``, ``ssh -p``): no ``Port`` line replaces it and ``%p`` is it."""
                 run = copy.copy(self)
                 run._original = hostname
-                options = run._lookup(hostname, SSHConfigDict(user=user) if user else None)
+                seed = {k: v for k, v in (("user", user), ("port", port)) if v}
+                options = run._lookup(hostname, SSHConfigDict(**seed) if seed else None)
                 host = _canonical_case(_expand_h(options.get("hostname"), hostname) or hostname)
                 canon = str(options.get("canonicalizehostname", "no")).lower()
                 if canon in ("yes", "always") and not _is_addr(host) and not host.endswith(".") \
@@ -348,7 +350,7 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     The node's ``user@``, else user (--ssh-user), is the command line's user: the config
     is read with it, as ssh reads it with ``user@host``/``-l`` (Match user, %r)."""
     nuser, host, nport = split_node(node)
-    o = lookup(cfg, host, nuser or user)
+    o = lookup(cfg, host, nuser or user, nport)
     port = nport or int(o.get("port", 22))
     who = o.get("user") or _local_user()
     ids = []
@@ -361,7 +363,8 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
         hops = tuple(h.strip() for h in jump.split(",") if h.strip())
         for i, h in enumerate(hops):
             _, hhost, hport = split_node(_strip_ssh_url(h))
-            if hhost in (host, o.get("hostname", host)) and (hport or int(o.get("port", 22))) == port:
+            if hhost in (host, o.get("hostname", host)) and \
+                    (hport or int(lookup(cfg, hhost).get("port", 22))) == port:  # the hop's own Port
                 # A jump through itself: `Host *` + `ProxyJump bastion` also matches
                 # bastion. The hops before it are the way to it; the rest is moot.
                 hops = hops[:i]
@@ -447,8 +450,8 @@ def _canonical_case(host: str) -> str:
     return host if _is_addr(host) else host.lower()
 
 
-def lookup(cfg, host: str, user: str | None = None):
-    """cfg.lookup(host, user), with only the blocks that can match host.
+def lookup(cfg, host: str, user: str | None = None, port: int | None = None):
+    """cfg.lookup(host, user, port), with only the blocks that can match host.
 
     paramiko's lookup tries every block, and for each that is not a match calls
     getpass.getuser() (for Match): ~28 ms per node with 1,024 ``Host`` blocks, 29 s for
@@ -458,7 +461,7 @@ def lookup(cfg, host: str, user: str | None = None):
     idx = getattr(cfg, "_katactl_index", None)
     contexts = getattr(cfg, "_config", None)
     if not isinstance(contexts, list):
-        return cfg.lookup(host, user)
+        return cfg.lookup(host, user, str(port) if port else None)
     if idx is None or idx[0] != len(contexts):
         idx = (len(contexts), _index_blocks(contexts))
         try:
@@ -467,11 +470,11 @@ def lookup(cfg, host: str, user: str | None = None):
             pass
     literal, always = idx[1]
     if literal is None:  # a final pass looks up another name: every block
-        return cfg.lookup(host, user)
+        return cfg.lookup(host, user, str(port) if port else None)
     picked = literal.get(host)
     sub = copy.copy(cfg)
     sub._config = [contexts[i] for i in (sorted(always + picked) if picked else always)]
-    return sub.lookup(host, user)
+    return sub.lookup(host, user, str(port) if port else None)
 
 
 def _index_blocks(contexts: list) -> tuple[dict[str, list[int]] | None, list[int]]:
