@@ -285,6 +285,33 @@ def test_any_upgrade_command_first_finishes_an_interrupted_agent_switch(katactl_
         assert history(node)[-1]["action"] == "rollback"
 
 
+@pytest.mark.parametrize("killed,point,finisher,outcome", [
+    (("switch", A, "--component", "agent"), "switch:after-intent", ("switch", A, "--component", "agent"),
+     "rolled forward"),
+    (("switch", A, "--component", "agent"), "switch:after-config-rename", ("gc", "--yes"), "rolled forward"),
+    (("switch", A, "--component", "agent"), "switch:after-intent", ("stage", "@A@"), "rolled forward"),
+    (("switch", A), "switch:after-flip", ("switch", A), "completed"),
+])
+def test_a_run_that_finishes_an_interrupted_switch_reports_the_change(katactl_bin, tmp_path, templates, tbs,
+                                                                      killed, point, finisher, outcome):
+    """review 7 #3: a run that had nothing of its own to do, but first finished a killed
+    switch (renamed live configuration files), said changed: false, and so did its audit
+    record (the killed run wrote none): the live change was never reported. Now it is
+    changed: true, with the recovery among the record's done steps."""
+    node = node_on(templates, tmp_path, B)
+    assert run(katactl_bin, node, *killed, fault=point).exit_code == -9
+    log = tmp_path / "audit.log"
+    args = [tbs[A] if a == "@A@" else a for a in finisher]
+    r = katactl_bin(["--host-root", str(node), "upgrade", *args, "-o", "json"], env={"KATACTL_AUDIT_LOG": str(log)})
+    assert r.exit_code == 0, r.stderr
+    note = f"{outcome} an interrupted switch to runtime {killed[1] if len(killed) == 2 else B}, agent {A}"
+    d = json.loads(r.stdout)
+    assert d["recovered"] == note and d["changed"] is True
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert (entry["action"], entry["result"], entry["changed"]) == (f"upgrade.{args[0]}", "ok", True)
+    assert entry["done"] == [note]  # the recovery: the run itself had nothing to do
+    assert journal(node) is None and state(node) == ((A, A) if len(killed) == 2 else (B, A))
+
 @pytest.mark.parametrize("point", ["switch:after-intent", *sorted(MID_RENAME_POINTS)])
 def test_rollback_of_an_agent_switch_killed_between_renames(katactl_bin, tmp_path, templates, point):
     node = node_on(templates, tmp_path, B)
@@ -333,7 +360,8 @@ def test_forced_restage_killed_at_each_step(katactl_bin, tmp_path, templates, ot
     r = run(katactl_bin, node, "stage", other_a, "--force")
     assert r.exit_code == 0, r.stderr
     assert record(node, A)["sourceSha256"] == fx_sha(other_a)
-    assert json.loads(r.stdout)["changed"] is (point not in ("stage:after-set-aside", "stage:after-rename"))
+    # after the set-aside, the re-run's recovery renames the new tree into place: a change too
+    assert json.loads(r.stdout)["changed"] is (point != "stage:after-rename")
     assert not [n for n in os.listdir(rel) if n.startswith((".staging", ".replaced", ".trash"))]
     assert_releases_complete(node)
 

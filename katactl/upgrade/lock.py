@@ -101,7 +101,12 @@ def locked_audited(transport: NodeTransport, layout, action: str, params: dict, 
         raise
     finally:
         _progress.reset(token)
-    _record(action, target_of(res) if target_of else target, transport, params, res["changed"])
+    if progress.done:
+        # also a run that had nothing of its own to do changed the node when it first
+        # finished an interrupted one (recovered): the killed run wrote no record of it
+        res = {**res, "changed": True}
+    steps: dict = {"done": progress.done} if progress.done else {}
+    _record(action, target_of(res) if target_of else target, transport, params, res["changed"], **steps)
     return res
 
 
