@@ -55,6 +55,14 @@ def select_nodes(settings) -> list[str]:
             raise UsageError(f"--nodes-from {settings.nodes_from}: no node names in it")
         names.extend(from_file)
     if settings.selector:
+        from katactl import labelselector
+
+        try:
+            # a usage error before any kubeconfig is read or API contacted: a bad -l must be
+            # exit 2 whether or not the API server is there to say 400
+            labelselector.check(settings.selector)
+        except ValueError as e:
+            raise UsageError(f"invalid label selector {settings.selector!r}: {e}") from None
         from katactl.backends import kube
 
         names.extend(kube.node_names(settings))

@@ -83,3 +83,15 @@ def test_plain_refs_need_no_api():
     s = config.resolve({})
     assert targets.parse_sandbox_ref(s, "ns/pod") == targets.SandboxRef("ns/pod")
     assert targets.parse_sandbox_ref(s, "abc123") == targets.SandboxRef("abc123")
+
+
+@pytest.mark.parametrize("selector", ["a=b=c", "a in (b", "a b", "pool in ("])
+def test_malformed_selector_is_usage_error_without_the_api(cli, api, tmp_path, selector):
+    """A bad -l was exit 7 when the API server was unreachable (exit 2 only from a live
+    server's 400): the exit code of bad input depended on the network (review 7, finding 11).
+    It is checked as the API server parses it, before anything is contacted."""
+    kc = api.kubeconfig(tmp_path / "kc")
+    api.close()
+    r = cli(["--kubeconfig", kc, "--request-timeout", "1s", "-l", selector, "-o", "json", "version"])
+    assert r.exit_code == 2, r.stderr
+    assert r.json()["code"] == "UsageError" and "invalid label selector" in r.json()["message"]
