@@ -3,10 +3,12 @@
 Lives at $XDG_STATE_HOME/katactl/audit.log, or where the ``audit_log`` setting
 says (the CLI calls configure() once its settings are resolved; library users
 may too). Written with O_APPEND so concurrent katactl processes never
-interleave a line.
+interleave a line, and with O_NOFOLLOW: a symlink planted where the log goes (a shared,
+writable audit_log directory, katactl run as root) must not make it append to another file.
 """
 from __future__ import annotations
 
+import errno
 import getpass
 import json
 import logging
@@ -47,10 +49,9 @@ def require_writable(path: str | None = None) -> None:
         return
     p = audit_path(path)
     try:
-        os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
-        os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        os.close(_open(p))
     except OSError as e:
-        raise Refused(f"cannot write the audit log {p}: {e.strerror or e}; nothing was changed",
+        raise Refused(f"cannot write the audit log {p}: {_why(e)}; nothing was changed",
                       hint="fix the log's directory or permissions (audit_log setting, KATACTL_AUDIT_LOG), "
                            "or give --no-audit to change without a record") from None
 
@@ -78,15 +79,26 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
         return entry
     p = audit_path(path)
     try:
-        os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = _open(p)
         try:
             os.write(fd, (json.dumps(entry, default=str) + "\n").encode())
         finally:
             os.close(fd)
     except OSError as e:
-        log.warning("cannot write audit log %s: %s", p, e.strerror)
+        log.warning("cannot write audit log %s: %s", p, _why(e))
     return entry
+
+
+def _open(p: str) -> int:
+    """The log opened for appending, created 0600 if missing; never through a symlink."""
+    os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
+    return os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ELOOP:  # O_NOFOLLOW's answer for a symlink
+        return "it is a symbolic link (refused: give the real file as audit_log)"
+    return e.strerror or str(e)
 
 
 def record_unfinished(action: str, target: str, *, node: str, params: dict, exc: BaseException, sent: bool,

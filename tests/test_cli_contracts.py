@@ -601,3 +601,23 @@ def test_unreadable_config_file_still_reports_one_line(cli, _isolated_home):
     r = cli(["--parallel", "abc", "version"])
     assert r.exit_code == 2 and r.stdout == "", r.stdout
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("katactl: error:")]) == 1, r.stderr
+
+
+def test_audit_log_is_never_written_through_a_symlink(_isolated_home, tmp_path, caplog):
+    """The log was opened without O_NOFOLLOW: a symlink planted where it goes (a shared,
+    writable audit_log directory, katactl as root) made katactl append to any file (review 7,
+    suspicion 1). A mutation is refused (exit 5) before it starts; a record is not written."""
+    from katactl import audit
+    from katactl.errors import Refused
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = _isolated_home / "state" / "katactl" / "audit.log"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(victim)
+    with pytest.raises(Refused, match="symbolic link") as e:
+        audit.require_writable()
+    assert e.value.exit_code == 5
+    audit.record("balloon.set", "sb1", params={"target": 1}, changed=True)
+    assert victim.read_text() == "precious\n"
+    assert any("symbolic link" in r.getMessage() for r in caplog.records)
