@@ -28,7 +28,8 @@ EXIT_CODES = [
     (5, "refused by a safety check (override with --force where allowed)"),
     (6, "timed out waiting"),
     (7, "backend unreachable or authentication failed"),
-    (8, "a check ran and found problems (audit)"),
+    (8, "a check ran and found problems: audit, node check, node agent status (a node without a ready "
+        "agent pod), overhead --fail-on, inspect pressure --fail-on, a rollout's check step"),
     (130, "interrupted"),
 ]
 

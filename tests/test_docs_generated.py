@@ -61,3 +61,23 @@ def test_help_examples_do_not_reach_the_lab_by_its_root_only_default():
     finally:
         sys.path.pop(0)
     assert bad == []
+
+
+def test_man_exit_status_8_names_every_command_that_exits_8():
+    """The man page said exit 8 came from audit only; node check, node agent status,
+    overhead and inspect pressure --fail-on and rollout check steps exit 8 too (review 7,
+    finding 13). Every module that can exit 8 must be named in EXIT STATUS."""
+    import re
+
+    text = open(os.path.join(ROOT, "man", "katactl.1")).read()
+    line = text.split("\\fB8\\fR\n", 1)[1].split("\n", 1)[0].replace("\\-", "-")
+    sources = {"audit": "commands/audit.py", "node check": "commands/node.py",
+               "node agent status": "commands/node_agent.py", "overhead --fail-on": "commands/overhead.py",
+               "inspect pressure --fail-on": "commands/inspect.py", "rollout": "rollout/steps.py"}
+    exits_8 = re.compile(r"CHECK_FAILED|code = 8\b")
+    for path in sorted(os.listdir(os.path.join(ROOT, "katactl", "commands"))):
+        if path.endswith(".py") and exits_8.search(open(os.path.join(ROOT, "katactl", "commands", path)).read()):
+            assert f"commands/{path}" in sources.values(), f"{path} can exit 8: name it in gen_man.py"
+    for words, path in sources.items():
+        assert exits_8.search(open(os.path.join(ROOT, "katactl", path)).read()), path
+        assert words in line, (words, line)
