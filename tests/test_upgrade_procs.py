@@ -237,3 +237,42 @@ def test_forced_restage_refused_when_proc_cannot_be_read(cli, tmp_path):
     assert K(cli, node, "stage", tb, "--force")["changed"] is False  # same source: nothing to replace
     (node / "proc").mkdir()  # a /proc showing no processes: nothing uses A
     assert K(cli, node, "stage", other, "--force")["replaced"] is True
+
+
+@pytest.mark.parametrize("link,target,real", [("opt", "var/opt", "var/opt/kata/releases"),
+                                               ("opt/kata/releases", "../../srv/kata", "srv/kata")])
+def test_a_kata_root_under_a_symlink_still_sees_the_processes_using_a_release(cli, tmp_path, link, target, real):
+    """review 7 #1: with /opt -> var/opt (Fedora CoreOS, RHCOS), the kernel reports a shim's
+    exe, maps and fds with the symlink resolved (/var/opt/kata/releases/A/...; linux
+    fs/proc/base.c proc_exe_link): status showed no process, gc deleted the release under
+    the running shim, and stage --force replaced it. Also with releases/ itself a link."""
+    node = tmp_path / "node"
+    (node / link).parent.mkdir(parents=True)
+    (node / link).parent.joinpath(target).mkdir(parents=True)
+    os.symlink(target, node / link)
+    os.symlink("/proc", node / "proc")
+    for v in (A, B):
+        (tmp_path / v).mkdir()
+        K(cli, node, "stage", fx.make_tarball(str(tmp_path / v), v, str(tmp_path / v), compression="gz"))
+    assert (node / real / A).is_dir()
+    K(cli, node, "switch", A)
+    cur = f"{node}/opt/kata/current"  # started the way containerd does: through current
+    shim = fx.start_standin(f"{cur}/bin/containerd-shim-kata-v2", f"{cur}/share/kata-containers/vmlinux.container")
+    try:
+        assert os.readlink(f"/proc/{shim.pid}/exe").startswith(f"{node}/{real}/{A}/")
+        K(cli, node, "switch", B)
+        st = K(cli, node, "status")
+        mine = [p for p in st["processes"] if p["pid"] == shim.pid]
+        assert mine and mine[0]["releases"] == [A] and set(mine[0]["via"][A]) >= {"exe", "maps"}
+        assert {r["version"]: r["inUse"] for r in st["releases"]} == {A: True, B: False}
+        d = K(cli, node, "gc", "--no-keep-previous", "--yes")
+        assert d["removed"] == [] and str(shim.pid) in {k["version"]: k["reason"] for k in d["kept"]}[A]
+        (tmp_path / "other").mkdir()
+        other = fx.make_tarball(str(tmp_path / "other"), A, str(tmp_path / "other"), compression="tar")
+        r = cli(["--host-root", str(node), "upgrade", "stage", other, "--force"])
+        assert r.exit_code == 5 and f"release {A} is in use" in r.stderr, r.stderr
+        assert shim.poll() is None and (node / real / A).is_dir()
+    finally:
+        shim.kill()
+        shim.wait()
+    assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]

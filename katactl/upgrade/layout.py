@@ -132,15 +132,29 @@ class Layout:
         """What `current` points to: relative when possible (survives --host-root and chroots)."""
         return f"releases/{version}"
 
-    def version_of_path(self, path: str) -> str | None:
-        """The release a node path lies in (None when outside every release)."""
+    def version_of_path(self, path: str, real_releases: str | None = None) -> str | None:
+        """The release a node path lies in (None when outside every release). ``real_releases``:
+        ``releases`` with its symlinks resolved (real_releases()), for paths the kernel
+        reports: /proc/<pid>/exe, maps and fd/ name files with every symlink resolved."""
         if not path:
             return None
         path = path.removesuffix(" (deleted)")
-        prefix = self.releases + "/"
-        if not path.startswith(prefix):
+        for releases in (self.releases, real_releases):
+            prefix = f"{releases}/"
+            if releases and path.startswith(prefix):
+                v = path[len(prefix):].split("/", 1)[0]
+                return None if not v or v.startswith(".") else v
+        return None
+
+    def real_releases(self, transport) -> str | None:
+        """``releases`` with its symlinks resolved inside the node, when that differs (a kata
+        root under a symlink: /opt -> var/opt on Fedora CoreOS and RHCOS); else None. The kernel
+        shows the real path: linux fs/proc/base.c proc_exe_link returns the exe's f_path."""
+        from katactl.errors import KatactlError
+        from katactl.katacfg import realpath
+
+        try:
+            real = realpath(transport, self.releases)
+        except (OSError, KatactlError):
             return None
-        v = path[len(prefix):].split("/", 1)[0]
-        if not v or v.startswith("."):
-            return None
-        return v
+        return real if real != self.releases else None

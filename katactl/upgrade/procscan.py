@@ -4,7 +4,8 @@ A process *references* a release when its executable (``/proc/<pid>/exe``),
 a mapped file (``maps``: shared libraries, mmapped kernels), an open file
 descriptor (``fd/``: QEMU keeps the guest image and initrd open) or an
 argument (``cmdline``: ``-kernel``, ``-initrd``, ``file=``) lies under
-``releases/<v>/``. Deleted files still count (``(deleted)`` suffix): a
+``releases/<v>/``: as given, or with the kata root's symlinks resolved (the kernel
+reports exe, maps and fd paths resolved). Deleted files still count (``(deleted)`` suffix): a
 process that runs a removed binary is still an old-release process.
 
 Sandboxes come from the runtime's state (persist.json / state.json): the
@@ -52,8 +53,9 @@ def scan(transport: NodeTransport, layout) -> tuple[list[ProcRef], dict]:
     """Every process that references some release; plus scan statistics."""
     import os
 
-    prefix = layout.releases + "/"
-    rx = re.compile(re.escape(prefix) + r"([^/\s,:=]+)")
+    real = layout.real_releases(transport)
+    prefixes = [layout.releases] + ([real] if real else [])
+    rx = re.compile("(?:" + "|".join(re.escape(p + "/") for p in prefixes) + r")([^/\s,:=]+)")
     hr = transport.host_root
     me = os.getpid() if not hr and not transport.is_remote else None  # our own pid only means us here
     refs: list[ProcRef] = []
@@ -70,7 +72,7 @@ def scan(transport: NodeTransport, layout) -> tuple[list[ProcRef], dict]:
         denied = False
 
         def note(path: str, via: str, found: dict[str, set[str]] = found) -> None:
-            v = layout.version_of_path(_unroot(path, hr))
+            v = layout.version_of_path(_unroot(path, hr), real)
             if v:
                 found.setdefault(v, set()).add(via)
 
@@ -162,6 +164,7 @@ def sandboxes(transport: NodeTransport, found: list | None = None) -> list[dict]
 
 def attribute(transport: NodeTransport, layout, procs: list[ProcRef], sbs: list[dict]) -> list[dict]:
     """For each sandbox: release of its shim, its hypervisor, and its guest assets."""
+    real = layout.real_releases(transport)
     by_pid = {p.pid: p for p in procs}
     shims: dict[str, ProcRef] = {}
     for p in procs:
@@ -175,7 +178,7 @@ def attribute(transport: NodeTransport, layout, procs: list[ProcRef], sbs: list[
         hv = by_pid.get(s.get("hypervisorPid") or -1)
         alive = bool(s.get("hypervisorPid")) and transport.exists(f"/proc/{s['hypervisorPid']}")
         shim = shims.get(sid)
-        configured = sorted({v for v in (layout.version_of_path(p) for p in s["paths"]) if v})
+        configured = sorted({v for v in (layout.version_of_path(p, real) for p in s["paths"]) if v})
         rows.append({
             "id": sid, "pod": s.get("pod"), "runtime": s.get("runtime"),
             "shimPid": shim.pid if shim else None,
