@@ -47,7 +47,12 @@ The guarantees:
 - all-zero chunks of an uncompressed copy are written as holes (dumps are
   mostly zero pages): the local copy stays sparse.
 - files are mode 0600, directories 0700. A second collect of an already
-  collected dump is a no-op (``changed: false``).
+  collected dump is a no-op (``changed: false``), also once the node's dump is
+  gone (:func:`collected_gone`).
+- one copy of a dump into one --to at a time (:class:`_CopyLock`): a second
+  collect of it is refused (exit 5) while the first holds ``<name>.lock``;
+  the manifest is rewritten under a lock of its directory
+  (:func:`records.update_manifest`).
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ import posixpath
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 import weakref
@@ -68,7 +74,7 @@ from typing import Callable, Iterator
 from katactl.backends.local import atomic_write, fsync_dir
 from katactl.errors import OperationFailed, Refused, UsageError, as_katactl_error
 from katactl.vmcore.dumps import node_name, real_path, regular_files, remove_dumps, resolve_dumps
-from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, write_manifest
+from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, update_manifest
 from katactl.vmcore.streams import (CHUNK, Hasher, Inflater, Prefetch, RateLimit, hash_file, iter_uncompressed,
                                     make_writer, zstd_backend)
 from katactl.backends.base import NodeTransport
@@ -150,9 +156,24 @@ def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, 
     """
     opts.validate()
     index = index if index is not None else CollectIndex()
-    dumps = resolve_dumps(transport, refs, dump_path=dump_path, kata_config=kata_config, index=index)
     node = node_name(transport)
-    results = []
+    results: list[dict] = []
+
+    def collected_before(ref: str) -> bool:
+        """A ref that names no dump on the node, but one an earlier collect copied into
+        --to (gone since: --delete-after, vmcore rm): done already, changed: false."""
+        found = [i for i in collected_gone(opts.to, node, ref) if i["to"] not in {r["to"] for r in results}]
+        for item in found:
+            if not opts.dry_run:
+                from katactl import audit
+
+                audit.record("vmcore.collect", item["name"], node=transport.node, params=_audit_params(opts),
+                             changed=False, to=item["to"], sha256=item["sha256"], deleted=False)
+            results.append(item)
+        return bool(found)
+
+    dumps = resolve_dumps(transport, refs, dump_path=dump_path, kata_config=kata_config, index=index,
+                          missing=collected_before if refs else None)
     for d in dumps:
         try:
             results.append(collect_one(transport, d, node, opts, index))
@@ -160,9 +181,46 @@ def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, 
             if not keep_going or len(dumps) == 1:
                 raise
 
-            results.append({"name": d["name"], "source": d["path"], "changed": False,
-                            "error": as_katactl_error(e).to_dict()})
+            err = as_katactl_error(e).to_dict()
+            if d["name"] not in err["message"]:   # the error line names the node, the message the dump
+                err["message"] = f"{d['name']}: {err['message']}"
+            results.append({"name": d["name"], "source": d["path"], "changed": False, "error": err})
     return results
+
+
+def collected_gone(to: str, node: str, ref: str) -> list[dict]:
+    """The collect items (``changed: false``) of the dumps ref names among those collected
+    into to/<node>/ (their manifests) whose copy is still there, as :func:`resolve_dumps`
+    matches a ref: the dump's name, node path or file name, else NAMESPACE/POD, else a
+    sandbox id (prefix) that names one sandbox. Used for a ref the node has no dump for."""
+    base = os.path.join(os.path.abspath(to), node)
+    try:
+        sids = sorted(os.listdir(base))
+    except OSError:
+        return []
+    found = []   # (sandbox, pod, item)
+    for sid in sids:
+        d = os.path.join(base, sid)
+        manifest = load_manifest(d)
+        for stored, e in sorted(manifest["files"].items()):
+            src = e.get("source")
+            final = os.path.join(d, stored)
+            if (e.get("kind") != "vmcore" or not isinstance(src, dict) or not isinstance(src.get("path"), str)
+                    or not os.path.isfile(final) or os.path.getsize(final) != e.get("size")):
+                continue
+            file = posixpath.basename(src["path"])
+            item = {"name": f"{sid}/{file}", "node": node, "source": src["path"], "to": final,
+                    "size": src.get("size"), "compress": e.get("compress"), "compressedOn": None}
+            _recorded(item, e)
+            item["note"] = "collected before; the dump is no longer on the node"
+            found.append((sid, manifest.get("pod"), item))
+    hit = [i for _, _, i in found if ref in (i["name"], i["source"], posixpath.basename(i["source"]))]
+    if not hit:
+        hit = [i for _, pod, i in found if pod == ref]
+    if not hit:
+        matching = {sid for sid, _, _ in found if sid.startswith(ref)}
+        hit = [i for sid, _, i in found if len(matching) == 1 and sid in matching]
+    return hit
 
 
 def _audit_params(opts: CollectOptions) -> dict:
@@ -194,7 +252,6 @@ def collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOp
 
 def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
     src = dump["path"]
-    src_dir = posixpath.dirname(src)
     dest_dir = _dest_dir(opts, node, dump["sandbox"])
     stored_name = dump["file"] + COMPRESS_SUFFIX[opts.compress]
     if opts.makedumpfile:
@@ -212,16 +269,34 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
         # not known to be complete: a copy could take a dump still being written for a whole one
         raise OperationFailed(f"{dump['name']}: the end of the dump could not be read on node {transport.node}, "
                               "so it is not known to be complete", hint="run collect again")
-    for p in (final, final + ".partial", final + ".partial.json"):
+    lock = _CopyLock(final)
+    for p in (final, final + ".partial", final + ".partial.json", lock.path):
         if os.path.isdir(p) or (os.path.lexists(p) and not os.path.isfile(p)):
             raise OperationFailed(f"{p}: is a directory or special file where the copy of {dump['name']} "
                                   "(or its partial copy) goes", hint="move it aside, or choose another --to")
-    manifest = load_manifest(dest_dir)
-    entry = manifest["files"].get(stored_name)
+    try:
+        # taken before the record and the sidecar are read; a directory that does not exist
+        # yet holds neither: prepare() takes it once it made the directory
+        if not opts.dry_run and os.path.isdir(dest_dir):
+            lock.acquire(dump["name"])
+        try:
+            return _collect_locked(transport, dump, node, opts, index, dict(result), lock)
+        except _Replan:
+            return _collect_locked(transport, dump, node, opts, index, dict(result), lock)
+    finally:
+        lock.release()
+
+
+def _collect_locked(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex,
+                    result: dict, lock: "_CopyLock") -> dict:
+    src, final = dump["path"], result["to"]
+    src_dir = posixpath.dirname(src)
+    dest_dir, stored_name = os.path.split(final)
+    entry = load_manifest(dest_dir)["files"].get(stored_name)
     if (entry and entry.get("source", {}).get("size") == dump["size"]
             and same_mtime(entry.get("source", {}).get("mtime"), dump["mtime"])
             and os.path.exists(final) and os.path.getsize(final) == entry.get("size")):
-        result.update(changed=False, sha256=entry["sha256"], verified=True, deleted=False)
+        _recorded(result, entry)
         if opts.delete_after and not opts.dry_run:
             _verify_against_node(transport, src, entry.get("source", {}).get("sha256"))
             _delete_source(transport, dump)
@@ -245,6 +320,10 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
         metadata (small); the manifest comes after both."""
         os.makedirs(dest_dir, mode=0o700, exist_ok=True)
         os.chmod(dest_dir, 0o700)
+        if lock.fd is None:
+            lock.acquire(dump["name"])
+            if any(os.path.lexists(final + x) for x in ("", ".partial", ".partial.json")):
+                raise _Replan   # another collect came and went since this one looked: look again
         meta_entries.update(_copy_metadata(transport, src_dir, dest_dir))
 
     if opts.makedumpfile:
@@ -253,16 +332,15 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
         info = _copy_dump_node(transport, dump, final, opts, tool, prepare)
     else:
         info = _copy_dump(transport, dump, final, opts, prepare)
-    files = dict(manifest["files"])
-    files.update(meta_entries)
-    files[stored_name] = {"size": info["size"], "sha256": info["sha256"], "kind": "vmcore",
-                          "compress": result["compress"],
-                          "source": {"path": src, "size": dump["size"], "mtime": dump["mtime"],
-                                     "sha256": info.get("source_sha256")},
-                          "verified": info["verified"], "collectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    manifest.update(node=node, sandbox=dump["sandbox"], pod=dump.get("pod"), podUid=dump.get("podUid"),
-                    hypervisorVersion=dump.get("hypervisorVersion"), files=files)
-    write_manifest(dest_dir, manifest)
+    entry = {"size": info["size"], "sha256": info["sha256"], "kind": "vmcore", "compress": result["compress"],
+             "compressedOn": result["compressedOn"],
+             "source": {"path": src, "size": dump["size"], "mtime": dump["mtime"],
+                        "sha256": info.get("source_sha256")},
+             "verified": info["verified"], "verification": info["verification"],
+             "collectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    update_manifest(dest_dir, {**meta_entries, stored_name: entry},
+                    {"node": node, "sandbox": dump["sandbox"], "pod": dump.get("pod"), "podUid": dump.get("podUid"),
+                     "hypervisorVersion": dump.get("hypervisorVersion")})
     index.add(transport, src, dump["size"], dump["mtime"], final, dest_dir, info["sha256"])
     result.update(changed=True, sha256=info["sha256"], verified=info["verified"],
                   verification=info["verification"], resumed=info.get("resumed", False),
@@ -274,6 +352,85 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
         _delete_source(transport, dump)
         result["deleted"] = True
     return result
+
+
+class _Replan(Exception):
+    """The copy was planned without the lock (its directory did not exist yet) and another
+    collect wrote there before this one took it: plan again, under the lock."""
+
+
+def _recorded(result: dict, entry: dict) -> dict:
+    """A dump collected before (its manifest entry): the item of a full collect, nothing
+    done this time. ``verification``/``compressedOn`` are null in a manifest older than them."""
+    result.update(changed=False, sha256=entry["sha256"], verified=entry.get("verified", True),
+                  verification=entry.get("verification"), resumed=False, storedSize=entry.get("size"),
+                  transferredBytes=0, deleted=False)
+    if result.get("compressedOn") is None:
+        result["compressedOn"] = entry.get("compressedOn")
+    return result
+
+
+class _CopyLock:
+    """The lock of one dump's copy in one --to: ``<final>.lock``, an exclusive flock held
+    from before the manifest and the sidecar are read until after the commit (and
+    --delete-after). A second collect of the same dump into the same place is refused
+    (exit 5) instead of resuming from, and cutting back, a partial the first is still
+    writing. The file is removed on release, while still locked; a run that locked a file
+    removed meanwhile (not the one at the path) tries again."""
+
+    def __init__(self, final: str):
+        self.path = final + ".lock"
+        self.fd: int | None = None
+
+    def acquire(self, name: str) -> None:
+        import fcntl
+
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                st, cur = os.fstat(fd), os.stat(self.path)
+            except BlockingIOError:
+                holder = _lock_holder(os.pread(fd, 256, 0))
+                os.close(fd)
+                raise Refused(f"{name}: another collect ({holder}) is copying this dump into "
+                              f"{os.path.dirname(self.path)}",
+                              hint="wait for it to finish: collect again is then a no-op") from None
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            if (st.st_dev, st.st_ino) != (cur.st_dev, cur.st_ino):
+                os.close(fd)
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+            except OSError:
+                pass    # a full disk: the lock holds all the same, its holder is unnamed
+            self.fd = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _lock_holder(raw: bytes) -> str:
+    try:
+        d = json.loads(raw)
+        pid, host = int(d["pid"]), str(d.get("host") or "")
+    except (ValueError, TypeError, KeyError):
+        return "pid unknown"
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
 def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str) -> dict:

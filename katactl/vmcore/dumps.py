@@ -20,7 +20,7 @@ import posixpath
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from katactl import sandbox as sbmod
 from katactl.errors import (Ambiguous, Interrupted, KatactlError, NotFound, OperationFailed, UsageError,
@@ -562,9 +562,12 @@ def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, inde
 
 
 def resolve_dumps(transport: NodeTransport, refs: list[str], *, dump_path: str | None = None,
-                  kata_config: str | None = None, index: "CollectIndex | None" = None) -> list[dict]:
+                  kata_config: str | None = None, index: "CollectIndex | None" = None,
+                  missing: Callable[[str], bool] | None = None) -> list[dict]:
     """Dumps named by refs: SANDBOX-ID/vmcore-X.elf, vmcore-X.elf, a sandbox id
-    (or unique prefix: all of its dumps), NAMESPACE/POD, or a node path. No refs: all."""
+    (or unique prefix: all of its dumps), NAMESPACE/POD, or a node path. No refs: all.
+    A ref that names no dump is NotFound, unless ``missing(ref)`` says the caller
+    accounts for it (collect: a dump collected before, gone from the node since)."""
     for ref in refs:
         check_ref(ref)
     items = list_dumps(transport, dump_path=dump_path, kata_config=kata_config, index=index)
@@ -582,6 +585,8 @@ def resolve_dumps(transport: NodeTransport, refs: list[str], *, dump_path: str |
                 raise Ambiguous(f"{ref!r} matches the dumps of {len(sids)} sandboxes: "
                                 + ", ".join(s[:12] for s in sids[:5]))
             hit = [i for i in items if sids and i["sandbox"] == sids[0]]
+        if not hit and missing is not None and missing(ref):
+            continue
         if not hit:
             raise NotFound(f"no vmcore matches {ref!r} on node {transport.node}",
                            hint="see 'katactl vmcore list'")

@@ -106,3 +106,20 @@ def write_manifest(dest_dir: str, manifest: dict) -> None:
     atomic_write(os.path.join(dest_dir, SHA256SUMS), sums.encode(), 0o600)
     atomic_write(os.path.join(dest_dir, MANIFEST_JSON),
                  (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+
+
+def update_manifest(dest_dir: str, files: dict, header: dict) -> None:
+    """Add (or replace) files' entries in dest_dir's manifest. Read, changed and written
+    under an exclusive flock of the directory: two collects of different dumps of one
+    sandbox (into the same --to) each keep the other's entry."""
+    import fcntl
+
+    fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        manifest = load_manifest(dest_dir)
+        manifest["files"].update(files)
+        manifest.update(header)
+        write_manifest(dest_dir, manifest)
+    finally:
+        os.close(fd)
