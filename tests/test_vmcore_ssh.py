@@ -216,3 +216,35 @@ def test_flat_end_marker_read_in_pieces_or_stalled_over_ssh(cli, flatnode, tmp_p
     r = cli([*args, "vmcore", "collect", s["b"], "--to", str(tmp_path / "o")])
     assert r.exit_code == 1 and "could not be read" in r.stderr and "not known to be complete" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_multi_node_collect_errors_name_their_node(cli, sshd_lab, tmp_path):
+    """Review 7 #3: two real nodes, each with a good and a truncated dump. The errors carried
+    no node (two identical entries in -o json) and the text named the dump twice."""
+    names = ("vmerr-a", "vmerr-b")
+    for n in names:
+        if n not in sshd_lab.nodes:
+            sshd_lab.add_node(n, known="plain")
+    sshd_lab.write_config()
+    sshd_lab.wait_ready()
+    for n in names:
+        root = str(sshd_lab.nodes[n].root)
+        node_tree(root)
+        add_dump(root)
+        bad = add_dump(root, ts="20240102030406.5", size_segments=((0, 2 << 20),))
+        os.chmod(bad, 0o600)
+        os.truncate(bad, 1 << 20)                  # cut short: incomplete, refused (exit 5)
+    args = ["-N", ",".join(names), "--ssh-config", str(sshd_lab.config), "vmcore", "collect",
+            "--to", str(tmp_path / "o")]
+    r = cli([*args, "-o", "json"])
+    assert r.exit_code == 4, r.stderr
+    d = r.json()
+    assert [(e["node"], e["target"], e["error"]["exitCode"]) for e in d["errors"]] == [
+        (n, f"{SID}/vmcore-20240102030406.5.elf", 5) for n in names]
+    assert sorted(i["node"] for i in d["items"]) == list(names)
+    r = cli(args)
+    lines = [x for x in r.stderr.splitlines() if "incomplete" in x]
+    assert len(lines) == 2, r.stderr
+    for n, line in zip(names, lines, strict=True):
+        assert line.startswith(f"error: {n}: {SID}/vmcore-20240102030406.5.elf: the dump is incomplete"), line
+        assert line.count("vmcore-20240102030406.5.elf") == 1, line

@@ -156,7 +156,8 @@ def collect_cmd(
     items = fo.items()
     failed = [i for i in items if i.get("error")]
     ok = [i for i in items if not i.get("error")]
-    errors = fo.error_items() + [{"target": i["name"], "error": i["error"]} for i in failed]
+    # a dump's error names the dump (its message) and its node (fan-out results carry the node)
+    errors = fo.error_items() + [{"node": i["node"], "target": i["name"], "error": i["error"]} for i in failed]
     # targets: every dump, and every node (a node with nothing to collect succeeded)
     idle = [n for n in fo.nodes if n in fo.values and not fo.values[n]]
     code = outcome_exit_code([exit_code_for(e) for e in fo.errors.values()]
