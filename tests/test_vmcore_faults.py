@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,6 +118,37 @@ def test_destination_fills_mid_copy(cli, tmp_path, big, small_fs):
     dest = small_fs / "node-a" / SID
     assert not (dest / f"vmcore-{TS}.elf.gz").exists() and not (dest / "manifest.json").exists()
     assert os.path.exists(src)
+
+
+@pytest.mark.parametrize("args,kept", [
+    (["--force"], True),
+    (["--compress", "gzip", "--compress-on", "local"], False),
+    (["--compress", "zstd", "--compress-on", "node"], False),
+])
+def test_a_full_destination_says_what_the_partial_holds(cli, tmp_path, big, small_fs, args, kept):
+    """Review 7 #6: every case said "0 of N bytes copied" beside a partial of ~3 MiB, and a
+    compressed partial with no complete segment (or checkpoint) was kept though a resume
+    drops it: it only kept the disk full. Now the bytes named are those in the file, and
+    such a partial goes (with its record)."""
+    if "zstd" in args and not shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    root, src = big
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs), *args, "-o", "json"])
+    assert r.exit_code == 1, r.stderr
+    msg = r.json()["message"]
+    assert "is full" in msg and "Traceback" not in r.stderr
+    dest = small_fs / "node-a" / SID
+    [part] = [p for p in dest.iterdir() if p.name.endswith(".partial")] if kept else [None]
+    if kept:
+        n = os.path.getsize(part)
+        assert 0 < n and f"the partial copy {part.name} holds {n} bytes of the {os.path.getsize(src)}-byte dump" in msg
+        assert (dest / (part.name + ".json")).exists()
+    else:
+        m = re.search(r"is full: (\d+) bytes of (gzip|zstd) data of the (\d+)-byte dump were written, none of "
+                      r"them resumable \(.+\); the partial copy was removed", msg)
+        assert m and int(m.group(1)) > 0 and int(m.group(3)) == os.path.getsize(src), msg
+        assert not [p for p in dest.iterdir() if ".partial" in p.name]
+        assert "from the start" in r.json()["hint"]
 
 
 def test_destination_too_small_is_refused_up_front(cli, tmp_path, big, small_fs):

@@ -474,11 +474,30 @@ class _Sidecar:
             pass
 
 
-def _disk_full(dest: str, done: int, total: int) -> OperationFailed:
-    return OperationFailed(
-        f"destination {os.path.dirname(dest)} is full: {done} of {total} bytes copied; the partial "
-        f"copy is kept as {os.path.basename(dest)}.partial",
-        hint="free space (or choose another --to) and run the same collect again to resume")
+def _disk_full(final: str, fd: int, side: "_Sidecar", total: int, resumable: int, compressed: str | None,
+               why: str = "") -> OperationFailed:
+    """The destination filled mid-copy (ENOSPC, EDQUOT). ``resumable``: the bytes of the partial
+    copy a resume starts from (its last checkpoint; all of an uncompressed one); what lies past
+    them is cut off now (a resume drops it anyway), which gives the full disk that room back.
+    With nothing resumable (``why`` says why), the partial copy and its record go: kept, they
+    would only keep the disk full. The bytes named are those in the file (what was written,
+    not what was handed to write)."""
+    stored = os.fstat(fd).st_size
+    where, name = os.path.dirname(final), os.path.basename(final) + ".partial"
+    what = f" of {compressed} data" if compressed else ""
+    hint = "free space (or choose another --to) and run the same collect again"
+    if resumable <= 0:
+        _discard(final + ".partial", side)
+        return OperationFailed(f"destination {where} is full: {stored} bytes{what} of the {total}-byte dump "
+                               f"were written, none of them resumable{f' ({why})' if why else ''}; "
+                               "the partial copy was removed", hint=hint + " (it copies the dump from the start)")
+    if resumable < stored:
+        try:
+            os.ftruncate(fd, resumable)
+        except OSError:
+            pass
+    return OperationFailed(f"destination {where} is full: the partial copy {name} holds {resumable} bytes{what} "
+                           f"of the {total}-byte dump; it is kept", hint=hint + " to resume from it")
 
 
 def _existing_dir(path: str) -> str:
@@ -537,6 +556,7 @@ def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOp
         except FileNotFoundError:
             src_hash.close()
             raise OperationFailed(f"{src}: the source dump vanished before the copy started") from None
+        full = False
         try:
             for chunk in stream:
                 if done + len(chunk) > size:
@@ -560,13 +580,22 @@ def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOp
                     opts.progress(dump, done, size)
             writer.finish()
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full(final, done, size) from None
-            raise
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            full = True
         finally:
-            writer.close()
+            writer.close()      # a compressing writer flushes what it buffered: before the partial is measured
             stream.close()
             src_hash.close()
+        if full:
+            if opts.compress == "none":
+                resumable = os.fstat(fd).st_size
+            else:
+                st = side.load() or {}   # the last checkpoint that was saved (the disk may have refused one)
+                resumable = _offset(st, "dstOffset") if _offset(st, "srcOffset") else 0
+            raise _disk_full(final, fd, side, size, resumable, None if opts.compress == "none" else opts.compress,
+                             f"a copy compressed here resumes from a complete {SEGMENT >> 20} MiB segment, "
+                             "and none was written")
         os.fsync(fd)
         if done != size:
             raise OperationFailed(f"{src}: the source dump shrank during the copy: got {done} of {size} bytes; "
@@ -829,8 +858,11 @@ def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: Coll
             if isinstance(e, OperationFailed):
                 raise OperationFailed(f"{src}: {e.message}; the partial copy was discarded",
                                       hint="run collect again: it copies that dump afresh") from None
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(final, written, size) from None
+        if not bad and isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # the checkpoint saved last (the full disk may have refused this one)
+            raise _disk_full(final, fd, side, size, _offset(side.load() or {}, "dstOffset"), opts.compress,
+                             f"the node's compressor output resumes from a checkpoint, one every "
+                             f"{NODE_CHECKPOINT >> 20} MiB stored, and none was reached") from None
         raise
     finally:
         if stream is not None:
