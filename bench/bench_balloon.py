@@ -6,7 +6,7 @@ Boots a one-sandbox lab (real QEMU, TCG), then alternates the guest between
   talks QMP on extra-monitor.sock: greeting, qmp_capabilities, ``balloon``,
   poll ``query-balloon`` every 50 ms until within 4 MiB;
 - ``katactl balloon set --target ... --wait`` (default path: the shim
-  extension) and ``--via extra-monitor`` (the same monitor as the reference).
+  extension) and ``--path extra-monitor`` (the same monitor as the reference).
 Prints a markdown section; --write records it in bench/RESULTS.md; --smoke: one move of
 each kind, nothing written (the kernel is cached as for the tests: $KATACTL_TEST_CACHE).
 """
@@ -89,7 +89,7 @@ def main() -> None:
                                        "--target", f"{target}Mi", "--wait", "-o", "json"]))
             for target in targets:
                 res["em"].append(run([*KATACTL, "--host-root", root, "balloon", "set", "lab/bench",
-                                      "--target", f"{target}Mi", "--wait", "--via", "extra-monitor",
+                                      "--target", f"{target}Mi", "--wait", "--path", "extra-monitor",
                                       "-o", "json"]))
         noop = [run([*KATACTL, "--host-root", root, "balloon", "set", "lab/bench", "--target",
                      f"{targets[-1]}Mi", "--wait", "-o", "json"]) for _ in range(RUNS)]
@@ -110,7 +110,7 @@ def main() -> None:
         "|---|---:|---:|",
         f"| raw QMP script (a python3 process, stdlib socket, extra-monitor.sock) (reference) | {base:.3f} | 1.00x |",
         f"| `katactl balloon set --target N --wait` (shim extension) | {med['ext']:.3f} | {med['ext'] / base:.2f}x |",
-        f"| `katactl balloon set --target N --wait --via extra-monitor` | {med['em']:.3f} | {med['em'] / base:.2f}x |",
+        f"| `katactl balloon set --target N --wait --path extra-monitor` | {med['em']:.3f} | {med['em'] / base:.2f}x |",
         f"| `katactl balloon set` already at target (no-op, `changed: false`) | {statistics.median(noop):.3f} | "
         f"{statistics.median(noop) / base:.2f}x |", "",
         "The guest's balloon driver sets the pace (a move takes a few hundred ms under TCG); katactl adds "

@@ -70,11 +70,11 @@ function __katactl_path
                     set own -h --help
                     set valopts 
                 case 'katactl balloon get'
-                    set own --via -h --help
-                    set valopts --via
+                    set own --path -h --help
+                    set valopts --path
                 case 'katactl balloon set'
-                    set own --target -t --reclaim --release --wait -w --timeout --tolerance --margin --force --dry-run --via -h --help
-                    set valopts --target -t --reclaim --timeout --tolerance --margin --via
+                    set own --target -t --reclaim --release --wait -w --timeout --tolerance --margin --force --dry-run --path -h --help
+                    set valopts --target -t --reclaim --timeout --tolerance --margin --path
                 case 'katactl lab'
                     set own -h --help
                     set valopts 
@@ -406,18 +406,18 @@ complete -c katactl -n "test (__katactl_path) = 'katactl shim volume resize'" -s
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon'" -a get -d 'Show a sandbox\'s balloon: target, actual guest memory, guest'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon'" -a set -d 'Set the memory a sandbox\'s guest keeps (one meaning on every'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon'" -s h -l help -d 'Show help and exit'
-complete -c katactl -n "test (__katactl_path) = 'katactl balloon get'" -l via -x -a 'auto extension hypervisor-api extra-monitor qmp' -d 'Force one path: extension, hypervisor-api, extra-monitor, qm'
+complete -c katactl -n "test (__katactl_path) = 'katactl balloon get'" -l path -x -a 'auto extension hypervisor-api extra-monitor qmp' -d 'Force one path: extension, hypervisor-api, extra-monitor, qm'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon get'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l target -s t -x -d 'Guest-visible memory to keep, e'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l reclaim -x -d 'Take SIZE more from the current target'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l release -d 'Deflate the balloon: give all memory back'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l wait -s w -d 'Wait until the guest\'s memory reaches the target'
-complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l timeout -x -d 'How long --wait waits (exit 6 when exceeded)'
+complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l timeout -x -d 'How long --wait waits (default 60s; exit 6 when exceeded)'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l tolerance -x -d 'How close to the target counts as reached'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l margin -x -d 'Refuse targets below the guest\'s used memory plus SIZE'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l force -d 'Skip the used+margin and VM-size safety checks'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l dry-run -d 'Check and report; change nothing'
-complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l via -x -a 'auto extension hypervisor-api extra-monitor qmp' -d 'Force one path: extension, hypervisor-api, extra-monitor, qm'
+complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -l path -x -a 'auto extension hypervisor-api extra-monitor qmp' -d 'Force one path: extension, hypervisor-api, extra-monitor, qm'
 complete -c katactl -n "test (__katactl_path) = 'katactl balloon set'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl lab'" -a up -d 'Start a lab node: Kata\'s /run/vc layout, shim sockets, real '
 complete -c katactl -n "test (__katactl_path) = 'katactl lab'" -a status -d 'Show the lab\'s sandboxes and the daemon\'s state (exit 3 when'
@@ -660,7 +660,7 @@ complete -c katactl -l host-root -r -F -d 'The node\'s root filesystem is mounte
 complete -c katactl -l context -x -d 'kubeconfig context'
 complete -c katactl -l kubeconfig -r -F -d 'kubeconfig file'
 complete -c katactl -s n -l namespace -x -d 'Kubernetes namespace'
-complete -c katactl -n "not contains -- (__katactl_path) 'katactl balloon get' 'katactl balloon set'" -l via -x -a 'ssh kube' -d 'How named nodes are reached: ssh (default), or kube (pods/ex'
+complete -c katactl -l via -x -a 'ssh kube' -d 'How named nodes are reached: ssh (default), or kube (pods/ex'
 complete -c katactl -l agent-namespace -x -d 'Namespace of katactl\'s node pods for --via kube (default kub'
 complete -c katactl -l agent-image -x -d 'Image (with python3) for an ephemeral node pod where no node'
 complete -c katactl -l ssh-user -x -d 'SSH user'

@@ -320,7 +320,7 @@ def open_path(transport: NodeTransport, sb, *, via: str = "auto", timeout: float
     from katactl.backends.qmp import MonitorBusy, QMPClient
 
     if via not in ("auto",) + PATHS:
-        raise UsageError(f"invalid --via {via!r} (choose from auto, {', '.join(PATHS)})")
+        raise UsageError(f"invalid balloon path {via!r} (choose from auto, {', '.join(PATHS)})")
     attempts: list[dict] = []
 
     def tried(name, why):

@@ -203,7 +203,12 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
     if settings.output == "prom" and ctx.invoked_subcommand not in PROM_COMMANDS:
         raise UsageError(f"-o prom is a Prometheus exposition: only {', '.join(PROM_COMMANDS)} answers in it")
     if settings.via not in ("ssh", "kube"):
-        raise UsageError(f"invalid value {settings.via!r} for --via (choose from ssh, kube)")
+        from katactl.balloon import PATHS  # only on this error path
+
+        # balloon's path option was --via until it shadowed this one: say where it went
+        moved = (f"balloon's path option is --path now: --path {settings.via}"
+                 if settings.via in ("auto", *PATHS) else None)
+        raise UsageError(f"invalid value {settings.via!r} for --via (choose from ssh, kube)", hint=moved)
     if settings.via == "kube":
         # ephemeral node pods this run creates are deleted when it ends (errors, Ctrl-C too)
         ctx.call_on_close(_delete_node_pods)

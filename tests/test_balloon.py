@@ -107,7 +107,7 @@ def test_no_balloon_device(lab, cli):
 
 
 def test_qmp_sock_held_is_busy(lab, cli):
-    r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--via", "qmp"))
+    r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--path", "qmp"))
     assert r.exit_code == 7
     assert "held by another client" in r.stderr
 
@@ -146,7 +146,7 @@ def test_wait_timeout_exit_6(lab, cli):
 @pytest.mark.parametrize("via", ["extension", "hypervisor-api"])
 def test_clh_fc_target_conversion(lab, cli, hv, via):
     pod = lab.pod(hv)
-    r = cli(lab.args("balloon", "set", pod, "--target", "700Mi", "--wait", "--via", via, "-o", "json"))
+    r = cli(lab.args("balloon", "set", pod, "--target", "700Mi", "--wait", "--path", via, "-o", "json"))
     assert r.exit_code == 0, r.stderr
     j = r.json()
     assert j["path"] == via and j["memoryBytes"] == 1024 * MIB
@@ -164,7 +164,7 @@ def test_clh_fc_target_conversion(lab, cli, hv, via):
 
         with FcClient(t, sb["apiSocket"]) as c:
             assert c.balloon()["amount_mib"] == 324
-    r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "--via", via, "-o", "json"))
+    r = cli(lab.args("balloon", "set", pod, "--release", "--wait", "--path", via, "-o", "json"))
     assert r.exit_code == 0, r.stderr
     assert abs(r.json()["actualBytes"] - 1024 * MIB) <= TOL
 
@@ -177,7 +177,7 @@ def test_clh_fc_target_conversion(lab, cli, hv, via):
     ([], 2, "exactly one"),
     (["--release", "--reclaim", "1Mi"], 2, "exactly one"),
     (["--target", "abc"], 2, "invalid --target"),
-    (["--target", "1Gi", "--via", "telepathy"], 2, "--via"),
+    (["--target", "1Gi", "--path", "telepathy"], 2, "--path"),
     (["--target", "1Gi", "--timeout", "soon", "--wait"], 2, "--timeout"),
     (["--target", "1Gi", "--tolerance", "-3"], 2, "--tolerance"),
     (["--target", "1Ti"], 5, "above the VM's memory"),
@@ -309,7 +309,7 @@ def test_fc_target_not_whole_mib_is_idempotent_and_converges(lab, cli, via):
     eff = 1024 * MIB - 738 * MIB  # ceil((1Gi - want) / MiB) = 738 MiB of balloon
     # Firecracker reports the balloon it has; the extension the last target requested
     recorded = eff if via == "hypervisor-api" else want
-    base = ("balloon", "set", pod, "--target", str(want), "--via", via, "--wait", "--timeout", "10s")
+    base = ("balloon", "set", pod, "--target", str(want), "--path", via, "--wait", "--timeout", "10s")
     try:
         r = cli(lab.args(*base, "--dry-run", "-o", "json"))
         assert r.exit_code == 0, (r.stdout, r.stderr)
@@ -335,7 +335,7 @@ def test_fc_target_not_whole_mib_is_idempotent_and_converges(lab, cli, via):
         assert len(entries) == 1, entries
         assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
     finally:
-        r = cli(lab.args("balloon", "set", pod, "--release", "--via", via, "--wait", "-o", "json"))
+        r = cli(lab.args("balloon", "set", pod, "--release", "--path", via, "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert fc_amount_mib(lab) == 0
 
@@ -351,7 +351,7 @@ def test_qemu_target_not_whole_page_is_idempotent_and_converges(lab, cli, via):
     want = 300_000_000
     eff = 512 * MIB - ((512 * MIB - want) >> 12 << 12)  # 57829 pages of balloon
     assert eff == 300_003_328
-    base = ("balloon", "set", pod, "--target", str(want), "--via", via, "--wait", "--timeout", "30s",
+    base = ("balloon", "set", pod, "--target", str(want), "--path", via, "--wait", "--timeout", "30s",
             "--tolerance", "0", "-o", "json")
     try:
         r = cli(lab.args(*base))
@@ -371,7 +371,7 @@ def test_qemu_target_not_whole_page_is_idempotent_and_converges(lab, cli, via):
         assert [e["changed"] for e in entries] == ([True] if via == "extension" else [True, False]), entries
         assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
     finally:
-        r = cli(lab.args("balloon", "set", pod, "--release", "--via", via, "--wait", "-o", "json"))
+        r = cli(lab.args("balloon", "set", pod, "--release", "--path", via, "--wait", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert query_balloon(lab, "qemu-0") == 512 * MIB
 
@@ -380,7 +380,7 @@ def test_qemu_target_not_whole_page_is_idempotent_and_converges(lab, cli, via):
 def test_clh_effective_target_is_whole_pages(lab, cli, via):
     """Cloud Hypervisor too sets whole 4 KiB pages of balloon (cloud-hypervisor
     virtio-devices/src/balloon.rs Balloon::resize): the effective target says so."""
-    r = cli(lab.args("balloon", "set", lab.pod("clh-0"), "--target", "300000000", "--via", via, "--dry-run",
+    r = cli(lab.args("balloon", "set", lab.pod("clh-0"), "--target", "300000000", "--path", via, "--dry-run",
                      "-o", "json"))
     assert r.exit_code == 0, (r.stdout, r.stderr)
     j = r.json()
@@ -396,7 +396,7 @@ def test_clh_page_rounded_target_converges_and_reruns_are_no_ops(lab, cli):
     before = cli(lab.args("balloon", "get", pod, "-o", "json")).json()["targetBytes"]
     try:
         for changed in (True, False):
-            r = cli(lab.args("balloon", "set", pod, "--target", "300000000", "--via", "hypervisor-api",
+            r = cli(lab.args("balloon", "set", pod, "--target", "300000000", "--path", "hypervisor-api",
                              "--wait", "--tolerance", "0", "--timeout", "30s", "-o", "json"))
             assert r.exit_code == 0, (r.stdout, r.stderr)
             j = r.json()
@@ -448,7 +448,7 @@ def test_qemu_release_overrides_a_pending_target(lab, cli):
     assert query_balloon(lab, "qemu-em") == 512 * MIB
     try:
         qmp_run(lab, "qemu-em", ("stop", None), ("balloon", {"value": 256 * MIB}))
-        r = cli(lab.args("balloon", "set", pod, "--release", "--via", "extra-monitor", "-o", "json"))
+        r = cli(lab.args("balloon", "set", pod, "--release", "--path", "extra-monitor", "-o", "json"))
         assert r.exit_code == 0, (r.stdout, r.stderr)
         j = r.json()
         # the guest already had it all: nothing changed in what it has, but the request was sent
@@ -468,12 +468,12 @@ def test_qemu_small_balloon_is_not_counted_as_used(lab, cli):
     is deflate-on-oom=on all the same: its pages are in MemTotal and not available, so they are
     not the guest's used memory (review 6 fixes1, finding 3: it was counted, 26 -> 58 MiB)."""
     pod = lab.pod("qemu-em")
-    get = ("balloon", "get", pod, "--via", "extra-monitor", "-o", "json")
+    get = ("balloon", "get", pod, "--path", "extra-monitor", "-o", "json")
     r = cli(lab.args(*get))
     assert r.exit_code == 0, r.stderr
     before = r.json()["guest"]
     try:
-        r = cli(lab.args("balloon", "set", pod, "--target", "480Mi", "--force", "--wait", "--via", "extra-monitor",
+        r = cli(lab.args("balloon", "set", pod, "--target", "480Mi", "--force", "--wait", "--path", "extra-monitor",
                          "-o", "json"))
         assert r.exit_code == 0, r.stderr
         for _ in range(100):  # QEMU's guest statistics (polled every second) after the balloon's move
@@ -484,7 +484,7 @@ def test_qemu_small_balloon_is_not_counted_as_used(lab, cli):
                 break
             time.sleep(0.2)
     finally:
-        assert cli(lab.args("balloon", "set", pod, "--release", "--wait", "--via", "extra-monitor")).exit_code == 0
+        assert cli(lab.args("balloon", "set", pod, "--release", "--wait", "--path", "extra-monitor")).exit_code == 0
     g = j["guest"]
     # the premise: the balloon's pages left MemAvailable, MemTotal does not show them (the old
     # rule's test: MemTotal above the guest's memory less the balloon)
@@ -498,7 +498,7 @@ def test_qemu_move_under_tolerance_is_sent(lab, cli):
     what was requested (QEMU cannot report it: null in get and --dry-run), and a re-run is
     changed:false."""
     pod = lab.pod("qemu-em")
-    base = ("balloon", "set", pod, "--target", "510Mi", "--via", "extra-monitor", "-o", "json")
+    base = ("balloon", "set", pod, "--target", "510Mi", "--path", "extra-monitor", "-o", "json")
     try:
         r = cli(lab.args(*base, "--dry-run"))
         assert r.exit_code == 0, (r.stdout, r.stderr)
@@ -544,7 +544,7 @@ def test_fc_without_statistics_is_idempotent_from_its_target(lab, cli):
 
     pod, sid = lab.pod("fc-0"), lab.id("fc-0")
     with stand_in(lab, "fc-0", lambda p: FcServer(p, 1024 * MIB, stats_interval=0)):
-        base = ("balloon", "set", pod, "--target", "300Mi", "--force", "--via", "hypervisor-api", "-o", "json")
+        base = ("balloon", "set", pod, "--target", "300Mi", "--force", "--path", "hypervisor-api", "-o", "json")
         for changed in (True, False, False):
             r = cli(lab.args(*base))
             assert r.exit_code == 0, (r.stdout, r.stderr)
@@ -633,7 +633,7 @@ def test_ctrl_c_while_the_set_request_is_in_flight_is_audited(lab):
 
     with stand_in(lab, "clh-0", lambda p: _scripted_http(p, answer)):
         p = subprocess.Popen([sys.executable, "-m", "katactl", *lab.args(
-            "balloon", "set", pod, "--target", "300Mi", "--force", "--via", "hypervisor-api", "-o", "json")],
+            "balloon", "set", pod, "--target", "300Mi", "--force", "--path", "hypervisor-api", "-o", "json")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert got.wait(60), p.communicate(timeout=60)
@@ -668,7 +668,7 @@ def test_wait_timeout_is_a_deadline_for_each_poll(lab):
 
     with stand_in(lab, "clh-0", lambda p: _scripted_http(p, answer)):
         r = subprocess.run([sys.executable, "-m", "katactl", "--request-timeout", "600s", *lab.args(
-            "balloon", "set", pod, "--target", "400Mi", "--force", "--via", "hypervisor-api", "--wait",
+            "balloon", "set", pod, "--target", "400Mi", "--force", "--path", "hypervisor-api", "--wait",
             "--timeout", "1s", "-o", "json")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 6, (r.stdout, r.stderr)
     j = json.loads(r.stdout)
@@ -712,7 +712,7 @@ def test_wrong_shape_answers_are_protocol_errors(lab, cli, name, socket, table, 
     never katactl's "unexpected" internal-bug message, nor a 0-byte VM reported as fact."""
     via = "extension" if socket == "shimSocket" else "hypervisor-api"
     with stand_in(lab, name, lambda p: _scripted_http(p, _routes(table)), socket):
-        r = cli(lab.args("balloon", "get", lab.pod(name), "--via", via, "-o", "json"))
+        r = cli(lab.args("balloon", "get", lab.pod(name), "--path", via, "-o", "json"))
     assert r.exit_code == 1, (r.stdout, r.stderr)
     j = r.json()
     assert j["code"] == "ProtocolError" and needle in j["message"], j
@@ -724,7 +724,7 @@ def test_extension_error_string_is_the_message(lab, cli):
     table = {"/ext/v1/capabilities": (200, {"features": ["balloon"]}),
              "/ext/v1/balloon": (500, {"error": "hypervisor exploded"})}
     with stand_in(lab, "qemu-0", lambda p: _scripted_http(p, _routes(table)), "shimSocket"):
-        r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--via", "extension", "-o", "json"))
+        r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--path", "extension", "-o", "json"))
     assert r.exit_code == 1, (r.stdout, r.stderr)
     j = r.json()
     assert j["code"] == "Failed" and j["message"].endswith("extension answered 500: hypervisor exploded"), j
@@ -737,7 +737,7 @@ def test_fc_without_balloon_hint_is_firecrackers(lab, cli):
     from katactl.lab.fc_server import FcServer
 
     with stand_in(lab, "fc-0", lambda p: FcServer(p, 1024 * MIB, balloon=False)):
-        r = cli(lab.args("balloon", "get", lab.pod("fc-0"), "--via", "hypervisor-api", "-o", "json"))
+        r = cli(lab.args("balloon", "get", lab.pod("fc-0"), "--path", "hypervisor-api", "-o", "json"))
     assert r.exit_code == 1, (r.stdout, r.stderr)
     j = r.json()
     assert j["code"] == "NoBalloon" and "reclaim_guest_freed_memory does not apply to Firecracker" in j["hint"], j
@@ -770,7 +770,7 @@ def test_shim_gone_mid_wait_is_not_the_vm_gone(lab, cli):
         return box["srv"]
 
     with stand_in(lab, "qemu-0", make, "shimSocket"):
-        r = cli(lab.args("balloon", "set", pod, "--target", "300Mi", "--force", "--via", "extension", "--wait",
+        r = cli(lab.args("balloon", "set", pod, "--target", "300Mi", "--force", "--path", "extension", "--wait",
                          "--timeout", "30s", "-o", "json"))
     assert r.exit_code == 7, (r.stdout, r.stderr)
     j = r.json()
@@ -783,7 +783,7 @@ def test_qemu_reclaim_says_what_it_counted_from(lab, cli):
     memory and says so (a pending target would not show), and the request is sent."""
     pod = lab.pod("qemu-em")
     try:
-        r = cli(lab.args("balloon", "set", pod, "--reclaim", "2Mi", "--via", "extra-monitor", "--wait",
+        r = cli(lab.args("balloon", "set", pod, "--reclaim", "2Mi", "--path", "extra-monitor", "--wait",
                          "--tolerance", "0", "-o", "json"))
         assert r.exit_code == 0, (r.stdout, r.stderr)
         j = r.json()
@@ -800,6 +800,31 @@ def test_extension_empty_guest_is_no_statistics(lab, cli):
              "/ext/v1/balloon": (200, {"memoryBytes": 512 * MIB, "targetBytes": 512 * MIB,
                                        "actualBytes": 512 * MIB, "guest": {}})}
     with stand_in(lab, "qemu-0", lambda p: _scripted_http(p, _routes(table)), "shimSocket"):
-        r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--via", "extension", "-o", "json"))
+        r = cli(lab.args("balloon", "get", lab.pod("qemu-0"), "--path", "extension", "-o", "json"))
     assert r.exit_code == 0, (r.stdout, r.stderr)
     assert r.json()["guest"] is None and r.json()["targetBytes"] == 512 * MIB
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["get", "abc", "--path", "bogus"], "invalid --path 'bogus'"),
+    (["set", "abc", "--target", "1Gi", "--path", "bogus"], "invalid --path 'bogus'"),
+    # the global --via, wherever it is written: balloon no longer shadows it after the subcommand
+    (["get", "abc", "--via", "bogus"], "invalid value 'bogus' for --via (choose from ssh, kube)"),
+    (["get", "abc", "--via", "extension"], "invalid value 'extension' for --via"),
+    (["set", "abc", "--target", "300Mi", "--timeout", "10m"], "--timeout needs --wait"),
+])
+def test_bad_path_via_and_timeout_are_usage_errors_before_any_node_is_contacted(cli, args, needle):
+    """balloon's own --via (a path) shadowed the global --via ssh|kube after the subcommand,
+    and `balloon get` did not check it: `--via kube` or `--via bogus` ended in exit 7 from
+    a connection that should never have been made (review 7, finding 9). Its path option is
+    --path now. `set --timeout` without --wait was silently ignored (finding 12). The node is
+    unreachable: exit 2, not 7, shows nothing was contacted."""
+    r = cli(["--request-timeout", "1s", "-N", "127.0.0.1:2", "-o", "json", "balloon", *args])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert needle in r.json()["message"], r.json()
+
+
+def test_old_balloon_via_value_points_at_path(cli):
+    r = cli(["-N", "127.0.0.1:2", "balloon", "get", "abc", "--via", "extra-monitor"])
+    assert r.exit_code == 2
+    assert "hint:" in r.stderr and "--path extra-monitor" in r.stderr, r.stderr

@@ -66,7 +66,8 @@ def bash_complete(cwd, *words: str) -> list[str]:
     (("katactl", "-o", "json", "-N", "node", "la"), ["lab"]),
     (("katactl", "-N", "lab", "lab", ""), ["up", "status", "down"]),
     (("katactl", "top", "--sort", ""), ["cpu", "mem", "rss", "id", "pod"]),
-    (("katactl", "balloon", "get", "--via", ""), ["auto", "extension", "hypervisor-api", "extra-monitor", "qmp"]),
+    (("katactl", "balloon", "get", "--path", ""), ["auto", "extension", "hypervisor-api", "extra-monitor", "qmp"]),
+    (("katactl", "balloon", "get", "x", "--via", ""), ["ssh", "kube"]),  # the global one: balloon's is --path
     (("katactl", "top", "--interval", ""), []),
 ])
 def test_bash(cwd, words, expect):
@@ -87,7 +88,7 @@ def test_bash(cwd, words, expect):
     (("katactl", "node", "-n", "agent", "a"), ["agent"]),           # -n's value is not a subcommand
     (("katactl", "sandbox", "list", "--no"), ["--no-check", "--node", "--nodes-from", "--no-color", "--no-audit"]),
     # a command's own option of a global's name wins, as in hoist_global_options
-    (("katactl", "balloon", "set", "x", "--via", "e"), ["extension", "extra-monitor"]),
+    (("katactl", "balloon", "set", "x", "--path", "e"), ["extension", "extra-monitor"]),
     (("katactl", "node", "drain", "n1", "--parallel", ""), []),
 ])
 def test_bash_global_options_after_the_subcommand(cwd, words, expect):
@@ -147,13 +148,14 @@ def test_top_sort_metavar_is_the_accepted_list():
     assert next(o for o in top.options if "--sort" in o.names).metavar == "|".join(metrics.TOP_SORTS)
 
 
-def test_balloon_via_and_lab_hypervisor_metavars_are_the_accepted_lists():
+def test_balloon_path_and_lab_hypervisor_metavars_are_the_accepted_lists():
     from katactl import balloon
     from katactl.lab import control
 
     tree = {n.name: n for n in _tree()}
     for name in ("katactl balloon get", "katactl balloon set"):
-        via = next(o for o in tree[name].options if "--via" in o.names)
+        assert not [o for o in tree[name].options if "--via" in o.names]  # the global --via's name
+        via = next(o for o in tree[name].options if "--path" in o.names)
         assert via.metavar == "|".join(("auto", *balloon.PATHS))
     hv = next(o for o in tree["katactl lab up"].options if "--hypervisor" in o.names)
     assert hv.metavar == "|".join(control.HYPERVISORS)
@@ -184,7 +186,7 @@ needs_fish = pytest.mark.skipif(not shutil.which("fish"), reason="fish not insta
     ("katactl --context=lab sandbox ", ["inspect", "list"]),
     ("katactl -n top sandbox ", ["inspect", "list"]),
     ("katactl top --sort ", ["cpu", "id", "mem", "pod", "rss"]),
-    ("katactl balloon get x --via ", ["auto", "extension", "extra-monitor", "hypervisor-api", "qmp"]),
+    ("katactl balloon get x --path ", ["auto", "extension", "extra-monitor", "hypervisor-api", "qmp"]),
     ("katactl --kubeconfig dec", ["decoy-file"]),
     # the root's options after a subcommand (cli.hoist_global_options)
     ("katactl sandbox list -o ", sorted(FORMATS)),
@@ -195,7 +197,7 @@ needs_fish = pytest.mark.skipif(not shutil.which("fish"), reason="fish not insta
     ("katactl sandbox list -N ", []),
     ("katactl sandbox -o json ", ["inspect", "list"]),
     ("katactl node -n agent a", ["agent"]),
-    ("katactl balloon set x --via e", ["extension", "extra-monitor"]),
+    ("katactl balloon set x --path e", ["extension", "extra-monitor"]),
 ])
 def test_fish(cwd, line, expect):
     assert fish_complete_many(cwd, [line]) == [expect]
@@ -262,10 +264,10 @@ def test_zsh_global_options_after_the_subcommand(cwd):
     assert out[0] == "WORDS list -o  CURRENT 3"
     assert any(x.startswith("-o[") and x.endswith(":format:(" + " ".join(FORMATS) + ")") for x in out)
     assert any(x.startswith("--kubeconfig=[") and x.endswith(":file:_files") for x in out)
-    out = specs("katactl", "balloon", "get", "x", "--via", "")
-    assert out[0] == "WORDS get x --via  CURRENT 4"
-    assert [x for x in out if x.startswith("--via")] == [
-        "--via=[Force one path\\: extension, hypervisor-api, extra-monitor, qm]:auto or extension or "
+    out = specs("katactl", "balloon", "get", "x", "--path", "")
+    assert out[0] == "WORDS get x --path  CURRENT 4"
+    assert [x for x in out if x.startswith("--path")] == [
+        "--path=[Force one path\\: extension, hypervisor-api, extra-monitor, qm]:auto or extension or "
         "hypervisor-api or extra-monitor or qmp:(auto extension hypervisor-api extra-monitor qmp)"]
     assert len([x for x in out if x.startswith("-h[")]) == 1
     out = specs("katactl", "node", "-n", "agent", "")
@@ -309,7 +311,7 @@ def test_zsh_real_completion_after_the_subcommand(cwd, tmp_path):
         "katactl rollout plan --ssh-config dec": ["decoy-file"],
         "katactl sandbox list -N ": [],                      # a node name: no files
         "katactl node agent install --via ": ["ssh", "kube"],
-        "katactl balloon get x --via=": ["auto", "extension", "hypervisor-api", "extra-monitor", "qmp"],
+        "katactl balloon get x --path=": ["auto", "extension", "hypervisor-api", "extra-monitor", "qmp"],
         "katactl --context=lab sandbox ": ["list", "inspect"],
         "katactl -o json sandbox ": ["list", "inspect"],
         "katactl node -n agent a": ["agent"],
@@ -342,7 +344,7 @@ def test_zsh_real_every_command_completes_global_options(cwd, tmp_path):
 def test_zsh_and_fish_text():
     z = open(os.path.join(COMPLETIONS, "_katactl")).read()
     assert ":ssh or kube:(ssh kube)'" in z and ":cpu or mem or rss or id or pod:(cpu mem rss id pod)'" in z
-    balloon_via = [ln for ln in z.splitlines() if "'--via=[Force one path" in ln]
+    balloon_via = [ln for ln in z.splitlines() if "'--path=[Force one path" in ln]
     assert balloon_via and all("(auto extension hypervisor-api extra-monitor qmp)'" in ln for ln in balloon_via)
     f = open(os.path.join(COMPLETIONS, "katactl.fish")).read()
     assert "-l via -x -a 'ssh kube'" in f

@@ -13,8 +13,19 @@ if TYPE_CHECKING:  # annotations only: a command's --help does not import the ba
 
 app = new_app("Memory elasticity: a sandbox's balloon (guest-visible memory target, or reclaim N).")
 
-VIA_METAVAR = "auto|extension|hypervisor-api|extra-monitor|qmp"  # balloon.PATHS: a test keeps them equal
-VIA_HELP = "Force one path: extension, hypervisor-api, extra-monitor, qmp (default: the first that works)."
+PATH_METAVAR = "auto|extension|hypervisor-api|extra-monitor|qmp"  # balloon.PATHS: a test keeps them equal
+# --path, not --via: the global --via ssh|kube says how the node is reached, and a leaf
+# option of the same name would shadow it after the subcommand (one meaning per flag)
+PATH_HELP = "Force one path: extension, hypervisor-api, extra-monitor, qmp (default: the first that works)."
+
+
+def _check_path(path: str) -> None:
+    """A bad --path is exit 2 before any node is contacted."""
+    from katactl import balloon
+    from katactl.errors import UsageError
+
+    if path not in ("auto",) + balloon.PATHS:
+        raise UsageError(f"invalid --path {path!r} (choose from auto, {', '.join(balloon.PATHS)})")
 
 
 def _columns():
@@ -51,7 +62,7 @@ def _human(item: dict) -> dict:
 @app.command("get")
 def get(ctx: typer.Context,
         target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
-        via: str = typer.Option("auto", "--via", metavar=VIA_METAVAR, help=VIA_HELP)) -> None:
+        path: str = typer.Option("auto", "--path", metavar=PATH_METAVAR, help=PATH_HELP)) -> None:
     """Show a sandbox's balloon: target, actual guest memory, guest used/available, and the path used.
 
     Paths, in order: the shim's katactl extension, the hypervisor's API (Cloud
@@ -62,15 +73,16 @@ def get(ctx: typer.Context,
       katactl balloon get 3f2a
       katactl balloon get batch/train-0 -o json
       # a lab started with: katactl lab up --root /tmp/mylab
-      katactl --host-root /tmp/mylab balloon get lab/batch-qemu-0 --via extra-monitor
+      katactl --host-root /tmp/mylab balloon get lab/batch-qemu-0 --path extra-monitor
     """
     from katactl import balloon, sandbox
     from katactl.output import Result
 
     app_ctx = state(ctx)
+    _check_path(path)
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.request_timeout)
-    node, sb, item = sandbox.on_sandbox(settings, ref, lambda t, s: balloon.get(t, s, via=via, timeout=timeout),
+    node, sb, item = sandbox.on_sandbox(settings, ref, lambda t, s: balloon.get(t, s, via=path, timeout=timeout),
                                         require_live=False)
     _render(app_ctx, Result(kind="Balloon", item={"node": node, **item}, name_key="sandbox"))
 
@@ -97,15 +109,16 @@ def set_(ctx: typer.Context,
                                                     "again (not idempotent; use --target in automation)."),
          release: bool = typer.Option(False, "--release", help="Deflate the balloon: give all memory back."),
          wait: bool = typer.Option(False, "--wait", "-w", help="Wait until the guest's memory reaches the target."),
-         wait_timeout: str = typer.Option("60s", "--timeout", metavar="DURATION",
-                                          help="How long --wait waits (exit 6 when exceeded)."),
+         wait_timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
+                                                    help="How long --wait waits (default 60s; exit 6 when "
+                                                         "exceeded). Needs --wait."),
          tolerance: str = typer.Option("4Mi", "--tolerance", metavar="SIZE",
                                        help="How close to the target counts as reached."),
          margin: str = typer.Option("64Mi", "--margin", metavar="SIZE",
                                     help="Refuse targets below the guest's used memory plus SIZE."),
          force: bool = typer.Option(False, "--force", help="Skip the used+margin and VM-size safety checks."),
          dry_run: bool = typer.Option(False, "--dry-run", help="Check and report; change nothing."),
-         via: str = typer.Option("auto", "--via", metavar=VIA_METAVAR, help=VIA_HELP)) -> None:
+         path: str = typer.Option("auto", "--path", metavar=PATH_METAVAR, help=PATH_HELP)) -> None:
     """Set the memory a sandbox's guest keeps (one meaning on every hypervisor).
 
     --target is the guest-visible memory; katactl converts it per hypervisor
@@ -146,9 +159,13 @@ def set_(ctx: typer.Context,
     rec = parse_size(reclaim, what="--reclaim") if reclaim is not None else None
     tol = parse_size(tolerance, what="--tolerance", allow_zero=True)
     mar = parse_size(margin, what="--margin", allow_zero=True)
-    wt = parse_duration(wait_timeout, what="--timeout")
-    if via not in ("auto",) + balloon.PATHS:
-        raise UsageError(f"invalid --via {via!r} (choose from auto, {', '.join(balloon.PATHS)})")
+    if wait_timeout is not None and not wait:
+        # a deadline for a wait that never happens would be silently ignored (kubectl
+        # refuses such pairs too): the caller meant --wait, or meant nothing
+        raise UsageError("--timeout needs --wait (it is how long --wait waits)",
+                         hint="add --wait, or drop --timeout")
+    wt = parse_duration(wait_timeout if wait_timeout is not None else "60s", what="--timeout")
+    _check_path(path)
     settings, ref = sandbox_ref(app_ctx, target)
     timeout = float(app_ctx.settings.request_timeout)
     out = app_ctx.out
@@ -165,7 +182,7 @@ def set_(ctx: typer.Context,
                 bar.update(completed=span - abs(ev["actualBytes"] - ev["targetBytes"]), total=span)
 
             return balloon.set(transport, sb, target=tgt, reclaim=rec, release=release, wait=wait, wait_timeout=wt,
-                               tolerance=tol, margin=mar, force=force, dry_run=dry_run, via=via,
+                               tolerance=tol, margin=mar, force=force, dry_run=dry_run, via=path,
                                timeout=timeout, progress=progress)
 
     node, sb, item = sandbox.on_sandbox(settings, ref, run, require_live=False)
