@@ -297,3 +297,91 @@ def test_an_old_ownerless_lock_with_a_killed_breakers_claim_is_broken_in_one_run
     r = run("stage", tbs_lock, "--lock-timeout", "0.5")
     assert r.exit_code == 0, r.stderr
     assert sorted(x for x in os.listdir(state) if x.startswith(("lock.d", ".lock-"))) == []
+
+
+@pytest.fixture
+def both(sshd_lab, katactl_bin, tbs_lock):
+    """A private kata root on node4 with release A staged, reached two ways: over real sshd
+    (ssh) and as a --host-root tree on this machine (local), as a DaemonSet or an SRE shell
+    on the node and an SSH rollout would. Returns (layout, state dir, ssh, local)."""
+    from katactl.upgrade.layout import Layout
+
+    tree = sshd_lab.nodes["node4"].root
+    layout = Layout(f"/opt/kata-ut-{secrets.token_hex(3)}")
+
+    def ssh(*args, env=None):
+        return katactl_bin(["--ssh-config", str(sshd_lab.config), "-N", "node4", "upgrade", *args,
+                            "--kata-root", layout.root, "-o", "json"], env=env)
+
+    def local(*args, env=None):
+        return katactl_bin(["--host-root", str(tree), "upgrade", *args, "--kata-root", layout.root, "-o", "json"],
+                           env=env)
+
+    assert local("stage", tbs_lock).exit_code == 0
+    return layout, tree / layout.state.lstrip("/"), ssh, local
+
+
+def _current(state):
+    try:
+        return os.readlink(state.parent.parent / "current")
+    except FileNotFoundError:
+        return None
+
+
+def test_a_local_and_a_remote_run_exclude_each_other(both, sshd_lab, ssh_open):
+    """review 7 #2: a local run took flock(lock) and a remote one lock.d, so an SSH switch
+    went ahead while a local katactl held its lock, and a --host-root switch while an SSH
+    katactl held its own (a concurrent SSH gc deleted a local stage's staging tree). Both
+    now hold lock.d: each waits for the other, times out (exit 6), and changes nothing."""
+    from katactl.backends.local import LocalTransport
+    from katactl.upgrade.lock import node_lock
+
+    layout, state, ssh, local = both
+    with node_lock(LocalTransport(str(sshd_lab.nodes["node4"].root)), layout, timeout=1):
+        r = ssh("switch", A, "--lock-timeout", "0.5")
+        assert r.exit_code == 6 and "holds the lock on node4" in r.stderr, r.stderr
+        assert _current(state) is None
+    t = ssh_open("node4")
+    try:
+        with node_lock(t, layout, timeout=1):
+            r = local("switch", A, "--lock-timeout", "0.5")
+            assert r.exit_code == 6 and "holds the lock on localhost" in r.stderr, r.stderr
+            assert _current(state) is None
+    finally:
+        t.close()
+    assert local("switch", A).exit_code == 0 and ssh("rollback").exit_code == 3  # free again
+    assert [n for n in os.listdir(state) if n.startswith(("lock.d", ".lock-"))] == []
+
+
+@pytest.mark.parametrize("killed", ["local", "ssh"])
+def test_a_lock_left_by_a_killed_run_is_broken_by_either_kind(both, killed):
+    """A run SIGKILLed while it holds the lock leaves lock.d. A local run's owner held the
+    node's flock (now dropped by the kernel): a remote run sees it free (flock -n on the
+    node) and a local one holds it itself. A remote client's owner (this machine, this pid
+    namespace, a dead pid) is dead to a run of this machine, local or remote."""
+    layout, state, ssh, local = both
+    runs = {"local": local, "ssh": ssh}
+    assert runs[killed]("switch", A, env={"KATACTL_FAULT": "switch:locked"}).exit_code == -9
+    owner = json.loads((state / "lock.d/owner.json").read_text())
+    assert owner.get("flock") is (True if killed == "local" else None)
+    for name in ("ssh", "local") if killed == "local" else ("local", "ssh"):
+        r = runs[name]("switch", A, "--lock-timeout", "5")
+        assert r.exit_code == 0, (name, r.stderr)
+        assert [n for n in os.listdir(state) if n.startswith(("lock.d", ".lock-"))] == []
+        runs[killed]("switch", A, env={"KATACTL_FAULT": "switch:locked"})  # and again, for the other kind
+    assert _current(state) == f"releases/{A}"
+
+
+def test_a_lock_of_another_machine_of_the_same_host_name_is_never_broken(both):
+    """Two clients that share a host name (CI runners all called "runner") are not one
+    machine: an owner of another boot whose pid does not exist here is not provably dead,
+    so neither a local nor a remote run breaks its lock (exit 6)."""
+    _layout, state, ssh, local = both
+    (state / "lock.d").mkdir()
+    (state / "lock.d/owner.json").write_text(json.dumps({
+        "pid": 2 ** 22 + 7, "host": socket.gethostname(), "user": "x", "token": "t",
+        "boot": "00000000-0000-4000-8000-000000000000", "pidns": os.readlink("/proc/self/ns/pid"), "start": "1"}))
+    for run in (ssh, local):
+        r = run("switch", A, "--lock-timeout", "0.5")
+        assert r.exit_code == 6 and f"pid {2 ** 22 + 7} on {socket.gethostname()}" in r.stderr, r.stderr
+    assert _current(state) is None and (state / "lock.d/owner.json").exists()

@@ -1,20 +1,30 @@
 """One upgrade operation at a time per node, and its audit record.
 
-Local transports (including --host-root) take ``fcntl.flock`` on
-``releases/.katactl/lock``: the kernel drops it when katactl dies, even by
-SIGKILL, so a crashed run never leaves a stale lock. Other transports (SSH,
---via kube) have no lock the node's kernel drops for them: the lock is the
-directory ``lock.d`` holding an ``owner.json``. It appears *with* its owner:
-katactl makes a private ``.lock-new-<token>/owner.json`` and renames that
-directory to ``lock.d`` (rename(2) of a directory fails onto a non-empty one,
-so one of two racing clients wins), never a bare mkdir followed by a write
-that a cut stream can separate. If the outcome of a step is unknown (the
-exec/SSH stream was cut), katactl removes its temp directory and ``lock.d``
-if ``lock.d`` names its token. A lock is broken (claimed by one breaker, then
-renamed away: ``_break``) when its owner is a dead process *of this client
-host*, or when it has no readable owner and is older than
-``OWNERLESS_STALE`` (by the node's clock: a lock of an older katactl between
-its mkdir and its owner write is that young).
+The lock is the directory ``releases/.katactl/lock.d`` holding an ``owner.json``,
+whatever the transport, so a local or --host-root run and an SSH or --via kube run
+on the same node exclude each other. It appears *with* its owner: katactl makes a
+private ``.lock-new-<token>/owner.json`` and renames that directory to ``lock.d``
+(rename(2) of a directory fails onto a non-empty one, so one of two racing clients
+wins), never a bare mkdir followed by a write that a cut stream can separate. If the
+outcome of a step is unknown (the exec/SSH stream was cut), katactl removes its temp
+directory and ``lock.d`` if ``lock.d`` names its token.
+
+A lock is broken (claimed by one breaker, then renamed away: ``_break``) only when its
+owner is provably gone:
+
+- a local run (local transports, including --host-root) first takes ``fcntl.flock`` on
+  ``releases/.katactl/lock``, which the kernel drops when katactl dies, even by SIGKILL,
+  and holds it as long as its ``lock.d`` (owner ``"flock": true``). Such a lock.d is
+  stale once that flock is free: certainly for a local run, which holds the flock
+  itself; a remote run asks the node (``flock -n`` of the same file, util-linux).
+- any other owner names its process: boot id, pid namespace, pid and start time. It is
+  dead only as judged by a katactl with the same boot id and pid namespace (the same
+  machine, the same pid numbering): no such process, or another one since. Two clients
+  that share only a host name (CI runners all called ``runner``) never break each
+  other's lock. An owner without a boot id (an older katactl) is judged by host name
+  and pid, as that katactl did.
+- a lock with no readable owner older than ``OWNERLESS_STALE`` (by the node's clock: a
+  lock of an older katactl between its mkdir and its owner write is that young).
 """
 from __future__ import annotations
 
@@ -37,7 +47,33 @@ if TYPE_CHECKING:
 
 
 def _owner() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "user": current_user(), "since": now_iso()}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "user": current_user(), "since": now_iso(),
+            **_identity()}
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process pid (/proc/<pid>/stat field 22, clock ticks since boot),
+    None when there is no such process: with the boot id, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+    except OSError:
+        return None
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def _identity() -> dict:
+    """This process, as a lock owner another katactl can judge dead or alive (_dead)."""
+    out: dict = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            out["boot"] = f.read().strip()
+    with contextlib.suppress(OSError):
+        out["pidns"] = os.readlink("/proc/self/ns/pid")
+    start = _proc_start(os.getpid())
+    if start is not None:
+        out["start"] = start
+    return out
 
 
 def _owner_of(raw: bytes) -> dict | None:
@@ -165,14 +201,25 @@ def journal_on_node(present: bool) -> None:
 
 @contextlib.contextmanager
 def node_lock(transport: NodeTransport, layout, *, timeout: float, on_wait=None):
+    """The node's upgrade lock: lock.d on every transport; a local run holds the flock too,
+    first, and for as long (see the module docstring). One wait of ``timeout`` for both."""
     transport.mkdir(layout.state)
     from katactl.backends.local import LocalTransport
 
+    deadline = time.monotonic() + timeout
+    said: list[str] = []
+
+    def once(holder: str) -> None:  # one "waiting for ..." message, whichever lock waits
+        if on_wait and not said:
+            said.append(holder)
+            on_wait(holder)
+
     if isinstance(transport, LocalTransport):
-        with _flock(transport, layout, timeout, on_wait):
-            yield
+        with _flock(transport, layout, timeout, once):
+            with _mkdir_lock(transport, layout, max(0.0, deadline - time.monotonic()), once, flocked=True):
+                yield
     else:
-        with _mkdir_lock(transport, layout, timeout, on_wait):
+        with _mkdir_lock(transport, layout, timeout, once):
             yield
 
 
@@ -218,14 +265,16 @@ OWNERLESS_STALE = 60.0
 
 
 @contextlib.contextmanager
-def _mkdir_lock(transport: NodeTransport, layout, timeout, on_wait):
+def _mkdir_lock(transport: NodeTransport, layout, timeout, on_wait, flocked: bool = False):
+    """lock.d; ``flocked``: the caller holds the node's flock (a local run) until we return."""
     d = layout.lock + ".d"
     token = secrets.token_hex(8)
     tmp = f"{layout.state}/.lock-new-{token}"
+    owner = {**_owner(), "token": token, **({"flock": True} if flocked else {})}
     try:
         transport.mkdir(tmp, parents=False)
-        transport.write_bytes_atomic(tmp + "/owner.json", json.dumps({**_owner(), "token": token}).encode())
-        _take(transport, layout, d, tmp, timeout, on_wait)
+        transport.write_bytes_atomic(tmp + "/owner.json", json.dumps(owner).encode())
+        _take(transport, layout, d, tmp, timeout, on_wait, flocked)
     except BaseException:
         # the outcome of the failed step is unknown (a cut stream may have hidden a done
         # mkdir or rename): undo what is ours, on a new stream where the transport has one
@@ -247,7 +296,8 @@ def _mkdir_lock(transport: NodeTransport, layout, timeout, on_wait):
                 _release(transport, layout, d, token)
 
 
-def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on_wait) -> None:
+def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on_wait,
+          flocked: bool = False) -> None:
     """Rename tmp (our owner.json inside) to d once d is free or stale, within timeout."""
     deadline = time.monotonic() + timeout
     bound = max(OWNERLESS_STALE, 4 * transport.timeout)  # a breaker's round trips fit in bound/2
@@ -282,7 +332,7 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
             raw = transport.read_bytes(d + "/owner.json", limit=4096)
         except OSError:
             raw = b""
-        stale = older(cur.mtime) if _owner_of(raw) is None else _stale(raw)
+        stale = older(cur.mtime) if _owner_of(raw) is None else _stale(raw, transport, layout, flocked)
         if stale and _break(transport, layout, d, raw, older, bound=bound):
             continue  # broken: look again at once
         if time.monotonic() >= deadline:
@@ -409,15 +459,49 @@ def _release(transport: NodeTransport, layout, d: str, token: str) -> None:
         transport.remove(gone, recursive=True)
 
 
-def _stale(raw: bytes) -> bool:
-    """Only a lock of a dead process on *this* client host is provably stale."""
+def _stale(raw: bytes, transport: NodeTransport | None = None, layout=None, flocked: bool = False) -> bool:
+    """Whether the owner in raw is provably gone (the module docstring says when)."""
     o = _owner_of(raw)
-    if o is None or o.get("host") != socket.gethostname() or not isinstance(o.get("pid"), int):
+    if o is None:
+        return False
+    if o.get("flock") is True:
+        # it held the flock as long as the lock: gone once the flock is free
+        return flocked or (transport is not None and layout is not None and _flock_free(transport, layout))
+    return _dead(o)
+
+
+def _dead(o: dict) -> bool:
+    """A lock owner that names no flock: dead only by this machine's and pid namespace's word."""
+    pid = o.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    if "boot" in o:
+        me = _identity()
+        if not me.get("boot") or o.get("boot") != me["boot"] or o.get("pidns") != me.get("pidns"):
+            return False  # another machine or pid namespace (whatever its host name)
+        start = _proc_start(pid)
+        return start is None or (o.get("start") is not None and start != o.get("start"))
+    # an older katactl's owner: host name and pid only
+    if o.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(o["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
     return False
+
+
+def _flock_free(transport: NodeTransport, layout) -> bool:
+    """Whether nobody holds the node's upgrade flock (asked on the node with util-linux
+    flock(1), which takes and drops it at once: exit 0 free, 75 held). Not knowing (no
+    flock program, no answer) is not free."""
+    remote = getattr(transport, "remote", None)  # a remote transport's node-side path
+    if remote is None:
+        return False
+    try:
+        r = transport.run(["flock", "-n", "-E", "75", remote(layout.lock), "true"])
+    except (OSError, KatactlError):
+        return False
+    return r.returncode == 0
