@@ -340,3 +340,87 @@ def test_local_run_stream(tmp_path):
         list(t.run_stream(["no-such-program-here"]))
     with pytest.raises(OSError, match="nope"):
         list(t.run_stream(["sh", "-c", "echo nope >&2; exit 3"]))
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie nobody reaped yet has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _pids(path, n: int, proc=None, timeout: float = 60.0) -> list[int]:
+    """The n pids a wrapper wrote to path, once it has (a bounded wait, not a time assert)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = path.read_text().split() if path.exists() else []
+        if len(got) >= n:
+            return [int(x) for x in got]
+        assert proc is None or proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: no {n} pids")
+
+
+def _ended(pids: list[int], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in pids if _alive(p)]
+    for p in left:
+        os.kill(p, 9)
+    return not left
+
+
+def test_local_run_stream_cancel_ends_its_whole_process_group(tmp_path):
+    """Review 7 #5: closing the stream while its reader thread is blocked reading (the
+    process wrote nothing yet) killed nothing: the join gave up after 5 s, and a pipeline's
+    processes went on. cancel() (Prefetch.close calls it) ends the process group."""
+    from katactl.backends.local import LocalTransport
+    from katactl.vmcore.streams import Prefetch
+
+    pidfile = tmp_path / "pids"
+    s = Prefetch(LocalTransport(str(tmp_path)).run_stream(
+        ["sh", "-c", 'sleep 600 & echo $! > "$1"; echo $$ >> "$1"; wait', "sh", str(pidfile)]))
+    pids = _pids(pidfile, 2)
+    s.close()
+    assert _ended(pids), "the stream's processes outlived its close()"
+
+
+def test_sigterm_ends_the_local_nodes_compressor(tmp_path, _isolated_home):
+    """Review 7 #5: katactl on the node itself (--host-root) with --compress-on node, stopped
+    by SIGTERM (systemd, Ansible, timeout(1)) while the compressor has not written yet (idle
+    priority on a busy node; here a zstd that starts a child and waits): katactl exited 130,
+    the compressor and its child went on with PPID 1. Real processes, a real katactl."""
+    import signal
+    import sys
+
+    real = shutil.which("zstd")
+    if not real:
+        pytest.skip("zstd not installed")
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    pidfile = tmp_path / "pids"
+    (slow / "zstd").write_text(
+        "#!/bin/sh\n"
+        f'for a in "$@"; do case "$a" in --version|-d) exec {real} "$@";; esac; done\n'
+        f'sleep 600 & echo $! >> {pidfile}\necho $$ >> {pidfile}\nwait\nexec {real} "$@"\n')
+    (slow / "zstd").chmod(0o755)
+    root = node_tree(tmp_path / "n")
+    add_dump(root, size_segments=((0, 4 << 20),), data=os.urandom(1 << 20))
+    env = dict(os.environ, PATH=f"{slow}:{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", root, "vmcore", "collect", "--to",
+                             str(tmp_path / "o"), "--compress", "zstd", "--compress-on", "node", "-o", "json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = _pids(pidfile, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert json.loads(out)["code"] == "Interrupted"
+    assert _ended(pids), "the compressor outlived katactl"

@@ -5,11 +5,12 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import socket
 import stat as _st
 import subprocess
 import tempfile
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import BinaryIO, Generator, Iterable, Iterator, Sequence
 
 from katactl.backends.base import FileStat, NodeTransport, RunResult
 from katactl.errors import SOCKET_BUSY, SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
@@ -203,11 +204,18 @@ class LocalTransport(NodeTransport):
 
     def run_stream(self, argv: Sequence[str], chunk_size: int = 1 << 20,
                    timeout: float | None = None) -> Iterator[bytes]:
-        """argv's stdout in chunks (timeout is not enforced locally: the process is ours)."""
+        """argv's stdout in chunks (timeout is not enforced locally: the process is ours).
+
+        argv runs in a session of its own and is stopped as a process group, as the
+        remote channel's GUARD (setsid, kill -pgid) does on a node: a ``sh -c`` pipeline
+        goes whole, not only its first process. ``cancel()`` on the returned iterator
+        does that from any thread, also while another is blocked reading (the read then
+        ends), which a generator's close() cannot."""
         argv = tuple(str(a) for a in argv)
         err = tempfile.TemporaryFile()
         try:
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                 start_new_session=True)
         except BaseException:
             err.close()
             raise
@@ -227,13 +235,12 @@ class LocalTransport(NodeTransport):
                     text = err.read()[-4096:].decode("utf-8", "replace").strip()
                     raise OSError(errno.EIO, f"{argv[0]} failed: {text or f'exit {rc}'}", argv[0])
             finally:
-                if p.poll() is None:
-                    p.kill()
+                _kill_group(p)
                 p.stdout.close()
                 p.wait()
                 err.close()
 
-        return chunks()
+        return _ProcessStream(p, chunks())
 
     def connect_unix(self, path: str, timeout: float):
         real = self.real(path)
@@ -270,6 +277,40 @@ class LocalTransport(NodeTransport):
 
 
 _SUN_PATH_MAX = 108
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL p's process group (its own session: start_new_session) while p is not yet
+    reaped, so the group id cannot be another's. Its only output is the pipe we stop
+    reading: nothing of it needs a clean exit."""
+    if p.returncode is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class _ProcessStream:
+    """LocalTransport.run_stream's iterator: a generator, plus ``cancel()`` for other threads."""
+
+    def __init__(self, p: subprocess.Popen, gen: Generator[bytes, None, None]):
+        self._p, self._gen = p, gen
+
+    def __iter__(self) -> "_ProcessStream":
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._gen)
+
+    def cancel(self) -> None:
+        _kill_group(self._p)
+
+    def close(self) -> None:
+        self.cancel()
+        try:
+            self._gen.close()
+        except ValueError:
+            pass    # running in another thread: the kill ends its read, and it closes itself
 
 
 def _entry_stat(e: os.DirEntry, follow_symlinks: bool) -> os.stat_result | None:

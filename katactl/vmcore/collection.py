@@ -830,7 +830,7 @@ def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: Coll
         run_argv = argv if not resume_dst else ["sh", "-c", SKIP_SCRIPT, "katactl-skip", str(resume_dst + 1), *argv]
         # the compressor may run for long before its first byte (idle priority; a resume's skipped prefix)
         wait = max(transport.timeout, 3600.0 if resume_dst else 300.0)
-        stream = Prefetch(_node_output(transport, run_argv, wait, NODE_COMPRESSOR[opts.compress][0], src))
+        stream = Prefetch(_NodeOutput(transport, run_argv, wait, NODE_COMPRESSOR[opts.compress][0], src))
         os.lseek(fd, resume_dst, os.SEEK_SET)
         limit = RateLimit(opts.bwlimit)
         mark = written
@@ -895,16 +895,43 @@ def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: Coll
             "note": note}
 
 
-def _node_output(transport: NodeTransport, argv: list, wait: float, tool: str, src: str) -> Iterator[bytes]:
-    """The compressor's stdout; its failure (exit status, stderr) named as such."""
-    try:
-        yield from transport.run_stream(argv, CHUNK, timeout=wait)
-    except FileNotFoundError:
-        raise OperationFailed(f"{tool} is no longer on node {transport.node}",
-                              hint="run collect again (it resumes), or use --compress-on local") from None
-    except OSError as e:
-        raise OperationFailed(f"{src}: {tool} failed on node {transport.node}: {e.strerror or e}",
-                              hint="run collect again to resume, or use --compress-on local") from None
+class _NodeOutput:
+    """The compressor's stdout (``transport.run_stream``); its failure (exit status, stderr)
+    named as such. ``cancel()`` reaches the transport's stream (a local process group: see
+    LocalTransport.run_stream) from another thread, for :class:`Prefetch`."""
+
+    def __init__(self, transport: NodeTransport, argv: list, wait: float, tool: str, src: str):
+        self._what = (transport.node, tool, src)
+        try:
+            self._stream = transport.run_stream(argv, CHUNK, timeout=wait)
+        except OSError as e:
+            raise self._failed(e) from None
+        self._it = self._chunks()
+
+    def _failed(self, e: OSError) -> OperationFailed:
+        node, tool, src = self._what
+        if isinstance(e, FileNotFoundError):
+            return OperationFailed(f"{tool} is no longer on node {node}",
+                                   hint="run collect again (it resumes), or use --compress-on local")
+        return OperationFailed(f"{src}: {tool} failed on node {node}: {e.strerror or e}",
+                               hint="run collect again to resume, or use --compress-on local")
+
+    def _chunks(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._it
+
+    def cancel(self) -> None:
+        cancel = getattr(self._stream, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+    def close(self) -> None:
+        self._it.close()    # type: ignore[attr-defined]
 
 
 def _checkpoint(fd: int, side: "_Sidecar", ident: dict, written: int) -> None:

@@ -231,6 +231,9 @@ class Prefetch:
         self._stop.set()
         import queue
 
+        cancel = getattr(self._it, "cancel", None)
+        if cancel is not None:
+            cancel()    # a process stream: ends a read the reader thread may be blocked in
         try:
             while True:
                 self._q.get_nowait()
