@@ -175,3 +175,45 @@ def test_trigger_clh_without_guest_debug(cli, lab):
 def test_trigger_firecracker_has_no_dump_api(cli, lab):
     r = cli(lab.args("vmcore", "trigger", lab.id("fc-0")))
     assert r.exit_code == 1 and "no guest memory dump API" in r.stderr
+
+
+def _dump_done(lab, sid: str) -> bool:
+    with QMPClient.connect(lab.transport(), f"/run/vc/vm/{sid}/extra-monitor.sock", timeout=10) as q:
+        return q.execute("query-dump")["status"] == "completed" and q.execute("query-status")["running"]
+
+
+def test_trigger_stopped_waiting_says_where_qemu_goes_on_dumping(cli, lab, _isolated_home):
+    """Review 7 #2: a trigger stopped by --timeout (or Ctrl-C, SIGTERM) once QEMU had started
+    the dump was audited changed:false with no dump, and the error named no file, while QEMU
+    went on writing it with the guest paused (dump/dump.c dump_init: vm_stop; dump_cleanup:
+    vm_start; qapi/dump.json has no cancel). A booted lab guest (running: QEMU pauses it)."""
+    from katactl import vmcore
+    from katactl.errors import Interrupted
+    from tests.test_vmcore import _audit_entries
+
+    sid = lab.id("qemu-em")
+    r = cli(lab.args("vmcore", "trigger", sid, "--timeout", "1ms", "-o", "json"))
+    assert r.exit_code == 6, (r.stdout, r.stderr)
+    err = r.json()
+    path = err["details"]["path"]
+    assert err["code"] == "Timeout" and err["details"]["acknowledged"] is True
+    assert f"QEMU goes on writing the dump into {path}; the guest stays paused until it is finished" in err["message"]
+    _wait(lambda: _dump_done(lab, sid), 300, "QEMU to finish the dump and resume the guest")
+    r = cli(lab.args("vmcore", "list", "-o", "json"))
+    assert [i["status"] for i in r.json()["items"] if i["path"] == path] == ["ok"]
+
+    # Ctrl-C (SIGTERM arrives as the same KeyboardInterrupt) while the trigger waits for the dump
+    def ctrl_c(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as ei:
+        vmcore.trigger(lab.transport(), sid, vmcore.TriggerOptions(progress=ctrl_c))
+    e = ei.value
+    path2 = e.details["path"]
+    assert e.exit_code == 130 and path2 != path and f"into {path2}; the guest stays paused" in e.message
+    _wait(lambda: _dump_done(lab, sid), 300, "QEMU to finish the second dump")
+    audits = [a for a in _audit_entries(_isolated_home) if a["action"] == "vmcore.trigger"]
+    assert [(a["result"], a["changed"], a["dump"], a["requestSent"]) for a in audits] == [
+        ("timeout", True, path, True), ("interrupted", True, path2, True)]
+    for p in (path, path2):
+        assert cli(lab.args("vmcore", "rm", p, "--yes")).exit_code == 0

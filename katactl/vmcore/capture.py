@@ -13,8 +13,8 @@ import time
 from typing import Callable
 
 from katactl import sandbox as sbmod
-from katactl.errors import (KatactlError, OperationFailed, ProtocolError, Refused, UsageError,
-                            as_katactl_error)
+from katactl.errors import (Interrupted, KatactlError, OperationFailed, ProtocolError, Refused, TimeoutExpired,
+                            UsageError, as_katactl_error)
 from katactl.sandbox import GO_SBS, GO_VM
 from katactl.vmcore.dumps import RS_NO_PANIC_DUMP, check_abs, dump_config, dump_name, node_zone, read_json, real_path
 from katactl.backends.base import NodeTransport
@@ -244,7 +244,12 @@ def trigger(transport: NodeTransport, ref, opts: TriggerOptions) -> dict:
     except UsageError:
         raise
     except BaseException as e:
-        if not opts.dry_run:
+        if isinstance(e, DumpGoesOn):
+            # stopped waiting, not the dump: the file is being written, the guest paused meanwhile
+            audit.record_unfinished("vmcore.trigger", sb.id, node=transport.node, params=params, exc=e, sent=True,
+                                    result="timeout" if isinstance(e, TimeoutExpired) else "interrupted",
+                                    changed=True, dump=e.details["path"], via=e.details.get("via"))
+        elif not opts.dry_run:
             why = "interrupted" if isinstance(e, KeyboardInterrupt) else as_katactl_error(e).message
             audit.record("vmcore.trigger", sb.id, node=transport.node, params=params, result="error",
                          changed=False, error=why)
@@ -369,6 +374,36 @@ def _trigger_clh(transport: NodeTransport, sock, sid, d, path, persist, mem, opt
     return {**result, "status": "completed", "changed": True}
 
 
+class DumpGoesOn(KatactlError):
+    """The wait for a dump stopped (Ctrl-C, SIGTERM, --timeout), the dump did not:
+    ``details.path`` is the file the hypervisor goes on writing. Raised as the
+    :class:`Interrupted` or :class:`TimeoutExpired` it stands for (exit 130 or 6)."""
+
+
+class _InterruptedDump(DumpGoesOn, Interrupted):
+    pass
+
+
+class _TimedOutDump(DumpGoesOn, TimeoutExpired):
+    pass
+
+
+def _goes_on(e: BaseException, path: str, via: str, accepted: bool, running: bool | None) -> DumpGoesOn:
+    """The error of a wait stopped while QEMU dumps: where the file goes, and that a guest that
+    was running stays paused until the dump ends (QEMU resumes it then: dump_cleanup)."""
+    head = e.message if isinstance(e, TimeoutExpired) else "interrupted"
+    cls = _TimedOutDump if isinstance(e, TimeoutExpired) else _InterruptedDump
+    paused = {True: "the guest stays paused until it is finished", False: "",
+              None: "a running guest stays paused until it is finished"}[running]
+    if accepted:
+        msg = f"{head}: QEMU goes on writing the dump into {path}" + (f"; {paused}" if paused else "")
+    else:
+        msg = (f"{head} before QEMU answered: it may be writing the dump into {path}"
+               + (f"; if so, {paused}" if paused else ""))
+    return cls(msg, hint="katactl vmcore list shows the dump incomplete until QEMU has finished it",
+               details={"path": path, "via": via, "acknowledged": accepted, "pausedByDump": running})
+
+
 def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, opts, result, reasons, socks) -> dict:
     from katactl.backends.qmp import MonitorBusy, QMPClient
 
@@ -378,7 +413,8 @@ def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, 
         if not transport.exists(sock):
             continue
         try:
-            client = QMPClient.connect(transport, sock, timeout=min(opts.timeout, 30.0))
+            # each call is a request (--request-timeout); --timeout is the wait for the dump
+            client = QMPClient.connect(transport, sock, timeout=transport.timeout)
             result["via"] = "qmp:" + posixpath.basename(sock)
             break
         except MonitorBusy:
@@ -408,26 +444,39 @@ def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, 
             client.events()  # forget old events: DUMP_COMPLETED below must be ours
             args = {"paging": bool(paging), "protocol": "file:" + real_path(transport, path),
                     "format": opts.format, "detach": True}
-            client.execute("dump-guest-memory", args, timeout=opts.timeout)
+            # Once the command may have reached QEMU, the dump is its own: it opens the file and
+            # pauses a running guest (dump/dump.c qmp_dump_guest_memory, dump_init:
+            # vm_stop(RUN_STATE_SAVE_VM)) until the dump ends (dump_cleanup: vm_start), and
+            # qapi/dump.json has no command that cancels it. Stopping our wait (Ctrl-C, SIGTERM,
+            # --timeout) stops neither: the directory stays, and the error says so.
+            try:
+                running = bool((client.execute("query-status") or {}).get("running"))
+            except KatactlError:
+                running = None      # unknown: the error says what a running guest does
             guard.started = True
-            if opts.detach:
-                return {**result, "status": "active", "changed": True}
-            deadline = time.monotonic() + opts.timeout
-            while True:
-                st = client.execute("query-dump") or {}
-                if opts.progress and st.get("total"):
-                    opts.progress(int(st.get("completed", 0)), int(st["total"]))
-                if st.get("status") == "completed":
-                    break
-                if st.get("status") == "failed":
-                    ev = [e for e in client.events() if e.get("event") == "DUMP_COMPLETED"]
-                    why = (ev[-1].get("data") or {}).get("error") if ev else None
-                    raise OperationFailed(f"QEMU dump failed{': ' + why if why else ''}")
-                if time.monotonic() > deadline:
-                    from katactl.errors import TimeoutExpired
-
-                    raise TimeoutExpired(f"dump not finished within {opts.timeout:g}s (it continues in QEMU)")
-                time.sleep(opts.poll)
+            accepted = False
+            try:
+                # detached, QEMU answers once dump_init is done (longer with paging on a big guest)
+                client.execute("dump-guest-memory", args, timeout=max(transport.timeout, opts.timeout))
+                accepted = True
+                if opts.detach:
+                    return {**result, "status": "active", "changed": True}
+                deadline = time.monotonic() + opts.timeout
+                while True:
+                    st = client.execute("query-dump") or {}
+                    if opts.progress and st.get("total"):
+                        opts.progress(int(st.get("completed", 0)), int(st["total"]))
+                    if st.get("status") == "completed":
+                        break
+                    if st.get("status") == "failed":
+                        ev = [e for e in client.events() if e.get("event") == "DUMP_COMPLETED"]
+                        why = (ev[-1].get("data") or {}).get("error") if ev else None
+                        raise OperationFailed(f"QEMU dump failed{': ' + why if why else ''}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutExpired(f"dump not finished within {opts.timeout:g}s")
+                    time.sleep(opts.poll)
+            except (KeyboardInterrupt, Interrupted, TimeoutExpired) as e:
+                raise _goes_on(e, path, result["via"], accepted, running) from None
     try:
         size = transport.stat(path).size
     except OSError:
