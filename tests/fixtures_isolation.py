@@ -102,9 +102,38 @@ def write_switch(root: str, value: int | None = 1, core_sched: int | None = 0) -
         _w(root, "/proc/sys/kernel/sched_core", core_sched)
 
 
+#: info/MB as each vendor's kernel fills it (arch/x86/kernel/cpu/resctrl/core.c): Intel
+#: __get_mem_config_intel (linear delay: min_bw = bw_gran = 100 - max_delay, here 10; MBA is
+#: not enabled without a linear delay), AMD __rdt_get_mem_config_amd ("AMD does not use
+#: delay": delay_linear false, min_bw 0, bw_gran 1). Intel mounted mba_MBps shows the same info.
+MB_INFO = {"intel": {"min_bandwidth": 10, "bandwidth_gran": 10, "delay_linear": 1, "thread_throttle_mode": "max"},
+           "amd": {"min_bandwidth": 0, "bandwidth_gran": 1, "delay_linear": 0}}
+#: the MB value every group shows until one is written: Intel MAX_MBA_BW 100 (%); mba_MBps
+#: MBA_MAX_MBPS = U32_MAX (include/linux/resctrl.h); AMD MAX_MBA_BW_AMD 0x800 (1/8 GB/s)
+MB_DEFAULT = {"percent": 100, "mbps": 4294967295, "amd": 2048}
+#: the MB data width (r->data_width): Intel 3, AMD 4 ("Max value is 2048, Data width should be 4")
+MB_WIDTH = {"percent": 3, "mbps": 3, "amd": 4}
+
+
+def schemata_text(lines: list[tuple[str, dict[int, int]]], *, cbm_bits: int = 11, mb: str = "percent") -> str:
+    """A schemata file as the kernel prints it (rdtgroup_schemata_show / show_doms): each
+    name right-aligned to the longest one ("%*s:"), then ``id=value`` joined by ';' with the
+    resource's format_str: caches "%d=%0*x" (width (cbm_len + 3) / 4), MB "%d=%*u"."""
+    width = max(len(n) for n, _ in lines)
+    out = []
+    for name, doms in lines:
+        if name.startswith(("L2", "L3")):
+            vals = [f"{i}={v:0{(cbm_bits + 3) // 4}x}" for i, v in doms.items()]
+        else:
+            vals = [f"{i}={v:{MB_WIDTH[mb]}d}" for i, v in doms.items()]
+        out.append(f"{name:>{width}}:" + ";".join(vals))
+    return "\n".join(out) + "\n"
+
+
 def write_resctrl(root: str, groups: dict[str, dict], *, cbm_mask: str = "7ff", cdp: bool = False,
-                  cache_ids=(0, 2), mon: bool = True) -> None:
-    """A resctrl tree. groups: name ("/" = default) -> {schemata, tasks, cpus_list, mode, mon_groups, mon}."""
+                  cache_ids=(0, 2), mon: bool = True, mb: str = "percent") -> None:
+    """A resctrl tree. groups: name ("/" = default) -> {schemata, tasks, cpus_list, mode, mon_groups, mon}.
+    ``mb``: what MB values count: "percent" (Intel), "mbps" (Intel mounted mba_MBps), "amd"."""
     base = "/sys/fs/resctrl"
     l3 = ["L3DATA", "L3CODE"] if cdp else ["L3"]
     for res in l3:
@@ -113,9 +142,8 @@ def write_resctrl(root: str, groups: dict[str, dict], *, cbm_mask: str = "7ff", 
         _w(root, f"{base}/info/{res}/num_closids", 8 if cdp else 16)
         _w(root, f"{base}/info/{res}/shareable_bits", "0")
         _w(root, f"{base}/info/{res}/bit_usage", ";".join(f"{i}=SSSSSSSSSSS" for i in cache_ids))
-    _w(root, f"{base}/info/MB/min_bandwidth", 10)
-    _w(root, f"{base}/info/MB/bandwidth_gran", 10)
-    _w(root, f"{base}/info/MB/delay_linear", 1)
+    for fname, v in MB_INFO["amd" if mb == "amd" else "intel"].items():
+        _w(root, f"{base}/info/MB/{fname}", v)
     _w(root, f"{base}/info/MB/num_closids", 8)
     if mon:
         _w(root, f"{base}/info/L3_MON/num_rmids", 144)
@@ -175,16 +203,20 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
                online_shares: int = 1024, online_priority: int = 12, offline_priority: int = 0,
                be_l3: str = "f", sandbox_cgroup_only: bool = False, vcpus: int = 2,
                vcpu_outside: bool = False, vcpus_in_be: bool = True, hypervisor: str = "qemu",
-               named_vcpus: bool = True) -> dict:
+               named_vcpus: bool = True, mb: str = "percent") -> dict:
     """A co-location node: online burstable pods (runc) and offline Kata sandboxes in besteffort.
     ``named_vcpus=False``: QEMU's vCPU threads keep its comm, as without debug-threads=on.
+    ``mb``: "percent" (Intel), "mbps" (Intel, resctrl mounted mba_MBps) or "amd" (an AMD
+    CPU: vendor_id AuthenticAMD, MB in eighths of GB/s); every group at the kernel's default.
 
     Returns {"online": [pod uids], "sandboxes": [SandboxPaths], "vcpu_tids": {sid: [tids]}}.
     """
     from katactl.lab import layout
 
-    write_mountinfo(root, mode, resctrl=resctrl)
-    _w(root, "/proc/cpuinfo", "processor\t: 0\nflags\t\t: fpu sse cat_l3 cdp_l3 mba cqm_llc cqm_occup_llc\n")
+    write_mountinfo(root, mode, resctrl=resctrl, resctrl_opts="mba_MBps" if mb == "mbps" else "")
+    vendor = "AuthenticAMD" if mb == "amd" else "GenuineIntel"
+    _w(root, "/proc/cpuinfo", f"processor\t: 0\nvendor_id\t: {vendor}\n"
+                              "flags\t\t: fpu sse cat_l3 cdp_l3 mba cqm_llc cqm_occup_llc\n")
     if alinux:
         write_switch(root, switch, core_sched)
     ali = {"memory.use_priority_oom": 1, "memory.wmark_ratio": 95, "memory.wmark_scale_factor": 50,
@@ -248,13 +280,18 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
             write_cgroup(root, mode, ov_cg, {**base, **cpu(1024), **bvt(0)}, tasks=[pid, pid + 50])
     if resctrl:
         all_vcpus = [t for v in vcpu_tids.values() for t in v]
-        l3 = (lambda m: f"L3DATA:0={m};2={m}\nL3CODE:0={m};2={m}\n") if cdp else (lambda m: f"L3:0={m};2={m}\n")
+        mbv = {0: MB_DEFAULT[mb], 2: MB_DEFAULT[mb]}
+
+        def sch(mask: str) -> str:
+            m = {0: int(mask, 16), 2: int(mask, 16)}
+            return schemata_text(([("L3DATA", m), ("L3CODE", m)] if cdp else [("L3", m)]) + [("MB", mbv)], mb=mb)
+
         write_resctrl(root, {
-            "/": {"schemata": l3("7ff") + "MB:0=100;2=100\n", "tasks": [1, 2], "cpus_list": "0-3"},
-            "LS": {"schemata": l3("7ff") + "MB:0=100;2=100\n", "tasks": [50000]},
-            "BE": {"schemata": l3(be_l3) + "MB:0=100;2=100\n", "tasks": all_vcpus if vcpus_in_be else [],
+            "/": {"schemata": sch("7ff"), "tasks": [1, 2], "cpus_list": "0-3"},
+            "LS": {"schemata": sch("7ff"), "tasks": [50000]},
+            "BE": {"schemata": sch(be_l3), "tasks": all_vcpus if vcpus_in_be else [],
                    "mon_groups": {"batch": {"tasks": all_vcpus[:1]}}},
-        }, cdp=cdp)
+        }, cdp=cdp, mb=mb)
     return {"online": online, "sandboxes": sbs, "vcpu_tids": vcpu_tids}
 
 

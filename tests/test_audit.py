@@ -270,3 +270,155 @@ def test_bad_audit_args(cli, args, needle):
 def test_no_cgroup_fs_is_not_found(cli, tmp_path):
     r = cli(["--host-root", tmp_path, "audit"])
     assert r.exit_code == 3 and "no cgroup filesystem" in r.stderr
+
+
+# -- a check whose input cannot be read is "unknown", never a pass (review 7) ----------------
+
+def _rdt_items(d):
+    return [i for i in d["items"] if i["check"].startswith("rdt.") or i["check"] == "kata.unreadable"]
+
+
+def test_mba_mbps_default_schemata_keeps_the_l3_check(cli, tmp_path):
+    """resctrl mounted mba_MBps: every group's MB value is MBA_MAX_MBPS = U32_MAX (10 digits)
+    until written; it is a valid value, and the BE group's whole-LLC mask is still found."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, mb="mbps", be_l3="7ff")
+    with open(os.path.join(root, "sys/fs/resctrl/BE/schemata")) as f:
+        assert "MB:0=4294967295;2=4294967295" in f.read()
+    r, d = _audit(cli, root, "--fail-on", "high")
+    assert r.exit_code == 8 and d["passed"] is False, d["items"]
+    (l3, l3b) = [i for i in d["items"] if i["check"] == "rdt.be-l3"]
+    assert l3["status"] == "problem" and "11 of 11 L3 ways" in l3["message"]
+    assert "kata.unreadable" not in _checks(d)
+    # the percent policy cannot be compared with MBps: said so only when the policy limits MB
+    pol = tmp_path / "p.toml"
+    pol.write_text("[rdt]\nbe_mb_max_percent = 50.0\n")
+    _, d = _audit(cli, root, "--policy", str(pol))
+    (mb,) = [i for i in d["items"] if i["check"] == "rdt.be-mb"]
+    assert mb["status"] == "unknown" and "MBps" in mb["message"]
+
+
+def test_amd_mb_is_eighths_of_gbps_not_percent(cli, tmp_path):
+    """AMD: MB:0=2048 is the unthrottled default in 1/8 GB/s (resctrl.rst, AMD systems), not 2048 %."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, mb="amd")
+    with open(os.path.join(root, "sys/fs/resctrl/BE/schemata")) as f:
+        assert "MB:0=2048;2=2048" in f.read()
+    r, d = _audit(cli, root, "--fail-on", "low")
+    assert r.exit_code == 0 and d["items"] == [], d["items"]
+
+
+def test_cpuinfo_missing_amd_told_by_info_mb(cli, tmp_path):
+    """Without /proc/cpuinfo (a snapshot), info/MB tells AMD: delay_linear 0, min_bandwidth 0."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, mb="amd")
+    os.remove(os.path.join(root, "proc/cpuinfo"))
+    r, d = _audit(cli, root, "--fail-on", "low")
+    assert r.exit_code == 0 and d["items"] == [], d["items"]
+
+
+@pytest.mark.parametrize("bad_line,check,status", [
+    ("MB:0=ten", "rdt.be-l3", "problem"),    # a bad MB line costs only MB: L3 still checked
+    ("L3:0=zz;2=7ff", "rdt.be-l3", "unknown"),  # the L3 line itself: not checked, said so
+])
+def test_a_bad_schemata_line_loses_only_its_resource(cli, tmp_path, bad_line, check, status):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, be_l3="7ff")
+    p = os.path.join(root, "sys/fs/resctrl/BE/schemata")
+    good = [ln for ln in open(p).read().splitlines() if ln.split(":")[0].strip() != bad_line.split(":")[0]]
+    with open(p, "w") as f:
+        f.write("\n".join(good + [bad_line]) + "\n")
+    r, d = _audit(cli, root, "--fail-on", "high")
+    found = [i for i in d["items"] if i["check"] == check]
+    assert r.exit_code == 8 and d["passed"] is False, d["items"]
+    assert found and {i["status"] for i in found} == {status} and found[0]["severity"] == "high", found
+    (un,) = [i for i in d["items"] if i["check"] == "kata.unreadable"]
+    assert un["status"] == "unknown" and bad_line.split(":")[0] in un["message"]
+
+
+def test_be_l3_unknown_without_cbm_mask(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, be_l3="7ff")
+    os.remove(os.path.join(root, "sys/fs/resctrl/info/L3/cbm_mask"))
+    r, d = _audit(cli, root, "--fail-on", "high")
+    (f,) = [i for i in d["items"] if i["check"] == "rdt.be-l3"]
+    assert r.exit_code == 8 and f["status"] == "unknown" and "full mask is unknown" in f["message"], d["items"]
+
+
+def _unreadable(path: str, how: str) -> None:
+    os.remove(path)
+    if how == "eisdir":
+        os.mkdir(path)  # reading fails with EISDIR: read_value's OSError path, as EACCES/EIO
+    else:
+        with open(path, "w") as f:
+            f.write("garbage\n")
+
+
+@pytest.mark.parametrize("how", ["eisdir", "garbage"])
+def test_unreadable_bvt_of_a_sandbox_is_unknown_not_passed(cli, tmp_path, how):
+    """The sandbox cgroups' cpu.bvt_warp_ns = 2 gives high bvt.offline; unreadable, the same
+    check must not pass: bvt.offline, status unknown, at its severity, exit 8."""
+    import glob
+
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=2, sandbox_cgroup_only=True)
+    files = glob.glob(os.path.join(root, "sys/fs/cgroup/cpu/kubepods/besteffort/pod*/*/cpu.bvt_warp_ns"))
+    assert len(files) == 2
+    for p in files:
+        _unreadable(p, how)
+    r, d = _audit(cli, root, "--fail-on", "high")
+    found = [i for i in d["items"] if i["check"] == "bvt.offline"]
+    assert r.exit_code == 8 and d["passed"] is False and d["unknown"] == 2, d["items"]
+    assert len(found) == 2 and all(i["status"] == "unknown" and i["severity"] == "high" for i in found)
+    assert found[0]["evidence"][0]["file"].endswith("/cpu.bvt_warp_ns")
+    assert ("Is a directory" if how == "eisdir" else "unexpected content 'garbage'") in found[0]["message"]
+
+
+def test_unreadable_memcg_priority_is_unknown(cli, tmp_path):
+    root = str(tmp_path)
+    info = build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    _unreadable(os.path.join(root, f"sys/fs/cgroup/memory/kubepods/burstable/pod{info['online'][0]}/memory.priority"),
+                "eisdir")
+    r, d = _audit(cli, root)
+    (f,) = [i for i in d["items"] if i["check"] == "memcg.priority-order"]
+    assert r.exit_code == 8 and f["status"] == "unknown" and f["severity"] == "medium", d["items"]
+
+
+def test_unreadable_bvt_switch_is_unknown_not_off(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    _unreadable(os.path.join(root, "proc/sys/kernel/sched_group_identity_enabled"), "eisdir")
+    r, d = _audit(cli, root, "--fail-on", "high")
+    (f,) = [i for i in d["items"] if i["check"] == "bvt.switch"]
+    assert r.exit_code == 8 and f["status"] == "unknown" and "switched off" not in f["message"], d["items"]
+    assert f["evidence"][0]["value"] is None
+    r = cli(["--host-root", root, "inspect", "bvt", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["switch"]["enabled"] is None
+    r = cli(["--host-root", root, "inspect", "bvt"])
+    assert "group identity UNKNOWN" in r.stderr and "DISABLED" not in r.stderr
+
+
+def test_a_vcpu_thread_that_exited_mid_walk_is_skipped(cli, tmp_path):
+    """task/<tid>/comm read, then task/<tid>/cgroup gone (the thread exited): skipped, never
+    "outside the sandbox cgroup"; a cgroup file that cannot be read is unknown."""
+    root = str(tmp_path)
+    info = build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    (sid,) = info["vcpu_tids"]
+    tid = info["vcpu_tids"][sid][0]
+    pid = tid - 1
+    cg = os.path.join(root, f"proc/{pid}/task/{tid}/cgroup")
+    os.remove(cg)
+    r, d = _audit(cli, root, "--fail-on", "low")
+    assert r.exit_code == 0 and d["items"] == [], d["items"]
+    os.mkdir(cg)
+    r, d = _audit(cli, root, "--fail-on", "high")
+    (f,) = [i for i in d["items"] if i["check"] == "kata.vcpu-cgroup"]
+    assert r.exit_code == 8 and f["status"] == "unknown" and "1 of 2 vCPU threads" in f["message"], d["items"]
+
+
+def test_problem_findings_say_so(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, switch=0)
+    r, d = _audit(cli, root)
+    (f,) = [i for i in d["items"] if i["check"] == "bvt.switch"]
+    assert f["status"] == "problem" and d["unknown"] == 0 and "not checked" not in r.stderr

@@ -131,6 +131,36 @@ def test_rdt_malformed_schemata_in_tree(cli, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("mb,unit,key,value,shown", [
+    ("percent", "percent", "percent", 100, "0=100%;2=100%"),
+    ("mbps", "MBps", "mbps", 4294967295, "0=4294967295MBps;2=4294967295MBps"),   # MBA_MAX_MBPS = U32_MAX
+    ("amd", "GBps/8", "gbpsEighths", 2048, "0=256GB/s;2=256GB/s"),            # MAX_MBA_BW_AMD, 1/8 GB/s
+])
+def test_rdt_mb_values_per_mount_and_vendor(cli, tmp_path, mb, unit, key, value, shown):
+    """The kernel's default MB line of each mode reads as a valid value in its unit."""
+    root = str(tmp_path)
+    build_node(root, sandboxes=1, online_pods=0, mb=mb)
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    be = next(g for g in d["items"] if g["name"] == "BE")
+    (ln,) = [x for x in be["schemata"] if x["resource"] == "MB"]
+    assert d["mbUnit"] == unit and ln["unit"] == unit and "errors" not in be
+    assert [x[key] for x in ln["domains"]] == [value, value] and be["summary"]["MB"] == shown
+    assert "_bad" not in be
+
+
+def test_rdt_bad_line_keeps_the_groups_other_lines(cli, tmp_path):
+    root = str(tmp_path)
+    build_node(root, sandboxes=1, online_pods=0)
+    write_resctrl(root, {"/": {"schemata": "L3:0=7ff;2=7ff\n"}, "BE": {"schemata": "L3:0=00f;2=00f\nMB:0=ten\n"}})
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 1, r.stderr
+    be = next(g for g in r.json()["items"] if g["name"] == "BE")
+    assert [x["resource"] for x in be["schemata"]] == ["L3"] and be["summary"]["L3"].startswith("0=0xf(4w")
+    assert len(be["errors"]) == 1 and "line 2 'MB:0=ten'" in be["errors"][0]
+
+
 def test_rdt_and_audit_survive_a_5000_digit_schemata_and_cpuset(cli, tmp_path):
     """Past Python's 4300-digit int() limit a node file was a ValueError that ended the whole
     node's inspect rdt / audit (exit 1, "unexpected ValueError"): now it is that file's problem."""
@@ -152,7 +182,7 @@ def test_rdt_and_audit_survive_a_5000_digit_schemata_and_cpuset(cli, tmp_path):
 
 @pytest.mark.parametrize("args,code,needle", [
     (["--decode", "L3:" + "9" * 5000 + "=ff", "--cbm-mask", "7ff"], 2, "too large"),
-    (["--decode", "MB:0=" + "9" * 5000, "--cbm-mask", "7ff"], 2, "at most 9 digits"),
+    (["--decode", "MB:0=" + "9" * 5000, "--cbm-mask", "7ff"], 2, "not a number from 0 to 4294967295"),
     (["--decode", "L3:0=fg"], 2, "not hexadecimal"),
     (["--decode", "L3"], 2, "expected RESOURCE:ID=VALUE"),
     (["--decode", "L3:0=f", "--cbm-mask", "xyz"], 2, "--cbm-mask"),
@@ -307,3 +337,29 @@ def test_permission_denied_knob_as_unprivileged_user(katactl_bin, tmp_path):
     e = json.loads(p.stdout)["cgroups"][0]
     assert {"file": f"/sys/fs/cgroup/cpu/kubepods/burstable/pod{uid}/cpu.shares",
             "error": "Permission denied"} in e["unreadable"]
+
+
+def test_symlinked_v1_controller_path(cli, tmp_path):
+    """v1 with cpu and cpuacct co-mounted at /sys/fs/cgroup/cpu,cpuacct and systemd's
+    symlinks cpu -> cpu,cpuacct, cpuacct -> cpu,cpuacct (CentOS 7, Alinux 2, Ubuntu 18.04):
+    the usual /sys/fs/cgroup/cpu/... path names the cgroup in that mount."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=0, resctrl=False)
+    cg = os.path.join(root, "sys/fs/cgroup")
+    os.rename(f"{cg}/cpu", f"{cg}/cpu,cpuacct")
+    os.symlink("cpu,cpuacct", f"{cg}/cpu")
+    os.symlink("cpu,cpuacct", f"{cg}/cpuacct")
+    mi = os.path.join(root, "proc/self/mountinfo")
+    text = open(mi).read().replace("/sys/fs/cgroup/cpu rw,", "/sys/fs/cgroup/cpu,cpuacct rw,").replace(
+        "cgroup cgroup rw,cpu\n", "cgroup cgroup rw,cpu,cpuacct\n")
+    assert "cpu,cpuacct rw," in text and "rw,cpu,cpuacct" in text
+    with open(mi, "w") as f:
+        f.write(text)
+    for target in ("/sys/fs/cgroup/cpu/kubepods/burstable", "/sys/fs/cgroup/cpuacct/kubepods/burstable",
+                   "/sys/fs/cgroup/cpu,cpuacct/kubepods/burstable", "/kubepods/burstable"):
+        r = cli(["--host-root", root, "inspect", "cgroup", target, "-o", "json"])
+        assert r.exit_code == 0, (target, r.stderr)
+        (e,) = r.json()["cgroups"]
+        assert e["path"] == "/kubepods/burstable" and e["cpu"]["shares"] == 2048, target
+    r = cli(["--host-root", root, "inspect", "cgroup", "/sys/fs/cgroup/cpu/nope"])
+    assert r.exit_code == 3 and "no such cgroup" in r.stderr

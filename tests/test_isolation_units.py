@@ -59,7 +59,7 @@ def test_decode_flags_bad_masks():
     "L3", "L3:", "L3:0", "L3:0=", "L3:=ff", "L3:x=ff", "L3:0=fg", "L3:0=ff;0=f", "MB:0=ten",
     "L3:0=ff;;1=ff", ":0=ff", "L3 0=ff", "L3:0=ff,1=ff", "L3:-1=ff",
     # past Python's 4300-digit int() limit (ValueError, not ours), too large, not ASCII
-    "L3:" + "9" * 5000 + "=7ff", "L3:1234567890=7ff", "MB:0=" + "9" * 5000, "MB:0=1234567890",
+    "L3:" + "9" * 5000 + "=7ff", "L3:1234567890=7ff", "MB:0=" + "9" * 5000, "MB:0=4294967296",
     "L3:\u0661=ff", "MB:0=\u00b2", "MB:0=\u0661",
 ])
 def test_malformed_schemata_lines(bad):
@@ -147,7 +147,8 @@ def test_policy_corpus(data, needle):
 
 
 def _node_audit(*severities: str, pods: int = 1) -> dict:
-    items = [{"check": f"c{i}", "severity": s, "target": "t", "message": "m", "evidence": [], "fix": "f"}
+    items = [{"check": f"c{i}", "severity": s, "status": "problem", "target": "t", "message": "m", "evidence": [],
+              "fix": "f"}
              for i, s in enumerate(severities)]
     return {"policy": "defaults", "hierarchy": "v2", "pods": pods, "sandboxes": 0,
             "counts": {s: severities.count(s) for s in policy.SEVERITIES}, "items": items}
@@ -169,7 +170,8 @@ def test_audit_merge_one_node_and_many():
                                    "counts": {"info": 0, "low": 0, "medium": 0, "high": 1, "critical": 0}}
     assert audit.merge({"n1": _node_audit("high")}, "critical", pol, multi=False)[2] is False
     assert audit.merge({}, "info", pol)[:2] == ([], {"policy": pol.source, "failOn": "info", "passed": True,
-                                                     "counts": dict.fromkeys(policy.SEVERITIES, 0), "nodes": {}})
+                                                     "counts": dict.fromkeys(policy.SEVERITIES, 0), "unknown": 0,
+                                                     "nodes": {}})
 
 
 @pytest.mark.parametrize("text,mask", [("7ff", 0x7ff), ("0x7FF", 0x7ff), ("FFFFF", 0xfffff)])

@@ -414,3 +414,90 @@ def test_node_io_counts_each_physical_disk_once(cli, tmp_path, moving, with_sys)
     node = next(i for i in r.json()["items"] if i["role"] == "node")
     assert [d["name"] for d in node["io"]["devices"]] == ["sda", "mmcblk0"]  # by maj:min
     assert node["io"]["readIops"] == 11.0 and node["io"]["readBytesPerSec"] == 88 * 512
+
+
+def test_fail_on_unmeasured_is_unknown_not_passed(cli, tmp_path, moving):
+    """cgroup v1 without PSI: a rule on a pod's PSI cannot be evaluated. ``cpu.some>=0`` holds
+    for every measured value, so a pass could only come from not measuring: unknown, exit 8."""
+    root = str(tmp_path / "node")
+    built = fx.build_node(root, mode="v1", online_pods=1, sandboxes=1, resctrl=False)
+    fx.write_node_signals(root, 0)
+    moving["between"] = lambda: fx.write_node_signals(root, 1)
+    path = f"/kubepods/burstable/pod{built['online'][0]}"
+    r = _run(cli, root, path, "--fail-on", "cpu.some>=0")
+    assert r.exit_code == 8, r.stderr
+    fo = r.json()["failOn"]
+    assert fo["passed"] is False and fo["violations"] == []
+    assert fo["unknown"] == [{"target": f"pod uid {built['online'][0]}", "path": path, "metric": "cpu.some",
+                              "rule": "cpu.some>=0", "reason": "unsupported here: psi.cpu"}]
+    assert r.stderr.count("warning: --fail-on cpu.some>=0 not measured for pod uid") == 1
+    # the node has PSI: measured, and the node has no CFS quota: cpu.throttled is not "unknown" there
+    r = _run(cli, root, "node", "--fail-on", "cpu.some>=0,cpu.throttled>50")
+    assert r.exit_code == 8 and r.json()["failOn"]["unknown"] == [], r.stderr
+    assert [v["metric"] for v in r.json()["failOn"]["violations"]] == ["cpu.some"]
+
+
+def test_fail_on_gone_target_is_not_unknown(cli, tmp_path, moving):
+    root = str(tmp_path / "node")
+    built = _node(root)
+    _, sbs = _paths(built)
+    _signals(root, built, 0)
+
+    def between():
+        _signals(root, built, 1)
+        shutil.rmtree(fx.v2_dir(root, sbs[1]["overhead"]))
+    moving["between"] = between
+    r = _run(cli, root, sbs[1]["id"][:10], "--fail-on", "cpu.some>50")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["failOn"] == {"rules": ["cpu.some>50"], "passed": True, "violations": [], "unknown": []}
+
+
+def test_audit_io_weight_per_device(cli, tmp_path):
+    """io.weight "default 10" + "8:16 1000": on sdb the offline pod outranks online pods at
+    "default 100" (a device line overrides the default for that device, cgroup-v2.rst "IO
+    Interface Files")."""
+    root = str(tmp_path / "node")
+    built = _node(root)
+    online, sbs = _paths(built)
+    fx.write_block_devices(root, scheduler="bfq")
+    for p in online:
+        fx.write_v2_io(root, p, weight=100)
+    for s in sbs:
+        for p in (s["pod"], s["sandbox"]):
+            fx.write_v2_io(root, p, weight=10, dev_weights={"8:16": 1000})
+    with open(fx.v2_dir(root, sbs[0]["pod"]) + "/io.weight") as f:
+        assert f.read() == "default 10\n8:16 1000\n"
+    r, d = _audit(cli, root)
+    found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
+    assert r.exit_code == 8 and len(found) == 4, d["items"]
+    assert all("on sdb (8:16) 1000 is not below the lowest online pod's 100" in i["message"] for i in found)
+    assert found[0]["evidence"][0]["value"] == "8:16 1000" and found[0]["evidence"][1]["value"] == "8:16 100"
+    assert found[0]["fix"].startswith("echo '8:16 10' > io.weight")
+    # an online pod's own line on sdb raises its weight there: no finding
+    for p in online:
+        fx.write_v2_io(root, p, weight=100, dev_weights={"8:16": 5000})
+    r, d = _audit(cli, root)
+    assert "io.offline-weight" not in {i["check"] for i in d["items"]}, d["items"]
+
+
+def test_watch_interrupted_exits_130(katactl_bin, tmp_path):
+    """--watch outside a terminal (-o jsonl, Ansible, timeout(1)): SIGTERM and Ctrl-C end it
+    as an interruption, exit 130 with the JSON error, never 0. A real subprocess and signal."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "node")
+    built = _node(root)
+    _signals(root, built, 0)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", root, "inspect", "pressure", "--watch",
+                              "--interval", "100ms", "-o", "jsonl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        first = p.stdout.readline()  # one refresh rendered: the watch loop is running
+        assert json.loads(first)["kind"] == "PressureReport"
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, (sig, err)
+        assert json.loads(out.splitlines()[-1])["kind"] == "Error" and "interrupted" in err

@@ -162,3 +162,32 @@ def test_real_blkio_settings(cli, loaded):
     assert dev["name"] and not dev["name"].startswith("loop")
     # no CFQ/bfq weight files on this kernel: unsupported, not an error
     assert "blkio.weight" in e["unsupported"] or isinstance(e["io"]["weight"], int)
+
+
+def test_real_v1_only_cgroup_rule_is_unknown_not_passed(cli):
+    """A cgroup in the v1 cpu, cpuacct and memory hierarchies only (no unified twin: no
+    <res>.pressure to read, as on a v1 node): ``cpu.some>=0`` holds for any measured value,
+    so it cannot pass; it is unknown, and the gate fails (exit 8) with a warning."""
+    hier = ("cpu", "cpuacct", "memory")
+    if not all(os.path.isdir(f"{V1}/{h}") for h in hier):
+        pytest.skip("needs the v1 cpu, cpuacct and memory hierarchies")
+    name = f"katactl-nopsi-{secrets.token_hex(4)}"
+    made = []
+    try:
+        for h in hier:
+            os.mkdir(f"{V1}/{h}/{name}")
+            made.append(f"{V1}/{h}/{name}")
+    except OSError as e:
+        for d in made:
+            os.rmdir(d)
+        pytest.skip(f"cgroup fs not writable here: {e}")
+    try:
+        r = cli(["inspect", "pressure", f"/{name}", "-o", "json", "--interval", "200ms", "--fail-on", "cpu.some>=0"])
+        assert r.exit_code == 8, r.stderr
+        fo = r.json()["failOn"]
+        assert fo["passed"] is False and fo["violations"] == []
+        assert [(u["metric"], u["path"]) for u in fo["unknown"]] == [("cpu.some", f"/{name}")]
+        assert "psi.cpu" in fo["unknown"][0]["reason"] and "not measured" in r.stderr
+    finally:
+        for d in reversed(made):
+            os.rmdir(d)

@@ -30,9 +30,12 @@ def audit(
     sandbox_cgroup_only=false leaving the VMM's other threads in kata_overhead
     outside the offline limits. Each finding has a severity, the evidence
     (file and value) and a fix hint. Kernel features that are missing (no BVT,
-    no resctrl) are "info" findings, not errors.
+    no resctrl) are "info" findings, not errors. A check whose input could not
+    be read or parsed is a finding of that check with status "unknown" (at
+    its severity): an unverified node never passes silently.
 
-    Exit codes: 0 no finding at or above --fail-on, 8 otherwise, 2 bad policy.
+    Exit codes: 0 no finding at or above --fail-on, 8 otherwise (unknown
+    ones included), 2 bad policy.
 
     \b
     Examples:
@@ -71,6 +74,7 @@ def audit(
     counts = meta["counts"]
     summary = (f"audit {'FAILED' if failed else 'passed'} (--fail-on {fail_on}): "
                + ", ".join(f"{counts[s]} {s}" for s in reversed(pol_mod.SEVERITIES) if counts[s])
+               + (f" ({meta['unknown']} not checked: status unknown)" if meta["unknown"] else "")
                if items else f"audit passed: no findings (policy: {pol.source})")
     res = Result(kind="AuditReport", items=items, item=meta, columns=cols, errors=fo.error_items(),
                  multi_node=fo.multi, name_key="check", summary=summary)

@@ -122,8 +122,9 @@ def bvt_cmd(ctx: typer.Context) -> None:
         if not meta.get("supported"):
             return f"BVT unsupported on this node: {meta.get('reason')}"
         sw = meta["switch"]
-        return (f"group identity {'enabled' if sw['enabled'] else 'DISABLED'} "
-                f"({sw['file']}={sw['value'] if sw['value'] is not None else 'absent'}); "
+        onoff = "UNKNOWN" if sw["enabled"] is None else "enabled" if sw["enabled"] else "DISABLED"
+        shown = sw["value"] if sw["value"] is not None else "unreadable" if sw["enabled"] is None else "absent"
+        return (f"group identity {onoff} ({sw['file']}={shown}); "
                 f"{sum(1 for i in items if i.get('ok') is False)} cgroups differ from koordinator's values")
 
     _node_report(state(ctx), lambda n: inspect_bvt(n, Policy()), kind="BvtReport", columns=cols,
@@ -173,9 +174,11 @@ def rdt_cmd(
     """Show resctrl (Intel RDT) groups with decoded schemata, like pqos -s.
 
     Per group: L3 masks as ways and % of info/L3/cbm_mask (CDP L3DATA/L3CODE
-    lines separately), MB %, tasks, cpus, mon_data LLC occupancy and, with
-    --interval, memory bandwidth rates; and which sandboxes' threads sit in
-    which group. Without a resctrl mount: "unsupported", exit 0.
+    lines separately), MB (% on Intel, MBps when mounted mba_MBps, GB/s on
+    AMD), tasks, cpus, mon_data LLC occupancy and, with --interval, memory
+    bandwidth rates; and which sandboxes' threads sit in which group. A
+    schemata line that cannot be parsed is a warning (exit 1) and costs only
+    that resource. Without a resctrl mount: "unsupported", exit 0.
 
     \b
     Examples:
@@ -314,7 +317,8 @@ def pressure_cmd(
     interval: str = typer.Option("1s", "--interval", "-d", metavar="DURATION",
                                  help="Time between the two samples (and between refreshes with --watch), "
                                       "100ms to 60s."),
-    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every --interval until Ctrl-C (exit 0)."),
+    watch: bool = typer.Option(False, "--watch", "-w",
+                               help="Refresh every --interval until interrupted (Ctrl-C, SIGTERM)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", metavar="N",
                                              help="With --watch: stop after N refreshes."),
     fail_on: Optional[str] = typer.Option(None, "--fail-on", metavar="RULES",
@@ -344,7 +348,14 @@ def pressure_cmd(
     memory.direct-reclaim (pages/s), memory.refault (/s), memory.oom (kills),
     memory.max (limit hits). Operators: > >= < <=.
 
-    Exit codes: 0, 8 when a --fail-on rule holds, 2 bad input, 4 some nodes failed.
+    A rule that cannot be measured for a target it applies to (cgroup v1
+    without PSI, an unreadable file) is listed under failOn.unknown and fails
+    the gate as a violation does: name the node (TARGET "node") for
+    node-wide PSI on such nodes.
+
+    Exit codes: 0, 8 when a --fail-on rule holds or cannot be measured, 2 bad
+    input, 4 some nodes failed, 130 when --watch is interrupted outside a
+    terminal (Ctrl-C ends the live table on a terminal with 0, as top does).
 
     \b
     Examples:
@@ -369,6 +380,7 @@ def pressure_cmd(
         if not r.strip() or "\0" in r:
             raise UsageError(f"invalid TARGET {r!r}")
     sessions: dict = {}
+    warned: set = set()
     cols = _pressure_columns()
 
     def one(transport: NodeTransport):
@@ -391,6 +403,13 @@ def pressure_cmd(
                          errors=fanout.error_items(), multi_node=True, name_key="target",
                          summary="; ".join(f"{n}: {lib.summary_line(m)}" for n, m in metas.items()))
         code = fanout.exit_code()
+        for n, m in metas.items():  # once each (--watch): a rule that could not be measured
+            for u in (m.get("failOn") or {}).get("unknown", []):
+                key = (n, u["target"], u["rule"])
+                if key not in warned:
+                    warned.add(key)
+                    app_ctx.out.warn(f"{n + ': ' if fanout.multi else ''}--fail-on {u['rule']} not measured for "
+                                     f"{u['target']} ({u['reason']}): the gate fails")
         failed = any(not (m.get("failOn") or {}).get("passed", True) for m in metas.values())
         if failed and code == ExitCode.OK:
             code = ExitCode.CHECK_FAILED
@@ -407,8 +426,11 @@ def pressure_cmd(
 
 def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
     """--watch: a Rich live table on a terminal, else one rendering per refresh (one
-    JSON line each with -o jsonl). Ctrl-C ends it with exit 0; the exit code is 8 if a
-    --fail-on rule held at any refresh (4 if a node failed)."""
+    JSON line each with -o jsonl). The exit code is 8 if a --fail-on rule held (or could
+    not be measured) at any refresh, else 4 if a node failed. Ctrl-C ends the live table
+    quietly (its normal stop, as ``top`` and ``watch``); elsewhere Ctrl-C and SIGTERM
+    (timeout(1), Ansible, systemd) are an interruption, exit 130, as in ``katactl top``:
+    a gate cut short never reads as passed."""
     import time
 
     import typer as _typer
@@ -421,6 +443,7 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
     worst = ExitCode.OK
     n = 0
     lv = None
+    interrupted = False
     try:
         if live:
             from rich.console import Console
@@ -448,10 +471,12 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
             # the first refresh took its own two samples; later ones compare with the last
             time.sleep(max(0.0, ival - (time.monotonic() - t0)) if n > 1 else ival)
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
         if lv is not None:
             lv.stop()
+    if interrupted and not live and worst != ExitCode.CHECK_FAILED:
+        raise KeyboardInterrupt  # katactl.cli.main: one line (JSON error with -o json), exit 130
     if worst:
         raise _typer.Exit(int(worst))
 

@@ -3,7 +3,10 @@ a :class:`~katactl.isolation.policy.Policy`, and return findings.
 
 Each finding has a check id, a severity, the target, a message, the evidence
 (node file and the value read there) and a fix hint. A feature the kernel
-lacks is an ``info`` finding ("unsupported"), never an error.
+lacks is an ``info`` finding ("unsupported"), never an error. A check whose
+input could not be read or parsed did not run: that is a finding of that check
+with ``status: "unknown"`` (``"problem"`` otherwise) at the check's severity,
+so ``--fail-on`` counts it: an unverified node never passes silently.
 """
 from __future__ import annotations
 
@@ -24,15 +27,23 @@ class Findings:
         self.items: list[dict] = []
 
     def add(self, check: str, target: str, message: str, evidence: list[dict], fix: str, *,
-            at_most: str | None = None) -> None:
-        """``at_most`` caps the check's (policy) severity for a milder case of it."""
+            at_most: str | None = None, unknown: bool = False) -> None:
+        """``at_most`` caps the check's (policy) severity for a milder case of it;
+        ``unknown``: the check could not run (its input was unreadable), said so."""
         if not self.pol.enabled(check):
             return
         sev = self.pol.severity_of(check)
         if at_most is not None:
             sev = min(sev, at_most, key=SEVERITIES.index)
-        self.items.append({"check": check, "severity": sev, "target": target,
-                           "message": message, "evidence": evidence, "fix": fix})
+        self.items.append({"check": check, "severity": sev, "status": "unknown" if unknown or check == UNREADABLE
+                           else "problem", "target": target, "message": message, "evidence": evidence, "fix": fix})
+
+    def unknown(self, check: str, target: str, what: str, evidence: list[dict], fix: str) -> None:
+        self.add(check, target, f"not checked: {what}", evidence, fix, unknown=True)
+
+
+#: the check id of a sandbox's threads or files that could not be read (always "unknown")
+UNREADABLE = "kata.unreadable"
 
 
 def _ev(row: dict, fname: str, value) -> dict:
@@ -56,6 +67,7 @@ def run(transport: NodeTransport, pol: Policy) -> dict:
     _cpu_checks(f, pol, rows, root_cpus)
     _bvt_checks(f, pol, node, rows)
     _memcg_checks(f, pol, node, rows)
+    _unreadable_knobs(f, pol, node, rows)
     _io_checks(f, pol, node, rows)
     tid_group = _rdt_checks(f, pol, node)
     _kata_checks(f, pol, node, tid_group)
@@ -90,7 +102,8 @@ def merge(values: dict[str, dict], fail_on: str, pol: Policy, *, multi: bool = T
         items += [({"node": n, **i} if multi else i) for i in v["items"]]
     failed = exceeds(items, fail_on)
     counts = {s: sum(1 for i in items if i["severity"] == s) for s in SEVERITIES}
-    meta = {"policy": pol.source, "failOn": fail_on, "passed": not failed, "counts": counts}
+    meta = {"policy": pol.source, "failOn": fail_on, "passed": not failed, "counts": counts,
+            "unknown": sum(1 for i in items if i["status"] == "unknown")}
     if multi:
         meta["nodes"] = nodes
     else:
@@ -182,7 +195,10 @@ def _bvt_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
               "nothing to do on this kernel; use an Alibaba Cloud Linux / Anolis kernel for group identity")
         return
     sw = sup["switch"]
-    if pol.bvt.require_switch and sw["value"] is not None and sw["value"] != 1:
+    if pol.bvt.require_switch and sw["enabled"] is None:
+        f.unknown("bvt.switch", node.t.node, f"whether group identity is switched on ({sw['note']})",
+                  [{"file": sw["file"], "value": None}], "run katactl as root (sysctl kernel.sched_group_identity_enabled)")
+    elif pol.bvt.require_switch and sw["value"] is not None and sw["value"] != 1:
         f.add("bvt.switch", node.t.node, "group identity is switched off: bvt values have no effect",
               [{"file": sw["file"], "value": sw["value"]}],
               "sysctl -w kernel.sched_group_identity_enabled=1 (and persist it in /etc/sysctl.d)")
@@ -215,7 +231,10 @@ def _bvt_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
               f"echo {exp} > {r.get('_files', {}).get('cpu.bvt_warp_ns', 'cpu.bvt_warp_ns')} "
               "(koordinator's CPUQoS plugin does this for every pod)", at_most="low" if same else None)
     core = sup.get("coreSched")
-    if core and core["value"] == 1 and underclass:
+    if core and core.get("error") and underclass:
+        f.unknown("bvt.core-sched", node.t.node, f"whether core scheduling is on ({core['error']})",
+                  [{"file": core["file"], "value": None}], "run katactl as root (sysctl kernel.sched_core)")
+    elif core and core["value"] == 1 and underclass:
         f.add("bvt.core-sched", node.t.node,
               "core scheduling is on while cgroups use underclass bvt (-1 or -2): they conflict",
               [{"file": core["file"], "value": 1}], "sysctl -w kernel.sched_core=0 on co-location nodes")
@@ -275,6 +294,45 @@ def _memcg_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                       "set the pod's memory.wmark_ratio / memory.wmark_min_adj as koordinator's MemoryQoS does")
 
 
+# -- knobs that could not be read ---------------------------------------------------
+
+def _knob_check(name: str, r: dict, pol: Policy, bvt: bool, feats: dict) -> str | None:
+    """The check that needed the knob file ``name`` of row ``r`` (None: no check reads it
+    there); ``bvt``: the kernel has group identity; ``feats``: its Alinux memcg knobs."""
+    lvl, cls = r["level"], r["class"]
+    if name in ("cpu.shares", "cpu.weight"):
+        if lvl == "pod" and cls == "online":
+            return "cpu.online-weight"
+        return "cpu.offline-weight" if cls == "offline" and lvl in ("pod", "sandbox") else None
+    if name == "cpu.bvt_warp_ns":
+        if report.expected_bvt(r, pol) is None or not bvt:
+            return None
+        return "bvt.tree" if lvl in ("kubepods", "qos") else "bvt.offline" if cls == "offline" else "bvt.online"
+    if name == "memory.priority" and pol.memcg.check_priority and feats.get(name):
+        return "memcg.priority-order" if lvl in ("pod", "qos") and cls in ("online", "offline") else None
+    if name == "memory.use_priority_oom" and pol.memcg.check_priority and feats.get(name):
+        return "memcg.priority-order" if lvl == "kubepods" else None
+    if name in ("memory.wmark_ratio", "memory.wmark_min_adj") and pol.memcg.check_wmark and feats.get(name):
+        return "memcg.wmark" if lvl == "pod" and cls in ("online", "offline") else None
+    return None
+
+
+def _unreadable_knobs(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
+    """A knob a check needs that could not be read or parsed (report.kube_rows puts those
+    under ``unreadable``): that check did not run for that cgroup, which is never a pass."""
+    if not any(r.get("unreadable") for r in rows):
+        return
+    bvt, feats = report.bvt_support(node)["supported"], report.memcg_support(node)["features"]
+    for r in rows:
+        for u in r.get("unreadable", []):
+            name = u["file"].rsplit("/", 1)[-1]
+            check = _knob_check(name, r, pol, bvt, feats)
+            if check is not None:
+                f.unknown(check, _target(r), f"{name} could not be read ({u['error']})",
+                          [{"file": u["file"], "value": None, "error": u["error"]}],
+                          f"check {u['file']} on the node (permissions, the kernel's format)")
+
+
 # -- io ----------------------------------------------------------------------------
 
 def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
@@ -307,15 +365,26 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     offline = [r for r in rows if r["class"] == "offline" and r["level"] in ("pod", "sandbox")
                and isinstance(w_of(r), int)]
     if pol.io.check_weight_order and online and offline:
-        lo = min(online, key=w_of)
-        for r in offline:
-            if w_of(r) >= w_of(lo):
-                f.add("io.offline-weight", _target(r),
-                      f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} I/O weight {w_of(r)} is not below "
-                      f"the lowest online pod's {w_of(lo)} ({_target(lo)})",
-                      [ev(r, weight_file, w_of(r)), ev(lo, weight_file, w_of(lo))],
-                      f"lower the offline cgroup's {weight_file} (e.g. 10; 1..10000 on v2, 10..1000 on v1) "
-                      "or raise the online pods'")
+        # a device's own line (io.weight "8:16 200", blkio.weight_device) overrides the default
+        # for that device (cgroup-v2.rst "IO Interface Files"): compare per device as well
+        own = sorted({e["device"] for r in online + offline for e in ios[r["path"]]["devices"]
+                      if isinstance(e.get("weight"), int)}, key=lambda mm: tuple(int(x) for x in mm.split(":")))
+        for mm in [None, *own]:
+            lo = min(online, key=lambda r: w_of(r, mm))
+            where = f" on {devn.get(mm, mm)} ({mm})" if mm else ""
+            for r in offline:
+                if w_of(r, mm) >= w_of(lo, mm):
+                    f.add("io.offline-weight", _target(r),
+                          f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} I/O weight{where} {w_of(r, mm)} "
+                          f"is not below the lowest online pod's {w_of(lo, mm)} ({_target(lo)})",
+                          [ev(r, weight_file if ver == 2 or not mm else "blkio.weight_device",
+                              f"{mm} {w_of(r, mm)}" if mm else w_of(r)),
+                           ev(lo, weight_file if ver == 2 or not mm else "blkio.weight_device",
+                              f"{mm} {w_of(lo, mm)}" if mm else w_of(lo))],
+                          (f"lower the offline cgroup's {weight_file} (e.g. 10; 1..10000 on v2, 10..1000 on v1) "
+                           "or raise the online pods'") if not mm else
+                          (f"echo '{mm} 10' > {weight_file if ver == 2 else 'blkio.weight_device'} on the offline "
+                           "cgroup, or remove its device line"))
     specs = [s.strip() for s in pol.io.offline_devices.split(",") if s.strip()]
     off_pods = [r for r in rows if r["class"] == "offline" and r["level"] == "pod" and r["path"] in ios]
     if specs:
@@ -409,9 +478,20 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
     sch = be.get("schemata") or []
     cbm = tree["info"].get("L3", {}).get("cbmMask")
     lim = pol.rdt.be_l3_max_percent
-    for ln in sch:
-        if ln["kind"] != "cache" or not ln["resource"].startswith("L3"):
-            continue
+    be_tgt, be_file = f"resctrl group {pol.rdt.be_group}", be["dir"] + "/schemata"
+    bad = be.get("_bad") or []
+    l3_lines = [ln for ln in sch if ln["kind"] == "cache" and ln["resource"].startswith("L3")]
+    if be.get("schemata") is None or any(r is None or r.startswith("L3") for r in bad):
+        f.unknown("rdt.be-l3", be_tgt, "the BE group's L3 share: its schemata "
+                  + ("could not be read" if be.get("schemata") is None else "has an L3 line katactl cannot parse"),
+                  [{"file": be_file, "value": [e for e in be.get("errors", []) if e.startswith(be_file)]}],
+                  "check the resctrl mount; rewrite the BE group's L3 line")
+    elif l3_lines and not isinstance(cbm, int):
+        f.unknown("rdt.be-l3", be_tgt, "the BE group's L3 share: the cache's full mask is unknown",
+                  [{"file": tree["root"] + "/info/L3/cbm_mask",
+                    "value": tree["info"].get("L3", {}).get("cbmMaskRaw", "missing")}],
+                  "check the resctrl mount (info/L3/cbm_mask is the kernel's)")
+    for ln in l3_lines:
         for d in ln["domains"]:
             total = d.get("totalWays")
             if not total:
@@ -426,14 +506,24 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
                       [{"file": be["dir"] + "/schemata", "value": f"{ln['resource']}:{d['id']}={d['mask'][2:]}"}],
                       f"write a smaller mask to {be['dir']}/schemata"
                       + (f", e.g. {ln['resource']}:{d['id']}={m:x} (0-{lim:g}% of cbm_mask {cbm:x})" if m else ""))
-    for ln in sch:
-        if ln["kind"] == "bandwidth" and ln["resource"] == "MB":
-            for d in ln["domains"]:
-                if "percent" in d and d["percent"] > pol.rdt.be_mb_max_percent:
-                    f.add("rdt.be-mb", f"resctrl group {pol.rdt.be_group}",
-                          f"BE memory bandwidth {d['percent']}% on domain {d['id']} > {pol.rdt.be_mb_max_percent:g}%",
-                          [{"file": be["dir"] + "/schemata", "value": f"MB:{d['id']}={d['percent']}"}],
-                          f"write MB:{d['id']}={int(pol.rdt.be_mb_max_percent)} to the BE schemata")
+    mb_lines = [ln for ln in sch if ln["kind"] == "bandwidth" and ln["resource"] == "MB"]
+    if pol.rdt.be_mb_max_percent < 100 and "MB" in bad:
+        f.unknown("rdt.be-mb", be_tgt, "the BE group's memory bandwidth: its MB line cannot be parsed",
+                  [{"file": be_file, "value": [e for e in be.get("errors", []) if e.startswith(be_file)]}],
+                  "check the resctrl mount; rewrite the BE group's MB line")
+    elif pol.rdt.be_mb_max_percent < 100 and mb_lines and tree["mbUnit"] != "percent":
+        # MBps (mba_MBps) and AMD's eighths of GB/s are absolute: no percentage to compare with
+        f.unknown("rdt.be-mb", be_tgt, f"the BE group's memory bandwidth is in {tree['mbUnit']} on this node, "
+                  f"not a percentage: the policy's {pol.rdt.be_mb_max_percent:g}% cannot be compared",
+                  [{"file": be_file, "value": mb_lines[0]["domains"]}],
+                  "disable rdt.be-mb for these nodes, or leave [rdt] be_mb_max_percent at 100")
+    for ln in mb_lines:
+        for d in ln["domains"]:
+            if "percent" in d and d["percent"] > pol.rdt.be_mb_max_percent:
+                f.add("rdt.be-mb", be_tgt,
+                      f"BE memory bandwidth {d['percent']}% on domain {d['id']} > {pol.rdt.be_mb_max_percent:g}%",
+                      [{"file": be_file, "value": f"MB:{d['id']}={d['percent']}"}],
+                      f"write MB:{d['id']}={int(pol.rdt.be_mb_max_percent)} to the BE schemata")
     return resctrl.tid_groups(tree)
 
 
@@ -493,15 +583,23 @@ def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | Non
             vcpus = [th for th in ths if th["tid"] != sb.hypervisor_pid]
         unknown: list[str] = []
         if pol.kata.vcpus_in_sandbox_cgroup and sp:
-            outside = [th for th in vcpus if not threads.inside(threads.primary_cgroup(th), sp)]
-            if ident["by"] is None and outside and len(outside) < len(vcpus):
+            lost = [th for th in vcpus if th.get("cgroupError")]
+            if lost:
+                f.unknown("kata.vcpu-cgroup", tgt, f"whether {len(lost)} of {len(vcpus)} vCPU threads are in the "
+                          f"sandbox cgroup {sp}: their cgroup could not be read",
+                          [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}/cgroup", "value": None,
+                            "error": th["cgroupError"]} for th in lost[:8]],
+                          "run katactl as root where the node's /proc is visible")
+            placed = [th for th in vcpus if not th.get("cgroupError")]
+            outside = [th for th in placed if not threads.inside(threads.primary_cgroup(th), sp)]
+            if ident["by"] is None and outside and len(outside) < len(placed):
                 unknown.append(f"whether they are in the sandbox cgroup {sp}")
             elif outside:
                 f.add("kata.vcpu-cgroup", tgt,
                       (f"{len(outside)} of {len(vcpus)} vCPU threads are outside the sandbox cgroup {sp}"
                        if ident["by"] is not None else
-                       f"none of the VMM's {len(vcpus)} other threads (its vCPU threads among them) is in the sandbox "
-                       f"cgroup {sp}"),
+                       f"none of the VMM's {len(placed)} other threads (its vCPU threads among them) is in the "
+                       f"sandbox cgroup {sp}"),
                       [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}/cgroup",
                         "value": f"{th['name']}: {threads.primary_cgroup(th)}"} for th in outside[:8]],
                       "the runtime moves vCPU threads after boot; check the shim log, or restart the pod")

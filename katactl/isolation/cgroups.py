@@ -219,6 +219,20 @@ class CgroupFS:
                     best = (m, rel)
         return best
 
+    def _through_link(self, p: str) -> str:
+        """``/sys/fs/cgroup/cpu/...`` where ``cpu`` is the symlink systemd makes to a co-mounted
+        hierarchy (``cpu -> cpu,cpuacct`` on v1 nodes): the path in the mount it names. Only
+        that level is followed (one readlink on the node); other paths come back as given."""
+        if self.locate(p) is not None or not p.startswith(CGROUP_ROOT + "/"):
+            return p
+        top = CGROUP_ROOT + "/" + p[len(CGROUP_ROOT) + 1:].split("/", 1)[0]
+        try:
+            link = self.t.readlink(top)
+        except OSError:  # not a symlink (EINVAL), or absent
+            return p
+        real = posixpath.normpath(posixpath.join(CGROUP_ROOT, link)) + p[len(top):]
+        return real if self.locate(real) is not None else p
+
     def exists(self, cgpath: str) -> list[str]:
         """Hierarchy labels in which the cgroup exists."""
         return [lab for lab, m in self.hierarchies().items() if self.t.is_dir(self._join(m, cgpath))]
@@ -237,7 +251,7 @@ class CgroupFS:
         if not target.startswith("/"):
             raise UsageError(f"cgroup path {target!r} must be absolute (e.g. /kubepods/besteffort/pod<uid> "
                              "or /sys/fs/cgroup/cpu/kubepods/...)")
-        p = posixpath.normpath(target)
+        p = self._through_link(posixpath.normpath(target))
         loc = self.locate(p)
         if loc is not None:
             m, rel = loc

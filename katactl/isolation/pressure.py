@@ -706,6 +706,9 @@ def summary_line(meta: dict) -> str:
     fo = meta.get("failOn")
     if fo:
         line += f"; --fail-on {'passed' if fo['passed'] else 'FAILED: ' + str(len(fo['violations'])) + ' violations'}"
+        if fo.get("unknown"):
+            line += f", {len(fo['unknown'])} not measured ({fo['unknown'][0]['target']} {fo['unknown'][0]['metric']}: " \
+                    f"{fo['unknown'][0]['reason']})"
     return line
 
 
@@ -755,15 +758,46 @@ def parse_rules(text: str | None) -> list[tuple[str, str, float]]:
     return out
 
 
+#: metrics the node as a whole has no value for (no CFS quota, no memory limit): never "unknown" there
+NOT_FOR_NODE = frozenset({"cpu.throttled", "cpu.throttled-ms", "memory.max"})
+#: the signal (compute's file keys) each metric family is read from, to say why it is missing
+_SOURCE = {"cpu.throttled": ("cpu.stat",), "memory.direct-reclaim": ("memory.stat", "vmstat"),
+           "memory.refault": ("memory.stat", "vmstat"), "memory.oom": ("memory.events", "memory.oom_control", "vmstat"),
+           "memory.max": ("memory.events", "memory.failcnt")}
+
+
+def _why_missing(r: dict, metric: str) -> str:
+    fam = metric if metric in _SOURCE else "cpu.throttled" if metric.startswith("cpu.throttled") else None
+    srcs = _SOURCE.get(fam or "", (f"psi.{metric.split('.')[0]}",))
+    for u in r.get("unreadable") or []:
+        if any(u["file"].endswith("/" + x.removeprefix("psi.") + (".pressure" if x.startswith("psi.") else ""))
+               for x in srcs):
+            return f"{u['file']}: {u['error']}"
+    missing = [x for x in srcs if x in (r.get("unsupported") or [])]
+    if missing:
+        return f"unsupported here: {', '.join(missing)}"
+    return "no value measured"
+
+
 def check_rules(rows: list[dict], rules, explicit: bool) -> dict:
-    """Rules apply to the online pods and the node (every target when TARGETs were given)."""
-    viol = []
+    """Rules apply to the online pods and the node (every target when TARGETs were given).
+    A rule that could not be evaluated for such a target (its signal is unsupported or
+    unreadable there: cgroup v1 without PSI, a permission error) is ``unknown``, which does
+    not pass: the gate never reports a check it could not make as passed. A target that
+    vanished mid-sample is skipped, as are metrics the node has no value for."""
+    viol, unknown = [], []
     for r in rows:
         if not explicit and not (r["class"] == "online" or r["role"] == "node"):
             continue
         for metric, op, num in rules:
             v = METRICS[metric][0](r)
-            if isinstance(v, (int, float)) and _OPS[op](v, num):
-                viol.append({"target": r["target"], "path": r["path"], "metric": metric, "value": v,
-                             "rule": f"{metric}{op}{num:g}"})
-    return {"rules": [f"{m}{o}{n:g}" for m, o, n in rules], "passed": not viol, "violations": viol}
+            rule = f"{metric}{op}{num:g}"
+            if isinstance(v, (int, float)):
+                if _OPS[op](v, num):
+                    viol.append({"target": r["target"], "path": r["path"], "metric": metric, "value": v,
+                                 "rule": rule})
+            elif not r.get("gone") and not (r["role"] == "node" and metric in NOT_FOR_NODE):
+                unknown.append({"target": r["target"], "path": r["path"], "metric": metric, "rule": rule,
+                                "reason": _why_missing(r, metric)})
+    return {"rules": [f"{m}{o}{n:g}" for m, o, n in rules], "passed": not viol and not unknown,
+            "violations": viol, "unknown": unknown}

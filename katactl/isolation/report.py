@@ -160,13 +160,19 @@ def find_pod_cgroup(node: Node, uid: str) -> str:
 
 # -- inspect bvt ----------------------------------------------------------------
 
-def _read_int(transport: NodeTransport, path: str):
+def _read_int(transport: NodeTransport, path: str) -> tuple[int | None, str | None]:
+    """(value, None); (None, None) when the file is absent; (None, why) when it could not be
+    read or parsed: unknown, which is neither on nor off."""
     try:
-        return int(transport.read_text(path).strip())
+        raw = transport.read_text(path, limit=4096)
     except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, ValueError):
-        return "unreadable"
+        return None, None
+    except OSError as e:
+        return None, e.strerror or str(e)
+    try:
+        return int(raw.strip()), None
+    except ValueError:
+        return None, f"unexpected content {raw.strip()[:40]!r}"
 
 
 def bvt_support(node: Node) -> dict:
@@ -184,13 +190,14 @@ def bvt_support(node: Node) -> dict:
         return out
     out["supported"] = True
     out["probe"] = hit + "/cpu.bvt_warp_ns"
-    sw = _read_int(t, BVT_SWITCH)
+    sw, err = _read_int(t, BVT_SWITCH)
     out["switch"] = {"file": BVT_SWITCH, "value": sw,
-                     "enabled": (sw == 1) if sw is not None else True,
-                     "note": None if sw is not None else "no switch on this kernel: on while the file exists"}
-    core = _read_int(t, CORE_SCHED)
-    if core is not None:
-        out["coreSched"] = {"file": CORE_SCHED, "value": core}
+                     "enabled": None if err else (sw == 1) if sw is not None else True,
+                     "note": (f"unreadable: {err}" if err else None if sw is not None
+                              else "no switch on this kernel: on while the file exists")}
+    core, err = _read_int(t, CORE_SCHED)
+    if core is not None or err:
+        out["coreSched"] = {"file": CORE_SCHED, "value": core, **({"error": err} if err else {})}
     return out
 
 
@@ -330,12 +337,12 @@ def inspect_rdt(node: Node, interval: str | float = 0.0, with_sandboxes: bool = 
     tree = node.rdt(interval)
     assert tree is not None  # resctrl is mounted (checked above)
     meta = {"supported": True, "root": tree["root"], "options": sorted(fs.resctrl.options - {"rw", "relatime"}),
-            "info": _info_json(tree["info"])}
+            "mbUnit": tree["mbUnit"], "info": _info_json(tree["info"])}
     if with_sandboxes:
         _attach_sandboxes(node, tree)
     items = []
     for g in tree["groups"]:
-        g = dict(g)
+        g = {k: v for k, v in g.items() if not k.startswith("_")}
         g["tasks"] = len(g.get("tasks", []))
         items.append(g)
     return {"meta": meta, "items": items}

@@ -7,7 +7,13 @@ Each group has ``tasks``, ``cpus``, ``cpus_list``, ``schemata``, ``mode``,
 ``size`` and ``mon_data/mon_L3_<id>/{llc_occupancy,mbm_total_bytes,
 mbm_local_bytes}``. Schemata lines: ``L3:0=fff;1=fff`` (hex capacity bitmasks
 per cache id; ``L3DATA``/``L3CODE`` with CDP; ids may have gaps),
-``MB:0=100;1=100`` (percent, or MBps when mounted with ``mba_MBps``).
+``MB:0=100;1= 50`` (the kernel pads to its data width). What an MB value means
+depends on the mount and the vendor (resctrl.rst "Memory bandwidth Allocation
+(default mode)", "... specified in MBps" and "Reading/writing the schemata file
+(on AMD systems)"): Intel, percent (10..100); Intel mounted ``mba_MBps``, MBps
+up to ``MBA_MAX_MBPS = U32_MAX`` (include/linux/resctrl.h), which every group
+shows until someone writes a limit; AMD (and ``SMBA``), "multiples of one eighth
+GB/s", unthrottled at 2048 (``MAX_MBA_BW_AMD``, later ``1 << eax``).
 """
 from __future__ import annotations
 
@@ -22,9 +28,15 @@ SPECIAL = {"info", "mon_groups", "mon_data"}
 CACHE_RES = re.compile(r"^(L2|L3)(DATA|CODE)?$")
 _LINE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:\s*(.*?)\s*$")
 _DOM = re.compile(r"^\s*([0-9]+)\s*=\s*([0-9A-Za-z]+)\s*$")
-#: digits in a cache id or a bandwidth value: the kernel's are u32 and percent/MBps; a
-#: longer run is garbage, and past 4300 digits int() itself refuses it (ValueError)
+#: digits in a cache id: the kernel prints an int; a longer run is garbage, and past 4300
+#: digits int() itself refuses it (ValueError)
 _MAX_DIGITS = 9
+#: the largest bandwidth value: MBA_MAX_MBPS (include/linux/resctrl.h), mba_MBps's default
+U32_MAX = 4294967295
+#: what an MB value counts, per mount and vendor (see the module docstring)
+MB_UNITS = ("percent", "MBps", "GBps/8")
+#: the key a decoded bandwidth domain carries its value under, per unit
+_MB_KEY = {"percent": "percent", "MBps": "mbps", "GBps/8": "gbpsEighths"}
 
 
 class SchemataError(ValueError):
@@ -34,37 +46,58 @@ class SchemataError(ValueError):
 def parse_schemata(text: str) -> list[dict]:
     """'L3:0=fff;1=fff\\nMB:0=100' -> [{"resource": "L3", "domains": {0: "fff", 1: "fff"}}, ...].
 
-    Raises SchemataError naming the line for anything malformed.
-    """
-    out = []
+    Raises SchemataError naming the first malformed line (for user-given lines)."""
+    lines, bad = parse_schemata_lines(text)
+    if bad:
+        raise SchemataError(bad[0]["error"])
+    return lines
+
+
+def parse_schemata_lines(text: str) -> tuple[list[dict], list[dict]]:
+    """A node's schemata: (good lines, bad lines). Each resource line stands alone, as the
+    kernel keeps it: a line katactl cannot parse is reported (``{"resource": RES or None,
+    "error": ...}``) and loses only that resource, never the group's other lines."""
+    out, bad = [], []
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         m = _LINE.fullmatch(raw)
-        if not m:
-            raise SchemataError(f"line {n} {_clip(raw)}: expected RESOURCE:ID=VALUE;ID=VALUE")
-        res, body = m.group(1).upper(), m.group(2)
-        if not body:
-            raise SchemataError(f"line {n} {_clip(raw)}: no domains after '{m.group(1)}:'")
-        doms: dict[int, str] = {}
-        for part in body.split(";"):
-            dm = _DOM.fullmatch(part)
-            if not dm:
-                raise SchemataError(f"line {n} {_clip(raw)}: bad domain {_clip(part)} (expected ID=VALUE)")
-            if len(dm.group(1)) > _MAX_DIGITS:
-                raise SchemataError(f"line {n} {_clip(raw)}: cache id {_clip(dm.group(1))} is too large")
-            did, val = int(dm.group(1)), dm.group(2)
-            if did in doms:
-                raise SchemataError(f"line {n} {_clip(raw)}: cache id {did} appears twice")
-            if CACHE_RES.fullmatch(res):
-                if not re.fullmatch(r"[0-9a-fA-F]+", val):
-                    raise SchemataError(f"line {n} {_clip(raw)}: mask {_clip(val)} for id {did} is not hexadecimal")
-            elif res.startswith("MB") or res == "SMBA":
-                if not (val.isascii() and val.isdigit() and len(val) <= _MAX_DIGITS):
-                    raise SchemataError(f"line {n} {_clip(raw)}: bandwidth {_clip(val)} for id {did} is not a number of at most {_MAX_DIGITS} digits")
-            doms[did] = val
-        out.append({"resource": res, "domains": doms, "line": raw.strip()})
-    return out
+        try:
+            out.append(_parse_line(n, raw, m))
+        except SchemataError as e:
+            bad.append({"resource": m.group(1).upper() if m else None, "error": str(e)})
+    return out, bad
+
+
+def _parse_line(n: int, raw: str, m: re.Match | None) -> dict:
+    if not m:
+        raise SchemataError(f"line {n} {_clip(raw)}: expected RESOURCE:ID=VALUE;ID=VALUE")
+    res, body = m.group(1).upper(), m.group(2)
+    if not body:
+        raise SchemataError(f"line {n} {_clip(raw)}: no domains after '{m.group(1)}:'")
+    doms: dict[int, str] = {}
+    for part in body.split(";"):
+        dm = _DOM.fullmatch(part)
+        if not dm:
+            raise SchemataError(f"line {n} {_clip(raw)}: bad domain {_clip(part)} (expected ID=VALUE)")
+        if len(dm.group(1)) > _MAX_DIGITS:
+            raise SchemataError(f"line {n} {_clip(raw)}: cache id {_clip(dm.group(1))} is too large")
+        did, val = int(dm.group(1)), dm.group(2)
+        if did in doms:
+            raise SchemataError(f"line {n} {_clip(raw)}: cache id {did} appears twice")
+        if CACHE_RES.fullmatch(res):
+            if not re.fullmatch(r"[0-9a-fA-F]+", val):
+                raise SchemataError(f"line {n} {_clip(raw)}: mask {_clip(val)} for id {did} is not hexadecimal")
+        elif res.startswith("MB") or res == "SMBA":
+            if not _is_u32(val):
+                raise SchemataError(f"line {n} {_clip(raw)}: bandwidth {_clip(val)} for id {did} is not a number "
+                                    f"from 0 to {U32_MAX}")
+        doms[did] = val
+    return {"resource": res, "domains": doms, "line": raw.strip()}
+
+
+def _is_u32(val: str) -> bool:
+    return val.isascii() and val.isdigit() and len(val) <= len(str(U32_MAX)) and int(val) <= U32_MAX
 
 
 def _clip(s: str, n: int = 40) -> str:
@@ -114,13 +147,15 @@ def mask_from_percent(cbm_mask: int, start_pct: float, end_pct: float) -> int:
     return (1 << end) - (1 << start)
 
 
-def decode_schemata(lines: list[dict], info: dict, mba_mbps: bool = False) -> list[dict]:
-    """Parsed lines -> decoded lines (per domain: mask/ways/% or bandwidth)."""
+def decode_schemata(lines: list[dict], info: dict, mb_unit: str = "percent") -> list[dict]:
+    """Parsed lines -> decoded lines (per domain: mask/ways/% or bandwidth in ``mb_unit``,
+    one of :data:`MB_UNITS`: see :func:`mb_unit`)."""
     out = []
     for ln in lines:
         res = ln["resource"]
         m = CACHE_RES.fullmatch(res)
         doms = []
+        extra = {}
         if m:
             base = info.get(m.group(1), {})
             cbm = base.get("cbmMask")
@@ -130,13 +165,20 @@ def decode_schemata(lines: list[dict], info: dict, mba_mbps: bool = False) -> li
                 doms.append(d)
             kind = "cache"
         else:
+            kind = "bandwidth" if res.startswith("MB") or res == "SMBA" else "other"
+            # SMBA exists on AMD only, in the same eighths of GB/s
+            unit = "GBps/8" if res == "SMBA" else mb_unit
             for did in sorted(ln["domains"]):
                 raw = ln["domains"][did]
                 # a resource katactl does not know keeps its text unless it is a small number
-                v = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_DIGITS else raw
-                doms.append({"id": did, ("mbps" if mba_mbps else "percent"): v})
-            kind = "bandwidth" if res.startswith("MB") or res == "SMBA" else "other"
-        out.append({"resource": res, "kind": kind, "cdp": res.endswith(("DATA", "CODE")), "domains": doms})
+                v = int(raw) if _is_u32(raw) else raw
+                d = {"id": did, _MB_KEY[unit]: v}
+                if unit == "GBps/8" and isinstance(v, int):
+                    d["gbps"] = v / 8
+                doms.append(d)
+            if kind == "bandwidth":
+                extra["unit"] = unit
+        out.append({"resource": res, "kind": kind, "cdp": res.endswith(("DATA", "CODE")), **extra, "domains": doms})
     return out
 
 
@@ -150,8 +192,13 @@ def summarize(decoded: list[dict]) -> dict:
                 pct = f" {d['percent']:g}%" if "percent" in d else ""
                 parts.append(f"{d['id']}={d['mask']}({d['ways']}w{pct})")
             else:
-                v = d.get("percent", d.get("mbps"))
-                parts.append(f"{d['id']}={v}{'%' if 'percent' in d else 'MBps'}")
+                if "gbps" in d:
+                    parts.append(f"{d['id']}={d['gbps']:g}GB/s")
+                elif "mbps" in d:
+                    parts.append(f"{d['id']}={d['mbps']}MBps")
+                else:
+                    v = d.get("percent", d.get("gbpsEighths"))
+                    parts.append(f"{d['id']}={v}{'%' if 'percent' in d else ''}")
         out[ln["resource"]] = ";".join(parts)
     return out
 
@@ -262,13 +309,46 @@ def read_mon(transport: NodeTransport, gdir: str) -> dict:
     return out
 
 
+def cpu_vendor(transport: NodeTransport) -> str | None:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD, HygonGenuine), None if unknown."""
+    try:
+        raw = transport.read_text("/proc/cpuinfo", limit=1 << 16)
+    except OSError:
+        return None
+    for line in raw.splitlines():
+        if line.startswith("vendor_id"):
+            return line.partition(":")[2].strip() or None
+    return None
+
+
+def mb_unit(transport: NodeTransport, info: dict, mba_mbps: bool) -> str:
+    """What the node's MB values count (one of :data:`MB_UNITS`): MBps when mounted
+    ``mba_MBps``; eighths of GB/s on AMD (and Hygon, which takes AMD's resctrl code),
+    told by /proc/cpuinfo or, failing that, by info/MB as __rdt_get_mem_config_amd
+    (arch/x86/kernel/cpu/resctrl/core.c) sets it: delay_linear 0 ("AMD does not use
+    delay"; Intel MBA without a linear delay is not enabled at all), min_bandwidth 0,
+    bandwidth_gran 1; percent otherwise."""
+    if mba_mbps:
+        return "MBps"
+    vendor = cpu_vendor(transport)
+    if vendor in ("AuthenticAMD", "HygonGenuine"):
+        return "GBps/8"
+    mb = info.get("MB") or {}
+    if vendor is None and mb.get("delayLinear") == 0 and mb.get("minBandwidth") == 0:
+        return "GBps/8"
+    return "percent"
+
+
 def read_tree(transport: NodeTransport, root: str, *, interval: float = 0.0, mba_mbps: bool = False) -> dict:
     """The whole resctrl tree: info + groups with decoded schemata and monitoring.
 
     With interval > 0 the mon_data byte counters are read twice and rates
-    (bytes/s) reported. Malformed files are reported per group, never raised.
+    (bytes/s) reported. Malformed files are reported per group, never raised; a
+    malformed schemata line costs only its resource (``_bad`` lists those
+    resources, None for a line whose resource is unknown, for the audit).
     """
     info = read_info(transport, root)
+    unit = mb_unit(transport, info, mba_mbps)
     groups = []
     for name, gdir, parent in list_groups(transport, root):
         g: dict = {"name": name, "type": "default" if name == "/" else ("mon" if parent is not None else "ctrl_mon"),
@@ -284,13 +364,18 @@ def read_tree(transport: NodeTransport, root: str, *, interval: float = 0.0, mba
         g["cpusList"] = (_read(transport, gdir + "/cpus_list") or "").strip() or None
         g["mode"] = (_read(transport, gdir + "/mode") or "").strip() or None
         if parent is None:
-            sch = _read(transport, gdir + "/schemata")
+            try:
+                sch = _read(transport, gdir + "/schemata")
+            except OSError as e:
+                sch = None
+                g["_bad"] = [None]
+                g["errors"].append(f"{gdir}/schemata: {e.strerror or e}")
             if sch is not None:
-                try:
-                    g["schemata"] = decode_schemata(parse_schemata(sch), info, mba_mbps)
-                except SchemataError as e:
-                    g["schemata"] = []
-                    g["errors"].append(f"{gdir}/schemata: {e}")
+                lines, bad = parse_schemata_lines(sch)
+                g["schemata"] = decode_schemata(lines, info, unit)
+                if bad:
+                    g["_bad"] = [b["resource"] for b in bad]
+                    g["errors"] += [f"{gdir}/schemata: {b['error']}" for b in bad]
         g["mon"] = read_mon(transport, gdir)
         groups.append(g)
     if interval > 0 and any(g["mon"] for g in groups):
@@ -311,7 +396,7 @@ def read_tree(transport: NodeTransport, root: str, *, interval: float = 0.0, mba
             del g["errors"]
         if g.get("schemata") is not None:
             g["summary"] = summarize(g["schemata"])
-    return {"root": root, "info": info, "groups": groups}
+    return {"root": root, "info": info, "mbUnit": unit, "groups": groups}
 
 
 def tid_groups(tree: dict) -> dict[int, str]:

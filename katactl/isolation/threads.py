@@ -91,7 +91,13 @@ def list_threads(transport: NodeTransport, pid: int, *, hypervisor: str | None =
         comm = comm.rstrip("\n")
         stat = parse_stat(_read(transport, base + "/stat") or "")
         status = _read(transport, base + "/status") or ""
-        cg = parse_proc_cgroup(_read(transport, base + "/cgroup") or "")
+        try:
+            cg = parse_proc_cgroup(transport.read_text(base + "/cgroup"))
+            cg_error = None
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            continue  # it exited after its comm was read (VM shutting down, vCPU unplugged)
+        except OSError as e:
+            cg, cg_error = {}, e.strerror or str(e)
         v = vcpu_index(comm, hypervisor)
         row = {
             "tid": tid,
@@ -105,6 +111,8 @@ def list_threads(transport: NodeTransport, pid: int, *, hypervisor: str | None =
             "rtPriority": stat.get("rtPriority"),
             "lastCpu": stat.get("processor"),
         }
+        if cg_error is not None:
+            row["cgroupError"] = cg_error  # where it is, is unknown: never "outside"
         if tid_groups is not None:
             row["resctrlGroup"] = tid_groups.get(tid, "/")
         out.append(row)
