@@ -193,20 +193,38 @@ def realpath(transport: NodeTransport, path: str, max_links: int = 40) -> str:
     return _resolve(transport, path, max_links)[0]
 
 
-def _resolve(transport: NodeTransport, path: str, max_links: int = 40) -> tuple[str, bool]:
+def rooted_escape(transport: NodeTransport, path: str) -> tuple[str, str, str] | None:
+    """(link, its target, the path resolved inside the node) when a transport that maps node
+    paths under a directory (--host-root, --via kube's /host) would leave the node's tree on
+    the way to path: the host's kernel follows an absolute symlink (/opt/kata -> /data/kata)
+    or a ``..`` above the node's / from *this* host's root. None when the path stays inside
+    (or the transport has no root: the node's own kernel resolves it)."""
+    if not getattr(transport, "host_root", ""):
+        return None
+    leaving: list[tuple[str, str]] = []
+    real, _ = _resolve(transport, path, leaving=leaving)
+    return (*leaving[0], real) if leaving else None
+
+
+def _resolve(transport: NodeTransport, path: str, max_links: int = 40,
+             leaving: list[tuple[str, str]] | None = None) -> tuple[str, bool]:
     """(the path with symlinks resolved, whether it exists). The components up to the
     next ``.``/``..`` are lstat'ed in one ``stat_many`` call (one pipelined SFTP round
     trip over SSH for the whole path, not one per component: a node's configuration
-    lookup resolves some 30 paths), then walked in order."""
+    lookup resolves some 30 paths), then walked in order. ``leaving`` collects the links
+    whose target is absolute or climbs above / (see rooted_escape)."""
     parts = [p for p in path.split("/") if p]
     out = "/"
     links = 0
+    via: str | None = None  # the link whose target is being walked (for a ``..`` above /)
     while parts:
         if parts[0] == ".":
             parts.pop(0)
             continue
         if parts[0] == "..":
             parts.pop(0)
+            if out == "/" and via is not None and leaving is not None:
+                leaving.append((via, transport.readlink(via)))
             out = posixpath.dirname(out) or "/"
             continue
         run: list[str] = []
@@ -229,8 +247,11 @@ def _resolve(transport: NodeTransport, path: str, max_links: int = 40) -> tuple[
                 if links > max_links:
                     raise OperationFailed(f"{path}: too many levels of symbolic links")
                 target = transport.readlink(cand)
+                via = cand
                 if target.startswith("/"):
                     out = "/"
+                    if leaving is not None:
+                        leaving.append((cand, target))
                 parts[:0] = [p for p in target.split("/") if p]
                 break
             out = cand

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -891,3 +892,35 @@ def test_status_names_handlers_whose_configuration_does_not_follow_current(cli, 
     assert r.exit_code == 0
     warned = [ln for ln in r.stderr.splitlines() if "upgrade switch does not change" in ln]
     assert len(warned) == 2 and any("kata-qemu" in w for w in warned) and any(f"release {B} only" in w for w in warned)
+
+
+
+@pytest.mark.parametrize("link", ["opt", "opt/kata"])
+@pytest.mark.parametrize("args", [["stage", "TARBALL"], ["stage", "TARBALL", "--dry-run"], ["switch", A],
+                                  ["rollback"], ["gc", "--yes"], ["status"]])
+def test_a_kata_root_through_an_absolute_symlink_is_refused_under_a_host_root(cli, node, tarballs, link, args,
+                                                                             _isolated_home):
+    """/opt/kata -> /data/kata in the node's tree: this host's kernel would follow it to *this*
+    host's /data/kata (a stage wrote to this machine's /var/opt/kata): exit 2 naming the
+    root to give, nothing written here or there, nothing audited."""
+    outside = f"/katactl-escape-{os.getpid()}-{secrets.token_hex(4)}"
+    real = f"{outside}/kata"
+    (node / link).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(outside if link == "opt" else real, node / link)
+    (node / real.lstrip("/")).mkdir(parents=True)
+    args = [tarballs["xz"] if a == "TARBALL" else a for a in args]
+    try:
+        r = K(cli, node, *args)
+        assert r.exit_code == 2, (r.stdout, r.stderr)
+        err = r.stderr.strip()
+        assert "\n" not in err and err.endswith(f"give --kata-root {real}"), err
+        assert not os.path.lexists(outside)
+        assert not list((node / real.lstrip("/")).iterdir()) and _audit_actions(_isolated_home) == []
+        if args[0] == "stage" and "--dry-run" not in args:  # the root named works, inside the tree
+            ok = cli(["--host-root", str(node), "upgrade", *args, "--kata-root", real])
+            assert ok.exit_code == 0, (ok.stdout, ok.stderr)
+            assert (node / real.lstrip("/") / "releases" / A / ".katactl-release.json").is_file()
+            assert not os.path.lexists(outside)
+    finally:
+        if os.path.lexists(outside):  # the bug wrote to this host: clean up (the asserts failed)
+            shutil.rmtree(outside)

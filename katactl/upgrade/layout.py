@@ -146,6 +146,20 @@ class Layout:
                 return None if not v or v.startswith(".") else v
         return None
 
+    def check_inside(self, transport) -> None:
+        """Refuse a kata root the transport would reach outside the node's tree: under
+        --host-root (or --via kube's /host) this host's kernel follows an absolute symlink
+        such as /opt/kata -> /data/kata to *this* host's /data/kata, so a stage would write
+        there (exit 2, naming the root to give instead)."""
+        from katactl.katacfg import rooted_escape
+
+        esc = rooted_escape(transport, self.root)
+        if esc:
+            link, target, real = esc
+            raise UsageError(f"--kata-root {self.root}: {link} is a symlink to {target}, which the "
+                             f"node root {transport.host_root} would follow out of the node's tree; "
+                             f"give --kata-root {real}")
+
     def real_releases(self, transport) -> str | None:
         """``releases`` with its symlinks resolved inside the node, when that differs (a kata
         root under a symlink: /opt -> var/opt on Fedora CoreOS and RHCOS); else None. The kernel

@@ -104,6 +104,8 @@ def locked_audited(transport: NodeTransport, layout, action: str, params: dict, 
     releases directory (nothing was ever staged): an exception to raise or the result, the
     lock not taken (that would create the directory). The record's target is ``target``,
     or ``target_of(result)`` once the result is known."""
+    layout.check_inside(transport)  # bad input: refused before anything, the audit log too
+
     def run() -> dict:
         if unstaged is not None and not transport.is_dir(layout.releases):
             if isinstance(unstaged, Exception):

@@ -93,6 +93,7 @@ def status(transport: NodeTransport, layout: Layout, sandboxes: list | None = No
     """Read-only: never takes the lock nor changes anything. A node in the middle of a
     switch (a journal, and a configuration naming only the switch's old and new agent)
     reports agent "switching", not "mixed"; the next stage/switch/rollback/gc finishes it."""
+    layout.check_inside(transport)
     st = read_state(transport, layout)
     pending = read_journal(transport, layout)
     progress = _in_progress(transport, pending)
