@@ -422,3 +422,18 @@ def test_problem_findings_say_so(cli, tmp_path):
     r, d = _audit(cli, root)
     (f,) = [i for i in d["items"] if i["check"] == "bvt.switch"]
     assert f["status"] == "problem" and d["unknown"] == 0 and "not checked" not in r.stderr
+
+
+def test_vcpu_cgroups_seen_from_another_cgroup_namespace_are_unknown(cli, tmp_path):
+    """Read from a private cgroup namespace, task/<tid>/cgroup holds "1:cpu:/../..": not the
+    host path, so not "outside the sandbox cgroup" either: kata.vcpu-cgroup is unknown."""
+    root = str(tmp_path)
+    info = build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    (sid,) = info["vcpu_tids"]
+    for tid in info["vcpu_tids"][sid]:
+        with open(os.path.join(root, f"proc/{tid - 1 - info['vcpu_tids'][sid].index(tid)}/task/{tid}/cgroup"),
+                  "w") as f:
+            f.write("1:cpu:/../..\n2:cpuset:/../..\n3:memory:/../..\n")
+    r, d = _audit(cli, root, "--fail-on", "high")
+    (f,) = [i for i in d["items"] if i["check"] == "kata.vcpu-cgroup"]
+    assert r.exit_code == 8 and f["status"] == "unknown" and "cgroup namespace" in f["message"], d["items"]

@@ -218,3 +218,48 @@ def test_cgroup_paths_outside_or_missing(cli, bad, code, needle):
     assert r.exit_code == code, (r.stdout, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.count("\n") <= 2
+
+
+def test_real_private_cgroup_namespace_is_unknown_not_a_path(tmp_path):
+    """katactl in a cgroup namespace of its own (a node pod without the host's cgroupns):
+    the kernel shows other processes' cgroups relative to that namespace's root ("1:cpu:/..",
+    "0::/..", cgroup_namespaces(7)). Those are not cgroup paths: a thread's cgroup is then
+    unknown (cgroupError), and inspect cgroup --pid fails saying why, never a wrong path."""
+    import json
+    import shutil
+
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1)")
+    if not os.path.isdir(os.path.join(V1, "cpu")) or not _writable():
+        pytest.skip("cgroup fs not writable here")
+    name = f"katactl-ns-{secrets.token_hex(4)}"
+    hier = [h for h in ("cpu", "unified") if os.path.isdir(os.path.join(V1, h))]
+    dirs = [os.path.join(V1, h, _own(h).lstrip("/"), name) for h in hier]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        int(proc.stdout.readline())
+        for d in dirs:
+            os.mkdir(d)
+        joins = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in dirs)
+
+        def run(*args):
+            return subprocess.run(["sh", "-c", f'{joins}; exec unshare -C "$0" -m katactl "$@"', sys.executable,
+                                   *args], capture_output=True, text=True, timeout=120)
+        r = run("inspect", "threads", "--pid", str(proc.pid), "-o", "json")
+        assert r.returncode == 0, r.stderr
+        rows = json.loads(r.stdout)["items"]
+        assert rows and all(t["cgroups"] == {} and "cgroup namespace" in t["cgroupError"] for t in rows), rows
+        r = run("inspect", "cgroup", "--pid", str(proc.pid))
+        assert r.returncode == 1 and "relative to katactl's own cgroup namespace" in r.stderr, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+        for d in dirs:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)

@@ -586,10 +586,10 @@ def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | Non
             lost = [th for th in vcpus if th.get("cgroupError")]
             if lost:
                 f.unknown("kata.vcpu-cgroup", tgt, f"whether {len(lost)} of {len(vcpus)} vCPU threads are in the "
-                          f"sandbox cgroup {sp}: their cgroup could not be read",
+                          f"sandbox cgroup {sp}: {lost[0]['cgroupError']}",
                           [{"file": f"/proc/{sb.hypervisor_pid}/task/{th['tid']}/cgroup", "value": None,
                             "error": th["cgroupError"]} for th in lost[:8]],
-                          "run katactl as root where the node's /proc is visible")
+                          "run katactl as root in the host's cgroup namespace, where the node's /proc is visible")
             placed = [th for th in vcpus if not th.get("cgroupError")]
             outside = [th for th in placed if not threads.inside(threads.primary_cgroup(th), sp)]
             if ident["by"] is None and outside and len(outside) < len(placed):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from katactl.errors import NotFound, UsageError
+from katactl.errors import NotFound, OperationFailed, UsageError
 from katactl.isolation import cgroups as cg
 from katactl.isolation import io, resctrl, threads
 from katactl.backends.base import NodeTransport
@@ -120,6 +120,8 @@ def inspect_cgroup(node: Node, target: str | None, pid: int | None = None) -> di
                   "mounts": {lab: m.mountpoint for lab, m in fs.hierarchies().items()}}
     if pid is not None:
         pc = cg.proc_cgroups(node.t, pid)
+        if any(threads.outside_own_ns(pc[c]) for c in ("cpu", "cpuset", "memory", "unified") if c in pc):
+            raise OperationFailed(f"process {pid}: {threads.OTHER_CGROUPNS}")
         seen = []
         for lab in ("cpu", "cpuset", "memory", "unified"):
             p = pc.get(lab)

@@ -98,6 +98,8 @@ def list_threads(transport: NodeTransport, pid: int, *, hypervisor: str | None =
             continue  # it exited after its comm was read (VM shutting down, vCPU unplugged)
         except OSError as e:
             cg, cg_error = {}, e.strerror or str(e)
+        if any(outside_own_ns(cg[c]) for c in controllers if c in cg):
+            cg, cg_error = {}, OTHER_CGROUPNS
         v = vcpu_index(comm, hypervisor)
         row = {
             "tid": tid,
@@ -118,6 +120,17 @@ def list_threads(transport: NodeTransport, pid: int, *, hypervisor: str | None =
         out.append(row)
     out.sort(key=lambda r: (r["role"] != "main", r["role"] != "vcpu", r["vcpu"] or 0, r["tid"]))
     return out
+
+
+#: why a thread's cgroup is unknown when katactl runs in a cgroup namespace of its own
+OTHER_CGROUPNS = ("its cgroup path is relative to katactl's own cgroup namespace ('/..'): run katactl in the "
+                  "host's (on the host, or a node pod sharing the host cgroup namespace)")
+
+
+def outside_own_ns(path: str) -> bool:
+    """/proc/<pid>/cgroup as read from another cgroup namespace: a cgroup outside the reader's
+    namespace root shows as ``/..``-relative (cgroup_namespaces(7)), not the host path."""
+    return path == "/.." or path.startswith("/../")
 
 
 def primary_cgroup(row: dict) -> str | None:
