@@ -501,3 +501,11 @@ def test_watch_interrupted_exits_130(katactl_bin, tmp_path):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 130, (sig, err)
         assert json.loads(out.splitlines()[-1])["kind"] == "Error" and "interrupted" in err
+    # a rule that held before the interruption is the gate's answer: exit 8 stays
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", root, "inspect", "pressure", "--watch",
+                          "--interval", "100ms", "-o", "jsonl", "node", "--fail-on", "cpu.some.avg10>=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stdout.readline())["failOn"]["violations"]
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 8, err

@@ -430,7 +430,8 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
     not be measured) at any refresh, else 4 if a node failed. Ctrl-C ends the live table
     quietly (its normal stop, as ``top`` and ``watch``); elsewhere Ctrl-C and SIGTERM
     (timeout(1), Ansible, systemd) are an interruption, exit 130, as in ``katactl top``:
-    a gate cut short never reads as passed."""
+    a gate cut short never reads as passed. A rule that already held keeps exit 8: the
+    gate's answer was found before the interruption."""
     import time
 
     import typer as _typer
