@@ -34,7 +34,9 @@ client. What it serves:
   new name/uid, same labels and ownerReference, on the first schedulable Ready node (never a
   cordoned one) or Pending without nodeName. DaemonSet controller: a removed DaemonSet pod is
   recreated on the same node.
-- Faults: ``inject``, ``delay``, ``cut``, ``drop`` (close without an answer); request log in ``requests``.
+- Faults: ``inject``, ``delay``, ``cut``, ``drop`` (close without an answer); ``deny`` (a verb on a
+  resource refused to every user with RBAC's 403); request log in ``requests``; the TLS server
+  names (SNI) clients sent in ``sni_names``.
 - pods/exec over WebSocket (v5/v4.channel.k8s.io) running the argv in a private mount namespace
   with the pod's node root at /host, a mini kubelet for pods created with a nodeName, DaemonSet
   pods per node: tests/kubeexec_server.py (its docstring lists its own differences).
@@ -80,7 +82,8 @@ Known differences from the real kube-apiserver:
 - Mirror pods are plain stored pods: they can be deleted or evicted (as on the real server) but
   no kubelet recreates them afterwards.
 - DELETE answers the object for pods (like the real pod store) and a Success Status otherwise.
-- Authorization is two fixed users, not RBAC; no impersonation, no client certificates.
+- Authorization is two fixed users, not RBAC (``deny`` takes a verb away from both, with RBAC's
+  message); no impersonation, no client certificates.
 - No events are written by the stand-in itself; no leader election; no audit.
 """
 from __future__ import annotations
@@ -611,6 +614,10 @@ class KubeStandIn(KubeExecMixin):
         self.default_grace_scale = grace_scale
         self.grace_scale = grace_scale
         self.pdb_controller_paused = False
+        #: (verb, resource[/subresource]) refused to every user with RBAC's 403 (``deny``)
+        self.denied: set[tuple[str, str]] = set()
+        #: the server names clients sent in their TLS handshakes (SNI), in order
+        self.sni_names: list[str | None] = []
         self._lock = threading.RLock()
         self._rv = 0
         self._gen = 0  # bumps on reset(): stale kubelet timers do nothing
@@ -637,6 +644,7 @@ class KubeStandIn(KubeExecMixin):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(os.path.join(self._dir, "tls.crt"), os.path.join(self._dir, "tls.key"))
         ctx.set_alpn_protocols(["http/1.1"])
+        ctx.sni_callback = lambda sock, name, c: self.sni_names.append(name)  # noqa: ARG005
         self._ssl = ctx
         outer = self
 
@@ -688,6 +696,8 @@ class KubeStandIn(KubeExecMixin):
             self._faults.clear()
             self.grace_scale = self.default_grace_scale
             self.pdb_controller_paused = False
+            self.denied = set()
+            self.sni_names.clear()
             self._rng = random.Random(0)
             self._exec_reset()
             self._seed_defaults()
@@ -740,6 +750,12 @@ class KubeStandIn(KubeExecMixin):
         client sees when the server closed an idle keep-alive connection as it was reused)."""
         with self._lock:
             self._faults.append({"type": "drop", "method": method, "re": re.compile(path_regex), "times": times})
+
+    def deny(self, verb: str, resource: str):
+        """Refuse ``verb`` on ``resource`` ("poddisruptionbudgets", "pods/eviction") to every
+        user, admin too, with the RBAC authorizer's 403 (a Role that lacks the rule)."""
+        with self._lock:
+            self.denied.add((verb, resource))
 
     def clear_faults(self):
         """Forget the faults not yet used up (inject, delay, cut, drop)."""
@@ -1392,9 +1408,9 @@ class KubeStandIn(KubeExecMixin):
     # -- request dispatch ---------------------------------------------------------------------
 
     def _authorize(self, user, verb, res: Res, sub, ns, name):
-        if user == "admin" or verb in ("get", "list", "watch"):
-            return
         r = f"{res.plural}/{sub}" if sub else res.plural
+        if (user == "admin" or verb in ("get", "list", "watch")) and (verb, r) not in self.denied:
+            return
         scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
         why = f'User "{user}" cannot {verb} resource "{r}" in API group "{res.group}" {scope}'
         gr = res.qualified
@@ -1930,8 +1946,8 @@ class _Handler(BaseHTTPRequestHandler):
                 late = f
             elif f["type"] == "status":
                 b = f["body"] if f["body"] is not None else ApiError(
-                    f["status"], {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
-                                  504: "Timeout"}.get(f["status"], "InternalError"),
+                    f["status"], {403: "Forbidden", 409: "Conflict", 429: "TooManyRequests", 500: "InternalError",
+                                  503: "ServiceUnavailable", 504: "Timeout"}.get(f["status"], "InternalError"),
                     f"injected fault ({f['status']})",
                     {"retryAfterSeconds": f["retry_after"]} if f["retry_after"] is not None else None).status()
                 if isinstance(b, str):

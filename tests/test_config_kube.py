@@ -215,3 +215,41 @@ def test_a_malformed_proxy_url_is_refused_in_kubectls_words(cli, home, tmp_path,
     r = cli(["--kubeconfig", kc, "node", "list"])
     assert r.exit_code == 2
     assert r.stderr.strip().split("error: ", 1)[1] == p.stderr.strip().split("error: ", 1)[1]
+
+
+def _standin_variant(kube, tmp_path, mutate) -> str:
+    doc = json.loads(open(kube.kubeconfig(tmp_path / "good")).read())
+    mutate(doc)
+    return _write(tmp_path / "kc", doc)
+
+
+def _cluster(d):
+    return d["clusters"][0]["cluster"]
+
+
+def _user(d):
+    return d["users"][0]["user"]
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d["contexts"][0].update(context="x"), "context 'standin': not a mapping"),
+    (lambda d: _cluster(d).update(server=12345), 'cluster "standin": server is a int, not a URL'),
+    (lambda d: _cluster(d).update(server=""), 'no server found for cluster "standin"'),
+    (lambda d: _cluster(d).pop("server"), 'no server found for cluster "standin"'),
+    (lambda d: _cluster(d).update(server=_cluster(d)["server"].split("//")[1]), "not a URL (https://HOST:PORT)"),
+    (lambda d: _user(d).update(token="tökén"), "token: not printable ASCII"),
+    (lambda d: _user(d).update(token="admin-token\nX-Evil: 1"), "token: not printable ASCII"),
+    (lambda d: _user(d).update(token=12345), "token is a int, not a string"),
+    (lambda d: _user(d).update(exec={"apiVersion": "client.authentication.k8s.io/v1", "command": "sh",
+                                     "args": "oops"}), "exec: args is not a list of strings"),
+    (lambda d: _user(d).update(exec={"apiVersion": "client.authentication.k8s.io/v1", "command": "sh",
+                                     "args": ["-c", "true"], "env": [{"name": "A"}]}),
+     "exec: an env entry without a name and a value"),
+])
+def test_malformed_kubeconfig_values_are_one_line_usage_errors(cli, kube, tmp_path, mutate, needle):
+    kc = _standin_variant(kube, tmp_path, mutate)
+    r = cli(["--kubeconfig", kc, "--request-timeout", "3s", "node", "list"])
+    assert r.exit_code == 2, r.stderr
+    assert needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "unexpected" not in r.stderr and "Error:" not in r.stderr.split("error:", 1)[1], r.stderr
+    assert not kube.requests  # refused before any request

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -660,3 +661,102 @@ def test_expired_continue_token_falls_back_to_one_full_list(cli, kube, tmp_path)
     assert sorted(names) == sorted(f"p{j}" for j in range(600))
     gets = [r["path"] for r in kube.requests if r["method"] == "GET"]
     assert len(gets) == 3  # page 1, the expired page 2, the full list
+
+
+# -- TLS: tls-server-name, insecure-skip-tls-verify -------------------------------------------------
+
+def _tls_variant(kube, tmp_path, **cluster) -> str:
+    doc = json.loads(open(kube.kubeconfig(tmp_path / "good")).read())
+    doc["clusters"][0]["cluster"].update(cluster)
+    return _write(tmp_path / "kc", doc)
+
+
+def test_tls_server_name_is_sent_and_verified_as_kubectl_does(cli, kube, tmp_path, kubectl_133):
+    """client-go's TLSClientConfig.ServerName: the SNI and the name the certificate must carry,
+    instead of the server URL's host (here 127.0.0.1; the certificate names localhost too)."""
+    kube.add_node("n1")
+    kc = _tls_variant(kube, tmp_path, **{"tls-server-name": "localhost"})
+    r = cli(["--kubeconfig", kc, "node", "list", "-o", "name"])
+    assert r.exit_code == 0 and r.stdout.split() == ["n1"], r.stderr
+    assert kube.sni_names and set(kube.sni_names) == {"localhost"}
+    kc = _tls_variant(kube, tmp_path, **{"tls-server-name": "wrong.example"})
+    p = subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "nodes", "-o", "name"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and "not wrong.example" in p.stderr
+    r = cli(["--kubeconfig", kc, "node", "list", "-o", "name"])
+    assert r.exit_code == 7 and "wrong.example" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_insecure_skip_tls_verify_with_a_ca_is_refused_in_kubectls_words(cli, kube, tmp_path, kubectl_133):
+    kc = _tls_variant(kube, tmp_path, **{"insecure-skip-tls-verify": True})
+    p = subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "nodes"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    r = cli(["--kubeconfig", kc, "node", "list"])
+    assert r.exit_code == 2, r.stderr
+    assert r.stderr.strip().endswith(p.stderr.strip().split("error: ", 1)[1]), (r.stderr, p.stderr)
+    assert not kube.requests
+
+
+# -- exec plugins: bounded, and killed with katactl -------------------------------------------------
+
+HANG = "echo $$ > {pids}; sleep 300 & echo $! >> {pids}; wait"
+
+
+def _hanging_plugin_kubeconfig(kube, tmp_path) -> tuple[str, object]:
+    pids = tmp_path / "pids"
+    doc = json.loads(open(kube.kubeconfig(tmp_path / "good")).read())
+    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "sh",
+                                        "args": ["-c", HANG.format(pids=pids)], "interactiveMode": "Never"}}
+    return _write(tmp_path / "kc", doc), pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, not reaped yet
+    except FileNotFoundError:
+        return False
+
+
+def _wait_pids(pids, n=2) -> list[int]:
+    for _ in range(400):
+        if pids.exists() and len(pids.read_text().split()) >= n:
+            return [int(x) for x in pids.read_text().split()]
+        time.sleep(0.05)
+    raise AssertionError("the plugin did not start")
+
+
+def _gone(pid_list) -> bool:
+    for _ in range(100):  # SIGKILL is delivered at once; reaping by init may lag a moment
+        if not any(_alive(p) for p in pid_list):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_hanging_exec_plugin_is_bounded_by_request_timeout_and_killed(kube, tmp_path):
+    kc, pids = _hanging_plugin_kubeconfig(kube, tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "--request-timeout", "1s", "node",
+                          "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 7, err
+    assert "did not answer within 1s (--request-timeout)" in err and err.count("\n") == 1, err
+    assert _gone(_wait_pids(pids))  # the plugin and the sleep it started
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_exec_plugin_is_killed_with_katactl(kube, tmp_path, sig):
+    kc, pids = _hanging_plugin_kubeconfig(kube, tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "--request-timeout", "60s", "node",
+                          "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        running = _wait_pids(pids)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert _gone(running), "the plugin outlived katactl"

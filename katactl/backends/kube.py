@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import re
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -151,6 +152,8 @@ class KubeAPI:
             known = ", ".join(sorted(contexts)) or "none"
             raise UsageError(f"kubeconfig: context {name!r} not found (contexts: {known})")
         ctx = contexts[name].get("context") or {}
+        if not isinstance(ctx, dict):
+            raise UsageError(f"kubeconfig: context {name!r}: not a mapping")
         users = {u["name"]: u.get("user") or {} for u in merged["users"]}
         clusters = {c["name"]: c.get("cluster") or {} for c in merged["clusters"]}
         user = users.get(str(ctx.get("user") or ""), {})
@@ -158,7 +161,19 @@ class KubeAPI:
         if cluster is None:
             raise UsageError(f"kubeconfig: context {name!r}: cluster {ctx.get('cluster')!r} not found")
         # a malformed server URL is a usage error here, not a ValueError of the loader's or httpx's
-        server_url(str(cluster.get("server") or ""), str(ctx.get("cluster") or ""))
+        cname = str(ctx.get("cluster") or "")
+        if not cluster.get("server"):  # client-go clientcmd validation.go validateClusterInfo
+            raise UsageError(f"kubeconfig: no server found for cluster \"{cname}\"")
+        if not isinstance(cluster["server"], str):
+            raise UsageError(f"kubeconfig: cluster \"{cname}\": server is a {type(cluster['server']).__name__}, "
+                             "not a URL")
+        server_url(cluster["server"], cname)
+        for key in ("token", "tokenFile"):  # sent as a header, or read from a file: text
+            if user.get(key) is not None and not isinstance(user[key], str):
+                raise UsageError(f"kubeconfig: user {ctx.get('user')!r}: {key} is a {type(user[key]).__name__}, "
+                                 "not a string")
+        if isinstance(user.get("token"), str):
+            header_value(user["token"], f"kubeconfig: user {ctx.get('user')!r}: token")
         # the bearer-token sources that expire (exec plugin, tokenFile) are katactl's own
         # (_Credentials, refreshed as client-go does); the loader keeps the server, TLS files,
         # auth-provider and basic auth
@@ -171,7 +186,8 @@ class KubeAPI:
         try:
             kconfig.load_kube_config_from_dict(loader_cfg, context=name, client_configuration=cfg,
                                                persist_config=False)
-            creds = _Credentials.from_user(user, cluster, token_file_period=token_file_period)
+            creds = _Credentials.from_user(user, cluster, token_file_period=token_file_period,
+                                           timeout=settings.request_timeout)
         except kconfig.ConfigException as e:
             raise UsageError(f"kubeconfig: {_one_line(e)}") from None
         except (ValueError, TypeError, AttributeError, KeyError) as e:
@@ -290,7 +306,8 @@ class KubeAPI:
 
     def _error(self, method: str, path: str, code: int, status: dict) -> KatactlError:
         msg = status.get("message") or status.get("reason") or f"HTTP {code}"
-        details = {"httpStatus": code, "reason": status.get("reason")}
+        # apiMessage: the server's own words, for callers that tell who refused (RBAC or not)
+        details = {"httpStatus": code, "reason": status.get("reason"), "apiMessage": msg}
         causes = (status.get("details") or {}).get("causes") if isinstance(status.get("details"), dict) else None
         if isinstance(causes, list):
             details["causes"] = causes  # e.g. NamespaceTerminating under a 403 (HasStatusCause)
@@ -540,8 +557,10 @@ class _Credentials:
     15-minute token would lose the request)."""
 
     def __init__(self, *, exec_cfg: dict | None = None, token_file: str | None = None,
-                 cluster: dict | None = None, token_file_period: float = TOKEN_FILE_PERIOD):
+                 cluster: dict | None = None, token_file_period: float = TOKEN_FILE_PERIOD,
+                 timeout: float = 0.0):
         self.exec_cfg, self.token_file, self.cluster = exec_cfg, token_file, cluster
+        self.timeout = timeout  # --request-timeout: bounds an exec plugin's run (0: none)
         self.token_file_period = token_file_period
         self._lock = threading.Lock()
         self._auth: str | None = None
@@ -555,13 +574,13 @@ class _Credentials:
         self._loaded = False
 
     @classmethod
-    def from_user(cls, user: dict, cluster: dict, *,
-                  token_file_period: float = TOKEN_FILE_PERIOD) -> "_Credentials | None":
+    def from_user(cls, user: dict, cluster: dict, *, token_file_period: float = TOKEN_FILE_PERIOD,
+                  timeout: float = 0.0) -> "_Credentials | None":
         """The bearer-token source of a kubeconfig user (exec > tokenFile > token), or None.
         With both tokenFile and token, the file's token is sent while the file can be read
         (client-go transport/round_trippers.go NewBearerAuthWithRefreshRoundTripper)."""
         if isinstance(user.get("exec"), dict):
-            return cls(exec_cfg=user["exec"], cluster=cluster)
+            return cls(exec_cfg=user["exec"], cluster=cluster, timeout=timeout)
         if user.get("tokenFile"):
             c = cls(token_file=str(user["tokenFile"]), token_file_period=token_file_period)
             c._fallback = f"Bearer {user['token']}" if user.get("token") else None
@@ -637,15 +656,8 @@ class _Credentials:
                                               "unable to rotate the token, keeping the one held")
 
     def _run_plugin(self) -> tuple[str | None, float | None]:
-        from kubernetes.config.config_exception import ConfigException
-        from kubernetes.config.exec_provider import ExecProvider
-        from kubernetes.config.kube_config import ConfigNode
-
-        try:
-            status = ExecProvider(ConfigNode("exec", self.exec_cfg), None,
-                                  ConfigNode("cluster", self.cluster or {})).run()
-        except (ConfigException, OSError) as e:
-            raise AuthError(f"kubeconfig: credential plugin failed: {_one_line(e)}") from None
+        assert self.exec_cfg is not None
+        status = run_exec_plugin(self.exec_cfg, self.cluster, self.timeout)
         if not isinstance(status, dict):
             raise AuthError("kubeconfig: credential plugin failed: status is not an object")
         expires = None
@@ -656,7 +668,12 @@ class _Credentials:
                 raise AuthError("kubeconfig: credential plugin failed: bad expirationTimestamp "
                                 f"{status['expirationTimestamp']!r}") from None
         if status.get("token"):
-            return f"Bearer {status['token']}", expires
+            if not isinstance(status["token"], str):
+                raise AuthError("kubeconfig: credential plugin failed: its token is not a string")
+            try:
+                return f"Bearer {header_value(status['token'], 'its token')}", expires
+            except UsageError as e:
+                raise AuthError(f"kubeconfig: credential plugin failed: {e.message}") from None
         if status.get("clientCertificateData") and status.get("clientKeyData"):
             self._load_cert(status["clientCertificateData"], status["clientKeyData"])
             return None, expires
@@ -673,6 +690,88 @@ class _Credentials:
                 with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                     f.write(text)
             self._tls.load_cert_chain(c, k)
+
+
+def run_exec_plugin(exec_cfg: dict, cluster: dict | None, timeout: float) -> dict:
+    """An exec credential plugin's ExecCredential status, as client-go runs the plugin
+    (plugin/pkg/client/auth/exec/exec.go: KUBERNETES_EXEC_INFO with spec.interactive and,
+    with provideClusterInfo, spec.cluster; stdin and stderr the terminal's only when
+    interactive; exit status, apiVersion and kind checked), and as the kubernetes package's
+    ExecProvider words its failures. Bounded by ``timeout`` (--request-timeout; 0: none):
+    a plugin that does not answer by then, or katactl interrupted (Ctrl-C, SIGTERM made
+    one), is killed with every process it started (its own process group; an interactive one
+    shares the terminal's, which Ctrl-C reaches anyway)."""
+    import signal
+    import subprocess
+    import sys
+
+    def failed(why: str) -> AuthError:
+        return AuthError(f"kubeconfig: credential plugin failed: {why}")
+
+    for key in ("command", "apiVersion"):
+        if not isinstance(exec_cfg.get(key), str) or not exec_cfg[key]:
+            raise failed(f"exec: malformed request. missing key '{key}'")
+    args = exec_cfg.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise UsageError("kubeconfig: exec: args is not a list of strings")
+    env = dict(os.environ)
+    for item in exec_cfg.get("env") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) \
+                or not isinstance(item.get("value"), str):
+            raise UsageError("kubeconfig: exec: an env entry without a name and a value")
+        env[item["name"]] = item["value"]
+    interactive = hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
+    spec: dict[str, Any] = {"interactive": interactive}
+    if exec_cfg.get("provideClusterInfo") and cluster:
+        spec["cluster"] = dict(cluster)
+        for ext in cluster.get("extensions") or []:
+            if isinstance(ext, dict) and ext.get("name") == "client.authentication.k8s.io/exec":
+                spec["cluster"]["config"] = ext.get("extension")
+                break
+    env["KUBERNETES_EXEC_INFO"] = json.dumps({"apiVersion": exec_cfg["apiVersion"], "kind": "ExecCredential",
+                                              "spec": spec})
+    argv = [exec_cfg["command"], *args]
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None if interactive else subprocess.PIPE,
+                                stdin=None if interactive else subprocess.DEVNULL, env=env, text=True,
+                                process_group=None if interactive else 0)
+    except OSError as e:
+        raise failed(f"{exec_cfg['command']}: {e.strerror}") from None
+
+    def kill() -> None:
+        try:
+            if interactive:
+                proc.kill()
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)  # the plugin and whatever it started
+        except OSError:
+            pass
+        proc.wait()
+
+    try:
+        out, err = proc.communicate(timeout=timeout if timeout > 0 else None)
+    except subprocess.TimeoutExpired:
+        kill()
+        raise failed(f"{exec_cfg['command']} did not answer within {timeout:g}s (--request-timeout)") from None
+    except BaseException:
+        kill()
+        raise
+    if proc.returncode != 0:
+        why = f"exec: process returned {proc.returncode}"
+        return_err = _one_line(err or "")
+        raise failed(f"{why}. {return_err}" if return_err else why)
+    try:
+        data = json.loads(out)
+    except ValueError as e:
+        raise failed(f"exec: failed to decode process output: {e}") from None
+    if not isinstance(data, dict):
+        raise failed("exec: failed to decode process output: not an object")
+    for key in ("apiVersion", "kind", "status"):
+        if key not in data:
+            raise failed(f"exec: malformed response. missing key '{key}'")
+    if data["apiVersion"] != exec_cfg["apiVersion"]:
+        raise failed(f"exec: plugin api version {data['apiVersion']} does not match {exec_cfg['apiVersion']}")
+    return data["status"]
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
@@ -706,7 +805,7 @@ def server_url(server: str, name: str = ""):
     """A cluster's server URL, split (urllib.parse.SplitResult), or a UsageError in kubectl's
     words where it has them (client-go rest/url_utils.go DefaultServerURL: "host must be a URL
     or a host:port pair"; net/http: "unsupported protocol scheme"). A server without a scheme
-    is left to the request to refuse."""
+    is refused too (kubectl guesses http:// or https:// for one: katactl does not guess which)."""
     from urllib.parse import urlsplit
 
     where = f"kubeconfig: cluster \"{name}\"" if name else "kubeconfig"
@@ -719,7 +818,17 @@ def server_url(server: str, name: str = ""):
         raise UsageError(f"{where}: host must be a URL or a host:port pair: \"{server}\"") from None
     if "://" in server and u.scheme not in ("http", "https"):
         raise UsageError(f"{where}: server \"{server}\": unsupported protocol scheme \"{u.scheme}\"")
+    if "://" not in server or not u.hostname:
+        raise UsageError(f"{where}: server \"{server}\": not a URL (https://HOST:PORT)")
     return u
+
+
+def header_value(value: str, what: str) -> str:
+    """A credential as an HTTP header carries it: printable ASCII (no line breaks, which would
+    end the header; nothing httpx cannot encode). Else a one-line UsageError naming ``what``."""
+    if not value.isascii() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise UsageError(f"{what}: not printable ASCII (a line break or a character a header cannot carry)")
+    return value
 
 
 def _proxy_url(url: str | None, what: str) -> str | None:
@@ -1050,14 +1159,38 @@ def _replayable(method: str, content_type: str, body: Any) -> bool:
     return False
 
 
-def _tls_context(cfg):
-    """The kubeconfig's CA (or none: insecure-skip-tls-verify) and client certificate."""
-    import ssl
+class _NamedTLS(ssl.SSLContext):
+    """An SSLContext whose connections name ``server_name`` (when set) whatever the caller asks:
+    SNI and certificate verification, for httpx's connections (wrap_socket; wrap_bio through
+    an HTTPS proxy) and the exec transport's WebSockets alike (they all use the KubeAPI's
+    ``tls``)."""
 
-    if cfg.verify_ssl:
-        ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None)
+    server_name: str | None = None
+
+    def wrap_socket(self, sock, *args, server_hostname=None, **kw):
+        return super().wrap_socket(sock, *args, server_hostname=self.server_name or server_hostname, **kw)
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,
+                 session=None):
+        return super().wrap_bio(incoming, outgoing, server_side, self.server_name or server_hostname, session)
+
+
+def _tls_context(cfg):
+    """The kubeconfig's CA (or none: insecure-skip-tls-verify) and client certificate, and its
+    tls-server-name: the name sent as SNI and verified in the server's certificate instead of
+    the server URL's host (client-go rest.TLSClientConfig.ServerName). A CA together with
+    insecure-skip-tls-verify is refused in kubectl's words (client-go transport/transport.go
+    TLSConfigFor)."""
+    if not cfg.verify_ssl and cfg.ssl_ca_cert:
+        raise UsageError("kubeconfig: specifying a root certificates file with the insecure flag is not allowed")
+    ctx = _NamedTLS(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.server_name = str(getattr(cfg, "tls_server_name", None) or "") or None
+    if cfg.verify_ssl:  # as ssl.create_default_context: the CA file, else the system's
+        if cfg.ssl_ca_cert:
+            ctx.load_verify_locations(cafile=cfg.ssl_ca_cert)
+        else:
+            ctx.load_default_certs()
     else:
-        ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if cfg.cert_file:
