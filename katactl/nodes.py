@@ -36,6 +36,9 @@ MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 EVICTION_RETRY = 5.0
 #: how often evicted pods are checked for being gone (kubectl: every second)
 POLL = 1.0
+#: how often an eviction answered 5xx with Retry-After is sent again (client-go rest/request.go:
+#: a request's maxRetries, 10 by default)
+EVICTION_SERVER_RETRIES = 10
 #: pods evicted at once per node (kubectl starts one goroutine per pod; a node runs at
 #: most 110 pods by default, so this is "all of them"; requests share the client's pool)
 EVICTION_WORKERS = 128
@@ -61,11 +64,16 @@ def node_pods(api: KubeAPI, node: str, pod_selector: str | None = None) -> list[
     return api.list("/api/v1/pods", fieldSelector=f"spec.nodeName={node}", labelSelector=pod_selector)
 
 
-def runtime_classes(api: KubeAPI) -> dict[str, dict]:
-    """RuntimeClass name -> object; {} when the API has none or we may not read them."""
+def runtime_classes(api: KubeAPI, denied: list[str] | None = None) -> dict[str, dict]:
+    """RuntimeClass name -> object; {} when the API has none or we may not read them (then
+    why is appended to ``denied``, for a caller that reports it)."""
     try:
         return {rc["metadata"]["name"]: rc for rc in api.list("/apis/node.k8s.io/v1/runtimeclasses")}
-    except (NotFound, AuthError):  # pods then count as Kata by their RuntimeClass's name
+    except NotFound:
+        return {}
+    except AuthError as e:  # pods then count as Kata by their RuntimeClass's name
+        if denied is not None:
+            denied.append(e.message)
         return {}
 
 
@@ -171,6 +179,7 @@ def list_nodes(api: KubeAPI, names: list[str] | None = None, selector: str | Non
         name = meta["name"]
         labels = meta.get("labels") or {}
         rec = cordon_record(node)
+        current = current_cordon_record(node)
         ip = next((a.get("address") for a in st.get("addresses") or [] if a.get("type") == "InternalIP"), None)
         rows.append({
             "name": name,
@@ -179,7 +188,7 @@ def list_nodes(api: KubeAPI, names: list[str] | None = None, selector: str | Non
             "kataHandlers": _kata_handlers_for(node, rcs) if labels.get(KATA_LABEL) == "true" else [],
             "pods": pods[name],
             "kataPods": kata[name],
-            "cordonedBy": (rec or {}).get("by"),
+            "cordonedBy": (current or {}).get("by"),  # only while the record is current
             "cordon": rec,
             "age": _age(meta.get("creationTimestamp"), now),
             "kubeletVersion": info.get("kubeletVersion"),
@@ -237,6 +246,30 @@ def unschedulable_set_by_katactl(node: dict) -> bool | None:
     return False if owners - set(UNNAMED_MANAGERS) else None
 
 
+def cordoned_again_by(node: dict) -> str | None:
+    """Who cordoned the node again after katactl's cordon, when katactl's record no longer
+    describes it: the node is unschedulable, the record says katactl made it so
+    (wasUnschedulable false), and managedFields name another owner of spec.unschedulable
+    (:func:`unschedulable_set_by_katactl` False: ``kubectl uncordon`` then ``kubectl cordon``
+    leave the record). That manager (and time), else None: the record holds. The one rule of
+    every reader of the record: cordon, uncordon (explicit and a drain's restore), list, check."""
+    rec = cordon_record(node)
+    if not (node.get("spec") or {}).get("unschedulable") or rec is None or "invalid" in rec \
+            or rec.get("wasUnschedulable") or unschedulable_set_by_katactl(node) is not False:
+        return None
+    return unschedulable_manager(node) or "someone else"
+
+
+def current_cordon_record(node: dict) -> dict | None:
+    """katactl's cordon record while it describes the node's cordon: the node is cordoned, the
+    record is readable and nobody cordoned the node again since (:func:`cordoned_again_by`)."""
+    rec = cordon_record(node)
+    if rec is None or "invalid" in rec or not (node.get("spec") or {}).get("unschedulable") \
+            or cordoned_again_by(node):
+        return None
+    return rec
+
+
 def unschedulable_manager(node: dict) -> str | None:
     """Who set spec.unschedulable, from the server's managedFields (kubectl cordon shows up
     as manager "kubectl-cordon"): a named manager other than katactl if there is one; None
@@ -273,7 +306,7 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
             return _cordon_result(name, True, dry_run, was, rec, "cordoned" if not was else
                                   "already cordoned (not by katactl): recorded, will not uncordon it")
         was = bool((node.get("spec") or {}).get("unschedulable"))
-        if was and rec is not None and "invalid" not in rec:
+        if was and rec is not None and "invalid" not in rec and not cordoned_again_by(node):
             return _cordon_result(name, False, dry_run, was, rec, "already cordoned by katactl")
         new = {"by": _who(), "at": _now(), "reason": reason or "", "wasUnschedulable": was, "id": op_id}
         if was:
@@ -319,23 +352,39 @@ def _cordon_result(name, changed, dry_run, was, rec, message) -> dict:
 def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | str = False,
              record_id: str | None = None) -> dict:
     """Make the node schedulable again, unless katactl's record says it was
-    already cordoned before katactl cordoned it (Refused, exit 5, unless force).
-    Without a record it does what ``kubectl uncordon`` does.
+    already cordoned before katactl cordoned it, or someone cordoned it again since
+    (:func:`cordoned_again_by`): Refused, exit 5, unless force. Without a record it does
+    what ``kubectl uncordon`` does.
 
     record_id: undo one cordon() only: act only while the node still carries that
-    call's record (``changed: false`` otherwise: someone cordoned it since)."""
+    call's record (``changed: false`` otherwise: someone cordoned it since).
+
+    As in cordon(), whether the PATCH landed is read from the node when its answer did
+    not say (a 5xx such as the timeout filter's 504 after the write, a 409 meeting our own
+    resent PATCH, a timeout, a cut): katactl's record gone means it did."""
+    sent: str | None = None  # the message of a PATCH sent whose fate is unknown
+    last_err: KatactlError | None = None
     for _ in range(5):
         node = get_node(api, name)
         unsched = bool((node.get("spec") or {}).get("unschedulable"))
         rec = cordon_record(node)
+        if sent is not None and rec is None:  # only katactl removes its record: our PATCH landed
+            return {"name": name, "changed": True, "dryRun": bool(dry_run), "message": sent}
+        if last_err is not None and not isinstance(last_err, Conflict):
+            raise last_err  # it did not land: the caller decides when to try again (a rollout backs off)
         if record_id is not None and (rec is None or rec.get("id") != record_id or rec.get("wasUnschedulable")):
             return {"name": name, "changed": False, "dryRun": bool(dry_run),
                     "message": "left as it is: katactl's cordon record on it is not this run's any more"
                     if rec is None or rec.get("id") != record_id else "left cordoned: it was cordoned before"}
-        if record_id is not None and unsched and unschedulable_set_by_katactl(node) is False:
+        again = cordoned_again_by(node)
+        if again and (record_id is not None or not force):
             # uncordoned and cordoned again since by someone else (kubectl leaves our record): theirs
-            return {"name": name, "changed": False, "dryRun": bool(dry_run),
-                    "message": f"left cordoned: cordoned again since by {unschedulable_manager(node)}"}
+            if record_id is not None:
+                return {"name": name, "changed": False, "dryRun": bool(dry_run),
+                        "message": f"left cordoned: cordoned again since by {again}"}
+            raise Refused(f"node {name} was cordoned again by {again} after katactl's cordon (by "
+                          f"{(rec or {}).get('by')} at {(rec or {}).get('at')}): leaving it cordoned",
+                          hint="use --force to uncordon it anyway")
         if unsched and rec and rec.get("wasUnschedulable") and not force:
             first = rec.get("cordonedBefore") or "someone else"
             raise Refused(f"node {name} was already cordoned (by {first}) before katactl cordoned it "
@@ -352,7 +401,17 @@ def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | st
             return {"name": name, "changed": True, "dryRun": True, "message": "would be " + msg}
         try:
             api.patch(f"/api/v1/nodes/{seg(name)}", patch, dry_run=dry_run == "server")
-        except Conflict:
+        except Conflict as e:
+            # changed since our read, or our own PATCH resent after a 5xx meeting the first: the
+            # next read tells (conditional on the resourceVersion: at most one send lands)
+            sent, last_err = (msg if not dry_run else sent), e
+            continue
+        except (UsageError, AuthError, NotFound):
+            raise  # the server answered no: this one did not land
+        except KatactlError as e:
+            if dry_run:
+                raise
+            sent, last_err = msg, e  # timed out, cut, 5xx: it may have landed; read again
             continue
         return {"name": name, "changed": True, "dryRun": bool(dry_run), "message": msg}
     raise Conflict(f"node {name}: changing too fast to uncordon safely; try again")
@@ -517,9 +576,14 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
 
 
 class _Deadline:
+    """One drain's deadline and its two ways to end early: ``stop``, the command's (an
+    interrupt: every node's drain stops), and ``halt``, this drain's own (its failure ends its
+    eviction workers, never another node's drain)."""
+
     def __init__(self, seconds: float, stop: threading.Event):
         self.end = time.monotonic() + seconds if seconds > 0 else None
         self.stop = stop
+        self.halt = threading.Event()
 
     def left(self) -> float | None:
         return None if self.end is None else self.end - time.monotonic()
@@ -527,10 +591,18 @@ class _Deadline:
     def expired(self) -> bool:
         return self.end is not None and time.monotonic() >= self.end
 
+    def ended(self) -> bool:
+        return self.stop.is_set() or self.halt.is_set()
+
     def sleep(self, seconds: float) -> None:
-        """Sleep, cut short by the deadline or a stop request."""
+        """Sleep, cut short by the deadline, a stop request or this drain's halt."""
         left = self.left()
-        self.stop.wait(seconds if left is None else max(0.0, min(seconds, left)))
+        until = time.monotonic() + (seconds if left is None else max(0.0, min(seconds, left)))
+        while not self.ended():
+            rest = until - time.monotonic()
+            if rest <= 0:
+                return
+            self.halt.wait(min(rest, 0.2))  # 0.2 s: how soon the command-wide stop is seen
 
 
 def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_events,
@@ -553,7 +625,8 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         result["cordon"] = c["record"]  # katactl's cordon record on the node now (a rollout's step reads it)
         if c["changed"] and not c["wasUnschedulable"] and not dry:
             mine = c["record"]
-        result["changed"] = c["changed"] and not dry
+        # a dry run reports the change it would make, as cordon --dry-run does
+        result["changed"] = c["changed"]
         _stopped(stop, name)
         rcs = runtime_classes(api)
         pods = node_pods(api, name, opts.pod_selector)
@@ -574,7 +647,7 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         else:
             deadline = _Deadline(opts.timeout, stop)
             _remove_pods(api, name, evict, opts, deadline, result, events)
-        result["changed"] = result["changed"] or bool(result["evicted"] and not dry)
+        result["changed"] = result["changed"] or bool(result["evicted"])
         events("NodeDrained", node=name, evicted=len(result["evicted"]), dryRun=bool(dry))
         return result
     except BaseException as e:
@@ -627,14 +700,15 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
     failures: list[str] = []
     blocked: dict[str, dict] = {}
     waiting: dict[str, str] = {}  # uid -> ns/name: evicted, not gone yet
-    denied: list[AuthError] = []  # 401/403 to an eviction: the drain fails with exit 7, not 1
+    denied: list[KatactlError] = []  # RBAC refused an eviction: the drain fails with exit 7, not 1
 
     def evict_one(pod: dict) -> None:
         ref = _ref(pod)
         ns, pname, uid = pod["metadata"].get("namespace"), pod["metadata"]["name"], pod["metadata"].get("uid")
         events("PodEvicting", node=node, pod=ref, eviction=not opts.disable_eviction)
+        server_errors = 0
         while True:
-            if deadline.stop.is_set():
+            if deadline.ended():
                 return
             if deadline.expired():
                 with lock:
@@ -649,8 +723,15 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                 break
             except NotFound:
                 break  # gone already: done
-            except Conflict:
-                break  # the UID precondition failed: that pod is gone, another has its name
+            except Conflict as e:
+                if opts.disable_eviction:
+                    break  # the UID precondition failed: that pod is gone, another has its name
+                # an eviction carries no precondition of ours: a 409 is the server's (a conflict
+                # it gave up on), fatal for this pod as in kubectl (pkg/drain/drain.go evictPods:
+                # every error but NotFound, TooManyRequests and a terminating namespace's)
+                with lock:
+                    failures.append(f"{ref}: {e.details.get('apiMessage') or e.message}")
+                return
             except ApiStatusError as e:
                 msg = (e.body.get("message") or "").strip()
                 causes = [c.get("message") for c in (e.body.get("details") or {}).get("causes") or []
@@ -663,6 +744,15 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                     if first:
                         events("PodEvictionBlocked", node=node, **info)
                     deadline.sleep(EVICTION_RETRY if e.retry_after is None else max(e.retry_after, 1.0))
+                    continue
+                if e.status >= 500 and e.retry_after is not None and server_errors < EVICTION_SERVER_RETRIES:
+                    # client-go's request.go retries a 5xx that carries Retry-After (checkWait), as
+                    # kubectl's eviction does (eviction.go answers 504 + Retry-After 10 after PDB
+                    # update conflicts); the 500 for several budgets carries none: fatal
+                    server_errors += 1
+                    events("Warning", node=node, message=f"error when evicting pods/{pname!r} -n {ns!r} (will "
+                           f"retry after {e.retry_after:g}s): {msg or e.message}")
+                    deadline.sleep(max(e.retry_after, 0.1))
                     continue
                 with lock:
                     failures.append(f"{ref}: {msg or e.message}")
@@ -686,9 +776,13 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                         break  # another pod with its name: ours is gone
                     pod = fresh
                     continue
+                rbac = _denied_by_rbac(e)
                 with lock:
-                    failures.append(f"{ref}: {e.message}")
-                    if isinstance(e, AuthError):
+                    # a 403 that is not RBAC's (a budget's negative disruptionsAllowed, a webhook)
+                    # is this pod's failure in the server's words, not a credentials problem
+                    status_msg = e.details.get("apiMessage")
+                    failures.append(f"{ref}: {e.message if rbac or not status_msg else status_msg}")
+                    if rbac:
                         denied.append(e)
                 return
         with lock:
@@ -712,7 +806,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                     _confirm_gone(api, node, waiting, result, events, lock, opts.skip_wait_for_delete_timeout)
                 if not pending and not waiting:
                     break
-                if deadline.expired() or deadline.stop.is_set():
+                if deadline.expired() or deadline.ended():
                     if pending:
                         wait(pending)  # the workers see the deadline too and return
                         pending = set()
@@ -721,8 +815,10 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                     deadline.sleep(max(0.0, POLL - (time.monotonic() - last_check)))
             for f in futures:
                 f.result()
-        except BaseException:
-            deadline.stop.set()
+        except BaseException as e:
+            deadline.halt.set()  # this drain's workers end; other nodes' drains go on
+            if isinstance(e, KeyboardInterrupt):
+                deadline.stop.set()  # Ctrl-C in this thread: every drain stops
             raise
     failures += [f"{ref}: still terminating" for ref in waiting.values()]
     result["evicted"].sort()
@@ -743,6 +839,16 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
 #: the StatusCause kube-apiserver's NamespaceLifecycle admission adds to its 403
 #: (staging/src/k8s.io/apiserver/pkg/admission/plugin/namespace/lifecycle/admission.go)
 NAMESPACE_TERMINATING = "NamespaceTerminating"
+
+
+def _denied_by_rbac(e: KatactlError) -> bool:
+    """An eviction refused for the credentials: 401, or a 403 in the RBAC authorizer's words
+    ('User "u" cannot create resource "pods/eviction" ...'). Other 403s come from the registry
+    (eviction.go: a budget's negative disruptionsAllowed), admission plugins or webhooks."""
+    status = e.details.get("httpStatus")
+    if status == 401:
+        return True
+    return status == 403 and "cannot create resource" in str(e.details.get("apiMessage") or "")
 
 
 def _namespace_terminating(e: KatactlError) -> bool:
@@ -823,16 +929,25 @@ def check(api: KubeAPI, name: str) -> list[dict]:
         out.append(_finding("high", "node-ready", name, f"node is {status.split(',')[0]}: evicted pods "
                             "may hang in Terminating (consider --skip-wait-for-delete-timeout)"))
     if (node.get("spec") or {}).get("unschedulable"):
-        rec = cordon_record(node)
+        rec = current_cordon_record(node)
         by = f"by katactl ({rec.get('by')}, {rec.get('reason') or 'no reason'})" if rec and rec.get("by") \
             else "not by katactl"
         out.append(_finding("info", "node-cordoned", name, f"node is already cordoned {by}"))
-    rcs = runtime_classes(api)
+    denied: list[str] = []
+    rcs = runtime_classes(api, denied)
+    if denied:
+        out.append(_finding("low", "runtimeclass-unknown", name, "cannot list RuntimeClasses: Kata pods are "
+                            f"recognised by their RuntimeClass's name only ({denied[0]})"))
     pods = node_pods(api, name)
     try:
         pdbs = api.list("/apis/policy/v1/poddisruptionbudgets")
-    except (NotFound, AuthError):
+    except NotFound:  # the API serves no policy/v1: no budget can refuse an eviction
         pdbs = []
+    except AuthError as e:
+        # a check that could not run is no "passed": whether a budget blocks the drain is unknown
+        pdbs = []
+        out.append(_finding("high", "pdb-unknown", name, "cannot list PodDisruptionBudgets: whether one "
+                            f"blocks the drain is unknown ({e.message})"))
     _, _, errors, _ = classify(api, pods, DrainOptions(), rcs)
     severity = {"DaemonSet": "info", "local storage": "medium", "no controller": "medium"}
     for msg, refs in errors.items():
@@ -900,7 +1015,9 @@ def audited(action: str, name: str, params: dict, fn: Callable[[], dict]) -> dic
     except BaseException as e:
         err = e if isinstance(e, KatactlError) else None
         partial = (err.details.get("drain") if err else None) or {}
-        audit.record(action, name, node=name, params=params, result="error",
+        # "interrupted" as audit.record_unfinished writes it for the other commands
+        interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
+        audit.record(action, name, node=name, params=params, result="interrupted" if interrupted else "error",
                      error=err.message if err else "interrupted" if isinstance(e, KeyboardInterrupt)
                      else type(e).__name__,
                      evicted=partial.get("evicted"), restored=partial.get("restored"))
@@ -914,25 +1031,30 @@ def audited(action: str, name: str, params: dict, fn: Callable[[], dict]) -> dic
 def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int = 1,
                   stop: threading.Event | None = None):
     """fn(name) for each node, ``parallel`` at a time; a fleet.FanOut of the outcomes
-    (one node's failure never stops the others).
+    (one node's failure never stops the others: it is that node's error).
 
-    With ``stop`` (the event fn's operations watch), fn runs in worker threads even one at
-    a time, and the calling thread only waits: a Ctrl-C (or SIGTERM made one) there sets
-    ``stop`` at once, starts no further node, and waits until every running fn has
-    wound down (restored its node, written its audit entry) before it goes on up;
-    further interrupts meanwhile do not cut a restore short."""
+    With ``stop`` (the event fn's operations watch; set here on an interrupt only), fn runs
+    in worker threads even one at a time, and the calling thread only waits: a Ctrl-C (or
+    SIGTERM made one) there sets ``stop`` at once, starts no further node, and waits until
+    every running fn has wound down (restored its node, written its audit entry) before it
+    raises Interrupted with what was done (:func:`_interrupted`); further interrupts
+    meanwhile do not cut a restore short."""
     from katactl.errors import as_katactl_error
     from katactl.fleet import FanOut
 
     values: dict[str, Any] = {}
     errors: dict[str, KatactlError] = {}
+    interrupted: dict[str, Interrupted] = {}
 
     def one(n: str) -> None:
         if stop is not None and stop.is_set():
             return  # interrupted before this node's turn: not touched
         try:
             values[n] = fn(n)
-        except (KeyboardInterrupt, Interrupted):
+        except Interrupted as e:
+            interrupted[n] = e
+            raise
+        except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - per-node failures are data
             errors[n] = as_katactl_error(e)
@@ -947,7 +1069,7 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
         pending = set(futures)
         while pending:  # short waits keep this thread free for Ctrl-C
             _, pending = wait(pending, timeout=0.2)
-    except BaseException:
+    except BaseException as e:
         if stop is not None:
             stop.set()
         for f in futures:
@@ -958,12 +1080,36 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
                 break
             except KeyboardInterrupt:
                 continue  # the nodes are being restored: let them
+        if isinstance(e, KeyboardInterrupt):
+            raise _interrupted(names, values, errors, interrupted) from None
         raise
     finally:
         ex.shutdown(wait=True)  # every future is done by now: the workers end (no thread outlives us)
+    if interrupted:  # a stop set by the caller (a rollout's): the same report
+        raise _interrupted(names, values, errors, interrupted)
     for f in futures:
         f.result()
     return FanOut(list(names), values, errors)
+
+
+def _interrupted(names: list[str], values: dict, errors: dict, interrupted: dict) -> Interrupted:
+    """The Interrupted of a fan-out: one node's own (its details: a drain's evicted pods and
+    whether it was restored) when there was one; with several nodes, ``details.nodes`` says
+    what became of each (its result, its error, interrupted, or not started)."""
+    if len(interrupted) == 1 and len(names) == 1:
+        return next(iter(interrupted.values()))
+    nodes: list[dict] = []
+    for n in names:
+        if n in values:
+            nodes.append({"node": n, "result": values[n]})
+        elif n in errors:
+            nodes.append({"node": n, "error": errors[n].to_dict()})
+        elif n in interrupted:
+            nodes.append({"node": n, "interrupted": interrupted[n].message, **interrupted[n].details})
+        else:
+            nodes.append({"node": n, "notStarted": True})
+    which = ", ".join(interrupted) or "the nodes"
+    return Interrupted(f"interrupted while working on {which}", details={"nodes": nodes})
 
 
 # -- what only the node knows ------------------------------------------------------

@@ -377,7 +377,8 @@ def test_drain_server_dry_run_sends_dry_run_everywhere(cli, kube, kc):
     r = node_cli(cli, kc, "drain", "twin-a", "--ignore-daemonsets", "--delete-emptydir-data", "--force",
                  "--dry-run=server", "-o", "json")
     assert r.exit_code == 0, r.stderr
-    assert r.json()["dryRun"] is True and r.json()["changed"] is False
+    # changed: what it would change (cordon --dry-run reports so too)
+    assert r.json()["dryRun"] is True and r.json()["changed"] is True
     muts = [q for q in kube.requests[n:] if q["method"] != "GET"]
     assert muts and all("dryRun=All" in q["path"] or (q.get("body") or {}).get("deleteOptions", {}).get("dryRun")
                         == ["All"] for q in muts)

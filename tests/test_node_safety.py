@@ -159,7 +159,7 @@ def test_sigterm_and_sighup_mid_drain_restore_audit_and_exit_130(kube, kc, _isol
     assert p.returncode == 130, err
     assert not unschedulable(kube, "n1") and "Traceback" not in err
     [entry] = audit_entries(_isolated_home)
-    assert entry["action"] == "node.drain" and entry["result"] == "error" and entry["restored"] is True
+    assert entry["action"] == "node.drain" and entry["result"] == "interrupted" and entry["restored"] is True
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
@@ -181,7 +181,7 @@ def test_sigterm_and_sighup_mid_cordon_audit_and_exit_130(kube, kc, _isolated_ho
     assert p.returncode == 130, err
     assert "Traceback" not in err
     [entry] = audit_entries(_isolated_home)
-    assert entry["action"] == "node.cordon" and entry["result"] == "error" and entry["error"] == "interrupted"
+    assert entry["action"] == "node.cordon" and entry["result"] == "interrupted" and entry["error"] == "interrupted"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -205,7 +205,7 @@ def test_first_interrupt_stops_every_parallel_drain_and_restores_every_node(kube
     assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")
     entries = audit_entries(_isolated_home)
     assert sorted(e["target"] for e in entries) == ["n1", "n2"]
-    assert all(e["result"] == "error" and e["restored"] is True for e in entries)
+    assert all(e["result"] == "interrupted" and e["restored"] is True for e in entries)
 
 
 # -- kubectl's filter chain --------------------------------------------------------------------

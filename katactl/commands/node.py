@@ -66,7 +66,8 @@ def list_(ctx: typer.Context, names: Optional[List[str]] = NODES_ARG) -> None:
     KATA is the kata-deploy label katacontainers.io/kata-runtime=true, with
     the Kata RuntimeClass handlers that may run there (-o wide); KATA-PODS
     counts pods whose RuntimeClass handler is a Kata one; CORDONED-BY is
-    katactl's cordon record. -l SELECTOR filters by node labels.
+    katactl's cordon record while it describes the node's cordon. -l SELECTOR
+    filters by node labels.
 
     \b
     Examples:
@@ -121,15 +122,17 @@ def cordon(
 def uncordon(
     ctx: typer.Context,
     names: Optional[List[str]] = NODES_ARG,
-    force: bool = typer.Option(False, "--force", help="Uncordon even a node that was cordoned before katactl cordoned it."),
+    force: bool = typer.Option(False, "--force", help="Uncordon even a node someone else cordoned."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
     dry_run_server: bool = typer.Option(False, "--dry-run-server", hidden=True),
 ) -> None:
     """Make nodes schedulable again, unless katactl found them cordoned.
 
     A node whose katactl record says it was already cordoned before katactl
-    cordoned it is refused (exit 5, naming who cordoned it first) unless
-    --force. Without a katactl record it does what kubectl uncordon does.
+    cordoned it, or that someone cordoned again after katactl's cordon (its
+    managedFields name another owner of spec.unschedulable), is refused (exit
+    5, naming who) unless --force. Without a katactl record it does what
+    kubectl uncordon does.
 
     \b
     Examples:
@@ -295,8 +298,8 @@ def check(
 
     Reports a NotReady node; pods a drain would refuse (DaemonSet, emptyDir,
     no controller) and why; PodDisruptionBudgets allowing 0 disruptions now,
-    with their numbers; pods under several budgets (the eviction API refuses
-    them); pods stuck terminating; Kata pods with their RuntimeClass and
+    with their numbers (budgets it may not list: a high finding, pdb-unknown);
+    pods under several budgets (the eviction API refuses them); pods stuck terminating; Kata pods with their RuntimeClass and
     declared overhead (or its absence). With --node-facts, also the node's
     Kata release, sandboxes still on another release, and guest memory dumps
     not collected yet. Changes nothing.

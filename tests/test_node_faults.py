@@ -1,0 +1,259 @@
+"""node cordon/uncordon/drain/check through API faults a real kube-apiserver produces, against
+the stand-in (tests/kubeserver.py) over HTTPS with real katactl: one node's failure stays that
+node's, eviction answers handled as kubectl's pkg/drain handles them (409 fatal for the pod;
+429 and a 5xx carrying Retry-After retried, as client-go does), a PATCH answered 5xx after it
+landed is read back, a cordon someone else made again is theirs, a check that could not run
+says so, and an interrupted drain reports what it did."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import CliResult
+
+EVICT_500 = r"^/api/v1/pods\?.*nodeName%3Dn1.*resourceVersion=0|^/api/v1/pods\?.*resourceVersion=0.*nodeName%3Dn1"
+
+
+def node_cli(cli, kc, *args) -> CliResult:
+    return cli(["--kubeconfig", kc, "node", *args])
+
+
+def unschedulable(kube, name) -> bool:
+    return bool(kube.get_obj("Node", name)["spec"].get("unschedulable"))
+
+
+def record(kube, name) -> dict | None:
+    raw = (kube.get_obj("Node", name)["metadata"].get("annotations") or {}).get("katactl.io/cordon")
+    return json.loads(raw) if raw else None
+
+
+def pods_on(kube, node) -> set[str]:
+    return {f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in kube.list_objs("Pod")
+            if p["spec"].get("nodeName") == node}
+
+
+def audit_entries(home) -> list[dict]:
+    p = home / "state" / "katactl" / "audit.log"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def error_of(r) -> dict:
+    """The one node's error of -o json: the Error object, or the list's only entry in errors."""
+    d = r.json()
+    return d if d.get("kind") == "Error" else d["errors"][0]["error"]
+
+
+def node_with_pod(kube, n: str, pod: str | None = None) -> str:
+    """A node running one ReplicaSet pod (its replacement goes to another schedulable node)."""
+    pod = pod or f"web-{n}"
+    kube.add_node(n)
+    kube.add_replicaset(f"rs-{n}", "default", 1, {"app": n})
+    kube.add_pod(pod, "default", n, {"app": n}, owner=("ReplicaSet", f"rs-{n}"))
+    return pod
+
+
+def foreign_set_unschedulable(kube, node: str, value: bool) -> None:
+    """What kubectl cordon/uncordon send (a strategic merge patch of spec.unschedulable, field
+    manager kubectl-cordon), over HTTPS as any other client."""
+    with httpx.Client(verify=ssl.create_default_context(cafile=kube.ca_path)) as c:
+        r = c.patch(f"{kube.url}/api/v1/nodes/{node}", params={"fieldManager": "kubectl-cordon"},
+                    headers={"Authorization": f"Bearer {kube.tokens['admin']}",
+                             "Content-Type": "application/strategic-merge-patch+json",
+                             "User-Agent": "kubectl/v1.33.1 (linux/amd64) kubernetes/8adc0f0"},
+                    content=json.dumps({"spec": {"unschedulable": True if value else None}}))
+        r.raise_for_status()
+
+
+# -- one node's failure is that node's ----------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [[], ["--parallel", "2"]])
+def test_one_nodes_api_errors_never_stop_the_other_nodes(cli, kube, kc, extra):
+    """Every wait LIST of n1's pods answers 500: n1 fails (restored), n2 is drained, exit 4,
+    no fake interrupt. n2's pod takes 6 s to go (600 s grace, scaled): in parallel, n2 is still
+    waiting when n1 fails."""
+    for n in ("n1", "n2"):
+        node_with_pod(kube, n)
+    kube.store[("pods", "default", "web-n2")]["spec"]["terminationGracePeriodSeconds"] = 600
+    kube.add_node("a-spare")  # replacements go there (the stand-in's scheduler: the first by name)
+    kube.inject("GET", EVICT_500, status=500, times=None)
+    r = node_cli(cli, kc, "drain", "n1", "n2", *extra, "-o", "json")
+    assert r.exit_code == 4, r.stdout + r.stderr
+    d = r.json()
+    assert [i["name"] for i in d["items"]] == ["n2"] and d["items"][0]["evicted"] == ["default/web-n2"]
+    assert [(e["node"], e["error"]["exitCode"]) for e in d["errors"]] == [("n1", 1)]
+    assert pods_on(kube, "n2") == set() and unschedulable(kube, "n2")
+    assert not unschedulable(kube, "n1")  # restored: it was schedulable before
+
+
+# -- evictions answered as kubectl's pkg/drain answers them ---------------------------------------
+
+def test_eviction_answered_409_fails_that_pod_as_kubectl_does(cli, kube, kc):
+    """kubectl (pkg/drain/drain.go evictPods): an error other than NotFound, 429 or a terminating
+    namespace's 403 ends that pod's eviction. A 409 is no proof the pod went: katactl sent no
+    precondition."""
+    pod = node_with_pod(kube, "kb")
+    kube.add_node("spare")
+    kube.inject("POST", rf"/pods/{pod}/eviction", status=409, times=1)
+    r = node_cli(cli, kc, "drain", "kb", "--timeout", "20s", "-o", "json")
+    assert r.exit_code == 1, r.stdout + r.stderr
+    assert f"default/{pod}: injected fault (409)" in error_of(r)["message"], r.stdout
+    assert pods_on(kube, "kb") == {f"default/{pod}"} and not unschedulable(kube, "kb")
+    assert len([q for q in kube.requests if q["path"].endswith("/eviction")]) == 1
+
+
+def test_eviction_answered_5xx_with_retry_after_is_sent_again(cli, kube, kc):
+    """client-go (rest/request.go checkWait) retries a 5xx carrying Retry-After, as kubectl's
+    eviction does; eviction.go answers so (504, Retry-After 10) after PDB update conflicts."""
+    pod = node_with_pod(kube, "kb")
+    kube.add_node("spare")
+    kube.inject("POST", rf"/pods/{pod}/eviction", status=503, retry_after=1, times=1)
+    r = node_cli(cli, kc, "drain", "kb", "--timeout", "30s", "-o", "json")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert r.json()["items"][0]["evicted"] == [f"default/{pod}"]
+    assert len([q for q in kube.requests if q["path"].endswith("/eviction")]) == 2
+    assert "will retry after 1s" in r.stderr
+
+
+def test_eviction_answered_5xx_without_retry_after_stays_fatal(cli, kube, kc):
+    pod = node_with_pod(kube, "kb")
+    kube.inject("POST", rf"/pods/{pod}/eviction", status=503, times=1)
+    r = node_cli(cli, kc, "drain", "kb", "--timeout", "30s")
+    assert r.exit_code == 1, r.stderr
+    assert len([q for q in kube.requests if q["path"].endswith("/eviction")]) == 1
+
+
+def test_eviction_403_that_is_not_rbac_is_that_pods_failure_not_an_auth_error(cli, kube, kc):
+    """eviction.go answers 403 'pdb disruptions allowed is negative': the pod fails (exit 1, as
+    kubectl's rc 1), in the server's words, naming no user."""
+    pod = node_with_pod(kube, "kb")
+    kube.add_pdb("pdb", "default", {"app": "kb"}, max_unavailable=1)
+    kube.pdb_controller_paused = True
+    kube.store[("poddisruptionbudgets", "default", "pdb")]["status"]["disruptionsAllowed"] = -1
+    r = node_cli(cli, kc, "drain", "kb", "-o", "json")
+    assert r.exit_code == 1, r.stdout + r.stderr
+    msg = error_of(r)["message"]
+    assert "pdb disruptions allowed is negative" in msg and "user" not in msg.lower(), msg
+    assert pods_on(kube, "kb") == {f"default/{pod}"} and not unschedulable(kube, "kb")
+
+
+def test_eviction_denied_by_rbac_is_still_exit_7(cli, kube, kc):
+    node_with_pod(kube, "kb")
+    kube.deny("create", "pods/eviction")
+    r = node_cli(cli, kc, "drain", "kb")
+    assert r.exit_code == 7, r.stderr
+    assert 'cannot create resource "pods/eviction"' in r.stderr
+
+
+# -- a mutation answered 5xx after it landed ------------------------------------------------------
+
+def test_uncordon_answered_504_after_it_landed_reports_the_change_and_audits(cli, kube, kc, _isolated_home):
+    """kube-apiserver's timeout filter answers 504 while the write lands; the client sends the
+    PATCH again, which meets 409: the node, read back without katactl's record, says it landed."""
+    kube.add_node("n1")
+    assert node_cli(cli, kc, "cordon", "n1").exit_code == 0
+    kube.inject("PATCH", r"^/api/v1/nodes/n1", status=504, applied=True, times=1)
+    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is True and r.json()["items"][0]["message"] == "uncordoned"
+    assert not unschedulable(kube, "n1") and record(kube, "n1") is None
+    assert [(e["action"], e.get("changed")) for e in audit_entries(_isolated_home)] == \
+        [("node.cordon", True), ("node.uncordon", True)]
+
+
+def test_drain_restore_answered_504_after_it_landed_is_a_restore(cli, kube, kc, _isolated_home):
+    kube.add_node("n1")
+    kube.add_daemonset("ds", "default", {"app": "ds"})
+    kube.add_pod("ds-n1", "default", "n1", {"app": "ds"}, owner=("DaemonSet", "ds"))  # refused: exit 5
+    kube.inject("PATCH", r"^/api/v1/nodes/n1", status=504, applied=True, times=1,
+                match=lambda b: (b.get("metadata") or {}).get("annotations", {}).get("katactl.io/cordon", "") is None)
+    r = node_cli(cli, kc, "drain", "n1", "-o", "json")
+    assert r.exit_code == 5, r.stderr
+    assert error_of(r)["details"]["drain"]["restored"] is True and "not this run's" not in r.stderr
+    assert not unschedulable(kube, "n1") and record(kube, "n1") is None
+    [entry] = audit_entries(_isolated_home)
+    assert entry["restored"] is True
+
+
+# -- a cordon someone made again is theirs ------------------------------------------------------------
+
+def test_a_cordon_made_again_by_someone_else_is_theirs_everywhere(cli, kube, kc):
+    """katactl cordon -> kubectl uncordon -> another SRE's kubectl cordon: katactl's record is
+    still on the node, but managedFields name kubectl-cordon as the owner of spec.unschedulable.
+    list does not claim it, uncordon refuses (exit 5) without --force, cordon records it as
+    someone else's."""
+    kube.add_node("n1")
+    assert node_cli(cli, kc, "cordon", "n1").exit_code == 0
+    foreign_set_unschedulable(kube, "n1", False)
+    foreign_set_unschedulable(kube, "n1", True)
+    assert record(kube, "n1")["wasUnschedulable"] is False  # kubectl leaves katactl's record
+    r = node_cli(cli, kc, "list", "-o", "json")
+    assert r.json()["items"][0]["cordonedBy"] is None, r.stdout
+    r = node_cli(cli, kc, "uncordon", "n1")
+    assert r.exit_code == 5 and "kubectl-cordon" in r.stderr, r.stderr
+    assert unschedulable(kube, "n1")
+    r = node_cli(cli, kc, "cordon", "n1", "-o", "json")
+    assert r.exit_code == 0 and r.json()["changed"] is True, r.stdout
+    assert "not by katactl" in r.json()["items"][0]["message"]
+    rec = record(kube, "n1")
+    assert rec["wasUnschedulable"] is True and rec["cordonedBefore"].startswith("kubectl-cordon")
+    assert node_cli(cli, kc, "uncordon", "n1").exit_code == 5  # cordoned before katactl's, now
+    r = node_cli(cli, kc, "uncordon", "n1", "--force")
+    assert r.exit_code == 0, r.stderr
+    assert not unschedulable(kube, "n1") and record(kube, "n1") is None
+
+
+# -- check: what it could not read ---------------------------------------------------------------------
+
+def test_check_that_may_not_list_budgets_does_not_pass(cli, kube, kc):
+    node_with_pod(kube, "n1")
+    kube.deny("list", "poddisruptionbudgets")
+    r = node_cli(cli, kc, "check", "n1", "-o", "json")
+    assert r.exit_code == 8, r.stdout + r.stderr
+    [f] = [f for f in r.json()["items"] if f["check"] == "pdb-unknown"]
+    assert f["severity"] == "high" and "poddisruptionbudgets" in f["message"]
+
+
+# -- dry run reports the would-be change --------------------------------------------------------------
+
+@pytest.mark.parametrize("dry", ["--dry-run", "--dry-run=server"])
+def test_drain_dry_run_reports_changed_as_cordon_dry_run_does(cli, kube, kc, dry):
+    node_with_pod(kube, "n1")
+    c = node_cli(cli, kc, "cordon", "n1", dry, "-o", "json").json()
+    d = node_cli(cli, kc, "drain", "n1", dry, "-o", "json").json()
+    assert (c["changed"], c["dryRun"]) == (True, True)
+    assert (d["changed"], d["dryRun"]) == (True, True), d
+    assert not unschedulable(kube, "n1") and pods_on(kube, "n1") == {"default/web-n1"}
+
+
+# -- an interrupted drain says what it did --------------------------------------------------------------
+
+def test_interrupted_drain_json_carries_the_drain_and_audits_interrupted(kube, kc, _isolated_home):
+    pod = node_with_pod(kube, "n1")
+    kube.add_pdb("pdb", "default", {"app": "n1"}, min_available=1)  # blocks the eviction
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "-o", "json", "node", "drain",
+                          "n1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while not any(q["path"].endswith(f"/pods/{pod}/eviction") for q in kube.requests):
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    d = json.loads(out)
+    assert d["kind"] == "Error" and d["exitCode"] == 130
+    assert d["details"]["drain"]["restored"] is True and d["details"]["drain"]["blocked"], d
+    assert not unschedulable(kube, "n1")
+    [entry] = audit_entries(_isolated_home)
+    assert entry["result"] == "interrupted" and entry["restored"] is True
