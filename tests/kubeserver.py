@@ -34,7 +34,8 @@ client. What it serves:
   new name/uid, same labels and ownerReference, on the first schedulable Ready node (never a
   cordoned one) or Pending without nodeName. DaemonSet controller: a removed DaemonSet pod is
   recreated on the same node.
-- Faults: ``inject``, ``delay``, ``cut``, ``drop`` (close without an answer); ``deny`` (a verb on a
+- Faults: ``inject``, ``delay``, ``cut``, ``drop`` (close without an answer); ``lag_watch_cache``
+  (resourceVersion=0 lists served from an older state, as a watch cache behind etcd); ``deny`` (a verb on a
   resource refused to every user with RBAC's 403); request log in ``requests``; the TLS server
   names (SNI) clients sent in ``sni_names``.
 - pods/exec over WebSocket (v5/v4.channel.k8s.io) running the argv in a private mount namespace
@@ -618,6 +619,7 @@ class KubeStandIn(KubeExecMixin):
         self.denied: set[tuple[str, str]] = set()
         #: the server names clients sent in their TLS handshakes (SNI), in order
         self.sni_names: list[str | None] = []
+        self._cache: _Store | None = None  # a lagging watch cache's store (lag_watch_cache)
         self._lock = threading.RLock()
         self._rv = 0
         self._gen = 0  # bumps on reset(): stale kubelet timers do nothing
@@ -698,6 +700,7 @@ class KubeStandIn(KubeExecMixin):
             self.pdb_controller_paused = False
             self.denied = set()
             self.sni_names.clear()
+            self._cache = None
             self._rng = random.Random(0)
             self._exec_reset()
             self._seed_defaults()
@@ -756,6 +759,19 @@ class KubeStandIn(KubeExecMixin):
         user, admin too, with the RBAC authorizer's 403 (a Role that lacks the rule)."""
         with self._lock:
             self.denied.add((verb, resource))
+
+    def lag_watch_cache(self, lagging: bool = True):
+        """Serve resourceVersion=0 lists (the watch cache's) from the store as it is now until
+        called with False: a cache behind etcd, which shows objects deleted since and misses
+        objects created since. Reads without resourceVersion stay consistent (etcd's)."""
+        with self._lock:
+            if not lagging:
+                self._cache = None
+                return
+            snap = _Store()
+            for k, v in self.store.items():
+                snap[k] = copy.deepcopy(v)
+            self._cache = snap
 
     def clear_faults(self):
         """Forget the faults not yet used up (inject, delay, cut, drop)."""
@@ -1654,7 +1670,10 @@ class KubeStandIn(KubeExecMixin):
         return self._finish_update(res, ns, name, old, new, dry, sub)
 
     def _list(self, res, ns, query, accept):
-        keys = self.store.of(res.plural)
+        # resourceVersion=0 is served from the watch cache, which may lag (lag_watch_cache)
+        lagging = self._cache is not None and query.get("resourceVersion", [""])[0] == "0"
+        store = self._cache if lagging and self._cache is not None else self.store
+        keys = store.of(res.plural)
         lsel = query.get("labelSelector", [""])[0]
         fsel = query.get("fieldSelector", [""])[0]
         try:
@@ -1680,7 +1699,7 @@ class KubeStandIn(KubeExecMixin):
             k = keys[i]
             if ns is not None and k[1] != ns:
                 continue
-            o = self.store[k]
+            o = store[k]
             if all(p(o["metadata"].get("labels") or {}) for p in preds) and fpred(o):
                 if limit > 0 and len(items) == limit:
                     more = o

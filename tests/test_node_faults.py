@@ -257,3 +257,22 @@ def test_interrupted_drain_json_carries_the_drain_and_audits_interrupted(kube, k
     assert not unschedulable(kube, "n1")
     [entry] = audit_entries(_isolated_home)
     assert entry["result"] == "interrupted" and entry["restored"] is True
+
+
+# -- the wait for pods to go --------------------------------------------------------------------------
+
+def test_a_pod_missing_from_a_lagging_watch_cache_is_not_gone_until_a_consistent_read_says_so(cli, kube, kc):
+    """The per-second wait LIST (resourceVersion=0) is served from the watch cache; one behind
+    etcd misses a pod created just before the drain. The drain picked its pods from a
+    consistent list, so such a pod is evicted, and must be waited for, not counted gone."""
+    kube.add_node("n1")
+    kube.add_node("a-spare")
+    kube.lag_watch_cache()  # the cache has not seen the pod below
+    pod = "web-n1"
+    kube.add_replicaset("rs-n1", "default", 1, {"app": "n1"})
+    kube.add_pod(pod, "default", "n1", {"app": "n1"}, owner=("ReplicaSet", "rs-n1"))
+    kube.store[("pods", "default", pod)]["spec"]["terminationGracePeriodSeconds"] = 300  # 3 s, scaled
+    r = node_cli(cli, kc, "drain", "n1", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["items"][0]["evicted"] == [f"default/{pod}"]
+    assert kube.get_obj("Pod", pod) is None, "the drain ended while the pod was still terminating"
