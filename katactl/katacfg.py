@@ -199,7 +199,7 @@ def rooted_escape(transport: NodeTransport, path: str) -> tuple[str, str, str] |
     the way to path: the host's kernel follows an absolute symlink (/opt/kata -> /data/kata)
     or a ``..`` above the node's / from *this* host's root. None when the path stays inside
     (or the transport has no root: the node's own kernel resolves it)."""
-    if not getattr(transport, "host_root", ""):
+    if getattr(transport, "host_root", "") in ("", "/"):  # "/" is this host's own resolution
         return None
     leaving: list[tuple[str, str]] = []
     real, _ = _resolve(transport, path, leaving=leaving)

@@ -895,7 +895,7 @@ def test_status_names_handlers_whose_configuration_does_not_follow_current(cli, 
 
 
 
-@pytest.mark.parametrize("link", ["opt", "opt/kata"])
+@pytest.mark.parametrize("link", ["opt", "opt/kata", "opt/kata/releases"])
 @pytest.mark.parametrize("args", [["stage", "TARBALL"], ["stage", "TARBALL", "--dry-run"], ["switch", A],
                                   ["rollback"], ["gc", "--yes"], ["status"]])
 def test_a_kata_root_through_an_absolute_symlink_is_refused_under_a_host_root(cli, node, tarballs, link, args,
@@ -906,17 +906,18 @@ def test_a_kata_root_through_an_absolute_symlink_is_refused_under_a_host_root(cl
     outside = f"/katactl-escape-{os.getpid()}-{secrets.token_hex(4)}"
     real = f"{outside}/kata"
     (node / link).parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(outside if link == "opt" else real, node / link)
+    os.symlink({"opt": outside, "opt/kata": real}.get(link, real + "/releases"), node / link)
     (node / real.lstrip("/")).mkdir(parents=True)
     args = [tarballs["xz"] if a == "TARBALL" else a for a in args]
     try:
         r = K(cli, node, *args)
         assert r.exit_code == 2, (r.stdout, r.stderr)
         err = r.stderr.strip()
-        assert "\n" not in err and err.endswith(f"give --kata-root {real}"), err
+        assert "\n" not in err and err.endswith(f"give --kata-root {real}" if link != "opt/kata/releases"
+                                                 else "make it a relative symlink"), err
         assert not os.path.lexists(outside)
         assert not list((node / real.lstrip("/")).iterdir()) and _audit_actions(_isolated_home) == []
-        if args[0] == "stage" and "--dry-run" not in args:  # the root named works, inside the tree
+        if args[0] == "stage" and "--dry-run" not in args and link != "opt/kata/releases":  # the root named works
             ok = cli(["--host-root", str(node), "upgrade", *args, "--kata-root", real])
             assert ok.exit_code == 0, (ok.stdout, ok.stderr)
             assert (node / real.lstrip("/") / "releases" / A / ".katactl-release.json").is_file()
@@ -924,3 +925,13 @@ def test_a_kata_root_through_an_absolute_symlink_is_refused_under_a_host_root(cl
     finally:
         if os.path.lexists(outside):  # the bug wrote to this host: clean up (the asserts failed)
             shutil.rmtree(outside)
+
+
+def test_a_host_root_of_slash_follows_absolute_symlinks_as_this_host_does(cli, tmp_path, tarballs):
+    """--host-root / is this host's own resolution: nothing leaves the tree, nothing is refused."""
+    real = tmp_path / "data-kata"
+    real.mkdir()
+    os.symlink(real, tmp_path / "kata")
+    r = cli(["--host-root", "/", "upgrade", "stage", tarballs["xz"], "--dry-run",
+             "--kata-root", str(tmp_path / "kata")])
+    assert r.exit_code == 0, (r.stdout, r.stderr)

@@ -149,16 +149,19 @@ class Layout:
     def check_inside(self, transport) -> None:
         """Refuse a kata root the transport would reach outside the node's tree: under
         --host-root (or --via kube's /host) this host's kernel follows an absolute symlink
-        such as /opt/kata -> /data/kata to *this* host's /data/kata, so a stage would write
-        there (exit 2, naming the root to give instead)."""
-        from katactl.katacfg import rooted_escape
+        such as /opt/kata -> /data/kata, or releases -> /data/releases, to *this* host's
+        /data, so a stage would write there (exit 2, naming what to give or change)."""
+        from katactl.katacfg import realpath, rooted_escape
 
-        esc = rooted_escape(transport, self.root)
-        if esc:
-            link, target, real = esc
-            raise UsageError(f"--kata-root {self.root}: {link} is a symlink to {target}, which the "
-                             f"node root {transport.host_root} would follow out of the node's tree; "
-                             f"give --kata-root {real}")
+        esc = rooted_escape(transport, self.state)  # walks the root, releases/ and .katactl/
+        if not esc:
+            return
+        link, target, _ = esc
+        where = f"{link} is a symlink to {target}, which the node root {transport.host_root} would " \
+                "follow out of the node's tree"
+        if link.startswith(f"{self.root}/"):  # inside the kata root: katactl cannot name another
+            raise UsageError(f"--kata-root {self.root}: {where}; make it a relative symlink")
+        raise UsageError(f"--kata-root {self.root}: {where}; give --kata-root {realpath(transport, self.root)}")
 
     def real_releases(self, transport) -> str | None:
         """``releases`` with its symlinks resolved inside the node, when that differs (a kata
