@@ -108,6 +108,28 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def test_a_collected_dump_is_a_no_op_in_a_read_only_destination(cli, tmp_path, big):
+    """Review 7 (fixes): the copy's lock file came first and failed (EROFS), so re-checking a
+    collection mounted read-only (an archive, a snapshot) was exit 1 instead of changed: false."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    root, _ = big
+    to, ro = tmp_path / "to", tmp_path / "ro"
+    ro.mkdir()
+    first = cli(["--host-root", root, "vmcore", "collect", "--to", str(to), "-o", "json"])
+    assert first.exit_code == 0, first.stderr
+    p = subprocess.run(["mount", "--bind", str(to), str(ro)], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot bind-mount: {p.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+        again = cli(["--host-root", root, "vmcore", "collect", "--to", str(ro), "-o", "json"])
+        assert again.exit_code == 0, again.stderr
+        assert [i["changed"] for i in again.json()["items"]] == [False]
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
 def test_destination_fills_mid_copy(cli, tmp_path, big, small_fs):
     root, src = big
     # incompressible data: gzip output outgrows the 3 MiB filesystem mid-stream

@@ -386,7 +386,14 @@ class _CopyLock:
         import fcntl
 
         while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+                # a read-only --to (an archive mounted ro): no run can write there, so there is
+                # nothing to guard; a dump collected before is still a no-op, a copy fails as ever
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 st, cur = os.fstat(fd), os.stat(self.path)
