@@ -188,7 +188,10 @@ def list_nodes(api: KubeAPI, names: list[str] | None = None, selector: str | Non
             "kataHandlers": _kata_handlers_for(node, rcs) if labels.get(KATA_LABEL) == "true" else [],
             "pods": pods[name],
             "kataPods": kata[name],
-            "cordonedBy": (current or {}).get("by"),  # only while the record is current
+            # who cordoned it, while katactl's record is current: katactl's user, or whom katactl
+            # found had cordoned it already
+            "cordonedBy": None if current is None else
+            (current.get("cordonedBefore") or "unknown") if current.get("wasUnschedulable") else current.get("by"),
             "cordon": rec,
             "age": _age(meta.get("creationTimestamp"), now),
             "kubeletVersion": info.get("kubeletVersion"),

@@ -204,6 +204,7 @@ def test_a_cordon_made_again_by_someone_else_is_theirs_everywhere(cli, kube, kc)
     assert "not by katactl" in r.json()["items"][0]["message"]
     rec = record(kube, "n1")
     assert rec["wasUnschedulable"] is True and rec["cordonedBefore"].startswith("kubectl-cordon")
+    assert node_cli(cli, kc, "list", "-o", "json").json()["items"][0]["cordonedBy"].startswith("kubectl-cordon")
     assert node_cli(cli, kc, "uncordon", "n1").exit_code == 5  # cordoned before katactl's, now
     r = node_cli(cli, kc, "uncordon", "n1", "--force")
     assert r.exit_code == 0, r.stderr

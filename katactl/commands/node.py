@@ -66,8 +66,9 @@ def list_(ctx: typer.Context, names: Optional[List[str]] = NODES_ARG) -> None:
     KATA is the kata-deploy label katacontainers.io/kata-runtime=true, with
     the Kata RuntimeClass handlers that may run there (-o wide); KATA-PODS
     counts pods whose RuntimeClass handler is a Kata one; CORDONED-BY is
-    katactl's cordon record while it describes the node's cordon. -l SELECTOR
-    filters by node labels.
+    who cordoned the node, from katactl's cordon record while it describes the
+    node's cordon (katactl's user, or who had cordoned it before katactl). -l
+    SELECTOR filters by node labels.
 
     \b
     Examples:
