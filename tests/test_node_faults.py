@@ -277,3 +277,34 @@ def test_a_pod_missing_from_a_lagging_watch_cache_is_not_gone_until_a_consistent
     assert r.exit_code == 0, r.stderr
     assert r.json()["items"][0]["evicted"] == [f"default/{pod}"]
     assert kube.get_obj("Pod", pod) is None, "the drain ended while the pod was still terminating"
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_interrupted_drain_of_several_nodes_says_what_became_of_each(kube, kc, _isolated_home, parallel):
+    """One after another: n1 is interrupted, n2 not started (never touched). In parallel: both
+    interrupted and restored. -o json says so per node (details.nodes)."""
+    for n in ("n1", "n2"):
+        node_with_pod(kube, n)
+        kube.add_pdb(f"pdb-{n}", "default", {"app": n}, min_available=1)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "-o", "json", "node", "drain",
+                          "n1", "n2", "--parallel", parallel], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    want = 1 if parallel == "1" else 2
+    try:
+        deadline = time.monotonic() + 30
+        while len({q["path"] for q in kube.requests if q["path"].endswith("/eviction")}) < want:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    nodes = {e["node"]: e for e in json.loads(out)["details"]["nodes"]}
+    assert nodes["n1"]["interrupted"] and nodes["n1"]["drain"]["restored"] is True
+    if parallel == "1":
+        assert nodes["n2"] == {"node": "n2", "notStarted": True}
+        assert [e["target"] for e in audit_entries(_isolated_home)] == ["n1"]
+    else:
+        assert nodes["n2"]["drain"]["restored"] is True
+    assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")
