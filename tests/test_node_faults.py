@@ -122,6 +122,23 @@ def test_eviction_answered_5xx_with_retry_after_is_sent_again(cli, kube, kc):
     assert "will retry after 1s" in r.stderr
 
 
+@pytest.mark.parametrize("status,retry_after,rc", [(409, None, 1), (503, 1, 0)])
+def test_eviction_faults_end_as_with_kubectl_1_33(cli, kube, kc, kubectl_133, status, retry_after, rc):
+    """The same fault on twin nodes' evictions: kubectl 1.33 drains ka, katactl kb."""
+    for n in ("ka", "kb"):
+        node_with_pod(kube, n)
+    kube.add_node("a-spare")
+    kube.inject("POST", r"/pods/web-ka/eviction", status=status, retry_after=retry_after, times=1)
+    p = subprocess.run([kubectl_133, "--kubeconfig", kc, "drain", "ka", "--timeout", "20s"], capture_output=True,
+                       text=True, timeout=60)
+    kube.inject("POST", r"/pods/web-kb/eviction", status=status, retry_after=retry_after, times=1)
+    r = node_cli(cli, kc, "drain", "kb", "--timeout", "20s")
+    assert (p.returncode, r.exit_code) == (rc, rc), (p.stderr, r.stderr)
+    assert {x.replace("ka", "kb") for x in pods_on(kube, "ka")} == pods_on(kube, "kb")
+    evictions = [q["path"].split("/")[-2] for q in kube.requests if q["path"].endswith("/eviction")]
+    assert evictions.count("web-ka") == evictions.count("web-kb")
+
+
 def test_eviction_answered_5xx_without_retry_after_stays_fatal(cli, kube, kc):
     pod = node_with_pod(kube, "kb")
     kube.inject("POST", rf"/pods/{pod}/eviction", status=503, times=1)
