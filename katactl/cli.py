@@ -219,6 +219,11 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
     # audit record and exit 130 with the JSON error, not Python ending where it stands
     ctx.with_resource(terminate_as_interrupt())
     ctx.obj = AppContext.create(settings)
+    from katactl import fleet
+    from katactl.output import STRUCTURED_FORMATS
+
+    # -o json/yaml/jsonl keep their <Kind>List shape with a node selection of any size
+    fleet.configure(list_errors=settings.output in STRUCTURED_FORMATS)
     global _output_format, _verbose
     _output_format = settings.output  # errors honour -o from the config file and env too
     _verbose = settings.verbose  # and KATACTL_VERBOSE / verbose = 1 give -v's traceback
@@ -507,7 +512,11 @@ def _run(args: list[str]) -> None:
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
     try:
         args = hoist_global_options(expand_dry_run(args))
-        rc = command.main(args=args, prog_name="katactl", standalone_mode=False)
+        try:
+            rc = command.main(args=args, prog_name="katactl", standalone_mode=False)
+        finally:
+            if "katactl.fleet" in sys.modules:  # this run's format, not the next in-process caller's
+                sys.modules["katactl.fleet"].configure(list_errors=False)
         if rc == ExitCode.INTERRUPTED:
             # Typer turns Ctrl-C into Exit(130) before it reaches us: still one line
             # (and the JSON error object), like every other failure.

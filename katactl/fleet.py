@@ -16,6 +16,17 @@ from katactl.errors import KatactlError, UsageError, as_katactl_error, exit_code
 
 LOCAL = "localhost"
 log = logging.getLogger(__name__)
+#: a selected node's failure stays in the command's list (machine formats); see configure()
+_list_errors = False
+
+
+def configure(*, list_errors: bool) -> None:
+    """``list_errors=True`` (the CLI with -o json/yaml/jsonl): with a node selection, even of
+    one node, a failed node is an entry of the result's ``errors``, never the command's
+    error object (FanOut.raise_if_single_failure)."""
+    global _list_errors
+    _list_errors = list_errors
+
 # [user@]host[:port], host a DNS name, IPv4 or [IPv6]. Anything else (spaces,
 # quotes, $, ;, backticks, newlines) is refused before it reaches any backend.
 _NODE_RE = re.compile(r"(?:[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
@@ -142,9 +153,22 @@ class FanOut:
                                  len(self.nodes) - len(self.errors))
 
     def raise_if_single_failure(self) -> None:
+        """The failure of a list command's only node, raised as the command's error where
+        that is its shape: on this host (no node selected), and with a node selection in a
+        human format (one line ``NODE: message`` and its hint on stderr, nothing on stdout).
+        With a node selection in -o json/yaml/jsonl (configure(list_errors=True), the CLI's
+        doing) nothing is raised: the command renders its ``<Kind>List`` with the node in
+        ``errors``, the shape docs/output.md promises "even for one node", so a script reading
+        ``.items``/``.errors`` does not break when a group shrinks to one host. The exit code
+        is the same either way (outcome_exit_code of one failure is its code)."""
+        if len(self.nodes) == 1 and self.errors and not (self.multi and _list_errors):
+            self.raise_if_only_node_failed()
+
+    def raise_if_only_node_failed(self) -> None:
         """With one node, its error *is* the command's error: named after the node (a -N
         alias whose HostName is an address is otherwise unrecognisable), as fan-out
-        output names each node; -o json carries it as details.node."""
+        output names each node; -o json carries it as details.node. For commands whose
+        result is one object whatever the selection (a sandbox found somewhere in it)."""
         if len(self.nodes) == 1 and self.errors:
             node = self.nodes[0]
             err = self.errors[node]
@@ -222,4 +246,4 @@ def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None 
 
 
 __all__ = ["run_on_nodes", "select_nodes", "open_transport", "FanOut", "validate_node_name",
-           "LOCAL"]
+           "LOCAL", "configure"]

@@ -27,6 +27,8 @@ FORMATS = ("table", "wide", "plain", "json", "yaml", "name", "jsonl", "markdown"
 PROM_COMMANDS = ("metrics",)
 #: the formats that show a command's human view (a table, or an object described)
 HUMAN_FORMATS = ("table", "plain", "wide", "markdown")
+#: the formats of one structured document (plus events): failed nodes are data in it
+STRUCTURED_FORMATS = ("json", "yaml", "jsonl")
 
 
 @dataclasses.dataclass
@@ -584,10 +586,16 @@ class Output:
                 self._write(describe(_shown(result)))
             if result.summary:
                 self.info(result.summary)
-        if fmt not in ("json", "yaml", "jsonl"):
-            for e in result.errors:
-                where = e.get("node") or e.get("target") or ""
-                self.error(f"{where + ': ' if where else ''}{e['error']['message']}")
+        # every format: stderr is where a reader of a log looks (as for the Error object's
+        # "katactl: error:" line), and a script reading stdout never sees it
+        hints: set[str] = set()
+        for e in result.errors:
+            where = e.get("node") or e.get("target") or ""
+            self.error(f"{where + ': ' if where else ''}{e['error']['message']}")
+            hint = e["error"].get("hint")
+            if hint and hint not in hints:  # once: many nodes failing alike share one
+                hints.add(hint)
+                print(f"hint: {printable(hint)}", file=self.stderr)
 
     def _columns(self, result: Result, wide: bool) -> list[Column]:
         cols = [c for c in result.columns if wide or not c.wide]
@@ -599,8 +607,7 @@ class Output:
         cols = self._columns(result, wide)
         rows = [[c.value(it) for c in cols] for it in result.items or []]
         if not rows:
-            if result.summary is None:
-                self.info(f"No {plural_noun(result.kind)} found.")
+            self._none_found(result)
             return
         if self.stdout_tty:
             from rich.console import Console
@@ -622,6 +629,12 @@ class Output:
             lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
         self._write("\n".join(lines) + "\n")
 
+    def _none_found(self, result: Result) -> None:
+        """An empty list's message: "No X found." only when no node or target failed; with
+        failures the errors are the story (a command says what the others found in its summary)."""
+        if result.summary is None and not result.errors:
+            self.info(f"No {plural_noun(result.kind)} found.")
+
     def _markdown(self, result: Result) -> None:
         """A GitHub pipe table (tabulate's "github" format) with -o wide's columns;
         every cell escaped (markdown_cell) so data never breaks the table or renders
@@ -629,8 +642,7 @@ class Output:
         cols = self._columns(result, wide=True)
         rows = [[markdown_cell(c.value(it)) for c in cols] for it in result.items or []]
         if not rows:
-            if result.summary is None:
-                self.info(f"No {plural_noun(result.kind)} found.")
+            self._none_found(result)
             return
         from tabulate import tabulate  # lazy: only -o markdown pays for it
 

@@ -1042,7 +1042,7 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
     parse_ref(ref)  # bad input fails before any node is contacted
     timeout = min(float(settings.request_timeout), 2.0)
     fo = run_on_nodes(settings, lambda t: resolve(t, ref, check=check, timeout=timeout))
-    fo.raise_if_single_failure()
+    fo.raise_if_only_node_failed()  # one sandbox, not a list: the node's failure is the command's
     found = [(n, fo.values[n]) for n in fo.nodes if n in fo.values]
     matches = []  # (node, id) of every sandbox the ref matches, in node order
     for n in fo.nodes:

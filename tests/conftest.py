@@ -50,6 +50,13 @@ class CliResult:
     def json(self):
         return json.loads(self.stdout)
 
+    def only_node_error(self) -> dict:
+        """The error of the one selected node that failed: with a node selection, even of one
+        node, -o json is the command's list with the node in ``errors`` (docs/output.md)."""
+        doc = self.json()
+        assert doc["kind"] != "Error" and doc.get("items", []) == [] and len(doc["errors"]) == 1, doc
+        return doc["errors"][0]["error"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):

@@ -90,8 +90,9 @@ def test_changed_host_key_cli_exit_7_names_line(cli, sshd_lab):
     assert "ssh-keygen -R" in r.stderr
     r = cli(ssh_args(sshd_lab, "-N", "changed", "--ssh-accept-new", "version", "-o", "json"))
     assert r.exit_code == 7
-    err = r.json()
-    assert err["kind"] == "Error" and err["details"]["line"] == n
+    doc = r.json()  # one selected node: the list, its error in errors (docs/output.md)
+    assert doc["kind"] == "NodeVersionList" and doc["errors"][0]["node"] == "changed"
+    assert doc["errors"][0]["error"]["details"]["line"] == n
 
 
 def test_nodes_from_and_groups(cli, sshd_lab, tmp_path, _isolated_home):
@@ -261,9 +262,11 @@ def test_single_node_error_names_the_node(cli, sshd_lab, cmd):
     r = cli(ssh_args(sshd_lab, "--request-timeout", "0.5s", "-N", "unreachable", *cmd))
     assert r.exit_code == 7
     assert r.stderr.strip().splitlines()[-1].startswith("katactl: error: unreachable: cannot connect to 127.0.0.1:")
+    # -o json: the list of a node selection, even of one node (docs/output.md), the node in its errors
     doc = cli(ssh_args(sshd_lab, "--request-timeout", "0.5s", "-N", "unreachable", *cmd, "-o", "json")).json()
-    assert doc["kind"] == "Error" and doc["details"]["node"] == "unreachable"
-    assert doc["message"].startswith("unreachable: ")
+    assert doc["kind"].endswith("List") and doc["items"] == []
+    assert [e["node"] for e in doc["errors"]] == ["unreachable"]
+    assert doc["errors"][0]["error"]["message"].startswith("cannot connect to 127.0.0.1:")
 
 
 def test_ipv6_address_in_brackets(cli, sshd_lab):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
+
 from katactl import config, fleet
 
 
@@ -48,3 +50,77 @@ def test_host_root_that_is_a_symlink_loop_says_so(cli, tmp_path):
     (tmp_path / "file").write_text("")
     r = cli(["--host-root", str(tmp_path / "file"), "sandbox", "list"])
     assert r.exit_code == 2 and r.stderr.endswith(": not a directory\n")
+
+
+# -- the shape of -o json does not depend on how many nodes were selected (review 7, finding 4)
+_LIST_COMMANDS = [(["sandbox", "list"], "SandboxList"), (["version"], "NodeVersionList"),
+                  (["vmcore", "list"], "VmcoreList"), (["upgrade", "status"], "UpgradeStatusList"),
+                  (["top", "--once"], "SandboxTopList"), (["metrics", "--all"], "MetricSampleList"),
+                  (["audit"], "AuditReport"), (["overhead"], "OverheadReport")]
+
+
+def _down_node() -> str:
+    from tests.conftest_sshd import free_port
+
+    return f"127.0.0.1:{free_port()}"  # connection refused: a real socket, nothing listening
+
+
+@pytest.mark.parametrize("cmd,kind", _LIST_COMMANDS)
+@pytest.mark.parametrize("fmt", ["json", "yaml", "jsonl"])
+def test_one_selected_node_that_failed_is_in_the_lists_errors(cli, cmd, kind, fmt):
+    """`-N one-node -o json` printed kind Error (no items, no errors) where two nodes print
+    the <Kind>List with items and errors: an Ansible task reading `.items` broke when its
+    group shrank to one host. docs/output.md: "-N, --nodes-from, -l, even for one node"."""
+    import json
+
+    import yaml
+
+    node = _down_node()
+    r = cli(["--ssh-config", "/dev/null", "--request-timeout", "2s", "-N", node, "-o", fmt, *cmd])
+    assert r.exit_code == 7, (r.stdout, r.stderr)  # errors.outcome_exit_code: as before
+    doc = yaml.safe_load(r.stdout) if fmt == "yaml" else json.loads(r.stdout.splitlines()[-1] if fmt == "jsonl"
+                                                                   else r.stdout)
+    assert doc["kind"] == kind and doc["items"] == [], doc
+    assert [e["node"] for e in doc["errors"]] == [node]
+    assert doc["errors"][0]["error"]["code"] == "Unreachable" and doc["errors"][0]["error"]["exitCode"] == 7
+
+
+@pytest.mark.parametrize("how", ["nodes-from", "group"])
+def test_one_node_from_a_file_or_group_is_a_list_too(cli, _isolated_home, tmp_path, how):
+    node = _down_node()
+    if how == "nodes-from":
+        (tmp_path / "nodes").write_text(node + "\n")
+        sel = ["--nodes-from", str(tmp_path / "nodes")]
+    else:
+        (_isolated_home / "config" / "katactl").mkdir(parents=True)
+        (_isolated_home / "config" / "katactl" / "config.toml").write_text(f'[node_groups]\none = ["{node}"]\n')
+        sel = ["-N", "@one"]
+    r = cli(["--ssh-config", "/dev/null", "--request-timeout", "2s", *sel, "-o", "json", "sandbox", "list"])
+    assert r.exit_code == 7
+    assert r.json()["kind"] == "SandboxList" and r.json()["errors"][0]["node"] == node
+
+
+@pytest.mark.parametrize("cmd,kind", _LIST_COMMANDS[:3])
+def test_one_selected_node_that_failed_is_one_line_in_human_formats(cli, cmd, kind):
+    """On a terminal or in a pipe the one node's failure is the command's: one line naming
+    the node on stderr, nothing on stdout (no "No sandboxes found ...")."""
+    node = _down_node()
+    r = cli(["--ssh-config", "/dev/null", "--request-timeout", "2s", "-N", node, *cmd])
+    assert r.exit_code == 7 and r.stdout == "", r.stdout
+    assert r.stderr.splitlines()[0].startswith(f"katactl: error: {node}: cannot connect to {node}"), r.stderr
+
+
+def test_this_host_failing_is_still_the_error_object(cli, tmp_path):
+    """Without a node selection (this host) a list command's failure stays the Error object."""
+    r = cli(["--host-root", str(tmp_path / "missing"), "-o", "json", "sandbox", "list"])
+    assert r.exit_code == 2 and r.json()["kind"] == "Error"
+
+
+def test_library_callers_keep_the_single_node_error(tmp_path):
+    """The list shape is the CLI's machine formats' choice (fleet.configure): a library
+    caller's FanOut of one failed node still raises it, named after the node."""
+    from katactl.errors import KatactlError
+
+    fo = fleet.FanOut(["n1"], {}, {"n1": KatactlError("boom")})
+    with pytest.raises(KatactlError, match="^n1: boom$"):
+        fo.raise_if_single_failure()

@@ -173,7 +173,8 @@ def test_readonly_user_is_auth_error_naming_user_and_verb(cli, kube, tmp_path):
     r = node_cli(cli, kc, "cordon", "n1", "-o", "json")
     assert r.exit_code == 7, r.stderr
     assert "readonly" in r.stderr and "cannot patch" in r.stderr
-    assert r.json()["kind"] == "Error" and not unschedulable(kube, "n1")
+    # one named node: the NodeCordon list, the node's failure in its errors (docs/output.md)
+    assert r.only_node_error()["code"] == "AuthFailed" and not unschedulable(kube, "n1")
     # reads work
     assert node_cli(cli, kc, "list", "-o", "name").stdout.split() == ["n1"]
 
@@ -285,7 +286,7 @@ def test_api_down_is_exit_7(cli, tmp_path):
         "contexts": [{"name": "x", "context": {"cluster": "x", "user": "u"}}]}))
     r = cli(["--kubeconfig", str(p), "--request-timeout", "2s", "node", "cordon", "n1", "-o", "json"])
     assert r.exit_code == 7, r.stderr
-    assert r.json()["exitCode"] == 7
+    assert r.only_node_error()["exitCode"] == 7
 
 
 # -- drain -----------------------------------------------------------------------
@@ -295,7 +296,7 @@ def test_drain_refusals_list_every_pod_and_restore_the_node(cli, kube, kc):
     before = pods_on(kube, "twin-a")
     r = node_cli(cli, kc, "drain", "twin-a", "-o", "json")
     assert r.exit_code == 5, r.stderr
-    msg = r.json()["message"]
+    msg = r.only_node_error()["message"]
     for ref in seed["daemonset"] + seed["emptydir"] + seed["unreplicated"]:
         assert ref in msg
     assert "use --ignore-daemonsets" in msg and "use --delete-emptydir-data" in msg and "use --force" in msg
@@ -333,13 +334,14 @@ def test_drain_blocked_by_pdb_times_out_restores_and_reports(cli, kube, kc):
     assert r.exit_code == 6, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     kinds = [d["kind"] for d in lines]
-    assert "PodEvictionBlocked" in kinds and "NodeRestored" in kinds and kinds[-1] == "Error"
+    assert "PodEvictionBlocked" in kinds and "NodeRestored" in kinds and kinds[-1] == "NodeDrain"
+    assert lines[-1]["items"] == [] and lines[-1]["errors"][0]["error"]["code"] == "Timeout"
     blocked = {d["pod"] for d in lines if d["kind"] == "PodEvictionBlocked"}
     assert blocked == set(seed["blocked"])
     assert any("db-twin-a" in (d.get("budget") or "") for d in lines if d["kind"] == "PodEvictionBlocked")
     assert not unschedulable(kube, "twin-a")
     assert set(seed["blocked"]) <= pods_on(kube, "twin-a")
-    assert lines[-1]["details"]["drain"]["blocked"]
+    assert lines[-1]["errors"][0]["error"]["details"]["drain"]["blocked"]
 
 
 def test_drain_of_a_node_cordoned_by_someone_else_leaves_it_cordoned(cli, kube, kc):
@@ -488,7 +490,7 @@ def test_kubectl_and_katactl_drain_twins_alike(cli, kube, kc, kubectl_133):
     assert r.exit_code == 6, r.stderr
     left_b = {twin(r_, "twin-b") for r_ in pods_on(kube, "twin-b")}
     assert left_a == left_b
-    blocked_b = {twin(b["pod"], "twin-b") for b in r.json()["details"]["drain"]["blocked"]}
+    blocked_b = {twin(b["pod"], "twin-b") for b in r.only_node_error()["details"]["drain"]["blocked"]}
     assert blocked_b == {twin(x, "twin-a") for x in seeds["twin-a"]["blocked"]}
     # kubectl leaves the node cordoned after a failed drain; katactl did too, here, by request
     assert unschedulable(kube, "twin-a") and unschedulable(kube, "twin-b")

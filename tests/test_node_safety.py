@@ -102,7 +102,7 @@ def test_drain_never_uncordons_a_node_cordoned_between_its_read_and_its_patch(cl
     assert r.exit_code == 5, r.stderr
     assert unschedulable(kube, "n1")
     assert record(kube, "n1")["wasUnschedulable"] is True
-    assert r.json()["details"]["drain"]["restored"] is False
+    assert r.only_node_error()["details"]["drain"]["restored"] is False
 
 
 def test_drain_leaves_a_node_whose_record_is_no_longer_its_own(cli, kube, kc, monkeypatch):

@@ -244,7 +244,7 @@ def test_pod_not_running_in_time_is_exit_6_with_status_and_events(cli, cluster):
     kube.set_node_root("tree-node", cluster["tree"]["root"])
     r = cli(["--request-timeout", "1s", *kube_args("tree-node"), "sandbox", "list", "-o", "json"])
     assert r.exit_code == 6, r.stdout
-    msg = r.json()["message"]
+    msg = r.only_node_error()["message"]
     assert "not Running within 1s" in msg and "ImagePullBackOff" in msg and "Scheduled" in msg
     assert agent_pods(kube) == []   # deleted even though the run failed
 
@@ -257,7 +257,7 @@ def test_exec_forbidden_is_exit_7_naming_the_verb(cli, cluster, tmp_path, monkey
     monkeypatch.setenv("KUBECONFIG", kube.kubeconfig(tmp_path / "ro", user="readonly"))
     r = cli([*kube_args("tree-node", image=None), "sandbox", "list", "-o", "json"])
     assert r.exit_code == 7, r.stdout
-    assert "create pods/exec" in r.json()["message"]
+    assert "create pods/exec" in r.only_node_error()["message"]
 
 
 def test_node_not_ready_is_that_nodes_error(cli, cluster):

@@ -203,9 +203,10 @@ def test_kubelet_unreachable_behind_the_v5_translator_is_exit_7(cli, cluster):
     ds_pod(kube, "down-node")
     r = cli(["--via", "kube", "-N", "down-node", "sandbox", "list", "-o", "json"])
     assert r.exit_code == 7, r.stdout
-    assert "cannot reach its kubelet" in r.json()["message"] and "error dialing backend" in r.json()["message"]
+    msg = r.only_node_error()["message"]
+    assert "cannot reach its kubelet" in msg and "error dialing backend" in msg
     r = cli(["--via", "kube", "-N", "down-node", "vmcore", "list", "-o", "json"])  # through the file helper
-    assert r.exit_code == 7 and "error dialing backend" in r.json()["message"], r.stdout
+    assert r.exit_code == 7 and "error dialing backend" in r.only_node_error()["message"], r.stdout
 
 
 def test_a_failed_node_pod_behind_the_v5_translator_is_replaced(cluster):
@@ -287,7 +288,7 @@ def test_an_installed_agent_whose_pod_does_not_run_is_exit_7_with_its_state(cli,
     kube.add(o)
     r = cli(["--via", "kube", "-N", "tree-node", "sandbox", "list", "-o", "json"])
     assert r.exit_code == 7, r.stdout
-    msg = r.json()["message"]
+    msg = r.only_node_error()["message"]
     assert "is not running" in msg and "phase Pending" in msg and "ImagePullBackOff" in msg
 
 
@@ -412,7 +413,7 @@ def test_a_host_root_that_is_no_directory_in_the_node_pod_is_exit_2(cli, cluster
     for args in (["sandbox", "list"], ["vmcore", "list"]):
         r = cli([*kube_args("tree-node"), "--host-root", root, *args, "-o", "json"])
         assert r.exit_code == 2, r.stdout
-        assert f"--host-root {root}: {why} in node pod kube-system/" in r.json()["message"]
+        assert f"--host-root {root}: {why} in node pod kube-system/" in r.only_node_error()["message"]
     assert agent_pods(cluster["kube"]) == []
 
 
@@ -443,7 +444,7 @@ def test_a_node_pod_create_refused_outright_sends_no_delete_and_no_warning(cli, 
     else:
         args = ["--agent-namespace", "nosuch", *args]
     r = cli(args)
-    assert (r.exit_code, r.json()["code"]) == ((7, "AuthFailed") if refusal == "forbidden" else (3, "NotFound")), r.stdout
+    assert (r.exit_code, r.only_node_error()["code"]) == ((7, "AuthFailed") if refusal == "forbidden" else (3, "NotFound")), r.stdout
     assert "could not delete" not in r.stderr and "warning" not in r.stderr, r.stderr
     assert not [q for q in kube.requests if q["method"] == "DELETE"]
 

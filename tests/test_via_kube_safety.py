@@ -97,7 +97,7 @@ def test_pod_create_landing_after_the_client_gave_up_is_deleted(cli, cluster):
     start = time.monotonic()
     r = cli([*kube_args("node-a"), "sandbox", "list", "-o", "json", "--request-timeout", "1s"])
     assert r.exit_code == 7, r.stderr
-    assert "timed out" in r.json()["message"]
+    assert "timed out" in r.only_node_error()["message"]
     # once the stand-in carried the create out (3 s after it came), nothing of it is left:
     # the cleanup watched for it and deleted it
     time.sleep(max(0.0, start + 3.5 - time.monotonic()))
@@ -186,7 +186,7 @@ def test_podsecurity_refusal_is_admission_with_the_namespace_hint(cli, cluster):
                       "reason": "Forbidden", "code": 403})
     r = cli([*kube_args("node-a"), "sandbox", "list", "-o", "json"])
     assert r.exit_code == 1, r.stderr
-    e = r.json()
+    e = r.only_node_error()
     assert "refused by admission, not RBAC" in e["message"] and "violates PodSecurity" in e["message"]
     assert "--agent-namespace" in e["hint"] and "pod-security.kubernetes.io/enforce=privileged" in e["hint"]
     assert "\n" not in e["message"]

@@ -233,8 +233,9 @@ def test_node_without_the_compressor(cli, cnodes, tmp_path):
     out = tmp_path / "o"
     r = cli(_args(cnodes, "vcn", "--to", str(out), "--compress", "zstd", "--compress-on", "node", "-o", "json"))
     assert r.exit_code == 1, (r.exit_code, r.stderr)
-    err = r.json()
-    assert err["kind"] == "Error" and "zstd is not installed on node vcn" in err["message"]
+    doc = r.json()  # -N vcn: the list of a node selection, the node's failure in its errors
+    assert doc["kind"] == "VmcoreCollectList" and doc["errors"][0]["node"] == "vcn"
+    assert "zstd is not installed on node vcn" in doc["errors"][0]["error"]["message"]
     assert "--compress-on auto" in r.stderr
     assert not (out / "vcn" / SID / f"vmcore-{TS}.elf.zst").exists()
     assert not list((out / "vcn" / SID).glob("*.partial*")) if (out / "vcn" / SID).exists() else True
