@@ -385,3 +385,34 @@ def test_a_lock_of_another_machine_of_the_same_host_name_is_never_broken(both):
         r = run("switch", A, "--lock-timeout", "0.5")
         assert r.exit_code == 6 and f"pid {2 ** 22 + 7} on {socket.gethostname()}" in r.stderr, r.stderr
     assert _current(state) is None and (state / "lock.d/owner.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_temp_lock_directories_of_killed_runs_are_swept_live_ones_kept(both, kind):
+    """Review 7 (fixes) #6: a run killed between writing .lock-new-<token>/owner.json and
+    renaming it to lock.d (every local run passes there) left it for good. The next run to
+    take the lock removes those (and .lock-old-*) whose owner is provably gone, and keeps a
+    live waiting client's."""
+    import subprocess
+    import sys
+
+    _layout, state, ssh, local = both
+    runs = {"local": local, "ssh": ssh}
+    dead = {"pid": 2 ** 22 + 9, "host": socket.gethostname(), "user": "x", "token": "d",
+            "boot": open("/proc/sys/kernel/random/boot_id").read().strip(),
+            "pidns": os.readlink("/proc/self/ns/pid"), "start": "1"}
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(f"/proc/{live.pid}/stat", "rb") as f:
+            start = f.read().rsplit(b")", 1)[-1].split()[19].decode()
+        for name, owner in ((".lock-new-dead", dead), (".lock-old-dead", {**dead, "token": "o"}),
+                            (".lock-new-flock", {**dead, "flock": True, "boot": "x"}),
+                            (".lock-new-live", {**dead, "pid": live.pid, "start": start})):
+            (state / name).mkdir()
+            (state / name / "owner.json").write_text(json.dumps(owner))
+        r = runs[kind]("switch", A)
+        assert r.exit_code == 0, r.stderr
+        assert sorted(n for n in os.listdir(state) if n.startswith(".lock-")) == [".lock-new-live"]
+    finally:
+        live.kill()
+        live.wait()

@@ -323,11 +323,13 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
             # between its mkdir and its owner write), hence the stat first
             try:
                 transport.rename(tmp, d)
-                return
             except OSError:
                 if not transport.exists(d):
                     raise
                 continue  # a racing client renamed first: look at its lock
+            with contextlib.suppress(OSError, KatactlError):
+                _sweep(transport, layout, flocked)
+            return
         elif isinstance(cur, OSError):
             raise cur
         try:
@@ -444,6 +446,24 @@ def _take_over(transport: NodeTransport, claim: str, token: str, older) -> bool:
         return False  # not a claim we know how to take (by hand?): left for a human
     transport.rename(f"{claim}/{entries[0]}", f"{claim}/{token}")
     return True
+
+
+def _sweep(transport: NodeTransport, layout, flocked: bool) -> None:
+    """Remove what a run killed at the wrong moment left for good: its ``.lock-new-<token>``
+    (killed between writing it and renaming it to lock.d) or ``.lock-old-<token>`` (between
+    renaming lock.d away and removing it). Run while holding the lock; only an owner proved
+    gone as a lock's would be (_stale): a live client waiting for the lock keeps its own."""
+    for name in transport.listdir(layout.state):
+        if not name.startswith((".lock-new-", ".lock-old-")):
+            continue
+        path = f"{layout.state}/{name}"
+        try:
+            raw = transport.read_bytes(path + "/owner.json", limit=4096)
+        except OSError:
+            continue  # no owner to judge (an older katactl's, or mid-write): left alone
+        if _stale(raw, transport, layout, flocked):
+            with contextlib.suppress(FileNotFoundError):
+                transport.remove(path, recursive=True)
 
 
 def _release(transport: NodeTransport, layout, d: str, token: str) -> None:
