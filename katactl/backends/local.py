@@ -214,8 +214,10 @@ class LocalTransport(NodeTransport):
         argv = tuple(str(a) for a in argv)
         err = tempfile.TemporaryFile()
         try:
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                 start_new_session=True)
+            # stdin is the guard's lifeline: a pipe only we hold, closed by the kernel even
+            # when katactl is SIGKILLed (no finally runs then)
+            p = subprocess.Popen(("sh", "-c", _GUARD, "sh", *argv), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         except BaseException:
             err.close()
             raise
@@ -237,6 +239,7 @@ class LocalTransport(NodeTransport):
             finally:
                 _kill_group(p)
                 p.stdout.close()
+                p.stdin.close()
                 p.wait()
                 err.close()
 
@@ -277,6 +280,24 @@ class LocalTransport(NodeTransport):
 
 
 _SUN_PATH_MAX = 108
+
+
+#: run_stream's wrapper, the group leader of its own session: the command runs in its
+#: group, and a watcher ends the whole group (kill 0) when the wrapper's stdin, a pipe only
+#: katactl holds, reaches EOF: katactl gone, even by SIGKILL (the SSH channel's GUARD does
+#: the same on a node). Only the watcher keeps that pipe (fd 3); the command gets /dev/null.
+_GUARD = (
+    'exec 3<&0 </dev/null\n'
+    '"$@" 3<&- &\n'
+    'p=$!\n'
+    '{ cat <&3; kill -KILL 0; } >/dev/null 2>&1 &\n'
+    'w=$!\n'
+    'exec 3<&-\n'
+    'wait "$p"\n'
+    'rc=$?\n'
+    'kill "$w" 2>/dev/null\n'
+    'exit "$rc"\n'
+)
 
 
 def _kill_group(p: subprocess.Popen) -> None:
