@@ -253,3 +253,11 @@ def test_malformed_kubeconfig_values_are_one_line_usage_errors(cli, kube, tmp_pa
     assert needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "unexpected" not in r.stderr and "Error:" not in r.stderr.split("error:", 1)[1], r.stderr
     assert not kube.requests  # refused before any request
+
+
+def test_a_token_file_a_header_cannot_carry_is_a_one_line_usage_error(cli, kube, tmp_path):
+    (tmp_path / "tok").write_text("tökén\n")
+    kc = _standin_variant(kube, tmp_path, lambda d: d["users"][0].update(user={"tokenFile": str(tmp_path / "tok")}))
+    r = cli(["--kubeconfig", kc, "node", "list"])
+    assert r.exit_code == 2, r.stderr
+    assert "tokenFile" in r.stderr and "not printable ASCII" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -641,6 +641,10 @@ class _Credentials:
             with open(self.token_file, encoding="utf-8") as f:
                 tok = f.read().strip()
             why = "" if tok else "read an empty token"
+            try:
+                header_value(tok, "")
+            except UsageError:  # a header cannot carry it: no token, as an unreadable file
+                tok, why = "", "not printable ASCII (a line break or a character a header cannot carry)"
         except (OSError, UnicodeDecodeError) as e:
             tok, why = "", getattr(e, "strerror", None) or "not UTF-8 text"
         if tok:
