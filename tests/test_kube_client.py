@@ -687,6 +687,21 @@ def test_tls_server_name_is_sent_and_verified_as_kubectl_does(cli, kube, tmp_pat
     assert r.exit_code == 7 and "wrong.example" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
+def test_tls_server_name_reaches_the_exec_websockets_of_via_kube(cli, kube, tmp_path):
+    from tests.test_vmcore import node_tree
+
+    root = tmp_path / "tree-node"
+    node_tree(str(root))
+    kube.add_node("tree-node")
+    kube.set_node_root("tree-node", str(root))
+    kc = _tls_variant(kube, tmp_path, **{"tls-server-name": "localhost"})
+    r = cli(["--kubeconfig", kc, "--via", "kube", "-N", "tree-node", "--agent-image", "python:3.12-slim",
+             "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert kube.exec_log and set(kube.sni_names) == {"localhost"}
+
+
 def test_insecure_skip_tls_verify_with_a_ca_is_refused_in_kubectls_words(cli, kube, tmp_path, kubectl_133):
     kc = _tls_variant(kube, tmp_path, **{"insecure-skip-tls-verify": True})
     p = subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "nodes"], capture_output=True, text=True, timeout=60)
