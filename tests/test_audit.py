@@ -437,3 +437,12 @@ def test_vcpu_cgroups_seen_from_another_cgroup_namespace_are_unknown(cli, tmp_pa
     r, d = _audit(cli, root, "--fail-on", "high")
     (f,) = [i for i in d["items"] if i["check"] == "kata.vcpu-cgroup"]
     assert r.exit_code == 8 and f["status"] == "unknown" and "cgroup namespace" in f["message"], d["items"]
+
+
+def test_a_node_that_could_not_be_audited_is_no_pass(cli):
+    """Every node failed (connection refused): the report said passed: true beside exit 7."""
+    r = cli(["-o", "json", "-N", "127.0.0.1:1", "audit"])
+    assert r.exit_code == 7, r.stderr
+    d = r.json()
+    assert d["kind"] == "AuditReport" and d["passed"] is False and d["items"] == []
+    assert [e["node"] for e in d["errors"]] == ["127.0.0.1:1"]

@@ -71,11 +71,15 @@ def audit(
     fo.raise_if_single_failure()
     items, meta, failed = lib.merge({n: fo.values[n] for n in fo.nodes if n in fo.values}, fail_on, pol,
                                     multi=fo.multi)
+    if fo.errors:  # a node that could not be audited is no pass (its error is in errors)
+        meta["passed"] = False
     counts = meta["counts"]
-    summary = (f"audit {'FAILED' if failed else 'passed'} (--fail-on {fail_on}): "
+    verdict = "FAILED" if failed else "incomplete" if fo.errors else "passed"
+    summary = (f"audit {verdict} (--fail-on {fail_on}): "
                + ", ".join(f"{counts[s]} {s}" for s in reversed(pol_mod.SEVERITIES) if counts[s])
                + (f" ({meta['unknown']} not checked: status unknown)" if meta["unknown"] else "")
-               if items else f"audit passed: no findings (policy: {pol.source})")
+               if items else f"audit {'incomplete' if fo.errors else 'passed'}: no findings "
+               f"(policy: {pol.source})" + (f"; {len(fo.errors)} node(s) not audited" if fo.errors else ""))
     res = Result(kind="AuditReport", items=items, item=meta, columns=cols, errors=fo.error_items(),
                  multi_node=fo.multi, name_key="check", summary=summary)
     code = fo.exit_code()
