@@ -200,11 +200,14 @@ def drain(
     --delete-emptydir-data; pods without a controller unless --force. A
     refusal lists every offending pod (exit 5) and changes nothing. Evictions
     go through policy/v1, concurrently; a PodDisruptionBudget's refusal is
-    retried every 5 s until --timeout (exit 6). A pod is gone when the API
+    retried every 5 s, and a server error carrying Retry-After after that
+    delay, until --timeout (exit 6); any other refusal (a 409 too) fails that
+    pod, as with kubectl. A pod is gone when the API
     answers 404 or another UID. On failure, timeout, Ctrl-C, SIGTERM or SIGHUP
     the node is uncordoned again if this drain cordoned it (--keep-cordoned to
     keep it), and the audit log says so (exit 130 when interrupted). Several
-    nodes go one after another (--parallel N to overlap; one Ctrl-C stops all).
+    nodes go one after another (--parallel N to overlap; one Ctrl-C stops all;
+    one node's failure stops none).
 
     \b
     Examples:
