@@ -750,7 +750,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                     deadline.sleep(EVICTION_RETRY if e.retry_after is None else max(e.retry_after, 1.0))
                     continue
                 if e.status >= 500 and e.retry_after is not None and server_errors < EVICTION_SERVER_RETRIES:
-                    # client-go's request.go retries a 5xx that carries Retry-After (checkWait), as
+                    # client-go retries a 5xx that carries Retry-After (rest/with_retry.go checkWait), as
                     # kubectl's eviction does (eviction.go answers 504 + Retry-After 10 after PDB
                     # update conflicts); the 500 for several budgets carries none: fatal
                     server_errors += 1
