@@ -437,6 +437,89 @@ def test_fail_on_unmeasured_is_unknown_not_passed(cli, tmp_path, moving):
     assert [v["metric"] for v in r.json()["failOn"]["violations"]] == ["cpu.some"]
 
 
+# /proc/vmstat before 5.9 (mm/vmstat.c vmstat_text): one workingset_refault counter, split
+# into workingset_refault_anon/_file by 170b04b7ae49 in 5.9
+VMSTAT_54 = ("nr_free_pages 100000\nworkingset_nodes 10\nworkingset_refault {r}\nworkingset_activate 30\n"
+             "workingset_restore 5\nworkingset_nodereclaim 0\npgmajfault 50\npgscan_kswapd 1000\n"
+             "pgscan_direct 10\npgsteal_direct 5\nallocstall_normal 0\noom_kill 0\n")
+# a 4.19 cgroup v1 memory.stat (mm/memcontrol.c memcg_stat_show): no workingset counter at all
+MEMSTAT_V1_419 = ("cache 1000\nrss 2000\nrss_huge 0\nshmem 0\nmapped_file 0\ndirty 0\nwriteback 0\n"
+                  "pgpgin 10\npgpgout 5\npgfault 100\npgmajfault 3\ninactive_anon 0\nactive_anon 2000\n"
+                  "inactive_file 500\nactive_file 500\nunevictable 0\nhierarchical_memory_limit 9223372036854771712\n"
+                  "total_cache 1000\ntotal_rss 2000\ntotal_pgfault 100\ntotal_pgmajfault 3\n")
+
+
+def test_fail_on_refault_before_5_9_is_measured_or_unknown(cli, tmp_path, moving):
+    """Before 5.9 the node's refaults are the one ``workingset_refault``: measured (10M/s
+    here, a violation), never 0. A v1 memory.stat without any workingset counter is not 0
+    refaults: unknown for a TARGET named, skipped with a warning for the default ones."""
+    root = str(tmp_path / "node")
+    built = fx.build_node(root, mode="v1", online_pods=1, sandboxes=0, resctrl=False)
+    fx.write_node_signals(root, 0)
+    fx._w(root, "/proc/vmstat", VMSTAT_54.format(r=5_000_000))
+    for d in (f"/sys/fs/cgroup/memory/kubepods/burstable/pod{u}" for u in built["online"]):
+        fx._w(root, d + "/memory.stat", MEMSTAT_V1_419)
+    moving["between"] = lambda: fx._w(root, "/proc/vmstat", VMSTAT_54.format(r=15_000_000))
+    r = _run(cli, root, "--fail-on", "memory.refault>1000")
+    assert r.exit_code == 8, r.stderr
+    fo = r.json()["failOn"]
+    assert [(v["target"], v["value"]) for v in fo["violations"]] == [("node", 10_000_000.0)]
+    assert fo["unknown"] == [] and [s["targets"] for s in fo["skipped"]] == [[f"pod uid {built['online'][0]}"]]
+    assert "--fail-on memory.refault>1000 skipped for pod uid" in r.stderr
+    path = f"/kubepods/burstable/pod{built['online'][0]}"
+    r = _run(cli, root, path, "--fail-on", "memory.refault>1000")
+    assert r.exit_code == 8, r.stderr
+    fo = r.json()["failOn"]
+    assert fo["violations"] == [] and [u["reason"] for u in fo["unknown"]] == [
+        "unsupported here: memory.stat:workingset_refault"]
+
+
+def test_fail_on_default_targets_on_v1_without_cgroup_psi(cli, tmp_path, moving):
+    """cgroup v1 (no per-cgroup PSI), an idle node: the default targets' PSI rules are the
+    node's (measured, passed); the pods, which cannot have PSI here, are skipped with one
+    warning, not "unknown" (exit 0, not 8). A rule measured on no target stays unknown."""
+    root = str(tmp_path / "node")
+    built = fx.build_node(root, mode="v1", online_pods=2, sandboxes=1, resctrl=False)
+    fx.write_node_signals(root, 0)
+    moving["between"] = lambda: fx.write_node_signals(root, 1)
+    r = _run(cli, root, "--fail-on", "cpu.some>10,memory.some>50,io.some>50")
+    assert r.exit_code == 0, r.stderr
+    fo = r.json()["failOn"]
+    assert fo["passed"] is True and fo["unknown"] == [] and fo["violations"] == []
+    pods = sorted(f"pod uid {u}" for u in built["online"])
+    assert [(s["rule"], sorted(s["targets"]), s["reason"]) for s in fo["skipped"]] == [
+        (f"{m}.some>{n}", pods, f"unsupported here: psi.{m}") for m, n in (("cpu", 10), ("memory", 50), ("io", 50))]
+    assert r.stderr.count("skipped for 2 targets") == 3
+    # cpu.full: the pods have no PSI, the node has no CPU full: nothing measured it
+    r = _run(cli, root, "--fail-on", "cpu.full>10")
+    assert r.exit_code == 8, r.stderr
+    assert [(u["target"], u["reason"]) for u in r.json()["failOn"]["unknown"]] == [
+        ("node", "measured on no target (online pods: unsupported here: psi.cpu)")]
+
+
+@pytest.mark.parametrize("full_line", [True, False], ids=["5.13+", "before-5.13"])
+def test_fail_on_node_cpu_full_is_skipped_on_every_kernel(cli, tmp_path, moving, full_line):
+    """System-level CPU full is undefined (Documentation/accounting/psi.rst: "reported since
+    5.13, so it is set to zero"; before, /proc/pressure/cpu has no full line): a node rule
+    on it is skipped with a warning on both kernels, not passed on one and unknown on the other."""
+    root = str(tmp_path / "node")
+    fx.build_node(root, mode="v2", online_pods=1, sandboxes=0, resctrl=False)
+
+    def write(k):
+        fx.write_node_signals(root, k)
+        if not full_line:
+            fx._w(root, "/proc/pressure/cpu", f"some avg10=2.00 avg60=1.00 avg300=0.20 total={5_000_000 + k}\n")
+    write(0)
+    moving["between"] = lambda: write(1)
+    r = _run(cli, root, "node", "--fail-on", "cpu.full>50,cpu.full.avg10>50")
+    assert r.exit_code == 0, r.stderr
+    fo = r.json()["failOn"]
+    assert fo["passed"] is True and fo["unknown"] == [] and fo["violations"] == []
+    assert [(s["rule"], s["targets"]) for s in fo["skipped"]] == [("cpu.full>50", ["node"]),
+                                                                    ("cpu.full.avg10>50", ["node"])]
+    assert "--fail-on cpu.full>50 skipped for node (CPU full is undefined at the system level" in r.stderr
+
+
 def test_fail_on_gone_target_is_not_unknown(cli, tmp_path, moving):
     root = str(tmp_path / "node")
     built = _node(root)
@@ -449,7 +532,8 @@ def test_fail_on_gone_target_is_not_unknown(cli, tmp_path, moving):
     moving["between"] = between
     r = _run(cli, root, sbs[1]["id"][:10], "--fail-on", "cpu.some>50")
     assert r.exit_code == 0, r.stderr
-    assert r.json()["failOn"] == {"rules": ["cpu.some>50"], "passed": True, "violations": [], "unknown": []}
+    assert r.json()["failOn"] == {"rules": ["cpu.some>50"], "passed": True, "violations": [], "unknown": [],
+                                  "skipped": []}
 
 
 def test_audit_io_weight_per_device(cli, tmp_path):

@@ -348,10 +348,14 @@ def pressure_cmd(
     memory.direct-reclaim (pages/s), memory.refault (/s), memory.oom (kills),
     memory.max (limit hits). Operators: > >= < <=.
 
-    A rule that cannot be measured for a target it applies to (cgroup v1
-    without PSI, an unreadable file) is listed under failOn.unknown and fails
-    the gate as a violation does: name the node (TARGET "node") for
-    node-wide PSI on such nodes.
+    A rule that cannot be measured for a target it applies to (an unreadable
+    file; a TARGET named that lacks the signal, e.g. PSI on cgroup v1) is
+    listed under failOn.unknown and fails the gate as a violation does. With
+    the default targets, a metric the online pods cannot have on this node
+    (cgroup v1 without per-cgroup PSI, a kernel without the counter) or the
+    node has no value for (cpu.throttled, memory.max; cpu.full, undefined
+    system-wide) is skipped with one warning (failOn.skipped); a rule measured
+    on no target at all is unknown.
 
     Exit codes: 0, 8 when a --fail-on rule holds or cannot be measured, 2 bad
     input, 4 some nodes failed, 130 when --watch is interrupted outside a
@@ -410,6 +414,13 @@ def pressure_cmd(
                     warned.add(key)
                     app_ctx.out.warn(f"{n + ': ' if fanout.multi else ''}--fail-on {u['rule']} not measured for "
                                      f"{u['target']} ({u['reason']}): the gate fails")
+            for sk in (m.get("failOn") or {}).get("skipped", []):
+                skey = (n, "skipped", sk["rule"], sk["reason"])
+                if skey not in warned:
+                    warned.add(skey)
+                    t = sk["targets"]
+                    app_ctx.out.warn(f"{n + ': ' if fanout.multi else ''}--fail-on {sk['rule']} skipped for "
+                                     f"{t[0] if len(t) == 1 else f'{len(t)} targets'} ({sk['reason']})")
         failed = any(not (m.get("failOn") or {}).get("passed", True) for m in metas.values())
         if failed and code == ExitCode.OK:
             code = ExitCode.CHECK_FAILED

@@ -15,8 +15,8 @@ CPU           ``cpu.stat``: v2 ``usage_usec``, ``nr_periods``, ``nr_throttled``,
               ``throttled_usec``; v1 ``nr_periods``, ``nr_throttled``,
               ``throttled_time`` (ns) and ``cpuacct.usage`` (ns).
 memory        v2 ``memory.events`` (low high max oom oom_kill), ``memory.stat``
-              (``pgscan_direct``, ``pgsteal_direct``, ``workingset_refault_anon|file``,
-              ``pgmajfault``), ``memory.current``; v1 ``memory.stat`` (``total_*``:
+              (``pgscan_direct``, ``pgsteal_direct``, ``workingset_refault_anon|file``, before 5.9
+              the one ``workingset_refault``; ``pgmajfault``), ``memory.current``; v1 ``memory.stat`` (``total_*``:
               hierarchical), ``memory.failcnt``, ``memory.oom_control`` (``oom_kill``),
               ``memory.usage_in_bytes``; the node's ``/proc/vmstat``.
               v1's ``memory.pressure_level`` is an eventfd notifier
@@ -443,6 +443,8 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample,
             mem.update(_reclaim(a, b, dt, pre))
             unsupported += [f"memory.stat:{k}" for k in ("pgscan_direct", "pgsteal_direct")
                             if k not in b and pre + k not in b]
+            if "refaultAnonPerSec" not in mem and "refaultFilePerSec" not in mem:
+                unsupported.append("memory.stat:workingset_refault")  # no workingset counter in this memory.stat
         if fs.version_of("memory") == 1:
             mem["pressureLevel"] = "eventfd notifier only (memory.pressure_level via cgroup.event_control)"
     row["memory"] = mem or None
@@ -474,6 +476,13 @@ def _reclaim(a: dict, b: dict, dt: float, pre: str) -> dict:
             out[name] = _rate(a.get(k), b[k], dt, nd=1)
         elif key in b:
             out[name] = _rate(a.get(key), b[key], dt, nd=1)
+    if "refaultAnonPerSec" not in out and "refaultFilePerSec" not in out:
+        # before 5.9 one counter, file pages only (anon refaults are tracked since
+        # 170b04b7ae49 split it into _anon/_file; mm/vmstat.c vmstat_text)
+        for k in (pre + "workingset_refault", "workingset_refault"):
+            if k in b:
+                out["refaultFilePerSec"] = _rate(a.get(k), b[k], dt, nd=1)
+                break
     return out
 
 
@@ -718,6 +727,12 @@ def _psi_get(res, line, key="stallPercent"):
     return lambda r: (((r.get("psi") or {}).get(res) or {}).get(line) or {}).get(key)
 
 
+def _refault(anon, file):
+    """anon + file refaults; no counter at all is not 0 refaults but unmeasured (None)."""
+    vals = [v for v in (anon, file) if isinstance(v, (int, float))]
+    return sum(vals) if vals else None
+
+
 METRICS: dict[str, tuple] = {}
 for _r in RESOURCES:
     for _l in ("some", "full"):
@@ -728,9 +743,8 @@ METRICS["cpu.throttled"] = (lambda r: (r.get("cpu") or {}).get("throttledPercent
 METRICS["cpu.throttled-ms"] = (lambda r: (r.get("cpu") or {}).get("throttledMsPerSec"), "throttled ms per second")
 METRICS["memory.direct-reclaim"] = (lambda r: (r.get("memory") or {}).get("pgscanDirectPerSec"),
                                    "pages scanned by direct reclaim per second")
-METRICS["memory.refault"] = (lambda r: sum(v for v in ((r.get("memory") or {}).get("refaultAnonPerSec"),
-                                                       (r.get("memory") or {}).get("refaultFilePerSec"))
-                                           if isinstance(v, (int, float))) if r.get("memory") else None,
+METRICS["memory.refault"] = (lambda r: _refault((r.get("memory") or {}).get("refaultAnonPerSec"),
+                                                (r.get("memory") or {}).get("refaultFilePerSec")),
                              "workingset refaults per second")
 METRICS["memory.oom"] = (lambda r: ((r.get("memory") or {}).get("events") or {}).get("oomKill"),
                          "OOM kills during the interval")
@@ -758,46 +772,85 @@ def parse_rules(text: str | None) -> list[tuple[str, str, float]]:
     return out
 
 
-#: metrics the node as a whole has no value for (no CFS quota, no memory limit): never "unknown" there
-NOT_FOR_NODE = frozenset({"cpu.throttled", "cpu.throttled-ms", "memory.max"})
+#: metrics the node as a whole has no value for, and why: skipped there (with a warning), never
+#: "unknown". CPU "full" is undefined at the system level: Documentation/accounting/psi.rst
+#: ("reported since 5.13, so it is set to zero"); before 5.13 /proc/pressure/cpu has no
+#: "full" line at all. Skipped on every kernel, so one rule means the same on each.
+NOT_FOR_NODE = {
+    **{m: "the node has no CFS quota" for m in ("cpu.throttled", "cpu.throttled-ms")},
+    "memory.max": "the node has no memory limit",
+    **{f"cpu.full{a}": "CPU full is undefined at the system level (psi.rst: 0 since 5.13)"
+       for a in ("", ".avg10", ".avg60", ".avg300")},
+}
 #: the signal (compute's file keys) each metric family is read from, to say why it is missing
 _SOURCE = {"cpu.throttled": ("cpu.stat",), "memory.direct-reclaim": ("memory.stat", "vmstat"),
-           "memory.refault": ("memory.stat", "vmstat"), "memory.oom": ("memory.events", "memory.oom_control", "vmstat"),
+           "memory.refault": ("memory.stat", "vmstat", "memory.stat:workingset_refault"),
+           "memory.oom": ("memory.events", "memory.oom_control", "vmstat"),
            "memory.max": ("memory.events", "memory.failcnt")}
 
 
-def _why_missing(r: dict, metric: str) -> str:
+def _why_missing(r: dict, metric: str) -> tuple[str, str]:
+    """(kind, reason): "unreadable" (a file that exists could not be read), "unsupported"
+    (this hierarchy or kernel has no such file or counter) or "unmeasured"."""
     fam = metric if metric in _SOURCE else "cpu.throttled" if metric.startswith("cpu.throttled") else None
     srcs = _SOURCE.get(fam or "", (f"psi.{metric.split('.')[0]}",))
     for u in r.get("unreadable") or []:
         if any(u["file"].endswith("/" + x.removeprefix("psi.") + (".pressure" if x.startswith("psi.") else ""))
                for x in srcs):
-            return f"{u['file']}: {u['error']}"
+            return "unreadable", f"{u['file']}: {u['error']}"
     missing = [x for x in srcs if x in (r.get("unsupported") or [])]
     if missing:
-        return f"unsupported here: {', '.join(missing)}"
-    return "no value measured"
+        return "unsupported", f"unsupported here: {', '.join(missing)}"
+    return "unmeasured", "no value measured"
 
 
 def check_rules(rows: list[dict], rules, explicit: bool) -> dict:
     """Rules apply to the online pods and the node (every target when TARGETs were given).
-    A rule that could not be evaluated for such a target (its signal is unsupported or
-    unreadable there: cgroup v1 without PSI, a permission error) is ``unknown``, which does
-    not pass: the gate never reports a check it could not make as passed. A target that
-    vanished mid-sample is skipped, as are metrics the node has no value for."""
-    viol, unknown = [], []
+    A rule that could not be evaluated for such a target is ``unknown``, which does not
+    pass: the gate never reports a check it could not make as passed. That is a file that
+    should be there and could not be read (a permission error), a signal missing on a
+    TARGET named explicitly, or a rule measured on no target at all. Skipped (listed under
+    ``skipped``, warned once): a metric the node has no value for (NOT_FOR_NODE) and, for
+    the default targets, one the online pods cannot have on this node (cgroup v1 without
+    per-cgroup PSI, a kernel without the counter). A target that vanished mid-sample is
+    left out."""
+    viol: list[dict] = []
+    unknown: list[dict] = []
+    skipped: dict[tuple[str, str], dict] = {}  # (rule, reason) -> {rule, metric, reason, targets}
+    measured: set[str] = set()
+    pods_cannot: dict[str, tuple[str, str]] = {}  # rule -> (metric, why the online pods lack it)
+
+    def skip(rule, metric, why, target):
+        skipped.setdefault((rule, why), {"rule": rule, "metric": metric, "reason": why,
+                                         "targets": []})["targets"].append(target)
+
     for r in rows:
         if not explicit and not (r["class"] == "online" or r["role"] == "node"):
             continue
         for metric, op, num in rules:
-            v = METRICS[metric][0](r)
             rule = f"{metric}{op}{num:g}"
+            if r["role"] == "node" and metric in NOT_FOR_NODE:
+                skip(rule, metric, NOT_FOR_NODE[metric], r["target"])
+                continue
+            v = METRICS[metric][0](r)
             if isinstance(v, (int, float)):
+                measured.add(rule)
                 if _OPS[op](v, num):
                     viol.append({"target": r["target"], "path": r["path"], "metric": metric, "value": v,
                                  "rule": rule})
-            elif not r.get("gone") and not (r["role"] == "node" and metric in NOT_FOR_NODE):
-                unknown.append({"target": r["target"], "path": r["path"], "metric": metric, "rule": rule,
-                                "reason": _why_missing(r, metric)})
+                continue
+            if r.get("gone"):
+                continue
+            kind, why = _why_missing(r, metric)
+            if kind == "unsupported" and not explicit:
+                skip(rule, metric, why, r["target"])
+                pods_cannot[rule] = (metric, why)
+                continue
+            unknown.append({"target": r["target"], "path": r["path"], "metric": metric, "rule": rule,
+                            "reason": why})
+    for rule, (metric, why) in pods_cannot.items():
+        # the pods cannot have it and the node had no value for it: nothing was checked
+        if rule not in measured and not any(u["rule"] == rule for u in unknown):
+            unknown.append({"target": "node", "path": None, "metric": metric, "rule": rule, "reason": f"measured on no target (online pods: {why})"})
     return {"rules": [f"{m}{o}{n:g}" for m, o, n in rules], "passed": not viol and not unknown,
-            "violations": viol, "unknown": unknown}
+            "violations": viol, "unknown": unknown, "skipped": list(skipped.values())}
