@@ -194,6 +194,8 @@ def test_unsupported_features_are_info_not_errors(cli, tmp_path):
     assert r.exit_code == 0
     sev = {i["check"]: i["severity"] for i in d["items"]}
     assert sev == {"bvt.unsupported": "info", "memcg.unsupported": "info", "rdt.unsupported": "info"}
+    # a feature the kernel lacks is no problem found (docs/output.md: status)
+    assert {i["status"] for i in d["items"]} == {"unsupported"} and d["unknown"] == 0
     r, _ = _audit(cli, root, "--fail-on", "info")
     assert r.exit_code == 8
 
@@ -382,6 +384,32 @@ def test_unreadable_memcg_priority_is_unknown(cli, tmp_path):
     r, d = _audit(cli, root)
     (f,) = [i for i in d["items"] if i["check"] == "memcg.priority-order"]
     assert r.exit_code == 8 and f["status"] == "unknown" and f["severity"] == "medium", d["items"]
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+def test_unreadable_weight_of_a_pinned_online_pod_is_not_needed(cli, tmp_path, mode):
+    """A pinned online pod (cpuset.cpus 1 of the node's 0-3) passes cpu.online-weight whatever
+    its weight: an unreadable cpu.shares / cpu.weight there is no "unknown". Not pinned, it is."""
+    root = str(tmp_path)
+    info = build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, mode=mode, online_shares=100)
+    uid = info["online"][0]
+    v1 = mode == "v1"
+    cpuset = f"sys/fs/cgroup/{'cpuset/' if v1 else ''}kubepods/burstable/pod{uid}"
+    knob = f"sys/fs/cgroup/{'cpu/' if v1 else ''}kubepods/burstable/pod{uid}/{'cpu.shares' if v1 else 'cpu.weight'}"
+    for name in ("cpuset.cpus", "cpuset.effective_cpus" if v1 else "cpuset.cpus.effective"):
+        with open(os.path.join(root, cpuset, name), "w") as f:
+            f.write("1\n")
+    r, d = _audit(cli, root, "--fail-on", "medium")
+    assert r.exit_code == 0 and "cpu.online-weight" not in _checks(d), d["items"]
+    _unreadable(os.path.join(root, knob), "eisdir")
+    r, d = _audit(cli, root, "--fail-on", "medium")
+    assert r.exit_code == 0 and d["unknown"] == 0, d["items"]
+    for name in ("cpuset.cpus", "cpuset.effective_cpus" if v1 else "cpuset.cpus.effective"):
+        with open(os.path.join(root, cpuset, name), "w") as f:
+            f.write("0-3\n")
+    r, d = _audit(cli, root, "--fail-on", "medium")
+    (f,) = [i for i in d["items"] if i["check"] == "cpu.online-weight"]
+    assert r.exit_code == 8 and f["status"] == "unknown" and "Is a directory" in f["message"], d["items"]
 
 
 def test_unreadable_bvt_switch_is_unknown_not_off(cli, tmp_path):

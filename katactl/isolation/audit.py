@@ -5,8 +5,9 @@ Each finding has a check id, a severity, the target, a message, the evidence
 (node file and the value read there) and a fix hint. A feature the kernel
 lacks is an ``info`` finding ("unsupported"), never an error. A check whose
 input could not be read or parsed did not run: that is a finding of that check
-with ``status: "unknown"`` (``"problem"`` otherwise) at the check's severity,
-so ``--fail-on`` counts it: an unverified node never passes silently.
+with ``status: "unknown"`` at the check's severity, so ``--fail-on`` counts it:
+an unverified node never passes silently. Otherwise ``status`` is ``"problem"``,
+or ``"unsupported"`` for the ``*.unsupported`` info findings.
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ class Findings:
         sev = self.pol.severity_of(check)
         if at_most is not None:
             sev = min(sev, at_most, key=SEVERITIES.index)
-        self.items.append({"check": check, "severity": sev, "status": "unknown" if unknown or check == UNREADABLE
-                           else "problem", "target": target, "message": message, "evidence": evidence, "fix": fix})
+        status = "unknown" if unknown or check == UNREADABLE else "unsupported" if check.endswith(UNSUPPORTED) \
+            else "problem"
+        self.items.append({"check": check, "severity": sev, "status": status, "target": target, "message": message,
+                           "evidence": evidence, "fix": fix})
 
     def unknown(self, check: str, target: str, what: str, evidence: list[dict], fix: str) -> None:
         self.add(check, target, f"not checked: {what}", evidence, fix, unknown=True)
@@ -44,6 +47,8 @@ class Findings:
 
 #: the check id of a sandbox's threads or files that could not be read (always "unknown")
 UNREADABLE = "kata.unreadable"
+#: the suffix of the info findings for a feature the kernel lacks (status "unsupported": no problem)
+UNSUPPORTED = ".unsupported"
 
 
 def _ev(row: dict, fname: str, value) -> dict:
@@ -155,8 +160,10 @@ def _cpu_checks(f: Findings, pol: Policy, rows: list[dict], root_cpus) -> None:
     for r in rows:
         if r["level"] == "pod" and r["class"] == "online":
             if pol.cpu.accept_pinned and _pinned(r, kids.get(r["path"], []), root_cpus):
-                continue
+                continue  # pinned: its weight does not matter, readable or not
             sh, w = r.get("shares"), r.get("weight")
+            if _weight_unread(f, "cpu.online-weight", r):
+                continue
             if isinstance(sh, int) and sh < pol.cpu.online_min_shares:
                 f.add("cpu.online-weight", _target(r),
                       f"online pod is not pinned and has cpu.shares {sh} < {pol.cpu.online_min_shares}",
@@ -173,6 +180,8 @@ def _cpu_checks(f: Findings, pol: Policy, rows: list[dict], root_cpus) -> None:
         if r["class"] == "offline" and r["level"] in ("pod", "sandbox"):
             sh, w = r.get("shares"), r.get("weight")
             mx = pol.cpu.offline_max_shares
+            if _weight_unread(f, "cpu.offline-weight", r):
+                continue
             if isinstance(sh, int) and sh > mx:
                 f.add("cpu.offline-weight", _target(r),
                       f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} cgroup has cpu.shares {sh} > {mx}",
@@ -183,6 +192,25 @@ def _cpu_checks(f: Findings, pol: Policy, rows: list[dict], root_cpus) -> None:
                 f.add("cpu.offline-weight", _target(r),
                       f"offline cgroup has cpu.weight {w}, above {mx} shares under both conversions",
                       [_ev(r, "cpu.weight", w)], f"lower cpu.weight to at most {weights.weight_runc(mx)}")
+
+
+def _weight_unread(f: Findings, check: str, r: dict) -> bool:
+    """The row's CPU weight (cpu.shares on v1, cpu.weight on v2) could not be read: ``check``
+    did not run for it (unknown)."""
+    if isinstance(r.get("shares"), int) or isinstance(r.get("weight"), int):
+        return False
+    for u in r.get("unreadable", []):
+        if u["file"].rsplit("/", 1)[-1] in ("cpu.shares", "cpu.weight"):
+            _unknown_knob(f, check, r, u)
+            return True
+    return False
+
+
+def _unknown_knob(f: Findings, check: str, r: dict, u: dict) -> None:
+    name = u["file"].rsplit("/", 1)[-1]
+    f.unknown(check, _target(r), f"{name} could not be read ({u['error']})",
+              [{"file": u["file"], "value": None, "error": u["error"]}],
+              f"check {u['file']} on the node (permissions, the kernel's format)")
 
 
 # -- bvt ---------------------------------------------------------------------------
@@ -300,10 +328,6 @@ def _knob_check(name: str, r: dict, pol: Policy, bvt: bool, feats: dict) -> str 
     """The check that needed the knob file ``name`` of row ``r`` (None: no check reads it
     there); ``bvt``: the kernel has group identity; ``feats``: its Alinux memcg knobs."""
     lvl, cls = r["level"], r["class"]
-    if name in ("cpu.shares", "cpu.weight"):
-        if lvl == "pod" and cls == "online":
-            return "cpu.online-weight"
-        return "cpu.offline-weight" if cls == "offline" and lvl in ("pod", "sandbox") else None
     if name == "cpu.bvt_warp_ns":
         if report.expected_bvt(r, pol) is None or not bvt:
             return None
@@ -328,9 +352,7 @@ def _unreadable_knobs(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
             name = u["file"].rsplit("/", 1)[-1]
             check = _knob_check(name, r, pol, bvt, feats)
             if check is not None:
-                f.unknown(check, _target(r), f"{name} could not be read ({u['error']})",
-                          [{"file": u["file"], "value": None, "error": u["error"]}],
-                          f"check {u['file']} on the node (permissions, the kernel's format)")
+                _unknown_knob(f, check, r, u)
 
 
 # -- io ----------------------------------------------------------------------------
