@@ -172,8 +172,12 @@ def _write_group(root, d, g, cache_ids, mon, ctrl=True):
             _w(root, f"{d}/mon_data/mon_L3_{i:02d}/mbm_local_bytes", m.get("local", 1 << 29))
 
 
-def write_threads(root: str, pid: int, threads: list[tuple[int, str, dict]], affinity: str = "0-3") -> None:
-    """/proc/<pid>/task/<tid>/{comm,stat,status,cgroup}; threads: (tid, comm, {controller: path})."""
+def write_threads(root: str, pid: int, threads: list[tuple[int, str, dict]], affinity: str = "0-3",
+                  mode: str = "v1") -> None:
+    """/proc/<pid>/task/<tid>/{comm,stat,status,cgroup}; threads: (tid, comm, {controller: path}).
+    ``mode="v2"``: a cgroup2-only host, where the kernel prints the one line ``0::<path>``
+    (kernel/cgroup/cgroup.c proc_cgroup_show; Documentation/admin-guide/cgroup-v2.rst
+    "Processes": "0::/test-cgroup/test-cgroup-nested"), from "unified" or else "cpu"."""
     for tid, comm, cgs in threads:
         b = f"/proc/{pid}/task/{tid}"
         _w(root, b + "/comm", comm)
@@ -182,11 +186,14 @@ def write_threads(root: str, pid: int, threads: list[tuple[int, str, dict]], aff
         _w(root, b + "/stat", f"{tid} ({comm}) " + " ".join(fields))
         _w(root, b + "/status", f"Name:\t{comm}\nPid:\t{tid}\nCpus_allowed_list:\t{affinity}\n")
         lines = []
-        for i, c in enumerate(("cpu", "cpuset", "memory"), 1):
-            if c in cgs:
-                lines.append(f"{i}:{c}:{cgs[c]}")
-        if "unified" in cgs:
-            lines.append(f"0::{cgs['unified']}")
+        if mode == "v2":
+            lines.append(f"0::{cgs.get('unified', cgs.get('cpu'))}")
+        else:
+            for i, c in enumerate(("cpu", "cpuset", "memory"), 1):
+                if c in cgs:
+                    lines.append(f"{i}:{c}:{cgs[c]}")
+            if "unified" in cgs:
+                lines.append(f"0::{cgs['unified']}")
         _w(root, b + "/cgroup", "\n".join(lines) + "\n")
         if tid == pid:
             _w(root, f"/proc/{pid}/cgroup", "\n".join(lines) + "\n")
@@ -270,7 +277,7 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
         ths = [(pid, "qemu-system-x86" if hypervisor == "qemu" else hypervisor, {"cpu": main_cg, "memory": main_cg}),
                (pid + 50, "IO iothread1", {"cpu": main_cg, "memory": main_cg})]
         ths += [(t, names.format(k), {"cpu": in_sb, "memory": in_sb}) for k, t in enumerate(vt)]
-        write_threads(root, pid, ths)
+        write_threads(root, pid, ths, mode=mode)
         write_cgroup(root, mode, pod_cg, vals)
         sbv = dict(vals)
         if sandbox_bvt is not None and alinux:

@@ -76,6 +76,25 @@ def test_each_violation_is_found_with_evidence(cli, tmp_path, kw, check, severit
     assert d["counts"][severity] >= 1
 
 
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+def test_vcpu_outside_the_sandbox_cgroup_on_each_hierarchy(cli, tmp_path, mode):
+    """On a cgroup2-only host /proc/<pid>/task/<tid>/cgroup is the one line "0::<path>"
+    (cgroup-v2.rst "Processes"): the vCPU threads' place is read from it there."""
+    root = str(tmp_path)
+    info = build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, mode=mode, vcpu_outside=True,
+                      alinux=mode == "v1", resctrl=False)
+    (sid,) = info["vcpu_tids"]
+    tid = info["vcpu_tids"][sid][0]
+    with open(os.path.join(root, f"proc/{tid - 1}/task/{tid}/cgroup")) as f:
+        text = f.read()
+    assert text == (f"0::/kata_overhead/{sid}\n" if mode == "v2" else
+                    f"1:cpu:/kata_overhead/{sid}\n3:memory:/kata_overhead/{sid}\n")
+    r, d = _audit(cli, root, "--fail-on", "high")
+    (f,) = [i for i in d["items"] if i["check"] == "kata.vcpu-cgroup"]
+    assert r.exit_code == 8 and f["status"] == "problem", d["items"]
+    assert f"/kata_overhead/{sid}" in str(f["evidence"])
+
+
 def test_offline_vcpu_identity_note_and_fix_hint(cli, tmp_path):
     root = str(tmp_path)
     build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True, sandbox_bvt=0)
