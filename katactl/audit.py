@@ -4,7 +4,9 @@ Lives at $XDG_STATE_HOME/katactl/audit.log, or where the ``audit_log`` setting
 says (the CLI calls configure() once its settings are resolved; library users
 may too). Written with O_APPEND so concurrent katactl processes never
 interleave a line, and with O_NOFOLLOW: a symlink planted where the log goes (a shared,
-writable audit_log directory, katactl run as root) must not make it append to another file.
+writable audit_log directory, katactl run as root) must not make it append to another file;
+nor may a FIFO or device planted there stall katactl or take its lines (only a regular file,
+opened without blocking).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from typing import Any
@@ -41,11 +44,13 @@ def audit_path(override: str | None = None) -> str:
     return os.path.abspath(os.path.expanduser(p))
 
 
-def require_writable(path: str | None = None) -> None:
+def require_writable(path: str | None = None, *, dry_run: bool = False) -> None:
     """Refuse (exit 5) a mutation whose audit entry could not be written, before it
     starts: a change nobody can trace afterwards is what the log exists to prevent.
-    ``--no-audit`` (configure(enabled=False)) is the explicit way past it."""
-    if not _enabled:
+    ``--no-audit`` (configure(enabled=False)) is the explicit way past it; a dry run
+    changes nothing and needs no log. Every mutating command calls it before its first
+    change, through the same _open record() writes with."""
+    if not _enabled or dry_run:
         return
     p = audit_path(path)
     try:
@@ -90,14 +95,28 @@ def record(action: str, target: str, *, node: str = "localhost", params: dict | 
 
 
 def _open(p: str) -> int:
-    """The log opened for appending, created 0600 if missing; never through a symlink."""
+    """The log opened for appending, created 0600 if missing; never through a symlink, and
+    only a regular file: O_NONBLOCK so that opening a FIFO with no reader fails (ENXIO) rather
+    than waiting for one, then fstat on what was opened (no race with a rename), then back to
+    blocking writes."""
     os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
-    return os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _why(e: OSError) -> str:
     if e.errno == errno.ELOOP:  # O_NOFOLLOW's answer for a symlink
         return "it is a symbolic link (refused: give the real file as audit_log)"
+    if e.errno in (errno.ENXIO, errno.EINVAL):  # a FIFO without a reader, or any non-regular file
+        return "not a regular file (refused: give a regular file as audit_log)"
     return e.strerror or str(e)
 
 

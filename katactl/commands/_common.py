@@ -92,22 +92,36 @@ def fan_out_list(app_ctx: AppContext, fn: Callable[[Any], list[dict]], *, kind: 
 
 
 def fan_out_one(app_ctx: AppContext, fn: Callable[[Any], dict], *, kind: str,
-                columns: list[Column] | None = None, mutating: bool = False, settings=None) -> None:
+                columns: list[Column] | None = None, mutating: bool = False, dry_run: bool = False,
+                settings=None) -> None:
     """Like fan_out_list for commands producing one object per node.
 
     On a single node the object is rendered as itself; on many, as a list with
     a NODE column. Either way each object names its node (`-o name` prints it).
-    Mutating results carry changed/dryRun at top level.
+    Mutating results carry changed/dryRun at top level; a mutation (not ``dry_run``) is
+    refused (exit 5) before any node is touched when its audit log cannot be written.
     """
     from katactl.fleet import run_on_nodes
 
+    if mutating:
+        require_audit(dry_run)
     fo = run_on_nodes(settings or app_ctx.settings, fn, progress=_progress_cb(app_ctx))
-    render_per_node(app_ctx, fo, kind=kind, columns=columns, mutating=mutating)
+    render_per_node(app_ctx, fo, kind=kind, columns=columns, mutating=mutating, dry_run=dry_run)
+
+
+def require_audit(dry_run: bool) -> None:
+    """The mutating commands' one audit check, before their first change (and their first
+    contact): katactl.audit.require_writable, with the same open record() writes with."""
+    from katactl import audit
+
+    audit.require_writable(dry_run=dry_run)
 
 
 def render_per_node(app_ctx: AppContext, fanout, *, kind: str, columns: list[Column] | None = None,
-                    mutating: bool = False) -> None:
-    """Render a FanOut of one object per node (see fan_out_one) and exit with its code."""
+                    mutating: bool = False, dry_run: bool = False) -> None:
+    """Render a FanOut of one object per node (see fan_out_one) and exit with its code.
+    A mutation's ``dryRun`` is the command's flag: with every node failed there is no item
+    to take it from, and the run could have changed nothing either way."""
     from katactl.output import Result
 
     fanout.raise_if_single_failure()
@@ -118,9 +132,8 @@ def render_per_node(app_ctx: AppContext, fanout, *, kind: str, columns: list[Col
         return
     items = fanout.items()
     changed = any(i.get("changed") for i in items) if mutating else None
-    dry = any(i.get("dryRun") for i in items) if mutating else None
     result = Result(kind=kind + "List", items=items, columns=columns or [], errors=fanout.error_items(),
-                    multi_node=True, changed=changed, dry_run=dry, name_key="node")
+                    multi_node=True, changed=changed, dry_run=dry_run if mutating else None, name_key="node")
     finish(app_ctx, result, fanout.exit_code())
 
 

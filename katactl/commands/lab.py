@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from katactl.commands._common import finish, new_app, state
+from katactl.commands._common import finish, new_app, require_audit, state
 
 app = new_app("A local Kata-like node (real QEMU micro-VMs where installed) to try every command on.")
 
@@ -97,6 +97,7 @@ def up(ctx: typer.Context,
                         dry_run=True)
         _render(app_ctx, st, mutating=True)
         return
+    require_audit(dry_run=False)
     if not app_ctx.out.machine and not control.is_running(root):
         app_ctx.out.info("starting the lab (the first run downloads a Debian cloud kernel)...")
     st = control.up(root, sandboxes=sandboxes, hypervisor=hypervisor, kernel=kernel, memory_mib=mem >> 20,
@@ -154,6 +155,7 @@ def down(ctx: typer.Context,
 
     app_ctx = state(ctx)
     root = control.lab_root(root)
+    require_audit(dry_run)
     r = control.down(root, dry_run=dry_run, force=force, on_wait=lambda: app_ctx.out.info(_busy(root)))
     res = Result.mutation("LabDown", r)
     res.summary = (f"no lab at {r['root']}: nothing to do" if not res.changed else

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from katactl.commands._common import finish, new_app, state
+from katactl.commands._common import finish, new_app, require_audit, state
 
 app = new_app("Kubernetes nodes: list, check, cordon, uncordon, drain (kubectl drain's semantics, Kata-aware).")
 app.add_typer(__import__("katactl.commands.node_agent", fromlist=["app"]).app, name="agent")  # node agent install|status|uninstall|gc
@@ -44,19 +44,19 @@ def _one_root(app_ctx, targets: list[str], flag: str | None) -> None:
                          "several over SSH")
 
 
-def _render(app_ctx, fanout, *, kind: str, columns, mutating: bool) -> None:
+def _render(app_ctx, fanout, *, kind: str, columns, mutating: bool, dry_run: bool = False) -> None:
     """One node: its result (or its error, with its own exit code); several: a list
-    with per-node errors and exit 4 on partial failure."""
+    with per-node errors and exit 4 on partial failure. A mutation's ``dryRun`` is the
+    command's flag, also when no node answered."""
     from katactl.output import Result
 
     fanout.raise_if_single_failure()
     items = [{"name": n, **{k: v for k, v in fanout.values[n].items() if k != "name"}}
              for n in fanout.nodes if n in fanout.values]
     changed = any(i.get("changed") for i in items) if mutating else None
-    dry = any(i.get("dryRun") for i in items) if mutating else None
     errors = [{"node": n, "error": fanout.errors[n].to_dict()} for n in fanout.nodes if n in fanout.errors]
     finish(app_ctx, Result(kind=kind, items=items, columns=columns, errors=errors, changed=changed,
-                           dry_run=dry), fanout.exit_code())
+                           dry_run=dry_run if mutating else None), fanout.exit_code())
 
 
 @app.command("list")
@@ -153,12 +153,13 @@ def _cordon_cmd(ctx, names, action: str, dry_run: bool, dry_run_server: bool, **
     dry = _dry_run(dry_run, dry_run_server)
     op = getattr(nodes, action)
     params = {**{k: v for k, v in kw.items() if v}, "dryRun": dry}
+    require_audit(bool(dry))  # once, before the API: not a refusal per node
     with kube.client(app_ctx.settings) as api:
         fo = nodes.for_each_node(targets, lambda n: nodes.audited(
             f"node.{action}", n, params, lambda: op(api, n, dry_run=dry or False, **kw)))
     cols = [Column("NAME", "name"), Column("CHANGED", "changed"), Column("MESSAGE", "message")]
     _render(app_ctx, fo, kind="NodeCordon" if action == "cordon" else "NodeUncordon", columns=cols,
-            mutating=True)
+            mutating=True, dry_run=bool(dry))
 
 
 @app.command()
@@ -271,6 +272,7 @@ def drain(
                 node_opts = dataclasses.replace(opts, only_pods=nodes.stale_release_pods(t, kata_root)[0])
         return nodes.drain(api, n, node_opts, events=events, stop=stop)
 
+    require_audit(bool(opts.dry_run))
     # Ctrl-C, SIGTERM or SIGHUP (cli.py): every drain stops, restores its node and audits it, then exit 130
     with kube.client(app_ctx.settings) as api, bar:
         fo = nodes.for_each_node(targets, lambda n: nodes.audited(
@@ -283,7 +285,7 @@ def drain(
     cols = [Column("NAME", "name"), Column("EVICTED", lambda i: len(i["evicted"])),
             Column("SKIPPED", lambda i: len(i["skipped"])), Column("CHANGED", "changed"),
             Column("PODS", "evicted", wide=True)]
-    _render(app_ctx, fo, kind="NodeDrain", columns=cols, mutating=True)
+    _render(app_ctx, fo, kind="NodeDrain", columns=cols, mutating=True, dry_run=bool(opts.dry_run))
 
 
 @app.command()
@@ -343,7 +345,10 @@ def check(
     errors = [{"node": n, "error": fo.errors[n].to_dict()} for n in fo.nodes if n in fo.errors]
     cols = [Column("NODE", "node"), Column("SEVERITY", "severity"), Column("CHECK", "check"),
             Column("TARGET", "target"), Column("MESSAGE", "message")]
-    summary = f"node check {'FAILED' if failed else 'passed'} (--fail-on {fail_on}): {len(items)} finding(s)"
+    # a node that could not be checked is no pass (its error follows on stderr)
+    verdict = "FAILED" if failed else "incomplete" if errors else "passed"
+    summary = (f"node check {verdict} (--fail-on {fail_on}): {len(items)} finding(s)"
+               + (f"; {len(errors)} node(s) not checked" if errors else ""))
     code = fo.exit_code() or (ExitCode.CHECK_FAILED if failed else 0)
     finish(app_ctx, Result(kind="NodeCheckReport", items=items, columns=cols, errors=errors, name_key="target",
                            summary=summary), code)

@@ -145,6 +145,8 @@ def overhead(
             raise NotFound(f"no running sandbox matches {', '.join(map(repr, missing))}",
                            hint="list them with 'katactl sandbox list'")
     items, meta, failed = lib.report(by_node, fail_on=fail_on, margin=marg)
+    if fo.errors and not failed:  # a node not measured is no pass: unknown (its error is in errors)
+        meta["failed"] = None
     if not fo.multi:
         for it in items:
             it.pop("node", None)
@@ -152,7 +154,8 @@ def overhead(
     under = {f: sum(n["underReserved"][f] for n in meta["nodes"]) for f in ("cpuMillis", "memoryBytes")}
     summary = (f"{len(items)} Kata pod(s), {over} over their declared overhead; under-reserved "
                f"cpu {under['cpuMillis']}m, memory {format_size(under['memoryBytes'])}"
-               + (f" (--fail-on {fail_on}: FAILED)" if failed else "")) if items else None
+               + (f" (--fail-on {fail_on}: FAILED)" if failed else "")
+               + (f"; {len(fo.errors)} node(s) not measured" if fo.errors else "")) if items else None
     res = Result(kind="OverheadReport", items=items, item=meta, columns=_columns(), errors=fo.error_items(),
                  multi_node=fo.multi, name_key="podRef", summary=summary)
     code = fo.exit_code()

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from katactl.commands._common import fan_out_list, fan_out_one, new_app, render_per_node, state
+from katactl.commands._common import fan_out_list, fan_out_one, new_app, render_per_node, require_audit, state
 
 if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
     from katactl.backends.base import NodeTransport
@@ -35,9 +35,10 @@ def _common(ctx, kata_root: str, lock_timeout: Optional[str]):
     return app_ctx, layout, lt, on_wait
 
 
-def _mutate(ctx, kata_root: str, lock_timeout: Optional[str], kind: str, columns, op) -> None:
+def _mutate(ctx, kata_root: str, lock_timeout: Optional[str], kind: str, columns, op, *, dry_run: bool) -> None:
     """Run ``op(t, layout, lock_timeout=, on_wait=)`` on every selected node (a mutating
-    fan-out); warn when it first finished a switch an earlier run left half done."""
+    fan-out: refused before any node when the audit log cannot be written); warn when it
+    first finished a switch an earlier run left half done."""
     app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
 
     def fn(transport: NodeTransport):
@@ -46,7 +47,7 @@ def _mutate(ctx, kata_root: str, lock_timeout: Optional[str], kind: str, columns
             app_ctx.out.warn(r["recovered"])
         return r
 
-    fan_out_one(app_ctx, fn, kind=kind, mutating=True, columns=columns)
+    fan_out_one(app_ctx, fn, kind=kind, mutating=True, dry_run=dry_run, columns=columns)
 
 
 @app.command("stage")
@@ -91,7 +92,7 @@ def stage(
     _mutate(ctx, kata_root, lock_timeout, "UpgradeStage", _mut_columns("version"),
             lambda t, layout, **kw: upgrade.stage(t, layout, source, version=as_version, sha256=sha256,
                                                   no_verify=no_verify, reserve=res_bytes, force=force,
-                                                  dry_run=dry_run, **kw))
+                                                  dry_run=dry_run, **kw), dry_run=dry_run)
 
 
 @app.command("switch")
@@ -127,7 +128,7 @@ def switch(
 
     _mutate(ctx, kata_root, lock_timeout, "UpgradeSwitch", _switch_columns(),
             lambda t, layout, **kw: upgrade.switch(t, layout, version, component, dry_run=dry_run, force=force,
-                                                   run_binaries=not no_preflight_exec, **kw))
+                                                   run_binaries=not no_preflight_exec, **kw), dry_run=dry_run)
 
 
 @app.command("rollback")
@@ -155,7 +156,7 @@ def rollback(
 
     _mutate(ctx, kata_root, lock_timeout, "UpgradeRollback", _switch_columns(),
             lambda t, layout, **kw: upgrade.rollback(t, layout, dry_run=dry_run, force=force,
-                                                     run_binaries=not no_preflight_exec, **kw))
+                                                     run_binaries=not no_preflight_exec, **kw), dry_run=dry_run)
 
 
 @app.command("status")
@@ -251,7 +252,7 @@ def gc(
     if dry_run:
         _mutate(ctx, kata_root, lock_timeout, "UpgradeGC", _gc_columns(),
                 lambda t, layout, **kw: upgrade.gc(t, layout, dry_run=True, force=force,
-                                                   keep_previous=keep_previous, **kw))
+                                                   keep_previous=keep_previous, **kw), dry_run=True)
         return
     app_ctx, layout, lt, on_wait = _common(ctx, kata_root, lock_timeout)
 
@@ -272,11 +273,12 @@ def gc(
             app_ctx.out.warn(r["recovered"])
         return r
 
+    require_audit(dry_run=False)
     # what would go on every node (no lock, no change), asked once, then removed per node
     fo = plan_confirm_apply(app_ctx.settings, lambda t: upgrade.gc(t, layout, dry_run=True, force=force,
                                                                    keep_previous=keep_previous),
                             confirm, apply)
-    render_per_node(app_ctx, fo, kind="UpgradeGC", columns=_gc_columns(), mutating=True)
+    render_per_node(app_ctx, fo, kind="UpgradeGC", columns=_gc_columns(), mutating=True, dry_run=False)
 
 
 def _mut_columns(key):

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from katactl.commands._common import SANDBOX_HELP, fan_out_list, finish, new_app, sandbox_ref, state
+from katactl.commands._common import SANDBOX_HELP, fan_out_list, finish, new_app, require_audit, sandbox_ref, state
 
 if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
     from katactl.backends.base import NodeTransport
@@ -144,6 +144,7 @@ def collect_cmd(
     for ref in refs or []:
         vmcore.check_ref(ref)
     index = vmcore.CollectIndex()
+    require_audit(dry_run)  # each collect (and --delete-after) is audited: no untraceable change
 
     def one_node(transport: NodeTransport):
         return vmcore.collect(transport, refs or [], opts, dump_path=dump_path, kata_config=kata_config, index=index,
@@ -227,6 +228,7 @@ def trigger_cmd(
 
     opts = vmcore.TriggerOptions(format=fmt, detach=detach, paging=paging, dump_path=dump_path,
                                  kata_config=kata_config, dry_run=dry_run, timeout=timeout, progress=progress)
+    require_audit(dry_run)
 
     def fn(transport: NodeTransport, sb):
         with out.progress(f"dump {sb.id[:12]}", total=None, unit="bytes") as bar:
@@ -280,6 +282,7 @@ def rm_cmd(
                  + (f", {uncollected} never collected" if uncollected else "") + "?")
             app_ctx.require_confirmation(q, "deleting vmcores")
 
+    require_audit(dry_run)
     # a node that failed while the dumps were listed is part of the outcome (named, exit 4)
     fo = plan_confirm_apply(app_ctx.settings, plan, confirm,
                             lambda t, dumps: vmcore.remove_dumps(t, dumps, dry_run=dry_run), needs_apply=bool)
@@ -289,5 +292,13 @@ def rm_cmd(
             Column("CHANGED", "changed")]
     finish(app_ctx, Result(kind="VmcoreRemoveList", items=items, columns=cols, errors=fo.error_items(),
                            multi_node=fo.multi, changed=any(i.get("changed") for i in items), dry_run=dry_run,
-                           summary=None if items else "No matching vmcores: nothing to delete."),
+                           summary=None if items else _nothing_to_delete(fo)),
            fo.exit_code())
+
+
+def _nothing_to_delete(fo) -> str:
+    """Say "nothing to delete" only of the nodes that answered: a node that failed may hold some."""
+    if not fo.errors:
+        return "No matching vmcores: nothing to delete."
+    answered = len(fo.nodes) - len(fo.errors)
+    return f"No matching vmcores on the {answered} node(s) that answered." if answered else ""
