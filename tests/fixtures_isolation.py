@@ -332,10 +332,15 @@ def v2_dir(root: str, path: str) -> str:
 
 
 def write_v2_io(root: str, path: str, *, weight: int = 100, dev_weights: dict | None = None,
-                io_max: dict | None = None, latency: dict | None = None) -> None:
+                io_max: dict | None = None, latency: dict | None = None, bfq_weight: int | None = None,
+                bfq_dev_weights: dict | None = None) -> None:
+    """io.weight (iocost) and io.bfq.weight (BFQ; ``bfq_weight`` defaults to ``weight``: the
+    cgroup set alike for either) as block/bfq-cgroup.c bfq_io_show_weight prints them:
+    ``default N`` then ``MAJ:MIN N`` lines."""
     d = "/sys/fs/cgroup" + ("" if path.strip("/") == "" else "/" + path.strip("/"))
     _w(root, f"{d}/io.weight", f"default {weight}\n" + "".join(f"{mm} {w}\n" for mm, w in (dev_weights or {}).items()))
-    _w(root, f"{d}/io.bfq.weight", "default 100\n")
+    _w(root, f"{d}/io.bfq.weight", f"default {weight if bfq_weight is None else bfq_weight}\n"
+       + "".join(f"{mm} {w}\n" for mm, w in (bfq_dev_weights or {}).items()))
     _w(root, f"{d}/io.max", "".join(f"{mm} {v}\n" for mm, v in (io_max or {}).items()) or "")
     _w(root, f"{d}/io.latency", "".join(f"{mm} target={v}\n" for mm, v in (latency or {}).items()) or "")
 

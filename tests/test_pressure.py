@@ -282,7 +282,7 @@ def test_inspect_cgroup_io_v2(cli, tmp_path):
     root = str(tmp_path / "node")
     built = _node(root)
     online, sbs = _paths(built)
-    fx.write_v2_io(root, sbs[0]["pod"], weight=10, dev_weights={"8:16": 20},
+    fx.write_v2_io(root, sbs[0]["pod"], weight=10, dev_weights={"8:16": 20}, bfq_weight=100,
                    io_max={"8:16": "rbps=2097152 wbps=max riops=max wiops=120"}, latency={"8:0": 75})
     r = cli(["--host-root", root, "inspect", "cgroup", sbs[0]["id"][:10], "-o", "json"])
     assert r.exit_code == 0, r.stderr
@@ -562,6 +562,81 @@ def test_audit_io_weight_per_device(cli, tmp_path):
         fx.write_v2_io(root, p, weight=100, dev_weights={"8:16": 5000})
     r, d = _audit(cli, root)
     assert "io.offline-weight" not in {i["check"] for i in d["items"]}, d["items"]
+
+
+def _bfq_node(tmp_path, qos_enable=0):
+    root = str(tmp_path / "node")
+    built = _node(root)
+    fx.write_block_devices(root, scheduler="bfq")
+    fx.write_v2_root_io(root, qos_enable=qos_enable)
+    return root, *_paths(built)
+
+
+def test_audit_bfq_weight_per_device_v2(cli, tmp_path):
+    """bfq disks, iocost off: io.bfq.weight is the weight in effect (bfq-iosched.rst: "For
+    cgroup v2, the file name is io.bfq.weight"), "default 10" + "8:16 1000" as runc writes a
+    device weight: on sdb the offline cgroups outrank the online pods."""
+    root, online, sbs = _bfq_node(tmp_path)
+    for p in online:
+        fx.write_v2_io(root, p, weight=100)
+    for s in sbs:
+        for p in (s["pod"], s["sandbox"]):
+            fx.write_v2_io(root, p, weight=10, bfq_dev_weights={"8:16": 1000})
+    with open(fx.v2_dir(root, sbs[0]["pod"]) + "/io.bfq.weight") as f:
+        assert f.read() == "default 10\n8:16 1000\n"
+    r, d = _audit(cli, root)
+    found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
+    assert r.exit_code == 8 and len(found) == 4, d["items"]
+    assert all("BFQ I/O weight on sdb (8:16) 1000 is not below the lowest online pod's 100" in i["message"]
+               for i in found)
+    assert found[0]["evidence"][0]["file"].endswith("/io.bfq.weight")
+    assert found[0]["fix"].startswith("echo '8:16 10' > io.bfq.weight")
+
+
+def test_audit_bfq_weight_not_iocost_weight_on_bfq_disks(cli, tmp_path):
+    """A healthy node: bfq on every disk, iocost compiled in but off, io.bfq.weight offline 10
+    under online 100, io.weight untouched "default 100" everywhere: io.weight is not in effect,
+    so no finding. The same io.weight with iocost on is one."""
+    root, online, sbs = _bfq_node(tmp_path)
+    for p in online:
+        fx.write_v2_io(root, p, weight=100)
+    for s in sbs:
+        for p in (s["pod"], s["sandbox"]):
+            fx.write_v2_io(root, p, weight=100, bfq_weight=10)
+    r, d = _audit(cli, root)
+    assert not [i for i in d["items"] if i["check"].startswith("io.")], d["items"]
+    fx.write_v2_root_io(root, qos_enable=1)
+    r, d = _audit(cli, root)
+    found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
+    assert len(found) == 4 and "BFQ" not in found[0]["message"], d["items"]
+    assert found[0]["evidence"][0]["file"].endswith("/io.weight")
+
+
+def test_audit_bfq_weight_device_v1(cli, tmp_path):
+    """cgroup v1 with BFQ (blkio.weight went with CFQ in 5.0): blkio.bfq.weight is one number
+    (block/bfq-cgroup.c bfq_io_show_weight_legacy) and blkio.bfq.weight_device holds "default N"
+    and the device lines (bfq_io_show_weight)."""
+    import glob
+
+    root = str(tmp_path / "node")
+    fx.build_node(root, mode="v1", online_pods=2, sandboxes=1, resctrl=False)
+    fx.write_block_devices(root, scheduler="bfq")
+    b = os.path.join(root, "sys/fs/cgroup/blkio/kubepods")
+    for d, w, dev in ([(d, 100, "") for d in glob.glob(b + "/burstable/pod*")]
+                      + [(d, 10, "8:16 1000\n") for d in glob.glob(b + "/besteffort/pod*")
+                         + glob.glob(b + "/besteffort/pod*/kata_*")]):
+        with open(d + "/blkio.bfq.weight", "w") as f:
+            f.write(f"{w}\n")
+        with open(d + "/blkio.bfq.weight_device", "w") as f:
+            f.write(f"default {w}\n{dev}")
+    r, d = _audit(cli, root)
+    found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
+    assert r.exit_code == 8 and len(found) == 2, d["items"]
+    assert all("BFQ I/O weight on sdb (8:16) 1000 is not below the lowest online pod's 100" in i["message"]
+               for i in found)
+    assert found[0]["evidence"][0] == {"file": found[0]["evidence"][0]["file"], "value": "8:16 1000"}
+    assert found[0]["evidence"][0]["file"].endswith("/blkio.bfq.weight_device")
+    assert found[0]["fix"].startswith("echo '8:16 10' > blkio.bfq.weight_device")
 
 
 def test_watch_interrupted_exits_130(katactl_bin, tmp_path):

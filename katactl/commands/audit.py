@@ -30,9 +30,12 @@ def audit(
     sandbox_cgroup_only=false leaving the VMM's other threads in kata_overhead
     outside the offline limits. Each finding has a severity, the evidence
     (file and value) and a fix hint. Kernel features that are missing (no BVT,
-    no resctrl) are "info" findings, not errors. A check whose input could not
-    be read or parsed is a finding of that check with status "unknown" (at
-    its severity): an unverified node never passes silently.
+    no resctrl) are "info" findings with status "unsupported", not errors. The
+    I/O weight compared is the one a disk obeys: io.bfq.weight (v1:
+    blkio.bfq.weight[_device]) where its scheduler is bfq, io.weight where
+    iocost is on. A check whose input could not be read or parsed is a
+    finding of that check with status "unknown" (at its severity): an
+    unverified node never passes silently.
 
     Exit codes: 0 no finding at or above --fail-on, 8 otherwise (unknown
     ones included), 2 bad policy.

@@ -373,40 +373,61 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
             if v is not None:
                 ios[r["path"]] = v
     d = fs.dir("blkio", "/") if ver == 1 else fs._join(fs.v2, "/")
-    weight_file = "blkio.weight" if ver == 1 else "io.weight"
+    sched = iomod.schedulers(t, devn)
+    root = iomod.read_io(t, fs, "/", devn) or {}
+    qos_on = {e["device"] for e in root.get("costQos", []) if e.get("enable") == 1}
+    real = [mm for mm, name in devn.items() if not name.startswith(("loop", "ram", "zram", "dm-"))]
+    bfq_on = {mm for mm in real if sched.get(mm) == "bfq"}
 
-    def w_of(r, mm=None):
-        return iomod.effective_weight(ios.get(r["path"]), mm)
+    def w_of(r, mm=None, kind="weight"):
+        return iomod.effective_weight(ios.get(r["path"]), mm, kind)
 
     def ev(r, what, value):
         return {"file": f"{fs.dir('blkio', r['path']) if ver == 1 else fs._join(fs.v2, r['path'])}/{what}",
                 "value": value}
 
     pods = [r for r in rows if r["level"] == "pod" and r["path"] in ios]
-    online = [r for r in pods if r["class"] == "online" and isinstance(w_of(r), int)]
-    offline = [r for r in rows if r["class"] == "offline" and r["level"] in ("pod", "sandbox")
-               and isinstance(w_of(r), int)]
-    if pol.io.check_weight_order and online and offline:
-        # a device's own line (io.weight "8:16 200", blkio.weight_device) overrides the default
-        # for that device (cgroup-v2.rst "IO Interface Files"): compare per device as well
+    off_rows = [r for r in rows if r["class"] == "offline" and r["level"] in ("pod", "sandbox")]
+    # The weight a disk obeys: BFQ's on a disk whose scheduler is bfq (io.bfq.weight;
+    # blkio.bfq.weight[_device] on v1: Documentation/block/bfq-iosched.rst), io.weight where
+    # iocost is on (io.cost.qos enable=1). A disk with neither obeys none (io.weight-ineffective
+    # below): then the weights are compared as set, io.weight first.
+    def has(r, kind):
+        return isinstance(w_of(r, None, kind), int)
+
+    kinds = {k: devs for k, devs in (("weight", qos_on), ("bfqWeight", bfq_on)) if devs}
+    if not kinds:
+        kinds = {next((k for k in iomod.WEIGHT_KINDS if any(has(r, k) for r in pods + off_rows)), "weight"): None}
+    for kind, on in kinds.items():
+        online = [r for r in pods if r["class"] == "online" and has(r, kind)]
+        offline = [r for r in off_rows if has(r, kind)]
+        if not (pol.io.check_weight_order and online and offline):
+            continue
+        bfq = kind == "bfqWeight"
+        dflt_file = ("io.bfq.weight" if bfq else "io.weight") if ver == 2 else ("blkio.bfq.weight" if bfq else
+                                                                             "blkio.weight")
+        dev_file = ("io.bfq.weight" if bfq else "io.weight") if ver == 2 else ("blkio.bfq.weight_device" if bfq else
+                                                                            "blkio.weight_device")
+        span = "1..1000" if bfq else "1..10000" if ver == 2 else "10..1000"
+        # a device's own line (io.weight "8:16 200", blkio.bfq.weight_device) overrides the
+        # default for that device (cgroup-v2.rst "IO Interface Files"): compare per device too
         own = sorted({e["device"] for r in online + offline for e in ios[r["path"]]["devices"]
-                      if isinstance(e.get("weight"), int)}, key=lambda mm: tuple(int(x) for x in mm.split(":")))
+                      if isinstance(e.get(kind), int) and (on is None or e["device"] in on)},
+                     key=lambda mm: tuple(int(x) for x in mm.split(":")))
         for mm in [None, *own]:
-            lo = min(online, key=lambda r: w_of(r, mm))
+            lo = min(online, key=lambda r: w_of(r, mm, kind))
             where = f" on {devn.get(mm, mm)} ({mm})" if mm else ""
             for r in offline:
-                if w_of(r, mm) >= w_of(lo, mm):
+                if w_of(r, mm, kind) >= w_of(lo, mm, kind):
                     f.add("io.offline-weight", _target(r),
-                          f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} I/O weight{where} {w_of(r, mm)} "
-                          f"is not below the lowest online pod's {w_of(lo, mm)} ({_target(lo)})",
-                          [ev(r, weight_file if ver == 2 or not mm else "blkio.weight_device",
-                              f"{mm} {w_of(r, mm)}" if mm else w_of(r)),
-                           ev(lo, weight_file if ver == 2 or not mm else "blkio.weight_device",
-                              f"{mm} {w_of(lo, mm)}" if mm else w_of(lo))],
-                          (f"lower the offline cgroup's {weight_file} (e.g. 10; 1..10000 on v2, 10..1000 on v1) "
-                           "or raise the online pods'") if not mm else
-                          (f"echo '{mm} 10' > {weight_file if ver == 2 else 'blkio.weight_device'} on the offline "
-                           "cgroup, or remove its device line"))
+                          f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} {'BFQ ' if bfq else ''}I/O "
+                          f"weight{where} {w_of(r, mm, kind)} is not below the lowest online pod's "
+                          f"{w_of(lo, mm, kind)} ({_target(lo)})",
+                          [ev(r, dev_file if mm else dflt_file, f"{mm} {w_of(r, mm, kind)}" if mm else w_of(r, None, kind)),
+                           ev(lo, dev_file if mm else dflt_file,
+                              f"{mm} {w_of(lo, mm, kind)}" if mm else w_of(lo, None, kind))],
+                          (f"lower the offline cgroup's {dflt_file} (e.g. 10; {span}) or raise the online pods'")
+                          if not mm else f"echo '{mm} 10' > {dev_file} on the offline cgroup, or remove its device line")
     specs = [s.strip() for s in pol.io.offline_devices.split(",") if s.strip()]
     off_pods = [r for r in rows if r["class"] == "offline" and r["level"] == "pod" and r["path"] in ios]
     if specs:
@@ -446,13 +467,10 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                               f"{mm} {(used.get(sharers[0]['path']) or {})[mm]} bytes")],
                           "give offline work its own data disk, or throttle it on this device "
                           + ("(blkio.throttle.*_device)" if ver == 1 else "(io.max)"))
-    if pol.io.check_weight_effective and online and offline and {w_of(r) for r in online + offline} != {None}:
-        sched = iomod.schedulers(t, devn)
-        root = iomod.read_io(t, fs, "/", devn) or {}
-        qos_on = {e["device"] for e in root.get("costQos", []) if e.get("enable") == 1}
-        real = [mm for mm, name in devn.items() if not name.startswith(("loop", "ram", "zram", "dm-"))]
-        weighted = [mm for mm in real if sched.get(mm) == "bfq" or mm in qos_on]
-        if real and not weighted:
+    weighted_rows = [r for r in pods + off_rows if any(has(r, k) for k in iomod.WEIGHT_KINDS)]
+    if (pol.io.check_weight_effective and any(r["class"] == "online" for r in weighted_rows)
+            and any(r["class"] == "offline" for r in weighted_rows)):
+        if real and not (bfq_on or qos_on & set(real)):
             f.add("io.weight-ineffective", t.node,
                   "I/O weights are set but no disk uses bfq or io.cost (iocost): they have no effect",
                   [{"file": f"/sys/dev/block/{mm}/queue/scheduler", "value": sched.get(mm)} for mm in real[:4]]

@@ -4,7 +4,8 @@ File formats (as the kernel prints them; Documentation/admin-guide/cgroup-v2.rst
 "IO Interface Files", Documentation/admin-guide/cgroup-v1/blkio-controller.rst):
 
 v2 (``io`` controller)
-    io.weight / io.bfq.weight   ``default 100`` then ``8:16 200`` lines
+    io.weight / io.bfq.weight   ``default 100`` then ``8:16 200`` lines (io.weight is iocost's,
+                                io.bfq.weight BFQ's: Documentation/block/bfq-iosched.rst)
     io.max                      ``8:16 rbps=2097152 wbps=max riops=max wiops=120``
     io.latency                  ``8:16 target=75`` (microseconds)
     io.cost.qos (root only)     ``8:16 enable=1 ctrl=user rpct=95.00 rlat=75000 wpct=95.00 wlat=150000 min=50.00 max=150.00``
@@ -12,7 +13,9 @@ v2 (``io`` controller)
     io.stat                     ``8:16 rbytes=1459200 wbytes=314773504 rios=192 wios=353 dbytes=0 dios=0``
 v1 (``blkio``)
     blkio.weight                one number (CFQ, gone since 5.0; Alinux keeps it for iocost)
-    blkio.bfq.weight            like io.bfq.weight (``default 100`` + device lines)
+    blkio.bfq.weight            one number (block/bfq-cgroup.c bfq_io_show_weight_legacy)
+    blkio.bfq.weight_device     as io.bfq.weight: ``default 100`` + ``8:16 200`` lines
+                                (bfq_io_show_weight; bfq_blkcg_legacy_files)
     blkio.weight_device         ``8:16 200`` lines
     blkio.throttle.{read,write}_{bps,iops}_device   ``8:16 1048576`` lines (no line = no limit)
     blkio.throttle.io_service_bytes[_recursive]      ``8:16 Read 1234`` ... and a last ``Total N``
@@ -152,6 +155,7 @@ def physical_disks(transport: NodeTransport) -> set[str] | None:
 IO_KNOBS = [
     ("weight", "blkio.weight", "io.weight", parse_weight),
     ("bfqWeight", "blkio.bfq.weight", "io.bfq.weight", parse_weight),
+    ("bfqWeightDevice", "blkio.bfq.weight_device", None, parse_weight),
     ("weightDevice", "blkio.weight_device", None, parse_dev_values),
     ("readBps", "blkio.throttle.read_bps_device", None, parse_dev_values),
     ("writeBps", "blkio.throttle.write_bps_device", None, parse_dev_values),
@@ -210,6 +214,12 @@ def read_io(transport: NodeTransport, fs: cg.CgroupFS, cgpath: str, devnames: di
             dev(mm)[key] = v
     for mm, v in (raw.get("weightDevice") or {}).items():
         dev(mm)["weight"] = v
+    bwd = raw.get("bfqWeightDevice")  # v1: its "default" is blkio.bfq.weight's number
+    if bwd:
+        if out["bfqWeight"] is None:
+            out["bfqWeight"] = bwd["default"]
+        for mm, v in bwd["devices"].items():
+            dev(mm)["bfqWeight"] = v
     for key in ("readBps", "writeBps", "readIops", "writeIops"):
         for mm, v in (raw.get(key) or {}).items():
             dev(mm)[key] = v
@@ -230,17 +240,23 @@ def read_io(transport: NodeTransport, fs: cg.CgroupFS, cgpath: str, devnames: di
     return out
 
 
-def effective_weight(io: dict | None, device: str | None = None):
-    """The weight that applies to a device: its own line, else the default (bfq weight if
-    that is all there is)."""
+#: the weights a device can run under, by what gives them effect: "bfqWeight" when its
+#: scheduler is bfq (io.bfq.weight, blkio.bfq.weight[_device]), "weight" under iocost
+#: (io.cost.qos enable=1: io.weight; blkio.weight[_device] on Alinux v1, CFQ before 5.0)
+WEIGHT_KINDS = ("weight", "bfqWeight")
+
+
+def effective_weight(io: dict | None, device: str | None = None, kind: str = "weight"):
+    """The ``kind`` weight (WEIGHT_KINDS) that applies to a device: its own line, else the
+    default; None when the cgroup has no such weight."""
     if not io:
         return None
     if device:
         for e in io.get("devices", []):
-            if e["device"] == device and isinstance(e.get("weight"), int):
-                return e["weight"]
-    w = io.get("weight")
-    return w if isinstance(w, int) else io.get("bfqWeight")
+            if e["device"] == device and isinstance(e.get(kind), int):
+                return e[kind]
+    w = io.get(kind)
+    return w if isinstance(w, int) else None
 
 
 def devices_used(transport: NodeTransport, fs: cg.CgroupFS, cgpath: str) -> dict[str, int] | None:
