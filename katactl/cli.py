@@ -202,6 +202,10 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
         raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
     if settings.output == "prom" and ctx.invoked_subcommand not in PROM_COMMANDS:
         raise UsageError(f"-o prom is a Prometheus exposition: only {', '.join(PROM_COMMANDS)} answers in it")
+    if settings.selector:
+        from katactl.fleet import check_selector
+
+        check_selector(settings.selector)  # every command, also those that hand -l to the API
     if settings.via not in ("ssh", "kube"):
         from katactl.balloon import PATHS  # only on this error path
 
@@ -597,11 +601,13 @@ def _report(exc: BaseException, fmt: str | None, verbose: bool) -> int:
             traceback.print_exception(exc)
         err = KatactlError(f"unexpected {type(exc).__name__}: {exc}"
                            + ("" if verbose else " (re-run with -v for the traceback)"))
-    if fmt in ("json", "jsonl") and not isinstance(err, OutputError):
-        from katactl.output import error_object, to_json
+    if fmt in ("json", "jsonl", "yaml") and not isinstance(err, OutputError):
+        from katactl.output import error_object, to_json, to_yaml
 
-        try:
-            print(to_json(error_object(err.to_dict()), indent=None if fmt == "jsonl" else 2), flush=True)
+        obj = error_object(err.to_dict())
+        try:  # -o yaml is the same data (docs/output.md): its Error object too
+            print(to_yaml(obj) if fmt == "yaml" else to_json(obj, indent=None if fmt == "jsonl" else 2),
+                  end="" if fmt == "yaml" else "\n", flush=True)
         except (OSError, KatactlError):  # stdout closed, full, or its reader gone: stderr still says it
             _discard_stdout()
     print(f"katactl: error: {_one_line(err.message)}", file=sys.stderr)

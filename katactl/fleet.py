@@ -12,7 +12,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable
 
-from katactl.errors import KatactlError, UsageError, as_katactl_error, exit_code_for, outcome_exit_code
+from katactl.errors import ExitCode, KatactlError, UsageError, as_katactl_error, exit_code_for, outcome_exit_code
 
 LOCAL = "localhost"
 log = logging.getLogger(__name__)
@@ -66,14 +66,7 @@ def select_nodes(settings) -> list[str]:
             raise UsageError(f"--nodes-from {settings.nodes_from}: no node names in it")
         names.extend(from_file)
     if settings.selector:
-        from katactl import labelselector
-
-        try:
-            # a usage error before any kubeconfig is read or API contacted: a bad -l must be
-            # exit 2 whether or not the API server is there to say 400
-            labelselector.check(settings.selector)
-        except ValueError as e:
-            raise UsageError(f"invalid label selector {settings.selector!r}: {e}") from None
+        check_selector(settings.selector)
         from katactl.backends import kube
 
         names.extend(kube.node_names(settings))
@@ -81,6 +74,19 @@ def select_nodes(settings) -> list[str]:
     for n in names:
         seen.setdefault(validate_node_name(n), None)
     return list(seen)
+
+
+def check_selector(selector: str, what: str = "label selector") -> None:
+    """A usage error (exit 2) for a -l the API server would refuse, before any kubeconfig is
+    read or API contacted: exit 2 whether or not the server is there to say 400. The CLI
+    checks the global -l once its settings resolve (node list and rollout pass it to the API
+    themselves), a rollout plan file's ``selector`` as it is read."""
+    from katactl import labelselector
+
+    try:
+        labelselector.check(selector)
+    except ValueError as e:
+        raise UsageError(f"invalid {what} {selector!r}: {e}") from None
 
 
 def _read_nodes_file(path: str) -> list[str]:
@@ -140,9 +146,16 @@ class FanOut:
     nodes: list[str]
     values: dict[str, Any]
     errors: dict[str, KatactlError]
+    #: a node selection was made (-N, --nodes-from, -l, @group), even one naming only
+    #: localhost; None: inferred from the names (anything but this host alone)
+    selected: bool | None = None
 
     @property
     def multi(self) -> bool:
+        """The result's shape is the fleet's (a list, each item with its node): any selection,
+        whatever it names, so `-N localhost` (an Ansible inventory's) is shaped like `-N a`."""
+        if self.selected is not None:
+            return self.selected or len(self.nodes) > 1
         return len(self.nodes) > 1 or self.nodes != [LOCAL]
 
     def error_items(self) -> list[dict]:
@@ -178,6 +191,26 @@ class FanOut:
                 err.details = {**err.details, "node": node}
             raise err
 
+    def raise_if_none_answered(self, **details) -> None:
+        """When no selected node answered, one error naming each node and its message (one
+        node: raise_if_only_node_failed), with every node's error in ``details.nodes``; its
+        exit code is theirs when they share it, else 1 (errors.outcome_exit_code). For a
+        command that has nothing to show without an answer (a sandbox to find, a file it must
+        not overwrite with nothing)."""
+        if not self.errors or len(self.errors) < len(self.nodes):
+            return
+        self.raise_if_only_node_failed()
+        errs = [(n, self.errors[n]) for n in self.nodes]
+        err = KatactlError("; ".join(f"{n}: {e.message}" for n, e in errs)
+                           + f" (none of the {len(errs)} selected nodes answered)",
+                           hint=errs[0][1].hint if len({e.hint for _, e in errs}) == 1 else None,
+                           details={**details, "nodes": {n: e.to_dict() for n, e in errs}})
+        code = outcome_exit_code([exit_code_for(e) for _, e in errs], 0)
+        err.exit_code = ExitCode(code)
+        codes = {e.code for _, e in errs}
+        err.code = codes.pop() if len(codes) == 1 else KatactlError.code
+        raise err
+
     def items(self) -> list[dict]:
         """Flatten list results, tagging each item with its node."""
         out = []
@@ -193,15 +226,18 @@ class FanOut:
 
 
 def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None = None,
-                 progress=None) -> FanOut:
+                 selected: bool | None = None, progress=None) -> FanOut:
     """Call fn(transport) on every selected node, at most settings.parallel at once.
 
     Each failure is kept per node; nothing is raised, so one bad node never
     stops the others. ``progress(done, total)`` is called as nodes finish (in
     completion order, so a slow node does not freeze the counter); results are
     still reported in node order. Ctrl-C cancels the nodes not yet started.
+    ``nodes`` (instead of the settings' selection) comes with ``selected``: whether it is one.
     """
-    nodes = nodes if nodes is not None else (select_nodes(settings) or [LOCAL])
+    if nodes is None:
+        picked = select_nodes(settings)
+        nodes, selected = picked or [LOCAL], bool(picked)
     values: dict[str, Any] = {}
     errors: dict[str, KatactlError] = {}
 
@@ -242,8 +278,8 @@ def run_on_nodes(settings, fn: Callable[[Any], Any], *, nodes: list[str] | None 
             values[node] = value
         else:
             errors[node] = err
-    return FanOut(nodes, values, errors)
+    return FanOut(nodes, values, errors, selected)
 
 
 __all__ = ["run_on_nodes", "select_nodes", "open_transport", "FanOut", "validate_node_name",
-           "LOCAL", "configure"]
+           "LOCAL", "configure", "check_selector"]

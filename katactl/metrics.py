@@ -339,8 +339,9 @@ class TopFleet:
         from katactl.fleet import LOCAL, select_nodes
 
         self.settings = settings
-        self.nodes = select_nodes(settings) or [LOCAL]
-        self.multi = self.nodes != [LOCAL]
+        picked = select_nodes(settings)
+        self.nodes = picked or [LOCAL]
+        self.multi = bool(picked)  # any selection, -N localhost too (fleet.FanOut.multi)
         self._sessions = {n: TopSession(None, timeout=timeout, workers=workers) for n in self.nodes}
 
     def refresh(self, sort: str = "cpu") -> tuple[list[dict], dict[str, KatactlError]]:
@@ -352,7 +353,7 @@ class TopFleet:
             s.transport = transport  # this refresh's transport
             return s.refresh()
 
-        fo = run_on_nodes(self.settings, one, nodes=self.nodes)
+        fo = run_on_nodes(self.settings, one, nodes=self.nodes, selected=self.multi)
         return sort_rows(fo.items(), sort), dict(fo.errors)
 
 

@@ -564,10 +564,7 @@ class Output:
         elif fmt == "jsonl":  # after the events: the result is one more line
             self._write(to_json(result.to_dict(), indent=None) + "\n")
         elif fmt == "yaml":
-            import yaml  # lazy: only for -o yaml
-
-            self._write(yaml.dump(json.loads(to_json(result.to_dict())), Dumper=_yaml_dumper(), sort_keys=False,
-                                  allow_unicode=True))
+            self._write(to_yaml(result.to_dict()))
         elif fmt == "name":
             rows = result.items if result.items is not None else ([result.item] if result.item else [])
             for it in rows:
@@ -665,6 +662,13 @@ class Output:
     def _write(self, s: str) -> None:
         self.stdout.write(s)
         self.stdout.flush()
+
+
+def to_yaml(obj) -> str:
+    """-o yaml: the JSON document's data (to_json's conversions first), as YAML."""
+    import yaml  # lazy: only for -o yaml
+
+    return yaml.dump(json.loads(to_json(obj)), Dumper=_yaml_dumper(), sort_keys=False, allow_unicode=True)
 
 
 def _yaml_dumper():

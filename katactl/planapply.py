@@ -34,4 +34,5 @@ def plan_confirm_apply(settings, plan: Callable[[Any], Any], confirm: Callable[[
     todo = [n for n in planned if needs_apply is None or needs_apply(planned[n])]
     done = (run_on_nodes(settings, lambda t: apply(t, planned[t.node]), nodes=todo) if todo
             else FanOut(nodes=[], values={}, errors={}))
-    return FanOut(nodes=planned_fo.nodes, values=done.values, errors={**planned_fo.errors, **done.errors})
+    return FanOut(nodes=planned_fo.nodes, values=done.values, errors={**planned_fo.errors, **done.errors},
+                  selected=planned_fo.selected)

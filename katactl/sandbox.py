@@ -1073,8 +1073,8 @@ def locate(settings, ref: str, *, check: bool = True) -> tuple[str, Sandbox]:
                           details={"match": {"node": node, "id": sb.id}, "notSearched": failed})
         return node, sb
     unsearched = {n: e for n, e in fo.errors.items() if not isinstance(e, NotFound)}
-    if unsearched and len(unsearched) == len(fo.nodes):
-        raise next(iter(unsearched.values()))
+    if unsearched and len(unsearched) == len(fo.nodes):  # every node named, not the first one alone
+        fo.raise_if_none_answered(notSearched={n: e.message for n, e in unsearched.items()})
     if unsearched:  # the sandbox may be on a node that could not be asked
         down = ", ".join(f"{n} ({e.message})" for n, e in unsearched.items())
         raise Incomplete(f"no sandbox matches {ref!r} on the {len(fo.nodes) - len(unsearched)} node(s) that "

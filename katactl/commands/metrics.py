@@ -106,7 +106,15 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
 
     fo = run_on_nodes(app_ctx.settings, lambda t: m.scrape_node(t, timeout=timeout, prefixes=prefixes),
                       progress=_progress_cb(app_ctx))
-    fo.raise_if_single_failure()
+    if to is not None:
+        # FILE is for a textfile collector whatever -o says: with no node answering it is left
+        # as it was (its mtime shows its age) and the command fails (the Error object with -o
+        # json); a partial answer is written, failed nodes as katactl_scrape_error{node=...}
+        if fo.errors and len(fo.errors) == len(fo.nodes):
+            app_ctx.out.warn(f"{to} is left as it was: no node answered")
+        fo.raise_if_none_answered()
+    else:
+        fo.raise_if_single_failure()
     per: list = []
     where: list = []
     for node in fo.nodes:

@@ -110,8 +110,10 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
         rows, errors = fleet.refresh(sort)
     except KeyboardInterrupt:
         return
-    if errors and not fleet.multi:  # one node: its failure is the command's, as without a TTY
-        raise next(iter(errors.values()))
+    if errors and len(fleet.nodes) == 1:  # one node: its failure is the command's, as without a TTY
+        from katactl.fleet import FanOut
+
+        FanOut(fleet.nodes, {}, errors).raise_if_only_node_failed()
     cols = [c for c in _columns() if app_ctx.out.fmt == "wide" or not c.wide]
     shown = ([Column("NODE", "node")] if fleet.multi else []) + cols
     console = Console(file=app_ctx.out.stdout, no_color=not app_ctx.out.color, highlight=False)
@@ -132,7 +134,14 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
         with Live(frame(rows, errors), console=console, auto_refresh=False, screen=False) as lv:
             while iterations is None or n < iterations - 1:
                 time.sleep(ival)
-                lv.update(frame(*fleet.refresh(sort)), refresh=True)
+                rows, errors = fleet.refresh(sort)
+                lv.update(frame(rows, errors), refresh=True)
                 n += 1
     except KeyboardInterrupt:
         return
+    if len(errors) == len(fleet.nodes):  # --iterations ended with no node answering: as `top --once`
+        from katactl.errors import exit_code_for, outcome_exit_code
+
+        for node, e in errors.items():
+            app_ctx.out.error(f"{node}: {e.message}")
+        raise typer.Exit(outcome_exit_code([exit_code_for(e) for e in errors.values()], 0))

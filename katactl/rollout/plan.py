@@ -94,6 +94,10 @@ def load_file(path: str) -> dict:
     for k in ("selector", "nodesFrom", "lockNamespace", "stateBackend", "name"):
         if d.get(k) is not None and not isinstance(d[k], str):
             raise UsageError(f"-f {path}: {k} must be a string")
+    if d.get("selector"):
+        from katactl.fleet import check_selector
+
+        check_selector(d["selector"], f"-f {path}: selector")  # exit 2 before the API is asked
     nodes = d.get("nodes")
     if nodes is not None and (not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes)):
         raise UsageError(f"-f {path}: nodes must be a list of node names")
