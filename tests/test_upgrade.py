@@ -372,14 +372,22 @@ def test_stage_an_invalid_version_file_is_one_short_line_naming_it(cli, node, tm
         assert len(r.stderr) < 500 and len(r.stdout) < 1000, (len(r.stderr), len(r.stdout))
     assert nothing_staged(node)
 
+#: runs argv as its child and prints the child's peak RSS (KiB). Measured one process away from
+#: pytest: a child spawned by pytest itself inherits pytest's peak (hundreds of MiB late in the
+#: suite) in its ru_maxrss, since exec records the old (v)forked mm's high-water mark
+#: (linux fs/exec.c exec_mmap, setmax_mm_hiwater_rss)
+_PEAK_RSS = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+             "_, st, ru = os.wait4(p.pid, 0)\n"
+             "print(ru.ru_maxrss)\n"
+             "sys.exit(os.waitstatus_to_exitcode(st))\n")
+
+
 def _stage_rss(node, *args) -> tuple[int, int, str]:
-    """Exit code, peak RSS in bytes (wait4's ru_maxrss) and stderr of a katactl stage subprocess."""
-    p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", str(node), "upgrade", "stage", *args],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = p.stderr.read().decode()
-    _pid, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, ru.ru_maxrss * 1024, err
+    """Exit code, peak RSS in bytes and stderr of a katactl stage subprocess."""
+    p = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "katactl", "--host-root", str(node),
+                        "upgrade", "stage", *args], capture_output=True, text=True)
+    return p.returncode, int(p.stdout) * 1024, p.stderr
 
 
 @pytest.mark.parametrize("where", ["share/kata-containers/VERSION", "VERSION", "SHA256SUMS"])
