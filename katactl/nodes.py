@@ -364,17 +364,26 @@ def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | st
 
     As in cordon(), whether the PATCH landed is read from the node when its answer did
     not say (a 5xx such as the timeout filter's 504 after the write, a 409 meeting our own
-    resent PATCH, a timeout, a cut): katactl's record gone means it did."""
+    resent PATCH, a timeout, a cut): it did only if the node now shows what it asked for,
+    schedulable and without katactl's record (a node kubectl cordoned has no record to
+    lose: its record's absence alone proves nothing). One that did not land is sent again
+    after a 409 (the node changed: decided anew) and raised otherwise (the node is still
+    cordoned: that error, its exit code and an audit entry saying so). An uncordon made
+    elsewhere at the same moment reads the same: the node is schedulable either way."""
     sent: str | None = None  # the message of a PATCH sent whose fate is unknown
     last_err: KatactlError | None = None
     for _ in range(5):
         node = get_node(api, name)
         unsched = bool((node.get("spec") or {}).get("unschedulable"))
         rec = cordon_record(node)
-        if sent is not None and rec is None:  # only katactl removes its record: our PATCH landed
+        if sent is not None and not unsched and rec is None:  # what our PATCH asked for: it landed
             return {"name": name, "changed": True, "dryRun": bool(dry_run), "message": sent}
         if last_err is not None and not isinstance(last_err, Conflict):
-            raise last_err  # it did not land: the caller decides when to try again (a rollout backs off)
+            # it did not land: the caller decides when to try again (a rollout backs off)
+            if sent is not None:
+                last_err.message += (f" (node {name} read back still cordoned: not uncordoned)" if unsched
+                                     else f" (node {name} read back: katactl's record still on it)")
+            raise last_err
         if record_id is not None and (rec is None or rec.get("id") != record_id or rec.get("wasUnschedulable")):
             return {"name": name, "changed": False, "dryRun": bool(dry_run),
                     "message": "left as it is: katactl's cordon record on it is not this run's any more"

@@ -185,6 +185,60 @@ def test_uncordon_answered_504_after_it_landed_reports_the_change_and_audits(cli
         [("node.cordon", True), ("node.uncordon", True)]
 
 
+@pytest.mark.parametrize("status", [503, 504])
+def test_uncordon_of_a_kubectl_cordon_whose_patch_did_not_land_fails_and_audits_so(cli, kube, kc, _isolated_home,
+                                                                                  status):
+    """A node kubectl cordoned has no katactl record: its absence on the re-read proves
+    nothing. Every PATCH answered 5xx without landing: still cordoned, so exit 1, no
+    changed, the audit entry an error."""
+    kube.add_node("n1")
+    foreign_set_unschedulable(kube, "n1", True)
+    kube.inject("PATCH", r"^/api/v1/nodes/n1", status=status, times=50)
+    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    assert r.exit_code == 1, r.stdout + r.stderr
+    assert "still cordoned" in r.stderr and f"HTTP {status}" in r.stderr, r.stderr
+    assert unschedulable(kube, "n1")
+    [entry] = audit_entries(_isolated_home)
+    assert (entry["action"], entry["result"], entry.get("changed")) == ("node.uncordon", "error", None)
+    assert "still cordoned" in entry["error"]
+
+
+def test_uncordon_of_a_kubectl_cordon_meeting_409_is_sent_again(cli, kube, kc, _isolated_home):
+    """One 409 (the node changed since the read): nothing landed; read again, sent again."""
+    kube.add_node("n1")
+    foreign_set_unschedulable(kube, "n1", True)
+    kube.inject("PATCH", r"^/api/v1/nodes/n1", status=409, times=1)
+    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is True and not unschedulable(kube, "n1")
+    assert len([q for q in kube.requests if q["method"] == "PATCH" and "kubectl-cordon" not in q["path"]]) == 2
+
+
+def test_uncordon_whose_record_was_removed_meanwhile_is_not_taken_for_landed(cli, kube, kc, monkeypatch):
+    """katactl's cordon; before our uncordon PATCH arrives someone removes the record only
+    (`kubectl annotate node n1 katactl.io/cordon-`): our PATCH meets 409 (stale
+    resourceVersion). The record is gone but the node still cordoned: not ours to claim;
+    decided anew (no record: as kubectl uncordon) and sent again."""
+    kube.add_node("n1")
+    assert node_cli(cli, kc, "cordon", "n1").exit_code == 0
+    orig = kube.handle
+    done: list[int] = []
+
+    def handle(method, path, query, body, user, accept):
+        if method == "PATCH" and path == "/api/v1/nodes/n1" and not done:
+            done.append(1)
+            orig("PATCH", path, {}, ("application/merge-patch+json",
+                                     {"metadata": {"annotations": {"katactl.io/cordon": None}}}), "admin", "")
+        return orig(method, path, query, body, user, accept)
+
+    monkeypatch.setattr(kube, "handle", handle)
+    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is True
+    assert not unschedulable(kube, "n1") and record(kube, "n1") is None
+    assert len([q for q in kube.requests if q["method"] == "PATCH"]) == 3  # cordon, 409, sent again
+
+
 def test_drain_restore_answered_504_after_it_landed_is_a_restore(cli, kube, kc, _isolated_home):
     kube.add_node("n1")
     kube.add_daemonset("ds", "default", {"app": "ds"})
