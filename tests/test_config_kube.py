@@ -237,6 +237,8 @@ def _user(d):
     (lambda d: _cluster(d).update(server=""), 'no server found for cluster "standin"'),
     (lambda d: _cluster(d).pop("server"), 'no server found for cluster "standin"'),
     (lambda d: _cluster(d).update(server=_cluster(d)["server"].split("//")[1]), "not a URL (https://HOST:PORT)"),
+    (lambda d: _cluster(d).update({"tls-server-name": 123}), 'cluster "standin": tls-server-name is a int, not a string'),
+    (lambda d: _cluster(d).update({"tls-server-name": ["localhost"]}), "tls-server-name is a list, not a string"),
     (lambda d: _user(d).update(token="tökén"), "token: not printable ASCII"),
     (lambda d: _user(d).update(token="admin-token\nX-Evil: 1"), "token: not printable ASCII"),
     (lambda d: _user(d).update(token=12345), "token is a int, not a string"),

@@ -168,6 +168,10 @@ class KubeAPI:
             raise UsageError(f"kubeconfig: cluster \"{cname}\": server is a {type(cluster['server']).__name__}, "
                              "not a URL")
         server_url(cluster["server"], cname)
+        if cluster.get("tls-server-name") is not None and not isinstance(cluster["tls-server-name"], str):
+            # kubectl: "json: cannot unmarshal number into ... tls-server-name of type string"
+            raise UsageError(f"kubeconfig: cluster \"{cname}\": tls-server-name is a "
+                             f"{type(cluster['tls-server-name']).__name__}, not a string")
         for key in ("token", "tokenFile"):  # sent as a header, or read from a file: text
             if user.get(key) is not None and not isinstance(user[key], str):
                 raise UsageError(f"kubeconfig: user {ctx.get('user')!r}: {key} is a {type(user[key]).__name__}, "
