@@ -190,8 +190,7 @@ def list_nodes(api: KubeAPI, names: list[str] | None = None, selector: str | Non
             "kataPods": kata[name],
             # who cordoned it, while katactl's record is current: katactl's user, or whom katactl
             # found had cordoned it already
-            "cordonedBy": None if current is None else
-            (current.get("cordonedBefore") or "unknown") if current.get("wasUnschedulable") else current.get("by"),
+            "cordonedBy": cordoned_by(current),
             "cordon": rec,
             "age": _age(meta.get("creationTimestamp"), now),
             "kubeletVersion": info.get("kubeletVersion"),
@@ -271,6 +270,15 @@ def current_cordon_record(node: dict) -> dict | None:
             or cordoned_again_by(node):
         return None
     return rec
+
+
+def cordoned_by(current: dict | None) -> str | None:
+    """Who cordoned the node by katactl's current record (:func:`current_cordon_record`):
+    katactl's user, or whom katactl found had cordoned it already (wasUnschedulable). What
+    node list shows and node check says."""
+    if current is None:
+        return None
+    return (current.get("cordonedBefore") or "unknown") if current.get("wasUnschedulable") else current.get("by")
 
 
 def unschedulable_manager(node: dict) -> str | None:
@@ -954,9 +962,17 @@ def check(api: KubeAPI, name: str) -> list[dict]:
         out.append(_finding("high", "node-ready", name, f"node is {status.split(',')[0]}: evicted pods "
                             "may hang in Terminating (consider --skip-wait-for-delete-timeout)"))
     if (node.get("spec") or {}).get("unschedulable"):
+        # the one reading of the record, as list and uncordon: a cordon katactl only recorded is not its own
         rec = current_cordon_record(node)
-        by = f"by katactl ({rec.get('by')}, {rec.get('reason') or 'no reason'})" if rec and rec.get("by") \
-            else "not by katactl"
+        if rec and not rec.get("wasUnschedulable"):
+            by = f"by katactl ({rec.get('by')}, {rec.get('reason') or 'no reason'})"
+        elif rec:
+            by = (f"not by katactl (cordoned by {cordoned_by(rec)}; katactl recorded it: {rec.get('by')}, "
+                  f"{rec.get('reason') or 'no reason'}; node uncordon leaves it without --force)")
+        else:
+            who = unschedulable_manager(node)
+            by = f"not by katactl (cordoned by {who})" if who and not who.startswith(FIELD_MANAGER) \
+                else "not by katactl"
         out.append(_finding("info", "node-cordoned", name, f"node is already cordoned {by}"))
     denied: list[str] = []
     rcs = runtime_classes(api, denied)

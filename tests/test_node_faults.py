@@ -282,6 +282,24 @@ def test_a_cordon_made_again_by_someone_else_is_theirs_everywhere(cli, kube, kc)
     assert not unschedulable(kube, "n1") and record(kube, "n1") is None
 
 
+def test_check_reads_the_cordon_record_as_list_and_uncordon_do(cli, kube, kc):
+    """kubectl cordon, then katactl cordon (it records the cordon as someone else's): list names
+    kubectl, uncordon refuses, and check does not call it katactl's."""
+    kube.add_node("n1")
+    foreign_set_unschedulable(kube, "n1", True)
+    assert node_cli(cli, kc, "cordon", "n1", "--reason", "maint").exit_code == 0
+    assert node_cli(cli, kc, "list", "-o", "json").json()["items"][0]["cordonedBy"].startswith("kubectl-cordon")
+    assert node_cli(cli, kc, "uncordon", "n1").exit_code == 5
+    [f] = [f for f in node_cli(cli, kc, "check", "n1", "-o", "json").json()["items"] if f["check"] == "node-cordoned"]
+    assert f["message"].startswith("node is already cordoned not by katactl (cordoned by kubectl-cordon"), f
+    assert "maint" in f["message"]
+    # without a record: who did, from managedFields
+    kube.add_node("n2")
+    foreign_set_unschedulable(kube, "n2", True)
+    [f] = [f for f in node_cli(cli, kc, "check", "n2", "-o", "json").json()["items"] if f["check"] == "node-cordoned"]
+    assert f["message"].startswith("node is already cordoned not by katactl (cordoned by kubectl-cordon"), f
+
+
 # -- check: what it could not read ---------------------------------------------------------------------
 
 def test_check_that_may_not_list_budgets_does_not_pass(cli, kube, kc):
