@@ -1136,17 +1136,17 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
 def _interrupted(names: list[str], values: dict, errors: dict, interrupted: dict) -> Interrupted:
     """The Interrupted of a fan-out: one node's own (its details: a drain's evicted pods and
     whether it was restored) when there was one; with several nodes, ``details.nodes`` says
-    what became of each (its result, its error, interrupted, or not started)."""
+    what became of each, in selection order: ``{node, result}``, ``{node, error}`` (an
+    interrupted node's error too: code Interrupted, its ``details.drain``; the shape of the
+    fan-out's ``errors[]`` entries) or ``{node, notStarted: true}`` (docs/output.md)."""
     if len(interrupted) == 1 and len(names) == 1:
         return next(iter(interrupted.values()))
     nodes: list[dict] = []
     for n in names:
         if n in values:
             nodes.append({"node": n, "result": values[n]})
-        elif n in errors:
-            nodes.append({"node": n, "error": errors[n].to_dict()})
-        elif n in interrupted:
-            nodes.append({"node": n, "interrupted": interrupted[n].message, **interrupted[n].details})
+        elif n in errors or n in interrupted:
+            nodes.append({"node": n, "error": (errors.get(n) or interrupted[n]).to_dict()})
         else:
             nodes.append({"node": n, "notStarted": True})
     which = ", ".join(interrupted) or "the nodes"

@@ -401,11 +401,16 @@ def test_interrupted_drain_of_several_nodes_says_what_became_of_each(kube, kc, _
     finally:
         p.kill()
     assert p.returncode == 130, err
-    nodes = {e["node"]: e for e in json.loads(out)["details"]["nodes"]}
-    assert nodes["n1"]["interrupted"] and nodes["n1"]["drain"]["restored"] is True
+    doc = json.loads(out)
+    assert [e["node"] for e in doc["details"]["nodes"]] == ["n1", "n2"]
+    nodes = {e["node"]: e for e in doc["details"]["nodes"]}
+    # an interrupted node's entry has the shape of an errors[] entry (docs/output.md)
+    assert set(nodes["n1"]) == {"node", "error"}
+    assert (nodes["n1"]["error"]["code"], nodes["n1"]["error"]["exitCode"]) == ("Interrupted", 130)
+    assert nodes["n1"]["error"]["details"]["drain"]["restored"] is True
     if parallel == "1":
         assert nodes["n2"] == {"node": "n2", "notStarted": True}
         assert [e["target"] for e in audit_entries(_isolated_home)] == ["n1"]
     else:
-        assert nodes["n2"]["drain"]["restored"] is True
+        assert nodes["n2"]["error"]["details"]["drain"]["restored"] is True
     assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")
