@@ -23,7 +23,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable
 
-from katactl.backends.kube import ApiStatusError, Conflict, KubeAPI, seg
+from katactl.backends.kube import ApiStatusError, Conflict, KubeAPI, interrupt_exec_plugins, seg
 from katactl.errors import (AuthError, Interrupted, KatactlError, NotFound, OperationFailed, Refused, TimeoutExpired,
                             UsageError)
 from katactl.backends.base import NodeTransport
@@ -840,6 +840,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
             deadline.halt.set()  # this drain's workers end; other nodes' drains go on
             if isinstance(e, KeyboardInterrupt):
                 deadline.stop.set()  # Ctrl-C in this thread: every drain stops
+                interrupt_exec_plugins()  # an eviction worker may be waiting on a credential plugin
             raise
     failures += [f"{ref}: still terminating" for ref in waiting.values()]
     result["evicted"].sort()
@@ -1113,6 +1114,10 @@ def for_each_node(names: list[str], fn: Callable[[str], Any], *, parallel: int =
     except BaseException as e:
         if stop is not None:
             stop.set()
+        if isinstance(e, KeyboardInterrupt):
+            # a worker may be waiting on an exec plugin (a credential refresh): only this thread
+            # took the signal, and the plugin runs in a process group of its own
+            interrupt_exec_plugins()
         for f in futures:
             f.cancel()
         while True:

@@ -243,9 +243,14 @@ def _user(d):
     (lambda d: _user(d).update(token="admin-token\nX-Evil: 1"), "token: not printable ASCII"),
     (lambda d: _user(d).update(token=12345), "token is a int, not a string"),
     (lambda d: _user(d).update(exec={"apiVersion": "client.authentication.k8s.io/v1", "command": "sh",
-                                     "args": "oops"}), "exec: args is not a list of strings"),
+                                     "args": "oops", "interactiveMode": "Never"}), "exec: args is not a list of strings"),
+    # client-go tools/clientcmd/validation.go validateAuthInfo, in kubectl's words
+    (lambda d: _user(d).update(exec={"apiVersion": "client.authentication.k8s.io/v1", "command": "sh"}),
+     "interactiveMode must be specified for admin to use exec authentication plugin"),
     (lambda d: _user(d).update(exec={"apiVersion": "client.authentication.k8s.io/v1", "command": "sh",
-                                     "args": ["-c", "true"], "env": [{"name": "A"}]}),
+                                     "interactiveMode": "Sometimes"}), 'invalid interactiveMode for admin: "Sometimes"'),
+    (lambda d: _user(d).update(exec={"apiVersion": "client.authentication.k8s.io/v1", "command": "sh",
+                                     "args": ["-c", "true"], "env": [{"name": "A"}], "interactiveMode": "Never"}),
      "exec: an env entry without a name and a value"),
 ])
 def test_malformed_kubeconfig_values_are_one_line_usage_errors(cli, kube, tmp_path, mutate, needle):

@@ -775,3 +775,90 @@ def test_an_interrupted_exec_plugin_is_killed_with_katactl(kube, tmp_path, sig):
         p.kill()
     assert p.returncode == 130, err
     assert _gone(running), "the plugin outlived katactl"
+
+
+# -- exec plugins: interactive as client-go decides it -----------------------------------------------
+
+PROMPTING = """#!/bin/sh
+# records what it was told (spec.interactive) and whether its stdin is a terminal; prompts on
+# stderr and reads the token from stdin when interactive, else takes it from a file
+info=$(printenv KUBERNETES_EXEC_INFO | tr -d ' ')
+case "$info" in *'"interactive":true'*) i=true ;; *) i=false ;; esac
+if [ -t 0 ]; then t=tty; else t=notty; fi
+echo "$i $t" >> {log}
+if [ "$i" = true ]; then printf 'Password for cluster: ' >&2; read -r tok; else tok=$(cat {tok}); fi
+printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{{"token":"%s"}}}}' "$tok"
+"""
+
+
+def _prompting_kubeconfig(kube, tmp_path, mode: str | None) -> str:
+    (tmp_path / "tok").write_text(kube.tokens["admin"])
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text(PROMPTING.format(log=tmp_path / "log", tok=tmp_path / "tok"))
+    plugin.chmod(0o755)
+    doc = json.loads(open(kube.kubeconfig(tmp_path / "good")).read())
+    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+                                        **({"interactiveMode": mode} if mode else {})}}
+    return _write(tmp_path / "kc", doc)
+
+
+def test_exec_plugin_prompts_when_stdin_is_a_terminal_and_stdout_a_pipe(kube, tmp_path):
+    """`katactl ... -o name | cat` on a terminal, interactiveMode IfAvailable: client-go
+    (plugin/pkg/client/auth/exec/exec.go isInteractive) decides from stdin, so the plugin
+    gets the terminal's stdin and its prompt shows (its stderr is always the user's)."""
+    from tests._pty import read_some, start_on_pty
+
+    kube.add_node("n1")
+    kc = _prompting_kubeconfig(kube, tmp_path, "IfAvailable")
+    p, master = start_on_pty([sys.executable, "-m", "katactl", "--kubeconfig", kc, "--request-timeout", "30s",
+                              "node", "list", "-o", "name"], stdout=subprocess.PIPE)
+    screen = b""
+    try:
+        while b"Password for cluster: " not in screen:
+            data = read_some(master, 0.2)
+            assert data is not None and p.poll() is None, screen
+            screen += data
+        os.write(master, kube.tokens["admin"].encode() + b"\n")
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+        os.close(master)
+    assert p.returncode == 0 and out.split() == [b"n1"], screen
+    assert (tmp_path / "log").read_text().split() == ["true", "tty"]
+
+
+@pytest.mark.parametrize("mode,stdin_tty,want", [
+    ("IfAvailable", False, "false notty"),  # stdout a terminal, stdin not: not interactive
+    ("Never", True, "false notty"),          # stdin a terminal, but Never: /dev/null, as client-go
+    (None, False, "false notty"),            # v1beta1 without interactiveMode: IfAvailable
+])
+def test_exec_plugin_interactive_follows_interactive_mode_and_stdin(kube, tmp_path, mode, stdin_tty, want):
+    import pty
+
+    kube.add_node("n1")
+    kc = _prompting_kubeconfig(kube, tmp_path, mode)
+    if mode is None:
+        doc = json.loads(open(kc).read())
+        doc["users"][0]["user"]["exec"]["apiVersion"] = "client.authentication.k8s.io/v1beta1"
+        _write(tmp_path / "kc", doc)
+        (tmp_path / "plugin.sh").write_text((tmp_path / "plugin.sh").read_text().replace(
+            "client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1"))
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([sys.executable, "-m", "katactl", "--kubeconfig", kc, "node", "list", "-o", "name"],
+                           stdin=slave if stdin_tty else subprocess.DEVNULL, stdout=subprocess.PIPE if stdin_tty
+                           else slave, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "log").read_text().strip() == want
+
+
+def test_exec_plugin_always_interactive_without_a_terminal_fails_in_client_gos_words(cli, kube, tmp_path):
+    kc = _prompting_kubeconfig(kube, tmp_path, "Always")
+    r = cli(["--kubeconfig", kc, "node", "list"])  # stdin is not a terminal here
+    assert r.exit_code == 7, r.stderr
+    assert "exec plugin cannot support interactive mode: standard input is not a terminal" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "log").exists()

@@ -208,6 +208,67 @@ def test_first_interrupt_stops_every_parallel_drain_and_restores_every_node(kube
     assert all(e["result"] == "interrupted" and e["restored"] is True for e in entries)
 
 
+EXPIRED_THEN_HANGS = """#!/bin/sh
+# answers with a token already expired (every request runs it again) until {flag} exists, then
+# hangs as an SSO plugin waiting for a browser login would
+if [ -e {flag} ]; then echo $$ >> {pids}; sleep 300 & echo $! >> {pids}; wait; fi
+printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{{"token":"{token}",\
+"expirationTimestamp":"2001-01-01T00:00:00Z"}}}}'
+"""
+
+
+@pytest.mark.parametrize("revoked", [False, True])
+def test_interrupt_kills_an_exec_plugin_hanging_in_a_drain_worker_and_restores(kube, kc, tmp_path, _isolated_home,
+                                                                               revoked):
+    """The credentials expire mid-drain; their refresh runs the plugin in a worker thread (the
+    drain's, or an eviction's), in its own process group, which neither the signal nor the
+    terminal's Ctrl-C reaches: the interrupted main thread kills it. The restore then sends the
+    token held (expired for the client, the server decides); when the server refuses that too
+    (revoked), the plugin it needs is bounded (5 s, said so), not --request-timeout."""
+    _blocked_pods(kube, "n1")
+    flag, pids = tmp_path / "hang", tmp_path / "pids"
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text(EXPIRED_THEN_HANGS.format(flag=flag, pids=pids, token=kube.tokens["admin"]))
+    plugin.chmod(0o755)
+    doc = json.loads(open(kc).read())
+    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+                                        "interactiveMode": "Never"}}
+    (tmp_path / "exec-kc").write_text(json.dumps(doc))
+    p = _start_drain(str(tmp_path / "exec-kc"), "n1", extra=("--request-timeout", "300s"))
+    hung: list[int] = []
+    try:
+        for line in p.stdout:
+            if json.loads(line)["kind"] == "PodEvictionBlocked":
+                break
+        flag.touch()
+        if revoked:
+            kube.tokens["admin"] = "revoked-meanwhile"
+        while len(hung) < 2:  # the next request (an eviction sent again, 5 s on) refreshes
+            assert p.poll() is None
+            time.sleep(0.05)
+            hung = [int(x) for x in pids.read_text().split()] if pids.exists() else []
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        for pid in ([int(x) for x in pids.read_text().split()] if pids.exists() else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert p.returncode == 130, err
+    for pid in hung:  # killed with its group (zombies reaped by init are dead too)
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
+            == "Z", "the plugin outlived the interrupt"
+    [entry] = audit_entries(_isolated_home)
+    assert entry["result"] == "interrupted"
+    if not revoked:
+        assert not unschedulable(kube, "n1") and entry["restored"] is True
+    else:
+        assert unschedulable(kube, "n1") and entry["restored"] is False
+        assert "did not answer within 5s (bounded after the interrupt)" in err, err
+
+
 # -- kubectl's filter chain --------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags", [

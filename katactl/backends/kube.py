@@ -27,12 +27,14 @@ import json
 import os
 import re
 import ssl
+import subprocess
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from katactl import __version__
-from katactl.errors import (AuthError, KatactlError, NotFound, OperationFailed, UnreachableError,
+from katactl.errors import (AuthError, Interrupted, KatactlError, NotFound, OperationFailed, UnreachableError,
                             UsageError)
 
 if TYPE_CHECKING:
@@ -191,7 +193,8 @@ class KubeAPI:
             kconfig.load_kube_config_from_dict(loader_cfg, context=name, client_configuration=cfg,
                                                persist_config=False)
             creds = _Credentials.from_user(user, cluster, token_file_period=token_file_period,
-                                           timeout=settings.request_timeout)
+                                           timeout=settings.request_timeout, name=str(ctx.get("user") or ""),
+                                           stdin_unavailable=getattr(settings, "nodes_from", None) == "-")
         except kconfig.ConfigException as e:
             raise UsageError(f"kubeconfig: {_one_line(e)}") from None
         except (ValueError, TypeError, AttributeError, KeyError) as e:
@@ -558,13 +561,24 @@ class _Credentials:
 
     After a 401, :meth:`renew` says whether the credentials changed: the request is then sent
     once more (client-go only refreshes for the next request; a drain that outlives a
-    15-minute token would lose the request)."""
+    15-minute token would lose the request).
+
+    After an interrupt (:func:`interrupt_exec_plugins`) the restores that follow use the
+    credentials held, expired or not (the server decides); a plugin run they still need (none
+    held, or a 401) is bounded by AFTER_INTERRUPT_PLUGIN_TIMEOUT, not --request-timeout."""
+
+    #: every exec-plugin credential source alive, for interrupt_exec_plugins()
+    _all: "weakref.WeakSet[_Credentials]"
 
     def __init__(self, *, exec_cfg: dict | None = None, token_file: str | None = None,
                  cluster: dict | None = None, token_file_period: float = TOKEN_FILE_PERIOD,
-                 timeout: float = 0.0):
+                 timeout: float = 0.0, interactive_mode: str = "Never", stdin_unavailable: bool = False):
         self.exec_cfg, self.token_file, self.cluster = exec_cfg, token_file, cluster
         self.timeout = timeout  # --request-timeout: bounds an exec plugin's run (0: none)
+        self.interactive_mode, self.stdin_unavailable = interactive_mode, stdin_unavailable
+        self.interrupted = False  # set by interrupt_exec_plugins()
+        if exec_cfg is not None:
+            _Credentials._all.add(self)
         self.token_file_period = token_file_period
         self._lock = threading.Lock()
         self._auth: str | None = None
@@ -579,12 +593,15 @@ class _Credentials:
 
     @classmethod
     def from_user(cls, user: dict, cluster: dict, *, token_file_period: float = TOKEN_FILE_PERIOD,
-                  timeout: float = 0.0) -> "_Credentials | None":
-        """The bearer-token source of a kubeconfig user (exec > tokenFile > token), or None.
-        With both tokenFile and token, the file's token is sent while the file can be read
-        (client-go transport/round_trippers.go NewBearerAuthWithRefreshRoundTripper)."""
+                  timeout: float = 0.0, name: str = "", stdin_unavailable: bool = False) -> "_Credentials | None":
+        """The bearer-token source of a kubeconfig user ``name`` (exec > tokenFile > token), or
+        None. With both tokenFile and token, the file's token is sent while the file can be read
+        (client-go transport/round_trippers.go NewBearerAuthWithRefreshRoundTripper).
+        stdin_unavailable: katactl reads stdin itself (``--nodes-from -``), as kubectl's ``-f -``."""
         if isinstance(user.get("exec"), dict):
-            return cls(exec_cfg=user["exec"], cluster=cluster, timeout=timeout)
+            return cls(exec_cfg=user["exec"], cluster=cluster, timeout=timeout,
+                       interactive_mode=exec_interactive_mode(user["exec"], name),
+                       stdin_unavailable=stdin_unavailable)
         if user.get("tokenFile"):
             c = cls(token_file=str(user["tokenFile"]), token_file_period=token_file_period)
             c._fallback = f"Bearer {user['token']}" if user.get("token") else None
@@ -604,6 +621,8 @@ class _Credentials:
         if not self._loaded:
             return bool(self.exec_cfg or self.token_file)
         if self.exec_cfg is not None:
+            if self.interrupted and self._auth is not None:
+                return False  # restoring after an interrupt: the held token first, no plugin
             return self._expires is not None and time.time() > self._expires
         if self.token_file:  # a failed read is tried again at the next request (no _read_at)
             return self._file_token is None or time.monotonic() - self._read_at >= self.token_file_period
@@ -665,7 +684,12 @@ class _Credentials:
 
     def _run_plugin(self) -> tuple[str | None, float | None]:
         assert self.exec_cfg is not None
-        status = run_exec_plugin(self.exec_cfg, self.cluster, self.timeout)
+        timeout, why = self.timeout, "--request-timeout"
+        if self.interrupted and not 0 < timeout <= AFTER_INTERRUPT_PLUGIN_TIMEOUT:
+            timeout, why = AFTER_INTERRUPT_PLUGIN_TIMEOUT, "bounded after the interrupt"
+        status = run_exec_plugin(self.exec_cfg, self.cluster, timeout,
+                                 interactive=exec_interactive(self.interactive_mode, self.stdin_unavailable),
+                                 timeout_why=why)
         if not isinstance(status, dict):
             raise AuthError("kubeconfig: credential plugin failed: status is not an object")
         expires = None
@@ -700,18 +724,95 @@ class _Credentials:
             self._tls.load_cert_chain(c, k)
 
 
-def run_exec_plugin(exec_cfg: dict, cluster: dict | None, timeout: float) -> dict:
+#: v1alpha1/v1beta1 exec configs default interactiveMode to IfAvailable; v1 must name it
+#: (client-go tools/clientcmd/api/v1/defaults.go SetDefaults_ExecConfig, validation.go)
+_EXEC_DEFAULT_IFAVAILABLE = ("client.authentication.k8s.io/v1alpha1", "client.authentication.k8s.io/v1beta1")
+#: how long a plugin may run for the restores after an interrupt (instead of --request-timeout)
+AFTER_INTERRUPT_PLUGIN_TIMEOUT = 5.0
+
+#: exec plugins running now -> whether interactive (interrupt_exec_plugins kills them)
+_running_plugins: dict[subprocess.Popen, bool] = {}
+#: pids of plugins interrupt_exec_plugins killed (their runs raise Interrupted)
+_killed_plugins: set[int] = set()
+_plugins_lock = threading.Lock()
+_Credentials._all = weakref.WeakSet()
+
+
+def exec_interactive_mode(exec_cfg: dict, user: str) -> str:
+    """An exec config's interactiveMode, checked as client-go's kubeconfig validation does
+    (tools/clientcmd/validation.go validateAuthInfo): Never, IfAvailable or Always; missing
+    is IfAvailable for v1alpha1/v1beta1 and a UsageError for v1 (kubectl's words)."""
+    mode = exec_cfg.get("interactiveMode")
+    if mode in (None, "") and exec_cfg.get("apiVersion") in _EXEC_DEFAULT_IFAVAILABLE:
+        return "IfAvailable"
+    if mode in (None, ""):
+        raise UsageError(f"kubeconfig: interactiveMode must be specified for {user} to use exec authentication plugin")
+    if mode not in ("Never", "IfAvailable", "Always"):
+        raise UsageError(f"kubeconfig: invalid interactiveMode for {user}: {json.dumps(mode)}")
+    return str(mode)
+
+
+def exec_interactive(mode: str, stdin_unavailable: bool = False) -> bool:
+    """Whether a plugin runs interactively (gets the terminal's stdin), decided as client-go's
+    isInteractive (plugin/pkg/client/auth/exec/exec.go): Never: no; IfAvailable: when stdin is
+    a terminal and katactl does not read it itself; Always: that, or the plugin fails
+    ("exec plugin cannot support interactive mode: ..."). From stdin, never from stdout:
+    ``katactl ... -o json | jq`` still prompts."""
+    import sys
+
+    tty = sys.stdin is not None and hasattr(sys.stdin, "isatty") and sys.stdin.isatty()
+    if mode == "Never":
+        return False
+    if mode == "Always":
+        why = "standard input is not a terminal" if not tty else \
+            "standard input is unavailable: used by --nodes-from -" if stdin_unavailable else None
+        if why:
+            raise AuthError(f"kubeconfig: credential plugin failed: exec plugin cannot support interactive mode: {why}")
+        return True
+    return tty and not stdin_unavailable
+
+
+def interrupt_exec_plugins() -> None:
+    """Kill every exec plugin running now, in whatever thread it runs (a drain's workers
+    refresh credentials too), from the thread that took the interrupt (Ctrl-C, SIGTERM made
+    one): its run raises Interrupted. The credentials alive then restore with what they hold
+    (:class:`_Credentials`), so a plugin that hangs (a browser login) delays no restore."""
+    import signal
+
+    for c in list(_Credentials._all):
+        c.interrupted = True
+    with _plugins_lock:
+        running = list(_running_plugins.items())
+        _killed_plugins.update(p.pid for p, _ in running)
+    for proc, interactive in running:
+        _kill_plugin(proc, interactive, signal)
+
+
+def _kill_plugin(proc, interactive: bool, signal) -> None:
+    try:
+        if interactive:
+            proc.kill()  # it shares the terminal's process group, katactl's own
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)  # the plugin and whatever it started
+    except OSError:
+        pass
+
+
+def run_exec_plugin(exec_cfg: dict, cluster: dict | None, timeout: float, *, interactive: bool = False,
+                    timeout_why: str = "--request-timeout") -> dict:
     """An exec credential plugin's ExecCredential status, as client-go runs the plugin
-    (plugin/pkg/client/auth/exec/exec.go: KUBERNETES_EXEC_INFO with spec.interactive and,
-    with provideClusterInfo, spec.cluster; stdin and stderr the terminal's only when
-    interactive; exit status, apiVersion and kind checked), and as the kubernetes package's
-    ExecProvider words its failures. Bounded by ``timeout`` (--request-timeout; 0: none):
-    a plugin that does not answer by then, or katactl interrupted (Ctrl-C, SIGTERM made
-    one), is killed with every process it started (its own process group; an interactive one
-    shares the terminal's, which Ctrl-C reaches anyway)."""
+    (plugin/pkg/client/auth/exec/exec.go refreshCredsLocked: KUBERNETES_EXEC_INFO with
+    spec.interactive and, with provideClusterInfo, spec.cluster; its stderr always the user's
+    (cmd.Stderr = a.stderr), its stdin the terminal's only when ``interactive``
+    (:func:`exec_interactive`), else /dev/null; exit status, apiVersion and kind checked),
+    and as the kubernetes package's ExecProvider words its failures. Bounded by ``timeout``
+    (--request-timeout, or ``timeout_why``; 0: none): a plugin that does not answer by then,
+    or katactl interrupted (Ctrl-C, SIGTERM made one; in any thread:
+    :func:`interrupt_exec_plugins`), is killed with every process it started (its own
+    process group; an interactive one stays in the terminal's foreground group, where it
+    may read the terminal, and only it is killed)."""
     import signal
     import subprocess
-    import sys
 
     def failed(why: str) -> AuthError:
         return AuthError(f"kubeconfig: credential plugin failed: {why}")
@@ -728,7 +829,6 @@ def run_exec_plugin(exec_cfg: dict, cluster: dict | None, timeout: float) -> dic
                 or not isinstance(item.get("value"), str):
             raise UsageError("kubeconfig: exec: an env entry without a name and a value")
         env[item["name"]] = item["value"]
-    interactive = hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
     spec: dict[str, Any] = {"interactive": interactive}
     if exec_cfg.get("provideClusterInfo") and cluster:
         spec["cluster"] = dict(cluster)
@@ -739,35 +839,37 @@ def run_exec_plugin(exec_cfg: dict, cluster: dict | None, timeout: float) -> dic
     env["KUBERNETES_EXEC_INFO"] = json.dumps({"apiVersion": exec_cfg["apiVersion"], "kind": "ExecCredential",
                                               "spec": spec})
     argv = [exec_cfg["command"], *args]
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None if interactive else subprocess.PIPE,
-                                stdin=None if interactive else subprocess.DEVNULL, env=env, text=True,
-                                process_group=None if interactive else 0)
-    except OSError as e:
-        raise failed(f"{exec_cfg['command']}: {e.strerror}") from None
+    with _plugins_lock:  # started and registered at once: an interrupt kills it or finds it not started
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None,
+                                    stdin=None if interactive else subprocess.DEVNULL, env=env, text=True,
+                                    process_group=None if interactive else 0)
+        except OSError as e:
+            raise failed(f"{exec_cfg['command']}: {e.strerror}") from None
+        _running_plugins[proc] = interactive
 
     def kill() -> None:
-        try:
-            if interactive:
-                proc.kill()
-            else:
-                os.killpg(proc.pid, signal.SIGKILL)  # the plugin and whatever it started
-        except OSError:
-            pass
+        _kill_plugin(proc, interactive, signal)
         proc.wait()
 
     try:
-        out, err = proc.communicate(timeout=timeout if timeout > 0 else None)
-    except subprocess.TimeoutExpired:
-        kill()
-        raise failed(f"{exec_cfg['command']} did not answer within {timeout:g}s (--request-timeout)") from None
-    except BaseException:
-        kill()
-        raise
+        try:
+            out, _ = proc.communicate(timeout=timeout if timeout > 0 else None)
+        except subprocess.TimeoutExpired:
+            kill()
+            raise failed(f"{exec_cfg['command']} did not answer within {timeout:g}s ({timeout_why})") from None
+        except BaseException:
+            kill()
+            raise
+    finally:
+        with _plugins_lock:
+            _running_plugins.pop(proc, None)
+            killed = proc.pid in _killed_plugins
+            _killed_plugins.discard(proc.pid)
+    if killed:
+        raise Interrupted(f"interrupted: credential plugin {exec_cfg['command']} killed")
     if proc.returncode != 0:
-        why = f"exec: process returned {proc.returncode}"
-        return_err = _one_line(err or "")
-        raise failed(f"{why}. {return_err}" if return_err else why)
+        raise failed(f"exec: process returned {proc.returncode}")
     try:
         data = json.loads(out)
     except ValueError as e:
