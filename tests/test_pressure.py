@@ -668,3 +668,59 @@ def test_watch_interrupted_exits_130(katactl_bin, tmp_path):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 8, err
+
+
+
+def test_watch_rule_held_is_8_also_when_a_node_failed(cli, v2node):
+    """--watch: a rule that held is exit 8 even when another node failed (4 only without a
+    held rule), at the end of --iterations and when SIGTERM ends it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    root, _ = v2node
+    nodes = ["--host-root", root, "-N", "localhost,127.0.0.1:1", "--request-timeout", "5s"]
+    args = ["inspect", "pressure", "--watch", "--interval", "100ms", "-o", "jsonl", "--fail-on", "cpu.some.avg10>=0"]
+    r = cli([*nodes, *args, "--iterations", "1"])
+    assert r.exit_code == 8, r.stderr
+    assert "127.0.0.1:1" in r.stderr
+    r = cli([*nodes, *args[:-2], "--iterations", "1"])  # no rule: the node's failure is the answer
+    assert r.exit_code == 4, r.stderr
+    p = subprocess.Popen([sys.executable, "-m", "katactl", *nodes, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    first = json.loads(p.stdout.readline())  # one refresh: the rule held on localhost, 127.0.0.1:1 failed
+    assert first["nodes"]["localhost"]["failOn"]["violations"] and first["errors"], first
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 8, err
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 0), ("SIGTERM", 130), ("SIGHUP", 130)])
+def test_live_watch_on_a_terminal_quits_only_on_ctrl_c(v2node, sig, code):
+    """On a live terminal Ctrl-C is the table's quit key (0); SIGTERM (timeout(1), kill) and
+    SIGHUP (the terminal closed) are an interruption, 130, as in every command. A real pty."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests._pty import read_some, start_on_pty
+
+    root, _ = v2node
+    p, master = start_on_pty([sys.executable, "-m", "katactl", "--host-root", root, "inspect", "pressure",
+                              "--watch", "--interval", "100ms"], COLUMNS="200", LINES="40")
+    out = b""
+    try:
+        while out.count(b"katactl inspect pressure") < 2:  # the second refresh: the loop is running
+            data = read_some(master, 0.2)
+            assert data is not None, out
+            out += data
+        p.send_signal(getattr(signal, sig))
+        rc = p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        p.kill()
+        p.wait()
+        os.close(master)
+    assert rc == code, out.decode(errors="replace")[-500:]

@@ -174,20 +174,20 @@ def test_ctrl_c_during_a_snapshot_is_exit_130_in_one_line(tree):
     assert d["kind"] == "Error" and d["code"] == "Interrupted" and d["exitCode"] == 130
 
 
-def _ctrl_c_live_top(root, ready, *extra):
-    """Start a live top on a terminal, wait for ready(screen bytes), send one SIGINT:
-    (exit code or None if it did not end, screen text)."""
+def _ctrl_c_live_top(root, ready, *extra, sig="SIGINT", interval="300s"):
+    """Start a live top on a terminal, wait for ready(screen bytes), send one ``sig``
+    (SIGINT: Ctrl-C): (exit code or None if it did not end, screen text)."""
     import signal
 
     p, master = start_on_pty([sys.executable, "-m", "katactl", "--host-root", root, *extra, "top",
-                              "--interval", "300s"], COLUMNS="160", LINES="40")
+                              "--interval", interval], COLUMNS="160", LINES="40")
     out = b""
     try:
         while not ready(out):
             data = read_some(master, 0.2)
             assert data is not None, out
             out += data
-        p.send_signal(signal.SIGINT)
+        p.send_signal(getattr(signal, sig))
         try:
             rc = p.wait(timeout=30)   # a hang guard: the scrape it abandons would take 120s
         except subprocess.TimeoutExpired:
@@ -206,6 +206,16 @@ def test_ctrl_c_ends_the_live_view_quietly(tree):
     rc, text = _ctrl_c_live_top(tree.root, lambda out: b"katactl top" in out)
     assert rc == 0, text
     assert "error" not in text and "interrupted" not in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_kill_or_hangup_ends_the_live_view_as_interrupted(tree, sig):
+    """Only Ctrl-C is the live view's quit key: SIGTERM (kill, timeout(1)) and SIGHUP (the
+    terminal closed) are an interruption, exit 130 (design.md), as in every command."""
+    # the second frame: the loop is running
+    rc, text = _ctrl_c_live_top(tree.root, lambda out: out.count(b"katactl top") >= 2, sig=sig, interval="0.2s")
+    assert rc == 130, text
+    assert "interrupted" in text and "Traceback" not in text
 
 
 def test_one_ctrl_c_stops_top_stuck_on_a_shim():

@@ -357,9 +357,10 @@ def pressure_cmd(
     system-wide) is skipped with one warning (failOn.skipped); a rule measured
     on no target at all is unknown.
 
-    Exit codes: 0, 8 when a --fail-on rule holds or cannot be measured, 2 bad
-    input, 4 some nodes failed, 130 when --watch is interrupted outside a
-    terminal (Ctrl-C ends the live table on a terminal with 0, as top does).
+    Exit codes: 0, 8 when a --fail-on rule holds or cannot be measured (with
+    --watch: at any refresh, whatever else happened), 2 bad input, 4 some
+    nodes failed, 130 when --watch is interrupted (Ctrl-C ends the live table
+    on a terminal with 0, as top does; SIGTERM and SIGHUP are 130 there too).
 
     \b
     Examples:
@@ -391,7 +392,8 @@ def pressure_cmd(
         s = sessions.setdefault(transport.node, lib.Session(ival, refs))
         return s.refresh(transport, rules)
 
-    def result(fanout) -> tuple[Result, int]:
+    def result(fanout) -> tuple[Result, int, bool]:
+        """(result, exit code, whether a --fail-on rule held or could not be measured)."""
         if not fanout.multi:
             v = fanout.values[fanout.nodes[0]]
             res = Result(kind="PressureReport", items=v["items"], item=v["meta"], columns=cols, name_key="target",
@@ -424,27 +426,30 @@ def pressure_cmd(
         failed = any(not (m.get("failOn") or {}).get("passed", True) for m in metas.values())
         if failed and code == ExitCode.OK:
             code = ExitCode.CHECK_FAILED
-        return res, code
+        return res, code, failed
 
     if not watch:
         fo = run_on_nodes(app_ctx.settings, one, progress=_progress_cb(app_ctx))
         fo.raise_if_single_failure()
-        res, code = result(fo)
+        res, code, _ = result(fo)
         finish(app_ctx, res, code)
         return
-    _pressure_watch(app_ctx, one, result, ival, iterations)
+    from katactl.commands.top import terminate_seen
+
+    with terminate_seen() as seen:
+        _pressure_watch(app_ctx, one, result, ival, iterations, seen)
 
 
-def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
+def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: list[int]) -> None:
     """--watch: a Rich live table on a terminal, else one rendering per refresh (one
     JSON line each with -o jsonl). The exit code is 8 if a --fail-on rule held (or could
-    not be measured) at any refresh, else 4 if a node failed. Ctrl-C ends the live table
-    quietly (its normal stop, as ``top`` and ``watch``); elsewhere Ctrl-C and SIGTERM
-    (timeout(1), Ansible, systemd) are an interruption, exit 130, as in ``katactl top``:
-    a gate cut short never reads as passed. A rule that already held keeps exit 8: the
-    gate's answer was found before the interruption."""
+    not be measured) at any refresh, also when a node failed too, else 4 if a node failed.
+    Ctrl-C on a terminal ends the live table quietly (its quit key, as ``top`` and
+    ``watch``); SIGTERM and SIGHUP (timeout(1), systemd, a closed terminal) anywhere, and
+    Ctrl-C elsewhere, are an interruption, exit 130, as in ``katactl top``: a gate cut
+    short never reads as passed. A rule that already held keeps exit 8: the gate's
+    answer was found before the interruption."""
     import time
-
     import typer as _typer
 
     from katactl.errors import ExitCode
@@ -453,6 +458,7 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
     out = app_ctx.out
     live = out.stdout_tty and out.fmt in ("table", "wide")
     worst = ExitCode.OK
+    held = False
     n = 0
     lv = None
     interrupted = False
@@ -469,8 +475,9 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
             fo = run_on_nodes(app_ctx.settings, one)
             if n == 0:
                 fo.raise_if_single_failure()
-            res, code = result(fo)
-            if code == ExitCode.CHECK_FAILED or (code and worst == ExitCode.OK):
+            res, code, failed = result(fo)
+            held = held or failed
+            if code and worst == ExitCode.OK:
                 worst = code
             if lv is not None:  # live
                 lv.update(_pressure_frame(app_ctx, res, ival), refresh=True)
@@ -487,7 +494,9 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations) -> None:
     finally:
         if lv is not None:
             lv.stop()
-    if interrupted and not live and worst != ExitCode.CHECK_FAILED:
+    if held:
+        raise _typer.Exit(int(ExitCode.CHECK_FAILED))
+    if interrupted and (seen or not live):
         raise KeyboardInterrupt  # katactl.cli.main: one line (JSON error with -o json), exit 130
     if worst:
         raise _typer.Exit(int(worst))

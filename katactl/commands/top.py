@@ -1,7 +1,8 @@
 """katactl top."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
@@ -11,6 +12,33 @@ if TYPE_CHECKING:  # annotations only: a command's --help does not import the ba
     from katactl.backends.base import NodeTransport
 
 app = new_app("Live per-sandbox CPU and memory; one snapshot with -o json/yaml or in a pipe.", single=True)
+
+
+@contextlib.contextmanager
+def terminate_seen() -> Iterator[list[int]]:
+    """While inside, the SIGTERM/SIGHUP signals received (the list yielded). katactl.interrupt
+    makes both a KeyboardInterrupt, as Ctrl-C; a live table's quit key is Ctrl-C alone, so a
+    kill (timeout(1), systemd) or a closed terminal still ends it as interrupted, exit 130
+    (design.md), never as a quiet 0. The handlers in place are kept and called; a signal
+    ignored (nohup) stays ignored."""
+    import signal
+    import threading
+
+    seen: list[int] = []
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            prev = signal.getsignal(sig)
+            if callable(prev):
+                def on(signum, frame, prev=prev):
+                    seen.append(signum)
+                    prev(signum, frame)
+                old[sig] = signal.signal(sig, on)
+    try:
+        yield seen
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _columns():
@@ -53,8 +81,9 @@ def top(
 
     On a terminal the view refreshes every --interval until Ctrl-C, which ends
     it at once and quietly with exit 0 (its normal stop, as procps top and watch
-    do); with -o json/yaml or in a pipe it prints one snapshot (two scrapes
-    --interval apart), and Ctrl-C there is an interruption (exit 130).
+    do); SIGTERM and SIGHUP end it as an interruption (exit 130). With -o
+    json/yaml or in a pipe it prints one snapshot (two scrapes --interval
+    apart), and Ctrl-C there is an interruption (exit 130).
     A shim that does not answer is a row with an error; the snapshot then exits
     4 (partial failure), or that error's code when no shim answered.
 
@@ -87,13 +116,15 @@ def top(
         fan_out_list(app_ctx, fn, kind="SandboxTopList", columns=_columns(), name_key="id",
                      item_error=lambda row: row.get("error"))
         return
-    _live(app_ctx, ival, timeout, sort, iterations)
+    with terminate_seen() as seen:
+        _live(app_ctx, ival, timeout, sort, iterations, seen)
 
 
-def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | None) -> None:
+def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | None, seen: list[int]) -> None:
     """The Rich Live view: a frame per metrics.TopFleet refresh until --iterations or
     Ctrl-C, the live view's documented way to stop: exit 0, no message, at once (a
-    scrape stuck on a shim is abandoned; katactl.cli.main does not wait for it)."""
+    scrape stuck on a shim is abandoned; katactl.cli.main does not wait for it).
+    SIGTERM and SIGHUP are no quit key: exit 130, as everywhere."""
     import time
 
     from rich.console import Console
@@ -109,6 +140,8 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
     try:
         rows, errors = fleet.refresh(sort)
     except KeyboardInterrupt:
+        if seen:
+            raise
         return
     if errors and len(fleet.nodes) == 1:  # one node: its failure is the command's, as without a TTY
         from katactl.fleet import FanOut
@@ -138,6 +171,8 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
                 lv.update(frame(rows, errors), refresh=True)
                 n += 1
     except KeyboardInterrupt:
+        if seen:
+            raise
         return
     if len(errors) == len(fleet.nodes):  # --iterations ended with no node answering: as `top --once`
         from katactl.errors import exit_code_for, outcome_exit_code
