@@ -520,6 +520,31 @@ def test_fail_on_node_cpu_full_is_skipped_on_every_kernel(cli, tmp_path, moving,
     assert "--fail-on cpu.full>50 skipped for node (CPU full is undefined at the system level" in r.stderr
 
 
+def test_fail_on_cgroup_cpu_full_before_5_13(cli, tmp_path, moving):
+    """Before 5.13 a cgroup's cpu.pressure has no "full" line either (psi.rst: CPU full "has
+    been reported since 5.13"): the pods cannot have cpu.full, skipped with a warning; with
+    the node's undefined too, the rule was measured nowhere: unknown, never passed."""
+    root = str(tmp_path / "node")
+    built = fx.build_node(root, mode="v2", online_pods=1, sandboxes=0, resctrl=False)
+    pod = f"/kubepods/burstable/pod{built['online'][0]}"
+
+    def write(k):
+        fx.write_node_signals(root, k)
+        fx.write_v2_signals(root, pod, k)
+        fx._w(root, "/proc/pressure/cpu", f"some avg10=2.00 avg60=1.00 avg300=0.20 total={5_000_000 + k}\n")
+        fx._w(root, f"/sys/fs/cgroup{pod}/cpu.pressure", fx.psi_text(1_000_000 + k, 0, full=False))
+    write(0)
+    moving["between"] = lambda: write(1)
+    r = _run(cli, root, "--fail-on", "cpu.full>50,cpu.some>50")
+    assert r.exit_code == 8, r.stderr
+    fo = r.json()["failOn"]
+    assert fo["violations"] == [] and [(u["rule"], u["reason"]) for u in fo["unknown"]] == [
+        ("cpu.full>50", "measured on no target (online pods: unsupported here: psi.cpu.full)")]
+    r = _run(cli, root, pod, "--fail-on", "cpu.full>50")
+    assert r.exit_code == 8 and [u["reason"] for u in r.json()["failOn"]["unknown"]] == [
+        "unsupported here: psi.cpu.full"], r.stderr
+
+
 def test_fail_on_gone_target_is_not_unknown(cli, tmp_path, moving):
     root = str(tmp_path / "node")
     built = _node(root)

@@ -381,6 +381,8 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample,
         psi[r] = {}
         for line in ("some", "full"):
             if line not in b:
+                if tg.path is not None:  # a cgroup's CPU "full" line came in 5.13 (psi.rst)
+                    unsupported.append(f"psi.{r}.{line}")
                 continue
             ent = {k: b[line].get(k) for k in ("avg10", "avg60", "avg300")}
             rate = _rate(a[line]["total"], b[line]["total"], dt, scale=100 / 1e6, nd=2) \
@@ -793,7 +795,8 @@ def _why_missing(r: dict, metric: str) -> tuple[str, str]:
     """(kind, reason): "unreadable" (a file that exists could not be read), "unsupported"
     (this hierarchy or kernel has no such file or counter) or "unmeasured"."""
     fam = metric if metric in _SOURCE else "cpu.throttled" if metric.startswith("cpu.throttled") else None
-    srcs = _SOURCE.get(fam or "", (f"psi.{metric.split('.')[0]}",))
+    res, line = (metric.split(".") + [""])[:2]
+    srcs = _SOURCE.get(fam or "", (f"psi.{res}", f"psi.{res}.{line}"))
     for u in r.get("unreadable") or []:
         if any(u["file"].endswith("/" + x.removeprefix("psi.") + (".pressure" if x.startswith("psi.") else ""))
                for x in srcs):
