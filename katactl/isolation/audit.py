@@ -395,7 +395,7 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     def has(r, kind):
         return isinstance(w_of(r, None, kind), int)
 
-    kinds = {k: devs for k, devs in (("weight", qos_on), ("bfqWeight", bfq_on)) if devs}
+    kinds: dict[str, set[str] | None] = {k: devs for k, devs in (("weight", qos_on), ("bfqWeight", bfq_on)) if devs}
     if not kinds:
         kinds = {next((k for k in iomod.WEIGHT_KINDS if any(has(r, k) for r in pods + off_rows)), "weight"): None}
     for kind, on in kinds.items():
