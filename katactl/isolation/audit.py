@@ -326,7 +326,8 @@ def _memcg_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
 
 def _knob_check(name: str, r: dict, pol: Policy, bvt: bool, feats: dict) -> str | None:
     """The check that needed the knob file ``name`` of row ``r`` (None: no check reads it
-    there); ``bvt``: the kernel has group identity; ``feats``: its Alinux memcg knobs."""
+    there); ``bvt``: the kernel has group identity; ``feats``: its Alinux memcg knobs. A CPU
+    weight is not here: cpu.online-weight does not need a pinned pod's (_weight_unread)."""
     lvl, cls = r["level"], r["class"]
     if name == "cpu.bvt_warp_ns":
         if report.expected_bvt(r, pol) is None or not bvt:
