@@ -354,3 +354,25 @@ def test_runtime_rs_proc_status_is_kib(cli):
         rows = {i["id"]: i for i in r.json()["items"]}
         for sid in ("gorss01", "rsrss02"):
             assert (rows[sid]["shimRSS"], rows[sid]["hypervisorRSS"]) == (40 << 20, 700 << 20), (sid, rows[sid])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_ends_the_live_loop():
+    """A handler's KeyboardInterrupt runs in whatever Python code the main thread is in: one
+    raised in a __del__ (a render's garbage) is swallowed, and the live view slept on (a Ctrl-C
+    right after the first frame was lost now and then). The flag ends the next wait."""
+    import signal
+    import time
+
+    from katactl.commands.top import terminate_seen
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here: its KeyboardInterrupt is lost
+
+    with terminate_seen() as seen:
+        Finalized()
+        with pytest.raises(KeyboardInterrupt):
+            seen.sleep(60)
+    assert list(seen) == []  # Ctrl-C: the quit key, not a TERM/HUP

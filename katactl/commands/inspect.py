@@ -9,6 +9,7 @@ from katactl.commands._common import new_app, state
 
 if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
     from katactl.backends.base import NodeTransport
+    from katactl.commands.top import LiveSignals
 
 app = new_app("Show host isolation settings (cgroups, I/O, BVT, memcg QoS, RDT, vCPU threads) and live pressure.")
 
@@ -440,7 +441,7 @@ def pressure_cmd(
         _pressure_watch(app_ctx, one, result, ival, iterations, seen)
 
 
-def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: list[int]) -> None:
+def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: LiveSignals) -> None:
     """--watch: a Rich live table on a terminal, else one rendering per refresh (one
     JSON line each with -o jsonl). The exit code is 8 if a --fail-on rule held (or could
     not be measured) at any refresh, also when a node failed too, else 4 if a node failed.
@@ -488,7 +489,7 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: list[in
             if iterations is not None and n >= iterations:
                 break
             # the first refresh took its own two samples; later ones compare with the last
-            time.sleep(max(0.0, ival - (time.monotonic() - t0)) if n > 1 else ival)
+            seen.sleep(max(0.0, ival - (time.monotonic() - t0)) if n > 1 else ival)
     except KeyboardInterrupt:
         interrupted = True
     finally:
