@@ -202,10 +202,12 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
         raise UsageError(f"invalid output format {settings.output!r} (choose from {', '.join(FORMATS)})")
     if settings.output == "prom" and ctx.invoked_subcommand not in PROM_COMMANDS:
         raise UsageError(f"-o prom is a Prometheus exposition: only {', '.join(PROM_COMMANDS)} answers in it")
-    if settings.selector:
+    if settings.selector and ctx.invoked_subcommand != "config":  # config view shows where it came from
         from katactl.fleet import check_selector
 
-        check_selector(settings.selector)  # every command, also those that hand -l to the API
+        src = settings.sources.get("selector", "flag")
+        # every command, also those that hand -l to the API
+        check_selector(settings.selector, "label selector" + ("" if src == "flag" else f" (from {src})"))
     if settings.via not in ("ssh", "kube"):
         from katactl.balloon import PATHS  # only on this error path
 

@@ -95,3 +95,14 @@ def test_malformed_selector_is_usage_error_without_the_api(cli, api, tmp_path, s
     r = cli(["--kubeconfig", kc, "--request-timeout", "1s", "-l", selector, "-o", "json", "version"])
     assert r.exit_code == 2, r.stderr
     assert r.json()["code"] == "UsageError" and "invalid label selector" in r.json()["message"]
+
+
+def test_a_bad_selector_from_the_environment_is_named_and_config_view_still_shows_it(cli, monkeypatch):
+    """A bad KATACTL_SELECTOR failed every command without saying where it came from, also
+    `config view`, the command that says where a setting came from."""
+    monkeypatch.setenv("KATACTL_SELECTOR", "a in (")
+    r = cli(["sandbox", "list"])
+    assert r.exit_code == 2 and "label selector (from env KATACTL_SELECTOR)" in r.stderr, r.stderr
+    view = cli(["config", "view", "-o", "json"])
+    assert view.exit_code == 0, view.stderr
+    assert {"name": "selector", "value": "a in (", "source": "env KATACTL_SELECTOR"} in view.json()["settings"]
