@@ -856,6 +856,23 @@ def test_exec_plugin_interactive_follows_interactive_mode_and_stdin(kube, tmp_pa
     assert (tmp_path / "log").read_text().strip() == want
 
 
+def test_a_v1alpha1_exec_config_is_refused_as_kubectl_1_33_does(cli, kube, tmp_path, kubectl_133):
+    """client-go dropped client.authentication.k8s.io/v1alpha1 in 1.24: kubectl 1.33 refuses
+    it; katactl ran the plugin and used its token, hiding the broken kubeconfig."""
+    import subprocess
+
+    kc = _prompting_kubeconfig(kube, tmp_path, "Never")
+    doc = json.loads(open(kc).read())
+    doc["users"][0]["user"]["exec"]["apiVersion"] = "client.authentication.k8s.io/v1alpha1"
+    kc = _write(tmp_path / "kc-alpha", doc)
+    ref = subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "nodes"], capture_output=True, text=True)
+    assert ref.returncode != 0 and 'invalid apiVersion "client.authentication.k8s.io/v1alpha1"' in ref.stderr
+    r = cli(["--kubeconfig", kc, "node", "list"])
+    assert r.exit_code == 2, r.stderr
+    assert 'exec plugin: invalid apiVersion "client.authentication.k8s.io/v1alpha1"' in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "log").exists()
+
+
 def test_exec_plugin_always_interactive_without_a_terminal_fails_in_client_gos_words(cli, kube, tmp_path):
     kc = _prompting_kubeconfig(kube, tmp_path, "Always")
     r = cli(["--kubeconfig", kc, "node", "list"])  # stdin is not a terminal here

@@ -364,3 +364,47 @@ def test_bad_drain_values_touch_nothing_and_audit_nothing(cli, kube, kc, _isolat
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not any(q["method"] != "GET" for q in kube.requests) and not unschedulable(kube, "n1")
     assert audit_entries(_isolated_home) == []
+
+
+def test_interrupt_kills_an_exec_plugin_hanging_in_a_rollout_and_restores(kube, kc, tmp_path):
+    """As above, under `rollout run`: its engine's threads refresh credentials too; a SIGTERM
+    waited out the hung plugin (--request-timeout, here 300 s). Now the run ends at once,
+    interrupted and resumable (docs/rollout.md: its cordon stays, for resume or abort)."""
+    _blocked_pods(kube, "n1")
+    flag, pids = tmp_path / "hang", tmp_path / "pids"
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text(EXPIRED_THEN_HANGS.format(flag=flag, pids=pids, token=kube.tokens["admin"]))
+    plugin.chmod(0o755)
+    doc = json.loads(open(kc).read())
+    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+                                        "interactiveMode": "Never"}}
+    (tmp_path / "exec-kc").write_text(json.dumps(doc))
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", str(tmp_path / "exec-kc"),
+                          "--request-timeout", "300s", "-o", "jsonl", "rollout", "run", "r1", "-N", "n1",
+                          "--step", "cordon", "--step", "drain --ignore-daemonsets", "--step", "uncordon",
+                          "--poll", "0.2", "--yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    hung: list[int] = []
+    try:
+        for _line in p.stdout:
+            if unschedulable(kube, "n1"):  # cordoned: the drain is on its blocked pod
+                break
+        flag.touch()
+        while len(hung) < 2:  # the next request, from whichever thread, hangs in the plugin
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+            hung = [int(x) for x in pids.read_text().split()] if pids.exists() else []
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        for pid in ([int(x) for x in pids.read_text().split()] if pids.exists() else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert p.returncode == 130, err
+    for pid in hung:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
+            == "Z", "the plugin outlived the interrupt"
+    assert "rollout r1 interrupted: state saved" in err, err

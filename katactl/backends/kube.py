@@ -724,9 +724,12 @@ class _Credentials:
             self._tls.load_cert_chain(c, k)
 
 
-#: v1alpha1/v1beta1 exec configs default interactiveMode to IfAvailable; v1 must name it
+#: the exec credential versions client-go speaks (v1alpha1 went in 1.24: kubectl 1.33 says
+#: 'exec plugin: invalid apiVersion "client.authentication.k8s.io/v1alpha1"')
+_EXEC_API_VERSIONS = ("client.authentication.k8s.io/v1beta1", "client.authentication.k8s.io/v1")
+#: v1beta1 exec configs default interactiveMode to IfAvailable; v1 must name it
 #: (client-go tools/clientcmd/api/v1/defaults.go SetDefaults_ExecConfig, validation.go)
-_EXEC_DEFAULT_IFAVAILABLE = ("client.authentication.k8s.io/v1alpha1", "client.authentication.k8s.io/v1beta1")
+_EXEC_DEFAULT_IFAVAILABLE = ("client.authentication.k8s.io/v1beta1",)
 #: how long a plugin may run for the restores after an interrupt (instead of --request-timeout)
 AFTER_INTERRUPT_PLUGIN_TIMEOUT = 5.0
 
@@ -738,10 +741,17 @@ _plugins_lock = threading.Lock()
 _Credentials._all = weakref.WeakSet()
 
 
+def _check_exec_api_version(exec_cfg: dict) -> None:
+    v = exec_cfg.get("apiVersion")
+    if isinstance(v, str) and v and v not in _EXEC_API_VERSIONS:
+        raise UsageError(f"kubeconfig: exec plugin: invalid apiVersion {json.dumps(v)}")
+
+
 def exec_interactive_mode(exec_cfg: dict, user: str) -> str:
     """An exec config's interactiveMode, checked as client-go's kubeconfig validation does
     (tools/clientcmd/validation.go validateAuthInfo): Never, IfAvailable or Always; missing
-    is IfAvailable for v1alpha1/v1beta1 and a UsageError for v1 (kubectl's words)."""
+    is IfAvailable for v1beta1 and a UsageError for v1 (kubectl's words)."""
+    _check_exec_api_version(exec_cfg)
     mode = exec_cfg.get("interactiveMode")
     if mode in (None, "") and exec_cfg.get("apiVersion") in _EXEC_DEFAULT_IFAVAILABLE:
         return "IfAvailable"
@@ -820,6 +830,7 @@ def run_exec_plugin(exec_cfg: dict, cluster: dict | None, timeout: float, *, int
     for key in ("command", "apiVersion"):
         if not isinstance(exec_cfg.get(key), str) or not exec_cfg[key]:
             raise failed(f"exec: malformed request. missing key '{key}'")
+    _check_exec_api_version(exec_cfg)
     args = exec_cfg.get("args") or []
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise UsageError("kubeconfig: exec: args is not a list of strings")

@@ -349,6 +349,7 @@ class Engine:
                 return self._lost_lock_finish()
             return self.finish()
         except KeyboardInterrupt:
+            _interrupt_plugins()
             self.stop.set()
             self.hurry.set()
             self._wait_all(interrupt_ok=True)
@@ -545,6 +546,7 @@ class Engine:
                 if not interrupt_ok and not self.lease_lost():
                     self.poll_control()
             except KeyboardInterrupt:
+                _interrupt_plugins()
                 self.stop.set()
                 self.hurry.set()
                 interrupt_ok = True
@@ -1122,3 +1124,12 @@ def summary(st: dict) -> dict:
             "updatedAt": st.get("updatedAt"), "finishedAt": st.get("finishedAt"),
             "elapsedSeconds": round((time.time() - st["startedAt"]) if st.get("startedAt") else 0, 1),
             "exitCode": st.get("exitCode"), "nodes": nodes}
+
+
+def _interrupt_plugins() -> None:
+    """Kill the exec credential plugins the node threads wait on (a refresh in a drain's
+    worker): a plugin hung on a browser login would hold the interrupt for --request-timeout,
+    and the restores after it would run it again."""
+    from katactl.backends.kube import interrupt_exec_plugins
+
+    interrupt_exec_plugins()
