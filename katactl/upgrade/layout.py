@@ -163,6 +163,20 @@ class Layout:
             raise UsageError(f"--kata-root {self.root}: {where}; make it a relative symlink")
         raise UsageError(f"--kata-root {self.root}: {where}; give --kata-root {realpath(transport, self.root)}")
 
+    def check_release_inside(self, transport, version: str) -> None:
+        """Refuse to switch to a release that is an absolute symlink (releases/V -> /data/V)
+        under a node root: its preflight would check, and `current` name, a tree this host's
+        kernel finds on *this* host, not the node's (exit 5). A staged release is a directory."""
+        from katactl.errors import Refused
+        from katactl.katacfg import rooted_escape
+
+        esc = rooted_escape(transport, self.release(version))
+        if esc:
+            link, target, _ = esc
+            raise Refused(f"release {version}: {link} is a symlink to {target}, which the node root "
+                          f"{transport.host_root} would follow out of the node's tree",
+                          hint="make it a relative symlink, or stage the release again")
+
     def real_releases(self, transport) -> str | None:
         """``releases`` with its symlinks resolved inside the node, when that differs (a kata
         root under a symlink: /opt -> var/opt on Fedora CoreOS and RHCOS); else None. The kernel

@@ -32,6 +32,7 @@ def _switch_locked(transport: NodeTransport, layout, version, component, dry_run
         raise NotFound(f"release {version} is not staged on {transport.node} "
                        f"(staged: {', '.join(staged) or 'none'})",
                        hint=f"katactl upgrade stage SOURCE --as {version}")
+    layout.check_release_inside(transport, version)
     cur = read_state(transport, layout)
     if cur["runtime"] == UNMANAGED:
         raise Refused(f"{layout.current} exists but is not a symlink into {layout.releases}; "
@@ -144,6 +145,7 @@ def rollback(transport: NodeTransport, layout: Layout, *, dry_run: bool = False,
         for v in {to["runtime"], to.get("agent")} - {None}:
             if release_record(transport, layout, v) is None:
                 raise NotFound(f"release {v} (the rollback target) is no longer staged")
+            layout.check_release_inside(transport, v)
         checks = _checked_preflight(transport, layout, to, "runtime" if to["runtime"] != cur["runtime"] else "agent",
                                     run_binaries, force, hint="fix the release, or --force to roll back anyway")
         steps = apply(transport, layout, cur, to, dry_run=True)
