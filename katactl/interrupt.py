@@ -12,22 +12,39 @@ import threading
 from typing import Iterator
 
 
+#: set by SIGINT, SIGTERM or SIGHUP while terminate_as_interrupt is in place. The
+#: KeyboardInterrupt a handler raises runs in whatever Python code the main thread is in, and
+#: one raised inside a finalizer (a __del__ that garbage collection ran) is swallowed: a long
+#: wait made with sleep() still ends.
+_stopped = threading.Event()
+
+
+def sleep(seconds: float) -> None:
+    """time.sleep that raises KeyboardInterrupt once an interrupt arrived, even one whose
+    own KeyboardInterrupt was lost."""
+    if _stopped.wait(seconds):
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread; the
-    previous handlers come back after. A signal already ignored (``nohup``: SIGHUP) stays
-    ignored; in other threads (in-process test runners) nothing changes."""
+    """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, as SIGINT
+    does, and all three set the flag sleep() waits on; the previous handlers come back
+    after. A signal already ignored (``nohup``: SIGHUP) stays ignored; in other threads
+    (in-process test runners) nothing changes."""
     import signal
 
+    _stopped.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_signal(signum, frame):
+        _stopped.set()
         raise KeyboardInterrupt
 
     old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 old[sig] = signal.signal(sig, on_signal)

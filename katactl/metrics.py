@@ -301,7 +301,9 @@ def top_snapshot(transport: NodeTransport, *, interval: float = 1.0, timeout: fl
         return []
     s.refresh(sbs)
     if interval > 0:
-        time.sleep(interval)
+        from katactl import interrupt
+
+        interrupt.sleep(interval)  # a Ctrl-C lost in a finalizer still ends it
     return s.refresh(sbs)
 
 
