@@ -70,7 +70,7 @@ class IdleCutProxy:
                         raise OSError
                     (u if s is c else c).sendall(b)
                     last = time.monotonic()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the proxy's close() closed a socket under select
             pass
         for s in (c, u):
             self._close(s)
