@@ -17,22 +17,11 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import CliResult
+from tests.test_node_safety import node_cli, record, unschedulable  # noqa: F401
 
 EVICT_500 = r"^/api/v1/pods\?.*nodeName%3Dn1.*resourceVersion=0|^/api/v1/pods\?.*resourceVersion=0.*nodeName%3Dn1"
 
 
-def node_cli(cli, kc, *args) -> CliResult:
-    return cli(["--kubeconfig", kc, "node", *args])
-
-
-def unschedulable(kube, name) -> bool:
-    return bool(kube.get_obj("Node", name)["spec"].get("unschedulable"))
-
-
-def record(kube, name) -> dict | None:
-    raw = (kube.get_obj("Node", name)["metadata"].get("annotations") or {}).get("katactl.io/cordon")
-    return json.loads(raw) if raw else None
 
 
 def pods_on(kube, node) -> set[str]:

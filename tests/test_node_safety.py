@@ -217,6 +217,28 @@ printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential"
 """
 
 
+def _hanging_plugin(kube, kc, tmp_path):
+    """tmp_path/exec-kc: kc with an exec plugin that hangs once ``flag`` exists (its pids go to
+    ``pids``). Returns (flag, pids)."""
+    flag, pids = tmp_path / "hang", tmp_path / "pids"
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text(EXPIRED_THEN_HANGS.format(flag=flag, pids=pids, token=kube.tokens["admin"]))
+    plugin.chmod(0o755)
+    doc = json.loads(open(kc).read())
+    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+                                        "interactiveMode": "Never"}}
+    (tmp_path / "exec-kc").write_text(json.dumps(doc))
+    return flag, pids
+
+
+def _kill_pids(pids) -> None:
+    for pid in ([int(x) for x in pids.read_text().split()] if pids.exists() else []):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("revoked", [False, True])
 def test_interrupt_kills_an_exec_plugin_hanging_in_a_drain_worker_and_restores(kube, kc, tmp_path, _isolated_home,
                                                                                revoked):
@@ -226,14 +248,7 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_drain_worker_and_restores(k
     token held (expired for the client, the server decides); when the server refuses that too
     (revoked), the plugin it needs is bounded (5 s, said so), not --request-timeout."""
     _blocked_pods(kube, "n1")
-    flag, pids = tmp_path / "hang", tmp_path / "pids"
-    plugin = tmp_path / "plugin.sh"
-    plugin.write_text(EXPIRED_THEN_HANGS.format(flag=flag, pids=pids, token=kube.tokens["admin"]))
-    plugin.chmod(0o755)
-    doc = json.loads(open(kc).read())
-    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
-                                        "interactiveMode": "Never"}}
-    (tmp_path / "exec-kc").write_text(json.dumps(doc))
+    flag, pids = _hanging_plugin(kube, kc, tmp_path)
     p = _start_drain(str(tmp_path / "exec-kc"), "n1", extra=("--request-timeout", "300s"))
     hung: list[int] = []
     try:
@@ -251,11 +266,7 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_drain_worker_and_restores(k
         _, err = p.communicate(timeout=60)
     finally:
         p.kill()
-        for pid in ([int(x) for x in pids.read_text().split()] if pids.exists() else []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_pids(pids)
     assert p.returncode == 130, err
     for pid in hung:  # killed with its group (zombies reaped by init are dead too)
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
@@ -371,14 +382,7 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_rollout_and_restores(kube, 
     waited out the hung plugin (--request-timeout, here 300 s). Now the run ends at once,
     interrupted and resumable (docs/rollout.md: its cordon stays, for resume or abort)."""
     _blocked_pods(kube, "n1")
-    flag, pids = tmp_path / "hang", tmp_path / "pids"
-    plugin = tmp_path / "plugin.sh"
-    plugin.write_text(EXPIRED_THEN_HANGS.format(flag=flag, pids=pids, token=kube.tokens["admin"]))
-    plugin.chmod(0o755)
-    doc = json.loads(open(kc).read())
-    doc["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
-                                        "interactiveMode": "Never"}}
-    (tmp_path / "exec-kc").write_text(json.dumps(doc))
+    flag, pids = _hanging_plugin(kube, kc, tmp_path)
     p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", str(tmp_path / "exec-kc"),
                           "--request-timeout", "300s", "-o", "jsonl", "rollout", "run", "r1", "-N", "n1",
                           "--step", "cordon", "--step", "drain --ignore-daemonsets", "--step", "uncordon",
@@ -398,11 +402,7 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_rollout_and_restores(kube, 
         _, err = p.communicate(timeout=60)
     finally:
         p.kill()
-        for pid in ([int(x) for x in pids.read_text().split()] if pids.exists() else []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_pids(pids)
     assert p.returncode == 130, err
     for pid in hung:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
