@@ -357,32 +357,11 @@ def test_runtime_rs_proc_status_is_kib(cli):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_ctrl_c_swallowed_by_a_finalizer_still_ends_the_live_loop():
-    """A handler's KeyboardInterrupt runs in whatever Python code the main thread is in: one
-    raised in a __del__ (a render's garbage) is swallowed, and the live view slept on (a Ctrl-C
-    right after the first frame was lost now and then). The flag ends the next wait."""
-    import signal
-    import time
-
-    from katactl.commands.top import terminate_seen
-
-    class Finalized:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)  # the handler runs here: its KeyboardInterrupt is lost
-
-    with terminate_seen() as seen:
-        Finalized()
-        with pytest.raises(KeyboardInterrupt):
-            seen.sleep(60)
-    assert list(seen) == []  # Ctrl-C: the quit key, not a TERM/HUP
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_ctrl_c_swallowed_by_a_finalizer_still_ends_a_snapshots_wait():
-    """`top -o json --interval 300s`: a Ctrl-C lost in a finalizer left the snapshot asleep for
-    the interval (test_ctrl_c_during_a_snapshot_is_exit_130_in_one_line hung now and then).
-    Every command runs under terminate_as_interrupt, whose flag interrupt.sleep waits on."""
+    """`top -o json --interval 300s`, the live view, `inspect pressure --watch`: a Ctrl-C lost in
+    a finalizer left them asleep for the interval (test_ctrl_c_during_a_snapshot_is_exit_130_in_
+    one_line and test_ctrl_c_ends_the_live_view_quietly hung now and then). Every command runs
+    under terminate_as_interrupt, whose flag interrupt.sleep (their waits) waits on."""
     import signal
     import time
 

@@ -9,7 +9,6 @@ from katactl.commands._common import new_app, state
 
 if TYPE_CHECKING:  # annotations only: a command's --help does not import the backends
     from katactl.backends.base import NodeTransport
-    from katactl.commands.top import LiveSignals
 
 app = new_app("Show host isolation settings (cgroups, I/O, BVT, memcg QoS, RDT, vCPU threads) and live pressure.")
 
@@ -441,7 +440,7 @@ def pressure_cmd(
         _pressure_watch(app_ctx, one, result, ival, iterations, seen)
 
 
-def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: LiveSignals) -> None:
+def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: list[int]) -> None:
     """--watch: a Rich live table on a terminal, else one rendering per refresh (one
     JSON line each with -o jsonl). The exit code is 8 if a --fail-on rule held (or could
     not be measured) at any refresh, also when a node failed too, else 4 if a node failed.
@@ -451,8 +450,10 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: LiveSig
     short never reads as passed. A rule that already held keeps exit 8: the gate's
     answer was found before the interruption."""
     import time
+
     import typer as _typer
 
+    from katactl import interrupt
     from katactl.errors import ExitCode
     from katactl.fleet import run_on_nodes
 
@@ -489,7 +490,7 @@ def _pressure_watch(app_ctx, one, result, ival: float, iterations, seen: LiveSig
             if iterations is not None and n >= iterations:
                 break
             # the first refresh took its own two samples; later ones compare with the last
-            seen.sleep(max(0.0, ival - (time.monotonic() - t0)) if n > 1 else ival)
+            interrupt.sleep(max(0.0, ival - (time.monotonic() - t0)) if n > 1 else ival)
     except KeyboardInterrupt:
         interrupted = True
     finally:

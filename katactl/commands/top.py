@@ -14,27 +14,9 @@ if TYPE_CHECKING:  # annotations only: a command's --help does not import the ba
 app = new_app("Live per-sandbox CPU and memory; one snapshot with -o json/yaml or in a pipe.", single=True)
 
 
-class LiveSignals(list):
-    """The SIGTERM/SIGHUP signals received (the list), and ``stop``, set by any of SIGINT,
-    SIGTERM and SIGHUP. A live loop waits with :meth:`sleep`, not time.sleep: the
-    KeyboardInterrupt a handler raises runs in whatever Python code the main thread is in,
-    and one raised inside a finalizer (a __del__ the render's garbage collection ran) is
-    swallowed; the flag still ends the loop at its next wait."""
-
-    def __init__(self) -> None:
-        import threading
-
-        super().__init__()
-        self.stop = threading.Event()
-
-    def sleep(self, seconds: float) -> None:
-        if self.stop.wait(seconds):
-            raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
-def terminate_seen() -> Iterator[LiveSignals]:
-    """While inside, the signals received (a LiveSignals). katactl.interrupt makes SIGTERM
+def terminate_seen() -> Iterator[list[int]]:
+    """While inside, the SIGTERM/SIGHUP signals received (the list yielded). katactl.interrupt makes SIGTERM
     and SIGHUP a KeyboardInterrupt, as Ctrl-C; a live table's quit key is Ctrl-C alone, so a
     kill (timeout(1), systemd) or a closed terminal still ends it as interrupted, exit 130
     (design.md), never as a quiet 0. The handlers in place are kept and called; a signal
@@ -42,16 +24,14 @@ def terminate_seen() -> Iterator[LiveSignals]:
     import signal
     import threading
 
-    seen = LiveSignals()
+    seen: list[int] = []
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
             prev = signal.getsignal(sig)
             if callable(prev):
                 def on(signum, frame, prev=prev):
-                    if signum != signal.SIGINT:
-                        seen.append(signum)
-                    seen.stop.set()
+                    seen.append(signum)
                     prev(signum, frame)
                 old[sig] = signal.signal(sig, on)
     try:
@@ -140,7 +120,7 @@ def top(
         _live(app_ctx, ival, timeout, sort, iterations, seen)
 
 
-def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | None, seen: LiveSignals) -> None:
+def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | None, seen: list[int]) -> None:
     """The Rich Live view: a frame per metrics.TopFleet refresh until --iterations or
     Ctrl-C, the live view's documented way to stop: exit 0, no message, at once (a
     scrape stuck on a shim is abandoned; katactl.cli.main does not wait for it).
@@ -153,7 +133,7 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
     from rich.text import Text
     from rich import box
 
-    from katactl import metrics
+    from katactl import interrupt, metrics
     from katactl.output import Column, printable
 
     fleet = metrics.TopFleet(app_ctx.settings, timeout=timeout)
@@ -186,7 +166,7 @@ def _live(app_ctx, ival: float, timeout: float, sort: str, iterations: int | Non
     try:
         with Live(frame(rows, errors), console=console, auto_refresh=False, screen=False) as lv:
             while iterations is None or n < iterations - 1:
-                seen.sleep(ival)
+                interrupt.sleep(ival)  # a Ctrl-C lost in a finalizer still ends the view
                 rows, errors = fleet.refresh(sort)
                 lv.update(frame(rows, errors), refresh=True)
                 n += 1
