@@ -374,3 +374,24 @@ def test_node_facts_discover_the_sandboxes_once(tmp_path):
     assert "staleSandboxes" in facts
     persist = {p: c for p, c in reads.items() if p.endswith("/persist.json")}
     assert len(persist) == 3 and set(persist.values()) == {1}, persist
+
+
+@pytest.mark.parametrize("link, target, leaves", [
+    ("opt", "/data", True),            # absolute: this host's kernel restarts at *its* /
+    ("opt", "../../../data", True),    # relative, climbing above the node's /: the kernel goes on up
+    ("opt", "var/opt", False),         # relative inside the tree (Fedora CoreOS): followed in place
+    ("opt/kata", "../srv/kata", False),
+])
+def test_rooted_escape_names_links_the_host_kernel_would_follow_out_of_the_tree(tmp_path, link, target, leaves):
+    root = tmp_path / "node"
+    for d in ("var/opt/kata", "srv/kata", "data/kata", "opt"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    p = root / link
+    if p.is_dir():
+        p.rmdir()
+    os.symlink(target, p)
+    esc = katacfg.rooted_escape(LocalTransport(str(root)), "/opt/kata/releases")
+    assert (esc is not None) == leaves, esc
+    if leaves:
+        assert esc[0] == f"/{link}" and esc[1] == target and esc[2] == "/data/kata/releases"
+    assert katacfg.rooted_escape(LocalTransport("/"), "/opt/kata/releases") is None  # this host's own /
