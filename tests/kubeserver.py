@@ -655,7 +655,11 @@ class KubeStandIn(KubeExecMixin):
             request_queue_size = 1024  # Go's listener takes the kernel's somaxconn, not Python's 5
 
             def get_request(self):
+                # the listening socket is non-blocking: a connection reset between select() and
+                # accept() leaves nothing to accept, and a blocking accept() then held the loop
+                # (and shutdown() at the session's end) until the next client came
                 sock, addr = self.socket.accept()
+                sock.setblocking(True)
                 # as Go's net package does on every TCP connection (net/tcpsock.go newTCPConn:
                 # setNoDelay(fd, true)): without it, a response whose body goes out after its
                 # headers in a second small segment waited for the client's delayed ACK (~40 ms)
@@ -666,6 +670,7 @@ class KubeStandIn(KubeExecMixin):
             srv = outer
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.socket.setblocking(False)
         self.port = self.server.server_address[1]
         self.url = f"https://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
