@@ -275,8 +275,11 @@ def _split(sel: str):
 
 
 def selector_matches(sel: dict | None, labels: dict) -> bool:
-    """metav1.LabelSelector semantics; None or empty matches nothing here (PDB rule)."""
-    if not sel or (not sel.get("matchLabels") and not sel.get("matchExpressions")):
+    """metav1.LabelSelectorAsSelector(sel).Matches(labels), as policy/v1's eviction and disruption
+    controller use it: a nil selector selects nothing, an empty one every pod of the namespace
+    (pkg/registry/core/pod/storage/eviction.go: "Unlike the v1beta version, here we let an empty
+    selector match everything")."""
+    if sel is None:
         return False
     for k, v in (sel.get("matchLabels") or {}).items():
         if labels.get(k) != v:

@@ -402,6 +402,25 @@ def test_drain_pod_under_two_pdbs_fails_that_pod(cli, kube, kc):
     assert r.exit_code == 8 and any(f["check"] == "pdb-multiple" for f in r.json()["items"])
 
 
+def test_empty_pdb_selector_guards_every_pod_of_its_namespace(cli, kube, kc):
+    # policy/v1: an empty selector selects every pod of the namespace (a nil one none); the stand-in's
+    # eviction and katactl's check must both see the guard, and a pod elsewhere is not guarded
+    kube.add_node("n1")
+    kube.add_replicaset("rs", "default", 1, {"app": "a"})
+    kube.add_pod("a-0", "default", "n1", {"app": "a"}, owner=("ReplicaSet", "rs"))
+    kube.add_replicaset("rs", "other", 1, {"app": "b"})
+    kube.add_pod("b-0", "other", "n1", {"app": "b"}, owner=("ReplicaSet", "rs"))
+    kube.add_pdb("all", "default", {}, min_available=1)
+    assert kube.get_obj("PodDisruptionBudget", "all")["status"]["expectedPods"] == 1
+    r = node_cli(cli, kc, "check", "n1", "-o", "json")
+    blocks = [f["target"] for f in r.json()["items"] if f["check"] == "pdb-blocks"]
+    assert r.exit_code == 8 and blocks == ["default/a-0"], r.stdout
+    r = node_cli(cli, kc, "drain", "n1", "--timeout", "2s")
+    assert r.exit_code == 6 and "default/a-0" in r.stderr, r.stderr
+    assert pods_on(kube, "n1") == {"default/a-0"}  # other/b-0 was evicted; the guarded pod stays
+    assert not unschedulable(kube, "n1")
+
+
 def test_drain_pod_that_never_terminates_times_out(cli, kube, kc):
     kube.add_node("n1")
     kube.add_replicaset("rs", "default", 1, {"app": "a"})
