@@ -473,16 +473,18 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
     NAMESPACE/POD). CPU over ``interval`` seconds (two samples)."""
     from katactl import metrics, procfacts, sandbox
 
-    sbs = [s for s in sandbox.discover(transport, timeout=min(timeout, 1.0)) if s.state == "running"]
-    if refs:
-        sbs = select(transport, sbs, refs)
+    running = [s for s in sandbox.discover(transport, timeout=min(timeout, 1.0)) if s.state == "running"]
+    sbs = select(transport, running, refs) if refs else running
     if not sbs:
         return []
     declared = declared or Declared()
     guest = metrics.scrape_all(transport, sbs, timeout=timeout, workers=workers) if scrape else {}
     need_tree = any(s.shim_pid or s.hypervisor_pid for s in sbs)
     table = _proc_table(transport) if need_tree else {}
-    mem = members(sbs, table)
+    # members and sharers over every running sandbox, whichever refs named: a process the others
+    # share too (one lab daemon, parent of every QEMU) is divided and never descended, so their
+    # VMMs are not the named sandbox's helpers
+    mem = members(running, table)
     sharers: dict[int, int] = {}
     for m in mem.values():
         for p in m:
@@ -501,7 +503,7 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
     # the members' /proc/<pid>/stat and status in one batched read per sample, on this host
     # too: psutil's per-process calls cost 2-3x as much (400 processes: 0.04-0.05 s a sample)
     facts = procfacts.TransportProcessFacts(transport)
-    pids = set(sharers)
+    pids = {p for sb in sbs for p in mem[sb.id]}
     a = _sample(transport, facts, pids, threads, cg_files)
     if interval > 0:
         time.sleep(interval)

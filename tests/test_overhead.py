@@ -715,6 +715,24 @@ def test_on_the_lab_real_qemu(cli, lab):
     assert it["ratio"]["memory"] == pytest.approx(it["measured"]["memoryBytes"] / (160 * MiB), rel=1e-2)
 
 
+
+def test_on_the_lab_one_sandbox_owns_no_other_sandboxs_vmm(cli, lab):
+    """The lab's one daemon is every sandbox's shim and every QEMU's parent: asked for one
+    sandbox, overhead still sees it shared (never descended), so the other sandboxes' VMMs are
+    not that sandbox's helpers. Its processes are the ones the node-wide run gives it."""
+    def procs(*refs):
+        r = cli(lab.args("overhead", "-o", "json", "--interval", "0.1s", "--runtime-class-overhead",
+                         "cpu=250m,memory=160Mi", *refs))
+        assert r.exit_code in (0, 8), r.stderr
+        return {it["podRef"]: {(p["pid"], p["role"]) for p in it["processes"]} for it in r.json()["items"]}
+
+    ref = lab.pod("clh-0")
+    one = procs(ref)[ref]
+    qemus = {s["qemuPid"] for s in lab.refresh()["sandboxes"] if s.get("qemuPid")}
+    assert qemus and not {pid for pid, _ in one} & qemus, one
+    assert one == procs()[ref]
+
+
 # -- over SSH --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ssh_nodes(tmp_path_factory):
