@@ -98,6 +98,26 @@ def test_malformed_metrics_from_shim(cli):
         assert r.exit_code == 1 and "Prometheus" in r.stderr
 
 
+
+def test_all_waits_the_request_timeout_given(cli):
+    """--all bounds each scrape by 10 s unless --request-timeout is given (flag, env, config):
+    then that wins, as for one SANDBOX. A shim answering only after 10 s is scraped."""
+    import time
+
+    from katactl.lab.shimserver import Response
+
+    def late(s, r):
+        time.sleep(10.5)  # past the default bound: the answer's delay, nothing is timed
+        return Response(200, 'kata_guest_x{item="a"} 1\n')
+
+    with node() as n:
+        p = n.go("slow01", serve=False)
+        n.serve(p, "go", extra_routes={(None, "/metrics"): late})
+        r = cli(["--request-timeout", "60s", "--host-root", n.root, "metrics", "--all", "-o", "prom"])
+        assert r.exit_code == 0, r.stderr
+        assert [ln for ln in r.stdout.splitlines() if ln.startswith("kata_guest_x{") and 'sandbox_id="slow01"' in ln]
+
+
 def test_filter_text_keeps_histogram_series():
     text = ShimServer("/nonexistent", state=ShimState()).metrics_text()
     out = metrics.filter_text(text, ["kata_shim_rpc"])

@@ -40,6 +40,7 @@ def metrics(
     A shim that does not answer, or answers with something that is not
     Prometheus text, is katactl_scrape_error{sandbox_id=...} 1 and a warning;
     the others are still there, and the exit code is 4 (partial failure).
+    With --all each shim has 10s to answer unless --request-timeout is given.
 
     \b
     Examples:
@@ -73,7 +74,11 @@ def metrics(
             Column("VALUE", "value", fmt=_fmt_value),
             Column("TYPE", "type", wide=True)]
     if all_:
-        _all(app_ctx, prefixes, prom, to, min(timeout, 10.0))
+        # a node-wide scrape (every 15 s from a timer) waits 10 s per shim, not the global 30 s
+        # default; a --request-timeout the user gave (flag, env, config file) wins, as everywhere
+        if app_ctx.settings.sources.get("request_timeout", "default") == "default":
+            timeout = min(timeout, 10.0)
+        _all(app_ctx, prefixes, prom, to, timeout)
         return
     assert target is not None  # without --all a SANDBOX is required (checked above)
     settings, ref = sandbox_ref(app_ctx, target)
