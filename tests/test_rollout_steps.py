@@ -147,6 +147,9 @@ def test_a_rollout_runs_a_drifted_option(cli, tmp_path):
     ("upgrade gc --kata-root", "'--kata-root' requires an argument"),
     ("upgrade switch 3.10.0 --component kernel", "invalid --component"),
     ("upgrade stage x --lock-timeout soon", "--lock-timeout"),
+    # the node's own syntax checks, at plan time: before, the run cordoned the node first
+    ("upgrade stage x --sha256 nothex", "invalid --sha256 'nothex': expected 64 hex digits"),
+    ("upgrade stage x --as ../../etc", "invalid --as '../../etc'"),
 ])
 def test_plan_refuses_a_bad_step_in_one_line_before_touching_a_node(cli, text, want):
     """Through the CLI: exit 2, one error line naming the step and the reason, nothing on

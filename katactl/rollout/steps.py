@@ -473,9 +473,11 @@ def _already(r: dict) -> str:
 
 def _check_stage(a: Args) -> None:
     from katactl.upgrade.source import check_source_arg
+    from katactl.upgrade.stage import check_args
     from katactl.values import parse_size
 
     check_source_arg(a.source)
+    check_args(a.as_version, a.sha256)  # a typo is exit 2 here, not a drained node's failure
     a.reserve_bytes = parse_size(a.reserve, allow_zero=True, what="--reserve")
     _check_upgrade(a)
 

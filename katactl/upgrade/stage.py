@@ -70,18 +70,23 @@ def stage(transport: NodeTransport, layout: Layout, source: str, *, version: str
                           lock_timeout=lock_timeout, on_wait=on_wait, prepare=lambda: _plan(transport, layout, req))
 
 
+def check_args(version: str | None, sha256: str | None) -> None:
+    """The syntax of --as and --sha256, which needs no file: a rollout's plan check runs it
+    before any node is touched (katactl/rollout/steps.py)."""
+    if version is not None:
+        validate_version(version, "--as")
+    if sha256 is not None and not src._HEX64.fullmatch(sha256):
+        raise UsageError(f"invalid --sha256 {sha256!r}: expected 64 hex digits")
+
+
 def _plan(transport: NodeTransport, layout: Layout, req: StageRequest) -> _Plan:
     """Check and verify the source (a local file or tree: no node access, no lock)."""
     version, sha256 = req.version, req.sha256
     source = os.path.abspath(os.path.expanduser(req.source))
     kind = src.check_source(source)
-    if version is not None:
-        validate_version(version, "--as")
-    if sha256 is not None:
-        if kind == "dir":
-            raise UsageError("--sha256 checks a tarball; a directory source needs a SHA256SUMS manifest")
-        if not src._HEX64.fullmatch(sha256):
-            raise UsageError(f"invalid --sha256 {sha256!r}: expected 64 hex digits")
+    check_args(version, sha256)
+    if sha256 is not None and kind == "dir":
+        raise UsageError("--sha256 checks a tarball; a directory source needs a SHA256SUMS manifest")
     verified: list[str] = []
     file_sha = None
     if kind != "dir":
