@@ -32,6 +32,15 @@ def find_kubectl_133() -> str | None:
         for line in out.splitlines():
             if line.endswith("kubectl.1.33") and os.access(line, os.X_OK):
                 return line
+    # pkgs.k8s.io's v1.33 package (what scripts/setup adds where no other source has kubectl)
+    found = shutil.which("kubectl")
+    if found:
+        try:
+            out = subprocess.run([found, "version", "--client"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if "Client Version: v1.33." in out:
+            return found
     return None
 
 
