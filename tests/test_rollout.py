@@ -774,6 +774,38 @@ def test_abort_takes_over_once_the_lease_of_a_rollout_dead_elsewhere_expires(kub
     assert lease(kube)["spec"]["holderIdentity"] == ""
 
 
+def test_own_lease_is_taken_at_once_only_when_its_process_is_dead_in_this_pid_namespace(kube, kc, katactl_bin, cli):
+    """r23's lease names this user@host, and a pid that is free here: from another pid
+    namespace (a container sharing the host name) that says nothing, and resume refuses the
+    freshly renewed lease (exit 5). Its pid alive here but started at another time is a
+    reused pid: the process is gone, and resume takes the lease at once."""
+    import os
+
+    kube.add_node("a0")
+    r = katactl_bin(["--kubeconfig", kc, "rollout", "run", "r23", "-N", "a0", "--step", "cordon", "--step", "check",
+                     "--lock-ttl", "600s"], env={"KATACTL_TEST_KILL_AT": "step:1"})
+    assert r.exit_code == -9 and unschedulable(kube)["a0"] is True
+
+    def session(**kw):
+        lk = lease(kube)
+        ann = lk["metadata"]["annotations"]
+        key = next(k for k in ann if "session" in k)
+        ann[key] = json.dumps({**json.loads(ann[key]), **kw})
+        lk["spec"]["renewTime"] = micro_time()
+        kube.add(lk)
+        return json.loads(ann[key])
+
+    assert {"boot", "pidns", "start"} <= set(session())
+    session(pidns="pid:[1]")
+    a = ro(cli, kc, "resume", "r23", "-o", "json")
+    assert a.exit_code == 5 and "already running" in a.stderr, a.stderr
+    assert unschedulable(kube)["a0"] is True
+    session(pidns=os.readlink("/proc/self/ns/pid"), pid=os.getpid(), start="1")
+    a = ro(cli, kc, "resume", "r23", "-o", "json")
+    assert a.exit_code == 0 and a.json()["phase"] == "Succeeded", a.stderr
+    assert unschedulable(kube)["a0"] is False
+
+
 @pytest.mark.parametrize("verb", ["run", "resume", "pause", "abort"])
 def test_an_unwritable_audit_log_refuses_before_the_lock(cli, kube, kc, tmp_path, monkeypatch, verb):
     fleet(kube, 2, zones=1)

@@ -103,17 +103,11 @@ def held_by(holder: dict | None, name: str) -> bool:
 
 
 def session() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    """This process as the Lease's holder: with boot id, pid namespace and start time (the
+    upgrade lock's owner identity), so a pid is judged only where it means this process."""
+    from katactl.upgrade.lock import owner_identity
 
-
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True
-    return True
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), **owner_identity()}
 
 
 def micro_time(t: float | None = None) -> str:
@@ -257,9 +251,10 @@ class KubeStore(Store):
         leaseDurationSeconds (observed_left): with ``wait``, when its renewTime says it has
         expired, acquire watches it that long (a holder that renews meanwhile is alive:
         Refused); without, it refuses, and a later call goes on with the same observation.
-        A lease of this rollout's own process on this host that is gone (kill -9) is taken
-        at once."""
+        A lease of this rollout's own process that is gone (kill -9), judged on this boot in
+        this pid namespace (upgrade.lock.owner_dead), is taken at once."""
         from katactl.backends.kube import RETRIES, Conflict, MaybeApplied, backoff
+        from katactl.upgrade.lock import owner_dead
 
         me = holder_identity(name)
         mine = session()  # a Lease carrying this very session is one this call wrote
@@ -296,8 +291,9 @@ class KubeStore(Store):
                 return
             renew = parse_time(spec.get("renewTime")) or 0
             dur = spec.get("leaseDurationSeconds") or 0
-            # this rollout's own process on this host, gone (kill -9): nothing to wait for
-            gone = holder == me and sess.get("host") == socket.gethostname() and not _pid_alive(sess.get("pid"))
+            # this rollout's own process, gone (kill -9) by this boot's and pid namespace's word
+            # (a bare pid says nothing from another pid namespace): nothing to wait for
+            gone = holder == me and sess.get("host") == socket.gethostname() and owner_dead(sess)
             left = self.observed_left(lease)
             if holder and not gone and left > 0:
                 if wait and renew + dur < time.time():

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 def _owner() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "user": current_user(), "since": now_iso(),
-            **_identity()}
+            **owner_identity()}
 
 
 def _proc_start(pid: int) -> str | None:
@@ -62,8 +62,9 @@ def _proc_start(pid: int) -> str | None:
     return fields[19].decode() if len(fields) > 19 else None
 
 
-def _identity() -> dict:
-    """This process, as a lock owner another katactl can judge dead or alive (_dead)."""
+def owner_identity() -> dict:
+    """This process, as a lock owner another katactl can judge dead or alive (owner_dead);
+    the rollout Lease's session carries it too (rollout/store.py)."""
     out: dict = {}
     with contextlib.suppress(OSError):
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -489,16 +490,16 @@ def _stale(raw: bytes, transport: NodeTransport | None = None, layout=None, floc
     if o.get("flock") is True:
         # it held the flock as long as the lock: gone once the flock is free
         return flocked or (transport is not None and layout is not None and _flock_free(transport, layout))
-    return _dead(o)
+    return owner_dead(o)
 
 
-def _dead(o: dict) -> bool:
+def owner_dead(o: dict) -> bool:
     """A lock owner that names no flock: dead only by this machine's and pid namespace's word."""
     pid = o.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool):
         return False
     if "boot" in o:
-        me = _identity()
+        me = owner_identity()
         if not me.get("boot") or o.get("boot") != me["boot"] or o.get("pidns") != me.get("pidns"):
             return False  # another machine or pid namespace (whatever its host name)
         start = _proc_start(pid)
