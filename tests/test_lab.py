@@ -237,6 +237,40 @@ def test_metrics_are_real_guest_numbers(lab, cli):
     assert abs(rss - real) < 64 * MIB
 
 
+
+def test_metrics_meminfo_never_predates_a_balloon_move_made_elsewhere(lab, cli):
+    """The real agent reads /proc/meminfo at each scrape; the lab serves QEMU's balloon
+    statistics, so after a move it did not make (here over the extra monitor) it must not
+    pair a sample from before the move with the new balloon (review 8, finding 9: right after
+    a release the guest looked ~300 MiB fuller than it was)."""
+    pod = lab.pod("qemu-em")
+
+    def meminfo():
+        r = cli(lab.args("metrics", pod, "--family", "kata_guest_meminfo", "--family", "kata_guest_vm_stat",
+                         "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+        return {s["labels"]["item"]: s["value"] for s in r.json()["items"]}
+
+    def balloon(*a):
+        r = cli(lab.args("balloon", "set", pod, *a, "--force", "--wait", "--path", "extra-monitor", "-o", "json"))
+        assert r.exit_code == 0, r.stderr
+
+    before = meminfo()["mem_available"]
+    try:
+        balloon("--target", "200Mi")
+        for _ in range(100):  # the lab's figures at 200Mi: the balloon's pages out of MemAvailable
+            if meminfo().get("mem_available", before) < before - 200 * MIB:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the guest statistics never showed the balloon")
+    finally:
+        balloon("--release")
+    v = meminfo()  # at once: QEMU's newest statistics are from before the release
+    assert v["balloon_inflate"] == 0
+    assert "mem_available" not in v or v["mem_available"] > before - 64 * MIB, (before, v)
+
+
 def test_extension_capabilities(lab):
     from katactl.backends.shim import ShimClient
 

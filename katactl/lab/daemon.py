@@ -243,6 +243,9 @@ class LabSandbox:
             try:
                 qmp.execute("qom-set", {"path": "/machine/peripheral/balloon0",
                                              "property": "guest-stats-polling-interval", "value": 1})
+                # the balloon's size at boot: the first move, by any monitor's client, is then
+                # one (observe_actual takes a first sighting for none)
+                self.observe_actual(int(qmp.execute("query-balloon")["actual"]))
             except Exception:
                 pass
 
@@ -609,12 +612,18 @@ def refresh_shim_state(sb: "LabSandbox", st) -> None:
             pass
     try:
         if sb.spec.get("balloon", True):
-            b = sb.balloon_get(fresh_wait=0.0)
+            # the real agent reads /proc/meminfo at each scrape; the lab has QEMU's last balloon
+            # statistics: after a move (whoever made it: moved_at follows query-balloon's actual
+            # and BALLOON_CHANGE) a fresh sample is asked for and awaited, as the extension's GET
+            b = sb.balloon_get(fresh_wait=1.5)
             g = b.get("guest") or {}
             if g.get("totalBytes"):
                 st.guest_mem_total = g["totalBytes"]
                 st.guest_mem_free = g.get("freeBytes") or 0
                 st.guest_mem_available = g.get("availableBytes") or 0
+            # none came: the figures held predate the move and, beside the new balloon_inflate,
+            # would give a wrong guest usage: kata_guest_meminfo is left out until a fresh one
+            st.guest_meminfo = bool(g.get("totalBytes")) or not sb.moved_at
             st.balloon_inflate = max(0, (b["memoryBytes"] - b["actualBytes"]) // 4096)
     except Exception:
         pass
