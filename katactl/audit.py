@@ -10,6 +10,7 @@ opened without blocking).
 """
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import getpass
 import json
@@ -18,7 +19,6 @@ import os
 import socket
 import stat
 import sys
-import time
 from typing import Any
 
 from katactl.config import state_dir
@@ -137,8 +137,10 @@ def record_unfinished(action: str, target: str, *, node: str, params: dict, exc:
 
 
 def now_iso() -> str:
-    """Local time with its UTC offset, as audit records, upgrade history and lock owners write it."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    """Local time with its UTC offset, RFC 3339 (section 5.6: the offset has its colon, as Go's
+    time.RFC3339 wants), as audit records, upgrade history, lock owners and rollouts write it.
+    Files written before carry ``+0000``: readers parse both (datetime.fromisoformat)."""
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def current_user() -> str:

@@ -806,6 +806,25 @@ def test_own_lease_is_taken_at_once_only_when_its_process_is_dead_in_this_pid_na
     assert unschedulable(kube)["a0"] is False
 
 
+def test_rollout_and_audit_times_are_rfc3339_and_old_ones_still_read(cli, kube, kc, _isolated_home):
+    """Every time of a rollout and of its audit records is RFC 3339 (section 5.6: an offset
+    with its colon, or Z; Go's time.RFC3339 refuses '+0000'); a state written before, with
+    '+0000', still reads (elapsedSeconds counted to its finishedAt)."""
+    import re
+
+    rfc3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+    fleet(kube, 1)
+    out = ro(cli, kc, "run", "r24", "-N", "n0", "--step", "cordon", "--poll", "0.1", "-o", "json").json()
+    item = out["items"][0]
+    times = [out["createdAt"], out["updatedAt"], out["finishedAt"], item["startedAt"], item["finishedAt"],
+             item["lastStep"]["at"]]
+    audit = (_isolated_home / "state/katactl/audit.log").read_text().splitlines()
+    times += [json.loads(x)["time"] for x in audit]
+    assert len(times) > 6 and all(rfc3339.match(t) for t in times), times
+    _edit_state(kube, "r24", lambda st: st.update(startedAt=1767225600.0, finishedAt="2026-01-01T00:02:05+0000"))
+    assert ro(cli, kc, "status", "r24", "-o", "json").json()["elapsedSeconds"] == 125.0
+
+
 @pytest.mark.parametrize("verb", ["run", "resume", "pause", "abort"])
 def test_an_unwritable_audit_log_refuses_before_the_lock(cli, kube, kc, tmp_path, monkeypatch, verb):
     fleet(kube, 2, zones=1)
