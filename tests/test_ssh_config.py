@@ -629,3 +629,90 @@ def test_connect_timeout_applies_when_no_request_timeout_was_given(cli, tmp_path
     f.write_text("Host *\n  ConnectTimeout 1\n")
     r = cli(["--ssh-config", str(f), "-N", f"127.0.0.1:{silent_port}", "version"])
     assert r.exit_code == 7 and "within 1s" in r.stderr, r.stderr
+
+
+# -- Port: openssh-portable misc.c a2port (readconf.c oPort), checked against ssh -G ----------
+@pytest.mark.parametrize("value", ["22", "+22", "022", "65535", "ssh", "http"])
+def test_port_numbers_and_service_names_like_ssh_G(tmp_path, value):
+    f = tmp_path / "config"
+    f.write_text(f"Host node1\n  Port {value}\n")
+    t = sshconfig.resolve("node1", sshconfig.load(sshconfig.config_text(str(f))))
+    if shutil.which("ssh"):
+        assert str(t.port) == _ssh_G(f, "node1")["port"]
+    assert t.port == ({"ssh": 22, "http": 80}[value] if value.isalpha() else int(value))
+
+
+@pytest.mark.parametrize("value", ["abc", "22 23", "70000", "65536", "0", "-1", "-0", "0x16", "1e3", "22#x",
+                                   "99999999999999999999", "no-such-service"])
+def test_a_port_ssh_refuses_is_a_usage_error_not_a_wrapped_port(tmp_path, value):
+    """`Port 70000` reached 127.0.0.1:4464 (getaddrinfo wraps it), `Port abc` was exit 1 with
+    Python's ValueError; ssh refuses both ("Bad port")."""
+    f = tmp_path / "config"
+    f.write_text(f"Host node1\n  Port {value}\n")
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
+    with pytest.raises(UsageError, match=r"^SSH config: Port .*: bad port"):
+        sshconfig.resolve("node1", cfg)
+    # the hop's own Port too (its jump-through-itself check reads it)
+    f.write_text(f"Host *\n  ProxyJump node1\nHost node1\n  Port {value}\n")
+    with pytest.raises(UsageError, match="bad port"):
+        sshconfig.resolve("node1:2222", sshconfig.load(sshconfig.config_text(str(f))))
+    if shutil.which("ssh"):
+        r = subprocess.run(["ssh", "-G", "-F", str(f), "node1"], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode != 0
+
+
+def test_a_bad_port_exits_2_with_one_line(cli, tmp_path):
+    f = tmp_path / "config"
+    f.write_text("Host a\n  HostName 127.0.0.1\n  Port abc\n")
+    r = cli(["--ssh-config", str(f), "-N", "a", "sandbox", "list"])
+    assert r.exit_code == 2, r.stderr
+    assert r.stderr.strip() == "katactl: error: a: SSH config: Port 'abc': bad port (1-65535 or a service name)"
+
+
+# -- ProxyCommand tokens: %% %h %n %p %r (and %k) in one pass, checked against what ssh runs ---
+PROXY_TOKEN_CASES = {
+    "n-and-pct": ("Host nodeA\n  HostName 127.0.0.1\n", "nodeA", "n=%n pct=100%% h=%h p=%p"),
+    "pct-h-stays": ("Host nodeA\n  HostName 127.0.0.1\n", "nodeA", "%%h %%%h %%n %%%%"),
+    "case": ("Host pct\n  HostName %h.Example.COM\n", "pct", "%h %n"),
+    "case-final": ("Host pct\n  HostName Pct.Example.COM\nMatch final\n  Port 2200\n", "pct", "%h %p"),
+    "user-port": ("Host n1\n  User joe\n  Port 2200\n", "bob@n1:2300", "%r@%n:%p via %h"),
+    "key-alias": ("Host n1\n  HostKeyAlias Ali\n", "n1", "k=%k"),
+    "key-alias-default": ("Host n1\n  HostName 10.0.0.1\n", "n1", "k=%k"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROXY_TOKEN_CASES))
+def test_proxycommand_tokens_are_what_ssh_runs(tmp_path, case):
+    """ssh_config(5): "ProxyCommand and ProxyJump accept the tokens %%, %h, %n, %p, and %r";
+    paramiko expands only %h %p %r, one after another: %n and 100%% reached the proxy as
+    written. Both sides run the command here; ssh's exits before any network."""
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    import shlex
+
+    text, node, words = PROXY_TOKEN_CASES[case]
+    out = tmp_path / "out"
+    f = tmp_path / "config"
+    f.write_text(text + f"  ProxyCommand sh -c 'echo \"{words}\" > {out}; exit 1'\n")
+    user, host, port = sshconfig.split_node(node)
+    subprocess.run(["ssh", "-F", str(f), "-o", "BatchMode=yes", *(["-l", user] if user else []),
+                    *(["-p", str(port)] if port else []), host, "true"],
+                   capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+    want = out.read_text()
+    out.unlink()
+    t = sshconfig.resolve(node, sshconfig.load(sshconfig.config_text(str(f))))
+    subprocess.run(shlex.split(t.proxy_command), stdin=subprocess.DEVNULL, timeout=30)  # as paramiko.ProxyCommand
+    assert out.read_text() == want
+
+
+@pytest.mark.parametrize("command", ["nc %h %x", "nc %h 100%", "nc %C"])
+def test_an_unknown_proxycommand_token_is_a_usage_error_as_ssh_refuses_it(tmp_path, command):
+    f = tmp_path / "config"
+    f.write_text(f"Host n1\n  ProxyCommand {command}\n")
+    with pytest.raises(UsageError, match="ProxyCommand .*unknown token"):
+        sshconfig.resolve("n1", sshconfig.load(sshconfig.config_text(str(f))))
+    if shutil.which("ssh"):  # misc.c percent_expand: "unknown key", "invalid format"
+        r = subprocess.run(["ssh", "-F", str(f), "-o", "BatchMode=yes", "n1", "true"], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=30)
+        assert "percent_expand: failed" in r.stderr, r.stderr

@@ -203,7 +203,7 @@ def _scoped_class():
         from paramiko.config import SSHConfigDict
 
         class ScopedSSHConfig(paramiko.SSHConfig):
-            _original = ""  # the name as given, for Match originalhost and %n (set per lookup)
+            _original = ""  # the name as given, for Match originalhost (set per lookup)
 
             def lookup(self, hostname, user=None, port=None):
                 """OpenSSH's passes (openssh-portable ssh.c main()), not paramiko's: the
@@ -236,7 +236,13 @@ def _scoped_class():
                     options = run._lookup(host, options, canonical=True, final=True)
                 else:
                     options.setdefault("hostname", hostname)
-                return run._expand_variables(options, hostname)
+                # ProxyCommand's tokens are resolve()'s (expand_proxy_command): paramiko's
+                # replace() chain knows no %n or %%, and turns %%h into %<host>
+                proxy = options.pop("proxycommand", None)
+                options = run._expand_variables(options, hostname)
+                if proxy is not None:
+                    options["proxycommand"] = proxy
+                return options
 
             def _lookup(self, hostname, options=None, canonical=False, final=False):
                 # paramiko's own _lookup, with a block's activity remembered for the
@@ -351,7 +357,7 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     is read with it, as ssh reads it with ``user@host``/``-l`` (Match user, %r)."""
     nuser, host, nport = split_node(node)
     o = lookup(cfg, host, nuser or user, nport)
-    port = nport or int(o.get("port", 22))
+    port = nport or a2port(o.get("port"))
     who = o.get("user") or _local_user()
     ids = []
     if identity:
@@ -364,7 +370,7 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
         for i, h in enumerate(hops):
             _, hhost, hport = split_node(_strip_ssh_url(h))
             if hhost in (host, o.get("hostname", host)) and \
-                    (hport or int(lookup(cfg, hhost).get("port", 22))) == port:  # the hop's own Port
+                    (hport or a2port(lookup(cfg, hhost).get("port"))) == port:  # the hop's own Port
                 # A jump through itself: `Host *` + `ProxyJump bastion` also matches
                 # bastion. The hops before it are the way to it; the rest is moot.
                 hops = hops[:i]
@@ -374,6 +380,11 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     pc = None if jump_host and jump_host.lower() != "none" else o.get("proxycommand")
     if pc and pc.lower() == "none":
         pc = None
+    hka = o.get("hostkeyalias")
+    hostname = _canonical_case(o.get("hostname", host))
+    if pc:
+        pc = expand_proxy_command(pc, host=hostname, original=host, port=port, user=who,
+                                  key_alias=hka.lower() if hka else host)
     ukh = tuple(os.path.expanduser(p) for p in _multi(o.get("userknownhostsfile")))
     gkh = tuple(os.path.expanduser(p) for p in _multi(o.get("globalknownhostsfile")))
     ct = o.get("connecttimeout")
@@ -381,8 +392,7 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     for env in _multi(o.get("setenv")):
         if env.startswith("KATACTL_HOST_ROOT="):
             root = env.split("=", 1)[1]
-    hka = o.get("hostkeyalias")
-    return Target(alias=host, hostname=_canonical_case(o.get("hostname", host)), port=port, user=who,
+    return Target(alias=host, hostname=hostname, port=port, user=who,
                   identity_files=tuple(dict.fromkeys(ids)), identities_only=_yes(o.get("identitiesonly", "no")),
                   proxy_command=pc, proxy_jump=hops, host_key_alias=hka.lower() if hka else None,
                   user_known_hosts=ukh or DEFAULT_USER_FILES,
@@ -390,6 +400,47 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
                   hash_known_hosts=_yes(o.get("hashknownhosts", "no")),
                   connect_timeout=float(convtime(ct, "ConnectTimeout")) or None if ct else None,
                   host_root=root, forward_agent=_yes(o.get("forwardagent", "no")))
+
+
+def a2port(text: str | None) -> int:
+    """A Port line's value as openssh-portable misc.c a2port() reads it (readconf.c oPort):
+    a decimal number (strtonum: optional sign) or a service name from /etc/services
+    (getservbyname), 1..65535; anything else is an error, as for ssh ("Bad port")."""
+    if text is None:
+        return 22
+    if re.fullmatch(r"[+-]?[0-9]+", text):
+        n = int(text)
+    else:
+        try:
+            n = socket.getservbyname(text, "tcp")
+        except (OSError, UnicodeError, ValueError):
+            n = 0
+    if not 0 < n < 65536:
+        raise UsageError(f"SSH config: Port {text!r}: bad port (1-65535 or a service name)")
+    return n
+
+
+_PROXY_TOKEN = re.compile(r"%(.)|%$|~", re.S)
+
+
+def expand_proxy_command(command: str, *, host: str, original: str, port: int, user: str,
+                         key_alias: str) -> str:
+    """ProxyCommand's tokens in one left-to-right pass, as openssh-portable sshconnect.c
+    expand_proxy_command -> misc.c percent_expand: %% %h %n %p %r (ssh_config(5) TOKENS) and
+    %k (the HostKeyAlias, else the name as given); ``%%h`` is ``%h``, an unknown token an error
+    as for ssh ("unknown key"). ``~`` is the home directory as paramiko's expansion had it:
+    ssh runs the command through a shell, paramiko.ProxyCommand does not."""
+    values = {"%": "%", "h": host, "n": original, "p": str(port), "r": user, "k": key_alias}
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "~":
+            return os.path.expanduser("~")
+        if m.group(1) not in values:
+            raise UsageError(f"SSH config: ProxyCommand {command!r}: unknown token {m.group(0)!r} "
+                             "(ssh_config(5) TOKENS: %%, %h, %n, %p, %r)")
+        return values[m.group(1)]
+
+    return _PROXY_TOKEN.sub(one, command)
 
 
 _TIME = re.compile(r"([+-]?[0-9]+)([smhdwSMHDW]?)")
