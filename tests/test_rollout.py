@@ -905,6 +905,9 @@ BAD_FILES = [
     ("steps: [cordon]\nnodes: n0\n", "nodes must be a list"),
     ("steps: [[cordon]]\n", "steps must be a list of strings"),
     ("\xff\xfe", "not UTF-8"),
+    ("steps: [cordon]\npolicy:\n  maxUnavailable: 1\n  soak: 10m\n  maxUnavailable: 100%\n",
+     "(line 5, column 3): mapping key 'maxUnavailable' already defined at line 3"),
+    ('{"name": "r1", "steps": ["cordon"],\n "name": "r2"}', "mapping key 'name' already defined at line 1"),
 ]
 
 

@@ -59,7 +59,7 @@ def load_file(path: str) -> dict:
     import yaml
 
     try:
-        d = yaml.safe_load(text)
+        d = yaml.load(text, Loader=_unique_keys_loader())  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -102,6 +102,36 @@ def load_file(path: str) -> dict:
     if nodes is not None and (not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes)):
         raise UsageError(f"-f {path}: nodes must be a list of node names")
     return d
+
+
+def _unique_keys_loader():
+    """yaml.SafeLoader refusing a mapping key given twice (YAML 1.2, 3.2.1.1: keys are
+    unique; go-yaml v3 decode.go d.uniqueKeys: "mapping key %#v already defined at line
+    %d"), where PyYAML keeps the last: a merge conflict's second ``maxUnavailable`` would
+    silently win. JSON plans are read by the same loader (JSON is YAML), so theirs too.
+    Keys a ``<<`` merge brings may still be overridden, as YAML's merge type allows."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:
+                        continue  # unhashable: the base method refuses it
+                    if first is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"mapping key {key!r} already defined at line {first + 1}",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def parse_steps(texts: list[str]) -> list[Step]:
