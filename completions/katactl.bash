@@ -64,9 +64,9 @@ _katactl_at() {
         "katactl rollout run") words=""; own="-f --filename --step -s --lock-namespace --lock-ttl --state --dry-run --max-unavailable --canary --canary-soak --batch-growth --no-batch-growth --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll -h --help"; valopts="-f --filename --step -s --lock-namespace --lock-ttl --state --max-unavailable --canary --canary-soak --soak --failure-budget --on-failure --window --alert-gate --alert-filter --spread-by --step-timeout --gate-timeout --poll" ;;
         "katactl rollout status") words=""; own="--lock-namespace --state -h --help"; valopts="--lock-namespace --state" ;;
         "katactl rollout list") words=""; own="--lock-namespace --state -h --help"; valopts="--lock-namespace --state" ;;
-        "katactl rollout pause") words=""; own="--lock-namespace --state -h --help"; valopts="--lock-namespace --state" ;;
-        "katactl rollout resume") words=""; own="--retry-failed --lock-namespace --state -h --help"; valopts="--lock-namespace --state" ;;
-        "katactl rollout abort") words=""; own="--now --timeout --lock-namespace --state -h --help"; valopts="--timeout --lock-namespace --state" ;;
+        "katactl rollout pause") words=""; own="--lock-namespace --state --dry-run -h --help"; valopts="--lock-namespace --state" ;;
+        "katactl rollout resume") words=""; own="--retry-failed --lock-namespace --state --dry-run -h --help"; valopts="--lock-namespace --state" ;;
+        "katactl rollout abort") words=""; own="--now --timeout --lock-namespace --state --dry-run -h --help"; valopts="--timeout --lock-namespace --state" ;;
     esac
 }
 

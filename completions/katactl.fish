@@ -196,13 +196,13 @@ function __katactl_path
                     set own --lock-namespace --state -h --help
                     set valopts --lock-namespace --state
                 case 'katactl rollout pause'
-                    set own --lock-namespace --state -h --help
+                    set own --lock-namespace --state --dry-run -h --help
                     set valopts --lock-namespace --state
                 case 'katactl rollout resume'
-                    set own --retry-failed --lock-namespace --state -h --help
+                    set own --retry-failed --lock-namespace --state --dry-run -h --help
                     set valopts --lock-namespace --state
                 case 'katactl rollout abort'
-                    set own --now --timeout --lock-namespace --state -h --help
+                    set own --now --timeout --lock-namespace --state --dry-run -h --help
                     set valopts --timeout --lock-namespace --state
             end
             # a global option's value too, unless the command has an option of that name
@@ -642,15 +642,18 @@ complete -c katactl -n "test (__katactl_path) = 'katactl rollout list'" -l state
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout list'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout pause'" -l lock-namespace -x -d 'Namespace of the Lease and state ConfigMaps'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout pause'" -l state -x -a 'auto kube file' -d 'Where to look: auto (a local state file for NAME, else the c'
+complete -c katactl -n "test (__katactl_path) = 'katactl rollout pause'" -l dry-run -d 'Say what it would do; change nothing'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout pause'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout resume'" -l retry-failed -d 'Run the failed nodes\' steps again too'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout resume'" -l lock-namespace -x -d 'Namespace of the Lease and state ConfigMaps'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout resume'" -l state -x -a 'auto kube file' -d 'Where to look: auto (a local state file for NAME, else the c'
+complete -c katactl -n "test (__katactl_path) = 'katactl rollout resume'" -l dry-run -d 'Check the stored plan and say what resuming would do (nodes '
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout resume'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l now -d 'Interrupt running steps (drains stop) instead of letting the'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l timeout -x -d 'How long to wait for a running rollout to finish aborting (e'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l lock-namespace -x -d 'Namespace of the Lease and state ConfigMaps'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l state -x -a 'auto kube file' -d 'Where to look: auto (a local state file for NAME, else the c'
+complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -l dry-run -d 'List the nodes abort would uncordon (cordoned under the roll'
 complete -c katactl -n "test (__katactl_path) = 'katactl rollout abort'" -s h -l help -d 'Show help and exit'
 complete -c katactl -s o -l output -x -a 'table wide plain json yaml name jsonl markdown prom' -d 'Output format: table, wide, plain, json, yaml, name, jsonl, '
 complete -c katactl -s N -l node -x -d 'Act on NODE over SSH (repeatable; a,b,c; @group)'

@@ -290,7 +290,7 @@ def _run_engine(app_ctx, plan, store, state, api) -> None:
     _render_summary(app_ctx, summ, changed=True)
 
 
-def _render_summary(app_ctx, summ: dict, *, changed: bool | None) -> None:
+def _render_summary(app_ctx, summ: dict, *, changed: bool | None, dry_run: bool = False) -> None:
     from katactl.output import Column, Result
 
     items = summ.pop("nodes")
@@ -300,7 +300,7 @@ def _render_summary(app_ctx, summ: dict, *, changed: bool | None) -> None:
     c = summ["counts"]
     line = (f"rollout {summ['name']}: {summ['phase']}{' (' + summ['reason'] + ')' if summ.get('reason') else ''}; "
             f"{c['done']} done, {c['failed']} failed, {c['pending']} pending")
-    finish(app_ctx, Result(kind="Rollout", items=items, item=summ, columns=cols, changed=changed, dry_run=False,
+    finish(app_ctx, Result(kind="Rollout", items=items, item=summ, columns=cols, changed=changed, dry_run=dry_run,
                            summary=line), summ.get("exitCode") or 0)
 
 
@@ -465,15 +465,19 @@ def _release_stale(store, name: str) -> None:
     store.release()
 
 
-def _render_finished(app_ctx, store, st: dict) -> None:
+def _render_finished(app_ctx, store, st: dict, dry_run: bool = False) -> None:
     """A rollout that already ended: release a lock its dead process left, and show it
     (exit 0, changed: false)."""
     from katactl.rollout import engine
 
-    _release_stale(store, st["name"])
+    if not dry_run:
+        _release_stale(store, st["name"])
     summ = engine.summary(st)
     summ["exitCode"] = 0
-    _render_summary(app_ctx, summ, changed=False)
+    _render_summary(app_ctx, summ, changed=False, dry_run=dry_run)
+
+
+DRY_RUN = typer.Option(False, "--dry-run", help="Say what it would do; change nothing.")
 
 
 def _state_opts():
@@ -580,7 +584,7 @@ def list_cmd(ctx: typer.Context, lock_namespace: str = _LNS, state_backend: str 
 
 @app.command("pause")
 def pause_cmd(ctx: typer.Context, name: str = NAME_ARG, lock_namespace: str = _LNS,
-              state_backend: str = _STATE) -> None:
+              state_backend: str = _STATE, dry_run: bool = DRY_RUN) -> None:
     """Ask a rollout to start no new node; running nodes finish, then it stops (Paused).
 
     Resume with 'katactl rollout resume NAME'. Idempotent.
@@ -599,16 +603,22 @@ def pause_cmd(ctx: typer.Context, name: str = NAME_ARG, lock_namespace: str = _L
         from katactl.errors import Refused
 
         raise Refused(f"rollout {name} is {st['phase']}: nothing to pause")
-    audit.require_writable()
+    if not dry_run:
+        audit.require_writable()
     before = store.control(name)
     changed = not before.get("pause")
-    store.set_control(name, {"pause": True, "by": holder_identity(name).rsplit("/", 1)[0]})
-    if changed:
+    if not dry_run:
+        store.set_control(name, {"pause": True, "by": holder_identity(name).rsplit("/", 1)[0]})
+    if changed and not dry_run:
         audit.record("rollout.pause", name, params={"rollout": name}, changed=True)
     running = held_by(store.lock_holder(), name)
     msg = ("pause requested: the running rollout starts no new node and stops when its running nodes finish"
            if running else "paused: the rollout is not running; 'rollout resume' continues it")
-    finish(app_ctx, Result.mutation("RolloutPause", {"name": name, "changed": changed, "dryRun": False,
+    if dry_run:
+        msg = "dry run: " + (("would ask the running rollout to pause" if running else
+                              "would mark the rollout paused (it is not running)") if changed
+                             else "a pause is already requested: nothing to do")
+    finish(app_ctx, Result.mutation("RolloutPause", {"name": name, "changed": changed, "dryRun": dry_run,
                                                      "running": running, "message": msg}))
 
 
@@ -619,16 +629,20 @@ def resume_cmd(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the failed nodes' steps again too."),
     lock_namespace: str = _LNS,
     state_backend: str = _STATE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the stored plan and say what resuming would do "
+                                                          "(nodes to restore and to retry); change nothing."),
 ) -> None:
     """Continue a rollout that was paused, stopped, interrupted or killed.
 
     Takes the lock (refused, exit 5, while another process holds it), clears a
     pause request, and goes on from the saved state: finished nodes are not
     redone; a node interrupted mid-step runs that step again. A finished
-    rollout is a no-op (changed: false).
+    rollout is a no-op (changed: false), also with --retry-failed when no
+    node failed.
 
     \b
     Examples:
+      katactl rollout resume kata-3-10 --dry-run
       katactl rollout resume kata-3-10 -o jsonl
       katactl rollout resume kata-3-10 --retry-failed
     """
@@ -638,14 +652,20 @@ def resume_cmd(
 
     app_ctx = state(ctx)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
-    audit.require_writable()  # before the lock
-    if st["phase"] in ("Succeeded", "CompletedWithFailures") and not retry_failed:
-        app_ctx.out.info(f"rollout {name} already finished ({st['phase']}): nothing to do")
-        _render_finished(app_ctx, store, st)
+    if not dry_run:
+        audit.require_writable()  # before the lock
+    failed = sorted(n for n, r in st["nodes"].items() if r["phase"] == "failed")
+    if st["phase"] in ("Succeeded", "CompletedWithFailures") and not (retry_failed and failed):
+        app_ctx.out.info(f"rollout {name} already finished ({st['phase']})"
+                         f"{', no failed node to retry' if retry_failed else ''}: nothing to do")
+        _render_finished(app_ctx, store, st, dry_run)
         return
     if st["phase"] == "Aborted":
         raise Refused(f"rollout {name} was aborted: start a new rollout (another NAME) instead")
     plan = Plan.from_dict(st["plan"])
+    if dry_run:
+        _dry_run(app_ctx, plan, store, st, retry=failed if retry_failed else [])
+        return
     if store.kind == "kube":
         store.ttl = plan.lock_ttl
     store.acquire(name)
@@ -682,6 +702,8 @@ def abort_cmd(
                                 help="How long to wait for a running rollout to finish aborting (exit 6)."),
     lock_namespace: str = _LNS,
     state_backend: str = _STATE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the nodes abort would uncordon (cordoned under "
+                                                          "the rollout's own record) and abort; change nothing."),
 ) -> None:
     """Stop a rollout for good: no new node starts; running steps finish (or stop
     with --now); every node the rollout cordoned is uncordoned; the lock is released.
@@ -695,6 +717,7 @@ def abort_cmd(
 
     \b
     Examples:
+      katactl rollout abort kata-3-10 --dry-run
       katactl rollout abort kata-3-10
       katactl rollout abort kata-3-10 --now -o json
     """
@@ -711,7 +734,10 @@ def abort_cmd(
     wait = parse_duration(timeout, what="--timeout", allow_zero=True)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
     if st["phase"] in ("Succeeded", "CompletedWithFailures") or (st["phase"] == "Aborted" and not _left(st)):
-        _render_finished(app_ctx, store, st)
+        _render_finished(app_ctx, store, st, dry_run)
+        return
+    if dry_run:
+        _dry_run(app_ctx, Plan.from_dict(st["plan"]), store, st, abort=True)
         return
     audit.require_writable()  # before the request and the lock
     store.set_control(name, {"abort": True, "now": now or None, "by": holder_identity(name).rsplit("/", 1)[0]})
@@ -760,6 +786,29 @@ def abort_cmd(
             store.release()
     summ["exitCode"] = 1 if e.left_cordoned() else 0
     _render_summary(app_ctx, summ, changed=True)
+
+
+def _dry_run(app_ctx, plan, store, st: dict, *, retry=None, abort: bool = False) -> None:
+    """resume/abort --dry-run: the stored rollout, what the command would restore (the nodes
+    cordoned under the rollout's own record: by resume, those not running; by abort, all), what
+    it would retry or abort; nothing is written, no lock is taken, no audit entry."""
+    from katactl.rollout import engine
+
+    e = engine.Engine(plan, store, st, api=getattr(store, "api", None), settings=app_ctx.settings)
+    uncordon = e.would_uncordon(skip=() if abort else ("running",))
+    summ = engine.summary(st)
+    holder = store.lock_holder()
+    summ.update(lock=holder, wouldUncordon=uncordon, exitCode=0)
+    if abort:
+        summ["wouldAbort"] = sorted(n for n, r in st["nodes"].items() if r["phase"] in ("pending",) + engine.NODE_ACTIVE)
+    else:
+        summ["wouldRetry"] = list(retry or ())
+    what = "abort" if abort else "resume"
+    app_ctx.out.info(f"dry run: would {what} rollout {st['name']} ({st['phase']}); uncordon "
+                     f"{', '.join(uncordon) or 'no node'}"
+                     + (f"; retry {', '.join(retry)}" if retry else "")
+                     + (f"; the lock is held by {holder.get('holder')}" if holder else ""))
+    _render_summary(app_ctx, summ, changed=True, dry_run=True)
 
 
 def _left(st: dict) -> list[str]:

@@ -332,6 +332,9 @@ class Engine:
             while not (self.stopping or self.pausing or self.aborting) and st["batch"] < len(self.plan.batches):
                 bi = st["batch"]
                 self.run_batch(bi)
+                # run_batch ends when its last thread does: a failure then (the last node of
+                # the last batch too) stops the run as one in its middle would
+                self._check_budget()
                 if self.stopping or self.pausing or self.aborting or self.lost_lock:
                     break
                 # no save of its own: the next one (the next batch's start, or the end) carries
@@ -944,6 +947,17 @@ class Engine:
                     found[n] = False
         return found
 
+    def would_uncordon(self, skip=()) -> list[str]:
+        """The nodes a restore would uncordon now (a dry run's answer): cordoned under this
+        rollout's own record (ours()), in a phase but ``skip``. Changes nothing."""
+        if self.api is None or not self.cordons:
+            return []
+        recs = self.state["nodes"]
+        return sorted(node["metadata"]["name"] for page in self.api.list_pages("/api/v1/nodes") for node in page
+                      if node["metadata"]["name"] in recs and recs[node["metadata"]["name"]]["phase"] not in skip
+                      and (node.get("spec") or {}).get("unschedulable")
+                      and self.ours(node, recs[node["metadata"]["name"]]))
+
     def _theirs(self, n: str, node: dict) -> None:
         """Say (once) that a node carrying this rollout's cordon record is left cordoned: the
         server says another manager set spec.unschedulable since (kubectl uncordon + cordon
@@ -1122,8 +1136,23 @@ def summary(st: dict) -> dict:
             "counts": {k: counts.get(k, 0) for k in ("pending", "running", "soaking", "done", "failed", "aborted")},
             "gate": st.get("gate") or {"open": True}, "createdAt": st.get("createdAt"),
             "updatedAt": st.get("updatedAt"), "finishedAt": st.get("finishedAt"),
-            "elapsedSeconds": round((time.time() - st["startedAt"]) if st.get("startedAt") else 0, 1),
+            "elapsedSeconds": _elapsed(st),
             "exitCode": st.get("exitCode"), "nodes": nodes}
+
+
+def _elapsed(st: dict) -> float:
+    """Seconds from the start to the end (finishedAt) of a finished rollout, else to now."""
+    import datetime
+
+    if not isinstance(st.get("startedAt"), (int, float)):
+        return 0.0
+    end = time.time()
+    try:
+        if st.get("finishedAt"):
+            end = datetime.datetime.fromisoformat(st["finishedAt"]).timestamp()
+    except (TypeError, ValueError):  # (a hand-edited time: counted to now, as before)
+        pass
+    return round(max(0.0, end - st["startedAt"]), 1)
 
 
 def _interrupt_plugins() -> None:

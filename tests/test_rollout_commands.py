@@ -1,0 +1,89 @@
+"""rollout pause|resume|abort|status|list as commands, against the kube-apiserver stand-in
+(tests/kubeserver.py) through the real CLI: --dry-run changes nothing and writes no audit
+entry, no-op resumes, elapsed time of a finished rollout, and where status/list look."""
+from __future__ import annotations
+
+import datetime
+import json
+
+from tests.test_rollout import MUTATING, _cordon_as_rollout, _edit_state, fleet, ro, state_of, unschedulable
+
+
+def _audit(home) -> list[dict]:
+    f = home / "state/katactl/audit.log"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_resume_retry_failed_of_a_finished_rollout_without_failed_nodes_is_a_no_op(cli, kube, kc, _isolated_home):
+    """Before, it took the lock, saved the state again and wrote rollout.resume and
+    rollout.run audit entries, reporting changed: true."""
+    fleet(kube, 2)
+    assert ro(cli, kc, "run", "r1", "-N", "n0,n1", "--step", "cordon", "--poll", "0.1").exit_code == 0
+    before = state_of(kube, "r1")
+    log = len(_audit(_isolated_home))
+    kube.requests.clear()
+    r = ro(cli, kc, "resume", "r1", "--retry-failed", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] is False and r.json()["phase"] == "Succeeded"
+    assert "no failed node to retry" in r.stderr
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    assert len(_audit(_isolated_home)) == log and state_of(kube, "r1") == before
+
+
+def test_elapsed_seconds_of_a_finished_rollout_stop_at_its_end(cli, kube, kc):
+    """elapsedSeconds was now - startedAt, growing for ever after the end; it is counted to
+    finishedAt (the state is set to a known start and end, no clock is read)."""
+    fleet(kube, 1)
+    assert ro(cli, kc, "run", "r1", "-N", "n0", "--step", "cordon", "--poll", "0.1").exit_code == 0
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    _edit_state(kube, "r1", lambda st: st.update(startedAt=start.timestamp(),
+                                                  finishedAt="2026-01-01T00:02:05+0000"))
+    assert ro(cli, kc, "status", "r1", "-o", "json").json()["elapsedSeconds"] == 125.0
+
+
+def test_pause_dry_run_changes_nothing(cli, kube, kc, _isolated_home):
+    fleet(kube, 2)
+    r = ro(cli, kc, "run", "r1", "-N", "n0,n1", "--canary", "1", "--step", "cordon", "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused"
+    log = len(_audit(_isolated_home))
+    kube.requests.clear()
+    d = ro(cli, kc, "pause", "r1", "--dry-run", "-o", "json")
+    assert d.exit_code == 0, d.stderr
+    p = d.json()
+    assert p["kind"] == "RolloutPause" and p["changed"] is True and p["dryRun"] is True
+    assert p["message"].startswith("dry run: would")
+    assert not [q for q in kube.requests if q["method"] in MUTATING] and len(_audit(_isolated_home)) == log
+    assert ro(cli, kc, "pause", "r1", "-o", "json").json()["changed"] is True  # not requested by the dry run
+    assert ro(cli, kc, "pause", "r1", "--dry-run", "-o", "json").json()["changed"] is False
+
+
+def test_abort_and_resume_dry_run_list_the_nodes_they_would_restore(cli, kube, kc, _isolated_home):
+    """A rollout killed with n1 mid-steps (cordoned under its record), n2 done but still
+    cordoned by it, n3 cordoned by an operator: abort --dry-run lists n1 and n2, resume
+    --dry-run n2 (a running node goes on); neither changes anything or writes the audit log."""
+    fleet(kube, 4)
+    r = ro(cli, kc, "run", "r1", "-N", "n0,n1,n2,n3", "--canary", "1", "--step", "cordon", "--step", "check",
+           "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused"
+    _edit_state(kube, "r1", lambda st: (st.update(phase="Running"),
+                                        st["nodes"]["n1"].update(phase="running", step=1, wasUnschedulable=False),
+                                        st["nodes"]["n2"].update(phase="done", step=2, wasUnschedulable=False)))
+    _cordon_as_rollout(kube, "r1", "n1")
+    _cordon_as_rollout(kube, "r1", "n2")
+    assert cli(["--kubeconfig", kc, "node", "cordon", "n3", "--reason", "disk"]).exit_code == 0
+    before, nodes, log = state_of(kube, "r1"), unschedulable(kube), len(_audit(_isolated_home))
+    kube.requests.clear()
+    a = ro(cli, kc, "abort", "r1", "--dry-run", "-o", "json")
+    assert a.exit_code == 0, a.stderr
+    d = a.json()
+    assert d["kind"] == "Rollout" and d["dryRun"] is True and d["changed"] is True and d["phase"] == "Running"
+    assert d["wouldUncordon"] == ["n1", "n2"] and d["wouldAbort"] == ["n1", "n3"]
+    res = ro(cli, kc, "resume", "r1", "--dry-run", "-o", "json")
+    assert res.exit_code == 0, res.stderr
+    assert res.json()["wouldUncordon"] == ["n2"] and res.json()["wouldRetry"] == []
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    assert state_of(kube, "r1") == before and unschedulable(kube) == nodes
+    assert len(_audit(_isolated_home)) == log
+    # the real abort restores exactly those
+    assert ro(cli, kc, "abort", "r1", "-o", "json").exit_code == 0
+    assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n3": True}
