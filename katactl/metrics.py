@@ -10,6 +10,7 @@ fields unconverted (runtime-rs ``crates/shim/src/shim_metrics.rs``,
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +104,12 @@ def top_sample(text: str, runtime: str | None = "go") -> dict:
 
     def g(name, item):
         v = idx.get((name, item))
-        return None if v is None else float(v)
+        if v is None:
+            return None
+        f = float(v)
+        # NaN and +-Inf are valid exposition text but no size or tick count: that figure is
+        # missing, not the node's table (int() of them raised, failing every row)
+        return f if math.isfinite(f) else None
 
     def kb(name, item):
         v = g(name, item)

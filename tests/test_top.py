@@ -378,3 +378,40 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_ends_a_snapshots_wait():
             interrupt.sleep(60)
     with interrupt.terminate_as_interrupt():  # the next command starts with the flag down
         interrupt.sleep(0)
+
+
+_ODD = [('kata_guest_meminfo{item="mem_total"}', "NaN", ("guestMemTotal", "guestMemUsed")),
+        ('kata_guest_vm_stat{item="balloon_inflate"}', "+Inf", ("balloonInflatePages", "balloonBytes")),
+        ('kata_shim_proc_status{item="vmrss"}', "NaN", ("shimRSS",))]
+
+
+@pytest.mark.parametrize("command,line,value,missing", [
+    *(("top", *c) for c in _ODD),
+    ("top", 'kata_guest_meminfo{item="mem_available"}', "-Inf", ("guestMemAvailable", "guestMemUsed")),
+    *(("overhead", *c) for c in _ODD),
+    ("overhead", 'kata_guest_meminfo{item="mem_free"}', "-Inf", ()),  # overhead's guest use is MemTotal - MemFree
+])
+def test_non_finite_sample_is_a_missing_figure_not_a_node_failure(cli, command, line, value, missing):
+    """NaN and +-Inf are valid Prometheus text: one shim sending them for a size or a page
+    count made top and overhead fail for the whole node (int() of a float NaN). That figure is
+    missing; the shim's other figures and the other sandboxes stay (review 8, finding 2)."""
+    def odd(srv, req):
+        text = "\n".join(f"{line} {value}" if ln.startswith(line + " ") else ln
+                         for ln in srv.metrics_text().splitlines()) + "\n"
+        return Response(200, text, "text/plain; version=0.0.4")
+
+    with node() as n:
+        n.go("good01")
+        p = n.go("odd02", serve=False)
+        n.serve(p, "go", extra_routes={(None, "/metrics"): odd})
+        r = cli(["--host-root", n.root, command, "-o", "json", "--interval", "0.1s"])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    rows = {i["id"]: i for i in r.json()["items"]}
+    assert set(rows) == {"good01", "odd02"}, rows
+    if command == "top":
+        assert all(rows["odd02"][k] is None for k in missing), rows["odd02"]
+        assert all(rows["good01"][k] is not None for k in missing), rows["good01"]
+        kept = {"guestMemTotal", "guestMemAvailable", "shimRSS", "hypervisorRSS"} - set(missing)
+        assert all(rows["odd02"][k] is not None for k in kept), rows["odd02"]
+    else:
+        assert "error" not in rows["odd02"] and rows["good01"]["guestMemoryUsedBytes"] is not None, rows
