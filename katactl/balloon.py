@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Callable
@@ -187,6 +188,29 @@ class _ExtensionPath(_Path):
         self.shim.close()
 
 
+#: QEMU's guest-stats names for the figures katactl uses (qemu hw/virtio/virtio-balloon.c balloon_stat_names)
+QEMU_STATS = {"total": "stat-total-memory", "free": "stat-free-memory", "available": "stat-available-memory"}
+
+
+def qemu_guest_stats(r, what: str) -> dict | None:
+    """QEMU's ``qom-get guest-stats`` answer as {total, free, available, lastUpdate}; None when
+    the guest never sent statistics (last-update 0) or not its MemTotal. A statistic the guest
+    did not send is None: QEMU keeps -1 in its ``uint64_t stats[]`` for those (reset_stats, "in
+    case the guest reports a subset", qemu hw/virtio/virtio-balloon.c) and visits it as uint64,
+    so 18446744073709551615 reaches us; older QEMUs printed it as int64, -1. Anything of the
+    wrong JSON type is a ProtocolError naming ``what`` (backends/shape.py)."""
+    r = shape.obj(r, what)
+    upd = shape.opt_integer(r.get("last-update"), what, "last-update")
+    st = shape.obj(r.get("stats"), what, "stats") if r.get("stats") is not None else {}
+    out: dict = {}
+    for k, name in QEMU_STATS.items():
+        v = shape.opt_integer(st.get(name), what, f"stats.{name}")
+        out[k] = None if v is None or v < 0 or v >= 1 << 63 else v
+    if not upd or out["total"] is None:
+        return None
+    return {**out, "lastUpdate": upd}
+
+
 class _QmpPath(_Path):  # noqa: D101
     unit = UNITS["qemu"]
 
@@ -218,15 +242,15 @@ class _QmpPath(_Path):  # noqa: D101
         actual = shape.integer(shape.obj(self._x("query-balloon"), what).get("actual"), what, "actual")
         if not guest:
             return {"memory": self.memory, "target": None, "actual": actual, "guest": None}
-        g = None
         try:
             r = self._x("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
-            st = (r or {}).get("stats") or {}
-            if r.get("last-update") and st.get("stat-total-memory", -1) not in (-1, None):
-                g = {"total": st.get("stat-total-memory"), "free": st.get("stat-free-memory"),
-                     "available": st.get("stat-available-memory")}
-        except (KatactlError, AttributeError):
-            g = None
+        except ProtocolError:
+            raise
+        except KatactlError:
+            r = None  # no such property or device: no statistics
+        g = None if r is None else qemu_guest_stats(r, f"{self.qmp.path}: QMP qom-get guest-stats")
+        if g is not None:
+            del g["lastUpdate"]
         # QEMU cannot report the target: only what the guest has now
         return {"memory": self.memory, "target": None, "actual": actual, "guest": g}
 
@@ -421,9 +445,11 @@ def _guest_from_metrics(transport: NodeTransport, sb, timeout: float) -> dict | 
     vals = {}
     for k, v in _MEMINFO.findall(text):
         try:
-            vals[k] = int(float(v))
+            f = float(v)
         except ValueError:
-            pass
+            continue
+        if math.isfinite(f):  # NaN, +-Inf: valid exposition text, not a size (int() raised)
+            vals[k] = int(f)
     if "mem_total" not in vals or "mem_available" not in vals:
         return None
     return {"total": vals["mem_total"], "free": vals.get("mem_free"), "available": vals["mem_available"],
@@ -440,8 +466,10 @@ def _guest_now(st: dict) -> int:
 
 def _usage_unknown_reason(st: dict) -> str:
     g = st.get("guest")
-    if not g or g.get("total") is None or g.get("available") is None:
+    if not g or g.get("total") is None:
         return "no guest statistics"
+    if g.get("available") is None:
+        return "the guest does not report MemAvailable"
     # guest_used() gave up: the sample counts pages the balloon has taken since
     return "the guest statistics predate the balloon's last move"
 

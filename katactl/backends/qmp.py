@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from katactl.errors import SOCKET_BUSY, OperationFailed, ProtocolError, TimeoutExpired, UnreachableError
+from katactl.backends import shape
 from katactl.backends.base import NodeTransport
 
 DEFAULT_TIMEOUT = 5.0
@@ -126,7 +127,7 @@ class QMPClient:
                 f"time; on a live Kata sandbox the Kata runtime keeps qmp.sock open)") from None
         if "QMP" not in msg:
             raise ProtocolError(f"{self.path}: expected a QMP greeting, got {_short(msg)}")
-        self.greeting = msg["QMP"]
+        self.greeting = shape.obj(msg["QMP"], f"{self.path}: QMP greeting", "QMP")
         if negotiate:
             self.execute("qmp_capabilities")
 
@@ -165,6 +166,8 @@ class QMPClient:
                     msg = json.loads(line)
                 except ValueError:
                     raise ProtocolError(f"{self.path}: not QMP (bad JSON line {line[:80]!r})") from None
+                except RecursionError:  # [[[...]]] within MAX_LINE: deeper than json can decode
+                    raise ProtocolError(f"{self.path}: not QMP (JSON nested too deeply)") from None
                 if not isinstance(msg, dict):
                     raise ProtocolError(f"{self.path}: not QMP (JSON line is not an object)")
                 self._last_size = len(line)
@@ -278,7 +281,8 @@ class QMPClient:
         reply = self._pump_until(lambda: self._replies.pop(cid, None), deadline,
                                  f"no reply to {command} within {t:g}s")
         if "error" in reply:
-            err = reply["error"] or {}
+            # qapi: {"error": {"class": ..., "desc": ...}}; anything else is not QEMU's
+            err = shape.obj(reply["error"], f"{self.path}: QMP {command}", "error")
             raise QMPError(command, str(err.get("class", "GenericError")), str(err.get("desc", "")))
         return reply.get("return")
 

@@ -409,11 +409,18 @@ class LabSandbox:
                     break
             if not r or r.get("last-update", 0) <= self.moved_at:
                 return None
-        st = (r or {}).get("stats") or {}
-        if not r or not r.get("last-update") or st.get("stat-total-memory", -1) in (-1, None):
+        if not r:
             return None
-        return {"totalBytes": st.get("stat-total-memory"), "freeBytes": st.get("stat-free-memory"),
-                "availableBytes": st.get("stat-available-memory"), "lastUpdate": r.get("last-update")}
+        from katactl.balloon import qemu_guest_stats
+
+        try:  # a statistic the guest did not send is QEMU's uint64 -1: None here, as katactl reads it
+            g = qemu_guest_stats(r, "QMP qom-get guest-stats")
+        except Exception:
+            return None
+        if g is None:
+            return None
+        return {"totalBytes": g["total"], "freeBytes": g["free"], "availableBytes": g["available"],
+                "lastUpdate": g["lastUpdate"]}
 
     def balloon_set(self, target: int) -> dict:
         from katactl.backends.qmp import QMPError

@@ -16,6 +16,7 @@ from katactl import sandbox as sbmod
 from katactl.errors import (Interrupted, KatactlError, OperationFailed, ProtocolError, Refused, TimeoutExpired,
                             UsageError, as_katactl_error)
 from katactl.sandbox import GO_SBS, GO_VM
+from katactl.backends import shape
 from katactl.vmcore.dumps import RS_NO_PANIC_DUMP, check_abs, dump_config, dump_name, node_zone, read_json, real_path
 from katactl.backends.base import NodeTransport
 
@@ -107,8 +108,10 @@ def guest_memory_bytes(persist: dict, qmp_client=None) -> int:
     if mem:
         return (mem + hot) << 20
     if qmp_client is not None:
-        s = qmp_client.execute("query-memory-size-summary")
-        return int(s.get("base-memory", 0)) + int(s.get("plugged-memory", 0))
+        what = f"{qmp_client.path}: QMP query-memory-size-summary"
+        s = shape.obj(qmp_client.execute("query-memory-size-summary"), what)
+        return shape.integer(s.get("base-memory"), what, "base-memory") \
+            + (shape.opt_integer(s.get("plugged-memory"), what, "plugged-memory") or 0)
     return 0
 
 
@@ -161,7 +164,7 @@ class _DumpDirGuard:
 
         if exc is None:
             return False
-        if self.started and isinstance(exc, (TimeoutExpired, Interrupted, KeyboardInterrupt)):
+        if self.started and isinstance(exc, (TimeoutExpired, Interrupted, KeyboardInterrupt, DumpGoesOn)):
             return False
         try:
             if self.top:
@@ -247,7 +250,7 @@ def trigger(transport: NodeTransport, ref, opts: TriggerOptions) -> dict:
         if isinstance(e, DumpGoesOn):
             # stopped waiting, not the dump: the file is being written, the guest paused meanwhile
             audit.record_unfinished("vmcore.trigger", sb.id, node=transport.node, params=params, exc=e, sent=True,
-                                    result="timeout" if isinstance(e, TimeoutExpired) else "interrupted",
+                                    result="timeout" if isinstance(e, TimeoutExpired) else None,
                                     changed=True, dump=e.details["path"], via=e.details.get("via"))
         elif not opts.dry_run:
             why = "interrupted" if isinstance(e, KeyboardInterrupt) else as_katactl_error(e).message
@@ -388,20 +391,46 @@ class _TimedOutDump(DumpGoesOn, TimeoutExpired):
     pass
 
 
+class _UnreadableDump(DumpGoesOn, ProtocolError):
+    """The monitor's answer could not be read once the dump may have started: katactl stops
+    following it, QEMU does not."""
+
+
 def _goes_on(e: BaseException, path: str, via: str, accepted: bool, running: bool | None) -> DumpGoesOn:
     """The error of a wait stopped while QEMU dumps: where the file goes, and that a guest that
     was running stays paused until the dump ends (QEMU resumes it then: dump_cleanup)."""
-    head = e.message if isinstance(e, TimeoutExpired) else "interrupted"
-    cls = _TimedOutDump if isinstance(e, TimeoutExpired) else _InterruptedDump
+    head = e.message if isinstance(e, (TimeoutExpired, ProtocolError)) else "interrupted"
+    cls = _TimedOutDump if isinstance(e, TimeoutExpired) else _UnreadableDump if isinstance(e, ProtocolError) \
+        else _InterruptedDump
     paused = {True: "the guest stays paused until it is finished", False: "",
               None: "a running guest stays paused until it is finished"}[running]
     if accepted:
         msg = f"{head}: QEMU goes on writing the dump into {path}" + (f"; {paused}" if paused else "")
     else:
-        msg = (f"{head} before QEMU answered: it may be writing the dump into {path}"
+        msg = (f"{head}{'' if cls is _UnreadableDump else ' before QEMU answered'}: it may be writing the dump into {path}"
                + (f"; if so, {paused}" if paused else ""))
     return cls(msg, hint="katactl vmcore list shows the dump incomplete until QEMU has finished it",
                details={"path": path, "via": via, "acknowledged": accepted, "pausedByDump": running})
+
+
+def _dump_formats(client) -> list[str]:
+    """query-dump-guest-memory-capability's formats (qapi/dump.json DumpGuestMemoryCapability)."""
+    what = f"{client.path}: QMP query-dump-guest-memory-capability"
+    formats = shape.obj(client.execute("query-dump-guest-memory-capability"), what).get("formats")
+    if not isinstance(formats, list) or not all(isinstance(f, str) for f in formats):
+        raise ProtocolError(f"{what}: formats is not a list of strings")
+    return formats
+
+
+def _query_dump(client) -> dict:
+    """query-dump's answer (qapi/dump.json DumpQueryResult: status, completed, total)."""
+    what = f"{client.path}: QMP query-dump"
+    st = shape.obj(client.execute("query-dump"), what)
+    status = st.get("status")
+    if not isinstance(status, str):
+        raise ProtocolError(f"{what}: status is {type(status).__name__}, not a string")
+    return {"status": status, "completed": shape.opt_integer(st.get("completed"), what, "completed") or 0,
+            "total": shape.opt_integer(st.get("total"), what, "total") or 0}
 
 
 def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, opts, result, reasons, socks) -> dict:
@@ -429,12 +458,11 @@ def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, 
     with client:
         if not mem:
             mem = guest_memory_bytes(persist, client)
-        caps = client.execute("query-dump-guest-memory-capability")
-        if opts.format not in (caps or {}).get("formats", []):
+        formats = _dump_formats(client)
+        if opts.format not in formats:
             raise OperationFailed(f"this QEMU cannot write {opts.format} dumps (it offers "
-                                  + ", ".join((caps or {}).get("formats", [])) + ")")
-        st = client.execute("query-dump")
-        if (st or {}).get("status") == "active":
+                                  + ", ".join(formats) + ")")
+        if _query_dump(client)["status"] == "active":
             raise Refused(f"sandbox {sid[:12]}: a dump is already in progress")
         check_space_first(transport, d, mem)
         if opts.dry_run:
@@ -450,7 +478,7 @@ def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, 
             # qapi/dump.json has no command that cancels it. Stopping our wait (Ctrl-C, SIGTERM,
             # --timeout) stops neither: the directory stays, and the error says so.
             try:
-                running = bool((client.execute("query-status") or {}).get("running"))
+                running = bool(shape.obj(client.execute("query-status"), f"{client.path}: QMP query-status").get("running"))
             except KatactlError:
                 running = None      # unknown: the error says what a running guest does
             guard.started = True
@@ -463,19 +491,23 @@ def _trigger_qemu(transport: NodeTransport, sid, d, path, persist, mem, paging, 
                     return {**result, "status": "active", "changed": True}
                 deadline = time.monotonic() + opts.timeout
                 while True:
-                    st = client.execute("query-dump") or {}
-                    if opts.progress and st.get("total"):
-                        opts.progress(int(st.get("completed", 0)), int(st["total"]))
-                    if st.get("status") == "completed":
+                    st = _query_dump(client)
+                    if opts.progress and st["total"]:
+                        opts.progress(st["completed"], st["total"])
+                    if st["status"] == "completed":
                         break
-                    if st.get("status") == "failed":
+                    if st["status"] == "failed":
                         ev = [e for e in client.events() if e.get("event") == "DUMP_COMPLETED"]
-                        why = (ev[-1].get("data") or {}).get("error") if ev else None
+                        data = ev[-1].get("data") if ev else None
+                        why = data.get("error") if isinstance(data, dict) else None
+                        why = why if isinstance(why, str) else None
                         raise OperationFailed(f"QEMU dump failed{': ' + why if why else ''}")
                     if time.monotonic() > deadline:
                         raise TimeoutExpired(f"dump not finished within {opts.timeout:g}s")
                     time.sleep(opts.poll)
-            except (KeyboardInterrupt, Interrupted, TimeoutExpired) as e:
+            except (KeyboardInterrupt, Interrupted, TimeoutExpired, ProtocolError) as e:
+                # an unreadable answer (the dump-guest-memory reply, a query-dump) leaves the
+                # dump as unknown as a stopped wait does: its directory must not be removed
                 raise _goes_on(e, path, result["via"], accepted, running) from None
     try:
         size = transport.stat(path).size
