@@ -530,7 +530,7 @@ def test_retry_failed_starts_a_restored_node_again_at_its_cordon(cli, kube, kc, 
     steps = ["--step", "cordon", "--step", "drain --ignore-daemonsets", "--step", "wait-ready 0.2s",
              "--step", "check"]
     r = ro(cli, kc, "run", "r1", "-N", "n0", *steps, "--poll", "0.05", "-o", "json")
-    assert r.exit_code in (4, 6) and r.json()["counts"]["failed"] == 1, r.stderr  # (budget seen or not)
+    assert r.exit_code == 6 and r.json()["phase"] == "Stopped" and r.json()["counts"]["failed"] == 1, r.stderr
     assert not unschedulable(kube)["n0"]
     kube_api.patch("/api/v1/nodes/n0/status", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     kube.add_pod("web-2", node="n0", labels={"app": "web"}, owner=("ReplicaSet", "web"))

@@ -332,6 +332,9 @@ class Engine:
             while not (self.stopping or self.pausing or self.aborting) and st["batch"] < len(self.plan.batches):
                 bi = st["batch"]
                 self.run_batch(bi)
+                # run_batch ends when its last thread does: a failure then (the last node of
+                # the last batch too) stops the run as one in its middle would
+                self._check_budget()
                 if self.stopping or self.pausing or self.aborting or self.lost_lock:
                     break
                 # no save of its own: the next one (the next batch's start, or the end) carries
