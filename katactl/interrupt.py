@@ -30,7 +30,7 @@ def sleep(seconds: float) -> None:
 def terminate_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, as SIGINT
     does, and all three set the flag sleep() waits on; the previous handlers come back
-    after. A signal already ignored (``nohup``: SIGHUP) stays ignored; in other threads
+    after, and the flag goes down. A signal already ignored (``nohup``: SIGHUP) stays ignored; in other threads
     (in-process test runners) nothing changes."""
     import signal
 
@@ -55,3 +55,6 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        # the interrupt was this run's: a later sleep() outside any run (a library call, the
+        # next in-process command) must not end at once on it
+        _stopped.clear()
