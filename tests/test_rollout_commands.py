@@ -87,3 +87,29 @@ def test_abort_and_resume_dry_run_list_the_nodes_they_would_restore(cli, kube, k
     # the real abort restores exactly those
     assert ro(cli, kc, "abort", "r1", "-o", "json").exit_code == 0
     assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n3": True}
+
+
+def test_a_pause_during_the_canary_soak_stops_the_run_without_waiting_for_the_soak(kube, kc, cli):
+    """No node runs during --canary-soak: 'rollout pause' then ends the run as Paused (before,
+    the pause was honoured only once the whole soak had elapsed, holding the lock)."""
+    import subprocess
+    import sys
+
+    fleet(kube, 2)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "rollout", "run", "r1", "-N", "n0,n1",
+                          "--canary", "1", "--canary-soak", "1h", "--step", "cordon", "--poll", "0.05", "-o", "jsonl"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            if json.loads(line).get("kind") == "CanarySoaking":
+                break
+        assert ro(cli, kc, "pause", "r1", "-o", "json").json()["running"] is True
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    last = json.loads(out.splitlines()[-1])
+    assert last["phase"] == "Paused" and last["counts"] == {**last["counts"], "done": 1, "pending": 1}
+    r = ro(cli, kc, "resume", "r1", "-o", "json")  # goes on with the rest, without the rest of the soak
+    assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr

@@ -459,8 +459,10 @@ class Engine:
                                        "once the API answers") from None
 
     def _sleep(self, seconds: float) -> None:
+        """The canary soak: ends early on a stop, an abort or a pause (no node runs: the run
+        stops as Paused at once, and resume goes on without the rest of the soak)."""
         end = self.clock() + seconds
-        while self.clock() < end and not (self.stopping or self.aborting or self.stop.is_set()):
+        while self.clock() < end and not (self.stopping or self.aborting or self.pausing or self.stop.is_set()):
             if self.lease_lost():
                 return
             self.poll_control()
