@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_rollout import fleet, ro, state_of
+from tests.test_node_faults import foreign_set_unschedulable
+from tests.test_rollout import MUTATING, _edit_state, events, fleet, ro, state_of, unschedulable
 
 
 def _failing_pod(kube, node):
@@ -54,3 +55,34 @@ def test_a_last_batch_over_the_failure_budget_ends_stopped_and_within_it_complet
     r = ro(cli, kc, "run", "r3", "-N", "n0,n1", "--on-failure", "skip", "--failure-budget", "1",
            "--step", "check", "--poll", "0.1", "-o", "json")
     assert (r.exit_code, r.json()["phase"]) == (4, "CompletedWithFailures"), r.json()["reason"]
+
+
+# -- the uncordon step undoes only the rollout's own cordon --------------------------------------
+
+@pytest.mark.parametrize("steps", [["wait-ready 60s", "uncordon"], ["uncordon", "cordon"]])
+def test_an_uncordon_step_with_no_cordon_before_it_is_refused_at_plan_time(cli, kube, kc, steps):
+    fleet(kube, 2)
+    args = [x for s in steps for x in ("--step", s)]
+    for verb in ("plan", "run"):
+        r = ro(cli, kc, verb, "r1", "-N", "n0,n1", "--max-unavailable", "2", *args)
+        assert r.exit_code == 2, r.stderr
+        assert "uncordon undoes only a cordon this rollout made" in r.stderr and "cordon, drain" in r.stderr
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    assert ro(cli, kc, "plan", "r1", "-N", "n0", "--step", "drain", "--step", "uncordon").exit_code == 0
+
+
+def test_an_uncordon_step_without_the_nodes_cordon_id_leaves_an_operators_cordon(cli, kube, kc):
+    """A stored plan (resume) is not checked again: its uncordon step, run for a node the
+    rollout holds no cordon record of, leaves kubectl's cordon made meanwhile."""
+    fleet(kube, 2, zones=1)
+    r = ro(cli, kc, "run", "r1", "-N", "n0,n1", "--canary", "1", "--step", "check", "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused", r.stderr
+    other = next(i["name"] for i in r.json()["items"] if i["phase"] == "pending")
+    _edit_state(kube, "r1", lambda st: st["plan"].update(steps=["check", "uncordon"]))
+    foreign_set_unschedulable(kube, other, True)
+    r = ro(cli, kc, "resume", "r1", "-o", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    fin = [e for e in events(r.stdout) if e["kind"] == "NodeStepFinished" and e["text"] == "uncordon"]
+    assert [(e["node"], e["result"], e["changed"]) for e in fin] == [(other, "ok", False)]
+    assert fin[0]["message"] == "left as it is: the rollout has no cordon record of this node"
+    assert unschedulable(kube)[other] is True

@@ -94,6 +94,7 @@ def _build_plan(app_ctx, name: str | None, d: dict, lock_namespace, lock_ttl, ba
         raise UsageError(f"the rollout is named {name!r} but the plan file says name: {d['name']!r}")
     name = plan_mod.check_name(name or d.get("name"))
     steps = plan_mod.parse_steps(d.get("steps") or [])
+    plan_mod.check_uncordon_steps(steps)
     policy = Policy.from_dict(d.get("policy") or {})
     backend = backend_opt or d.get("stateBackend") or "auto"
     if backend not in plan_mod.BACKENDS:

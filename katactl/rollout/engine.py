@@ -742,7 +742,7 @@ class Engine:
         failure = None
         ctx = StepContext(node=n, api=api, settings=self.settings, rollout=self.plan.name, stop=self.stop,
                           events=lambda kind, **d: self.ev(kind, **d), timeout=pol.step_timeout,
-                          was_unschedulable=bool(rec.get("wasUnschedulable")), cordon_id=rec.get("cordonId"))
+                          cordon_id=rec.get("cordonId"))
         while rec["step"] < len(self.plan.steps):
             i = rec["step"]
             if self.stop.is_set():

@@ -16,7 +16,7 @@ from typing import Any
 
 from katactl.errors import UsageError
 from katactl.rollout.policy import Policy
-from katactl.rollout.steps import Step, parse_step
+from katactl.rollout.steps import REGISTRY, Step, parse_step
 
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?")
 BACKENDS = ("auto", "kube", "file")
@@ -138,6 +138,18 @@ def parse_steps(texts: list[str]) -> list[Step]:
     if not texts:
         raise UsageError("a rollout needs at least one --step (e.g. --step cordon --step 'upgrade switch 3.10.0')")
     return [parse_step(t) for t in texts]
+
+
+def check_uncordon_steps(steps: list[Step]) -> None:
+    """A new plan's ``uncordon`` step undoes the rollout's own cordon only (its record's id):
+    one with no step before it that cordons (cordon, drain, ...) could only uncordon a node
+    someone else cordoned, which katactl never does (design.md): exit 2. Not for a stored
+    plan (resume, abort): there the step itself does nothing without the node's cordonId."""
+    for i, s in enumerate(steps):
+        if s.definition.name == "uncordon" and not any(p.definition.cordons for p in steps[:i]):
+            cordoning = ", ".join(n for n, d in REGISTRY.items() if d.cordons)
+            raise UsageError(f"step {i + 1} '{s.text}': uncordon undoes only a cordon this rollout made, and no "
+                             f"step before it cordons ({cordoning}): remove it, or add a cordon step before it")
 
 
 def needs_kube(steps: list[Step]) -> bool:

@@ -58,7 +58,6 @@ class StepContext:
     stop: threading.Event
     events: Callable[..., None]
     timeout: float = 0.0           # the policy's --step-timeout (0: none)
-    was_unschedulable: bool = False
     #: the id the rollout saved for this node's cordon record (see engine: "the rollout cordoned it")
     cordon_id: str | None = None
 
@@ -307,14 +306,16 @@ def _found(ctx, r: dict) -> bool | None:
 
 
 @_register("uncordon", "kube", ("node", "uncordon"),
-           "Make the node schedulable again, unless it was cordoned before the rollout.",
+           "Undo the rollout's own cordon of the node (never a cordon anyone else made).",
            uses=(), refuses={**_NODE_CMD, "force": "is not for a step: the rollout never uncordons a node that "
                                                   "was unschedulable before it"})
 def _uncordon(ctx, a):
     from katactl import nodes
 
-    if ctx.cordon_id is None and ctx.was_unschedulable:  # (with an id, its cordon record decides)
-        return {"changed": False, "message": "left cordoned: it was unschedulable before the rollout"}
+    if ctx.cordon_id is None:
+        # no cordon of this rollout to undo (a stored plan without a step that cordons, a state
+        # from before cordon ids): without its id, uncordon would undo anyone's cordon
+        return {"changed": False, "message": "left as it is: the rollout has no cordon record of this node"}
     # only the rollout's own cordon (by its record's id), never one made by someone else since
     r = nodes.uncordon(_need_api(ctx), ctx.node, record_id=ctx.cordon_id)
     if not r["changed"] and r["message"].startswith("left cordoned"):  # our cordon found it cordoned
