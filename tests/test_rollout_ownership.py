@@ -86,3 +86,57 @@ def test_an_uncordon_step_without_the_nodes_cordon_id_leaves_an_operators_cordon
     assert [(e["node"], e["result"], e["changed"]) for e in fin] == [(other, "ok", False)]
     assert fin[0]["message"] == "left as it is: the rollout has no cordon record of this node"
     assert unschedulable(kube)[other] is True
+
+
+# -- a plan file's node selection against ambient defaults -------------------------------------
+
+def _pools(kube, tmp_path):
+    for i in range(2):
+        kube.add_node(f"batch-{i}", labels={"pool": "batch"})
+        kube.add_node(f"online-{i}", labels={"pool": "online"})
+    f = tmp_path / "plan.yaml"
+    f.write_text("apiVersion: katactl/v1\nkind: RolloutPlan\nname: r1\nselector: pool=batch\nsteps: [cordon]\n")
+    return f
+
+
+@pytest.mark.parametrize("where", ["env-selector", "env-nodes", "config-nodes", "profile-selector"])
+def test_a_plan_files_selection_is_not_replaced_by_env_or_config_defaults(cli, kube, kc, tmp_path, monkeypatch,
+                                                                          _isolated_home, where):
+    f = _pools(kube, tmp_path)
+    cfg = _isolated_home / "config" / "katactl" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    if where == "env-selector":
+        monkeypatch.setenv("KATACTL_SELECTOR", "pool=online")
+        src = "env KATACTL_SELECTOR"
+    elif where == "env-nodes":
+        monkeypatch.setenv("KATACTL_NODES", "online-0")
+        src = "env KATACTL_NODES"
+    elif where == "config-nodes":
+        cfg.write_text('nodes = ["online-0", "online-1"]\n')
+        src = str(cfg)
+    else:
+        cfg.write_text('profile = "p"\n[profiles.p]\nselector = "pool=online"\n')
+        src = f"{cfg} [profiles.p]"
+    for verb in ("plan", "run"):
+        r = ro(cli, kc, verb, "-f", f, "-o", "json")
+        assert r.exit_code == 2, (r.stdout, r.stderr)
+        assert f"-f {f} selects the nodes" in r.stderr and f"from {src}:" in r.stderr, r.stderr
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    # typed on the command line, a selection overrides the file's (and the ambient one is not used)
+    monkeypatch.delenv("KATACTL_SELECTOR", raising=False)
+    monkeypatch.delenv("KATACTL_NODES", raising=False)
+    cfg.unlink(missing_ok=True)
+    r = ro(cli, kc, "plan", "-f", f, "-N", "online-1", "-o", "json")
+    assert r.exit_code == 0 and [i["name"] for i in r.json()["items"]] == ["online-1"], r.stderr
+
+
+def test_a_plan_file_without_a_selection_takes_the_ambient_one(cli, kube, kc, tmp_path, monkeypatch):
+    _pools(kube, tmp_path)
+    f = tmp_path / "nosel.yaml"
+    f.write_text("name: r1\nsteps: [cordon]\n")
+    monkeypatch.setenv("KATACTL_SELECTOR", "pool=online")
+    r = ro(cli, kc, "plan", "-f", f, "-o", "json")
+    assert r.exit_code == 0 and [i["name"] for i in r.json()["items"]] == ["online-0", "online-1"], r.stderr
+    # and a selection typed with a plan file that has one overrides it, the ambient one set too
+    r = ro(cli, kc, "plan", "-f", tmp_path / "plan.yaml", "-l", "pool=online", "-o", "json")
+    assert r.exit_code == 0 and [i["name"] for i in r.json()["items"]] == ["online-0", "online-1"], r.stderr

@@ -73,9 +73,19 @@ def _merge_plan_input(app_ctx, plan_file, steps, opts: dict) -> dict:
     d["policy"] = pol
     if steps:
         d["steps"] = list(steps)
+    # a reviewed plan's nodes give way only to a selection typed now: KATACTL_* or the config
+    # file's defaults, left from another task, must not silently roll other nodes
     s = app_ctx.settings
-    if s.nodes or s.nodes_from or s.selector:  # flags (or KATACTL_* / config) win over the file
+    given = [k for k in ("nodes", "nodes_from", "selector") if s.values.get(k)]
+    if any(s.sources.get(k) == "flag" for k in given):
         d["nodes"], d["nodesFrom"], d["selector"] = None, None, None
+    elif given and any(d.get(k) for k in ("nodes", "nodesFrom", "selector")):
+        from katactl.errors import UsageError
+
+        k = given[0]
+        raise UsageError(f"-f {plan_file} selects the nodes, and so does {k} from {s.sources[k]}: only -N, "
+                         f"--nodes-from or -l typed on the command line override a plan file's selection",
+                         hint=f"unset it ({s.sources[k]}), or type the selection on the command line")
     return d
 
 
