@@ -416,3 +416,22 @@ def test_temp_lock_directories_of_killed_runs_are_swept_live_ones_kept(both, kin
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_a_killed_breakers_leftovers_are_swept_a_young_claim_kept(both, kind):
+    """Review 8 (fixes) #3: a breaker killed between renaming the stale lock to .lock-stale-<token>
+    and removing it, or between making .lock-claim-<token>/<token> and renaming it into the
+    lock, left them for good. The next run to take the lock removes the first (proven stale
+    already) and a claim older than the bound a claim is taken over by; a young claim's breaker
+    may be at work: kept."""
+    _layout, state, ssh, local = both
+    (state / ".lock-stale-aaaa" / ".break" / "tok").mkdir(parents=True)
+    (state / ".lock-stale-aaaa" / "owner.json").write_text(json.dumps({"pid": 2 ** 22 + 9, "token": "s"}))
+    for name in ("bbbb", "cccc"):
+        (state / f".lock-claim-{name}" / name).mkdir(parents=True)
+    day_ago = time.time() - 86400
+    os.utime(state / ".lock-claim-bbbb", (day_ago, day_ago))
+    r = {"local": local, "ssh": ssh}[kind]("switch", A)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(n for n in os.listdir(state) if n.startswith(".lock-")) == [".lock-claim-cccc"]

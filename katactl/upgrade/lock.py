@@ -329,7 +329,7 @@ def _take(transport: NodeTransport, layout, d: str, tmp: str, timeout: float, on
                     raise
                 continue  # a racing client renamed first: look at its lock
             with contextlib.suppress(OSError, KatactlError):
-                _sweep(transport, layout, flocked)
+                _sweep(transport, layout, flocked, older)
             return
         elif isinstance(cur, OSError):
             raise cur
@@ -449,15 +449,27 @@ def _take_over(transport: NodeTransport, claim: str, token: str, older) -> bool:
     return True
 
 
-def _sweep(transport: NodeTransport, layout, flocked: bool) -> None:
+def _sweep(transport: NodeTransport, layout, flocked: bool, older=None) -> None:
     """Remove what a run killed at the wrong moment left for good: its ``.lock-new-<token>``
     (killed between writing it and renaming it to lock.d) or ``.lock-old-<token>`` (between
     renaming lock.d away and removing it). Run while holding the lock; only an owner proved
-    gone as a lock's would be (_stale): a live client waiting for the lock keeps its own."""
+    gone as a lock's would be (_stale): a live client waiting for the lock keeps its own.
+
+    A breaker's leftovers (_break) too: ``.lock-stale-<token>`` (killed between renaming the
+    stale lock away and removing it) was proven stale already and nothing reads it again;
+    ``.lock-claim-<token>`` (killed before renaming it into the lock) once older than
+    ``older`` allows, as _take_over ages a claim: a slow breaker's rename of it then fails,
+    and that breaker looks again."""
     for name in transport.listdir(layout.state):
+        path = f"{layout.state}/{name}"
+        if name.startswith((".lock-stale-", ".lock-claim-")):
+            with contextlib.suppress(OSError):  # gone meanwhile: its breaker moved on
+                if name.startswith(".lock-stale-") or (
+                        older is not None and older(transport.stat(path, follow_symlinks=False).mtime)):
+                    transport.remove(path, recursive=True)
+            continue
         if not name.startswith((".lock-new-", ".lock-old-")):
             continue
-        path = f"{layout.state}/{name}"
         try:
             raw = transport.read_bytes(path + "/owner.json", limit=4096)
         except OSError:
