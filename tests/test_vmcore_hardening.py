@@ -3,6 +3,7 @@ run makes the real run's checks, malformed node files and indexes are clear erro
 multi-node rm names the node that failed."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -294,3 +295,71 @@ def test_trigger_uses_the_sandboxs_own_configuration(cli, tmp_path):
     r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "--dry-run"])
     assert r.exit_code == 3, r.stderr
     assert "guest_memory_dump_path is not set in" in r.stderr and "configuration-clh.toml" in r.stderr
+
+
+def _damage(root: str, what: str) -> None:
+    """SID2's dump directory (or the node) with one file made hostile: a FIFO where a dump,
+    hypervisor.version/.conf, a saved state file, the bundle's config.json or /etc/localtime
+    is read, a directory named like a dump, or a hypervisor.conf of the wrong shape."""
+    from katactl.sandbox import CONTAINERD_TASK_DIR
+    from tests.test_vmcore import SID2
+
+    d = os.path.join(_dump_root(root), SID2)
+    kind, _, name = what.partition(":")
+    if kind in ("fifo", "dir"):
+        p = {"dump": os.path.join(d, "vmcore-20240101000001.elf"),
+             "state": os.path.join(d, "state", SID2, "persist.json"),
+             "bundle": os.path.join(root, CONTAINERD_TASK_DIR.lstrip("/"), "k8s.io", SID2, "config.json"),
+             "localtime": os.path.join(root, "etc", "localtime")}.get(name, os.path.join(d, name))
+        if os.path.lexists(p):
+            os.remove(p)
+        (os.mkfifo if kind == "fifo" else os.mkdir)(p)
+        return
+    with open(os.path.join(d, "hypervisor.conf"), "wb") as f:
+        f.write({"memsize": lambda: json.dumps({"MemorySize": json.loads(name)}).encode(),
+                 "conf": lambda: {"garbage": b"{not json", "nested": b"[" * 100000, "list": b"[256]"}[name]}[kind]())
+
+
+@pytest.mark.parametrize("what", [
+    "fifo:dump", "fifo:hypervisor.version", "fifo:hypervisor.conf", "fifo:state", "fifo:bundle", "fifo:localtime",
+    "dir:dump", 'memsize:"256M"', "memsize:[256]", "memsize:true", "memsize:-1", "memsize:1.5", "memsize:1e400",
+    "conf:garbage", "conf:nested", "conf:list"])
+def test_list_collect_rm_on_a_hostile_dump_dir_never_hang_nor_hide_healthy_dumps(katactl_bin, tmp_path, what):
+    """Review 8 #3: a FIFO named like a dump or as hypervisor.version hung vmcore list (and
+    collect, rm: they list first) forever; a hypervisor.conf whose MemorySize is not an
+    integer failed the whole list (exit 1, ValueError), hiding the healthy dumps of other
+    sandboxes. Only regular files are read now; a broken dump is one item with a problem."""
+    from tests.test_vmcore import SID, SID2, TS, add_dump
+
+    root = node_tree(tmp_path / "n")
+    add_dump(root, SID)
+    add_dump(root, SID2)
+    _damage(root, what)
+    r = katactl_bin(["--host-root", root, "vmcore", "list", "-o", "json"], timeout=60)
+    assert r.exit_code == 0, r.stderr
+    items = {i["name"]: i for i in json.loads(r.stdout)["items"]}
+    healthy = [f"{SID}/vmcore-{TS}.elf", f"{SID2}/vmcore-{TS}.elf"]
+    assert [items[n]["status"] for n in healthy] == ["ok", "ok"]
+    assert items[healthy[0]]["guestMemory"] == 512 << 20 and items[healthy[0]]["problem"] is None
+    odd = f"{SID2}/vmcore-20240101000001.elf"
+    if what.endswith(":dump"):
+        kind = "a FIFO" if what.startswith("fifo") else "a directory"
+        assert items[odd]["status"] == "not-regular" and kind in items[odd]["problem"], items[odd]
+    else:
+        assert odd not in items and len(items) == 2
+    if what in ("fifo:hypervisor.conf",) or what.startswith(("memsize", "conf")):
+        assert items[healthy[1]]["guestMemory"] is None
+    if what == "fifo:hypervisor.version":
+        assert items[healthy[1]]["hypervisorVersion"] is None
+    out = tmp_path / "out"
+    r = katactl_bin(["--host-root", root, "vmcore", "collect", "--to", str(out), "-o", "json"], timeout=60)
+    if what.endswith(":dump"):   # the odd one fails (exit 1 for it), the two healthy ones are copied: partial
+        assert r.exit_code == 4, (r.exit_code, r.stderr)
+        [err] = json.loads(r.stdout)["errors"]
+        assert err["target"] == odd and f"not a regular file ({kind}): not a dump" in err["error"]["message"], err
+    else:
+        assert r.exit_code == 0, r.stderr
+    assert sorted(i["name"] for i in json.loads(r.stdout)["items"]) == healthy
+    r = katactl_bin(["--host-root", root, "vmcore", "rm", healthy[1], "--yes", "-o", "json"], timeout=60)
+    assert r.exit_code == 0, r.stderr
+    assert not os.path.exists(os.path.join(_dump_root(root), healthy[1]))

@@ -259,6 +259,8 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
     final = os.path.join(dest_dir, stored_name)
     result = {"name": dump["name"], "node": node, "source": src, "to": final, "size": dump["size"],
               "compress": "makedumpfile" if opts.makedumpfile else opts.compress, "compressedOn": None}
+    if dump["status"] == "not-regular":  # a FIFO would block the copy forever
+        raise OperationFailed(f"{dump['name']}: {dump['problem']}: not a dump that can be copied")
     if dump["status"] == "incomplete":
         why = ("has no end marker of a flattened kdump stream" if dump["format"] == "kdump-flat"
                else "is short of its ELF segments")
@@ -443,7 +445,10 @@ def _lock_holder(raw: bytes) -> str:
 def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str) -> dict:
     """hypervisor.conf, hypervisor.version and state/ (small files)."""
     entries: dict = {}
-    files = [(f"{src_dir}/{m}", m) for m in METADATA if transport.exists(f"{src_dir}/{m}")]
+    # only regular files: a FIFO as hypervisor.version would block the read forever
+    meta = transport.stat_many([f"{src_dir}/{m}" for m in METADATA])
+    files = [(p, posixpath.basename(p)) for p, st in meta.items()
+             if not isinstance(st, OSError) and (st.mode & 0o170000) == 0o100000]
     if transport.is_dir(f"{src_dir}/state"):
         files += [(p, posixpath.relpath(p, src_dir)) for p in regular_files(transport, f"{src_dir}/state")]
     got = transport.read_many([p for p, _ in files])  # batched: small files

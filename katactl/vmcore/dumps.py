@@ -273,8 +273,9 @@ def node_zone(transport: NodeTransport):
     import zoneinfo
 
     try:
-        return zoneinfo.ZoneInfo.from_file(io.BytesIO(transport.read_bytes("/etc/localtime", limit=1 << 20)),
-                                           key="localtime")
+        if _regular(transport, "/etc/localtime"):
+            return zoneinfo.ZoneInfo.from_file(io.BytesIO(transport.read_bytes("/etc/localtime", limit=1 << 20)),
+                                               key="localtime")
     except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
         pass
     try:  # a --host-root tree whose /etc/localtime links to a zone file outside the tree
@@ -398,7 +399,25 @@ def flat_stream_status(transport: NodeTransport, path: str, size: int) -> str:
     return "ok" if tail[:16] == FLAT_END else "incomplete"
 
 
-def read_json(transport: NodeTransport, path: str, limit: int = 8 << 20) -> Any:
+def _regular(transport: NodeTransport, path: str, st=None) -> bool:
+    """Whether ``path`` may be opened for reading: a regular file (symlinks followed, as
+    the read follows them). A FIFO would block open(2) forever, a device stream without
+    end: a node or a collected snapshot may hold either under a dump's or a state file's
+    name (as katactl.sandbox reads state files). ``st``: the stat already taken (a
+    FileStat, or the OSError a stat_many gave), else one stat here."""
+    if st is None:
+        try:
+            st = transport.stat(path)
+        except OSError:
+            return False
+    return sbmod._not_regular(path, st) is None
+
+
+def read_json(transport: NodeTransport, path: str, limit: int = 8 << 20, st=None) -> Any:
+    """A node JSON file's value; None when it is missing, not a regular file (``st``: its
+    stat, when taken already) or not JSON."""
+    if not _regular(transport, path, st):
+        return None
     try:
         return json.loads(transport.read_bytes(path, limit=limit))
     except (OSError, ValueError, RecursionError):  # a dump's state copy nested too deeply: no metadata
@@ -411,7 +430,9 @@ def regular_files(transport: NodeTransport, top: str) -> list[str]:
     return [p for p, st in transport.walk(top) if (st.mode & 0o170000) == 0o100000]
 
 
-def _read_first_line(transport: NodeTransport, path: str) -> str | None:
+def _read_first_line(transport: NodeTransport, path: str, st=None) -> str | None:
+    if not _regular(transport, path, st):
+        return None
     try:
         text = transport.read_text(path, limit=4096)
     except OSError:
@@ -420,17 +441,24 @@ def _read_first_line(transport: NodeTransport, path: str) -> str | None:
     return line or None
 
 
-def pod_of(transport: NodeTransport, dump_dir: str, sandbox_id: str) -> dict:
+def _state_files(dump_dir: str, sandbox_id: str) -> tuple[str, ...]:
+    """The saved state files :func:`pod_of` reads: the runtime's layout, state/<id>/persist.json
+    (sandbox) and state/<id>/<cid>/persist.json (containers: the pause container's id is the
+    sandbox id); katactl's own trigger used to write state/persist.json: still read."""
+    return (f"{dump_dir}/state/{sandbox_id}/{sandbox_id}/persist.json", f"{dump_dir}/state/{sandbox_id}/persist.json",
+            f"{dump_dir}/state/persist.json")
+
+
+def pod_of(transport: NodeTransport, dump_dir: str, sandbox_id: str, stats: dict | None = None) -> dict:
     """Pod identity of a dumped sandbox: the bundle's CRI annotations (while the
     bundle still exists), else the pod UID from the saved state's cgroup path
-    mapped through /var/log/pods/<ns>_<name>_<uid>."""
+    mapped through /var/log/pods/<ns>_<name>_<uid>. ``stats``: {path: stat} of
+    :func:`_state_files` taken already (else each is stat'ed before it is read)."""
+    stats = stats or {}
     bundles = []
-    # the runtime's layout: state/<id>/persist.json (sandbox), state/<id>/<cid>/persist.json
-    # (containers: the pause container's id is the sandbox id); katactl's own trigger
-    # used to write state/persist.json and state/<cid>/persist.json: still read
-    for p in (f"{dump_dir}/state/{sandbox_id}/{sandbox_id}/persist.json",
-              f"{dump_dir}/state/{sandbox_id}/persist.json"):
-        persist = read_json(transport, p)
+    sb_container, sb_state, old_state = _state_files(dump_dir, sandbox_id)
+    for p in (sb_container, sb_state):
+        persist = read_json(transport, p, st=stats.get(p))
         if isinstance(persist, dict) and persist.get("BundlePath"):
             bundles.append(str(persist["BundlePath"]))
             break
@@ -450,8 +478,8 @@ def pod_of(transport: NodeTransport, dump_dir: str, sandbox_id: str) -> dict:
             return {"namespace": ann.get("io.kubernetes.cri-o.Namespace"),
                     "name": ann.get("io.kubernetes.cri-o.KubeName"), "uid": None, "source": "bundle"}
     state = None
-    for p in (f"{dump_dir}/state/{sandbox_id}/persist.json", f"{dump_dir}/state/persist.json"):
-        state = read_json(transport, p)
+    for p in (sb_state, old_state):
+        state = read_json(transport, p, st=stats.get(p))
         if isinstance(state, dict) and "SandboxCgroupPath" in state:
             break
     uid = None
@@ -500,31 +528,38 @@ def _list_dir(transport: NodeTransport, top: str, sandboxes: list[str], index: C
         dumps = [n for n in names if DUMP_RE.fullmatch(n)]
         if not dumps:
             continue
-        pod = pod_of(transport, d, sid)
-        version = _read_first_line(transport, f"{d}/hypervisor.version")
-        hvconf = read_json(transport, f"{d}/hypervisor.conf")
+        # one batched stat (over SSH one round trip): only regular files are read
+        version_p, conf_p = f"{d}/hypervisor.version", f"{d}/hypervisor.conf"
+        stats = transport.stat_many([*(f"{d}/{n}" for n in dumps), version_p, conf_p, *_state_files(d, sid)])
+        pod = pod_of(transport, d, sid, stats)
+        version = _read_first_line(transport, version_p, stats[version_p])
+        hvconf = read_json(transport, conf_p, st=stats[conf_p])
         if tz is None:
             tz = node_zone(transport)
         for name in dumps:
-            items.append(_describe(transport, d, sid, name, pod, version, hvconf, index, tz))
+            items.append(_describe(transport, d, sid, name, pod, version, hvconf, index, tz, stats[f"{d}/{name}"]))
     return tz
 
 
-def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, index, tz) -> dict:
+def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, index, tz, st) -> dict:
+    """One dump's item; ``st``: its stat (or the OSError). Only a regular file is read."""
     path = f"{d}/{name}"
-    try:
-        st = transport.stat(path)
-    except OSError:
-        st = None
+    st = None if isinstance(st, OSError) else st
+    problem = None
     head = b""
-    try:
-        head = transport.read_bytes(path, limit=65536)
-    except OSError:
-        pass
+    if st is not None and not _regular(transport, path, st):
+        problem = f"not a regular file ({'a directory' if st.is_dir else sbmod._file_kind(st.mode)})"
+    elif st is not None:
+        try:
+            head = transport.read_bytes(path, limit=65536)
+        except OSError:
+            pass
     fmt = sniff_format(head)
     status = "ok"
     loads = None
-    if fmt == "elf":
+    if problem:
+        fmt, status = "unknown", "not-regular"
+    elif fmt == "elf":
         ext = elf_extent(head)
         if ext is None:
             status = "unreadable-header"
@@ -538,9 +573,10 @@ def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, inde
     elif fmt in ("empty", "unknown"):
         status = "incomplete" if fmt == "empty" else "unknown-format"
     coll = index.lookup(transport, path, st.size if st else None, st.mtime if st else None)
-    mem = None
-    if isinstance(hvconf, dict) and hvconf.get("MemorySize"):
-        mem = int(hvconf["MemorySize"]) << 20
+    # hypervisor.conf is the runtime's HypervisorConfig as JSON: MemorySize is a uint32 of MiB
+    # (virtcontainers/hypervisor.go); any other value is unknown, not the list's failure
+    mib = hvconf.get("MemorySize") if isinstance(hvconf, dict) else None
+    mem = mib << 20 if isinstance(mib, int) and not isinstance(mib, bool) and mib > 0 else None
     return {
         "name": f"{sid}/{name}",
         "sandbox": sid,
@@ -558,6 +594,7 @@ def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, inde
         "loadSegments": loads,
         "collected": coll is not None,
         "collectedTo": coll,
+        "problem": problem,
     }
 
 
