@@ -113,3 +113,41 @@ def test_a_pause_during_the_canary_soak_stops_the_run_without_waiting_for_the_so
     assert last["phase"] == "Paused" and last["counts"] == {**last["counts"], "done": 1, "pending": 1}
     r = ro(cli, kc, "resume", "r1", "-o", "json")  # goes on with the rest, without the rest of the soak
     assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
+
+
+DEAD_KUBECONFIG = """apiVersion: v1
+kind: Config
+current-context: c
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: u, user: {token: x}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+"""
+
+
+def test_status_and_list_away_from_the_cluster_show_the_local_rollouts(cli, tmp_path, monkeypatch):
+    """An SSH-only machine (file state): 'rollout status' without NAME failed with exit 2 when
+    there was no kubeconfig ("kubeconfig: no configuration"), and 'rollout list' failed with
+    exit 7 when the kubeconfig's cluster was unreachable, hiding the local rollouts."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    r = cli(["--host-root", str(tmp_path / "absent"), "rollout", "run", "fr1", "-N", "localhost", "--state", "file",
+             "--step", "upgrade gc", "-o", "json"])
+    assert r.json()["kind"] == "Rollout" and r.json()["counts"]["failed"] == 1, r.stderr
+    s = cli(["rollout", "status", "-o", "json"])
+    assert s.exit_code == 0, s.stderr
+    assert s.json()["name"] == "fr1" and s.json()["backend"] == "file"
+    dead = tmp_path / "dead.yaml"
+    dead.write_text(DEAD_KUBECONFIG)
+    base = ["--kubeconfig", str(dead), "--request-timeout", "2s", "rollout"]
+    lst = cli([*base, "list", "-o", "json"])
+    assert lst.exit_code == 4, lst.stderr  # incomplete: the cluster's rollouts are unknown
+    d = lst.json()
+    assert [(i["name"], i["state"]) for i in d["items"]] == [("fr1", "file")]
+    [err] = d["errors"]
+    assert err["state"] == "kube" and err["error"]["exitCode"] == 7
+    assert "ConfigMaps in kube-system: " in lst.stderr
+    s = cli([*base, "status", "-o", "json"])
+    assert s.exit_code == 0 and s.json()["name"] == "fr1", s.stderr
+    assert "ConfigMaps in kube-system: " in s.stderr  # said, not hidden
+    only = cli([*base, "list", "--state", "kube", "-o", "json"])
+    assert only.exit_code == 7, only.stderr  # the one store asked for fails: its failure

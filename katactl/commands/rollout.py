@@ -538,13 +538,14 @@ def status_cmd(
         store, st = _load(app_ctx, name, state_backend, lock_namespace)
         holder = store.lock_holder()
     else:
-        store = _find_store(app_ctx, None, state_backend, lock_namespace)
-        all_ = store.list()
-        if not all_:
+        found, errors = _list_stores(app_ctx, state_backend, lock_namespace)
+        for e in errors:
+            app_ctx.out.warn(f"{e['target']}: {e['error']['message']}")
+        # the running one (holding its store's lock), else the latest
+        cands = [(held_by(h, s["name"]), s.get("updatedAt") or "", s, h) for _, h, sts in found for s in sts]
+        if not cands:
             raise NotFound("no rollouts")
-        holder = store.lock_holder()
-        st = next((s for s in all_ if held_by(holder, s["name"])), None) \
-            or max(all_, key=lambda s: s.get("updatedAt") or "")
+        _, _, st, holder = max(cands, key=lambda c: c[:2])
     summ = engine.summary(st)
     summ["lock"] = holder
     summ["exitCode"] = 0
@@ -564,23 +565,10 @@ def list_cmd(ctx: typer.Context, lock_namespace: str = _LNS, state_backend: str 
     from katactl.rollout import engine, store as store_mod
 
     app_ctx = state(ctx)
-    stores = []
-    if state_backend in ("auto", "file"):
-        stores.append(store_mod.FileStore())
-    if state_backend in ("auto", "kube"):
-        import os
-
-        if state_backend == "kube" or app_ctx.settings.kubeconfig or os.environ.get("KUBECONFIG") \
-                or os.path.exists(os.path.expanduser("~/.kube/config")):
-            stores.append(_open_store(app_ctx, "kube", lock_namespace))
-    if state_backend not in ("auto", "kube", "file"):
-        from katactl.errors import UsageError
-
-        raise UsageError(f"invalid --state {state_backend!r}: choose from auto, kube, file")
+    found, errors = _list_stores(app_ctx, state_backend, lock_namespace)
     items = []
-    for s in stores:
-        holder = s.lock_holder()
-        for st in s.list():
+    for s, holder, sts in found:
+        for st in sts:
             summ = engine.summary(st)
             c = summ["counts"]
             items.append({"name": summ["name"], "state": s.kind, "phase": summ["phase"],
@@ -590,7 +578,38 @@ def list_cmd(ctx: typer.Context, lock_namespace: str = _LNS, state_backend: str 
     cols = [Column("NAME", "name"), Column("PHASE", "phase"), Column("BATCH", "batch"), Column("DONE", "done"),
             Column("FAILED", "failed"), Column("NODES", "nodes"), Column("STATE", "state"),
             Column("LOCKED", "locked"), Column("UPDATED", "updatedAt", wide=True), Column("REASON", "reason", wide=True)]
-    finish(app_ctx, Result(kind="RolloutList", items=items, columns=cols))
+    finish(app_ctx, Result(kind="RolloutList", items=items, columns=cols, errors=errors), 4 if errors else 0)
+
+
+def _list_stores(app_ctx, backend: str, lock_ns: str) -> tuple[list, list[dict]]:
+    """Every rollout of the stores --state names: ([(store, lock holder, states)], errors).
+    auto: the local state files, and the cluster when a kubeconfig is there. A store that
+    fails while another answers is an ``errors`` entry (an SSH-only machine with an
+    unreachable cluster in its kubeconfig still lists its own rollouts); all failing: the
+    first failure."""
+    import os
+
+    from katactl.errors import KatactlError, UsageError
+    from katactl.rollout import store as store_mod
+
+    if backend not in ("auto", "kube", "file"):
+        raise UsageError(f"invalid --state {backend!r}: choose from auto, kube, file")
+    kinds = ["file"] if backend in ("auto", "file") else []
+    if backend == "kube" or (backend == "auto" and (app_ctx.settings.kubeconfig or os.environ.get("KUBECONFIG")
+                                                    or os.path.exists(os.path.expanduser("~/.kube/config")))):
+        kinds.append("kube")
+    found, errors, first = [], [], None
+    for kind in kinds:
+        try:
+            s = store_mod.FileStore() if kind == "file" else _open_store(app_ctx, "kube", lock_ns)
+            found.append((s, s.lock_holder(), s.list()))
+        except KatactlError as e:
+            first = first or e
+            errors.append({"target": "local state files" if kind == "file" else f"ConfigMaps in {lock_ns}",
+                           "state": kind, "error": e.to_dict()})
+    if first is not None and not found:
+        raise first
+    return found, errors
 
 
 @app.command("pause")
