@@ -150,6 +150,33 @@ def test_fail_on(cli, v2node, rule, code, violations):
     assert len(fo["violations"]) == violations and fo["passed"] is (code == 0)
 
 
+def test_fail_on_verdict_stays_top_level_with_a_node_selection(cli, v2node):
+    """Review 8 (new user) #6: `katactl -N node-7 inspect pressure --fail-on ... -o json` had no
+    top-level failOn (only nodes.<NODE>.failOn): `jq -e .failOn.passed` was null. Like audit's
+    passed, the verdict over the selection is top-level, its findings tagged with the node."""
+    root, built = v2node
+    one = _run(cli, root, "--fail-on", "cpu.some>10").json()["failOn"]
+    _signals(root, built, 0)  # the counters move again in the next run's wait
+    r = cli(["--host-root", root, "-N", "localhost", "inspect", "pressure", "-o", "json", "--fail-on", "cpu.some>10"])
+    assert r.exit_code == 8, r.stderr
+    d = r.json()
+    assert d["failOn"]["passed"] is False and d["failOn"]["rules"] == ["cpu.some>10"]
+    assert [(v["node"], v["target"]) for v in d["failOn"]["violations"]] == \
+        [("localhost", v["target"]) for v in one["violations"]]
+    assert d["nodes"]["localhost"]["failOn"]["violations"] == one["violations"]
+    r = cli(["--host-root", root, "-N", "localhost", "inspect", "pressure", "-o", "json", "--fail-on", "cpu.some>50"])
+    assert r.exit_code == 0 and r.json()["failOn"]["passed"] is True, r.stderr
+    # a node that failed was not checked: no pass (exit 4: the node's failure is the answer)
+    r = cli(["--host-root", root, "-N", "localhost,127.0.0.1:1", "--request-timeout", "5s", "inspect", "pressure",
+             "-o", "json", "--fail-on", "cpu.some>50"])
+    assert r.exit_code == 4, r.stderr
+    d = r.json()
+    assert d["failOn"]["passed"] is False and d["failOn"]["violations"] == [] and d["errors"]
+    assert d["nodes"]["localhost"]["failOn"]["passed"] is True
+    r = cli(["--host-root", root, "-N", "localhost", "inspect", "pressure", "-o", "json"])
+    assert "failOn" not in r.json() and "failOn" not in r.json()["nodes"]["localhost"]
+
+
 def test_fail_on_explicit_targets_cover_sandboxes(cli, v2node):
     root, built = v2node
     _, sbs = _paths(built)

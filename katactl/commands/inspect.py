@@ -405,7 +405,10 @@ def pressure_cmd(
                 if n in fanout.values:
                     metas[n] = fanout.values[n]["meta"]
                     items += [{"node": n, **i} for i in fanout.values[n]["items"]]
-            res = Result(kind="PressureReport", items=items, item={"nodes": metas}, columns=cols,
+            # each node's report under nodes.<NODE>; the gate's verdict over them all stays
+            # top-level (jq .failOn.passed whatever the selection), as audit keeps passed
+            top = {"failOn": lib.merge_fail_on(metas, rules, incomplete=bool(fanout.errors))} if rules else {}
+            res = Result(kind="PressureReport", items=items, item={**top, "nodes": metas}, columns=cols,
                          errors=fanout.error_items(), multi_node=True, name_key="target",
                          summary="; ".join(f"{n}: {lib.summary_line(m)}" for n, m in metas.items()))
         code = fanout.exit_code()

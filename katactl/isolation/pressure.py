@@ -807,6 +807,21 @@ def _why_missing(r: dict, metric: str) -> tuple[str, str]:
     return "unmeasured", "no value measured"
 
 
+def merge_fail_on(metas: dict[str, dict], rules, *, incomplete: bool) -> dict:
+    """The --fail-on verdict of several nodes (``{node: meta}`` of those that answered), as
+    ``audit`` keeps one ``passed`` for its selection: violations, unknown and skipped rules
+    of every node, each tagged with its ``node``; passed only when every node passed and none
+    is missing (``incomplete``: a node failed, its gate was not checked: no pass)."""
+    out: dict = {"rules": [f"{m}{o}{n:g}" for m, o, n in rules],
+                 "passed": not incomplete and all((m.get("failOn") or {}).get("passed", False)
+                                                  for m in metas.values()),
+                 "violations": [], "unknown": [], "skipped": []}
+    for n, m in metas.items():
+        for key in ("violations", "unknown", "skipped"):
+            out[key] += [{"node": n, **x} for x in (m.get("failOn") or {}).get(key, [])]
+    return out
+
+
 def check_rules(rows: list[dict], rules, explicit: bool) -> dict:
     """Rules apply to the online pods and the node (every target when TARGETs were given).
     A rule that could not be evaluated for such a target is ``unknown``, which does not
