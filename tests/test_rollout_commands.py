@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 
+from tests.test_rollout_alerts import alertmanager  # noqa: F401 (a fixture)
 from tests.test_rollout import MUTATING, _cordon_as_rollout, _edit_state, fleet, ro, state_of, unschedulable
 
 
@@ -151,3 +152,35 @@ def test_status_and_list_away_from_the_cluster_show_the_local_rollouts(cli, tmp_
     assert "ConfigMaps in kube-system: " in s.stderr  # said, not hidden
     only = cli([*base, "list", "--state", "kube", "-o", "json"])
     assert only.exit_code == 7, only.stderr  # the one store asked for fails: its failure
+
+
+#: regular expressions Python's re accepts: (value, whether Go's RE2 does)
+RE2_CORPUS = [
+    ("(?!Watchdog).*", False), ("Kata(?=Node)", False), ("(?<=kata)Down", False), ("(?<!x)Down", False),
+    ("(a)\\1", False), ("(?P<n>a)(?P=n)", False), ("a++", False), ("a*+", False), ("a?+", False),
+    ("a{2}+", False), ("(?>ab)", False), ("a\\Z", False), ("(?x)a b", False), ("a{1001}", False),
+    ("(a)(?(1)b|c)", False),
+    ("db|storage", True), ("(?i)watch.*", True), ("(?i:a)b", True), ("(?s).*", True), ("a*?b+?", True),
+    ("[(?!]x", True), ("[]a+]+", True), ("\\(?!", True), ("x\\+\\+", True), ("a{2,1000}", True),
+    ("(?P<n>a)b", True), ("\\d{3}", True), ("\\Aa", True),
+]
+
+
+def test_alert_filter_regexes_are_checked_as_alertmanager_compiles_them(cli, kube, kc, alertmanager):  # noqa: F811
+    """Each value, sent to a real Alertmanager as a filter: it answers 400 exactly for the ones
+    the plan refuses (exit 2, one line naming the construct). Before, every one passed the
+    plan (Python's re accepts them all) and the gate then stayed closed: alertmanager-error."""
+    import httpx
+
+    from katactl.rollout.policy import Matcher
+
+    fleet(kube, 1)
+    for rx, re2 in RE2_CORPUS:
+        matcher = str(Matcher("alertname", "=~", rx))
+        am = httpx.get(f"{alertmanager}/api/v2/alerts", params={"filter": matcher}, timeout=10).status_code
+        assert am == (200 if re2 else 400), (rx, am)
+        r = ro(cli, kc, "plan", "p", "-N", "n0", "--step", "check", "--alert-gate", alertmanager,
+               "--alert-filter", matcher)
+        assert r.exit_code == (0 if re2 else 2), (rx, r.stderr)
+        if not re2:
+            assert r.stderr.count("\n") == 1 and "Go's RE2" in r.stderr, r.stderr
