@@ -184,3 +184,16 @@ def test_alert_filter_regexes_are_checked_as_alertmanager_compiles_them(cli, kub
         assert r.exit_code == (0 if re2 else 2), (rx, r.stderr)
         if not re2:
             assert r.stderr.count("\n") == 1 and "Go's RE2" in r.stderr, r.stderr
+
+
+def test_the_plan_promises_the_node_check_after_a_soak_only_where_it_runs(cli, kube, kc):
+    """With --state file there is no Kubernetes API to run node check with, and the run only
+    soaks (NodeSoaking, then NodeFinished): the plan said '(soak 1s, then node check)'."""
+    fleet(kube, 1)
+    steps = {}
+    for backend in ("file", "kube"):
+        r = ro(cli, kc, "plan", "p", "-N", "n0", "--state", backend, "--soak", "1s", "--step", "upgrade gc",
+               "-o", "json")
+        assert r.exit_code == 0, r.stderr
+        steps[backend] = r.json()["items"][0]["steps"][-1]
+    assert steps == {"file": "(soak 1s)", "kube": "(soak 1s, then node check)"}

@@ -27,7 +27,8 @@ def _policy_options():
         batch_growth=typer.Option(None, "--batch-growth/--no-batch-growth",
                                   help="Batches of 1, 2, 4, ... up to --max-unavailable."),
         soak=typer.Option(None, "--soak", metavar="DURATION",
-                          help="After a node's steps, wait, then run node check before it counts as done."),
+                          help="After a node's steps, wait, then (with --state kube) run node check before "
+                               "it counts as done."),
         failure_budget=typer.Option(None, "--failure-budget", metavar="N|P%",
                                     help="Stop the rollout when more nodes than this failed (default 0)."),
         on_failure=typer.Option(None, "--on-failure", metavar="stop|skip|continue",

@@ -316,6 +316,8 @@ class Plan:
                          "steps": [s.text for s in self.steps]
                          + (["(uncordon if the rollout cordoned it)"] if any(s.definition.cordons for s in self.steps)
                             and not n.unschedulable else [])
-                         + ([f"(soak {self.policy.soak:g}s, then node check)"] if self.policy.soak else [])})
+                         # (the node check after a soak needs the Kubernetes API: not with the file state)
+                         + ([f"(soak {self.policy.soak:g}s{', then node check' if self.backend == 'kube' else ''})"]
+                            if self.policy.soak else [])})
         rows.sort(key=lambda r: (r["batch"], self.batches[r["batch"] - 1].index(r["name"])))
         return rows
