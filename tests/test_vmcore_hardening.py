@@ -3,14 +3,20 @@ run makes the real run's checks, malformed node files and indexes are clear erro
 multi-node rm names the node that failed."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 
 import pytest
 
 from katactl.lab import layout
+from katactl.lab.shimserver import Response, ShimServer
 from tests.test_vmcore import DUMP_PATH, _audit_entries, node_tree
 
 CLH_SID = "c1c1c1c1d2d2d2d2e3e3e3e3f4f4f4f4"
@@ -363,3 +369,102 @@ def test_list_collect_rm_on_a_hostile_dump_dir_never_hang_nor_hide_healthy_dumps
     r = katactl_bin(["--host-root", root, "vmcore", "rm", healthy[1], "--yes", "-o", "json"], timeout=60)
     assert r.exit_code == 0, r.stderr
     assert not os.path.exists(os.path.join(_dump_root(root), healthy[1]))
+
+
+SHIM_SID = "5e5e5e5e6f6f6f6f7a7a7a7a8b8b8b8b"
+
+
+class _DumpingShim(ShimServer):
+    """A shim with the vmcore extension (docs/shim-extension.md) whose synchronous POST
+    /ext/v1/vmcore takes as long as the test says: it creates the dump named as the runtime
+    names it in <dump_path>/<id>/, sets ``posted``, waits for ``release``, completes the file
+    (an ELF core) and answers; ``done`` is set then."""
+
+    def __init__(self, socket_path: str, root: str):
+        super().__init__(socket_path)
+        self.root = root
+        self.posted, self.release, self.done = threading.Event(), threading.Event(), threading.Event()
+
+    def handle_ext(self, req):
+        from katactl.vmcore.dumps import go_timestamp
+        from tests.test_vmcore import make_elf_core
+
+        if req.path == "/ext/v1/capabilities":
+            return Response(200, json.dumps({"apiVersion": "katactl.io/shim-ext/v1", "kind": "ShimCapabilities",
+                                             "hypervisor": "qemu", "features": ["vmcore"]}), "application/json")
+        if (req.method, req.path) != ("POST", "/ext/v1/vmcore"):
+            return None
+        node_path = f"{DUMP_PATH}/{SHIM_SID}/vmcore-{go_timestamp()}.elf"
+        real = os.path.join(self.root, node_path.lstrip("/"))
+        with open(real, "wb") as f:
+            f.write(b"\x7fELF")
+        self.posted.set()
+        self.release.wait(120)
+        size = make_elf_core(real)
+        self.done.set()
+        return Response(200, json.dumps({"apiVersion": "katactl.io/shim-ext/v1", "kind": "Vmcore", "path": node_path,
+                                         "format": "elf", "bytes": size}), "application/json")
+
+    def stop(self) -> None:
+        self.release.set()
+        super().stop()
+
+
+@pytest.mark.parametrize("stop", ["timeout", "sigterm"])
+@pytest.mark.parametrize("via", ["shim-extension", "clh"])
+def test_trigger_stopped_while_the_shim_or_clh_dumps_says_the_dump_goes_on(cli, clh_node, tmp_path, via, stop,
+                                                                          _isolated_home):
+    """Review 8 #1: a trigger through the shim extension (or Cloud Hypervisor's PUT
+    vm.coredump) stopped by --timeout or SIGTERM after the request went out was audited
+    changed:false with no dump, its error naming no file, while the shim (the hypervisor)
+    went on dumping with the guest paused. Now as the QEMU path (test_vmcore_lab): audited
+    changed:true with where the dump goes, and the error says so. The shim names its file
+    itself: katactl names the directory and the pattern."""
+    if via == "clh":
+        root, sid, who = clh_node(), CLH_SID, "Cloud Hypervisor"
+        [srv] = clh_node.servers
+        posted, release = srv.hold_coredump()
+    else:
+        root, sid, who = node_tree(tempfile.mkdtemp(prefix="ks", dir="/tmp")), SHIM_SID, "the shim"
+        sb = layout.write_go_sandbox(root, sid, memory_mib=256, guest_memory_dump_path=DUMP_PATH)
+        srv = _DumpingShim(sb.real(sb.shim_socket_node), root).start()
+        posted, release = srv.posted, srv.release
+    try:
+        args = ["--host-root", root, "vmcore", "trigger", sid[:6], "-o", "json"]
+        if stop == "timeout":
+            r = cli([*args, "--timeout", "300ms"])
+            code, out = r.exit_code, r.stdout
+        else:
+            p = subprocess.Popen([sys.executable, "-m", "katactl", *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            try:
+                assert posted.wait(60), "the trigger never sent its request"
+                p.send_signal(signal.SIGTERM)
+                out, _ = p.communicate(timeout=60)
+            finally:
+                p.kill()
+            code = p.returncode
+        assert code == (6 if stop == "timeout" else 130), out
+        err = json.loads(out)
+        path = err["details"]["path"]
+        assert path == f"{DUMP_PATH}/{sid}/vmcore-*.elf" if via != "clh" else path.startswith(f"{DUMP_PATH}/{sid}/vmcore-")
+        assert err["code"] == ("Timeout" if stop == "timeout" else "Interrupted") and err["details"]["via"] == via
+        assert (f"before {who} answered: it may be writing the dump into {path}; if so, a running guest stays paused"
+                in err["message"]), err["message"]
+        [a] = _audit_entries(_isolated_home)
+        assert (a["result"], a["changed"], a["dump"], a["via"], a["requestSent"]) == (
+            "timeout" if stop == "timeout" else "interrupted", True, path, via, True)
+        d = os.path.join(_dump_root(root), sid)
+        assert os.path.isfile(os.path.join(d, "hypervisor.conf"))     # the runtime's metadata stays with the dump
+        release.set()
+        if via != "clh":
+            assert srv.done.wait(60)
+        r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
+        [it] = json.loads(r.stdout)["items"]
+        assert fnmatch.fnmatch(it["path"], path), it
+        assert it["status"] == ("ok" if via != "clh" else "unreadable-header")  # the stand-in CLH writes an ELF ident
+    finally:
+        release.set()
+        if via != "clh":
+            srv.stop()
+            shutil.rmtree(root, ignore_errors=True)

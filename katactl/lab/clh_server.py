@@ -22,12 +22,15 @@ Known differences from the real Cloud Hypervisor:
 - no 429 (no vCPU removal ever pends); no other endpoints (``vm.create``,
   ``vm.boot``, ``vm.add-*``, ``vm.snapshot`` ...): they answer 404.
 - a fault hook for tests: :meth:`ClhServer.fail_coredump` makes ``vm.coredump``
-  fail as an API error does (the status and body above) with given messages.
+  fail as an API error does (the status and body above) with given messages;
+  :meth:`ClhServer.hold_coredump` makes it answer only when the test says (a big
+  guest's dump takes minutes, the PUT answering when the file is complete).
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 
 from katactl.lab import httpunix
 from katactl.lab.simguest import SimGuest
@@ -128,6 +131,10 @@ class _H(httpunix.Handler):
                 return self._err(list(srv.coredump_error))
             with open(p, "wb") as f:
                 f.write(b"\x7fELF\x02\x01\x01" + b"\0" * 57)
+            if srv.coredump_hold:                               # ClhServer.hold_coredump()
+                started, release = srv.coredump_hold
+                started.set()
+                release.wait(120)
             return self.send(204)
         return self.send(404, b"", "text/plain")
 
@@ -140,14 +147,24 @@ class ClhServer:
         self.guest = SimGuest(memory_bytes, guest_used)
         self._srv = httpunix.serve(socket_path, _H, guest=self.guest, major=version, features=tuple(features),
                                    balloon=balloon, vcpus=vcpus, state="Running", kernel=kernel,
-                                   coredump_error=None, balloon_size=None)
+                                   coredump_error=None, coredump_hold=None, balloon_size=None)
 
     def fail_coredump(self, messages: list[str] | None) -> None:
         """From now on ``vm.coredump`` answers an API error with these messages (after the
         request was read and its URL checked, writing nothing); None: it works again."""
         self._srv.coredump_error = list(messages) if messages else None  # type: ignore[attr-defined]
 
+    def hold_coredump(self) -> tuple[threading.Event, threading.Event]:
+        """From now on ``vm.coredump`` writes its file, sets ``started`` and answers only once
+        ``release`` is set (at most 120 s later). Returns (started, release)."""
+        hold = (threading.Event(), threading.Event())
+        self._srv.coredump_hold = hold  # type: ignore[attr-defined]
+        return hold
+
     def close(self) -> None:
+        hold = self._srv.coredump_hold  # type: ignore[attr-defined]
+        if hold:
+            hold[1].set()  # a held answer must not keep the server's shutdown waiting
         httpunix.shutdown(self._srv)
 
 

@@ -297,7 +297,9 @@ def _trigger(transport: NodeTransport, sb, opts: TriggerOptions) -> dict:
         with _DumpDirGuard(transport, d) as guard:
             prepare_dump_dir(transport, sid, cfg.dump_path, persist=persist, hypervisor_path=sb.hypervisor_path)
             guard.started = True
-            return {**result, **_trigger_shim(transport, shim, sid, opts, paging), "changed": True}
+            # the shim names the file itself (docs/shim-extension.md): katactl knows its directory
+            names = f"{d}/vmcore-*{posixpath.splitext(path)[1]}"
+            return {**result, **_trigger_shim(transport, shim, sid, opts, paging, names), "changed": True}
     reasons.append("the shim does not offer the vmcore extension" if shim is not None
                    else "no shim extension (/ext/v1/capabilities)")
     if hv_type in ("clh", "cloud-hypervisor", "cloud_hypervisor"):
@@ -336,13 +338,19 @@ def _shim_ext(transport: NodeTransport, sock: str) -> dict | None:
     return {"socket": sock, "capabilities": [str(c) for c in caps], "raw": body}
 
 
-def _trigger_shim(transport: NodeTransport, shim: dict, sid: str, opts: TriggerOptions, paging: bool) -> dict:
+def _trigger_shim(transport: NodeTransport, shim: dict, sid: str, opts: TriggerOptions, paging: bool,
+                  names: str) -> dict:
     from katactl.backends.shim import ShimClient
 
     body = json.dumps({"format": opts.format, "paging": paging}).encode()
-    with ShimClient(transport, shim["socket"], timeout=opts.timeout, sandbox_id=sid) as c:
-        status, raw = c.call("POST", "/ext/v1/vmcore", content=body,
-                             headers={"Content-Type": "application/json"})
+    try:
+        with ShimClient(transport, shim["socket"], timeout=opts.timeout, sandbox_id=sid) as c:
+            status, raw = c.call("POST", "/ext/v1/vmcore", content=body,
+                                 headers={"Content-Type": "application/json"})
+    except (KeyboardInterrupt, Interrupted, TimeoutExpired) as e:
+        # the POST may have reached the shim: its dump goes on (the extension has no cancel),
+        # pausing a running guest until it ends, into a file matching ``names``
+        raise _goes_on(e, names, "shim-extension", False, None, who="the shim") from None
     try:
         d = json.loads(raw)
     except ValueError:
@@ -373,7 +381,12 @@ def _trigger_clh(transport: NodeTransport, sock, sid, d, path, persist, mem, opt
         with _DumpDirGuard(transport, d) as guard:
             prepare_dump_dir(transport, sid, posixpath.dirname(d), persist=persist)
             guard.started = True
-            c.coredump(real_path(transport, path))
+            try:
+                c.coredump(real_path(transport, path))
+            except (KeyboardInterrupt, Interrupted, TimeoutExpired) as e:
+                # the PUT may have reached it: Cloud Hypervisor pauses a running guest, writes the
+                # whole dump and resumes it, whoever waits (vmm/src/vm.rs GuestDebuggable::coredump)
+                raise _goes_on(e, path, "clh", False, None, who="Cloud Hypervisor") from None
     return {**result, "status": "completed", "changed": True}
 
 
@@ -396,8 +409,9 @@ class _UnreadableDump(DumpGoesOn, ProtocolError):
     following it, QEMU does not."""
 
 
-def _goes_on(e: BaseException, path: str, via: str, accepted: bool, running: bool | None) -> DumpGoesOn:
-    """The error of a wait stopped while QEMU dumps: where the file goes, and that a guest that
+def _goes_on(e: BaseException, path: str, via: str, accepted: bool, running: bool | None, *,
+             who: str = "QEMU") -> DumpGoesOn:
+    """The error of a wait stopped while ``who`` dumps: where the file goes, and that a guest that
     was running stays paused until the dump ends (QEMU resumes it then: dump_cleanup)."""
     head = e.message if isinstance(e, (TimeoutExpired, ProtocolError)) else "interrupted"
     cls = _TimedOutDump if isinstance(e, TimeoutExpired) else _UnreadableDump if isinstance(e, ProtocolError) \
@@ -405,11 +419,11 @@ def _goes_on(e: BaseException, path: str, via: str, accepted: bool, running: boo
     paused = {True: "the guest stays paused until it is finished", False: "",
               None: "a running guest stays paused until it is finished"}[running]
     if accepted:
-        msg = f"{head}: QEMU goes on writing the dump into {path}" + (f"; {paused}" if paused else "")
+        msg = f"{head}: {who} goes on writing the dump into {path}" + (f"; {paused}" if paused else "")
     else:
-        msg = (f"{head}{'' if cls is _UnreadableDump else ' before QEMU answered'}: it may be writing the dump into {path}"
+        msg = (f"{head}{'' if cls is _UnreadableDump else f' before {who} answered'}: it may be writing the dump into {path}"
                + (f"; if so, {paused}" if paused else ""))
-    return cls(msg, hint="katactl vmcore list shows the dump incomplete until QEMU has finished it",
+    return cls(msg, hint=f"katactl vmcore list shows the dump incomplete until {who} has finished it",
                details={"path": path, "via": via, "acknowledged": accepted, "pausedByDump": running})
 
 
