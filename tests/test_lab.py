@@ -567,6 +567,30 @@ def test_status_of_a_dead_lab_fails(cli, tmp_path):
     assert r.json()["status"] == "dead" and "lab down" in r.json()["error"]
 
 
+def test_status_of_a_dead_lab_shows_its_sandboxes_stale(cli, tmp_path):
+    """Review 8 (new user) #10: after the daemon died, `lab status` listed every sandbox as
+    `running` (what the daemon last recorded) and pointed at `sandbox list`, which says stale."""
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    (tmp_path / ".katactl-lab").mkdir()
+    sbs = [{"name": f"clh-{i}", "id": f"{i}" * 64, "pod": f"lab/batch-clh-{i}", "hypervisor": "clh",
+            "status": "running", "memoryBytes": 512 << 20} for i in range(2)]
+    (tmp_path / ".katactl-lab" / "state.json").write_text(json.dumps(
+        {"root": str(tmp_path), "pid": p.pid, "status": "ready", "sandboxes": sbs}))
+    r = cli(["lab", "status", "--root", str(tmp_path)])
+    assert r.exit_code == 1, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines()[1:]]
+    assert [(row[0], row[4]) for row in rows] == [("clh-0", "stale"), ("clh-1", "stale")], r.stdout
+    assert "running" not in r.stdout
+    assert f"katactl lab down --root {tmp_path} cleans up, then katactl lab up --root {tmp_path} starts it again" \
+        in r.stderr, r.stderr
+    assert "sandbox list" not in r.stderr
+    r = cli(["lab", "status", "--root", str(tmp_path), "-o", "json"])
+    assert [(s["status"], s["recordedStatus"]) for s in r.json()["sandboxes"]] == [("stale", "running")] * 2
+
+
 # -- lab down signals only what the lab started (issue 16 finding 2, issue 20) --------------
 def _state_naming(root, pid, **extra):
     (root / ".katactl-lab").mkdir()

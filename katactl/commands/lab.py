@@ -33,6 +33,8 @@ def _render(app_ctx, st: dict, *, mutating: bool = False) -> None:
     if st.get("status") == "planned":
         summary = (f"dry run: would start a lab at {st.get('root')} with {len(items)} sandbox(es)"
                    + (" (after removing a dead lab's leftovers)" if st.get("removesDeadLab") else ""))
+    elif st.get("status") == "dead":  # the error names the way out (lab down, then up)
+        summary = f"lab dead at {st.get('root')}: {st.get('error')}"
     else:
         summary = (f"lab {st.get('status')} at {st.get('root')} (daemon pid {st.get('pid')}); "
                    f"use: katactl --host-root {st.get('root')} sandbox list")

@@ -461,7 +461,16 @@ def status(root: str | None = None) -> dict:
                        + f" (katactl lab down --force --root {root} removes the lab without signalling it)")
     elif daemon == "gone":
         st["status"] = "dead"
-        st["error"] = st.get("error") or "the lab daemon is not running (run 'katactl lab down' to clean up)"
+        again = f"katactl lab down --root {root} cleans up, then katactl lab up --root {root} starts it again"
+        st["error"] = (f"{st['error']} ({again})" if st.get("error")
+                       else f"the lab daemon is not running, so its sandboxes are stale ({again})")
+    if st["status"] == "dead":
+        # the daemon served every shim socket: with it gone no sandbox answers, whatever it
+        # last recorded (`sandbox list` calls them stale too)
+        for sb in st.get("sandboxes") or []:
+            if isinstance(sb, dict):
+                sb["recordedStatus"] = sb.get("status")
+                sb["status"] = "stale"
     return st
 
 
