@@ -197,3 +197,66 @@ def test_the_plan_promises_the_node_check_after_a_soak_only_where_it_runs(cli, k
         assert r.exit_code == 0, r.stderr
         steps[backend] = r.json()["items"][0]["steps"][-1]
     assert steps == {"file": "(soak 1s)", "kube": "(soak 1s, then node check)"}
+
+
+def _emitted() -> dict[str, set[str]]:
+    """Every event kind the rollout can print, with the fields its calls name: the engine's
+    self.ev("Kind", field=...) calls, and the node drain events a drain step forwards
+    (steps._drain_events) as katactl/nodes.py emits them."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "katactl"
+    out: dict[str, set[str]] = {}
+
+    def calls(path, attr=None, name=None, only=None):
+        for node in ast.walk(ast.parse((root / path).read_text())):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            f = node.func
+            if not ((attr and isinstance(f, ast.Attribute) and f.attr == attr)
+                    or (name and isinstance(f, ast.Name) and f.id == name)):
+                continue
+            first = node.args[0]
+            kinds = [first] if isinstance(first, ast.Constant) else \
+                [first.body, first.orelse] if isinstance(first, ast.IfExp) else []
+            if attr == "ev" and not kinds and isinstance(first, ast.Name) and first.id == "kind":
+                continue  # the step context's pass-through (below)
+            assert kinds and all(isinstance(k, ast.Constant) for k in kinds), ast.unparse(node)
+            for k in kinds:
+                if only is None or k.value in only:
+                    out.setdefault(k.value, set()).update(kw.arg for kw in node.keywords if kw.arg)
+
+    calls("rollout/engine.py", attr="ev")
+    steps = ast.parse((root / "rollout/steps.py").read_text())
+    [fn] = [n for n in ast.walk(steps) if isinstance(n, ast.FunctionDef) and n.name == "_drain_events"]
+    [tup] = [n for n in ast.walk(fn) if isinstance(n, ast.Tuple)]
+    forwarded = {c.value for c in tup.elts}
+    calls("nodes.py", name="events", only=forwarded)
+    assert forwarded <= set(out), forwarded - set(out)
+    return out
+
+
+def _documented() -> dict[str, str]:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs/rollout.md").read_text()
+    table = text.split("### Events", 1)[1].split("\n\n")[2]
+    out = {}
+    for row in table.splitlines()[2:]:
+        cells = row.split(" | ")
+        for kind in re.findall(r"`(\w+)`", cells[0]):
+            out[kind] = cells[1]
+    return out
+
+
+def test_the_documented_events_are_the_ones_the_rollout_emits_with_their_fields():
+    """docs/output.md and docs/rollout.md each listed some: CanarySoaking, RolloutPausing,
+    RolloutResumed, RolloutAborting, Warning, PodEvictionBlocked, NodeRestored and
+    RolloutInterrupted were missing from one or both. Now docs/rollout.md has the one list."""
+    emitted, documented = _emitted(), _documented()
+    assert set(emitted) == set(documented)
+    for kind, fields in emitted.items():
+        missing = {f for f in fields - {"rollout"} if f"`{f}`" not in documented[kind]}
+        assert not missing, (kind, missing)

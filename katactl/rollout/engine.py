@@ -1109,9 +1109,9 @@ class Engine:
                 f"{self.plan.name}' tries again")
         self.transition(lambda: st.update(phase=phase, reason=reason, exitCode=code,
                                           finishedAt=_now() if phase in FINAL else None), ())
-        kind = {"Paused": "RolloutPaused"}.get(phase, "RolloutFinished")
-        self.ev(kind, phase=phase, reason=reason, counts=dict(collections.Counter(
-            r["phase"] for r in st["nodes"].values())))
+        # (each kind spelled out: tests/test_rollout_commands.py checks them against docs/rollout.md)
+        self.ev("RolloutPaused" if phase == "Paused" else "RolloutFinished", phase=phase, reason=reason,
+                counts=dict(collections.Counter(r["phase"] for r in st["nodes"].values())))
         audit.record("rollout.run", self.plan.name, params={"rollout": self.plan.name}, result=phase,
                      changed=True, reason=reason)
         self.flush_marks()
