@@ -449,7 +449,8 @@ def test_trigger_stopped_while_the_shim_or_clh_dumps_says_the_dump_goes_on(cli, 
         path = err["details"]["path"]
         assert path == f"{DUMP_PATH}/{sid}/vmcore-*.elf" if via != "clh" else path.startswith(f"{DUMP_PATH}/{sid}/vmcore-")
         assert err["code"] == ("Timeout" if stop == "timeout" else "Interrupted") and err["details"]["via"] == via
-        assert (f"before {who} answered: it may be writing the dump into {path}; if so, a running guest stays paused"
+        lead = f"{who} may be writing" if stop == "timeout" else f"interrupted before {who} answered: it may be writing"
+        assert (f"{lead} the dump into {path}; if so, a running guest stays paused until it is finished"
                 in err["message"]), err["message"]
         [a] = _audit_entries(_isolated_home)
         assert (a["result"], a["changed"], a["dump"], a["via"], a["requestSent"]) == (

@@ -421,8 +421,9 @@ def _goes_on(e: BaseException, path: str, via: str, accepted: bool, running: boo
     if accepted:
         msg = f"{head}: {who} goes on writing the dump into {path}" + (f"; {paused}" if paused else "")
     else:
-        msg = (f"{head}{'' if cls is _UnreadableDump else f' before {who} answered'}: it may be writing the dump into {path}"
-               + (f"; if so, {paused}" if paused else ""))
+        # a timeout's own message says no answer came; an interrupt's does not
+        msg = (f"{head}{f' before {who} answered: it' if cls is _InterruptedDump else f': {who}'} may be writing "
+               f"the dump into {path}" + (f"; if so, {paused}" if paused else ""))
     return cls(msg, hint=f"katactl vmcore list shows the dump incomplete until {who} has finished it",
                details={"path": path, "via": via, "acknowledged": accepted, "pausedByDump": running})
 
