@@ -716,3 +716,22 @@ def test_an_unknown_proxycommand_token_is_a_usage_error_as_ssh_refuses_it(tmp_pa
         r = subprocess.run(["ssh", "-F", str(f), "-o", "BatchMode=yes", "n1", "true"], capture_output=True,
                            text=True, stdin=subprocess.DEVNULL, timeout=30)
         assert "percent_expand: failed" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("jump", ["%n-j", "x%%y-j", "%h-j", "%r-%p-j", "%k-j", "%%n%n-j"])
+@pytest.mark.parametrize("flag", [False, True], ids=["config", "-J"])
+def test_proxyjump_tokens_are_what_ssh_jumps_through(tmp_path, jump, flag):
+    """ssh runs a jump as a ProxyCommand (ssh -W) and expands its tokens alike, -J's too: the
+    hop is named by the expanded string. The hop's own ProxyCommand (a `Host *-j` block) tells
+    the name ssh gave it (%n); katactl's hop must be that name."""
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    out = tmp_path / "out"
+    f = tmp_path / "config"
+    f.write_text("Host nodeA\n  HostName 127.0.0.1\n  HostKeyAlias Ali\n  User joe\n  Port 2200\n"
+                 + ("" if flag else f"  ProxyJump {jump}\n")
+                 + f"Host *-j\n  ProxyCommand sh -c 'echo %n > {out}; exit 1'\n")
+    subprocess.run(["ssh", "-F", str(f), "-o", "BatchMode=yes", *(["-J", jump] if flag else []), "nodeA", "true"],
+                   capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+    t = sshconfig.resolve("nodeA", sshconfig.load(sshconfig.config_text(str(f))), jump_host=jump if flag else None)
+    assert t.proxy_jump == (out.read_text().strip(),)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import getpass
 import glob
 import os
@@ -236,12 +237,11 @@ def _scoped_class():
                     options = run._lookup(host, options, canonical=True, final=True)
                 else:
                     options.setdefault("hostname", hostname)
-                # ProxyCommand's tokens are resolve()'s (expand_proxy_command): paramiko's
-                # replace() chain knows no %n or %%, and turns %%h into %<host>
-                proxy = options.pop("proxycommand", None)
+                # ProxyCommand's and ProxyJump's tokens are resolve()'s (expand_proxy_command):
+                # paramiko's replace() chain knows no %n or %%, and turns %%h into %<host>
+                raw = {k: options.pop(k) for k in ("proxycommand", "proxyjump") if k in options}
                 options = run._expand_variables(options, hostname)
-                if proxy is not None:
-                    options["proxycommand"] = proxy
+                options.update(raw)
                 return options
 
             def _lookup(self, hostname, options=None, canonical=False, final=False):
@@ -365,7 +365,13 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     ids.extend(os.path.expanduser(i) for i in o.get("identityfile", []) if i.lower() != "none")
     jump = jump_host if jump_host is not None else o.get("proxyjump")
     hops: tuple[str, ...] = ()
+    hka = o.get("hostkeyalias")
+    hostname = _canonical_case(o.get("hostname", host))
+    expand = functools.partial(expand_proxy_command, host=hostname, original=host, port=port, user=who,
+                               key_alias=hka.lower() if hka else host)
     if jump and jump.lower() != "none":
+        # -J's too: ssh runs a jump as a ProxyCommand (ssh -W) and expands it alike
+        jump = expand(jump, what="ProxyJump")
         hops = tuple(h.strip() for h in jump.split(",") if h.strip())
         for i, h in enumerate(hops):
             _, hhost, hport = split_node(_strip_ssh_url(h))
@@ -380,11 +386,8 @@ def resolve(node: str, cfg, *, user: str | None = None, identity: str | None = N
     pc = None if jump_host and jump_host.lower() != "none" else o.get("proxycommand")
     if pc and pc.lower() == "none":
         pc = None
-    hka = o.get("hostkeyalias")
-    hostname = _canonical_case(o.get("hostname", host))
     if pc:
-        pc = expand_proxy_command(pc, host=hostname, original=host, port=port, user=who,
-                                  key_alias=hka.lower() if hka else host)
+        pc = expand(pc)
     ukh = tuple(os.path.expanduser(p) for p in _multi(o.get("userknownhostsfile")))
     gkh = tuple(os.path.expanduser(p) for p in _multi(o.get("globalknownhostsfile")))
     ct = o.get("connecttimeout")
@@ -424,19 +427,20 @@ _PROXY_TOKEN = re.compile(r"%(.)|%$|~", re.S)
 
 
 def expand_proxy_command(command: str, *, host: str, original: str, port: int, user: str,
-                         key_alias: str) -> str:
-    """ProxyCommand's tokens in one left-to-right pass, as openssh-portable sshconnect.c
-    expand_proxy_command -> misc.c percent_expand: %% %h %n %p %r (ssh_config(5) TOKENS) and
-    %k (the HostKeyAlias, else the name as given); ``%%h`` is ``%h``, an unknown token an error
-    as for ssh ("unknown key"). ``~`` is the home directory as paramiko's expansion had it:
-    ssh runs the command through a shell, paramiko.ProxyCommand does not."""
+                         key_alias: str, what: str = "ProxyCommand") -> str:
+    """ProxyCommand's (and ProxyJump's) tokens in one left-to-right pass, as openssh-portable
+    sshconnect.c expand_proxy_command -> misc.c percent_expand: %% %h %n %p %r (ssh_config(5)
+    TOKENS) and %k (the HostKeyAlias, else the name as given); ``%%h`` is ``%h``, an unknown
+    token an error as for ssh ("unknown key"). In a ProxyCommand ``~`` is the home directory
+    as paramiko's expansion had it: ssh runs the command through a shell,
+    paramiko.ProxyCommand does not."""
     values = {"%": "%", "h": host, "n": original, "p": str(port), "r": user, "k": key_alias}
 
     def one(m: re.Match) -> str:
         if m.group(0) == "~":
-            return os.path.expanduser("~")
+            return os.path.expanduser("~") if what == "ProxyCommand" else "~"
         if m.group(1) not in values:
-            raise UsageError(f"SSH config: ProxyCommand {command!r}: unknown token {m.group(0)!r} "
+            raise UsageError(f"SSH config: {what} {command!r}: unknown token {m.group(0)!r} "
                              "(ssh_config(5) TOKENS: %%, %h, %n, %p, %r)")
         return values[m.group(1)]
 
