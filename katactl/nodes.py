@@ -294,9 +294,16 @@ def unschedulable_manager(node: dict) -> str | None:
 
 
 def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool | str = False,
-           op_id: str | None = None) -> dict:
+           op_id: str | None = None, held: bool = False) -> dict:
     """Mark the node unschedulable and record that katactl did, and whether it
     already was. Idempotent: a node katactl already cordoned is ``changed: false``.
+
+    held: an operator's standing cordon (``node cordon``), lifted by ``node uncordon`` only.
+    A current record that is not one (a drain's or a rollout's, which undo their own cordon
+    by its id at their end) is taken over: a new record (new id, ``held``, ``supersedes``
+    naming the old one, its ``wasUnschedulable``/``cordonedBefore`` kept), so the drain or
+    rollout finds its id gone and leaves the node cordoned. A held record is left as it is
+    (a repeated ``node cordon``: ``changed: false``).
 
     Whether this call cordoned the node is decided from the node, never from whether
     the PATCH answered: the record carries an ``id`` made here, and after a lost
@@ -313,14 +320,22 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
         node = get_node(api, name)
         rec = cordon_record(node)
         if sent is not None and rec is not None and rec.get("id") == op_id:
-            was = bool(rec.get("wasUnschedulable"))  # what the send that landed recorded
-            return _cordon_result(name, True, dry_run, was, rec, "cordoned" if not was else
-                                  "already cordoned (not by katactl): recorded, will not uncordon it")
+            # what the send that landed recorded
+            was = bool(rec.get("wasUnschedulable")) or "supersedes" in rec
+            return _cordon_result(name, True, dry_run, was, rec, _cordon_note(rec))
         was = bool((node.get("spec") or {}).get("unschedulable"))
-        if was and rec is not None and "invalid" not in rec and not cordoned_again_by(node):
-            return _cordon_result(name, False, dry_run, was, rec, "already cordoned by katactl")
         new = {"by": _who(), "at": _now(), "reason": reason or "", "wasUnschedulable": was, "id": op_id}
-        if was:
+        if held:
+            new["held"] = True
+        if was and rec is not None and "invalid" not in rec and not cordoned_again_by(node):
+            if not held or rec.get("held") or rec.get("id") == op_id:
+                return _cordon_result(name, False, dry_run, was, rec, "already cordoned by katactl")
+            # katactl's cordon, but not a standing one: whoever made it undoes it by its id
+            new.update(wasUnschedulable=bool(rec.get("wasUnschedulable")),
+                       supersedes={k: rec.get(k) for k in ("id", "by", "at", "reason")})
+            if "cordonedBefore" in rec:
+                new["cordonedBefore"] = rec["cordonedBefore"]
+        elif was:
             new["cordonedBefore"] = unschedulable_manager(node) or "unknown"
         # conditional on the resourceVersion: of several sends (a retry after a timeout) at
         # most one lands, the others meet 409
@@ -329,7 +344,8 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
         if not was:
             patch["spec"] = {"unschedulable": True}
         if dry_run == "client" or dry_run is True:
-            return _cordon_result(name, True, dry_run, was, new, "would cordon" if not was else "would record")
+            return _cordon_result(name, True, dry_run, was, new, "would cordon" if not was else
+                                  "would take over katactl's cordon" if "supersedes" in new else "would record")
         try:
             api.patch(f"/api/v1/nodes/{seg(name)}", patch, dry_run=dry_run == "server")
         except Conflict as e:
@@ -346,13 +362,23 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
                 raise
             sent, last_err = new, e  # timed out, cut, 5xx: it may have landed; read again
             continue
-        note = "cordoned" if not was else "already cordoned (not by katactl): recorded, will not uncordon it"
-        return _cordon_result(name, True, dry_run, was, new, note)
+        return _cordon_result(name, True, dry_run, was, new, _cordon_note(new))
     if last_err is not None and not isinstance(last_err, Conflict):
         # a send may still land: its record carries this id (drain restores by it)
         last_err.details = {**last_err.details, "cordonRecordId": op_id}
         raise last_err
     raise Conflict(f"node {name}: changing too fast to cordon safely; try again")
+
+
+def _cordon_note(rec: dict) -> str:
+    """What a cordon() that wrote ``rec`` did."""
+    if "supersedes" in rec:
+        old = rec["supersedes"]
+        return (f"cordoned: took over katactl's cordon by {old.get('by')} ({old.get('reason') or 'no reason'}), "
+                "which will not undo it now")
+    if rec.get("wasUnschedulable"):
+        return "already cordoned (not by katactl): recorded, will not uncordon it"
+    return "cordoned"
 
 
 def _cordon_result(name, changed, dry_run, was, rec, message) -> dict:

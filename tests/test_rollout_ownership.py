@@ -4,10 +4,13 @@ operator's cordon (design.md: a node katactl did not cordon is never uncordoned 
 and an outcome that does not depend on which batch failed."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from katactl.nodes import CORDON_ANNOTATION
 from tests.test_node_faults import foreign_set_unschedulable
-from tests.test_rollout import MUTATING, _edit_state, events, fleet, ro, state_of, unschedulable
+from tests.test_rollout import MUTATING, _cordon_as_rollout, _edit_state, events, fleet, ro, state_of, unschedulable
 
 
 def _failing_pod(kube, node):
@@ -140,3 +143,29 @@ def test_a_plan_file_without_a_selection_takes_the_ambient_one(cli, kube, kc, tm
     # and a selection typed with a plan file that has one overrides it, the ambient one set too
     r = ro(cli, kc, "plan", "-f", tmp_path / "plan.yaml", "-l", "pool=online", "-o", "json")
     assert r.exit_code == 0 and [i["name"] for i in r.json()["items"]] == ["online-0", "online-1"], r.stderr
+
+
+# -- an operator's node cordon during a rollout outlives it --------------------------------------
+
+@pytest.mark.parametrize("verb", ["abort", "resume"])
+def test_an_operators_node_cordon_of_a_node_the_rollout_holds_is_left_cordoned(cli, kube, kc, verb):
+    """docs/rollout.md: a node cordoned meanwhile by another `katactl node cordon` is left
+    cordoned. The operator's cordon takes the rollout's record over (a new id), so the
+    rollout's restore, by its own id, leaves it, with a warning."""
+    fleet(kube, 2, zones=1)
+    r = ro(cli, kc, "run", "r1", "-N", "n0,n1", "--canary", "1", "--step", "cordon", "--step", "check",
+           "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused", r.stderr
+    other = next(i["name"] for i in r.json()["items"] if i["phase"] == "pending")
+    _cordon_as_rollout(kube, "r1", other)  # the rollout holds it, between its cordon and its check
+    _edit_state(kube, "r1", lambda st: st["nodes"][other].update(phase="running", step=1, wasUnschedulable=False))
+    c = cli(["--kubeconfig", kc, "node", "cordon", other, "--reason", "hw-failure: keep out", "-o", "json"])
+    assert c.exit_code == 0 and c.json()["changed"] is True, c.stdout
+    a = ro(cli, kc, verb, "r1", "-o", "json")
+    assert a.exit_code == 0, a.stderr
+    assert unschedulable(kube)[other] is True
+    rec = json.loads(kube.get_obj("Node", other)["metadata"]["annotations"][CORDON_ANNOTATION])
+    assert rec["reason"] == "hw-failure: keep out" and rec["supersedes"]["id"] == f"cid-r1-{other}"
+    warn = [line for line in a.stderr.splitlines() if "left cordoned" in line]
+    assert len(warn) == 1 and "cordoned again since the rollout cordoned it, by " in warn[0], a.stderr
+    assert "(katactl node cordon): left cordoned (theirs to undo)" in warn[0], warn

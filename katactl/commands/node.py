@@ -109,7 +109,10 @@ def cordon(
     The record (annotation katactl.io/cordon: who, when, why, and whether the
     node was already cordoned) lets 'node uncordon' and failed drains restore
     exactly what was there: a node someone else cordoned stays cordoned.
-    Idempotent: a node katactl already cordoned reports changed: false.
+    Idempotent: a node already under a 'node cordon' record reports changed:
+    false, whatever --reason. A cordon katactl made for a drain or a rollout
+    (undone at their end) is taken over: a new record naming the old one, so
+    the drain or rollout leaves the node cordoned.
 
     \b
     Examples:
@@ -152,11 +155,12 @@ def _cordon_cmd(ctx, names, action: str, dry_run: bool, dry_run_server: bool, **
     targets = _targets(app_ctx, names)
     dry = _dry_run(dry_run, dry_run_server)
     op = getattr(nodes, action)
+    held = {"held": True} if action == "cordon" else {}  # an operator's cordon: see nodes.cordon
     params = {**{k: v for k, v in kw.items() if v}, "dryRun": dry}
     require_audit(bool(dry))  # once, before the API: not a refusal per node
     with kube.client(app_ctx.settings) as api:
         fo = nodes.for_each_node(targets, lambda n: nodes.audited(
-            f"node.{action}", n, params, lambda: op(api, n, dry_run=dry or False, **kw)))
+            f"node.{action}", n, params, lambda: op(api, n, dry_run=dry or False, **kw, **held)))
     cols = [Column("NAME", "name"), Column("CHANGED", "changed"), Column("MESSAGE", "message")]
     _render(app_ctx, fo, kind="NodeCordon" if action == "cordon" else "NodeUncordon", columns=cols,
             mutating=True, dry_run=bool(dry))

@@ -873,7 +873,8 @@ class Engine:
             return
         if not self.ours(node, rec):
             rec_c = nodes.cordon_record(node) or {}
-            if rec.get("cordonId") and rec_c.get("id") == rec["cordonId"] and rec_c.get("wasUnschedulable") is False:
+            if rec.get("cordonId") and rec_c.get("id") == rec["cordonId"] and rec_c.get("wasUnschedulable") is False \
+                    or self._taken_over(rec, rec_c):
                 self._theirs(n, node)
                 self._restored(n, rec, changed=False)
                 return
@@ -945,6 +946,8 @@ class Engine:
                     elif names[n].get("cordonId") and (c := nodes.cordon_record(node) or {}).get("id") == \
                             names[n]["cordonId"] and c.get("wasUnschedulable") is False:
                         self._theirs(n, node)  # our record, another's cordon since (see ours)
+                    elif self._taken_over(names[n], nodes.cordon_record(node) or {}):
+                        self._theirs(n, node)
                 elif names[n].get("cordonId") and (nodes.cordon_record(node) or {}).get("id") == names[n]["cordonId"]:
                     found[n] = False
         return found
@@ -960,13 +963,23 @@ class Engine:
                       and (node.get("spec") or {}).get("unschedulable")
                       and self.ours(node, recs[node["metadata"]["name"]]))
 
+    @staticmethod
+    def _taken_over(rec: dict, rec_c: dict) -> bool:
+        """Whether an operator's ``node cordon`` took this rollout's cordon record over (nodes.cordon)."""
+        old = rec_c.get("supersedes")
+        return bool(rec.get("cordonId")) and isinstance(old, dict) and old.get("id") == rec["cordonId"]
+
     def _theirs(self, n: str, node: dict) -> None:
-        """Say (once) that a node carrying this rollout's cordon record is left cordoned: the
-        server says another manager set spec.unschedulable since (kubectl uncordon + cordon
-        keeps our record), so the cordon is theirs to undo."""
+        """Say (once) that a node this rollout cordoned is left cordoned: the server says
+        another manager set spec.unschedulable since (kubectl uncordon + cordon keeps our
+        record), or an operator's node cordon took our record over, so the cordon is theirs
+        to undo."""
         from katactl import nodes
 
-        self._kept[n] = f"cordoned again since the rollout cordoned it, by {nodes.unschedulable_manager(node)}"
+        rec_c = nodes.cordon_record(node) or {}
+        by = f"{rec_c.get('by')} (katactl node cordon)" if self._taken_over(self.state["nodes"][n], rec_c) \
+            else nodes.unschedulable_manager(node)
+        self._kept[n] = f"cordoned again since the rollout cordoned it, by {by}"
         if n not in self._theirs_told:
             self._theirs_told.add(n)
             self.ev("Warning", node=n, message=f"{self._kept[n]}: left cordoned (theirs to undo)")
