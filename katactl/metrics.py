@@ -10,7 +10,9 @@ fields unconverted (runtime-rs ``crates/shim/src/shim_metrics.rs``,
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from typing import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -533,10 +535,12 @@ def _check_names(fams: list[Family]) -> None:
         types[name] = (f.type, "")
 
 
-def parse_families(text: str) -> list[Family]:
+def parse_families(text: str, sink=None) -> list[Family]:
     """A shim's Prometheus text as families of (name, labels, value, timestamp) samples,
     strictly: a line that is not HELP, TYPE, a comment, blank or a valid sample is a
     ProtocolError (the whole shim is then a scrape error, never half its families).
+    ``sink(family, name, labels, value, timestamp)`` takes each sample instead of the
+    family's ``samples`` (:func:`parse_rendered`: rendered as read, never held parsed).
 
     Valid is what Go's text parser takes (prometheus/common expfmt/text_parse.go: kata-monitor
     decodes each shim with it, node_exporter and promtool read our exposition with it), for
@@ -613,7 +617,10 @@ def parse_families(text: str) -> list[Family]:
                 for k, v in labels:
                     if k == special and not _go_float(v):  # an escape is no float either
                         raise ValueError(f"expected float as value for {special!r} label, got {_clip(v)}")
-            f.samples.append((name, labels, value, ts))
+            if sink is None:
+                f.samples.append((name, labels, value, ts))
+            else:
+                sink(f, name, labels, value, ts)
         except ValueError as e:
             raise ProtocolError(f"the shim's /metrics is not valid Prometheus text: line {n}: {e}") from None
     try:
@@ -720,38 +727,109 @@ def type_conflicts(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] |
     return out
 
 
+class RenderedFamily:
+    """One shim's family already rendered as exposition lines, as it arrived (``metrics --all
+    -o prom``): its parsed samples cost ~30x the body (tuples and strings per sample and
+    label), this about the body. ``text`` has :data:`_EXTRA` where the sandbox's own labels
+    go (they are known once every node answered: ``node`` only in a fleet's answer)."""
+    __slots__ = ("name", "type", "help", "text", "timestamps")
+
+    def __init__(self, name: str, type_: str, help_: str | None, text: str, timestamps: bool):
+        self.name, self.type, self.help, self.text, self.timestamps = name, type_, help_, text, timestamps
+
+
+#: stands for a sandbox's labels in a RenderedFamily's text: a shim text holding it stays
+#: parsed (a label value may hold any character but ", \ and a newline)
+_EXTRA = "\x00"
+
+
+def parse_rendered(text: str, names: Sequence[str], *, timestamps: bool, prefixes: tuple[str, ...] = ()
+                   ) -> list[RenderedFamily]:
+    """A shim's text (strictly parsed as :func:`parse_families`, and holding no _EXTRA)
+    rendered as :func:`relabel` then :func:`iter_exposition` would write it, with labels
+    named ``names`` (the ones the sandbox's replace) to come: see :class:`RenderedFamily`.
+    Each sample is rendered as it is read: no family holds parsed samples."""
+    ours = set(names)
+    special = ours | {"le", "quantile"}
+    lines: dict[Family, list[str]] = {}
+
+    def sink(f: Family, sname: str, labels, value: str, ts: str | None) -> None:
+        if f.name.startswith(("go_", "process_")):  # kata_shim_*: every sample name of the family too
+            sname = "kata_shim_" + sname
+        if not any(k in special for k, _ in labels):
+            lab = ",".join([*(f'{k}="{v}"' for k, v in labels), _EXTRA])
+        else:
+            keep = [f'{k}="{v}"' for k, v in labels if k not in ours and k not in ("le", "quantile")]
+            tail = [f'{k}="{v}"' for k, v in labels if k in ("le", "quantile") and k not in ours]
+            lab = ",".join([*keep, _EXTRA, *tail])
+        ts = ts if timestamps else None
+        got = lines.get(f)
+        if got is None:
+            got = lines[f] = []
+        got.append(f"{sname}{{{lab}}} {value}" + (f" {ts}" if ts else ""))
+
+    out = []
+    for f in parse_families(text, sink):
+        name = _rename(f.name)
+        got = lines.pop(f, None)
+        if not prefixes or name.startswith(prefixes):
+            out.append(RenderedFamily(name, f.type, f.help, "\n".join(got) + "\n" if got else "", timestamps))
+    return out
+
+
 def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family] | KatactlError]],
                       node_errors: Sequence[tuple[str, KatactlError]] = (), *, timestamps: bool = True) -> str:
-    """One text exposition: families merged by name (sorted), HELP/TYPE once (the first
+    """:func:`iter_exposition` as one string."""
+    return "".join(iter_exposition(per_sandbox, node_errors, timestamps=timestamps))
+
+
+def iter_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list | KatactlError]],
+                    node_errors: Sequence[tuple[str, KatactlError]] = (), *, timestamps: bool = True):
+    """One text exposition, in pieces (a family of a sandbox at a time: never the whole text
+    at once): families merged by name (sorted), HELP/TYPE once (the first
     sandbox's; a family another shim types differently keeps the first type and loses that
     shim's samples of it: see type_conflicts), then katactl_scrape_error per sandbox (1: its
     shim did not answer or sent garbage) and per failed node, then katactl_family_conflict 1
     per (sandbox, family) left out. A sample's timestamp is kept as the shim wrote it (kata-monitor's
     expfmt round trip keeps ``TimestampMs``: src/runtime/pkg/kata-monitor/metrics.go), or dropped
     (``timestamps=False``, for node_exporter's textfile collector, which skips a whole file with
-    one: node_exporter collector/textfile.go ``hasTimestamps``)."""
-    merged: dict[str, Family] = {}
-    for _, fams in per_sandbox:
+    one: node_exporter collector/textfile.go ``hasTimestamps``). A sandbox's families are
+    relabelled :class:`Family` objects or :class:`RenderedFamily` ones (rendered with the
+    same ``timestamps``), which get the sandbox's labels here."""
+    merged: dict[str, list] = {}   # name -> [first family, (sandbox index, family)...]
+    for i, (_, fams) in enumerate(per_sandbox):
         if isinstance(fams, KatactlError):
             continue
         for f in fams:
             m = merged.get(f.name)
             if m is None:
-                merged[f.name] = m = Family(f.name, f.type, f.help)
-            elif m.type != f.type:
+                merged[f.name] = m = [f]
+            elif m[0].type != f.type:
                 continue
-            m.samples.extend(f.samples)
-    lines: list[str] = []
+            m.append((i, f))
+    enc: dict[int, str] = {}
     for name in sorted(merged):
-        f = merged[name]
-        if f.help is not None:
-            lines.append(f"# HELP {name} {f.help}")
-        lines.append(f"# TYPE {name} {f.type}")
-        for sname, labels, value, ts in f.samples:
-            ts = ts if timestamps else None
-            lab = ",".join(f'{k}="{v}"' for k, v in labels)
-            lines.append(f"{sname}{{{lab}}} {value}" + (f" {ts}" if ts else "") if lab
-                         else f"{sname} {value}" + (f" {ts}" if ts else ""))
+        first, *parts = merged[name]
+        head = f"# HELP {name} {first.help}\n" if first.help is not None else ""
+        yield head + f"# TYPE {name} {first.type}\n"
+        for i, f in parts:
+            if isinstance(f, RenderedFamily):
+                if f.timestamps != timestamps:
+                    raise ValueError("internal: a family rendered with the other timestamps setting")
+                if f.text:
+                    if i not in enc:
+                        enc[i] = ",".join(f'{k}="{_escape(v)}"' for k, v in per_sandbox[i][0])
+                    yield f.text.replace(_EXTRA, enc[i])
+                continue
+            lines = []
+            for sname, labels, value, ts in f.samples:
+                ts = ts if timestamps else None
+                lab = ",".join(f'{k}="{v}"' for k, v in labels)
+                lines.append(f"{sname}{{{lab}}} {value}" + (f" {ts}" if ts else "") if lab
+                             else f"{sname} {value}" + (f" {ts}" if ts else ""))
+            if lines:
+                yield "\n".join(lines) + "\n"
+    lines = []
     if per_sandbox or node_errors:
         lines.append(f"# HELP {SCRAPE_ERROR} 1 when katactl could not scrape the sandbox's shim "
                      "(no answer, or not Prometheus text), else 0.")
@@ -770,17 +848,52 @@ def render_exposition(per_sandbox: list[tuple[list[tuple[str, str]], list[Family
         for i, name, *_ in conflicts:
             lab = ",".join(f'{k}="{_escape(v)}"' for k, v in [*per_sandbox[i][0], ("family", name)])
             lines.append(f"{FAMILY_CONFLICT}{{{lab}}} 1")
-    return "\n".join(lines) + ("\n" if lines else "")
+    if lines:
+        yield "\n".join(lines) + "\n"
 
 
-def scrape_families(transport: NodeTransport, sandboxes, *, timeout: float, workers: int = 32, prefixes=None) -> dict:
+class _ParseBudget:
+    """At most ``limit`` bytes of shim text parsed at once, across nodes and shims: a parse
+    holds ~30x its text until it is rendered (a body over the limit waits for the others and
+    goes alone); the hundred-KiB bodies of real shims still go 32 at a time."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        n = min(n, self.limit)
+        with self.cond:
+            while self.used + n > self.limit:
+                self.cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+_PARSE_BUDGET = _ParseBudget(16 << 20)  # backends/shim.py METRICS_LIMIT: one body at its limit
+
+
+def scrape_families(transport: NodeTransport, sandboxes, *, timeout: float, workers: int = 32, prefixes=None,
+                    render: tuple[Sequence[str], bool] | None = None) -> dict:
     """{sandbox id: [Family] | KatactlError}: every shim scraped concurrently and parsed
-    strictly; prefixes keep the families (after renaming) that start with one of them."""
+    strictly; prefixes keep the families (after renaming) that start with one of them.
+    ``render`` (the names of the labels to come, timestamps): each shim's families rendered
+    as they arrive (:func:`parse_rendered`), never held parsed."""
     prefixes = tuple(prefixes or ())
 
     def one(sb):
         try:
-            fams = parse_families(scrape(transport, sb, timeout))
+            text = scrape(transport, sb, timeout)
+            with _PARSE_BUDGET.hold(len(text)):
+                if render is not None and _EXTRA not in text:  # else held parsed
+                    return sb.id, parse_rendered(text, render[0], timestamps=render[1], prefixes=prefixes)
+                fams = parse_families(text)
             if prefixes:
                 fams = [f for f in fams if _rename(f.name).startswith(prefixes)]
             return sb.id, fams
@@ -790,10 +903,11 @@ def scrape_families(transport: NodeTransport, sandboxes, *, timeout: float, work
     return _each_sandbox(one, sandboxes, workers)
 
 
-def scrape_node(transport: NodeTransport, *, timeout: float, prefixes=None, workers: int = 32) -> list[dict]:
+def scrape_node(transport: NodeTransport, *, timeout: float, prefixes=None, workers: int = 32,
+                render: tuple[Sequence[str], bool] | None = None) -> list[dict]:
     """Every running sandbox of a node: [{sandbox, families | error}] (for metrics --all)."""
     from katactl import sandbox
 
     sbs = [s for s in sandbox.discover(transport, timeout=min(timeout, 1.0)) if s.state == "running"]
-    got = scrape_families(transport, sbs, timeout=timeout, workers=workers, prefixes=prefixes)
+    got = scrape_families(transport, sbs, timeout=timeout, workers=workers, prefixes=prefixes, render=render)
     return [{"sandbox": sb, "result": got[sb.id]} for sb in sbs]

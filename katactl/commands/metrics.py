@@ -1,7 +1,7 @@
 """katactl metrics SANDBOX | --all."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 import typer
 
@@ -105,12 +105,17 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
     from katactl import metrics as m
     from katactl.commands._common import _progress_cb
     from katactl.errors import ExitCode, KatactlError, outcome_exit_code
-    from katactl.fleet import run_on_nodes
+    from katactl.fleet import LOCAL, run_on_nodes, select_nodes
     from katactl.output import Column, Result
     from katactl.sandbox import pod_ref
 
-    fo = run_on_nodes(app_ctx.settings, lambda t: m.scrape_node(t, timeout=timeout, prefixes=prefixes),
-                      progress=_progress_cb(app_ctx))
+    picked = select_nodes(app_ctx.settings)
+    # an exposition's families are rendered as each shim answers (never all held parsed): the
+    # labels they get then are known now but for their values (node="..." in a fleet's answer)
+    render = ([*m.MONITOR_LABELS, *(["node"] if picked else [])], to is None) if prom else None
+    fo = run_on_nodes(app_ctx.settings,
+                      lambda t: m.scrape_node(t, timeout=timeout, prefixes=prefixes, render=render),
+                      nodes=picked or [LOCAL], selected=bool(picked), progress=_progress_cb(app_ctx))
     if to is not None:
         # FILE is for a textfile collector whatever -o says: with no node answering it is left
         # as it was (its mtime shows its age) and the command fails (the Error object with -o
@@ -126,8 +131,11 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
         for row in fo.values.get(node, []):
             sb, res = row["sandbox"], row["result"]
             labels = m.sandbox_labels(sb, node if fo.multi else None)
-            per.append((labels, res if isinstance(res, KatactlError) else m.relabel(res, labels)))
+            if not isinstance(res, KatactlError) and not (res and isinstance(res[0], m.RenderedFamily)):
+                res = m.relabel(res, labels)
+            per.append((labels, res))
             where.append((node, sb))
+            row["result"] = None  # the exposition's copy is the one kept
     per = m.refuse_clashes(per)
     failed = 0
     for (node, sb), (_labels, res) in zip(where, per, strict=True):
@@ -151,7 +159,7 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
         node_errors = list(fo.errors.items())
         for n, e in node_errors:
             app_ctx.out.error(f"{n}: {e.message}")
-        _emit(app_ctx, m.render_exposition(per, node_errors, timestamps=to is None), to)
+        _emit(app_ctx, m.iter_exposition(per, node_errors, timestamps=to is None), to)
     else:
         items = []
         for _labels, fams in per:
@@ -191,18 +199,31 @@ def _check_to(path: str) -> None:
         raise UsageError(f"invalid --to {path}: {d} is not a directory")
 
 
-def _emit(app_ctx, text: str, to: str | None) -> None:
+def _emit(app_ctx, text: str | Iterable[str], to: str | None) -> None:
+    """The exposition on stdout or into FILE; in pieces of whole lines, written as they come
+    (never joined into one string)."""
+    pieces = [text] if isinstance(text, str) else text
     if to is None:
-        app_ctx.out.text(text)
+        for piece in pieces:
+            app_ctx.out.text(piece)
         return
-    write_atomic(to, text)
-    n = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    n = 0
+
+    def counted():
+        nonlocal n
+        for piece in pieces:
+            # sample lines: every line but the # HELP/TYPE ones (no line is empty)
+            n += piece.count("\n") - piece.count("\n#") - piece.startswith("#")
+            yield piece
+
+    write_atomic(to, counted())
     app_ctx.out.info(f"wrote {n} samples to {to}")
 
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str | Iterable[str]) -> None:
     """FILE's new content appears whole or not at all (a textfile collector never reads half
-    a file): a temp file in the same directory, fsync, rename over FILE, mode 0644."""
+    a file): a temp file in the same directory, fsync, rename over FILE, mode 0644. ``text``
+    may come in pieces."""
     import os
     import tempfile
 
@@ -215,7 +236,8 @@ def write_atomic(path: str, text: str) -> None:
         raise OperationFailed(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            for piece in [text] if isinstance(text, str) else text:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
