@@ -114,10 +114,22 @@ def test_uncordon_refuses_a_node_that_was_cordoned_before_katactl(cli, kube, kc)
     assert r.exit_code == 0 and not unschedulable(kube, "n1")
 
 
-def test_uncordon_without_record_does_what_kubectl_does(cli, kube, kc):
+def test_uncordon_refuses_a_node_cordoned_without_a_katactl_record(cli, kube, kc, _isolated_home):
+    """A node katactl did not cordon is never uncordoned by katactl (design.md): no record and
+    no owner of spec.unschedulable named: refused (exit 5, one line, the --force hint), nothing
+    sent; --force does what kubectl uncordon does."""
     kube.add_node("n1", unschedulable=True)
+    kube.requests.clear()
     r = node_cli(cli, kc, "uncordon", "n1")
-    assert r.exit_code == 0 and not unschedulable(kube, "n1")
+    assert r.exit_code == 5, r.stderr
+    err, hint = r.stderr.splitlines()
+    assert "cordoned by someone else" in err and "no katactl.io/cordon record" in err, err
+    assert hint.startswith("hint:") and "--force" in hint
+    assert unschedulable(kube, "n1") and [q for q in kube.requests if q["method"] != "GET"] == []
+    r = node_cli(cli, kc, "uncordon", "n1", "--force", "-o", "json")
+    assert r.exit_code == 0 and r.json()["changed"] is True and not unschedulable(kube, "n1")
+    assert [(e["action"], e["result"]) for e in audit_entries(_isolated_home)] == \
+        [("node.uncordon", "error"), ("node.uncordon", "ok")]
 
 
 def test_dry_runs_change_nothing(cli, kube, kc, _isolated_home):

@@ -183,7 +183,7 @@ def test_uncordon_of_a_kubectl_cordon_whose_patch_did_not_land_fails_and_audits_
     kube.add_node("n1")
     foreign_set_unschedulable(kube, "n1", True)
     kube.inject("PATCH", r"^/api/v1/nodes/n1", status=status, times=50)
-    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    r = node_cli(cli, kc, "uncordon", "n1", "--force", "-o", "json")
     assert r.exit_code == 1, r.stdout + r.stderr
     assert "still cordoned" in r.stderr and f"HTTP {status}" in r.stderr, r.stderr
     assert unschedulable(kube, "n1")
@@ -197,10 +197,31 @@ def test_uncordon_of_a_kubectl_cordon_meeting_409_is_sent_again(cli, kube, kc, _
     kube.add_node("n1")
     foreign_set_unschedulable(kube, "n1", True)
     kube.inject("PATCH", r"^/api/v1/nodes/n1", status=409, times=1)
-    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    r = node_cli(cli, kc, "uncordon", "n1", "--force", "-o", "json")
     assert r.exit_code == 0, r.stderr
     assert r.json()["changed"] is True and not unschedulable(kube, "n1")
     assert len([q for q in kube.requests if q["method"] == "PATCH" and "kubectl-cordon" not in q["path"]]) == 2
+
+
+def test_uncordon_refuses_a_kubectl_cordon_naming_its_owner(cli, kube, kc):
+    """kubectl cordon (no katactl record; managedFields: kubectl-cordon owns spec.unschedulable):
+    refused, exit 5, naming the manager, nothing sent; another node katactl cordoned is still
+    uncordoned (exit 4: partial)."""
+    kube.add_node("n1")
+    foreign_set_unschedulable(kube, "n1", True)
+    kube.add_node("n2")
+    assert node_cli(cli, kc, "cordon", "n2").exit_code == 0
+    kube.requests.clear()
+    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    assert r.exit_code == 5, r.stdout + r.stderr
+    err = error_of(r)
+    assert (err["code"], err["exitCode"]) == ("Refused", 5) and "--force" in err["hint"]
+    assert err["message"].startswith("node n1 is cordoned by kubectl-cordon at "), err
+    assert unschedulable(kube, "n1") and not [q for q in kube.requests if q["method"] != "GET"]
+    r = node_cli(cli, kc, "uncordon", "n1", "n2", "-o", "json")
+    assert r.exit_code == 4, r.stdout + r.stderr
+    assert [i["name"] for i in r.json()["items"]] == ["n2"] and not unschedulable(kube, "n2")
+    assert [e["node"] for e in r.json()["errors"]] == ["n1"] and unschedulable(kube, "n1")
 
 
 def test_uncordon_whose_record_was_removed_meanwhile_is_not_taken_for_landed(cli, kube, kc, monkeypatch):

@@ -126,17 +126,18 @@ def cordon(
 def uncordon(
     ctx: typer.Context,
     names: Optional[List[str]] = NODES_ARG,
-    force: bool = typer.Option(False, "--force", help="Uncordon even a node someone else cordoned."),
+    force: bool = typer.Option(False, "--force", help="Uncordon even a node katactl did not cordon."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
     dry_run_server: bool = typer.Option(False, "--dry-run-server", hidden=True),
 ) -> None:
-    """Make nodes schedulable again, unless katactl found them cordoned.
+    """Make nodes schedulable again, unless katactl did not cordon them.
 
-    A node whose katactl record says it was already cordoned before katactl
-    cordoned it, or that someone cordoned again after katactl's cordon (its
-    managedFields name another owner of spec.unschedulable), is refused (exit
-    5, naming who) unless --force. Without a katactl record it does what
-    kubectl uncordon does.
+    Refused (exit 5, naming who) unless --force: a node whose katactl record
+    says it was already cordoned before katactl cordoned it; one someone
+    cordoned again after katactl's cordon (its managedFields name another
+    owner of spec.unschedulable); one cordoned without a katactl record (kubectl
+    cordon: the owner of spec.unschedulable in its managedFields, or nobody
+    named). --force does what kubectl uncordon does.
 
     \b
     Examples:
