@@ -99,20 +99,26 @@ def test_malformed_metrics_from_shim(cli):
 
 
 
-def test_all_waits_the_request_timeout_given(cli):
-    """--all bounds each scrape by 10 s unless --request-timeout is given (flag, env, config):
-    then that wins, as for one SANDBOX. A shim answering only after 10 s is scraped."""
+def test_all_waits_the_request_timeout_given(cli, monkeypatch):
+    """--all bounds each scrape by its default (10 s) unless --request-timeout is given (flag, env,
+    config): then that wins, as for one SANDBOX. The default is lowered to 0.5 s here so that a
+    shim answering after 1 s is past it without the test waiting 10 s."""
     import time
 
+    from katactl.commands import metrics as metrics_cmd
     from katactl.lab.shimserver import Response
 
+    monkeypatch.setattr(metrics_cmd, "ALL_SCRAPE_TIMEOUT", 0.5)
+
     def late(s, r):
-        time.sleep(10.5)  # past the default bound: the answer's delay, nothing is timed
+        time.sleep(1.0)  # past the (lowered) default bound: the answer's delay, nothing is timed
         return Response(200, 'kata_guest_x{item="a"} 1\n')
 
     with node() as n:
         p = n.go("slow01", serve=False)
         n.serve(p, "go", extra_routes={(None, "/metrics"): late})
+        r = cli(["--host-root", n.root, "metrics", "--all", "-o", "prom"])
+        assert r.exit_code == 1 and "no answer within 0.5s" in r.stderr, r.stderr  # the default bounds it
         r = cli(["--request-timeout", "60s", "--host-root", n.root, "metrics", "--all", "-o", "prom"])
         assert r.exit_code == 0, r.stderr
         assert [ln for ln in r.stdout.splitlines() if ln.startswith("kata_guest_x{") and 'sandbox_id="slow01"' in ln]

@@ -7,6 +7,9 @@ import typer
 
 from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
 
+#: each shim's bound for --all when no --request-timeout is given (seconds)
+ALL_SCRAPE_TIMEOUT = 10.0
+
 app = new_app("A sandbox's shim /metrics (parsed, filtered, raw), or every sandbox's in one "
               "relabelled Prometheus exposition (--all).", single=True)
 
@@ -77,7 +80,7 @@ def metrics(
         # a node-wide scrape (every 15 s from a timer) waits 10 s per shim, not the global 30 s
         # default; a --request-timeout the user gave (flag, env, config file) wins, as everywhere
         if app_ctx.settings.sources.get("request_timeout", "default") == "default":
-            timeout = min(timeout, 10.0)
+            timeout = min(timeout, ALL_SCRAPE_TIMEOUT)
         _all(app_ctx, prefixes, prom, to, timeout)
         return
     assert target is not None  # without --all a SANDBOX is required (checked above)
