@@ -664,7 +664,13 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
     """Cordon the node, then evict (or delete) its pods as kubectl drain does and
     wait until they are gone. On a refusal, a failure, the deadline or Ctrl-C the
     node's schedulability is restored to what it was before (unless
-    keep_cordoned), and the error is raised with the partial result in its details."""
+    keep_cordoned), and the error is raised with the partial result in its details.
+
+    Unlike kubectl (cordon, then filter: kubernetes
+    staging/src/k8s.io/kubectl/pkg/cmd/drain/drain.go RunDrain), the filters run once
+    before the cordon, so a drain they refuse writes nothing, and again after it, on the
+    pods then on the node (one scheduled meanwhile, a DaemonSet's that tolerates the
+    cordon), whose refusal restores the node."""
     stop = stop or threading.Event()
     dry = opts.dry_run
     result: dict[str, Any] = {"name": name, "changed": False, "dryRun": bool(dry), "evicted": [],
@@ -672,7 +678,27 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
     # the record of the cordon this drain made (restored on failure), None when the node
     # was unschedulable when cordon() read it: that one stays as it is
     mine: dict | None = None
+
+    def filtered(rcs: dict[str, dict], *, quiet: bool) -> list[dict]:
+        """The pods to evict; Refused (every offending pod) when a filter refuses one.
+        quiet: the check before the cordon, whose pass says nothing (the second one will)."""
+        evict, skipped, errors, warnings = classify(api, node_pods(api, name, opts.pod_selector), opts, rcs)
+        if quiet and not errors:
+            return evict
+        result["skipped"] = skipped
+        result["warnings"] = [f"{msg}: {', '.join(refs)}" for msg, refs in warnings.items()]
+        for w in result["warnings"]:
+            events("Warning", node=name, message=w)
+        if errors:
+            msg = "; ".join(f"cannot delete {m}: {', '.join(refs)}" if not m.startswith("cannot delete")
+                            else f"{m}: {', '.join(refs)}" for m, refs in errors.items())
+            raise Refused(f"node {name}: {msg}", details={"pods": sorted({r for v in errors.values() for r in v})})
+        return evict
+
     try:
+        rcs = runtime_classes(api)
+        filtered(rcs, quiet=True)
+        _stopped(stop, name)
         c = cordon(api, name, reason=opts.reason or "katactl node drain", dry_run=dry or False,
                    op_id=opts.cordon_id)
         result["wasUnschedulable"] = c["wasUnschedulable"]
@@ -682,17 +708,7 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         # a dry run reports the change it would make, as cordon --dry-run does
         result["changed"] = c["changed"]
         _stopped(stop, name)
-        rcs = runtime_classes(api)
-        pods = node_pods(api, name, opts.pod_selector)
-        evict, skipped, errors, warnings = classify(api, pods, opts, rcs)
-        result["skipped"] = skipped
-        result["warnings"] = [f"{msg}: {', '.join(refs)}" for msg, refs in warnings.items()]
-        for w in result["warnings"]:
-            events("Warning", node=name, message=w)
-        if errors:
-            msg = "; ".join(f"cannot delete {m}: {', '.join(refs)}" if not m.startswith("cannot delete")
-                            else f"{m}: {', '.join(refs)}" for m, refs in errors.items())
-            raise Refused(f"node {name}: {msg}", details={"pods": sorted({r for v in errors.values() for r in v})})
+        evict = filtered(rcs, quiet=False)
         _stopped(stop, name)
         result["toEvict"] = [_ref(p) for p in evict]
         events("NodeDraining", node=name, pods=len(evict), dryRun=bool(dry))

@@ -303,16 +303,37 @@ def test_api_down_is_exit_7(cli, tmp_path):
 
 # -- drain -----------------------------------------------------------------------
 
-def test_drain_refusals_list_every_pod_and_restore_the_node(cli, kube, kc):
+@pytest.mark.parametrize("dry", [[], ["--dry-run=server"]])
+def test_drain_refusals_list_every_pod_and_change_nothing(cli, kube, kc, _isolated_home, dry):
+    """The filters run before the cordon (kubectl's order is cordon, then filter): a refused
+    drain sends no PATCH at all, not a cordon and its undoing; neither does a server dry run."""
     seed = kube.seed_twin_nodes(5)["twin-a"]
     before = pods_on(kube, "twin-a")
-    r = node_cli(cli, kc, "drain", "twin-a", "-o", "json")
+    kube.requests.clear()
+    r = node_cli(cli, kc, "drain", "twin-a", *dry, "-o", "json")
     assert r.exit_code == 5, r.stderr
     msg = r.only_node_error()["message"]
     for ref in seed["daemonset"] + seed["emptydir"] + seed["unreplicated"]:
         assert ref in msg
     assert "use --ignore-daemonsets" in msg and "use --delete-emptydir-data" in msg and "use --force" in msg
+    assert [q for q in kube.requests if q["method"] != "GET"] == []
     assert not unschedulable(kube, "twin-a") and pods_on(kube, "twin-a") == before
+    assert "katactl.io/cordon" not in (kube.get_obj("Node", "twin-a")["metadata"].get("annotations") or {})
+    assert r.only_node_error()["details"]["drain"]["restored"] is False and "uncordoned again" not in r.stderr
+    if not dry:
+        [entry] = audit_entries(_isolated_home)
+        assert (entry["action"], entry["result"], entry["restored"]) == ("node.drain", "error", False)
+
+
+def test_drain_refused_on_a_cordoned_node_leaves_it_and_records_nothing(cli, kube, kc):
+    """A node someone cordoned, refused by the filters: no cordon record written either."""
+    kube.add_node("n1", unschedulable=True)
+    kube.add_pod("bare", "default", "n1")  # no controller: refused without --force
+    kube.requests.clear()
+    r = node_cli(cli, kc, "drain", "n1")
+    assert r.exit_code == 5 and "default/bare" in r.stderr, r.stderr
+    assert [q for q in kube.requests if q["method"] != "GET"] == []
+    assert unschedulable(kube, "n1") and not kube.get_obj("Node", "n1")["metadata"].get("annotations")
 
 
 def test_drain_evicts_waits_and_keeps_the_node_cordoned(cli, kube, kc, _isolated_home):

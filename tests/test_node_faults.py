@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_node_safety import node_cli, record, unschedulable  # noqa: F401
+from tests.test_node_safety import ds_blocked_node, node_cli, record, unschedulable  # noqa: F401
 
 EVICT_500 = r"^/api/v1/pods\?.*nodeName%3Dn1.*resourceVersion=0|^/api/v1/pods\?.*resourceVersion=0.*nodeName%3Dn1"
 
@@ -249,10 +249,8 @@ def test_uncordon_whose_record_was_removed_meanwhile_is_not_taken_for_landed(cli
     assert len([q for q in kube.requests if q["method"] == "PATCH"]) == 3  # cordon, 409, sent again
 
 
-def test_drain_restore_answered_504_after_it_landed_is_a_restore(cli, kube, kc, _isolated_home):
-    kube.add_node("n1")
-    kube.add_daemonset("ds", "default", {"app": "ds"})
-    kube.add_pod("ds-n1", "default", "n1", {"app": "ds"}, owner=("DaemonSet", "ds"))  # refused: exit 5
+def test_drain_restore_answered_504_after_it_landed_is_a_restore(cli, kube, kc, _isolated_home, monkeypatch):
+    ds_blocked_node(kube, monkeypatch)  # refused after the cordon: exit 5
     kube.inject("PATCH", r"^/api/v1/nodes/n1", status=504, applied=True, times=1,
                 match=lambda b: (b.get("metadata") or {}).get("annotations", {}).get("katactl.io/cordon", "") is None)
     r = node_cli(cli, kc, "drain", "n1", "-o", "json")

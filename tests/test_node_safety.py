@@ -38,11 +38,23 @@ def audit_entries(home) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 
-def ds_blocked_node(kube, name="n1"):
-    """A node whose drain is refused (a DaemonSet pod, no --ignore-daemonsets) after the cordon."""
+def ds_blocked_node(kube, monkeypatch, name="n1"):
+    """A node whose drain is refused (a DaemonSet pod, no --ignore-daemonsets) after the cordon:
+    the DaemonSet's pod lands once the node is cordoned (DaemonSet pods tolerate
+    node.kubernetes.io/unschedulable), so the filters the drain runs before its cordon pass and
+    the ones after refuse (a refusal found before the cordon writes nothing: nothing to restore)."""
     kube.add_node(name)
     kube.add_daemonset("ds", "default", {"app": "ds"})
-    kube.add_pod(f"ds-{name}", "default", name, {"app": "ds"}, owner=("DaemonSet", "ds"))
+    orig = kube.handle
+
+    def handle(method, path, query, body, user, accept):
+        out = orig(method, path, query, body, user, accept)
+        if method == "PATCH" and path == f"/api/v1/nodes/{name}" and unschedulable(kube, name) \
+                and kube.get_obj("Pod", f"ds-{name}", "default") is None:
+            kube.add_pod(f"ds-{name}", "default", name, {"app": "ds"}, owner=("DaemonSet", "ds"))
+        return out
+
+    monkeypatch.setattr(kube, "handle", handle)
 
 
 # -- the cordon decision comes from the node ------------------------------------------------
@@ -59,8 +71,8 @@ def test_cordon_whose_answer_was_lost_reports_changed_and_audits(cli, kube, kc, 
     assert [(e["action"], e.get("changed")) for e in audit_entries(_isolated_home)] == [("node.cordon", True)]
 
 
-def test_drain_restores_a_cordon_whose_answer_was_lost(cli, kube, kc, _isolated_home):
-    ds_blocked_node(kube)
+def test_drain_restores_a_cordon_whose_answer_was_lost(cli, kube, kc, _isolated_home, monkeypatch):
+    ds_blocked_node(kube, monkeypatch)
     kube.cut(r"^/api/v1/nodes/n1", method="PATCH", times=1)
     r = node_cli(cli, kc, "drain", "n1")
     assert r.exit_code == 5, r.stderr
@@ -69,11 +81,11 @@ def test_drain_restores_a_cordon_whose_answer_was_lost(cli, kube, kc, _isolated_
     assert entry["result"] == "error" and entry["restored"] is True
 
 
-def test_drain_restores_a_cordon_answered_after_the_request_timeout(cli, kube, kc):
+def test_drain_restores_a_cordon_answered_after_the_request_timeout(cli, kube, kc, monkeypatch):
     """The server holds the PATCH past --request-timeout and applies it later: the drain
     sends it again (conditional on the resourceVersion: one of the two lands), and restores
     the node when the drain is refused. The late one meets 409 and changes nothing."""
-    ds_blocked_node(kube)
+    ds_blocked_node(kube, monkeypatch)
     kube.delay(r"^/api/v1/nodes/n1", 2, times=1, method="PATCH")
     r = cli(["--kubeconfig", kc, "--request-timeout", "1s", "node", "drain", "n1"])
     assert r.exit_code == 5, r.stderr
@@ -86,7 +98,7 @@ def test_drain_restores_a_cordon_answered_after_the_request_timeout(cli, kube, k
 def test_drain_never_uncordons_a_node_cordoned_between_its_read_and_its_patch(cli, kube, kc, monkeypatch):
     """Another SRE's kubectl cordon lands after cordon() read the node schedulable: our
     PATCH meets 409, the node is read again and found cordoned: recorded, left cordoned."""
-    ds_blocked_node(kube)
+    ds_blocked_node(kube, monkeypatch)
     orig = kube.handle
     done = []
 
@@ -108,7 +120,7 @@ def test_drain_never_uncordons_a_node_cordoned_between_its_read_and_its_patch(cl
 def test_drain_leaves_a_node_whose_record_is_no_longer_its_own(cli, kube, kc, monkeypatch):
     """Between the drain's cordon and its restore, another katactl run records its own cordon
     on the node: the restore is not this drain's to make."""
-    ds_blocked_node(kube)
+    ds_blocked_node(kube, monkeypatch)
     orig = kube.handle
 
     def handle(method, path, query, body, user, accept):

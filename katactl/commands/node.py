@@ -204,7 +204,8 @@ def drain(
     The same filters in the same order: mirror pods skipped; DaemonSet pods
     refused unless --ignore-daemonsets; emptyDir pods unless
     --delete-emptydir-data; pods without a controller unless --force. A
-    refusal lists every offending pod (exit 5) and changes nothing. Evictions
+    refusal lists every offending pod (exit 5) and changes nothing: unlike
+    kubectl, the filters run before the cordon (and again after it). Evictions
     go through policy/v1, concurrently; a PodDisruptionBudget's refusal is
     retried every 5 s, and a server error carrying Retry-After after that
     delay, until --timeout (exit 6); any other refusal (a 409 too) fails that
