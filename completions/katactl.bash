@@ -53,7 +53,7 @@ _katactl_at() {
         "katactl node cordon") words=""; own="--reason --dry-run -h --help"; valopts="--reason" ;;
         "katactl node uncordon") words=""; own="--force --dry-run -h --help"; valopts="" ;;
         "katactl node drain") words=""; own="--ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help"; valopts="--grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel" ;;
-        "katactl node check") words=""; own="--fail-on --node-facts --kata-root -h --help"; valopts="--fail-on --kata-root" ;;
+        "katactl node check") words=""; own="--fail-on --node-facts --kata-root --ignore-daemonsets --delete-emptydir-data --force -h --help"; valopts="--fail-on --kata-root" ;;
         "katactl node agent") words="install status uninstall gc"; own="-h --help"; valopts="" ;;
         "katactl node agent install") words=""; own="--image --dry-run -h --help"; valopts="--image" ;;
         "katactl node agent status") words=""; own="-h --help"; valopts="" ;;

@@ -163,7 +163,7 @@ function __katactl_path
                     set own --ignore-daemonsets --delete-emptydir-data --force --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --disable-eviction --kata-only --stale-release --kata-root --keep-cordoned --reason --parallel --dry-run -h --help
                     set valopts --grace-period --timeout --pod-selector --skip-wait-for-delete-timeout --kata-root --reason --parallel
                 case 'katactl node check'
-                    set own --fail-on --node-facts --kata-root -h --help
+                    set own --fail-on --node-facts --kata-root --ignore-daemonsets --delete-emptydir-data --force -h --help
                     set valopts --fail-on --kata-root
                 case 'katactl node agent'
                     set own -h --help
@@ -570,6 +570,9 @@ complete -c katactl -n "test (__katactl_path) = 'katactl node drain'" -s h -l he
 complete -c katactl -n "test (__katactl_path) = 'katactl node check'" -l fail-on -x -d 'Exit 8 when a finding has this severity or higher: info, low'
 complete -c katactl -n "test (__katactl_path) = 'katactl node check'" -l node-facts -d 'Also read the node itself (over SSH, or --host-root): Kata r'
 complete -c katactl -n "test (__katactl_path) = 'katactl node check'" -l kata-root -r -F -d 'Kata install root on the node'
+complete -c katactl -n "test (__katactl_path) = 'katactl node check'" -l ignore-daemonsets -d 'Check for a drain with --ignore-daemonsets'
+complete -c katactl -n "test (__katactl_path) = 'katactl node check'" -l delete-emptydir-data -d 'Check for a drain with --delete-emptydir-data'
+complete -c katactl -n "test (__katactl_path) = 'katactl node check'" -l force -d 'Check for a drain with --force'
 complete -c katactl -n "test (__katactl_path) = 'katactl node check'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl node agent'" -a install -d 'Apply the katactl node agent DaemonSet in --agent-namespace.'
 complete -c katactl -n "test (__katactl_path) = 'katactl node agent'" -a status -d 'The agent DaemonSet and, per node, its pod and any ephemeral'

@@ -1002,10 +1002,17 @@ def _finding(severity: str, check: str, target: str, message: str, **extra) -> d
     return {"severity": severity, "check": check, "target": target, "message": message, **extra}
 
 
-def check(api: KubeAPI, name: str) -> list[dict]:
+def check(api: KubeAPI, name: str, drain: DrainOptions | None = None) -> list[dict]:
     """A read-only maintenance preflight of one node: is it Ready, what would
     block or complicate a drain right now (and why), and its Kata pods with
-    their RuntimeClass and declared overhead. Findings carry a severity."""
+    their RuntimeClass and declared overhead. Findings carry a severity.
+
+    drain: the drain this check answers for (node check's filter flags). A pod its filters
+    refuse is a high drain-filter finding, so that a check passing at the default --fail-on
+    high is a drain that passes its filters; a pod it skips or deletes with kubectl's
+    warning (an ignored DaemonSet pod, --force on a pod without a controller) is info.
+    None (a rollout's check step and post-soak check: no drain to come): the refusals of a
+    flag-less drain, DaemonSet pods info and the others medium."""
     node = get_node(api, name)
     out: list[dict] = []
     status = node_status(node)
@@ -1040,12 +1047,14 @@ def check(api: KubeAPI, name: str) -> list[dict]:
         pdbs = []
         out.append(_finding("high", "pdb-unknown", name, "cannot list PodDisruptionBudgets: whether one "
                             f"blocks the drain is unknown ({e.message})"))
-    _, _, errors, _ = classify(api, pods, DrainOptions(), rcs)
-    severity = {"DaemonSet": "info", "local storage": "medium", "no controller": "medium"}
+    _, _, errors, warnings = classify(api, pods, drain or DrainOptions(), rcs)
     for msg, refs in errors.items():
-        sev = next((v for k, v in severity.items() if k in msg), "medium")
+        sev = "high" if drain else "info" if "DaemonSet" in msg else "medium"
         for ref in refs:
             out.append(_finding(sev, "drain-filter", ref, f"kubectl drain refuses: {msg}"))
+    for msg, refs in warnings.items() if drain else ():
+        for ref in refs:
+            out.append(_finding("info", "drain-filter", ref, f"kubectl drain goes on, warning: {msg}"))
     now = dt.datetime.now(dt.timezone.utc)
     for pod in pods:
         ref, meta = _ref(pod), pod["metadata"]

@@ -522,6 +522,38 @@ def test_check_reports_blockers_with_numbers(cli, kube, kc):
     assert r.exit_code == 0
 
 
+def _check_and_drain_node(kube):
+    kube.add_node("n1")
+    kube.add_node("spare")  # replacements land here
+    kube.add_daemonset("ds", "default", {"app": "ds"})
+    kube.add_pod("ds-n1", "default", "n1", {"app": "ds"}, owner=("DaemonSet", "ds"))
+    kube.add_pod("bare", "default", "n1")  # no controller
+    kube.add_replicaset("scratch", "default", 1, {"app": "scratch"})
+    kube.add_pod("scratch-0", "default", "n1", {"app": "scratch"}, owner=("ReplicaSet", "scratch"), empty_dir=True)
+
+
+@pytest.mark.parametrize("flags,refused", [
+    ([], {"default/ds-n1", "default/bare", "default/scratch-0"}),
+    (["--ignore-daemonsets"], {"default/bare", "default/scratch-0"}),
+    (["--ignore-daemonsets", "--force"], {"default/scratch-0"}),
+    (["--ignore-daemonsets", "--force", "--delete-emptydir-data"], set()),
+])
+def test_check_passes_exactly_when_a_drain_with_the_same_flags_passes_its_filters(cli, kube, kc, flags, refused):
+    """`node check && node drain` agree: a pod the drain's filters refuse is a high finding
+    (the default --fail-on); one the drain skips or deletes with a warning is info."""
+    _check_and_drain_node(kube)
+    r = node_cli(cli, kc, "check", "n1", *flags, "-o", "json")
+    assert r.exit_code == (8 if refused else 0), r.stdout + r.stderr
+    found = {f["target"]: f for f in r.json()["items"] if f["check"] == "drain-filter"}
+    assert {t for t, f in found.items() if f["severity"] == "high"} == refused
+    assert {t for t, f in found.items() if f["severity"] != "high"} == \
+        {"default/ds-n1", "default/bare", "default/scratch-0"} - refused
+    assert all(f["severity"] == "info" for t, f in found.items() if t not in refused)
+    assert not any(q["method"] != "GET" for q in kube.requests)  # read-only
+    r = node_cli(cli, kc, "drain", "n1", *flags, "--grace-period", "0", "--timeout", "60s")
+    assert r.exit_code == (5 if refused else 0), r.stderr
+
+
 # -- kubectl and katactl on twin nodes ------------------------------------------------
 
 def test_kubectl_and_katactl_drain_twins_alike(cli, kube, kc, kubectl_133):

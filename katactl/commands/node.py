@@ -305,11 +305,19 @@ def check(
                                     help="Also read the node itself (over SSH, or --host-root): Kata release, "
                                          "sandboxes on other releases, uncollected vmcores."),
     kata_root: str = typer.Option("/opt/kata", "--kata-root", metavar="DIR", help="Kata install root on the node."),
+    ignore_daemonsets: bool = typer.Option(False, "--ignore-daemonsets",
+                                           help="Check for a drain with --ignore-daemonsets."),
+    delete_emptydir_data: bool = typer.Option(False, "--delete-emptydir-data",
+                                              help="Check for a drain with --delete-emptydir-data."),
+    force: bool = typer.Option(False, "--force", help="Check for a drain with --force."),
 ) -> None:
     """Read-only maintenance preflight: what would make a drain of these nodes fail.
 
-    Reports a NotReady node; pods a drain would refuse (DaemonSet, emptyDir,
-    no controller) and why; PodDisruptionBudgets allowing 0 disruptions now,
+    Reports a NotReady node; pods a 'node drain' with the same filter flags
+    (--ignore-daemonsets, --delete-emptydir-data, --force) would refuse, and
+    why: high, so that with the default --fail-on a check that passes is a drain
+    its filters let through (pods it would skip or delete with a warning: info);
+    PodDisruptionBudgets allowing 0 disruptions now,
     with their numbers (budgets it may not list: a high finding, pdb-unknown);
     pods under several budgets (the eviction API refuses them); pods stuck terminating; Kata pods with their RuntimeClass and
     declared overhead (or its absence). With --node-facts, also the node's
@@ -320,7 +328,7 @@ def check(
 
     \b
     Examples:
-      katactl node check node-1
+      katactl node check node-1 --ignore-daemonsets && katactl node drain node-1 --ignore-daemonsets
       katactl node check -l pool=batch --fail-on medium -o json
       katactl node check node-1 --node-facts
     """
@@ -335,8 +343,11 @@ def check(
     targets = _targets(app_ctx, names)
     _one_root(app_ctx, targets, "--node-facts" if node_facts else None)
 
+    drain = nodes.DrainOptions(ignore_daemonsets=ignore_daemonsets, delete_emptydir_data=delete_emptydir_data,
+                               force=force, agent_namespace=app_ctx.settings.agent_namespace)
+
     def check_one(api, n: str) -> list[dict]:
-        findings = nodes.check(api, n)
+        findings = nodes.check(api, n, drain)
         if node_facts:
             with nodes.node_transport(app_ctx.settings, n) as t:
                 findings += nodes.check_node_facts(n, nodes.kata_facts(t, kata_root))

@@ -412,7 +412,10 @@ def run_check(api, node: str, fail_on: str, findings: list[dict] | None = None) 
 
 @_register("check", "kube", ("node", "check"),
            "= node check: fail the node on findings at or above --fail-on (default high).",
-           uses={"fail_on", "node_facts", "kata_root"}, refuses={"names": NODES},
+           uses={"fail_on", "node_facts", "kata_root"},
+           refuses={"names": NODES, **dict.fromkeys(("ignore_daemonsets", "delete_emptydir_data", "force"),
+                    "is not for a step: the check step judges no drain to come (a drain step refuses by itself, "
+                    "before its cordon)")},
            check=lambda a: _check_sev(a.fail_on))
 def _check(ctx, a):
     facts = None
