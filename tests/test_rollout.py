@@ -148,7 +148,7 @@ def test_run_restores_only_what_it_cordoned_and_releases_the_lock(cli, kube, kc,
     # re-running a finished rollout changes nothing
     kube.requests.clear()
     again = ro(cli, kc, "run", "r1", "-l", "pool=batch", "--max-unavailable", "2", "--step", "cordon",
-               "--step", "check", "-o", "json")
+               "--step", "check", "--step", "uncordon", "-o", "json")
     assert again.exit_code == 0 and again.json()["changed"] is False
     assert not [q for q in kube.requests if q["method"] in MUTATING]
     st = ro(cli, kc, "status", "r1", "-o", "json").json()
@@ -427,6 +427,22 @@ def test_window_closed_times_out_and_resume_continues(cli, kube, kc):
     assert ev[-1]["phase"] == "Stopped" and lease(kube)["spec"]["holderIdentity"] == ""
 
 
+def test_a_stored_gate_url_with_credentials_is_said_redacted(cli, kube, kc, _isolated_home):
+    """A plan stored by an earlier katactl with user:password@ in its --alert-gate still
+    resumes, but the password is never said: events, stderr and the audit log name the URL
+    as Go's url.Redacted() does (user:xxxxx@)."""
+    fleet(kube, 2)
+    r = ro(cli, kc, "run", "r27", "-N", "n0,n1", "--canary", "1", "--step", "check", "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused", r.stderr
+    _edit_state(kube, "r27", lambda st: st["plan"]["policy"].update(alertGate="http://ops:S3cr3t@127.0.0.1:1",
+                                                                    gateTimeout=0.3))
+    r = ro(cli, kc, "resume", "r27", "-o", "jsonl")
+    assert r.exit_code == 6, r.stderr
+    closed = [e for e in events(r.stdout) if e["kind"] == "GateClosed"]
+    assert closed and "cannot query Alertmanager http://ops:xxxxx@127.0.0.1:1" in closed[0]["message"]
+    assert "S3cr3t" not in r.stdout + r.stderr + (_isolated_home / "state/katactl/audit.log").read_text()
+
+
 def test_canary_pauses_then_resume_pause_and_abort(cli, kube, kc):
     fleet(kube, 4, zones=1)
     r = ro(cli, kc, "run", "r8", "-l", "pool=batch", "--canary", "1", "--max-unavailable", "2",
@@ -466,6 +482,36 @@ def test_abort_restores_nodes_a_killed_rollout_left_cordoned(cli, kube, kc):
     kube.add_node("n9", unschedulable=True)  # not in the rollout: untouched
     a = ro(cli, kc, "abort", "r10", "-o", "json")
     assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
+    assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n9": True}
+
+
+def test_a_stored_plan_resumes_and_aborts_whatever_katactl_checks_since(cli, kube, kc):
+    """A stored duration parses back (--soak 0.01ms was stored as 1e-05, which resume then
+    refused: exit 2); a stored plan keeps what later checks refuse (--poll under the floor, a
+    'localtime' window); one that no longer validates at all (a step this katactl refuses) is
+    still aborted, from the nodes' cordon records, and resume says so."""
+    fleet(kube, 3)
+    r = ro(cli, kc, "run", "r25", "-N", "n0,n1", "--canary", "1", "--soak", "0.01ms", "--step", "cordon",
+           "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused", r.stderr
+    _edit_state(kube, "r25", lambda st: st["plan"]["policy"].update(poll=0.01, windows=["daily 00:00-24:00 localtime"]))
+    r = ro(cli, kc, "resume", "r25", "-o", "json")
+    assert r.exit_code == 0 and r.json()["phase"] == "Succeeded", r.stderr
+
+    r = ro(cli, kc, "run", "r26", "-N", "n1,n2", "--canary", "1", "--step", "cordon", "--step", "check",
+           "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused", r.stderr
+    other = next(n for n in ("n1", "n2") if r.json()["items"][0]["name"] != n)
+    _edit_state(kube, "r26", lambda st: (st["plan"].update(steps=["cordon", "check --fail-on extreme"]),
+                                         st.update(phase="Running"),
+                                         st["nodes"][other].update(phase="running", step=1, wasUnschedulable=False)))
+    _cordon_as_rollout(kube, "r26", other)
+    kube.add_node("n9", unschedulable=True)  # not in the rollout: untouched
+    r = ro(cli, kc, "resume", "r26", "-o", "json")
+    assert r.exit_code == 2 and "no longer validates" in r.stderr and "rollout abort r26" in r.stderr, r.stderr
+    a = ro(cli, kc, "abort", "r26", "-o", "json")
+    assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
+    assert "no longer validates" in a.stderr and "cordon records" in a.stderr
     assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n9": True}
 
 
@@ -878,6 +924,17 @@ BAD = [
     (["--step", "cordon", "--state", "file"], "need the Kubernetes API"),
     (["--step", "cordon", "--state", "nowhere"], "--state"),
     (["--step", "cordon", "--lock-namespace", "Bad_NS"], "invalid Kubernetes name"),
+    (["--step", "cordon", "--poll", "1ms"], "invalid --poll '1ms': at least 50ms"),
+    (["--step", "cordon", "--poll", "0.01ms"], "at least 50ms"),
+    (["--step", "cordon", "--window", "Mon 02:00-03:00 localtime"], "unknown time zone 'localtime'"),
+    (["--step", "cordon", "--window", "Mon 02:00-03:00 posixrules"], "unknown time zone 'posixrules'"),
+    (["--step", "cordon", "--window", "Mon 02:00-03:00 posix/UTC"], "unknown time zone 'posix/UTC'"),
+    (["--step", "cordon", "--canary", "2", "--max-unavailable", "50%"],
+     "--canary 2 takes more nodes out at once than --max-unavailable 50% (1 of the 2 selected node(s))"),
+    (["--step", "cordon", "--lock-ttl", "2s"], "invalid --lock-ttl '2s': at least 3s"),
+    (["--step", "cordon", "--alert-gate", "http://ops:S3cr3t@127.0.0.1:1"],
+     "invalid --alert-gate 'http://ops:xxxxx@127.0.0.1:1': a URL with credentials"),
+    (["--step", "cordon", "--alert-gate", "ftp://ops:S3cr3t@127.0.0.1:1"], "'ftp://ops:xxxxx@127.0.0.1:1'"),
 ]
 
 
@@ -887,7 +944,7 @@ def test_bad_input_is_exit_2_and_touches_nothing(cli, kube, kc, args, needle):
     for verb in ("plan", "run"):
         r = ro(cli, kc, verb, "r1", "-l", "pool=batch", *args, "-o", "json")
         assert r.exit_code == 2, (verb, r.stdout, r.stderr)
-        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert needle in r.stderr and "Traceback" not in r.stderr and "S3cr3t" not in r.stderr + r.stdout
         assert r.json()["kind"] == "Error"
     assert not [q for q in kube.requests if q["method"] in MUTATING]
 
@@ -908,6 +965,11 @@ BAD_FILES = [
     ("steps: [cordon]\npolicy:\n  maxUnavailable: 1\n  soak: 10m\n  maxUnavailable: 100%\n",
      "(line 5, column 3): mapping key 'maxUnavailable' already defined at line 3"),
     ('{"name": "r1", "steps": ["cordon"],\n "name": "r2"}', "mapping key 'name' already defined at line 1"),
+    ("steps: [cordon]\nlockTTL: 0\n", "invalid --lock-ttl '0': must be greater than zero"),
+    ("steps: [cordon]\nlockTTL: 2\n", "invalid --lock-ttl 2: at least 3s"),
+    ("steps: [cordon]\npolicy: {poll: 0.001}\n", "at least 50ms"),
+    ("steps: [cordon]\npolicy: {canary: 4, maxUnavailable: 25%}\n", "conflicting policy: --canary 4"),
+    ("steps: [cordon]\npolicy: {windows: ['daily 01:00-02:00 localtime']}\n", "unknown time zone"),
 ]
 
 

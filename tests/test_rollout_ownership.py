@@ -58,6 +58,18 @@ def test_a_last_batch_over_the_failure_budget_ends_stopped_and_within_it_complet
     r = ro(cli, kc, "run", "r3", "-N", "n0,n1", "--on-failure", "skip", "--failure-budget", "1",
            "--step", "check", "--poll", "0.1", "-o", "json")
     assert (r.exit_code, r.json()["phase"]) == (4, "CompletedWithFailures"), r.json()["reason"]
+    # the same run again (an Ansible retry) changes nothing and keeps exit 4: not a success
+    again = ro(cli, kc, "run", "r3", "-N", "n0,n1", "--on-failure", "skip", "--failure-budget", "1",
+               "--step", "check", "--poll", "0.1", "-o", "json")
+    assert (again.exit_code, again.json()["changed"]) == (4, False), again.stderr
+    assert "--retry-failed" in again.stderr
+    # another plan under the finished rollout's name is refused, not reported done
+    for other in (["-N", "n0,n1", "--step", "cordon", "--step", "uncordon"], ["-N", "n0,n1,n2", "--step", "check"]):
+        r = ro(cli, kc, "run", "r3", *other, "--poll", "0.1", "-o", "json")
+        assert r.exit_code == 5 and "this plan was not run" in r.stderr, (other, r.stderr)
+    # ... but another pace (policy) for the same steps and nodes is the same, finished rollout
+    r = ro(cli, kc, "run", "r3", "-N", "n0,n1", "--step", "check", "--soak", "1s", "-o", "json")
+    assert (r.exit_code, r.json()["changed"]) == (4, False), r.stderr
 
 
 # -- the uncordon step undoes only the rollout's own cordon --------------------------------------

@@ -98,8 +98,7 @@ def _build_plan(app_ctx, name: str | None, d: dict, lock_namespace, lock_ttl, ba
     from katactl.errors import Refused, UsageError
     from katactl.fleet import select_nodes
     from katactl.rollout import plan as plan_mod
-    from katactl.rollout.policy import Policy
-    from katactl.values import parse_duration
+    from katactl.rollout.policy import Policy, check_canary
 
     if d.get("name") and name and d["name"] != name:
         raise UsageError(f"the rollout is named {name!r} but the plan file says name: {d['name']!r}")
@@ -112,9 +111,7 @@ def _build_plan(app_ctx, name: str | None, d: dict, lock_namespace, lock_ttl, ba
         raise UsageError(f"invalid --state {backend!r}: choose from {', '.join(plan_mod.BACKENDS)}")
     lock_ns = lock_namespace or d.get("lockNamespace") or "kube-system"
     kube.seg(lock_ns)
-    ttl = parse_duration(lock_ttl if lock_ttl is not None else str(d.get("lockTTL") or "60s"), what="--lock-ttl")
-    if ttl < 3:
-        raise UsageError(f"invalid --lock-ttl {lock_ttl}: at least 3s")
+    ttl = plan_mod.lock_ttl(lock_ttl, d.get("lockTTL"))
     settings = app_ctx.settings
     selector = settings.selector or d.get("selector")
     if d.get("nodes") or d.get("nodesFrom"):
@@ -146,6 +143,7 @@ def _build_plan(app_ctx, name: str | None, d: dict, lock_namespace, lock_ttl, ba
         infos = plan_mod.node_infos(api, names or None, selector, policy.spread_by, meta)
     else:
         infos = [plan_mod.NodeInfo(n) for n in names]
+    check_canary(policy, len(infos))
     p = plan_mod.Plan(name, infos, steps, policy, plan_mod.make_batches(infos, policy), backend, lock_ns, ttl,
                       {"selector": selector, "nodes": names or None})
     if api is not None:
@@ -437,7 +435,10 @@ def run_cmd(
     store = _open_store(app_ctx, p, p.lock_namespace, p.lock_ttl, api)
     existing = store.load(p.name)
     if existing is not None and existing.get("phase") in ("Succeeded", "CompletedWithFailures"):
-        app_ctx.out.info(f"rollout {p.name} already finished ({existing['phase']}): nothing to do")
+        _refuse_another_plan(p, existing)
+        app_ctx.out.info(f"rollout {p.name} already finished ({existing['phase']}): nothing to do"
+                         + (f"; 'katactl rollout resume {p.name} --retry-failed' retries its failed nodes"
+                            if existing["phase"] == "CompletedWithFailures" else ""))
         _render_finished(app_ctx, store, existing)
         return
     if existing is not None:
@@ -477,15 +478,36 @@ def _release_stale(store, name: str) -> None:
     store.release()
 
 
+def _refuse_another_plan(p, existing: dict) -> None:
+    """``rollout run NAME`` again is a no-op only for the same rollout: another plan under a
+    finished rollout's name (other steps or nodes) would otherwise be reported done without
+    running (exit 5: the name is taken). The policy (pacing, gates, budget) is how the steps
+    were run, not what was done: a re-run that only changes it is the same, finished rollout."""
+    import json
+
+    from katactl.errors import Refused
+
+    old = existing.get("plan") or {}
+    new = json.loads(json.dumps(p.to_dict()))  # as stored: tuples are lists
+    differ = ["steps"] if old.get("steps") != new["steps"] else []
+    if sorted(old.get("nodes") or {}) != sorted(new["nodes"]):
+        differ.append("nodes")
+    if differ:
+        raise Refused(f"rollout {p.name} already finished ({existing.get('phase')}) with other "
+                      f"{', '.join(differ)}: this plan was not run",
+                      hint="give the new rollout another NAME")
+
+
 def _render_finished(app_ctx, store, st: dict, dry_run: bool = False) -> None:
     """A rollout that already ended: release a lock its dead process left, and show it
-    (exit 0, changed: false)."""
+    (changed: false). Succeeded is exit 0; CompletedWithFailures keeps its exit code (4):
+    a re-run (an Ansible retry) must not turn failed nodes into success."""
     from katactl.rollout import engine
 
     if not dry_run:
         _release_stale(store, st["name"])
     summ = engine.summary(st)
-    summ["exitCode"] = 0
+    summ["exitCode"] = (summ.get("exitCode") or 4) if st["phase"] == "CompletedWithFailures" else 0
     _render_summary(app_ctx, summ, changed=False, dry_run=dry_run)
 
 
@@ -678,7 +700,7 @@ def resume_cmd(
       katactl rollout resume kata-3-10 --retry-failed
     """
     from katactl import audit
-    from katactl.errors import Refused
+    from katactl.errors import Refused, UsageError
     from katactl.rollout.plan import Plan
 
     app_ctx = state(ctx)
@@ -693,7 +715,11 @@ def resume_cmd(
         return
     if st["phase"] == "Aborted":
         raise Refused(f"rollout {name} was aborted: start a new rollout (another NAME) instead")
-    plan = Plan.from_dict(st["plan"])
+    try:
+        plan = Plan.from_dict(st["plan"])
+    except UsageError as e:  # a step or value a later katactl refuses: abort still restores
+        raise UsageError(f"the stored plan of rollout {name} no longer validates: {e.message}",
+                         hint=f"'katactl rollout abort {name}' restores its nodes from their cordon records") from None
     if dry_run:
         _dry_run(app_ctx, plan, store, st, retry=failed if retry_failed else [])
         return
@@ -773,7 +799,7 @@ def abort_cmd(
     audit.require_writable()  # before the request and the lock
     store.set_control(name, {"abort": True, "now": now or None, "by": holder_identity(name).rsplit("/", 1)[0]})
     audit.record("rollout.abort", name, params={"rollout": name, "now": now}, changed=True)
-    plan = Plan.from_dict(st["plan"])
+    plan = Plan.for_abort(st["plan"], app_ctx.out.warn)
     lock, holder = _abort_lock(store, name)
     if lock == "alive":  # its own process holds the lock: it aborts itself
         app_ctx.out.info(f"rollout {name} is running elsewhere: abort requested, waiting for it")
