@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from katactl.rollout.policy import Policy, in_windows
+from katactl.rollout.policy import Policy, in_windows, redact_url
 
 
 @dataclasses.dataclass
@@ -71,7 +71,7 @@ def check(policy: Policy, now: dt.datetime | None = None, timeout: float = 10.0)
             alerts = firing_alerts(policy.alert_gate, policy.alert_filters, timeout)
         except Exception as e:  # noqa: BLE001 - any failure closes the gate, with its reason
             return GateState(False, "alertmanager-error",
-                             f"cannot query Alertmanager {policy.alert_gate}: {' '.join(str(e).split()) or type(e).__name__}")
+                             f"cannot query Alertmanager {redact_url(policy.alert_gate)}: {' '.join(str(e).split()) or type(e).__name__}")
         if alerts:
             names = sorted({a["labels"].get("alertname", "?") for a in alerts})
             return GateState(False, "alerts", f"{len(alerts)} alert(s) firing: {', '.join(names)}", alerts)

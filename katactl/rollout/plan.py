@@ -152,6 +152,20 @@ def check_uncordon_steps(steps: list[Step]) -> None:
                              f"step before it cordons ({cordoning}): remove it, or add a cordon step before it")
 
 
+def lock_ttl(flag: str | None, file_value) -> float:
+    """--lock-ttl, else the plan file's lockTTL, else 60s: at least 3s (the Lease is renewed
+    every third of it). A file's 0 is refused like the flag's, not taken for "unset"."""
+    from katactl.rollout.policy import _dur
+
+    given = flag if flag is not None else file_value
+    if given is None:
+        return 60.0
+    ttl = _dur(given, "--lock-ttl", allow_zero=False)
+    if ttl < 3:
+        raise UsageError(f"invalid --lock-ttl {given!r}: at least 3s")
+    return ttl
+
+
 def needs_kube(steps: list[Step]) -> bool:
     return any(s.kind == "kube" for s in steps)
 
@@ -299,11 +313,35 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         """A stored plan (resume): the same steps, policy and batches."""
         p = d["policy"]
-        pol = Policy.from_dict({**p, "canarySoak": p.get("canarySoak"), "spreadBy": p.get("spreadBy") or ""})
+        pol = Policy.from_dict({**p, "canarySoak": p.get("canarySoak"), "spreadBy": p.get("spreadBy") or ""},
+                               stored=True)
         nodes = [NodeInfo(k, v.get("zone"), v.get("unschedulable", False), v.get("ready", True))
                  for k, v in d["nodes"].items()]
         return cls(d["name"], nodes, [parse_step(s) for s in d["steps"]], pol, d["batches"], d["backend"],
                    d.get("lockNamespace", "kube-system"), d.get("lockTTL", 60.0), d.get("selection") or {})
+
+    @classmethod
+    def for_abort(cls, d: dict, warn) -> "Plan":
+        """The stored plan as abort needs it: from_dict, or, when that no longer validates (a
+        step a later katactl refuses, a time zone gone from tzdata), its nodes, batches and
+        lock under the default policy, a step that no longer parses standing as one that
+        cordons: abort restores from the nodes' cordon records (the ids the state saved),
+        never from the steps, so it still uncordons exactly what the rollout cordoned."""
+        try:
+            return cls.from_dict(d)
+        except UsageError as e:
+            warn(f"the stored plan of rollout {d.get('name')} no longer validates ({e.message}): "
+                 "aborting it from its nodes' cordon records")
+        steps = []
+        for text in d.get("steps") or []:
+            try:
+                steps.append(parse_step(text))
+            except UsageError:
+                steps.append(parse_step("cordon"))
+        nodes = [NodeInfo(k, v.get("zone"), v.get("unschedulable", False), v.get("ready", True))
+                 for k, v in d["nodes"].items()]
+        return cls(d["name"], nodes, steps, Policy(), d["batches"], d["backend"],
+                   d.get("lockNamespace", "kube-system"), float(d.get("lockTTL") or 60.0), d.get("selection") or {})
 
     def describe_nodes(self) -> list[dict]:
         """One row per node: batch, zone, state now, and what it will go through."""

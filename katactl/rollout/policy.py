@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import decimal
+import functools
 import math
 import re
 
@@ -17,6 +19,13 @@ ON_FAILURE = ("stop", "skip", "continue")
 DEFAULT_SPREAD = "topology.kubernetes.io/zone"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+#: the shortest --poll: each poll reads the rollout's state (and, at a closed gate, its
+#: nodes) from the API, so 1ms sent ~480 requests a second
+POLL_MIN = 0.05
+#: zoneinfo files that are no IANA zone: Debian's tzdata adds localtime -> /etc/localtime
+#: (this machine's zone: another one resuming the rollout reads other hours)
+_NOT_IANA = frozenset({"localtime", "posixrules"})
 
 _COUNT = re.compile(r"(\d{1,9})(%?)", re.ASCII)
 
@@ -113,8 +122,17 @@ def _days(spec: str, text: str) -> frozenset:
     return frozenset(out)
 
 
-def parse_window(text: str) -> Window:
-    """'Mon-Fri 02:00-05:00 Europe/Paris' (time zone optional, UTC by default)."""
+@functools.lru_cache(maxsize=1)
+def _iana_zones() -> frozenset:
+    from zoneinfo import available_timezones
+
+    return frozenset(available_timezones()) - _NOT_IANA
+
+
+def parse_window(text: str, *, iana: bool = True) -> Window:
+    """'Mon-Fri 02:00-05:00 Europe/Paris' (time zone optional, UTC by default). ``iana``:
+    the zone must be an IANA name (zoneinfo.available_timezones(), not ``localtime`` nor a
+    ``posix/``/``right/`` copy); a stored plan (``iana=False``) keeps what it was given."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     parts = str(text or "").split()
@@ -132,7 +150,7 @@ def parse_window(text: str) -> Window:
         raise UsageError(f"invalid --window {text!r}: a window cannot start at 24:00")
     tz = parts[2] if len(parts) == 3 else "UTC"
     try:
-        if tz.startswith("/") or ".." in tz:
+        if tz.startswith("/") or ".." in tz or (iana and tz not in _iana_zones()):
             raise ValueError
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -281,8 +299,10 @@ class Policy:
                 "stepTimeout": self.step_timeout, "gateTimeout": self.gate_timeout, "poll": self.poll}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Policy":
-        """Build and check a policy from plan-file / flag values (camelCase keys)."""
+    def from_dict(cls, d: dict, *, stored: bool = False) -> "Policy":
+        """Build and check a policy from plan-file / flag values (camelCase keys). ``stored``:
+        a stored plan's (resume, abort): checks added since it was stored (the --poll floor,
+        IANA zone names, an --alert-gate without credentials) do not strand it."""
         p = cls()
         if d.get("maxUnavailable") is not None:
             p.max_unavailable = parse_count(d["maxUnavailable"], "--max-unavailable", allow_zero=False)
@@ -304,10 +324,10 @@ class Policy:
             raise UsageError(f"conflicting policy: --on-failure stop stops at the first failed node, "
                              f"so --failure-budget {p.failure_budget} can never be used "
                              "(use --on-failure skip or continue)")
-        p.windows = [parse_window(w) for w in _list(d.get("windows"), "--window")]
+        p.windows = [parse_window(w, iana=not stored) for w in _list(d.get("windows"), "--window")]
         gate = d.get("alertGate")
         if gate is not None:
-            p.alert_gate = check_gate_url(gate)
+            p.alert_gate = check_gate_url(gate, userinfo=stored)
         p.alert_filters = [parse_matcher(m) for m in _list(d.get("alertFilters"), "--alert-filter")]
         if p.alert_filters and not p.alert_gate:
             raise UsageError("conflicting policy: --alert-filter without --alert-gate URL")
@@ -322,6 +342,9 @@ class Policy:
             p.gate_timeout = _dur(d["gateTimeout"], "--gate-timeout", allow_zero=True)
         if d.get("poll") is not None:
             p.poll = _dur(d["poll"], "--poll", allow_zero=False)
+            if p.poll < POLL_MIN and not stored:
+                raise UsageError(f"invalid --poll {d['poll']!r}: at least {POLL_MIN * 1000:g}ms (each poll "
+                                 "reads the rollout's state from the API)")
         if p.canary_soak is not None and not p.canary:
             raise UsageError("conflicting policy: --canary-soak without --canary N")
         if not p.max_unavailable.percent and p.canary > p.max_unavailable.value:
@@ -330,7 +353,19 @@ class Policy:
         return p
 
 
-def check_gate_url(url) -> str:
+def check_canary(policy: "Policy", total: int) -> None:
+    """--canary against a percentage --max-unavailable, resolved on the selection's size
+    (``total`` nodes) as the batches are (Policy.from_dict checks a count alone)."""
+    mu = policy.max_unavailable.of(total, at_least_one=True)
+    if policy.max_unavailable.percent and policy.canary > mu:
+        raise UsageError(f"conflicting policy: --canary {policy.canary} takes more nodes out at once than "
+                         f"--max-unavailable {policy.max_unavailable} ({mu} of the {total} selected node(s))")
+
+
+def check_gate_url(url, *, userinfo: bool = False) -> str:
+    """An Alertmanager URL. Without ``userinfo``, one carrying credentials (user:pass@) is
+    refused: the URL is stored in the rollout's state (a ConfigMap in the lock namespace),
+    the audit log and its events, readable by many more than the credential should be."""
     from urllib.parse import urlsplit
 
     if not isinstance(url, str) or not url.strip():
@@ -338,16 +373,35 @@ def check_gate_url(url) -> str:
     try:
         u = urlsplit(url.strip())
     except ValueError as e:  # an unclosed IPv6 bracket: "Invalid IPv6 URL"
-        raise UsageError(f"invalid --alert-gate {url!r}: {e}") from None
+        raise UsageError(f"invalid --alert-gate {redact_url(url)!r}: {e}") from None
     if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment \
             or any(c.isspace() for c in url.strip()):
-        raise UsageError(f"invalid --alert-gate {url!r}: expected an Alertmanager URL such as "
+        raise UsageError(f"invalid --alert-gate {redact_url(url)!r}: expected an Alertmanager URL such as "
                          "http://alertmanager:9093")
     try:
         _ = u.port  # parsing the port raises for a bad one
     except ValueError:
-        raise UsageError(f"invalid --alert-gate {url!r}: bad port") from None
+        raise UsageError(f"invalid --alert-gate {redact_url(url)!r}: bad port") from None
+    if (u.username is not None or u.password is not None) and not userinfo:
+        raise UsageError(f"invalid --alert-gate {redact_url(url)!r}: a URL with credentials (user:password@) "
+                         "would be stored in the rollout's state, the audit log and its events",
+                         hint="reach Alertmanager without credentials: its in-cluster Service (or kubectl "
+                              "port-forward to it), or a proxy on localhost that adds them")
     return url.strip().rstrip("/")
+
+
+def redact_url(url: str) -> str:
+    """url with its password replaced by ``xxxxx``, as Go's net/url URL.Redacted() does."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(url)
+    except ValueError:
+        return url
+    if u.password is None:
+        return url
+    user = u.netloc.rpartition("@")[0].partition(":")[0]
+    return urlunsplit(u._replace(netloc=f"{user}:xxxxx@{u.netloc.rpartition('@')[2]}"))
 
 
 def _list(v, what: str) -> list:
@@ -382,5 +436,6 @@ def _dur(v, what: str, *, allow_zero: bool) -> float:
     if isinstance(v, bool):
         raise UsageError(f"invalid {what} {v!r}: expected a duration")
     if isinstance(v, (int, float)):
-        v = repr(v) if v >= 0 else f"-{-v}"
+        # written as a positional decimal: a stored 1e-05 (repr) is no duration parse_duration reads
+        v = format(decimal.Decimal(repr(v)), "f") if v >= 0 else f"-{-v}"
     return parse_duration(v, what=what, allow_zero=allow_zero)
