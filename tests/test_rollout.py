@@ -509,6 +509,8 @@ def test_a_stored_plan_resumes_and_aborts_whatever_katactl_checks_since(cli, kub
     kube.add_node("n9", unschedulable=True)  # not in the rollout: untouched
     r = ro(cli, kc, "resume", "r26", "-o", "json")
     assert r.exit_code == 2 and "no longer validates" in r.stderr and "rollout abort r26" in r.stderr, r.stderr
+    d = ro(cli, kc, "abort", "r26", "--dry-run", "-o", "json")
+    assert d.exit_code == 0 and d.json()["wouldUncordon"] == [other], d.stderr
     a = ro(cli, kc, "abort", "r26", "-o", "json")
     assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
     assert "no longer validates" in a.stderr and "cordon records" in a.stderr
@@ -844,7 +846,7 @@ def test_own_lease_is_taken_at_once_only_when_its_process_is_dead_in_this_pid_na
     assert {"boot", "pidns", "start"} <= set(session())
     session(pidns="pid:[1]")
     a = ro(cli, kc, "resume", "r23", "-o", "json")
-    assert a.exit_code == 5 and "already running" in a.stderr, a.stderr
+    assert a.exit_code == 5 and "already running (pid" in a.stderr and "in another pid namespace" in a.stderr, a.stderr
     assert unschedulable(kube)["a0"] is True
     session(pidns=os.readlink("/proc/self/ns/pid"), pid=os.getpid(), start="1")
     a = ro(cli, kc, "resume", "r23", "-o", "json")

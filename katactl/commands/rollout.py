@@ -770,7 +770,7 @@ def abort_cmd(
         _render_finished(app_ctx, store, st, dry_run)
         return
     if dry_run:
-        _dry_run(app_ctx, Plan.from_dict(st["plan"]), store, st, abort=True)
+        _dry_run(app_ctx, Plan.for_abort(st["plan"], app_ctx.out.warn), store, st, abort=True)
         return
     audit.require_writable()  # before the request and the lock
     store.set_control(name, {"abort": True, "now": now or None, "by": holder_identity(name).rsplit("/", 1)[0]})

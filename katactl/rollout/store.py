@@ -110,6 +110,12 @@ def session() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), **owner_identity()}
 
 
+def _pidns() -> str | None:
+    from katactl.upgrade.lock import owner_identity
+
+    return owner_identity().get("pidns")
+
+
 def micro_time(t: float | None = None) -> str:
     """MicroTime as the API server wants it: always six fractional digits."""
     return dt.datetime.fromtimestamp(time.time() if t is None else t, dt.timezone.utc) \
@@ -322,6 +328,8 @@ class KubeStore(Store):
     def _refuse_held(self, name: str, holder: str, sess: dict, spec: dict, left: float):
         if holder == holder_identity(name):
             where = f"pid {sess.get('pid')}" if sess.get("host") == socket.gethostname() else f"on {sess.get('host')}"
+            if sess.get("host") == socket.gethostname() and sess.get("pidns") not in (None, _pidns()):
+                where += " in another pid namespace"
             raise Refused(f"rollout {name} is already running ({where}); the lock is "
                           f"{self.ns}/{LEASE}, renewed {spec.get('renewTime')}",
                           hint="'katactl rollout pause|abort NAME' talks to it")
