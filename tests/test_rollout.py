@@ -148,7 +148,7 @@ def test_run_restores_only_what_it_cordoned_and_releases_the_lock(cli, kube, kc,
     # re-running a finished rollout changes nothing
     kube.requests.clear()
     again = ro(cli, kc, "run", "r1", "-l", "pool=batch", "--max-unavailable", "2", "--step", "cordon",
-               "--step", "check", "-o", "json")
+               "--step", "check", "--step", "uncordon", "-o", "json")
     assert again.exit_code == 0 and again.json()["changed"] is False
     assert not [q for q in kube.requests if q["method"] in MUTATING]
     st = ro(cli, kc, "status", "r1", "-o", "json").json()

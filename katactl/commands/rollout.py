@@ -435,7 +435,10 @@ def run_cmd(
     store = _open_store(app_ctx, p, p.lock_namespace, p.lock_ttl, api)
     existing = store.load(p.name)
     if existing is not None and existing.get("phase") in ("Succeeded", "CompletedWithFailures"):
-        app_ctx.out.info(f"rollout {p.name} already finished ({existing['phase']}): nothing to do")
+        _refuse_another_plan(p, existing)
+        app_ctx.out.info(f"rollout {p.name} already finished ({existing['phase']}): nothing to do"
+                         + (f"; 'katactl rollout resume {p.name} --retry-failed' retries its failed nodes"
+                            if existing["phase"] == "CompletedWithFailures" else ""))
         _render_finished(app_ctx, store, existing)
         return
     if existing is not None:
@@ -475,15 +478,36 @@ def _release_stale(store, name: str) -> None:
     store.release()
 
 
+def _refuse_another_plan(p, existing: dict) -> None:
+    """``rollout run NAME`` again is a no-op only for the same rollout: another plan under a
+    finished rollout's name (other steps or nodes) would otherwise be reported done without
+    running (exit 5: the name is taken). The policy (pacing, gates, budget) is how the steps
+    were run, not what was done: a re-run that only changes it is the same, finished rollout."""
+    import json
+
+    from katactl.errors import Refused
+
+    old = existing.get("plan") or {}
+    new = json.loads(json.dumps(p.to_dict()))  # as stored: tuples are lists
+    differ = ["steps"] if old.get("steps") != new["steps"] else []
+    if sorted(old.get("nodes") or {}) != sorted(new["nodes"]):
+        differ.append("nodes")
+    if differ:
+        raise Refused(f"rollout {p.name} already finished ({existing.get('phase')}) with other "
+                      f"{', '.join(differ)}: this plan was not run",
+                      hint="give the new rollout another NAME")
+
+
 def _render_finished(app_ctx, store, st: dict, dry_run: bool = False) -> None:
     """A rollout that already ended: release a lock its dead process left, and show it
-    (exit 0, changed: false)."""
+    (changed: false). Succeeded is exit 0; CompletedWithFailures keeps its exit code (4):
+    a re-run (an Ansible retry) must not turn failed nodes into success."""
     from katactl.rollout import engine
 
     if not dry_run:
         _release_stale(store, st["name"])
     summ = engine.summary(st)
-    summ["exitCode"] = 0
+    summ["exitCode"] = (summ.get("exitCode") or 4) if st["phase"] == "CompletedWithFailures" else 0
     _render_summary(app_ctx, summ, changed=False, dry_run=dry_run)
 
 
