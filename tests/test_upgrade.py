@@ -582,6 +582,29 @@ def test_lock_held_times_out_then_waits(cli, staged, katactl_bin):
     assert json.loads(out)["changed"] is True and current(node) == f"releases/{B}"
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused(cli, staged, tmp_path, kind):
+    """review 8 (upgrade) #6: the flock file was opened following symlinks, then truncated:
+    a symlink planted at releases/.katactl/lock (absolute: under --host-root it names a file
+    of this host) had katactl empty that file. Now a symlink or FIFO there is exit 5, one
+    line naming the lock file, and the file it points to keeps its content."""
+    J(cli, staged, "switch", A)
+    lock = rel(staged, ".katactl/lock")
+    os.remove(lock)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    if kind == "symlink":
+        os.symlink(victim, lock)
+    else:
+        os.mkfifo(lock)
+    r = K(cli, staged, "switch", B)
+    assert r.exit_code == 5, r.stderr
+    assert "/opt/kata/releases/.katactl/lock on localhost is not a regular file" in r.stderr.splitlines()[0]
+    assert "Traceback" not in r.stderr
+    assert victim.read_text() == "precious data\n" and current(staged) == f"releases/{A}"
+    assert not rel(staged, ".katactl/lock.d").exists()
+
+
 def test_two_concurrent_switches_never_half_switch(staged, katactl_bin):
     node = staged
     results = {}

@@ -31,16 +31,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import json
 import os
 import secrets
 import socket
+import stat
 import time
 from typing import TYPE_CHECKING
 
 from katactl.audit import current_user, now_iso, record
 from katactl.backends.base import NodeTransport
-from katactl.errors import KatactlError, TimeoutExpired
+from katactl.errors import KatactlError, Refused, TimeoutExpired
 
 if TYPE_CHECKING:
     from katactl.backends.local import LocalTransport
@@ -230,8 +232,7 @@ def node_lock(transport: NodeTransport, layout, *, timeout: float, on_wait=None)
 def _flock(transport: LocalTransport, layout, timeout, on_wait):
     import fcntl
 
-    real = transport.real(layout.lock)
-    fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open_lock_file(transport, layout)
     try:
         deadline = time.monotonic() + timeout
         told = False
@@ -258,6 +259,32 @@ def _flock(transport: LocalTransport, layout, timeout, on_wait):
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _open_lock_file(transport: LocalTransport, layout) -> int:
+    """The flock file, opened as audit.py opens its log: never through a symlink (under
+    --host-root an absolute one would name a file of this host, which katactl, root, then
+    truncates), and only a regular file (O_NONBLOCK: a FIFO there must not stall us)."""
+    real = transport.real(layout.lock)
+    try:
+        fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO without a reader
+            raise
+        raise _not_a_lock_file(transport, layout) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _not_a_lock_file(transport, layout)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_a_lock_file(transport: NodeTransport, layout) -> Refused:
+    return Refused(f"{layout.lock} on {transport.node} is not a regular file (a symlink, FIFO or device); "
+                   "refusing to lock through it", hint="remove it; katactl creates the lock file itself")
 
 
 #: an owner-less lock younger than this (or four --request-timeout) may be an older katactl
@@ -535,6 +562,11 @@ def _flock_free(transport: NodeTransport, layout) -> bool:
     remote = getattr(transport, "remote", None)  # a remote transport's node-side path
     if remote is None:
         return False
+    # flock(1) opens its file following symlinks, with O_CREAT, and blocks on a FIFO: only a
+    # regular file (or none: it creates one) is handed to it, as a local run opens it
+    st = transport.stat_many([layout.lock], follow_symlinks=False)[layout.lock]
+    if not isinstance(st, OSError) and not stat.S_ISREG(st.mode):
+        raise _not_a_lock_file(transport, layout)
     try:
         r = transport.run(["flock", "-n", "-E", "75", remote(layout.lock), "true"])
     except (OSError, KatactlError):
