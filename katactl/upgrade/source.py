@@ -322,7 +322,10 @@ def iter_members(path: str, kind: str, digest=None) -> Iterator[Member]:
         return
     with _open_tar(path, kind, digest) as reader:
         tf = reader.tf
-        for ti in tf:
+        # next(), not iteration: that indexes tf.members, the list of every member seen so
+        # far (about 1 KiB each), which is dropped here as each one is read
+        while (ti := tf.next()) is not None:
+            tf.members.clear()
             if ti.isreg():
                 m = Member(ti.name, "file", ti.mode, ti.size, None)
                 m.read = (lambda ti=ti: _read_exact(tf.extractfile(ti), ti.size))
@@ -456,6 +459,11 @@ def _strip_prefix(names: list[str]) -> str:
 MAX_DEPTH = 64
 MAX_NAME = 1024
 
+#: members of a source, at most: kata-static has a few hundred files, and each member the
+#: scan keeps costs memory (about 0.5 KiB), so a small archive of empty files must not
+#: make the client hold gigabytes
+MAX_MEMBERS = 100_000
+
 #: symlinks followed in one path resolution, at most (Linux's MAXSYMLINKS)
 MAX_SYMLINKS = 40
 
@@ -502,6 +510,9 @@ def scan(path: str, kind: str) -> Scan:
     manifest_raw: dict[str, bytes | None] = {}
     tops: set[str] = set()
     for m in iter_members(path, kind):
+        if len(members) >= MAX_MEMBERS:  # before any more memory goes to them
+            raise Refused(f"{path}: more than {MAX_MEMBERS:,} members; a Kata release has a few "
+                          "hundred files")
         m.name = normalize(m.raw, path)
         if m.name:
             tops.add(m.name.split("/", 1)[0])
@@ -512,7 +523,7 @@ def scan(path: str, kind: str) -> Scan:
         if len(tops) > 1:  # no single top directory: only "" and opt/kata may still be the root
             for n in [n for n in manifest_raw if not _may_be_root(n.rpartition("/")[0], tops)]:
                 del manifest_raw[n]
-        m.read = None
+        m.read = m.chunks = None  # each holds its TarInfo
         members.append(m)
         raws.append(m.name)
     strip = _strip_prefix(raws)
