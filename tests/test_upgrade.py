@@ -710,6 +710,39 @@ def test_gc_removes_unused_keeps_current_and_agent(cli, staged):
     assert J(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]
 
 
+def test_gc_and_stage_force_keep_a_release_a_containerd_handler_pins(cli, staged, tarballs):
+    """review 8 (upgrade) #2: gc deleted a release a runtime handler still named (its
+    runtime_path or ConfigPath under releases/<v>), although status warned about it: every
+    new pod of that RuntimeClass then failed to start. Such a release is kept ("pinned by
+    containerd handler X"), also through a symlink (a shim linked into /usr/local/bin), and
+    stage --force refuses to replace it (exit 5)."""
+    J(cli, staged, "switch", A)
+    cri = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+    (staged / "etc/containerd").mkdir(parents=True)
+    (staged / "etc/containerd/config.toml").write_text(
+        "version = 2\n"
+        f'[{cri}.kata-bin]\nruntime_type = "io.containerd.kata.v2"\n'
+        'runtime_path = "/usr/local/bin/containerd-shim-kata-v2"\n'
+        f'[{cri}.kata-bin.options]\nConfigPath = "/opt/kata/current/share/defaults/kata-containers/configuration.toml"\n'
+        f'[{cri}.kata-cfg]\nruntime_type = "io.containerd.kata.v2"\n'
+        'runtime_path = "/opt/kata/current/bin/containerd-shim-kata-v2"\n'
+        f'[{cri}.kata-cfg.options]\nConfigPath = "/opt/kata/releases/{C}/share/defaults/kata-containers/configuration.toml"\n')
+    (staged / "usr/local/bin").mkdir(parents=True)
+    (staged / "usr/local/bin/containerd-shim-kata-v2").symlink_to(f"/opt/kata/releases/{B}/bin/containerd-shim-kata-v2")
+    rows = {h["handler"]: h for h in J(cli, staged, "status")["runtimeHandlers"]}
+    assert rows["kata-bin"]["runtimeRelease"] == B and rows["kata-cfg"]["runtimeRelease"] is None
+    d = J(cli, staged, "gc", "--no-keep-previous", "--yes")
+    assert d["removed"] == [] and d["changed"] is False
+    assert {k["version"]: k["reason"] for k in d["kept"]} == {
+        A: "current runtime", B: "pinned by containerd handler kata-bin", C: "pinned by containerd handler kata-cfg"}
+    assert (rel(staged, B) / "bin/containerd-shim-kata-v2").exists() and rel(staged, C).is_dir()
+    r = K(cli, staged, "stage", tarballs["gz"], "--as", B, "--force")
+    assert r.exit_code == 5, r.stderr
+    assert r.stderr.startswith(f"katactl: error: release {B} is pinned by containerd handler kata-bin on localhost")
+    os.remove(staged / "etc/containerd/config.toml")  # nothing names them any more
+    assert sorted(J(cli, staged, "gc", "--no-keep-previous", "--yes")["removed"]) == sorted([B, C])
+
+
 @pytest.mark.parametrize("with_proc", [True, False])
 @pytest.mark.parametrize("args", [["gc", "--dry-run"], ["gc", "--yes"], ["gc"], ["switch", "9.9.9"],
                                   ["rollback"], ["switch", "9.9.9", "--dry-run"]])

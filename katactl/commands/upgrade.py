@@ -233,8 +233,9 @@ def gc(
 
     Kept: the current runtime and agent releases, the release the last switch
     came from (the rollback target; --no-keep-previous removes it too), releases
-    the current configuration references, and every release a running process
-    or sandbox still uses. gc first works out what would go on every node,
+    the current configuration references, releases a containerd runtime
+    handler pins (runtime_path or ConfigPath under releases/VERSION), and every
+    release a running process or sandbox still uses. gc first works out what would go on every node,
     asks once, and then removes at most that. --dry-run lists what would go,
     without asking.
 

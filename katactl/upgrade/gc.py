@@ -1,5 +1,5 @@
 """gc: remove the releases nothing uses (never the current, the rollback target unless
-asked, nor one a running process or live sandbox uses)."""
+asked, one a containerd runtime handler pins, nor one a running process or live sandbox uses)."""
 from __future__ import annotations
 
 import secrets
@@ -9,7 +9,7 @@ from katactl.upgrade.journal import recover_or_check
 from katactl.upgrade.layout import Layout, fault
 from katactl.upgrade.lock import live, locked_audited
 from katactl.upgrade.state import UNMANAGED, read_history, read_state, releases, walk_files
-from katactl.upgrade.status import release_users, who
+from katactl.upgrade.status import handler_pins, release_users, who
 from katactl.backends.base import NodeTransport
 
 
@@ -31,6 +31,8 @@ def gc(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force
             for v in (hist[-1].get("from") or {}).values():
                 if v:
                     protected.setdefault(v, "previous (the rollback target; --no-keep-previous to remove)")
+        for v, handlers in handler_pins(transport, layout).items():
+            protected.setdefault(v, f"pinned by containerd handler {', '.join(handlers)}")
         in_use, stats = release_users(transport, layout, force=force, verb="removed", escape="--force")
         # the current runtime release's configs may point at another release's assets
         if st["runtime"] and st["runtime"] != UNMANAGED:

@@ -26,7 +26,7 @@ from katactl.upgrade.layout import CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD
     validate_version
 from katactl.upgrade.lock import live, locked_audited
 from katactl.upgrade.state import read_state, release_record, walk_files
-from katactl.upgrade.status import release_users, who
+from katactl.upgrade.status import handler_pins, release_users, who
 from katactl.backends.base import NodeTransport
 
 DEFAULT_RESERVE = 256 << 20
@@ -241,8 +241,12 @@ def _nearest_dir(transport: NodeTransport, path: str) -> str:
 def _refuse_if_running(transport: NodeTransport, layout: Layout, v: str) -> None:
     """stage --force must not replace files under running shims, hypervisors or guests:
     Refused when a running process or live sandbox uses release v, or when that cannot
-    be known (the same detection as gc)."""
+    be known (the same detection as gc), or a containerd runtime handler pins it."""
     escape = f"stage this source under another version (--as VERSION) instead of replacing {v}"
+    pins = handler_pins(transport, layout).get(v)
+    if pins:  # every new pod of those handlers starts from this release
+        raise Refused(f"release {v} is pinned by containerd handler {', '.join(pins)} on {transport.node}; "
+                      "replacing it would change what that handler's new pods run", hint=escape)
     users = release_users(transport, layout, verb="replaced", escape=escape)[0].get(v)
     if users:
         raise Refused(f"release {v} is in use by running sandboxes or processes on {transport.node}; "

@@ -40,7 +40,8 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
     file, and an agent switch edits files that handler never reads. ``follows``:
     ``current`` (through the link), ``release`` (pinned to one release: ``release`` names
     it), ``outside`` (neither), ``default-search`` (no ConfigPath: the runtime's own search
-    applies, see katacfg). Nothing readable in containerd's config: an empty list."""
+    applies, see katacfg). ``runtimeRelease``: the release its ``runtime_path`` (the shim
+    binary) is pinned to, else None. Nothing readable in containerd's config: an empty list."""
     from katactl import katacfg
 
     cc = katacfg.containerd_config(transport)
@@ -50,11 +51,24 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
         if not kata:
             continue
         row: dict = {"handler": h.name, "configPath": h.config_path, "definedIn": h.defined_in,
-                     "follows": "default-search", "release": None}
+                     "follows": "default-search", "release": None, "runtimePath": h.runtime_path,
+                     "runtimeRelease": _follows(transport, layout, h.runtime_path)[1] if h.runtime_path else None}
         if h.config_path:
             row["follows"], row["release"] = _follows(transport, layout, h.config_path)
         out.append(row)
     return out
+
+
+def handler_pins(transport: NodeTransport, layout: Layout) -> dict[str, list[str]]:
+    """``{release: [handler, ...]}``: the releases a Kata runtime handler pins (its
+    ``runtime_path`` or ``ConfigPath`` under ``releases/<v>/``): every new pod of that
+    handler starts from them, so gc and stage --force leave them alone."""
+    pins: dict[str, list[str]] = {}
+    for h in handler_configs(transport, layout):
+        for v in dict.fromkeys((h["runtimeRelease"], h["release"] if h["follows"] == "release" else None)):
+            if v:
+                pins.setdefault(v, []).append(h["handler"])
+    return pins
 
 
 def _follows(transport: NodeTransport, layout: Layout, path: str, max_links: int = 40) -> tuple[str, str | None]:
