@@ -180,6 +180,7 @@ def status(
     """
     from katactl import upgrade
     from katactl.output import Column
+    from katactl.upgrade import compiled
 
     app_ctx, layout, _lt, _ow = _common(ctx, kata_root, None)
     if app_ctx.out.human or app_ctx.out.fmt == "name":
@@ -207,6 +208,17 @@ def status(
                     app_ctx.out.warn(f"{transport.node}: runtime handler {h['handler']} reads {h['configPath']} "
                                      f"({where}): upgrade switch does not change what it runs; point its "
                                      f"ConfigPath under {layout.current}/ (docs/upgrade.md)")
+                elif h["follows"] == "default-search" and h.get("readsFollows") != "current":
+                    paths = ", ".join(h.get("searchPaths") or [])
+                    reads = f"reads {h['reads']} (compiled-in search: {paths})" if h.get("reads") \
+                        else f"finds none of its compiled-in search paths ({paths})"
+                    app_ctx.out.warn(f"{transport.node}: runtime handler {h['handler']} has no ConfigPath: its shim "
+                                     f"{reads}, not under {layout.current}: a switch never reaches it; set its "
+                                     f"ConfigPath under {layout.current}/ (docs/upgrade.md)")
+            for q in s.get("qemuData") or []:
+                msg = compiled.datadir_warning(q, layout)
+                if msg:
+                    app_ctx.out.warn(f"{transport.node}: {msg}")
             return [dict(r, nprocs=len(r["processes"]), nsbs=len(r["sandboxes"])) for r in s["releases"]]
 
         fan_out_list(app_ctx, rows, kind="UpgradeStatus", name_key="version", columns=[

@@ -32,10 +32,10 @@ import secrets
 
 from katactl import audit
 from katactl.errors import OperationFailed, Refused
-from katactl.upgrade import configedit
+from katactl.upgrade import compiled, configedit
 from katactl.upgrade.lock import done, journal_on_node, live
 from katactl.upgrade.layout import INSTALL_PREFIX, RELEASE_RECORD, Layout, fault
-from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, walk_files
+from katactl.upgrade.state import check_entry, pair, read_history, read_json, read_state, release_record, walk_files
 from katactl.backends.base import NodeTransport
 
 
@@ -85,15 +85,57 @@ def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agen
             missing.append(f"{rel} (referenced by {f})")
         return new
 
+    own = _image_bound_of(transport, layout, agent)
+    unknown = []
     for f in walk_files(transport, layout.config_dir(in_release), ".toml"):
         old = transport.read_text(f)
-        new, _ = configedit.set_agent(old, mapper)
+        rel = f[len(layout.config_dir(in_release)) + 1:]
+        new, _, unk = configedit.set_agent(old, mapper, lambda sec, rel=rel: own(rel, sec))
+        unknown += [f"{sec} of {rel}" for sec in unk]
         if new != old:
             edits.append((f, old, new))
     if missing:
         raise Refused(f"release {agent} lacks guest asset(s) the configuration needs: "
                       + ", ".join(sorted(set(missing))))
+    if unknown:
+        raise Refused(f"release {agent}'s own {', '.join(configedit.IMAGE_BOUND_KEYS)} for "
+                      f"{', '.join(unknown)} is unknown (its configuration names another release's image "
+                      "and its release record predates katactl recording them); its image would be paired "
+                      "with another image's dm-verity root hash",
+                      hint=f"re-stage release {agent} (katactl upgrade stage SOURCE --force) while it is "
+                           "not in use")
     return edits
+
+
+def _image_bound_of(transport: NodeTransport, layout: Layout, agent: str):
+    """``(config rel path, section) -> {key: value} | None``: release ``agent``'s own image-bound
+    values (its dm-verity root hashes), as recorded when it was staged. A release staged
+    before katactl recorded them: read from its configuration, where that section still names
+    the release's own assets; else None (unknown)."""
+    rec = release_record(transport, layout, agent) or {}
+    recorded = rec.get("imageBound")
+    if isinstance(recorded, dict):
+        def from_record(rel: str, sec: str):
+            v = (recorded.get(rel) or {}).get(sec)
+            return {k: x for k, x in v.items() if isinstance(x, str)} if isinstance(v, dict) else None
+        return from_record
+
+    cache: dict[str, str | None] = {}
+
+    def from_config(rel: str, sec: str):
+        if rel not in cache:
+            try:
+                cache[rel] = transport.read_text(f"{layout.config_dir(agent)}/{rel}")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                cache[rel] = None
+        text = cache[rel]
+        if text is None:
+            return None
+        refs = [v for s, _k, v in configedit.asset_refs(text) if s == sec]
+        if not refs or any(layout.version_of_path(v) != agent for v in refs):
+            return None
+        return (configedit.image_bound(text) or {}).get(sec)
+    return from_config
 
 
 #: a configuration file's next version, written beside it before the renames; hidden and
@@ -185,6 +227,8 @@ def apply(transport: NodeTransport, layout: Layout, cur: dict, to: dict, dry_run
         edits = _agent_edits(transport, layout, to["runtime"], to["agent"]) if to["agent"] else []
         steps += [f"point {len(edits)} config file(s) of release {to['runtime']} at agent {to['agent']}"] \
             if edits else []
+        # QEMU's non-relocatable datadir: a link through current, so the flip moves it too
+        steps += compiled.link_datadirs(transport, layout, to["runtime"], dry_run)
         steps.append(f"switch {layout.current} -> {layout.link_target(to['runtime'])}")
         if dry_run:
             return steps
@@ -260,6 +304,7 @@ def _recover_switch(transport: NodeTransport, layout: Layout) -> str | None:
     for n in names:
         if n.startswith(".current.katactl-"):
             transport.remove(f"{layout.root}/{n}")
+    compiled.clean_link_tmps(transport, layout)
     j = read_journal(transport, layout)
     if j is None:
         return None

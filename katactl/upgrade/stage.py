@@ -189,7 +189,7 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
                   "sourceSha256": source_sha, "verifiedBy": base["verifiedBy"],
                   "files": len(sc.members), "bytes": sc.total_bytes, "stagedAt": audit.now_iso(),
                   "stagedBy": audit.current_user(), "client": client(), "stripPrefix": sc.strip,
-                  "installPrefix": INSTALL_PREFIX}
+                  "installPrefix": INSTALL_PREFIX, "imageBound": _image_bound(transport, f"{tmp}/{CONFIG_SUBDIR}")}
         transport.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
         fault("stage:after-record")
         if replace:
@@ -382,6 +382,19 @@ def _extract(transport: NodeTransport, layout: Layout, plan: _Plan, tmp: str) ->
             transport.write_bytes_atomic(f, new.encode(), mode=transport.stat(f).mode & 0o777)
     _sync_entries(transport, synced)
     fault("stage:after-extract")
+
+
+def _image_bound(transport: NodeTransport, config_dir: str) -> dict:
+    """The release's own image-bound configuration values as staged (configedit.IMAGE_BOUND_KEYS:
+    its dm-verity root hashes), ``{config path relative to config_dir: {section: {key: value}}}``
+    (a file that is not TOML: absent). A switch moving another release's configuration to this
+    release's image takes them from here: the release's own files may since name another's."""
+    out = {}
+    for f in walk_files(transport, config_dir, ".toml"):
+        b = configedit.image_bound(transport.read_text(f))
+        if b is not None:
+            out[f[len(config_dir) + 1:]] = b
+    return out
 
 
 def _clean_stale(transport: NodeTransport, layout: Layout, prefixes) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 
 from katactl.errors import Refused
-from katactl.upgrade import procscan
+from katactl.upgrade import compiled, procscan
 from katactl.upgrade.journal import read_journal
 from katactl.upgrade.layout import Layout
 from katactl.upgrade.state import pair, read_history, read_state, release_record, releases
@@ -55,6 +55,8 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
                      "runtimeRelease": _follows(transport, layout, h.runtime_path)[1] if h.runtime_path else None}
         if h.config_path:
             row["follows"], row["release"] = _follows(transport, layout, h.config_path)
+        else:  # the shim's compiled-in search: a switch moves it only through a link into current
+            row.update(compiled.default_search(transport, layout, h.runtime_path))
         out.append(row)
     return out
 
@@ -138,7 +140,8 @@ def status(transport: NodeTransport, layout: Layout, sandboxes: list | None = No
             "previous": (last or {}).get("from"), "lastSwitch": last,
             "pending": pending, "inProgress": progress, "releases": rels, "sandboxes": sbs,
             "processes": [p.to_dict() for p in procs], "scan": stats,
-            "runtimeHandlers": handler_configs(transport, layout)}
+            "runtimeHandlers": handler_configs(transport, layout),
+            "qemuData": compiled.datadir_rows(transport, layout, st["runtime"])}
 
 
 def release_users(transport: NodeTransport, layout: Layout, *, force: bool = False, verb: str, escape: str) -> tuple[dict, dict]:

@@ -3,6 +3,7 @@ releases (crash-safe through the journal: katactl.upgrade.journal)."""
 from __future__ import annotations
 
 from katactl.errors import NotFound, Refused, UsageError
+from katactl.upgrade import compiled
 from katactl.upgrade.journal import apply, commit, recover_or_check
 from katactl.upgrade.layout import COMPONENTS, SHIM_BINARIES, Layout, fault, validate_version
 from katactl.upgrade.lock import locked_audited
@@ -85,6 +86,7 @@ def _preflight(transport: NodeTransport, layout: Layout, to: dict, component: st
         cfgs = walk_files(transport, layout.config_dir(to["runtime"]), ".toml")
         checks.append({"check": "configuration", "ok": bool(cfgs),
                        "detail": f"{len(cfgs)} file(s) in {layout.config_dir(to['runtime'])}"})
+        checks += compiled.datadir_check(transport, layout, to["runtime"])
         if not run_binaries:
             checks.append({"check": "binaries run", "ok": True, "skipped": True,
                            "detail": "not run (--no-preflight-exec)"})

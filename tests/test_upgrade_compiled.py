@@ -1,0 +1,202 @@
+"""katactl upgrade and what kata-static compiles in: QEMU's non-relocatable data directory,
+the dm-verity root hash bound to a release's image, and a handler's default configuration
+search (real files under --host-root node trees, real tarballs)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+
+import pytest
+
+from tests import upgrade_fixtures as fx
+
+A, B, C = "5.1.0", "5.2.0", "5.3.0"
+COCO = "share/defaults/kata-containers/configuration-qemu-coco-dev.toml"
+
+
+def _tarball(d, version: str, *, firmware: bool = True, verity: bool = True) -> str:
+    """kata-static-<v> with QEMU firmware in share/kata-qemu/qemu (as configure-hypervisor.sh's
+    --datadir installs it) and a measured-rootfs configuration carrying its image's root hash."""
+    src = os.path.join(d, f"src-{version}")
+    root = fx.build_tree(src, version, manifest=False)
+    if firmware:
+        q = os.path.join(root, "share/kata-qemu/qemu")
+        os.makedirs(q)
+        for n in ("bios-256k.bin", "linuxboot_dma.bin", "kvmvapic.bin"):
+            with open(os.path.join(q, n), "w") as f:
+                f.write(f"{n} of {version}\n")
+    a = os.path.join(root, "share/kata-containers")
+    with open(os.path.join(a, f"kata-ubuntu-{version}-confidential.img"), "wb") as f:
+        f.write(b"CONF IMAGE " + version.encode())
+    os.symlink(f"kata-ubuntu-{version}-confidential.img", os.path.join(a, "kata-containers-confidential.img"))
+    kvp = f'kernel_verity_params = "{_hash(version)}"\n' if verity else ""
+    with open(os.path.join(root, COCO), "w") as f:
+        f.write('[hypervisor.qemu]\npath = "/opt/kata/bin/qemu-system-x86_64"\n'
+                'kernel = "/opt/kata/share/kata-containers/vmlinux.container"\n'
+                'image = "/opt/kata/share/kata-containers/kata-containers-confidential.img"\n'
+                f"{kvp}confidential_guest = true\n\n[runtime]\nenable_pprof = false\n")
+    fx.write_manifest(root)
+    out = os.path.join(d, f"kata-static-{version}-amd64.tar.gz")
+    with tarfile.open(out, "w:gz") as tf:
+        tf.add(os.path.join(src, "opt"), arcname="./opt")
+    return out
+
+
+def _hash(version: str) -> str:
+    return f"root_hash={hashlib.sha256(b'CONF IMAGE ' + version.encode()).hexdigest()},salt=00,data_blocks=1"
+
+
+@pytest.fixture(scope="module")
+def tarballs(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tb"))
+    return {A: _tarball(d, A), B: _tarball(d, B), C: _tarball(d, C, verity=False)}
+
+
+@pytest.fixture
+def node(tmp_path, cli, tarballs):
+    n = tmp_path / "node"
+    (n / "proc").mkdir(parents=True)
+    for t in tarballs.values():
+        _j(cli, n, "stage", t)
+    return n
+
+
+def _k(cli, node, *args):
+    return cli(["--host-root", str(node), "upgrade", *args])
+
+
+def _j(cli, node, *args):
+    r = _k(cli, node, *args, "-o", "json")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    return r.json()
+
+
+def _snapshot(node) -> dict:
+    out = {}
+    for d, dirs, files in os.walk(node):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            out[p] = os.readlink(p) if os.path.islink(p) else (None if os.path.isdir(p) else open(p, "rb").read())
+    return out
+
+
+# -- finding 1: QEMU's compiled-in datadir -----------------------------------------------------------
+def test_switch_links_the_qemu_datadir_through_current_and_rollback_follows(cli, node):
+    fw = node / "opt/kata/share/kata-qemu/qemu/bios-256k.bin"  # where kata-static's QEMU reads it
+    before = _snapshot(node)
+    d = _j(cli, node, "switch", A, "--dry-run")
+    assert "link /opt/kata/share/kata-qemu -> ../current/share/kata-qemu" in d["steps"]
+    assert _snapshot(node) == before  # a dry run changes nothing
+    d = _j(cli, node, "switch", A)
+    assert {"check": "QEMU data kata-qemu", "ok": True,
+            "detail": "/opt/kata/share/kata-qemu -> ../current/share/kata-qemu (created by this switch)"} \
+        in d["preflight"]
+    assert os.readlink(node / "opt/kata/share/kata-qemu") == "../current/share/kata-qemu"
+    assert fw.read_text() == f"bios-256k.bin of {A}\n"
+    d = _j(cli, node, "switch", B)
+    assert not any(s.startswith("link ") for s in d["steps"])  # the link is not touched again
+    assert fw.read_text() == f"bios-256k.bin of {B}\n"
+    _j(cli, node, "rollback")
+    assert fw.read_text() == f"bios-256k.bin of {A}\n"
+    st = _j(cli, node, "status")
+    assert [(q["name"], q["state"]) for q in st["qemuData"]] == [("kata-qemu", "current")]
+    assert "firmware" not in _k(cli, node, "status").stderr
+    audit = [json.loads(x) for x in open(os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log"))]
+    first = [a for a in audit if a["action"] == "upgrade.switch" and not a.get("dryRun")][0]
+    assert "link /opt/kata/share/kata-qemu -> ../current/share/kata-qemu" in first["done"]
+
+
+def test_a_real_qemu_datadir_of_another_install_is_kept_and_warned(cli, node):
+    """A node migrated from kata-deploy: /opt/kata/share/kata-qemu is that install's firmware,
+    which its handlers may still need. The switch goes on, leaves it, and says so."""
+    old = node / "opt/kata/share/kata-qemu/qemu"
+    old.mkdir(parents=True)
+    (old / "bios-256k.bin").write_text("kata-deploy's\n")
+    d = _j(cli, node, "switch", A)
+    row = [c for c in d["preflight"] if c["check"] == "QEMU data kata-qemu"][0]
+    assert row["ok"] is True and row["warning"] is True and "real directory" in row["detail"]
+    assert (old / "bios-256k.bin").read_text() == "kata-deploy's\n" and not (old.parent).is_symlink()
+    r = _k(cli, node, "status")
+    assert r.exit_code == 0 and "/opt/kata/share/kata-qemu/qemu (compiled in, not relocatable), a real directory" \
+        in r.stderr
+    assert _j(cli, node, "status")["qemuData"][0]["state"] == "directory"
+    # once it is moved aside, the next switch links it
+    (node / "opt/kata/share/kata-qemu").rename(node / "opt/kata/share/kata-qemu.kata-deploy")
+    r = _k(cli, node, "status")
+    assert "which does not exist: QEMU sandboxes cannot start" in r.stderr
+    _j(cli, node, "switch", B)
+    assert (node / "opt/kata/share/kata-qemu/qemu/bios-256k.bin").read_text() == f"bios-256k.bin of {B}\n"
+
+
+# -- finding 3: kernel_verity_params move with the image -----------------------------------------------
+def _live(node, release) -> dict:
+    text = (node / "opt/kata/releases" / release / COCO).read_text()
+    return {ln.split(" = ")[0]: ln.split(" = ", 1)[1].strip('"') for ln in text.splitlines() if " = " in ln}
+
+
+def test_component_switches_carry_the_target_images_own_verity_params(cli, node):
+    _j(cli, node, "switch", A)
+    _j(cli, node, "switch", B, "-c", "agent")
+    cfg = _live(node, A)
+    assert cfg["image"].startswith(f"/opt/kata/releases/{B}/") and cfg["kernel_verity_params"] == _hash(B)
+    _j(cli, node, "switch", C, "-c", "agent")  # C's image has no root hash: the line goes
+    cfg = _live(node, A)
+    assert cfg["image"].startswith(f"/opt/kata/releases/{C}/") and "kernel_verity_params" not in cfg
+    assert cfg["confidential_guest"] == "true"
+    _j(cli, node, "switch", B, "-c", "agent")  # and comes back, after the image line
+    assert _live(node, A)["kernel_verity_params"] == _hash(B)
+    # a runtime switch points A's own configuration at B's image and hash...
+    _j(cli, node, "switch", B)
+    _j(cli, node, "switch", A, "-c", "runtime")
+    assert _live(node, A)["kernel_verity_params"] == _hash(B)
+    # ...and switching A fully back restores A's own, from its release record
+    _j(cli, node, "switch", A)
+    cfg = _live(node, A)
+    assert cfg["image"].startswith(f"/opt/kata/releases/{A}/") and cfg["kernel_verity_params"] == _hash(A)
+
+
+def test_a_release_staged_without_recorded_verity_params(cli, node):
+    """An older katactl's release record has no imageBound: the release's own configuration
+    is used while it still names its own image; otherwise the switch is refused (exit 5)."""
+    for v in (A, B):
+        rec = node / "opt/kata/releases" / v / ".katactl-release.json"
+        data = json.loads(rec.read_text())
+        del data["imageBound"]
+        rec.write_text(json.dumps(data))
+    _j(cli, node, "switch", A)
+    _j(cli, node, "switch", B, "-c", "agent")
+    assert _live(node, A)["kernel_verity_params"] == _hash(B)
+    _j(cli, node, "switch", B)
+    _j(cli, node, "switch", A, "-c", "runtime")  # A's own file now names B's image
+    r = _k(cli, node, "switch", A, "-c", "agent")
+    assert r.exit_code == 5 and "kernel_verity_params" in r.stderr and "stage SOURCE --force" in r.stderr
+    assert _live(node, A)["kernel_verity_params"] == _hash(B)  # nothing changed
+
+
+# -- finding 5: a handler without ConfigPath ----------------------------------------------------------
+def test_status_warns_about_a_handler_without_config_path_unless_its_search_finds_current(cli, node):
+    _j(cli, node, "switch", A)
+    (node / "etc/containerd").mkdir(parents=True)
+    cri = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+    (node / "etc/containerd/config.toml").write_text(
+        f'version = 2\n[{cri}.kata]\nruntime_type = "io.containerd.kata.v2"\n'
+        'runtime_path = "/opt/kata/current/bin/containerd-shim-kata-v2"\n')
+    r = _k(cli, node, "status")
+    assert r.exit_code == 0
+    assert "runtime handler kata has no ConfigPath: its shim finds none of its compiled-in search paths " \
+           "(/etc/kata-containers/configuration.toml, /opt/kata/share/defaults/kata-containers/configuration.toml)" \
+        in r.stderr
+    h = _j(cli, node, "status")["runtimeHandlers"][0]
+    assert h["follows"] == "default-search" and h["reads"] is None
+    etc = node / "etc/kata-containers"
+    etc.mkdir(parents=True)
+    (etc / "configuration.toml").write_text("[runtime]\n")  # a plain file: never switched
+    assert "its shim reads /etc/kata-containers/configuration.toml" in _k(cli, node, "status").stderr
+    (etc / "configuration.toml").unlink()  # a link into current follows every switch
+    (etc / "configuration.toml").symlink_to("../../opt/kata/current/share/defaults/kata-containers/"
+                                            "configuration-qemu.toml")
+    r = _k(cli, node, "status")
+    assert r.exit_code == 0 and "ConfigPath" not in r.stderr
+    assert _j(cli, node, "status")["runtimeHandlers"][0]["readsFollows"] == "current"
