@@ -276,3 +276,64 @@ def test_a_kata_root_under_a_symlink_still_sees_the_processes_using_a_release(cl
         shim.kill()
         shim.wait()
     assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]
+
+
+def test_status_without_proc_says_the_counts_are_unknown(cli, tmp_path):
+    """review 8 (upgrade) #4: with nothing to look at (a --host-root without the node's
+    /proc), status showed PROCESSES 0 for every release, exit 0, no warning, while gc
+    refused. Now it warns in gc's words, the counts show '?' and inUse is null (unknown),
+    the scan's gap named in -o json."""
+    node = tmp_path / "bare"
+    node.mkdir()
+    K(cli, node, "stage", fx.make_tarball(str(tmp_path), A, str(tmp_path), compression="gz"))
+    r = cli(["--host-root", str(node), "upgrade", "status"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.startswith("warning: cannot list /proc on localhost: which releases running processes use is "
+                               "unknown; the PROCESSES and SANDBOXES counts are lower bounds"), r.stderr
+    assert [line.split()[2:] for line in r.stdout.splitlines()[1:]] == [["?", "?"]]
+    st = K(cli, node, "status")
+    assert st["releases"][0]["inUse"] is None and st["releases"][0]["processes"] == []
+    assert st["scan"]["gap"] == "cannot list /proc on localhost: which releases running processes use is unknown"
+    (node / "proc").mkdir()  # a /proc showing no processes: known unused
+    st = K(cli, node, "status")
+    assert st["releases"][0]["inUse"] is False and "gap" not in st["scan"]
+
+
+def test_status_as_non_root_says_which_processes_it_could_not_inspect(cli, lab, tmp_path):
+    """The other blind spot of #4: run as an unprivileged user, status cannot read a root
+    hypervisor's /proc/PID/{exe,maps,fd} and showed A used by 0 processes (exit 0, silent)
+    while gc --dry-run refused. Now it warns with the pids, and A's count is '?'."""
+    import subprocess
+    import sys
+
+    node, procs = lab
+    K(cli, node, "switch", A)
+    # started through current, as containerd does: no release path in its arguments
+    hv = fx.start_standin(str(node) + "/opt/kata/current/bin/qemu-system-x86_64",
+                          str(node) + "/opt/kata/current/share/kata-containers/vmlinux.container")
+    procs.append(hv)
+    K(cli, node, "switch", B)
+    assert {r["version"]: r["processes"] for r in K(cli, node, "status")["releases"]}[A] == [hv.pid]
+    p = tmp_path
+    while p != p.parent:  # let nobody reach the node tree
+        os.chmod(p, os.stat(p).st_mode | 0o055)
+        p = p.parent
+    (tmp_path / "cfg").mkdir()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_STATE_HOME=str(tmp_path / "cfg"))
+
+    def nobody(*args):
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                            "katactl", "--host-root", str(node), "upgrade", "status", *args],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    st = json.loads(nobody("-o", "json").stdout)
+    assert hv.pid in st["scan"]["unreadableKata"] and st["scan"]["gap"].startswith("cannot inspect")
+    assert {r["version"]: r["inUse"] for r in st["releases"]}[A] is None
+    r = nobody()
+    warn = [line for line in r.stderr.splitlines() if line.startswith("warning: cannot inspect")]
+    assert len(warn) == 1 and "Kata process(es) on localhost" in warn[0] and "not root?" in warn[0], r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert rows[A][2:] == ["?", "?"], r.stdout

@@ -178,14 +178,13 @@ def status(
       katactl upgrade status --sandboxes
       katactl -N @pool-a upgrade status -o json
     """
-    from katactl import upgrade
     from katactl.output import Column
     from katactl.upgrade import compiled
 
     app_ctx, layout, _lt, _ow = _common(ctx, kata_root, None)
     if app_ctx.out.human or app_ctx.out.fmt == "name":
         if sandboxes:
-            fan_out_list(app_ctx, lambda t: upgrade.status(t, layout)["sandboxes"], kind="UpgradeSandboxList",
+            fan_out_list(app_ctx, lambda t: _status(app_ctx, t, layout)["sandboxes"], kind="UpgradeSandboxList",
                          name_key="id", columns=[
                              Column("SANDBOX", "id"), Column("POD", "pod"), Column("SHIM-PID", "shimPid"), Column("SHIM", "shimRelease"),
                              Column("HV-PID", "hypervisorPid"), Column("HYPERVISOR", "hypervisorRelease"),
@@ -193,7 +192,7 @@ def status(
             return
 
         def rows(transport: NodeTransport):
-            s = upgrade.status(transport, layout)
+            s = _status(app_ctx, transport, layout)
             p = s.get("inProgress")
             if p:
                 to = p.get("to") or {}
@@ -219,15 +218,33 @@ def status(
                 msg = compiled.datadir_warning(q, layout)
                 if msg:
                     app_ctx.out.warn(f"{transport.node}: {msg}")
-            return [dict(r, nprocs=len(r["processes"]), nsbs=len(r["sandboxes"])) for r in s["releases"]]
+            gap = s["scan"].get("gap")
+            return [dict(r, nprocs=_count(r["processes"], gap), nsbs=_count(r["sandboxes"], gap)) for r in s["releases"]]
 
         fan_out_list(app_ctx, rows, kind="UpgradeStatus", name_key="version", columns=[
             Column("VERSION", "version"), Column("STATE", "state"), Column("PROCESSES", "nprocs"),
             Column("SANDBOXES", "nsbs"), Column("STAGED", "stagedAt", wide=True),
             Column("SOURCE", "source", wide=True), Column("PIDS", "processes", wide=True)])
         return
-    fan_out_one(app_ctx, lambda t: upgrade.status(t, layout), kind="UpgradeStatus",
+    fan_out_one(app_ctx, lambda t: _status(app_ctx, t, layout), kind="UpgradeStatus",
                 columns=[Column("RUNTIME", "current.runtime"), Column("AGENT", "current.agent")])
+
+
+def _status(app_ctx, transport: NodeTransport, layout) -> dict:
+    """upgrade.status, warning (as gc refuses) when processes went unseen: counts and inUse
+    are then lower bounds, not "unused"."""
+    from katactl import upgrade
+
+    s = upgrade.status(transport, layout)
+    gap = s["scan"].get("gap")
+    if gap:
+        app_ctx.out.warn(f"{gap}; the PROCESSES and SANDBOXES counts are lower bounds ('?': none seen, "
+                         "'N+': at least N), and upgrade gc refuses without --force")
+    return s
+
+
+def _count(seen: list, gap: str | None) -> int | str:
+    return len(seen) if not gap else f"{len(seen)}+" if seen else "?"
 
 
 @app.command("gc")

@@ -122,6 +122,9 @@ def status(transport: NodeTransport, layout: Layout, sandboxes: list | None = No
     last = hist[-1] if hist else None
     procs, stats = procscan.scan(transport, layout)
     sbs = procscan.attribute(transport, layout, procs, procscan.sandboxes(transport, sandboxes))
+    gap = scan_gap(stats, transport.node)  # then a release nobody seems to use may be in use
+    if gap:
+        stats = {**stats, "gap": gap}
     rels = []
     for v in releases(transport, layout):
         rec = release_record(transport, layout, v) or {}
@@ -135,7 +138,8 @@ def status(transport: NodeTransport, layout: Layout, sandboxes: list | None = No
             roles.append("previous")
         rels.append({"version": v, "state": roles or (["incomplete"] if not rec else []),
                      "stagedAt": rec.get("stagedAt"), "source": rec.get("source"),
-                     "processes": users, "sandboxes": sb_ids, "inUse": bool(users or sb_ids)})
+                     "processes": users, "sandboxes": sb_ids,
+                     "inUse": True if users or sb_ids else None if gap else False})
     return {"node": transport.node, "kataRoot": layout.root, "current": pair(st),
             "previous": (last or {}).get("from"), "lastSwitch": last,
             "pending": pending, "inProgress": progress, "releases": rels, "sandboxes": sbs,
@@ -152,14 +156,11 @@ def release_users(transport: NodeTransport, layout: Layout, *, force: bool = Fal
     ``verb`` says what would happen to such a release, ``escape`` ends the hint."""
     procs, stats = procscan.scan(transport, layout)
     if stats.get("error") and not force:
-        raise Refused(f"cannot list /proc on {transport.node}: which releases running processes use is "
-                      "unknown", hint="with --host-root, the node's /proc must be visible under it; "
+        raise Refused(scan_gap(stats, transport.node) or "", hint="with --host-root, the node's /proc must be visible under it; "
                                       f"or {escape}")
-    hidden = stats.get("unreadableKata") or []
-    if hidden and not force:
-        raise Refused(f"cannot inspect {len(hidden)} Kata process(es) on {transport.node} (pids "
-                      f"{', '.join(map(str, hidden[:5]))}; not root?); a release they run could be "
-                      f"{verb}", hint=f"run as root, or {escape}")
+    gap = scan_gap(stats, transport.node)
+    if gap and not force:
+        raise Refused(f"{gap}; a release they run could be {verb}", hint=f"run as root, or {escape}")
     sbs = procscan.attribute(transport, layout, procs, procscan.sandboxes(transport))
     in_use: dict[str, list] = {}
     for p in procs:
@@ -169,6 +170,19 @@ def release_users(transport: NodeTransport, layout: Layout, *, force: bool = Fal
         for v in s["releases"]:
             in_use.setdefault(v, []).append(f"sandbox {s['id'][:12]}")
     return in_use, stats
+
+
+def scan_gap(stats: dict, node: str) -> str | None:
+    """Why the process scan may have missed users of a release (procscan.scan's statistics),
+    or None when it saw every process: gc and stage --force refuse then, status shows the
+    counts as unknown."""
+    if stats.get("error"):
+        return f"cannot list /proc on {node}: which releases running processes use is unknown"
+    hidden = stats.get("unreadableKata") or []
+    if hidden:
+        return (f"cannot inspect {len(hidden)} Kata process(es) on {node} (pids "
+                f"{', '.join(map(str, hidden[:5]))}; not root?)")
+    return None
 
 
 def who(users: list[str], n: int = 5) -> str:
