@@ -611,22 +611,17 @@ def test_lock_held_times_out_then_waits(cli, staged, katactl_bin):
         p = subprocess.Popen([sys.executable, "-m", "katactl", "--host-root", str(node), "upgrade",
                               "switch", B, "--lock-timeout", "60", "-o", "json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # it is waiting (not failing) while we hold the lock
-        for _ in range(200):
-            if p.poll() is not None:
-                break
-            try:
-                p.wait(0.02)
-            except subprocess.TimeoutExpired:
-                pass
-            if p.poll() is None and current(node) == f"releases/{A}":
-                break
-        assert p.poll() is None
+        # it is waiting (not failing, not switching) while we hold the lock: once it says so
+        # (review 8 #8: the check ran before the child had even imported katactl); a child
+        # that does not wait ends without saying it, and readline() returns ""
+        said = p.stderr.readline()
+        assert said == "waiting for the upgrade lock, held by another katactl\n", said
+        assert p.poll() is None and current(node) == f"releases/{A}"
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
+    assert p.returncode == 0, said + err
     assert json.loads(out)["changed"] is True and current(node) == f"releases/{B}"
 
 
