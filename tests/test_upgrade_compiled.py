@@ -200,3 +200,22 @@ def test_status_warns_about_a_handler_without_config_path_unless_its_search_find
     r = _k(cli, node, "status")
     assert r.exit_code == 0 and "ConfigPath" not in r.stderr
     assert _j(cli, node, "status")["runtimeHandlers"][0]["readsFollows"] == "current"
+
+
+def test_an_agent_switch_creates_a_missing_link_too(cli, node):
+    _j(cli, node, "switch", A)
+    (node / "opt/kata/share/kata-qemu").unlink()  # e.g. a node switched by an older katactl
+    d = _j(cli, node, "switch", B, "-c", "agent")
+    assert "link /opt/kata/share/kata-qemu -> ../current/share/kata-qemu" in d["steps"]
+    assert (node / "opt/kata/share/kata-qemu/qemu/bios-256k.bin").read_text() == f"bios-256k.bin of {A}\n"
+
+
+def test_no_link_is_made_through_an_absolute_share_symlink_under_a_host_root(cli, node, tmp_path):
+    """<root>/share -> /elsewhere/share in the node's tree: under --host-root this host's kernel
+    would follow it to *this* host's directory, so nothing is created there; status warns."""
+    outside = tmp_path / "this-host" / "share"
+    (node / "opt/kata/share").symlink_to(outside)
+    d = _j(cli, node, "switch", A)
+    assert not outside.exists() and not any(s.startswith("link ") for s in d["steps"])
+    assert _j(cli, node, "status")["qemuData"][0]["state"] == "elsewhere"
+    assert "which does not lead to /opt/kata/current/share/kata-qemu" in _k(cli, node, "status").stderr

@@ -78,8 +78,12 @@ def datadir_state(transport: NodeTransport, layout: Layout, name: str) -> dict:
 
 
 def _reaches(transport: NodeTransport, layout: Layout, compiled: str) -> bool:
-    from katactl.katacfg import realpath
+    """Whether the compiled-in path is ``<root>/share/<name>`` on the node, and a link made
+    there stays in the node's tree (under --host-root an absolute symlink would lead out)."""
+    from katactl.katacfg import realpath, rooted_escape
 
+    if rooted_escape(transport, f"{layout.root}/share"):
+        return False
     if compiled == f"{layout.root}/share/{posixpath.basename(compiled)}":
         return True
     try:
@@ -95,8 +99,8 @@ def datadir_warning(row: dict, layout: Layout) -> str | None:
         return None
     head = f"QEMU of {layout.current} reads its firmware from {path}/qemu (compiled in, not relocatable)"
     if s == "missing":
-        return f"{head}, which does not exist: QEMU sandboxes cannot start; the next upgrade switch " \
-               f"creates {row['link']} -> {link_target(row['name'])}"
+        return f"{head}, which does not exist: QEMU sandboxes cannot start; the next upgrade switch or " \
+               f"rollback creates {row['link']} -> {link_target(row['name'])}"
     if s == "directory":
         return f"{head}, a real directory (another install's firmware) that no switch or rollback " \
                f"changes; once nothing uses it, move it aside: the next switch links it through current " \

@@ -237,6 +237,7 @@ def apply(transport: NodeTransport, layout: Layout, cur: dict, to: dict, dry_run
         _flip(transport, layout, to["runtime"])
     elif to["agent"] != cur["agent"]:
         edits = _agent_edits(transport, layout, to["runtime"], to["agent"])
+        steps += compiled.link_datadirs(transport, layout, to["runtime"], dry_run)
         steps.append(f"point {len(edits)} live config file(s) of release {to['runtime']} "
                      f"at agent {to['agent']}")
         if dry_run:
