@@ -41,21 +41,31 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
   Running after ``kubelet_start_delay`` seconds (``kubelet_starts_pods = False`` leaves it Pending,
   with a Scheduled event and an ImagePullBackOff waiting state, for timeout tests). A DaemonSet
   created through the API gets one pod per node (tolerations and selectors are not evaluated).
+- A client that goes away (a close frame or a dropped connection before the status): as the
+  kubelet's runtime does, the exec's stdin is closed (containerd pkg/cri/server/
+  container_execsync.go execInternal: Attach with ``StdinOnce`` and ``CloseStdin``), its output
+  is no longer read (a command that goes on writing blocks once its pipe is full), and the
+  process is *not* killed: it runs on until it ends by itself (kubernetes/kubernetes#89031,
+  kubernetes/kubectl#1076, opencontainers/runc#3359). Nor are processes an exec left behind
+  (its background children) killed when it ends. They end with their pod (below).
+- Process info: every exec's processes carry ``KATACTL_STANDIN_EXEC=<server>/<pod uid>/<n>`` in
+  their environment (inherited by their children, also those in a session of their own, as a
+  container's cgroup holds them all); ``exec_processes()`` lists the live ones (pid, argv), so a
+  test sees what a client left running on the "node".
 - Faults: ``exec_cut(argv_regex, after_bytes, times)`` drops the connection (no close frame, no
   status) after that many stdout bytes of an exec whose space-joined argv matches; the process is
-  killed. ``exec_log`` lists every exec (pod, node, argv, protocol, exit code).
+  left as a client's going away leaves it. ``exec_log`` lists every exec (pod, node, argv,
+  protocol, exit code).
 
 Known differences from the real kubelet/apiserver:
-- A dropped connection kills the exec'd process group at once (the kubelet leaves it running
-  until it touches its closed stdio).
-- A pod's execs are killed when the pod leaves storage (grace 0 at once, else at the end of
+- A pod's execs (every process carrying their environment marker) are killed when the pod leaves storage (grace 0 at once, else at the end of
   its grace period), not at the deletionTimestamp's SIGTERM; a DaemonSet's pods removed by
   the cascade of the DaemonSet's deletion keep theirs.
 - No TTY, no resize, no ``channel.k8s.io``/v2/v3 (base64) protocols, no SPDY (kubectl with
   ``KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`` gets a 400), no ``container`` validation beyond
   existence of the name in the pod spec, no ephemeral containers, no exec timeout.
 - The process runs in this machine's PID, network and IPC namespaces (a hostPID,
-  hostNetwork pod); ``securityContext`` and ``hostPath`` volumes of the pod are not looked at: the
+  hostNetwork pod), with the marker variable above in its environment; ``securityContext`` and ``hostPath`` volumes of the pod are not looked at: the
   root mapping is the test's, not the pod spec's.
 """
 from __future__ import annotations
@@ -88,7 +98,8 @@ class KubeExecMixin:
         self.kubelet_starts_pods = True
         self.kubelet_start_delay = 0.05
         self._exec_cuts: list[dict] = []
-        self._exec_procs: set = set()
+        self._exec_token = os.urandom(6).hex()  # this server's execs' environment marker
+        self._exec_n = 0
 
     def _exec_reset(self):
         self.node_roots = {}
@@ -101,16 +112,18 @@ class KubeExecMixin:
         self._exec_kill_all()
 
     def _exec_kill_all(self):
-        for p in list(getattr(self, "_exec_procs", ())):
-            _kill(p)
+        if hasattr(self, "_exec_token"):
+            _kill_marked(f"{self._exec_token}/")
 
     def _exec_pod_removed(self, pod):
         """The kubelet stops a deleted pod's containers (at the end of its grace period, when
         the stand-in removes it): every process exec'd in them is killed, its stream ends."""
-        md = pod.get("metadata") or {}
-        for p in list(self._exec_procs):
-            if getattr(p, "katactl_pod", None) == (md.get("namespace"), md.get("name"), md.get("uid")):
-                _kill(p)
+        _kill_marked(f"{self._exec_token}/{(pod.get('metadata') or {}).get('uid')}/")
+
+    def exec_processes(self) -> list[tuple[int, list[str]]]:
+        """The live processes of this server's execs (pid, argv), finished ones' leftovers and
+        those a client left running included (see the module docstring)."""
+        return _marked(f"{self._exec_token}/")
 
     def set_node_root(self, node: str, root: str):
         """Exec into pods on ``node`` sees ``root`` at /host."""
@@ -425,14 +438,15 @@ class _Session:
         os.makedirs("/host", exist_ok=True)
         wrapper = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
                    'mount --rbind -- "$0" /host && cd / && exec "$@"', self.root, *self.argv]
+        with self.srv._lock:
+            self.srv._exec_n += 1
+            n = self.srv._exec_n
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOSTNAME": self.node,
-               "HOME": "/root", "LANG": "C.UTF-8"}
+               "HOME": "/root", "LANG": "C.UTF-8",
+               MARKER: f"{self.srv._exec_token}/{self.pod['metadata'].get('uid')}/{n}"}
         p = subprocess.Popen(wrapper, stdin=subprocess.PIPE if self.want["stdin"] else subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/",
                              start_new_session=True, bufsize=0)
-        md = self.pod["metadata"]
-        p.katactl_pod = (md.get("namespace"), md.get("name"), md.get("uid"))  # type: ignore[attr-defined]
-        self.srv._exec_procs.add(p)
         pumps = [threading.Thread(target=self.pump, args=(p.stdout, STDOUT), daemon=True),
                  threading.Thread(target=self.pump, args=(p.stderr, STDERR), daemon=True)]
         for t in pumps:
@@ -463,8 +477,8 @@ class _Session:
                 return
             reader.join(5)
         finally:
-            _kill(p)
-            self.srv._exec_procs.discard(p)
+            # the exec ended: what it left behind runs on, as in a container (the kubelet's
+            # runtime does not kill an exec's leftovers); closing its stdin as the runtime does
             for f in (p.stdin, p.stdout, p.stderr):
                 try:
                     if f:
@@ -548,14 +562,43 @@ class _Session:
                 except OSError:
                     pass
             if p.poll() is None and self.entry["exitCode"] is None:
-                # the client went away: the stand-in kills the exec (see the docstring)
+                # the client went away: its stdin was closed just above, its output is no
+                # longer read, and it runs on (the kubelet's runtime; see the docstring)
                 self.dead = True
-                _kill(p)
             done.set()
 
 
-def _kill(p):
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
+MARKER = "KATACTL_STANDIN_EXEC"
+
+
+def _marked(prefix: str) -> list[tuple[int, list[str]]]:
+    """Live processes whose environment has MARKER=<prefix...> (pid, argv); zombies have none."""
+    want = f"{MARKER}={prefix}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read()
+        except OSError:
+            continue
+        if any(v.startswith(want) for v in env.split(b"\0")):
+            out.append((int(d), [a.decode("utf-8", "surrogateescape") for a in argv.split(b"\0")[:-1]]))
+    return out
+
+
+def _kill_marked(prefix: str):
+    """SIGKILL every marked process, again while a scan still finds some (one may fork
+    between a scan and its kill), as a container's cgroup is killed whole."""
+    for _ in range(10):
+        procs = _marked(prefix)
+        if not procs:
+            return
+        for pid, _ in procs:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass

@@ -133,29 +133,31 @@ def _pingers() -> set:
 
 def test_a_stream_dropped_unread_ends_its_exec_and_its_pinger(cluster):
     """The pinger does not keep a channel alive: a stream generator dropped before its first
-    read (its caller failed first) is collected, its WebSocket shut, its node command ended."""
+    read (its caller failed first) is collected, its WebSocket shut, and its node command ended
+    by katactl's guard (the stand-in, as the kubelet, leaves an exec whose client went away
+    running)."""
     import gc
 
     from katactl import nodeagent
+    from tests.test_via_kube_guard import marker, still_running
 
-    kube = cluster["kube"]
-    argv = ["sh", "-c", "sleep 60; echo late"]
+    kube, m = cluster["kube"], marker()
     t = _transport()
     try:
         before = _pingers()
-        g = t.run_stream(argv, timeout=120)
+        g = t.run_stream(["sh", "-c", 'sleep "$0"; echo late', m], timeout=120)
         [pinger] = _pingers() - before
-        [entry] = [e for e in kube.exec_log if e["argv"] == argv]
-        assert entry["exitCode"] is None
+        for _ in range(200):  # the exec starts once its upgrade was answered
+            if [a for _, a in kube.exec_processes() if a == ["sleep", m]]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the node command never started")
         del g
         gc.collect()
         pinger.join(30)
         assert not pinger.is_alive()
-        for _ in range(300):  # the stand-in kills an exec whose client went away, as it sees it go
-            if entry["exitCode"] is not None:
-                break
-            time.sleep(0.1)
-        assert entry["exitCode"] == 137
+        assert still_running(kube, "sleep", m) == []
     finally:
         t.close()
         nodeagent.cleanup()

@@ -10,6 +10,12 @@ serves batched reads, stats, directory scans and atomic writes over its stdin/st
 counterpart of the SSH transport's pipelined SFTP: a command costs a few round trips, not one
 exec per file). Paths are mapped to ``/host<path>`` (``--host-root`` overrides /host).
 
+``run`` and streams run their argv under remote.py's GUARD, the SSH transport's, with the exec's
+stdin held open as its lifeline: the kubelet does not end an exec whose client went away (the
+runtime only closes its stdin: containerd pkg/cri/server/container_execsync.go execInternal;
+kubernetes/kubernetes#89031), so the guard ends a command katactl gave up on (a timeout,
+Ctrl-C, SIGTERM, a stream closed or dropped early, katactl killed) when that stdin closes.
+
 Wire protocol (kubernetes-ops.md): ``GET .../pods/{pod}/exec?command=...`` upgraded to a
 WebSocket offering ``v5.channel.k8s.io`` then ``v4.channel.k8s.io`` (kube-apiserver 1.30+
 translates only v5; older servers hand the upgrade to the kubelet, which speaks v4). Messages are
@@ -34,7 +40,7 @@ httpx-ws:
 Every WebSocket is pinged every 5 s (PING_PERIOD, as client-go's executor): a quiet command
 (makedumpfile, a helper idle between calls) outlives a load balancer's idle timeout. The pinger
 holds its channel weakly: a channel dropped without close() (a stream never read) is still
-collected, which shuts its socket and so ends its node command. A helper stream found closed
+collected, which shuts its socket and so ends its node command (through GUARD, below). A helper stream found closed
 before a request is written is replaced, for a mutation too (nothing of it was sent).
 
 Each WebSocket's socket is katactl's own (:func:`_dial`), through the kube client's proxy
@@ -262,6 +268,8 @@ def _status_rc(status: dict) -> int | None:
 
 class WSChannel:
     """One exec over a WebSocket, with paramiko Channel's interface (see remote.py)."""
+
+    hold_stdin = False  # True: the command runs under remote.GUARD, stdin is its lifeline
 
     def __init__(self, ws, argv, what: str, node: str = "", reopen=None):
         self.ws = ws
@@ -672,15 +680,15 @@ class KubeExecTransport(RemoteTransport):
                          f"{self.agent.namespace}/{self.agent.name} on {self.node}")
 
     # -- the channel ---------------------------------------------------------------------
-    def _exec_channel(self, argv, timeout=None, *, stdin: bool = True) -> WSChannel:
+    def _exec_channel(self, argv, timeout=None) -> WSChannel:
         try:
-            ws = self._open_ws(argv, timeout, stdin)
+            ws = self._open_ws(argv, timeout)
         except _PodGone:
-            ws = self._reopen_ws(argv, timeout, stdin)
+            ws = self._reopen_ws(argv, timeout)
             reopen = None
         else:
             def reopen():
-                return self._reopen_ws(argv, timeout, stdin)
+                return self._reopen_ws(argv, timeout)
         chan = WSChannel(ws, argv, f"{argv[0]} on {self.node}", self.node, reopen)
         self._protocol = chan.protocol
         chan.settimeout(self.timeout if timeout is None else timeout)
@@ -691,23 +699,23 @@ class KubeExecTransport(RemoteTransport):
 
         self.agent = nodeagent.replace_agent_pod(self.api, self.agent)
 
-    def _reopen_ws(self, argv, timeout, stdin: bool):
+    def _reopen_ws(self, argv, timeout):
         """The exec's WebSocket on the node pod's replacement (the pod is gone or not running)."""
         self._replace_pod()
         try:
-            return self._open_ws(argv, timeout, stdin)
+            return self._open_ws(argv, timeout)
         except _PodGone:
             raise UnreachableError(f"the node pod {self.agent.namespace}/{self.agent.name} on {self.node} "
                                    "went away and its replacement did not answer") from None
 
-    def _open_ws(self, argv, timeout, stdin: bool):
+    def _open_ws(self, argv, timeout):
         import websocket
 
         # the dial and the upgrade are API requests: --request-timeout bounds them, whatever
         # the command's own (longer) wait; the stream then runs under the command's timeout
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         q = [("command", a) for a in argv] + [("container", self.agent.container),
-                                               ("stdin", "true" if stdin else "false"),
+                                               ("stdin", "true"),
                                                ("stdout", "true"), ("stderr", "true"), ("tty", "false")]
         path = (f"/api/v1/namespaces/{seg(self.agent.namespace)}/pods/{seg(self.agent.name)}/exec?"
                 + "&".join(f"{k}={quote(os.fsencode(v), safe=b'')}" for k, v in q))
@@ -777,7 +785,8 @@ class KubeExecTransport(RemoteTransport):
             if input:
                 chan.settimeout(timeout)
                 chan.sendall(input)
-            chan.shutdown_write()
+            if not chan.hold_stdin:  # a guarded command's stdin is its lifeline: kept open
+                chan.shutdown_write()
             out, _ = chan.recv_all_until_end(deadline)
             rc = chan.recv_exit_status()
         except socket.timeout:
@@ -823,10 +832,6 @@ class KubeExecTransport(RemoteTransport):
         if rc == 127 and not raw:
             raise FileNotFoundError(errno.ENOENT, f"{argv[0]}: command not found on {self.node}", argv[0])
         return RunResult(argv, rc, out, err)
-
-    def _stream_channel(self, argv, timeout: float):
-        # no stdin for a stream: nothing is sent, and v4 needs no half-close
-        return self._exec_channel(argv, timeout, stdin=False)
 
     # -- the file helper -----------------------------------------------------------------
     def _helper_chan(self) -> WSChannel:

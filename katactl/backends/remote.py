@@ -15,7 +15,9 @@ argv checks (never a shell string: each transport passes argv words literally), 
 output in bounded memory (``run_stream``, ``open_stream`` through ``cat``/``tail -c``), the
 python3 relay that connects to a unix socket on the node (shim, QMP, Cloud Hypervisor,
 Firecracker) and makes the channel a socket-like object, and the argv forms of ``mkdir -p``,
-``rm -rf``, ``ln -s`` and ``stat -f``.
+``rm -rf``, ``ln -s`` and ``stat -f``. ``run`` (without input) and streams run the argv under
+GUARD, so that a command katactl gave up on (a timeout, Ctrl-C, SIGTERM, a stream closed early,
+katactl killed) ends on the node: neither sshd nor the kubelet ends it when the client goes.
 
 A subclass provides the channel (``_exec_channel``) and the way to wait for a finished command
 (``_communicate``), plus its file access. A channel is an object with paramiko Channel's
@@ -76,6 +78,39 @@ while rd:
         put(1, b)
 """.strip()
 
+# Runs a command (the positional arguments, never parsed as shell text) with stdin from
+# /dev/null, and SIGTERMs it when our stdin reaches EOF: when katactl closes the channel
+# before the command ended (a timeout, Ctrl-C, a stream closed early) or its connection
+# drops, even by kill -9. Neither end of a channel ends a command whose client went away:
+# - sshd leaves a non-pty command running when its channel closes ("delay detach of
+#   session", openssh session.c session_close_by_channel), and refuses the RFC 4254
+#   "signal" request for root logins ("session signalling requires privilege separation",
+#   session.c session_signal_req); after a normal end it closes our stdin itself
+#   (session_exit_message), which ends the watcher;
+# - the kubelet's runtime waits for an exec with no tie to its client's stream, and only
+#   closes the exec's stdin when that stream ends (containerd pkg/cri/server/
+#   container_execsync.go execInternal: Attach with StdinOnce and CloseStdin;
+#   kubernetes/kubernetes#89031, opencontainers/runc#3359); after a normal end the
+#   watcher's stdin closes with the exec stream, which katactl closes after the status.
+# The watcher's output goes to /dev/null: it must not hold the channel's stdout/stderr
+# open. The command runs in its own process group (setsid, where the node has it:
+# util-linux, busybox) and the whole group is signalled: a command's own children (a
+# resumed dump's compressor feeding tail) must end with it. A non-interactive sh has no
+# job control, so the background child is no group leader and setsid execs the command
+# without forking: $! is the command itself, its pid its group's id.
+GUARD = (
+    'exec 3<&0 </dev/null\n'
+    'if command -v setsid >/dev/null 2>&1; then setsid "$@" 3<&- & else "$@" 3<&- & fi\n'
+    'p=$!\n'
+    '{ cat <&3; kill -TERM -"$p" || kill -TERM "$p"; } >/dev/null 2>&1 &\n'
+    'w=$!\n'
+    'exec 3<&-\n'
+    'wait "$p"\n'
+    'rc=$?\n'
+    'kill "$w" 2>/dev/null\n'
+    'exit "$rc"\n'
+)
+
 
 class RemoteTransport(NodeTransport):
     """NodeTransport logic shared by every transport that runs argv on a remote node."""
@@ -96,10 +131,18 @@ class RemoteTransport(NodeTransport):
         status, within timeout (TimeoutExpired)."""
         raise NotImplementedError
 
+    def _guarded_channel(self, argv: tuple[str, ...], timeout: float):
+        """argv under GUARD (argv its positional words): the channel's stdin stays open
+        (hold_stdin: _communicate must not half-close it), so that the command is ended
+        when the channel closes before it finished."""
+        chan = self._exec_channel(("sh", "-c", GUARD, "sh", *argv), timeout)
+        chan.hold_stdin = True
+        return chan
+
     def _run_channel(self, argv: tuple[str, ...], timeout: float, input: bytes | None):
-        """The channel run() waits on (_communicate sends input, then EOF). Default: the
-        plain exec channel; a transport may run argv under a guard instead."""
-        return self._exec_channel(argv, timeout)
+        """The channel run() waits on: argv under GUARD; a command given input reads it on
+        stdin, so it runs unguarded (no caller gives input to a long command)."""
+        return self._exec_channel(argv, timeout) if input is not None else self._guarded_channel(argv, timeout)
 
     def _mkdir_one(self, path: str, remote: str, mode: int) -> None:
         """mkdir(2) of one directory (FileExistsError when it exists)."""
@@ -139,7 +182,7 @@ class RemoteTransport(NodeTransport):
                    timeout: float | None = None) -> Iterator[bytes]:
         """Run argv on the node and stream its stdout over an exec channel (memory bounded
         by the channel's flow control, as open_stream). Closing the iterator early closes the
-        channel: the node's process gets SIGPIPE/EOF. Exit 127 raises FileNotFoundError,
+        channel: GUARD SIGTERMs the node's process group. Exit 127 raises FileNotFoundError,
         any other non-zero exit OSError(EIO) with the end of its stderr, both once stdout
         has ended. timeout: the longest wait for the next bytes (default: the transport's)."""
         argv = _check_argv(argv)
@@ -156,10 +199,8 @@ class RemoteTransport(NodeTransport):
         return [n for n, _ in self.scan_dir(path, follow_symlinks=False)]
 
     def _stream_channel(self, argv, timeout: float):
-        """An exec channel for a stream: stdout read, stdin closed at once."""
-        chan = self._exec_channel(argv, timeout)
-        chan.shutdown_write()
-        return chan
+        """An exec channel for a stream: argv under GUARD, stdout read."""
+        return self._guarded_channel(argv, timeout)
 
     def _stream(self, argv, chunk_size: int, timeout: float | None, path: str, what: str) -> Iterator[bytes]:
         timeout = self.timeout if timeout is None else timeout
@@ -358,4 +399,4 @@ def _run_oserror(r: RunResult, path: str) -> OSError:
     return OSError(errno.EIO, text.splitlines()[-1] if text else f"{r.argv[0]} exited {r.returncode}", path)
 
 
-__all__ = ["RemoteTransport", "ChannelSocket", "RELAY", "STREAM_CHUNK"]
+__all__ = ["RemoteTransport", "ChannelSocket", "GUARD", "RELAY", "STREAM_CHUNK"]

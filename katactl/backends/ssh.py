@@ -16,7 +16,7 @@ Security model
     quoted words joined: the remote login shell (which sshd always uses) sees
     only literal words, never a string built from input. The node's login shell
     must be POSIX (sh, dash, bash, zsh, ksh). run() and streams run the argv
-    under GUARD (a fixed sh script; the words are its positional parameters),
+    under remote.py's GUARD (a fixed sh script; the words are its positional parameters),
     which ends the command when the channel closes before it finished.
   * File access uses SFTP (no shell at all).
 
@@ -1359,7 +1359,7 @@ def _oserror(e: OSError, path: str) -> OSError:
 class _SlotChannel:
     """A paramiko Channel that releases its session slot exactly once on close()."""
 
-    hold_stdin = False  # True: the command runs under GUARD, stdin is its lifeline
+    hold_stdin = False  # True: the command runs under remote.GUARD, stdin is its lifeline
 
     def __init__(self, chan, sem):
         self._c = chan
@@ -1388,33 +1388,6 @@ class _SlotChannel:
 
 
 _ChannelSocket = ChannelSocket  # (moved to remote.py)
-
-# Runs a command (the positional arguments, never parsed as shell text) with stdin from
-# /dev/null, and SIGTERMs it when our stdin reaches EOF: when katactl closes the channel
-# before the command ended (a timeout, Ctrl-C, a stream closed early) or its connection
-# drops, even by kill -9. sshd alone leaves a non-pty command running when its channel
-# closes ("delay detach of session", openssh session.c session_close_by_channel), and
-# refuses the RFC 4254 "signal" request for root logins ("session signalling requires
-# privilege separation", session.c session_signal_req). After a normal end sshd closes
-# our stdin itself (session_exit_message), which ends the watcher. The watcher's output
-# goes to /dev/null: it must not hold the channel's stdout/stderr open. The command runs
-# in its own process group (setsid, where the node has it: util-linux, busybox) and the
-# whole group is signalled: a command's own children (a resumed dump's compressor
-# feeding tail) must end with it. A non-interactive sh has no job control, so the
-# background child is no group leader and setsid execs the command without forking:
-# $! is the command itself, its pid its group's id.
-GUARD = (
-    'exec 3<&0 </dev/null\n'
-    'if command -v setsid >/dev/null 2>&1; then setsid "$@" 3<&- & else "$@" 3<&- & fi\n'
-    'p=$!\n'
-    '{ cat <&3; kill -TERM -"$p" || kill -TERM "$p"; } >/dev/null 2>&1 &\n'
-    'w=$!\n'
-    'exec 3<&-\n'
-    'wait "$p"\n'
-    'rc=$?\n'
-    'kill "$w" 2>/dev/null\n'
-    'exit "$rc"\n'
-)
 
 
 class SSHTransport(RemoteTransport):
@@ -1743,21 +1716,6 @@ class SSHTransport(RemoteTransport):
         chan = self._channel()
         _exec(chan, argv, self.timeout)
         return chan
-
-    def _guarded_channel(self, argv, timeout):
-        """argv under GUARD: stdin stays open (hold_stdin), so that the command is
-        ended when the channel closes before it finished."""
-        chan = self._exec_channel(("sh", "-c", GUARD, "sh", *argv), timeout)
-        chan.hold_stdin = True
-        return chan
-
-    def _run_channel(self, argv, timeout, input):
-        # a command given input reads it on stdin: it runs unguarded (no caller does
-        # that for a long command)
-        return self._exec_channel(argv, timeout) if input is not None else self._guarded_channel(argv, timeout)
-
-    def _stream_channel(self, argv, timeout):
-        return self._guarded_channel(argv, timeout)
 
     def _communicate(self, chan, argv, input, timeout):
         import select
