@@ -284,7 +284,7 @@ _SUN_PATH_MAX = 108
 
 #: run_stream's wrapper, the group leader of its own session: the command runs in its
 #: group, and a watcher ends the whole group (kill 0) when the wrapper's stdin, a pipe only
-#: katactl holds, reaches EOF: katactl gone, even by SIGKILL (the SSH channel's GUARD does
+#: katactl holds, reaches EOF: katactl gone, even by SIGKILL (remote.py's GUARD does
 #: the same on a node). Only the watcher keeps that pipe (fd 3); the command gets /dev/null.
 _GUARD = (
     'exec 3<&0 </dev/null\n'
