@@ -26,6 +26,11 @@ Field numbers, checked against upstream generated.proto files:
 - k8s.io/api/coordination/v1: Lease{metadata=1, spec=2}; LeaseSpec{holderIdentity=1,
   leaseDurationSeconds=2, acquireTime=3, renewTime=4, leaseTransitions=5, strategy=6,
   preferredHolder=7}.
+- staging/src/k8s.io/api/authorization/v1/generated.proto: SelfSubjectAccessReview{metadata=1,
+  spec=2, status=3}; SelfSubjectAccessReviewSpec{resourceAttributes=1, nonResourceAttributes=2};
+  ResourceAttributes{namespace=1, verb=2, group=3, version=4, resource=5, subresource=6, name=7}
+  (fieldSelector=8 and labelSelector=9 skipped); NonResourceAttributes{path=1, verb=2};
+  SubjectAccessReviewStatus{allowed=1, reason=2, evaluationError=3, denied=4}.
 The Eviction and DeleteOptions numbers are also confirmed by the bytes kubectl 1.33 really sends
 (tests/test_kubeserver_kubectl.py decodes captured request bodies).
 
@@ -147,12 +152,22 @@ SCHEMAS: dict[str, dict[int, tuple[str, str]]] = {
                   4: ("renewTime", "microtime"), 5: ("leaseTransitions", "int"), 6: ("strategy", "str"),
                   7: ("preferredHolder", "str")},
     "Lease": {1: ("metadata", "msg:ObjectMeta"), 2: ("spec", "msg:LeaseSpec")},
+    "ResourceAttributes": {1: ("namespace", "str"), 2: ("verb", "str"), 3: ("group", "str"), 4: ("version", "str"),
+                           5: ("resource", "str"), 6: ("subresource", "str"), 7: ("name", "str")},
+    "NonResourceAttributes": {1: ("path", "str"), 2: ("verb", "str")},
+    "SelfSubjectAccessReviewSpec": {1: ("resourceAttributes", "msg:ResourceAttributes"),
+                                    2: ("nonResourceAttributes", "msg:NonResourceAttributes")},
+    "SubjectAccessReviewStatus": {1: ("allowed", "bool"), 2: ("reason", "str"), 3: ("evaluationError", "str"),
+                                  4: ("denied", "bool")},
+    "SelfSubjectAccessReview": {1: ("metadata", "msg:ObjectMeta"), 2: ("spec", "msg:SelfSubjectAccessReviewSpec"),
+                                3: ("status", "msg:SubjectAccessReviewStatus")},
 }
 
 OMIT_ZERO = {"ObjectMeta", "TypeMeta"}
 
 # kind (from the envelope's TypeMeta) -> message name
-KINDS = {k: k for k in ("Eviction", "DeleteOptions", "PodDisruptionBudget", "ConfigMap", "Namespace", "Lease")}
+KINDS = {k: k for k in ("Eviction", "DeleteOptions", "PodDisruptionBudget", "ConfigMap", "Namespace", "Lease",
+                        "SelfSubjectAccessReview")}
 
 
 def _scalar(typ: str, wt: int, v):

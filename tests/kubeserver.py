@@ -8,7 +8,7 @@ client. What it serves:
 - Bearer tokens: "admin" may do everything, "readonly" only get/list/watch (403 Forbidden Status
   with the RBAC message format); a wrong or missing token gets 401.
 - Discovery: /api, /api/v1, /apis, /apis/<group>/<version> (apps/v1, policy/v1,
-  coordination.k8s.io/v1, node.k8s.io/v1), /version. Aggregated discovery is not offered: the
+  coordination.k8s.io/v1, node.k8s.io/v1, authorization.k8s.io/v1), /version. Aggregated discovery is not offered: the
   answer is plain application/json, from which client-go falls back to per-group discovery.
 - Resources: nodes, pods (+ eviction, status), namespaces, configmaps, events,
   poddisruptionbudgets (+ status), daemonsets, replicasets, leases, runtimeclasses.
@@ -19,7 +19,7 @@ client. What it serves:
   query: gracePeriodSeconds, preconditions uid/resourceVersion, propagationPolicy), dryRun=All on
   every mutation. resourceVersion is one global counter; uid, creationTimestamp, generation filled.
 - Request bodies: JSON, or Kubernetes protobuf for Eviction, DeleteOptions, ConfigMap, Namespace,
-  PodDisruptionBudget and Lease (tests/_protobuf.py). Responses are always JSON.
+  PodDisruptionBudget, Lease and SelfSubjectAccessReview (tests/_protobuf.py). Responses are always JSON.
 - Graceful pod deletion: deletionTimestamp/deletionGracePeriodSeconds, removal after the grace
   (times ``grace_scale``) by a "kubelet" timer; grace 0, unscheduled pods and terminal pods go at
   once; a pod annotated ``test.katactl.io/stuck-terminating: "true"`` never goes.
@@ -84,7 +84,11 @@ Known differences from the real kube-apiserver:
   no kubelet recreates them afterwards.
 - DELETE answers the object for pods (like the real pod store) and a Success Status otherwise.
 - Authorization is two fixed users, not RBAC (``deny`` takes a verb away from both, with RBAC's
-  message); no impersonation, no client certificates.
+  message); no impersonation, no client certificates. authorization.k8s.io/v1 serves only
+  selfsubjectaccessreviews (``kubectl auth can-i``), answered from that same model: no
+  subjectaccessreviews, localsubjectaccessreviews or selfsubjectrulesreviews, a nonResource
+  review allows admin everything and others only "get", and label/field selector attributes
+  are ignored.
 - No events are written by the stand-in itself; no leader election; no audit.
 """
 from __future__ import annotations
@@ -151,7 +155,10 @@ RESOURCES = {r.plural: r for r in [
     Res("runtimeclasses", "RuntimeClass", "node.k8s.io", "v1", False),
 ]}
 BY_KIND = {r.kind: r for r in RESOURCES.values()}
-GROUPS = {"": "v1", "apps": "v1", "policy": "v1", "coordination.k8s.io": "v1", "node.k8s.io": "v1"}
+GROUPS = {"": "v1", "apps": "v1", "policy": "v1", "coordination.k8s.io": "v1", "node.k8s.io": "v1",
+          "authorization.k8s.io": "v1"}
+#: authorization.k8s.io/v1's one served resource: a create-only review, stored nowhere
+SSAR = "selfsubjectaccessreviews"
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 #: a ConfigMap's data + binaryData values (binaryData decoded) at most this: core.MaxSecretSize
@@ -1469,6 +1476,12 @@ class KubeStandIn(KubeExecMixin):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if not rest:
             return 200, self._resource_list(group, version)
+        if group == "authorization.k8s.io":
+            if rest != [SSAR]:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            if method != "POST":
+                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+            return self._self_subject_access_review(body, user)
         ns = None
         if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
             ns, rest = rest[1], rest[2:]
@@ -1530,6 +1543,37 @@ class KubeStandIn(KubeExecMixin):
                 dry = dry or (opts.get("dryRun") or []) == ["All"]
                 return self._delete(res, ns, name, opts, dry)
         raise AssertionError(verb)
+
+    def _self_subject_access_review(self, body, user):
+        """POST selfsubjectaccessreviews (``kubectl auth can-i``): the request's own user asked
+        about one verb on a resource, answered 201 with the review and its status from this
+        server's authorizer (_authorize's model: the two users, less ``deny``), as
+        pkg/registry/authorization/selfsubjectaccessreview/rest.go Create does. RBAC never
+        denies, it only does not allow: ``denied`` is absent, ``reason`` empty on a refusal."""
+        if not isinstance(body, dict) or body.get("kind") not in (None, "SelfSubjectAccessReview"):
+            raise bad_request(f"not a SelfSubjectAccessReview: {body!r}")
+        spec = body.get("spec") or {}
+        ra, nra = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+        if (ra is None) == (nra is None):
+            raise ApiError(422, "Invalid", 'SelfSubjectAccessReview.authorization.k8s.io "" is invalid: '
+                           "spec.resourceAttributes: Invalid value: \"null\": exactly one of "
+                           "nonResourceAttributes or resourceAttributes must be specified")
+        if ra is not None:
+            verb = ra.get("verb") or ""
+            r = ra.get("resource") or ""
+            if ra.get("subresource"):
+                r = f"{r}/{ra['subresource']}"
+            allowed = (user == "admin" or verb in ("get", "list", "watch")) and (verb, r) not in self.denied
+        else:
+            allowed = user == "admin" or nra.get("verb") == "get"
+        out = {"kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+               "metadata": {"creationTimestamp": None}, "spec": spec, "status": {"allowed": allowed}}
+        if allowed:
+            out["status"]["reason"] = ('RBAC: allowed by ClusterRoleBinding "cluster-admin" of ClusterRole '
+                                       '"cluster-admin" to Group "system:masters"' if user == "admin" else
+                                       'RBAC: allowed by ClusterRoleBinding "view" of ClusterRole "view" to '
+                                       f'User "{user}"')
+        return 201, out
 
     def _namespace_lifecycle(self, res, ns, name):
         """NamespaceLifecycle admission (apiserver/pkg/admission/plugin/namespace/lifecycle/
@@ -1881,6 +1925,9 @@ class KubeStandIn(KubeExecMixin):
                 else:
                     out.append({"name": f"{r.plural}/{s}", "singularName": "", "namespaced": r.namespaced,
                                 "kind": r.kind, "verbs": ["get", "patch", "update"]})
+        if group == "authorization.k8s.io":
+            out.append({"name": SSAR, "singularName": "selfsubjectaccessreview", "namespaced": False,
+                        "kind": "SelfSubjectAccessReview", "verbs": ["create"]})
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}" if group else version,
                 "resources": out}
 

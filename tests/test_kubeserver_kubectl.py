@@ -88,6 +88,20 @@ def test_kubectl_get_selectors_and_chunks(kube, kctl):
     assert r.returncode != 0 and "field label not supported: spec.bogus" in r.stderr
 
 
+def test_kubectl_auth_can_i_is_answered_from_the_stand_ins_authorizer(kube, kctl):
+    """kubectl auth can-i POSTs a SelfSubjectAccessReview (protobuf): the stand-in answers it
+    from the model its requests are refused by (the two users, less ``deny``)."""
+    kube.deny("delete", "pods")
+    answers = {(user, verb): kctl("auth", "can-i", verb, "pods", "-n", "kube-system", user=user).stdout.strip()
+               for user in ("admin", "readonly") for verb in ("create", "delete", "list")}
+    assert answers == {("admin", "create"): "yes", ("admin", "delete"): "no", ("admin", "list"): "yes",
+                       ("readonly", "create"): "no", ("readonly", "delete"): "no", ("readonly", "list"): "yes"}
+    assert kctl("auth", "can-i", "create", "pods", "--subresource=exec", "-n", "kube-system").stdout.strip() == "yes"
+    review = [q for q in kube.requests if q["path"].endswith("/selfsubjectaccessreviews")][-1]
+    assert review["content_type"] == "application/vnd.kubernetes.protobuf"
+    assert review["body"]["spec"]["resourceAttributes"]["subresource"] == "exec"
+
+
 def test_kubectl_cordon_uncordon_and_readonly(kube, kctl):
     kube.add_node("n1")
     r = kctl("cordon", "n1")
@@ -278,7 +292,7 @@ def test_auth_401_403_and_discovery(kube):
         assert res["pods/eviction"]["group"] == "policy" and res["pods/eviction"]["version"] == "v1"
         assert res["pods"]["shortNames"] == ["po"] and res["nodes"]["namespaced"] is False
         groups = {g["name"] for g in c.get("/apis").json()["groups"]}
-        assert groups == {"apps", "policy", "coordination.k8s.io", "node.k8s.io"}
+        assert groups == {"apps", "policy", "coordination.k8s.io", "node.k8s.io", "authorization.k8s.io"}
         assert c.get("/apis/node.k8s.io/v1").json()["resources"][0]["namespaced"] is False
         assert c.get("/version").json()["gitVersion"].startswith("v1.33")
         assert c.get("/api/v1/widgets").status_code == 404
