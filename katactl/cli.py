@@ -252,12 +252,21 @@ def _delete_node_pods() -> None:
                 held[sig] = signal.signal(sig, signal.SIG_IGN)
             except (ValueError, OSError):
                 pass
+    global _pods_left
+    nodeagent = sys.modules["katactl.nodeagent"]
     try:
-        sys.modules["katactl.nodeagent"].cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
+        nodes = nodeagent.reached_nodes()
+        left = nodeagent.cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
     finally:
         for sig, handler in held.items():
             signal.signal(sig, handler)
+    if left:  # a success that left privileged pods running is not one (main's exit code)
+        _pods_left = (left, nodes > 1)
 
+
+# The ephemeral node pods this run's cleanup could not delete, and whether the run was a
+# fan-out: its exit 0 becomes 1 (4 for a fan-out, whose results stand).
+_pods_left: tuple[list[str], bool] | None = None
 
 # True when this invocation only asks for help (-h/--help before any "--"): the root
 # callback then builds no settings (no config file read, no logging set up).
@@ -500,6 +509,8 @@ def _exit_without_abandoned_threads(done: SystemExit) -> None:
     if not any(t.is_alive() and not t.daemon for t in threading.enumerate()
                if t is not threading.main_thread()):
         return
+    if "katactl.nodeagent" in sys.modules:  # os._exit skips atexit: node pods an interrupt left get their retry
+        sys.modules["katactl.nodeagent"]._atexit()
     code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -511,8 +522,8 @@ def _exit_without_abandoned_threads(done: SystemExit) -> None:
 
 def _run(args: list[str]) -> None:
     command = _built(app)
-    global _output_format, _help_only, _verbose
-    _output_format, _verbose = None, 0
+    global _output_format, _help_only, _verbose, _pods_left
+    _output_format, _verbose, _pods_left = None, 0, None
     head = args[:args.index("--")] if "--" in args else args
     _help_only = any(a in ("-h", "--help") for a in head)
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
@@ -527,7 +538,13 @@ def _run(args: list[str]) -> None:
             # Typer turns Ctrl-C into Exit(130) before it reaches us: still one line
             # (and the JSON error object), like every other failure.
             raise KeyboardInterrupt
-        sys.exit(rc if isinstance(rc, int) else 0)
+        rc = rc if isinstance(rc, int) else 0
+        if rc == ExitCode.OK and _pods_left is not None:
+            left, fan_out = _pods_left
+            print(f"katactl: error: {len(left)} ephemeral node pod(s) could not be deleted: {', '.join(left)}",
+                  file=sys.stderr)
+            rc = int(ExitCode.PARTIAL if fan_out else ExitCode.FAILED)
+        sys.exit(rc)
     except SystemExit:
         raise
     except BrokenPipeError as exc:

@@ -18,6 +18,7 @@ import atexit
 import copy
 import dataclasses
 import getpass
+import math
 import os
 import random
 import re
@@ -167,6 +168,14 @@ _EPHEMERAL: dict[tuple, list[AgentPod]] = {}
 _EPHEMERAL_API: dict[tuple, object] = {}
 _LOCKS: dict[tuple, threading.Lock] = {}
 _GUARD = threading.Lock()
+_REACHED: set[tuple] = set()   # (host, node) this run looked for a node pod on
+
+
+def reached_nodes() -> int:
+    """How many nodes this run reached through node pods (until cleanup()): more than one,
+    pods left behind are a partial failure of a fan-out."""
+    with _GUARD:
+        return len(_REACHED)
 
 
 def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> AgentPod:
@@ -174,6 +183,8 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
     created already, or a new ephemeral one (with --agent-image). Pods named in ``avoid``
     (one found not running) are not taken."""
     ns = settings.agent_namespace
+    with _GUARD:
+        _REACHED.add((api.host, node))
     _check_node(api, node)
     key = (api.host, ns, node)
     with _GUARD:
@@ -217,9 +228,56 @@ class AgentPodDown(UnreachableError):
     """The node's agent DaemonSet pod exists but is not running."""
 
 
+# (host, namespace, user) -> the refusal of the access check, or None (allowed, or not asked)
+_ACCESS: dict[tuple, AuthError | None] = {}
+_ACCESS_LOCK = threading.Lock()
+SSAR = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+
+
+def check_pod_access(api, ns: str) -> None:
+    """Refuse (AuthError, exit 7) before any pod is created when this user may not both create
+    and delete pods in ``ns``: a pod katactl could create but not delete would stay on the node,
+    privileged with the host's / mounted, until activeDeadlineSeconds. Asked once per run with a
+    SelfSubjectAccessReview per verb, what ``kubectl auth can-i`` sends (the server's own
+    authorizer decides: pkg/registry/authorization/selfsubjectaccessreview/rest.go). A server
+    that cannot be asked (no such API, 5xx) is not a refusal: the create answers for itself."""
+    from katactl.backends.kube import ApiStatusError
+
+    key = (api.host, ns, api.user)
+    with _ACCESS_LOCK:  # the nodes of a fan-out wait for one answer instead of asking it each
+        if key not in _ACCESS:
+            refusal = None
+            for verb in ("create", "delete"):
+                review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                          "spec": {"resourceAttributes": {"namespace": ns, "verb": verb, "resource": "pods"}}}
+                try:
+                    status = api.create(SSAR, review).get("status") or {}
+                except AuthError as e:
+                    if e.details.get("httpStatus") != 403:  # 401: the create would meet it too
+                        raise
+                    break
+                except (NotFound, UsageError, ApiStatusError, OperationFailed):
+                    break
+                if status.get("allowed") is not True:
+                    who = f"user {api.user!r}" if api.user else "this kubeconfig's user"
+                    why = status.get("reason") or status.get("evaluationError")
+                    refusal = AuthError(
+                        f"Kubernetes API: Forbidden: {who} cannot {verb} pods in namespace {ns}, which an "
+                        f"ephemeral node pod needs (no pod was created){': ' + why if why else ''}",
+                        hint=f"ask for create and delete on pods in {ns} (kubectl auth can-i {verb} pods -n {ns}), "
+                             "or install the node agent DaemonSet (katactl node agent install)",
+                        details={"verb": verb, "resource": "pods", "namespace": ns})
+                    break
+            _ACCESS[key] = refusal
+        refusal = _ACCESS[key]
+    if refusal is not None:
+        raise AuthError(refusal.message, hint=refusal.hint, details=dict(refusal.details))
+
+
 def _create_ephemeral(api, ns: str, node: str, image: str, timeout: float, key) -> AgentPod:
     from katactl.backends.kube import Conflict, MaybeApplied, seg
 
+    check_pod_access(api, ns)
     man = ephemeral_manifest(node, image, ns)
     pod = AgentPod(ns, man["metadata"]["name"], node, "ephemeral", image=image)
     # registered under its (client-chosen) name before the create is sent: a create answered
@@ -309,28 +367,74 @@ def replace_agent_pod(api, pod: AgentPod) -> AgentPod:
 
 
 def wait_running(api, pod: AgentPod, timeout: float) -> AgentPod:
-    from katactl.backends.kube import seg
+    """Wait until ``pod`` runs: one GET, then one watch of the pod (its name as the field
+    selector) until it runs, ends or ``timeout`` passes, as kubectl debug's waitForContainer
+    (staging/src/k8s.io/kubectl/pkg/cmd/debug/debug.go: watchtools.UntilWithSync over a
+    metadata.name field selector), not a GET every 100 ms per node while images pull."""
+    from katactl.backends.kube import WatchExpired, seg
 
-    path = f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"
+    base = f"/api/v1/namespaces/{seg(pod.namespace)}/pods"
     deadline = time.monotonic() + timeout
-    obj: dict = {}
-    while True:
+    with _GUARD:
         if threading.current_thread() in _STALE:  # interrupted: the cleanup deletes it
             raise Interrupted("interrupted")
-        try:
-            obj = api.get(path)
-        except NotFound:
-            raise OperationFailed(f"node pod {pod.namespace}/{pod.name} was deleted while starting") from None
-        if _running(obj):
-            return pod
-        phase = (obj.get("status") or {}).get("phase")
-        if phase in ("Failed", "Succeeded"):
-            raise OperationFailed(f"node pod {pod.namespace}/{pod.name} on {pod.node} ended ({phase}) "
-                                  f"{_describe(api, obj)}")
-        if time.monotonic() >= deadline:
-            raise TimeoutExpired(f"node pod {pod.namespace}/{pod.name} on {pod.node} not Running within "
-                                 f"{timeout:g}s: {_describe(api, obj)}")
-        time.sleep(POLL)
+        _WAITING.add(api)  # cleanup() ends the watch of a worker an interrupt left waiting
+    try:
+        obj = _get_starting(api, pod, f"{base}/{seg(pod.name)}")
+        pause = 0.0
+        while True:
+            if _started(api, pod, obj, timeout, deadline):
+                return pod
+            try:
+                for ev in api.watch(base, resource_version=obj["metadata"].get("resourceVersion") or "0",
+                                    timeout_seconds=max(1, math.ceil(deadline - time.monotonic())),
+                                    fieldSelector=f"metadata.name={pod.name}"):
+                    if ev.get("type") == "DELETED":
+                        raise OperationFailed(f"node pod {pod.namespace}/{pod.name} was deleted while starting")
+                    if ev.get("type") == "BOOKMARK":
+                        obj["metadata"]["resourceVersion"] = ev["object"]["metadata"].get("resourceVersion")
+                        continue
+                    obj = ev["object"]
+                    if _started(api, pod, obj, timeout, deadline):
+                        return pod
+                # the server ended the watch (its timeoutSeconds): the pod as it is now, for the
+                # deadline's message or the next watch
+                obj = _get_starting(api, pod, f"{base}/{seg(pod.name)}")
+                pause = 0.0
+            except (WatchExpired, UnreachableError):
+                if threading.current_thread() in _STALE:
+                    raise Interrupted("interrupted") from None
+                # the watch was lost, refused (no watch on pods: a GET every 2 s then) or its
+                # resourceVersion is too old: read the pod again
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(2.0, pause * 2 or 0.5)
+                obj = _get_starting(api, pod, f"{base}/{seg(pod.name)}")
+    finally:
+        with _GUARD:
+            _WAITING.discard(api)
+
+
+def _get_starting(api, pod: AgentPod, path: str) -> dict:
+    try:
+        return api.get(path)
+    except NotFound:
+        raise OperationFailed(f"node pod {pod.namespace}/{pod.name} was deleted while starting") from None
+
+
+def _started(api, pod: AgentPod, obj: dict, timeout: float, deadline: float) -> bool:
+    """True once ``obj`` runs; raises once it ended or the deadline passed; False meanwhile."""
+    if threading.current_thread() in _STALE:  # interrupted: the cleanup deletes it
+        raise Interrupted("interrupted")
+    if _running(obj):
+        return True
+    phase = (obj.get("status") or {}).get("phase")
+    if phase in ("Failed", "Succeeded"):
+        raise OperationFailed(f"node pod {pod.namespace}/{pod.name} on {pod.node} ended ({phase}) "
+                              f"{_describe(api, obj)}")
+    if time.monotonic() >= deadline:
+        raise TimeoutExpired(f"node pod {pod.namespace}/{pod.name} on {pod.node} not Running within "
+                             f"{timeout:g}s: {_describe(api, obj)}")
+    return False
 
 
 def _describe(api, obj: dict) -> str:
@@ -362,6 +466,9 @@ _STALE: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 _IN_FLIGHT: dict[tuple, threading.Event] = {}   # set once the pod's create has been answered
 _UNSEEN: set[tuple] = set()        # creates of unknown outcome whose pod was never seen
 LATE_CREATE_WATCH = 5.0            # seconds the cleanup watches for such a create landing late
+CLEANUP_TIMEOUT = 10.0             # seconds all the DELETEs of one cleanup may take together
+CLEANUP_WORKERS = 16               # DELETEs sent at once
+_WAITING: set = set()              # the API clients of wait_running()s watching a pod start
 
 
 def _register(key, pod: AgentPod, api) -> threading.Event:
@@ -388,10 +495,15 @@ def _unregister(key, pod: AgentPod) -> None:
                 _EPHEMERAL_API.pop(key, None)
 
 
-def cleanup(warn=None) -> list[str]:
-    """Delete every ephemeral pod this process created (grace 0). Returns the names that could
-    not be deleted (they are left for ``node agent gc``)."""
-    from katactl.backends.kube import KubeAPI, seg
+def cleanup(warn=None, *, at_exit: bool = False) -> list[str]:
+    """Delete every ephemeral pod this process created (grace 0), all at once within one
+    deadline (CLEANUP_TIMEOUT, plus the wait for a create still on its way). Returns the names
+    that could not be deleted: each has had its warning, pointing at ``node agent gc``.
+
+    A pod leaves the registry once its DELETE was answered (or it was given up at the
+    deadline), never before: interrupted (a second Ctrl-C), the pods not deleted yet get one
+    warning naming them, stay registered, and the atexit pass tries them again."""
+    from katactl.backends.kube import KubeAPI
 
     with _GUARD:
         _STALE.update(t for t in threading.enumerate() if t is not threading.current_thread())
@@ -399,44 +511,101 @@ def cleanup(warn=None) -> list[str]:
         apis = dict(_EPHEMERAL_API)
         flights = dict(_IN_FLIGHT)
         unseen = set(_UNSEEN)
-        _UNSEEN.clear()
-        _EPHEMERAL.clear()
-        _EPHEMERAL_API.clear()
-        _IN_FLIGHT.clear()
-    left = []
-    for key, pod in items:
-        _, api = apis.get(key, (None, None))
-        # a worker thread's create still on its way (an interrupt): deleting before it lands
-        # would find nothing and leave the pod behind
-        ev = flights.get((key, pod.name))
-        if ev is not None:
-            ev.wait(float(getattr(api, "timeout", 30.0) or 30.0) + 1.0)
-        try:
-            client = KubeAPI(api.host, api.headers, api.tls, 10.0, user=api.user)
-            path = f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"
+        waiting = list(_WAITING)
+        _WAITING.clear()
+        _REACHED.clear()
+    with _ACCESS_LOCK:
+        _ACCESS.clear()
+    for w in waiting:  # a worker an interrupt left watching its pod start: end it now
+        w.abort_watches()
+    if not items:
+        return []
+    start = time.monotonic()
+    # a create still on its way (an interrupt) is waited for first: deleting before it lands
+    # would find nothing and leave the pod behind
+    creating = [float(getattr(apis[k][1], "timeout", 30.0) or 30.0) + 1.0 for k, p in items
+                if (ev := flights.get((k, p.name))) is not None and not ev.is_set()]
+    deadline = start + max(creating, default=0.0) + CLEANUP_TIMEOUT
+    left: list[str] = []
+    done: set[str] = set()  # pods dealt with (deleted, or warned about), by namespace/name
+    lock = threading.Lock()
+    todo = iter(items)
+
+    def report(pod: AgentPod, why) -> None:
+        name = f"{pod.namespace}/{pod.name}"
+        with lock:
+            if name in done:
+                return
+            done.add(name)
+            if why is not None:
+                left.append(name)
+        if why is not None and warn:
+            warn(f"could not delete ephemeral node pod {name}: {why} (katactl node agent gc removes it)")
+
+    def work() -> None:
+        from katactl.backends.kube import seg
+
+        while True:
+            with lock:
+                item = next(todo, None)
+            if item is None:
+                return
+            key, pod = item
+            api = apis[key][1]
+            ev = flights.get((key, pod.name))
+            if ev is not None:
+                ev.wait(max(0.0, deadline - CLEANUP_TIMEOUT - time.monotonic()))
+            why = None
             try:
+                client = KubeAPI(api.host, api.headers, api.tls, max(1.0, deadline - time.monotonic()),
+                                 user=api.user)
+                path = f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"
                 try:
-                    client.delete(path, grace_period=0)
-                except NotFound:
-                    if (key, pod.name) not in unseen:
-                        raise
-                    _delete_late(client, path)
-            finally:
-                client.close()
-        except NotFound:
-            pass
-        except Exception as e:  # noqa: BLE001 - every pod gets its try
-            left.append(f"{pod.namespace}/{pod.name}")
-            if warn:
-                warn(f"could not delete ephemeral node pod {pod.namespace}/{pod.name}: {e} "
-                     "(katactl node agent gc removes it)")
+                    try:
+                        client.delete(path, grace_period=0)
+                    except NotFound:
+                        if (key, pod.name) not in unseen:
+                            raise
+                        _delete_late(client, path, deadline)
+                finally:
+                    client.close()
+            except NotFound:
+                pass
+            except Exception as e:  # noqa: BLE001 - every pod gets its try
+                why = e
+            if time.monotonic() > deadline + 1.0:
+                continue  # given up on already, and said so
+            _unregister(key, pod)
+            report(pod, why)
+
+    workers = [threading.Thread(target=work, name="katactl-pod-cleanup", daemon=True)
+               for _ in range(min(CLEANUP_WORKERS, len(items)))]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(max(0.0, deadline + 1.0 - time.monotonic()))
+    except KeyboardInterrupt:
+        with lock:
+            pending = [f"{p.namespace}/{p.name}" for _, p in items if f"{p.namespace}/{p.name}" not in done]
+            done.update(pending)  # a DELETE answered from now on says nothing more
+        if pending and warn:
+            warn(f"interrupted while deleting ephemeral node pods; not deleted: {', '.join(pending)} "
+                 + ("(katactl node agent gc removes them)" if at_exit
+                    else "(tried once more as katactl exits; katactl node agent gc removes any left)"))
+        raise
+    # past the deadline: whatever was not answered is given up on, with its warning
+    for key, pod in items:
+        if f"{pod.namespace}/{pod.name}" not in done:
+            _unregister(key, pod)
+            report(pod, f"no answer within {deadline - start:.0f}s")
     return left
 
 
-def _delete_late(client, path: str) -> None:
+def _delete_late(client, path: str, deadline: float) -> None:
     """A create of unknown outcome never seen: delete the pod should it land in the next
     LATE_CREATE_WATCH seconds (later, activeDeadlineSeconds and ``node agent gc`` remain)."""
-    deadline = time.monotonic() + LATE_CREATE_WATCH
+    deadline = min(deadline, time.monotonic() + LATE_CREATE_WATCH)
     while time.monotonic() < deadline:
         time.sleep(POLL * 3)
         try:
@@ -448,9 +617,14 @@ def _delete_late(client, path: str) -> None:
 
 
 def _atexit() -> None:
+    """The last pass: pods an interrupted cleanup left registered (a Ctrl-C here too ends it,
+    having named them)."""
     import sys
 
-    cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
+    try:
+        cleanup(lambda m: print(f"warning: {m}", file=sys.stderr), at_exit=True)
+    except KeyboardInterrupt:
+        pass
 
 
 atexit.register(_atexit)
