@@ -288,12 +288,12 @@ def test_status_without_proc_says_the_counts_are_unknown(cli, tmp_path):
     K(cli, node, "stage", fx.make_tarball(str(tmp_path), A, str(tmp_path), compression="gz"))
     r = cli(["--host-root", str(node), "upgrade", "status"])
     assert r.exit_code == 0, r.stderr
-    assert r.stderr.startswith("warning: cannot list /proc on localhost: which releases running processes use is "
+    assert r.stderr.startswith("warning: localhost: cannot list /proc: which releases running processes use is "
                                "unknown; the PROCESSES and SANDBOXES counts are lower bounds"), r.stderr
     assert [line.split()[2:] for line in r.stdout.splitlines()[1:]] == [["?", "?"]]
     st = K(cli, node, "status")
     assert st["releases"][0]["inUse"] is None and st["releases"][0]["processes"] == []
-    assert st["scan"]["gap"] == "cannot list /proc on localhost: which releases running processes use is unknown"
+    assert st["scan"]["gap"] == "cannot list /proc: which releases running processes use is unknown"
     (node / "proc").mkdir()  # a /proc showing no processes: known unused
     st = K(cli, node, "status")
     assert st["releases"][0]["inUse"] is False and "gap" not in st["scan"]
@@ -333,7 +333,7 @@ def test_status_as_non_root_says_which_processes_it_could_not_inspect(cli, lab, 
     assert hv.pid in st["scan"]["unreadableKata"] and st["scan"]["gap"].startswith("cannot inspect")
     assert {r["version"]: r["inUse"] for r in st["releases"]}[A] is None
     r = nobody()
-    warn = [line for line in r.stderr.splitlines() if line.startswith("warning: cannot inspect")]
-    assert len(warn) == 1 and "Kata process(es) on localhost" in warn[0] and "not root?" in warn[0], r.stderr
+    warn = [line for line in r.stderr.splitlines() if line.startswith("warning: localhost: cannot inspect ")]
+    assert len(warn) == 1 and "Kata process(es) (pids" in warn[0] and "not root?" in warn[0], r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     assert rows[A][2:] == ["?", "?"], r.stdout

@@ -238,7 +238,7 @@ def _status(app_ctx, transport: NodeTransport, layout) -> dict:
     s = upgrade.status(transport, layout)
     gap = s["scan"].get("gap")
     if gap:
-        app_ctx.out.warn(f"{gap}; the PROCESSES and SANDBOXES counts are lower bounds ('?': none seen, "
+        app_ctx.out.warn(f"{transport.node}: {gap}; the PROCESSES and SANDBOXES counts are lower bounds ('?': none seen, "
                          "'N+': at least N), and upgrade gc refuses without --force")
     return s
 

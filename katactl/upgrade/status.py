@@ -122,7 +122,7 @@ def status(transport: NodeTransport, layout: Layout, sandboxes: list | None = No
     last = hist[-1] if hist else None
     procs, stats = procscan.scan(transport, layout)
     sbs = procscan.attribute(transport, layout, procs, procscan.sandboxes(transport, sandboxes))
-    gap = scan_gap(stats, transport.node)  # then a release nobody seems to use may be in use
+    gap = scan_gap(stats, None)  # then a release nobody seems to use may be in use
     if gap:
         stats = {**stats, "gap": gap}
     rels = []
@@ -172,15 +172,17 @@ def release_users(transport: NodeTransport, layout: Layout, *, force: bool = Fal
     return in_use, stats
 
 
-def scan_gap(stats: dict, node: str) -> str | None:
+def scan_gap(stats: dict, node: str | None) -> str | None:
     """Why the process scan may have missed users of a release (procscan.scan's statistics),
     or None when it saw every process: gc and stage --force refuse then, status shows the
-    counts as unknown."""
+    counts as unknown. ``node`` None: the text for JSON, whose item names its node already
+    (the same for -N, --host-root and --via kube)."""
+    on = f" on {node}" if node else ""
     if stats.get("error"):
-        return f"cannot list /proc on {node}: which releases running processes use is unknown"
+        return f"cannot list /proc{on}: which releases running processes use is unknown"
     hidden = stats.get("unreadableKata") or []
     if hidden:
-        return (f"cannot inspect {len(hidden)} Kata process(es) on {node} (pids "
+        return (f"cannot inspect {len(hidden)} Kata process(es){on} (pids "
                 f"{', '.join(map(str, hidden[:5]))}; not root?)")
     return None
 
