@@ -514,8 +514,8 @@ def cleanup(warn=None, *, at_exit: bool = False) -> list[str]:
         waiting = list(_WAITING)
         _WAITING.clear()
         _REACHED.clear()
-    with _ACCESS_LOCK:
-        _ACCESS.clear()
+    # without its lock: a worker may hold it through a slow review; the next run asks again
+    _ACCESS.clear()
     for w in waiting:  # a worker an interrupt left watching its pod start: end it now
         w.abort_watches()
     if not items:
