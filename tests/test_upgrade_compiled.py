@@ -175,6 +175,39 @@ def test_a_release_staged_without_recorded_verity_params(cli, node):
     assert _live(node, A)["kernel_verity_params"] == _hash(B)  # nothing changed
 
 
+@pytest.mark.parametrize("written", [
+    'kernel_verity_params = """\n{v}"""',      # a multi-line basic string
+    "kernel_verity_params = '''\n{v}'''",   # a multi-line literal string
+    '"kernel_verity_params" = "{v}"',          # a quoted key
+])
+@pytest.mark.parametrize("target", [B, C])  # C's image has no root hash: the whole value goes
+def test_an_agent_switch_replaces_the_whole_verity_value_however_it_is_written(cli, node, written, target):
+    """Operators edit these files: a value on several lines, or a quoted key, is one key to
+    TOML; the switch leaves a file the runtime parses, with the target image's own hash."""
+    import tomllib
+
+    _j(cli, node, "switch", A)
+    cfg = node / "opt/kata/releases" / A / COCO
+    cfg.write_text(cfg.read_text().replace(f'kernel_verity_params = "{_hash(A)}"', written.format(v=_hash(A))))
+    assert tomllib.loads(cfg.read_text())["hypervisor"]["qemu"]["kernel_verity_params"] == _hash(A)
+    _j(cli, node, "switch", target, "-c", "agent")
+    qemu = tomllib.loads(cfg.read_text())["hypervisor"]["qemu"]
+    assert qemu["image"].startswith(f"/opt/kata/releases/{target}/")
+    assert qemu.get("kernel_verity_params") == ({B: _hash(B), C: None}[target])
+    assert qemu["confidential_guest"] is True
+
+
+def test_an_edit_that_would_not_be_the_intended_toml_is_an_error():
+    """The line-level edit is checked against tomllib's parse of its result: a form it does
+    not follow (here a quoted table name it cannot match to the parse) is an EditError,
+    which the switch turns into a refusal before any rename (journal._agent_edits)."""
+    from katactl.upgrade import configedit
+
+    old = f'[hypervisor."qemu"]\nimage = "/opt/kata/releases/{A}/img"\nkernel_verity_params = "{_hash(A)}"\n'
+    with pytest.raises(configedit.EditError, match="kernel_verity_params"):
+        configedit.set_agent(old, lambda v: v.replace(A, B), lambda sec: {"kernel_verity_params": _hash(B)})
+
+
 # -- finding 5: a handler without ConfigPath ----------------------------------------------------------
 def test_status_warns_about_a_handler_without_config_path_unless_its_search_finds_current(cli, node):
     _j(cli, node, "switch", A)

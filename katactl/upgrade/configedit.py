@@ -23,7 +23,12 @@ ASSET_KEYS = ("kernel", "image", "initrd")
 IMAGE_BOUND_KEYS = ("kernel_verity_params",)
 _SECTION = re.compile(r"^\s*\[\s*([^\]\s]+)\s*\]")
 _ASSET = re.compile(r'^(\s*)(' + "|".join(ASSET_KEYS) + r')(\s*=\s*)"([^"]*)"(.*)$')
-_BOUND = re.compile(r"^\s*(" + "|".join(IMAGE_BOUND_KEYS) + r")\s*=")
+#: an image-bound key, bare or quoted (TOML quoted keys are the same key)
+_BOUND = re.compile(r"""^\s*(["']?)(""" + "|".join(IMAGE_BOUND_KEYS) + r")\1\s*=")
+
+
+class EditError(ValueError):
+    """set_agent's result is not the intended edit of the file (the caller refuses)."""
 
 
 def rebase(text: str, prefix: str, release_path: str) -> str:
@@ -69,7 +74,8 @@ def set_agent(text: str, mapper, bound=None) -> tuple[str, list[str], list[str]]
     the last asset line), or None when unknown (the lines are kept).
 
     Returns (new text, list of new values, sections that hold an image-bound key whose new
-    value is unknown: the caller refuses rather than pair an image with another's hash)."""
+    value is unknown: the caller refuses rather than pair an image with another's hash).
+    EditError when the new text, parsed, is not exactly that edit (see _verify)."""
     lines = text.splitlines(keepends=True)
     section = ""
     changed: list[str] = []
@@ -82,7 +88,7 @@ def set_agent(text: str, mapper, bound=None) -> tuple[str, list[str], list[str]]
             continue
         b = _BOUND.match(line)
         if b:
-            present.add((section, b.group(1)))
+            present.add((section, b.group(2)))
         a = _ASSET.match(line.rstrip("\r\n"))
         if not (a and section.startswith("hypervisor.") and a.group(4)):
             continue
@@ -96,35 +102,104 @@ def set_agent(text: str, mapper, bound=None) -> tuple[str, list[str], list[str]]
         lines[i] = f'{a.group(1)}{a.group(2)}{a.group(3)}"{new}"{a.group(5)}{eol}'
         changed.append(new)
     if bound is None or not moved:
-        return "".join(lines), changed, []
+        new_text = "".join(lines)
+        _verify(text, new_text, {})
+        return new_text, changed, []
     want = {sec: bound(sec) for sec in moved}
     unknown = sorted(sec for sec, vals in want.items() if vals is None
                      and any((sec, k) in present for k in IMAGE_BOUND_KEYS))
     out: list[str] = []
     section = ""
-    for i, line in enumerate(lines):
+    i = 0
+    while i < len(lines):
+        line = lines[i]
         m = _SECTION.match(line)
         if m:
             section = m.group(1)
         vals = want.get(section)
         b = _BOUND.match(line)
         if b and section in want and vals is not None:
-            if b.group(1) in vals:
-                out.append(_assign(line, b.group(1), vals[b.group(1)]))
-            continue  # set above, or the new image has none: the line goes
+            end = _value_end(lines, i, b.end())
+            if b.group(2) in vals:
+                out.append(_assign(lines[end], b.group(2), vals[b.group(2)], like_indent=line))
+            i = end + 1
+            continue  # set above, or the new image has none: the value (all its lines) goes
         out.append(line)
         if moved.get(section) == i and vals:
             if not line.endswith(("\n", "\r")):  # the file's last line: end it before adding
                 out[-1] = line + "\n"
             out += [_assign(line, k, v) for k, v in vals.items() if (section, k) not in present]
-    return "".join(out), changed, unknown
+        i += 1
+    new_text = "".join(out)
+    _verify(text, new_text, want)
+    return new_text, changed, unknown
 
 
-def _assign(like: str, key: str, value: str) -> str:
-    """``key = "value"``, indented and ended like the line ``like`` (a TOML basic string:
-    JSON's escapes are valid TOML ones)."""
+def _value_end(lines: list[str], i: int, col: int, limit: int = 10000) -> int:
+    """The index of the last line of the value that starts at ``lines[i][col:]``: a TOML
+    multi-line basic or literal string, or an array, spans several lines. The first run of
+    lines that parses as a value is its span; i itself when none does (_verify refuses then)."""
+    import tomllib
+
+    text = lines[i][col:]
+    for j in range(i, min(len(lines), i + limit)):
+        if j > i:
+            text += lines[j]
+        try:
+            tomllib.loads("v =" + text)
+        except tomllib.TOMLDecodeError:
+            continue
+        return j
+    return i
+
+
+def _flat(d: dict, at: tuple = ()) -> dict[tuple, object]:
+    out: dict[tuple, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, at + (k,)))
+        else:
+            out[at + (k,)] = v
+    return out
+
+
+def _verify(old: str, new: str, want: dict) -> None:
+    """EditError unless ``new`` is ``old`` with only the guest assets and image-bound keys
+    of the ``[hypervisor.*]`` tables changed, and each edited table's image-bound keys exactly
+    ``want``'s (unchanged where unknown): a line-level edit must never leave a file the
+    runtime cannot parse, a duplicate or lost key, or an image paired with another's hash.
+    A file that was not TOML before is left to the line edit (nothing to compare with)."""
+    import tomllib
+
+    try:
+        before = tomllib.loads(old)
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return
+    try:
+        after = tomllib.loads(new)
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        raise EditError(f"the edited file would not be valid TOML ({e})") from None
+    fb, fa = _flat(before), _flat(after)
+    editable = set(ASSET_KEYS) | set(IMAGE_BOUND_KEYS)
+    odd = sorted(".".join(map(str, k)) for k in fb.keys() | fa.keys() if fb.get(k) != fa.get(k)
+                 and not (len(k) == 3 and k[0] == "hypervisor" and k[2] in editable))
+    if odd:
+        raise EditError(f"the edit would change {', '.join(odd[:5])}")
+    for sec, vals in want.items():
+        parts = tuple(sec.split("."))
+        got = {k: fa[parts + (k,)] for k in IMAGE_BOUND_KEYS if parts + (k,) in fa}
+        exp = {k: fb[parts + (k,)] for k in IMAGE_BOUND_KEYS if parts + (k,) in fb} if vals is None else vals
+        if got != exp:
+            raise EditError(f"[{sec}] would have {', '.join(IMAGE_BOUND_KEYS)} {got or 'unset'}, "
+                            f"not the image's own {exp or 'none'}")
+
+
+def _assign(like: str, key: str, value: str, like_indent: str | None = None) -> str:
+    """``key = "value"``, indented like the line ``like_indent`` (default ``like``) and ended
+    like ``like`` (a TOML basic string: JSON's escapes are valid TOML ones)."""
     import json
 
-    indent = like[:len(like) - len(like.lstrip())]
+    src = like if like_indent is None else like_indent
+    indent = src[:len(src) - len(src.lstrip())]
     eol = like[len(like.rstrip("\r\n")):] or "\n"
     return f"{indent}{key} = {json.dumps(value)}{eol}"

@@ -90,7 +90,11 @@ def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agen
     for f in walk_files(transport, layout.config_dir(in_release), ".toml"):
         old = transport.read_text(f)
         rel = f[len(layout.config_dir(in_release)) + 1:]
-        new, _, unk = configedit.set_agent(old, mapper, lambda sec, rel=rel: own(rel, sec))
+        try:
+            new, _, unk = configedit.set_agent(old, mapper, lambda sec, rel=rel: own(rel, sec))
+        except configedit.EditError as e:  # checked before any rename: nothing is installed
+            raise Refused(f"{f}: {e}; katactl will not install it",
+                          hint="write the key as a plain one-line string (kata-static's form), then retry") from None
         unknown += [f"{sec} of {rel}" for sec in unk]
         if new != old:
             edits.append((f, old, new))
