@@ -390,7 +390,7 @@ def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | st
              record_id: str | None = None) -> dict:
     """Make the node schedulable again, unless katactl's record says it was
     already cordoned before katactl cordoned it, or someone cordoned it again since
-    (:func:`cordoned_again_by`), or the node is cordoned without a katactl record and
+    (:func:`cordoned_again_by`), or the node is cordoned without a readable katactl record and
     managedFields do not name katactl as the owner of spec.unschedulable (``kubectl
     cordon``, or a server that keeps no owner): Refused, exit 5, unless force. With force it
     does what ``kubectl uncordon`` does.
@@ -433,11 +433,14 @@ def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | st
             raise Refused(f"node {name} was cordoned again by {again} after katactl's cordon (by "
                           f"{(rec or {}).get('by')} at {(rec or {}).get('at')}): leaving it cordoned",
                           hint="use --force to uncordon it anyway")
-        if unsched and rec is None and not force and unschedulable_set_by_katactl(node) is not True:
-            # no record: katactl's own cordon only when managedFields say so (a record removed
-            # by hand); the design's rule, a node katactl did not cordon is never uncordoned
+        if unsched and (rec is None or "invalid" in rec) and not force \
+                and unschedulable_set_by_katactl(node) is not True:
+            # no readable record: katactl's own cordon only when managedFields say so (a record
+            # removed or mangled by hand), as current_cordon_record reads it for node check; the
+            # design's rule, a node katactl did not cordon is never uncordoned
+            what = f"no {CORDON_ANNOTATION} record" if rec is None else f"{CORDON_ANNOTATION} record unreadable"
             raise Refused(f"node {name} is cordoned by {unschedulable_manager(node) or 'someone else'} "
-                          f"(no {CORDON_ANNOTATION} record: not by katactl): leaving it cordoned",
+                          f"({what}: not by katactl): leaving it cordoned",
                           hint="use --force to uncordon it anyway, as kubectl uncordon does")
         if unsched and rec and rec.get("wasUnschedulable") and not force:
             first = rec.get("cordonedBefore") or "someone else"

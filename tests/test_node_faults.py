@@ -224,6 +224,27 @@ def test_uncordon_refuses_a_kubectl_cordon_naming_its_owner(cli, kube, kc):
     assert [e["node"] for e in r.json()["errors"]] == ["n1"] and unschedulable(kube, "n1")
 
 
+def test_uncordon_refuses_a_kubectl_cordon_whose_record_is_unreadable(cli, kube, kc):
+    """An unreadable katactl.io/cordon record proves nothing, as node check reads it: kubectl
+    cordon (managedFields: kubectl-cordon) is refused as without a record, exit 5, nothing sent;
+    --force uncordons and removes the record."""
+    kube.add_node("n1", annotations={"katactl.io/cordon": "{not json"})
+    foreign_set_unschedulable(kube, "n1", True)
+    [f] = [f for f in node_cli(cli, kc, "check", "n1", "-o", "json").json()["items"] if f["check"] == "node-cordoned"]
+    assert f["message"].startswith("node is already cordoned not by katactl (cordoned by kubectl-cordon"), f
+    kube.requests.clear()
+    r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
+    assert r.exit_code == 5, r.stdout + r.stderr
+    err = error_of(r)
+    assert (err["code"], err["exitCode"]) == ("Refused", 5) and "--force" in err["hint"]
+    assert err["message"].startswith("node n1 is cordoned by kubectl-cordon at "), err
+    assert "record unreadable: not by katactl" in err["message"], err
+    assert unschedulable(kube, "n1") and not [q for q in kube.requests if q["method"] != "GET"]
+    r = node_cli(cli, kc, "uncordon", "n1", "--force")
+    assert r.exit_code == 0, r.stderr
+    assert not unschedulable(kube, "n1") and record(kube, "n1") is None
+
+
 def test_uncordon_whose_record_was_removed_meanwhile_is_not_taken_for_landed(cli, kube, kc, monkeypatch):
     """katactl's cordon; before our uncordon PATCH arrives someone removes the record only
     (`kubectl annotate node n1 katactl.io/cordon-`): our PATCH meets 409 (stale
