@@ -121,14 +121,14 @@ def test_a_long_copy_keeps_its_temp_file_from_another_collect(cli, tmp_path, mdf
     code = ("import sys, katactl.vmcore.collection as c; c.HEARTBEAT = 0.05; "
             "from katactl.__main__ import main; sys.argv = ['katactl', *sys.argv[1:]]; main()")
     a = subprocess.Popen([sys.executable, "-c", code, "--host-root", root, "vmcore", "collect", "--to",
-                          str(tmp_path / "a"), "--makedumpfile", "--bwlimit", "100Ki", "-o", "json"],
+                          str(tmp_path / "a"), "--makedumpfile", "--bwlimit", "256Ki", "-o", "json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         tmp = None
         deadline = time.monotonic() + 60
         while a.poll() is None and time.monotonic() < deadline:
             names = _tmps(src)
-            # makedumpfile done (the stand-in writes 1 MiB and exits): A copies at 100 KiB/s
+            # makedumpfile done (the stand-in writes 1 MiB and exits): A copies at 256 KiB/s (4 s)
             if names and names[0].endswith(".tmp") and os.path.getsize(os.path.join(os.path.dirname(src), names[0])) == 1 << 20:
                 tmp = os.path.join(os.path.dirname(src), names[0])
                 break
