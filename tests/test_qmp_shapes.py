@@ -61,8 +61,12 @@ SET = ("balloon", "set", SID[:12], "--path", "qmp", "--target", "200Mi", "--forc
      "QMP qom-get guest-stats: last-update is str 'now', not an integer"),
     ({"qom-get": {"return": [1]}}, None, "QMP qom-get guest-stats: the answer is list, not an object"),
     ({}, {"QMP": 5}, "QMP greeting: QMP is int, not an object"),
+    # an id that cannot key the reply (it crashed with "unexpected TypeError: unhashable type")
+    ({"query-balloon": b'{"return": {"actual": 268435456}, "id": [1]}'}, None, "qmp.sock: not QMP (id is list)"),
+    ({"query-balloon": b'{"return": {"actual": 268435456}, "id": {"a": 1}}'}, None,
+     "qmp.sock: not QMP (id is dict)"),
 ], ids=["error-str", "error-null", "error-list", "deep-nesting", "stat-str", "stat-float", "stats-list",
-        "last-update-str", "answer-list", "greeting"])
+        "last-update-str", "answer-list", "greeting", "id-list", "id-object"])
 @pytest.mark.parametrize("args", [GET, SET], ids=["get", "set"])
 def test_wrong_shape_answers_are_protocol_errors(cli, script, greeting, needle, args):
     """Never katactl's "unexpected <Exception>" internal-bug message (exit 1 all the same):
@@ -143,7 +147,8 @@ def test_trigger_wrong_shape_before_the_dump_is_a_protocol_error(cli, script, ne
     ({"return": {"status": "active", "completed": 1, "total": "big"}}, "QMP query-dump: total is str 'big'"),
     ({"return": ["active"]}, "QMP query-dump: the answer is list, not an object"),
     (b"[" * 200_000 + b"]" * 200_000, "not QMP (JSON nested too deeply)"),
-], ids=["total-str", "answer-list", "deep-nesting"])
+    (b'{"return": {"status": "active", "completed": 1, "total": 9}, "id": [1]}', "not QMP (id is list)"),
+], ids=["total-str", "answer-list", "deep-nesting", "id-list"])
 def test_trigger_wrong_shape_after_the_dump_started_keeps_its_directory(cli, answer, needle):
     """Once QEMU took dump-guest-memory, it writes the dump whatever katactl can read next:
     its directory must stay (the clean-up of a failed trigger removed it under QEMU) and the

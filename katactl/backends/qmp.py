@@ -170,6 +170,10 @@ class QMPClient:
                     raise ProtocolError(f"{self.path}: not QMP (JSON nested too deeply)") from None
                 if not isinstance(msg, dict):
                     raise ProtocolError(f"{self.path}: not QMP (JSON line is not an object)")
+                # the id keys the waiting reply (QEMU echoes the request's, a string): an array or
+                # object id cannot, and is no QMP answer to us
+                if not isinstance(msg.get("id"), (str, int, type(None))):
+                    raise ProtocolError(f"{self.path}: not QMP (id is {type(msg['id']).__name__})")
                 self._last_size = len(line)
                 return msg
             if len(self._buf) > MAX_LINE:
