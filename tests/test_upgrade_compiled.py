@@ -243,6 +243,27 @@ def test_an_agent_switch_creates_a_missing_link_too(cli, node):
     assert (node / "opt/kata/share/kata-qemu/qemu/bios-256k.bin").read_text() == f"bios-256k.bin of {A}\n"
 
 
+@pytest.mark.parametrize("component", ["all", "runtime", "agent"])
+def test_switching_to_the_current_release_creates_its_missing_link(cli, node, component):
+    """status says the next switch creates a missing link: a re-run of the switch to the
+    release already current (a rollout resumed) does, and changes nothing else."""
+    _j(cli, node, "switch", A)
+    link = node / "opt/kata/share/kata-qemu"
+    link.unlink()  # a node an older katactl switched
+    assert "the next upgrade switch or rollback creates" in _k(cli, node, "status").stderr
+    before = _snapshot(node)
+    d = _j(cli, node, "switch", A, "-c", component, "--dry-run")
+    assert d["changed"] and d["steps"] == ["link /opt/kata/share/kata-qemu -> ../current/share/kata-qemu"]
+    assert _snapshot(node) == before
+    d = _j(cli, node, "switch", A, "-c", component)
+    assert d["changed"] and d["steps"] == ["link /opt/kata/share/kata-qemu -> ../current/share/kata-qemu"]
+    assert (link / "qemu/bios-256k.bin").read_text() == f"bios-256k.bin of {A}\n"
+    audit = [json.loads(ln) for ln in open(os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log"))]
+    assert audit[-1]["action"] == "upgrade.switch" and audit[-1]["changed"] is True
+    d = _j(cli, node, "switch", A, "-c", component)  # converged
+    assert not d["changed"] and d["steps"] == []
+
+
 def test_no_link_is_made_through_an_absolute_share_symlink_under_a_host_root(cli, node, tmp_path):
     """<root>/share -> /elsewhere/share in the node's tree: under --host-root this host's kernel
     would follow it to *this* host's directory, so nothing is created there; status warns."""

@@ -53,7 +53,10 @@ def _switch_locked(transport: NodeTransport, layout, version, component, dry_run
     base = {"node": transport.node, "action": "switch", "component": component, "from": frm, "to": to,
             "recovered": recovered}
     if to == frm:
-        return {**base, "changed": False, "dryRun": dry_run, "steps": [], "preflight": [],
+        # a re-run converges: the QEMU data link this release needs (missing on a node an
+        # older katactl switched, or removed) is created as a switch to it would
+        steps = compiled.link_datadirs(transport, layout, to["runtime"], dry_run)
+        return {**base, "changed": bool(steps), "dryRun": dry_run, "steps": steps, "preflight": [],
                 "message": f"already on runtime {to['runtime']}, agent {to['agent']}"}
     checks = _checked_preflight(transport, layout, to, component, run_binaries, force,
                                 hint="fix the release, or --force to switch anyway")
