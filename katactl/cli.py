@@ -235,7 +235,7 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
     _verbose = settings.verbose  # and KATACTL_VERBOSE / verbose = 1 give -v's traceback
 
 
-def _delete_node_pods() -> None:
+def _delete_node_pods(warn_left: bool = True) -> None:
     import signal
     import sys
     import threading
@@ -256,17 +256,40 @@ def _delete_node_pods() -> None:
     nodeagent = sys.modules["katactl.nodeagent"]
     try:
         nodes = nodeagent.reached_nodes()
-        left = nodeagent.cleanup(lambda m: print(f"warning: {m}", file=sys.stderr))
+        left = nodeagent.cleanup(lambda m: print(f"warning: {m}", file=sys.stderr), warn_left=warn_left)
     finally:
         for sig, handler in held.items():
             signal.signal(sig, handler)
     if left:  # a success that left privileged pods running is not one (main's exit code)
-        _pods_left = (left, nodes > 1)
+        # a second pass (the close after settle_node_pods) adds to the first, whose count of
+        # nodes reached stands: cleanup() reset it
+        before, fan_out = _pods_left or ([], False)
+        _pods_left = (before + left, fan_out or nodes > 1)
 
 
-# The ephemeral node pods this run's cleanup could not delete, and whether the run was a
-# fan-out: its exit 0 becomes 1 (4 for a fan-out, whose results stand).
-_pods_left: tuple[list[str], bool] | None = None
+def settle_node_pods() -> list[dict]:
+    """Delete this run's ephemeral node pods now, before the command writes its -o json/yaml/
+    jsonl result, and return an ``errors`` entry per pod left (code NodePodLeft, on the pod's
+    node): stdout's one document then says what turned the exit code into 1 or 4, which the
+    end-of-run deletion could only say on stderr, after the document. Their messages reach
+    stderr as the render's ``error:`` lines, not as the cleanup's warnings too (an interrupted
+    deletion still names its pods)."""
+    from katactl.errors import OperationFailed
+
+    _delete_node_pods(warn_left=False)
+    out = []
+    for pod, why in sorted((_pods_left or ([], False))[0], key=lambda pw: (pw[0].node, pw[0].name)):
+        err = OperationFailed(f"could not delete ephemeral node pod {pod.namespace}/{pod.name}: {why}",
+                              hint="katactl node agent gc removes it",
+                              details={"namespace": pod.namespace, "pod": pod.name})
+        err.code = "NodePodLeft"
+        out.append({"node": pod.node, "error": err.to_dict()})
+    return out
+
+
+# The ephemeral node pods this run's cleanup could not delete (each with why), and whether the
+# run was a fan-out: its exit 0 becomes 1 (4 for a fan-out, whose results stand).
+_pods_left: tuple[list[tuple], bool] | None = None
 
 # True when this invocation only asks for help (-h/--help before any "--"): the root
 # callback then builds no settings (no config file read, no logging set up).
@@ -541,7 +564,8 @@ def _run(args: list[str]) -> None:
         rc = rc if isinstance(rc, int) else 0
         if rc == ExitCode.OK and _pods_left is not None:
             left, fan_out = _pods_left
-            print(f"katactl: error: {len(left)} ephemeral node pod(s) could not be deleted: {', '.join(left)}",
+            names = ", ".join(f"{p.namespace}/{p.name}" for p, _ in left)
+            print(f"katactl: error: {len(left)} ephemeral node pod(s) could not be deleted: {names}",
                   file=sys.stderr)
             rc = int(ExitCode.PARTIAL if fan_out else ExitCode.FAILED)
         sys.exit(rc)

@@ -495,10 +495,11 @@ def _unregister(key, pod: AgentPod) -> None:
                 _EPHEMERAL_API.pop(key, None)
 
 
-def cleanup(warn=None, *, at_exit: bool = False) -> list[str]:
+def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list[tuple[AgentPod, str]]:
     """Delete every ephemeral pod this process created (grace 0), all at once within one
-    deadline (CLEANUP_TIMEOUT, plus the wait for a create still on its way). Returns the names
-    that could not be deleted: each has had its warning, pointing at ``node agent gc``.
+    deadline (CLEANUP_TIMEOUT, plus the wait for a create still on its way). Returns the pods
+    that could not be deleted, each with why: each has had its warning pointing at ``node
+    agent gc`` unless not ``warn_left`` (the caller reports them itself).
 
     A pod leaves the registry once its DELETE was answered (or it was given up at the
     deadline), never before: interrupted (a second Ctrl-C), the pods not deleted yet get one
@@ -526,7 +527,7 @@ def cleanup(warn=None, *, at_exit: bool = False) -> list[str]:
     creating = [float(getattr(apis[k][1], "timeout", 30.0) or 30.0) + 1.0 for k, p in items
                 if (ev := flights.get((k, p.name))) is not None and not ev.is_set()]
     deadline = start + max(creating, default=0.0) + CLEANUP_TIMEOUT
-    left: list[str] = []
+    left: list[tuple[AgentPod, str]] = []
     done: set[str] = set()  # pods dealt with (deleted, or warned about), by namespace/name
     lock = threading.Lock()
     todo = iter(items)
@@ -538,8 +539,8 @@ def cleanup(warn=None, *, at_exit: bool = False) -> list[str]:
                 return
             done.add(name)
             if why is not None:
-                left.append(name)
-        if why is not None and warn:
+                left.append((pod, str(why)))
+        if why is not None and warn and warn_left:
             warn(f"could not delete ephemeral node pod {name}: {why} (katactl node agent gc removes it)")
 
     def work() -> None:

@@ -59,17 +59,41 @@ def test_a_user_who_may_not_create_or_delete_pods_is_exit_7_before_any_pod(cli, 
 @pytest.mark.parametrize("nodes, code", [(("node-a",), 1), (("node-a", "node-b"), 4)])
 def test_pods_the_cleanup_could_not_delete_turn_exit_0_into_a_failure(cli, cluster, nodes, code):
     """RBAC allows the delete but something else refuses it (an admission webhook, a policy
-    engine): the pods stay, and the run must not say 0."""
+    engine): the pods stay, and the run must not say 0. stdout's one document says so too: an
+    ``errors`` entry per node whose pod was left, next to the results, which stand."""
     kube = cluster["kube"]
     kube.inject("DELETE", NODE_POD, status=403, times=len(nodes))
-    r = cli([*kube_args(*nodes), "sandbox", "list", "-o", "json"])
+    r = cli([*kube_args(*nodes), "upgrade", "status", "-o", "json"])
     assert r.exit_code == code, r.stderr
-    assert r.json()["kind"] == "SandboxList" and not r.json().get("errors")  # the command's results stand
+    doc = r.json()  # one document: json.loads refuses a second
+    assert doc["kind"] == "UpgradeStatusList" and [i["node"] for i in doc["items"]] == list(nodes)
     left = agent_pods(kube)
     assert len(left) == len(nodes)
-    for name in left:
+    by_node = {e["node"]: e["error"] for e in doc["errors"]}
+    assert sorted(by_node) == list(nodes)
+    for node, err in by_node.items():
+        name = err["details"]["pod"]
+        assert name in left and name.startswith(f"katactl-node-{node}-")  # the pod of that node
+        assert err["code"] == "NodePodLeft" and err["exitCode"] == 1
+        assert err["message"].startswith(f"could not delete ephemeral node pod kube-system/{name}: ")
+        assert err["hint"] == "katactl node agent gc removes it"
         assert f"could not delete ephemeral node pod kube-system/{name}" in r.stderr
     assert f"katactl: error: {len(nodes)} ephemeral node pod(s) could not be deleted" in r.stderr
+
+
+def test_pods_left_are_one_yaml_document_and_a_jsonl_line(cli, cluster):
+    """-o yaml and -o jsonl: the pod left is in the result's ``errors`` as well."""
+    import yaml
+
+    kube = cluster["kube"]
+    for fmt in ("yaml", "jsonl"):
+        kube.inject("DELETE", NODE_POD, status=403)
+        r = cli([*kube_args("node-a"), "sandbox", "list", "-o", fmt])
+        assert r.exit_code == 1, r.stderr
+        docs = list(yaml.safe_load_all(r.stdout)) if fmt == "yaml" else [
+            __import__("json").loads(line) for line in r.stdout.splitlines()]
+        assert [d["kind"] for d in docs] == ["SandboxList"]
+        assert [(e["node"], e["error"]["code"]) for e in docs[0]["errors"]] == [("node-a", "NodePodLeft")]
 
 
 def test_pods_are_deleted_at_once_under_one_deadline(cli, cluster, monkeypatch):

@@ -41,9 +41,26 @@ def state(ctx: typer.Context) -> AppContext:
 
 def finish(app_ctx: AppContext, result: Result, exit_code: int = 0) -> None:
     """Render and leave with the given exit code."""
-    app_ctx.out.render(result)
+    render_final(app_ctx, result)
     if exit_code:
         raise typer.Exit(int(exit_code))
+
+
+def render_final(app_ctx: AppContext, result: Result) -> None:
+    """Render the command's last result. With --via kube in -o json/yaml/jsonl, the run's
+    ephemeral node pods are deleted first and those left are ``errors`` entries of this one
+    document (cli.settle_node_pods), not a failure stdout would not show."""
+    from katactl.output import STRUCTURED_FORMATS
+
+    if app_ctx.settings.via == "kube" and app_ctx.out.fmt in STRUCTURED_FORMATS:
+        import dataclasses
+
+        from katactl.cli import settle_node_pods
+
+        left = settle_node_pods()
+        if left:
+            result = dataclasses.replace(result, errors=[*result.errors, *left])
+    app_ctx.out.render(result)
 
 
 def sandbox_ref(app_ctx: AppContext, text: str):

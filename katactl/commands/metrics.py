@@ -5,7 +5,7 @@ from typing import Iterable, List, Optional
 
 import typer
 
-from katactl.commands._common import SANDBOX_HELP, finish, new_app, sandbox_ref, state
+from katactl.commands._common import SANDBOX_HELP, finish, new_app, render_final, sandbox_ref, state
 
 #: each shim's bound for --all when no --request-timeout is given (seconds)
 ALL_SCRAPE_TIMEOUT = 10.0
@@ -182,8 +182,8 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
                                                     if k not in m.MONITOR_LABELS and k != "node") or None),
                 Column("VALUE", "value", fmt=_fmt_value),
                 Column("TYPE", "type", wide=True)]
-        app_ctx.out.render(Result(kind="MetricSampleList", items=items, columns=cols, name_key="name",
-                                  errors=errs, multi_node=False))
+        render_final(app_ctx, Result(kind="MetricSampleList", items=items, columns=cols, name_key="name",
+                                     errors=errs, multi_node=False))
     if code:
         raise typer.Exit(int(code))
 

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from katactl.commands._common import new_app, state
+from katactl.commands._common import new_app, render_final, state
 
 app = new_app("Pod overhead declared (RuntimeClass) versus measured (shim, VMM, helpers).", single=True)
 
@@ -161,7 +161,7 @@ def overhead(
     code = fo.exit_code()
     if failed and code == ExitCode.OK:
         code = ExitCode.CHECK_FAILED
-    app_ctx.out.render(res)
+    render_final(app_ctx, res)
     if app_ctx.out.human and items:
         for s in meta["suggestions"]:
             p = s["suggestedPodFixed"]
