@@ -380,9 +380,9 @@ class _DumpingShim(ShimServer):
     names it in <dump_path>/<id>/, sets ``posted``, waits for ``release``, completes the file
     (an ELF core) and answers; ``done`` is set then."""
 
-    def __init__(self, socket_path: str, root: str):
+    def __init__(self, socket_path: str, root: str, answer=None):
         super().__init__(socket_path)
-        self.root = root
+        self.root, self.answer = root, answer  # answer(node_path, size): the 200's body instead of the Vmcore
         self.posted, self.release, self.done = threading.Event(), threading.Event(), threading.Event()
 
     def handle_ext(self, req):
@@ -402,6 +402,8 @@ class _DumpingShim(ShimServer):
         self.release.wait(120)
         size = make_elf_core(real)
         self.done.set()
+        if self.answer is not None:
+            return Response(200, self.answer(node_path, size), "application/json")
         return Response(200, json.dumps({"apiVersion": "katactl.io/shim-ext/v1", "kind": "Vmcore", "path": node_path,
                                          "format": "elf", "bytes": size}), "application/json")
 
@@ -469,3 +471,50 @@ def test_trigger_stopped_while_the_shim_or_clh_dumps_says_the_dump_goes_on(cli, 
         if via != "clh":
             srv.stop()
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("answer", [lambda p, n: json.dumps({"format": "elf", "bytes": n}),
+                                    lambda p, n: "ok", lambda p, n: json.dumps({"path": ["x"]})],
+                         ids=["no-path", "not-json", "path-list"])
+def test_trigger_a_shim_success_naming_no_dump_keeps_the_dump(cli, answer, _isolated_home):
+    """Review 9 local #1: the shim wrote the whole dump and answered 200 with a body that names no
+    path: the failed trigger's clean-up removed <dump_path>/<id>/, the dump with it, and the audit
+    said changed:false. The dump stays, the error names where it is, the audit says changed:true."""
+    root = node_tree(tempfile.mkdtemp(prefix="ks", dir="/tmp"))
+    sb = layout.write_go_sandbox(root, SHIM_SID, memory_mib=256, guest_memory_dump_path=DUMP_PATH)
+    srv = _DumpingShim(sb.real(sb.shim_socket_node), root, answer).start()
+    srv.release.set()
+    try:
+        r = cli(["--host-root", root, "vmcore", "trigger", SHIM_SID[:6], "-o", "json"])
+        assert r.exit_code == 1, (r.stdout, r.stderr)
+        err = json.loads(r.stdout)
+        pattern = f"{DUMP_PATH}/{SHIM_SID}/vmcore-*.elf"
+        assert (err["code"], err["details"]["path"], err["details"]["via"]) == ("ProtocolError", pattern,
+                                                                               "shim-extension"), err
+        assert f"the answer names no dump path: its dump is in {pattern}" in err["message"], err
+        [a] = _audit_entries(_isolated_home)
+        assert (a["result"], a["changed"], a["dump"], a["via"]) == ("error", True, pattern, "shim-extension"), a
+        d = os.path.join(_dump_root(root), SHIM_SID)
+        assert os.path.isfile(os.path.join(d, "hypervisor.conf"))
+        [dump] = [f for f in os.listdir(d) if fnmatch.fnmatch(f, "vmcore-*.elf")]
+        assert os.path.getsize(os.path.join(d, dump)) > 4
+    finally:
+        srv.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_trigger_an_unreadable_clh_answer_keeps_the_dump(cli, clh_node, _isolated_home):
+    """The same under Cloud Hypervisor: PUT vm.coredump answered with what is not HTTP once the
+    file was written is a ProtocolError that keeps the dump's directory (it removed it)."""
+    root = clh_node()
+    [srv] = clh_node.servers
+    srv.garble_coredump()
+    r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "-o", "json"])
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    err = json.loads(r.stdout)
+    path = err["details"]["path"]
+    assert (err["code"], err["details"]["via"]) == ("ProtocolError", "clh"), err
+    assert f"Cloud Hypervisor may be writing the dump into {path}" in err["message"], err
+    [a] = _audit_entries(_isolated_home)
+    assert (a["result"], a["changed"], a["dump"], a["via"]) == ("error", True, path, "clh"), a
+    assert os.path.isfile(os.path.join(root, path.lstrip("/")))

@@ -24,7 +24,8 @@ Known differences from the real Cloud Hypervisor:
 - a fault hook for tests: :meth:`ClhServer.fail_coredump` makes ``vm.coredump``
   fail as an API error does (the status and body above) with given messages;
   :meth:`ClhServer.hold_coredump` makes it answer only when the test says (a big
-  guest's dump takes minutes, the PUT answering when the file is complete).
+  guest's dump takes minutes, the PUT answering when the file is complete);
+  :meth:`ClhServer.garble_coredump` makes it answer what is not HTTP.
 """
 from __future__ import annotations
 
@@ -135,6 +136,10 @@ class _H(httpunix.Handler):
                 started, release = srv.coredump_hold
                 started.set()
                 release.wait(120)
+            if srv.coredump_garbled:                            # ClhServer.garble_coredump()
+                self.close_connection = True
+                self.wfile.write(b"HTTP/1.1 2x4 garbled\r\n\r\n")
+                return None
             return self.send(204)
         return self.send(404, b"", "text/plain")
 
@@ -147,7 +152,8 @@ class ClhServer:
         self.guest = SimGuest(memory_bytes, guest_used)
         self._srv = httpunix.serve(socket_path, _H, guest=self.guest, major=version, features=tuple(features),
                                    balloon=balloon, vcpus=vcpus, state="Running", kernel=kernel,
-                                   coredump_error=None, coredump_hold=None, balloon_size=None)
+                                   coredump_error=None, coredump_hold=None, coredump_garbled=False,
+                                   balloon_size=None)
 
     def fail_coredump(self, messages: list[str] | None) -> None:
         """From now on ``vm.coredump`` answers an API error with these messages (after the
@@ -160,6 +166,11 @@ class ClhServer:
         hold = (threading.Event(), threading.Event())
         self._srv.coredump_hold = hold  # type: ignore[attr-defined]
         return hold
+
+    def garble_coredump(self) -> None:
+        """From now on ``vm.coredump`` writes its file, then answers bytes that are no HTTP
+        status line (an answer katactl cannot read once the dump was made)."""
+        self._srv.coredump_garbled = True  # type: ignore[attr-defined]
 
     def close(self) -> None:
         hold = self._srv.coredump_hold  # type: ignore[attr-defined]

@@ -347,9 +347,10 @@ def _trigger_shim(transport: NodeTransport, shim: dict, sid: str, opts: TriggerO
         with ShimClient(transport, shim["socket"], timeout=opts.timeout, sandbox_id=sid) as c:
             status, raw = c.call("POST", "/ext/v1/vmcore", content=body,
                                  headers={"Content-Type": "application/json"})
-    except (KeyboardInterrupt, Interrupted, TimeoutExpired) as e:
+    except (KeyboardInterrupt, Interrupted, TimeoutExpired, ProtocolError) as e:
         # the POST may have reached the shim: its dump goes on (the extension has no cancel),
-        # pausing a running guest until it ends, into a file matching ``names``
+        # pausing a running guest until it ends, into a file matching ``names``; an answer
+        # katactl cannot read (a broken HTTP exchange) says no more of the dump than no answer
         raise _goes_on(e, names, "shim-extension", False, None, who="the shim") from None
     try:
         d = json.loads(raw)
@@ -361,8 +362,14 @@ def _trigger_shim(transport: NodeTransport, shim: dict, sid: str, opts: TriggerO
         raise Refused(f"the shim refused the dump: {msg}")
     if status >= 300:
         raise OperationFailed(f"shim vmcore dump failed: HTTP {status}: {msg}")
-    if not isinstance(d, dict) or not d.get("path"):
-        raise ProtocolError("shim vmcore dump: the answer names no dump path")
+    if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not d["path"]:
+        # a success without the file's name: the shim wrote the dump (the POST is synchronous,
+        # docs/shim-extension.md), so its directory stays and the audit names the pattern
+        raise _UnreadableDump(f"shim vmcore dump: the shim answered {status} but the answer names no dump "
+                              f"path: its dump is in {names}",
+                              hint="katactl vmcore list shows it",
+                              details={"path": names, "via": "shim-extension", "acknowledged": True,
+                                       "pausedByDump": None})
     return {"path": d["path"], "size": d.get("bytes"), "status": "completed"}
 
 
@@ -383,9 +390,10 @@ def _trigger_clh(transport: NodeTransport, sock, sid, d, path, persist, mem, opt
             guard.started = True
             try:
                 c.coredump(real_path(transport, path))
-            except (KeyboardInterrupt, Interrupted, TimeoutExpired) as e:
+            except (KeyboardInterrupt, Interrupted, TimeoutExpired, ProtocolError) as e:
                 # the PUT may have reached it: Cloud Hypervisor pauses a running guest, writes the
-                # whole dump and resumes it, whoever waits (vmm/src/vm.rs GuestDebuggable::coredump)
+                # whole dump and resumes it, whoever waits (vmm/src/vm.rs GuestDebuggable::coredump);
+                # an unreadable answer leaves the dump as unknown as no answer
                 raise _goes_on(e, path, "clh", False, None, who="Cloud Hypervisor") from None
     return {**result, "status": "completed", "changed": True}
 
