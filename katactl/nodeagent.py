@@ -245,7 +245,11 @@ def check_pod_access(api, ns: str) -> None:
 
     key = (api.host, ns, api.user)
     with _ACCESS_LOCK:  # the nodes of a fan-out wait for one answer instead of asking it each
-        if key not in _ACCESS:
+        # one look, and the answer asked is used as it is, never read back: cleanup() clears
+        # _ACCESS without this lock, so a stale worker's second look could find nothing
+        try:
+            refusal = _ACCESS[key]
+        except KeyError:
             refusal = None
             for verb in ("create", "delete"):
                 review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
@@ -269,7 +273,6 @@ def check_pod_access(api, ns: str) -> None:
                         details={"verb": verb, "resource": "pods", "namespace": ns})
                     break
             _ACCESS[key] = refusal
-        refusal = _ACCESS[key]
     if refusal is not None:
         raise AuthError(refusal.message, hint=refusal.hint, details=dict(refusal.details))
 

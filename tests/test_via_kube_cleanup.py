@@ -154,3 +154,25 @@ def test_waiting_for_pods_to_start_watches_instead_of_polling(cli, cluster):
                    if "watch=true" in q["path"] and f"metadata.name%3Dkatactl-node-{name}" in q["path"]]
         assert len(gets) <= 2, [q["path"] for q in gets]
         assert len(watches) == 1, [q["path"] for q in watches]
+
+
+@pytest.mark.parametrize("denied", [False, True])
+def test_the_access_check_survives_cleanup_clearing_its_answer(kube, kube_api, monkeypatch, denied):
+    """cleanup() clears the run's RBAC answers without the lock a worker may hold through a slow
+    review: a worker whose answer is cleared just after it stored it still acts on that answer
+    (no KeyError in an abandoned thread)."""
+    from katactl import errors, nodeagent
+
+    class ClearedAtOnce(dict):
+        def __setitem__(self, k, v):
+            super().__setitem__(k, v)
+            self.clear()  # cleanup() on the main thread, between the worker's two lines
+
+    monkeypatch.setattr(nodeagent, "_ACCESS", ClearedAtOnce())
+    if denied:
+        kube.deny("delete", "pods")
+        with pytest.raises(errors.AuthError, match="cannot delete pods in namespace kube-system"):
+            nodeagent.check_pod_access(kube_api, "kube-system")
+    else:
+        nodeagent.check_pod_access(kube_api, "kube-system")
+    assert [q["path"] for q in kube.requests if q["method"] == "POST"] == [SSAR, SSAR]  # create, delete
