@@ -260,3 +260,49 @@ def test_the_documented_events_are_the_ones_the_rollout_emits_with_their_fields(
     for kind, fields in emitted.items():
         missing = {f for f in fields - {"rollout"} if f"`{f}`" not in documented[kind]}
         assert not missing, (kind, missing)
+
+
+def test_run_dry_run_of_an_existing_rollout_answers_as_the_run_would(cli, kube, kc, _isolated_home):
+    """A dry run printed the plan as would-run (exit 0) where the run refuses another plan
+    under a finished rollout's name (exit 5) or re-runs the same one as a no-op (exit 0/4,
+    changed: false): an Ansible check mode must predict the exit code. Nothing is written,
+    no lock taken, no audit entry. The refusal names the nodes added and removed (a selector's
+    pool changed by the autoscaler)."""
+    fleet(kube, 3)
+    assert ro(cli, kc, "run", "r1", "-N", "n0,n1", "--step", "cordon", "--poll", "0.1").exit_code == 0
+    log = len(_audit(_isolated_home))
+    before = state_of(kube, "r1")
+    kube.requests.clear()
+    for extra in ([], ["--dry-run"]):
+        r = ro(cli, kc, "run", "r1", "-N", "n0,n2", "--step", "cordon", "--poll", "0.1", *extra, "-o", "json")
+        assert r.exit_code == 5, (extra, r.stdout, r.stderr)
+        assert "with other nodes (added n2; removed n1): this plan was not run" in r.stderr, r.stderr
+    d = ro(cli, kc, "run", "r1", "-N", "n0,n1", "--step", "cordon", "--dry-run", "-o", "json")
+    assert d.exit_code == 0, d.stderr
+    assert (d.json()["kind"], d.json()["changed"], d.json()["dryRun"]) == ("Rollout", False, True)
+    _edit_state(kube, "r1", lambda st: st.update(phase="CompletedWithFailures"))
+    d = ro(cli, kc, "run", "r1", "-N", "n0,n1", "--step", "cordon", "--dry-run", "-o", "json")
+    assert (d.exit_code, d.json()["changed"]) == (4, False), d.stderr
+    _edit_state(kube, "r1", lambda st: st.update(phase="Running"))
+    d = ro(cli, kc, "run", "r1", "-N", "n0,n1", "--step", "cordon", "--dry-run")
+    assert d.exit_code == 5 and "already exists (phase Running)" in d.stderr, d.stderr
+    assert len(_audit(_isolated_home)) == log
+    assert not [q for q in kube.requests if q["method"] in MUTATING]
+    # a new rollout's dry run is still the plan
+    d = ro(cli, kc, "run", "r2", "-N", "n2", "--step", "cordon", "--dry-run", "-o", "json")
+    assert (d.exit_code, d.json()["kind"], d.json()["dryRun"]) == (0, "RolloutPlan", True), d.stderr
+    assert state_of(kube, "r1")["plan"] == before["plan"]
+
+
+def test_status_without_name_picks_the_latest_by_time_across_utc_offsets(cli, kube, kc):
+    """updatedAt carries its writer's UTC offset: ra at 11:00Z written in +08:00 reads later
+    as a string than rb at 12:00Z; an unreadable time counts as the oldest."""
+    fleet(kube, 3)
+    for name, node in (("ra", "n0"), ("rb", "n1"), ("rc", "n2")):
+        assert ro(cli, kc, "run", name, "-N", node, "--step", "cordon", "--poll", "0.1").exit_code == 0
+    _edit_state(kube, "ra", lambda st: st.update(updatedAt="2026-12-05T19:00:00+08:00"))
+    _edit_state(kube, "rb", lambda st: st.update(updatedAt="2026-12-05T12:00:00+00:00"))
+    _edit_state(kube, "rc", lambda st: st.update(updatedAt="not a time"))
+    r = ro(cli, kc, "status", "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["name"] == "rb", r.json()["updatedAt"]

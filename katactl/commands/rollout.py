@@ -388,7 +388,8 @@ def run_cmd(
     lock_ttl: Optional[str] = typer.Option(None, "--lock-ttl", metavar="DURATION",
                                            help="Lease duration; renewed every third of it (default 60s)."),
     state_backend: Optional[str] = typer.Option(None, "--state", metavar="auto|kube|file", help=STATE_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (as 'rollout plan'); change nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (as 'rollout plan'), or what the run of "
+                                 "an existing rollout would answer (refused, or a finished one's no-op); change nothing."),
     max_unavailable: Optional[str] = _P["max_unavailable"], canary: Optional[int] = _P["canary"],
     canary_soak: Optional[str] = _P["canary_soak"], batch_growth: Optional[bool] = _P["batch_growth"],
     soak: Optional[str] = _P["soak"], failure_budget: Optional[str] = _P["failure_budget"],
@@ -428,24 +429,27 @@ def run_cmd(
     app_ctx = state(ctx)
     d = _merge_plan_input(app_ctx, plan_file, step, {k: v for k, v in locals().items() if k in _P})
     p, api = _build_plan(app_ctx, name, d, lock_namespace, lock_ttl, state_backend)
-    if dry_run:
-        _plan_result(app_ctx, p, dry_run=True)
-        return
-    audit.require_writable()  # no untraceable change (exit 5 unless --no-audit), before the lock
+    if not dry_run:
+        audit.require_writable()  # no untraceable change (exit 5 unless --no-audit), before the lock
     store = _open_store(app_ctx, p, p.lock_namespace, p.lock_ttl, api)
+    # a read: a dry run answers as the run would (an Ansible check mode predicts its exit
+    # code), with no lock taken and nothing written
     existing = store.load(p.name)
     if existing is not None and existing.get("phase") in ("Succeeded", "CompletedWithFailures"):
         _refuse_another_plan(p, existing)
         app_ctx.out.info(f"rollout {p.name} already finished ({existing['phase']}): nothing to do"
                          + (f"; 'katactl rollout resume {p.name} --retry-failed' retries its failed nodes"
                             if existing["phase"] == "CompletedWithFailures" else ""))
-        _render_finished(app_ctx, store, existing)
+        _render_finished(app_ctx, store, existing, dry_run)
         return
     if existing is not None:
         from katactl.errors import Refused
 
         raise Refused(f"rollout {p.name} already exists (phase {existing.get('phase')})",
                       hint=f"'katactl rollout resume {p.name}' continues it; 'rollout abort {p.name}' ends it")
+    if dry_run:
+        _plan_result(app_ctx, p, dry_run=True)
+        return
     store.acquire(p.name)
     try:
         st = engine.new_state(p)
@@ -490,12 +494,20 @@ def _refuse_another_plan(p, existing: dict) -> None:
     old = existing.get("plan") or {}
     new = json.loads(json.dumps(p.to_dict()))  # as stored: tuples are lists
     differ = ["steps"] if old.get("steps") != new["steps"] else []
-    if sorted(old.get("nodes") or {}) != sorted(new["nodes"]):
-        differ.append("nodes")
+    was, now = set(old.get("nodes") or {}), set(new["nodes"])
+    if was != now:
+        # which ones: a selector re-run (-l pool=x) after the autoscaler changed the pool is
+        # another plan too, and the operator must see why
+        differ.append("nodes (" + "; ".join(f"{what} {_first(sorted(ns))}" for what, ns in
+                                            (("added", now - was), ("removed", was - now)) if ns) + ")")
     if differ:
         raise Refused(f"rollout {p.name} already finished ({existing.get('phase')}) with other "
                       f"{', '.join(differ)}: this plan was not run",
                       hint="give the new rollout another NAME")
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _render_finished(app_ctx, store, st: dict, dry_run: bool = False) -> None:
@@ -554,7 +566,7 @@ def status_cmd(
     """
     from katactl.errors import NotFound
     from katactl.rollout import engine
-    from katactl.rollout.store import held_by
+    from katactl.rollout.store import held_by, parse_time
 
     app_ctx = state(ctx)
     if name:
@@ -564,11 +576,12 @@ def status_cmd(
         found, errors = _list_stores(app_ctx, state_backend, lock_namespace)
         for e in errors:
             app_ctx.out.warn(f"{e['target']}: {e['error']['message']}")
-        # the running one (holding its store's lock), else the latest
-        cands = [(held_by(h, s["name"]), s.get("updatedAt") or "", s, h) for _, h, sts in found for s in sts]
+        # the running one (holding its store's lock), else the latest: by time, not by string
+        # (updatedAt carries its writer's UTC offset; an unreadable one counts as the oldest)
+        cands = [(held_by(h, s["name"]), parse_time(s.get("updatedAt")), s, h) for _, h, sts in found for s in sts]
         if not cands:
             raise NotFound("no rollouts")
-        _, _, st, holder = max(cands, key=lambda c: c[:2])
+        _, _, st, holder = max(cands, key=lambda c: (c[0], c[1] is not None, c[1] or 0.0))
     summ = engine.summary(st)
     summ["lock"] = holder
     summ["exitCode"] = 0
