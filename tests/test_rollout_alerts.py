@@ -114,3 +114,64 @@ def test_the_first_gate_check_is_made_on_a_machine_up_for_less_than_poll():
     kinds = [k for k, _ in ev]
     assert "GateClosed" in kinds and "NodeStepStarted" not in kinds, kinds
     assert out["phase"] == "Stopped" and out["exitCode"] == 6, out
+
+
+#: matchers as an operator types them for amtool or the Alertmanager UI, each matching the
+#: alert posted below: Alertmanager reads a backslash other than \" \\ \n as itself, quoted or
+#: not (pkg/labels/parse.go ParseMatcher), and runs the value with Go's RE2
+TYPED = [r'instance=~"db-\d+"', r"instance=~db-\d+", r'msg=~"a\.b"', r"team=~[[:alpha:]]+",
+         r'team=~"\pL+"', r"instance=~\Qdb-12\E", r"instance=~db-12\z", r'zone=~"\p{Greek}+"', r'team!~"[[:digit:]]+"']
+
+
+def test_a_filter_keeps_every_alert_alertmanager_matched(alertmanager):
+    """katactl's gate counts exactly the alerts Alertmanager answers for the filter as typed.
+    Before, a quoted value lost its backslashes (db-\\d+ was sent as db-d+: no alert, the
+    gate open while db-12 fired), the client-side re-check ran RE2's [[:alpha:]] with
+    Python's re and dropped the alert Alertmanager matched, and \\z, \\pL, \\Q..\\E were
+    refused at plan time."""
+    from katactl.rollout import gate
+    from katactl.rollout.policy import Policy
+
+    alert = {"alertname": "DbDown", "instance": "db-12", "msg": "a.b", "team": "db", "zone": "αβ",
+             "case": "typed"}
+    assert httpx.post(f"{alertmanager}/api/v2/alerts", json=[{"labels": alert}]).status_code == 200
+    for typed in TYPED:
+        filters = [typed, "case=typed"]
+        am = httpx.get(f"{alertmanager}/api/v2/alerts", params=[("filter", f) for f in filters], timeout=10)
+        assert am.status_code == 200 and [a["labels"] for a in am.json()] == [alert], (typed, am.text)
+        state = gate.check(Policy.from_dict({"alertGate": alertmanager, "alertFilters": filters}))
+        assert not state.open and [a["labels"] for a in state.alerts] == [alert], (typed, state)
+
+
+def test_the_re_check_drops_only_what_an_equality_matcher_rules_out():
+    """An Alertmanager that ignored the filter: = and != are re-checked (as Alertmanager
+    compares them); a regex is not run with Python's re, so the alert counts as firing."""
+    import http.server
+    import threading
+
+    alerts = [{"labels": {"alertname": a, "team": "db"}, "status": {"state": "active"}} for a in ("A", "B")]
+
+    class Ignoring(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(alerts).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    from katactl.rollout.gate import firing_alerts
+    from katactl.rollout.policy import parse_matcher
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ignoring)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}"
+        got = firing_alerts(url, [parse_matcher("alertname!=B"), parse_matcher("team=~[[:digit:]]+")])
+        assert [a["labels"]["alertname"] for a in got] == ["A"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

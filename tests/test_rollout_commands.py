@@ -154,12 +154,16 @@ def test_status_and_list_away_from_the_cluster_show_the_local_rollouts(cli, tmp_
     assert only.exit_code == 7, only.stderr  # the one store asked for fails: its failure
 
 
-#: regular expressions Python's re accepts: (value, whether Go's RE2 does)
+#: (value, whether Go's RE2 compiles it): Python's re accepts the first ones, and refuses
+#: or reads otherwise \z, \pL, \Q..\E, [[:alpha:]]
 RE2_CORPUS = [
     ("(?!Watchdog).*", False), ("Kata(?=Node)", False), ("(?<=kata)Down", False), ("(?<!x)Down", False),
     ("(a)\\1", False), ("(?P<n>a)(?P=n)", False), ("a++", False), ("a*+", False), ("a?+", False),
     ("a{2}+", False), ("(?>ab)", False), ("a\\Z", False), ("(?x)a b", False), ("a{1001}", False),
-    ("(a)(?(1)b|c)", False),
+    ("(a)(?(1)b|c)", False), ("\\u0041", False), ("[[:word2:]]", False), ("[\\b]", False), ("\\8", False),
+    ("db\\z", True), ("\\pL+", True), ("\\p{Greek}", True), ("[\\P{^Han}x]", True), ("\\Qa.b\\E", True),
+    ("[[:alpha:]]+", True), ("[[:^space:]]", True), ("\\x{41}", True), ("a)|(b", True), ("(?U)a*", True),
+    ("\\12", True), ("[\\d-z]", True),
     ("db|storage", True), ("(?i)watch.*", True), ("(?i:a)b", True), ("(?s).*", True), ("a*?b+?", True),
     ("[(?!]x", True), ("[]a+]+", True), ("\\(?!", True), ("x\\+\\+", True), ("a{2,1000}", True),
     ("(?P<n>a)b", True), ("\\d{3}", True), ("\\Aa", True),
@@ -168,8 +172,9 @@ RE2_CORPUS = [
 
 def test_alert_filter_regexes_are_checked_as_alertmanager_compiles_them(cli, kube, kc, alertmanager):  # noqa: F811
     """Each value, sent to a real Alertmanager as a filter: it answers 400 exactly for the ones
-    the plan refuses (exit 2, one line naming the construct). Before, every one passed the
-    plan (Python's re accepts them all) and the gate then stayed closed: alertmanager-error."""
+    the plan refuses (exit 2, one line naming the construct). Before, a refused one passed the
+    plan (Python's re accepts it) and the gate then stayed closed: alertmanager-error; and
+    RE2's \\z (which the \\Z refusal suggests), \\pL and \\Q..\\E were refused."""
     import httpx
 
     from katactl.rollout.policy import Matcher

@@ -52,10 +52,11 @@ def firing_alerts(url: str, matchers, timeout: float = 10.0) -> list[dict]:
             continue
         labels = a.get("labels") or {}
         status = a.get("status") or {}
-        # the server filtered already; check again (an older Alertmanager may ignore a filter)
+        # the server filtered already; check again (an older Alertmanager may ignore a filter),
+        # never removing what it matched: only = and != are re-checked (Matcher.rejects)
         if status.get("silencedBy") or status.get("inhibitedBy") or status.get("state") == "suppressed":
             continue
-        if not all(m.matches(labels) for m in matchers):
+        if any(m.rejects(labels) for m in matchers):
             continue
         out.append({"labels": labels, "fingerprint": a.get("fingerprint"), "startsAt": a.get("startsAt"),
                     "state": status.get("state")})

@@ -177,18 +177,27 @@ class Matcher:
     op: str
     value: str
 
-    def matches(self, labels: dict) -> bool:
-        v = str(labels.get(self.name, ""))
+    def rejects(self, labels: dict) -> bool:
+        """Whether this matcher certainly does not match ``labels``: ``=`` and ``!=`` compare
+        strings as Alertmanager does (a missing label is ""). A regex never rejects:
+        Alertmanager runs it with Go's RE2, and Python's re reads some of it otherwise
+        ([[:alpha:]]) or not at all (\\pL), so an alert it returned counts as firing."""
         if self.op == "=":
-            return v == self.value
+            return str(labels.get(self.name, "")) != self.value
         if self.op == "!=":
-            return v != self.value
-        hit = re.fullmatch(self.value, v) is not None
-        return hit if self.op == "=~" else not hit
+            return str(labels.get(self.name, "")) == self.value
+        return False
 
     def __str__(self) -> str:
         value = self.value.replace("\\", "\\\\").replace('"', '\\"')
         return f'{self.name}{self.op}"{value}"'
+
+
+def _unescape(raw: str) -> str:
+    """A matcher's value as Alertmanager's pkg/labels/parse.go ParseMatcher reads it, quoted
+    or not: only \\" \\\\ and \\n are escapes; any other backslash stays a literal backslash
+    ("a spurious escape"), so db-\\d+ reaches RE2 as db-\\d+."""
+    return re.sub(r'\\([\\"n])', lambda m: "\n" if m.group(1) == "n" else m.group(1), raw)
 
 
 def parse_matcher(text: str) -> Matcher:
@@ -199,76 +208,192 @@ def parse_matcher(text: str) -> Matcher:
         raise UsageError(f"invalid --alert-filter {text!r}: expected an Alertmanager matcher such as "
                          "severity=critical, alertname!=Watchdog or team=~\"db|storage\"")
     name, op = m.group(1), m.group(2)
-    if m.group(3) is not None:
-        value = re.sub(r"\\(.)", r"\1", m.group(3))
-    else:
-        value = m.group(4)
+    value = _unescape(m.group(3) if m.group(3) is not None else m.group(4))
     if op in ("=~", "!~"):
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise UsageError(f"invalid --alert-filter {text!r}: bad regular expression: {e}") from None
-        bad = re2_unsupported(value)
+        bad = re2_error(value)
         if bad:
-            raise UsageError(f"invalid --alert-filter {text!r}: {bad}: Alertmanager's regular expressions are "
-                             "Go's RE2, which lacks it (it would answer 400 and keep the gate closed)")
+            raise UsageError(f"invalid --alert-filter {text!r}: bad regular expression for Alertmanager "
+                             f"(Go's RE2): {bad}")
     return Matcher(name, op, value)
 
 
-_RE2_GROUPS = {"(?=": "lookahead (?=", "(?!": "negative lookahead (?!", "(?<=": "lookbehind (?<=",
-               "(?<!": "negative lookbehind (?<!", "(?>": "atomic group (?>", "(?P=": "backreference (?P=",
-               "(?(": "conditional (?(", "(?#": "comment (?#"}
-_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+#: Go regexp/syntax (perl_groups.go, posix_groups): [:name:] in a class
+_POSIX = frozenset("alnum alpha ascii blank cntrl digit graph lower print punct space upper word xdigit".split())
+#: Go's parseRepeat: {n}, {n,}, {n,m} without leading zeros (else '{' is a literal)
+_REPEAT = re.compile(r"\{(0|[1-9]\d*)(,(0|[1-9]\d*)?)?\}")
+_HINTS = {"\\Z": " (RE2 spells the end of text \\z)", "(?=": " (lookahead)", "(?!": " (negative lookahead)",
+          "(?<=": " (lookbehind)", "(?<!": " (negative lookbehind)", "(?>": " (atomic group)",
+          "(?P=": " (backreference)", "(?(": " (conditional)", "(?#": " (comment)"}
 
 
-def re2_unsupported(rx: str) -> str | None:
-    """What of Python's ``re`` syntax in ``rx`` Go's RE2 refuses (regexp/syntax parse.go:
-    ErrInvalidPerlOp "invalid or unsupported Perl syntax" for lookaround, atomic groups,
-    (?P=name), conditionals and flags other than imsU; ErrInvalidEscape for backreferences
-    and \\Z; ErrInvalidRepeatOp for possessive quantifiers; ErrInvalidRepeatSize above
-    1000), or None. Alertmanager compiles a matcher's value with Go's regexp
-    (``^(?:VALUE)$``), so Python accepting it says nothing. Character classes are skipped."""
-    i, n = 0, len(rx)
+def re2_error(rx: str) -> str | None:
+    """Why Go's regexp refuses ``^(?:rx)$`` (what Alertmanager compiles a matcher's value as:
+    pkg/labels/matcher.go NewMatcher), in its words (Go src/regexp/syntax/parse.go), or None.
+
+    A syntax check only, after parse.go's grammar with Perl flags: escapes \\A \\b \\B \\z
+    \\Q..\\E \\pL \\p{Name} \\d \\s \\w \\x{..}, octal, punctuation; [[:alpha:]] classes; flags
+    imsU; (?P<name>); repeats up to {1000}, never stacked (a**, a++). Python's re is no
+    stand-in: it refuses \\z, \\pL and \\Q..\\E and reads [[:alpha:]] as another class. A
+    \\p{Name} is not looked up in Go's Unicode tables: an unknown one makes Alertmanager
+    answer 400, which keeps the gate closed."""
+    s = f"^(?:{rx})$"
+    i, n = 0, len(s)
+    depth = 0
+    can_repeat = False   # the stack's top is an operand (Go: not opLeftParen/opVerticalBar)
+    repeated = False     # the last token was a repetition (Go: lastRepeat)
+
+    def escape(j: int, in_class: bool) -> tuple[int, str | None]:
+        """End of the escape at s[j] == '\\', or an error."""
+        if j + 1 >= n:
+            return j, "trailing backslash at end of expression"
+        c = s[j + 1]
+        if c in "pP":
+            if j + 2 < n and s[j + 2] == "{":
+                end = s.find("}", j + 3)
+                name = s[j + 3:end].removeprefix("^") if end > 0 else ""
+                if end < 0 or not re.fullmatch(r"[A-Za-z_]+", name):
+                    return j, f"invalid character class range: `{s[j:end + 1 if end > 0 else n]}`"
+                return end + 1, None
+            if j + 2 < n and s[j + 2] in "CLMNPSZ":  # a one-letter Unicode category
+                return j + 3, None
+            return j, f"invalid character class range: `{s[j:j + 3]}`"
+        if c in "dDsSwW" or c in "afnrtv" or (c.isascii() and not c.isalnum()):
+            return j + 2, None
+        if not in_class and c in "AbBz":
+            return j + 2, None
+        if c in "01234567" and (c == "0" or (j + 2 < n and s[j + 2] in "01234567")):
+            k = j + 2
+            while k < n and k < j + 4 and s[k] in "01234567":
+                k += 1
+            return k, None
+        if c == "x":
+            if j + 2 < n and s[j + 2] == "{":
+                end = s.find("}", j + 3)
+                if end > 0 and re.fullmatch(r"[0-9A-Fa-f]+", s[j + 3:end]) and int(s[j + 3:end], 16) <= 0x10FFFF:
+                    return end + 1, None
+            elif re.fullmatch(r"[0-9A-Fa-f]{2}", s[j + 2:j + 4]):
+                return j + 4, None
+            return j, f"invalid escape sequence: `{s[j:j + 2]}`"
+        hint = " (a backreference)" if c in "123456789" else _HINTS.get(s[j:j + 2], "")
+        return j, f"invalid escape sequence: `{s[j:j + 2]}`{hint}"
+
     while i < n:
-        c = rx[i]
-        if c == "\\" and i + 1 < n:
-            e = rx[i + 1]
-            if e in "123456789":
-                return f"backreference \\{e}"
-            if e == "Z":
-                return "\\Z (RE2 spells the end of text \\z)"
-            i += 2
+        c = s[i]
+        if c == "(":
+            if s.startswith("(?", i):
+                if s.startswith("(?P<", i):
+                    end = s.find(">", i)
+                    if end < 0 or not re.fullmatch(r"[A-Za-z0-9_]+", s[i + 4:end]):
+                        return f"invalid named capture: `{s[i:end + 1 if end > 0 else n]}`"
+                    i = end + 1
+                else:
+                    f = re.match(r"\(\?([imsU]*)(?:-([imsU]+))?([:)])", s[i:])
+                    if not f:
+                        hint = next((h for p, h in _HINTS.items() if s.startswith(p, i)), "")
+                        return f"invalid or unsupported Perl syntax: `{s[i:i + 3]}`{hint}"
+                    i += f.end()
+                    if f.group(3) == ")":  # flags only: no group, the operand stays as it was
+                        repeated = False
+                        continue
+            else:
+                i += 1
+            depth += 1
+            can_repeat = repeated = False
             continue
-        if c == "[":  # a class: up to its unescaped ']' (one right after '[' or '[^' is literal)
-            j = i + 1 + (i + 1 < n and rx[i + 1] == "^")
-            j += j < n and rx[j] == "]"
-            while j < n and rx[j] != "]":
-                j += 2 if rx[j] == "\\" else 1
-            i = j + 1
+        if c == ")":
+            if not depth:
+                return f"unexpected ): `{s}`"
+            depth -= 1
+            i += 1
+            can_repeat, repeated = True, False
             continue
-        if c == "(" and rx.startswith("(?", i):
-            for pre, what in _RE2_GROUPS.items():
-                if rx.startswith(pre, i):
-                    return what
-            flags = re.match(r"\(\?([a-zA-Z-]*)[:)]", rx[i:])
-            if flags and set(flags.group(1)) - set("imsU-"):
-                return f"inline flag (?{flags.group(1)}"
-            i += 2
+        if c == "|":
+            i += 1
+            can_repeat = repeated = False
             continue
         quant = None
         if c in "*+?":
             quant = c
-        elif c == "{" and (m := _REPEAT.match(rx, i)):
-            if any(int(g) > 1000 for g in m.groups() if g):
-                return f"repeat count {m.group(0)} (at most 1000)"
+        elif c == "{" and (m := _REPEAT.match(s, i)):
+            lo, hi = int(m.group(1)), m.group(3)
+            if lo > 1000 or (hi and (int(hi) > 1000 or int(hi) < lo)):
+                return f"invalid repeat count: `{m.group(0)}`"
             quant = m.group(0)
         if quant is not None:
-            i += len(quant)
-            if i < n and rx[i] == "+":
-                return f"possessive quantifier {quant}+"
+            j = i + len(quant) + s.startswith("?", i + len(quant))  # a*? is lazy, not stacked
+            if repeated:
+                return f"invalid nested repetition operator: `{s[i - 1:j]}`"
+            if not can_repeat:
+                return f"missing argument to repetition operator: `{s[i:j]}`"
+            i, repeated = j, True
+            continue
+        repeated = False
+        if s.startswith("\\Q", i):  # literal up to \E or the end (then the wrapper's ")$" too)
+            end = s.find("\\E", i + 2)
+            can_repeat = can_repeat or end != i + 2  # \Q\E is nothing
+            i = n if end < 0 else end + 2
+            continue
+        can_repeat = True
+        if c == "\\":
+            i, err = escape(i, False)
+            if err:
+                return err
+            continue
+        if c == "[":
+            j = i + 1 + s.startswith("^", i + 1)
+            first = True
+            while first or j >= n or s[j] != "]":
+                if j >= n:
+                    return f"missing closing ]: `{s[i:n]}`"
+                first = False
+                if s.startswith("[:", j) and (end := s.find(":]", j + 2)) > 0:
+                    if s[j + 2:end].removeprefix("^") not in _POSIX:
+                        return f"invalid character class range: `{s[j:end + 2]}`"
+                    j = end + 2
+                    continue
+                if s.startswith("\\", j) and j + 1 < n and s[j + 1] in "pPdDsSwW":
+                    j, err = escape(j, True)
+                    if err:
+                        return err
+                    continue
+                lo_at = j
+                j, first_c, err = _class_char(s, j, escape)
+                if err:
+                    return err
+                if j + 1 < n and s[j] == "-" and s[j + 1] != "]":
+                    j, last_c, err = _class_char(s, j + 1, escape)
+                    if err:
+                        return err
+                    if last_c < first_c:
+                        return f"invalid character class range: `{s[lo_at:j]}`"
+            i = j + 1
             continue
         i += 1
+    if depth:
+        return f"missing closing ): `{s}`"
     return None
+
+
+def _class_char(s: str, j: int, escape) -> tuple[int, str, str | None]:
+    """One character of a class at s[j] (an escape or a rune): the end, its text, an error."""
+    if j >= len(s):
+        return j, "", f"missing closing ]: `{s}`"
+    if s[j] != "\\":
+        return j + 1, s[j], None
+    if s[j + 1:j + 2] in ("p", "P", "d", "D", "s", "S", "w", "W"):  # a class is no range's end
+        return j, "", f"invalid escape sequence: `{s[j:j + 2]}`"
+    end, err = escape(j, True)
+    return end, "" if err else _escaped_char(s[j:end]), err
+
+
+def _escaped_char(esc: str) -> str:
+    """The character an escape in a class stands for (for a range's order)."""
+    c = esc[1:2]
+    if c == "x":
+        return chr(int(esc[2:].strip("{}") or "0", 16))
+    if c in "01234567":
+        return chr(int(esc[1:], 8))
+    return {"a": "\a", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}.get(c, c)
 
 
 # -- the policy ---------------------------------------------------------------------------
