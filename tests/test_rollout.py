@@ -937,6 +937,8 @@ BAD = [
     (["--step", "cordon", "--alert-gate", "http://ops:S3cr3t@127.0.0.1:1"],
      "invalid --alert-gate 'http://ops:xxxxx@127.0.0.1:1': a URL with credentials"),
     (["--step", "cordon", "--alert-gate", "ftp://ops:S3cr3t@127.0.0.1:1"], "'ftp://ops:xxxxx@127.0.0.1:1'"),
+    (["--step", "cordon", "--alert-gate", "http://ops:S3cr3t@[::1:9093"],
+     "invalid --alert-gate 'http://ops:xxxxx@[::1:9093': Invalid IPv6 URL"),
 ]
 
 

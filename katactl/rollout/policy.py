@@ -516,13 +516,19 @@ def check_gate_url(url, *, userinfo: bool = False) -> str:
 
 
 def redact_url(url: str) -> str:
-    """url with its password replaced by ``xxxxx``, as Go's net/url URL.Redacted() does."""
+    """url with its password replaced by ``xxxxx``, as Go's net/url URL.Redacted() does;
+    also in a URL that does not parse (an unclosed IPv6 bracket), where the password is what
+    lies between the first ':' after '//' and the last '@'."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         u = urlsplit(url)
     except ValueError:
-        return url
+        scheme, sep, rest = url.partition("//")
+        userinfo, at, host = rest.rpartition("@")
+        if not (sep and at and ":" in userinfo):
+            return url
+        return f"{scheme}//{userinfo.partition(':')[0]}:xxxxx@{host}"
     if u.password is None:
         return url
     user = u.netloc.rpartition("@")[0].partition(":")[0]
