@@ -264,6 +264,23 @@ def test_switching_to_the_current_release_creates_its_missing_link(cli, node, co
     assert not d["changed"] and d["steps"] == []
 
 
+def test_the_link_leads_to_current_when_the_share_directory_is_a_symlink(cli, node):
+    """<root>/share moved to another disk (a relative symlink, inside the node's tree): the
+    kernel resolves the link's relative target from its real directory, so the target is
+    written from there, and QEMU's compiled-in path reaches current's firmware."""
+    (node / "data/kata-share").mkdir(parents=True)
+    (node / "opt/kata/share").symlink_to("../../data/kata-share")
+    step = "link /opt/kata/share/kata-qemu -> ../../opt/kata/current/share/kata-qemu"
+    d = _j(cli, node, "switch", A, "--dry-run")
+    assert step in d["steps"] and any(step[5:] in c["detail"] for c in d["preflight"])
+    assert step in _j(cli, node, "switch", A)["steps"]
+    fw = node / "opt/kata/share/kata-qemu/qemu/bios-256k.bin"
+    assert fw.read_text() == f"bios-256k.bin of {A}\n"
+    assert _j(cli, node, "status")["qemuData"][0]["state"] == "current"
+    _j(cli, node, "switch", B)
+    assert fw.read_text() == f"bios-256k.bin of {B}\n"
+
+
 def test_no_link_is_made_through_an_absolute_share_symlink_under_a_host_root(cli, node, tmp_path):
     """<root>/share -> /elsewhere/share in the node's tree: under --host-root this host's kernel
     would follow it to *this* host's directory, so nothing is created there; status warns."""

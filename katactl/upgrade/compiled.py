@@ -28,7 +28,7 @@ import posixpath
 import secrets
 
 from katactl.backends.base import NodeTransport
-from katactl.errors import KatactlError
+from katactl.errors import KatactlError, OperationFailed
 from katactl.upgrade.layout import INSTALL_PREFIX, Layout
 from katactl.upgrade.state import UNMANAGED
 
@@ -47,9 +47,18 @@ def qemu_datadirs(transport: NodeTransport, layout: Layout, version: str) -> lis
     return sorted(n for n in names if n.startswith(QEMU_DATADIR_PREFIX) and transport.is_dir(f"{share}/{n}"))
 
 
-def link_target(name: str) -> str:
-    """What ``<root>/share/<name>`` points to: relative, through ``current``."""
-    return f"../current/share/{name}"
+def link_target(transport: NodeTransport, layout: Layout, name: str) -> str:
+    """What ``<root>/share/<name>`` points to: relative, through ``current``
+    (``../current/share/<name>``), written from the directory the link really lands in: the
+    kernel resolves a relative target from there, so with ``<root>/share`` a symlink to
+    another disk's directory the plain ``../current`` would lead nowhere."""
+    from katactl.katacfg import realpath
+
+    try:
+        share, root = realpath(transport, f"{layout.root}/share"), realpath(transport, layout.root)
+    except (OSError, KatactlError):  # unresolvable: the layout's own shape
+        return f"../current/share/{name}"
+    return posixpath.relpath(f"{root}/current/share/{name}", share)
 
 
 def datadir_state(transport: NodeTransport, layout: Layout, name: str) -> dict:
@@ -70,7 +79,8 @@ def datadir_state(transport: NodeTransport, layout: Layout, name: str) -> dict:
         st = transport.stat(ours, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         # only ours to create when the compiled-in path reaches it
-        row["state"] = "missing" if _reaches(transport, layout, compiled) else "elsewhere"
+        if _reaches(transport, layout, compiled):
+            row.update(state="missing", target=link_target(transport, layout, name))
         return row
     if st.is_dir and not st.is_link:
         row["state"] = "directory"
@@ -100,7 +110,7 @@ def datadir_warning(row: dict, layout: Layout) -> str | None:
     head = f"QEMU of {layout.current} reads its firmware from {path}/qemu (compiled in, not relocatable)"
     if s == "missing":
         return f"{head}, which does not exist: QEMU sandboxes cannot start; the next upgrade switch or " \
-               f"rollback creates {row['link']} -> {link_target(row['name'])}"
+               f"rollback creates {row['link']} -> {row['target']}"
     if s == "directory":
         return f"{head}, a real directory (another install's firmware) that no switch or rollback " \
                f"changes; once nothing uses it, move it aside: the next switch links it through current " \
@@ -117,9 +127,10 @@ def link_datadirs(transport: NodeTransport, layout: Layout, version: str, dry_ru
 
     steps = []
     for name in qemu_datadirs(transport, layout, version):
-        if datadir_state(transport, layout, name)["state"] != "missing":
+        row = datadir_state(transport, layout, name)
+        if row["state"] != "missing":
             continue
-        link, target = f"{layout.root}/share/{name}", link_target(name)
+        link, target = row["link"], row["target"]
         steps.append(f"link {link} -> {target}")
         if dry_run:
             continue
@@ -129,6 +140,12 @@ def link_datadirs(transport: NodeTransport, layout: Layout, version: str, dry_ru
         with live(steps[-1]):
             transport.rename(tmp, link)
         transport.fsync_dir(f"{layout.root}/share")
+        if datadir_state(transport, layout, name)["state"] != "current":  # done only if QEMU gets there
+            transport.remove(link)
+            raise OperationFailed(f"{link} -> {target} does not lead QEMU's {row['path']} to "
+                                  f"{layout.current}/share/{name}; removed it",
+                                  hint=f"link {row['path']} to {layout.current}/share/{name} by hand "
+                                       "(docs/upgrade.md)")
     return steps
 
 
@@ -141,7 +158,7 @@ def datadir_check(transport: NodeTransport, layout: Layout, version: str) -> lis
         row = datadir_state(transport, layout, name)
         if row["state"] in ("current", "missing"):  # missing: this switch creates the link
             detail = f"{row['path']} -> {layout.current}/share/{name}" if row["state"] == "current" \
-                else f"{row['link']} -> {link_target(name)} (created by this switch)"
+                else f"{row['link']} -> {row['target']} (created by this switch)"
             out.append({"check": f"QEMU data {name}", "ok": True, "detail": detail})
             continue
         out.append({"check": f"QEMU data {name}", "ok": True, "warning": True,
