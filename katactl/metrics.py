@@ -115,11 +115,11 @@ def top_sample(text: str, runtime: str | None = "go") -> dict:
 
     def kb(name, item):
         v = g(name, item)
-        return None if v is None else v * status_unit
+        return None if v is None else _finite(v * status_unit)
 
     def ticks(prefix):
         u, s = g(f"{prefix}_proc_stat", "utime"), g(f"{prefix}_proc_stat", "stime")
-        return None if u is None and s is None else (u or 0) + (s or 0)
+        return None if u is None and s is None else _finite((u or 0) + (s or 0))
 
     total, avail, free = g("kata_guest_meminfo", "mem_total"), g("kata_guest_meminfo", "mem_available"), \
         g("kata_guest_meminfo", "mem_free")
@@ -138,16 +138,23 @@ def top_sample(text: str, runtime: str | None = "go") -> dict:
     }
 
 
+def _finite(v: float) -> float | None:
+    """A figure computed from finite samples, None when it overflowed (1e308 kB x 1024 is inf:
+    that figure is missing, not the node's table, as for a non-finite sample)."""
+    return v if math.isfinite(v) else None
+
+
 def _pct(a, b, dt) -> float | None:
     if a is None or b is None or dt <= 0:
         return None
-    return max(0.0, (b - a) / USER_HZ / dt * 100.0)
+    return _finite(max(0.0, (b - a) / USER_HZ / dt * 100.0))
 
 
 def balloon_bytes(cur: dict) -> int | None:
     """The balloon's size from a sample's kata_guest_vm_stat (inflated minus deflated pages)."""
     inflate, deflate = cur["balloonInflatePages"], cur["balloonDeflatePages"]
-    return None if inflate is None else max(0, int(inflate - (deflate or 0))) * PAGE_SIZE
+    pages = None if inflate is None else _finite(inflate - (deflate or 0))
+    return None if pages is None else max(0, int(pages)) * PAGE_SIZE
 
 
 def sandbox_guest_used(sb, cur: dict, balloon: int | None, *, resident: bool = False) -> int | None:
