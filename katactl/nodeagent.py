@@ -470,6 +470,7 @@ _IN_FLIGHT: dict[tuple, threading.Event] = {}   # set once the pod's create has 
 _UNSEEN: set[tuple] = set()        # creates of unknown outcome whose pod was never seen
 LATE_CREATE_WATCH = 5.0            # seconds the cleanup watches for such a create landing late
 CLEANUP_TIMEOUT = 10.0             # seconds all the DELETEs of one cleanup may take together
+RECHECK_TIMEOUT = 2.0              # seconds the one GET of the pods whose DELETE was not answered may take
 CLEANUP_WORKERS = 16               # DELETEs sent at once
 _WAITING: set = set()              # the API clients of wait_running()s watching a pod start
 
@@ -504,9 +505,11 @@ def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list
     that could not be deleted, each with why: each has had its warning pointing at ``node
     agent gc`` unless not ``warn_left`` (the caller reports them itself).
 
-    A pod leaves the registry once its DELETE was answered (or it was given up at the
-    deadline), never before: interrupted (a second Ctrl-C), the pods not deleted yet get one
-    warning naming them, stay registered, and the atexit pass tries them again."""
+    A pod whose DELETE failed or was not answered by the deadline gets one GET (RECHECK_TIMEOUT)
+    before it is reported: gone, its DELETE was carried out after all. A pod leaves the registry
+    once its DELETE was answered (or it was given up), never before: interrupted (a second
+    Ctrl-C), the pods not deleted yet get one warning naming them, stay registered, and the
+    atexit pass tries them again."""
     from katactl.backends.kube import KubeAPI
 
     with _GUARD:
@@ -579,16 +582,48 @@ def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list
                 why = e
             if time.monotonic() > deadline + 1.0:
                 continue  # given up on already, and said so
-            _unregister(key, pod)
-            report(pod, why)
+            if why is None:
+                _unregister(key, pod)
+                report(pod, None)
+            else:  # reported once the GET below confirms the pod is still there
+                with lock:
+                    failed[f"{pod.namespace}/{pod.name}"] = why
 
-    workers = [threading.Thread(target=work, name="katactl-pod-cleanup", daemon=True)
-               for _ in range(min(CLEANUP_WORKERS, len(items)))]
+    def run(target, jobs: int, until: float) -> None:
+        threads = [threading.Thread(target=target, name="katactl-pod-cleanup", daemon=True)
+                   for _ in range(min(CLEANUP_WORKERS, jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, until - time.monotonic()))
+
+    failed: dict[str, Exception] = {}  # pods whose DELETE failed, by namespace/name
+    gone: set[str] = set()
+
+    def recheck() -> None:
+        from katactl.backends.kube import seg
+
+        while True:
+            with lock:
+                item = next(checks, None)
+            if item is None:
+                return
+            key, pod = item
+            if _gone(apis[key][1], f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"):
+                with lock:
+                    gone.add(f"{pod.namespace}/{pod.name}")
+
     try:
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(max(0.0, deadline + 1.0 - time.monotonic()))
+        run(work, len(items), deadline + 1.0)
+        # a DELETE carried out but answered too late (a client timeout at the deadline) or
+        # never left no pod: every pod not known deleted gets one GET, all at once, before it
+        # is reported left
+        with lock:
+            given_up = [(k, p, failed.get(f"{p.namespace}/{p.name}")) for k, p in items
+                        if f"{p.namespace}/{p.name}" not in done]
+            checks = iter((k, p) for k, p, _ in given_up)
+        if given_up:
+            run(recheck, len(given_up), time.monotonic() + RECHECK_TIMEOUT + 1.0)
     except KeyboardInterrupt:
         with lock:
             pending = [f"{p.namespace}/{p.name}" for _, p in items if f"{p.namespace}/{p.name}" not in done]
@@ -598,12 +633,32 @@ def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list
                  + ("(katactl node agent gc removes them)" if at_exit
                     else "(tried once more as katactl exits; katactl node agent gc removes any left)"))
         raise
-    # past the deadline: whatever was not answered is given up on, with its warning
-    for key, pod in items:
-        if f"{pod.namespace}/{pod.name}" not in done:
-            _unregister(key, pod)
-            report(pod, f"no answer within {deadline - start:.0f}s")
+    # whatever is still there (or not known gone) is given up on, with its warning
+    with lock:
+        deleted = set(gone)
+    for key, pod, why in given_up:
+        name = f"{pod.namespace}/{pod.name}"
+        _unregister(key, pod)
+        report(pod, None if name in deleted else why or f"no answer within {deadline - start:.0f}s")
     return left
+
+
+def _gone(api, path: str) -> bool:
+    """One GET (within RECHECK_TIMEOUT) of a pod whose DELETE was not answered in time: gone, or
+    its deletion under way, it is no pod left. No answer either: not confirmed, so it is."""
+    from katactl.backends.kube import KubeAPI
+
+    try:
+        client = KubeAPI(api.host, api.headers, api.tls, RECHECK_TIMEOUT, user=api.user)
+        try:
+            obj = client.request("GET", path, retry=False)
+        finally:
+            client.close()
+    except NotFound:
+        return True
+    except Exception:  # noqa: BLE001 - any other answer confirms nothing
+        return False
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def _delete_late(client, path: str, deadline: float) -> None:

@@ -111,6 +111,39 @@ def test_pods_are_deleted_at_once_under_one_deadline(cli, cluster, monkeypatch):
     assert r.stderr.count("could not delete ephemeral node pod") == len(NODES), r.stderr
 
 
+def test_a_delete_carried_out_but_answered_too_late_leaves_no_pod(cli, cluster, kube_api, monkeypatch):
+    """The API server carries out the DELETE but its answer misses the cleanup's deadline (here:
+    another client deleted the pod while katactl's DELETE waits): one GET at the deadline finds
+    the pod gone, so nothing is reported left and the run says 0."""
+    import threading
+
+    from katactl import nodeagent
+
+    kube = cluster["kube"]
+    monkeypatch.setattr(nodeagent, "CLEANUP_TIMEOUT", 1.0, raising=False)
+    kube.delay(NODE_POD, 4, times=1, method="DELETE")
+    stop = threading.Event()
+
+    def delete_while_katactl_waits():
+        while not stop.is_set():
+            sent = _requests(kube, "DELETE", NODE_POD)
+            if sent:
+                kube_api.delete(sent[0]["path"].split("?")[0], grace_period=0)
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=delete_while_katactl_waits, daemon=True)
+    t.start()
+    try:
+        r = cli([*kube_args("node-a"), "upgrade", "status", "-o", "json"])
+    finally:
+        stop.set()
+        t.join()
+    assert r.exit_code == 0, r.stderr
+    assert "could not delete" not in r.stderr and not r.json().get("errors")
+    assert agent_pods(kube) == []
+
+
 def test_a_second_ctrl_c_while_pods_are_deleted_names_them_and_exit_retries(cluster):
     """Ctrl-C, then Ctrl-C again during the deletion: the pods whose DELETE was not answered
     are named (the user may walk away), and the exit tries them again."""
