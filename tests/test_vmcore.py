@@ -677,16 +677,19 @@ def test_rm_audit_log(cli, tree, _isolated_home):
 
 
 def test_rm_failure_is_audited(tmp_path, monkeypatch):
-    """A deletion the node refuses (here: a directory named like a dump, unlink(2) says EISDIR,
-    also for root) is an error entry in the audit log, and raised."""
+    """A deletion the node refuses (here: the dump became a directory after it was listed,
+    unlink(2) says EISDIR, also for root) is an error entry in the audit log, and raised."""
     root = node_tree(tmp_path / "n")
     add_dump(root)
     odd = os.path.join(root, DUMP_PATH.lstrip("/"), SID, "vmcore-20240102030406.elf")
-    os.makedirs(os.path.join(odd, "x"))
+    with open(odd, "wb") as f:
+        f.write(b"\x7fELF")
     log = tmp_path / "audit.log"
     monkeypatch.setenv("KATACTL_AUDIT_LOG", str(log))
     t = LocalTransport(root)
     [d] = vmcore.resolve_dumps(t, ["vmcore-20240102030406.elf"], index=vmcore.CollectIndex(str(tmp_path / "i")))
+    os.remove(odd)
+    os.makedirs(os.path.join(odd, "x"))
     with pytest.raises(OSError):
         vmcore.remove_dumps(t, [d])
     assert os.path.isdir(odd)

@@ -518,3 +518,36 @@ def test_trigger_an_unreadable_clh_answer_keeps_the_dump(cli, clh_node, _isolate
     [a] = _audit_entries(_isolated_home)
     assert (a["result"], a["changed"], a["dump"], a["via"]) == ("error", True, path, "clh"), a
     assert os.path.isfile(os.path.join(root, path.lstrip("/")))
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo"])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+def test_rm_of_a_not_regular_dump_is_refused_as_its_dry_run_says(cli, tmp_path, kind, dry_run, _isolated_home):
+    """Review 9 local #4: a directory named like a dump (list: not-regular) was "removed" by
+    rm --dry-run, then the real rm failed with "Is a directory" and the --host-root path. Both
+    now refuse it, before any deletion (the sandbox's other dump stays), naming the node path."""
+    from tests.test_vmcore import SID, add_dump
+
+    root = node_tree(tmp_path / "n")
+    add_dump(root, SID)
+    node_path = f"{DUMP_PATH}/{SID}/vmcore-20240101000001.elf"
+    p = os.path.join(root, node_path.lstrip("/"))
+    if kind == "dir":
+        os.makedirs(os.path.join(p, "sub"))
+    else:
+        os.mkfifo(p)
+    before = sorted(os.listdir(os.path.dirname(p)))
+    for ref in (f"{SID}/vmcore-20240101000001.elf", SID):
+        r = cli(["--host-root", root, "vmcore", "rm", ref, "--yes", "-o", "json",
+                 *(["--dry-run"] if dry_run else [])])
+        assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
+        msg = r.json()["message"]
+        kind_text = "a directory" if kind == "dir" else "a FIFO"
+        assert f"{node_path} on node " in msg and f"not a regular file ({kind_text}): not a dump" in msg, msg
+        assert root not in msg, msg
+    assert sorted(os.listdir(os.path.dirname(p))) == before
+    entries = _audit_entries(_isolated_home)
+    if dry_run:
+        assert entries == []
+    else:
+        assert [(a["result"], a["changed"], a["params"]["path"]) for a in entries] == [("error", False, node_path)] * 2

@@ -646,6 +646,16 @@ def remove_dumps(transport: NodeTransport, dumps: list[dict], *, dry_run: bool =
     a dry run records nothing."""
     from katactl import audit
 
+    for d in dumps:
+        # a directory (a FIFO...) named like a dump is no dump: checked before any deletion, so
+        # that --dry-run says what the real run does (its unlink failed with the host-root path)
+        if d.get("status") == "not-regular":
+            e = OperationFailed(f"{d['path']} on node {transport.node}: {d.get('problem') or 'not a regular file'}"
+                                ": not a dump, katactl removes dumps only")
+            if not dry_run:
+                audit.record("vmcore.rm", d["name"], node=transport.node, params={"path": d["path"]},
+                             result="error", changed=False, error=e.message)
+            raise e
     out = []
     for d in dumps:
         item = {"name": d["name"], "path": d["path"], "size": d.get("size"), "collected": d.get("collected")}
