@@ -5,9 +5,11 @@ sample; go_*/process_* renamed kata_shim_go_*/kata_shim_process_*), checked by p
 prometheus_client's parser."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -109,6 +111,30 @@ def test_to_file_atomic(cli, tree, tmp_path):
     assert "kata_shim_threads" not in text and "kata_guest_meminfo" in text
     assert oct(out.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in tmp_path.iterdir()] == ["kata.prom"]   # no temp file left
+
+
+def test_to_file_sweeps_the_stale_temp_files_of_killed_runs(cli, tmp_path):
+    """A run killed with SIGKILL (the OOM killer, systemd's final kill) left its
+    .katactl-XXXXXXXX.prom.tmp in the textfile directory forever (review 9 local #5): the next
+    --to run removes those unchanged for 10 minutes, never a younger one (a run that may still
+    write it), another name, a directory or a symlink."""
+    out = tmp_path / "kata.prom"
+    old = time.time() - 3600
+    stale, young = tmp_path / ".katactl-zytkzsjd.prom.tmp", tmp_path / ".katactl-abcd1234.prom.tmp"
+    kept = [young, tmp_path / ".katactl-zytkzsjd.prom.tmp.bak", tmp_path / "other-abcdefgh.prom.tmp",
+            tmp_path / ".katactl-dir00000.prom.tmp", tmp_path / ".katactl-link0000.prom.tmp"]
+    for p in (stale, young, *kept[1:3]):
+        p.write_text("x 1\n")
+    kept[3].mkdir()
+    kept[4].symlink_to(kept[2])
+    for p in (stale, *kept[1:]):
+        os.utime(p, (old, old), follow_symlinks=False)
+    with node() as n:
+        n.go("ok01", pod_name="ok", pod_namespace="prod")
+        r = cli(["--host-root", n.root, "metrics", "--all", "--to", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert not stale.exists() and all(os.path.lexists(p) for p in kept), sorted(os.listdir(tmp_path))
+    assert "kata_" in out.read_text()
 
 
 def test_to_file_when_every_shim_fails(cli, tmp_path):

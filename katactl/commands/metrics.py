@@ -1,6 +1,7 @@
 """katactl metrics SANDBOX | --all."""
 from __future__ import annotations
 
+import re
 from typing import Iterable, List, Optional
 
 import typer
@@ -223,18 +224,49 @@ def _emit(app_ctx, text: str | Iterable[str], to: str | None) -> None:
     app_ctx.out.info(f"wrote {n} samples to {to}")
 
 
+_TMP_PREFIX, _TMP_SUFFIX = ".katactl-", ".prom.tmp"
+#: the temp names write_atomic's mkstemp makes (8 of tempfile's "a-z0-9_" characters), no others'
+_TMP_RE = re.compile(r"\.katactl-[a-z0-9_]{8}\.prom\.tmp")
+#: a temp file unchanged this long is a leftover: a write keeps appending to its own
+STALE_TMP_AGE = 600.0
+
+
+def _sweep_stale_temps(d: str) -> None:
+    """Remove the temp files of runs killed before their clean-up (SIGKILL: the OOM killer,
+    systemd's final kill) from ``d``: only regular files of write_atomic's own naming that have
+    not changed for STALE_TMP_AGE seconds. Best effort: the run's own write is what matters."""
+    import os
+    import stat
+    import time
+
+    try:
+        names = [n for n in os.listdir(d) if _TMP_RE.fullmatch(n)]
+    except OSError:
+        return
+    now = time.time()
+    for n in names:
+        p = os.path.join(d, n)
+        try:
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TMP_AGE:
+                os.unlink(p)
+        except OSError:
+            pass
+
+
 def write_atomic(path: str, text: str | Iterable[str]) -> None:
     """FILE's new content appears whole or not at all (a textfile collector never reads half
     a file): a temp file in the same directory, fsync, rename over FILE, mode 0644. ``text``
-    may come in pieces."""
+    may come in pieces. Stale temp files of killed runs are swept first (_sweep_stale_temps)."""
     import os
     import tempfile
 
     from katactl.errors import OperationFailed
 
     d = os.path.dirname(os.path.abspath(path))
+    _sweep_stale_temps(d)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".katactl-", suffix=".prom.tmp", dir=d)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=d)
     except OSError as e:  # the user's FILE, not our temp file's name; never "not found" (exit 3)
         raise OperationFailed(f"cannot write {path}: {e.strerror or e}") from None
     try:
