@@ -290,3 +290,60 @@ def test_no_link_is_made_through_an_absolute_share_symlink_under_a_host_root(cli
     assert not outside.exists() and not any(s.startswith("link ") for s in d["steps"])
     assert _j(cli, node, "status")["qemuData"][0]["state"] == "elsewhere"
     assert "which does not lead to /opt/kata/current/share/kata-qemu" in _k(cli, node, "status").stderr
+
+
+# -- what a containerd handler pins: its configuration's guest assets, its shim found on PATH ---------
+CRI = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+
+
+def test_gc_and_stage_force_keep_the_release_whose_assets_a_pinned_configuration_names(cli, node, tarballs):
+    """A handler pinned to release A's configuration, which an agent switch pointed at B's
+    image and kernel: gc keeps B too (the pinned handler's next pod boots B's image), and
+    stage --force refuses to replace B (exit 5)."""
+    _j(cli, node, "switch", A)
+    _j(cli, node, "switch", B, "-c", "agent")  # A's configurations now name B's guest assets
+    _j(cli, node, "switch", C)
+    pinned = f"/opt/kata/releases/{A}/{COCO}"
+    (node / "etc/containerd").mkdir(parents=True)
+    (node / "etc/containerd/config.toml").write_text(
+        f'version = 2\n[{CRI}.kata-pinned]\nruntime_type = "io.containerd.kata.v2"\n'
+        f'runtime_path = "/opt/kata/releases/{A}/bin/containerd-shim-kata-v2"\n'
+        f'[{CRI}.kata-pinned.options]\nConfigPath = "{pinned}"\n')
+    assert _j(cli, node, "status")["runtimeHandlers"][0]["assetReleases"] == [B]
+    d = _j(cli, node, "gc", "--no-keep-previous", "--yes")
+    assert d["removed"] == [] and {k["version"]: k["reason"] for k in d["kept"]} == {
+        A: "pinned by containerd handler kata-pinned", B: "pinned by containerd handler kata-pinned",
+        C: "current runtime"}
+    assert (node / f"opt/kata/releases/{B}/share/kata-containers/kata-containers-confidential.img").exists()
+    r = _k(cli, node, "stage", tarballs[C], "--as", B, "--force")
+    assert r.exit_code == 5 and f"release {B} is pinned by containerd handler kata-pinned" in r.stderr
+
+
+def test_a_handler_without_runtime_path_pins_the_shim_containerd_finds_on_its_path(cli, node, tarballs):
+    """runtime_type io.containerd.kata.v2 and no runtime_path: containerd starts
+    containerd-shim-kata-v2 from its PATH, here a link into release A. gc keeps A, stage
+    --force refuses it, and status warns that a switch does not change that shim."""
+    _j(cli, node, "switch", A)
+    _j(cli, node, "switch", B)
+    (node / "usr/local/bin").mkdir(parents=True)
+    shim = node / "usr/local/bin/containerd-shim-kata-v2"
+    shim.symlink_to(f"/opt/kata/releases/{A}/bin/containerd-shim-kata-v2")
+    (node / "etc/containerd").mkdir(parents=True)
+    (node / "etc/containerd/config.toml").write_text(
+        f'version = 2\n[{CRI}.kata]\nruntime_type = "io.containerd.kata.v2"\n'
+        f'[{CRI}.kata.options]\nConfigPath = "/opt/kata/current/share/defaults/kata-containers/configuration-qemu.toml"\n')
+    h = _j(cli, node, "status")["runtimeHandlers"][0]
+    assert (h["shimPath"], h["shimFollows"], h["runtimeRelease"]) == \
+        ("/usr/local/bin/containerd-shim-kata-v2", "release", A)
+    assert "runtime handler kata has no runtime_path: containerd starts /usr/local/bin/containerd-shim-kata-v2 " \
+           f"(found on its PATH), which leads to release {A} only" in _k(cli, node, "status").stderr
+    d = _j(cli, node, "gc", "--no-keep-previous", "--yes")
+    assert d["removed"] == [C] and {k["version"]: k["reason"] for k in d["kept"]}[A] == \
+        "pinned by containerd handler kata"
+    assert os.path.exists(str(node) + os.readlink(shim))
+    r = _k(cli, node, "stage", tarballs[C], "--as", A, "--force")
+    assert r.exit_code == 5 and f"release {A} is pinned by containerd handler kata" in r.stderr
+    shim.unlink()  # linked through current: follows every switch, pins nothing, no warning
+    shim.symlink_to("/opt/kata/current/bin/containerd-shim-kata-v2")
+    assert "runtime_path" not in _k(cli, node, "status").stderr
+    assert _j(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]

@@ -1,6 +1,7 @@
 """katactl upgrade stage | switch | rollback | status | gc."""
 from __future__ import annotations
 
+import posixpath
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -214,6 +215,13 @@ def status(
                     app_ctx.out.warn(f"{transport.node}: runtime handler {h['handler']} has no ConfigPath: its shim "
                                      f"{reads}, not under {layout.current}: a switch never reaches it; set its "
                                      f"ConfigPath under {layout.current}/ (docs/upgrade.md)")
+                if not h.get("runtimePath") and h.get("shimPath") and h.get("shimFollows") != "current":
+                    where = f"release {h['runtimeRelease']} only" if h.get("runtimeRelease") \
+                        else f"outside {layout.current}"
+                    app_ctx.out.warn(f"{transport.node}: runtime handler {h['handler']} has no runtime_path: "
+                                     f"containerd starts {h['shimPath']} (found on its PATH), which leads to "
+                                     f"{where}: a switch does not change that shim; link it to "
+                                     f"{layout.current}/bin/{posixpath.basename(h['shimPath'])} (docs/upgrade.md)")
             for q in s.get("qemuData") or []:
                 msg = compiled.datadir_warning(q, layout)
                 if msg:

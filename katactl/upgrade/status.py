@@ -40,8 +40,14 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
     file, and an agent switch edits files that handler never reads. ``follows``:
     ``current`` (through the link), ``release`` (pinned to one release: ``release`` names
     it), ``outside`` (neither), ``default-search`` (no ConfigPath: the runtime's own search
-    applies, see katacfg). ``runtimeRelease``: the release its ``runtime_path`` (the shim
-    binary) is pinned to, else None. Nothing readable in containerd's config: an empty list."""
+    applies, see katacfg). ``shimPath``: the shim binary containerd starts, its
+    ``runtime_path``, else ``containerd-shim-<name>-v2`` of its runtime_type found on
+    containerd's PATH (katacfg.BINARY_DIRS, as containerd's shim.BinaryName and exec lookup
+    do; None when none is there); ``shimFollows`` (current | release | outside) and
+    ``runtimeRelease`` (the release it is pinned to, else None) say where that leads.
+    ``assetReleases``: the releases whose guest assets the configuration it reads names (an
+    agent switch points a release's configuration at another's). Nothing readable in
+    containerd's config: an empty list."""
     from katactl import katacfg
 
     cc = katacfg.containerd_config(transport)
@@ -50,24 +56,57 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
         kata = "kata" in (h.runtime_type or "") or "kata" in posixpath.basename(h.runtime_path or "")
         if not kata:
             continue
+        shim = h.runtime_path
+        if not shim and h.binary_name:
+            cands = [f"{d}/{h.binary_name}" for d in katacfg.BINARY_DIRS]
+            there = katacfg.exists_many(transport, cands)
+            shim = next((c for c in cands if there[c]), None)
+        shim_follows, shim_release = _follows(transport, layout, shim) if shim else (None, None)
         row: dict = {"handler": h.name, "configPath": h.config_path, "definedIn": h.defined_in,
                      "follows": "default-search", "release": None, "runtimePath": h.runtime_path,
-                     "runtimeRelease": _follows(transport, layout, h.runtime_path)[1] if h.runtime_path else None}
+                     "shimPath": shim, "shimFollows": shim_follows, "runtimeRelease": shim_release}
         if h.config_path:
             row["follows"], row["release"] = _follows(transport, layout, h.config_path)
         else:  # the shim's compiled-in search: a switch moves it only through a link into current
             row.update(compiled.default_search(transport, layout, h.runtime_path))
+        row["assetReleases"] = _asset_releases(transport, layout, h.config_path or row.get("reads"))
         out.append(row)
     return out
 
 
+def _asset_releases(transport: NodeTransport, layout: Layout, path: str | None) -> list[str]:
+    """The releases whose guest assets the Kata configuration ``path`` (and its drop-ins)
+    names; [] when there is none or it cannot be read (status reports that elsewhere)."""
+    from katactl import katacfg
+    from katactl.errors import KatactlError
+    from katactl.upgrade import configedit
+
+    if not path:
+        return []
+    found: dict[str, None] = {}
+    try:
+        real = katacfg.realpath(transport, path)
+        texts = [katacfg._read_regular(transport, real, path)]
+        texts += [t for _p, t in katacfg._dropins(transport, real, "go")]
+    except (OSError, KatactlError):
+        return []
+    for text in texts:
+        for _s, _k, val in configedit.asset_refs(text):
+            v = layout.version_of_path(val)
+            if v:
+                found[v] = None
+    return list(found)
+
+
 def handler_pins(transport: NodeTransport, layout: Layout) -> dict[str, list[str]]:
-    """``{release: [handler, ...]}``: the releases a Kata runtime handler pins (its
-    ``runtime_path`` or ``ConfigPath`` under ``releases/<v>/``): every new pod of that
+    """``{release: [handler, ...]}``: the releases a Kata runtime handler pins (the shim it
+    starts or its ``ConfigPath`` under ``releases/<v>/``) or whose guest assets the
+    configuration it reads names (pinned or following current): every new pod of that
     handler starts from them, so gc and stage --force leave them alone."""
     pins: dict[str, list[str]] = {}
     for h in handler_configs(transport, layout):
-        for v in dict.fromkeys((h["runtimeRelease"], h["release"] if h["follows"] == "release" else None)):
+        for v in dict.fromkeys((h["runtimeRelease"], h["release"] if h["follows"] == "release" else None,
+                                *h["assetReleases"])):
             if v:
                 pins.setdefault(v, []).append(h["handler"])
     return pins
