@@ -1869,8 +1869,10 @@ class KubeStandIn(KubeExecMixin):
                       ("OS-Image", 1), ("Kernel-Version", 1), ("Container-Runtime", 1)]]
             for o in items:
                 st, sp = o.get("status") or {}, o.get("spec") or {}
-                ready = next((c.get("status") for c in st.get("conditions") or [] if c.get("type") == "Ready"), "Unknown")
-                s = "Ready" if ready == "True" else "NotReady" if ready == "False" else "Unknown"
+                # kubernetes pkg/printers/internalversion/printers.go printNode: a Ready condition
+                # that is not True (False or Unknown) is NotReady; Unknown only with no Ready condition
+                ready = next((c.get("status") for c in st.get("conditions") or [] if c.get("type") == "Ready"), None)
+                s = "Unknown" if ready is None else "Ready" if ready == "True" else "NotReady"
                 if sp.get("unschedulable"):
                     s += ",SchedulingDisabled"
                 roles = ",".join(sorted(k.split("/", 1)[1] for k in (o["metadata"].get("labels") or {})

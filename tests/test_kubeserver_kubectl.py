@@ -88,6 +88,23 @@ def test_kubectl_get_selectors_and_chunks(kube, kctl):
     assert r.returncode != 0 and "field label not supported: spec.bogus" in r.stderr
 
 
+def test_kubectl_get_nodes_status_as_the_apiserver_prints_it(kube, kctl):
+    """The server-side Table's STATUS is kube-apiserver's printNode (pkg/printers/internalversion/
+    printers.go): a Ready condition not True (a kubelet that stopped posting: Unknown) is NotReady;
+    Unknown only when the node has no Ready condition."""
+    kube.add_node("a-ready")
+    kube.add_node("b-unknown", ready=False)
+    kube.add_node("c-cordoned", ready=False, unschedulable=True)
+    bare = kube.add_node("d-nocond")
+    bare["status"]["conditions"] = []
+    kube.add(bare)
+    r = kctl("get", "nodes", "--no-headers")
+    assert r.returncode == 0, r.stderr
+    status = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()}
+    assert status == {"a-ready": "Ready", "b-unknown": "NotReady", "c-cordoned": "NotReady,SchedulingDisabled",
+                      "d-nocond": "Unknown"}, r.stdout
+
+
 def test_kubectl_auth_can_i_is_answered_from_the_stand_ins_authorizer(kube, kctl):
     """kubectl auth can-i POSTs a SelfSubjectAccessReview (protobuf): the stand-in answers it
     from the model its requests are refused by (the two users, less ``deny``)."""
