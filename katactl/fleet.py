@@ -28,8 +28,10 @@ def configure(*, list_errors: bool) -> None:
     _list_errors = list_errors
 
 # [user@]host[:port], host a DNS name, IPv4 or [IPv6]. Anything else (spaces,
-# quotes, $, ;, backticks, newlines) is refused before it reaches any backend.
-_NODE_RE = re.compile(r"(?:[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+# quotes, $, ;, backticks, newlines) is refused before it reaches any backend; a user
+# starting with "-" too, as ssh refuses it (openssh-portable misc.c valid_ruser).
+_NODE_RE = re.compile(r"(?:[A-Za-z0-9._][A-Za-z0-9._-]*@)?"
+                      r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
 
 
 def validate_node_name(name: str) -> str:
@@ -39,6 +41,10 @@ def validate_node_name(name: str) -> str:
     if (not m or len(name) > 255
             or not all(0 < len(label) <= 63 for label in m.group("host").strip("[]").split("."))):
         raise UsageError(f"invalid node name {name!r}: expected [user@]host[:port]")
+    # here, not per node: a fan-out must not have changed the other nodes by the time
+    # one name's port turns out to be out of range (ssh: "Bad port", misc.c a2port)
+    if m.group("port") and not 0 < int(m.group("port")) < 65536:
+        raise UsageError(f"invalid port in node name {name!r}: expected 1-65535")
     return name
 
 

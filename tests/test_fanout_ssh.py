@@ -137,7 +137,9 @@ def hostile(canary: str) -> list[str]:
 BAD_NODE_NAMES = ["node1; rm -rf /", "$(touch /tmp/x)", "`id`", "node1\nnode2", "nöde",
                   "-oProxyCommand=sh", "node 1", "a'b", "user@@host", "host:99999x", "[::1", "../x",
                   # issue 16, findings 4 and 14: a trailing newline, an empty or overlong DNS label
-                  "node1\n", "\tnode1", "a..b", "u@a..b:22", "x." + "a" * 64]
+                  "node1\n", "\tnode1", "a..b", "u@a..b:22", "x." + "a" * 64,
+                  # review 10: a user ssh would take for an option (misc.c valid_ruser)
+                  "-x@node1"]
 
 
 @pytest.mark.parametrize("name", BAD_NODE_NAMES)
@@ -145,6 +147,21 @@ def test_hostile_node_names_rejected(cli, sshd_lab, name):
     r = cli(ssh_args(sshd_lab, "-N", name, "version"))
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert "invalid node name" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["node2:99999", "node2:0", "node2:65536"])
+def test_an_out_of_range_port_refuses_the_whole_selection_up_front(cli, sshd_lab, bad):
+    """Exit 2 before any node is contacted (review 10 finding 3): not node1 listed, then
+    a per-node usage error and exit 4, which for a mutating command means node1 changed."""
+    from katactl.backends import ssh
+
+    ssh.close_pool()
+    r = cli(ssh_args(sshd_lab, "-N", f"node1,{bad}", "-o", "json", "sandbox", "list"))
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    doc = r.json()
+    assert (doc["kind"], doc["exitCode"]) == ("Error", 2), doc
+    assert doc["message"] == f"invalid port in node name {bad!r}: expected 1-65535"
+    assert not ssh.POOL._conns  # node1 was never connected to
 
 
 def test_hostile_paths_and_args_never_reach_a_shell(sshd_lab, tmp_path):
