@@ -879,3 +879,42 @@ def test_exec_plugin_always_interactive_without_a_terminal_fails_in_client_gos_w
     assert r.exit_code == 7, r.stderr
     assert "exec plugin cannot support interactive mode: standard input is not a terminal" in r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "log").exists()
+
+
+# -- kubeconfigs kubectl refuses ---------------------------------------------------------------------
+
+def _kubeconfig_doc(kube, tmp_path) -> dict:
+    return json.loads(open(kube.kubeconfig(tmp_path / "good")).read())
+
+
+@pytest.mark.parametrize("key", ["clusters", "users", "contexts"])
+@pytest.mark.parametrize("dead_first", [True, False])
+def test_a_name_twice_in_one_file_is_refused_as_kubectl_1_33_does(cli, kube, tmp_path, monkeypatch, kubectl_133,
+                                                                   key, dead_first):
+    """client-go (tools/clientcmd/api/v1/conversion.go) refuses a file naming a cluster, user or
+    context twice ('duplicate name "X" in list'): a hand-merged kubeconfig must not send katactl
+    to either of the two entries, whichever comes first; across KUBECONFIG files the first stays."""
+    kube.add_node("n1")
+    doc = _kubeconfig_doc(kube, tmp_path)
+    twin = json.loads(json.dumps(doc[key][0]))
+    inner = {"clusters": "cluster", "users": "user", "contexts": "context"}[key]
+    twin[inner].update({"clusters": {"server": "https://127.0.0.1:1"}, "users": {"token": "wrong"},
+                        "contexts": {"namespace": "elsewhere"}}[key])
+    doc[key] = [twin, doc[key][0]] if dead_first else [doc[key][0], twin]
+    kc = _write(tmp_path / "dup" / "config", doc)
+    p = subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "nodes"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and f'duplicate name "{doc[key][0]["name"]}" in list' in p.stderr, p.stderr
+    kube.requests.clear()
+    r = cli(["--kubeconfig", kc, "node", "list"])
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and kc in r.stderr and f'duplicate name "{doc[key][0]["name"]}" in {key}' \
+        in r.stderr, r.stderr
+    assert not kube.requests
+    # the same file in a KUBECONFIG list after a good one: kubectl still refuses it
+    kubeconfig = os.pathsep.join([kube.kubeconfig(tmp_path / "first"), kc])
+    p = subprocess.run([kubectl_133, "get", "nodes"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "KUBECONFIG": kubeconfig})
+    assert p.returncode == 1 and "duplicate name" in p.stderr, p.stderr
+    monkeypatch.setenv("KUBECONFIG", kubeconfig)
+    r = cli(["node", "list"])
+    assert r.exit_code == 2 and kc in r.stderr, r.stderr

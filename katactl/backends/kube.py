@@ -1109,7 +1109,8 @@ def load_kubeconfig(explicit: str | None = None) -> dict:
     - ``explicit`` (--kubeconfig) is one file, which must exist; else ``KUBECONFIG`` is a list
       (duplicates dropped, missing files skipped), else ~/.kube/config;
     - clusters, contexts and users by name: the first file to set a name wins, whole (a later
-      file's entry of that name is ignored, even its other fields);
+      file's entry of that name is ignored, even its other fields); one file naming an entry
+      twice is refused (UsageError), as client-go refuses it;
     - current-context: the first file that sets it;
     - relative paths (certificate-authority, client-certificate, client-key, tokenFile, an exec
       command containing a '/') resolve against the directory of the file they come from.
@@ -1153,10 +1154,16 @@ def load_kubeconfig(explicit: str | None = None) -> dict:
             entries = doc.get(key) or []
             if not isinstance(entries, list):
                 raise UsageError(f"kubeconfig {path}: {key} is not a list")
-            mine: dict[str, dict] = {}  # within one file the last entry of a name counts (a map)
+            mine: dict[str, dict] = {}
             for ent in entries:
                 if not isinstance(ent, dict) or not isinstance(ent.get("name"), str):
                     raise UsageError(f"kubeconfig {path}: an entry of {key} without a name")
+                if ent["name"] in mine:
+                    # client-go refuses the file (tools/clientcmd/api/v1/conversion.go
+                    # Convert_Slice_v1_NamedCluster_To_Map_string_To_Pointer_api_Cluster and its
+                    # NamedContext/NamedAuthInfo twins): no entry of the two may be taken for it
+                    raise UsageError(f"kubeconfig {path}: duplicate name \"{ent['name']}\" in {key} "
+                                     "(each name once per file)")
                 mine[ent["name"]] = ent
             for n, ent in mine.items():
                 if n in seen[key]:
