@@ -353,7 +353,7 @@ def test_a_bad_schemata_line_loses_only_its_resource(cli, tmp_path, bad_line, ch
     found = [i for i in d["items"] if i["check"] == check]
     assert r.exit_code == 8 and d["passed"] is False, d["items"]
     assert found and {i["status"] for i in found} == {status} and found[0]["severity"] == "high", found
-    (un,) = [i for i in d["items"] if i["check"] == "kata.unreadable"]
+    (un,) = [i for i in d["items"] if i["check"] == "rdt.unreadable"]
     assert un["status"] == "unknown" and bad_line.split(":")[0] in un["message"]
 
 

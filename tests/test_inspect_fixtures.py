@@ -187,6 +187,8 @@ def test_rdt_and_audit_survive_a_5000_digit_schemata_and_cpuset(cli, tmp_path):
     (["--decode", "L3"], 2, "expected RESOURCE:ID=VALUE"),
     (["--decode", "L3:0=f", "--cbm-mask", "xyz"], 2, "--cbm-mask"),
     (["--decode", "L3:0=f", "--cbm-mask", "0"], 2, "--cbm-mask"),
+    (["--decode", "L3:0=f", "--cbm-mask", "7_ff"], 2, "--cbm-mask"),
+    (["--decode", "L3:0=f", "--cbm-mask", "abc"], 2, "not a run of ones"),
     (["--cbm-mask", "7ff"], 2, "only goes with --decode"),
     (["--interval", "soon"], 2, "--interval"),
     (["--interval", "5m"], 2, "at most 60s"),
@@ -195,6 +197,120 @@ def test_rdt_bad_input(cli, args, code, needle):
     r = cli(["inspect", "rdt", *args])
     assert r.exit_code == code and needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and len(r.stderr) < 400
+
+
+def _eisdir(root: str, node_path: str) -> None:
+    """Reading the file fails (EISDIR), as a kernel's -EIO/-ENODEV on a resctrl file would."""
+    p = os.path.join(root, node_path.lstrip("/"))
+    os.remove(p)
+    os.mkdir(p)
+
+
+@pytest.mark.parametrize("path", ["BE/tasks", "BE/cpus_list", "BE/mode", "info/L3/cbm_mask",
+                                  "BE/mon_data/mon_L3_00/llc_occupancy"])
+def test_rdt_and_audit_survive_one_unreadable_resctrl_file(cli, tmp_path, path):
+    """One resctrl file that cannot be read was an Error (exit 1) for the whole inspect rdt and
+    audit (review 10): now it is that file's warning, and an unknown rdt.unreadable finding."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    f = f"/sys/fs/resctrl/{path}"
+    _eisdir(root, f)
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 1 and r.json()["kind"] == "RdtReport", r.stdout + r.stderr
+    assert r.stderr.count(f"warning: {f}: Is a directory") == 1, r.stderr
+    assert len(r.json()["items"]) == 4
+    r = cli(["--host-root", root, "audit", "--fail-on", "low", "-o", "json"])
+    d = r.json()
+    assert r.exit_code == 8 and d["kind"] == "AuditReport", r.stdout + r.stderr
+    (un,) = [i for i in d["items"] if i["check"] == "rdt.unreadable"]
+    assert un["status"] == "unknown" and f in un["message"] and un["evidence"][0]["file"] == f
+    others = {i["check"]: i["status"] for i in d["items"] if i["check"] != "rdt.unreadable"}
+    if path == "BE/tasks":  # which vCPU threads sit in BE is unknown: never a pass, nor a problem
+        assert others == {"rdt.offline-threads": "unknown"}, d["items"]
+    elif path == "info/L3/cbm_mask":
+        assert others == {"rdt.be-l3": "unknown"}, d["items"]
+    else:
+        assert others == {}, d["items"]
+
+
+def test_rdt_pseudo_locksetup_group(cli, tmp_path):
+    """A group in mode pseudo-locksetup prints "L3:uninitialized" (rdtgroup_schemata_show,
+    fs/resctrl/ctrlmondata.c): a valid state, not a malformed file (review 10)."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    d = os.path.join(root, "sys/fs/resctrl/PL")
+    os.makedirs(d)
+    for name, text in {"schemata": "L3:uninitialized\nMB:uninitialized\n", "mode": "pseudo-locksetup\n",
+                       "tasks": "", "cpus_list": "\n", "size": "L3:0=0;2=0\nMB:0=0;2=0\n"}.items():
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr
+    pl = next(g for g in r.json()["items"] if g["name"] == "PL")
+    assert pl["mode"] == "pseudo-locksetup" and "errors" not in pl
+    assert pl["summary"] == {"L3": "uninitialized", "MB": "uninitialized"}
+    assert [(x["resource"], x["uninitialized"], x["domains"]) for x in pl["schemata"]] == \
+        [("L3", True, []), ("MB", True, [])]
+    r = cli(["--host-root", root, "audit", "--fail-on", "low", "-o", "json"])
+    assert r.exit_code == 0 and r.json()["items"] == [], r.stdout
+
+
+@pytest.mark.parametrize("text,needle", [("-7ff", "not a hex mask"), ("abc", "not a run of ones"),
+                                         ("7_ff", "not a hex mask")])
+def test_rdt_bad_cbm_mask_on_the_node(cli, tmp_path, text, needle):
+    """info/L3/cbm_mask went through int(x, 16): '-7ff' made inspect rdt a raw ValueError (exit 1,
+    no report), 'abc' passed as 12 ways (review 10). Now: the report, a warning, exit 1."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1, sandbox_cgroup_only=True)
+    with open(os.path.join(root, "sys/fs/resctrl/info/L3/cbm_mask"), "w") as f:
+        f.write(text + "\n")
+    r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+    assert r.exit_code == 1 and r.json()["kind"] == "RdtReport", r.stdout + r.stderr
+    info = r.json()["info"]["L3"]
+    assert "cbmMask" not in info and info["cbmMaskRaw"] == text and needle in r.json()["errors"][0]
+    assert r.stderr.count("warning: /sys/fs/resctrl/info/L3/cbm_mask: ") == 1, r.stderr
+    r = cli(["--host-root", root, "audit", "-o", "json"])
+    st = {i["check"]: i["status"] for i in r.json()["items"]}
+    assert r.exit_code == 8 and st == {"rdt.be-l3": "unknown", "rdt.unreadable": "unknown"}, r.stdout
+
+
+def test_rdt_sparse_masks_node(cli, tmp_path):
+    """info/L3/sparse_masks = 1 (resctrl.rst): a non-contiguous mask is no problem there."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1)
+    with open(os.path.join(root, "sys/fs/resctrl/LS/schemata"), "w") as f:
+        f.write("L3:0=505;2=505\n")
+
+    def problems():
+        r = cli(["--host-root", root, "inspect", "rdt", "-o", "json"])
+        ls = next(g for g in r.json()["items"] if g["name"] == "LS")
+        return [d.get("problem") for d in ls["schemata"][0]["domains"]]
+
+    assert all("non-contiguous" in p for p in problems())
+    with open(os.path.join(root, "sys/fs/resctrl/info/L3/sparse_masks"), "w") as f:
+        f.write("1\n")
+    assert problems() == [None, None]
+
+
+def test_bvt_and_memcg_warn_about_unreadable_knobs(cli, tmp_path):
+    """An unreadable cpu.bvt_warp_ns or a garbage memory.priority was hidden: "-", exit 0 and
+    "0 cgroups differ" (review 10). Now a warning each, exit 1, and the row counted unknown."""
+    root = str(tmp_path)
+    build_node(root, online_pods=1, sandboxes=1)
+    bvt = "/sys/fs/cgroup/cpu/kubepods/besteffort/cpu.bvt_warp_ns"
+    _eisdir(root, bvt)
+    prio = "/sys/fs/cgroup/memory/kubepods/besteffort/memory.priority"
+    with open(os.path.join(root, prio.lstrip("/")), "w") as f:
+        f.write("garbage\n")
+    r = cli(["--host-root", root, "inspect", "bvt"])
+    assert r.exit_code == 1 and r.stderr.count(f"warning: {bvt}: Is a directory") == 1, r.stderr
+    assert "0 cgroups differ from koordinator's values, 1 unknown" in r.stderr
+    r = cli(["--host-root", root, "inspect", "bvt", "-o", "json"])
+    row = next(i for i in r.json()["items"] if i["path"] == "/kubepods/besteffort")
+    assert r.exit_code == 1 and row["ok"] is None and row["unreadable"] == [{"file": bvt, "error": "Is a directory"}]
+    r = cli(["--host-root", root, "inspect", "memcg", "-o", "json"])
+    assert r.exit_code == 1 and r.stderr.count(f"warning: {prio}: unexpected content 'garbage'") == 1, r.stderr
+    assert r.json()["kind"] == "MemcgReport"
 
 
 def test_rdt_decode_offline(cli):

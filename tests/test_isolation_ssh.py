@@ -238,7 +238,7 @@ def test_unreadable_knobs_and_bad_schemata_over_ssh(cli, iso):
 
     r = remote(cli, lab, "broken", "audit", "--fail-on", "critical")
     assert r.exit_code == 0
-    assert "kata.unreadable" in {i["check"] for i in r.json()["items"]}
+    assert "rdt.unreadable" in {i["check"] for i in r.json()["items"]}
     assert by_node(r.json()["items"])["broken"] == local(cli, root["broken"], "audit").json()["items"]
 
 

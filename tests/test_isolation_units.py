@@ -55,6 +55,23 @@ def test_decode_flags_bad_masks():
     assert resctrl.decode_mask(0, 0x7ff)["problem"] == "empty mask"
 
 
+def test_sparse_masks_allow_a_non_contiguous_mask():
+    """info/<res>/sparse_masks = 1: the CPU takes non-contiguous CBMs (resctrl.rst "sparse_masks")."""
+    assert "problem" not in resctrl.decode_mask(0x505, 0x7ff, sparse=True)
+    dec = resctrl.decode_schemata(resctrl.parse_schemata("L3:0=505"), {"L3": {"cbmMask": 0x7ff, "sparseMasks": 1}})
+    assert "problem" not in dec[0]["domains"][0] and dec[0]["domains"][0]["contiguous"] is False
+
+
+def test_pseudo_locksetup_schemata_is_uninitialized_not_malformed():
+    """A group in mode pseudo-locksetup shows "<res>:uninitialized" per resource (rdtgroup_schemata_show)."""
+    lines, bad = resctrl.parse_schemata_lines("L3:uninitialized\nMB:uninitialized\n")
+    assert bad == [] and [ln["uninitialized"] for ln in lines] == [True, True]
+    dec = resctrl.decode_schemata(lines, {"L3": {"cbmMask": 0x7ff}})
+    assert [d["domains"] for d in dec] == [[], []] and all(d["uninitialized"] for d in dec)
+    assert resctrl.summarize(dec) == {"L3": "uninitialized", "MB": "uninitialized"}
+    assert resctrl.max_cache_percent(dec) == (None, None)
+
+
 @pytest.mark.parametrize("bad", [
     "L3", "L3:", "L3:0", "L3:0=", "L3:=ff", "L3:x=ff", "L3:0=fg", "L3:0=ff;0=f", "MB:0=ten",
     "L3:0=ff;;1=ff", ":0=ff", "L3 0=ff", "L3:0=ff,1=ff", "L3:-1=ff",
@@ -179,7 +196,9 @@ def test_cbm_mask_parsing(text, mask):
     assert resctrl.parse_cbm_mask(text) == mask
 
 
-@pytest.mark.parametrize("text", ["", "0", "0x", "xyz", "-1", "0x0", "7f f"])
+@pytest.mark.parametrize("text", ["", "0", "0x", "xyz", "-1", "0x0", "7f f",
+                                  # int(x, 16) took these (review 10): a sign, "_", not a run of ones, over 64 bits
+                                  "7_ff", "+7ff", "abc", "7fe", "0x505", "f" * 17])
 def test_cbm_mask_corpus(text):
     with pytest.raises(UsageError, match="--cbm-mask"):
         resctrl.parse_cbm_mask(text)

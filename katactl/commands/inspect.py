@@ -40,9 +40,14 @@ def _node_report(app_ctx, fn, *, kind: str, columns, summary_fn=None) -> None:
         res = Result(kind=kind, items=items, item={"nodes": metas}, columns=columns, errors=fo.error_items(),
                      multi_node=True)
     code = fo.exit_code()
-    # an item that could not be read (e.g. a malformed schemata file): one warning each,
-    # and the command fails unless something worse already decides its exit code
-    bad = [(i.get("node"), e) for i in res.items or [] for e in i.get("errors") or []]
+    # what could not be read (a malformed schemata file, an unreadable info/ file, a knob file
+    # under an item's "unreadable"): one warning each, and the command fails unless something
+    # worse already decides its exit code; an unknown is never shown as a pass
+    node_metas: dict[str | None, dict] = {None: fo.values[fo.nodes[0]]["meta"]} if not fo.multi else \
+        {n: fo.values[n]["meta"] for n in fo.nodes if n in fo.values}
+    bad: list[tuple[str | None, str]] = [(n, e) for n, m in node_metas.items() for e in m.get("errors") or []]
+    bad += [(i.get("node"), e) for i in res.items or [] for e in i.get("errors") or []]
+    bad += [(i.get("node"), f"{u['file']}: {u['error']}") for i in res.items or [] for u in i.get("unreadable") or []]
     for node, e in bad:
         app_ctx.out.warn(f"{node}: {e}" if node else e)
     if code == ExitCode.OK and bad:
@@ -102,7 +107,8 @@ def bvt_cmd(ctx: typer.Context) -> None:
     The switch kernel.sched_group_identity_enabled, then each kubepods,
     QoS-level, pod and sandbox cgroup with its QoS class, online/offline class,
     its bvt value and what koordinator would set (LS 2, BE -1, kubepods 0).
-    On kernels without group identity: "unsupported", exit 0.
+    A knob file that cannot be read or parsed is a warning (exit 1) and its
+    row unknown. On kernels without group identity: "unsupported", exit 0.
 
     \b
     Examples:
@@ -124,8 +130,10 @@ def bvt_cmd(ctx: typer.Context) -> None:
         sw = meta["switch"]
         onoff = "UNKNOWN" if sw["enabled"] is None else "enabled" if sw["enabled"] else "DISABLED"
         shown = sw["value"] if sw["value"] is not None else "unreadable" if sw["enabled"] is None else "absent"
+        unknown = sum(1 for i in items if i.get("ok") is None and i.get("expected") is not None)
         return (f"group identity {onoff} ({sw['file']}={shown}); "
-                f"{sum(1 for i in items if i.get('ok') is False)} cgroups differ from koordinator's values")
+                f"{sum(1 for i in items if i.get('ok') is False)} cgroups differ from koordinator's values"
+                + (f", {unknown} unknown" if unknown else ""))
 
     _node_report(state(ctx), lambda n: inspect_bvt(n, Policy()), kind="BvtReport", columns=cols,
                  summary_fn=summary)
@@ -137,6 +145,7 @@ def memcg_cmd(ctx: typer.Context) -> None:
 
     memory.priority / use_priority_oom / wmark_* are Alibaba Cloud Linux knobs;
     where the kernel lacks them they show as "-" and are listed as unsupported.
+    A knob file that cannot be read or parsed is a warning (exit 1).
 
     \b
     Examples:
@@ -177,8 +186,10 @@ def rdt_cmd(
     lines separately), MB (% on Intel, MBps when mounted mba_MBps, GB/s on
     AMD), tasks, cpus, mon_data LLC occupancy and, with --interval, memory
     bandwidth rates; and which sandboxes' threads sit in which group. A
-    schemata line that cannot be parsed is a warning (exit 1) and costs only
-    that resource. Without a resctrl mount: "unsupported", exit 0.
+    schemata line or a file that cannot be read or parsed is a warning (exit
+    1) and costs only that resource or file; a pseudo-locksetup group's
+    resources show "uninitialized". Without a resctrl mount: "unsupported",
+    exit 0.
 
     \b
     Examples:

@@ -36,7 +36,7 @@ class Findings:
         sev = self.pol.severity_of(check)
         if at_most is not None:
             sev = min(sev, at_most, key=SEVERITIES.index)
-        status = "unknown" if unknown or check == UNREADABLE else "unsupported" if check.endswith(UNSUPPORTED) \
+        status = "unknown" if unknown or check in (UNREADABLE, RDT_UNREADABLE) else "unsupported" if check.endswith(UNSUPPORTED) \
             else "problem"
         self.items.append({"check": check, "severity": sev, "status": status, "target": target, "message": message,
                            "evidence": evidence, "fix": fix})
@@ -47,6 +47,8 @@ class Findings:
 
 #: the check id of a sandbox's threads or files that could not be read (always "unknown")
 UNREADABLE = "kata.unreadable"
+#: the check id of a resctrl file that could not be read or parsed (always "unknown")
+RDT_UNREADABLE = "rdt.unreadable"
 #: the suffix of the info findings for a feature the kernel lacks (status "unsupported": no problem)
 UNSUPPORTED = ".unsupported"
 
@@ -502,10 +504,13 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
               "mount -t resctrl resctrl /sys/fs/resctrl where the CPU has cat_l3/mba")
         return None
     groups = {g["name"]: g for g in tree["groups"]}
+    for err in tree["errors"]:
+        f.add(RDT_UNREADABLE, node.t.node, err, [{"file": err.partition(": ")[0], "value": None}],
+              "check the resctrl mount (info/ is the kernel's)")
     for g in tree["groups"]:
         for err in g.get("errors", []):
-            f.add("kata.unreadable", f"resctrl group {g['name']}", err, [{"file": g["dir"], "value": None}],
-                  "check the resctrl mount; rewrite the group's schemata")
+            f.add(RDT_UNREADABLE, f"resctrl group {g['name']}", err, [{"file": err.partition(": ")[0], "value": None}],
+                  "check the resctrl mount and the group's mode; rewrite a malformed schemata line")
     be = groups.get(pol.rdt.be_group)
     if be is None:
         if _offline_sandboxes(node):
@@ -530,7 +535,7 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
     elif l3_lines and not isinstance(cbm, int):
         f.unknown("rdt.be-l3", be_tgt, "the BE group's L3 share: the cache's full mask is unknown",
                   [{"file": tree["root"] + "/info/L3/cbm_mask",
-                    "value": tree["info"].get("L3", {}).get("cbmMaskRaw", "missing")}],
+                    "value": tree["info"].get("L3", {}).get("cbmMaskRaw", "missing or unreadable")}],
                   "check the resctrl mount (info/L3/cbm_mask is the kernel's)")
     for ln in l3_lines:
         for d in ln["domains"]:
@@ -572,7 +577,11 @@ def _rdt_checks(f: Findings, pol: Policy, node) -> dict[int, str] | None:
 
 def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | None) -> None:
     tree = node.rdt() if tid_group is not None else None  # the tree _rdt_checks read (cached)
-    be_exists = tree is not None and any(g["name"] == pol.rdt.be_group for g in tree["groups"])
+    be = next((g for g in tree["groups"] if g["name"] == pol.rdt.be_group), None) if tree is not None else None
+    be_exists = be is not None
+    # the BE group's tasks unread: a thread not found there may be there after all
+    be_tasks_unknown = be is not None and be.get("_tasksUnknown", False)
+    be_tasks_file = be["dir"] + "/tasks" if be is not None else None
     vmm_threads: dict[str, list[dict]] = {}
     for sb in node.sandboxes:
         if sb.hypervisor_pid:
@@ -646,7 +655,11 @@ def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | Non
                       "the runtime moves vCPU threads after boot; check the shim log, or restart the pod")
         if tid_group is not None and pol.rdt.check_threads and vcpus and be_exists:
             wrong = [th for th in vcpus if th.get("resctrlGroup") != pol.rdt.be_group]
-            if ident["by"] is None and wrong and len(wrong) < len(vcpus):
+            if wrong and be_tasks_unknown:
+                f.unknown("rdt.offline-threads", tgt, f"whether {len(wrong)} vCPU threads are in resctrl group "
+                          f"{pol.rdt.be_group!r}: its tasks file could not be read",
+                          [{"file": be_tasks_file, "value": None}], "check the resctrl mount")
+            elif ident["by"] is None and wrong and len(wrong) < len(vcpus):
                 unknown.append(f"whether they are in resctrl group {pol.rdt.be_group!r}")
             elif wrong:
                 f.add("rdt.offline-threads", tgt,

@@ -31,6 +31,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "rdt.be-l3": ("high", "the BE group's L3 share is at most the policy's percentage"),
     "rdt.be-mb": ("low", "the BE group's memory bandwidth is at most the policy's percentage"),
     "rdt.offline-threads": ("medium", "offline sandboxes' vCPU threads sit in the BE group"),
+    "rdt.unreadable": ("low", "every resctrl file could be read and parsed"),
     "io.unsupported": ("info", "neither the blkio (v1) nor the io (v2) controller is available"),
     "io.offline-weight": ("medium", "offline Kata sandboxes / BE pods have a lower I/O weight than online pods"),
     "io.offline-throttle": ("high", "offline pods are throttled (bps or iops) on the offline data devices"),

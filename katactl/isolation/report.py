@@ -340,6 +340,8 @@ def inspect_rdt(node: Node, interval: str | float = 0.0, with_sandboxes: bool = 
     assert tree is not None  # resctrl is mounted (checked above)
     meta = {"supported": True, "root": tree["root"], "options": sorted(fs.resctrl.options - {"rw", "relatime"}),
             "mbUnit": tree["mbUnit"], "info": _info_json(tree["info"])}
+    if tree["errors"]:  # info/ files that could not be read or parsed: warned, exit 1
+        meta["errors"] = tree["errors"]
     if with_sandboxes:
         _attach_sandboxes(node, tree)
     items = []

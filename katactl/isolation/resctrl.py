@@ -39,6 +39,12 @@ MB_UNITS = ("percent", "MBps", "GBps/8")
 _MB_KEY = {"percent": "percent", "MBps": "mbps", "GBps/8": "gbpsEighths"}
 
 
+#: what a group in mode pseudo-locksetup shows for each resource: no allocation yet
+#: (rdtgroup_schemata_show, fs/resctrl/ctrlmondata.c, formerly arch/x86/kernel/cpu/resctrl/;
+#: resctrl.rst "Cache Pseudo-Locking")
+UNINITIALIZED = "uninitialized"
+
+
 class SchemataError(ValueError):
     """A schemata line that does not follow the kernel's format."""
 
@@ -73,6 +79,8 @@ def _parse_line(n: int, raw: str, m: re.Match | None) -> dict:
     if not m:
         raise SchemataError(f"line {n} {_clip(raw)}: expected RESOURCE:ID=VALUE;ID=VALUE")
     res, body = m.group(1).upper(), m.group(2)
+    if body == UNINITIALIZED:
+        return {"resource": res, "domains": {}, "uninitialized": True, "line": raw.strip()}
     if not body:
         raise SchemataError(f"line {n} {_clip(raw)}: no domains after '{m.group(1)}:'")
     doms: dict[int, str] = {}
@@ -116,8 +124,9 @@ def _ranges(bits: list[int]) -> str:
     return format_cpulist(bits) if bits else "-"
 
 
-def decode_mask(mask: int, cbm_mask: int | None, min_cbm_bits: int = 1) -> dict:
-    """A capacity bitmask -> ways, bit range and share of cbm_mask."""
+def decode_mask(mask: int, cbm_mask: int | None, min_cbm_bits: int = 1, sparse: bool = False) -> dict:
+    """A capacity bitmask -> ways, bit range and share of cbm_mask. ``sparse``: the node's
+    info/<res>/sparse_masks is 1, so a non-contiguous mask is valid there."""
     bits = bits_of(mask)
     total = (cbm_mask or 0).bit_length() or None
     contiguous = not bits or bits == list(range(bits[0], bits[-1] + 1))
@@ -131,7 +140,7 @@ def decode_mask(mask: int, cbm_mask: int | None, min_cbm_bits: int = 1) -> dict:
             d["problem"] = f"mask sets bits outside cbm_mask 0x{cbm_mask:x}"
     if not bits:
         d["problem"] = "empty mask"
-    elif not contiguous:
+    elif not contiguous and not sparse:
         d["problem"] = "non-contiguous mask (Intel requires contiguous ways)"
     elif len(bits) < min_cbm_bits:
         d["problem"] = f"fewer than min_cbm_bits={min_cbm_bits} ways"
@@ -155,13 +164,14 @@ def decode_schemata(lines: list[dict], info: dict, mb_unit: str = "percent") -> 
         res = ln["resource"]
         m = CACHE_RES.fullmatch(res)
         doms = []
-        extra = {}
+        extra: dict = {}
         if m:
             base = info.get(m.group(1), {})
             cbm = base.get("cbmMask")
             minb = base.get("minCbmBits") or 1
+            sparse = base.get("sparseMasks") == 1
             for did in sorted(ln["domains"]):
-                d = {"id": did, **decode_mask(int(ln["domains"][did], 16), cbm, minb)}
+                d = {"id": did, **decode_mask(int(ln["domains"][did], 16), cbm, minb, sparse)}
                 doms.append(d)
             kind = "cache"
         else:
@@ -178,6 +188,8 @@ def decode_schemata(lines: list[dict], info: dict, mb_unit: str = "percent") -> 
                 doms.append(d)
             if kind == "bandwidth":
                 extra["unit"] = unit
+        if ln.get("uninitialized"):
+            extra["uninitialized"] = True
         out.append({"resource": res, "kind": kind, "cdp": res.endswith(("DATA", "CODE")), **extra, "domains": doms})
     return out
 
@@ -199,7 +211,7 @@ def summarize(decoded: list[dict]) -> dict:
                 else:
                     v = d.get("percent", d.get("gbpsEighths"))
                     parts.append(f"{d['id']}={v}{'%' if 'percent' in d else ''}")
-        out[ln["resource"]] = ";".join(parts)
+        out[ln["resource"]] = UNINITIALIZED if ln.get("uninitialized") else ";".join(parts)
     return out
 
 
@@ -218,11 +230,36 @@ def max_cache_percent(decoded: list[dict]) -> tuple[float | None, str | None]:
 
 # -- reading a resctrl tree ---------------------------------------------------
 
-def _read(transport: NodeTransport, path: str) -> str | None:
+def _read(transport: NodeTransport, path: str, errors: list[str]) -> str | None:
+    """A resctrl file's text; None when absent, or when it could not be read: then the reason
+    joins ``errors``. The kernel fails single files (rdtgroup_cpus_show, rdtgroup_size_show:
+    -ENODEV "Cache domain offline" for a pseudo-locked group, fs/resctrl/rdtgroup.c): that
+    costs the file, never the whole tree."""
     try:
         return transport.read_text(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        errors.append(f"{path}: {e.strerror or e}")
+        return None
+
+
+_HEX = re.compile(r"(?:0[xX])?([0-9a-fA-F]+)")
+
+
+def parse_cbm_hex(text: str) -> int:
+    """A cache's full mask (info/<res>/cbm_mask, ``7ff`` or ``0x7ff``): hex digits only, and a
+    run of ones from bit 0, as the kernel makes it (default_ctrl = BIT_MASK(cbm_len) - 1;
+    resctrl.rst: "cbm_mask: The bitmask which is valid for this resource. This mask is
+    equivalent to 100%"). Raises ValueError saying why."""
+    t = text.strip()
+    m = _HEX.fullmatch(t)
+    if not m or len(m.group(1)) > 16:
+        raise ValueError(f"{_clip(t)} is not a hex mask such as 7ff")
+    mask = int(m.group(1), 16)
+    if mask == 0 or mask & (mask + 1):
+        raise ValueError(f"{_clip(t)} is not a run of ones from bit 0 such as 7ff")
+    return mask
 
 
 def _int_or_none(s: str | None):
@@ -235,7 +272,10 @@ def _int_or_none(s: str | None):
         return None
 
 
-def read_info(transport: NodeTransport, root: str) -> dict:
+def read_info(transport: NodeTransport, root: str, errors: list[str] | None = None) -> dict:
+    """info/: per resource its geometry. A file that cannot be read or parsed is left out
+    and said in ``errors`` (cbm_mask keeps its text as ``cbmMaskRaw``)."""
+    errors = [] if errors is None else errors
     info: dict = {}
     base = root + "/info"
     try:
@@ -246,28 +286,30 @@ def read_info(transport: NodeTransport, root: str) -> dict:
         d = f"{base}/{res}"
         if not transport.is_dir(d):
             if res == "last_cmd_status":
-                info["lastCmdStatus"] = (_read(transport, d) or "").strip()
+                info["lastCmdStatus"] = (_read(transport, d, errors) or "").strip()
             continue
         e: dict = {}
-        cbm = _read(transport, d + "/cbm_mask")
+        cbm = _read(transport, d + "/cbm_mask", errors)
         if cbm is not None:
             try:
-                e["cbmMask"] = int(cbm.strip(), 16)
-            except ValueError:
-                e["cbmMaskRaw"] = cbm.strip()
+                e["cbmMask"] = parse_cbm_hex(cbm)
+            except ValueError as err:
+                e["cbmMaskRaw"] = cbm.strip()[:40]
+                errors.append(f"{d}/cbm_mask: {err}")
         for fname, key in (("num_closids", "numClosids"), ("min_cbm_bits", "minCbmBits"),
                            ("min_bandwidth", "minBandwidth"), ("bandwidth_gran", "bandwidthGran"),
-                           ("delay_linear", "delayLinear"), ("num_rmids", "numRmids")):
-            v = _int_or_none(_read(transport, f"{d}/{fname}"))
+                           ("delay_linear", "delayLinear"), ("num_rmids", "numRmids"),
+                           ("sparse_masks", "sparseMasks")):
+            v = _int_or_none(_read(transport, f"{d}/{fname}", errors))
             if v is not None:
                 e[key] = v
-        sb = _read(transport, d + "/shareable_bits")
+        sb = _read(transport, d + "/shareable_bits", errors)
         if sb is not None:
             e["shareableBits"] = ("0x" + sb.strip()) if sb.strip() else None
-        bu = _read(transport, d + "/bit_usage")
+        bu = _read(transport, d + "/bit_usage", errors)
         if bu is not None:
             e["bitUsage"] = bu.strip()
-        mf = _read(transport, d + "/mon_features")
+        mf = _read(transport, d + "/mon_features", errors)
         if mf is not None:
             e["monFeatures"] = mf.split()
         info[res] = e
@@ -296,13 +338,15 @@ def _subdirs(transport: NodeTransport, d: str) -> list[str]:
         return []
 
 
-def read_mon(transport: NodeTransport, gdir: str) -> dict:
-    """{domain: {llc_occupancy, mbm_total_bytes, mbm_local_bytes}} (None = Unavailable)."""
+def read_mon(transport: NodeTransport, gdir: str, errors: list[str] | None = None) -> dict:
+    """{domain: {llc_occupancy, mbm_total_bytes, mbm_local_bytes}} (None = Unavailable or,
+    said in ``errors``, unreadable)."""
+    errors = [] if errors is None else errors
     out = {}
     for dom in _subdirs(transport, gdir + "/mon_data"):
         vals = {}
         for f in ("llc_occupancy", "mbm_total_bytes", "mbm_local_bytes"):
-            raw = _read(transport, f"{gdir}/mon_data/{dom}/{f}")
+            raw = _read(transport, f"{gdir}/mon_data/{dom}/{f}", errors)
             if raw is not None:
                 vals[f] = _int_or_none(raw)
         out[dom] = vals
@@ -347,7 +391,8 @@ def read_tree(transport: NodeTransport, root: str, *, interval: float = 0.0, mba
     malformed schemata line costs only its resource (``_bad`` lists those
     resources, None for a line whose resource is unknown, for the audit).
     """
-    info = read_info(transport, root)
+    node_errors: list[str] = []
+    info = read_info(transport, root, node_errors)
     unit = mb_unit(transport, info, mba_mbps)
     groups = []
     for name, gdir, parent in list_groups(transport, root):
@@ -355,28 +400,30 @@ def read_tree(transport: NodeTransport, root: str, *, interval: float = 0.0, mba
                    "dir": gdir, "errors": []}
         if parent is not None:
             g["parent"] = parent
-        tasks_raw = _read(transport, gdir + "/tasks") or ""
+        errs = g["errors"]
+        n = len(errs)
+        tasks_raw = _read(transport, gdir + "/tasks", errs) or ""
         try:
             g["tasks"] = [int(x) for x in tasks_raw.split()]
         except ValueError:
             g["tasks"] = []
-            g["errors"].append(f"{gdir}/tasks: not a list of thread ids")
-        g["cpusList"] = (_read(transport, gdir + "/cpus_list") or "").strip() or None
-        g["mode"] = (_read(transport, gdir + "/mode") or "").strip() or None
+            errs.append(f"{gdir}/tasks: not a list of thread ids")
+        if len(errs) > n:  # which threads sit here is unknown (the audit says so)
+            g["_tasksUnknown"] = True
+        g["cpusList"] = (_read(transport, gdir + "/cpus_list", errs) or "").strip() or None
+        g["mode"] = (_read(transport, gdir + "/mode", errs) or "").strip() or None
         if parent is None:
-            try:
-                sch = _read(transport, gdir + "/schemata")
-            except OSError as e:
-                sch = None
+            n = len(errs)
+            sch = _read(transport, gdir + "/schemata", errs)
+            if len(errs) > n:
                 g["_bad"] = [None]
-                g["errors"].append(f"{gdir}/schemata: {e.strerror or e}")
             if sch is not None:
                 lines, bad = parse_schemata_lines(sch)
                 g["schemata"] = decode_schemata(lines, info, unit)
                 if bad:
                     g["_bad"] = [b["resource"] for b in bad]
                     g["errors"] += [f"{gdir}/schemata: {b['error']}" for b in bad]
-        g["mon"] = read_mon(transport, gdir)
+        g["mon"] = read_mon(transport, gdir, errs)
         groups.append(g)
     if interval > 0 and any(g["mon"] for g in groups):
         t0 = time.monotonic()
@@ -396,7 +443,7 @@ def read_tree(transport: NodeTransport, root: str, *, interval: float = 0.0, mba
             del g["errors"]
         if g.get("schemata") is not None:
             g["summary"] = summarize(g["schemata"])
-    return {"root": root, "info": info, "mbUnit": unit, "groups": groups}
+    return {"root": root, "info": info, "mbUnit": unit, "groups": groups, "errors": node_errors}
 
 
 def tid_groups(tree: dict) -> dict[int, str]:
@@ -411,14 +458,11 @@ def tid_groups(tree: dict) -> dict[int, str]:
 
 
 def parse_cbm_mask(text: str) -> int:
-    """A cache's full mask as the user gives it (``7ff``, ``0x7ff``): a positive hex number."""
+    """A cache's full mask as the user gives it (``7ff``, ``0x7ff``), as :func:`parse_cbm_hex`."""
     try:
-        mask = int(text.lower().removeprefix("0x"), 16)
-    except ValueError:
-        mask = 0
-    if mask <= 0:
-        raise UsageError(f"invalid --cbm-mask {text!r}: expected a hex mask such as 7ff")
-    return mask
+        return parse_cbm_hex(text)
+    except ValueError as e:
+        raise UsageError(f"invalid --cbm-mask: {e}") from None
 
 
 def decode_lines(lines: list[str], cbm_mask: str | int | None, min_cbm_bits: int = 1) -> list[dict]:
@@ -440,7 +484,7 @@ def decode_lines(lines: list[str], cbm_mask: str | int | None, min_cbm_bits: int
 
 def cpu_has_rdt(transport: NodeTransport) -> dict:
     """RDT flags from /proc/cpuinfo (what the CPU could do, mounted or not)."""
-    raw = _read(transport, "/proc/cpuinfo") or ""
+    raw = _read(transport, "/proc/cpuinfo", []) or ""
     flags: set[str] = set()
     for line in raw.splitlines():
         if line.startswith("flags"):
