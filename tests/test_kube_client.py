@@ -918,3 +918,22 @@ def test_a_name_twice_in_one_file_is_refused_as_kubectl_1_33_does(cli, kube, tmp
     monkeypatch.setenv("KUBECONFIG", kubeconfig)
     r = cli(["node", "list"])
     assert r.exit_code == 2 and kc in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("basic", [{"username": "u", "password": "p"}, {"username": "u"}, {"password": "p"}])
+def test_a_token_with_basic_auth_is_refused_as_kubectl_1_33_does(cli, kube, tmp_path, kubectl_133, basic):
+    """client-go (tools/clientcmd/validation.go validateAuthInfo): a user with a token and a
+    username or password has two authentication methods, which kubectl refuses; katactl must not
+    act as the token's user where kubectl would not act at all."""
+    kube.add_node("n1")
+    doc = _kubeconfig_doc(kube, tmp_path)
+    doc["users"][0]["user"].update(basic)
+    kc = _write(tmp_path / "two" / "config", doc)
+    p = subprocess.run([kubectl_133, "--kubeconfig", kc, "get", "nodes"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    kube.requests.clear()
+    r = cli(["--kubeconfig", kc, "node", "list"])
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.strip().endswith(p.stderr.strip().split("error: ", 1)[1]), \
+        (r.stderr, p.stderr)
+    assert not kube.requests

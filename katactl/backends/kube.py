@@ -180,6 +180,13 @@ class KubeAPI:
                                  "not a string")
         if isinstance(user.get("token"), str):
             header_value(user["token"], f"kubeconfig: user {ctx.get('user')!r}: token")
+        # client-go tools/clientcmd/validation.go validateAuthInfo: a token and basic auth together
+        # are refused, not one of them picked (kubectl and katactl would disagree on who acts)
+        methods = [m for m, keys in (("token", ("token",)), ("basicAuth", ("username", "password")))
+                   if any(user.get(k) for k in keys)]
+        if len(methods) > 1:
+            raise UsageError(f"kubeconfig: more than one authentication method found for {ctx.get('user') or ''}; "
+                             f"found [{' '.join(methods)}], only one is allowed")
         # the bearer-token sources that expire (exec plugin, tokenFile) are katactl's own
         # (_Credentials, refreshed as client-go does); the loader keeps the server, TLS files,
         # auth-provider and basic auth
