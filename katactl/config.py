@@ -149,6 +149,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             # the config file is one more layer of the same settings (selector = "" from a
             # template must not mean "no selection", i.e. this host)
             raise UsageError(f"{source}: {name} is empty (remove the key, or give a value)")
+        if name == "ssh_user":
+            from katactl.backends.sshconfig import valid_ruser
+
+            if not valid_ruser(value):  # it reaches a ProxyCommand's %r, as ssh -l's does
+                raise UsageError(f"invalid SSH user {value!r} (from {source}): it contains characters "
+                                 "ssh refuses in a user name (quotes, ;&<>|(){}`, control characters, "
+                                 "a leading or space-led '-', a trailing backslash)")
         return value
     except (ValueError, TypeError):
         raise UsageError(f"invalid value {value!r} for {name} (from {source})") from None

@@ -164,6 +164,33 @@ def test_an_out_of_range_port_refuses_the_whole_selection_up_front(cli, sshd_lab
     assert not ssh.POOL._conns  # node1 was never connected to
 
 
+@pytest.mark.parametrize("source", ["flag", "env", "profile"])
+def test_a_hostile_ssh_user_never_reaches_a_proxycommand(cli, sshd_lab, tmp_path, monkeypatch, source):
+    """%r is the command line's user (--ssh-user, KATACTL_SSH_USER, a profile's ssh_user):
+    quotes in it once became more words of the proxy's argv, an -oProxyCommand the proxy
+    ssh ran (review 10 finding 1). Refused as ssh refuses it (valid_ruser): exit 2, before
+    any connection, nothing run."""
+    canary = tmp_path / "PWNED"
+    cfg = tmp_path / "pc_config"
+    cfg.write_text(f"Host pcr\n  HostName 127.0.0.1\n  Port {sshd_lab.nodes['node1'].port}\n"
+                   f"  ProxyCommand ssh -F {sshd_lab.config} -l %r -W %h:%p jump1\nInclude {sshd_lab.config}\n")
+    user = f"{sshd_lab.user} '-oProxyCommand=touch {canary}'"
+    args = ["--ssh-config", str(cfg), "-N", "pcr", "version", "-o", "json"]
+    if source == "flag":
+        args[:0] = ["--ssh-user", user]
+    elif source == "env":
+        monkeypatch.setenv("KATACTL_SSH_USER", user)
+    else:
+        toml = tmp_path / "config.toml"
+        toml.write_text(f'profile = "p"\n[profiles.p]\nssh_user = """{user}"""\n')
+        monkeypatch.setenv("KATACTL_CONFIG", str(toml))
+    r = cli(args)
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert r.json()["message"].startswith(f"invalid SSH user {user!r} (from "), r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not canary.exists()
+
+
 def test_hostile_paths_and_args_never_reach_a_shell(sshd_lab, tmp_path):
     from katactl.backends.ssh import SSHTransport
 

@@ -735,3 +735,58 @@ def test_proxyjump_tokens_are_what_ssh_jumps_through(tmp_path, jump, flag):
                    capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
     t = sshconfig.resolve("nodeA", sshconfig.load(sshconfig.config_text(str(f))), jump_host=jump if flag else None)
     assert t.proxy_jump == (out.read_text().strip(),)
+
+
+# -- a user name from katactl's own settings, as ssh -l takes one (review 10 finding 1) -----------
+RUSER_CORPUS = ["root", "a.b_c", "a-b", "a b", "a$b", "a%b", "a@b", "a\\b", "ü",
+                "-a", "a -b", "a  -b", "a\\", "a\tb", "a\nb", "a\x7fb", "a\x1bb", "a'b", 'a"b', "a`b",
+                "a;b", "a&b", "a<b", "a>b", "a|b", "a(b", "a)b", "a{b", "a}b"]
+
+
+@pytest.mark.parametrize("user", RUSER_CORPUS)
+def test_ssh_user_is_refused_where_ssh_refuses_it(user):
+    """--ssh-user, KATACTL_SSH_USER and config.toml's ssh_user stand for ``ssh -l``: refused
+    (exit 2) exactly where ssh refuses the same name (openssh-portable valid_ruser)."""
+    from katactl import config
+
+    if not shutil.which("ssh"):
+        pytest.skip("OpenSSH client not installed")
+    probe = subprocess.run(["ssh", "-G", "-F", "none", "-l", "a;b", "x"], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=30)
+    if "remote username contains invalid characters" not in probe.stderr:
+        pytest.skip("this OpenSSH client predates valid_ruser (9.6, CVE-2023-51385)")
+    r = subprocess.run(["ssh", "-G", "-F", "none", "-l", user, "x"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=30)
+    ssh_refuses = "remote username contains invalid characters" in r.stderr
+    assert ssh_refuses == (r.returncode != 0), r.stderr
+    if ssh_refuses:
+        with pytest.raises(UsageError, match=r"^invalid SSH user .* \(from flag\): ") as ei:
+            config.resolve({"ssh_user": user})
+        assert "\n" not in ei.value.message
+    else:
+        assert config.resolve({"ssh_user": user}).ssh_user == user
+
+
+def test_proxycommand_tokens_stay_one_word_each(tmp_path, monkeypatch):
+    """paramiko.ProxyCommand splits the command line (shlex) after katactl expanded it: a
+    value with a space or a quote must stay one word of the proxy's argv, not add words
+    (a user ``a b``, accepted by ssh too; a home directory with a space for ``~``)."""
+    import shlex
+
+    monkeypatch.setenv("HOME", str(tmp_path / "my home"))
+    f = tmp_path / "config"
+    f.write_text("Host node1\n  ProxyCommand ~/bin/proxy -u %r -k '%k' \"%h:%p\"\n"
+                 "Host node2\n  User x'y\n  HostKeyAlias q\"r\n  ProxyCommand nc -u %r -k %k %h %p\n")
+    cfg = sshconfig.load(sshconfig.config_text(str(f)))
+    t = sshconfig.resolve("node1", cfg, user="a b")
+    assert shlex.split(t.proxy_command) == [str(tmp_path / "my home/bin/proxy"), "-u", "a b", "-k", "node1",
+                                            "node1:22"]
+    t = sshconfig.resolve("node2", cfg)
+    assert shlex.split(t.proxy_command) == ["nc", "-u", "x'y", "-k", 'q"r', "node2", "22"]
+
+
+def test_a_proxycommand_with_an_open_quote_is_a_usage_error(tmp_path):
+    f = tmp_path / "config"
+    f.write_text("Host n1\n  ProxyCommand nc 'a %h %p\n")
+    with pytest.raises(UsageError, match="^SSH config: ProxyCommand .*No closing quotation"):
+        sshconfig.resolve("n1", sshconfig.load(sshconfig.config_text(str(f))))

@@ -426,6 +426,18 @@ def a2port(text: str | None) -> int:
 _PROXY_TOKEN = re.compile(r"%(.)|%$|~", re.S)
 
 
+def valid_ruser(user: str) -> bool:
+    """A user name as ssh accepts one from its command line (openssh-portable
+    valid_ruser: ssh.c since OpenSSH 9.6, for CVE-2023-51385, misc.c with the control
+    character test later; Debian's 9.2p1 carries the backport): not starting with ``-``, no
+    control character, none of ``'`";&<>|(){}``, no space before a ``-``, no trailing
+    backslash. The same rule for --ssh-user, KATACTL_SSH_USER and config.toml's ssh_user
+    (they stand for ``ssh -l``); an ssh_config User line is the config's own, as for ssh."""
+    if not user or user.startswith("-") or user.endswith("\\") or " -" in user:
+        return False
+    return not any(c in "'`\";&<>|(){}" or ord(c) < 0x20 or ord(c) == 0x7f for c in user)
+
+
 def expand_proxy_command(command: str, *, host: str, original: str, port: int, user: str,
                          key_alias: str, what: str = "ProxyCommand") -> str:
     """ProxyCommand's (and ProxyJump's) tokens in one left-to-right pass, as openssh-portable
@@ -433,7 +445,11 @@ def expand_proxy_command(command: str, *, host: str, original: str, port: int, u
     TOKENS) and %k (the HostKeyAlias, else the name as given); ``%%h`` is ``%h``, an unknown
     token an error as for ssh ("unknown key"). In a ProxyCommand ``~`` is the home directory
     as paramiko's expansion had it: ssh runs the command through a shell,
-    paramiko.ProxyCommand does not."""
+    paramiko.ProxyCommand does not.
+
+    A ProxyCommand is split into words first and each word expanded: paramiko.ProxyCommand
+    splits the string it is given (shlex), so a value with a space or a quote (a User line,
+    a home directory) must stay one word, never become more of the proxy's argv."""
     values = {"%": "%", "h": host, "n": original, "p": str(port), "r": user, "k": key_alias}
 
     def one(m: re.Match) -> str:
@@ -444,7 +460,13 @@ def expand_proxy_command(command: str, *, host: str, original: str, port: int, u
                              "(ssh_config(5) TOKENS: %%, %h, %n, %p, %r)")
         return values[m.group(1)]
 
-    return _PROXY_TOKEN.sub(one, command)
+    if what != "ProxyCommand":
+        return _PROXY_TOKEN.sub(one, command)
+    try:
+        words = shlex.split(command)
+    except ValueError as e:  # "No closing quotation": sh -c would refuse it as well
+        raise UsageError(f"SSH config: ProxyCommand {command!r}: {e}") from None
+    return shlex.join(_PROXY_TOKEN.sub(one, w) for w in words)
 
 
 _TIME = re.compile(r"([+-]?[0-9]+)([smhdwSMHDW]?)")
