@@ -55,6 +55,84 @@ def test_sftp_call_to_a_frozen_node_times_out(frozen, call):
         fn()
 
 
+def test_calls_queued_behind_a_timed_out_one_time_out_too(frozen):
+    """Several calls of one node at once (a fan-out's rows share the connection's SFTP
+    session, one at a time): the first gets no reply and drops the session; the others,
+    queued behind it with that session in hand, once failed "Socket is closed" as the
+    file's error (exit 1, review 10 finding 2). They are the node's same timeout (6)."""
+    import threading
+
+    calls = [lambda: frozen.stat("/etc/hostname"), lambda: frozen.read_bytes("/etc/hostname"),
+             lambda: frozen.read_many(["/etc/hostname"]), lambda: frozen.stat("/etc")]
+    start = threading.Barrier(len(calls))
+    errors: list = [None] * len(calls)
+
+    def one(i):
+        start.wait()
+        try:
+            calls[i]()
+        except BaseException as e:  # noqa: BLE001 - the test looks at each one
+            errors[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert all(isinstance(e, TimeoutExpired) for e in errors), [repr(e) for e in errors]
+    assert {e.exit_code for e in errors} == {6}
+
+
+def test_a_call_queued_on_a_connection_lost_meanwhile_is_unreachable(sshd_lab, ssh_open):
+    """A call waits for the SFTP session (another one holds it) while the node's sshd
+    session ends (killed: a reboot, a dropped link): it is the connection's failure (7),
+    not "Socket is closed" as an I/O error on its path (1)."""
+    import sys
+    import threading
+
+    from katactl.backends import ssh
+
+    ssh.close_pool()
+    t = ssh_open("freeze", timeout=5.0)
+    assert t.read_bytes("/etc/hostname") == b"freeze\n"
+    got: list = []
+
+    def queued():
+        try:
+            t.stat("/etc/hostname")
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            got.append(e)
+
+    def waiting(th) -> bool:
+        f = sys._current_frames().get(th.ident)
+        while f is not None and f.f_code.co_name != "_sftp_call":
+            f = f.f_back
+        return f is not None
+
+    try:
+        with t._conn.sftp_lock:  # the call in progress
+            th = threading.Thread(target=queued)
+            th.start()
+            for _ in range(400):
+                if waiting(th):
+                    break
+                time.sleep(0.01)
+            for p in sshd_lab.session_pids("freeze"):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for _ in range(400):  # the transport thread sees the EOF asynchronously
+                if not t._conn.t.is_active():
+                    break
+                time.sleep(0.01)
+        th.join(30)
+        assert len(got) == 1 and isinstance(got[0], UnreachableError), [repr(e) for e in got]
+        assert got[0].exit_code == 7 and "SSH connection lost" in got[0].message
+    finally:
+        ssh.close_pool()
+
+
 def test_run_collects_all_output_of_a_fast_exit(ssh_open):
     # sshd sends exit-status when it reaps the child, possibly before the last of the
     # child's output (session.c session_exit_message): run() waits for EOF as well

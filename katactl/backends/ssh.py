@@ -61,6 +61,7 @@ import socket
 import stat as st
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Sequence
 
 from katactl.backends import knownhosts, sshconfig
@@ -92,6 +93,9 @@ class _Conn:
         self.sftp_lock = threading.RLock()
         self._sftp: SFTPClient | None = None
         self._pipe: _Pipe | None = None
+        #: a session dropped because a reply did not come -> that wait (seconds): the calls
+        #: queued on it (sftp_lock) then say so too, not "Socket is closed" (lost())
+        self._timed_out: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.trust = ""
         # sshd's MaxSessions defaults to 10 per connection (SFTP takes one):
         # more concurrent exec channels would be refused, so callers queue.
@@ -119,10 +123,16 @@ class _Conn:
     def sftp(self, timeout: float | None = None) -> "SFTPClient":
         return self._session(timeout)[0]
 
-    def reset_sftp(self) -> None:
-        """Drop the SFTP session (after a failure mid-exchange); the next call opens a new one."""
+    def reset_sftp(self, sftp: "SFTPClient | None" = None, timed_out: float | None = None) -> None:
+        """Drop the SFTP session (after a failure mid-exchange); the next call opens a new one.
+
+        sftp: the session the failure was on (a newer one, opened since, stays);
+        timed_out: the failure was no reply within that many seconds."""
         with self.lock:
-            sftp, self._sftp, self._pipe = self._sftp, None, None
+            if sftp is None or sftp is self._sftp:
+                sftp, self._sftp, self._pipe = self._sftp, None, None
+            if sftp is not None and timed_out is not None:
+                self._timed_out[sftp] = timed_out
         if sftp is not None:
             try:
                 sftp.close()
@@ -133,6 +143,19 @@ class _Conn:
         """The pipelined-request layer of this connection's SFTP session
         (use it under sftp_lock)."""
         return self._session(timeout)[1]
+
+    def lost(self, sftp: "SFTPClient", path: str) -> KatactlError:
+        """The error of a call whose SFTP session was closed under it, while it waited for
+        sftp_lock: the node's, never the file's. A session dropped because an earlier
+        call got no reply is that same timeout (exit 6): the node stopped answering."""
+        with self.lock:
+            waited = self._timed_out.get(sftp)
+        if waited is not None:
+            return TimeoutExpired(f"no SFTP reply about {path}: the node gave an earlier request "
+                                  f"none within {waited:g}s")
+        if not self.t.is_active():
+            return UnreachableError(f"SSH connection lost (SFTP on {path})")
+        return UnreachableError(f"SFTP session closed (on {path})")
 
     def alive(self) -> bool:
         return self.t.is_active()
@@ -1468,7 +1491,8 @@ class SSHTransport(RemoteTransport):
                 raise
         return _SlotChannel(chan, sem)
 
-    def _sftp_call(self, fn, path: str, *args):
+    def _sftp_call(self, sftp, fn, path: str, *args):
+        """fn(*args), a call on session sftp, under sftp_lock; its errors mapped."""
         import paramiko
 
         try:
@@ -1476,10 +1500,14 @@ class SSHTransport(RemoteTransport):
                 return fn(*args)
         except OSError as e:
             if isinstance(e, socket.timeout):
-                self._conn.reset_sftp()  # a late reply would answer the next request
+                self._conn.reset_sftp(sftp, timed_out=self.timeout)  # a late reply would answer the next request
                 raise TimeoutExpired(f"no SFTP reply about {path} within {self.timeout:g}s") from None
+            if sftp.sock.closed:  # paramiko's "Socket is closed": the session went, not the file
+                raise self._conn.lost(sftp, path) from None
             err = _oserror(e, path)
         except (paramiko.SSHException, EOFError) as e:
+            if sftp.sock.closed:
+                raise self._conn.lost(sftp, path) from None
             raise UnreachableError(f"SFTP on {path}: {e or type(e).__name__}") from None
         if isinstance(err, FileNotFoundError):
             err = self._why_missing({path: err}, lstat=fn.__name__ == "lstat")[path]
@@ -1534,7 +1562,7 @@ class SSHTransport(RemoteTransport):
                     f._close(async_=True)
                 except Exception:  # noqa: BLE001 - private API changed: close normally
                     f.close()
-        return self._sftp_call(read, path)
+        return self._sftp_call(sftp, read, path)
 
     def _piped(self, fn, path: str, *args):
         """Run fn(pipe, *args) holding the SFTP session; transport errors mapped.
@@ -1546,7 +1574,7 @@ class SSHTransport(RemoteTransport):
         import paramiko
 
         try:
-            pipe = self._conn.pipe(self.timeout)
+            sftp, pipe = self._conn._session(self.timeout)
         except KatactlError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -1557,10 +1585,12 @@ class SSHTransport(RemoteTransport):
                 (isinstance(e, OSError) and e.errno is None)
 
         def mapped(e: BaseException) -> KatactlError:
-            self._conn.reset_sftp()
             if isinstance(e, socket.timeout):
+                self._conn.reset_sftp(sftp, timed_out=self.timeout)
                 return TimeoutExpired(f"no SFTP reply about {path} within {self.timeout:g}s")
-            return UnreachableError(f"SFTP on {path}: {e or type(e).__name__}")
+            err = self._conn.lost(sftp, path) if sftp.sock.closed else None
+            self._conn.reset_sftp(sftp)
+            return err or UnreachableError(f"SFTP on {path}: {e or type(e).__name__}")
 
         with self._conn.sftp_lock:
             try:
@@ -1574,7 +1604,7 @@ class SSHTransport(RemoteTransport):
                     raise mapped(e2) from None
                 raise
             except BaseException:
-                self._conn.reset_sftp()
+                self._conn.reset_sftp(sftp)
                 raise
             try:
                 pipe.settle()  # unwaited CLOSEs written; no half-read reply left behind
@@ -1621,7 +1651,7 @@ class SSHTransport(RemoteTransport):
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         sftp = self._sftp()
         r = self.remote(path)
-        a = self._sftp_call(sftp.stat if follow_symlinks else sftp.lstat, path, _wire(r))
+        a = self._sftp_call(sftp, sftp.stat if follow_symlinks else sftp.lstat, path, _wire(r))
         mode = a.st_mode or 0
         return FileStat(size=a.st_size or 0, mtime=float(a.st_mtime or 0), mode=mode,
                         is_dir=st.S_ISDIR(mode), is_link=st.S_ISLNK(mode), uid=a.st_uid or 0)
@@ -1631,7 +1661,7 @@ class SSHTransport(RemoteTransport):
         r = self.remote(path)
         if not st.S_ISLNK(self.stat(path, follow_symlinks=False).mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
-        target = self._sftp_call(sftp.readlink, path, _wire(r))
+        target = self._sftp_call(sftp, sftp.readlink, path, _wire(r))
         if target is None:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         # paramiko gives bytes for a name that is not UTF-8: surrogates, as os.readlink
@@ -1700,10 +1730,12 @@ class SSHTransport(RemoteTransport):
                 raise _run_oserror(res, path)
 
     def _mkdir_one(self, path: str, remote: str, mode: int) -> None:
-        self._sftp_call(self._sftp().mkdir, path, _wire(remote), mode)
+        sftp = self._sftp()
+        self._sftp_call(sftp, sftp.mkdir, path, _wire(remote), mode)
 
     def _unlink(self, path: str, remote: str) -> None:
-        self._sftp_call(self._sftp().remove, path, _wire(remote))
+        sftp = self._sftp()
+        self._sftp_call(sftp, sftp.remove, path, _wire(remote))
 
     def rename(self, src: str, dst: str) -> None:
         """posix-rename, then an fsync of dst's directory (durable, as locally)."""
