@@ -681,6 +681,7 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
     # the record of the cordon this drain made (restored on failure), None when the node
     # was unschedulable when cordon() read it: that one stays as it is
     mine: dict | None = None
+    cordoned = False  # this drain's cordon changed the node (or a dry run's would)
 
     def filtered(rcs: dict[str, dict], *, quiet: bool) -> list[dict]:
         """The pods to evict; Refused (every offending pod) when a filter refuses one.
@@ -709,7 +710,7 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         if c["changed"] and not c["wasUnschedulable"] and not dry:
             mine = c["record"]
         # a dry run reports the change it would make, as cordon --dry-run does
-        result["changed"] = c["changed"]
+        cordoned = c["changed"]
         _stopped(stop, name)
         evict = filtered(rcs, quiet=False)
         _stopped(stop, name)
@@ -720,7 +721,7 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         else:
             deadline = _Deadline(opts.timeout, stop)
             _remove_pods(api, name, evict, opts, deadline, result, events)
-        result["changed"] = result["changed"] or bool(result["evicted"])
+        result["changed"] = cordoned or result["changed"] or bool(result["evicted"])
         events("NodeDrained", node=name, evicted=len(result["evicted"]), dryRun=bool(dry))
         return result
     except BaseException as e:
@@ -740,6 +741,9 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
             except Exception as re_err:  # noqa: BLE001 - report both, the first error wins
                 events("Warning", node=name, message=f"could not restore the node's cordon state: {re_err}")
         result["restored"] = restored
+        # a failed drain changed the cluster when it evicted a pod (_remove_pods sets changed on
+        # an accepted eviction) or left its cordon on (kept, or not restored)
+        result["changed"] = result["changed"] or bool(result["evicted"]) or (cordoned and not restored)
         if isinstance(e, KatactlError):
             e.details = {**e.details, "drain": result}
             if restored:
@@ -781,6 +785,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
         ns, pname, uid = pod["metadata"].get("namespace"), pod["metadata"]["name"], pod["metadata"].get("uid")
         events("PodEvicting", node=node, pod=ref, eviction=not opts.disable_eviction)
         server_errors = 0
+        accepted = False  # the server took our eviction or delete (not: the pod was gone already)
         while True:
             if deadline.ended():
                 return
@@ -794,6 +799,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                                uid=uid, dry_run=server_dry)
                 else:
                     api.evict(ns, pname, grace_period=grace, dry_run=server_dry)
+                accepted = True
                 break
             except NotFound:
                 break  # gone already: done
@@ -861,6 +867,8 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                 return
         with lock:
             blocked.pop(ref, None)
+            if accepted:  # the cluster changed, even if this drain fails later
+                result["changed"] = True
             if server_dry:
                 result["evicted"].append(ref)
             else:

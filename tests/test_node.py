@@ -377,6 +377,36 @@ def test_drain_blocked_by_pdb_times_out_restores_and_reports(cli, kube, kc):
     assert lines[-1]["errors"][0]["error"]["details"]["drain"]["blocked"]
 
 
+@pytest.mark.parametrize("evictable,keep,changed", [(True, True, True), (True, False, True), (False, True, True),
+                                                     (False, False, False)])
+def test_a_drain_that_fails_half_way_reports_what_it_changed(cli, kube, kc, evictable, keep, changed):
+    """docs/output.md: every mutating command reports ``changed``. A drain that evicted a pod, or
+    left its cordon on (--keep-cordoned), before a budget timed it out changed the cluster: the
+    NodeDrain's ``changed`` and its node's ``errors[]`` entry say so (Ansible's changed_when), in
+    a one-node run and beside a node that needed nothing; a drain undone whole (nothing evicted,
+    the node uncordoned again) changed nothing."""
+    for n in ("n1", "idle", "spare"):
+        kube.add_node(n)
+    kube.add_replicaset("ra", "default", 1, {"app": "a"})
+    kube.add_pod("pa", "default", "n1", labels={"app": "a"}, owner=("ReplicaSet", "ra"))
+    kube.add_pdb("pdb", "default", {"app": "a"}, min_available=1)
+    assert node_cli(cli, kc, "cordon", "idle").exit_code == 0
+    flags = ["--timeout", "2s", "-o", "json"] + (["--keep-cordoned"] if keep else [])
+    for i, nodes in enumerate((["n1"], ["idle", "n1"])):
+        assert node_cli(cli, kc, "uncordon", "n1").exit_code == 0
+        if evictable:
+            kube.add_replicaset(f"rb{i}", "default", 2, {"app": f"b{i}"})
+            kube.add_pod(f"pb{i}", "default", "n1", labels={"app": f"b{i}"}, owner=("ReplicaSet", f"rb{i}"))
+        r = node_cli(cli, kc, "drain", *nodes, *flags)
+        assert r.exit_code == (6 if len(nodes) == 1 else 4), r.stdout + r.stderr
+        d = r.json()
+        err = next(e for e in d["errors"] if e["node"] == "n1")
+        assert err["changed"] is err["error"]["details"]["drain"]["changed"] is changed, d
+        assert d["changed"] is changed, d
+        assert unschedulable(kube, "n1") is keep
+        assert f"default/pb{i}" not in pods_on(kube, "n1")
+
+
 def test_drain_of_a_node_cordoned_by_someone_else_leaves_it_cordoned(cli, kube, kc):
     kube.seed_twin_nodes(5)
     node = kube.get_obj("Node", "twin-a")

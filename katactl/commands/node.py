@@ -53,8 +53,17 @@ def _render(app_ctx, fanout, *, kind: str, columns, mutating: bool, dry_run: boo
     fanout.raise_if_single_failure()
     items = [{"name": n, **{k: v for k, v in fanout.values[n].items() if k != "name"}}
              for n in fanout.nodes if n in fanout.values]
-    changed = any(i.get("changed") for i in items) if mutating else None
-    errors = [{"node": n, "error": fanout.errors[n].to_dict()} for n in fanout.nodes if n in fanout.errors]
+    errors = []
+    for n in fanout.nodes:
+        if n in fanout.errors:
+            err = fanout.errors[n]
+            entry: dict = {"node": n, "error": err.to_dict()}
+            partial = err.details.get("drain")
+            if mutating and isinstance(partial, dict):
+                # a drain that failed half-way (pods evicted, the cordon kept) changed the cluster
+                entry["changed"] = bool(partial.get("changed"))
+            errors.append(entry)
+    changed = any(i.get("changed") for i in items + errors) if mutating else None
     finish(app_ctx, Result(kind=kind, items=items, columns=columns, errors=errors, changed=changed,
                            dry_run=dry_run if mutating else None), fanout.exit_code())
 
