@@ -32,8 +32,13 @@ CORDON_ANNOTATION = "katactl.io/cordon"
 #: set by kata-deploy on nodes where it installed Kata
 KATA_LABEL = "katacontainers.io/kata-runtime"
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
-#: kubectl drain's wait between evictions refused by a PodDisruptionBudget
+#: kubectl drain's wait after an eviction answered 429 (pkg/drain/drain.go evictPods: "(will
+#: retry after 5s)"), unless the server sends Retry-After
 EVICTION_RETRY = 5.0
+#: the StatusCause reason of the eviction registry's PodDisruptionBudget refusals
+#: (k8s.io/api policy/v1 DisruptionBudgetCause, set by pkg/registry/core/pod/storage/eviction.go);
+#: a 429 without it is API Priority and Fairness (or another limiter) throttling the request
+DISRUPTION_BUDGET = "DisruptionBudget"
 #: how often evicted pods are checked for being gone (kubectl: every second)
 POLL = 1.0
 #: how often an eviction answered 5xx with Retry-After is sent again (client-go rest/request.go:
@@ -777,6 +782,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
     lock = threading.Lock()
     failures: list[str] = []
     blocked: dict[str, dict] = {}
+    throttled: dict[str, str] = {}  # ns/name -> the server's message: its last eviction was throttled
     waiting: dict[str, str] = {}  # uid -> ns/name: evicted, not gone yet
     denied: list[KatactlError] = []  # RBAC refused an eviction: the drain fails with exit 7, not 1
 
@@ -786,12 +792,14 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
         events("PodEvicting", node=node, pod=ref, eviction=not opts.disable_eviction)
         server_errors = 0
         accepted = False  # the server took our eviction or delete (not: the pod was gone already)
+        said = None  # the last throttling warning printed for this pod
         while True:
             if deadline.ended():
                 return
             if deadline.expired():
                 with lock:
-                    failures.append(f"{ref}: timed out")
+                    why = f" (throttled by the API server: {throttled[ref]})" if ref in throttled else ""
+                    failures.append(f"{ref}: timed out{why}")
                 return
             try:
                 if opts.disable_eviction:
@@ -814,25 +822,42 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                 return
             except ApiStatusError as e:
                 msg = (e.body.get("message") or "").strip()
-                causes = [c.get("message") for c in (e.body.get("details") or {}).get("causes") or []
-                          if c.get("message")]
+                details = e.body.get("details")
+                causes = [c for c in (details.get("causes") if isinstance(details, dict) else None) or []
+                          if isinstance(c, dict)]
                 if e.status == 429:
-                    info = {"pod": ref, "message": msg, "budget": "; ".join(causes) or None}
-                    with lock:
-                        first = ref not in blocked
-                        blocked[ref] = info
-                    if first:
-                        events("PodEvictionBlocked", node=node, **info)
-                    deadline.sleep(EVICTION_RETRY if e.retry_after is None else max(e.retry_after, 1.0))
+                    # the server's Retry-After (APF's, or 10 s for a budget not yet observed), else
+                    # kubectl's 5 s; the delay said is the delay slept
+                    delay = EVICTION_RETRY if e.retry_after is None else max(e.retry_after, 1.0)
+                    if any(c.get("reason") == DISRUPTION_BUDGET for c in causes):
+                        budget = "; ".join(c["message"] for c in causes
+                                           if c.get("reason") == DISRUPTION_BUDGET and c.get("message"))
+                        info = {"pod": ref, "message": msg, "budget": budget or None}
+                        with lock:
+                            first = ref not in blocked
+                            blocked[ref] = info
+                            throttled.pop(ref, None)
+                        if first:
+                            events("PodEvictionBlocked", node=node, **info, retryAfter=delay)
+                    else:
+                        # throttled (API Priority and Fairness, a rate limit): no budget is involved;
+                        # said in the server's words, as kubectl says every 429
+                        with lock:
+                            throttled[ref] = msg or e.message
+                            blocked.pop(ref, None)
+                        if said != (msg, delay):
+                            said = (msg, delay)
+                            events("Warning", node=node, message=_retrying(ns, pname, delay, msg or e.message))
+                    deadline.sleep(delay)
                     continue
                 if e.status >= 500 and e.retry_after is not None and server_errors < EVICTION_SERVER_RETRIES:
                     # client-go retries a 5xx that carries Retry-After (rest/with_retry.go checkWait), as
                     # kubectl's eviction does (eviction.go answers 504 + Retry-After 10 after PDB
                     # update conflicts); the 500 for several budgets carries none: fatal
                     server_errors += 1
-                    events("Warning", node=node, message=f"error when evicting pods/{pname!r} -n {ns!r} (will "
-                           f"retry after {e.retry_after:g}s): {msg or e.message}")
-                    deadline.sleep(max(e.retry_after, 0.1))
+                    delay = max(e.retry_after, 0.1)
+                    events("Warning", node=node, message=_retrying(ns, pname, delay, msg or e.message))
+                    deadline.sleep(delay)
                     continue
                 with lock:
                     failures.append(f"{ref}: {msg or e.message}")
@@ -867,6 +892,7 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                 return
         with lock:
             blocked.pop(ref, None)
+            throttled.pop(ref, None)
             if accepted:  # the cluster changed, even if this drain fails later
                 result["changed"] = True
             if server_dry:
@@ -917,6 +943,12 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
         if denied:
             raise AuthError(f"node {node}: " + "; ".join(sorted(failures)), details=denied[0].details)
         raise OperationFailed(f"node {node}: " + "; ".join(sorted(failures)))
+
+
+def _retrying(ns: str, name: str, delay: float, message: str) -> str:
+    """kubectl drain's line for an eviction it sends again (pkg/drain/drain.go evictPods:
+    'error when evicting pods/%q -n %q (will retry after 5s): %v'), with the delay used."""
+    return f"error when evicting pods/{json.dumps(name)} -n {json.dumps(ns)} (will retry after {delay:g}s): {message}"
 
 
 #: the StatusCause kube-apiserver's NamespaceLifecycle admission adds to its 403

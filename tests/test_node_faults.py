@@ -111,6 +111,65 @@ def test_eviction_answered_5xx_with_retry_after_is_sent_again(cli, kube, kc):
     assert "will retry after 1s" in r.stderr
 
 
+#: what API Priority and Fairness answers a request it throttles (apiserver pkg/endpoints/handlers/
+#: responsewriters tooManyRequests): reason TooManyRequests, no DisruptionBudget cause, Retry-After
+APF_429 = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "Too many requests, please try again later.", "reason": "TooManyRequests",
+           "details": {"retryAfterSeconds": 1}, "code": 429}
+
+
+def test_throttled_evictions_are_not_blamed_on_a_budget_and_wait_the_delay_said(cli, kube, kc, kubectl_133):
+    """A 429 without a DisruptionBudget cause is throttling, not a budget (eviction.go marks its
+    refusals so): the server's words, as kubectl says them ("error when evicting pods/%q -n %q
+    (will retry after 5s): ..."), with the Retry-After actually waited; nothing listed as blocked.
+    kubectl 1.33 (client-go honouring Retry-After) sends its eviction as many times."""
+    kube.add_node("spare")
+    twin = node_with_pod(kube, "ka")
+    kube.inject("POST", rf"/pods/{twin}/eviction", status=429, retry_after=1, times=2, body=APF_429)
+    p = subprocess.run([kubectl_133, "--kubeconfig", kc, "drain", "ka", "--timeout", "30s"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "budget" not in p.stderr, p.stderr
+    assert len([q for q in kube.requests if q["path"].endswith(f"/pods/{twin}/eviction")]) == 3
+    pod = node_with_pod(kube, "kb")
+    kube.inject("POST", rf"/pods/{pod}/eviction", status=429, retry_after=1, times=2, body=APF_429)
+    r = node_cli(cli, kc, "drain", "kb", "--timeout", "30s", "-o", "json")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert r.json()["items"][0]["evicted"] == [f"default/{pod}"] and r.json()["items"][0]["blocked"] == []
+    assert f'error when evicting pods/"{pod}" -n "default" (will retry after 1s): Too many requests, please ' \
+           "try again later." in r.stderr, r.stderr
+    assert r.stderr.count("will retry after") == 1 and "budget" not in r.stderr, r.stderr
+    assert len([q for q in kube.requests if q["path"].endswith(f"/pods/{pod}/eviction")]) == 3
+    # never answered otherwise: the timeout names the throttling, not a budget
+    pod = node_with_pod(kube, "kc")
+    kube.inject("POST", rf"/pods/{pod}/eviction", status=429, retry_after=1, times=100, body=APF_429)
+    r = node_cli(cli, kc, "drain", "kc", "--timeout", "2s", "-o", "json")
+    assert r.exit_code == 6, r.stdout + r.stderr
+    err = error_of(r)
+    assert f"default/{pod}: timed out (throttled by the API server: Too many requests, please try again " \
+           "later.)" in err["message"] and "budget" not in err["message"], err
+    assert err["details"]["drain"]["blocked"] == []
+
+
+def test_a_budget_refusal_says_the_delay_it_waits(cli, kube, kc):
+    """eviction.go's 429 for a budget allowing no disruption carries no Retry-After: kubectl's
+    5 s; for a budget the controller has not observed yet, Retry-After 10: the line says the
+    delay waited, with the budget's own words (also under blocked)."""
+    pod = node_with_pod(kube, "kb")
+    kube.add_pdb("pdb-kb", "default", {"app": "kb"}, min_available=1)
+    r = node_cli(cli, kc, "drain", "kb", "--timeout", "1s", "-o", "json")
+    assert r.exit_code == 6, r.stdout + r.stderr
+    assert f"eviction of default/{pod} blocked: The disruption budget pdb-kb needs 1 healthy pods and has 1 " \
+           "currently (will retry after 5s)" in r.stderr, r.stderr
+    assert error_of(r)["details"]["drain"]["blocked"][0]["budget"].startswith("The disruption budget pdb-kb")
+    pod = node_with_pod(kube, "kn")
+    kube.pdb_controller_paused = True  # generation 1, observedGeneration 0
+    kube.add_pdb("pdb-kn", "default", {"app": "kn"}, min_available=1)
+    r = node_cli(cli, kc, "drain", "kn", "--timeout", "1s", "-o", "json")
+    assert r.exit_code == 6, r.stdout + r.stderr
+    assert f"eviction of default/{pod} blocked: The disruption budget pdb-kn is still being processed by the " \
+           "server. (will retry after 10s)" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("status,retry_after,rc", [(409, None, 1), (503, 1, 0)])
 def test_eviction_faults_end_as_with_kubectl_1_33(cli, kube, kc, kubectl_133, status, retry_after, rc):
     """The same fault on twin nodes' evictions: kubectl 1.33 drains ka, katactl kb."""

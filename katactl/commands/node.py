@@ -215,10 +215,12 @@ def drain(
     --delete-emptydir-data; pods without a controller unless --force. A
     refusal lists every offending pod (exit 5) and changes nothing: unlike
     kubectl, the filters run before the cordon (and again after it). Evictions
-    go through policy/v1, concurrently; a PodDisruptionBudget's refusal is
-    retried every 5 s, and a server error carrying Retry-After after that
-    delay, until --timeout (exit 6); any other refusal (a 409 too) fails that
-    pod, as with kubectl. A pod is gone when the API
+    go through policy/v1, concurrently, and are sent again until --timeout
+    (exit 6), after the server's Retry-After (else 5 s), when a
+    PodDisruptionBudget refuses them, when the API server throttles them (a
+    429 naming no budget: shown in the server's words) or when a server
+    error carries Retry-After; any other refusal (a 409 too) fails that pod,
+    as with kubectl. A pod is gone when the API
     answers 404 or another UID. On failure, timeout, Ctrl-C, SIGTERM or SIGHUP
     the node is uncordoned again if this drain cordoned it (--keep-cordoned to
     keep it), and the audit log says so (exit 130 when interrupted). Several
@@ -268,7 +270,7 @@ def drain(
             out.warn(f"node/{data['node']}: {data['message']}")
         elif kind == "PodEvictionBlocked":
             out.info(f"node/{data['node']}: eviction of {data['pod']} blocked: "
-                     f"{data.get('budget') or data['message']} (will retry after 5s)")
+                     f"{data.get('budget') or data['message']} (will retry after {data['retryAfter']:g}s)")
         elif kind == "NodeDraining":
             counts["total"] += data["pods"]
             bar.update(total=counts["total"])
