@@ -510,7 +510,7 @@ def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list
     once its DELETE was answered (or it was given up), never before: interrupted (a second
     Ctrl-C), the pods not deleted yet get one warning naming them, stay registered, and the
     atexit pass tries them again."""
-    from katactl.backends.kube import KubeAPI
+    from katactl.backends.kube import KubeAPI, seg
 
     with _GUARD:
         _STALE.update(t for t in threading.enumerate() if t is not threading.current_thread())
@@ -536,7 +536,9 @@ def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list
     left: list[tuple[AgentPod, str]] = []
     done: set[str] = set()  # pods dealt with (deleted, or warned about), by namespace/name
     lock = threading.Lock()
-    todo = iter(items)
+
+    def path_of(pod: AgentPod) -> str:
+        return f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"
 
     def report(pod: AgentPod, why) -> None:
         name = f"{pod.namespace}/{pod.name}"
@@ -549,81 +551,56 @@ def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list
         if why is not None and warn and warn_left:
             warn(f"could not delete ephemeral node pod {name}: {why} (katactl node agent gc removes it)")
 
-    def work() -> None:
-        from katactl.backends.kube import seg
-
-        while True:
-            with lock:
-                item = next(todo, None)
-            if item is None:
-                return
-            key, pod = item
-            api = apis[key][1]
-            ev = flights.get((key, pod.name))
-            if ev is not None:
-                ev.wait(max(0.0, deadline - CLEANUP_TIMEOUT - time.monotonic()))
-            why = None
+    def delete(item) -> None:
+        key, pod = item
+        api = apis[key][1]
+        ev = flights.get((key, pod.name))
+        if ev is not None:
+            ev.wait(max(0.0, deadline - CLEANUP_TIMEOUT - time.monotonic()))
+        why = None
+        try:
+            client = KubeAPI(api.host, api.headers, api.tls, max(1.0, deadline - time.monotonic()),
+                             user=api.user)
             try:
-                client = KubeAPI(api.host, api.headers, api.tls, max(1.0, deadline - time.monotonic()),
-                                 user=api.user)
-                path = f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"
                 try:
-                    try:
-                        client.delete(path, grace_period=0)
-                    except NotFound:
-                        if (key, pod.name) not in unseen:
-                            raise
-                        _delete_late(client, path, deadline)
-                finally:
-                    client.close()
-            except NotFound:
-                pass
-            except Exception as e:  # noqa: BLE001 - every pod gets its try
-                why = e
-            if time.monotonic() > deadline + 1.0:
-                continue  # given up on already, and said so
-            if why is None:
-                _unregister(key, pod)
-                report(pod, None)
-            else:  # reported once the GET below confirms the pod is still there
-                with lock:
-                    failed[f"{pod.namespace}/{pod.name}"] = why
-
-    def run(target, jobs: int, until: float) -> None:
-        threads = [threading.Thread(target=target, name="katactl-pod-cleanup", daemon=True)
-                   for _ in range(min(CLEANUP_WORKERS, jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(0.0, until - time.monotonic()))
+                    client.delete(path_of(pod), grace_period=0)
+                except NotFound:
+                    if (key, pod.name) not in unseen:
+                        raise
+                    _delete_late(client, path_of(pod), deadline)
+            finally:
+                client.close()
+        except NotFound:
+            pass
+        except Exception as e:  # noqa: BLE001 - every pod gets its try
+            why = e
+        if time.monotonic() > deadline + 1.0:
+            return  # given up on already, and said so
+        if why is None:
+            _unregister(key, pod)
+            report(pod, None)
+        else:  # reported once the GET below confirms the pod is still there
+            with lock:
+                failed[f"{pod.namespace}/{pod.name}"] = why
 
     failed: dict[str, Exception] = {}  # pods whose DELETE failed, by namespace/name
     gone: set[str] = set()
 
-    def recheck() -> None:
-        from katactl.backends.kube import seg
-
-        while True:
+    def recheck(item) -> None:
+        key, pod = item
+        if _gone(apis[key][1], path_of(pod)):
             with lock:
-                item = next(checks, None)
-            if item is None:
-                return
-            key, pod = item
-            if _gone(apis[key][1], f"/api/v1/namespaces/{seg(pod.namespace)}/pods/{seg(pod.name)}"):
-                with lock:
-                    gone.add(f"{pod.namespace}/{pod.name}")
+                gone.add(f"{pod.namespace}/{pod.name}")
 
     try:
-        run(work, len(items), deadline + 1.0)
+        _each(delete, items, deadline + 1.0)
         # a DELETE carried out but answered too late (a client timeout at the deadline) or
         # never left no pod: every pod not known deleted gets one GET, all at once, before it
         # is reported left
         with lock:
             given_up = [(k, p, failed.get(f"{p.namespace}/{p.name}")) for k, p in items
                         if f"{p.namespace}/{p.name}" not in done]
-            checks = iter((k, p) for k, p, _ in given_up)
-        if given_up:
-            run(recheck, len(given_up), time.monotonic() + RECHECK_TIMEOUT + 1.0)
+        _each(recheck, [(k, p) for k, p, _ in given_up], time.monotonic() + RECHECK_TIMEOUT + 1.0)
     except KeyboardInterrupt:
         with lock:
             pending = [f"{p.namespace}/{p.name}" for _, p in items if f"{p.namespace}/{p.name}" not in done]
@@ -641,6 +618,28 @@ def cleanup(warn=None, *, at_exit: bool = False, warn_left: bool = True) -> list
         _unregister(key, pod)
         report(pod, None if name in deleted else why or f"no answer within {deadline - start:.0f}s")
     return left
+
+
+def _each(fn, items: list, until: float) -> None:
+    """fn(item) for every item, on up to CLEANUP_WORKERS daemon threads taking the next item
+    as they finish one, joined until ``until``: a thread still in a request then is abandoned
+    (its pod has been given up on, and said so)."""
+    todo, lock = iter(items), threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                item = next(todo, None)
+            if item is None:
+                return
+            fn(item)
+
+    threads = [threading.Thread(target=worker, name="katactl-pod-cleanup", daemon=True)
+               for _ in range(min(CLEANUP_WORKERS, len(items)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, until - time.monotonic()))
 
 
 def _gone(api, path: str) -> bool:
