@@ -243,6 +243,24 @@ def _hanging_plugin(kube, kc, tmp_path):
     return flag, pids
 
 
+def _sigterm_once_plugins_hang(p, pids) -> str:
+    """Wait until two plugin processes hang (their pids in ``pids``), SIGTERM katactl, and
+    check it exits 130 having killed them with their group (zombies reaped by init are dead
+    too). Returns its stderr."""
+    hung: list[int] = []
+    while len(hung) < 2:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+        hung = [int(x) for x in pids.read_text().split()] if pids.exists() else []
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    for pid in hung:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
+            == "Z", "the plugin outlived the interrupt"
+    return err
+
+
 def _kill_pids(pids) -> None:
     for pid in ([int(x) for x in pids.read_text().split()] if pids.exists() else []):
         try:
@@ -262,7 +280,6 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_drain_worker_and_restores(k
     _blocked_pods(kube, "n1")
     flag, pids = _hanging_plugin(kube, kc, tmp_path)
     p = _start_drain(str(tmp_path / "exec-kc"), "n1", extra=("--request-timeout", "300s"))
-    hung: list[int] = []
     try:
         for line in p.stdout:
             if json.loads(line)["kind"] == "PodEvictionBlocked":
@@ -270,19 +287,11 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_drain_worker_and_restores(k
         flag.touch()
         if revoked:
             kube.tokens["admin"] = "revoked-meanwhile"
-        while len(hung) < 2:  # the next request (an eviction sent again, 5 s on) refreshes
-            assert p.poll() is None
-            time.sleep(0.05)
-            hung = [int(x) for x in pids.read_text().split()] if pids.exists() else []
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
+        # the next request (an eviction sent again, 5 s on) refreshes
+        err = _sigterm_once_plugins_hang(p, pids)
     finally:
         p.kill()
         _kill_pids(pids)
-    assert p.returncode == 130, err
-    for pid in hung:  # killed with its group (zombies reaped by init are dead too)
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
-            == "Z", "the plugin outlived the interrupt"
     [entry] = audit_entries(_isolated_home)
     assert entry["result"] == "interrupted"
     if not revoked:
@@ -400,23 +409,13 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_rollout_and_restores(kube, 
                           "--step", "cordon", "--step", "drain --ignore-daemonsets", "--step", "uncordon",
                           "--poll", "0.2", "--yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    hung: list[int] = []
     try:
         for _line in p.stdout:
             if unschedulable(kube, "n1"):  # cordoned: the drain is on its blocked pod
                 break
         flag.touch()
-        while len(hung) < 2:  # the next request, from whichever thread, hangs in the plugin
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.05)
-            hung = [int(x) for x in pids.read_text().split()] if pids.exists() else []
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
+        err = _sigterm_once_plugins_hang(p, pids)  # the next request, from whichever thread, hangs
     finally:
         p.kill()
         _kill_pids(pids)
-    assert p.returncode == 130, err
-    for pid in hung:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] \
-            == "Z", "the plugin outlived the interrupt"
     assert "rollout r1 interrupted: state saved" in err, err
