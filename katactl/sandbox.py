@@ -383,7 +383,7 @@ def _obj(v) -> dict:
 def _int(v) -> int | None:
     try:
         return int(v) if v is not None and not isinstance(v, bool) else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # json reads 1e400 as inf: no int holds it
         return None
 
 
