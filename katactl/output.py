@@ -166,6 +166,11 @@ def _json_escape(m: re.Match) -> str:
     return f"\\u{ord(m.group()):04x}"
 
 
+def first_few(names: list[str], n: int = 5) -> str:
+    """'a, b, c and 4 more': a list named in one line of a message."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def plural_noun(kind: str) -> str:
     """'SandboxList' -> 'sandboxes', 'MetricSampleList' -> 'metric samples'."""
     words = [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z0-9]*|[a-z0-9]+", kind.removesuffix("List"))] or ["item"]

@@ -490,6 +490,7 @@ def _refuse_another_plan(p, existing: dict) -> None:
     import json
 
     from katactl.errors import Refused
+    from katactl.output import first_few
 
     old = existing.get("plan") or {}
     new = json.loads(json.dumps(p.to_dict()))  # as stored: tuples are lists
@@ -498,16 +499,13 @@ def _refuse_another_plan(p, existing: dict) -> None:
     if was != now:
         # which ones: a selector re-run (-l pool=x) after the autoscaler changed the pool is
         # another plan too, and the operator must see why
-        differ.append("nodes (" + "; ".join(f"{what} {_first(sorted(ns))}" for what, ns in
+        differ.append("nodes (" + "; ".join(f"{what} {first_few(sorted(ns), 3)}" for what, ns in
                                             (("added", now - was), ("removed", was - now)) if ns) + ")")
     if differ:
         raise Refused(f"rollout {p.name} already finished ({existing.get('phase')}) with other "
                       f"{', '.join(differ)}: this plan was not run",
                       hint="give the new rollout another NAME")
 
-
-def _first(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _render_finished(app_ctx, store, st: dict, dry_run: bool = False) -> None:

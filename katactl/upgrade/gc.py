@@ -9,7 +9,8 @@ from katactl.upgrade.journal import recover_or_check
 from katactl.upgrade.layout import Layout, fault
 from katactl.upgrade.lock import live, locked_audited
 from katactl.upgrade.state import UNMANAGED, read_history, read_state, releases, walk_files
-from katactl.upgrade.status import handler_pins, release_users, who
+from katactl.output import first_few
+from katactl.upgrade.status import handler_pins, release_users
 from katactl.backends.base import NodeTransport
 
 
@@ -46,7 +47,7 @@ def gc(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force
             if v in protected:
                 kept.append({"version": v, "reason": protected[v]})
             elif v in in_use:
-                kept.append({"version": v, "reason": "in use: " + who(in_use[v])})
+                kept.append({"version": v, "reason": "in use: " + first_few(in_use[v])})
             elif only is not None and v not in only:
                 kept.append({"version": v, "reason": "not in the confirmed plan (run gc again)"})
             else:

@@ -26,7 +26,8 @@ from katactl.upgrade.layout import CONFIG_SUBDIR, INSTALL_PREFIX, RELEASE_RECORD
     validate_version
 from katactl.upgrade.lock import live, locked_audited
 from katactl.upgrade.state import read_state, release_record, walk_files
-from katactl.upgrade.status import handler_pins, release_users, who
+from katactl.output import first_few
+from katactl.upgrade.status import handler_pins, release_users
 from katactl.backends.base import NodeTransport
 
 DEFAULT_RESERVE = 256 << 20
@@ -251,7 +252,7 @@ def _refuse_if_running(transport: NodeTransport, layout: Layout, v: str) -> None
     if users:
         raise Refused(f"release {v} is in use by running sandboxes or processes on {transport.node}; "
                       "replacing it would change files under them",
-                      hint=f"used by {who(users)}: wait until they end ('katactl upgrade status "
+                      hint=f"used by {first_few(users)}: wait until they end ('katactl upgrade status "
                            f"--sandboxes' shows them), or {escape}",
                       details={"release": v, "usedBy": users})
 

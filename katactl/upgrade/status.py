@@ -225,6 +225,3 @@ def scan_gap(stats: dict, node: str | None) -> str | None:
                 f"{', '.join(map(str, hidden[:5]))}; not root?)")
     return None
 
-
-def who(users: list[str], n: int = 5) -> str:
-    return ", ".join(users[:n]) + (f" and {len(users) - n} more" if len(users) > n else "")
