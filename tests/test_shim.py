@@ -136,6 +136,28 @@ def test_agent_url_from_a_hostile_shim_is_printable_in_text_output(cli, tree):
         s.state.agent_url = old
 
 
+@pytest.mark.parametrize("sid", ["rs3333", "go2222"])
+def test_agent_url_empty_answer_is_a_failure(cli, tree, sid):
+    """runtime-rs answers /agent-url 200 with an empty body when it cannot get the agent's
+    socket (runtime-rs shim_mgmt/handlers.rs agent_url_handler: ``unwrap_or_else(|_|
+    String::from(""))``): that is the operation failing (exit 1, one line), never a success
+    with no URL. (The Go shim answers 500 instead; an empty 200 from it fails the same way.)"""
+    s = tree.server(sid)
+    old, s.state.agent_url = s.state.agent_url, ""
+    try:
+        r = cli(["--host-root", tree.root, "shim", "agent-url", sid])
+        assert r.exit_code == 1, (r.stdout, r.stderr)
+        assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        if sid == "rs3333":
+            assert "the runtime-rs shim could not get the agent's socket (it answers an empty URL)" in r.stderr
+        else:
+            assert "answered an empty URL" in r.stderr
+        r = cli(["--host-root", tree.root, "shim", "agent-url", sid, "-o", "json"])
+        assert r.exit_code == 1 and r.json()["kind"] == "Error" and r.json()["exitCode"] == 1
+    finally:
+        s.state.agent_url = old
+
+
 # -- iptables ---------------------------------------------------------------------------
 RULES = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\nCOMMIT\n"
 

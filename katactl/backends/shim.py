@@ -144,8 +144,17 @@ class ShimClient:
         return self._check(status, body, "/metrics").decode("utf-8", "replace")
 
     def agent_url(self) -> str:
+        """The agent's URL. runtime-rs answers 200 with an empty body when it cannot get the
+        agent's socket (src/runtime-rs/crates/runtimes/src/shim_mgmt/handlers.rs
+        ``agent_url_handler``: ``unwrap_or_else(|_| String::from(""))``), where Go answers
+        500: no URL is that failure, not a success."""
         status, body = self.call("GET", "/agent-url")
-        return self._check(status, body, "/agent-url").decode("utf-8", "replace").strip()
+        url = self._check(status, body, "/agent-url").decode("utf-8", "replace").strip()
+        if not url:
+            raise OperationFailed(f"{self.what}: /agent-url: " + (
+                "the runtime-rs shim could not get the agent's socket (it answers an empty URL)"
+                if self.flavour == "rs" else "the shim answered an empty URL"))
+        return url
 
     def iptables_get(self, v6: bool = False) -> str:
         url = "/ip6tables" if v6 else "/iptables"
