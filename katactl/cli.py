@@ -671,14 +671,44 @@ def _sniff_output(args: list[str]) -> str | None:
     """-o from argv, else KATACTL_OUTPUT, else the config file's, when the settings never
     resolved (a bad flag, a config value refused): `output = "json"` there must still give
     Ansible the JSON error object."""
-    for i, a in enumerate(args):
-        if a in ("-o", "--output") and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--output=") or (a.startswith("-o") and len(a) > 2):
-            return a.split("=", 1)[-1].removeprefix("-o")
+    given = _last_root_option(args, ("-o", "--output"))
+    if given is not None:
+        return given
     if "KATACTL_OUTPUT" in os.environ:
         return os.environ["KATACTL_OUTPUT"]
     return _config_file_output(args)
+
+
+def _last_root_option(args: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last of the root options ``names`` in args, in every spelling the
+    root reads (``-o json``, ``-ojson``, ``-o=json``, ``-qojson``, ``--output[=]json``), before
+    any ``--``: Click keeps the last one given, so an error reported before the settings
+    resolved must follow that one too (a wrapper's ``katactl -o wide "$@"`` given ``-o json``)."""
+    opts = _global_opts()
+    found = None
+    i = 0
+    while i < len(args) and args[i] != "--":
+        try:
+            toks, nxt = _take_global(args, i, opts, set())
+        except UsageError:  # the last option lacks its value: nothing more to read
+            break
+        if toks is None:
+            i += 1
+            continue
+        k = 0
+        while k < len(toks):
+            opt, eq, value = toks[k].partition("=")
+            if eq:  # --output=json (a short option's '=' value came back split)
+                k += 1
+            elif opts.get(opt):
+                value, k = toks[k + 1], k + 2
+            else:
+                k += 1
+                continue
+            if opt in names:
+                found = value
+        i = nxt
+    return found
 
 
 def _config_file_output(args: list[str]) -> str | None:
@@ -688,13 +718,7 @@ def _config_file_output(args: list[str]) -> str | None:
         from katactl import config
 
         data = config.load_file(config.config_path())
-        profile = None
-        for i, a in enumerate(args):
-            if a == "--profile" and i + 1 < len(args):
-                profile = args[i + 1]
-            elif a.startswith("--profile="):
-                profile = a.split("=", 1)[1]
-        profile = profile or os.environ.get("KATACTL_PROFILE") or data.get("profile")
+        profile = _last_root_option(args, ("--profile",)) or os.environ.get("KATACTL_PROFILE") or data.get("profile")
         table = data.get("profiles", {}).get(profile, {}) if isinstance(profile, str) else {}
         value = table.get("output", data.get("output")) if isinstance(table, dict) else data.get("output")
         return value if isinstance(value, str) else None

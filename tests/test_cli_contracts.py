@@ -621,3 +621,24 @@ def test_audit_log_is_never_written_through_a_symlink(_isolated_home, tmp_path, 
     audit.record("balloon.set", "sb1", params={"target": 1}, changed=True)
     assert victim.read_text() == "precious\n"
     assert any("symbolic link" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("args,env", [
+    (["-o", "wide", "--request-timeout", "0", "version", "-o", "json"], {}),
+    (["-o", "wide", "version", "-o", "json"], {"KATACTL_PARALLEL": "0"}),
+    (["-o", "wide", "version", "--output=json"], {"KATACTL_PARALLEL": "0"}),
+    (["--output", "yaml", "-ojson", "version"], {"KATACTL_PARALLEL": "0"}),
+    (["-o", "wide", "version", "-qo=json"], {"KATACTL_PARALLEL": "0"}),
+    # hoisting itself fails (-N lacks its value): argv as given, short cluster included
+    (["-o", "wide", "version", "-qojson", "-N"], {}),
+])
+def test_error_object_follows_the_last_output_option(cli, monkeypatch, args, env):
+    """An error raised before the settings resolved was rendered in the first -o while the
+    run uses the last (Click keeps the last): a wrapper's `katactl -o wide "$@"` called with
+    `-o json` printed no JSON Error object (review 11, finding 10)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = cli(args)
+    assert r.exit_code == 2, r.stderr
+    assert r.json()["kind"] == "Error" and r.json()["exitCode"] == 2, r.stdout
+
