@@ -10,12 +10,14 @@ Which file (upstream, checked against kata-containers main and 3.x/4.x):
   kata-containers/configuration.toml`` for the one PREFIX the build was made with
   (``src/runtime/Makefile``: ``/usr`` by default, the shim then in ``/usr/local/bin``;
   kata-deploy builds with ``/opt/kata``). Never both prefixes.
-- runtime-rs (``src/runtime-rs/crates/runtimes/src/manager.rs`` ``load_config``): the
-  annotation (releases before the 2026 rewrite of that function), else
+- runtime-rs (``src/runtime-rs/crates/runtimes/src/manager.rs`` ``load_config``):
   ``KATA_CONF_FILE``, else the handler's ``ConfigPath``, else kata-types'
   ``DEFAULT_RUNTIME_CONFIGURATIONS`` (``src/libs/kata-types/src/config/default.rs``),
   which really lists ``/etc``, ``/usr/share/defaults`` and ``/opt/kata/share/defaults``
-  (``kata-containers/runtime-rs/configuration.toml`` under each), in that order.
+  (``kata-containers/runtime-rs/configuration.toml`` under each), in that order. The
+  annotation never chooses its file (it only feeds per-key overrides,
+  ``update_config_by_annotation``); releases before that function's 2026 rewrite read it
+  first, as Go does: katactl follows the current one.
 - kata-deploy (``tools/packaging/kata-deploy/binary/src/runtime/containerd.rs``) writes,
   per shim, ``[plugins.<cri>.containerd.runtimes.kata-<shim>]`` with ``runtime_type =
   "io.containerd.kata-<shim>.v2"``, ``runtime_path`` (``/opt/kata/bin/containerd-shim-kata-v2``,
@@ -616,6 +618,13 @@ class SandboxFacts:
     #: persisted kernel/image/initrd/path, to tell apart handlers sharing one shim binary
     assets: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
+    @property
+    def annotation_file(self) -> str | None:
+        """The file the annotation makes the runtime read: Go only. runtime-rs's load_config
+        (src/runtime-rs/crates/runtimes/src/manager.rs) never takes its file from it, only
+        per-key overrides (``update_config_by_annotation``)."""
+        return self.annotation_path if self.runtime == "go" else None
+
 
 @dataclasses.dataclass
 class SandboxConfig:
@@ -699,7 +708,7 @@ class Resolver:
                 matters.append(self._prefix_matters())
             return matters[0]
 
-        want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle and not f.annotation_path
+        want = [f"{f.bundle}/shim-binary-path" for f in facts if f.bundle and not f.annotation_file
                 and (cd.handlers or (f.runtime == "go" and prefix_matters()))]
         sbp = self.t.read_many(want, limit=4096) if want else {}
         binaries: list[str | None] = []
@@ -708,11 +717,11 @@ class Resolver:
             raw = sbp.get(f"{f.bundle}/shim-binary-path") if f.bundle else None
             b = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) and raw.strip() else None
             binaries.append(b)
-            matched.append(self._match(f, b) if cd.handlers and not f.annotation_path else (None, []))
+            matched.append(self._match(f, b) if cd.handlers and not f.annotation_file else (None, []))
         # the shim's environment (KATA_CONF_FILE) and argv[0] (its binary, for the build's
         # PREFIX), read only for sandboxes whose runtime would get that far
         need = [f.shim_pid for f, (h, _) in zip(facts, matched, strict=True)
-                if f.shim_pid and not f.annotation_path and (f.runtime == "rs" or not (h and h.config_path))]
+                if f.shim_pid and not f.annotation_file and (f.runtime == "rs" or not (h and h.config_path))]
         procs = self.t.read_many([f"/proc/{p}/{n}" for p in sorted(set(need)) for n in ("environ", "cmdline")],
                                  limit=1 << 20) if need else {}
         return [self._one(f, b, h, amb, procs) for f, b, (h, amb) in zip(facts, binaries, matched, strict=True)]
@@ -733,8 +742,8 @@ class Resolver:
         cpd = f"ConfigPath of runtime handler {h.name} in {h.defined_in}" if h else None
         pid_d = f"environment of shim pid {f.shim_pid}"
         chain: list[tuple[str, str, str | None]] = []
-        if f.annotation_path:
-            chain.append((f.annotation_path, "annotation", CONFIG_PATH_ANNOTATION))
+        if f.annotation_file:
+            chain.append((f.annotation_file, "annotation", CONFIG_PATH_ANNOTATION))
         elif f.runtime == "go":
             chain += [(cp, "containerd", cpd)] if cp else []
             chain += [(env, "KATA_CONF_FILE", pid_d)] if env else []

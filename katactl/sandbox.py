@@ -616,6 +616,8 @@ def _load_batch(transport, cands: list[Candidate], bundles: _BundleIndex, quick:
 def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
               dir_problem: str | None = None) -> Sandbox:
     created = None
+    if sb.runtime == "rs":  # no pprof whatever its configuration says: shim_mgmt has no /debug routes
+        sb.enable_pprof = False
     if sb.bundle:
         spec_file = f"{sb.bundle}/config.json"
         raw = data.get(spec_file)
@@ -627,7 +629,7 @@ def _fill_one(sb: Sandbox, data: dict, stats: dict, dir_mtime: float | None,
             raw = raw[:STATE_LIMIT]
             ann = _annotations_of(_loads(raw))
             sb.pod, sb.cri = _pod_from_annotations(ann)
-            if _parse_bool(ann.get("io.katacontainers.config.runtime.enable_pprof")):
+            if sb.runtime == "go" and _parse_bool(ann.get("io.katacontainers.config.runtime.enable_pprof")):
                 sb.enable_pprof = True
             if ann:
                 _set_lazy(sb, "annotations", _compact(ann))
@@ -682,10 +684,10 @@ def _parse_bool(v) -> bool | None:
 
 def apply_config(transport, sbs: list[Sandbox]) -> None:
     """Fill what only the configuration file holds: guest_memory_dump_path,
-    reclaim_guest_freed_memory, enable_pprof (the annotation wins when it says true) and
+    reclaim_guest_freed_memory, enable_pprof (Go: the annotation wins when it says true) and
     the extra monitor's protocol, from the configuration the sandbox's own runtime used
-    (:class:`katactl.katacfg.Resolver`: the ``io.katacontainers.config_path`` annotation,
-    containerd's ``ConfigPath`` for the runtime handler that started it, the shim's
+    (:class:`katactl.katacfg.Resolver`: the ``io.katacontainers.config_path`` annotation
+    (Go only), containerd's ``ConfigPath`` for the runtime handler that started it, the shim's
     ``KATA_CONF_FILE``, ``/etc``, then the build's own defaults; ``config.d`` applied as
     that runtime applies it). The Go runtime never persists them. ``kata_config`` says
     which file, which drop-ins and why; a configuration the runtime refuses (a directory

@@ -137,7 +137,9 @@ def test_a_directory_in_config_d_breaks_the_sandboxs_config_as_the_runtime_says(
     assert r.exit_code == 0, r.stderr
     k = r.json()["kataConfig"]
     assert k["error"] == want and k["runtimeHandler"] == f"kata-{shim}" and k["source"] == "containerd"
-    assert k["file"] == hs[f"kata-{shim}"].config_path and r.json()["pprofEnabled"] is None
+    assert k["file"] == hs[f"kata-{shim}"].config_path
+    # unknown without a configuration; runtime-rs has no pprof whatever its configuration says
+    assert r.json()["pprofEnabled"] is (None if runtime == "go" else False)
     r = cli(["--host-root", root, "sandbox", "inspect", "ns/brk"])
     assert r.exit_code == 0 and want in r.stdout and "runtimeHandler: kata-" in r.stdout
 
@@ -153,6 +155,29 @@ def test_annotation_wins(tmp_path):
     [sb] = sandbox.discover(LocalTransport(root), check=False)
     assert (sb.kata_config["source"], sb.kata_config["file"]) == ("annotation", "/srv/pod.toml")
     assert sb.guest_memory_dump_path == "/var/crash/pod"
+
+
+def test_runtime_rs_ignores_the_config_path_annotation_and_has_no_pprof(tmp_path):
+    """runtime-rs's load_config (src/runtime-rs/crates/runtimes/src/manager.rs) picks
+    KATA_CONF_FILE, else containerd's ConfigPath, else the defaults: the
+    io.katacontainers.config_path annotation never chooses its file (it only feeds per-key
+    overrides). Before, the annotation's file was reported as the one used, and its
+    enable_pprof = true too, for a runtime without any pprof endpoint."""
+    root = str(tmp_path)
+    hs = _node(root)
+    evil = os.path.join(root, "etc/evil/configuration.toml")
+    os.makedirs(os.path.dirname(evil))
+    with open(evil, "w") as f:
+        f.write('[hypervisor.dragonball]\nguest_memory_dump_path = "/var/crash/kata"\n[runtime]\nenable_pprof = true\n')
+    p = layout.write_rs_sandbox(root, "rsan01", hypervisor="dragonball", extra_annotations={
+        "io.katacontainers.config_path": "/etc/evil/configuration.toml",
+        "io.katacontainers.config.runtime.enable_pprof": "true"})
+    layout.write_shim_binary_path(root, p.bundle_node, hs["kata-dragonball"].runtime_path)
+    [sb] = sandbox.discover(LocalTransport(root), check=False)
+    k = sb.kata_config
+    assert (k["file"], k["source"], k["runtimeHandler"]) == (
+        hs["kata-dragonball"].config_path, "containerd", "kata-dragonball"), k
+    assert sb.enable_pprof is False and sb.to_dict()["pprofEnabled"] is False
 
 
 def _shim_process(env: dict):
