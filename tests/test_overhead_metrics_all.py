@@ -346,3 +346,86 @@ def test_rendered_as_each_shim_answers_is_byte_identical(timestamps, fleet):
     assert "".join(m.iter_exposition(new, errors, timestamps=timestamps)) == want
     assert m.type_conflicts(new) == m.type_conflicts(old) != []
     assert "kata_own_sum" in want and ("1700000000000" in want) == timestamps
+
+
+def _special_file(p, kind: str) -> None:
+    """A filesystem object at ``p`` that is not a regular file (review 11 #1: --to renamed its
+    temp file over /dev/null, and over a symlink)."""
+    import stat
+
+    if kind == "character device":   # a private /dev/null: never the node's own
+        try:
+            os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("mknod needs CAP_MKNOD")
+    elif kind == "FIFO":
+        os.mkfifo(p)
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()   # the socket file stays
+
+
+@pytest.mark.parametrize("how", [["--all"], ["ok01"]])
+@pytest.mark.parametrize("kind,link", [("character device", False), ("FIFO", False), ("socket", False),
+                                       ("FIFO", True), ("character device", True)])
+def test_to_what_is_not_a_regular_file_is_refused_and_left_alone(cli, tmp_path, how, kind, link):
+    """--to FILE replaces FILE: a device, FIFO or socket (or a symlink to one) would be destroyed
+    (exit 0, /dev/null a regular file): usage error 2 naming what it is, the object untouched, no
+    temp file, and nothing scraped."""
+    target = tmp_path / "special"
+    _special_file(target, kind)
+    out = tmp_path / "kata.prom"
+    if link:
+        out.symlink_to("special")
+    else:
+        out = target
+    before, special = os.lstat(out), os.lstat(target)
+    with node() as n:
+        n.go("ok01", pod_name="ok", pod_namespace="prod")
+        r = cli(["--host-root", n.root, "metrics", *how, "--to", str(out)])
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and f"is a {kind}" in r.stderr and str(out) in r.stderr, r.stderr
+    after = os.lstat(out)
+    assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev)
+    assert os.lstat(target).st_mode == special.st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"special", out.name})
+
+
+def test_to_a_link_to_stdout_is_refused(tmp_path):
+    """What /dev/stdout is (a link to /proc/self/fd/1), here a pipe: refused, the link kept
+    (a subprocess: in-process, fd 1 is pytest's capture file)."""
+    from tests.conftest import run_katactl_subprocess
+
+    out = tmp_path / "stdout"
+    out.symlink_to("/proc/self/fd/1")
+    with node() as n:
+        n.go("ok01", pod_name="ok", pod_namespace="prod")
+        r = run_katactl_subprocess(["--host-root", n.root, "metrics", "--all", "--to", str(out)])
+    assert r.exit_code == 2 and "is a FIFO" in r.stderr and r.stdout == "", r.stderr
+    assert out.is_symlink() and os.readlink(out) == "/proc/self/fd/1"
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_to_a_symlink_writes_its_target_and_keeps_the_link(cli, tmp_path, dangling):
+    """A textfile path that is a symlink (config management's): the exposition replaces the
+    link's target, atomically in the target's directory; the link stays a link (it became a
+    regular file, and the target silently stopped updating). A dangling link's target is made."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "textfile").mkdir()
+    target = real / "m.prom"
+    if not dangling:
+        target.write_text("kata_old_metric 1\n")
+    lnk = tmp_path / "textfile" / "lnk.prom"
+    lnk.symlink_to("../real/m.prom")
+    with node() as n:
+        n.go("ok01", pod_name="ok", pod_namespace="prod")
+        r = cli(["--host-root", n.root, "metrics", "--all", "--to", str(lnk)])
+    assert r.exit_code == 0, r.stderr
+    assert lnk.is_symlink() and os.readlink(lnk) == "../real/m.prom"
+    text = target.read_text()
+    assert "kata_old_metric" not in text and 'kata_shim_threads{sandbox_id="ok01"' in text
+    _check(text)
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in real.iterdir()) == ["m.prom"] and [p.name for p in lnk.parent.iterdir()] == ["lnk.prom"]

@@ -26,7 +26,8 @@ def metrics(
     raw: bool = typer.Option(False, "--raw", help="Print the Prometheus text as the shim sent it."),
     to: Optional[str] = typer.Option(None, "--to", metavar="FILE",
                                      help="Write the exposition to FILE atomically (temp file + rename), "
-                                          "e.g. for node_exporter's textfile collector."),
+                                          "e.g. for node_exporter's textfile collector. A symlink's target "
+                                          "is written; a device, FIFO or socket is refused."),
 ) -> None:
     """Scrape one sandbox's shim management socket (/metrics) and show the samples,
     or with --all every running sandbox of the node(s) concurrently.
@@ -69,8 +70,7 @@ def metrics(
         raise UsageError("missing SANDBOX (or --all for every sandbox)")
     if raw and all_:
         raise UsageError("--raw is one shim's text; with --all use -o prom (relabelled)")
-    if to is not None:
-        _check_to(to)
+    dest = _check_to(to) if to is not None else None
     timeout = float(app_ctx.settings.request_timeout)
     prom = app_ctx.out.fmt == "prom" or to is not None
     cols = [Column("METRIC", "name"),
@@ -82,7 +82,7 @@ def metrics(
         # default; a --request-timeout the user gave (flag, env, config file) wins, as everywhere
         if app_ctx.settings.sources.get("request_timeout", "default") == "default":
             timeout = min(timeout, ALL_SCRAPE_TIMEOUT)
-        _all(app_ctx, prefixes, prom, to, timeout)
+        _all(app_ctx, prefixes, prom, to, dest, timeout)
         return
     assert target is not None  # without --all a SANDBOX is required (checked above)
     settings, ref = sandbox_ref(app_ctx, target)
@@ -95,7 +95,7 @@ def metrics(
         if prefixes:
             fams = [f for f in fams if m._rename(f.name).startswith(tuple(prefixes))]
         labels = m.sandbox_labels(sb, node if node != "localhost" else None)
-        _emit(app_ctx, m.render_exposition([(labels, m.relabel(fams, labels))], timestamps=to is None), to)
+        _emit(app_ctx, m.render_exposition([(labels, m.relabel(fams, labels))], timestamps=to is None), to, dest)
         return
     samples = m.parse(text, prefixes)
     if prefixes and not samples:
@@ -105,7 +105,7 @@ def metrics(
                            summary=None))
 
 
-def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
+def _all(app_ctx, prefixes, prom: bool, to: str | None, dest: str | None, timeout: float) -> None:
     from katactl import metrics as m
     from katactl.commands._common import _progress_cb
     from katactl.errors import ExitCode, KatactlError, outcome_exit_code
@@ -163,7 +163,7 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
         node_errors = list(fo.errors.items())
         for n, e in node_errors:
             app_ctx.out.error(f"{n}: {e.message}")
-        _emit(app_ctx, m.iter_exposition(per, node_errors, timestamps=to is None), to)
+        _emit(app_ctx, m.iter_exposition(per, node_errors, timestamps=to is None), to, dest)
     else:
         items = []
         for _labels, fams in per:
@@ -189,23 +189,63 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, timeout: float) -> None:
         raise typer.Exit(int(code))
 
 
-def _check_to(path: str) -> None:
+def _check_to(path: str) -> str:
+    """The file --to writes: FILE, or what FILE leads to when it is a symlink (config
+    management's link into the textfile directory: the link stays, its target is updated).
+    The write renames a new file over it, so anything but a regular file (a device such as
+    /dev/null, a FIFO such as /dev/stdout's, a socket, a directory) is refused, untouched."""
+    import errno
     import os
+    import stat
 
     from katactl.errors import UsageError
 
     if not path or not path.strip() or "\0" in path:
         raise UsageError(f"invalid --to {path!r}: give a file path")
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"invalid --to {path}: is a directory")
+    if path.endswith(os.sep):
+        raise UsageError(f"invalid --to {path}: names a directory")
+    link = os.path.islink(path)
+    dest = os.path.realpath(path) if link else os.path.abspath(path)
+    try:
+        st = os.stat(path)  # through the links: the object a rename would replace
+    except (FileNotFoundError, NotADirectoryError):
+        st = None  # a new file (a dangling link's target is made, as `echo > link` would)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"invalid --to {path}: {e.strerror}") from None
+        return path  # EACCES and the like: the write fails naming FILE (exit 1), as before
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"invalid --to {path}: is a {_kind(st.st_mode)}{' (through a symlink)' if link else ''}, "
+                             "not a regular file (the write would replace it; -o prom prints to stdout)")
+        try:
+            at = os.lstat(dest)
+        except OSError:
+            at = None
+        # a /proc/PID/fd link names no path of its file (a deleted one: "/tmp/x (deleted)")
+        if at is None or (at.st_dev, at.st_ino) != (st.st_dev, st.st_ino):
+            raise UsageError(f"invalid --to {path}: a link to a file with no path to write next to ({dest})")
+    d = os.path.dirname(dest)
     if not os.path.isdir(d):
         raise UsageError(f"invalid --to {path}: {d} is not a directory")
+    return dest
 
 
-def _emit(app_ctx, text: str | Iterable[str], to: str | None) -> None:
-    """The exposition on stdout or into FILE; in pieces of whole lines, written as they come
-    (never joined into one string)."""
+def _kind(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _emit(app_ctx, text: str | Iterable[str], to: str | None, dest: str | None) -> None:
+    """The exposition on stdout or into FILE (``to``, written at ``dest``: see _check_to); in
+    pieces of whole lines, written as they come (never joined into one string)."""
+    import os
+
     pieces = [text] if isinstance(text, str) else text
     if to is None:
         for piece in pieces:
@@ -220,8 +260,9 @@ def _emit(app_ctx, text: str | Iterable[str], to: str | None) -> None:
             n += piece.count("\n") - piece.count("\n#") - piece.startswith("#")
             yield piece
 
-    write_atomic(to, counted())
-    app_ctx.out.info(f"wrote {n} samples to {to}")
+    assert dest is not None
+    write_atomic(dest, counted())
+    app_ctx.out.info(f"wrote {n} samples to {to}{f' ({dest})' if dest != os.path.abspath(to) else ''}")
 
 
 _TMP_PREFIX, _TMP_SUFFIX = ".katactl-", ".prom.tmp"
