@@ -53,7 +53,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("quiet", False, bool, "suppress informational messages"),
     Setting("no_color", False, bool, "disable colour"),
     Setting("yes", False, bool, "assume yes for confirmations"),
-    Setting("audit_log", None, str, "audit log file (JSON lines)"),
+    Setting("audit_log", None, str, "audit log file (JSON lines): an absolute path, ~ allowed"),
     Setting("runtime_class_overhead", None, str, "declared Pod overhead for katactl overhead without a Kubernetes API (cpu=250m,memory=160Mi)"),
     Setting("no_audit", False, bool, "change without an audit record (else an unwritable log refuses the change)"),
 ]}
@@ -61,6 +61,40 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 
 # Settings renamed in a release: old name -> new name (for a helpful error only).
 RENAMED = {"timeout": "request_timeout"}
+
+#: KATACTL_* variables that are not settings: read before the settings (the file, its
+#: profile), by one command (lab, upgrade's --kata-root, rollout's shard size), or by the
+#: test suite and CI (fault injection, clocks, caches; bench scripts run katactl under them)
+OTHER_VARIABLES = frozenset({
+    "KATACTL_CONFIG", "KATACTL_PROFILE", "KATACTL_LAB_ROOT", "KATACTL_KATA_ROOT",
+    "KATACTL_ROLLOUT_SHARD_BYTES", "KATACTL_FAULT", "KATACTL_FAULT_SIGNAL", "KATACTL_REQUIRE_TOOLS",
+    "KATACTL_STANDIN_EXEC",
+})
+#: test hooks: KATACTL_TEST_KILL_AT, KATACTL_TEST_CACHE, KATACTL_TEST_CLOCK_STEP_FILE, ...
+TEST_PREFIX = "KATACTL_TEST_"
+
+
+def variable(name: str) -> str:
+    """The environment variable of setting ``name``."""
+    return "KATACTL_" + name.upper()
+
+
+def _refuse_unknown_variables(environment: Mapping[str, str]) -> None:
+    """A misspelt or singular KATACTL_* (KATACTL_NODE for --node) would otherwise be
+    ignored and the command act on this host, where the same key in the config file is
+    refused: a runbook's export must not silently do nothing."""
+    import difflib
+
+    known = {variable(n) for n in SETTINGS} | OTHER_VARIABLES
+    for var in sorted(environment):
+        if var.startswith("KATACTL_") and var not in known and not var.startswith(TEST_PREFIX):
+            # matched without the shared prefix, which alone would make every name close
+            close = difflib.get_close_matches(var[8:], sorted(k[8:] for k in known), n=1)
+            raise UsageError(f"unknown environment variable {var}"
+                             + (f" (did you mean KATACTL_{close[0]}?)" if close else "")
+                             + ": unset it, katactl ignores no KATACTL_* variable",
+                             hint="each setting's variable is KATACTL_<SETTING> ('katactl config view' "
+                                  "lists the settings; -N/--node is KATACTL_NODES)")
 
 
 def _renamed_hint(names) -> str | None:
@@ -149,6 +183,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             # the config file is one more layer of the same settings (selector = "" from a
             # template must not mean "no selection", i.e. this host)
             raise UsageError(f"{source}: {name} is empty (remove the key, or give a value)")
+        if name == "audit_log" and not os.path.isabs(os.path.expanduser(value)):
+            # relative to the current directory, each runbook's cd would start another trail
+            raise UsageError(f"audit_log {value!r} (from {source}) is a relative path: give an absolute "
+                             "one (~ allowed), or the audit trail splits by working directory")
         if name == "ssh_user":
             from katactl.backends.sshconfig import valid_ruser
 
@@ -271,10 +309,11 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
         # a runbook's old variable silently doing nothing would be worse than stopping
         if "KATACTL_" + old.upper() in environment:
             raise UsageError(f"KATACTL_{old.upper()} was renamed to KATACTL_{new.upper()}")
+    _refuse_unknown_variables(environment)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, s in SETTINGS.items():
-        env = "KATACTL_" + name.upper()
+        env = variable(name)
         if name in flags:
             values[name], sources[name] = _coerce(name, flags[name], "flag"), "flag"
         elif env in environment:

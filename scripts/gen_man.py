@@ -64,6 +64,20 @@ def options_section(node) -> list[str]:
     return out
 
 
+def environment_section(root) -> list[str]:
+    """KATACTL_<SETTING> for every setting, with the root flag that sets it (-N/--node is
+    KATACTL_NODES: the one spelt differently)."""
+    from katactl.config import SETTINGS, variable
+
+    out = []
+    for name, setting in SETTINGS.items():
+        long = "--" + name.replace("_", "-")
+        opt = next((o for o in root.options if long in o.names or long.rstrip("s") in o.names), None)
+        flag = f" ({', '.join(opt.names)})" if opt else ""
+        out += [".TP", f"\\fB{esc(variable(name))}\\fR", esc(setting.help + flag)]
+    return out
+
+
 def page(node, all_nodes) -> str:
     name = "-".join(node.path)
     out = [f'.TH "{name.upper()}" 1 "{DATE}" "katactl" "katactl manual"', ".SH NAME",
@@ -96,10 +110,12 @@ def page(node, all_nodes) -> str:
         out += [".SH COMMANDS"]
         for c in node.children:
             out += [".TP", f"\\fB{esc(c.path[-1])}\\fR", esc(c.short) + f" See \\fBkatactl\\-{esc(c.path[-1])}\\fR(1)."]
-        out += [".SH ENVIRONMENT", ".TP", "\\fBKATACTL_\\fR\\fISETTING\\fR",
-                "Any setting (for example KATACTL_OUTPUT, KATACTL_REQUEST_TIMEOUT, KATACTL_SSH_USER); flags win over the "
-                "environment, the environment over the config file.", ".TP", "\\fBKATACTL_CONFIG\\fR",
-                "Config file path.", ".TP", "\\fBNO_COLOR\\fR", "Disable colour."]
+        out += [".SH ENVIRONMENT", ".PP", esc(
+            "Each setting's variable is KATACTL_ and its name in capitals; flags win over the environment, the "
+            "environment over the config file. Any other KATACTL_* variable is refused (exit 2).")]
+        out += environment_section(node)
+        out += [".TP", "\\fBKATACTL_CONFIG\\fR", "Config file path.", ".TP", "\\fBKATACTL_PROFILE\\fR",
+                "Config profile (as \\-\\-profile).", ".TP", "\\fBNO_COLOR\\fR", "Disable colour."]
         out += [".SH FILES", ".TP", "\\fI$XDG_CONFIG_HOME/katactl/config.toml\\fR",
                 "Settings and profiles (node groups, SSH user/key/jump host, kube context).", ".TP",
                 "\\fI$XDG_STATE_HOME/katactl/audit.log\\fR", "Audit log of changes (JSON lines)."]

@@ -95,3 +95,65 @@ def test_relative_xdg_directory_is_ignored(tmp_path, monkeypatch, variable):
     monkeypatch.setenv(variable, str(tmp_path / "abs"))  # an absolute one is used as it is
     assert (audit.audit_path() if variable == "XDG_STATE_HOME" else config.config_path()).startswith(
         str(tmp_path / "abs" / "katactl"))
+
+
+@pytest.mark.parametrize("var,value,suggestion", [
+    ("KATACTL_NODE", "node-7", "KATACTL_NODES"),  # the flag's name, singular
+    ("KATACTL_REQUEST_TIMOUT", "1s", "KATACTL_REQUEST_TIMEOUT"),
+    ("KATACTL_HOSTROOT", "/x", "KATACTL_HOST_ROOT"),
+    ("KATACTL_XYZZY", "1", None),
+])
+def test_unknown_katactl_variable_is_refused_with_a_suggestion(cli, tmp_path, monkeypatch, var, value, suggestion):
+    """KATACTL_NODE=node-7 (the flag is --node) was ignored and the command acted on this
+    host, exit 0, where `node = [...]` in the config file is refused (review 11, finding 4)."""
+    monkeypatch.setenv(var, value)
+    r = cli(["--host-root", str(tmp_path), "-o", "json", "sandbox", "list"])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    d = r.json()
+    assert d["kind"] == "Error" and var in d["message"], d
+    assert (f"did you mean {suggestion}?" in d["message"]) if suggestion else "did you mean" not in d["message"]
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("katactl: error:")]) == 1, r.stderr
+    # the variables katactl reads outside the settings, and the test suite's hooks, still run
+    monkeypatch.delenv(var)
+    for ok in ("KATACTL_LAB_ROOT", "KATACTL_KATA_ROOT", "KATACTL_ROLLOUT_SHARD_BYTES", "KATACTL_FAULT",
+               "KATACTL_TEST_KILL_AT", "KATACTL_REQUIRE_TOOLS", "KATACTL_PARALLEL"):
+        monkeypatch.setenv(ok, "4" if ok == "KATACTL_PARALLEL" else "")
+    r = cli(["--host-root", str(tmp_path), "-o", "json", "sandbox", "list"])
+    assert r.exit_code == 0 and r.json()["kind"] == "SandboxList", r.stderr
+
+
+def test_every_setting_variable_is_documented():
+    """The flag -> variable names (-N/--node is KATACTL_NODES) are documented, since a
+    variable not among them is refused."""
+    import os
+
+    from katactl.config import OTHER_VARIABLES, SETTINGS, variable
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")).read()
+    missing = [v for v in [variable(n) for n in SETTINGS] + sorted(OTHER_VARIABLES - {"KATACTL_STANDIN_EXEC"})
+               if f"`{v}`" not in doc]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_relative_audit_log_is_refused(cli, _isolated_home, tmp_path, monkeypatch, where):
+    """audit_log = "audit.log" wrote a/audit.log and b/audit.log for runs from a/ and b/:
+    the audit trail split by working directory (review 11, finding 8), as a relative
+    $XDG_STATE_HOME did before review 7."""
+    cfg = _isolated_home / "config" / "katactl" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    if where == "file":
+        cfg.write_text('audit_log = "audit.log"\n')
+    else:
+        monkeypatch.setenv("KATACTL_AUDIT_LOG", "logs/audit.log")
+    monkeypatch.chdir(tmp_path)
+    r = cli(["-o", "json", "--host-root", str(tmp_path), "sandbox", "list"])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    msg = r.json()["message"]
+    assert "relative path" in msg and ("config.toml" in msg if where == "file" else "KATACTL_AUDIT_LOG" in msg), msg
+    # absolute, or from the home directory: as before
+    monkeypatch.delenv("KATACTL_AUDIT_LOG", raising=False)
+    cfg.write_text('audit_log = "~/audit.log"\n')
+    r = cli(["-o", "json", "config", "view"])
+    assert r.exit_code == 0, r.stderr
+    assert {s["name"]: s["value"] for s in r.json()["settings"]}["audit_log"] == "~/audit.log"

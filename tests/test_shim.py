@@ -889,15 +889,19 @@ def test_unwritable_audit_log_refuses_the_change_unless_no_audit(cli, tree, tmp_
     assert r.exit_code == 0, r.stderr
 
 
-def test_relative_audit_log_path_is_relative_to_the_working_directory(cli, tree, tmp_path, monkeypatch):
-    """KATACTL_AUDIT_LOG=audit.log failed with ENOENT (makedirs of ''; issue 16, 17)."""
+def test_relative_audit_log_path_is_refused_before_any_change(cli, tree, tmp_path, monkeypatch):
+    """KATACTL_AUDIT_LOG=audit.log failed with ENOENT (makedirs of ''; issue 16, 17), then
+    wrote under each working directory, one trail per cwd (review 11, finding 8): refused,
+    exit 2, nothing sent to the shim, nothing written."""
     rules = tmp_path / "rules"
     rules.write_text("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KATACTL_AUDIT_LOG", "audit.log")
+    srv = tree.server("go2222")
+    srv.requests.clear()
     r = cli(["--host-root", tree.root, "shim", "iptables", "set", "go2222", str(rules)])
-    assert r.exit_code == 0, r.stderr
-    assert json.loads((tmp_path / "audit.log").read_text().splitlines()[-1])["action"] == "shim.iptables.set"
+    assert r.exit_code == 2 and "relative path" in r.stderr, r.stderr
+    assert not [m for m, _ in srv.requests if m == "PUT"] and not (tmp_path / "audit.log").exists()
 
 
 @pytest.mark.parametrize("arg", ["", "  "])
