@@ -51,12 +51,12 @@ import posixpath
 import re
 import threading
 import time
-from decimal import Decimal, DecimalException
 from typing import Any
 
 from katactl.errors import KatactlError, UsageError, as_katactl_error
 from katactl.backends.base import NodeTransport
 from katactl.procfacts import USER_HZ
+from katactl.values import parse_quantity, parse_size
 
 #: severities, as audit's (katactl.isolation.policy.SEVERITIES)
 SEVERITIES = ("info", "low", "medium", "high", "critical")
@@ -64,37 +64,7 @@ SEVERITIES = ("info", "low", "medium", "high", "critical")
 RATIO_SEVERITY = ((2.0, "critical"), (1.5, "high"), (1.25, "medium"), (1.0, "low"))
 PROC_SCAN_LIMIT = 65536
 
-# -- Kubernetes quantities -------------------------------------------------------
-_QTY = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<suf>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?",
-                  re.ASCII)
-_SUFFIX = {"": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-           "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12,
-           "P": Decimal(10) ** 15, "E": Decimal(10) ** 18,
-           "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40,
-           "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
-QTY_HELP = "a Kubernetes quantity such as 250m, 0.5, 160Mi or 1G"
-
-
-def parse_quantity(text, *, what: str = "quantity") -> Decimal:
-    """A Kubernetes resource quantity (apimachinery's resource.Quantity syntax, no sign):
-    '250m' -> 0.25, '160Mi' -> 167772160, '1e3' -> 1000."""
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}")
-    s = str(text).strip(" ")  # a newline or tab is not a quantity
-    m = _QTY.fullmatch(s)
-    if not m:
-        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}")
-    suf = m.group("suf") or ""
-    try:
-        mult = _SUFFIX[suf] if suf in _SUFFIX else Decimal(10) ** int(suf[1:])
-        v = Decimal(m.group("num")) * mult
-    except (DecimalException, ValueError, OverflowError):  # decimal.Overflow past Emax (1e99999999)
-        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}") from None
-    if v > Decimal(2) ** 62:
-        raise UsageError(f"invalid {what} {text!r}: too large")
-    return v
-
-
+# -- Kubernetes quantities (katactl.values: one parser for quantities and sizes) ----
 def cpu_millis(q) -> int:
     """A CPU quantity in millicores, rounded up as the scheduler does ('0.1' -> 100)."""
     return int(math.ceil(parse_quantity(q, what="CPU quantity") * 1000))
@@ -120,7 +90,8 @@ def parse_declared(text, *, what: str = "--runtime-class-overhead") -> dict:
         if out[field] is not None:
             raise UsageError(f"invalid {what} {text!r}: {key} given twice")
         try:
-            out[field] = cpu_millis(val) if key == "cpu" else memory_bytes(val)
+            # a memory size typed here reads as everywhere else in katactl (256m is refused, not 1 byte)
+            out[field] = cpu_millis(val) if key == "cpu" else parse_size(val, allow_zero=True, what="memory")
         except UsageError as e:
             raise UsageError(f"invalid {what} {text!r}: {e.message}") from None
     return out

@@ -5,67 +5,93 @@ bad value and shows an accepted form, so the CLI can exit 2 in one line.
 """
 from __future__ import annotations
 
-import math
 import re
+from decimal import ROUND_CEILING, Decimal, DecimalException
 
 from katactl.errors import UsageError
 
-_BINARY = {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40, "pi": 1 << 50, "ei": 1 << 60}
-_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15, "e": 10**18}
-# Plain-unit aliases people type in runbooks ("512M", "2G", "1GB", "1GiB", "512MB").
-_SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$", re.ASCII)
+#: Kubernetes resource.Quantity suffixes (apimachinery pkg/api/resource/suffix.go): binary
+#: Ki..Ei, decimal k..E, and the fractions n, u, m (m is milli: memory "256m" is 0.256 bytes),
+#: or a decimal exponent (1e9, 1E9)
+_QTY = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<suf>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?",
+                  re.ASCII)
+_SUFFIX = {"": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+           "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12,
+           "P": Decimal(10) ** 15, "E": Decimal(10) ** 18,
+           "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40,
+           "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
+QTY_HELP = "a Kubernetes quantity such as 250m, 0.5, 160Mi or 1G"
+_SIZE_RE = re.compile(r"(?P<num>\d+(?:\.\d+)?|\.\d+) *(?P<unit>[a-zA-Z]*|[eE][+-]?\d+)", re.ASCII)
 MAX_SIZE = 1 << 62
 
-SIZE_HELP = "a size such as 512Mi, 2G, 1.5Gi or 1073741824 (bytes)"
+SIZE_HELP = ("a size such as 512Mi, 1.5Gi, 2G or 1073741824 (bytes); Kubernetes units: "
+             "Ki Mi Gi Ti are binary (1Gi = 2^30), k M G T decimal (1G = 10^9)")
+#: spelled-out byte units, any case (not Kubernetes', but unambiguous): KiB.. binary, KB.. decimal
+_SPELLED = {"b": 1, **{f"{p}ib": 1 << (10 * i) for i, p in enumerate("kmgtpe", 1)},
+            **{f"{p}b": 10 ** (3 * i) for i, p in enumerate("kmgtpe", 1)}}
+#: units people type that mean something else (or two things): refused with the way out
+_AMBIGUOUS = {"m": "m is milli in Kubernetes (256m = 0.256 bytes): write Mi (2^20 bytes) or M (10^6)",
+              "K": "K is not a Kubernetes unit: write Ki (1024 bytes) or k (1000)",
+              **{u: f"{u} is not a Kubernetes unit: write {u.upper()}i (binary) or {u.upper()} (decimal)"
+                 for u in ("g", "t", "p")},
+              "n": "n (nano) is a fraction of a byte", "u": "u (micro) is a fraction of a byte"}
+
+
+def parse_quantity(text, *, what: str = "quantity") -> Decimal:
+    """A Kubernetes resource quantity (apimachinery's resource.Quantity syntax, no sign):
+    '250m' -> 0.25, '160Mi' -> 167772160, '1e3' -> 1000. For quantities Kubernetes wrote
+    (a RuntimeClass's overhead); a memory size a user types is :func:`parse_size`."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}")
+    s = str(text).strip(" ")  # a newline or tab is not a quantity
+    m = _QTY.fullmatch(s)
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}")
+    suf = m.group("suf") or ""
+    try:
+        mult = _SUFFIX[suf] if suf in _SUFFIX else Decimal(10) ** int(suf[1:])
+        v = Decimal(m.group("num")) * mult
+    except (DecimalException, ValueError, OverflowError):  # decimal.Overflow past Emax (1e99999999)
+        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}") from None
+    if v > MAX_SIZE:
+        raise UsageError(f"invalid {what} {text!r}: too large")
+    return v
 
 
 def parse_size(text: str, *, allow_zero: bool = False, what: str = "size") -> int:
-    """'512Mi' -> 536870912. Kubernetes suffixes (Ki Mi Gi, k M G) and the
-    common plain forms (K, M, G, KB, MB, GiB) are accepted; plain M/G are
-    binary (as in QEMU's -m and free -h), Kubernetes' lower-case k is 1000."""
+    """A memory (or byte) size a user typed -> bytes, read as Kubernetes reads a memory
+    quantity (apimachinery resource.Quantity): '512Mi' -> 536870912, '2G' -> 2000000000,
+    '1e9' -> 10**9, a fraction of a unit rounded up to whole bytes ('0.1Ki' -> 103). Also the
+    spelled-out KiB/MiB/GiB (binary) and B/KB/MB/GB (decimal), any case. Refused with a hint:
+    'm' (milli in Kubernetes, MiB to many people), upper-case 'K' and lower-case 'g', 't',
+    'p' (binary or decimal? other tools disagree), and a fractional byte count ('1.5')."""
     if text is None or not str(text).strip():
         raise UsageError(f"empty {what}: expected {SIZE_HELP}")
-    s = str(text).strip()
+    s = str(text).strip(" ")  # a newline or tab is not part of a size (a pasted value, a bad template)
     if s.startswith("-"):
         raise UsageError(f"invalid {what} {text!r}: must not be negative")
-    m = _SIZE_RE.match(s)
+    m = _SIZE_RE.fullmatch(s)
     if not m:
         raise UsageError(f"invalid {what} {text!r}: expected {SIZE_HELP}")
     num, unit = m.group("num"), m.group("unit")
-    mult = _unit_multiplier(unit)
-    if mult is None:
-        raise UsageError(f"invalid {what} {text!r}: unknown unit {unit!r} (use Ki, Mi, Gi, Ti or K, M, G, T)")
-    value = float(num) * mult
-    if not math.isfinite(value) or value > MAX_SIZE:
-        raise UsageError(f"invalid {what} {text!r}: too large")
-    result = int(round(value))
-    if "." in num and mult == 1:  # '1.5' and '1.5B' alike (1.5B became 2 bytes)
+    if unit in _AMBIGUOUS:
+        raise UsageError(f"invalid {what} {text!r}: {_AMBIGUOUS[unit]}")
+    if unit.lower() in _SPELLED:
+        v = Decimal(num) * _SPELLED[unit.lower()]
+        if v > MAX_SIZE:
+            raise UsageError(f"invalid {what} {text!r}: too large")
+    elif _QTY.fullmatch(num + unit):
+        v = parse_quantity(num + unit, what=what)
+    else:
+        raise UsageError(f"invalid {what} {text!r}: unknown unit {unit!r} (use Ki, Mi, Gi, Ti (binary), "
+                         "k, M, G, T (decimal), or KiB, MiB, GiB, B, MB, GB)")
+    if v != v.to_integral_value() and (unit[:1] in ("", "b", "B", "e") or re.fullmatch(r"E[+-]?\d+", unit)):
+        # a byte count (1.5, 1.5B, 1e-3): a fraction of a byte is a typo, not a round-up
         raise UsageError(f"invalid {what} {text!r}: a byte count must be a whole number")
+    result = int(v.to_integral_value(rounding=ROUND_CEILING))  # Kubernetes rounds memory up (Quantity.Value)
     if result == 0 and not allow_zero:
         raise UsageError(f"invalid {what} {text!r}: must be greater than zero")
     return result
-
-
-def _unit_multiplier(unit: str) -> int | None:
-    if unit == "":
-        return 1
-    if unit == "k":  # Kubernetes decimal kilo
-        return 1000
-    u = unit.lower()
-    if u in ("b",):
-        return 1
-    if u.endswith("ib") and u[:-1] in _BINARY:  # KiB, MiB, GiB
-        return _BINARY[u[:-1]]
-    if u in _BINARY:
-        # Kubernetes "Mi" / plain "mi"
-        return _BINARY[u]
-    if len(unit) == 1 and u in _DECIMAL:
-        # "512M", "2G", "1T": binary, as QEMU -m and kubectl users expect for memory;
-        # Kubernetes' decimal "M"/"G" differ by <7 %, and memory sizes are binary in practice.
-        return _BINARY[u + "i"]
-    if u.endswith("b") and len(u) == 2 and u[0] in _DECIMAL:  # "MB", "GB": decimal
-        return _DECIMAL[u[0]]
-    return None
 
 
 def format_size(n: int | float | None, *, precision: int = 1) -> str:

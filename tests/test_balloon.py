@@ -812,6 +812,9 @@ def test_extension_empty_guest_is_no_statistics(lab, cli):
     (["get", "abc", "--via", "bogus"], "invalid value 'bogus' for --via (choose from ssh, kube)"),
     (["get", "abc", "--via", "extension"], "invalid value 'extension' for --via"),
     (["set", "abc", "--target", "300Mi", "--timeout", "10m"], "--timeout needs --wait"),
+    # Kubernetes' milli, not MiB (review 11, item 7): refused, never 0.256 bytes nor 256 MiB
+    (["set", "abc", "--target", "256m"], "m is milli in Kubernetes"),
+    (["set", "abc", "--reclaim", "1K"], "write Ki (1024 bytes) or k (1000)"),
 ])
 def test_bad_path_via_and_timeout_are_usage_errors_before_any_node_is_contacted(cli, args, needle):
     """balloon's own --via (a path) shadowed the global --via ssh|kube after the subcommand,

@@ -6,15 +6,16 @@ from katactl.values import (format_cpulist, format_size, parse_cpulist, parse_du
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("512Mi", 512 << 20), ("2G", 2 << 30), ("1.5Gi", 3 << 29), ("1073741824", 1 << 30),
-    ("256M", 256 << 20), ("1GiB", 1 << 30), ("1GB", 10**9), ("4k", 4000), ("4Ki", 4096),
-    (" 64Mi ", 64 << 20), ("1Ti", 1 << 40), ("100B", 100),
+    ("512Mi", 512 << 20), ("2G", 2 * 10**9), ("1.5Gi", 3 << 29), ("1073741824", 1 << 30),
+    ("256M", 256 * 10**6), ("1GiB", 1 << 30), ("1GB", 10**9), ("4k", 4000), ("4Ki", 4096),
+    (" 64Mi ", 64 << 20), ("1Ti", 1 << 40), ("100B", 100), ("1T", 10**12), ("1e9", 10**9), ("1E3", 1000),
+    ("0.1Ki", 103), ("1gib", 1 << 30), ("512mb", 512 * 10**6),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "0", "-1G", "10Zi", "abc", "1.5", "Mi", "1 G i", "1e9", "nan",
+@pytest.mark.parametrize("bad", ["", "0", "-1G", "10Zi", "abc", "1.5", "Mi", "1 G i", "1e-3", "1e400", "nan",
                                  "inf", "0x10", "5 MiB extra", "99999999999Ei", "1,5G", "\x00", "１G"])
 def test_parse_size_rejects(bad):
     with pytest.raises(UsageError) as e:
@@ -83,3 +84,27 @@ def test_fractional_bytes_are_refused_with_or_without_b(text):
     with pytest.raises(UsageError, match="whole number"):
         parse_size(text, what="--target")
     assert parse_size("1.5Ki") == 1536 and parse_size("3B") == 3
+
+
+@pytest.mark.parametrize("text,needle", [("256m", "m is milli in Kubernetes"), ("1K", "write Ki"),
+                                         ("2g", "write Gi"), ("5u", "fraction of a byte")])
+def test_ambiguous_units_are_refused_with_a_hint(text, needle):
+    """Review 11 item 7: parse_size read M/G as binary and m as MiB; Kubernetes (and overhead's
+    --runtime-class-overhead) reads M/G as decimal and m as milli. One reading now, Kubernetes',
+    and the units it would read as something else are refused with the way out."""
+    with pytest.raises(UsageError, match=needle) as e:
+        parse_size(text, what="--target")
+    assert "\n" not in str(e.value)
+
+
+def test_one_reading_of_a_memory_size_everywhere():
+    """--target and --runtime-class-overhead memory= read a size the same way: as the
+    Kubernetes resource.Quantity a pod's `memory: 2G` is (apimachinery pkg/api/resource)."""
+    from katactl import overhead
+
+    for text in ("256M", "2G", "160Mi", "1e9", "1536Ki"):
+        assert overhead.parse_declared(f"memory={text}")["memoryBytes"] == parse_size(text) \
+            == overhead.memory_bytes(text)
+    with pytest.raises(UsageError, match="milli"):
+        overhead.parse_declared("cpu=250m,memory=256m")
+    assert overhead.memory_bytes("256m") == 1  # a RuntimeClass's own quantity: as Kubernetes reads it

@@ -103,7 +103,7 @@ def _render(app_ctx, res) -> None:
 def set_(ctx: typer.Context,
          target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
          size: Optional[str] = typer.Option(None, "--target", "-t", metavar="SIZE",
-                                            help="Guest-visible memory to keep, e.g. 1Gi, 768Mi."),
+                                            help="Guest-visible memory to keep, e.g. 1Gi, 768Mi (Kubernetes units: Gi Mi binary, G M decimal)."),
          reclaim: Optional[str] = typer.Option(None, "--reclaim", metavar="SIZE",
                                                help="Take SIZE more from the current target. Relative: every run takes SIZE "
                                                     "again (not idempotent; use --target in automation)."),
