@@ -429,3 +429,57 @@ def test_to_a_symlink_writes_its_target_and_keeps_the_link(cli, tmp_path, dangli
     _check(text)
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in real.iterdir()) == ["m.prom"] and [p.name for p in lnk.parent.iterdir()] == ["lnk.prom"]
+
+
+def _resetting_shim(path: str) -> socket.socket:
+    """A shim socket that accepts each connection and resets it (SO_LINGER 0): the client's
+    read fails with ECONNRESET, "connection lost" (exit 7). Closing the socket ends the thread."""
+    import struct
+    import threading
+
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.listen(5)
+
+    def serve():
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return s
+
+
+@pytest.mark.parametrize("out", ["json", "prom", "table", "to"])
+@pytest.mark.parametrize("shims,code", [(("hung", "hung"), 6), (("reset", "reset"), 7), (("hung", "reset"), 1)])
+def test_every_shim_failing_alike_exits_with_their_code(cli, tmp_path, out, shims, code):
+    """No shim answered: the exit code is their common one (6 every shim timed out, 7 every
+    connection was lost; 1 when they differ), as top's and errors.outcome_exit_code's contract
+    says (review 11 #5: always 1, while -o json's own errors[] said 6)."""
+    socks = []
+    with node() as n:
+        for i, how in enumerate(shims):
+            p = n.go(f"{how}{i:02d}", serve=False, pod_name=f"p{i}", pod_namespace="prod")
+            if how == "reset":
+                socks.append(_resetting_shim(p.shim_socket))
+                continue
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(p.shim_socket)
+            s.listen(5)   # accepts, never answers
+            socks.append(s)
+        args = ["--to", str(tmp_path / "kata.prom")] if out == "to" else ["-o", out]
+        try:
+            r = cli(["--host-root", n.root, "--request-timeout", "0.3s", "metrics", "--all", *args])
+        finally:
+            for s in socks:
+                s.close()
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
+    if out == "json":
+        assert sorted(e["error"]["exitCode"] for e in r.json()["errors"]) == sorted({"hung": 6, "reset": 7}[h]
+                                                                                    for h in shims)
+    if out == "to":
+        assert (tmp_path / "kata.prom").read_text().count("} 1\n") == 2   # each shim's scrape error

@@ -44,7 +44,9 @@ def metrics(
     collector skips a whole file that has one); -o prom keeps them.
     A shim that does not answer, or answers with something that is not
     Prometheus text, is katactl_scrape_error{sandbox_id=...} 1 and a warning;
-    the others are still there, and the exit code is 4 (partial failure).
+    the others are still there, and the exit code is 4 (partial failure); when
+    no shim answered it is theirs if they all failed alike (6 all timed out,
+    7 all lost the connection), else 1.
     With --all each shim has 10s to answer unless --request-timeout is given.
 
     \b
@@ -108,7 +110,7 @@ def metrics(
 def _all(app_ctx, prefixes, prom: bool, to: str | None, dest: str | None, timeout: float) -> None:
     from katactl import metrics as m
     from katactl.commands._common import _progress_cb
-    from katactl.errors import ExitCode, KatactlError, outcome_exit_code
+    from katactl.errors import ExitCode, KatactlError, exit_code_for, outcome_exit_code
     from katactl.fleet import LOCAL, run_on_nodes, select_nodes
     from katactl.output import Column, Result
     from katactl.sandbox import pod_ref
@@ -141,10 +143,10 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, dest: str | None, timeou
             where.append((node, sb))
             row["result"] = None  # the exposition's copy is the one kept
     per = m.refuse_clashes(per)
-    failed = 0
+    failed: list[int] = []  # each failed sandbox's exit code: all alike, the command's (6 all stuck)
     for (node, sb), (_labels, res) in zip(where, per, strict=True):
         if isinstance(res, KatactlError):
-            failed += 1
+            failed.append(exit_code_for(res))
             app_ctx.out.warn(f"{node + ': ' if fo.multi else ''}sandbox {sb.id[:12]} "
                              f"({pod_ref(sb.pod) or 'no pod'}): {res.message}")
     if prom:  # JSON samples carry their own type: only an exposition loses a family
@@ -155,10 +157,10 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, dest: str | None, timeou
             app_ctx.out.warn(f"{node + ': ' if fo.multi else ''}sandbox {sb.id[:12]} ({pod_ref(sb.pod) or 'no pod'}): "
                              f"its family {family} is a {typ}, sandbox {first_sid[:12]}'s a {first} (one family "
                              f"has one TYPE): its samples of it left out ({m.FAMILY_CONFLICT} 1)")
-        failed += len(short)
+        failed += [ExitCode.FAILED] * len(short)
     code = fo.exit_code()
     if not code and failed:
-        code = outcome_exit_code([ExitCode.FAILED] * failed, len(per) - failed)
+        code = outcome_exit_code(failed, len(per) - len(failed))
     if prom:
         node_errors = list(fo.errors.items())
         for n, e in node_errors:
