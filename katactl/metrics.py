@@ -58,15 +58,22 @@ def _line_name(line: str) -> str | None:
     return line[:end]
 
 
+def family_matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    """``--family``: the shim's own name (go_goroutines) or kata-monitor's (kata_shim_go_goroutines,
+    see _rename) starts with a prefix, so one prefix selects the same families whichever names a
+    mode shows (metrics SANDBOX the shim's, -o prom, --to and --all kata-monitor's)."""
+    return name.startswith(prefixes) or _rename(name).startswith(prefixes)
+
+
 def filter_text(text: str, prefixes) -> str:
-    """Keep only the lines (samples, HELP, TYPE) of families whose name starts with a prefix."""
+    """Keep only the lines (samples, HELP, TYPE) of families a prefix matches (family_matches)."""
     prefixes = tuple(prefixes or ())
     if not prefixes:
         return text
     keep = []
     for line in text.splitlines():
         name = _line_name(line)
-        if name is not None and name.startswith(prefixes):
+        if name is not None and family_matches(name, prefixes):
             keep.append(line)
     return "\n".join(keep) + ("\n" if keep else "")
 
@@ -777,10 +784,10 @@ def parse_rendered(text: str, names: Sequence[str], *, timestamps: bool, prefixe
 
     out = []
     for f in parse_families(text, sink):
-        name = _rename(f.name)
         got = lines.pop(f, None)
-        if not prefixes or name.startswith(prefixes):
-            out.append(RenderedFamily(name, f.type, f.help, "\n".join(got) + "\n" if got else "", timestamps))
+        if not prefixes or family_matches(f.name, prefixes):
+            out.append(RenderedFamily(_rename(f.name), f.type, f.help, "\n".join(got) + "\n" if got else "",
+                                      timestamps))
     return out
 
 
@@ -889,7 +896,7 @@ _PARSE_BUDGET = _ParseBudget(16 << 20)  # backends/shim.py METRICS_LIMIT: one bo
 def scrape_families(transport: NodeTransport, sandboxes, *, timeout: float, workers: int = 32, prefixes=None,
                     render: tuple[Sequence[str], bool] | None = None) -> dict:
     """{sandbox id: [Family] | KatactlError}: every shim scraped concurrently and parsed
-    strictly; prefixes keep the families (after renaming) that start with one of them.
+    strictly; prefixes keep the families they match (family_matches).
     ``render`` (the names of the labels to come, timestamps): each shim's families rendered
     as they arrive (:func:`parse_rendered`), never held parsed."""
     prefixes = tuple(prefixes or ())
@@ -902,7 +909,7 @@ def scrape_families(transport: NodeTransport, sandboxes, *, timeout: float, work
                     return sb.id, parse_rendered(text, render[0], timestamps=render[1], prefixes=prefixes)
                 fams = parse_families(text)
             if prefixes:
-                fams = [f for f in fams if _rename(f.name).startswith(prefixes)]
+                fams = [f for f in fams if family_matches(f.name, prefixes)]
             return sb.id, fams
         except Exception as e:  # one shim's failure is that sandbox's scrape error
             return sb.id, as_katactl_error(e)

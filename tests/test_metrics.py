@@ -205,3 +205,48 @@ def test_the_parsers_lazy_regexes_are_safe_to_build_from_many_threads():
             assert not errors
     finally:
         sys.setswitchinterval(old)
+
+
+def _names(r, mode: str) -> set[str]:
+    """The sample names of an answer, kata-monitor's renaming undone (kata_shim_go_x: go_x)."""
+    if mode == "json":
+        names = [s["name"] for s in r.json()["items"]]
+    else:
+        names = [ln.split("{")[0].split()[0] for ln in r.stdout.splitlines() if ln and not ln.startswith("#")]
+    out = set()
+    for n in names:
+        if n.startswith("katactl_"):
+            continue
+        out.add(n[len("kata_shim_"):] if n.startswith(("kata_shim_go_", "kata_shim_process_")) else n)
+    return out
+
+
+_MODES = [(["go1111", "-o", "json"], "json"), (["go1111", "--raw"], "text"), (["go1111", "-o", "prom"], "text"),
+          (["go1111", "--to", "{to}"], "file"), (["--all", "-o", "json"], "json"), (["--all", "-o", "prom"], "text"),
+          (["--all", "--to", "{to}"], "file")]
+
+
+@pytest.mark.parametrize("prefix", ["go_", "kata_shim_go_"])
+@pytest.mark.parametrize("args,mode", _MODES)
+def test_a_family_prefix_selects_the_same_families_in_every_mode(cli, tree, tmp_path, args, mode, prefix):
+    """--family matches the shim's own name (go_goroutines) and kata-monitor's
+    (kata_shim_go_goroutines) alike, whatever the mode: go_ selected 7 samples with -o json and
+    nothing (exit 0, no warning) with -o prom, --to and --all (review 11 #6)."""
+    want = {n for n in _names(cli(["--host-root", tree.root, "metrics", "go1111", "-o", "json"]), "json")
+            if n.startswith("go_")}
+    assert want
+    to = tmp_path / "kata.prom"
+    r = cli(["--host-root", tree.root, "metrics", *[a.format(to=to) for a in args], "--family", prefix])
+    assert r.exit_code == 0, r.stderr
+    if mode == "file":
+        r.stdout, mode = to.read_text(), "text"
+    assert _names(r, mode) == want and "no metric family" not in r.stderr
+
+
+@pytest.mark.parametrize("args,mode", [*_MODES, (["--all"], "table")])
+def test_a_family_prefix_matching_nothing_warns_in_every_mode(cli, tree, tmp_path, args, mode):
+    to = tmp_path / "kata.prom"
+    r = cli(["--host-root", tree.root, "metrics", *[a.format(to=to) for a in args], "--family", "kata_nothing",
+             "--family", "go_nothing"])
+    assert r.exit_code == 0, r.stderr
+    assert "warning: no metric family starts with kata_nothing, go_nothing" in r.stderr, r.stderr

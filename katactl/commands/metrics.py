@@ -22,7 +22,9 @@ def metrics(
     all_: bool = typer.Option(False, "--all", "-A",
                               help="Every running sandbox of the node(s), relabelled as kata-monitor does."),
     family: Optional[List[str]] = typer.Option(None, "--family", metavar="PREFIX",
-                                               help="Keep metric families starting with PREFIX (repeatable)."),
+                                               help="Keep metric families starting with PREFIX (repeatable), "
+                                                    "by the shim's name or kata-monitor's: go_ and "
+                                                    "kata_shim_go_ both keep go_goroutines."),
     raw: bool = typer.Option(False, "--raw", help="Print the Prometheus text as the shim sent it."),
     to: Optional[str] = typer.Option(None, "--to", metavar="FILE",
                                      help="Write the exposition to FILE atomically (temp file + rename), "
@@ -40,6 +42,9 @@ def metrics(
     kata-monitor's shape: every sample carries sandbox_id, cri_uid, cri_name
     and cri_namespace (and node="..." with -N/-l), go_*/process_* become
     kata_shim_go_*/kata_shim_process_*, HELP and TYPE appear once per family.
+    --all -o json and its table name samples so too; one SANDBOX's table, json
+    and --raw by the shim's own names. --family matches either name in every
+    mode, and warns when it matched no family.
     --to FILE leaves out the samples' timestamps (node_exporter's textfile
     collector skips a whole file that has one); -o prom keeps them.
     A shim that does not answer, or answers with something that is not
@@ -90,18 +95,23 @@ def metrics(
     settings, ref = sandbox_ref(app_ctx, target)
     node, sb, text = sandbox.on_sandbox(settings, ref, lambda t, s: m.scrape(t, s, timeout))
     if raw and not prom:
-        app_ctx.out.text(m.filter_text(text, prefixes))
+        text = m.filter_text(text, prefixes)
+        if prefixes and not text:
+            _warn_unmatched(app_ctx, prefixes)
+        app_ctx.out.text(text)
         return
     if prom:
         fams = m.parse_families(text)
         if prefixes:
-            fams = [f for f in fams if m._rename(f.name).startswith(tuple(prefixes))]
+            fams = [f for f in fams if m.family_matches(f.name, tuple(prefixes))]
+            if not fams:
+                _warn_unmatched(app_ctx, prefixes)
         labels = m.sandbox_labels(sb, node if node != "localhost" else None)
         _emit(app_ctx, m.render_exposition([(labels, m.relabel(fams, labels))], timestamps=to is None), to, dest)
         return
     samples = m.parse(text, prefixes)
     if prefixes and not samples:
-        app_ctx.out.warn(f"no metric family starts with {', '.join(prefixes)}")
+        _warn_unmatched(app_ctx, prefixes)
     finish(app_ctx, Result(kind="MetricSampleList", item={"node": node, "sandbox": sb.id},
                            items=samples, columns=cols, name_key="name",
                            summary=None))
@@ -143,6 +153,9 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, dest: str | None, timeou
             where.append((node, sb))
             row["result"] = None  # the exposition's copy is the one kept
     per = m.refuse_clashes(per)
+    answered = [fams for _labels, fams in per if not isinstance(fams, KatactlError)]
+    if prefixes and answered and not any(answered):
+        _warn_unmatched(app_ctx, prefixes)
     failed: list[int] = []  # each failed sandbox's exit code: all alike, the command's (6 all stuck)
     for (node, sb), (_labels, res) in zip(where, per, strict=True):
         if isinstance(res, KatactlError):
@@ -189,6 +202,10 @@ def _all(app_ctx, prefixes, prom: bool, to: str | None, dest: str | None, timeou
                                      errors=errs, multi_node=False))
     if code:
         raise typer.Exit(int(code))
+
+
+def _warn_unmatched(app_ctx, prefixes: list[str]) -> None:
+    app_ctx.out.warn(f"no metric family starts with {', '.join(prefixes)}")
 
 
 def _check_to(path: str) -> str:
