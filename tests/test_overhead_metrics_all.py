@@ -483,3 +483,18 @@ def test_every_shim_failing_alike_exits_with_their_code(cli, tmp_path, out, shim
                                                                                     for h in shims)
     if out == "to":
         assert (tmp_path / "kata.prom").read_text().count("} 1\n") == 2   # each shim's scrape error
+
+
+@pytest.mark.parametrize("what", ["loop", "slash"])
+def test_to_a_symlink_loop_or_a_directory_path_is_a_usage_error(cli, tmp_path, what):
+    """A symlink loop (the rename made it a file) and FILE/ (written as FILE): exit 2, one line."""
+    if what == "loop":
+        (tmp_path / "loop.prom").symlink_to("loop.prom")
+        to = str(tmp_path / "loop.prom")
+    else:
+        to = str(tmp_path / "kata.prom") + "/"
+    r = cli(["--host-root", str(tmp_path), "metrics", "--all", "--to", to])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (r.exit_code, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["loop.prom"] if what == "loop" else [])
+    if what == "loop":
+        assert os.readlink(tmp_path / "loop.prom") == "loop.prom"
