@@ -183,9 +183,19 @@ def sandbox_guest_used(sb, cur: dict, balloon: int | None, *, resident: bool = F
                        "memory": mem, "actual": None if mem is None else mem - balloon}, sb.hypervisor)
 
 
+def vmm_in_shim(sb) -> bool:
+    """The VMM runs inside the shim process (runtime-rs Dragonball: sandbox.find_rs_vmms), so
+    the shim's figures are the VMM's too (hypervisor_persist.rs has no pid, and Dragonball
+    exports no kata_hypervisor_proc_*: src/dragonball/src/hypervisor_metrics.rs)."""
+    return (sb.runtime == "rs" and sb.hypervisor == "dragonball") or bool(
+        sb.hypervisor_pid and sb.hypervisor_pid == sb.shim_pid)
+
+
 def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError | None = None) -> dict:
-    """One row of ``top``: the sandbox, its figures, CPU % from prev -> cur."""
-    row = {"id": sb.id, "pod": sb.pod, "hypervisor": sb.hypervisor, "runtime": sb.runtime}
+    """One row of ``top``: the sandbox, its figures, CPU % from prev -> cur. A VMM inside the
+    shim (vmm_in_shim) is counted once, as the shim: no hypervisor figures of its own."""
+    in_shim = vmm_in_shim(sb)
+    row = {"id": sb.id, "pod": sb.pod, "hypervisor": sb.hypervisor, "runtime": sb.runtime, "vmmInShim": in_shim}
     if error is not None or cur is None:
         row["error"] = error.to_dict() if error is not None else {"message": "no data"}
         return row
@@ -198,7 +208,7 @@ def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError 
     used = sandbox_guest_used(sb, cur, balloon)
     dt = (cur["t"] - prev["t"]) if prev else 0.0
     shim_cpu = _pct(prev and prev["_shimTicks"], cur["_shimTicks"], dt) if prev else None
-    hv_cpu = _pct(prev and prev["_hvTicks"], cur["_hvTicks"], dt) if prev else None
+    hv_cpu = _pct(prev and prev["_hvTicks"], cur["_hvTicks"], dt) if prev and not in_shim else None
     row.update({
         "guestMemTotal": i(cur["guestMemTotal"]),
         "guestMemUsed": used,
@@ -206,13 +216,14 @@ def top_row(sb, cur: dict | None, prev: dict | None = None, error: KatactlError 
         "balloonInflatePages": i(inflate),
         "balloonBytes": balloon,
         "shimRSS": i(cur["shimRSS"]),
-        "hypervisorRSS": i(cur["hypervisorRSS"]),
+        "hypervisorRSS": None if in_shim else i(cur["hypervisorRSS"]),
         "cpuPercent": {
             "shim": None if shim_cpu is None else round(shim_cpu, 1),
             "hypervisor": None if hv_cpu is None else round(hv_cpu, 1),
             "total": None if shim_cpu is None and hv_cpu is None
             else round((shim_cpu or 0) + (hv_cpu or 0), 1),
         },
+        "note": cur.get("_note"),
     })
     return row
 
@@ -254,17 +265,39 @@ def _each_sandbox(one, sandboxes, workers: int) -> dict:
 def fill_from_processes(transport: NodeTransport, sandboxes, samples: dict) -> None:
     """Where a shim's metrics lack its hypervisor's RSS or CPU time (a shim that does not
     export ``kata_hypervisor_proc_*``), take them from the node's process facts
-    (katactl.procfacts: psutil on this host, /proc through the transport on another)."""
-    need = [sb for sb in sandboxes if sb.hypervisor_pid and isinstance(samples.get(sb.id), dict)
+    (katactl.procfacts: psutil on this host, /proc through the transport on another); never
+    for a VMM inside the shim (vmm_in_shim), which the shim's own figures already count.
+    A runtime-rs shim whose /metrics cannot answer for its VMM (NoHypervisorMetrics: an
+    upstream gap that fails every scrape) gets a sample of process facts alone, the shim's
+    and the VMM's, without guest figures, its error as the row's note."""
+    from katactl.backends.shim import NoHypervisorMetrics
+
+    gap = [sb for sb in sandboxes if sb.shim_pid and isinstance(samples.get(sb.id), NoHypervisorMetrics)]
+    need = [sb for sb in sandboxes if sb.hypervisor_pid and not vmm_in_shim(sb)
+            and isinstance(samples.get(sb.id), dict)
             and (samples[sb.id]["hypervisorRSS"] is None or samples[sb.id]["_hvTicks"] is None)]
-    if not need:
+    pids = {sb.hypervisor_pid for sb in need} | {p for sb in gap for p in (sb.shim_pid, sb.hypervisor_pid) if p}
+    if not pids:
         return
     from katactl import procfacts
 
     try:
-        stats = procfacts.for_transport(transport).stats([sb.hypervisor_pid for sb in need])
+        stats = procfacts.for_transport(transport).stats(sorted(pids))
     except (OSError, KatactlError):
         return  # the shim's figures stay as they are: a row without these, not a failed row
+    t = time.monotonic()
+    for sb in gap:
+        shim = stats.get(sb.shim_pid)
+        if shim is None:
+            continue  # the shim is gone: its error stays
+        hv = None if vmm_in_shim(sb) or not sb.hypervisor_pid else stats.get(sb.hypervisor_pid)
+        samples[sb.id] = {
+            "t": t, **dict.fromkeys(("guestMemTotal", "guestMemAvailable", "guestMemFree",
+                                     "balloonInflatePages", "balloonDeflatePages")),
+            "shimRSS": float(shim.rss), "_shimTicks": shim.cpu_seconds * USER_HZ,
+            "hypervisorRSS": None if hv is None else float(hv.rss),
+            "_hvTicks": None if hv is None else hv.cpu_seconds * USER_HZ,
+            "_note": samples[sb.id].message}
     for sb in need:
         st, cur = stats.get(sb.hypervisor_pid), samples[sb.id]
         if st is None:

@@ -34,7 +34,8 @@ class Node:
         p = layout.write_rs_sandbox(self.root, sid, **kw)
         self.paths[sid] = p
         if serve:
-            self.serve(p, "rs", **(flavour_kw or {}))
+            # runtime-rs's /metrics depends on the hypervisor (see katactl.lab.shimserver)
+            self.serve(p, "rs", **(flavour_kw or {})).state.hypervisor = layout.hv_key(kw.get("hypervisor", "dragonball"))
         return p
 
     def serve(self, p, flavour, **kw) -> ShimServer:

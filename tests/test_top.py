@@ -346,9 +346,11 @@ def test_runtime_rs_proc_status_is_kib(cli):
     assert metrics.top_sample(line, "rs")["shimRSS"] == 50 << 20
     assert metrics.top_sample(line, "go")["shimRSS"] == 51200
     with node() as n:
-        for make, sid in ((n.go, "gorss01"), (n.rs, "rsrss02")):
-            make(sid, flavour_kw={"state": ShimState(sandbox_id=sid, shim_rss=40 << 20, hypervisor_rss=700 << 20,
-                                                     shim_cpu_percent=0.0, hypervisor_cpu_percent=0.0)})
+        # runtime-rs exports the VMM's kata_hypervisor_proc_* for QEMU only (its procfs metrics)
+        for make, sid, kw in ((n.go, "gorss01", {}), (n.rs, "rsrss02", {"hypervisor": "qemu"})):
+            make(sid, **kw, flavour_kw={"state": ShimState(
+                sandbox_id=sid, shim_rss=40 << 20, hypervisor_rss=700 << 20, shim_cpu_percent=0.0,
+                hypervisor_cpu_percent=0.0)})
         r = cli(["--host-root", n.root, "top", "-o", "json", "--interval", "0.1s"])
         assert r.exit_code == 0, r.stderr
         rows = {i["id"]: i for i in r.json()["items"]}
@@ -457,3 +459,66 @@ def test_a_figure_that_overflows_is_missing_not_a_node_failure(cli, command, fla
     assert set(rows) == {"good01", "huge02"} and "error" not in rows["huge02"], rows
     assert all(get(rows["huge02"], k) is None for k in missing), rows["huge02"]
     assert all(get(rows["good01"], k) is not None for k in missing), rows["good01"]
+
+
+def test_dragonball_vmm_is_the_shim_and_counts_once(cli):
+    """runtime-rs Dragonball runs the VMM inside the shim (sandbox.find_rs_vmms: hypervisor_pid
+    is shim_pid). Its /metrics has the shim's kata_shim_proc_* of that one process and only
+    Dragonball's kata_hypervisor_{scrape_count,vcpu,seccomp,signals}
+    (src/dragonball/src/hypervisor_metrics.rs). Before, top took the "hypervisor" RSS and CPU
+    of the same pid from the node and added them to the shim's: the process counted twice in
+    CPU%, and --sort rss ranked it above a bigger Go pod."""
+    with node() as n:
+        n.rs("dbonce01", hypervisor="dragonball", flavour_kw={"state": ShimState(
+            sandbox_id="dbonce01", shim_rss=40 << 20, shim_cpu_percent=50.0)})
+        n.go("goside02", flavour_kw={"state": ShimState(
+            sandbox_id="goside02", shim_rss=10 << 20, hypervisor_rss=50 << 20, shim_cpu_percent=0.0,
+            hypervisor_cpu_percent=0.0)})
+        text = n.server("dbonce01").metrics_text()
+        assert "kata_hypervisor_proc_" not in text and 'kata_hypervisor_seccomp{item="num_faults"}' in text
+        r = cli(["--host-root", n.root, "top", "-o", "json", "--interval", "0.3s", "--sort", "rss"])
+    assert r.exit_code == 0, r.stderr
+    items = r.json()["items"]
+    db = {i["id"]: i for i in items}["dbonce01"]
+    assert db["vmmInShim"] is True and db["shimRSS"] == 40 << 20 and db["hypervisorRSS"] is None, db
+    cpu = db["cpuPercent"]
+    assert cpu["hypervisor"] is None and cpu["shim"] > 0 and cpu["total"] == cpu["shim"], cpu
+    assert [i["id"] for i in items] == ["goside02", "dbonce01"]  # 60 MiB over 40 MiB
+    assert {i["id"]: i for i in items}["goside02"]["vmmInShim"] is False
+
+
+@pytest.mark.parametrize("hv,name", [("fc", "Firecracker"), ("qemu", "QEMU")])
+def test_runtime_rs_without_hypervisor_metrics_falls_back_to_processes(cli, hv, name):
+    """runtime-rs's get_hypervisor_metrics is todo!() for Firecracker
+    (crates/hypervisor/src/firecracker/inner_hypervisor.rs) and for QEMU before its procfs
+    metrics (qemu/inner.rs): /metrics panics in the connection's task and every scrape gets
+    no answer. Before, top showed an error row blaming "its handler failed" and pointing at
+    the shim's log, with no figures; now the row has the shim's and the VMM's RSS and CPU from
+    the node's processes and a note naming the upstream gap; `metrics SANDBOX` says the same."""
+    import psutil
+
+    sid = f"rsnohv{hv}1"
+    vmm = subprocess.Popen([sys.executable, "-c", "import time\nx = bytearray(48 << 20)\ntime.sleep(60)",
+                            f"--id={sid}"])  # a child of the shim (this process) naming the sandbox
+    try:
+        with node() as n:
+            n.rs(sid, hypervisor=hv, pod_name="nohv", pod_namespace="batch", flavour_kw={"state": ShimState(
+                sandbox_id=sid, hypervisor_metrics=False)})
+            deadline = time.monotonic() + 10
+            while psutil.Process(vmm.pid).memory_info().rss < 48 << 20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            r = cli(["--host-root", n.root, "top", "-o", "json", "--interval", "0.2s"])
+            assert r.exit_code == 0, r.stderr
+            row = r.json()["items"][0]
+            assert "error" not in row, row
+            assert abs(row["hypervisorRSS"] - psutil.Process(vmm.pid).memory_info().rss) <= 8 << 20
+            assert abs(row["shimRSS"] - psutil.Process(os.getpid()).memory_info().rss) <= 64 << 20
+            assert row["cpuPercent"]["hypervisor"] is not None and row["guestMemTotal"] is None
+            assert f"upstream runtime-rs does not implement hypervisor metrics for {name}" in row["note"]
+            assert "the shim's log" not in row["note"]
+            r = cli(["--host-root", n.root, "metrics", sid])
+            assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert f"upstream runtime-rs does not implement hypervisor metrics for {name}" in r.stderr
+    finally:
+        vmm.kill()
+        vmm.wait()

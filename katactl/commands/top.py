@@ -59,6 +59,7 @@ def _columns():
         Column("SHIM-RSS", "shimRSS", fmt=format_size),
         Column("HV-RSS", "hypervisorRSS", fmt=format_size),
         Column("ERROR", "error.message"),
+        Column("NOTE", "note", wide=True),
     ]
 
 

@@ -104,7 +104,7 @@ class SandboxPaths:
         return self.real(self.bundle_node)
 
 
-def _hv_key(hypervisor: str) -> str:
+def hv_key(hypervisor: str) -> str:
     h = {"firecracker": "fc", "cloud-hypervisor": "clh", "cloud_hypervisor": "clh"}.get(hypervisor, hypervisor)
     if h not in ("qemu", "clh", "fc", "dragonball"):
         raise ValueError(f"unknown hypervisor {hypervisor!r} (qemu, clh, fc, dragonball)")
@@ -211,7 +211,7 @@ def write_go_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "qemu", pi
     when ``api_socket`` is given). ``raw_persist`` writes those bytes as
     persist.json instead (for corrupt-state tests).
     """
-    hv = _hv_key(hypervisor)
+    hv = hv_key(hypervisor)
     pod_name = pod_name or f"pod-{sandbox_id[:8]}"
     pod_uid = pod_uid or str(_uuid.uuid5(_uuid.NAMESPACE_URL, "pod/" + sandbox_id))
     hv_type = GO_HYPERVISOR_TYPES[hv]
@@ -413,7 +413,7 @@ def write_rs_sandbox(root: str, sandbox_id: str, *, hypervisor: str = "dragonbal
     the VMM is the shim's child). The shim management socket is always
     ``/run/kata/<id>/shim-monitor.sock``.
     """
-    hv = _hv_key(hypervisor)
+    hv = hv_key(hypervisor)
     pod_name = pod_name or f"pod-{sandbox_id[:8]}"
     pod_uid = pod_uid or str(_uuid.uuid5(_uuid.NAMESPACE_URL, "pod/" + sandbox_id))
     d = f"{RS_DIR}/{sandbox_id}"

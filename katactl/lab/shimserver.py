@@ -24,6 +24,21 @@ Metrics text uses the real family names (``kata_shim_*``, ``kata_hypervisor_*``,
 from a settable :class:`ShimState`. ``proc_stat`` utime/stime (clock ticks)
 advance with wall time at ``*_cpu_percent`` so ``top`` sees CPU usage.
 
+runtime-rs's hypervisor families depend on ``state.hypervisor``, as upstream's
+``metrics_url_handler`` (``src/runtime-rs/crates/runtimes/src/shim_mgmt/handlers.rs``)
+appends ``sandbox.hypervisor_metrics()``:
+
+- ``dragonball``: Dragonball's own ``kata_hypervisor_{scrape_count,vcpu,seccomp,signals}``
+  (``src/dragonball/src/hypervisor_metrics.rs``), no ``kata_hypervisor_proc_*``: the VMM
+  is the shim process, whose ``kata_shim_proc_*`` already describe it;
+- ``qemu``: the procfs families of the QEMU process (``threads``, ``proc_status``,
+  ``proc_stat``, ``io_stat``, ``fds``: runtime-rs's 2026 procfs hypervisor metrics); with
+  ``state.hypervisor_metrics = False`` the older releases, whose ``get_hypervisor_metrics``
+  is ``todo!()`` (``qemu/inner.rs``);
+- ``clh``: none (``ch/inner_hypervisor.rs`` returns Err, which the handler turns into "");
+- ``fc``: ``todo!()`` (``firecracker/inner_hypervisor.rs``): the handler panics and the
+  connection is dropped unanswered, on every scrape.
+
 Extension points for the lab daemon:
 
 - ``extra_routes``: ``{(METHOD or None, "/path"): fn(server, req) -> Response}``;
@@ -143,6 +158,9 @@ class ShimState:
     guest_tasks: int = 42
     guest_load1: float = 0.1
     pod_overhead_cpu: float = 0.0
+    #: runtime-rs QEMU: False for the releases before its procfs hypervisor metrics
+    #: (``get_hypervisor_metrics`` is ``todo!()``: every /metrics is dropped)
+    hypervisor_metrics: bool = True
     pod_overhead_memory: int = 0
     iptables: str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
     ip6tables: str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
@@ -375,6 +393,8 @@ class ShimServer:
             return go or m in methods
 
         if p == "/metrics" and allow("GET"):
+            if not go and self._rs_hypervisor_metrics_panic():
+                return _HANDLER_ERR  # the todo!() panics in the connection's task: no answer
             return Response(200, self.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
         if p == "/agent-url" and allow("GET"):
             return Response(200, self.state.agent_url)
@@ -483,6 +503,12 @@ class ShimServer:
                         {"Content-Disposition": f'attachment; filename="{name}"'})
 
     # -- metrics -------------------------------------------------------------------
+    def _rs_hypervisor_metrics_panic(self) -> bool:
+        """runtime-rs's get_hypervisor_metrics is todo!() for this hypervisor."""
+        with self.lock:
+            hv, implemented = self.state.hypervisor, self.state.hypervisor_metrics
+        return hv == "fc" or (hv == "qemu" and not implemented)
+
     def metrics_text(self) -> str:
         with self.lock:
             s = dataclasses.replace(self.state)
@@ -545,11 +571,25 @@ class ShimServer:
             out.append(f'kata_shim_rpc_durations_histogram_milliseconds_bucket{{action="create",le="{le}"}} {c}')
         out.append('kata_shim_rpc_durations_histogram_milliseconds_sum{action="create"} 120.5')
         out.append('kata_shim_rpc_durations_histogram_milliseconds_count{action="create"} 12')
-        proc("kata_hypervisor", "Hypervisor", s.hypervisor_rss, s.hypervisor_cpu_percent,
-             s.hypervisor_threads, s.hypervisor_fds)
-        fam("kata_hypervisor_netdev", "gauge", "Net devices statistics.",
-            [({"interface": "tap0_kata", "item": "recv_bytes"}, 123456),
-             ({"interface": "tap0_kata", "item": "sent_bytes"}, 65432)])
+        if self.flavour == "go":
+            proc("kata_hypervisor", "Hypervisor", s.hypervisor_rss, s.hypervisor_cpu_percent,
+                 s.hypervisor_threads, s.hypervisor_fds)
+            fam("kata_hypervisor_netdev", "gauge", "Net devices statistics.",
+                [({"interface": "tap0_kata", "item": "recv_bytes"}, 123456),
+                 ({"interface": "tap0_kata", "item": "sent_bytes"}, 65432)])
+        elif s.hypervisor == "dragonball":  # src/dragonball/src/hypervisor_metrics.rs
+            fam("kata_hypervisor_scrape_count", "counter", "Hypervisor metrics scrape count.",
+                [({}, s.scrapes + 1)])
+            fam("kata_hypervisor_vcpu", "gauge", "Hypervisor metrics specific to VCPUs' mode of functioning.",
+                [({"item": k}, 0) for k in ("exit_io_in", "exit_io_out", "exit_mmio_read", "exit_mmio_write",
+                                            "failures", "filter_cpuid")])
+            fam("kata_hypervisor_seccomp", "gauge", "Hypervisor metrics for the seccomp filtering.",
+                [({"item": "num_faults"}, 0)])
+            fam("kata_hypervisor_signals", "gauge", "Hypervisor metrics related to signals.",
+                [({"item": "sigbus"}, 0), ({"item": "sigsegv"}, 0)])
+        elif s.hypervisor == "qemu":  # runtime-rs's procfs metrics of the QEMU process
+            proc("kata_hypervisor", "Hypervisor", s.hypervisor_rss, s.hypervisor_cpu_percent,
+                 s.hypervisor_threads, s.hypervisor_fds)
         fam("kata_agent_scrape_count", "counter", "Metrics scrape count", [({}, s.scrapes + 1)])
         fam("kata_agent_threads", "gauge", "Agent process threads", [({}, 5)])
         fam("kata_agent_total_rss", "gauge", "Agent process total rss size", [({}, s.agent_rss)])
