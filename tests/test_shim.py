@@ -109,6 +109,33 @@ def test_runtime_rs_handler_errors_drop_the_connection(tree, method, path, body)
     assert raw_http(tree.paths["rs3333"].shim_socket, req) == b""
 
 
+@pytest.mark.parametrize("hv,has,lacks", [
+    ("dragonball", ["kata_hypervisor_scrape_count ", 'kata_hypervisor_vcpu{item="exit_io_in"}',
+                    'kata_hypervisor_signals{item="sigbus"}'], ["kata_hypervisor_proc_", "kata_hypervisor_netdev"]),
+    ("qemu", ['kata_hypervisor_proc_status{item="vmrss"}', "kata_hypervisor_threads "],
+     ["kata_hypervisor_scrape_count", "kata_hypervisor_netdev"]),
+    ("clh", [], ["kata_hypervisor_"]),
+    ("fc", None, None),
+])
+def test_runtime_rs_metrics_hypervisor_families_as_upstream(hv, has, lacks):
+    """The lab's runtime-rs /metrics appends what each hypervisor's get_hypervisor_metrics
+    gives (shim_mgmt/handlers.rs metrics_url_handler): Dragonball's own families
+    (src/dragonball/src/hypervisor_metrics.rs), QEMU's procfs ones, nothing for Cloud
+    Hypervisor (an Err, unwrap_or_default), and Firecracker's todo!() panics: no answer."""
+    path = f"/tmp/kh{os.getpid()}{hv}.sock"
+    req = b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    from katactl.lab.shimserver import ShimState
+
+    with ShimServer(path, flavour="rs", state=ShimState(hypervisor=hv)):
+        out = raw_http(path, req)
+    if has is None:
+        assert out == b""
+        return
+    body = out.partition(b"\r\n\r\n")[2].decode()
+    assert out.startswith(b"HTTP/1.1 200") and 'kata_shim_proc_status{item="vmrss"}' in body
+    assert all(x in body for x in has) and not any(x in body for x in lacks), body
+
+
 # -- agent-url -------------------------------------------------------------------------
 @pytest.mark.parametrize("ref", ["go1111", "prod/web", "rs33", "batch/batch-0"])
 def test_agent_url(cli, tree, ref):
