@@ -25,8 +25,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Callable
 
-from katactl.errors import (SOCKET_MISSING, SOCKET_REFUSED, KatactlError, NotFound, OperationFailed, ProtocolError,
-                            Refused, TimeoutExpired, UnreachableError, UsageError)
+from katactl.errors import (SOCKET_MISSING, SOCKET_REFUSED, Interrupted, KatactlError, NotFound, OperationFailed,
+                            ProtocolError, Refused, TimeoutExpired, UnreachableError, UsageError)
 from katactl.values import format_size
 from katactl.backends import shape
 from katactl.backends.base import NodeTransport
@@ -590,6 +590,14 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
     path, attempts = open_path(transport, sb, via=via, timeout=timeout)
     try:
         st = _state_with_guest(transport, sb, path, timeout)
+        if wait and st.get("actual") is None:
+            # known before anything is sent: a refusal changes nothing (a request sent and then
+            # "cannot --wait" was a change reported as a failure)
+            raise Refused(f"sandbox {sb.id[:12]}: cannot --wait: the hypervisor does not report the balloon's "
+                          "actual size (Firecracker: balloon statistics are off); nothing was sent",
+                          hint="drop --wait (the target is still checked and set; 'katactl balloon get' shows it), "
+                               "or boot the VM with balloon statistics (Firecracker: stats_polling_interval_s > 0 "
+                               "in PUT /balloon before InstanceStart)")
         mem = int(st["memory"])
         want = plan_target(st, target=target, reclaim=reclaim, release=release)
         warnings: list[str] = []
@@ -673,10 +681,11 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
             else:
                 st = path.state()
         except BaseException as e:
-            if send:
-                audit.record_unfinished("balloon.set", sb.id, node=transport.node, params=params, exc=e, sent=True,
-                                        result=_outcome(e), changed=changed)
-            raise
+            if not send:
+                raise
+            audit.record_unfinished("balloon.set", sb.id, node=transport.node, params=params, exc=e, sent=True,
+                                    result=_outcome(e), changed=changed)
+            raise _after_send(e, sb, changed) from None
         if send:
             audit.record("balloon.set", sb.id, node=transport.node, changed=changed, params=params)
         final = _view(sb, path, {**st, "guest": st.get("guest") or _guestback(view)}, attempts)
@@ -699,6 +708,20 @@ def set(transport: NodeTransport, ref: str | Sandbox, *, target: int | None = No
         return final
     finally:
         path.close()
+
+
+def _after_send(exc: BaseException, sb, changed: bool) -> BaseException:
+    """``exc`` of a run whose request was sent, telling the caller so (docs/output.md
+    "Failures"): ``changed`` on the Error object and ``details.changed``/``requestSent``, or
+    an Ansible ``changed_when`` reading the failed run's JSON hides the change it made."""
+    if isinstance(exc, KeyboardInterrupt):  # (SIGTERM and SIGHUP arrive as it too: katactl.interrupt)
+        exc = Interrupted(f"interrupted: sandbox {sb.id[:12]}: the balloon target was sent, the guest "
+                          "may still be moving to it", hint="katactl balloon get shows where the balloon is")
+    elif not isinstance(exc, KatactlError):
+        return exc  # a bug: its traceback, as it is
+    exc.changed = changed
+    exc.details = {**exc.details, "changed": changed, "requestSent": True}
+    return exc
 
 
 def _rounded(want: int, goal: int, unit: str) -> list[str]:

@@ -27,6 +27,9 @@ class KatactlError(Exception):
     exit_code: ExitCode = ExitCode.FAILED
     #: short machine name used in JSON error objects
     code: str = "Failed"
+    #: a mutating command's failure: whether it changed something before it failed (the
+    #: Error object's top-level ``changed``); None where the command does not say
+    changed: bool | None = None
 
     def __init__(self, message: str, *, hint: str | None = None, details: dict | None = None):
         super().__init__(message)
@@ -36,6 +39,8 @@ class KatactlError(Exception):
 
     def to_dict(self) -> dict:
         d = {"code": self.code, "message": self.message, "exitCode": int(self.exit_code)}
+        if self.changed is not None:
+            d["changed"] = self.changed
         if self.hint:
             d["hint"] = self.hint
         if self.details:

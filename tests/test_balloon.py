@@ -104,6 +104,7 @@ def test_no_balloon_device(lab, cli):
     j = r.json()
     assert j["code"] == "NoBalloon" and "no balloon device" in j["message"]
     assert "reclaim_guest_freed_memory" in j["hint"]
+    assert j["changed"] is False  # a failed mutation says so (review 11, item 3)
 
 
 def test_qmp_sock_held_is_busy(lab, cli):
@@ -135,7 +136,11 @@ def test_wait_timeout_exit_6(lab, cli):
     r = cli(lab.args("balloon", "set", lab.pod("free"), "--target", "200Mi", "--wait", "--timeout", "1s",
                      "-o", "json"))
     assert r.exit_code == 6, r.stderr
-    assert r.json()["code"] == "Timeout"
+    j = r.json()
+    assert j["code"] == "Timeout"
+    # the target was sent: the failure says the run changed the VM (review 11, item 3; the
+    # README's Ansible changed_when reads it)
+    assert j["changed"] is True and j["details"]["changed"] is True and j["details"]["requestSent"] is True, j
     # the audit entry tells the run's outcome, not "ok" for a target set (issue 16, 18)
     e = audit_entries("balloon.set")[-1]
     assert e["result"] == "timeout" and e["changed"] is True and "not reached" in e["error"]
@@ -554,6 +559,26 @@ def test_fc_without_statistics_is_idempotent_from_its_target(lab, cli):
         assert fc_amount_mib(lab) == 724
 
 
+def test_fc_without_statistics_refuses_wait_before_sending(lab, cli):
+    """--wait cannot see a Firecracker balloon without statistics move (GET /balloon/statistics
+    is 400 StatsNotFound, firecracker src/vmm/src/vmm_config/balloon.rs): refused (exit 5)
+    before the PATCH and the audit entry, --dry-run alike (review 11, item 2). It sent the
+    PATCH first and failed with exit 1 after: a change reported as a plain failure."""
+    from katactl.lab.fc_server import FcServer
+
+    pod, sid = lab.pod("fc-0"), lab.id("fc-0")
+    with stand_in(lab, "fc-0", lambda p: FcServer(p, 1024 * MIB, stats_interval=0)):
+        before = fc_amount_mib(lab)
+        for extra in ((), ("--dry-run",)):
+            r = cli(lab.args("balloon", "set", pod, "--target", "300Mi", "--force", "--path", "hypervisor-api",
+                             "--wait", *extra, "-o", "json"))
+            assert r.exit_code == 5, (extra, r.stdout, r.stderr)
+            j = r.json()
+            assert j["code"] == "Refused" and "cannot --wait" in j["message"] and j["changed"] is False, j
+            assert fc_amount_mib(lab) == before
+    assert audit_entries("balloon.set", sid) == []
+
+
 # -- the audit entry of a change that may have landed (review 6, finding 2) --------------------
 def test_kill_9_during_wait_leaves_the_request_in_the_log(lab):
     """The entry is written before the request is sent: kill -9 during --wait (nothing of
@@ -643,6 +668,8 @@ def test_ctrl_c_while_the_set_request_is_in_flight_is_audited(lab):
             if p.poll() is None:
                 p.kill()
     assert p.returncode == 130, (out, err)
+    j = json.loads(out)
+    assert j["code"] == "Interrupted" and j["changed"] is True and j["details"]["requestSent"] is True, j
     es = audit_entries("balloon.set", sid)
     assert [(e["result"], e["requestSent"]) for e in es] == [("requested", True), ("interrupted", True)], es
     assert es[1]["params"]["targetBytes"] == 300 * MIB
@@ -673,7 +700,7 @@ def test_wait_timeout_is_a_deadline_for_each_poll(lab):
     assert r.returncode == 6, (r.stdout, r.stderr)
     j = json.loads(r.stdout)
     assert j["code"] == "Timeout" and "balloon at an unknown size, target 400Mi not reached within 1s" in j["message"]
-    assert j["details"] == {"actualBytes": None, "targetBytes": 400 * MIB}
+    assert j["details"] == {"actualBytes": None, "targetBytes": 400 * MIB, "changed": True, "requestSent": True}
     assert [e["result"] for e in audit_entries("balloon.set", sid)] == ["requested", "timeout"]
 
 

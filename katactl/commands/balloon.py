@@ -1,6 +1,7 @@
 """katactl balloon get | set SANDBOX."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -99,6 +100,24 @@ def _render(app_ctx, res) -> None:
     finish(app_ctx, res)
 
 
+@contextlib.contextmanager
+def _unchanged_on_failure():
+    """A failed ``balloon set`` reports ``changed`` as its success does (docs/output.md
+    "Failures"): false, unless balloon.set says the request was sent."""
+    from katactl.errors import Interrupted, KatactlError
+
+    try:
+        yield
+    except KatactlError as e:
+        if e.changed is None:
+            e.changed = False
+        raise
+    except KeyboardInterrupt:  # before the request (after it, balloon.set made it an Interrupted)
+        err = Interrupted("interrupted")
+        err.changed = False
+        raise err from None
+
+
 @app.command("set")
 def set_(ctx: typer.Context,
          target: str = typer.Argument(..., metavar="SANDBOX", help=SANDBOX_HELP),
@@ -149,41 +168,42 @@ def set_(ctx: typer.Context,
     from katactl.output import Result
     from katactl.values import parse_duration, parse_size
 
-    app_ctx = state(ctx)
-    chosen = [n for n, v in (("--target", size is not None), ("--reclaim", reclaim is not None),
-                             ("--release", release)) if v]
-    if len(chosen) != 1:
-        raise UsageError("give exactly one of --target SIZE, --reclaim SIZE or --release"
-                         + (f" (got {', '.join(chosen)})" if chosen else ""))
-    tgt = parse_size(size, what="--target") if size is not None else None
-    rec = parse_size(reclaim, what="--reclaim") if reclaim is not None else None
-    tol = parse_size(tolerance, what="--tolerance", allow_zero=True)
-    mar = parse_size(margin, what="--margin", allow_zero=True)
-    if wait_timeout is not None and not wait:
-        # a deadline for a wait that never happens would be silently ignored (kubectl
-        # refuses such pairs too): the caller meant --wait, or meant nothing
-        raise UsageError("--timeout needs --wait (it is how long --wait waits)",
-                         hint="add --wait, or drop --timeout")
-    wt = parse_duration(wait_timeout if wait_timeout is not None else "60s", what="--timeout")
-    _check_path(path)
-    settings, ref = sandbox_ref(app_ctx, target)
-    timeout = float(app_ctx.settings.request_timeout)
-    out = app_ctx.out
-    if rec is not None and not dry_run and not sys.stdin.isatty():
-        # a script or Ansible re-run would shrink the guest again each time
-        out.warn(f"--reclaim is relative: every run takes {reclaim} more (not idempotent); "
-                 "use --target SIZE in automation")
+    with _unchanged_on_failure():  # every failure says changed: false, unless the request was sent
+        app_ctx = state(ctx)
+        chosen = [n for n, v in (("--target", size is not None), ("--reclaim", reclaim is not None),
+                                 ("--release", release)) if v]
+        if len(chosen) != 1:
+            raise UsageError("give exactly one of --target SIZE, --reclaim SIZE or --release"
+                             + (f" (got {', '.join(chosen)})" if chosen else ""))
+        tgt = parse_size(size, what="--target") if size is not None else None
+        rec = parse_size(reclaim, what="--reclaim") if reclaim is not None else None
+        tol = parse_size(tolerance, what="--tolerance", allow_zero=True)
+        mar = parse_size(margin, what="--margin", allow_zero=True)
+        if wait_timeout is not None and not wait:
+            # a deadline for a wait that never happens would be silently ignored (kubectl
+            # refuses such pairs too): the caller meant --wait, or meant nothing
+            raise UsageError("--timeout needs --wait (it is how long --wait waits)",
+                             hint="add --wait, or drop --timeout")
+        wt = parse_duration(wait_timeout if wait_timeout is not None else "60s", what="--timeout")
+        _check_path(path)
+        settings, ref = sandbox_ref(app_ctx, target)
+        timeout = float(app_ctx.settings.request_timeout)
+        out = app_ctx.out
+        if rec is not None and not dry_run and not sys.stdin.isatty():
+            # a script or Ansible re-run would shrink the guest again each time
+            out.warn(f"--reclaim is relative: every run takes {reclaim} more (not idempotent); "
+                     "use --target SIZE in automation")
 
-    def run(transport: NodeTransport, sb):
-        with out.progress(f"balloon {sb.id[:12]}", total=None, unit="bytes") as bar:
-            def progress(ev):
-                out.event("BalloonProgress", sandbox=sb.id, **ev)
-                span = abs(ev["startBytes"] - ev["targetBytes"]) or 1
-                bar.update(completed=span - abs(ev["actualBytes"] - ev["targetBytes"]), total=span)
+        def run(transport: NodeTransport, sb):
+            with out.progress(f"balloon {sb.id[:12]}", total=None, unit="bytes") as bar:
+                def progress(ev):
+                    out.event("BalloonProgress", sandbox=sb.id, **ev)
+                    span = abs(ev["startBytes"] - ev["targetBytes"]) or 1
+                    bar.update(completed=span - abs(ev["actualBytes"] - ev["targetBytes"]), total=span)
 
-            return balloon.set(transport, sb, target=tgt, reclaim=rec, release=release, wait=wait, wait_timeout=wt,
-                               tolerance=tol, margin=mar, force=force, dry_run=dry_run, via=path,
-                               timeout=timeout, progress=progress)
+                return balloon.set(transport, sb, target=tgt, reclaim=rec, release=release, wait=wait, wait_timeout=wt,
+                                   tolerance=tol, margin=mar, force=force, dry_run=dry_run, via=path,
+                                   timeout=timeout, progress=progress)
 
-    node, sb, item = sandbox.on_sandbox(settings, ref, run, require_live=False)
+        node, sb, item = sandbox.on_sandbox(settings, ref, run, require_live=False)
     _render(app_ctx, Result.mutation("BalloonChange", {"node": node, **item}, name_key="sandbox"))
