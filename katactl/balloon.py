@@ -331,12 +331,33 @@ class _FcPath(_ApiPath):
         return eff
 
 
-def _extra_monitor_protocol(sb) -> str | None:
-    try:
-        v = sb.raw["Config"]["HypervisorConfig"].get("ExtraMonitorSocket")
-    except (TypeError, KeyError, AttributeError):
+#: QEMU's options that serve a monitor on a chardev, and the protocol each speaks
+_MONITOR_OPTIONS = {"monitor": "hmp", "qmp": "qmp", "qmp-pretty": "qmp-pretty"}
+
+
+def _extra_monitor_protocol(transport: NodeTransport, sb) -> str | None:
+    """What the VMM serves on extra-monitor.sock, from its command line: govmm passes
+    ``-monitor unix:path=<sock>,server=on,wait=off`` for hmp and ``-qmp`` for qmp
+    (kata-containers src/runtime/pkg/govmm/qemu/qemu.go appendQMPSockets; older releases
+    ``unix:<sock>,server,nowait``). The Go runtime does not persist extra_monitor_socket
+    (virtcontainers/sandbox.go dumpConfig) and the configuration may not resolve; the
+    process always tells. None when it cannot be read or names no such monitor."""
+    if not sb.hypervisor_pid:
         return None
-    return str(v) if v else None
+    try:
+        raw = transport.read_bytes(f"/proc/{int(sb.hypervisor_pid)}/cmdline", limit=1 << 20)
+    except (OSError, KatactlError):
+        return None
+    argv = raw.decode(errors="replace").split("\0")
+    for opt, val in zip(argv, argv[1:], strict=False):  # each option with the word after it
+        proto = _MONITOR_OPTIONS.get(opt.lstrip("-")) if opt.startswith("-") else None
+        if proto is None:
+            continue
+        # "unix:path=/run/vc/vm/<id>/extra-monitor.sock,server=on,..." or "unix:/run/...,server,..."
+        where = val.removeprefix("unix:").split(",")[0].removeprefix("path=")
+        if where.rsplit("/", 1)[-1] == "extra-monitor.sock":
+            return proto
+    return None
 
 
 def open_path(transport: NodeTransport, sb, *, via: str = "auto", timeout: float = 10.0) -> tuple[_Path, list[dict]]:
@@ -395,7 +416,7 @@ def open_path(transport: NodeTransport, sb, *, via: str = "auto", timeout: float
             tried("hypervisor-api", f"{hv or 'unknown hypervisor'} has no multi-client HTTP API")
     if hv == "qemu":
         if "extra-monitor" in want:
-            proto = _extra_monitor_protocol(sb)
+            proto = _extra_monitor_protocol(transport, sb) if sb.extra_monitor_socket else None
             if not sb.extra_monitor_socket:
                 tried("extra-monitor", "no extra-monitor.sock (extra_monitor_socket is not configured)")
             elif proto and proto.lower() not in ("qmp", "qmp-pretty"):

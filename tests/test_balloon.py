@@ -858,3 +858,57 @@ def test_old_balloon_via_value_points_at_path(cli):
     r = cli(["-N", "127.0.0.1:2", "balloon", "get", "abc", "--via", "extra-monitor"])
     assert r.exit_code == 2
     assert "hint:" in r.stderr and "--path extra-monitor" in r.stderr, r.stderr
+
+
+# -- the extra monitor's protocol, from the VMM's command line (review 11, item 5) -------------
+@pytest.mark.parametrize("flag,spelling", [("-monitor", "unix:path={},server=on,wait=off"),  # govmm today
+                                           ("-monitor", "unix:{},server,nowait")])           # older govmm
+def test_hmp_extra_monitor_is_known_from_the_vmm_command_line(cli, tmp_path, flag, spelling):
+    """The Go runtime never persists ExtraMonitorSocket (virtcontainers dumpConfig), so with no
+    Kata configuration readable an HMP extra-monitor.sock was probed as QMP: exit 7 with "not
+    QMP (bad JSON line ...)". govmm passes -monitor for hmp and -qmp for qmp (kata-containers
+    src/runtime/pkg/govmm/qemu/qemu.go appendQMPSockets): the VMM's /proc/PID/cmdline says it,
+    and the HMP monitor is not even connected to."""
+    import socket
+    import tempfile
+    import threading
+
+    from katactl.lab import layout as L
+
+    root = str(tmp_path)
+    sid = L.sandbox_id_for(5, "hmp")
+    node_sock = f"/run/vc/vm/{sid}/extra-monitor.sock"
+    # the VMM: a real process with QEMU's command line (it waits on its stdin)
+    vmm = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "-name", "sandbox-x",
+                            flag, spelling.format(node_sock)], stdin=subprocess.PIPE)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        p = L.write_go_sandbox(root, sid, hypervisor="qemu", pid=vmm.pid, extra_monitor_socket=True)
+        L.link_host_views(root)
+        # an HMP monitor on it, as QEMU serves -monitor (bound short, then moved: sun_path is 108 bytes)
+        short = tempfile.mktemp(prefix="hmp", dir="/tmp")
+        srv.bind(short)
+        srv.listen(4)
+        os.makedirs(os.path.dirname(p.real(node_sock)), exist_ok=True)
+        os.rename(short, p.real(node_sock))
+        accepted = []
+
+        def serve():
+            while True:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                accepted.append(c)
+                c.sendall(b"QEMU 8.2.2 monitor - type 'help' for more information\r\n(qemu) ")
+
+        threading.Thread(target=serve, daemon=True).start()
+        r = cli(["--host-root", root, "--request-timeout", "2s", "balloon", "get", sid[:12], "-o", "json"])
+        assert r.exit_code == 7, (r.stdout, r.stderr)
+        attempts = {a["path"]: a["result"] for a in r.json()["details"]["attempts"]}
+        assert attempts["extra-monitor"] == "extra-monitor.sock speaks hmp, not QMP", attempts
+        assert accepted == []
+    finally:
+        srv.close()
+        vmm.kill()
+        vmm.communicate()
