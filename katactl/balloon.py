@@ -529,7 +529,8 @@ def _view(sb, path: _Path, st: dict, attempts: list[dict]) -> dict:
     g = st.get("guest")
     return {
         "sandbox": sb.id,
-        "pod": sb.pod_ref,
+        "pod": sb.pod,
+        "podRef": sb.pod_ref,
         "hypervisor": sb.hypervisor,
         "path": path.name,
         "memoryBytes": st.get("memory"),

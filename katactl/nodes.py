@@ -1309,8 +1309,8 @@ def stale_release_pods(transport: NodeTransport, kata_root: str = "/opt/kata"
     """((namespace, name) of the pods whose sandbox runs a release other than current,
     the current release): what ``drain --stale-release`` and ``recycle-stale`` evict."""
     current, stale = stale_sandboxes(transport, kata_root)
-    pods = {(s["pod"].split("/", 1)[0], s["pod"].split("/", 1)[1]) for s in stale
-            if s.get("pod") and "/" in s["pod"]}
+    pods = {(s["pod"]["namespace"], s["pod"]["name"]) for s in stale
+            if s.get("pod") and s["pod"].get("namespace") and s["pod"].get("name")}
     return pods, current
 
 
@@ -1322,7 +1322,8 @@ def check_node_facts(name: str, facts: dict) -> list[dict]:
         out.append(_finding("medium", "kata-stale-sandboxes", name,
                             f"{len(stale)} sandbox(es) still run another release than {facts.get('current')}: "
                             "node drain --kata-only --stale-release retires them",
-                            sandboxes=[{"id": s["id"], "pod": s.get("pod"), "releases": s["releases"]}
+                            sandboxes=[{"id": s["id"], "pod": s.get("pod"), "podRef": s.get("podRef"),
+                                        "releases": s["releases"]}
                                        for s in stale]))
     dumps = facts.get("uncollectedVmcores")
     if dumps:

@@ -71,7 +71,7 @@ class LabHandle:
         return self.sb(name)["id"]
 
     def pod(self, name: str) -> str:
-        return self.sb(name)["pod"]
+        return self.sb(name)["podRef"]
 
     def real(self, node_path: str) -> str:
         return os.path.join(self.root, node_path.lstrip("/"))

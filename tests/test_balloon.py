@@ -208,7 +208,7 @@ def test_vm_exits_mid_wait(lab):
     sb = lab.sb("doomed")
     # --force: a guest that never booted has no statistics, so shrinking it needs --force
     p = subprocess.Popen([sys.executable, "-m", "katactl", *lab.args(
-        "balloon", "set", sb["pod"], "--target", "200Mi", "--force", "--wait", "--timeout", "60s", "-o", "jsonl")],
+        "balloon", "set", sb["podRef"], "--target", "200Mi", "--force", "--wait", "--timeout", "60s", "-o", "jsonl")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # kill QEMU once the wait has started (the balloon is pending: no guest driver); the first
     # progress event says so (the audit entry is written with the final outcome, at the end)
@@ -585,7 +585,7 @@ def test_kill_9_during_wait_leaves_the_request_in_the_log(lab):
     katactl runs after it) still leaves the change QEMU got in the log."""
     sb = lab.sb("free")  # no guest: the request stays pending, the wait never ends by itself
     p = subprocess.Popen([sys.executable, "-m", "katactl", *lab.args(
-        "balloon", "set", sb["pod"], "--target", "150Mi", "--force", "--wait", "--timeout", "60s", "-o", "jsonl")],
+        "balloon", "set", sb["podRef"], "--target", "150Mi", "--force", "--wait", "--timeout", "60s", "-o", "jsonl")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = p.stdout.readline()

@@ -40,7 +40,8 @@ def test_bvt_tree_with_qos_and_expected(cli, node_v1):
     assert by["/kubepods"]["bvtWarpNs"] == 0 and by["/kubepods/besteffort"]["expected"] == -1
     sb = info["sandboxes"][0].sandbox_id
     kata = [i for i in d["items"] if i["level"] == "sandbox" and i["sandbox"] == sb][0]
-    assert kata["class"] == "offline" and kata["bvtWarpNs"] == -1 and kata["ok"] is True and kata["pod"] == "batch/batch-0"
+    assert kata["class"] == "offline" and kata["bvtWarpNs"] == -1 and kata["ok"] is True and kata["podRef"] == "batch/batch-0"
+    assert (kata["pod"]["namespace"], kata["pod"]["name"]) == ("batch", "batch-0") and "uid" in kata["pod"]
     online = [i for i in d["items"] if i["level"] == "pod" and i["qos"] == "burstable"]
     assert len(online) == 3 and all(i["bvtWarpNs"] == 2 and i["class"] == "online" for i in online)
 
@@ -94,6 +95,7 @@ def test_rdt_groups_decoded_with_sandboxes(cli, node_v1):
     assert be["tasks"] == 4 and be["mon"]["mon_L3_02"]["llc_occupancy"] == 1 << 20
     assert {s["id"] for s in be["sandboxes"]} == {s.sandbox_id for s in info["sandboxes"]}
     assert all(s["vcpus"] == 2 for s in be["sandboxes"])
+    assert all(s["podRef"] == f"{s['pod']['namespace']}/{s['pod']['name']}" for s in be["sandboxes"])
     assert g["BE/mon_groups/batch"]["type"] == "mon" and g["BE/mon_groups/batch"]["parent"] == "BE"
     r = cli(["--host-root", root, "inspect", "rdt"])
     assert r.exit_code == 0 and "0=0xf(4w 36.4%)" in r.stdout and "11 ways" in r.stderr

@@ -95,3 +95,43 @@ def test_markdown_on_the_lab(lab, cli, args):
         return
     assert [c.strip() for c in lines[0].strip("|").split("|")] == wide.stdout.splitlines()[0].split()
     assert len(lines) - 2 == len(wide.stdout.splitlines()) - 1
+
+
+def _with_pod(doc):
+    """Every object in doc that has a "pod" key."""
+    if isinstance(doc, dict):
+        if "pod" in doc:
+            yield doc
+        for v in doc.values():
+            yield from _with_pod(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _with_pod(v)
+
+
+# (args, whether pod was the "NS/NAME" string there: those also carry it as podRef)
+POD_READS = [
+    (["sandbox", "list"], False), (["sandbox", "inspect", "{pod}"], False), (["top"], False),
+    (["overhead"], True), (["inspect", "cgroup", "{pod}"], False),
+    (["balloon", "get", "{pod}"], True), (["balloon", "set", "{pod}", "--target", "300Mi", "--dry-run"], True),
+    (["vmcore", "trigger", "{pod}", "--dry-run"], True),
+    (["inspect", "pressure", "--interval", "0.2s"], True),  # rdt, bvt: test_inspect_fixtures
+    (["upgrade", "status"], True), (["lab", "status", "--root", "{root}"], True),
+]
+
+
+@pytest.mark.parametrize("args,ref", POD_READS, ids=lambda a: " ".join(a) if isinstance(a, list) else str(a))
+def test_pod_is_one_object_everywhere(lab, cli, args, ref):
+    """`pod` was the object {name, namespace, uid} in sandbox list, top and overhead but the
+    string "NS/NAME" in balloon, the isolation reports, vmcore and upgrade status: `jq
+    .pod.name` worked on one and not the other (review 11, finding 9). Now the object
+    everywhere, with that string beside it as `podRef` where it was the string."""
+    pod = lab.pod("qemu-0")
+    r = cli(["--host-root", lab.root, "-o", "json", *[a.format(pod=pod, root=lab.root) for a in args]])
+    assert r.exit_code in (0, 1), r.stderr  # 1: a lab node lacks some isolation feature (warnings)
+    found = [o for o in _with_pod(_check_json(r)) if o["pod"] is not None]
+    assert found, r.stdout
+    for o in found:
+        assert set(o["pod"]) == {"name", "namespace", "uid"}, o
+        if ref or "podRef" in o:
+            assert o["podRef"] == f"{o['pod']['namespace']}/{o['pod']['name']}", o

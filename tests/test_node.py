@@ -656,7 +656,8 @@ def test_stale_release_drain_evicts_only_pods_on_the_old_release(cli, kube, kc, 
         assert r.exit_code == 0, r.stderr
         found = {f["check"]: f for f in r.json()["items"]}
         assert found["kata-release"]["message"].endswith(B)
-        assert [s["id"] for s in found["kata-stale-sandboxes"]["sandboxes"]] == [sid_a]
+        [stale] = found["kata-stale-sandboxes"]["sandboxes"]
+        assert stale["id"] == sid_a and stale["podRef"] == f"offline/{stale['pod']['name']}"
 
         r = cli(["--kubeconfig", kc, "--host-root", str(node), "node", "drain", "n1", "--stale-release",
                  "--grace-period", "0", "--timeout", "30s", "-o", "json"])

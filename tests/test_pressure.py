@@ -104,7 +104,8 @@ def test_pressure_v2_rates_summary_and_evidence(cli, v2node):
     assert hit["io"]["devices"] == [{"device": "8:16", "name": "sdb", "readBytesPerSec": 1048576.0,
                                      "writeBytesPerSec": 1048576.0, "readIops": 256.0, "writeIops": 256.0}]
     sb0 = rows[("pod", sbs[0]["pod"])]
-    assert sb0["class"] == "offline" and sb0["sandbox"] == sbs[0]["id"] and sb0["pod"] == "batch/batch-0"
+    assert sb0["class"] == "offline" and sb0["sandbox"] == sbs[0]["id"] and sb0["podRef"] == "batch/batch-0"
+    assert (sb0["pod"]["namespace"], sb0["pod"]["name"]) == ("batch", "batch-0") and "uid" in sb0["pod"]
     assert sb0["memory"]["pgscanDirectPerSec"] == 1000.0 and sb0["memory"]["pgstealDirectPerSec"] == 500.0
     assert sb0["memory"]["events"]["oomKill"] == 1 and sb0["memory"]["events"]["max"] == 2
     assert rows[("overhead", sbs[0]["overhead"])]["cpu"]["usageCores"] == 0.1
@@ -124,7 +125,8 @@ def test_pressure_v2_rates_summary_and_evidence(cli, v2node):
     top = s["topSandboxes"]
     # pod cgroup (which holds kata_<id>) + kata_overhead/<id>
     assert [x["sandbox"] for x in top] == [sbs[0]["id"], sbs[1]["id"]]
-    assert top[0]["value"] == 1.6 and top[0]["unit"] == "cores" and top[0]["pod"] == "batch/batch-0"
+    assert top[0]["value"] == 1.6 and top[0]["unit"] == "cores" and top[0]["podRef"] == "batch/batch-0"
+    assert top[0]["pod"] == sb0["pod"]
     _signals(root, built, 0)
     r = cli(["--host-root", root, "inspect", "pressure"])  # the summary line (stderr) of the human view
     assert r.exit_code == 0, r.stderr

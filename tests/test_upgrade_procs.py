@@ -88,7 +88,8 @@ def test_running_sandboxes_survive_switch_status_attributes_gc_waits(cli, lab):
     a = sbs[sid_a]
     assert (a["shimPid"], a["shimRelease"], a["hypervisorRelease"], a["assetsRelease"]) == \
         (shim_a.pid, A, A, A)
-    assert a["pod"] == f"offline/batch-{sid_a[:4]}" and a["hypervisorRunning"] is True
+    assert a["podRef"] == f"offline/batch-{sid_a[:4]}" and a["hypervisorRunning"] is True
+    assert (a["pod"]["namespace"], a["pod"]["name"]) == ("offline", f"batch-{sid_a[:4]}") and "uid" in a["pod"]
     assert sbs[sid_b]["shimRelease"] == B and sbs[sid_b]["assetsRelease"] == B
     rels = {r["version"]: r for r in st["releases"]}
     assert sorted(rels[A]["processes"]) == sorted([shim_a.pid, hv_a.pid])

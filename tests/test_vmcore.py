@@ -125,7 +125,10 @@ def test_list_reads_dump_path_from_dropin_and_shows_metadata(cli, tree):
     assert d["kind"] == "VmcoreList"
     [it] = d["items"]
     assert it["name"] == f"{SID}/vmcore-{TS}.elf" and it["sandbox"] == SID
-    assert it["pod"] == "default/web-0" and it["format"] == "elf" and it["status"] == "ok"
+    assert it["format"] == "elf" and it["status"] == "ok"
+    # the pod object of sandbox list, and its "NS/NAME" (review 11, finding 9)
+    assert it["podRef"] == "default/web-0" and set(it["pod"]) == {"name", "namespace", "uid"}
+    assert (it["pod"]["namespace"], it["pod"]["name"]) == ("default", "web-0")
     assert it["time"] == "2024-01-02T03:04:05.120Z"   # no /etc/localtime on the node: UTC (Go's rule)
     assert it["hypervisorVersion"].startswith("QEMU emulator version 7.2")
     assert it["collected"] is False and it["loadSegments"] == 1
@@ -147,7 +150,8 @@ def test_pod_from_pod_logs_when_bundle_is_gone(cli, tmp_path):
     os.makedirs(os.path.join(root, "var/log/pods/prod_api-7_0d3c2b1a-1111-2222-3333-444455556666"))
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     [it] = r.json()["items"]
-    assert it["pod"] == "prod/api-7" and it["podUid"] == "0d3c2b1a-1111-2222-3333-444455556666"
+    assert it["podRef"] == "prod/api-7" and it["podUid"] == "0d3c2b1a-1111-2222-3333-444455556666"
+    assert it["pod"] == {"name": "api-7", "namespace": "prod", "uid": "0d3c2b1a-1111-2222-3333-444455556666"}
 
 
 def test_incomplete_dump_is_flagged(cli, tmp_path):
@@ -322,7 +326,7 @@ def test_collect_copies_dump_metadata_and_manifest(cli, tree, tmp_path):
     p = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     m = json.loads((dest / "manifest.json").read_text())
-    assert m["pod"] == "default/web-0" and m["files"][f"vmcore-{TS}.elf"]["verified"] is True
+    assert m["podRef"] == "default/web-0" and m["pod"]["name"] == "web-0" and m["files"][f"vmcore-{TS}.elf"]["verified"] is True
     assert not list(dest.glob("*.partial*"))
     # dumps are mostly zero pages: the local copy stays sparse
     assert os.stat(copied).st_blocks * 512 < os.path.getsize(copied)
@@ -741,7 +745,7 @@ def test_old_katactl_dump_layout_still_maps_to_the_pod(cli, tmp_path):
     os.makedirs(os.path.join(root, "var/log/pods/prod_api-7_0d3c2b1a-1111-2222-3333-444455556666"))
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     [it] = r.json()["items"]
-    assert it["pod"] == "prod/api-7"
+    assert it["podRef"] == "prod/api-7" and it["pod"]["name"] == "api-7"
 
 
 # -- a kata-deploy node: each runtime handler has its own configuration and config.d ----------
@@ -776,7 +780,7 @@ def test_list_on_kata_deploy_reads_the_handlers_config_d(cli, tmp_path, sandbox)
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     [it] = r.json()["items"]
-    assert it["path"] == f"{DUMP_PATH}/{SID}/vmcore-{TS}.elf" and it["pod"] == "default/web-0"
+    assert it["path"] == f"{DUMP_PATH}/{SID}/vmcore-{TS}.elf" and it["podRef"] == "default/web-0"
     # --kata-config FILE stays the explicit override: that file (with its config.d) only
     r = cli(["--host-root", root, "vmcore", "list", "--kata-config", hs["kata-clh"].config_path])
     assert r.exit_code == 3 and "guest_memory_dump_path is not set in" in r.stderr

@@ -69,7 +69,7 @@ def test_guest_panic_dump_list_collect(cli, lab, panicked, tmp_path):
     r = cli(lab.args("vmcore", "list", "-o", "json"))
     assert r.exit_code == 0, r.stderr
     [it] = [i for i in r.json()["items"] if i["path"] == path]
-    assert it["pod"] == lab.pod("panic") and it["status"] == "ok" and it["collected"] is False
+    assert it["podRef"] == lab.pod("panic") and it["pod"] == lab.sb("panic")["pod"] and it["status"] == "ok" and it["collected"] is False
     assert it["time"].endswith("Z") and it["time"].replace("-", "").replace(":", "").replace("T", "")[:14] == \
         os.path.basename(path)[len("vmcore-"):][:14]          # the lab node has no /etc/localtime: UTC
 

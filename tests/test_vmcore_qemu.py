@@ -119,7 +119,7 @@ def test_trigger_elf_on_live_qemu_gives_valid_core(cli, qnode):
     # and list sees it, with the pod
     r = cli(["--host-root", root, "vmcore", "list", "-o", "json"])
     it = [i for i in r.json()["items"] if i["path"] == d["path"]][0]
-    assert it["status"] == "ok" and it["pod"] == "default/web-0" and it["loadSegments"] == len(core["loads"])
+    assert it["status"] == "ok" and it["podRef"] == "default/web-0" and it["loadSegments"] == len(core["loads"])
 
 
 def test_trigger_kdump_zlib(cli, qnode):

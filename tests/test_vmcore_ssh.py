@@ -30,7 +30,7 @@ def test_list_and_collect_over_ssh(cli, vnode, tmp_path):
     r = cli(_args(vnode, "vmcore", "list", "-o", "json"))
     assert r.exit_code == 0, r.stderr
     [it] = r.json()["items"]
-    assert it["node"] == "vmc" and it["pod"] == "default/web-0"
+    assert it["node"] == "vmc" and it["podRef"] == "default/web-0" and it["pod"]["name"] == "web-0"
     r = cli(_args(vnode, "vmcore", "collect", "--to", str(tmp_path / "o"), "--verify", "-o", "json"))
     assert r.exit_code == 0, r.stderr
     [c] = r.json()["items"]

@@ -33,7 +33,7 @@ def _columns():
     from katactl.output import Column
     from katactl.values import format_size
 
-    return [Column("SANDBOX", lambda i: (i.get("sandbox") or "")[:12]), Column("POD", "pod"),
+    return [Column("SANDBOX", lambda i: (i.get("sandbox") or "")[:12]), Column("POD", "podRef"),
             Column("HYPERVISOR", "hypervisor"), Column("PATH", "path"),
             Column("MEMORY", "memoryBytes", fmt=format_size), Column("TARGET", "targetBytes", fmt=format_size),
             Column("ACTUAL", "actualBytes", fmt=format_size),
@@ -46,7 +46,7 @@ def _human(item: dict) -> dict:
     from katactl.values import format_size
 
     g = item.get("guest") or {}
-    out = {"sandbox": item.get("sandbox"), "pod": item.get("pod"), "hypervisor": item.get("hypervisor"),
+    out = {"sandbox": item.get("sandbox"), "pod": item.get("podRef"), "hypervisor": item.get("hypervisor"),
            "path": item.get("path"), "memory": format_size(item.get("memoryBytes")),
            "target": format_size(item.get("targetBytes")) if item.get("targetBytes") is not None
            else "unknown (QEMU does not report it)",

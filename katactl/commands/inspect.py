@@ -120,7 +120,7 @@ def bvt_cmd(ctx: typer.Context) -> None:
     from katactl.output import Column
 
     cols = [Column("CGROUP", "path"), Column("LEVEL", "level"), Column("QOS", "qos"), Column("CLASS", "class"),
-            Column("POD", "pod"), Column("BVT", "bvtWarpNs"), Column("EXPECTED", "expected"), Column("OK", "ok"),
+            Column("POD", "podRef"), Column("BVT", "bvtWarpNs"), Column("EXPECTED", "expected"), Column("OK", "ok"),
             Column("IDENTITY", "identity", wide=True), Column("SHARES", "shares", wide=True),
             Column("WEIGHT", "weight", wide=True)]
 
@@ -159,7 +159,7 @@ def memcg_cmd(ctx: typer.Context) -> None:
     def sz(v):
         return v if isinstance(v, str) else format_size(v)
 
-    cols = [Column("CGROUP", "path"), Column("QOS", "qos"), Column("CLASS", "class"), Column("POD", "pod"),
+    cols = [Column("CGROUP", "path"), Column("QOS", "qos"), Column("CLASS", "class"), Column("POD", "podRef"),
             Column("PRIO", "priority"), Column("PRIO-OOM", "usePriorityOom"), Column("OOM-GROUP", "oomGroup"),
             Column("WMARK%", "wmarkRatio"), Column("MIN-ADJ", "wmarkMinAdj"),
             Column("LIMIT", "limit", fmt=sz), Column("USAGE", "usage", fmt=sz),

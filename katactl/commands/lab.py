@@ -17,7 +17,7 @@ def _columns():
     from katactl.output import Column
     from katactl.values import format_size
 
-    return [Column("NAME", "name"), Column("SANDBOX", lambda i: i["id"][:12]), Column("POD", "pod"),
+    return [Column("NAME", "name"), Column("SANDBOX", lambda i: i["id"][:12]), Column("POD", "podRef"),
             Column("HYPERVISOR", "hypervisor"), Column("STATUS", "status"),
             Column("MEMORY", "memoryBytes", fmt=format_size),
             Column("QEMU-PID", "qemuPid", wide=True), Column("ID", "id", wide=True)]

@@ -187,7 +187,7 @@ def status(
         if sandboxes:
             fan_out_list(app_ctx, lambda t: _status(app_ctx, t, layout)["sandboxes"], kind="UpgradeSandboxList",
                          name_key="id", columns=[
-                             Column("SANDBOX", "id"), Column("POD", "pod"), Column("SHIM-PID", "shimPid"), Column("SHIM", "shimRelease"),
+                             Column("SANDBOX", "id"), Column("POD", "podRef"), Column("SHIM-PID", "shimPid"), Column("SHIM", "shimRelease"),
                              Column("HV-PID", "hypervisorPid"), Column("HYPERVISOR", "hypervisorRelease"),
                              Column("ASSETS", "assetsRelease"), Column("RUNTIME", "runtime", wide=True)])
             return

@@ -22,7 +22,7 @@ def _columns():
     from katactl.output import Column
     from katactl.values import format_size
 
-    return [Column("NAME", "name"), Column("POD", "pod"), Column("SIZE", "size", fmt=format_size),
+    return [Column("NAME", "name"), Column("POD", "podRef"), Column("SIZE", "size", fmt=format_size),
             Column("TIME", "time"), Column("FORMAT", "format", wide=True), Column("STATUS", "status"),
             Column("HYPERVISOR", "hypervisorVersion", wide=True), Column("COLLECTED", "collected")]
 

@@ -58,8 +58,8 @@ def _ev(row: dict, fname: str, value) -> dict:
 
 
 def _target(row: dict) -> str:
-    if row.get("pod"):
-        return f"pod {row['pod']}" + (f" ({row['level']})" if row["level"] not in ("pod",) else "")
+    if row.get("podRef"):
+        return f"pod {row['podRef']}" + (f" ({row['level']})" if row["level"] not in ("pod",) else "")
     if row.get("podUid"):
         return f"pod uid {row['podUid']}" + (f" ({row['level']})" if row["level"] != "pod" else "")
     return row["path"]

@@ -147,18 +147,24 @@ class Target:
     role: str                 # node | pod | sandbox | overhead | cgroup
     cls: str | None           # online | offline | system
     path: str | None          # cgroup path; None for the node
-    pod: str | None = None
+    pod: dict | None = None   # the sandbox's {name, namespace, uid}, as in sandbox list
     pod_uid: str | None = None
     sandbox: str | None = None
+
+    @property
+    def pod_ref(self) -> str | None:
+        from katactl.sandbox import pod_ref
+
+        return pod_ref(self.pod)
 
     @property
     def label(self) -> str:
         if self.role == "node":
             return "node"
         if self.role in ("sandbox", "overhead") or (self.role == "pod" and self.sandbox):
-            who = self.pod or (self.sandbox or "")[:12]
+            who = self.pod_ref or (self.sandbox or "")[:12]
             return f"{who} ({self.role})"
-        return self.pod or (f"pod uid {self.pod_uid}" if self.pod_uid else self.path or "")
+        return self.pod_ref or (f"pod uid {self.pod_uid}" if self.pod_uid else self.path or "")
 
 
 def default_targets(node) -> list[Target]:
@@ -188,7 +194,7 @@ def sandbox_targets(node, sb) -> list[Target]:
     pod = cg.pod_cgroup_path(sp) if sp else None
     uid = (sb.pod or {}).get("uid")
     out = []
-    kw = {"pod": sb.pod_ref, "pod_uid": uid, "sandbox": sb.id}
+    kw = {"pod": sb.pod, "pod_uid": uid, "sandbox": sb.id}
     if pod and pod != sp:
         out.append(Target("pod", "offline", pod, **kw))
     if sp:
@@ -351,7 +357,8 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample,
     """One target's row. ``disks``: the node's physical disks (io.physical_disks), which
     alone make the node row's I/O (None: judged by device name)."""
     dt = s2.at - s1.at
-    row: dict = {"target": tg.label, "role": tg.role, "class": tg.cls, "pod": tg.pod, "podUid": tg.pod_uid,
+    row: dict = {"target": tg.label, "role": tg.role, "class": tg.cls, "pod": tg.pod, "podRef": tg.pod_ref,
+                 "podUid": tg.pod_uid,
                  "sandbox": tg.sandbox, "path": tg.path}
     unsupported, unreadable, ev = [], [], {}
     got: dict[str, tuple] = {}
@@ -657,7 +664,8 @@ def _usage(rows: list[dict], res: str) -> list[dict]:
                 isinstance(x, (int, float)) for x in parts) else None
         if not isinstance(v, (int, float)):
             continue
-        e = per.setdefault(r["sandbox"], {"sandbox": r["sandbox"], "pod": r.get("pod"), "parts": {}})
+        e = per.setdefault(r["sandbox"], {"sandbox": r["sandbox"], "pod": r.get("pod"),
+                                          "podRef": r.get("podRef"), "parts": {}})
         e["parts"][r["role"]] = v
     out = []
     for e in per.values():
@@ -713,7 +721,7 @@ def summary_line(meta: dict) -> str:
             from katactl.values import format_size
             return format_size(int(x["value"])) + ("/s" if x["unit"] == "bytes/s" else "")
         line += (f"; top Kata sandboxes by {s['contended']}: "
-                 + ", ".join(f"{x['pod'] or x['sandbox'][:12]} {fmt(x)}" for x in tops))
+                 + ", ".join(f"{x['podRef'] or x['sandbox'][:12]} {fmt(x)}" for x in tops))
     fo = meta.get("failOn")
     if fo:
         line += f"; --fail-on {'passed' if fo['passed'] else 'FAILED: ' + str(len(fo['violations'])) + ' violations'}"

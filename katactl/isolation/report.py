@@ -222,7 +222,7 @@ def kube_rows(node: Node, sections=("cpu",), only: set[str] | None = None) -> li
             sb = next((s for s in node.sandboxes if s.id == e["sandbox"]), None)
         row = {"path": path, "level": e["level"], "qos": e.get("qos"), "podUid": e.get("podUid"),
                "sandbox": sb.id if sb is not None else e.get("sandbox"),
-               "pod": (sb.pod_ref if sb is not None else None),
+               "pod": (sb.pod if sb is not None else None), "podRef": (sb.pod_ref if sb is not None else None),
                "class": workload_class(e, sb)}
         for s in sections:
             row.update({k: v for k, v in knobs.get(s, {}).items()})
@@ -390,7 +390,7 @@ def _attach_sandboxes(node: Node, tree: dict) -> None:
             if known:
                 c["vcpus"] += th["role"] == "vcpu"
         for gname, c in counts.items():
-            by_group.setdefault(gname, []).append({"id": sb.id, "pod": sb.pod_ref, **c})
+            by_group.setdefault(gname, []).append({"id": sb.id, "pod": sb.pod, "podRef": sb.pod_ref, **c})
     for g in tree["groups"]:
         if g["type"] != "mon":
             g["sandboxes"] = by_group.get(g["name"], [])

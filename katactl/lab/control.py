@@ -336,11 +336,14 @@ def _up(root: str, specs: list[dict], kernel: str | None, *, timeout: float, die
                       hint="give another --root, or remove that directory")
     leftovers = os.path.isdir(p["dir"])  # a dead lab's
     if dry_run:
+        from katactl.lab.daemon import pod_of_spec
+        from katactl.sandbox import pod_ref
+
         return {"apiVersion": "katactl/v1", "kind": "Lab", "root": root, "pid": None, "status": "planned",
                 "kernel": kernel, "removesDeadLab": leftovers,
                 "sandboxes": [{"name": s["name"], "id": s["id"], "hypervisor": s.get("hypervisor", "qemu"),
                                "status": "planned", "memoryBytes": int(s.get("memory_mib", 512)) << 20,
-                               "pod": f"{s.get('namespace', 'lab')}/{s.get('pod', s['name'])}"}
+                               "pod": pod_of_spec(s), "podRef": pod_ref(pod_of_spec(s))}
                               for s in specs],
                 "changed": True, "dryRun": True}
     proc: subprocess.Popen | None = None

@@ -43,6 +43,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from katactl import procfacts
+from katactl.sandbox import pod_ref
 from katactl.lab import layout as L
 
 if TYPE_CHECKING:
@@ -105,6 +106,15 @@ def launched_identity(pid: int, timeout: float = 10.0) -> procfacts.ProcIdentity
 
 
 # -- one sandbox ----------------------------------------------------------------
+def pod_of_spec(spec: dict) -> dict:
+    """A lab sandbox's pod, {name, namespace, uid} as sandbox list reads it back from the CRI
+    annotations lay_out writes (the uid: layout's stable one for the sandbox id)."""
+    import uuid
+
+    return {"name": spec.get("pod", spec["name"]), "namespace": spec.get("namespace", "lab"),
+            "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, "pod/" + spec["id"]))}
+
+
 class LabSandbox:
     def __init__(self, lab: "Lab", spec: dict):
         self.lab = lab
@@ -136,8 +146,9 @@ class LabSandbox:
         ``src/runtime/pkg/containerd-shim-v2/service.go``: ``WritePidFile("shim.pid", ...)``
         in its cwd, the bundle; the lab daemon plays every sandbox's shim)."""
         sp = self.spec
-        kw = dict(hypervisor=self.hv, pid=pid, pod_name=sp.get("pod", self.name),
-                  pod_namespace=sp.get("namespace", "lab"), memory_mib=self.memory // MIB, vcpus=1,
+        pod = pod_of_spec(sp)
+        kw = dict(hypervisor=self.hv, pid=pid, pod_name=pod["name"], pod_namespace=pod["namespace"],
+                  pod_uid=pod["uid"], memory_mib=self.memory // MIB, vcpus=1,
                   reclaim_guest_freed_memory=sp.get("balloon", True),
                   extra_monitor_socket=self.hv == "qemu" and sp.get("extra_monitor", True),
                   guest_memory_dump_path=DUMP_PATH if self.hv == "qemu" else "",
@@ -488,8 +499,8 @@ class LabSandbox:
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "id": self.id, "hypervisor": self.hv, "status": self.status,
-             "memoryBytes": self.memory, "pod": f"{self.spec.get('namespace', 'lab')}/{self.spec.get('pod', self.name)}",
-             "error": self.error}
+             "memoryBytes": self.memory, "pod": pod_of_spec(self.spec), "error": self.error}
+        d["podRef"] = pod_ref(d["pod"])
         if self.proc is not None:
             d["qemuPid"] = self.proc.pid
             if self.qemu_identity is not None:

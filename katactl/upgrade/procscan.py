@@ -154,9 +154,7 @@ def sandboxes(transport: NodeTransport, found: list | None = None) -> list[dict]
 
     out: list[dict] = []
     for s in found if found is not None else discover(transport, check=False):
-        pod = s.pod or {}
-        out.append({"id": s.id, "runtime": s.runtime,
-                    "pod": f"{pod.get('namespace')}/{pod.get('name')}" if pod.get("name") else None,
+        out.append({"id": s.id, "runtime": s.runtime, "pod": s.pod, "podRef": s.pod_ref,
                     "hypervisorPid": s.hypervisor_pid,
                     "paths": [p for p in (s.hypervisor_path, s.kernel, s.initrd, s.image) if p]})
     return out
@@ -180,7 +178,7 @@ def attribute(transport: NodeTransport, layout, procs: list[ProcRef], sbs: list[
         shim = shims.get(sid)
         configured = sorted({v for v in (layout.version_of_path(p, real) for p in s["paths"]) if v})
         rows.append({
-            "id": sid, "pod": s.get("pod"), "runtime": s.get("runtime"),
+            "id": sid, "pod": s.get("pod"), "podRef": s.get("podRef"), "runtime": s.get("runtime"),
             "shimPid": shim.pid if shim else None,
             "shimRelease": _one(shim.releases) if shim else None,
             "hypervisorPid": s.get("hypervisorPid"), "hypervisorRunning": alive,

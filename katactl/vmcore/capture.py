@@ -280,7 +280,7 @@ def _trigger(transport: NodeTransport, sb, opts: TriggerOptions) -> dict:
         raise UsageError("kdump formats do not support paging (QEMU refuses it)")
     d = f"{cfg.dump_path}/{sid}"
     path = f"{d}/{dump_name(opts.format, tz=node_zone(transport))}"
-    result = {"sandbox": sid, "pod": sb.pod_ref, "path": path, "format": opts.format, "hypervisor": hv_type,
+    result = {"sandbox": sid, "pod": sb.pod, "podRef": sb.pod_ref, "path": path, "format": opts.format, "hypervisor": hv_type,
               "detached": opts.detach}
     if sb.runtime == "rs":
         result["note"] = f"{RS_NO_PANIC_DUMP}; this dump is katactl's own"

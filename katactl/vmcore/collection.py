@@ -213,7 +213,8 @@ def collected_gone(to: str, node: str, ref: str) -> list[dict]:
                     "size": src.get("size"), "compress": e.get("compress"), "compressedOn": None}
             _recorded(item, e)
             item["note"] = "collected before; the dump is no longer on the node"
-            found.append((sid, manifest.get("pod"), item))
+            pod = manifest.get("podRef", manifest.get("pod"))  # "pod" was this string before review 11
+            found.append((sid, pod if isinstance(pod, str) else None, item))
     hit = [i for _, _, i in found if ref in (i["name"], i["source"], posixpath.basename(i["source"]))]
     if not hit:
         hit = [i for _, pod, i in found if pod == ref]
@@ -341,7 +342,8 @@ def _collect_locked(transport: NodeTransport, dump: dict, node: str, opts: Colle
              "verified": info["verified"], "verification": info["verification"],
              "collectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     update_manifest(dest_dir, {**meta_entries, stored_name: entry},
-                    {"node": node, "sandbox": dump["sandbox"], "pod": dump.get("pod"), "podUid": dump.get("podUid"),
+                    {"node": node, "sandbox": dump["sandbox"], "pod": dump.get("pod"), "podRef": dump.get("podRef"),
+                     "podUid": dump.get("podUid"),
                      "hypervisorVersion": dump.get("hypervisorVersion")})
     index.add(transport, src, dump["size"], dump["mtime"], final, dest_dir, info["sha256"])
     result.update(changed=True, sha256=info["sha256"], verified=info["verified"],

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from katactl import sandbox as sbmod
 from katactl.errors import (Ambiguous, Interrupted, KatactlError, NotFound, OperationFailed, UsageError,
                             as_katactl_error)
-from katactl.sandbox import CONTAINERD_TASK_DIR
+from katactl.sandbox import CONTAINERD_TASK_DIR, pod_ref
 from katactl.vmcore.records import CollectIndex
 from katactl.backends.base import NodeTransport
 
@@ -541,6 +541,12 @@ def _list_dir(transport: NodeTransport, top: str, sandboxes: list[str], index: C
     return tz
 
 
+def _pod_object(pod: dict) -> dict | None:
+    """The pod as sandbox list has it, {name, namespace, uid}: pod_of's ``source`` (how it was
+    found) is not part of it."""
+    return {k: pod.get(k) for k in ("name", "namespace", "uid")} if pod.get("name") else None
+
+
 def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, index, tz, st) -> dict:
     """One dump's item; ``st``: its stat (or the OSError). Only a regular file is read."""
     path = f"{d}/{name}"
@@ -587,7 +593,8 @@ def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, inde
         "size": st.size if st else None,
         "time": dump_timestamp(name, tz),
         "mtime": st.mtime if st else None,
-        "pod": f"{pod['namespace']}/{pod['name']}" if pod.get("name") else None,
+        "pod": _pod_object(pod),
+        "podRef": pod_ref(pod),
         "podUid": pod.get("uid"),
         "hypervisorVersion": version,
         "guestMemory": mem,
@@ -615,7 +622,7 @@ def resolve_dumps(transport: NodeTransport, refs: list[str], *, dump_path: str |
     for ref in refs:
         hit = [i for i in items if ref in (i["name"], i["path"], i["file"])]
         if not hit:
-            hit = [i for i in items if i["pod"] == ref]
+            hit = [i for i in items if i["podRef"] == ref]
         if not hit:
             sids = sorted({i["sandbox"] for i in items if i["sandbox"].startswith(ref)})
             if len(sids) > 1:
