@@ -666,7 +666,7 @@ def test_go_stats_json_omits_zero_fields(cli):
     assert r.json()["items"][1] == {"unit": "inodes", "total": 0, "used": 0, "available": 0}
 
 
-@pytest.mark.parametrize("size", ["", "-1", "0", "10Qi", "abc", "1.5", "1e9", "99999999999999Ei"])
+@pytest.mark.parametrize("size", ["", "-1", "0", "10Qi", "abc", "1.5", "256m", "1e-3", "99999999999999Ei"])
 def test_volume_resize_bad_size(cli, tree, size):
     r = cli(["--host-root", tree.root, "shim", "volume", "resize", "go2222", VOL, size])
     assert r.exit_code == 2, (size, r.stderr)
