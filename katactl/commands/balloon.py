@@ -127,7 +127,9 @@ def set_(ctx: typer.Context,
                                                help="Take SIZE more from the current target. Relative: every run takes SIZE "
                                                     "again (not idempotent; use --target in automation)."),
          release: bool = typer.Option(False, "--release", help="Deflate the balloon: give all memory back."),
-         wait: bool = typer.Option(False, "--wait", "-w", help="Wait until the guest's memory reaches the target."),
+         wait: bool = typer.Option(False, "--wait", "-w",
+                                   help="Wait until the guest's memory reaches the target. Refused (exit 5) where "
+                                        "the hypervisor does not report it (Firecracker without balloon statistics)."),
          wait_timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
                                                     help="How long --wait waits (default 60s; exit 6 when "
                                                          "exceeded). Needs --wait."),
