@@ -776,6 +776,7 @@ def _replacing(want: dict, have) -> dict:
 
 def status(api, namespace: str) -> dict:
     from katactl.backends.kube import seg
+    from katactl.nodes import pod_object
 
     try:
         ds = api.get(f"/apis/apps/v1/namespaces/{seg(namespace)}/daemonsets/{DS_NAME}")
@@ -792,7 +793,9 @@ def status(api, namespace: str) -> dict:
         ds_pods = [p for p in ps if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset"]
         eph = [p for p in ps if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "ephemeral"]
         run = next((p for p in ds_pods if _running(p)), None)
-        items.append({"node": n, "pod": (run or (ds_pods[0] if ds_pods else {})).get("metadata", {}).get("name"),
+        meta = (run or (ds_pods[0] if ds_pods else {})).get("metadata")
+        items.append({"node": n, "pod": pod_object(meta) if meta else None,
+                      "podRef": f"{meta.get('namespace')}/{meta.get('name')}" if meta else None,
                       "ready": run is not None,
                       "phase": ((run or (ds_pods[0] if ds_pods else {})).get("status") or {}).get("phase"),
                       "ephemeral": [p["metadata"]["name"] for p in eph]})

@@ -549,6 +549,16 @@ def _ref(pod: dict) -> str:
     return f"{pod['metadata'].get('namespace')}/{pod['metadata']['name']}"
 
 
+def pod_object(meta: dict) -> dict:
+    """A pod as katactl's JSON names one: {name, namespace, uid}, as sandbox list's ``pod``
+    (docs/output.md), with the "NS/NAME" string as ``podRef`` beside it."""
+    return {"name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")}
+
+
+def _skipped(pod: dict, reason: str) -> dict:
+    return {"pod": pod_object(pod["metadata"]), "podRef": _ref(pod), "reason": reason}
+
+
 def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, dict]):
     """kubectl drain's filter chain after katactl's own selection (--kata-only,
     --stale-release): skip-deleted, DaemonSet, mirror, local storage, unreplicated, as
@@ -595,32 +605,32 @@ def classify(api: KubeAPI, pods: list[dict], opts: DrainOptions, rcs: dict[str, 
             errors.setdefault("DaemonSet-managed Pods (use --ignore-daemonsets to ignore)", []).append(ref)
         else:
             warnings.setdefault("ignoring DaemonSet-managed Pods", []).append(ref)
-            skipped.append({"pod": ref, "reason": "DaemonSet-managed"})
+            skipped.append(_skipped(pod, "DaemonSet-managed"))
         return False
 
     for pod in pods:
         ref = _ref(pod)
         if opts.kata_only and not is_kata_pod(pod, rcs):
-            skipped.append({"pod": ref, "reason": "not a Kata pod (--kata-only)"})
+            skipped.append(_skipped(pod, "not a Kata pod (--kata-only)"))
             continue
         if opts.only_pods is not None and (pod["metadata"].get("namespace"), pod["metadata"]["name"]) not in opts.only_pods:
-            skipped.append({"pod": ref, "reason": "its sandbox runs the current release (--stale-release)"})
+            skipped.append(_skipped(pod, "its sandbox runs the current release (--stale-release)"))
             continue
         deleting = _deleting_for(pod, now)
         if opts.skip_wait_for_delete_timeout > 0 and deleting is not None \
                 and deleting > opts.skip_wait_for_delete_timeout:
-            skipped.append({"pod": ref, "reason": "deleting for longer than --skip-wait-for-delete-timeout"})
+            skipped.append(_skipped(pod, "deleting for longer than --skip-wait-for-delete-timeout"))
             continue
         if nodeagent.is_agent_pod(pod, opts.agent_namespace):
             # katactl's own node pod (--via kube: the drain step may run through it), reported
             # as kubectl reports the DaemonSet pods it ignores
             warnings.setdefault("ignoring katactl node agent Pods", []).append(ref)
-            skipped.append({"pod": ref, "reason": "katactl node agent"})
+            skipped.append(_skipped(pod, "katactl node agent"))
             continue
         if not daemonset_filter(pod, ref):
             continue
         if MIRROR_ANNOTATION in ((pod["metadata"].get("annotations")) or {}):
-            skipped.append({"pod": ref, "reason": "mirror pod (static pod of the kubelet)"})
+            skipped.append(_skipped(pod, "mirror pod (static pod of the kubelet)"))
             continue
         if any("emptyDir" in v for v in (pod.get("spec") or {}).get("volumes") or []) and not _terminal(pod):
             if not opts.delete_emptydir_data:
@@ -789,7 +799,8 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
     def evict_one(pod: dict) -> None:
         ref = _ref(pod)
         ns, pname, uid = pod["metadata"].get("namespace"), pod["metadata"]["name"], pod["metadata"].get("uid")
-        events("PodEvicting", node=node, pod=ref, eviction=not opts.disable_eviction)
+        events("PodEvicting", node=node, pod=pod_object(pod["metadata"]), podRef=ref,
+               eviction=not opts.disable_eviction)
         server_errors = 0
         accepted = False  # the server took our eviction or delete (not: the pod was gone already)
         said = None  # the last throttling warning printed for this pod
@@ -832,7 +843,8 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
                     if any(c.get("reason") == DISRUPTION_BUDGET for c in causes):
                         budget = "; ".join(c["message"] for c in causes
                                            if c.get("reason") == DISRUPTION_BUDGET and c.get("message"))
-                        info = {"pod": ref, "message": msg, "budget": budget or None}
+                        info = {"pod": pod_object(pod["metadata"]), "podRef": ref, "message": msg,
+                                "budget": budget or None}
                         with lock:
                             first = ref not in blocked
                             blocked[ref] = info
@@ -931,13 +943,13 @@ def _remove_pods(api: KubeAPI, node: str, pods: list[dict], opts: DrainOptions, 
             raise
     failures += [f"{ref}: still terminating" for ref in waiting.values()]
     result["evicted"].sort()
-    result["blocked"] = sorted(blocked.values(), key=lambda b: b["pod"])
+    result["blocked"] = sorted(blocked.values(), key=lambda b: b["podRef"])
     if deadline.stop.is_set():
         raise Interrupted(f"interrupted while draining {node}")
     if failures and deadline.expired():
         raise TimeoutExpired(f"node {node}: drain did not finish within {opts.timeout:g}s: "
                              + "; ".join(sorted(failures))
-                             + (f" (blocked by a disruption budget: {', '.join(b['pod'] for b in result['blocked'])})"
+                             + (f" (blocked by a disruption budget: {', '.join(b['podRef'] for b in result['blocked'])})"
                                 if result["blocked"] else ""))
     if failures:
         if denied:
@@ -1006,11 +1018,12 @@ def _confirm_gone(api: KubeAPI, node: str, waiting: dict[str, str], result: dict
         for uid, ref in list(waiting.items()):
             pod = live.get(uid)
             if pod is None or (skip_after > 0 and (_deleting_for(pod, now) or 0) > skip_after):
-                gone.append(ref)
+                gone.append((uid, ref))
                 del waiting[uid]
                 result["evicted"].append(ref)
-    for ref in gone:
-        events("PodDeleted", node=node, pod=ref)
+    for uid, ref in gone:
+        ns, name = ref.split("/", 1)
+        events("PodDeleted", node=node, pod=pod_object({"name": name, "namespace": ns, "uid": uid}), podRef=ref)
 
 
 # -- check -------------------------------------------------------------------

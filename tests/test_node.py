@@ -347,8 +347,11 @@ def test_drain_evicts_waits_and_keeps_the_node_cordoned(cli, kube, kc, _isolated
     item = r.json()["items"][0]
     want = seed["evictable"] + seed["emptydir"] + seed["unreplicated"] + seed["terminal"] + seed["kata"] + seed["blocked"]
     assert sorted(item["evicted"]) == sorted(want)
-    skipped = {s["pod"]: s["reason"] for s in item["skipped"]}
+    skipped = {s["podRef"]: s["reason"] for s in item["skipped"]}
     assert set(skipped) == set(seed["daemonset"] + seed["mirror"])
+    # the pod object of every katactl kind (review 11, finding 9), with its uid
+    assert all(f"{s['pod']['namespace']}/{s['pod']['name']}" == s["podRef"] and s["pod"]["uid"]
+               for s in item["skipped"])
     left = pods_on(kube, "twin-a")
     assert left == set(seed["daemonset"] + seed["mirror"])
     assert unschedulable(kube, "twin-a")
@@ -369,8 +372,10 @@ def test_drain_blocked_by_pdb_times_out_restores_and_reports(cli, kube, kc):
     kinds = [d["kind"] for d in lines]
     assert "PodEvictionBlocked" in kinds and "NodeRestored" in kinds and kinds[-1] == "NodeDrain"
     assert lines[-1]["items"] == [] and lines[-1]["errors"][0]["error"]["code"] == "Timeout"
-    blocked = {d["pod"] for d in lines if d["kind"] == "PodEvictionBlocked"}
+    blocked = {d["podRef"] for d in lines if d["kind"] == "PodEvictionBlocked"}
     assert blocked == set(seed["blocked"])
+    assert all(d["pod"]["uid"] and f"{d['pod']['namespace']}/{d['pod']['name']}" == d["podRef"]
+               for d in lines if d["kind"] in ("PodEvicting", "PodEvictionBlocked", "PodDeleted"))
     assert any("db-twin-a" in (d.get("budget") or "") for d in lines if d["kind"] == "PodEvictionBlocked")
     assert not unschedulable(kube, "twin-a")
     assert set(seed["blocked"]) <= pods_on(kube, "twin-a")
@@ -604,7 +609,7 @@ def test_kubectl_and_katactl_drain_twins_alike(cli, kube, kc, kubectl_133):
     assert r.exit_code == 6, r.stderr
     left_b = {twin(r_, "twin-b") for r_ in pods_on(kube, "twin-b")}
     assert left_a == left_b
-    blocked_b = {twin(b["pod"], "twin-b") for b in r.only_node_error()["details"]["drain"]["blocked"]}
+    blocked_b = {twin(b["podRef"], "twin-b") for b in r.only_node_error()["details"]["drain"]["blocked"]}
     assert blocked_b == {twin(x, "twin-a") for x in seeds["twin-a"]["blocked"]}
     # kubectl leaves the node cordoned after a failed drain; katactl did too, here, by request
     assert unschedulable(kube, "twin-a") and unschedulable(kube, "twin-b")
@@ -664,7 +669,7 @@ def test_stale_release_drain_evicts_only_pods_on_the_old_release(cli, kube, kc, 
         assert r.exit_code == 0, r.stderr
         item = r.json()["items"][0]
         assert item["evicted"] == [f"offline/batch-{sid_a[:4]}"]
-        reasons = {s["pod"]: s["reason"] for s in item["skipped"]}
+        reasons = {s["podRef"]: s["reason"] for s in item["skipped"]}
         assert "current release" in reasons[f"offline/batch-{sid_b[:4]}"]
         assert "not a Kata pod" in reasons["online/web-0"]
         # --host-root is one node's root

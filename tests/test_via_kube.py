@@ -154,13 +154,14 @@ def test_agent_install_status_then_commands_use_the_daemonset_pod(cli, cluster):
         time.sleep(0.1)
     assert r.exit_code == 0, r.stdout
     [it] = r.json()["items"]
-    assert it["node"] == "tree-node" and it["ready"] is True and it["pod"].startswith("katactl-node-agent-")
+    assert it["node"] == "tree-node" and it["ready"] is True and it["pod"]["name"].startswith("katactl-node-agent-")
+    assert it["pod"]["namespace"] == "kube-system" and it["podRef"] == f"kube-system/{it['pod']['name']}"
     # no --agent-image: the DaemonSet's pod is used, nothing is created or deleted
     n_pods = agent_pods(kube)
     r = cli([*kube_args("tree-node", image=None), "vmcore", "list", "-o", "json"])
     assert r.exit_code == 0, r.stderr
     assert agent_pods(kube) == n_pods
-    assert {e["pod"] for e in kube.exec_log} == {f"kube-system/{it['pod']}"}
+    assert {e["pod"] for e in kube.exec_log} == {it["podRef"]}
     r = cli(["node", "agent", "uninstall", "--yes", "-o", "json"])
     assert r.exit_code == 0 and r.json()["changed"] is True
     assert cli(["node", "agent", "uninstall", "--yes", "-o", "json"]).json()["changed"] is False

@@ -116,7 +116,7 @@ def test_drain_skips_katactl_node_pods_with_a_warning(cli, kube, kc):
         r = cli(["--kubeconfig", kc, "node", "drain", "n1", "--timeout", "10s", *force, "-o", "json"])
         assert r.exit_code == 0, r.stderr
         item = r.json()["items"][0] if "items" in r.json() else r.json()
-        assert {s["pod"] for s in item["skipped"]} == {"kube-system/katactl-node-n1-abcde",
+        assert {s["podRef"] for s in item["skipped"]} == {"kube-system/katactl-node-n1-abcde",
                                                        "kube-system/katactl-node-agent-x7k2p"}
         assert ("warning: node/n1: ignoring katactl node agent Pods: kube-system/katactl-node-agent-x7k2p, "
                 "kube-system/katactl-node-n1-abcde") in r.stderr

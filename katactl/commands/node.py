@@ -269,7 +269,7 @@ def drain(
         if kind == "Warning":
             out.warn(f"node/{data['node']}: {data['message']}")
         elif kind == "PodEvictionBlocked":
-            out.info(f"node/{data['node']}: eviction of {data['pod']} blocked: "
+            out.info(f"node/{data['node']}: eviction of {data['podRef']} blocked: "
                      f"{data.get('budget') or data['message']} (will retry after {data['retryAfter']:g}s)")
         elif kind == "NodeDraining":
             counts["total"] += data["pods"]
@@ -278,7 +278,7 @@ def drain(
             counts["done"] += 1
             bar.update(completed=counts["done"])
             if not out.stderr_tty:  # on a terminal the bar counts them
-                out.info(f"node/{data['node']}: pod/{data['pod']} evicted")
+                out.info(f"node/{data['node']}: pod/{data['podRef']} evicted")
         elif kind == "NodeRestored":
             out.info(f"node/{data['node']}: uncordoned again (it was schedulable before)")
 

@@ -87,7 +87,7 @@ def status(ctx: typer.Context) -> None:
     if not st["installed"] and not any(i["ephemeral"] for i in st["items"]):
         raise NotFound(f"the katactl node agent is not installed in namespace {ns}",
                        hint="katactl node agent install --image IMAGE (or use --agent-image for ephemeral pods)")
-    cols = [Column("NODE", "node"), Column("POD", "pod"), Column("READY", "ready"), Column("PHASE", "phase"),
+    cols = [Column("NODE", "node"), Column("POD", lambda i: (i.get("pod") or {}).get("name")), Column("READY", "ready"), Column("PHASE", "phase"),
             Column("EPHEMERAL", lambda i: ",".join(i["ephemeral"]) or "-")]
     summary = (f"agent {'installed' if st['installed'] else 'not installed'} in {ns}"
                f"{' (image ' + st['image'] + ')' if st['image'] else ''}: {st['ready']}/{st['nodes']} nodes ready")
