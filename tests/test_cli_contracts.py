@@ -641,4 +641,3 @@ def test_error_object_follows_the_last_output_option(cli, monkeypatch, args, env
     r = cli(args)
     assert r.exit_code == 2, r.stderr
     assert r.json()["kind"] == "Error" and r.json()["exitCode"] == 2, r.stdout
-
