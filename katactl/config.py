@@ -92,14 +92,20 @@ def _refuse_unknown_variables(environment: Mapping[str, str]) -> None:
             close = difflib.get_close_matches(var[8:], sorted(k[8:] for k in known), n=1)
             raise UsageError(f"unknown environment variable {var}"
                              + (f" (did you mean KATACTL_{close[0]}?)" if close else "")
-                             + ": unset it, katactl ignores no KATACTL_* variable",
+                             + ": refused rather than ignored (unset or rename it)",
                              hint="each setting's variable is KATACTL_<SETTING> ('katactl config view' "
                                   "lists the settings; -N/--node is KATACTL_NODES)")
 
 
 def _renamed_hint(names) -> str | None:
-    moved = [f"{n} is now {RENAMED[n]}" for n in sorted(names) if n in RENAMED]
-    return "; ".join(moved) or None
+    """The new name of a renamed key, else the closest setting (node: nodes, as -N's flag)."""
+    import difflib
+
+    hints = []
+    for n in sorted(names):
+        close = difflib.get_close_matches(n, sorted(SETTINGS), n=1) if n not in RENAMED else []
+        hints += [f"{n} is now {RENAMED[n]}"] if n in RENAMED else [f"{n}: did you mean {close[0]}?"] if close else []
+    return "; ".join(hints) or None
 
 
 def config_path() -> str:

@@ -157,3 +157,14 @@ def test_relative_audit_log_is_refused(cli, _isolated_home, tmp_path, monkeypatc
     r = cli(["-o", "json", "config", "view"])
     assert r.exit_code == 0, r.stderr
     assert {s["name"]: s["value"] for s in r.json()["settings"]}["audit_log"] == "~/audit.log"
+
+
+def test_unknown_config_key_names_the_closest_setting(cli, _isolated_home):
+    """`node = [...]` (the flag's spelling) is refused, now with the key it meant, as the
+    environment variable's refusal names it."""
+    cfg = _isolated_home / "config" / "katactl"
+    cfg.mkdir(parents=True)
+    (cfg / "config.toml").write_text('node = ["node-7"]\nrequest_timout = "5s"\nxyzzy = 1\n')
+    r = cli(["config", "view"])
+    assert r.exit_code == 2, r.stderr
+    assert "hint: node: did you mean nodes?; request_timout: did you mean request_timeout?" in r.stderr, r.stderr
