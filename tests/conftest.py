@@ -34,6 +34,14 @@ def pytest_runtest_logreport(report):
             _MISSING_TOOL_SKIPS.append(f"{report.nodeid}: {reason}")
 
 
+def pytest_collection_modifyitems(config, items):
+    # scripts/test runs pytest-xdist workers with --dist loadgroup: every test on the booted
+    # lab goes to one worker, so a run boots one lab (a group runs in one worker, in order)
+    for item in items:
+        if "lab" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("lab"))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _MISSING_TOOL_SKIPS:
         print("\nKATACTL_REQUIRE_TOOLS: tests skipped for a missing tool (add it to scripts/setup):",

@@ -1,7 +1,8 @@
 """Kubernetes API stand-in fixtures (a pytest plugin, listed in tests/conftest.py).
 
-- ``kube_server`` (session): one KubeStandIn (tests/kubeserver.py) for the whole run, HTTPS on
-  loopback, pod grace periods scaled by 0.01 (a 30 s grace takes 0.3 s).
+- ``kube_server`` (session): one KubeStandIn (tests/kubeserver.py) for the whole run (one per
+  pytest-xdist worker process: it lives in the tests' process, which inspect and fault it
+  directly), HTTPS on loopback, pod grace periods scaled by 0.01 (a 30 s grace takes 0.3 s).
 - ``kube`` (function): the same server after ``reset()`` (empty store but the default
   namespaces, no faults, empty request log, default knobs).
 - ``kc`` (function): a kubeconfig file for ``kube`` (admin), in the test's tmp_path.

@@ -32,6 +32,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -333,15 +334,19 @@ except ImportError:  # pragma: no cover - bench use without pytest
 
 if pytest is not None:
     @pytest.fixture(scope="session")
-    def sshd_lab(tmp_path_factory):
+    def sshd_lab():
         if not (os.path.exists(SSHD) and SSH_KEYGEN and shutil.which("ssh")):
             pytest.skip("OpenSSH (openssh-server, openssh-client) is not installed")
-        lab = build_standard_lab(tmp_path_factory.mktemp("sshlab"))
+        # a short root of its own, not under pytest's basetemp: the nodes' sockets (CLH API,
+        # shims) must fit AF_UNIX's 108 bytes, and pytest-xdist adds popen-gwN/ to basetemp
+        root = tempfile.mkdtemp(prefix="sl-", dir="/tmp")
+        lab = build_standard_lab(Path(root))
         yield lab
         from katactl.backends import ssh
 
         ssh.close_pool()
         lab.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
     @pytest.fixture
     def ssh_open(sshd_lab):
