@@ -83,11 +83,11 @@ def _refuse_unknown_variables(environment: Mapping[str, str]) -> None:
     """A misspelt or singular KATACTL_* (KATACTL_NODE for --node) would otherwise be
     ignored and the command act on this host, where the same key in the config file is
     refused: a runbook's export must not silently do nothing."""
-    import difflib
-
     known = {variable(n) for n in SETTINGS} | OTHER_VARIABLES
     for var in sorted(environment):
         if var.startswith("KATACTL_") and var not in known and not var.startswith(TEST_PREFIX):
+            import difflib  # only on this error path: every run passes here
+
             # matched without the shared prefix, which alone would make every name close
             close = difflib.get_close_matches(var[8:], sorted(k[8:] for k in known), n=1)
             raise UsageError(f"unknown environment variable {var}"
