@@ -338,3 +338,27 @@ def test_status_as_non_root_says_which_processes_it_could_not_inspect(cli, lab, 
     assert len(warn) == 1 and "Kata process(es) (pids" in warn[0] and "not root?" in warn[0], r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     assert rows[A][2:] == ["?", "?"], r.stdout
+
+
+def test_another_trees_release_path_in_an_argument_is_not_this_nodes(cli, lab, tmp_path):
+    """A process naming another tree's copy of the kata root (a second node root mounted on this
+    machine, a backup) in its argv does not use this node's release: gc removes it. A release
+    path that starts an argument or follows = , : (file=..., unix:...) still counts."""
+    import subprocess
+    import sys
+
+    node, procs = lab
+    K(cli, node, "switch", A)
+    K(cli, node, "switch", B)
+    other = tmp_path / "other-node"
+    elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  f"{other}/opt/kata/releases/{A}/bin/qemu-system-x86_64",
+                                  f"file=/srv/backup/opt/kata/releases/{A}/kata.img"])
+    procs.append(elsewhere)
+    d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
+    assert d["removed"] == [A], d["kept"]
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "-drive", f"file={node}/opt/kata/releases/{A}/kata.img,if=none"])
+    procs.append(ours)
+    d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
+    assert d["removed"] == [] and str(ours.pid) in {k["version"]: k["reason"] for k in d["kept"]}[A]
