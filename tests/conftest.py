@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
     # scripts/test runs pytest-xdist workers with --dist loadgroup: every test on the booted
     # lab goes to one worker, so a run boots one lab (a group runs in one worker, in order)
     for item in items:
-        if "lab" in item.fixturenames:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).get("lab")
+        if defs and defs[-1].func.__module__ == "tests.conftest_lab":  # not a module's own "lab"
             item.add_marker(pytest.mark.xdist_group("lab"))
 
 
