@@ -1,0 +1,77 @@
+"""The bench scripts' references do katactl's work, and the scripts behave as documented
+(bench/RESULTS.md rule 1; review 11's bench findings). Real files and processes; no timing
+is asserted."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _opened_files(argv: list[str], root: str, tmp) -> set[str]:
+    """Regular files under ``root`` that ``argv`` (and its children) opened, per strace."""
+    log = str(tmp / "strace.log")
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat,open", "-o", log, *argv], cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, NO_COLOR="1"))
+    out = set()
+    with open(log) as f:
+        for line in f:
+            m = re.search(r'open(?:at)?\(.*?"([^"]+)".*= \d+$', line)
+            if m and m.group(1).startswith(root + "/") and "O_DIRECTORY" not in line and os.path.isfile(m.group(1)):
+                out.add(m.group(1))
+    return out
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
+def test_audit_reference_reads_exactly_the_files_audit_opens(tmp_path):
+    from bench.bench_audit import audit_reads
+    from tests.fixtures_isolation import build_node
+
+    root = str(tmp_path / "node")
+    build_node(root, online_pods=4, sandboxes=3, vcpus=2)
+    files, dirs = audit_reads(root)
+    kat = _opened_files([sys.executable, "-m", "katactl", "--host-root", root, "audit", "-o", "json"], root, tmp_path)
+    assert kat, "strace saw no file of the tree"
+    assert set(files) == kat, (sorted(set(files) - kat)[:5], sorted(kat - set(files))[:5])
+    assert dirs and all(os.path.isdir(d) for d in dirs)
+    every = {os.path.join(d, n) for d, _, ns in os.walk(root) for n in ns}
+    assert len(kat) < len(every)  # the whole tree is more than audit reads: not the reference
+
+
+def _bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, NO_COLOR="1"))
+
+
+def test_startup_takes_runs_and_times_every_leaf():
+    p = _bench("bench/bench_startup.py", "--smoke", "--runs", "1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "smoke ok" in p.stdout
+    timed = p.stdout.split("leaves: ", 1)[1].strip().split(", ")
+    for leaf in ("rollout run", "node drain", "balloon set", "upgrade stage", "vmcore collect", "sandbox list"):
+        assert leaf in timed, timed
+
+
+def test_startup_without_write_leaves_results_md_alone():
+    path = os.path.join(ROOT, "bench", "RESULTS.md")
+    with open(path, "rb") as f:
+        before = f.read()
+    after = before
+    try:
+        p = _bench("bench/bench_startup.py", "--runs", "1")
+        with open(path, "rb") as f:
+            after = f.read()
+    finally:
+        if after != before:  # put the tracked file back before failing
+            with open(path, "wb") as f:
+                f.write(before)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert after == before, "bench_startup.py wrote bench/RESULTS.md without --write"
+    assert "Every leaf's --help" in p.stdout and "| katactl rollout run --help |" in p.stdout
