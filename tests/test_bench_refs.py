@@ -75,3 +75,11 @@ def test_startup_without_write_leaves_results_md_alone():
     assert p.returncode == 0, p.stderr[-2000:]
     assert after == before, "bench_startup.py wrote bench/RESULTS.md without --write"
     assert "Every leaf's --help" in p.stdout and "| katactl rollout run --help |" in p.stdout
+
+
+def test_metrics_goal_is_judged_against_the_concurrent_reference():
+    from bench.bench_metrics import goal
+
+    # 5x the serial loop, 2.5x `xargs -P 32 curl`: the goal (>= 4x) is not met
+    assert goal({"katactl": 0.3, "loop": 1.5, "par": 0.75}) == (2.5, "not met")
+    assert goal({"katactl": 0.1, "loop": 1.5, "par": 0.45})[1] == "met"
