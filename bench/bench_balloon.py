@@ -81,7 +81,8 @@ def main() -> None:
         sid = st["sandboxes"][0]["id"]
         em = os.path.join(root, f"run/vc/vm/{sid}/extra-monitor.sock")
         res: dict[str, list[float]] = {"raw": [], "ext": [], "em": []}
-        for _ in range(RUNS):
+        warmup = 0 if a.smoke else 1
+        for _ in range(warmup + RUNS):
             for target in targets:
                 res["raw"].append(run([sys.executable, "-c", RAW, em, str(target * MIB)]))
             for target in (512,) if a.smoke else targets:  # smoke: one real move each way
@@ -91,6 +92,8 @@ def main() -> None:
                 res["em"].append(run([*KATACTL, "--host-root", root, "balloon", "set", "lab/bench",
                                       "--target", f"{target}Mi", "--wait", "--path", "extra-monitor",
                                       "-o", "json"]))
+        for k in res:
+            del res[k][:len(res[k]) // (warmup + RUNS) * warmup]  # the warm-up round's samples
         noop = [run([*KATACTL, "--host-root", root, "balloon", "set", "lab/bench", "--target",
                      f"{targets[-1]}Mi", "--wait", "-o", "json"]) for _ in range(RUNS)]
     finally:
@@ -103,7 +106,7 @@ def main() -> None:
     text = "\n".join([
         "## Balloon set --wait — bench/bench_balloon.py", "",
         f"One real QEMU guest (TCG, 512 MiB, Debian cloud kernel, busybox initramfs), alternating "
-        f"256 MiB <-> 512 MiB, {RUNS} round trips each (median of {2 * RUNS} moves); every row is a "
+        f"256 MiB <-> 512 MiB, {RUNS} round trips each after a warm-up one (median of {2 * RUNS} moves); every row is a "
         f"fresh process, both sides; {SETTLE:g} s pause (untimed) before each move; {context(pre)}. "
         f"Lab boot: {st.get('bootSeconds', '?')} s.", "",
         "| what | median s | ratio to raw QMP script |",

@@ -203,7 +203,8 @@ def main() -> None:
         kat_cpu: dict[str, list[float]] = {k: [] for k, _, _ in streamers}
         rss_delta, rss_peak = [], []
         scp_t, scp_cpu = [], []
-        for _ in range(st_runs):
+        st_warmup = 0 if a.smoke else 1
+        for _ in range(st_warmup + st_runs):
             for key, argv, e in streamers:
                 c, t = cpu(), time.perf_counter()
                 out = run(argv, env=e).stdout.decode().split()
@@ -221,6 +222,8 @@ def main() -> None:
             scp_cpu.append(cpu() - c)
             assert dst.stat().st_size == size
             dst.unlink()
+        for lst in (*kat_t.values(), *kat_in.values(), *kat_cpu.values(), rss_delta, rss_peak, scp_t, scp_cpu):
+            del lst[:st_warmup]  # the warm-up round's samples
         # SFTP (paramiko, prefetch) on a 32 MiB slice, for reference
         small = lab.nodes[node].root / "var" / "crash" / "small.bin"
         sftp_size = min(32 << 20, size)
@@ -263,7 +266,7 @@ def main() -> None:
         med = statistics.median
         smed = med(scp_t)
         lines += [f"Streaming a {gib:g} GiB file from a node into a local file, median of {st_runs} "
-                  f"(interleaved runs, page cache warm on the node), all as whole processes, cipher {CIPHER}, "
+                  f"(interleaved runs after a warm-up round, page cache warm on the node), all as whole processes, cipher {CIPHER}, "
                   f"kex {kex}; CPU: user+sys of the process and its children (scp's includes its ssh; sshd's "
                   "encryption on the node side is in neither):", "",
                   "| what | seconds | MiB/s | ratio to scp throughput | CPU s |", "|---|---:|---:|---:|---:|"]

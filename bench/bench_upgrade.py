@@ -69,7 +69,7 @@ def main() -> None:
     require("tar", "zstd", "gzip", "sync", "/usr/bin/time")
     if a.smoke:
         IMAGE_MB, KERNEL_MB, SMALL_FILES = 1, 1, 10
-    runs = 1 if a.smoke else a.runs
+    runs, warmup = (1, 0) if a.smoke else (a.runs, 1)
     pre = None if a.smoke else precompile()
     sha = fastest_sha256()
     work = tempfile.mkdtemp(prefix="bench-upgrade-", dir="/var/tmp")
@@ -83,14 +83,17 @@ def main() -> None:
                            check=True)
             size = os.path.getsize(tb) / (1 << 20)
             k, r = [], []
-            for i in range(runs):   # interleaved: katactl, then the reference, per round
+            for i in range(warmup + runs):   # a warm-up round, then interleaved: katactl, then the reference
                 node = os.path.join(work, f"node-{comp}-{i}")
                 os.makedirs(node)  # --host-root must exist
-                k.append(run([*KATACTL, "--host-root", node, "upgrade", "stage", tb, "--reserve", "0"], env=env))
+                kt = run([*KATACTL, "--host-root", node, "upgrade", "stage", tb, "--reserve", "0"], env=env)
                 dest = os.path.join(work, f"ref-{comp}-{i}")
                 os.makedirs(dest)
                 ref = f'tar -C "$1" -x {tar_flag} -f "$2" && sync -f "$1" && {" ".join(sha)} "$2" >/dev/null'
-                r.append(run(["sh", "-c", ref, "sh", dest, tb]))
+                rt = run(["sh", "-c", ref, "sh", dest, tb])
+                if i >= warmup:
+                    k.append(kt)
+                    r.append(rt)
                 shutil.rmtree(node)
                 shutil.rmtree(dest)
             km, rm = statistics.median(x[0] for x in k), statistics.median(x[0] for x in r)
@@ -100,7 +103,7 @@ def main() -> None:
             return
         lines = ["## Upgrade stage — bench/bench_upgrade.py", "",
                  f"kata-static-like release: {IMAGE_MB} MiB image, {KERNEL_MB} MiB kernel, {SMALL_FILES + 20} "
-                 f"files, on /var/tmp; median of {runs} interleaved runs, whole processes; {context(pre)}. "
+                 f"files, on /var/tmp; median of {runs} interleaved runs after a warm-up round, whole processes; {context(pre)}. "
                  f"Reference, one shell: `tar -x` + `sync -f` + `{' '.join(sha)}` of the tarball (the fastest "
                  "SHA-256 here; coreutils sha256sum is ~4x slower on this CPU).", "",
                  f"| tarball | MiB | katactl stage s | katactl peak RSS MiB | tar -x + sync + {sha[0]} s "

@@ -9,8 +9,10 @@ clock, peak RSS) on real processes:
   renames the verified copy into place, so the second is the like-for-like);
 - ``katactl --host-root ROOT vmcore collect --to DIR`` (streams, hashes,
   verifies, writes the manifest, fsyncs);
-- compressed: ``--compress gzip`` / ``--compress zstd`` against ``gzip -1`` /
-  ``zstd -3 -T0`` of the same file;
+- compressed: ``--compress gzip`` / ``--compress zstd`` against ``gzip -c -1 -n`` /
+  ``zstd -q -c -3 -T1`` of the same file under ``ionice -c3 nice -n 19``: the command and
+  priority katactl runs on the node (here: this machine, --host-root;
+  katactl/vmcore/collection.py NODE_COMPRESSOR), so both compress on one idle core;
 - over SSH (one real sshd on loopback): against ``scp``; and ``--compress zstd``
   compressed on the node (``--compress-on node``: ``zstd -3 -T1`` under
   ionice/nice there, decompressed here to hash the original) against compressed
@@ -20,9 +22,11 @@ clock, peak RSS) on real processes:
 
 Equal work (issue 17): the dump is 70 % zeros and katactl writes them as holes, hashes
 (sha256) and fsyncs, so the reference is ``cp --sparse=always`` + ``openssl dgst -sha256``
-(the fastest SHA-256 here) of the copy + ``sync -f``, one shell process; over SSH ``scp``
-(same key exchange and cipher as katactl's paramiko) + openssl + sync. Plain ``cp`` and
-``scp`` rows stay for reference.
+(the fastest SHA-256 here) of the copy + ``sync -f``, one shell process; over SSH
+``ssh node cat FILE | dd conv=sparse`` (the exec-channel ``cat`` katactl uses, same key
+exchange and cipher as katactl's paramiko, zero blocks written as holes as katactl does:
+ssh_sparse_copy()) + openssl + sync. Plain ``cp`` and ``scp`` rows stay for reference.
+Every table: one untimed warm-up round, then the runs interleaved (one of each per round).
 
 Usage: .venv/bin/python bench/bench_vmcore.py [--size-mib N] [--runs N] [--dir DIR] [--write] [--smoke]
 Prints a markdown section on stdout (--smoke: an 8 MiB dump, one run, nothing written).
@@ -102,6 +106,31 @@ def timev(argv, env=None, stdout: list | None = None) -> tuple[float, int, float
     return wall, rss, cpu
 
 
+#: the node's idle priority, as katactl/vmcore/collection.py's IDLE_PRIORITY applies it
+IDLE = ("ionice", "-c3", "nice", "-n", "19")
+
+
+def idle_prefix() -> list[str]:
+    """IDLE where both programs exist here, else what exists of it (katactl does the same)."""
+    out = []
+    for tool, args in (("ionice", IDLE[:2]), ("nice", IDLE[2:])):
+        if shutil.which(tool):
+            out += args
+    return out
+
+
+def ssh_sparse_copy(config: str, opts: list[str], node: str, src: str, dst: str, sha: str) -> list[str]:
+    """argv copying ``node:src`` to ``dst`` the way katactl does over SSH: ``cat`` on an
+    exec channel, zero blocks left as holes (dd conv=sparse: katactl's copy of the bench's
+    dump occupies ~30 % of its size), then the copy hashed and fsynced. bash for pipefail:
+    a failed ssh must not pass for a fast copy."""
+    import shlex
+
+    return ["bash", "-o", "pipefail", "-c",
+            f'ssh -F "$0" {shlex.join(opts)} "$1" cat -- "$2" | dd of="$3" bs=64K conv=sparse status=none '
+            f'&& {sha} "$3" >/dev/null && sync -f "$3"', config, node, src, dst]
+
+
 def warm(path: str) -> None:
     with open(path, "rb") as f:
         while f.read(8 << 20):
@@ -120,6 +149,7 @@ def main() -> None:
     require("cp", "sync", "/usr/bin/time")
     if a.smoke:
         a.size_mib, a.runs = 8, 1
+    warmup = 0 if a.smoke else 1    # untimed rounds before the timed ones, in every table
     pre = None if a.smoke else precompile()
     sha = " ".join(fastest_sha256())
     eqname = f"cp --sparse=always + {sha.split()[0]} sha256 + sync"
@@ -131,7 +161,6 @@ def main() -> None:
         env = dict(os.environ, XDG_STATE_HOME=os.path.join(work, "state"),
                    XDG_CONFIG_HOME=os.path.join(work, "config"), NO_COLOR="1")
         kat = [KATACTL] if KATACTL else [sys.executable, "-m", "katactl"]
-        rows = {}
         dst = os.path.join(work, "cp.out")
         out = os.path.join(work, "collected")
 
@@ -143,44 +172,47 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
 
-        cmds = [("cp", ["cp", src, dst], rm_cp),
-                ("cp + sync", ["sh", "-c", 'cp "$0" "$1" && sync -f "$1"', src, dst], rm_cp),
+        stored = os.path.join(out, "bench-node", SID, "vmcore-20260101000000.5.elf")
+        cmds = [("cp", ["cp", src, dst], rm_cp, None),
+                ("cp + sync", ["sh", "-c", 'cp "$0" "$1" && sync -f "$1"', src, dst], rm_cp, None),
                 (eqname, ["sh", "-c", f'cp --sparse=always "$0" "$1" && {sha} "$1" >/dev/null && sync -f "$1"',
-                          src, dst], rm_cp),
+                          src, dst], rm_cp, None),
                 ("katactl vmcore collect", [*kat, "--host-root", root, "vmcore", "collect", "--to", out,
-                                            "-o", "json"], rm_out)]
-        samples = {name: [] for name, _, _ in cmds}
-        for _ in range(a.runs):          # interleaved: a busy machine slows every command alike
-            for name, argv, cleanup in cmds:
+                                            "-o", "json"], rm_out, None)]
+        idle = " ".join(idle_prefix())
+        refs = {}
+        for algo, ref, ext in (("gzip", ["gzip", "-c", "-1", "-n"], ".gz"), ("zstd", ["zstd", "-q", "-c", "-3", "-T1"], ".zst")):
+            if not shutil.which(ref[0]):
+                continue
+            refs[algo] = f"{idle} {' '.join(ref)}".strip()
+            # equal work: katactl hashes the original and the stored file, and fsyncs
+            cmds.append((f"ref {algo}", ["sh", "-c", f'{refs[algo]} "$0" > "$1" && {sha} "$0" "$1" >/dev/null '
+                                         '&& sync -f "$1"', src, dst], rm_cp, dst))
+            cmds.append((f"katactl {algo}", [*kat, "--host-root", root, "vmcore", "collect", "--to", out,
+                                             "--compress", algo, "-o", "json"], rm_out, stored + ext))
+        samples: dict = {name: [] for name, _, _, _ in cmds}
+        sizes: dict = {}
+        for i in range(warmup + a.runs):  # warm-up, then interleaved: a busy machine slows every command alike
+            for name, argv, cleanup, result in cmds:
                 cleanup()
                 warm(src)
                 subprocess.run(["sync"])
-                samples[name].append(timev(argv, env=env))
-        for name, ss in samples.items():
-            rows[name] = (statistics.median(x[0] for x in ss), max(x[1] for x in ss),
-                          statistics.median(x[2] for x in ss))
-        stored = os.path.join(out, "bench-node", SID, "vmcore-20260101000000.5.elf")
-        on_disk = os.stat(stored).st_blocks * 512
+                t = timev(argv, env=env)
+                if i >= warmup:
+                    samples[name].append(t)
+                if result:
+                    sizes[name] = os.path.getsize(result)
+                if name == "katactl vmcore collect":
+                    on_disk = os.stat(stored).st_blocks * 512
+        med = {name: (statistics.median(x[0] for x in ss), max(x[1] for x in ss), statistics.median(x[2] for x in ss))
+               for name, ss in samples.items()}
+        rows = {name: med[name] for name, _, _, result in cmds if not name.startswith(("ref ", "katactl ")) or
+                name == "katactl vmcore collect"}
         rm_cp()
-        comp = {}
-        for algo, ref, ext in (("gzip", ["gzip", "-1", "-c"], ".gz"), ("zstd", ["zstd", "-q", "-3", "-T0", "-c"], ".zst")):
-            if not shutil.which(ref[0]):
-                continue
-            refout = os.path.join(work, "ref" + ext)
-            rm_out()
-            warm(src)
-            # equal work: katactl hashes the original and the stored file, and fsyncs
-            w_ref, r_ref, _ = timev(["sh", "-c", f'{" ".join(ref)} "$0" > "$1" && {sha} "$0" "$1" >/dev/null '
-                                     '&& sync -f "$1"', src, refout], env=env)
-            ref_size = os.path.getsize(refout)
-            os.unlink(refout)
-            warm(src)
-            w, r, _ = timev([*kat, "--host-root", root, "vmcore", "collect", "--to", out, "--compress", algo,
-                          "-o", "json"], env=env)
-            size_k = os.path.getsize(stored + ext)
-            comp[algo] = (w, r, size_k, w_ref, r_ref, ref_size, " ".join(ref))
+        comp = {algo: (*med[f"katactl {algo}"][:2], sizes[f"katactl {algo}"], *med[f"ref {algo}"][:2],
+                       sizes[f"ref {algo}"], refs[algo]) for algo in refs}
         rm_out()
-        ssh_rows, zrows = bench_ssh(work, root, src, kat, env, a.runs, sha) if not a.no_ssh else ({}, {})
+        ssh_rows, zrows = bench_ssh(work, root, src, kat, env, a.runs, sha, warmup) if not a.no_ssh else ({}, {})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -211,11 +243,13 @@ def main() -> None:
         bs = ssh_rows[SSH_EQ][0]
         out("Over SSH (one real sshd on loopback; katactl: paramiko, `cat` on an exec channel; scp/ssh with "
             "the same key exchange and cipher: `" + " ".join(SSH_OPTS) + "`):\n")
-        out("| command | wall s | MiB/s | throughput vs scp + sha256 + sync | vs plain scp | CPU s (user+sys) | peak RSS MiB |")
+        out("| command | wall s | MiB/s | throughput vs the equal-work ref | vs plain scp | CPU s (user+sys) | peak RSS MiB |")
         out("|---|---:|---:|---:|---:|---:|---:|")
         for name, (w, r, c) in ssh_rows.items():
-            out(f"| {name} | {w:.2f} | {mib / w:.0f} | {bs / w:.2f}x | {b / w:.2f}x | {c:.2f} | {r / 1024:.0f} |")
-        out("\n(scp's CPU column counts only the local scp process; sshd's encryption runs in sshd.)\n")
+            out(f"| {name.replace('|', chr(92) + '|')} | {w:.2f} | {mib / w:.0f} | {bs / w:.2f}x | {b / w:.2f}x | {c:.2f} | {r / 1024:.0f} |")
+        alloc = ", ".join(f"{k.replace('|', chr(92) + '|')} {v / (1 << 20):.0f} MiB" for k, v in SSH_ALLOCATED.items())
+        out(f"\nOn disk ({alloc}): both leave the zero blocks as holes. scp's CPU column counts only the local "
+            "scp process, the equal-work reference's its ssh, dd and openssl; sshd's encryption runs in sshd.\n")
     if zrows:
         import time as _time
 
@@ -233,6 +267,9 @@ def main() -> None:
                   f"{stored / (1 << 20):.1f} | {c:.2f} | {r / 1024:.0f} |")
         out()
     if comp:
+        out(f"Compressed locally (--host-root: katactl runs the node's compressor on this machine, one thread at "
+            f"idle priority), in the same interleaved rounds; the references run the same compressor command at "
+            f"the same priority (`{idle_prefix_text()}`).\n")
         out("| compression | katactl wall s | katactl size MiB | katactl RSS MiB | reference | ref wall s | ref size MiB |")
         out("|---|---:|---:|---:|---|---:|---:|")
         for algo, (w, r, sz, wr, _rr, rs, refname) in comp.items():
@@ -246,11 +283,17 @@ def main() -> None:
         write_section(text, "bench/bench_vmcore.py")
 
 
-SSH_EQ = "scp + sha256 + sync"
+SSH_EQ = "ssh cat | dd conv=sparse + sha256 + sync"
 SSH_OPTS: list[str] = []
+#: bytes on disk of the last SSH copies: {row name: st_blocks * 512}, for the table
+SSH_ALLOCATED: dict[str, int] = {}
 
 
-def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int, sha: str) -> dict:
+def idle_prefix_text() -> str:
+    return " ".join(idle_prefix()) or "(no ionice or nice here)"
+
+
+def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int, sha: str, warmup: int) -> tuple:
     """katactl -N node vmcore collect over a real sshd on loopback, against scp of the same file."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not (os.path.exists(sshd) and shutil.which("scp") and shutil.which("ssh-keygen")):
@@ -277,9 +320,10 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int, s
                    "-o", "json"]
         zref = "ssh node zstd -3 -T1 -c | tee file | zstd -d | sha256, sha256 file, sync"
         samples: dict = {"scp": [], SSH_EQ: [], "katactl -N node vmcore collect": []}
+        sparse = SSH_ALLOCATED
         zsamples: dict = {zref: [], "katactl --compress zstd --compress-on local": [],
                           "katactl --compress zstd --compress-on node": []} if shutil.which("zstd") else {}
-        for _ in range(runs):
+        for i in range(warmup + runs):
             for name in [*samples, *zsamples]:
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
@@ -290,8 +334,7 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int, s
                 if name == "scp":
                     argv = ["scp", "-q", "-F", str(lab.config), *SSH_OPTS, f"vmnode:{src}", dst]
                 elif name == SSH_EQ:
-                    argv = ["sh", "-c", f'scp -q -F "$0" {opts} "$1" "$2" && {sha} "$2" >/dev/null && sync -f "$2"',
-                            str(lab.config), f"vmnode:{src}", dst]
+                    argv = ssh_sparse_copy(str(lab.config), SSH_OPTS, "vmnode", src, dst, sha)
                 elif name == zref:
                     argv = ["sh", "-c", f'ssh -F "$0" {opts} vmnode zstd -q -c -3 -T1 -- "$1" | tee "$2" | zstd -d -q '
                             f'| {sha} >/dev/null && {sha} "$2" >/dev/null && sync -f "$2"', str(lab.config), src, dst]
@@ -301,6 +344,15 @@ def bench_ssh(work: str, root: str, src: str, kat: list, env: dict, runs: int, s
                     argv = collect
                 got: list = []
                 t = timev(argv, env=env, stdout=got)
+                if name == SSH_EQ:
+                    sparse[name] = os.stat(dst).st_blocks * 512
+                elif name == "katactl -N node vmcore collect":
+                    import json
+
+                    [item] = json.loads(got[0])["items"]
+                    sparse[name] = os.stat(item["to"]).st_blocks * 512
+                if i < warmup:
+                    continue
                 if name in samples:
                     samples[name].append(t)
                     continue

@@ -83,3 +83,24 @@ def test_metrics_goal_is_judged_against_the_concurrent_reference():
     # 5x the serial loop, 2.5x `xargs -P 32 curl`: the goal (>= 4x) is not met
     assert goal({"katactl": 0.3, "loop": 1.5, "par": 0.75}) == (2.5, "not met")
     assert goal({"katactl": 0.1, "loop": 1.5, "par": 0.45})[1] == "met"
+
+
+def test_vmcore_ssh_reference_writes_holes_like_katactl(sshd_lab, tmp_path):
+    """bench_vmcore's equal-work SSH reference leaves zero blocks as holes, as katactl's copy
+    does (RESULTS.md rule 1: the same sparse handling), and a failed ssh fails it."""
+    from bench.bench_vmcore import ssh_sparse_copy
+
+    src, dst = tmp_path / "vmcore.elf", tmp_path / "copy"
+    data = os.urandom(1 << 20)
+    with open(src, "wb") as f:  # fully allocated: 1 MiB of data, 7 MiB of written zeros
+        f.write(data + bytes(7 << 20))
+    sha = "openssl dgst -sha256" if shutil.which("openssl") else "sha256sum"
+    p = subprocess.run(ssh_sparse_copy(str(sshd_lab.config), [], "node3", str(src), str(dst), sha),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert dst.read_bytes() == src.read_bytes()
+    assert os.stat(src).st_blocks * 512 >= 8 << 20
+    assert os.stat(dst).st_blocks * 512 <= 2 << 20, os.stat(dst).st_blocks
+    bad = subprocess.run(ssh_sparse_copy(str(sshd_lab.config), [], "unreachable", str(src), str(tmp_path / "x"),
+                                         sha), capture_output=True, timeout=60)
+    assert bad.returncode != 0
