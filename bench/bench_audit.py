@@ -33,39 +33,43 @@ from tests.fixtures_isolation import build_node  # noqa: E402
 
 
 class _Recording(LocalTransport):
-    """A LocalTransport noting the local paths of every file read and directory listed."""
+    """A LocalTransport noting the local paths of every file read and directory listed
+    (node path under the root: what a shell given the root reads)."""
 
     def __init__(self, root: str):
         super().__init__(root)
         self.files: dict[str, None] = {}
         self.dirs: dict[str, None] = {}
 
+    def _local(self, path: str) -> str:
+        return os.path.join(self.host_root, path.lstrip("/"))
+
     def read_bytes(self, path, limit=None):
-        self.files[self.real(path)] = None
+        self.files[self._local(path)] = None
         return super().read_bytes(path, limit)
 
     def read_many(self, paths, limit=None):
-        self.files.update(dict.fromkeys(map(self.real, paths)))
+        self.files.update(dict.fromkeys(map(self._local, paths)))
         return super().read_many(paths, limit)
 
     def open_stream(self, path, offset=0, chunk_size=1 << 20):
-        self.files[self.real(path)] = None
+        self.files[self._local(path)] = None
         return super().open_stream(path, offset, chunk_size)
 
     def listdir(self, path):
-        self.dirs[self.real(path)] = None
+        self.dirs[self._local(path)] = None
         return super().listdir(path)
 
     def list_dirs(self, paths):
-        self.dirs.update(dict.fromkeys(map(self.real, paths)))
+        self.dirs.update(dict.fromkeys(map(self._local, paths)))
         return super().list_dirs(paths)
 
     def scan_dir(self, path, follow_symlinks=True):
-        self.dirs[self.real(path)] = None
+        self.dirs[self._local(path)] = None
         return super().scan_dir(path, follow_symlinks)
 
     def list_kinds(self, paths):
-        self.dirs.update(dict.fromkeys(map(self.real, paths)))
+        self.dirs.update(dict.fromkeys(map(self._local, paths)))
         return super().list_kinds(paths)
 
 
