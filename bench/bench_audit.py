@@ -9,7 +9,7 @@ recorded untimed, in-process, by :func:`audit_reads` (the tree holds ~46 % more 
 audit reads: tasks, cgroup.procs, /proc/N/comm of processes it never looks at), so the
 reference does audit's I/O and nothing more. Prints a markdown section to stdout.
 
-    .venv/bin/python bench/bench_audit.py [--runs N] [--write] [--smoke]
+    .venv/bin/python bench/bench_audit.py [--runs N] [--at REV] [--baseline REV] [--write] [--smoke]
 
 katactl and the reference are timed as whole processes, interleaved (one of each per round),
 after a warm-up round.
@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench._util import KATACTL, bench_parser, context, interleaved, precompile, publish, require  # noqa: E402
+from bench._util import add_rev_options, bench_parser, context, interleaved, katactl_revs, precompile, publish, require  # noqa: E402
 from katactl.backends.local import LocalTransport  # noqa: E402
 from tests.fixtures_isolation import build_node  # noqa: E402
 
@@ -87,6 +87,7 @@ def main() -> None:
     ap = bench_parser("5 pods, one run, nothing written")
     ap.add_argument("--online", type=int, default=300)
     ap.add_argument("--sandboxes", type=int, default=200)
+    add_rev_options(ap)
     a = ap.parse_args()
     require("find", "xargs", "cat", "ls")
     if a.smoke:
@@ -104,14 +105,15 @@ def main() -> None:
                                     text=True).stdout)
         files, listed = audit_reads(root)
         lists = root + ".lists"
-        os.makedirs(lists)
+        os.makedirs(lists, exist_ok=True)
         for name, paths in (("files", files), ("dirs", listed)):
             with open(os.path.join(lists, name), "wb") as f:
                 f.write(b"".join(p.encode() + b"\0" for p in paths))
         # ls -f: getdents only, no sort, no stat per entry (what os.listdir does)
         shell = (f"xargs -0 cat < {lists}/files > /dev/null && xargs -0 ls -f < {lists}/dirs > /dev/null")
-        kat = [*KATACTL, "--host-root", root, "audit", "-o", "json", "--fail-on", "critical"]
-        env = {"NO_COLOR": "1"}
+        revs = katactl_revs(a, root + ".lists/revs")
+        kat = [*revs["katactl"][0], "--host-root", root, "audit", "-o", "json", "--fail-on", "critical"]
+        env = {"NO_COLOR": "1", **(revs["katactl"][1] or {})}
         p = subprocess.run(kat, capture_output=True, env=dict(os.environ, **env))
         if p.returncode not in (0, 8):
             sys.exit(f"audit failed: {p.stderr.decode()}")
@@ -119,17 +121,23 @@ def main() -> None:
 
         findings = len(json.loads(p.stdout)["items"])
         # audit exits 8 on findings: time it through a shell that maps 8 to 0 (interleaved() ends on a failure)
-        katsh = ["sh", "-c", '"$@"; rc=$?; [ $rc -eq 0 ] || [ $rc -eq 8 ]', "sh", *kat]
-        samples = interleaved({"katactl": (katsh, env), "ref": (["sh", "-c", shell], None)}, runs, warmup=warmup)
-        inproc = []
-        from katactl.isolation import audit, policy
+        def ok8(argv):
+            return ["sh", "-c", '"$@"; rc=$?; [ $rc -eq 0 ] || [ $rc -eq 8 ]', "sh", *argv]
 
-        for _ in range(warmup + runs):
-            t1 = time.perf_counter()
-            audit.run(LocalTransport(root), policy.Policy())
-            inproc.append(time.perf_counter() - t1)
-        k, r, i = statistics.median(samples["katactl"]), statistics.median(samples["ref"]), \
-            statistics.median(inproc[warmup:])
+        cmds = {"katactl": (ok8(kat), env), "ref": (["sh", "-c", shell], None)}
+        if "baseline" in revs:
+            cmds["base"] = (ok8([*revs["baseline"][0], *kat[len(revs["katactl"][0]):]]),
+                            {"NO_COLOR": "1", **(revs["baseline"][1] or {})})
+        samples = interleaved(cmds, runs, warmup=warmup)
+        inproc = []
+        if not a.at:  # the library of this working tree, which --at does not time
+            from katactl.isolation import audit, policy
+
+            for _ in range(warmup + runs):
+                t1 = time.perf_counter()
+                audit.run(LocalTransport(root), policy.Policy())
+                inproc.append(time.perf_counter() - t1)
+        k, r = statistics.median(samples["katactl"]), statistics.median(samples["ref"])
         if a.smoke:
             print(f"bench_audit smoke ok: {nfiles} files, audit reads {len(files)} and lists {len(listed)} "
                   f"directories, {findings} findings")
@@ -146,8 +154,14 @@ def main() -> None:
             "library alone (after a warm-up call), for reference.", "",
             "| what | median s | ratio vs the reference |",
             "|---|---:|---:|",
-            f"| `katactl --host-root T audit -o json` (new process, incl. Python start-up) | {k:.3f} | {k / r:.2f}x |",
-            f"| `isolation.audit.run()` in-process (library only, for reference) | {i:.3f} | {i / r:.2f}x |",
+            f"| `{revs['katactl'][2]} --host-root T audit -o json` (new process, incl. Python start-up) | {k:.3f} | "
+            f"{k / r:.2f}x |",
+            *([f"| `{revs['baseline'][2]} --host-root T audit -o json` (before) | "
+               f"{statistics.median(samples['base']):.3f} | {statistics.median(samples['base']) / r:.2f}x |"]
+              if "base" in samples else []),
+            *([f"| `isolation.audit.run()` in-process (library only, for reference) | "
+               f"{statistics.median(inproc[warmup:]):.3f} | {statistics.median(inproc[warmup:]) / r:.2f}x |"]
+              if inproc else []),
             f"| `xargs -0 cat` of the {len(files)} files audit reads + `xargs -0 ls -f` of its {len(listed)} "
             f"directories (reference) | {r:.3f} | 1.00x |",
         ]) + "\n"
