@@ -216,7 +216,7 @@ def trigger_cmd(
     if fmt not in vmcore.FORMATS:
         raise UsageError(f"invalid --format {fmt!r} (choose {', '.join(vmcore.FORMATS)})")
     _check_paths(dump_path, kata_config)
-    timeout = parse_duration(wait, what="--timeout") if wait else 3600.0
+    timeout = parse_duration(wait, what="--timeout") if wait is not None else 3600.0   # '' is no default
     settings, ref = sandbox_ref(app_ctx, sandbox)
     out = app_ctx.out
     holder: dict = {}

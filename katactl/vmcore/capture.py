@@ -45,6 +45,21 @@ def _copy_tree(transport: NodeTransport, src: str, dst: str) -> None:
             transport.write_bytes_atomic(d, data, mode=st.mode & 0o777)
 
 
+def _ensure_dirs(transport: NodeTransport, path: str, mode: int) -> None:
+    """Go's os.MkdirAll(path, mode): each missing directory, not only the last, gets mode
+    (a transport's mkdir -p gives the parents the default mode)."""
+    missing = []
+    p = path
+    while p not in ("", "/") and not transport.is_dir(p):
+        missing.append(p)
+        p = posixpath.dirname(p)
+    for p in reversed(missing):
+        try:
+            transport.mkdir(p, mode, parents=False)
+        except FileExistsError:
+            pass   # made meanwhile (a second dump of the sandbox): MkdirAll takes it as it is
+
+
 def sandbox_persist(transport: NodeTransport, sandbox_id: str) -> dict:
     p = read_json(transport, f"{GO_SBS}/{sandbox_id}/persist.json")
     return p if isinstance(p, dict) else {}
@@ -57,13 +72,14 @@ def prepare_dump_dir(transport: NodeTransport, sandbox_id: str, dump_path: str, 
     _check_sandbox_id(sandbox_id)
     persist = persist if persist is not None else sandbox_persist(transport, sandbox_id)
     d = f"{dump_path}/{sandbox_id}"
-    transport.mkdir(d, 0o755)
+    # virtcontainers/qemu.go dumpGuestMemory: EnsureDir(<dir>/state, DirMode), that is
+    # os.MkdirAll(path, 0750) (src/runtime/pkg/utils/utils.go EnsureDir; virtcontainers
+    # DirMode): every directory it creates, <dir> and a missing dump path too, is 0750
+    _ensure_dirs(transport, f"{d}/state", 0o750)
     src_state = f"{GO_SBS}/{sandbox_id}"
     if transport.is_dir(src_state):
-        # virtcontainers/qemu.go dumpGuestMemory: EnsureDir(<dir>/state), then
-        # dumpSandboxMetaInfo runs `/bin/cp -ar /run/vc/sbs/<id> <dir>/state`: the target
+        # then dumpSandboxMetaInfo runs `/bin/cp -ar /run/vc/sbs/<id> <dir>/state`: the target
         # exists, so the copy lands in <dir>/state/<id>/ (persist.json there)
-        transport.mkdir(f"{d}/state", 0o750)
         copied = False
         try:
             r = transport.run(["/bin/cp", "-ar", real_path(transport, src_state), real_path(transport, f"{d}/state")],
