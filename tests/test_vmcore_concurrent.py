@@ -15,7 +15,7 @@ from tests.test_vmcore import DUMP_PATH, SID, TS, add_dump, node_tree, sha
 
 TS2 = "20240102030406.5"
 #: the keys of a collect item, whether it copied or found the dump collected already
-ITEM_KEYS = {"name", "node", "source", "to", "size", "compress", "compressedOn", "changed", "sha256", "verified",
+ITEM_KEYS = {"name", "node", "nodeDir", "source", "to", "size", "compress", "compressedOn", "changed", "sha256", "verified",
              "verification", "resumed", "storedSize", "transferredBytes", "deleted"}
 
 

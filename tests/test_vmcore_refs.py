@@ -30,6 +30,37 @@ def two(tmp_path):
     return root
 
 
+@pytest.mark.parametrize("hostname,want", [("..", "__"), (".", "_"), ("...x", "___x")])
+def test_a_hostname_of_dots_stays_under_to(cli, tmp_path, hostname, want):
+    """Review 11 #4: /etc/hostname '..' put the copies beside --to, '.' among its node dirs."""
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    with open(os.path.join(root, "etc/hostname"), "w") as f:
+        f.write(hostname + "\n")
+    to = tmp_path / "parent" / "to"
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(to), "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    [it] = r.json()["items"]
+    assert it["to"] == str(to / want / SID / DUMP) and it["nodeDir"] == want
+    assert sorted(os.listdir(tmp_path / "parent")) == ["to"] and os.listdir(to) == [want]
+
+
+def test_one_node_value_for_list_collect_rm_and_audit(cli, tmp_path, _isolated_home):
+    """Review 11 #9: collect's items named the node by its hostname, list, rm and the audit
+    by the transport's node: -o json could not be joined by (node, name)."""
+    root = node_tree(tmp_path / "n")
+    add_dump(root)
+    base = ["--host-root", root, "-o", "json", "vmcore"]
+    [listed] = cli([*base, "list"]).json()["items"]
+    r = cli([*base, "collect", "--to", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.stderr
+    [collected] = r.json()["items"]
+    [removed] = cli([*base, "rm", SID[:8], "--dry-run"]).json()["items"]
+    [entry] = _audit_entries(_isolated_home)
+    assert listed["node"] == collected["node"] == removed["node"] == entry["node"] == "localhost"
+    assert collected["nodeDir"] == "node-a" and collected["to"] == str(tmp_path / "o" / "node-a" / SID / DUMP)
+
+
 def test_trigger_empty_timeout_is_a_usage_error(cli, tmp_path, _isolated_home):
     """Review 11 #8: --timeout '' was taken as the 1 h default."""
     root = node_tree(tmp_path / "n")

@@ -139,14 +139,22 @@ def check_to(to) -> str:
     return path
 
 
-def _dest_dir(opts: CollectOptions, node: str, sandbox: str) -> str:
-    return os.path.join(os.path.abspath(opts.to), node, sandbox)
+def _dest_dir(opts: CollectOptions, node_dir: str, sandbox: str) -> str:
+    to = os.path.abspath(opts.to)
+    d = os.path.join(to, node_dir, sandbox)
+    # both names come from the node (its hostname, its directory names): never outside --to
+    if os.path.dirname(os.path.dirname(os.path.normpath(d))) != to:
+        raise OperationFailed(f"{node_dir!r}/{sandbox!r}: not a directory name katactl can collect into under {to}")
+    return d
 
 
 def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, dump_path: str | None = None,
             kata_config: str | None = None, index: CollectIndex | None = None,
             keep_going: bool = False) -> list[dict]:
     """Collect the dumps named by refs (all with none) into opts.to/<node>/<sandbox>/.
+
+    Items carry the node as list and rm do (``transport.node``), and the directory name
+    under opts.to as ``nodeDir`` (:func:`node_name`: locally, the node's hostname).
 
     keep_going: a dump that fails does not stop the others; it is reported as
     an item ``{name, source, changed: false, error: {code, message, exitCode}}``.
@@ -156,13 +164,14 @@ def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, 
     """
     opts.validate()
     index = index if index is not None else CollectIndex()
-    node = node_name(transport)
+    node_dir = node_name(transport)
     results: list[dict] = []
 
     def collected_before(ref: str) -> bool:
         """A ref that names no dump on the node, but one an earlier collect copied into
         --to (gone since: --delete-after, vmcore rm): done already, changed: false."""
-        found = [i for i in collected_gone(opts.to, node, ref) if i["to"] not in {r["to"] for r in results}]
+        found = [i for i in collected_gone(opts.to, node_dir, ref, node=transport.node)
+                 if i["to"] not in {r["to"] for r in results}]
         for item in found:
             if not opts.dry_run:
                 from katactl import audit
@@ -176,7 +185,7 @@ def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, 
                           missing=collected_before if refs else None)
     for d in dumps:
         try:
-            results.append(collect_one(transport, d, node, opts, index))
+            results.append(collect_one(transport, d, node_dir, opts, index))
         except Exception as e:
             if not keep_going or len(dumps) == 1:
                 raise
@@ -188,12 +197,12 @@ def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, 
     return results
 
 
-def collected_gone(to: str, node: str, ref: str) -> list[dict]:
+def collected_gone(to: str, node_dir: str, ref: str, *, node: str | None = None) -> list[dict]:
     """The collect items (``changed: false``) of the dumps ref names among those collected
-    into to/<node>/ (their manifests) whose copy is still there, as :func:`resolve_dumps`
+    into to/<node_dir>/ (their manifests) whose copy is still there, as :func:`resolve_dumps`
     matches a ref: the dump's name, node path or file name, else NAMESPACE/POD, else a
-    sandbox id (prefix) that names one sandbox. Used for a ref the node has no dump for."""
-    base = os.path.join(os.path.abspath(to), node)
+    sandbox id (prefix) that names one sandbox. Used for a ref the node has no dump for; ``node``: the items' node (default node_dir)."""
+    base = os.path.join(os.path.abspath(to), node_dir)
     try:
         sids = sorted(os.listdir(base))
     except OSError:
@@ -209,8 +218,8 @@ def collected_gone(to: str, node: str, ref: str) -> list[dict]:
                     or not os.path.isfile(final) or os.path.getsize(final) != e.get("size")):
                 continue
             file = posixpath.basename(src["path"])
-            item = {"name": f"{sid}/{file}", "node": node, "source": src["path"], "to": final,
-                    "size": src.get("size"), "compress": e.get("compress"), "compressedOn": None}
+            item = {"name": f"{sid}/{file}", "node": node or node_dir, "nodeDir": node_dir, "source": src["path"],
+                    "to": final, "size": src.get("size"), "compress": e.get("compress"), "compressedOn": None}
             _recorded(item, e)
             item["note"] = "collected before; the dump is no longer on the node"
             pod = manifest.get("podRef", manifest.get("pod"))  # "pod" was this string before review 11
@@ -229,14 +238,15 @@ def _audit_params(opts: CollectOptions) -> dict:
             "makedumpfile": opts.makedumpfile, "deleteAfter": opts.delete_after}
 
 
-def collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
+def collect_one(transport: NodeTransport, dump: dict, node_dir: str, opts: CollectOptions,
+                index: CollectIndex) -> dict:
     """Collect one dump (an item of :func:`resolve_dumps`); recorded in the audit log
     (``vmcore.collect``) on success, on failure and when interrupted (``result:
     interrupted``), except for a dry run."""
     from katactl import audit
 
     try:
-        r = _collect_one(transport, dump, node, opts, index)
+        r = _collect_one(transport, dump, node_dir, opts, index)
     except BaseException as e:
         if not opts.dry_run:
             # Ctrl-C (KeyboardInterrupt, a BaseException) too: the partial copy it leaves is a change
@@ -251,14 +261,16 @@ def collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOp
     return r
 
 
-def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex) -> dict:
+def _collect_one(transport: NodeTransport, dump: dict, node_dir: str, opts: CollectOptions,
+                 index: CollectIndex) -> dict:
     src = dump["path"]
-    dest_dir = _dest_dir(opts, node, dump["sandbox"])
+    dest_dir = _dest_dir(opts, node_dir, dump["sandbox"])
     stored_name = dump["file"] + COMPRESS_SUFFIX[opts.compress]
     if opts.makedumpfile:
         stored_name = re.sub(r"\.(elf|kdump)$", "", dump["file"]) + ".kdump"
     final = os.path.join(dest_dir, stored_name)
-    result = {"name": dump["name"], "node": node, "source": src, "to": final, "size": dump["size"],
+    result = {"name": dump["name"], "node": transport.node, "nodeDir": node_dir, "source": src, "to": final,
+              "size": dump["size"],
               "compress": "makedumpfile" if opts.makedumpfile else opts.compress, "compressedOn": None}
     if dump["status"] == "not-regular":  # a FIFO would block the copy forever
         raise OperationFailed(f"{dump['name']}: {dump['problem']}: not a dump that can be copied")
@@ -283,9 +295,9 @@ def _collect_one(transport: NodeTransport, dump: dict, node: str, opts: CollectO
         if not opts.dry_run and os.path.isdir(dest_dir):
             lock.acquire(dump["name"])
         try:
-            return _collect_locked(transport, dump, node, opts, index, dict(result), lock)
+            return _collect_locked(transport, dump, node_dir, opts, index, dict(result), lock)
         except _Replan:
-            return _collect_locked(transport, dump, node, opts, index, dict(result), lock)
+            return _collect_locked(transport, dump, node_dir, opts, index, dict(result), lock)
     finally:
         lock.release()
 

@@ -244,7 +244,11 @@ def check_ref(ref: str) -> str:
 
 
 def node_name(transport: NodeTransport) -> str:
-    """The name used for DIR/<node>/: the transport's node, or the node's hostname locally."""
+    """The name used for DIR/<node>/: the transport's node, or the node's hostname locally.
+
+    A hostname is node-controlled text: ``..`` or ``.`` joined under --to would put the copies
+    outside it or among the node directories, so leading dots become ``_`` (and the name is cut
+    to a file name's length)."""
     if transport.node not in ("localhost", ""):
         return transport.node
     try:
@@ -253,7 +257,8 @@ def node_name(transport: NodeTransport) -> str:
         name = ""
     if not name and not transport.host_root:
         name = socket.gethostname()
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:253]
+    name = re.sub(r"^\.+", lambda m: "_" * len(m.group()), name)
     return name or "localhost"
 
 
