@@ -32,7 +32,7 @@ _katactl_at() {
         "katactl vmcore list") words=""; own="--dump-path --kata-config -h --help"; valopts="--dump-path --kata-config" ;;
         "katactl vmcore collect") words=""; own="--to --compress --compress-on --makedumpfile --dump-level --delete-after --verify --bwlimit --dry-run --force --dump-path --kata-config -h --help"; valopts="--to --compress --compress-on --dump-level --bwlimit --dump-path --kata-config" ;;
         "katactl vmcore trigger") words=""; own="--format --detach --paging --no-paging --dry-run --dump-path --kata-config --timeout -h --help"; valopts="--format --dump-path --kata-config --timeout" ;;
-        "katactl vmcore rm") words=""; own="--dry-run --dump-path --kata-config -h --help"; valopts="--dump-path --kata-config" ;;
+        "katactl vmcore rm") words=""; own="--dry-run --force --dump-path --kata-config -h --help"; valopts="--dump-path --kata-config" ;;
         "katactl upgrade") words="stage switch rollback status gc"; own="-h --help"; valopts="" ;;
         "katactl upgrade stage") words=""; own="--as --sha256 --no-verify --reserve --force --kata-root --lock-timeout --dry-run -h --help"; valopts="--as --sha256 --reserve --kata-root --lock-timeout" ;;
         "katactl upgrade switch") words=""; own="--component -c --force --no-preflight-exec --kata-root --lock-timeout --dry-run -h --help"; valopts="--component -c --kata-root --lock-timeout" ;;

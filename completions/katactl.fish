@@ -100,7 +100,7 @@ function __katactl_path
                     set own --format --detach --paging --no-paging --dry-run --dump-path --kata-config --timeout -h --help
                     set valopts --format --dump-path --kata-config --timeout
                 case 'katactl vmcore rm'
-                    set own --dry-run --dump-path --kata-config -h --help
+                    set own --dry-run --force --dump-path --kata-config -h --help
                     set valopts --dump-path --kata-config
                 case 'katactl upgrade'
                     set own -h --help
@@ -466,6 +466,7 @@ complete -c katactl -n "test (__katactl_path) = 'katactl vmcore trigger'" -l kat
 complete -c katactl -n "test (__katactl_path) = 'katactl vmcore trigger'" -l timeout -x -d 'Deadline for the dump to finish (default 1h; exit 6)'
 complete -c katactl -n "test (__katactl_path) = 'katactl vmcore trigger'" -s h -l help -d 'Show help and exit'
 complete -c katactl -n "test (__katactl_path) = 'katactl vmcore rm'" -l dry-run -d 'Show what would be deleted'
+complete -c katactl -n "test (__katactl_path) = 'katactl vmcore rm'" -l force -d 'Delete incomplete dumps too (one the hypervisor is still wri'
 complete -c katactl -n "test (__katactl_path) = 'katactl vmcore rm'" -l dump-path -r -F -d 'Dump directory (default: guest_memory_dump_path of the Kata '
 complete -c katactl -n "test (__katactl_path) = 'katactl vmcore rm'" -l kata-config -r -F -d 'Kata configuration file (default: each sandbox\'s and runtime'
 complete -c katactl -n "test (__katactl_path) = 'katactl vmcore rm'" -s h -l help -d 'Show help and exit'

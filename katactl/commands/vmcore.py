@@ -242,15 +242,23 @@ def trigger_cmd(
 @app.command("rm")
 def rm_cmd(
     ctx: typer.Context,
-    refs: List[str] = typer.Argument(..., metavar="DUMP...", help="SANDBOX/vmcore-X.elf, vmcore-X.elf, or a sandbox id (all its dumps)."),
+    refs: List[str] = typer.Argument(..., metavar="DUMP...",
+                                     help="SANDBOX/vmcore-X.elf, vmcore-X.elf, or a sandbox id (all its dumps); "
+                                          "SANDBOX may be a unique id prefix."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be deleted."),
+    force: bool = typer.Option(False, "--force", help="Delete incomplete dumps too (one the hypervisor is still "
+                                                      "writing frees its space only once it is closed)."),
     dump_path: Optional[str] = typer.Option(None, "--dump-path", metavar="DIR", help=DUMP_PATH_HELP),
     kata_config: Optional[str] = typer.Option(None, "--kata-config", metavar="FILE", help=KATA_CONFIG_HELP),
 ) -> None:
     """Delete dumps from the node (asks on a TTY; needs --yes otherwise).
 
     The sandbox's directory (metadata, state/) goes too once its last dump
-    is deleted. Deleting an already deleted dump changes nothing.
+    is deleted. Each DUMP is resolved on its own: one that names nothing
+    (deleted already) is reported with changed: false and the others are
+    still deleted; a prefix of several sandboxes is exit 3. An incomplete
+    dump (still being written, or cut short) is refused (exit 5) without
+    --force.
 
     \b
     Examples:
@@ -258,7 +266,6 @@ def rm_cmd(
       katactl vmcore rm 3f2a --yes
     """
     from katactl import vmcore
-    from katactl.errors import NotFound
     from katactl.output import Column, Result
     from katactl.planapply import plan_confirm_apply
     from katactl.values import format_size
@@ -268,24 +275,40 @@ def rm_cmd(
     for ref in refs:
         vmcore.check_ref(ref)  # malformed: a usage error before any node is asked
 
-    def plan(transport: NodeTransport):
-        try:
-            return vmcore.resolve_dumps(transport, refs, dump_path=dump_path, kata_config=kata_config)
-        except NotFound:
-            return []
+    def plan(transport: NodeTransport) -> tuple[list, list]:
+        # each ref on its own: a re-run after a partial rm still deletes the rest
+        gone: list[str] = []
+
+        def nothing_left(ref: str) -> bool:
+            gone.append(ref)
+            return True
+
+        dumps = vmcore.resolve_dumps(transport, refs, dump_path=dump_path, kata_config=kata_config,
+                                     missing=nothing_left)
+        return dumps, gone
+
+    plans: dict = {}
 
     def confirm(planned: dict) -> None:
-        targets = [d for ds in planned.values() for d in ds]
+        plans.update(planned)
+        targets = [d for ds, _ in planned.values() for d in ds]
         if targets and not dry_run:
             uncollected = sum(1 for d in targets if not d["collected"])
             q = (f"Delete {len(targets)} vmcore(s) ({format_size(sum(d['size'] or 0 for d in targets))})"
                  + (f", {uncollected} never collected" if uncollected else "") + "?")
             app_ctx.require_confirmation(q, "deleting vmcores")
 
+    def unmatched(gone: list[str]) -> list[dict]:
+        return [{"name": ref, "changed": False, "note": "no vmcore matches: nothing to delete"} for ref in gone]
+
     require_audit(dry_run)
     # a node that failed while the dumps were listed is part of the outcome (named, exit 4)
     fo = plan_confirm_apply(app_ctx.settings, plan, confirm,
-                            lambda t, dumps: vmcore.remove_dumps(t, dumps, dry_run=dry_run), needs_apply=bool)
+                            lambda t, p: vmcore.remove_dumps(t, p[0], dry_run=dry_run, force=force) + unmatched(p[1]),
+                            needs_apply=lambda p: bool(p[0]))
+    for n, (dumps, gone) in plans.items():
+        if not dumps and gone:   # nothing to delete there: its refs are still reported
+            fo.values[n] = unmatched(gone)
     fo.raise_if_single_failure()
     items = fo.items()
     cols = [Column("NAME", "name"), Column("SIZE", "size", fmt=format_size), Column("COLLECTED", "collected"),

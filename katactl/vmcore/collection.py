@@ -73,7 +73,7 @@ from typing import Callable, Iterator
 
 from katactl.backends.local import atomic_write, fsync_dir
 from katactl.errors import OperationFailed, Refused, UsageError, as_katactl_error
-from katactl.vmcore.dumps import node_name, real_path, regular_files, remove_dumps, resolve_dumps
+from katactl.vmcore.dumps import match_ref, node_name, real_path, regular_files, remove_dumps, resolve_dumps
 from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, update_manifest
 from katactl.vmcore.streams import (CHUNK, Hasher, Inflater, Prefetch, RateLimit, hash_file, iter_uncompressed,
                                     make_writer, zstd_backend)
@@ -199,15 +199,15 @@ def collect(transport: NodeTransport, refs: list[str], opts: CollectOptions, *, 
 
 def collected_gone(to: str, node_dir: str, ref: str, *, node: str | None = None) -> list[dict]:
     """The collect items (``changed: false``) of the dumps ref names among those collected
-    into to/<node_dir>/ (their manifests) whose copy is still there, as :func:`resolve_dumps`
-    matches a ref: the dump's name, node path or file name, else NAMESPACE/POD, else a
-    sandbox id (prefix) that names one sandbox. Used for a ref the node has no dump for; ``node``: the items' node (default node_dir)."""
+    into to/<node_dir>/ (their manifests) whose copy is still there, matched as
+    :func:`resolve_dumps` matches a ref (:func:`match_ref`). Used for a ref the node has
+    no dump for; ``node``: the items' node (default node_dir)."""
     base = os.path.join(os.path.abspath(to), node_dir)
     try:
         sids = sorted(os.listdir(base))
     except OSError:
         return []
-    found = []   # (sandbox, pod, item)
+    found = []   # match_ref's entries, each with its item
     for sid in sids:
         d = os.path.join(base, sid)
         manifest = load_manifest(d)
@@ -223,14 +223,9 @@ def collected_gone(to: str, node_dir: str, ref: str, *, node: str | None = None)
             _recorded(item, e)
             item["note"] = "collected before; the dump is no longer on the node"
             pod = manifest.get("podRef", manifest.get("pod"))  # "pod" was this string before review 11
-            found.append((sid, pod if isinstance(pod, str) else None, item))
-    hit = [i for _, _, i in found if ref in (i["name"], i["source"], posixpath.basename(i["source"]))]
-    if not hit:
-        hit = [i for _, pod, i in found if pod == ref]
-    if not hit:
-        matching = {sid for sid, _, _ in found if sid.startswith(ref)}
-        hit = [i for sid, _, i in found if len(matching) == 1 and sid in matching]
-    return hit
+            found.append({"name": item["name"], "path": src["path"], "file": file, "sandbox": sid,
+                          "podRef": pod if isinstance(pod, str) else None, "item": item})
+    return [e["item"] for e in match_ref(found, ref)]
 
 
 def _audit_params(opts: CollectOptions) -> dict:

@@ -23,8 +23,8 @@ import time
 from typing import Any, Callable
 
 from katactl import sandbox as sbmod
-from katactl.errors import (Ambiguous, Interrupted, KatactlError, NotFound, OperationFailed, UsageError,
-                            as_katactl_error)
+from katactl.errors import (Ambiguous, Interrupted, KatactlError, NotFound, OperationFailed, Refused,
+                            UsageError, as_katactl_error)
 from katactl.sandbox import CONTAINERD_TASK_DIR, pod_ref
 from katactl.vmcore.records import CollectIndex
 from katactl.backends.base import NodeTransport
@@ -610,13 +610,34 @@ def _describe(transport: NodeTransport, d, sid, name, pod, version, hvconf, inde
     }
 
 
+def match_ref(entries: list[dict], ref: str) -> list[dict]:
+    """The entries (dicts with name, path, file, sandbox, podRef) a ref names: the full name
+    (SANDBOX-ID/vmcore-X.elf), node path or file name; else NAMESPACE/POD; else a sandbox id
+    or unique prefix, all of its dumps, or with ``/vmcore-X.elf`` after it that one dump.
+    A prefix of several sandboxes, or a file name several sandboxes have, is Ambiguous."""
+    hit = [i for i in entries if ref in (i["name"], i["path"], i["file"])]
+    if not hit:
+        hit = [i for i in entries if i["podRef"] == ref]
+    if not hit:
+        head, _, tail = ref.rpartition("/")
+        prefix, file = (head, tail) if head and "/" not in head and DUMP_RE.fullmatch(tail) else (ref, None)
+        sids = sorted({i["sandbox"] for i in entries if i["sandbox"].startswith(prefix)})
+        if len(sids) > 1:
+            raise Ambiguous(f"{ref!r} matches the dumps of {len(sids)} sandboxes: "
+                            + ", ".join(s[:12] for s in sids[:5]))
+        hit = [i for i in entries if sids and i["sandbox"] == sids[0] and file in (None, i["file"])]
+    if len({i["file"] for i in hit}) < len(hit) and ref in [i["file"] for i in hit]:
+        raise Ambiguous(f"{ref!r} names dumps of several sandboxes; use SANDBOX-ID/{ref}")
+    return hit
+
+
 def resolve_dumps(transport: NodeTransport, refs: list[str], *, dump_path: str | None = None,
                   kata_config: str | None = None, index: "CollectIndex | None" = None,
                   missing: Callable[[str], bool] | None = None) -> list[dict]:
-    """Dumps named by refs: SANDBOX-ID/vmcore-X.elf, vmcore-X.elf, a sandbox id
-    (or unique prefix: all of its dumps), NAMESPACE/POD, or a node path. No refs: all.
+    """Dumps named by refs (:func:`match_ref`). No refs: all.
     A ref that names no dump is NotFound, unless ``missing(ref)`` says the caller
-    accounts for it (collect: a dump collected before, gone from the node since)."""
+    accounts for it (collect: a dump collected before, gone from the node since;
+    rm: nothing left to delete for that ref)."""
     for ref in refs:
         check_ref(ref)
     items = list_dumps(transport, dump_path=dump_path, kata_config=kata_config, index=index)
@@ -625,22 +646,12 @@ def resolve_dumps(transport: NodeTransport, refs: list[str], *, dump_path: str |
     out: list[dict] = []
     seen: set[str] = set()
     for ref in refs:
-        hit = [i for i in items if ref in (i["name"], i["path"], i["file"])]
-        if not hit:
-            hit = [i for i in items if i["podRef"] == ref]
-        if not hit:
-            sids = sorted({i["sandbox"] for i in items if i["sandbox"].startswith(ref)})
-            if len(sids) > 1:
-                raise Ambiguous(f"{ref!r} matches the dumps of {len(sids)} sandboxes: "
-                                + ", ".join(s[:12] for s in sids[:5]))
-            hit = [i for i in items if sids and i["sandbox"] == sids[0]]
+        hit = match_ref(items, ref)
         if not hit and missing is not None and missing(ref):
             continue
         if not hit:
             raise NotFound(f"no vmcore matches {ref!r} on node {transport.node}",
                            hint="see 'katactl vmcore list'")
-        if len({i["file"] for i in hit}) < len(hit) and ref in [i["file"] for i in hit]:
-            raise Ambiguous(f"{ref!r} names dumps of several sandboxes; use SANDBOX-ID/{ref}")
         for i in hit:
             if i["path"] not in seen:
                 seen.add(i["path"])
@@ -651,23 +662,34 @@ def resolve_dumps(transport: NodeTransport, refs: list[str], *, dump_path: str |
 # ---------------------------------------------------------------------------
 # removing
 # ---------------------------------------------------------------------------
-def remove_dumps(transport: NodeTransport, dumps: list[dict], *, dry_run: bool = False) -> list[dict]:
+def remove_dumps(transport: NodeTransport, dumps: list[dict], *, dry_run: bool = False,
+                 force: bool = False) -> list[dict]:
     """Delete dumps (and their sandbox dir once no dump is left in it).
 
-    Each deletion (and each failed one) is recorded in the audit log (``vmcore.rm``);
-    a dry run records nothing."""
+    An incomplete dump is refused (Refused) unless ``force``: QEMU may still be writing it
+    (``trigger --detach``, a panic dump), and then unlinking it frees nothing until QEMU
+    closes the file, while its sandbox directory (metadata, state/) is gone already.
+    Each deletion (and each failed or refused one) is recorded in the audit log
+    (``vmcore.rm``); a dry run records nothing."""
     from katactl import audit
 
     for d in dumps:
         # a directory (a FIFO...) named like a dump is no dump: checked before any deletion, so
         # that --dry-run says what the real run does (its unlink failed with the host-root path)
+        bad: KatactlError | None = None
         if d.get("status") == "not-regular":
-            e = OperationFailed(f"{d['path']} on node {transport.node}: {d.get('problem') or 'not a regular file'}"
-                                ": not a dump, katactl removes dumps only")
+            bad = OperationFailed(f"{d['path']} on node {transport.node}: {d.get('problem') or 'not a regular file'}"
+                                  ": not a dump, katactl removes dumps only")
+        elif d.get("status") == "incomplete" and not force:
+            bad = Refused(f"{d['path']} on node {transport.node}: the dump is incomplete: still being written "
+                          "(its space is freed only once the hypervisor closes it), or cut short",
+                          hint="wait for it to finish (katactl vmcore list shows its status), "
+                               "or pass --force to delete it anyway")
+        if bad is not None:
             if not dry_run:
                 audit.record("vmcore.rm", d["name"], node=transport.node, params={"path": d["path"]},
-                             result="error", changed=False, error=e.message)
-            raise e
+                             result="error", changed=False, error=bad.message)
+            raise bad
     out = []
     for d in dumps:
         item = {"name": d["name"], "path": d["path"], "size": d.get("size"), "collected": d.get("collected")}
@@ -681,7 +703,6 @@ def remove_dumps(transport: NodeTransport, dumps: list[dict], *, dry_run: bool =
             out.append({**item, "changed": False})
             continue
         except Exception as e:
-
             audit.record("vmcore.rm", d["name"], node=transport.node, params={"path": d["path"]},
                          result="error", changed=False, error=as_katactl_error(e).message)
             raise
