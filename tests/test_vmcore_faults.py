@@ -2,6 +2,7 @@
 fills (a real small tmpfs), the copy is killed and resumed (a real katactl subprocess)."""
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -379,3 +380,137 @@ def test_allocated_zero_pages_are_refused_then_forced(cli, tmp_path, small_fs):
     assert r.exit_code == 0, r.stderr
     [it] = r.json()["items"]
     assert sha(it["to"]) == sha(src)
+
+
+def _fill(path, leave: int = 0) -> None:
+    """Write to path until the filesystem is full (ENOSPC), then give back ``leave`` pages."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+        os.ftruncate(fd, os.fstat(fd).st_size - leave * 4096)
+    finally:
+        os.close(fd)
+
+
+def _audit(home):
+    log = home / "state" / "katactl" / "audit.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.parametrize("compress,leave", [("none", 0), ("gzip", 1)])
+def test_a_disk_full_while_the_manifest_is_written_keeps_a_resumable_copy(tmp_path, small_fs, _isolated_home,
+                                                                          compress, leave):
+    """Review 11 #5: the disk filled after the dump was renamed into place, while SHA256SUMS
+    and then manifest.json were written: a bare "No space left on device", the dump under its
+    final name and in SHA256SUMS but no manifest.json (list: not collected), an audit entry
+    changed: false, and a re-run copied all of it again. Now both manifest files are written
+    before the dump is committed: nothing is presented as collected, the error names the
+    destination, and the complete copy is kept as .partial for the re-run to resume from
+    (nothing crosses the wire). A compressed copy with no checkpoint (the full disk refused
+    its last one) is removed instead: a resume would start from zero."""
+    root = node_tree(tmp_path / "n")
+    # gzip: 128 KiB of zeros, so that the compressed copy fits in the one page left
+    src = (add_dump(root, size_segments=((0, 1 << 20),), data=os.urandom(1 << 20)) if compress == "none"
+           else add_dump(root, size_segments=((0, 128 << 10),)))
+    t = LocalTransport(root)
+    dest = small_fs / "node-a" / SID
+    stored = f"vmcore-{TS}.elf" + (".gz" if compress == "gzip" else "")
+    filler = small_fs / "filler"
+
+    def fill(dump, done, total):
+        if done == total:           # every byte of the dump is handed to the writer: the disk fills now
+            _fill(filler, leave)
+
+    def opts(**kw):
+        return vmcore.CollectOptions(to=str(small_fs), force=True, compress=compress, compress_on="local", **kw)
+
+    with pytest.raises(OperationFailed) as ei:
+        vmcore.collect(t, [], opts(progress=fill), index=_idx(tmp_path))
+    e = ei.value
+    assert f"destination {dest} is full" in e.message and "manifest" in e.message, e.message
+    left = sorted(os.listdir(dest))
+    assert stored not in left and "SHA256SUMS" not in left and "manifest.json" not in left, left
+    assert not [n for n in left if n.endswith(".tmp")], left
+    if compress == "none":
+        assert "resume" in (e.hint or ""), e.hint
+        assert os.path.getsize(dest / f"{stored}.partial") == os.path.getsize(src)
+    else:
+        assert "from the start" in (e.hint or "") and not [n for n in left if ".partial" in n], (e.hint, left)
+    entry = _audit(_isolated_home)[-1]
+    assert entry["result"] == "error" and entry["changed"] is False and "is full" in entry["error"]
+
+    os.unlink(filler)
+    [it] = vmcore.collect(t, [], opts(), index=_idx(tmp_path))
+    assert it["changed"] and it["to"] == str(dest / stored)
+    if compress == "none":
+        assert it["resumed"] and it["transferredBytes"] == 0 and it["verification"] == "node-sha256sum"
+        assert sha(it["to"]) == sha(src)
+    else:
+        assert not it["resumed"]
+        with gzip.open(it["to"]) as f:
+            assert hashlib.sha256(f.read()).hexdigest() == sha(src)
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest).returncode == 0
+    assert stored in json.loads((dest / "manifest.json").read_text())["files"]
+
+
+def test_a_failure_after_the_commit_is_audited_as_a_change(tmp_path, big, _isolated_home):
+    """Review 11 #5: a collect that failed once the dump was in place (its index entry could
+    not be written here) was audited changed: false, though the dump and its manifest were
+    written."""
+    root, src = big
+    index = tmp_path / "index.jsonl"
+    index.mkdir()                   # the index cannot be appended to
+    with pytest.raises(OSError):
+        vmcore.collect(LocalTransport(root), [], _opts(tmp_path), index=vmcore.CollectIndex(str(index)))
+    assert sha(_dest(tmp_path)) == sha(src)
+    [entry] = _audit(_isolated_home)
+    assert entry["result"] == "error" and entry["changed"] is True
+
+
+def test_a_dry_run_checks_free_space_like_the_real_run(cli, tmp_path, big, small_fs):
+    """Review 11 #6: collect --dry-run said changed: true, exit 0, for an uncompressed copy the
+    real run refuses (exit 5) for want of space."""
+    root, _ = big
+    r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs), "--dry-run", "-o", "json"])
+    assert r.exit_code == 5 and "bytes free" in r.json()["message"], r.stdout
+    assert list(small_fs.rglob("*")) == []
+    # what the real run copies (--force, or compressed: no check) the dry run predicts as a change
+    for args in (["--force"], ["--compress", "gzip"]):
+        r = cli(["--host-root", root, "vmcore", "collect", "--to", str(small_fs), "--dry-run", *args, "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        assert [(i["changed"], i["dryRun"]) for i in r.json()["items"]] == [(True, True)]
+    assert list(small_fs.rglob("*")) == []
+
+
+def test_a_large_file_in_state_streams(tmp_path):
+    """Review 11 #7: every file under the dump's state/ (node-controlled: the runtime's
+    ``cp -ar`` of the sandbox's state) was read whole into memory, all at once: a 512 MiB
+    file there cost 1 GiB of RSS. It streams now. tracemalloc counts bytes, not time; in a
+    process of its own, since it counts every thread's allocations."""
+    root = node_tree(tmp_path / "n")
+    src = add_dump(root)
+    big_state = os.path.join(os.path.dirname(src), "state", "big.log")
+    with open(big_state, "wb") as f:
+        for _ in range(12):
+            f.write(os.urandom(4 << 20))
+    probe = (
+        "import json, sys, tracemalloc\n"
+        "from katactl import vmcore\n"
+        "from katactl.backends.local import LocalTransport\n"
+        "tracemalloc.start()\n"
+        "[it] = vmcore.collect(LocalTransport(sys.argv[1]), [], vmcore.CollectOptions(to=sys.argv[2]),\n"
+        "                      index=vmcore.CollectIndex(sys.argv[3]))\n"
+        "peak = tracemalloc.get_traced_memory()[1]\n"
+        "print(json.dumps({'peak': peak, 'to': it['to']}))\n")
+    r = subprocess.run([sys.executable, "-c", probe, root, str(tmp_path / "out"), str(tmp_path / "i.jsonl")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["peak"] < 24 << 20, f"peak {out['peak'] >> 20} MiB for a 48 MiB file in state/"
+    dest = os.path.dirname(out["to"])
+    assert sha(os.path.join(dest, "state", "big.log")) == sha(big_state)
+    entry = json.loads(open(os.path.join(dest, "manifest.json")).read())["files"]["state/big.log"]
+    assert entry == {"size": 48 << 20, "sha256": sha(big_state), "kind": "metadata"}

@@ -6,9 +6,13 @@ The guarantees:
   and sha256-hashed on worker threads (bounded queues: peak RSS ~75 MiB; bounded
   memory, also over SSH) into ``<name>.partial`` beside a small JSON sidecar
   ``<name>.partial.json`` naming the source (path, size, mtime); the final
-  name appears only after verification (rename), and the manifest
-  (``SHA256SUMS``, ``sha256sum -c`` compatible, plus ``manifest.json``) is
-  rewritten atomically last. A partial file is never presented as complete.
+  name appears only after verification (rename), between the writing of the
+  new manifest (``SHA256SUMS``, ``sha256sum -c`` compatible, plus
+  ``manifest.json``) to temp files and their renames
+  (:func:`records.update_manifest`): a disk too full for the manifest fails
+  the collect before the dump appears under its name, and leaves the
+  complete partial to resume from. A partial file is never presented as
+  complete.
 - verification: a fresh copy hashes what it writes while streaming and checks
   that the source still exists, unchanged (size, mtime) and that exactly
   ``size`` bytes arrived. A *resumed* copy, and every copy before
@@ -71,9 +75,9 @@ import time
 import weakref
 from typing import Callable, Iterator
 
-from katactl.backends.local import atomic_write, fsync_dir
+from katactl.backends.local import atomic_write, atomic_write_stream, fsync_dir
 from katactl.errors import OperationFailed, Refused, UsageError, as_katactl_error
-from katactl.vmcore.dumps import match_ref, node_name, real_path, regular_files, remove_dumps, resolve_dumps
+from katactl.vmcore.dumps import match_ref, node_name, real_path, remove_dumps, resolve_dumps
 from katactl.vmcore.records import CollectIndex, load_manifest, same_mtime, update_manifest
 from katactl.vmcore.streams import (CHUNK, Hasher, Inflater, Prefetch, RateLimit, hash_file, iter_uncompressed,
                                     make_writer, zstd_backend)
@@ -240,14 +244,15 @@ def collect_one(transport: NodeTransport, dump: dict, node_dir: str, opts: Colle
     interrupted``), except for a dry run."""
     from katactl import audit
 
+    committed: list[bool] = []      # set once the copy is in place: a failure after it still changed --to
     try:
-        r = _collect_one(transport, dump, node_dir, opts, index)
+        r = _collect_one(transport, dump, node_dir, opts, index, committed)
     except BaseException as e:
         if not opts.dry_run:
             # Ctrl-C (KeyboardInterrupt, a BaseException) too: the partial copy it leaves is a change
             interrupted = isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 130
             audit.record("vmcore.collect", dump["name"], node=transport.node, params=_audit_params(opts),
-                         result="interrupted" if interrupted else "error", changed=False,
+                         result="interrupted" if interrupted else "error", changed=bool(committed),
                          error="interrupted" if interrupted else as_katactl_error(e).message)
         raise
     if not opts.dry_run:
@@ -257,7 +262,7 @@ def collect_one(transport: NodeTransport, dump: dict, node_dir: str, opts: Colle
 
 
 def _collect_one(transport: NodeTransport, dump: dict, node_dir: str, opts: CollectOptions,
-                 index: CollectIndex) -> dict:
+                 index: CollectIndex, committed: list[bool]) -> dict:
     src = dump["path"]
     dest_dir = _dest_dir(opts, node_dir, dump["sandbox"])
     stored_name = dump["file"] + COMPRESS_SUFFIX[opts.compress]
@@ -290,15 +295,15 @@ def _collect_one(transport: NodeTransport, dump: dict, node_dir: str, opts: Coll
         if not opts.dry_run and os.path.isdir(dest_dir):
             lock.acquire(dump["name"])
         try:
-            return _collect_locked(transport, dump, node_dir, opts, index, dict(result), lock)
+            return _collect_locked(transport, dump, node_dir, opts, index, dict(result), lock, committed)
         except _Replan:
-            return _collect_locked(transport, dump, node_dir, opts, index, dict(result), lock)
+            return _collect_locked(transport, dump, node_dir, opts, index, dict(result), lock, committed)
     finally:
         lock.release()
 
 
 def _collect_locked(transport: NodeTransport, dump: dict, node: str, opts: CollectOptions, index: CollectIndex,
-                    result: dict, lock: "_CopyLock") -> dict:
+                    result: dict, lock: "_CopyLock", committed: list[bool]) -> dict:
     src, final = dump["path"], result["to"]
     src_dir = posixpath.dirname(src)
     dest_dir, stored_name = os.path.split(final)
@@ -319,6 +324,10 @@ def _collect_locked(transport: NodeTransport, dump: dict, node: str, opts: Colle
         tool = _compress_where(transport, dump, final, opts)
         result["compressedOn"] = "node" if tool else "local"
     if opts.dry_run:
+        if opts.compress == "none" and not opts.makedumpfile and not opts.force:
+            # the real run's check (_copy_dump), so a dry run predicts its refusal (exit 5)
+            _check_space(transport, src, dump["size"], _plain_resume(final, _ident(transport, dump, opts),
+                                                                      dump["size"]), final)
         result.update(changed=True, dryRun=True, deleted=False, verified=False)
         return result
     if opts.makedumpfile:
@@ -334,7 +343,7 @@ def _collect_locked(transport: NodeTransport, dump: dict, node: str, opts: Colle
             lock.acquire(dump["name"])
             if any(os.path.lexists(final + x) for x in ("", ".partial", ".partial.json")):
                 raise _Replan   # another collect came and went since this one looked: look again
-        meta_entries.update(_copy_metadata(transport, src_dir, dest_dir))
+        meta_entries.update(_copy_metadata(transport, src_dir, dest_dir, dump["name"], opts))
 
     if opts.makedumpfile:
         info = _collect_makedumpfile(transport, dump, final, opts, prepare)
@@ -348,10 +357,20 @@ def _collect_locked(transport: NodeTransport, dump: dict, node: str, opts: Colle
                         "sha256": info.get("source_sha256")},
              "verified": info["verified"], "verification": info["verification"],
              "collectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    update_manifest(dest_dir, {**meta_entries, stored_name: entry},
-                    {"node": node, "sandbox": dump["sandbox"], "pod": dump.get("pod"), "podRef": dump.get("podRef"),
-                     "podUid": dump.get("podUid"),
-                     "hypervisorVersion": dump.get("hypervisorVersion")})
+
+    def commit() -> None:
+        _commit(info["part"], final, _Sidecar(final))
+        committed.append(True)
+
+    try:
+        update_manifest(dest_dir, {**meta_entries, stored_name: entry},
+                        {"node": node, "sandbox": dump["sandbox"], "pod": dump.get("pod"), "podRef": dump.get("podRef"),
+                         "podUid": dump.get("podUid"),
+                         "hypervisorVersion": dump.get("hypervisorVersion")}, commit)
+    except OSError as e:
+        if committed or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _manifest_full(dest_dir, dump["name"], final, opts, tool is not None) from None
     index.add(transport, src, dump["size"], dump["mtime"], final, dest_dir, info["sha256"])
     result.update(changed=True, sha256=info["sha256"], verified=info["verified"],
                   verification=info["verification"], resumed=info.get("resumed", False),
@@ -451,25 +470,68 @@ def _lock_holder(raw: bytes) -> str:
     return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
-def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str) -> dict:
-    """hypervisor.conf, hypervisor.version and state/ (small files)."""
-    entries: dict = {}
+#: a metadata file up to this size is read in a batch with others (one round trip over SSH);
+#: a larger one streams. A batch holds at most META_BATCH bytes: memory stays bounded whatever
+#: state/ (the node's ``cp -ar`` of the sandbox's state) holds
+META_SMALL = 1 << 20
+META_BATCH = 8 << 20
+
+
+def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str, name: str, opts: CollectOptions) -> dict:
+    """hypervisor.conf, hypervisor.version and state/: small files in batches, larger ones
+    streamed (at --bwlimit). A full disk here is the disk-full error naming the destination."""
     # only regular files: a FIFO as hypervisor.version would block the read forever
     meta = transport.stat_many([f"{src_dir}/{m}" for m in METADATA])
-    files = [(p, posixpath.basename(p)) for p, st in meta.items()
+    files = [(p, posixpath.basename(p), st.size) for p, st in meta.items()
              if not isinstance(st, OSError) and (st.mode & 0o170000) == 0o100000]
-    if transport.is_dir(f"{src_dir}/state"):
-        files += [(p, posixpath.relpath(p, src_dir)) for p in regular_files(transport, f"{src_dir}/state")]
-    got = transport.read_many([p for p, _ in files])  # batched: small files
-    for src, rel in files:
-        data = got[src]
-        if isinstance(data, OSError):
-            raise data
-        h = hashlib.sha256(data).hexdigest()
+    files += [(p, posixpath.relpath(p, src_dir), st.size) for p, st in transport.walk(f"{src_dir}/state")
+              if (st.mode & 0o170000) == 0o100000]
+    entries: dict = {}
+    limit = RateLimit(opts.bwlimit)
+    sent = [0]
+
+    def store(rel: str, chunks: Iterator[bytes]) -> None:
+        h, n = hashlib.sha256(), 0
+
+        def hashed() -> Iterator[bytes]:
+            nonlocal n
+            for b in chunks:
+                h.update(b)
+                n += len(b)
+                sent[0] += len(b)
+                limit(sent[0])
+                yield b
+
         dst = os.path.join(dest_dir, *rel.split("/"))
-        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
-        atomic_write(dst, data, 0o600)
-        entries[rel] = {"size": len(data), "sha256": h, "kind": "metadata"}
+        try:
+            os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+            atomic_write_stream(dst, hashed(), 0o600)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OperationFailed(f"destination {dest_dir} is full: {rel} of {name} could not be written",
+                                  hint="free space (or choose another --to) and run the same collect again") from None
+        entries[rel] = {"size": n, "sha256": h.hexdigest(), "kind": "metadata"}
+
+    small = [(p, rel, size) for p, rel, size in files if size <= META_SMALL]
+    while small:
+        batch: list[tuple[str, str, int]] = []
+        total = 0
+        while small and (not batch or total + small[0][2] <= META_BATCH):
+            batch.append(small.pop(0))
+            total += batch[-1][2]
+        got = transport.read_many([p for p, _, _ in batch], limit=META_SMALL + 1)
+        for p, rel, _ in batch:
+            data = got[p]
+            if isinstance(data, OSError):
+                raise data
+            if len(data) > META_SMALL:      # grew since it was listed: it streams
+                files.append((p, rel, len(data)))
+                continue
+            store(rel, iter((data,)))
+    for p, rel, size in files:
+        if size > META_SMALL:
+            store(rel, transport.open_stream(p, 0, CHUNK))
     return entries
 
 
@@ -521,6 +583,16 @@ def _disk_full(final: str, fd: int, side: "_Sidecar", total: int, resumable: int
                            f"of the {total}-byte dump; it is kept", hint=hint + " to resume from it")
 
 
+def _plain_resume(final: str, ident: dict, size: int) -> int:
+    """The bytes an uncompressed copy resumes from: its partial copy's, when the sidecar
+    names the same source (else 0: copied from the start)."""
+    part = final + ".partial"
+    state = _Sidecar(final).load()
+    if state and state.get("source") == ident and os.path.exists(part):
+        return min(os.path.getsize(part), size)
+    return 0
+
+
 def _existing_dir(path: str) -> str:
     while not os.path.isdir(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -528,8 +600,9 @@ def _existing_dir(path: str) -> str:
 
 
 def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, prepare=None) -> dict:
-    """Stream one dump into final (via final.partial). ``prepare()`` runs once the space
-    check passed and before anything is written: a refused copy leaves no file behind."""
+    """Stream one dump into final.partial and verify it; the caller commits it (``part`` in
+    the result). ``prepare()`` runs once the space check passed and before anything is
+    written: a refused copy leaves no file behind."""
     src, size, mtime = dump["path"], dump["size"], dump["mtime"]
     part = final + ".partial"
     side = _Sidecar(final)
@@ -621,6 +694,9 @@ def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOp
         if done != size:
             raise OperationFailed(f"{src}: the source dump shrank during the copy: got {done} of {size} bytes; "
                                   f"the partial copy is kept as {os.path.basename(part)}")
+        if opts.compress != "none":
+            # all of it is a checkpoint: a manifest the full disk refuses leaves nothing to fetch again
+            _checkpoint(fd, side, {"source": ident, "srcOffset": size, "dstOffset": os.fstat(fd).st_size})
     finally:
         os.close(fd)
     _check_unchanged(transport, src, size, mtime, part)
@@ -641,9 +717,9 @@ def _copy_dump(transport: NodeTransport, dump: dict, final: str, opts: CollectOp
                                   "was discarded, run collect again")
         verification = "node-sha256sum" if kind == "full" else "prefix-rehash"
     stored_sha = source_sha if opts.compress == "none" else hash_file(part)
-    stored_size = _commit(part, final, side)
-    return {"size": stored_size, "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
-            "verification": verification, "resumed": resumed, "transferred": done - resume_src, "note": note}
+    return {"size": os.path.getsize(part), "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
+            "verification": verification, "resumed": resumed, "transferred": done - resume_src, "note": note,
+            "part": part}
 
 
 def _allocated(transport: NodeTransport, path: str) -> int | None:
@@ -724,13 +800,36 @@ def _check_unchanged(transport: NodeTransport, src: str, size: int, mtime, part:
                               "run collect again to copy it afresh")
 
 
-def _commit(part: str, final: str, side: "_Sidecar") -> int:
-    """The verified partial becomes final (rename, directory fsync); returns its size."""
-    size = os.path.getsize(part)
+def _commit(part: str, final: str, side: "_Sidecar") -> None:
+    """The verified partial becomes final (rename, directory fsync). Run by
+    records.update_manifest once the new manifest is written (not yet in place)."""
     os.rename(part, final)
     fsync_dir(os.path.dirname(final))
     side.remove()
-    return size
+
+
+def _manifest_full(dest_dir: str, name: str, final: str, opts: CollectOptions, on_node: bool) -> OperationFailed:
+    """The disk filled while the manifest was written, before the copy was committed. What a
+    re-run resumes from is kept, as :func:`_disk_full` does: all of an uncompressed copy, a
+    compressed one from its last checkpoint (all of it when the full disk took that one too).
+    A compressed copy with no checkpoint, or a filtered one (--makedumpfile, made afresh
+    each time), goes: kept, it would only keep the disk full."""
+    part, side = final + ".partial", _Sidecar(final)
+    msg = (f"destination {dest_dir} is full: the copy of {name} is complete, but its manifest "
+           "(manifest.json, SHA256SUMS) could not be written")
+    st = side.load() or {}
+    if opts.makedumpfile:
+        resumable = False
+    elif opts.compress == "none":
+        resumable = True
+    else:
+        resumable = _offset(st, "dstOffset") > 0 and (on_node or _offset(st, "srcOffset") > 0)
+    if not resumable:
+        _discard(part, side)
+        return OperationFailed(f"{msg}; none of it is resumable, so the copy was removed",
+                               hint="free space and run the same collect again (it copies the dump from the start)")
+    return OperationFailed(f"{msg}; the copy is kept as {os.path.basename(part)}",
+                           hint="free space and run the same collect again to resume from it")
 
 
 # -- node-side compression ------------------------------------------------------
@@ -804,8 +903,9 @@ def _compress_where(transport: NodeTransport, dump: dict, final: str, opts: Coll
 
 
 def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: CollectOptions, tool: dict, prepare=None) -> dict:
-    """Stream the node's compressor output for one dump into final (via final.partial),
-    decompressing it here on the fly to hash and count the original bytes."""
+    """Stream the node's compressor output for one dump into final.partial (the caller
+    commits it, as with :func:`_copy_dump`), decompressing it here on the fly to hash and
+    count the original bytes."""
     src, size, mtime = dump["path"], dump["size"], dump["mtime"]
     part = final + ".partial"
     side = _Sidecar(final)
@@ -871,9 +971,10 @@ def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: Coll
                 opts.progress(dump, inflater.out, size)
         inflate(None)
         os.fsync(fd)
+        _checkpoint(fd, side, {"source": ident, "dstOffset": written})   # all of it (see _copy_dump)
     except BaseException as e:
         if not bad:
-            _checkpoint(fd, side, ident, written)
+            _checkpoint(fd, side, {"source": ident, "dstOffset": written})
         else:
             _discard(part, side)
             if isinstance(e, OperationFailed):
@@ -910,10 +1011,9 @@ def _copy_dump_node(transport: NodeTransport, dump: dict, final: str, opts: Coll
                                   f"copy {source_sha[:12]}); the partial copy was discarded, run collect again")
         verification = "node-sha256sum" if kind == "full" else "prefix-rehash"
     stored_sha = stored_hash.hexdigest()
-    stored_size = _commit(part, final, side)
-    return {"size": stored_size, "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
+    return {"size": os.path.getsize(part), "sha256": stored_sha, "source_sha256": source_sha, "verified": True,
             "verification": verification, "resumed": resumed, "transferred": written - resume_dst,
-            "note": note}
+            "note": note, "part": part}
 
 
 class _NodeOutput:
@@ -955,11 +1055,12 @@ class _NodeOutput:
         self._it.close()    # type: ignore[attr-defined]
 
 
-def _checkpoint(fd: int, side: "_Sidecar", ident: dict, written: int) -> None:
-    """An interrupted node-compressed copy: what is stored (fsynced) is where a resume starts."""
+def _checkpoint(fd: int, side: "_Sidecar", state: dict) -> None:
+    """What is stored (fsynced) is where a resume starts: an interrupted node-compressed copy,
+    or a complete compressed one. Best effort: on a full disk the last checkpoint stands."""
     try:
         os.fsync(fd)
-        side.save({"source": ident, "dstOffset": written})
+        side.save(state)
     except OSError:
         pass
 

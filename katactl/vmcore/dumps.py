@@ -429,12 +429,6 @@ def read_json(transport: NodeTransport, path: str, limit: int = 8 << 20, st=None
         return None
 
 
-def regular_files(transport: NodeTransport, top: str) -> list[str]:
-    """Node paths of the regular files below top (symlinks not followed), in one batched
-    walk: over SSH about two round trips per depth level, not one per entry."""
-    return [p for p, st in transport.walk(top) if (st.mode & 0o170000) == 0o100000]
-
-
 def _read_first_line(transport: NodeTransport, path: str, st=None) -> str | None:
     if not _regular(transport, path, st):
         return None

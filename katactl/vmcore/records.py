@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
+from typing import Callable
 
-from katactl.backends.local import atomic_write
+from katactl.backends.local import fsync_dir
 from katactl.backends.base import NodeTransport
 
 MANIFEST_JSON = "manifest.json"
@@ -92,7 +94,7 @@ def load_manifest(dest_dir: str) -> dict:
         with open(os.path.join(dest_dir, MANIFEST_JSON), encoding="utf-8") as f:
             m = json.load(f)
         if isinstance(m, dict) and isinstance(m.get("files"), dict):
-            # only entries write_manifest can write back (a damaged one is dropped, not fatal)
+            # only entries update_manifest can write back (a damaged one is dropped, not fatal)
             m["files"] = {k: v for k, v in m["files"].items()
                           if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
             return m
@@ -101,17 +103,44 @@ def load_manifest(dest_dir: str) -> dict:
     return {"apiVersion": "katactl/v1", "kind": "VmcoreManifest", "files": {}}
 
 
-def write_manifest(dest_dir: str, manifest: dict) -> None:
+def _staged(dest_dir: str, manifest: dict) -> list[tuple[str, str]]:
+    """manifest.json and SHA256SUMS written complete (fsynced, 0600) to temp files in
+    dest_dir: ``[(temp, name)]``, manifest.json first. A failure (ENOSPC) removes the temp
+    files written so far and leaves the pair in place untouched."""
     sums = "".join(f"{e['sha256']}  {name}\n" for name, e in sorted(manifest["files"].items()))
-    atomic_write(os.path.join(dest_dir, SHA256SUMS), sums.encode(), 0o600)
-    atomic_write(os.path.join(dest_dir, MANIFEST_JSON),
-                 (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+    out: list[tuple[str, str]] = []
+    try:
+        for name, data in ((MANIFEST_JSON, json.dumps(manifest, indent=2, sort_keys=True) + "\n"),
+                           (SHA256SUMS, sums)):
+            fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".katactl-", suffix=".tmp")  # 0600
+            out.append((tmp, name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode())
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        _unlink(t for t, _ in out)
+        raise
+    return out
 
 
-def update_manifest(dest_dir: str, files: dict, header: dict) -> None:
+def _unlink(paths) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def update_manifest(dest_dir: str, files: dict, header: dict, commit: Callable[[], None] | None = None) -> None:
     """Add (or replace) files' entries in dest_dir's manifest. Read, changed and written
     under an exclusive flock of the directory: two collects of different dumps of one
-    sandbox (into the same --to) each keep the other's entry."""
+    sandbox (into the same --to) each keep the other's entry.
+
+    Both files are written to temp files first and renamed into place only once both are
+    complete (manifest.json first): a full disk (ENOSPC) leaves the old pair, which agree.
+    ``commit()`` (the dump's rename into place) runs between the two steps, so a manifest
+    that cannot be written fails the collect before its dump appears under its name."""
     import fcntl
 
     fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -120,6 +149,14 @@ def update_manifest(dest_dir: str, files: dict, header: dict) -> None:
         manifest = load_manifest(dest_dir)
         manifest["files"].update(files)
         manifest.update(header)
-        write_manifest(dest_dir, manifest)
+        staged = _staged(dest_dir, manifest)
+        try:
+            if commit is not None:
+                commit()
+            for tmp, name in staged:
+                os.rename(tmp, os.path.join(dest_dir, name))
+        finally:
+            _unlink(t for t, _ in staged)   # the ones not renamed
+        fsync_dir(dest_dir)
     finally:
         os.close(fd)
