@@ -61,10 +61,17 @@ def interleaved(cmds: dict[str, tuple[list[str], dict | None]], runs: int, warmu
     return out
 
 
-def write_section(markdown: str, script: str) -> None:
-    """Replace the section of bench/RESULTS.md whose "## " heading names ``script``
-    (e.g. "bench/bench_startup.py"), up to the next "## ", or append it."""
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
+#: in a section of bench/RESULTS.md, the line after which the text is written by hand:
+#: write_section() replaces what the script generated above it and keeps the rest
+KEEP = "<!-- written by hand below: kept by --write -->"
+
+
+def write_section(markdown: str, script: str, path: str | None = None) -> None:
+    """Replace the section of bench/RESULTS.md (or ``path``) whose "## " heading names
+    ``script`` (e.g. "bench/bench_startup.py"), up to the next "## ", or append it. A
+    :data:`KEEP` line in the old section and what follows it (notes, before/after figures,
+    profiles) stay, after the new text."""
+    path = path or os.path.join(ROOT, "bench", "RESULTS.md")
     with open(path) as f:
         text = f.read()
     start = next((i for i in _heading_offsets(text) if script in text[i:text.find("\n", i)]), -1)
@@ -72,7 +79,10 @@ def write_section(markdown: str, script: str) -> None:
         text = text.rstrip("\n") + "\n\n" + markdown.rstrip("\n") + "\n"
     else:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + markdown.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+        old = text[start:end + 1 if end >= 0 else len(text)]
+        kept = old[old.find(KEEP):].rstrip("\n") + "\n" if KEEP in old else ""
+        new = markdown.rstrip("\n") + "\n" + ("\n" + kept if kept else "")
+        text = text[:start] + new + (text[end:] if end >= 0 else "")
     with open(path, "w") as f:
         f.write(text)
 

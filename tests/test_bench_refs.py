@@ -109,3 +109,16 @@ def test_vmcore_ssh_reference_writes_holes_like_katactl(sshd_lab, tmp_path):
     bad = subprocess.run(ssh_sparse_copy(str(sshd_lab.config), [], "unreachable", str(src), str(tmp_path / "x"),
                                          sha), capture_output=True, timeout=60)
     assert bad.returncode != 0
+
+
+def test_write_section_keeps_the_hand_written_part(tmp_path):
+    from bench._util import KEEP, write_section
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# R\n\n## a — bench/bench_a.py\n\nold table\n\n{KEEP}\n\nnotes by hand\n\n"
+                    "## b — bench/bench_b.py\n\nb's table\n")
+    write_section("## a — bench/bench_a.py\n\nnew table\n", "bench/bench_a.py", str(path))
+    assert path.read_text() == (f"# R\n\n## a — bench/bench_a.py\n\nnew table\n\n{KEEP}\n\nnotes by hand\n\n"
+                                "## b — bench/bench_b.py\n\nb's table\n")
+    write_section("## b — bench/bench_b.py\n\nnew b\n", "bench/bench_b.py", str(path))  # the last, no KEEP
+    assert path.read_text().endswith("notes by hand\n\n## b — bench/bench_b.py\n\nnew b\n")
