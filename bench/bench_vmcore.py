@@ -28,7 +28,7 @@ exchange and cipher as katactl's paramiko, zero blocks written as holes as katac
 ssh_sparse_copy()) + openssl + sync. Plain ``cp`` and ``scp`` rows stay for reference.
 Every table: one untimed warm-up round, then the runs interleaved (one of each per round).
 
-Usage: .venv/bin/python bench/bench_vmcore.py [--size-mib N] [--runs N] [--dir DIR] [--write] [--smoke]
+Usage: .venv/bin/python bench/bench_vmcore.py [--size-mib N] [--runs N] [--dir DIR] [--at REV] [--write] [--smoke]
 Prints a markdown section on stdout (--smoke: an 8 MiB dump, one run, nothing written).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._util import context, fastest_sha256, precompile, require, write_section  # noqa: E402
+from bench._util import context, fastest_sha256, katactl_revs, precompile, require, write_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KATACTL = os.path.join(ROOT, ".venv", "bin", "katactl")
@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--no-ssh", action="store_true", help="skip the SSH comparison")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--at", metavar="REV", help="time katactl as of this git revision, not the working tree")
     a = ap.parse_args()
     require("cp", "sync", "/usr/bin/time")
     if a.smoke:
@@ -161,6 +162,11 @@ def main() -> None:
         env = dict(os.environ, XDG_STATE_HOME=os.path.join(work, "state"),
                    XDG_CONFIG_HOME=os.path.join(work, "config"), NO_COLOR="1")
         kat = [KATACTL] if KATACTL else [sys.executable, "-m", "katactl"]
+        if a.at:
+            a.baseline = None
+            kat, at_env, label = katactl_revs(a, os.path.join(work, "revs"))["katactl"]
+            pre = f"{pre}; {label} (--at)"
+            env.update(at_env or {})
         dst = os.path.join(work, "cp.out")
         out = os.path.join(work, "collected")
 
