@@ -1,7 +1,10 @@
 """vmcore over SSH: real OpenSSH sshd (tests/conftest_sshd.py), a node of our own."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -248,3 +251,33 @@ def test_multi_node_collect_errors_name_their_node(cli, sshd_lab, tmp_path):
     for n, line in zip(names, lines, strict=True):
         assert line.startswith(f"error: {n}: {SID}/vmcore-20240102030406.5.elf: the dump is incomplete"), line
         assert line.count("vmcore-20240102030406.5.elf") == 1, line
+
+
+def test_a_large_file_in_state_streams_over_ssh(vnode, tmp_path):
+    """Review 11 #7, over SSH: a file under the dump's state/ was read whole (read_many) into
+    memory; it streams now, as the dump does. tracemalloc counts bytes, not time; in a process
+    of its own, since it counts every thread's allocations."""
+    big = os.path.join(os.path.dirname(vnode["src"]), "state", "big.log")
+    with open(big, "wb") as f:
+        for _ in range(6):
+            f.write(os.urandom(4 << 20))
+    probe = (
+        "import json, sys, tracemalloc\n"
+        "from katactl import config, vmcore\n"
+        "from katactl.backends.ssh import SSHTransport\n"
+        "settings = config.resolve({'ssh_config': sys.argv[1], 'request_timeout': 10.0})\n"
+        "with SSHTransport.from_settings('vmc', settings) as t:\n"
+        "    tracemalloc.start()\n"
+        "    [it] = vmcore.collect(t, [], vmcore.CollectOptions(to=sys.argv[2]), index=vmcore.CollectIndex(sys.argv[3]))\n"
+        "    peak = tracemalloc.get_traced_memory()[1]\n"
+        "print(json.dumps({'peak': peak, 'to': it['to']}))\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", probe, str(vnode["lab"].config), str(tmp_path / "o"),
+                            str(tmp_path / "i.jsonl")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        dest = os.path.dirname(out["to"])
+        assert sha(os.path.join(dest, "state", "big.log")) == sha(big)
+    finally:
+        os.unlink(big)
+    assert out["peak"] < 16 << 20, f"peak {out['peak'] >> 20} MiB for a 24 MiB file in state/"
