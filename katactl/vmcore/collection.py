@@ -474,7 +474,7 @@ def _lock_holder(raw: bytes) -> str:
 #: a larger one streams. A batch holds at most META_BATCH bytes: memory stays bounded whatever
 #: state/ (the node's ``cp -ar`` of the sandbox's state) holds
 META_SMALL = 1 << 20
-META_BATCH = 8 << 20
+META_BATCH = 4 << 20
 
 
 def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str, name: str, opts: CollectOptions) -> dict:
@@ -514,12 +514,14 @@ def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str, name: 
         entries[rel] = {"size": n, "sha256": h.hexdigest(), "kind": "metadata"}
 
     small = [(p, rel, size) for p, rel, size in files if size <= META_SMALL]
-    while small:
+    i = 0
+    while i < len(small):
         batch: list[tuple[str, str, int]] = []
         total = 0
-        while small and (not batch or total + small[0][2] <= META_BATCH):
-            batch.append(small.pop(0))
-            total += batch[-1][2]
+        while i < len(small) and (not batch or total + small[i][2] <= META_BATCH):
+            batch.append(small[i])
+            total += small[i][2]
+            i += 1
         got = transport.read_many([p for p, _, _ in batch], limit=META_SMALL + 1)
         for p, rel, _ in batch:
             data = got[p]
