@@ -400,9 +400,10 @@ def _audit(home):
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-@pytest.mark.parametrize("compress,leave,kept", [("none", 0, True), ("gzip", 1, False), ("gzip", 2, True)])
+@pytest.mark.parametrize("compress,on,leave,kept", [("none", "local", 0, True), ("gzip", "local", 1, False),
+                                                    ("gzip", "local", 2, True), ("gzip", "node", 1, True)])
 def test_a_disk_full_while_the_manifest_is_written_keeps_a_resumable_copy(tmp_path, small_fs, _isolated_home,
-                                                                          compress, leave, kept):
+                                                                          compress, on, leave, kept):
     """Review 11 #5: the disk filled after the dump was renamed into place, while SHA256SUMS
     and then manifest.json were written: a bare "No space left on device", the dump under its
     final name and in SHA256SUMS but no manifest.json (list: not collected), an audit entry
@@ -410,10 +411,11 @@ def test_a_disk_full_while_the_manifest_is_written_keeps_a_resumable_copy(tmp_pa
     before the dump is committed: nothing is presented as collected, the error names the
     destination, and the complete copy is kept as .partial for the re-run to resume from
     (nothing crosses the wire). A compressed copy is kept when its last checkpoint, all of it,
-    was saved (two pages left: the copy's and the checkpoint's), else (one page left) it is
-    removed: a resume would start from zero."""
+    was saved, else it is removed: a resume would start from zero. ``leave``: the pages given
+    back once every byte of the dump went to the writer; the node's gzip output is on disk by
+    then, gzip here still in its buffer (one page of it); the checkpoint needs one."""
     root = node_tree(tmp_path / "n")
-    # gzip: 128 KiB of zeros, so that the compressed copy fits in one page
+    # compressed: 128 KiB of zeros, so that the compressed copy fits in one page
     src = (add_dump(root, size_segments=((0, 1 << 20),), data=os.urandom(1 << 20)) if compress == "none"
            else add_dump(root, size_segments=((0, 128 << 10),)))
     t = LocalTransport(root)
@@ -426,7 +428,7 @@ def test_a_disk_full_while_the_manifest_is_written_keeps_a_resumable_copy(tmp_pa
             _fill(filler, leave)
 
     def opts(**kw):
-        return vmcore.CollectOptions(to=str(small_fs), force=True, compress=compress, compress_on="local", **kw)
+        return vmcore.CollectOptions(to=str(small_fs), force=True, compress=compress, compress_on=on, **kw)
 
     with pytest.raises(OperationFailed) as ei:
         vmcore.collect(t, [], opts(progress=fill), index=_idx(tmp_path))
