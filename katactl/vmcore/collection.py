@@ -478,7 +478,9 @@ META_BATCH = 4 << 20
 
 
 def _copy_metadata(transport: NodeTransport, src_dir: str, dest_dir: str, name: str, opts: CollectOptions) -> dict:
-    """hypervisor.conf, hypervisor.version and state/: small files in batches, larger ones
+    """hypervisor.conf, hypervisor.version and state/ (what kata-containers
+    src/runtime/virtcontainers/qemu.go ``dumpSandboxMetaInfo`` writes beside a dump: state/ is
+    ``/bin/cp -ar <RunStorePath>/<id>``, any size): small files in batches, larger ones
     streamed (at --bwlimit). A full disk here is the disk-full error naming the destination."""
     # only regular files: a FIFO as hypervisor.version would block the read forever
     meta = transport.stat_many([f"{src_dir}/{m}" for m in METADATA])
