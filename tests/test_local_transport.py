@@ -192,3 +192,123 @@ def test_list_kinds_tells_what_scan_dirs_tells(tmp_path):
     full = {n: s.mtime for n, s in scan["/d"]}
     assert local == {n: (full[n] if n in ("ln", "lnfile", "dangling", "loop") else None) for n in full}
     assert {n: m for n, _, _, m in NodeTransport.list_kinds(t, ["/d"])["/d"]} == full
+
+
+def _linked_node(tmp_path):
+    """A node root with what the node's own kernel resolves inside it: /var/crash -> /data/crash
+    (absolute), and links naming this host's files by their absolute path (``host``: a
+    directory outside the root, which the node does not have)."""
+    root, host = tmp_path / "node", tmp_path / "host"
+    (root / "data/crash").mkdir(parents=True)
+    (root / "var").mkdir()
+    (root / "data/crash/f").write_bytes(b"node")
+    os.symlink("/data/crash", root / "var/crash")
+    host.mkdir()
+    (host / "f").write_bytes(b"host")
+    os.symlink(str(host / "f"), root / "file-out")           # absolute, to this host's file
+    os.symlink(str(host), root / "dir-out")                  # absolute, to this host's directory
+    os.symlink("../../../../../.." + str(host), root / "var/climb")  # relative, climbing above /
+    return root, host
+
+
+def check_in_root(root, host):
+    """Every LocalTransport call on ``_linked_node``'s tree resolves inside the root: the node's
+    files through its absolute link, never this host's. (Also run without openat2, below.)"""
+    t = LocalTransport(str(root))
+    assert t.read_bytes("/var/crash/f") == b"node" and t.read_many(["/var/crash/f"])["/var/crash/f"] == b"node"
+    assert b"".join(t.open_stream("/var/crash/f")) == b"node"
+    assert t.stat("/var/crash/f").size == 4 and t.stat_many(["/var/crash"])["/var/crash"].is_dir
+    assert t.listdir("/var/crash") == ["f"] == t.list_dirs(["/var/crash"])["/var/crash"]
+    assert [n for n, _ in t.scan_dir("/var/crash")] == ["f"]
+    assert t.readlink("/var/crash") == "/data/crash" and t.stat("/var/crash", follow_symlinks=False).is_link
+    assert t.real("/var/crash/f") == str(root / "data/crash/f") and t.statvfs_free("/var/crash") > 0
+    # this host's file and directory are not the node's: they do not exist in its tree
+    for p in ("/file-out", "/dir-out/f", "/var/climb/f"):
+        with pytest.raises(FileNotFoundError):
+            t.read_bytes(p)
+        assert isinstance(t.read_many([p])[p], FileNotFoundError)
+        assert isinstance(t.stat_many([p])[p], FileNotFoundError)
+        with pytest.raises(FileNotFoundError):
+            t.open_stream(p)
+    with pytest.raises(FileNotFoundError):
+        t.listdir("/dir-out")
+    kinds = {n: (d, k) for n, d, k, _ in t.list_kinds(["/"])["/"]}
+    assert kinds["dir-out"] == (False, True) and kinds["var"] == (True, False)  # dangling in the node
+    assert dict(t.scan_dir("/"))["dir-out"].is_link and not dict(t.scan_dir("/var"))["crash"].is_link
+    # writes land in the node's tree, and nothing of this host is removed or written
+    t.write_bytes_atomic("/var/crash/w", b"w")
+    t.mkdir("/var/crash/new/sub")
+    t.rename("/var/crash/w", "/var/crash/new/w")
+    t.symlink("w", "/var/crash/new/ln")
+    assert (root / "data/crash/new/w").read_bytes() == b"w" and os.readlink(root / "data/crash/new/ln") == "w"
+    for call in (lambda: t.remove("/dir-out/f"), lambda: t.remove("/var/climb/f"),
+                 lambda: t.write_bytes_atomic("/dir-out/w", b"x"), lambda: t.mkdir("/dir-out/d", parents=False),
+                 lambda: t.rename("/dir-out/f", "/var/crash/stolen")):
+        with pytest.raises(FileNotFoundError):
+            call()
+    t.remove("/file-out")  # the link itself, as unlink(2) on the node
+    assert sorted(os.listdir(host)) == ["f"] and (host / "f").read_bytes() == b"host"
+    t.remove("/var/crash/new", recursive=True)
+    t.remove("/var/crash/f")
+    assert os.listdir(root / "data/crash") == [] and os.path.islink(root / "var/crash")
+    # the node's own file at that absolute path is the one read
+    (root / str(host).lstrip("/")).mkdir(parents=True)
+    (root / str(host).lstrip("/") / "f").write_bytes(b"node's")
+    assert t.read_bytes("/dir-out/f") == b"node's" == t.read_bytes("/var/climb/f")
+
+
+def test_host_root_resolves_symlinks_inside_the_root(tmp_path):
+    """review 11 (vmcore finding 2): root + path let this host's kernel follow an absolute link
+    (/var/crash -> /data/crash) from *its* /: the node's dumps went missing, this host's files
+    were read, and rm deleted them."""
+    check_in_root(*_linked_node(tmp_path))
+
+
+#: a seccomp filter answering openat2 (437) with ENOSYS, as a kernel before 5.6 or a container
+#: runtime's default profile does: the transport must fall back to its own walk
+_NO_OPENAT2 = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class F(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+class P(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(F))]
+prog = (F * 4)(F(0x20, 0, 0, 0), F(0x15, 0, 1, 437), F(0x06, 0, 0, 0x00050000 | 38), F(0x06, 0, 0, 0x7fff0000))
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(P(4, prog)), 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+from katactl.backends import local
+from tests.test_local_transport import check_in_root
+import pathlib
+check_in_root(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))
+assert local._openat2 is False  # the walk did it
+print("ok")
+"""
+
+
+def test_without_openat2_the_walk_resolves_inside_the_root_too(tmp_path):
+    import subprocess
+    import sys
+
+    if os.uname().machine != "x86_64":
+        pytest.skip("the seccomp filter's syscall number is x86_64's")
+    root, host = _linked_node(tmp_path)
+    r = subprocess.run([sys.executable, "-c", _NO_OPENAT2, str(root), str(host)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=60)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
+def test_host_root_proc_linked_to_this_hosts_proc(tmp_path):
+    """A lab's (and these tests') root/proc -> /proc: inside the root a loop, so this host's
+    /proc (lab.layout.link_host_views); a socket behind an absolute link is reached in the root."""
+    os.symlink("/proc", tmp_path / "proc")
+    t = LocalTransport(str(tmp_path))
+    assert t.stat(f"/proc/{os.getpid()}").is_dir and t.read_bytes("/proc/self/stat").startswith(f"{os.getpid()} ".encode())
+    assert str(os.getpid()) in t.listdir("/proc") and t.real("/proc/self") == f"/proc/{os.getpid()}"
+    (tmp_path / "data/vc").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    os.symlink("/data/vc", tmp_path / "run/vc")
+    srv = _listen(str(tmp_path / "data/vc/s.sock"))
+    s = t.connect_unix("/run/vc/s.sock", 2)
+    assert s.recv(5) == b"hello"
+    s.close()
+    srv.close()

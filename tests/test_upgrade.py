@@ -1045,14 +1045,15 @@ def test_a_host_root_of_slash_follows_absolute_symlinks_as_this_host_does(cli, t
 
 
 def test_a_release_that_is_an_absolute_symlink_is_not_switched_to_under_a_host_root(cli, staged, tmp_path):
-    """releases/V -> /elsewhere/V in the node's tree: the preflight checked *this* host's
-    /elsewhere/V (whole here) and pointed the node's `current` at a release it lacks."""
+    """releases/V -> /elsewhere/V in the node's tree, /elsewhere/V whole on *this* host only: the
+    preflight checked this host's copy and pointed the node's `current` at a release it lacks.
+    The link resolves inside the node's tree now, where it dangles: not staged (exit 3)."""
     outside = tmp_path / "elsewhere"
     shutil.copytree(rel(staged, B), outside / B, symlinks=True)
     shutil.rmtree(rel(staged, B))
     os.symlink(outside / B, rel(staged, B))
     before = current(staged)
     r = K(cli, staged, "switch", B)
-    assert r.exit_code == 5, (r.stdout, r.stderr)
-    assert f"release {B}: " in r.stderr and "out of the node's tree" in r.stderr
+    assert r.exit_code == 3, (r.stdout, r.stderr)
+    assert f"release {B} is not staged" in r.stderr
     assert current(staged) == before

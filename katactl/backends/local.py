@@ -10,7 +10,8 @@ import socket
 import stat as _st
 import subprocess
 import tempfile
-from typing import BinaryIO, Generator, Iterable, Iterator, Sequence
+from functools import partial
+from typing import BinaryIO, Callable, Generator, Iterable, Iterator, Literal, Sequence
 
 from katactl.backends.base import FileStat, NodeTransport, RunResult
 from katactl.errors import SOCKET_BUSY, SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
@@ -40,13 +41,17 @@ _CHUNK = 64 << 10
 
 
 def _read_file(real: str, limit: int | None) -> bytes:
-    """At most ``limit`` bytes of a local file (all of it without a limit).
+    """At most ``limit`` bytes of a local file (all of it without a limit)."""
+    return _read_fd(os.open(real, os.O_RDONLY), limit, real)
 
-    os.open/os.read in 64 KiB reads: ``open(...).read(limit)`` made Python allocate
-    ``limit`` bytes (16 MiB for a state file) and shrink the result, an mmap/mremap/munmap
-    per file; a file object adds two fstat calls and an object per file. Errors name the
-    path, as open() does (a directory fails at the first read: EISDIR)."""
-    fd = os.open(real, os.O_RDONLY)
+
+def _read_fd(fd: int, limit: int | None, name: str) -> bytes:
+    """At most ``limit`` bytes from ``fd`` (all without a limit), which is closed.
+
+    os.read in 64 KiB reads: ``open(...).read(limit)`` made Python allocate ``limit``
+    bytes (16 MiB for a state file) and shrink the result, an mmap/mremap/munmap per
+    file; a file object adds two fstat calls and an object per file. Errors name the
+    file (``name``), as open() does (a directory fails at the first read: EISDIR)."""
     try:
         parts = []
         total = 0
@@ -57,47 +62,279 @@ def _read_file(real: str, limit: int | None) -> bytes:
             parts.append(b)
             total += len(b)
     except OSError as e:
-        raise type(e)(e.errno, e.strerror, real) from None
+        raise type(e)(e.errno, e.strerror, name) from None
     finally:
         os.close(fd)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+#: openat2(2)'s number: new system calls share one table on every architecture since Linux 5.1
+#: (include/uapi/asm-generic/unistd.h and arch/x86/entry/syscalls/syscall_64.tbl: 437); elsewhere
+#: (alpha, mips: offset tables) the hand-written walk is used
+_NR_OPENAT2 = 437
+_OPENAT2_ARCHES = ("x86_64", "aarch64", "arm64", "armv7l", "armv8l", "i686", "ppc64le", "ppc64", "s390x",
+                   "riscv64", "loongarch64")
+#: include/uapi/linux/openat2.h: absolute symlinks and ``..`` resolve as if the dirfd were /
+_RESOLVE_IN_ROOT = 0x10
+
+#: where a node root may hold a link to its own path (/proc -> /proc, /proc/1/stat ->
+#: /proc/1/stat, /sys/fs/cgroup -> /sys/fs/cgroup: lab.layout.link_host_views, the tests' fake
+#: /proc): inside the root such a link is a loop, so it can only mean this host's kernel view.
+#: Nothing else of this host is ever reached.
+_KERNEL_VIEWS = ("/proc", "/sys")
+
+
+class _Openat2:
+    """openat2(2) through libc's syscall() (Python has no binding): ``fd = call(dirfd, path, flags)``.
+    One ``open_how`` per flag set, built once (discovery opens ~10 files per sandbox)."""
+
+    def __init__(self) -> None:
+        import ctypes  # ~5 ms: imported only under a host root
+
+        class OpenHow(ctypes.Structure):
+            _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+        self._ctypes, self._how_type = ctypes, OpenHow
+        self._fn = ctypes.CDLL(None, use_errno=True).syscall
+        self._fn.restype = ctypes.c_long
+        self._fn.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
+        self._hows: dict[int, tuple[object, int]] = {}
+        self._size = ctypes.sizeof(OpenHow)
+
+    def __call__(self, dirfd: int, path: str, flags: int) -> int:
+        how = self._hows.get(flags)
+        if how is None:
+            h = self._how_type(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT)
+            how = self._hows[flags] = (h, self._ctypes.addressof(h))
+        fd = self._fn(_NR_OPENAT2, dirfd, os.fsencode(path), how[1], self._size)
+        if fd < 0:
+            err = self._ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return fd
+
+
+#: None: not tried yet; False: this kernel (or its seccomp filter) has no openat2: ENOSYS
+_openat2: _Openat2 | None | Literal[False] = None
+
+
+def _links_to_itself(root: str, path: str) -> bool:
+    try:
+        return os.readlink(root + path) == path
+    except OSError:
+        return False
+
+
+def _no_openat2() -> None:
+    global _openat2
+    _openat2 = False
+
+
+def _get_openat2() -> _Openat2 | None:
+    global _openat2
+    if _openat2 is None:
+        _openat2 = _Openat2() if os.uname().machine in _OPENAT2_ARCHES else False
+    return _openat2 or None
+
+
 class LocalTransport(NodeTransport):
+    """This host's files, or with ``host_root`` a node's root mounted there (a DaemonSet pod's
+    /host, a lab, a snapshot). Under a root every node path resolves inside it, as the node's
+    own kernel resolves it: an absolute symlink (/var/crash -> /data/crash) and a ``..`` start
+    again at the root and never leave it. That is openat2(2) with RESOLVE_IN_ROOT, one system
+    call per open and an fd for the rest (fstat, getdents, readlinkat); where the kernel has no
+    openat2 (< 5.6, ENOSYS) a walk of readlink per component does the same, less atomically."""
+
     def __init__(self, host_root: str = "", node: str = "localhost"):
         self.host_root = os.path.abspath(host_root) if host_root else ""
         self.node = node
+        #: a root other than / to resolve in ("/" is this host's own resolution)
+        self._rooted = self.host_root not in ("", "/")
+        # opened at the first path (the root may not exist before), then kept: a directory
+        # put at the same name afterwards is not this transport's root
+        self._rootfd: int | None = None
+        self._views: set[str] = set()  # links to this host's kernel views met (see _KERNEL_VIEWS)
 
-    def real(self, path: str) -> str:
-        """The local filesystem path of a node path."""
+    def close(self) -> None:
+        fd, self._rootfd = self._rootfd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _root(self) -> int:
+        if self._rootfd is None:
+            fd = os.open(self.host_root, os.O_PATH | os.O_DIRECTORY)
+            if self._rootfd is None:
+                self._rootfd = fd
+            else:  # another thread was first
+                os.close(fd)
+        return self._rootfd
+
+    def _open(self, p: str, flags: int) -> int:
+        """An fd of the normalized node path ``p`` resolved inside the root (``O_NOFOLLOW``:
+        not its last component). Errors name the path under the root, as open() did."""
+        try:
+            rootfd = self._root()
+            if self._views and self._in_view(p):
+                return os.open(p, flags)
+            try:
+                return self._open_in_root(rootfd, p, flags)
+            except OSError as e:
+                if e.errno != errno.ELOOP or not self._find_view(p):
+                    raise
+            return os.open(p, flags)  # this host's kernel view (see _KERNEL_VIEWS)
+        except OSError as e:
+            err = type(e)(e.errno, e.strerror, self.host_root + p)
+        raise err  # outside the except: no __context__ (a caller keeps errors as values)
+
+    def _open_in_root(self, rootfd: int, p: str, flags: int) -> int:
+        fn = _get_openat2()
+        if fn is not None:
+            try:
+                return fn(rootfd, p, flags)
+            except OSError as e:
+                if e.errno != errno.ENOSYS:
+                    raise
+                _no_openat2()
+        return os.open(self._walk(p, not flags & os.O_NOFOLLOW), flags | os.O_NOFOLLOW)
+
+    def _in_view(self, p: str) -> bool:
+        if not p.startswith(_KERNEL_VIEWS):
+            return False
+        while p:
+            if p in self._views:
+                return True
+            p = p[:p.rfind("/")]
+        return False
+
+    def _find_view(self, p: str) -> bool:
+        """Whether ``p`` (which looped) lies under a link to its own path in /proc or /sys,
+        remembered: the next path under it goes to this host's view at once."""
+        if not p.startswith(_KERNEL_VIEWS):
+            return False
+        q = ""
+        for part in p.split("/")[1:]:
+            q = f"{q}/{part}"
+            if _links_to_itself(self.host_root, q):
+                self._views.add(q)
+                return True
+        return False
+
+    def _walk(self, p: str, follow: bool = True) -> str:
+        """The local path of node path ``p`` with its symlinks resolved inside the root by hand
+        (a readlink per component), for kernels without openat2: an absolute target restarts
+        at the root, ``..`` stops there. A missing component ends the resolution (the open
+        then fails); ``follow``: the last component too. Unlike openat2 it races a component
+        replaced by a symlink between the walk and the open."""
+        root = self.host_root
+        todo = [c for c in reversed(p.split("/")) if c]
+        out = ""  # the resolved node path so far, "" being /
+        links = 0
+        while todo:
+            c = todo.pop()
+            if c == ".":
+                continue
+            if c == "..":
+                out = out[:out.rfind("/")] if out else ""
+                continue
+            cand = f"{out}/{c}"
+            if not todo and not follow:
+                out = cand
+                break
+            try:
+                target = os.readlink(root + cand)
+            except OSError:  # EINVAL: not a link; ENOENT, ENOTDIR, EACCES: the open will say
+                out = cand
+                continue
+            links += 1
+            if links > 40:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            if target.startswith("/"):
+                out = ""
+            todo.extend(c for c in reversed(target.split("/")) if c)
+        return root + (out or "/")
+
+    def real(self, path: str, follow_symlinks: bool = True) -> str:
+        """The local path of a node path, for what takes a path rather than an fd (a hypervisor's
+        dump file, a program's argument, a rename): under a root, with its symlinks resolved
+        inside the root (the last one only with ``follow_symlinks``); a part that does not
+        exist yet is appended as named."""
         p = check_node_path(path)
-        return self.host_root + p if self.host_root else p
+        if not self._rooted:
+            return p
+        try:
+            fd = self._open(p, os.O_PATH | (0 if follow_symlinks else os.O_NOFOLLOW))
+        except OSError:  # not there (yet): its links resolved as far as they go
+            return p if self._in_view(p) else self._walk(p, follow_symlinks)
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")  # the kernel's name of what it opened
+        except OSError:  # no /proc here
+            return self._walk(p, follow_symlinks)
+        finally:
+            os.close(fd)
 
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
-        return _read_file(self.real(path), limit)
+        p = check_node_path(path)
+        if not self._rooted:
+            return _read_file(p, limit)
+        return _read_fd(self._open(p, os.O_RDONLY), limit, self.host_root + p)
 
     def read_many(self, paths: Sequence[str], limit: int | None = None) -> dict[str, bytes | OSError]:
         out: dict[str, bytes | OSError] = {}
-        real, root = self.real, self.host_root
+        rooted, root, open_ = self._rooted, self.host_root, self._open
         for p in paths:
             try:
-                out[p] = _read_file(root + p if _is_normal(p) else real(p), limit)
+                n = p if _is_normal(p) else check_node_path(p)
+                out[p] = _read_fd(open_(n, os.O_RDONLY), limit, root + n) if rooted else _read_file(n, limit)
             except OSError as e:
                 out[p] = _bare(e)
         return out
+
+    def _fstat(self, p: str, follow_symlinks: bool) -> os.stat_result:
+        fd = self._open(p, os.O_PATH if follow_symlinks else os.O_PATH | os.O_NOFOLLOW)
+        try:
+            return os.stat(fd)
+        finally:
+            os.close(fd)
 
     def stat_many(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict[str, FileStat | OSError]:
         out: dict[str, FileStat | OSError] = {}
-        real, root, stat = self.real, self.host_root, os.stat
+        stat = partial(self._fstat, follow_symlinks=follow_symlinks) if self._rooted else \
+            partial(os.stat, follow_symlinks=follow_symlinks)
         for p in paths:
             try:
-                out[p] = _file_stat(stat(root + p if _is_normal(p) else real(p), follow_symlinks=follow_symlinks))
+                out[p] = _file_stat(stat(p if _is_normal(p) else check_node_path(p)))
             except OSError as e:
                 out[p] = _bare(e)
         return out
 
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
+        p = check_node_path(path)
+        if not self._rooted:
+            return _file_stat(os.stat(p, follow_symlinks=follow_symlinks))
+        return _file_stat(self._fstat(p, follow_symlinks))
+
+    @contextlib.contextmanager
+    def _dir(self, path: str) -> Iterator[str | int]:
+        """What os.listdir/os.scandir take for a node directory: its path, or under a root an
+        fd opened inside the root (closed when the block ends)."""
+        p = check_node_path(path)
+        if not self._rooted:
+            yield p
+            return
+        fd = self._open(p, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def listdir(self, path: str) -> list[str]:
-        return sorted(os.listdir(self.real(path)))
+        with self._dir(path) as d:
+            return sorted(os.listdir(d))
 
     def list_dirs(self, paths: Sequence[str]) -> dict[str, list[str] | OSError]:
         """os.listdir: one getdents per few hundred entries, no stat per entry (scan_dirs
@@ -105,19 +342,26 @@ class LocalTransport(NodeTransport):
         out: dict[str, list[str] | OSError] = {}
         for p in paths:
             try:
-                out[p] = sorted(os.listdir(self.real(p)))
+                out[p] = self.listdir(p)
             except OSError as e:
                 out[p] = _bare(e)
         return out
 
-    def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
-        return _file_stat(os.stat(self.real(path), follow_symlinks=follow_symlinks))
+    def _link_stat(self, path: str) -> Callable[[str], os.stat_result] | None:
+        """How scan_dir/list_kinds stat a symlink entry of directory ``path`` through its
+        target: under a root, inside the root (os.DirEntry.stat would follow an absolute
+        target on this host); else DirEntry.stat's own."""
+        if not self._rooted:
+            return None
+        base = check_node_path(path).rstrip("/")
+        return lambda name: self._fstat(f"{base}/{name}", True)
 
     def scan_dir(self, path: str, follow_symlinks: bool = True) -> list[tuple[str, FileStat]]:
         out = []
-        with os.scandir(self.real(path)) as it:
+        link_stat = self._link_stat(path) if follow_symlinks else None
+        with self._dir(path) as d, os.scandir(d) as it:
             for e in it:
-                s = _entry_stat(e, follow_symlinks)
+                s = _entry_stat(e, follow_symlinks, link_stat)
                 if s is not None:
                     out.append((e.name, _file_stat(s)))
         return sorted(out, key=lambda x: x[0])
@@ -130,11 +374,12 @@ class LocalTransport(NodeTransport):
         for p in paths:
             try:
                 entries: list[tuple[str, bool, bool, float | None]] = []
-                with os.scandir(self.real(p)) as it:
+                link_stat = self._link_stat(p)
+                with self._dir(p) as d, os.scandir(d) as it:
                     for e in it:
                         if not e.is_symlink():
                             entries.append((e.name, e.is_dir(follow_symlinks=False), False, None))
-                        elif (s := _entry_stat(e, True)) is not None:
+                        elif (s := _entry_stat(e, True, link_stat)) is not None:
                             mode = s.st_mode
                             entries.append((e.name, _st.S_ISDIR(mode), _st.S_ISLNK(mode), s.st_mtime))
                 out[p] = sorted(entries, key=lambda x: x[0])
@@ -143,10 +388,31 @@ class LocalTransport(NodeTransport):
         return out
 
     def readlink(self, path: str) -> str:
-        return os.readlink(self.real(path))
+        p = check_node_path(path)
+        if not self._rooted:
+            return os.readlink(p)
+        fd = self._open(p, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            return os.readlink("", dir_fd=fd)  # readlinkat(2): "" is the link fd itself
+        except FileNotFoundError:  # what readlinkat says of an fd that is no link
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), self.host_root + p) from None
+        finally:
+            os.close(fd)
 
     def open_stream(self, path: str, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        f = open(self.real(path), "rb")  # opened eagerly so a missing file fails at the call
+        # opened eagerly so a missing file fails at the call
+        if not self._rooted:
+            f = open(self.real(path), "rb")
+        else:
+            p = check_node_path(path)
+            fd = self._open(p, os.O_RDONLY)
+            try:
+                if _st.S_ISDIR(os.fstat(fd).st_mode):  # as open() says, naming the path
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.host_root + p)
+                f = os.fdopen(fd, "rb")
+            except BaseException:
+                os.close(fd)
+                raise
 
         def chunks():
             with f:
@@ -161,14 +427,24 @@ class LocalTransport(NodeTransport):
         return chunks()
 
     def statvfs_free(self, path: str) -> int:
-        s = os.statvfs(self.real(path))
+        if not self._rooted:
+            s = os.statvfs(self.real(path))
+        else:
+            fd = self._open(check_node_path(path), os.O_PATH)
+            try:
+                s = os.statvfs(fd)
+            finally:
+                os.close(fd)
         return s.f_bavail * s.f_frsize
 
+    # Writes name their target by its resolved local path (real(), the last component not
+    # followed: a link there is replaced or removed, never written through): rare calls,
+    # where a path's clarity in errors is worth more than an fd per call.
     def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        atomic_write(self.real(path), data, mode)
+        atomic_write(self.real(path, follow_symlinks=False), data, mode)
 
     def write_stream_atomic(self, path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
-        return atomic_write_stream(self.real(path), chunks, mode)
+        return atomic_write_stream(self.real(path, follow_symlinks=False), chunks, mode)
 
     def fsync_dir(self, path: str) -> None:
         fsync_dir(self.real(path))
@@ -177,21 +453,22 @@ class LocalTransport(NodeTransport):
         if parents:
             os.makedirs(self.real(path), mode=mode, exist_ok=True)
         else:
-            os.mkdir(self.real(path), mode)
+            os.mkdir(self.real(path, follow_symlinks=False), mode)
 
     def remove(self, path: str, recursive: bool = False) -> None:
-        real = self.real(path)
+        real = self.real(path, follow_symlinks=False)
         if recursive and os.path.isdir(real) and not os.path.islink(real):
             shutil.rmtree(real)
         else:
             os.unlink(real)
 
     def rename(self, src: str, dst: str) -> None:
-        os.rename(self.real(src), self.real(dst))
-        fsync_dir(os.path.dirname(self.real(dst)))
+        real_dst = self.real(dst, follow_symlinks=False)
+        os.rename(self.real(src, follow_symlinks=False), real_dst)
+        fsync_dir(os.path.dirname(real_dst))
 
     def symlink(self, target: str, link: str) -> None:
-        os.symlink(target, self.real(link))
+        os.symlink(target, self.real(link, follow_symlinks=False))
 
     def run(self, argv: Sequence[str], timeout: float | None = None,
             input: bytes | None = None) -> RunResult:
@@ -246,16 +523,22 @@ class LocalTransport(NodeTransport):
         return _ProcessStream(p, chunks())
 
     def connect_unix(self, path: str, timeout: float):
-        real = self.real(path)
+        p = check_node_path(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        dirfd = None
+        fd = None
         try:
-            if len(real.encode()) >= _SUN_PATH_MAX:
-                # sun_path holds 108 bytes; a 64-hex sandbox id under a --host-root
-                # exceeds it. Reach the socket through an open fd of its directory.
-                dirfd = os.open(os.path.dirname(real), os.O_RDONLY | os.O_DIRECTORY)
-                real = f"/proc/self/fd/{dirfd}/{os.path.basename(real)}"
+            if self._rooted:
+                # the socket opened inside the root (O_PATH) and reached through its fd,
+                # which also keeps within sun_path's 108 bytes
+                fd = self._open(p, os.O_PATH)
+                real = f"/proc/self/fd/{fd}"
+            else:
+                real = p
+                if len(real.encode()) >= _SUN_PATH_MAX:
+                    # sun_path holds 108 bytes: reach the socket through an fd of its directory
+                    fd = os.open(os.path.dirname(real), os.O_RDONLY | os.O_DIRECTORY)
+                    real = f"/proc/self/fd/{fd}/{os.path.basename(real)}"
             s.connect(real)
         except (FileNotFoundError, NotADirectoryError):
             s.close()
@@ -274,8 +557,8 @@ class LocalTransport(NodeTransport):
             s.close()
             raise UnreachableError(f"{path}: {e.strerror or e}") from None
         finally:
-            if dirfd is not None:
-                os.close(dirfd)
+            if fd is not None:
+                os.close(fd)
         return s
 
 
@@ -334,11 +617,15 @@ class _ProcessStream:
             pass    # running in another thread: the kill ends its read, and it closes itself
 
 
-def _entry_stat(e: os.DirEntry, follow_symlinks: bool) -> os.stat_result | None:
+def _entry_stat(e: os.DirEntry, follow_symlinks: bool,
+                link_stat: Callable[[str], os.stat_result] | None = None) -> os.stat_result | None:
     """A directory entry's stat for scan_dir (None: removed meanwhile). Followed, a link
     that cannot be (dangling, a loop, an unreadable target) is described by its own lstat,
-    as the SSH transport does: one bad entry must not fail the whole listing."""
+    as the SSH transport does: one bad entry must not fail the whole listing. ``link_stat``:
+    how to follow a symlink entry (by name) when DirEntry.stat must not (a host root)."""
     try:
+        if follow_symlinks and link_stat is not None and e.is_symlink():
+            return link_stat(e.name)
         return e.stat(follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         if not follow_symlinks:

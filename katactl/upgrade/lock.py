@@ -265,7 +265,7 @@ def _open_lock_file(transport: LocalTransport, layout) -> int:
     """The flock file, opened as audit.py opens its log: never through a symlink (under
     --host-root an absolute one would name a file of this host, which katactl, root, then
     truncates), and only a regular file (O_NONBLOCK: a FIFO there must not stall us)."""
-    real = transport.real(layout.lock)
+    real = transport.real(layout.lock, follow_symlinks=False)  # the lock file itself, never a link
     try:
         fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
