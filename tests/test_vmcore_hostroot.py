@@ -81,3 +81,23 @@ def test_rm_through_an_absolute_symlink_deletes_nothing_outside_the_root(cli, tm
     r = cli(["--host-root", root, "vmcore", "rm", SID[:4], "--yes", "-o", "json"])
     assert r.exit_code in (0, 3), (r.stdout, r.stderr)  # the node has no such dump
     assert os.path.exists(outside / "kata" / SID / f"vmcore-{TS}.elf")
+
+
+def test_trigger_lays_out_the_dump_dir_behind_an_absolute_symlink_in_the_root(tmp_path):
+    """What a process of this host is handed (cp -ar of the state, QEMU's dump file) is the node's
+    path resolved inside the root: `cp -ar` was given root/var/crash/..., which this host's kernel
+    followed to *its* /data/crash."""
+    from katactl.backends.local import LocalTransport
+    from katactl.lab import layout
+    from katactl.vmcore.capture import prepare_dump_dir
+    from katactl.vmcore.dumps import real_path
+
+    root = node_tree(tmp_path / "n")
+    layout.write_go_sandbox(root, SID, memory_mib=512, container_ids=(SID,))
+    os.makedirs(f"{root}/data/crash")
+    os.makedirs(f"{root}/var", exist_ok=True)
+    os.symlink("/data/crash", f"{root}/var/crash")
+    t = LocalTransport(root)
+    d, _ = prepare_dump_dir(t, SID, "/var/crash/kata")
+    assert os.path.isfile(f"{root}/data/crash/kata/{SID}/state/{SID}/persist.json")
+    assert real_path(t, f"{d}/vmcore-{TS}.elf") == f"{root}/data/crash/kata/{SID}/vmcore-{TS}.elf"

@@ -263,7 +263,14 @@ def node_name(transport: NodeTransport) -> str:
 
 
 def real_path(transport: NodeTransport, node_path: str) -> str:
-    """The path the hypervisor (a process on the node) sees for a node path."""
+    """The path the hypervisor (a process on the node) sees for a node path. Under a local
+    --host-root that process runs here: the path has the node's symlinks resolved inside the
+    root (LocalTransport.real), or this host's kernel follows /var/crash -> /data/crash to *its*
+    /data/crash."""
+    from katactl.backends.local import LocalTransport
+
+    if isinstance(transport, LocalTransport):
+        return transport.real(node_path)
     return (transport.host_root or "") + node_path
 
 
