@@ -57,6 +57,10 @@ class NodeTransport(abc.ABC):
     host_root: str
     #: True when the node is another machine (its processes do not run on this host)
     is_remote: bool = False
+    #: True when node paths resolve inside host_root as on the node (an absolute symlink starts
+    #: again at the node's /): the local transport's openat2. Over SSH and --via kube the
+    #: machine's kernel resolves host_root + path, following such a link out of the tree.
+    resolves_in_root: bool = False
     #: seconds one call may take (--request-timeout); a local transport does not enforce it
     timeout: float = 30.0
 

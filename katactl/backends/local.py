@@ -10,7 +10,6 @@ import socket
 import stat as _st
 import subprocess
 import tempfile
-from functools import partial
 from typing import BinaryIO, Callable, Generator, Iterable, Iterator, Literal, Sequence
 
 from katactl.backends.base import FileStat, NodeTransport, RunResult
@@ -84,37 +83,43 @@ _RESOLVE_IN_ROOT = 0x10
 _KERNEL_VIEWS = ("/proc", "/sys")
 
 
-class _Openat2:
-    """openat2(2) through libc's syscall() (Python has no binding): ``fd = call(dirfd, path, flags)``.
-    One ``open_how`` per flag set, built once (discovery opens ~10 files per sandbox)."""
+def _make_openat2() -> Callable[[int], Callable[[str, int], int]] | None:
+    """openat2(2) through libc's syscall() (Python has no binding): ``bind(rootfd)`` gives
+    ``call(path, flags)``, the fd or minus the errno (no exception: a missing file is common,
+    and each raise costs). Its arguments but the path are converted once (an open_how per
+    flag set): what ctypes adds to the system call is then ~1 us. None where the number is not
+    437."""
+    if os.uname().machine not in _OPENAT2_ARCHES:
+        return None
+    import ctypes  # ~5 ms: imported only under a host root
 
-    def __init__(self) -> None:
-        import ctypes  # ~5 ms: imported only under a host root
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
-        class OpenHow(ctypes.Structure):
-            _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+    fn = ctypes.CDLL(None, use_errno=True).syscall
+    fn.restype = ctypes.c_long
+    nr, size, get_errno = ctypes.c_long(_NR_OPENAT2), ctypes.c_size_t(ctypes.sizeof(OpenHow)), ctypes.get_errno
+    hows: dict[int, object] = {}
 
-        self._ctypes, self._how_type = ctypes, OpenHow
-        self._fn = ctypes.CDLL(None, use_errno=True).syscall
-        self._fn.restype = ctypes.c_long
-        self._fn.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
-        self._hows: dict[int, tuple[object, int]] = {}
-        self._size = ctypes.sizeof(OpenHow)
+    def how(flags: int) -> object:
+        h = hows[flags] = ctypes.byref(OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT))  # keeps its struct
+        return h
 
-    def __call__(self, dirfd: int, path: str, flags: int) -> int:
-        how = self._hows.get(flags)
-        if how is None:
-            h = self._how_type(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT)
-            how = self._hows[flags] = (h, self._ctypes.addressof(h))
-        fd = self._fn(_NR_OPENAT2, dirfd, os.fsencode(path), how[1], self._size)
-        if fd < 0:
-            err = self._ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return fd
+    def bind(rootfd: int) -> Callable[[str, int], int]:
+        dirfd = ctypes.c_long(rootfd)
+
+        def openat2(path: str, flags: int) -> int:
+            fd = fn(nr, dirfd, path.encode("utf-8", "surrogateescape"), hows.get(flags) or how(flags), size)
+            return fd if fd >= 0 else -get_errno()
+
+        return openat2
+
+    return bind
 
 
-#: None: not tried yet; False: this kernel (or its seccomp filter) has no openat2: ENOSYS
-_openat2: _Openat2 | None | Literal[False] = None
+#: None: not made yet; False: none here (another architecture; ENOSYS: a kernel before 5.6,
+#: or a seccomp profile that refuses it)
+_openat2: Callable[[int], Callable[[str, int], int]] | None | Literal[False] = None
 
 
 def _links_to_itself(root: str, path: str) -> bool:
@@ -124,15 +129,10 @@ def _links_to_itself(root: str, path: str) -> bool:
         return False
 
 
-def _no_openat2() -> None:
-    global _openat2
-    _openat2 = False
-
-
-def _get_openat2() -> _Openat2 | None:
+def _get_openat2() -> Callable[[int], Callable[[str, int], int]] | None:
     global _openat2
     if _openat2 is None:
-        _openat2 = _Openat2() if os.uname().machine in _OPENAT2_ARCHES else False
+        _openat2 = _make_openat2() or False
     return _openat2 or None
 
 
@@ -144,6 +144,8 @@ class LocalTransport(NodeTransport):
     call per open and an fd for the rest (fstat, getdents, readlinkat); where the kernel has no
     openat2 (< 5.6, ENOSYS) a walk of readlink per component does the same, less atomically."""
 
+    resolves_in_root = True
+
     def __init__(self, host_root: str = "", node: str = "localhost"):
         self.host_root = os.path.abspath(host_root) if host_root else ""
         self.node = node
@@ -153,6 +155,7 @@ class LocalTransport(NodeTransport):
         # put at the same name afterwards is not this transport's root
         self._rootfd: int | None = None
         self._views: set[str] = set()  # links to this host's kernel views met (see _KERNEL_VIEWS)
+        self._openat2: Callable[[str, int], int] | None = None  # bound to the root when it is opened
 
     def close(self) -> None:
         fd, self._rootfd = self._rootfd, None
@@ -165,42 +168,56 @@ class LocalTransport(NodeTransport):
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
-    def _root(self) -> int:
+    def _root(self, p: str) -> int:
+        """The root's fd, opened at the first path (errors name that path, as open() did)."""
         if self._rootfd is None:
-            fd = os.open(self.host_root, os.O_PATH | os.O_DIRECTORY)
-            if self._rootfd is None:
-                self._rootfd = fd
-            else:  # another thread was first
+            try:
+                fd = os.open(self.host_root, os.O_PATH | os.O_DIRECTORY)
+            except OSError as e:
+                err = type(e)(e.errno, e.strerror, self.host_root + p)
+                raise err from None
+            if self._rootfd is not None:  # another thread was first
                 os.close(fd)
+            else:
+                bind = _get_openat2()
+                self._openat2 = bind(fd) if bind else None
+                self._rootfd = fd
         return self._rootfd
 
     def _open(self, p: str, flags: int) -> int:
         """An fd of the normalized node path ``p`` resolved inside the root (``O_NOFOLLOW``:
         not its last component). Errors name the path under the root, as open() did."""
-        try:
-            rootfd = self._root()
-            if self._views and self._in_view(p):
-                return os.open(p, flags)
-            try:
-                return self._open_in_root(rootfd, p, flags)
-            except OSError as e:
-                if e.errno != errno.ELOOP or not self._find_view(p):
-                    raise
+        if self._views and p.startswith(_KERNEL_VIEWS) and self._in_view(p):
             return os.open(p, flags)  # this host's kernel view (see _KERNEL_VIEWS)
+        if self._rootfd is None:
+            self._root(p)
+        fn = self._openat2
+        if fn is not None:
+            fd = fn(p, flags)
+            if fd >= 0:
+                return fd
+            if fd == -errno.ELOOP and self._find_view(p):
+                return os.open(p, flags)
+            if fd != -errno.ENOSYS:
+                raise OSError(-fd, os.strerror(-fd), self.host_root + p)
+            global _openat2
+            _openat2, self._openat2 = False, None
+        try:
+            return os.open(self._walk(p, not flags & os.O_NOFOLLOW), flags | os.O_NOFOLLOW)
         except OSError as e:
+            if e.errno == errno.ELOOP and self._find_view(p):
+                return os.open(p, flags)
             err = type(e)(e.errno, e.strerror, self.host_root + p)
         raise err  # outside the except: no __context__ (a caller keeps errors as values)
 
-    def _open_in_root(self, rootfd: int, p: str, flags: int) -> int:
-        fn = _get_openat2()
-        if fn is not None:
-            try:
-                return fn(rootfd, p, flags)
-            except OSError as e:
-                if e.errno != errno.ENOSYS:
-                    raise
-                _no_openat2()
-        return os.open(self._walk(p, not flags & os.O_NOFOLLOW), flags | os.O_NOFOLLOW)
+    def _stat(self, p: str, follow_symlinks: bool = True) -> os.stat_result:
+        if self._views and p.startswith(_KERNEL_VIEWS) and self._in_view(p):
+            return os.stat(p, follow_symlinks=follow_symlinks)
+        fd = self._open(p, os.O_PATH if follow_symlinks else os.O_PATH | os.O_NOFOLLOW)
+        try:
+            return os.stat(fd)
+        finally:
+            os.close(fd)
 
     def _in_view(self, p: str) -> bool:
         if not p.startswith(_KERNEL_VIEWS):
@@ -294,20 +311,12 @@ class LocalTransport(NodeTransport):
                 out[p] = _bare(e)
         return out
 
-    def _fstat(self, p: str, follow_symlinks: bool) -> os.stat_result:
-        fd = self._open(p, os.O_PATH if follow_symlinks else os.O_PATH | os.O_NOFOLLOW)
-        try:
-            return os.stat(fd)
-        finally:
-            os.close(fd)
-
     def stat_many(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict[str, FileStat | OSError]:
         out: dict[str, FileStat | OSError] = {}
-        stat = partial(self._fstat, follow_symlinks=follow_symlinks) if self._rooted else \
-            partial(os.stat, follow_symlinks=follow_symlinks)
+        stat = self._stat if self._rooted else os.stat
         for p in paths:
             try:
-                out[p] = _file_stat(stat(p if _is_normal(p) else check_node_path(p)))
+                out[p] = _file_stat(stat(p if _is_normal(p) else check_node_path(p), follow_symlinks=follow_symlinks))
             except OSError as e:
                 out[p] = _bare(e)
         return out
@@ -316,7 +325,7 @@ class LocalTransport(NodeTransport):
         p = check_node_path(path)
         if not self._rooted:
             return _file_stat(os.stat(p, follow_symlinks=follow_symlinks))
-        return _file_stat(self._fstat(p, follow_symlinks))
+        return _file_stat(self._stat(p, follow_symlinks))
 
     @contextlib.contextmanager
     def _dir(self, path: str) -> Iterator[str | int]:
@@ -354,7 +363,7 @@ class LocalTransport(NodeTransport):
         if not self._rooted:
             return None
         base = check_node_path(path).rstrip("/")
-        return lambda name: self._fstat(f"{base}/{name}", True)
+        return lambda name: self._stat(f"{base}/{name}", True)
 
     def scan_dir(self, path: str, follow_symlinks: bool = True) -> list[tuple[str, FileStat]]:
         out = []
