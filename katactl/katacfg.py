@@ -197,12 +197,13 @@ def realpath(transport: NodeTransport, path: str, max_links: int = 40) -> str:
 
 def rooted_escape(transport: NodeTransport, path: str) -> tuple[str, str, str] | None:
     """(link, its target, the path resolved inside the node) when a transport that maps node
-    paths under a directory (--host-root, --via kube's /host) would leave the node's tree on
-    the way to path: the host's kernel follows an absolute symlink (/opt/kata -> /data/kata)
-    or a ``..`` above the node's / from *this* host's root. None when the path stays inside
-    (or the transport has no root: the node's own kernel resolves it)."""
-    if getattr(transport, "host_root", "") in ("", "/"):  # "/" is this host's own resolution
-        return None
+    paths under a directory (--host-root over SSH, --via kube's /host) would leave the node's
+    tree on the way to path: that machine's kernel follows an absolute symlink (/opt/kata ->
+    /data/kata) or a ``..`` above the node's / from *its* root. None when the path stays inside,
+    the transport has no root (the node's own kernel resolves it), or resolves inside its root
+    itself (the local one: NodeTransport.resolves_in_root)."""
+    if getattr(transport, "host_root", "") in ("", "/") or transport.resolves_in_root:
+        return None  # "/" is the machine's own resolution
     leaving: list[tuple[str, str]] = []
     real, _ = _resolve(transport, path, leaving=leaving)
     return (*leaving[0], real) if leaving else None

@@ -390,8 +390,15 @@ def test_rooted_escape_names_links_the_host_kernel_would_follow_out_of_the_tree(
     if p.is_dir():
         p.rmdir()
     os.symlink(target, p)
-    esc = katacfg.rooted_escape(LocalTransport(str(root)), "/opt/kata/releases")
+
+    class MappedRoot(LocalTransport):
+        """Declares what SSH and --via kube do: that machine's kernel resolves root + path (its
+        lstat and readlink answers are the links' own, the same either way)."""
+        resolves_in_root = False
+
+    esc = katacfg.rooted_escape(MappedRoot(str(root)), "/opt/kata/releases")
     assert (esc is not None) == leaves, esc
     if leaves:
         assert esc[0] == f"/{link}" and esc[1] == target and esc[2] == "/data/kata/releases"
-    assert katacfg.rooted_escape(LocalTransport("/"), "/opt/kata/releases") is None  # this host's own /
+    assert katacfg.rooted_escape(MappedRoot("/"), "/opt/kata/releases") is None  # this host's own /
+    assert katacfg.rooted_escape(LocalTransport(str(root)), "/opt/kata/releases") is None  # resolves in the root

@@ -89,7 +89,8 @@ def datadir_state(transport: NodeTransport, layout: Layout, name: str) -> dict:
 
 def _reaches(transport: NodeTransport, layout: Layout, compiled: str) -> bool:
     """Whether the compiled-in path is ``<root>/share/<name>`` on the node, and a link made
-    there stays in the node's tree (under --host-root an absolute symlink would lead out)."""
+    there stays in the node's tree (under a root SSH or --via kube maps, an absolute symlink
+    would lead out)."""
     from katactl.katacfg import realpath, rooted_escape
 
     if rooted_escape(transport, f"{layout.root}/share"):

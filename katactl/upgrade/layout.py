@@ -147,10 +147,11 @@ class Layout:
         return None
 
     def check_inside(self, transport) -> None:
-        """Refuse a kata root the transport would reach outside the node's tree: under
-        --host-root (or --via kube's /host) this host's kernel follows an absolute symlink
-        such as /opt/kata -> /data/kata, or releases -> /data/releases, to *this* host's
-        /data, so a stage would write there (exit 2, naming what to give or change)."""
+        """Refuse a kata root the transport would reach outside the node's tree: over SSH with
+        --host-root (or --via kube's /host) that machine's kernel follows an absolute symlink
+        such as /opt/kata -> /data/kata, or releases -> /data/releases, to *its* /data, so a
+        stage would write there (exit 2, naming what to give or change). A local --host-root
+        resolves inside the root (katacfg.rooted_escape says None)."""
         from katactl.katacfg import realpath, rooted_escape
 
         esc = rooted_escape(transport, self.state)  # walks the root, releases/ and .katactl/
@@ -165,8 +166,9 @@ class Layout:
 
     def check_release_inside(self, transport, version: str) -> None:
         """Refuse to switch to a release that is an absolute symlink (releases/V -> /data/V)
-        under a node root: its preflight would check, and `current` name, a tree this host's
-        kernel finds on *this* host, not the node's (exit 5). A staged release is a directory."""
+        under a node root the transport maps (SSH, --via kube): its preflight would check, and
+        `current` name, a tree that machine's kernel finds on *its* /, not the node's (exit 5).
+        A staged release is a directory."""
         from katactl.errors import Refused
         from katactl.katacfg import rooted_escape
 
