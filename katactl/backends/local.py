@@ -327,23 +327,15 @@ class LocalTransport(NodeTransport):
             return _file_stat(os.stat(p, follow_symlinks=follow_symlinks))
         return _file_stat(self._stat(p, follow_symlinks))
 
-    @contextlib.contextmanager
-    def _dir(self, path: str) -> Iterator[str | int]:
-        """What os.listdir/os.scandir take for a node directory: its path, or under a root an
-        fd opened inside the root (closed when the block ends)."""
+    def listdir(self, path: str) -> list[str]:
         p = check_node_path(path)
         if not self._rooted:
-            yield p
-            return
+            return sorted(os.listdir(p))
         fd = self._open(p, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            yield fd
+            return sorted(os.listdir(fd))
         finally:
             os.close(fd)
-
-    def listdir(self, path: str) -> list[str]:
-        with self._dir(path) as d:
-            return sorted(os.listdir(d))
 
     def list_dirs(self, paths: Sequence[str]) -> dict[str, list[str] | OSError]:
         """os.listdir: one getdents per few hundred entries, no stat per entry (scan_dirs
@@ -355,6 +347,12 @@ class LocalTransport(NodeTransport):
             except OSError as e:
                 out[p] = _bare(e)
         return out
+
+    def _dir(self, path: str) -> str | int:
+        """What os.scandir takes for a node directory: its path, or under a root an fd opened
+        inside the root (the caller closes it)."""
+        p = check_node_path(path)
+        return self._open(p, os.O_RDONLY | os.O_DIRECTORY) if self._rooted else p
 
     def _link_stat(self, path: str) -> Callable[[str], os.stat_result] | None:
         """How scan_dir/list_kinds stat a symlink entry of directory ``path`` through its
@@ -368,11 +366,16 @@ class LocalTransport(NodeTransport):
     def scan_dir(self, path: str, follow_symlinks: bool = True) -> list[tuple[str, FileStat]]:
         out = []
         link_stat = self._link_stat(path) if follow_symlinks else None
-        with self._dir(path) as d, os.scandir(d) as it:
-            for e in it:
-                s = _entry_stat(e, follow_symlinks, link_stat)
-                if s is not None:
-                    out.append((e.name, _file_stat(s)))
+        d = self._dir(path)
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    s = _entry_stat(e, follow_symlinks, link_stat)
+                    if s is not None:
+                        out.append((e.name, _file_stat(s)))
+        finally:
+            if type(d) is int:
+                os.close(d)
         return sorted(out, key=lambda x: x[0])
 
     def list_kinds(self, paths: Sequence[str]) -> dict[str, list[tuple[str, bool, bool, float | None]] | OSError]:
@@ -384,13 +387,18 @@ class LocalTransport(NodeTransport):
             try:
                 entries: list[tuple[str, bool, bool, float | None]] = []
                 link_stat = self._link_stat(p)
-                with self._dir(p) as d, os.scandir(d) as it:
-                    for e in it:
-                        if not e.is_symlink():
-                            entries.append((e.name, e.is_dir(follow_symlinks=False), False, None))
-                        elif (s := _entry_stat(e, True, link_stat)) is not None:
-                            mode = s.st_mode
-                            entries.append((e.name, _st.S_ISDIR(mode), _st.S_ISLNK(mode), s.st_mtime))
+                d = self._dir(p)
+                try:
+                    with os.scandir(d) as it:
+                        for e in it:
+                            if not e.is_symlink():
+                                entries.append((e.name, e.is_dir(follow_symlinks=False), False, None))
+                            elif (s := _entry_stat(e, True, link_stat)) is not None:
+                                mode = s.st_mode
+                                entries.append((e.name, _st.S_ISDIR(mode), _st.S_ISLNK(mode), s.st_mtime))
+                finally:
+                    if type(d) is int:
+                        os.close(d)
                 out[p] = sorted(entries, key=lambda x: x[0])
             except OSError as e:
                 out[p] = _bare(e)
