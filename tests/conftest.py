@@ -35,12 +35,16 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_collection_modifyitems(config, items):
-    # scripts/test runs pytest-xdist workers with --dist loadgroup: every test on the booted
-    # lab goes to one worker, so a run boots one lab (a group runs in one worker, in order)
+    # scripts/test runs pytest-xdist workers with --dist loadgroup (a group runs in one worker,
+    # in order): every test on the booted lab is one group, so a run boots one lab; the other
+    # tests are grouped by file, so a module-scoped fixture (test_bench_smoke's runs start
+    # every bench at once) is set up once, not once per worker
     for item in items:
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).get("lab")
         if defs and defs[-1].func.__module__ == "tests.conftest_lab":  # not a module's own "lab"
             item.add_marker(pytest.mark.xdist_group("lab"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 def pytest_sessionfinish(session, exitstatus):

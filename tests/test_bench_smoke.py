@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 
@@ -31,12 +32,14 @@ def runs(tmp_path_factory):
     results = {"__results__": _results_digest()}
     for name in BENCHES:
         results[name] = subprocess.Popen([sys.executable, os.path.join("bench", name), "--smoke"], cwd=ROOT,
-                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         start_new_session=True)
     yield results
     for p in results.values():
         if isinstance(p, subprocess.Popen) and p.poll() is None:
-            p.kill()
-            p.communicate()
+            # the whole group: a bench's servers and children hold its pipes open after it
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate(timeout=30)
 
 
 def test_every_bench_is_covered():
@@ -49,8 +52,8 @@ def test_bench_smoke(runs, script):
     try:
         out, err = p.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate(timeout=30)
         pytest.fail(f"{script} --smoke still running after {TIMEOUT}s: {err[-2000:]}")
     if p.returncode == SKIP and "not installed" in err:
         if os.environ.get("KATACTL_REQUIRE_TOOLS") == "1":
