@@ -154,7 +154,9 @@ class LocalTransport(NodeTransport):
         # opened at the first path (the root may not exist before), then kept: a directory
         # put at the same name afterwards is not this transport's root
         self._rootfd: int | None = None
-        self._views: set[str] = set()  # links to this host's kernel views met (see _KERNEL_VIEWS)
+        #: links to this host's kernel views met (see _KERNEL_VIEWS), and "<link>/" of each
+        self._views: set[str] = set()
+        self._view_dirs: tuple[str, ...] = ()
         self._openat2: Callable[[str, int], int] | None = None  # bound to the root when it is opened
 
     def close(self) -> None:
@@ -187,7 +189,7 @@ class LocalTransport(NodeTransport):
     def _open(self, p: str, flags: int) -> int:
         """An fd of the normalized node path ``p`` resolved inside the root (``O_NOFOLLOW``:
         not its last component). Errors name the path under the root, as open() did."""
-        if self._views and p.startswith(_KERNEL_VIEWS) and self._in_view(p):
+        if self._views and (p in self._views or p.startswith(self._view_dirs)):
             return os.open(p, flags)  # this host's kernel view (see _KERNEL_VIEWS)
         if self._rootfd is None:
             self._root(p)
@@ -211,7 +213,7 @@ class LocalTransport(NodeTransport):
         raise err  # outside the except: no __context__ (a caller keeps errors as values)
 
     def _stat(self, p: str, follow_symlinks: bool = True) -> os.stat_result:
-        if self._views and p.startswith(_KERNEL_VIEWS) and self._in_view(p):
+        if self._views and (p in self._views or p.startswith(self._view_dirs)):
             return os.stat(p, follow_symlinks=follow_symlinks)
         fd = self._open(p, os.O_PATH if follow_symlinks else os.O_PATH | os.O_NOFOLLOW)
         try:
@@ -220,13 +222,7 @@ class LocalTransport(NodeTransport):
             os.close(fd)
 
     def _in_view(self, p: str) -> bool:
-        if not p.startswith(_KERNEL_VIEWS):
-            return False
-        while p:
-            if p in self._views:
-                return True
-            p = p[:p.rfind("/")]
-        return False
+        return p in self._views or p.startswith(self._view_dirs)
 
     def _find_view(self, p: str) -> bool:
         """Whether ``p`` (which looped) lies under a link to its own path in /proc or /sys,
@@ -238,6 +234,7 @@ class LocalTransport(NodeTransport):
             q = f"{q}/{part}"
             if _links_to_itself(self.host_root, q):
                 self._views.add(q)
+                self._view_dirs = (*self._view_dirs, q + "/")
                 return True
         return False
 
