@@ -81,6 +81,7 @@ _RESOLVE_IN_ROOT = 0x10
 #: /proc): inside the root such a link is a loop, so it can only mean this host's kernel view.
 #: Nothing else of this host is ever reached.
 _KERNEL_VIEWS = ("/proc", "/sys")
+_ENOENT = os.strerror(errno.ENOENT)
 
 
 def _make_openat2() -> Callable[[int], Callable[[str, int], int]] | None:
@@ -300,10 +301,18 @@ class LocalTransport(NodeTransport):
     def read_many(self, paths: Sequence[str], limit: int | None = None) -> dict[str, bytes | OSError]:
         out: dict[str, bytes | OSError] = {}
         rooted, root, open_ = self._rooted, self.host_root, self._open
+        fast = self._fast()
         for p in paths:
             try:
                 n = p if _is_normal(p) else check_node_path(p)
-                out[p] = _read_fd(open_(n, os.O_RDONLY), limit, root + n) if rooted else _read_file(n, limit)
+                if not rooted:
+                    out[p] = _read_file(n, limit)
+                    continue
+                fd = fast(n, os.O_RDONLY) if fast is not None and not n.startswith(_KERNEL_VIEWS) else -1
+                if fd == -errno.ENOENT:  # the common miss: a value, never raised
+                    out[p] = OSError(errno.ENOENT, _ENOENT, root + n)
+                else:
+                    out[p] = _read_fd(fd if fd >= 0 else open_(n, os.O_RDONLY), limit, root + n)
             except OSError as e:
                 out[p] = _bare(e)
         return out
@@ -311,12 +320,37 @@ class LocalTransport(NodeTransport):
     def stat_many(self, paths: Sequence[str], follow_symlinks: bool = True) -> dict[str, FileStat | OSError]:
         out: dict[str, FileStat | OSError] = {}
         stat = self._stat if self._rooted else os.stat
+        fast, root = self._fast(), self.host_root
+        flags = os.O_PATH if follow_symlinks else os.O_PATH | os.O_NOFOLLOW
         for p in paths:
             try:
-                out[p] = _file_stat(stat(p if _is_normal(p) else check_node_path(p), follow_symlinks=follow_symlinks))
+                n = p if _is_normal(p) else check_node_path(p)
+                fd = fast(n, flags) if fast is not None and not n.startswith(_KERNEL_VIEWS) else -1
+                if fd >= 0:
+                    try:
+                        out[p] = _file_stat(os.stat(fd))
+                    finally:
+                        os.close(fd)
+                elif fd == -errno.ENOENT:  # the common miss: a value, never raised
+                    out[p] = OSError(errno.ENOENT, _ENOENT, root + n)
+                else:
+                    out[p] = _file_stat(stat(n, follow_symlinks=follow_symlinks))
             except OSError as e:
                 out[p] = _bare(e)
         return out
+
+    def _fast(self) -> Callable[[str, int], int] | None:
+        """The batched calls' openat2 (the fd or -errno) for paths outside /proc and /sys, on
+        which _open's answer would be the same; None without a root, or without openat2 (the
+        calls then go through _open)."""
+        if not self._rooted:
+            return None
+        if self._rootfd is None:
+            try:
+                self._root("/")
+            except OSError:
+                return None  # each path says so through _open
+        return self._openat2
 
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         p = check_node_path(path)
