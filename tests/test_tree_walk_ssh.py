@@ -158,13 +158,14 @@ def test_vmcore_state_copy_does_not_grow_with_entries(ssh, vmc, tmp_path, extra)
     c = Calls(t)
     out = tmp_path / "out"
     out.mkdir()
-    entries = collection._copy_metadata(t, d, str(out))
+    entries = collection._copy_metadata(t, d, str(out), "vmcore-test.elf", collection.CollectOptions(to=str(out)))
     local = os.path.join(vmc, d.lstrip("/"))
     assert sorted(entries) == sorted(["hypervisor.conf", "hypervisor.version"] + [
         os.path.relpath(os.path.join(dp, f), local) for dp, _, fs in os.walk(os.path.join(local, "state")) for f in fs])
     assert (out / "state" / SID / "x" / "y").is_dir()
-    # one stat_many (hypervisor.conf, .version: regular files only are read), is_dir(state), one walk, one read_many
-    assert c.n == {"stat_many": 1, "is_dir": 1, "walk": 1, "read_many": 1}, c.n
+    # one stat_many (hypervisor.conf, .version: regular files only are read), one walk of state/
+    # (a missing one walks nothing), one read_many for the small files
+    assert c.n == {"stat_many": 1, "walk": 1, "read_many": 1}, c.n
 
 
 @pytest.mark.parametrize("extra", [3, 60])
@@ -190,4 +191,7 @@ def test_vmcore_state_copy_without_cp_does_not_grow_with_entries(ssh, vmc, extra
 
     assert files(os.path.join(vmc, d.lstrip("/"), "state", sid)) == files(state) and len(files(state)) == extra
     assert "stat" not in c.n and "listdir" not in c.n and "open_stream" not in c.n, c.n
-    assert c.n == {"is_dir": 1, "walk": 1, "read_many": 1}, c.n
+    # one walk, one read_many; the directory checks are the dump path's missing parents (made
+    # 0750 one by one, as the runtime's MkdirAll), never one per file of the 60
+    assert c.n["walk"] == 1 and c.n["read_many"] == 1 and set(c.n) <= {"is_dir", "exists", "walk", "read_many"}, c.n
+    assert c.n["is_dir"] + c.n["exists"] <= 12, c.n

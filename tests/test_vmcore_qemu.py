@@ -67,11 +67,12 @@ def qnode(tmp_path_factory):
         runtime = QMPClient.connect(t, sb.api_socket_node, timeout=30)  # Kata holds qmp.sock
         # a sandbox whose only monitor is held by the runtime
         b = layout.write_go_sandbox(root, SB_BUSY, memory_mib=MEM_MIB, guest_memory_dump_path=DUMP_PATH)
-        os.symlink(qmp_sock, b.real(f"{b.vm_dir_node}/qmp.sock"))
+        # links to node paths (an absolute link target is the node's path under --host-root)
+        os.symlink(f"{sb.vm_dir_node}/qmp.sock", b.real(f"{b.vm_dir_node}/qmp.sock"))
         # a sandbox too big for the dump filesystem
         h = layout.write_go_sandbox(root, SB_HUGE, memory_mib=1 << 30, guest_memory_dump_path=DUMP_PATH,
                                     extra_monitor_socket=True)
-        os.symlink(extra, h.real(f"{h.vm_dir_node}/extra-monitor.sock"))
+        os.symlink(f"{sb.vm_dir_node}/extra-monitor.sock", h.real(f"{h.vm_dir_node}/extra-monitor.sock"))
         yield {"root": root, "sb": sb, "runtime": runtime, "proc": proc}
         runtime.close()
     finally:
