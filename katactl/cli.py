@@ -225,6 +225,8 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
     # audit record and exit 130 with the JSON error, not Python ending where it stands
     ctx.with_resource(terminate_as_interrupt())
     ctx.obj = AppContext.create(settings)
+    for var in settings.ignored_variables:
+        ctx.obj.out.warn(f"{var} is not a katactl variable: ignored (docs/configuration.md lists them)")
     from katactl import fleet
     from katactl.output import STRUCTURED_FORMATS
 

@@ -79,22 +79,29 @@ def variable(name: str) -> str:
     return "KATACTL_" + name.upper()
 
 
-def _refuse_unknown_variables(environment: Mapping[str, str]) -> None:
-    """A misspelt or singular KATACTL_* (KATACTL_NODE for --node) would otherwise be
-    ignored and the command act on this host, where the same key in the config file is
-    refused: a runbook's export must not silently do nothing."""
+def _unknown_variables(environment: Mapping[str, str]) -> tuple[str, ...]:
+    """KATACTL_* variables katactl does not read. One that looks like a setting's (a typo,
+    another case, the flag's singular: KATACTL_NODE for --node) is refused, since it would
+    otherwise be ignored and the command act on this host, where the same key in the config
+    file is refused. Others (a CI system's own KATACTL_VERSION) are returned, to be warned
+    about: refusing them would stop even 'lab down' in that environment."""
     known = {variable(n) for n in SETTINGS} | OTHER_VARIABLES
+    ignored = []
     for var in sorted(environment):
         if var.startswith("KATACTL_") and var not in known and not var.startswith(TEST_PREFIX):
-            import difflib  # only on this error path: every run passes here
+            import difflib  # only on this path: every run passes here
 
             # matched without the shared prefix, which alone would make every name close
-            close = difflib.get_close_matches(var[8:], sorted(k[8:] for k in known), n=1)
-            raise UsageError(f"unknown environment variable {var}"
-                             + (f" (did you mean KATACTL_{close[0]}?)" if close else "")
-                             + ": refused rather than ignored (unset or rename it)",
-                             hint="each setting's variable is KATACTL_<SETTING> ('katactl config view' "
-                                  "lists the settings; -N/--node is KATACTL_NODES)")
+            names = sorted(k[8:] for k in known)
+            close = difflib.get_close_matches(var[8:].upper(), names, n=1, cutoff=0.75)
+            if not close:
+                ignored.append(var)
+                continue
+            raise UsageError(f"unknown environment variable {var} (did you mean KATACTL_{close[0]}?): "
+                             "refused rather than ignored (unset or rename it)",
+                             hint="each setting's variable is KATACTL_<SETTING> in capitals (-N/--node is "
+                                  "KATACTL_NODES); docs/configuration.md lists them")
+    return tuple(ignored)
 
 
 def _renamed_hint(names) -> str | None:
@@ -213,6 +220,8 @@ class Settings:
     node_groups: dict[str, tuple[str, ...]]
     #: group -> where it was defined (the file, or the file's active profile)
     node_group_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: KATACTL_* variables set but not katactl's (warned about, not refused)
+    ignored_variables: tuple[str, ...] = ()
 
     def __getattr__(self, name):
         try:
@@ -315,7 +324,7 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
         # a runbook's old variable silently doing nothing would be worse than stopping
         if "KATACTL_" + old.upper() in environment:
             raise UsageError(f"KATACTL_{old.upper()} was renamed to KATACTL_{new.upper()}")
-    _refuse_unknown_variables(environment)
+    ignored = _unknown_variables(environment)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, s in SETTINGS.items():
@@ -342,4 +351,4 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
                 raise UsageError(f"{path}: node group {g!r} must be a list of node names")
             groups[g] = tuple(members)
             group_sources[g] = where
-    return Settings(values, sources, profile, groups, group_sources)
+    return Settings(values, sources, profile, groups, group_sources, ignored)

@@ -112,7 +112,8 @@ def page(node, all_nodes) -> str:
             out += [".TP", f"\\fB{esc(c.path[-1])}\\fR", esc(c.short) + f" See \\fBkatactl\\-{esc(c.path[-1])}\\fR(1)."]
         out += [".SH ENVIRONMENT", ".PP", esc(
             "Each setting's variable is KATACTL_ and its name in capitals; flags win over the environment, the "
-            "environment over the config file. Any other KATACTL_* variable is refused (exit 2).")]
+            "environment over the config file. Another KATACTL_* variable that looks like one (a typo, another "
+            "case) is refused (exit 2); one like none is ignored with a warning.")]
         out += environment_section(node)
         out += [".TP", "\\fBKATACTL_CONFIG\\fR", "Config file path.", ".TP", "\\fBKATACTL_PROFILE\\fR",
                 "Config profile (as \\-\\-profile).", ".TP", "\\fBNO_COLOR\\fR", "Disable colour."]
