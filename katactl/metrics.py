@@ -58,11 +58,13 @@ def _line_name(line: str) -> str | None:
     return line[:end]
 
 
-def family_matches(name: str, prefixes: tuple[str, ...]) -> bool:
-    """``--family``: the shim's own name (go_goroutines) or kata-monitor's (kata_shim_go_goroutines,
-    see _rename) starts with a prefix, so one prefix selects the same families whichever names a
-    mode shows (metrics SANDBOX the shim's, -o prom, --to and --all kata-monitor's)."""
-    return name.startswith(prefixes) or _rename(name).startswith(prefixes)
+def family_matches(name: str, prefixes: tuple[str, ...], renamed: bool = True) -> bool:
+    """``--family``: the name the mode shows starts with a prefix, or the shim's own name
+    (go_goroutines) does where kata-monitor's is shown (kata_shim_go_goroutines, see _rename:
+    -o prom, --to, --all), so the shim's prefix selects the same families in every mode.
+    Where the shim's names are shown (``renamed=False``: metrics SANDBOX, --raw), kata-monitor's
+    are not matched: kata_ there keeps the kata_* families, not go_* by its renamed kata_shim_go_."""
+    return name.startswith(prefixes) or (renamed and _rename(name).startswith(prefixes))
 
 
 def filter_text(text: str, prefixes) -> str:
@@ -73,7 +75,7 @@ def filter_text(text: str, prefixes) -> str:
     keep = []
     for line in text.splitlines():
         name = _line_name(line)
-        if name is not None and family_matches(name, prefixes):
+        if name is not None and family_matches(name, prefixes, renamed=False):
             keep.append(line)
     return "\n".join(keep) + ("\n" if keep else "")
 

@@ -207,14 +207,17 @@ def test_the_parsers_lazy_regexes_are_safe_to_build_from_many_threads():
         sys.setswitchinterval(old)
 
 
+def _raw_names(r, mode: str) -> list[str]:
+    """The sample names of an answer, as shown."""
+    if mode == "json":
+        return [s["name"] for s in r.json()["items"]]
+    return [ln.split("{")[0].split()[0] for ln in r.stdout.splitlines() if ln and not ln.startswith("#")]
+
+
 def _names(r, mode: str) -> set[str]:
     """The sample names of an answer, kata-monitor's renaming undone (kata_shim_go_x: go_x)."""
-    if mode == "json":
-        names = [s["name"] for s in r.json()["items"]]
-    else:
-        names = [ln.split("{")[0].split()[0] for ln in r.stdout.splitlines() if ln and not ln.startswith("#")]
     out = set()
-    for n in names:
+    for n in _raw_names(r, mode):
         if n.startswith("katactl_"):
             continue
         out.add(n[len("kata_shim_"):] if n.startswith(("kata_shim_go_", "kata_shim_process_")) else n)
@@ -226,11 +229,14 @@ _MODES = [(["go1111", "-o", "json"], "json"), (["go1111", "--raw"], "text"), (["
           (["--all", "--to", "{to}"], "file")]
 
 
-@pytest.mark.parametrize("prefix", ["go_", "kata_shim_go_"])
-@pytest.mark.parametrize("args,mode", _MODES)
+_SHIM_NAME_MODES = _MODES[:2]  # metrics SANDBOX -o json and --raw show the shim's own names
+
+
+@pytest.mark.parametrize("prefix,args,mode", [(p, a, m) for p in ("go_", "kata_shim_go_") for a, m in _MODES
+                                               if p == "go_" or (a, m) not in _SHIM_NAME_MODES])
 def test_a_family_prefix_selects_the_same_families_in_every_mode(cli, tree, tmp_path, args, mode, prefix):
-    """--family matches the shim's own name (go_goroutines) and kata-monitor's
-    (kata_shim_go_goroutines) alike, whatever the mode: go_ selected 7 samples with -o json and
+    """--family matches the shim's own name (go_goroutines) in every mode, and kata-monitor's
+    (kata_shim_go_goroutines) where those are shown: go_ selected 7 samples with -o json and
     nothing (exit 0, no warning) with -o prom, --to and --all (review 11 #6)."""
     want = {n for n in _names(cli(["--host-root", tree.root, "metrics", "go1111", "-o", "json"]), "json")
             if n.startswith("go_")}
@@ -241,6 +247,18 @@ def test_a_family_prefix_selects_the_same_families_in_every_mode(cli, tree, tmp_
     if mode == "file":
         r.stdout, mode = to.read_text(), "text"
     assert _names(r, mode) == want and "no metric family" not in r.stderr
+
+
+@pytest.mark.parametrize("args,mode", _SHIM_NAME_MODES)
+def test_kata_prefix_keeps_only_kata_families_where_the_shims_names_are_shown(cli, tree, args, mode):
+    """Where the shim's own names are shown, a prefix is matched against them only: kata_ kept
+    go_* and process_* too, by their kata-monitor names kata_shim_go_* (review 12); and
+    kata_shim_go_, a name not shown here, matches nothing and says so."""
+    r = cli(["--host-root", tree.root, "metrics", *args, "--family", "kata_"])
+    names = _raw_names(r, mode)
+    assert r.exit_code == 0 and names and all(n.startswith("kata_") for n in names), names
+    r = cli(["--host-root", tree.root, "metrics", *args, "--family", "kata_shim_go_"])
+    assert r.exit_code == 0 and "warning: no metric family starts with kata_shim_go_" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args,mode", [*_MODES, (["--all"], "table")])

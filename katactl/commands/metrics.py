@@ -22,9 +22,9 @@ def metrics(
     all_: bool = typer.Option(False, "--all", "-A",
                               help="Every running sandbox of the node(s), relabelled as kata-monitor does."),
     family: Optional[List[str]] = typer.Option(None, "--family", metavar="PREFIX",
-                                               help="Keep metric families starting with PREFIX (repeatable), "
-                                                    "by the shim's name or kata-monitor's: go_ and "
-                                                    "kata_shim_go_ both keep go_goroutines."),
+                                               help="Keep metric families starting with PREFIX (repeatable): "
+                                                    "the name shown, or the shim's own (go_ keeps "
+                                                    "kata_shim_go_goroutines in -o prom and --all)."),
     raw: bool = typer.Option(False, "--raw", help="Print the Prometheus text as the shim sent it."),
     to: Optional[str] = typer.Option(None, "--to", metavar="FILE",
                                      help="Write the exposition to FILE atomically (temp file + rename), "
@@ -43,8 +43,8 @@ def metrics(
     and cri_namespace (and node="..." with -N/-l), go_*/process_* become
     kata_shim_go_*/kata_shim_process_*, HELP and TYPE appear once per family.
     --all -o json and its table name samples so too; one SANDBOX's table, json
-    and --raw by the shim's own names. --family matches either name in every
-    mode, and warns when it matched no family.
+    and --raw by the shim's own names. --family matches the name shown, and
+    the shim's own in every mode, and warns when it matched no family.
     --to FILE leaves out the samples' timestamps (node_exporter's textfile
     collector skips a whole file that has one); -o prom keeps them.
     A shim that does not answer, or answers with something that is not
