@@ -1,4 +1,5 @@
 """LocalTransport on real files and sockets."""
+import errno
 import os
 import socket
 import threading
@@ -264,8 +265,9 @@ def test_host_root_resolves_symlinks_inside_the_root(tmp_path):
     check_in_root(*_linked_node(tmp_path))
 
 
-#: a seccomp filter answering openat2 (437) with ENOSYS, as a kernel before 5.6 or a container
-#: runtime's default profile does: the transport must fall back to its own walk
+#: a seccomp filter answering openat2 (437) with ENOSYS (argv[3]), as a kernel before 5.6 or a
+#: container runtime's default profile does, or EPERM, as systemd-nspawn's and older runtimes'
+#: profiles refuse what they do not know: the transport must fall back to its own walk
 _NO_OPENAT2 = r"""
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -273,7 +275,8 @@ class F(ctypes.Structure):
     _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
 class P(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(F))]
-prog = (F * 4)(F(0x20, 0, 0, 0), F(0x15, 0, 1, 437), F(0x06, 0, 0, 0x00050000 | 38), F(0x06, 0, 0, 0x7fff0000))
+prog = (F * 4)(F(0x20, 0, 0, 0), F(0x15, 0, 1, 437), F(0x06, 0, 0, 0x00050000 | int(sys.argv[3])),
+               F(0x06, 0, 0, 0x7fff0000))
 assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
 assert libc.prctl(22, 2, ctypes.byref(P(4, prog)), 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
 from katactl.backends import local
@@ -285,14 +288,16 @@ print("ok")
 """
 
 
-def test_without_openat2_the_walk_resolves_inside_the_root_too(tmp_path):
+@pytest.mark.parametrize("refusal", [errno.ENOSYS, errno.EPERM], ids=["ENOSYS", "EPERM"])
+def test_without_openat2_the_walk_resolves_inside_the_root_too(tmp_path, refusal):
     import subprocess
     import sys
 
     if os.uname().machine != "x86_64":
         pytest.skip("the seccomp filter's syscall number is x86_64's")
     root, host = _linked_node(tmp_path)
-    r = subprocess.run([sys.executable, "-c", _NO_OPENAT2, str(root), str(host)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _NO_OPENAT2, str(root), str(host), str(refusal)],
+                       capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=60)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
 
@@ -312,3 +317,39 @@ def test_host_root_proc_linked_to_this_hosts_proc(tmp_path):
     assert s.recv(5) == b"hello"
     s.close()
     srv.close()
+
+
+def test_a_rename_elsewhere_racing_a_dotdot_lookup_is_tried_again(tmp_path):
+    """openat2 with RESOLVE_IN_ROOT answers EAGAIN when a rename anywhere on the machine races a
+    ".." of the lookup (/var/run -> ../run on every systemd node): it was an error, so discovery
+    exited 1 or showed a sandbox 'unknown' on a node where kubelet renames files (review 12)."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "run/vc").mkdir(parents=True)
+    (tmp_path / "run/vc/persist.json").write_bytes(b"{}")
+    (tmp_path / "var").mkdir()
+    os.symlink("../run", tmp_path / "var/run")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    renamer = subprocess.Popen([sys.executable, "-c", "import os, sys\na, b = sys.argv[1] + '/a', sys.argv[1] + '/b'\n"
+                                "open(a, 'w').close()\nwhile True:\n    os.rename(a, b); os.rename(b, a)\n",
+                                str(scratch)])
+    try:
+        t = LocalTransport(str(tmp_path))
+        p = "/var/run/vc/persist.json"
+        errors, calls, deadline = [], 0, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            calls += 1
+            for call in (lambda: t.read_bytes(p), lambda: t.stat(p), lambda: t.read_many([p])[p]):
+                try:
+                    got = call()
+                except OSError as e:
+                    got = e
+                if isinstance(got, OSError):
+                    errors.append(got.errno)
+        assert calls > 100 and errors == [], (calls, errors[:5], len(errors))
+    finally:
+        renamer.kill()
+        renamer.wait()

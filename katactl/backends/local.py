@@ -82,6 +82,8 @@ _RESOLVE_IN_ROOT = 0x10
 #: Nothing else of this host is ever reached.
 _KERNEL_VIEWS = ("/proc", "/sys")
 _ENOENT = os.strerror(errno.ENOENT)
+#: attempts of one openat2 answered EAGAIN or EINTR (a busy machine's renames) before giving up
+_OPENAT2_TRIES = 64
 
 
 def _make_openat2() -> Callable[[int], Callable[[str, int], int]] | None:
@@ -110,8 +112,17 @@ def _make_openat2() -> Callable[[int], Callable[[str, int], int]] | None:
         dirfd = ctypes.c_long(rootfd)
 
         def openat2(path: str, flags: int) -> int:
-            fd = fn(nr, dirfd, path.encode("utf-8", "surrogateescape"), hows.get(flags) or how(flags), size)
-            return fd if fd >= 0 else -get_errno()
+            b, h = path.encode("utf-8", "surrogateescape"), hows.get(flags) or how(flags)
+            for _ in range(_OPENAT2_TRIES):
+                fd = fn(nr, dirfd, b, h, size)
+                if fd >= 0:
+                    return fd
+                e = get_errno()
+                # EAGAIN: a rename or mount anywhere on the machine raced a ".." of this lookup
+                # (RESOLVE_IN_ROOT, fs/namei.c): openat2(2) says to try again; EINTR: a signal
+                if e not in (errno.EAGAIN, errno.EINTR):
+                    break
+            return -e
 
         return openat2
 
@@ -201,7 +212,9 @@ class LocalTransport(NodeTransport):
                 return fd
             if fd == -errno.ELOOP and self._find_view(p):
                 return os.open(p, flags)
-            if fd != -errno.ENOSYS:
+            # ENOSYS: a kernel before 5.6; EPERM on the root itself too: a seccomp profile that
+            # refuses openat2 so (systemd-nspawn, older container runtimes'): walk instead
+            if fd != -errno.ENOSYS and not (fd == -errno.EPERM and self._openat2_refused(fn)):
                 raise OSError(-fd, os.strerror(-fd), self.host_root + p)
             global _openat2
             _openat2, self._openat2 = False, None
@@ -212,6 +225,15 @@ class LocalTransport(NodeTransport):
                 return os.open(p, flags)
             err = type(e)(e.errno, e.strerror, self.host_root + p)
         raise err  # outside the except: no __context__ (a caller keeps errors as values)
+
+    @staticmethod
+    def _openat2_refused(fn: Callable[[str, int], int]) -> bool:
+        """Whether openat2 is refused as such (EPERM opening the root itself, which any
+        process that opened the root may), not the file asked for."""
+        fd = fn("/", os.O_PATH)
+        if fd >= 0:
+            os.close(fd)
+        return fd == -errno.EPERM
 
     def _stat(self, p: str, follow_symlinks: bool = True) -> os.stat_result:
         if self._views and (p in self._views or p.startswith(self._view_dirs)):
