@@ -136,6 +136,22 @@ def test_list_reads_dump_path_from_dropin_and_shows_metadata(cli, tree):
     assert it["size"] == os.path.getsize(os.path.join(tree, DUMP_PATH.lstrip("/"), SID, f"vmcore-{TS}.elf"))
 
 
+@pytest.mark.parametrize("host_root", [True, False], ids=["host-root", "this-host"])
+def test_an_entry_that_cannot_be_listed_hides_no_other_dump(cli, tree, host_root):
+    """A symlink loop in the dump directory failed vmcore list, rm and collect for every dump
+    of the node (exit 1, 'Too many levels of symbolic links'), with or without --host-root
+    (review 12 hostroot 4)."""
+    top = os.path.join(tree, DUMP_PATH.lstrip("/"))
+    os.symlink("loopb", os.path.join(top, "loopa"))
+    os.symlink("loopa", os.path.join(top, "loopb"))
+    where, local = (["--host-root", tree], []) if host_root else ([], ["--dump-path", top])
+    r = cli([*where, "vmcore", "list", *local, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    assert [it["sandbox"] for it in r.json()["items"]] == [SID]
+    r = cli([*where, "vmcore", "rm", SID, "--yes", *local, "-o", "json"])
+    assert r.exit_code == 0 and r.json()["changed"] is True, r.stdout + r.stderr
+
+
 def test_list_plain_table(cli, tree):
     r = cli(["--host-root", tree, "vmcore", "list"])
     assert r.exit_code == 0, r.stderr

@@ -529,7 +529,10 @@ def _list_dir(transport: NodeTransport, top: str, sandboxes: list[str], index: C
         d = f"{top}/{sid}"
         try:
             names = transport.listdir(d)
-        except (NotADirectoryError, FileNotFoundError, PermissionError):
+        except OSError:
+            # not a sandbox directory the runtime made (a file, a symlink loop, gone meanwhile,
+            # unreadable): one such entry must not hide every dump of the node, least of all
+            # when the disk is full and dumps are to be removed
             continue
         dumps = [n for n in names if DUMP_RE.fullmatch(n)]
         if not dumps:
