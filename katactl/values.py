@@ -52,7 +52,9 @@ def parse_quantity(text, *, what: str = "quantity") -> Decimal:
         mult = _SUFFIX[suf] if suf in _SUFFIX else Decimal(10) ** int(suf[1:])
         v = Decimal(m.group("num")) * mult
     except (DecimalException, ValueError, OverflowError):  # decimal.Overflow past Emax (1e99999999)
-        raise UsageError(f"invalid {what} {text!r}: expected {QTY_HELP}") from None
+        # the syntax was right: the examples of the hint would mislead (parse_size's callers
+        # refuse 250m), the exponent is what is wrong
+        raise UsageError(f"invalid {what} {text!r}: exponent out of range") from None
     if v > MAX_SIZE:
         raise UsageError(f"invalid {what} {text!r}: too large")
     return v

@@ -108,3 +108,13 @@ def test_one_reading_of_a_memory_size_everywhere():
     with pytest.raises(UsageError, match="milli"):
         overhead.parse_declared("cpu=250m,memory=256m")
     assert overhead.memory_bytes("256m") == 1  # a RuntimeClass's own quantity: as Kubernetes reads it
+
+
+@pytest.mark.parametrize("text,why", [("1e99999999999", "exponent out of range"), ("1e400", "too large"),
+                                      ("9" * 30 + "Ei", "too large")])
+def test_a_size_out_of_range_says_so_not_which_forms_exist(text, why):
+    """An exponent past Decimal's range got the quantity hint ('such as 250m, 0.5'), forms
+    --target refuses (review 12)."""
+    with pytest.raises(UsageError) as e:
+        parse_size(text, what="--target")
+    assert e.value.message == f"invalid --target {text!r}: {why}"
