@@ -525,20 +525,61 @@ class LocalTransport(NodeTransport):
         else:
             os.mkdir(self.real(path, follow_symlinks=False), mode)
 
+    def _parent(self, p: str) -> tuple[int, str]:
+        """An fd of the node path's directory, resolved inside the root, and its last name: the
+        *at calls then act in that very directory, however the path is changed meanwhile (a
+        resolved path handed on as a string would be resolved again from this host's /, and
+        a directory swapped for a link in between would take a removal out of the root)."""
+        d, name = os.path.split(check_node_path(p))
+        if name in ("", ".", ".."):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), self.host_root + p)
+        return self._open(d or "/", os.O_PATH | os.O_DIRECTORY), name
+
     def remove(self, path: str, recursive: bool = False) -> None:
-        real = self.real(path, follow_symlinks=False)
-        if recursive and os.path.isdir(real) and not os.path.islink(real):
-            shutil.rmtree(real)
-        else:
-            os.unlink(real)
+        if not self._rooted:
+            real = check_node_path(path)
+            if recursive and os.path.isdir(real) and not os.path.islink(real):
+                shutil.rmtree(real)
+            else:
+                os.unlink(real)
+            return
+        fd, name = self._parent(path)
+        try:
+            if recursive and _st.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                shutil.rmtree(name, dir_fd=fd)  # the fd-based walk: never follows a link
+            else:
+                os.unlink(name, dir_fd=fd)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, self.host_root + check_node_path(path)) from None
+        finally:
+            os.close(fd)
 
     def rename(self, src: str, dst: str) -> None:
-        real_dst = self.real(dst, follow_symlinks=False)
-        os.rename(self.real(src, follow_symlinks=False), real_dst)
-        fsync_dir(os.path.dirname(real_dst))
+        if not self._rooted:
+            real_dst = check_node_path(dst)
+            os.rename(check_node_path(src), real_dst)
+            fsync_dir(os.path.dirname(real_dst))
+            return
+        sfd, sname = self._parent(src)
+        try:
+            dfd, dname = self._parent(dst)
+            try:
+                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+                fsync_dir(f"/proc/self/fd/{dfd}")  # the directory renamed into, through its fd
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
 
     def symlink(self, target: str, link: str) -> None:
-        os.symlink(target, self.real(link, follow_symlinks=False))
+        if not self._rooted:
+            os.symlink(target, check_node_path(link))
+            return
+        fd, name = self._parent(link)
+        try:
+            os.symlink(target, name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def run(self, argv: Sequence[str], timeout: float | None = None,
             input: bytes | None = None) -> RunResult:
