@@ -566,6 +566,9 @@ class LocalTransport(NodeTransport):
             try:
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
                 fsync_dir(f"/proc/self/fd/{dfd}")  # the directory renamed into, through its fd
+            except OSError as e:  # named as the node's paths, not the bare names of the *at call
+                raise type(e)(e.errno, e.strerror, self.host_root + check_node_path(src), None,
+                              self.host_root + check_node_path(dst)) from None
             finally:
                 os.close(dfd)
         finally:
