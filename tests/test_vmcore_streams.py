@@ -68,3 +68,26 @@ def test_inflater_bounded_pieces_members_and_damage(algo):
                 inf.finish()
         finally:
             inf.close()
+
+
+def test_the_hasher_survives_a_wakeup_lost_to_an_interrupt():
+    """SIGTERM's KeyboardInterrupt can strike the main thread inside Queue.put's notify() after
+    it took the hasher thread's waiter and before it released it: the thread slept on with data
+    queued, and Hasher.close() joined it for ever (vmcore collect --via kube hung after SIGTERM
+    instead of exiting 130). The lost wakeup, made by hand: the thread must still finish."""
+    import threading
+    import time
+
+    h = streams.Hasher()
+    deadline = time.monotonic() + 5
+    while not h._q.not_empty._waiters and time.monotonic() < deadline:  # the thread waits for data
+        time.sleep(0.01)
+    h._q.not_empty._waiters.clear()  # what the interrupted notify() leaves: nobody to wake it
+    done = []
+    t = threading.Thread(target=lambda: done.append(h.hexdigest()), daemon=True)
+    with h._q.mutex:  # data arrives without a wakeup
+        h._q.queue.append(b"abc")
+        h._q.unfinished_tasks += 1
+    t.start()
+    t.join(10)
+    assert done == [hashlib.sha256(b"abc").hexdigest()]

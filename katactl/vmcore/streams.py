@@ -156,8 +156,16 @@ class Hasher:
         self._closed = False
 
     def _run(self):
+        import queue
+
         while True:
-            b = self._q.get()
+            try:
+                b = self._q.get(timeout=0.1)
+            except queue.Empty:
+                # look again: a wakeup is lost when Ctrl-C/SIGTERM's KeyboardInterrupt strikes the
+                # main thread inside put()'s Condition.notify (after it took our waiter, before it
+                # released it), and close() then waited on this thread for ever
+                continue
             if b is None:
                 return
             self._h.update(b)
