@@ -74,6 +74,20 @@ def kube_api(kc):
     api.close()
 
 
+def kube_nodes(kube, tmp_path, monkeypatch, names, roots: dict | None = None) -> str:
+    """Nodes ``names`` in the stand-in, each with its root (``roots``, else a Kata node tree
+    made under tmp_path/<name>), and KUBECONFIG set for them: the kubeconfig's path."""
+    from tests.test_vmcore import node_tree
+
+    for n in names:
+        root = (roots or {}).get(n) or node_tree(str(tmp_path / n))
+        kube.add_node(n)
+        kube.set_node_root(n, str(root))
+    kc = kube.kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", kc)
+    return kc
+
+
 @pytest.fixture(scope="session")
 def kubectl_133():
     path = find_kubectl_133()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.conftest_kube import kube_nodes
 from tests.test_vmcore import SID, TS, add_dump, node_tree, sha
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
@@ -29,10 +30,7 @@ def tree(tmp_path):
 
 @pytest.fixture
 def cluster(kube, tree, tmp_path, monkeypatch):
-    kube.add_node("tree-node")
-    kube.set_node_root("tree-node", tree["root"])
-    kc = kube.kubeconfig(tmp_path / "kubeconfig")
-    monkeypatch.setenv("KUBECONFIG", kc)
+    kc = kube_nodes(kube, tmp_path, monkeypatch, ("tree-node",), roots={"tree-node": tree["root"]})
     return {"kube": kube, "kc": kc, "tree": tree}
 
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from tests.conftest_kube import kube_nodes
 from tests.test_via_kube import agent_pods, kube_args
-from tests.test_vmcore import node_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
 
@@ -26,13 +26,7 @@ SSAR = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 @pytest.fixture
 def cluster(kube, tmp_path, monkeypatch):
-    for n in NODES:
-        node_tree(str(tmp_path / n))
-        kube.add_node(n)
-        kube.set_node_root(n, str(tmp_path / n))
-    kc = kube.kubeconfig(tmp_path / "kubeconfig")
-    monkeypatch.setenv("KUBECONFIG", kc)
-    return {"kube": kube, "kc": kc}
+    return {"kube": kube, "kc": kube_nodes(kube, tmp_path, monkeypatch, NODES)}
 
 
 def _requests(kube, method, path_part):

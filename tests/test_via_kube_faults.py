@@ -13,21 +13,16 @@ import time
 
 import pytest
 
+from tests.conftest_kube import kube_nodes
 from tests.test_via_kube import IMAGE, agent_pods, kube_args
-from tests.test_vmcore import node_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
 
 
 @pytest.fixture
 def cluster(kube, tmp_path, monkeypatch):
-    root = str(tmp_path / "tree-node")
-    node_tree(root)
-    kube.add_node("tree-node")
-    kube.set_node_root("tree-node", root)
-    kc = kube.kubeconfig(tmp_path / "kubeconfig")
-    monkeypatch.setenv("KUBECONFIG", kc)
-    return {"kube": kube, "kc": kc, "root": root}
+    kc = kube_nodes(kube, tmp_path, monkeypatch, ("tree-node",))
+    return {"kube": kube, "kc": kc, "root": str(tmp_path / "tree-node")}
 
 
 class IdleCutProxy:

@@ -15,21 +15,17 @@ import time
 import pytest
 
 from katactl.errors import TimeoutExpired
+from tests.conftest_kube import kube_nodes
 from tests.test_via_kube import IMAGE
-from tests.test_vmcore import add_dump, node_tree
+from tests.test_vmcore import add_dump
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
 
 
 @pytest.fixture
 def cluster(kube, tmp_path, monkeypatch, cli):
-    root = str(tmp_path / "tree-node")
-    node_tree(root)
-    src = add_dump(root, size_segments=((0, 16 << 20),), data=os.urandom(4 << 20))
-    kube.add_node("tree-node")
-    kube.set_node_root("tree-node", root)
-    kc = kube.kubeconfig(tmp_path / "kubeconfig")
-    monkeypatch.setenv("KUBECONFIG", kc)
+    kc = kube_nodes(kube, tmp_path, monkeypatch, ("tree-node",))
+    src = add_dump(str(tmp_path / "tree-node"), size_segments=((0, 16 << 20),), data=os.urandom(4 << 20))
     r = cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"])
     assert r.exit_code == 0, r.stderr
     for _ in range(200):

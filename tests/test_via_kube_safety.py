@@ -15,8 +15,8 @@ import time
 import pytest
 
 from katactl.errors import UnreachableError
+from tests.conftest_kube import kube_nodes
 from tests.test_via_kube import IMAGE, agent_pods, kube_args
-from tests.test_vmcore import node_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the exec stand-in needs root (unshare --mount)")
 
@@ -25,13 +25,7 @@ POD_CREATE = r"/namespaces/kube-system/pods$"
 
 @pytest.fixture
 def cluster(kube, tmp_path, monkeypatch):
-    for n in ("node-a", "node-b"):
-        node_tree(str(tmp_path / n))
-        kube.add_node(n)
-        kube.set_node_root(n, str(tmp_path / n))
-    kc = kube.kubeconfig(tmp_path / "kubeconfig")
-    monkeypatch.setenv("KUBECONFIG", kc)
-    return {"kube": kube, "kc": kc}
+    return {"kube": kube, "kc": kube_nodes(kube, tmp_path, monkeypatch, ("node-a", "node-b"))}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
