@@ -357,8 +357,11 @@ def test_another_trees_release_path_in_an_argument_is_not_this_nodes(cli, lab, t
     procs.append(elsewhere)
     d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
     assert d["removed"] == [A], d["kept"]
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             "-drive", f"file={node}/opt/kata/releases/{A}/kata.img,if=none"])
-    procs.append(ours)
-    d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
-    assert d["removed"] == [] and str(ours.pid) in {k["version"]: k["reason"] for k in d["kept"]}[A]
+    for argv in (["-drive", f"file={node}/opt/kata/releases/{A}/kata.img,if=none"],
+                 [f"exec {node}/opt/kata/releases/{A}/bin/qemu-system-x86_64 -S"]):  # a word of sh -c's
+        ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
+        procs.append(ours)
+        d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
+        assert d["removed"] == [] and str(ours.pid) in {k["version"]: k["reason"] for k in d["kept"]}[A], argv
+        ours.kill()
+        ours.wait()

@@ -55,9 +55,9 @@ def scan(transport: NodeTransport, layout) -> tuple[list[ProcRef], dict]:
 
     real = layout.real_releases(transport)
     prefixes = [layout.releases] + ([real] if real else [])
-    # a release path starts an argument or follows = , : (file=..., -kernel, unix:...): not
-    # anywhere, or /mnt/old/opt/kata/releases/v (another tree, another node root) would count
-    rx = re.compile(r"(?:^|(?<=[=,:]))(?:" + "|".join(re.escape(p + "/") for p in prefixes)
+    # a release path starts an argument or a word, or follows = , : (file=..., unix:..., sh -c
+    # "exec ..."): not anywhere, or /mnt/old/opt/kata/releases/v (another tree) would count
+    rx = re.compile(r"(?:^|(?<=[=,:\s]))(?:" + "|".join(re.escape(p + "/") for p in prefixes)
                     + r")([^/\s,:=]+)")
     hr = transport.host_root
     me = os.getpid() if not hr and not transport.is_remote else None  # our own pid only means us here
