@@ -7,15 +7,18 @@ import a command module, so they never load kubernetes, paramiko or httpx.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import os
 import sys
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import List, NamedTuple, Optional
 
 import typer
 from typer._click import Context as ClickContext
 from typer.core import TyperGroup
+from typer.models import TyperInfo
 
 from katactl.errors import ExitCode, Interrupted, KatactlError, UsageError, exit_code_for
 
@@ -50,13 +53,80 @@ _BUILT: dict[int, tuple[typer.Typer, object]] = {}
 
 
 def _built(typer_app: typer.Typer):
-    """typer.main.get_command(typer_app), built once per process: Typer rebuilds every
-    parameter from the function signatures on each call (2-4 ms for the root), and one
-    run needs the root and its leaf's group more than once (option hoisting, Click)."""
+    """The click command of typer_app, built once per process (one run needs the root and
+    its leaf's group more than once: option hoisting, Click). A group's subcommands are
+    built on first use (:class:`_Commands`): Typer would build every command of the group
+    from its signature, about 1 ms each, where a leaf's run or --help needs one."""
     hit = _BUILT.get(id(typer_app))
     if hit is None or hit[0] is not typer_app:
-        hit = _BUILT[id(typer_app)] = (typer_app, typer.main.get_command(typer_app))
+        lazy = typer_app.registered_callback and not typer_app._add_completion  # as typer.main.get_command
+        cmd = _lazy_group(TyperInfo(typer_app), typer_app) if lazy else typer.main.get_command(typer_app)
+        hit = _BUILT[id(typer_app)] = (typer_app, cmd)
     return hit[1]
+
+
+def _lazy_group(info: TyperInfo, top: typer.Typer) -> TyperGroup:
+    """typer.main.get_group_from_info(info), the subcommands left to :class:`_Commands`:
+    the group is built from a copy of its Typer without them. ``top`` is the Typer whose
+    build settings Typer hands down to every subcommand."""
+    from typer.main import get_command_from_info, get_command_name, get_group_from_info, solve_typer_info_defaults
+
+    short, markup = top.pretty_exceptions_short, top.rich_markup_mode
+
+    def group_of(i: TyperInfo) -> TyperGroup:
+        return get_group_from_info(i, pretty_exceptions_short=short, rich_markup_mode=markup,
+                                   suggest_commands=top.suggest_commands)
+
+    inst = info.typer_instance
+    assert inst is not None and isinstance(inst, typer.Typer)
+    makers: dict[str, Callable[[], object]] = {}
+    for c in inst.registered_commands:
+        name = c.name or get_command_name(getattr(c.callback, "__name__", ""))
+        makers[name] = functools.partial(get_command_from_info, c, pretty_exceptions_short=short,
+                                         rich_markup_mode=markup)
+    for g in inst.registered_groups:
+        sub = solve_typer_info_defaults(g).name
+        if not sub:  # Typer merges an unnamed group's commands into this one: built whole
+            return group_of(info)
+        makers[sub] = functools.partial(_lazy_group, g, top)
+    shell = copy.copy(inst)
+    shell.registered_commands, shell.registered_groups = [], []
+    shell_info = copy.copy(info)
+    shell_info.typer_instance = shell
+    group = group_of(shell_info)
+    group.commands = _Commands(makers)
+    return group
+
+
+class _Commands(MutableMapping):
+    """A group's subcommands by name, each built by its maker on first lookup; names,
+    ``in`` and len() build nothing."""
+
+    def __init__(self, makers: dict[str, Callable[[], object]]):
+        self._makers = makers
+        self._made: dict[str, object] = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._made:
+            self._made[name] = self._makers[name]()  # KeyError for a name the group lacks
+        return self._made[name]
+
+    def __setitem__(self, name: str, cmd) -> None:  # click's add_command
+        self._makers.setdefault(name, lambda: cmd)
+        self._made[name] = cmd
+
+    def __delitem__(self, name: str) -> None:
+        del self._makers[name]
+        self._made.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._makers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
 
 
 class LazyGroup(TyperGroup):
@@ -97,17 +167,8 @@ class LazyGroup(TyperGroup):
 
 def command_at(path: tuple[str, ...]):
     """The click command of ``katactl PATH...`` (``("upgrade", "stage")``), importing only
-    its group's module: rollout steps are parsed by the commands' own definitions. A
-    leaf of a group not built yet is built alone (Typer builds every command of a group,
-    about 1 ms each: 'rollout plan' would pay for whole groups to parse a step)."""
-    from typer.main import get_command_from_info, get_command_name
-
-    typer_app = importlib.import_module(REGISTRY[path[0]].module).app
-    if id(typer_app) not in _BUILT and len(path) == 2:
-        for info in typer_app.registered_commands:
-            if (info.name or get_command_name(info.callback.__name__)) == path[1]:
-                return get_command_from_info(info, pretty_exceptions_short=typer_app.pretty_exceptions_short,
-                                             rich_markup_mode=typer_app.rich_markup_mode)
+    its group's module and building only the commands on the path (rollout steps are
+    parsed by the commands' own definitions)."""
     cmd = LazyGroup().get_command(None, path[0])
     for word in path[1:]:
         cmd = cmd.commands[word]

@@ -55,18 +55,70 @@ def test_every_leaf_help_imports_no_heavy_module():
     assert heavy == "" and out.count("Usage:") == len(leaves)
 
 
-def test_no_leaf_help_imports_a_backend():
-    """A leaf's --help loads its command module and nothing of katactl.backends (the
-    command modules name NodeTransport for annotations only): start-up, issue 17."""
+def test_no_leaf_help_imports_katactl_beyond_its_command_module():
+    """A leaf's --help loads its command module and nothing else of katactl but cli and errors:
+    no backend (the command modules name NodeTransport for annotations only), no output
+    module (config view imported it at the top: 2-4 ms of its help). Start-up, issue 17."""
     leaves = _leaf_paths()
     code = ("import io, contextlib, sys\nfrom katactl.cli import main\n"
             f"for argv in {[[*p, '--help'] for p in leaves]!r}:\n"
             "    try:\n        with contextlib.redirect_stdout(io.StringIO()): main(argv)\n"
             "    except SystemExit: pass\n"
-            "print(','.join(sorted(m for m in sys.modules if m.startswith('katactl.backends'))))\n")
+            "print(','.join(sorted(m for m in sys.modules if m.startswith('katactl.')\n"
+            "                      and not m.startswith('katactl.commands'))))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == ""
+    assert p.stdout.strip() == "katactl.cli,katactl.errors"
+
+
+@pytest.mark.parametrize("argv,built", [
+    (["node", "cordon", "--help"], ["cordon"]),
+    (["node", "agent", "status", "--help"], ["status"]),
+    (["rollout", "run", "-o", "json", "--help"], ["run"]),  # a global option after the leaf: hoisted
+    (["node", "drain", "--dry-run=server", "--help"], ["drain"]),  # the leaf's own options read once
+    (["upgrade", "gc", "x", "y"], ["gc"]),  # a usage error: the leaf only, too
+])
+def test_a_leaf_run_builds_only_that_leaf_of_its_group(argv, built):
+    """Typer builds every command of a group from its signature (~1 ms each): the option
+    hoisting and Click's dispatch build only the leaf run (node cordon --help built the
+    node and node agent groups' 9 commands; start-up, issue 17)."""
+    code = ("import io, contextlib, sys, typer.main as tm\n"
+            "made = []\n"
+            "real = tm.get_command_from_info\n"
+            "def spy(command_info, **kw):\n"
+            "    cmd = real(command_info, **kw)\n"
+            "    made.append(cmd.name)\n"
+            "    return cmd\n"
+            "tm.get_command_from_info = spy\n"
+            "from katactl.cli import main\n"
+            "try:\n"
+            f"    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()): main({argv!r})\n"
+            "except SystemExit: pass\n"
+            "print(','.join(made))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().split(",") == built
+
+
+def test_a_lazily_built_group_is_typers_own_build():
+    """Every group built a subcommand at a time has what Typer's whole build has: the same
+    commands in the same order, with the same parameters and help."""
+    import importlib
+
+    import typer.main
+
+    from katactl.cli import command_at
+
+    def shape(cmd):
+        subs = getattr(cmd, "commands", None)
+        return (cmd.name, cmd.help, [(p.name, getattr(p, "opts", None), p.envvar) for p in cmd.params],
+                [(n, shape(subs[n])) for n in subs] if subs is not None else None)
+
+    for name, entry in REGISTRY.items():
+        module_app = importlib.import_module(entry.module).app
+        whole = typer.main.get_command(module_app)
+        whole.name = name
+        assert shape(command_at((name,))) == shape(whole), name
 
 
 @pytest.mark.parametrize("words,cword,expect", [

@@ -4,7 +4,6 @@ from __future__ import annotations
 import typer
 
 from katactl.commands._common import finish, new_app, state
-from katactl.output import Column, Result
 
 app = new_app("Show effective settings and where each came from.")
 
@@ -27,6 +26,7 @@ def view(ctx: typer.Context) -> None:
     """
     from katactl import config
     from katactl.backends import kube
+    from katactl.output import Column, Result
 
     app_ctx = state(ctx)
     s = app_ctx.settings
