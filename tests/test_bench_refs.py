@@ -64,6 +64,15 @@ def test_startup_takes_runs_and_times_every_leaf():
         assert leaf in timed, timed
 
 
+def test_startup_times_a_commit_and_a_baseline_in_the_same_rounds():
+    """--at REV runs katactl from that commit's archive (not the working tree other engineers
+    edit), --baseline REV adds every leaf's --help as of that commit to the same rounds."""
+    p = _bench("bench/bench_startup.py", "--smoke", "--at", "HEAD", "--baseline", "HEAD~1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r"smoke ok: (\d+) commands, (\d+) leaves", p.stdout)
+    assert m and int(m.group(1)) >= 2 * int(m.group(2)) > 50, p.stdout[:300]
+
+
 def test_startup_without_write_leaves_results_md_alone():
     path = os.path.join(ROOT, "bench", "RESULTS.md")
     with open(path, "rb") as f:
