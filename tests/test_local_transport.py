@@ -395,3 +395,38 @@ def test_remove_and_rename_act_in_the_directory_resolved_in_the_root(tmp_path):
         swapper.kill()
         swapper.wait()
     assert escaped == 0
+
+
+def test_writes_and_mkdir_act_in_the_directory_resolved_in_the_root(tmp_path):
+    """write_bytes_atomic/mkdir handed the resolved path on as a string, as remove/rename did
+    before review 12: a directory swapped for an absolute link meanwhile (renameat2
+    RENAME_EXCHANGE in a loop) put the node's new file or directory in this host's tree."""
+    import subprocess
+    import sys
+    import time
+
+    root, victim = tmp_path / "root", tmp_path / "victim"
+    (root / "data/crash").mkdir(parents=True)
+    os.symlink(str(victim), root / "data/crash.lnk")
+    c, lnk = str(root / "data/crash"), str(root / "data/crash.lnk")
+    (victim / "kata").mkdir(parents=True)
+    (root / "data/crash/kata").mkdir()
+    swapper = subprocess.Popen([sys.executable, "-c", "import ctypes, sys\nlibc = ctypes.CDLL(None)\n"
+                                "c, l = sys.argv[1].encode(), sys.argv[2].encode()\n"
+                                "while True:\n    libc.renameat2(-100, c, -100, l, 2)\n", c, lnk])
+    t = LocalTransport(str(root))
+    calls, deadline = 0, time.monotonic() + 1.0
+    try:
+        while time.monotonic() < deadline:
+            calls += 1
+            for call in (lambda: t.write_bytes_atomic(f"/data/crash/kata/w{calls}", b"x"),
+                         lambda: t.mkdir(f"/data/crash/kata/d{calls}/e"),
+                         lambda: t.mkdir(f"/data/crash/kata/n{calls}", parents=False)):
+                try:
+                    call()
+                except OSError:
+                    pass
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert calls > 20 and os.listdir(victim / "kata") == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
+import secrets
 import shutil
 import signal
 import socket
@@ -507,23 +509,105 @@ class LocalTransport(NodeTransport):
                 os.close(fd)
         return s.f_bavail * s.f_frsize
 
-    # Writes name their target by its resolved local path (real(), the last component not
-    # followed: a link there is replaced or removed, never written through): rare calls,
-    # where a path's clarity in errors is worth more than an fd per call.
+    # Under a root, writes act through an fd of the directory resolved in the root (as remove
+    # and rename do): a directory swapped for a link between resolving and writing cannot send
+    # the write out of the root.
     def write_bytes_atomic(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        atomic_write(self.real(path, follow_symlinks=False), data, mode)
+        self.write_stream_atomic(path, (data,), mode)
 
     def write_stream_atomic(self, path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
-        return atomic_write_stream(self.real(path, follow_symlinks=False), chunks, mode)
+        if not self._rooted:
+            return atomic_write_stream(check_node_path(path), chunks, mode)
+        fd, name = self._parent(path)
+        try:
+            return atomic_write_stream(name, chunks, mode, dir_fd=fd)
+        except OSError as e:  # named as the node's path, not the bare name of the *at call
+            raise type(e)(e.errno, e.strerror, self.host_root + check_node_path(path)) from None
+        finally:
+            os.close(fd)
 
     def fsync_dir(self, path: str) -> None:
-        fsync_dir(self.real(path))
+        p = check_node_path(path)
+        if not self._rooted:
+            fsync_dir(p)
+            return
+        fd = self._open(p, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> None:
-        if parents:
-            os.makedirs(self.real(path), mode=mode, exist_ok=True)
+        p = check_node_path(path)
+        if not self._rooted:
+            if parents:
+                os.makedirs(p, mode=mode, exist_ok=True)
+            else:
+                os.mkdir(p, mode)
+        elif parents:
+            self._makedirs(p, mode)
         else:
-            os.mkdir(self.real(path, follow_symlinks=False), mode)
+            self._mkdir_at(p, mode)
+
+    def _makedirs(self, p: str, mode: int, top: bool = True, links: int = 0) -> None:
+        """os.makedirs(exist_ok=True) inside the root: the directories that exist are found by
+        resolving in the root (an in-root link to a directory counts, as it does for the node),
+        each missing one is made in its parent's fd; ``mode`` is the last one's, as makedirs'.
+        A file in the way fails as makedirs fails: EEXIST for ``p`` itself, else ENOTDIR
+        naming the directory that could not be made under it. A dangling link is followed (its
+        target made), as the path-string makedirs of before did."""
+        try:
+            os.close(self._open(p, os.O_PATH | os.O_DIRECTORY))
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+        if p == "/":  # the root itself, not there yet (a lab's, a test's): made as makedirs did
+            os.makedirs(self.host_root, exist_ok=True)
+            return
+        if self._exists(p):  # not a directory
+            if top:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.host_root + p)
+            return  # the caller's mkdir under it says ENOTDIR
+        self._makedirs(os.path.dirname(p), 0o777, top=False)
+        try:
+            self._mkdir_at(p, mode)
+        except FileExistsError:
+            target = self._dangling_target(p)
+            if target is None:  # made meanwhile by someone else: exist_ok, if a directory
+                os.close(self._open(p, os.O_PATH | os.O_DIRECTORY))
+            elif links < 40:  # a link to a directory not made yet: made where it points, in the root
+                self._makedirs(target, mode, top, links + 1)
+            else:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), self.host_root + p) from None
+
+    def _dangling_target(self, p: str) -> str | None:
+        """The node path a dangling symlink at ``p`` names (resolved from its directory), or
+        None when ``p`` is not one."""
+        try:
+            target = self.readlink(p)
+        except OSError:
+            return None
+        return posixpath.normpath(posixpath.join(posixpath.dirname(p), target))
+
+    def _exists(self, p: str) -> bool:
+        try:
+            self._stat(p)
+            return True
+        except OSError:
+            return False
+
+    def _mkdir_at(self, p: str, mode: int) -> None:
+        try:
+            fd, name = self._parent(p)
+        except OSError as e:  # named as mkdir(2) names it: the directory to be made
+            raise type(e)(e.errno, e.strerror, self.host_root + p) from None
+        try:
+            os.mkdir(name, mode, dir_fd=fd)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, self.host_root + p) from None
+        finally:
+            os.close(fd)
 
     def _parent(self, p: str) -> tuple[int, str]:
         """An fd of the node path's directory, resolved inside the root, and its last name: the
@@ -565,7 +649,7 @@ class LocalTransport(NodeTransport):
             dfd, dname = self._parent(dst)
             try:
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-                fsync_dir(f"/proc/self/fd/{dfd}")  # the directory renamed into, through its fd
+                _fsync_dir_fd(dfd)  # the directory renamed into
             except OSError as e:  # named as the node's paths, not the bare names of the *at call
                 raise type(e)(e.errno, e.strerror, self.host_root + check_node_path(src), None,
                               self.host_root + check_node_path(dst)) from None
@@ -792,11 +876,12 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     atomic_write_stream(path, (data,), mode)
 
 
-def atomic_write_stream(path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
+def atomic_write_stream(path: str, chunks: Iterable[bytes], mode: int = 0o644,
+                        dir_fd: int | None = None) -> int:
     """atomic_write() from an iterable of chunks (bounded memory); returns the size.
     A failure midway (the iterable's included) removes the temp file."""
     n = 0
-    with atomic_file(path, mode) as f:
+    with atomic_file(path, mode, dir_fd) as f:
         for b in chunks:
             f.write(b)
             n += len(b)
@@ -804,23 +889,51 @@ def atomic_write_stream(path: str, chunks: Iterable[bytes], mode: int = 0o644) -
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_file(path: str, mode: int = 0o644, dir_fd: int | None = None) -> Iterator[BinaryIO]:
     """A binary file object for writers that push (``with atomic_file(p) as f:``):
     the content appears at ``path`` complete and durable when the block ends, and
-    not at all when it raises (the temp file is removed)."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-", suffix=".tmp")
+    not at all when it raises (the temp file is removed). With ``dir_fd``, ``path``
+    is a name in that directory (an O_PATH fd will do) and every call is an *at call."""
+    if dir_fd is None:
+        d = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".katactl-", suffix=".tmp")
+    else:
+        fd, tmp = _mkstemp_at(dir_fd)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-        fsync_dir(d)
+        os.chmod(tmp, mode, dir_fd=dir_fd)
+        os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if dir_fd is None:
+            fsync_dir(d)
+        else:
+            _fsync_dir_fd(dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         raise
+
+
+def _mkstemp_at(dir_fd: int) -> tuple[int, str]:
+    """tempfile.mkstemp() in a directory given by fd (mkstemp takes only a path)."""
+    for _ in range(100):
+        name = f".katactl-{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           0o600, dir_fd=dir_fd), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no usable temporary file name")
+
+
+def _fsync_dir_fd(dir_fd: int) -> None:
+    """fsync the directory of an fd that may be O_PATH (which fsync refuses): reopen it."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
