@@ -311,3 +311,23 @@ def test_status_without_name_picks_the_latest_by_time_across_utc_offsets(cli, ku
     r = ro(cli, kc, "status", "-o", "json")
     assert r.exit_code == 0, r.stderr
     assert r.json()["name"] == "rb", r.json()["updatedAt"]
+
+
+def test_pause_of_a_finished_rollout_is_a_no_op(cli, kube, kc, _isolated_home):
+    """A finished rollout starts no new node, which is what pause asks: changed: false, exit 0,
+    with and without --dry-run, as resume and abort answer (it was refused, exit 5); no request
+    is written and no audit entry (review 13, finding 4)."""
+    fleet(kube, 2)
+    assert ro(cli, kc, "run", "r1", "-N", "n0,n1", "--step", "cordon", "--poll", "0.1").exit_code == 0
+    assert ro(cli, kc, "run", "r2", "-N", "n0,n1", "--canary", "1", "--step", "cordon", "--poll", "0.1").exit_code == 0
+    assert ro(cli, kc, "abort", "r2").exit_code == 0
+    log = len(_audit(_isolated_home))
+    kube.requests.clear()
+    for name, phase in (("r1", "Succeeded"), ("r2", "Aborted")):
+        for dry in ((), ("--dry-run",)):
+            r = ro(cli, kc, "pause", name, *dry, "-o", "json")
+            assert r.exit_code == 0, r.stderr
+            p = r.json()
+            assert p["kind"] == "RolloutPause" and p["changed"] is False and p["dryRun"] is bool(dry)
+            assert p["running"] is False and f"already finished ({phase})" in p["message"], p
+    assert not [q for q in kube.requests if q["method"] in MUTATING] and len(_audit(_isolated_home)) == log

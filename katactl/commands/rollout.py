@@ -651,7 +651,8 @@ def pause_cmd(ctx: typer.Context, name: str = NAME_ARG, lock_namespace: str = _L
               state_backend: str = _STATE, dry_run: bool = DRY_RUN) -> None:
     """Ask a rollout to start no new node; running nodes finish, then it stops (Paused).
 
-    Resume with 'katactl rollout resume NAME'. Idempotent.
+    Resume with 'katactl rollout resume NAME'. Idempotent; a finished rollout
+    is a no-op (changed: false).
 
     \b
     Examples:
@@ -664,9 +665,12 @@ def pause_cmd(ctx: typer.Context, name: str = NAME_ARG, lock_namespace: str = _L
     app_ctx = state(ctx)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
     if st["phase"] in ("Succeeded", "CompletedWithFailures", "Aborted"):
-        from katactl.errors import Refused
-
-        raise Refused(f"rollout {name} is {st['phase']}: nothing to pause")
+        # it starts no new node, which is what pause asks: already in the requested state
+        # (as resume and abort answer a finished rollout); nothing written, no audit entry
+        finish(app_ctx, Result.mutation("RolloutPause", {
+            "name": name, "changed": False, "dryRun": dry_run, "running": held_by(store.lock_holder(), name),
+            "message": f"rollout {name} already finished ({st['phase']}): nothing to pause"}))
+        return
     if not dry_run:
         audit.require_writable()
     before = store.control(name)
