@@ -340,28 +340,69 @@ def test_status_as_non_root_says_which_processes_it_could_not_inspect(cli, lab, 
     assert rows[A][2:] == ["?", "?"], r.stdout
 
 
-def test_another_trees_release_path_in_an_argument_is_not_this_nodes(cli, lab, tmp_path):
-    """A process naming another tree's copy of the kata root (a second node root mounted on this
-    machine, a backup) in its argv does not use this node's release: gc removes it. A release
-    path that starts an argument or follows = , : (file=..., unix:...) still counts."""
+#: (form, argv, counts): a process whose argv names release A (REL: its directory as this
+#: node's path, under --host-root the lab tree's real path) uses A, wherever no path character
+#: precedes the path; another tree's copy of the kata root does not (review 13 #2: quoted,
+#: after ; && ( or ` and in JSON, gc deleted A under the process)
+ARGV_FORMS = [
+    ("an argument", ["-kernel", "REL/share/kata-containers/vmlinux.container"], True),
+    ("file=, Kata's -drive", ["-drive", "file=REL/kata.img,if=none"], True),
+    ("mem-path=, Kata's nvdimm", ["-object", "memory-backend-file,id=mem0,mem-path=REL/kata.img,size=1G"], True),
+    ("unix:", ["-qmp", "unix:REL/qmp.sock,server=on,wait=off"], True),
+    ("a word of sh -c", ["exec REL/bin/qemu-system-x86_64 -S"], True),
+    ("double-quoted in sh -c", ['exec "REL/bin/qemu-system-x86_64" "$@"'], True),
+    ("single-quoted in sh -c", ["exec 'REL/bin/qemu-system-x86_64'"], True),
+    ("after &&", ["ulimit -n 1&&REL/bin/qemu-system-x86_64"], True),
+    ("after ;", ["cd /;REL/bin/qemu-system-x86_64"], True),
+    ("in a subshell", ["(REL/bin/kata-monitor)"], True),
+    ("in backquotes", ["x=`REL/bin/kata-runtime --version`"], True),
+    ("a supervising loop", ['while :; do "REL/bin/kata-monitor"; sleep 1; done'], True),
+    ("K=RELEASE; (the version ends at ;)", ["K=REL; exec $K/bin/qemu-system-x86_64"], True),
+    ("= then quoted", ['exec env KATA_DIR="REL" /usr/bin/true'], True),
+    ("QEMU's JSON -blockdev", ["-blockdev", '{"driver":"file","node-name":"img","filename":"REL/kata.img"}'], True),
+    ("another tree's copy", ["OTHER/opt/kata/releases/A/bin/qemu-system-x86_64"], False),
+    ("a backup's copy after file=", ["file=/srv/backup/opt/kata/releases/A/kata.img"], False),
+    ("another tree's copy, quoted", ['exec "/mnt/old/opt/kata/releases/A/bin/qemu-system-x86_64"'], False),
+    ("another tree's copy in JSON", ['{"filename":"/mnt/old/opt/kata/releases/A/kata.img"}'], False),
+    ("katactl's state dir", ["NODE/opt/kata/releases/.katactl/lock"], False),
+]
+
+
+def test_a_release_path_anywhere_in_an_argument_counts_another_trees_copy_does_not(cli, lab, tmp_path):
+    """Every form of ARGV_FORMS as a real process: status attributes it to exactly A (via
+    cmdline) or not at all; gc --yes keeps A while a process names it in a quoted sh -c
+    word (review 13 #2: it deleted the release), and removes it with only the other trees'
+    copies named."""
     import subprocess
     import sys
 
     node, procs = lab
     K(cli, node, "switch", A)
     K(cli, node, "switch", B)
-    other = tmp_path / "other-node"
-    elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                  f"{other}/opt/kata/releases/{A}/bin/qemu-system-x86_64",
-                                  f"file=/srv/backup/opt/kata/releases/{A}/kata.img"])
-    procs.append(elsewhere)
-    d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
-    assert d["removed"] == [A], d["kept"]
-    for argv in (["-drive", f"file={node}/opt/kata/releases/{A}/kata.img,if=none"],
-                 [f"exec {node}/opt/kata/releases/{A}/bin/qemu-system-x86_64 -S"]):  # a word of sh -c's
-        ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
-        procs.append(ours)
-        d = K(cli, node, "gc", "--no-keep-previous", "--dry-run")
-        assert d["removed"] == [] and str(ours.pid) in {k["version"]: k["reason"] for k in d["kept"]}[A], argv
-        ours.kill()
-        ours.wait()
+    subst = {"REL": f"{node}/opt/kata/releases/{A}", "NODE": str(node), "OTHER": str(tmp_path / "other-node"),
+             "releases/A": f"releases/{A}"}
+
+    def start(argv):
+        for k, v in subst.items():
+            argv = [a.replace(k, v) for a in argv]
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", *argv])
+        procs.append(p)
+        return p
+
+    started = [(form, counts, start(argv)) for form, argv, counts in ARGV_FORMS]
+    seen = {p["pid"]: p for p in K(cli, node, "status")["processes"]}
+    wrong = [(form, seen.get(p.pid, {}).get("via")) for form, counts, p in started
+             if (seen.get(p.pid, {}).get("via") == {A: ["cmdline"]}) != counts]
+    assert wrong == [], wrong
+
+    for form, counts, p in started:
+        if counts and form != "double-quoted in sh -c":
+            p.kill()
+            p.wait()
+    quoted = next(p for form, _c, p in started if form == "double-quoted in sh -c")
+    d = K(cli, node, "gc", "--no-keep-previous", "--yes")
+    assert d["removed"] == [] and f"{quoted.pid}" in {k["version"]: k["reason"] for k in d["kept"]}[A]
+    assert (node / "opt/kata/releases" / A).is_dir()
+    quoted.kill()
+    quoted.wait()
+    assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]

@@ -33,7 +33,10 @@ CONFIG_SUBDIR = "share/defaults/kata-containers"
 SHIM_BINARIES = ("bin/containerd-shim-kata-v2", "runtime-rs/bin/containerd-shim-kata-v2")
 COMPONENTS = ("all", "runtime", "agent")
 
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
+#: the characters of a release version (validate_version); procscan ends a version in an argument
+#: at the first other one (``K=/opt/kata/releases/V;`` names V)
+VERSION_CHARS = "A-Za-z0-9._+~-"
+_VERSION_RE = re.compile(rf"^[A-Za-z0-9][{VERSION_CHARS}]{{0,63}}$")
 _RESERVED = {"current", "previous", "releases"}
 
 #: every fault-injection point, in execution order (KATACTL_FAULT=<point>[,<point>...])

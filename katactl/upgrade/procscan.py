@@ -18,6 +18,7 @@ import dataclasses
 import re
 from typing import Any
 from katactl.backends.base import NodeTransport
+from katactl.upgrade.layout import VERSION_CHARS
 
 _SHIM_NAMES = ("containerd-shim-kata-v2",)
 _KATA_LIKE = re.compile(r"^(containerd-shim-k|kata-|qemu|cloud-hyperviso|firecracker|jailer|virtiofsd)")
@@ -54,11 +55,7 @@ def scan(transport: NodeTransport, layout) -> tuple[list[ProcRef], dict]:
     import os
 
     real = layout.real_releases(transport)
-    prefixes = [layout.releases] + ([real] if real else [])
-    # a release path starts an argument or a word, or follows = , : (file=..., unix:..., sh -c
-    # "exec ..."): not anywhere, or /mnt/old/opt/kata/releases/v (another tree) would count
-    rx = re.compile(r"(?:^|(?<=[=,:\s]))(?:" + "|".join(re.escape(p + "/") for p in prefixes)
-                    + r")([^/\s,:=]+)")
+    rx = _arg_rx([layout.releases] + ([real] if real else []))
     hr = transport.host_root
     me = os.getpid() if not hr and not transport.is_remote else None  # our own pid only means us here
     refs: list[ProcRef] = []
@@ -114,9 +111,7 @@ def scan(transport: NodeTransport, layout) -> tuple[list[ProcRef], dict]:
                 if hr:
                     a = a.replace(hr + "/", "/")
                 for m in rx.finditer(a):
-                    v = m.group(1)
-                    if not v.startswith("."):
-                        found.setdefault(v, set()).add("cmdline")
+                    found.setdefault(m.group(1), set()).add("cmdline")
         except OSError:
             pass
         stats["scanned"] += 1
@@ -138,6 +133,22 @@ def scan(transport: NodeTransport, layout) -> tuple[list[ProcRef], dict]:
                 comm = ""
             refs.append(ProcRef(pid, comm, _unroot(exe, hr) if exe else exe, cmd, found))
     return refs, stats
+
+
+#: what may precede a release path in an argument for it to name another tree's copy
+#: (/mnt/old/opt/kata/releases/V, a second node root or a backup on this machine)
+_PATH_CHARS = "A-Za-z0-9._~/-"
+
+
+def _arg_rx(prefixes: list[str]) -> re.Pattern[str]:
+    """A release path anywhere in an argument that no path character precedes, its version
+    ending at the first character no version has. A separator list misses real forms: Kata
+    passes ``-kernel PATH``, ``file=PATH,...`` and ``mem-path=PATH`` (kata-containers
+    src/runtime/pkg/govmm/qemu/qemu.go); QEMU takes ``-blockdev {"filename":"PATH"}``; a
+    shell wrapper ``sh -c 'exec "PATH" "$@"'``, ``cd /;PATH``, ``a&&PATH`` or
+    ``K=RELEASE; exec $K/bin/...``. The argv is /proc/PID/cmdline's NUL-separated words."""
+    return re.compile(rf"(?<![{_PATH_CHARS}])(?:" + "|".join(re.escape(p + "/") for p in prefixes)
+                      + rf")([A-Za-z0-9][{VERSION_CHARS}]*)")
 
 
 def _unroot(path: str, host_root: str) -> str:
