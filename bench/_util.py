@@ -45,19 +45,29 @@ def median_ms(samples) -> float:
     return statistics.median(samples) * 1000
 
 
-def interleaved(cmds: dict[str, tuple[list[str], dict | None]], runs: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(cmds: dict[str, tuple[list[str], dict | None]], runs: int, warmup: int = 2,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Wall-clock seconds per command, runs taken round-robin (one of each per round)
-    so that a burst of load on the machine hits every command alike."""
+    so that a burst of load on the machine hits every command alike. ``cpu``, when given,
+    gets each run's CPU seconds (user + system, the process and its children): the work,
+    which waiting for a core under other jobs' load does not add to."""
+    import resource
+
     out: dict[str, list[float]] = {name: [] for name in cmds}
     for i in range(warmup + runs):
         for name, (argv, env) in cmds.items():
             e = dict(os.environ, **(env or {}))
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
             p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e, check=False)
+            dt = time.perf_counter() - t
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             if p.returncode != 0:  # a broken command must not be timed as a fast one
                 raise SystemExit(f"{name}: {argv[:6]} failed ({p.returncode}): {p.stderr.decode()[-300:]}")
             if i >= warmup:
-                out[name].append(time.perf_counter() - t)
+                out[name].append(dt)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
     return out
 
 

@@ -99,8 +99,9 @@ def main() -> int:
         cmds[name] = (kat + [*leaf, "--help"], kat_env)
         if base:  # right after it: a burst of load hits both alike
             cmds["before: " + name] = (base[0] + [*leaf, "--help"], base[1])
+    cpu: dict[str, list[float]] = {}
     try:
-        samples = interleaved(cmds, runs, warmup=warmup)
+        samples = interleaved(cmds, runs, warmup=warmup, cpu=cpu)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if a.smoke:
@@ -108,6 +109,7 @@ def main() -> int:
               + ", ".join(" ".join(leaf) for leaf in leaf_rows.values()))
         return 0
     med = {name: median_ms(s) for name, s in samples.items()}
+    cpu_ms = {name: median_ms(s) for name, s in cpu.items()}
     ref = med.get("kubectl version --client (reference)")
 
     def ratio(ms: float) -> str:
@@ -118,24 +120,27 @@ def main() -> int:
              f"processes, {platform.python_implementation()} {platform.python_version()}; {context(pre)}."
              + (f" katactl is {label}, run from its `git archive` (not the working tree)." if a.at else "")
              + (f" \"Before\" is {base[2]}, each leaf timed right after the same leaf of {label}." if base else ""),
-             "", "| command | median ms | ratio to kubectl |", "|---|---:|---:|"]
+             "", "| command | median ms | ratio to kubectl | CPU ms |", "|---|---:|---:|---:|"]
     for name, ms in med.items():
         if name not in leaf_rows and not name.startswith("before: "):
-            lines.append(f"| {name} | {ms:.0f} | {ratio(ms)} |")
+            lines.append(f"| {name} | {ms:.0f} | {ratio(ms)} | {cpu_ms[name]:.0f} |")
     lines += ["", f"Every leaf's `--help` ({len(leaf_rows)} leaves, same rounds), slowest first:", ""]
-    lines += (["| command | median ms | ratio to kubectl | before ms | before ratio |", "|---|---:|---:|---:|---:|"]
-              if base else ["| command | median ms | ratio to kubectl |", "|---|---:|---:|"])
+    lines += (["| command | median ms | ratio to kubectl | CPU ms | before ms | before ratio | before CPU ms |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+              if base else ["| command | median ms | ratio to kubectl | CPU ms |", "|---|---:|---:|---:|"])
     by_time = sorted(leaf_rows, key=lambda n: -med[n])
     for name in by_time:
         was = med.get("before: " + name)
-        lines.append(f"| {name} | {med[name]:.0f} | {ratio(med[name])} |"
-                     + (f" {was:.0f} | {ratio(was)} |" if was is not None else ""))
+        lines.append(f"| {name} | {med[name]:.0f} | {ratio(med[name])} | {cpu_ms[name]:.0f} |"
+                     + (f" {was:.0f} | {ratio(was)} | {cpu_ms['before: ' + name]:.0f} |" if was is not None else ""))
     if ref:
         lines += ["", f"**Every leaf's --help <= {LEAF_GOAL}x kubectl:** {goal_summary(med, leaf_rows, ref)}."]
         if base:
             lines += ["", f"Before ({base[2]}), same rounds: "
                       f"{goal_summary({n: med['before: ' + n] for n in leaf_rows}, leaf_rows, ref)}."]
-        lines += [f"The worst of {len(leaf_rows)} medians is the noisiest figure here: one burst of load moves it."]
+        lines += [f"The worst of {len(leaf_rows)} medians is the noisiest figure here: one burst of load moves it. "
+                  "CPU ms is the median CPU time (user + system) of the same runs: the work, which other jobs' "
+                  "load does not lengthen as it does the wall-clock."]
     lines += ["", "The rows marked \"as installed\" run the same console script and code without the editable "
               "install's import finder (which site runs at every start of .venv's interpreter): what a "
               "non-editable install (a wheel) starts; see installed_katactl() in the script."]
