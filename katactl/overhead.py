@@ -534,8 +534,11 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
         sa, sb_ = a.procs.get(pid), b.procs.get(pid)
         share = sharers.get(pid, 1)
         st = sb_ or sa
-        if st is None:
-            notes.append(f"{role} pid {pid} is not running (exited, or not visible)")
+        # a VMM gone by the second sample: the sandbox is being torn down, its first sample
+        # no measurement of a running pod (docs/overhead.md "Nothing measured")
+        if st is None or (sb_ is None and role in ("vmm", "shim+vmm")):
+            notes.append(f"{role} pid {pid} " + ("exited while measured" if st else
+                                                 "is not running (exited, or not visible)"))
             procs.append({"pid": pid, "role": role, "name": None, "rssBytes": None, "cpuMillis": None,
                           "shared": share if share > 1 else None, "gone": True})
             if role in ("vmm", "shim+vmm"):
@@ -684,9 +687,12 @@ def severity_for(ratio: float | None) -> str | None:
 def _judge(dec: dict, meas: dict, ratio: dict) -> tuple[str | None, str]:
     from katactl.values import format_size
 
-    if dec.get("source") is None:
+    if dec.get("source") is None or (dec.get("cpuMillis") is None and dec.get("memoryBytes") is None):
+        # nothing to compare with (no declaration, or the API has no such pod / another UID):
+        # unknown, never "within"
         return "info", "declared overhead unknown: " + (dec.get("note") or (
-            "no Kubernetes API configured and no --runtime-class-overhead / runtime_class_overhead"))
+            "no Kubernetes API configured and no --runtime-class-overhead / runtime_class_overhead"
+            if dec.get("source") is None else f"no cpu or memory in the {dec['source']} overhead"))
     zero = [k for k, f in (("cpu", "cpuMillis"), ("memory", "memoryBytes"))
             if dec.get(f) == 0 and (meas.get(f) or 0) > 0]
     sev = severity_for(ratio["max"])
