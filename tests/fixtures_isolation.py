@@ -177,7 +177,12 @@ def write_threads(root: str, pid: int, threads: list[tuple[int, str, dict]], aff
     """/proc/<pid>/task/<tid>/{comm,stat,status,cgroup}; threads: (tid, comm, {controller: path}).
     ``mode="v2"``: a cgroup2-only host, where the kernel prints the one line ``0::<path>``
     (kernel/cgroup/cgroup.c proc_cgroup_show; Documentation/admin-guide/cgroup-v2.rst
-    "Processes": "0::/test-cgroup/test-cgroup-nested"), from "unified" or else "cpu"."""
+    "Processes": "0::/test-cgroup/test-cgroup-nested"), from "unified" or else "cpu". A v2
+    domain cgroup holds whole processes (cgroup-v2.rst "Threads": only a threaded subtree splits
+    one, and Kata makes none): threads of one process in two cgroups are refused."""
+    if mode == "v2" and len({cgs.get("unified", cgs.get("cpu")) for _, _, cgs in threads}) > 1:
+        raise ValueError(f"pid {pid}: cgroup v2 domain cgroups hold whole processes, not threads of one "
+                         "process in several cgroups")
     for tid, comm, cgs in threads:
         b = f"/proc/{pid}/task/{tid}"
         _w(root, b + "/comm", comm)
@@ -273,7 +278,11 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
         vt = [pid + 1 + k for k in range(vcpus)]
         vcpu_tids[sid] = vt
         in_sb = ov_cg if vcpu_outside else sb_cg
-        main_cg = sb_cg if sandbox_cgroup_only else ov_cg
+        # v2: a domain cgroup holds whole processes. Kata's AddThread writes each vCPU's TID to the
+        # sandbox cgroup's cgroup.procs and the kernel moves the whole VMM with it (kata-containers
+        # src/runtime/pkg/resourcecontrol/cgroups.go LinuxCgroup.AddThread -> cgroupsv2 Manager.AddProc);
+        # v1's AddTask writes tasks: only the vCPU threads move
+        main_cg = in_sb if mode == "v2" else sb_cg if sandbox_cgroup_only else ov_cg
         ths = [(pid, "qemu-system-x86" if hypervisor == "qemu" else hypervisor, {"cpu": main_cg, "memory": main_cg}),
                (pid + 50, "IO iothread1", {"cpu": main_cg, "memory": main_cg})]
         ths += [(t, names.format(k), {"cpu": in_sb, "memory": in_sb}) for k, t in enumerate(vt)]
@@ -282,9 +291,14 @@ def build_node(root: str, *, online_pods: int = 3, sandboxes: int = 2, mode: str
         sbv = dict(vals)
         if sandbox_bvt is not None and alinux:
             sbv["cpu.bvt"] = sandbox_bvt
-        write_cgroup(root, mode, sb_cg, sbv, tasks=vt if not sandbox_cgroup_only else [pid] + vt)
+        if mode == "v2":
+            sb_tasks = [t for t, _, c in ths if c["cpu"] == sb_cg]
+            ov_tasks = [t for t, _, c in ths if c["cpu"] == ov_cg]
+        else:
+            sb_tasks, ov_tasks = (vt if not sandbox_cgroup_only else [pid] + vt), [pid, pid + 50]
+        write_cgroup(root, mode, sb_cg, sbv, tasks=sb_tasks)
         if not sandbox_cgroup_only:
-            write_cgroup(root, mode, ov_cg, {**base, **cpu(1024), **bvt(0)}, tasks=[pid, pid + 50])
+            write_cgroup(root, mode, ov_cg, {**base, **cpu(1024), **bvt(0)}, tasks=ov_tasks)
     if resctrl:
         all_vcpus = [t for v in vcpu_tids.values() for t in v]
         mbv = {0: MB_DEFAULT[mb], 2: MB_DEFAULT[mb]}

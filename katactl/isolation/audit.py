@@ -608,9 +608,14 @@ def _kata_checks(f: Findings, pol: Policy, node, tid_group: dict[int, str] | Non
                                    "value": f"{n} threads"})
                     except OSError:
                         pass
-            f.add("kata.sandbox-cgroup-only", tgt,
-                  f"sandbox_cgroup_only=false: the VMM's non-vCPU threads (I/O, virtiofsd, shim) run in "
-                  f"{op or 'kata_overhead'} outside the pod's offline CPU/memory limits",
+            # v2 moves whole processes: the runtime's vCPU move (the TID to cgroup.procs) takes the whole
+            # VMM into the sandbox cgroup (katactl.isolation.threads); v1 moves the vCPU threads alone
+            msg = (f"sandbox_cgroup_only=false: the shim and virtiofsd run in {op or 'kata_overhead'} outside the "
+                   "pod's offline CPU/memory limits (cgroup v2: the whole VMM, I/O threads included, is in the "
+                   "sandbox cgroup, moved with its vCPU threads)" if node.fs.version_of("cpu") == 2 else
+                   "sandbox_cgroup_only=false: the VMM's non-vCPU threads (I/O, virtiofsd, shim) run in "
+                   f"{op or 'kata_overhead'} outside the pod's offline CPU/memory limits")
+            f.add("kata.sandbox-cgroup-only", tgt, msg,
                   ev, "set [runtime] sandbox_cgroup_only = true in the Kata configuration (new sandboxes)")
         if not sb.hypervisor_pid:
             if sb.vmm_note:

@@ -9,8 +9,14 @@ enable_debug = true`` (kata-containers src/runtime/pkg/govmm/qemu/qemu.go ``appe
 ``if config.Debug { nameParams = append(nameParams, "debug-threads=on") }``): a production
 QEMU's vCPU threads carry its default comm. For those, :func:`identify_vcpus` does what Kata
 does (src/runtime/virtcontainers/qemu.go ``GetThreadIDs``: QMP ``query-cpus-fast`` (on the extra monitor: qmp.sock is the runtime's), each
-CPU's ``thread-id``), else, with ``sandbox_cgroup_only = false``, takes the threads the
-runtime moved into the sandbox cgroup (only the vCPUs go there), else says it cannot tell.
+CPU's ``thread-id``), else, with ``sandbox_cgroup_only = false`` on cgroup v1, takes the
+threads the runtime moved into the sandbox cgroup, else says it cannot tell. Only v1 moves
+just the vCPUs: the runtime's ``LinuxCgroup.AddThread`` is ``AddTask`` (the TID to ``tasks``)
+there, and on v2 ``cgroupsv2.Manager.AddProc`` (the TID to ``cgroup.procs``: kata-containers
+src/runtime/pkg/resourcecontrol/cgroups.go, called per vCPU by ``constrainHypervisor`` in
+src/runtime/virtcontainers/sandbox.go), for which the kernel moves the whole thread group
+(linux kernel/cgroup/cgroup.c ``cgroup_procs_write_start``: ``tsk = tsk->group_leader``): on
+v2 every thread of the VMM is in the sandbox cgroup, and being there names no vCPU.
 """
 from __future__ import annotations
 
@@ -198,7 +204,8 @@ def qmp_vcpus_many(transport: NodeTransport, sbs, *, timeout: float = QMP_TIMEOU
 
 
 def sandbox_cgroup_of(sb) -> str | None:
-    """The sandbox cgroup that holds exactly the vCPU threads (sandbox_cgroup_only = false)."""
+    """The sandbox cgroup where the runtime moves the vCPU threads (sandbox_cgroup_only = false):
+    exactly them on cgroup v1, the whole VMM on v2 (see the module docstring)."""
     if sb.sandbox_cgroup_only is not False or not sb.sandbox_cgroup_path:
         return None
     try:
@@ -218,11 +225,13 @@ def inside(path: str | None, parent: str) -> bool:
     return p == q or p.startswith(q.rstrip("/") + "/")
 
 
-def unknown_note(sb, qmp_why: str) -> str:
+def unknown_note(sb, qmp_why: str, *, v2: bool = False) -> str:
     return (f"QEMU's vCPU threads are unnamed (no debug-threads=on: Kata's enable_debug is off), {qmp_why}"
             + (" and sandbox_cgroup_only = true (every thread in one cgroup)" if sb.sandbox_cgroup_only
                else " and sandbox_cgroup_only is not recorded" if sb.sandbox_cgroup_only is None
                else " and no sandbox cgroup is recorded" if not sb.sandbox_cgroup_path
+               else " and on cgroup v2 the runtime moves the whole VMM into the sandbox cgroup (the vCPU's "
+                    "thread id written to cgroup.procs moves its process): every thread in one cgroup" if v2
                else " and none of its threads is in the sandbox cgroup"))
 
 
@@ -246,17 +255,21 @@ def identify_vcpus(transport: NodeTransport, sb, rows: list[dict], *, qmp: tuple
     else:
         sp = sandbox_cgroup_of(sb)
         hits = []
+        v2 = False
         if sp is not None:
             for r in rows:
                 if r["tid"] == sb.hypervisor_pid:
                     continue  # the main thread runs no vCPU
-                c = primary_cgroup(r) if r.get("cgroups") else primary_cgroup(
-                    {"cgroups": parse_proc_cgroup(_read(transport, f"/proc/{sb.hypervisor_pid}/task/{r['tid']}/cgroup")
-                                                  or "")})
-                if inside(c, sp):
+                cg = r["cgroups"] if r.get("cgroups") else parse_proc_cgroup(
+                    _read(transport, f"/proc/{sb.hypervisor_pid}/task/{r['tid']}/cgroup") or "")
+                if "cpu" not in cg:
+                    # no v1 cpu hierarchy: the v2 sandbox cgroup holds the whole VMM, vCPUs or not
+                    v2 = v2 or "unified" in cg
+                    continue
+                if inside(cg["cpu"], sp):
                     hits.append(r)
         if not hits:
-            return {"by": None, "note": unknown_note(sb, why)}
+            return {"by": None, "note": unknown_note(sb, why, v2=v2)}
         for r in hits:
             r["role"], r["vcpu"] = "vcpu", None
         by = "cgroup"
