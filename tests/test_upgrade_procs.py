@@ -279,6 +279,44 @@ def test_a_kata_root_under_a_symlink_still_sees_the_processes_using_a_release(cl
     assert K(cli, node, "gc", "--no-keep-previous", "--yes")["removed"] == [A]
 
 
+@pytest.mark.parametrize("where", ["current", "handler"])
+def test_a_configuration_naming_assets_by_their_resolved_path_keeps_that_release(cli, tmp_path, where):
+    """review 13 (unverified suspicion 2): with /opt -> var/opt, a Kata configuration naming
+    release A's guest assets by their resolved path (/var/opt/kata/releases/A/...) did not
+    protect A: gc read the current release's configuration, and status/handler pins a
+    handler's, without the resolved prefix procscan uses, so gc deleted the image and kernel
+    the next pod boots (and stage --force would have replaced them)."""
+    node = tmp_path / "node"
+    (node / "var/opt").mkdir(parents=True)
+    os.symlink("var/opt", node / "opt")
+    (node / "proc").mkdir()  # no process uses anything
+    for v in (A, B):
+        (tmp_path / v).mkdir()
+        K(cli, node, "stage", fx.make_tarball(str(tmp_path / v), v, str(tmp_path / v), compression="gz"))
+    K(cli, node, "switch", B)
+    qemu = f"opt/kata/releases/{B}/share/defaults/kata-containers/configuration-qemu.toml"
+    text = (node / qemu).read_text().replace(f"/opt/kata/releases/{B}/share/kata-containers/",
+                                             f"/var/opt/kata/releases/{A}/share/kata-containers/")
+    assert f'image = "/var/opt/kata/releases/{A}/' in text
+    if where == "current":
+        (node / qemu).write_text(text)
+        reason = "referenced by the current configuration"
+    else:  # a handler reading its own copy; B's configurations untouched
+        (node / "etc/kata-containers").mkdir(parents=True)
+        (node / "etc/kata-containers/configuration.toml").write_text(text)
+        (node / "etc/containerd").mkdir(parents=True)
+        (node / "etc/containerd/config.toml").write_text(
+            'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]\n'
+            'runtime_type = "io.containerd.kata.v2"\n'
+            '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata.options]\n'
+            'ConfigPath = "/etc/kata-containers/configuration.toml"\n')
+        assert K(cli, node, "status")["runtimeHandlers"][0]["assetReleases"] == [A]
+        reason = "pinned by containerd handler kata"
+    d = K(cli, node, "gc", "--no-keep-previous", "--yes")
+    assert d["removed"] == [] and {k["version"]: k["reason"] for k in d["kept"]}[A] == reason, d["kept"]
+    assert (node / f"var/opt/kata/releases/{A}/share/kata-containers/kata-containers.img").exists()
+
+
 def test_status_without_proc_says_the_counts_are_unknown(cli, tmp_path):
     """review 8 (upgrade) #4: with nothing to look at (a --host-root without the node's
     /proc), status showed PROCESSES 0 for every release, exit 0, no warning, while gc

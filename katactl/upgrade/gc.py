@@ -35,11 +35,13 @@ def gc(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force
         for v, handlers in handler_pins(transport, layout).items():
             protected.setdefault(v, f"pinned by containerd handler {', '.join(handlers)}")
         in_use, stats = release_users(transport, layout, force=force, verb="removed", escape="--force")
-        # the current runtime release's configs may point at another release's assets
+        # the current runtime release's configs may point at another release's assets, also by
+        # their resolved path (/var/opt/kata/releases/V/... with /opt -> var/opt)
         if st["runtime"] and st["runtime"] != UNMANAGED:
+            real = layout.real_releases(transport)
             for f in walk_files(transport, layout.config_dir(st["runtime"]), ".toml"):
                 for _s, _k, val in configedit.asset_refs(transport.read_text(f)):
-                    v = layout.version_of_path(val)
+                    v = layout.version_of_path(val, real)
                     if v:
                         protected.setdefault(v, "referenced by the current configuration")
         removed, kept = [], []

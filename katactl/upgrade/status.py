@@ -76,7 +76,8 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
 
 def _asset_releases(transport: NodeTransport, layout: Layout, path: str | None) -> list[str]:
     """The releases whose guest assets the Kata configuration ``path`` (and its drop-ins)
-    names; [] when there is none or it cannot be read (status reports that elsewhere)."""
+    names, as ``--kata-root`` names them or resolved (Layout.real_releases); [] when there is
+    none or it cannot be read (status reports that elsewhere)."""
     from katactl import katacfg
     from katactl.errors import KatactlError
     from katactl.upgrade import configedit
@@ -90,9 +91,10 @@ def _asset_releases(transport: NodeTransport, layout: Layout, path: str | None) 
         texts += [t for _p, t in katacfg._dropins(transport, real, "go")]
     except (OSError, KatactlError):
         return []
+    rel_real = layout.real_releases(transport)
     for text in texts:
         for _s, _k, val in configedit.asset_refs(text):
-            v = layout.version_of_path(val)
+            v = layout.version_of_path(val, rel_real)
             if v:
                 found[v] = None
     return list(found)
