@@ -285,7 +285,7 @@ def test_a_configuration_naming_assets_by_their_resolved_path_keeps_that_release
     release A's guest assets by their resolved path (/var/opt/kata/releases/A/...) did not
     protect A: gc read the current release's configuration, and status/handler pins a
     handler's, without the resolved prefix procscan uses, so gc deleted the image and kernel
-    the next pod boots (and stage --force would have replaced them)."""
+    the next pod boots, and stage --force replaced those a handler's configuration names."""
     node = tmp_path / "node"
     (node / "var/opt").mkdir(parents=True)
     os.symlink("var/opt", node / "opt")
@@ -315,6 +315,11 @@ def test_a_configuration_naming_assets_by_their_resolved_path_keeps_that_release
     d = K(cli, node, "gc", "--no-keep-previous", "--yes")
     assert d["removed"] == [] and {k["version"]: k["reason"] for k in d["kept"]}[A] == reason, d["kept"]
     assert (node / f"var/opt/kata/releases/{A}/share/kata-containers/kata-containers.img").exists()
+    if where == "handler":
+        (tmp_path / "other").mkdir()
+        other = fx.make_tarball(str(tmp_path / "other"), A, str(tmp_path / "other"), compression="tar")
+        r = cli(["--host-root", str(node), "upgrade", "stage", other, "--force"])
+        assert r.exit_code == 5 and f"release {A} is pinned by containerd handler kata" in r.stderr, r.stderr
 
 
 def test_status_without_proc_says_the_counts_are_unknown(cli, tmp_path):
