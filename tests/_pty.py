@@ -31,6 +31,24 @@ def read_some(master: int, wait: float) -> bytes | None:
         return None
 
 
+def wait_reading(p: subprocess.Popen, master: int, timeout: float) -> tuple[int | None, bytes]:
+    """(exit code, or None if still running after ``timeout`` s; what the terminal showed
+    meanwhile). The terminal is read while waiting: a child writing more than the pty's buffer
+    (a live view's last frame) blocks until it is read, and a bare wait() would hang with it."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = read_some(master, 0.1)
+        if data:
+            out += data
+        elif p.poll() is not None:
+            break
+    rc = p.poll()
+    while rc is not None and (data := read_some(master, 0.2)):  # what is left after the exit
+        out += data
+    return rc, out
+
+
 def run_on_pty(argv, answer: bytes | None = None, timeout=60, **env) -> tuple[int, str]:
     """Run to the end; type ``answer`` at the first "[y/N]" prompt. (exit code, screen text)."""
     p, master = start_on_pty(argv, **env)

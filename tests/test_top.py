@@ -12,7 +12,7 @@ import pytest
 
 from katactl.lab.shimserver import Response, ShimState
 from tests._katanode import node
-from tests._pty import read_some, run_on_pty, start_on_pty
+from tests._pty import read_some, run_on_pty, start_on_pty, wait_reading
 
 
 @pytest.fixture(scope="module")
@@ -188,12 +188,8 @@ def _ctrl_c_live_top(root, ready, *extra, sig="SIGINT", interval="300s"):
             assert data is not None, out
             out += data
         p.send_signal(getattr(signal, sig))
-        try:
-            rc = p.wait(timeout=30)   # a hang guard: the scrape it abandons would take 120s
-        except subprocess.TimeoutExpired:
-            rc = None
-        while (data := read_some(master, 1)):
-            out += data
+        rc, rest = wait_reading(p, master, 30)  # a hang guard: the scrape it abandons would take 120s
+        out += rest
     finally:
         p.kill()
         p.wait()
