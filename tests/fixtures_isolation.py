@@ -419,3 +419,22 @@ def write_node_signals(root: str, k: int, *, cpu_stall: int = 0, io_stall: int =
        " 0 0 0 0 40 2\n"
        f"   8       1 sda1 10 0 80 5 20 0 160 9 0 10 14 0 0 0 0 0 0\n"
        f"   7       0 loop0 5 0 40 1 0 0 0 0 0 2 1 0 0 0 0 0 0\n")
+
+
+#: the blkio files every v1 cgroup shows (Documentation/admin-guide/cgroup-v1/blkio-controller.rst):
+#: a throttle file with no line is no limit; the stats end with the "Total N" line
+V1_BLKIO_DEFAULTS = {"blkio.throttle.read_bps_device": "", "blkio.throttle.write_bps_device": "",
+                     "blkio.throttle.read_iops_device": "", "blkio.throttle.write_iops_device": "",
+                     "blkio.throttle.io_service_bytes_recursive": "Total 0\n",
+                     "blkio.throttle.io_serviced_recursive": "Total 0\n"}
+
+
+def write_v1_blkio(root: str, path: str, files: dict[str, str] | None = None) -> None:
+    """A v1 cgroup's blkio files: the kernel's empty defaults where none was written yet, then
+    ``files`` ({file name: content}), e.g. ``blkio.throttle.write_bps_device: "8:16 1048576"``."""
+    d = "/sys/fs/cgroup/blkio" + ("" if path.strip("/") == "" else "/" + path.strip("/"))
+    for fname, text in V1_BLKIO_DEFAULTS.items():
+        if not os.path.exists(os.path.join(root, f"{d}/{fname}".lstrip("/"))):
+            _w(root, f"{d}/{fname}", text)
+    for fname, text in (files or {}).items():
+        _w(root, f"{d}/{fname}", text)

@@ -343,7 +343,10 @@ def test_audit_io_rules_v2(cli, tmp_path):
     for p in online:
         fx.write_v2_io(root, p, weight=500)
         fx.write_v2_signals(root, p, 0, io_bytes={"8:16": 1})
-    fx.write_v2_io(root, sbs[0]["pod"], weight=500)              # not below online: io.offline-weight
+    # weights count among siblings: the BE class not below the burstable one is io.offline-weight
+    fx.write_v2_io(root, "/kubepods/burstable", weight=500)
+    fx.write_v2_io(root, "/kubepods/besteffort", weight=500)
+    fx.write_v2_io(root, sbs[0]["pod"], weight=10)
     fx.write_v2_io(root, sbs[0]["sandbox"], weight=10)
     fx.write_v2_io(root, sbs[1]["pod"], weight=10, io_max={"8:16": "rbps=max wbps=1048576 riops=max wiops=max"})
     fx.write_v2_io(root, sbs[1]["sandbox"], weight=10)
@@ -355,13 +358,13 @@ def test_audit_io_rules_v2(cli, tmp_path):
     r, d = _audit(cli, root, "--policy", str(pol))
     assert r.exit_code == 8
     got = {(i["check"], i["target"]) for i in d["items"] if i["check"].startswith("io.")}
-    assert got == {("io.offline-weight", "pod batch/batch-0"),
+    assert got == {("io.offline-weight", "/kubepods/besteffort"),
                    ("io.offline-throttle", "pod batch/batch-0"),
                    ("io.shared-device", "pod batch/batch-0"),
                    ("io.weight-ineffective", "localhost")}, got
     w = next(i for i in d["items"] if i["check"] == "io.offline-weight")
     assert w["severity"] == "medium" and w["evidence"][0]["value"] == 500
-    assert w["evidence"][0]["file"].endswith(sbs[0]["pod"] + "/io.weight")
+    assert w["evidence"][0]["file"].endswith("/kubepods/besteffort/io.weight")
     sh = next(i for i in d["items"] if i["check"] == "io.shared-device")
     assert "sdb (8:16)" in sh["message"] and sh["severity"] == "high"
     # bfq on the disks, or iocost enabled: weights take effect
@@ -591,29 +594,27 @@ def test_fail_on_gone_target_is_not_unknown(cli, tmp_path, moving):
 
 
 def test_audit_io_weight_per_device(cli, tmp_path):
-    """io.weight "default 10" + "8:16 1000": on sdb the offline pod outranks online pods at
-    "default 100" (a device line overrides the default for that device, cgroup-v2.rst "IO
-    Interface Files")."""
+    """io.weight "default 10" + "8:16 1000" on kubepods/besteffort: on sdb the BE class outranks
+    its sibling kubepods/burstable at "default 100" (a device line overrides the default for
+    that device, cgroup-v2.rst "IO Interface Files"; weights count among siblings)."""
     root = str(tmp_path / "node")
     built = _node(root)
     online, sbs = _paths(built)
     fx.write_block_devices(root, scheduler="bfq")
-    for p in online:
+    for p in online + ["/kubepods/burstable"]:
         fx.write_v2_io(root, p, weight=100)
-    for s in sbs:
-        for p in (s["pod"], s["sandbox"]):
-            fx.write_v2_io(root, p, weight=10, dev_weights={"8:16": 1000})
-    with open(fx.v2_dir(root, sbs[0]["pod"]) + "/io.weight") as f:
+    for p in ["/kubepods/besteffort"] + [x for s in sbs for x in (s["pod"], s["sandbox"])]:
+        fx.write_v2_io(root, p, weight=10, dev_weights={"8:16": 1000})
+    with open(fx.v2_dir(root, "/kubepods/besteffort") + "/io.weight") as f:
         assert f.read() == "default 10\n8:16 1000\n"
     r, d = _audit(cli, root)
     found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
-    assert r.exit_code == 8 and len(found) == 4, d["items"]
-    assert all("on sdb (8:16) 1000 is not below the lowest online pod's 100" in i["message"] for i in found)
+    assert r.exit_code == 8 and len(found) == 1 and found[0]["target"] == "/kubepods/besteffort", d["items"]
+    assert "on sdb (8:16) 1000 is not below its online sibling /kubepods/burstable's 100" in found[0]["message"]
     assert found[0]["evidence"][0]["value"] == "8:16 1000" and found[0]["evidence"][1]["value"] == "8:16 100"
     assert found[0]["fix"].startswith("echo '8:16 10' > io.weight")
-    # an online pod's own line on sdb raises its weight there: no finding
-    for p in online:
-        fx.write_v2_io(root, p, weight=100, dev_weights={"8:16": 5000})
+    # the online class's own line on sdb raises its weight there: no finding
+    fx.write_v2_io(root, "/kubepods/burstable", weight=100, dev_weights={"8:16": 5000})
     r, d = _audit(cli, root)
     assert "io.offline-weight" not in {i["check"] for i in d["items"]}, d["items"]
 
@@ -629,20 +630,19 @@ def _bfq_node(tmp_path, qos_enable=0):
 def test_audit_bfq_weight_per_device_v2(cli, tmp_path):
     """bfq disks, iocost off: io.bfq.weight is the weight in effect (bfq-iosched.rst: "For
     cgroup v2, the file name is io.bfq.weight"), "default 10" + "8:16 1000" as runc writes a
-    device weight: on sdb the offline cgroups outrank the online pods."""
+    device weight: on sdb the BE class outranks its sibling, the burstable class."""
     root, online, sbs = _bfq_node(tmp_path)
-    for p in online:
+    for p in online + ["/kubepods/burstable"]:
         fx.write_v2_io(root, p, weight=100)
-    for s in sbs:
-        for p in (s["pod"], s["sandbox"]):
-            fx.write_v2_io(root, p, weight=10, bfq_dev_weights={"8:16": 1000})
-    with open(fx.v2_dir(root, sbs[0]["pod"]) + "/io.bfq.weight") as f:
+    for p in ["/kubepods/besteffort"] + [x for s in sbs for x in (s["pod"], s["sandbox"])]:
+        fx.write_v2_io(root, p, weight=10, bfq_dev_weights={"8:16": 1000})
+    with open(fx.v2_dir(root, "/kubepods/besteffort") + "/io.bfq.weight") as f:
         assert f.read() == "default 10\n8:16 1000\n"
     r, d = _audit(cli, root)
     found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
-    assert r.exit_code == 8 and len(found) == 4, d["items"]
-    assert all("BFQ I/O weight on sdb (8:16) 1000 is not below the lowest online pod's 100" in i["message"]
-               for i in found)
+    assert r.exit_code == 8 and len(found) == 1, d["items"]
+    assert "BFQ I/O weight on sdb (8:16) 1000 is not below its online sibling /kubepods/burstable's 100" \
+        in found[0]["message"]
     assert found[0]["evidence"][0]["file"].endswith("/io.bfq.weight")
     assert found[0]["fix"].startswith("echo '8:16 10' > io.bfq.weight")
 
@@ -652,17 +652,16 @@ def test_audit_bfq_weight_not_iocost_weight_on_bfq_disks(cli, tmp_path):
     under online 100, io.weight untouched "default 100" everywhere: io.weight is not in effect,
     so no finding. The same io.weight with iocost on is one."""
     root, online, sbs = _bfq_node(tmp_path)
-    for p in online:
+    for p in online + ["/kubepods/burstable"]:
         fx.write_v2_io(root, p, weight=100)
-    for s in sbs:
-        for p in (s["pod"], s["sandbox"]):
-            fx.write_v2_io(root, p, weight=100, bfq_weight=10)
+    for p in ["/kubepods/besteffort"] + [x for s in sbs for x in (s["pod"], s["sandbox"])]:
+        fx.write_v2_io(root, p, weight=100, bfq_weight=10)
     r, d = _audit(cli, root)
     assert not [i for i in d["items"] if i["check"].startswith("io.")], d["items"]
     fx.write_v2_root_io(root, qos_enable=1)
     r, d = _audit(cli, root)
     found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
-    assert len(found) == 4 and "BFQ" not in found[0]["message"], d["items"]
+    assert len(found) == 1 and "BFQ" not in found[0]["message"], d["items"]
     assert found[0]["evidence"][0]["file"].endswith("/io.weight")
 
 
@@ -676,8 +675,8 @@ def test_audit_bfq_weight_device_v1(cli, tmp_path):
     fx.build_node(root, mode="v1", online_pods=2, sandboxes=1, resctrl=False)
     fx.write_block_devices(root, scheduler="bfq")
     b = os.path.join(root, "sys/fs/cgroup/blkio/kubepods")
-    for d, w, dev in ([(d, 100, "") for d in glob.glob(b + "/burstable/pod*")]
-                      + [(d, 10, "8:16 1000\n") for d in glob.glob(b + "/besteffort/pod*")
+    for d, w, dev in ([(d, 100, "") for d in glob.glob(b + "/burstable/pod*") + [b + "/burstable"]]
+                      + [(d, 10, "8:16 1000\n") for d in glob.glob(b + "/besteffort/pod*") + [b + "/besteffort"]
                          + glob.glob(b + "/besteffort/pod*/kata_*")]):
         with open(d + "/blkio.bfq.weight", "w") as f:
             f.write(f"{w}\n")
@@ -685,9 +684,9 @@ def test_audit_bfq_weight_device_v1(cli, tmp_path):
             f.write(f"default {w}\n{dev}")
     r, d = _audit(cli, root)
     found = [i for i in d["items"] if i["check"] == "io.offline-weight"]
-    assert r.exit_code == 8 and len(found) == 2, d["items"]
-    assert all("BFQ I/O weight on sdb (8:16) 1000 is not below the lowest online pod's 100" in i["message"]
-               for i in found)
+    assert r.exit_code == 8 and len(found) == 1 and found[0]["target"] == "/kubepods/besteffort", d["items"]
+    assert "BFQ I/O weight on sdb (8:16) 1000 is not below its online sibling /kubepods/burstable's 100" \
+        in found[0]["message"]
     assert found[0]["evidence"][0] == {"file": found[0]["evidence"][0]["file"], "value": "8:16 1000"}
     assert found[0]["evidence"][0]["file"].endswith("/blkio.bfq.weight_device")
     assert found[0]["fix"].startswith("echo '8:16 10' > blkio.bfq.weight_device")

@@ -359,6 +359,17 @@ def _unreadable_knobs(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
 
 
 # -- io ----------------------------------------------------------------------------
+#
+# The kernel's hierarchy semantics, which the checks below follow:
+# - limits: cgroup v2 io.max binds the whole subtree, v1 blk-throttle binds the cgroup's own
+#   threads only (linux block/blk-throttle.c throtl_pd_init: "If on the default hierarchy ...
+#   limits on a given throtl_grp are applied to the whole subtree ... If not on the default
+#   hierarchy, the broken flat hierarchy behavior is retained ... Limits of a group don't
+#   interact with limits of other groups regardless of the position of the group");
+# - weights (io.weight, io.bfq.weight, blkio.*weight*) count among siblings only
+#   (Documentation/admin-guide/cgroup-v2.rst "IO Interface Files": "the relative amount IO time
+#   the cgroup can use in relation to its siblings"; "Weights": the parent's share is divided
+#   by the active children's weights).
 
 def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     t, fs = node.t, node.fs
@@ -369,12 +380,21 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
               "mount the blkio controller (v1) or enable io in the parent's cgroup.subtree_control (v2)")
         return
     devn = node.devices
+    got: dict[str, tuple[dict | None, list[dict]]] = {}
+
+    def io_at(path: str) -> dict | None:
+        if path not in got:
+            log = cg.ReadLog()
+            got[path] = (iomod.read_io(t, fs, path, devn, log), log.unreadable)
+        return got[path][0]
+
     ios: dict[str, dict] = {}
     for r in rows:
         if r["level"] in ("pod", "sandbox", "overhead") and r["class"] in ("online", "offline"):
-            v = iomod.read_io(t, fs, r["path"], devn)
+            v = io_at(r["path"])
             if v is not None:
                 ios[r["path"]] = v
+    by_path = {r["path"]: r for r in rows}
     d = fs.dir("blkio", "/") if ver == 1 else fs._join(fs.v2, "/")
     sched = iomod.schedulers(t, devn)
     root = iomod.read_io(t, fs, "/", devn) or {}
@@ -382,12 +402,11 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     real = [mm for mm, name in devn.items() if not name.startswith(("loop", "ram", "zram", "dm-"))]
     bfq_on = {mm for mm in real if sched.get(mm) == "bfq"}
 
-    def w_of(r, mm=None, kind="weight"):
-        return iomod.effective_weight(ios.get(r["path"]), mm, kind)
+    def w_of(path, mm=None, kind="weight"):
+        return iomod.effective_weight(io_at(path), mm, kind)
 
-    def ev(r, what, value):
-        return {"file": f"{fs.dir('blkio', r['path']) if ver == 1 else fs._join(fs.v2, r['path'])}/{what}",
-                "value": value}
+    def ev(path, what, value):
+        return {"file": f"{fs.dir('blkio', path) if ver == 1 else fs._join(fs.v2, path)}/{what}", "value": value}
 
     pods = [r for r in rows if r["level"] == "pod" and r["path"] in ios]
     off_rows = [r for r in rows if r["class"] == "offline" and r["level"] in ("pod", "sandbox")]
@@ -395,42 +414,109 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     # blkio.bfq.weight[_device] on v1: Documentation/block/bfq-iosched.rst), io.weight where
     # iocost is on (io.cost.qos enable=1). A disk with neither obeys none (io.weight-ineffective
     # below): then the weights are compared as set, io.weight first.
-    def has(r, kind):
-        return isinstance(w_of(r, None, kind), int)
+    def has(path, kind):
+        return isinstance(w_of(path, None, kind), int)
 
     kinds: dict[str, set[str] | None] = {k: devs for k, devs in (("weight", qos_on), ("bfqWeight", bfq_on)) if devs}
     if not kinds:
-        kinds = {next((k for k in iomod.WEIGHT_KINDS if any(has(r, k) for r in pods + off_rows)), "weight"): None}
+        kinds = {next((k for k in iomod.WEIGHT_KINDS if any(has(r["path"], k) for r in pods + off_rows)),
+                      "weight"): None}
+    # An offline pod and an online pod compete through the children of their nearest common
+    # ancestor: kubepods/besteffort against kubepods/burstable (or a Guaranteed pod), or the two
+    # pods themselves when they are siblings. Only an offline-only cgroup against an online one
+    # is compared; a sandbox cgroup's weight counts only inside its pod.
+    rivals: dict[str, set[str]] = {}
+    for o in (r for r in pods if r["class"] == "offline"):
+        for on_pod in (r for r in pods if r["class"] == "online"):
+            pair = _sibling_pair(o["path"], on_pod["path"])
+            if pair and (by_path.get(pair[0]) or {}).get("class") == "offline" \
+                    and (by_path.get(pair[1]) or {}).get("class") == "online":
+                rivals.setdefault(pair[0], set()).add(pair[1])
     for kind, on in kinds.items():
-        online = [r for r in pods if r["class"] == "online" and has(r, kind)]
-        offline = [r for r in off_rows if has(r, kind)]
-        if not (pol.io.check_weight_order and online and offline):
-            continue
+        if not pol.io.check_weight_order:
+            break
         bfq = kind == "bfqWeight"
         dflt_file = ("io.bfq.weight" if bfq else "io.weight") if ver == 2 else ("blkio.bfq.weight" if bfq else
                                                                              "blkio.weight")
         dev_file = ("io.bfq.weight" if bfq else "io.weight") if ver == 2 else ("blkio.bfq.weight_device" if bfq else
                                                                             "blkio.weight_device")
         span = "1..1000" if bfq else "1..10000" if ver == 2 else "10..1000"
-        # a device's own line (io.weight "8:16 200", blkio.bfq.weight_device) overrides the
-        # default for that device (cgroup-v2.rst "IO Interface Files"): compare per device too
-        own = sorted({e["device"] for r in online + offline for e in ios[r["path"]]["devices"]
-                      if isinstance(e.get(kind), int) and (on is None or e["device"] in on)},
-                     key=lambda mm: tuple(int(x) for x in mm.split(":")))
-        for mm in [None, *own]:
-            lo = min(online, key=lambda r: w_of(r, mm, kind))
-            where = f" on {devn.get(mm, mm)} ({mm})" if mm else ""
-            for r in offline:
-                if w_of(r, mm, kind) >= w_of(lo, mm, kind):
-                    f.add("io.offline-weight", _target(r),
-                          f"offline {'Kata sandbox' if r.get('sandbox') else 'pod'} {'BFQ ' if bfq else ''}I/O "
-                          f"weight{where} {w_of(r, mm, kind)} is not below the lowest online pod's "
-                          f"{w_of(lo, mm, kind)} ({_target(lo)})",
-                          [ev(r, dev_file if mm else dflt_file, f"{mm} {w_of(r, mm, kind)}" if mm else w_of(r, None, kind)),
-                           ev(lo, dev_file if mm else dflt_file,
-                              f"{mm} {w_of(lo, mm, kind)}" if mm else w_of(lo, None, kind))],
-                          (f"lower the offline cgroup's {dflt_file} (e.g. 10; {span}) or raise the online pods'")
-                          if not mm else f"echo '{mm} 10' > {dev_file} on the offline cgroup, or remove its device line")
+        for a in sorted(rivals):
+            online = sorted(b for b in rivals[a] if has(b, kind))
+            if not (has(a, kind) and online):
+                continue
+            # a device's own line (io.weight "8:16 200", blkio.bfq.weight_device) overrides the
+            # default for that device (cgroup-v2.rst "IO Interface Files"): compare per device too
+            own = sorted({e["device"] for p in [a, *online] for e in (io_at(p) or {}).get("devices", [])
+                          if isinstance(e.get(kind), int) and (on is None or e["device"] in on)},
+                         key=lambda mm: tuple(int(x) for x in mm.split(":")))
+            ra = by_path[a]
+            what = "QoS class" if ra["level"] == "qos" else "Kata pod" if ra.get("sandbox") else "pod"
+            for mm in [None, *own]:
+                lo = min(online, key=lambda b: w_of(b, mm, kind))
+                if w_of(a, mm, kind) < w_of(lo, mm, kind):
+                    continue
+                where = f" on {devn.get(mm, mm)} ({mm})" if mm else ""
+                f.add("io.offline-weight", _target(ra),
+                      f"offline {what} {'BFQ ' if bfq else ''}I/O weight{where} {w_of(a, mm, kind)} is not below "
+                      f"its online sibling {_target(by_path[lo])}'s {w_of(lo, mm, kind)} (weights count among "
+                      "siblings only)",
+                      [ev(p, dev_file if mm else dflt_file, f"{mm} {w_of(p, mm, kind)}" if mm else w_of(p, None, kind))
+                       for p in (a, lo)],
+                      (f"lower {a}'s {dflt_file} (e.g. 10; {span}) or raise {lo}'s")
+                      if not mm else f"echo '{mm} 10' > {dev_file} in {a}, or remove its device line")
+
+    held: dict[str, list[str]] = {}
+
+    def holders(r: dict) -> list[str]:
+        """The cgroups whose own limits bind a pod's threads on v1 (flat): those of the pod's
+        subtree and of its sandbox's /kata_overhead/<id> that hold threads (Kata moves only
+        the vCPU TIDs on v1: kata-containers src/runtime/pkg/resourcecontrol/cgroups.go
+        AddThread -> tasks), else where they will be. On v2 the pod itself: its io.max and its
+        ancestors' bind the whole subtree, the VMM included (a v2 AddThread moves the process)."""
+        pod = r["path"]
+        if ver == 2:
+            return [pod]
+        if pod not in held:
+            below = [x["path"] for x in rows if x["path"].startswith(pod + "/")]
+            busy = [c for c in [pod, *below, *overhead_of(r)] if _holds_tasks(t, fs.dir("blkio", c)) is not False]
+            held[pod] = busy or below + overhead_of(r) or [pod]
+        return held[pod]
+
+    def overhead_of(r: dict) -> list[str]:
+        return [x["path"] for x in rows if x["level"] == "overhead" and r.get("sandbox")
+                and x.get("sandbox") == r["sandbox"]]
+
+    def chain(path: str) -> list[str]:
+        """The cgroups whose limit binds ``path``: itself on v1, it and its ancestors on v2."""
+        parts = [p for p in cg.norm_cgpath(path).split("/") if p]
+        return ["/" + "/".join(parts[:i]) for i in range(len(parts), 0, -1)] if ver == 2 else [path]
+
+    def unthrottled(r: dict, mm: str) -> tuple[list[str], list[dict]]:
+        """(holders no limit on ``mm`` binds, files that could not be read on their chains)."""
+        bad, unread = [], []
+        for h in holders(r):
+            c = chain(h)
+            if not any(_throttled_on(io_at(p), mm) for p in c):
+                bad.append(h)
+                unread += [u for p in c for u in got[p][1] if u["file"].endswith(THROTTLE_FILES)]
+        return bad, unread
+
+    def throttle_evidence(r: dict, bad: list[str], mm: str) -> list[dict]:
+        fname = "blkio.throttle.read_bps_device" if ver == 1 else "io.max"
+        paths = [r["path"], *[h for h in bad if h != r["path"]]] if ver == 1 else chain(r["path"])
+        return [ev(p, fname, [e for e in (io_at(p) or {}).get("devices", []) if e["device"] == mm] or "no line")
+                for p in paths]
+
+    def throttle_fix(r: dict, bad: list[str], mm: str) -> str:
+        if ver == 2:
+            return (f"echo '{mm} wbps=<bytes/s> rbps=<bytes/s>' > io.max in the pod cgroup or an ancestor "
+                    "(kubepods/besteffort: every BestEffort pod below it)")
+        return (f"echo '{mm} <bytes/s>' > blkio.throttle.write_bps_device (and read_bps/iops) in "
+                f"{', '.join(bad)}: on cgroup v1 a limit binds only the threads in that cgroup itself; Kata "
+                "creates its cgroups with the sandbox (or move to cgroup v2, where io.max on kubepods/besteffort "
+                "limits every pod below it)")
+
     specs = [s.strip() for s in pol.io.offline_devices.split(",") if s.strip()]
     off_pods = [r for r in rows if r["class"] == "offline" and r["level"] == "pod" and r["path"] in ios]
     if specs:
@@ -442,35 +528,60 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                   "fix [io] offline_devices in the policy (device names or MAJ:MIN)")
         for r in off_pods:
             for mm in targets:
-                if not _throttled_on(ios, r, mm):
+                bad, unread = unthrottled(r, mm)
+                if not bad:
+                    continue
+                dev = f"{devn.get(mm, mm)} ({mm})"
+                evid = throttle_evidence(r, bad, mm)
+                if unread:
+                    f.unknown("io.offline-throttle", _target(r), f"the throttle on {dev} could not be read",
+                              unread, "run katactl with read access to the node's cgroup files")
+                elif ver == 1 and _throttled_on(io_at(r["path"]), mm):
                     f.add("io.offline-throttle", _target(r),
-                          f"offline pod has no bps/iops throttle on the offline data device {devn.get(mm, mm)} ({mm})",
-                          [ev(r, "blkio.throttle.read_bps_device" if ver == 1 else "io.max",
-                              [e for e in ios[r["path"]]["devices"] if e["device"] == mm] or "no line")],
-                          (f"echo '{mm} <bytes/s>' > blkio.throttle.write_bps_device (and read_bps/iops)"
-                           if ver == 1 else f"echo '{mm} wbps=<bytes/s> rbps=<bytes/s>' > io.max")
-                          + " on the pod cgroup")
+                          f"offline pod's throttle on {dev} is on the pod cgroup, which cgroup v1 does not apply "
+                          f"to the cgroups below it (blk-throttle is flat): none in {', '.join(bad)}",
+                          evid, throttle_fix(r, bad, mm))
+                else:
+                    f.add("io.offline-throttle", _target(r),
+                          f"offline pod has no bps/iops throttle on the offline data device {dev}"
+                          + (", nor has any cgroup above it" if ver == 2
+                             else f" in {', '.join(bad)}" if bad != [r["path"]] else ""),
+                          evid, throttle_fix(r, bad, mm))
     if pol.io.check_shared_devices and off_pods:
+        # on v1 the VMM's I/O threads are in /kata_overhead/<id>, outside the pod's counters
         used = {r["path"]: iomod.devices_used(t, fs, r["path"]) for r in rows
-                if r["level"] == "pod" and r["class"] in ("online", "offline")}
+                if (r["level"] == "pod" or r["level"] == "overhead" and ver == 1)
+                and r["class"] in ("online", "offline")}
         for r in off_pods:
-            mine = used.get(r["path"]) or {}
+            srcs = [r["path"]] + (overhead_of(r) if ver == 1 else [])
+            mine: dict[str, tuple[str, int]] = {}
+            for s in srcs:
+                for mm, n in (used.get(s) or {}).items():
+                    if n > mine.get(mm, ("", 0))[1]:
+                        mine[mm] = (s, n)
             for mm in sorted(mine):
-                if _throttled_on(ios, r, mm):
+                bad, unread = unthrottled(r, mm)
+                if not bad:
                     continue
                 sharers = [o for o in pods if o["class"] == "online" and mm in (used.get(o["path"]) or {})]
-                if sharers:
-                    names = ", ".join(_target(o) for o in sharers[:3]) + (" ..." if len(sharers) > 3 else "")
-                    f.add("io.shared-device", _target(r),
-                          f"offline pod does unthrottled I/O on {devn.get(mm, mm)} ({mm}), which online "
-                          f"{'pods use' if len(sharers) > 1 else 'pod uses'} too: {names}",
-                          [ev(r, "blkio.throttle.io_service_bytes_recursive" if ver == 1 else "io.stat",
-                              f"{mm} {mine[mm]} bytes"),
-                           ev(sharers[0], "blkio.throttle.io_service_bytes_recursive" if ver == 1 else "io.stat",
-                              f"{mm} {(used.get(sharers[0]['path']) or {})[mm]} bytes")],
-                          "give offline work its own data disk, or throttle it on this device "
-                          + ("(blkio.throttle.*_device)" if ver == 1 else "(io.max)"))
-    weighted_rows = [r for r in pods + off_rows if any(has(r, k) for k in iomod.WEIGHT_KINDS)]
+                if not sharers:
+                    continue
+                stat = "blkio.throttle.io_service_bytes_recursive" if ver == 1 else "io.stat"
+                evid = [ev(mine[mm][0], stat, f"{mm} {mine[mm][1]} bytes"),
+                        ev(sharers[0]["path"], stat, f"{mm} {(used.get(sharers[0]['path']) or {})[mm]} bytes")]
+                dev = f"{devn.get(mm, mm)} ({mm})"
+                if unread:
+                    f.unknown("io.shared-device", _target(r), f"the throttle on {dev} could not be read",
+                              evid + unread, "run katactl with read access to the node's cgroup files")
+                    continue
+                names = ", ".join(_target(o) for o in sharers[:3]) + (" ..." if len(sharers) > 3 else "")
+                f.add("io.shared-device", _target(r),
+                      f"offline pod does unthrottled I/O on {dev}, which online "
+                      f"{'pods use' if len(sharers) > 1 else 'pod uses'} too: {names}",
+                      evid + throttle_evidence(r, bad, mm),
+                      "give offline work its own data disk, or throttle it on this device: "
+                      + throttle_fix(r, bad, mm))
+    weighted_rows = [r for r in pods + off_rows if any(has(r["path"], k) for k in iomod.WEIGHT_KINDS)]
     if (pol.io.check_weight_effective and any(r["class"] == "online" for r in weighted_rows)
             and any(r["class"] == "offline" for r in weighted_rows)):
         if real and not (bfq_on or qos_on & set(real)):
@@ -483,11 +594,36 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                   f"echo '<maj:min> enable=1' > {d}/{'blkio.cost.qos' if ver == 1 else 'io.cost.qos'}")
 
 
-def _throttled_on(ios: dict, r: dict, mm: str) -> bool:
-    for e in ios.get(r["path"], {}).get("devices", []):
-        if e["device"] == mm and e.get("throttled"):
-            return True
-    return False
+def _sibling_pair(a: str, b: str) -> tuple[str, str] | None:
+    """The children of ``a``'s and ``b``'s nearest common ancestor on their paths (the two
+    cgroups whose weights decide between them), None when one path contains the other."""
+    pa, pb = ([p for p in cg.norm_cgpath(x).split("/") if p] for x in (a, b))
+    i = 0
+    while i < min(len(pa), len(pb)) and pa[i] == pb[i]:
+        i += 1
+    if i >= len(pa) or i >= len(pb):
+        return None
+    return "/" + "/".join(pa[:i + 1]), "/" + "/".join(pb[:i + 1])
+
+
+def _holds_tasks(t: NodeTransport, d: str | None) -> bool | None:
+    """Whether a v1 cgroup directory lists threads in ``tasks``; None when that is unknown."""
+    if d is None:
+        return None
+    try:
+        return bool(t.read_text(f"{d}/tasks").split())
+    except OSError:
+        return None
+
+
+#: the files that hold a cgroup's bps/iops limits (v1 blkio, v2 io)
+THROTTLE_FILES = ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device",
+                  "blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device", "/io.max")
+
+
+def _throttled_on(io: dict | None, mm: str) -> bool:
+    """A finite bps/iops limit on device ``mm`` in this cgroup's own files."""
+    return any(e["device"] == mm and e.get("throttled") for e in (io or {}).get("devices", []))
 
 
 # -- rdt ---------------------------------------------------------------------------

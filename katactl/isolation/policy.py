@@ -33,8 +33,11 @@ CHECKS: dict[str, tuple[str, str]] = {
     "rdt.offline-threads": ("medium", "offline sandboxes' vCPU threads sit in the BE group"),
     "rdt.unreadable": ("low", "every resctrl file could be read and parsed"),
     "io.unsupported": ("info", "neither the blkio (v1) nor the io (v2) controller is available"),
-    "io.offline-weight": ("medium", "offline Kata sandboxes / BE pods have a lower I/O weight than online pods"),
-    "io.offline-throttle": ("high", "offline pods are throttled (bps or iops) on the offline data devices"),
+    "io.offline-weight": ("medium", "offline cgroups have a lower I/O weight than their online siblings "
+                                    "(kubepods/besteffort below kubepods/burstable)"),
+    "io.offline-throttle": ("high", "offline pods are throttled (bps or iops) on the offline data devices where "
+                                    "the kernel applies it (v1: each cgroup holding the VM's threads; v2: io.max "
+                                    "of the pod or an ancestor)"),
     "io.shared-device": ("high", "no online pod shares a device with an offline sandbox that has no throttle there"),
     "io.weight-ineffective": ("low", "I/O weights take effect (bfq scheduler or io.cost.qos enabled on the device)"),
     "kata.vcpu-cgroup": ("high", "every vCPU thread is inside its sandbox cgroup"),
