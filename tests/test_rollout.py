@@ -343,7 +343,18 @@ def _hand_edit_state(kube_api, name: str, fn) -> None:
     lambda st: st.update(plan=None),
     lambda st: st.update(batch="2"),
     lambda st: st["nodes"]["n0"].update(step="1"),
-], ids=["no-phase", "nodes-list", "plan-null", "batch-string", "step-string"])
+    # review 13: shapes the engine cannot run (a KeyError, an AttributeError, or Succeeded with
+    # a node never done); abort too, which crashed on them
+    lambda st: st["plan"].update(batches=[["zz"]]),
+    lambda st: st["plan"].update(batches=["n0"]),
+    lambda st: st["plan"].update(batches=[["n0"], ["n0"]]),
+    lambda st: st["plan"].update(batches=[]),
+    lambda st: st["plan"]["nodes"].update(n0=5),
+    lambda st: st["plan"].pop("name"),
+    lambda st: st["plan"].update(steps=["cordon", 5]),
+], ids=["no-phase", "nodes-list", "plan-null", "batch-string", "step-string", "batch-unknown-node",
+        "batches-string", "batch-node-twice", "batch-node-missing", "plan-node-int", "plan-no-name",
+        "plan-step-int"])
 def test_a_hand_edited_state_of_the_wrong_shape_is_one_error_line(kube, kc, kube_api, katactl_bin, cli, edit):
     """Valid JSON of the wrong shape: status, resume and abort exit 1 with one line naming the
     ConfigMap (abort never 'Aborted' with n0 still cordoned); list leaves it out with a
@@ -515,6 +526,29 @@ def test_a_stored_plan_resumes_and_aborts_whatever_katactl_checks_since(cli, kub
     assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
     assert "no longer validates" in a.stderr and "cordon records" in a.stderr
     assert unschedulable(kube) == {"n0": False, "n1": False, "n2": False, "n9": True}
+
+
+def test_abort_restores_a_rollout_whose_stored_plan_lost_a_field_check_state_does_not_check(cli, kube, kc):
+    """A stored plan of the right shape that Plan.from_dict still cannot read (a hand-edited
+    'backend' gone: KeyError, not a UsageError) is aborted from the nodes' cordon records, not
+    "unexpected KeyError"; resume refuses it with one line naming the way out (review 13)."""
+    fleet(kube, 3)
+    r = ro(cli, kc, "run", "r27", "-N", "n1,n2", "--canary", "1", "--step", "cordon", "--step", "check",
+           "--poll", "0.1", "-o", "json")
+    assert r.json()["phase"] == "Paused", r.stderr
+    other = next(n for n in ("n1", "n2") if r.json()["items"][0]["name"] != n)
+    _edit_state(kube, "r27", lambda st: (st["plan"].pop("backend"), st.update(phase="Running"),
+                                         st["nodes"][other].update(phase="running", step=1, wasUnschedulable=False)))
+    _cordon_as_rollout(kube, "r27", other)
+    r = ro(cli, kc, "resume", "r27", "-o", "json")
+    assert r.exit_code == 1 and "is not a rollout plan (KeyError 'backend')" in r.stderr, r.stderr
+    assert "rollout abort r27" in r.stderr and "unexpected" not in r.stderr
+    d = ro(cli, kc, "abort", "r27", "--dry-run", "-o", "json")
+    assert d.exit_code == 0 and d.json()["wouldUncordon"] == [other], d.stderr
+    a = ro(cli, kc, "abort", "r27", "-o", "json")
+    assert a.exit_code == 0 and a.json()["phase"] == "Aborted", a.stderr
+    assert "no longer validates (KeyError" in a.stderr and "cordon records" in a.stderr
+    assert not any(unschedulable(kube).values())
 
 
 def _edit_state(kube, name, fn):

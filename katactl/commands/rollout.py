@@ -716,7 +716,7 @@ def resume_cmd(
     """
     from katactl import audit
     from katactl.errors import Refused, UsageError
-    from katactl.rollout.plan import Plan
+    from katactl.rollout.plan import SHAPE_ERRORS, Plan, shape_error
 
     app_ctx = state(ctx)
     store, st = _load(app_ctx, name, state_backend, lock_namespace)
@@ -730,11 +730,16 @@ def resume_cmd(
         return
     if st["phase"] == "Aborted":
         raise Refused(f"rollout {name} was aborted: start a new rollout (another NAME) instead")
+    hint = f"'katactl rollout abort {name}' restores its nodes from their cordon records"
     try:
         plan = Plan.from_dict(st["plan"])
     except UsageError as e:  # a step or value a later katactl refuses: abort still restores
-        raise UsageError(f"the stored plan of rollout {name} no longer validates: {e.message}",
-                         hint=f"'katactl rollout abort {name}' restores its nodes from their cordon records") from None
+        raise UsageError(f"the stored plan of rollout {name} no longer validates: {e.message}", hint=hint) from None
+    except SHAPE_ERRORS as e:  # a field store.check_state does not check
+        from katactl.errors import OperationFailed
+
+        raise OperationFailed(f"the stored plan of rollout {name} is not a rollout plan ({shape_error(e)})",
+                              hint=hint) from None
     if dry_run:
         _dry_run(app_ctx, plan, store, st, retry=failed if retry_failed else [])
         return

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from katactl.errors import UsageError
-from katactl.rollout.policy import Policy
+from katactl.rollout.policy import Policy, short_repr
 from katactl.rollout.steps import REGISTRY, Step, parse_step
 
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?")
@@ -277,6 +277,16 @@ def make_batches(infos: list[NodeInfo], policy: Policy) -> list[list[str]]:
     return batches
 
 
+#: what Plan.from_dict raises on a stored plan of the wrong shape (hand-edited) past what
+#: store.check_state checks, rather than the UsageError of a value it refuses
+SHAPE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
+
+
+def shape_error(e: BaseException) -> str:
+    """One of SHAPE_ERRORS in a message: "KeyError 'backend'" (bounded)."""
+    return f"{type(e).__name__} {short_repr(e.args[0] if len(e.args) == 1 else e.args)}"
+
+
 @dataclasses.dataclass
 class Plan:
     name: str
@@ -323,14 +333,17 @@ class Plan:
     @classmethod
     def for_abort(cls, d: dict, warn) -> "Plan":
         """The stored plan as abort needs it: from_dict, or, when that no longer validates (a
-        step a later katactl refuses, a time zone gone from tzdata), its nodes, batches and
-        lock under the default policy, a step that no longer parses standing as one that
-        cordons: abort restores from the nodes' cordon records (the ids the state saved),
-        never from the steps, so it still uncordons exactly what the rollout cordoned."""
+        step a later katactl refuses, a time zone gone from tzdata, a field hand-edited away),
+        its nodes, batches and lock under the default policy, a step that no longer parses
+        standing as one that cordons: abort restores from the nodes' cordon records (the ids
+        the state saved), never from the steps, so it still uncordons exactly what the rollout
+        cordoned. ``d`` passed store.check_state (name, nodes, batches and steps have their
+        shape); the fields it does not check fall back to their defaults here."""
         try:
             return cls.from_dict(d)
-        except UsageError as e:
-            warn(f"the stored plan of rollout {d.get('name')} no longer validates ({e.message}): "
+        except (UsageError, *SHAPE_ERRORS) as e:
+            why = e.message if isinstance(e, UsageError) else shape_error(e)
+            warn(f"the stored plan of rollout {d.get('name')} no longer validates ({why}): "
                  "aborting it from its nodes' cordon records")
         steps = []
         for text in d.get("steps") or []:
@@ -340,8 +353,11 @@ class Plan:
                 steps.append(parse_step("cordon"))
         nodes = [NodeInfo(k, v.get("zone"), v.get("unschedulable", False), v.get("ready", True))
                  for k, v in d["nodes"].items()]
-        return cls(d["name"], nodes, steps, Policy(), d["batches"], d["backend"],
-                   d.get("lockNamespace", "kube-system"), float(d.get("lockTTL") or 60.0), d.get("selection") or {})
+        ns, ttl, sel = d.get("lockNamespace"), d.get("lockTTL"), d.get("selection")
+        return cls(d["name"], nodes, steps, Policy(), d["batches"], d.get("backend") or "kube",
+                   ns if isinstance(ns, str) and ns else "kube-system",
+                   float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl >= 3 else 60.0,
+                   sel if isinstance(sel, dict) else {})
 
     def describe_nodes(self) -> list[dict]:
         """One row per node: batch, zone, state now, and what it will go through."""

@@ -11,6 +11,7 @@ import decimal
 import functools
 import math
 import re
+import reprlib
 
 from katactl.errors import UsageError
 from katactl.values import parse_duration
@@ -28,6 +29,17 @@ POLL_MIN = 0.05
 _NOT_IANA = frozenset({"localtime", "posixrules"})
 
 _COUNT = re.compile(r"(\d{1,9})(%?)", re.ASCII)
+
+#: how error messages show a user's value: a plan file's value may share its parts (YAML
+#: aliases), so a plain repr() or str() of ~1 KB of YAML can expand to 9^9 leaves
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 200, 200, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
+
+
+def short_repr(v) -> str:
+    """repr(v), bounded (nesting, items, string length) for messages."""
+    return _REPR.repr(v)
 
 
 @dataclasses.dataclass(frozen=True)

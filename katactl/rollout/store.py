@@ -789,18 +789,31 @@ def _int(v) -> bool:
 def check_state(st: dict) -> dict:
     """``st`` (a loaded state, a JSON object) has the shape every command relies on, else
     ValueError saying what is wrong (a hand-edited state): the fields the engine and the
-    summary index, a plan whose nodes are the node records', each record's phase, step,
-    batch and attempts."""
+    summary index, a plan whose nodes are the node records' and whose batches hold each of
+    them once, each record's phase, step, batch and attempts."""
     for k in ("name", "phase"):
         if not isinstance(st.get(k), str):
             raise ValueError(f"the state's {k!r} is not a string")
     if not _int(st.get("batch", 0)):
         raise ValueError("the state's 'batch' is not a whole number")
     plan, nodes = st.get("plan"), st.get("nodes")
-    if not isinstance(plan, dict) or not isinstance(plan.get("nodes"), dict) \
-            or not isinstance(plan.get("batches"), list) or not isinstance(plan.get("steps"), list) \
-            or not isinstance(plan.get("policy"), dict):
-        raise ValueError("the state's 'plan' is not a rollout plan (nodes, batches, steps, policy)")
+    if not isinstance(plan, dict) or not isinstance(plan.get("name"), str) \
+            or not isinstance(plan.get("nodes"), dict) or not isinstance(plan.get("batches"), list) \
+            or not isinstance(plan.get("steps"), list) or not isinstance(plan.get("policy"), dict):
+        raise ValueError("the state's 'plan' is not a rollout plan (name, nodes, batches, steps, policy)")
+    if not all(isinstance(v, dict) for v in plan["nodes"].values()):
+        raise ValueError("the state's 'plan.nodes' are not a mapping of node names to their facts")
+    if not all(isinstance(s, str) for s in plan["steps"]):
+        raise ValueError("the state's 'plan.steps' are not step texts (strings)")
+    # the engine runs the batches' names and indexes the records by them: a name of no record
+    # crashed it, a node in no batch was never done yet the rollout Succeeded (review 13)
+    batched: list = []
+    for b in plan["batches"]:
+        if not isinstance(b, list) or not all(isinstance(n, str) for n in b):
+            raise ValueError("the state's 'plan.batches' are not lists of node names")
+        batched += b
+    if len(batched) != len(plan["nodes"]) or set(batched) != set(plan["nodes"]):
+        raise ValueError("the state's 'plan.batches' do not hold each node of its plan exactly once")
     if not isinstance(nodes, dict) or set(nodes) != set(plan["nodes"]):
         raise ValueError("the state's 'nodes' are not a record for each node of its plan")
     for n, rec in nodes.items():
