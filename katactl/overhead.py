@@ -27,15 +27,22 @@ Measured, per sandbox, over one sampling window (two samples ``interval`` apart)
   (``HugetlbPages``, never in RSS: ``enable_hugepages``) is taken out of the VMM's private
   memory (an anonymous backing). Without guest figures the VMM's private memory
   counts whole (noted on the item). Limits: docs/overhead.md.
-- ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the cgroup where the runtime keeps
-  everything but the vCPU threads. Its CPU usage, when it can be read, is the measured CPU
-  (the kernel's own accounting; the processes are the breakdown): the runtime starts in it,
-  so the VMM does too, and only the vCPU *threads* are moved to the sandbox cgroup
+- ``kata_overhead/<id>`` (``sandbox_cgroup_only = false``): the runtime starts in it, so the
+  shim, the VMM and virtiofsd do too, then it moves each vCPU thread to the sandbox cgroup
   (kata-containers ``src/runtime/virtcontainers/sandbox.go``: ``setupResourceController``,
-  ``constrainHypervisor`` -> ``AddThread``). Its memory is not overhead: memcg charges a page
-  to the cgroup of the mm's owner, the VMM's thread-group leader (linux ``mm/memcontrol.c``
-  ``get_mem_cgroup_from_mm``: ``mem_cgroup_from_task(mm->owner)``), so all the guest's RAM is
-  charged there. Memory always comes from the processes; the cgroup's is shown on the item
+  ``constrainHypervisor`` -> ``AddThread``). On cgroup v1 that is the thread alone (``AddTask``:
+  ``tasks``), so the cgroup's CPU usage, when it can be read, is the measured CPU (the kernel's
+  own accounting; the processes are the breakdown). On v2 ``AddThread`` writes the TID to
+  ``cgroup.procs`` (``src/runtime/pkg/resourcecontrol/cgroups.go``: ``cgroupsv2.Manager.AddProc``)
+  and the kernel moves the whole VMM (linux ``kernel/cgroup/cgroup.c``
+  ``cgroup_procs_write_start``: ``tsk->group_leader``): the cgroup keeps the shim and
+  virtiofsd, and each member found outside it (``/proc/<pid>/cgroup``) adds its own CPU, the
+  VMM's without its vCPU threads (``cgroup+processes``). Its memory is not overhead: memcg
+  charges a page to the cgroup of the mm's owner, the VMM's thread-group leader (linux
+  ``mm/memcontrol.c`` ``get_mem_cgroup_from_mm``: ``mem_cgroup_from_task(mm->owner)``), so
+  the guest's RAM is charged there (on v2 what the VMM touched before it moved: a migration
+  moves no charges, cgroup-v2.rst "Memory Ownership"). Memory always comes from the
+  processes; the cgroup's is shown on the item
   (``cgroup.memoryBytes``, for information). ``measured.sources`` says where each figure
   came from, ``measured.source`` joins them (``cgroup+processes``).
 
@@ -322,8 +329,8 @@ def members(sbs, table: dict[int, _Proc]) -> dict[str, dict[int, str]]:
 def _vcpu_tids(transport: NodeTransport, sbs) -> tuple[dict[int, list[int]], dict[int, str]]:
     """({vmm pid: [vCPU thread ids]}, {vmm pid: why its vCPUs are unknown}). By the names of
     /proc/<pid>/task/<tid>; a QEMU without debug-threads=on names none: then as
-    :func:`katactl.isolation.threads.identify_vcpus` (QMP query-cpus-fast, else the sandbox
-    cgroup where the runtime moved them)."""
+    :func:`katactl.isolation.threads.identify_vcpus` (QMP query-cpus-fast, else, on cgroup v1,
+    the sandbox cgroup where the runtime moved them)."""
     from katactl.isolation import threads as th
 
     vmms = {sb.hypervisor_pid: sb for sb in sbs if sb.hypervisor_pid}
@@ -471,6 +478,7 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
                 except KatactlError:
                     pass
     cg_files = {f for d in cg_of.values() for f in d.values()}
+    placed = _v2_placement(transport, fs, [s for s in sbs if s.id in cg_of], mem) if cg_of else {}
     # the members' /proc/<pid>/stat and status in one batched read per sample, on this host
     # too: psutil's per-process calls cost 2-3x as much (400 processes: 0.04-0.05 s a sample)
     facts = procfacts.TransportProcessFacts(transport)
@@ -484,7 +492,7 @@ def measure_node(transport: NodeTransport, *, interval: float = 1.0, refs=None, 
     for sb in sbs:
         g = guest.get(sb.id)
         items.append(_item(sb, mem[sb.id], sharers, threads, vcpus_unknown, a, b, dt, g, cg_of.get(sb.id),
-                           declared, fs))
+                           declared, fs, placed.get(sb.id)))
     return items
 
 
@@ -515,7 +523,7 @@ def _pod_matches(sb, ref: str) -> bool:
 
 
 def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, str], a: _Sample, b: _Sample,
-          dt: float, g, cg: dict | None, declared: Declared, fs) -> dict:
+          dt: float, g, cg: dict | None, declared: Declared, fs, placed: dict[int, bool | None] | None = None) -> dict:
     from katactl import metrics
     from katactl.sandbox import pod_ref
 
@@ -530,6 +538,7 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
     guest_used = metrics.sandbox_guest_used(sb, g, metrics.balloon_bytes(g), resident=True) if g else None
     procs = []
     mem_total, cpu_total, cpu_known = 0, 0.0, dt > 0
+    guest_cpu: dict[int, float] = {}  # VMM pid -> its vCPU threads' millicores
     for pid, role in sorted(mem.items(), key=lambda kv: (_ROLE_ORDER.get(kv[1], 9), kv[0])):
         sa, sb_ = a.procs.get(pid), b.procs.get(pid)
         share = sharers.get(pid, 1)
@@ -560,6 +569,7 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
                 vt = sum(max(0, b.vcpu.get((pid, tid), 0) - a.vcpu.get((pid, tid), 0))
                          for tid in threads[pid] if (pid, tid) in a.vcpu and (pid, tid) in b.vcpu)
                 secs = max(0.0, secs - vt / USER_HZ)
+                guest_cpu[pid] = vt / USER_HZ / dt * 1000.0
             cpu = secs / dt * 1000.0
         elif dt > 0:
             cpu_known = False
@@ -607,13 +617,18 @@ def _item(sb, mem: dict[int, str], sharers, threads, vcpus_unknown: dict[int, st
     if sb.overhead_cgroup_path and sb.sandbox_cgroup_only is not True:
         cgroup = _cgroup_item(sb.overhead_cgroup_path, cg, a, b, dt, fs)
         # CPU only: the cgroup's memory holds the guest's RAM (see the module docstring)
-        if cgroup.get("cpuMillis") is not None:
+        if cgroup.get("cpuMillis") is not None and placed is None:
             cpu_meas, sources["cpuMillis"] = cgroup["cpuMillis"], "cgroup"
+        elif cgroup.get("cpuMillis") is not None and not vmm_gone:
+            got = _v2_cgroup_cpu(cgroup, procs, placed or {}, guest_cpu, notes)
+            if got is not None:
+                cpu_meas, sources["cpuMillis"] = got
     # nothing measured (the sandbox stopped between discovery and the samples, or its VMM did) is not "no overhead":
     # null, left out of the node sums and the suggestions
     measured = None if vmm_gone or (mem_meas is None and cpu_meas is None) else {
         "memoryBytes": mem_meas, "cpuMillis": cpu_meas,
-        "source": "+".join(sorted({v for v in sources.values() if v})) or None, "sources": sources}
+        "source": "+".join(sorted({s for v in sources.values() if v for s in v.split("+")})) or None,
+        "sources": sources}
     rc, dec = declared.lookup(sb.pod)
     if dec.get("note"):
         notes.append(dec["note"])
@@ -667,6 +682,66 @@ def _cgroup_item(path: str, files: dict | None, a: _Sample, b: _Sample, dt: floa
         if ua is not None and ub is not None:
             out["cpuMillis"] = round(max(0, ub - ua) / 1e9 / dt * 1000.0)
     return out
+
+
+def _v2_placement(transport: NodeTransport, fs, sbs, mem: dict[str, dict[int, str]]
+                  ) -> dict[str, dict[int, bool | None]]:
+    """{sandbox id: {member pid: inside its kata_overhead/<id>?}} where the CPU is accounted on
+    cgroup v2 (no v1 cpuacct): a v2 cgroup holds whole processes, and the runtime's vCPU move
+    takes the whole VMM out of kata_overhead (see the module docstring). None: unknown (gone,
+    unreadable, another cgroup namespace)."""
+    from katactl.isolation.cgroups import parse_proc_cgroup
+    from katactl.isolation.threads import inside, outside_own_ns
+
+    if fs is None or "cpuacct" in fs.v1 or fs.v2 is None:
+        return {}
+    pids = sorted({p for sb in sbs for p in mem[sb.id]})
+    got = transport.read_many([f"/proc/{p}/cgroup" for p in pids], limit=4096) if pids else {}
+    out: dict[str, dict[int, bool | None]] = {}
+    for sb in sbs:
+        row: dict[int, bool | None] = {}
+        for p in mem[sb.id]:
+            raw = got.get(f"/proc/{p}/cgroup")
+            path = parse_proc_cgroup(raw.decode("utf-8", "replace")).get("unified") if isinstance(raw, bytes) else None
+            row[p] = None if path is None or outside_own_ns(path) else inside(path, sb.overhead_cgroup_path)
+        out[sb.id] = row
+    return out
+
+
+def _v2_cgroup_cpu(cgroup: dict, procs: list[dict], placed: dict[int, bool | None], guest_cpu: dict[int, float],
+                   notes: list[str]) -> tuple[int, str] | None:
+    """(millicores, source) of a sandbox whose kata_overhead/<id> is a v2 cgroup: its usage, plus
+    the members outside it (the VMM the runtime moved, with its children), each without its
+    vCPU threads; a VMM still inside has its vCPU threads' taken out of the usage. None (the
+    processes' figure stands) where a member's place or its own CPU is unknown."""
+    total, added, why, took = float(cgroup["cpuMillis"]), [], None, False
+    for p in procs:
+        pid = p["pid"]
+        if pid is None or p.get("gone"):
+            continue  # the shim counted from its /metrics runs in the cgroup; a gone member did run
+        where = placed.get(pid)
+        if where is None:
+            why = f"where {p['role']} pid {pid} runs is unknown (/proc/{pid}/cgroup)"
+        elif where and p["role"] in ("vmm", "shim+vmm"):
+            if pid not in guest_cpu:
+                why = f"the {p['role']} pid {pid} in it runs the guest's vCPU threads too"
+            else:
+                total -= guest_cpu[pid]
+                took = True
+        elif not where:
+            if p["cpuMillis"] is None:
+                why = f"the CPU of {p['role']} pid {pid} outside it is unknown"
+            else:
+                total += p["cpuMillis"]
+                added.append(f"{p['role']} pid {pid}")
+        if why:
+            notes.append(f"cgroup v2: {cgroup['path']}'s CPU not used: {why}")
+            return None
+    if added:
+        notes.append(f"cgroup v2: {', '.join(added)} not in {cgroup['path']} (the runtime's move of the vCPU "
+                     "threads takes the whole VMM into the sandbox cgroup): its CPU without its vCPU threads' "
+                     "added to the cgroup's")
+    return max(0, round(total)), "cgroup+processes" if added or took else "cgroup"
 
 
 def _ratio(measured, declared) -> float | None:
