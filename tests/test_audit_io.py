@@ -182,3 +182,21 @@ def test_v2_unreadable_ancestor_io_max_is_unknown(cli, tmp_path):
     assert r.exit_code == 8 and len(found) == 2 and {f["status"] for f in found} == {"unknown"}, found
     assert found[0]["evidence"][0]["file"] == "/sys/fs/cgroup/kubepods/besteffort/io.max", found[0]
     assert found[0]["message"] == "not checked: the throttle on sdb (8:16) could not be read"
+
+
+def test_weights_ineffective_on_the_shared_disk(cli, tmp_path):
+    """bfq on the system disk sda only, iocost off: the weights do nothing on sdb, the disk
+    online and offline pods share (and the offline data disk), even though one disk has bfq."""
+    root = str(tmp_path / "node")
+    online, pods = _v2_node(root)
+    fx.write_v2_root_io(root, qos_enable=0)
+    fx.write_block_devices(root, {"8:0": "sda"}, scheduler="bfq")
+    fx.write_v2_io(root, "/kubepods/burstable", weight=1000)
+    fx.write_v2_io(root, "/kubepods/besteffort", weight=10)
+    r, d = _audit(cli, root)
+    (f,) = _io(d, "io.weight-ineffective")
+    assert r.exit_code == 8 and "sdb (8:16)" in f["message"] and "sda" not in f["message"], f["message"]
+    assert {"file": "/sys/dev/block/8:16/queue/scheduler", "value": "mq-deadline"} in f["evidence"], f["evidence"]
+    fx.write_block_devices(root, {"8:16": "sdb"}, scheduler="bfq")
+    r, d = _audit(cli, root)
+    assert not _io(d, "io.weight-ineffective"), d["items"]

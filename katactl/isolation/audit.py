@@ -519,8 +519,12 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
 
     specs = [s.strip() for s in pol.io.offline_devices.split(",") if s.strip()]
     off_pods = [r for r in rows if r["class"] == "offline" and r["level"] == "pod" and r["path"] in ios]
+    targets = [mm for mm in devn if any(iomod.match_device(s, mm, devn) for s in specs)]
+    # on v1 the VMM's I/O threads are in /kata_overhead/<id>, outside the pod's counters
+    used = {r["path"]: iomod.devices_used(t, fs, r["path"]) for r in rows
+            if (r["level"] == "pod" or r["level"] == "overhead" and ver == 1)
+            and r["class"] in ("online", "offline")} if off_pods else {}
     if specs:
-        targets = [mm for mm in devn if any(iomod.match_device(s, mm, devn) for s in specs)]
         if not targets:
             f.add("io.offline-throttle", t.node,
                   f"none of the offline data devices {', '.join(specs)} exists on the node",
@@ -548,10 +552,6 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                              else f" in {', '.join(bad)}" if bad != [r["path"]] else ""),
                           evid, throttle_fix(r, bad, mm))
     if pol.io.check_shared_devices and off_pods:
-        # on v1 the VMM's I/O threads are in /kata_overhead/<id>, outside the pod's counters
-        used = {r["path"]: iomod.devices_used(t, fs, r["path"]) for r in rows
-                if (r["level"] == "pod" or r["level"] == "overhead" and ver == 1)
-                and r["class"] in ("online", "offline")}
         for r in off_pods:
             srcs = [r["path"]] + (overhead_of(r) if ver == 1 else [])
             mine: dict[str, tuple[str, int]] = {}
@@ -584,10 +584,21 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     weighted_rows = [r for r in pods + off_rows if any(has(r["path"], k) for k in iomod.WEIGHT_KINDS)]
     if (pol.io.check_weight_effective and any(r["class"] == "online" for r in weighted_rows)
             and any(r["class"] == "offline" for r in weighted_rows)):
-        if real and not (bfq_on or qos_on & set(real)):
+        # the disks online and offline work meet on (shared, or the offline data disks): weights
+        # must take effect there, whatever another disk (the system disk) uses
+        off_used = {mm for r in off_pods for s in [r["path"], *(overhead_of(r) if ver == 1 else [])]
+                    for mm in used.get(s) or {}}
+        on_used = {mm for r in pods if r["class"] == "online" for mm in used.get(r["path"]) or {}}
+        meet = [mm for mm in real if mm in set(targets) | (off_used & on_used)]
+        idle = [mm for mm in (meet or real) if mm not in bfq_on | qos_on]
+        if idle and (meet or len(idle) == len(real)):
+            names = ", ".join(f"{devn.get(mm, mm)} ({mm})" for mm in idle[:4])
             f.add("io.weight-ineffective", t.node,
+                  (f"I/O weights are set but {names}, where online and offline pods meet, "
+                   f"use{'s' if len(idle) == 1 else ''} neither bfq nor io.cost (iocost): they have no effect there")
+                  if meet else
                   "I/O weights are set but no disk uses bfq or io.cost (iocost): they have no effect",
-                  [{"file": f"/sys/dev/block/{mm}/queue/scheduler", "value": sched.get(mm)} for mm in real[:4]]
+                  [{"file": f"/sys/dev/block/{mm}/queue/scheduler", "value": sched.get(mm)} for mm in idle[:4]]
                   + [{"file": f"{d}/{'blkio.cost.qos' if ver == 1 else 'io.cost.qos'}",
                       "value": sorted(qos_on) or "not enabled"}],
                   "echo bfq > /sys/block/<disk>/queue/scheduler, or enable iocost: "
