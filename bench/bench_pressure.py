@@ -48,8 +48,9 @@ def sampled_files(root: str) -> list[str]:
 
     node = Node(LocalTransport(root))
     extras = pressure.kernel_extras(node.t, node.fs)
-    paths = {p for tg in pressure.default_targets(node)
-             for c in pressure.target_files(node.fs, tg, extras).values() for p, _ in c}
+    tgs = pressure.default_targets(node)
+    pressure.find_containers(node.t, node.fs, tgs)  # the online pods' container cgroups too
+    paths = {p for tg in tgs for c in pressure.target_files(node.fs, tg, extras).values() for p, _ in c}
     real = [os.path.join(root, p.lstrip("/")) for p in sorted(paths)]
     return [p for p in real if os.path.isfile(p)]
 

@@ -463,10 +463,14 @@ def test_fail_on_unmeasured_is_unknown_not_passed(cli, tmp_path, moving):
     assert fo["unknown"] == [{"target": f"pod uid {built['online'][0]}", "path": path, "metric": "cpu.some",
                               "rule": "cpu.some>=0", "reason": "unsupported here: psi.cpu"}]
     assert r.stderr.count("warning: --fail-on cpu.some>=0 not measured for pod uid") == 1
-    # the node has PSI: measured, and the node has no CFS quota: cpu.throttled is not "unknown" there
+    # the node has PSI: measured; it has no CFS quota: cpu.throttled is skipped there, and with
+    # the node the only target it was measured nowhere: unknown, not passed
     r = _run(cli, root, "node", "--fail-on", "cpu.some>=0,cpu.throttled>50")
-    assert r.exit_code == 8 and r.json()["failOn"]["unknown"] == [], r.stderr
+    assert r.exit_code == 8, r.stderr
     assert [v["metric"] for v in r.json()["failOn"]["violations"]] == ["cpu.some"]
+    assert [(u["rule"], u["reason"]) for u in r.json()["failOn"]["unknown"]] == [
+        ("cpu.throttled>50", "measured on no target (the node has no CFS quota)")]
+    assert [s["rule"] for s in r.json()["failOn"]["skipped"]] == ["cpu.throttled>50"]
 
 
 # /proc/vmstat before 5.9 (mm/vmstat.c vmstat_text): one workingset_refault counter, split
@@ -533,7 +537,9 @@ def test_fail_on_default_targets_on_v1_without_cgroup_psi(cli, tmp_path, moving)
 def test_fail_on_node_cpu_full_is_skipped_on_every_kernel(cli, tmp_path, moving, full_line):
     """System-level CPU full is undefined (Documentation/accounting/psi.rst: "reported since
     5.13, so it is set to zero"; before, /proc/pressure/cpu has no full line): a node rule
-    on it is skipped with a warning on both kernels, not passed on one and unknown on the other."""
+    on it is skipped for the node with a warning on both kernels, not measured on one and
+    skipped on the other. With the node the only target, the rule was measured nowhere:
+    unknown (exit 8) on both, never passed."""
     root = str(tmp_path / "node")
     fx.build_node(root, mode="v2", online_pods=1, sandboxes=0, resctrl=False)
 
@@ -544,9 +550,11 @@ def test_fail_on_node_cpu_full_is_skipped_on_every_kernel(cli, tmp_path, moving,
     write(0)
     moving["between"] = lambda: write(1)
     r = _run(cli, root, "node", "--fail-on", "cpu.full>50,cpu.full.avg10>50")
-    assert r.exit_code == 0, r.stderr
+    assert r.exit_code == 8, r.stderr
     fo = r.json()["failOn"]
-    assert fo["passed"] is True and fo["unknown"] == [] and fo["violations"] == []
+    assert fo["passed"] is False and fo["violations"] == []
+    why = "measured on no target (CPU full is undefined at the system level (psi.rst: 0 since 5.13))"
+    assert [(u["rule"], u["reason"]) for u in fo["unknown"]] == [("cpu.full>50", why), ("cpu.full.avg10>50", why)]
     assert [(s["rule"], s["targets"]) for s in fo["skipped"]] == [("cpu.full>50", ["node"]),
                                                                     ("cpu.full.avg10>50", ["node"])]
     assert "--fail-on cpu.full>50 skipped for node (CPU full is undefined at the system level" in r.stderr
@@ -777,3 +785,122 @@ def test_live_watch_on_a_terminal_quits_only_on_ctrl_c(v2node, sig, code):
         p.wait()
         os.close(master)
     assert rc == code, out.decode(errors="replace")[-500:]
+
+
+# -- review 13 (interf) findings 5, 8, 9 -------------------------------------------------------
+
+def _container(built, i):
+    """The container cgroup fx.build_node puts under online pod i."""
+    import uuid
+
+    uid = built["online"][i]
+    return f"/kubepods/burstable/pod{uid}/{uuid.uuid5(uuid.NAMESPACE_URL, uid).hex}"
+
+
+def test_container_throttling_in_a_multi_container_pod(cli, v2node, moving):
+    """kubelet sets a pod's quota to the sum of its containers' limits and each container its
+    own: a sidecar pod's container can be throttled by its limit while the pod cgroup's own
+    cpu.stat counts none (nr_throttled counts that cgroup's quota only). The pod row reads its
+    containers' cpu.stat too: the worst is the pod's throttling, with its file as evidence."""
+    root, built = v2node
+    online, _ = _paths(built)
+    ctr = _container(built, 1)
+
+    def write(k):
+        _signals(root, built, k)
+        fx.write_v2_signals(root, ctr, k, throttled=8, periods=10, usage_usec=100_000)
+    write(0)
+    moving["between"] = lambda: write(1)
+    r = _run(cli, root, "--fail-on", "cpu.throttled>60")
+    assert r.exit_code == 8, r.stderr
+    d = r.json()
+    row = next(i for i in d["items"] if i["path"] == online[1])
+    assert row["cpu"]["throttledPercent"] == 0.0  # the pod cgroup's own quota: never hit
+    (c,) = row["cpu"]["containers"]
+    assert c["path"] == ctr and c["throttledPercent"] == 80.0 and c["throttledMsPerSec"] == 400.0
+    assert c["file"].endswith(ctr + "/cpu.stat")
+    (v,) = d["failOn"]["violations"]
+    assert (v["path"], v["metric"], v["value"]) == (online[1], "cpu.throttled", 80.0)
+    assert v["file"].endswith(ctr + "/cpu.stat")
+    w = d["summary"]["worstOnline"][0]
+    assert w["path"] == online[1] and w["evidence"]["metric"] == "cpu.throttled"
+    assert w["evidence"]["value"] == 80.0 and w["evidence"]["file"].endswith(ctr + "/cpu.stat")
+    write(0)
+    r = cli(["--host-root", root, "inspect", "pressure"])
+    assert r.exit_code == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith(f"pod uid {built['online'][1]}"))
+    assert "80.0" in line.split(), line  # THROTTLED%: the worst container's
+
+
+def test_watch_new_target_is_unmeasured_until_its_second_sample(tmp_path, moving):
+    """--watch: a pod that appears between refreshes has no first sample from the previous
+    refresh. Its rates are null (``new``), never ~0 from two reads a moment apart, and it is
+    left out of --fail-on for that refresh; the next refresh measures it over the interval."""
+    from katactl.backends.local import LocalTransport
+
+    root = str(tmp_path / "node")
+    built = _node(root)
+    _signals(root, built, 0)
+    moving["between"] = lambda: _signals(root, built, 1)
+    t = LocalTransport(host_root=root)
+    s = pressure.Session(1.0)
+    rules = pressure.parse_rules("cpu.some>=0")
+    first = s.refresh(t, rules)
+    assert first["meta"]["onlinePods"] == 2
+    new = f"/kubepods/burstable/pod{fx.pod_uid(7, 'online')}"
+    fx.write_cgroup(root, "v2", new, {"cpu.weight": 39})
+
+    def write(k):
+        _signals(root, built, k)
+        fx.write_v2_signals(root, new, k, cpu_stall=300_000, usage_usec=1_000_000)
+    moving["now"] += 1.0  # --watch waits --interval between refreshes
+    write(2)
+    second = s.refresh(t, rules)
+    rows = {i["path"]: i for i in second["items"]}
+    assert rows[new]["new"] is True and rows[new]["cpu"]["usageCores"] is None
+    assert rows[new]["psi"]["cpu"]["some"]["stallPercent"] is None
+    assert rows[_paths(built)[0][0]]["cpu"]["usageCores"] == 0.2 and "new" not in rows[_paths(built)[0][0]]
+    fo = second["meta"]["failOn"]
+    assert fo["unknown"] == [] and new not in {v["path"] for v in fo["violations"]}
+    moving["now"] += 1.0
+    write(3)
+    third = s.refresh(t, rules)
+    row = next(i for i in third["items"] if i["path"] == new)
+    assert "new" not in row and row["cpu"]["usageCores"] == 1.0
+    assert row["psi"]["cpu"]["some"]["stallPercent"] == 30.0
+
+
+def test_fail_on_no_online_pod_is_unknown(cli, tmp_path, moving):
+    """No online pod on the node (or none katactl classifies): a pod-only rule is skipped for
+    the node and measured on no target; that is unknown (exit 8), never a pass."""
+    root = str(tmp_path / "node")
+    fx.build_node(root, mode="v2", online_pods=0, sandboxes=1, resctrl=False)
+    fx.write_node_signals(root, 0)
+    moving["between"] = lambda: fx.write_node_signals(root, 1)
+    r = _run(cli, root, "--fail-on", "cpu.throttled>5,memory.max>0,cpu.some>90")
+    assert r.exit_code == 8, r.stderr
+    fo = r.json()["failOn"]
+    assert fo["passed"] is False and fo["violations"] == []
+    assert [(u["rule"], u["target"], u["reason"]) for u in fo["unknown"]] == [
+        ("cpu.throttled>5", "node", "measured on no target (no online pod; the node has no CFS quota)"),
+        ("memory.max>0", "node", "measured on no target (no online pod; the node has no memory limit)")]
+    assert "--fail-on cpu.throttled>5 not measured for node" in r.stderr
+
+
+def test_fail_on_named_target_gone_is_unknown(cli, tmp_path, moving):
+    """A TARGET named that vanished mid-sample: nothing was measured, the gate does not pass."""
+    root = str(tmp_path / "node")
+    built = _node(root)
+    online, _ = _paths(built)
+    _signals(root, built, 0)
+
+    def between():
+        _signals(root, built, 1)
+        shutil.rmtree(fx.v2_dir(root, online[1]))
+    moving["between"] = between
+    r = _run(cli, root, online[1], "--fail-on", "cpu.some>50")
+    assert r.exit_code == 8, r.stderr
+    d = r.json()
+    assert d["items"][0]["gone"] is True
+    assert [(u["rule"], u["reason"]) for u in d["failOn"]["unknown"]] == [
+        ("cpu.some>50", "measured on no target (every target vanished mid-sample)")]

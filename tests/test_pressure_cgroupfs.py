@@ -191,3 +191,63 @@ def test_real_v1_only_cgroup_rule_is_unknown_not_passed(cli):
     finally:
         for d in reversed(made):
             os.rmdir(d)
+
+
+def test_real_container_throttled_under_an_unthrottled_pod(cli):
+    """kubelet's layout on the real v1 cpu hierarchy: the pod's quota is the sum of its
+    containers' limits (110 ms per 100 ms: 1 CPU + 100m) and a busy container spins under its
+    own 100m. The container is throttled, the pod cgroup's own cpu.stat counts none (its quota
+    is never reached): the pod row reports its container's throttling, with that file."""
+    import uuid
+
+    if not os.path.isdir(f"{V1}/cpu"):
+        pytest.skip("needs the v1 cpu hierarchy")
+    # under a private top directory: kubepods in its path (classified as kubelet's), never the
+    # node's /kubepods that other tests and commands walk
+    pod = f"/katactl-ctr-{secrets.token_hex(4)}/kubepods/burstable/pod{uuid.uuid4()}"
+    made = []
+    try:
+        for d in ("", "/ctr-a", "/ctr-b"):
+            os.makedirs(f"{V1}/cpu{pod}{d}", exist_ok=True)
+            made.append(f"{V1}/cpu{pod}{d}")
+    except OSError as e:
+        pytest.skip(f"cgroup fs not writable here: {e}")
+    spin = None
+    try:
+        _w(f"{V1}/cpu{pod}/cpu.cfs_quota_us", 110000)
+        _w(f"{V1}/cpu{pod}/ctr-a/cpu.cfs_quota_us", 10000)
+        _w(f"{V1}/cpu{pod}/ctr-b/cpu.cfs_quota_us", 100000)
+        spin = subprocess.Popen([sys.executable, "-c", SPIN])
+        _w(f"{V1}/cpu{pod}/ctr-a/cgroup.procs", spin.pid)
+        for _ in range(3):  # a busy 2-core machine may not run it 10 ms in every period
+            r = cli(["inspect", "pressure", pod, "-o", "json", "--interval", "1s", "--fail-on", "cpu.throttled>0"])
+            if r.exit_code == 8:
+                break
+        assert r.exit_code == 8, r.stderr
+        d = r.json()
+        (row,) = d["items"]
+        assert row["cpu"]["throttledPeriods"] == 0 and row["cpu"]["periods"] >= 0
+        ctr = {c["path"].rsplit("/", 1)[1]: c for c in row["cpu"]["containers"]}
+        assert ctr["ctr-a"]["throttledPeriods"] > 0 and ctr["ctr-a"]["throttledMsPerSec"] > 0
+        assert ctr["ctr-b"]["throttledPeriods"] == 0
+        (v,) = d["failOn"]["violations"]
+        assert v["path"] == pod and v["file"] == f"{V1}/cpu{pod}/ctr-a/cpu.stat"
+    finally:
+        if spin is not None:
+            spin.kill()
+            spin.wait()
+        for d in reversed(made):
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        top = pod.split("/")[1]
+        for d in (f"{V1}/cpu/{top}/kubepods/burstable", f"{V1}/cpu/{top}/kubepods", f"{V1}/cpu/{top}"):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass

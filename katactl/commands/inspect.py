@@ -297,6 +297,7 @@ def threads_cmd(
 
 
 def _pressure_columns():
+    from katactl.isolation.pressure import worst_throttling
     from katactl.output import Column
     from katactl.values import format_size
 
@@ -310,7 +311,8 @@ def _pressure_columns():
             Column("CPU-SOME%", psi("cpu")), Column("MEM-SOME%", psi("memory")), Column("IO-SOME%", psi("io")),
             Column("MEM-FULL%", psi("memory", "full"), wide=True), Column("IO-FULL%", psi("io", "full"), wide=True),
             Column("CPU-FULL%", psi("cpu", "full"), wide=True),
-            Column("THROTTLED%", "cpu.throttledPercent"), Column("CPUS", "cpu.usageCores"),
+            # a pod's worst: its own cgroup's or a container's (its own limit, not in the pod's cpu.stat)
+            Column("THROTTLED%", lambda i: worst_throttling(i)[0]), Column("CPUS", "cpu.usageCores"),
             Column("DIRECT-SCAN/s", "memory.pgscanDirectPerSec"),
             Column("REFAULT/s", lambda i: (i.get("memory") or {}).get("refaultFilePerSec"), wide=True),
             Column("OOM", "memory.events.oomKill", wide=True), Column("MAX-HITS", "memory.events.max", wide=True),
@@ -342,13 +344,16 @@ def pressure_cmd(
     /proc/diskstats), every online pod, and every Kata sandbox's pod cgroup,
     sandbox cgroup and kata_overhead/<id>: PSI some/full avg10/60/300 and the
     % of the interval stalled (the rate of PSI "total"), cpu.stat throttled
-    periods and time, memory.events / failcnt / oom_kill deltas, direct
-    reclaim (pgscan_direct, pgsteal_direct) and refault rates, and I/O bytes
-    and IOPS per device (io.stat, blkio.throttle.io_service_bytes). Alinux
-    latency histograms (cpuacct.wait_latency, memory.direct_reclaim_*_latency)
-    are added where the kernel has them. Files a kernel lacks are listed under
+    periods and time (a pod's containers' too, each under its own limit: the
+    pod's throttling is the worst of them), memory.events / failcnt /
+    oom_kill deltas, direct reclaim (pgscan_direct, pgsteal_direct) and
+    refault rates, and I/O bytes and IOPS per device (io.stat,
+    blkio.throttle.io_service_bytes). Alinux latency histograms
+    (cpuacct.wait_latency, memory.direct_reclaim_*_latency) are added where
+    the kernel has them. Files a kernel lacks are listed under
     "unsupported", never an error; a cgroup that vanishes mid-sample is marked
-    "gone".
+    "gone". With --watch, a target that appears between refreshes is "new":
+    its rates are null until the next refresh.
 
     The summary names the worst-hit online pods and the Kata sandboxes using
     the most of the contended resource, with the evidence.
@@ -366,7 +371,8 @@ def pressure_cmd(
     (cgroup v1 without per-cgroup PSI, a kernel without the counter) or the
     node has no value for (cpu.throttled, memory.max; cpu.full, undefined
     system-wide) is skipped with one warning (failOn.skipped); a rule measured
-    on no target at all is unknown.
+    on no target at all (no online pod, only the node for a metric it lacks,
+    every target gone) is unknown.
 
     Exit codes: 0, 8 when a --fail-on rule holds or cannot be measured (with
     --watch: at any refresh, whatever else happened), 2 bad input, 4 some

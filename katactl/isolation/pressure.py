@@ -13,7 +13,8 @@ PSI           ``<res>.pressure``: ``some avg10=0.12 avg60=0.05 avg300=0.01 total
               the node. ``stallPercent`` = delta(total) / interval.
 CPU           ``cpu.stat``: v2 ``usage_usec``, ``nr_periods``, ``nr_throttled``,
               ``throttled_usec``; v1 ``nr_periods``, ``nr_throttled``,
-              ``throttled_time`` (ns) and ``cpuacct.usage`` (ns).
+              ``throttled_time`` (ns) and ``cpuacct.usage`` (ns). A runc pod's
+              container children's ``cpu.stat`` too (find_containers).
 memory        v2 ``memory.events`` (low high max oom oom_kill), ``memory.stat``
               (``pgscan_direct``, ``pgsteal_direct``, ``workingset_refault_anon|file``, before 5.9
               the one ``workingset_refault``; ``pgmajfault``), ``memory.current``; v1 ``memory.stat`` (``total_*``:
@@ -150,6 +151,9 @@ class Target:
     pod: dict | None = None   # the sandbox's {name, namespace, uid}, as in sandbox list
     pod_uid: str | None = None
     sandbox: str | None = None
+    #: a pod cgroup's container children: each has its own quota, which the pod's cpu.stat
+    #: does not count (see find_containers)
+    containers: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def pod_ref(self) -> str | None:
@@ -234,6 +238,36 @@ def resolve_targets(node, refs: list[str]) -> list[Target]:
     return out
 
 
+def find_containers(transport: NodeTransport, fs: cg.CgroupFS, tgs: list[Target]) -> None:
+    """Fill each runc pod target's ``containers`` (one listing of every pod, pipelined).
+
+    kubelet sets a pod cgroup's CFS quota to the sum of its containers' limits (kubernetes
+    ``pkg/kubelet/cm/helpers_linux.go`` ``ResourceConfigForPod``) and each container cgroup
+    its own; a container throttled by its limit leaves the pod's ``nr_throttled`` at 0 (a
+    group's counts the periods its own quota ran out: linux ``kernel/sched/fair.c``), so a
+    sidecar pod's throttling shows only in the container's cpu.stat. A Kata pod's child is
+    its sandbox cgroup, a target of its own."""
+    pods: dict[str, tuple[Target, str]] = {}
+    for tg in tgs:
+        if tg.path and not tg.sandbox and (tg.role == "pod" or tg.role == "cgroup" and
+                                           cg.classify(tg.path)["level"] == "pod"):
+            d = fs.dir("cpu", tg.path)
+            if d:
+                pods[d] = (tg, tg.path)
+    if not pods:
+        return
+    for d, names in transport.list_dirs(list(pods)).items():
+        if isinstance(names, OSError):
+            continue  # the pod went away: its own files say so
+        tg, path = pods[d]
+        for n in names:
+            if n in cg.NOT_DIRS or "." in n and not n.endswith(".scope"):
+                continue  # a knob file (cpu.stat, tasks): containers are <id> or <runtime>-<id>.scope
+            child = path.rstrip("/") + "/" + n
+            if cg.classify(child)["level"] == "container":
+                tg.containers.append(child)
+
+
 # -- files ---------------------------------------------------------------------
 
 def kernel_extras(transport: NodeTransport, fs: cg.CgroupFS) -> frozenset:
@@ -272,6 +306,8 @@ def target_files(fs: cg.CgroupFS, tg: Target, extras: frozenset | None = None) -
     cdir = fs.dir("cpu", p)
     if cdir:
         f["cpu.stat"] = [(cdir + "/cpu.stat", "flat")]
+        for c in tg.containers:
+            f["ctr.cpu.stat:" + c] = [(f"{cdir}/{c.rsplit('/', 1)[1]}/cpu.stat", "flat")]
     if cpu_v == 1 and acct:
         f["cpuacct.usage"] = [(acct + "/cpuacct.usage", "int")]
     mdir = fs.dir("memory", p)
@@ -365,8 +401,8 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample,
     for sig, cands in files.items():
         first, last = _pick(s1, cands), _pick(s2, cands)
         if last is None:
-            if first is None or not isinstance(first[1], Exception):
-                unsupported.append(sig.removeprefix("x."))
+            if (first is None or not isinstance(first[1], Exception)) and not sig.startswith("ctr."):
+                unsupported.append(sig.removeprefix("x."))  # a container that ended is not a missing knob
             continue
         if isinstance(last[1], Exception):
             unreadable.append({"file": last[0], "error": getattr(last[1], "strerror", None) or str(last[1])})
@@ -403,19 +439,16 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample,
     if g:
         _, a, b = g
         a = a or {}
-        if "nr_periods" in b:
-            dper, dthr = _delta(a.get("nr_periods"), b["nr_periods"]), _delta(a.get("nr_throttled"), b.get("nr_throttled"))
-            cpu["periods"], cpu["throttledPeriods"] = dper, dthr
-            cpu["throttledPercent"] = round(100 * dthr / dper, 2) if dper and dthr is not None else (0.0 if dper == 0 else None)
-            if "throttled_usec" in b:
-                cpu["throttledMsPerSec"] = _rate(a.get("throttled_usec"), b["throttled_usec"], dt, 1e-3, 2)
-            elif "throttled_time" in b:
-                cpu["throttledMsPerSec"] = _rate(a.get("throttled_time"), b["throttled_time"], dt, 1e-6, 2)
+        cpu.update(_throttling(a, b, dt))
         if "usage_usec" in b:
             cpu["usageCores"] = _rate(a.get("usage_usec"), b["usage_usec"], dt, 1e-6)
     g = got.get("cpuacct.usage")
     if g:
         cpu["usageCores"] = _rate(g[1], g[2], dt, 1e-9)
+    ctrs = [{"path": sig.removeprefix("ctr.cpu.stat:"), "file": path, **_throttling(a or {}, b, dt)}
+            for sig, (path, a, b) in sorted(got.items()) if sig.startswith("ctr.cpu.stat:")]
+    if ctrs:
+        cpu["containers"] = ctrs
     row["cpu"] = cpu or None
     # memory
     mem: dict = {}
@@ -473,6 +506,31 @@ def compute(fs: cg.CgroupFS, tg: Target, files: dict, s1: Sample, s2: Sample,
         row["gone"] = True
     row["_files"] = ev
     return row
+
+
+def _throttling(a: dict, b: dict, dt: float) -> dict:
+    """periods, throttledPeriods, throttledPercent, throttledMsPerSec of two cpu.stat reads."""
+    if "nr_periods" not in b:
+        return {}
+    dper, dthr = _delta(a.get("nr_periods"), b["nr_periods"]), _delta(a.get("nr_throttled"), b.get("nr_throttled"))
+    out = {"periods": dper, "throttledPeriods": dthr,
+           "throttledPercent": round(100 * dthr / dper, 2) if dper and dthr is not None else (0.0 if dper == 0 else None)}
+    if "throttled_usec" in b:
+        out["throttledMsPerSec"] = _rate(a.get("throttled_usec"), b["throttled_usec"], dt, 1e-3, 2)
+    elif "throttled_time" in b:
+        out["throttledMsPerSec"] = _rate(a.get("throttled_time"), b["throttled_time"], dt, 1e-6, 2)
+    return out
+
+
+def worst_throttling(r: dict, key: str = "throttledPercent") -> tuple[float | None, str | None]:
+    """(value, cpu.stat file) of the most throttled of a row's cgroup and its containers."""
+    cpu = r.get("cpu") or {}
+    best, where = cpu.get(key), (r.get("_files") or {}).get("cpu.stat")
+    for c in cpu.get("containers") or []:
+        v = c.get(key)
+        if isinstance(v, (int, float)) and (not isinstance(best, (int, float)) or v > best):
+            best, where = v, c["file"]
+    return best, where
 
 
 def _reclaim(a: dict, b: dict, dt: float, pre: str) -> dict:
@@ -572,18 +630,17 @@ class Session:
         node = Node(transport)
         node.fs.require()
         tgs = resolve_targets(node, self.refs) if self.refs else default_targets(node)
+        find_containers(transport, node.fs, tgs)
         extras = kernel_extras(transport, node.fs)
         files = [target_files(node.fs, tg, extras) for tg in tgs]
         paths = sorted({p for f in files for c in f.values() for p, _ in c})
-        if self.prev is None or any(p not in self.prev.raw for p in paths):
-            if self.prev is None:
-                s1 = take_sample(transport, paths)
-                _sleep(self.interval)
-            else:  # new targets since the last refresh: read what the last sample lacked
-                s1 = self.prev
-                missing = [p for p in paths if p not in s1.raw]
-                s1 = Sample(s1.at, {**s1.raw, **transport.read_many(missing, limit=1 << 20)})
+        if self.prev is None:
+            s1 = take_sample(transport, paths)
+            _sleep(self.interval)
         else:
+            # a target new since the last refresh has no first sample here: read now, just
+            # before the second, its rates would be ~0 over the whole interval; it is unmeasured
+            # ("new") until the next refresh
             s1 = self.prev
         s2 = take_sample(transport, paths)
         self.prev = s2
@@ -591,6 +648,9 @@ class Session:
             self._disks_read = True
             self.disks = iomod.physical_disks(transport) or None  # none found: judged by name
         rows = [compute(node.fs, tg, f, s1, s2, self.disks) for tg, f in zip(tgs, files, strict=True)]
+        for r, f in zip(rows, files, strict=True):
+            if r["path"] is not None and not any(p in s1.raw for c in f.values() for p, _ in c):
+                r["new"] = True
         for r in rows:
             if r["role"] != "node" and r.get("io"):
                 for d in r["io"]["devices"]:
@@ -635,9 +695,9 @@ def _pressure_score(r: dict) -> tuple[float, str | None, dict]:
         s = _stall(r, res)
         if isinstance(s, (int, float)) and s > best[0]:
             best = (s, res, {"metric": f"{res}.some", "value": s, "file": r["_files"].get(f"psi.{res}")})
-    thr = (r.get("cpu") or {}).get("throttledPercent")
+    thr, thr_file = worst_throttling(r)
     if isinstance(thr, (int, float)) and thr > best[0]:
-        best = (thr, "cpu", {"metric": "cpu.throttled", "value": thr, "file": r["_files"].get("cpu.stat")})
+        best = (thr, "cpu", {"metric": "cpu.throttled", "value": thr, "file": thr_file})
     mem = r.get("memory") or {}
     scan = mem.get("pgscanDirectPerSec")
     if best[1] is None and isinstance(scan, (int, float)) and scan > 0:
@@ -749,8 +809,8 @@ for _r in RESOURCES:
         METRICS[f"{_r}.{_l}"] = (_psi_get(_r, _l), f"% of the interval with {_l} {_r} stall (PSI total delta)")
         for _a in ("avg10", "avg60", "avg300"):
             METRICS[f"{_r}.{_l}.{_a}"] = (_psi_get(_r, _l, _a), f"the kernel's PSI {_a}")
-METRICS["cpu.throttled"] = (lambda r: (r.get("cpu") or {}).get("throttledPercent"), "% of CFS periods throttled")
-METRICS["cpu.throttled-ms"] = (lambda r: (r.get("cpu") or {}).get("throttledMsPerSec"), "throttled ms per second")
+METRICS["cpu.throttled"] = (lambda r: worst_throttling(r)[0], "% of CFS periods throttled")
+METRICS["cpu.throttled-ms"] = (lambda r: worst_throttling(r, "throttledMsPerSec")[0], "throttled ms per second")
 METRICS["memory.direct-reclaim"] = (lambda r: (r.get("memory") or {}).get("pgscanDirectPerSec"),
                                    "pages scanned by direct reclaim per second")
 METRICS["memory.refault"] = (lambda r: _refault((r.get("memory") or {}).get("refaultAnonPerSec"),
@@ -815,6 +875,24 @@ def _why_missing(r: dict, metric: str) -> tuple[str, str]:
     return "unmeasured", "no value measured"
 
 
+def _measured_nowhere(metric: str, considered: list[dict], pods_why: tuple[str, str] | None,
+                      explicit: bool) -> str:
+    parts = []
+    if pods_why:
+        parts.append(f"online pods: {pods_why[1]}")
+    elif not explicit and not any(r["class"] == "online" for r in considered):
+        parts.append("no online pod")
+    others = [r for r in considered if r["role"] != "node"]
+    what = "target" if explicit else "online pod"
+    if others and all(r.get("gone") for r in others):
+        parts.append(f"every {what} vanished mid-sample")
+    elif others and all(r.get("gone") or r.get("new") for r in others):
+        parts.append(f"every {what} vanished mid-sample or is new since the last refresh")
+    if not pods_why and metric in NOT_FOR_NODE and any(r["role"] == "node" for r in considered):
+        parts.append(NOT_FOR_NODE[metric])
+    return f"measured on no target ({'; '.join(parts) or 'no value on any target'})"
+
+
 def merge_fail_on(metas: dict[str, dict], rules, *, incomplete: bool) -> dict:
     """The --fail-on verdict of several nodes (``{node: meta}`` of those that answered), as
     ``audit`` keeps one ``passed`` for its selection: violations, unknown and skipped rules
@@ -838,8 +916,9 @@ def check_rules(rows: list[dict], rules, explicit: bool) -> dict:
     TARGET named explicitly, or a rule measured on no target at all. Skipped (listed under
     ``skipped``, warned once): a metric the node has no value for (NOT_FOR_NODE) and, for
     the default targets, one the online pods cannot have on this node (cgroup v1 without
-    per-cgroup PSI, a kernel without the counter). A target that vanished mid-sample is
-    left out."""
+    per-cgroup PSI, a kernel without the counter). A target that vanished mid-sample, or is
+    new since the last ``--watch`` refresh, is left out; a rule left with no measured target
+    at all, whatever the reason, is unknown."""
     viol: list[dict] = []
     unknown: list[dict] = []
     skipped: dict[tuple[str, str], dict] = {}  # (rule, reason) -> {rule, metric, reason, targets}
@@ -850,9 +929,8 @@ def check_rules(rows: list[dict], rules, explicit: bool) -> dict:
         skipped.setdefault((rule, why), {"rule": rule, "metric": metric, "reason": why,
                                          "targets": []})["targets"].append(target)
 
-    for r in rows:
-        if not explicit and not (r["class"] == "online" or r["role"] == "node"):
-            continue
+    considered = [r for r in rows if explicit or r["class"] == "online" or r["role"] == "node"]
+    for r in considered:
         for metric, op, num in rules:
             rule = f"{metric}{op}{num:g}"
             if r["role"] == "node" and metric in NOT_FOR_NODE:
@@ -864,8 +942,11 @@ def check_rules(rows: list[dict], rules, explicit: bool) -> dict:
                 if _OPS[op](v, num):
                     viol.append({"target": r["target"], "path": r["path"], "metric": metric, "value": v,
                                  "rule": rule})
+                    if metric.startswith("cpu.throttled"):  # the pod's or one of its containers'
+                        viol[-1]["file"] = worst_throttling(
+                            r, "throttledPercent" if metric == "cpu.throttled" else "throttledMsPerSec")[1]
                 continue
-            if r.get("gone"):
+            if r.get("gone") or r.get("new"):
                 continue
             kind, why = _why_missing(r, metric)
             if kind == "unsupported" and not explicit:
@@ -874,9 +955,13 @@ def check_rules(rows: list[dict], rules, explicit: bool) -> dict:
                 continue
             unknown.append({"target": r["target"], "path": r["path"], "metric": metric, "rule": rule,
                             "reason": why})
-    for rule, (metric, why) in pods_cannot.items():
-        # the pods cannot have it and the node had no value for it: nothing was checked
+    for metric, op, num in rules:
+        # nothing checked it (no online pod, the node has no such value, every target gone):
+        # a gate never passes on a check it did not make
+        rule = f"{metric}{op}{num:g}"
         if rule not in measured and not any(u["rule"] == rule for u in unknown):
-            unknown.append({"target": "node", "path": None, "metric": metric, "rule": rule, "reason": f"measured on no target (online pods: {why})"})
+            unknown.append({"target": "node" if not explicit else ", ".join(r["target"] for r in considered),
+                            "path": None, "metric": metric, "rule": rule,
+                            "reason": _measured_nowhere(metric, considered, pods_cannot.get(rule), explicit)})
     return {"rules": [f"{m}{o}{n:g}" for m, o, n in rules], "passed": not viol and not unknown,
             "violations": viol, "unknown": unknown, "skipped": list(skipped.values())}
