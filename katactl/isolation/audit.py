@@ -365,7 +365,9 @@ def _unreadable_knobs(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
 #   threads only (linux block/blk-throttle.c throtl_pd_init: "If on the default hierarchy ...
 #   limits on a given throtl_grp are applied to the whole subtree ... If not on the default
 #   hierarchy, the broken flat hierarchy behavior is retained ... Limits of a group don't
-#   interact with limits of other groups regardless of the position of the group");
+#   interact with limits of other groups regardless of the position of the group"; v1's
+#   Documentation/admin-guide/cgroup-v1/blkio-controller.rst "Hierarchical Cgroups": without
+#   "sane_behavior" throttling treats "all groups at same level");
 # - weights (io.weight, io.bfq.weight, blkio.*weight*) count among siblings only
 #   (Documentation/admin-guide/cgroup-v2.rst "IO Interface Files": "the relative amount IO time
 #   the cgroup can use in relation to its siblings"; "Weights": the parent's share is divided
