@@ -27,8 +27,8 @@ def audit(
     low-weight with bvt -1 on the cgroup holding their vCPUs; the BVT switch;
     BE L3 share <= 30 %; memcg priorities ordered online > offline;
     watermarks; vCPU threads inside the sandbox cgroup; and
-    sandbox_cgroup_only=false leaving the VMM's other threads in kata_overhead
-    outside the offline limits. Each finding has a severity, the evidence
+    sandbox_cgroup_only=false leaving the shim and virtiofsd (on cgroup v1 the
+    VMM's non-vCPU threads too) in kata_overhead outside the offline limits. Each finding has a severity, the evidence
     (file and value) and a fix hint. Kernel features that are missing (no BVT,
     no resctrl) are "info" findings with status "unsupported", not errors. The
     I/O weight compared is the one a disk obeys: io.bfq.weight (v1:

@@ -76,12 +76,15 @@ def overhead(
     threads' CPU and without the guest memory the guest uses) and virtiofsd and
     other helpers of the sandbox; where sandbox_cgroup_only = false, the
     kata_overhead/<id> cgroup's CPU usage is the CPU figure and the processes
-    its breakdown (its memory holds the guest's RAM: shown, not counted).
-    CPU is a rate over --interval. QEMU names its vCPU
-    threads only with debug-threads=on (Kata's enable_debug); otherwise they are
-    asked over QMP (query-cpus-fast on extra-monitor.sock; never the runtime's qmp.sock),
-    else taken from the sandbox cgroup (sandbox_cgroup_only = false); where they
-    stay unknown the CPU is not measured (MEAS-CPU ?vcpu, a note on the item).
+    its breakdown (its memory holds the guest's RAM: shown, not counted). On
+    cgroup v2 the runtime's vCPU move takes the whole VMM to the sandbox
+    cgroup: the CPU of each member outside kata_overhead (the VMM's without its
+    vCPU threads) is added to the cgroup's. CPU is a rate over --interval. QEMU
+    names its vCPU threads only with debug-threads=on (Kata's enable_debug);
+    otherwise they are asked over QMP (query-cpus-fast on extra-monitor.sock;
+    never the runtime's qmp.sock), else, on cgroup v1, taken from the sandbox
+    cgroup (sandbox_cgroup_only = false); where they stay unknown the CPU is
+    not measured (MEAS-CPU ?vcpu, a note on the item).
 
     Severity by measured/declared: low above 1x, medium above 1.25x, high above
     1.5x, critical above 2x; a pod using what it declares none of is at least
