@@ -419,11 +419,11 @@ def test_writes_and_mkdir_act_in_the_directory_resolved_in_the_root(tmp_path):
     try:
         while time.monotonic() < deadline:
             calls += 1
-            for call in (lambda: t.write_bytes_atomic(f"/data/crash/kata/w{calls}", b"x"),
-                         lambda: t.mkdir(f"/data/crash/kata/d{calls}/e"),
-                         lambda: t.mkdir(f"/data/crash/kata/n{calls}", parents=False)):
+            for call, args in ((t.write_bytes_atomic, (f"/data/crash/kata/w{calls}", b"x")),
+                               (t.mkdir, (f"/data/crash/kata/d{calls}/e",)),
+                               (t.mkdir, (f"/data/crash/kata/n{calls}", 0o755, False))):
                 try:
-                    call()
+                    call(*args)  # type: ignore[operator]
                 except OSError:
                     pass
     finally:
