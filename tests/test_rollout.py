@@ -1008,6 +1008,7 @@ BAD_FILES = [
     ("steps: [cordon]\npolicy: {poll: 0.001}\n", "at least 50ms"),
     ("steps: [cordon]\npolicy: {canary: 4, maxUnavailable: 25%}\n", "conflicting policy: --canary 4"),
     ("steps: [cordon]\npolicy: {windows: ['daily 01:00-02:00 localtime']}\n", "unknown time zone"),
+    ("kind: &a [x, *a]\nsteps: [cordon]\n", "(line 1, column 7): an anchor's value contains itself"),
 ]
 
 
@@ -1019,6 +1020,50 @@ def test_malformed_plan_files_are_exit_2(cli, kube, kc, tmp_path, content, needl
     r = ro(cli, kc, "run", "r1", "-l", "pool=batch", "-f", f)
     assert r.exit_code == 2 and needle in r.stderr, r.stderr
     assert not [q for q in kube.requests if q["method"] in MUTATING]
+
+
+def _laughs(levels: int, fanout: int = 9, indent: str = "  ") -> str:
+    """A "billion laughs" alias tree (anchors a0..a{levels}), each level ``fanout`` aliases of
+    the one before: a few hundred bytes that expand to fanout ** (levels + 1) scalars."""
+    lines = [f"{indent}a0: &a0 [{', '.join(['lol'] * fanout)}]"]
+    lines += [f"{indent}a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fanout)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["kind", "canary", "windows", "lockTTL", "steps", "nodes"])
+def test_a_plan_file_whose_aliases_expand_too_much_is_exit_2_in_one_short_line(cli, kube, kc, tmp_path, where):
+    """Review 13 finding 3: a plan file's YAML aliases shared its nodes, so loading was cheap,
+    but the error message's repr()/str() of the value expanded them (9 levels: gigabytes, then
+    "unexpected MemoryError", exit 1). The loader refuses a document whose aliases make most
+    of it, as go-yaml v3 does ("document contains excessive aliasing"); 6 levels here (531441
+    scalars) keep the test quick before the fix too."""
+    fleet(kube, 1)
+    bomb = "\n" + _laughs(6, indent="  ")
+    top = {"kind": f"kind:{bomb}", "lockTTL": f"lockTTL:{bomb}", "steps": f"steps:{bomb}", "nodes": f"nodes:{bomb}",
+           "canary": f"policy:\n  canary:{bomb.replace(chr(10) + '  ', chr(10) + '    ')}",
+           "windows": f"policy:\n  windows:{bomb.replace(chr(10) + '  ', chr(10) + '    ')}"}[where]
+    f = tmp_path / "plan.yaml"
+    f.write_text(f"apiVersion: katactl/v1\nname: r1\n{top}" + ("" if where == "steps" else "steps: [cordon]\n"))
+    r = ro(cli, kc, "plan", "-N", "n0", "-f", f, "-o", "json")
+    assert r.exit_code == 2 and "document contains excessive aliasing" in r.stderr, r.stderr[:300]
+    assert len(r.stderr) < 400 and r.json()["kind"] == "Error"
+
+
+def test_plan_file_aliases_within_reason_load_and_error_messages_stay_short(cli, kube, kc, tmp_path):
+    """A few aliases are YAML, and load as before; an error message shows a value bounded
+    (reprlib), not the whole of a long list (2,000 names: ~20 KB in one line before)."""
+    fleet(kube, 2)
+    f = tmp_path / "plan.yaml"
+    f.write_text("name: r1\nsteps: [&c cordon, check]\npolicy: {maxUnavailable: &one 1, canary: *one}\n")
+    r = ro(cli, kc, "plan", "-N", "n0,n1", "-f", f, "-o", "json")
+    assert r.exit_code == 0 and r.json()["batches"] == [["n0"], ["n1"]], r.stderr
+    names = ", ".join(f"node-{i:05d}" for i in range(2000))
+    for text, needle in ((f"kind: [{names}]\nsteps: [cordon]\n", "kind must be RolloutPlan, not ['node-00000', "),
+                         (f"steps: [cordon]\npolicy: {{canary: [{names}]}}\n", "invalid --canary ['node-00000', "),
+                         (f"steps: [cordon]\nlockTTL: [{names}]\n", "invalid --lock-ttl ['node-00000', ")):
+        f.write_text(text)
+        r = ro(cli, kc, "plan", "r1", "-N", "n0", "-f", f)
+        assert r.exit_code == 2 and needle in r.stderr and len(r.stderr) < 400, r.stderr[:300]
 
 
 @pytest.mark.parametrize("name", ["BadName", "a_b", "x-", "x" * 41, "a.b"])

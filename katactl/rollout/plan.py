@@ -39,7 +39,7 @@ POLICY_KEYS = {
 
 def check_name(name) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise UsageError(f"invalid rollout name {name!r}: lowercase letters, digits and '-', "
+        raise UsageError(f"invalid rollout name {short_repr(name)}: lowercase letters, digits and '-', "
                          "at most 40 characters, starting and ending with a letter or digit")
     return name
 
@@ -75,9 +75,9 @@ def load_file(path: str) -> dict:
         raise UsageError(f"-f {path}: unknown key(s) {', '.join(unknown)} "
                          f"(known: {', '.join(FILE_KEYS)})")
     if d.get("kind") not in (None, "RolloutPlan"):
-        raise UsageError(f"-f {path}: kind must be RolloutPlan, not {d.get('kind')!r}")
+        raise UsageError(f"-f {path}: kind must be RolloutPlan, not {short_repr(d.get('kind'))}")
     if d.get("apiVersion") not in (None, "katactl/v1"):
-        raise UsageError(f"-f {path}: apiVersion must be katactl/v1, not {d.get('apiVersion')!r}")
+        raise UsageError(f"-f {path}: apiVersion must be katactl/v1, not {short_repr(d.get('apiVersion'))}")
     pol = d.get("policy")
     if pol is None:
         d["policy"] = {}
@@ -109,10 +109,16 @@ def _unique_keys_loader():
     unique; go-yaml v3 decode.go d.uniqueKeys: "mapping key %#v already defined at line
     %d"), where PyYAML keeps the last: a merge conflict's second ``maxUnavailable`` would
     silently win. JSON plans are read by the same loader (JSON is YAML), so theirs too.
-    Keys a ``<<`` merge brings may still be overridden, as YAML's merge type allows."""
+    Keys a ``<<`` merge brings may still be overridden, as YAML's merge type allows.
+    Refuses a document whose aliases make most of it (a "billion laughs": _check_aliasing)."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            _check_aliasing(node)
+            return node
+
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 seen: dict = {}
@@ -126,12 +132,65 @@ def _unique_keys_loader():
                         continue  # unhashable: the base method refuses it
                     if first is not None:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"mapping key {key!r} already defined at line {first + 1}",
+                            None, None, f"mapping key {short_repr(key)} already defined at line {first + 1}",
                             key_node.start_mark)
                     seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep)
 
     return UniqueKeyLoader
+
+
+def _allowed_alias_ratio(decodes: int) -> float:
+    """go-yaml v3 decode.go allowedAliasRatio: 99% of a document may come from aliases up to
+    400,000 nodes decoded, scaling down to 10% at 4,000,000."""
+    low, high = 400_000, 4_000_000
+    if decodes <= low:
+        return 0.99
+    if decodes >= high:
+        return 0.10
+    return 0.99 - 0.89 * (decodes - low) / (high - low)
+
+
+def _check_aliasing(root) -> None:
+    """Refuse a composed YAML document whose aliases expand too much, by go-yaml v3's rule
+    (decode.go unmarshal: "document contains excessive aliasing" once more than 100 nodes
+    came from aliases, more than 1,000 in all, at a ratio above _allowed_alias_ratio), and an
+    anchor whose value contains itself (decode.go: "anchor '%s' value contains itself").
+    PyYAML shares an aliased node, so loading stays cheap, but anything that walks the value
+    (a message's repr(), str()) expands it: ~600 bytes made 9^9 scalars. Counted on the
+    node graph (each node's expanded size once), never by expanding it."""
+    import yaml
+
+    def children(n):
+        if isinstance(n, yaml.SequenceNode):
+            return n.value
+        if isinstance(n, yaml.MappingNode):
+            return [x for kv in n.value for x in kv]
+        return ()
+
+    size: dict[int, int] = {}  # id(node) -> nodes it expands to
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:  # iterative post-order: a deep document is no RecursionError here
+        node, done = stack.pop()
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children(node))
+            continue
+        if id(node) in size:
+            continue
+        on_path.add(id(node))
+        stack.append((node, True))
+        for c in children(node):
+            if id(c) in on_path:
+                raise yaml.composer.ComposerError(None, None, "an anchor's value contains itself", c.start_mark)
+            if id(c) not in size:
+                stack.append((c, False))
+    total = size[id(root)]
+    aliased = total - len(size)
+    if aliased > 100 and total > 1000 and aliased / total > _allowed_alias_ratio(total):
+        raise yaml.composer.ComposerError(
+            None, None, f"document contains excessive aliasing ({len(size)} nodes written expand to {total})", None)
 
 
 def parse_steps(texts: list[str]) -> list[Step]:
@@ -162,7 +221,7 @@ def lock_ttl(flag: str | None, file_value) -> float:
         return 60.0
     ttl = _dur(given, "--lock-ttl", allow_zero=False)
     if ttl < 3:
-        raise UsageError(f"invalid --lock-ttl {given!r}: at least 3s")
+        raise UsageError(f"invalid --lock-ttl {short_repr(given)}: at least 3s")
     return ttl
 
 

@@ -58,15 +58,16 @@ class Count:
 
 
 def parse_count(text, what: str, *, allow_zero: bool) -> Count:
-    s = str(text).strip() if text is not None else ""
+    # (str() of a plan file's list or mapping could expand it: only scalars are read)
+    s = str(text).strip() if isinstance(text, (str, int)) else ""
     m = _COUNT.fullmatch(s)
     if not m or isinstance(text, bool):
-        raise UsageError(f"invalid {what} {text!r}: expected a number of nodes (N) or a percentage (P%)")
+        raise UsageError(f"invalid {what} {short_repr(text)}: expected a number of nodes (N) or a percentage (P%)")
     c = Count(int(m.group(1)), bool(m.group(2)))
     if c.percent and c.value > 100:
-        raise UsageError(f"invalid {what} {text!r}: a percentage is at most 100%")
+        raise UsageError(f"invalid {what} {short_repr(text)}: a percentage is at most 100%")
     if c.value == 0 and not allow_zero:
-        raise UsageError(f"invalid {what} {text!r}: must be at least 1")
+        raise UsageError(f"invalid {what} {short_repr(text)}: must be at least 1")
     return c
 
 
@@ -455,7 +456,7 @@ class Policy:
             p.failure_budget = parse_count(d["failureBudget"], "--failure-budget", allow_zero=True)
         on_failure = d.get("onFailure")
         if on_failure is not None and on_failure not in ON_FAILURE:
-            raise UsageError(f"invalid --on-failure {on_failure!r}: choose from {', '.join(ON_FAILURE)}")
+            raise UsageError(f"invalid --on-failure {short_repr(on_failure)}: choose from {', '.join(ON_FAILURE)}")
         p.on_failure = on_failure or ("skip" if budget_given and p.failure_budget.value else "stop")
         if p.on_failure == "stop" and budget_given and p.failure_budget.value:
             raise UsageError(f"conflicting policy: --on-failure stop stops at the first failed node, "
@@ -471,7 +472,7 @@ class Policy:
         if "spreadBy" in d:
             sb = d["spreadBy"]
             if sb is not None and (not isinstance(sb, str) or not re.fullmatch(r"[A-Za-z0-9./_-]{1,316}", sb)):
-                raise UsageError(f"invalid --spread-by {sb!r}: expected a node label key (or '' for none)")
+                raise UsageError(f"invalid --spread-by {short_repr(sb)}: expected a node label key (or '' for none)")
             p.spread_by = sb or None
         if d.get("stepTimeout") is not None:
             p.step_timeout = _dur(d["stepTimeout"], "--step-timeout", allow_zero=True)
@@ -480,7 +481,7 @@ class Policy:
         if d.get("poll") is not None:
             p.poll = _dur(d["poll"], "--poll", allow_zero=False)
             if p.poll < POLL_MIN and not stored:
-                raise UsageError(f"invalid --poll {d['poll']!r}: at least {POLL_MIN * 1000:g}ms (each poll "
+                raise UsageError(f"invalid --poll {short_repr(d['poll'])}: at least {POLL_MIN * 1000:g}ms (each poll "
                                  "reads the rollout's state from the API)")
         if p.canary_soak is not None and not p.canary:
             raise UsageError("conflicting policy: --canary-soak without --canary N")
@@ -554,30 +555,30 @@ def _list(v, what: str) -> list:
         return [v]
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
         return list(v)
-    raise UsageError(f"invalid {what}: expected a string or a list of strings, got {v!r}")
+    raise UsageError(f"invalid {what}: expected a string or a list of strings, got {short_repr(v)}")
 
 
 def _int(v, what: str) -> int:
-    if isinstance(v, bool):
-        raise UsageError(f"invalid {what} {v!r}: expected a whole number")
+    if isinstance(v, bool) or not isinstance(v, (int, str)):  # (str() of a list could expand it)
+        raise UsageError(f"invalid {what} {short_repr(v)}: expected a whole number")
     try:
-        n = int(str(v).strip()) if not isinstance(v, int) else v
+        n = int(v.strip()) if isinstance(v, str) else v
     except ValueError:
-        raise UsageError(f"invalid {what} {v!r}: expected a whole number") from None
+        raise UsageError(f"invalid {what} {short_repr(v)}: expected a whole number") from None
     if n < 0 or n > 10 ** 6:
-        raise UsageError(f"invalid {what} {v!r}: expected 0 or more")
+        raise UsageError(f"invalid {what} {short_repr(v)}: expected 0 or more")
     return n
 
 
 def _bool(v, what: str) -> bool:
     if isinstance(v, bool):
         return v
-    raise UsageError(f"invalid {what} {v!r}: expected true or false")
+    raise UsageError(f"invalid {what} {short_repr(v)}: expected true or false")
 
 
 def _dur(v, what: str, *, allow_zero: bool) -> float:
-    if isinstance(v, bool):
-        raise UsageError(f"invalid {what} {v!r}: expected a duration")
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):  # (parse_duration str()s it)
+        raise UsageError(f"invalid {what} {short_repr(v)}: expected a duration")
     if isinstance(v, (int, float)):
         # written as a positional decimal: a stored 1e-05 (repr) is no duration parse_duration reads
         v = format(decimal.Decimal(repr(v)), "f") if v >= 0 else f"-{-v}"
