@@ -1260,10 +1260,20 @@ class FileStore(Store):
     known_control = control
 
     def set_control(self, name: str, control: dict) -> None:
+        import fcntl
+
         if not os.path.exists(self._path(name)):
             raise NotFound(f"no rollout named {name!r} ({self._path(name)})")
-        new = {k: v for k, v in {**self.control(name), **control}.items() if v is not None}
-        self._write(self._path(name, ".control.json"), dumps(new))
+        # read-merge-write under a lock of its own (not rollout.lock: the running rollout holds
+        # that): a pause and an abort at once each kept only its own key, one request lost
+        self._mkdir()
+        fd = os.open(os.path.join(self.dir, "control.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            new = {k: v for k, v in {**self.control(name), **control}.items() if v is not None}
+            self._write(self._path(name, ".control.json"), dumps(new))
+        finally:
+            os.close(fd)  # (releases the flock)
 
     def list(self) -> list[dict]:
         out = []
