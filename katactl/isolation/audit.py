@@ -427,13 +427,19 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     # ancestor: kubepods/besteffort against kubepods/burstable (or a Guaranteed pod), or the two
     # pods themselves when they are siblings. Only an offline-only cgroup against an online one
     # is compared; a sandbox cgroup's weight counts only inside its pod.
+    # Pods under two different parents part at or above those parents: one pair per two parents.
     rivals: dict[str, set[str]] = {}
-    for o in (r for r in pods if r["class"] == "offline"):
-        for on_pod in (r for r in pods if r["class"] == "online"):
-            pair = _sibling_pair(o["path"], on_pod["path"])
-            if pair and (by_path.get(pair[0]) or {}).get("class") == "offline" \
-                    and (by_path.get(pair[1]) or {}).get("class") == "online":
-                rivals.setdefault(pair[0], set()).add(pair[1])
+    by_parent: dict[str, dict[str, list[str]]] = {"offline": {}, "online": {}}
+    for r in pods:
+        if r["class"] in by_parent:
+            by_parent[r["class"]].setdefault(r["path"].rsplit("/", 1)[0], []).append(r["path"])
+    for po, offs in by_parent["offline"].items():
+        for pn, ons in by_parent["online"].items():
+            pairs = [(o, n) for o in offs for n in ons] if po == pn else [_sibling_pair(offs[0], ons[0])]
+            for pair in pairs:
+                if pair and (by_path.get(pair[0]) or {}).get("class") == "offline" \
+                        and (by_path.get(pair[1]) or {}).get("class") == "online":
+                    rivals.setdefault(pair[0], set()).add(pair[1])
     for kind, on in kinds.items():
         if not pol.io.check_weight_order:
             break
