@@ -322,6 +322,34 @@ def test_a_configuration_naming_assets_by_their_resolved_path_keeps_that_release
         assert r.exit_code == 5 and f"release {A} is pinned by containerd handler kata" in r.stderr, r.stderr
 
 
+def test_an_agent_switch_moves_asset_paths_given_resolved_and_status_reads_them(cli, tmp_path):
+    """The same resolved asset paths in the current release's configuration (/opt -> var/opt):
+    status named the agent by the other files alone (B, while qemu's configuration booted A's
+    image), a runtime switch went ahead, and `switch B -c agent` left those paths on A. Now
+    status says mixed, a runtime switch is refused, and the agent switch moves them to B."""
+    node = tmp_path / "node"
+    (node / "var/opt").mkdir(parents=True)
+    os.symlink("var/opt", node / "opt")
+    (node / "proc").mkdir()
+    for v in (A, B):
+        (tmp_path / v).mkdir()
+        K(cli, node, "stage", fx.make_tarball(str(tmp_path / v), v, str(tmp_path / v), compression="gz"))
+    K(cli, node, "switch", B)
+    qemu = node / f"opt/kata/releases/{B}/share/defaults/kata-containers/configuration-qemu.toml"
+    qemu.write_text(qemu.read_text().replace(f"/opt/kata/releases/{B}/share/kata-containers/",
+                                             f"/var/opt/kata/releases/{A}/share/kata-containers/"))
+    st = K(cli, node, "status")
+    assert st["current"] == {"runtime": B, "agent": "mixed"}, st["current"]
+    r = cli(["--host-root", str(node), "upgrade", "switch", A, "-c", "runtime"])
+    assert r.exit_code == 5 and "mixes guest assets of several releases" in r.stderr, r.stderr
+    d = K(cli, node, "switch", B, "-c", "agent")
+    assert d["changed"] is True and d["to"] == {"runtime": B, "agent": B}
+    text = qemu.read_text()
+    assert f'image = "/opt/kata/releases/{B}/share/kata-containers/kata-containers.img"' in text
+    assert not [line for line in text.splitlines() if "/var/opt/" in line and not line.lstrip().startswith("#")]
+    assert K(cli, node, "status")["current"] == {"runtime": B, "agent": B}
+
+
 def test_status_without_proc_says_the_counts_are_unknown(cli, tmp_path):
     """review 8 (upgrade) #4: with nothing to look at (a --host-root without the node's
     /proc), status showed PROCESSES 0 for every release, exit 0, no warning, while gc

@@ -38,12 +38,12 @@ def gc(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force
         # the current runtime release's configs may point at another release's assets, also by
         # their resolved path (/var/opt/kata/releases/V/... with /opt -> var/opt)
         if st["runtime"] and st["runtime"] != UNMANAGED:
-            real = layout.real_releases(transport)
+            release_of = layout.config_paths(transport)
             for f in walk_files(transport, layout.config_dir(st["runtime"]), ".toml"):
                 for _s, _k, val in configedit.asset_refs(transport.read_text(f)):
-                    v = layout.version_of_path(val, real)
-                    if v:
-                        protected.setdefault(v, "referenced by the current configuration")
+                    hit = release_of(val)
+                    if hit:
+                        protected.setdefault(hit[0], "referenced by the current configuration")
         removed, kept = [], []
         for v in releases(transport, layout):
             if v in protected:

@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import signal
+from collections.abc import Callable
 
 from katactl.errors import UsageError
 
@@ -138,15 +139,37 @@ class Layout:
     def version_of_path(self, path: str, real_releases: str | None = None) -> str | None:
         """The release a node path lies in (None when outside every release). ``real_releases``:
         ``releases`` with its symlinks resolved (real_releases()), for paths the kernel
-        reports: /proc/<pid>/exe, maps and fd/ name files with every symlink resolved."""
+        reports: /proc/<pid>/exe, maps and fd/ name files with every symlink resolved; and for
+        a configuration that names guest assets by their resolved path."""
+        hit = self.split_release_path(path, real_releases)
+        return hit[0] if hit else None
+
+    def config_paths(self, transport) -> Callable[[str], tuple[str, str] | None]:
+        """split_release_path for the paths a configuration names: as ``--kata-root`` gives them
+        or resolved (/var/opt/kata/releases/V/... with /opt -> var/opt). real_releases() is
+        looked up once, and only for a path outside the releases as given: over SSH it is a
+        round trip that a kata-static configuration (every path under releases/V) never needs."""
+        real: list[str | None] = []
+
+        def split(path: str) -> tuple[str, str] | None:
+            hit = self.split_release_path(path)
+            if hit is None and path.startswith("/") and not path.startswith(f"{self.releases}/"):
+                if not real:
+                    real.append(self.real_releases(transport))
+                hit = self.split_release_path(path, real[0])
+            return hit
+        return split
+
+    def split_release_path(self, path: str, real_releases: str | None = None) -> tuple[str, str] | None:
+        """(release, the path inside it) of a node path under a release (see version_of_path)."""
         if not path:
             return None
         path = path.removesuffix(" (deleted)")
         for releases in (self.releases, real_releases):
             prefix = f"{releases}/"
             if releases and path.startswith(prefix):
-                v = path[len(prefix):].split("/", 1)[0]
-                return None if not v or v.startswith(".") else v
+                v, _, rest = path[len(prefix):].partition("/")
+                return None if not v or v.startswith(".") else (v, rest)
         return None
 
     def check_inside(self, transport) -> None:

@@ -107,15 +107,16 @@ def read_state(transport: NodeTransport, layout: Layout) -> dict:
     agent = None
     if runtime and runtime != UNMANAGED:
         vs = set()
+        release_of = layout.config_paths(transport)  # an asset named by its resolved path is V's too
         for f in walk_files(transport, layout.config_dir(runtime), ".toml"):
             try:
                 text = transport.read_text(f)
             except OSError:
                 continue
             for _sec, _key, value in configedit.asset_refs(text):
-                v = layout.version_of_path(value)
-                if v:
-                    vs.add(v)
+                hit = release_of(value)
+                if hit:
+                    vs.add(hit[0])
         agents = sorted(vs)
         agent = agents[0] if len(vs) == 1 else ("mixed" if vs else None)
     else:

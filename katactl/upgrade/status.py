@@ -76,7 +76,7 @@ def handler_configs(transport: NodeTransport, layout: Layout) -> list[dict]:
 
 def _asset_releases(transport: NodeTransport, layout: Layout, path: str | None) -> list[str]:
     """The releases whose guest assets the Kata configuration ``path`` (and its drop-ins)
-    names, as ``--kata-root`` names them or resolved (Layout.real_releases); [] when there is
+    names, as ``--kata-root`` names them or resolved (Layout.config_paths); [] when there is
     none or it cannot be read (status reports that elsewhere)."""
     from katactl import katacfg
     from katactl.errors import KatactlError
@@ -91,12 +91,12 @@ def _asset_releases(transport: NodeTransport, layout: Layout, path: str | None) 
         texts += [t for _p, t in katacfg._dropins(transport, real, "go")]
     except (OSError, KatactlError):
         return []
-    rel_real = layout.real_releases(transport)
+    release_of = layout.config_paths(transport)
     for text in texts:
         for _s, _k, val in configedit.asset_refs(text):
-            v = layout.version_of_path(val, rel_real)
-            if v:
-                found[v] = None
+            hit = release_of(val)
+            if hit:
+                found[hit[0]] = None
     return list(found)
 
 
