@@ -598,6 +598,56 @@ def test_switch_agent_refused_when_assets_missing(cli, staged):
     assert agent_of(staged, A) == A
 
 
+@pytest.mark.parametrize("component,gone,named", [
+    ("all", "share/kata-containers/vmlinux-6.1.62-{v}", "kernel share/kata-containers/vmlinux.container"),
+    ("all", "share/kata-containers/kata-ubuntu-{v}.img", "image share/kata-containers/kata-containers.img"),
+    ("all", "bin/qemu-system-x86_64", "path bin/qemu-system-x86_64"),
+    ("runtime", "bin/cloud-hypervisor", "path bin/cloud-hypervisor"),
+])
+def test_switch_refused_when_the_release_lacks_a_file_its_configuration_names(cli, staged, component, gone, named):
+    """review 13 docs #1: the preflight checked the shim and that some configuration exists, and
+    the guest assets only when an agent switch moved them: a release whose configuration names a
+    kernel (or QEMU) it does not ship became `current` (exit 0), and every new pod failed to boot.
+    Now refused (exit 5, --dry-run too) unless --force, naming the key, the file and the config."""
+    J(cli, staged, "switch", A)
+    os.remove(rel(staged, B) / gone.format(v=B))  # vmlinux.container etc. are links: now dangling
+    for extra in (["--dry-run"], []):
+        r = K(cli, staged, "switch", B, "-c", component, *extra)
+        assert r.exit_code == 5, (r.stdout, r.stderr)
+        key, path = named.split()
+        assert "preflight failed" in r.stderr and f"release {B} lacks {key} /opt/kata/releases/{B}/{path} (" \
+            in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) <= 2 and "Traceback" not in r.stderr
+    assert current(staged) == f"releases/{A}"
+    d = J(cli, staged, "switch", B, "-c", component, "--force")
+    failed = [c for c in d["preflight"] if not c["ok"]]
+    assert [c["check"] for c in failed] == ["guest assets" if "path" not in named else "hypervisor"], failed
+    assert d["changed"] is True and current(staged) == f"releases/{B}"
+
+
+def test_runtime_switch_needs_only_the_guest_assets_it_keeps(cli, staged):
+    """--component runtime keeps the current agent's guest assets: the new release's own kernel
+    is not named by the configuration it leaves live, so its absence refuses nothing."""
+    J(cli, staged, "switch", A)
+    os.remove(rel(staged, B) / f"share/kata-containers/vmlinux-6.1.62-{B}")
+    d = J(cli, staged, "switch", B, "-c", "runtime")
+    assert d["to"] == {"runtime": B, "agent": A} and all(c["ok"] for c in d["preflight"]), d["preflight"]
+    checks = {c["check"]: c for c in d["preflight"]}
+    assert checks["guest assets"]["ok"] and checks["hypervisor"]["ok"]
+
+
+def test_agent_switch_forced_past_a_missing_asset(cli, staged):
+    """The agent path's own refusal (before the preflight had the check) ignored --force."""
+    J(cli, staged, "switch", A)
+    os.remove(rel(staged, B) / f"share/kata-containers/kata-alpine-{B}-initrd.img")
+    r = K(cli, staged, "switch", B, "-c", "agent", "--dry-run")
+    assert r.exit_code == 5 and f"release {B} lacks initrd /opt/kata/releases/{B}/share/kata-containers/" \
+        "kata-containers-initrd.img (configuration-clh.toml)" in r.stderr, r.stderr
+    d = J(cli, staged, "switch", B, "-c", "agent", "--force")
+    assert d["changed"] is True and agent_of(staged, A) == B
+    assert [c["check"] for c in d["preflight"] if not c["ok"]] == ["guest assets"]
+
+
 def test_lock_held_times_out_then_waits(cli, staged, katactl_bin):
     node = staged
     J(cli, node, "switch", A)

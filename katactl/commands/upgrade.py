@@ -112,7 +112,9 @@ def switch(
 ) -> None:
     """Make a staged release the one new sandboxes use; running sandboxes keep theirs.
 
-    Preflight: the shim binary and configuration exist, the new binaries answer
+    Preflight: the shim binary and configuration exist, so does every file the
+    switched configuration names in a release (kernel, image, initrd; with the
+    runtime, the hypervisor, jailer and firmware), the new binaries answer
     --version, 'kata-runtime check --check-version-only' (a warning only). The
     runtime switch is one atomic rename of KATA_ROOT/current; the agent switch
     rewrites kernel/image/initrd in the configuration atomically (backups under

@@ -21,8 +21,19 @@ ASSET_KEYS = ("kernel", "image", "initrd")
 #: ``root_hash_<variant>.txt``, "a single kernel_verity_params line"), and the runtime builds
 #: the guest's dm-verity command line from it: another image's hash and the guest does not boot
 IMAGE_BOUND_KEYS = ("kernel_verity_params",)
+#: the host files of a ``[hypervisor.*]`` table that the Go runtime resolves when it loads the
+#: configuration (src/runtime/pkg/katautils/config.go: ``path()``, ``jailerPath()``,
+#: ``firmware()``, ``firmwareVolume()`` call ResolvePath, which fails for a missing file), so
+#: one missing fails every new sandbox, as a missing guest asset does
+HOST_FILE_KEYS = ("path", "jailer_path", "firmware", "firmware_volume")
 _SECTION = re.compile(r"^\s*\[\s*([^\]\s]+)\s*\]")
-_ASSET = re.compile(r'^(\s*)(' + "|".join(ASSET_KEYS) + r')(\s*=\s*)"([^"]*)"(.*)$')
+
+
+def _key_value(keys: tuple[str, ...]) -> re.Pattern:
+    return re.compile(r'^(\s*)(' + "|".join(keys) + r')(\s*=\s*)"([^"]*)"(.*)$')
+
+
+_ASSET = _key_value(ASSET_KEYS)
 #: an image-bound key, bare or quoted (TOML quoted keys are the same key)
 _BOUND = re.compile(r"""^\s*(["']?)(""" + "|".join(IMAGE_BOUND_KEYS) + r")\1\s*=")
 
@@ -36,8 +47,10 @@ def rebase(text: str, prefix: str, release_path: str) -> str:
     return pat.sub(lambda m: m.group(1) + release_path.rstrip("/") + "/", text)
 
 
-def asset_refs(text: str) -> list[tuple[str, str, str]]:
-    """(section, key, value) for every non-empty guest asset in a hypervisor section."""
+def asset_refs(text: str, keys: tuple[str, ...] = ASSET_KEYS) -> list[tuple[str, str, str]]:
+    """(section, key, value) for every non-empty guest asset (or other ``keys``) in a
+    hypervisor section."""
+    pat = _ASSET if keys == ASSET_KEYS else _key_value(keys)
     out = []
     section = ""
     for line in text.splitlines():
@@ -45,7 +58,7 @@ def asset_refs(text: str) -> list[tuple[str, str, str]]:
         if m:
             section = m.group(1)
             continue
-        a = _ASSET.match(line)
+        a = pat.match(line)
         if a and section.startswith("hypervisor.") and a.group(4):
             out.append((section, a.group(2), a.group(4)))
     return out

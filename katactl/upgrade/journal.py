@@ -67,24 +67,20 @@ def _append_history(transport: NodeTransport, layout: Layout, entry: dict) -> No
 
 # -- configuration edits -------------------------------------------------------------
 def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agent: str) -> list[tuple[str, str, str]]:
-    """(file, old text, new text) pointing in_release's configs at agent's guest assets."""
+    """(file, old text, new text) pointing in_release's configs at agent's guest assets (that
+    they exist is the preflight's check: named_files)."""
     edits = []
-    missing = []
     target_root = layout.release(agent)
-    release_of = layout.config_paths(transport)  # assets named by their resolved path move too
 
     def mapper(value: str):
-        hit = release_of(value)
-        if hit:
-            rel = hit[1]
+        v = layout.version_of_path(value)
+        if v:
+            rel = value[len(layout.release(v)) + 1:]
         elif value.startswith(INSTALL_PREFIX + "/") and not value.startswith(layout.releases + "/"):
             rel = value[len(INSTALL_PREFIX) + 1:]
         else:
             return None  # an asset outside the releases: not ours to move
-        new = f"{target_root}/{rel}"
-        if new != value and not transport.exists(new):
-            missing.append(f"{rel} (referenced by {f})")
-        return new
+        return f"{target_root}/{rel}"
 
     own = _image_bound_of(transport, layout, agent)
     unknown = []
@@ -99,9 +95,6 @@ def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agen
         unknown += [f"{sec} of {rel}" for sec in unk]
         if new != old:
             edits.append((f, old, new))
-    if missing:
-        raise Refused(f"release {agent} lacks guest asset(s) the configuration needs: "
-                      + ", ".join(sorted(set(missing))))
     if unknown:
         raise Refused(f"release {agent}'s own {', '.join(configedit.IMAGE_BOUND_KEYS)} for "
                       f"{', '.join(unknown)} is unknown (its configuration names another release's image "
@@ -110,6 +103,25 @@ def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agen
                       hint=f"re-stage release {agent} (katactl upgrade stage SOURCE --force) while it is "
                            "not in use")
     return edits
+
+
+def named_files(transport: NodeTransport, layout: Layout, to: dict,
+                keys: tuple[str, ...]) -> list[tuple[str, str, str, list[str]]]:
+    """(key, node path, its release, the configuration files naming it) of every file under a release that
+    release ``to["runtime"]``'s configuration names by one of ``keys`` once a switch to ``to``
+    has edited it (its guest assets pointed at ``to["agent"]``'s): what the preflight checks
+    exists. A path outside the releases is the host's, not a release's to contain."""
+    edited = {f: new for f, _old, new in _agent_edits(transport, layout, to["runtime"], to["agent"])}
+    real = layout.real_releases(transport)
+    top = layout.config_dir(to["runtime"])
+    named: dict[tuple[str, str, str], list[str]] = {}
+    for f in walk_files(transport, top, ".toml"):
+        text = edited[f] if f in edited else transport.read_text(f)
+        for _sec, key, value in configedit.asset_refs(text, keys):
+            v = layout.version_of_path(value, real)
+            if v:
+                named.setdefault((key, value, v), []).append(f[len(top) + 1:])
+    return [(k, p, v, sorted(set(fs))) for (k, p, v), fs in sorted(named.items())]
 
 
 def _image_bound_of(transport: NodeTransport, layout: Layout, agent: str):

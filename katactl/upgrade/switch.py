@@ -3,8 +3,8 @@ releases (crash-safe through the journal: katactl.upgrade.journal)."""
 from __future__ import annotations
 
 from katactl.errors import NotFound, Refused, UsageError
-from katactl.upgrade import compiled
-from katactl.upgrade.journal import apply, commit, recover_or_check
+from katactl.upgrade import compiled, configedit
+from katactl.upgrade.journal import apply, commit, named_files, recover_or_check
 from katactl.upgrade.layout import COMPONENTS, SHIM_BINARIES, Layout, fault, validate_version
 from katactl.upgrade.lock import locked_audited
 from katactl.upgrade.state import UNMANAGED, pair, read_history, read_state, release_record, releases, walk_files
@@ -89,6 +89,9 @@ def _preflight(transport: NodeTransport, layout: Layout, to: dict, component: st
         cfgs = walk_files(transport, layout.config_dir(to["runtime"]), ".toml")
         checks.append({"check": "configuration", "ok": bool(cfgs),
                        "detail": f"{len(cfgs)} file(s) in {layout.config_dir(to['runtime'])}"})
+    # every component: the configuration the switch leaves live must name only files there
+    checks += _named_files_checks(transport, layout, to, component)
+    if component in ("all", "runtime"):
         checks += compiled.datadir_check(transport, layout, to["runtime"])
         if not run_binaries:
             checks.append({"check": "binaries run", "ok": True, "skipped": True,
@@ -102,6 +105,25 @@ def _preflight(transport: NodeTransport, layout: Layout, to: dict, component: st
             kr = f"{rel}/bin/kata-runtime"
             if transport.exists(kr):
                 checks.append(_run_check(transport, [kr, "check", "--check-version-only"], required=False))
+    return checks
+
+
+def _named_files_checks(transport: NodeTransport, layout: Layout, to: dict, component: str) -> list[dict]:
+    """``guest assets`` (kernel, image, initrd) and, when the runtime changes, ``hypervisor``
+    (its binary, jailer, firmware: configedit.HOST_FILE_KEYS): each file under a release that
+    the configuration names once switched must exist there. The runtime resolves them when it
+    loads the configuration, so one missing fails every new sandbox, never the switch."""
+    groups: list[tuple[str, tuple[str, ...]]] = [("guest assets", configedit.ASSET_KEYS)]
+    if component in ("all", "runtime"):
+        groups.append(("hypervisor", configedit.HOST_FILE_KEYS))
+    named = named_files(transport, layout, to, tuple(k for _, keys in groups for k in keys))
+    checks = []
+    for check, keys in groups:
+        mine = [n for n in named if n[0] in keys]
+        lacks = [f"release {v} lacks {key} {path} ({', '.join(fs)})"
+                 for key, path, v, fs in mine if not transport.exists(path)]
+        checks.append({"check": check, "ok": not lacks,
+                       "detail": "; ".join(lacks) or f"{len(mine)} file(s) named, all present"})
     return checks
 
 
