@@ -71,11 +71,12 @@ def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agen
     they exist is the preflight's check: named_files)."""
     edits = []
     target_root = layout.release(agent)
+    release_of = layout.config_paths(transport)  # assets named by their resolved path move too
 
     def mapper(value: str):
-        v = layout.version_of_path(value)
-        if v:
-            rel = value[len(layout.release(v)) + 1:]
+        hit = release_of(value)
+        if hit:
+            rel = hit[1]
         elif value.startswith(INSTALL_PREFIX + "/") and not value.startswith(layout.releases + "/"):
             rel = value[len(INSTALL_PREFIX) + 1:]
         else:
