@@ -108,20 +108,21 @@ def _agent_edits(transport: NodeTransport, layout: Layout, in_release: str, agen
 
 def named_files(transport: NodeTransport, layout: Layout, to: dict,
                 keys: tuple[str, ...]) -> list[tuple[str, str, str, list[str]]]:
-    """(key, node path, its release, the configuration files naming it) of every file under a release that
-    release ``to["runtime"]``'s configuration names by one of ``keys`` once a switch to ``to``
-    has edited it (its guest assets pointed at ``to["agent"]``'s): what the preflight checks
-    exists. A path outside the releases is the host's, not a release's to contain."""
+    """(key, node path, its release, the configuration files naming it) of every file under a
+    release (as given or resolved: Layout.config_paths) that release ``to["runtime"]``'s
+    configuration names by one of ``keys`` once a switch to ``to`` has edited it (its guest
+    assets pointed at ``to["agent"]``'s): what the preflight checks exists. A path outside the
+    releases is the host's, not a release's to contain."""
     edited = {f: new for f, _old, new in _agent_edits(transport, layout, to["runtime"], to["agent"])}
-    real = layout.real_releases(transport)
+    release_of = layout.config_paths(transport)
     top = layout.config_dir(to["runtime"])
     named: dict[tuple[str, str, str], list[str]] = {}
     for f in walk_files(transport, top, ".toml"):
         text = edited[f] if f in edited else transport.read_text(f)
         for _sec, key, value in configedit.asset_refs(text, keys):
-            v = layout.version_of_path(value, real)
-            if v:
-                named.setdefault((key, value, v), []).append(f[len(top) + 1:])
+            hit = release_of(value)
+            if hit:
+                named.setdefault((key, value, hit[0]), []).append(f[len(top) + 1:])
     return [(k, p, v, sorted(set(fs))) for (k, p, v), fs in sorted(named.items())]
 
 
