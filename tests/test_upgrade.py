@@ -890,6 +890,25 @@ def test_gc_name_output_is_the_node(cli, staged):
         assert r.exit_code == 0 and r.stdout == "localhost\n", (extra, r.stdout, r.stderr)
 
 
+def test_status_name_output_is_the_node(cli, staged, tmp_path):
+    """review 13 docs #2: `upgrade status -o name` printed the release versions (nothing at all on
+    a node without releases), where docs/output.md says an upgrade command's -o name prints the
+    node (as switch and gc do); and the table of a node without releases said "No upgrade
+    statuses found." though -o json has its UpgradeStatus object: it says there are no releases."""
+    J(cli, staged, "switch", A)
+    for extra in ([], ["--sandboxes"]):
+        r = K(cli, staged, "status", *extra, "-o", "name")
+        assert r.exit_code == 0 and r.stdout == "localhost\n", (extra, r.stdout, r.stderr)
+    bare = tmp_path / "bare"
+    (bare / "proc").mkdir(parents=True)
+    r = K(cli, bare, "status", "-o", "name")
+    assert r.exit_code == 0 and r.stdout == "localhost\n", (r.stdout, r.stderr)
+    assert J(cli, bare, "status")["current"] == {"runtime": None, "agent": None}
+    r = K(cli, bare, "status")
+    assert r.exit_code == 0 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr == "localhost: no releases under /opt/kata/releases (katactl upgrade stage SOURCE)\n", r.stderr
+
+
 def test_stage_symlink_chain_work_is_bounded(katactl_bin, node, tmp_path):
     """issue 16 #7: a 60-link doubling chain is refused (exit 5) after a bounded number of
     links followed, as the kernel's ELOOP, instead of 2^60 steps (a subprocess: a hang fails)."""

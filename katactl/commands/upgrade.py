@@ -185,10 +185,11 @@ def status(
     from katactl.upgrade import compiled
 
     app_ctx, layout, _lt, _ow = _common(ctx, kata_root, None)
-    if app_ctx.out.human or app_ctx.out.fmt == "name":
+    # -o name is the JSON object's node, as for every upgrade command (docs/output.md)
+    if app_ctx.out.human:
         if sandboxes:
             fan_out_list(app_ctx, lambda t: _status(app_ctx, t, layout)["sandboxes"], kind="UpgradeSandboxList",
-                         name_key="id", columns=[
+                         columns=[
                              Column("SANDBOX", "id"), Column("POD", "podRef"), Column("SHIM-PID", "shimPid"), Column("SHIM", "shimRelease"),
                              Column("HV-PID", "hypervisorPid"), Column("HYPERVISOR", "hypervisorRelease"),
                              Column("ASSETS", "assetsRelease"), Column("RUNTIME", "runtime", wide=True)])
@@ -228,10 +229,13 @@ def status(
                 msg = compiled.datadir_warning(q, layout)
                 if msg:
                     app_ctx.out.warn(f"{transport.node}: {msg}")
+            if not s["releases"]:  # its UpgradeStatus is not "none found": it has no release yet
+                app_ctx.out.info(f"{transport.node}: no releases under {layout.releases} "
+                                 "(katactl upgrade stage SOURCE)")
             gap = s["scan"].get("gap")
             return [dict(r, nprocs=_count(r["processes"], gap), nsbs=_count(r["sandboxes"], gap)) for r in s["releases"]]
 
-        fan_out_list(app_ctx, rows, kind="UpgradeStatus", name_key="version", columns=[
+        fan_out_list(app_ctx, rows, kind="UpgradeStatus", summary="", columns=[
             Column("VERSION", "version"), Column("STATE", "state"), Column("PROCESSES", "nprocs"),
             Column("SANDBOXES", "nsbs"), Column("STAGED", "stagedAt", wide=True),
             Column("SOURCE", "source", wide=True), Column("PIDS", "processes", wide=True)])
