@@ -222,6 +222,9 @@ class Settings:
     node_group_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     #: KATACTL_* variables set but not katactl's (warned about, not refused)
     ignored_variables: tuple[str, ...] = ()
+    #: the config file read (config_path()), and whether it exists: the default one may not
+    config_file: str = ""
+    config_file_exists: bool = False
 
     def __getattr__(self, name):
         try:
@@ -265,7 +268,12 @@ def too_large(path: str, what: str, limit: int = INPUT_LIMIT) -> UsageError:
 
 
 def load_file(path: str, *, explicit: bool = False) -> dict:
-    """The config file's settings; ``{}`` when the default file does not exist. A file
+    """The config file's settings; ``{}`` when the default file does not exist (read_file)."""
+    return read_file(path, explicit=explicit) or {}
+
+
+def read_file(path: str, *, explicit: bool = False) -> dict | None:
+    """The config file's settings; None when the default file does not exist. A file
     named explicitly (KATACTL_CONFIG) must exist, as kubectl's --kubeconfig must: a typo
     would otherwise run with every setting at its default (other SSH user, timeouts)."""
     if sys.version_info >= (3, 11):
@@ -277,7 +285,7 @@ def load_file(path: str, *, explicit: bool = False) -> dict:
     except FileNotFoundError:
         if explicit:
             raise UsageError(f"config file {path} (KATACTL_CONFIG) does not exist") from None
-        return {}
+        return None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError:
@@ -291,7 +299,8 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
     """Merge the four layers. ``flags`` holds only options the user gave."""
     environment: Mapping[str, str] = os.environ if environ is None else environ
     path = config_path()
-    data = load_file(path, explicit="KATACTL_CONFIG" in os.environ)
+    found = read_file(path, explicit="KATACTL_CONFIG" in os.environ)
+    data = found if found is not None else {}
     unknown = set(data) - set(SETTINGS) - {"profile", "profiles", "node_groups"}
     if unknown:
         raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}", hint=_renamed_hint(unknown))
@@ -351,4 +360,4 @@ def resolve(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
                 raise UsageError(f"{path}: node group {g!r} must be a list of node names")
             groups[g] = tuple(members)
             group_sources[g] = where
-    return Settings(values, sources, profile, groups, group_sources, ignored)
+    return Settings(values, sources, profile, groups, group_sources, ignored, path, found is not None)

@@ -33,10 +33,22 @@ def test_empty_katactl_config_is_a_usage_error(cli, monkeypatch, value):
 
 
 def test_default_config_file_may_be_missing(cli, _isolated_home):
-    assert not (_isolated_home / "config" / "katactl" / "config.toml").exists()
+    """review 13 docs #3: config view named the default file as "config file: PATH" (JSON
+    configFile) though there was none, so a mistyped XDG_CONFIG_HOME looked like the file in
+    use: it says it does not exist (configFileExists false), and an empty file exists."""
+    path = _isolated_home / "config" / "katactl" / "config.toml"
+    assert not path.exists()
     r = cli(["config", "view", "-o", "json"])
     assert r.exit_code == 0, r.stderr
-    assert r.json()["configFile"].endswith("katactl/config.toml")
+    assert r.json()["configFile"] == str(path) and r.json()["configFileExists"] is False
+    r = cli(["config", "view"])
+    assert r.exit_code == 0 and f"config file: {path} (does not exist: no setting comes from it)\n" in r.stderr, \
+        r.stderr
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    assert cli(["config", "view", "-o", "json"]).json()["configFileExists"] is True
+    r = cli(["config", "view"])
+    assert r.exit_code == 0 and f"config file: {path}\n" in r.stderr, r.stderr
 
 
 def test_config_view_table_shows_node_groups_and_where_each_comes_from(cli, _isolated_home, monkeypatch):

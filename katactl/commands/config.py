@@ -24,7 +24,6 @@ def view(ctx: typer.Context) -> None:
       KATACTL_REQUEST_TIMEOUT=10s katactl config view -o json
       katactl --profile prod config view
     """
-    from katactl import config
     from katactl.backends import kube
     from katactl.output import Column, Result
 
@@ -32,7 +31,7 @@ def view(ctx: typer.Context) -> None:
     s = app_ctx.settings
     items = s.view()
     k8s = kube.context_in_use(s)
-    item = {"configFile": config.config_path(), "profile": s.profile,
+    item = {"configFile": s.config_file, "configFileExists": s.config_file_exists, "profile": s.profile,
             "nodeGroups": {k: list(v) for k, v in s.node_groups.items()}, "settings": items,
             "kubernetes": k8s}
     if k8s["error"]:
@@ -48,7 +47,9 @@ def view(ctx: typer.Context) -> None:
         # node groups as rows too: -N @group's expansion, checkable on a terminal
         finish(app_ctx, Result(kind="Config", items=items + s.group_view() + rows, columns=[
             Column("SETTING", "name"), Column("VALUE", "value"), Column("SOURCE", "source")]))
-        app_ctx.out.info(f"config file: {item['configFile']}" + (f" (profile {s.profile})" if s.profile else ""))
+        # a file that is not there is no source: say so, or a mistyped XDG_CONFIG_HOME looks in use
+        absent = "" if s.config_file_exists else " (does not exist: no setting comes from it)"
+        app_ctx.out.info(f"config file: {s.config_file}{absent}" + (f" (profile {s.profile})" if s.profile else ""))
         if k8s["files"]:
             app_ctx.out.info(f"kubeconfig: {', '.join(k8s['files'])} ({k8s['sources']['files']})")
         return
