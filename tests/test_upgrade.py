@@ -648,6 +648,30 @@ def test_agent_switch_forced_past_a_missing_asset(cli, staged):
     assert [c["check"] for c in d["preflight"] if not c["ok"]] == ["guest assets"]
 
 
+def test_a_missing_file_refuses_only_in_a_configuration_a_handler_reads(cli, staged):
+    """A release ships a configuration per hypervisor and flavour (kata-static: qemu, clh, fc,
+    the confidential and GPU ones), not every one of them with all it names: with containerd's
+    Kata handlers known, a file missing from a configuration none of them reads through
+    current is a warning, and one missing from the configuration they read refuses."""
+    cri = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+    (staged / "etc/containerd").mkdir(parents=True)
+    (staged / "etc/containerd/config.toml").write_text(
+        f'version = 2\n[{cri}.kata-qemu]\nruntime_type = "io.containerd.kata.v2"\n'
+        f'[{cri}.kata-qemu.options]\n'
+        'ConfigPath = "/opt/kata/current/share/defaults/kata-containers/configuration-qemu.toml"\n')
+    J(cli, staged, "switch", A)
+    os.remove(rel(staged, B) / "bin/cloud-hypervisor")  # named by configuration-clh.toml only
+    d = J(cli, staged, "switch", B, "--dry-run")
+    checks = {c["check"]: c for c in d["preflight"]}
+    assert checks["hypervisor"]["ok"] and "warning" not in checks["hypervisor"], checks
+    warned = checks["hypervisor (files no handler reads)"]
+    assert warned["ok"] and warned["warning"] and "configuration-clh.toml" in warned["detail"], warned
+    os.remove(rel(staged, B) / "bin/qemu-system-x86_64")  # the file the handler's configuration names
+    r = K(cli, staged, "switch", B, "--dry-run")
+    assert r.exit_code == 5 and f"release {B} lacks path /opt/kata/releases/{B}/bin/qemu-system-x86_64 " \
+        "(configuration-qemu.toml)" in r.stderr, r.stderr
+
+
 def test_lock_held_times_out_then_waits(cli, staged, katactl_bin):
     node = staged
     J(cli, node, "switch", A)

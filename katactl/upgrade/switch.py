@@ -112,20 +112,58 @@ def _named_files_checks(transport: NodeTransport, layout: Layout, to: dict, comp
     """``guest assets`` (kernel, image, initrd) and, when the runtime changes, ``hypervisor``
     (its binary, jailer, firmware: configedit.HOST_FILE_KEYS): each file under a release that
     the configuration names once switched must exist there. The runtime resolves them when it
-    loads the configuration, so one missing fails every new sandbox, never the switch."""
+    loads the configuration, so one missing fails every new sandbox, never the switch. Only
+    the configuration files a Kata handler reads through ``current`` refuse the switch: a
+    release ships one file per hypervisor and flavour (kata-static: qemu, clh, fc, the
+    confidential and GPU ones), and an asset missing from a file no handler reads is a warning."""
     groups: list[tuple[str, tuple[str, ...]]] = [("guest assets", configedit.ASSET_KEYS)]
     if component in ("all", "runtime"):
         groups.append(("hypervisor", configedit.HOST_FILE_KEYS))
     named = named_files(transport, layout, to, tuple(k for _, keys in groups for k in keys))
+    in_use = _configs_read_through_current(transport, layout)
     checks = []
     for check, keys in groups:
         mine = [n for n in named if n[0] in keys]
-        lacks = [f"release {v} lacks {key} {path} ({', '.join(fs)})"
-                 for key, path, v, fs in mine if not transport.exists(path)]
+        lacks: list[str] = []
+        unread: list[str] = []
+        for key, path, v, fs in mine:
+            if transport.exists(path):
+                continue
+            read = [f for f in fs if in_use is None or f in in_use]
+            (lacks if read else unread).append(f"release {v} lacks {key} {path} ({', '.join(read or fs)})")
         checks.append({"check": check, "ok": not lacks,
                        "detail": "; ".join(lacks) or f"{len(mine)} file(s) named, all present"})
+        if unread:
+            checks.append({"check": f"{check} (files no handler reads)", "ok": True, "warning": True,
+                           "detail": "; ".join(unread)})
     return checks
 
+
+def _configs_read_through_current(transport: NodeTransport, layout: Layout) -> set[str] | None:
+    """The configuration files (relative to a release's configuration directory) that the
+    node's Kata handlers read through ``current``; None when containerd's configuration names
+    no Kata handler (unknown: every file counts)."""
+    from katactl import katacfg
+    from katactl.errors import KatactlError
+    from katactl.upgrade.layout import CONFIG_SUBDIR
+    from katactl.upgrade.status import handler_configs
+
+    rows = handler_configs(transport, layout)
+    if not rows:
+        return None
+    out: set[str] = set()
+    for h in rows:
+        path, follows = ((h["configPath"], h["follows"]) if h["configPath"]
+                         else (h.get("reads"), h.get("readsFollows")))
+        if not path or follows != "current":
+            continue
+        try:  # current/..., or a link into it (kata-deploy's /opt/kata/share -> current/share)
+            hit = layout.split_release_path(katacfg.realpath(transport, path), layout.real_releases(transport))
+        except (OSError, KatactlError):
+            return None
+        if hit and hit[1].startswith(CONFIG_SUBDIR + "/"):
+            out.add(hit[1][len(CONFIG_SUBDIR) + 1:])
+    return out
 
 def _run_check(transport: NodeTransport, argv: list[str], required: bool) -> dict:
     name = " ".join([argv[0].rsplit("/", 1)[-1], *argv[1:]])
