@@ -18,6 +18,7 @@ Usage: bench_startup.py [--runs N] [--at REV] [--baseline REV] [--write] [--smok
 """
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import shutil
@@ -79,6 +80,7 @@ def main() -> int:
     runs, warmup = (1, 0) if a.smoke else (a.runs, 2)
     pre = None if a.smoke else precompile()
     tmp = tempfile.mkdtemp(prefix="katactl-bench-startup-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # also when a revision or the venv fails
     revs = katactl_revs(a, os.path.join(tmp, "revs"))  # unpacked and precompiled
     kat, kat_env, label = revs["katactl"]
     base = revs.get("baseline")
@@ -100,10 +102,7 @@ def main() -> int:
         if base:  # right after it: a burst of load hits both alike
             cmds["before: " + name] = (base[0] + [*leaf, "--help"], base[1])
     cpu: dict[str, list[float]] = {}
-    try:
-        samples = interleaved(cmds, runs, warmup=warmup, cpu=cpu)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    samples = interleaved(cmds, runs, warmup=warmup, cpu=cpu)
     if a.smoke:
         print(f"bench_startup smoke ok: {len(samples)} commands, {len(leaf_rows)} leaves: "
               + ", ".join(" ".join(leaf) for leaf in leaf_rows.values()))
