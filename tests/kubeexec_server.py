@@ -39,8 +39,12 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
   type); other objects and bare pods are stored as sent.
 - "kubelet": a pod created through the API with a nodeName on a Ready node that has a root becomes
   Running after ``kubelet_start_delay`` seconds (``kubelet_starts_pods = False`` leaves it Pending,
-  with a Scheduled event and an ImagePullBackOff waiting state, for timeout tests). A DaemonSet
-  created through the API gets one pod per node (tolerations and selectors are not evaluated).
+  with a Scheduled event and an ImagePullBackOff waiting state, for timeout tests); on a node with
+  a True MemoryPressure/DiskPressure/PIDPressure condition the eviction manager's admission
+  applies (a pod that is not critical is rejected: Failed, reason Evicted). A DaemonSet created
+  through the API gets one pod per node its template's nodeSelector matches (tolerations and
+  affinity are not evaluated), through Priority admission; a node added later gets none, and a
+  template changed later does not replace the pods (as updateStrategy OnDelete).
 - A client that goes away (a close frame or a dropped connection before the status): as the
   kubelet's runtime does, the exec's stdin is closed (containerd pkg/cri/server/
   container_execsync.go execInternal: Attach with ``StdinOnce`` and ``CloseStdin``), its output
@@ -183,8 +187,12 @@ class KubeExecMixin:
                 self._kubelet_admit(obj["metadata"]["namespace"], obj["metadata"]["name"], node)
         elif res.plural == "daemonsets":
             tmpl = (obj.get("spec") or {}).get("template") or {}
+            want = ((tmpl.get("spec") or {}).get("nodeSelector")) or {}
             for n in self.list_objs("Node"):
                 node = n["metadata"]["name"]
+                labels = n["metadata"].get("labels") or {}
+                if any(labels.get(k) != v for k, v in want.items()):
+                    continue  # nodeShouldRunDaemonPod: the template's nodeSelector must match
                 pod = {"apiVersion": "v1", "kind": "Pod",
                        "metadata": copy.deepcopy(tmpl.get("metadata") or {}),
                        "spec": copy.deepcopy(tmpl.get("spec") or {})}
@@ -198,7 +206,9 @@ class KubeExecMixin:
                                           "blockOwnerDeletion": True}]
                 pod["spec"]["nodeName"] = node
                 pod["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
-                from tests.kubeserver import RESOURCES
+                from tests.kubeserver import RESOURCES, admit_priority
+
+                admit_priority(pod, md["name"])  # the controller's create goes through admission
 
                 self._stamp_new(RESOURCES["pods"], pod)
                 self.store[("pods", md["namespace"], md["name"])] = pod
@@ -206,6 +216,8 @@ class KubeExecMixin:
                 self._kubelet_admit(md["namespace"], md["name"], node)
 
     def _kubelet_admit(self, ns, name, node):
+        if self._kubelet_rejects(ns, name, node):
+            return
         ready = self._node_ready(node)
         if not (self.kubelet_starts_pods and ready and node in self.node_roots):
             self.add({"apiVersion": "v1", "kind": "Event",
@@ -243,6 +255,42 @@ class KubeExecMixin:
         t.daemon = True
         self._timers.append(t)
         t.start()
+
+    def _kubelet_rejects(self, ns, name, node) -> bool:
+        """The eviction manager's admit handler (pkg/kubelet/eviction/eviction_manager.go Admit)
+        on a node whose MemoryPressure/DiskPressure/PIDPressure condition is True: a critical pod
+        (pkg/kubelet/types/pod_update.go IsCriticalPod: mirror, or priority >= 2000000000) is
+        admitted; under MemoryPressure alone a pod that is not BestEffort, or a BestEffort one
+        tolerating the memory-pressure taint; any other is rejected as kubelet.go rejectPod does
+        (phase Failed, reason Evicted, a Warning event)."""
+        from tests.kubeserver import MIRROR
+
+        n = self.store.get(("nodes", "", node))
+        pod = self.store.get(("pods", ns, name))
+        if n is None or pod is None:
+            return False
+        conds = [c.get("type") for c in (n.get("status") or {}).get("conditions") or []
+                 if c.get("type") in ("MemoryPressure", "DiskPressure", "PIDPressure") and c.get("status") == "True"]
+        spec = pod.get("spec") or {}
+        if not conds or (spec.get("priority") or 0) >= 2000000000 or MIRROR in (pod["metadata"].get("annotations") or {}):
+            return False
+        if conds == ["MemoryPressure"]:
+            best_effort = not any((c.get("resources") or {}).get("requests") or (c.get("resources") or {}).get("limits")
+                                  for c in spec.get("containers") or [])
+            tolerates = any(t.get("operator") == "Exists" and t.get("key") in (None, "", "node.kubernetes.io/memory-pressure")
+                            and t.get("effect") in (None, "", "NoSchedule") for t in spec.get("tolerations") or [])
+            if not best_effort or tolerates:
+                return False
+        msg = f"The node had condition: [{' '.join(conds)}]. "
+        pod["status"] = {"phase": "Failed", "reason": "Evicted", "message": "Pod was rejected: " + msg,
+                         "qosClass": (pod.get("status") or {}).get("qosClass", "BestEffort")}
+        pod["metadata"]["resourceVersion"] = self._next_rv()
+        self._log("MODIFIED", pod)
+        self.add({"apiVersion": "v1", "kind": "Event",
+                  "metadata": {"name": f"{name}.{os.urandom(4).hex()}", "namespace": ns},
+                  "involvedObject": {"kind": "Pod", "name": name, "namespace": ns},
+                  "reason": "Evicted", "type": "Warning", "message": msg})
+        return True
 
     def _node_ready(self, node) -> bool:
         n = self.store.get(("nodes", "", node))

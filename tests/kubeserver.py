@@ -55,7 +55,8 @@ Known differences from the real kube-apiserver:
   notifications); no initial-events-end annotation. ``cut_watches()`` drops the open watch
   connections without the final chunk; ``compact()`` forgets the history (etcd compaction). No server-side apply (apply-patch+yaml -> 415), no
   deletecollection, no openapi (/openapi/* -> 404), no aggregated discovery, no admission
-  plugins (but NamespaceLifecycle's Terminating check, below) or webhooks, no field validation beyond what is listed, no managedFields
+  plugins (but NamespaceLifecycle's Terminating check, below, and Priority: a pod's priority from
+  its priorityClassName, only the two system classes) or webhooks, no field validation beyond what is listed, no managedFields
   but a node's spec.unschedulable owner (the manager of the last Update that changed it, and its time).
 - Protobuf is accepted only for the kinds above (others -> 415); responses are never protobuf.
 - Table output (``as=Table``) is served for nodes and pods only, with the standard columns;
@@ -79,7 +80,7 @@ Known differences from the real kube-apiserver:
 - Deleting a ReplicaSet/DaemonSet removes its pods at once unless propagationPolicy=Orphan
   (the real garbage collector is asynchronous). Namespaces are deleted at once (no Terminating);
   a Namespace stored with status.phase Terminating refuses creates and evictions in it as
-  NamespaceLifecycle admission does (403, cause NamespaceTerminating); no other admission.
+  NamespaceLifecycle admission does (403, cause NamespaceTerminating); no other admission but Priority (above).
 - Mirror pods are plain stored pods: they can be deleted or evicted (as on the real server) but
   no kubelet recreates them afterwards.
 - DELETE answers the object for pods (like the real pod store) and a Success Status otherwise.
@@ -204,6 +205,31 @@ def _details(res: Res | None, name: str | None, **extra) -> dict:
         d["kind"] = res.plural
     d.update(extra)
     return d
+
+
+# the PriorityClasses every cluster has (pkg/apis/scheduling/v1/helpers.go systemPriorityClasses:
+# SystemCriticalPriority = 2 * HighestUserDefinablePriority, node-critical 1000 above it)
+SYSTEM_PRIORITY_CLASSES = {"system-node-critical": 2000001000, "system-cluster-critical": 2000000000}
+
+
+def admit_priority(pod: dict, name: str) -> None:
+    """The Priority admission plugin on a pod create (plugin/pkg/admission/priority/admission.go
+    admitPod): spec.priority (and preemptionPolicy) resolved from spec.priorityClassName, 0 without
+    one (no globalDefault class here); an unknown class, or a priority the pod sets that differs,
+    is 403 Forbidden. Only the system classes exist: the stand-in serves no PriorityClass objects."""
+    spec = pod.setdefault("spec", {})
+    cls = spec.get("priorityClassName") or ""
+    if cls and cls not in SYSTEM_PRIORITY_CLASSES:
+        raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: no PriorityClass with name {cls} was found',
+                       {"name": name, "kind": "pods"})
+    value = SYSTEM_PRIORITY_CLASSES.get(cls, 0)
+    if spec.get("priority") is not None and spec["priority"] != value:
+        raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: the integer value of priority '
+                       f'({spec["priority"]}) must not be provided in pod spec; priority admission controller '
+                       f"computed {value} from the given PriorityClass name", {"name": name, "kind": "pods"})
+    spec["priority"] = value
+    if cls:
+        spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
 
 
 def not_found(res: Res, name: str) -> ApiError:
@@ -1604,6 +1630,8 @@ class KubeStandIn(KubeExecMixin):
         if not name:
             raise invalid(res, "", "metadata.name", "", "name or generateName is required")
         self._exec_default(res, obj)  # kubeexec_server.py: pod-template defaulting
+        if res.plural == "pods":
+            admit_priority(obj, name)
         self._validate(res, obj, name)
         key = self._key(res, ns, name)
         if key in self.store:
