@@ -54,11 +54,24 @@ class AgentPod:
 
 
 # -- manifests ----------------------------------------------------------------------------------
+# kubelet's eviction manager admits only critical pods to a node under DiskPressure or PIDPressure
+# and evicts the others first (pkg/kubelet/eviction/eviction_manager.go Admit;
+# pkg/kubelet/types/pod_update.go IsCriticalPod: priority >= 2000000000): a node whose /var/crash
+# filled with vmcores is where katactl is needed most.
+PRIORITY_CLASS = "system-node-critical"
+# the pods are Linux-only (python3 image, hostPID, privileged): kubelet sets this label on every node
+LINUX = {"kubernetes.io/os": "linux"}
+
+
 def pod_spec(image: str, node: str | None = None) -> dict:
     spec = {
         "hostPID": True, "hostNetwork": True, "hostIPC": True,
         "automountServiceAccountToken": False, "enableServiceLinks": False,
         "dnsPolicy": "ClusterFirstWithHostNet",
+        "priorityClassName": PRIORITY_CLASS,
+        # the DaemonSet controller places pods by it; a pod pinned with nodeName is still
+        # checked against it by kubelet's admission (NodeAffinity), which refuses it up front
+        "nodeSelector": dict(LINUX),
         "tolerations": [{"operator": "Exists"}],
         "terminationGracePeriodSeconds": 1,
         "containers": [{
@@ -212,20 +225,57 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
         if listed is not None:
             return wait_running(api, listed, float(settings.request_timeout or 30.0))
         image = settings.agent_image
-        down = next((p for p in pods if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset"), None)
-        if not image and down is not None:
-            # installed, but its pod on this node does not run: the node is unreachable, not a bad flag
-            raise AgentPodDown(f"node {node}: the katactl node agent pod {ns}/{down['metadata']['name']} is not "
-                               f"running: {_describe(api, down)}")
+        timeout = float(settings.request_timeout or 30.0)
         if not image:
+            if any((p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset" for p in pods) \
+                    or _installed(api, ns):
+                # installed, its pod on this node still starting or not made yet (a new node, a
+                # template update replacing every pod at once): waited for, as an ephemeral pod is
+                return _wait_daemonset_pod(api, ns, node, timeout, avoid)
             raise UsageError(f"node {node} has no running katactl node agent pod in namespace {ns}",
                              hint="install the agent (katactl node agent install --image IMAGE) or give "
                                   "--agent-image IMAGE for an ephemeral node pod (an image with python3)")
-        return _create_ephemeral(api, ns, node, image, float(settings.request_timeout or 30.0), key)
+        return _create_ephemeral(api, ns, node, image, timeout, key)
 
 
-class AgentPodDown(UnreachableError):
-    """The node's agent DaemonSet pod exists but is not running."""
+def _installed(api, ns: str) -> bool:
+    from katactl.backends.kube import seg
+
+    try:
+        api.get(f"/apis/apps/v1/namespaces/{seg(ns)}/daemonsets/{DS_NAME}")
+    except NotFound:
+        return False
+    return True
+
+
+def _wait_daemonset_pod(api, ns: str, node: str, timeout: float, avoid: frozenset) -> AgentPod:
+    """The DaemonSet's pod on ``node`` once it runs, within ``timeout``: a pod there is waited
+    for as wait_running waits for an ephemeral one (a pod that ends or goes is replaced by the
+    controller: looked for again); none yet, the node's pods are listed again every second.
+    Past the deadline, TimeoutExpired (exit 6) with the pod's status and events."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        pods = [p for p in find_pods(api, ns, node) if p["metadata"]["name"] not in avoid and is_agent_pod(p, ns)
+                and (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset"]
+        live = next((p for p in pods if not _ended(p)), None)
+        if live is not None:
+            last = live
+            pod = AgentPod(ns, live["metadata"]["name"], node, "daemonset")
+            try:
+                return wait_running(api, pod, timeout, deadline)
+            except TimeoutExpired as e:
+                raise TimeoutExpired(f"{e.message} (DaemonSet {ns}/{DS_NAME})") from None
+            except OperationFailed:  # ended or deleted while starting: the controller replaces it
+                pass
+        if time.monotonic() >= deadline:
+            what = (f"its pod {ns}/{last['metadata']['name']} ended or went away" if last is not None else
+                    "none on this node (not created yet, or the DaemonSet does not select the node)")
+            # the fan-out names the node
+            raise TimeoutExpired(f"no running pod of DaemonSet {ns}/{DS_NAME} within {timeout:g}s: {what}")
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if threading.current_thread() in _STALE:  # interrupted: cleanup() ran
+            raise Interrupted("interrupted")
 
 
 # (host, namespace, user) -> the refusal of the access check, or None (allowed, or not asked)
@@ -234,13 +284,19 @@ _ACCESS_LOCK = threading.Lock()
 SSAR = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 
+# what an ephemeral node pod needs, asked in this order: a pod katactl could create but not delete
+# would stay on the node, privileged with the host's / mounted, until activeDeadlineSeconds; one it
+# could not exec into would be started for nothing. The WebSocket upgrade of pods/exec is a GET
+# (get), and since 1.35 also needs create (feature gate AuthorizePodWebsocketUpgradeCreatePermission)
+ACCESS_NEEDED = (("create", "pods", ""), ("delete", "pods", ""), ("create", "pods", "exec"), ("get", "pods", "exec"))
+
+
 def check_pod_access(api, ns: str) -> None:
-    """Refuse (AuthError, exit 7) before any pod is created when this user may not both create
-    and delete pods in ``ns``: a pod katactl could create but not delete would stay on the node,
-    privileged with the host's / mounted, until activeDeadlineSeconds. Asked once per run with a
-    SelfSubjectAccessReview per verb, what ``kubectl auth can-i`` sends (the server's own
-    authorizer decides: pkg/registry/authorization/selfsubjectaccessreview/rest.go). A server
-    that cannot be asked (no such API, 5xx) is not a refusal: the create answers for itself."""
+    """Refuse (AuthError, exit 7) before any pod is created when this user lacks one of
+    ACCESS_NEEDED in ``ns``. Asked once per run with a SelfSubjectAccessReview per verb, what
+    ``kubectl auth can-i`` sends (the server's own authorizer decides:
+    pkg/registry/authorization/selfsubjectaccessreview/rest.go). A server that cannot be asked
+    (no such API, 5xx) is not a refusal: the create answers for itself."""
     from katactl.backends.kube import ApiStatusError
 
     key = (api.host, ns, api.user)
@@ -251,9 +307,10 @@ def check_pod_access(api, ns: str) -> None:
             refusal = _ACCESS[key]
         except KeyError:
             refusal = None
-            for verb in ("create", "delete"):
+            for verb, resource, sub in ACCESS_NEEDED:
+                attrs = {"namespace": ns, "verb": verb, "resource": resource, **({"subresource": sub} if sub else {})}
                 review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-                          "spec": {"resourceAttributes": {"namespace": ns, "verb": verb, "resource": "pods"}}}
+                          "spec": {"resourceAttributes": attrs}}
                 try:
                     status = api.create(SSAR, review).get("status") or {}
                 except AuthError as e:
@@ -265,12 +322,14 @@ def check_pod_access(api, ns: str) -> None:
                 if status.get("allowed") is not True:
                     who = f"user {api.user!r}" if api.user else "this kubeconfig's user"
                     why = status.get("reason") or status.get("evaluationError")
+                    what = f"{resource}/{sub}" if sub else resource
                     refusal = AuthError(
-                        f"Kubernetes API: Forbidden: {who} cannot {verb} pods in namespace {ns}, which an "
+                        f"Kubernetes API: Forbidden: {who} cannot {verb} {what} in namespace {ns}, which an "
                         f"ephemeral node pod needs (no pod was created){': ' + why if why else ''}",
-                        hint=f"ask for create and delete on pods in {ns} (kubectl auth can-i {verb} pods -n {ns}), "
-                             "or install the node agent DaemonSet (katactl node agent install)",
-                        details={"verb": verb, "resource": "pods", "namespace": ns})
+                        hint=f"ask for create and delete on pods and get and create on pods/exec in {ns} "
+                             f"(kubectl auth can-i {verb} {what} -n {ns})"
+                             + ("" if sub else ", or install the node agent DaemonSet (katactl node agent install)"),
+                        details={"verb": verb, "resource": what, "namespace": ns})
                     break
             _ACCESS[key] = refusal
     if refusal is not None:
@@ -355,29 +414,26 @@ def replace_agent_pod(api, pod: AgentPod) -> AgentPod:
 
     # an ephemeral pod stays registered: one that ended (Failed, past activeDeadlineSeconds)
     # is still there to delete at the end of the run
-    deadline = time.monotonic() + float(getattr(api, "timeout", 30.0) or 30.0)
     settings = SimpleNamespace(agent_namespace=pod.namespace, agent_image=pod.image,
-                               request_timeout=max(1.0, deadline - time.monotonic()))
-    while True:
-        try:
-            return agent_pod(api, settings, pod.node, frozenset({pod.name}))
-        except (UsageError, AgentPodDown):
-            # a DaemonSet pod is being replaced: wait for the new one
-            if time.monotonic() >= deadline:
-                raise UnreachableError(f"node pod {pod.namespace}/{pod.name} on {pod.node} went away and no "
-                                       "replacement is running") from None
-            time.sleep(POLL * 3)
+                               request_timeout=float(getattr(api, "timeout", 30.0) or 30.0))
+    try:
+        return agent_pod(api, settings, pod.node, frozenset({pod.name}))
+    except (UsageError, TimeoutExpired):
+        # the DaemonSet uninstalled, or its replacement pod not running in time
+        raise UnreachableError(f"node pod {pod.namespace}/{pod.name} on {pod.node} went away and no "
+                               "replacement is running") from None
 
 
-def wait_running(api, pod: AgentPod, timeout: float) -> AgentPod:
+def wait_running(api, pod: AgentPod, timeout: float, deadline: float | None = None) -> AgentPod:
     """Wait until ``pod`` runs: one GET, then one watch of the pod (its name as the field
-    selector) until it runs, ends or ``timeout`` passes, as kubectl debug's waitForContainer
+    selector) until it runs, ends or ``timeout`` passes (or ``deadline``, a wait begun earlier
+    whose ``timeout`` the error names), as kubectl debug's waitForContainer
     (staging/src/k8s.io/kubectl/pkg/cmd/debug/debug.go: watchtools.UntilWithSync over a
     metadata.name field selector), not a GET every 100 ms per node while images pull."""
     from katactl.backends.kube import WatchExpired, seg
 
     base = f"/api/v1/namespaces/{seg(pod.namespace)}/pods"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout if deadline is None else deadline
     with _GUARD:
         if threading.current_thread() in _STALE:  # interrupted: the cleanup deletes it
             raise Interrupted("interrupted")
@@ -445,7 +501,9 @@ def _describe(api, obj: dict) -> str:
     from katactl.backends.kube import seg
 
     st = obj.get("status") or {}
-    parts = [f"phase {st.get('phase') or 'Unknown'}"]
+    # the pod's own reason: kubelet's rejection (Evicted, NodeAffinity) is said there only
+    why = ": ".join(x for x in (st.get("reason"), st.get("message")) if x)
+    parts = [f"phase {st.get('phase') or 'Unknown'}{' (' + why.strip() + ')' if why else ''}"]
     for c in st.get("containerStatuses") or []:
         w = (c.get("state") or {}).get("waiting") or (c.get("state") or {}).get("terminated")
         if w:
@@ -783,7 +841,13 @@ def status(api, namespace: str) -> dict:
     except NotFound:
         ds = None
     pods = find_pods(api, namespace)
-    nodes = [n["metadata"]["name"] for n in api.list("/api/v1/nodes")]
+    tmpl = (((ds or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
+    image = _image(tmpl)
+    # the nodes the DaemonSet places a pod on (its nodeSelector; its tolerations take every taint):
+    # a node it does not select lacking its pod is no problem
+    selector = tmpl.get("nodeSelector") or {}
+    nodes = [n["metadata"]["name"] for n in api.list("/api/v1/nodes")
+             if all(((n["metadata"].get("labels") or {}).get(k)) == v for k, v in selector.items())]
     by_node: dict[str, list[dict]] = {}
     for p in pods:
         by_node.setdefault((p.get("spec") or {}).get("nodeName") or "", []).append(p)
@@ -792,19 +856,28 @@ def status(api, namespace: str) -> dict:
         ps = by_node.get(n, [])
         ds_pods = [p for p in ps if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset"]
         eph = [p for p in ps if (p["metadata"].get("labels") or {}).get(KIND_LABEL) == "ephemeral"]
-        run = next((p for p in ds_pods if _running(p)), None)
-        meta = (run or (ds_pods[0] if ds_pods else {})).get("metadata")
+        running = [p for p in ds_pods if _running(p)]
+        run = next((p for p in running if _image(p.get("spec") or {}) == image), running[0] if running else None)
+        shown = run or (ds_pods[0] if ds_pods else {})
+        meta = shown.get("metadata")
+        pod_image = _image(shown.get("spec") or {}) if meta else None
+        # a pod the controller has not replaced since the template changed still runs the
+        # old agent: --via kube would exec into it (kubectl rollout status counts it not done)
+        updated = None if not (meta and ds) else pod_image == image
         items.append({"node": n, "pod": pod_object(meta) if meta else None,
                       "podRef": f"{meta.get('namespace')}/{meta.get('name')}" if meta else None,
-                      "ready": run is not None,
-                      "phase": ((run or (ds_pods[0] if ds_pods else {})).get("status") or {}).get("phase"),
+                      "ready": run is not None and updated is not False,
+                      "phase": (shown.get("status") or {}).get("phase"),
+                      "image": pod_image, "updated": updated,
                       "ephemeral": [p["metadata"]["name"] for p in eph]})
-    image = None
-    if ds:
-        cs = (((ds.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
-        image = cs[0].get("image") if cs else None
     return {"namespace": namespace, "installed": ds is not None, "image": image,
-            "ready": sum(1 for i in items if i["ready"]), "nodes": len(items), "items": items}
+            "ready": sum(1 for i in items if i["ready"]), "nodes": len(items),
+            "outdated": sum(1 for i in items if i["updated"] is False), "items": items}
+
+
+def _image(spec: dict) -> str | None:
+    """The agent container's image in a pod (template) spec."""
+    return next((c.get("image") for c in spec.get("containers") or [] if c.get("name") == CONTAINER), None)
 
 
 def uninstall(api, namespace: str, *, dry_run: bool = False) -> dict:
@@ -868,16 +941,21 @@ def gc_candidates(api, namespace: str, older_than: float = GC_MIN_AGE) -> list[d
 
 
 def gc(api, namespace: str, *, dry_run: bool = False, candidates: list[dict] | None = None,
-       older_than: float = GC_MIN_AGE) -> list[dict]:
+       older_than: float = GC_MIN_AGE) -> tuple[list[dict], list[tuple[dict, KatactlError]]]:
     """Delete the ephemeral node pods: candidates (what gc_candidates listed and the user
-    confirmed), else those gc_candidates lists now."""
+    confirmed), else those gc_candidates lists now. Every pod gets its DELETE (one refused is
+    no reason to leave the others on their nodes): returns the pods deleted, and the pods not
+    deleted each with its error (a pod already gone is neither)."""
     from katactl.backends.kube import seg
+    from katactl.errors import as_katactl_error
 
-    done = []
+    done, failed = [], []
     for c in gc_candidates(api, namespace, older_than) if candidates is None else candidates:
         try:
             api.delete(f"/api/v1/namespaces/{seg(namespace)}/pods/{seg(c['name'])}", grace_period=0, dry_run=dry_run)
             done.append(c)
         except NotFound:
             pass
-    return done
+        except Exception as e:  # noqa: BLE001 - that pod's outcome; the next ones still get theirs
+            failed.append((c, as_katactl_error(e)))
+    return done, failed

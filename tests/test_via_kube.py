@@ -390,7 +390,127 @@ def test_agent_gc_deletes_the_pods_listed_not_ones_made_since(cluster):
         listed = nodeagent.gc_candidates(api, "kube-system", older_than=0)
         assert [c["name"] for c in listed] == [old]
         new = api.create(base, left_behind())["metadata"]["name"]
-        assert [c["name"] for c in nodeagent.gc(api, "kube-system", candidates=listed)] == [old]
+        assert [c["name"] for c in nodeagent.gc(api, "kube-system", candidates=listed)[0]] == [old]
         assert agent_pods(cluster["kube"]) == [new]
-        assert [c["name"] for c in nodeagent.gc(api, "kube-system", older_than=0)] == [new]
+        assert [c["name"] for c in nodeagent.gc(api, "kube-system", older_than=0)[0]] == [new]
     assert agent_pods(cluster["kube"]) == []
+
+
+# -- node pods: priority, waiting for the DaemonSet's pod, image, gc, access, Linux only ----------
+def _pressure(kube, node, cond="DiskPressure"):
+    """The node's kubelet reports ``cond`` (its eviction manager then admits critical pods only)."""
+    with kube._lock:
+        n = kube.store[("nodes", "", node)]
+        n["status"]["conditions"].append({"type": cond, "status": "True", "reason": f"KubeletHas{cond}",
+                                          "message": "kubelet has disk pressure"})
+
+
+def _wait_agent_ready(cli):
+    for _ in range(100):
+        r = cli(["node", "agent", "status", "-o", "json"])
+        if r.exit_code == 0:
+            return r
+        time.sleep(0.1)
+    return r
+
+
+def test_node_pods_are_node_critical_so_a_node_under_disk_pressure_admits_them(cli, cluster):
+    """kubelet's eviction admit handler refuses every pod that is not critical on a node with
+    DiskPressure, which is where vmcores filled /var/crash: katactl's pods are system-node-critical."""
+    kube = cluster["kube"]
+    _pressure(kube, "tree-node")
+    r = cli([*kube_args("tree-node"), "vmcore", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stdout
+    [post] = [q for q in kube.requests if q["method"] == "POST" and q["path"] == "/api/v1/namespaces/kube-system/pods"]
+    assert post["body"]["spec"]["priorityClassName"] == "system-node-critical"
+    r = cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"])
+    assert r.exit_code == 0, r.stdout
+    tmpl = kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system")["spec"]["template"]["spec"]
+    assert tmpl["priorityClassName"] == "system-node-critical"
+    assert _wait_agent_ready(cli).exit_code == 0
+    # the same template again is no change (the server's defaults are not a difference)
+    assert cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"]).json()["changed"] is False
+
+
+def test_a_daemonset_pod_still_starting_is_waited_for(cli, cluster):
+    kube = cluster["kube"]
+    kube.kubelet_start_delay = 1.0
+    assert cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"]).exit_code == 0
+    r = cli(["--request-timeout", "30s", *kube_args("tree-node", image=None), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 0, r.stdout
+    assert {e["pod"].split("/")[1][:len("katactl-node-agent-")] for e in kube.exec_log} == {"katactl-node-agent-"}
+
+
+def test_a_node_the_daemonset_has_no_pod_on_yet_is_exit_6_after_the_timeout(cli, cluster, tmp_path):
+    kube = cluster["kube"]
+    assert cli(["node", "agent", "install", "--image", IMAGE, "-o", "json"]).exit_code == 0
+    kube.add_node("new-node")  # joined after the DaemonSet: its controller has not made its pod yet
+    kube.set_node_root("new-node", cluster["tree"]["root"])
+    r = cli(["--request-timeout", "1s", *kube_args("new-node", image=None), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 6, r.stdout
+    msg = r.only_node_error()["message"]
+    assert "DaemonSet kube-system/katactl-node-agent" in msg and "within 1s" in msg
+
+
+def test_agent_status_reports_a_pod_running_another_image_than_the_daemonset(cli, cluster):
+    assert cli(["node", "agent", "install", "--image", "registry.example/katactl-agent:1"]).exit_code == 0
+    assert _wait_agent_ready(cli).exit_code == 0
+    r = cli(["node", "agent", "install", "--image", "registry.example/katactl-agent:2", "-o", "json"])
+    assert r.json()["action"] == "updated"
+    r = cli(["node", "agent", "status", "-o", "json"])   # the stand-in's pod keeps image 1
+    assert r.exit_code == 8, r.stdout
+    [it] = r.json()["items"]
+    assert it["image"] == "registry.example/katactl-agent:1" and it["updated"] is False and it["ready"] is False
+    r = cli(["node", "agent", "status", "-o", "wide"])
+    assert r.exit_code == 8
+    assert "IMAGE" in r.stdout and "registry.example/katactl-agent:1" in r.stdout
+    assert "0/1 nodes ready" in r.stderr and "1 with another image" in r.stderr
+
+
+def test_agent_gc_tries_every_pod_and_reports_what_it_deleted(cli, cluster):
+    from tests._audit import audit_entries
+
+    kube = cluster["kube"]
+    names = [f"katactl-node-tree-node-aaaa{i}" for i in range(3)]
+    for n in names:
+        kube.add_pod(n, namespace="kube-system", node="tree-node", phase="Failed",
+                     labels={"app.kubernetes.io/name": "katactl-node-agent", "katactl.io/agent-kind": "ephemeral"},
+                     annotations={"katactl.io/created-by": "someone@elsewhere pid 1 at 2020-01-01T00:00:00Z"})
+    kube.inject("DELETE", rf"pods/{names[1]}$", status=403, times=5)
+    r = cli(["node", "agent", "gc", "--yes", "-o", "json"])
+    assert r.exit_code == 4, r.stdout
+    d = r.json()
+    assert [i["name"] for i in d["items"]] == [names[0], names[2]] and d["changed"] is True
+    [err] = d["errors"]
+    assert err["name"] == names[1] and err["error"]["exitCode"] == 7
+    assert agent_pods(kube) == [names[1]]
+    [entry] = audit_entries("node.agent.gc")
+    assert entry["deleted"] == [names[0], names[2]] and [f["name"] for f in entry["failed"]] == [names[1]]
+    assert entry["result"] == "partial"
+
+
+def test_no_pod_is_created_for_a_user_who_may_not_exec_into_it(cli, cluster):
+    kube = cluster["kube"]
+    kube.deny("create", "pods/exec")
+    r = cli([*kube_args("tree-node"), "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 7, r.stdout
+    assert "cannot create pods/exec in namespace kube-system" in r.only_node_error()["message"]
+    assert not [q for q in kube.requests if q["method"] == "POST" and q["path"].endswith("/pods")]
+
+
+def test_the_agent_daemonset_selects_linux_nodes_only(cli, cluster):
+    from katactl import nodeagent
+
+    kube = cluster["kube"]
+    kube.add_node("win-node", labels={"kubernetes.io/os": "windows"},
+                  taints=[{"key": "os", "value": "windows", "effect": "NoSchedule"}])
+    assert cli(["node", "agent", "install", "--image", IMAGE]).exit_code == 0
+    tmpl = kube.get_obj("DaemonSet", "katactl-node-agent", "kube-system")["spec"]["template"]["spec"]
+    assert tmpl["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert {p["spec"]["nodeName"] for p in kube.list_objs("Pod", "kube-system")} == {"tree-node"}
+    r = _wait_agent_ready(cli)
+    assert r.exit_code == 0, r.stdout
+    assert [i["node"] for i in r.json()["items"]] == ["tree-node"]
+    # an ephemeral pod too: pinned with nodeName, it is held to it by kubelet's admission
+    assert nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system")["spec"]["nodeSelector"] == \
+        {"kubernetes.io/os": "linux"}

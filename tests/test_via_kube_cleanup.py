@@ -33,21 +33,24 @@ def _requests(kube, method, path_part):
     return [q for q in kube.requests if q["method"] == method and path_part in q["path"]]
 
 
-@pytest.mark.parametrize("verb", ["create", "delete"])
-def test_a_user_who_may_not_create_or_delete_pods_is_exit_7_before_any_pod(cli, cluster, verb):
-    """Without delete, the pod would stay privileged on the node after a run that said 0."""
+@pytest.mark.parametrize("verb,resource", [("create", "pods"), ("delete", "pods"), ("create", "pods/exec")])
+def test_a_user_who_may_not_create_or_delete_pods_is_exit_7_before_any_pod(cli, cluster, verb, resource):
+    """Without delete, the pod would stay privileged on the node after a run that said 0;
+    without exec, it would be started for nothing."""
     kube = cluster["kube"]
-    kube.deny(verb, "pods")
+    kube.deny(verb, resource)
     r = cli([*kube_args("node-a", "node-b"), "sandbox", "list", "-o", "json"])
     assert r.exit_code == 7, r.stderr
     errors = r.json()["errors"]
     assert [e["error"]["code"] for e in errors] == ["AuthFailed", "AuthFailed"]
-    assert f"cannot {verb} pods in namespace kube-system" in errors[0]["error"]["message"]
+    assert f"cannot {verb} {resource} in namespace kube-system" in errors[0]["error"]["message"]
     assert not _requests(kube, "POST", "/namespaces/kube-system/pods")  # no pod was created
     assert agent_pods(kube) == []
-    # asked once for the fan-out, not per node: create, then delete
-    asked = [q["body"]["spec"]["resourceAttributes"]["verb"] for q in _requests(kube, "POST", SSAR)]
-    assert asked == (["create"] if verb == "create" else ["create", "delete"])
+    # asked once for the fan-out, not per node, in order, up to the refusal
+    asked = [(lambda a: (a["verb"], a["resource"] + ("/" + a["subresource"] if a.get("subresource") else "")))(
+        q["body"]["spec"]["resourceAttributes"]) for q in _requests(kube, "POST", SSAR)]
+    order = [("create", "pods"), ("delete", "pods"), ("create", "pods/exec")]
+    assert asked == order[:order.index((verb, resource)) + 1]
 
 
 @pytest.mark.parametrize("nodes, code", [(("node-a",), 1), (("node-a", "node-b"), 4)])
@@ -202,4 +205,5 @@ def test_the_access_check_survives_cleanup_clearing_its_answer(kube, kube_api, m
             nodeagent.check_pod_access(kube_api, "kube-system")
     else:
         nodeagent.check_pod_access(kube_api, "kube-system")
-    assert [q["path"] for q in kube.requests if q["method"] == "POST"] == [SSAR, SSAR]  # create, delete
+    # create and delete pods (refused there when denied), else also create and get pods/exec
+    assert [q["path"] for q in kube.requests if q["method"] == "POST"] == [SSAR] * (2 if denied else 4)

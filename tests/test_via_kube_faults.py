@@ -277,16 +277,18 @@ def test_a_pod_only_wearing_the_agent_label_is_not_execd_into(cli, cluster, kind
     assert not kube.exec_log
 
 
-def test_an_installed_agent_whose_pod_does_not_run_is_exit_7_with_its_state(cli, cluster):
+def test_an_installed_agent_whose_pod_does_not_run_is_exit_6_with_its_state(cli, cluster):
+    """Waited for until --request-timeout, as an ephemeral pod is (issue 14: not Running within
+    the timeout -> exit 6 with its status and events)."""
     kube = cluster["kube"]
     o = ds_pod(kube, "tree-node", phase="Pending")
     o["status"]["containerStatuses"] = [{"name": "agent", "ready": False, "restartCount": 0, "image": IMAGE,
                                          "state": {"waiting": {"reason": "ImagePullBackOff"}}}]
     kube.add(o)
-    r = cli(["--via", "kube", "-N", "tree-node", "sandbox", "list", "-o", "json"])
-    assert r.exit_code == 7, r.stdout
+    r = cli(["--request-timeout", "1s", "--via", "kube", "-N", "tree-node", "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 6, r.stdout
     msg = r.only_node_error()["message"]
-    assert "is not running" in msg and "phase Pending" in msg and "ImagePullBackOff" in msg
+    assert "not Running within 1s" in msg and "phase Pending" in msg and "ImagePullBackOff" in msg
 
 
 # -- node agent gc ------------------------------------------------------------------------------

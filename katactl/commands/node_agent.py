@@ -65,10 +65,12 @@ def install(
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """The agent DaemonSet and, per node, its pod and any ephemeral node pods.
+    """The agent DaemonSet and, per node it selects, its pod and any ephemeral node pods.
 
-    Exit 0 when every node has a ready agent pod, 8 when some have none (a
-    check that found problems), 3 when the agent is not installed.
+    A node's agent pod is ready when it runs the DaemonSet's image (a pod
+    not replaced since the image changed is not). Exit 0 when every node has
+    a ready agent pod, 8 when some have none (a check that found problems),
+    3 when the agent is not installed.
 
     \b
     Examples:
@@ -88,9 +90,10 @@ def status(ctx: typer.Context) -> None:
         raise NotFound(f"the katactl node agent is not installed in namespace {ns}",
                        hint="katactl node agent install --image IMAGE (or use --agent-image for ephemeral pods)")
     cols = [Column("NODE", "node"), Column("POD", lambda i: (i.get("pod") or {}).get("name")), Column("READY", "ready"), Column("PHASE", "phase"),
-            Column("EPHEMERAL", lambda i: ",".join(i["ephemeral"]) or "-")]
+            Column("IMAGE", "image", wide=True), Column("EPHEMERAL", lambda i: ",".join(i["ephemeral"]) or "-")]
     summary = (f"agent {'installed' if st['installed'] else 'not installed'} in {ns}"
-               f"{' (image ' + st['image'] + ')' if st['image'] else ''}: {st['ready']}/{st['nodes']} nodes ready")
+               f"{' (image ' + st['image'] + ')' if st['image'] else ''}: {st['ready']}/{st['nodes']} nodes ready"
+               + (f", {st['outdated']} with another image" if st["outdated"] else ""))
     res = Result(kind="NodeAgentStatus", items=st["items"], columns=cols, name_key="node", summary=summary)
     code = 8 if st["installed"] and st["ready"] < st["nodes"] else 0
     finish(app_ctx, res, code)
@@ -135,29 +138,46 @@ def gc(
     Only katactl's own pods (a pod merely wearing the label is left alone), and
     not one a run may still be using: it must have ended, or be older than
     --older-than (default 3h; a pod stops by itself after 6h) and not be from
-    a katactl still running on this host.
+    a katactl still running on this host. Every pod is tried: the ones that
+    could not be deleted are listed as errors (exit 4 when others were).
 
     \b
     Examples:
       katactl node agent gc --dry-run
       katactl --agent-namespace ops node agent gc --older-than 30m --yes -o json
     """
-    from katactl import nodeagent
+    from katactl import audit, nodeagent
     from katactl.backends import kube
+    from katactl.errors import exit_code_for, outcome_exit_code
     from katactl.output import Column, Result
     from katactl.values import parse_duration
 
     app_ctx = state(ctx)
     ns = _ns(app_ctx)
     age = parse_duration(older_than, what="--older-than", allow_zero=True)
+    failed: list = []
     with kube.client(app_ctx.settings) as api:
         found = nodeagent.gc_candidates(api, ns, age)
         if found and not dry_run:
             app_ctx.require_confirmation(f"Delete {len(found)} ephemeral node pod(s) in {ns}?", "node agent gc")
-        items = found if dry_run else _audited(
-            "node.agent.gc", ns, {"namespace": ns, "pods": [c["name"] for c in found], "dryRun": False},
-            lambda: {"changed": bool(found), "deleted": nodeagent.gc(api, ns, candidates=found)})["deleted"] if found else []
+        if dry_run or not found:
+            items = found
+        else:
+            params = {"namespace": ns, "pods": [c["name"] for c in found], "dryRun": False}
+            audit.require_writable()
+            try:
+                items, failed = nodeagent.gc(api, ns, candidates=found)
+            except BaseException as e:
+                audit.record_unfinished("node.agent.gc", ns, node=ns, params=params, exc=e, sent=True)
+                raise
+            # what went and what did not, apart: "pods" alone would read as all of them gone
+            audit.record("node.agent.gc", ns, node=ns, params=params, changed=bool(items),
+                         result="ok" if not failed else "partial" if items else "error",
+                         deleted=[c["name"] for c in items],
+                         failed=[{"name": c["name"], "error": e.message} for c, e in failed])
     cols = [Column("NAME", "name"), Column("NODE", "node"), Column("PHASE", "phase"),
             Column("CREATED-BY", "createdBy")]
+    errors = [{"target": f"{ns}/{c['name']}", "name": c["name"], "error": e.to_dict()} for c, e in failed]
     finish(app_ctx, Result(kind="NodeAgentGC", items=items, columns=cols, changed=bool(items) and not dry_run,
-                           dry_run=dry_run))
+                           dry_run=dry_run, errors=errors),
+           outcome_exit_code([exit_code_for(e) for _, e in failed], len(items)))
