@@ -551,3 +551,43 @@ def test_rm_of_a_not_regular_dump_is_refused_as_its_dry_run_says(cli, tmp_path, 
         assert entries == []
     else:
         assert [(a["result"], a["changed"], a["params"]["path"]) for a in entries] == [("error", False, node_path)] * 2
+
+
+@pytest.mark.parametrize("where", ["--dump-path", "configured"])
+def test_trigger_dump_path_through_a_file_fails_in_the_dry_run_as_in_the_run(cli, clh_node, where, _isolated_home):
+    """review 13 mutate 2: a dump path whose existing part is a regular file passed --dry-run
+    (exit 0, changed) while the run failed (exit 1) naming this host's path under --host-root.
+    Both now fail alike, exit 1, naming the node's path; nothing is created."""
+    root = clh_node()
+    # DUMP_PATH (the configured guest_memory_dump_path) itself a regular file, or a --dump-path under one
+    f = _dump_root(root) if where == "configured" else os.path.join(root, "etc/kata-deploy.toml")
+    os.makedirs(os.path.dirname(f), exist_ok=True)
+    with open(f, "w") as fh:
+        fh.write("[hypervisor.qemu]\n")
+    node_file = "/" + os.path.relpath(f, root)
+    extra = ["--dump-path", node_file + "/dumps"] if where == "--dump-path" else []
+    answers = []
+    for dry in (["--dry-run"], []):
+        r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], *extra, *dry, "-o", "json"])
+        assert r.exit_code == 1, (dry, r.stdout, r.stderr)
+        j = json.loads(r.stdout)
+        assert j["kind"] == "Error" and j["exitCode"] == 1 and r.stderr.count("\n") == 1, (j, r.stderr)
+        assert node_file in j["message"] and root not in j["message"] + r.stderr, j["message"]
+        answers.append(j["message"])
+    assert answers[0] == answers[1]
+    assert os.path.isfile(f) and not os.path.exists(f + "/dumps")
+    [e] = _audit_entries(_isolated_home)  # the real run only
+    assert e["result"] == "error" and root not in e["error"], e
+
+
+def test_trigger_a_failing_write_under_host_root_names_the_node_path(cli, clh_node, _isolated_home):
+    """review 13 mutate 2: an error of the node's files under --host-root names the node's path
+    (as every other vmcore message does), not this host's mount of it."""
+    root = clh_node()
+    d = os.path.join(_dump_root(root), CLH_SID)
+    os.makedirs(os.path.join(d, "hypervisor.conf", "x"))  # the runtime's metadata file is a non-empty directory
+    r = cli(["--host-root", root, "vmcore", "trigger", CLH_SID[:6], "-o", "json"])
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    j = json.loads(r.stdout)
+    assert f"{DUMP_PATH}/{CLH_SID}/hypervisor.conf" in j["message"] and root not in j["message"], j["message"]
+    assert root not in r.stderr and root not in _audit_entries(_isolated_home)[-1]["error"]

@@ -148,11 +148,28 @@ def _existing_ancestor(transport: NodeTransport, path: str) -> str:
 
 
 def check_space_first(transport: NodeTransport, d: str, memory_bytes: int) -> None:
-    """The runtime's 2 x guest memory rule, asked before anything is created under
-    ``d`` (a refusal leaves no directory behind); nothing to check when the guest's
-    memory is unknown."""
+    """Before anything is created under ``d``, in the dry run as in the run: the part of ``d``
+    that exists is a directory (a regular file there fails the run's mkdir, and statvfs on it
+    would answer for the file's filesystem), and the runtime's 2 x guest memory rule (a
+    refusal leaves no directory behind; nothing to check when the guest's memory is unknown)."""
+    base = _existing_ancestor(transport, d)
+    if not transport.is_dir(base):
+        raise OperationFailed(f"{d}: Not a directory ({base} is not a directory)")
     if memory_bytes:
-        check_free_space(transport, _existing_ancestor(transport, d), memory_bytes)
+        check_free_space(transport, base, memory_bytes)
+
+
+def _node_named(transport: NodeTransport, e: BaseException) -> BaseException:
+    """``e`` naming the node's path where LocalTransport under --host-root named this host's
+    (``host_root + path``): vmcore's messages and audit records name node paths."""
+    root = getattr(transport, "host_root", "")
+    if not (isinstance(e, OSError) and root and root != "/"):
+        return e
+    names = [n[len(root):] if isinstance(n, str) and n.startswith(root + "/") else n
+             for n in (e.filename, e.filename2)]
+    if names == [e.filename, e.filename2]:
+        return e
+    return type(e)(e.errno, e.strerror, names[0], None, names[1])
 
 
 class _DumpDirGuard:
@@ -259,7 +276,13 @@ def trigger(transport: NodeTransport, ref, opts: TriggerOptions) -> dict:
     params = {"format": opts.format, "detach": opts.detach, "paging": opts.paging,
               "dumpPath": opts.dump_path}
     try:
-        r = _trigger(transport, sb, opts)
+        try:
+            r = _trigger(transport, sb, opts)
+        except OSError as e:
+            named = _node_named(transport, e)
+            if named is e:
+                raise
+            raise named from None
     except UsageError:
         raise
     except BaseException as e:
