@@ -584,11 +584,15 @@ def plan_target(st: dict, *, target: int | None, reclaim: int | None, release: b
     if target is not None:
         return int(target)
     assert reclaim is not None  # exactly one of the three was given (checked above)
-    base = st.get("target")
+    base, what = st.get("target"), "the current target"
     if base is None:
-        base = st.get("actual")
+        base, what = st.get("actual"), "the guest's current memory"
     if base is None:
-        base = mem
+        base, what = mem, "the VM's memory"
+    if int(reclaim) >= int(base):
+        # a value that cannot be applied (no --force makes it one), not a negative target
+        raise UsageError(f"--reclaim {format_size(int(reclaim))} is not less than {what} {format_size(int(base))}",
+                         hint="--target SIZE sets the memory the guest keeps")
     return int(base) - int(reclaim)
 
 

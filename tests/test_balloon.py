@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -912,3 +914,31 @@ def test_hmp_extra_monitor_is_known_from_the_vmm_command_line(cli, tmp_path, fla
         srv.close()
         vmm.kill()
         vmm.communicate()
+
+
+# -- --reclaim beyond the current target (review 13 mutate, finding 4) ------------------------------
+@pytest.mark.parametrize("reclaim", ["512Mi", "256Mi", "1Pi"])
+def test_reclaim_beyond_the_current_target_is_a_usage_error(cli, reclaim, _isolated_home):
+    """A --reclaim of the whole current target or more was refused as a safety check (exit 5,
+    which --force cannot override) naming a negative size ("target -256Mi leaves the guest no
+    memory"): it is a value that cannot be applied, exit 2, naming the reclaim and the target.
+    A Cloud Hypervisor stand-in (real API socket) whose 256Mi guest has no balloon yet."""
+    from katactl.lab import layout
+    from katactl.lab.clh_server import ClhServer
+
+    sid = "c1c1c1c1d2d2d2d2e3e3e3e3f4f4f4f4"
+    root = tempfile.mkdtemp(prefix="kb", dir="/tmp")  # a unix socket's path is short
+    sb = layout.write_go_sandbox(root, sid, hypervisor="clh", memory_mib=256)
+    srv = ClhServer(sb.real(sb.api_socket_node), 256 * MIB)
+    try:
+        for extra in (["--force", "--dry-run"], ["--force"], []):
+            r = cli(["--host-root", root, "balloon", "set", sid[:8], "--reclaim", reclaim, *extra, "-o", "json"])
+            assert r.exit_code == 2, (extra, r.stdout, r.stderr)
+            j = json.loads(r.stdout)
+            assert j["message"] == f"--reclaim {reclaim} is not less than the current target 256Mi", j
+            assert "-" not in j["message"].split("--reclaim")[1], j
+        assert srv.guest.balloon_target() == 0  # nothing was sent
+    finally:
+        srv.close()
+        shutil.rmtree(root, ignore_errors=True)
+    assert audit_entries("balloon.set") == []
