@@ -1,6 +1,14 @@
-from katactl.cli import main
+"""``python -m katactl`` and the ``katactl`` console script (pyproject: katactl.__main__:run)."""
 
-if __name__ == "__main__":
+
+def run() -> None:
+    from katactl import interrupt
+
+    # before the ~40 ms import of the CLI: a SIGTERM there is the run's interrupt (exit 130,
+    # the JSON error), not the default action's death
+    interrupt.hold_early()
+    from katactl.cli import main
+
     try:
         main()
     finally:
@@ -9,3 +17,7 @@ if __name__ == "__main__":
         # under `python -m`, then dies by SIGINT whatever exit code katactl chose (Modules/
         # main.c Py_RunMain); a string exec starts by clearing that flag
         exec("")
+
+
+if __name__ == "__main__":
+    run()

@@ -279,12 +279,6 @@ def build_context(ctx: "typer.Context | ClickContext", flags: dict, profile: str
     if settings.via == "kube":
         # ephemeral node pods this run creates are deleted when it ends (errors, Ctrl-C too)
         ctx.call_on_close(_delete_node_pods)
-    from katactl.interrupt import terminate_as_interrupt
-
-    # SIGTERM (Ansible's timeout, timeout(1), systemd) and SIGHUP (a dropped session) take
-    # Ctrl-C's path in every command: its cleanup (a node lock, a temp file, node pods), its
-    # audit record and exit 130 with the JSON error, not Python ending where it stands
-    ctx.with_resource(terminate_as_interrupt())
     ctx.obj = AppContext.create(settings)
     for var in settings.ignored_variables:
         ctx.obj.out.warn(f"{var} is not a katactl variable: ignored (docs/configuration.md lists them)")
@@ -500,18 +494,28 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, map every failure to one line + exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     completing = any(k.startswith("_KATACTL_COMPLETE") for k in os.environ)
-    command = _built(app)
     if completing:
         # Each TAB press runs us again: keep this path as light as --help.
         from typer._completion_classes import completion_init
 
         completion_init()
-        command.main(args=args, prog_name="katactl")
+        _built(app).main(args=args, prog_name="katactl")
         return
-    if argv is None:  # a real process, not a test calling main() in-process
-        sys.stdout = _Stdout(sys.stdout)
+    from katactl.interrupt import terminate_as_interrupt
+
     try:
-        _run(args)
+        # SIGTERM (Ansible's timeout, timeout(1), systemd) and SIGHUP (a dropped session) take
+        # Ctrl-C's path in every command, from here (and one that came while the CLI was
+        # imported) until the command completed: its cleanup (a node lock, a temp file, node
+        # pods), its audit record and exit 130 with the JSON error, not Python ending where it
+        # stands. After that, to the process's exit, they leave the command's outcome alone.
+        try:
+            with terminate_as_interrupt(keep=argv is None):
+                if argv is None:  # a real process, not a test calling main() in-process
+                    sys.stdout = _Stdout(sys.stdout)
+                _run(args)
+        except KeyboardInterrupt:  # before _run reports its own
+            sys.exit(_report(Interrupted("interrupted"), _sniff_output(args), False))
     except SystemExit as done:
         if argv is None:
             _exit_without_abandoned_threads(done)
@@ -618,6 +622,10 @@ def _run(args: list[str]) -> None:
         try:
             rc = command.main(args=args, prog_name="katactl", standalone_mode=False)
         finally:
+            # its result printed and audited, or its error about to be: no longer interruptible
+            from katactl.interrupt import complete
+
+            complete()
             if "katactl.fleet" in sys.modules:  # this run's format, not the next in-process caller's
                 sys.modules["katactl.fleet"].configure(list_errors=False)
         if rc == ExitCode.INTERRUPTED:

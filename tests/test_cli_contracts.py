@@ -56,9 +56,10 @@ def test_every_leaf_help_imports_no_heavy_module():
 
 
 def test_no_leaf_help_imports_katactl_beyond_its_command_module():
-    """A leaf's --help loads its command module and nothing else of katactl but cli and errors:
-    no backend (the command modules name NodeTransport for annotations only), no output
-    module (config view imported it at the top: 2-4 ms of its help). Start-up, issue 17."""
+    """A leaf's --help loads its command module and nothing else of katactl but cli, errors and
+    interrupt (main's signal handling, from its start: contextlib and threading only): no backend
+    (the command modules name NodeTransport for annotations only), no output module (config
+    view imported it at the top: 2-4 ms of its help). Start-up, issue 17."""
     leaves = _leaf_paths()
     code = ("import io, contextlib, sys\nfrom katactl.cli import main\n"
             f"for argv in {[[*p, '--help'] for p in leaves]!r}:\n"
@@ -68,7 +69,7 @@ def test_no_leaf_help_imports_katactl_beyond_its_command_module():
             "                      and not m.startswith('katactl.commands'))))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "katactl.cli,katactl.errors"
+    assert p.stdout.strip() == "katactl.cli,katactl.errors,katactl.interrupt"
 
 
 @pytest.mark.parametrize("argv,built", [
