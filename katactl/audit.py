@@ -10,6 +10,8 @@ opened without blocking).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import errno
 import getpass
@@ -19,7 +21,8 @@ import os
 import socket
 import stat
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from katactl.config import state_dir
 from katactl.errors import Refused
@@ -134,6 +137,56 @@ def record_unfinished(action: str, target: str, *, node: str, params: dict, exc:
     return record(action, target, node=node, params=params,
                   result=result or ("interrupted" if interrupted else "error"),
                   error="interrupted" if interrupted else as_katactl_error(exc).message, requestSent=sent, **extra)
+
+
+class Intent:
+    """One mutating action's ``requested`` entry, appended at most once, just before its first
+    change (:func:`changing`): a change is in the log whatever ends the run, ``kill -9``
+    included, and the caller's outcome entry follows it. ``sent`` says whether it was written:
+    a run that wrote it writes its outcome even when that is ``changed: false``."""
+
+    def __init__(self, action: str, target: str, *, node: str = "localhost", params: dict | None = None):
+        self.action, self.target, self.node, self.params = action, target, node, params or {}
+        self.sent = False
+        self._lock = threading.Lock()  # a drain's eviction workers may change the node together
+
+    def request(self, **extra) -> None:
+        with self._lock:
+            if self.sent:
+                return
+            self.sent = True
+        record(self.action, extra.pop("target", self.target), node=self.node, params=self.params,
+               result="requested", requestSent=True, **extra)
+
+
+_intent: contextvars.ContextVar[Intent | None] = contextvars.ContextVar("audit_intent", default=None)
+
+
+@contextlib.contextmanager
+def intent(action: str, target: str, *, node: str = "localhost", params: dict | None = None,
+           dry_run: bool = False) -> Iterator[Intent]:
+    """The action's Intent for the block, which :func:`changing` reaches from the code that
+    makes the change (as deep as a cordon's PATCH or a rename): no ``requested`` entry unless
+    the run really changes something, so never for a no-op; never for a dry run either
+    (``dry_run``: the Intent is not made current)."""
+    it = Intent(action, target, node=node, params=params)
+    if dry_run:
+        yield it
+        return
+    token = _intent.set(it)
+    try:
+        yield it
+    finally:
+        _intent.reset(token)
+
+
+def changing(**extra) -> None:
+    """Called just before a change (a PATCH, a rename, a signal, a dump request): the current
+    :func:`intent`'s ``requested`` entry, with ``extra`` (``target`` replaces its target),
+    once. Outside one (a dry run, a library caller with no intent) nothing is written."""
+    it = _intent.get()
+    if it is not None:
+        it.request(**extra)
 
 
 def now_iso() -> str:

@@ -351,6 +351,8 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
         if dry_run == "client" or dry_run is True:
             return _cordon_result(name, True, dry_run, was, new, "would cordon" if not was else
                                   "would take over katactl's cordon" if "supersedes" in new else "would record")
+        if not dry_run:
+            _changing()
         try:
             api.patch(f"/api/v1/nodes/{seg(name)}", patch, dry_run=dry_run == "server")
         except Conflict as e:
@@ -373,6 +375,13 @@ def cordon(api: KubeAPI, name: str, *, reason: str | None = None, dry_run: bool 
         last_err.details = {**last_err.details, "cordonRecordId": op_id}
         raise last_err
     raise Conflict(f"node {name}: changing too fast to cordon safely; try again")
+
+
+def _changing() -> None:
+    """Before a PATCH or an eviction: the running audited() action's "requested" entry, once."""
+    from katactl import audit
+
+    audit.changing()
 
 
 def _cordon_note(rec: dict) -> str:
@@ -461,6 +470,8 @@ def uncordon(api: KubeAPI, name: str, *, force: bool = False, dry_run: bool | st
         msg = "uncordoned" if unsched else "already schedulable: removed katactl's stale cordon record"
         if dry_run == "client" or dry_run is True:
             return {"name": name, "changed": True, "dryRun": True, "message": "would be " + msg}
+        if not dry_run:
+            _changing()
         try:
             api.patch(f"/api/v1/nodes/{seg(name)}", patch, dry_run=dry_run == "server")
         except Conflict as e:
@@ -734,6 +745,8 @@ def drain(api: KubeAPI, name: str, opts: DrainOptions, *, events: Events = _no_e
         if dry == "client" or not evict:
             result["evicted"] = [_ref(p) for p in evict] if dry else []
         else:
+            if not dry:
+                _changing()  # (a node already cordoned: the evictions are the first change)
             deadline = _Deadline(opts.timeout, stop)
             _remove_pods(api, name, evict, opts, deadline, result, events)
         result["changed"] = cordoned or result["changed"] or bool(result["evicted"])
@@ -1167,20 +1180,23 @@ def audited(action: str, name: str, params: dict, fn: Callable[[], dict]) -> dic
     if params.get("dryRun"):
         return fn()
     audit.require_writable()  # no untraceable change (exit 5 unless --no-audit)
-    try:
-        res = fn()
-    except BaseException as e:
-        err = e if isinstance(e, KatactlError) else None
-        partial = (err.details.get("drain") if err else None) or {}
-        # "interrupted" as audit.record_unfinished writes it for the other commands
-        interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
-        audit.record(action, name, node=name, params=params, result="interrupted" if interrupted else "error",
-                     error=err.message if err else "interrupted" if isinstance(e, KeyboardInterrupt)
-                     else type(e).__name__,
-                     evicted=partial.get("evicted"), restored=partial.get("restored"))
-        raise
-    if res.get("changed"):
-        audit.record(action, name, node=name, params=params, changed=True,
+    # a "requested" entry before the first PATCH or eviction (audit.changing): a kill -9 midway
+    # leaves the change logged
+    with audit.intent(action, name, node=name, params=params) as it:
+        try:
+            res = fn()
+        except BaseException as e:
+            err = e if isinstance(e, KatactlError) else None
+            partial = (err.details.get("drain") if err else None) or {}
+            # "interrupted" as audit.record_unfinished writes it for the other commands
+            interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
+            audit.record(action, name, node=name, params=params, result="interrupted" if interrupted else "error",
+                         error=err.message if err else "interrupted" if isinstance(e, KeyboardInterrupt)
+                         else type(e).__name__,
+                         evicted=partial.get("evicted"), restored=partial.get("restored"))
+            raise
+    if res.get("changed") or it.sent:  # a "requested" entry always gets its outcome
+        audit.record(action, name, node=name, params=params, changed=bool(res.get("changed")),
                      **({"evicted": res["evicted"]} if "evicted" in res else {}))
     return res
 

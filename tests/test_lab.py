@@ -365,7 +365,7 @@ def test_up_down_leaves_nothing(cli, _isolated_home):
     j = r.json()
     assert j["changed"] is True and j["dryRun"] is False and len(j["sandboxes"]) == 2
     pid = j["pid"]
-    assert audit_actions(_isolated_home) == ["lab.up"]
+    assert audit_actions(_isolated_home) == ["lab.up", "lab.up"]  # "requested" before the start, then "ok"
     r = cli(["--host-root", root, "balloon", "set", j["sandboxes"][0]["id"][:10], "--reclaim", "128Mi",
              "--wait", "-o", "json"])
     assert r.exit_code == 0, r.stderr
@@ -383,11 +383,11 @@ def test_up_down_leaves_nothing(cli, _isolated_home):
     assert r.json()["changed"] is True
     assert not os.path.exists(root)
     assert not _alive(pid)
-    # balloon.set twice: "requested" before the request is sent, then the outcome
-    assert audit_actions(_isolated_home) == ["lab.up", "balloon.set", "balloon.set", "lab.down"]
+    # each change twice: "requested" before it starts, then the outcome
+    assert audit_actions(_isolated_home) == ["lab.up", "lab.up", "balloon.set", "balloon.set", "lab.down", "lab.down"]
     r = cli(["lab", "down", "--root", root, "-o", "json"])
     assert r.exit_code == 0 and r.json()["changed"] is False
-    assert audit_actions(_isolated_home)[-1] == "lab.down" and len(audit_actions(_isolated_home)) == 4
+    assert audit_actions(_isolated_home)[-1] == "lab.down" and len(audit_actions(_isolated_home)) == 6
     r = cli(["lab", "status", "--root", root])
     assert r.exit_code == 3
 
@@ -545,7 +545,11 @@ def test_library_up_down_audit_themselves(_isolated_home):
         control.down(root)
     log = _isolated_home / "state" / "katactl" / "audit.log"
     entries = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [(e["action"], e["result"]) for e in entries][:2] == [("lab.up", "ok"), ("lab.down", "ok")]
+    # each start and stop: "requested" before it touches anything, then the outcome
+    assert [(e["action"], e["result"]) for e in entries][:4] == [
+        ("lab.up", "requested"), ("lab.up", "ok"), ("lab.down", "requested"), ("lab.down", "ok")]
+    assert entries[0]["params"] == entries[1]["params"]
+    entries = [e for e in entries if e["result"] != "requested"]
     assert entries[0]["params"] == {"sandboxes": 1, "hypervisor": "fc", "kernel": None, "memoryMiB": 512}
     assert entries[0]["daemonPid"] == st["pid"] and entries[0]["target"] == root
     assert entries[1]["stopped"] == [{"pid": st["pid"], "what": "lab daemon"}]
@@ -842,7 +846,8 @@ def test_interrupted_up_stops_what_it_started(sig, monkeypatch, _isolated_home):
         assert _gone(daemon) and _gone(q)
         assert not os.path.lexists(root)
         log = _isolated_home / "state" / "katactl" / "audit.log"
-        (entry,) = [json.loads(x) for x in log.read_text().splitlines()]
+        (req, entry) = [json.loads(x) for x in log.read_text().splitlines()]
+        assert (req["action"], req["result"], req["target"]) == ("lab.up", "requested", root)
         assert (entry["action"], entry["result"], entry["target"]) == ("lab.up", "interrupted", root)
         assert entry["daemonPid"] == daemon and entry["undone"] is True and entry["changed"] is False
     finally:

@@ -93,8 +93,10 @@ def test_cordon_records_and_uncordon_restores(cli, kube, kc, _isolated_home):
     assert not node["spec"].get("unschedulable") and "katactl.io/cordon" not in (node["metadata"].get("annotations") or {})
     r = node_cli(cli, kc, "uncordon", "n1", "-o", "json")
     assert r.exit_code == 0 and r.json()["changed"] is False
-    actions = [(e["action"], e["target"], e.get("changed")) for e in audit_entries(_isolated_home)]
-    assert actions == [("node.cordon", "n1", True), ("node.uncordon", "n1", True)]
+    actions = [(e["action"], e["target"], e["result"], e.get("changed")) for e in audit_entries(_isolated_home)]
+    # each change: "requested" before its PATCH, then the outcome; the no-ops: nothing
+    assert actions == [("node.cordon", "n1", "requested", None), ("node.cordon", "n1", "ok", True),
+                       ("node.uncordon", "n1", "requested", None), ("node.uncordon", "n1", "ok", True)]
     # the patches are strategic-merge patches, as kubectl's
     patches = [q for q in kube.requests if q["method"] == "PATCH"]
     assert patches and all(q["headers"].get("Content-Type", q["headers"].get("content-type", "")).startswith(
@@ -129,7 +131,7 @@ def test_uncordon_refuses_a_node_cordoned_without_a_katactl_record(cli, kube, kc
     r = node_cli(cli, kc, "uncordon", "n1", "--force", "-o", "json")
     assert r.exit_code == 0 and r.json()["changed"] is True and not unschedulable(kube, "n1")
     assert [(e["action"], e["result"]) for e in audit_entries(_isolated_home)] == \
-        [("node.uncordon", "error"), ("node.uncordon", "ok")]
+        [("node.uncordon", "error"), ("node.uncordon", "requested"), ("node.uncordon", "ok")]
 
 
 def test_dry_runs_change_nothing(cli, kube, kc, _isolated_home):
@@ -360,7 +362,7 @@ def test_drain_evicts_waits_and_keeps_the_node_cordoned(cli, kube, kc, _isolated
     assert all(q["body"]["apiVersion"] == "policy/v1" and q["body"]["deleteOptions"]["gracePeriodSeconds"] == 0
                for q in evictions)
     entry = [e for e in audit_entries(_isolated_home) if e["action"] == "node.drain"]
-    assert entry and sorted(entry[0]["evicted"]) == sorted(want)
+    assert [e["result"] for e in entry] == ["requested", "ok"] and sorted(entry[1]["evicted"]) == sorted(want)
 
 
 def test_drain_blocked_by_pdb_times_out_restores_and_reports(cli, kube, kc):

@@ -229,8 +229,9 @@ def test_uncordon_answered_504_after_it_landed_reports_the_change_and_audits(cli
     assert r.exit_code == 0, r.stderr
     assert r.json()["changed"] is True and r.json()["items"][0]["message"] == "uncordoned"
     assert not unschedulable(kube, "n1") and record(kube, "n1") is None
-    assert [(e["action"], e.get("changed")) for e in audit_entries(_isolated_home)] == \
-        [("node.cordon", True), ("node.uncordon", True)]
+    assert [(e["action"], e["result"], e.get("changed")) for e in audit_entries(_isolated_home)] == \
+        [("node.cordon", "requested", None), ("node.cordon", "ok", True),
+         ("node.uncordon", "requested", None), ("node.uncordon", "ok", True)]
 
 
 @pytest.mark.parametrize("status", [503, 504])
@@ -246,7 +247,8 @@ def test_uncordon_of_a_kubectl_cordon_whose_patch_did_not_land_fails_and_audits_
     assert r.exit_code == 1, r.stdout + r.stderr
     assert "still cordoned" in r.stderr and f"HTTP {status}" in r.stderr, r.stderr
     assert unschedulable(kube, "n1")
-    [entry] = audit_entries(_isolated_home)
+    [req, entry] = audit_entries(_isolated_home)  # the PATCH went out: "requested", then the outcome
+    assert req["result"] == "requested"
     assert (entry["action"], entry["result"], entry.get("changed")) == ("node.uncordon", "error", None)
     assert "still cordoned" in entry["error"]
 
@@ -337,8 +339,8 @@ def test_drain_restore_answered_504_after_it_landed_is_a_restore(cli, kube, kc, 
     assert r.exit_code == 5, r.stderr
     assert error_of(r)["details"]["drain"]["restored"] is True and "not this run's" not in r.stderr
     assert not unschedulable(kube, "n1") and record(kube, "n1") is None
-    [entry] = audit_entries(_isolated_home)
-    assert entry["restored"] is True
+    [req, entry] = audit_entries(_isolated_home)
+    assert req["result"] == "requested" and entry["restored"] is True
 
 
 # -- a cordon someone made again is theirs ------------------------------------------------------------
@@ -445,8 +447,8 @@ def test_interrupted_drain_json_carries_the_drain_and_audits_interrupted(kube, k
     assert d["kind"] == "Error" and d["exitCode"] == 130
     assert d["details"]["drain"]["restored"] is True and d["details"]["drain"]["blocked"], d
     assert not unschedulable(kube, "n1")
-    [entry] = audit_entries(_isolated_home)
-    assert entry["result"] == "interrupted" and entry["restored"] is True
+    [req, entry] = audit_entries(_isolated_home)
+    assert req["result"] == "requested" and entry["result"] == "interrupted" and entry["restored"] is True
 
 
 # -- the wait for pods to go --------------------------------------------------------------------------
@@ -498,7 +500,8 @@ def test_interrupted_drain_of_several_nodes_says_what_became_of_each(kube, kc, _
     assert nodes["n1"]["error"]["details"]["drain"]["restored"] is True
     if parallel == "1":
         assert nodes["n2"] == {"node": "n2", "notStarted": True}
-        assert [e["target"] for e in audit_entries(_isolated_home)] == ["n1"]
+        assert [(e["target"], e["result"]) for e in audit_entries(_isolated_home)] == \
+            [("n1", "requested"), ("n1", "interrupted")]
     else:
         assert nodes["n2"]["error"]["details"]["drain"]["restored"] is True
     assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")

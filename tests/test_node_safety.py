@@ -68,7 +68,8 @@ def test_cordon_whose_answer_was_lost_reports_changed_and_audits(cli, kube, kc, 
     assert r.exit_code == 0, r.stderr
     assert r.json()["changed"] is True and r.json()["items"][0]["wasUnschedulable"] is False
     assert unschedulable(kube, "n1") and record(kube, "n1")["id"]
-    assert [(e["action"], e.get("changed")) for e in audit_entries(_isolated_home)] == [("node.cordon", True)]
+    assert [(e["action"], e["result"], e.get("changed")) for e in audit_entries(_isolated_home)] == \
+        [("node.cordon", "requested", None), ("node.cordon", "ok", True)]
 
 
 def test_drain_restores_a_cordon_whose_answer_was_lost(cli, kube, kc, _isolated_home, monkeypatch):
@@ -77,8 +78,8 @@ def test_drain_restores_a_cordon_whose_answer_was_lost(cli, kube, kc, _isolated_
     r = node_cli(cli, kc, "drain", "n1")
     assert r.exit_code == 5, r.stderr
     assert not unschedulable(kube, "n1") and record(kube, "n1") is None
-    [entry] = audit_entries(_isolated_home)
-    assert entry["result"] == "error" and entry["restored"] is True
+    [req, entry] = audit_entries(_isolated_home)
+    assert req["result"] == "requested" and entry["result"] == "error" and entry["restored"] is True
 
 
 def test_drain_restores_a_cordon_answered_after_the_request_timeout(cli, kube, kc, monkeypatch):
@@ -170,7 +171,8 @@ def test_sigterm_and_sighup_mid_drain_restore_audit_and_exit_130(kube, kc, _isol
         p.kill()
     assert p.returncode == 130, err
     assert not unschedulable(kube, "n1") and "Traceback" not in err
-    [entry] = audit_entries(_isolated_home)
+    [req, entry] = audit_entries(_isolated_home)
+    assert req["result"] == "requested"
     assert entry["action"] == "node.drain" and entry["result"] == "interrupted" and entry["restored"] is True
 
 
@@ -192,7 +194,8 @@ def test_sigterm_and_sighup_mid_cordon_audit_and_exit_130(kube, kc, _isolated_ho
         p.kill()
     assert p.returncode == 130, err
     assert "Traceback" not in err
-    [entry] = audit_entries(_isolated_home)
+    [req, entry] = audit_entries(_isolated_home)  # the PATCH had gone out: "requested" first
+    assert req["result"] == "requested"
     assert entry["action"] == "node.cordon" and entry["result"] == "interrupted" and entry["error"] == "interrupted"
 
 
@@ -216,6 +219,8 @@ def test_first_interrupt_stops_every_parallel_drain_and_restores_every_node(kube
     assert p.returncode == 130, err
     assert not unschedulable(kube, "n1") and not unschedulable(kube, "n2")
     entries = audit_entries(_isolated_home)
+    assert sorted(e["target"] for e in entries if e["result"] == "requested") == ["n1", "n2"]
+    entries = [e for e in entries if e["result"] != "requested"]
     assert sorted(e["target"] for e in entries) == ["n1", "n2"]
     assert all(e["result"] == "interrupted" and e["restored"] is True for e in entries)
 
@@ -292,8 +297,8 @@ def test_interrupt_kills_an_exec_plugin_hanging_in_a_drain_worker_and_restores(k
     finally:
         p.kill()
         _kill_pids(pids)
-    [entry] = audit_entries(_isolated_home)
-    assert entry["result"] == "interrupted"
+    [req, entry] = audit_entries(_isolated_home)
+    assert req["result"] == "requested" and entry["result"] == "interrupted"
     if not revoked:
         assert not unschedulable(kube, "n1") and entry["restored"] is True
     else:

@@ -545,7 +545,10 @@ def test_switch_all_runtime_agent_and_rollback(cli, staged):
     audit = [json.loads(x) for x in open(os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log"))]
     acts = [a["action"] for a in audit]
     assert "upgrade.stage" in acts and "upgrade.switch" in acts and "upgrade.rollback" in acts
-    assert any(a["action"] == "upgrade.switch" and a["changed"] is False for a in audit)
+    assert any(a["action"] == "upgrade.switch" and a.get("changed") is False for a in audit)
+    # each change: "requested" before its first live step, then the outcome (the no-op: only that)
+    assert [a["result"] for a in audit if a["action"] == "upgrade.rollback" and a["result"] != "ok"] == \
+        ["requested", "requested"]
 
 
 @pytest.mark.parametrize("args,code,msg", [
@@ -857,7 +860,7 @@ def test_gc_needs_yes_without_a_tty_and_deletes_nothing(cli, staged, _isolated_h
     assert d["removed"] == [B, C] and d["dryRun"] is True
     d = J(cli, staged, "gc", "--yes")
     assert d["removed"] == [B, C] and not rel(staged, B).exists()
-    assert _audit_actions(_isolated_home).count("upgrade.gc") == 1
+    assert _audit_actions(_isolated_home).count("upgrade.gc") == 2  # "requested", then the outcome
     # nothing left to remove: no question, a no-op
     d = J(cli, staged, "gc")
     assert d["changed"] is False and d["removed"] == []

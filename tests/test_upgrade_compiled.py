@@ -104,7 +104,7 @@ def test_switch_links_the_qemu_datadir_through_current_and_rollback_follows(cli,
     assert [(q["name"], q["state"]) for q in st["qemuData"]] == [("kata-qemu", "current")]
     assert "firmware" not in _k(cli, node, "status").stderr
     audit = [json.loads(x) for x in open(os.path.join(os.environ["XDG_STATE_HOME"], "katactl", "audit.log"))]
-    first = [a for a in audit if a["action"] == "upgrade.switch" and not a.get("dryRun")][0]
+    first = [a for a in audit if a["action"] == "upgrade.switch" and a["result"] == "ok"][0]
     assert "link /opt/kata/share/kata-qemu -> ../current/share/kata-qemu" in first["done"]
 
 

@@ -630,8 +630,12 @@ def test_trigger_cloud_hypervisor_coredump(cli, features, code, _isolated_home):
         r = cli(["--host-root", root, "vmcore", "trigger", sid[:6], "-o", "json"])
         assert r.exit_code == code, r.stderr
         entries = _audit_entries(_isolated_home)
-        assert [(e["action"], e["target"], e["node"]) for e in entries] == [("vmcore.trigger", sid, "localhost")]
+        # a dump: "requested" before its directory and request, then the outcome; a refusal before: only that
+        assert [(e["action"], e["target"], e["node"]) for e in entries] == \
+            [("vmcore.trigger", sid, "localhost")] * (2 if code == 0 else 1)
         if code == 0:
+            assert (entries[0]["result"], entries[0]["requestSent"]) == ("requested", True)
+            entries = entries[1:]
             d = r.json()
             assert d["node"] == "localhost"            # always there, like balloon/shim/sandbox inspect
             assert d["via"] == "clh" and d["path"].startswith(f"{DUMP_PATH}/{sid}/vmcore-")
@@ -642,7 +646,7 @@ def test_trigger_cloud_hypervisor_coredump(cli, features, code, _isolated_home):
             assert entries[0]["result"] == "ok" and entries[0]["dump"] == d["path"] and entries[0]["changed"]
             r = cli(["--host-root", root, "vmcore", "trigger", sid[:6], "--format", "kdump-zlib"])
             assert r.exit_code == 2 and "ELF dumps only" in r.stderr
-            assert len(_audit_entries(_isolated_home)) == 1                # a usage error: no entry
+            assert len(_audit_entries(_isolated_home)) == 2                # a usage error: no entry
         else:
             assert "guest_debug" in r.stderr
             assert entries[0]["result"] == "error" and "guest_debug" in entries[0]["error"]

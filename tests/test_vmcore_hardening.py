@@ -454,7 +454,8 @@ def test_trigger_stopped_while_the_shim_or_clh_dumps_says_the_dump_goes_on(cli, 
         lead = f"{who} may be writing" if stop == "timeout" else f"interrupted before {who} answered: it may be writing"
         assert (f"{lead} the dump into {path}; if so, a running guest stays paused until it is finished"
                 in err["message"]), err["message"]
-        [a] = _audit_entries(_isolated_home)
+        [req, a] = _audit_entries(_isolated_home)
+        assert req["result"] == "requested"
         assert (a["result"], a["changed"], a["dump"], a["via"], a["requestSent"]) == (
             "timeout" if stop == "timeout" else "interrupted", True, path, via, True)
         d = os.path.join(_dump_root(root), sid)
@@ -492,7 +493,8 @@ def test_trigger_a_shim_success_naming_no_dump_keeps_the_dump(cli, answer, _isol
         assert (err["code"], err["details"]["path"], err["details"]["via"]) == ("ProtocolError", pattern,
                                                                                "shim-extension"), err
         assert f"the answer names no dump path: its dump is in {pattern}" in err["message"], err
-        [a] = _audit_entries(_isolated_home)
+        [req, a] = _audit_entries(_isolated_home)
+        assert req["result"] == "requested"
         assert (a["result"], a["changed"], a["dump"], a["via"]) == ("error", True, pattern, "shim-extension"), a
         d = os.path.join(_dump_root(root), SHIM_SID)
         assert os.path.isfile(os.path.join(d, "hypervisor.conf"))
@@ -515,7 +517,8 @@ def test_trigger_an_unreadable_clh_answer_keeps_the_dump(cli, clh_node, _isolate
     path = err["details"]["path"]
     assert (err["code"], err["details"]["via"]) == ("ProtocolError", "clh"), err
     assert f"Cloud Hypervisor may be writing the dump into {path}" in err["message"], err
-    [a] = _audit_entries(_isolated_home)
+    [req, a] = _audit_entries(_isolated_home)
+    assert req["result"] == "requested"
     assert (a["result"], a["changed"], a["dump"], a["via"]) == ("error", True, path, "clh"), a
     assert os.path.isfile(os.path.join(root, path.lstrip("/")))
 

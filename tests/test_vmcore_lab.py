@@ -213,6 +213,8 @@ def test_trigger_stopped_waiting_says_where_qemu_goes_on_dumping(cli, lab, _isol
     assert e.exit_code == 130 and path2 != path and f"into {path2}; the guest stays paused" in e.message
     _wait(lambda: _dump_done(lab, sid), 300, "QEMU to finish the second dump")
     audits = [a for a in _audit_entries(_isolated_home) if a["action"] == "vmcore.trigger"]
+    assert [a["result"] for a in audits[::2]] == ["requested", "requested"]  # each before its request
+    audits = audits[1::2]
     assert [(a["result"], a["changed"], a["dump"], a["requestSent"]) for a in audits] == [
         ("timeout", True, path, True), ("interrupted", True, path2, True)]
     for p in (path, path2):

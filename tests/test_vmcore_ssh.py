@@ -114,7 +114,8 @@ def test_trigger_pod_ref_goes_to_the_pods_node(cli, two_nodes, tmp_path, _isolat
     finally:
         srv.close()
     log = _isolated_home / "state" / "katactl" / "audit.log"
-    [e] = [json.loads(line) for line in log.read_text().splitlines()]
+    [req, e] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (req["action"], req["node"], req["result"]) == ("vmcore.trigger", "vmt2", "requested")
     assert e["action"] == "vmcore.trigger" and e["node"] == "vmt2" and e["target"] == v["sid"]
     assert e["result"] == "ok" and e["dump"] == d["path"]
 

@@ -233,7 +233,7 @@ def up(root: str | None = None, *, sandboxes: int = 2, hypervisor: str = "qemu",
         if dry_run:  # reads only: no lock (it would create the root)
             st = _up(root, specs, kernel, timeout=timeout, die_with_parent=die_with_parent, dry_run=True)
         else:
-            with root_lock(root, timeout, create=True, on_wait=on_wait):
+            with root_lock(root, timeout, create=True, on_wait=on_wait), _intent("lab.up", root, params):
                 st = _up(root, specs, kernel, timeout=timeout, die_with_parent=die_with_parent, dry_run=False)
     except (UsageError, Refused):
         raise  # nothing was started or changed
@@ -310,6 +310,20 @@ def root_lock(root: str, timeout: float, *, create: bool, on_wait: Callable[[], 
             os.close(fd)  # releases the lock
 
 
+def _intent(action: str, root: str, params: dict):
+    """The ``requested`` entry _up and _down write (_changing) before they touch anything:
+    a kill -9 midway leaves the start or the removal logged."""
+    from katactl import audit
+
+    return audit.intent(action, root, params=params)
+
+
+def _changing() -> None:
+    from katactl import audit
+
+    audit.changing()
+
+
 def _audit(action: str, root: str, params: dict, *, changed=None, result: str = "ok", **extra) -> None:
     from katactl import audit
 
@@ -347,6 +361,7 @@ def _up(root: str, specs: list[dict], kernel: str | None, *, timeout: float, die
                               for s in specs],
                 "changed": True, "dryRun": True}
     proc: subprocess.Popen | None = None
+    _changing()
     try:
         if leftovers:
             _cleanup(root)
@@ -568,7 +583,7 @@ def down(root: str | None = None, timeout: float = 30, dry_run: bool = False, fo
         if dry_run:
             r = _down(root, timeout, dry_run, force)
         else:
-            with root_lock(root, DOWN_LOCK_WAIT, create=False, on_wait=on_wait):
+            with root_lock(root, DOWN_LOCK_WAIT, create=False, on_wait=on_wait), _intent("lab.down", root, {}):
                 r = _down(root, timeout, dry_run, force)
     except Exception as e:
         if not dry_run:
@@ -605,6 +620,7 @@ def _down(root: str, timeout: float, dry_run: bool, force: bool) -> dict:
         if daemon != "running":
             result["status"] = "dead"
         return result
+    _changing()
     if daemon == "running" and now is not None:  # running: now is the daemon, at pid
         _stop_pid(now.pid, timeout, identity=now)
     _cleanup(root)

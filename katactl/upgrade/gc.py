@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 
+from katactl.audit import changing
 from katactl.upgrade import configedit
 from katactl.upgrade.journal import recover_or_check
 from katactl.upgrade.layout import Layout, fault
@@ -57,6 +58,8 @@ def gc(transport: NodeTransport, layout: Layout, *, dry_run: bool = False, force
         stale = [n for n in (transport.listdir(layout.releases) if transport.exists(layout.releases) else [])
                  if n.startswith((".staging-", ".trash-"))]
         if not dry_run:
+            if removed or stale:  # what a run killed midway was removing (its outcome never comes)
+                changing(target=",".join(removed) or "-", removing=removed)
             for v in removed:
                 trash = f"{layout.releases}/.trash-{v}-{secrets.token_hex(4)}"
                 with live(f"removed release {v}"):

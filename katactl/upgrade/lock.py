@@ -40,7 +40,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
-from katactl.audit import current_user, now_iso, record
+from katactl.audit import changing, current_user, intent, now_iso, record
 from katactl.backends.base import NodeTransport
 from katactl.errors import KatactlError, Refused, TimeoutExpired
 
@@ -100,7 +100,8 @@ def locked_audited(transport: NodeTransport, layout, action: str, params: dict, 
                    unstaged: Exception | dict | None = None) -> dict:
     """One mutating upgrade operation (stage, switch, rollback, gc) on a node: body() under
     the node's upgrade lock, and an ``upgrade.<action>`` audit record of the outcome (an
-    error too). A dry run takes no lock and records nothing.
+    error too), after a ``requested`` one written before its first live step, if it takes one.
+    A dry run takes no lock and records nothing.
 
     ``prepare()``, when given, runs first, without the lock (reading a local source, say);
     body gets its result. ``unstaged``, when given, is the outcome on a node without a
@@ -125,7 +126,10 @@ def locked_audited(transport: NodeTransport, layout, action: str, params: dict, 
     progress = Progress()
     token = _progress.set(progress)
     try:
-        res = run()
+        # a "requested" entry before the first live step (live, journal_on_node, changing): a
+        # kill -9 after it leaves the change logged; a run with nothing to do writes none
+        with intent(f"upgrade.{action}", target, node=transport.node, params=params):
+            res = run()
     except BaseException as e:
         # what was done before the failure: a Ctrl-C (SIGTERM, SIGHUP) after a live step
         # leaves a changed node, which the log must say
@@ -172,6 +176,7 @@ _progress: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("upg
 def done(step: str) -> None:
     """Note a live step of the running locked_audited operation (a release renamed into or
     out of place, ``current`` flipped, a live configuration file replaced)."""
+    changing()
     p = _progress.get()
     if p is not None:
         p.done.append(step)
@@ -182,6 +187,7 @@ def live(step: str):
     """Around the one call that takes a live step: done once it returns; unsure when it is
     interrupted (a Ctrl-C during a rename's round trip: it may have landed; the record then
     has no ``changed``); not done when the node refused it (OSError)."""
+    changing()
     p = _progress.get()
     if p is not None:
         p.unsure = step
@@ -199,6 +205,8 @@ def live(step: str):
 def journal_on_node(present: bool) -> None:
     """Note that the running operation's journal may be on the node (set before it is
     written), or is no longer (after it is removed)."""
+    if present:
+        changing()  # the journal makes the next run finish this one: a change under way
     p = _progress.get()
     if p is not None:
         p.journal = present

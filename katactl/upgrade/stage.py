@@ -193,6 +193,7 @@ def _stage_locked(transport: NodeTransport, layout: Layout, req: StageRequest, p
                   "installPrefix": INSTALL_PREFIX, "imageBound": _image_bound(transport, f"{tmp}/{CONFIG_SUBDIR}")}
         transport.write_bytes_atomic(f"{tmp}/{RELEASE_RECORD}", json.dumps(record, indent=2).encode())
         fault("stage:after-record")
+        audit.changing(target=v)  # (a replacement's first change is the set-aside, no live step)
         if replace:
             _refuse_if_running(transport, layout, v)  # again: a process may have started it meanwhile
             transport.rename(dest, aside)

@@ -2,6 +2,7 @@
 releases (crash-safe through the journal: katactl.upgrade.journal)."""
 from __future__ import annotations
 
+from katactl.audit import changing
 from katactl.errors import NotFound, Refused, UsageError
 from katactl.upgrade import compiled, configedit
 from katactl.upgrade.journal import apply, commit, named_files, recover_or_check
@@ -217,6 +218,7 @@ def rollback(transport: NodeTransport, layout: Layout, *, dry_run: bool = False,
         if dry_run:
             return {**base, "to": to, "changed": True, "dryRun": True, "steps": steps,
                     "preflight": checks}
+        changing(target=str(to["runtime"]))  # named as the outcome names it (target_of)
         entry = commit(transport, layout, "rollback", last.get("component"), cur, to, rollbackOf=last.get("id"))
         return {**base, "to": to, "changed": True, "dryRun": False, "steps": steps,
                 "preflight": checks, "historyId": entry["id"]}

@@ -190,6 +190,9 @@ class _DumpDirGuard:
         self.started = False
 
     def __enter__(self):
+        from katactl import audit
+
+        audit.changing()  # the trigger's first change: its "requested" entry goes first
         return self
 
     def __exit__(self, typ, exc, tb):
@@ -263,8 +266,8 @@ def trigger(transport: NodeTransport, ref, opts: TriggerOptions) -> dict:
 
     Not idempotent by design: every call takes a new dump (the guest pauses
     while the hypervisor writes it). Each dump, and each failed or interrupted
-    attempt, is recorded in the audit log (``vmcore.trigger``); a dry run and
-    a usage error record nothing.
+    attempt, is recorded in the audit log (``vmcore.trigger``: ``requested`` before
+    its first change, then the outcome); a dry run and a usage error record nothing.
     """
     from katactl import audit
 
@@ -275,9 +278,12 @@ def trigger(transport: NodeTransport, ref, opts: TriggerOptions) -> dict:
     sb = sbmod.as_sandbox(transport, ref)
     params = {"format": opts.format, "detach": opts.detach, "paging": opts.paging,
               "dumpPath": opts.dump_path}
+    # "requested" before the dump directory and the dump request (_DumpDirGuard): a kill -9
+    # meanwhile leaves the dump logged
     try:
         try:
-            r = _trigger(transport, sb, opts)
+            with audit.intent("vmcore.trigger", sb.id, node=transport.node, params=params, dry_run=opts.dry_run):
+                r = _trigger(transport, sb, opts)
         except OSError as e:
             named = _node_named(transport, e)
             if named is e:
