@@ -59,7 +59,8 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
 - Faults: ``exec_cut(argv_regex, after_bytes, times)`` drops the connection (no close frame, no
   status) after that many stdout bytes of an exec whose space-joined argv matches; the process is
   left as a client's going away leaves it. ``exec_log`` lists every exec (pod, node, argv,
-  protocol, exit code).
+  protocol, exit code, and ``requestLine``: the length of its HTTP request line, which a front
+  such as nginx bounds).
 
 Known differences from the real kubelet/apiserver:
 - A pod's execs (every process carrying their environment marker) are killed when the pod leaves storage (grace 0 at once, else at the end of
@@ -404,7 +405,8 @@ class _Session:
         self.sent_out = 0
         self.cut_after = srv._take_cut(argv)
         self.entry = {"pod": f"{pod['metadata']['namespace']}/{pod['metadata']['name']}", "node": node,
-                      "argv": list(argv), "protocol": proto, "exitCode": None, "cut": False}
+                      "argv": list(argv), "protocol": proto, "exitCode": None, "cut": False,
+                      "requestLine": len(h.requestline)}
         with srv._lock:
             srv.exec_log.append(self.entry)
 

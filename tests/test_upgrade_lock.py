@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -21,7 +22,7 @@ def test_a_cut_exec_stream_during_the_lock_leaves_no_lock(kube, kc, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the exec stand-in needs root (unshare --mount)")
     from katactl import nodeagent
-    from katactl.backends.kubeexec import KubeExecTransport
+    from katactl.backends.kubeexec import HELPER_ARGV, KubeExecTransport
     from katactl.config import resolve
     from katactl.errors import KatactlError
     from katactl.upgrade.layout import Layout
@@ -39,7 +40,7 @@ def test_a_cut_exec_stream_during_the_lock_leaves_no_lock(kube, kc, tmp_path):
     try:
         outcomes = set()
         for n in range(4, 900, 11):  # every reply of the lock protocol is cut somewhere
-            kube.exec_cut(r"import errno, json", after_bytes=n)
+            kube.exec_cut("^" + re.escape(" ".join(HELPER_ARGV)) + "$", after_bytes=n)
             t._drop_helper()  # the next helper request starts the exec that is cut
             try:
                 with node_lock(t, layout, timeout=0.5):

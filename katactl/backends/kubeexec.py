@@ -8,7 +8,10 @@ Hypervisor and Firecracker sockets. Here is the channel: one WebSocket per exec,
 through one long-lived node-side helper (HELPER below, ``python3 -I -S``) per transport that
 serves batched reads, stats, directory scans and atomic writes over its stdin/stdout (the
 counterpart of the SSH transport's pipelined SFTP: a command costs a few round trips, not one
-exec per file). Paths are mapped to ``/host<path>`` (``--host-root`` overrides /host).
+exec per file). Paths are mapped to ``/host<path>`` (``--host-root`` overrides /host). The
+helper's source (4 KB) goes on its stdin behind a short bootstrap (HELPER_ARGV): in the exec
+URL, percent-encoded, it made a 9.2 KB request line, over the 8 KB that an HTTP-terminating
+front's default allows (nginx ``large_client_header_buffers 4 8k``: 414).
 
 ``run`` and streams run their argv under remote.py's GUARD, the SSH transport's, with the exec's
 stdin held open as its lifeline: the kubelet does not end an exec whose client went away (the
@@ -41,7 +44,9 @@ Every WebSocket is pinged every 5 s (PING_PERIOD, as client-go's executor): a qu
 (makedumpfile, a helper idle between calls) outlives a load balancer's idle timeout. The pinger
 holds its channel weakly: a channel dropped without close() (a stream never read) is still
 collected, which shuts its socket and so ends its node command (through GUARD, below). A helper stream found closed
-before a request is written is replaced, for a mutation too (nothing of it was sent).
+before a request is written is replaced, for a mutation too (nothing of it was sent), except
+in the middle of an atomic write: its wdata already went on the closed stream, so the write
+fails and nothing more of it is sent (write_stream_atomic).
 
 Each WebSocket's socket is katactl's own (:func:`_dial`), through the kube client's proxy
 decision (kube.proxy_for), as kubectl's exec connects: an HTTP CONNECT tunnel, TLS inside it.
@@ -72,7 +77,7 @@ from urllib.parse import quote
 
 from katactl.backends.base import FileStat
 from katactl.backends.kube import KubeAPI, seg
-from katactl.backends.remote import RemoteTransport, _check_argv, _check_root
+from katactl.backends.remote import RemoteTransport, _check_argv, _check_root, stale_tmps
 from katactl.errors import (AuthError, KatactlError, OperationFailed, ProtocolError, TimeoutExpired,
                             UnreachableError, UsageError)
 
@@ -111,13 +116,18 @@ sys.exit(p.wait() & 255)
 
 # The node-side file helper: requests and replies are framed as
 # [u32 header length][JSON header][payload of header["n"] bytes]. Errors are per path:
-# {"e": errno, "m": strerror}. Paths arrive already under the host root.
+# {"e": errno, "m": strerror}. Paths arrive already under the host root. At stdin EOF (katactl
+# gone, the stream cut) it removes the temp files of the writes it still has open.
 HELPER = r"""
 import errno, json, os, stat, struct, sys
 rd, wr = sys.stdin.buffer, sys.stdout.buffer
+w = {}
 def get(n):
     b = rd.read(n)
     if len(b) < n:
+        for x in w.values():
+            try: os.close(x[0]); os.unlink(x[2])
+            except OSError: pass
         sys.exit(0)
     return b
 def put(h, payload=b""):
@@ -137,7 +147,6 @@ def fsyncdir(p):
         os.fsync(fd)
     finally:
         os.close(fd)
-w = {}
 while True:
     h = json.loads(get(struct.unpack(">I", get(4))[0]))
     data = get(h["n"]) if h.get("n") else b""
@@ -196,7 +205,7 @@ while True:
             fsyncdir(h["path"]); put({})
         elif op == "wopen":
             fd = os.open(h["tmp"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            w[h["id"]] = [fd, None]; put({})
+            w[h["id"]] = [fd, None, h["tmp"]]; put({})
         elif op == "wdata":
             x = w.get(h["id"])
             if x is not None and x[1] is None:
@@ -207,7 +216,9 @@ while True:
                 except OSError as e:
                     x[1] = e
         elif op == "wdone":
-            fd, e = w.pop(h["id"])
+            if h["id"] not in w:
+                raise OSError(errno.EBADF, "no write %s open in this helper" % h["id"])
+            fd, e, _ = w.pop(h["id"])
             try:
                 if e is not None:
                     raise e
@@ -231,6 +242,10 @@ while True:
         if op != "wdata":
             put(err(e))
 """.strip()
+_HELPER_SRC = HELPER.encode()
+#: the helper's exec: a bootstrap that reads the source from stdin (sent first, _helper_chan), so
+#: the request line stays short (module docstring)
+HELPER_ARGV = ("python3", "-I", "-S", "-c", f"import sys;exec(sys.stdin.buffer.read({len(_HELPER_SRC)}))")
 
 
 def _kubelet_failure(status: dict) -> str | None:
@@ -305,8 +320,9 @@ class WSChannel:
 
     def idle_dead(self) -> bool:
         """Whether this stream, with no request outstanding, has ended (the server or a hop
-        closed it): anything but a ping/pong arriving unasked means it is unusable. Nothing
-        of ours was sent on it since, so a request may go on a new one, a mutation too."""
+        closed it): anything but a ping/pong arriving unasked means it is unusable. Between
+        requests nothing of ours is in flight on it, so a request may go on a new one, a
+        mutation too (not the rest of an atomic write: write_stream_atomic pins its stream)."""
         import websocket
 
         if self._ended or self._closed or self._status is not None or self._out:
@@ -838,8 +854,10 @@ class KubeExecTransport(RemoteTransport):
         if self._helper is not None and self._helper.idle_dead():
             self._drop_helper()  # cut while idle: nothing was sent on it, a new one is safe
         if self._helper is None:
-            self._helper = self._exec_channel(("python3", "-I", "-S", "-c", HELPER), self.timeout)
-            self._helper.settimeout(self.timeout)
+            chan = self._exec_channel(HELPER_ARGV, self.timeout)
+            chan.settimeout(self.timeout)
+            self._helper = chan
+            chan.sendall(_HELPER_SRC)  # what HELPER_ARGV's bootstrap reads, then the requests
         return self._helper
 
     def _drop_helper(self) -> None:
@@ -1005,35 +1023,105 @@ class KubeExecTransport(RemoteTransport):
     def write_stream_atomic(self, path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
         """A temp file beside path (0600, exclusive), the chunks streamed into it without
         waiting for replies (the WebSocket's flow control bounds what is in flight), then
-        chmod, fsync, rename over path and an fsync of the directory, in one reply."""
+        chmod, fsync, rename over path and an fsync of the directory, in one reply; then the
+        temp files of killed writes beside path are swept, as the SSH transport does.
+
+        The write is pinned to the helper its wopen went to: only that process knows it. If
+        that stream goes (a hop cut it, the node pod was deleted), the write fails with
+        UnreachableError and nothing more of it goes to a new helper (which would crash on the
+        unknown write); its temp file is removed through a new helper (the old one, if still
+        alive, removes it too when its stdin ends; killed with its pod, it cannot)."""
         import secrets
 
         real = self.remote(path)
-        tmp = posixpath.join(posixpath.dirname(real), f".katactl-{secrets.token_hex(6)}.tmp")
+        tmp = posixpath.join(posixpath.dirname(real), f".katactl-{secrets.token_hex(6)}.tmp")  # TMP_NAME
         with self._helper_lock:
             self._wid += 1
             wid = self._wid
             self._one({"op": "wopen", "id": wid, "tmp": tmp}, path, idempotent=False)
+            chan = self._helper  # the one wopen was answered on
             n = 0
+            failed: BaseException | None = None  # the chunks' own error (not the stream's)
             try:
-                chan = self._helper  # the one wopen just answered on (not a new one)
                 if chan is None:
                     raise UnreachableError(f"the file helper on {self.node} stopped")
-                for chunk in chunks:
+                it = iter(chunks)
+                while True:
+                    try:
+                        chunk = next(it)
+                    except StopIteration:
+                        break
+                    except BaseException as e:
+                        failed = e
+                        break
                     mv = memoryview(chunk)
                     for off in range(0, len(mv), SEND_CHUNK):
                         piece = bytes(mv[off:off + SEND_CHUNK])
                         self._send_req(chan, {"op": "wdata", "id": wid}, piece)
                         n += len(piece)
+            except (UnreachableError, BrokenPipeError, socket.timeout) as e:
+                raise self._lost_write(path, tmp, e, committing=False) from None
             except BaseException:
-                try:
-                    self._one({"op": "wdone", "id": wid, "tmp": tmp, "commit": False}, path, idempotent=False)
-                except Exception:  # noqa: BLE001 - the original error matters
-                    self._drop_helper()
+                self._drop_helper()  # Ctrl-C mid-frame: the helper removes the temp at its stdin EOF
                 raise
-            self._one({"op": "wdone", "id": wid, "tmp": tmp, "dst": real, "mode": mode & 0o7777, "commit": True},
-                      path, idempotent=False)
+            if failed is not None:
+                assert chan is not None
+                try:  # the stream is sound: the write's own helper aborts it
+                    self._on(chan, {"op": "wdone", "id": wid, "tmp": tmp, "commit": False}, path)
+                except (KatactlError, OSError):
+                    pass  # (_on dropped the helper: at its stdin EOF it removes the temp)
+                raise failed
+            assert chan is not None
+            try:
+                self._on(chan, {"op": "wdone", "id": wid, "tmp": tmp, "dst": real, "mode": mode & 0o7777,
+                                "commit": True}, path)
+            except (UnreachableError, BrokenPipeError, socket.timeout) as e:
+                raise self._lost_write(path, tmp, e, committing=True) from None
+        self._sweep_stale_tmps(path)
         return n
+
+    def _on(self, chan: WSChannel, header: dict, path: str) -> dict:
+        """One request on this helper stream, not on a replacement (a write's wdone)."""
+        try:
+            self._send_req(chan, header)
+            h, _ = self._reply(chan)
+        except BaseException:
+            self._drop_helper()
+            raise
+        if "e" in h:
+            raise self._oserr(h, path)
+        return h
+
+    def _lost_write(self, path: str, tmp: str, e: BaseException, *, committing: bool) -> KatactlError:
+        """The error of a write whose helper stream went, after its temp file was removed
+        through a new helper (best effort: the next write's sweep gets what is left)."""
+        self._drop_helper()
+        removed = False  # True: the temp was there, so the write was not committed
+        try:
+            h, _ = self._call({"op": "unlink", "path": tmp}, idempotent=False)
+            removed = "e" not in h  # ENOENT: the old helper removed it at its stdin EOF, or committed
+        except (KatactlError, OSError):
+            pass
+        why = "timed out" if isinstance(e, socket.timeout) else "was cut"
+        done = ("it may or may not have been replaced" if committing and not removed
+                else "it was not written")
+        cls = TimeoutExpired if isinstance(e, socket.timeout) else UnreachableError
+        return cls(f"node {self.node}: the file helper's exec stream {why} while writing {path}: {done}")
+
+    def _sweep_stale_tmps(self, path: str) -> None:
+        """Remove the temp files killed writes left beside path (remote.stale_tmps, the SSH
+        transport's rule), judged against the file just written. Best effort: the write is done."""
+        d, base = posixpath.split(posixpath.normpath(path))
+        d = d or "/"
+        try:
+            listing = self.scan_dirs([d], follow_symlinks=False)[d]
+            if isinstance(listing, OSError):
+                return
+            for name in stale_tmps(listing, base):
+                p = posixpath.join(d, name)
+                self._unlink(p, self.remote(p))
+        except (OSError, KatactlError):
+            pass
 
     def close(self) -> None:
         with self._helper_lock:
@@ -1045,4 +1133,4 @@ class _PodGone(UnreachableError):
     """The node pod is gone or not running (the caller looks it up again)."""
 
 
-__all__ = ["KubeExecTransport", "WSChannel", "HELPER", "FEED", "PROTOCOLS"]
+__all__ = ["KubeExecTransport", "WSChannel", "HELPER", "HELPER_ARGV", "FEED", "PROTOCOLS"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import socket
 import stat as st
 from typing import Iterator, Sequence
@@ -39,6 +40,23 @@ from katactl.backends.base import NodeTransport, RunResult
 from katactl.errors import NOT_A_SOCKET, SOCKET_MISSING, SOCKET_REFUSED, TimeoutExpired, UnreachableError, UsageError
 
 STREAM_CHUNK = 1 << 20
+
+STALE_TMP_AGE = 3600     # s: a write's temp file untouched this long is a killed write's
+TMP_NAME = re.compile(r"\.katactl-[0-9a-f]{12}\.tmp")  # write_stream_atomic's temp files (ssh, kube)
+
+
+def stale_tmps(listing, base: str) -> list[str]:
+    """The names in a directory listing ([(name, FileStat)], not following links) that are
+    temp files killed writes (kill -9, a dropped connection: their cleanup never ran) left
+    beside ``base``, the file just written: TMP_NAME regular files of its owner, last written
+    over STALE_TMP_AGE before it (a live write touches its file with every write). ``base``
+    gives the uid and the node's "now" (its mtime: never the client's clock) from the same
+    listing."""
+    me = dict(listing).get(base)
+    if me is None:
+        return []
+    return [n for n, s in listing if TMP_NAME.fullmatch(n) and st.S_ISREG(s.mode) and s.uid == me.uid
+            and me.mtime - s.mtime > STALE_TMP_AGE]
 
 # The socket relay run on the node for connect_unix: connects, writes one NUL
 # byte ("connected"), then copies stdin->socket and socket->stdout until EOF.

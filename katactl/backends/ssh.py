@@ -55,7 +55,6 @@ import errno
 import itertools
 import os
 import posixpath
-import re
 import shlex
 import socket
 import stat as st
@@ -66,7 +65,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from katactl.backends import knownhosts, sshconfig
 from katactl.backends.base import FileStat
-from katactl.backends.remote import RELAY, ChannelSocket, RemoteTransport, _check_root, _run_oserror
+from katactl.backends.remote import RELAY, ChannelSocket, RemoteTransport, _check_root, _run_oserror, stale_tmps
 from katactl.errors import (AuthError, HostKeyError, KatactlError, OperationFailed, TimeoutExpired, UnreachableError,
                             UsageError)
 
@@ -772,9 +771,6 @@ PIPE_CHUNK = 128 << 10   # bytes per pipelined READ/WRITE (OpenSSH's limit: 256 
 PIPE_FILES = 32          # files in flight per read batch: bounds buffered replies (~4 MiB)
 PIPE_STATS = 256         # STAT requests in flight per batch
 PIPE_WRITES = 32         # WRITE requests in flight while streaming a file up (~4 MiB)
-
-STALE_TMP_AGE = 3600     # s: a write's temp file untouched this long is a killed write's
-_TMP_NAME = re.compile(r"\.katactl-[0-9a-f]{12}\.tmp")  # write_stream_atomic's temp files
 
 _FX_EOF, _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED, _FX_OP_UNSUPPORTED = 1, 2, 3, 8
 
@@ -1678,7 +1674,7 @@ class SSHTransport(RemoteTransport):
         import secrets
 
         real = self.remote(path)
-        tmp = posixpath.join(posixpath.dirname(real), f".katactl-{secrets.token_hex(6)}.tmp")  # _TMP_NAME
+        tmp = posixpath.join(posixpath.dirname(real), f".katactl-{secrets.token_hex(6)}.tmp")  # TMP_NAME
         n, synced = self._piped(_pipe_write, path, path, tmp, chunks, mode)
         try:
             if not synced:
@@ -1699,22 +1695,15 @@ class SSHTransport(RemoteTransport):
 
     def _sweep_stale_tmps(self, path: str, real: str) -> None:
         """Remove the temp files that killed writes (kill -9, a dropped connection: the
-        cleanup above never ran) left beside path: ``.katactl-<12 hex>.tmp`` regular files
-        of our user, last written over STALE_TMP_AGE ago (a live write touches its file
-        with every WRITE). Done after our rename, so that the file just written gives
-        our uid and the node's "now" (its mtime: never this client's clock), from the
-        same listing. Best effort: the write is already done."""
+        cleanup above never ran) left beside path (remote.stale_tmps: the kube transport's
+        rule too). Done after our rename, so that the file just written is in the listing.
+        Best effort: the write is already done."""
         d, base = posixpath.split(real)
         try:
             listing = self._piped(_pipe_scandirs, path, [(d, d)])[d]
             if isinstance(listing, OSError):
                 return
-            me = dict(listing).get(base)
-            if me is None:
-                return
-            stale = [posixpath.join(d, n) for n, s in listing
-                     if _TMP_NAME.fullmatch(n) and st.S_ISREG(s.mode) and s.uid == me.uid
-                     and me.mtime - s.mtime > STALE_TMP_AGE]
+            stale = [posixpath.join(d, n) for n in stale_tmps(listing, base)]
             if stale:
                 self._piped(_pipe_remove, path, stale)
         except (OSError, KatactlError):
