@@ -634,6 +634,10 @@ def _dial(server: str, proxy: str | None, tls, timeout: float) -> socket.socket:
         except BaseException:
             sock.close()
             raise
+    # as Go's dialer (net: TCPConn NoDelay by default) and ssh.py: a small frame sent right
+    # after another (a write's wdata then its wdone, the helper's source then its first
+    # request) otherwise waits for the peer's delayed ACK, 40 ms each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if u.scheme == "https":
         try:
             sock = tls.wrap_socket(sock, server_hostname=host)
