@@ -430,3 +430,20 @@ def test_writes_and_mkdir_act_in_the_directory_resolved_in_the_root(tmp_path):
         swapper.kill()
         swapper.wait()
     assert calls > 20 and os.listdir(victim / "kata") == []
+
+
+def test_mkdir_through_dangling_links_in_the_root(tmp_path):
+    """mkdir -p through a dangling link makes its target inside the root (as the path-string
+    makedirs did); links that name each other end in ELOOP, never a RecursionError."""
+    os.symlink("/data/crash", tmp_path / "crash")  # absolute: the node's /data/crash, not this host's
+    t = LocalTransport(str(tmp_path))
+    t.mkdir("/crash/kata/sb")
+    assert (tmp_path / "data/crash/kata/sb").is_dir()
+    os.symlink("/b/x", tmp_path / "a")
+    os.symlink("/a/y", tmp_path / "b")
+    with pytest.raises(OSError) as e:
+        t.mkdir("/a/z")
+    assert e.value.errno == errno.ELOOP
+    with pytest.raises(FileExistsError):  # a file where the directory goes: makedirs' error
+        (tmp_path / "f").write_bytes(b"")
+        t.mkdir("/f")

@@ -569,7 +569,7 @@ class LocalTransport(NodeTransport):
             if top:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.host_root + p)
             return  # the caller's mkdir under it says ENOTDIR
-        self._makedirs(os.path.dirname(p), 0o777, top=False)
+        self._makedirs(os.path.dirname(p), 0o777, False, links)  # links: the count spans the walk (a -> b/x, b -> a/y)
         try:
             self._mkdir_at(p, mode)
         except FileExistsError:
