@@ -119,7 +119,7 @@ def test_a_long_copy_keeps_its_temp_file_from_another_collect(cli, tmp_path, mdf
     stands for "A's copy has run for more than 10 minutes"), and B uses its own."""
     root, src = mdf
     code = ("import sys, katactl.vmcore.collection as c; c.HEARTBEAT = 0.05; "
-            "from katactl.__main__ import main; sys.argv = ['katactl', *sys.argv[1:]]; main()")
+            "from katactl.__main__ import run; sys.argv = ['katactl', *sys.argv[1:]]; run()")
     a = subprocess.Popen([sys.executable, "-c", code, "--host-root", root, "vmcore", "collect", "--to",
                           str(tmp_path / "a"), "--makedumpfile", "--bwlimit", "256Ki", "-o", "json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
