@@ -748,6 +748,7 @@ atexit.register(_atexit)
 
 # -- the DaemonSet -------------------------------------------------------------------------------
 def install(api, namespace: str, image: str, *, dry_run: bool = False) -> dict:
+    from katactl import audit
     from katactl.backends.kube import seg
 
     base = f"/apis/apps/v1/namespaces/{seg(namespace)}/daemonsets"
@@ -757,6 +758,7 @@ def install(api, namespace: str, image: str, *, dry_run: bool = False) -> dict:
     except NotFound:
         cur = None
     if cur is None:
+        audit.changing()  # the "requested" entry (nodes.audited's intent; none for a dry run)
         try:
             api.create(base, want, dry_run=dry_run)
         except NotFound:
@@ -765,6 +767,7 @@ def install(api, namespace: str, image: str, *, dry_run: bool = False) -> dict:
     have = (cur.get("spec") or {}).get("template")
     if _undefaulted(want["spec"]["template"]) == _undefaulted(have):
         return {"changed": False, "action": "unchanged"}
+    audit.changing()
     api.patch(f"{base}/{DS_NAME}", {"spec": {"template": _replacing(want["spec"]["template"], have)}},
               kind="merge", dry_run=dry_run)
     return {"changed": True, "action": "updated"}
@@ -881,11 +884,17 @@ def _image(spec: dict) -> str | None:
 
 
 def uninstall(api, namespace: str, *, dry_run: bool = False) -> dict:
+    from katactl import audit
     from katactl.backends.kube import seg
 
+    path = f"/apis/apps/v1/namespaces/{seg(namespace)}/daemonsets/{DS_NAME}"
     try:
-        api.delete(f"/apis/apps/v1/namespaces/{seg(namespace)}/daemonsets/{DS_NAME}",
-                   propagation="Background", dry_run=dry_run)
+        api.get(path)  # none there: a no-op, which writes no "requested" entry
+    except NotFound:
+        return {"changed": False}
+    audit.changing()
+    try:
+        api.delete(path, propagation="Background", dry_run=dry_run)
     except NotFound:
         return {"changed": False}
     return {"changed": True}

@@ -135,6 +135,8 @@ def iptables_set(transport: NodeTransport, sandbox, rules: bytes | str, *, v6: b
             changed = normalize_rules(c.iptables_get(v6)) != normalize_rules(text)
             if changed and not dry_run:
                 sent = True
+                # before the request: a change that lands is in the log whatever ends this run
+                audit.record(action, sandbox.id, node=node, params=params, result="requested", requestSent=True)
                 c.iptables_set(text, v6)
     except BaseException as e:
         if not dry_run:
@@ -303,6 +305,8 @@ def volume_resize(transport: NodeTransport, sandbox, path: str, size: int, *, dr
                 changed = True
             else:
                 sent = True
+                audit.record("shim.volume.resize", sandbox.id, node=node, params=params, result="requested",
+                             requestSent=True, device=device)  # before the request, as iptables_set
                 c.volume_resize(device, size)
                 after, why = _fs_bytes_total(c, device)
                 if why:

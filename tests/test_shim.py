@@ -214,7 +214,8 @@ def test_iptables_set_idempotent_dry_run_audited(cli, tree, tmp_path, sid, _isol
     log = _isolated_home / "state" / "katactl" / "audit.log"
     entries = [json.loads(x) for x in log.read_text().splitlines()]
     mine = [e for e in entries if e["action"] == "shim.iptables.set" and e["target"] == sid]
-    assert [e["changed"] for e in mine] == [True, False, True]
+    # each change sent has its "requested" entry first (a kill -9 in flight leaves it logged)
+    assert [e.get("changed", e["result"]) for e in mine] == ["requested", True, False, "requested", True]
 
 
 def _fields(text: str) -> dict:
@@ -531,12 +532,15 @@ def test_volume_resize_fs_overhead_not_treated_as_pending(cli, tmp_path, _isolat
         assert "shrinking" in entries[-1]["error"] and entries[-1]["params"]["path"] == VOL
 
 
-def _audit(home, action, target) -> list[dict]:
+def _audit(home, action, target, requested: bool = False) -> list[dict]:
+    """The audit entries of action on target: the outcomes, with ``requested`` also the
+    "requested" entries written before each change request."""
     log = home / "state" / "katactl" / "audit.log"
     if not log.exists():
         return []
     entries = [json.loads(x) for x in log.read_text().splitlines()]
-    return [e for e in entries if e["action"] == action and e["target"] == target]
+    return [e for e in entries if e["action"] == action and e["target"] == target
+            and (requested or e["result"] != "requested")]
 
 
 def test_volume_resize_failure_audited(cli, tree, _isolated_home):
@@ -596,7 +600,8 @@ def test_mutation_interrupted_mid_request_is_audited(tmp_path, _isolated_home, c
     assert p.returncode == 130, err
     assert json.loads(out)["code"] == "Interrupted"
     action = "shim.iptables.set" if cmd[0] == "iptables" else "shim.volume.resize"
-    (e,) = _audit(_isolated_home, action, "int001")
+    first, e = _audit(_isolated_home, action, "int001", requested=True)
+    assert first["result"] == "requested" and first["requestSent"] is True, first
     assert e["result"] == "interrupted" and e["requestSent"] is True and "changed" not in e, e
     want = {"v6": False, "bytes": len(RULES)} if cmd[0] == "iptables" else {"path": VOL, "size": 20 << 30}
     assert e["params"] == want

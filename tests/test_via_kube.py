@@ -163,6 +163,13 @@ def test_agent_install_status_then_commands_use_the_daemonset_pod(cli, cluster):
     r = cli(["node", "agent", "uninstall", "--yes", "-o", "json"])
     assert r.exit_code == 0 and r.json()["changed"] is True
     assert cli(["node", "agent", "uninstall", "--yes", "-o", "json"]).json()["changed"] is False
+    from tests._audit import audit_entries
+
+    # a "requested" entry before each API change (create, delete: a kill -9 in flight leaves it
+    # logged), then the outcome; the install that changed nothing wrote neither
+    assert [e["result"] for e in audit_entries("node.agent.install")] == ["requested", "ok"]
+    assert [(e["result"], e.get("changed")) for e in audit_entries("node.agent.uninstall")] == \
+        [("requested", None), ("ok", True)]
 
 
 def test_agent_pod_deleted_mid_run_is_replaced(cluster):
