@@ -286,6 +286,26 @@ def test_atomic_write_sweeps_stale_temp_files_of_killed_writes(ssh_open, sshd_la
         [fresh.name, other.name, a_dir.name, "conf.toml"])  # only the stale one of ours went
 
 
+def test_the_sweep_lists_a_directory_once_per_transport(ssh_open, sshd_lab):
+    """As over --via kube: a transport lists a directory for stale temps at its first write
+    into it only (a listing is a stat per entry); a later stale temp is the next run's."""
+    d = sshd_lab.nodes["node1"].root / "litter-once"
+    d.mkdir()
+    t = ssh_open("node1")
+    t.write_bytes_atomic("/litter-once/a.toml", b"1")
+    stale = d / ".katactl-0123456789ab.tmp"
+    stale.write_bytes(b"half")
+    old = os.path.getmtime(d / "a.toml") - 2 * 3600
+    os.utime(stale, (old, old))
+    t.write_bytes_atomic("/litter-once/b.toml", b"2")
+    assert stale.exists()
+    t.close()
+    t = ssh_open("node1")  # the next run
+    t.write_bytes_atomic("/litter-once/b.toml", b"2")
+    t.close()
+    assert not stale.exists()
+
+
 def _err(fn, *args):
     try:
         fn(*args)

@@ -660,6 +660,7 @@ class KubeExecTransport(RemoteTransport):
         self._helper_lock = threading.RLock()
         self._wid = 0
         self._protocol: str | None = None  # the subprotocol the server chose (v5 or v4)
+        self._swept_dirs: set[str] = set()
 
     @classmethod
     def from_settings(cls, node: str, settings) -> "KubeExecTransport":
@@ -1114,9 +1115,12 @@ class KubeExecTransport(RemoteTransport):
 
     def _sweep_stale_tmps(self, path: str) -> None:
         """Remove the temp files killed writes left beside path (remote.stale_tmps, the SSH
-        transport's rule), judged against the file just written. Best effort: the write is done."""
+        transport's rule), judged against the file just written, once per directory
+        (_sweep_due). Best effort: the write is done."""
         d, base = posixpath.split(posixpath.normpath(path))
         d = d or "/"
+        if not self._sweep_due(d):
+            return
         try:
             listing = self.scan_dirs([d], follow_symlinks=False)[d]
             if isinstance(listing, OSError):

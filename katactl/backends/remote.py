@@ -137,6 +137,7 @@ class RemoteTransport(NodeTransport):
     node: str
     host_root: str = ""
     timeout: float = 30.0
+    _swept_dirs: set[str]  # directories this transport's writes swept (_sweep_due); set in __init__
 
     # -- what a subclass provides -------------------------------------------------------
     def _exec_channel(self, argv: tuple[str, ...], timeout: float | None = None):
@@ -171,6 +172,16 @@ class RemoteTransport(NodeTransport):
         raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------
+    def _sweep_due(self, d: str) -> bool:
+        """True at this transport's first write into directory d only: the stale-temp sweep
+        (stale_tmps) lists the whole directory, a stat per entry, so a sweep per write made N
+        writes into a large directory cost N listings (20 into 20,000 entries: 4.8 s against
+        30 ms). A temp that goes stale later is the next run's to remove."""
+        if d in self._swept_dirs:
+            return False
+        self._swept_dirs.add(d)  # before the listing: one that fails is not retried per write
+        return True
+
     def remote(self, path: str) -> str:
         """The path on the remote machine for a node path (host_root applied there)."""
         if not isinstance(path, str) or not path.startswith("/"):

@@ -1420,6 +1420,7 @@ class SSHTransport(RemoteTransport):
         self._conn = conn
         self.host_root = _check_root(host_root) if host_root else ""
         self.timeout = timeout
+        self._swept_dirs: set[str] = set()
 
     @classmethod
     def from_settings(cls, node: str, settings) -> "SSHTransport":
@@ -1697,8 +1698,10 @@ class SSHTransport(RemoteTransport):
         """Remove the temp files that killed writes (kill -9, a dropped connection: the
         cleanup above never ran) left beside path (remote.stale_tmps: the kube transport's
         rule too). Done after our rename, so that the file just written is in the listing.
-        Best effort: the write is already done."""
+        Once per directory (_sweep_due). Best effort: the write is already done."""
         d, base = posixpath.split(real)
+        if not self._sweep_due(d):
+            return
         try:
             listing = self._piped(_pipe_scandirs, path, [(d, d)])[d]
             if isinstance(listing, OSError):
