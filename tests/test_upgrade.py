@@ -593,7 +593,18 @@ def test_unmanaged_current_is_refused(cli, staged):
     assert r.exit_code == 5 and "not a symlink" in r.stderr
 
 
+def _handlers(node, *configs):
+    """containerd Kata handlers reading ``configs`` (file names in the kata-static
+    configuration directory) through current: the files a switch's preflight holds it to."""
+    cri = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+    (node / "etc/containerd").mkdir(parents=True, exist_ok=True)
+    (node / "etc/containerd/config.toml").write_text("version = 2\n" + "".join(
+        f'[{cri}.kata-{i}]\nruntime_type = "io.containerd.kata.v2"\n[{cri}.kata-{i}.options]\n'
+        f'ConfigPath = "/opt/kata/current/share/defaults/kata-containers/{c}"\n' for i, c in enumerate(configs)))
+
+
 def test_switch_agent_refused_when_assets_missing(cli, staged):
+    _handlers(staged, "configuration-clh.toml")
     J(cli, staged, "switch", A)
     os.remove(rel(staged, B) / "share/kata-containers/kata-containers-initrd.img")
     r = K(cli, staged, "switch", B, "--component", "agent")
@@ -612,6 +623,7 @@ def test_switch_refused_when_the_release_lacks_a_file_its_configuration_names(cl
     the guest assets only when an agent switch moved them: a release whose configuration names a
     kernel (or QEMU) it does not ship became `current` (exit 0), and every new pod failed to boot.
     Now refused (exit 5, --dry-run too) unless --force, naming the key, the file and the config."""
+    _handlers(staged, "configuration-qemu.toml", "configuration-clh.toml")
     J(cli, staged, "switch", A)
     os.remove(rel(staged, B) / gone.format(v=B))  # vmlinux.container etc. are links: now dangling
     for extra in (["--dry-run"], []):
@@ -641,6 +653,7 @@ def test_runtime_switch_needs_only_the_guest_assets_it_keeps(cli, staged):
 
 def test_agent_switch_forced_past_a_missing_asset(cli, staged):
     """The agent path's own refusal (before the preflight had the check) ignored --force."""
+    _handlers(staged, "configuration-clh.toml")
     J(cli, staged, "switch", A)
     os.remove(rel(staged, B) / f"share/kata-containers/kata-alpine-{B}-initrd.img")
     r = K(cli, staged, "switch", B, "-c", "agent", "--dry-run")
@@ -667,12 +680,44 @@ def test_a_missing_file_refuses_only_in_a_configuration_a_handler_reads(cli, sta
     d = J(cli, staged, "switch", B, "--dry-run")
     checks = {c["check"]: c for c in d["preflight"]}
     assert checks["hypervisor"]["ok"] and "warning" not in checks["hypervisor"], checks
-    warned = checks["hypervisor (files no handler reads)"]
+    warned = checks["hypervisor (files nothing reads)"]
     assert warned["ok"] and warned["warning"] and "configuration-clh.toml" in warned["detail"], warned
     os.remove(rel(staged, B) / "bin/qemu-system-x86_64")  # the file the handler's configuration names
     r = K(cli, staged, "switch", B, "--dry-run")
     assert r.exit_code == 5 and f"release {B} lacks path /opt/kata/releases/{B}/bin/qemu-system-x86_64 " \
         "(configuration-qemu.toml)" in r.stderr, r.stderr
+
+
+def test_preflight_holds_the_switch_to_the_files_the_runtime_will_read(cli, staged):
+    """review 13 diffA 1-3: with no Kata handler in containerd's configuration (CRI-O), every
+    configuration file counted, and a file for another architecture (upstream's amd64 build
+    ships runtime-rs/configuration-qemu-se-runtime-rs.toml, naming s390x's kernel) refused every
+    switch; the runtime reads its default configuration.toml there. A drop-in in config.d beside
+    a file the runtime reads is read too; and configuration.toml is followed in the release
+    switched to, whose link may name another hypervisor's file."""
+    J(cli, staged, "switch", A)
+    cfg = rel(staged, B) / "share/defaults/kata-containers"
+    (cfg / "runtime-rs").mkdir(exist_ok=True)
+    (cfg / "runtime-rs/configuration-qemu-se-runtime-rs.toml").write_text(
+        f'[hypervisor.qemu]\nkernel = "/opt/kata/releases/{B}/share/kata-containers/kata-containers-se.img"\n')
+    d = J(cli, staged, "switch", B, "--dry-run")  # nothing reads it: a warning
+    checks = {c["check"]: c for c in d["preflight"]}
+    assert checks["guest assets"]["ok"] and "kata-containers-se.img" in \
+        checks["guest assets (files nothing reads)"]["detail"], d["preflight"]
+    # a drop-in beside the file read: its kernel counts
+    (cfg / "config.d").mkdir(exist_ok=True)
+    (cfg / "config.d/50-kernel.toml").write_text(
+        f'[hypervisor.qemu]\nkernel = "/opt/kata/releases/{B}/share/kata-containers/vmlinux-missing"\n')
+    r = K(cli, staged, "switch", B, "--dry-run")
+    assert r.exit_code == 5 and "vmlinux-missing (config.d/50-kernel.toml)" in r.stderr, r.stderr
+    os.remove(cfg / "config.d/50-kernel.toml")
+    # B's configuration.toml names clh (A's names qemu), and B lacks cloud-hypervisor
+    os.remove(rel(staged, B) / "bin/cloud-hypervisor")
+    assert J(cli, staged, "switch", B, "--dry-run")["changed"] is True
+    os.remove(cfg / "configuration.toml")
+    os.symlink("configuration-clh.toml", cfg / "configuration.toml")
+    r = K(cli, staged, "switch", B, "--dry-run")
+    assert r.exit_code == 5 and f"lacks path /opt/kata/releases/{B}/bin/cloud-hypervisor" in r.stderr, r.stderr
 
 
 def test_lock_held_times_out_then_waits(cli, staged, katactl_bin):

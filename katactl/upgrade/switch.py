@@ -2,6 +2,8 @@
 releases (crash-safe through the journal: katactl.upgrade.journal)."""
 from __future__ import annotations
 
+import posixpath
+
 from katactl.audit import changing
 from katactl.errors import NotFound, Refused, UsageError
 from katactl.upgrade import compiled, configedit
@@ -114,14 +116,20 @@ def _named_files_checks(transport: NodeTransport, layout: Layout, to: dict, comp
     (its binary, jailer, firmware: configedit.HOST_FILE_KEYS): each file under a release that
     the configuration names once switched must exist there. The runtime resolves them when it
     loads the configuration, so one missing fails every new sandbox, never the switch. Only
-    the configuration files a Kata handler reads through ``current`` refuse the switch: a
-    release ships one file per hypervisor and flavour (kata-static: qemu, clh, fc, the
-    confidential and GPU ones), and an asset missing from a file no handler reads is a warning."""
+    the configuration files the runtime will read (:func:`_configs_in_use`) refuse the switch:
+    a release ships one file per hypervisor and flavour (kata-static: qemu, clh, fc, the
+    confidential, GPU and s390x ones), and an asset missing from a file nothing reads is a
+    warning."""
     groups: list[tuple[str, tuple[str, ...]]] = [("guest assets", configedit.ASSET_KEYS)]
     if component in ("all", "runtime"):
         groups.append(("hypervisor", configedit.HOST_FILE_KEYS))
     named = named_files(transport, layout, to, tuple(k for _, keys in groups for k in keys))
-    in_use = _configs_read_through_current(transport, layout)
+    in_use = _configs_in_use(transport, layout, to["runtime"])
+    dropin_dirs = {posixpath.join(posixpath.dirname(f), "config.d") for f in in_use}
+
+    def read(f: str) -> bool:  # a file the runtime reads, or a drop-in it applies on top of one
+        return f in in_use or posixpath.dirname(f) in dropin_dirs
+
     checks = []
     for check, keys in groups:
         mine = [n for n in named if n[0] in keys]
@@ -130,41 +138,64 @@ def _named_files_checks(transport: NodeTransport, layout: Layout, to: dict, comp
         for key, path, v, fs in mine:
             if transport.exists(path):
                 continue
-            read = [f for f in fs if in_use is None or f in in_use]
-            (lacks if read else unread).append(f"release {v} lacks {key} {path} ({', '.join(read or fs)})")
+            readers = [f for f in fs if read(f)]
+            (lacks if readers else unread).append(f"release {v} lacks {key} {path} ({', '.join(readers or fs)})")
         checks.append({"check": check, "ok": not lacks,
                        "detail": "; ".join(lacks) or f"{len(mine)} file(s) named, all present"})
         if unread:
-            checks.append({"check": f"{check} (files no handler reads)", "ok": True, "warning": True,
+            checks.append({"check": f"{check} (files nothing reads)", "ok": True, "warning": True,
                            "detail": "; ".join(unread)})
     return checks
 
 
-def _configs_read_through_current(transport: NodeTransport, layout: Layout) -> set[str] | None:
-    """The configuration files (relative to a release's configuration directory) that the
-    node's Kata handlers read through ``current``; None when containerd's configuration names
-    no Kata handler (unknown: every file counts)."""
+#: what the runtimes read when nothing names a file (no Kata handler in containerd's
+#: configuration: CRI-O's crio.conf, or none readable): the Go shim's and runtime-rs's default
+#: file in a kata-static tree (katacfg's search paths)
+_DEFAULT_CONFIGS = ("configuration.toml", "runtime-rs/configuration.toml")
+
+
+def _configs_in_use(transport: NodeTransport, layout: Layout, version: str) -> set[str]:
+    """The configuration files of release ``version`` (relative to its configuration
+    directory) that the runtime will read once it is ``current``: each file a containerd Kata
+    handler reads through ``current``, else the runtimes' default files; each with the file it
+    names through a link *in that release* (its configuration.toml may link to another
+    hypervisor's file than the current release's does)."""
     from katactl import katacfg
     from katactl.errors import KatactlError
     from katactl.upgrade.layout import CONFIG_SUBDIR
     from katactl.upgrade.status import handler_configs
 
-    rows = handler_configs(transport, layout)
-    if not rows:
-        return None
-    out: set[str] = set()
+    try:
+        rows = handler_configs(transport, layout)
+    except (OSError, KatactlError):
+        rows = []
+    wanted: set[str] = set()
     for h in rows:
         path, follows = ((h["configPath"], h["follows"]) if h["configPath"]
                          else (h.get("reads"), h.get("readsFollows")))
         if not path or follows != "current":
             continue
-        try:  # current/..., or a link into it (kata-deploy's /opt/kata/share -> current/share)
-            hit = layout.split_release_path(katacfg.realpath(transport, path), layout.real_releases(transport))
+        d, name = posixpath.split(path)
+        try:  # the directory only: the file's own link is followed in the new release, below
+            hit = layout.split_release_path(katacfg.realpath(transport, d), layout.real_releases(transport))
         except (OSError, KatactlError):
-            return None
-        if hit and hit[1].startswith(CONFIG_SUBDIR + "/"):
+            continue
+        if hit and (hit[1] == CONFIG_SUBDIR or hit[1].startswith(CONFIG_SUBDIR + "/")):
+            wanted.add(posixpath.join(hit[1][len(CONFIG_SUBDIR):].lstrip("/"), name))
+    if not rows:
+        wanted.update(_DEFAULT_CONFIGS)
+    top = layout.config_dir(version)
+    out = set(wanted)
+    for rel in wanted:
+        try:
+            hit = layout.split_release_path(katacfg.realpath(transport, f"{top}/{rel}"),
+                                            layout.real_releases(transport))
+        except (OSError, KatactlError):
+            continue
+        if hit and hit[0] == version and hit[1].startswith(CONFIG_SUBDIR + "/"):
             out.add(hit[1][len(CONFIG_SUBDIR) + 1:])
     return out
+
 
 def _run_check(transport: NodeTransport, argv: list[str], required: bool) -> dict:
     name = " ".join([argv[0].rsplit("/", 1)[-1], *argv[1:]])
