@@ -447,3 +447,34 @@ def test_mkdir_through_dangling_links_in_the_root(tmp_path):
     with pytest.raises(FileExistsError):  # a file where the directory goes: makedirs' error
         (tmp_path / "f").write_bytes(b"")
         t.mkdir("/f")
+
+
+def test_mkdir_through_a_relative_dangling_link_in_a_linked_directory(tmp_path):
+    """review 13 diffA 4: the link's relative target counts from its real directory (/a -> x/y,
+    /x/y/link -> ../z is /x/z, as the node's kernel resolves it), not from the path as given
+    (/a/../z made /z and then failed)."""
+    (tmp_path / "x/y").mkdir(parents=True)
+    os.symlink("x/y", tmp_path / "a")
+    os.symlink("../z", tmp_path / "x/y/link")
+    LocalTransport(str(tmp_path)).mkdir("/a/link/sub")
+    assert (tmp_path / "x/z/sub").is_dir() and not (tmp_path / "z").exists()
+
+
+def test_a_write_fails_with_its_sources_own_error(tmp_path):
+    """review 13 diffA 5: an error the data raises (a corrupt archive's BadGzipFile, an OSError)
+    is that error, not a failure of the destination named with its path and no errno."""
+    import gzip
+
+    t = LocalTransport(str(tmp_path))
+
+    def chunks():
+        yield b"x"
+        raise gzip.BadGzipFile("CRC check failed")
+
+    with pytest.raises(gzip.BadGzipFile, match="CRC check failed"):
+        t.write_stream_atomic("/f", chunks())
+    assert os.listdir(tmp_path) == []  # no temp file left either
+    with pytest.raises(IsADirectoryError) as e:  # the destination's own error names it
+        (tmp_path / "d").mkdir()
+        t.write_bytes_atomic("/d", b"x")
+    assert e.value.filename == str(tmp_path / "d")

@@ -520,7 +520,9 @@ class LocalTransport(NodeTransport):
             return atomic_write_stream(check_node_path(path), chunks, mode)
         fd, name = self._parent(path)
         try:
-            return atomic_write_stream(name, chunks, mode, dir_fd=fd)
+            return atomic_write_stream(name, _SourceErrors(chunks), mode, dir_fd=fd)
+        except _SourceError as e:  # the data's own failure (a corrupt archive), not the file's
+            raise e.error from None
         except OSError as e:  # named as the node's path, not the bare name of the *at call
             raise type(e)(e.errno, e.strerror, self.host_root + check_node_path(path)) from None
         finally:
@@ -582,13 +584,29 @@ class LocalTransport(NodeTransport):
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), self.host_root + p) from None
 
     def _dangling_target(self, p: str) -> str | None:
-        """The node path a dangling symlink at ``p`` names (resolved from its directory), or
-        None when ``p`` is not one."""
+        """The node path a dangling symlink at ``p`` names, or None when ``p`` is not one. A
+        relative target counts from the link's real directory (its parent may be reached
+        through a link itself: /d/x with /d -> /r names /r/<target>, not /d/<target>)."""
         try:
-            target = self.readlink(p)
+            fd, name = self._parent(p)
         except OSError:
             return None
-        return posixpath.normpath(posixpath.join(posixpath.dirname(p), target))
+        try:
+            target = os.readlink(name, dir_fd=fd)
+            real_dir = os.readlink(f"/proc/self/fd/{fd}")  # the kernel's name of the directory opened
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if target.startswith("/"):
+            return posixpath.normpath(target)
+        if real_dir == self.host_root:
+            base = "/"
+        elif real_dir.startswith(self.host_root + "/"):
+            base = real_dir[len(self.host_root):]
+        else:  # a kernel view (/proc, /sys) or no /proc: as written
+            base = posixpath.dirname(p)
+        return posixpath.normpath(posixpath.join(base, target))
 
     def _exists(self, p: str) -> bool:
         try:
@@ -916,6 +934,32 @@ def atomic_file(path: str, mode: int = 0o644, dir_fd: int | None = None) -> Iter
         except FileNotFoundError:
             pass
         raise
+
+
+class _SourceError(Exception):
+    """An error the chunks of a write raised, carried past the write's own error handling."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
+class _SourceErrors:
+    """Iterates chunks, raising what they raise as a _SourceError."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._it = iter(chunks)
+
+    def __iter__(self) -> "_SourceErrors":
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            raise _SourceError(e) from e
 
 
 def _mkstemp_at(dir_fd: int) -> tuple[int, str]:
