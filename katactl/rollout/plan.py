@@ -152,13 +152,19 @@ def _allowed_alias_ratio(decodes: int) -> float:
 
 
 def _check_aliasing(root) -> None:
-    """Refuse a composed YAML document whose aliases expand too much, by go-yaml v3's rule
-    (decode.go unmarshal: "document contains excessive aliasing" once more than 100 nodes
-    came from aliases, more than 1,000 in all, at a ratio above _allowed_alias_ratio), and an
-    anchor whose value contains itself (decode.go: "anchor '%s' value contains itself").
-    PyYAML shares an aliased node, so loading stays cheap, but anything that walks the value
-    (a message's repr(), str()) expands it: ~600 bytes made 9^9 scalars. Counted on the
-    node graph (each node's expanded size once), never by expanding it."""
+    """Refuse a composed YAML document as go-yaml v3 does when it decodes it into an
+    ``interface{}`` (yaml/v3 decode.go): "anchor '%s' value contains itself" (decoder.alias),
+    and "document contains excessive aliasing" (decoder.unmarshal). Every decode adds one to
+    decodeCount, and one made under an alias (aliasDepth > 0) one to aliasCount; the alias node
+    itself is a decode at its own depth. After each decode, more than 100 aliased, more than
+    1,000 in all, at a ratio above _allowed_alias_ratio, refuses. So 1,200 aliases of a scalar
+    are 1,200 aliased of ~2,400: accepted; and aliases that make most of the document so far
+    are refused then, whatever follows them. The walk follows go-yaml's order: a mapping's
+    keys and values, then its merge (decoder.merge: the parent's keys decoded again unless
+    already merging; a key already set skips its value). PyYAML shares an aliased node, so
+    loading stays cheap, but anything that walks the value (a message's repr(), str())
+    expands it: ~600 bytes made 9^9 scalars. The walk stops at go-yaml's limit, so it costs
+    what go-yaml's decode would (at most ~1.2 million steps, whatever the document)."""
     import yaml
 
     def children(n):
@@ -168,29 +174,84 @@ def _check_aliasing(root) -> None:
             return [x for kv in n.value for x in kv]
         return ()
 
-    size: dict[int, int] = {}  # id(node) -> nodes it expands to
-    on_path: set[int] = set()
-    stack = [(root, False)]
-    while stack:  # iterative post-order: a deep document is no RecursionError here
-        node, done = stack.pop()
-        if done:
-            on_path.discard(id(node))
-            size[id(node)] = 1 + sum(size[id(c)] for c in children(node))
+    # PyYAML's composer returns an alias as its anchor's node: in document order a node's
+    # first place is where it is written, any later one an alias (YAML anchors come first)
+    aliases: set[tuple[int, int]] = set()  # (id(parent), index in children(parent))
+    seen: set[int] = {id(root)}
+    on_path: set[int] = {id(root)}
+    walk = [(root, iter(enumerate(children(root))))]
+    while walk:  # iterative: a deep document is no RecursionError here
+        parent, it = walk[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            on_path.discard(id(parent))
+            walk.pop()
             continue
-        if id(node) in size:
-            continue
-        on_path.add(id(node))
-        stack.append((node, True))
-        for c in children(node):
-            if id(c) in on_path:
-                raise yaml.composer.ComposerError(None, None, "an anchor's value contains itself", c.start_mark)
-            if id(c) not in size:
-                stack.append((c, False))
-    total = size[id(root)]
-    aliased = total - len(size)
-    if aliased > 100 and total > 1000 and aliased / total > _allowed_alias_ratio(total):
-        raise yaml.composer.ComposerError(
-            None, None, f"document contains excessive aliasing ({len(size)} nodes written expand to {total})", None)
+        i, c = nxt
+        if id(c) in on_path:
+            raise yaml.composer.ComposerError(None, None, "an anchor's value contains itself", c.start_mark)
+        if id(c) in seen:
+            aliases.add((id(parent), i))
+        else:
+            seen.add(id(c))
+            on_path.add(id(c))
+            walk.append((c, iter(enumerate(children(c)))))
+
+    count = {"decodes": 1, "aliased": 0, "depth": 0}  # decodes: the DocumentNode's
+
+    def key_of(n):
+        return (n.tag, n.value) if isinstance(n, yaml.ScalarNode) else id(n)
+
+    def unmarshal(n, merged: set | None, is_alias: bool):
+        """decode.go decoder.unmarshal; ``merged`` is d.mergedFields. Yields the decodes it makes."""
+        count["decodes"] += 1
+        if count["depth"]:
+            count["aliased"] += 1
+        d, a = count["decodes"], count["aliased"]
+        if a > 100 and d > 1000 and a / d > _allowed_alias_ratio(d):
+            raise yaml.composer.ComposerError(
+                None, None, f"document contains excessive aliasing ({a} of {d} nodes decoded came from aliases)",
+                None)
+        if is_alias:  # decoder.alias: its anchor's node, one level deeper
+            count["depth"] += 1
+            yield n, merged, False
+            count["depth"] -= 1
+        elif isinstance(n, yaml.SequenceNode):
+            for i, c in enumerate(n.value):
+                yield c, merged, (id(n), i) in aliases
+        elif isinstance(n, yaml.MappingNode):
+            merge = None
+            for i, (k, v) in enumerate(n.value):
+                if k.tag == "tag:yaml.org,2002:merge":
+                    merge = (v, (id(n), 2 * i + 1) in aliases)
+                    continue
+                yield k, None, (id(n), 2 * i) in aliases
+                if merged is not None:
+                    if key_of(k) in merged:
+                        continue
+                    merged.add(key_of(k))
+                yield v, None, (id(n), 2 * i + 1) in aliases
+            if merge is not None:  # decoder.merge
+                m = merged
+                if m is None:
+                    m = set()
+                    for i, (k, _) in enumerate(n.value):
+                        yield k, m, (id(n), 2 * i) in aliases
+                        m.add(key_of(k))
+                v, v_alias = merge
+                if isinstance(v, yaml.SequenceNode) and not v_alias:
+                    for i, c in enumerate(v.value):
+                        yield c, m, (id(v), i) in aliases
+                else:  # a mapping, or an alias of one (else the constructor refuses it)
+                    yield v, m, v_alias
+
+    stack = [unmarshal(root, None, False)]
+    while stack:  # go-yaml recurses; here a stack of generators, so an alias chain cannot overflow
+        call = next(stack[-1], None)
+        if call is None:
+            stack.pop()
+        else:
+            stack.append(unmarshal(*call))
 
 
 def parse_steps(texts: list[str]) -> list[Step]:
