@@ -125,12 +125,14 @@ def _v2_node(root):
 
 def test_v2_io_max_of_an_ancestor_counts(cli, tmp_path):
     """koordinator's BE-class limit sits on kubepods/besteffort: on v2 it limits every offline
-    pod below it, so neither io.offline-throttle nor io.shared-device fires. The same line at
-    "max" limits nothing: the finding names each io.max it read, the ancestors' too."""
+    pod below it, so neither io.offline-throttle nor io.shared-device fires (the sandboxes'
+    /kata_overhead/<id> limited alike, on /kata_overhead). The same line at "max" limits
+    nothing: the finding names each io.max it read, the ancestors' too."""
     root = str(tmp_path / "node")
     online, pods = _v2_node(root)
     pol = _policy(tmp_path)
-    fx.write_v2_io(root, "/kubepods/besteffort", io_max={"8:16": "rbps=10485760 wbps=10485760 riops=max wiops=max"})
+    for p in ("/kubepods/besteffort", "/kata_overhead"):
+        fx.write_v2_io(root, p, io_max={"8:16": "rbps=10485760 wbps=10485760 riops=max wiops=max"})
     r, d = _audit(cli, root, "--policy", pol)
     assert not [i for i in d["items"] if i["check"] in ("io.offline-throttle", "io.shared-device")], d["items"]
     fx.write_v2_io(root, "/kubepods/besteffort", io_max={"8:16": "rbps=max wbps=max riops=max wiops=max"})
@@ -200,3 +202,38 @@ def test_weights_ineffective_on_the_shared_disk(cli, tmp_path):
     fx.write_block_devices(root, {"8:16": "sdb"}, scheduler="bfq")
     r, d = _audit(cli, root)
     assert not _io(d, "io.weight-ineffective"), d["items"]
+
+
+def test_v2_io_max_must_reach_kata_overhead_too(cli, tmp_path):
+    """Review 13 diffB finding 1: on v2 with sandbox_cgroup_only=false the runtime's vCPU move
+    takes only the VMM's process into the sandbox cgroup; the shim and virtiofsd (the guest's
+    virtio-fs file I/O) stay in /kata_overhead/<id>, which an io.max on kubepods/besteffort
+    does not reach. Their 50 GiB on sdb, which an online pod uses too, is unthrottled until
+    /kata_overhead (or /kata_overhead/<id>) has its own io.max."""
+    root = str(tmp_path / "node")
+    built = fx.build_node(root, mode="v2", online_pods=1, sandboxes=1, resctrl=False)
+    fx.write_block_devices(root)
+    fx.write_v2_root_io(root)
+    ov = f"/kata_overhead/{next(iter(built['vcpu_tids']))}"
+    online = f"/kubepods/burstable/pod{built['online'][0]}"
+    pod = f"/kubepods/besteffort/pod{fx.pod_uid(0, 'offline')}"
+    for p in (online, pod, "/kubepods", "/kubepods/burstable", "/kubepods/besteffort", ov, "/kata_overhead"):
+        fx.write_v2_io(root, p)
+    fx.write_v2_signals(root, online, 0, io_bytes={"8:16": 1})
+    fx.write_v2_signals(root, pod, 0, io_bytes={"8:0": 1})
+    fx.write_v2_signals(root, ov, 0, io_bytes={"8:16": 50 << 30})
+    limit = {"8:16": "rbps=10485760 wbps=10485760 riops=max wiops=max"}
+    fx.write_v2_io(root, "/kubepods/besteffort", io_max=limit)
+    r, d = _audit(cli, root, "--policy", _policy(tmp_path))
+    (f,) = _io(d, "io.offline-throttle")
+    assert r.exit_code == 8 and f["target"] == "pod batch/batch-0" and f["status"] == "problem", f
+    assert ov in f["message"] and "virtiofsd" in f["message"], f["message"]
+    files = [e["file"].removeprefix("/sys/fs/cgroup") for e in f["evidence"]]
+    assert files == [f"{pod}/io.max", "/kubepods/besteffort/io.max", "/kubepods/io.max", f"{ov}/io.max",
+                     "/kata_overhead/io.max"], files
+    assert "/kata_overhead" in f["fix"], f["fix"]
+    (s,) = _io(d, "io.shared-device")
+    assert s["evidence"][0]["file"] == f"/sys/fs/cgroup{ov}/io.stat", s["evidence"]
+    fx.write_v2_io(root, "/kata_overhead", io_max=limit)
+    r, d = _audit(cli, root, "--policy", _policy(tmp_path))
+    assert not [i for i in d["items"] if i["check"] in ("io.offline-throttle", "io.shared-device")], d["items"]

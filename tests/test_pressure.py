@@ -350,6 +350,8 @@ def test_audit_io_rules_v2(cli, tmp_path):
     fx.write_v2_io(root, sbs[0]["sandbox"], weight=10)
     fx.write_v2_io(root, sbs[1]["pod"], weight=10, io_max={"8:16": "rbps=max wbps=1048576 riops=max wiops=max"})
     fx.write_v2_io(root, sbs[1]["sandbox"], weight=10)
+    # sandbox_cgroup_only=false: the shim and virtiofsd in kata_overhead/<id> need their own io.max
+    fx.write_v2_io(root, sbs[1]["overhead"], io_max={"8:16": "rbps=max wbps=1048576 riops=max wiops=max"})
     fx.write_v2_signals(root, sbs[0]["pod"], 0, io_bytes={"8:16": 1})  # sda traffic shared, unthrottled
     fx.write_v2_signals(root, sbs[1]["pod"], 0, io_bytes={"8:16": 1})  # throttled there: fine
     fx.write_v2_root_io(root, qos_enable=0)

@@ -480,11 +480,15 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
         """The cgroups whose own limits bind a pod's threads on v1 (flat): those of the pod's
         subtree and of its sandbox's /kata_overhead/<id> that hold threads (Kata moves only
         the vCPU TIDs on v1: kata-containers src/runtime/pkg/resourcecontrol/cgroups.go
-        AddThread -> tasks), else where they will be. On v2 the pod itself: its io.max and its
-        ancestors' bind the whole subtree, the VMM included (a v2 AddThread moves the process)."""
+        AddThread -> tasks), else where they will be. On v2 the pod, whose io.max and its
+        ancestors' bind the whole subtree, the VMM included (a v2 AddThread moves the process),
+        and its sandbox's /kata_overhead/<id> (sandbox_cgroup_only=false): the shim and
+        virtiofsd, which does the guest's virtio-fs file I/O, stay there, outside kubepods
+        (kata-containers docs/design/host-cgroups.md, src/runtime/virtcontainers/sandbox.go
+        setupResourceController)."""
         pod = r["path"]
         if ver == 2:
-            return [pod]
+            return [pod, *overhead_of(r)]
         if pod not in held:
             below = [x["path"] for x in rows if x["path"].startswith(pod + "/")]
             busy = [c for c in [pod, *below, *overhead_of(r)] if _holds_tasks(t, fs.dir("blkio", c)) is not False]
@@ -512,14 +516,18 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
 
     def throttle_evidence(r: dict, bad: list[str], mm: str) -> list[dict]:
         fname = "blkio.throttle.read_bps_device" if ver == 1 else "io.max"
-        paths = [r["path"], *[h for h in bad if h != r["path"]]] if ver == 1 else chain(r["path"])
+        own = [r["path"], *[h for h in bad if h != r["path"]]]
+        paths = own if ver == 1 else [p for h in own for p in chain(h)]
         return [ev(p, fname, [e for e in (io_at(p) or {}).get("devices", []) if e["device"] == mm] or "no line")
                 for p in paths]
 
     def throttle_fix(r: dict, bad: list[str], mm: str) -> str:
         if ver == 2:
-            return (f"echo '{mm} wbps=<bytes/s> rbps=<bytes/s>' > io.max in the pod cgroup or an ancestor "
-                    "(kubepods/besteffort: every BestEffort pod below it)")
+            return (f"echo '{mm} wbps=<bytes/s> rbps=<bytes/s>' > io.max in "
+                    + (" and ".join(f"{h} or an ancestor" for h in bad) + " (/kata_overhead: every sandbox's shim "
+                       "and virtiofsd; or set sandbox_cgroup_only = true)"
+                       if bad != [r["path"]] else
+                       "the pod cgroup or an ancestor (kubepods/besteffort: every BestEffort pod below it)"))
         return (f"echo '{mm} <bytes/s>' > blkio.throttle.write_bps_device (and read_bps/iops) in "
                 f"{', '.join(bad)}: on cgroup v1 a limit binds only the threads in that cgroup itself; Kata "
                 "creates its cgroups with the sandbox (or move to cgroup v2, where io.max on kubepods/besteffort "
@@ -528,10 +536,10 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
     specs = [s.strip() for s in pol.io.offline_devices.split(",") if s.strip()]
     off_pods = [r for r in rows if r["class"] == "offline" and r["level"] == "pod" and r["path"] in ios]
     targets = [mm for mm in devn if any(iomod.match_device(s, mm, devn) for s in specs)]
-    # on v1 the VMM's I/O threads are in /kata_overhead/<id>, outside the pod's counters
+    # /kata_overhead/<id> is outside the pod's counters: on v1 it holds the VMM's I/O threads,
+    # on v2 the shim and virtiofsd
     used = {r["path"]: iomod.devices_used(t, fs, r["path"]) for r in rows
-            if (r["level"] == "pod" or r["level"] == "overhead" and ver == 1)
-            and r["class"] in ("online", "offline")} if off_pods else {}
+            if r["level"] in ("pod", "overhead") and r["class"] in ("online", "offline")} if off_pods else {}
     if specs:
         if not targets:
             f.add("io.offline-throttle", t.node,
@@ -556,12 +564,14 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                 else:
                     f.add("io.offline-throttle", _target(r),
                           f"offline pod has no bps/iops throttle on the offline data device {dev}"
-                          + (", nor has any cgroup above it" if ver == 2
-                             else f" in {', '.join(bad)}" if bad != [r["path"]] else ""),
+                          + (f" in {', '.join(bad)}" if bad != [r["path"]] else "")
+                          + (f", nor has any cgroup above {'it' if len(bad) == 1 else 'them'}" if ver == 2 else "")
+                          + (" (sandbox_cgroup_only=false: the shim and virtiofsd, the guest's virtio-fs file I/O, "
+                             "run there, outside kubepods)" if ver == 2 and bad != [r["path"]] else ""),
                           evid, throttle_fix(r, bad, mm))
     if pol.io.check_shared_devices and off_pods:
         for r in off_pods:
-            srcs = [r["path"]] + (overhead_of(r) if ver == 1 else [])
+            srcs = [r["path"], *overhead_of(r)]
             mine: dict[str, tuple[str, int]] = {}
             for s in srcs:
                 for mm, n in (used.get(s) or {}).items():
@@ -569,6 +579,8 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
                         mine[mm] = (s, n)
             for mm in sorted(mine):
                 bad, unread = unthrottled(r, mm)
+                if ver == 2:  # io.stat counts each holder's subtree: only one that used mm does I/O on it
+                    bad = [h for h in bad if mm in (used.get(h) or {})]
                 if not bad:
                     continue
                 sharers = [o for o in pods if o["class"] == "online" and mm in (used.get(o["path"]) or {})]
@@ -594,8 +606,7 @@ def _io_checks(f: Findings, pol: Policy, node, rows: list[dict]) -> None:
             and any(r["class"] == "offline" for r in weighted_rows)):
         # the disks online and offline work meet on (shared, or the offline data disks): weights
         # must take effect there, whatever another disk (the system disk) uses
-        off_used = {mm for r in off_pods for s in [r["path"], *(overhead_of(r) if ver == 1 else [])]
-                    for mm in used.get(s) or {}}
+        off_used = {mm for r in off_pods for s in [r["path"], *overhead_of(r)] for mm in used.get(s) or {}}
         on_used = {mm for r in pods if r["class"] == "online" for mm in used.get(r["path"]) or {}}
         meet = [mm for mm in real if mm in set(targets) | (off_used & on_used)]
         idle = [mm for mm in (meet or real) if mm not in bfq_on | qos_on]
