@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 
 #: set by SIGINT, SIGTERM or SIGHUP while terminate_as_interrupt is in place. The
 #: KeyboardInterrupt a handler raises runs in whatever Python code the main thread is in, and
 #: one raised inside a finalizer (a __del__ that garbage collection ran) is swallowed: a long
-#: wait made with sleep() still ends.
-_stopped = threading.Event()
+#: wait made with sleep() still ends. A plain flag, not a threading.Event: the handler runs in
+#: the main thread between two bytecodes, and Event.set() there deadlocked when the main thread
+#: was inside that Event's own wait() holding its lock (top's live view, 1 in ~50 SIGHUPs).
+_stopped = False
+
+#: how often sleep() looks at the flag: the bound on a lost interrupt's delay
+_POLL = 0.05
 
 #: the command has completed (katactl.cli._run: Click returned, its result printed and its
 #: audit record written): SIGTERM and SIGHUP no longer interrupt it (see terminate_as_interrupt)
@@ -29,8 +35,13 @@ _early: list[int] = []
 def sleep(seconds: float) -> None:
     """time.sleep that raises KeyboardInterrupt once an interrupt arrived, even one whose
     own KeyboardInterrupt was lost."""
-    if _stopped.wait(seconds):
-        raise KeyboardInterrupt
+    end = time.monotonic() + seconds
+    while not _stopped:
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, _POLL))  # a signal's handler raises through it at once
+    raise KeyboardInterrupt
 
 
 def hold_early() -> None:
@@ -70,17 +81,18 @@ def terminate_as_interrupt(keep: bool = False) -> Iterator[None]:
     other threads (in-process test runners) nothing changes."""
     import signal
 
-    global _complete
-    _stopped.clear()
+    global _complete, _stopped
+    _stopped = False
     _complete = False
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_signal(signum, frame):
+        global _stopped
         if _complete and signum != signal.SIGINT:
             return
-        _stopped.set()
+        _stopped = True
         raise KeyboardInterrupt
 
     old = {}
@@ -109,4 +121,4 @@ def terminate_as_interrupt(keep: bool = False) -> Iterator[None]:
                 signal.signal(sig, signal.SIG_IGN)
         # the interrupt was this run's: a later sleep() outside any run (a library call, the
         # next in-process command) must not end at once on it
-        _stopped.clear()
+        _stopped = False
