@@ -342,7 +342,7 @@ def test_fc_target_not_whole_mib_is_idempotent_and_converges(lab, cli, via):
         assert len(entries) == 1, entries
         assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
     finally:
-        r = cli(lab.args("balloon", "set", pod, "--release", "--path", via, "--wait", "-o", "json"))
+        r = cli(lab.args("balloon", "set", pod, "--release", "--path", via, "--wait", "--tolerance", "0", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert fc_amount_mib(lab) == 0
 
@@ -378,7 +378,7 @@ def test_qemu_target_not_whole_page_is_idempotent_and_converges(lab, cli, via):
         assert [e["changed"] for e in entries] == ([True] if via == "extension" else [True, False]), entries
         assert entries[0]["params"]["targetBytes"] == want and entries[0]["params"]["effectiveTargetBytes"] == eff
     finally:
-        r = cli(lab.args("balloon", "set", pod, "--release", "--path", via, "--wait", "-o", "json"))
+        r = cli(lab.args("balloon", "set", pod, "--release", "--path", via, "--wait", "--tolerance", "0", "-o", "json"))
         assert r.exit_code == 0, r.stderr
     assert query_balloon(lab, "qemu-0") == 512 * MIB
 
