@@ -41,10 +41,13 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
   Running after ``kubelet_start_delay`` seconds (``kubelet_starts_pods = False`` leaves it Pending,
   with a Scheduled event and an ImagePullBackOff waiting state, for timeout tests); on a node with
   a True MemoryPressure/DiskPressure/PIDPressure condition the eviction manager's admission
-  applies (a pod that is not critical is rejected: Failed, reason Evicted). A DaemonSet created
-  through the API gets one pod per node its template's nodeSelector matches (tolerations and
-  affinity are not evaluated), through Priority admission; a node added later gets none, and a
-  template changed later does not replace the pods (as updateStrategy OnDelete).
+  applies (a pod that is not critical is rejected: Failed, reason Evicted; under MemoryPressure
+  alone a Burstable or Guaranteed pod, or one tolerating the memory-pressure taint, is admitted).
+  A DaemonSet created through the API gets one pod per node its template's nodeSelector matches
+  (tolerations and affinity are not evaluated), each through Priority admission; a refused pod
+  create (an unknown priorityClassName) leaves the DaemonSet stored and makes no pod but one
+  FailedCreate Warning event on it, "Error creating: <the 403's message>". A node added later
+  gets no pod, and a template changed later does not replace the pods (as updateStrategy OnDelete).
 - A client that goes away (a close frame or a dropped connection before the status): as the
   kubelet's runtime does, the exec's stdin is closed (containerd pkg/cri/server/
   container_execsync.go execInternal: Attach with ``StdinOnce`` and ``CloseStdin``), its output
@@ -63,6 +66,12 @@ handler for ``GET .../pods/{name}/exec`` (and ``/attach`` is not served). What i
   such as nginx bounds).
 
 Known differences from the real kubelet/apiserver:
+- The DaemonSet controller runs once, at the DaemonSet's create: it sets each pod's nodeName
+  (the real one sets a nodeAffinity the scheduler binds by), and a refused create is not retried
+  (the real controller retries with backoff, the event's count growing). Its pods get no
+  SuccessfulCreate events and the DaemonSet no status.
+- The eviction admit reads the Node's pressure conditions (the real manager its own
+  observations) and counts mirror pods and priority >= 2000000000 as critical, not static pods.
 - A pod's execs (every process carrying their environment marker) are killed when the pod leaves storage (grace 0 at once, else at the end of
   its grace period), not at the deletionTimestamp's SIGTERM; a DaemonSet's pods removed by
   the cascade of the DaemonSet's deletion keep theirs.
@@ -187,6 +196,8 @@ class KubeExecMixin:
             if node:
                 self._kubelet_admit(obj["metadata"]["namespace"], obj["metadata"]["name"], node)
         elif res.plural == "daemonsets":
+            from tests.kubeserver import RESOURCES, ApiError, admit_priority, pod_qos
+
             tmpl = (obj.get("spec") or {}).get("template") or {}
             want = ((tmpl.get("spec") or {}).get("nodeSelector")) or {}
             for n in self.list_objs("Node"):
@@ -199,22 +210,37 @@ class KubeExecMixin:
                        "spec": copy.deepcopy(tmpl.get("spec") or {})}
                 md = pod["metadata"]
                 base = obj["metadata"]["name"]
-                md["name"] = f"{base}-" + "".join(self._rng.choice("bcdfghjklmnpqrstvwxz2456789")
-                                                  for _ in range(5))
                 md["namespace"] = obj["metadata"]["namespace"]
                 md["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": base,
                                           "uid": obj["metadata"]["uid"], "controller": True,
                                           "blockOwnerDeletion": True}]
                 pod["spec"]["nodeName"] = node
-                pod["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
-                from tests.kubeserver import RESOURCES, admit_priority
-
-                admit_priority(pod, md["name"])  # the controller's create goes through admission
-
+                try:  # the controller's create goes through admission, before its name is generated
+                    admit_priority(pod, f"{base}-")
+                except ApiError as e:
+                    self._failed_create(obj, e)
+                    break  # syncNodes' slow start: a failed batch skips the rest
+                md["name"] = f"{base}-" + "".join(self._rng.choice("bcdfghjklmnpqrstvwxz2456789")
+                                                  for _ in range(5))
+                pod["status"] = {"phase": "Pending", "qosClass": pod_qos(pod)}
                 self._stamp_new(RESOURCES["pods"], pod)
                 self.store[("pods", md["namespace"], md["name"])] = pod
                 self._log("ADDED", pod)
                 self._kubelet_admit(md["namespace"], md["name"], node)
+
+    def _failed_create(self, ds, err):
+        """The DaemonSet controller's pod create was refused: a Warning event on the DaemonSet
+        (pkg/controller/controller_utils.go RealPodControl.createPods; none for a namespace
+        being terminated, which the stand-in's DaemonSet create already refused)."""
+        md = ds["metadata"]
+        self.add({"apiVersion": "v1", "kind": "Event",
+                  "metadata": {"name": f"{md['name']}.{os.urandom(8).hex()}", "namespace": md["namespace"]},
+                  "involvedObject": {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": md["name"],
+                                     "namespace": md["namespace"], "uid": md["uid"],
+                                     "resourceVersion": md.get("resourceVersion", "")},
+                  "reason": "FailedCreate", "type": "Warning", "count": 1,
+                  "source": {"component": "daemonset-controller"},
+                  "message": f"Error creating: {err.message}"})
 
     def _kubelet_admit(self, ns, name, node):
         if self._kubelet_rejects(ns, name, node):
@@ -233,7 +259,7 @@ class KubeExecMixin:
                        "state": {"waiting": {"reason": "ImagePullBackOff",
                                              "message": f'Back-off pulling image "{c.get("image", "")}"'}}}
                       for c in (pod.get("spec") or {}).get("containers") or []]
-                pod["status"] = {"phase": "Pending", "qosClass": "BestEffort", "containerStatuses": cs}
+                pod["status"] = {"phase": "Pending", "qosClass": _qos(pod), "containerStatuses": cs}
             return
         gen = self._gen
 
@@ -244,7 +270,9 @@ class KubeExecMixin:
                 pod = self.store.get(("pods", ns, name))
                 if pod is None or (pod["metadata"].get("deletionTimestamp")):
                     return
+                qos = _qos(pod)
                 pod["status"] = self._pod_status("Running", True, node)
+                pod["status"]["qosClass"] = qos
                 cs = pod["status"].get("containerStatuses") or []
                 names = [c.get("name", "main") for c in (pod.get("spec") or {}).get("containers") or []]
                 for c, n in zip(cs, names, strict=False):  # a pod may report fewer statuses
@@ -261,9 +289,12 @@ class KubeExecMixin:
         """The eviction manager's admit handler (pkg/kubelet/eviction/eviction_manager.go Admit)
         on a node whose MemoryPressure/DiskPressure/PIDPressure condition is True: a critical pod
         (pkg/kubelet/types/pod_update.go IsCriticalPod: mirror, or priority >= 2000000000) is
-        admitted; under MemoryPressure alone a pod that is not BestEffort, or a BestEffort one
-        tolerating the memory-pressure taint; any other is rejected as kubelet.go rejectPod does
-        (phase Failed, reason Evicted, a Warning event)."""
+        admitted; under MemoryPressure alone a pod that is not BestEffort (v1qos.GetPodQOS:
+        status.qosClass, else computed), or a BestEffort one whose tolerations tolerate the
+        memory-pressure NoSchedule taint (tolerates_taint); any other is rejected as kubelet.go
+        rejectPod does (phase Failed, reason Evicted, a Warning event). Not modelled: static pods
+        (config source not "api") count as critical, and the conditions are the Node object's, not
+        an eviction manager's own observations."""
         from tests.kubeserver import MIRROR
 
         n = self.store.get(("nodes", "", node))
@@ -276,15 +307,12 @@ class KubeExecMixin:
         if not conds or (spec.get("priority") or 0) >= 2000000000 or MIRROR in (pod["metadata"].get("annotations") or {}):
             return False
         if conds == ["MemoryPressure"]:
-            best_effort = not any((c.get("resources") or {}).get("requests") or (c.get("resources") or {}).get("limits")
-                                  for c in spec.get("containers") or [])
-            tolerates = any(t.get("operator") == "Exists" and t.get("key") in (None, "", "node.kubernetes.io/memory-pressure")
-                            and t.get("effect") in (None, "", "NoSchedule") for t in spec.get("tolerations") or [])
-            if not best_effort or tolerates:
+            taint = {"key": "node.kubernetes.io/memory-pressure", "effect": "NoSchedule"}
+            if _qos(pod) != "BestEffort" or any(tolerates_taint(t, taint) for t in spec.get("tolerations") or []):
                 return False
         msg = f"The node had condition: [{' '.join(conds)}]. "
         pod["status"] = {"phase": "Failed", "reason": "Evicted", "message": "Pod was rejected: " + msg,
-                         "qosClass": (pod.get("status") or {}).get("qosClass", "BestEffort")}
+                         "qosClass": _qos(pod)}
         pod["metadata"]["resourceVersion"] = self._next_rv()
         self._log("MODIFIED", pod)
         self.add({"apiVersion": "v1", "kind": "Event",
@@ -299,6 +327,30 @@ class KubeExecMixin:
             return False
         return any(c.get("type") == "Ready" and c.get("status") == "True"
                    for c in (n.get("status") or {}).get("conditions") or [])
+
+
+def _qos(pod) -> str:
+    """v1qos.GetPodQOS (pkg/apis/core/v1/helper/qos/qos.go): status.qosClass when the pod has
+    one, else computed from its spec."""
+    from tests.kubeserver import pod_qos
+
+    return (pod.get("status") or {}).get("qosClass") or pod_qos(pod)
+
+
+def tolerates_taint(t, taint) -> bool:
+    """k8s.io/api core/v1 toleration.go ToleratesTaint: an empty effect matches every effect, an
+    empty key every key; operator Exists matches any value, Equal or none (the default) an equal
+    value (a taint without one has ""); any other operator nothing."""
+    if not isinstance(t, dict):
+        return False
+    if t.get("effect") and t["effect"] != taint.get("effect"):
+        return False
+    if t.get("key") and t["key"] != taint.get("key"):
+        return False
+    op = t.get("operator") or "Equal"
+    if op == "Equal":
+        return (t.get("value") or "") == (taint.get("value") or "")
+    return op == "Exists"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,8 +55,10 @@ Known differences from the real kube-apiserver:
   notifications); no initial-events-end annotation. ``cut_watches()`` drops the open watch
   connections without the final chunk; ``compact()`` forgets the history (etcd compaction). No server-side apply (apply-patch+yaml -> 415), no
   deletecollection, no openapi (/openapi/* -> 404), no aggregated discovery, no admission
-  plugins (but NamespaceLifecycle's Terminating check, below, and Priority: a pod's priority from
-  its priorityClassName, only the two system classes) or webhooks, no field validation beyond what is listed, no managedFields
+  plugins (but NamespaceLifecycle's Terminating check, below, and Priority on pod creates only:
+  spec.priority and spec.preemptionPolicy from the priorityClassName, only the two system classes
+  and no globalDefault class, nothing kept on pod updates; see admit_priority) or webhooks, no
+  field validation beyond what is listed, no managedFields
   but a node's spec.unschedulable owner (the manager of the last Update that changed it, and its time).
 - Protobuf is accepted only for the kinds above (others -> 415); responses are never protobuf.
 - Table output (``as=Table``) is served for nodes and pods only, with the standard columns;
@@ -67,6 +69,9 @@ Known differences from the real kube-apiserver:
 - Strategic merge patch knows only the common list merge keys (containers/volumes/env/ports by
   name, conditions by type, ownerReferences by uid, finalizers as a set); other lists replace.
   ``$patch``/``$retainKeys``/``$setElementOrder`` directives are mostly ignored.
+- A pod created through the API gets the status the real pod strategy gives it (phase Pending and
+  the QoS class, pod_qos; a status sent is dropped), but is otherwise stored as sent: no defaulting
+  (requests from limits counts for the QoS class only). Pod-level resources are not looked at.
 - Validation is minimal: names (DNS subdomain), Lease MicroTime (exactly 6 fractional digits),
   PDB (minAvailable xor maxUnavailable), DeleteOptions (propagationPolicy value, not with
   orphanDependents), ConfigMap size (data + binaryData values at most 1 MiB: 422 with the real
@@ -90,7 +95,8 @@ Known differences from the real kube-apiserver:
   subjectaccessreviews, localsubjectaccessreviews or selfsubjectrulesreviews, a nonResource
   review allows admin everything and others only "get", and label/field selector attributes
   are ignored.
-- No events are written by the stand-in itself; no leader election; no audit.
+- Events are written only by the mini kubelet (Scheduled, Evicted) and the DaemonSet controller
+  (FailedCreate), tests/kubeexec_server.py; no leader election; no audit.
 """
 from __future__ import annotations
 
@@ -109,6 +115,7 @@ import tempfile
 import threading
 import time
 import uuid
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -208,28 +215,80 @@ def _details(res: Res | None, name: str | None, **extra) -> dict:
 
 
 # the PriorityClasses every cluster has (pkg/apis/scheduling/v1/helpers.go systemPriorityClasses:
-# SystemCriticalPriority = 2 * HighestUserDefinablePriority, node-critical 1000 above it)
+# SystemCriticalPriority = 2 * HighestUserDefinablePriority, node-critical 1000 above it); both are
+# stored with the default preemptionPolicy (pkg/apis/scheduling/v1/defaults.go)
 SYSTEM_PRIORITY_CLASSES = {"system-node-critical": 2000001000, "system-cluster-critical": 2000000000}
+PREEMPT_LOWER = "PreemptLowerPriority"
 
 
 def admit_priority(pod: dict, name: str) -> None:
     """The Priority admission plugin on a pod create (plugin/pkg/admission/priority/admission.go
-    admitPod): spec.priority (and preemptionPolicy) resolved from spec.priorityClassName, 0 without
-    one (no globalDefault class here); an unknown class, or a priority the pod sets that differs,
-    is 403 Forbidden. Only the system classes exist: the stand-in serves no PriorityClass objects."""
+    Admit: the pods resource only, so a DaemonSet naming an unknown class is stored and only its
+    pods are refused; admitPod): spec.priority and spec.preemptionPolicy from the class, or
+    getDefaultPriority's 0 and PreemptLowerPriority without one (no globalDefault class here); an
+    unknown class, or a priority or preemptionPolicy the pod sets that differs, is 403 Forbidden.
+    ``name`` is the pod's name or, before one is generated, its generateName (apiserver
+    pkg/admission/errors.go extractResourceName). Only the system classes exist: the stand-in
+    serves no PriorityClass objects."""
     spec = pod.setdefault("spec", {})
     cls = spec.get("priorityClassName") or ""
+
+    def forbidden(why):
+        return ApiError(403, "Forbidden", f'pods "{name}" is forbidden: {why}', {"name": name, "kind": "pods"})
     if cls and cls not in SYSTEM_PRIORITY_CLASSES:
-        raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: no PriorityClass with name {cls} was found',
-                       {"name": name, "kind": "pods"})
+        raise forbidden(f"no PriorityClass with name {cls} was found")
     value = SYSTEM_PRIORITY_CLASSES.get(cls, 0)
     if spec.get("priority") is not None and spec["priority"] != value:
-        raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: the integer value of priority '
-                       f'({spec["priority"]}) must not be provided in pod spec; priority admission controller '
-                       f"computed {value} from the given PriorityClass name", {"name": name, "kind": "pods"})
+        raise forbidden(f'the integer value of priority ({spec["priority"]}) must not be provided in pod spec; '
+                        f"priority admission controller computed {value} from the given PriorityClass name")
     spec["priority"] = value
-    if cls:
-        spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
+    if spec.get("preemptionPolicy") is not None and spec["preemptionPolicy"] != PREEMPT_LOWER:
+        raise forbidden(f'the string value of PreemptionPolicy ({spec["preemptionPolicy"]}) must not be provided '
+                        f"in pod spec; priority admission controller computed {PREEMPT_LOWER} from the given "
+                        "PriorityClass name")
+    spec["preemptionPolicy"] = PREEMPT_LOWER
+
+
+_QTY = re.compile(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?")
+_QTY_MULT = {"": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+             **{p: Decimal(10) ** (3 * i) for i, p in enumerate("kMGTPE", 1)},
+             **{p + "i": Decimal(2) ** (10 * i) for i, p in enumerate("KMGTPE", 1)}}
+
+
+def quantity(v) -> Decimal:
+    """A resource.Quantity's value, for comparing (apimachinery pkg/api/resource/quantity.go
+    ParseQuantity syntax); a malformed one fails the body's decoding (400)."""
+    m = _QTY.fullmatch(str(v))
+    if m is None:
+        raise bad_request(f"quantities must match the regular expression "
+                          f"'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$': {v!r}")
+    suf = m.group(2) or ""
+    return Decimal(m.group(1)) * (_QTY_MULT[suf] if suf in _QTY_MULT else Decimal(10) ** int(suf[1:]))
+
+
+def pod_qos(pod: dict) -> str:
+    """The pod's QoS class as the API server stores it in status.qosClass on create
+    (pkg/registry/core/pod/strategy.go PrepareForCreate, pkg/apis/core/v1/helper/qos/qos.go
+    ComputePodQOS): init containers and containers, each BestEffort (no cpu or memory request
+    or limit above zero), Guaranteed (cpu and memory requests equal to limits) or else Burstable;
+    Burstable if any is, or if they differ. Only cpu and memory count. Requests missing beside
+    limits are the limits (pkg/apis/core/v1/defaults.go SetDefaults_Pod: the stand-in stores a
+    pod as sent, so it is applied here). Pod-level resources (PodLevelResources, alpha in 1.33)
+    are not looked at."""
+    spec = pod.get("spec") or {}
+    classes = set()
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        r = (c.get("resources") if isinstance(c, dict) else None) or {}
+        lim = {k: quantity(v) for k, v in (r.get("limits") or {}).items() if k in ("cpu", "memory")}
+        req = {**lim, **{k: quantity(v) for k, v in (r.get("requests") or {}).items() if k in ("cpu", "memory")}}
+        per = set()
+        for k in ("cpu", "memory"):
+            q, li = req.get(k, Decimal(0)), lim.get(k, Decimal(0))
+            per.add("Burstable" if q != li else "BestEffort" if q == 0 else "Guaranteed")
+        classes.add(per.pop() if len(per) == 1 else "Burstable")
+    if not classes:
+        return "BestEffort"
+    return classes.pop() if len(classes) == 1 else "Burstable"
 
 
 def not_found(res: Res, name: str) -> ApiError:
@@ -1624,6 +1683,7 @@ class KubeStandIn(KubeExecMixin):
             md["namespace"] = ns
             if ("namespaces", "", ns) not in self.store:
                 raise ApiError(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
+        shown = md.get("name") or md.get("generateName")  # admission runs before a name is generated
         if not md.get("name") and md.get("generateName"):
             md["name"] = md["generateName"] + "".join(self._rng.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
         name = md.get("name")
@@ -1631,7 +1691,7 @@ class KubeStandIn(KubeExecMixin):
             raise invalid(res, "", "metadata.name", "", "name or generateName is required")
         self._exec_default(res, obj)  # kubeexec_server.py: pod-template defaulting
         if res.plural == "pods":
-            admit_priority(obj, name)
+            admit_priority(obj, shown)
         self._validate(res, obj, name)
         key = self._key(res, ns, name)
         if key in self.store:
@@ -1641,8 +1701,8 @@ class KubeStandIn(KubeExecMixin):
         if res.plural == "namespaces":
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
             obj["status"] = {"phase": "Active"}
-        if res.plural == "pods":
-            obj.setdefault("status", {"phase": "Pending", "qosClass": "BestEffort"})
+        if res.plural == "pods":  # strategy.go PrepareForCreate: a status sent is dropped
+            obj["status"] = {"phase": "Pending", "qosClass": pod_qos(obj)}
         self._stamp_new(res, obj)
         if dry:
             self._rv -= 1
