@@ -181,7 +181,9 @@ def test_lab_up_killed_while_its_daemon_starts_left_a_requested_entry(tmp_path):
 
     from katactl.lab import control
 
-    root = tempfile.mkdtemp(prefix="kl-", dir="/tmp")  # short: unix socket paths are limited
+    # short (unix socket paths are limited); not test_lab's "kl-": its lab-down test, maybe on the
+    # other worker now, counts every kl- root in /tmp without a lab config yet as its own leftover
+    root = tempfile.mkdtemp(prefix="kq-", dir="/tmp")
     p = subprocess.Popen([sys.executable, "-m", "katactl", "lab", "up", "--root", root, "--hypervisor", "fc",
                           "--sandboxes", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     daemon = None
