@@ -227,8 +227,11 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
         image = settings.agent_image
         timeout = float(settings.request_timeout or 30.0)
         if not image:
+            ds = None
             if any((p["metadata"].get("labels") or {}).get(KIND_LABEL) == "daemonset" for p in pods) \
-                    or _installed(api, ns):
+                    or (ds := _daemonset(api, ns)) is not None:
+                if ds is not None:  # no pod of it here yet: one that can never come is said at once
+                    _refuse_unselected(api, ds, ns, node)
                 # installed, its pod on this node still starting or not made yet (a new node, a
                 # template update replacing every pod at once): waited for, as an ephemeral pod is
                 return _wait_daemonset_pod(api, ns, node, timeout, avoid)
@@ -238,14 +241,31 @@ def agent_pod(api, settings, node: str, avoid: frozenset = frozenset()) -> Agent
         return _create_ephemeral(api, ns, node, image, timeout, key)
 
 
-def _installed(api, ns: str) -> bool:
+def _daemonset(api, ns: str) -> dict | None:
+    """The agent DaemonSet, or None when it is not installed."""
     from katactl.backends.kube import seg
 
     try:
-        api.get(f"/apis/apps/v1/namespaces/{seg(ns)}/daemonsets/{DS_NAME}")
+        return api.get(f"/apis/apps/v1/namespaces/{seg(ns)}/daemonsets/{DS_NAME}")
     except NotFound:
-        return False
-    return True
+        return None
+
+
+def _refuse_unselected(api, ds: dict, ns: str, node: str) -> None:
+    """UsageError when the DaemonSet's nodeSelector leaves ``node`` out (a Windows node: its pod
+    is never made there), rather than a wait to the timeout for it."""
+    from katactl.backends.kube import seg
+
+    want = ((((ds.get("spec") or {}).get("template") or {}).get("spec") or {}).get("nodeSelector")) or {}
+    if not want:
+        return
+    labels = (api.get(f"/api/v1/nodes/{seg(node)}").get("metadata") or {}).get("labels") or {}
+    off = [f"{k}={v} (the node has {labels[k] if k in labels else 'none'})" for k, v in sorted(want.items())
+           if labels.get(k) != v]
+    if off:
+        raise UsageError(f"the katactl node agent DaemonSet {ns}/{DS_NAME} does not select node {node}: "
+                         f"nodeSelector {', '.join(off)}",
+                         hint="katactl's node pods run on Linux nodes only; leave this node out of -N/-l")
 
 
 def _wait_daemonset_pod(api, ns: str, node: str, timeout: float, avoid: frozenset) -> AgentPod:

@@ -521,3 +521,10 @@ def test_the_agent_daemonset_selects_linux_nodes_only(cli, cluster):
     # an ephemeral pod too: pinned with nodeName, it is held to it by kubelet's admission
     assert nodeagent.ephemeral_manifest("tree-node", IMAGE, "kube-system")["spec"]["nodeSelector"] == \
         {"kubernetes.io/os": "linux"}
+    # a node the DaemonSet leaves out is said at once (it waited --request-timeout for a pod that
+    # never comes, then exit 6)
+    r = cli(["--via", "kube", "--request-timeout", "60s", "-N", "win-node", "sandbox", "list", "-o", "json"])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert "does not select node win-node: nodeSelector kubernetes.io/os=linux (the node has windows)" in \
+        r.only_node_error()["message"], r.stdout
+    assert not [q for q in kube.requests if q["method"] == "POST" and q["path"].endswith("/pods")]
