@@ -360,17 +360,10 @@ def test_remove_and_rename_act_in_the_directory_resolved_in_the_root(tmp_path):
     this host's kernel resolved again from its /: a directory swapped for an absolute link in
     between (another process, renameat2 RENAME_EXCHANGE in a loop) took the removal out of the
     root, 117 files of this host in 2 s (review 12 hostroot 3)."""
-    import subprocess
-    import sys
     import time
 
-    root, victim = tmp_path / "root", tmp_path / "victim"
-    (root / "data/crash").mkdir(parents=True)
-    os.symlink(str(victim), root / "data/crash.lnk")
+    root, victim, swapper = _swapping_node(tmp_path)
     c, lnk = str(root / "data/crash"), str(root / "data/crash.lnk")
-    swapper = subprocess.Popen([sys.executable, "-c", "import ctypes, sys\nlibc = ctypes.CDLL(None)\n"
-                                "c, l = sys.argv[1].encode(), sys.argv[2].encode()\n"
-                                "while True:\n    libc.renameat2(-100, c, -100, l, 2)\n", c, lnk])
     t = LocalTransport(str(root))
     escaped, deadline = 0, time.monotonic() + 1.0
     try:
@@ -401,19 +394,11 @@ def test_writes_and_mkdir_act_in_the_directory_resolved_in_the_root(tmp_path):
     """write_bytes_atomic/mkdir handed the resolved path on as a string, as remove/rename did
     before review 12: a directory swapped for an absolute link meanwhile (renameat2
     RENAME_EXCHANGE in a loop) put the node's new file or directory in this host's tree."""
-    import subprocess
-    import sys
     import time
 
-    root, victim = tmp_path / "root", tmp_path / "victim"
-    (root / "data/crash").mkdir(parents=True)
-    os.symlink(str(victim), root / "data/crash.lnk")
-    c, lnk = str(root / "data/crash"), str(root / "data/crash.lnk")
-    (victim / "kata").mkdir(parents=True)
-    (root / "data/crash/kata").mkdir()
-    swapper = subprocess.Popen([sys.executable, "-c", "import ctypes, sys\nlibc = ctypes.CDLL(None)\n"
-                                "c, l = sys.argv[1].encode(), sys.argv[2].encode()\n"
-                                "while True:\n    libc.renameat2(-100, c, -100, l, 2)\n", c, lnk])
+    (tmp_path / "victim/kata").mkdir(parents=True)  # before the swapper starts: the link's target
+    (tmp_path / "root/data/crash/kata").mkdir(parents=True)
+    root, victim, swapper = _swapping_node(tmp_path)
     t = LocalTransport(str(root))
     calls, deadline = 0, time.monotonic() + 1.0
     try:
@@ -478,3 +463,20 @@ def test_a_write_fails_with_its_sources_own_error(tmp_path):
         (tmp_path / "d").mkdir()
         t.write_bytes_atomic("/d", b"x")
     assert e.value.filename == str(tmp_path / "d")
+
+
+def _swapping_node(tmp_path):
+    """(root, victim, swapper): a node root whose /data/crash a process keeps exchanging
+    (renameat2 RENAME_EXCHANGE in a loop) with /data/crash.lnk, an absolute link to ``victim``
+    outside the root, as another process on a node could. The caller kills the swapper."""
+    import subprocess
+    import sys
+
+    root, victim = tmp_path / "root", tmp_path / "victim"
+    (root / "data/crash").mkdir(parents=True, exist_ok=True)
+    os.symlink(str(victim), root / "data/crash.lnk")
+    c, lnk = str(root / "data/crash"), str(root / "data/crash.lnk")
+    swapper = subprocess.Popen([sys.executable, "-c", "import ctypes, sys\nlibc = ctypes.CDLL(None)\n"
+                                "c, l = sys.argv[1].encode(), sys.argv[2].encode()\n"
+                                "while True:\n    libc.renameat2(-100, c, -100, l, 2)\n", c, lnk])
+    return root, victim, swapper
