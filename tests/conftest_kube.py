@@ -94,3 +94,23 @@ def kubectl_133():
     if not path:
         pytest.skip("kubectl 1.33 not installed")
     return path
+
+
+def drain_until_evicting(kube, kc, node: str = "twin-a") -> subprocess.Popen:
+    """A real ``katactl node drain`` of seed_twin_nodes' ``node`` (its PDB blocks an eviction),
+    returned once it printed PodEvictionBlocked: cordoned and evicting, the change under way.
+    The caller signals it and kills it at the end."""
+    import json
+    import sys
+
+    kube.seed_twin_nodes(5)
+    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "-o", "jsonl", "node", "drain",
+                          node, "--ignore-daemonsets", "--delete-emptydir-data", "--force",
+                          "--grace-period", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert p.stdout is not None
+    for line in p.stdout:
+        if json.loads(line)["kind"] == "PodEvictionBlocked":
+            return p
+    p.kill()
+    raise AssertionError(f"the drain ended before an eviction was blocked: {p.communicate()[1]}")

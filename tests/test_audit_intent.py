@@ -18,6 +18,7 @@ import time
 import pytest
 
 from tests._audit import audit_entries
+from tests.conftest_kube import drain_until_evicting
 from tests.test_upgrade_crash import A, B, node_on, run, tbs, templates  # noqa: F401 - fixtures
 from tests.test_vmcore_hardening import CLH_SID, clh_node  # noqa: F401 - fixture
 
@@ -67,16 +68,8 @@ def test_switch_rollback_gc_killed_midway_left_a_requested_entry(katactl_bin, tm
 # -- node drain: SIGKILL while an eviction is refused -------------------------------------
 
 def test_drain_killed_while_an_eviction_is_blocked_left_a_requested_entry(kube, kc):
-    kube.seed_twin_nodes(5)
-    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "-o", "jsonl", "node", "drain",
-                          "twin-a", "--ignore-daemonsets", "--delete-emptydir-data", "--force",
-                          "--grace-period", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p = drain_until_evicting(kube, kc)  # cordoned, evicting: the change is under way
     try:
-        assert p.stdout is not None
-        for line in p.stdout:
-            if json.loads(line)["kind"] == "PodEvictionBlocked":  # cordoned, evicting: the change is under way
-                break
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)
     finally:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import CliResult
+from tests.conftest_kube import drain_until_evicting
 
 
 def node_cli(cli, kc, *args) -> CliResult:
@@ -519,15 +520,8 @@ def test_node_deleted_during_drain(cli, kube, kc):
 
 
 def test_ctrl_c_mid_drain_restores_cordon_and_exits_130(kube, kc):
-    kube.seed_twin_nodes(5)
-    p = subprocess.Popen([sys.executable, "-m", "katactl", "--kubeconfig", kc, "-o", "jsonl", "node", "drain",
-                          "twin-a", "--ignore-daemonsets", "--delete-emptydir-data", "--force",
-                          "--grace-period", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p = drain_until_evicting(kube, kc)
     try:
-        for line in p.stdout:
-            if json.loads(line)["kind"] == "PodEvictionBlocked":
-                break
         assert unschedulable(kube, "twin-a")
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)
