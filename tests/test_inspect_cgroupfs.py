@@ -16,6 +16,8 @@ import pytest
 
 from katactl.isolation import cgroups as cg
 
+from tests._cgroupfs import remove_cgroups
+
 V1 = "/sys/fs/cgroup"
 CHILD = r"""
 import ctypes, os, sys, threading, time
@@ -106,15 +108,7 @@ def real_tree():
                         pass
         proc.kill()
         proc.wait()
-        for d in reversed(made):
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        remove_cgroups(made, tries=50)
 
 
 def test_inspect_cgroup_reports_real_values(cli, real_tree):

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from tests._cgroupfs import remove_cgroups
+
 V1 = "/sys/fs/cgroup"
 HIER = ("cpu", "cpuacct", "memory", "blkio", "unified")
 SPIN = "while True: pass\n"
@@ -100,15 +102,7 @@ def loaded():
                         pass
             except OSError:
                 pass
-        for d in reversed(made):
-            for _ in range(100):
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        remove_cgroups(made)
 
 
 def test_real_throttling_psi_and_memory_limit_hits(cli, loaded):
@@ -236,15 +230,7 @@ def test_real_container_throttled_under_an_unthrottled_pod(cli):
         if spin is not None:
             spin.kill()
             spin.wait()
-        for d in reversed(made):
-            for _ in range(100):
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        remove_cgroups(made)
         top = pod.split("/")[1]
         for d in (f"{V1}/cpu/{top}/kubepods/burstable", f"{V1}/cpu/{top}/kubepods", f"{V1}/cpu/{top}"):
             try:
